@@ -1,0 +1,183 @@
+"""AsyncLLM: one persistent step loop (a background thread) that many callers feed.
+
+Callers put commands on a queue and read their request's asyncio.Queue; the loop thread owns
+the EngineCore, so the engine itself needs no locks. Requests join and leave between steps.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from vllm_runner.engine.core import EngineCore
+from vllm_runner.engine.outputs import RequestOutput, StreamOutput
+from vllm_runner.llm import Prompt, apply_chat_template, engine_args, normalize_batch
+from vllm_runner.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(RuntimeError):
+    """The engine failed this request (other requests are unaffected)."""
+
+
+class AsyncLLM:
+    def __init__(self, model: str | None = None, *, model_name: str | None = None,
+                 log_stats: bool = False, **kwargs) -> None:
+        self.engine = EngineCore(engine_args(model, model_name, kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = self.engine.model_config.name
+        self.max_model_len = self.engine.max_model_len
+        self.metrics = None
+        if log_stats:
+            from vllm_runner.metrics import EngineMetrics
+
+            self.metrics = EngineMetrics(self.model_name)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats: dict[str, int] = self.engine.stats()
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="vllm-runner-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API ------------------------------------------------------------------------
+    def validate(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+        ids = self.engine.tokenize(prompt)
+        self.engine.validate(ids, params)
+        return ids
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        return apply_chat_template(self.tokenizer, messages)
+
+    async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> AsyncIterator[StreamOutput]:
+        """Yield each completion's text deltas as they are produced. Leaving the loop early
+        (or cancellation, e.g. a client disconnect) aborts the request."""
+        async for item in self._run(prompt, params or SamplingParams(), request_id):
+            if isinstance(item, StreamOutput):
+                yield item
+
+    async def generate(self, prompts: Prompt | Sequence[Prompt],
+                       sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                       ) -> list[RequestOutput]:
+        """All prompts together; returns finished outputs in prompt order."""
+        prompts, params = normalize_batch(prompts, sampling_params)
+        for prompt, p in zip(prompts, params, strict=True):  # validate all before adding any
+            self.validate(prompt, p)
+        return list(await asyncio.gather(*(self._collect(prompt, p)
+                                           for prompt, p in zip(prompts, params, strict=True))))
+
+    async def _collect(self, prompt: Prompt, params: SamplingParams) -> RequestOutput:
+        async for item in self._run(prompt, params, None):
+            if isinstance(item, RequestOutput):
+                return item
+        raise RequestError("request ended without a final output")
+
+    async def _run(self, prompt: Prompt, params: SamplingParams,
+                   request_id: str | None) -> AsyncIterator[StreamOutput | RequestOutput]:
+        self.validate(prompt, params)
+        if not self._running:
+            raise RuntimeError("AsyncLLM is shut down")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._send(("add", request_id, prompt, params))
+        done = False
+        try:
+            while not done:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    done = True
+                    raise item
+                if isinstance(item, StreamOutput) and item.error is not None:
+                    done = True
+                    raise RequestError(f"request {request_id} failed: {item.error}")
+                done = isinstance(item, RequestOutput)
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not done:
+                self._send(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+    async def shutdown(self) -> None:
+        if not self._running:
+            return
+        self._running = False
+        self._send(("stop",))
+        await asyncio.to_thread(self._thread.join)
+
+    async def __aenter__(self) -> "AsyncLLM":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.shutdown()
+
+    # ---- the loop thread -------------------------------------------------------------------
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            if not self._drain_commands():
+                return
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            outputs = self.engine.step()
+            self._stats = self.engine.stats()
+            self._dispatch(outputs)
+            if self.metrics is not None:
+                self.metrics.record_step(self._stats)
+
+    def _drain_commands(self) -> bool:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            if command[0] == "stop":
+                for request_id in list(self.engine.states):
+                    self._dispatch(self.engine.abort(request_id))
+                return False
+            if command[0] == "abort":
+                self._dispatch(self.engine.abort(command[1]))
+                continue
+            _, request_id, prompt, params = command
+            try:
+                self.engine.add_request(prompt, params, request_id)
+            except Exception as e:  # validated already; anything here is this request's alone
+                self._push(request_id, e)
+
+    def _dispatch(self, outputs: list[StreamOutput]) -> None:
+        for out in outputs:
+            self._push(out.request_id, out)
+        now = time.monotonic()
+        for state in self.engine.pop_finished():
+            self._push(state.request_id, state.final_output())
+            if self.metrics is not None:
+                self.metrics.record_request(
+                    ttft_s=None if state.first_token_time is None
+                    else state.first_token_time - state.arrival_time,
+                    itl_s=[b - a for a, b in zip(state.token_times, state.token_times[1:])],
+                    e2e_s=now - state.arrival_time,
+                    finish_reason=state.completions[0].finish_reason or "abort")
+
+    def _push(self, request_id: str, item: object) -> None:
+        entry = self._streams.get(request_id)
+        if entry is not None:
+            loop, q = entry
+            loop.call_soon_threadsafe(q.put_nowait, item)

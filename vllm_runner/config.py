@@ -1,0 +1,136 @@
+"""Engine configuration: flat EngineArgs at the edge, frozen per-component configs inside."""
+
+from dataclasses import dataclass, fields
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+QUANTIZATIONS = (None, "fp8", "int8")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str
+    name: str
+    hf_config: object  # transformers.PretrainedConfig
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    seed: int
+    quantization: str | None
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    enable_prefix_caching: bool
+    gpu_memory_utilization: float
+    num_kv_blocks: int | None  # fixed count (tests); None = size from memory
+    cpu_kv_cache_gb: float
+    cpu_offload_gb: float
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+@dataclass
+class EngineArgs:
+    """Every engine setting, flat; ``create_configs`` validates and resolves them."""
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None
+    cpu_kv_cache_gb: float = 1.0
+    cpu_offload_gb: float = 0.0
+    quantization: str | None = None
+    enforce_eager: bool = False
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def validate(self) -> None:
+        def bad(name: str, limit: str) -> ValueError:
+            return ValueError(f"{name} must be {limit}, got {getattr(self, name)!r}")
+
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise bad("dtype", f"'auto' or one of {sorted(_DTYPES)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise bad("device", "'auto', 'cpu' or 'cuda[:N]'")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise bad("max_model_len", ">= 2")
+        if self.max_num_seqs < 1:
+            raise bad("max_num_seqs", ">= 1")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise bad("max_num_batched_tokens", ">= 1")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise bad("block_size", "one of 8, 16, 32, 64, 128")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise bad("gpu_memory_utilization", "in (0, 1]")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise bad("num_kv_blocks", ">= 1")
+        if self.cpu_offload_gb < 0:
+            raise bad("cpu_offload_gb", ">= 0")
+        if self.quantization not in QUANTIZATIONS:
+            raise bad("quantization", f"one of {QUANTIZATIONS}")
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} was asked for, but no CUDA GPU is visible")
+        return device
+
+    def resolve_dtype(self, hf_config: object, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if device.type == "cpu":
+            return torch.float32
+        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(config_dtype, str):
+            config_dtype = _DTYPES.get(config_dtype)
+        return config_dtype if config_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+    def resolve_max_model_len(self, hf_config: object) -> int:
+        model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+        if self.max_model_len is None:
+            return int(model_max)
+        if self.max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's "
+                f"max_position_embeddings={model_max}"
+            )
+        return self.max_model_len
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        budget = self.max_num_batched_tokens or max(2048, min(max_model_len, 8192))
+        return SchedulerConfig(self.max_num_seqs, budget, max_model_len)
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            block_size=self.block_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            num_kv_blocks=self.num_kv_blocks,
+            cpu_kv_cache_gb=self.cpu_kv_cache_gb,
+            cpu_offload_gb=self.cpu_offload_gb,
+        )

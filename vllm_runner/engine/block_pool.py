@@ -1,0 +1,80 @@
+"""KV-cache blocks: ref counts, an LRU queue of free blocks, and the prefix-hash index."""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(eq=False)
+class KVBlock:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: int | None = None  # set once the block is full and its hash registered
+
+
+class BlockPool:
+    """Owns every block. A free block may still hold cached KV (it keeps its hash) until it is
+    reused; free blocks are handed out least-recently-freed first, so cached prefixes survive
+    as long as possible."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        # NOTE: insertion order is the LRU order; popitem(last=False) takes the oldest.
+        self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._cached: dict[int, KVBlock] = {}  # block hash -> block holding that content
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def get_cached_block(self, block_hash: int) -> KVBlock | None:
+        return self._cached.get(block_hash)
+
+    def allocate(self, count: int) -> list[KVBlock]:
+        """Take ``count`` free blocks (evicting their cached content); caller checked room."""
+        if count > len(self._free):
+            raise ValueError(f"asked for {count} blocks, only {len(self._free)} free")
+        out = []
+        for _ in range(count):
+            _, block = self._free.popitem(last=False)
+            self._evict(block)
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def touch(self, blocks: list[KVBlock]) -> None:
+        """Take a reference on cached blocks a new request reuses."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self._free[block.block_id]
+            block.ref_cnt += 1
+
+    def free(self, blocks: list[KVBlock]) -> None:
+        """Drop a reference; blocks reaching zero join the free queue's tail in the given
+        order (callers pass a request's blocks in reverse, so its tail is evicted first)."""
+        for block in blocks:
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self._free[block.block_id] = block
+
+    def cache_block(self, block: KVBlock, block_hash: int) -> None:
+        if not self.enable_caching or block.block_hash is not None:
+            return
+        block.block_hash = block_hash
+        self._cached.setdefault(block_hash, block)
+
+    def _evict(self, block: KVBlock) -> None:
+        if block.block_hash is not None:
+            if self._cached.get(block.block_hash) is block:
+                del self._cached[block.block_hash]
+            block.block_hash = None
+
+    def reset_prefix_cache(self) -> None:
+        for block in self._cached.values():
+            block.block_hash = None
+        self._cached.clear()

@@ -1,0 +1,178 @@
+"""The engine: tokenize + validate, then each step is schedule -> execute -> update."""
+
+import itertools
+import logging
+
+from vllm_runner.config import EngineArgs, ModelConfig
+from vllm_runner.engine.kv_cache_manager import KVCacheManager
+from vllm_runner.engine.output_processor import (
+    RequestState,
+    apply_step_output,
+    new_request_state,
+    stream_output,
+)
+from vllm_runner.engine.outputs import StreamOutput
+from vllm_runner.engine.request import Request, RequestStatus
+from vllm_runner.engine.scheduler import Scheduler
+from vllm_runner.model.loader import resolve_model_path
+from vllm_runner.sampling_params import SamplingParams
+from vllm_runner.tokenizer import eos_token_ids, load_hf_config, load_tokenizer
+from vllm_runner.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """Single-threaded: callers serialise access (LLM directly, AsyncLLM via its loop thread)."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        args.validate()
+        path = resolve_model_path(args.model)
+        hf_config = load_hf_config(path)
+        device = args.resolve_device()
+        max_model_len = args.resolve_max_model_len(hf_config)
+        self.model_config = ModelConfig(
+            path=path, name=args.model or _folder_name(path), hf_config=hf_config,
+            dtype=args.resolve_dtype(hf_config, device), device=device,
+            max_model_len=max_model_len, seed=args.seed, quantization=args.quantization)
+        self.tokenizer = load_tokenizer(path)
+        self.eos_ids = eos_token_ids(path, hf_config, self.tokenizer)
+        self.vocab_size = hf_config.vocab_size
+        sched_config = args.scheduler_config(max_model_len)
+        cache_config = args.cache_config()
+        self.runner = ModelRunner(self.model_config, cache_config, sched_config)
+        kv = KVCacheManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(sched_config, kv)
+        self.states: dict[str, RequestState] = {}
+        self.child_to_state: dict[str, tuple[RequestState, int]] = {}
+        self.finished: list[RequestState] = []
+        self._ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model_config.max_model_len
+
+    # ---- input ----------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty: give at least one character or token id")
+            if self.tokenizer is None:
+                raise ValueError("this model folder has no tokenizer: pass token ids, not text")
+            # NOTE: a chat-templated prompt already starts with BOS; don't add another.
+            bos = self.tokenizer.bos_token
+            return self.tokenizer.encode(
+                prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
+        if not isinstance(prompt, list | tuple) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError(f"prompt must be a string or a list of token ids, got "
+                             f"{type(prompt).__name__}")
+        return list(prompt)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt is empty: it has 0 tokens")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens, but max_model_len is {self.max_model_len} "
+                "(prompt + at least one new token must fit)")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None) -> RequestState:
+        prompt_ids = self.tokenize(prompt)
+        self.validate(prompt_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.states:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params.all_stop_token_ids = self.eos_ids
+        state = new_request_state(request_id, prompt if isinstance(prompt, str) else None,
+                                  prompt_ids, params, self.tokenizer)
+        max_tokens = min(params.max_tokens or self.max_model_len,
+                         self.max_model_len - len(prompt_ids))
+        for index, child_id in enumerate(state.child_ids):
+            seed = None if params.seed is None else params.seed + index
+            self.scheduler.add_request(Request(
+                child_id, prompt_ids, params, max_tokens,
+                group_id=request_id if params.n > 1 else None, seed=seed))
+            self.child_to_state[child_id] = (state, index)
+        self.states[request_id] = state
+        return state
+
+    def abort(self, request_id: str) -> list[StreamOutput]:
+        """Stop a request and free its blocks; returns the final output of each completion
+        that was still going."""
+        state = self.states.get(request_id)
+        if state is None:
+            return []
+        outputs = []
+        for index, child_id in enumerate(state.child_ids):
+            self.scheduler.finish_request(child_id, RequestStatus.FINISHED_ABORTED)
+            if state.completions[index].finish_reason is None:
+                state.completions[index].finish_reason = "abort"
+                outputs.append(stream_output(state, index, [], None))
+        self._forget_if_finished(state)
+        return outputs
+
+    def pop_finished(self) -> list[RequestState]:
+        """Requests that finished since the last call."""
+        finished, self.finished = self.finished, []
+        return finished
+
+    # ---- the step -------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[StreamOutput]:
+        sched = self.scheduler.schedule()
+        try:
+            result = self.runner.execute(sched)
+        except Exception as e:  # a failed forward fails its requests, not the engine
+            logger.exception("model step failed")
+            return self._fail(list(sched.num_scheduled_tokens), f"engine step failed: {e!r}")
+        outputs = []
+        for out in self.scheduler.update_from_output(sched, result):
+            state, index = self.child_to_state[out.request_id]
+            try:
+                stop = apply_step_output(state, index, out)
+            except Exception as e:
+                logger.exception("output processing failed for %s", out.request_id)
+                outputs.extend(self._fail([out.request_id], f"output processing failed: {e!r}"))
+                continue
+            if stop is not None:
+                self.scheduler.finish_request(out.request_id, RequestStatus.FINISHED_STOPPED)
+            outputs.append(stream_output(state, index, out.new_token_ids, out.new_logprobs))
+            self._forget_if_finished(state)
+        return outputs
+
+    def _fail(self, child_ids: list[str], message: str) -> list[StreamOutput]:
+        outputs = []
+        for child_id in child_ids:
+            entry = self.child_to_state.get(child_id)
+            self.scheduler.finish_request(child_id, RequestStatus.FINISHED_ERROR)
+            if entry is None:
+                continue
+            state, index = entry
+            state.error = message
+            state.completions[index].finish_reason = "error"
+            outputs.append(stream_output(state, index, [], None))
+            self._forget_if_finished(state)
+        return outputs
+
+    def _forget_if_finished(self, state: RequestState) -> None:
+        if state.finished and self.states.get(state.request_id) is state:
+            del self.states[state.request_id]
+            for child_id in state.child_ids:
+                self.child_to_state.pop(child_id, None)
+            self.finished.append(state)
+
+    def stats(self) -> dict[str, int]:
+        return self.scheduler.stats()
+
+
+def _folder_name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]

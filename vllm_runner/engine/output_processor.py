@@ -1,0 +1,100 @@
+"""Per-request front-end state: detokenization, stop strings, logprobs, final outputs."""
+
+import time
+from dataclasses import dataclass, field
+
+from vllm_runner.engine.detokenizer import IncrementalDetokenizer
+from vllm_runner.engine.outputs import (
+    CompletionOutput,
+    EngineStepOutput,
+    RequestOutput,
+    StreamOutput,
+)
+from vllm_runner.sampling_params import SamplingParams
+
+
+@dataclass
+class CompletionState:
+    index: int
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def output(self) -> CompletionOutput:
+        return CompletionOutput(self.index, self.detokenizer.text, list(self.token_ids),
+                                self.cumulative_logprob, self.logprobs, self.finish_reason,
+                                self.stop_reason)
+
+
+@dataclass
+class RequestState:
+    """A user's request: its ``n`` completions (engine requests ``child_ids``)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    child_ids: list[str]
+    completions: list[CompletionState]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+    def final_output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                             [c.output() for c in self.completions], self.finished,
+                             self.prompt_logprobs, self.num_cached_tokens)
+
+
+def new_request_state(request_id: str, prompt: str | None, prompt_ids: list[int],
+                      params: SamplingParams, tokenizer) -> RequestState:
+    child_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
+    completions = [
+        CompletionState(i, IncrementalDetokenizer(
+            tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
+            params.skip_special_tokens),
+            logprobs=[] if params.logprobs is not None else None,
+            cumulative_logprob=0.0 if params.logprobs is not None else None)
+        for i in range(params.n)]
+    return RequestState(request_id, prompt, prompt_ids, params, child_ids, completions)
+
+
+def apply_step_output(state: RequestState, index: int, out: EngineStepOutput) -> str | None:
+    """Fold one engine output into a completion; returns a stop string it hit, if any."""
+    now = time.monotonic()
+    if state.first_token_time is None:
+        state.first_token_time = now
+        state.num_cached_tokens = out.num_cached_tokens
+    state.token_times.append(now)
+    if out.prompt_logprobs is not None:
+        state.prompt_logprobs = out.prompt_logprobs
+    c = state.completions[index]
+    c.token_ids.extend(out.new_token_ids)
+    if c.logprobs is not None and out.new_logprobs is not None:
+        c.logprobs.extend(out.new_logprobs)
+        c.cumulative_logprob += sum(out.new_sampled_logprobs)
+    stop = c.detokenizer.add_tokens(out.new_token_ids)
+    if stop is not None:
+        c.finish_reason, c.stop_reason = "stop", stop
+    elif out.finish_reason is not None:
+        c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+    return stop
+
+
+def stream_output(state: RequestState, index: int, new_ids: list[int],
+                  new_logprobs: list[dict[int, float]] | None) -> StreamOutput:
+    c = state.completions[index]
+    finished = c.finish_reason is not None
+    return StreamOutput(state.request_id, index, c.detokenizer.take_delta(finished),
+                        c.detokenizer.text, list(c.token_ids), new_ids, new_logprobs, finished,
+                        c.finish_reason, state.prompt_token_ids, c.stop_reason, state.error)

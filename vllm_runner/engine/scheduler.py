@@ -1,0 +1,190 @@
+"""Token-budget continuous batching: one rule for prefill, chunked prefill and decode."""
+
+from collections import deque
+
+from vllm_runner.config import SchedulerConfig
+from vllm_runner.engine.kv_cache_manager import KVCacheManager
+from vllm_runner.engine.outputs import (
+    CachedRequestData,
+    EngineStepOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from vllm_runner.engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    """Each step, running requests get their next tokens first, then waiting requests are
+    admitted FIFO, within ``max_num_batched_tokens`` and ``max_num_seqs``. A request is just
+    tokens computed so far vs tokens known. When blocks run out, the newest running request
+    is preempted and will recompute."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_ids: set[str] = set()  # since the last schedule()
+        self._runner_has: set[str] = set()  # requests whose state the runner holds
+        self.counters = dict.fromkeys(
+            ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits",
+             "prompt_tokens_total", "generation_tokens_total"), 0)
+
+    # ---- admission -------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)
+        self._finished_ids.add(request_id)
+        return request
+
+    # ---- scheduling ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            had = len(self.kv.req_blocks.get(request.request_id, ()))
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                num_scheduled[request.request_id] = num_new
+                budget -= num_new
+                new_blocks = self.kv.block_ids(request.request_id)[had:]
+                if request.request_id in self._runner_has:
+                    cached_reqs.append(CachedRequestData(
+                        request.request_id, new_blocks, request.num_computed_tokens))
+                else:
+                    new_reqs.append(self._new_request_data(request))
+                i += 1
+
+        if not preempted:
+            self._admit_waiting(budget, num_scheduled, new_reqs)
+
+        for request_id, n in num_scheduled.items():
+            self.requests[request_id].num_computed_tokens += n
+        finished, self._finished_ids = self._finished_ids, set()
+        self._runner_has -= finished
+        self._runner_has.update(num_scheduled)
+        return SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
+                               sum(num_scheduled.values()), finished)
+
+    def _admit_waiting(self, budget: int, num_scheduled: dict[str, int],
+                       new_reqs: list[NewRequestData]) -> None:
+        skipped: list[Request] = []
+        prefilling_groups = {r.group_id for r in self.running
+                             if r.group_id and r.num_computed_tokens < r.num_prompt_tokens}
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            # NOTE: siblings of an n > 1 request wait until one of them has computed the
+            # prompt, so they share its full blocks through the prefix cache.
+            if request.group_id in prefilling_groups and self.kv.enable_caching:
+                skipped.append(self.waiting.popleft())
+                continue
+            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            request.num_computed_tokens = 0
+            if not self.kv.allocate_slots(request, num_new, hits):
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+                self.counters["prefix_cache_queries"] += request.num_tokens
+                self.counters["prefix_cache_hits"] += num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            if request.group_id:
+                prefilling_groups.add(request.group_id)
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            new_reqs.append(self._new_request_data(request))
+        self.waiting.extendleft(reversed(skipped))
+
+    def _new_request_data(self, request: Request) -> NewRequestData:
+        return NewRequestData(
+            request.request_id, request.all_token_ids, request.num_prompt_tokens,
+            request.params, self.kv.block_ids(request.request_id), request.num_computed_tokens,
+            request.seed)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        self.waiting.appendleft(request)
+        self._finished_ids.add(request.request_id)  # the runner drops its state
+        self.counters["num_preemptions"] += 1
+
+    # ---- results ---------------------------------------------------------------------------
+    def update_from_output(
+        self, sched: SchedulerOutput, result: ModelRunnerOutput
+    ) -> list[EngineStepOutput]:
+        outputs = []
+        for request_id, n in sched.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if request is None:  # aborted while the step ran
+                continue
+            token = result.sampled.get(request_id)
+            if token is None:
+                continue  # a prefill chunk that does not reach the end yet
+            if not request.output_token_ids:
+                self.counters["prompt_tokens_total"] += request.num_prompt_tokens
+            request.output_token_ids.append(token)
+            self.counters["generation_tokens_total"] += 1
+            lp = result.logprobs.get(request_id)
+            status = self._check_stop(request, token)
+            outputs.append(EngineStepOutput(
+                request_id, [token],
+                [lp[1]] if lp else None, [lp[0]] if lp else None,
+                status.finish_reason if status else None, request.stop_reason,
+                result.prompt_logprobs.get(request_id), max(request.num_cached_tokens, 0)))
+            if status is not None:
+                self.finish_request(request_id, status)
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.params
+        num_out = len(request.output_token_ids)
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token in params.all_stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if num_out >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting),
+            "kv_blocks_total": self.kv.num_blocks,
+            "kv_blocks_used": self.kv.pool.num_used_blocks,
+            **self.counters,
+        }

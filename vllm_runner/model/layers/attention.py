@@ -1,0 +1,63 @@
+"""Paged attention layer: writes this step's K/V into the cache, attends over the cache.
+
+Two backends with one interface: Triton kernels on CUDA, ``kernels/reference.py`` on CPU.
+The runner publishes per-step metadata with ``forward_context``.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels import reference
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    block_tables: torch.Tensor  # [num_reqs, max_blocks] int32
+    seq_lens: torch.Tensor  # [num_reqs] int32
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
+    max_query_len: int
+    max_seq_len: int
+
+
+_metadata: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def forward_context(metadata: AttentionMetadata):
+    global _metadata
+    _metadata, previous = metadata, _metadata
+    try:
+        yield
+    finally:
+        _metadata = previous
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        md = _metadata
+        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if q.is_cuda:
+            from kernels.attention import paged_attention
+
+            from kernels.kv_cache import write_kv_cache
+
+            write_kv_cache(k, v, self.k_cache, self.v_cache, md.slot_mapping)
+            out = paged_attention(q, self.k_cache, self.v_cache, md.block_tables, md.seq_lens,
+                                  md.query_start_loc, self.scale, md.max_query_len)
+        else:
+            reference.write_kv_cache(k, v, self.k_cache, self.v_cache, md.slot_mapping)
+            out = reference.paged_attention(q, self.k_cache, self.v_cache, md.block_tables,
+                                            md.seq_lens, md.query_start_loc, self.scale)
+        return out.view(-1, self.num_heads * self.head_dim)

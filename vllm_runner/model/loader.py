@@ -1,0 +1,97 @@
+"""Resolve a model name to a local folder, build our module, load HF weights by name."""
+
+import glob
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from vllm_runner.model.registry import resolve_model_class
+
+
+def resolve_model_path(model: str | None) -> str:
+    """None -> the default model; a local folder; or a hub id found in the local HF cache
+    (never downloads)."""
+    if model is None:
+        from vllm_runner.model.default_model import default_model_path
+
+        return default_model_path()
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise ValueError(f"model folder {model!r} has no config.json")
+        return model
+    if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ValueError(f"model {model!r} is not a local model folder (config.json + weights) "
+                         "nor a hub id ('org/name') in the local Hugging Face cache")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, local_files_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"model {model!r} is not in the local Hugging Face cache and downloads are off: "
+            f"pass a local folder instead ({type(e).__name__})") from None
+
+
+def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        from safetensors import safe_open
+
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name)
+        return
+    files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if not files:
+        raise ValueError(f"model folder {path!r} has no *.safetensors or pytorch_model*.bin")
+    for file in files:
+        yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy checkpoint tensors into our (possibly fused, sharded) parameters by HF name."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    packed = getattr(model, "packed_modules_mapping", {})
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if "rotary_emb.inv_freq" in name:
+            continue
+        shard_id = None
+        for src, (dst, sid) in packed.items():
+            if f".{src}." in name:
+                name, shard_id = name.replace(f".{src}.", f".{dst}."), sid
+                break
+        if name not in params and f"model.{name}" in params:
+            name = f"model.{name}"  # old OPT checkpoints lack the "model." prefix
+        if name not in params:
+            if name == "lm_head.weight" or name in buffers:
+                continue  # tied to the embedding, or a derived buffer
+            raise ValueError(f"checkpoint tensor {name!r} matches no parameter of "
+                             f"{type(model).__name__}")
+        param = params[name]
+        loader = getattr(param, "weight_loader", None)
+        if loader is None:
+            param.data.copy_(tensor)
+        else:
+            loader(param, tensor.to(param.dtype), shard_id)
+        loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
+
+
+def build_model(path: str, hf_config: object, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    model_cls = resolve_model_class(hf_config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_cls(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+    load_weights(model, iterate_weights(path))
+    return model.eval()

@@ -1,0 +1,142 @@
+"""Token sampling: a greedy fast path, then temperature / top-k / top-p / min-p / penalties.
+
+Random choice uses the exponential race (argmax of p / q, q ~ Exp(1)), which samples exactly
+from p. A seeded request draws q from a generator seeded by (seed, output position), so its
+tokens depend on nothing else in the batch and survive preemption.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_runner.sampling_params import SamplingParams
+
+_SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs of one request this step."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    seed: int | None  # per completion (seed + index for n > 1)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # per row: (sampled token's logprob, {token id: logprob} top-N) or None
+    logprobs: list[tuple[float, dict[int, float]] | None]
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    vocab = logits.shape[1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.has_penalties:
+            continue
+        device = logits.device
+        out = torch.tensor(row.output_token_ids, dtype=torch.long, device=device)
+        counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            seen[torch.tensor(row.prompt_token_ids, dtype=torch.long, device=device)] = True
+            seen |= counts > 0
+            x = logits[i]
+            penalized = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+            logits[i] = torch.where(seen, penalized, x)
+        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    for i, row in enumerate(rows):
+        p = row.params
+        if len(row.output_token_ids) < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else p.all_stop_token_ids)
+            if banned:
+                logits[i, list(banned)] = float("-inf")
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    device = logits.device
+    top_k = [r.params.top_k for r in rows]
+    top_p = [r.params.top_p for r in rows]
+    min_p = [r.params.min_p for r in rows]
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(logits.shape[1], device=device)
+        k = torch.tensor([k if k > 0 else logits.shape[1] for k in top_k], device=device)
+        sorted_logits.masked_fill_(ranks[None, :] >= k[:, None], float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
+        p = torch.tensor(top_p, device=device, dtype=probs.dtype)
+        sorted_logits.masked_fill_(before >= p[:, None], float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    if any(m > 0 for m in min_p):
+        probs = logits.softmax(dim=-1)
+        threshold = torch.tensor(min_p, device=device, dtype=probs.dtype)[:, None]
+        logits = logits.masked_fill(probs < threshold * probs.max(dim=-1, keepdim=True).values,
+                                    float("-inf"))
+    return logits
+
+
+def exponential_noise(rows: list[SamplingRow], vocab: int, device: torch.device,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    q = torch.empty(len(rows), vocab, device=device)
+    q.exponential_(generator=generator)
+    for i, row in enumerate(rows):
+        if row.seed is not None:
+            g = torch.Generator(device=device)
+            g.manual_seed(row.seed * _SEED_STRIDE + len(row.output_token_ids))
+            q[i].exponential_(generator=g)
+    return q
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        logits = logits.float()  # [num_rows, vocab]
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in rows):
+            raw_logprobs = logits.log_softmax(dim=-1)
+        if any(r.params.has_penalties for r in rows):
+            apply_penalties(logits, rows)
+        if any(len(r.output_token_ids) < r.params.min_tokens for r in rows):
+            apply_min_tokens(logits, rows)
+        greedy_ids = logits.argmax(dim=-1)
+        if all(r.params.greedy for r in rows):
+            sampled = greedy_ids
+        else:
+            temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows],
+                                 device=logits.device)
+            scaled = apply_top_k_top_p_min_p(logits / temps[:, None], rows)
+            probs = scaled.softmax(dim=-1)
+            q = exponential_noise(rows, logits.shape[1], logits.device, self.generator)
+            random_ids = (probs / q).argmax(dim=-1)
+            is_greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
+            sampled = torch.where(is_greedy, greedy_ids, random_ids)
+        token_ids = sampled.tolist()  # the step's one device-to-host copy of sampled ids
+        return SamplerOutput(token_ids, self._logprobs(raw_logprobs, rows, sampled))
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor | None, rows: list[SamplingRow], sampled: torch.Tensor):
+        if raw is None:
+            return [None] * len(rows)
+        n_max = max(r.params.logprobs or 0 for r in rows)
+        chosen = raw.gather(1, sampled[:, None])[:, 0].tolist()
+        top_vals, top_ids = raw.topk(max(n_max, 1), dim=-1)
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        out = []
+        for i, row in enumerate(rows):
+            n = row.params.logprobs
+            if n is None:
+                out.append(None)
+                continue
+            top = dict(zip(top_ids[i][:n], top_vals[i][:n], strict=True))
+            out.append((chosen[i], top))
+        return out
