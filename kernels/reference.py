@@ -38,30 +38,55 @@ def paged_attention(
     last ``q_len`` positions of its ``seq_lens[r]`` tokens, whose K/V are already in the cache.
     This one rule covers prefill, chunked prefill, prefix-cache hits and decode.
     """
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    for r, seq_len in enumerate(lens):
-        q_start, q_end = starts[r], starts[r + 1]
-        q_len = q_end - q_start
-        if q_len == 0:
-            continue
-        num_blocks = (seq_len + block_size - 1) // block_size
-        blocks = block_tables[r, :num_blocks].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        q = query[q_start:q_end].float().transpose(0, 1)  # [num_heads, q_len, head_dim]
-        k = k.float().transpose(0, 1).repeat_interleave(num_heads // num_kv_heads, 0)
-        v = v.float().transpose(0, 1).repeat_interleave(num_heads // num_kv_heads, 0)
-        scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [num_heads, q_len, seq_len]
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-        k_pos = torch.arange(seq_len, device=query.device)
-        scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(query.dtype)
+    q_lens = [starts[r + 1] - starts[r] for r in range(len(lens))]
+    # Single-token queries (decode) go through one padded batch; longer ones one by one.
+    decode = [r for r, n in enumerate(q_lens) if n == 1]
+    if decode:
+        rows = torch.tensor(decode, device=query.device)
+        q = query[torch.tensor([starts[r] for r in decode], device=query.device)][:, None]
+        out_rows = _attend(q, k_cache, v_cache, block_tables[rows], seq_lens[rows].long(), scale)
+        out[torch.tensor([starts[r] for r in decode], device=query.device)] = out_rows[:, 0]
+    for r, q_len in enumerate(q_lens):
+        if q_len > 1:
+            q = query[starts[r] : starts[r + 1]][None]
+            seq_len = seq_lens[r : r + 1].long()
+            out[starts[r] : starts[r + 1]] = _attend(q, k_cache, v_cache, block_tables[r : r + 1],
+                                                     seq_len, scale)[0]
     return out
+
+
+def _attend(
+    q: torch.Tensor,  # [num_reqs, q_len, num_heads, head_dim] (same q_len for every row)
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks]
+    seq_lens: torch.Tensor,  # [num_reqs] int64
+    scale: float,
+) -> torch.Tensor:  # [num_reqs, q_len, num_heads, head_dim]
+    num_reqs, q_len, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    max_len = int(seq_lens.max())
+    blocks = block_tables[:, : (max_len + block_size - 1) // block_size].long()
+    # [num_reqs, num_kv_heads, ctx, head_dim]
+    k = k_cache[blocks].flatten(1, 2)[:, :max_len].transpose(1, 2).float()
+    v = v_cache[blocks].flatten(1, 2)[:, :max_len].transpose(1, 2).float()
+    group = num_heads // num_kv_heads
+    # [num_reqs, num_kv_heads, group * q_len, head_dim]: a KV head's query heads side by side
+    qg = q.float().view(num_reqs, q_len, num_kv_heads, group, head_dim)
+    qg = qg.permute(0, 2, 3, 1, 4).reshape(num_reqs, num_kv_heads, group * q_len, head_dim)
+    scores = torch.matmul(qg, k.transpose(2, 3)) * scale
+    k_pos = torch.arange(max_len, device=q.device)
+    q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=q.device)  # [num_reqs, q_len]
+    mask = k_pos[None, None, :] > q_pos[:, :, None]  # [num_reqs, q_len, ctx]
+    mask = mask[:, None, None].expand(-1, num_kv_heads, group, -1, -1)
+    scores.masked_fill_(mask.reshape(num_reqs, num_kv_heads, group * q_len, max_len),
+                        float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    o = torch.matmul(probs, v).view(num_reqs, num_kv_heads, group, q_len, head_dim)
+    return o.permute(0, 3, 1, 2, 4).reshape(num_reqs, q_len, num_heads, head_dim).to(q.dtype)
 
 
 def rms_norm(
