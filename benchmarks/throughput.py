@@ -316,7 +316,7 @@ def bench_model(name: str, args, report: dict) -> list[Result]:
         model_dir = default_model_path()
         n = args.num_prompts or (4 if quick else 32)
         wl = text_workload(model_dir, n, 4 if quick else 16, 16 if quick else 128, args.seed)
-        b1_new, vocab = (16 if quick else 128), 49152
+        b1_new, vocab = (16 if quick else 64), 49152
     else:
         shape = "tiny" if quick else name
         model_dir = build_random_llama(shape, Path(args.model_root), args.device, args.seed)
