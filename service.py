@@ -1,0 +1,218 @@
+"""BentoML service for vllm-runner: one AsyncLLM per worker behind native and OpenAI routes.
+
+    bentoml serve                         # default model, settings from VLLM_RUNNER_* env vars
+    bentoml serve --arg max_model_len=2048 --arg api_key=secret
+
+Native routes: POST /generate (streamed text), POST /complete and POST /score (adaptive
+batching: each batch BentoML forms goes to the engine in one call). OpenAI routes (/v1/...)
+live in vllm_runner/serving/openai_api.py on a mounted FastAPI app. This file only adapts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import bentoml
+from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
+from pydantic import PrivateAttr, model_validator
+
+from vllm_runner import AsyncLLM, SamplingParams
+from vllm_runner.serving.auth import ApiKeyMiddleware
+from vllm_runner.serving.openai_api import EngineNotReady, create_openai_app
+from vllm_runner.serving.protocol import (
+    CompleteRequest,
+    CompleteResult,
+    GenerateRequest,
+    ScoreRequest,
+    ScoreResult,
+)
+from vllm_runner.serving.settings import ServerSettings
+from vllm_runner.serving.streams import new_request_id, stream_or_abort
+
+logger = logging.getLogger("vllm_runner.service")
+SETTINGS = ServerSettings.load(os.environ, vars(bentoml.use_arguments()))
+
+
+def score_params() -> SamplingParams:
+    # prompt_logprobs=0: the log-probability of each prompt token itself
+    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+
+
+def _service() -> Any | None:
+    try:
+        return bentoml.get_current_service()
+    except BentoMLException:  # not inside a running server (e.g. a client building inputs)
+        return None
+
+
+def ready_engine() -> AsyncLLM:
+    """The running engine of this worker, or EngineNotReady (-> 503)."""
+    svc = _service()
+    if svc is None or svc.engine is None:
+        raise EngineNotReady(svc.not_ready_reason() if svc else "the service is starting")
+    return svc.engine
+
+
+def _engine_at_parse_time() -> AsyncLLM | None:
+    # NOTE: BentoML parses each request before it joins an adaptive batch; checking prompts
+    # here makes a bad one a 400 of its own instead of failing everyone in its batch.
+    if _service() is None:
+        return None
+    try:
+        return ready_engine()
+    except EngineNotReady as exc:
+        raise ServiceUnavailable(str(exc)) from None
+
+
+def score_ids(engine: AsyncLLM, item: ScoreRequest) -> tuple[list[int], int]:
+    """Prompt and continuation tokenized separately, then joined (joint tokenization can
+    merge tokens across the boundary); returns (ids, number of continuation tokens)."""
+    prompt = engine.validate(item.prompt, score_params())
+    cont = item.continuation
+    if isinstance(cont, str):
+        if engine.tokenizer is None:
+            raise ValueError("continuation must be token ids: the model has no tokenizer")
+        cont = engine.tokenizer.encode(cont, add_special_tokens=False)
+    if not cont:
+        raise ValueError("continuation has no tokens")
+    return engine.validate(prompt + list(cont), score_params()), len(cont)
+
+
+class GenerateInput(GenerateRequest):
+    _ids: list[int] | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _fits_engine(self) -> GenerateInput:
+        if engine := _engine_at_parse_time():
+            self._ids = engine.validate(self.prompt, self.sampling_params())
+        return self
+
+
+class CompleteInput(CompleteRequest):
+    _ids: list[int] | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _fits_engine(self) -> CompleteInput:
+        if engine := _engine_at_parse_time():
+            self._ids = engine.validate(self.prompt, self.sampling_params())
+        return self
+
+
+class ScoreInput(ScoreRequest):
+    _ids: tuple[list[int], int] | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _fits_engine(self) -> ScoreInput:
+        if engine := _engine_at_parse_time():
+            self._ids = score_ids(engine, self)
+        return self
+
+
+openai_app = create_openai_app(ready_engine, SETTINGS.served_model_name)
+_service_options: dict[str, Any] = {
+    "workers": SETTINGS.workers,
+    "traffic": {"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
+}
+if SETTINGS.gpus:
+    _service_options["resources"] = {"gpu": SETTINGS.gpus}
+_batching = {"batchable": True, "max_batch_size": SETTINGS.max_batch_size,
+             "max_latency_ms": SETTINGS.max_latency_ms}
+
+
+@bentoml.asgi_app(openai_app, path="/")
+@bentoml.service(**_service_options)
+class LLMService:
+    """vllm-runner behind BentoML: streaming, batched and OpenAI-compatible generation."""
+
+    def __init__(self) -> None:
+        self.engine: AsyncLLM | None = None
+        self.load_error: BaseException | None = None
+        self._loader: asyncio.Task[None] | None = None
+
+    @bentoml.on_startup
+    async def start_loading(self) -> None:
+        # Weights load in a thread: the worker answers /livez and /readyz (503) meanwhile.
+        self._loader = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            self.engine = await asyncio.to_thread(
+                AsyncLLM, model=SETTINGS.model, log_stats=True, **SETTINGS.engine_kwargs())
+        except Exception as exc:
+            self.load_error = exc
+            logger.exception("loading the model failed")
+        else:
+            logger.info("model %s ready (max_model_len %d)", self.engine.model_name,
+                        self.engine.max_model_len)
+
+    def not_ready_reason(self) -> str:
+        if self.load_error is not None:
+            return f"the model failed to load: {self.load_error}"
+        return "the model is still loading"
+
+    def __is_ready__(self) -> bool:
+        return self.engine is not None
+
+    def __is_alive__(self) -> bool:
+        return self.load_error is None
+
+    @bentoml.on_shutdown
+    async def shutdown(self) -> None:
+        # BentoML calls this after in-flight requests (and streams) have finished.
+        if self._loader is not None:
+            await asyncio.gather(self._loader, return_exceptions=True)
+        if self.engine is not None:
+            await self.engine.shutdown()
+
+    def _engine(self) -> AsyncLLM:
+        if self.engine is None:
+            raise ServiceUnavailable(self.not_ready_reason())
+        return self.engine
+
+    @bentoml.api
+    async def generate(self, request: GenerateInput, /) -> AsyncGenerator[str, None]:
+        """Generate from `prompt`, streaming the text as it is produced."""
+        engine = self._engine()
+        params = request.sampling_params()
+        prompt = request._ids or request.prompt
+        async for out in stream_or_abort(engine, prompt, params, new_request_id("gen")):
+            if out.delta:
+                yield out.delta
+
+    @bentoml.api(**_batching)
+    async def complete(self, requests: list[CompleteInput]) -> list[CompleteResult]:
+        """Whole completions for a list of prompts (batched with concurrent callers)."""
+        engine = self._engine()
+        params = [r.sampling_params() for r in requests]
+        try:
+            ids = [r._ids or engine.validate(r.prompt, p)
+                   for r, p in zip(requests, params, strict=True)]
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        outs = await engine.generate(ids, params)
+        return [CompleteResult(text=o.text, finish_reason=o.finish_reason,
+                               prompt_tokens=len(o.prompt_token_ids),
+                               completion_tokens=len(o.token_ids)) for o in outs]
+
+    @bentoml.api(**_batching)
+    async def score(self, items: list[ScoreInput]) -> list[ScoreResult]:
+        """Log-probability of each `continuation` right after its `prompt`."""
+        engine = self._engine()
+        try:
+            prepared = [item._ids or score_ids(engine, item) for item in items]
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        outs = await engine.generate([ids for ids, _ in prepared],
+                                     [score_params() for _ in prepared])
+        results = []
+        for (_, k), out in zip(prepared, outs, strict=True):
+            lps = [float(lp) for lp in out.prompt_logprobs[-k:]]
+            results.append(ScoreResult(logprob=sum(lps), num_tokens=k, token_logprobs=lps))
+        return results
+
+
+LLMService.add_asgi_middleware(ApiKeyMiddleware, api_key=SETTINGS.api_key)

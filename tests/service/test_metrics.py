@@ -1,0 +1,139 @@
+"""EngineMetrics: gauges follow stats(), counters advance by the growth of cumulative totals."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vllm_runner.metrics
+from vllm_runner.metrics import EngineMetrics
+
+_names = itertools.count()
+# Loading metrics.py by path skips the package __init__ (torch): worker subprocesses stay fast.
+METRICS_PY = str(Path(vllm_runner.metrics.__file__))
+LOAD_METRICS = f"""
+import importlib.util
+spec = importlib.util.spec_from_file_location("metrics", {METRICS_PY!r})
+metrics = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(metrics)
+"""
+
+
+@pytest.fixture
+def model_name() -> str:
+    return f"unit-model-{next(_names)}"
+
+
+def value(name: str, model: str, **labels: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, {"model_name": model, **labels})
+
+
+def stats(**overrides: int) -> dict[str, int]:
+    base = {"num_running": 0, "num_waiting": 0, "kv_blocks_total": 100, "kv_blocks_used": 0,
+            "prefix_cache_queries": 0, "prefix_cache_hits": 0, "prompt_tokens_total": 0,
+            "generation_tokens_total": 0, "num_preemptions": 0}
+    return {**base, **overrides}
+
+
+def test_record_step_sets_gauges(model_name: str) -> None:
+    m = EngineMetrics(model_name)
+    m.record_step(stats(num_running=3, num_waiting=2, kv_blocks_used=25))
+    assert value("vllm_runner_num_requests_running", model_name) == 3
+    assert value("vllm_runner_num_requests_waiting", model_name) == 2
+    assert value("vllm_runner_kv_blocks_used", model_name) == 25
+    assert value("vllm_runner_kv_blocks_total", model_name) == 100
+    assert value("vllm_runner_kv_cache_usage_perc", model_name) == pytest.approx(0.25)
+    m.record_step(stats())
+    assert value("vllm_runner_num_requests_running", model_name) == 0
+    assert value("vllm_runner_kv_blocks_used", model_name) == 0
+
+
+def test_counters_follow_cumulative_totals(model_name: str) -> None:
+    m = EngineMetrics(model_name)
+    m.record_step(stats(prompt_tokens_total=10, generation_tokens_total=4,
+                        prefix_cache_queries=8, prefix_cache_hits=2, num_preemptions=1))
+    m.record_step(stats(prompt_tokens_total=10, generation_tokens_total=9,
+                        prefix_cache_queries=16, prefix_cache_hits=6, num_preemptions=1))
+    assert value("vllm_runner_prompt_tokens_total", model_name) == 10
+    assert value("vllm_runner_generation_tokens_total", model_name) == 9
+    assert value("vllm_runner_prefix_cache_queries_total", model_name) == 16
+    assert value("vllm_runner_prefix_cache_hits_total", model_name) == 6
+    assert value("vllm_runner_num_preemptions_total", model_name) == 1
+
+
+def test_two_engines_with_one_name_add_up(model_name: str) -> None:
+    a, b = EngineMetrics(model_name), EngineMetrics(model_name)
+    a.record_step(stats(generation_tokens_total=5))
+    b.record_step(stats(generation_tokens_total=7))
+    a.record_step(stats(generation_tokens_total=6))
+    assert value("vllm_runner_generation_tokens_total", model_name) == 13
+
+
+def test_a_restarted_total_counts_from_zero(model_name: str) -> None:
+    m = EngineMetrics(model_name)
+    m.record_step(stats(generation_tokens_total=50))
+    m.record_step(stats(generation_tokens_total=3))
+    assert value("vllm_runner_generation_tokens_total", model_name) == 53
+
+
+def test_missing_stats_keys_are_skipped(model_name: str) -> None:
+    m = EngineMetrics(model_name)
+    m.record_step({"num_running": 1})
+    assert value("vllm_runner_num_requests_running", model_name) == 1
+    assert value("vllm_runner_prompt_tokens_total", model_name) == 0
+
+
+def test_record_request_observes_histograms(model_name: str) -> None:
+    m = EngineMetrics(model_name)
+    m.record_request(ttft_s=0.05, itl_s=[0.01, 0.02, 0.03], e2e_s=0.2, finish_reason="stop")
+    m.record_request(ttft_s=None, itl_s=[], e2e_s=0.01, finish_reason="abort")
+    assert value("vllm_runner_time_to_first_token_seconds_count", model_name) == 1
+    assert value("vllm_runner_time_to_first_token_seconds_sum", model_name) == pytest.approx(0.05)
+    assert value("vllm_runner_time_to_first_token_seconds_bucket", model_name, le="0.06") == 1
+    assert value("vllm_runner_inter_token_latency_seconds_count", model_name) == 3
+    assert value("vllm_runner_inter_token_latency_seconds_sum", model_name) == pytest.approx(0.06)
+    assert value("vllm_runner_e2e_request_latency_seconds_count", model_name) == 2
+    assert value("vllm_runner_request_success_total", model_name, finished_reason="stop") == 1
+    assert value("vllm_runner_request_success_total", model_name, finished_reason="abort") == 1
+
+
+def test_import_is_cheap_and_defers_prometheus_client() -> None:
+    code = LOAD_METRICS + """
+import sys
+assert "prometheus_client" not in sys.modules and "bentoml" not in sys.modules
+assert not {"torch", "vllm_runner"} & set(sys.modules)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_multiprocess_mode_aggregates_workers(tmp_path: object) -> None:
+    """Two worker processes write mmap files; MultiProcessCollector (BentoML's) sums them."""
+    code = LOAD_METRICS + """
+import sys
+m = metrics.EngineMetrics("mp-model")
+m.record_step({"num_running": int(sys.argv[1]), "generation_tokens_total": 10})
+m.record_request(ttft_s=0.1, itl_s=[0.01], e2e_s=0.5, finish_reason="stop")
+"""
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for running in ("2", "3"):
+        subprocess.run([sys.executable, "-c", code, running], check=True, env=env, timeout=60)
+    reader = """
+import sys
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry)
+sys.stdout.write(generate_latest(registry).decode())
+"""
+    out = subprocess.run([sys.executable, "-c", reader], check=True, env=env, timeout=60,
+                         capture_output=True, text=True).stdout
+    assert 'vllm_runner_generation_tokens_total{model_name="mp-model"} 20.0' in out
+    assert 'vllm_runner_time_to_first_token_seconds_count{model_name="mp-model"} 2.0' in out
+    # livesum gauges drop processes that have exited (and been marked dead by BentoML);
+    # here nobody marked them dead, so both workers' values are summed.
+    assert 'vllm_runner_num_requests_running{model_name="mp-model"} 5.0' in out

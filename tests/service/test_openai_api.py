@@ -1,0 +1,215 @@
+"""In-process tests of the OpenAI-compatible routes: shapes, streaming, sampling, errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from conftest import MAX_MODEL_LEN
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def events(response: Any) -> list[Any]:
+    """SSE `data:` payloads, JSON-decoded; the last one must be [DONE]."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    lines = response.text.splitlines()
+    data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_models(client: Any) -> None:
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    (model,) = r.json()["data"]
+    assert model["id"] == MODEL and model["object"] == "model"
+    assert model["max_model_len"] == MAX_MODEL_LEN
+
+
+def test_completion(client: Any) -> None:
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3,
+                                             "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == MODEL
+    (choice,) = body["choices"]
+    assert choice["text"].startswith(" Paris")
+    assert choice["finish_reason"] == "length" and choice["logprobs"] is None
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+
+
+def test_completion_many_prompts_and_n(client: Any) -> None:
+    ids = [504, 3458, 282, 4649, 314]  # PROMPT's token ids
+    for prompts in ([PROMPT, PROMPT], [ids, ids]):
+        r = client.post("/v1/completions", json={"prompt": prompts, "n": 2, "max_tokens": 2,
+                                                 "temperature": 0})
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert [c["index"] for c in choices] == [0, 1, 2, 3]
+        assert len({c["text"] for c in choices}) == 1  # greedy: all four the same
+        assert r.json()["usage"] == {"prompt_tokens": 10, "completion_tokens": 8,
+                                     "total_tokens": 18}
+
+
+def test_completion_stop_and_seed(client: Any) -> None:
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8,
+                                             "temperature": 0, "stop": ["."]})
+    (choice,) = r.json()["choices"]
+    assert choice["text"] == " Paris" and choice["finish_reason"] == "stop"
+    body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "seed": 1234}
+    texts = [client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+             for _ in range(2)]
+    assert texts[0] == texts[1]
+
+
+def test_completion_logprobs(client: Any) -> None:
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "logprobs": 2,
+                                             "temperature": 0})
+    (choice,) = r.json()["choices"]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 3
+    assert all(len(top) == 2 for top in lp["top_logprobs"])
+    for token, token_lp, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"],
+                                    strict=True):
+        assert token_lp == max(top.values()) == top[token]  # greedy: the sampled one is top-1
+    assert lp["text_offset"][0] == 0
+
+
+def test_completion_stream(client: Any) -> None:
+    body = {"prompt": [PROMPT, "Hello"], "n": 2, "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200
+    chunks = events(r)
+    *text_chunks, usage_chunk = chunks
+    assert {c["choices"][0]["index"] for c in text_chunks} == {0, 1, 2, 3}
+    finished = [c["choices"][0] for c in text_chunks if c["choices"][0]["finish_reason"]]
+    assert len(finished) == 4
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 16
+
+
+def test_chat(client: Any) -> None:
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT,
+                                                  "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    (choice,) = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "The capital of France is Paris."}
+    assert choice["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] >= 7
+
+
+def test_chat_content_parts_and_logprobs(client: Any) -> None:
+    messages = [{"role": "system", "content": "You are helpful."},
+                {"role": "user", "content": [{"type": "text", "text": "What is the capital "},
+                                             {"type": "text", "text": "of France?"}]}]
+    r = client.post("/v1/chat/completions", json={
+        "messages": messages, "max_tokens": 3, "temperature": 0, "logprobs": True,
+        "top_logprobs": 2})
+    (choice,) = r.json()["choices"]
+    content = choice["logprobs"]["content"]
+    assert len(content) == 3
+    assert "".join(c["token"] for c in content) == choice["message"]["content"]
+    for entry in content:
+        assert len(entry["top_logprobs"]) == 2
+        assert entry["logprob"] == entry["top_logprobs"][0]["logprob"]
+        assert bytes(entry["bytes"]).decode() == entry["token"]
+
+
+def test_chat_stream(client: Any) -> None:
+    body = {"messages": CHAT, "max_tokens": 12, "temperature": 0, "stream": True, "n": 2}
+    chunks = events(client.post("/v1/chat/completions", json=body))
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["delta"].get("content", "") for c in mine)
+        assert text == "The capital of France is Paris."
+        assert mine[-1]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": PROMPT, "temperature": -1}, "temperature"),
+        ("/v1/completions", {"prompt": PROMPT, "top_p": 1.5}, "top_p"),
+        ("/v1/completions", {"prompt": PROMPT, "n": 0}, "n"),
+        ("/v1/completions", {"prompt": PROMPT, "max_tokens": -3}, "max_tokens"),
+        ("/v1/completions", {"prompt": PROMPT, "logprobs": 50}, "logprobs"),
+        ("/v1/completions", {"prompt": PROMPT, "echo": True}, "echo"),
+        ("/v1/completions", {"prompt": PROMPT, "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ("/v1/completions", {"prompt": ""}, "prompt"),
+        ("/v1/completions", {"max_tokens": 3}, "prompt"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
+        ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"messages": CHAT, "presence_penalty": 3}, "presence_penalty"),
+    ],
+)
+def test_invalid_fields_give_openai_errors(client: Any, path: str, body: dict, param: str
+                                           ) -> None:
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param or param in error["message"], error
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_malformed_json_is_a_400(client: Any) -> None:
+    r = client.post("/v1/completions", content=b"{not json",
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert "error" in r.json()
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_prompt_over_max_model_len(client: Any, path: str) -> None:
+    text = "hello " * (MAX_MODEL_LEN + 10)
+    body = ({"prompt": text} if path == "/v1/completions"
+            else {"messages": [{"role": "user", "content": text}]})
+    r = client.post(path, json={**body, "stream": True})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert f"max_model_len is {MAX_MODEL_LEN}" in error["message"]
+    assert "prompt has" in error["message"]
+    assert error["param"] in ("prompt", "messages")
+
+
+def test_unknown_model_is_a_404(client: Any) -> None:
+    r = client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": CHAT})
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "model_not_found"
+
+
+def test_wrong_method_is_an_openai_405(client: Any) -> None:
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_engine_failure_of_one_request(client: Any, engine: Any) -> None:
+    """A request the engine fails gets a 500 (or an in-band error event); the next one works."""
+    from vllm_runner import RequestError
+
+    async def failing_stream(*args: Any, **kwargs: Any) -> Any:
+        raise RequestError("request x failed: injected")
+        yield  # an async generator
+
+    engine.stream = failing_stream
+    try:
+        r = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2})
+        assert r.status_code == 500
+        assert "injected" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"prompt": PROMPT, "stream": True})
+        payloads = events(r)
+        assert "injected" in payloads[-1]["error"]["message"]
+    finally:
+        del engine.stream
+    r = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2})
+    assert r.status_code == 200

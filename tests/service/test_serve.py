@@ -1,0 +1,180 @@
+"""End to end: a real `bentoml serve` subprocess on a loopback port, driven by real clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import API_KEY, AUTH, MAX_MODEL_LEN, REPO, SERVICE_ENV, metric_value, wait_ready
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+ANSWER = "The capital of France is Paris."
+MAX_CONCURRENCY = 12
+LONG_STREAM = {"prompt": "Tell me a long story.", "max_tokens": 200, "ignore_eos": True}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
+        self.proc, self.url, self.log = proc, url, log
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def stats(self) -> dict[str, int]:
+        return httpx.get(f"{self.url}/stats", headers=AUTH, timeout=10).json()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("bentoml-home")
+    env = {**os.environ, **SERVICE_ENV, "BENTOML_HOME": str(home),
+           "VLLM_RUNNER_MAX_CONCURRENCY": str(MAX_CONCURRENCY)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve makes its own
+    env.pop("VLLM_RUNNER_MAX_MODEL_LEN")  # given as --arg instead
+    port = free_port()
+    log = home / "serve.log"
+    # `bentoml serve` with no target reads `service:` from bentofile.yaml
+    cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--arg", f"max_model_len={MAX_MODEL_LEN}"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    srv = Server(proc, f"http://127.0.0.1:{port}", log)
+
+    def probe() -> int:
+        if proc.poll() is not None:
+            pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{srv.logs()}")
+        return httpx.get(f"{srv.url}/readyz", timeout=5).status_code
+
+    try:
+        wait_ready(probe)
+        yield srv
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_openai_client_chat(server: Server) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    resp = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12,
+                                          temperature=0)
+    assert resp.choices[0].message.content == ANSWER
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.usage.completion_tokens > 0
+    stream = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ANSWER
+    assert chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError, match="max_model_len"):
+        client.completions.create(model=MODEL, prompt="hi " * (MAX_MODEL_LEN + 1))
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong").models.list()
+
+
+def test_bentoml_client(server: Server) -> None:
+    import bentoml
+
+    with bentoml.SyncHTTPClient(server.url, token=API_KEY, timeout=120) as client:
+        # /generate takes its body as one (root) input: a dict, not keyword arguments
+        chunks = list(client.generate({"prompt": "The capital of France is", "max_tokens": 4,
+                                       "temperature": 0}))
+        assert "".join(chunks).startswith(" Paris")
+        (done,) = client.complete(requests=[{"prompt": "The capital of France is",
+                                             "max_tokens": 3, "temperature": 0}])
+        assert done["text"].startswith(" Paris")
+        paris, banana = client.score(items=[
+            {"prompt": "The capital of France is", "continuation": " Paris"},
+            {"prompt": "The capital of France is", "continuation": " banana"}])
+        assert paris["logprob"] > banana["logprob"]
+
+
+def test_max_concurrency_then_disconnects_free_the_kv_cache(server: Server) -> None:
+    limits = httpx.Limits(max_connections=MAX_CONCURRENCY + 4)
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60, limits=limits) as http:
+        streams: list[tuple[httpx.Response, Iterator[str]]] = []
+        try:
+            for _ in range(MAX_CONCURRENCY):
+                request = http.build_request("POST", "/generate", json=LONG_STREAM)
+                response = http.send(request, stream=True)
+                assert response.status_code == 200
+                # NOTE: keep the iterator: dropping it would close the connection now
+                chunks = response.iter_text()
+                next(chunks)  # mid-stream: the first delta has arrived
+                streams.append((response, chunks))
+            over = http.post("/complete", json={"requests": [{"prompt": "hi"}]})
+            assert over.status_code == 429, over.text  # every slot holds a stream
+            streams.pop()[0].close()  # frees a slot (and its request) for /stats
+            busy = server.stats()
+            assert busy["num_running"] + busy["num_waiting"] >= MAX_CONCURRENCY - 2
+            assert busy["kv_blocks_used"] > 0
+        finally:
+            for response, _ in streams:
+                response.close()  # the client goes away mid-stream
+    # NOTE: AsyncLLM.stats() is refreshed by engine steps; a one-token request makes one
+    # (test_stats_are_fresh_while_idle in test_native_api.py pins the idle case).
+    time.sleep(0.5)
+    httpx.post(f"{server.url}/complete", headers=AUTH, timeout=60,
+               json={"requests": [{"prompt": "hi", "max_tokens": 1}]}).raise_for_status()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = server.stats()
+        if stats["num_running"] == stats["num_waiting"] == stats["kv_blocks_used"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["num_running"] == stats["num_waiting"] == 0, stats
+    assert stats["kv_blocks_used"] == 0, stats
+    # aborted long before their 200 tokens
+    assert stats["generation_tokens_total"] < MAX_CONCURRENCY * LONG_STREAM["max_tokens"] / 2
+
+
+def test_metrics_show_engine_histograms(server: Server) -> None:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for name in ("vllm_runner_time_to_first_token_seconds_count",
+                 "vllm_runner_inter_token_latency_seconds_count",
+                 "vllm_runner_e2e_request_latency_seconds_count"):
+        assert metric_value(text, name, model_name=MODEL) > 0, name
+    assert metric_value(text, "vllm_runner_generation_tokens_total", model_name=MODEL) > 0
+    assert metric_value(text, "vllm_runner_request_success_total", finished_reason="abort") >= 1
+    assert metric_value(text, "bentoml_service_adaptive_batch_size_count",
+                        method_name="complete") >= 1
+
+
+def test_shutdown_waits_for_in_flight_streams(server: Server) -> None:
+    """SIGTERM while a stream runs: the stream still ends normally, then the server exits 0."""
+    body = {"prompt": "Count from one to fifty:", "max_tokens": 24, "ignore_eos": True,
+            "temperature": 0}
+    with httpx.stream("POST", f"{server.url}/generate", json=body, headers=AUTH,
+                      timeout=60) as response:
+        chunks = response.iter_text()
+        first = next(chunks)
+        server.proc.send_signal(signal.SIGTERM)
+        rest = "".join(chunks)
+    assert len(first + rest) > 24  # all 24 tokens arrived (each at least one character)
+    assert server.proc.wait(timeout=60) == 0, server.logs()

@@ -1,0 +1,48 @@
+"""ServerSettings: --arg over VLLM_RUNNER_* over defaults, typed, and named in errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_runner.serving.settings import ServerSettings
+
+
+def test_defaults_leave_the_engine_its_own() -> None:
+    s = ServerSettings.load({}, {})
+    assert s.model is None and s.api_key is None
+    assert s.engine_kwargs() == {}
+    assert (s.workers, s.gpus) == (1, 0)
+
+
+def test_env_then_args_take_precedence() -> None:
+    env = {"VLLM_RUNNER_MAX_MODEL_LEN": "512", "VLLM_RUNNER_DTYPE": "float32",
+           "VLLM_RUNNER_ENABLE_PREFIX_CACHING": "off", "VLLM_RUNNER_CPU_OFFLOAD_GB": "1.5"}
+    s = ServerSettings.load(env, {"max_model_len": "1024", "model": "/models/x"})
+    assert s.max_model_len == 1024 and s.model == "/models/x"
+    assert s.engine_kwargs() == {"dtype": "float32", "max_model_len": 1024,
+                                 "enable_prefix_caching": False, "cpu_offload_gb": 1.5}
+
+
+def test_arg_file_values_keep_their_types() -> None:
+    s = ServerSettings.load({}, {"max_num_seqs": 8, "enable_prefix_caching": True})
+    assert s.max_num_seqs == 8 and s.enable_prefix_caching is True
+
+
+def test_empty_env_value_means_unset() -> None:
+    assert ServerSettings.load({"VLLM_RUNNER_API_KEY": ""}, {}).api_key is None
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        ({}, {"max_model_len": "lots"}, "--arg max_model_len must be int, got 'lots'"),
+        ({"VLLM_RUNNER_NUM_KV_BLOCKS": "1.5"}, {}, "VLLM_RUNNER_NUM_KV_BLOCKS must be int"),
+        ({}, {"enable_prefix_caching": "maybe"}, "enable_prefix_caching must be bool"),
+        ({}, {"max_modl_len": "5"}, "unknown --arg max_modl_len"),
+        ({}, {"workers": "0"}, "workers must be >= 1, got 0"),
+        ({}, {"max_batch_size": "1"}, "max_batch_size must be >= 2, got 1"),
+    ],
+)
+def test_bad_values_name_the_setting(env: dict, args: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServerSettings.load(env, args)

@@ -1,0 +1,100 @@
+"""Server settings: `bentoml serve --arg key=value` over `VLLM_RUNNER_<KEY>` over defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "VLLM_RUNNER_"
+# Settings passed straight to AsyncLLM when set; None leaves the engine's default.
+ENGINE_FIELDS = (
+    "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+    "block_size", "num_kv_blocks", "enable_prefix_caching", "cpu_offload_gb",
+    "quantization", "seed",
+)
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the service reads at start-up; see docs/serving.md for the meaning."""
+
+    model: str | None = None  # HF folder / id; None = the default model (SmolLM2-135M)
+    served_model_name: str | None = None  # name in /v1/models; None = the engine's
+    dtype: str | None = None
+    device: str | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int | None = None
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool | None = None
+    cpu_offload_gb: float | None = None
+    quantization: str | None = None
+    seed: int | None = None
+    api_key: str | None = None
+    gpus: int = 0  # GPUs BentoML reserves per worker (0: none declared, the engine picks)
+    workers: int = 1
+    max_concurrency: int = 64  # per service; over it BentoML answers 429
+    timeout: int = 600  # seconds to the first byte of a response
+    max_batch_size: int = 32  # adaptive batching of /complete and /score
+    max_latency_ms: int = 300_000
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "max_concurrency", "timeout", "max_batch_size",
+                     "max_latency_ms"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_size < 2:
+            raise ValueError(f"max_batch_size must be >= 2, got {self.max_batch_size}")
+        if self.gpus < 0:
+            raise ValueError(f"gpus must be >= 0, got {self.gpus}")
+
+    @classmethod
+    def load(cls, env: Mapping[str, str], args: Mapping[str, Any]) -> ServerSettings:
+        """Read settings from `args` (bentoml --arg), then `env`, then the defaults."""
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - fields)
+        if unknown:
+            raise ValueError(f"unknown --arg {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(fields))}")
+        values: dict[str, Any] = {}
+        for name in fields:
+            source = f"--arg {name}"
+            raw = args.get(name)
+            if raw is None:
+                source = ENV_PREFIX + name.upper()
+                raw = env.get(source)
+            if raw is None or raw == "":
+                continue
+            values[name] = _convert(raw, hints[name], source)
+        return cls(**values)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for AsyncLLM (model excluded), only those that are set."""
+        return {k: getattr(self, k) for k in ENGINE_FIELDS if getattr(self, k) is not None}
+
+
+def _convert(raw: Any, hint: Any, source: str) -> Any:
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(
+        hint, types.UnionType) else [hint]
+    kind = kinds[0]
+    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+        return raw
+    text = str(raw).strip()
+    try:
+        if kind is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{source} must be {kind.__name__}, got {raw!r}") from None

@@ -1,0 +1,103 @@
+"""Engine streams for HTTP handlers: abort on disconnect, merge, collect."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from vllm_runner.sampling_params import SamplingParams
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def stream_or_abort(
+    engine: Any, prompt: str | list[int], params: SamplingParams, request_id: str
+) -> AsyncIterator[Any]:
+    """`engine.stream(...)`, aborting the request if the consumer stops before the end.
+
+    A client disconnect cancels the task that iterates this generator; the abort frees
+    the request's KV blocks at once instead of when it would have finished.
+    """
+    finished = False
+    try:
+        async for out in engine.stream(prompt, params, request_id=request_id):
+            yield out
+        finished = True
+    finally:
+        if not finished:
+            # NOTE: shielded: the cancel scope that stopped the stream re-cancels every await.
+            with anyio.CancelScope(shield=True):
+                await engine.abort(request_id)
+
+
+async def merge(streams: Sequence[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleave several streams as (stream index, item), in arrival order."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any, BaseException | None, bool]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Any]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((i, item, None, False))
+        except Exception as exc:  # handed to the consumer
+            queue.put_nowait((i, None, exc, True))
+        else:
+            queue.put_nowait((i, None, None, True))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item, exc, done = await queue.get()
+            if exc is not None:
+                raise exc
+            if done:
+                remaining -= 1
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class Choice:
+    """One completion accumulated from a stream."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, out: Any) -> None:
+        self.text += out.delta
+        self.token_ids.extend(out.new_token_ids)
+        if out.new_logprobs:
+            self.logprobs.extend(out.new_logprobs)
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
+
+async def collect(
+    engine: Any, prompt: str | list[int], params: SamplingParams, request_id: str
+) -> tuple[list[int], list[Choice]]:
+    """Run one request to the end; returns (prompt token ids, the n choices by index)."""
+    choices = [Choice(i) for i in range(params.n)]
+    prompt_ids: list[int] = []
+    async for out in stream_or_abort(engine, prompt, params, request_id):
+        prompt_ids = out.prompt_token_ids or prompt_ids
+        choices[out.index].add(out)
+    return prompt_ids, choices
