@@ -1,0 +1,37 @@
+"""Paged attention entry point for the model: the decode kernel for pure-decode batches, else
+the prefill kernel."""
+
+import torch
+
+from kernels.paged_attention import paged_attention_decode
+from kernels.prefill_attention import prefill_attention
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
+    seq_lens: torch.Tensor,  # [num_reqs] int32: context length incl. this step's tokens
+    query_start_loc: torch.Tensor,  # [num_reqs + 1] int32: cumulative query lengths
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Same semantics as ``kernels.reference.paged_attention``; ``max_query_len`` is a host int.
+
+    With ``max_query_len == 1`` every request has exactly one query (``num_tokens == num_reqs``)
+    and the GQA / split-K decode kernel runs; ``max_seq_len`` (host int, optional) only tunes
+    its split count. Otherwise the tiled varlen prefill kernel runs.
+    """
+    if max_query_len == 1:
+        assert query.shape[0] == seq_lens.shape[0], (
+            f"decode needs one query per request: {query.shape[0]} tokens, "
+            f"{seq_lens.shape[0]} requests"
+        )
+        return paged_attention_decode(
+            query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len
+        )
+    return prefill_attention(
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale
+    )

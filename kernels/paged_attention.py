@@ -1,0 +1,298 @@
+"""Decode attention over the paged KV cache (Triton): one query token per request.
+
+Each program owns one (request, kv_head) and all ``num_heads // num_kv_heads`` query heads of
+that group, so every KV tile is read from memory once per group. Long contexts with few
+programs use split-K: the context is cut into ``num_splits`` chunks, each program writes a
+partial (max, sum, unnormalized acc) and ``_decode_reduce_kernel`` combines them.
+"""
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(
+    q,  # [ROWS, BLOCK_D] in the cache dtype
+    acc,  # [ROWS, BLOCK_D] fp32, unnormalized
+    m_i,  # [ROWS] fp32 running max (log2 domain)
+    l_i,  # [ROWS] fp32 running sum
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_row,  # pointer to this request's block table row
+    n0,  # first key position of the tile
+    kv_end,  # keys at or past this position are masked (only if MASK_KV)
+    q_pos,  # [ROWS] context positions of the queries (only if CAUSAL)
+    kv_head,
+    qk_scale,  # softmax scale * log2(e)
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_KV: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step of ``q`` against keys ``n0 : n0 + BLOCK_N`` of the paged cache."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    n_mask = offs_n < kv_end if MASK_KV else offs_n >= 0
+    # NOTE: tokens are gathered one by one, so a tile may span several (shuffled) cache blocks.
+    blocks = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    kv_off = blocks * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+    k_mask = n_mask[None, :] & d_mask[:, None]
+    k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=k_mask, other=0.0)
+
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [ROWS, BLOCK_N]
+    if MASK_KV:
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+    if CAUSAL:
+        s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    v_mask = n_mask[:, None] & d_mask[None, :]
+    v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=v_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,  # [num_reqs, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,
+    block_tables_ptr,  # [num_reqs, max_blocks]
+    seq_lens_ptr,  # [num_reqs]
+    out_ptr,  # [num_reqs, num_heads, head_dim]
+    part_m_ptr,  # [num_reqs, num_heads, num_splits] fp32 (SPLIT only)
+    part_l_ptr,  # [num_reqs, num_heads, num_splits] fp32 (SPLIT only)
+    part_acc_ptr,  # [num_reqs, num_heads, num_splits, head_dim] fp32 (SPLIT only)
+    qk_scale,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    NUM_HEADS: tl.constexpr,
+    QUERIES_PER_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + req)
+    # Each split covers a whole number of BLOCK_N tiles; trailing splits may be empty.
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kv_head * QUERIES_PER_KV + offs_g
+    qd_mask = (offs_g[:, None] < QUERIES_PER_KV) & (offs_d[None, :] < HEAD_DIM)
+    q_off = req.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr + q_off, mask=qd_mask, other=0.0)
+
+    # NOTE: finite initial max, so a row whose keys are all masked never computes inf - inf.
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    block_table_row = block_tables_ptr + req.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row, n0, end, m_i,
+            kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, False, DOT_PRECISION,
+        )  # fmt: skip
+
+    if SPLIT:
+        row = (req * NUM_HEADS + heads) * num_splits + split  # [BLOCK_G]
+        g_mask = offs_g < QUERIES_PER_KV
+        tl.store(part_m_ptr + row, m_i, mask=g_mask)
+        tl.store(part_l_ptr + row, l_i, mask=g_mask)
+        acc_off = row.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(part_acc_ptr + acc_off, acc, mask=qd_mask)
+    else:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        o_off = req.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_m_ptr,  # [num_reqs, num_heads, num_splits] fp32
+    part_l_ptr,
+    part_acc_ptr,  # [num_reqs, num_heads, num_splits, head_dim] fp32
+    out_ptr,  # [num_reqs, num_heads, head_dim]
+    num_splits,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    row = (req * NUM_HEADS + head).to(tl.int64) * num_splits + offs_s  # [BLOCK_S]
+    m = tl.load(part_m_ptr + row, mask=s_mask, other=-1.0e30)
+    l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)  # noqa: E741
+    w = tl.exp2(m - tl.max(m, 0))  # empty splits have l == 0 and acc == 0
+    l_total = tl.sum(l * w, 0)
+    mask = s_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(l_total > 0.0, l_total, 1.0)
+    o_off = req.to(tl.int64) * stride_ot + head * stride_oh + offs_d
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@functools.cache
+def _cuda_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """SM count of a CUDA device; 132 (an H100) elsewhere, where only tests use the heuristic."""
+    if device.type != "cuda":
+        return 132
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose_num_splits(
+    num_reqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, sm_count: int
+) -> int:
+    """Split the context only when (request, kv_head) programs alone cannot fill the GPU.
+
+    Aims at ~4 programs per SM, with at least 4 key tiles per split so the partials and the
+    reduce stay cheap next to the KV reads.
+    """
+    programs = num_reqs * num_kv_heads
+    tiles = math.ceil(max_seq_len / block_n)
+    if programs >= 2 * sm_count or tiles < 8:
+        return 1
+    return max(1, min(math.ceil(4 * sm_count / programs), tiles // 4, 64))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # NOTE: fp32 inputs would silently use tf32 tensor cores (~1e-3 error) without "ieee".
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_paged_inputs(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> None:
+    """Shape/dtype/stride asserts shared by the decode and prefill launchers."""
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    assert query.dim() == 3 and query.stride(2) == 1, f"query {tuple(query.shape)} needs dense dim"
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (
+        f"k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)}"
+    )
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1, (
+        f"k/v caches need one layout with a dense head_dim: {k_cache.stride()} {v_cache.stride()}"
+    )
+    num_kv_heads = k_cache.shape[2]
+    assert k_cache.shape[3] == head_dim, f"cache head_dim {k_cache.shape[3]} != {head_dim}"
+    assert num_heads % num_kv_heads == 0, f"num_heads {num_heads} % num_kv_heads {num_kv_heads}"
+    assert query.dtype == k_cache.dtype == v_cache.dtype, (
+        f"query {query.dtype} / k_cache {k_cache.dtype} / v_cache {v_cache.dtype} must match"
+    )
+    assert query.dtype in (torch.float32, torch.float16, torch.bfloat16), f"{query.dtype}"
+    assert block_tables.dim() == 2 and block_tables.stride(1) == 1, (
+        f"block_tables {tuple(block_tables.shape)} needs a dense last dim"
+    )
+    assert block_tables.dtype in (torch.int32, torch.int64), f"block_tables {block_tables.dtype}"
+    assert seq_lens.dtype in (torch.int32, torch.int64), f"seq_lens {seq_lens.dtype}"
+    assert seq_lens.is_contiguous() and seq_lens.shape == (block_tables.shape[0],), (
+        f"seq_lens {tuple(seq_lens.shape)} vs block_tables {tuple(block_tables.shape)}"
+    )
+
+
+def paged_attention_decode(
+    query: torch.Tensor,  # [num_reqs, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
+    seq_lens: torch.Tensor,  # [num_reqs] int32: context length incl. this token
+    scale: float,
+    *,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
+    """Attention of each request's single new query over its whole cached context.
+
+    ``max_seq_len`` (a host int; defaults to the block-table capacity, so no device sync)
+    and the batch shape pick ``num_splits`` unless it is given. Requests with
+    ``seq_len == 0`` (CUDA-graph padding) get zeros.
+    """
+    check_paged_inputs(query, k_cache, v_cache, block_tables, seq_lens)
+    num_reqs, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert seq_lens.shape == (num_reqs,), f"decode: seq_lens {tuple(seq_lens.shape)} vs query"
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    if num_reqs == 0:
+        return out
+    if num_splits is None:
+        if max_seq_len is None:
+            max_seq_len = block_tables.shape[1] * block_size
+        num_splits = choose_num_splits(
+            num_reqs, num_kv_heads, max_seq_len, block_n, num_sms(query.device)
+        )
+    assert num_splits >= 1, f"num_splits {num_splits} must be >= 1"
+
+    group = num_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    split = num_splits > 1
+    part_shape = (num_reqs, num_heads, num_splits) if split else (1,)
+    part_m = torch.empty(part_shape, dtype=torch.float32, device=query.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty((*part_shape, head_dim) if split else (1,), dtype=torch.float32,
+                           device=query.device)  # fmt: skip
+    _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
+        scale * LOG2E, num_splits,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads, QUERIES_PER_KV=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        SPLIT=split, DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if split:
+        _decode_reduce_kernel[(num_reqs, num_heads)](
+            part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+    return out

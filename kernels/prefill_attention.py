@@ -1,0 +1,164 @@
+"""Varlen causal attention over the paged KV cache (Triton): prefill, chunked prefill, prefix hits.
+
+Same contract as ``kernels.reference.paged_attention``: request ``r``'s queries are the last
+``q_len`` positions of its ``seq_len`` tokens and its K/V (including this step's, already
+written by ``write_kv_cache``) are read from the cache through its block table. Each program
+computes one ``BLOCK_M`` tile of one request's queries for one head, sweeping keys in
+``BLOCK_N`` tiles with ``tl.dot``: first the keys every row of the tile may see (no mask), then
+the diagonal tiles (causal mask).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.paged_attention import LOG2E, _attend_tile, check_paged_inputs, dot_precision
+
+
+@triton.jit
+def _find_request(query_start_loc_ptr, num_reqs, pid, BLOCK_M: tl.constexpr):
+    """Largest ``r`` with ``query_start_loc[r] // BLOCK_M + r <= pid`` (binary search).
+
+    Request ``r``'s query tiles are numbered from ``query_start_loc[r] // BLOCK_M + r``; that
+    leaves room for its ``cdiv(q_len, BLOCK_M)`` tiles without any host-side bookkeeping.
+    """
+    # NOTE: both bounds are int32 tensors so the loop-carried types never change.
+    lo = tl.full([], 0, tl.int32)
+    hi = lo + (num_reqs - 1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid).to(tl.int32) // BLOCK_M + mid
+        if first_tile <= pid:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,
+    block_tables_ptr,  # [num_reqs, max_blocks]
+    seq_lens_ptr,  # [num_reqs]
+    query_start_loc_ptr,  # [num_reqs + 1]
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    qk_scale,
+    num_reqs,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    QUERIES_PER_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    req = _find_request(query_start_loc_ptr, num_reqs, pid, BLOCK_M)
+    q_start = tl.load(query_start_loc_ptr + req).to(tl.int32)
+    q_len = tl.load(query_start_loc_ptr + req + 1).to(tl.int32) - q_start
+    m_tile = pid - (q_start // BLOCK_M + req)
+    if m_tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
+    first_pos = seq_len - q_len + m_tile * BLOCK_M  # context position of the tile's first row
+
+    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    qd_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    tokens = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=qd_mask, other=0.0)  # fmt: skip
+    q_pos = first_pos + tl.arange(0, BLOCK_M)
+    kv_head = head // QUERIES_PER_KV
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    block_table_row = block_tables_ptr + req.to(tl.int64) * stride_bt
+    # Keys [0, full_end) are visible to every row of the tile: no mask needed.
+    full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    kv_end = tl.minimum(first_pos + BLOCK_M, seq_len)
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row, n0, kv_end, q_pos,
+            kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, False, DOT_PRECISION,
+        )  # fmt: skip
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row, n0, kv_end, q_pos,
+            kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, True, DOT_PRECISION,
+        )  # fmt: skip
+
+    out = acc / l_i[:, None]
+    o_off = tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+
+
+def _default_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a tensor-core GPU."""
+    if dtype == torch.float32:  # no tensor cores ("ieee" dot); keep shared memory < 100 KB
+        return 64, 32, 4, 2
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return 128, 64, 8, 3
+
+
+def prefill_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_reqs, max_blocks] int32
+    seq_lens: torch.Tensor,  # [num_reqs] int32: context length incl. this step's tokens
+    query_start_loc: torch.Tensor,  # [num_reqs + 1] int32: cumulative query lengths
+    scale: float,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each request's new queries over its whole cached context.
+
+    Drop-in for ``kernels.reference.paged_attention`` (any mix of prefill, chunked prefill,
+    prefix-cache hits and decode); needs no host sync. ``query_start_loc[-1]`` must equal
+    ``num_tokens``; tokens past it are left unwritten.
+    """
+    check_paged_inputs(query, k_cache, v_cache, block_tables, seq_lens)
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_reqs = seq_lens.shape[0]
+    assert query_start_loc.shape == (num_reqs + 1,) and query_start_loc.is_contiguous(), (
+        f"query_start_loc {tuple(query_start_loc.shape)} must be [num_reqs + 1 = {num_reqs + 1}]"
+    )
+    assert query_start_loc.dtype in (torch.int32, torch.int64), f"{query_start_loc.dtype}"
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    if num_tokens == 0 or num_reqs == 0:
+        return out
+    cfg_m, cfg_n, cfg_warps, cfg_stages = _default_config(head_dim, query.dtype)
+    block_m, block_n = block_m or cfg_m, block_n or cfg_n
+    # Upper bound on query tiles: each request adds at most one partial tile.
+    grid = (num_tokens // block_m + num_reqs, num_heads)
+    _prefill_kernel[grid](
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+        scale * LOG2E, num_reqs,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+        DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
+    )  # fmt: skip
+    return out

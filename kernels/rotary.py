@@ -1,0 +1,126 @@
+"""Neox-style (rotate-half) rotary embedding of queries and keys (Triton); one program per token."""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(
+    src_ptr,  # this token's row of [num_tokens, num_heads, head_dim]
+    dst_ptr,
+    stride_sh,
+    stride_dh,
+    cos,  # [1, BLOCK_HALF] fp32
+    sin,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+    COPY_PASS: tl.constexpr,
+):
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_r = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (offs_h < NUM_HEADS) & (offs_r < HALF)
+    src = src_ptr + offs_h * stride_sh + offs_r
+    dst = dst_ptr + offs_h * stride_dh + offs_r
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(dst, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
+    tl.store(dst + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+    if COPY_PASS:  # features past rotary_dim are copied unchanged
+        offs_p = 2 * HALF + tl.arange(0, BLOCK_PASS)[None, :]
+        p_mask = (offs_h < NUM_HEADS) & (offs_p < HEAD_DIM)
+        x = tl.load(src_ptr + offs_h * stride_sh + offs_p, mask=p_mask)
+        tl.store(dst_ptr + offs_h * stride_dh + offs_p, x, mask=p_mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    positions_ptr,  # [num_tokens]
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    k_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    q_out_ptr,
+    k_out_ptr,
+    cos_sin_ptr,  # [max_positions, rotary_dim]: cos half | sin half
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_qot,
+    stride_qoh,
+    stride_kot,
+    stride_koh,
+    stride_cs,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_KV_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+    COPY_PASS: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_HALF)[None, :]
+    cs_mask = offs_r < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_r, mask=cs_mask, other=0.0).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_r, mask=cs_mask, other=0.0)
+    sin = sin.to(tl.float32)
+    _rotate_heads(
+        q_ptr + token * stride_qt, q_out_ptr + token * stride_qot, stride_qh, stride_qoh,
+        cos, sin, NUM_HEADS, HEAD_DIM, HALF, BLOCK_H, BLOCK_HALF, BLOCK_PASS, COPY_PASS,
+    )  # fmt: skip
+    _rotate_heads(
+        k_ptr + token * stride_kt, k_out_ptr + token * stride_kot, stride_kh, stride_koh,
+        cos, sin, NUM_KV_HEADS, HEAD_DIM, HALF, BLOCK_KV_H, BLOCK_HALF, BLOCK_PASS, COPY_PASS,
+    )  # fmt: skip
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens] int64
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_positions, rotary_dim] fp32: cos half | sin half
+    *,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (rotate-half) rotary embedding over the first ``rotary_dim`` features.
+
+    Returns new contiguous tensors, or with ``inplace=True`` rotates ``query``/``key`` (which may
+    be strided views, e.g. of a fused qkv output) in place and returns them.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    rotary_dim = cos_sin_cache.shape[1]
+    assert key.shape == (num_tokens, num_kv_heads, head_dim), f"key {tuple(key.shape)}"
+    assert positions.shape == (num_tokens,), f"positions {tuple(positions.shape)}"
+    assert positions.dtype in (torch.int32, torch.int64), f"positions {positions.dtype}"
+    assert rotary_dim % 2 == 0 and rotary_dim <= head_dim, f"rotary_dim {rotary_dim} / {head_dim}"
+    assert query.stride(2) == 1 and key.stride(2) == 1, "query/key need a dense head_dim"
+    assert cos_sin_cache.stride(1) == 1, "cos_sin_cache needs a dense last dim"
+    assert query.dtype == key.dtype, f"query {query.dtype} != key {key.dtype}"
+    q_out = query if inplace else torch.empty_like(query, memory_format=torch.contiguous_format)
+    k_out = key if inplace else torch.empty_like(key, memory_format=torch.contiguous_format)
+    if num_tokens == 0:
+        return q_out, k_out
+    half = rotary_dim // 2
+    pass_dim = head_dim - rotary_dim
+    _rotary_kernel[(num_tokens,)](
+        positions, query, key, q_out, k_out, cos_sin_cache,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        cos_sin_cache.stride(0),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
+        BLOCK_H=triton.next_power_of_2(num_heads),
+        BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_PASS=triton.next_power_of_2(max(pass_dim, 1)),
+        COPY_PASS=pass_dim > 0 and not inplace,
+    )  # fmt: skip
+    return q_out, k_out

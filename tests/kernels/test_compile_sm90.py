@@ -1,0 +1,126 @@
+"""Compile every kernel for an H100 (sm_90) on a machine without a GPU.
+
+The interpreter runs kernels as numpy code, so it misses what only the GPU compiler checks:
+loop-carried type changes, tl.dot shape/dtype rules, shared memory over the per-block limit,
+or a dot that silently falls back from tensor cores. This test launches each launcher with
+the kernel swapped for a recorder that compiles it through Triton's real pipeline (ptxas
+included) for ``GPUTarget("cuda", 90, 32)``. It runs in a subprocess because the kernel
+tests' conftest sets TRITON_INTERPRET for this process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+H100_SHARED_BYTES = 227 * 1024
+PTR_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int32": "*i32",
+             "int64": "*i64"}  # fmt: skip
+
+
+class _Recorder:
+    """Stands in for ``kernel[grid](...)``: compiles for sm_90 and records the result."""
+
+    def __init__(self, name: str, fn: object, results: list[dict]) -> None:
+        self.name, self.fn, self.results = name, fn, results
+
+    def __getitem__(self, grid: tuple[int, ...]):  # noqa: ANN204
+        return self._compile
+
+    def _compile(self, *args: object, **kwargs: object) -> None:
+        import torch
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        signature, constexprs, attrs = {}, dict(kwargs), {}
+        for i, (name, arg) in enumerate(zip(self.fn.arg_names, args, strict=False)):
+            if isinstance(arg, torch.Tensor):
+                signature[name] = PTR_TYPES[str(arg.dtype).removeprefix("torch.")]
+                attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+            elif isinstance(arg, float):
+                signature[name] = "fp32"
+            elif arg == 1:  # triton specializes integer 1 to a constant
+                signature[name], constexprs[name] = "constexpr", 1
+            else:
+                signature[name] = "i32"
+                if arg % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        signature.update({k: "constexpr" for k in kwargs})
+        src = ASTSource(self.fn, signature, constexprs, attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        ptx = kernel.asm["ptx"]
+        mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
+        self.results.append({"kernel": self.name, "dtype": str(args[0].dtype),
+                             "shared": kernel.metadata.shared, "mma": mma})  # fmt: skip
+
+
+def _compile_all() -> list[dict]:
+    import torch
+
+    import kernels.kv_cache as kv
+    import kernels.paged_attention as pa
+    import kernels.prefill_attention as pf
+    import kernels.rms_norm as rn
+    import kernels.rotary as ro
+
+    results: list[dict] = []
+    for mod, name in [(kv, "_write_kv_cache_kernel"), (pa, "_decode_kernel"),
+                      (pa, "_decode_reduce_kernel"), (pf, "_prefill_kernel"),
+                      (rn, "_rms_norm_kernel"), (ro, "_rotary_kernel")]:  # fmt: skip
+        setattr(mod, name, _Recorder(name, getattr(mod, name), results))
+    bt = torch.zeros(4, 16, dtype=torch.int32)
+    lens, qsl = torch.full((4,), 100, dtype=torch.int32), torch.arange(5, dtype=torch.int32)
+    for dtype, head_dim in [(torch.bfloat16, 128), (torch.float16, 80), (torch.float32, 128)]:
+        cache = torch.empty(64, 16, 8, head_dim, dtype=dtype)
+        q = torch.empty(4, 32, head_dim, dtype=dtype)
+        pa.paged_attention_decode(q, cache, cache, bt, lens, 0.1, num_splits=4)
+        pa.paged_attention_decode(q, cache, cache, bt, lens, 0.1, num_splits=1)
+        pf.prefill_attention(q, cache, cache, bt, lens, qsl, 0.1)
+    x = torch.empty(4, 4096, dtype=torch.bfloat16)
+    rn.rms_norm(x, torch.empty(4096, dtype=torch.bfloat16), 1e-5, x)
+    q, k = (
+        torch.empty(4, 32, 128, dtype=torch.bfloat16),
+        torch.empty(4, 8, 128, dtype=torch.bfloat16),
+    )
+    ro.rotary_embedding(torch.zeros(4, dtype=torch.long), q, k, torch.empty(64, 128))
+    kv.write_kv_cache(k, k, torch.empty(8, 16, 8, 128, dtype=torch.bfloat16),
+                      torch.empty(8, 16, 8, 128, dtype=torch.bfloat16),
+                      torch.zeros(4, dtype=torch.long))  # fmt: skip
+    return results
+
+
+def test_kernels_compile_for_sm90() -> None:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"triton has no usable ptxas for sm_90: {exc}")
+    if not Path(ptxas).exists():
+        pytest.skip(f"ptxas not found at {ptxas}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.splitlines()[-1])
+    assert {r["kernel"] for r in results} == {
+        "_write_kv_cache_kernel", "_decode_kernel", "_decode_reduce_kernel", "_prefill_kernel",
+        "_rms_norm_kernel", "_rotary_kernel",
+    }  # fmt: skip
+    for r in results:
+        assert r["shared"] <= H100_SHARED_BYTES, r
+        if r["kernel"] in ("_decode_kernel", "_prefill_kernel") and r["dtype"] != "torch.float32":
+            assert r["mma"] != "none", f"attention dot fell off the tensor cores: {r}"
+    prefill_bf16 = [r for r in results if r["kernel"] == "_prefill_kernel" and "bf" in r["dtype"]]
+    assert prefill_bf16[0]["mma"] == "wgmma", prefill_bf16
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    print(json.dumps(_compile_all()))

@@ -1,0 +1,110 @@
+"""Decode attention kernel (GQA, split-K) vs the torch reference."""
+
+import pytest
+import torch
+from kernel_testing import (
+    DTYPE_IDS,
+    DTYPES,
+    assert_close,
+    int32,
+    make_paged_kv,
+    query_start_loc,
+    ref_attention,
+)
+
+from kernels.paged_attention import choose_num_splits, paged_attention_decode
+
+SEQ_LENS = [1, 37, 70, 16]  # none but 16 a multiple of the block size
+
+
+def _run(
+    device: torch.device,
+    dtype: torch.dtype,
+    seq_lens: list[int],
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    block_size: int,
+    **kwargs: int,
+) -> None:
+    num_heads = num_kv_heads * group
+    k_cache, v_cache, block_tables = make_paged_kv(
+        seq_lens, num_kv_heads, head_dim, block_size, dtype, device
+    )
+    query = torch.randn(len(seq_lens), num_heads, head_dim, device=device).to(dtype)
+    lens = int32(seq_lens, device)
+    scale = head_dim**-0.5
+    out = paged_attention_decode(query, k_cache, v_cache, block_tables, lens, scale, **kwargs)
+    qsl = query_start_loc([1] * len(seq_lens), device)
+    expected = ref_attention(query, k_cache, v_cache, block_tables, lens, qsl, scale)
+    assert out.shape == query.shape and out.dtype == dtype
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_decode_matches_reference(
+    device: torch.device, dtype: torch.dtype, group: int, block_size: int
+) -> None:
+    _run(device, dtype, SEQ_LENS, 2, group, 64, block_size, block_n=16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("num_splits", [2, 3, 8])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_decode_split_k(
+    device: torch.device, dtype: torch.dtype, num_splits: int, block_size: int
+) -> None:
+    # 8 splits of 16-key tiles leave empty trailing splits for the short requests.
+    _run(device, dtype, SEQ_LENS, 2, 4, 64, block_size, block_n=16, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("head_dim", [80, 128])
+def test_decode_padded_head_dim_and_wide_tiles(device: torch.device, head_dim: int) -> None:
+    # block_n=32 with block_size=16: one tile gathers two shuffled cache blocks.
+    _run(device, torch.bfloat16, [5, 90], 1, 3, head_dim, 16, block_n=32, num_splits=2)
+
+
+def test_decode_strided_query(device: torch.device) -> None:
+    """Query as a view into a fused qkv output (row stride > num_heads * head_dim)."""
+    seq_lens, num_kv_heads, head_dim = [20, 41], 2, 64
+    k_cache, v_cache, block_tables = make_paged_kv(
+        seq_lens, num_kv_heads, head_dim, 16, torch.float32, device
+    )
+    qkv = torch.randn(2, (4 + 2 * num_kv_heads) * head_dim, device=device)
+    query = qkv[:, : 4 * head_dim].view(2, 4, head_dim)
+    lens = int32(seq_lens, device)
+    out = paged_attention_decode(query, k_cache, v_cache, block_tables, lens, 0.2, block_n=16)
+    qsl = query_start_loc([1, 1], device)
+    assert_close(out, ref_attention(query, k_cache, v_cache, block_tables, lens, qsl, 0.2),
+                 torch.float32)  # fmt: skip
+
+
+def test_decode_zero_length_padding_rows_give_zeros(device: torch.device) -> None:
+    k_cache, v_cache, block_tables = make_paged_kv([9, 1], 2, 64, 16, torch.float32, device)
+    query = torch.randn(2, 4, 64, device=device)
+    for splits in (1, 2):
+        out = paged_attention_decode(
+            query, k_cache, v_cache, block_tables, int32([9, 0], device), 0.1, num_splits=splits
+        )
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert not out[0].isnan().any()
+
+
+def test_choose_num_splits() -> None:
+    # Many programs or short contexts: no split.
+    assert choose_num_splits(64, 8, 8192, 64, 132) == 1
+    assert choose_num_splits(1, 8, 256, 64, 132) == 1
+    # One long request: split, but keep >= 4 tiles per split and <= 64 splits.
+    assert choose_num_splits(1, 8, 8192, 64, 132) == 32
+    assert choose_num_splits(1, 8, 1024, 64, 132) == 4
+    assert choose_num_splits(1, 1, 1 << 20, 64, 132) == 64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,ctx", [(1, 8192), (8, 2048), (64, 700), (256, 513)])
+def test_decode_llama3_8b_shapes(device: torch.device, batch: int, ctx: int) -> None:
+    seq_lens = torch.randint(1, ctx + 1, (batch,)).tolist()
+    seq_lens[0] = ctx
+    _run(device, torch.bfloat16, seq_lens, 8, 4, 128, 16, max_seq_len=ctx)

@@ -1,0 +1,68 @@
+"""Fused residual-add RMSNorm kernel vs the torch reference."""
+
+import pytest
+import torch
+from kernel_testing import DTYPE_IDS, DTYPES, ROUNDING_ULPS, ULP
+
+from kernels import reference
+from kernels.rms_norm import rms_norm
+
+
+def _check(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    rtol = ROUNDING_ULPS * ULP[expected.dtype]
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert not actual.isnan().any()
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("hidden", [64, 160])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(
+    device: torch.device, dtype: torch.dtype, hidden: int, with_residual: bool
+) -> None:
+    x = torch.randn(7, hidden, device=device).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
+    residual = torch.randn_like(x) if with_residual else None
+    x_before = x.clone()
+    out, new_res = rms_norm(x, weight, 1e-6, residual)
+    ref_out, ref_res = reference.rms_norm(x, weight, 1e-6, residual)
+    _check(out, ref_out)
+    if with_residual:
+        _check(new_res, ref_res)
+    else:
+        assert new_res is None
+    assert torch.equal(x, x_before), "inputs must not be modified"
+
+
+def test_rms_norm_fp32_weight_promotes_and_strided_rows(device: torch.device) -> None:
+    """bf16 activations with an fp32 weight give fp32 out (torch promotion); rows strided."""
+    base = torch.randn(5, 256, device=device).bfloat16()
+    x = base[:, :96]  # row stride 256
+    weight = torch.randn(96, device=device)
+    out, _ = rms_norm(x, weight, 1e-5)
+    ref_out, _ = reference.rms_norm(x, weight, 1e-5)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=ROUNDING_ULPS * 2**-7)
+
+
+def test_rms_norm_3d_input(device: torch.device) -> None:
+    x = torch.randn(2, 3, 64, device=device)
+    residual = torch.randn_like(x)
+    weight = torch.randn(64, device=device)
+    out, new_res = rms_norm(x, weight, 1e-6, residual)
+    ref_out, ref_res = reference.rms_norm(x, weight, 1e-6, residual)
+    _check(out, ref_out)
+    _check(new_res, ref_res)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [4096, 5120, 8192])
+def test_rms_norm_real_sizes(device: torch.device, hidden: int) -> None:
+    x = torch.randn(1000, hidden, device=device).bfloat16()
+    residual = torch.randn_like(x)
+    weight = torch.randn(hidden, device=device).bfloat16()
+    out, new_res = rms_norm(x, weight, 1e-5, residual)
+    ref_out, ref_res = reference.rms_norm(x, weight, 1e-5, residual)
+    torch.testing.assert_close(out, ref_out, atol=1e-2, rtol=2**-7)
+    assert torch.equal(new_res, ref_res)

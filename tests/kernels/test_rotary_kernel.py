@@ -1,0 +1,76 @@
+"""Neox rotary-embedding kernel vs the torch reference."""
+
+import pytest
+import torch
+from kernel_testing import DTYPE_IDS, DTYPES, ROUNDING_ULPS, ULP
+
+from kernels import reference
+from kernels.rotary import rotary_embedding
+
+
+def _cos_sin_cache(max_pos: int, rotary_dim: int, device: torch.device) -> torch.Tensor:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, device=device) / rotary_dim))
+    freqs = torch.arange(max_pos, device=device)[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_pos, rotary_dim]
+
+
+def _check(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    rtol = ROUNDING_ULPS * ULP[expected.dtype]
+    assert actual.dtype == expected.dtype and not actual.isnan().any()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (80, 32), (128, 128)])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2)])
+def test_rotary_matches_reference(
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    rotary_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+) -> None:
+    num_tokens = 11
+    positions = torch.randint(0, 500, (num_tokens,), device=device)
+    query = torch.randn(num_tokens, num_heads, head_dim, device=device).to(dtype)
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, device=device).to(dtype)
+    cache = _cos_sin_cache(512, rotary_dim, device)
+    q_before, k_before = query.clone(), key.clone()
+    q, k = rotary_embedding(positions, query, key, cache)
+    q_ref, k_ref = reference.rotary_embedding(positions, query, key, cache)
+    _check(q, q_ref)
+    _check(k, k_ref)
+    assert torch.equal(query, q_before) and torch.equal(key, k_before)
+
+
+@pytest.mark.parametrize("rotary_dim", [64, 32])
+def test_rotary_inplace_on_qkv_views(device: torch.device, rotary_dim: int) -> None:
+    """In place on strided q/k views of a fused qkv output; v and other tokens untouched."""
+    num_tokens, num_heads, num_kv_heads, head_dim = 6, 4, 2, 64
+    q_w, kv_w = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(num_tokens, q_w + 2 * kv_w, device=device).bfloat16()
+    query = qkv[:, :q_w].view(num_tokens, num_heads, head_dim)
+    key = qkv[:, q_w : q_w + kv_w].view(num_tokens, num_kv_heads, head_dim)
+    positions = torch.arange(100, 100 + num_tokens, device=device, dtype=torch.int32)
+    cache = _cos_sin_cache(128, rotary_dim, device)
+    q_ref, k_ref = reference.rotary_embedding(positions.long(), query, key, cache)
+    v_before = qkv[:, q_w + kv_w :].clone()
+    q, k = rotary_embedding(positions, query, key, cache, inplace=True)
+    assert q.data_ptr() == query.data_ptr() and k.data_ptr() == key.data_ptr()
+    _check(query, q_ref)
+    _check(key, k_ref)
+    assert torch.equal(qkv[:, q_w + kv_w :], v_before)
+
+
+@pytest.mark.gpu
+def test_rotary_real_sizes(device: torch.device) -> None:
+    num_tokens = 4096
+    positions = torch.randint(0, 8192, (num_tokens,), device=device)
+    query = torch.randn(num_tokens, 32, 128, device=device).bfloat16()
+    key = torch.randn(num_tokens, 8, 128, device=device).bfloat16()
+    cache = _cos_sin_cache(8192, 128, device)
+    q, k = rotary_embedding(positions, query, key, cache)
+    q_ref, k_ref = reference.rotary_embedding(positions, query, key, cache)
+    torch.testing.assert_close(q, q_ref, atol=1e-2, rtol=2**-7)
+    torch.testing.assert_close(k, k_ref, atol=1e-2, rtol=2**-7)
