@@ -77,8 +77,12 @@ def _attend(
     # [num_reqs, num_kv_heads, group * q_len, head_dim]: a KV head's query heads side by side
     qg = q.float().view(num_reqs, q_len, num_kv_heads, group, head_dim)
     qg = qg.permute(0, 2, 3, 1, 4).reshape(num_reqs, num_kv_heads, group * q_len, head_dim)
-    scores = torch.matmul(qg, k.transpose(2, 3)) * scale
     k_pos = torch.arange(max_len, device=q.device)
+    # NOTE: slots past a row's length hold whatever the cache had; zero them so that
+    # garbage (even NaN) cannot leak through 0-probability products.
+    pad = (k_pos[None, :] >= seq_lens[:, None])[:, None, :, None]  # [num_reqs, 1, ctx, 1]
+    k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+    scores = torch.matmul(qg, k.transpose(2, 3)) * scale
     q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=q.device)  # [num_reqs, q_len]
     mask = k_pos[None, None, :] > q_pos[:, :, None]  # [num_reqs, q_len, ctx]
     mask = mask[:, None, None].expand(-1, num_kv_heads, group, -1, -1)

@@ -52,8 +52,8 @@ class ModelRunner:
             num_blocks = memory.num_blocks_for_cpu(self.cache_config.cpu_kv_cache_gb, block_bytes)
         shape = (num_blocks, self.cache_config.block_size, first.num_kv_heads, first.head_dim)
         for layer in self.attn_layers:
-            layer.k_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)
-            layer.v_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)
+            layer.k_cache = torch.zeros(shape, dtype=self.config.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.config.dtype, device=self.device)
         self.kv_cache_bytes = num_blocks * block_bytes
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks,
                     self.cache_config.block_size, self.kv_cache_bytes / memory.GiB)

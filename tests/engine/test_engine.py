@@ -1,0 +1,168 @@
+"""Engine behaviour on CPU: batch invariance, prefix caching, preemption, n > 1, stop rules."""
+
+import random
+
+import pytest
+
+from vllm_runner import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def prompts(num: int, seed: int = 0, vocab: int = 384) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(5, 60))] for _ in range(num)]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_model_dirs) -> str:
+    return tiny_model_dirs["llama"]
+
+
+def make_llm(path: str, **kw) -> LLM:
+    kw.setdefault("cpu_kv_cache_gb", 0.05)
+    return LLM(path, dtype="float32", device="cpu", **kw)
+
+
+def test_batch_invariance_alone_batched_and_chunked(llama_dir):
+    batch = prompts(16, seed=3)
+    target = batch[5]
+    alone = make_llm(llama_dir).generate([target], GREEDY)[0].token_ids
+    batched = make_llm(llama_dir).generate(batch, GREEDY)[5].token_ids
+    chunked_llm = make_llm(llama_dir, max_num_batched_tokens=7)
+    chunked = chunked_llm.generate(batch, GREEDY)[5].token_ids
+    assert alone == batched == chunked
+    assert chunked_llm.stats()["kv_blocks_used"] == 0
+
+
+def test_batch_invariance_default_model(smol_llm):
+    texts = [f"Question {i}: what is {i} plus {i * 3}? Answer:" for i in range(16)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    alone = smol_llm.generate([texts[7]], params)[0].token_ids
+    batched = smol_llm.generate(texts, params)[7].token_ids
+    assert alone == batched
+
+
+def test_prefix_cache_hit_computes_only_new_tokens(llama_dir):
+    block = 16
+    shared = prompts(1, seed=9)[0][:5] * 10  # 50 tokens: 3 full blocks + 2
+    first, second = shared[: 3 * block] + [1, 2, 3], shared[: 3 * block] + [7, 8, 9, 10]
+    cached = make_llm(llama_dir)
+    cached.generate([first], GREEDY)
+    before = cached.stats()
+    out = cached.generate([second], GREEDY)[0]
+    after = cached.stats()
+    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == 3 * block
+    assert after["prefix_cache_queries"] - before["prefix_cache_queries"] == len(second)
+    uncached = make_llm(llama_dir, enable_prefix_caching=False).generate([second], GREEDY)[0]
+    assert out.token_ids == uncached.token_ids
+    assert out.num_cached_tokens == 3 * block
+
+
+def test_preemption_when_cache_is_too_small(llama_dir):
+    batch = prompts(16, seed=5)
+    reference = [o.token_ids for o in make_llm(llama_dir).generate(batch, GREEDY)]
+    small = make_llm(llama_dir, num_kv_blocks=12, enable_prefix_caching=False)
+    outs = small.generate(batch, GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    stats = small.stats()
+    assert stats["num_preemptions"] > 0
+    assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
+
+
+def test_n_completions_share_prompt_blocks(llama_dir):
+    llm = make_llm(llama_dir)
+    prompt = list(range(100, 150))  # 50 tokens: 3 full blocks
+    out = llm.generate([prompt], SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=1))[0]
+    assert len(out.outputs) == 4 and [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
+    assert llm.stats()["prefix_cache_hits"] == 3 * 48  # siblings 2..4 reuse 3 blocks each
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_max_model_len_finishes_with_length(llama_dir):
+    llm = make_llm(llama_dir, max_model_len=40)
+    out = llm.generate([list(range(1, 31))], SamplingParams(max_tokens=100, ignore_eos=True))[0]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"
+
+
+def test_stop_token_ids_and_min_tokens(llama_dir):
+    llm = make_llm(llama_dir)
+    prompt = prompts(1, seed=2)[0]
+    free = llm.generate([prompt], GREEDY)[0].token_ids
+    stop_at = free[5]
+    out = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                                                stop_token_ids=[stop_at]))[0]
+    first = free.index(stop_at)
+    assert out.token_ids == free[: first + 1] and out.finish_reason == "stop"
+    assert out.outputs[0].stop_reason == stop_at
+    late = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                                                 stop_token_ids=[free[0]], min_tokens=3))[0]
+    assert len(late.token_ids) >= 3 and free[0] not in late.token_ids[1:3]
+
+
+def test_stop_string_excluded_from_text(smol_llm):
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    free = smol_llm.generate(["The capital of France is"], params)[0]
+    assert free.text.startswith(" Paris.")
+    out = smol_llm.generate(["The capital of France is"],
+                            SamplingParams(max_tokens=12, temperature=0.0, stop=["is."]))[0]
+    assert out.finish_reason == "stop" and out.outputs[0].stop_reason == "is."
+    out = smol_llm.generate(["The capital of France is"],
+                            SamplingParams(max_tokens=12, temperature=0.0, stop=["."]))[0]
+    assert out.text == " Paris" and out.finish_reason == "stop"
+
+
+def test_chat_template(smol_llm):
+    out = smol_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                        SamplingParams(max_tokens=32, temperature=0.0))[0]
+    assert out.text == "The capital of France is Paris." and out.finish_reason == "stop"
+
+
+def test_logprobs_top_n(smol_llm):
+    out = smol_llm.generate(["The capital of France is"],
+                            SamplingParams(max_tokens=4, temperature=0.0, logprobs=3))[0]
+    c = out.outputs[0]
+    assert len(c.logprobs) == 4
+    for token, top in zip(c.token_ids, c.logprobs, strict=True):
+        assert len(top) == 3 and max(top, key=top.get) == token  # greedy = top-1
+        assert all(v <= 0.0 for v in top.values())
+    assert c.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(c.token_ids,
+                                                                            c.logprobs)))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(prompt=""), "prompt is empty"),
+    (dict(prompt=[]), "prompt is empty"),
+    (dict(prompt=list(range(1, 600))), "599 tokens, but max_model_len is 512"),
+    (dict(prompt=[1, 99999]), "99999 is outside the vocabulary"),
+])
+def test_bad_prompts_raise_and_do_not_disturb(llama_dir, bad, match):
+    llm = make_llm(llama_dir)
+    with pytest.raises(ValueError, match=match):
+        llm.generate([[1, 2, 3], bad["prompt"]], GREEDY)
+    assert llm.stats()["num_waiting"] == 0  # nothing was half-added
+    assert len(llm.generate([[1, 2, 3]], GREEDY)[0].token_ids) == 24
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("max_tokens", 0, "max_tokens must be >= 1, got 0"),
+    ("temperature", -0.5, "temperature must be >= 0, got -0.5"),
+    ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
+    ("top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
+    ("n", 0, "n must be >= 1"),
+])
+def test_bad_sampling_params(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**{field: value})
+
+
+def test_bad_model_paths(tmp_path):
+    with pytest.raises(ValueError, match="not a local model folder"):
+        LLM(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        LLM("nobody/no-such-model")
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], '
+                                          '"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="unsupported model architecture"):
+        LLM(str(tmp_path))

@@ -1,0 +1,88 @@
+"""Scheduler: token budget, chunked prefill, FIFO admission, preemption."""
+
+from vllm_runner.config import SchedulerConfig
+from vllm_runner.engine.kv_cache_manager import KVCacheManager
+from vllm_runner.engine.outputs import ModelRunnerOutput
+from vllm_runner.engine.request import Request, RequestStatus
+from vllm_runner.engine.scheduler import Scheduler
+from vllm_runner.sampling_params import SamplingParams
+
+
+def make_scheduler(num_blocks=64, budget=32, max_seqs=8, block_size=4, caching=True):
+    kv = KVCacheManager(num_blocks, block_size, caching)
+    return Scheduler(SchedulerConfig(max_seqs, budget, 1024), kv)
+
+
+def make_request(request_id: str, num_tokens: int, max_tokens: int = 4) -> Request:
+    base = 1000 * (ord(request_id[0]) - ord("a"))  # distinct tokens: no prefix-cache hits
+    tokens = list(range(base, base + num_tokens))
+    return Request(request_id, tokens, SamplingParams(max_tokens=max_tokens), max_tokens)
+
+
+def fake_run(s: Scheduler, sched_out, token: int = 7) -> ModelRunnerOutput:
+    """Sample ``token`` for each request whose scheduled tokens reach its end."""
+    return ModelRunnerOutput({rid: token for rid in sched_out.num_scheduled_tokens
+                              if s.requests[rid].num_computed_tokens == s.requests[rid].num_tokens})
+
+
+def test_chunked_prefill_then_decode_under_budget():
+    s = make_scheduler(budget=16)
+    s.add_request(make_request("a", 40))
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 16} and [r.request_id for r in out.new_requests] == ["a"]
+    s.update_from_output(out, ModelRunnerOutput({}))
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 16} and out.cached_requests[0].num_computed_tokens == 16
+    s.update_from_output(out, ModelRunnerOutput({}))
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 8}
+    s.update_from_output(out, fake_run(s, out))
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 1}  # decode
+
+
+def test_running_first_then_fifo_admission_within_budget():
+    s = make_scheduler(budget=10)
+    s.add_request(make_request("a", 6))
+    s.add_request(make_request("b", 6))
+    s.add_request(make_request("c", 6))
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 6, "b": 4}  # b is chunked, c waits
+    s.update_from_output(out, fake_run(s, out))
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 1, "b": 2, "c": 6}
+
+
+def test_max_num_seqs_limits_running():
+    s = make_scheduler(max_seqs=2)
+    for name in "abc":
+        s.add_request(make_request(name, 3))
+    out = s.schedule()
+    assert list(out.num_scheduled_tokens) == ["a", "b"]
+
+
+def test_preemption_frees_newest_and_requeues_it_first():
+    s = make_scheduler(num_blocks=4, budget=64, block_size=4)
+    s.add_request(make_request("a", 8, max_tokens=8))  # 2 blocks
+    s.add_request(make_request("b", 8, max_tokens=8))  # 2 blocks: pool is full
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 8, "b": 8}
+    s.update_from_output(out, fake_run(s, out))
+    out = s.schedule()  # a needs a 3rd block: b (newest) is preempted
+    assert out.num_scheduled_tokens == {"a": 1}
+    assert "b" in out.finished_req_ids
+    b = s.requests["b"]
+    assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    assert s.waiting[0] is b and b.output_token_ids == [7]
+    assert s.stats()["num_preemptions"] == 1
+    assert s.kv.pool.num_used_blocks == 3
+
+
+def test_finish_on_max_tokens_frees_blocks():
+    s = make_scheduler()
+    s.add_request(make_request("a", 5, max_tokens=2))
+    for _ in range(2):
+        out = s.schedule()
+        results = s.update_from_output(out, fake_run(s, out))
+    assert results[0].finish_reason == "length"
+    assert not s.has_unfinished() and s.kv.pool.num_used_blocks == 0
