@@ -7,6 +7,7 @@ KV cache layout (per layer): ``k_cache`` / ``v_cache`` of shape
 """
 
 import torch
+import torch.nn.functional as F
 
 
 def write_kv_cache(
@@ -66,31 +67,22 @@ def _attend(
     seq_lens: torch.Tensor,  # [num_reqs] int64
     scale: float,
 ) -> torch.Tensor:  # [num_reqs, q_len, num_heads, head_dim]
-    num_reqs, q_len, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    q_len = q.shape[1]
+    block_size = k_cache.shape[1]
     max_len = int(seq_lens.max())
     blocks = block_tables[:, : (max_len + block_size - 1) // block_size].long()
     # [num_reqs, num_kv_heads, ctx, head_dim]
-    k = k_cache[blocks].flatten(1, 2)[:, :max_len].transpose(1, 2).float()
-    v = v_cache[blocks].flatten(1, 2)[:, :max_len].transpose(1, 2).float()
-    group = num_heads // num_kv_heads
-    # [num_reqs, num_kv_heads, group * q_len, head_dim]: a KV head's query heads side by side
-    qg = q.float().view(num_reqs, q_len, num_kv_heads, group, head_dim)
-    qg = qg.permute(0, 2, 3, 1, 4).reshape(num_reqs, num_kv_heads, group * q_len, head_dim)
+    k = k_cache[blocks].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    v = v_cache[blocks].flatten(1, 2)[:, :max_len].transpose(1, 2)
     k_pos = torch.arange(max_len, device=q.device)
-    # NOTE: slots past a row's length hold whatever the cache had; zero them so that
-    # garbage (even NaN) cannot leak through 0-probability products.
-    pad = (k_pos[None, :] >= seq_lens[:, None])[:, None, :, None]  # [num_reqs, 1, ctx, 1]
-    k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
-    scores = torch.matmul(qg, k.transpose(2, 3)) * scale
     q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=q.device)  # [num_reqs, q_len]
-    mask = k_pos[None, None, :] > q_pos[:, :, None]  # [num_reqs, q_len, ctx]
-    mask = mask[:, None, None].expand(-1, num_kv_heads, group, -1, -1)
-    scores.masked_fill_(mask.reshape(num_reqs, num_kv_heads, group * q_len, max_len),
-                        float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    o = torch.matmul(probs, v).view(num_reqs, num_kv_heads, group, q_len, head_dim)
-    return o.permute(0, 3, 1, 2, 4).reshape(num_reqs, q_len, num_heads, head_dim).to(q.dtype)
+    # NOTE: slots past a row's length hold whatever the cache had; zero V there so that
+    # garbage cannot leak through 0-probability products.
+    v = v.masked_fill((k_pos[None, :] >= seq_lens[:, None])[:, None, :, None], 0.0)
+    allowed = (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [num_reqs, 1, q_len, ctx]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=allowed,
+                                         scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
 
 
 def rms_norm(
