@@ -133,15 +133,14 @@ class AsyncLLM:
         while True:
             if not self._drain_commands():
                 return
+            if self.engine.has_unfinished():
+                self._dispatch(self.engine.step())
+            self._stats = self.engine.stats()
+            if self.metrics is not None:
+                self.metrics.record_step(self._stats)
             if not self.engine.has_unfinished():
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
-                continue
-            outputs = self.engine.step()
-            self._stats = self.engine.stats()
-            self._dispatch(outputs)
-            if self.metrics is not None:
-                self.metrics.record_step(self._stats)
 
     def _drain_commands(self) -> bool:
         while True:

@@ -1,0 +1,124 @@
+"""AsyncLLM: one persistent loop fed by concurrent callers; streaming, abort, isolation."""
+
+import asyncio
+
+import pytest
+
+from vllm_runner import AsyncLLM, RequestError, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def smol(default_model_dir):
+    llm = AsyncLLM(model_name=default_model_dir, dtype="float32", device="cpu",
+                   max_model_len=1024, cpu_kv_cache_gb=0.25)
+    yield llm
+    asyncio.run(llm.shutdown())
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_seed_example_runs_as_written(smol, capsys):
+    async def main():
+        prompts = ["Explain the benefits of AI in healthcare.", "Write a poem about spring.",
+                   "Summarize the latest AI research trends."]
+        results = await smol.generate(prompts)
+        for i, completion in enumerate(results):
+            print(f"Prompt {i+1}: {prompts[i]}")
+            print(f"Completion: {completion}")
+        return results
+
+    results = run(main())
+    printed = capsys.readouterr().out
+    assert len(results) == 3
+    for r in results:
+        assert str(r) == r.text and f"Completion: {r.text}\n" in printed
+        assert r.finish_reason in ("stop", "length") and r.token_ids
+    assert any(r.text for r in results)
+
+
+def test_stream_deltas_add_up_to_the_final_text(smol):
+    async def main():
+        deltas, last = [], None
+        async for out in smol.stream("The capital of France is", GREEDY, request_id="r1"):
+            deltas.append(out.delta)
+            last = out
+        final = (await smol.generate(["The capital of France is"], GREEDY))[0]
+        return deltas, last, final
+
+    deltas, last, final = run(main())
+    assert last.finished and last.finish_reason in ("stop", "length")
+    assert "".join(deltas) == last.text == final.text
+    assert final.text.startswith(" Paris.")
+
+
+def test_concurrent_callers_share_the_loop_and_match_sequential(smol):
+    prompts = [f"Count from {i} to {i + 5}:" for i in range(8)]
+
+    async def main():
+        together = await asyncio.gather(*(smol.generate([p], GREEDY) for p in prompts))
+        one_by_one = [await smol.generate([p], GREEDY) for p in prompts]
+        return together, one_by_one
+
+    together, one_by_one = run(main())
+    assert [r[0].token_ids for r in together] == [r[0].token_ids for r in one_by_one]
+
+
+def test_abort_and_early_exit_free_blocks(smol):
+    async def main():
+        long = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+        got = []
+        async for out in smol.stream("Tell me a long story.", long, request_id="abort-me"):
+            got.append(out)
+            if len(got) == 3:
+                await smol.abort("abort-me")
+        gen = smol.stream("Another long story.", long)
+        await gen.__anext__()
+        await gen.aclose()  # leaving early (a disconnect) aborts too
+        for _ in range(100):
+            if smol.stats()["kv_blocks_used"] == 0 and smol.stats()["num_running"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        return got
+
+    got = run(main())
+    assert got[-1].finished and got[-1].finish_reason == "abort" and len(got) < 10
+    assert smol.stats()["kv_blocks_used"] == 0
+
+
+def test_invalid_request_raises_without_disturbing_others(smol):
+    async def main():
+        ok = asyncio.create_task(smol.generate(["Hello"], GREEDY))
+        with pytest.raises(ValueError, match="max_model_len is 1024"):
+            async for _ in smol.stream([1] * 2000, GREEDY):
+                pass
+        with pytest.raises(ValueError, match="prompt is empty"):
+            await smol.generate([""], GREEDY)
+        return await ok
+
+    assert run(main())[0].text
+
+
+def test_a_failing_request_fails_alone(smol, monkeypatch):
+    from vllm_runner.engine import detokenizer
+
+    original = detokenizer.IncrementalDetokenizer.add_tokens
+
+    def flaky(self, token_ids):
+        if "POISON" in self.tokenizer.decode(self.ids):
+            raise RuntimeError("injected detokenizer failure")
+        return original(self, token_ids)
+
+    monkeypatch.setattr(detokenizer.IncrementalDetokenizer, "add_tokens", flaky)
+
+    async def main():
+        good = asyncio.create_task(smol.generate(["The capital of France is"], GREEDY))
+        with pytest.raises(RequestError, match="injected detokenizer failure"):
+            await smol.generate(["POISON"], GREEDY)
+        return await good
+
+    assert run(main())[0].text.startswith(" Paris.")
+    assert smol.stats()["kv_blocks_used"] == 0
