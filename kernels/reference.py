@@ -54,8 +54,9 @@ def paged_attention(
         if q_len > 1:
             q = query[starts[r] : starts[r + 1]][None]
             seq_len = seq_lens[r : r + 1].long()
-            out[starts[r] : starts[r + 1]] = _attend(q, k_cache, v_cache, block_tables[r : r + 1],
-                                                     seq_len, scale)[0]
+            out[starts[r] : starts[r + 1]] = _attend(
+                q, k_cache, v_cache, block_tables[r : r + 1], seq_len, scale
+            )[0]
     return out
 
 
@@ -80,8 +81,9 @@ def _attend(
     # garbage cannot leak through 0-probability products.
     v = v.masked_fill((k_pos[None, :] >= seq_lens[:, None])[:, None, :, None], 0.0)
     allowed = (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [num_reqs, 1, q_len, ctx]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=allowed,
-                                         scale=scale, enable_gqa=True)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k, v, attn_mask=allowed, scale=scale, enable_gqa=True
+    )
     return out.transpose(1, 2)
 
 

@@ -12,19 +12,40 @@ def _tiny_config(family: str):
     from transformers import LlamaConfig, OPTConfig, Qwen2Config
 
     if family == "llama":
-        return LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=512, tie_word_embeddings=False,
-                           architectures=["LlamaForCausalLM"])
+        return LlamaConfig(
+            vocab_size=384,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            architectures=["LlamaForCausalLM"],
+        )
     if family == "qwen2":
-        return Qwen2Config(vocab_size=384, hidden_size=64, intermediate_size=160,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                           max_position_embeddings=512, tie_word_embeddings=True,
-                           architectures=["Qwen2ForCausalLM"])
+        return Qwen2Config(
+            vocab_size=384,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            architectures=["Qwen2ForCausalLM"],
+        )
     if family == "opt":
-        return OPTConfig(vocab_size=384, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=512,
-                         word_embed_proj_dim=64, architectures=["OPTForCausalLM"])
+        return OPTConfig(
+            vocab_size=384,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=64,
+            architectures=["OPTForCausalLM"],
+        )
     raise ValueError(family)
 
 
@@ -64,5 +85,6 @@ def default_model_dir() -> str:
 def smol_llm(default_model_dir):
     from vllm_runner import LLM
 
-    return LLM(default_model_dir, dtype="float32", device="cpu", max_model_len=1024,
-               cpu_kv_cache_gb=0.25)
+    return LLM(
+        default_model_dir, dtype="float32", device="cpu", max_model_len=1024, cpu_kv_cache_gb=0.25
+    )

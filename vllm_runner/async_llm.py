@@ -25,8 +25,14 @@ class RequestError(RuntimeError):
 
 
 class AsyncLLM:
-    def __init__(self, model: str | None = None, *, model_name: str | None = None,
-                 log_stats: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        model_name: str | None = None,
+        log_stats: bool = False,
+        **kwargs,
+    ) -> None:
         self.engine = EngineCore(engine_args(model, model_name, kwargs))
         self.tokenizer = self.engine.tokenizer
         self.model_name = self.engine.model_config.name
@@ -53,23 +59,29 @@ class AsyncLLM:
     def apply_chat_template(self, messages: list[dict]) -> str:
         return apply_chat_template(self.tokenizer, messages)
 
-    async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> AsyncIterator[StreamOutput]:
+    async def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[StreamOutput]:
         """Yield each completion's text deltas as they are produced. Leaving the loop early
         (or cancellation, e.g. a client disconnect) aborts the request."""
         async for item in self._run(prompt, params or SamplingParams(), request_id):
             if isinstance(item, StreamOutput):
                 yield item
 
-    async def generate(self, prompts: Prompt | Sequence[Prompt],
-                       sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                       ) -> list[RequestOutput]:
+    async def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         """All prompts together; returns finished outputs in prompt order."""
         prompts, params = normalize_batch(prompts, sampling_params)
         for prompt, p in zip(prompts, params, strict=True):  # validate all before adding any
             self.validate(prompt, p)
-        return list(await asyncio.gather(*(self._collect(prompt, p)
-                                           for prompt, p in zip(prompts, params, strict=True))))
+        return list(
+            await asyncio.gather(
+                *(self._collect(prompt, p) for prompt, p in zip(prompts, params, strict=True))
+            )
+        )
 
     async def _collect(self, prompt: Prompt, params: SamplingParams) -> RequestOutput:
         async for item in self._run(prompt, params, None):
@@ -77,8 +89,9 @@ class AsyncLLM:
                 return item
         raise RequestError("request ended without a final output")
 
-    async def _run(self, prompt: Prompt, params: SamplingParams,
-                   request_id: str | None) -> AsyncIterator[StreamOutput | RequestOutput]:
+    async def _run(
+        self, prompt: Prompt, params: SamplingParams, request_id: str | None
+    ) -> AsyncIterator[StreamOutput | RequestOutput]:
         self.validate(prompt, params)
         if not self._running:
             raise RuntimeError("AsyncLLM is shut down")
@@ -164,16 +177,22 @@ class AsyncLLM:
     def _dispatch(self, outputs: list[StreamOutput]) -> None:
         for out in outputs:
             self._push(out.request_id, out)
-        now = time.monotonic()
         for state in self.engine.pop_finished():
             self._push(state.request_id, state.final_output())
             if self.metrics is not None:
-                self.metrics.record_request(
-                    ttft_s=None if state.first_token_time is None
-                    else state.first_token_time - state.arrival_time,
-                    itl_s=[b - a for a, b in zip(state.token_times, state.token_times[1:])],
-                    e2e_s=now - state.arrival_time,
-                    finish_reason=state.completions[0].finish_reason or "abort")
+                self._record_metrics(state)
+
+    def _record_metrics(self, state) -> None:
+        times = state.token_times
+        ttft = (
+            None if state.first_token_time is None else state.first_token_time - state.arrival_time
+        )
+        self.metrics.record_request(
+            ttft_s=ttft,
+            itl_s=[b - a for a, b in zip(times, times[1:], strict=False)],
+            e2e_s=time.monotonic() - state.arrival_time,
+            finish_reason=state.completions[0].finish_reason or "abort",
+        )
 
     def _push(self, request_id: str, item: object) -> None:
         entry = self._streams.get(request_id)

@@ -13,18 +13,22 @@ Prompt = str | list[int]
 def engine_args(model: str | None, model_name: str | None, kwargs: dict) -> EngineArgs:
     unknown = set(kwargs) - EngineArgs.field_names()
     if unknown:
-        raise ValueError(f"unknown engine argument(s) {sorted(unknown)}; "
-                         f"known: {sorted(EngineArgs.field_names())}")
+        raise ValueError(
+            f"unknown engine argument(s) {sorted(unknown)}; "
+            f"known: {sorted(EngineArgs.field_names())}"
+        )
     if model is not None and model_name is not None and model != model_name:
         raise ValueError(f"model={model!r} and model_name={model_name!r} disagree")
     return EngineArgs(model=model if model is not None else model_name, **kwargs)
 
 
-def normalize_batch(prompts: Prompt | Sequence[Prompt],
-                    params: SamplingParams | Sequence[SamplingParams] | None,
-                    ) -> tuple[list[Prompt], list[SamplingParams]]:
-    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                    and isinstance(prompts[0], int)):
+def normalize_batch(
+    prompts: Prompt | Sequence[Prompt],
+    params: SamplingParams | Sequence[SamplingParams] | None,
+) -> tuple[list[Prompt], list[SamplingParams]]:
+    if isinstance(prompts, str) or (
+        isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+    ):
         prompts = [prompts]
     prompts = list(prompts)
     if params is None:
@@ -41,29 +45,33 @@ def normalize_batch(prompts: Prompt | Sequence[Prompt],
 class LLM:
     """Offline batch generation on one engine."""
 
-    def __init__(self, model: str | None = None, *, model_name: str | None = None,
-                 **kwargs) -> None:
+    def __init__(
+        self, model: str | None = None, *, model_name: str | None = None, **kwargs
+    ) -> None:
         self.engine = EngineCore(engine_args(model, model_name, kwargs))
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 ) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         prompts, params = normalize_batch(prompts, sampling_params)
         for prompt, p in zip(prompts, params, strict=True):  # validate all before adding any
             self.engine.validate(self.engine.tokenize(prompt), p)
-        states = [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params,
-                                                                          strict=True)]
+        states = [
+            self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)
+        ]
         while self.engine.has_unfinished():
             self.engine.step()
         self.engine.pop_finished()
         return [s.final_output() for s in states]
 
-    def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+    def chat(
+        self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate([self.apply_chat_template(c) for c in conversations],
-                             sampling_params)
+        return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params)
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         return apply_chat_template(self.tokenizer, messages)

@@ -11,8 +11,13 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def smol(default_model_dir):
-    llm = AsyncLLM(model_name=default_model_dir, dtype="float32", device="cpu",
-                   max_model_len=1024, cpu_kv_cache_gb=0.25)
+    llm = AsyncLLM(
+        model_name=default_model_dir,
+        dtype="float32",
+        device="cpu",
+        max_model_len=1024,
+        cpu_kv_cache_gb=0.25,
+    )
     yield llm
     asyncio.run(llm.shutdown())
 
@@ -23,11 +28,14 @@ def run(coro):
 
 def test_seed_example_runs_as_written(smol, capsys):
     async def main():
-        prompts = ["Explain the benefits of AI in healthcare.", "Write a poem about spring.",
-                   "Summarize the latest AI research trends."]
+        prompts = [
+            "Explain the benefits of AI in healthcare.",
+            "Write a poem about spring.",
+            "Summarize the latest AI research trends.",
+        ]
         results = await smol.generate(prompts)
         for i, completion in enumerate(results):
-            print(f"Prompt {i+1}: {prompts[i]}")
+            print(f"Prompt {i + 1}: {prompts[i]}")
             print(f"Completion: {completion}")
         return results
 

@@ -91,13 +91,19 @@ def test_stop_token_ids_and_min_tokens(llama_dir):
     prompt = prompts(1, seed=2)[0]
     free = llm.generate([prompt], GREEDY)[0].token_ids
     stop_at = free[5]
-    out = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
-                                                stop_token_ids=[stop_at]))[0]
+    out = llm.generate(
+        [prompt],
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_at]),
+    )[0]
     first = free.index(stop_at)
     assert out.token_ids == free[: first + 1] and out.finish_reason == "stop"
     assert out.outputs[0].stop_reason == stop_at
-    late = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
-                                                 stop_token_ids=[free[0]], min_tokens=3))[0]
+    late = llm.generate(
+        [prompt],
+        SamplingParams(
+            max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=[free[0]], min_tokens=3
+        ),
+    )[0]
     assert len(late.token_ids) >= 3 and free[0] not in late.token_ids[1:3]
 
 
@@ -105,38 +111,47 @@ def test_stop_string_excluded_from_text(smol_llm):
     params = SamplingParams(max_tokens=12, temperature=0.0)
     free = smol_llm.generate(["The capital of France is"], params)[0]
     assert free.text.startswith(" Paris.")
-    out = smol_llm.generate(["The capital of France is"],
-                            SamplingParams(max_tokens=12, temperature=0.0, stop=["is."]))[0]
+    out = smol_llm.generate(
+        ["The capital of France is"], SamplingParams(max_tokens=12, temperature=0.0, stop=["is."])
+    )[0]
     assert out.finish_reason == "stop" and out.outputs[0].stop_reason == "is."
-    out = smol_llm.generate(["The capital of France is"],
-                            SamplingParams(max_tokens=12, temperature=0.0, stop=["."]))[0]
+    out = smol_llm.generate(
+        ["The capital of France is"], SamplingParams(max_tokens=12, temperature=0.0, stop=["."])
+    )[0]
     assert out.text == " Paris" and out.finish_reason == "stop"
 
 
 def test_chat_template(smol_llm):
-    out = smol_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                        SamplingParams(max_tokens=32, temperature=0.0))[0]
+    out = smol_llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(max_tokens=32, temperature=0.0),
+    )[0]
     assert out.text == "The capital of France is Paris." and out.finish_reason == "stop"
 
 
 def test_logprobs_top_n(smol_llm):
-    out = smol_llm.generate(["The capital of France is"],
-                            SamplingParams(max_tokens=4, temperature=0.0, logprobs=3))[0]
+    out = smol_llm.generate(
+        ["The capital of France is"], SamplingParams(max_tokens=4, temperature=0.0, logprobs=3)
+    )[0]
     c = out.outputs[0]
     assert len(c.logprobs) == 4
     for token, top in zip(c.token_ids, c.logprobs, strict=True):
         assert len(top) == 3 and max(top, key=top.get) == token  # greedy = top-1
         assert all(v <= 0.0 for v in top.values())
-    assert c.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(c.token_ids,
-                                                                            c.logprobs)))
+    assert c.cumulative_logprob == pytest.approx(
+        sum(lp[t] for t, lp in zip(c.token_ids, c.logprobs, strict=False))
+    )
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(prompt=""), "prompt is empty"),
-    (dict(prompt=[]), "prompt is empty"),
-    (dict(prompt=list(range(1, 600))), "599 tokens, but max_model_len is 512"),
-    (dict(prompt=[1, 99999]), "99999 is outside the vocabulary"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(prompt=""), "prompt is empty"),
+        (dict(prompt=[]), "prompt is empty"),
+        (dict(prompt=list(range(1, 600))), "599 tokens, but max_model_len is 512"),
+        (dict(prompt=[1, 99999]), "99999 is outside the vocabulary"),
+    ],
+)
 def test_bad_prompts_raise_and_do_not_disturb(llama_dir, bad, match):
     llm = make_llm(llama_dir)
     with pytest.raises(ValueError, match=match):
@@ -145,13 +160,16 @@ def test_bad_prompts_raise_and_do_not_disturb(llama_dir, bad, match):
     assert len(llm.generate([[1, 2, 3]], GREEDY)[0].token_ids) == 24
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("max_tokens", 0, "max_tokens must be >= 1, got 0"),
-    ("temperature", -0.5, "temperature must be >= 0, got -0.5"),
-    ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
-    ("top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
-    ("n", 0, "n must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("max_tokens", 0, "max_tokens must be >= 1, got 0"),
+        ("temperature", -0.5, "temperature must be >= 0, got -0.5"),
+        ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
+        ("top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
+        ("n", 0, "n must be >= 1"),
+    ],
+)
 def test_bad_sampling_params(field, value, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**{field: value})
@@ -162,7 +180,8 @@ def test_bad_model_paths(tmp_path):
         LLM(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
         LLM("nobody/no-such-model")
-    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], '
-                                          '"model_type": "gpt2"}')
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}'
+    )
     with pytest.raises(ValueError, match="unsupported model architecture"):
         LLM(str(tmp_path))

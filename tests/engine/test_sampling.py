@@ -20,52 +20,70 @@ def llama(tiny_model_dirs):
 def hf_llama(tiny_model_dirs):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"],
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        tiny_model_dirs["llama"], dtype=torch.float32
+    ).eval()
 
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7]
 
 
 def test_seeded_request_is_reproducible_whatever_the_batch(llama):
-    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=1234,
-                            ignore_eos=True)
+    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
     alone = llama.generate([PROMPT], seeded)[0].token_ids
     rng = random.Random(0)
     others = [[rng.randrange(384) for _ in range(rng.randint(3, 40))] for _ in range(7)]
-    mixed = llama.generate(others[:3] + [PROMPT] + others[3:],
-                           [SamplingParams(max_tokens=10, temperature=1.0)] * 3 + [seeded]
-                           + [SamplingParams(max_tokens=20, temperature=0.5)] * 4)
+    mixed = llama.generate(
+        others[:3] + [PROMPT] + others[3:],
+        [SamplingParams(max_tokens=10, temperature=1.0)] * 3
+        + [seeded]
+        + [SamplingParams(max_tokens=20, temperature=0.5)] * 4,
+    )
     assert mixed[3].token_ids == alone
-    other_seed = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=99,
-                                ignore_eos=True)
+    other_seed = SamplingParams(
+        max_tokens=16, temperature=0.9, top_p=0.95, seed=99, ignore_eos=True
+    )
     assert llama.generate([PROMPT], other_seed)[0].token_ids != alone
 
 
 def test_top_k_1_equals_greedy(llama):
-    greedy = llama.generate([PROMPT], SamplingParams(max_tokens=16, temperature=0.0,
-                                                     ignore_eos=True))[0].token_ids
-    top1 = llama.generate([PROMPT], SamplingParams(max_tokens=16, temperature=1.3, top_k=1,
-                                                   ignore_eos=True))[0].token_ids
+    greedy = llama.generate(
+        [PROMPT], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    )[0].token_ids
+    top1 = llama.generate(
+        [PROMPT], SamplingParams(max_tokens=16, temperature=1.3, top_k=1, ignore_eos=True)
+    )[0].token_ids
     assert top1 == greedy
 
 
 def test_repetition_penalty_matches_hf(llama, hf_llama):
-    params = SamplingParams(max_tokens=20, temperature=0.0, repetition_penalty=1.5,
-                            ignore_eos=True)
+    params = SamplingParams(max_tokens=20, temperature=0.0, repetition_penalty=1.5, ignore_eos=True)
     ours = llama.generate([PROMPT], params)[0].token_ids
     with torch.no_grad():
-        hf = hf_llama.generate(torch.tensor([PROMPT]), max_new_tokens=20, do_sample=False,
-                               repetition_penalty=1.5, eos_token_id=-1, pad_token_id=0)
-    assert ours == hf[0, len(PROMPT):].tolist()
+        hf = hf_llama.generate(
+            torch.tensor([PROMPT]),
+            max_new_tokens=20,
+            do_sample=False,
+            repetition_penalty=1.5,
+            eos_token_id=-1,
+            pad_token_id=0,
+        )
+    assert ours == hf[0, len(PROMPT) :].tolist()
 
 
 def test_presence_and_frequency_penalties_reduce_repeats(llama):
     base = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     plain = llama.generate([PROMPT], base)[0].token_ids
-    penalized = llama.generate([PROMPT], SamplingParams(
-        max_tokens=40, temperature=0.0, ignore_eos=True, presence_penalty=2.0,
-        frequency_penalty=2.0))[0].token_ids
+    penalized = llama.generate(
+        [PROMPT],
+        SamplingParams(
+            max_tokens=40,
+            temperature=0.0,
+            ignore_eos=True,
+            presence_penalty=2.0,
+            frequency_penalty=2.0,
+        ),
+    )[0].token_ids
     assert max(Counter(penalized).values()) <= max(Counter(plain).values())
     assert len(set(penalized)) >= len(set(plain))
 
@@ -88,8 +106,10 @@ def first_token_distribution(hf_model, temperature: float, top_k: int = 0) -> to
 def test_sampled_frequencies_follow_softmax(llama, hf_llama, temperature, top_k):
     num = 3000
     probs = first_token_distribution(hf_llama, temperature, top_k)
-    outs = llama.generate([PROMPT] * num, SamplingParams(
-        max_tokens=1, temperature=temperature, top_k=top_k, ignore_eos=True))
+    outs = llama.generate(
+        [PROMPT] * num,
+        SamplingParams(max_tokens=1, temperature=temperature, top_k=top_k, ignore_eos=True),
+    )
     counts = Counter(o.token_ids[0] for o in outs)
     assert set(counts) <= set(torch.nonzero(probs).flatten().tolist())
     # Bins with expected count >= 5; the rest pooled into one bin.

@@ -37,8 +37,9 @@ def test_tiny_models_match_hf(family, tiny_model_dirs):
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = random_prompts(10, hf.config.vocab_size, seed=1)
     llm = LLM(path, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
-    outs = llm.generate(prompts, SamplingParams(max_tokens=NUM_NEW, temperature=0.0,
-                                                ignore_eos=True))
+    outs = llm.generate(
+        prompts, SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+    )
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.prompt_token_ids == prompt
         assert out.token_ids == hf_greedy(hf, prompt, NUM_NEW)
@@ -51,11 +52,19 @@ def test_default_model_matches_hf(smol_llm, default_model_dir):
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-    texts = ["The capital of France is", "Hi", "Write a haiku about the sea.",
-             "1, 2, 3, 4,", "def fibonacci(n):", "Once upon a time in a small village there",
-             "The quick brown fox", "Explain the benefits of AI in healthcare in detail, please."]
-    outs = smol_llm.generate(texts, SamplingParams(max_tokens=NUM_NEW, temperature=0.0,
-                                                   ignore_eos=True))
+    texts = [
+        "The capital of France is",
+        "Hi",
+        "Write a haiku about the sea.",
+        "1, 2, 3, 4,",
+        "def fibonacci(n):",
+        "Once upon a time in a small village there",
+        "The quick brown fox",
+        "Explain the benefits of AI in healthcare in detail, please.",
+    ]
+    outs = smol_llm.generate(
+        texts, SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+    )
     for text, out in zip(texts, outs, strict=True):
         prompt = tok.encode(text)
         assert out.prompt_token_ids == prompt

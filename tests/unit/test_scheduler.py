@@ -21,18 +21,27 @@ def make_request(request_id: str, num_tokens: int, max_tokens: int = 4) -> Reque
 
 def fake_run(s: Scheduler, sched_out, token: int = 7) -> ModelRunnerOutput:
     """Sample ``token`` for each request whose scheduled tokens reach its end."""
-    return ModelRunnerOutput({rid: token for rid in sched_out.num_scheduled_tokens
-                              if s.requests[rid].num_computed_tokens == s.requests[rid].num_tokens})
+    return ModelRunnerOutput(
+        {
+            rid: token
+            for rid in sched_out.num_scheduled_tokens
+            if s.requests[rid].num_computed_tokens == s.requests[rid].num_tokens
+        }
+    )
 
 
 def test_chunked_prefill_then_decode_under_budget():
     s = make_scheduler(budget=16)
     s.add_request(make_request("a", 40))
     out = s.schedule()
-    assert out.num_scheduled_tokens == {"a": 16} and [r.request_id for r in out.new_requests] == ["a"]
+    assert out.num_scheduled_tokens == {"a": 16} and [r.request_id for r in out.new_requests] == [
+        "a"
+    ]
     s.update_from_output(out, ModelRunnerOutput({}))
     out = s.schedule()
-    assert out.num_scheduled_tokens == {"a": 16} and out.cached_requests[0].num_computed_tokens == 16
+    assert (
+        out.num_scheduled_tokens == {"a": 16} and out.cached_requests[0].num_computed_tokens == 16
+    )
     s.update_from_output(out, ModelRunnerOutput({}))
     out = s.schedule()
     assert out.num_scheduled_tokens == {"a": 8}

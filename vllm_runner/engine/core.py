@@ -32,9 +32,15 @@ class EngineCore:
         device = args.resolve_device()
         max_model_len = args.resolve_max_model_len(hf_config)
         self.model_config = ModelConfig(
-            path=path, name=args.model or _folder_name(path), hf_config=hf_config,
-            dtype=args.resolve_dtype(hf_config, device), device=device,
-            max_model_len=max_model_len, seed=args.seed, quantization=args.quantization)
+            path=path,
+            name=args.model or _folder_name(path),
+            hf_config=hf_config,
+            dtype=args.resolve_dtype(hf_config, device),
+            device=device,
+            max_model_len=max_model_len,
+            seed=args.seed,
+            quantization=args.quantization,
+        )
         self.tokenizer = load_tokenizer(path)
         self.eos_ids = eos_token_ids(path, hf_config, self.tokenizer)
         self.vocab_size = hf_config.vocab_size
@@ -62,10 +68,12 @@ class EngineCore:
             # NOTE: a chat-templated prompt already starts with BOS; don't add another.
             bos = self.tokenizer.bos_token
             return self.tokenizer.encode(
-                prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
+                prompt, add_special_tokens=not (bos and prompt.startswith(bos))
+            )
         if not isinstance(prompt, list | tuple) or not all(isinstance(t, int) for t in prompt):
-            raise ValueError(f"prompt must be a string or a list of token ids, got "
-                             f"{type(prompt).__name__}")
+            raise ValueError(
+                f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"
+            )
         return list(prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -74,31 +82,47 @@ class EngineCore:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(prompt_ids)} tokens, but max_model_len is {self.max_model_len} "
-                "(prompt + at least one new token must fit)")
+                "(prompt + at least one new token must fit)"
+            )
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
-                             f"[0, {self.vocab_size})")
+            raise ValueError(
+                f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+            )
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams,
-                    request_id: str | None = None) -> RequestState:
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestState:
         prompt_ids = self.tokenize(prompt)
         self.validate(prompt_ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.states:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params.all_stop_token_ids = self.eos_ids
-        state = new_request_state(request_id, prompt if isinstance(prompt, str) else None,
-                                  prompt_ids, params, self.tokenizer)
-        max_tokens = min(params.max_tokens or self.max_model_len,
-                         self.max_model_len - len(prompt_ids))
+        state = new_request_state(
+            request_id,
+            prompt if isinstance(prompt, str) else None,
+            prompt_ids,
+            params,
+            self.tokenizer,
+        )
+        max_tokens = min(
+            params.max_tokens or self.max_model_len, self.max_model_len - len(prompt_ids)
+        )
         for index, child_id in enumerate(state.child_ids):
             seed = None if params.seed is None else params.seed + index
-            self.scheduler.add_request(Request(
-                child_id, prompt_ids, params, max_tokens,
-                group_id=request_id if params.n > 1 else None, seed=seed))
+            self.scheduler.add_request(
+                Request(
+                    child_id,
+                    prompt_ids,
+                    params,
+                    max_tokens,
+                    group_id=request_id if params.n > 1 else None,
+                    seed=seed,
+                )
+            )
             self.child_to_state[child_id] = (state, index)
         self.states[request_id] = state
         return state

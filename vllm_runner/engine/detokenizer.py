@@ -9,8 +9,14 @@ class IncrementalDetokenizer:
     """Turns a growing list of token ids into text, one delta at a time. Holds back the last
     ``len(longest stop) - 1`` characters of streamed text, since they may start a stop string."""
 
-    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str],
-                 include_stop: bool, skip_special_tokens: bool) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        prompt_token_ids: list[int],
+        stop: list[str],
+        include_stop: bool,
+        skip_special_tokens: bool,
+    ) -> None:
         self.tokenizer = tokenizer
         context = prompt_token_ids[-_CONTEXT_TOKENS:]
         self.ids = list(context)

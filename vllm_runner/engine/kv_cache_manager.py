@@ -31,7 +31,9 @@ class KVCacheManager:
         while (len(request.block_hashes) + 1) * bs <= num_tokens:
             i = len(request.block_hashes)
             parent = request.block_hashes[-1] if i else None
-            request.block_hashes.append(hash_block(parent, request.token_slice(i * bs, i * bs + bs)))
+            request.block_hashes.append(
+                hash_block(parent, request.token_slice(i * bs, i * bs + bs))
+            )
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of full blocks. The last prompt token is always recomputed

@@ -24,9 +24,15 @@ class CompletionState:
     stop_reason: int | str | None = None
 
     def output(self) -> CompletionOutput:
-        return CompletionOutput(self.index, self.detokenizer.text, list(self.token_ids),
-                                self.cumulative_logprob, self.logprobs, self.finish_reason,
-                                self.stop_reason)
+        return CompletionOutput(
+            self.index,
+            self.detokenizer.text,
+            list(self.token_ids),
+            self.cumulative_logprob,
+            self.logprobs,
+            self.finish_reason,
+            self.stop_reason,
+        )
 
 
 @dataclass
@@ -51,21 +57,36 @@ class RequestState:
         return all(c.finish_reason is not None for c in self.completions)
 
     def final_output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [c.output() for c in self.completions], self.finished,
-                             self.prompt_logprobs, self.num_cached_tokens)
+        return RequestOutput(
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            [c.output() for c in self.completions],
+            self.finished,
+            self.prompt_logprobs,
+            self.num_cached_tokens,
+        )
 
 
-def new_request_state(request_id: str, prompt: str | None, prompt_ids: list[int],
-                      params: SamplingParams, tokenizer) -> RequestState:
+def new_request_state(
+    request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams, tokenizer
+) -> RequestState:
     child_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
     completions = [
-        CompletionState(i, IncrementalDetokenizer(
-            tokenizer, prompt_ids, params.stop, params.include_stop_str_in_output,
-            params.skip_special_tokens),
+        CompletionState(
+            i,
+            IncrementalDetokenizer(
+                tokenizer,
+                prompt_ids,
+                params.stop,
+                params.include_stop_str_in_output,
+                params.skip_special_tokens,
+            ),
             logprobs=[] if params.logprobs is not None else None,
-            cumulative_logprob=0.0 if params.logprobs is not None else None)
-        for i in range(params.n)]
+            cumulative_logprob=0.0 if params.logprobs is not None else None,
+        )
+        for i in range(params.n)
+    ]
     return RequestState(request_id, prompt, prompt_ids, params, child_ids, completions)
 
 
@@ -91,10 +112,22 @@ def apply_step_output(state: RequestState, index: int, out: EngineStepOutput) ->
     return stop
 
 
-def stream_output(state: RequestState, index: int, new_ids: list[int],
-                  new_logprobs: list[dict[int, float]] | None) -> StreamOutput:
+def stream_output(
+    state: RequestState, index: int, new_ids: list[int], new_logprobs: list[dict[int, float]] | None
+) -> StreamOutput:
     c = state.completions[index]
     finished = c.finish_reason is not None
-    return StreamOutput(state.request_id, index, c.detokenizer.take_delta(finished),
-                        c.detokenizer.text, list(c.token_ids), new_ids, new_logprobs, finished,
-                        c.finish_reason, state.prompt_token_ids, c.stop_reason, state.error)
+    return StreamOutput(
+        state.request_id,
+        index,
+        c.detokenizer.take_delta(finished),
+        c.detokenizer.text,
+        list(c.token_ids),
+        new_ids,
+        new_logprobs,
+        finished,
+        c.finish_reason,
+        state.prompt_token_ids,
+        c.stop_reason,
+        state.error,
+    )

@@ -29,8 +29,15 @@ class Scheduler:
         self._finished_ids: set[str] = set()  # since the last schedule()
         self._runner_has: set[str] = set()  # requests whose state the runner holds
         self.counters = dict.fromkeys(
-            ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits",
-             "prompt_tokens_total", "generation_tokens_total"), 0)
+            (
+                "num_preemptions",
+                "prefix_cache_queries",
+                "prefix_cache_hits",
+                "prompt_tokens_total",
+                "generation_tokens_total",
+            ),
+            0,
+        )
 
     # ---- admission -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -77,8 +84,11 @@ class Scheduler:
                 budget -= num_new
                 new_blocks = self.kv.block_ids(request.request_id)[had:]
                 if request.request_id in self._runner_has:
-                    cached_reqs.append(CachedRequestData(
-                        request.request_id, new_blocks, request.num_computed_tokens))
+                    cached_reqs.append(
+                        CachedRequestData(
+                            request.request_id, new_blocks, request.num_computed_tokens
+                        )
+                    )
                 else:
                     new_reqs.append(self._new_request_data(request))
                 i += 1
@@ -91,14 +101,19 @@ class Scheduler:
         finished, self._finished_ids = self._finished_ids, set()
         self._runner_has -= finished
         self._runner_has.update(num_scheduled)
-        return SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
-                               sum(num_scheduled.values()), finished)
+        return SchedulerOutput(
+            new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()), finished
+        )
 
-    def _admit_waiting(self, budget: int, num_scheduled: dict[str, int],
-                       new_reqs: list[NewRequestData]) -> None:
+    def _admit_waiting(
+        self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]
+    ) -> None:
         skipped: list[Request] = []
-        prefilling_groups = {r.group_id for r in self.running
-                             if r.group_id and r.num_computed_tokens < r.num_prompt_tokens}
+        prefilling_groups = {
+            r.group_id
+            for r in self.running
+            if r.group_id and r.num_computed_tokens < r.num_prompt_tokens
+        }
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             # NOTE: siblings of an n > 1 request wait until one of them has computed the
@@ -128,9 +143,14 @@ class Scheduler:
 
     def _new_request_data(self, request: Request) -> NewRequestData:
         return NewRequestData(
-            request.request_id, request.all_token_ids, request.num_prompt_tokens,
-            request.params, self.kv.block_ids(request.request_id), request.num_computed_tokens,
-            request.seed)
+            request.request_id,
+            request.all_token_ids,
+            request.num_prompt_tokens,
+            request.params,
+            self.kv.block_ids(request.request_id),
+            request.num_computed_tokens,
+            request.seed,
+        )
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
@@ -145,7 +165,7 @@ class Scheduler:
         self, sched: SchedulerOutput, result: ModelRunnerOutput
     ) -> list[EngineStepOutput]:
         outputs = []
-        for request_id, n in sched.num_scheduled_tokens.items():
+        for request_id in sched.num_scheduled_tokens:
             request = self.requests.get(request_id)
             if request is None:  # aborted while the step ran
                 continue
@@ -158,11 +178,18 @@ class Scheduler:
             self.counters["generation_tokens_total"] += 1
             lp = result.logprobs.get(request_id)
             status = self._check_stop(request, token)
-            outputs.append(EngineStepOutput(
-                request_id, [token],
-                [lp[1]] if lp else None, [lp[0]] if lp else None,
-                status.finish_reason if status else None, request.stop_reason,
-                result.prompt_logprobs.get(request_id), max(request.num_cached_tokens, 0)))
+            outputs.append(
+                EngineStepOutput(
+                    request_id,
+                    [token],
+                    [lp[1]] if lp else None,
+                    [lp[0]] if lp else None,
+                    status.finish_reason if status else None,
+                    request.stop_reason,
+                    result.prompt_logprobs.get(request_id),
+                    max(request.num_cached_tokens, 0),
+                )
+            )
             if status is not None:
                 self.finish_request(request_id, status)
         return outputs

@@ -22,8 +22,10 @@ def resolve_model_path(model: str | None) -> str:
             raise ValueError(f"model folder {model!r} has no config.json")
         return model
     if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise ValueError(f"model {model!r} is not a local model folder (config.json + weights) "
-                         "nor a hub id ('org/name') in the local Hugging Face cache")
+        raise ValueError(
+            f"model {model!r} is not a local model folder (config.json + weights) "
+            "nor a hub id ('org/name') in the local Hugging Face cache"
+        )
     try:
         from huggingface_hub import snapshot_download
 
@@ -31,7 +33,8 @@ def resolve_model_path(model: str | None) -> str:
     except Exception as e:
         raise ValueError(
             f"model {model!r} is not in the local Hugging Face cache and downloads are off: "
-            f"pass a local folder instead ({type(e).__name__})") from None
+            f"pass a local folder instead ({type(e).__name__})"
+        ) from None
 
 
 def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -70,8 +73,9 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
         if name not in params:
             if name == "lm_head.weight" or name in buffers:
                 continue  # tied to the embedding, or a derived buffer
-            raise ValueError(f"checkpoint tensor {name!r} matches no parameter of "
-                             f"{type(model).__name__}")
+            raise ValueError(
+                f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}"
+            )
         param = params[name]
         loader = getattr(param, "weight_loader", None)
         if loader is None:
@@ -84,7 +88,9 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
         raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
 
 
-def build_model(path: str, hf_config: object, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def build_model(
+    path: str, hf_config: object, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
     model_cls = resolve_model_class(hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -24,8 +24,9 @@ class OPTAttention(nn.Module):
         head_dim = hidden // heads
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, heads, heads, bias)
         self.out_proj = RowParallelLinear(hidden, hidden, bias)
-        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
-                              head_dim**-0.5)
+        self.attn = Attention(
+            self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5
+        )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).chunk(3, dim=-1)
@@ -68,7 +69,8 @@ class OPTDecoder(nn.Module):
         proj_dim = getattr(config, "word_embed_proj_dim", None) or config.hidden_size
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, proj_dim)
         self.embed_positions = nn.Embedding(
-            config.max_position_embeddings + _POSITION_OFFSET, config.hidden_size)
+            config.max_position_embeddings + _POSITION_OFFSET, config.hidden_size
+        )
         self.project_in = self.project_out = None
         if proj_dim != config.hidden_size:
             self.project_in = ReplicatedLinear(proj_dim, config.hidden_size, bias=False)
@@ -77,7 +79,9 @@ class OPTDecoder(nn.Module):
         if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False):
             affine = getattr(config, "layer_norm_elementwise_affine", True)
             self.final_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
-        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            OPTDecoderLayer(config) for _ in range(config.num_hidden_layers)
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)

@@ -77,13 +77,15 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
     if any(m > 0 for m in min_p):
         probs = logits.softmax(dim=-1)
         threshold = torch.tensor(min_p, device=device, dtype=probs.dtype)[:, None]
-        logits = logits.masked_fill(probs < threshold * probs.max(dim=-1, keepdim=True).values,
-                                    float("-inf"))
+        logits = logits.masked_fill(
+            probs < threshold * probs.max(dim=-1, keepdim=True).values, float("-inf")
+        )
     return logits
 
 
-def exponential_noise(rows: list[SamplingRow], vocab: int, device: torch.device,
-                      generator: torch.Generator | None) -> torch.Tensor:
+def exponential_noise(
+    rows: list[SamplingRow], vocab: int, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
     q = torch.empty(len(rows), vocab, device=device)
     q.exponential_(generator=generator)
     for i, row in enumerate(rows):
@@ -112,8 +114,10 @@ class Sampler:
         if all(r.params.greedy for r in rows):
             sampled = greedy_ids
         else:
-            temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows],
-                                 device=logits.device)
+            temps = torch.tensor(
+                [1.0 if r.params.greedy else r.params.temperature for r in rows],
+                device=logits.device,
+            )
             scaled = apply_top_k_top_p_min_p(logits / temps[:, None], rows)
             probs = scaled.softmax(dim=-1)
             q = exponential_noise(rows, logits.shape[1], logits.device, self.generator)

@@ -50,8 +50,14 @@ class InputBatch:
             self.states.pop(request_id, None)
         for new in sched.new_requests:
             self.states[new.request_id] = CachedRequestState(
-                new.request_id, list(new.token_ids), new.num_prompt_tokens, new.params,
-                list(new.block_ids), new.seed, new.num_computed_tokens)
+                new.request_id,
+                list(new.token_ids),
+                new.num_prompt_tokens,
+                new.params,
+                list(new.block_ids),
+                new.seed,
+                new.num_computed_tokens,
+            )
         for cached in sched.cached_requests:
             state = self.states[cached.request_id]
             state.block_ids.extend(cached.new_block_ids)
@@ -62,15 +68,18 @@ class InputBatch:
         request_ids = list(sched.num_scheduled_tokens)
         num_reqs = len(request_ids)
         counts = np.fromiter(sched.num_scheduled_tokens.values(), np.int64, num_reqs)
-        starts = np.fromiter((self.states[r].num_computed_tokens for r in request_ids),
-                             np.int64, num_reqs)
+        starts = np.fromiter(
+            (self.states[r].num_computed_tokens for r in request_ids), np.int64, num_reqs
+        )
         seq_lens = starts + counts
         query_start_loc = np.zeros(num_reqs + 1, np.int32)
         np.cumsum(counts, out=query_start_loc[1:])
         total = int(query_start_loc[-1])
         # position of every flat token: its request's start + offset within the request
         req_of_token = np.repeat(np.arange(num_reqs), counts)
-        positions = np.arange(total, dtype=np.int64) - query_start_loc[req_of_token] + starts[req_of_token]
+        positions = (
+            np.arange(total, dtype=np.int64) - query_start_loc[req_of_token] + starts[req_of_token]
+        )
 
         max_blocks = int((seq_lens.max() + bs - 1) // bs) if num_reqs else 0
         block_tables = np.zeros((num_reqs, max_blocks), np.int32)
@@ -85,10 +94,20 @@ class InputBatch:
             if hi == len(state.token_ids):
                 sampling_ids.append(request_id)
                 sampled_rows.append(i)
-        slot_mapping = (block_tables[req_of_token, positions // bs].astype(np.int64) * bs
-                        + positions % bs)
+        slot_mapping = (
+            block_tables[req_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        )
         logits_indices = query_start_loc[1:][sampled_rows].astype(np.int64) - 1
         return StepInputs(
-            request_ids, input_ids, positions, slot_mapping, block_tables,
-            seq_lens.astype(np.int32), query_start_loc, logits_indices, sampling_ids,
-            int(counts.max()) if num_reqs else 0, int(seq_lens.max()) if num_reqs else 0)
+            request_ids,
+            input_ids,
+            positions,
+            slot_mapping,
+            block_tables,
+            seq_lens.astype(np.int32),
+            query_start_loc,
+            logits_indices,
+            sampling_ids,
+            int(counts.max()) if num_reqs else 0,
+            int(seq_lens.max()) if num_reqs else 0,
+        )

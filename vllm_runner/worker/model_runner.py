@@ -20,16 +20,21 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     """Owns the model, the KV cache tensors and the sampler. Never changes a Request."""
 
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
-                 scheduler_config: SchedulerConfig) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        scheduler_config: SchedulerConfig,
+    ) -> None:
         self.config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
         self.device = model_config.device
         torch.manual_seed(model_config.seed)
         start = time.perf_counter()
-        self.model = build_model(model_config.path, model_config.hf_config, model_config.dtype,
-                                 self.device)
+        self.model = build_model(
+            model_config.path, model_config.hf_config, model_config.dtype, self.device
+        )
         self.load_seconds = time.perf_counter() - start
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.batch = InputBatch(cache_config.block_size)
@@ -40,14 +45,21 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> int:
         first = self.attn_layers[0]
         block_bytes = memory.kv_bytes_per_block(
-            len(self.attn_layers), self.cache_config.block_size, first.num_kv_heads,
-            first.head_dim, self.config.dtype)
+            len(self.attn_layers),
+            self.cache_config.block_size,
+            first.num_kv_heads,
+            first.head_dim,
+            self.config.dtype,
+        )
         if self.cache_config.num_kv_blocks is not None:
             num_blocks = self.cache_config.num_kv_blocks
         elif self.device.type == "cuda":
             num_blocks = memory.num_blocks_for_gpu(
-                self.device, self.cache_config.gpu_memory_utilization, block_bytes,
-                self._profile_peak_bytes())
+                self.device,
+                self.cache_config.gpu_memory_utilization,
+                block_bytes,
+                self._profile_peak_bytes(),
+            )
         else:
             num_blocks = memory.num_blocks_for_cpu(self.cache_config.cpu_kv_cache_gb, block_bytes)
         shape = (num_blocks, self.cache_config.block_size, first.num_kv_heads, first.head_dim)
@@ -55,8 +67,12 @@ class ModelRunner:
             layer.k_cache = torch.zeros(shape, dtype=self.config.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=self.config.dtype, device=self.device)
         self.kv_cache_bytes = num_blocks * block_bytes
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks,
-                    self.cache_config.block_size, self.kv_cache_bytes / memory.GiB)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.2f GiB)",
+            num_blocks,
+            self.cache_config.block_size,
+            self.kv_cache_bytes / memory.GiB,
+        )
         return num_blocks
 
     def _profile_peak_bytes(self) -> int:
@@ -74,14 +90,15 @@ class ModelRunner:
         positions = torch.arange(num_tokens, device=self.device) % self.config.max_model_len
         md = AttentionMetadata(
             slot_mapping=torch.arange(num_tokens, device=self.device),
-            block_tables=torch.arange(scratch_blocks, dtype=torch.int32,
-                                      device=self.device)[None],
+            block_tables=torch.arange(scratch_blocks, dtype=torch.int32, device=self.device)[None],
             seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
             query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
-            max_query_len=num_tokens, max_seq_len=num_tokens)
+            max_query_len=num_tokens,
+            max_seq_len=num_tokens,
+        )
         with torch.inference_mode(), forward_context(md):
             hidden = self.model(ids, positions)
-            self.model.compute_logits(hidden[-self.scheduler_config.max_num_seqs:])
+            self.model.compute_logits(hidden[-self.scheduler_config.max_num_seqs :])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         for layer in self.attn_layers:
@@ -107,8 +124,9 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[self._to_device(inputs.logits_indices)])
             rows = [self._sampling_row(r) for r in inputs.sampling_ids]
             out = self.sampler(logits, rows)
-            for request_id, token, lp in zip(inputs.sampling_ids, out.token_ids, out.logprobs,
-                                             strict=True):
+            for request_id, token, lp in zip(
+                inputs.sampling_ids, out.token_ids, out.logprobs, strict=True
+            ):
                 result.sampled[request_id] = token
                 self.batch.states[request_id].token_ids.append(token)
                 if lp is not None:
@@ -117,11 +135,13 @@ class ModelRunner:
 
     def _sampling_row(self, request_id: str) -> SamplingRow:
         s = self.batch.states[request_id]
-        return SamplingRow(s.params, s.token_ids[: s.num_prompt_tokens],
-                           s.token_ids[s.num_prompt_tokens :], s.seed)
+        return SamplingRow(
+            s.params, s.token_ids[: s.num_prompt_tokens], s.token_ids[s.num_prompt_tokens :], s.seed
+        )
 
-    def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor,
-                         result: ModelRunnerOutput) -> None:
+    def _prompt_logprobs(
+        self, inputs: StepInputs, hidden: torch.Tensor, result: ModelRunnerOutput
+    ) -> None:
         """Logprob of each prompt token given its prefix, for requests that ask."""
         for i, request_id in enumerate(inputs.request_ids):
             state = self.batch.states[request_id]
@@ -137,7 +157,8 @@ class ModelRunner:
                 targets = torch.tensor(state.token_ids[start + 1 : end + 1], device=self.device)
                 state.prompt_logprobs.extend(logprobs.gather(1, targets[:, None])[:, 0].tolist())
             if request_id in inputs.sampling_ids and state.num_prompt_tokens == len(
-                    state.token_ids):
+                state.token_ids
+            ):
                 result.prompt_logprobs[request_id] = [None, *state.prompt_logprobs]
 
     def _metadata(self, inputs: StepInputs) -> AttentionMetadata:
@@ -147,7 +168,8 @@ class ModelRunner:
             seq_lens=self._to_device(inputs.seq_lens),
             query_start_loc=self._to_device(inputs.query_start_loc),
             max_query_len=inputs.max_query_len,
-            max_seq_len=inputs.max_seq_len)
+            max_seq_len=inputs.max_seq_len,
+        )
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)

@@ -50,14 +50,28 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if q.is_cuda:
             from kernels.attention import paged_attention
-
             from kernels.kv_cache import write_kv_cache
 
             write_kv_cache(k, v, self.k_cache, self.v_cache, md.slot_mapping)
-            out = paged_attention(q, self.k_cache, self.v_cache, md.block_tables, md.seq_lens,
-                                  md.query_start_loc, self.scale, md.max_query_len)
+            out = paged_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                md.block_tables,
+                md.seq_lens,
+                md.query_start_loc,
+                self.scale,
+                md.max_query_len,
+            )
         else:
             reference.write_kv_cache(k, v, self.k_cache, self.v_cache, md.slot_mapping)
-            out = reference.paged_attention(q, self.k_cache, self.v_cache, md.block_tables,
-                                            md.seq_lens, md.query_start_loc, self.scale)
+            out = reference.paged_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                md.block_tables,
+                md.seq_lens,
+                md.query_start_loc,
+                self.scale,
+            )
         return out.view(-1, self.num_heads * self.head_dim)

@@ -45,8 +45,9 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; the output stays sharded unless ``gather_output``."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 gather_output: bool = False) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, gather_output: bool = False
+    ) -> None:
         super().__init__(in_features, divide(out_features, tp_size(), "out_features"), bias)
         self.gather_output = gather_output
 
@@ -75,8 +76,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matmul; heads split across ranks."""
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False) -> None:
+    def __init__(
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False
+    ) -> None:
         self.num_heads = divide(num_heads, tp_size(), "num_attention_heads")
         self.num_kv_heads = divide(num_kv_heads, tp_size(), "num_key_value_heads")
         self.head_dim = head_dim

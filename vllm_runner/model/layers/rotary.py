@@ -37,8 +37,10 @@ class RotaryEmbedding(nn.Module):
         elif rope_type == "linear":
             inv_freq = inv_freq / scaling["factor"]
         elif rope_type != "default":
-            raise ValueError(f"rope_scaling type {rope_type!r} is not supported "
-                             "(supported: default, linear, llama3)")
+            raise ValueError(
+                f"rope_scaling type {rope_type!r} is not supported "
+                "(supported: default, linear, llama3)"
+            )
         t = torch.arange(max_positions, dtype=torch.float64)
         freqs = torch.outer(t, inv_freq)
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).float()  # [max_pos, rotary_dim]
