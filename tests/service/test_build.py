@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from service_testing import REPO
 
 pytestmark = pytest.mark.slow
 

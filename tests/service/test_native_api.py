@@ -9,22 +9,23 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import MAX_MODEL_LEN, metric_value
+from service_testing import MAX_MODEL_LEN, metric_value
 
 PROMPT = "The capital of France is"
 GREEDY = {"temperature": 0.0}
 
 
 @contextlib.contextmanager
-def engine_unloaded() -> Iterator[None]:
+def engine_unloaded(error: Exception | None = None) -> Iterator[None]:
+    """As while the model loads (or after loading failed with `error`)."""
     import bentoml
 
     svc = bentoml.get_current_service()
-    engine, svc.engine = svc.engine, None
+    engine, svc.engine, svc.load_error = svc.engine, None, error
     try:
         yield
     finally:
-        svc.engine = engine
+        svc.engine, svc.load_error = engine, None
 
 
 def test_probes(client: Any) -> None:
@@ -41,6 +42,16 @@ def test_not_ready_answers_503(client: Any) -> None:
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "model_not_ready"
     assert client.get("/readyz").status_code == 200
+
+
+def test_failed_load_is_not_alive(client: Any) -> None:
+    with engine_unloaded(RuntimeError("no such folder: /models/x")):
+        assert client.get("/livez").status_code == 503
+        assert client.get("/readyz").status_code == 503
+        r = client.post("/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 503
+        assert "failed to load: no such folder" in r.json()["error"]["message"]
+    assert client.get("/livez").status_code == 200
 
 
 def test_generate_streams_text_deltas(client: Any) -> None:

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import MAX_MODEL_LEN
+from service_testing import MAX_MODEL_LEN
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import API_KEY, AUTH, MAX_MODEL_LEN, REPO, SERVICE_ENV, metric_value, wait_ready
+from service_testing import (
+    API_KEY,
+    AUTH,
+    MAX_MODEL_LEN,
+    REPO,
+    SERVICE_ENV,
+    metric_value,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.slow
 
