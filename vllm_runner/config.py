@@ -24,6 +24,7 @@ class ModelConfig:
     max_model_len: int
     seed: int
     quantization: str | None
+    enforce_eager: bool = False
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class EngineCore:
             max_model_len=max_model_len,
             seed=args.seed,
             quantization=args.quantization,
+            enforce_eager=args.enforce_eager,
         )
         self.tokenizer = load_tokenizer(path)
         self.eos_ids = eos_token_ids(path, hf_config, self.tokenizer)

@@ -1,6 +1,6 @@
 """OpenAI-compatible routes (FastAPI): /v1/models, /v1/completions, /v1/chat/completions.
 
-`create_openai_app(get_engine, served_model_name)` builds the app; `get_engine()` returns the
+`create_openai_app(get_engine)` builds the app; `get_engine()` returns the
 running AsyncLLM or raises `EngineNotReady`. Every error is answered in OpenAI's shape.
 """
 
@@ -65,13 +65,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return fmt.OpenAIError(500, f"internal error: {exc}", "internal_server_error").response()
 
 
-def create_openai_app(get_engine: Callable[[], Any], served_model_name: str | None = None
-                      ) -> FastAPI:
+def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
     app = FastAPI(title="vllm-runner OpenAI-compatible API")
     _install_error_handlers(app)
 
     def model_name(engine: Any) -> str:
-        return served_model_name or engine.model_name
+        return engine.model_name
 
     def engine_for(requested: str | None) -> Any:
         engine = get_engine()

@@ -13,8 +13,8 @@ ENV_PREFIX = "VLLM_RUNNER_"
 # Settings passed straight to AsyncLLM when set; None leaves the engine's default.
 ENGINE_FIELDS = (
     "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-    "block_size", "num_kv_blocks", "enable_prefix_caching", "cpu_offload_gb",
-    "quantization", "seed",
+    "block_size", "num_kv_blocks", "enable_prefix_caching", "gpu_memory_utilization",
+    "cpu_kv_cache_gb", "cpu_offload_gb", "quantization", "enforce_eager", "seed",
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -34,8 +34,11 @@ class ServerSettings:
     block_size: int | None = None
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool | None = None
+    gpu_memory_utilization: float | None = None
+    cpu_kv_cache_gb: float | None = None  # KV cache size when running on CPU
     cpu_offload_gb: float | None = None
     quantization: str | None = None
+    enforce_eager: bool | None = None  # no CUDA graphs
     seed: int | None = None
     api_key: str | None = None
     gpus: int = 0  # GPUs BentoML reserves per worker (0: none declared, the engine picks)
@@ -77,8 +80,11 @@ class ServerSettings:
         return cls(**values)
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for AsyncLLM (model excluded), only those that are set."""
-        return {k: getattr(self, k) for k in ENGINE_FIELDS if getattr(self, k) is not None}
+        """Keyword arguments for AsyncLLM besides `model`: those that are set."""
+        kwargs = {k: getattr(self, k) for k in ENGINE_FIELDS if getattr(self, k) is not None}
+        if self.served_model_name:
+            kwargs["model_name"] = self.served_model_name
+        return kwargs
 
 
 def _convert(raw: Any, hint: Any, source: str) -> Any:

@@ -3,7 +3,6 @@
 import logging
 import time
 
-import numpy as np
 import torch
 
 from vllm_runner.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -12,6 +11,8 @@ from vllm_runner.model.layers.attention import Attention, AttentionMetadata, for
 from vllm_runner.model.loader import build_model
 from vllm_runner.sample.sampler import Sampler, SamplingRow
 from vllm_runner.worker import memory
+from vllm_runner.worker.cuda_graphs import DecodeGraphs
+from vllm_runner.worker.device_inputs import DeviceInputs
 from vllm_runner.worker.input_batch import InputBatch, StepInputs
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,20 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.batch = InputBatch(cache_config.block_size)
         self.sampler = Sampler(self.device, model_config.seed)
+        max_blocks = -(-model_config.max_model_len // cache_config.block_size)
+        self.buffers = DeviceInputs(
+            max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs),
+            scheduler_config.max_num_seqs,
+            max_blocks,
+            self.device,
+        )
         self.num_blocks = self._allocate_kv_cache()
+        self.graphs = None
+        if self.device.type == "cuda" and not model_config.enforce_eager:
+            self.graphs = DecodeGraphs(
+                self.model, self.buffers, scheduler_config.max_num_seqs, model_config.max_model_len
+            )
+            self.graphs.capture()
 
     # ---- KV cache --------------------------------------------------------------------------
     def _allocate_kv_cache(self) -> int:
@@ -113,15 +127,18 @@ class ModelRunner:
         if sched.is_empty:
             return ModelRunnerOutput({})
         inputs = self.batch.prepare(sched)
-        md = self._metadata(inputs)
-        input_ids = self._to_device(inputs.input_ids)
-        positions = self._to_device(inputs.positions)
-        with forward_context(md):
-            hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
         result = ModelRunnerOutput({})
-        self._prompt_logprobs(inputs, hidden, result)
+        graph_size = self._graph_size(inputs)
+        if graph_size is not None:
+            *_, logits_indices = self.buffers.load(inputs, pad_reqs=graph_size)
+            logits = self.graphs.replay(graph_size, len(inputs.request_ids))[logits_indices]
+        else:
+            input_ids, positions, md, logits_indices = self.buffers.load(inputs)
+            with forward_context(md):
+                hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+            self._prompt_logprobs(inputs, hidden, result)
+            logits = self.model.compute_logits(hidden[logits_indices])
         if inputs.sampling_ids:
-            logits = self.model.compute_logits(hidden[self._to_device(inputs.logits_indices)])
             rows = [self._sampling_row(r) for r in inputs.sampling_ids]
             out = self.sampler(logits, rows)
             for request_id, token, lp in zip(
@@ -132,6 +149,15 @@ class ModelRunner:
                 if lp is not None:
                     result.logprobs[request_id] = lp
         return result
+
+    def _graph_size(self, inputs: StepInputs) -> int | None:
+        """The decode graph bucket this step can replay, if any."""
+        if self.graphs is None or inputs.max_query_len != 1:
+            return None
+        states = self.batch.states
+        if any(states[r].params.prompt_logprobs is not None for r in inputs.request_ids):
+            return None
+        return self.graphs.bucket_for(len(inputs.request_ids))
 
     def _sampling_row(self, request_id: str) -> SamplingRow:
         s = self.batch.states[request_id]
@@ -160,19 +186,3 @@ class ModelRunner:
                 state.token_ids
             ):
                 result.prompt_logprobs[request_id] = [None, *state.prompt_logprobs]
-
-    def _metadata(self, inputs: StepInputs) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self._to_device(inputs.slot_mapping),
-            block_tables=self._to_device(inputs.block_tables),
-            seq_lens=self._to_device(inputs.seq_lens),
-            query_start_loc=self._to_device(inputs.query_start_loc),
-            max_query_len=inputs.max_query_len,
-            max_seq_len=inputs.max_seq_len,
-        )
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cpu":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)

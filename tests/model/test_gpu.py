@@ -1,0 +1,111 @@
+"""GPU end-to-end checks (run on the device machine: pytest -m gpu)."""
+
+import random
+
+import pytest
+import torch
+
+from vllm_runner import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+NUM_NEW = 32
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A random model of SmolLM2-135M's shape (the device machine cannot install the real one)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu suite needs a CUDA device")
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        architectures=["LlamaForCausalLM"],
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.05)
+    path = str(tmp_path_factory.mktemp("smol_shape"))
+    model.save_pretrained(path)
+    return path
+
+
+def gpu_llm(path: str, **kw) -> LLM:
+    kw.setdefault("gpu_memory_utilization", 0.3)
+    return LLM(path, dtype="bfloat16", device="cuda", max_model_len=2048, **kw)
+
+
+@pytest.fixture(scope="module")
+def smol_gpu(model_dir):
+    return gpu_llm(model_dir)
+
+
+def prompts() -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(49152) for _ in range(rng.randint(2, 300))] for _ in range(12)]
+
+
+def test_bf16_greedy_close_to_hf(smol_gpu, model_dir):
+    """Same weights, bf16 on both sides: where tokens first differ, each side's token must be
+    among the other's top-5 (bf16 rounding may flip near-ties)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    batch = prompts()
+    outs = smol_gpu.generate(
+        batch, SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=5)
+    )
+    exact = 0
+    for prompt, out in zip(batch, outs, strict=True):
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.no_grad():
+            hf_out = hf.generate(
+                ids,
+                max_new_tokens=NUM_NEW,
+                do_sample=False,
+                eos_token_id=-1,
+                pad_token_id=0,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        hf_ids = hf_out.sequences[0, ids.shape[1] :].tolist()
+        if hf_ids == out.token_ids:
+            exact += 1
+            continue
+        i = next(j for j, (a, b) in enumerate(zip(hf_ids, out.token_ids, strict=True)) if a != b)
+        hf_top5 = hf_out.logits[i][0].topk(5).indices.tolist()
+        assert out.token_ids[i] in hf_top5
+        assert hf_ids[i] in out.outputs[0].logprobs[i]
+    assert exact >= len(batch) // 2
+
+
+def test_cuda_graphs_match_eager(smol_gpu, model_dir):
+    assert smol_gpu.engine.runner.graphs is not None
+    eager = gpu_llm(model_dir, enforce_eager=True)
+    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+    batch = prompts()
+    assert [o.token_ids for o in smol_gpu.generate(batch, params)] == [
+        o.token_ids for o in eager.generate(batch, params)
+    ]
+
+
+def test_gpu_preemption(model_dir):
+    small = gpu_llm(model_dir, num_kv_blocks=40, enforce_eager=True)
+    big = gpu_llm(model_dir, enforce_eager=True)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    batch = prompts()
+    assert [o.token_ids for o in small.generate(batch, params)] == [
+        o.token_ids for o in big.generate(batch, params)
+    ]
+    assert small.stats()["num_preemptions"] > 0 and small.stats()["kv_blocks_used"] == 0

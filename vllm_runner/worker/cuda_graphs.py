@@ -1,0 +1,85 @@
+"""CUDA graphs for pure-decode steps: one graph per batch-size bucket, captured at start-up,
+replayed with the batch padded up to the next bucket."""
+
+import bisect
+import logging
+import time
+
+import torch
+from torch import nn
+
+from vllm_runner.model.layers.attention import AttentionMetadata, forward_context
+from vllm_runner.worker.device_inputs import DeviceInputs
+
+logger = logging.getLogger(__name__)
+
+
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4] + list(range(8, max_num_seqs + 8, 8))
+    return sorted({min(s, max_num_seqs) for s in sizes})
+
+
+class DecodeGraphs:
+    """Graphs read their inputs from ``DeviceInputs``' static buffers and write logits into
+    a static output, so a replay is: stage inputs, replay, read ``logits[:num_reqs]``."""
+
+    def __init__(
+        self, model: nn.Module, buffers: DeviceInputs, max_num_seqs: int, max_model_len: int
+    ) -> None:
+        self.model = model
+        self.buffers = buffers
+        self.max_model_len = max_model_len
+        self.buckets = decode_buckets(max_num_seqs)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.capture_seconds = 0.0
+
+    def bucket_for(self, num_reqs: int) -> int | None:
+        i = bisect.bisect_left(self.buckets, num_reqs)
+        return self.buckets[i] if i < len(self.buckets) else None
+
+    def _static_call(self, size: int) -> torch.Tensor:
+        dev = self.buffers.dev
+        md = AttentionMetadata(
+            slot_mapping=dev["slot_mapping"][:size],
+            block_tables=dev["block_tables"][:size],
+            seq_lens=dev["seq_lens"][:size],
+            query_start_loc=dev["query_start_loc"][: size + 1],
+            max_query_len=1,
+            # NOTE: fixes the decode kernel's split count for the graph; any value is correct.
+            max_seq_len=self.max_model_len,
+        )
+        with forward_context(md):
+            hidden = self.model(dev["input_ids"][:size], dev["positions"][:size])
+            return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        dev = self.buffers.dev
+        dev["slot_mapping"].fill_(-1)  # capture runs write nothing and read nothing
+        dev["seq_lens"].zero_()
+        dev["input_ids"].zero_()
+        dev["positions"].zero_()
+        pool = None
+        for size in reversed(self.buckets):  # largest first: later graphs reuse its pool
+            self._static_call(size)  # warm-up: compiles kernels outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[size] = self._static_call(size)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+        logger.info(
+            "captured %d decode CUDA graphs (batch %d..%d) in %.1f s",
+            len(self.graphs),
+            self.buckets[0],
+            self.buckets[-1],
+            self.capture_seconds,
+        )
+
+    def replay(self, size: int, num_reqs: int) -> torch.Tensor:
+        self.graphs[size].replay()
+        return self.logits[size][:num_reqs]

@@ -1,0 +1,82 @@
+"""Persistent step-input buffers: pinned host staging -> device, no per-step allocation.
+
+Also the static inputs that CUDA graphs replay from: a decode batch of ``num_reqs`` rows is
+padded to a captured bucket size with rows that write nothing (slot -1) and read nothing
+(seq_len 0).
+"""
+
+import numpy as np
+import torch
+
+from vllm_runner.model.layers.attention import AttentionMetadata
+from vllm_runner.worker.input_batch import StepInputs
+
+_FIELDS = {  # name -> dtype
+    "input_ids": torch.int64,
+    "positions": torch.int64,
+    "slot_mapping": torch.int64,
+    "seq_lens": torch.int32,
+    "query_start_loc": torch.int32,
+    "logits_indices": torch.int64,
+}
+
+
+class DeviceInputs:
+    def __init__(
+        self, max_tokens: int, max_reqs: int, max_blocks: int, device: torch.device
+    ) -> None:
+        self.device = device
+        self.pin = device.type == "cuda"
+        sizes = {
+            "input_ids": max_tokens,
+            "positions": max_tokens,
+            "slot_mapping": max_tokens,
+            "seq_lens": max_reqs,
+            "query_start_loc": max_reqs + 1,
+            "logits_indices": max_reqs,
+        }
+        self.host = {
+            n: torch.zeros(sizes[n], dtype=d, pin_memory=self.pin) for n, d in _FIELDS.items()
+        }
+        self.host["block_tables"] = torch.zeros(
+            max_reqs, max_blocks, dtype=torch.int32, pin_memory=self.pin
+        )
+        # On CPU the staging buffers are the inputs themselves.
+        self.dev = {n: t.to(device) if self.pin else t for n, t in self.host.items()}
+
+    def _put(self, name: str, array: np.ndarray, pad_to: int = 0, fill: int = 0) -> torch.Tensor:
+        """Stage ``array`` (padded to ``pad_to`` rows with ``fill``) and copy it to the device."""
+        n = len(array)
+        rows = max(n, pad_to)
+        host, dev = self.host[name], self.dev[name]
+        if host.dim() == 1:
+            host.numpy()[:n] = array
+            host.numpy()[n:rows] = fill
+        else:
+            host.numpy()[:n, : array.shape[1]] = array
+        if self.pin:
+            dev[:rows].copy_(host[:rows], non_blocking=True)
+        return dev[:rows]
+
+    def load(
+        self, inputs: StepInputs, pad_reqs: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Device views of this step's inputs. With ``pad_reqs`` (decode graphs), every
+        per-token and per-request array is padded to that many rows."""
+        num_reqs = len(inputs.seq_lens)
+        qsl = inputs.query_start_loc
+        input_ids = self._put("input_ids", inputs.input_ids, pad_reqs)
+        positions = self._put("positions", inputs.positions, pad_reqs)
+        md = AttentionMetadata(
+            slot_mapping=self._put("slot_mapping", inputs.slot_mapping, pad_reqs, fill=-1),
+            block_tables=self._put("block_tables", inputs.block_tables, pad_reqs),
+            seq_lens=self._put("seq_lens", inputs.seq_lens, pad_reqs),
+            query_start_loc=self._put(
+                "query_start_loc", qsl, pad_reqs + 1 if pad_reqs else 0, fill=int(qsl[-1])
+            ),
+            max_query_len=inputs.max_query_len,
+            max_seq_len=inputs.max_seq_len,
+        )
+        logits_indices = self._put("logits_indices", inputs.logits_indices)
+        assert num_reqs <= self.host["seq_lens"].shape[0]
+        return input_ids, positions, md, logits_indices
