@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device-machine call: GPU tests, kernel check + timings, engine throughput.
+# Usage on the device: bash benchmarks/gpu_session.sh [tests|kernels|w1-1b|w1-8b|peers-1b|peers-8b]...
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+for step in "$@"; do
+  echo "=== $step $(date -u +%H:%M:%S)"
+  case $step in
+    tests) python -m pytest tests/kernels tests/model -m gpu -q -x -p no:cacheprovider \
+             2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    kernels) python benchmarks/kernels.py --check --quick --out "$OUT/kernels.md" 2>&1 | tail -40 ;;
+    w1-1b) python benchmarks/throughput.py --device cuda --models 1b --systems engine \
+             --out "$OUT/w1_1b_engine.json" 2>&1 | tail -25 ;;
+    w1-8b) python benchmarks/throughput.py --device cuda --models 8b --systems engine \
+             --out "$OUT/w1_8b_engine.json" 2>&1 | tail -25 ;;
+    peers-1b) python benchmarks/throughput.py --device cuda --models 1b \
+             --out "$OUT/w1_1b_all.json" 2>&1 | tail -25 ;;
+    peers-8b) python benchmarks/throughput.py --device cuda --models 8b \
+             --out "$OUT/w1_8b_all.json" 2>&1 | tail -25 ;;
+  esac
+done
