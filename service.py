@@ -112,15 +112,18 @@ class ScoreInput(ScoreRequest):
         return self
 
 
-openai_app = create_openai_app(ready_engine, SETTINGS.served_model_name)
+openai_app = create_openai_app(ready_engine)
 _service_options: dict[str, Any] = {
     "workers": SETTINGS.workers,
     "traffic": {"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
 }
 if SETTINGS.gpus:
     _service_options["resources"] = {"gpu": SETTINGS.gpus}
-_batching = {"batchable": True, "max_batch_size": SETTINGS.max_batch_size,
-             "max_latency_ms": SETTINGS.max_latency_ms}
+_batching = {
+    "batchable": True,
+    "max_batch_size": SETTINGS.max_batch_size,
+    "max_latency_ms": SETTINGS.max_latency_ms,
+}
 
 
 @bentoml.asgi_app(openai_app, path="/")
@@ -141,13 +144,17 @@ class LLMService:
     async def _load(self) -> None:
         try:
             self.engine = await asyncio.to_thread(
-                AsyncLLM, model=SETTINGS.model, log_stats=True, **SETTINGS.engine_kwargs())
+                AsyncLLM, model=SETTINGS.model, log_stats=True, **SETTINGS.engine_kwargs()
+            )
         except Exception as exc:
             self.load_error = exc
             logger.exception("loading the model failed")
         else:
-            logger.info("model %s ready (max_model_len %d)", self.engine.model_name,
-                        self.engine.max_model_len)
+            logger.info(
+                "model %s ready (max_model_len %d)",
+                self.engine.model_name,
+                self.engine.max_model_len,
+            )
 
     def not_ready_reason(self) -> str:
         if self.load_error is not None:
@@ -189,14 +196,22 @@ class LLMService:
         engine = self._engine()
         params = [r.sampling_params() for r in requests]
         try:
-            ids = [r._ids or engine.validate(r.prompt, p)
-                   for r, p in zip(requests, params, strict=True)]
+            ids = [
+                r._ids or engine.validate(r.prompt, p)
+                for r, p in zip(requests, params, strict=True)
+            ]
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         outs = await engine.generate(ids, params)
-        return [CompleteResult(text=o.text, finish_reason=o.finish_reason,
-                               prompt_tokens=len(o.prompt_token_ids),
-                               completion_tokens=len(o.token_ids)) for o in outs]
+        return [
+            CompleteResult(
+                text=o.text,
+                finish_reason=o.finish_reason,
+                prompt_tokens=len(o.prompt_token_ids),
+                completion_tokens=len(o.token_ids),
+            )
+            for o in outs
+        ]
 
     @bentoml.api(**_batching)
     async def score(self, items: list[ScoreInput]) -> list[ScoreResult]:
@@ -206,8 +221,9 @@ class LLMService:
             prepared = [item._ids or score_ids(engine, item) for item in items]
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        outs = await engine.generate([ids for ids, _ in prepared],
-                                     [score_params() for _ in prepared])
+        outs = await engine.generate(
+            [ids for ids, _ in prepared], [score_params() for _ in prepared]
+        )
         results = []
         for (_, k), out in zip(prepared, outs, strict=True):
             lps = [float(lp) for lp in out.prompt_logprobs[-k:]]

@@ -16,11 +16,13 @@ from typing import Any
 
 PREFIX = "vllm_runner_"
 
+# fmt: off
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
                 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
                0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+# fmt: on
 
 # stats() key -> counter name (without the _total suffix that prometheus_client appends)
 _COUNTERS = {
@@ -50,28 +52,45 @@ class _Families:
 
         labels = ["model_name"]
         self.gauges = {
-            key: Gauge(PREFIX + name, f"Engine {key} after the last step", labels,
-                       multiprocess_mode="livesum")
+            key: Gauge(
+                PREFIX + name,
+                f"Engine {key} after the last step",
+                labels,
+                multiprocess_mode="livesum",
+            )
             for key, name in _GAUGES.items()
         }
-        self.kv_usage = Gauge(PREFIX + "kv_cache_usage_perc",
-                              "Fraction of KV-cache blocks in use (1 = full)", labels,
-                              multiprocess_mode="livemax")
+        self.kv_usage = Gauge(
+            PREFIX + "kv_cache_usage_perc",
+            "Fraction of KV-cache blocks in use (1 = full)",
+            labels,
+            multiprocess_mode="livemax",
+        )
         self.counters = {
             key: Counter(PREFIX + name, f"Engine {key}, cumulative", labels)
             for key, name in _COUNTERS.items()
         }
-        self.requests = Counter(PREFIX + "request_success", "Finished requests",
-                                [*labels, "finished_reason"])
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
-                              "Time from arrival to the first generated token", labels,
-                              buckets=TTFT_BUCKETS)
-        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
-                             "Time between consecutive generated tokens", labels,
-                             buckets=ITL_BUCKETS)
-        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
-                             "Time from arrival to the end of the request", labels,
-                             buckets=E2E_BUCKETS)
+        self.requests = Counter(
+            PREFIX + "request_success", "Finished requests", [*labels, "finished_reason"]
+        )
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time from arrival to the first generated token",
+            labels,
+            buckets=TTFT_BUCKETS,
+        )
+        self.itl = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Time between consecutive generated tokens",
+            labels,
+            buckets=ITL_BUCKETS,
+        )
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Time from arrival to the end of the request",
+            labels,
+            buckets=E2E_BUCKETS,
+        )
 
 
 def _get_families() -> _Families:

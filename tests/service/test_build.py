@@ -30,8 +30,14 @@ def bento(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str]
     home = tmp_path_factory.mktemp("bentoml-home")
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     assert tag.startswith("vllm-runner:")
@@ -43,8 +49,13 @@ def test_bento_holds_the_engine_and_service(bento: tuple[str, dict[str, str]]) -
     name, version = tag.split(":")
     root = Path(env["BENTOML_HOME"]) / "bentos" / name / version
     src = root / "src"
-    for path in ("service.py", "vllm_runner/__init__.py", "vllm_runner/metrics.py",
-                 "vllm_runner/serving/openai_api.py", "kernels/reference.py"):
+    for path in (
+        "service.py",
+        "vllm_runner/__init__.py",
+        "vllm_runner/metrics.py",
+        "vllm_runner/serving/openai_api.py",
+        "kernels/reference.py",
+    ):
         assert (src / path).is_file(), path
     assert not (src / "tests").exists()
     requirements = (root / "env/python/requirements.txt").read_text()
@@ -57,21 +68,30 @@ def test_bento_holds_the_engine_and_service(bento: tuple[str, dict[str, str]]) -
 def test_containerfile_passes_hadolint(bento: tuple[str, dict[str, str]], tmp_path: Path) -> None:
     tag, env = bento
     dockerfile = tmp_path / "Dockerfile"
-    code = ("import sys, bentoml; "
-            "bentoml.container.get_containerfile(sys.argv[1], output_path=sys.argv[2])")
-    subprocess.run([sys.executable, "-c", code, tag, str(dockerfile)], env=env, check=True,
-                   timeout=120)
+    code = (
+        "import sys, bentoml; "
+        "bentoml.container.get_containerfile(sys.argv[1], output_path=sys.argv[2])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, tag, str(dockerfile)], env=env, check=True, timeout=120
+    )
     text = dockerfile.read_text()
     assert "FROM python:3.11-slim" in text
     assert "EXPOSE 3000" in text
-    setup_line = next(i for i, line in enumerate(text.splitlines(), 1)
-                      if "./env/docker/script__" in line)
+    setup_line = next(
+        i for i, line in enumerate(text.splitlines(), 1) if "./env/docker/script__" in line
+    )
 
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    out = subprocess.run([hadolint, "--format", "json", "--no-fail", str(dockerfile)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [hadolint, "--format", "json", "--no-fail", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     findings = json.loads(out.stdout or "[]")
-    ours = [f for f in findings
-            if f["code"] not in BENTOML_TEMPLATE_FINDINGS or f["line"] == setup_line]
+    ours = [
+        f for f in findings if f["code"] not in BENTOML_TEMPLATE_FINDINGS or f["line"] == setup_line
+    ]
     assert not ours, json.dumps(ours, indent=1)

@@ -35,9 +35,17 @@ def value(name: str, model: str, **labels: str) -> float | None:
 
 
 def stats(**overrides: int) -> dict[str, int]:
-    base = {"num_running": 0, "num_waiting": 0, "kv_blocks_total": 100, "kv_blocks_used": 0,
-            "prefix_cache_queries": 0, "prefix_cache_hits": 0, "prompt_tokens_total": 0,
-            "generation_tokens_total": 0, "num_preemptions": 0}
+    base = {
+        "num_running": 0,
+        "num_waiting": 0,
+        "kv_blocks_total": 100,
+        "kv_blocks_used": 0,
+        "prefix_cache_queries": 0,
+        "prefix_cache_hits": 0,
+        "prompt_tokens_total": 0,
+        "generation_tokens_total": 0,
+        "num_preemptions": 0,
+    }
     return {**base, **overrides}
 
 
@@ -56,10 +64,24 @@ def test_record_step_sets_gauges(model_name: str) -> None:
 
 def test_counters_follow_cumulative_totals(model_name: str) -> None:
     m = EngineMetrics(model_name)
-    m.record_step(stats(prompt_tokens_total=10, generation_tokens_total=4,
-                        prefix_cache_queries=8, prefix_cache_hits=2, num_preemptions=1))
-    m.record_step(stats(prompt_tokens_total=10, generation_tokens_total=9,
-                        prefix_cache_queries=16, prefix_cache_hits=6, num_preemptions=1))
+    m.record_step(
+        stats(
+            prompt_tokens_total=10,
+            generation_tokens_total=4,
+            prefix_cache_queries=8,
+            prefix_cache_hits=2,
+            num_preemptions=1,
+        )
+    )
+    m.record_step(
+        stats(
+            prompt_tokens_total=10,
+            generation_tokens_total=9,
+            prefix_cache_queries=16,
+            prefix_cache_hits=6,
+            num_preemptions=1,
+        )
+    )
     assert value("vllm_runner_prompt_tokens_total", model_name) == 10
     assert value("vllm_runner_generation_tokens_total", model_name) == 9
     assert value("vllm_runner_prefix_cache_queries_total", model_name) == 16
@@ -104,22 +126,28 @@ def test_record_request_observes_histograms(model_name: str) -> None:
 
 
 def test_import_is_cheap_and_defers_prometheus_client() -> None:
-    code = LOAD_METRICS + """
+    code = (
+        LOAD_METRICS
+        + """
 import sys
 assert "prometheus_client" not in sys.modules and "bentoml" not in sys.modules
 assert not {"torch", "vllm_runner"} & set(sys.modules)
 """
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_multiprocess_mode_aggregates_workers(tmp_path: object) -> None:
     """Two worker processes write mmap files; MultiProcessCollector (BentoML's) sums them."""
-    code = LOAD_METRICS + """
+    code = (
+        LOAD_METRICS
+        + """
 import sys
 m = metrics.EngineMetrics("mp-model")
 m.record_step({"num_running": int(sys.argv[1]), "generation_tokens_total": 10})
 m.record_request(ttft_s=0.1, itl_s=[0.01], e2e_s=0.5, finish_reason="stop")
 """
+    )
     env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     for running in ("2", "3"):
         subprocess.run([sys.executable, "-c", code, running], check=True, env=env, timeout=60)
@@ -130,8 +158,14 @@ registry = CollectorRegistry()
 multiprocess.MultiProcessCollector(registry)
 sys.stdout.write(generate_latest(registry).decode())
 """
-    out = subprocess.run([sys.executable, "-c", reader], check=True, env=env, timeout=60,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", reader],
+        check=True,
+        env=env,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert 'vllm_runner_generation_tokens_total{model_name="mp-model"} 20.0' in out
     assert 'vllm_runner_time_to_first_token_seconds_count{model_name="mp-model"} 2.0' in out
     # livesum gauges drop processes that have exited (and been marked dead by BentoML);

@@ -86,9 +86,11 @@ def test_generate_rejects_invalid_fields(client: Any, body: dict, names: list[st
 
 def test_prompt_over_max_model_len_names_both_lengths(client: Any) -> None:
     long_prompt = "hello " * (MAX_MODEL_LEN + 10)
-    for path, body in [("/generate", {"prompt": long_prompt}),
-                       ("/complete", {"requests": [{"prompt": long_prompt}]}),
-                       ("/score", {"items": [{"prompt": long_prompt, "continuation": " x"}]})]:
+    for path, body in [
+        ("/generate", {"prompt": long_prompt}),
+        ("/complete", {"requests": [{"prompt": long_prompt}]}),
+        ("/score", {"items": [{"prompt": long_prompt, "continuation": " x"}]}),
+    ]:
         r = client.post(path, json=body)
         assert r.status_code == 400, (path, r.text)
         assert f"max_model_len is {MAX_MODEL_LEN}" in r.text
@@ -96,8 +98,12 @@ def test_prompt_over_max_model_len_names_both_lengths(client: Any) -> None:
 
 
 def test_complete_returns_whole_completions(client: Any) -> None:
-    body = {"requests": [{"prompt": PROMPT, "max_tokens": 3, **GREEDY},
-                         {"prompt": [504, 3458, 282, 4649, 314], "max_tokens": 2, **GREEDY}]}
+    body = {
+        "requests": [
+            {"prompt": PROMPT, "max_tokens": 3, **GREEDY},
+            {"prompt": [504, 3458, 282, 4649, 314], "max_tokens": 2, **GREEDY},
+        ]
+    }
     r = client.post("/complete", json=body)
     assert r.status_code == 200, r.text
     first, second = r.json()
@@ -107,9 +113,7 @@ def test_complete_returns_whole_completions(client: Any) -> None:
     assert second["completion_tokens"] == 2
 
 
-def test_concurrent_complete_requests_reach_the_engine_in_batches(
-    client: Any, engine: Any
-) -> None:
+def test_concurrent_complete_requests_reach_the_engine_in_batches(client: Any, engine: Any) -> None:
     sizes: list[int] = []
     original = engine.generate
 
@@ -120,13 +124,16 @@ def test_concurrent_complete_requests_reach_the_engine_in_batches(
     def batch_metric() -> tuple[float, float]:
         text = client.get("/metrics").text
         labels = {"method_name": "complete"}
-        return (metric_value(text, "bentoml_service_adaptive_batch_size_count", **labels),
-                metric_value(text, "bentoml_service_adaptive_batch_size_sum", **labels))
+        return (
+            metric_value(text, "bentoml_service_adaptive_batch_size_count", **labels),
+            metric_value(text, "bentoml_service_adaptive_batch_size_sum", **labels),
+        )
 
     count0, sum0 = batch_metric()
     engine.generate = recording_generate
     results: list[int] = []
     try:
+
         def call(i: int) -> None:
             body = {"requests": [{"prompt": f"Count to {i}:", "max_tokens": 8, **GREEDY}]}
             results.append(client.post("/complete", json=body).status_code)
@@ -153,8 +160,10 @@ def test_a_bad_item_fails_alone(client: Any) -> None:
         body = {"requests": [{"prompt": prompt, "max_tokens": 2}]}
         results[name] = client.post("/complete", json=body).status_code
 
-    threads = [threading.Thread(target=call, args=("good", PROMPT)),
-               threading.Thread(target=call, args=("bad", "x " * (MAX_MODEL_LEN + 1)))]
+    threads = [
+        threading.Thread(target=call, args=("good", PROMPT)),
+        threading.Thread(target=call, args=("bad", "x " * (MAX_MODEL_LEN + 1))),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -163,9 +172,11 @@ def test_a_bad_item_fails_alone(client: Any) -> None:
 
 
 def test_score_sums_continuation_logprobs(client: Any, engine: Any) -> None:
-    items = [{"prompt": PROMPT, "continuation": " Paris"},
-             {"prompt": PROMPT, "continuation": " banana"},
-             {"prompt": PROMPT, "continuation": " Paris, the city of light"}]
+    items = [
+        {"prompt": PROMPT, "continuation": " Paris"},
+        {"prompt": PROMPT, "continuation": " banana"},
+        {"prompt": PROMPT, "continuation": " Paris, the city of light"},
+    ]
     r = client.post("/score", json={"items": items})
     assert r.status_code == 200, r.text
     paris, banana, long = r.json()
@@ -179,8 +190,9 @@ def test_score_sums_continuation_logprobs(client: Any, engine: Any) -> None:
 
 
 def test_score_matches_generation_logprobs(client: Any) -> None:
-    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "logprobs": 1,
-                                             **GREEDY})
+    r = client.post(
+        "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "logprobs": 1, **GREEDY}
+    )
     lp = r.json()["choices"][0]["logprobs"]
     continuation = "".join(lp["tokens"])
     r = client.post("/score", json={"items": [{"prompt": PROMPT, "continuation": continuation}]})
@@ -197,8 +209,9 @@ def test_score_tokenizes_prompt_and_continuation_separately(client: Any, engine:
     assert len(encode("New York")) < len(encode("New Y")) + len(encode("ork"))
     r = client.post("/score", json={"items": [{"prompt": "New Y", "continuation": "ork"}]})
     assert r.json()[0]["num_tokens"] == len(encode("ork"))
-    r = client.post("/score", json={"items": [{"prompt": encode("New Y"),
-                                               "continuation": encode("ork")}]})
+    r = client.post(
+        "/score", json={"items": [{"prompt": encode("New Y"), "continuation": encode("ork")}]}
+    )
     assert r.json()[0]["num_tokens"] == len(encode("ork"))
 
 
@@ -208,8 +221,6 @@ def test_score_rejects_empty_continuation(client: Any) -> None:
     assert "continuation" in r.text
 
 
-@pytest.mark.xfail(strict=True, reason="engine: AsyncLLM.stats() (and the metric gauges) "
-                   "are refreshed only after a step, so an abort on an idle engine is not seen")
 def test_stats_are_fresh_while_idle(client: Any, engine: Any) -> None:
     """A stream dropped mid-way on an otherwise idle engine shows 0 KV blocks used."""
     from vllm_runner import SamplingParams
@@ -228,8 +239,13 @@ def test_stats_are_fresh_while_idle(client: Any, engine: Any) -> None:
 
 def test_api_key_is_required(client: Any) -> None:
     no_auth = {"Authorization": ""}
-    for method, path in [("POST", "/generate"), ("POST", "/complete"), ("GET", "/v1/models"),
-                         ("POST", "/v1/chat/completions"), ("GET", "/stats")]:
+    for method, path in [
+        ("POST", "/generate"),
+        ("POST", "/complete"),
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/stats"),
+    ]:
         r = client.request(method, path, headers=no_auth, json={})
         assert r.status_code == 401, path
         assert r.json()["error"]["code"] == "invalid_api_key"
@@ -242,13 +258,20 @@ def test_api_key_is_required(client: Any) -> None:
 def test_metrics_show_engine_metrics(client: Any) -> None:
     client.post("/complete", json={"requests": [{"prompt": PROMPT, "max_tokens": 3}]})
     text = client.get("/metrics").text
-    for name in ("vllm_runner_time_to_first_token_seconds_count",
-                 "vllm_runner_inter_token_latency_seconds_count",
-                 "vllm_runner_e2e_request_latency_seconds_count",
-                 "vllm_runner_generation_tokens_total", "vllm_runner_prompt_tokens_total"):
+    for name in (
+        "vllm_runner_time_to_first_token_seconds_count",
+        "vllm_runner_inter_token_latency_seconds_count",
+        "vllm_runner_e2e_request_latency_seconds_count",
+        "vllm_runner_generation_tokens_total",
+        "vllm_runner_prompt_tokens_total",
+    ):
         assert metric_value(text, name) > 0, name
-    for name in ("vllm_runner_num_requests_running", "vllm_runner_num_requests_waiting",
-                 "vllm_runner_kv_blocks_used", "vllm_runner_prefix_cache_queries_total",
-                 "vllm_runner_prefix_cache_hits_total"):
+    for name in (
+        "vllm_runner_num_requests_running",
+        "vllm_runner_num_requests_waiting",
+        "vllm_runner_kv_blocks_used",
+        "vllm_runner_prefix_cache_queries_total",
+        "vllm_runner_prefix_cache_hits_total",
+    ):
         metric_value(text, name)
     assert metric_value(text, "vllm_runner_kv_blocks_total") > 0

@@ -17,7 +17,7 @@ def events(response: Any) -> list[Any]:
     """SSE `data:` payloads, JSON-decoded; the last one must be [DONE]."""
     assert response.headers["content-type"].startswith("text/event-stream")
     lines = response.text.splitlines()
-    data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    data = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
     return [json.loads(d) for d in data[:-1]]
 
@@ -31,8 +31,10 @@ def test_models(client: Any) -> None:
 
 
 def test_completion(client: Any) -> None:
-    r = client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3,
-                                             "temperature": 0})
+    r = client.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and body["model"] == MODEL
@@ -45,44 +47,57 @@ def test_completion(client: Any) -> None:
 def test_completion_many_prompts_and_n(client: Any) -> None:
     ids = [504, 3458, 282, 4649, 314]  # PROMPT's token ids
     for prompts in ([PROMPT, PROMPT], [ids, ids]):
-        r = client.post("/v1/completions", json={"prompt": prompts, "n": 2, "max_tokens": 2,
-                                                 "temperature": 0})
+        r = client.post(
+            "/v1/completions", json={"prompt": prompts, "n": 2, "max_tokens": 2, "temperature": 0}
+        )
         assert r.status_code == 200, r.text
         choices = r.json()["choices"]
         assert [c["index"] for c in choices] == [0, 1, 2, 3]
         assert len({c["text"] for c in choices}) == 1  # greedy: all four the same
-        assert r.json()["usage"] == {"prompt_tokens": 10, "completion_tokens": 8,
-                                     "total_tokens": 18}
+        assert r.json()["usage"] == {
+            "prompt_tokens": 10,
+            "completion_tokens": 8,
+            "total_tokens": 18,
+        }
 
 
 def test_completion_stop_and_seed(client: Any) -> None:
-    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8,
-                                             "temperature": 0, "stop": ["."]})
+    r = client.post(
+        "/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stop": ["."]}
+    )
     (choice,) = r.json()["choices"]
     assert choice["text"] == " Paris" and choice["finish_reason"] == "stop"
     body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "seed": 1234}
-    texts = [client.post("/v1/completions", json=body).json()["choices"][0]["text"]
-             for _ in range(2)]
+    texts = [
+        client.post("/v1/completions", json=body).json()["choices"][0]["text"] for _ in range(2)
+    ]
     assert texts[0] == texts[1]
 
 
 def test_completion_logprobs(client: Any) -> None:
-    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "logprobs": 2,
-                                             "temperature": 0})
+    r = client.post(
+        "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "logprobs": 2, "temperature": 0}
+    )
     (choice,) = r.json()["choices"]
     lp = choice["logprobs"]
     assert "".join(lp["tokens"]) == choice["text"]
     assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 3
     assert all(len(top) == 2 for top in lp["top_logprobs"])
-    for token, token_lp, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"],
-                                    strict=True):
+    for token, token_lp, top in zip(
+        lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True
+    ):
         assert token_lp == max(top.values()) == top[token]  # greedy: the sampled one is top-1
     assert lp["text_offset"][0] == 0
 
 
 def test_completion_stream(client: Any) -> None:
-    body = {"prompt": [PROMPT, "Hello"], "n": 2, "max_tokens": 4, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": [PROMPT, "Hello"],
+        "n": 2,
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200
     chunks = events(r)
@@ -94,8 +109,10 @@ def test_completion_stream(client: Any) -> None:
 
 
 def test_chat(client: Any) -> None:
-    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT,
-                                                  "max_tokens": 12, "temperature": 0})
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": CHAT, "max_tokens": 12, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion"
@@ -106,12 +123,26 @@ def test_chat(client: Any) -> None:
 
 
 def test_chat_content_parts_and_logprobs(client: Any) -> None:
-    messages = [{"role": "system", "content": "You are helpful."},
-                {"role": "user", "content": [{"type": "text", "text": "What is the capital "},
-                                             {"type": "text", "text": "of France?"}]}]
-    r = client.post("/v1/chat/completions", json={
-        "messages": messages, "max_tokens": 3, "temperature": 0, "logprobs": True,
-        "top_logprobs": 2})
+    messages = [
+        {"role": "system", "content": "You are helpful."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is the capital "},
+                {"type": "text", "text": "of France?"},
+            ],
+        },
+    ]
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": messages,
+            "max_tokens": 3,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    )
     (choice,) = r.json()["choices"]
     content = choice["logprobs"]["content"]
     assert len(content) == 3
@@ -152,8 +183,7 @@ def test_chat_stream(client: Any) -> None:
         ("/v1/chat/completions", {"messages": CHAT, "presence_penalty": 3}, "presence_penalty"),
     ],
 )
-def test_invalid_fields_give_openai_errors(client: Any, path: str, body: dict, param: str
-                                           ) -> None:
+def test_invalid_fields_give_openai_errors(client: Any, path: str, body: dict, param: str) -> None:
     r = client.post(path, json=body)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
@@ -163,8 +193,9 @@ def test_invalid_fields_give_openai_errors(client: Any, path: str, body: dict, p
 
 
 def test_malformed_json_is_a_400(client: Any) -> None:
-    r = client.post("/v1/completions", content=b"{not json",
-                    headers={"Content-Type": "application/json"})
+    r = client.post(
+        "/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 400
     assert "error" in r.json()
 
@@ -172,8 +203,11 @@ def test_malformed_json_is_a_400(client: Any) -> None:
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_prompt_over_max_model_len(client: Any, path: str) -> None:
     text = "hello " * (MAX_MODEL_LEN + 10)
-    body = ({"prompt": text} if path == "/v1/completions"
-            else {"messages": [{"role": "user", "content": text}]})
+    body = (
+        {"prompt": text}
+        if path == "/v1/completions"
+        else {"messages": [{"role": "user", "content": text}]}
+    )
     r = client.post(path, json={**body, "stream": True})
     assert r.status_code == 400
     error = r.json()["error"]

@@ -52,15 +52,29 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("bentoml-home")
-    env = {**os.environ, **SERVICE_ENV, "BENTOML_HOME": str(home),
-           "VLLM_RUNNER_MAX_CONCURRENCY": str(MAX_CONCURRENCY)}
+    env = {
+        **os.environ,
+        **SERVICE_ENV,
+        "BENTOML_HOME": str(home),
+        "VLLM_RUNNER_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
+    }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve makes its own
     env.pop("VLLM_RUNNER_MAX_MODEL_LEN")  # given as --arg instead
     port = free_port()
     log = home / "serve.log"
     # `bentoml serve` with no target reads `service:` from bentofile.yaml
-    cmd = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--arg", f"max_model_len={MAX_MODEL_LEN}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--arg",
+        f"max_model_len={MAX_MODEL_LEN}",
+    ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     srv = Server(proc, f"http://127.0.0.1:{port}", log)
@@ -88,14 +102,18 @@ def test_openai_client_chat(server: Server) -> None:
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
     assert [m.id for m in client.models.list()] == [MODEL]
-    resp = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12,
-                                          temperature=0)
+    resp = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
     assert resp.choices[0].message.content == ANSWER
     assert resp.choices[0].finish_reason == "stop"
     assert resp.usage.completion_tokens > 0
-    stream = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12,
-                                            temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == ANSWER
@@ -111,15 +129,22 @@ def test_bentoml_client(server: Server) -> None:
 
     with bentoml.SyncHTTPClient(server.url, token=API_KEY, timeout=120) as client:
         # /generate takes its body as one (root) input: a dict, not keyword arguments
-        chunks = list(client.generate({"prompt": "The capital of France is", "max_tokens": 4,
-                                       "temperature": 0}))
+        chunks = list(
+            client.generate(
+                {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+            )
+        )
         assert "".join(chunks).startswith(" Paris")
-        (done,) = client.complete(requests=[{"prompt": "The capital of France is",
-                                             "max_tokens": 3, "temperature": 0}])
+        (done,) = client.complete(
+            requests=[{"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0}]
+        )
         assert done["text"].startswith(" Paris")
-        paris, banana = client.score(items=[
-            {"prompt": "The capital of France is", "continuation": " Paris"},
-            {"prompt": "The capital of France is", "continuation": " banana"}])
+        paris, banana = client.score(
+            items=[
+                {"prompt": "The capital of France is", "continuation": " Paris"},
+                {"prompt": "The capital of France is", "continuation": " banana"},
+            ]
+        )
         assert paris["logprob"] > banana["logprob"]
 
 
@@ -145,11 +170,6 @@ def test_max_concurrency_then_disconnects_free_the_kv_cache(server: Server) -> N
         finally:
             for response, _ in streams:
                 response.close()  # the client goes away mid-stream
-    # NOTE: AsyncLLM.stats() is refreshed by engine steps; a one-token request makes one
-    # (test_stats_are_fresh_while_idle in test_native_api.py pins the idle case).
-    time.sleep(0.5)
-    httpx.post(f"{server.url}/complete", headers=AUTH, timeout=60,
-               json={"requests": [{"prompt": "hi", "max_tokens": 1}]}).raise_for_status()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         stats = server.stats()
@@ -164,22 +184,30 @@ def test_max_concurrency_then_disconnects_free_the_kv_cache(server: Server) -> N
 
 def test_metrics_show_engine_histograms(server: Server) -> None:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    for name in ("vllm_runner_time_to_first_token_seconds_count",
-                 "vllm_runner_inter_token_latency_seconds_count",
-                 "vllm_runner_e2e_request_latency_seconds_count"):
+    for name in (
+        "vllm_runner_time_to_first_token_seconds_count",
+        "vllm_runner_inter_token_latency_seconds_count",
+        "vllm_runner_e2e_request_latency_seconds_count",
+    ):
         assert metric_value(text, name, model_name=MODEL) > 0, name
     assert metric_value(text, "vllm_runner_generation_tokens_total", model_name=MODEL) > 0
     assert metric_value(text, "vllm_runner_request_success_total", finished_reason="abort") >= 1
-    assert metric_value(text, "bentoml_service_adaptive_batch_size_count",
-                        method_name="complete") >= 1
+    assert (
+        metric_value(text, "bentoml_service_adaptive_batch_size_count", method_name="complete") >= 1
+    )
 
 
 def test_shutdown_waits_for_in_flight_streams(server: Server) -> None:
     """SIGTERM while a stream runs: the stream still ends normally, then the server exits 0."""
-    body = {"prompt": "Count from one to fifty:", "max_tokens": 24, "ignore_eos": True,
-            "temperature": 0}
-    with httpx.stream("POST", f"{server.url}/generate", json=body, headers=AUTH,
-                      timeout=60) as response:
+    body = {
+        "prompt": "Count from one to fifty:",
+        "max_tokens": 24,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    with httpx.stream(
+        "POST", f"{server.url}/generate", json=body, headers=AUTH, timeout=60
+    ) as response:
         chunks = response.iter_text()
         first = next(chunks)
         server.proc.send_signal(signal.SIGTERM)

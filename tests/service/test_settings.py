@@ -15,12 +15,25 @@ def test_defaults_leave_the_engine_its_own() -> None:
 
 
 def test_env_then_args_take_precedence() -> None:
-    env = {"VLLM_RUNNER_MAX_MODEL_LEN": "512", "VLLM_RUNNER_DTYPE": "float32",
-           "VLLM_RUNNER_ENABLE_PREFIX_CACHING": "off", "VLLM_RUNNER_CPU_OFFLOAD_GB": "1.5"}
+    env = {
+        "VLLM_RUNNER_MAX_MODEL_LEN": "512",
+        "VLLM_RUNNER_DTYPE": "float32",
+        "VLLM_RUNNER_ENABLE_PREFIX_CACHING": "off",
+        "VLLM_RUNNER_CPU_OFFLOAD_GB": "1.5",
+    }
     s = ServerSettings.load(env, {"max_model_len": "1024", "model": "/models/x"})
     assert s.max_model_len == 1024 and s.model == "/models/x"
-    assert s.engine_kwargs() == {"dtype": "float32", "max_model_len": 1024,
-                                 "enable_prefix_caching": False, "cpu_offload_gb": 1.5}
+    assert s.engine_kwargs() == {
+        "dtype": "float32",
+        "max_model_len": 1024,
+        "enable_prefix_caching": False,
+        "cpu_offload_gb": 1.5,
+    }
+
+
+def test_served_model_name_goes_to_the_engine() -> None:
+    s = ServerSettings.load({"VLLM_RUNNER_SERVED_MODEL_NAME": "smol"}, {"enforce_eager": "1"})
+    assert s.engine_kwargs() == {"model_name": "smol", "enforce_eager": True}
 
 
 def test_arg_file_values_keep_their_types() -> None:

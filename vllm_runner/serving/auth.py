@@ -18,16 +18,24 @@ class ApiKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if (self.expected is None or scope["type"] != "http"
-                or scope["path"].rstrip("/") in OPEN_PATHS):
+        if (
+            self.expected is None
+            or scope["type"] != "http"
+            or scope["path"].rstrip("/") in OPEN_PATHS
+        ):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
         if hmac.compare_digest(given, self.expected):
             await self.app(scope, receive, send)
             return
-        body = {"error": {"message": "Missing or invalid API key: send "
-                          "'Authorization: Bearer <key>'", "type": "invalid_request_error",
-                          "param": None, "code": "invalid_api_key"}}
+        body = {
+            "error": {
+                "message": "Missing or invalid API key: send 'Authorization: Bearer <key>'",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        }
         response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)

@@ -37,7 +37,8 @@ def _validation_error(exc: RequestValidationError) -> fmt.OpenAIError:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     message = "; ".join(
         f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-        for e in errors)
+        for e in errors
+    )
     return fmt.OpenAIError(400, message, param=loc[0] if loc else None)
 
 
@@ -56,8 +57,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineNotReady)
     async def _not_ready(_: Request, exc: EngineNotReady) -> JSONResponse:
-        return fmt.OpenAIError(503, str(exc), "service_unavailable", None,
-                               "model_not_ready").response()
+        return fmt.OpenAIError(
+            503, str(exc), "service_unavailable", None, "model_not_ready"
+        ).response()
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
@@ -69,18 +71,20 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
     app = FastAPI(title="vllm-runner OpenAI-compatible API")
     _install_error_handlers(app)
 
-    def model_name(engine: Any) -> str:
-        return engine.model_name
-
     def engine_for(requested: str | None) -> Any:
         engine = get_engine()
-        if requested is not None and requested != model_name(engine):
-            raise fmt.OpenAIError(404, f"The model `{requested}` does not exist.",
-                                  param="model", code="model_not_found")
+        if requested is not None and requested != engine.model_name:
+            raise fmt.OpenAIError(
+                404,
+                f"The model `{requested}` does not exist.",
+                param="model",
+                code="model_not_found",
+            )
         return engine
 
-    def validate(engine: Any, prompt: str | list[int], params: SamplingParams,
-                 param: str) -> list[int]:
+    def validate(
+        engine: Any, prompt: str | list[int], params: SamplingParams, param: str
+    ) -> list[int]:
         try:
             return engine.validate(prompt, params)
         except ValueError as exc:
@@ -89,9 +93,18 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         engine = get_engine()
-        return {"object": "list", "data": [{
-            "id": model_name(engine), "object": "model", "created": int(time.time()),
-            "owned_by": "vllm-runner", "max_model_len": engine.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": engine.model_name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "vllm-runner",
+                    "max_model_len": engine.max_model_len,
+                }
+            ],
+        }
 
     @app.get("/stats")
     async def engine_stats() -> dict[str, Any]:
@@ -106,21 +119,23 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         except ValueError as exc:
             raise fmt.bad_request(exc, "prompt", _FIELDS) from None
         ids = [validate(engine, p, params, "prompt") for p in body.prompts()]
-        rid, name = new_request_id("cmpl"), model_name(engine)
+        rid, name = new_request_id("cmpl"), engine.model_name
         decode = fmt.token_decoder(engine.tokenizer)
         top_n = body.logprobs or 0
 
         def choice(i: int, c: Choice) -> dict[str, Any]:
-            lps = (fmt.completion_logprobs(decode, c.token_ids, c.logprobs, top_n)
-                   if body.logprobs is not None else None)
+            lps = (
+                fmt.completion_logprobs(decode, c.token_ids, c.logprobs, top_n)
+                if body.logprobs is not None
+                else None
+            )
             return {"index": i, "text": c.text, "logprobs": lps, "finish_reason": c.finish_reason}
 
         if body.stream:
             return _sse(_stream_completion(engine, ids, params, rid, name, body, decode))
         results = await _gather(engine, ids, params, rid)
         choices = [choice(p * body.n + c.index, c) for p, (_, cs) in enumerate(results) for c in cs]
-        return fmt.envelope("text_completion", rid, name, choices=choices,
-                            usage=_usage(results))
+        return fmt.envelope("text_completion", rid, name, choices=choices, usage=_usage(results))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Any:
@@ -131,36 +146,44 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         except ValueError as exc:
             raise fmt.bad_request(exc, "messages", _FIELDS) from None
         ids = validate(engine, prompt, params, "messages")
-        rid, name = new_request_id("chatcmpl"), model_name(engine)
+        rid, name = new_request_id("chatcmpl"), engine.model_name
         decode = fmt.token_decoder(engine.tokenizer)
         if body.stream:
             return _sse(_stream_chat(engine, ids, params, rid, name, body, decode))
         results = await _gather(engine, [ids], params, rid)
-        choices = [{
-            "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
-            "logprobs": (fmt.chat_logprobs(decode, c.token_ids, c.logprobs,
-                                           body.top_logprobs or 0) if body.logprobs else None),
-            "finish_reason": c.finish_reason,
-        } for c in results[0][1]]
-        return fmt.envelope("chat.completion", rid, name, choices=choices,
-                            usage=_usage(results))
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": (
+                    fmt.chat_logprobs(decode, c.token_ids, c.logprobs, body.top_logprobs or 0)
+                    if body.logprobs
+                    else None
+                ),
+                "finish_reason": c.finish_reason,
+            }
+            for c in results[0][1]
+        ]
+        return fmt.envelope("chat.completion", rid, name, choices=choices, usage=_usage(results))
 
     return app
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
 
 
 def _usage(results: list[tuple[list[int], list[Choice]]]) -> dict[str, int]:
-    return fmt.usage(sum(len(p) for p, _ in results),
-                     sum(len(c.token_ids) for _, cs in results for c in cs))
+    return fmt.usage(
+        sum(len(p) for p, _ in results), sum(len(c.token_ids) for _, cs in results for c in cs)
+    )
 
 
-async def _gather(engine: Any, ids: list[list[int]], params: SamplingParams, rid: str
-                  ) -> list[tuple[list[int], list[Choice]]]:
+async def _gather(
+    engine: Any, ids: list[list[int]], params: SamplingParams, rid: str
+) -> list[tuple[list[int], list[Choice]]]:
     tasks = [collect(engine, p, params, f"{rid}-{i}") for i, p in enumerate(ids)]
     results = await asyncio.gather(*tasks, return_exceptions=True)
     for r in results:
@@ -171,16 +194,23 @@ async def _gather(engine: Any, ids: list[list[int]], params: SamplingParams, rid
     return results  # type: ignore[return-value]
 
 
-async def _events(engine: Any, ids: list[list[int]], params: SamplingParams, rid: str
-                  ) -> AsyncIterator[tuple[int, Any]]:
+async def _events(
+    engine: Any, ids: list[list[int]], params: SamplingParams, rid: str
+) -> AsyncIterator[tuple[int, Any]]:
     streams = [stream_or_abort(engine, p, params, f"{rid}-{i}") for i, p in enumerate(ids)]
     async for i, out in merge(streams):
         yield i, out
 
 
-async def _stream_completion(engine: Any, ids: list[list[int]], params: SamplingParams,
-                             rid: str, name: str, body: CompletionRequest,
-                             decode: Callable[[int], str]) -> AsyncIterator[str]:
+async def _stream_completion(
+    engine: Any,
+    ids: list[list[int]],
+    params: SamplingParams,
+    rid: str,
+    name: str,
+    body: CompletionRequest,
+    decode: Callable[[int], str],
+) -> AsyncIterator[str]:
     generated: dict[int, int] = {}
     try:
         async for p, out in _events(engine, ids, params, rid):
@@ -188,12 +218,17 @@ async def _stream_completion(engine: Any, ids: list[list[int]], params: Sampling
             generated[index] = len(out.token_ids)
             lps = None
             if body.logprobs is not None and out.new_logprobs:
-                lps = fmt.completion_logprobs(decode, out.new_token_ids, out.new_logprobs,
-                                              body.logprobs)
+                lps = fmt.completion_logprobs(
+                    decode, out.new_token_ids, out.new_logprobs, body.logprobs
+                )
             if not (out.delta or out.finished or lps):
                 continue
-            choice = {"index": index, "text": out.delta, "logprobs": lps,
-                      "finish_reason": out.finish_reason if out.finished else None}
+            choice = {
+                "index": index,
+                "text": out.delta,
+                "logprobs": lps,
+                "finish_reason": out.finish_reason if out.finished else None,
+            }
             yield fmt.sse(fmt.envelope("text_completion", rid, name, choices=[choice]))
         if body.include_usage:
             usage = fmt.usage(sum(len(p) for p in ids), sum(generated.values()))
@@ -204,11 +239,18 @@ async def _stream_completion(engine: Any, ids: list[list[int]], params: Sampling
     yield fmt.DONE
 
 
-async def _stream_chat(engine: Any, ids: list[int], params: SamplingParams, rid: str,
-                       name: str, body: ChatCompletionRequest, decode: Callable[[int], str]
-                       ) -> AsyncIterator[str]:
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None,
-              logprobs: Any = None) -> str:
+async def _stream_chat(
+    engine: Any,
+    ids: list[int],
+    params: SamplingParams,
+    rid: str,
+    name: str,
+    body: ChatCompletionRequest,
+    decode: Callable[[int], str],
+) -> AsyncIterator[str]:
+    def chunk(
+        index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
+    ) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return fmt.sse(fmt.envelope("chat.completion.chunk", rid, name, choices=[choice]))
 
@@ -220,16 +262,16 @@ async def _stream_chat(engine: Any, ids: list[int], params: SamplingParams, rid:
             generated[out.index] = len(out.token_ids)
             lps = None
             if body.logprobs and out.new_logprobs:
-                lps = fmt.chat_logprobs(decode, out.new_token_ids, out.new_logprobs,
-                                        body.top_logprobs or 0)
+                lps = fmt.chat_logprobs(
+                    decode, out.new_token_ids, out.new_logprobs, body.top_logprobs or 0
+                )
             if out.delta or lps:
                 yield chunk(out.index, {"content": out.delta}, logprobs=lps)
             if out.finished:
                 yield chunk(out.index, {}, out.finish_reason)
         if body.include_usage:
             usage = fmt.usage(len(ids), sum(generated.values()))
-            yield fmt.sse(fmt.envelope("chat.completion.chunk", rid, name, choices=[],
-                                       usage=usage))
+            yield fmt.sse(fmt.envelope("chat.completion.chunk", rid, name, choices=[], usage=usage))
     except Exception as exc:  # headers are sent: report in-band, as OpenAI does
         logger.exception("stream %s failed", rid)
         yield fmt.sse(fmt.OpenAIError(500, str(exc), "internal_server_error").body())

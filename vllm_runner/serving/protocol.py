@@ -49,6 +49,7 @@ class SamplingFields(BaseModel):
 
 # ---- native endpoints -------------------------------------------------------------------
 
+
 class GenerateRequest(SamplingFields):
     """POST /generate: one prompt, streamed back as text deltas."""
 
@@ -84,6 +85,7 @@ class ScoreResult(BaseModel):
 
 
 # ---- OpenAI-compatible endpoints --------------------------------------------------------
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False

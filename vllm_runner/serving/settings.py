@@ -12,9 +12,20 @@ from typing import Any
 ENV_PREFIX = "VLLM_RUNNER_"
 # Settings passed straight to AsyncLLM when set; None leaves the engine's default.
 ENGINE_FIELDS = (
-    "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-    "block_size", "num_kv_blocks", "enable_prefix_caching", "gpu_memory_utilization",
-    "cpu_kv_cache_gb", "cpu_offload_gb", "quantization", "enforce_eager", "seed",
+    "dtype",
+    "device",
+    "max_model_len",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "block_size",
+    "num_kv_blocks",
+    "enable_prefix_caching",
+    "gpu_memory_utilization",
+    "cpu_kv_cache_gb",
+    "cpu_offload_gb",
+    "quantization",
+    "enforce_eager",
+    "seed",
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -49,8 +60,7 @@ class ServerSettings:
     max_latency_ms: int = 300_000
 
     def __post_init__(self) -> None:
-        for name in ("workers", "max_concurrency", "timeout", "max_batch_size",
-                     "max_latency_ms"):
+        for name in ("workers", "max_concurrency", "timeout", "max_batch_size", "max_latency_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_batch_size < 2:
@@ -65,8 +75,9 @@ class ServerSettings:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(args) - fields)
         if unknown:
-            raise ValueError(f"unknown --arg {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(fields))}")
+            raise ValueError(
+                f"unknown --arg {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
+            )
         values: dict[str, Any] = {}
         for name in fields:
             source = f"--arg {name}"
@@ -88,8 +99,11 @@ class ServerSettings:
 
 
 def _convert(raw: Any, hint: Any, source: str) -> Any:
-    kinds = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(
-        hint, types.UnionType) else [hint]
+    kinds = (
+        [a for a in typing.get_args(hint) if a is not type(None)]
+        if isinstance(hint, types.UnionType)
+        else [hint]
+    )
     kind = kinds[0]
     if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
         return raw
