@@ -9,8 +9,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for step in "$@"; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
-    tests) python -m pytest tests/kernels tests/model -m gpu -q -x -p no:cacheprovider \
+    tests) python -m pytest tests/model tests/kernels -m gpu -q -x -p no:cacheprovider \
              2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    profile-1b) python benchmarks/profile_engine.py --model 1b --out "$OUT/profile_1b.txt" 2>&1 | tail -40 ;;
     kernels) python benchmarks/kernels.py --check --quick --out "$OUT/kernels.md" 2>&1 | tail -40 ;;
     w1-1b) python benchmarks/throughput.py --device cuda --models 1b --systems engine \
              --out "$OUT/w1_1b_engine.json" 2>&1 | tail -25 ;;

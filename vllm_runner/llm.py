@@ -63,7 +63,7 @@ class LLM:
             self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)
         ]
         while self.engine.has_unfinished():
-            self.engine.step()
+            self.engine.step(stream=False)
         self.engine.pop_finished()
         return [s.final_output() for s in states]
 

@@ -25,12 +25,12 @@ def test_pool_allocates_lru_and_frees_to_tail():
 def test_allocate_slots_and_free_counts():
     kv = KVCacheManager(8, BS, enable_caching=True)
     req = make_request("a", list(range(10)))
-    assert kv.allocate_slots(req, 10)
+    assert kv.allocate_slots(req, 10) == [0, 1, 2]
     assert kv.block_ids("a") == [0, 1, 2]
     assert kv.pool.num_used_blocks == 3
     req.num_computed_tokens = 10
     req.output_token_ids.append(99)
-    assert kv.allocate_slots(req, 1)  # token 11 still fits block 2
+    assert kv.allocate_slots(req, 1) == []  # token 11 still fits block 2
     assert kv.block_ids("a") == [0, 1, 2]
     kv.free(req)
     assert kv.pool.num_used_blocks == 0
@@ -40,7 +40,7 @@ def test_allocate_slots_and_free_counts():
 def test_allocate_fails_without_side_effects():
     kv = KVCacheManager(2, BS, enable_caching=False)
     req = make_request("a", list(range(9)))  # needs 3 blocks
-    assert not kv.allocate_slots(req, 9)
+    assert kv.allocate_slots(req, 9) is None
     assert kv.pool.num_free_blocks == 2
     assert "a" not in kv.req_blocks
 
@@ -48,13 +48,13 @@ def test_allocate_fails_without_side_effects():
 def test_prefix_hit_shares_blocks_with_ref_counts():
     kv = KVCacheManager(10, BS, enable_caching=True)
     a = make_request("a", list(range(12)) + [50, 51])  # 3 full blocks + 2 tokens
-    assert kv.allocate_slots(a, a.num_tokens)
+    assert kv.allocate_slots(a, a.num_tokens) is not None
     assert kv.block_ids("a") == [0, 1, 2, 3]
     b = make_request("b", list(range(12)) + [60])
     hits, num_hit = kv.get_computed_blocks(b)
     assert [h.block_id for h in hits] == [0, 1, 2] and num_hit == 12
     b.num_computed_tokens = 0
-    assert kv.allocate_slots(b, b.num_tokens - num_hit, hits)
+    assert kv.allocate_slots(b, b.num_tokens - num_hit, hits) == [0, 1, 2, 4]
     assert kv.block_ids("b") == [0, 1, 2, 4]
     assert [kv.pool.blocks[i].ref_cnt for i in range(5)] == [2, 2, 2, 1, 1]
     kv.free(a)
@@ -66,7 +66,7 @@ def test_prefix_hit_shares_blocks_with_ref_counts():
 def test_whole_prompt_hit_keeps_last_token_to_compute():
     kv = KVCacheManager(10, BS, enable_caching=True)
     a = make_request("a", list(range(8)))
-    assert kv.allocate_slots(a, 8)
+    assert kv.allocate_slots(a, 8) is not None
     kv.free(a)
     b = make_request("b", list(range(8)))
     hits, num_hit = kv.get_computed_blocks(b)
@@ -76,18 +76,18 @@ def test_whole_prompt_hit_keeps_last_token_to_compute():
 def test_freed_cached_blocks_are_reused_then_evicted_lru():
     kv = KVCacheManager(4, BS, enable_caching=True)
     a = make_request("a", list(range(9)))  # blocks 0, 1 full; 2 partial
-    assert kv.allocate_slots(a, 9)
+    assert kv.allocate_slots(a, 9) is not None
     kv.free(a)  # free order: 2, 1, 0
     b = make_request("b", list(range(8)) + [7, 7])
     hits, _ = kv.get_computed_blocks(b)
     assert [h.block_id for h in hits] == [0, 1]
     # a request with other content takes the LRU free blocks: 3 first, then 2
     c = make_request("c", [100 + i for i in range(8)])
-    assert kv.allocate_slots(c, 8)
+    assert kv.allocate_slots(c, 8) is not None
     assert kv.block_ids("c") == [3, 2]
     # cached blocks 0 and 1 survived; taking one more block evicts block 1 (freed before 0)
     d = make_request("d", [200, 201, 202])
-    assert kv.allocate_slots(d, 3)
+    assert kv.allocate_slots(d, 3) is not None
     assert kv.block_ids("d") == [1]
     assert kv.pool.get_cached_block(b.block_hashes[1]) is None
     assert kv.pool.get_cached_block(b.block_hashes[0]).block_id == 0
@@ -96,6 +96,6 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
 def test_prompt_logprobs_requests_skip_the_cache():
     kv = KVCacheManager(10, BS, enable_caching=True)
     a = make_request("a", list(range(9)))
-    assert kv.allocate_slots(a, 9)
+    assert kv.allocate_slots(a, 9) is not None
     b = make_request("b", list(range(9)), prompt_logprobs=0)
     assert kv.get_computed_blocks(b) == ([], 0)

@@ -152,7 +152,9 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def step(self) -> list[StreamOutput]:
+    def step(self, stream: bool = True) -> list[StreamOutput]:
+        """One engine step. With ``stream`` off (offline use) no per-token outputs are built;
+        results are read from the finished request states."""
         sched = self.scheduler.schedule()
         try:
             result = self.runner.execute(sched)
@@ -170,7 +172,8 @@ class EngineCore:
                 continue
             if stop is not None:
                 self.scheduler.finish_request(out.request_id, RequestStatus.FINISHED_STOPPED)
-            outputs.append(stream_output(state, index, out.new_token_ids, out.new_logprobs))
+            if stream:
+                outputs.append(stream_output(state, index, out.new_token_ids, out.new_logprobs))
             self._forget_if_finished(state)
         return outputs
 

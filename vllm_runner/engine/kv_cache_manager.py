@@ -52,9 +52,10 @@ class KVCacheManager:
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, new_computed_blocks: list[KVBlock] = ()
-    ) -> bool:
-        """Make room for ``num_new_tokens`` more tokens after the computed ones. Returns False
-        (changing nothing) when the pool is short."""
+    ) -> list[int] | None:
+        """Make room for ``num_new_tokens`` more tokens after the computed ones. Returns the
+        ids of the blocks added (cache hits first), or None (changing nothing) when the pool
+        is short."""
         blocks = self.req_blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
@@ -64,13 +65,14 @@ class KVCacheManager:
         if need > self.pool.num_free_blocks - evictable_hits:
             if not blocks:
                 del self.req_blocks[request.request_id]
-            return False
-        self.pool.touch(list(new_computed_blocks))
-        blocks.extend(new_computed_blocks)
+            return None
+        added = list(new_computed_blocks)
+        self.pool.touch(added)
         if need > 0:
-            blocks.extend(self.pool.allocate(need))
+            added.extend(self.pool.allocate(need))
+        blocks.extend(added)
         self._cache_full_blocks(request, blocks, total)
-        return True
+        return [b.block_id for b in added]
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
         """Register blocks that are full once this step's tokens are computed."""

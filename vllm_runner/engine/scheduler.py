@@ -72,8 +72,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            had = len(self.kv.req_blocks.get(request.request_id, ()))
-            while not self.kv.allocate_slots(request, num_new):
+            while (new_blocks := self.kv.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
@@ -82,7 +81,6 @@ class Scheduler:
             else:
                 num_scheduled[request.request_id] = num_new
                 budget -= num_new
-                new_blocks = self.kv.block_ids(request.request_id)[had:]
                 if request.request_id in self._runner_has:
                     cached_reqs.append(
                         CachedRequestData(
@@ -124,7 +122,7 @@ class Scheduler:
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             request.num_computed_tokens = 0
-            if not self.kv.allocate_slots(request, num_new, hits):
+            if self.kv.allocate_slots(request, num_new, hits) is None:
                 break
             self.waiting.popleft()
             request.num_computed_tokens = num_hit_tokens

@@ -16,12 +16,25 @@ _SEED_STRIDE = 1_000_003
 
 @dataclass
 class SamplingRow:
-    """What the sampler needs of one request this step."""
+    """What the sampler needs of one request this step (token lists are read, not copied,
+    unless a penalty needs them)."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]  # prompt + output
+    num_prompt_tokens: int
     seed: int | None  # per completion (seed + index for n > 1)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
 
 
 @dataclass
@@ -53,7 +66,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
 def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     for i, row in enumerate(rows):
         p = row.params
-        if len(row.output_token_ids) < p.min_tokens:
+        if row.num_output_tokens < p.min_tokens:
             banned = set(p.stop_token_ids) | (set() if p.ignore_eos else p.all_stop_token_ids)
             if banned:
                 logits[i, list(banned)] = float("-inf")
@@ -91,7 +104,7 @@ def exponential_noise(
     for i, row in enumerate(rows):
         if row.seed is not None:
             g = torch.Generator(device=device)
-            g.manual_seed(row.seed * _SEED_STRIDE + len(row.output_token_ids))
+            g.manual_seed(row.seed * _SEED_STRIDE + row.num_output_tokens)
             q[i].exponential_(generator=g)
     return q
 
@@ -108,7 +121,7 @@ class Sampler:
             raw_logprobs = logits.log_softmax(dim=-1)
         if any(r.params.has_penalties for r in rows):
             apply_penalties(logits, rows)
-        if any(len(r.output_token_ids) < r.params.min_tokens for r in rows):
+        if any(r.num_output_tokens < r.params.min_tokens for r in rows):
             apply_min_tokens(logits, rows)
         greedy_ids = logits.argmax(dim=-1)
         if all(r.params.greedy for r in rows):

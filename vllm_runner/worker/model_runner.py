@@ -161,9 +161,7 @@ class ModelRunner:
 
     def _sampling_row(self, request_id: str) -> SamplingRow:
         s = self.batch.states[request_id]
-        return SamplingRow(
-            s.params, s.token_ids[: s.num_prompt_tokens], s.token_ids[s.num_prompt_tokens :], s.seed
-        )
+        return SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.seed)
 
     def _prompt_logprobs(
         self, inputs: StepInputs, hidden: torch.Tensor, result: ModelRunnerOutput
