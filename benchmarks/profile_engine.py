@@ -49,7 +49,8 @@ def main() -> None:
     wall = time.perf_counter() - start
     buf = io.StringIO()
     pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
-    text = f"{args.model}: {steps} steps in {wall:.2f} s ({65536 / wall:,.0f} tok/s)\n" + buf.getvalue()
+    rate = 65536 / wall
+    text = f"{args.model}: {steps} steps in {wall:.2f} s ({rate:,.0f} tok/s)\n" + buf.getvalue()
     print(text)
     if args.out:
         Path(args.out).write_text(text)
