@@ -63,6 +63,8 @@ class EngineArgs:
     cpu_offload_gb: float = 0.0
     quantization: str | None = None
     enforce_eager: bool = False
+    # Overlap step N + 1's scheduling with step N on the device; None = on for CUDA.
+    async_scheduling: bool | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -185,3 +185,28 @@ def test_bad_model_paths(tmp_path):
     )
     with pytest.raises(ValueError, match="unsupported model architecture"):
         LLM(str(tmp_path))
+
+
+def test_async_scheduling_pipeline_matches_sync(llama_dir):
+    """The overlapped pipeline (step N + 1 launched before step N's tokens are read) gives
+    the same tokens, also through preemption, stop tokens and max_model_len."""
+    batch = prompts(16, seed=21)
+    params = [SamplingParams(max_tokens=5 + i, temperature=0.0, ignore_eos=True) for i in range(16)]
+    sync = make_llm(llama_dir, async_scheduling=False).generate(batch, params)
+    piped = make_llm(llama_dir, async_scheduling=True)
+    assert [o.token_ids for o in piped.generate(batch, params)] == [o.token_ids for o in sync]
+    small = make_llm(llama_dir, async_scheduling=True, num_kv_blocks=12)
+    assert [o.token_ids for o in small.generate(batch, params)] == [o.token_ids for o in sync]
+    assert small.stats()["num_preemptions"] > 0 and small.stats()["kv_blocks_used"] == 0
+    stop_at = sync[3].token_ids[2]
+    stopped = piped.generate(
+        [batch[3]],
+        SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_at]),
+    )[0]
+    assert stopped.token_ids == sync[3].token_ids[: sync[3].token_ids.index(stop_at) + 1]
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+    assert (
+        piped.generate([batch[0]], seeded)[0].token_ids
+        == make_llm(llama_dir, async_scheduling=False).generate([batch[0]], seeded)[0].token_ids
+    )
+    assert piped.stats()["kv_blocks_used"] == 0

@@ -11,13 +11,13 @@ from vllm_runner.engine.output_processor import (
     new_request_state,
     stream_output,
 )
-from vllm_runner.engine.outputs import StreamOutput
+from vllm_runner.engine.outputs import ModelRunnerOutput, SchedulerOutput, StreamOutput
 from vllm_runner.engine.request import Request, RequestStatus
 from vllm_runner.engine.scheduler import Scheduler
 from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import eos_token_ids, load_hf_config, load_tokenizer
-from vllm_runner.worker.model_runner import ModelRunner
+from vllm_runner.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,11 @@ class EngineCore:
         self.states: dict[str, RequestState] = {}
         self.child_to_state: dict[str, tuple[RequestState, int]] = {}
         self.finished: list[RequestState] = []
+        self.overlap = (
+            device.type == "cuda" if args.async_scheduling is None else args.async_scheduling
+        )
+        self.pending: tuple[SchedulerOutput, StepHandle] | None = None
+        self.num_host_bound = 0  # live requests whose sampling needs host token values
         self._ids = itertools.count()
 
     @property
@@ -126,6 +131,7 @@ class EngineCore:
             )
             self.child_to_state[child_id] = (state, index)
         self.states[request_id] = state
+        self.num_host_bound += _host_bound(params)
         return state
 
     def abort(self, request_id: str) -> list[StreamOutput]:
@@ -150,17 +156,45 @@ class EngineCore:
 
     # ---- the step -------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.pending is not None
 
     def step(self, stream: bool = True) -> list[StreamOutput]:
         """One engine step. With ``stream`` off (offline use) no per-token outputs are built;
-        results are read from the finished request states."""
+        results are read from the finished request states.
+
+        On CUDA, when no request needs host-side token values (logprobs, penalties), steps
+        overlap: step N + 1 is scheduled and launched before step N's results are read, so
+        the GPU never waits for the host's bookkeeping.
+        """
+        overlap = self.overlap and self.num_host_bound == 0
+        if not overlap and self.pending is not None:
+            return self._finish_pending(stream)
         sched = self.scheduler.schedule()
         try:
-            result = self.runner.execute(sched)
+            handle = self.runner.launch(sched, overlap)
         except Exception as e:  # a failed forward fails its requests, not the engine
             logger.exception("model step failed")
             return self._fail(list(sched.num_scheduled_tokens), f"engine step failed: {e!r}")
+        if not overlap:
+            return self._process(sched, self.runner.wait(handle), stream)
+        outputs = self._finish_pending(stream) if self.pending is not None else []
+        if not sched.is_empty:
+            self.pending = (sched, handle)
+        return outputs
+
+    def _finish_pending(self, stream: bool) -> list[StreamOutput]:
+        sched, handle = self.pending
+        self.pending = None
+        try:
+            result = self.runner.wait(handle)
+        except Exception as e:
+            logger.exception("model step failed")
+            return self._fail(list(sched.num_scheduled_tokens), f"engine step failed: {e!r}")
+        return self._process(sched, result, stream)
+
+    def _process(
+        self, sched: SchedulerOutput, result: ModelRunnerOutput, stream: bool
+    ) -> list[StreamOutput]:
         outputs = []
         for out in self.scheduler.update_from_output(sched, result):
             state, index = self.child_to_state[out.request_id]
@@ -197,9 +231,18 @@ class EngineCore:
             for child_id in state.child_ids:
                 self.child_to_state.pop(child_id, None)
             self.finished.append(state)
+            self.num_host_bound -= _host_bound(state.params)
 
     def stats(self) -> dict[str, int]:
-        return self.scheduler.stats()
+        return {
+            **self.scheduler.stats(),
+            **self.runner.weight_bytes,  # weight_bytes_resident / weight_bytes_offloaded
+            "kv_cache_bytes": self.runner.kv_cache_bytes,
+        }
+
+
+def _host_bound(params: SamplingParams) -> bool:
+    return params.logprobs is not None or params.prompt_logprobs is not None or params.has_penalties
 
 
 def _folder_name(path: str) -> str:

@@ -47,6 +47,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Tokens sampled on the device but not yet known here (async scheduling runs one step
+    # ahead of the results).
+    num_inflight: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 = not yet scheduled
     stop_reason: int | str | None = None
     # Prefix-cache hashes of this request's full blocks, in order (extended as tokens arrive).

@@ -71,7 +71,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._will_finish(request):
+                i += 1  # its in-flight token ends it: nothing more to compute
+                continue
+            known = request.num_tokens + request.num_inflight
+            num_new = min(known - request.num_computed_tokens, budget)
             while (new_blocks := self.kv.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -95,7 +99,10 @@ class Scheduler:
             self._admit_waiting(budget, num_scheduled, new_reqs)
 
         for request_id, n in num_scheduled.items():
-            self.requests[request_id].num_computed_tokens += n
+            request = self.requests[request_id]
+            request.num_computed_tokens += n
+            if request.num_computed_tokens == request.num_tokens + request.num_inflight:
+                request.num_inflight += 1  # this step samples its next token
         finished, self._finished_ids = self._finished_ids, set()
         self._runner_has -= finished
         self._runner_has.update(num_scheduled)
@@ -139,6 +146,16 @@ class Scheduler:
             new_reqs.append(self._new_request_data(request))
         self.waiting.extendleft(reversed(skipped))
 
+    def _will_finish(self, request: Request) -> bool:
+        """True when tokens already sampled (not yet known) reach max_tokens / max_model_len."""
+        if not request.num_inflight:
+            return False
+        num_out = len(request.output_token_ids) + request.num_inflight
+        return (
+            num_out >= request.max_tokens
+            or request.num_tokens + request.num_inflight >= self.config.max_model_len
+        )
+
     def _new_request_data(self, request: Request) -> NewRequestData:
         return NewRequestData(
             request.request_id,
@@ -170,6 +187,7 @@ class Scheduler:
             token = result.sampled.get(request_id)
             if token is None:
                 continue  # a prefill chunk that does not reach the end yet
+            request.num_inflight -= 1
             if not request.output_token_ids:
                 self.counters["prompt_tokens_total"] += request.num_prompt_tokens
             request.output_token_ids.append(token)

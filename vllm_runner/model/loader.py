@@ -89,15 +89,41 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
 
 
 def build_model(
-    path: str, hf_config: object, dtype: torch.dtype, device: torch.device
+    path: str,
+    hf_config: object,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    quantization: str | None = None,
+    cpu_offload_gb: float = 0.0,
+    gpu_memory_utilization: float = 1.0,
 ) -> nn.Module:
+    """Build and load the model on ``device``. With quantization or offloading the weights
+    are staged on the CPU, then quantized and placed layer by layer (worker/offload.py); the
+    offloader, if any, is ``model.weight_offloader``. On CUDA, weights that cannot fit under
+    ``gpu_memory_utilization`` fail here, before anything is loaded."""
+    from vllm_runner.model.layers.quant import get_quant_method
+    from vllm_runner.worker.offload import check_weights_fit, place_weights, plan_weights
+
+    method = get_quant_method(quantization, device)
+    meta_model = _instantiate(hf_config, dtype, torch.device("meta"))
+    plan = plan_weights(meta_model, method, cpu_offload_gb)
+    if device.type == "cuda":
+        check_weights_fit(plan, device, gpu_memory_utilization)
+    staged = method is not None or bool(plan.offload_layers)
+    model = _instantiate(hf_config, dtype, torch.device("cpu") if staged else device)
+    load_weights(model, iterate_weights(path))
+    if staged:
+        model.weight_offloader = place_weights(model, device, method, plan)
+    return model.eval()
+
+
+def _instantiate(hf_config: object, dtype: torch.dtype, device: torch.device) -> nn.Module:
     model_cls = resolve_model_class(hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = model_cls(hf_config)
+            return model_cls(hf_config)
     finally:
         torch.set_default_dtype(previous)
-    load_weights(model, iterate_weights(path))
-    return model.eval()

@@ -20,13 +20,14 @@ class SamplingRow:
     unless a penalty needs them)."""
 
     params: SamplingParams
-    token_ids: list[int]  # prompt + output
+    token_ids: list[int]  # prompt + output known on the host
     num_prompt_tokens: int
     seed: int | None  # per completion (seed + index for n > 1)
+    num_pending: int = 0  # sampled earlier, still on the device
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) + self.num_pending - self.num_prompt_tokens
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -115,6 +116,14 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        sampled, raw_logprobs = self.sample(logits, rows)
+        token_ids = sampled.tolist()  # the step's one device-to-host copy of sampled ids
+        return SamplerOutput(token_ids, self._logprobs(raw_logprobs, rows, sampled, token_ids))
+
+    def sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sampled ids on the device (no host sync), and raw logprobs when any row asks."""
         logits = logits.float()  # [num_rows, vocab]
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
@@ -137,11 +146,12 @@ class Sampler:
             random_ids = (probs / q).argmax(dim=-1)
             is_greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
             sampled = torch.where(is_greedy, greedy_ids, random_ids)
-        token_ids = sampled.tolist()  # the step's one device-to-host copy of sampled ids
-        return SamplerOutput(token_ids, self._logprobs(raw_logprobs, rows, sampled))
+        return sampled, raw_logprobs
 
     @staticmethod
-    def _logprobs(raw: torch.Tensor | None, rows: list[SamplingRow], sampled: torch.Tensor):
+    def _logprobs(
+        raw: torch.Tensor | None, rows: list[SamplingRow], sampled: torch.Tensor, ids: list[int]
+    ):
         if raw is None:
             return [None] * len(rows)
         n_max = max(r.params.logprobs or 0 for r in rows)
@@ -155,5 +165,6 @@ class Sampler:
                 out.append(None)
                 continue
             top = dict(zip(top_ids[i][:n], top_vals[i][:n], strict=True))
+            top[ids[i]] = chosen[i]  # the sampled token is always listed (as in vLLM)
             out.append((chosen[i], top))
         return out

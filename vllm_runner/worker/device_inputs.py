@@ -18,10 +18,16 @@ _FIELDS = {  # name -> dtype
     "seq_lens": torch.int32,
     "query_start_loc": torch.int32,
     "logits_indices": torch.int64,
+    "patch_dst": torch.int64,
+    "patch_src": torch.int64,
 }
 
 
 class DeviceInputs:
+    """Two sets of pinned host buffers alternate between steps: while step N's copies may
+    still be queued on the GPU, step N + 1 stages into the other set (async scheduling
+    waits for step N - 1 before staging N + 1)."""
+
     def __init__(
         self, max_tokens: int, max_reqs: int, max_blocks: int, device: torch.device
     ) -> None:
@@ -34,15 +40,24 @@ class DeviceInputs:
             "seq_lens": max_reqs,
             "query_start_loc": max_reqs + 1,
             "logits_indices": max_reqs,
+            "patch_dst": max_reqs,
+            "patch_src": max_reqs,
         }
-        self.host = {
-            n: torch.zeros(sizes[n], dtype=d, pin_memory=self.pin) for n, d in _FIELDS.items()
-        }
-        self.host["block_tables"] = torch.zeros(
-            max_reqs, max_blocks, dtype=torch.int32, pin_memory=self.pin
-        )
+
+        def host_set() -> dict[str, torch.Tensor]:
+            bufs = {
+                n: torch.zeros(sizes[n], dtype=d, pin_memory=self.pin) for n, d in _FIELDS.items()
+            }
+            bufs["block_tables"] = torch.zeros(
+                max_reqs, max_blocks, dtype=torch.int32, pin_memory=self.pin
+            )
+            return bufs
+
+        self.hosts = [host_set(), host_set()] if self.pin else [host_set()]
+        self.host = self.hosts[0]
         # On CPU the staging buffers are the inputs themselves.
         self.dev = {n: t.to(device) if self.pin else t for n, t in self.host.items()}
+        self._turn = 0
 
     def _put(self, name: str, array: np.ndarray, pad_to: int = 0, fill: int = 0) -> torch.Tensor:
         """Stage ``array`` (padded to ``pad_to`` rows with ``fill``) and copy it to the device."""
@@ -59,13 +74,25 @@ class DeviceInputs:
         return dev[:rows]
 
     def load(
-        self, inputs: StepInputs, pad_reqs: int = 0
+        self,
+        inputs: StepInputs,
+        pad_reqs: int = 0,
+        prev_sampled: torch.Tensor | None = None,
+        prev_rows: dict[str, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Device views of this step's inputs. With ``pad_reqs`` (decode graphs), every
-        per-token and per-request array is padded to that many rows."""
-        num_reqs = len(inputs.seq_lens)
+        per-token and per-request array is padded to that many rows. Input tokens still on
+        the device (``inputs.missing``) are copied from ``prev_sampled`` there."""
+        self.host = self.hosts[self._turn]
+        self._turn = (self._turn + 1) % len(self.hosts)
         qsl = inputs.query_start_loc
         input_ids = self._put("input_ids", inputs.input_ids, pad_reqs)
+        if inputs.missing:
+            dst = np.fromiter((i for i, _ in inputs.missing), np.int64, len(inputs.missing))
+            src = np.fromiter((prev_rows[r] for _, r in inputs.missing), np.int64, len(dst))
+            input_ids.index_copy_(
+                0, self._put("patch_dst", dst), prev_sampled[self._put("patch_src", src)]
+            )
         positions = self._put("positions", inputs.positions, pad_reqs)
         md = AttentionMetadata(
             slot_mapping=self._put("slot_mapping", inputs.slot_mapping, pad_reqs, fill=-1),
@@ -78,5 +105,4 @@ class DeviceInputs:
             max_seq_len=inputs.max_seq_len,
         )
         logits_indices = self._put("logits_indices", inputs.logits_indices)
-        assert num_reqs <= self.host["seq_lens"].shape[0]
         return input_ids, positions, md, logits_indices

@@ -17,6 +17,7 @@ class CachedRequestState:
     block_ids: list[int]
     seed: int | None
     num_computed_tokens: int = 0
+    num_pending: int = 0  # sampled on the device, not yet appended to token_ids
     prompt_logprobs: list[float | None] = field(default_factory=list)
 
 
@@ -33,6 +34,8 @@ class StepInputs:
     query_start_loc: np.ndarray  # [num_reqs + 1] int32
     logits_indices: np.ndarray  # [num_sampled] int64: last token of each sampling request
     sampling_ids: list[str]  # requests that sample this step, in logits order
+    # Tokens whose value is still on the device (sampled last step): flat index -> request.
+    missing: list[tuple[int, str]]
     max_query_len: int
     max_seq_len: int
 
@@ -84,14 +87,22 @@ class InputBatch:
         max_blocks = int((seq_lens.max() + bs - 1) // bs) if num_reqs else 0
         block_tables = np.zeros((num_reqs, max_blocks), np.int32)
         input_ids = np.empty(total, np.int64)
-        sampling_ids, sampled_rows = [], []
+        sampling_ids, sampled_rows, missing = [], [], []
         for i, request_id in enumerate(request_ids):
             state = self.states[request_id]
             blocks = state.block_ids
             block_tables[i, : len(blocks)] = blocks[:max_blocks]
             lo, hi = int(starts[i]), int(seq_lens[i])
-            input_ids[query_start_loc[i] : query_start_loc[i + 1]] = state.token_ids[lo:hi]
-            if hi == len(state.token_ids):
+            q0 = int(query_start_loc[i])
+            known = len(state.token_ids)
+            if hi > known:  # the last input token was sampled last step, still on the device
+                missing.append((q0 + known - lo, request_id))
+                input_ids[q0 + known - lo] = 0
+                hi_known = known
+            else:
+                hi_known = hi
+            input_ids[q0 : q0 + hi_known - lo] = state.token_ids[lo:hi_known]
+            if hi == known + state.num_pending:
                 sampling_ids.append(request_id)
                 sampled_rows.append(i)
         slot_mapping = (
@@ -108,6 +119,7 @@ class InputBatch:
             query_start_loc,
             logits_indices,
             sampling_ids,
+            missing,
             int(counts.max()) if num_reqs else 0,
             int(seq_lens.max()) if num_reqs else 0,
         )

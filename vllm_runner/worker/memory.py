@@ -1,5 +1,7 @@
 """Size the KV cache from the memory left after the model, with clear errors."""
 
+import math
+
 import torch
 
 GiB = 1 << 30
@@ -35,7 +37,51 @@ def num_blocks_for_gpu(
         raise ValueError(
             f"no room for the KV cache: gpu_memory_utilization={utilization} of "
             f"{total / GiB:.1f} GiB leaves {budget / GiB:.2f} GiB after the model's peak of "
-            f"{peak_bytes / GiB:.2f} GiB; raise gpu_memory_utilization, lower max_model_len / "
-            "max_num_batched_tokens, or use cpu_offload_gb / quantization"
+            f"{peak_bytes / GiB:.2f} GiB, {block_bytes - budget} bytes short of one KV block; "
+            "raise gpu_memory_utilization, lower max_model_len / max_num_batched_tokens, or "
+            "use cpu_offload_gb / quantization"
         )
     return num
+
+
+def weights_fit_error(
+    resident_bytes: int,
+    budget_bytes: int,
+    *,
+    utilization: float,
+    total_bytes: int,
+    offloaded_bytes: int,
+    layer_bytes: int,
+    quantize_saves_bytes: int,
+) -> str | None:
+    """The start-up error when the device-resident weights exceed the budget, else None.
+
+    ``layer_bytes``: one decoder layer's linear weights as stored (the offload granularity);
+    ``quantize_saves_bytes``: what int8 / fp8 linear weights would save (0 once quantized).
+    """
+    if resident_bytes <= budget_bytes:
+        return None
+    missing = resident_bytes - budget_bytes
+    # Two layers of working buffers stay on the device whenever anything is offloaded.
+    offload_gib = math.ceil((offloaded_bytes + missing + 2 * layer_bytes) / GiB * 10) / 10
+    fixes = [f"cpu_offload_gb={offload_gib:g} or more (whole layers stream from host memory)"]
+    if quantize_saves_bytes:
+        fixes.append(
+            f"quantization='int8' or 'fp8' (saves {quantize_saves_bytes / GiB:.2f} GiB of "
+            "linear weights)"
+        )
+    fixes.append(f"a higher gpu_memory_utilization (now {utilization})")
+    return (
+        f"the model does not fit: its device-resident weights take {resident_bytes} bytes "
+        f"({resident_bytes / GiB:.2f} GiB), but gpu_memory_utilization={utilization} of "
+        f"{total_bytes / GiB:.1f} GiB leaves {max(budget_bytes, 0) / GiB:.2f} GiB: {missing} "
+        f"bytes ({missing / GiB:.2f} GiB) missing before activations and the KV cache "
+        f"(whose size max_model_len sets). Fix: {'; or '.join(fixes)}"
+    )
+
+
+def weight_budget(device: torch.device, utilization: float) -> tuple[int, int]:
+    """(bytes weights may take under ``utilization``, total device bytes)."""
+    free, total = torch.cuda.mem_get_info(device)
+    used_by_others = total - free - torch.cuda.memory_reserved(device)
+    return int(total * utilization) - max(used_by_others, 0), total

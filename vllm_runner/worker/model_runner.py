@@ -2,6 +2,7 @@
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -14,8 +15,22 @@ from vllm_runner.worker import memory
 from vllm_runner.worker.cuda_graphs import DecodeGraphs
 from vllm_runner.worker.device_inputs import DeviceInputs
 from vllm_runner.worker.input_batch import InputBatch, StepInputs
+from vllm_runner.worker.offload import weight_bytes
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepHandle:
+    """A launched step: its sampled ids arrive in ``host`` once ``event`` completes."""
+
+    result: ModelRunnerOutput
+    sampling_ids: list[str]
+    token_ids: list[int] | None = None
+    logprobs: list | None = None
+    overlapped: bool = False
+    host: torch.Tensor | None = None
+    event: torch.cuda.Event | None = None  # None on CPU, where the copy is synchronous
 
 
 class ModelRunner:
@@ -34,8 +49,15 @@ class ModelRunner:
         torch.manual_seed(model_config.seed)
         start = time.perf_counter()
         self.model = build_model(
-            model_config.path, model_config.hf_config, model_config.dtype, self.device
+            model_config.path,
+            model_config.hf_config,
+            model_config.dtype,
+            self.device,
+            quantization=model_config.quantization,
+            cpu_offload_gb=cache_config.cpu_offload_gb,
+            gpu_memory_utilization=cache_config.gpu_memory_utilization,
         )
+        self.weight_bytes = weight_bytes(self.model)  # stats(): resident / offloaded bytes
         self.load_seconds = time.perf_counter() - start
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.batch = InputBatch(cache_config.block_size)
@@ -48,8 +70,18 @@ class ModelRunner:
             self.device,
         )
         self.num_blocks = self._allocate_kv_cache()
+        # Last overlapped launch's sampled ids (device) and their rows by request id.
+        self._prev: tuple[torch.Tensor | None, dict[str, int] | None] = (None, None)
+        self._sampled_turn = 0
+        max_seqs = scheduler_config.max_num_seqs
+        pin = self.device.type == "cuda"
+        self._sampled_host = [
+            torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)
+        ]
         self.graphs = None
-        if self.device.type == "cuda" and not model_config.enforce_eager:
+        # NOTE: offloaded layers stream weights from forward hooks: no graphs (logged there).
+        offloading = getattr(self.model, "weight_offloader", None) is not None
+        if self.device.type == "cuda" and not model_config.enforce_eager and not offloading:
             self.graphs = DecodeGraphs(
                 self.model, self.buffers, scheduler_config.max_num_seqs, model_config.max_model_len
             )
@@ -121,33 +153,76 @@ class ModelRunner:
         return peak
 
     # ---- one step --------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """One step, synchronously."""
+        return self.wait(self.launch(sched, overlap=False))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, overlap: bool) -> StepHandle:
+        """Queue a step's work on the device. With ``overlap``, the sampled ids are copied
+        to the host asynchronously and ``wait`` reads them later; input tokens sampled by
+        the previous launch are taken from the device, so the host never waits between."""
         self.batch.update(sched)
+        handle = StepHandle(ModelRunnerOutput({}), [])
         if sched.is_empty:
-            return ModelRunnerOutput({})
+            return handle
         inputs = self.batch.prepare(sched)
-        result = ModelRunnerOutput({})
         graph_size = self._graph_size(inputs)
+        prev_sampled, prev_rows = self._prev
         if graph_size is not None:
-            *_, logits_indices = self.buffers.load(inputs, pad_reqs=graph_size)
+            *_, logits_indices = self.buffers.load(inputs, graph_size, prev_sampled, prev_rows)
             logits = self.graphs.replay(graph_size, len(inputs.request_ids))[logits_indices]
         else:
-            input_ids, positions, md, logits_indices = self.buffers.load(inputs)
+            input_ids, positions, md, logits_indices = self.buffers.load(
+                inputs, 0, prev_sampled, prev_rows
+            )
             with forward_context(md):
                 hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
-            self._prompt_logprobs(inputs, hidden, result)
+            self._prompt_logprobs(inputs, hidden, handle.result)
             logits = self.model.compute_logits(hidden[logits_indices])
-        if inputs.sampling_ids:
-            rows = [self._sampling_row(r) for r in inputs.sampling_ids]
+        handle.sampling_ids = inputs.sampling_ids
+        if not inputs.sampling_ids:
+            return handle
+        states = self.batch.states
+        rows = [self._sampling_row(r) for r in inputs.sampling_ids]
+        if not overlap:
             out = self.sampler(logits, rows)
-            for request_id, token, lp in zip(
-                inputs.sampling_ids, out.token_ids, out.logprobs, strict=True
-            ):
-                result.sampled[request_id] = token
-                self.batch.states[request_id].token_ids.append(token)
-                if lp is not None:
-                    result.logprobs[request_id] = lp
+            handle.token_ids, handle.logprobs = out.token_ids, out.logprobs
+            return handle
+        sampled, _ = self.sampler.sample(logits, rows)
+        for request_id in inputs.sampling_ids:
+            states[request_id].num_pending += 1
+        n = len(inputs.sampling_ids)
+        self._sampled_turn ^= 1
+        host = self._sampled_host[self._sampled_turn][:n]
+        host.copy_(sampled, non_blocking=True)
+        handle.overlapped, handle.host = True, host
+        if self.device.type == "cuda":
+            handle.event = torch.cuda.Event()
+            handle.event.record()
+        self._prev = (sampled, {r: i for i, r in enumerate(inputs.sampling_ids)})
+        return handle
+
+    def wait(self, handle: StepHandle) -> ModelRunnerOutput:
+        """The step's results on the host; appends sampled tokens to the runner's state."""
+        result = handle.result
+        if handle.overlapped:
+            if handle.event is not None:
+                handle.event.synchronize()
+            handle.token_ids = handle.host.tolist()
+        states = self.batch.states
+        for i, request_id in enumerate(handle.sampling_ids):
+            token = handle.token_ids[i]
+            result.sampled[request_id] = token
+            state = states.get(request_id)
+            if state is not None:  # gone if finished or preempted since the launch
+                state.token_ids.append(token)
+                if handle.overlapped:
+                    state.num_pending -= 1
+            if handle.logprobs and handle.logprobs[i] is not None:
+                result.logprobs[request_id] = handle.logprobs[i]
+        if not handle.overlapped:
+            self._prev = (None, None)
         return result
 
     def _graph_size(self, inputs: StepInputs) -> int | None:
@@ -161,7 +236,7 @@ class ModelRunner:
 
     def _sampling_row(self, request_id: str) -> SamplingRow:
         s = self.batch.states[request_id]
-        return SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.seed)
+        return SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.seed, s.num_pending)
 
     def _prompt_logprobs(
         self, inputs: StepInputs, hidden: torch.Tensor, result: ModelRunnerOutput
