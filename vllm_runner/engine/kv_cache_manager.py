@@ -56,7 +56,15 @@ class KVCacheManager:
         """Make room for ``num_new_tokens`` more tokens after the computed ones. Returns the
         ids of the blocks added (cache hits first), or None (changing nothing) when the pool
         is short."""
-        blocks = self.req_blocks.setdefault(request.request_id, [])
+        blocks = self.req_blocks.get(request.request_id)
+        if blocks and not new_computed_blocks:  # fast path: a decode step in its last block
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(blocks) * self.block_size:
+                if self.enable_caching:
+                    self._cache_full_blocks(request, blocks, total)
+                return []
+        if blocks is None:
+            blocks = self.req_blocks[request.request_id] = []
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         need = -(-total // self.block_size) - len(blocks) - len(new_computed_blocks)
@@ -83,7 +91,7 @@ class KVCacheManager:
         num_full = min(num_tokens, request.num_tokens) // self.block_size
         start = self.num_cached_blocks.get(request.request_id, 0)
         if num_full <= start:
-            return
+            return  # nothing newly full: the common decode step
         self._extend_hashes(request, num_full * self.block_size)
         for i in range(start, num_full):
             self.pool.cache_block(blocks[i], request.block_hashes[i])
