@@ -12,6 +12,8 @@ for step in "$@"; do
     tests) python -m pytest tests/model tests/kernels -m gpu -q -x -p no:cacheprovider \
              2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     profile-1b) python benchmarks/profile_engine.py --model 1b --out "$OUT/profile_1b.txt" 2>&1 | tail -40 ;;
+    profile-8b) python benchmarks/profile_engine.py --model 8b --torch-profile \
+             --out "$OUT/profile_8b.txt" 2>&1 | tail -45 ;;
     kernels) python benchmarks/kernels.py --check --quick --out "$OUT/kernels.md" 2>&1 | tail -40 ;;
     w1-1b) python benchmarks/throughput.py --device cuda --models 1b --systems engine \
              --out "$OUT/w1_1b_engine.json" 2>&1 | tail -25 ;;
