@@ -17,21 +17,46 @@ def paged_attention(
     scale: float,
     max_query_len: int,
     max_seq_len: int | None = None,
+    num_decode_rows: int = 0,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Same semantics as ``kernels.reference.paged_attention``; ``max_query_len`` is a host int.
 
     With ``max_query_len == 1`` every request has exactly one query (``num_tokens == num_reqs``)
     and the GQA / split-K decode kernel runs; ``max_seq_len`` (host int, optional) only tunes
-    its split count. Otherwise the tiled varlen prefill kernel runs.
+    its split count. Otherwise the tiled varlen prefill kernel runs, except for the first
+    ``num_decode_rows`` requests (host int), known to have one query each: those go through
+    the decode kernel, which reads each KV block once per GQA group instead of once per head.
     """
+    num_reqs = seq_lens.shape[0]
     if max_query_len == 1:
-        assert query.shape[0] == seq_lens.shape[0], (
-            f"decode needs one query per request: {query.shape[0]} tokens, "
-            f"{seq_lens.shape[0]} requests"
+        assert query.shape[0] == num_reqs, (
+            f"decode needs one query per request: {query.shape[0]} tokens, {num_reqs} requests"
         )
         return paged_attention_decode(
             query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len
         )
-    return prefill_attention(
-        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale
+    d = num_decode_rows
+    if d == 0:
+        return prefill_attention(
+            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale
+        )
+    out = torch.empty_like(query)
+    out[:d] = paged_attention_decode(
+        query[:d],
+        k_cache,
+        v_cache,
+        block_tables[:d],
+        seq_lens[:d],
+        scale,
+        max_seq_len=max_seq_len,
     )
+    out[d:] = prefill_attention(
+        query[d:],
+        k_cache,
+        v_cache,
+        block_tables[d:],
+        seq_lens[d:],
+        query_start_loc[d:] - d,
+        scale,
+    )
+    return out

@@ -105,6 +105,12 @@ def rms_norm(
     return (xf.to(x.dtype) * weight), residual
 
 
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * d] -> [num_tokens, d]
+    """SiLU of the first half times the second half (the gated MLP's activation)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def rotary_embedding(
     positions: torch.Tensor,  # [num_tokens] int64
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
@@ -123,3 +129,46 @@ def rotary_embedding(
         return torch.cat((out, x_pass), dim=-1)
 
     return rotate(query), rotate(key)
+
+
+def w8a16_linear(
+    x: torch.Tensor,  # [..., K] fp32 / fp16 / bf16
+    qweight: torch.Tensor,  # [N, K] int8
+    scale: torch.Tensor,  # [N] fp32, per output channel
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [..., N] in x.dtype
+    """Weight-only int8 linear: ``(x @ qweight.T) * scale + bias`` accumulated in fp32, the
+    scale applied to the accumulator (as the Triton kernel does), rounded once to x.dtype."""
+    acc = F.linear(x.float(), qweight.float())  # [..., N] fp32
+    acc = acc * scale
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(x.dtype)
+
+
+def fp8_quantize_rows(
+    x: torch.Tensor,  # [..., K] float
+) -> tuple[torch.Tensor, torch.Tensor]:  # (float8_e4m3fn [..., K], fp32 scale [...])
+    """Symmetric per-row e4m3 quantization along the last dim: ``x ~ q * scale[..., None]``
+    with ``scale = max(amax(|row|) / 448, 1e-12)`` (a row: a token or an output channel)."""
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1) / fp8_max).clamp(min=1e-12)
+    q = (xf / scale[..., None]).clamp(-fp8_max, fp8_max).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def w8a8_fp8_linear(
+    x: torch.Tensor,  # [M, K] float
+    qweight: torch.Tensor,  # [N, K] float8_e4m3fn
+    w_scale: torch.Tensor,  # [N] fp32
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [M, N] in x.dtype
+    """fp8 W8A8 linear emulated in fp32: activations quantized per token, then both sides
+    dequantized exactly and multiplied (what ``torch._scaled_mm`` with row-wise scales
+    computes, up to accumulation order)."""
+    xq, x_scale = fp8_quantize_rows(x)
+    acc = (xq.float() * x_scale[:, None]) @ (qweight.float() * w_scale[:, None]).T
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(x.dtype)

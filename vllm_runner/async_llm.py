@@ -21,7 +21,12 @@ logger = logging.getLogger(__name__)
 
 
 class RequestError(RuntimeError):
-    """The engine failed this request (other requests are unaffected)."""
+    """The engine failed this request (other requests are unaffected). From `generate`,
+    `results` holds every prompt's RequestOutput or RequestError, in prompt order."""
+
+    def __init__(self, message: str, results: list | None = None) -> None:
+        super().__init__(message)
+        self.results = results
 
 
 class AsyncLLM:
@@ -77,11 +82,19 @@ class AsyncLLM:
         prompts, params = normalize_batch(prompts, sampling_params)
         for prompt, p in zip(prompts, params, strict=True):  # validate all before adding any
             self.validate(prompt, p)
-        return list(
-            await asyncio.gather(
-                *(self._collect(prompt, p) for prompt, p in zip(prompts, params, strict=True))
-            )
+        results = await asyncio.gather(
+            *(self._collect(prompt, p) for prompt, p in zip(prompts, params, strict=True)),
+            return_exceptions=True,
         )
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, RequestError):
+                raise r
+        failed = [r for r in results if isinstance(r, RequestError)]
+        if failed:
+            # NOTE: raised once every request has ended, with all the results, so that a
+            # caller serving many clients in one call can fail only the failed ones.
+            raise RequestError(str(failed[0]), results)
+        return results
 
     async def _collect(self, prompt: Prompt, params: SamplingParams) -> RequestOutput:
         async for item in self._run(prompt, params, None):

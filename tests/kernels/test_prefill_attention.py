@@ -92,6 +92,19 @@ def test_dispatcher_decode_and_prefill_agree(device: torch.device, dtype: torch.
     assert_close(prefill, expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dispatcher_splits_leading_decode_rows(device: torch.device, dtype: torch.dtype) -> None:
+    """A mixed batch whose first rows are decodes: those go through the decode kernel, the
+    rest through the prefill kernel, and the result matches the reference."""
+    q_lens, seq_lens = [1, 1, 1, 19, 40], [17, 50, 3, 50, 40]
+    k_cache, v_cache, block_tables = make_paged_kv(seq_lens, 2, 64, 16, dtype, device)
+    query = torch.randn(sum(q_lens), 6, 64, device=device).to(dtype)
+    lens, qsl = int32(seq_lens, device), query_start_loc(q_lens, device)
+    args = (query, k_cache, v_cache, block_tables, lens, qsl, 0.125)
+    out = paged_attention(*args, max_query_len=40, num_decode_rows=3)
+    assert_close(out, ref_attention(*args), dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_prefill_real_sizes(device: torch.device, head_dim: int) -> None:

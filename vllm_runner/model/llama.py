@@ -1,9 +1,9 @@
 """Llama family (Llama 2/3, SmolLM2, Mistral) with HF parameter names."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels import reference
 from vllm_runner.model.layers.attention import Attention
 from vllm_runner.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm_runner.model.layers.linear import (
@@ -50,8 +50,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate, hidden, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+        if gate_up.is_cuda:
+            from kernels.activation import silu_and_mul
+        else:
+            silu_and_mul = reference.silu_and_mul
+        return self.down_proj(silu_and_mul(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):

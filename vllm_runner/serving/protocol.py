@@ -64,9 +64,10 @@ class CompleteRequest(SamplingFields):
 
 class CompleteResult(BaseModel):
     text: str
-    finish_reason: str | None
+    finish_reason: str | None  # "error" when the engine failed this item
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None  # what failed (the other items of the batch are unaffected)
 
 
 class ScoreRequest(BaseModel):

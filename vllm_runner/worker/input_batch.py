@@ -38,6 +38,7 @@ class StepInputs:
     missing: list[tuple[int, str]]
     max_query_len: int
     max_seq_len: int
+    num_decode_rows: int  # leading requests with exactly one query token
 
 
 class InputBatch:
@@ -122,4 +123,5 @@ class InputBatch:
             missing,
             int(counts.max()) if num_reqs else 0,
             int(seq_lens.max()) if num_reqs else 0,
+            int(np.argmax(counts != 1)) if (counts != 1).any() else num_reqs,
         )

@@ -21,6 +21,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_reqs + 1] int32
     max_query_len: int
     max_seq_len: int
+    num_decode_rows: int = 0  # leading requests with one query each (CUDA kernel choice)
 
 
 _metadata: AttentionMetadata | None = None
@@ -62,6 +63,8 @@ class Attention(nn.Module):
                 md.query_start_loc,
                 self.scale,
                 md.max_query_len,
+                md.max_seq_len,
+                md.num_decode_rows,
             )
         else:
             reference.write_kv_cache(k, v, self.k_cache, self.v_cache, md.slot_mapping)

@@ -106,6 +106,10 @@ class Fp8W8A8(QuantMethod):
 
     name = "fp8"
     weight_dtype = FP8_DTYPE
+    # Steps of at most this many tokens skip activation quantization and run the fp8 weights
+    # through the W8A16 Triton kernel (widened in registers); 0 = always W8A8 _scaled_mm.
+    # NOTE: a decode-latency knob for benchmarks/quant_offload.py to measure, off by default.
+    weight_only_max_tokens = 0
 
     def supports(self, layer: LinearBase) -> bool:
         # NOTE: torch._scaled_mm needs K and N divisible by 16.
@@ -116,6 +120,10 @@ class Fp8W8A8(QuantMethod):
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+        if x.is_cuda and x2.shape[0] <= self.weight_only_max_tokens:
+            from kernels.quant_matmul import w8a16_matmul
+
+            return w8a16_matmul(x, layer.weight, layer.weight_scale, bias)
         if x.is_cuda:
             from kernels.quant_matmul import fp8_quantize_rows
 

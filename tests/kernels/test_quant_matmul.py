@@ -1,0 +1,115 @@
+"""W8A16 int8 matmul kernel and fp8 per-token quantization kernel vs their torch references."""
+
+import pytest
+import torch
+from kernel_testing import DTYPE_IDS, DTYPES
+
+from kernels import reference
+from kernels.quant_matmul import W8A16Config, fp8_quantize_rows, w8a16_matmul
+from vllm_runner.model.layers.quant import quantize_int8
+
+# The kernel and the reference both accumulate in fp32 and round once; what differs is the
+# summation order (and tf32-free bf16/fp16 products on tensor cores), so the output dtype's
+# rounding dominates.
+TOL = {
+    torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+    torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+    torch.bfloat16: {"atol": 1.6e-2, "rtol": 1.6e-2},
+}
+
+
+def make_int8(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.randn(n, k, device=device) * 0.05
+    return quantize_int8(w)
+
+
+def check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias, config=None) -> None:
+    out = w8a16_matmul(x, q, scale, bias, config)
+    ref = reference.w8a16_linear(x, q, scale, bias)
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    assert not out.isnan().any(), "kernel left unwritten elements"
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[x.dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("m,n,k", [(1, 96, 160), (5, 64, 64), (37, 80, 200)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_w8a16_matches_reference(
+    device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, with_bias: bool
+) -> None:
+    q, scale = make_int8(n, k, device)
+    x = torch.randn(m, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype) if with_bias else None
+    check(x, q, scale, bias)
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_w8a16_split_k_and_ragged_tiles(device: torch.device, split_k: int) -> None:
+    """K not a multiple of the K tile, N and M not multiples of theirs, K split unevenly."""
+    q, scale = make_int8(72, 300, device)
+    x = torch.randn(19, 300, device=device)
+    bias = torch.randn(72, device=device)
+    check(x, q, scale, bias, W8A16Config(16, 32, 64, split_k=split_k, num_stages=1))
+
+
+def test_w8a16_strided_3d_input_and_empty(device: torch.device) -> None:
+    q, scale = make_int8(48, 64, device)
+    base = torch.randn(2, 3, 128, device=device)
+    x = base[..., :64]  # row stride 128
+    out = w8a16_matmul(x, q, scale)
+    assert out.shape == (2, 3, 48)
+    torch.testing.assert_close(out, reference.w8a16_linear(x, q, scale), **TOL[torch.float32])
+    empty = w8a16_matmul(torch.randn(0, 64, device=device), q, scale)
+    assert empty.shape == (0, 48)
+
+
+def test_w8a16_rejects_bad_inputs(device: torch.device) -> None:
+    q, scale = make_int8(16, 32, device)
+    with pytest.raises(AssertionError, match="qweight"):
+        w8a16_matmul(torch.randn(2, 32, device=device), q.float(), scale)
+    with pytest.raises(AssertionError, match="x"):
+        w8a16_matmul(torch.randn(2, 31, device=device), q, scale)
+    with pytest.raises(AssertionError, match="scale"):
+        w8a16_matmul(torch.randn(2, 32, device=device), q, scale.half())
+
+
+def test_w8a16_close_to_float_matmul(device: torch.device) -> None:
+    """End to end: the int8 product stays within the quantization error of the float one
+    (per-channel int8 on Gaussian weights: ~1% relative error of the output)."""
+    w = torch.randn(64, 256, device=device) * 0.05
+    x = torch.randn(8, 256, device=device)
+    q, scale = quantize_int8(w)
+    out = w8a16_matmul(x, q, scale)
+    exact = x @ w.T
+    rel = (out - exact).norm() / exact.norm()
+    assert rel < 0.02, f"relative error {rel:.4f}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 100, 512])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_w8a16_llama8b_shapes(device: torch.device, m: int, n: int, k: int) -> None:
+    q, scale = make_int8(n, k, device)
+    x = torch.randn(m, k, device=device).bfloat16()
+    out = w8a16_matmul(x, q, scale)
+    ref = reference.w8a16_linear(x, q, scale)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=1.6e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("m,k", [(1, 4096), (7, 576), (300, 14336)])
+def test_fp8_quantize_rows_matches_reference(device: torch.device, dtype, m: int, k: int) -> None:
+    x = (torch.randn(m, k, device=device) * 3).to(dtype)
+    x[0, :7] = 0.0
+    if m > 1:
+        x[1] = 0.0  # an all-zero token (padding) must not divide by zero
+    q, scale = fp8_quantize_rows(x)
+    ref_q, ref_scale = reference.fp8_quantize_rows(x)
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
+    # NOTE: a division result on a rounding boundary may round either way: allow one fp8 step
+    # (1/8 relative in e4m3) on a tiny fraction of elements.
+    diff = (q.float() - ref_q.float()).abs()
+    step = ref_q.float().abs().clamp(min=2**-6) / 8
+    assert (diff <= step).all()
+    assert (diff > 0).float().mean() < 1e-3
