@@ -10,7 +10,8 @@ for step in "$@"; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
     tests) python -m pytest tests/model tests/kernels -m gpu -q -x -p no:cacheprovider \
-             2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+             2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+           [ "${PIPESTATUS[0]}" = 0 ] || { echo "GPU tests failed: stopping"; exit 1; } ;;
     profile-1b) python benchmarks/profile_engine.py --model 1b --out "$OUT/profile_1b.txt" 2>&1 | tail -40 ;;
     profile-8b) python benchmarks/profile_engine.py --model 8b --torch-profile \
              --out "$OUT/profile_8b.txt" 2>&1 | tail -45 ;;
@@ -19,9 +20,9 @@ for step in "$@"; do
              --out "$OUT/w1_1b_engine.json" 2>&1 | tail -25 ;;
     w1-8b) python benchmarks/throughput.py --device cuda --models 8b --systems engine \
              --out "$OUT/w1_8b_engine.json" 2>&1 | tail -25 ;;
-    peers-1b) python benchmarks/throughput.py --device cuda --models 1b \
+    peers-1b) python benchmarks/throughput.py --device cuda --models 1b --systems hf,hf_cb,engine \
              --out "$OUT/w1_1b_all.json" 2>&1 | tail -25 ;;
-    peers-8b) python benchmarks/throughput.py --device cuda --models 8b \
+    peers-8b) python benchmarks/throughput.py --device cuda --models 8b --systems hf,hf_cb,engine \
              --out "$OUT/w1_8b_all.json" 2>&1 | tail -25 ;;
   esac
 done
