@@ -32,6 +32,8 @@ def num_blocks_for_gpu(
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = total - free - torch.cuda.memory_reserved(device)
     budget = int(total * utilization) - peak_bytes - max(used_by_others, 0)
+    # Never more than is free now (other engines in this process count here), less a margin.
+    budget = min(budget, free - (512 << 20))
     num = budget // block_bytes
     if num < 1:
         raise ValueError(

@@ -47,6 +47,10 @@ class ModelRunner:
         self.scheduler_config = scheduler_config
         self.device = model_config.device
         torch.manual_seed(model_config.seed)
+        # Device memory other engines in this process hold; not this engine's to count.
+        self._baseline_bytes = (
+            torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        )
         start = time.perf_counter()
         self.model = build_model(
             model_config.path,
@@ -146,7 +150,7 @@ class ModelRunner:
             hidden = self.model(ids, positions)
             self.model.compute_logits(hidden[-self.scheduler_config.max_num_seqs :])
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - self._baseline_bytes
         for layer in self.attn_layers:
             layer.k_cache = layer.v_cache = torch.empty(0)
         torch.cuda.empty_cache()
