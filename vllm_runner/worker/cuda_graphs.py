@@ -21,7 +21,10 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     """Graphs read their inputs from ``DeviceInputs``' static buffers and write logits into
-    a static output, so a replay is: stage inputs, replay, read ``logits[:num_reqs]``."""
+    a static output, so a replay is: stage inputs, replay, read ``logits[:num_reqs]``.
+
+    Without ``capture()`` (``enforce_eager``) the same padded calls run eagerly, so graph and
+    eager decoding launch identical kernels on identical shapes."""
 
     def __init__(
         self, model: nn.Module, buffers: DeviceInputs, max_num_seqs: int, max_model_len: int
@@ -80,6 +83,9 @@ class DecodeGraphs:
             self.capture_seconds,
         )
 
-    def replay(self, size: int, num_reqs: int) -> torch.Tensor:
-        self.graphs[size].replay()
+    def run(self, size: int, num_reqs: int) -> torch.Tensor:
+        graph = self.graphs.get(size)
+        if graph is None:
+            return self._static_call(size)[:num_reqs]
+        graph.replay()
         return self.logits[size][:num_reqs]

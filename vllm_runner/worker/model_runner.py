@@ -83,13 +83,14 @@ class ModelRunner:
             torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)
         ]
         self.graphs = None
-        # NOTE: offloaded layers stream weights from forward hooks: no graphs (logged there).
-        offloading = getattr(self.model, "weight_offloader", None) is not None
-        if self.device.type == "cuda" and not model_config.enforce_eager and not offloading:
+        if self.device.type == "cuda":
             self.graphs = DecodeGraphs(
                 self.model, self.buffers, scheduler_config.max_num_seqs, model_config.max_model_len
             )
-            self.graphs.capture()
+            # NOTE: offloaded layers stream weights from forward hooks: no graphs (logged there).
+            offloading = getattr(self.model, "weight_offloader", None) is not None
+            if not model_config.enforce_eager and not offloading:
+                self.graphs.capture()
 
     # ---- KV cache --------------------------------------------------------------------------
     def _allocate_kv_cache(self) -> int:
@@ -175,7 +176,7 @@ class ModelRunner:
         prev_sampled, prev_rows = self._prev
         if graph_size is not None:
             *_, logits_indices = self.buffers.load(inputs, graph_size, prev_sampled, prev_rows)
-            logits = self.graphs.replay(graph_size, len(inputs.request_ids))[logits_indices]
+            logits = self.graphs.run(graph_size, len(inputs.request_ids))[logits_indices]
         else:
             input_ids, positions, md, logits_indices = self.buffers.load(
                 inputs, 0, prev_sampled, prev_rows
