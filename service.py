@@ -20,7 +20,7 @@ import bentoml
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
 from pydantic import PrivateAttr, model_validator
 
-from vllm_runner import AsyncLLM, SamplingParams
+from vllm_runner import AsyncLLM, RequestError, SamplingParams
 from vllm_runner.serving.auth import ApiKeyMiddleware
 from vllm_runner.serving.openai_api import EngineNotReady, create_openai_app
 from vllm_runner.serving.protocol import (
@@ -80,6 +80,23 @@ def score_ids(engine: AsyncLLM, item: ScoreRequest) -> tuple[list[int], int]:
     if not cont:
         raise ValueError("continuation has no tokens")
     return engine.validate(prompt + list(cont), score_params()), len(cont)
+
+
+def complete_result(out: Any, prompt_ids: list[int]) -> CompleteResult:
+    if isinstance(out, RequestError):
+        return CompleteResult(
+            text="",
+            finish_reason="error",
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=0,
+            error=str(out),
+        )
+    return CompleteResult(
+        text=out.text,
+        finish_reason=out.finish_reason,
+        prompt_tokens=len(out.prompt_token_ids),
+        completion_tokens=len(out.token_ids),
+    )
 
 
 class GenerateInput(GenerateRequest):
@@ -181,14 +198,26 @@ class LLMService:
         return self.engine
 
     @bentoml.api
-    async def generate(self, request: GenerateInput, /) -> AsyncGenerator[str, None]:
+    async def generate(
+        self, request: GenerateInput, /, ctx: bentoml.Context
+    ) -> AsyncGenerator[str, None]:
         """Generate from `prompt`, streaming the text as it is produced."""
         engine = self._engine()
         params = request.sampling_params()
         prompt = request._ids or request.prompt
-        async for out in stream_or_abort(engine, prompt, params, new_request_id("gen")):
-            if out.delta:
-                yield out.delta
+        started = False
+        try:
+            async for out in stream_or_abort(engine, prompt, params, new_request_id("gen")):
+                if out.delta:
+                    started = True
+                    yield out.delta
+        except RequestError as exc:
+            if started:  # headers are sent: BentoML logs it and ends the stream
+                raise
+            # NOTE: BentoML hides the message of a raised 5xx; before the first chunk the
+            # status is still ours to set, so the client learns what failed.
+            ctx.response.status_code = 500
+            yield f"error: {exc}"
 
     @bentoml.api(**_batching)
     async def complete(self, requests: list[CompleteInput]) -> list[CompleteResult]:
@@ -202,16 +231,13 @@ class LLMService:
             ]
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        outs = await engine.generate(ids, params)
-        return [
-            CompleteResult(
-                text=o.text,
-                finish_reason=o.finish_reason,
-                prompt_tokens=len(o.prompt_token_ids),
-                completion_tokens=len(o.token_ids),
-            )
-            for o in outs
-        ]
+        try:
+            outs = await engine.generate(ids, params)
+        except RequestError as exc:
+            if exc.results is None:
+                raise
+            outs = exc.results  # a failed item answers with its error, the others as usual
+        return [complete_result(o, prompt_ids) for o, prompt_ids in zip(outs, ids, strict=True)]
 
     @bentoml.api(**_batching)
     async def score(self, items: list[ScoreInput]) -> list[ScoreResult]:

@@ -105,7 +105,9 @@ def exponential_noise(
     for i, row in enumerate(rows):
         if row.seed is not None:
             g = torch.Generator(device=device)
-            g.manual_seed(row.seed * _SEED_STRIDE + row.num_output_tokens)
+            # NOTE: mod 2**64: torch takes [-2**63, 2**64) and maps a negative seed s to
+            # s + 2**64; any Python int seed is valid, and none changes meaning.
+            g.manual_seed((row.seed * _SEED_STRIDE + row.num_output_tokens) % 2**64)
             q[i].exponential_(generator=g)
     return q
 
