@@ -39,6 +39,8 @@ def _w8a16_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # every split is whole K tiles: no K masks
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: unmasked (vectorizable) weight loads
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -49,16 +51,20 @@ def _w8a16_kernel(
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
     k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_hi = k_lo + k_per_split if EVEN_K else tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + offs_k
-        k_mask = ks < k_hi
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # fmt: skip
+        x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (ks < k_hi)[None, :]
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=x_mask, other=0.0)
         # [BLOCK_K, BLOCK_N]: the weight tile read transposed, widened in registers
-        w = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & n_mask[None, :],
-                    other=0)  # fmt: skip
+        w_ptrs = w_cols + ks[:, None] * stride_wk
+        if EVEN_K and EVEN_N:
+            w = tl.load(w_ptrs)
+        elif EVEN_K:
+            w = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
+        else:
+            w = tl.load(w_ptrs, mask=(ks < k_hi)[:, None] & n_mask[None, :], other=0)
         # NOTE: via fp32 (exact for int8 and e4m3): Triton 3.9's interpreter casts int8 -> bf16
         # as raw bits.
         acc = tl.dot(x, w.to(tl.float32).to(x.dtype), acc, input_precision=DOT_PRECISION)
@@ -140,7 +146,8 @@ def w8a16_matmul(
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
         target.stride(0) if split > 1 else 0, target.stride(-2), target.stride(-1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype),
+        HAS_BIAS=bias is not None, EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
+        DOT_PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split > 1:

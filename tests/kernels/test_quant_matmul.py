@@ -52,6 +52,17 @@ def test_w8a16_split_k_and_ragged_tiles(device: torch.device, split_k: int) -> N
     check(x, q, scale, bias, W8A16Config(16, 32, 64, split_k=split_k, num_stages=1))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_w8a16_whole_tiles_take_the_unmasked_path(
+    device: torch.device, dtype: torch.dtype, split_k: int
+) -> None:
+    """N and every split's K range are whole tiles (EVEN_N, EVEN_K): no masks on weights."""
+    q, scale = make_int8(64, 256, device)
+    x = torch.randn(3, 256, device=device).to(dtype)
+    check(x, q, scale, None, W8A16Config(16, 32, 64, split_k=split_k, num_stages=1))
+
+
 def test_w8a16_strided_3d_input_and_empty(device: torch.device) -> None:
     q, scale = make_int8(48, 64, device)
     base = torch.randn(2, 3, 128, device=device)
