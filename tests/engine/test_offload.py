@@ -179,19 +179,21 @@ def test_offloaded_int8_moves_int8_bytes_and_matches_resident_int8(default_model
 
 # ---- GPU -----------------------------------------------------------------------------------------
 @pytest.mark.gpu
-def test_gpu_offload_matches_resident_and_overlaps(tmp_path):
+def test_gpu_offload_matches_resident(tmp_path):
     """Random SmolLM2-shape model, bf16: offloaded (pinned host, copy stream) vs resident
     greedy tokens identical, with int8 too."""
     path = _random_smol(tmp_path)
     kw = dict(dtype="bfloat16", device="cuda", max_model_len=1024, gpu_memory_utilization=0.3)
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     prompts = [[(7 * i + j) % 49152 for j in range(5 + 17 * i)] for i in range(6)]
-    ref = [o.outputs[0].token_ids for o in LLM(path, **kw).generate(prompts, params)]
+    # NOTE: eager on both sides: graphs fix the decode split count, which changes rounding.
+    eager = dict(kw, enforce_eager=True)
+    ref = [o.outputs[0].token_ids for o in LLM(path, **eager).generate(prompts, params)]
     off = LLM(path, cpu_offload_gb=0.5, **kw)
     assert off.engine.runner.graphs is None  # graphs fall back (logged)
     assert off.engine.runner.model.weight_offloader.host[0].is_pinned()
     assert [o.outputs[0].token_ids for o in off.generate(prompts, params)] == ref
-    int8 = [o.outputs[0].token_ids for o in LLM(path, quantization="int8", **kw).generate(
+    int8 = [o.outputs[0].token_ids for o in LLM(path, quantization="int8", **eager).generate(
         prompts, params)]  # fmt: skip
     both = LLM(path, quantization="int8", cpu_offload_gb=0.2, **kw)
     assert [o.outputs[0].token_ids for o in both.generate(prompts, params)] == int8
