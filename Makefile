@@ -39,3 +39,11 @@ bench-kernels: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Locust sweep (1, 4, 16, 64 users) against a `bentoml serve` it starts on loopback (CPU);
+# writes CSVs, summary.md and plots to loadtests/results/latest. Options of loadtests/run.py
+# go in LOADTEST_ARGS, e.g. LOADTEST_ARGS="--users 1,8 --duration 30 --slo-ttft-p99-ms 5000".
+.PHONY: loadtest
+LOADTEST_ARGS ?=
+loadtest: install
+	$(PY) -m loadtests.run $(LOADTEST_ARGS)

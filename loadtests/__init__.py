@@ -1,0 +1,1 @@
+"""Load-testing kit for the vllm-runner service (locust); see run.py."""

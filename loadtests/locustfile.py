@@ -1,0 +1,205 @@
+"""Locust users for the vllm-runner service (docs/serving.md).
+
+    locust -f loadtests/locustfile.py --headless -u 16 -r 4 -t 60s \
+        --host http://127.0.0.1:3000 --csv out MixedUser
+
+Users: `ChatUser` (streamed /v1/chat/completions), `GenerateUser` (streamed /generate),
+`CompleteUser` (adaptive-batched /complete, one prompt per call so that BentoML batches across
+users) and `MixedUser` (all three, 2:2:1). Each request has `max_tokens` output tokens
+(`ignore_eos`) and a prompt of mixed length. Besides locust's own entries, each successful
+request fires these events (request_type, name = the route):
+
+- `TTFT`: ms from sending to the first token (streams only);
+- `ITL`: ms between tokens, one event per chunk after the first (streams only);
+- `TOKENS`: response_time = the request's output tokens/s, response_length = its output tokens.
+
+Failures are named by kind so that `run.py` can tell them apart: `5xx ...`, `429 ...`,
+`4xx ...`, `in-band error ...` (an error event inside a 200 stream), `transport ...`.
+
+Settings (environment): LOADTEST_API_KEY, LOADTEST_MAX_TOKENS (32), LOADTEST_PROMPT_WORDS
+(comma-separated prompt lengths in words, each drawn with +-50% jitter; "8,64,384"),
+LOADTEST_SEED (0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from typing import Any
+
+import requests
+from locust import HttpUser, constant, task
+
+MAX_TOKENS = int(os.environ.get("LOADTEST_MAX_TOKENS", "32"))
+PROMPT_WORDS = [int(w) for w in os.environ.get("LOADTEST_PROMPT_WORDS", "8,64,384").split(",")]
+API_KEY = os.environ.get("LOADTEST_API_KEY", "")
+SEED = int(os.environ.get("LOADTEST_SEED", "0"))
+_TEXT = """the a river city light morning quiet engine paper window garden story music winter
+market bridge letter mountain station question summer orange careful bright distant small ancient
+simple open walk read build carry follow remember listen travel write because while after before
+under across between through every each other many"""
+WORDS = _TEXT.split()
+
+
+def failure_kind(status: int) -> str:
+    if status == 429:
+        return "429"
+    return "5xx" if status >= 500 else "4xx"
+
+
+class LLMUser(HttpUser):
+    """Shared plumbing: prompts, auth, event reporting."""
+
+    abstract = True
+    wait_time = constant(0)  # closed loop: each user sends its next request at once
+
+    def on_start(self) -> None:
+        self.rng = random.Random(f"{SEED}-{id(self)}")
+        if API_KEY:
+            self.client.headers["Authorization"] = f"Bearer {API_KEY}"
+
+    def prompt(self) -> str:
+        base = self.rng.choice(PROMPT_WORDS)
+        n = max(1, round(base * self.rng.uniform(0.5, 1.5)))
+        return "Continue this text: " + " ".join(self.rng.choice(WORDS) for _ in range(n))
+
+    def event(self, kind: str, name: str, value: float, length: int = 0) -> None:
+        self.environment.events.request.fire(
+            request_type=kind,
+            name=name,
+            response_time=value,
+            response_length=length,
+            exception=None,
+            context={},
+        )
+
+    def report(self, name: str, start: float, times: list[tuple[float, int]], tokens: int) -> None:
+        """`times`: (arrival, tokens) of each chunk that carried tokens."""
+        end = time.perf_counter()
+        if times:
+            self.event("TTFT", name, (times[0][0] - start) * 1000)
+            for (prev, _), (now, n) in zip(times, times[1:], strict=False):
+                self.event("ITL", name, (now - prev) * 1000 / max(n, 1))
+        self.event("TOKENS", name, tokens / max(end - start, 1e-9), tokens)
+
+    def stream(
+        self, name: str, body: dict[str, Any], parse: Any, tokens: int | None = None
+    ) -> None:
+        """POST a streamed request; `parse(chunk)` -> (tokens in it, usage or None, error).
+        The output tokens are `tokens` if given, else the usage the stream reports."""
+        start = time.perf_counter()
+        times: list[tuple[float, int]] = []
+        usage: int | None = None
+        with self.client.post(name, json=body, stream=True, catch_response=True, name=name) as resp:
+            if resp.status_code != 200:
+                kind = failure_kind(resp.status_code)
+                resp.failure(f"{kind} {resp.status_code}: {resp.text[:200]}")
+                return
+            try:
+                for chunk in resp.iter_content(chunk_size=None):
+                    n, chunk_usage, error = parse(chunk)
+                    if error:
+                        resp.failure(f"in-band error: {error[:200]}")
+                        return
+                    usage = chunk_usage if chunk_usage is not None else usage
+                    if n:
+                        times.append((time.perf_counter(), n))
+            except requests.RequestException as exc:
+                resp.failure(f"transport {type(exc).__name__}: {exc}"[:300])
+                return
+            if not times:
+                resp.failure("stream carried no tokens")
+                return
+            resp.success()
+        total = tokens if tokens is not None else usage
+        self.report(name, start, times, total if total is not None else len(times))
+
+
+def sse_parser() -> Any:
+    """Counts content deltas in SSE chunks (events may span chunks); reads usage and errors."""
+    buffer = b""
+
+    def parse(chunk: bytes) -> tuple[int, int | None, str | None]:
+        nonlocal buffer
+        buffer += chunk
+        *events, buffer = buffer.split(b"\n\n")
+        tokens, usage = 0, None
+        for event in events:
+            data = event.removeprefix(b"data: ").strip()
+            if not data or data == b"[DONE]":
+                continue
+            payload = json.loads(data)
+            if "error" in payload:
+                return tokens, usage, payload["error"].get("message", str(payload))
+            if payload.get("usage"):
+                usage = payload["usage"]["completion_tokens"]
+            for choice in payload.get("choices", []):
+                tokens += bool(choice.get("delta", {}).get("content"))
+        return tokens, usage, None
+
+    return parse
+
+
+def do_chat(user: LLMUser) -> None:
+    body = {
+        "messages": [{"role": "user", "content": user.prompt()}],
+        "max_tokens": MAX_TOKENS,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    user.stream("/v1/chat/completions", body, sse_parser())
+
+
+def do_generate(user: LLMUser) -> None:
+    body = {"prompt": user.prompt(), "max_tokens": MAX_TOKENS, "ignore_eos": True}
+
+    def parse(chunk: bytes) -> tuple[int, int | None, str | None]:
+        return (1 if chunk else 0), None, None
+
+    # NOTE: /generate streams bare text deltas (one per engine step, unless the network
+    # coalesces them); with ignore_eos every request makes exactly max_tokens tokens.
+    user.stream("/generate", body, parse, tokens=MAX_TOKENS)
+
+
+def do_complete(user: LLMUser) -> None:
+    item = {"prompt": user.prompt(), "max_tokens": MAX_TOKENS, "ignore_eos": True}
+    start = time.perf_counter()
+    with user.client.post(
+        "/complete", json={"requests": [item]}, catch_response=True, name="/complete"
+    ) as resp:
+        if resp.status_code != 200:
+            kind = failure_kind(resp.status_code)
+            resp.failure(f"{kind} {resp.status_code}: {resp.text[:200]}")
+            return
+        (result,) = resp.json()
+        if result.get("error") or result.get("finish_reason") == "error":
+            resp.failure(f"in-band error: {result.get('error')}"[:300])
+            return
+        resp.success()
+    tokens = result["completion_tokens"]
+    user.event("TOKENS", "/complete", tokens / max(time.perf_counter() - start, 1e-9), tokens)
+
+
+class ChatUser(LLMUser):
+    @task
+    def chat(self) -> None:
+        do_chat(self)
+
+
+class GenerateUser(LLMUser):
+    @task
+    def generate(self) -> None:
+        do_generate(self)
+
+
+class CompleteUser(LLMUser):
+    @task
+    def complete(self) -> None:
+        do_complete(self)
+
+
+class MixedUser(LLMUser):
+    tasks = {do_chat: 2, do_generate: 2, do_complete: 1}

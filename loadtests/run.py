@@ -1,0 +1,171 @@
+"""Sweep locust over user counts against the service; write CSVs, a summary and plots.
+
+    python -m loadtests.run                                  # starts `bentoml serve` (CPU)
+    python -m loadtests.run --host http://127.0.0.1:3000 --api-key KEY --users 1,8,32
+    python -m loadtests.run --slo-ttft-p99-ms 5000 --slo-itl-p99-ms 500
+
+Each step runs `--duration` seconds of closed-loop users (locustfile.py; MixedUser by default),
+then lets in-flight requests finish (`--stop-timeout`). Writes into --out: `u{N}_*.csv` (locust),
+`summary.csv`, `summary.md`, `throughput.png`, `ttft.png`, `itl.png`, and the logs.
+Exit status: 0; 1 when a request failed with a 5xx, a broken or in-band-error stream or a
+transport error, or an SLO was missed; 2 on bad arguments (e.g. a host that is not loopback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+from loadtests.report import Slo, Step, read_step, summary_markdown, write_plots, write_summary_csv
+from loadtests.server import REPO, BentoServer, require_loopback
+
+LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--host", help="a running service (loopback only); default: start one")
+    p.add_argument("--api-key", default=os.environ.get("VLLM_RUNNER_API_KEY", ""))
+    p.add_argument("--users", default="1,4,16,64", help="comma-separated user counts")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load per step")
+    p.add_argument("--stop-timeout", type=float, default=60.0, help="drain time per step (s)")
+    p.add_argument("--user-class", default="MixedUser", help="locustfile class(es), comma-sep.")
+    p.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
+    p.add_argument("--prompt-words", default="8,64,384", help="prompt lengths mixed (words)")
+    p.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "latest")
+    p.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="passed to `bentoml serve --arg` when the service is started here",
+    )
+    p.add_argument("--label", help="plot title suffix (default: CPU when started here)")
+    p.add_argument("--slo-ttft-p99-ms", type=float)
+    p.add_argument("--slo-itl-p99-ms", type=float)
+    p.add_argument("--slo-min-tokens-per-s", type=float, help="output tok/s at every step")
+    args = p.parse_args(argv)
+    try:
+        args.users = [int(u) for u in args.users.split(",")]
+        if not args.users or min(args.users) < 1:
+            raise ValueError
+    except ValueError:
+        p.error(f"--users must be positive integers, got {args.users!r}")
+    if args.host:
+        try:
+            args.host = require_loopback(args.host)
+        except ValueError as exc:
+            p.error(str(exc))
+    if any("=" not in a for a in args.serve_arg):
+        p.error(f"--serve-arg takes NAME=VALUE, got {args.serve_arg}")
+    return args
+
+
+def engine_tokens(url: str, headers: dict[str, str]) -> int | None:
+    """The engine's generation_tokens_total (GET /stats), or None if unavailable."""
+    request = urllib.request.Request(f"{url}/stats", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return int(json.load(r)["generation_tokens_total"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def run_step(args: argparse.Namespace, url: str, users: int) -> Step:
+    prefix = args.out / f"u{users}"
+    spawn_rate = max(1.0, users / 2)  # every user within ~2 s
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        "-u", str(users), "-r", f"{spawn_rate:g}", "-t", f"{args.duration:g}s",
+        "--stop-timeout", f"{args.stop_timeout:g}", "--host", url, "--csv", str(prefix),
+        "--only-summary", "--exit-code-on-error", "0",
+        *args.user_class.split(","),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "LOADTEST_API_KEY": args.api_key,
+        "LOADTEST_MAX_TOKENS": str(args.max_tokens),
+        "LOADTEST_PROMPT_WORDS": args.prompt_words,
+    }
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    before, start = engine_tokens(url, headers), time.monotonic()
+    with open(f"{prefix}.log", "wb") as log:
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall, after = time.monotonic() - start, engine_tokens(url, headers)
+    step = read_step(users, prefix)
+    if rc != 0:
+        step.failures["exception"] = step.failures.get("exception", 0) + 1
+        step.errors.append(f"locust exited with {rc} (see {prefix}.log)")
+    if before is not None and after is not None:
+        step.server_tokens_per_s = round((after - before) / wall, 2)
+    return step
+
+
+def describe(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    cmd = "python -m loadtests.run " + shlex.join(argv)
+    host = args.host or "`bentoml serve` started by run.py (default model, CPU)"
+    return [
+        "# Load test summary",
+        "",
+        f"- command: `{cmd.strip()}`",
+        f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {platform.node()}, "
+        f"{os.cpu_count()} CPUs, {platform.machine()}",
+        f"- service: {host}",
+        f"- users: {args.user_class}, {args.duration:g} s per step (+ drain), "
+        f"{args.max_tokens} output tokens per request (ignore_eos), prompts ~{args.prompt_words} "
+        "words",
+        "- TTFT/ITL: locust percentiles of the custom events (ms; locust rounds values over "
+        "100 to 2 significant digits); output tok/s: tokens of completed requests / elapsed; "
+        "engine tok/s: the engine's generated tokens / wall time of the step",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    server = None
+    if args.host:
+        url = args.host
+    else:
+        env = {"VLLM_RUNNER_DEVICE": "cpu", "VLLM_RUNNER_API_KEY": args.api_key}
+        serve_args = dict(a.split("=", 1) for a in args.serve_arg)
+        server = BentoServer(args.out / "server.log", env=env, args=serve_args)
+        print(f"starting bentoml serve (log: {server.log}) ...", flush=True)
+        url = server.start().url
+    steps: list[Step] = []
+    try:
+        for users in args.users:
+            print(f"{users} users for {args.duration:g}s ...", flush=True)
+            steps.append(run_step(args, url, users))
+            s = steps[-1]
+            print(f"  {s.requests} requests, {s.tokens_per_s:.1f} tok/s, failures {s.failures}")
+    finally:
+        exit_code = server.stop() if server is not None else None
+    slo = Slo(args.slo_ttft_p99_ms, args.slo_itl_p99_ms, args.slo_min_tokens_per_s)
+    misses = [m for s in steps for m in slo.misses(s)]
+    fatal = sum(s.fatal for s in steps)
+    verdict = [f"- SLO missed: {m}" for m in misses]
+    verdict.append(f"- failed requests (5xx, broken streams, transport errors): {fatal}")
+    if exit_code is not None:
+        verdict.append(f"- the service started here exited with {exit_code} after SIGINT")
+    verdict.append(f"- result: {'FAIL' if misses or fatal else 'PASS'}")
+    header = describe(args, argv)
+    (args.out / "summary.md").write_text(summary_markdown(steps, header, verdict))
+    write_summary_csv(steps, args.out / "summary.csv")
+    write_plots(steps, args.out, args.label or ("" if args.host else "CPU"))
+    print((args.out / "summary.md").read_text())
+    return 1 if misses or fatal else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

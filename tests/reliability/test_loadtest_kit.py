@@ -1,0 +1,140 @@
+"""The load-testing kit (loadtests/): PNG writer, loopback guard, CSV parsing and SLO checks,
+and a short real sweep of locust against the server."""
+
+from __future__ import annotations
+
+import csv
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from service_testing import API_KEY
+
+from loadtests import run
+from loadtests.plot import PALETTE, Canvas, Series, line_plot, png_bytes
+from loadtests.report import Slo, read_step
+from loadtests.server import BentoServer, require_loopback
+
+
+def png_chunks(data: bytes) -> dict[bytes, bytes]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = {}, 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        (crc,) = struct.unpack(">I", data[at + 8 + length : at + 12 + length])
+        assert crc == zlib.crc32(kind + body), kind
+        chunks[kind] = body
+        at += 12 + length
+    return chunks
+
+
+def test_png_round_trips_its_pixels() -> None:
+    c = Canvas(5, 3)
+    c.dot(1, 2, (10, 20, 30))
+    chunks = png_chunks(png_bytes(5, 3, bytes(c.pixels)))
+    assert struct.unpack(">IIBBBBB", chunks[b"IHDR"]) == (5, 3, 8, 2, 0, 0, 0)
+    raw = zlib.decompress(chunks[b"IDAT"])
+    rows = [raw[y * 16 : (y + 1) * 16] for y in range(3)]  # filter byte + 5 RGB pixels
+    assert all(row[0] == 0 for row in rows)
+    assert rows[2][1 + 3 : 1 + 6] == bytes((10, 20, 30))
+    assert set(rows[0][1:]) == {255}
+    assert b"IEND" in chunks
+
+
+def test_line_plot_draws_every_series(tmp_path: Path) -> None:
+    path = tmp_path / "p.png"
+    series = [
+        Series("a p50", [1, 5, 2], PALETTE[0]),
+        Series("b p99", [3, None, 9], PALETTE[1], True),
+    ]
+    line_plot(path, "TITLE", "USERS", "MS", [1, 4, 16], series, size=(320, 200))
+    raw = zlib.decompress(png_chunks(path.read_bytes())[b"IDAT"])
+    for color in (PALETTE[0], PALETTE[1]):
+        assert bytes(color) in raw
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("http://127.0.0.1:3000", True),
+        ("http://127.8.0.1:3000/", True),
+        ("http://localhost:3000", True),
+        ("http://[::1]:3000", True),
+        ("http://10.0.0.1:3000", False),
+        ("http://0.0.0.0:3000", False),
+        ("http://example.com", False),
+    ],
+)
+def test_only_loopback_hosts(url: str, ok: bool) -> None:
+    if ok:
+        assert require_loopback(url) == url.rstrip("/")
+    else:
+        with pytest.raises(ValueError, match="loopback"):
+            require_loopback(url)
+
+
+def test_run_refuses_a_remote_host_before_sending_anything() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--host", "http://192.168.1.10:3000", "--users", "1"])
+    assert exit_info.value.code == 2
+
+
+def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_failures_are_sorted_by_kind_and_slos_checked(tmp_path: Path) -> None:
+    def stat(kind: str, name: str, count: int, p50: float, p99: float, size: float = 0) -> dict:
+        return {
+            "Type": kind, "Name": name, "Request Count": count, "50%": p50, "99%": p99,
+            "Average Content Size": size, "Requests/s": count / 10,
+        }  # fmt: skip
+
+    write_csv(
+        tmp_path / "u4_stats.csv",
+        [
+            stat("POST", "/generate", 20, 900, 2000),
+            stat("TTFT", "/generate", 18, 300, 1200),
+            stat("ITL", "/generate", 500, 40, 90),
+            stat("TOKENS", "/generate", 18, 9, 14, size=32),
+        ],
+    )
+    write_csv(
+        tmp_path / "u4_failures.csv",
+        [
+            {"Method": "POST", "Name": "/generate", "Error": "5xx 500: boom", "Occurrences": 1},
+            {"Method": "POST", "Name": "/generate", "Error": "429 429: busy", "Occurrences": 3},
+        ],
+    )
+    step = read_step(4, tmp_path / "u4")
+    assert step.requests == 20 and step.output_tokens == 18 * 32
+    assert step.tokens_per_s == pytest.approx(1.8 * 32)
+    assert step.ttft_ms == {"/generate": (300, 1200)} and step.itl_ms == {"/generate": (40, 90)}
+    assert step.failures == {"5xx": 1, "429": 3} and step.fatal == 1
+    assert Slo(ttft_p99_ms=1500, itl_p99_ms=100, min_tokens_per_s=50).misses(step) == []
+    misses = Slo(ttft_p99_ms=1000, itl_p99_ms=50).misses(step)
+    assert len(misses) == 2 and "TTFT p99 1200 > 1000 ms" in misses[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_short_sweep_against_the_server(server: BentoServer, tmp_path: Path) -> None:
+    args = ["--host", server.url, "--api-key", API_KEY, "--users", "1,3", "--duration", "6"]
+    args += ["--stop-timeout", "30", "--max-tokens", "4", "--prompt-words", "4,24"]
+    assert run.main([*args, "--out", str(tmp_path)]) == 0, (tmp_path / "summary.md").read_text()
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["users"]) for r in rows] == [1, 3]
+    assert all(float(r["output_tokens_per_s"]) > 0 and r["fatal_failures"] == "0" for r in rows)
+    step = read_step(3, tmp_path / "u3")
+    assert set(step.ttft_ms) == {"/generate", "/v1/chat/completions"}
+    assert step.output_tokens % 4 == 0  # every request made exactly max_tokens tokens
+    assert "result: PASS" in (tmp_path / "summary.md").read_text()
+    for name in ("throughput.png", "ttft.png", "itl.png"):
+        assert png_chunks((tmp_path / name).read_bytes())[b"IHDR"]
+    assert Slo(min_tokens_per_s=1e9).misses(step)  # what a missed SLO would report
