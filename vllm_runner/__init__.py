@@ -1,5 +1,8 @@
 """vllm-runner: a vLLM-class inference engine (paged KV cache, continuous batching)."""
 
+import logging
+import os
+
 from vllm_runner.async_llm import AsyncLLM, RequestError
 from vllm_runner.config import EngineArgs
 from vllm_runner.engine.outputs import CompletionOutput, RequestOutput, StreamOutput
@@ -16,3 +19,10 @@ __all__ = [
     "SamplingParams",
     "StreamOutput",
 ]
+
+_logger = logging.getLogger("vllm_runner")
+if not _logger.handlers:  # engine start-up and warnings show unless the app configures logging
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    _logger.addHandler(_handler)
+    _logger.setLevel(os.environ.get("VLLM_RUNNER_LOG_LEVEL", "INFO"))

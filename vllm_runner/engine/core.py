@@ -2,6 +2,7 @@
 
 import itertools
 import logging
+import time
 
 from vllm_runner.config import EngineArgs, ModelConfig
 from vllm_runner.engine.kv_cache_manager import KVCacheManager
@@ -26,6 +27,7 @@ class EngineCore:
     """Single-threaded: callers serialise access (LLM directly, AsyncLLM via its loop thread)."""
 
     def __init__(self, args: EngineArgs) -> None:
+        start = time.perf_counter()
         args.validate()
         path = resolve_model_path(args.model)
         hf_config = load_hf_config(path)
@@ -50,6 +52,21 @@ class EngineCore:
         self.runner = ModelRunner(self.model_config, cache_config, sched_config)
         kv = KVCacheManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(sched_config, kv)
+        graphs = self.runner.graphs
+        logger.info(
+            "engine ready in %.1f s: %s (%s, %s), weights loaded in %.1f s, %d KV blocks of %d "
+            "tokens, %s",
+            time.perf_counter() - start,
+            self.model_config.name,
+            device,
+            self.model_config.dtype,
+            self.runner.load_seconds,
+            self.runner.num_blocks,
+            args.block_size,
+            f"{len(graphs.graphs)} decode CUDA graphs in {graphs.capture_seconds:.1f} s"
+            if graphs is not None and graphs.graphs
+            else "no CUDA graphs",
+        )
         self.states: dict[str, RequestState] = {}
         self.child_to_state: dict[str, tuple[RequestState, int]] = {}
         self.finished: list[RequestState] = []
