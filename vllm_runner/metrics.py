@@ -38,6 +38,9 @@ _GAUGES = {
     "num_waiting": "num_requests_waiting",
     "kv_blocks_used": "kv_blocks_used",
     "kv_blocks_total": "kv_blocks_total",
+    "weight_bytes_resident": "weight_bytes_resident",
+    "weight_bytes_offloaded": "weight_bytes_offloaded",
+    "kv_cache_bytes": "kv_cache_bytes",
 }
 
 _lock = threading.Lock()

@@ -57,6 +57,10 @@ def test_record_step_sets_gauges(model_name: str) -> None:
     assert value("vllm_runner_kv_blocks_used", model_name) == 25
     assert value("vllm_runner_kv_blocks_total", model_name) == 100
     assert value("vllm_runner_kv_cache_usage_perc", model_name) == pytest.approx(0.25)
+    m.record_step(stats(weight_bytes_resident=7, weight_bytes_offloaded=5, kv_cache_bytes=9))
+    assert value("vllm_runner_weight_bytes_resident", model_name) == 7
+    assert value("vllm_runner_weight_bytes_offloaded", model_name) == 5
+    assert value("vllm_runner_kv_cache_bytes", model_name) == 9
     m.record_step(stats())
     assert value("vllm_runner_num_requests_running", model_name) == 0
     assert value("vllm_runner_kv_blocks_used", model_name) == 0
