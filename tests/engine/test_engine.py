@@ -150,12 +150,20 @@ def test_logprobs_top_n(smol_llm):
         (dict(prompt=[]), "prompt is empty"),
         (dict(prompt=list(range(1, 600))), "599 tokens, but max_model_len is 512"),
         (dict(prompt=[1, 99999]), "99999 is outside the vocabulary"),
+        (dict(prompt=[1, 2], stop_token_ids=[5, 169752593]), "entry 169752593 is outside"),
     ],
 )
 def test_bad_prompts_raise_and_do_not_disturb(llama_dir, bad, match):
     llm = make_llm(llama_dir)
+    params = SamplingParams(
+        max_tokens=24,
+        temperature=0.0,
+        ignore_eos=True,
+        stop_token_ids=bad.get("stop_token_ids"),
+        min_tokens=2,
+    )
     with pytest.raises(ValueError, match=match):
-        llm.generate([[1, 2, 3], bad["prompt"]], GREEDY)
+        llm.generate([[1, 2, 3], bad["prompt"]], [GREEDY, params])
     assert llm.stats()["num_waiting"] == 0  # nothing was half-added
     assert len(llm.generate([[1, 2, 3]], GREEDY)[0].token_ids) == 24
 

@@ -114,6 +114,11 @@ class EngineCore:
             )
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"stop_token_ids entry {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+            )
 
     def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
