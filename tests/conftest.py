@@ -1,11 +1,22 @@
 """Shared fixtures: tiny random HF models saved to disk, and the default model on CPU."""
 
+import importlib
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# NOTE: prometheus_client reads this once, when first imported; BentoML's /metrics hangs
+# without it. Set before anything imports prometheus_client (bentoml, vllm_runner.metrics).
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="vllm-runner-prom-"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "service"))  # service_testing
 
 
 def _tiny_config(family: str):
@@ -88,3 +99,42 @@ def smol_llm(default_model_dir):
     return LLM(
         default_model_dir, dtype="float32", device="cpu", max_model_len=1024, cpu_kv_cache_gb=0.25
     )
+
+
+# ---- the BentoML service in-process (tests/service and tests/reliability) -------------------
+@pytest.fixture(scope="session")
+def service_module() -> Iterator[ModuleType]:
+    """`service.py`, imported with SERVICE_ENV (settings are read at import time)."""
+    from service_testing import REPO, SERVICE_ENV
+
+    saved = {k: os.environ.get(k) for k in SERVICE_ENV}
+    os.environ.update(SERVICE_ENV)
+    sys.path.insert(0, str(REPO))
+    try:
+        module = importlib.import_module("service")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield module
+
+
+@pytest.fixture(scope="session")
+def client(service_module: ModuleType) -> Iterator[Any]:
+    """A TestClient on the service's ASGI app, entered (startup hooks run), model loaded."""
+    from service_testing import AUTH, wait_ready
+    from starlette.testclient import TestClient
+
+    with TestClient(service_module.LLMService.to_asgi(), headers=AUTH) as c:
+        wait_ready(lambda: c.get("/readyz").status_code)
+        yield c
+
+
+@pytest.fixture(scope="session")
+def engine(client: Any) -> Any:
+    """The AsyncLLM of the in-process service (its methods run on the app's event loop)."""
+    import bentoml
+
+    return bentoml.get_current_service().engine

@@ -3,17 +3,15 @@
 - `server`: one real `bentoml serve` on a loopback port (loadtests/server.py) with the service
   tests' settings (tests/service/service_testing.py) and max_concurrency 16; a test that stops
   it (graceful shutdown) leaves the next one a fresh server.
-- `client`, `engine`: the service tests' in-process TestClient on the app and its AsyncLLM,
-  reused from tests/service/conftest.py.
+- `client`, `engine`: the service tests' in-process TestClient on the app and its AsyncLLM
+  (tests/conftest.py: one app per session).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,20 +23,6 @@ for _path in (REPO, REPO / "tests" / "service"):  # loadtests.*, service_testing
 from load_helpers import SERVER_ENV  # noqa: E402
 
 from loadtests.server import BentoServer  # noqa: E402
-
-
-def _service_conftest() -> Any:
-    """tests/service/conftest.py, loaded under its own name (its fixtures are reused here)."""
-    spec = importlib.util.spec_from_file_location(
-        "service_conftest", REPO / "tests" / "service" / "conftest.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_svc = _service_conftest()
-service_module, client, engine = _svc.service_module, _svc.client, _svc.engine
 
 
 @pytest.fixture(scope="session")
