@@ -137,12 +137,12 @@ def line_plot(
     """Lines over categorical x positions (evenly spaced, labelled with `xs`)."""
     width, height = size
     c = Canvas(width, height)
-    left, right, top, bottom = 64, 16, 44, 56
+    left, right, top, bottom = 64, 16, 64, 56
     pw, ph = width - left - right, height - top - bottom
     points = [v for s in series for v in s.values if v is not None and math.isfinite(v)]
-    y_max = nice_ceiling(max(points, default=1.0))
+    y_max = nice_ceiling(1.05 * max(points, default=1.0))
     c.text(left, 8, title, scale=2)
-    c.text(4, top - 20, y_label, (80, 80, 80), scale=2)
+    c.text(4, top - 18, y_label, (80, 80, 80), scale=2)
     grid, axis = (225, 225, 225), (60, 60, 60)
     for k in range(6):
         y = top + ph - ph * k / 5
@@ -170,11 +170,10 @@ def line_plot(
             c.line(a, b, s.color, width=2, dash=6 if s.dashed else 0)
         for x, y in pts:
             c.rect(round(x) - 3, round(y) - 3, round(x) + 4, round(y) + 4, s.color)
-    # legend, top right inside the plot
-    lx = left + pw - max((c.text_width(s.label) for s in series), default=0) - 34
-    for k, s in enumerate(series):
-        y = top + 8 + k * 16
-        c.rect(lx - 4, y - 4, left + pw - 2, y + 12, (255, 255, 255))
-        c.line((lx, y + 4), (lx + 20, y + 4), s.color, width=2, dash=4 if s.dashed else 0)
-        c.text(lx + 26, y, s.label, (30, 30, 30))
+    # legend: one row between the title and the plot
+    lx = left
+    for s in series:
+        c.line((lx, 34), (lx + 20, 34), s.color, width=2, dash=4 if s.dashed else 0)
+        c.text(lx + 26, 30, s.label, (30, 30, 30))
+        lx += 26 + c.text_width(s.label) + 18
     c.save(path)

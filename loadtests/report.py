@@ -9,6 +9,7 @@ from pathlib import Path
 from loadtests.plot import PALETTE, Series, line_plot
 
 STREAM_ROUTES = ("/v1/chat/completions", "/generate")
+ALL_ROUTES = (*STREAM_ROUTES, "/complete")
 # Failure kinds (the prefix locustfile.py gives each failure) that fail the run.
 FATAL_KINDS = ("5xx", "in-band", "transport", "stream", "exception")
 
@@ -27,7 +28,9 @@ class Step:
     errors: list[str] = field(default_factory=list)  # distinct messages, for the summary
     ttft_ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # route -> (p50, p99)
     itl_ms: dict[str, tuple[float, float]] = field(default_factory=dict)
-    route_tokens_per_s: dict[str, float] = field(default_factory=dict)  # median per request
+    itl_max_ms: float = 0.0  # the longest stall of any stream
+    complete_ms: tuple[float, float] | None = None  # /complete latency p50, p99
+    route_tokens_per_s: dict[str, float] = field(default_factory=dict)  # mean per request
 
     @property
     def fatal(self) -> int:
@@ -57,14 +60,18 @@ def read_step(users: int, prefix: Path) -> Step:
             step.ttft_ms[name] = (p50, p99)
         elif kind == "ITL":
             step.itl_ms[name] = (p50, p99)
+            step.itl_max_ms = max(step.itl_max_ms, _num(row, "Max Response Time"))
         elif kind == "TOKENS":
+            # NOTE: content sizes and averages are exact; locust rounds the percentiles
             tokens = round(count * _num(row, "Average Content Size"))
             step.output_tokens += tokens
             step.tokens_per_s += _num(row, "Requests/s") * _num(row, "Average Content Size")
-            step.route_tokens_per_s[name] = p50
+            step.route_tokens_per_s[name] = _num(row, "Average Response Time")
         elif kind in ("GET", "POST"):
             step.requests += count
             step.requests_per_s += _num(row, "Requests/s")
+            if name == "/complete":  # not streamed: locust's time is the whole request
+                step.complete_ms = (p50, p99)
     for row in _rows(Path(f"{prefix}_failures.csv")):
         error = row["Error"]
         kind = error.split(" ", 1)[0].split(":", 1)[0]
@@ -112,13 +119,20 @@ def summary_markdown(steps: list[Step], header: list[str], verdict: list[str]) -
     routes = [r for r in STREAM_ROUTES if any(r in s.ttft_ms for s in steps)]
     cols = ["users", "req/s", "output tok/s", "engine tok/s"]
     cols += [f"TTFT p50/p99 ms {r}" for r in routes] + [f"ITL p50/p99 ms {r}" for r in routes]
-    cols += ["fatal", "429", "other 4xx"]
+    cols += ["ITL max ms", "/complete p50/p99 ms", "fatal", "429", "other 4xx"]
     lines = [*header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for s in steps:
         engine = "-" if s.server_tokens_per_s is None else f"{s.server_tokens_per_s:.1f}"
         cells = [str(s.users), f"{s.requests_per_s:.2f}", f"{s.tokens_per_s:.1f}", engine]
         cells += [_pair(s.ttft_ms, r) for r in routes] + [_pair(s.itl_ms, r) for r in routes]
-        cells += [str(s.fatal), str(s.failures.get("429", 0)), str(s.failures.get("4xx", 0))]
+        done = _pair({"c": s.complete_ms}, "c") if s.complete_ms else "-"
+        cells += [
+            f"{s.itl_max_ms:.0f}",
+            done,
+            str(s.fatal),
+            str(s.failures.get("429", 0)),
+            str(s.failures.get("4xx", 0)),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     errors = [f"- {s.users} users: {e}" for s in steps for e in s.errors[:5]]
     if errors:
@@ -132,17 +146,25 @@ def write_summary_csv(steps: list[Step], path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         head = ["users", "requests", "requests_per_s", "output_tokens", "output_tokens_per_s"]
-        head += ["engine_tokens_per_s", "fatal_failures", "http_429", "http_4xx"]
+        head += ["engine_tokens_per_s", "fatal_failures", "http_429", "http_4xx", "itl_max_ms"]
+        head += ["complete_p50_ms", "complete_p99_ms"]
         for r in routes:
             head += [f"ttft_p50_ms {r}", f"ttft_p99_ms {r}", f"itl_p50_ms {r}", f"itl_p99_ms {r}"]
+        head += [f"mean_request_tokens_per_s {r}" for r in ALL_ROUTES]
         w.writerow(head)
         for s in steps:
             row: list[object] = [s.users, s.requests, round(s.requests_per_s, 3), s.output_tokens]
             row += [round(s.tokens_per_s, 2), s.server_tokens_per_s, s.fatal]
-            row += [s.failures.get("429", 0), s.failures.get("4xx", 0)]
+            row += [s.failures.get("429", 0), s.failures.get("4xx", 0), s.itl_max_ms]
+            row += list(s.complete_ms or ("", ""))
             for r in routes:
                 row += [*s.ttft_ms.get(r, ("", "")), *s.itl_ms.get(r, ("", ""))]
+            row += [_round(s.route_tokens_per_s.get(r)) for r in ALL_ROUTES]
             w.writerow(row)
+
+
+def _round(value: float | None) -> float | str:
+    return "" if value is None else round(value, 3)
 
 
 def write_plots(steps: list[Step], out: Path, where: str) -> list[Path]:

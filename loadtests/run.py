@@ -112,7 +112,8 @@ def run_step(args: argparse.Namespace, url: str, users: int) -> Step:
 
 def describe(args: argparse.Namespace, argv: list[str]) -> list[str]:
     cmd = "python -m loadtests.run " + shlex.join(argv)
-    host = args.host or "`bentoml serve` started by run.py (default model, CPU)"
+    serve = " ".join(["bentoml serve", *(f"--arg {a}" for a in args.serve_arg)])
+    host = args.host or f"`{serve}` started by run.py (on CPU unless an --arg sets device)"
     return [
         "# Load test summary",
         "",
