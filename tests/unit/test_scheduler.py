@@ -95,3 +95,29 @@ def test_finish_on_max_tokens_frees_blocks():
         results = s.update_from_output(out, fake_run(s, out))
     assert results[0].finish_reason == "length"
     assert not s.has_unfinished() and s.kv.pool.num_used_blocks == 0
+
+
+def test_same_step_requests_share_blocks_being_computed():
+    """KV writes precede attention in every layer, so a block allocated (and hashed) for one
+    request this step is a cache hit for the next request admitted in the same step."""
+    s = make_scheduler(budget=64, block_size=4)
+    shared = list(range(500, 508))  # two full blocks
+    s.add_request(Request("a", shared + [1, 2], SamplingParams(max_tokens=4), 4))
+    s.add_request(Request("b", shared + [3], SamplingParams(max_tokens=4), 4))
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 10, "b": 1}
+    assert s.kv.block_ids("b")[:2] == s.kv.block_ids("a")[:2]
+
+
+def test_request_waits_for_a_block_a_chunked_prefill_has_yet_to_compute():
+    s = make_scheduler(budget=6, block_size=4)
+    shared = list(range(500, 508))  # two full blocks
+    s.add_request(Request("a", shared + [1, 2], SamplingParams(max_tokens=4), 4))
+    s.add_request(Request("b", shared + [3], SamplingParams(max_tokens=4), 4))
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 6}  # b would recompute a's second block
+    s.update_from_output(out, fake_run(s, out))
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 4, "b": 1}  # b: only its last token
+    assert s.requests["b"].num_cached_tokens == 8
+    assert s.kv.block_ids("b")[:2] == s.kv.block_ids("a")[:2]

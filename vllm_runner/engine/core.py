@@ -147,7 +147,6 @@ class EngineCore:
                     prompt_ids,
                     params,
                     max_tokens,
-                    group_id=request_id if params.n > 1 else None,
                     seed=seed,
                 )
             )

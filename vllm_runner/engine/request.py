@@ -41,7 +41,6 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int  # resolved against max_model_len
-    group_id: str | None = None  # the user's request id when n > 1
     seed: int | None = None  # params.seed + completion index
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING

@@ -114,19 +114,24 @@ class Scheduler:
         self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]
     ) -> None:
         skipped: list[Request] = []
-        prefilling_groups = {
-            r.group_id
-            for r in self.running
-            if r.group_id and r.num_computed_tokens < r.num_prompt_tokens
-        }
+        bs = self.kv.block_size
+        # Prompt blocks that running requests have yet to compute (their hashes are known).
+        in_progress: set[int] = set()
+        if self.kv.enable_caching:
+            for r in self.running:
+                if r.num_computed_tokens < r.num_prompt_tokens:
+                    in_progress.update(r.block_hashes[r.num_computed_tokens // bs :])
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            # NOTE: siblings of an n > 1 request wait until one of them has computed the
-            # prompt, so they share its full blocks through the prefix cache.
-            if request.group_id in prefilling_groups and self.kv.enable_caching:
+            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            # NOTE: a request whose next block another request is computing waits a step and
+            # then reuses it from the prefix cache (shared system prompts, n > 1 siblings).
+            if (
+                len(hits) < len(request.block_hashes)
+                and request.block_hashes[len(hits)] in in_progress
+            ):
                 skipped.append(self.waiting.popleft())
                 continue
-            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             request.num_computed_tokens = 0
             if self.kv.allocate_slots(request, num_new, hits) is None:
@@ -139,8 +144,7 @@ class Scheduler:
                 self.counters["prefix_cache_hits"] += num_hit_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            if request.group_id:
-                prefilling_groups.add(request.group_id)
+            in_progress.update(request.block_hashes[len(hits) :])
             num_scheduled[request.request_id] = num_new
             budget -= num_new
             new_reqs.append(self._new_request_data(request))
