@@ -105,7 +105,11 @@ def test_completion_stream(client: Any) -> None:
     assert {c["choices"][0]["index"] for c in text_chunks} == {0, 1, 2, 3}
     finished = [c["choices"][0] for c in text_chunks if c["choices"][0]["finish_reason"]]
     assert len(finished) == 4
-    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 16
+    assert usage_chunk["choices"] == []
+    # 4 completions of max_tokens=4; sampling (temperature 1) may end one early at EOS
+    lengths = [4 if c["finish_reason"] == "length" else None for c in finished]
+    used = usage_chunk["usage"]["completion_tokens"]
+    assert used == 16 if None not in lengths else 4 <= used < 16
 
 
 def test_chat(client: Any) -> None:
