@@ -16,10 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from throughput import build_random_llama, random_workload  # noqa: E402
+from workloads import build_random_llama, random_workload  # noqa: E402
 
 from vllm_runner import LLM, SamplingParams  # noqa: E402
 
