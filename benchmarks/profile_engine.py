@@ -23,19 +23,31 @@ from workloads import build_random_llama, random_workload  # noqa: E402
 from vllm_runner import LLM, SamplingParams  # noqa: E402
 
 
-def run_steps(engine) -> tuple[dict, int]:
-    """Step until done; wall time per step kind (pure decode vs with prefill)."""
+def run_steps(engine) -> tuple[dict, list[tuple[int, int, float]]]:
+    """Step until done; wall time per step kind (pure decode vs with prefill), and per step
+    (scheduled requests, scheduled tokens, wall ms) of the step scheduled in that call."""
     by_kind: dict[str, list[float]] = defaultdict(list)
-    steps = 0
+    log: list[tuple[int, int, float]] = []
+    schedule = engine.scheduler.schedule
+    scheduled: list = []
+
+    def recording_schedule():
+        out = schedule()
+        scheduled.append(out)
+        return out
+
+    engine.scheduler.schedule = recording_schedule
     while engine.has_unfinished():
-        prefilling = any(
-            r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running
-        ) or bool(engine.scheduler.waiting)
         start = time.perf_counter()
         engine.step(stream=False)
-        by_kind["prefill+decode" if prefilling else "decode"].append(time.perf_counter() - start)
-        steps += 1
-    return by_kind, steps
+        wall = time.perf_counter() - start
+        sched = scheduled.pop() if scheduled else None
+        reqs = len(sched.num_scheduled_tokens) if sched else 0
+        tokens = sched.total_num_scheduled_tokens if sched else 0
+        by_kind["decode" if tokens == reqs else "prefill+decode"].append(wall)
+        log.append((reqs, tokens, wall * 1e3))
+    engine.scheduler.schedule = schedule
+    return by_kind, log
 
 
 def main() -> None:
@@ -62,22 +74,27 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            by_kind, steps = run_steps(engine)
+            by_kind, log = run_steps(engine)
         torch.cuda.synchronize()
         buf.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     else:
         profiler = cProfile.Profile()
         profiler.enable()
-        by_kind, steps = run_steps(engine)
+        by_kind, log = run_steps(engine)
         profiler.disable()
         pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
     wall = time.perf_counter() - start
-    lines = [f"{args.model}: {steps} steps in {wall:.2f} s ({65536 / wall:,.0f} tok/s)"]
+    tokens = sum(wl.max_tokens)
+    lines = [f"{args.model}: {len(log)} steps in {wall:.2f} s ({tokens / wall:,.0f} tok/s)"]
+    lines.append(f"stats: {engine.stats()}")
     for kind, times in by_kind.items():
         lines.append(
             f"  {kind}: {len(times)} steps, {sum(times):.2f} s, "
             f"median {sorted(times)[len(times) // 2] * 1e3:.1f} ms"
         )
+    lines.append(
+        "per step (requests, tokens, wall ms): " + " ".join(f"{r}/{t}/{w:.1f}" for r, t, w in log)
+    )
     text = "\n".join(lines) + "\n" + buf.getvalue()
     print(text)
     if args.out:
