@@ -68,7 +68,7 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # changes with the batch: no recompiles
 def _decode_kernel(
     q_ptr,  # [num_reqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -140,7 +140,7 @@ def _decode_kernel(
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qd_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_m_ptr,  # [num_reqs, num_heads, num_splits] fp32
     part_l_ptr,
@@ -171,6 +171,9 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
+_MAX_SPLITS = 64
+
+
 @functools.cache
 def _cuda_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -195,7 +198,7 @@ def choose_num_splits(
     tiles = math.ceil(max_seq_len / block_n)
     if programs >= 2 * sm_count or tiles < 8:
         return 1
-    return max(1, min(math.ceil(4 * sm_count / programs), tiles // 4, 64))
+    return max(1, min(math.ceil(4 * sm_count / programs), tiles // 4, _MAX_SPLITS))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -269,7 +272,7 @@ def paged_attention_decode(
         num_splits = choose_num_splits(
             num_reqs, num_kv_heads, max_seq_len, block_n, num_sms(query.device)
         )
-    assert num_splits >= 1, f"num_splits {num_splits} must be >= 1"
+    assert 1 <= num_splits <= _MAX_SPLITS, f"num_splits {num_splits} must be in [1, {_MAX_SPLITS}]"
 
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
@@ -293,6 +296,6 @@ def paged_attention_decode(
         _decode_reduce_kernel[(num_reqs, num_heads)](
             part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4,
+            BLOCK_S=_MAX_SPLITS, BLOCK_D=block_d, num_warps=4,  # one compile for any split
         )  # fmt: skip
     return out

@@ -35,7 +35,10 @@ def _find_request(query_start_loc_ptr, num_reqs, pid, BLOCK_M: tl.constexpr):
     return lo
 
 
-@triton.jit
+# NOTE: no specialization on values that change every step (request count; seq_lens and
+# block_tables start at an arbitrary row when decode rows are split off): each new
+# specialization would be a fresh compile in the middle of serving.
+@triton.jit(do_not_specialize=["block_tables_ptr", "seq_lens_ptr", "num_reqs"])
 def _prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]

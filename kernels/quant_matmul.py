@@ -17,7 +17,7 @@ import triton.language as tl
 from kernels.paged_attention import dot_precision, num_sms
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # the token count changes every step: no recompiles
 def _w8a16_kernel(
     x_ptr,  # [M, K] fp32 / fp16 / bf16
     w_ptr,  # [N, K] int8 (or fp8 e4m3)

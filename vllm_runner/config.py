@@ -125,7 +125,7 @@ class EngineArgs:
         return self.max_model_len
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
-        budget = self.max_num_batched_tokens or max(2048, min(max_model_len, 8192))
+        budget = self.max_num_batched_tokens or 8192  # vLLM's offline default
         return SchedulerConfig(self.max_num_seqs, budget, max_model_len)
 
     def cache_config(self) -> CacheConfig:
