@@ -1,9 +1,11 @@
 """Where W1's time goes on a GPU: per-step wall time by step kind, and the top CUDA kernels.
 
     python benchmarks/profile_engine.py --model 8b [--num-prompts 256] [--torch-profile]
+        [--no-profile] [--max-num-batched-tokens N]
 
 Without ``--torch-profile`` the host is profiled with cProfile instead (time inside
-``synchronize``/``tolist`` is the host waiting for the GPU).
+``synchronize``/``tolist`` is the host waiting for the GPU); ``--no-profile`` keeps only the
+per-step walls.
 """
 
 import argparse
@@ -57,12 +59,20 @@ def main() -> None:
     p.add_argument("--root", default="/tmp/vllm_runner_bench")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--torch-profile", action="store_true")
+    p.add_argument("--no-profile", action="store_true", help="per-step walls only")
+    p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--out")
     args = p.parse_args()
     Path(args.root).mkdir(parents=True, exist_ok=True)
     path = build_random_llama(args.model, Path(args.root), "cuda", 0)
     wl = random_workload(args.num_prompts, 128256, 64, 1024, 256, 0)
-    llm = LLM(path, dtype="bfloat16", max_model_len=1280, enforce_eager=args.enforce_eager)
+    llm = LLM(
+        path,
+        dtype="bfloat16",
+        max_model_len=1280,
+        enforce_eager=args.enforce_eager,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
     params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
     llm.generate(wl.prompts[:8], params)
     engine = llm.engine
@@ -77,6 +87,8 @@ def main() -> None:
             by_kind, log = run_steps(engine)
         torch.cuda.synchronize()
         buf.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    elif args.no_profile:
+        by_kind, log = run_steps(engine)
     else:
         profiler = cProfile.Profile()
         profiler.enable()

@@ -190,7 +190,7 @@ def test_gpu_offload_matches_resident(tmp_path):
     eager = dict(kw, enforce_eager=True)
     ref = [o.outputs[0].token_ids for o in LLM(path, **eager).generate(prompts, params)]
     off = LLM(path, cpu_offload_gb=0.5, **kw)
-    assert off.engine.runner.graphs is None  # graphs fall back (logged)
+    assert not off.engine.runner.graphs.graphs  # no graphs captured: eager fallback (logged)
     assert off.engine.runner.model.weight_offloader.host[0].is_pinned()
     assert [o.outputs[0].token_ids for o in off.generate(prompts, params)] == ref
     int8 = [o.outputs[0].token_ids for o in LLM(path, quantization="int8", **eager).generate(
@@ -220,13 +220,15 @@ def test_gpu_quantized_engines_shrink_weights_and_stay_close(tmp_path, quantizat
         pytest.skip("fp8 needs compute capability >= 8.9")
     path = _random_smol(tmp_path)
     kw = dict(dtype="bfloat16", device="cuda", max_model_len=512, gpu_memory_utilization=0.3)
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=5)
     prompts = [[(7 * i + j) % 49152 for j in range(5 + 17 * i)] for i in range(8)]
     base = LLM(path, **kw)
-    ref = [o.outputs[0].token_ids[0] for o in base.generate(prompts, params)]
+    top5 = [set(o.outputs[0].logprobs[0]) for o in base.generate(prompts, params)]
     quant = LLM(path, quantization=quantization, **kw)
     got = [o.outputs[0].token_ids[0] for o in quant.generate(prompts, params)]
-    assert sum(a == b for a, b in zip(got, ref, strict=True)) >= 6
+    # The bf16 criterion of the GPU parity tests: the quantized choice is in bf16's top-5.
+    in_top5 = [g in t for g, t in zip(got, top5, strict=True)]
+    assert sum(in_top5) >= 7, f"{quantization} first tokens in bf16 top-5: {in_top5}"
     assert quant.engine.runner.graphs is not None  # quantized layers capture fine
     linear = base.stats()["weight_bytes_resident"] - 49152 * 576 * 2  # minus the embedding
     saved = base.stats()["weight_bytes_resident"] - quant.stats()["weight_bytes_resident"]
