@@ -10,6 +10,7 @@ per-step walls.
 
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import sys
@@ -39,6 +40,16 @@ def run_steps(engine) -> tuple[dict, list[tuple[int, int, float]]]:
         return out
 
     engine.scheduler.schedule = recording_schedule
+    pauses: list[float] = []
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - started[0])
+
+    gc.callbacks.append(on_gc)
     while engine.has_unfinished():
         start = time.perf_counter()
         engine.step(stream=False)
@@ -49,6 +60,8 @@ def run_steps(engine) -> tuple[dict, list[tuple[int, int, float]]]:
         by_kind["decode" if tokens == reqs else "prefill+decode"].append(wall)
         log.append((reqs, tokens, wall * 1e3))
     engine.scheduler.schedule = schedule
+    gc.callbacks.remove(on_gc)
+    by_kind["gc pause"] = pauses
     return by_kind, log
 
 
@@ -100,10 +113,11 @@ def main() -> None:
     lines = [f"{args.model}: {len(log)} steps in {wall:.2f} s ({tokens / wall:,.0f} tok/s)"]
     lines.append(f"stats: {engine.stats()}")
     for kind, times in by_kind.items():
-        lines.append(
-            f"  {kind}: {len(times)} steps, {sum(times):.2f} s, "
-            f"median {sorted(times)[len(times) // 2] * 1e3:.1f} ms"
-        )
+        if times:
+            lines.append(
+                f"  {kind}: {len(times)} times, {sum(times):.2f} s, median "
+                f"{sorted(times)[len(times) // 2] * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms"
+            )
     lines.append(
         "per step (requests, tokens, wall ms): " + " ".join(f"{r}/{t}/{w:.1f}" for r, t, w in log)
     )

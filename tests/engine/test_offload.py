@@ -218,7 +218,9 @@ def test_gpu_quantized_engines_shrink_weights_and_stay_close(tmp_path, quantizat
 
     if quantization == "fp8" and not fp8_supported(torch.device("cuda"))[0]:
         pytest.skip("fp8 needs compute capability >= 8.9")
-    path = _random_smol(tmp_path)
+    # NOTE: 4 layers, not 30: a deep random network amplifies any perturbation until its
+    # near-flat logits decorrelate (fp8 W8A8 kept 4/8 first tokens in bf16's top-5 at 30).
+    path = _random_smol(tmp_path, num_layers=4)
     kw = dict(dtype="bfloat16", device="cuda", max_model_len=512, gpu_memory_utilization=0.3)
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=5)
     prompts = [[(7 * i + j) % 49152 for j in range(5 + 17 * i)] for i in range(8)]
@@ -235,11 +237,11 @@ def test_gpu_quantized_engines_shrink_weights_and_stay_close(tmp_path, quantizat
     assert saved > 0.45 * linear
 
 
-def _random_smol(tmp_path) -> str:
+def _random_smol(tmp_path, num_layers: int = 30) -> str:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=num_layers,
         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
         tie_word_embeddings=True, rope_theta=100000.0, architectures=["LlamaForCausalLM"],
     )  # fmt: skip
