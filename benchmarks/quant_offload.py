@@ -238,8 +238,11 @@ def bench_offload(args, model_dir: str, report: dict) -> None:
 
 
 def bench_cap(args, model_dir: str, report: dict) -> None:
+    free_memory()
     free, total = torch.cuda.mem_get_info()
-    util = (total - free + args.cap_gb * GiB) / total  # cap_gb on top of what is in use now
+    # cap_gb on top of what others use now, counted as the engine counts it (this process's
+    # cached allocator memory is free to it)
+    util = (total - free - torch.cuda.memory_reserved() + args.cap_gb * GiB) / total
     try:
         make_llm(model_dir, args.max_len, gpu_memory_utilization=util)
         error = None
