@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from vllm_runner.model.layers import cpu_gemm
 from vllm_runner.model.registry import resolve_model_class
 
 
@@ -115,6 +116,8 @@ def build_model(
     load_weights(model, iterate_weights(path))
     if staged:
         model.weight_offloader = place_weights(model, device, method, plan)
+    elif device.type == "cpu":
+        cpu_gemm.pack_model(model)
     return model.eval()
 
 

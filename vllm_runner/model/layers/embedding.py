@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm_runner.model.layers import cpu_gemm
 from vllm_runner.model.layers.parallel import (
     all_gather_last_dim,
     all_reduce,
@@ -45,7 +46,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(vocab_size, hidden)
         self.bias = None
         self.quant_method = None
+        self.cpu_packed: torch.Tensor | None = None  # oneDNN copy of weight (layers/cpu_gemm.py)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [num_tokens, vocab_shard]
+        if self.cpu_packed is not None:
+            logits = cpu_gemm.linear(hidden, self.cpu_packed, None)
+        else:
+            logits = F.linear(hidden, self.weight)  # [num_tokens, vocab_shard]
         return all_gather_last_dim(logits)[:, : self.vocab_size]

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm_runner.model.layers import cpu_gemm
 from vllm_runner.model.layers.parallel import (
     all_gather_last_dim,
     all_reduce,
@@ -27,10 +28,13 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
         # A quantized layer replaces this with its own matmul (see layers/quant.py).
         self.quant_method = None
+        self.cpu_packed: torch.Tensor | None = None  # oneDNN copy of weight (layers/cpu_gemm.py)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, bias)
+        if self.cpu_packed is not None:
+            return cpu_gemm.linear(x, self.cpu_packed, bias)
         return F.linear(x, self.weight, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
