@@ -39,10 +39,12 @@ def paged_attention(
     last ``q_len`` positions of its ``seq_lens[r]`` tokens, whose K/V are already in the cache.
     This one rule covers prefill, chunked prefill, prefix-cache hits and decode.
     """
+    num_reqs = seq_lens.shape[0]
+    if query.shape[0] == num_reqs:  # one query per request: a pure decode batch
+        return _attend(query[:, None], k_cache, v_cache, block_tables, seq_lens.long(), scale)[:, 0]
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    q_lens = [starts[r + 1] - starts[r] for r in range(len(lens))]
+    q_lens = [starts[r + 1] - starts[r] for r in range(num_reqs)]
     # Single-token queries (decode) go through one padded batch; longer ones one by one.
     decode = [r for r, n in enumerate(q_lens) if n == 1]
     if decode:
@@ -71,15 +73,15 @@ def _attend(
     q_len = q.shape[1]
     block_size = k_cache.shape[1]
     max_len = int(seq_lens.max())
-    blocks = block_tables[:, : (max_len + block_size - 1) // block_size].long()
-    # [num_reqs, num_kv_heads, ctx, head_dim]
-    k = k_cache[blocks].flatten(1, 2)[:, :max_len].transpose(1, 2)
-    v = v_cache[blocks].flatten(1, 2)[:, :max_len].transpose(1, 2)
     k_pos = torch.arange(max_len, device=q.device)
+    # Gather each row's K/V token by token. Positions past a row's length read the row's own
+    # position 0 instead: masked out below, and never another request's (possibly garbage)
+    # slots, so nothing non-finite can leak in through a 0-probability product.
+    pos = torch.where(k_pos[None, :] < seq_lens[:, None], k_pos[None, :], 0)  # [num_reqs, ctx]
+    slots = block_tables.long().gather(1, pos // block_size) * block_size + pos % block_size
+    k = k_cache.view(-1, *k_cache.shape[2:])[slots].transpose(1, 2)  # [reqs, kv_heads, ctx, d]
+    v = v_cache.view(-1, *v_cache.shape[2:])[slots].transpose(1, 2)
     q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=q.device)  # [num_reqs, q_len]
-    # NOTE: slots past a row's length hold whatever the cache had; zero V there so that
-    # garbage cannot leak through 0-probability products.
-    v = v.masked_fill((k_pos[None, :] >= seq_lens[:, None])[:, None, :, None], 0.0)
     allowed = (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [num_reqs, 1, q_len, ctx]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k, v, attn_mask=allowed, scale=scale, enable_gqa=True
