@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, kernel check + timings, engine throughput.
 # Usage on the device: bash benchmarks/gpu_session.sh [tests|kernels|w1-1b|w1-8b|peers-1b|peers-8b]...
+# Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}

@@ -280,6 +280,10 @@ def print_table(results: list[Result], report: dict) -> None:
 
 
 def git_commit() -> str:
+    """HEAD of this checkout, or $BENCH_COMMIT when set (a copy of the tree whose .git is
+    stale, such as the device machine's, should be told the commit it runs)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
