@@ -17,8 +17,9 @@ Cases (each builds its own engines; run them in separate calls if one call has a
 - cap: a model that cannot fit: gpu_memory_utilization leaves --cap-gb on top of the memory
   in use (CUDA context); the resident engine must fail at start-up with the bytes missing,
   the offloaded one serves W1 (same bound as above).
-- tune: the int8 kernel at M=1 on the 8B linear shapes over a few tile configs, GB/s of weight
-  bytes vs bf16 F.linear (to pick kernels/quant_matmul.default_config).
+- tune: the int8 kernel at M=1 on the 8B linear shapes over a few tile configs (block_m 1:
+  the single-row GEMV kernel), GB/s of weight bytes vs bf16 F.linear, timed as CUDA-graph
+  replays (to pick kernels/quant_matmul.default_config).
 """
 
 from __future__ import annotations
@@ -265,21 +266,27 @@ def bench_tune(args, report: dict) -> None:
     from vllm_runner.model.layers.quant import quantize_int8
 
     configs = [None] + [
-        W8A16Config(16, bn, bk, split, num_warps=w, num_stages=s)
-        for bn, bk, split, w, s in [(16, 256, 1, 4, 4), (32, 256, 1, 4, 4), (16, 512, 1, 4, 3),
-                                    (64, 256, 1, 4, 4), (32, 128, 1, 2, 5), (64, 256, 4, 4, 4),
-                                    (32, 512, 1, 8, 3), (128, 128, 1, 4, 4)]
+        W8A16Config(bm, bn, bk, split, num_warps=w, num_stages=s)
+        for bm, bn, bk, split, w, s in [
+            (16, 16, 256, 1, 4, 4), (16, 32, 256, 1, 4, 4), (16, 16, 512, 1, 4, 3),
+            (16, 64, 256, 1, 4, 4), (16, 32, 128, 1, 2, 5), (16, 64, 256, 4, 4, 4),
+            (16, 32, 512, 1, 8, 3), (16, 128, 128, 1, 4, 4),
+            # block_m 1: the single-row GEMV kernel
+            (1, 4, 512, 1, 4, 3), (1, 8, 512, 1, 4, 3), (1, 16, 256, 1, 4, 3),
+            (1, 32, 256, 1, 8, 3), (1, 8, 1024, 1, 8, 2),
+        ]
     ]  # fmt: skip
     rows = []
     for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
         q, scale = quantize_int8(torch.randn(n, k, device="cuda") * 0.02)
         w = torch.randn(n, k, device="cuda").bfloat16()
         x = torch.randn(1, k, device="cuda").bfloat16()
-        bf16_ms = triton.testing.do_bench(lambda x=x, w=w: torch.nn.functional.linear(x, w))
+        # NOTE: timed as CUDA-graph replays, as decode runs them: eager timing of a ~10 us
+        # kernel measures the Python launch path instead.
+        bench = triton.testing.do_bench_cudagraph
+        bf16_ms = bench(lambda x=x, w=w: torch.nn.functional.linear(x, w))
         for cfg in configs:
-            ms = triton.testing.do_bench(
-                lambda x=x, q=q, s=scale, c=cfg: w8a16_matmul(x, q, s, config=c)
-            )
+            ms = bench(lambda x=x, q=q, s=scale, c=cfg: w8a16_matmul(x, q, s, config=c))
             used = cfg or default_config(1, n, k, num_sms(x.device))
             rows.append({"n": n, "k": k, "config": str(used), "default": cfg is None,
                          "us": ms * 1e3, "GBps": n * k / ms / 1e6, "bf16_us": bf16_ms * 1e3,

@@ -78,9 +78,49 @@ def _w8a16_kernel(
              mask=m_mask[:, None] & n_mask[None, :])  # fmt: skip
 
 
+@triton.jit
+def _w8_gemv_kernel(
+    x_ptr,  # [K] one dense row, fp32 / fp16 / bf16
+    w_ptr,  # [N, K] int8 (or fp8 e4m3)
+    scale_ptr,  # [N] fp32
+    bias_ptr,  # [N] (HAS_BIAS only)
+    out_ptr,  # [N]
+    N,
+    K,
+    stride_wn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
+):
+    """One row times the weight: each program streams BLOCK_N weight rows along K
+    (contiguous, vectorized loads), multiplies in fp32 registers and reduces once at the end;
+    no tensor-core tile is padded out from a single row."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        if EVEN:
+            w = tl.load(rows + ks[None, :])
+            x = tl.load(x_ptr + ks)
+        else:
+            k_mask = ks < K
+            w = tl.load(rows + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+            x = tl.load(x_ptr + ks, mask=k_mask, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    out = tl.sum(acc, axis=1) * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
 @dataclasses.dataclass(frozen=True)
 class W8A16Config:
-    """Tile sizes and launch settings; ``split_k`` cuts K across programs (1 = no split)."""
+    """Tile sizes and launch settings; ``split_k`` cuts K across programs (1 = no split).
+    ``block_m == 1`` selects the single-row GEMV kernel (M must be 1; split_k unused)."""
 
     block_m: int
     block_n: int
@@ -135,6 +175,17 @@ def w8a16_matmul(
     if m == 0:
         return out.view(*x.shape[:-1], n)
     cfg = config or default_config(m, n, k, num_sms(x.device))
+    if cfg.block_m == 1:
+        assert m == 1, f"the GEMV config takes one row, got {m}"
+        assert qweight.stride(1) == 1, "the GEMV needs a K-contiguous weight"
+        _w8_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+            x2.contiguous(), qweight, scale, bias if bias is not None else scale, out, n, k,
+            qweight.stride(0),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None,
+            EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return out.view(*x.shape[:-1], n)
     k_per_split = math.ceil(math.ceil(k / cfg.split_k) / cfg.block_k) * cfg.block_k
     split = math.ceil(k / k_per_split)  # rounding can leave fewer non-empty splits
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32,

@@ -40,7 +40,7 @@ def paged_attention(
     This one rule covers prefill, chunked prefill, prefix-cache hits and decode.
     """
     num_reqs = seq_lens.shape[0]
-    if query.shape[0] == num_reqs:  # one query per request: a pure decode batch
+    if num_reqs and bool((query_start_loc.diff() == 1).all()):  # a pure decode batch
         return _attend(query[:, None], k_cache, v_cache, block_tables, seq_lens.long(), scale)[:, 0]
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()

@@ -53,6 +53,26 @@ def test_w8a16_split_k_and_ragged_tiles(device: torch.device, split_k: int) -> N
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,k,block_n,block_k", [(64, 256, 16, 128), (72, 300, 16, 64)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_w8_gemv_one_row(device, dtype, n: int, k: int, block_n, block_k, with_bias) -> None:
+    """The single-row GEMV config (block_m 1): whole tiles (no masks) and ragged N and K."""
+    q, scale = make_int8(n, k, device)
+    x = torch.randn(1, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype) if with_bias else None
+    check(x, q, scale, bias, W8A16Config(1, block_n, block_k, num_stages=1))
+
+
+def test_w8_gemv_takes_one_row_only(device: torch.device) -> None:
+    q, scale = make_int8(32, 64, device)
+    with pytest.raises(AssertionError, match="one row"):
+        w8a16_matmul(torch.randn(2, 64, device=device), q, scale, config=W8A16Config(1, 16, 64))
+    with pytest.raises(AssertionError, match="K-contiguous"):
+        w8a16_matmul(torch.randn(1, 32, device=device), q.t(), scale[:1].expand(64).contiguous(),
+                     config=W8A16Config(1, 16, 32))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_w8a16_whole_tiles_take_the_unmasked_path(
     device: torch.device, dtype: torch.dtype, split_k: int

@@ -35,7 +35,7 @@ def test_packed_linear_keeps_leading_dims_and_takes_strided_input():
     torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_pack_model_packs_float_linears_and_their_matmul_uses_it():
+def test_pack_model_packs_float_linears_and_frees_their_dense_copy():
     model = torch.nn.Sequential(MergedColumnParallelLinear(8, [6, 6]), RowParallelLinear(12, 8))
     for p in model.parameters():
         torch.nn.init.normal_(p)
@@ -44,9 +44,9 @@ def test_pack_model_packs_float_linears_and_their_matmul_uses_it():
     assert cpu_gemm.pack_model(model) == 2
     assert all(m.cpu_packed is not None for m in model)
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-    # the packed copy is what runs: a changed float weight no longer matters
-    model[0].weight.data.zero_()
-    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    # one copy in memory: the dense weights become storage-less meta tensors, same shape
+    assert all(m.weight.is_meta and m.weight.shape == (m.out_features, m.in_features)
+               for m in model)  # fmt: skip
 
 
 def test_quantized_layers_are_left_alone():
@@ -61,6 +61,24 @@ def test_quantized_layers_are_left_alone():
 
 def test_engine_on_cpu_uses_packed_weights(smol_llm):
     model = smol_llm.engine.runner.model
+    layer = model.model.layers[0]
+    assert layer.mlp.down_proj.cpu_packed is not None and layer.mlp.down_proj.weight.is_meta
+    assert layer.self_attn.qkv_proj.cpu_packed is not None
+    # SmolLM2 ties the LM head to the embedding: the lookup still reads the dense weight
     assert model.lm_head.cpu_packed is not None
-    assert model.model.layers[0].mlp.down_proj.cpu_packed is not None
-    assert model.model.layers[0].self_attn.qkv_proj.cpu_packed is not None
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not model.lm_head.weight.is_meta
+    # stats count the weights once, with the packed layers at their dense size
+    assert smol_llm.stats()["weight_bytes_resident"] == sum(
+        p.numel() * p.element_size() for p in model.parameters()
+    )
+
+
+def test_untied_lm_head_and_quantized_cpu_model_pack_their_float_layers(tiny_model_dirs):
+    from vllm_runner import LLM
+
+    llm = LLM(tiny_model_dirs["llama"], device="cpu", quantization="int8")
+    model = llm.engine.runner.model
+    assert model.model.layers[0].mlp.down_proj.cpu_packed is None  # int8: its own matmul
+    assert model.lm_head.weight is not model.model.embed_tokens.weight  # untied in the tests
+    assert model.lm_head.cpu_packed is not None and model.lm_head.weight.is_meta

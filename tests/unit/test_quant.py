@@ -111,6 +111,7 @@ def test_fp8_layer_equals_emulated_reference_and_handles_bias():
 def test_int8_layer_equals_reference_and_weight_bytes():
     layer = MergedColumnParallelLinear(96, [40, 40], bias=True)
     layer.weight.data.normal_(0, 0.05)
+    layer.bias.data.normal_()  # NOTE: parameters start as torch.empty: garbage, even NaN
     method = Int8WeightOnly()
     with torch.device("meta"):
         meta = MergedColumnParallelLinear(96, [40, 40], bias=True)

@@ -1,6 +1,7 @@
 """The engine: tokenize + validate, then each step is schedule -> execute -> update."""
 
 import atexit
+import contextlib
 import gc
 import itertools
 import logging
@@ -266,20 +267,21 @@ class EngineCore:
 
 
 def _freeze_startup_objects() -> None:
-    """Move the objects that imports leave (torch, transformers, triton: ~0.5 M) out of the
-    garbage collector's reach. A full collection over them stalled the step loop for ~0.2 s,
-    several times per long run; frozen, later passes scan only newer objects. The engine's
-    own objects stay collectable (frozen, an engine in a reference cycle would never free
-    its KV cache)."""
-    import triton  # noqa: F401  (the kernels' compiler: imported here so that it is frozen too)
-
+    """At the first engine start, move the objects that imports left (torch, transformers,
+    triton: ~0.5 M) out of the garbage collector's reach. A full collection over them stalled
+    the step loop for ~0.2 s, several times per long run; frozen, later passes scan only newer
+    objects. Only once: a later freeze would also pin earlier engines (an engine in a
+    reference cycle would then never free its KV cache)."""
+    if getattr(_freeze_startup_objects, "done", False):
+        return
+    _freeze_startup_objects.done = True
+    with contextlib.suppress(ImportError):  # CPU-only installs may lack triton: fine
+        import triton  # noqa: F401  (the kernels' compiler, imported lazily otherwise)
     gc.collect()
     gc.freeze()
-    if not getattr(_freeze_startup_objects, "registered", False):
-        # NOTE: unfrozen at exit so interpreter shutdown still frees them (triton's nanobind
-        # bindings report frozen objects as leaks).
-        atexit.register(gc.unfreeze)
-        _freeze_startup_objects.registered = True
+    # NOTE: unfrozen at exit so interpreter shutdown still frees them (triton's nanobind
+    # bindings report frozen objects as leaks).
+    atexit.register(gc.unfreeze)
 
 
 def _host_bound(params: SamplingParams) -> bool:

@@ -116,7 +116,7 @@ def build_model(
     load_weights(model, iterate_weights(path))
     if staged:
         model.weight_offloader = place_weights(model, device, method, plan)
-    elif device.type == "cpu":
+    if device.type == "cpu" and not plan.offload_layers:  # offloaded layers swap weights in
         cpu_gemm.pack_model(model)
     return model.eval()
 

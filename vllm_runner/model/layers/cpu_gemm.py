@@ -39,10 +39,17 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
 
 def pack_model(model: nn.Module) -> int:
     """Give every float linear layer and the LM head of a CPU model a packed weight
-    (``cpu_packed``, used by their matmul); returns how many were packed."""
-    from vllm_runner.model.layers.embedding import ParallelLMHead
+    (``cpu_packed``, used by their matmul); returns how many were packed.
+
+    The dense weight a packed layer no longer reads becomes a meta tensor (same shape and
+    dtype, no storage), so memory holds one copy and ``stats()`` still counts its bytes. An LM
+    head tied to the embedding keeps the shared dense weight (the lookup reads it); its packed
+    copy is a snapshot taken here.
+    """
+    from vllm_runner.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
     from vllm_runner.model.layers.linear import LinearBase
 
+    embedding_weights = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding}
     count = 0
     for module in model.modules():
         if isinstance(module, LinearBase) and module.quant_method is not None:
@@ -52,6 +59,8 @@ def pack_model(model: nn.Module) -> int:
             if weight.device.type != "cpu" or not supported(weight.dtype):
                 continue
             module.cpu_packed = pack(weight)
+            if id(weight) not in embedding_weights:
+                module.weight = nn.Parameter(weight.to("meta"), requires_grad=False)
             count += 1
     if count:
         logger.info("CPU: %d linear layers use oneDNN-packed weights", count)
