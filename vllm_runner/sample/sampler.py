@@ -117,15 +117,21 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow] | None) -> SamplerOutput:
         sampled, raw_logprobs = self.sample(logits, rows)
         token_ids = sampled.tolist()  # the step's one device-to-host copy of sampled ids
+        if rows is None:
+            return SamplerOutput(token_ids, [None] * len(token_ids))
         return SamplerOutput(token_ids, self._logprobs(raw_logprobs, rows, sampled, token_ids))
 
     def sample(
-        self, logits: torch.Tensor, rows: list[SamplingRow]
+        self, logits: torch.Tensor, rows: list[SamplingRow] | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Sampled ids on the device (no host sync), and raw logprobs when any row asks."""
+        """Sampled ids on the device (no host sync), and raw logprobs when any row asks.
+        ``rows=None`` means every row is plain greedy (no penalties, min_tokens or logprobs):
+        the argmax alone, with no per-row host work."""
+        if rows is None:
+            return logits.argmax(dim=-1), None  # exact in any dtype: no fp32 copy needed
         logits = logits.float()  # [num_rows, vocab]
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):

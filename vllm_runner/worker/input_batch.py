@@ -14,7 +14,8 @@ class CachedRequestState:
     token_ids: list[int]  # prompt + sampled so far
     num_prompt_tokens: int
     params: SamplingParams
-    block_ids: list[int]
+    row: int  # this request's row of InputBatch.block_table
+    num_blocks: int
     seed: int | None
     num_computed_tokens: int = 0
     num_pending: int = 0  # sampled on the device, not yet appended to token_ids
@@ -43,73 +44,106 @@ class StepInputs:
 
 class InputBatch:
     """Keeps each scheduled request's tokens and blocks between steps, so a step's scheduler
-    output carries only what changed."""
+    output carries only what changed. Block ids live in one persistent table, a row per
+    request: a step gathers its rows with one numpy index instead of copying Python lists."""
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, max_blocks_per_request: int, rows: int = 64) -> None:
         self.block_size = block_size
         self.states: dict[str, CachedRequestState] = {}
+        self.block_table = np.zeros((rows, max_blocks_per_request), np.int32)
+        self.free_rows = list(range(rows - 1, -1, -1))
+        # Requests the sampler must see row by row (anything but plain greedy).
+        self.needs_rows: set[str] = set()
 
     def update(self, sched: SchedulerOutput) -> None:
         for request_id in sched.finished_req_ids:
-            self.states.pop(request_id, None)
+            state = self.states.pop(request_id, None)
+            if state is not None:
+                self.free_rows.append(state.row)
+            self.needs_rows.discard(request_id)
         for new in sched.new_requests:
-            self.states[new.request_id] = CachedRequestState(
+            if not _plain_greedy(new.params):
+                self.needs_rows.add(new.request_id)
+            state = CachedRequestState(
                 new.request_id,
                 list(new.token_ids),
                 new.num_prompt_tokens,
                 new.params,
-                list(new.block_ids),
+                self._take_row(),
+                0,
                 new.seed,
                 new.num_computed_tokens,
             )
+            self.states[new.request_id] = state
+            self._append_blocks(state, new.block_ids)
         for cached in sched.cached_requests:
             state = self.states[cached.request_id]
-            state.block_ids.extend(cached.new_block_ids)
+            if cached.new_block_ids:
+                self._append_blocks(state, cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+
+    def _take_row(self) -> int:
+        if not self.free_rows:  # more live requests than rows: double the table
+            rows = self.block_table.shape[0]
+            self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
+            self.free_rows = list(range(2 * rows - 1, rows - 1, -1))
+        return self.free_rows.pop()
+
+    def _append_blocks(self, state: CachedRequestState, block_ids: list[int]) -> None:
+        n = state.num_blocks
+        self.block_table[state.row, n : n + len(block_ids)] = block_ids
+        state.num_blocks = n + len(block_ids)
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size
+        states = self.states
         request_ids = list(sched.num_scheduled_tokens)
+        counts = list(sched.num_scheduled_tokens.values())
         num_reqs = len(request_ids)
-        counts = np.fromiter(sched.num_scheduled_tokens.values(), np.int64, num_reqs)
-        starts = np.fromiter(
-            (self.states[r].num_computed_tokens for r in request_ids), np.int64, num_reqs
-        )
-        seq_lens = starts + counts
-        query_start_loc = np.zeros(num_reqs + 1, np.int32)
-        np.cumsum(counts, out=query_start_loc[1:])
-        total = int(query_start_loc[-1])
-        # position of every flat token: its request's start + offset within the request
-        req_of_token = np.repeat(np.arange(num_reqs), counts)
-        positions = (
-            np.arange(total, dtype=np.int64) - query_start_loc[req_of_token] + starts[req_of_token]
-        )
-
-        max_blocks = int((seq_lens.max() + bs - 1) // bs) if num_reqs else 0
-        block_tables = np.zeros((num_reqs, max_blocks), np.int32)
+        total = sum(counts)
+        starts, rows = [0] * num_reqs, [0] * num_reqs
         input_ids = np.empty(total, np.int64)
         sampling_ids, sampled_rows, missing = [], [], []
+        q0 = 0
         for i, request_id in enumerate(request_ids):
-            state = self.states[request_id]
-            blocks = state.block_ids
-            block_tables[i, : len(blocks)] = blocks[:max_blocks]
-            lo, hi = int(starts[i]), int(seq_lens[i])
-            q0 = int(query_start_loc[i])
-            known = len(state.token_ids)
+            state = states[request_id]
+            lo, count = state.num_computed_tokens, counts[i]
+            hi = lo + count
+            starts[i], rows[i] = lo, state.row
+            tokens = state.token_ids
+            known = len(tokens)
             if hi > known:  # the last input token was sampled last step, still on the device
                 missing.append((q0 + known - lo, request_id))
                 input_ids[q0 + known - lo] = 0
-                hi_known = known
+                if known > lo:
+                    input_ids[q0 : q0 + known - lo] = tokens[lo:known]
+            elif count == 1:
+                input_ids[q0] = tokens[lo]
             else:
-                hi_known = hi
-            input_ids[q0 : q0 + hi_known - lo] = state.token_ids[lo:hi_known]
+                input_ids[q0 : q0 + count] = tokens[lo:hi]
             if hi == known + state.num_pending:
                 sampling_ids.append(request_id)
                 sampled_rows.append(i)
+            q0 += count
+        counts_np = np.array(counts, np.int64)
+        starts_np = np.array(starts, np.int64)
+        seq_lens = starts_np + counts_np
+        query_start_loc = np.zeros(num_reqs + 1, np.int32)
+        np.cumsum(counts_np, out=query_start_loc[1:])
+        # position of every flat token: its request's start + offset within the request
+        req_of_token = np.repeat(np.arange(num_reqs), counts_np)
+        positions = (
+            np.arange(total, dtype=np.int64)
+            - query_start_loc[req_of_token]
+            + starts_np[req_of_token]
+        )
+        max_blocks = int((seq_lens.max() + bs - 1) // bs) if num_reqs else 0
+        block_tables = self.block_table[np.array(rows, np.int64), :max_blocks]
         slot_mapping = (
             block_tables[req_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         )
         logits_indices = query_start_loc[1:][sampled_rows].astype(np.int64) - 1
+        not_decode = counts_np != 1
         return StepInputs(
             request_ids,
             input_ids,
@@ -121,7 +155,16 @@ class InputBatch:
             logits_indices,
             sampling_ids,
             missing,
-            int(counts.max()) if num_reqs else 0,
+            max(counts) if num_reqs else 0,
             int(seq_lens.max()) if num_reqs else 0,
-            int(np.argmax(counts != 1)) if (counts != 1).any() else num_reqs,
+            int(np.argmax(not_decode)) if not_decode.any() else num_reqs,
         )
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    return (
+        params.greedy
+        and not params.has_penalties
+        and params.min_tokens == 0
+        and params.logprobs is None
+    )

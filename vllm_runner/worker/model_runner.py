@@ -64,9 +64,9 @@ class ModelRunner:
         self.weight_bytes = weight_bytes(self.model)  # stats(): resident / offloaded bytes
         self.load_seconds = time.perf_counter() - start
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.batch = InputBatch(cache_config.block_size)
-        self.sampler = Sampler(self.device, model_config.seed)
         max_blocks = -(-model_config.max_model_len // cache_config.block_size)
+        self.batch = InputBatch(cache_config.block_size, max_blocks)
+        self.sampler = Sampler(self.device, model_config.seed)
         self.buffers = DeviceInputs(
             max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs),
             scheduler_config.max_num_seqs,
@@ -189,7 +189,12 @@ class ModelRunner:
         if not inputs.sampling_ids:
             return handle
         states = self.batch.states
-        rows = [self._sampling_row(r) for r in inputs.sampling_ids]
+        needs_rows = self.batch.needs_rows
+        rows = (
+            [self._sampling_row(r) for r in inputs.sampling_ids]
+            if needs_rows and not needs_rows.isdisjoint(inputs.sampling_ids)
+            else None  # all plain greedy: the sampler takes the argmax, nothing per row
+        )
         if not overlap:
             out = self.sampler(logits, rows)
             handle.token_ids, handle.logprobs = out.token_ids, out.logprobs

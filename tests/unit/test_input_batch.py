@@ -1,0 +1,61 @@
+"""The runner's persistent input batch: block-table rows, flat step arrays."""
+
+import numpy as np
+
+from vllm_runner.engine.outputs import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm_runner.sampling_params import SamplingParams
+from vllm_runner.worker.input_batch import InputBatch
+
+
+def new(rid: str, tokens: list[int], blocks: list[int], computed: int = 0) -> NewRequestData:
+    return NewRequestData(rid, tokens, len(tokens), SamplingParams(), blocks, computed, None)
+
+
+def step(new_reqs=(), cached=(), scheduled=None, finished=()) -> SchedulerOutput:
+    scheduled = scheduled or {}
+    return SchedulerOutput(
+        list(new_reqs), list(cached), scheduled, sum(scheduled.values()), set(finished)
+    )
+
+
+def test_prefill_then_decode_arrays_are_exact():
+    batch = InputBatch(block_size=4, max_blocks_per_request=8)
+    sched = step([new("a", [10, 11, 12, 13, 14], [7, 3]), new("b", [20, 21], [5])],
+                 scheduled={"a": 5, "b": 2})  # fmt: skip
+    batch.update(sched)
+    x = batch.prepare(sched)
+    assert x.input_ids.tolist() == [10, 11, 12, 13, 14, 20, 21]
+    assert x.positions.tolist() == [0, 1, 2, 3, 4, 0, 1]
+    # token t of a request sits in block_table[t // 4] at offset t % 4
+    assert x.slot_mapping.tolist() == [28, 29, 30, 31, 12, 20, 21]
+    assert x.block_tables.tolist() == [[7, 3], [5, 0]]
+    assert x.seq_lens.tolist() == [5, 2] and x.query_start_loc.tolist() == [0, 5, 7]
+    assert x.logits_indices.tolist() == [4, 6] and x.sampling_ids == ["a", "b"]
+    assert x.num_decode_rows == 0 and x.max_query_len == 5 and x.max_seq_len == 5
+
+    batch.states["a"].token_ids.append(15)  # the runner appends each sampled token
+    batch.states["b"].token_ids.append(22)
+    sched = step(cached=[CachedRequestData("a", [], 5), CachedRequestData("b", [], 2)],
+                 scheduled={"a": 1, "b": 1})  # fmt: skip
+    batch.update(sched)
+    x = batch.prepare(sched)
+    assert x.input_ids.tolist() == [15, 22] and x.positions.tolist() == [5, 2]
+    assert x.slot_mapping.tolist() == [13, 22] and x.num_decode_rows == 2
+
+
+def test_rows_are_reused_and_the_table_grows():
+    batch = InputBatch(block_size=4, max_blocks_per_request=3, rows=2)
+    reqs = [new(f"r{i}", [i + 1], [i]) for i in range(5)]
+    sched = step(reqs, scheduled={r.request_id: 1 for r in reqs})
+    batch.update(sched)
+    rows = [batch.states[f"r{i}"].row for i in range(5)]
+    assert sorted(rows) == [0, 1, 2, 3, 4] and batch.block_table.shape == (8, 3)
+    assert batch.prepare(sched).block_tables[:, 0].tolist() == [0, 1, 2, 3, 4]
+    # r1 finishes; r9 takes its row, with its own blocks, then gets one more block
+    freed = batch.states["r1"].row
+    sched = step([new("r9", [9, 9, 9, 9, 9], [40, 41])], scheduled={"r9": 5}, finished={"r1"})
+    batch.update(sched)
+    assert batch.states["r9"].row == freed and "r1" not in batch.states
+    batch.update(step(cached=[CachedRequestData("r9", [42], 5)], scheduled={"r9": 1}))
+    assert batch.block_table[freed].tolist() == [40, 41, 42]
+    assert np.count_nonzero(batch.block_table[:, 0]) == 4  # r0 holds block 0
