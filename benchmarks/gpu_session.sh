@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, kernel check + timings, engine throughput.
-# Usage on the device: bash benchmarks/gpu_session.sh [tests|kernels|w1-1b|w1-8b|peers-1b|peers-8b]...
+# Usage on the device: bash benchmarks/gpu_session.sh STEP...   (STEP: tests, kernels, w1-1b,
+# w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -10,12 +11,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for step in "$@"; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
-    tests) python -m pytest tests/model tests/kernels -m gpu -q -x -p no:cacheprovider \
+    tests) python -m pytest tests/model tests/kernels tests/engine/test_offload.py \
+             tests/unit/test_quant.py -m gpu -q -x -p no:cacheprovider \
              2>&1 | tee "$OUT/gpu_tests.log" | tail -25
            [ "${PIPESTATUS[0]}" = 0 ] || { echo "GPU tests failed: stopping"; exit 1; } ;;
     profile-1b) python benchmarks/profile_engine.py --model 1b --out "$OUT/profile_1b.txt" 2>&1 | tail -40 ;;
     profile-8b) python benchmarks/profile_engine.py --model 8b --torch-profile \
              --out "$OUT/profile_8b.txt" 2>&1 | tail -45 ;;
+    steps-1b|steps-8b) m=${step#steps-}; python benchmarks/profile_engine.py --model "$m" --no-profile \
+             --out "$OUT/steps_$m.txt" 2>&1 | tail -8 ;;
+    torch-1b) python benchmarks/profile_engine.py --model 1b --torch-profile \
+             --out "$OUT/torch_1b.txt" 2>&1 | tail -45 ;;
+    quant-b1) python benchmarks/quant_offload.py --cases tune,b1 --out "$OUT/quant_b1.json" 2>&1 | tail -40 ;;
     kernels) python benchmarks/kernels.py --check --quick --out "$OUT/kernels.md" 2>&1 | tail -40 ;;
     w1-1b) python benchmarks/throughput.py --device cuda --models 1b --systems engine \
              --out "$OUT/w1_1b_engine.json" 2>&1 | tail -25 ;;
