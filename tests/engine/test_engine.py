@@ -218,3 +218,21 @@ def test_async_scheduling_pipeline_matches_sync(llama_dir):
         == make_llm(llama_dir, async_scheduling=False).generate([batch[0]], seeded)[0].token_ids
     )
     assert piped.stats()["kv_blocks_used"] == 0
+
+
+def test_startup_gc_freeze_leaves_engines_collectable(llama_dir):
+    """The engine freezes import-time objects once per process (a full GC pass over them
+    stalls steps); an engine made later, even one caught in a reference cycle, still frees."""
+    import gc
+    import weakref
+
+    first = LLM(llama_dir, num_kv_blocks=8)  # freezes, if no engine did before in this process
+    frozen = gc.get_freeze_count()
+    llm = LLM(llama_dir, num_kv_blocks=8)
+    assert gc.get_freeze_count() == frozen  # no second freeze
+    llm.engine.cycle = llm.engine  # only the cycle collector can free this one
+    engine = weakref.ref(llm.engine)
+    del llm
+    gc.collect()
+    assert engine() is None
+    del first
