@@ -58,4 +58,7 @@ def test_rows_are_reused_and_the_table_grows():
     assert batch.states["r9"].row == freed and "r1" not in batch.states
     batch.update(step(cached=[CachedRequestData("r9", [42], 5)], scheduled={"r9": 1}))
     assert batch.block_table[freed].tolist() == [40, 41, 42]
+    # a finished request's row is cleared before anyone reuses it
+    batch.update(step([new("r8", [8], [50])], scheduled={"r8": 1}, finished={"r9"}))
+    assert batch.block_table[batch.states["r8"].row].tolist() == [50, 0, 0]
     assert np.count_nonzero(batch.block_table[:, 0]) == 4  # r0 holds block 0

@@ -58,7 +58,8 @@ class InputBatch:
     def update(self, sched: SchedulerOutput) -> None:
         for request_id in sched.finished_req_ids:
             state = self.states.pop(request_id, None)
-            if state is not None:
+            if state is not None:  # a reused row must not show its last owner's blocks
+                self.block_table[state.row, : state.num_blocks] = 0
                 self.free_rows.append(state.row)
             self.needs_rows.discard(request_id)
         for new in sched.new_requests:
