@@ -228,41 +228,6 @@ def check(pool: KVPool) -> bool:
     ok &= report("write_kv_cache", torch.cat(caches), torch.cat(caches_ref), 0, 0)
     return ok
 
-    ok = True
-    # (q_lens, seq_lens): decode batches (incl. split-K) and prefill with a prefix-cache hit.
-    cases = [([1] * 8, [2048, 1, 17, 700, 2048, 999, 64, 1500]), ([1], [8192]),
-             ([1024, 300, 1], [1024, 1800, 77])]  # fmt: skip
-    for q_lens, seq_lens in cases:
-        tables = pool.block_tables(len(seq_lens), max(seq_lens), 1)[0]
-        q = torch.randn(sum(q_lens), HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
-        lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-        qsl = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=DEVICE)
-        args = (q, pool.k, pool.v, tables, lens, qsl, HEAD_DIM**-0.5)
-        got = paged_attention(*args, max_query_len=max(q_lens), max_seq_len=max(seq_lens))
-        want = reference.paged_attention(*args)
-        ok &= report(f"attention q_lens={q_lens[:3]} seq_lens={seq_lens[:3]}", got, want, 2e-2)
-    x = torch.randn(512, HIDDEN, dtype=DTYPE, device=DEVICE)
-    res, w = torch.randn_like(x), torch.randn(HIDDEN, dtype=DTYPE, device=DEVICE)
-    got, want = rms_norm(x, w, 1e-5, res), reference.rms_norm(x, w, 1e-5, res)
-    ok &= report("rms_norm out", got[0], want[0], 5e-2) & report(
-        "rms_norm res", *[got[1], want[1]], 0
-    )
-    pos = torch.randint(0, 8192, (512,), device=DEVICE)
-    q = torch.randn(512, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
-    k = torch.randn(512, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
-    cos_sin = torch.rand(8192, HEAD_DIM, device=DEVICE)
-    got, want = rotary_embedding(pos, q, k, cos_sin), reference.rotary_embedding(pos, q, k, cos_sin)
-    ok &= report("rotary q", got[0], want[0], 2e-2) & report("rotary k", got[1], want[1], 2e-2)
-    kc = torch.randn(128, BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
-    kc_ref, vc, vc_ref = kc.clone(), torch.randn_like(kc), None
-    vc_ref = vc.clone()
-    slots = torch.randperm(128 * BLOCK_SIZE, device=DEVICE)[:512]
-    slots[::7] = -1
-    write_kv_cache(k, k, kc, vc, slots)
-    reference.write_kv_cache(k, k, kc_ref, vc_ref, slots)
-    ok &= report("write_kv_cache", torch.cat([kc, vc]), torch.cat([kc_ref, vc_ref]), 0)
-    return ok
-
 
 def print_table(rows: list[Row], copy_gbs: float, tflops: float) -> None:
     print(f"\ncopy {copy_gbs:.0f} GB/s (read+write), bf16 matmul {tflops:.0f} TFLOP/s")
