@@ -26,9 +26,10 @@ from workloads import build_random_llama, random_workload  # noqa: E402
 from vllm_runner import LLM, SamplingParams  # noqa: E402
 
 
-def run_steps(engine) -> tuple[dict, list[tuple[int, int, float]]]:
+def run_steps(engine, on_first_decode=None) -> tuple[dict, list[tuple[int, int, float]]]:
     """Step until done; wall time per step kind (pure decode vs with prefill), and per step
-    (scheduled requests, scheduled tokens, wall ms) of the step scheduled in that call."""
+    (scheduled requests, scheduled tokens, wall ms) of the step scheduled in that call.
+    ``on_first_decode`` runs once, before the first step that schedules only decodes."""
     by_kind: dict[str, list[float]] = defaultdict(list)
     log: list[tuple[int, int, float]] = []
     schedule = engine.scheduler.schedule
@@ -51,6 +52,9 @@ def run_steps(engine) -> tuple[dict, list[tuple[int, int, float]]]:
 
     gc.callbacks.append(on_gc)
     while engine.has_unfinished():
+        if on_first_decode is not None and log and log[-1][0] == log[-1][1]:
+            on_first_decode()
+            on_first_decode = None
         start = time.perf_counter()
         engine.step(stream=False)
         wall = time.perf_counter() - start
@@ -96,10 +100,23 @@ def main() -> None:
     if args.torch_profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            by_kind, log = run_steps(engine)
+        # Two profiles: the steps up to the last prefill chunk, then the pure-decode rest
+        # (async scheduling puts one step of each phase's GPU work in the other: negligible).
+        profs = [profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])]
+
+        def next_phase() -> None:
+            torch.cuda.synchronize()
+            profs[0].stop()
+            profs.append(profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]))
+            profs[1].start()
+
+        profs[0].start()
+        by_kind, log = run_steps(engine, next_phase)
         torch.cuda.synchronize()
-        buf.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        profs[-1].stop()
+        for title, prof in zip(("steps with prefill", "pure decode steps"), profs, strict=False):
+            buf.write(f"\n== {title}\n")
+            buf.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
     elif args.no_profile:
         by_kind, log = run_steps(engine)
     else:
