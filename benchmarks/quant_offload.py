@@ -275,7 +275,7 @@ def bench_tune(args, report: dict) -> None:
             (1, 4, 512, 1, 4, 3), (1, 8, 512, 1, 4, 3), (1, 16, 256, 1, 4, 3),
             (1, 32, 256, 1, 8, 3), (1, 8, 1024, 1, 8, 2), (1, 2, 2048, 1, 4, 2),
             (1, 4, 1024, 1, 4, 2), (1, 4, 2048, 1, 8, 2), (1, 8, 2048, 1, 8, 1),
-            (1, 16, 1024, 1, 8, 1), (1, 1, 2048, 1, 2, 2), (1, 2, 1024, 1, 2, 3),
+            (1, 16, 1024, 1, 8, 1), (1, 2, 2048, 1, 2, 2), (1, 2, 1024, 1, 2, 3),
             (1, 4, 1024, 1, 8, 3), (1, 16, 512, 1, 8, 2), (1, 8, 512, 1, 2, 4),
         ]
     ]  # fmt: skip
@@ -289,7 +289,11 @@ def bench_tune(args, report: dict) -> None:
         bench = triton.testing.do_bench_cudagraph
         bf16_ms = bench(lambda x=x, w=w: torch.nn.functional.linear(x, w))
         for cfg in configs:
-            ms = bench(lambda x=x, q=q, s=scale, c=cfg: w8a16_matmul(x, q, s, config=c))
+            try:
+                ms = bench(lambda x=x, q=q, s=scale, c=cfg: w8a16_matmul(x, q, s, config=c))
+            except Exception as e:  # one bad tile config must not end the sweep
+                print(f"  tune {n}x{k} {cfg}: failed: {e!r}"[:300])
+                continue
             used = cfg or default_config(1, n, k, num_sms(x.device))
             rows.append({"n": n, "k": k, "config": str(used), "default": cfg is None,
                          "us": ms * 1e3, "GBps": n * k / ms / 1e6, "bf16_us": bf16_ms * 1e3,
