@@ -2,7 +2,7 @@
 
 CUDA only. Llama-3-8B attention shapes (32 q heads, 8 kv heads, head_dim 128, bf16, block_size
 16, shuffled block tables):
-    python benchmarks/kernels.py [--quick] [--check] [--sweep] [--out kernels.json|kernels.md]
+    python benchmarks/kernels.py [--quick] [--check] [--sweep] [--w1] [--out kernels.json|.md]
 
 Conventions:
 - copy GB/s = (bytes read + bytes written) / time of a 1 GiB device-to-device copy; matmul
@@ -127,6 +127,75 @@ def bench_prefill(pool: KVPool, num_seqs: int, seq_len: int, tflops: float, rep:
     rate = flops / ms / 1e9
     return Row("prefill_attention", f"n={num_seqs} len={seq_len}", ms * 1e3, rate, "TFLOP/s",
                100 * rate / tflops)  # fmt: skip
+
+
+def bench_w1(pool: KVPool, copy_gbs: float, tflops: float, rep: int) -> list[Row]:
+    """Tile configs at W1's shapes on the 8B model (--w1): a 256-row decode step over contexts
+    of 64-1280 tokens, and a 16384-token step of whole prompts of 64-1024 tokens."""
+    import triton.testing
+
+    from kernels.paged_attention import paged_attention_decode
+    from kernels.prefill_attention import prefill_attention
+
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    lens = torch.randint(64, 1281, (256,), generator=gen)
+    per_seq = -(-int(lens.max()) // BLOCK_SIZE)
+    tables = pool.perm[: 256 * per_seq].view(256, per_seq)
+    seq_lens = lens.to(torch.int32).to(DEVICE)
+    q = torch.randn(256, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    kv_bytes = 2 * int(lens.sum()) * KV_HEADS * HEAD_DIM * BYTES
+    for n, w, s in [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 8, 3),
+                    (32, 4, 2), (32, 4, 3), (64, 2, 2), (32, 2, 2)]:  # fmt: skip
+
+        def run(n=n, w=w, s=s):
+            return paged_attention_decode(
+                q, pool.k, pool.v, tables, seq_lens, HEAD_DIM**-0.5,
+                num_splits=1, block_n=n, num_warps=w, num_stages=s,
+            )  # fmt: skip
+
+        ms = triton.testing.do_bench_cudagraph(run, rep=max(rep // 4, 5), return_mode="median")
+        gbs = kv_bytes / ms / 1e6
+        rows.append(Row(f"w1 decode[n={n} w={w} s={s}]", "b=256 ctx=64-1280", ms * 1e3, gbs,
+                        "GB/s", 100 * gbs / copy_gbs, graph_us=ms * 1e3))  # fmt: skip
+    lens, total = [], 0
+    while total < 16384:
+        length = min(int(torch.randint(64, 1025, (1,), generator=gen)), 16384 - total)
+        lens.append(length)
+        total += length
+    per_seq = -(-max(lens) // BLOCK_SIZE)
+    tables = pool.perm[: len(lens) * per_seq].view(len(lens), per_seq)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    qsl = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(total, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    flops = sum(4 * HEADS * HEAD_DIM * x * (x + 1) / 2 for x in lens)
+    for m, n, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+                       (128, 32, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                       (64, 64, 4, 4), (128, 64, 8, 2)]:  # fmt: skip
+
+        def run(m=m, n=n, w=w, s=s):
+            return prefill_attention(q, pool.k, pool.v, tables, seq_lens, qsl, 0.088,
+                                     block_m=m, block_n=n, num_warps=w, num_stages=s)  # fmt: skip
+
+        ms = bench(run, rep)
+        rate = flops / ms / 1e9
+        rows.append(Row(f"w1 prefill[m={m} n={n} w={w} s={s}]", f"{len(lens)} prompts, {total}",
+                        ms * 1e3, rate, "TFLOP/s", 100 * rate / tflops))  # fmt: skip
+    # The 8B linear layers at a decode step (M 256) and a full step (M 16384), by BLAS library.
+    for lib in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(lib)
+        for m in (256, 16384):
+            for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+                a = torch.randn(m, k, dtype=DTYPE, device=DEVICE)
+                wt = torch.randn(n, k, dtype=DTYPE, device=DEVICE)
+                ms = triton.testing.do_bench_cudagraph(
+                    lambda a=a, wt=wt: torch.nn.functional.linear(a, wt), rep=max(rep // 4, 5),
+                    return_mode="median")  # fmt: skip
+                rate = 2 * m * n * k / ms / 1e9
+                rows.append(Row(f"linear[{lib}]", f"m={m} n={n} k={k}", ms * 1e3, rate,
+                                "TFLOP/s", 100 * rate / tflops, graph_us=ms * 1e3))  # fmt: skip
+    torch.backends.cuda.preferred_blas_library("cublas")
+    return rows
 
 
 def bench_elementwise(tokens: int, copy_gbs: float, rep: int) -> list[Row]:
@@ -264,6 +333,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="few points, short timing runs")
     p.add_argument("--check", action="store_true", help="validate vs torch references first")
     p.add_argument("--sweep", action="store_true", help="decode (block_n, warps, stages) sweep")
+    p.add_argument("--w1", action="store_true", help="tile configs at W1's 8B shapes")
     p.add_argument("--out", type=Path, help="write results (.md: markdown table, else JSON)")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -285,6 +355,8 @@ def main() -> int:
         points = ((1, 8192), (64, 2048), (256, 512))
         rows += [bench_decode(pool, b, c, copy_gbs, rep, block_n=n, num_warps=w, num_stages=s)
                  for (n, w, s) in configs for b, c in points]  # fmt: skip
+    if args.w1:
+        rows += bench_w1(pool, copy_gbs, tflops, rep)
     rows += [bench_prefill(pool, n, length, tflops, rep) for n, length in prefill]
     for tokens in (256,) if args.quick else (1, 256, 4096):
         rows += bench_elementwise(tokens, copy_gbs, rep)

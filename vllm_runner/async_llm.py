@@ -38,7 +38,7 @@ class AsyncLLM:
         log_stats: bool = False,
         **kwargs,
     ) -> None:
-        self.engine = EngineCore(engine_args(model, model_name, kwargs))
+        self.engine = EngineCore(engine_args(model, model_name, kwargs), serving=True)
         self.tokenizer = self.engine.tokenizer
         self.model_name = self.engine.model_config.name
         self.max_model_len = self.engine.max_model_len

@@ -124,8 +124,10 @@ class EngineArgs:
             )
         return self.max_model_len
 
-    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
-        budget = self.max_num_batched_tokens or 8192  # vLLM's offline default
+    def scheduler_config(
+        self, max_model_len: int, device: torch.device, serving: bool = False
+    ) -> SchedulerConfig:
+        budget = self.max_num_batched_tokens or default_step_budget(device, serving)
         return SchedulerConfig(self.max_num_seqs, budget, max_model_len)
 
     def cache_config(self) -> CacheConfig:
@@ -137,3 +139,16 @@ class EngineArgs:
             cpu_kv_cache_gb=self.cpu_kv_cache_gb,
             cpu_offload_gb=self.cpu_offload_gb,
         )
+
+
+def default_step_budget(device: torch.device, serving: bool) -> int:
+    """Tokens per step when ``max_num_batched_tokens`` is unset, as vLLM picks them: GPUs
+    of 70 GiB or more (not A100: larger steps measured slower there) take 16384 offline
+    (fewer, fuller prefill steps: W1 8B on an H200 ran 3% faster than at 8192) and 8192 when
+    serving, where a smaller step keeps the running streams' inter-token latency down;
+    other devices 8192."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        if props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower():
+            return 8192 if serving else 16384
+    return 8192

@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     """Single-threaded: callers serialise access (LLM directly, AsyncLLM via its loop thread)."""
 
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, serving: bool = False) -> None:
+        """``serving``: requests arrive online (AsyncLLM), not as one offline batch; only
+        the default step budget differs."""
         start = time.perf_counter()
         _freeze_startup_objects()
         args.validate()
@@ -51,7 +53,7 @@ class EngineCore:
         self.tokenizer = load_tokenizer(path)
         self.eos_ids = eos_token_ids(path, hf_config, self.tokenizer)
         self.vocab_size = hf_config.vocab_size
-        sched_config = args.scheduler_config(max_model_len)
+        sched_config = args.scheduler_config(max_model_len, device, serving)
         cache_config = args.cache_config()
         self.runner = ModelRunner(self.model_config, cache_config, sched_config)
         kv = KVCacheManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)

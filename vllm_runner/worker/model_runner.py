@@ -176,7 +176,11 @@ class ModelRunner:
         prev_sampled, prev_rows = self._prev
         if graph_size is not None:
             *_, logits_indices = self.buffers.load(inputs, graph_size, prev_sampled, prev_rows)
-            logits = self.graphs.run(graph_size, len(inputs.request_ids))[logits_indices]
+            num_reqs = len(inputs.request_ids)
+            logits = self.graphs.run(graph_size, num_reqs)
+            # Every row samples (the usual decode step): its logits are the leading rows.
+            all_rows = len(inputs.logits_indices) == num_reqs
+            logits = logits[:num_reqs] if all_rows else logits[logits_indices]
         else:
             input_ids, positions, md, logits_indices = self.buffers.load(
                 inputs, 0, prev_sampled, prev_rows

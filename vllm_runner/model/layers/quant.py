@@ -107,9 +107,10 @@ class Fp8W8A8(QuantMethod):
     name = "fp8"
     weight_dtype = FP8_DTYPE
     # Steps of at most this many tokens skip activation quantization and run the fp8 weights
-    # through the W8A16 Triton kernel (widened in registers); 0 = always W8A8 _scaled_mm.
-    # NOTE: a decode-latency knob for benchmarks/quant_offload.py to measure, off by default.
-    weight_only_max_tokens = 0
+    # through the W8A16 Triton kernel (widened in registers, exact); 0 = always _scaled_mm.
+    # NOTE: a lone decode row is a weight stream that _scaled_mm pads out to a tensor-core
+    # tile (batch-1 8B on an H200: slower than bf16); the GEMV reads each byte once.
+    weight_only_max_tokens = 1
 
     def supports(self, layer: LinearBase) -> bool:
         # NOTE: torch._scaled_mm needs K and N divisible by 16.

@@ -1,0 +1,43 @@
+"""Engine settings: the default step budget follows vLLM's choice per device and usage."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_runner.config import EngineArgs, default_step_budget
+
+GiB = 2**30
+
+
+def test_cpu_budget_is_8192_offline_and_serving():
+    cpu = torch.device("cpu")
+    assert default_step_budget(cpu, serving=False) == 8192
+    assert default_step_budget(cpu, serving=True) == 8192
+
+
+@pytest.mark.parametrize(
+    ("name", "memory", "offline", "serving"),
+    [
+        ("NVIDIA H100 80GB HBM3", 80 * GiB, 16384, 8192),
+        ("NVIDIA H200", 141 * GiB, 16384, 8192),
+        ("NVIDIA A100-SXM4-80GB", 80 * GiB, 8192, 8192),  # larger steps measured slower
+        ("NVIDIA L4", 24 * GiB, 8192, 8192),
+    ],
+)
+def test_gpu_budget_by_card(monkeypatch, name, memory, offline, serving):
+    props = SimpleNamespace(name=name, total_memory=memory)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cuda = torch.device("cuda")
+    assert default_step_budget(cuda, serving=False) == offline
+    assert default_step_budget(cuda, serving=True) == serving
+
+
+def test_explicit_budget_wins(monkeypatch):
+    props = SimpleNamespace(name="NVIDIA H200", total_memory=141 * GiB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    args = EngineArgs(max_num_batched_tokens=512)
+    assert args.scheduler_config(1024, torch.device("cuda")).max_num_batched_tokens == 512
+    assert EngineArgs().scheduler_config(1024, torch.device("cuda")).max_num_batched_tokens == (
+        16384
+    )
