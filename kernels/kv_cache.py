@@ -2,11 +2,15 @@
 
 Same contract as ``kernels.reference.write_kv_cache``; one program per token writes every
 kv head of that token, so each program moves one contiguous ``num_kv_heads * head_dim`` row.
+``rotary_and_write_kv_cache`` also applies the rotary embedding on the way: queries to a new
+tensor, keys straight into the cache (one kernel instead of two, and no rotated-key copy).
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.rotary import _rotate_heads
 
 
 @triton.jit
@@ -98,3 +102,124 @@ def write_kv_cache(
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
     )
+
+
+@triton.jit
+def _rotary_write_kv_kernel(
+    positions_ptr,  # [num_tokens]
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    key_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    value_ptr,
+    q_out_ptr,  # [num_tokens, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,
+    slot_mapping_ptr,  # [num_tokens]
+    cos_sin_ptr,  # [max_positions, rotary_dim]: cos half | sin half
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_qot,
+    stride_qoh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_cos,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_KV_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    COPY_PASS: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_HALF)[None, :]
+    cs_mask = offs_r < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cos + offs_r, mask=cs_mask, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cos + HALF + offs_r, mask=cs_mask, other=0.0)
+    cos, sin = cos.to(tl.float32), sin.to(tl.float32)
+    _rotate_heads(
+        q_ptr + token * stride_qt, q_out_ptr + token * stride_qot, stride_qh, stride_qoh,
+        cos, sin, NUM_HEADS, HEAD_DIM, HALF, BLOCK_H, BLOCK_HALF, BLOCK_PASS, COPY_PASS,
+    )  # fmt: skip
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:  # padding token: its query is rotated (harmless), nothing is cached
+        return
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+    _rotate_heads(
+        key_ptr + token * stride_kt, k_cache_ptr + dst, stride_kh, stride_ch,
+        cos, sin, NUM_KV_HEADS, HEAD_DIM, HALF, BLOCK_KV_H, BLOCK_HALF, BLOCK_PASS, COPY_PASS,
+    )  # fmt: skip
+    offs_h = tl.arange(0, BLOCK_KV_H)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (offs_h < NUM_KV_HEADS) & (offs_d < HEAD_DIM)
+    v = tl.load(value_ptr + token * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
+    tl.store(v_cache_ptr + dst + offs_h * stride_ch + offs_d,
+             v.to(v_cache_ptr.dtype.element_ty), mask=mask)  # fmt: skip
+
+
+def rotary_and_write_kv_cache(
+    positions: torch.Tensor,  # [num_tokens] int32/int64
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_positions, rotary_dim] fp32: cos half | sin half
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int32/int64; -1 = skip (padding)
+) -> torch.Tensor:  # rotated query, [num_tokens, num_heads, head_dim], contiguous
+    """``reference.rotary_embedding`` then ``reference.write_kv_cache`` of the rotated key and
+    the value, in one kernel; returns the rotated query. Inputs may be strided views (a fused
+    qkv output) with a dense head_dim; the cache dtype must be the query's."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    rotary_dim = cos_sin_cache.shape[1]
+    assert key.shape == value.shape == (num_tokens, num_kv_heads, head_dim), (
+        f"key {tuple(key.shape)} / value {tuple(value.shape)} vs query {tuple(query.shape)}"
+    )
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (
+        f"k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)}"
+    )
+    assert k_cache.shape[2:] == (num_kv_heads, head_dim), (
+        f"cache heads/dim {tuple(k_cache.shape[2:])} != key {(num_kv_heads, head_dim)}"
+    )
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1, (
+        "k_cache and v_cache must share strides with a dense head_dim"
+    )
+    assert query.dtype == key.dtype == value.dtype == k_cache.dtype == v_cache.dtype, (
+        f"query {query.dtype} / key {key.dtype} / value {value.dtype} / cache {k_cache.dtype}"
+    )
+    assert query.stride(2) == key.stride(2) == value.stride(2) == 1, "head_dim must be dense"
+    assert positions.shape == slot_mapping.shape == (num_tokens,), (
+        f"positions {tuple(positions.shape)} / slot_mapping {tuple(slot_mapping.shape)}"
+    )
+    assert rotary_dim % 2 == 0 and rotary_dim <= head_dim, f"rotary_dim {rotary_dim} / {head_dim}"
+    assert cos_sin_cache.stride(1) == 1, "cos_sin_cache needs a dense last dim"
+    q_out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    if num_tokens == 0:
+        return q_out
+    half = rotary_dim // 2
+    pass_dim = head_dim - rotary_dim
+    _rotary_write_kv_kernel[(num_tokens,)](
+        positions, query, key, value, q_out, k_cache, v_cache, slot_mapping, cos_sin_cache,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1), q_out.stride(0), q_out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos_sin_cache.stride(0),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_H=triton.next_power_of_2(num_heads),
+        BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_PASS=triton.next_power_of_2(max(pass_dim, 1)),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        COPY_PASS=pass_dim > 0,
+    )  # fmt: skip
+    return q_out

@@ -73,3 +73,62 @@ def test_write_kv_cache_real_sizes(device: torch.device) -> None:
     reference.write_kv_cache(key, value, k_ref, v_ref, slots)
     write_kv_cache(key, value, k_cache, v_cache, slots)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+def _cos_sin_cache(max_pos: int, rotary_dim: int, device: torch.device) -> torch.Tensor:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, device=device) / rotary_dim))
+    freqs = torch.arange(max_pos, device=device)[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_pos, rotary_dim]
+
+
+def _rotary_write_case(
+    num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
+    block_size: int, num_blocks: int, dtype: torch.dtype, device: torch.device,
+) -> None:  # fmt: skip
+    """The fused kernel on strided q/k/v views of one qkv output vs rotary then write."""
+    from kernel_testing import ROUNDING_ULPS, ULP
+
+    from kernels.kv_cache import rotary_and_write_kv_cache
+
+    q_w, kv_w = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(num_tokens, q_w + 2 * kv_w, device=device).to(dtype)
+    query = qkv[:, :q_w].view(num_tokens, num_heads, head_dim)
+    key = qkv[:, q_w : q_w + kv_w].view(num_tokens, num_kv_heads, head_dim)
+    value = qkv[:, q_w + kv_w :].view(num_tokens, num_kv_heads, head_dim)
+    positions = torch.randint(0, 2000, (num_tokens,), device=device)
+    slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
+    slots[[1, num_tokens // 2]] = -1  # padding: nothing cached
+    cos_sin = _cos_sin_cache(2048, rotary_dim, device)
+    k_cache, v_cache = _caches(num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    qkv_before = qkv.clone()
+
+    q_rot_ref, k_rot_ref = reference.rotary_embedding(positions, query, key, cos_sin)
+    reference.write_kv_cache(k_rot_ref, value, k_ref, v_ref, slots)
+    q_rot = rotary_and_write_kv_cache(
+        positions, query, key, value, cos_sin, k_cache, v_cache, slots
+    )
+    tol = {"atol": 1e-5, "rtol": ROUNDING_ULPS * ULP[dtype]}
+    torch.testing.assert_close(q_rot, q_rot_ref, **tol)
+    torch.testing.assert_close(k_cache, k_ref, **tol)  # rotated keys land in their slots
+    assert torch.equal(v_cache, v_ref)  # values: an exact copy; untouched slots unchanged
+    assert torch.equal(qkv, qkv_before)  # the inputs are read only
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (80, 32)])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2)])
+def test_rotary_and_write_kv_cache_matches_reference(
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    rotary_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+) -> None:
+    _rotary_write_case(13, num_heads, num_kv_heads, head_dim, rotary_dim, 16, 5, dtype, device)
+
+
+@pytest.mark.gpu
+def test_rotary_and_write_kv_cache_real_sizes(device: torch.device) -> None:
+    _rotary_write_case(8192, 32, 8, 128, 128, 16, 4096, torch.bfloat16, device)

@@ -35,12 +35,7 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(
-            positions,
-            q.view(q.shape[0], -1, self.attn.head_dim),
-            k.view(k.shape[0], -1, self.attn.head_dim),
-        )
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(q, k, v, self.rotary_emb, positions))
 
 
 class LlamaMLP(nn.Module):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kernels import reference
+from vllm_runner.model.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -44,16 +45,31 @@ class Attention(nn.Module):
         self.scale = scale
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rotary: RotaryEmbedding | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """With ``rotary``, q and k are rotated here first (on CUDA fused with the cache
+        write: the rotated key goes straight into the cache)."""
         md = _metadata
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if q.is_cuda:
             from kernels.attention import paged_attention
-            from kernels.kv_cache import write_kv_cache
+            from kernels.kv_cache import rotary_and_write_kv_cache, write_kv_cache
 
-            write_kv_cache(k, v, self.k_cache, self.v_cache, md.slot_mapping)
+            if rotary is not None:
+                q = rotary_and_write_kv_cache(
+                    positions, q, k, v, rotary.cos_sin_cache,
+                    self.k_cache, self.v_cache, md.slot_mapping,
+                )  # fmt: skip
+            else:
+                write_kv_cache(k, v, self.k_cache, self.v_cache, md.slot_mapping)
             out = paged_attention(
                 q,
                 self.k_cache,
@@ -67,6 +83,8 @@ class Attention(nn.Module):
                 md.num_decode_rows,
             )
         else:
+            if rotary is not None:
+                q, k = rotary(positions, q, k)
             reference.write_kv_cache(k, v, self.k_cache, self.v_cache, md.slot_mapping)
             out = reference.paged_attention(
                 q,
