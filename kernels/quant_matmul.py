@@ -59,15 +59,15 @@ def _w8a16_kernel(
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=x_mask, other=0.0)
         # [BLOCK_K, BLOCK_N]: the weight tile read transposed, widened in registers
         w_ptrs = w_cols + ks[:, None] * stride_wk
-        if EVEN_K and EVEN_N:
-            w = tl.load(w_ptrs)
-        elif EVEN_K:
-            w = tl.load(w_ptrs, mask=n_mask[None, :], other=0)
-        else:
-            w = tl.load(w_ptrs, mask=(ks < k_hi)[:, None] & n_mask[None, :], other=0)
         # NOTE: via fp32 (exact for int8 and e4m3): Triton 3.9's interpreter casts int8 -> bf16
-        # as raw bits.
-        acc = tl.dot(x, w.to(tl.float32).to(x.dtype), acc, input_precision=DOT_PRECISION)
+        # as raw bits. Masked lanes are zeroed after the widening: an integer ``other`` does
+        # not compile for fp8 pointers.
+        if EVEN_K and EVEN_N:
+            w = tl.load(w_ptrs).to(tl.float32)
+        else:
+            w_mask = n_mask[None, :] if EVEN_K else (ks < k_hi)[:, None] & n_mask[None, :]
+            w = tl.where(w_mask, tl.load(w_ptrs, mask=w_mask).to(tl.float32), 0.0)
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
     scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
     acc = acc * scale[None, :]
     if HAS_BIAS:
@@ -104,13 +104,14 @@ def _w8_gemv_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         if EVEN:
-            w = tl.load(rows + ks[None, :])
+            w = tl.load(rows + ks[None, :]).to(tl.float32)
             x = tl.load(x_ptr + ks)
-        else:
+        else:  # masked lanes zeroed after widening (see _w8a16_kernel)
             k_mask = ks < K
-            w = tl.load(rows + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+            w_mask = n_mask[:, None] & k_mask[None, :]
+            w = tl.where(w_mask, tl.load(rows + ks[None, :], mask=w_mask).to(tl.float32), 0.0)
             x = tl.load(x_ptr + ks, mask=k_mask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc += w * x.to(tl.float32)[None, :]
     out = tl.sum(acc, axis=1) * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)

@@ -6,7 +6,7 @@ from kernel_testing import DTYPE_IDS, DTYPES
 
 from kernels import reference
 from kernels.quant_matmul import W8A16Config, fp8_quantize_rows, w8a16_matmul
-from vllm_runner.model.layers.quant import quantize_int8
+from vllm_runner.model.layers.quant import quantize_fp8_rows, quantize_int8
 
 # The kernel and the reference both accumulate in fp32 and round once; what differs is the
 # summation order (and tf32-free bf16/fp16 products on tensor cores), so the output dtype's
@@ -61,6 +61,16 @@ def test_w8_gemv_one_row(device, dtype, n: int, k: int, block_n, block_k, with_b
     x = torch.randn(1, k, device=device).to(dtype)
     bias = torch.randn(n, device=device).to(dtype) if with_bias else None
     check(x, q, scale, bias, W8A16Config(1, block_n, block_k, num_stages=1))
+
+
+@pytest.mark.parametrize("config", [W8A16Config(1, 16, 64, num_stages=1),
+                                    W8A16Config(16, 32, 64, split_k=2, num_stages=1)],
+                         ids=["gemv", "tiled"])  # fmt: skip
+def test_fp8_weights_ragged_tiles(device: torch.device, config: W8A16Config) -> None:
+    """e4m3 weights through both kernels' masked paths (ragged N and K), widened exactly."""
+    q, scale = quantize_fp8_rows(torch.randn(72, 300, device=device) * 0.05)
+    x = torch.randn(1 if config.block_m == 1 else 19, 300, device=device).bfloat16()
+    check(x, q, scale, torch.randn(72, device=device).bfloat16(), config)
 
 
 def test_w8_gemv_takes_one_row_only(device: torch.device) -> None:
