@@ -40,8 +40,8 @@ def paged_attention(
         return prefill_attention(
             query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale
         )
-    out = torch.empty_like(query)
-    out[:d] = paged_attention_decode(
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    paged_attention_decode(
         query[:d],
         k_cache,
         v_cache,
@@ -49,8 +49,9 @@ def paged_attention(
         seq_lens[:d],
         scale,
         max_seq_len=max_seq_len,
+        out=out[:d],
     )
-    out[d:] = prefill_attention(
+    prefill_attention(
         query[d:],
         k_cache,
         v_cache,
@@ -58,5 +59,6 @@ def paged_attention(
         seq_lens[d:],
         query_start_loc[d:] - d,
         scale,
+        out=out[d:],
     )
     return out

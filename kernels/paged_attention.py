@@ -239,6 +239,17 @@ def check_paged_inputs(
     )
 
 
+def _output(query: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """A new output like ``query``, or the caller's ``out`` after checking it fits."""
+    if out is None:
+        return torch.empty_like(query, memory_format=torch.contiguous_format)
+    assert out.shape == query.shape and out.dtype == query.dtype and out.stride(2) == 1, (
+        f"out {out.dtype} {tuple(out.shape)} must match query {query.dtype} "
+        f"{tuple(query.shape)} with a dense head_dim"
+    )
+    return out
+
+
 def paged_attention_decode(
     query: torch.Tensor,  # [num_reqs, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -252,18 +263,20 @@ def paged_attention_decode(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
     """Attention of each request's single new query over its whole cached context.
 
     ``max_seq_len`` (a host int; defaults to the block-table capacity, so no device sync)
     and the batch shape pick ``num_splits`` unless it is given. Requests with
-    ``seq_len == 0`` (CUDA-graph padding) get zeros.
+    ``seq_len == 0`` (CUDA-graph padding) get zeros. ``out`` (optional, e.g. rows of a
+    mixed batch's output) receives the result instead of a new tensor.
     """
     check_paged_inputs(query, k_cache, v_cache, block_tables, seq_lens)
     num_reqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert seq_lens.shape == (num_reqs,), f"decode: seq_lens {tuple(seq_lens.shape)} vs query"
-    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    out = _output(query, out)
     if num_reqs == 0:
         return out
     if num_splits is None:

@@ -12,7 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention import LOG2E, _attend_tile, check_paged_inputs, dot_precision
+from kernels.paged_attention import (
+    LOG2E,
+    _attend_tile,
+    _output,
+    check_paged_inputs,
+    dot_precision,
+)
 
 
 @triton.jit
@@ -116,7 +122,9 @@ def _default_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, i
         return 64, 32, 4, 2
     if head_dim <= 64:
         return 128, 64, 4, 3
-    return 128, 64, 8, 3
+    # NOTE: H200, a 16384-token step of 30 whole prompts of 64-1024 tokens at head_dim 128
+    # (benchmarks/kernels.py --w1): 517 us vs 608 us for 128 x 64 tiles with 8 warps.
+    return 64, 64, 4, 3
 
 
 def prefill_attention(
@@ -132,12 +140,14 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each request's new queries over its whole cached context.
 
     Drop-in for ``kernels.reference.paged_attention`` (any mix of prefill, chunked prefill,
     prefix-cache hits and decode); needs no host sync. ``query_start_loc[-1]`` must equal
-    ``num_tokens``; tokens past it are left unwritten.
+    ``num_tokens``; tokens past it are left unwritten. ``out`` (optional) receives the
+    result instead of a new tensor.
     """
     check_paged_inputs(query, k_cache, v_cache, block_tables, seq_lens)
     num_tokens, num_heads, head_dim = query.shape
@@ -147,7 +157,7 @@ def prefill_attention(
         f"query_start_loc {tuple(query_start_loc.shape)} must be [num_reqs + 1 = {num_reqs + 1}]"
     )
     assert query_start_loc.dtype in (torch.int32, torch.int64), f"{query_start_loc.dtype}"
-    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    out = _output(query, out)
     if num_tokens == 0 or num_reqs == 0:
         return out
     cfg_m, cfg_n, cfg_warps, cfg_stages = _default_config(head_dim, query.dtype)
