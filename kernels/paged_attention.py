@@ -243,9 +243,14 @@ def _output(query: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """A new output like ``query``, or the caller's ``out`` after checking it fits."""
     if out is None:
         return torch.empty_like(query, memory_format=torch.contiguous_format)
-    assert out.shape == query.shape and out.dtype == query.dtype and out.stride(2) == 1, (
-        f"out {out.dtype} {tuple(out.shape)} must match query {query.dtype} "
-        f"{tuple(query.shape)} with a dense head_dim"
+    assert (
+        out.shape == query.shape
+        and out.dtype == query.dtype
+        and out.device == query.device
+        and out.stride(2) == 1
+    ), (
+        f"out {out.dtype} {tuple(out.shape)} on {out.device} must match query {query.dtype} "
+        f"{tuple(query.shape)} on {query.device}, with a dense head_dim"
     )
     return out
 

@@ -18,7 +18,12 @@ import pytest
 
 H100_SHARED_BYTES = 227 * 1024
 PTR_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int32": "*i32",
-             "int64": "*i64"}  # fmt: skip
+             "int64": "*i64", "int8": "*i8", "float8_e4m3fn": "*fp8e4nv"}  # fmt: skip
+KERNELS = {
+    "_write_kv_cache_kernel", "_rotary_write_kv_kernel", "_decode_kernel",
+    "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel",
+    "_silu_and_mul_kernel", "_w8a16_kernel", "_w8_gemv_kernel", "_fp8_quantize_rows_kernel",
+}  # fmt: skip
 
 
 class _Recorder:
@@ -62,17 +67,18 @@ class _Recorder:
 def _compile_all() -> list[dict]:
     import torch
 
+    import kernels.activation as ac
     import kernels.kv_cache as kv
     import kernels.paged_attention as pa
     import kernels.prefill_attention as pf
+    import kernels.quant_matmul as qm
     import kernels.rms_norm as rn
     import kernels.rotary as ro
 
     results: list[dict] = []
-    for mod, name in [(kv, "_write_kv_cache_kernel"), (pa, "_decode_kernel"),
-                      (pa, "_decode_reduce_kernel"), (pf, "_prefill_kernel"),
-                      (rn, "_rms_norm_kernel"), (ro, "_rotary_kernel")]:  # fmt: skip
-        setattr(mod, name, _Recorder(name, getattr(mod, name), results))
+    for mod in (ac, kv, pa, pf, qm, rn, ro):
+        for name in KERNELS & set(vars(mod)):
+            setattr(mod, name, _Recorder(name, getattr(mod, name), results))
     bt = torch.zeros(4, 16, dtype=torch.int32)
     lens, qsl = torch.full((4,), 100, dtype=torch.int32), torch.arange(5, dtype=torch.int32)
     for dtype, head_dim in [(torch.bfloat16, 128), (torch.float16, 80), (torch.float32, 128)]:
@@ -91,6 +97,23 @@ def _compile_all() -> list[dict]:
     kv.write_kv_cache(k, k, torch.empty(8, 16, 8, 128, dtype=torch.bfloat16),
                       torch.empty(8, 16, 8, 128, dtype=torch.bfloat16),
                       torch.zeros(4, dtype=torch.long))  # fmt: skip
+    for head_dim, rotary_dim in [(128, 128), (80, 32)]:
+        q, k = torch.empty(4, 32, head_dim), torch.empty(4, 8, head_dim)
+        cache = torch.empty(8, 16, 8, head_dim)
+        kv.rotary_and_write_kv_cache(
+            torch.zeros(4, dtype=torch.long), q.bfloat16(), k.bfloat16(), k.bfloat16(),
+            torch.empty(64, rotary_dim), cache.bfloat16(), cache.bfloat16(),
+            torch.zeros(4, dtype=torch.long),
+        )  # fmt: skip
+    ac.silu_and_mul(torch.empty(4, 2 * 4096, dtype=torch.bfloat16))
+    qm.fp8_quantize_rows(torch.empty(4, 4096, dtype=torch.bfloat16))
+    # int8 and fp8 weights through the GEMV (one row) and the tiled kernel, whole and ragged
+    # tiles (the masked loads of fp8 pointers are what the interpreter cannot check).
+    for wdtype in (torch.int8, torch.float8_e4m3fn):
+        for m, n, k in [(1, 4096, 4096), (1, 72, 300), (16, 4096, 4096), (19, 72, 300),
+                        (300, 4096, 4096)]:  # fmt: skip
+            qm.w8a16_matmul(torch.empty(m, k, dtype=torch.bfloat16),
+                            torch.empty(n, k, dtype=wdtype), torch.empty(n))  # fmt: skip
     return results
 
 
@@ -109,10 +132,7 @@ def test_kernels_compile_for_sm90() -> None:
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.splitlines()[-1])
-    assert {r["kernel"] for r in results} == {
-        "_write_kv_cache_kernel", "_decode_kernel", "_decode_reduce_kernel", "_prefill_kernel",
-        "_rms_norm_kernel", "_rotary_kernel",
-    }  # fmt: skip
+    assert {r["kernel"] for r in results} == KERNELS
     for r in results:
         assert r["shared"] <= H100_SHARED_BYTES, r
         if r["kernel"] in ("_decode_kernel", "_prefill_kernel") and r["dtype"] != "torch.float32":
