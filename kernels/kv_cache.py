@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rotary import _rotate_heads
+from kernels.rotary import _load_cos_sin, _rotate_heads
 
 
 @triton.jit
@@ -140,12 +140,7 @@ def _rotary_write_kv_kernel(
     COPY_PASS: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + token).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_HALF)[None, :]
-    cs_mask = offs_r < HALF
-    cos = tl.load(cos_sin_ptr + pos * stride_cos + offs_r, mask=cs_mask, other=0.0)
-    sin = tl.load(cos_sin_ptr + pos * stride_cos + HALF + offs_r, mask=cs_mask, other=0.0)
-    cos, sin = cos.to(tl.float32), sin.to(tl.float32)
+    cos, sin = _load_cos_sin(cos_sin_ptr, positions_ptr, token, stride_cos, HALF, BLOCK_HALF)
     _rotate_heads(
         q_ptr + token * stride_qt, q_out_ptr + token * stride_qot, stride_qh, stride_qoh,
         cos, sin, NUM_HEADS, HEAD_DIM, HALF, BLOCK_H, BLOCK_HALF, BLOCK_PASS, COPY_PASS,

@@ -39,6 +39,18 @@ def _rotate_heads(
 
 
 @triton.jit
+def _load_cos_sin(cos_sin_ptr, positions_ptr, token, stride_cs, HALF: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr):  # fmt: skip
+    """([1, BLOCK_HALF], [1, BLOCK_HALF]) fp32 cos and sin of ``token``'s position."""
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_HALF)[None, :]
+    cs_mask = offs_r < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_r, mask=cs_mask, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_r, mask=cs_mask, other=0.0)
+    return cos.to(tl.float32), sin.to(tl.float32)
+
+
+@triton.jit
 def _rotary_kernel(
     positions_ptr,  # [num_tokens]
     q_ptr,  # [num_tokens, num_heads, head_dim]
@@ -66,12 +78,7 @@ def _rotary_kernel(
     COPY_PASS: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + token).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_HALF)[None, :]
-    cs_mask = offs_r < HALF
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_r, mask=cs_mask, other=0.0).to(tl.float32)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_r, mask=cs_mask, other=0.0)
-    sin = sin.to(tl.float32)
+    cos, sin = _load_cos_sin(cos_sin_ptr, positions_ptr, token, stride_cs, HALF, BLOCK_HALF)
     _rotate_heads(
         q_ptr + token * stride_qt, q_out_ptr + token * stride_qot, stride_qh, stride_qoh,
         cos, sin, NUM_HEADS, HEAD_DIM, HALF, BLOCK_H, BLOCK_HALF, BLOCK_PASS, COPY_PASS,
