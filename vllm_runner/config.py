@@ -42,6 +42,9 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    # max_num_batched_tokens was not set: the runner may lower it to leave memory to the KV
+    # cache (offloaded weights, see worker/memory.offload_step_budget).
+    default_budget: bool = False
 
 
 @dataclass
@@ -128,7 +131,9 @@ class EngineArgs:
         self, max_model_len: int, device: torch.device, serving: bool = False
     ) -> SchedulerConfig:
         budget = self.max_num_batched_tokens or default_step_budget(device, serving)
-        return SchedulerConfig(self.max_num_seqs, budget, max_model_len)
+        return SchedulerConfig(
+            self.max_num_seqs, budget, max_model_len, self.max_num_batched_tokens is None
+        )
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(

@@ -8,7 +8,7 @@ from vllm_runner import LLM, SamplingParams
 from vllm_runner.model.layers.quant import Int8WeightOnly
 from vllm_runner.model.loader import _instantiate
 from vllm_runner.tokenizer import load_hf_config
-from vllm_runner.worker.memory import GiB, weights_fit_error
+from vllm_runner.worker.memory import OFFLOAD_STEP_BUDGET, GiB, weights_fit_error
 from vllm_runner.worker.offload import (
     align,
     choose_offload_layers,
@@ -197,6 +197,26 @@ def test_gpu_offload_matches_resident(tmp_path):
         prompts, params)]  # fmt: skip
     both = LLM(path, quantization="int8", cpu_offload_gb=0.2, **kw)
     assert [o.outputs[0].token_ids for o in both.generate(prompts, params)] == int8
+
+
+@pytest.mark.gpu
+def test_gpu_offloaded_engine_short_of_kv_takes_smaller_steps(tmp_path):
+    """256 sequences of 8192 tokens need ~48 GB of KV at this shape, more than 0.3 of the
+    card: the offloaded engine trades its default step budget for KV blocks (a set budget
+    stays), and its tokens still equal the resident engine's."""
+    path = _random_smol(tmp_path)
+    kw = dict(dtype="bfloat16", device="cuda", max_model_len=8192, gpu_memory_utilization=0.3)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [[(5 * i + j) % 49152 for j in range(3 + 11 * i)] for i in range(4)]
+    ref = [o.outputs[0].token_ids for o in LLM(path, enforce_eager=True, **kw).generate(
+        prompts, params)]  # fmt: skip
+    off = LLM(path, cpu_offload_gb=0.2, **kw)
+    assert off.engine.scheduler.config.max_num_batched_tokens == OFFLOAD_STEP_BUDGET
+    assert off.engine.runner.scheduler_config is off.engine.scheduler.config
+    assert [o.outputs[0].token_ids for o in off.generate(prompts, params)] == ref
+    del off
+    kept = LLM(path, cpu_offload_gb=0.2, max_num_batched_tokens=4096, **kw)
+    assert kept.engine.scheduler.config.max_num_batched_tokens == 4096
 
 
 @pytest.mark.gpu

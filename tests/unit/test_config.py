@@ -1,4 +1,5 @@
-"""Engine settings: the default step budget follows vLLM's choice per device and usage."""
+"""Engine settings: the default step budget follows vLLM's choice per device and usage, and
+offloaded engines short of KV memory trade it for larger decode batches."""
 
 from types import SimpleNamespace
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from vllm_runner.config import EngineArgs, default_step_budget
+from vllm_runner.worker.memory import OFFLOAD_STEP_BUDGET, offload_step_budget
 
 GiB = 2**30
 
@@ -41,3 +43,24 @@ def test_explicit_budget_wins(monkeypatch):
     assert EngineArgs().scheduler_config(1024, torch.device("cuda")).max_num_batched_tokens == (
         16384
     )
+
+
+def test_scheduler_config_records_whether_the_budget_was_set():
+    cpu = torch.device("cpu")
+    assert EngineArgs().scheduler_config(1024, cpu).default_budget
+    assert not EngineArgs(max_num_batched_tokens=8192).scheduler_config(1024, cpu).default_budget
+
+
+@pytest.mark.parametrize(
+    ("budget", "default", "offloading", "kv_tokens", "need", "expected"),
+    [
+        (16384, True, True, 26_000, 256 * 1280, OFFLOAD_STEP_BUDGET),  # KV short: smaller steps
+        (16384, True, True, 400_000, 256 * 1280, None),  # every sequence fits: keep
+        (16384, True, False, 26_000, 256 * 1280, None),  # resident weights: keep
+        (16384, False, True, 26_000, 256 * 1280, None),  # the user's budget: keep
+        (2048, True, True, 0, 256 * 1280, None),  # already that small
+        (8192, True, True, 0, 256 * 1280, OFFLOAD_STEP_BUDGET),  # no room at all yet
+    ],
+)
+def test_offload_step_budget(budget, default, offloading, kv_tokens, need, expected):
+    assert offload_step_budget(budget, default, offloading, kv_tokens, need) == expected

@@ -57,7 +57,8 @@ class EngineCore:
         cache_config = args.cache_config()
         self.runner = ModelRunner(self.model_config, cache_config, sched_config)
         kv = KVCacheManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(sched_config, kv)
+        # NOTE: the runner's step budget: it may lower a default one (offloaded weights).
+        self.scheduler = Scheduler(self.runner.scheduler_config, kv)
         graphs = self.runner.graphs
         logger.info(
             "engine ready in %.1f s: %s (%s, %s), weights loaded in %.1f s, %d KV blocks of %d "

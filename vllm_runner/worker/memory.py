@@ -46,6 +46,24 @@ def num_blocks_for_gpu(
     return num
 
 
+OFFLOAD_STEP_BUDGET = 2048
+
+
+def offload_step_budget(
+    budget: int, default_budget: bool, offloading: bool, kv_tokens: int, need_tokens: int
+) -> int | None:
+    """A smaller step budget to try, or None: only for offloaded weights whose KV cache
+    cannot hold ``need_tokens`` (every sequence at full length) under the default budget.
+
+    An offloaded step costs at least its weight copy over PCIe whatever its size (an 8B step
+    of 2048 tokens computes in ~40 ms, the copy of 8 GB takes ~150 ms), so big prefill
+    chunks buy little, while the activation memory they reserve is KV cache lost: fewer
+    sequences per decode step, each step the same copy. A user-set budget is kept."""
+    if not (offloading and default_budget) or budget <= OFFLOAD_STEP_BUDGET:
+        return None
+    return OFFLOAD_STEP_BUDGET if kv_tokens < need_tokens else None
+
+
 def weights_fit_error(
     resident_bytes: int,
     budget_bytes: int,

@@ -1,5 +1,6 @@
 """Prepare inputs -> forward -> sample, for one scheduler output."""
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -105,12 +106,7 @@ class ModelRunner:
         if self.cache_config.num_kv_blocks is not None:
             num_blocks = self.cache_config.num_kv_blocks
         elif self.device.type == "cuda":
-            num_blocks = memory.num_blocks_for_gpu(
-                self.device,
-                self.cache_config.gpu_memory_utilization,
-                block_bytes,
-                self._profile_peak_bytes(),
-            )
+            num_blocks = self._gpu_blocks(block_bytes)
         else:
             num_blocks = memory.num_blocks_for_cpu(self.cache_config.cpu_kv_cache_gb, block_bytes)
         shape = (num_blocks, self.cache_config.block_size, first.num_kv_heads, first.head_dim)
@@ -126,36 +122,91 @@ class ModelRunner:
         )
         return num_blocks
 
-    def _profile_peak_bytes(self) -> int:
-        """Run the largest step the scheduler can form, on a scratch cache, and measure."""
-        num_tokens = self.scheduler_config.max_num_batched_tokens
+    def _gpu_blocks(self, block_bytes: int) -> int:
+        """KV blocks that fit next to the profiled peak of the largest step. Offloaded
+        weights with too little room for every sequence at full length get a smaller step
+        budget when that leaves more blocks (``memory.offload_step_budget``)."""
+        sched = self.scheduler_config
+
+        def blocks(num_tokens: int) -> int:
+            return memory.num_blocks_for_gpu(
+                self.device,
+                self.cache_config.gpu_memory_utilization,
+                block_bytes,
+                self._profile_peak_bytes(num_tokens),
+            )
+
+        try:
+            num_blocks, error = blocks(sched.max_num_batched_tokens), None
+        except (ValueError, torch.OutOfMemoryError) as e:  # a smaller step may still fit
+            num_blocks, error = 0, e
+        offloading = getattr(self.model, "weight_offloader", None) is not None
+        smaller = memory.offload_step_budget(
+            sched.max_num_batched_tokens,
+            sched.default_budget,
+            offloading,
+            num_blocks * self.cache_config.block_size,
+            sched.max_num_seqs * sched.max_model_len,
+        )
+        if smaller is not None:
+            try:
+                more = blocks(smaller)
+            except (ValueError, torch.OutOfMemoryError):
+                more = 0
+            if more > num_blocks:
+                logger.info(
+                    "offloaded weights: step budget %d tokens instead of %d leaves %d KV "
+                    "blocks instead of %d (larger decode batches for the same weight copy)",
+                    smaller,
+                    sched.max_num_batched_tokens,
+                    more,
+                    num_blocks,
+                )
+                self.scheduler_config = dataclasses.replace(sched, max_num_batched_tokens=smaller)
+                return more
+        if error is not None:
+            raise error
+        return num_blocks
+
+    def _profile_peak_bytes(self, num_tokens: int) -> int:
+        """Run a step of ``num_tokens`` tokens (the largest the scheduler may form) on a
+        scratch cache and measure the peak: weights + activations (the scratch cache, which
+        real steps do not need, is left out)."""
         bs = self.cache_config.block_size
         first = self.attn_layers[0]
         scratch_blocks = -(-num_tokens // bs)
         shape = (scratch_blocks, bs, first.num_kv_heads, first.head_dim)
-        for layer in self.attn_layers:
-            layer.k_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)
-            layer.v_cache = layer.k_cache
-        torch.cuda.reset_peak_memory_stats(self.device)
-        ids = torch.randint(0, 100, (num_tokens,), device=self.device)
-        positions = torch.arange(num_tokens, device=self.device) % self.config.max_model_len
-        md = AttentionMetadata(
-            slot_mapping=torch.arange(num_tokens, device=self.device),
-            block_tables=torch.arange(scratch_blocks, dtype=torch.int32, device=self.device)[None],
-            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
-            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
-            max_query_len=num_tokens,
-            max_seq_len=num_tokens,
-        )
-        with torch.inference_mode(), forward_context(md):
-            hidden = self.model(ids, positions)
-            self.model.compute_logits(hidden[-self.scheduler_config.max_num_seqs :])
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - self._baseline_bytes
-        for layer in self.attn_layers:
-            layer.k_cache = layer.v_cache = torch.empty(0)
-        torch.cuda.empty_cache()
-        return peak
+        scratch_bytes = 0
+        try:
+            for layer in self.attn_layers:
+                layer.k_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)
+                layer.v_cache = layer.k_cache
+                scratch_bytes += layer.k_cache.numel() * layer.k_cache.element_size()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            ids = torch.randint(0, 100, (num_tokens,), device=self.device)
+            positions = torch.arange(num_tokens, device=self.device) % self.config.max_model_len
+            md = AttentionMetadata(
+                slot_mapping=torch.arange(num_tokens, device=self.device),
+                block_tables=torch.arange(scratch_blocks, dtype=torch.int32, device=self.device)[
+                    None
+                ],
+                seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+                query_start_loc=torch.tensor(
+                    [0, num_tokens], dtype=torch.int32, device=self.device
+                ),
+                max_query_len=num_tokens,
+                max_seq_len=num_tokens,
+            )
+            with torch.inference_mode(), forward_context(md):
+                hidden = self.model(ids, positions)
+                self.model.compute_logits(hidden[-self.scheduler_config.max_num_seqs :])
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - self._baseline_bytes
+        finally:  # also after an out-of-memory error: a smaller step may be tried next
+            for layer in self.attn_layers:
+                layer.k_cache = layer.v_cache = torch.empty(0)
+            torch.cuda.empty_cache()
+        return peak - scratch_bytes
 
     # ---- one step --------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
