@@ -52,15 +52,16 @@ def test_scheduler_config_records_whether_the_budget_was_set():
 
 
 @pytest.mark.parametrize(
-    ("budget", "default", "offloading", "kv_tokens", "need", "expected"),
+    ("budget", "default", "offloading", "kv_tokens", "seqs", "expected"),
     [
-        (16384, True, True, 26_000, 256 * 1280, OFFLOAD_STEP_BUDGET),  # KV short: smaller steps
-        (16384, True, True, 400_000, 256 * 1280, None),  # every sequence fits: keep
-        (16384, True, False, 26_000, 256 * 1280, None),  # resident weights: keep
-        (16384, False, True, 26_000, 256 * 1280, None),  # the user's budget: keep
-        (2048, True, True, 0, 256 * 1280, None),  # already that small
-        (8192, True, True, 0, 256 * 1280, OFFLOAD_STEP_BUDGET),  # no room at all yet
+        (16384, True, True, 26_000, 256, OFFLOAD_STEP_BUDGET),  # KV short: smaller steps
+        (16384, True, True, 400_000, 256, None),  # every sequence fits at full length: keep
+        (16384, True, False, 26_000, 256, None),  # resident weights: keep
+        (16384, False, True, 26_000, 256, None),  # the user's budget: keep
+        (2048, True, True, 0, 256, None),  # already that small
+        (8192, True, True, 0, 256, OFFLOAD_STEP_BUDGET),  # no room at all yet
+        (16384, True, True, 26_000, 4096, 4096),  # never below one decode token a sequence
     ],
 )
-def test_offload_step_budget(budget, default, offloading, kv_tokens, need, expected):
-    assert offload_step_budget(budget, default, offloading, kv_tokens, need) == expected
+def test_offload_step_budget(budget, default, offloading, kv_tokens, seqs, expected):
+    assert offload_step_budget(budget, default, offloading, kv_tokens, seqs, 1280) == expected

@@ -47,21 +47,30 @@ def num_blocks_for_gpu(
 
 
 OFFLOAD_STEP_BUDGET = 2048
+OFFLOAD_MIN_GAIN = 1.25  # the smaller budget must leave at least this many times the blocks
 
 
 def offload_step_budget(
-    budget: int, default_budget: bool, offloading: bool, kv_tokens: int, need_tokens: int
+    budget: int,
+    default_budget: bool,
+    offloading: bool,
+    kv_tokens: int,
+    max_num_seqs: int,
+    max_model_len: int,
 ) -> int | None:
     """A smaller step budget to try, or None: only for offloaded weights whose KV cache
-    cannot hold ``need_tokens`` (every sequence at full length) under the default budget.
+    cannot hold every sequence at full length (``max_num_seqs * max_model_len`` tokens)
+    under the default budget.
 
     An offloaded step costs at least its weight copy over PCIe whatever its size (an 8B step
-    of 2048 tokens computes in ~40 ms, the copy of 8 GB takes ~150 ms), so big prefill
-    chunks buy little, while the activation memory they reserve is KV cache lost: fewer
-    sequences per decode step, each step the same copy. A user-set budget is kept."""
-    if not (offloading and default_budget) or budget <= OFFLOAD_STEP_BUDGET:
+    of 2048 tokens computes in ~40 ms, the copy of 8 GB takes ~150 ms), while the activation
+    memory a big step reserves is KV cache lost: fewer sequences share each copy. The price
+    is more copies per long prompt (time to first token), so the runner takes the smaller
+    budget only for ``OFFLOAD_MIN_GAIN`` times the blocks. A user-set budget is kept."""
+    smaller = max(OFFLOAD_STEP_BUDGET, max_num_seqs)
+    if not (offloading and default_budget) or budget <= smaller:
         return None
-    return OFFLOAD_STEP_BUDGET if kv_tokens < need_tokens else None
+    return smaller if kv_tokens < max_num_seqs * max_model_len else None
 
 
 def weights_fit_error(

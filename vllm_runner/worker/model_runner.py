@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,9 @@ class ModelRunner:
         try:
             num_blocks, error = blocks(sched.max_num_batched_tokens), None
         except (ValueError, torch.OutOfMemoryError) as e:  # a smaller step may still fit
+            # NOTE: the traceback's frames hold the failed forward's activations: drop them
+            # before profiling again.
+            traceback.clear_frames(e.__traceback__)
             num_blocks, error = 0, e
         offloading = getattr(self.model, "weight_offloader", None) is not None
         smaller = memory.offload_step_budget(
@@ -146,14 +150,17 @@ class ModelRunner:
             sched.default_budget,
             offloading,
             num_blocks * self.cache_config.block_size,
-            sched.max_num_seqs * sched.max_model_len,
+            sched.max_num_seqs,
+            sched.max_model_len,
         )
         if smaller is not None:
             try:
                 more = blocks(smaller)
-            except (ValueError, torch.OutOfMemoryError):
+            except (ValueError, torch.OutOfMemoryError) as e:
+                traceback.clear_frames(e.__traceback__)
                 more = 0
-            if more > num_blocks:
+            # Worth it only for a real gain: smaller steps also mean more copies per prompt.
+            if more >= memory.OFFLOAD_MIN_GAIN * num_blocks and more > num_blocks:
                 logger.info(
                     "offloaded weights: step budget %d tokens instead of %d leaves %d KV "
                     "blocks instead of %d (larger decode batches for the same weight copy)",
@@ -170,18 +177,17 @@ class ModelRunner:
 
     def _profile_peak_bytes(self, num_tokens: int) -> int:
         """Run a step of ``num_tokens`` tokens (the largest the scheduler may form) on a
-        scratch cache and measure the peak: weights + activations (the scratch cache, which
-        real steps do not need, is left out)."""
+        scratch cache and measure the peak. NOTE: the scratch cache counts in it; that
+        margin also covers what the profile does not run (the sampler's per-row buffers,
+        decode-graph outputs)."""
         bs = self.cache_config.block_size
         first = self.attn_layers[0]
         scratch_blocks = -(-num_tokens // bs)
         shape = (scratch_blocks, bs, first.num_kv_heads, first.head_dim)
-        scratch_bytes = 0
         try:
             for layer in self.attn_layers:
                 layer.k_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)
                 layer.v_cache = layer.k_cache
-                scratch_bytes += layer.k_cache.numel() * layer.k_cache.element_size()
             torch.cuda.reset_peak_memory_stats(self.device)
             ids = torch.randint(0, 100, (num_tokens,), device=self.device)
             positions = torch.arange(num_tokens, device=self.device) % self.config.max_model_len
@@ -206,7 +212,7 @@ class ModelRunner:
             for layer in self.attn_layers:
                 layer.k_cache = layer.v_cache = torch.empty(0)
             torch.cuda.empty_cache()
-        return peak - scratch_bytes
+        return peak
 
     # ---- one step --------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
