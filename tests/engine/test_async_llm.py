@@ -130,3 +130,18 @@ def test_a_failing_request_fails_alone(smol, monkeypatch):
 
     assert run(main())[0].text.startswith(" Paris.")
     assert smol.stats()["kv_blocks_used"] == 0
+
+
+def test_serving_engine_asks_for_the_serving_step_budget(default_model_dir, monkeypatch):
+    """AsyncLLM (the service) and LLM (offline) pick their default step budgets apart."""
+    import vllm_runner.config as config
+    from vllm_runner import LLM
+
+    monkeypatch.setattr(config, "default_step_budget", lambda device, serving: 3000 + serving)
+    kw = dict(dtype="float32", device="cpu", max_model_len=256, cpu_kv_cache_gb=0.05)
+    assert LLM(default_model_dir, **kw).engine.scheduler.config.max_num_batched_tokens == 3000
+    online = AsyncLLM(model_name=default_model_dir, **kw)
+    try:
+        assert online.engine.scheduler.config.max_num_batched_tokens == 3001
+    finally:
+        run(online.shutdown())
