@@ -191,15 +191,12 @@ class ModelRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
             ids = torch.randint(0, 100, (num_tokens,), device=self.device)
             positions = torch.arange(num_tokens, device=self.device) % self.config.max_model_len
+            i32 = dict(dtype=torch.int32, device=self.device)
             md = AttentionMetadata(
                 slot_mapping=torch.arange(num_tokens, device=self.device),
-                block_tables=torch.arange(scratch_blocks, dtype=torch.int32, device=self.device)[
-                    None
-                ],
-                seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
-                query_start_loc=torch.tensor(
-                    [0, num_tokens], dtype=torch.int32, device=self.device
-                ),
+                block_tables=torch.arange(scratch_blocks, **i32)[None],
+                seq_lens=torch.tensor([num_tokens], **i32),
+                query_start_loc=torch.tensor([0, num_tokens], **i32),
                 max_query_len=num_tokens,
                 max_seq_len=num_tokens,
             )
@@ -234,10 +231,9 @@ class ModelRunner:
         if graph_size is not None:
             *_, logits_indices = self.buffers.load(inputs, graph_size, prev_sampled, prev_rows)
             num_reqs = len(inputs.request_ids)
-            logits = self.graphs.run(graph_size, num_reqs)
-            # Every row samples (the usual decode step): its logits are the leading rows.
-            all_rows = len(inputs.logits_indices) == num_reqs
-            logits = logits[:num_reqs] if all_rows else logits[logits_indices]
+            logits = self.graphs.run(graph_size, num_reqs)  # [num_reqs, vocab]
+            if len(inputs.logits_indices) != num_reqs:  # else every row samples, in order
+                logits = logits[logits_indices]
         else:
             input_ids, positions, md, logits_indices = self.buffers.load(
                 inputs, 0, prev_sampled, prev_rows
