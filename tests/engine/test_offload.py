@@ -177,6 +177,59 @@ def test_offloaded_int8_moves_int8_bytes_and_matches_resident_int8(default_model
     assert greedy_tokens(both, PROMPTS[:2]) == greedy_tokens(int8, PROMPTS[:2])
 
 
+@pytest.mark.parametrize(
+    ("case", "cap", "slope", "expected_budget", "expected_blocks"),
+    [
+        ("KV short: smaller steps", 200_000, 10, 2048, 1785),
+        ("gain under 1.25x: keep", 200_000, 1, 8192, 1908),
+        ("no room at 8192, room at 2048", 50_000, 10, 2048, 285),
+        ("out of memory at 8192", 50_000, "oom", 2048, 285),
+        ("room at neither", 10_000, 10, None, None),
+        ("a set budget is kept", 50_000, "set", None, None),
+        ("resident weights", 50_000, "resident", None, None),
+    ],
+)
+def test_kv_sizing_decisions_with_faked_cuda_queries(
+    offloaded, monkeypatch, case, cap, slope, expected_budget, expected_blocks
+):
+    """_gpu_blocks' decisions (CUDA-only code) with the profile and the memory query faked:
+    peak = 1000 + slope * step tokens bytes, blocks of 100 bytes under ``cap``; 256 sequences
+    of 256 tokens need 4096 blocks, more than any case has."""
+    import dataclasses
+
+    from vllm_runner.worker import memory
+
+    runner = offloaded.engine.runner
+    monkeypatch.setattr(runner, "scheduler_config", runner.scheduler_config)  # restored after
+    assert runner.scheduler_config.max_num_batched_tokens == 8192
+    assert runner.scheduler_config.default_budget
+
+    def profile(num_tokens: int) -> int:
+        if slope == "oom" and num_tokens == 8192:
+            raise torch.OutOfMemoryError("fake: out of memory")
+        return 1000 + (1 if slope == 1 else 10) * num_tokens
+
+    def num_blocks_for_gpu(device, utilization, block_bytes, peak_bytes):
+        if cap - peak_bytes < block_bytes:
+            raise ValueError(f"fake: no room for the KV cache at a peak of {peak_bytes}")
+        return (cap - peak_bytes) // block_bytes
+
+    monkeypatch.setattr(runner, "_profile_peak_bytes", profile)
+    monkeypatch.setattr(memory, "num_blocks_for_gpu", num_blocks_for_gpu)
+    if slope == "set":
+        runner.scheduler_config = dataclasses.replace(runner.scheduler_config,
+                                                      default_budget=False)  # fmt: skip
+    if slope == "resident":
+        monkeypatch.setattr(runner.model, "weight_offloader", None)
+    if expected_budget is None:
+        with pytest.raises(ValueError, match="no room"):
+            runner._gpu_blocks(100)
+        assert runner.scheduler_config.max_num_batched_tokens == 8192
+        return
+    assert runner._gpu_blocks(100) == expected_blocks, case
+    assert runner.scheduler_config.max_num_batched_tokens == expected_budget, case
+
+
 # ---- GPU -----------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_offload_matches_resident(tmp_path):
