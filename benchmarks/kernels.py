@@ -2,7 +2,7 @@
 
 CUDA only. Llama-3-8B attention shapes (32 q heads, 8 kv heads, head_dim 128, bf16, block_size
 16, shuffled block tables):
-    python benchmarks/kernels.py [--quick] [--check] [--sweep] [--w1] [--out kernels.json|.md]
+    python benchmarks/kernels.py [--quick] [--check] [--sweep] [--w1] [--gaps] [--out x.json|.md]
 
 Conventions:
 - copy GB/s = (bytes read + bytes written) / time of a 1 GiB device-to-device copy; matmul
@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -198,6 +200,48 @@ def bench_w1(pool: KVPool, copy_gbs: float, tflops: float, rep: int) -> list[Row
     return rows
 
 
+@triton.jit
+def _chain_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """y = x + 1: one link of --gaps' chain; with PDL it waits on its predecessor in-kernel."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the predecessor's writes are visible after this
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    tl.store(y_ptr + offs, x + 1.0, mask=offs < n)
+
+
+def bench_launch_gaps(rep: int) -> list[Row]:
+    """Time per kernel of a chain of 64 dependent tiny kernels replayed in a CUDA graph
+    (--gaps), plain and with programmatic dependent launch (PDL: each kernel is launched
+    while its predecessor drains and waits on it in-kernel). At batch 1 a decode step is
+    ~350 such launches, so the gap per kernel bounds what fusing or PDL can save."""
+    import triton.testing
+
+    rows = []
+    for n, programs in [(4096, 4), (4096 * 64, 256)]:
+        bufs = [torch.zeros(n, device=DEVICE) for _ in range(2)]
+        for pdl in (False, True):
+            kw = {"launch_pdl": True} if pdl else {}
+
+            def chain(pdl=pdl, kw=kw, bufs=bufs, n=n, programs=programs):
+                for i in range(64):
+                    _chain_kernel[(programs,)](bufs[i % 2], bufs[1 - i % 2], n,
+                                               BLOCK=n // programs, PDL=pdl, **kw)  # fmt: skip
+
+            try:
+                ms = triton.testing.do_bench_cudagraph(chain, rep=max(rep // 4, 5),
+                                                       return_mode="median")  # fmt: skip
+            except Exception as e:  # PDL needs sm_90 and a Triton that launches it
+                print(f"launch gaps, pdl={pdl}: failed: {e!r}"[:300])
+                continue
+            us = ms * 1e3 / 64
+            rows.append(Row(f"chain kernel{' + PDL' if pdl else ''}", f"{programs} programs",
+                            us, 1 / us, "M launches/s", 0.0, graph_us=us))  # fmt: skip
+    return rows
+
+
 def bench_elementwise(tokens: int, copy_gbs: float, rep: int) -> list[Row]:
     """rms_norm (+ residual), rotary and the KV-cache write, each vs its torch reference."""
     from kernels import reference
@@ -334,6 +378,7 @@ def main() -> int:
     p.add_argument("--check", action="store_true", help="validate vs torch references first")
     p.add_argument("--sweep", action="store_true", help="decode (block_n, warps, stages) sweep")
     p.add_argument("--w1", action="store_true", help="tile configs at W1's 8B shapes")
+    p.add_argument("--gaps", action="store_true", help="per-kernel time of a graph chain, PDL")
     p.add_argument("--out", type=Path, help="write results (.md: markdown table, else JSON)")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -357,6 +402,8 @@ def main() -> int:
                  for (n, w, s) in configs for b, c in points]  # fmt: skip
     if args.w1:
         rows += bench_w1(pool, copy_gbs, tflops, rep)
+    if args.gaps:
+        rows += bench_launch_gaps(rep)
     rows += [bench_prefill(pool, n, length, tflops, rep) for n, length in prefill]
     for tokens in (256,) if args.quick else (1, 256, 4096):
         rows += bench_elementwise(tokens, copy_gbs, rep)
