@@ -2,7 +2,7 @@
 # One device-machine call: GPU tests, kernel check + timings, engine throughput.
 # Usage on the device: bash benchmarks/gpu_session.sh STEP...   (STEP: tests, kernels, w1-1b,
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
-# quant-b1-only, quant-offload, quant-cap, kernels-w1, kernels-gaps)
+# quant-b1-only, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -21,6 +21,8 @@ for step in "$@"; do
              --out "$OUT/profile_8b.txt" 2>&1 | tail -45 ;;
     steps-1b|steps-8b) m=${step#steps-}; python benchmarks/profile_engine.py --model "$m" --no-profile \
              --out "$OUT/steps_$m.txt" 2>&1 | tail -8 ;;
+    compiles-8b) python benchmarks/profile_engine.py --model 8b --no-profile --passes 2 \
+             --log-compiles --out "$OUT/compiles_8b.txt" 2>&1 | grep -v "^per step" | tail -30 ;;
     torch-1b) python benchmarks/profile_engine.py --model 1b --torch-profile \
              --out "$OUT/torch_1b.txt" 2>&1 | tail -45 ;;
     quant-b1) python benchmarks/quant_offload.py --cases tune,b1 --out "$OUT/quant_b1.json" 2>&1 | tail -40 ;;

@@ -1,11 +1,12 @@
 """Where W1's time goes on a GPU: per-step wall time by step kind, and the top CUDA kernels.
 
     python benchmarks/profile_engine.py --model 8b [--num-prompts 256] [--torch-profile]
-        [--no-profile] [--max-num-batched-tokens N]
+        [--no-profile] [--max-num-batched-tokens N] [--log-compiles]
 
 Without ``--torch-profile`` the host is profiled with cProfile instead (time inside
 ``synchronize``/``tolist`` is the host waiting for the GPU); ``--no-profile`` keeps only the
-per-step walls.
+per-step walls. ``--log-compiles`` lists every Triton compile inside the timed steps (a
+compile there is a stall a serving user would see).
 """
 
 import argparse
@@ -26,12 +27,28 @@ from workloads import build_random_llama, random_workload  # noqa: E402
 from vllm_runner import LLM, SamplingParams  # noqa: E402
 
 
-def run_steps(engine, on_first_decode=None) -> tuple[dict, list[tuple[int, int, float]]]:
+def log_triton_compiles(log: list, compiles: list[str] | None) -> None:
+    """Append "step i: kernel signature" to ``compiles`` for each Triton compile from now on
+    (``None``: stop logging)."""
+    import triton
+
+    def hook(*, repr: str, **_) -> bool:
+        compiles.append(f"step {len(log)}: {repr}")
+        return False  # compile as usual
+
+    triton.knobs.runtime.jit_cache_hook = hook if compiles is not None else None
+
+
+def run_steps(
+    engine, on_first_decode=None, compiles: list | None = None
+) -> tuple[dict, list[tuple[int, int, float]]]:
     """Step until done; wall time per step kind (pure decode vs with prefill), and per step
     (scheduled requests, scheduled tokens, wall ms) of the step scheduled in that call.
     ``on_first_decode`` runs once, before the first step that schedules only decodes."""
     by_kind: dict[str, list[float]] = defaultdict(list)
     log: list[tuple[int, int, float]] = []
+    if compiles is not None:
+        log_triton_compiles(log, compiles)
     schedule = engine.scheduler.schedule
     scheduled: list = []
 
@@ -65,6 +82,8 @@ def run_steps(engine, on_first_decode=None) -> tuple[dict, list[tuple[int, int, 
         log.append((reqs, tokens, wall * 1e3))
     engine.scheduler.schedule = schedule
     gc.callbacks.remove(on_gc)
+    if compiles is not None:
+        log_triton_compiles(log, None)
     by_kind["gc pause"] = pauses
     return by_kind, log
 
@@ -78,6 +97,8 @@ def main() -> None:
     p.add_argument("--torch-profile", action="store_true")
     p.add_argument("--no-profile", action="store_true", help="per-step walls only")
     p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--log-compiles", action="store_true", help="Triton compiles during steps")
+    p.add_argument("--passes", type=int, default=1, help="W1 runs (--no-profile); last reported")
     p.add_argument("--out")
     args = p.parse_args()
     Path(args.root).mkdir(parents=True, exist_ok=True)
@@ -93,6 +114,14 @@ def main() -> None:
     params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
     llm.generate(wl.prompts[:8], params)
     engine = llm.engine
+    compiles: list[str] | None = [] if args.log_compiles else None
+    earlier: list[str] = []
+    for i in range(args.passes - 1 if args.no_profile else 0):
+        for prompt in wl.salted(1000 + i).prompts:  # no prefix-cache hits in the last pass
+            engine.add_request(prompt, params)
+        start = time.perf_counter()
+        run_steps(engine, compiles=compiles)
+        earlier.append(f"pass {i + 1}: {time.perf_counter() - start:.2f} s")
     for prompt in wl.prompts:
         engine.add_request(prompt, params)
     buf = io.StringIO()
@@ -118,7 +147,7 @@ def main() -> None:
             buf.write(f"\n== {title}\n")
             buf.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
     elif args.no_profile:
-        by_kind, log = run_steps(engine)
+        by_kind, log = run_steps(engine, compiles=compiles)
     else:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -128,6 +157,10 @@ def main() -> None:
     wall = time.perf_counter() - start
     tokens = sum(wl.max_tokens)
     lines = [f"{args.model}: {len(log)} steps in {wall:.2f} s ({tokens / wall:,.0f} tok/s)"]
+    lines += [f"  earlier {e}" for e in earlier]
+    if compiles is not None:
+        lines.append(f"Triton compiles during steps: {len(compiles)}")
+        lines += [f"  {c[:400]}" for c in compiles]
     lines.append(f"stats: {engine.stats()}")
     for kind, times in by_kind.items():
         if times:
