@@ -1,6 +1,7 @@
 """Where W1's time goes on a GPU: per-step wall time by step kind, and the top CUDA kernels.
 
     python benchmarks/profile_engine.py --model 8b [--num-prompts 256] [--torch-profile]
+        [--quantization int8|fp8] [--max-tokens 256]
         [--no-profile] [--max-num-batched-tokens N] [--log-compiles]
 
 Without ``--torch-profile`` the host is profiled with cProfile instead (time inside
@@ -97,22 +98,25 @@ def main() -> None:
     p.add_argument("--torch-profile", action="store_true")
     p.add_argument("--no-profile", action="store_true", help="per-step walls only")
     p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--quantization", choices=["int8", "fp8"], default=None)
+    p.add_argument("--max-tokens", type=int, default=256, help="new tokens per prompt")
     p.add_argument("--log-compiles", action="store_true", help="Triton compiles during steps")
     p.add_argument("--passes", type=int, default=1, help="W1 runs (--no-profile); last reported")
     p.add_argument("--out")
     args = p.parse_args()
     Path(args.root).mkdir(parents=True, exist_ok=True)
     path = build_random_llama(args.model, Path(args.root), "cuda", 0)
-    wl = random_workload(args.num_prompts, 128256, 64, 1024, 256, 0)
+    wl = random_workload(args.num_prompts, 128256, 64, 1024, args.max_tokens, 0)
     llm = LLM(
         path,
         dtype="bfloat16",
         max_model_len=1280,
         enforce_eager=args.enforce_eager,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        quantization=args.quantization,
     )
-    params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
-    llm.generate(wl.prompts[:8], params)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate(wl.salted(2000).prompts[:8], params)
     engine = llm.engine
     compiles: list[str] | None = [] if args.log_compiles else None
     earlier: list[str] = []
