@@ -5,16 +5,82 @@ registers (exact: |q| <= 127 fits the 8-bit mantissa of bf16); the per-output-ch
 multiplies the fp32 accumulator once, after the K loop. Decode is weight-bandwidth bound, so
 reading 1 byte per weight instead of 2 is the whole point; small-M launches split K across
 programs (partials in fp32, summed in a fixed order: deterministic) to fill the GPU.
+
+``gated=True`` takes a merged [gate; up] weight (SwiGLU) and returns ``silu(gate) * up``:
+in the one-row GEMV each program accumulates gate rows and the matching up rows, so the
+activation runs in the epilogue instead of a separate kernel over a [1, 2N] intermediate.
 """
 
 import dataclasses
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.paged_attention import dot_precision, num_sms
+
+
+@triton.jit
+def _i8x4_to_f32(w):
+    """int8 -> fp32 without the quarter-rate integer-to-float conversion: each register of 4
+    bytes becomes 4 floats by byte permutes and one subtraction each. A byte b (biased by
+    +128) placed under the exponent of 2^23 reads as 2^23 + b; subtracting 2^23 + 128 is exact.
+    (H200, one row: int8 GEMV 10-20% faster than ``.to(tl.float32)``.)"""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 u, m, t0, t1, t2, t3;
+        mov.b32 m, 0x4B000000;
+        xor.b32 u, $4, 0x80808080;
+        prmt.b32 t0, u, m, 0x7650;
+        prmt.b32 t1, u, m, 0x7651;
+        prmt.b32 t2, u, m, 0x7652;
+        prmt.b32 t3, u, m, 0x7653;
+        sub.f32 $0, t0, 0f4B000080;
+        sub.f32 $1, t1, 0f4B000080;
+        sub.f32 $2, t2, 0f4B000080;
+        sub.f32 $3, t3, 0f4B000080;
+        }""",
+        constraints="=r,=r,=r,=r,r",
+        args=[w],
+        dtype=tl.float32,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def _load_widened(ptrs, mask, EVEN: tl.constexpr, FAST_I8: tl.constexpr):
+    """An int8 / fp8 weight tile widened to fp32, masked lanes zero.
+
+    NOTE: via fp32 (exact for int8 and e4m3): Triton 3.9's interpreter casts int8 -> bf16 as
+    raw bits. Masked lanes are zeroed after the widening: an integer ``other`` does not
+    compile for fp8 pointers. FAST_I8 (int8 on a GPU; inline PTX cannot run in the
+    interpreter) widens with ``_i8x4_to_f32``.
+    """
+    w = tl.load(ptrs) if EVEN else tl.load(ptrs, mask=mask)
+    w = _i8x4_to_f32(w) if FAST_I8 else w.to(tl.float32)
+    return w if EVEN else tl.where(mask, w, 0.0)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, scale_ptr, bias_ptr, offs_n, n_mask, N, add_bias, HAS_BIAS: tl.constexpr,
+              GATED: tl.constexpr, OUT_DTYPE: tl.constexpr):  # fmt: skip
+    """Per-channel scale (+ bias, where ``add_bias``) of fp32 accumulators whose last dim is
+    ``offs_n``; GATED: ``silu(gate) * up`` with each factor rounded to OUT_DTYPE first, as
+    the unfused matmul output followed by ``silu_and_mul`` rounds it."""
+    acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) * add_bias
+    if GATED:
+        up = acc_up * tl.load(scale_ptr + N + offs_n, mask=n_mask, other=0.0)
+        if HAS_BIAS:
+            up += tl.load(bias_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        gate = acc.to(OUT_DTYPE).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(OUT_DTYPE).to(tl.float32)
+        acc = act * up.to(OUT_DTYPE).to(tl.float32)
+    return acc
 
 
 @triton.jit(do_not_specialize=["M"])  # the token count changes every step: no recompiles
@@ -42,6 +108,7 @@ def _w8a16_kernel(
     EVEN_K: tl.constexpr,  # every split is whole K tiles: no K masks
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: unmasked (vectorizable) weight loads
     DOT_PRECISION: tl.constexpr,
+    FAST_I8: tl.constexpr,  # int8 weights widened by _i8x4_to_f32
 ):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -59,20 +126,12 @@ def _w8a16_kernel(
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=x_mask, other=0.0)
         # [BLOCK_K, BLOCK_N]: the weight tile read transposed, widened in registers
         w_ptrs = w_cols + ks[:, None] * stride_wk
-        # NOTE: via fp32 (exact for int8 and e4m3): Triton 3.9's interpreter casts int8 -> bf16
-        # as raw bits. Masked lanes are zeroed after the widening: an integer ``other`` does
-        # not compile for fp8 pointers.
-        if EVEN_K and EVEN_N:
-            w = tl.load(w_ptrs).to(tl.float32)
-        else:
-            w_mask = n_mask[None, :] if EVEN_K else (ks < k_hi)[:, None] & n_mask[None, :]
-            w = tl.where(w_mask, tl.load(w_ptrs, mask=w_mask).to(tl.float32), 0.0)
+        w_mask = n_mask[None, :] if EVEN_K else (ks < k_hi)[:, None] & n_mask[None, :]
+        w = _load_widened(w_ptrs, w_mask, EVEN_K and EVEN_N, FAST_I8)
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
-    scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
-    acc = acc * scale[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += bias[None, :] * (pid_k == 0).to(tl.float32)  # added by one split only
+    acc = _epilogue(acc, acc, scale_ptr, bias_ptr, offs_n, n_mask, N,
+                    (pid_k == 0).to(tl.float32),  # the bias is added by one split only
+                    HAS_BIAS, False, out_ptr.dtype.element_ty)  # fmt: skip
     out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om
     tl.store(out + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])  # fmt: skip
@@ -81,40 +140,43 @@ def _w8a16_kernel(
 @triton.jit
 def _w8_gemv_kernel(
     x_ptr,  # [K] one dense row, fp32 / fp16 / bf16
-    w_ptr,  # [N, K] int8 (or fp8 e4m3)
-    scale_ptr,  # [N] fp32
-    bias_ptr,  # [N] (HAS_BIAS only)
+    w_ptr,  # [N, K] int8 (or fp8 e4m3); GATED: [2N, K], gate rows then up rows
+    scale_ptr,  # [N] fp32 (GATED: [2N])
+    bias_ptr,  # [N] (HAS_BIAS only; GATED: [2N])
     out_ptr,  # [N]
     N,
     K,
     stride_wn,
+    up_offset,  # GATED: N * stride_wn, where the up rows start
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
+    GATED: tl.constexpr,
+    FAST_I8: tl.constexpr,
 ):
-    """One row times the weight: each program streams BLOCK_N weight rows along K
-    (contiguous, vectorized loads), multiplies in fp32 registers and reduces once at the end;
-    no tensor-core tile is padded out from a single row."""
+    """One row times the weight: each program streams BLOCK_N weight rows (GATED: and the
+    matching up rows) along K (contiguous, vectorized loads), multiplies in fp32 registers
+    and reduces once at the end; no tensor-core tile is padded out from a single row."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
+        k_mask = ks < K
+        w_mask = n_mask[:, None] & k_mask[None, :]
         if EVEN:
-            w = tl.load(rows + ks[None, :]).to(tl.float32)
-            x = tl.load(x_ptr + ks)
-        else:  # masked lanes zeroed after widening (see _w8a16_kernel)
-            k_mask = ks < K
-            w_mask = n_mask[:, None] & k_mask[None, :]
-            w = tl.where(w_mask, tl.load(rows + ks[None, :], mask=w_mask).to(tl.float32), 0.0)
-            x = tl.load(x_ptr + ks, mask=k_mask, other=0.0)
-        acc += w * x.to(tl.float32)[None, :]
-    out = tl.sum(acc, axis=1) * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + ks).to(tl.float32)[None, :]
+        else:
+            x = tl.load(x_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        acc += _load_widened(rows + ks[None, :], w_mask, EVEN, FAST_I8) * x
+        if GATED:
+            acc_up += _load_widened(rows + up_offset + ks[None, :], w_mask, EVEN, FAST_I8) * x
+    out = _epilogue(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), scale_ptr, bias_ptr, offs_n,
+                    n_mask, N, 1.0, HAS_BIAS, GATED, out_ptr.dtype.element_ty)  # fmt: skip
     tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -131,14 +193,18 @@ class W8A16Config:
     num_stages: int = 3
 
 
-def default_config(m: int, n: int, k: int, sm_count: int) -> W8A16Config:
+def default_config(m: int, n: int, k: int, sm_count: int, int8: bool = False) -> W8A16Config:
     """Small M (decode) is a weight stream: narrow N tiles give every SM programs without
     splitting K (a split costs two extra kernels); K is split only when N is too small for
-    that. One row with N under ~16k runs the GEMV kernel (H200, graph replays: 1.3-1.6x the
-    tiled kernel on the 8B shapes; the tiled one stays ahead on the 28672-wide gate_up).
-    Large M (prefill) is compute bound: square tensor-core tiles."""
-    if m == 1 and n < 128 * sm_count:
-        if k >= 8192:
+    that. One row runs the GEMV kernel, except fp8 weights with N over ~16k (H200, graph
+    replays, 8B shapes: the GEMV is 1.3-1.6x the tiled kernel; with fp8 weights the tiled one
+    stays ahead on the 28672-wide gate_up, with int8 weights widened by ``_i8x4_to_f32`` the
+    GEMV of 16 x 256 tiles wins there too). Large M (prefill) is compute bound: square
+    tensor-core tiles."""
+    if m == 1 and (int8 or n < 128 * sm_count):
+        if n >= 128 * sm_count:
+            return W8A16Config(1, 16, 256, num_warps=4, num_stages=3)
+        if k >= 8192 and not int8:
             return W8A16Config(1, 2, 2048, num_warps=4, num_stages=2)
         return W8A16Config(1, 4, 1024, num_warps=4, num_stages=2)
     if m <= 64:
@@ -161,35 +227,51 @@ def w8a16_matmul(
     scale: torch.Tensor,  # [N] fp32, per output channel
     bias: torch.Tensor | None = None,  # [N]
     config: W8A16Config | None = None,
-) -> torch.Tensor:  # [..., N] in x.dtype
-    """Same semantics as ``kernels.reference.w8a16_linear``."""
+    *,
+    gated: bool = False,
+) -> torch.Tensor:  # [..., N] in x.dtype (gated: [..., N / 2])
+    """Same semantics as ``kernels.reference.w8a16_linear``; with ``gated`` (a merged
+    [gate; up] weight), as ``kernels.reference.silu_and_mul`` of that: fused into the GEMV's
+    epilogue (one row; ``config`` tiles the output columns, each paired with its up row),
+    else the matmul then the activation kernel."""
     assert x.dtype in (torch.float32, torch.float16, torch.bfloat16), f"x {x.dtype}"
     assert qweight.dtype in (torch.int8, torch.float8_e4m3fn) and qweight.dim() == 2, (
         f"qweight {qweight.dtype} {tuple(qweight.shape)} must be a 2-D int8 / fp8 tensor"
     )
-    n, k = qweight.shape
+    rows, k = qweight.shape
     assert x.shape[-1] == k, f"x {tuple(x.shape)} vs qweight {tuple(qweight.shape)}"
-    assert scale.dtype == torch.float32 and scale.shape == (n,), (
-        f"scale {scale.dtype} {tuple(scale.shape)} must be fp32 ({n},)"
+    assert scale.dtype == torch.float32 and scale.shape == (rows,), (
+        f"scale {scale.dtype} {tuple(scale.shape)} must be fp32 ({rows},)"
     )
     assert scale.is_contiguous(), "scale must be contiguous"
     if bias is not None:
-        assert bias.shape == (n,) and bias.is_contiguous(), f"bias {tuple(bias.shape)} vs ({n},)"
+        assert bias.shape == (rows,) and bias.is_contiguous(), (
+            f"bias {tuple(bias.shape)} vs ({rows},)"
+        )
+    assert not gated or rows % 2 == 0, f"gated needs [gate; up] rows, got {rows}"
     assert x.device == qweight.device == scale.device, "x, qweight and scale on one device"
     x2 = x.reshape(-1, k)  # [M, K]
-    m = x2.shape[0]
+    m, n = x2.shape[0], rows // 2 if gated else rows
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
-    cfg = config or default_config(m, n, k, num_sms(x.device))
+    int8 = qweight.dtype == torch.int8
+    fast_i8 = int8 and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")  # PTX: GPU only
+    cfg = config or default_config(m, rows, k, num_sms(x.device), int8)
+    if gated and cfg.block_m != 1:  # the tiled kernel has no gated epilogue
+        from kernels.activation import silu_and_mul
+
+        return silu_and_mul(w8a16_matmul(x2, qweight, scale, bias, cfg)).view(*x.shape[:-1], n)
+    if gated and config is None:  # tiles sized for the whole weight: N tiles + their up rows
+        cfg = dataclasses.replace(cfg, block_n=max(cfg.block_n // 2, 1))
     if cfg.block_m == 1:
         assert m == 1, f"the GEMV config takes one row, got {m}"
         assert qweight.stride(1) == 1, "the GEMV needs a K-contiguous weight"
         _w8_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
             x2.contiguous(), qweight, scale, bias if bias is not None else scale, out, n, k,
-            qweight.stride(0),
+            qweight.stride(0), n * qweight.stride(0) if gated else 0,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None,
-            EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0,
+            EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, GATED=gated, FAST_I8=fast_i8,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         return out.view(*x.shape[:-1], n)
@@ -205,7 +287,7 @@ def w8a16_matmul(
         target.stride(0) if split > 1 else 0, target.stride(-2), target.stride(-1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         HAS_BIAS=bias is not None, EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
-        DOT_PRECISION=dot_precision(x.dtype),
+        DOT_PRECISION=dot_precision(x.dtype), FAST_I8=fast_i8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split > 1:

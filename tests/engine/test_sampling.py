@@ -120,3 +120,22 @@ def test_sampled_frequencies_follow_softmax(llama, hf_llama, temperature, top_k)
     pairs = [(o, e) for o, e in zip(observed, exp, strict=True) if e > 0]
     stat = sum((o - e) ** 2 / e for o, e in pairs)
     assert stat < chi_square_critical(len(pairs) - 1), (stat, len(pairs))
+
+
+@pytest.mark.parametrize("vocab", [49152, 128256, 1000, 193])  # groups of 256 / 256 / ... / none
+def test_two_stage_argmax_is_argmax_with_ties(vocab):
+    """The few-row greedy path: same ids as argmax, incl. ties (first max), a max at the
+    last entry and in the last group, and -inf rows."""
+    from vllm_runner.sample.sampler import two_stage_argmax
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, vocab, generator=g)
+    logits[1, [7, vocab // 2, vocab - 1]] = 9.0  # tie: the first wins
+    logits[2, vocab - 1] = 9.0
+    logits[3] = -math.inf
+    logits[4] = logits[4].round()  # many ties
+    logits[5, [vocab - 3, vocab - 2]] = 9.0
+    expected = logits.argmax(dim=-1)
+    assert expected[1] == 7
+    assert torch.equal(two_stage_argmax(logits), expected)
+    assert torch.equal(two_stage_argmax(logits.bfloat16()), logits.bfloat16().argmax(dim=-1))

@@ -112,8 +112,10 @@ def _compile_all() -> list[dict]:
     for wdtype in (torch.int8, torch.float8_e4m3fn):
         for m, n, k in [(1, 4096, 4096), (1, 72, 300), (16, 4096, 4096), (19, 72, 300),
                         (300, 4096, 4096)]:  # fmt: skip
-            qm.w8a16_matmul(torch.empty(m, k, dtype=torch.bfloat16),
-                            torch.empty(n, k, dtype=wdtype), torch.empty(n))  # fmt: skip
+            for gated in (False, True):  # gated: the fused SiLU-and-mul epilogue
+                qm.w8a16_matmul(torch.empty(m, k, dtype=torch.bfloat16),
+                                torch.empty(n, k, dtype=wdtype), torch.empty(n),
+                                gated=gated)  # fmt: skip
     return results
 
 

@@ -73,6 +73,42 @@ def test_fp8_weights_ragged_tiles(device: torch.device, config: W8A16Config) -> 
     check(x, q, scale, torch.randn(72, device=device).bfloat16(), config)
 
 
+def check_gated(x, q, scale, bias, config=None) -> None:
+    """The fused SiLU-and-mul epilogue vs the unfused reference (matmul, then activation).
+    Both round gate and up to x.dtype before the product: one differently rounded factor
+    (summation order) moves the result by up to ~2 ulps, hence twice the matmul tolerance."""
+    out = w8a16_matmul(x, q, scale, bias, config, gated=True)
+    ref = reference.silu_and_mul(reference.w8a16_linear(x, q, scale, bias))
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    assert not out.isnan().any(), "kernel left unwritten elements"
+    tol = {key: 2 * value for key, value in TOL[x.dtype].items()}
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("config", [None, W8A16Config(1, 8, 64, num_stages=1),
+                                    W8A16Config(16, 16, 64, num_stages=1)],
+                         ids=["default", "gemv", "tiled"])  # fmt: skip
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_w8a16_gated_matches_unfused(device, dtype, config, with_bias) -> None:
+    """gated=True on a [gate; up] weight: ragged N (36 = 2 tiles + 4) and K (300)."""
+    m = 1 if config is None or config.block_m == 1 else 19
+    q, scale = make_int8(72, 300, device)
+    x = torch.randn(m, 300, device=device).to(dtype)
+    bias = torch.randn(72, device=device).to(dtype) if with_bias else None
+    check_gated(x, q, scale, bias, config)
+
+
+def test_w8a16_gated_fp8_weights_and_split_k(device: torch.device) -> None:
+    """e4m3 weights, whole tiles; a K split falls back to matmul + activation (same result)."""
+    q, scale = quantize_fp8_rows(torch.randn(64, 256, device=device) * 0.05)
+    x = torch.randn(1, 256, device=device).bfloat16()
+    check_gated(x, q, scale, None, W8A16Config(1, 4, 128, num_stages=1))
+    check_gated(x.expand(5, 256), q, scale, None, W8A16Config(16, 16, 64, split_k=2))
+    with pytest.raises(AssertionError, match="gated"):
+        w8a16_matmul(x, q[:63], scale[:63], gated=True)
+
+
 def test_w8_gemv_takes_one_row_only(device: torch.device) -> None:
     q, scale = make_int8(32, 64, device)
     with pytest.raises(AssertionError, match="one row"):
@@ -135,6 +171,10 @@ def test_w8a16_llama8b_shapes(device: torch.device, m: int, n: int, k: int) -> N
     out = w8a16_matmul(x, q, scale)
     ref = reference.w8a16_linear(x, q, scale)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=1.6e-2)
+    if n == 28672:  # the gate_up projection: fused SiLU-and-mul epilogue too
+        gated = w8a16_matmul(x, q, scale, gated=True)
+        ref = reference.silu_and_mul(ref)
+        torch.testing.assert_close(gated.float(), ref.float(), atol=2e-2, rtol=1.6e-2)
 
 
 @pytest.mark.gpu

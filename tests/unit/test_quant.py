@@ -124,6 +124,20 @@ def test_int8_layer_equals_reference_and_weight_bytes():
     )
 
 
+@pytest.mark.parametrize("method_cls", [None, Int8WeightOnly])
+def test_merged_layer_silu_and_mul(method_cls):
+    """forward_silu_and_mul == silu(gate) * up of the layer's own output, float or int8."""
+    layer = MergedColumnParallelLinear(96, [40, 40], bias=True)
+    layer.weight.data.normal_(0, 0.05)
+    layer.bias.data.normal_()
+    if method_cls is not None:
+        method_cls().quantize(layer, torch.device("cpu"))
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(layer.forward_silu_and_mul(x), reference.silu_and_mul(layer(x)))
+    with pytest.raises(AssertionError, match="two equal outputs"):
+        MergedColumnParallelLinear(96, [40, 24]).forward_silu_and_mul(x)
+
+
 def test_fp8_skips_shapes_scaled_mm_cannot_take():
     assert not Fp8W8A8().supports(RowParallelLinear(24, 32))
     assert Fp8W8A8().supports(RowParallelLinear(32, 48))
@@ -268,3 +282,26 @@ def test_gpu_int8_linear_vs_bf16():
     assert relative_error(out, exact) < 0.01
     ref = reference.w8a16_linear(x, layer.weight, layer.weight_scale)
     assert relative_error(out, ref) < 0.005
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method_cls", [Int8WeightOnly, Fp8W8A8])
+@pytest.mark.parametrize("m", [1, 33])
+def test_gpu_gate_up_fused_silu_and_mul(method_cls, m):
+    """A quantized [gate, up] layer's fused activation (one row: the GEMV's epilogue; 33 rows:
+    the tiled kernel's for int8, _scaled_mm then the activation kernel for fp8) vs the layer's
+    own output through the unfused activation."""
+    if method_cls is Fp8W8A8:
+        from vllm_runner.model.layers.quant import fp8_supported
+
+        ok, what = fp8_supported(torch.device("cuda"))
+        if not ok:
+            pytest.skip(what)
+    layer = MergedColumnParallelLinear(4096, [14336, 14336]).cuda().bfloat16()
+    layer.weight.data.normal_(0, 0.02)
+    method_cls().quantize(layer, torch.device("cuda"))
+    x = torch.randn(m, 4096, device="cuda").bfloat16()
+    fused = layer.forward_silu_and_mul(x)
+    unfused = reference.silu_and_mul(layer(x).float())
+    assert fused.shape == (m, 14336)
+    assert relative_error(fused, unfused) < 0.01

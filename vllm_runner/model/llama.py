@@ -3,7 +3,6 @@
 import torch
 from torch import nn
 
-from kernels import reference
 from vllm_runner.model.layers.attention import Attention
 from vllm_runner.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm_runner.model.layers.linear import (
@@ -45,12 +44,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate, hidden, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
-        if gate_up.is_cuda:
-            from kernels.activation import silu_and_mul
-        else:
-            silu_and_mul = reference.silu_and_mul
-        return self.down_proj(silu_and_mul(gate_up))
+        return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -97,6 +97,26 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
     return logits
 
 
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [rows]
+    """``logits.argmax(-1)``; on CUDA a few rows take ``two_stage_argmax``: torch reduces a
+    lone row in one thread block (H200, one 128256-wide row: 26 us; two stages: 11 us)."""
+    if logits.is_cuda and logits.shape[0] <= 16:
+        return two_stage_argmax(logits)
+    return logits.argmax(dim=-1)
+
+
+def two_stage_argmax(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [rows]
+    """The first maximum of each row, as ``argmax``: the first maximum of each group of 256
+    (or 128, 64) entries, then the first best group."""
+    rows, vocab = logits.shape
+    group = next((g for g in (256, 128, 64) if vocab % g == 0), 0)
+    if not group:
+        return logits.argmax(dim=-1)
+    best, index = logits.reshape(rows, vocab // group, group).max(dim=-1)  # first max each
+    g = best.argmax(dim=-1, keepdim=True)
+    return (g * group + index.gather(-1, g)).squeeze(-1)
+
+
 def exponential_noise(
     rows: list[SamplingRow], vocab: int, device: torch.device, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -131,7 +151,7 @@ class Sampler:
         ``rows=None`` means every row is plain greedy (no penalties, min_tokens or logprobs):
         the argmax alone, with no per-row host work."""
         if rows is None:
-            return logits.argmax(dim=-1), None  # exact in any dtype: no fp32 copy needed
+            return greedy_argmax(logits), None  # exact in any dtype: no fp32 copy needed
         logits = logits.float()  # [num_rows, vocab]
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
@@ -140,7 +160,7 @@ class Sampler:
             apply_penalties(logits, rows)
         if any(r.num_output_tokens < r.params.min_tokens for r in rows):
             apply_min_tokens(logits, rows)
-        greedy_ids = logits.argmax(dim=-1)
+        greedy_ids = greedy_argmax(logits)
         if all(r.params.greedy for r in rows):
             sampled = greedy_ids
         else:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_runner.model.layers import cpu_gemm
+from vllm_runner.model.layers.activation import silu_and_mul
 from vllm_runner.model.layers.parallel import (
     all_gather_last_dim,
     all_reduce,
@@ -75,6 +76,17 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = self.shard_sizes[shard_id]
         offset = sum(self.shard_sizes[:shard_id])
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, tp_rank() * size, size))
+
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` for a [gate, up] layer (SwiGLU); a quantized layer may fuse
+        the activation into its matmul."""
+        assert len(self.shard_sizes) == 2 and self.shard_sizes[0] == self.shard_sizes[1], (
+            f"silu_and_mul needs two equal outputs, got {self.shard_sizes}"
+        )
+        assert not self.gather_output, "silu_and_mul works on this rank's shard"
+        if self.quant_method is not None:
+            return self.quant_method.apply_silu_and_mul(self, x, self.bias)
+        return silu_and_mul(self.matmul(x, self.bias))
 
 
 class QKVParallelLinear(ColumnParallelLinear):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kernels import reference
+from vllm_runner.model.layers.activation import silu_and_mul
 from vllm_runner.model.layers.linear import LinearBase
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,13 @@ class QuantMethod:
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_silu_and_mul(
+        self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``silu(gate) * up`` of a merged [gate; up] layer; methods with a fused kernel
+        override this."""
+        return silu_and_mul(self.apply(layer, x, bias))
+
     def weight_nbytes(self, layer: LinearBase) -> int:
         """Bytes of the layer's weight (+ scales) once quantized; works on meta modules."""
         if not self.supports(layer):
@@ -99,6 +107,15 @@ class Int8WeightOnly(QuantMethod):
 
             return w8a16_matmul(x, layer.weight, layer.weight_scale, bias)
         return reference.w8a16_linear(x, layer.weight, layer.weight_scale, bias)
+
+    def apply_silu_and_mul(
+        self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if x.is_cuda:  # the activation in the matmul's epilogue
+            from kernels.quant_matmul import w8a16_matmul
+
+            return w8a16_matmul(x, layer.weight, layer.weight_scale, bias, gated=True)
+        return super().apply_silu_and_mul(layer, x, bias)
 
 
 class Fp8W8A8(QuantMethod):
@@ -137,6 +154,15 @@ class Fp8W8A8(QuantMethod):
         if bias is not None:
             out = out + bias
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def apply_silu_and_mul(
+        self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if x.is_cuda and x.reshape(-1, x.shape[-1]).shape[0] <= self.weight_only_max_tokens:
+            from kernels.quant_matmul import w8a16_matmul
+
+            return w8a16_matmul(x, layer.weight, layer.weight_scale, bias, gated=True)
+        return super().apply_silu_and_mul(layer, x, bias)
 
 
 def fp8_scaled_mm(

@@ -1,0 +1,14 @@
+"""The gated MLP activation on either backend."""
+
+import torch
+
+from kernels import reference
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [..., 2 * d] -> [..., d]
+    """``silu(gate) * up`` of a merged [gate | up] output: Triton on CUDA, torch elsewhere."""
+    if x.is_cuda:
+        from kernels.activation import silu_and_mul as triton_silu_and_mul
+
+        return triton_silu_and_mul(x)
+    return reference.silu_and_mul(x)
