@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch, wait_for_predecessor
+
 
 @triton.jit
 def _silu_and_mul_kernel(
@@ -13,7 +15,9 @@ def _silu_and_mul_kernel(
     stride_o,
     D: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
@@ -35,5 +39,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * d] -> [nu
         block = min(triton.next_power_of_2(d), 1024)
         grid = (num_tokens, triton.cdiv(d, block))
         _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), D=d, BLOCK=block,
-                                   num_warps=4)  # fmt: skip
+                                   num_warps=4, **pdl_launch(x.device))  # fmt: skip
     return out

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch, wait_for_predecessor
 from kernels.rotary import _load_cos_sin, _rotate_heads
 
 
@@ -32,7 +33,9 @@ def _write_kv_cache_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     token = tl.program_id(0)
     # NOTE: int64 so that slot * stride cannot overflow on large caches.
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -101,6 +104,7 @@ def write_kv_cache(
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
+        **pdl_launch(key.device),
     )
 
 
@@ -138,7 +142,9 @@ def _rotary_write_kv_kernel(
     BLOCK_PASS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     COPY_PASS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _load_cos_sin(cos_sin_ptr, positions_ptr, token, stride_cos, HALF, BLOCK_HALF)
     _rotate_heads(
@@ -219,6 +225,6 @@ def rotary_and_write_kv_cache(
         BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_PASS=triton.next_power_of_2(max(pass_dim, 1)),
         BLOCK_D=triton.next_power_of_2(head_dim),
-        COPY_PASS=pass_dim > 0,
+        COPY_PASS=pass_dim > 0, **pdl_launch(query.device),
     )  # fmt: skip
     return q_out

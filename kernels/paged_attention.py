@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch, wait_for_predecessor
+
 LOG2E = 1.4426950408889634
 
 
@@ -98,7 +100,9 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -153,7 +157,9 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -308,12 +314,13 @@ def paged_attention_decode(
         NUM_HEADS=num_heads, QUERIES_PER_KV=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         SPLIT=split, DOT_PRECISION=dot_precision(query.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch(query.device),
     )  # fmt: skip
     if split:
         _decode_reduce_kernel[(num_reqs, num_heads)](
             part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim,
             BLOCK_S=_MAX_SPLITS, BLOCK_D=block_d, num_warps=4,  # one compile for any split
+            **pdl_launch(query.device),
         )  # fmt: skip
     return out

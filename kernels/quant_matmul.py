@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.paged_attention import dot_precision, num_sms
+from kernels.pdl import pdl_launch, wait_for_predecessor
 
 
 @triton.jit
@@ -51,15 +52,20 @@ def _i8x4_to_f32(w):
 
 
 @triton.jit
-def _load_widened(ptrs, mask, EVEN: tl.constexpr, FAST_I8: tl.constexpr):
-    """An int8 / fp8 weight tile widened to fp32, masked lanes zero.
+def _load_raw(ptrs, mask, EVEN: tl.constexpr):
+    """An int8 / fp8 weight tile as stored; masked lanes undefined until ``_widen``."""
+    return tl.load(ptrs) if EVEN else tl.load(ptrs, mask=mask)
+
+
+@triton.jit
+def _widen(w, mask, EVEN: tl.constexpr, FAST_I8: tl.constexpr):
+    """A raw int8 / fp8 weight tile widened to fp32, masked lanes zero.
 
     NOTE: via fp32 (exact for int8 and e4m3): Triton 3.9's interpreter casts int8 -> bf16 as
     raw bits. Masked lanes are zeroed after the widening: an integer ``other`` does not
     compile for fp8 pointers. FAST_I8 (int8 on a GPU; inline PTX cannot run in the
     interpreter) widens with ``_i8x4_to_f32``.
     """
-    w = tl.load(ptrs) if EVEN else tl.load(ptrs, mask=mask)
     w = _i8x4_to_f32(w) if FAST_I8 else w.to(tl.float32)
     return w if EVEN else tl.where(mask, w, 0.0)
 
@@ -109,7 +115,9 @@ def _w8a16_kernel(
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: unmasked (vectorizable) weight loads
     DOT_PRECISION: tl.constexpr,
     FAST_I8: tl.constexpr,  # int8 weights widened by _i8x4_to_f32
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -127,7 +135,7 @@ def _w8a16_kernel(
         # [BLOCK_K, BLOCK_N]: the weight tile read transposed, widened in registers
         w_ptrs = w_cols + ks[:, None] * stride_wk
         w_mask = n_mask[None, :] if EVEN_K else (ks < k_hi)[:, None] & n_mask[None, :]
-        w = _load_widened(w_ptrs, w_mask, EVEN_K and EVEN_N, FAST_I8)
+        w = _widen(_load_raw(w_ptrs, w_mask, EVEN_K and EVEN_N), w_mask, EVEN_K and EVEN_N, FAST_I8)
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
     acc = _epilogue(acc, acc, scale_ptr, bias_ptr, offs_n, n_mask, N,
                     (pid_k == 0).to(tl.float32),  # the bias is added by one split only
@@ -154,30 +162,46 @@ def _w8_gemv_kernel(
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
     GATED: tl.constexpr,
     FAST_I8: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One row times the weight: each program streams BLOCK_N weight rows (GATED: and the
     matching up rows) along K (contiguous, vectorized loads), multiplies in fp32 registers
-    and reduces once at the end; no tensor-core tile is padded out from a single row."""
+    and reduces once at the end; no tensor-core tile is padded out from a single row. The
+    first K tile is requested before waiting on the previous kernel (weights never depend
+    on it): with PDL the weight stream starts while that kernel still runs."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + offs_k
-        k_mask = ks < K
+    rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    k_mask = offs_k < K
+    w_mask = n_mask[:, None] & k_mask[None, :]
+    w = _load_raw(rows, w_mask, EVEN)
+    if GATED:
+        w_up = _load_raw(rows + up_offset, w_mask, EVEN)
+    wait_for_predecessor(PDL)
+    x = _load_x(x_ptr, offs_k, k_mask, EVEN)
+    acc = _widen(w, w_mask, EVEN, FAST_I8) * x
+    acc_up = acc  # GATED: replaced below
+    if GATED:
+        acc_up = _widen(w_up, w_mask, EVEN, FAST_I8) * x
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
         w_mask = n_mask[:, None] & k_mask[None, :]
-        if EVEN:
-            x = tl.load(x_ptr + ks).to(tl.float32)[None, :]
-        else:
-            x = tl.load(x_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        acc += _load_widened(rows + ks[None, :], w_mask, EVEN, FAST_I8) * x
+        x = _load_x(x_ptr + k0, offs_k, k_mask, EVEN)
+        acc += _widen(_load_raw(rows + k0, w_mask, EVEN), w_mask, EVEN, FAST_I8) * x
         if GATED:
-            acc_up += _load_widened(rows + up_offset + ks[None, :], w_mask, EVEN, FAST_I8) * x
+            w_up = _load_raw(rows + up_offset + k0, w_mask, EVEN)
+            acc_up += _widen(w_up, w_mask, EVEN, FAST_I8) * x
     out = _epilogue(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), scale_ptr, bias_ptr, offs_n,
                     n_mask, N, 1.0, HAS_BIAS, GATED, out_ptr.dtype.element_ty)  # fmt: skip
     tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _load_x(ptrs, offs, mask, EVEN: tl.constexpr):
+    """[1, BLOCK_K] fp32 slice of the activation row."""
+    x = tl.load(ptrs + offs) if EVEN else tl.load(ptrs + offs, mask=mask, other=0.0)
+    return x.to(tl.float32)[None, :]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,6 +296,7 @@ def w8a16_matmul(
             qweight.stride(0), n * qweight.stride(0) if gated else 0,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None,
             EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, GATED=gated, FAST_I8=fast_i8,
+            **pdl_launch(x.device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         return out.view(*x.shape[:-1], n)
@@ -288,7 +313,7 @@ def w8a16_matmul(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         HAS_BIAS=bias is not None, EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
         DOT_PRECISION=dot_precision(x.dtype), FAST_I8=fast_i8,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x.device),
     )  # fmt: skip
     if split > 1:
         out = target.sum(0).to(x.dtype)  # fixed reduction order: deterministic

@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch, wait_for_predecessor
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -20,7 +22,9 @@ def _rms_norm_kernel(
     HIDDEN: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
@@ -73,7 +77,7 @@ def rms_norm(
             x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0),
             res_out.stride(0) if res_out is not None else 0,
             HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
-            num_warps=min(max(block // 256, 1), 16),
+            num_warps=min(max(block // 256, 1), 16), **pdl_launch(x.device),
         )  # fmt: skip
     out = out.view(x.shape)
     return out, (res_out.view(x.shape) if res_out is not None else None)

@@ -42,6 +42,7 @@ class _Recorder:
         from triton.compiler import ASTSource
 
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        kwargs.pop("launch_pdl", None)  # a launch attribute, not a kernel argument
         signature, constexprs, attrs = {}, dict(kwargs), {}
         for i, (name, arg) in enumerate(zip(self.fn.arg_names, args, strict=False)):
             if isinstance(arg, torch.Tensor):
@@ -70,11 +71,13 @@ def _compile_all() -> list[dict]:
     import kernels.activation as ac
     import kernels.kv_cache as kv
     import kernels.paged_attention as pa
+    import kernels.pdl
     import kernels.prefill_attention as pf
     import kernels.quant_matmul as qm
     import kernels.rms_norm as rn
     import kernels.rotary as ro
 
+    kernels.pdl.pdl_enabled = lambda device: True  # compile the in-kernel PDL waits too
     results: list[dict] = []
     for mod in (ac, kv, pa, pf, qm, rn, ro):
         for name in KERNELS & set(vars(mod)):
