@@ -29,11 +29,14 @@ def wait_for_predecessor(PDL: tl.constexpr):
 
 @functools.cache
 def _capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    # NOTE: Triton before ~3.4 has neither the in-kernel wait nor the launch attribute.
+    has_gdc = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
+    return has_gdc and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch with PDL (CUDA, compute capability >= 9.0)."""
+    """Whether kernels on ``device`` launch with PDL (CUDA, compute capability >= 9.0, a
+    Triton that has it)."""
     if device.type != "cuda" or os.environ.get("VLLM_RUNNER_PDL", "1") == "0":
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
