@@ -69,22 +69,24 @@ def run_steps(
             pauses.append(time.perf_counter() - started[0])
 
     gc.callbacks.append(on_gc)
-    while engine.has_unfinished():
-        if on_first_decode is not None and log and log[-1][0] == log[-1][1]:
-            on_first_decode()
-            on_first_decode = None
-        start = time.perf_counter()
-        engine.step(stream=False)
-        wall = time.perf_counter() - start
-        sched = scheduled.pop() if scheduled else None
-        reqs = len(sched.num_scheduled_tokens) if sched else 0
-        tokens = sched.total_num_scheduled_tokens if sched else 0
-        by_kind["decode" if tokens == reqs else "prefill+decode"].append(wall)
-        log.append((reqs, tokens, wall * 1e3))
-    engine.scheduler.schedule = schedule
-    gc.callbacks.remove(on_gc)
-    if compiles is not None:
-        log_triton_compiles(log, None)
+    try:
+        while engine.has_unfinished():
+            if on_first_decode is not None and log and log[-1][0] == log[-1][1]:
+                on_first_decode()
+                on_first_decode = None
+            start = time.perf_counter()
+            engine.step(stream=False)
+            wall = time.perf_counter() - start
+            sched = scheduled.pop() if scheduled else None
+            reqs = len(sched.num_scheduled_tokens) if sched else 0
+            tokens = sched.total_num_scheduled_tokens if sched else 0
+            by_kind["decode" if tokens == reqs else "prefill+decode"].append(wall)
+            log.append((reqs, tokens, wall * 1e3))
+    finally:
+        engine.scheduler.schedule = schedule
+        gc.callbacks.remove(on_gc)
+        if compiles is not None:
+            log_triton_compiles(log, None)
     by_kind["gc pause"] = pauses
     return by_kind, log
 
@@ -101,9 +103,11 @@ def main() -> None:
     p.add_argument("--quantization", choices=["int8", "fp8"], default=None)
     p.add_argument("--max-tokens", type=int, default=256, help="new tokens per prompt")
     p.add_argument("--log-compiles", action="store_true", help="Triton compiles during steps")
-    p.add_argument("--passes", type=int, default=1, help="W1 runs (--no-profile); last reported")
+    p.add_argument("--passes", type=int, default=1, help="W1 runs (--no-profile); the last timed")
     p.add_argument("--out")
     args = p.parse_args()
+    if args.passes > 1 and not args.no_profile:
+        p.error("--passes > 1 needs --no-profile (the profilers cover one pass)")
     Path(args.root).mkdir(parents=True, exist_ok=True)
     path = build_random_llama(args.model, Path(args.root), "cuda", 0)
     wl = random_workload(args.num_prompts, 128256, 64, 1024, args.max_tokens, 0)
@@ -120,12 +124,14 @@ def main() -> None:
     engine = llm.engine
     compiles: list[str] | None = [] if args.log_compiles else None
     earlier: list[str] = []
-    for i in range(args.passes - 1 if args.no_profile else 0):
+    for i in range(args.passes - 1):
         for prompt in wl.salted(1000 + i).prompts:  # no prefix-cache hits in the last pass
             engine.add_request(prompt, params)
         start = time.perf_counter()
-        run_steps(engine, compiles=compiles)
-        earlier.append(f"pass {i + 1}: {time.perf_counter() - start:.2f} s")
+        pass_compiles: list[str] | None = [] if args.log_compiles else None
+        run_steps(engine, compiles=pass_compiles)
+        count = f", {len(pass_compiles)} Triton compiles" if pass_compiles is not None else ""
+        earlier.append(f"pass {i + 1}: {time.perf_counter() - start:.2f} s{count}")
     for prompt in wl.prompts:
         engine.add_request(prompt, params)
     buf = io.StringIO()
@@ -144,7 +150,7 @@ def main() -> None:
             profs[1].start()
 
         profs[0].start()
-        by_kind, log = run_steps(engine, next_phase)
+        by_kind, log = run_steps(engine, next_phase, compiles)
         torch.cuda.synchronize()
         profs[-1].stop()
         for title, prof in zip(("steps with prefill", "pure decode steps"), profs, strict=False):
@@ -155,7 +161,7 @@ def main() -> None:
     else:
         profiler = cProfile.Profile()
         profiler.enable()
-        by_kind, log = run_steps(engine)
+        by_kind, log = run_steps(engine, compiles=compiles)
         profiler.disable()
         pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
     wall = time.perf_counter() - start

@@ -1,7 +1,7 @@
 """Weight-only int8 matmul (W8A16, Triton): ``out = (x @ q.T) * scale + bias``.
 
-The weight stays int8 in memory and is widened to the activation dtype tile by tile in
-registers (exact: |q| <= 127 fits the 8-bit mantissa of bf16); the per-output-channel scale
+The weight stays int8 in memory and is widened tile by tile in registers (via fp32; exact:
+|q| <= 127 fits the 8-bit mantissa of bf16, as every e4m3 value does); the per-output-channel scale
 multiplies the fp32 accumulator once, after the K loop. Decode is weight-bandwidth bound, so
 reading 1 byte per weight instead of 2 is the whole point; small-M launches split K across
 programs (partials in fp32, summed in a fixed order: deterministic) to fill the GPU.
@@ -13,7 +13,6 @@ activation runs in the epilogue instead of a separate kernel over a [1, 2N] inte
 
 import dataclasses
 import math
-import os
 
 import torch
 import triton
@@ -217,14 +216,20 @@ class W8A16Config:
     num_stages: int = 3
 
 
+def fast_int8_widening(device: torch.device) -> bool:
+    """Whether int8 tiles widen with ``_i8x4_to_f32`` (inline PTX: CUDA only, never the
+    interpreter, whose tensors live on the CPU)."""
+    return device.type == "cuda"
+
+
 def default_config(m: int, n: int, k: int, sm_count: int, int8: bool = False) -> W8A16Config:
     """Small M (decode) is a weight stream: narrow N tiles give every SM programs without
     splitting K (a split costs two extra kernels); K is split only when N is too small for
     that. One row runs the GEMV kernel, except fp8 weights with N over ~16k (H200, graph
     replays, 8B shapes: the GEMV is 1.3-1.6x the tiled kernel; with fp8 weights the tiled one
     stays ahead on the 28672-wide gate_up, with int8 weights widened by ``_i8x4_to_f32`` the
-    GEMV of 16 x 256 tiles wins there too). Large M (prefill) is compute bound: square
-    tensor-core tiles."""
+    GEMV of 16 x 256 tiles wins there too; gated, 8 gate + 8 up rows). Large M (prefill) is
+    compute bound: square tensor-core tiles."""
     if m == 1 and (int8 or n < 128 * sm_count):
         if n >= 128 * sm_count:
             return W8A16Config(1, 16, 256, num_warps=4, num_stages=3)
@@ -280,8 +285,10 @@ def w8a16_matmul(
     if m == 0:
         return out.view(*x.shape[:-1], n)
     int8 = qweight.dtype == torch.int8
-    fast_i8 = int8 and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")  # PTX: GPU only
+    fast_i8 = int8 and fast_int8_widening(x.device)
     cfg = config or default_config(m, rows, k, num_sms(x.device), int8)
+    if config is None and cfg.block_m == 1 and qweight.stride(1) != 1:  # GEMV: K-contiguous
+        cfg = default_config(2, rows, k, num_sms(x.device), int8)  # the tiled kernel's tiles
     if gated and cfg.block_m != 1:  # the tiled kernel has no gated epilogue
         from kernels.activation import silu_and_mul
 

@@ -125,7 +125,7 @@ def test_sampled_frequencies_follow_softmax(llama, hf_llama, temperature, top_k)
 @pytest.mark.parametrize("vocab", [49152, 128256, 1000, 193])  # groups of 256 / 256 / ... / none
 def test_two_stage_argmax_is_argmax_with_ties(vocab):
     """The few-row greedy path: same ids as argmax, incl. ties (first max), a max at the
-    last entry and in the last group, and -inf rows."""
+    last entry and in the last group, -inf rows and NaN."""
     from vllm_runner.sample.sampler import two_stage_argmax
 
     g = torch.Generator().manual_seed(0)
@@ -135,6 +135,8 @@ def test_two_stage_argmax_is_argmax_with_ties(vocab):
     logits[3] = -math.inf
     logits[4] = logits[4].round()  # many ties
     logits[5, [vocab - 3, vocab - 2]] = 9.0
+    logits = torch.cat([logits, logits[:1]])
+    logits[6, [vocab // 3, vocab - 1]] = math.nan  # argmax: the first NaN
     expected = logits.argmax(dim=-1)
     assert expected[1] == 7
     assert torch.equal(two_stage_argmax(logits), expected)

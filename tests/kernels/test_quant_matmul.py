@@ -109,6 +109,25 @@ def test_w8a16_gated_fp8_weights_and_split_k(device: torch.device) -> None:
         w8a16_matmul(x, q[:63], scale[:63], gated=True)
 
 
+@pytest.mark.parametrize("n,k,config", [(256, 256, W8A16Config(1, 4, 128, num_stages=1)),
+                                        (250, 200, W8A16Config(1, 16, 64, num_stages=1)),
+                                        (256, 256, W8A16Config(16, 32, 64, num_stages=1))],
+                         ids=["gemv", "gemv-ragged", "tiled"])  # fmt: skip
+def test_every_int8_value_widens_exactly(device: torch.device, n: int, k: int, config) -> None:
+    """Each column of q holds every value in [-128, 127] (across its rows); one-hot rows of x
+    read columns back through the kernel with unit scales: exact, whatever the widening
+    (on a GPU the byte-permute one, in the interpreter a plain cast)."""
+    rows = torch.arange(n, device=device)[:, None]
+    cols = torch.arange(k, device=device)[None, :]
+    q = ((rows + 7 * cols) % 256 - 128).to(torch.int8)
+    scale = torch.ones(n, device=device)
+    for j in (0, 1, 2, 3, k - 1):
+        x = torch.zeros(1 if config.block_m == 1 else 3, k, device=device, dtype=torch.bfloat16)
+        x[:, j] = 1.0
+        out = w8a16_matmul(x, q, scale, config=config)
+        assert torch.equal(out[0].float(), q[:, j].float()), f"column {j}"
+
+
 def test_w8_gemv_takes_one_row_only(device: torch.device) -> None:
     q, scale = make_int8(32, 64, device)
     with pytest.raises(AssertionError, match="one row"):

@@ -101,6 +101,23 @@ def test_cuda_graphs_match_eager(model_dir):
     ]
 
 
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_pdl_matches_plain_launches(model_dir, monkeypatch, quantization):
+    """Programmatic dependent launch changes when kernels start, never what they compute:
+    identical tokens with it off (VLLM_RUNNER_PDL=0), in CUDA graphs, for a batch and for a
+    lone request (int8: the one-row GEMV, which reads weights before its in-kernel wait)."""
+    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+    batch = prompts()
+    outputs = []
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("VLLM_RUNNER_PDL", pdl)
+        llm = gpu_llm(model_dir, gpu_memory_utilization=0.2, quantization=quantization)
+        outputs.append([o.token_ids for o in llm.generate(batch, params)])
+        outputs[-1] += [o.token_ids for o in llm.generate(batch[:1], params)]
+        del llm
+    assert outputs[0] == outputs[1]
+
+
 def test_gpu_preemption(model_dir):
     """fp32, so that recomputing a preempted request's KV (one prefill) gives the same values
     as computing them step by step; in bf16 the two orders round differently."""

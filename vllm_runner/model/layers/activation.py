@@ -10,5 +10,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [..., 2 * d] -> [..., d]
     if x.is_cuda:
         from kernels.activation import silu_and_mul as triton_silu_and_mul
 
-        return triton_silu_and_mul(x)
+        out = triton_silu_and_mul(x.reshape(-1, x.shape[-1]))
+        return out.view(*x.shape[:-1], out.shape[-1])
     return reference.silu_and_mul(x)
