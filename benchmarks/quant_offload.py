@@ -5,6 +5,7 @@
 Cases (each builds its own engines; run them in separate calls if one call has a time limit):
 - b1: batch-1 decode tok/s for bf16 / int8 / fp8 (and fp8 with its weight-only decode path),
   (n - 1) / (t(n new) - t(1 new)) as in throughput.py, vs copy bandwidth / weight bytes read.
+  ``--pdl-ab`` adds bf16 / int8 / fp8 engines with plain launches (``VLLM_RUNNER_PDL=0``).
 - w1: workload W1 (throughput.py's: 256 prompts of 64-1024 random ids, 256 new tokens each,
   EOS ignored; --num-prompts) for fp8 vs bf16: output tok/s.
 - offload: W1 with --offload-gb of weights in pinned host memory. Three runs of the same
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -88,13 +90,17 @@ def bench_b1(args, model_dir: str, report: dict) -> None:
     bw = report["copy_bandwidth_GBps"] * 1e9
     rows = {}
     default = Fp8W8A8.weight_only_max_tokens
-    for name, quant, weight_only in [
-        ("bf16", None, default),
-        ("int8", "int8", default),
-        ("fp8", "fp8", default),
-        ("fp8 (W8A8 _scaled_mm only)", "fp8", 0),
-    ]:
+    cases = [
+        ("bf16", None, default, "1"),
+        ("int8", "int8", default, "1"),
+        ("fp8", "fp8", default, "1"),
+        ("fp8 (W8A8 _scaled_mm only)", "fp8", 0, "1"),
+    ]
+    if args.pdl_ab:  # the same engines with plain launches (kernels/pdl.py)
+        cases += [(f"{name} (no PDL)", quant, default, "0") for name, quant, *_ in cases[:3]]
+    for name, quant, weight_only, pdl in cases:
         Fp8W8A8.weight_only_max_tokens = weight_only
+        os.environ["VLLM_RUNNER_PDL"] = pdl
         llm = make_llm(model_dir, 128 + args.b1_tokens + 8, quantization=quant)
         generate(llm, b1.salted(50))  # warm-up
         tok_s = batch1_tok_s(llm, b1, args.repeats)
@@ -105,6 +111,7 @@ def bench_b1(args, model_dir: str, report: dict) -> None:
         del llm
         free_memory()
     Fp8W8A8.weight_only_max_tokens = default
+    os.environ.pop("VLLM_RUNNER_PDL", None)
     for row in rows.values():
         row["vs_bf16"] = row["tok_s"] / rows["bf16"]["tok_s"]
     report["batch1"] = rows
@@ -312,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--offload-gb", type=float, default=None, help="8; quick 0.02")
     p.add_argument("--cap-gb", type=float, default=None, help="cap case budget (14; quick 0.1)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--pdl-ab", action="store_true", help="b1: also bf16/int8/fp8 without PDL")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-root", default="/tmp/vllm_runner_bench")
     p.add_argument("--quick", action="store_true", help="8-layer toy shape, small workloads")
