@@ -138,9 +138,13 @@ class Fp8W8A8(QuantMethod):
     def quantize(self, layer: LinearBase, device: torch.device) -> None:
         self._set(layer, *quantize_fp8_rows(layer.weight.data.to(device)))
 
+    def _weight_only(self, x: torch.Tensor) -> bool:
+        """Whether this step's rows skip activation quantization (see weight_only_max_tokens)."""
+        return x.is_cuda and x.numel() // x.shape[-1] <= self.weight_only_max_tokens
+
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-        if x.is_cuda and x2.shape[0] <= self.weight_only_max_tokens:
+        if self._weight_only(x):
             from kernels.quant_matmul import w8a16_matmul
 
             return w8a16_matmul(x, layer.weight, layer.weight_scale, bias)
@@ -158,7 +162,7 @@ class Fp8W8A8(QuantMethod):
     def apply_silu_and_mul(
         self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        if x.is_cuda and x.reshape(-1, x.shape[-1]).shape[0] <= self.weight_only_max_tokens:
+        if self._weight_only(x):
             from kernels.quant_matmul import w8a16_matmul
 
             return w8a16_matmul(x, layer.weight, layer.weight_scale, bias, gated=True)
