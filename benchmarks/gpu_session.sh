@@ -2,7 +2,7 @@
 # One device-machine call: GPU tests, kernel check + timings, engine throughput.
 # Usage on the device: bash benchmarks/gpu_session.sh STEP...   (STEP: tests, kernels, w1-1b,
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
-# quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b)
+# quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -26,6 +26,7 @@ for step in "$@"; do
     torch-1b) python benchmarks/profile_engine.py --model 1b --torch-profile \
              --out "$OUT/torch_1b.txt" 2>&1 | tail -45 ;;
     quant-b1) python benchmarks/quant_offload.py --cases tune,b1 --out "$OUT/quant_b1.json" 2>&1 | tail -40 ;;
+    quant-tune) python benchmarks/quant_offload.py --cases tune --out "$OUT/quant_tune.json" 2>&1 | grep -v "^ *$" | tail -120 ;;
     quant-b1-only) python benchmarks/quant_offload.py --cases b1 --out "$OUT/quant_b1.json" 2>&1 | tail -20 ;;
     quant-b1-ab) python benchmarks/quant_offload.py --cases b1 --pdl-ab --out "$OUT/quant_b1_ab.json" 2>&1 | tail -20 ;;
     quant-offload) python benchmarks/quant_offload.py --cases offload --out "$OUT/offload.json" 2>&1 | tail -12 ;;

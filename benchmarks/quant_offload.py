@@ -274,21 +274,23 @@ def bench_tune(args, report: dict) -> None:
     from vllm_runner.model.layers.quant import quantize_int8
 
     configs = [None] + [
-        W8A16Config(bm, bn, bk, split, num_warps=w, num_stages=s)
-        for bm, bn, bk, split, w, s in [
-            (16, 16, 256, 1, 4, 4), (16, 32, 256, 1, 4, 4), (16, 16, 512, 1, 4, 3),
-            (16, 64, 256, 1, 4, 4), (16, 32, 128, 1, 2, 5), (16, 64, 256, 4, 4, 4),
-            (16, 32, 512, 1, 8, 3), (16, 128, 128, 1, 4, 4),
-            # block_m 1: the single-row GEMV kernel
-            (1, 4, 512, 1, 4, 3), (1, 8, 512, 1, 4, 3), (1, 16, 256, 1, 4, 3),
-            (1, 32, 256, 1, 8, 3), (1, 8, 1024, 1, 8, 2), (1, 2, 2048, 1, 4, 2),
-            (1, 4, 1024, 1, 4, 2), (1, 4, 2048, 1, 8, 2), (1, 8, 2048, 1, 8, 1),
-            (1, 16, 1024, 1, 8, 1), (1, 2, 2048, 1, 2, 2), (1, 2, 1024, 1, 2, 3),
-            (1, 4, 1024, 1, 8, 3), (1, 16, 512, 1, 8, 2), (1, 8, 512, 1, 2, 4),
+        W8A16Config(bm, bn, bk, split, num_warps=w, num_stages=s, prefetch=pf)
+        for bm, bn, bk, split, w, s, pf in [
+            (16, 16, 256, 1, 4, 4, 1), (16, 32, 256, 1, 4, 4, 1), (16, 64, 256, 4, 4, 4, 1),
+            # block_m 1: the single-row GEMV kernel (num_stages unused; prefetch is its
+            # software pipeline: K tiles in flight ahead of the one multiplied)
+            (1, 4, 1024, 1, 4, 1, 0), (1, 4, 1024, 1, 4, 1, 1), (1, 4, 1024, 1, 4, 1, 2),
+            (1, 8, 512, 1, 4, 1, 1), (1, 8, 512, 1, 4, 1, 2), (1, 16, 256, 1, 4, 1, 1),
+            (1, 16, 256, 1, 4, 1, 2), (1, 8, 1024, 1, 4, 1, 1), (1, 4, 2048, 1, 4, 1, 1),
+            (1, 2, 2048, 1, 4, 1, 1), (1, 2, 2048, 1, 4, 1, 2), (1, 8, 1024, 1, 8, 1, 1),
+            (1, 16, 512, 1, 8, 1, 1), (1, 4, 512, 1, 4, 1, 2), (1, 2, 1024, 1, 4, 1, 2),
+            (1, 4, 512, 1, 2, 1, 2), (1, 2, 1024, 1, 2, 1, 1),
         ]
     ]  # fmt: skip
     rows = []
-    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+    # (n, k, gated): the 8B shape's qkv, o, gate_up (also as the fused SiLU GEMV) and down
+    for n, k, gated in [(6144, 4096, False), (4096, 4096, False), (28672, 4096, False),
+                        (28672, 4096, True), (4096, 14336, False)]:  # fmt: skip
         q, scale = quantize_int8(torch.randn(n, k, device="cuda") * 0.02)
         w = torch.randn(n, k, device="cuda").bfloat16()
         x = torch.randn(1, k, device="cuda").bfloat16()
@@ -297,17 +299,21 @@ def bench_tune(args, report: dict) -> None:
         bench = triton.testing.do_bench_cudagraph
         bf16_ms = bench(lambda x=x, w=w: torch.nn.functional.linear(x, w))
         for cfg in configs:
+            if gated and cfg is not None and cfg.block_m != 1:
+                continue
             try:
-                ms = bench(lambda x=x, q=q, s=scale, c=cfg: w8a16_matmul(x, q, s, config=c))
+                ms = bench(lambda x=x, q=q, s=scale, c=cfg, g=gated:
+                           w8a16_matmul(x, q, s, config=c, gated=g))  # fmt: skip
             except Exception as e:  # one bad tile config must not end the sweep
                 print(f"  tune {n}x{k} {cfg}: failed: {e!r}"[:300])
                 continue
-            used = cfg or default_config(1, n, k, num_sms(x.device))
-            rows.append({"n": n, "k": k, "config": str(used), "default": cfg is None,
-                         "us": ms * 1e3, "GBps": n * k / ms / 1e6, "bf16_us": bf16_ms * 1e3,
-                         "speedup_vs_bf16": bf16_ms / ms})  # fmt: skip
+            used = cfg or default_config(1, n, k, num_sms(x.device), int8=True)
+            name = f"{n}x{k}{' gated' if gated else ''}"
+            rows.append({"n": n, "k": k, "gated": gated, "config": str(used),
+                         "default": cfg is None, "us": ms * 1e3, "GBps": n * k / ms / 1e6,
+                         "bf16_us": bf16_ms * 1e3, "speedup_vs_bf16": bf16_ms / ms})  # fmt: skip
             tag = "default " if cfg is None else ""
-            print(f"  tune {n}x{k} {tag}{used}: {ms * 1e3:.1f} us, "
+            print(f"  tune {name} {tag}{used}: {ms * 1e3:.1f} us, "
                   f"{n * k / ms / 1e6:,.0f} GB/s, {bf16_ms / ms:.2f}x bf16")  # fmt: skip
     report["tune"] = rows
 

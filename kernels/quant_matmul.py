@@ -145,62 +145,170 @@ def _w8a16_kernel(
 
 
 @triton.jit
+def _i8x4_word_to_f32(words):
+    """Four fp32 tensors, bytes 0..3 (k = 4j .. 4j + 3) of each int8x4 word, by the byte
+    permutes of ``_i8x4_to_f32``."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 u, m, t0, t1, t2, t3;
+        mov.b32 m, 0x4B000000;
+        xor.b32 u, $4, 0x80808080;
+        prmt.b32 t0, u, m, 0x7650;
+        prmt.b32 t1, u, m, 0x7651;
+        prmt.b32 t2, u, m, 0x7652;
+        prmt.b32 t3, u, m, 0x7653;
+        sub.f32 $0, t0, 0f4B000080;
+        sub.f32 $1, t1, 0f4B000080;
+        sub.f32 $2, t2, 0f4B000080;
+        sub.f32 $3, t3, 0f4B000080;
+        }""",
+        constraints="=r,=r,=r,=r,r",
+        args=[words],
+        dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _word_byte_f32(words, i: tl.constexpr, FP8: tl.constexpr):
+    """Byte ``i`` of each 4-byte word as fp32: int8 by an arithmetic shift, e4m3 by a bitcast."""
+    if FP8:
+        byte = ((words >> (8 * i)) & 0xFF).to(tl.uint8)
+        return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return ((words << (24 - 8 * i)) >> 24).to(tl.float32)
+
+
+@triton.jit
+def _dot_words(acc, words, x_ptrs, x_mask, EVEN: tl.constexpr, FP8: tl.constexpr,
+               FAST_I8: tl.constexpr, X16: tl.constexpr):  # fmt: skip
+    """acc += the four bytes of each weight word times x[4j .. 4j + 3]. X16: ``x_ptrs`` are
+    int64 pointers to the four 16-bit activations of each word (one load), else pointers to
+    x[4j] (four strided loads)."""
+    if FAST_I8:
+        w0, w1, w2, w3 = _i8x4_word_to_f32(words)
+    else:
+        w0 = _word_byte_f32(words, 0, FP8)
+        w1 = _word_byte_f32(words, 1, FP8)
+        w2 = _word_byte_f32(words, 2, FP8)
+        w3 = _word_byte_f32(words, 3, FP8)
+    if X16 is not None:
+        xs = tl.load(x_ptrs) if EVEN else tl.load(x_ptrs, mask=x_mask, other=0)
+        lo, hi = xs.to(tl.int32), (xs >> 32).to(tl.int32)
+        acc += w0 * _half_f32(lo, 0, X16) + w1 * _half_f32(lo, 1, X16)
+        acc += w2 * _half_f32(hi, 0, X16) + w3 * _half_f32(hi, 1, X16)
+    else:
+        acc += w0 * _load_x(x_ptrs, x_mask, EVEN)
+        acc += w1 * _load_x(x_ptrs + 1, x_mask, EVEN)
+        acc += w2 * _load_x(x_ptrs + 2, x_mask, EVEN)
+        acc += w3 * _load_x(x_ptrs + 3, x_mask, EVEN)
+    return acc
+
+
+@triton.jit
+def _half_f32(pair, i: tl.constexpr, X16: tl.constexpr):
+    """Half ``i`` (0: low bits) of a 32-bit pair of X16 (bf16 / fp16) values as fp32."""
+    if tl.bfloat16 == X16:  # bf16 is the top half of an fp32
+        bits = pair << 16 if i == 0 else pair & -65536
+        return bits.to(tl.float32, bitcast=True)
+    half = pair if i == 0 else pair >> 16
+    return half.to(tl.int16).to(X16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _load_x(ptrs, mask, EVEN: tl.constexpr):
+    x = tl.load(ptrs) if EVEN else tl.load(ptrs, mask=mask, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _load_words(ptrs, mask, EVEN: tl.constexpr):
+    return tl.load(ptrs) if EVEN else tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
 def _w8_gemv_kernel(
     x_ptr,  # [K] one dense row, fp32 / fp16 / bf16
-    w_ptr,  # [N, K] int8 (or fp8 e4m3); GATED: [2N, K], gate rows then up rows
+    w_ptr,  # [N, K] int8 (or fp8 e4m3), K % 4 == 0; GATED: [2N, K], gate rows then up rows
     scale_ptr,  # [N] fp32 (GATED: [2N])
     bias_ptr,  # [N] (HAS_BIAS only; GATED: [2N])
     out_ptr,  # [N]
     N,
     K,
-    stride_wn,
+    stride_wn,  # in bytes, a multiple of 4
     up_offset,  # GATED: N * stride_wn, where the up rows start
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
     GATED: tl.constexpr,
+    FP8: tl.constexpr,
     FAST_I8: tl.constexpr,
+    PREFETCH: tl.constexpr,  # K tiles requested ahead of the one being multiplied (0-2)
+    X16: tl.constexpr,  # x's dtype if bf16 / fp16 and 8-byte aligned (packed loads), else None
     PDL: tl.constexpr,
 ):
     """One row times the weight: each program streams BLOCK_N weight rows (GATED: and the
-    matching up rows) along K (contiguous, vectorized loads), multiplies in fp32 registers
-    and reduces once at the end; no tensor-core tile is padded out from a single row. The
-    first K tile is requested before waiting on the previous kernel (weights never depend
-    on it): with PDL the weight stream starts while that kernel still runs."""
+    matching up rows) along K and reduces once at the end; no tensor-core tile is padded out
+    from a single row.
+
+    The weight is read as 4-byte words, [BLOCK_N, BLOCK_K / 4]: word j of a row holds
+    k = 4j .. 4j + 3, widened to four fp32 tensors that multiply four interleaved slices of
+    x (L1 hits) into one accumulator a quarter of the tile's size, so registers go to bytes
+    in flight. Plain loads are not software-pipelined by Triton, so the loop does it in
+    registers: tile ``k + PREFETCH`` is requested before tile ``k`` is multiplied; near the
+    end the requests repeat the last tile (cache hits) instead of masking. The first tiles
+    are requested before waiting on the previous kernel (weights never depend on it): with
+    PDL the weight stream starts while that kernel still runs."""
+    BLOCK_W: tl.constexpr = BLOCK_K // 4
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_W)
     n_mask = offs_n < N
-    rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    k_mask = offs_k < K
-    w_mask = n_mask[:, None] & k_mask[None, :]
-    w = _load_raw(rows, w_mask, EVEN)
-    if GATED:
-        w_up = _load_raw(rows + up_offset, w_mask, EVEN)
+    words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    rows = words + offs_n[:, None].to(tl.int64) * (stride_wn // 4) + offs_w[None, :]
+    up = up_offset // 4
+    # The activations of every weight word, broadcast over the rows: each thread loads
+    # exactly those its words multiply, in their layout (no shuffle through shared memory).
+    if X16 is not None:
+        x_cols = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + offs_w[None, :]
+    else:
+        x_cols = x_ptr + 4 * offs_w[None, :]
+    x_cols += 0 * offs_n[:, None]
+    x_step: tl.constexpr = 4 if X16 is None else 1  # x_cols advance per word
+    last = (K - 1) // BLOCK_K * BLOCK_W  # first word of the last K tile
+    w0, u0 = _load_tile(rows, up, 0, n_mask, offs_w, K, EVEN, GATED)
+    if PREFETCH >= 2:
+        w1, u1 = _load_tile(rows, up, tl.minimum(BLOCK_W, last), n_mask, offs_w, K, EVEN, GATED)
     wait_for_predecessor(PDL)
-    x = _load_x(x_ptr, offs_k, k_mask, EVEN)
-    acc = _widen(w, w_mask, EVEN, FAST_I8) * x
-    acc_up = acc  # GATED: replaced below
-    if GATED:
-        acc_up = _widen(w_up, w_mask, EVEN, FAST_I8) * x
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        k_mask = (k0 + offs_k) < K
-        w_mask = n_mask[:, None] & k_mask[None, :]
-        x = _load_x(x_ptr + k0, offs_k, k_mask, EVEN)
-        acc += _widen(_load_raw(rows + k0, w_mask, EVEN), w_mask, EVEN, FAST_I8) * x
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    for j0 in range(0, K // 4, BLOCK_W):
+        if PREFETCH >= 1:  # request tile j0 + PREFETCH now, multiply it later
+            jn = tl.minimum(j0 + PREFETCH * BLOCK_W, last)
+            wn, un = _load_tile(rows, up, jn, n_mask, offs_w, K, EVEN, GATED)
+        x_mask = (4 * (j0 + offs_w) < K)[None, :]
+        x_j = x_cols + x_step * j0
+        acc = _dot_words(acc, w0, x_j, x_mask, EVEN, FP8, FAST_I8, X16)
         if GATED:
-            w_up = _load_raw(rows + up_offset + k0, w_mask, EVEN)
-            acc_up += _widen(w_up, w_mask, EVEN, FAST_I8) * x
+            acc_up = _dot_words(acc_up, u0, x_j, x_mask, EVEN, FP8, FAST_I8, X16)
+        if PREFETCH == 0:  # fetched and multiplied in the same iteration
+            w0, u0 = _load_tile(rows, up, tl.minimum(j0 + BLOCK_W, last), n_mask, offs_w, K,
+                                EVEN, GATED)  # fmt: skip
+        elif PREFETCH == 1:
+            w0, u0 = wn, un
+        else:
+            w0, u0, w1, u1 = w1, u1, wn, un
     out = _epilogue(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), scale_ptr, bias_ptr, offs_n,
                     n_mask, N, 1.0, HAS_BIAS, GATED, out_ptr.dtype.element_ty)  # fmt: skip
     tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
-def _load_x(ptrs, offs, mask, EVEN: tl.constexpr):
-    """[1, BLOCK_K] fp32 slice of the activation row."""
-    x = tl.load(ptrs + offs) if EVEN else tl.load(ptrs + offs, mask=mask, other=0.0)
-    return x.to(tl.float32)[None, :]
+def _load_tile(rows, up, j, n_mask, offs_w, K, EVEN: tl.constexpr, GATED: tl.constexpr):
+    """Words ``j + offs_w`` of the gate rows and (GATED) of the up rows ``up`` words on."""
+    mask = n_mask[:, None] & (4 * (j + offs_w) < K)[None, :]
+    w = _load_words(rows + j, mask, EVEN)
+    return w, _load_words(rows + up + j, mask, EVEN) if GATED else w
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,12 +322,30 @@ class W8A16Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: int = 1  # GEMV: K tiles requested ahead of the one being multiplied
 
 
 def fast_int8_widening(device: torch.device) -> bool:
     """Whether int8 tiles widen with ``_i8x4_to_f32`` (inline PTX: CUDA only, never the
     interpreter, whose tensors live on the CPU)."""
     return device.type == "cuda"
+
+
+def gemv_layout(qweight: torch.Tensor) -> bool:
+    """Whether the GEMV can read ``qweight`` [N, K] as 4-byte words along K."""
+    return (
+        qweight.stride(1) == 1
+        and qweight.shape[1] % 4 == 0
+        and qweight.stride(0) % 4 == 0
+        and qweight.data_ptr() % 4 == 0
+    )
+
+
+def _x16(x: torch.Tensor) -> tl.dtype | None:
+    """The GEMV's X16: a dense bf16 / fp16 row at an 8-byte aligned address, else None."""
+    if not x.is_contiguous() or x.data_ptr() % 8:
+        return None
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype)
 
 
 def default_config(m: int, n: int, k: int, sm_count: int, int8: bool = False) -> W8A16Config:
@@ -287,7 +413,7 @@ def w8a16_matmul(
     int8 = qweight.dtype == torch.int8
     fast_i8 = int8 and fast_int8_widening(x.device)
     cfg = config or default_config(m, rows, k, num_sms(x.device), int8)
-    if config is None and cfg.block_m == 1 and qweight.stride(1) != 1:  # GEMV: K-contiguous
+    if config is None and cfg.block_m == 1 and not gemv_layout(qweight):
         cfg = default_config(2, rows, k, num_sms(x.device), int8)  # the tiled kernel's tiles
     if gated and cfg.block_m != 1:  # the tiled kernel has no gated epilogue
         from kernels.activation import silu_and_mul
@@ -297,12 +423,17 @@ def w8a16_matmul(
         cfg = dataclasses.replace(cfg, block_n=max(cfg.block_n // 2, 1))
     if cfg.block_m == 1:
         assert m == 1, f"the GEMV config takes one row, got {m}"
-        assert qweight.stride(1) == 1, "the GEMV needs a K-contiguous weight"
+        assert gemv_layout(qweight), (
+            f"the GEMV reads 4-byte words: it needs a K-contiguous weight, K % 4 == 0 and rows "
+            f"4-byte aligned; got shape {tuple(qweight.shape)}, stride {qweight.stride()}"
+        )
+        xc = x2.contiguous()
         _w8_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-            x2.contiguous(), qweight, scale, bias if bias is not None else scale, out, n, k,
+            xc, qweight, scale, bias if bias is not None else scale, out, n, k,
             qweight.stride(0), n * qweight.stride(0) if gated else 0,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None,
-            EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, GATED=gated, FAST_I8=fast_i8,
+            EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, GATED=gated, FP8=not int8,
+            FAST_I8=fast_i8, PREFETCH=cfg.prefetch, X16=_x16(xc),
             **pdl_launch(x.device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

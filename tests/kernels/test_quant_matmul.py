@@ -128,11 +128,46 @@ def test_every_int8_value_widens_exactly(device: torch.device, n: int, k: int, c
         assert torch.equal(out[0].float(), q[:, j].float()), f"column {j}"
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("gated", [False, True])
+def test_w8_gemv_prefetch_depths(device: torch.device, prefetch: int, gated: bool) -> None:
+    """Every software-pipeline depth, with fewer K tiles than the depth (K = 1 and 2 tiles:
+    the prefetches clamp to the last tile) and with many, ragged."""
+    for k in (64, 128, 300, 1000):
+        q, scale = make_int8(72, k, device)
+        x = torch.randn(1, k, device=device).bfloat16()
+        cfg = W8A16Config(1, 8, 64, num_stages=1, prefetch=prefetch)
+        if gated:
+            check_gated(x, q, scale, None, cfg)
+        else:
+            check(x, q, scale, None, cfg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_w8_gemv_unaligned_row(device: torch.device, dtype: torch.dtype) -> None:
+    """A row 1 element into a buffer (not 8-byte aligned): the activations are read one by
+    one instead of as packed words; same result."""
+    q, scale = make_int8(64, 256, device)
+    x = torch.randn(1, 257, device=device).to(dtype)[:, 1:]
+    assert x.data_ptr() % 8 != 0
+    check(x, q, scale, None, W8A16Config(1, 16, 128, num_stages=1))
+
+
+def test_w8_gemv_needs_whole_words(device: torch.device) -> None:
+    """K % 4 != 0 cannot be read as 4-byte words: the default config takes the tiled kernel
+    (correct), an explicit GEMV config is refused with the reason."""
+    q, scale = make_int8(64, 302, device)
+    x = torch.randn(1, 302, device=device).bfloat16()
+    check(x, q, scale, None)
+    with pytest.raises(AssertionError, match="K % 4 == 0"):
+        w8a16_matmul(x, q, scale, config=W8A16Config(1, 16, 64))
+
+
 def test_w8_gemv_takes_one_row_only(device: torch.device) -> None:
     q, scale = make_int8(32, 64, device)
     with pytest.raises(AssertionError, match="one row"):
         w8a16_matmul(torch.randn(2, 64, device=device), q, scale, config=W8A16Config(1, 16, 64))
-    with pytest.raises(AssertionError, match="K-contiguous"):
+    with pytest.raises(AssertionError, match="4-byte words"):
         w8a16_matmul(torch.randn(1, 32, device=device), q.t(), scale[:1].expand(64).contiguous(),
                      config=W8A16Config(1, 16, 32))  # fmt: skip
 
