@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -271,27 +272,26 @@ def bench_tune(args, report: dict) -> None:
 
     from kernels.paged_attention import num_sms
     from kernels.quant_matmul import W8A16Config, default_config, w8a16_matmul
-    from vllm_runner.model.layers.quant import quantize_int8
+    from vllm_runner.model.layers.quant import quantize_fp8_rows, quantize_int8
 
     configs = [None] + [
-        W8A16Config(bm, bn, bk, split, num_warps=w, num_stages=s, prefetch=pf)
-        for bm, bn, bk, split, w, s, pf in [
-            (16, 16, 256, 1, 4, 4, 1), (16, 32, 256, 1, 4, 4, 1), (16, 64, 256, 4, 4, 4, 1),
-            # block_m 1: the single-row GEMV kernel (num_stages unused; prefetch is its
-            # software pipeline: K tiles in flight ahead of the one multiplied)
-            (1, 4, 1024, 1, 4, 1, 0), (1, 4, 1024, 1, 4, 1, 1), (1, 4, 1024, 1, 4, 1, 2),
-            (1, 8, 512, 1, 4, 1, 1), (1, 8, 512, 1, 4, 1, 2), (1, 16, 256, 1, 4, 1, 1),
-            (1, 16, 256, 1, 4, 1, 2), (1, 8, 1024, 1, 4, 1, 1), (1, 4, 2048, 1, 4, 1, 1),
-            (1, 2, 2048, 1, 4, 1, 1), (1, 2, 2048, 1, 4, 1, 2), (1, 8, 1024, 1, 8, 1, 1),
-            (1, 16, 512, 1, 8, 1, 1), (1, 4, 512, 1, 4, 1, 2), (1, 2, 1024, 1, 4, 1, 2),
-            (1, 4, 512, 1, 2, 1, 2), (1, 2, 1024, 1, 2, 1, 1),
+        W8A16Config(bm, bn, bk, split, num_warps=w, num_stages=1, prefetch=pf)
+        for bm, bn, bk, split, w, pf in [
+            (16, 32, 256, 1, 4, 1), (16, 64, 256, 4, 4, 1),
+            # block_m 1: the single-row GEMV kernel (prefetch: its software pipeline, K
+            # tiles in flight ahead of the one multiplied)
+            (1, 16, 256, 1, 4, 1), (1, 8, 512, 1, 4, 1), (1, 4, 1024, 1, 4, 1),
+            (1, 2, 2048, 1, 4, 1), (1, 16, 512, 1, 8, 1), (1, 8, 1024, 1, 4, 1),
+            (1, 4, 1024, 1, 4, 2), (1, 4, 512, 1, 2, 2),
         ]
     ]  # fmt: skip
     rows = []
     # (n, k, gated): the 8B shape's qkv, o, gate_up (also as the fused SiLU GEMV) and down
-    for n, k, gated in [(6144, 4096, False), (4096, 4096, False), (28672, 4096, False),
-                        (28672, 4096, True), (4096, 14336, False)]:  # fmt: skip
-        q, scale = quantize_int8(torch.randn(n, k, device="cuda") * 0.02)
+    shapes = [(6144, 4096, False), (4096, 4096, False), (28672, 4096, False),
+              (28672, 4096, True), (4096, 14336, False)]  # fmt: skip
+    for (n, k, gated), wdtype in itertools.product(shapes, ("int8", "fp8")):
+        quantize = quantize_int8 if wdtype == "int8" else quantize_fp8_rows
+        q, scale = quantize(torch.randn(n, k, device="cuda") * 0.02)
         w = torch.randn(n, k, device="cuda").bfloat16()
         x = torch.randn(1, k, device="cuda").bfloat16()
         # NOTE: timed as CUDA-graph replays, as decode runs them: eager timing of a ~10 us
@@ -307,9 +307,9 @@ def bench_tune(args, report: dict) -> None:
             except Exception as e:  # one bad tile config must not end the sweep
                 print(f"  tune {n}x{k} {cfg}: failed: {e!r}"[:300])
                 continue
-            used = cfg or default_config(1, n, k, num_sms(x.device), int8=True)
-            name = f"{n}x{k}{' gated' if gated else ''}"
-            rows.append({"n": n, "k": k, "gated": gated, "config": str(used),
+            used = cfg or default_config(1, n, k, num_sms(x.device), int8=wdtype == "int8")
+            name = f"{wdtype} {n}x{k}{' gated' if gated else ''}"
+            rows.append({"weights": wdtype, "n": n, "k": k, "gated": gated, "config": str(used),
                          "default": cfg is None, "us": ms * 1e3, "GBps": n * k / ms / 1e6,
                          "bf16_us": bf16_ms * 1e3, "speedup_vs_bf16": bf16_ms / ms})  # fmt: skip
             tag = "default " if cfg is None else ""

@@ -351,17 +351,17 @@ def _x16(x: torch.Tensor) -> tl.dtype | None:
 def default_config(m: int, n: int, k: int, sm_count: int, int8: bool = False) -> W8A16Config:
     """Small M (decode) is a weight stream: narrow N tiles give every SM programs without
     splitting K (a split costs two extra kernels); K is split only when N is too small for
-    that. One row runs the GEMV kernel, except fp8 weights with N over ~16k (H200, graph
-    replays, 8B shapes: the GEMV is 1.3-1.6x the tiled kernel; with fp8 weights the tiled one
-    stays ahead on the 28672-wide gate_up, with int8 weights widened by ``_i8x4_to_f32`` the
-    GEMV of 16 x 256 tiles wins there too; gated, 8 gate + 8 up rows). Large M (prefill) is
-    compute bound: square tensor-core tiles."""
+    that. One row runs the GEMV kernel, tiles picked per shape class from graph replays of
+    the 8B projections on an H200 (``quant_offload.py --cases tune``: long K 2 x 2048, wide
+    N 8 x 512, else 4 x 1024; gated, the tile's rows are gate rows, each with its up row),
+    except fp8 weights with N over ~16k, where the tiled kernel stays ahead. Large M
+    (prefill) is compute bound: square tensor-core tiles."""
     if m == 1 and (int8 or n < 128 * sm_count):
+        if k >= 8192:
+            return W8A16Config(1, 2, 2048, num_warps=4, num_stages=1)
         if n >= 128 * sm_count:
-            return W8A16Config(1, 16, 256, num_warps=4, num_stages=3)
-        if k >= 8192 and not int8:
-            return W8A16Config(1, 2, 2048, num_warps=4, num_stages=2)
-        return W8A16Config(1, 4, 1024, num_warps=4, num_stages=2)
+            return W8A16Config(1, 8, 512, num_warps=4, num_stages=1)
+        return W8A16Config(1, 4, 1024, num_warps=4, num_stages=1)
     if m <= 64:
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
         block_n = 32 if math.ceil(n / 32) >= 2 * sm_count else 16
@@ -419,8 +419,6 @@ def w8a16_matmul(
         from kernels.activation import silu_and_mul
 
         return silu_and_mul(w8a16_matmul(x2, qweight, scale, bias, cfg)).view(*x.shape[:-1], n)
-    if gated and config is None:  # tiles sized for the whole weight: N tiles + their up rows
-        cfg = dataclasses.replace(cfg, block_n=max(cfg.block_n // 2, 1))
     if cfg.block_m == 1:
         assert m == 1, f"the GEMV config takes one row, got {m}"
         assert gemv_layout(qweight), (
