@@ -307,7 +307,7 @@ def bench_tune(args, report: dict) -> None:
             except Exception as e:  # one bad tile config must not end the sweep
                 print(f"  tune {n}x{k} {cfg}: failed: {e!r}"[:300])
                 continue
-            used = cfg or default_config(1, n, k, num_sms(x.device), int8=wdtype == "int8")
+            used = cfg or default_config(1, n, k, num_sms(x.device))
             name = f"{wdtype} {n}x{k}{' gated' if gated else ''}"
             rows.append({"weights": wdtype, "n": n, "k": k, "gated": gated, "config": str(used),
                          "default": cfg is None, "us": ms * 1e3, "GBps": n * k / ms / 1e6,

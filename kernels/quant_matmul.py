@@ -171,6 +171,43 @@ def _i8x4_word_to_f32(words):
 
 
 @triton.jit
+def _e4m3x4_word_to_f32(words):
+    """Four fp32 tensors, bytes 0..3 of each e4m3 x4 word, without the conversion unit (a
+    quarter of the FMA rate: at ~4 TB/s of weights it would be the limit). Each byte goes to
+    the top of a register (permute); an arithmetic shift by 4 puts the exponent and mantissa
+    bits where fp32 keeps its own, the mask keeps the sign and those 7 bits: read as fp32 that
+    is the value times 2^-120 (the exponent biases differ by 127 - 7; e4m3 subnormals land
+    on fp32 subnormals), so one exact multiply by 2^120 finishes. NaN (0x7F) is not mapped:
+    quantized weights are finite."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t0, t1, t2, t3;
+        prmt.b32 t0, $4, 0, 0x0444;
+        prmt.b32 t1, $4, 0, 0x1444;
+        prmt.b32 t2, $4, 0, 0x2444;
+        prmt.b32 t3, $4, 0, 0x3444;
+        shr.s32 t0, t0, 4;
+        shr.s32 t1, t1, 4;
+        shr.s32 t2, t2, 4;
+        shr.s32 t3, t3, 4;
+        and.b32 t0, t0, 0x87F00000;
+        and.b32 t1, t1, 0x87F00000;
+        and.b32 t2, t2, 0x87F00000;
+        and.b32 t3, t3, 0x87F00000;
+        mul.f32 $0, t0, 0f7B800000;
+        mul.f32 $1, t1, 0f7B800000;
+        mul.f32 $2, t2, 0f7B800000;
+        mul.f32 $3, t3, 0f7B800000;
+        }""",
+        constraints="=r,=r,=r,=r,r",
+        args=[words],
+        dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
 def _word_byte_f32(words, i: tl.constexpr, FP8: tl.constexpr):
     """Byte ``i`` of each 4-byte word as fp32: int8 by an arithmetic shift, e4m3 by a bitcast."""
     if FP8:
@@ -181,11 +218,13 @@ def _word_byte_f32(words, i: tl.constexpr, FP8: tl.constexpr):
 
 @triton.jit
 def _dot_words(acc, words, x_ptrs, x_mask, EVEN: tl.constexpr, FP8: tl.constexpr,
-               FAST_I8: tl.constexpr, X16: tl.constexpr):  # fmt: skip
+               PTX_WIDEN: tl.constexpr, X16: tl.constexpr):  # fmt: skip
     """acc += the four bytes of each weight word times x[4j .. 4j + 3]. X16: ``x_ptrs`` are
     int64 pointers to the four 16-bit activations of each word (one load), else pointers to
     x[4j] (four strided loads)."""
-    if FAST_I8:
+    if PTX_WIDEN and FP8:
+        w0, w1, w2, w3 = _e4m3x4_word_to_f32(words)
+    elif PTX_WIDEN:
         w0, w1, w2, w3 = _i8x4_word_to_f32(words)
     else:
         w0 = _word_byte_f32(words, 0, FP8)
@@ -243,7 +282,7 @@ def _w8_gemv_kernel(
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
     GATED: tl.constexpr,
     FP8: tl.constexpr,
-    FAST_I8: tl.constexpr,
+    PTX_WIDEN: tl.constexpr,  # widen by byte permutes (GPU): int8 or e4m3
     PREFETCH: tl.constexpr,  # K tiles requested ahead of the one being multiplied (0-2)
     X16: tl.constexpr,  # x's dtype if bf16 / fp16 and 8-byte aligned (packed loads), else None
     PDL: tl.constexpr,
@@ -288,9 +327,9 @@ def _w8_gemv_kernel(
             wn, un = _load_tile(rows, up, jn, n_mask, offs_w, K, EVEN, GATED)
         x_mask = (4 * (j0 + offs_w) < K)[None, :]
         x_j = x_cols + x_step * j0
-        acc = _dot_words(acc, w0, x_j, x_mask, EVEN, FP8, FAST_I8, X16)
+        acc = _dot_words(acc, w0, x_j, x_mask, EVEN, FP8, PTX_WIDEN, X16)
         if GATED:
-            acc_up = _dot_words(acc_up, u0, x_j, x_mask, EVEN, FP8, FAST_I8, X16)
+            acc_up = _dot_words(acc_up, u0, x_j, x_mask, EVEN, FP8, PTX_WIDEN, X16)
         if PREFETCH == 0:  # fetched and multiplied in the same iteration
             w0, u0 = _load_tile(rows, up, tl.minimum(j0 + BLOCK_W, last), n_mask, offs_w, K,
                                 EVEN, GATED)  # fmt: skip
@@ -325,9 +364,9 @@ class W8A16Config:
     prefetch: int = 1  # GEMV: K tiles requested ahead of the one being multiplied
 
 
-def fast_int8_widening(device: torch.device) -> bool:
-    """Whether int8 tiles widen with ``_i8x4_to_f32`` (inline PTX: CUDA only, never the
-    interpreter, whose tensors live on the CPU)."""
+def ptx_widening(device: torch.device) -> bool:
+    """Whether weights widen by inline PTX byte permutes (int8 tiles and int8 / e4m3 GEMV
+    words; CUDA only, never the interpreter, whose tensors live on the CPU)."""
     return device.type == "cuda"
 
 
@@ -348,15 +387,14 @@ def _x16(x: torch.Tensor) -> tl.dtype | None:
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype)
 
 
-def default_config(m: int, n: int, k: int, sm_count: int, int8: bool = False) -> W8A16Config:
+def default_config(m: int, n: int, k: int, sm_count: int) -> W8A16Config:
     """Small M (decode) is a weight stream: narrow N tiles give every SM programs without
     splitting K (a split costs two extra kernels); K is split only when N is too small for
     that. One row runs the GEMV kernel, tiles picked per shape class from graph replays of
     the 8B projections on an H200 (``quant_offload.py --cases tune``: long K 2 x 2048, wide
-    N 8 x 512, else 4 x 1024; gated, the tile's rows are gate rows, each with its up row),
-    except fp8 weights with N over ~16k, where the tiled kernel stays ahead. Large M
-    (prefill) is compute bound: square tensor-core tiles."""
-    if m == 1 and (int8 or n < 128 * sm_count):
+    N 8 x 512, else 4 x 1024; gated, the tile's rows are gate rows, each with its up row).
+    Large M (prefill) is compute bound: square tensor-core tiles."""
+    if m == 1:
         if k >= 8192:
             return W8A16Config(1, 2, 2048, num_warps=4, num_stages=1)
         if n >= 128 * sm_count:
@@ -411,10 +449,10 @@ def w8a16_matmul(
     if m == 0:
         return out.view(*x.shape[:-1], n)
     int8 = qweight.dtype == torch.int8
-    fast_i8 = int8 and fast_int8_widening(x.device)
-    cfg = config or default_config(m, rows, k, num_sms(x.device), int8)
+    ptx = ptx_widening(x.device)
+    cfg = config or default_config(m, rows, k, num_sms(x.device))
     if config is None and cfg.block_m == 1 and not gemv_layout(qweight):
-        cfg = default_config(2, rows, k, num_sms(x.device), int8)  # the tiled kernel's tiles
+        cfg = default_config(2, rows, k, num_sms(x.device))  # the tiled kernel's tiles
     if gated and cfg.block_m != 1:  # the tiled kernel has no gated epilogue
         from kernels.activation import silu_and_mul
 
@@ -431,7 +469,7 @@ def w8a16_matmul(
             qweight.stride(0), n * qweight.stride(0) if gated else 0,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None,
             EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, GATED=gated, FP8=not int8,
-            FAST_I8=fast_i8, PREFETCH=cfg.prefetch, X16=_x16(xc),
+            PTX_WIDEN=ptx, PREFETCH=cfg.prefetch, X16=_x16(xc),
             **pdl_launch(x.device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -448,7 +486,7 @@ def w8a16_matmul(
         target.stride(0) if split > 1 else 0, target.stride(-2), target.stride(-1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         HAS_BIAS=bias is not None, EVEN_K=k % k_per_split == 0, EVEN_N=n % cfg.block_n == 0,
-        DOT_PRECISION=dot_precision(x.dtype), FAST_I8=fast_i8,
+        DOT_PRECISION=dot_precision(x.dtype), FAST_I8=int8 and ptx,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x.device),
     )  # fmt: skip
     if split > 1:

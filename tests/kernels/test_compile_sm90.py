@@ -78,7 +78,7 @@ def _compile_all() -> list[dict]:
     import kernels.rotary as ro
 
     kernels.pdl.pdl_enabled = lambda device: True  # compile the in-kernel PDL waits too
-    qm.fast_int8_widening = lambda device: True  # and the inline-PTX int8 widening
+    qm.ptx_widening = lambda device: True  # and the inline-PTX int8 / e4m3 widening
     results: list[dict] = []
     for mod in (ac, kv, pa, pf, qm, rn, ro):
         for name in KERNELS & set(vars(mod)):

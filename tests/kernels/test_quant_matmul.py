@@ -128,6 +128,27 @@ def test_every_int8_value_widens_exactly(device: torch.device, n: int, k: int, c
         assert torch.equal(out[0].float(), q[:, j].float()), f"column {j}"
 
 
+@pytest.mark.parametrize("config", [W8A16Config(1, 4, 128, num_stages=1),
+                                    W8A16Config(1, 16, 64, num_stages=1),
+                                    W8A16Config(16, 32, 64, num_stages=1)],
+                         ids=["gemv", "gemv-ragged", "tiled"])  # fmt: skip
+def test_every_e4m3_value_widens_exactly(device: torch.device, config) -> None:
+    """As above for fp8 weights: every finite e4m3 byte (all but the two NaNs), through the
+    GEMV's byte-permute widening on a GPU (the conversion unit in the tiled kernel)."""
+    n, k = (254, 256) if config.block_n != 16 or config.block_m != 1 else (250, 200)
+    finite = torch.tensor([b for b in range(256) if b not in (0x7F, 0xFF)], dtype=torch.uint8)
+    rows = torch.arange(n)[:, None]
+    cols = torch.arange(k)[None, :]
+    q = finite[(rows + 7 * cols) % 254].view(torch.float8_e4m3fn).to(device)
+    scale = torch.ones(n, device=device)
+    for j in (0, 1, 2, 3, k - 1):
+        x = torch.zeros(1 if config.block_m == 1 else 3, k, device=device, dtype=torch.bfloat16)
+        x[:, j] = 1.0
+        out = w8a16_matmul(x, q, scale, config=config)
+        # |e4m3| <= 448 and 3 mantissa bits: exact in bf16 too
+        assert torch.equal(out[0].float(), q[:, j].float()), f"column {j}"
+
+
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 @pytest.mark.parametrize("gated", [False, True])
 def test_w8_gemv_prefetch_depths(device: torch.device, prefetch: int, gated: bool) -> None:
