@@ -93,12 +93,15 @@ def test_decode_zero_length_padding_rows_give_zeros(device: torch.device) -> Non
 
 
 def test_choose_num_splits() -> None:
-    # Many programs or short contexts: no split.
+    # Many programs or a single key tile: no split.
     assert choose_num_splits(64, 8, 8192, 64, 132) == 1
-    assert choose_num_splits(1, 8, 256, 64, 132) == 1
-    # One long request: split, but keep >= 4 tiles per split and <= 64 splits.
-    assert choose_num_splits(1, 8, 8192, 64, 132) == 32
-    assert choose_num_splits(1, 8, 1024, 64, 132) == 4
+    assert choose_num_splits(1, 8, 64, 64, 132) == 1
+    # Few programs: ~4 per SM, down to one key tile per split, at most 64 splits.
+    assert choose_num_splits(1, 8, 256, 64, 132) == 4
+    assert choose_num_splits(1, 8, 1024, 64, 132) == 16
+    assert choose_num_splits(1, 8, 8192, 64, 132) == 64
+    assert choose_num_splits(4, 8, 1024, 64, 132) == 16
+    assert choose_num_splits(16, 8, 1024, 64, 132) == 5
     assert choose_num_splits(1, 1, 1 << 20, 64, 132) == 64
 
 
