@@ -21,6 +21,23 @@ import triton.language as tl
 from kernels.paged_attention import dot_precision, num_sms
 from kernels.pdl import pdl_launch, wait_for_predecessor
 
+# 4 int8 (one 32-bit register) -> 4 fp32, see _i8x4_to_f32
+_I8X4_ASM: tl.constexpr = tl.constexpr(
+    """{
+    .reg .b32 u, m, t0, t1, t2, t3;
+    mov.b32 m, 0x4B000000;
+    xor.b32 u, $4, 0x80808080;
+    prmt.b32 t0, u, m, 0x7650;
+    prmt.b32 t1, u, m, 0x7651;
+    prmt.b32 t2, u, m, 0x7652;
+    prmt.b32 t3, u, m, 0x7653;
+    sub.f32 $0, t0, 0f4B000080;
+    sub.f32 $1, t1, 0f4B000080;
+    sub.f32 $2, t2, 0f4B000080;
+    sub.f32 $3, t3, 0f4B000080;
+    }"""
+)
+
 
 @triton.jit
 def _i8x4_to_f32(w):
@@ -29,19 +46,7 @@ def _i8x4_to_f32(w):
     +128) placed under the exponent of 2^23 reads as 2^23 + b; subtracting 2^23 + 128 is exact.
     (H200, one row, the 8B projections: the GEMV 6-14% faster than with ``.to(tl.float32)``.)"""
     return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 u, m, t0, t1, t2, t3;
-        mov.b32 m, 0x4B000000;
-        xor.b32 u, $4, 0x80808080;
-        prmt.b32 t0, u, m, 0x7650;
-        prmt.b32 t1, u, m, 0x7651;
-        prmt.b32 t2, u, m, 0x7652;
-        prmt.b32 t3, u, m, 0x7653;
-        sub.f32 $0, t0, 0f4B000080;
-        sub.f32 $1, t1, 0f4B000080;
-        sub.f32 $2, t2, 0f4B000080;
-        sub.f32 $3, t3, 0f4B000080;
-        }""",
+        asm=_I8X4_ASM,
         constraints="=r,=r,=r,=r,r",
         args=[w],
         dtype=tl.float32,
@@ -148,39 +153,43 @@ def _w8a16_kernel(
 def _i8x4_word_to_f32(words):
     """Four fp32 tensors, bytes 0..3 (k = 4j .. 4j + 3) of each int8x4 word, by the byte
     permutes of ``_i8x4_to_f32``."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 u, m, t0, t1, t2, t3;
-        mov.b32 m, 0x4B000000;
-        xor.b32 u, $4, 0x80808080;
-        prmt.b32 t0, u, m, 0x7650;
-        prmt.b32 t1, u, m, 0x7651;
-        prmt.b32 t2, u, m, 0x7652;
-        prmt.b32 t3, u, m, 0x7653;
-        sub.f32 $0, t0, 0f4B000080;
-        sub.f32 $1, t1, 0f4B000080;
-        sub.f32 $2, t2, 0f4B000080;
-        sub.f32 $3, t3, 0f4B000080;
-        }""",
-        constraints="=r,=r,=r,=r,r",
-        args=[words],
-        dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
-        is_pure=True,
-        pack=1,
-    )
+    return _asm_word_to_4xf32(_I8X4_ASM, words)
 
 
 @triton.jit
-def _e4m3x4_word_to_f32(words):
-    """Four fp32 tensors, bytes 0..3 of each e4m3 x4 word, without the conversion unit (a
-    quarter of the FMA rate: at ~4 TB/s of weights it would be the limit). Each byte goes to
-    the top of a register (permute); an arithmetic shift by 4 puts the exponent and mantissa
-    bits where fp32 keeps its own, the mask keeps the sign and those 7 bits: read as fp32 that
-    is the value times 2^-120 (the exponent biases differ by 127 - 7; e4m3 subnormals land
-    on fp32 subnormals), so one exact multiply by 2^120 finishes. NaN (0x7F) is not mapped:
-    quantized weights are finite."""
-    return tl.inline_asm_elementwise(
-        asm="""{
+def _e4m3x4_word_to_f32(words, MIXED: tl.constexpr):
+    """Four fp32 tensors, bytes 0..3 of each e4m3 x4 word. The conversion unit runs at a
+    quarter of the FMA rate: at ~4 TB/s of weights it alone would be the limit, so (MIXED)
+    bytes 0-1 go through it (e4m3x2 -> f16x2 -> 2 x f32) and bytes 2-3 through integer ops,
+    or (not MIXED) all four through integer ops: each byte goes to the top of a register
+    (permute); an arithmetic shift by 4 puts the exponent and mantissa bits where fp32 keeps
+    its own, the mask keeps the sign and those 7 bits: read as fp32 that is the value times
+    2^-120 (the exponent biases differ by 127 - 7; e4m3 subnormals land on fp32 subnormals),
+    so one exact multiply by 2^120 finishes. NaN (0x7F) is not mapped: quantized weights
+    are finite."""
+    if MIXED:
+        return _asm_word_to_4xf32(
+            """{
+        .reg .b16 lo, hi, h0, h1;
+        .reg .b32 f01, t2, t3;
+        mov.b32 {lo, hi}, $4;
+        cvt.rn.f16x2.e4m3x2 f01, lo;
+        mov.b32 {h0, h1}, f01;
+        cvt.f32.f16 $0, h0;
+        cvt.f32.f16 $1, h1;
+        prmt.b32 t2, $4, 0, 0x2444;
+        prmt.b32 t3, $4, 0, 0x3444;
+        shr.s32 t2, t2, 4;
+        shr.s32 t3, t3, 4;
+        and.b32 t2, t2, 0x87F00000;
+        and.b32 t3, t3, 0x87F00000;
+        mul.f32 $2, t2, 0f7B800000;
+        mul.f32 $3, t3, 0f7B800000;
+        }""",
+            words,
+        )
+    return _asm_word_to_4xf32(
+        """{
         .reg .b32 t0, t1, t2, t3;
         prmt.b32 t0, $4, 0, 0x0444;
         prmt.b32 t1, $4, 0, 0x1444;
@@ -199,6 +208,14 @@ def _e4m3x4_word_to_f32(words):
         mul.f32 $2, t2, 0f7B800000;
         mul.f32 $3, t3, 0f7B800000;
         }""",
+        words,
+    )
+
+
+@triton.jit
+def _asm_word_to_4xf32(asm: tl.constexpr, words):
+    return tl.inline_asm_elementwise(
+        asm=asm,
         constraints="=r,=r,=r,=r,r",
         args=[words],
         dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
@@ -218,12 +235,12 @@ def _word_byte_f32(words, i: tl.constexpr, FP8: tl.constexpr):
 
 @triton.jit
 def _dot_words(acc, words, x_ptrs, x_mask, EVEN: tl.constexpr, FP8: tl.constexpr,
-               PTX_WIDEN: tl.constexpr, X16: tl.constexpr):  # fmt: skip
+               PTX_WIDEN: tl.constexpr, FP8_MIXED: tl.constexpr, X16: tl.constexpr):  # fmt: skip
     """acc += the four bytes of each weight word times x[4j .. 4j + 3]. X16: ``x_ptrs`` are
     int64 pointers to the four 16-bit activations of each word (one load), else pointers to
     x[4j] (four strided loads)."""
     if PTX_WIDEN and FP8:
-        w0, w1, w2, w3 = _e4m3x4_word_to_f32(words)
+        w0, w1, w2, w3 = _e4m3x4_word_to_f32(words, FP8_MIXED)
     elif PTX_WIDEN:
         w0, w1, w2, w3 = _i8x4_word_to_f32(words)
     else:
@@ -282,6 +299,7 @@ def _w8_gemv_kernel(
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
     GATED: tl.constexpr,
     FP8: tl.constexpr,
+    FP8_MIXED: tl.constexpr,  # e4m3 bytes 0-1 widened by the conversion unit
     PTX_WIDEN: tl.constexpr,  # widen by byte permutes (GPU): int8 or e4m3
     PREFETCH: tl.constexpr,  # K tiles requested ahead of the one being multiplied (0-2)
     X16: tl.constexpr,  # x's dtype if bf16 / fp16 and 8-byte aligned (packed loads), else None
@@ -327,9 +345,10 @@ def _w8_gemv_kernel(
             wn, un = _load_tile(rows, up, jn, n_mask, offs_w, K, EVEN, GATED)
         x_mask = (4 * (j0 + offs_w) < K)[None, :]
         x_j = x_cols + x_step * j0
-        acc = _dot_words(acc, w0, x_j, x_mask, EVEN, FP8, PTX_WIDEN, X16)
+        acc = _dot_words(acc, w0, x_j, x_mask, EVEN, FP8, PTX_WIDEN, FP8_MIXED, X16)
         if GATED:
-            acc_up = _dot_words(acc_up, u0, x_j, x_mask, EVEN, FP8, PTX_WIDEN, X16)
+            acc_up = _dot_words(acc_up, u0, x_j, x_mask, EVEN, FP8, PTX_WIDEN, FP8_MIXED,
+                                X16)  # fmt: skip
         if PREFETCH == 0:  # fetched and multiplied in the same iteration
             w0, u0 = _load_tile(rows, up, tl.minimum(j0 + BLOCK_W, last), n_mask, offs_w, K,
                                 EVEN, GATED)  # fmt: skip
@@ -362,6 +381,7 @@ class W8A16Config:
     num_warps: int = 4
     num_stages: int = 3
     prefetch: int = 1  # GEMV: K tiles requested ahead of the one being multiplied
+    fp8_mixed: bool = True  # GEMV, e4m3 on a GPU: half the bytes through the conversion unit
 
 
 def ptx_widening(device: torch.device) -> bool:
@@ -469,7 +489,7 @@ def w8a16_matmul(
             qweight.stride(0), n * qweight.stride(0) if gated else 0,
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None,
             EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, GATED=gated, FP8=not int8,
-            PTX_WIDEN=ptx, PREFETCH=cfg.prefetch, X16=_x16(xc),
+            PTX_WIDEN=ptx, FP8_MIXED=cfg.fp8_mixed, PREFETCH=cfg.prefetch, X16=_x16(xc),
             **pdl_launch(x.device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
