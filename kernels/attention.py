@@ -3,7 +3,7 @@ the prefill kernel."""
 
 import torch
 
-from kernels.paged_attention import paged_attention_decode
+from kernels.paged_attention import NewTokens, paged_attention_decode
 from kernels.prefill_attention import prefill_attention
 
 
@@ -18,6 +18,7 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int | None = None,
     num_decode_rows: int = 0,
+    new_tokens: NewTokens | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Same semantics as ``kernels.reference.paged_attention``; ``max_query_len`` is a host int.
 
@@ -26,6 +27,8 @@ def paged_attention(
     its split count. Otherwise the tiled varlen prefill kernel runs, except for the first
     ``num_decode_rows`` requests (host int), known to have one query each: those go through
     the decode kernel, which reads each KV block once per GQA group instead of once per head.
+    ``new_tokens`` (decode only): the query is not yet rotated, the kernel rotates it and
+    writes the new keys / values itself (``paged_attention_decode``).
     """
     num_reqs = seq_lens.shape[0]
     if max_query_len == 1:
@@ -33,8 +36,10 @@ def paged_attention(
             f"decode needs one query per request: {query.shape[0]} tokens, {num_reqs} requests"
         )
         return paged_attention_decode(
-            query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len
-        )
+            query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len,
+            new_tokens=new_tokens,
+        )  # fmt: skip
+    assert new_tokens is None, f"new_tokens needs a decode step, got max_query_len {max_query_len}"
     d = num_decode_rows
     if d == 0:
         return prefill_attention(

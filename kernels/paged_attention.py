@@ -6,6 +6,7 @@ programs use split-K: the context is cut into ``num_splits`` chunks, each progra
 partial (max, sum, unnormalized acc) and ``_decode_reduce_kernel`` combines them.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -70,6 +71,34 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
+@triton.jit
+def _rope_rows(rows, d, mask, cos_sin_row, HALF: tl.constexpr):
+    """Neox rotary of the rows at ``rows`` ([R, 1] pointers) over features ``d`` ([1, D]), in
+    fp32: the first ``2 * HALF`` features rotate in halves, the rest pass through. Same
+    expressions as ``kernels.rotary._rotate_heads``, so the same roundings."""
+    first = d < HALF
+    rot = d < 2 * HALF
+    j = tl.where(first, d, d - HALF)  # index into the cos / sin halves
+    x = tl.load(rows + d, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(rows + tl.where(first, d + HALF, d - HALF), mask=mask & rot, other=0.0)
+    xp = xp.to(tl.float32)
+    cos = tl.load(cos_sin_row + j, mask=rot, other=1.0).to(tl.float32)
+    sin = tl.load(cos_sin_row + HALF + j, mask=rot, other=0.0).to(tl.float32)
+    return tl.where(first, x * cos - xp * sin, x * cos + xp * sin)
+
+
+@triton.jit
+def _attend_new_key(q, acc, m_i, l_i, k_new, v_new, qk_scale):
+    """One online-softmax step over this step's own key / value ([1, BLOCK_D], in registers:
+    never read back from the cache it was just written to); ``p`` rounded like a tile's."""
+    s = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * qk_scale  # [ROWS]
+    m_new = tl.maximum(m_i, s)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new).to(v_new.dtype).to(tl.float32)
+    acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)
+    return acc, m_new, l_i * alpha + p
+
+
 @triton.jit(do_not_specialize=["num_splits"])  # changes with the batch: no recompiles
 def _decode_kernel(
     q_ptr,  # [num_reqs, num_heads, head_dim]
@@ -81,10 +110,20 @@ def _decode_kernel(
     part_m_ptr,  # [num_reqs, num_heads, num_splits] fp32 (SPLIT only)
     part_l_ptr,  # [num_reqs, num_heads, num_splits] fp32 (SPLIT only)
     part_acc_ptr,  # [num_reqs, num_heads, num_splits, head_dim] fp32 (SPLIT only)
+    positions_ptr,  # [num_reqs] (ROPE only, as the next five)
+    k_new_ptr,  # [num_reqs, num_kv_heads, head_dim]: this step's keys, not yet rotated
+    v_new_ptr,
+    slot_mapping_ptr,  # [num_reqs]
+    cos_sin_ptr,  # [max_positions, rotary_dim]: cos half | sin half
     qk_scale,
     num_splits,
     stride_qt,
     stride_qh,
+    stride_kt,  # of k_new / v_new (ROPE only)
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cos,
     stride_ot,
     stride_oh,
     stride_bt,
@@ -100,6 +139,8 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr,  # rotate q / the new key and write the new key / value here
+    HALF: tl.constexpr,  # rotary_dim // 2 (ROPE only)
     PDL: tl.constexpr,
 ):
     wait_for_predecessor(PDL)
@@ -116,20 +157,45 @@ def _decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     heads = kv_head * QUERIES_PER_KV + offs_g
     qd_mask = (offs_g[:, None] < QUERIES_PER_KV) & (offs_d[None, :] < HEAD_DIM)
-    q_off = req.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptr + q_off, mask=qd_mask, other=0.0)
+    q_rows = q_ptr + req.to(tl.int64) * stride_qt + heads[:, None] * stride_qh
+    if ROPE:
+        cos_sin_row = cos_sin_ptr + tl.load(positions_ptr + req).to(tl.int64) * stride_cos
+        q = _rope_rows(q_rows, offs_d[None, :], qd_mask, cos_sin_row, HALF)
+        q = q.to(k_cache_ptr.dtype.element_ty)  # rounded as the rotary kernel's output
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=qd_mask, other=0.0)
 
     # NOTE: finite initial max, so a row whose keys are all masked never computes inf - inf.
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     block_table_row = block_tables_ptr + req.to(tl.int64) * stride_bt
-    for n0 in range(start, end, BLOCK_N):
+    # ROPE: the split holding this step's key (position seq_len - 1) rotates it, writes it and
+    # the value to the cache and attends to them from registers; its tiles stop before it.
+    kv_end = end
+    if ROPE:
+        owns_new = (start < seq_len) & (end == seq_len)
+        kv_end = tl.where(owns_new, end - 1, end)
+    for n0 in range(start, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row, n0, end, m_i,
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row, n0, kv_end, m_i,
             kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, False, DOT_PRECISION,
         )  # fmt: skip
+    if ROPE:  # noqa: SIM102 (owns_new exists only when ROPE: no short-circuit in Triton)
+        if owns_new:
+            d_mask = offs_d[None, :] < HEAD_DIM
+            k_row = k_new_ptr + req.to(tl.int64) * stride_kt + kv_head * stride_kh
+            k_new = _rope_rows(k_row, offs_d[None, :], d_mask, cos_sin_row, HALF)
+            k_new = k_new.to(k_cache_ptr.dtype.element_ty)  # [1, BLOCK_D]
+            v_row = v_new_ptr + req.to(tl.int64) * stride_vt + kv_head * stride_vh
+            v_new = tl.load(v_row + offs_d[None, :], mask=d_mask, other=0.0)
+            slot = tl.load(slot_mapping_ptr + req).to(tl.int64)
+            dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+            dst += kv_head * stride_ch + offs_d[None, :]
+            tl.store(k_cache_ptr + dst, k_new, mask=d_mask)
+            tl.store(v_cache_ptr + dst, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
+            acc, m_i, l_i = _attend_new_key(q, acc, m_i, l_i, k_new, v_new, qk_scale)
 
     if SPLIT:
         row = (req * NUM_HEADS + heads) * num_splits + split  # [BLOCK_G]
@@ -264,6 +330,39 @@ def _output(query: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class NewTokens:
+    """This step's un-rotated keys and values for ``paged_attention_decode`` to rotate (with
+    the query), write into the cache and attend to, in the same kernel. Views of a fused qkv
+    output are fine (dense head_dim)."""
+
+    positions: torch.Tensor  # [num_reqs] int32 / int64
+    key: torch.Tensor  # [num_reqs, num_kv_heads, head_dim]
+    value: torch.Tensor  # [num_reqs, num_kv_heads, head_dim]
+    cos_sin_cache: torch.Tensor  # [max_positions, rotary_dim] fp32: cos half | sin half
+    slot_mapping: torch.Tensor  # [num_reqs] int32 / int64; requests with seq_len 0: unused
+
+    def check(self, query: torch.Tensor, k_cache: torch.Tensor) -> None:
+        num_reqs, _, head_dim = query.shape
+        kv_shape = (num_reqs, k_cache.shape[2], head_dim)
+        assert self.key.shape == self.value.shape == kv_shape, (
+            f"key {tuple(self.key.shape)} / value {tuple(self.value.shape)} vs {kv_shape}"
+        )
+        assert self.key.dtype == self.value.dtype == query.dtype, (
+            f"key {self.key.dtype} / value {self.value.dtype} vs query {query.dtype}"
+        )
+        assert self.key.stride(2) == self.value.stride(2) == 1, "key/value need a dense head_dim"
+        assert self.positions.shape == self.slot_mapping.shape == (num_reqs,), (
+            f"positions {tuple(self.positions.shape)} / slot_mapping "
+            f"{tuple(self.slot_mapping.shape)} vs {num_reqs} requests"
+        )
+        rotary_dim = self.cos_sin_cache.shape[1]
+        assert rotary_dim % 2 == 0 and rotary_dim <= head_dim, (
+            f"rotary_dim {rotary_dim} must be even and <= head_dim {head_dim}"
+        )
+        assert self.cos_sin_cache.stride(1) == 1, "cos_sin_cache needs a dense last dim"
+
+
 def paged_attention_decode(
     query: torch.Tensor,  # [num_reqs, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -278,8 +377,14 @@ def paged_attention_decode(
     num_warps: int = 4,
     num_stages: int = 2,
     out: torch.Tensor | None = None,
+    new_tokens: NewTokens | None = None,
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
     """Attention of each request's single new query over its whole cached context.
+
+    With ``new_tokens``, ``query`` is not yet rotated: the kernel applies the rotary
+    embedding to it and to the new keys, writes the rotated key and the value at each
+    request's slot and attends to them (``kernels.kv_cache.rotary_and_write_kv_cache``
+    followed by this, in one kernel). ``seq_lens`` then counts the new token.
 
     ``max_seq_len`` (a host int; defaults to the block-table capacity, so no device sync)
     and the batch shape pick ``num_splits`` unless it is given. Requests with
@@ -309,14 +414,24 @@ def paged_attention_decode(
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((*part_shape, head_dim) if split else (1,), dtype=torch.float32,
                            device=query.device)  # fmt: skip
+    nt = new_tokens
+    if nt is not None:
+        nt.check(query, k_cache)
+    key = nt.key if nt else query  # placeholders when there are no new tokens
+    value = nt.value if nt else query
     _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
+        nt.positions if nt else seq_lens, key, value, nt.slot_mapping if nt else seq_lens,
+        nt.cos_sin_cache if nt else part_m,
         scale * LOG2E, num_splits,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
+        value.stride(1), nt.cos_sin_cache.stride(0) if nt else 0,
+        out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, QUERIES_PER_KV=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        SPLIT=split, DOT_PRECISION=dot_precision(query.dtype),
+        SPLIT=split, DOT_PRECISION=dot_precision(query.dtype), ROPE=nt is not None,
+        HALF=nt.cos_sin_cache.shape[1] // 2 if nt else 0,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch(query.device),
     )  # fmt: skip
     if split:

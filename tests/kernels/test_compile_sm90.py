@@ -90,6 +90,10 @@ def _compile_all() -> list[dict]:
         q = torch.empty(4, 32, head_dim, dtype=dtype)
         pa.paged_attention_decode(q, cache, cache, bt, lens, 0.1, num_splits=4)
         pa.paged_attention_decode(q, cache, cache, bt, lens, 0.1, num_splits=1)
+        new_kv = torch.empty(4, 8, head_dim, dtype=dtype)
+        rope = pa.NewTokens(torch.zeros(4, dtype=torch.long), new_kv, new_kv, torch.empty(64, 64),
+                            torch.zeros(4, dtype=torch.long))  # fmt: skip
+        pa.paged_attention_decode(q, cache, cache, bt, lens, 0.1, num_splits=4, new_tokens=rope)
         pf.prefill_attention(q, cache, cache, bt, lens, qsl, 0.1)
     x = torch.empty(4, 4096, dtype=torch.bfloat16)
     rn.rms_norm(x, torch.empty(4096, dtype=torch.bfloat16), 1e-5, x)

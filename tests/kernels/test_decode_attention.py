@@ -111,3 +111,63 @@ def test_decode_llama3_8b_shapes(device: torch.device, batch: int, ctx: int) -> 
     seq_lens = torch.randint(1, ctx + 1, (batch,)).tolist()
     seq_lens[0] = ctx
     _run(device, torch.bfloat16, seq_lens, 8, 4, 128, 16, max_seq_len=ctx)
+
+
+def _fused_rope_case(device, dtype, seq_lens, rotary_dim, head_dim=64, **kwargs) -> None:
+    """``new_tokens``: rotate q and the new keys, write keys and values, attend, in one kernel,
+    vs ``rotary_and_write_kv_cache`` then the plain decode kernel on a copy of the caches:
+    the caches end up identical, the outputs agree; a request with seq_len 0 (graph padding,
+    slot -1) writes nothing and gets zeros."""
+    from kernels.kv_cache import rotary_and_write_kv_cache
+    from kernels.paged_attention import NewTokens
+
+    num_kv_heads, group, block_size = 2, 4, 16
+    k_cache, v_cache, block_tables = make_paged_kv(
+        [max(s, 1) for s in seq_lens], num_kv_heads, head_dim, block_size, dtype, device
+    )
+    n = len(seq_lens)
+    qkv = torch.randn(n, (num_kv_heads * (group + 2)) * head_dim, device=device).to(dtype)
+    q, k, v = qkv.split([num_kv_heads * group * head_dim, num_kv_heads * head_dim,
+                         num_kv_heads * head_dim], dim=1)  # fmt: skip
+    q = q.view(n, -1, head_dim)
+    k, v = k.view(n, num_kv_heads, head_dim), v.view(n, num_kv_heads, head_dim)
+    positions = torch.tensor([max(s - 1, 0) for s in seq_lens], device=device)
+    slots = torch.tensor(
+        [int(block_tables[r, (s - 1) // block_size]) * block_size + (s - 1) % block_size
+         if s > 0 else -1 for r, s in enumerate(seq_lens)], device=device,
+    )  # fmt: skip
+    angles = torch.rand(max(seq_lens) + 1, rotary_dim // 2, device=device) * 6.0
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=1)
+    lens = int32(seq_lens, device)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q_rot = rotary_and_write_kv_cache(positions, q, k, v, cos_sin, k_ref, v_ref, slots)
+    expected = paged_attention_decode(q_rot, k_ref, v_ref, block_tables, lens, 0.125, **kwargs)
+    out = paged_attention_decode(
+        q, k_cache, v_cache, block_tables, lens, 0.125,
+        new_tokens=NewTokens(positions, k, v, cos_sin, slots), **kwargs,
+    )  # fmt: skip
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert_close(out, expected, dtype)
+    for r, s in enumerate(seq_lens):
+        if s == 0:
+            assert torch.equal(out[r], torch.zeros_like(out[r]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_with_new_tokens_matches_unfused(device, dtype, num_splits: int) -> None:
+    # 8 splits of 16-key tiles: short requests leave empty splits; 16 and 17 keys put the
+    # new key first in its split's tile or alone in a split
+    _fused_rope_case(device, dtype, [1, 37, 70, 16, 17, 0], 64, block_n=16,
+                     num_splits=num_splits)  # fmt: skip
+
+
+@pytest.mark.parametrize("head_dim,rotary_dim", [(80, 32), (128, 128)])
+def test_decode_with_new_tokens_partial_rotary(device, head_dim: int, rotary_dim: int) -> None:
+    _fused_rope_case(device, torch.bfloat16, [5, 90], rotary_dim, head_dim, block_n=32,
+                     num_splits=2)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_decode_with_new_tokens_llama8b_shape(device: torch.device) -> None:
+    _fused_rope_case(device, torch.bfloat16, [1, 2000, 8192, 300], 128, 128)

@@ -54,7 +54,8 @@ class Attention(nn.Module):
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """With ``rotary``, q and k are rotated here first (on CUDA fused with the cache
-        write: the rotated key goes straight into the cache)."""
+        write: the rotated key goes straight into the cache; in a pure decode step the decode
+        attention kernel itself rotates, writes and attends)."""
         md = _metadata
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -62,8 +63,12 @@ class Attention(nn.Module):
         if q.is_cuda:
             from kernels.attention import paged_attention
             from kernels.kv_cache import rotary_and_write_kv_cache, write_kv_cache
+            from kernels.paged_attention import NewTokens
 
-            if rotary is not None:
+            new_tokens = None
+            if rotary is not None and md.max_query_len == 1:  # decode: one kernel does it all
+                new_tokens = NewTokens(positions, k, v, rotary.cos_sin_cache, md.slot_mapping)
+            elif rotary is not None:
                 q = rotary_and_write_kv_cache(
                     positions, q, k, v, rotary.cos_sin_cache,
                     self.k_cache, self.v_cache, md.slot_mapping,
@@ -81,6 +86,7 @@ class Attention(nn.Module):
                 md.max_query_len,
                 md.max_seq_len,
                 md.num_decode_rows,
+                new_tokens,
             )
         else:
             if rotary is not None:
