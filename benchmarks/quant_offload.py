@@ -276,7 +276,7 @@ def bench_tune(args, report: dict) -> None:
     from vllm_runner.model.layers.quant import quantize_fp8_rows, quantize_int8
 
     configs = [None] + [
-        W8A16Config(bm, bn, bk, split, num_warps=w, num_stages=1, prefetch=pf)
+        W8A16Config(bm, bn, bk, split, num_warps=w, num_stages=1 if bm == 1 else 4, prefetch=pf)
         for bm, bn, bk, split, w, pf in [
             (16, 32, 256, 1, 4, 1), (16, 64, 256, 4, 4, 1),
             # block_m 1: the single-row GEMV kernel (prefetch: its software pipeline, K

@@ -74,8 +74,8 @@ def _attend_tile(
 @triton.jit
 def _rope_rows(rows, d, mask, cos_sin_row, HALF: tl.constexpr):
     """Neox rotary of the rows at ``rows`` ([R, 1] pointers) over features ``d`` ([1, D]), in
-    fp32: the first ``2 * HALF`` features rotate in halves, the rest pass through. Same
-    expressions as ``kernels.rotary._rotate_heads``, so the same roundings."""
+    fp32: the first ``2 * HALF`` features rotate in halves, the rest pass through. The same
+    explicit FMAs as ``kernels.rotary._rotate_heads``, so the same roundings."""
     first = d < HALF
     rot = d < 2 * HALF
     j = tl.where(first, d, d - HALF)  # index into the cos / sin halves
@@ -84,18 +84,20 @@ def _rope_rows(rows, d, mask, cos_sin_row, HALF: tl.constexpr):
     xp = xp.to(tl.float32)
     cos = tl.load(cos_sin_row + j, mask=rot, other=1.0).to(tl.float32)
     sin = tl.load(cos_sin_row + HALF + j, mask=rot, other=0.0).to(tl.float32)
-    return tl.where(first, x * cos - xp * sin, x * cos + xp * sin)
+    return tl.where(first, tl.fma(x, cos, -(xp * sin)), tl.fma(x, cos, xp * sin))
 
 
 @triton.jit
 def _attend_new_key(q, acc, m_i, l_i, k_new, v_new, qk_scale):
     """One online-softmax step over this step's own key / value ([1, BLOCK_D], in registers:
-    never read back from the cache it was just written to); ``p`` rounded like a tile's."""
+    never read back from the cache it was just written to); as in a tile, the sum takes
+    ``p`` in fp32 and the value product ``p`` rounded to the value dtype."""
     s = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * qk_scale  # [ROWS]
     m_new = tl.maximum(m_i, s)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new).to(v_new.dtype).to(tl.float32)
-    acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)
+    p = tl.exp2(s - m_new)
+    p_v = p.to(v_new.dtype).to(tl.float32)
+    acc = acc * alpha[:, None] + p_v[:, None] * v_new.to(tl.float32)
     return acc, m_new, l_i * alpha + p
 
 
@@ -193,6 +195,7 @@ def _decode_kernel(
             slot = tl.load(slot_mapping_ptr + req).to(tl.int64)
             dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
             dst += kv_head * stride_ch + offs_d[None, :]
+            # NOTE: no slot < 0 check: padding rows have seq_len 0 and own nothing.
             tl.store(k_cache_ptr + dst, k_new, mask=d_mask)
             tl.store(v_cache_ptr + dst, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
             acc, m_i, l_i = _attend_new_key(q, acc, m_i, l_i, k_new, v_new, qk_scale)
@@ -356,6 +359,12 @@ class NewTokens:
             f"positions {tuple(self.positions.shape)} / slot_mapping "
             f"{tuple(self.slot_mapping.shape)} vs {num_reqs} requests"
         )
+        for name in ("positions", "slot_mapping"):
+            t = getattr(self, name)
+            assert t.dtype in (torch.int32, torch.int64), f"{name} {t.dtype}"
+        tensors = (query, k_cache, self.positions, self.key, self.value, self.cos_sin_cache,
+                   self.slot_mapping)  # fmt: skip
+        assert len({t.device for t in tensors}) == 1, "all inputs must be on one device"
         rotary_dim = self.cos_sin_cache.shape[1]
         assert rotary_dim % 2 == 0 and rotary_dim <= head_dim, (
             f"rotary_dim {rotary_dim} must be even and <= head_dim {head_dim}"

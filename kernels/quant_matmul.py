@@ -349,7 +349,7 @@ def _w8_gemv_kernel(
         if GATED:
             acc_up = _dot_words(acc_up, u0, x_j, x_mask, EVEN, FP8, PTX_WIDEN, FP8_MIXED,
                                 X16)  # fmt: skip
-        if PREFETCH == 0:  # fetched and multiplied in the same iteration
+        if PREFETCH == 0:  # the next tile requested only after this one is multiplied
             w0, u0 = _load_tile(rows, up, tl.minimum(j0 + BLOCK_W, last), n_mask, offs_w, K,
                                 EVEN, GATED)  # fmt: skip
         elif PREFETCH == 1:
@@ -380,8 +380,11 @@ class W8A16Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    prefetch: int = 1  # GEMV: K tiles requested ahead of the one being multiplied
+    prefetch: int = 1  # GEMV: K tiles requested ahead of the one being multiplied (0-2)
     fp8_mixed: bool = True  # GEMV, e4m3 on a GPU: half the bytes through the conversion unit
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.prefetch <= 2, f"prefetch {self.prefetch} must be 0, 1 or 2"
 
 
 def ptx_widening(device: torch.device) -> bool:

@@ -29,8 +29,10 @@ def _rotate_heads(
     x1 = tl.load(src, mask=mask, other=0.0)
     x2 = tl.load(src + HALF, mask=mask, other=0.0)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(dst, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
-    tl.store(dst + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+    # NOTE: explicit FMAs: the decode kernel's fused rotary (paged_attention._rope_rows)
+    # computes the same ones, so a key cached by either is bit-identical.
+    tl.store(dst, tl.fma(x1f, cos, -(x2f * sin)).to(x1.dtype), mask=mask)
+    tl.store(dst + HALF, tl.fma(x2f, cos, x1f * sin).to(x1.dtype), mask=mask)
     if COPY_PASS:  # features past rotary_dim are copied unchanged
         offs_p = 2 * HALF + tl.arange(0, BLOCK_PASS)[None, :]
         p_mask = (offs_h < NUM_HEADS) & (offs_p < HEAD_DIM)

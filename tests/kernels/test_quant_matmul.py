@@ -109,44 +109,47 @@ def test_w8a16_gated_fp8_weights_and_split_k(device: torch.device) -> None:
         w8a16_matmul(x, q[:63], scale[:63], gated=True)
 
 
+def _every_value_reads_back(q: torch.Tensor, config: W8A16Config) -> None:
+    """One-hot rows of x read columns of q back through the kernel with unit scales: exact
+    (|int8| <= 128 and e4m3's 3 mantissa bits fit bf16), whatever the widening."""
+    n, k = q.shape
+    scale = torch.ones(n, device=q.device)
+    for j in (0, 1, 2, 3, k - 1):
+        x = torch.zeros(1 if config.block_m == 1 else 3, k, device=q.device, dtype=torch.bfloat16)
+        x[:, j] = 1.0
+        out = w8a16_matmul(x, q, scale, config=config)
+        assert torch.equal(out[0].float(), q[:, j].float()), f"column {j}"
+
+
+def _value_grid(n: int, k: int, values: torch.Tensor) -> torch.Tensor:
+    """[n, k]: column c holds n consecutive entries of ``values`` (cyclic), from 7 c on."""
+    rows, cols = torch.arange(n)[:, None], torch.arange(k)[None, :]
+    return values[(rows + 7 * cols) % len(values)]
+
+
 @pytest.mark.parametrize("n,k,config", [(256, 256, W8A16Config(1, 4, 128, num_stages=1)),
                                         (250, 200, W8A16Config(1, 16, 64, num_stages=1)),
                                         (256, 256, W8A16Config(16, 32, 64, num_stages=1))],
                          ids=["gemv", "gemv-ragged", "tiled"])  # fmt: skip
 def test_every_int8_value_widens_exactly(device: torch.device, n: int, k: int, config) -> None:
-    """Each column of q holds every value in [-128, 127] (across its rows); one-hot rows of x
-    read columns back through the kernel with unit scales: exact, whatever the widening
-    (on a GPU the byte-permute one, in the interpreter a plain cast)."""
-    rows = torch.arange(n, device=device)[:, None]
-    cols = torch.arange(k, device=device)[None, :]
-    q = ((rows + 7 * cols) % 256 - 128).to(torch.int8)
-    scale = torch.ones(n, device=device)
-    for j in (0, 1, 2, 3, k - 1):
-        x = torch.zeros(1 if config.block_m == 1 else 3, k, device=device, dtype=torch.bfloat16)
-        x[:, j] = 1.0
-        out = w8a16_matmul(x, q, scale, config=config)
-        assert torch.equal(out[0].float(), q[:, j].float()), f"column {j}"
+    """Every value in [-128, 127] in each column: on a GPU the byte-permute widening, in the
+    interpreter a plain cast."""
+    values = torch.arange(-128, 128).to(torch.int8)
+    _every_value_reads_back(_value_grid(n, k, values).to(device), config)
 
 
-@pytest.mark.parametrize("config", [W8A16Config(1, 4, 128, num_stages=1),
-                                    W8A16Config(1, 16, 64, num_stages=1),
-                                    W8A16Config(16, 32, 64, num_stages=1)],
-                         ids=["gemv", "gemv-ragged", "tiled"])  # fmt: skip
-def test_every_e4m3_value_widens_exactly(device: torch.device, config) -> None:
-    """As above for fp8 weights: every finite e4m3 byte (all but the two NaNs), through the
-    GEMV's byte-permute widening on a GPU (the conversion unit in the tiled kernel)."""
-    n, k = (254, 256) if config.block_n != 16 or config.block_m != 1 else (250, 200)
+@pytest.mark.parametrize("n,k,config", [(254, 256, W8A16Config(1, 4, 128, num_stages=1)),
+                                        (254, 256, W8A16Config(1, 4, 128, fp8_mixed=False)),
+                                        (250, 200, W8A16Config(1, 16, 64, num_stages=1)),
+                                        (254, 256, W8A16Config(16, 32, 64, num_stages=1))],
+                         ids=["gemv", "gemv-int-ops", "gemv-ragged", "tiled"])  # fmt: skip
+def test_every_e4m3_value_widens_exactly(device: torch.device, n: int, k: int, config) -> None:
+    """Every finite e4m3 byte (all but the two NaNs) in each column: on a GPU the GEMV's
+    widening (bytes 0-1 by the conversion unit, 2-3 by integer ops; or all four by integer
+    ops), the tiled kernel's conversion."""
     finite = torch.tensor([b for b in range(256) if b not in (0x7F, 0xFF)], dtype=torch.uint8)
-    rows = torch.arange(n)[:, None]
-    cols = torch.arange(k)[None, :]
-    q = finite[(rows + 7 * cols) % 254].view(torch.float8_e4m3fn).to(device)
-    scale = torch.ones(n, device=device)
-    for j in (0, 1, 2, 3, k - 1):
-        x = torch.zeros(1 if config.block_m == 1 else 3, k, device=device, dtype=torch.bfloat16)
-        x[:, j] = 1.0
-        out = w8a16_matmul(x, q, scale, config=config)
-        # |e4m3| <= 448 and 3 mantissa bits: exact in bf16 too
-        assert torch.equal(out[0].float(), q[:, j].float()), f"column {j}"
+    q = _value_grid(n, k, finite).view(torch.float8_e4m3fn)
+    _every_value_reads_back(q.to(device), config)
 
 
 @pytest.mark.parametrize("prefetch", [0, 1, 2])

@@ -32,6 +32,7 @@ def test_prefill_then_decode_arrays_are_exact():
     assert x.seq_lens.tolist() == [5, 2] and x.query_start_loc.tolist() == [0, 5, 7]
     assert x.logits_indices.tolist() == [4, 6] and x.sampling_ids == ["a", "b"]
     assert x.num_decode_rows == 0 and x.max_query_len == 5 and x.max_seq_len == 5
+    assert not x.fused_decode
 
     batch.states["a"].token_ids.append(15)  # the runner appends each sampled token
     batch.states["b"].token_ids.append(22)
@@ -41,6 +42,24 @@ def test_prefill_then_decode_arrays_are_exact():
     x = batch.prepare(sched)
     assert x.input_ids.tolist() == [15, 22] and x.positions.tolist() == [5, 2]
     assert x.slot_mapping.tolist() == [13, 22] and x.num_decode_rows == 2
+    assert x.fused_decode  # one query each, both requests ran before
+
+
+def test_a_first_step_with_one_query_is_not_a_fused_decode():
+    """A new request whose prompt is cached but for its last token has one query, like the
+    decode rows beside it; its cache hits may include a block that a decode row's token
+    fills in this very step, so the step keeps the KV write ahead of attention."""
+    batch = InputBatch(block_size=4, max_blocks_per_request=8)
+    sched = step([new("a", [10, 11, 12], [7])], scheduled={"a": 3})
+    batch.update(sched)
+    batch.prepare(sched)
+    batch.states["a"].token_ids.append(13)
+    sched = step([new("c", [10, 11, 12, 13, 14], [7, 2], computed=4)],
+                 [CachedRequestData("a", [], 3)], {"a": 1, "c": 1})  # fmt: skip
+    batch.update(sched)
+    x = batch.prepare(sched)
+    assert x.max_query_len == 1 and x.num_decode_rows == 2
+    assert not x.fused_decode
 
 
 def test_rows_are_reused_and_the_table_grows():

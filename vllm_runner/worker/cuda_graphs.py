@@ -51,6 +51,7 @@ class DecodeGraphs:
             max_query_len=1,
             # NOTE: fixes the decode kernel's split count for the graph; any value is correct.
             max_seq_len=self.max_model_len,
+            fused_decode=True,  # replayed only for StepInputs.fused_decode steps
         )
         with forward_context(md):
             hidden = self.model(dev["input_ids"][:size], dev["positions"][:size])

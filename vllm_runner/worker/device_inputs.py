@@ -104,6 +104,7 @@ class DeviceInputs:
             max_query_len=inputs.max_query_len,
             max_seq_len=inputs.max_seq_len,
             num_decode_rows=inputs.num_decode_rows,
+            fused_decode=inputs.fused_decode,
         )
         logits_indices = self._put("logits_indices", inputs.logits_indices)
         return input_ids, positions, md, logits_indices

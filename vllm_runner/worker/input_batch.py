@@ -40,6 +40,10 @@ class StepInputs:
     max_query_len: int
     max_seq_len: int
     num_decode_rows: int  # leading requests with exactly one query token
+    # One query each and no request in its first step: only a first step can hit a prefix
+    # block that another request's token fills in the same step, so the decode kernel may
+    # write this step's keys / values itself (no request reads a slot another one writes).
+    fused_decode: bool
 
 
 class InputBatch:
@@ -159,6 +163,7 @@ class InputBatch:
             max(counts) if num_reqs else 0,
             int(seq_lens.max()) if num_reqs else 0,
             int(np.argmax(not_decode)) if not_decode.any() else num_reqs,
+            max(counts, default=0) == 1 and not sched.new_requests,
         )
 
 

@@ -294,7 +294,7 @@ class ModelRunner:
 
     def _graph_size(self, inputs: StepInputs) -> int | None:
         """The decode graph bucket this step can replay, if any."""
-        if self.graphs is None or inputs.max_query_len != 1:
+        if self.graphs is None or not inputs.fused_decode:
             return None
         states = self.batch.states
         if any(states[r].params.prompt_logprobs is not None for r in inputs.request_ids):

@@ -23,6 +23,9 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     num_decode_rows: int = 0  # leading requests with one query each (CUDA kernel choice)
+    # One query each, none in its first step: on CUDA the decode kernel rotates, writes the
+    # new keys / values and attends in one (see ``StepInputs.fused_decode``)
+    fused_decode: bool = False
 
 
 _metadata: AttentionMetadata | None = None
@@ -66,7 +69,7 @@ class Attention(nn.Module):
             from kernels.paged_attention import NewTokens
 
             new_tokens = None
-            if rotary is not None and md.max_query_len == 1:  # decode: one kernel does it all
+            if rotary is not None and md.fused_decode:  # decode: one kernel does it all
                 new_tokens = NewTokens(positions, k, v, rotary.cos_sin_cache, md.slot_mapping)
             elif rotary is not None:
                 q = rotary_and_write_kv_cache(
