@@ -169,5 +169,7 @@ def test_decode_with_new_tokens_partial_rotary(device, head_dim: int, rotary_dim
 
 
 @pytest.mark.gpu
-def test_decode_with_new_tokens_llama8b_shape(device: torch.device) -> None:
-    _fused_rope_case(device, torch.bfloat16, [1, 2000, 8192, 300], 128, 128)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decode_with_new_tokens_llama8b_shape(device: torch.device, dtype: torch.dtype) -> None:
+    """On the card: fp32 caches equal bit for bit needs the same FMAs in both rotary paths."""
+    _fused_rope_case(device, dtype, [1, 2000, 8192, 300, 0], 128, 128)
