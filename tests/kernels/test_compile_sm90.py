@@ -73,6 +73,7 @@ def _compile_all() -> list[dict]:
     import kernels.paged_attention as pa
     import kernels.pdl
     import kernels.prefill_attention as pf
+    import kernels.quant_gemv as qg
     import kernels.quant_matmul as qm
     import kernels.rms_norm as rn
     import kernels.rotary as ro
@@ -80,7 +81,7 @@ def _compile_all() -> list[dict]:
     kernels.pdl.pdl_enabled = lambda device: True  # compile the in-kernel PDL waits too
     qm.ptx_widening = lambda device: True  # and the inline-PTX int8 / e4m3 widening
     results: list[dict] = []
-    for mod in (ac, kv, pa, pf, qm, rn, ro):
+    for mod in (ac, kv, pa, pf, qg, qm, rn, ro):
         for name in KERNELS & set(vars(mod)):
             setattr(mod, name, _Recorder(name, getattr(mod, name), results))
     bt = torch.zeros(4, 16, dtype=torch.int32)
