@@ -26,7 +26,6 @@ Cases (each builds its own engines; run them in separate calls if one call has a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import itertools
 import json
@@ -299,9 +298,7 @@ def bench_tune(args, report: dict) -> None:
         # kernel measures the Python launch path instead.
         bench = triton.testing.do_bench_cudagraph
         bf16_ms = bench(lambda x=x, w=w: torch.nn.functional.linear(x, w))
-        default = default_config(1, n, k, num_sms(x.device))
-        extra = [dataclasses.replace(default, fp8_mixed=False)] if wdtype == "fp8" else []
-        for cfg in configs + extra:
+        for cfg in configs:
             if gated and cfg is not None and cfg.block_m != 1:
                 continue
             try:

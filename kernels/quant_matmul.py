@@ -125,7 +125,6 @@ class W8A16Config:
     num_warps: int = 4
     num_stages: int = 3  # the tiled kernel's pipeline depth (the GEMV pipelines by prefetch)
     prefetch: int = 1  # GEMV: K tiles requested ahead of the one being multiplied (0-2)
-    fp8_mixed: bool = True  # GEMV, e4m3 on a GPU: half the bytes through the conversion unit
 
     def __post_init__(self) -> None:
         assert 0 <= self.prefetch <= 2, f"prefetch {self.prefetch} must be 0, 1 or 2"
@@ -213,7 +212,7 @@ def w8a16_matmul(
             f"4-byte aligned; got shape {tuple(qweight.shape)}, stride {qweight.stride()}"
         )
         w8_gemv(x2, qweight, scale, bias, out, cfg.block_n, cfg.block_k, cfg.num_warps,
-                prefetch=cfg.prefetch, fp8_mixed=cfg.fp8_mixed, gated=gated,
+                prefetch=cfg.prefetch, gated=gated,
                 ptx=ptx_widening(x.device))  # fmt: skip
         return out.view(*x.shape[:-1], n)
     k_per_split = math.ceil(math.ceil(k / cfg.split_k) / cfg.block_k) * cfg.block_k
