@@ -6,7 +6,7 @@ multiplies the fp32 accumulator once, after the K loop. Decode is weight-bandwid
 reading 1 byte per weight instead of 2 is the whole point; small-M launches split K across
 programs (partials in fp32, summed in a fixed order: deterministic) to fill the GPU.
 
-One row (batch-1 decode) runs the GEMV of ``kernels.quant_gemv`` instead of tensor-core tiles.
+One row (batch-1 decode) runs the GEMV of ``kernels.gemv`` instead of tensor-core tiles.
 ``gated=True`` takes a merged [gate; up] weight (SwiGLU) and returns ``silu(gate) * up``:
 in the GEMV each program accumulates gate rows and the matching up rows, so the activation
 runs in the epilogue instead of a separate kernel over a [1, 2N] intermediate.
@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.gemv import _I8X4_ASM, _epilogue, gemv, gemv_layout
 from kernels.paged_attention import dot_precision, num_sms
 from kernels.pdl import pdl_launch, wait_for_predecessor
-from kernels.quant_gemv import _I8X4_ASM, _epilogue, gemv_layout, w8_gemv
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def _w8a16_kernel(
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
     acc = _epilogue(acc, acc, scale_ptr, bias_ptr, offs_n, n_mask, N,
                     (pid_k == 0).to(tl.float32),  # the bias is added by one split only
-                    HAS_BIAS, False, out_ptr.dtype.element_ty)  # fmt: skip
+                    True, HAS_BIAS, False, out_ptr.dtype.element_ty)  # fmt: skip
     out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om
     tl.store(out + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])  # fmt: skip
@@ -211,9 +211,8 @@ def w8a16_matmul(
             f"the GEMV reads 4-byte words: it needs a K-contiguous weight, K % 4 == 0 and rows "
             f"4-byte aligned; got shape {tuple(qweight.shape)}, stride {qweight.stride()}"
         )
-        w8_gemv(x2, qweight, scale, bias, out, cfg.block_n, cfg.block_k, cfg.num_warps,
-                prefetch=cfg.prefetch, gated=gated,
-                ptx=ptx_widening(x.device))  # fmt: skip
+        gemv(x2, qweight, out, cfg.block_n, cfg.block_k, cfg.num_warps, prefetch=cfg.prefetch,
+             scale=scale, bias=bias, gated=gated, ptx=ptx_widening(x.device))  # fmt: skip
         return out.view(*x.shape[:-1], n)
     k_per_split = math.ceil(math.ceil(k / cfg.split_k) / cfg.block_k) * cfg.block_k
     split = math.ceil(k / k_per_split)  # rounding can leave fewer non-empty splits

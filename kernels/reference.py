@@ -174,3 +174,23 @@ def w8a8_fp8_linear(
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(x.dtype)
+
+
+def linear_one_row(
+    x: torch.Tensor,  # [1, K]
+    weight: torch.Tensor,  # [N, K] (gated: [2N, K])
+    bias: torch.Tensor | None = None,
+    *,
+    gated: bool = False,
+    norm: tuple[torch.Tensor, float] | None = None,  # (RMSNorm weight [K], eps)
+    residual: torch.Tensor | None = None,  # [1, N]
+) -> torch.Tensor:
+    """``residual + act(rms_norm(x) @ weight.T + bias)``: the unfused ops in order, each
+    rounded to x's dtype, the matmul accumulated in fp32."""
+    if norm is not None:
+        x, _ = rms_norm(x, norm[0], norm[1])
+    y = F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
+    y = y.to(x.dtype)
+    if gated:
+        y = silu_and_mul(y)
+    return y if residual is None else y + residual

@@ -22,7 +22,7 @@ PTR_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int32
 KERNELS = {
     "_write_kv_cache_kernel", "_rotary_write_kv_kernel", "_decode_kernel",
     "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel",
-    "_silu_and_mul_kernel", "_w8a16_kernel", "_w8_gemv_kernel", "_fp8_quantize_rows_kernel",
+    "_silu_and_mul_kernel", "_w8a16_kernel", "_gemv_kernel", "_fp8_quantize_rows_kernel",
 }  # fmt: skip
 
 
@@ -69,11 +69,11 @@ def _compile_all() -> list[dict]:
     import torch
 
     import kernels.activation as ac
+    import kernels.gemv as qg
     import kernels.kv_cache as kv
     import kernels.paged_attention as pa
     import kernels.pdl
     import kernels.prefill_attention as pf
-    import kernels.quant_gemv as qg
     import kernels.quant_matmul as qm
     import kernels.rms_norm as rn
     import kernels.rotary as ro
@@ -125,6 +125,14 @@ def _compile_all() -> list[dict]:
                 qm.w8a16_matmul(torch.empty(m, k, dtype=torch.bfloat16),
                                 torch.empty(n, k, dtype=wdtype), torch.empty(n),
                                 gated=gated)  # fmt: skip
+    # 16-bit weights through the GEMV with each of the decode layer's fusions
+    for wdtype in (torch.bfloat16, torch.float16):
+        for n, k in [(4096, 4096), (72, 300)]:
+            x, w = torch.empty(1, k, dtype=wdtype), torch.empty(2 * n, k, dtype=wdtype)
+            norm = (torch.empty(k, dtype=wdtype), 1e-5)
+            qg.linear_one_row(x, w[:n], residual=torch.empty(1, n, dtype=wdtype))
+            qg.linear_one_row(x, w, gated=True, norm=norm)
+            qg.linear_one_row(x, w[:n], torch.empty(n, dtype=wdtype), norm=norm)
     return results
 
 

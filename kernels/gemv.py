@@ -1,0 +1,432 @@
+"""One row times a weight (GEMV, Triton): the batch-1 decode projections.
+
+Weights are bf16 / fp16, or int8 / fp8 e4m3 with a per-channel scale (W8A16; the tiled
+kernel and the dispatch live in ``kernels.quant_matmul``). Each program streams
+``block_n`` weight rows (gated: and their up rows) along K as words of four weights, widens
+them in registers (inline PTX for 8-bit weights on a GPU) and reduces once at the end.
+
+At batch 1 a decoder layer is a chain of small kernels, so the GEMV also takes what sits
+between its projections: the RMSNorm of its input (``norm``), the residual add after it
+(``residual``) and the gated MLP's SiLU-and-mul (``gated``). A Llama layer is then five
+kernels (qkv, attention, o, gate_up, down), each waiting in-kernel for the one before (PDL)
+after requesting its first weight tiles.
+"""
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.pdl import pdl_launch, wait_for_predecessor
+
+# 4 int8 (one 32-bit register) -> 4 fp32 without the quarter-rate integer-to-float
+# conversion: byte permutes and one subtraction each. A byte b (biased by +128) placed under
+# the exponent of 2^23 reads as 2^23 + b; subtracting 2^23 + 128 is exact. Also used by the
+# tiled kernel (kernels.quant_matmul._i8x4_to_f32).
+_I8X4_ASM: tl.constexpr = tl.constexpr(
+    """{
+    .reg .b32 u, m, t0, t1, t2, t3;
+    mov.b32 m, 0x4B000000;
+    xor.b32 u, $4, 0x80808080;
+    prmt.b32 t0, u, m, 0x7650;
+    prmt.b32 t1, u, m, 0x7651;
+    prmt.b32 t2, u, m, 0x7652;
+    prmt.b32 t3, u, m, 0x7653;
+    sub.f32 $0, t0, 0f4B000080;
+    sub.f32 $1, t1, 0f4B000080;
+    sub.f32 $2, t2, 0f4B000080;
+    sub.f32 $3, t3, 0f4B000080;
+    }"""
+)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, scale_ptr, bias_ptr, offs_n, n_mask, N, add_bias,
+              HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+              OUT_DTYPE: tl.constexpr):  # fmt: skip
+    """Per-channel scale (HAS_SCALE) + bias (where ``add_bias``) of fp32 accumulators whose
+    last dim is ``offs_n``; GATED: ``silu(gate) * up`` with each factor rounded to OUT_DTYPE
+    first, as the unfused matmul output followed by ``silu_and_mul`` rounds it."""
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) * add_bias
+    if GATED:
+        up = acc_up
+        if HAS_SCALE:
+            up = up * tl.load(scale_ptr + N + offs_n, mask=n_mask, other=0.0)
+        if HAS_BIAS:
+            up += tl.load(bias_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        gate = acc.to(OUT_DTYPE).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(OUT_DTYPE).to(tl.float32)
+        acc = act * up.to(OUT_DTYPE).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _i8x4_word_to_f32(words):
+    """Four fp32 tensors, bytes 0..3 (k = 4j .. 4j + 3) of each int8x4 word (_I8X4_ASM)."""
+    return _asm_word_to_4xf32(_I8X4_ASM, words)
+
+
+@triton.jit
+def _e4m3x4_word_to_f32(words):
+    """Four fp32 tensors, bytes 0..3 of each e4m3 x4 word. The conversion unit runs at a
+    quarter of the FMA rate: at ~4 TB/s of weights it alone would be the limit, and integer
+    ops alone (3 per byte) load that pipe as much, so bytes 0-1 go through the conversion
+    unit (e4m3x2 -> f16x2 -> 2 x f32) and bytes 2-3 through integer ops (H200 8B gate_up:
+    30.3 us vs 33.9 with all four by integer ops): each byte goes to the top of a register
+    (permute); an arithmetic shift by 4 puts the exponent and mantissa bits where fp32 keeps
+    its own, the mask keeps the sign and those 7 bits: read as fp32 that is the value times
+    2^-120 (the exponent biases differ by 127 - 7; e4m3 subnormals land on fp32 subnormals),
+    so one exact multiply by 2^120 finishes. NaN (0x7F) is not mapped: quantized weights
+    are finite."""
+    return _asm_word_to_4xf32(
+        """{
+        .reg .b16 lo, hi, h0, h1;
+        .reg .b32 f01, t2, t3;
+        mov.b32 {lo, hi}, $4;
+        cvt.rn.f16x2.e4m3x2 f01, lo;
+        mov.b32 {h0, h1}, f01;
+        cvt.f32.f16 $0, h0;
+        cvt.f32.f16 $1, h1;
+        prmt.b32 t2, $4, 0, 0x2444;
+        prmt.b32 t3, $4, 0, 0x3444;
+        shr.s32 t2, t2, 4;
+        shr.s32 t3, t3, 4;
+        and.b32 t2, t2, 0x87F00000;
+        and.b32 t3, t3, 0x87F00000;
+        mul.f32 $2, t2, 0f7B800000;
+        mul.f32 $3, t3, 0f7B800000;
+        }""",
+        words,
+    )
+
+
+@triton.jit
+def _asm_word_to_4xf32(asm: tl.constexpr, words):
+    return tl.inline_asm_elementwise(
+        asm=asm,
+        constraints="=r,=r,=r,=r,r",
+        args=[words],
+        dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _word_byte_f32(words, i: tl.constexpr, FP8: tl.constexpr):
+    """Byte ``i`` of each 4-byte word as fp32: int8 by an arithmetic shift, e4m3 by a bitcast."""
+    if FP8:
+        byte = ((words >> (8 * i)) & 0xFF).to(tl.uint8)
+        return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return ((words << (24 - 8 * i)) >> 24).to(tl.float32)
+
+
+@triton.jit
+def _dot_words(acc, words, x0, x1, x2, x3, W16: tl.constexpr, FP8: tl.constexpr,
+               PTX_WIDEN: tl.constexpr):  # fmt: skip
+    """acc += the four weights of each word times x0..x3 (x[4j .. 4j + 3], fp32)."""
+    if W16 is not None:  # an int64 word: two 32-bit pairs of halves
+        lo, hi = words.to(tl.int32), (words >> 32).to(tl.int32)
+        w0, w1 = _half_f32(lo, 0, W16), _half_f32(lo, 1, W16)
+        w2, w3 = _half_f32(hi, 0, W16), _half_f32(hi, 1, W16)
+    elif PTX_WIDEN and FP8:
+        w0, w1, w2, w3 = _e4m3x4_word_to_f32(words)
+    elif PTX_WIDEN:
+        w0, w1, w2, w3 = _i8x4_word_to_f32(words)
+    else:
+        w0 = _word_byte_f32(words, 0, FP8)
+        w1 = _word_byte_f32(words, 1, FP8)
+        w2 = _word_byte_f32(words, 2, FP8)
+        w3 = _word_byte_f32(words, 3, FP8)
+    acc += w0 * x0 + w1 * x1
+    acc += w2 * x2 + w3 * x3
+    return acc
+
+
+@triton.jit
+def _load_x4(ptrs, mask, EVEN: tl.constexpr, X16: tl.constexpr):
+    """x[4j .. 4j + 3] as four fp32 tensors. X16: ``ptrs`` are int64 pointers to the four
+    16-bit values (one load), else pointers to x[4j] (four strided loads)."""
+    if X16 is not None:
+        xs = tl.load(ptrs) if EVEN else tl.load(ptrs, mask=mask, other=0)
+        lo, hi = xs.to(tl.int32), (xs >> 32).to(tl.int32)
+        x0, x1 = _half_f32(lo, 0, X16), _half_f32(lo, 1, X16)
+        return x0, x1, _half_f32(hi, 0, X16), _half_f32(hi, 1, X16)
+    return (_load_x(ptrs, mask, EVEN), _load_x(ptrs + 1, mask, EVEN),
+            _load_x(ptrs + 2, mask, EVEN), _load_x(ptrs + 3, mask, EVEN))  # fmt: skip
+
+
+@triton.jit
+def _rms_normed(x, g, inv_rms, dt: tl.constexpr):
+    """RMSNorm of one activation, rounded as kernels.rms_norm rounds: (x * inv_rms) to
+    ``dt``, times the norm weight, to ``dt`` again."""
+    return ((x * inv_rms).to(dt).to(tl.float32) * g).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _half_f32(pair, i: tl.constexpr, X16: tl.constexpr):
+    """Half ``i`` (0: low bits) of a 32-bit pair of X16 (bf16 / fp16) values as fp32."""
+    if tl.bfloat16 == X16:  # bf16 is the top half of an fp32
+        bits = pair << 16 if i == 0 else pair & -65536
+        return bits.to(tl.float32, bitcast=True)
+    half = pair if i == 0 else pair >> 16
+    return half.to(tl.int16).to(X16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _load_x(ptrs, mask, EVEN: tl.constexpr):
+    x = tl.load(ptrs) if EVEN else tl.load(ptrs, mask=mask, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _load_words(ptrs, mask, EVEN: tl.constexpr):
+    return tl.load(ptrs) if EVEN else tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # [K] one dense row, fp32 / fp16 / bf16 (NORM: the residual stream, normed here)
+    w_ptr,  # [N, K] int8 / fp8 e4m3 / fp16 / bf16, K % 4 == 0; GATED: [2N, K], gate then up rows
+    scale_ptr,  # [N] fp32 (HAS_SCALE only; GATED: [2N])
+    bias_ptr,  # [N] (HAS_BIAS only; GATED: [2N])
+    norm_ptr,  # [K] RMSNorm weight, x's dtype (NORM only)
+    res_ptr,  # [N] residual added to the output (RESIDUAL only)
+    out_ptr,  # [N]
+    N,
+    K,
+    stride_wn,  # in weights, a multiple of 4
+    up_offset,  # GATED: N * stride_wn, where the up rows start
+    eps,  # NORM only
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
+    GATED: tl.constexpr,
+    W16: tl.constexpr,  # the weight's dtype if fp16 / bf16, else None (int8 / fp8)
+    FP8: tl.constexpr,
+    PTX_WIDEN: tl.constexpr,  # widen 8-bit weights by byte permutes (GPU): int8 or e4m3
+    PREFETCH: tl.constexpr,  # K tiles requested ahead of the one being multiplied (0-2)
+    X16: tl.constexpr,  # x's dtype if bf16 / fp16 and 8-byte aligned (packed loads), else None
+    NORM: tl.constexpr,
+    NORM_BLOCK: tl.constexpr,  # next power of 2 of K (NORM only)
+    RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """One row times the weight: each program streams BLOCK_N weight rows (GATED: and the
+    matching up rows) along K and reduces once at the end; no tensor-core tile is padded out
+    from a single row.
+
+    The weight is read as words of four weights (int32 for 8-bit weights, int64 for 16-bit),
+    [BLOCK_N, BLOCK_K / 4]: word j of a row holds k = 4j .. 4j + 3, widened to four fp32
+    tensors that multiply four interleaved slices of x (L1 hits) into one accumulator a
+    quarter of the tile's size, so registers go to bytes in flight. Plain loads are not
+    software-pipelined by Triton, so the loop does it in registers: tile ``k + PREFETCH`` is
+    requested before tile ``k`` is multiplied; near the end the requests repeat the last tile
+    (cache hits) instead of masking. The first tiles are requested before waiting on the
+    previous kernel (weights never depend on it): with PDL the weight stream starts while
+    that kernel still runs.
+
+    NORM: x is RMS-normalised in the prologue (every program reads the whole row, an L2 hit)
+    and each activation rounds as the RMSNorm kernel's output does. RESIDUAL: the output is
+    ``residual + x @ W.T``, the product rounded to the output dtype before the add."""
+    BLOCK_W: tl.constexpr = BLOCK_K // 4
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_W)
+    n_mask = offs_n < N
+    if W16 is not None:
+        words = w_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+    else:
+        words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    rows = words + offs_n[:, None].to(tl.int64) * (stride_wn // 4) + offs_w[None, :]
+    up = up_offset // 4
+    # The activations of every weight word, broadcast over the rows: each thread loads
+    # exactly those its words multiply, in their layout (no shuffle through shared memory).
+    if X16 is not None:
+        x_cols = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + offs_w[None, :]
+        g_cols = norm_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + offs_w[None, :]
+    else:
+        x_cols = x_ptr + 4 * offs_w[None, :]
+        g_cols = norm_ptr + 4 * offs_w[None, :]
+    x_cols += 0 * offs_n[:, None]
+    g_cols += 0 * offs_n[:, None]
+    x_step: tl.constexpr = 4 if X16 is None else 1  # x_cols advance per word
+    last = (K - 1) // BLOCK_K * BLOCK_W  # first word of the last K tile
+    w0, u0 = _load_tile(rows, up, 0, n_mask, offs_w, K, EVEN, GATED)
+    if PREFETCH >= 2:
+        w1, u1 = _load_tile(rows, up, tl.minimum(BLOCK_W, last), n_mask, offs_w, K, EVEN, GATED)
+    wait_for_predecessor(PDL)
+    inv_rms = 1.0
+    if NORM:
+        offs_k = tl.arange(0, NORM_BLOCK)
+        xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(xk * xk, 0) / K + eps)
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    for j0 in range(0, K // 4, BLOCK_W):
+        if PREFETCH >= 1:  # request tile j0 + PREFETCH now, multiply it later
+            jn = tl.minimum(j0 + PREFETCH * BLOCK_W, last)
+            wn, un = _load_tile(rows, up, jn, n_mask, offs_w, K, EVEN, GATED)
+        x_mask = (4 * (j0 + offs_w) < K)[None, :]
+        x0, x1, x2, x3 = _load_x4(x_cols + x_step * j0, x_mask, EVEN, X16)
+        if NORM:
+            g0, g1, g2, g3 = _load_x4(g_cols + x_step * j0, x_mask, EVEN, X16)
+            dt = x_ptr.dtype.element_ty
+            x0 = _rms_normed(x0, g0, inv_rms, dt)
+            x1 = _rms_normed(x1, g1, inv_rms, dt)
+            x2 = _rms_normed(x2, g2, inv_rms, dt)
+            x3 = _rms_normed(x3, g3, inv_rms, dt)
+        acc = _dot_words(acc, w0, x0, x1, x2, x3, W16, FP8, PTX_WIDEN)
+        if GATED:
+            acc_up = _dot_words(acc_up, u0, x0, x1, x2, x3, W16, FP8, PTX_WIDEN)
+        if PREFETCH == 0:  # the next tile requested only after this one is multiplied
+            w0, u0 = _load_tile(rows, up, tl.minimum(j0 + BLOCK_W, last), n_mask, offs_w, K,
+                                EVEN, GATED)  # fmt: skip
+        elif PREFETCH == 1:
+            w0, u0 = wn, un
+        else:
+            w0, u0, w1, u1 = w1, u1, wn, un
+    out_dt = out_ptr.dtype.element_ty
+    out = _epilogue(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), scale_ptr, bias_ptr, offs_n,
+                    n_mask, N, 1.0, HAS_SCALE, HAS_BIAS, GATED, out_dt)  # fmt: skip
+    if RESIDUAL:
+        res = tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        out = out.to(out_dt).to(tl.float32) + res
+    tl.store(out_ptr + offs_n, out.to(out_dt), mask=n_mask)
+
+
+@triton.jit
+def _load_tile(rows, up, j, n_mask, offs_w, K, EVEN: tl.constexpr, GATED: tl.constexpr):
+    """Words ``j + offs_w`` of the gate rows and (GATED) of the up rows ``up`` words on."""
+    mask = n_mask[:, None] & (4 * (j + offs_w) < K)[None, :]
+    w = _load_words(rows + j, mask, EVEN)
+    return w, _load_words(rows + up + j, mask, EVEN) if GATED else w
+
+
+def gemv_layout(weight: torch.Tensor) -> bool:
+    """Whether the GEMV can read ``weight`` [N, K] (8- or 16-bit) as words of four weights."""
+    return (
+        weight.stride(1) == 1
+        and weight.shape[1] % 4 == 0
+        and weight.stride(0) % 4 == 0
+        and weight.data_ptr() % (4 * weight.element_size()) == 0
+    )
+
+
+def _x16(x: torch.Tensor) -> tl.dtype | None:
+    """The GEMV's X16: a dense bf16 / fp16 row at an 8-byte aligned address, else None."""
+    if not x.is_contiguous() or x.data_ptr() % 8:
+        return None
+    return _W16.get(x.dtype)
+
+
+_W16 = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def gemv(
+    x: torch.Tensor,  # [1, K] fp32 / fp16 / bf16
+    weight: torch.Tensor,  # [N, K] 8- or 16-bit (gated: [2N, K]), gemv_layout
+    out: torch.Tensor,  # [1, N] (gated: N of the 2N rows)
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+    *,
+    prefetch: int,
+    scale: torch.Tensor | None = None,  # [N] fp32 (gated: [2N]): 8-bit weights only
+    bias: torch.Tensor | None = None,
+    gated: bool = False,
+    norm: tuple[torch.Tensor, float] | None = None,  # (RMSNorm weight [K], eps)
+    residual: torch.Tensor | None = None,  # [1, N]
+    ptx: bool = False,  # widen 8-bit weights by inline PTX (a GPU, never the interpreter)
+) -> None:
+    """Launches the GEMV into ``out``; callers check the inputs (``linear_one_row``,
+    ``kernels.quant_matmul.w8a16_matmul``)."""
+    n, k = out.shape[1], weight.shape[1]
+    xc = x.contiguous()
+    norm_weight, eps = norm if norm is not None else (xc, 0.0)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        xc, weight, scale if scale is not None else xc, bias if bias is not None else xc,
+        norm_weight, residual if residual is not None else xc, out, n, k,
+        weight.stride(0), n * weight.stride(0) if gated else 0, eps,
+        BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0, GATED=gated,
+        W16=_W16.get(weight.dtype), FP8=weight.dtype == torch.float8_e4m3fn, PTX_WIDEN=ptx,
+        PREFETCH=prefetch, X16=_x16(xc), NORM=norm is not None,
+        NORM_BLOCK=triton.next_power_of_2(k) if norm is not None else 1,
+        RESIDUAL=residual is not None, num_warps=num_warps, num_stages=1,
+        **pdl_launch(x.device),
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvTiles:
+    """The GEMV's launch: ``block_n`` rows per program, ``block_k`` weights per row per K
+    tile (a power of 2, >= 4), ``prefetch`` K tiles in flight ahead (0-2)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        assert self.block_k >= 4 and self.block_k & (self.block_k - 1) == 0, (
+            f"block_k {self.block_k} must be a power of 2 >= 4 (words of four weights)"
+        )
+        assert 0 <= self.prefetch <= 2, f"prefetch {self.prefetch} must be 0, 1 or 2"
+
+
+def default_tiles(n: int, k: int) -> GemvTiles:
+    """16-bit weights: tiles of 1-2 KiB per row, fewer rows per program for long rows."""
+    if k >= 8192:
+        return GemvTiles(2, 1024)
+    return GemvTiles(4, 512) if n >= 8192 else GemvTiles(8, 256)
+
+
+def linear_one_row(
+    x: torch.Tensor,  # [1, K] fp16 / bf16, the weight's dtype
+    weight: torch.Tensor,  # [N, K] (gated: [2N, K]), gemv_layout
+    bias: torch.Tensor | None = None,  # [N] (gated: [2N])
+    *,
+    gated: bool = False,
+    norm: tuple[torch.Tensor, float] | None = None,  # (RMSNorm weight [K], eps) applied to x
+    residual: torch.Tensor | None = None,  # [1, N] added to the output
+    tiles: GemvTiles | None = None,
+) -> torch.Tensor:  # [1, N]
+    """``residual + act(rms_norm(x) @ weight.T + bias)`` for one row of a 16-bit weight in
+    one kernel, each part optional (act: ``silu(gate) * up`` when gated); rounds as the
+    unfused kernels do (``kernels.reference.linear_one_row``)."""
+    assert weight.dtype in _W16 and weight.dim() == 2, (
+        f"weight {weight.dtype} {tuple(weight.shape)} must be a 2-D fp16 / bf16 tensor"
+    )
+    rows, k = weight.shape
+    assert x.dim() == 2 and x.shape == (1, k), f"x {tuple(x.shape)} must be (1, {k})"
+    assert x.dtype == weight.dtype, f"x {x.dtype} vs weight {weight.dtype}"
+    assert gemv_layout(weight), (
+        f"the GEMV reads words of four weights: it needs a K-contiguous weight, K % 4 == 0 and "
+        f"8-byte aligned rows; got shape {tuple(weight.shape)}, stride {weight.stride()}"
+    )
+    assert not gated or rows % 2 == 0, f"gated needs [gate; up] rows, got {rows}"
+    n = rows // 2 if gated else rows
+    if bias is not None:
+        assert bias.shape == (rows,) and bias.is_contiguous(), (
+            f"bias {tuple(bias.shape)} vs ({rows},)"
+        )
+    if norm is not None:
+        assert norm[0].shape == (k,) and norm[0].dtype == x.dtype and norm[0].is_contiguous(), (
+            f"norm weight {norm[0].dtype} {tuple(norm[0].shape)} must be {x.dtype} ({k},)"
+        )
+    if residual is not None:
+        assert residual.shape == (1, n) and residual.dtype == x.dtype, (
+            f"residual {residual.dtype} {tuple(residual.shape)} must be {x.dtype} (1, {n})"
+        )
+        residual = residual.contiguous()
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    t = tiles or default_tiles(n, k)
+    gemv(x, weight, out, t.block_n, t.block_k, t.num_warps, prefetch=t.prefetch, bias=bias,
+         gated=gated, norm=norm, residual=residual)  # fmt: skip
+    return out

@@ -1,0 +1,125 @@
+"""The one-row GEMV with 16-bit weights and its fusions (RMSNorm prologue, residual add,
+SiLU-and-mul) vs the torch reference and vs the unfused kernels."""
+
+import pytest
+import torch
+from kernel_testing import TOL, ULP
+
+from kernels import reference
+from kernels.activation import silu_and_mul
+from kernels.gemv import GemvTiles, linear_one_row
+from kernels.rms_norm import rms_norm
+
+HALF = (torch.bfloat16, torch.float16)
+HALF_IDS = ["bf16", "fp16"]
+EPS = 1e-5
+# The kernel and the reference accumulate in fp32 in different orders, then round to the
+# dtype up to four times (normed input, gate, up, SiLU, each an ulp off when the fp32 value
+# sits near a rounding boundary; Triton's interpreter truncates instead of rounding).
+FUSED_TOL = {dt: {"atol": TOL[dt]["atol"], "rtol": 4 * ULP[dt]} for dt in HALF}
+
+
+def assert_fused_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """FUSED_TOL, the absolute part scaled by the largest output: a residual can cancel the
+    product, whose errors are what the tolerance bounds."""
+    rtol = FUSED_TOL[ref.dtype]["rtol"]
+    ref, out = ref.float(), out.float()
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+
+
+def make(n: int, k: int, dtype: torch.dtype, device: torch.device, gated: bool = False):
+    rows = 2 * n if gated else n
+    w = (torch.randn(rows, k, device=device) * k**-0.5).to(dtype)
+    x = torch.randn(1, k, device=device).to(dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+@pytest.mark.parametrize(
+    "n,k,tiles",
+    [(64, 256, GemvTiles(16, 128)), (72, 300, GemvTiles(16, 64)), (40, 96, GemvTiles(8, 32, 2, 0)),
+     (48, 512, GemvTiles(4, 64, 4, 1)), (24, 1024, None)],
+    ids=["whole-tiles", "ragged", "prefetch0", "prefetch1", "default"],
+)  # fmt: skip
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_gemv_matches_reference(device, dtype, n, k, tiles, gated, with_bias) -> None:
+    x, w = make(n, k, dtype, device, gated)
+    bias = torch.randn(w.shape[0], device=device).to(dtype) if with_bias else None
+    out = linear_one_row(x, w, bias, gated=gated, tiles=tiles)
+    assert out.shape == (1, n) and out.dtype == dtype
+    assert not out.isnan().any(), "kernel left unwritten elements"
+    torch.testing.assert_close(
+        out.float(), reference.linear_one_row(x, w, bias, gated=gated).float(), **FUSED_TOL[dtype]
+    )
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+@pytest.mark.parametrize("n,k,tiles", [(64, 256, GemvTiles(16, 128)), (72, 300, GemvTiles(8, 64))],
+                         ids=["whole-tiles", "ragged"])  # fmt: skip
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_gemv_norm_and_residual_match_reference(device, dtype, n, k, tiles, gated) -> None:
+    x, w = make(n, k, dtype, device, gated)
+    x = x * 3 + 1  # an RMS far from 1, so a missing normalisation shows
+    g = (torch.rand(k, device=device) + 0.5).to(dtype)
+    r = torch.randn(1, n, device=device).to(dtype)
+    kw = {"gated": gated, "norm": (g, EPS), "residual": r}
+    assert_fused_close(
+        linear_one_row(x, w, tiles=tiles, **kw), reference.linear_one_row(x, w, **kw)
+    )
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_fusions_round_as_the_unfused_kernels(device: torch.device, dtype: torch.dtype) -> None:
+    """Each fusion equals the GEMV followed (or preceded) by the kernel it replaces: the
+    residual add and SiLU-and-mul bit for bit; the norm's inverse RMS may sum in another
+    order on a GPU (an ulp of the normed input at most)."""
+    n, k, tiles = 48, 320, GemvTiles(8, 64)
+    x, w = make(n, k, dtype, device, gated=True)
+    r = torch.randn(1, n, device=device).to(dtype)
+    plain = linear_one_row(x, w[:n], tiles=tiles)
+    with_res = linear_one_row(x, w[:n], residual=r, tiles=tiles)
+    _, added = rms_norm(plain, torch.ones(n, device=device, dtype=dtype), EPS, residual=r)
+    assert torch.equal(with_res, added)  # the add the norm kernel did before
+    both = linear_one_row(x, w, tiles=tiles)
+    assert torch.equal(linear_one_row(x, w, gated=True, tiles=tiles), silu_and_mul(both))
+    g = (torch.rand(k, device=device) + 0.5).to(dtype)
+    normed, _ = rms_norm(x, g, EPS)
+    fused = linear_one_row(x, w[:n], norm=(g, EPS), tiles=tiles)
+    unfused = linear_one_row(normed, w[:n], tiles=tiles)
+    if device.type == "cpu":
+        assert torch.equal(fused, unfused)
+    else:
+        torch.testing.assert_close(fused.float(), unfused.float(), **FUSED_TOL[dtype])
+
+
+def test_gemv_rejects_bad_inputs(device: torch.device) -> None:
+    x, w = make(32, 64, torch.bfloat16, device)
+    with pytest.raises(AssertionError, match=r"x \(2, 64\) must be \(1, 64\)"):
+        linear_one_row(torch.cat([x, x]), w)
+    with pytest.raises(AssertionError, match="vs weight"):
+        linear_one_row(x.half(), w)
+    with pytest.raises(AssertionError, match="K % 4 == 0"):
+        linear_one_row(x[:, :62], w[:, :62])
+    with pytest.raises(AssertionError, match=r"norm weight .* must be torch.bfloat16 \(64,\)"):
+        linear_one_row(x, w, norm=(torch.ones(32, device=device, dtype=torch.bfloat16), EPS))
+    with pytest.raises(AssertionError, match=r"residual .* must be torch.bfloat16 \(1, 32\)"):
+        linear_one_row(x, w, residual=torch.zeros(1, 64, device=device, dtype=torch.bfloat16))
+    with pytest.raises(AssertionError, match="block_k 6 must be a power of 2"):
+        GemvTiles(4, 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "n,k,gated",
+    [(3072, 2048, False), (2048, 2048, False), (8192, 2048, True), (2048, 8192, False),
+     (6144, 4096, False), (14336, 4096, True), (4096, 14336, False)],
+)  # fmt: skip
+def test_gemv_llama_shapes(device: torch.device, n: int, k: int, gated: bool) -> None:
+    """The Llama-3.2-1B and Llama-3-8B projections at batch 1, with the fusions the decode
+    layer uses (norm before qkv / gate_up, residual after o / down)."""
+    x, w = make(n, k, torch.bfloat16, device, gated)
+    g = (torch.rand(k, device=device) + 0.5).bfloat16()
+    r = torch.randn(1, n, device=device).bfloat16()
+    kw = {"gated": gated, "norm": (g, EPS)} if gated or n > k else {"residual": r}
+    assert_fused_close(linear_one_row(x, w, **kw), reference.linear_one_row(x, w, **kw))
