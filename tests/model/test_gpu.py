@@ -68,24 +68,7 @@ def test_bf16_greedy_close_to_hf(smol_gpu, model_dir):
         batch, SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=5)
     )
     for prompt, out in zip(batch, outs, strict=True):
-        ids = torch.tensor([prompt], device="cuda")
-        with torch.no_grad():
-            hf_out = hf.generate(
-                ids,
-                max_new_tokens=NUM_NEW,
-                do_sample=False,
-                eos_token_id=-1,
-                pad_token_id=0,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-        hf_ids = hf_out.sequences[0, ids.shape[1] :].tolist()
-        if hf_ids == out.token_ids:
-            continue
-        i = next(j for j, (a, b) in enumerate(zip(hf_ids, out.token_ids, strict=True)) if a != b)
-        hf_top5 = hf_out.logits[i][0].topk(5).indices.tolist()
-        assert out.token_ids[i] in hf_top5
-        assert hf_ids[i] in out.outputs[0].logprobs[i]
+        first_difference_in_top5(hf, prompt, out)
 
 
 def test_cuda_graphs_match_eager(model_dir):
@@ -116,6 +99,57 @@ def test_pdl_matches_plain_launches(model_dir, monkeypatch, quantization):
         outputs[-1] += [o.token_ids for o in llm.generate(batch[:1], params)]
         del llm
     assert outputs[0] == outputs[1]
+
+
+def first_difference_in_top5(hf, prompt: list[int], out) -> None:
+    """Greedy tokens equal HF's, or where they first differ each is in the other's top-5."""
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        hf_out = hf.generate(
+            ids,
+            max_new_tokens=NUM_NEW,
+            do_sample=False,
+            eos_token_id=-1,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    hf_ids = hf_out.sequences[0, ids.shape[1] :].tolist()
+    if hf_ids == out.token_ids:
+        return
+    i = next(j for j, (a, b) in enumerate(zip(hf_ids, out.token_ids, strict=True)) if a != b)
+    assert out.token_ids[i] in hf_out.logits[i][0].topk(5).indices.tolist()
+    assert hf_ids[i] in out.outputs[0].logprobs[i]
+
+
+def test_lone_request_fused_layers(model_dir, monkeypatch):
+    """A request decoding alone runs each layer as GEMVs with the norms, residual adds and
+    SiLU inside (kernels/gemv.py): close to HF (top-5 criterion), identical in CUDA graphs
+    and eagerly, and the fused path is really taken."""
+    from transformers import AutoModelForCausalLM
+
+    import kernels.gemv
+
+    calls = []
+    fused = kernels.gemv.linear_one_row
+
+    def spy(*args, **kw):
+        calls.append((kw.get("norm") is not None, kw.get("residual") is not None, kw["gated"]))
+        return fused(*args, **kw)
+
+    monkeypatch.setattr(kernels.gemv, "linear_one_row", spy)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=5)
+    graphs = gpu_llm(model_dir, gpu_memory_utilization=0.2)
+    eager = gpu_llm(model_dir, gpu_memory_utilization=0.2, enforce_eager=True)
+    for prompt in prompts()[:4]:
+        calls.clear()
+        (out,) = eager.generate([prompt], params)
+        # 30 layers x 4 GEMVs per decode step; qkv and gate_up norm, o and down add
+        assert len(calls) >= 30 * 4 * (NUM_NEW - 1), len(calls)
+        assert set(calls) == {(True, False, False), (False, True, False), (True, False, True)}
+        assert graphs.generate([prompt], params)[0].token_ids == out.token_ids
+        first_difference_in_top5(hf, prompt, out)
 
 
 def test_gpu_preemption(model_dir):

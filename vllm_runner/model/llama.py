@@ -33,8 +33,17 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
+        return self.o_proj(self.attend(positions, qkv))
+
+    def forward_one_row(self, positions, stream: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``stream + o(attention(qkv(norm(stream))))`` for one token, the norm and the
+        residual add inside the projections' GEMVs."""
+        qkv = self.qkv_proj.forward_one_row(stream, norm=norm)
+        return self.o_proj.forward_one_row(self.attend(positions, qkv), residual=stream)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        return self.o_proj(self.attn(q, k, v, self.rotary_emb, positions))
+        return self.attn(q, k, v, self.rotary_emb, positions)
 
 
 class LlamaMLP(nn.Module):
@@ -45,6 +54,11 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
+
+    def forward_one_row(self, stream: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``stream + down(silu_and_mul(gate_up(norm(stream))))`` for one token in two GEMVs."""
+        act = self.gate_up_proj.forward_one_row(stream, norm=norm, gated=True)
+        return self.down_proj.forward_one_row(act, residual=stream)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -58,6 +72,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions, hidden, residual):
+        """(hidden, residual) -> (hidden, residual), the residual add deferred to the next
+        norm; a lone token on a GPU instead passes the summed stream with residual None
+        (``fuses_one_row``): four GEMVs and the attention, norms and adds inside the GEMVs."""
+        if residual is None and self.fuses_one_row(hidden):
+            stream = self.self_attn.forward_one_row(positions, hidden, self.input_layernorm)
+            return self.mlp.forward_one_row(stream, self.post_attention_layernorm), None
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
@@ -65,6 +85,17 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+    def fuses_one_row(self, hidden: torch.Tensor) -> bool:
+        attn, mlp = self.self_attn, self.mlp
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        return (
+            all(n.weight.dtype == hidden.dtype for n in norms)
+            and attn.qkv_proj.fuses_one_row(hidden)
+            and attn.o_proj.fuses_one_row(hidden)
+            and mlp.gate_up_proj.fuses_one_row(hidden)
+            and mlp.down_proj.fuses_one_row(hidden)
+        )
 
 
 class LlamaModel(nn.Module):
@@ -80,6 +111,8 @@ class LlamaModel(nn.Module):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
+        if residual is None:  # the one-row path (LlamaDecoderLayer.forward)
+            return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -1,6 +1,8 @@
 """Tensor-parallel-aware linear layers. Each parameter carries a ``weight_loader`` that takes
 the full HF checkpoint tensor and keeps this rank's shard."""
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,38 @@ class LinearBase(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(loaded)
+
+    def fuses_one_row(self, x: torch.Tensor) -> bool:
+        """Whether ``forward_one_row`` takes ``x``: one fp16 / bf16 row on a GPU, world size
+        1, an unquantized weight of x's dtype the GEMV can read (``VLLM_RUNNER_GEMV=0``:
+        never, for A/B timing)."""
+        if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and tp_size() == 1):
+            return False
+        if self.quant_method is not None or x.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        from kernels.gemv import gemv_layout
+
+        return (
+            self.weight.dtype == x.dtype
+            and gemv_layout(self.weight)
+            and os.environ.get("VLLM_RUNNER_GEMV", "1") != "0"
+        )
+
+    def forward_one_row(
+        self,
+        x: torch.Tensor,  # [1, in_features]
+        *,
+        norm: nn.Module | None = None,  # an RMSNorm of x's dtype, applied to x first
+        residual: torch.Tensor | None = None,  # [1, out_features], added to the output
+        gated: bool = False,  # a [gate; up] layer: silu(gate) * up
+    ) -> torch.Tensor:
+        """``residual + act(norm(x) @ W.T + b)`` in one GEMV (``kernels.gemv``); the
+        caller checked ``fuses_one_row``."""
+        from kernels.gemv import linear_one_row
+
+        norm_arg = (norm.weight, norm.eps) if norm is not None else None
+        return linear_one_row(x, self.weight, self.bias, gated=gated, norm=norm_arg,
+                              residual=residual)  # fmt: skip
 
 
 class ReplicatedLinear(LinearBase):
