@@ -117,7 +117,7 @@ def _tiles_of_shape(model: str, role: str, n: int, k: int, configs: list) -> lis
         except Exception as e:  # one bad config must not end the sweep
             print(f"  {model} {role} {cfg}: failed {e!r}"[:300], flush=True)
             continue
-        used = cfg or default_tiles(n, k)
+        used = cfg or default_tiles(n, k, gated)
         rows.append({"model": model, "role": role, "n": n, "k": k, "default": cfg is None,
                      "tiles": str(used), "us": us, "GBps": nbytes / us / 1e3,
                      "cublas_us": cublas, "vs_cublas": cublas / us})  # fmt: skip

@@ -161,13 +161,6 @@ def _load_x4(ptrs, mask, EVEN: tl.constexpr, X16: tl.constexpr):
 
 
 @triton.jit
-def _rms_normed(x, g, inv_rms, dt: tl.constexpr):
-    """RMSNorm of one activation, rounded as kernels.rms_norm rounds: (x * inv_rms) to
-    ``dt``, times the norm weight, to ``dt`` again."""
-    return ((x * inv_rms).to(dt).to(tl.float32) * g).to(dt).to(tl.float32)
-
-
-@triton.jit
 def _half_f32(pair, i: tl.constexpr, X16: tl.constexpr):
     """Half ``i`` (0: low bits) of a 32-bit pair of X16 (bf16 / fp16) values as fp32."""
     if tl.bfloat16 == X16:  # bf16 is the top half of an fp32
@@ -214,7 +207,6 @@ def _gemv_kernel(
     PREFETCH: tl.constexpr,  # K tiles requested ahead of the one being multiplied (0-2)
     X16: tl.constexpr,  # x's dtype if bf16 / fp16 and 8-byte aligned (packed loads), else None
     NORM: tl.constexpr,
-    NORM_BLOCK: tl.constexpr,  # next power of 2 of K (NORM only)
     RESIDUAL: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -232,8 +224,10 @@ def _gemv_kernel(
     previous kernel (weights never depend on it): with PDL the weight stream starts while
     that kernel still runs.
 
-    NORM: x is RMS-normalised in the prologue (every program reads the whole row, an L2 hit)
-    and each activation rounds as the RMSNorm kernel's output does. RESIDUAL: the output is
+    NORM: x is RMS-normalised on the way: the loop multiplies the weights by x * g (g the
+    norm weight) and sums x^2 from the same loads; 1 / rms(x) scales the sums at the end.
+    Unlike the RMSNorm kernel, the normed x is not rounded to x's dtype (a prologue pass
+    over x in every program cost up to 5 us on the 8B qkv). RESIDUAL: the output is
     ``residual + x @ W.T``, the product rounded to the output dtype before the add."""
     BLOCK_W: tl.constexpr = BLOCK_K // 4
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -261,26 +255,19 @@ def _gemv_kernel(
     if PREFETCH >= 2:
         w1, u1 = _load_tile(rows, up, tl.minimum(BLOCK_W, last), n_mask, offs_w, K, EVEN, GATED)
     wait_for_predecessor(PDL)
-    inv_rms = 1.0
-    if NORM:
-        offs_k = tl.arange(0, NORM_BLOCK)
-        xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        inv_rms = tl.rsqrt(tl.sum(xk * xk, 0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    sum_sq = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)  # NORM: x^2, once per row of the tile
     for j0 in range(0, K // 4, BLOCK_W):
         if PREFETCH >= 1:  # request tile j0 + PREFETCH now, multiply it later
             jn = tl.minimum(j0 + PREFETCH * BLOCK_W, last)
             wn, un = _load_tile(rows, up, jn, n_mask, offs_w, K, EVEN, GATED)
         x_mask = (4 * (j0 + offs_w) < K)[None, :]
         x0, x1, x2, x3 = _load_x4(x_cols + x_step * j0, x_mask, EVEN, X16)
-        if NORM:
+        if NORM:  # x * g now, the common factor 1 / rms(x) after the loop
+            sum_sq += x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3
             g0, g1, g2, g3 = _load_x4(g_cols + x_step * j0, x_mask, EVEN, X16)
-            dt = x_ptr.dtype.element_ty
-            x0 = _rms_normed(x0, g0, inv_rms, dt)
-            x1 = _rms_normed(x1, g1, inv_rms, dt)
-            x2 = _rms_normed(x2, g2, inv_rms, dt)
-            x3 = _rms_normed(x3, g3, inv_rms, dt)
+            x0, x1, x2, x3 = x0 * g0, x1 * g1, x2 * g2, x3 * g3
         acc = _dot_words(acc, w0, x0, x1, x2, x3, W16, FP8, PTX_WIDEN)
         if GATED:
             acc_up = _dot_words(acc_up, u0, x0, x1, x2, x3, W16, FP8, PTX_WIDEN)
@@ -292,8 +279,12 @@ def _gemv_kernel(
         else:
             w0, u0, w1, u1 = w1, u1, wn, un
     out_dt = out_ptr.dtype.element_ty
-    out = _epilogue(tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), scale_ptr, bias_ptr, offs_n,
-                    n_mask, N, 1.0, HAS_SCALE, HAS_BIAS, GATED, out_dt)  # fmt: skip
+    acc, acc_up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
+    if NORM:  # every row of the tile summed the same squares
+        inv_rms = tl.rsqrt(tl.sum(tl.sum(sum_sq, axis=1), axis=0) / (BLOCK_N * K) + eps)
+        acc, acc_up = acc * inv_rms, acc_up * inv_rms
+    out = _epilogue(acc, acc_up, scale_ptr, bias_ptr, offs_n, n_mask, N, 1.0, HAS_SCALE,
+                    HAS_BIAS, GATED, out_dt)  # fmt: skip
     if RESIDUAL:
         res = tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         out = out.to(out_dt).to(tl.float32) + res
@@ -357,7 +348,6 @@ def gemv(
         HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0, GATED=gated,
         W16=_W16.get(weight.dtype), FP8=weight.dtype == torch.float8_e4m3fn, PTX_WIDEN=ptx,
         PREFETCH=prefetch, X16=_x16(xc), NORM=norm is not None,
-        NORM_BLOCK=triton.next_power_of_2(k) if norm is not None else 1,
         RESIDUAL=residual is not None, num_warps=num_warps, num_stages=1,
         **pdl_launch(x.device),
     )  # fmt: skip
@@ -380,11 +370,14 @@ class GemvTiles:
         assert 0 <= self.prefetch <= 2, f"prefetch {self.prefetch} must be 0, 1 or 2"
 
 
-def default_tiles(n: int, k: int) -> GemvTiles:
-    """16-bit weights: tiles of 1-2 KiB per row, fewer rows per program for long rows."""
-    if k >= 8192:
-        return GemvTiles(2, 1024)
-    return GemvTiles(4, 512) if n >= 8192 else GemvTiles(8, 256)
+def default_tiles(n: int, k: int, gated: bool = False) -> GemvTiles:
+    """16-bit weights, from an H200 sweep of the Llama-3.2-1B / 3-8B projections at batch 1
+    (``benchmarks/gemv.py --cases tiles``): two rows per program, 1 KiB of each per K tile,
+    2 KiB for long rows (down, K >= 8192) and wide outputs (LM head); gated layers
+    (gate_up) four gate and four up rows, one K tile ahead."""
+    if gated:
+        return GemvTiles(4, 512, prefetch=1)
+    return GemvTiles(2, 1024) if k >= 8192 or n >= 32768 else GemvTiles(2, 512)
 
 
 def linear_one_row(
@@ -399,7 +392,8 @@ def linear_one_row(
 ) -> torch.Tensor:  # [1, N]
     """``residual + act(rms_norm(x) @ weight.T + bias)`` for one row of a 16-bit weight in
     one kernel, each part optional (act: ``silu(gate) * up`` when gated); rounds as the
-    unfused kernels do (``kernels.reference.linear_one_row``)."""
+    unfused kernels do (``kernels.reference.linear_one_row``), except that the normed x
+    stays in fp32."""
     assert weight.dtype in _W16 and weight.dim() == 2, (
         f"weight {weight.dtype} {tuple(weight.shape)} must be a 2-D fp16 / bf16 tensor"
     )
@@ -426,7 +420,7 @@ def linear_one_row(
         )
         residual = residual.contiguous()
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    t = tiles or default_tiles(n, k)
+    t = tiles or default_tiles(n, k, gated)
     gemv(x, weight, out, t.block_n, t.block_k, t.num_warps, prefetch=t.prefetch, bias=bias,
          gated=gated, norm=norm, residual=residual)  # fmt: skip
     return out

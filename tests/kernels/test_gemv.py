@@ -72,8 +72,8 @@ def test_gemv_norm_and_residual_match_reference(device, dtype, n, k, tiles, gate
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
 def test_fusions_round_as_the_unfused_kernels(device: torch.device, dtype: torch.dtype) -> None:
     """Each fusion equals the GEMV followed (or preceded) by the kernel it replaces: the
-    residual add and SiLU-and-mul bit for bit; the norm's inverse RMS may sum in another
-    order on a GPU (an ulp of the normed input at most)."""
+    residual add and SiLU-and-mul bit for bit; the norm within rounding (the fused one
+    keeps the normed input in fp32, the RMSNorm kernel rounds it to the dtype)."""
     n, k, tiles = 48, 320, GemvTiles(8, 64)
     x, w = make(n, k, dtype, device, gated=True)
     r = torch.randn(1, n, device=device).to(dtype)
@@ -87,10 +87,7 @@ def test_fusions_round_as_the_unfused_kernels(device: torch.device, dtype: torch
     normed, _ = rms_norm(x, g, EPS)
     fused = linear_one_row(x, w[:n], norm=(g, EPS), tiles=tiles)
     unfused = linear_one_row(normed, w[:n], tiles=tiles)
-    if device.type == "cpu":
-        assert torch.equal(fused, unfused)
-    else:
-        torch.testing.assert_close(fused.float(), unfused.float(), **FUSED_TOL[dtype])
+    torch.testing.assert_close(fused.float(), unfused.float(), **FUSED_TOL[dtype])
 
 
 def test_gemv_rejects_bad_inputs(device: torch.device) -> None:

@@ -18,6 +18,19 @@ from vllm_runner.model.layers.parallel import (
 )
 
 
+def gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``kernels.gemv.linear_one_row`` runs ``x @ weight.T``: one fp16 / bf16 row on
+    a GPU, world size 1, a weight of x's dtype the GEMV can read (``VLLM_RUNNER_GEMV=0``:
+    never, for A/B timing)."""
+    if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and tp_size() == 1):
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        return False
+    from kernels.gemv import gemv_layout
+
+    return gemv_layout(weight) and os.environ.get("VLLM_RUNNER_GEMV", "1") != "0"
+
+
 class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -44,20 +57,8 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded)
 
     def fuses_one_row(self, x: torch.Tensor) -> bool:
-        """Whether ``forward_one_row`` takes ``x``: one fp16 / bf16 row on a GPU, world size
-        1, an unquantized weight of x's dtype the GEMV can read (``VLLM_RUNNER_GEMV=0``:
-        never, for A/B timing)."""
-        if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and tp_size() == 1):
-            return False
-        if self.quant_method is not None or x.dtype not in (torch.float16, torch.bfloat16):
-            return False
-        from kernels.gemv import gemv_layout
-
-        return (
-            self.weight.dtype == x.dtype
-            and gemv_layout(self.weight)
-            and os.environ.get("VLLM_RUNNER_GEMV", "1") != "0"
-        )
+        """Whether ``forward_one_row`` takes ``x`` (``gemv_takes``; not quantized)."""
+        return self.quant_method is None and gemv_takes(x, self.weight)
 
     def forward_one_row(
         self,
