@@ -167,6 +167,7 @@ def bench_engine(args, report: dict) -> None:
 
     bw = report["copy_bandwidth_GBps"] * 1e9
     rows = []
+    Path(args.model_root).mkdir(parents=True, exist_ok=True)
     for model in args.models:
         model_dir = build_random_llama(model, Path(args.model_root), "cuda", 0)
         vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]

@@ -134,7 +134,9 @@ def test_lone_request_fused_layers(model_dir, monkeypatch):
     fused = kernels.gemv.linear_one_row
 
     def spy(*args, **kw):
-        calls.append((kw.get("norm") is not None, kw.get("residual") is not None, kw["gated"]))
+        calls.append(
+            (kw.get("norm") is not None, kw.get("residual") is not None, kw.get("gated", False))
+        )
         return fused(*args, **kw)
 
     monkeypatch.setattr(kernels.gemv, "linear_one_row", spy)
