@@ -410,6 +410,19 @@ def linear_one_row(
         assert bias.shape == (rows,) and bias.is_contiguous(), (
             f"bias {tuple(bias.shape)} vs ({rows},)"
         )
+    check_fusions(x, n, norm, residual)
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    t = tiles or default_tiles(n, k, gated)
+    gemv(x, weight, out, t.block_n, t.block_k, t.num_warps, prefetch=t.prefetch, bias=bias,
+         gated=gated, norm=norm, residual=residual)  # fmt: skip
+    return out
+
+
+def check_fusions(
+    x: torch.Tensor, n: int, norm: tuple[torch.Tensor, float] | None, residual: torch.Tensor | None
+) -> None:
+    """The GEMV's norm weight is [K] of x's dtype, its residual [1, N] of x's dtype."""
+    k = x.shape[-1]
     if norm is not None:
         assert norm[0].shape == (k,) and norm[0].dtype == x.dtype and norm[0].is_contiguous(), (
             f"norm weight {norm[0].dtype} {tuple(norm[0].shape)} must be {x.dtype} ({k},)"
@@ -418,9 +431,4 @@ def linear_one_row(
         assert residual.shape == (1, n) and residual.dtype == x.dtype, (
             f"residual {residual.dtype} {tuple(residual.shape)} must be {x.dtype} (1, {n})"
         )
-        residual = residual.contiguous()
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    t = tiles or default_tiles(n, k, gated)
-    gemv(x, weight, out, t.block_n, t.block_k, t.num_warps, prefetch=t.prefetch, bias=bias,
-         gated=gated, norm=norm, residual=residual)  # fmt: skip
-    return out
+        assert residual.is_contiguous(), "residual must be contiguous"

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemv import _I8X4_ASM, _epilogue, gemv, gemv_layout
+from kernels.gemv import _I8X4_ASM, _epilogue, check_fusions, gemv, gemv_layout
 from kernels.paged_attention import dot_precision, num_sms
 from kernels.pdl import pdl_launch, wait_for_predecessor
 
@@ -171,11 +171,14 @@ def w8a16_matmul(
     config: W8A16Config | None = None,
     *,
     gated: bool = False,
+    norm: tuple[torch.Tensor, float] | None = None,  # one row: (RMSNorm weight [K], eps)
+    residual: torch.Tensor | None = None,  # one row: [1, N] added to the output
 ) -> torch.Tensor:  # [..., N] in x.dtype (gated: [..., N / 2])
     """Same semantics as ``kernels.reference.w8a16_linear``; with ``gated`` (a merged
     [gate; up] weight), as ``kernels.reference.silu_and_mul`` of that: fused into the GEMV's
     epilogue (one row; ``config`` tiles the output columns, each paired with its up row),
-    else the matmul then the activation kernel."""
+    else the matmul then the activation kernel. ``norm`` and ``residual`` (the GEMV only)
+    as in ``kernels.gemv.linear_one_row``."""
     assert x.dtype in (torch.float32, torch.float16, torch.bfloat16), f"x {x.dtype}"
     assert qweight.dtype in (torch.int8, torch.float8_e4m3fn) and qweight.dim() == 2, (
         f"qweight {qweight.dtype} {tuple(qweight.shape)} must be a 2-D int8 / fp8 tensor"
@@ -205,14 +208,19 @@ def w8a16_matmul(
         from kernels.activation import silu_and_mul
 
         return silu_and_mul(w8a16_matmul(x2, qweight, scale, bias, cfg)).view(*x.shape[:-1], n)
+    assert cfg.block_m == 1 or (norm is None and residual is None), (
+        f"norm / residual fuse into the one-row GEMV only, got {m} rows and {cfg}"
+    )
     if cfg.block_m == 1:
         assert m == 1, f"the GEMV config takes one row, got {m}"
+        check_fusions(x2, n, norm, residual)
         assert gemv_layout(qweight), (
             f"the GEMV reads 4-byte words: it needs a K-contiguous weight, K % 4 == 0 and rows "
             f"4-byte aligned; got shape {tuple(qweight.shape)}, stride {qweight.stride()}"
         )
         gemv(x2, qweight, out, cfg.block_n, cfg.block_k, cfg.num_warps, prefetch=cfg.prefetch,
-             scale=scale, bias=bias, gated=gated, ptx=ptx_widening(x.device))  # fmt: skip
+             scale=scale, bias=bias, gated=gated, norm=norm, residual=residual,
+             ptx=ptx_widening(x.device))  # fmt: skip
         return out.view(*x.shape[:-1], n)
     k_per_split = math.ceil(math.ceil(k / cfg.split_k) / cfg.block_k) * cfg.block_k
     split = math.ceil(k / k_per_split)  # rounding can leave fewer non-empty splits

@@ -120,3 +120,24 @@ def test_gemv_llama_shapes(device: torch.device, n: int, k: int, gated: bool) ->
     r = torch.randn(1, n, device=device).bfloat16()
     kw = {"gated": gated, "norm": (g, EPS)} if gated or n > k else {"residual": r}
     assert_fused_close(linear_one_row(x, w, **kw), reference.linear_one_row(x, w, **kw))
+
+
+@pytest.mark.parametrize("wdtype", ["int8", "fp8"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_w8_gemv_fusions_match_reference(device: torch.device, wdtype: str, gated: bool) -> None:
+    """int8 / fp8 weights (W8A16) on the same GEMV take the decode layer's fusions too."""
+    from kernels.quant_matmul import W8A16Config, w8a16_matmul
+    from vllm_runner.model.layers.quant import quantize_fp8_rows, quantize_int8
+
+    n, k = 40, 320
+    quantize = quantize_int8 if wdtype == "int8" else quantize_fp8_rows
+    q, scale = quantize(torch.randn(2 * n if gated else n, k, device=device) * k**-0.5)
+    x = (torch.randn(1, k, device=device) * 3 + 1).bfloat16()
+    g = (torch.rand(k, device=device) + 0.5).bfloat16()
+    r = torch.randn(1, n, device=device).bfloat16()
+    kw = {"gated": gated, "norm": (g, EPS), "residual": r}
+    cfg = W8A16Config(1, 8, 64, num_warps=2, num_stages=1, prefetch=2)
+    out = w8a16_matmul(x, q, scale, config=cfg, **kw)
+    assert_fused_close(out, reference.linear_one_row(x, q.float() * scale[:, None], **kw))
+    with pytest.raises(AssertionError, match="fuse into the one-row GEMV only"):
+        w8a16_matmul(torch.cat([x, x]), q, scale, residual=r)

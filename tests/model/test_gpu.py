@@ -155,6 +155,27 @@ def test_lone_request_fused_layers(model_dir, monkeypatch):
         first_difference_in_top5(hf, prompt, out)
 
 
+@pytest.mark.parametrize("quantization", ["int8", "fp8"])
+def test_quantized_lone_request_fused_layers(model_dir, monkeypatch, quantization):
+    """int8 / fp8: the fused one-row layers (norms and adds inside the W8A16 GEMV) vs the
+    unfused ones (VLLM_RUNNER_GEMV=0): equal tokens, or where they first differ each side's
+    token is in the other's top-5 (the fused norm keeps its input in fp32)."""
+    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=5)
+    outs = []
+    for gemv in ("1", "0"):
+        monkeypatch.setenv("VLLM_RUNNER_GEMV", gemv)
+        llm = gpu_llm(model_dir, gpu_memory_utilization=0.2, quantization=quantization)
+        outs.append([llm.generate([p], params)[0] for p in prompts()[:4]])
+        del llm
+    for fused, plain in zip(*outs, strict=True):
+        if fused.token_ids == plain.token_ids:
+            continue
+        pairs = zip(fused.token_ids, plain.token_ids, strict=True)
+        i = next(j for j, (a, b) in enumerate(pairs) if a != b)
+        assert fused.token_ids[i] in plain.outputs[0].logprobs[i]
+        assert plain.token_ids[i] in fused.outputs[0].logprobs[i]
+
+
 def test_gpu_preemption(model_dir):
     """fp32, so that recomputing a preempted request's KV (one prefill) gives the same values
     as computing them step by step; in bf16 the two orders round differently."""

@@ -19,12 +19,14 @@ from vllm_runner.model.layers.parallel import (
 
 
 def gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``kernels.gemv.linear_one_row`` runs ``x @ weight.T``: one fp16 / bf16 row on
-    a GPU, world size 1, a weight of x's dtype the GEMV can read (``VLLM_RUNNER_GEMV=0``:
-    never, for A/B timing)."""
+    """Whether the one-row GEMV (``kernels.gemv``) runs ``x @ weight.T``: one fp16 / bf16 row
+    on a GPU, world size 1, a weight of x's dtype or int8 / fp8 (W8A16) that the GEMV can
+    read (``VLLM_RUNNER_GEMV=0``: never, for A/B timing)."""
     if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and tp_size() == 1):
         return False
-    if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if weight.dtype not in (x.dtype, torch.int8, torch.float8_e4m3fn):
         return False
     from kernels.gemv import gemv_layout
 
@@ -57,8 +59,11 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded)
 
     def fuses_one_row(self, x: torch.Tensor) -> bool:
-        """Whether ``forward_one_row`` takes ``x`` (``gemv_takes``; not quantized)."""
-        return self.quant_method is None and gemv_takes(x, self.weight)
+        """Whether ``forward_one_row`` takes ``x`` (``gemv_takes``; a quantization method
+        that runs one row on the GEMV)."""
+        if self.quant_method is not None and not self.quant_method.one_row_gemv():
+            return False
+        return gemv_takes(x, self.weight)
 
     def forward_one_row(
         self,
@@ -70,9 +75,12 @@ class LinearBase(nn.Module):
     ) -> torch.Tensor:
         """``residual + act(norm(x) @ W.T + b)`` in one GEMV (``kernels.gemv``); the
         caller checked ``fuses_one_row``."""
+        norm_arg = (norm.weight, norm.eps) if norm is not None else None
+        if self.quant_method is not None:
+            return self.quant_method.apply_one_row(self, x, self.bias, gated=gated,
+                                                   norm=norm_arg, residual=residual)  # fmt: skip
         from kernels.gemv import linear_one_row
 
-        norm_arg = (norm.weight, norm.eps) if norm is not None else None
         return linear_one_row(x, self.weight, self.bias, gated=gated, norm=norm_arg,
                               residual=residual)  # fmt: skip
 

@@ -80,6 +80,27 @@ class QuantMethod:
         override this."""
         return silu_and_mul(self.apply(layer, x, bias))
 
+    def one_row_gemv(self) -> bool:
+        """Whether one row runs the W8A16 GEMV, which then also takes the decode layer's
+        fusions (``apply_one_row``)."""
+        return False
+
+    def apply_one_row(
+        self,
+        layer: LinearBase,
+        x: torch.Tensor,  # [1, K] on a GPU
+        bias: torch.Tensor | None,
+        *,
+        gated: bool,
+        norm: tuple[torch.Tensor, float] | None,
+        residual: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``LinearBase.forward_one_row`` of a quantized layer, on the W8A16 GEMV."""
+        from kernels.quant_matmul import w8a16_matmul
+
+        return w8a16_matmul(x, layer.weight, layer.weight_scale, bias, gated=gated, norm=norm,
+                            residual=residual)  # fmt: skip
+
     def weight_nbytes(self, layer: LinearBase) -> int:
         """Bytes of the layer's weight (+ scales) once quantized; works on meta modules."""
         if not self.supports(layer):
@@ -100,6 +121,9 @@ class Int8WeightOnly(QuantMethod):
 
     def quantize(self, layer: LinearBase, device: torch.device) -> None:
         self._set(layer, *quantize_int8(layer.weight.data.to(device)))
+
+    def one_row_gemv(self) -> bool:
+        return True
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.is_cuda:
@@ -137,6 +161,9 @@ class Fp8W8A8(QuantMethod):
 
     def quantize(self, layer: LinearBase, device: torch.device) -> None:
         self._set(layer, *quantize_fp8_rows(layer.weight.data.to(device)))
+
+    def one_row_gemv(self) -> bool:
+        return self.weight_only_max_tokens >= 1
 
     def _weight_only(self, x: torch.Tensor) -> bool:
         """Whether this step's rows skip activation quantization (see weight_only_max_tokens)."""
