@@ -6,9 +6,11 @@ with the fused one-row decoder layers on and off.
 - tiles: each Llama-3.2-1B / Llama-3-8B projection at batch 1 (and the LM head): the GEMV
   over tile configs vs F.linear (gated: + silu_and_mul). Timed as CUDA-graph replays that
   cycle through enough weight copies to miss L2, as a decode step reads each weight once.
-- fusions: the default tiles with the decode layer's fusions vs the kernels they replace
-  (qkv: RMSNorm + F.linear; o, down: F.linear with the residual add left to the next norm;
-  gate_up: RMSNorm with the residual add + F.linear + silu_and_mul).
+- fusions: bf16 and int8 weights at default tiles: the GEMV with the decode layer's fusion
+  (qkv, gate_up: the RMSNorm; o, down: the residual add), with the norm as its own kernel,
+  alone, and (bf16) the cuBLAS kernels the engine ran before (qkv: RMSNorm + F.linear; o,
+  down: F.linear, the add left to the next norm; gate_up: RMSNorm with the residual add +
+  F.linear + silu_and_mul).
 - engine: batch-1 decode tok/s (128-token prompt, 256 new, prefill removed) with the fused
   one-row layers on and off (``VLLM_RUNNER_GEMV=0``), against the bandwidth roofline.
 """
@@ -128,38 +130,60 @@ def _tiles_of_shape(model: str, role: str, n: int, k: int, configs: list) -> lis
 
 
 def bench_fusions(args, report: dict) -> None:
-    report["fusions"] = [_fusion_of_shape(model, role, n, k) for model in args.models
-                         for role, n, k in SHAPES[model][:4]]  # fmt: skip
+    report["fusions"] = [
+        _fusion_of_shape(model, role, n, k, wdtype)
+        for wdtype in ("bf16", "int8")
+        for model in args.models
+        for role, n, k in SHAPES[model][:4]
+    ]
     free_memory()
 
 
-def _fusion_of_shape(model: str, role: str, n: int, k: int) -> dict:
+def _fusion_of_shape(model: str, role: str, n: int, k: int, wdtype: str) -> dict:
+    """us per call of: the GEMV with the layer's fusion (qkv, gate_up: the norm; o, down: the
+    residual), the norm as its own kernel before the plain GEMV (qkv, gate_up), the plain
+    GEMV alone, and (bf16) the unfused kernels the engine ran before (cuBLAS)."""
     from kernels.activation import silu_and_mul
     from kernels.gemv import linear_one_row
+    from kernels.quant_matmul import w8a16_matmul
     from kernels.rms_norm import rms_norm
+    from vllm_runner.model.layers.quant import quantize_int8
 
     ws, x, copies = operands(role, n, k)
+    scales = None
+    if wdtype == "int8":
+        ws, scales = zip(*(quantize_int8(w) for w in ws), strict=True)
     g = (torch.rand(k, device="cuda") + 0.5).bfloat16()
     res_in, res_out = torch.randn_like(x), torch.randn(1, n, device="cuda").bfloat16()
+    gated, norm = role == "gate_up", role in ("qkv", "gate_up")
 
-    def fused(i: int) -> torch.Tensor:
-        if role == "qkv":
-            return linear_one_row(x, ws[i], norm=(g, 1e-5))
-        if role == "gate_up":
-            return linear_one_row(x, ws[i], gated=True, norm=(g, 1e-5))
-        return linear_one_row(x, ws[i], residual=res_out)
+    def gemv(i: int, x: torch.Tensor, **kw) -> torch.Tensor:
+        if scales is None:
+            return linear_one_row(x, ws[i], gated=gated, **kw)
+        return w8a16_matmul(x, ws[i], scales[i], gated=gated, **kw)
 
-    def unfused(i: int) -> torch.Tensor:
-        if role == "qkv":
-            return F.linear(rms_norm(x, g, 1e-5)[0], ws[i])
-        if role == "gate_up":
-            return silu_and_mul(F.linear(rms_norm(x, g, 1e-5, res_in)[0], ws[i]))
-        return F.linear(x, ws[i])
+    def cublas(i: int) -> torch.Tensor:
+        h = rms_norm(x, g, 1e-5, res_in if gated else None)[0] if norm else x
+        y = F.linear(h, ws[i])
+        return silu_and_mul(y) if gated else y
 
-    us, base = graph_us(fused, copies), graph_us(unfused, copies)
-    print(f"  {model} {role:<8} fused {us:7.1f} us vs unfused {base:7.1f} us "
-          f"({base / us:.2f}x)", flush=True)  # fmt: skip
-    return {"model": model, "role": role, "fused_us": us, "unfused_us": base}
+    fusion = {"norm": (g, 1e-5)} if norm else {"residual": res_out}
+    times = {
+        "fused": graph_us(lambda i: gemv(i, x, **fusion), copies),
+        "plain": graph_us(lambda i: gemv(i, x), copies),
+    }
+    if norm:
+        times["norm_kernel"] = graph_us(lambda i: gemv(i, rms_norm(x, g, 1e-5)[0]), copies)
+    if scales is None:
+        times["cublas"] = graph_us(cublas, copies)
+    shown = ", ".join(f"{name} {us:6.1f} us" for name, us in times.items())
+    print(f"  {wdtype} {model} {role:<8} {shown}", flush=True)
+    return {
+        "weights": wdtype,
+        "model": model,
+        "role": role,
+        **{f"{k}_us": v for k, v in times.items()},
+    }
 
 
 def bench_engine(args, report: dict) -> None:

@@ -142,9 +142,10 @@ def _dot_words(acc, words, x0, x1, x2, x3, W16: tl.constexpr, FP8: tl.constexpr,
         w1 = _word_byte_f32(words, 1, FP8)
         w2 = _word_byte_f32(words, 2, FP8)
         w3 = _word_byte_f32(words, 3, FP8)
-    acc += w0 * x0 + w1 * x1
-    acc += w2 * x2 + w3 * x3
-    return acc
+    acc = tl.fma(w0, x0, acc)
+    acc = tl.fma(w1, x1, acc)
+    acc = tl.fma(w2, x2, acc)
+    return tl.fma(w3, x3, acc)
 
 
 @triton.jit
@@ -257,7 +258,8 @@ def _gemv_kernel(
     wait_for_predecessor(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-    sum_sq = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)  # NORM: x^2, once per row of the tile
+    sum_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: x^2 along K, once per program
+    offs_k = tl.arange(0, BLOCK_K)
     for j0 in range(0, K // 4, BLOCK_W):
         if PREFETCH >= 1:  # request tile j0 + PREFETCH now, multiply it later
             jn = tl.minimum(j0 + PREFETCH * BLOCK_W, last)
@@ -265,7 +267,9 @@ def _gemv_kernel(
         x_mask = (4 * (j0 + offs_w) < K)[None, :]
         x0, x1, x2, x3 = _load_x4(x_cols + x_step * j0, x_mask, EVEN, X16)
         if NORM:  # x * g now, the common factor 1 / rms(x) after the loop
-            sum_sq += x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3
+            ks = 4 * j0 + offs_k  # x again, as a plain vector: its squares once, not per row
+            xk = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+            sum_sq = tl.fma(xk, xk, sum_sq)
             g0, g1, g2, g3 = _load_x4(g_cols + x_step * j0, x_mask, EVEN, X16)
             x0, x1, x2, x3 = x0 * g0, x1 * g1, x2 * g2, x3 * g3
         acc = _dot_words(acc, w0, x0, x1, x2, x3, W16, FP8, PTX_WIDEN)
@@ -280,8 +284,8 @@ def _gemv_kernel(
             w0, u0, w1, u1 = w1, u1, wn, un
     out_dt = out_ptr.dtype.element_ty
     acc, acc_up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
-    if NORM:  # every row of the tile summed the same squares
-        inv_rms = tl.rsqrt(tl.sum(tl.sum(sum_sq, axis=1), axis=0) / (BLOCK_N * K) + eps)
+    if NORM:
+        inv_rms = tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
         acc, acc_up = acc * inv_rms, acc_up * inv_rms
     out = _epilogue(acc, acc_up, scale_ptr, bias_ptr, offs_n, n_mask, N, 1.0, HAS_SCALE,
                     HAS_BIAS, GATED, out_dt)  # fmt: skip
