@@ -141,3 +141,17 @@ def test_w8_gemv_fusions_match_reference(device: torch.device, wdtype: str, gate
     assert_fused_close(out, reference.linear_one_row(x, q.float() * scale[:, None], **kw))
     with pytest.raises(AssertionError, match="fuse into the one-row GEMV only"):
         w8a16_matmul(torch.cat([x, x]), q, scale, residual=r)
+
+
+def test_long_gated_rows_take_the_norm_kernel_first(device: torch.device) -> None:
+    """Gated layers with K >= 4096 run the RMSNorm kernel before the GEMV (the normed input
+    rounds to the dtype there): the result equals that composition exactly."""
+    from kernels.gemv import norm_in_kernel
+
+    assert norm_in_kernel(4096, gated=False) and norm_in_kernel(2048, gated=True)
+    assert not norm_in_kernel(4096, gated=True)
+    n, k, tiles = 8, 4096, GemvTiles(4, 512)
+    x, w = make(n, k, torch.bfloat16, device, gated=True)
+    g = (torch.rand(k, device=device) + 0.5).bfloat16()
+    fused = linear_one_row(x, w, gated=True, norm=(g, EPS), tiles=tiles)
+    assert torch.equal(fused, linear_one_row(rms_norm(x, g, EPS)[0], w, gated=True, tiles=tiles))
