@@ -91,6 +91,7 @@ class ModelRunner:
             )
             # NOTE: offloaded layers stream weights from forward hooks: no graphs (logged there).
             offloading = getattr(self.model, "weight_offloader", None) is not None
+            self.graphs.warm_up()
             if not model_config.enforce_eager and not offloading:
                 self.graphs.capture()
 
