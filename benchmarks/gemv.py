@@ -7,10 +7,10 @@ with the fused one-row decoder layers on and off.
   over tile configs vs F.linear (gated: + silu_and_mul). Timed as CUDA-graph replays that
   cycle through enough weight copies to miss L2, as a decode step reads each weight once.
 - fusions: bf16 and int8 weights at default tiles: the GEMV with the decode layer's fusion
-  (qkv, gate_up: the RMSNorm; o, down: the residual add), with the norm as its own kernel,
-  alone, and (bf16) the cuBLAS kernels the engine ran before (qkv: RMSNorm + F.linear; o,
-  down: F.linear, the add left to the next norm; gate_up: RMSNorm with the residual add +
-  F.linear + silu_and_mul).
+  as the engine runs it (qkv, gate_up: the RMSNorm; o, down: the residual add), with the
+  norm as its own kernel, with the norm forced into the kernel, alone, and (bf16) the
+  cuBLAS kernels the engine ran before (qkv: RMSNorm + F.linear; o, down: F.linear, the add
+  left to the next norm; gate_up: RMSNorm with the residual add + F.linear + silu_and_mul).
 - engine: batch-1 decode tok/s (128-token prompt, 256 new, prefill removed) with the fused
   one-row layers on and off (``VLLM_RUNNER_GEMV=0``), against the bandwidth roofline.
 """
@@ -143,6 +143,7 @@ def _fusion_of_shape(model: str, role: str, n: int, k: int, wdtype: str) -> dict
     """us per call of: the GEMV with the layer's fusion (qkv, gate_up: the norm; o, down: the
     residual), the norm as its own kernel before the plain GEMV (qkv, gate_up), the plain
     GEMV alone, and (bf16) the unfused kernels the engine ran before (cuBLAS)."""
+    import kernels.gemv
     from kernels.activation import silu_and_mul
     from kernels.gemv import linear_one_row
     from kernels.quant_matmul import w8a16_matmul
@@ -174,6 +175,13 @@ def _fusion_of_shape(model: str, role: str, n: int, k: int, wdtype: str) -> dict
     }
     if norm:
         times["norm_kernel"] = graph_us(lambda i: gemv(i, rms_norm(x, g, 1e-5)[0]), copies)
+        # the norm inside the GEMV even where kernels.gemv.norm_in_kernel runs it apart
+        rule = kernels.gemv.norm_in_kernel
+        kernels.gemv.norm_in_kernel = lambda k, gated: True
+        try:
+            times["norm_in_kernel"] = graph_us(lambda i: gemv(i, x, **fusion), copies)
+        finally:
+            kernels.gemv.norm_in_kernel = rule
     if scales is None:
         times["cublas"] = graph_us(cublas, copies)
     shown = ", ".join(f"{name} {us:6.1f} us" for name, us in times.items())

@@ -313,9 +313,12 @@ def gemv_layout(weight: torch.Tensor) -> bool:
     )
 
 
-def _x16(x: torch.Tensor) -> tl.dtype | None:
-    """The GEMV's X16: a dense bf16 / fp16 row at an 8-byte aligned address, else None."""
+def _x16(x: torch.Tensor, norm_weight: torch.Tensor | None) -> tl.dtype | None:
+    """The GEMV's X16: a dense bf16 / fp16 row at an 8-byte aligned address (and the norm
+    weight, read the same way), else None."""
     if not x.is_contiguous() or x.data_ptr() % 8:
+        return None
+    if norm_weight is not None and norm_weight.data_ptr() % 8:
         return None
     return _W16.get(x.dtype)
 
@@ -356,7 +359,7 @@ def gemv(
         BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=scale is not None,
         HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0, GATED=gated,
         W16=_W16.get(weight.dtype), FP8=weight.dtype == torch.float8_e4m3fn, PTX_WIDEN=ptx,
-        PREFETCH=prefetch, X16=_x16(xc), NORM=norm is not None,
+        PREFETCH=prefetch, X16=_x16(xc, norm[0] if norm else None), NORM=norm is not None,
         RESIDUAL=residual is not None, num_warps=num_warps, num_stages=1,
         **pdl_launch(x.device),
     )  # fmt: skip

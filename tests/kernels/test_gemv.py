@@ -155,3 +155,15 @@ def test_long_gated_rows_take_the_norm_kernel_first(device: torch.device) -> Non
     g = (torch.rand(k, device=device) + 0.5).bfloat16()
     fused = linear_one_row(x, w, gated=True, norm=(g, EPS), tiles=tiles)
     assert torch.equal(fused, linear_one_row(rms_norm(x, g, EPS)[0], w, gated=True, tiles=tiles))
+
+
+def test_unaligned_norm_weight_takes_plain_loads(device: torch.device) -> None:
+    """A norm weight at an address that is not 8-byte aligned (a view into a buffer) is
+    read element by element, like an unaligned x: same result as an aligned copy."""
+    n, k, tiles = 24, 256, GemvTiles(8, 64)
+    x, w = make(n, k, torch.bfloat16, device)
+    buffer = (torch.rand(k + 1, device=device) + 0.5).bfloat16()
+    g = buffer[1:]  # 2 bytes past an aligned allocation
+    assert g.data_ptr() % 8
+    out = linear_one_row(x, w, norm=(g, EPS), tiles=tiles)
+    assert torch.equal(out, linear_one_row(x, w, norm=(g.clone(), EPS), tiles=tiles))

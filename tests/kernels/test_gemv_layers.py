@@ -81,3 +81,59 @@ def test_lm_head_one_row_on_the_gemv(device: torch.device, monkeypatch: pytest.M
     monkeypatch.setattr(embedding, "gemv_takes", takes)
     assert_close_to(head.compute_logits(hidden), expected, ulps=2)
     assert calls == [(1, HIDDEN)]
+
+
+def tiny_model(family: str) -> torch.nn.Module:
+    """A 2-layer Llama / Qwen2 (q/k/v biases) in bf16 with random weights and KV caches."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    from vllm_runner.model.layers.attention import Attention
+    from vllm_runner.model.llama import LlamaForCausalLM
+    from vllm_runner.model.qwen2 import Qwen2ForCausalLM
+
+    shape = {"vocab_size": 384, "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
+             "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2}  # fmt: skip
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**shape))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0))
+    model.to(torch.bfloat16)
+    for attn in model.modules():
+        if isinstance(attn, Attention):
+            attn.k_cache = torch.zeros(4, 16, attn.num_kv_heads, attn.head_dim).bfloat16()
+            attn.v_cache = torch.zeros_like(attn.k_cache)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_decoder_one_row_path_matches_unfused(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three one-token steps through the whole model (layers passing the summed stream,
+    the final norm without a residual, Qwen2's q/k/v biases on the GEMV) equal the unfused
+    layers' hidden states within rounding. ``gemv_takes`` is forced so the CPU takes the
+    path a GPU takes."""
+    from vllm_runner.model.layers.attention import AttentionMetadata, forward_context
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(linear, "gemv_takes", lambda x, w: fused and x.shape[0] == 1)
+        model, outs = tiny_model(family), []
+        assert model.model.layers[0].fuses_one_row(torch.zeros(1, HIDDEN).bfloat16()) == fused
+        for pos in range(3):
+            md = AttentionMetadata(
+                slot_mapping=torch.tensor([pos]),
+                block_tables=torch.tensor([[0]], dtype=torch.int32),
+                seq_lens=torch.tensor([pos + 1], dtype=torch.int32),
+                query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+                max_query_len=1,
+                max_seq_len=pos + 1,
+            )
+            with forward_context(md), torch.no_grad():
+                outs.append(model(torch.tensor([5 + pos]), torch.tensor([pos])))
+        return outs
+
+    for fused, unfused in zip(run(True), run(False), strict=True):
+        assert_close_to(fused, unfused, ulps=6)

@@ -160,12 +160,25 @@ def test_quantized_lone_request_fused_layers(model_dir, monkeypatch, quantizatio
     """int8 / fp8: the fused one-row layers (norms and adds inside the W8A16 GEMV) vs the
     unfused ones (VLLM_RUNNER_GEMV=0): equal tokens, or where they first differ each side's
     token is in the other's top-5 (the fused norm keeps its input in fp32)."""
+    from vllm_runner.model.layers.quant import QuantMethod
+
+    fusions = []
+    apply_one_row = QuantMethod.apply_one_row
+
+    def spy(self, layer, x, bias, **kw):
+        fusions.append((kw["norm"] is not None, kw["residual"] is not None))
+        return apply_one_row(self, layer, x, bias, **kw)
+
+    monkeypatch.setattr(QuantMethod, "apply_one_row", spy)
     params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=5)
     outs = []
     for gemv in ("1", "0"):
         monkeypatch.setenv("VLLM_RUNNER_GEMV", gemv)
+        fusions.clear()
         llm = gpu_llm(model_dir, gpu_memory_utilization=0.2, quantization=quantization)
         outs.append([llm.generate([p], params)[0] for p in prompts()[:4]])
+        # the fused layers ran (norms into qkv / gate_up, adds into o / down) only with GEMV on
+        assert set(fusions) == ({(True, False), (False, True)} if gemv == "1" else set())
         del llm
     for fused, plain in zip(*outs, strict=True):
         if fused.token_ids == plain.token_ids:
