@@ -129,10 +129,8 @@ def _word_byte_f32(words, i: tl.constexpr, FP8: tl.constexpr):
 def _dot_words(acc, words, x0, x1, x2, x3, W16: tl.constexpr, FP8: tl.constexpr,
                PTX_WIDEN: tl.constexpr):  # fmt: skip
     """acc += the four weights of each word times x0..x3 (x[4j .. 4j + 3], fp32)."""
-    if W16 is not None:  # an int64 word: two 32-bit pairs of halves
-        lo, hi = words.to(tl.int32), (words >> 32).to(tl.int32)
-        w0, w1 = _half_f32(lo, 0, W16), _half_f32(lo, 1, W16)
-        w2, w3 = _half_f32(hi, 0, W16), _half_f32(hi, 1, W16)
+    if W16 is not None:
+        w0, w1, w2, w3 = _halves_to_f32(words, W16)
     elif PTX_WIDEN and FP8:
         w0, w1, w2, w3 = _e4m3x4_word_to_f32(words)
     elif PTX_WIDEN:
@@ -153,12 +151,21 @@ def _load_x4(ptrs, mask, EVEN: tl.constexpr, X16: tl.constexpr):
     """x[4j .. 4j + 3] as four fp32 tensors. X16: ``ptrs`` are int64 pointers to the four
     16-bit values (one load), else pointers to x[4j] (four strided loads)."""
     if X16 is not None:
-        xs = tl.load(ptrs) if EVEN else tl.load(ptrs, mask=mask, other=0)
-        lo, hi = xs.to(tl.int32), (xs >> 32).to(tl.int32)
-        x0, x1 = _half_f32(lo, 0, X16), _half_f32(lo, 1, X16)
-        return x0, x1, _half_f32(hi, 0, X16), _half_f32(hi, 1, X16)
+        return _halves_to_f32(tl.load(ptrs) if EVEN else tl.load(ptrs, mask=mask, other=0), X16)
     return (_load_x(ptrs, mask, EVEN), _load_x(ptrs + 1, mask, EVEN),
             _load_x(ptrs + 2, mask, EVEN), _load_x(ptrs + 3, mask, EVEN))  # fmt: skip
+
+
+@triton.jit
+def _halves_to_f32(words, X16: tl.constexpr):
+    """The four X16 (bf16 / fp16) values of each int64 word, low bits first, as fp32."""
+    lo, hi = words.to(tl.int32), (words >> 32).to(tl.int32)
+    return (
+        _half_f32(lo, 0, X16),
+        _half_f32(lo, 1, X16),
+        _half_f32(hi, 0, X16),
+        _half_f32(hi, 1, X16),
+    )
 
 
 @triton.jit
