@@ -194,6 +194,102 @@ def _fusion_of_shape(model: str, role: str, n: int, k: int, wdtype: str) -> dict
     }
 
 
+# chain variants: (name, L2 prefetch cap MB, then_at, {role: (block_n, block_k or "K", warps,
+# prefetch)}); block_k "K": the whole row in one tile, all of a program's weights requested
+# before the PDL wait
+CHAIN_VARIANTS = [
+    ("default", 0, 2, {}),
+    ("l2 8MB", 8, 2, {}),
+    ("whole rows qkv,o", 0, 2, {"qkv": (2, "K", 4, 0), "o": (2, "K", 4, 0)}),
+    ("whole rows qkv,o 8w", 0, 2, {"qkv": (2, "K", 8, 0), "o": (2, "K", 8, 0)}),
+    ("whole rows qkv,o,gate_up", 0, 2,
+     {"qkv": (2, "K", 4, 0), "o": (2, "K", 4, 0), "gate_up": (2, "K", 8, 0)}),
+    ("whole rows all", 0, 2, {"qkv": (2, "K", 4, 0), "o": (2, "K", 4, 0),
+                              "gate_up": (2, "K", 8, 0), "down": (2, "K", 8, 0)}),
+    ("1 row whole qkv,o", 0, 2, {"qkv": (1, "K", 4, 0), "o": (1, "K", 4, 0)}),
+]  # fmt: skip
+LAYERS = {"1b": 16, "8b": 32}
+HEADS = {"1b": (32, 8, 64), "8b": (32, 8, 128)}  # query heads, kv heads, head size
+
+
+def bench_chain(args, report: dict) -> None:
+    """A whole batch-1 decode step's layers (qkv with the norm, decode attention over 512
+    cached tokens, o + residual, gate_up with the norm, down + residual) on distinct random
+    weights, in one CUDA graph: us per layer with each later weight requested into L2 by the
+    kernel before (``kernels.l2_prefetch``) at several caps, and without."""
+    report["chain"] = [row for model in args.models for row in _chain_of_model(model)]
+    free_memory()
+
+
+def _chain_of_model(model: str) -> list[dict]:
+    from kernels.gemv import GemvTiles, default_tiles, gemv
+    from kernels.l2_prefetch import next_weights
+    from kernels.paged_attention import paged_attention_decode
+
+    rows = []
+    shapes = {role: (n, k) for role, n, k in SHAPES[model][:4]}
+    hq, hkv, d = HEADS[model]
+    layers = [
+        {role: (torch.randn(2 * n if role == "gate_up" else n, k, device="cuda") * k**-0.5)
+         .bfloat16() for role, (n, k) in shapes.items()}
+        for _ in range(LAYERS[model])
+    ]  # fmt: skip
+    hidden = shapes["o"][0]
+    g = (torch.rand(hidden, device="cuda") + 0.5).bfloat16()
+    cache = torch.randn(64, 16, hkv, d, device="cuda").bfloat16()
+    table = torch.arange(32, device="cuda", dtype=torch.int32)[None]
+    lens = torch.full((1,), 512, device="cuda", dtype=torch.int32)
+    x0 = torch.randn(1, hidden, device="cuda").bfloat16()
+    weight_bytes = sum(w.numel() * 2 for layer in layers for w in layer.values())
+
+    def step(cap: int, then_at: int, tiles: dict) -> None:
+        order = [(i, role) for i in range(len(layers)) for role in shapes]
+        x = x0
+        for j, (i, role) in enumerate(order):
+            n, k = shapes[role]
+            w = layers[i][role]
+            later = order[j + 1] if j + 1 < len(order) else None
+            then = None
+            if later is not None and cap:
+                then = next_weights(layers[later[0]][later[1]], later[1] == "gate_up",
+                                    cap << 20)  # fmt: skip
+            out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+            t = default_tiles(n, k, role == "gate_up")
+            if role in tiles:
+                bn, bk, warps, pf = tiles[role]
+                t = GemvTiles(bn, k if bk == "K" else bk, warps, pf)
+            kw = {"then": then, "then_at": then_at, "prefetch": t.prefetch}
+            if role == "qkv":
+                gemv(x, w, out, t.block_n, t.block_k, t.num_warps, norm=(g, 1e-5), **kw)
+                q = out[:, : hq * d].view(1, hq, d)
+                attn = paged_attention_decode(q, cache, cache, table, lens, d**-0.5,
+                                              max_seq_len=512)  # fmt: skip
+                h = attn.view(1, hq * d)
+            elif role == "o":
+                gemv(h, w, out, t.block_n, t.block_k, t.num_warps, residual=x, **kw)
+                x = out
+            elif role == "gate_up":
+                gemv(x, w, out, t.block_n, t.block_k, t.num_warps, gated=True,
+                     norm=(g, 1e-5), **kw)  # fmt: skip
+                h = out
+            else:
+                gemv(h, w, out, t.block_n, t.block_k, t.num_warps, residual=x, **kw)
+                x = out
+
+    for name, cap, then_at, tiles in CHAIN_VARIANTS:
+        try:
+            us = graph_us(lambda i, c=cap, a=then_at, t=tiles: step(c, a, t), 1, reps=20)
+        except Exception as e:  # one bad variant must not end the sweep
+            print(f"  {model} {name}: failed {e!r}"[:300], flush=True)
+            continue
+        per_layer = us / len(layers)
+        rows.append({"model": model, "variant": name, "us_step": us, "us_layer": per_layer,
+                     "TBps": weight_bytes / us / 1e6})  # fmt: skip
+        print(f"  {model} {name:<26}: {per_layer:6.2f} us/layer "
+              f"({weight_bytes / us / 1e6:.2f} TB/s of weights)", flush=True)  # fmt: skip
+    return rows
+
+
 def bench_engine(args, report: dict) -> None:
     from vllm_runner import LLM
 
@@ -244,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{report['card']}: copy {report['copy_bandwidth_GBps']:,.0f} GB/s", flush=True)
     cases = args.cases.split(",")
     for case, fn in [("tiles", bench_tiles), ("fusions", bench_fusions),
-                     ("engine", bench_engine)]:  # fmt: skip
+                     ("chain", bench_chain), ("engine", bench_engine)]:  # fmt: skip
         if case in cases:
             print(f"[{case}]", flush=True)
             fn(args, report)
