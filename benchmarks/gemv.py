@@ -1,7 +1,7 @@
 """Batch-1 projections on a GPU: the one-row GEMV (kernels/gemv.py) vs cuBLAS, and engines
 with the fused one-row decoder layers on and off.
 
-    python benchmarks/gemv.py [--cases tiles,fusions,engine] [--models 1b,8b] [--out x.json]
+    python benchmarks/gemv.py [--cases tiles,fusions,chain,engine] [--models 1b,8b] [--out x.json]
 
 - tiles: each Llama-3.2-1B / Llama-3-8B projection at batch 1 (and the LM head): the GEMV
   over tile configs vs F.linear (gated: + silu_and_mul). Timed as CUDA-graph replays that
@@ -11,6 +11,8 @@ with the fused one-row decoder layers on and off.
   norm as its own kernel, with the norm forced into the kernel, alone, and (bf16) the
   cuBLAS kernels the engine ran before (qkv: RMSNorm + F.linear; o, down: F.linear, the add
   left to the next norm; gate_up: RMSNorm with the residual add + F.linear + silu_and_mul).
+- chain: a whole batch-1 decode step's layers (the GEMVs with their fusions and the decode
+  attention) on distinct weights in one CUDA graph, us per layer, for tile variants.
 - engine: batch-1 decode tok/s (128-token prompt, 256 new, prefill removed) with the fused
   one-row layers on and off (``VLLM_RUNNER_GEMV=0``), against the bandwidth roofline.
 """
@@ -194,19 +196,17 @@ def _fusion_of_shape(model: str, role: str, n: int, k: int, wdtype: str) -> dict
     }
 
 
-# chain variants: (name, L2 prefetch cap MB, then_at, {role: (block_n, block_k or "K", warps,
-# prefetch)}); block_k "K": the whole row in one tile, all of a program's weights requested
-# before the PDL wait
+# chain variants: (name, decode attention between qkv and o, {role: (block_n, block_k or
+# "K", warps, prefetch)}); block_k "K": the whole row in one tile, so each program requests
+# all of its weights before the PDL wait
 CHAIN_VARIANTS = [
-    ("default", 0, 2, {}),
-    ("l2 8MB", 8, 2, {}),
-    ("whole rows qkv,o", 0, 2, {"qkv": (2, "K", 4, 0), "o": (2, "K", 4, 0)}),
-    ("whole rows qkv,o 8w", 0, 2, {"qkv": (2, "K", 8, 0), "o": (2, "K", 8, 0)}),
-    ("whole rows qkv,o,gate_up", 0, 2,
+    ("default", True, {}),
+    ("no attention", False, {}),
+    ("whole rows o", True, {"o": (2, "K", 4, 0)}),
+    ("whole rows o 8w", True, {"o": (2, "K", 8, 0)}),
+    ("whole rows qkv,o", True, {"qkv": (2, "K", 4, 0), "o": (2, "K", 4, 0)}),
+    ("whole rows qkv,o,gate_up", True,
      {"qkv": (2, "K", 4, 0), "o": (2, "K", 4, 0), "gate_up": (2, "K", 8, 0)}),
-    ("whole rows all", 0, 2, {"qkv": (2, "K", 4, 0), "o": (2, "K", 4, 0),
-                              "gate_up": (2, "K", 8, 0), "down": (2, "K", 8, 0)}),
-    ("1 row whole qkv,o", 0, 2, {"qkv": (1, "K", 4, 0), "o": (1, "K", 4, 0)}),
 ]  # fmt: skip
 LAYERS = {"1b": 16, "8b": 32}
 HEADS = {"1b": (32, 8, 64), "8b": (32, 8, 128)}  # query heads, kv heads, head size
@@ -215,15 +215,14 @@ HEADS = {"1b": (32, 8, 64), "8b": (32, 8, 128)}  # query heads, kv heads, head s
 def bench_chain(args, report: dict) -> None:
     """A whole batch-1 decode step's layers (qkv with the norm, decode attention over 512
     cached tokens, o + residual, gate_up with the norm, down + residual) on distinct random
-    weights, in one CUDA graph: us per layer with each later weight requested into L2 by the
-    kernel before (``kernels.l2_prefetch``) at several caps, and without."""
+    weights, in one CUDA graph: us per layer at the default tiles, without the attention, and
+    with some projections reading whole rows per tile (``CHAIN_VARIANTS``)."""
     report["chain"] = [row for model in args.models for row in _chain_of_model(model)]
     free_memory()
 
 
 def _chain_of_model(model: str) -> list[dict]:
     from kernels.gemv import GemvTiles, default_tiles, gemv
-    from kernels.l2_prefetch import next_weights
     from kernels.paged_attention import paged_attention_decode
 
     rows = []
@@ -242,29 +241,26 @@ def _chain_of_model(model: str) -> list[dict]:
     x0 = torch.randn(1, hidden, device="cuda").bfloat16()
     weight_bytes = sum(w.numel() * 2 for layer in layers for w in layer.values())
 
-    def step(cap: int, then_at: int, tiles: dict) -> None:
+    def step(attention: bool, tiles: dict) -> None:
         order = [(i, role) for i in range(len(layers)) for role in shapes]
         x = x0
-        for j, (i, role) in enumerate(order):
+        for i, role in order:
             n, k = shapes[role]
             w = layers[i][role]
-            later = order[j + 1] if j + 1 < len(order) else None
-            then = None
-            if later is not None and cap:
-                then = next_weights(layers[later[0]][later[1]], later[1] == "gate_up",
-                                    cap << 20)  # fmt: skip
             out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
             t = default_tiles(n, k, role == "gate_up")
             if role in tiles:
                 bn, bk, warps, pf = tiles[role]
                 t = GemvTiles(bn, k if bk == "K" else bk, warps, pf)
-            kw = {"then": then, "then_at": then_at, "prefetch": t.prefetch}
+            kw = {"prefetch": t.prefetch}
             if role == "qkv":
                 gemv(x, w, out, t.block_n, t.block_k, t.num_warps, norm=(g, 1e-5), **kw)
                 q = out[:, : hq * d].view(1, hq, d)
-                attn = paged_attention_decode(q, cache, cache, table, lens, d**-0.5,
-                                              max_seq_len=512)  # fmt: skip
-                h = attn.view(1, hq * d)
+                h = q.reshape(1, hq * d)
+                if attention:
+                    attn = paged_attention_decode(q, cache, cache, table, lens, d**-0.5,
+                                                  max_seq_len=512)  # fmt: skip
+                    h = attn.view(1, hq * d)
             elif role == "o":
                 gemv(h, w, out, t.block_n, t.block_k, t.num_warps, residual=x, **kw)
                 x = out
@@ -276,9 +272,9 @@ def _chain_of_model(model: str) -> list[dict]:
                 gemv(h, w, out, t.block_n, t.block_k, t.num_warps, residual=x, **kw)
                 x = out
 
-    for name, cap, then_at, tiles in CHAIN_VARIANTS:
+    for name, attention, tiles in CHAIN_VARIANTS:
         try:
-            us = graph_us(lambda i, c=cap, a=then_at, t=tiles: step(c, a, t), 1, reps=20)
+            us = graph_us(lambda i, a=attention, t=tiles: step(a, t), 1, reps=20)
         except Exception as e:  # one bad variant must not end the sweep
             print(f"  {model} {name}: failed {e!r}"[:300], flush=True)
             continue

@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.l2_prefetch import NextWeights, prefetch_next
 from kernels.pdl import pdl_launch, wait_for_predecessor
 
 # 4 int8 (one 32-bit register) -> 4 fp32 without the quarter-rate integer-to-float
@@ -199,9 +198,6 @@ def _gemv_kernel(
     norm_ptr,  # [K] RMSNorm weight, x's dtype (NORM only)
     res_ptr,  # [N] residual added to the output (RESIDUAL only)
     out_ptr,  # [N]
-    next_ptr,  # L2_NEXT: a later kernel's weight (kernels.l2_prefetch.NextWeights)
-    next_bytes,
-    next_second,
     N,
     K,
     stride_wn,  # in weights, a multiple of 4
@@ -221,7 +217,6 @@ def _gemv_kernel(
     NORM: tl.constexpr,
     RESIDUAL: tl.constexpr,
     PDL: tl.constexpr,
-    L2_NEXT: tl.constexpr,  # request next_* into L2: 0 no, 1 before the wait, 2 at the end
 ):
     """One row times the weight: each program streams BLOCK_N weight rows (GATED: and the
     matching up rows) along K and reduces once at the end; no tensor-core tile is padded out
@@ -267,8 +262,6 @@ def _gemv_kernel(
     w0, u0 = _load_tile(rows, up, 0, n_mask, offs_w, K, EVEN, GATED)
     if PREFETCH >= 2:
         w1, u1 = _load_tile(rows, up, tl.minimum(BLOCK_W, last), n_mask, offs_w, K, EVEN, GATED)
-    if L2_NEXT == 1:
-        prefetch_next(next_ptr, next_bytes, next_second)
     wait_for_predecessor(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
@@ -306,8 +299,6 @@ def _gemv_kernel(
         res = tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         out = out.to(out_dt).to(tl.float32) + res
     tl.store(out_ptr + offs_n, out.to(out_dt), mask=n_mask)
-    if L2_NEXT == 2:
-        prefetch_next(next_ptr, next_bytes, next_second)
 
 
 @triton.jit
@@ -356,8 +347,6 @@ def gemv(
     norm: tuple[torch.Tensor, float] | None = None,  # (RMSNorm weight [K], eps)
     residual: torch.Tensor | None = None,  # [1, N]
     ptx: bool = False,  # widen 8-bit weights by inline PTX (a GPU, never the interpreter)
-    then: NextWeights | None = None,  # a later kernel's weights, requested into L2
-    then_at: int = 2,  # 1: before the PDL wait, 2: as each program finishes
 ) -> None:
     """Launches the GEMV into ``out``; callers check the inputs (``linear_one_row``,
     ``kernels.quant_matmul.w8a16_matmul``). A norm the kernel should not take
@@ -371,15 +360,14 @@ def gemv(
     norm_weight, eps = norm if norm is not None else (xc, 0.0)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         xc, weight, scale if scale is not None else xc, bias if bias is not None else xc,
-        norm_weight, residual if residual is not None else xc, out,
-        *(then.kernel_args() if then is not None else (xc, 0, 0)), n, k,
+        norm_weight, residual if residual is not None else xc, out, n, k,
         weight.stride(0), n * weight.stride(0) if gated else 0, eps,
         BLOCK_N=block_n, BLOCK_K=block_k, HAS_SCALE=scale is not None,
         HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0, GATED=gated,
         W16=_W16.get(weight.dtype), FP8=weight.dtype == torch.float8_e4m3fn, PTX_WIDEN=ptx,
         PREFETCH=prefetch, X16=_x16(xc, norm[0] if norm else None), NORM=norm is not None,
-        RESIDUAL=residual is not None, L2_NEXT=then_at if then is not None else 0,
-        num_warps=num_warps, num_stages=1, **pdl_launch(x.device),
+        RESIDUAL=residual is not None, num_warps=num_warps, num_stages=1,
+        **pdl_launch(x.device),
     )  # fmt: skip
 
 

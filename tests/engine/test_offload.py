@@ -241,11 +241,15 @@ def test_gpu_offload_matches_resident(tmp_path):
     prompts = [[(7 * i + j) % 49152 for j in range(5 + 17 * i)] for i in range(6)]
     # NOTE: eager on both sides: graphs fix the decode split count, which changes rounding.
     eager = dict(kw, enforce_eager=True)
-    ref = [o.outputs[0].token_ids for o in LLM(path, **eager).generate(prompts, params)]
+    ref_llm = LLM(path, **eager)
+    ref = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, params)]
     off = LLM(path, cpu_offload_gb=0.5, **kw)
     assert not off.engine.runner.graphs.graphs  # no graphs captured: eager fallback (logged)
     assert off.engine.runner.model.weight_offloader.host[0].is_pinned()
     assert [o.outputs[0].token_ids for o in off.generate(prompts, params)] == ref
+    # one row: the bf16 layers on the PDL GEMV, offloaded vs resident
+    ref_alone = ref_llm.generate(prompts[-1:], params)[0].outputs[0].token_ids
+    assert off.generate(prompts[-1:], params)[0].outputs[0].token_ids == ref_alone
     int8_llm = LLM(path, quantization="int8", **eager)
     int8 = [o.outputs[0].token_ids for o in int8_llm.generate(prompts, params)]
     alone = int8_llm.generate(prompts[-1:], params)[0].outputs[0].token_ids

@@ -77,7 +77,6 @@ def _compile_all() -> list[dict]:
     import kernels.quant_matmul as qm
     import kernels.rms_norm as rn
     import kernels.rotary as ro
-    from kernels.l2_prefetch import NextWeights
 
     kernels.pdl.pdl_enabled = lambda device: True  # compile the in-kernel PDL waits too
     qm.ptx_widening = lambda device: True  # and the inline-PTX int8 / e4m3 widening
@@ -134,11 +133,6 @@ def _compile_all() -> list[dict]:
             qg.linear_one_row(x, w[:n], residual=torch.empty(1, n, dtype=wdtype))
             qg.linear_one_row(x, w, gated=True, norm=norm)
             qg.linear_one_row(x, w[:n], torch.empty(n, dtype=wdtype), norm=norm)
-    # the bulk L2 prefetch of a later kernel's weights (one range, two), at both placements
-    w, x = torch.empty(256, 4096, dtype=torch.bfloat16), torch.empty(1, 4096, dtype=torch.bfloat16)
-    for then_at, second in [(1, 0), (2, 0), (2, 4096 * 128 * 2)]:
-        qg.gemv(x, w, torch.empty(1, 256, dtype=torch.bfloat16), 2, 512, 4, prefetch=2,
-                then=NextWeights(w, 65536, second), then_at=then_at)  # fmt: skip
     return results
 
 
