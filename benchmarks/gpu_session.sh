@@ -2,7 +2,7 @@
 # One device-machine call: GPU tests, kernel check + timings, engine throughput.
 # Usage on the device: bash benchmarks/gpu_session.sh STEP...   (STEP: tests, kernels, w1-1b,
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
-# quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine)
+# quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -32,6 +32,7 @@ for step in "$@"; do
     quant-offload) python benchmarks/quant_offload.py --cases offload --out "$OUT/offload.json" 2>&1 | tail -12 ;;
     quant-cap) python benchmarks/quant_offload.py --cases cap --out "$OUT/offload_cap.json" 2>&1 | tail -12 ;;
     gemv) python benchmarks/gemv.py --out "$OUT/gemv.json" 2>&1 | tail -150 ;;
+    gemv-chain) python benchmarks/gemv.py --cases chain --out "$OUT/gemv_chain.json" 2>&1 | tail -16 ;;
     gemv-engine) python benchmarks/gemv.py --cases engine --out "$OUT/gemv_engine.json" 2>&1 | tail -12 ;;
     kernels-gaps) python benchmarks/kernels.py --quick --gaps --out "$OUT/kernels_gaps.md" 2>&1 | tail -20 ;;
     kernels-w1) python benchmarks/kernels.py --quick --w1 --out "$OUT/kernels_w1.md" 2>&1 | tail -60 ;;
