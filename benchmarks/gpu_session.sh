@@ -2,7 +2,7 @@
 # One device-machine call: GPU tests, kernel check + timings, engine throughput.
 # Usage on the device: bash benchmarks/gpu_session.sh STEP...   (STEP: tests, kernels, w1-1b,
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
-# quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain)
+# quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, w1-fp8)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -41,6 +41,8 @@ for step in "$@"; do
              --out "$OUT/w1_1b_engine.json" 2>&1 | tail -25 ;;
     w1-8b) python benchmarks/throughput.py --device cuda --models 8b --systems engine \
              --out "$OUT/w1_8b_engine.json" 2>&1 | tail -25 ;;
+    w1-fp8) python benchmarks/throughput.py --device cuda --models 1b,8b --systems engine \
+             --kv-cache-dtype fp8 --out "$OUT/w1_engine_fp8kv.json" 2>&1 | tail -25 ;;
     peers-1b) python benchmarks/throughput.py --device cuda --models 1b --systems hf,hf_cb,engine \
              --out "$OUT/w1_1b_all.json" 2>&1 | tail -25 ;;
     peers-8b) python benchmarks/throughput.py --device cuda --models 8b --systems hf,hf_cb,engine \

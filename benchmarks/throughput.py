@@ -78,6 +78,7 @@ def run_engine(model_dir: str, wl: Workload, warm: Workload, args, b1: Workload 
         max_model_len=max_len,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
     cached = [0]
@@ -243,6 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="float32 (cpu default) | bfloat16 (cuda)")
     p.add_argument("--model-root", default=str(Path(tempfile.gettempdir()) / "vllm_runner_bench"))
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto", help="engine: auto | fp8 (opt-in)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
     p.add_argument("--out", default=None, help="write JSON results here")

@@ -179,7 +179,8 @@ def rotary_and_write_kv_cache(
 ) -> torch.Tensor:  # rotated query, [num_tokens, num_heads, head_dim], contiguous
     """``reference.rotary_embedding`` then ``reference.write_kv_cache`` of the rotated key and
     the value, in one kernel; returns the rotated query. Inputs may be strided views (a fused
-    qkv output) with a dense head_dim; the cache dtype must be the query's."""
+    qkv output) with a dense head_dim; the cache dtype is the query's or fp8 (e4m3), which
+    takes the rotated key rounded to the query's dtype first."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     rotary_dim = cos_sin_cache.shape[1]
@@ -195,8 +196,11 @@ def rotary_and_write_kv_cache(
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1, (
         "k_cache and v_cache must share strides with a dense head_dim"
     )
-    assert query.dtype == key.dtype == value.dtype == k_cache.dtype == v_cache.dtype, (
-        f"query {query.dtype} / key {key.dtype} / value {value.dtype} / cache {k_cache.dtype}"
+    assert query.dtype == key.dtype == value.dtype, (
+        f"query {query.dtype} / key {key.dtype} / value {value.dtype} must match"
+    )
+    assert k_cache.dtype == v_cache.dtype in (query.dtype, torch.float8_e4m3fn), (
+        f"cache {k_cache.dtype} / {v_cache.dtype} must be the query's {query.dtype} or fp8"
     )
     assert query.stride(2) == key.stride(2) == value.stride(2) == 1, "head_dim must be dense"
     assert positions.shape == slot_mapping.shape == (num_tokens,), (

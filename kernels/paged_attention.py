@@ -54,6 +54,7 @@ def _attend_tile(
     kv_off = blocks * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
     k_mask = n_mask[None, :] & d_mask[:, None]
     k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=k_mask, other=0.0)
+    k = k.to(q.dtype)  # an fp8 cache widens exactly; the products run in q's dtype
 
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [ROWS, BLOCK_N]
     if MASK_KV:
@@ -67,7 +68,8 @@ def _attend_tile(
 
     v_mask = n_mask[:, None] & d_mask[None, :]
     v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=v_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
 
 
@@ -89,14 +91,14 @@ def _rope_rows(rows, d, mask, cos_sin_row, HALF: tl.constexpr):
 
 @triton.jit
 def _attend_new_key(q, acc, m_i, l_i, k_new, v_new, qk_scale):
-    """One online-softmax step over this step's own key / value ([1, BLOCK_D], in registers:
-    never read back from the cache it was just written to); as in a tile, the sum takes
-    ``p`` in fp32 and the value product ``p`` rounded to the value dtype."""
+    """One online-softmax step over this step's own key / value ([1, BLOCK_D], in registers,
+    as the cache holds them: never read back from the cache it was just written to); as in a
+    tile, the sum takes ``p`` in fp32 and the value product ``p`` rounded to q's dtype."""
     s = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * qk_scale  # [ROWS]
     m_new = tl.maximum(m_i, s)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new)
-    p_v = p.to(v_new.dtype).to(tl.float32)
+    p_v = p.to(q.dtype).to(tl.float32)
     acc = acc * alpha[:, None] + p_v[:, None] * v_new.to(tl.float32)
     return acc, m_new, l_i * alpha + p
 
@@ -163,7 +165,7 @@ def _decode_kernel(
     if ROPE:
         cos_sin_row = cos_sin_ptr + tl.load(positions_ptr + req).to(tl.int64) * stride_cos
         q = _rope_rows(q_rows, offs_d[None, :], qd_mask, cos_sin_row, HALF)
-        q = q.to(k_cache_ptr.dtype.element_ty)  # rounded as the rotary kernel's output
+        q = q.to(q_ptr.dtype.element_ty)  # rounded as the rotary kernel's output
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=qd_mask, other=0.0)
 
@@ -189,15 +191,17 @@ def _decode_kernel(
             d_mask = offs_d[None, :] < HEAD_DIM
             k_row = k_new_ptr + req.to(tl.int64) * stride_kt + kv_head * stride_kh
             k_new = _rope_rows(k_row, offs_d[None, :], d_mask, cos_sin_row, HALF)
-            k_new = k_new.to(k_cache_ptr.dtype.element_ty)  # [1, BLOCK_D]
+            # rounded as the rotary kernel writes it: to the key's dtype, then the cache's
+            k_new = k_new.to(k_new_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
             v_row = v_new_ptr + req.to(tl.int64) * stride_vt + kv_head * stride_vh
             v_new = tl.load(v_row + offs_d[None, :], mask=d_mask, other=0.0)
+            v_new = v_new.to(v_cache_ptr.dtype.element_ty)
             slot = tl.load(slot_mapping_ptr + req).to(tl.int64)
             dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
             dst += kv_head * stride_ch + offs_d[None, :]
             # NOTE: no slot < 0 check: padding rows have seq_len 0 and own nothing.
             tl.store(k_cache_ptr + dst, k_new, mask=d_mask)
-            tl.store(v_cache_ptr + dst, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
+            tl.store(v_cache_ptr + dst, v_new, mask=d_mask)
             acc, m_i, l_i = _attend_new_key(q, acc, m_i, l_i, k_new, v_new, qk_scale)
 
     if SPLIT:
@@ -303,8 +307,9 @@ def check_paged_inputs(
     num_kv_heads = k_cache.shape[2]
     assert k_cache.shape[3] == head_dim, f"cache head_dim {k_cache.shape[3]} != {head_dim}"
     assert num_heads % num_kv_heads == 0, f"num_heads {num_heads} % num_kv_heads {num_kv_heads}"
-    assert query.dtype == k_cache.dtype == v_cache.dtype, (
-        f"query {query.dtype} / k_cache {k_cache.dtype} / v_cache {v_cache.dtype} must match"
+    assert k_cache.dtype == v_cache.dtype in (query.dtype, torch.float8_e4m3fn), (
+        f"k_cache {k_cache.dtype} / v_cache {v_cache.dtype} must be the query's {query.dtype} "
+        "or float8_e4m3fn"
     )
     assert query.dtype in (torch.float32, torch.float16, torch.bfloat16), f"{query.dtype}"
     assert block_tables.dim() == 2 and block_tables.stride(1) == 1, (

@@ -17,11 +17,28 @@ def write_kv_cache(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int64; -1 = skip (padding)
 ) -> None:
-    """Scatter new keys/values into the paged cache at their flat slots, in place."""
+    """Scatter new keys/values into the paged cache at their flat slots, in place, rounded
+    to the cache's dtype (an fp8 cache saturates at its largest finite value, as the
+    kernels' conversions do)."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key[valid].to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[valid].to(v_cache.dtype))
+    for new, cache in ((key, k_cache), (value, v_cache)):
+        _slots_view(cache).index_copy_(0, slots, _as_stored(new[valid].to(cache.dtype)))
+
+
+def _slots_view(cache: torch.Tensor) -> torch.Tensor:
+    """[num_slots, num_kv_heads, head_dim] view of a cache; fp8 as its bytes (torch has no
+    CPU index kernels for fp8)."""
+    return _as_stored(cache).view(-1, *cache.shape[2:])
+
+
+def _as_stored(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cache rows at ``slots`` in ``dtype`` (exact: every fp8 value is a bf16 / fp16)."""
+    return _slots_view(cache)[slots].view(cache.dtype).to(dtype)
 
 
 def paged_attention(
@@ -79,8 +96,8 @@ def _attend(
     # slots, so nothing non-finite can leak in through a 0-probability product.
     pos = torch.where(k_pos[None, :] < seq_lens[:, None], k_pos[None, :], 0)  # [num_reqs, ctx]
     slots = block_tables.long().gather(1, pos // block_size) * block_size + pos % block_size
-    k = k_cache.view(-1, *k_cache.shape[2:])[slots].transpose(1, 2)  # [reqs, kv_heads, ctx, d]
-    v = v_cache.view(-1, *v_cache.shape[2:])[slots].transpose(1, 2)
+    k = _gather(k_cache, slots, q.dtype).transpose(1, 2)  # [reqs, kv_heads, ctx, d]
+    v = _gather(v_cache, slots, q.dtype).transpose(1, 2)
     q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=q.device)  # [num_reqs, q_len]
     allowed = (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [num_reqs, 1, q_len, ctx]
     out = F.scaled_dot_product_attention(

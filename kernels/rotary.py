@@ -31,13 +31,15 @@ def _rotate_heads(
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
     # NOTE: explicit FMAs: the decode kernel's fused rotary (paged_attention._rope_rows)
     # computes the same ones, so a key cached by either is bit-identical.
-    tl.store(dst, tl.fma(x1f, cos, -(x2f * sin)).to(x1.dtype), mask=mask)
-    tl.store(dst + HALF, tl.fma(x2f, cos, x1f * sin).to(x1.dtype), mask=mask)
+    # Rounded to the input's dtype, then (an fp8 KV cache) to the destination's.
+    out_dt = dst_ptr.dtype.element_ty
+    tl.store(dst, tl.fma(x1f, cos, -(x2f * sin)).to(x1.dtype).to(out_dt), mask=mask)
+    tl.store(dst + HALF, tl.fma(x2f, cos, x1f * sin).to(x1.dtype).to(out_dt), mask=mask)
     if COPY_PASS:  # features past rotary_dim are copied unchanged
         offs_p = 2 * HALF + tl.arange(0, BLOCK_PASS)[None, :]
         p_mask = (offs_h < NUM_HEADS) & (offs_p < HEAD_DIM)
         x = tl.load(src_ptr + offs_h * stride_sh + offs_p, mask=p_mask)
-        tl.store(dst_ptr + offs_h * stride_dh + offs_p, x, mask=p_mask)
+        tl.store(dst_ptr + offs_h * stride_dh + offs_p, x.to(out_dt), mask=p_mask)
 
 
 @triton.jit

@@ -12,6 +12,9 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 QUANTIZATIONS = (None, "fp8", "int8")
+# "auto": the model's dtype; fp8 (e4m3, as vLLM's "fp8" / "fp8_e4m3", no scales): half the
+# bytes per cached token, values rounded to 3 mantissa bits on the way in
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,11 @@ class CacheConfig:
     num_kv_blocks: int | None  # fixed count (tests); None = size from memory
     cpu_kv_cache_gb: float
     cpu_offload_gb: float
+    kv_cache_dtype: str = "auto"  # a KV_CACHE_DTYPES key
+
+    def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the KV cache stores."""
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class EngineArgs:
     cpu_kv_cache_gb: float = 1.0
     cpu_offload_gb: float = 0.0
     quantization: str | None = None
+    kv_cache_dtype: str = "auto"
     enforce_eager: bool = False
     # Overlap step N + 1's scheduling with step N on the device; None = on for CUDA.
     async_scheduling: bool | None = None
@@ -97,6 +106,8 @@ class EngineArgs:
             raise bad("cpu_offload_gb", ">= 0")
         if self.quantization not in QUANTIZATIONS:
             raise bad("quantization", f"one of {QUANTIZATIONS}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype", f"one of {tuple(KV_CACHE_DTYPES)}")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -143,6 +154,7 @@ class EngineArgs:
             num_kv_blocks=self.num_kv_blocks,
             cpu_kv_cache_gb=self.cpu_kv_cache_gb,
             cpu_offload_gb=self.cpu_offload_gb,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
 

@@ -96,6 +96,18 @@ def _compile_all() -> list[dict]:
                             torch.zeros(4, dtype=torch.long))  # fmt: skip
         pa.paged_attention_decode(q, cache, cache, bt, lens, 0.1, num_splits=4, new_tokens=rope)
         pf.prefill_attention(q, cache, cache, bt, lens, qsl, 0.1)
+    # an fp8 (e4m3) KV cache: widened to the query's dtype on load, rounded on store
+    cache = torch.empty(64, 16, 8, 128, dtype=torch.float8_e4m3fn)
+    q, new_kv = torch.empty(4, 32, 128, dtype=torch.bfloat16), torch.empty(4, 8, 128).bfloat16()
+    rope = pa.NewTokens(torch.zeros(4, dtype=torch.long), new_kv, new_kv, torch.empty(64, 64),
+                        torch.zeros(4, dtype=torch.long))  # fmt: skip
+    pa.paged_attention_decode(q, cache, cache, bt, lens, 0.1, num_splits=4, new_tokens=rope)
+    pa.paged_attention_decode(q, cache, cache, bt, lens, 0.1, num_splits=1)
+    pf.prefill_attention(q, cache, cache, bt, lens, qsl, 0.1)
+    kv.write_kv_cache(new_kv, new_kv, cache, cache, torch.zeros(4, dtype=torch.long))
+    kv.rotary_and_write_kv_cache(torch.zeros(4, dtype=torch.long), q, new_kv, new_kv,
+                                 torch.empty(64, 128), cache, cache,
+                                 torch.zeros(4, dtype=torch.long))  # fmt: skip
     x = torch.empty(4, 4096, dtype=torch.bfloat16)
     rn.rms_norm(x, torch.empty(4096, dtype=torch.bfloat16), 1e-5, x)
     q, k = (

@@ -15,6 +15,7 @@ from kernel_testing import (
 from kernels.paged_attention import choose_num_splits, paged_attention_decode
 
 SEQ_LENS = [1, 37, 70, 16]  # none but 16 a multiple of the block size
+FP8 = torch.float8_e4m3fn
 
 
 def _run(
@@ -25,11 +26,12 @@ def _run(
     group: int,
     head_dim: int,
     block_size: int,
+    kv_dtype: torch.dtype | None = None,
     **kwargs: int,
 ) -> None:
     num_heads = num_kv_heads * group
     k_cache, v_cache, block_tables = make_paged_kv(
-        seq_lens, num_kv_heads, head_dim, block_size, dtype, device
+        seq_lens, num_kv_heads, head_dim, block_size, kv_dtype or dtype, device
     )
     query = torch.randn(len(seq_lens), num_heads, head_dim, device=device).to(dtype)
     lens = int32(seq_lens, device)
@@ -113,7 +115,8 @@ def test_decode_llama3_8b_shapes(device: torch.device, batch: int, ctx: int) -> 
     _run(device, torch.bfloat16, seq_lens, 8, 4, 128, 16, max_seq_len=ctx)
 
 
-def _fused_rope_case(device, dtype, seq_lens, rotary_dim, head_dim=64, **kwargs) -> None:
+def _fused_rope_case(device, dtype, seq_lens, rotary_dim, head_dim=64, kv_dtype=None,
+                     **kwargs) -> None:  # fmt: skip
     """``new_tokens``: rotate q and the new keys, write keys and values, attend, in one kernel,
     vs ``rotary_and_write_kv_cache`` then the plain decode kernel on a copy of the caches:
     the caches end up identical, the outputs agree; a request with seq_len 0 (graph padding,
@@ -123,8 +126,9 @@ def _fused_rope_case(device, dtype, seq_lens, rotary_dim, head_dim=64, **kwargs)
 
     num_kv_heads, group, block_size = 2, 4, 16
     k_cache, v_cache, block_tables = make_paged_kv(
-        [max(s, 1) for s in seq_lens], num_kv_heads, head_dim, block_size, dtype, device
-    )
+        [max(s, 1) for s in seq_lens], num_kv_heads, head_dim, block_size, kv_dtype or dtype,
+        device,
+    )  # fmt: skip
     n = len(seq_lens)
     qkv = torch.randn(n, (num_kv_heads * (group + 2)) * head_dim, device=device).to(dtype)
     q, k, v = qkv.split([num_kv_heads * group * head_dim, num_kv_heads * head_dim,
@@ -146,7 +150,8 @@ def _fused_rope_case(device, dtype, seq_lens, rotary_dim, head_dim=64, **kwargs)
         q, k_cache, v_cache, block_tables, lens, 0.125,
         new_tokens=NewTokens(positions, k, v, cos_sin, slots), **kwargs,
     )  # fmt: skip
-    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    bits = (lambda t: t.view(torch.uint8)) if kv_dtype == FP8 else (lambda t: t)
+    assert torch.equal(bits(k_cache), bits(k_ref)) and torch.equal(bits(v_cache), bits(v_ref))
     assert_close(out, expected, dtype)
     for r, s in enumerate(seq_lens):
         if s == 0:
@@ -173,3 +178,19 @@ def test_decode_with_new_tokens_partial_rotary(device, head_dim: int, rotary_dim
 def test_decode_with_new_tokens_llama8b_shape(device: torch.device, dtype: torch.dtype) -> None:
     """On the card: fp32 caches equal bit for bit needs the same FMAs in both rotary paths."""
     _fused_rope_case(device, dtype, [1, 2000, 8192, 300, 0], 128, 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_fp8_cache(device: torch.device, dtype: torch.dtype, num_splits: int) -> None:
+    """An fp8 (e4m3) cache: keys and values widen exactly to the query's dtype."""
+    _run(device, dtype, SEQ_LENS, 2, 4, 64, 16, kv_dtype=FP8, block_n=16, num_splits=num_splits)
+
+
+@pytest.mark.gpu  # writes fp8 (see test_kv_cache_kernel: the interpreter rounds it wrongly)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_with_new_tokens_fp8_cache(device: torch.device, num_splits: int) -> None:
+    """Fused rotary + fp8 write + attention: the same cache bytes and output as the
+    rotary-and-write kernel followed by plain decode."""
+    _fused_rope_case(device, torch.bfloat16, [1, 37, 70, 16, 17, 0], 64, kv_dtype=FP8,
+                     block_n=16, num_splits=num_splits)  # fmt: skip

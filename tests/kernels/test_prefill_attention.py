@@ -33,10 +33,11 @@ def _run(
     group: int,
     head_dim: int,
     block_size: int,
+    kv_dtype: torch.dtype | None = None,
     **kwargs: int,
 ) -> None:
     k_cache, v_cache, block_tables = make_paged_kv(
-        seq_lens, num_kv_heads, head_dim, block_size, dtype, device
+        seq_lens, num_kv_heads, head_dim, block_size, kv_dtype or dtype, device
     )
     query = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, device=device).to(dtype)
     lens, qsl = int32(seq_lens, device), query_start_loc(q_lens, device)
@@ -110,3 +111,11 @@ def test_dispatcher_splits_leading_decode_rows(device: torch.device, dtype: torc
 def test_prefill_real_sizes(device: torch.device, head_dim: int) -> None:
     q_lens, seq_lens = [1000, 513, 1, 2048], [1000, 1700, 300, 2048]
     _run(device, torch.bfloat16, q_lens, seq_lens, 8, 4, head_dim, 16)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_prefill_fp8_cache(device: torch.device, scenario: str) -> None:
+    """An fp8 (e4m3) cache: keys and values widen exactly to the query's dtype."""
+    q_lens, seq_lens = SCENARIOS[scenario]
+    _run(device, torch.bfloat16, q_lens, seq_lens, 1, 3, 64, 16, kv_dtype=torch.float8_e4m3fn,
+         block_m=16, block_n=16)  # fmt: skip

@@ -189,6 +189,35 @@ def test_quantized_lone_request_fused_layers(model_dir, monkeypatch, quantizatio
         assert plain.token_ids[i] in fused.outputs[0].logprobs[i]
 
 
+def test_fp8_kv_cache(model_dir):
+    """kv_cache_dtype="fp8": half the bytes per cached token of bf16; greedy tokens vs a bf16
+    cache equal or, where they first differ, each side's token in the other's top-5; CUDA
+    graphs == eager, for a batch and for a lone request (the fused decode kernel rotates,
+    rounds to fp8, writes and attends)."""
+    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=5)
+    batch = prompts()
+    bf16 = gpu_llm(model_dir, gpu_memory_utilization=0.15)
+    fp8 = gpu_llm(model_dir, gpu_memory_utilization=0.15, kv_cache_dtype="fp8")
+    eager = gpu_llm(model_dir, gpu_memory_utilization=0.15, kv_cache_dtype="fp8",
+                    enforce_eager=True)  # fmt: skip
+    assert fp8.engine.runner.attn_layers[0].k_cache.dtype == torch.float8_e4m3fn
+    per_block = [e.stats()["kv_cache_bytes"] / e.engine.runner.num_blocks for e in (bf16, fp8)]
+    assert per_block[0] == 2 * per_block[1]
+    ref, outs = bf16.generate(batch, params), fp8.generate(batch, params)
+    assert [o.token_ids for o in eager.generate(batch, params)] == [o.token_ids for o in outs]
+    lone = [e.generate(batch[:1], params)[0].token_ids for e in (fp8, eager)]
+    assert lone[0] == lone[1]
+    differ = 0
+    for a, b in zip(ref, outs, strict=True):
+        if a.token_ids == b.token_ids:
+            continue
+        differ += 1
+        i = next(j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y)
+        assert a.token_ids[i] in b.outputs[0].logprobs[i]
+        assert b.token_ids[i] in a.outputs[0].logprobs[i]
+    print(f"fp8 KV: {differ} of {len(batch)} requests differ from bf16 KV somewhere")
+
+
 def test_gpu_preemption(model_dir):
     """fp32, so that recomputing a preempted request's KV (one prefill) gives the same values
     as computing them step by step; in bf16 the two orders round differently."""

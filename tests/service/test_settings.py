@@ -20,6 +20,7 @@ def test_env_then_args_take_precedence() -> None:
         "VLLM_RUNNER_DTYPE": "float32",
         "VLLM_RUNNER_ENABLE_PREFIX_CACHING": "off",
         "VLLM_RUNNER_CPU_OFFLOAD_GB": "1.5",
+        "VLLM_RUNNER_KV_CACHE_DTYPE": "fp8",
     }
     s = ServerSettings.load(env, {"max_model_len": "1024", "model": "/models/x"})
     assert s.max_model_len == 1024 and s.model == "/models/x"
@@ -28,6 +29,7 @@ def test_env_then_args_take_precedence() -> None:
         "max_model_len": 1024,
         "enable_prefix_caching": False,
         "cpu_offload_gb": 1.5,
+        "kv_cache_dtype": "fp8",
     }
 
 

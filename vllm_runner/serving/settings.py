@@ -24,6 +24,7 @@ ENGINE_FIELDS = (
     "cpu_kv_cache_gb",
     "cpu_offload_gb",
     "quantization",
+    "kv_cache_dtype",
     "enforce_eager",
     "seed",
 )
@@ -49,6 +50,7 @@ class ServerSettings:
     cpu_kv_cache_gb: float | None = None  # KV cache size when running on CPU
     cpu_offload_gb: float | None = None
     quantization: str | None = None
+    kv_cache_dtype: str | None = None  # "auto" (the model's) or "fp8"
     enforce_eager: bool | None = None  # no CUDA graphs
     seed: int | None = None
     api_key: str | None = None

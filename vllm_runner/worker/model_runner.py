@@ -66,6 +66,7 @@ class ModelRunner:
         self.weight_bytes = weight_bytes(self.model)  # stats(): resident / offloaded bytes
         self.load_seconds = time.perf_counter() - start
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.kv_dtype = kv_cache_dtype(cache_config, model_config.dtype, self.device)
         max_blocks = -(-model_config.max_model_len // cache_config.block_size)
         self.batch = InputBatch(cache_config.block_size, max_blocks)
         self.sampler = Sampler(self.device, model_config.seed)
@@ -103,7 +104,7 @@ class ModelRunner:
             self.cache_config.block_size,
             first.num_kv_heads,
             first.head_dim,
-            self.config.dtype,
+            self.kv_dtype,
         )
         if self.cache_config.num_kv_blocks is not None:
             num_blocks = self.cache_config.num_kv_blocks
@@ -113,14 +114,15 @@ class ModelRunner:
             num_blocks = memory.num_blocks_for_cpu(self.cache_config.cpu_kv_cache_gb, block_bytes)
         shape = (num_blocks, self.cache_config.block_size, first.num_kv_heads, first.head_dim)
         for layer in self.attn_layers:
-            layer.k_cache = torch.zeros(shape, dtype=self.config.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.config.dtype, device=self.device)
+            layer.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_cache_bytes = num_blocks * block_bytes
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.2f GiB)",
+            "KV cache: %d blocks of %d tokens (%.2f GiB, %s)",
             num_blocks,
             self.cache_config.block_size,
             self.kv_cache_bytes / memory.GiB,
+            str(self.kv_dtype).removeprefix("torch."),
         )
         return num_blocks
 
@@ -187,7 +189,7 @@ class ModelRunner:
         shape = (scratch_blocks, bs, first.num_kv_heads, first.head_dim)
         try:
             for layer in self.attn_layers:
-                layer.k_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)
+                layer.k_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
                 layer.v_cache = layer.k_cache
             torch.cuda.reset_peak_memory_stats(self.device)
             ids = torch.randint(0, 100, (num_tokens,), device=self.device)
@@ -327,3 +329,19 @@ class ModelRunner:
                 state.token_ids
             ):
                 result.prompt_logprobs[request_id] = [None, *state.prompt_logprobs]
+
+
+def kv_cache_dtype(
+    cache_config: CacheConfig, model_dtype: torch.dtype, device: torch.device
+) -> torch.dtype:
+    """The KV cache's dtype; fp8 on CUDA needs the conversions of compute capability 8.9+."""
+    dtype = cache_config.cache_dtype(model_dtype)
+    if dtype.itemsize == 1 and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(
+                f"kv_cache_dtype={cache_config.kv_cache_dtype!r} needs a GPU of compute "
+                f"capability 8.9 or newer (fp8 conversions); this one is {major}.{minor}: "
+                "use kv_cache_dtype='auto'"
+            )
+    return dtype
