@@ -17,7 +17,9 @@ from kernels.paged_attention import (
     _attend_tile,
     _output,
     check_paged_inputs,
+    dot_dtype_query,
     dot_precision,
+    fp16_dots,
 )
 
 
@@ -70,6 +72,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP16_DOTS: tl.constexpr,  # paged_attention.fp16_dots()
 ):
     pid = tl.program_id(0)
     head = tl.program_id(1)
@@ -88,6 +91,7 @@ def _prefill_kernel(
     tokens = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=qd_mask, other=0.0)  # fmt: skip
+    q = dot_dtype_query(q, FP16_DOTS)
     q_pos = first_pos + tl.arange(0, BLOCK_M)
     kv_head = head // QUERIES_PER_KV
 
@@ -171,7 +175,7 @@ def prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        DOT_PRECISION=dot_precision(query.dtype),
+        DOT_PRECISION=dot_precision(query.dtype), FP16_DOTS=fp16_dots(query, k_cache),
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )  # fmt: skip
     return out

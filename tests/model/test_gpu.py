@@ -189,12 +189,14 @@ def test_quantized_lone_request_fused_layers(model_dir, monkeypatch, quantizatio
         assert plain.token_ids[i] in fused.outputs[0].logprobs[i]
 
 
-def test_fp8_kv_cache(model_dir):
-    """kv_cache_dtype="fp8": half the bytes per cached token of bf16; greedy tokens vs a bf16
-    cache equal or, where they first differ, each side's token in the other's top-5; CUDA
-    graphs == eager, for a batch and for a lone request (the fused decode kernel rotates,
-    rounds to fp8, writes and attends)."""
-    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=5)
+def test_fp8_kv_cache(model_dir, tmp_path):
+    """kv_cache_dtype="fp8": half the bytes per cached token of bf16; CUDA graphs == eager
+    (a batch, and a lone request: the fused decode kernel rotates, rounds to e4m3, writes and
+    attends). The kernels against the torch reference on CPU, end to end: an fp32 model
+    over an fp8 cache gives the same greedy tokens on both (the same e4m3 roundings)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
     batch = prompts()
     bf16 = gpu_llm(model_dir, gpu_memory_utilization=0.15)
     fp8 = gpu_llm(model_dir, gpu_memory_utilization=0.15, kv_cache_dtype="fp8")
@@ -203,19 +205,31 @@ def test_fp8_kv_cache(model_dir):
     assert fp8.engine.runner.attn_layers[0].k_cache.dtype == torch.float8_e4m3fn
     per_block = [e.stats()["kv_cache_bytes"] / e.engine.runner.num_blocks for e in (bf16, fp8)]
     assert per_block[0] == 2 * per_block[1]
-    ref, outs = bf16.generate(batch, params), fp8.generate(batch, params)
-    assert [o.token_ids for o in eager.generate(batch, params)] == [o.token_ids for o in outs]
+    outs = [o.token_ids for o in fp8.generate(batch, params)]
+    assert [o.token_ids for o in eager.generate(batch, params)] == outs
     lone = [e.generate(batch[:1], params)[0].token_ids for e in (fp8, eager)]
     assert lone[0] == lone[1]
-    differ = 0
-    for a, b in zip(ref, outs, strict=True):
-        if a.token_ids == b.token_ids:
-            continue
-        differ += 1
-        i = next(j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y)
-        assert a.token_ids[i] in b.outputs[0].logprobs[i]
-        assert b.token_ids[i] in a.outputs[0].logprobs[i]
-    print(f"fp8 KV: {differ} of {len(batch)} requests differ from bf16 KV somewhere")
+    del bf16, fp8, eager
+
+    config = LlamaConfig(
+        vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        architectures=["LlamaForCausalLM"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 1.0 if "embed" in name else 0.1)
+    model.save_pretrained(str(tmp_path))
+    small = [[t % 4096 for t in p[:200]] for p in batch[:8]]
+    tokens = [
+        [o.token_ids for o in LLM(str(tmp_path), dtype="float32", device=device,
+                                  kv_cache_dtype="fp8", num_kv_blocks=256).generate(small, params)]
+        for device in ("cuda", "cpu")
+    ]  # fmt: skip
+    assert tokens[0] == tokens[1]
 
 
 def test_gpu_preemption(model_dir):
