@@ -159,9 +159,11 @@ class AsyncLLM:
         while True:
             if not self._drain_commands():
                 return
-            if self.engine.has_unfinished():
-                self._dispatch(self.engine.step())
+            outputs = self.engine.step() if self.engine.has_unfinished() else []
+            # NOTE: the stats before the outputs: a caller that sees its request finish also
+            # sees that step's stats (its blocks freed), not the step before.
             self._stats = self.engine.stats()
+            self._dispatch(outputs)
             if self.metrics is not None:
                 self.metrics.record_step(self._stats)
             if not self.engine.has_unfinished():

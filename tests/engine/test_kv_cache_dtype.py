@@ -20,11 +20,15 @@ def prompts(num: int, seed: int = 0, vocab: int = 384) -> list[list[int]]:
 def peaked_dir(tmp_path_factory) -> str:
     """The tiny Llama with peaked logits (a large output projection), so that greedy choices
     are not near-ties that any rounding flips."""
-    from conftest import _tiny_config
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
+    config = LlamaConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        architectures=["LlamaForCausalLM"],
+    )  # fmt: skip
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_tiny_config("llama"), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
