@@ -228,9 +228,9 @@ def _gemv_kernel(
     quarter of the tile's size, so registers go to bytes in flight. Plain loads are not
     software-pipelined by Triton, so the loop does it in registers: tile ``k + PREFETCH`` is
     requested before tile ``k`` is multiplied; near the end the requests repeat the last tile
-    (cache hits) instead of masking. The first tiles are requested before waiting on the
-    previous kernel (weights never depend on it): with PDL the weight stream starts while
-    that kernel still runs.
+    (cache hits) instead of masking (PREFETCH 0: the request after the last is masked off).
+    The first tiles are requested before waiting on the previous kernel (weights never
+    depend on it): with PDL the weight stream starts while that kernel still runs.
 
     NORM: x is RMS-normalised on the way: the loop multiplies the weights by x * g (g the
     norm weight) and sums x^2 from the same loads; 1 / rms(x) scales the sums at the end.

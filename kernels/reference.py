@@ -23,7 +23,16 @@ def write_kv_cache(
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     for new, cache in ((key, k_cache), (value, v_cache)):
-        _slots_view(cache).index_copy_(0, slots, _as_stored(new[valid].to(cache.dtype)))
+        _slots_view(cache).index_copy_(0, slots, _as_stored(_round_to(new[valid], cache.dtype)))
+
+
+def _round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``; into fp8 saturating first (torch before 2.12 turns values past
+    the largest finite one into NaN), NaN stays NaN."""
+    if torch.empty((), dtype=dtype).element_size() == 1:
+        big = torch.finfo(dtype).max
+        x = x.float().clamp(-big, big)
+    return x.to(dtype)
 
 
 def _slots_view(cache: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,7 @@ class EngineArgs:
             raise bad("cpu_offload_gb", ">= 0")
         if self.quantization not in QUANTIZATIONS:
             raise bad("quantization", f"one of {QUANTIZATIONS}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+        if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", f"one of {tuple(KV_CACHE_DTYPES)}")
 
     def resolve_device(self) -> torch.device:

@@ -80,6 +80,11 @@ def test_fp8_cache_holds_rounded_kv_in_a_quarter_of_fp32(peaked_dir):
     assert len(written) == n  # the prompt's keys (the sampled token's is not cached yet)
     rounded = layer0_full[written].to(FP8).view(torch.uint8)
     assert torch.equal(layer0_fp8.view(torch.uint8)[written], rounded)
+    # (layer 0 only: later layers' inputs already differ by the rounding of earlier ones)
+    shape = full_layer.v_cache.shape[2:]
+    v_full = full1.engine.runner.attn_layers[0].v_cache.view(-1, *shape)[written]
+    v_fp8 = fp81.engine.runner.attn_layers[0].v_cache.view(-1, *shape)[written]
+    assert torch.equal(v_fp8.view(torch.uint8), v_full.to(FP8).view(torch.uint8))
 
 
 def test_fp8_cache_batch_invariance_and_prefix_cache(tiny_model_dirs):
@@ -98,3 +103,22 @@ def test_fp8_cache_batch_invariance_and_prefix_cache(tiny_model_dirs):
 def test_bad_kv_cache_dtype_names_the_choices(tiny_model_dirs):
     with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of .*'fp8'.*got 'int4'"):
         make_llm(tiny_model_dirs["llama"], kv_cache_dtype="int4")
+
+
+def test_kv_cache_dtype_resolution_and_old_gpus(monkeypatch):
+    """ "fp8" and "fp8_e4m3" are e4m3, "auto" the model's dtype; a CUDA device below compute
+    capability 8.9 (no fp8 conversions) is refused before any weight is loaded."""
+    from vllm_runner.config import CacheConfig
+    from vllm_runner.worker.model_runner import kv_cache_dtype
+
+    def cache(name: str) -> CacheConfig:
+        return CacheConfig(16, True, 0.9, None, 1.0, 0.0, kv_cache_dtype=name)
+
+    cpu = torch.device("cpu")
+    assert kv_cache_dtype(cache("auto"), torch.bfloat16, cpu) == torch.bfloat16
+    assert kv_cache_dtype(cache("fp8"), torch.bfloat16, cpu) == FP8
+    assert kv_cache_dtype(cache("fp8_e4m3"), torch.float32, cpu) == FP8
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    with pytest.raises(ValueError, match=r"compute capability 8\.9 or newer.*this one is 8\.0"):
+        kv_cache_dtype(cache("fp8"), torch.bfloat16, torch.device("cuda"))
+    assert kv_cache_dtype(cache("auto"), torch.bfloat16, torch.device("cuda")) == torch.bfloat16

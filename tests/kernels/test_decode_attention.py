@@ -180,10 +180,10 @@ def test_decode_with_new_tokens_llama8b_shape(device: torch.device, dtype: torch
     _fused_rope_case(device, dtype, [1, 2000, 8192, 300, 0], 128, 128)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_fp8_cache(device: torch.device, dtype: torch.dtype, num_splits: int) -> None:
-    """An fp8 (e4m3) cache: keys and values widen exactly to the query's dtype."""
+    """An fp8 (e4m3) cache: keys and values widen exactly (16-bit queries: fp16 dots)."""
     _run(device, dtype, SEQ_LENS, 2, 4, 64, 16, kv_dtype=FP8, block_n=16, num_splits=num_splits)
 
 

@@ -160,11 +160,20 @@ def test_write_kv_cache_fp8(device: torch.device, dtype: torch.dtype) -> None:
     slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
     slots[[3, 11]] = -1
     key = (4 * torch.randn(num_tokens, num_kv_heads, head_dim, device=device)).to(dtype)
+    key[0, 0, :6] = torch.tensor([500.0, -1e4, float("inf"), float("-inf"), 447.0, -460.0])
     value = torch.randn_like(key)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     reference.write_kv_cache(key, value, k_ref, v_ref, slots)
     write_kv_cache(key, value, k_cache, v_cache, slots)
     assert torch.equal(_bits(k_cache), _bits(k_ref)) and torch.equal(_bits(v_cache), _bits(v_ref))
+    assert k_cache.view(-1, num_kv_heads, head_dim)[int(slots[0])][0, :6].float().tolist() == [
+        448.0,
+        -448.0,
+        448.0,
+        -448.0,
+        448.0,
+        -448.0,
+    ]  # saturated, as the reference (and torch from 2.12) does
     written = slots[slots >= 0]
     widened = k_cache.view(-1, num_kv_heads, head_dim)[written.cpu()].float()
     assert (widened - key[slots >= 0].float()).abs().max() > 0  # it did round (3 bits)
@@ -174,3 +183,15 @@ def test_write_kv_cache_fp8(device: torch.device, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_rotary_and_write_kv_cache_fp8(device: torch.device, dtype: torch.dtype) -> None:
     _rotary_write_case(13, 6, 2, 80, 32, 16, 5, dtype, device, kv_dtype=FP8)
+
+
+def test_reference_fp8_write_saturates() -> None:
+    """Past e4m3's largest finite value (448) the reference stores +-448, as the kernels'
+    conversions do (torch's own cast gave NaN before 2.12); NaN stays NaN."""
+    cache = torch.zeros(1, 1, 1, 8, dtype=FP8)
+    x = torch.tensor([500.0, -1e4, float("inf"), float("-inf"), 447.0, 1.1, float("nan"), 0.0])
+    reference.write_kv_cache(x.view(1, 1, 8), x.view(1, 1, 8), cache, cache.clone(),
+                             torch.tensor([0]))  # fmt: skip
+    got = cache.flatten().float()
+    assert got[:6].tolist() == [448.0, -448.0, 448.0, -448.0, 448.0, 1.125]
+    assert got[6].isnan() and got[7] == 0.0

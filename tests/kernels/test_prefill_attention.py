@@ -113,9 +113,10 @@ def test_prefill_real_sizes(device: torch.device, head_dim: int) -> None:
     _run(device, torch.bfloat16, q_lens, seq_lens, 8, 4, head_dim, 16)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_prefill_fp8_cache(device: torch.device, scenario: str) -> None:
-    """An fp8 (e4m3) cache: keys and values widen exactly to the query's dtype."""
+def test_prefill_fp8_cache(device: torch.device, dtype: torch.dtype, scenario: str) -> None:
+    """An fp8 (e4m3) cache: keys and values widen exactly (16-bit queries: fp16 dots)."""
     q_lens, seq_lens = SCENARIOS[scenario]
-    _run(device, torch.bfloat16, q_lens, seq_lens, 1, 3, 64, 16, kv_dtype=torch.float8_e4m3fn,
+    _run(device, dtype, q_lens, seq_lens, 1, 3, 64, 16, kv_dtype=torch.float8_e4m3fn,
          block_m=16, block_n=16)  # fmt: skip

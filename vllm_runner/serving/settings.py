@@ -50,7 +50,7 @@ class ServerSettings:
     cpu_kv_cache_gb: float | None = None  # KV cache size when running on CPU
     cpu_offload_gb: float | None = None
     quantization: str | None = None
-    kv_cache_dtype: str | None = None  # "auto" (the model's) or "fp8"
+    kv_cache_dtype: str | None = None  # "auto" (the model's) or "fp8" / "fp8_e4m3"
     enforce_eager: bool | None = None  # no CUDA graphs
     seed: int | None = None
     api_key: str | None = None

@@ -53,6 +53,7 @@ class ModelRunner:
         self._baseline_bytes = (
             torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         )
+        self.kv_dtype = kv_cache_dtype(cache_config, model_config.dtype, self.device)
         start = time.perf_counter()
         self.model = build_model(
             model_config.path,
@@ -66,7 +67,6 @@ class ModelRunner:
         self.weight_bytes = weight_bytes(self.model)  # stats(): resident / offloaded bytes
         self.load_seconds = time.perf_counter() - start
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.kv_dtype = kv_cache_dtype(cache_config, model_config.dtype, self.device)
         max_blocks = -(-model_config.max_model_len // cache_config.block_size)
         self.batch = InputBatch(cache_config.block_size, max_blocks)
         self.sampler = Sampler(self.device, model_config.seed)
