@@ -75,6 +75,31 @@ def build_tiny_model(family: str, path: str, seed: int = 0):
     return model
 
 
+def save_peaked_llama(path: str, large: tuple[str, ...], **config) -> str:
+    """A random fp32 Llama of ``config`` saved to ``path`` with peaked logits: weights whose
+    name holds one of ``large`` drawn with std 1.0, the others 0.1, so greedy choices are not
+    near-ties that any rounding flips."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(architectures=["LlamaForCausalLM"], **config), dtype=torch.float32
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 1.0 if any(s in name for s in large) else 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def peaked_llama():
+    """``save_peaked_llama``, for tests in any folder (a fixture: importing ``conftest`` by
+    name finds whichever conftest was loaded last)."""
+    return save_peaked_llama
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
     dirs = {}

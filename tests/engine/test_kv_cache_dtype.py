@@ -17,25 +17,13 @@ def prompts(num: int, seed: int = 0, vocab: int = 384) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def peaked_dir(tmp_path_factory) -> str:
-    """The tiny Llama with peaked logits (a large output projection), so that greedy choices
-    are not near-ties that any rounding flips."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        architectures=["LlamaForCausalLM"],
+def peaked_dir(tmp_path_factory, peaked_llama) -> str:
+    """The tiny Llama's shape with peaked logits (a large output projection)."""
+    return peaked_llama(
+        str(tmp_path_factory.mktemp("peaked_llama")), ("embed", "lm_head"), vocab_size=384,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 1.0 if "embed" in name or "lm_head" in name else 0.1)
-    path = str(tmp_path_factory.mktemp("peaked_llama"))
-    model.save_pretrained(path)
-    return path
 
 
 def make_llm(path: str, **kw) -> LLM:

@@ -189,13 +189,11 @@ def test_quantized_lone_request_fused_layers(model_dir, monkeypatch, quantizatio
         assert plain.token_ids[i] in fused.outputs[0].logprobs[i]
 
 
-def test_fp8_kv_cache(model_dir, tmp_path):
+def test_fp8_kv_cache(model_dir, tmp_path, peaked_llama):
     """kv_cache_dtype="fp8": half the bytes per cached token of bf16; CUDA graphs == eager
     (a batch, and a lone request: the fused decode kernel rotates, rounds to e4m3, writes and
     attends). The kernels against the torch reference on CPU, end to end: an fp32 model
     over an fp8 cache gives the same greedy tokens on both (the same e4m3 roundings)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
     batch = prompts()
     bf16 = gpu_llm(model_dir, gpu_memory_utilization=0.15)
@@ -211,18 +209,11 @@ def test_fp8_kv_cache(model_dir, tmp_path):
     assert lone[0] == lone[1]
     del bf16, fp8, eager
 
-    config = LlamaConfig(
-        vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        architectures=["LlamaForCausalLM"],
+    peaked_llama(
+        str(tmp_path), ("embed",), vocab_size=4096, hidden_size=256, intermediate_size=512,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 1.0 if "embed" in name else 0.1)
-    model.save_pretrained(str(tmp_path))
     small = [[t % 4096 for t in p[:200]] for p in batch[:8]]
     tokens = [
         [o.token_ids for o in LLM(str(tmp_path), dtype="float32", device=device,
