@@ -29,7 +29,7 @@ def write_kv_cache(
 def _round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` in ``dtype``; into fp8 saturating first (torch before 2.12 turns values past
     the largest finite one into NaN), NaN stays NaN."""
-    if torch.empty((), dtype=dtype).element_size() == 1:
+    if dtype.itemsize == 1:
         big = torch.finfo(dtype).max
         x = x.float().clamp(-big, big)
     return x.to(dtype)
