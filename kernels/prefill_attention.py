@@ -12,14 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention import (
+from kernels.attention_tile import (
     LOG2E,
-    _attend_tile,
-    _output,
+    attend_tile,
     check_paged_inputs,
     dot_dtype_query,
     dot_precision,
     fp16_dots,
+    output_buffer,
 )
 
 
@@ -103,13 +103,13 @@ def _prefill_kernel(
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     kv_end = tl.minimum(first_pos + BLOCK_M, seq_len)
     for n0 in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
+        acc, m_i, l_i = attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row, n0, kv_end, q_pos,
             kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, False, DOT_PRECISION,
         )  # fmt: skip
     for n0 in range(full_end, kv_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
+        acc, m_i, l_i = attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row, n0, kv_end, q_pos,
             kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, True, DOT_PRECISION,
@@ -161,7 +161,7 @@ def prefill_attention(
         f"query_start_loc {tuple(query_start_loc.shape)} must be [num_reqs + 1 = {num_reqs + 1}]"
     )
     assert query_start_loc.dtype in (torch.int32, torch.int64), f"{query_start_loc.dtype}"
-    out = _output(query, out)
+    out = output_buffer(query, out)
     if num_tokens == 0 or num_reqs == 0:
         return out
     cfg_m, cfg_n, cfg_warps, cfg_stages = _default_config(head_dim, query.dtype)

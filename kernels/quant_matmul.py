@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention_tile import dot_precision
 from kernels.gemv import _I8X4_ASM, _epilogue, check_fusions, gemv, gemv_layout
-from kernels.paged_attention import dot_precision, num_sms
+from kernels.paged_attention import num_sms
 from kernels.pdl import pdl_launch, wait_for_predecessor
 
 
