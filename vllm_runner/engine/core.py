@@ -62,7 +62,7 @@ class EngineCore:
         graphs = self.runner.graphs
         logger.info(
             "engine ready in %.1f s: %s (%s, %s), weights loaded in %.1f s, %d KV blocks of %d "
-            "tokens, %s",
+            "tokens (%s), %s",
             time.perf_counter() - start,
             self.model_config.name,
             device,
@@ -70,6 +70,7 @@ class EngineCore:
             self.runner.load_seconds,
             self.runner.num_blocks,
             args.block_size,
+            str(self.runner.kv_dtype).removeprefix("torch."),
             f"{len(graphs.graphs)} decode CUDA graphs in {graphs.capture_seconds:.1f} s"
             if graphs is not None and graphs.graphs
             else "no CUDA graphs",
