@@ -131,12 +131,13 @@ def bench_prefill(pool: KVPool, num_seqs: int, seq_len: int, tflops: float, rep:
                100 * rate / tflops)  # fmt: skip
 
 
-def bench_w1(pool: KVPool, copy_gbs: float, tflops: float, rep: int) -> list[Row]:
+def bench_w1(pool: KVPool, copy_gbs: float, tflops: float, rep: int, fp8: bool) -> list[Row]:
     """Tile configs at W1's shapes on the 8B model (--w1): a 256-row decode step over contexts
-    of 64-1280 tokens, and a 16384-token step of whole prompts of 64-1024 tokens."""
+    of 64-1280 tokens (``fp8``: over an e4m3 copy of the cache), and a 16384-token step of
+    whole prompts of 64-1024 tokens."""
     import triton.testing
 
-    from kernels.paged_attention import paged_attention_decode
+    from kernels.paged_attention import NewTokens, paged_attention_decode
     from kernels.prefill_attention import prefill_attention
 
     gen = torch.Generator().manual_seed(1)
@@ -146,20 +147,36 @@ def bench_w1(pool: KVPool, copy_gbs: float, tflops: float, rep: int) -> list[Row
     tables = pool.perm[: 256 * per_seq].view(256, per_seq)
     seq_lens = lens.to(torch.int32).to(DEVICE)
     q = torch.randn(256, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
-    kv_bytes = 2 * int(lens.sum()) * KV_HEADS * HEAD_DIM * BYTES
-    for n, w, s in [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 8, 3),
-                    (32, 4, 2), (32, 4, 3), (64, 2, 2), (32, 2, 2)]:  # fmt: skip
+    k_cache, v_cache = pool.k, pool.v
+    configs = [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 8, 3),
+               (32, 4, 2), (32, 4, 3), (64, 2, 2), (32, 2, 2)]  # fmt: skip
+    if fp8:
+        k_cache, v_cache = (c[: 256 * per_seq].to(torch.float8_e4m3fn) for c in (k_cache, v_cache))
+        tables = torch.randperm(256 * per_seq, device=DEVICE).to(torch.int32).view(256, per_seq)
+        configs += [(128, 4, 3), (256, 4, 2), (256, 8, 2), (256, 8, 3), (128, 2, 2), (64, 4, 4)]
+    kv_bytes = 2 * int(lens.sum()) * KV_HEADS * HEAD_DIM * k_cache.element_size()
+    # As the engine runs it: rotate q and the new key, write it and its value at the last
+    # position of each context, attend (NewTokens).
+    positions = (lens - 1).to(DEVICE)
+    slots = tables.gather(1, (positions // BLOCK_SIZE)[:, None])[:, 0].long() * BLOCK_SIZE
+    new_kv = torch.randn(256, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    new = NewTokens(positions, new_kv, new_kv, torch.rand(2048, HEAD_DIM, device=DEVICE),
+                    slots + positions % BLOCK_SIZE)  # fmt: skip
+    rope = [(64, 4, 2), (32, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 3)]
+    cache = "fp8 " if fp8 else ""
+    for n, w, s, nt in [(*c, None) for c in configs] + [(*c, new) for c in rope]:
 
-        def run(n=n, w=w, s=s):
+        def run(n=n, w=w, s=s, nt=nt):
             return paged_attention_decode(
-                q, pool.k, pool.v, tables, seq_lens, HEAD_DIM**-0.5,
-                num_splits=1, block_n=n, num_warps=w, num_stages=s,
+                q, k_cache, v_cache, tables, seq_lens, HEAD_DIM**-0.5,
+                num_splits=1, block_n=n, num_warps=w, num_stages=s, new_tokens=nt,
             )  # fmt: skip
 
         ms = triton.testing.do_bench_cudagraph(run, rep=max(rep // 4, 5), return_mode="median")
         gbs = kv_bytes / ms / 1e6
-        rows.append(Row(f"w1 decode[n={n} w={w} s={s}]", "b=256 ctx=64-1280", ms * 1e3, gbs,
-                        "GB/s", 100 * gbs / copy_gbs, graph_us=ms * 1e3))  # fmt: skip
+        name = f"w1 {cache}decode{'+rope' if nt else ''}[n={n} w={w} s={s}]"
+        rows.append(Row(name, "b=256 ctx=64-1280", ms * 1e3, gbs, "GB/s", 100 * gbs / copy_gbs,
+                        graph_us=ms * 1e3))  # fmt: skip
     lens, total = [], 0
     while total < 16384:
         length = min(int(torch.randint(64, 1025, (1,), generator=gen)), 16384 - total)
@@ -378,6 +395,7 @@ def main() -> int:
     p.add_argument("--check", action="store_true", help="validate vs torch references first")
     p.add_argument("--sweep", action="store_true", help="decode (block_n, warps, stages) sweep")
     p.add_argument("--w1", action="store_true", help="tile configs at W1's 8B shapes")
+    p.add_argument("--w1-fp8", action="store_true", help="--w1's decode over an fp8 KV cache")
     p.add_argument("--gaps", action="store_true", help="per-kernel time of a graph chain, PDL")
     p.add_argument("--out", type=Path, help="write results (.md: markdown table, else JSON)")
     args = p.parse_args()
@@ -401,7 +419,7 @@ def main() -> int:
         rows += [bench_decode(pool, b, c, copy_gbs, rep, block_n=n, num_warps=w, num_stages=s)
                  for (n, w, s) in configs for b, c in points]  # fmt: skip
     if args.w1:
-        rows += bench_w1(pool, copy_gbs, tflops, rep)
+        rows += bench_w1(pool, copy_gbs, tflops, rep, args.w1_fp8)
     if args.gaps:
         rows += bench_launch_gaps(rep)
     rows += [bench_prefill(pool, n, length, tflops, rep) for n, length in prefill]
