@@ -39,7 +39,8 @@ def _rope_rows(rows, d, mask, cos_sin_row, HALF: tl.constexpr):
     xp = xp.to(tl.float32)
     cos = tl.load(cos_sin_row + j, mask=rot, other=1.0).to(tl.float32)
     sin = tl.load(cos_sin_row + HALF + j, mask=rot, other=0.0).to(tl.float32)
-    return tl.where(first, tl.fma(x, cos, -(xp * sin)), tl.fma(x, cos, xp * sin))
+    out = tl.where(first, tl.fma(x, cos, -(xp * sin)), tl.fma(x, cos, xp * sin))
+    return tl.where(rot, out, x)  # features past the rotary pass through unchanged (-0.0 too)
 
 
 @triton.jit(do_not_specialize=["num_splits"])  # changes with the batch: no recompiles
@@ -135,7 +136,9 @@ def _decode_kernel(
             tl.store(k_cache_ptr + dst, k_new, mask=d_mask)
             tl.store(v_cache_ptr + dst, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
         # NOTE: a CTA barrier makes this CTA's global stores visible to all its threads: the
-        # tile loop's loads of the slot just written see the new values.
+        # tile loop's loads (cp.async, issued after it: tests/kernels/test_compile_sm90.py
+        # checks the order) see the slot just written, found through the block table, so
+        # slot_mapping must agree with it (as for the unfused write-then-attend path).
         tl.debug_barrier()
 
     for n0 in range(start, end, BLOCK_N):

@@ -62,7 +62,26 @@ class _Recorder:
         ptx = kernel.asm["ptx"]
         mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none"
         self.results.append({"kernel": self.name, "dtype": str(args[0].dtype),
-                             "shared": kernel.metadata.shared, "mma": mma})  # fmt: skip
+                             "shared": kernel.metadata.shared, "mma": mma,
+                             "barrier_between": _barrier_between_store_and_copy(
+                                 ptx, kernel.asm["ttgir"]) if kwargs.get("ROPE") else None,
+                             })  # fmt: skip
+
+
+def _barrier_between_store_and_copy(ptx: str, ttgir: str) -> bool:
+    """Whether a CTA barrier separates the fused decode kernel's writes of the new key /
+    value from the tile loop's first copy that could read them back: in the PTX (what the
+    GPU runs) and in the TTGIR (the kernel's own barrier, not one Triton happened to add)."""
+
+    def ordered(text: str, store: str, barrier: str, copy: str) -> bool:
+        lines = text.splitlines()
+        first_copy = next((i for i, line in enumerate(lines) if copy in line), len(lines))
+        stores = [i for i, line in enumerate(lines[:first_copy]) if store in line]
+        return bool(stores) and any(barrier in line for line in lines[stores[-1] : first_copy])
+
+    return ordered(ptx, "st.global", "bar.sync", "cp.async") and ordered(
+        ttgir, "tt.store", "barrier", "async_copy_global_to_local"
+    )
 
 
 def _compile_all() -> list[dict]:
@@ -168,6 +187,8 @@ def test_kernels_compile_for_sm90() -> None:
         assert r["shared"] <= H100_SHARED_BYTES, r
         if r["kernel"] in ("_decode_kernel", "_prefill_kernel") and r["dtype"] != "torch.float32":
             assert r["mma"] != "none", f"attention dot fell off the tensor cores: {r}"
+        assert r["barrier_between"] in (None, True), f"new key read before the barrier: {r}"
+    assert sum(r["barrier_between"] is True for r in results) == 4, results
     prefill_bf16 = [r for r in results if r["kernel"] == "_prefill_kernel" and "bf" in r["dtype"]]
     assert prefill_bf16[0]["mma"] == "wgmma", prefill_bf16
 

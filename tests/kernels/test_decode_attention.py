@@ -140,6 +140,10 @@ def _fused_rope_case(device, dtype, seq_lens, rotary_dim, head_dim=64, kv_dtype=
         [int(block_tables[r, (s - 1) // block_size]) * block_size + (s - 1) % block_size
          if s > 0 else -1 for r, s in enumerate(seq_lens)], device=device,
     )  # fmt: skip
+    for r, s in enumerate(seq_lens):  # a stale read of the new slot would attend to NaN
+        if s > 0:
+            block, offset = int(block_tables[r, (s - 1) // block_size]), (s - 1) % block_size
+            k_cache[block, offset] = v_cache[block, offset] = float("nan")
     angles = torch.rand(max(seq_lens) + 1, rotary_dim // 2, device=device) * 6.0
     cos_sin = torch.cat([angles.cos(), angles.sin()], dim=1)
     lens = int32(seq_lens, device)
