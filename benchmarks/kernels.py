@@ -164,17 +164,22 @@ def bench_w1(pool: KVPool, copy_gbs: float, tflops: float, rep: int, fp8: bool) 
                     slots + positions % BLOCK_SIZE)  # fmt: skip
     rope = [(64, 4, 2), (32, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 3)]
     cache = "fp8 " if fp8 else ""
-    for n, w, s, nt in [(*c, None) for c in configs] + [(*c, new) for c in rope]:
+    # longest contexts first (as the engine orders them)
+    order = torch.argsort(seq_lens, descending=True).to(torch.int32)
+    runs = [(*c, None, None) for c in configs] + [(*c, new, None) for c in rope]
+    runs += [(*c, nt, order) for c in [(64, 4, 2), (128, 8, 2), (64, 2, 2)] for nt in (None, new)]
+    for n, w, s, nt, od in runs:
 
-        def run(n=n, w=w, s=s, nt=nt):
+        def run(n=n, w=w, s=s, nt=nt, od=od):
             return paged_attention_decode(
-                q, k_cache, v_cache, tables, seq_lens, HEAD_DIM**-0.5,
-                num_splits=1, block_n=n, num_warps=w, num_stages=s, new_tokens=nt,
+                q, k_cache, v_cache, tables, seq_lens, HEAD_DIM**-0.5, num_splits=1,
+                block_n=n, num_warps=w, num_stages=s, new_tokens=nt, order=od,
             )  # fmt: skip
 
         ms = triton.testing.do_bench_cudagraph(run, rep=max(rep // 4, 5), return_mode="median")
         gbs = kv_bytes / ms / 1e6
-        name = f"w1 {cache}decode{'+rope' if nt else ''}[n={n} w={w} s={s}]"
+        name = f"w1 {cache}decode{'+rope' if nt else ''}{' ordered' if od is not None else ''}"
+        name += f"[n={n} w={w} s={s}]"
         rows.append(Row(name, "b=256 ctx=64-1280", ms * 1e3, gbs, "GB/s", 100 * gbs / copy_gbs,
                         graph_us=ms * 1e3))  # fmt: skip
     lens, total = [], 0

@@ -19,6 +19,7 @@ def paged_attention(
     max_seq_len: int | None = None,
     num_decode_rows: int = 0,
     new_tokens: NewTokens | None = None,
+    decode_order: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Same semantics as ``kernels.reference.paged_attention``; ``max_query_len`` is a host int.
 
@@ -28,7 +29,8 @@ def paged_attention(
     ``num_decode_rows`` requests (host int), known to have one query each: those go through
     the decode kernel, which reads each KV block once per GQA group instead of once per head.
     ``new_tokens`` (decode only): the query is not yet rotated, the kernel rotates it and
-    writes the new keys / values itself (``paged_attention_decode``).
+    writes the new keys / values itself (``paged_attention_decode``). ``decode_order``: the
+    decode rows, longest context first (``paged_attention_decode``'s ``order``).
     """
     num_reqs = seq_lens.shape[0]
     if max_query_len == 1:
@@ -37,7 +39,7 @@ def paged_attention(
         )
         return paged_attention_decode(
             query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len,
-            new_tokens=new_tokens,
+            new_tokens=new_tokens, order=decode_order,
         )  # fmt: skip
     assert new_tokens is None, f"new_tokens needs a decode step, got max_query_len {max_query_len}"
     d = num_decode_rows
@@ -55,6 +57,7 @@ def paged_attention(
         scale,
         max_seq_len=max_seq_len,
         out=out[:d],
+        order=decode_order,
     )
     prefill_attention(
         query[d:],

@@ -4,6 +4,10 @@ Each program owns one (request, kv_head) and all ``num_heads // num_kv_heads`` q
 that group, so every KV tile is read from memory once per group. Long contexts with few
 programs use split-K: the context is cut into ``num_splits`` chunks, each program writes a
 partial (max, sum, unnormalized acc) and ``_decode_reduce_kernel`` combines them.
+
+Contexts of different lengths make programs of different lengths: given an ``order`` (the
+requests, longest context first) the longest start first and the short ones fill the tail
+(H200, W1's 256 contexts of 64-1280 keys on the 8B shapes: 167.7 vs 185.0 us).
 """
 
 import dataclasses
@@ -59,6 +63,7 @@ def _decode_kernel(
     v_new_ptr,
     slot_mapping_ptr,  # [num_reqs]
     cos_sin_ptr,  # [max_positions, rotary_dim]: cos half | sin half
+    order_ptr,  # [num_reqs] int32: requests, longest context first (ORDERED only)
     qk_scale,
     num_splits,
     stride_qt,
@@ -86,11 +91,16 @@ def _decode_kernel(
     ROPE: tl.constexpr,  # rotate q / the new key and write the new key / value here
     HALF: tl.constexpr,  # rotary_dim // 2 (ROPE only)
     FP16_DOTS: tl.constexpr,  # fp16_dots()
+    ORDERED: tl.constexpr,  # grid (kv_head, rank, split): the longest contexts start first
     PDL: tl.constexpr,
 ):
     wait_for_predecessor(PDL)
-    req = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if ORDERED:
+        kv_head = tl.program_id(0)
+        req = tl.load(order_ptr + tl.program_id(1))
+    else:
+        req = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
     # Each split covers a whole number of BLOCK_N tiles; trailing splits may be empty.
@@ -281,6 +291,7 @@ def paged_attention_decode(
     num_stages: int = 2,
     out: torch.Tensor | None = None,
     new_tokens: NewTokens | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
     """Attention of each request's single new query over its whole cached context.
 
@@ -288,6 +299,9 @@ def paged_attention_decode(
     embedding to it and to the new keys, writes the rotated key and the value at each
     request's slot and attends to them (``kernels.kv_cache.rotary_and_write_kv_cache``
     followed by this, in one kernel). ``seq_lens`` then counts the new token.
+
+    ``order`` (optional, [num_reqs] int32, a permutation of the requests, longest context
+    first) is the order programs start in; the result does not depend on it.
 
     ``max_seq_len`` (a host int; defaults to the block-table capacity, so no device sync)
     and the batch shape pick ``num_splits`` unless it is given. Requests with
@@ -322,10 +336,18 @@ def paged_attention_decode(
         nt.check(query, k_cache)
     key = nt.key if nt else query  # placeholders when there are no new tokens
     value = nt.value if nt else query
-    _decode_kernel[(num_reqs, num_kv_heads, num_splits)](
+    if order is not None:
+        assert order.shape == (num_reqs,) and order.dtype == torch.int32, (
+            f"order {tuple(order.shape)} {order.dtype} must be [{num_reqs}] int32"
+        )
+        assert order.device == query.device, f"order on {order.device}, query on {query.device}"
+        if num_reqs == 1:  # nothing to order: skip the dependent load
+            order = None
+    grid = (num_kv_heads, num_reqs) if order is not None else (num_reqs, num_kv_heads)
+    _decode_kernel[(*grid, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
         nt.positions if nt else seq_lens, key, value, nt.slot_mapping if nt else seq_lens,
-        nt.cos_sin_cache if nt else part_m,
+        nt.cos_sin_cache if nt else part_m, order if order is not None else seq_lens,
         scale * LOG2E, num_splits,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
         value.stride(1), nt.cos_sin_cache.stride(0) if nt else 0,
@@ -335,7 +357,8 @@ def paged_attention_decode(
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         SPLIT=split, DOT_PRECISION=dot_precision(query.dtype), ROPE=nt is not None,
         HALF=nt.cos_sin_cache.shape[1] // 2 if nt else 0, FP16_DOTS=fp16_dots(query, k_cache),
-        num_warps=num_warps, num_stages=num_stages, **pdl_launch(query.device),
+        ORDERED=order is not None, num_warps=num_warps, num_stages=num_stages,
+        **pdl_launch(query.device),
     )  # fmt: skip
     if split:
         _decode_reduce_kernel[(num_reqs, num_heads)](

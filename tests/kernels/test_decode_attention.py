@@ -198,3 +198,60 @@ def test_decode_with_new_tokens_fp8_cache(device: torch.device, num_splits: int)
     rotary-and-write kernel followed by plain decode."""
     _fused_rope_case(device, torch.bfloat16, [1, 37, 70, 16, 17, 0], 64, kv_dtype=FP8,
                      block_n=16, num_splits=num_splits)  # fmt: skip
+
+
+def _order(seq_lens: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(seq_lens, descending=True, stable=True).to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_order_changes_nothing_but_the_start_order(
+    device: torch.device, dtype: torch.dtype, num_splits: int
+) -> None:
+    """Programs started longest context first (``order``) compute exactly what they compute
+    in row order: the same bits, padding rows (seq_len 0) included."""
+    seq_lens = [*SEQ_LENS, 0, 5]
+    k_cache, v_cache, block_tables = make_paged_kv(
+        [max(s, 1) for s in seq_lens], 2, 64, 16, dtype, device
+    )
+    query = torch.randn(len(seq_lens), 8, 64, device=device).to(dtype)
+    lens = int32(seq_lens, device)
+    kw = dict(block_n=16, num_splits=num_splits)
+    plain = paged_attention_decode(query, k_cache, v_cache, block_tables, lens, 0.125, **kw)
+    ordered = paged_attention_decode(
+        query, k_cache, v_cache, block_tables, lens, 0.125, order=_order(lens), **kw
+    )
+    assert torch.equal(ordered, plain)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_with_new_tokens_in_order(device: torch.device, num_splits: int) -> None:
+    seq_lens = [1, 37, 70, 16, 17, 0]
+    _fused_rope_case(device, torch.float32, seq_lens, 64, block_n=16, num_splits=num_splits,
+                     order=_order(int32(seq_lens, device)))  # fmt: skip
+
+
+def test_decode_order_is_checked(device: torch.device) -> None:
+    k_cache, v_cache, block_tables = make_paged_kv([3, 9], 2, 64, 16, torch.float32, device)
+    query = torch.randn(2, 4, 64, device=device)
+    lens = int32([3, 9], device)
+    for bad in (torch.tensor([1, 0], device=device), int32([1, 0, 2], device)):
+        with pytest.raises(AssertionError, match=r"order .* must be \[2\] int32"):
+            paged_attention_decode(query, k_cache, v_cache, block_tables, lens, 0.1, order=bad)
+
+
+@pytest.mark.gpu
+def test_decode_order_llama8b_w1_shape(device: torch.device) -> None:
+    """W1's decode step on the card: 256 contexts of 64-1280 keys, with the fused rotary
+    write, ordered vs row order: identical outputs."""
+    gen = torch.Generator().manual_seed(0)
+    seq_lens = torch.randint(64, 1281, (256,), generator=gen).tolist()
+    k_cache, v_cache, block_tables = make_paged_kv(seq_lens, 8, 128, 16, torch.bfloat16, device)
+    query = torch.randn(256, 32, 128, device=device, dtype=torch.bfloat16)
+    lens = int32(seq_lens, device)
+    plain = paged_attention_decode(query, k_cache, v_cache, block_tables, lens, 0.088)
+    ordered = paged_attention_decode(
+        query, k_cache, v_cache, block_tables, lens, 0.088, order=_order(lens)
+    )
+    assert torch.equal(ordered, plain)

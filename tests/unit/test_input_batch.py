@@ -81,3 +81,36 @@ def test_rows_are_reused_and_the_table_grows():
     batch.update(step([new("r8", [8], [50])], scheduled={"r8": 1}, finished={"r9"}))
     assert batch.block_table[batch.states["r8"].row].tolist() == [50, 0, 0]
     assert np.count_nonzero(batch.block_table[:, 0]) == 4  # r0 holds block 0
+
+
+def test_device_inputs_order_decode_rows_longest_first():
+    """The decode rows go to the decode kernel longest context first (ties in row order),
+    graph padding rows (seq_len 0) after them; a step without decode rows has no order."""
+    import torch
+
+    from vllm_runner.worker.device_inputs import DeviceInputs
+
+    batch = InputBatch(block_size=4, max_blocks_per_request=8)
+    prompts = {"c": [8], "a": [1, 2], "b": [3, 4, 5, 6, 7], "d": [9, 10, 11, 12, 13]}
+    blocks = {"c": [4], "a": [1], "b": [2, 3], "d": [5, 6]}
+    sched = step([new(r, t, blocks[r]) for r, t in prompts.items()],
+                 scheduled={r: len(t) for r, t in prompts.items()})  # fmt: skip
+    batch.update(sched)
+    buffers = DeviceInputs(64, 8, 8, torch.device("cpu"))
+    _, _, md, _ = buffers.load(batch.prepare(sched))
+    assert md.num_decode_rows == 1 and md.decode_order.tolist() == [0]  # c: one query
+    for r in prompts:
+        batch.states[r].token_ids.append(100)
+    sched = step(cached=[CachedRequestData(r, [], len(t)) for r, t in prompts.items()],
+                 scheduled=dict.fromkeys(prompts, 1))  # fmt: skip
+    batch.update(sched)
+    inputs = batch.prepare(sched)
+    assert inputs.seq_lens.tolist() == [2, 3, 6, 6]
+    _, _, md, _ = buffers.load(inputs)
+    assert md.decode_order.dtype == torch.int32 and md.decode_order.tolist() == [2, 3, 1, 0]
+    _, _, md, _ = buffers.load(inputs, pad_reqs=6)
+    assert md.decode_order.tolist() == [2, 3, 1, 0, 4, 5]
+    sched = step([new("e", [1, 2, 3], [7])], scheduled={"e": 3})
+    batch.update(sched)
+    _, _, md, _ = buffers.load(batch.prepare(sched))
+    assert md.num_decode_rows == 0 and md.decode_order is None

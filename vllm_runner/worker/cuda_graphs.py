@@ -58,6 +58,8 @@ class DecodeGraphs:
         dev["seq_lens"].zero_()
         dev["input_ids"].zero_()
         dev["positions"].zero_()
+        order = dev["decode_order"]
+        order.copy_(torch.arange(len(order), dtype=order.dtype))
 
     def _static_call(self, size: int, fused_decode: bool = True) -> torch.Tensor:
         dev = self.buffers.dev
@@ -70,6 +72,7 @@ class DecodeGraphs:
             # NOTE: fixes the decode kernel's split count for the graph; any value is correct.
             max_seq_len=self.max_model_len,
             fused_decode=fused_decode,  # graphs: True, replayed only for fused_decode steps
+            decode_order=dev["decode_order"][:size],
         )
         with forward_context(md):
             hidden = self.model(dev["input_ids"][:size], dev["positions"][:size])

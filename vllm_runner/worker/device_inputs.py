@@ -20,6 +20,7 @@ _FIELDS = {  # name -> dtype
     "logits_indices": torch.int64,
     "patch_dst": torch.int64,
     "patch_src": torch.int64,
+    "decode_order": torch.int32,
 }
 
 
@@ -42,6 +43,7 @@ class DeviceInputs:
             "logits_indices": max_reqs,
             "patch_dst": max_reqs,
             "patch_src": max_reqs,
+            "decode_order": max_reqs,
         }
 
         def host_set() -> dict[str, torch.Tensor]:
@@ -94,6 +96,10 @@ class DeviceInputs:
                 0, self._put("patch_dst", dst), prev_sampled[self._put("patch_src", src)]
             )
         positions = self._put("positions", inputs.positions, pad_reqs)
+        # The decode rows, longest context first; padding rows (seq_len 0) last.
+        d = inputs.num_decode_rows
+        order = np.argsort(-inputs.seq_lens[:d], kind="stable")
+        order = np.concatenate([order, np.arange(d, max(d, pad_reqs))])
         md = AttentionMetadata(
             slot_mapping=self._put("slot_mapping", inputs.slot_mapping, pad_reqs, fill=-1),
             block_tables=self._put("block_tables", inputs.block_tables, pad_reqs),
@@ -105,6 +111,7 @@ class DeviceInputs:
             max_seq_len=inputs.max_seq_len,
             num_decode_rows=inputs.num_decode_rows,
             fused_decode=inputs.fused_decode,
+            decode_order=self._put("decode_order", order) if len(order) else None,
         )
         logits_indices = self._put("logits_indices", inputs.logits_indices)
         return input_ids, positions, md, logits_indices

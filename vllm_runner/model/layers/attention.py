@@ -26,6 +26,9 @@ class AttentionMetadata:
     # One query each, none in its first step: on CUDA the decode kernel rotates, writes the
     # new keys / values and attends in one (see ``StepInputs.fused_decode``)
     fused_decode: bool = False
+    # [rows of the decode kernel] int32: those rows, longest context first (CUDA: the longest
+    # start first, so short ones fill the tail); None: in row order
+    decode_order: torch.Tensor | None = None
 
 
 _metadata: AttentionMetadata | None = None
@@ -90,6 +93,7 @@ class Attention(nn.Module):
                 md.max_seq_len,
                 md.num_decode_rows,
                 new_tokens,
+                md.decode_order,
             )
         else:
             if rotary is not None:

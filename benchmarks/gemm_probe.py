@@ -1,0 +1,184 @@
+"""Can a Triton GEMM beat cuBLAS on W1 8B's 256-row decode projections? (CUDA only)
+
+W1's decode steps spend ~6.6 ms of ~13 ms in cuBLAS GEMMs at M = 256 (x [256, K] @ W[N, K]^T):
+qkv 6144 x 4096, o 4096 x 4096, gate_up 28672 x 4096, down 4096 x 14336. This times, in one
+process and CUDA graphs, cuBLAS against Triton kernels: a plain tile grid (pointer loads or
+tensor-memory-accelerator descriptors), a persistent grid, and for gate_up a variant whose
+epilogue applies SiLU-and-mul (gate / up rows interleaved, so each tile holds both halves).
+Weights cycle through enough copies that none stays in L2 (as across a model's layers).
+
+    python benchmarks/gemm_probe.py [--out results.json] [--shapes gate_up,qkv]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+@triton.jit
+def _silu_mul(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N // 2, 2]))  # columns alternate
+    return (gate / (1.0 + tl.exp(-gate)) * up).to(tl.bfloat16)
+
+
+@triton.jit
+def _mm_ptr(x_ptr, w_ptr, c_ptr, M, N, K, stride_c,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            SILU: tl.constexpr):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    xp = x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
+    wp = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for _ in range(0, K, BLOCK_K):
+        acc = tl.dot(tl.load(xp), tl.load(wp).T, acc)
+        xp += BLOCK_K
+        wp += BLOCK_K
+    if SILU:
+        cn = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        c = c_ptr + rm[:, None].to(tl.int64) * stride_c + cn[None, :]
+        tl.store(c, _silu_mul(acc, BLOCK_M, BLOCK_N))
+    else:
+        tl.store(c_ptr + rm[:, None].to(tl.int64) * stride_c + rn[None, :], acc.to(tl.bfloat16))
+
+
+@triton.jit
+def _mm_tma(x_desc, w_desc, c_desc, M, N, K,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            SILU: tl.constexpr):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        acc = tl.dot(x_desc.load([pid_m * BLOCK_M, k]), w_desc.load([pid_n * BLOCK_N, k]).T, acc)
+    if SILU:
+        c_desc.store([pid_m * BLOCK_M, pid_n * (BLOCK_N // 2)], _silu_mul(acc, BLOCK_M, BLOCK_N))
+    else:
+        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(tl.bfloat16))
+
+
+@triton.jit
+def _mm_tma_persistent(x_desc, w_desc, c_desc, M, N, K,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SILU: tl.constexpr, NUM_PROGRAMS: tl.constexpr):  # fmt: skip
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_tiles = num_m * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tile = tl.program_id(0) - NUM_PROGRAMS
+    pid_m = 0
+    pid_n = 0
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # one flat loop over (tile, k) so the pipeline runs across tile boundaries
+    for i in tl.range(0, tl.cdiv(num_tiles - tl.program_id(0), NUM_PROGRAMS) * k_tiles):
+        ki = i % k_tiles
+        if ki == 0:
+            tile += NUM_PROGRAMS
+            pid_m = tile % num_m
+            pid_n = tile // num_m
+        acc = tl.dot(x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K]),
+                     w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K]).T, acc)  # fmt: skip
+        if ki == k_tiles - 1:
+            if SILU:
+                out = _silu_mul(acc, BLOCK_M, BLOCK_N)
+                c_desc.store([pid_m * BLOCK_M, pid_n * (BLOCK_N // 2)], out)
+            else:
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(tl.bfloat16))
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+
+def _run(kind, x, w, c, cfg, silu, sms):
+    bm, bn, bk, warps, stages = cfg
+    M, K = x.shape
+    N = w.shape[0]
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+    kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SILU=silu, num_warps=warps, num_stages=stages)
+    if kind == "ptr":
+        _mm_ptr[grid](x, w, c, M, N, K, c.stride(0), **kw)
+        return
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    xd = TensorDescriptor.from_tensor(x, [bm, bk])
+    wd = TensorDescriptor.from_tensor(w, [bn, bk])
+    cd = TensorDescriptor.from_tensor(c, [bm, bn // 2 if silu else bn])
+    if kind == "tma":
+        _mm_tma[grid](xd, wd, cd, M, N, K, **kw)
+    else:
+        progs = min(sms, grid[0] * grid[1])
+        _mm_tma_persistent[(progs,)](xd, wd, cd, M, N, K, NUM_PROGRAMS=progs, **kw)
+
+
+CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+    (256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
+    (128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (256, 64, 64, 8, 4),
+    (128, 64, 64, 4, 5), (64, 128, 64, 4, 5), (64, 256, 64, 4, 4),
+]  # fmt: skip
+
+
+def probe_shape(name: str, m: int, sms: int) -> list[dict]:
+    dev = torch.device("cuda")
+    N, K = SHAPES[name]
+    copies = max(2, -(-400_000_000 // (N * K * 2)))  # > 400 MB of weights: L2-cold
+    ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K**0.5 for _ in range(copies)]
+    x = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
+    flops = 2 * m * N * K
+    ref = x.float() @ ws[0].float().T
+
+    def bench(fn) -> float:
+        ms = triton.testing.do_bench_cudagraph(lambda: [fn(w) for w in ws], rep=100)
+        return ms * 1e3 / copies
+
+    c = torch.empty(m, N, device=dev, dtype=torch.bfloat16)
+    us = bench(lambda w: torch.mm(x, w.T, out=c))
+    rows = [{"shape": name, "kind": "cublas", "us": us, "tflops": flops / us / 1e6}]
+    print(f"{name:8s} cublas {us:8.1f} us {flops / us / 1e6:6.0f} TFLOP/s", flush=True)
+    for kind in ("ptr", "tma", "persistent"):
+        for cfg in CONFIGS:
+            for silu in [False, True] if name == "gate_up" else [False]:
+                cs = torch.empty(m, N // 2 if silu else N, device=dev, dtype=torch.bfloat16)
+                want = torch.nn.functional.silu(ref[:, 0::2]) * ref[:, 1::2] if silu else ref
+                try:
+                    _run(kind, x, ws[0], cs, cfg, silu, sms)
+                    err = ((cs.float() - want).abs().max() / want.abs().max()).item()
+                    us = bench(lambda w, cs=cs, kind=kind, cfg=cfg, silu=silu:
+                               _run(kind, x, w, cs, cfg, silu, sms))  # fmt: skip
+                except Exception as e:  # noqa: BLE001 - a probe: report and go on
+                    print(f"{name:8s} {kind} {cfg} silu={silu}: {type(e).__name__}: "
+                          f"{str(e)[:160]}", flush=True)  # fmt: skip
+                    continue
+                rows.append({"shape": name, "kind": kind, "cfg": cfg, "silu": silu,
+                             "us": us, "tflops": flops / us / 1e6, "rel_err": err})  # fmt: skip
+                print(f"{name:8s} {kind:10s} {cfg} silu={silu:d} {us:8.1f} us "
+                      f"{flops / us / 1e6:6.0f} TFLOP/s err {err:.1e}", flush=True)  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path)
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--m", type=int, default=256)
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    triton.set_allocator(lambda size, _align, _stream: torch.empty(size, dtype=torch.int8,
+                                                                  device=dev))  # fmt: skip
+    torch.manual_seed(0)
+    rows = [r for name in args.shapes.split(",") for r in probe_shape(name, args.m, sms)]
+    if args.out:
+        args.out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "m": args.m,
+                                        "rows": rows}, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
