@@ -341,7 +341,7 @@ def paged_attention_decode(
             f"order {tuple(order.shape)} {order.dtype} must be [{num_reqs}] int32"
         )
         assert order.device == query.device, f"order on {order.device}, query on {query.device}"
-        if num_reqs == 1:  # nothing to order: skip the dependent load
+        if num_reqs == 1 or num_reqs > 65535:  # nothing to order / past the grid's y limit
             order = None
     grid = (num_kv_heads, num_reqs) if order is not None else (num_reqs, num_kv_heads)
     _decode_kernel[(*grid, num_splits)](

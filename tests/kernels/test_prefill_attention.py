@@ -120,3 +120,25 @@ def test_prefill_fp8_cache(device: torch.device, dtype: torch.dtype, scenario: s
     q_lens, seq_lens = SCENARIOS[scenario]
     _run(device, dtype, q_lens, seq_lens, 1, 3, 64, 16, kv_dtype=torch.float8_e4m3fn,
          block_m=16, block_n=16)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dispatcher_orders_only_the_decode_rows(device: torch.device, dtype: torch.dtype) -> None:
+    """A mixed batch's ``decode_order`` covers the leading decode rows only (as DeviceInputs
+    stages it): same result as row order and the reference; the prefill rows untouched."""
+    q_lens, seq_lens = [1, 1, 1, 19, 40], [17, 50, 3, 50, 40]
+    k_cache, v_cache, block_tables = make_paged_kv(seq_lens, 2, 64, 16, dtype, device)
+    query = torch.randn(sum(q_lens), 6, 64, device=device).to(dtype)
+    lens, qsl = int32(seq_lens, device), query_start_loc(q_lens, device)
+    args = (query, k_cache, v_cache, block_tables, lens, qsl, 0.125)
+    plain = paged_attention(*args, max_query_len=40, num_decode_rows=3)
+    for order in ([1, 0, 2], [0]):  # three decode rows; one (dropped: row order)
+        d = len(order)
+        out = paged_attention(*args, max_query_len=40, num_decode_rows=d,
+                              decode_order=int32(order, device))  # fmt: skip
+        assert_close(out, ref_attention(*args), dtype)
+        if d == 3:
+            assert torch.equal(out, plain)
+    with pytest.raises(AssertionError, match="order"):  # order of all rows: rejected
+        paged_attention(*args, max_query_len=40, num_decode_rows=3,
+                        decode_order=int32([1, 0, 2, 3, 4], device))  # fmt: skip

@@ -114,3 +114,28 @@ def test_device_inputs_order_decode_rows_longest_first():
     batch.update(sched)
     _, _, md, _ = buffers.load(batch.prepare(sched))
     assert md.num_decode_rows == 0 and md.decode_order is None
+
+
+def test_device_inputs_order_mixed_step_covers_decode_rows_only():
+    """Two decode rows ahead of a prefill chunk: the order has exactly those two rows, longest
+    first, and is a permutation of them (the decode kernel indexes only rows < d)."""
+    import torch
+
+    from vllm_runner.worker.device_inputs import DeviceInputs
+
+    batch = InputBatch(block_size=4, max_blocks_per_request=8)
+    prompts = {"a": [1, 2], "b": [3, 4, 5, 6, 7]}
+    sched = step([new(r, t, [i + 1, i + 3]) for i, (r, t) in enumerate(prompts.items())],
+                 scheduled={r: len(t) for r, t in prompts.items()})  # fmt: skip
+    batch.update(sched)
+    batch.prepare(sched)
+    for r in prompts:
+        batch.states[r].token_ids.append(100)
+    sched = step([new("c", [9, 9, 9], [7])],
+                 cached=[CachedRequestData(r, [], len(t)) for r, t in prompts.items()],
+                 scheduled={"a": 1, "b": 1, "c": 3})  # fmt: skip
+    batch.update(sched)
+    inputs = batch.prepare(sched)
+    assert inputs.num_decode_rows == 2 and inputs.seq_lens.tolist() == [3, 6, 3]
+    _, _, md, _ = DeviceInputs(64, 8, 8, torch.device("cpu")).load(inputs)
+    assert md.decode_order.tolist() == [1, 0]

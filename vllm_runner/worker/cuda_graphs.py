@@ -45,12 +45,14 @@ class DecodeGraphs:
     def warm_up(self) -> None:
         """Compile what decode rows run outside the graphs: a mixed step's decode rows take
         the decode kernel without the in-kernel rotary (``fused_decode`` False), split
-        (few rows) or not (many), in row order (one row) or longest first. Left to the first
-        mixed steps, those compiles stalled a W1 run on a fresh Triton cache by ~0.8 s
-        (H200)."""
+        (few rows with long contexts) or not (many rows, or contexts of one key tile), in row
+        order (one row) or longest first. Left to the first mixed steps, those compiles
+        stalled a W1 run on a fresh Triton cache by ~0.8 s (H200)."""
         self._blank_inputs()
         for size in sorted({*self.buckets[:2], self.buckets[-1]}):
             self._static_call(size, fused_decode=False)
+            if size < self.buckets[-1] or len(self.buckets) == 1:  # one key tile: unsplit
+                self._static_call(size, fused_decode=False, max_seq_len=1)
 
     def _blank_inputs(self) -> None:
         """Static inputs under which warm-up and capture runs write and read nothing."""
@@ -62,7 +64,9 @@ class DecodeGraphs:
         order = dev["decode_order"]
         order.copy_(torch.arange(len(order), dtype=order.dtype))
 
-    def _static_call(self, size: int, fused_decode: bool = True) -> torch.Tensor:
+    def _static_call(
+        self, size: int, fused_decode: bool = True, max_seq_len: int | None = None
+    ) -> torch.Tensor:
         dev = self.buffers.dev
         md = AttentionMetadata(
             slot_mapping=dev["slot_mapping"][:size],
@@ -71,7 +75,7 @@ class DecodeGraphs:
             query_start_loc=dev["query_start_loc"][: size + 1],
             max_query_len=1,
             # NOTE: fixes the decode kernel's split count for the graph; any value is correct.
-            max_seq_len=self.max_model_len,
+            max_seq_len=max_seq_len or self.max_model_len,
             fused_decode=fused_decode,  # graphs: True, replayed only for fused_decode steps
             decode_order=dev["decode_order"][:size],
         )
