@@ -93,15 +93,20 @@ def test_dispatcher_decode_and_prefill_agree(device: torch.device, dtype: torch.
     assert_close(prefill, expected, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_dispatcher_splits_leading_decode_rows(device: torch.device, dtype: torch.dtype) -> None:
-    """A mixed batch whose first rows are decodes: those go through the decode kernel, the
-    rest through the prefill kernel, and the result matches the reference."""
+def _mixed_batch(device: torch.device, dtype: torch.dtype) -> tuple:
+    """``paged_attention``'s inputs for three decode rows ahead of two prefill rows."""
     q_lens, seq_lens = [1, 1, 1, 19, 40], [17, 50, 3, 50, 40]
     k_cache, v_cache, block_tables = make_paged_kv(seq_lens, 2, 64, 16, dtype, device)
     query = torch.randn(sum(q_lens), 6, 64, device=device).to(dtype)
     lens, qsl = int32(seq_lens, device), query_start_loc(q_lens, device)
-    args = (query, k_cache, v_cache, block_tables, lens, qsl, 0.125)
+    return query, k_cache, v_cache, block_tables, lens, qsl, 0.125
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dispatcher_splits_leading_decode_rows(device: torch.device, dtype: torch.dtype) -> None:
+    """A mixed batch whose first rows are decodes: those go through the decode kernel, the
+    rest through the prefill kernel, and the result matches the reference."""
+    args = _mixed_batch(device, dtype)
     out = paged_attention(*args, max_query_len=40, num_decode_rows=3)
     assert_close(out, ref_attention(*args), dtype)
 
@@ -126,11 +131,7 @@ def test_prefill_fp8_cache(device: torch.device, dtype: torch.dtype, scenario: s
 def test_dispatcher_orders_only_the_decode_rows(device: torch.device, dtype: torch.dtype) -> None:
     """A mixed batch's ``decode_order`` covers the leading decode rows only (as DeviceInputs
     stages it): same result as row order and the reference; the prefill rows untouched."""
-    q_lens, seq_lens = [1, 1, 1, 19, 40], [17, 50, 3, 50, 40]
-    k_cache, v_cache, block_tables = make_paged_kv(seq_lens, 2, 64, 16, dtype, device)
-    query = torch.randn(sum(q_lens), 6, 64, device=device).to(dtype)
-    lens, qsl = int32(seq_lens, device), query_start_loc(q_lens, device)
-    args = (query, k_cache, v_cache, block_tables, lens, qsl, 0.125)
+    args = _mixed_batch(device, dtype)
     plain = paged_attention(*args, max_query_len=40, num_decode_rows=3)
     for order in ([1, 0, 2], [0]):  # three decode rows; one (dropped: row order)
         d = len(order)
