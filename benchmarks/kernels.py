@@ -193,18 +193,20 @@ def bench_w1(pool: KVPool, copy_gbs: float, tflops: float, rep: int, fp8: bool) 
     qsl = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEVICE)
     q = torch.randn(total, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
     flops = sum(4 * HEADS * HEAD_DIM * x * (x + 1) / 2 for x in lens)
-    for m, n, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                       (128, 32, 4, 4), (64, 128, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
-                       (64, 64, 4, 4), (128, 64, 8, 2)]:  # fmt: skip
+    for m, n, w, s, g in [(128, 64, 8, 3, 1), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1),
+                          (64, 64, 4, 3, 1), (128, 32, 4, 4, 1), (64, 128, 4, 3, 1),
+                          (32, 32, 4, 4, 4), (64, 64, 8, 3, 4), (32, 64, 4, 3, 4)]:  # fmt: skip
 
-        def run(m=m, n=n, w=w, s=s):
+        def run(m=m, n=n, w=w, s=s, g=g):
             return prefill_attention(q, pool.k, pool.v, tables, seq_lens, qsl, 0.088,
-                                     block_m=m, block_n=n, num_warps=w, num_stages=s)  # fmt: skip
+                                     block_m=m, block_n=n, num_warps=w, num_stages=s,
+                                     group=g)  # fmt: skip
 
         ms = bench(run, rep)
         rate = flops / ms / 1e9
-        rows.append(Row(f"w1 prefill[m={m} n={n} w={w} s={s}]", f"{len(lens)} prompts, {total}",
-                        ms * 1e3, rate, "TFLOP/s", 100 * rate / tflops))  # fmt: skip
+        rows.append(Row(f"w1 prefill[m={m} n={n} w={w} s={s} g={g}]",
+                        f"{len(lens)} prompts, {total}", ms * 1e3, rate, "TFLOP/s",
+                        100 * rate / tflops))  # fmt: skip
     # The 8B linear layers at a decode step (M 256) and a full step (M 16384), by BLAS library.
     for lib in ("cublas", "cublaslt"):
         torch.backends.cuda.preferred_blas_library(lib)

@@ -3,9 +3,10 @@
 Same contract as ``kernels.reference.paged_attention``: request ``r``'s queries are the last
 ``q_len`` positions of its ``seq_len`` tokens and its K/V (including this step's, already
 written by ``write_kv_cache``) are read from the cache through its block table. Each program
-computes one ``BLOCK_M`` tile of one request's queries for one head, sweeping keys in
-``BLOCK_N`` tiles with ``tl.dot``: first the keys every row of the tile may see (no mask), then
-the diagonal tiles (causal mask).
+computes one ``BLOCK_M``-token tile of one request's queries for ``GROUP`` query heads of one
+kv head (GQA: they share every K/V tile it loads), sweeping keys in ``BLOCK_N`` tiles with
+``tl.dot``: first the keys every row of the tile may see (no mask), then the diagonal tiles
+(causal mask).
 """
 
 import torch
@@ -66,16 +67,17 @@ def _prefill_kernel(
     stride_cs,
     stride_ch,
     QUERIES_PER_KV: tl.constexpr,
+    GROUP: tl.constexpr,  # query heads per program (1 or QUERIES_PER_KV): rows share K/V tiles
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query tokens per tile: BLOCK_M * GROUP rows
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP16_DOTS: tl.constexpr,  # paged_attention.fp16_dots()
 ):
     pid = tl.program_id(0)
-    head = tl.program_id(1)
+    first_head = tl.program_id(1) * GROUP
     req = _find_request(query_start_loc_ptr, num_reqs, pid, BLOCK_M)
     q_start = tl.load(query_start_loc_ptr + req).to(tl.int32)
     q_len = tl.load(query_start_loc_ptr + req + 1).to(tl.int32) - q_start
@@ -85,19 +87,21 @@ def _prefill_kernel(
     seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
     first_pos = seq_len - q_len + m_tile * BLOCK_M  # context position of the tile's first row
 
-    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Row r is query token r // GROUP of the tile, head first_head + r % GROUP.
+    rows = tl.arange(0, BLOCK_M * GROUP)
+    offs_m = m_tile * BLOCK_M + rows // GROUP
     offs_d = tl.arange(0, BLOCK_D)
     qd_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     tokens = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=qd_mask, other=0.0)  # fmt: skip
+    row_off = tokens * stride_qt + (first_head + rows % GROUP) * stride_qh
+    q = tl.load(q_ptr + row_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
     q = dot_dtype_query(q, FP16_DOTS)
-    q_pos = first_pos + tl.arange(0, BLOCK_M)
-    kv_head = head // QUERIES_PER_KV
+    q_pos = first_pos + rows // GROUP
+    kv_head = first_head // QUERIES_PER_KV
 
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M * GROUP], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M * GROUP], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M * GROUP, BLOCK_D], dtype=tl.float32)
     block_table_row = block_tables_ptr + req.to(tl.int64) * stride_bt
     # Keys [0, full_end) are visible to every row of the tile: no mask needed.
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
@@ -116,19 +120,25 @@ def _prefill_kernel(
         )  # fmt: skip
 
     out = acc / l_i[:, None]
-    o_off = tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    o_row = tokens * stride_ot + (first_head + rows % GROUP) * stride_oh
+    o_off = o_row[:, None] + offs_d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qd_mask)
 
 
-def _default_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a tensor-core GPU."""
+def _default_config(
+    head_dim: int, dtype: torch.dtype, queries_per_kv: int
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, GROUP) for a tensor-core GPU."""
     if dtype == torch.float32:  # no tensor cores ("ieee" dot); keep shared memory < 100 KB
-        return 64, 32, 4, 2
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    # NOTE: H200, a 16384-token step of 30 whole prompts of 64-1024 tokens at head_dim 128
-    # (benchmarks/kernels.py --w1): 517 us vs 608 us for 128 x 64 tiles with 8 warps.
-    return 64, 64, 4, 3
+        return 64, 32, 4, 2, 1
+    g = queries_per_kv
+    if g == 1 or g > 16 or g & (g - 1):  # one head per program (MHA, or a group not 2^k)
+        return (128, 64, 4, 3, 1) if head_dim <= 64 else (64, 64, 4, 3, 1)
+    # A GQA group per program, 128 rows (tokens x heads) sharing each K/V tile. NOTE: H200,
+    # Llama-3 heads (4 per kv head), a 16384-token step of 30 whole prompts of 64-1024
+    # tokens (benchmarks/prefill_probe.py): head_dim 128 421.7 us vs 515.4 for 64 tokens x
+    # 1 head; head_dim 64 (128 x 64 tiles, 8 warps) 231.7 vs 285.6.
+    return (128 // g, 64, 8, 2, g) if head_dim <= 64 else (128 // g, 32, 4, 4, g)
 
 
 def prefill_attention(
@@ -144,6 +154,7 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    group: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each request's new queries over its whole cached context.
@@ -151,7 +162,8 @@ def prefill_attention(
     Drop-in for ``kernels.reference.paged_attention`` (any mix of prefill, chunked prefill,
     prefix-cache hits and decode); needs no host sync. ``query_start_loc[-1]`` must equal
     ``num_tokens``; tokens past it are left unwritten. ``out`` (optional) receives the
-    result instead of a new tensor.
+    result instead of a new tensor. ``group``: query heads per program (they share each
+    K/V tile; a power of 2 dividing the heads per kv head); ``block_m`` counts tokens.
     """
     check_paged_inputs(query, k_cache, v_cache, block_tables, seq_lens)
     num_tokens, num_heads, head_dim = query.shape
@@ -164,16 +176,23 @@ def prefill_attention(
     out = output_buffer(query, out)
     if num_tokens == 0 or num_reqs == 0:
         return out
-    cfg_m, cfg_n, cfg_warps, cfg_stages = _default_config(head_dim, query.dtype)
+    queries_per_kv = num_heads // num_kv_heads
+    cfg_m, cfg_n, cfg_warps, cfg_stages, cfg_group = _default_config(
+        head_dim, query.dtype, queries_per_kv
+    )
+    group = group or (cfg_group if block_m is None else 1)  # block_m counts tokens per tile
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
+    assert queries_per_kv % group == 0 and group & (group - 1) == 0, (
+        f"group {group} must be a power of 2 dividing {queries_per_kv} query heads per kv head"
+    )
     # Upper bound on query tiles: each request adds at most one partial tile.
-    grid = (num_tokens // block_m + num_reqs, num_heads)
+    grid = (num_tokens // block_m + num_reqs, num_heads // group)
     _prefill_kernel[grid](
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
         scale * LOG2E, num_reqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        QUERIES_PER_KV=queries_per_kv, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         DOT_PRECISION=dot_precision(query.dtype), FP16_DOTS=fp16_dots(query, k_cache),
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,

@@ -30,7 +30,7 @@ def _run(
     q_lens: list[int],
     seq_lens: list[int],
     num_kv_heads: int,
-    group: int,
+    queries_per_kv: int,
     head_dim: int,
     block_size: int,
     kv_dtype: torch.dtype | None = None,
@@ -39,7 +39,9 @@ def _run(
     k_cache, v_cache, block_tables = make_paged_kv(
         seq_lens, num_kv_heads, head_dim, block_size, kv_dtype or dtype, device
     )
-    query = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, device=device).to(dtype)
+    query = torch.randn(sum(q_lens), num_kv_heads * queries_per_kv, head_dim, device=device).to(
+        dtype
+    )
     lens, qsl = int32(seq_lens, device), query_start_loc(q_lens, device)
     scale = head_dim**-0.5
     out = prefill_attention(query, k_cache, v_cache, block_tables, lens, qsl, scale, **kwargs)
@@ -72,6 +74,32 @@ def test_prefill_tile_shapes(device: torch.device, block_m: int, block_n: int) -
     # Context starts 30 and 14: the first query row sits just before a key-tile boundary.
     _run(device, torch.float32, [3, 45, 5], [17, 45, 35], 2, 2, 64, 16, block_m=block_m,
          block_n=block_n)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("heads_per_program", [2, 4])
+def test_prefill_gqa_group_per_program(
+    device: torch.device, dtype: torch.dtype, scenario: str, heads_per_program: int
+) -> None:
+    """Query heads of one kv head in one program (rows = tokens x heads): causal mask per
+    token, partial tiles, prefix hits and idle requests as with one head per program."""
+    q_lens, seq_lens = SCENARIOS[scenario]
+    _run(device, dtype, q_lens, seq_lens, 2, 4, 64, 16, block_m=8, block_n=16,
+         group=heads_per_program)  # fmt: skip
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_default_config_groups_heads(device: torch.device, head_dim: int) -> None:
+    """Llama-3's 4 query heads per kv head take the default grouped tiles (128 rows)."""
+    q_lens, seq_lens = SCENARIOS["mixed"]
+    _run(device, torch.bfloat16, q_lens, seq_lens, 2, 4, head_dim, 16)
+
+
+@pytest.mark.parametrize("group", [3, 8])
+def test_prefill_rejects_a_group_that_does_not_divide(device: torch.device, group: int) -> None:
+    with pytest.raises(AssertionError, match=f"group {group} must be a power of 2 dividing 4"):
+        _run(device, torch.float32, [5], [5], 1, 4, 64, 16, group=group)
 
 
 def test_prefill_single_long_request_default_config(device: torch.device) -> None:
