@@ -3,9 +3,7 @@
 Each program owns one (request, kv_head) and all ``num_heads // num_kv_heads`` query heads of
 that group, so every KV tile is read from memory once per group. Long contexts with few
 programs use split-K: the context is cut into ``num_splits`` chunks, each program writes a
-partial (max, sum, unnormalized acc) and the last of a (request, kv_head)'s programs to finish
-combines them (counted in a small int32 buffer that each combine resets), so no second
-kernel runs (H200, one request: one kernel boundary less per layer).
+partial (max, sum, unnormalized acc) and ``_decode_reduce_kernel`` combines them.
 
 Contexts of different lengths make programs of different lengths: given an ``order`` (the
 requests, longest context first) the longest start first and the short ones fill the tail
@@ -60,7 +58,6 @@ def _decode_kernel(
     part_m_ptr,  # [num_reqs, num_heads, num_splits] fp32 (SPLIT only)
     part_l_ptr,  # [num_reqs, num_heads, num_splits] fp32 (SPLIT only)
     part_acc_ptr,  # [num_reqs, num_heads, num_splits, head_dim] fp32 (SPLIT only)
-    arrivals_ptr,  # [num_reqs * num_kv_heads] int32, zero between launches (SPLIT only)
     positions_ptr,  # [num_reqs] (ROPE only, as the next five)
     k_new_ptr,  # [num_reqs, num_kv_heads, head_dim]: this step's keys, not yet rotated
     v_new_ptr,
@@ -107,26 +104,9 @@ def _decode_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
     # Each split covers a whole number of BLOCK_N tiles; trailing splits may be empty.
-    tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(tiles, num_splits)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
-    if SPLIT:  # noqa: SIM102 - SPLIT is a constexpr, start a tensor: no `and`
-        if start >= seq_len:  # an empty split (or seq_len 0: CUDA-graph padding)
-            if (seq_len == 0) & (split == 0):
-                _store_rows(
-                    out_ptr,
-                    req,
-                    kv_head,
-                    tl.zeros([BLOCK_G, BLOCK_D], tl.float32),
-                    stride_ot,
-                    stride_oh,
-                    QUERIES_PER_KV,
-                    HEAD_DIM,
-                    BLOCK_G,
-                    BLOCK_D,
-                )
-            return
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -185,79 +165,46 @@ def _decode_kernel(
         tl.store(part_l_ptr + row, l_i, mask=g_mask)
         acc_off = row.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(part_acc_ptr + acc_off, acc, mask=qd_mask)
-        # The last split of (req, kv_head) to finish combines them all: a CTA barrier orders
-        # every thread's partial stores before one thread's release-acquire count; the
-        # count's result reaches all threads through shared memory (another barrier), so
-        # their loads of the others' partials (from L2: .cg) come after it.
-        tl.debug_barrier()
-        arrivals = arrivals_ptr + req * (NUM_HEADS // QUERIES_PER_KV) + kv_head
-        num_active = tl.cdiv(tiles, tiles_per_split)  # the non-empty splits
-        if tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu") == num_active - 1:
-            tl.store(arrivals, 0)  # ready for the next launch
-            out = _combine_splits(part_m_ptr, part_l_ptr, part_acc_ptr, req, heads,
-                                  num_splits, num_active, g_mask, NUM_HEADS, HEAD_DIM,
-                                  BLOCK_G, BLOCK_D)  # fmt: skip
-            _store_rows(out_ptr, req, kv_head, out, stride_ot, stride_oh, QUERIES_PER_KV,
-                        HEAD_DIM, BLOCK_G, BLOCK_D)  # fmt: skip
     else:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        _store_rows(out_ptr, req, kv_head, out, stride_ot, stride_oh, QUERIES_PER_KV, HEAD_DIM,
-                    BLOCK_G, BLOCK_D)  # fmt: skip
+        o_off = req.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qd_mask)
 
 
-@triton.jit
-def _store_rows(out_ptr, req, kv_head, rows, stride_ot, stride_oh, QUERIES_PER_KV: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """Write ``rows`` ([BLOCK_G, BLOCK_D] fp32) as the outputs of kv_head's query heads."""
-    offs_g = tl.arange(0, BLOCK_G)
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_reduce_kernel(
+    part_m_ptr,  # [num_reqs, num_heads, num_splits] fp32
+    part_l_ptr,
+    part_acc_ptr,  # [num_reqs, num_heads, num_splits, head_dim] fp32
+    out_ptr,  # [num_reqs, num_heads, head_dim]
+    num_splits,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    wait_for_predecessor(PDL)
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    heads = kv_head * QUERIES_PER_KV + offs_g
-    mask = (offs_g[:, None] < QUERIES_PER_KV) & (offs_d[None, :] < HEAD_DIM)
-    o_off = req.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(out_ptr + o_off, rows.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _combine_splits(part_m_ptr, part_l_ptr, part_acc_ptr, req, heads, num_splits, num_active,
-                    g_mask, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """The attention output of ``heads`` from their ``num_active`` partials: each split's
-    unnormalized sum rescaled to the overall max, over the sum of the rescaled weights."""
-    first = (req * NUM_HEADS + heads).to(tl.int64) * num_splits  # [BLOCK_G]
-    m_max = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
-    for s in range(0, num_active):
-        m_max = tl.maximum(m_max, tl.load(part_m_ptr + first + s, mask=g_mask, other=-1.0e30,
-                                          cache_modifier=".cg"))  # fmt: skip
-    l_total = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
-    qd_mask = g_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    for s in range(0, num_active):
-        w = tl.exp2(tl.load(part_m_ptr + first + s, mask=g_mask, other=-1.0e30,
-                            cache_modifier=".cg") - m_max)  # fmt: skip
-        l_total += w * tl.load(part_l_ptr + first + s, mask=g_mask, other=0.0,
-                               cache_modifier=".cg")  # fmt: skip
-        part = tl.load(part_acc_ptr + (first + s)[:, None] * HEAD_DIM + offs_d[None, :],
-                       mask=qd_mask, other=0.0, cache_modifier=".cg")  # fmt: skip
-        acc += part * w[:, None]
-    return acc / tl.where(l_total > 0.0, l_total, 1.0)[:, None]
+    s_mask = offs_s < num_splits
+    row = (req * NUM_HEADS + head).to(tl.int64) * num_splits + offs_s  # [BLOCK_S]
+    m = tl.load(part_m_ptr + row, mask=s_mask, other=-1.0e30)
+    l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)  # noqa: E741
+    w = tl.exp2(m - tl.max(m, 0))  # empty splits have l == 0 and acc == 0
+    l_total = tl.sum(l * w, 0)
+    mask = s_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(l_total > 0.0, l_total, 1.0)
+    o_off = req.to(tl.int64) * stride_ot + head * stride_oh + offs_d
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 _MAX_SPLITS = 64
-_ARRIVALS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _arrival_counts(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters for ``n`` (request, kv_head) pairs, one buffer per device: each
-    launch leaves its counters at zero again, and launches run one after another on the
-    engine's one stream (two split launches running at once on two streams of one device
-    would share counters). Split launches have < 2 programs per SM, so the first buffer
-    (4096 entries, made at warm-up, before any CUDA-graph capture) serves them; an explicit
-    ``num_splits`` on a huge batch gets a bigger one, the old kept alive for captured graphs."""
-    bufs = _ARRIVALS.setdefault(device, [])
-    if not bufs or bufs[-1].numel() < n:
-        bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return bufs[-1]
 
 
 @functools.cache
@@ -384,7 +331,6 @@ def paged_attention_decode(
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((*part_shape, head_dim) if split else (1,), dtype=torch.float32,
                            device=query.device)  # fmt: skip
-    arrivals = _arrival_counts(query.device, num_reqs * num_kv_heads) if split else seq_lens
     nt = new_tokens
     if nt is not None:
         nt.check(query, k_cache)
@@ -399,7 +345,7 @@ def paged_attention_decode(
             order = None
     grid = (num_kv_heads, num_reqs) if order is not None else (num_reqs, num_kv_heads)
     _decode_kernel[(*grid, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc, arrivals,
+        query, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
         nt.positions if nt else seq_lens, key, value, nt.slot_mapping if nt else seq_lens,
         nt.cos_sin_cache if nt else part_m, order if order is not None else seq_lens,
         scale * LOG2E, num_splits,
@@ -414,4 +360,11 @@ def paged_attention_decode(
         ORDERED=order is not None, num_warps=num_warps, num_stages=num_stages,
         **pdl_launch(query.device),
     )  # fmt: skip
+    if split:
+        _decode_reduce_kernel[(num_reqs, num_heads)](
+            part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+            BLOCK_S=_MAX_SPLITS, BLOCK_D=block_d, num_warps=4,  # one compile for any split
+            **pdl_launch(query.device),
+        )  # fmt: skip
     return out

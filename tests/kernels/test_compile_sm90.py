@@ -21,7 +21,7 @@ PTR_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int32
              "int64": "*i64", "int8": "*i8", "float8_e4m3fn": "*fp8e4nv"}  # fmt: skip
 KERNELS = {
     "_write_kv_cache_kernel", "_rotary_write_kv_kernel", "_decode_kernel",
-    "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel",
+    "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel",
     "_silu_and_mul_kernel", "_w8a16_kernel", "_gemv_kernel", "_fp8_quantize_rows_kernel",
 }  # fmt: skip
 
@@ -65,8 +65,6 @@ class _Recorder:
                              "shared": kernel.metadata.shared, "mma": mma,
                              "barrier_between": _barrier_between_store_and_copy(
                                  ptx, kernel.asm["ttgir"]) if kwargs.get("ROPE") else None,
-                             "combine_ordered": _combine_after_count(ptx)
-                             if kwargs.get("SPLIT") else None,
                              })  # fmt: skip
 
 
@@ -83,26 +81,6 @@ def _barrier_between_store_and_copy(ptx: str, ttgir: str) -> bool:
 
     return ordered(ptx, "st.global", "bar.sync", "cp.async") and ordered(
         ttgir, "tt.store", "barrier", "async_copy_global_to_local"
-    )
-
-
-def _combine_after_count(ptx: str) -> bool:
-    """Whether the split decode kernel's partial stores, its one-thread arrival count (an
-    acquire-release atomic at GPU scope) and its reads of the other splits' partials are
-    separated by CTA barriers, in that order, the reads bypassing L1."""
-    lines = ptx.splitlines()
-    atoms = [i for i, line in enumerate(lines) if "atom.global.gpu.acq_rel.add" in line]
-    if len(atoms) != 1:
-        return False
-    atom = atoms[0]
-    stores = [i for i, line in enumerate(lines[:atom]) if "st.global" in line]
-    reads = [i for i, line in enumerate(lines) if "ld.global.cg" in line]
-    return (
-        bool(stores)
-        and bool(reads)
-        and reads[0] > atom
-        and any("bar.sync" in line for line in lines[stores[-1] : atom])
-        and any("bar.sync" in line for line in lines[atom : reads[0]])
     )
 
 
@@ -212,8 +190,6 @@ def test_kernels_compile_for_sm90() -> None:
             assert r["mma"] != "none", f"attention dot fell off the tensor cores: {r}"
         assert r["barrier_between"] in (None, True), f"new key read before the barrier: {r}"
     assert sum(r["barrier_between"] is True for r in results) == 5, results  # 5 fused decodes
-    split = [r["combine_ordered"] for r in results if r["combine_ordered"] is not None]
-    assert len(split) == 9 and all(split), f"split decode's combine out of order: {results}"
     prefill_bf16 = [r for r in results if r["kernel"] == "_prefill_kernel" and "bf" in r["dtype"]]
     assert prefill_bf16[0]["mma"] == "wgmma", prefill_bf16
 

@@ -94,20 +94,6 @@ def test_decode_zero_length_padding_rows_give_zeros(device: torch.device) -> Non
         assert not out[0].isnan().any()
 
 
-@pytest.mark.parametrize("num_splits", [3, 8])
-def test_decode_split_partials_combine_in_kernel(device: torch.device, num_splits: int) -> None:
-    """The last split of each (request, kv head) combines the partials: launch after launch
-    (fresh inputs, so a stale partial would show), with empty trailing splits (1 key in 8
-    splits) and a padding row, and every arrival counter is back at zero after each."""
-    import kernels.paged_attention as pa
-
-    for seed in range(3):
-        torch.manual_seed(seed)
-        _run(device, torch.float32, [1, 37, 70, 16, 0], 2, 4, 64, 16, block_n=16,
-             num_splits=num_splits)  # fmt: skip
-        assert not any(b.any() for bufs in pa._ARRIVALS.values() for b in bufs)
-
-
 def test_choose_num_splits() -> None:
     # Many programs or a single key tile: no split.
     assert choose_num_splits(64, 8, 8192, 64, 132) == 1
@@ -127,21 +113,6 @@ def test_decode_llama3_8b_shapes(device: torch.device, batch: int, ctx: int) -> 
     seq_lens = torch.randint(1, ctx + 1, (batch,)).tolist()
     seq_lens[0] = ctx
     _run(device, torch.bfloat16, seq_lens, 8, 4, 128, 16, max_seq_len=ctx)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_decode_split_in_kernel_combine_many_launches(device: torch.device, head_dim: int) -> None:
-    """Batch-1 / few-request decode as the engine splits it (up to 64 splits over a table
-    of 8192 keys, most empty): 40 launches on fresh inputs, each against the reference."""
-    import kernels.paged_attention as pa
-
-    gen = torch.Generator().manual_seed(0)
-    for i in range(40):
-        batch = 1 + i % 4
-        seq_lens = torch.randint(1, 2049, (batch,), generator=gen).tolist()
-        _run(device, torch.bfloat16, seq_lens, 8, 4, head_dim, 16, max_seq_len=8192)
-    assert not any(b.any() for bufs in pa._ARRIVALS.values() for b in bufs)
 
 
 def _fused_rope_case(device, dtype, seq_lens, rotary_dim, head_dim=64, kv_dtype=None,

@@ -25,6 +25,11 @@ class _Recorder:
         return launch
 
 
+class _Null:
+    def __getitem__(self, grid):
+        return lambda *a, **k: None
+
+
 class _AttnOnly(nn.Module):
     def __init__(self, cache):
         super().__init__()
@@ -57,6 +62,7 @@ class _AttnOnly(nn.Module):
 def test_warm_up_compiles_every_mixed_step_variant(monkeypatch, max_num_seqs):
     rec = _Recorder()
     monkeypatch.setattr(pa, "_decode_kernel", rec)
+    monkeypatch.setattr(pa, "_decode_reduce_kernel", _Null())
     monkeypatch.setattr(ka, "prefill_attention", lambda *a, **k: None)
     max_model_len = 4096
     max_blocks = max_model_len // BS
