@@ -136,8 +136,8 @@ def _default_config(
         return (128, 64, 4, 3, 1) if head_dim <= 64 else (64, 64, 4, 3, 1)
     # A GQA group per program, 128 rows (tokens x heads) sharing each K/V tile. NOTE: H200,
     # Llama-3 heads (4 per kv head), a 16384-token step of 30 whole prompts of 64-1024
-    # tokens (benchmarks/prefill_probe.py): head_dim 128 421.7 us vs 515.4 for 64 tokens x
-    # 1 head; head_dim 64 (128 x 64 tiles, 8 warps) 231.7 vs 285.6.
+    # tokens (benchmarks/prefill_probe.py): head_dim 128 421.7 us vs 515.4 for the one-head
+    # default (64 tokens); head_dim 64 231.7 us vs 285.6 for one head x 64 tokens.
     return (128 // g, 64, 8, 2, g) if head_dim <= 64 else (128 // g, 32, 4, 4, g)
 
 
