@@ -89,11 +89,14 @@ def test_prefill_gqa_group_per_program(
          group=heads_per_program)  # fmt: skip
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_prefill_default_config_groups_heads(device: torch.device, head_dim: int) -> None:
-    """Llama-3's 4 query heads per kv head take the default grouped tiles (128 rows)."""
+@pytest.mark.parametrize("head_dim,queries_per_kv", [(64, 4), (128, 4), (128, 8), (64, 16)])
+def test_prefill_default_config_groups_heads(
+    device: torch.device, head_dim: int, queries_per_kv: int
+) -> None:
+    """2^k query heads per kv head take the default grouped tiles (128 rows: Llama-3's 4
+    heads x 32 tokens, 8 x 16, 16 x 8)."""
     q_lens, seq_lens = SCENARIOS["mixed"]
-    _run(device, torch.bfloat16, q_lens, seq_lens, 2, 4, head_dim, 16)
+    _run(device, torch.bfloat16, q_lens, seq_lens, 1, queries_per_kv, head_dim, 16)
 
 
 @pytest.mark.parametrize("group", [3, 8])
