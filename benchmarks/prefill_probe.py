@@ -77,18 +77,9 @@ for head_dim in (128, 64):
             if base is None:
                 base = out.float()
             diff = (out.float() - base).abs().max().item()
-            row = dict(
-                d=head_dim,
-                case=name,
-                m=m,
-                n=n,
-                w=w,
-                s=s,
-                g=g,
-                us=ms * 1e3,
-                tflops=flops / ms / 1e9,
-                maxdiff=diff,
-            )
+            config = {"m": m, "n": n, "w": w, "s": s, "g": g}
+            row = {"d": head_dim, "case": name, **config, "us": ms * 1e3,
+                   "tflops": flops / ms / 1e9, "maxdiff": diff}  # fmt: skip
             results.append(row)
             print(
                 f"d={head_dim} {name:8s} m={m:3d} n={n:3d} w={w} s={s} g={g}: "

@@ -53,11 +53,23 @@ def _run(
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize(
+    "kv_heads,queries_per_kv,group", [(1, 3, 1), (2, 4, 2), (2, 4, 4)], ids=["head", "g2", "g4"]
+)
 def test_prefill_matches_reference(
-    device: torch.device, dtype: torch.dtype, scenario: str, block_size: int
+    device: torch.device,
+    dtype: torch.dtype,
+    scenario: str,
+    block_size: int,
+    kv_heads: int,
+    queries_per_kv: int,
+    group: int,
 ) -> None:
+    """One query head per program, or ``group`` heads of one kv head (rows = tokens x heads:
+    the causal mask per token, partial tiles, prefix hits and idle requests alike)."""
     q_lens, seq_lens = SCENARIOS[scenario]
-    _run(device, dtype, q_lens, seq_lens, 1, 3, 64, block_size, block_m=16, block_n=16)
+    _run(device, dtype, q_lens, seq_lens, kv_heads, queries_per_kv, 64, block_size,
+         block_m=16 // group, block_n=16, group=group)  # fmt: skip
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
@@ -74,19 +86,6 @@ def test_prefill_tile_shapes(device: torch.device, block_m: int, block_n: int) -
     # Context starts 30 and 14: the first query row sits just before a key-tile boundary.
     _run(device, torch.float32, [3, 45, 5], [17, 45, 35], 2, 2, 64, 16, block_m=block_m,
          block_n=block_n)  # fmt: skip
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("scenario", SCENARIOS)
-@pytest.mark.parametrize("heads_per_program", [2, 4])
-def test_prefill_gqa_group_per_program(
-    device: torch.device, dtype: torch.dtype, scenario: str, heads_per_program: int
-) -> None:
-    """Query heads of one kv head in one program (rows = tokens x heads): causal mask per
-    token, partial tiles, prefix hits and idle requests as with one head per program."""
-    q_lens, seq_lens = SCENARIOS[scenario]
-    _run(device, dtype, q_lens, seq_lens, 2, 4, 64, 16, block_m=8, block_n=16,
-         group=heads_per_program)  # fmt: skip
 
 
 @pytest.mark.parametrize("head_dim,queries_per_kv", [(64, 4), (128, 4), (128, 8), (64, 16)])
