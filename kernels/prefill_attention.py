@@ -67,7 +67,7 @@ def _prefill_kernel(
     stride_cs,
     stride_ch,
     QUERIES_PER_KV: tl.constexpr,
-    GROUP: tl.constexpr,  # query heads per program (1 or QUERIES_PER_KV): rows share K/V tiles
+    GROUP: tl.constexpr,  # query heads per program (2^k dividing QUERIES_PER_KV): share K/V tiles
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query tokens per tile: BLOCK_M * GROUP rows
@@ -125,20 +125,25 @@ def _prefill_kernel(
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qd_mask)
 
 
-def _default_config(
-    head_dim: int, dtype: torch.dtype, queries_per_kv: int
-) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, GROUP) for a tensor-core GPU."""
-    if dtype == torch.float32:  # no tensor cores ("ieee" dot); keep shared memory < 100 KB
-        return 64, 32, 4, 2, 1
+def _default_group(queries_per_kv: int, dtype: torch.dtype) -> int:
+    """Query heads per program: all of a kv head's when they are 2, 4, 8 or 16 (16-bit)."""
     g = queries_per_kv
-    if g == 1 or g > 16 or g & (g - 1):  # one head per program (MHA, or a group not 2^k)
-        return (128, 64, 4, 3, 1) if head_dim <= 64 else (64, 64, 4, 3, 1)
-    # A GQA group per program, 128 rows (tokens x heads) sharing each K/V tile. NOTE: H200,
-    # Llama-3 heads (4 per kv head), a 16384-token step of 30 whole prompts of 64-1024
-    # tokens (benchmarks/prefill_probe.py): head_dim 128 421.7 us vs 515.4 for the one-head
-    # default (64 tokens); head_dim 64 231.7 us vs 285.6 for one head x 64 tokens.
-    return (128 // g, 64, 8, 2, g) if head_dim <= 64 else (128 // g, 32, 4, 4, g)
+    return 1 if dtype == torch.float32 or g > 16 or g & (g - 1) else g
+
+
+def _default_config(head_dim: int, dtype: torch.dtype, group: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M tokens, BLOCK_N, num_warps, num_stages) for ``group`` heads per program on a
+    tensor-core GPU."""
+    if dtype == torch.float32:  # no tensor cores ("ieee" dot); keep shared memory < 100 KB
+        return max(64 // group, 1), 32, 4, 2
+    if group == 1:
+        return (128, 64, 4, 3) if head_dim <= 64 else (64, 64, 4, 3)
+    # 128 rows (tokens x heads) sharing each K/V tile. NOTE: H200, Llama-3 heads (4 per kv
+    # head), a 16384-token step of 30 whole prompts of 64-1024 tokens
+    # (benchmarks/prefill_probe.py): head_dim 128 421.7 us vs 515.4 for the one-head default
+    # (64 tokens); head_dim 64 231.7 us vs 285.6 for one head x 64 tokens. Groups of 2, 8 and
+    # 16 take the same 128 rows untimed (compiled for sm_90 in the tests).
+    return (128 // group, 64, 8, 2) if head_dim <= 64 else (128 // group, 32, 4, 4)
 
 
 def prefill_attention(
@@ -173,18 +178,17 @@ def prefill_attention(
         f"query_start_loc {tuple(query_start_loc.shape)} must be [num_reqs + 1 = {num_reqs + 1}]"
     )
     assert query_start_loc.dtype in (torch.int32, torch.int64), f"{query_start_loc.dtype}"
+    queries_per_kv = num_heads // num_kv_heads
+    if group is None:  # a given block_m without a group counts the tokens of one head
+        group = _default_group(queries_per_kv, query.dtype) if block_m is None else 1
+    assert group >= 1 and queries_per_kv % group == 0 and group & (group - 1) == 0, (
+        f"group {group} must be a power of 2 dividing {queries_per_kv} query heads per kv head"
+    )
     out = output_buffer(query, out)
     if num_tokens == 0 or num_reqs == 0:
         return out
-    queries_per_kv = num_heads // num_kv_heads
-    cfg_m, cfg_n, cfg_warps, cfg_stages, cfg_group = _default_config(
-        head_dim, query.dtype, queries_per_kv
-    )
-    group = group or (cfg_group if block_m is None else 1)  # block_m counts tokens per tile
+    cfg_m, cfg_n, cfg_warps, cfg_stages = _default_config(head_dim, query.dtype, group)
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
-    assert queries_per_kv % group == 0 and group & (group - 1) == 0, (
-        f"group {group} must be a power of 2 dividing {queries_per_kv} query heads per kv head"
-    )
     # Upper bound on query tiles: each request adds at most one partial tile.
     grid = (num_tokens // block_m + num_reqs, num_heads // group)
     _prefill_kernel[grid](

@@ -116,10 +116,11 @@ def _compile_all() -> list[dict]:
                             torch.zeros(4, dtype=torch.long))  # fmt: skip
         pa.paged_attention_decode(q, cache, cache, bt, lens, 0.1, num_splits=4, new_tokens=rope)
         pf.prefill_attention(q, cache, cache, bt, lens, qsl, 0.1)
-    for heads in (16, 64, 128):  # 2, 8, 16 query heads per kv head: the other grouped tiles
-        cache = torch.empty(64, 16, 8, 128, dtype=torch.bfloat16)
-        q = torch.empty(4, heads, 128, dtype=torch.bfloat16)
-        pf.prefill_attention(q, cache, cache, bt, lens, qsl, 0.1)
+    for head_dim in (64, 128):  # 2, 8, 16 query heads per kv head: the other grouped tiles
+        for heads in (16, 64, 128):
+            cache = torch.empty(64, 16, 8, head_dim, dtype=torch.bfloat16)
+            q = torch.empty(4, heads, head_dim, dtype=torch.bfloat16)
+            pf.prefill_attention(q, cache, cache, bt, lens, qsl, 0.1)
     # an fp8 (e4m3) KV cache: widened to the query's dtype on load, rounded on store
     cache = torch.empty(64, 16, 8, 128, dtype=torch.float8_e4m3fn)
     q, new_kv = torch.empty(4, 32, 128, dtype=torch.bfloat16), torch.empty(4, 8, 128).bfloat16()

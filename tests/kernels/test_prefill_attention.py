@@ -54,7 +54,9 @@ def _run(
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize(
-    "kv_heads,queries_per_kv,group", [(1, 3, 1), (2, 4, 2), (2, 4, 4)], ids=["head", "g2", "g4"]
+    "kv_heads,queries_per_kv,group",
+    [(1, 3, 1), (2, 4, 2), (2, 4, 4), (1, 6, 2)],
+    ids=["head", "g2of4", "g4of4", "g2of6"],
 )
 def test_prefill_matches_reference(
     device: torch.device,
@@ -88,7 +90,9 @@ def test_prefill_tile_shapes(device: torch.device, block_m: int, block_n: int) -
          block_n=block_n)  # fmt: skip
 
 
-@pytest.mark.parametrize("head_dim,queries_per_kv", [(64, 4), (128, 4), (128, 8), (64, 16)])
+@pytest.mark.parametrize(
+    "head_dim,queries_per_kv", [(64, 4), (128, 4), (128, 8), (64, 16), (80, 4), (96, 2)]
+)
 def test_prefill_default_config_groups_heads(
     device: torch.device, head_dim: int, queries_per_kv: int
 ) -> None:
@@ -98,7 +102,7 @@ def test_prefill_default_config_groups_heads(
     _run(device, torch.bfloat16, q_lens, seq_lens, 1, queries_per_kv, head_dim, 16)
 
 
-@pytest.mark.parametrize("group", [3, 8])
+@pytest.mark.parametrize("group", [0, 3, 8])
 def test_prefill_rejects_a_group_that_does_not_divide(device: torch.device, group: int) -> None:
     with pytest.raises(AssertionError, match=f"group {group} must be a power of 2 dividing 4"):
         _run(device, torch.float32, [5], [5], 1, 4, 64, 16, group=group)
@@ -123,20 +127,23 @@ def test_dispatcher_decode_and_prefill_agree(device: torch.device, dtype: torch.
     assert_close(prefill, expected, dtype)
 
 
-def _mixed_batch(device: torch.device, dtype: torch.dtype) -> tuple:
+def _mixed_batch(device: torch.device, dtype: torch.dtype, num_heads: int = 6) -> tuple:
     """``paged_attention``'s inputs for three decode rows ahead of two prefill rows."""
     q_lens, seq_lens = [1, 1, 1, 19, 40], [17, 50, 3, 50, 40]
     k_cache, v_cache, block_tables = make_paged_kv(seq_lens, 2, 64, 16, dtype, device)
-    query = torch.randn(sum(q_lens), 6, 64, device=device).to(dtype)
+    query = torch.randn(sum(q_lens), num_heads, 64, device=device).to(dtype)
     lens, qsl = int32(seq_lens, device), query_start_loc(q_lens, device)
     return query, k_cache, v_cache, block_tables, lens, qsl, 0.125
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_dispatcher_splits_leading_decode_rows(device: torch.device, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("num_heads", [6, 8])  # 3 / 4 heads per kv head (4: grouped prefill)
+def test_dispatcher_splits_leading_decode_rows(
+    device: torch.device, dtype: torch.dtype, num_heads: int
+) -> None:
     """A mixed batch whose first rows are decodes: those go through the decode kernel, the
     rest through the prefill kernel, and the result matches the reference."""
-    args = _mixed_batch(device, dtype)
+    args = _mixed_batch(device, dtype, num_heads)
     out = paged_attention(*args, max_query_len=40, num_decode_rows=3)
     assert_close(out, ref_attention(*args), dtype)
 
@@ -150,11 +157,14 @@ def test_prefill_real_sizes(device: torch.device, head_dim: int) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_prefill_fp8_cache(device: torch.device, dtype: torch.dtype, scenario: str) -> None:
+@pytest.mark.parametrize("queries_per_kv,group", [(3, 1), (4, 4)])
+def test_prefill_fp8_cache(
+    device: torch.device, dtype: torch.dtype, scenario: str, queries_per_kv: int, group: int
+) -> None:
     """An fp8 (e4m3) cache: keys and values widen exactly (16-bit queries: fp16 dots)."""
     q_lens, seq_lens = SCENARIOS[scenario]
-    _run(device, dtype, q_lens, seq_lens, 1, 3, 64, 16, kv_dtype=torch.float8_e4m3fn,
-         block_m=16, block_n=16)  # fmt: skip
+    _run(device, dtype, q_lens, seq_lens, 1, queries_per_kv, 64, 16,
+         kv_dtype=torch.float8_e4m3fn, block_m=16 // group, block_n=16, group=group)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
