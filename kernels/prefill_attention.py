@@ -93,8 +93,9 @@ def _prefill_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     qd_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     tokens = (q_start + offs_m).to(tl.int64)
-    row_off = tokens * stride_qt + (first_head + rows % GROUP) * stride_qh
-    q = tl.load(q_ptr + row_off[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
+    heads = first_head + rows % GROUP
+    q_row = tokens * stride_qt + heads * stride_qh
+    q = tl.load(q_ptr + q_row[:, None] + offs_d[None, :], mask=qd_mask, other=0.0)
     q = dot_dtype_query(q, FP16_DOTS)
     q_pos = first_pos + rows // GROUP
     kv_head = first_head // QUERIES_PER_KV
@@ -120,9 +121,9 @@ def _prefill_kernel(
         )  # fmt: skip
 
     out = acc / l_i[:, None]
-    o_row = tokens * stride_ot + (first_head + rows % GROUP) * stride_oh
-    o_off = o_row[:, None] + offs_d[None, :]
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+    o_row = tokens * stride_ot + heads * stride_oh
+    tl.store(out_ptr + o_row[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=qd_mask)  # fmt: skip
 
 
 def _default_group(queries_per_kv: int, dtype: torch.dtype) -> int:
