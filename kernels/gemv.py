@@ -19,110 +19,13 @@ import triton
 import triton.language as tl
 
 from kernels.pdl import pdl_launch, wait_for_predecessor
-
-# 4 int8 (one 32-bit register) -> 4 fp32 without the quarter-rate integer-to-float
-# conversion: byte permutes and one subtraction each. A byte b (biased by +128) placed under
-# the exponent of 2^23 reads as 2^23 + b; subtracting 2^23 + 128 is exact. Also used by the
-# tiled kernel (kernels.quant_matmul._i8x4_to_f32).
-_I8X4_ASM: tl.constexpr = tl.constexpr(
-    """{
-    .reg .b32 u, m, t0, t1, t2, t3;
-    mov.b32 m, 0x4B000000;
-    xor.b32 u, $4, 0x80808080;
-    prmt.b32 t0, u, m, 0x7650;
-    prmt.b32 t1, u, m, 0x7651;
-    prmt.b32 t2, u, m, 0x7652;
-    prmt.b32 t3, u, m, 0x7653;
-    sub.f32 $0, t0, 0f4B000080;
-    sub.f32 $1, t1, 0f4B000080;
-    sub.f32 $2, t2, 0f4B000080;
-    sub.f32 $3, t3, 0f4B000080;
-    }"""
+from kernels.weight_words import (
+    e4m3x4_word_to_f32,
+    epilogue,
+    halves_to_f32,
+    i8x4_word_to_f32,
+    word_byte_f32,
 )
-
-
-@triton.jit
-def _epilogue(acc, acc_up, scale_ptr, bias_ptr, offs_n, n_mask, N, add_bias,
-              HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-              OUT_DTYPE: tl.constexpr):  # fmt: skip
-    """Per-channel scale (HAS_SCALE) + bias (where ``add_bias``) of fp32 accumulators whose
-    last dim is ``offs_n``; GATED: ``silu(gate) * up`` with each factor rounded to OUT_DTYPE
-    first, as the unfused matmul output followed by ``silu_and_mul`` rounds it."""
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) * add_bias
-    if GATED:
-        up = acc_up
-        if HAS_SCALE:
-            up = up * tl.load(scale_ptr + N + offs_n, mask=n_mask, other=0.0)
-        if HAS_BIAS:
-            up += tl.load(bias_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        gate = acc.to(OUT_DTYPE).to(tl.float32)
-        act = (gate * tl.sigmoid(gate)).to(OUT_DTYPE).to(tl.float32)
-        acc = act * up.to(OUT_DTYPE).to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _i8x4_word_to_f32(words):
-    """Four fp32 tensors, bytes 0..3 (k = 4j .. 4j + 3) of each int8x4 word (_I8X4_ASM)."""
-    return _asm_word_to_4xf32(_I8X4_ASM, words)
-
-
-@triton.jit
-def _e4m3x4_word_to_f32(words):
-    """Four fp32 tensors, bytes 0..3 of each e4m3 x4 word. The conversion unit runs at a
-    quarter of the FMA rate: at ~4 TB/s of weights it alone would be the limit, and integer
-    ops alone (3 per byte) load that pipe as much, so bytes 0-1 go through the conversion
-    unit (e4m3x2 -> f16x2 -> 2 x f32) and bytes 2-3 through integer ops (H200 8B gate_up:
-    30.3 us vs 33.9 with all four by integer ops): each byte goes to the top of a register
-    (permute); an arithmetic shift by 4 puts the exponent and mantissa bits where fp32 keeps
-    its own, the mask keeps the sign and those 7 bits: read as fp32 that is the value times
-    2^-120 (the exponent biases differ by 127 - 7; e4m3 subnormals land on fp32 subnormals),
-    so one exact multiply by 2^120 finishes. NaN (0x7F) is not mapped: quantized weights
-    are finite."""
-    return _asm_word_to_4xf32(
-        """{
-        .reg .b16 lo, hi, h0, h1;
-        .reg .b32 f01, t2, t3;
-        mov.b32 {lo, hi}, $4;
-        cvt.rn.f16x2.e4m3x2 f01, lo;
-        mov.b32 {h0, h1}, f01;
-        cvt.f32.f16 $0, h0;
-        cvt.f32.f16 $1, h1;
-        prmt.b32 t2, $4, 0, 0x2444;
-        prmt.b32 t3, $4, 0, 0x3444;
-        shr.s32 t2, t2, 4;
-        shr.s32 t3, t3, 4;
-        and.b32 t2, t2, 0x87F00000;
-        and.b32 t3, t3, 0x87F00000;
-        mul.f32 $2, t2, 0f7B800000;
-        mul.f32 $3, t3, 0f7B800000;
-        }""",
-        words,
-    )
-
-
-@triton.jit
-def _asm_word_to_4xf32(asm: tl.constexpr, words):
-    return tl.inline_asm_elementwise(
-        asm=asm,
-        constraints="=r,=r,=r,=r,r",
-        args=[words],
-        dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
-        is_pure=True,
-        pack=1,
-    )
-
-
-@triton.jit
-def _word_byte_f32(words, i: tl.constexpr, FP8: tl.constexpr):
-    """Byte ``i`` of each 4-byte word as fp32: int8 by an arithmetic shift, e4m3 by a bitcast."""
-    if FP8:
-        byte = ((words >> (8 * i)) & 0xFF).to(tl.uint8)
-        return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    return ((words << (24 - 8 * i)) >> 24).to(tl.float32)
 
 
 @triton.jit
@@ -130,16 +33,16 @@ def _dot_words(acc, words, x0, x1, x2, x3, W16: tl.constexpr, FP8: tl.constexpr,
                PTX_WIDEN: tl.constexpr):  # fmt: skip
     """acc += the four weights of each word times x0..x3 (x[4j .. 4j + 3], fp32)."""
     if W16 is not None:
-        w0, w1, w2, w3 = _halves_to_f32(words, W16)
+        w0, w1, w2, w3 = halves_to_f32(words, W16)
     elif PTX_WIDEN and FP8:
-        w0, w1, w2, w3 = _e4m3x4_word_to_f32(words)
+        w0, w1, w2, w3 = e4m3x4_word_to_f32(words)
     elif PTX_WIDEN:
-        w0, w1, w2, w3 = _i8x4_word_to_f32(words)
+        w0, w1, w2, w3 = i8x4_word_to_f32(words)
     else:
-        w0 = _word_byte_f32(words, 0, FP8)
-        w1 = _word_byte_f32(words, 1, FP8)
-        w2 = _word_byte_f32(words, 2, FP8)
-        w3 = _word_byte_f32(words, 3, FP8)
+        w0 = word_byte_f32(words, 0, FP8)
+        w1 = word_byte_f32(words, 1, FP8)
+        w2 = word_byte_f32(words, 2, FP8)
+        w3 = word_byte_f32(words, 3, FP8)
     acc = tl.fma(w0, x0, acc)
     acc = tl.fma(w1, x1, acc)
     acc = tl.fma(w2, x2, acc)
@@ -151,31 +54,9 @@ def _load_x4(ptrs, mask, EVEN: tl.constexpr, X16: tl.constexpr):
     """x[4j .. 4j + 3] as four fp32 tensors. X16: ``ptrs`` are int64 pointers to the four
     16-bit values (one load), else pointers to x[4j] (four strided loads)."""
     if X16 is not None:
-        return _halves_to_f32(tl.load(ptrs) if EVEN else tl.load(ptrs, mask=mask, other=0), X16)
+        return halves_to_f32(tl.load(ptrs) if EVEN else tl.load(ptrs, mask=mask, other=0), X16)
     return (_load_x(ptrs, mask, EVEN), _load_x(ptrs + 1, mask, EVEN),
             _load_x(ptrs + 2, mask, EVEN), _load_x(ptrs + 3, mask, EVEN))  # fmt: skip
-
-
-@triton.jit
-def _halves_to_f32(words, X16: tl.constexpr):
-    """The four X16 (bf16 / fp16) values of each int64 word, low bits first, as fp32."""
-    lo, hi = words.to(tl.int32), (words >> 32).to(tl.int32)
-    return (
-        _half_f32(lo, 0, X16),
-        _half_f32(lo, 1, X16),
-        _half_f32(hi, 0, X16),
-        _half_f32(hi, 1, X16),
-    )
-
-
-@triton.jit
-def _half_f32(pair, i: tl.constexpr, X16: tl.constexpr):
-    """Half ``i`` (0: low bits) of a 32-bit pair of X16 (bf16 / fp16) values as fp32."""
-    if tl.bfloat16 == X16:  # bf16 is the top half of an fp32
-        bits = pair << 16 if i == 0 else pair & -65536
-        return bits.to(tl.float32, bitcast=True)
-    half = pair if i == 0 else pair >> 16
-    return half.to(tl.int16).to(X16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -293,7 +174,7 @@ def _gemv_kernel(
     if NORM:
         inv_rms = tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
         acc, acc_up = acc * inv_rms, acc_up * inv_rms
-    out = _epilogue(acc, acc_up, scale_ptr, bias_ptr, offs_n, n_mask, N, 1.0, HAS_SCALE,
+    out = epilogue(acc, acc_up, scale_ptr, bias_ptr, offs_n, n_mask, N, 1.0, HAS_SCALE,
                     HAS_BIAS, GATED, out_dt)  # fmt: skip
     if RESIDUAL:
         res = tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)

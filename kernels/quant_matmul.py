@@ -20,23 +20,10 @@ import triton
 import triton.language as tl
 
 from kernels.attention_tile import dot_precision
-from kernels.gemv import _I8X4_ASM, _epilogue, check_fusions, gemv, gemv_layout
+from kernels.gemv import check_fusions, gemv, gemv_layout
 from kernels.paged_attention import num_sms
 from kernels.pdl import pdl_launch, wait_for_predecessor
-
-
-@triton.jit
-def _i8x4_to_f32(w):
-    """int8 tile -> fp32 by the byte permutes of ``_I8X4_ASM`` (H200, one row, the 8B
-    projections: the GEMV 6-14% faster than with ``.to(tl.float32)``)."""
-    return tl.inline_asm_elementwise(
-        asm=_I8X4_ASM,
-        constraints="=r,=r,=r,=r,r",
-        args=[w],
-        dtype=tl.float32,
-        is_pure=True,
-        pack=4,
-    )
+from kernels.weight_words import epilogue, i8x4_tile_to_f32
 
 
 @triton.jit
@@ -52,9 +39,9 @@ def _widen(w, mask, EVEN: tl.constexpr, FAST_I8: tl.constexpr):
     NOTE: via fp32 (exact for int8 and e4m3): Triton 3.9's interpreter casts int8 -> bf16 as
     raw bits. Masked lanes are zeroed after the widening: an integer ``other`` does not
     compile for fp8 pointers. FAST_I8 (int8 on a GPU; inline PTX cannot run in the
-    interpreter) widens with ``_i8x4_to_f32``.
+    interpreter) widens with ``i8x4_tile_to_f32``.
     """
-    w = _i8x4_to_f32(w) if FAST_I8 else w.to(tl.float32)
+    w = i8x4_tile_to_f32(w) if FAST_I8 else w.to(tl.float32)
     return w if EVEN else tl.where(mask, w, 0.0)
 
 
@@ -83,7 +70,7 @@ def _w8a16_kernel(
     EVEN_K: tl.constexpr,  # every split is whole K tiles: no K masks
     EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: unmasked (vectorizable) weight loads
     DOT_PRECISION: tl.constexpr,
-    FAST_I8: tl.constexpr,  # int8 weights widened by _i8x4_to_f32
+    FAST_I8: tl.constexpr,  # int8 weights widened by i8x4_tile_to_f32
     PDL: tl.constexpr,
 ):
     wait_for_predecessor(PDL)
@@ -106,7 +93,7 @@ def _w8a16_kernel(
         w_mask = n_mask[None, :] if EVEN_K else (ks < k_hi)[:, None] & n_mask[None, :]
         w = _widen(_load_raw(w_ptrs, w_mask, EVEN_K and EVEN_N), w_mask, EVEN_K and EVEN_N, FAST_I8)
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
-    acc = _epilogue(acc, acc, scale_ptr, bias_ptr, offs_n, n_mask, N,
+    acc = epilogue(acc, acc, scale_ptr, bias_ptr, offs_n, n_mask, N,
                     (pid_k == 0).to(tl.float32),  # the bias is added by one split only
                     True, HAS_BIAS, False, out_ptr.dtype.element_ty)  # fmt: skip
     out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om
