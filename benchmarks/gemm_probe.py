@@ -160,6 +160,7 @@ def _mm_streamk(x_desc, w_desc, c_desc, ws_ptr, flags_ptr, M, N, K,
                 tl.atomic_xchg(flags_ptr + pid * 2 + slot, 1, sem="release", scope="gpu")
         it += k1 - k0
     if owned >= 0:
+        tl.debug_barrier()  # the parked partial, written by other threads of this program
         acc = tl.load(ws_ptr + (pid * 2 * BLOCK_M * BLOCK_N).to(tl.int64) + offs)
         tile_start = owned * iters
         q = pid - 1
