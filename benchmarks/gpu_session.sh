@@ -3,7 +3,7 @@
 # Usage on the device: bash benchmarks/gpu_session.sh STEP...   (STEP: tests, kernels, w1-1b,
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
 # quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, w1-fp8,
-# kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk)
+# kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -41,6 +41,8 @@ for step in "$@"; do
     persistent-probe) for c in "4 1024" "8 512" "2 1024" "4 512"; do set -- $c
              BN=$1 BK=$2 timeout 150 python benchmarks/persistent_probe.py 2>&1 | tail -50; done \
              | tee "$OUT/persistent_probe.txt" ;;
+    blas-probe) timeout 300 python benchmarks/blas_probe.py --out "$OUT/blas_probe.json" 2>&1 | tail -150
+             timeout 200 python benchmarks/blas_probe.py --m 16384 --shapes gate_up,down --out "$OUT/blas_probe_prefill.json" 2>&1 | tail -60 ;;
     gemm-streamk) timeout 420 python benchmarks/gemm_probe.py --shapes gate_up,down,qkv,o \
              --kinds persistent,streamk --out "$OUT/gemm_streamk.json" 2>&1 | tail -120 ;;
     gemm-probe) timeout 420 python benchmarks/gemm_probe.py --shapes "${GEMM_SHAPES:-gate_up,qkv}" \
