@@ -3,7 +3,8 @@
 # Usage on the device: bash benchmarks/gpu_session.sh STEP...   (STEP: tests, kernels, w1-1b,
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
 # quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, w1-fp8,
-# kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe)
+# kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe,
+# read-bw, gemm-prefill)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -43,6 +44,9 @@ for step in "$@"; do
              | tee "$OUT/persistent_probe.txt" ;;
     blas-probe) timeout 300 python benchmarks/blas_probe.py --out "$OUT/blas_probe.json" 2>&1 | tail -150
              timeout 200 python benchmarks/blas_probe.py --m 16384 --shapes gate_up,down --out "$OUT/blas_probe_prefill.json" 2>&1 | tail -60 ;;
+    read-bw) python benchmarks/read_bw_probe.py --out "$OUT/read_bw.json" 2>&1 | tail -12 ;;
+    gemm-prefill) timeout 400 python benchmarks/gemm_probe.py --m 16384 --shapes gate_up \
+             --kinds tma,persistent --out "$OUT/gemm_prefill.json" 2>&1 | tail -60 ;;
     gemm-streamk) timeout 420 python benchmarks/gemm_probe.py --shapes gate_up,down,qkv,o \
              --kinds persistent,streamk --out "$OUT/gemm_streamk.json" 2>&1 | tail -120 ;;
     gemm-probe) timeout 420 python benchmarks/gemm_probe.py --shapes "${GEMM_SHAPES:-gate_up,qkv}" \
