@@ -298,7 +298,7 @@ def bench_engine(args, report: dict) -> None:
         vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
         b1 = random_workload(1, vocab, 128, 128, 256, 2)
         roof = bw / (weight_numel(model_dir) * 2)
-        for gemv in ("1", "0"):
+        for gemv in args.gemv.split(","):
             os.environ["VLLM_RUNNER_GEMV"] = gemv  # read when the decode graphs are captured
             llm = LLM(model=model_dir, dtype="bfloat16", device="cuda", max_model_len=400)
             generate(llm, b1.salted(50))  # warm-up
@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cases", default="tiles,fusions,engine")
     p.add_argument("--models", default="1b,8b")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gemv", default="1,0", help="engine case: one-row GEMV layers on (1) / off")
     p.add_argument("--model-root", default="/tmp/vllm_runner_bench")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

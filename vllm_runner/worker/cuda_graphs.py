@@ -20,7 +20,7 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Graphs read their inputs from ``DeviceInputs``' static buffers and write logits into
+    """Graphs read their inputs from ``DeviceInputs``' views of their size and write logits into
     a static output, so a replay is: stage inputs, replay, read ``logits[:num_reqs]``.
 
     Without ``capture()`` (``enforce_eager``) the same padded calls run eagerly, so graph and
@@ -48,47 +48,49 @@ class DecodeGraphs:
         (few rows with long contexts) or not (many rows, or contexts of one key tile), in row
         order (one row) or longest first. Left to the first mixed steps, those compiles
         stalled a W1 run on a fresh Triton cache by ~0.8 s (H200)."""
-        self._blank_inputs()
         for size in sorted({*self.buckets[:2], self.buckets[-1]}):
+            self._blank_inputs(size)
             self._static_call(size, fused_decode=False)
             if size < self.buckets[-1] or len(self.buckets) == 1:  # one key tile: unsplit
                 self._static_call(size, fused_decode=False, max_seq_len=1)
 
-    def _blank_inputs(self) -> None:
-        """Static inputs under which warm-up and capture runs write and read nothing."""
-        dev = self.buffers.dev
+    def _blank_inputs(self, size: int) -> None:
+        """Set the static inputs of a ``size``-row decode step so that warm-up and capture
+        runs write and read nothing (other step sizes' layouts share these bytes)."""
+        dev = self.buffers.views(size, size)
         dev["slot_mapping"].fill_(-1)
         dev["seq_lens"].zero_()
         dev["input_ids"].zero_()
         dev["positions"].zero_()
-        order = dev["decode_order"]
-        order.copy_(torch.arange(len(order), dtype=order.dtype))
+        dev["query_start_loc"].copy_(torch.arange(size + 1, dtype=torch.int32))
+        dev["block_tables"].zero_()
+        dev["decode_order"].copy_(torch.arange(size, dtype=torch.int32))
 
     def _static_call(
         self, size: int, fused_decode: bool = True, max_seq_len: int | None = None
     ) -> torch.Tensor:
-        dev = self.buffers.dev
+        dev = self.buffers.views(size, size)
         md = AttentionMetadata(
-            slot_mapping=dev["slot_mapping"][:size],
-            block_tables=dev["block_tables"][:size],
-            seq_lens=dev["seq_lens"][:size],
-            query_start_loc=dev["query_start_loc"][: size + 1],
+            slot_mapping=dev["slot_mapping"],
+            block_tables=dev["block_tables"],
+            seq_lens=dev["seq_lens"],
+            query_start_loc=dev["query_start_loc"],
             max_query_len=1,
             # NOTE: fixes the decode kernel's split count for the graph; any value is correct.
             max_seq_len=max_seq_len or self.max_model_len,
             fused_decode=fused_decode,  # graphs: True, replayed only for fused_decode steps
-            decode_order=dev["decode_order"][:size],
+            decode_order=dev["decode_order"],
         )
         with forward_context(md):
-            hidden = self.model(dev["input_ids"][:size], dev["positions"][:size])
+            hidden = self.model(dev["input_ids"], dev["positions"])
             return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
-        self._blank_inputs()
         pool = None
         for size in reversed(self.buckets):  # largest first: later graphs reuse its pool
+            self._blank_inputs(size)
             self._static_call(size)  # warm-up: compiles kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()

@@ -5,75 +5,91 @@ padded to a captured bucket size with rows that write nothing (slot -1) and read
 (seq_len 0).
 """
 
+import math
+
 import numpy as np
 import torch
 
 from vllm_runner.model.layers.attention import AttentionMetadata
 from vllm_runner.worker.input_batch import StepInputs
 
-_FIELDS = {  # name -> dtype
-    "input_ids": torch.int64,
-    "positions": torch.int64,
-    "slot_mapping": torch.int64,
-    "seq_lens": torch.int32,
-    "query_start_loc": torch.int32,
-    "logits_indices": torch.int64,
-    "patch_dst": torch.int64,
-    "patch_src": torch.int64,
-    "decode_order": torch.int32,
+_FIELDS = {  # name -> dtype, rows (T: token rows, R: request rows), in arena order
+    "input_ids": (torch.int64, "T"),
+    "positions": (torch.int64, "T"),
+    "slot_mapping": (torch.int64, "T"),
+    "logits_indices": (torch.int64, "R"),
+    "patch_dst": (torch.int64, "R"),
+    "patch_src": (torch.int64, "R"),
+    "seq_lens": (torch.int32, "R"),
+    "query_start_loc": (torch.int32, "R+1"),
+    "decode_order": (torch.int32, "R"),
+    "block_tables": (torch.int32, "R x blocks"),
 }
+_ALIGN = 16  # bytes: every field starts 16-byte aligned (vectorized kernel loads)
+
+
+def _layout(tokens: int, reqs: int, max_blocks: int) -> tuple[dict[str, tuple], int]:
+    """Byte offset and shape of each field for a step of ``tokens`` / ``reqs`` rows, packed
+    one after another, and the bytes they span."""
+    rows = {"T": (tokens,), "R": (reqs,), "R+1": (reqs + 1,), "R x blocks": (reqs, max_blocks)}
+    slots, end = {}, 0
+    for name, (dtype, kind) in _FIELDS.items():
+        shape = rows[kind]
+        slots[name] = (end, shape, dtype)
+        end += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+    return slots, end
 
 
 class DeviceInputs:
-    """Two sets of pinned host buffers alternate between steps: while step N's copies may
-    still be queued on the GPU, step N + 1 stages into the other set (async scheduling
-    waits for step N - 1 before staging N + 1)."""
+    """A step's inputs are packed into one pinned host buffer and reach the device in one
+    copy (a small pinned copy costs the GPU ~2.5 us; a decode step had nine). The layout
+    depends only on the step's token and request row counts, so a decode graph of a bucket
+    size reads its inputs at the same addresses on every replay.
+
+    Two host buffers alternate between steps: while step N's copy may still be queued on
+    the GPU, step N + 1 stages into the other (async scheduling waits for step N - 1 before
+    staging N + 1)."""
 
     def __init__(
         self, max_tokens: int, max_reqs: int, max_blocks: int, device: torch.device
     ) -> None:
         self.device = device
         self.pin = device.type == "cuda"
-        sizes = {
-            "input_ids": max_tokens,
-            "positions": max_tokens,
-            "slot_mapping": max_tokens,
-            "seq_lens": max_reqs,
-            "query_start_loc": max_reqs + 1,
-            "logits_indices": max_reqs,
-            "patch_dst": max_reqs,
-            "patch_src": max_reqs,
-            "decode_order": max_reqs,
-        }
-
-        def host_set() -> dict[str, torch.Tensor]:
-            bufs = {
-                n: torch.zeros(sizes[n], dtype=d, pin_memory=self.pin) for n, d in _FIELDS.items()
-            }
-            bufs["block_tables"] = torch.zeros(
-                max_reqs, max_blocks, dtype=torch.int32, pin_memory=self.pin
-            )
-            return bufs
-
-        self.hosts = [host_set(), host_set()] if self.pin else [host_set()]
-        self.host = self.hosts[0]
-        # On CPU the staging buffers are the inputs themselves.
-        self.dev = {n: t.to(device) if self.pin else t for n, t in self.host.items()}
+        self.max_blocks = max_blocks
+        size = _layout(max_tokens, max_reqs, max_blocks)[1]
+        self.hosts = [
+            torch.zeros(size, dtype=torch.uint8, pin_memory=self.pin)
+            for _ in range(2 if self.pin else 1)
+        ]
+        # On CPU the staging buffer is the input buffer itself.
+        self.arena = (
+            torch.zeros(size, dtype=torch.uint8, device=device) if self.pin else self.hosts[0]
+        )
+        self._views: dict[tuple[int, int], tuple[int, dict, list[dict]]] = {}
         self._turn = 0
 
-    def _put(self, name: str, array: np.ndarray, pad_to: int = 0, fill: int = 0) -> torch.Tensor:
-        """Stage ``array`` (padded to ``pad_to`` rows with ``fill``) and copy it to the device."""
-        n = len(array)
-        rows = max(n, pad_to)
-        host, dev = self.host[name], self.dev[name]
-        if host.dim() == 1:
-            host.numpy()[:n] = array
-            host.numpy()[n:rows] = fill
-        else:
-            host.numpy()[:n, : array.shape[1]] = array
-        if self.pin:
-            dev[:rows].copy_(host[:rows], non_blocking=True)
-        return dev[:rows]
+    def _entry(self, tokens: int, reqs: int) -> tuple[int, dict, list[dict]]:
+        """(bytes, device views, numpy views of each host buffer) of a layout, cached."""
+        key = (tokens, reqs)
+        if key not in self._views:
+            if len(self._views) >= 256:  # prefill steps come in many sizes
+                self._views.clear()
+            slots, end = _layout(tokens, reqs, self.max_blocks)
+
+            def views(buf: torch.Tensor) -> dict[str, torch.Tensor]:
+                return {
+                    name: buf[off : off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                    for name, (off, shape, dtype) in slots.items()
+                }
+
+            hosts = [{n: t.numpy() for n, t in views(h).items()} for h in self.hosts]
+            self._views[key] = (end, views(self.arena), hosts)
+        return self._views[key]
+
+    def views(self, tokens: int, reqs: int) -> dict[str, torch.Tensor]:
+        """Device views of every field for a step of ``tokens`` / ``reqs`` rows: the static
+        inputs a decode graph of that batch size reads."""
+        return self._entry(tokens, reqs)[1]
 
     def load(
         self,
@@ -85,34 +101,54 @@ class DeviceInputs:
         """Device views of this step's inputs. With ``pad_reqs`` (decode graphs), every
         per-token and per-request array is padded to that many rows. Input tokens still on
         the device (``inputs.missing``) are copied from ``prev_sampled`` there."""
-        self.host = self.hosts[self._turn]
-        self._turn = (self._turn + 1) % len(self.hosts)
         qsl = inputs.query_start_loc
-        input_ids = self._put("input_ids", inputs.input_ids, pad_reqs)
+        num_tokens, num_reqs = int(qsl[-1]), len(qsl) - 1
+        end, dev, hosts = self._entry(max(num_tokens, pad_reqs), max(num_reqs, pad_reqs))
+        host = hosts[self._turn]
+        host_buffer = self.hosts[self._turn]
+        self._turn = (self._turn + 1) % len(self.hosts)
+        lengths = {}
+
+        def put(name: str, array: np.ndarray, pad_to: int = 0, fill: int = 0) -> None:
+            n = len(array)
+            rows = max(n, pad_to)
+            if array.ndim == 1:
+                host[name][:n] = array
+                host[name][n:rows] = fill
+            else:
+                host[name][:n, : array.shape[1]] = array
+            lengths[name] = rows
+
+        put("input_ids", inputs.input_ids, pad_reqs)
         if inputs.missing:
-            dst = np.fromiter((i for i, _ in inputs.missing), np.int64, len(inputs.missing))
-            src = np.fromiter((prev_rows[r] for _, r in inputs.missing), np.int64, len(dst))
-            input_ids.index_copy_(
-                0, self._put("patch_dst", dst), prev_sampled[self._put("patch_src", src)]
-            )
-        positions = self._put("positions", inputs.positions, pad_reqs)
-        # The decode rows, longest context first; padding rows (seq_len 0) last. One row needs
-        # no order (the kernel ignores it): no copy (each small copy costs the GPU ~2.5 us).
+            put("patch_dst", np.fromiter((i for i, _ in inputs.missing), np.int64))
+            put("patch_src", np.fromiter((prev_rows[r] for _, r in inputs.missing), np.int64))
+        put("positions", inputs.positions, pad_reqs)
+        put("slot_mapping", inputs.slot_mapping, pad_reqs, fill=-1)
+        put("block_tables", inputs.block_tables, pad_reqs)
+        put("seq_lens", inputs.seq_lens, pad_reqs)
+        put("query_start_loc", qsl, pad_reqs + 1 if pad_reqs else 0, fill=int(qsl[-1]))
+        # The decode rows, longest context first; padding rows (seq_len 0) last.
         d = inputs.num_decode_rows
         order = np.argsort(-inputs.seq_lens[:d], kind="stable")
-        order = np.concatenate([order, np.arange(d, max(d, pad_reqs))])
+        put("decode_order", np.concatenate([order, np.arange(d, max(d, pad_reqs))]))
+        put("logits_indices", inputs.logits_indices)
+        if self.pin:
+            self.arena[:end].copy_(host_buffer[:end], non_blocking=True)
+        v = {name: dev[name][:rows] for name, rows in lengths.items()}
+        input_ids = v["input_ids"]
+        if inputs.missing:
+            input_ids.index_copy_(0, v["patch_dst"], prev_sampled[v["patch_src"]])
         md = AttentionMetadata(
-            slot_mapping=self._put("slot_mapping", inputs.slot_mapping, pad_reqs, fill=-1),
-            block_tables=self._put("block_tables", inputs.block_tables, pad_reqs),
-            seq_lens=self._put("seq_lens", inputs.seq_lens, pad_reqs),
-            query_start_loc=self._put(
-                "query_start_loc", qsl, pad_reqs + 1 if pad_reqs else 0, fill=int(qsl[-1])
-            ),
+            slot_mapping=v["slot_mapping"],
+            block_tables=v["block_tables"],
+            seq_lens=v["seq_lens"],
+            query_start_loc=v["query_start_loc"],
             max_query_len=inputs.max_query_len,
             max_seq_len=inputs.max_seq_len,
             num_decode_rows=inputs.num_decode_rows,
             fused_decode=inputs.fused_decode,
-            decode_order=self._put("decode_order", order) if len(order) > 1 else None,
+            # one row needs no order (the kernel then skips a dependent load)
+            decode_order=v["decode_order"] if lengths["decode_order"] > 1 else None,
         )
-        logits_indices = self._put("logits_indices", inputs.logits_indices)
-        return input_ids, positions, md, logits_indices
+        return input_ids, v["positions"], md, v["logits_indices"]

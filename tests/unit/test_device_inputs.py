@@ -1,0 +1,79 @@
+"""DeviceInputs: a step's inputs packed into one buffer, at addresses fixed by the step's row
+counts (what CUDA graphs replay from), every field rewritten by each step that uses it."""
+
+import torch
+
+from tests.unit.test_input_batch import new, step
+from vllm_runner.engine.outputs import CachedRequestData
+from vllm_runner.worker.device_inputs import DeviceInputs
+from vllm_runner.worker.input_batch import InputBatch
+
+
+def _decode_step(batch: InputBatch, prompts: dict[str, list[int]]):
+    for r in prompts:
+        batch.states[r].token_ids.append(100 + len(r))
+    sched = step(cached=[CachedRequestData(r, [], len(t)) for r, t in prompts.items()],
+                 scheduled=dict.fromkeys(prompts, 1))  # fmt: skip
+    batch.update(sched)
+    return batch.prepare(sched)
+
+
+def _prefill(batch: InputBatch, prompts: dict[str, list[int]], blocks: dict[str, list[int]]):
+    sched = step([new(r, t, blocks[r]) for r, t in prompts.items()],
+                 scheduled={r: len(t) for r, t in prompts.items()})  # fmt: skip
+    batch.update(sched)
+    return batch.prepare(sched)
+
+
+def test_graph_sized_step_reads_the_views_a_graph_captured():
+    """A decode step padded to a bucket returns views at the addresses ``views(size, size)``
+    gives (the graph's static inputs), holding the step's values and inert padding, even
+    after a prefill step of another layout wrote over the same bytes."""
+    buffers = DeviceInputs(64, 8, 4, torch.device("cpu"))
+    static = buffers.views(4, 4)
+    batch = InputBatch(block_size=4, max_blocks_per_request=4)
+    prompts = {"a": [1, 2], "b": [3, 4, 5, 6, 7], "c": [8, 9, 10]}
+    buffers.load(_prefill(batch, prompts, {"a": [1], "b": [2, 3], "c": [4]}))
+    ids, pos, md, _ = buffers.load(_decode_step(batch, prompts), pad_reqs=4)
+    assert ids.data_ptr() == static["input_ids"].data_ptr() and len(ids) == 4
+    assert pos.data_ptr() == static["positions"].data_ptr()
+    for name in ("slot_mapping", "block_tables", "seq_lens", "query_start_loc", "decode_order"):
+        assert getattr(md, name).data_ptr() == static[name].data_ptr(), name
+    assert static["input_ids"].tolist() == [101, 101, 101, 0]
+    assert static["positions"].tolist() == [2, 5, 3, 0]
+    assert static["slot_mapping"].tolist() == [6, 13, 19, -1]  # padding writes nothing
+    assert static["seq_lens"].tolist() == [3, 6, 4, 0]  # and reads nothing
+    assert static["query_start_loc"].tolist() == [0, 1, 2, 3, 3]
+    assert static["decode_order"].tolist() == [1, 2, 0, 3]  # longest context first
+    assert static["block_tables"][:3, :2].tolist() == [[1, 0], [2, 3], [4, 0]]
+
+
+def test_fields_are_aligned_and_disjoint():
+    """Every field starts 16-byte aligned and no two fields of one layout overlap."""
+    buffers = DeviceInputs(64, 8, 5, torch.device("cpu"))
+    for tokens, reqs in [(1, 1), (3, 3), (64, 8), (17, 5)]:
+        spans = sorted(
+            (v.data_ptr(), v.data_ptr() + v.numel() * v.element_size())
+            for v in buffers.views(tokens, reqs).values()
+        )
+        assert all(start % 16 == 0 for start, _ in spans)
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))
+
+
+def test_sampled_tokens_patched_from_the_device():
+    """Input tokens still on the device (async scheduling) are copied from the previous
+    step's sampled ids, whose row indices travel in the same packed buffer."""
+    buffers = DeviceInputs(64, 8, 4, torch.device("cpu"))
+    batch = InputBatch(block_size=4, max_blocks_per_request=4)
+    prompts = {"a": [1, 2], "b": [3, 4, 5]}
+    buffers.load(_prefill(batch, prompts, {"a": [1], "b": [2]}))
+    for r in prompts:
+        batch.states[r].num_pending += 1  # sampled on the device, not yet on the host
+    sched = step(cached=[CachedRequestData(r, [], len(t)) for r, t in prompts.items()],
+                 scheduled=dict.fromkeys(prompts, 1))  # fmt: skip
+    batch.update(sched)
+    inputs = batch.prepare(sched)
+    assert len(inputs.missing) == 2
+    prev = torch.tensor([70, 80])  # rows of the previous step's sampled ids
+    ids, *_ = buffers.load(inputs, 0, prev, {"a": 1, "b": 0})
+    assert ids.tolist() == [80, 70]
