@@ -60,6 +60,7 @@ def run_steps(
 
     engine.scheduler.schedule = recording_schedule
     pauses: list[float] = []
+    full: list[float] = []  # of them, full (oldest-generation) collections
     started = [0.0]
 
     def on_gc(phase: str, info: dict) -> None:
@@ -67,6 +68,8 @@ def run_steps(
             started[0] = time.perf_counter()
         else:
             pauses.append(time.perf_counter() - started[0])
+            if info["generation"] == 2:
+                full.append(pauses[-1])
 
     gc.callbacks.append(on_gc)
     try:
@@ -88,6 +91,7 @@ def run_steps(
         if compiles is not None:
             log_triton_compiles(log, None)
     by_kind["gc pause"] = pauses
+    by_kind["gc full"] = full
     return by_kind, log
 
 

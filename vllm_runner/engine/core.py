@@ -1,13 +1,12 @@
 """The engine: tokenize + validate, then each step is schedule -> execute -> update."""
 
-import atexit
-import contextlib
-import gc
 import itertools
 import logging
 import time
+import weakref
 
 from vllm_runner.config import EngineArgs, ModelConfig
+from vllm_runner.engine.gc_pauses import FullCollections, freeze_startup_objects
 from vllm_runner.engine.kv_cache_manager import KVCacheManager
 from vllm_runner.engine.output_processor import (
     RequestState,
@@ -33,7 +32,9 @@ class EngineCore:
         """``serving``: requests arrive online (AsyncLLM), not as one offline batch; only
         the default step budget differs."""
         start = time.perf_counter()
-        _freeze_startup_objects()
+        freeze_startup_objects()
+        self._gc = FullCollections()
+        weakref.finalize(self, self._gc.idle)  # a busy engine dropped still restores them
         args.validate()
         path = resolve_model_path(args.model)
         hf_config = load_hf_config(path)
@@ -193,8 +194,17 @@ class EngineCore:
 
         On CUDA, when no request needs host-side token values (logprobs, penalties), steps
         overlap: step N + 1 is scheduled and launched before step N's results are read, so
-        the GPU never waits for the host's bookkeeping.
+        the GPU never waits for the host's bookkeeping. Full garbage collections wait while
+        requests run (``gc_pauses``).
         """
+        self._gc.busy()
+        try:
+            return self._step(stream)
+        finally:
+            if not self.has_unfinished():
+                self._gc.idle()
+
+    def _step(self, stream: bool) -> list[StreamOutput]:
         overlap = self.overlap and self.num_host_bound == 0
         if not overlap and self.pending is not None:
             return self._finish_pending(stream)
@@ -268,24 +278,6 @@ class EngineCore:
             **self.runner.weight_bytes,  # weight_bytes_resident / weight_bytes_offloaded
             "kv_cache_bytes": self.runner.kv_cache_bytes,
         }
-
-
-def _freeze_startup_objects() -> None:
-    """At the first engine start, move the objects that imports left (torch, transformers,
-    triton: ~0.5 M) out of the garbage collector's reach. A full collection over them stalled
-    the step loop for ~0.2 s, several times per long run; frozen, later passes scan only newer
-    objects. Only once: a later freeze would also pin earlier engines (an engine in a
-    reference cycle would then never free its KV cache)."""
-    if getattr(_freeze_startup_objects, "done", False):
-        return
-    _freeze_startup_objects.done = True
-    with contextlib.suppress(ImportError):  # CPU-only installs may lack triton: fine
-        import triton  # noqa: F401  (the kernels' compiler, imported lazily otherwise)
-    gc.collect()
-    gc.freeze()
-    # NOTE: unfrozen at exit so interpreter shutdown still frees them (triton's nanobind
-    # bindings report frozen objects as leaks).
-    atexit.register(gc.unfreeze)
 
 
 def _host_bound(params: SamplingParams) -> bool:
