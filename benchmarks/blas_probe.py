@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-import triton.testing
+from gemm_probe import cold_operands
 
 SHAPES = {
     "qkv": (6144, 4096),
@@ -172,18 +172,10 @@ class Lt:
 
 
 def probe_shape(lt: Lt, name: str, m: int) -> list[dict]:
-    dev = torch.device("cuda")
     N, K = SHAPES[name]
-    copies = max(2, -(-400_000_000 // (N * K * 2)))  # > 400 MB of weights: L2-cold
-    ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K**0.5 for _ in range(copies)]
-    x = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
-    out = torch.empty(m, N, device=dev, dtype=torch.bfloat16)
+    x, ws, ref, bench = cold_operands(m, N, K)
+    out = torch.empty(m, N, device="cuda", dtype=torch.bfloat16)
     flops = 2 * m * N * K
-    ref = x.float() @ ws[0].float().T
-
-    def bench(fn) -> float:
-        ms = triton.testing.do_bench_cudagraph(lambda: [fn(w) for w in ws], rep=100)
-        return ms * 1e3 / copies
 
     def row(kind: str, us: float, **extra) -> dict:
         err = ((out.float() - ref).abs().max() / ref.abs().max()).item()

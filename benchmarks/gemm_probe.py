@@ -225,19 +225,27 @@ CONFIGS = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
 ]  # fmt: skip
 
 
-def probe_shape(name: str, m: int, sms: int, kinds: list[str]) -> list[dict]:
+def cold_operands(m: int, N: int, K: int):
+    """x [m, K], weight copies [N, K] (> 400 MB in all, so none stays in L2, as across a
+    model's layers), x @ copy 0 in fp32, and ``bench(fn)``: microseconds per ``fn(w)``,
+    ``w`` cycling over the copies in a CUDA graph."""
     dev = torch.device("cuda")
-    N, K = SHAPES[name]
-    copies = max(2, -(-400_000_000 // (N * K * 2)))  # > 400 MB of weights: L2-cold
+    copies = max(2, -(-400_000_000 // (N * K * 2)))
     ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K**0.5 for _ in range(copies)]
     x = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
-    flops = 2 * m * N * K
-    ref = x.float() @ ws[0].float().T
 
     def bench(fn) -> float:
         ms = triton.testing.do_bench_cudagraph(lambda: [fn(w) for w in ws], rep=100)
         return ms * 1e3 / copies
 
+    return x, ws, x.float() @ ws[0].float().T, bench
+
+
+def probe_shape(name: str, m: int, sms: int, kinds: list[str]) -> list[dict]:
+    dev = torch.device("cuda")
+    N, K = SHAPES[name]
+    x, ws, ref, bench = cold_operands(m, N, K)
+    flops = 2 * m * N * K
     c = torch.empty(m, N, device=dev, dtype=torch.bfloat16)
     us = bench(lambda w: torch.mm(x, w.T, out=c))
     rows = [{"shape": name, "kind": "cublas", "us": us, "tflops": flops / us / 1e6}]

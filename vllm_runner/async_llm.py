@@ -179,6 +179,8 @@ class AsyncLLM:
             if command[0] == "stop":
                 for request_id in list(self.engine.states):
                     self._dispatch(self.engine.abort(request_id))
+                while self.engine.has_unfinished():  # a launched step: finish it, go idle
+                    self._dispatch(self.engine.step())
                 return False
             if command[0] == "abort":
                 self._dispatch(self.engine.abort(command[1]))

@@ -62,8 +62,13 @@ class LLM:
         states = [
             self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)
         ]
-        while self.engine.has_unfinished():
-            self.engine.step(stream=False)
+        try:
+            while self.engine.has_unfinished():
+                self.engine.step(stream=False)
+        except BaseException:  # e.g. KeyboardInterrupt: a later call must not run these
+            for s in states:
+                self.engine.abort(s.request_id)
+            raise
         self.engine.pop_finished()
         return [s.final_output() for s in states]
 

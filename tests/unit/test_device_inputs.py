@@ -30,6 +30,7 @@ def test_graph_sized_step_reads_the_views_a_graph_captured():
     gives (the graph's static inputs), holding the step's values and inert padding, even
     after a prefill step of another layout wrote over the same bytes."""
     buffers = DeviceInputs(64, 8, 4, torch.device("cpu"))
+    buffers.arena.fill_(0xAB)  # bytes no step wrote
     static = buffers.views(4, 4)
     batch = InputBatch(block_size=4, max_blocks_per_request=4)
     prompts = {"a": [1, 2], "b": [3, 4, 5, 6, 7], "c": [8, 9, 10]}
@@ -45,7 +46,8 @@ def test_graph_sized_step_reads_the_views_a_graph_captured():
     assert static["seq_lens"].tolist() == [3, 6, 4, 0]  # and reads nothing
     assert static["query_start_loc"].tolist() == [0, 1, 2, 3, 3]
     assert static["decode_order"].tolist() == [1, 2, 0, 3]  # longest context first
-    assert static["block_tables"][:3, :2].tolist() == [[1, 0], [2, 3], [4, 0]]
+    # the step's table is 2 blocks wide; the rest of its rows and the padding row are zeros
+    assert static["block_tables"].tolist() == [[1, 0, 0, 0], [2, 3, 0, 0], [4, 0, 0, 0], [0] * 4]
 
 
 def test_fields_are_aligned_and_disjoint():

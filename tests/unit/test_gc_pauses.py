@@ -10,6 +10,7 @@ from vllm_runner.engine.gc_pauses import FullCollections
 
 @pytest.fixture
 def thresholds():
+    assert FullCollections._busy == 0, "an engine of an earlier test stayed busy"
     saved = gc.get_threshold()
     gc.set_threshold(700, 10, 10)
     yield
@@ -28,6 +29,14 @@ def test_busy_defers_full_collections_until_the_last_engine_idles(thresholds):
     assert gc.get_threshold() == (700, 10, 10)
     b.idle()  # idle twice: nothing to undo
     assert gc.get_threshold() == (700, 10, 10) and FullCollections._busy == 0
+
+
+def test_a_threshold_set_meanwhile_is_kept(thresholds):
+    a = FullCollections()
+    a.busy()
+    gc.set_threshold(500, 10, 50)
+    a.idle()
+    assert gc.get_threshold() == (500, 10, 50)
 
 
 def test_long_busy_stretch_still_collects_fully(thresholds, monkeypatch):
@@ -59,3 +68,38 @@ def test_engine_steps_defer_and_restore(tiny_model_dirs, thresholds):
     assert [len(o.outputs[0].token_ids) for o in out] == [4, 4]
     assert seen and all(t == (700, 10, gc_pauses._NEVER) for t in seen)
     assert gc.get_threshold() == (700, 10, 10)
+
+
+def test_abort_of_the_last_request_goes_idle(tiny_model_dirs, thresholds):
+    from vllm_runner import LLM, SamplingParams
+
+    llm = LLM(tiny_model_dirs["llama"], dtype="float32", device="cpu", max_model_len=64)
+    state = llm.engine.add_request([1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True))
+    llm.engine.step()
+    assert gc.get_threshold()[2] == gc_pauses._NEVER
+    llm.engine.abort(state.request_id)
+    assert not llm.engine.has_unfinished() and gc.get_threshold() == (700, 10, 10)
+
+
+def test_interrupted_generate_leaves_nothing_running(tiny_model_dirs, thresholds, monkeypatch):
+    """A generate call interrupted mid-run (Ctrl-C) aborts its requests: the next call runs
+    only its own, and full collections are back."""
+    from vllm_runner import LLM, SamplingParams
+
+    llm = LLM(tiny_model_dirs["llama"], dtype="float32", device="cpu", max_model_len=64)
+    step = llm.engine.step
+    calls = []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "step", interrupted_step)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 2, 3], [4, 5]], params)
+    assert not llm.engine.has_unfinished() and gc.get_threshold() == (700, 10, 10)
+    out = llm.generate([[6, 7]], params)
+    assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 8

@@ -177,6 +177,8 @@ class EngineCore:
                 state.completions[index].finish_reason = "abort"
                 outputs.append(stream_output(state, index, [], None))
         self._forget_if_finished(state)
+        if not self.has_unfinished():  # the last request can end here, without a step
+            self._gc.idle()
         return outputs
 
     def pop_finished(self) -> list[RequestState]:

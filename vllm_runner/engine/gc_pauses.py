@@ -38,12 +38,12 @@ def freeze_startup_objects() -> None:
 
 class FullCollections:
     """Defers automatic full collections while any engine of the process is busy (the
-    thresholds are process-wide: the first engine to get busy saves them, the last to go
-    idle restores them)."""
+    threshold is process-wide: the first engine to get busy saves it, the last to go idle
+    puts it back, unless something else set it meanwhile)."""
 
-    _lock = threading.Lock()
+    _lock = threading.RLock()
     _busy = 0
-    _saved: tuple[int, int, int] | None = None
+    _saved = 10  # the oldest generation's threshold before the first busy engine
 
     def __init__(self) -> None:
         self.active = False
@@ -56,8 +56,7 @@ class FullCollections:
             with FullCollections._lock:
                 FullCollections._busy += 1
                 if FullCollections._busy == 1:
-                    FullCollections._saved = gc.get_threshold()
-                    young, middle, _ = FullCollections._saved
+                    young, middle, FullCollections._saved = gc.get_threshold()
                     gc.set_threshold(young, middle, _NEVER)
         self.steps += 1
         if self.steps % FULL_EVERY_STEPS == 0:
@@ -69,5 +68,6 @@ class FullCollections:
             self.active = False
             with FullCollections._lock:
                 FullCollections._busy -= 1
-                if FullCollections._busy == 0:
-                    gc.set_threshold(*FullCollections._saved)
+                young, middle, oldest = gc.get_threshold()
+                if FullCollections._busy == 0 and oldest == _NEVER:
+                    gc.set_threshold(young, middle, FullCollections._saved)

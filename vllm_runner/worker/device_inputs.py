@@ -53,7 +53,6 @@ class DeviceInputs:
     def __init__(
         self, max_tokens: int, max_reqs: int, max_blocks: int, device: torch.device
     ) -> None:
-        self.device = device
         self.pin = device.type == "cuda"
         self.max_blocks = max_blocks
         size = _layout(max_tokens, max_reqs, max_blocks)[1]
@@ -115,8 +114,10 @@ class DeviceInputs:
             if array.ndim == 1:
                 host[name][:n] = array
                 host[name][n:rows] = fill
-            else:
+            else:  # rows and columns past the step's own are zeroed (no other field's bytes)
                 host[name][:n, : array.shape[1]] = array
+                host[name][:n, array.shape[1] :] = 0
+                host[name][n:rows] = 0
             lengths[name] = rows
 
         put("input_ids", inputs.input_ids, pad_reqs)
