@@ -236,3 +236,29 @@ def test_startup_gc_freeze_leaves_engines_collectable(llama_dir):
     gc.collect()
     assert engine() is None
     del first
+
+
+def test_failed_launch_keeps_the_launched_steps_tokens(llama_dir, monkeypatch):
+    """With steps overlapped, a forward that fails fails its requests, after the step
+    launched before it is finished and its tokens kept (its staged inputs are consumed
+    before another launch can reuse their buffer); the engine then serves on."""
+    llm = make_llm(llama_dir, async_scheduling=True)
+    launch = llm.engine.runner.launch
+    calls = []
+
+    def failing_fourth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("injected forward failure")
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine.runner, "launch", failing_fourth)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    out = llm.generate(prompts(2, seed=5), params)
+    # launches 1-3 (prefill, two decodes) each gave a token; the fourth failed
+    assert [len(o.outputs[0].token_ids) for o in out] == [3, 3]
+    assert all(o.outputs[0].finish_reason == "error" for o in out)
+    monkeypatch.setattr(llm.engine.runner, "launch", launch)
+    again = llm.generate(prompts(2, seed=5), params)
+    assert [len(o.outputs[0].token_ids) for o in again] == [10, 10]
+    assert llm.stats()["kv_blocks_used"] == 0

@@ -215,7 +215,10 @@ class EngineCore:
             handle = self.runner.launch(sched, overlap)
         except Exception as e:  # a failed forward fails its requests, not the engine
             logger.exception("model step failed")
-            return self._fail(list(sched.num_scheduled_tokens), f"engine step failed: {e!r}")
+            # The step launched before it finishes first: its results stand, and the next
+            # launch may stage into the host buffer its inputs are copied from.
+            done = self._finish_pending(stream) if self.pending is not None else []
+            return done + self._fail(list(sched.num_scheduled_tokens), f"engine step failed: {e!r}")
         if not overlap:
             return self._process(sched, self.runner.wait(handle), stream)
         outputs = self._finish_pending(stream) if self.pending is not None else []
