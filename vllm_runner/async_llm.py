@@ -35,12 +35,14 @@ class AsyncLLM:
         model: str | None = None,
         *,
         model_name: str | None = None,
+        served_model_name: str | None = None,
         log_stats: bool = False,
         **kwargs,
     ) -> None:
+        """``served_model_name``: the id clients name the model by (default: the model's)."""
         self.engine = EngineCore(engine_args(model, model_name, kwargs), serving=True)
         self.tokenizer = self.engine.tokenizer
-        self.model_name = self.engine.model_config.name
+        self.model_name = served_model_name or self.engine.model_config.name
         self.max_model_len = self.engine.max_model_len
         self.metrics = None
         if log_stats:

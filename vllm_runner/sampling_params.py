@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+INT64_MAX = 2**63 - 1  # top_k and seed become int64 tensors / generator seeds
 
 
 @dataclass
@@ -53,8 +54,8 @@ class SamplingParams:
             raise bad("temperature", self.temperature, ">= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", self.top_p, "in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", self.top_k, "-1, 0 (off) or >= 1")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k <= INT64_MAX:
+            raise bad("top_k", self.top_k, f"-1, 0 (off) or in [1, {INT64_MAX}]")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", self.min_p, "in [0, 1]")
         if not -2.0 <= self.presence_penalty <= 2.0:
@@ -71,8 +72,10 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
                 raise bad(name, value, "an integer in [0, 20]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", self.seed, "an integer")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or not -INT64_MAX - 1 <= self.seed <= INT64_MAX
+        ):
+            raise bad("seed", self.seed, f"an integer in [{-INT64_MAX - 1}, {INT64_MAX}]")
         if any(not s for s in self.stop):
             raise bad("stop", self.stop, "non-empty strings")
 

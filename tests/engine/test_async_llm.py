@@ -145,3 +145,14 @@ def test_serving_engine_asks_for_the_serving_step_budget(default_model_dir, monk
         assert online.engine.scheduler.config.max_num_batched_tokens == 3001
     finally:
         run(online.shutdown())
+
+
+def test_served_model_name_only_names_the_model(default_model_dir):
+    """``served_model_name`` (the service's setting) is the id clients use, not a path."""
+    online = AsyncLLM(default_model_dir, served_model_name="smol", dtype="float32",
+                      device="cpu", max_model_len=256, cpu_kv_cache_gb=0.05)  # fmt: skip
+    try:
+        assert online.model_name == "smol"
+        assert run(online.generate(["Hello"], SamplingParams(max_tokens=2)))[0]
+    finally:
+        run(online.shutdown())

@@ -177,6 +177,8 @@ def test_chat_stream(client: Any) -> None:
         ("/v1/completions", {"prompt": PROMPT, "n": 0}, "n"),
         ("/v1/completions", {"prompt": PROMPT, "max_tokens": -3}, "max_tokens"),
         ("/v1/completions", {"prompt": PROMPT, "logprobs": 50}, "logprobs"),
+        ("/v1/completions", {"prompt": PROMPT, "top_k": 2**63}, "top_k"),
+        ("/v1/completions", {"prompt": PROMPT, "seed": 2**64}, "seed"),
         ("/v1/completions", {"prompt": PROMPT, "echo": True}, "echo"),
         ("/v1/completions", {"prompt": PROMPT, "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ("/v1/completions", {"prompt": ""}, "prompt"),
@@ -194,6 +196,17 @@ def test_invalid_fields_give_openai_errors(client: Any, path: str, body: dict, p
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param or param in error["message"], error
     assert set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_max_tokens_past_max_model_len_is_a_400(client: Any, path: str) -> None:
+    """As vLLM's server: prompt + max_tokens over max_model_len is refused, not cut short."""
+    body = {"prompt": PROMPT} if path == "/v1/completions" else {"messages": CHAT}
+    r = client.post(path, json={**body, "max_tokens": 1000})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert f"max_model_len is {MAX_MODEL_LEN} tokens" in message and "max_tokens 1000" in message
+    assert client.post(path, json={**body, "max_tokens": 8}).status_code == 200
 
 
 def test_malformed_json_is_a_400(client: Any) -> None:

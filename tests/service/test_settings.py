@@ -35,7 +35,7 @@ def test_env_then_args_take_precedence() -> None:
 
 def test_served_model_name_goes_to_the_engine() -> None:
     s = ServerSettings.load({"VLLM_RUNNER_SERVED_MODEL_NAME": "smol"}, {"enforce_eager": "1"})
-    assert s.engine_kwargs() == {"model_name": "smol", "enforce_eager": True}
+    assert s.engine_kwargs() == {"served_model_name": "smol", "enforce_eager": True}
 
 
 def test_arg_file_values_keep_their_types() -> None:

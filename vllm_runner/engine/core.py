@@ -29,9 +29,11 @@ class EngineCore:
     """Single-threaded: callers serialise access (LLM directly, AsyncLLM via its loop thread)."""
 
     def __init__(self, args: EngineArgs, serving: bool = False) -> None:
-        """``serving``: requests arrive online (AsyncLLM), not as one offline batch; only
-        the default step budget differs."""
+        """``serving``: requests arrive online (AsyncLLM), not as one offline batch: the
+        default step budget differs, and a request whose prompt + ``max_tokens`` exceed
+        ``max_model_len`` is refused (offline, ``max_tokens`` is cut to what fits)."""
         start = time.perf_counter()
+        self.serving = serving
         freeze_startup_objects()
         self._gc = FullCollections()
         weakref.finalize(self, self._gc.idle)  # a busy engine dropped still restores them
@@ -123,6 +125,13 @@ class EngineCore:
             )
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        wanted = len(prompt_ids) + (params.max_tokens or 0)
+        if self.serving and params.max_tokens is not None and wanted > self.max_model_len:
+            raise ValueError(
+                f"max_model_len is {self.max_model_len} tokens, but {wanted} were requested "
+                f"({len(prompt_ids)} in the prompt, max_tokens {params.max_tokens}): shorten "
+                "the prompt or lower max_tokens"
+            )
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(

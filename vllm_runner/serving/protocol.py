@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vllm_runner.sampling_params import SamplingParams
+from vllm_runner.sampling_params import INT64_MAX, SamplingParams
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Stop = str | list[Annotated[str, Field(min_length=1)]] | None
@@ -25,9 +25,9 @@ class SamplingFields(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     temperature: Annotated[float, Field(ge=0.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] = 0
+    top_k: Annotated[int, Field(ge=-1, le=INT64_MAX)] = 0
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)] | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0

@@ -96,7 +96,7 @@ class ServerSettings:
         """Keyword arguments for AsyncLLM besides `model`: those that are set."""
         kwargs = {k: getattr(self, k) for k in ENGINE_FIELDS if getattr(self, k) is not None}
         if self.served_model_name:
-            kwargs["model_name"] = self.served_model_name
+            kwargs["served_model_name"] = self.served_model_name
         return kwargs
 
 
