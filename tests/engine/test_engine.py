@@ -269,3 +269,15 @@ def test_failed_launch_keeps_the_launched_steps_tokens(llama_dir, monkeypatch):
     again = llm.generate(prompts(2, seed=5), params)
     assert [len(o.outputs[0].token_ids) for o in again] == [10, 10]
     assert llm.stats()["kv_blocks_used"] == 0
+
+
+def test_request_larger_than_the_whole_kv_cache_is_refused(llama_dir):
+    """A request that could never fit in the KV cache gets a clear error instead of waiting
+    forever at the head of the queue; one that fits (exactly) still runs."""
+    llm = make_llm(llama_dir, num_kv_blocks=4)  # 64 tokens of KV
+    fits = SamplingParams(max_tokens=33, temperature=0.0, ignore_eos=True)  # 32 + 33 - 1 = 64
+    with pytest.raises(ValueError, match=r"needs up to 5 KV-cache blocks of 16 tokens "
+                       r"\(32 prompt \+ 34 new tokens\), but the cache has 4"):  # fmt: skip
+        llm.generate([list(range(1, 33))], SamplingParams(max_tokens=34, ignore_eos=True))
+    out = llm.generate([list(range(1, 33))], fits)
+    assert len(out[0].token_ids) == 33 and llm.stats()["kv_blocks_used"] == 0

@@ -59,6 +59,7 @@ class EngineCore:
         sched_config = args.scheduler_config(max_model_len, device, serving)
         cache_config = args.cache_config()
         self.runner = ModelRunner(self.model_config, cache_config, sched_config)
+        self.block_size = args.block_size
         kv = KVCacheManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
         # NOTE: the runner's step budget: it may lower a default one (offloaded weights).
         self.scheduler = Scheduler(self.runner.scheduler_config, kv)
@@ -132,11 +133,23 @@ class EngineCore:
                 f"({len(prompt_ids)} in the prompt, max_tokens {params.max_tokens}): shorten "
                 "the prompt or lower max_tokens"
             )
+        # A request the whole KV cache cannot hold would wait forever (and hold up the queue).
+        new = self._max_new_tokens(len(prompt_ids), params)
+        blocks = -(-(len(prompt_ids) + new - 1) // self.block_size)  # the last token: no KV
+        if blocks > self.runner.num_blocks:
+            raise ValueError(
+                f"the request needs up to {blocks} KV-cache blocks of {self.block_size} tokens "
+                f"({len(prompt_ids)} prompt + {new} new tokens), but the cache has "
+                f"{self.runner.num_blocks}: lower max_tokens or give the KV cache more memory"
+            )
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(
                 f"stop_token_ids entry {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
             )
+
+    def _max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        return min(params.max_tokens or self.max_model_len, self.max_model_len - prompt_len)
 
     def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
@@ -154,9 +167,7 @@ class EngineCore:
             params,
             self.tokenizer,
         )
-        max_tokens = min(
-            params.max_tokens or self.max_model_len, self.max_model_len - len(prompt_ids)
-        )
+        max_tokens = self._max_new_tokens(len(prompt_ids), params)
         for index, child_id in enumerate(state.child_ids):
             seed = None if params.seed is None else params.seed + index
             self.scheduler.add_request(
