@@ -88,6 +88,11 @@ def test_completion_logprobs(client: Any) -> None:
     ):
         assert token_lp == max(top.values()) == top[token]  # greedy: the sampled one is top-1
     assert lp["text_offset"][0] == 0
+    # streamed, the offsets run on across chunks as in the response above
+    body = {"prompt": PROMPT, "max_tokens": 3, "logprobs": 2, "temperature": 0, "stream": True}
+    chunks = [c["choices"][0] for c in events(client.post("/v1/completions", json=body))]
+    streamed = [o for c in chunks if c["logprobs"] for o in c["logprobs"]["text_offset"]]
+    assert streamed == lp["text_offset"]
 
 
 def test_completion_stream(client: Any) -> None:

@@ -212,15 +212,18 @@ async def _stream_completion(
     decode: Callable[[int], str],
 ) -> AsyncIterator[str]:
     generated: dict[int, int] = {}
+    text_offset: dict[int, int] = {}  # per choice: where its next chunk's tokens start
     try:
         async for p, out in _events(engine, ids, params, rid):
             index = p * params.n + out.index
             generated[index] = len(out.token_ids)
             lps = None
             if body.logprobs is not None and out.new_logprobs:
+                offset = text_offset.get(index, 0)
                 lps = fmt.completion_logprobs(
-                    decode, out.new_token_ids, out.new_logprobs, body.logprobs
+                    decode, out.new_token_ids, out.new_logprobs, body.logprobs, offset
                 )
+                text_offset[index] = offset + sum(len(t) for t in lps["tokens"])
             if not (out.delta or out.finished or lps):
                 continue
             choice = {
