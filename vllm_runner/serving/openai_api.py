@@ -21,10 +21,19 @@ from vllm_runner.async_llm import RequestError
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.serving import openai_format as fmt
 from vllm_runner.serving.protocol import ChatCompletionRequest, CompletionRequest
-from vllm_runner.serving.streams import Choice, collect, merge, new_request_id, stream_or_abort
+from vllm_runner.serving.streams import (
+    Choice,
+    collect,
+    merge,
+    new_request_id,
+    stream_or_abort,
+    until_disconnect,
+)
 
 logger = logging.getLogger(__name__)
 _FIELDS = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
+# the answer to a client that left before its completion: nobody reads it
+_CLIENT_GONE = fmt.OpenAIError(499, "client disconnected", "client_closed_request")
 
 
 class EngineNotReady(RuntimeError):
@@ -112,7 +121,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         return get_engine().stats()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         engine = engine_for(body.model)
         try:
             params = body.completion_sampling_params()
@@ -133,12 +142,14 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
 
         if body.stream:
             return _sse(_stream_completion(engine, ids, params, rid, name, body, decode))
-        results = await _gather(engine, ids, params, rid)
+        results = await until_disconnect(request.receive, _gather(engine, ids, params, rid))
+        if results is None:
+            return _CLIENT_GONE.response()
         choices = [choice(p * body.n + c.index, c) for p, (_, cs) in enumerate(results) for c in cs]
         return fmt.envelope("text_completion", rid, name, choices=choices, usage=_usage(results))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         engine = engine_for(body.model)
         try:
             params = body.chat_sampling_params()
@@ -150,7 +161,9 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         decode = fmt.token_decoder(engine.tokenizer)
         if body.stream:
             return _sse(_stream_chat(engine, ids, params, rid, name, body, decode))
-        results = await _gather(engine, [ids], params, rid)
+        results = await until_disconnect(request.receive, _gather(engine, [ids], params, rid))
+        if results is None:
+            return _CLIENT_GONE.response()
         choices = [
             {
                 "index": c.index,

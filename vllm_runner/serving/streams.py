@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
 from vllm_runner.sampling_params import SamplingParams
+
+T = TypeVar("T")
 
 
 def new_request_id(prefix: str) -> str:
@@ -35,6 +37,29 @@ async def stream_or_abort(
             # NOTE: shielded: the cancel scope that stopped the stream re-cancels every await.
             with anyio.CancelScope(shield=True):
                 await engine.abort(request_id)
+
+
+async def until_disconnect(receive: Callable[[], Awaitable[dict]], work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None once the client disconnects first: ``work`` is then
+    cancelled, which aborts its engine requests (``stream_or_abort``) instead of generating
+    for nobody. ``receive`` is the request's ASGI receive, whose body was read already: its
+    next message is the disconnect."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(task, watcher, return_exceptions=True)
+    return None if task.cancelled() else task.result()
 
 
 async def merge(streams: Sequence[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
