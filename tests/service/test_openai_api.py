@@ -133,6 +133,18 @@ def test_chat(client: Any) -> None:
     assert body["usage"]["completion_tokens"] >= 7
 
 
+def test_chat_text_parts_join_as_lines() -> None:
+    """A message given as text parts reads as their lines (vLLM joins them with newlines)."""
+    from vllm_runner.serving.protocol import ChatMessage
+
+    parts = [
+        {"type": "text", "text": "What is the capital"},
+        {"type": "text", "text": "of France?"},
+    ]
+    message = ChatMessage(role="user", content=parts)
+    assert message.as_dict() == {"role": "user", "content": "What is the capital\nof France?"}
+
+
 def test_chat_content_parts_and_logprobs(client: Any) -> None:
     messages = [
         {"role": "system", "content": "You are helpful."},

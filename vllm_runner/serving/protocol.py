@@ -148,8 +148,8 @@ class ChatMessage(BaseModel):
 
     def as_dict(self) -> dict[str, str]:
         content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
+        if isinstance(content, list):  # text parts are lines of one message, as in vLLM
+            content = "\n".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
         return {"role": role, "content": content or ""}
 
