@@ -276,3 +276,16 @@ def test_request_larger_than_the_whole_kv_cache_is_refused(llama_dir):
         llm.generate([list(range(1, 33))], SamplingParams(max_tokens=34, ignore_eos=True))
     out = llm.generate([list(range(1, 33))], fits)
     assert len(out[0].token_ids) == 33 and llm.stats()["kv_blocks_used"] == 0
+
+
+def test_overlapped_steps_after_a_chunked_prefill(llama_dir):
+    """A prompt prefilled in chunks that sample nothing, alone: the chunk before the last is
+    waited for after the last one launched; the first decode step still finds the token
+    the last chunk sampled on the device (it once failed the request)."""
+    prompt = list(range(1, 13))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    sync = make_llm(llama_dir, async_scheduling=False, max_num_batched_tokens=5)
+    piped = make_llm(llama_dir, async_scheduling=True, max_num_batched_tokens=5)
+    want = sync.generate([prompt], params)[0]
+    got = piped.generate([prompt], params)[0]
+    assert got.outputs[0].finish_reason == "length" and got.token_ids == want.token_ids

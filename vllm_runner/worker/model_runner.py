@@ -291,8 +291,9 @@ class ModelRunner:
                     state.num_pending -= 1
             if handle.logprobs and handle.logprobs[i] is not None:
                 result.logprobs[request_id] = handle.logprobs[i]
-        if not handle.overlapped:
-            self._prev = (None, None)
+        # NOTE: ``_prev`` stays: a step that sampled nothing (a prefill chunk) is waited for
+        # after the next launch, whose sampled ids the step after that still needs; ids
+        # sampled synchronously are on the host, so nothing reads a stale ``_prev``.
         return result
 
     def _graph_size(self, inputs: StepInputs) -> int | None:
