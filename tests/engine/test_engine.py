@@ -289,3 +289,23 @@ def test_overlapped_steps_after_a_chunked_prefill(llama_dir):
     want = sync.generate([prompt], params)[0]
     got = piped.generate([prompt], params)[0]
     assert got.outputs[0].finish_reason == "length" and got.token_ids == want.token_ids
+
+
+def test_failed_step_leaves_no_prefix_cache_entries(llama_dir, monkeypatch):
+    """Blocks are hashed when scheduled, before their KV is computed: after a forward that
+    failed, the same prompt must not hit those blocks (it got wrong tokens from them)."""
+    llm = make_llm(llama_dir, enable_prefix_caching=True)
+    prompt = prompts(1, seed=11)[0] + list(range(1, 50))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    want = make_llm(llama_dir, enable_prefix_caching=False).generate([prompt], params)[0]
+    launch = llm.engine.runner.launch
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected forward failure")
+
+    monkeypatch.setattr(llm.engine.runner, "launch", failing)
+    assert llm.generate([prompt], params)[0].outputs[0].finish_reason == "error"
+    monkeypatch.setattr(llm.engine.runner, "launch", launch)
+    again = llm.generate([prompt], params)[0]
+    assert again.num_cached_tokens == 0 and again.token_ids == want.token_ids
+    assert llm.generate([prompt], params)[0].num_cached_tokens > 0  # cached once computed

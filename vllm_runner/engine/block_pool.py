@@ -54,12 +54,15 @@ class BlockPool:
                 del self._free[block.block_id]
             block.ref_cnt += 1
 
-    def free(self, blocks: list[KVBlock]) -> None:
+    def free(self, blocks: list[KVBlock], uncache: bool = False) -> None:
         """Drop a reference; blocks reaching zero join the free queue's tail in the given
-        order (callers pass a request's blocks in reverse, so its tail is evicted first)."""
+        order (callers pass a request's blocks in reverse, so its tail is evicted first).
+        ``uncache``: they also lose their hash (content that may never have been written)."""
         for block in blocks:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
+                if uncache:
+                    self._evict(block)
                 self._free[block.block_id] = block
 
     def cache_block(self, block: KVBlock, block_hash: int) -> None:

@@ -97,7 +97,9 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], request.block_hashes[i])
         self.num_cached_blocks[request.request_id] = num_full
 
-    def free(self, request: Request) -> None:
+    def free(self, request: Request, uncache: bool = False) -> None:
+        """``uncache``: the request failed; blocks are hashed when scheduled, before their
+        KV is computed, so its blocks no one else holds leave the prefix cache."""
         blocks = self.req_blocks.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
-        self.pool.free(list(reversed(blocks)))
+        self.pool.free(list(reversed(blocks)), uncache)

@@ -56,7 +56,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
-        self.kv.free(request)
+        self.kv.free(request, uncache=status == RequestStatus.FINISHED_ERROR)
         self._finished_ids.add(request_id)
         return request
 
