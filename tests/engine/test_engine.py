@@ -309,3 +309,33 @@ def test_failed_step_leaves_no_prefix_cache_entries(llama_dir, monkeypatch):
     again = llm.generate([prompt], params)[0]
     assert again.num_cached_tokens == 0 and again.token_ids == want.token_ids
     assert llm.generate([prompt], params)[0].num_cached_tokens > 0  # cached once computed
+
+
+def test_request_ids_never_meet_inside_the_engine(llama_dir):
+    """A request id reused right after an abort, while the aborted request's last step is
+    still in flight, and an id that looks like another request's completion: each request
+    gets its own tokens, and every block comes back."""
+    ps = prompts(2, seed=9)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    want = [o.token_ids for o in make_llm(llama_dir).generate(ps, params)]
+
+    engine = make_llm(llama_dir, async_scheduling=True, enable_prefix_caching=False).engine
+    engine.add_request(ps[0], params, "x")
+    for _ in range(3):
+        engine.step()
+    assert engine.pending is not None  # a launched step of the first "x"
+    engine.abort("x")
+    second = engine.add_request(ps[1], params, "x")
+    while engine.has_unfinished():
+        engine.step()
+    assert second.final_output().token_ids == want[1]
+
+    engine = make_llm(llama_dir).engine
+    plain = engine.add_request(ps[0], params, "0_a")
+    two = engine.add_request(ps[1], SamplingParams(n=2, max_tokens=8, temperature=0.0,
+                                                   ignore_eos=True), "a")  # fmt: skip
+    while engine.has_unfinished():
+        engine.step()
+    assert plain.final_output().token_ids == want[0]
+    assert [c.token_ids for c in two.final_output().outputs] == [want[1], want[1]]
+    assert engine.stats()["kv_blocks_used"] == 0

@@ -88,6 +88,7 @@ class EngineCore:
         self.pending: tuple[SchedulerOutput, StepHandle] | None = None
         self.num_host_bound = 0  # live requests whose sampling needs host token values
         self._ids = itertools.count()
+        self._engine_ids = itertools.count()
 
     @property
     def max_model_len(self) -> int:
@@ -166,6 +167,7 @@ class EngineCore:
             prompt_ids,
             params,
             self.tokenizer,
+            f"{request_id}@{next(self._engine_ids)}",
         )
         max_tokens = self._max_new_tokens(len(prompt_ids), params)
         for index, child_id in enumerate(state.child_ids):

@@ -69,9 +69,17 @@ class RequestState:
 
 
 def new_request_state(
-    request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams, tokenizer
+    request_id: str,
+    prompt: str | None,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    tokenizer,
+    engine_id: str,
 ) -> RequestState:
-    child_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
+    """``engine_id``: unique in the engine's lifetime; its completions run as engine
+    requests ``engine_id`` (n = 1) or ``engine_id.i``, so no two requests' ids meet, not even
+    a new request reusing an aborted one's id while that one's last step is in flight."""
+    child_ids = [engine_id] if params.n == 1 else [f"{engine_id}.{i}" for i in range(params.n)]
     completions = [
         CompletionState(
             i,
