@@ -5,6 +5,7 @@ the EngineCore, so the engine itself needs no locks. Requests join and leave bet
 """
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -52,6 +53,9 @@ class AsyncLLM:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # The loop thread's own routes: each request's outputs go to the stream that added
+        # it, even after that stream closed and a new one took its id.
+        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats: dict[str, int] = self.engine.stats()
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="vllm-runner-engine", daemon=True)
@@ -71,9 +75,14 @@ class AsyncLLM:
     ) -> AsyncIterator[StreamOutput]:
         """Yield each completion's text deltas as they are produced. Leaving the loop early
         (or cancellation, e.g. a client disconnect) aborts the request."""
-        async for item in self._run(prompt, params or SamplingParams(), request_id):
-            if isinstance(item, StreamOutput):
-                yield item
+        # NOTE: aclosing: closing this generator closes _run at once (its abort), not later
+        # when the collector finalizes it.
+        async with contextlib.aclosing(
+            self._run(prompt, params or SamplingParams(), request_id)
+        ) as items:
+            async for item in items:
+                if isinstance(item, StreamOutput):
+                    yield item
 
     async def generate(
         self,
@@ -99,9 +108,10 @@ class AsyncLLM:
         return results
 
     async def _collect(self, prompt: Prompt, params: SamplingParams) -> RequestOutput:
-        async for item in self._run(prompt, params, None):
-            if isinstance(item, RequestOutput):
-                return item
+        async with contextlib.aclosing(self._run(prompt, params, None)) as items:
+            async for item in items:
+                if isinstance(item, RequestOutput):
+                    return item
         raise RequestError("request ended without a final output")
 
     async def _run(
@@ -114,8 +124,8 @@ class AsyncLLM:
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
-        self._send(("add", request_id, prompt, params))
+        self._streams[request_id] = entry = (asyncio.get_running_loop(), q)
+        self._send(("add", request_id, prompt, params, entry))
         done = False
         try:
             while not done:
@@ -187,17 +197,20 @@ class AsyncLLM:
             if command[0] == "abort":
                 self._dispatch(self.engine.abort(command[1]))
                 continue
-            _, request_id, prompt, params = command
+            _, request_id, prompt, params, entry = command
+            self._routes[request_id] = entry
             try:
                 self.engine.add_request(prompt, params, request_id)
             except Exception as e:  # validated already; anything here is this request's alone
                 self._push(request_id, e)
+                del self._routes[request_id]
 
     def _dispatch(self, outputs: list[StreamOutput]) -> None:
         for out in outputs:
             self._push(out.request_id, out)
         for state in self.engine.pop_finished():
             self._push(state.request_id, state.final_output())
+            self._routes.pop(state.request_id, None)
             if self.metrics is not None:
                 self._record_metrics(state)
 
@@ -214,7 +227,7 @@ class AsyncLLM:
         )
 
     def _push(self, request_id: str, item: object) -> None:
-        entry = self._streams.get(request_id)
+        entry = self._routes.get(request_id)
         if entry is not None:
             loop, q = entry
             loop.call_soon_threadsafe(q.put_nowait, item)

@@ -156,3 +156,23 @@ def test_served_model_name_only_names_the_model(default_model_dir):
         assert run(online.generate(["Hello"], SamplingParams(max_tokens=2)))[0]
     finally:
         run(online.shutdown())
+
+
+def test_an_id_reused_after_a_disconnect_gets_its_own_outputs(smol):
+    """A stream dropped mid-way and a new one under the same id at once: the old request's
+    abort must not end the new stream (outputs were routed by id alone)."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        want = (await smol.generate(["Hello there"], params))[0].outputs[0].token_ids
+        first = smol.stream("Once upon a time", SamplingParams(max_tokens=200, ignore_eos=True),
+                            request_id="reused")  # fmt: skip
+        async for _ in first:
+            break
+        await first.aclose()
+        outs = [o async for o in smol.stream("Hello there", params, request_id="reused")]
+        return want, outs
+
+    want, outs = run(main())
+    assert outs[-1].finished and outs[-1].finish_reason == "length"
+    assert outs[-1].token_ids == want
