@@ -41,14 +41,19 @@ class EngineNotReady(RuntimeError):
 
 
 def _validation_error(exc: RequestValidationError) -> fmt.OpenAIError:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-        for e in errors
-    )
-    return fmt.OpenAIError(400, message, param=loc[0] if loc else None)
+    errors = exc.errors() or [{"loc": (), "msg": "invalid request"}]
+
+    def text(e: dict) -> str:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        msg = str(e.get("msg")).removeprefix("Value error, ")  # a validator's own message
+        return f"{where}: {msg}" if where else msg
+
+    message = "; ".join(text(e) for e in errors)
+    loc = [str(p) for p in errors[0].get("loc", ()) if p != "body"]
+    if loc:
+        return fmt.OpenAIError(400, message, param=loc[0])
+    # a rule across fields (min_tokens <= max_tokens, ...): its message starts with the field
+    return fmt.bad_request(ValueError(message), None, _FIELDS)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

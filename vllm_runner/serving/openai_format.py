@@ -46,7 +46,7 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
-def bad_request(exc: ValueError, default_param: str, fields: set[str]) -> OpenAIError:
+def bad_request(exc: ValueError, default_param: str | None, fields: set[str]) -> OpenAIError:
     """A 400 for an engine-side ValueError; its message names the field when it starts with one."""
     message = str(exc)
     first = message.split(" ", 1)[0].rstrip(":,")
