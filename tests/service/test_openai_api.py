@@ -198,6 +198,11 @@ def test_chat_stream(client: Any) -> None:
         ("/v1/completions", {"prompt": PROMPT, "logprobs": 50}, "logprobs"),
         ("/v1/completions", {"prompt": PROMPT, "top_k": 2**63}, "top_k"),
         ("/v1/completions", {"prompt": PROMPT, "echo": True}, "echo"),
+        (
+            "/v1/completions",
+            {"prompt": PROMPT, "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),  # fmt: skip
         ("/v1/completions", {"prompt": PROMPT, "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ("/v1/completions", {"prompt": ""}, "prompt"),
         ("/v1/completions", {"max_tokens": 3}, "prompt"),

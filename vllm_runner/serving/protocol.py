@@ -107,6 +107,12 @@ class OpenAIFields(SamplingFields):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @model_validator(mode="after")
+    def _check_stream_options(self) -> OpenAIFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true (as in vLLM)")
+        return self
+
 
 class CompletionRequest(OpenAIFields):
     prompt: (
