@@ -141,3 +141,25 @@ def test_two_stage_argmax_is_argmax_with_ties(vocab):
     assert expected[1] == 7
     assert torch.equal(two_stage_argmax(logits), expected)
     assert torch.equal(two_stage_argmax(logits.bfloat16()), logits.bfloat16().argmax(dim=-1))
+
+
+def test_min_p_before_top_p_and_min_tokens_hold_eos():
+    """vLLM V1's order: min_p on the whole distribution, then top-k / top-p on what is left
+    (top-p renormalises); min_tokens bans EOS even under ignore_eos."""
+    from vllm_runner.sample.sampler import (
+        SamplingRow,
+        apply_min_tokens,
+        apply_top_k_top_p_min_p,
+    )
+
+    logits = torch.tensor([[0.5, 0.3, 0.1, 0.1]]).log()
+    row = SamplingRow(SamplingParams(min_p=0.25, top_p=0.6), [1], 1, None)
+    probs = apply_top_k_top_p_min_p(logits.clone(), [row]).softmax(-1)
+    # min_p keeps 0.5 / 0.3 (0.625 / 0.375 renormalised); top_p 0.6 then keeps the first
+    assert probs.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+    params = SamplingParams(min_tokens=3, ignore_eos=True, temperature=0.0)
+    params.all_stop_token_ids = {0}
+    held = torch.tensor([[5.0, 1.0, 0.0, 0.0]])
+    apply_min_tokens(held, [SamplingRow(params, [1], 1, None)])
+    assert held.argmax().item() == 1

@@ -68,16 +68,25 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     for i, row in enumerate(rows):
         p = row.params
         if row.num_output_tokens < p.min_tokens:
-            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else p.all_stop_token_ids)
+            # EOS too under ignore_eos (as vLLM): min_tokens means no early end of any kind
+            banned = set(p.stop_token_ids) | set(p.all_stop_token_ids)
             if banned:
                 logits[i, list(banned)] = float("-inf")
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """min_p on the whole distribution first, then top-k and top-p on what is left (the
+    order of vLLM's V1 sampler: top-p renormalises, so the order matters)."""
     device = logits.device
     top_k = [r.params.top_k for r in rows]
     top_p = [r.params.top_p for r in rows]
     min_p = [r.params.min_p for r in rows]
+    if any(m > 0 for m in min_p):
+        probs = logits.softmax(dim=-1)
+        threshold = torch.tensor(min_p, device=device, dtype=probs.dtype)[:, None]
+        logits = logits.masked_fill(
+            probs < threshold * probs.max(dim=-1, keepdim=True).values, float("-inf")
+        )
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(logits.shape[1], device=device)
@@ -88,12 +97,6 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
         p = torch.tensor(top_p, device=device, dtype=probs.dtype)
         sorted_logits.masked_fill_(before >= p[:, None], float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-    if any(m > 0 for m in min_p):
-        probs = logits.softmax(dim=-1)
-        threshold = torch.tensor(min_p, device=device, dtype=probs.dtype)[:, None]
-        logits = logits.masked_fill(
-            probs < threshold * probs.max(dim=-1, keepdim=True).values, float("-inf")
-        )
     return logits
 
 
