@@ -86,6 +86,19 @@ class EngineArgs:
         def bad(name: str, limit: str) -> ValueError:
             return ValueError(f"{name} must be {limit}, got {getattr(self, name)!r}")
 
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "seed", "num_kv_blocks"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise bad(name, "an integer")
+        for name in ("gpu_memory_utilization", "cpu_kv_cache_gb", "cpu_offload_gb"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise bad(name, "a number")
+        for name in ("enable_prefix_caching", "enforce_eager", "async_scheduling"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "async_scheduling" and value is None):
+                raise bad(name, "true or false")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise bad("dtype", f"'auto' or one of {sorted(_DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

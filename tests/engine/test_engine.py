@@ -1,8 +1,10 @@
 """Engine behaviour on CPU: batch invariance, prefix caching, preemption, n > 1, stop rules."""
 
 import random
+import re
 
 import pytest
+import torch
 
 from vllm_runner import LLM, SamplingParams
 
@@ -339,3 +341,32 @@ def test_request_ids_never_meet_inside_the_engine(llama_dir):
     assert plain.final_output().token_ids == want[0]
     assert [c.token_ids for c in two.final_output().outputs] == [want[1], want[1]]
     assert engine.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize(
+    "tensor, shape",
+    [
+        ("model.layers.0.input_layernorm.weight", (1,)),  # was broadcast
+        ("model.layers.0.self_attn.q_proj.weight", (128, 64)),  # was cut to the first rows
+        ("model.layers.0.mlp.down_proj.weight", (64, 256)),
+        ("model.layers.0.mlp.gate_proj.weight", (128, 1)),
+        ("model.embed_tokens.weight", (500, 64)),
+    ],
+)
+def test_checkpoint_tensor_of_another_shape_is_refused(llama_dir, tmp_path, tensor, shape):
+    """A checkpoint whose tensor does not match the model's shape fails to load, naming
+    the tensor and both shapes, instead of loading into garbage."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(llama_dir, folder)
+    (weights,) = folder.glob("*.safetensors")
+    tensors = load_file(weights)
+    want = tuple(tensors[tensor].shape)
+    tensors[tensor] = torch.randn(shape)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{tensor}' has shape {re.escape(str(shape))}, "
+                       rf"{re.escape(str(want))} expected"):  # fmt: skip
+        make_llm(str(folder))

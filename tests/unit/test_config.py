@@ -65,3 +65,23 @@ def test_scheduler_config_records_whether_the_budget_was_set():
 )
 def test_offload_step_budget(budget, default, offloading, kv_tokens, seqs, expected):
     assert offload_step_budget(budget, default, offloading, kv_tokens, seqs, 1280) == expected
+
+
+@pytest.mark.parametrize(
+    "field, value, kind",
+    [
+        ("max_model_len", "64", "an integer"),
+        ("max_model_len", 64.5, "an integer"),
+        ("max_num_seqs", True, "an integer"),
+        ("block_size", 16.0, "an integer"),
+        ("num_kv_blocks", 3.5, "an integer"),
+        ("seed", "abc", "an integer"),
+        ("gpu_memory_utilization", "0.9", "a number"),
+        ("cpu_offload_gb", "1", "a number"),
+        ("enforce_eager", "yes", "true or false"),
+    ],
+)
+def test_engine_arguments_of_the_wrong_type_name_themselves(field, value, kind):
+    """Caught at once with the value named, not as a TypeError deep in the engine build."""
+    with pytest.raises(ValueError, match=f"{field} must be {kind}, got {value!r}"):
+        EngineArgs(**{field: value}).validate()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vllm_runner.model.layers import cpu_gemm
+from vllm_runner.model.layers.parallel import load_shard
 from vllm_runner.model.registry import resolve_model_class
 
 
@@ -62,6 +63,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     packed = getattr(model, "packed_modules_mapping", {})
     loaded: set[str] = set()
     for name, tensor in weights:
+        stored = name  # the checkpoint's own name, for errors
         if "rotary_emb.inv_freq" in name:
             continue
         shard_id = None
@@ -79,10 +81,13 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
             )
         param = params[name]
         loader = getattr(param, "weight_loader", None)
-        if loader is None:
-            param.data.copy_(tensor)
-        else:
-            loader(param, tensor.to(param.dtype), shard_id)
+        try:
+            if loader is None:
+                load_shard(param.data, tensor)
+            else:
+                loader(param, tensor.to(param.dtype), shard_id)
+        except ValueError as e:  # a shape mismatch: name the checkpoint's tensor
+            raise ValueError(f"checkpoint tensor {stored!r} {e}") from None
         loaded.add(name)
     missing = sorted(set(params) - loaded)
     if missing:

@@ -27,6 +27,10 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if loaded.shape != (self.vocab_size, param.shape[1]):
+            raise ValueError(
+                f"has shape {tuple(loaded.shape)}, {(self.vocab_size, param.shape[1])} expected"
+            )
         rows = max(0, min(self.shard, self.vocab_size - self.start))
         param.data[:rows].copy_(loaded[self.start : self.start + rows])
         param.data[rows:].zero_()

@@ -13,7 +13,7 @@ from vllm_runner.model.layers.parallel import (
     all_gather_last_dim,
     all_reduce,
     divide,
-    tp_rank,
+    load_shard,
     tp_size,
 )
 
@@ -56,7 +56,7 @@ class LinearBase(nn.Module):
         return F.linear(x, self.weight, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        param.data.copy_(loaded)
+        load_shard(param.data, loaded)
 
     def fuses_one_row(self, x: torch.Tensor) -> bool:
         """Whether ``forward_one_row`` takes ``x`` (``gemv_takes``; a quantization method
@@ -100,8 +100,7 @@ class ColumnParallelLinear(LinearBase):
         self.gather_output = gather_output
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        size = param.shape[0]
-        param.data.copy_(loaded.narrow(0, tp_rank() * size, size))
+        load_shard(param.data, loaded, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x, self.bias)
@@ -118,7 +117,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         size = self.shard_sizes[shard_id]
         offset = sum(self.shard_sizes[:shard_id])
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, tp_rank() * size, size))
+        load_shard(param.data.narrow(0, offset, size), loaded, 0)
 
     def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` for a [gate, up] layer (SwiGLU); a quantized layer may fuse
@@ -146,7 +145,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         size, offset = {"q": (q, 0), "k": (kv, q), "v": (kv, q + kv)}[shard_id]
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, tp_rank() * size, size))
+        load_shard(param.data.narrow(0, offset, size), loaded, 0)
 
 
 class RowParallelLinear(LinearBase):
@@ -156,11 +155,8 @@ class RowParallelLinear(LinearBase):
         super().__init__(divide(in_features, tp_size(), "in_features"), out_features, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        if param.dim() == 1:  # bias: added once, after the reduce
-            param.data.copy_(loaded)
-            return
-        size = param.shape[1]
-        param.data.copy_(loaded.narrow(1, tp_rank() * size, size))
+        # the bias is added once, after the reduce
+        load_shard(param.data, loaded, None if param.dim() == 1 else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = all_reduce(self.matmul(x, None))

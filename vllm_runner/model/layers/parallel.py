@@ -30,3 +30,16 @@ def divide(n: int, parts: int, what: str) -> int:
     if n % parts:
         raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {parts}")
     return n // parts
+
+
+def load_shard(dst: torch.Tensor, loaded: torch.Tensor, dim: int | None = None) -> None:
+    """``dst`` <- this rank's shard of a checkpoint tensor along ``dim`` (None: all of it).
+    A tensor of another shape is an error, never broadcast into ``dst`` or cut to fit."""
+    want = list(dst.shape)
+    if dim is not None:
+        want[dim] *= tp_size()
+    if list(loaded.shape) != want:
+        raise ValueError(f"has shape {tuple(loaded.shape)}, {tuple(want)} expected")
+    if dim is not None:
+        loaded = loaded.narrow(dim, tp_rank() * dst.shape[dim], dst.shape[dim])
+    dst.copy_(loaded)
