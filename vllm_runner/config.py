@@ -142,13 +142,16 @@ class EngineArgs:
 
     def resolve_max_model_len(self, hf_config: object) -> int:
         model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+        limit = f"max_position_embeddings={model_max}"
+        # Attention here reads every earlier key; a model trained with a sliding window
+        # (Mistral) agrees with that only up to the window's length.
+        window = getattr(hf_config, "sliding_window", None)
+        if window and getattr(hf_config, "use_sliding_window", True) and window < model_max:
+            model_max, limit = window, f"sliding_window={window} (full attention only)"
         if self.max_model_len is None:
             return int(model_max)
         if self.max_model_len > model_max:
-            raise ValueError(
-                f"max_model_len={self.max_model_len} exceeds the model's "
-                f"max_position_embeddings={model_max}"
-            )
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's {limit}")
         return self.max_model_len
 
     def scheduler_config(

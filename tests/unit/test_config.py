@@ -85,3 +85,22 @@ def test_engine_arguments_of_the_wrong_type_name_themselves(field, value, kind):
     """Caught at once with the value named, not as a TypeError deep in the engine build."""
     with pytest.raises(ValueError, match=f"{field} must be {kind}, got {value!r}"):
         EngineArgs(**{field: value}).validate()
+
+
+def test_sliding_window_bounds_max_model_len():
+    """This engine attends to every earlier key: a sliding-window model (Mistral) gives the
+    same tokens only up to its window, so max_model_len stops there; Qwen2's window counts
+    only when use_sliding_window is on."""
+    from types import SimpleNamespace
+
+    mistral = SimpleNamespace(max_position_embeddings=32768, sliding_window=4096)
+    assert EngineArgs().resolve_max_model_len(mistral) == 4096
+    assert EngineArgs(max_model_len=2048).resolve_max_model_len(mistral) == 2048
+    with pytest.raises(ValueError, match=r"max_model_len=8192 exceeds the model's "
+                       r"sliding_window=4096 \(full attention only\)"):  # fmt: skip
+        EngineArgs(max_model_len=8192).resolve_max_model_len(mistral)
+    qwen = SimpleNamespace(max_position_embeddings=32768, sliding_window=4096,
+                           use_sliding_window=False)  # fmt: skip
+    assert EngineArgs().resolve_max_model_len(qwen) == 32768
+    no_window = SimpleNamespace(max_position_embeddings=8192, sliding_window=None)
+    assert EngineArgs().resolve_max_model_len(no_window) == 8192
