@@ -128,7 +128,7 @@ class EngineCore:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         wanted = len(prompt_ids) + (params.max_tokens or 0)
-        if self.serving and params.max_tokens is not None and wanted > self.max_model_len:
+        if self.serving and params.max_tokens and wanted > self.max_model_len:
             raise ValueError(
                 f"max_model_len is {self.max_model_len} tokens, but {wanted} were requested "
                 f"({len(prompt_ids)} in the prompt, max_tokens {params.max_tokens}): shorten "

@@ -9,6 +9,7 @@ from vllm_runner.model.layers.linear import gemv_takes
 from vllm_runner.model.layers.parallel import (
     all_gather_last_dim,
     all_reduce,
+    check_shape,
     tp_rank,
     tp_size,
 )
@@ -27,10 +28,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        if loaded.shape != (self.vocab_size, param.shape[1]):
-            raise ValueError(
-                f"has shape {tuple(loaded.shape)}, {(self.vocab_size, param.shape[1])} expected"
-            )
+        check_shape(loaded, (self.vocab_size, param.shape[1]))  # the whole, unpadded vocab
         rows = max(0, min(self.shard, self.vocab_size - self.start))
         param.data[:rows].copy_(loaded[self.start : self.start + rows])
         param.data[rows:].zero_()

@@ -38,8 +38,13 @@ def load_shard(dst: torch.Tensor, loaded: torch.Tensor, dim: int | None = None) 
     want = list(dst.shape)
     if dim is not None:
         want[dim] *= tp_size()
-    if list(loaded.shape) != want:
-        raise ValueError(f"has shape {tuple(loaded.shape)}, {tuple(want)} expected")
+    check_shape(loaded, want)
     if dim is not None:
         loaded = loaded.narrow(dim, tp_rank() * dst.shape[dim], dst.shape[dim])
     dst.copy_(loaded)
+
+
+def check_shape(loaded: torch.Tensor, want: list[int] | tuple[int, ...]) -> None:
+    """A checkpoint tensor's shape is the model's, or a ValueError naming both."""
+    if tuple(loaded.shape) != tuple(want):
+        raise ValueError(f"has shape {tuple(loaded.shape)}, {tuple(want)} expected")
