@@ -4,7 +4,7 @@
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
 # quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, w1-fp8,
 # kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe,
-# read-bw, gemm-prefill)
+# read-bw, gemm-prefill, persistent-layers)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -51,6 +51,8 @@ for step in "$@"; do
              --kinds persistent,streamk --out "$OUT/gemm_streamk.json" 2>&1 | tail -120 ;;
     gemm-probe) timeout 420 python benchmarks/gemm_probe.py --shapes "${GEMM_SHAPES:-gate_up,qkv}" \
              --out "$OUT/gemm_probe.json" 2>&1 | tail -80 ;;
+    persistent-layers) timeout 300 python benchmarks/persistent_layers_probe.py --model 1b \
+             --out "$OUT/persistent_layers_1b.json" 2>&1 | tail -30 ;;
     kernels) python benchmarks/kernels.py --check --quick --out "$OUT/kernels.md" 2>&1 | tail -40 ;;
     w1-1b) python benchmarks/throughput.py --device cuda --models 1b --systems engine \
              --out "$OUT/w1_1b_engine.json" 2>&1 | tail -25 ;;
