@@ -38,7 +38,7 @@ SETTINGS = ServerSettings.load(os.environ, vars(bentoml.use_arguments()))
 
 
 def score_params() -> SamplingParams:
-    # prompt_logprobs=0: the log-probability of each prompt token itself
+    # prompt_logprobs=0: the log-probability of each prompt token itself, no others
     return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
 
 
@@ -252,7 +252,8 @@ class LLMService:
         )
         results = []
         for (_, k), out in zip(prepared, outs, strict=True):
-            lps = [float(lp) for lp in out.prompt_logprobs[-k:]]
+            tail = zip(out.prompt_logprobs[-k:], out.prompt_token_ids[-k:], strict=True)
+            lps = [top[token] for top, token in tail]
             results.append(ScoreResult(logprob=sum(lps), num_tokens=k, token_logprobs=lps))
         return results
 

@@ -163,3 +163,39 @@ def test_min_p_before_top_p_and_min_tokens_hold_eos():
     held = torch.tensor([[5.0, 1.0, 0.0, 0.0]])
     apply_min_tokens(held, [SamplingRow(params, [1], 1, None)])
     assert held.argmax().item() == 1
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_prompt_logprobs_match_hf_with_top_k(tiny_model_dirs, hf_llama, monkeypatch, chunk):
+    """vLLM's prompt_logprobs: per position after the first, {token: logprob} holding the
+    prompt token's own logprob given its prefix and the top-k tokens', as HF's full forward
+    gives them; whether the prompt is prefilled in one step or in chunks of ``chunk``
+    tokens, and with the logits taken a few rows at a time."""
+    from vllm_runner.worker import model_runner
+
+    monkeypatch.setattr(model_runner, "PROMPT_LOGPROB_ROWS", 4)
+    kw = {"max_num_batched_tokens": chunk} if chunk else {}
+    llm = LLM(tiny_model_dirs["llama"], dtype="float32", device="cpu", cpu_kv_cache_gb=0.05,
+              **kw)  # fmt: skip
+    prompt = [5, 17, 42, 99, 3, 250, 7, 7, 31, 64, 128, 9, 200, 11, 1, 77, 300, 2, 45]
+    out = llm.generate([prompt], SamplingParams(max_tokens=2, prompt_logprobs=3))[0]
+    with torch.no_grad():
+        ref = hf_llama(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    assert out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == len(prompt)
+    for pos, top in enumerate(out.prompt_logprobs[1:], start=1):
+        want_top = ref[pos - 1].topk(3)
+        want = {prompt[pos]: ref[pos - 1, prompt[pos]].item()}
+        want.update(zip(want_top.indices.tolist(), want_top.values.tolist(), strict=True))
+        assert top.keys() == want.keys(), pos
+        for token, lp in want.items():
+            assert top[token] == pytest.approx(lp, abs=1e-4), (pos, token)
+
+
+def test_prompt_logprobs_zero_gives_the_prompt_tokens_own(llama):
+    prompt = [5, 17, 42, 99, 3]
+    out = llama.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    assert [None if d is None else list(d) for d in out.prompt_logprobs] == [
+        None,
+        *([t] for t in prompt[1:]),
+    ]

@@ -196,7 +196,8 @@ def teacher_forced_argmax(llm: LLM, ids: list[int]) -> torch.Tensor:
 
 def perplexity(llm: LLM, text: str) -> float:
     out = llm.generate(text, SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
-    logprobs = [lp for lp in out.prompt_logprobs if lp is not None]
+    pairs = zip(out.prompt_logprobs, out.prompt_token_ids, strict=True)
+    logprobs = [top[token] for top, token in pairs if top is not None]
     assert len(logprobs) > 80
     return math.exp(-sum(logprobs) / len(logprobs))
 

@@ -48,7 +48,7 @@ class RequestState:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
-    prompt_logprobs: list[float | None] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = None
 

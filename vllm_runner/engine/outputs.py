@@ -47,8 +47,9 @@ class ModelRunnerOutput:
     sampled: dict[str, int]  # request id -> sampled token id
     # request id -> (sampled token's logprob, {token id: logprob} of the top-N)
     logprobs: dict[str, tuple[float, dict[int, float]]] = field(default_factory=dict)
-    # request id -> logprob of each prompt token given its prefix (first is None)
-    prompt_logprobs: dict[str, list[float | None]] = field(default_factory=dict)
+    # request id -> per prompt position (the first None): {token id: logprob} of the prompt
+    # token given its prefix and of the top ``prompt_logprobs`` tokens
+    prompt_logprobs: dict[str, list[dict[int, float] | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class EngineStepOutput:
     new_sampled_logprobs: list[float] | None
     finish_reason: str | None
     stop_reason: int | str | None = None
-    prompt_logprobs: list[float | None] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
 
 
@@ -91,7 +92,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    prompt_logprobs: list[float | None] | None = None
+    # per prompt position (the first None): {token id: logprob} of the prompt token given
+    # its prefix and of the ``prompt_logprobs`` most likely tokens there (as vLLM)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
 
     @property

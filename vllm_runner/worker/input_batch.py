@@ -19,7 +19,7 @@ class CachedRequestState:
     seed: int | None
     num_computed_tokens: int = 0
     num_pending: int = 0  # sampled on the device, not yet appended to token_ids
-    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from vllm_runner.worker.input_batch import InputBatch, StepInputs
 from vllm_runner.worker.offload import weight_bytes
 
 logger = logging.getLogger(__name__)
+PROMPT_LOGPROB_ROWS = 512  # prompt positions whose logits are materialised at once
 
 
 @dataclass
@@ -312,20 +313,30 @@ class ModelRunner:
     def _prompt_logprobs(
         self, inputs: StepInputs, hidden: torch.Tensor, result: ModelRunnerOutput
     ) -> None:
-        """Logprob of each prompt token given its prefix, for requests that ask."""
+        """For each prompt token after the first, given its prefix: its logprob and the top
+        ``prompt_logprobs`` tokens' (vLLM's ``{token id: logprob}`` per position)."""
         for i, request_id in enumerate(inputs.request_ids):
             state = self.batch.states[request_id]
-            if state.params.prompt_logprobs is None:
+            top = state.params.prompt_logprobs
+            if top is None:
                 continue
             lo, hi = int(inputs.query_start_loc[i]), int(inputs.query_start_loc[i + 1])
             start = int(inputs.seq_lens[i]) - (hi - lo)
             # position p predicts token p + 1; only prompt tokens count
             end = min(start + (hi - lo), state.num_prompt_tokens - 1)
-            if end > start:
-                logprobs = self.model.compute_logits(hidden[lo : lo + end - start]).float()
-                logprobs = logprobs.log_softmax(dim=-1)
-                targets = torch.tensor(state.token_ids[start + 1 : end + 1], device=self.device)
-                state.prompt_logprobs.extend(logprobs.gather(1, targets[:, None])[:, 0].tolist())
+            for a in range(start, end, PROMPT_LOGPROB_ROWS):  # bounds the [rows, vocab] logits
+                b = min(a + PROMPT_LOGPROB_ROWS, end)
+                rows = hidden[lo + a - start : lo + b - start]
+                logprobs = self.model.compute_logits(rows).float().log_softmax(dim=-1)
+                targets = state.token_ids[a + 1 : b + 1]
+                own = logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None])
+                best = logprobs.topk(top, dim=-1) if top else None
+                for r, (token, lp) in enumerate(zip(targets, own[:, 0].tolist(), strict=True)):
+                    entry = {token: lp}
+                    if best is not None:
+                        ids, values = best.indices[r].tolist(), best.values[r].tolist()
+                        entry.update(zip(ids, values, strict=True))
+                    state.prompt_logprobs.append(entry)
             if request_id in inputs.sampling_ids and state.num_prompt_tokens == len(
                 state.token_ids
             ):
