@@ -370,3 +370,56 @@ def test_checkpoint_tensor_of_another_shape_is_refused(llama_dir, tmp_path, tens
     with pytest.raises(ValueError, match=rf"{tensor}' has shape {re.escape(str(shape))}, "
                        rf"{re.escape(str(want))} expected"):  # fmt: skip
         make_llm(str(folder))
+
+
+def test_only_the_files_of_the_index_load(llama_dir, tmp_path):
+    """A folder holding a sharded checkpoint's index and another safetensors file (Mistral's
+    hub repos ship ``consolidated.safetensors`` in their own naming next to the HF shards)
+    loads the indexed shards only, as HF and vLLM do."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(llama_dir, folder)
+    (weights,) = folder.glob("*.safetensors")
+    tensors = load_file(weights)
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}  # fmt: skip
+    for file, part in shards.items():
+        save_file({n: tensors[n] for n in part}, folder / file, metadata={"format": "pt"})
+    weight_map = {n: file for file, part in shards.items() for n in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    weights.rename(folder / "consolidated.safetensors")  # HF names, but not in the index
+    save_file({"layers.0.attention.wq.weight": torch.randn(4, 4)},
+              folder / "consolidated.safetensors")  # fmt: skip
+    prompt = [[5, 17, 42, 99, 3]]
+    want = make_llm(llama_dir).generate(prompt, GREEDY)[0].token_ids
+    assert make_llm(str(folder)).generate(prompt, GREEDY)[0].token_ids == want
+
+
+@pytest.mark.parametrize(
+    "family, field, value",
+    [
+        ("llama", "hidden_act", "gelu_pytorch_tanh"),
+        ("qwen2", "hidden_act", "relu"),
+        ("opt", "activation_function", "tanh"),
+    ],
+)
+def test_an_activation_the_model_does_not_run_is_refused(
+    tiny_model_dirs, tmp_path, family, field, value
+):
+    """Llama-family MLPs run SiLU in fused kernels: another hidden_act loaded silently and
+    generated SiLU's tokens; OPT's unknown activations were a bare KeyError."""
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dirs[family], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"{field} '{value}' is not supported.*silu"):
+        make_llm(str(folder))

@@ -131,6 +131,12 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, config) -> None:
         super().__init__()
+        act = getattr(config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):  # the gated MLP's kernels fuse SiLU
+            raise ValueError(
+                f"hidden_act {act!r} is not supported by {type(self).__name__}: its gated MLP "
+                "runs SiLU only (supported: 'silu')"
+            )
         self.config = config
         qkv_bias, o_bias = self.projection_biases(config)
         self.model = LlamaModel(config, qkv_bias, o_bias)

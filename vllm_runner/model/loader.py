@@ -1,6 +1,7 @@
 """Resolve a model name to a local folder, build our module, load HF weights by name."""
 
 import glob
+import json
 import os
 from collections.abc import Iterator
 
@@ -40,7 +41,7 @@ def resolve_model_path(model: str | None) -> str:
 
 
 def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = _indexed(path, sorted(glob.glob(os.path.join(path, "*.safetensors"))))
     if files:
         from safetensors import safe_open
 
@@ -49,11 +50,26 @@ def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield name, f.get_tensor(name)
         return
-    files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    files = _indexed(path, sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))))
     if not files:
         raise ValueError(f"model folder {path!r} has no *.safetensors or pytorch_model*.bin")
     for file in files:
         yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+def _indexed(path: str, files: list[str]) -> list[str]:
+    """The files a sharded checkpoint's index names, when it has one: a folder may hold
+    others in another naming (Mistral's ``consolidated.safetensors`` next to the HF shards)."""
+    if not files:
+        return files
+    safetensors = files[0].endswith(".safetensors")
+    name = "model.safetensors" if safetensors else "pytorch_model.bin"
+    index = os.path.join(path, f"{name}.index.json")
+    if not os.path.isfile(index):
+        return files
+    with open(index) as f:
+        named = set(json.load(f)["weight_map"].values())
+    return [file for file in files if os.path.basename(file) in named]
 
 
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:

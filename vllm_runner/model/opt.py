@@ -13,7 +13,12 @@ from vllm_runner.model.layers.linear import (
     RowParallelLinear,
 )
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+_ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
 # NOTE: OPT's learned position table is offset by 2 (a fairseq convention).
 _POSITION_OFFSET = 2
 
@@ -45,7 +50,13 @@ class OPTDecoderLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
         self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
         self.pre_norm = config.do_layer_norm_before
-        self.act = _ACTIVATIONS[config.activation_function]
+        act = config.activation_function
+        if act not in _ACTIVATIONS:
+            raise ValueError(
+                f"OPT activation_function {act!r} is not supported (supported: "
+                f"{', '.join(sorted(_ACTIVATIONS))})"
+            )
+        self.act = _ACTIVATIONS[act]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         residual = hidden
