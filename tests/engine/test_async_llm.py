@@ -115,10 +115,10 @@ def test_a_failing_request_fails_alone(smol, monkeypatch):
 
     original = detokenizer.IncrementalDetokenizer.add_tokens
 
-    def flaky(self, token_ids):
+    def flaky(self, token_ids, *args):
         if "POISON" in self.tokenizer.decode(self.ids):
             raise RuntimeError("injected detokenizer failure")
-        return original(self, token_ids)
+        return original(self, token_ids, *args)
 
     monkeypatch.setattr(detokenizer.IncrementalDetokenizer, "add_tokens", flaky)
 

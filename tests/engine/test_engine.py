@@ -123,6 +123,74 @@ def test_stop_string_excluded_from_text(smol_llm):
     assert out.text == " Paris" and out.finish_reason == "stop"
 
 
+def test_stop_token_text_left_out_unless_asked(smol_llm):
+    """As vLLM: the text of the token that ended the request (EOS or a stop_token_ids
+    entry) is not in the output unless include_stop_str_in_output; stop_reason names it."""
+    dot = smol_llm.tokenizer.convert_tokens_to_ids(".")
+    prompt = ["The capital of France is"]
+    out = smol_llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0,
+                                                   stop_token_ids=[dot]))[0]  # fmt: skip
+    assert (out.text, out.outputs[0].stop_reason) == (" Paris", dot)
+    both = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[dot], stop=["."])
+    out = smol_llm.generate(prompt, both)[0]
+    assert (out.text, out.outputs[0].stop_reason) == (" Paris", dot)
+    kept = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[dot],
+                          include_stop_str_in_output=True)  # fmt: skip
+    assert smol_llm.generate(prompt, kept)[0].text == " Paris."
+    chat = smol_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                         SamplingParams(max_tokens=32, temperature=0.0,
+                                        skip_special_tokens=False))[0]  # fmt: skip
+    assert chat.text == "The capital of France is Paris." and chat.finish_reason == "stop"
+
+
+def test_stop_strings_wait_for_min_tokens(smol_llm):
+    """As vLLM: stop strings count only after min_tokens tokens, and not in their text
+    (greedy gives ' Paris.' then more: ' Paris' and '.' used to end it at 1-2 tokens)."""
+    prompt = ["The capital of France is"]
+    free = smol_llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0))[0]
+    for stop in (" Paris", "."):
+        params = SamplingParams(max_tokens=8, temperature=0.0, min_tokens=5, stop=[stop])
+        out = smol_llm.generate(prompt, params)[0]
+        assert out.text == free.text and out.finish_reason == "length", stop
+
+
+def test_the_first_stop_string_in_the_text_wins(smol_llm):
+    """Two stop strings in one token's text: the output is cut at the earlier one, so no
+    stop string is left in it (the first listed used to win)."""
+    prompt = ["The capital of France is"]
+    for stops in (["is", "ar"], ["ar", "is"]):
+        params = SamplingParams(max_tokens=4, temperature=0.0, stop=stops)
+        out = smol_llm.generate(prompt, params)[0]
+        assert (out.text, out.outputs[0].stop_reason) == (" P", "ar"), stops
+
+
+def test_streamed_text_never_shows_what_a_stop_string_removes(default_model_dir):
+    """Each step's text is what its deltas gave so far: the tail held back for a possible
+    stop string is not shown (it was, then vanished when the stop string completed)."""
+    from vllm_runner.config import EngineArgs
+    from vllm_runner.engine.core import EngineCore
+
+    engine = EngineCore(EngineArgs(model=default_model_dir, dtype="float32", device="cpu",
+                                   max_model_len=512, cpu_kv_cache_gb=0.05))  # fmt: skip
+    engine.add_request("The capital of France is",
+                       SamplingParams(max_tokens=8, temperature=0.0, stop=["\n\nThe"]))  # fmt: skip
+    joined, texts = "", []
+    while engine.has_unfinished():
+        for o in engine.step():
+            joined += o.delta
+            texts.append(o.text)
+            assert o.text == joined
+    assert texts[-1] == " Paris."
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+
+
+def test_stop_strings_without_a_tokenizer_are_refused(llama_dir):
+    """A folder with no tokenizer cannot match stop strings: refused, not silently run to
+    max_tokens."""
+    with pytest.raises(ValueError, match=r"stop \['x'\]: stop strings need a tokenizer"):
+        make_llm(llama_dir).generate([[1, 2, 3]], SamplingParams(max_tokens=5, stop=["x"]))
+
+
 def test_chat_template(smol_llm):
     out = smol_llm.chat(
         [{"role": "user", "content": "What is the capital of France?"}],

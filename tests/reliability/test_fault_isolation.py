@@ -33,11 +33,11 @@ def poisoned(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         self.fail_at = (3 if "mid-stream" in text else 1) if MARKER in text else 0
         self.steps = 0
 
-    def failing_add_tokens(self: Any, token_ids: list[int]) -> str | None:
+    def failing_add_tokens(self: Any, token_ids: list[int], *a: Any) -> str | None:
         self.steps += 1
         if self.steps == self.fail_at:
             raise RuntimeError(FAULT)
-        return add_tokens(self, token_ids)
+        return add_tokens(self, token_ids, *a)
 
     monkeypatch.setattr(IncrementalDetokenizer, "__init__", marked_init)
     monkeypatch.setattr(IncrementalDetokenizer, "add_tokens", failing_add_tokens)

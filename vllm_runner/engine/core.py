@@ -143,6 +143,11 @@ class EngineCore:
                 f"({len(prompt_ids)} prompt + {new} new tokens), but the cache has "
                 f"{self.runner.num_blocks}: lower max_tokens or give the KV cache more memory"
             )
+        if params.stop and self.tokenizer is None:
+            raise ValueError(
+                f"stop {params.stop!r}: stop strings need a tokenizer and this model folder "
+                "has none; use stop_token_ids"
+            )
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(

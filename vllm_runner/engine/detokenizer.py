@@ -7,7 +7,8 @@ _CONTEXT_TOKENS = 6
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text, one delta at a time. Holds back the last
-    ``len(longest stop) - 1`` characters of streamed text, since they may start a stop string."""
+    ``len(longest stop) - 1`` characters of streamed text, since they may start a stop string
+    (none when the stop string stays in the output, as vLLM)."""
 
     def __init__(
         self,
@@ -16,6 +17,7 @@ class IncrementalDetokenizer:
         stop: list[str],
         include_stop: bool,
         skip_special_tokens: bool,
+        min_tokens: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
         context = prompt_token_ids[-_CONTEXT_TOKENS:]
@@ -25,17 +27,26 @@ class IncrementalDetokenizer:
         self.stop = stop
         self.include_stop = include_stop
         self.skip_special = skip_special_tokens
-        self.holdback = max((len(s) for s in stop), default=1) - 1
+        # as vLLM: nothing is held back when the stop string stays in the output
+        self.holdback = max((len(s) for s in stop), default=1) - 1 if not include_stop else 0
+        self.min_tokens = min_tokens
+        self.num_tokens = 0  # output tokens seen
+        self.stop_from = 0  # text of the first min_tokens tokens is not searched for stops
         self.text = ""
         self.sent = 0  # characters already streamed
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
-    def add_tokens(self, token_ids: list[int]) -> str | None:
-        """Append tokens; returns the stop string if one now appears in the text."""
+    def add_tokens(self, token_ids: list[int], stop_terminated: bool = False) -> str | None:
+        """Append tokens; returns the stop string if one now appears in the text.
+        ``stop_terminated``: the last token is EOS or a stop_token_ids entry; as in vLLM its
+        text is left out unless include_stop_str_in_output."""
         if self.tokenizer is None:
             return None
+        self.num_tokens += len(token_ids)
+        if stop_terminated and not self.include_stop:
+            token_ids = token_ids[:-1]
         self.ids.extend(token_ids)
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
@@ -45,16 +56,24 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         before = len(self.text)
         self.text += delta
-        return self._find_stop(before)
+        if self.num_tokens <= self.min_tokens:
+            self.stop_from = len(self.text)
+            return None
+        return self._find_stop(max(before, self.stop_from))
 
     def _find_stop(self, new_from: int) -> str | None:
+        """The stop string that occurs first in the new text (the first listed on a tie), the
+        text cut there; so no other stop string remains in it."""
+        found = None
         for stop in self.stop:
-            start = max(0, new_from - len(stop) + 1)
-            at = self.text.find(stop, start)
-            if at >= 0:
-                self.text = self.text[: at + len(stop)] if self.include_stop else self.text[:at]
-                return stop
-        return None
+            at = self.text.find(stop, max(0, new_from - len(stop) + 1))
+            if at >= 0 and (found is None or at < found[0]):
+                found = (at, stop)
+        if found is None:
+            return None
+        at, stop = found
+        self.text = self.text[: at + len(stop)] if self.include_stop else self.text[:at]
+        return stop
 
     def take_delta(self, finished: bool) -> str:
         end = len(self.text) if finished else max(self.sent, len(self.text) - self.holdback)

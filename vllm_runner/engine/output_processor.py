@@ -89,6 +89,7 @@ def new_request_state(
                 params.stop,
                 params.include_stop_str_in_output,
                 params.skip_special_tokens,
+                params.min_tokens,
             ),
             logprobs=[] if params.logprobs is not None else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None,
@@ -112,7 +113,7 @@ def apply_step_output(state: RequestState, index: int, out: EngineStepOutput) ->
     if c.logprobs is not None and out.new_logprobs is not None:
         c.logprobs.extend(out.new_logprobs)
         c.cumulative_logprob += sum(out.new_sampled_logprobs)
-    stop = c.detokenizer.add_tokens(out.new_token_ids)
+    stop = c.detokenizer.add_tokens(out.new_token_ids, out.finish_reason == "stop")
     if stop is not None:
         c.finish_reason, c.stop_reason = "stop", stop
     elif out.finish_reason is not None:
@@ -125,11 +126,12 @@ def stream_output(
 ) -> StreamOutput:
     c = state.completions[index]
     finished = c.finish_reason is not None
+    delta = c.detokenizer.take_delta(finished)
     return StreamOutput(
         state.request_id,
         index,
-        c.detokenizer.take_delta(finished),
-        c.detokenizer.text,
+        delta,
+        c.detokenizer.text[: c.detokenizer.sent],  # what the deltas gave: no held-back text
         list(c.token_ids),
         new_ids,
         new_logprobs,
