@@ -31,7 +31,7 @@ from vllm_runner.serving.protocol import (
     ScoreResult,
 )
 from vllm_runner.serving.settings import ServerSettings
-from vllm_runner.serving.streams import new_request_id, stream_or_abort
+from vllm_runner.serving.streams import new_request_id, stream_or_abort, until_disconnect
 
 logger = logging.getLogger("vllm_runner.service")
 SETTINGS = ServerSettings.load(os.environ, vars(bentoml.use_arguments()))
@@ -97,6 +97,14 @@ def complete_result(out: Any, prompt_ids: list[int]) -> CompleteResult:
         prompt_tokens=len(out.prompt_token_ids),
         completion_tokens=len(out.token_ids),
     )
+
+
+def score_result(out: Any, k: int) -> ScoreResult:
+    if isinstance(out, RequestError):
+        return ScoreResult(logprob=None, num_tokens=k, token_logprobs=[], error=str(out))
+    tail = zip(out.prompt_logprobs[-k:], out.prompt_token_ids[-k:], strict=True)
+    lps = [top[token] for top, token in tail]
+    return ScoreResult(logprob=sum(lps), num_tokens=k, token_logprobs=lps)
 
 
 class GenerateInput(GenerateRequest):
@@ -206,8 +214,18 @@ class LLMService:
         params = request.sampling_params()
         prompt = request._ids or request.prompt
         started = False
+        outs = stream_or_abort(engine, prompt, params, new_request_id("gen"))
         try:
-            async for out in stream_or_abort(engine, prompt, params, new_request_id("gen")):
+            # BentoML awaits the first chunk before it streams, and nothing watches the
+            # connection until then: a client that leaves while queued aborts its request.
+            first = await until_disconnect(ctx.request.receive, anext(outs, None))
+            if first is None:
+                await outs.aclose()
+                return
+            if first.delta:
+                started = True
+                yield first.delta
+            async for out in outs:
                 if out.delta:
                     started = True
                     yield out.delta
@@ -247,15 +265,15 @@ class LLMService:
             prepared = [item._ids or score_ids(engine, item) for item in items]
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        outs = await engine.generate(
-            [ids for ids, _ in prepared], [score_params() for _ in prepared]
-        )
-        results = []
-        for (_, k), out in zip(prepared, outs, strict=True):
-            tail = zip(out.prompt_logprobs[-k:], out.prompt_token_ids[-k:], strict=True)
-            lps = [top[token] for top, token in tail]
-            results.append(ScoreResult(logprob=sum(lps), num_tokens=k, token_logprobs=lps))
-        return results
+        try:
+            outs = await engine.generate(
+                [ids for ids, _ in prepared], [score_params() for _ in prepared]
+            )
+        except RequestError as exc:
+            if exc.results is None:
+                raise
+            outs = exc.results  # a failed item answers with its error, the others as usual
+        return [score_result(out, k) for (_, k), out in zip(prepared, outs, strict=True)]
 
 
 LLMService.add_asgi_middleware(ApiKeyMiddleware, api_key=SETTINGS.api_key)

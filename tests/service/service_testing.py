@@ -23,6 +23,17 @@ SERVICE_ENV = {
 READY_TIMEOUT_S = 180
 
 
+def post_scope(path: str) -> dict:
+    """The ASGI scope of an authorised JSON POST to ``path`` (for tests that drive the app's
+    receive / send themselves, e.g. to disconnect mid-request)."""
+    headers = [(b"authorization", f"Bearer {API_KEY}".encode()),
+               (b"content-type", b"application/json")]  # fmt: skip
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+            "root_path": "", "query_string": b"", "headers": headers,
+            "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 80)}  # fmt: skip
+
+
 def wait_ready(probe: Any, timeout: float = READY_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     status = None

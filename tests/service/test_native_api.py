@@ -275,3 +275,73 @@ def test_metrics_show_engine_metrics(client: Any) -> None:
     ):
         metric_value(text, name)
     assert metric_value(text, "vllm_runner_kv_blocks_total") > 0
+
+
+def test_generate_aborts_when_the_client_leaves_before_the_first_token(
+    client: Any, engine: Any
+) -> None:
+    """BentoML awaits a stream's first chunk before it sends anything; a client that leaves
+    while its request waits (an overloaded server) must abort it, not leave it queued."""
+    import asyncio
+    import json
+
+    from service_testing import post_scope
+
+    started, cancelled = asyncio.Event(), []
+
+    async def queued_forever(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # never produces a token
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        yield  # an async generator
+
+    async def leave_while_queued() -> None:
+        messages = [{"type": "http.request", "body": json.dumps({"prompt": PROMPT}).encode(),
+                     "more_body": False}]  # fmt: skip
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop()
+            await started.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            pass
+
+        await asyncio.wait_for(client.app(post_scope("/generate"), receive, send), 60)
+
+    engine.stream = queued_forever
+    try:
+        client.portal.call(leave_while_queued)
+    finally:
+        del engine.stream
+    assert cancelled == [True]
+
+
+def test_score_item_the_engine_fails_fails_alone(client: Any, engine: Any) -> None:
+    """As /complete: an item the engine fails answers with its error; the batch's other
+    items (and callers) get their scores."""
+    from vllm_runner import RequestError
+
+    real = engine._collect
+    poison = engine.tokenizer.encode("poison")
+
+    async def collect(prompt: list[int], params: Any) -> Any:
+        if list(prompt[-len(poison) - 1 : -1]) == poison:
+            raise RequestError("request x failed: injected")
+        return await real(prompt, params)
+
+    engine._collect = collect
+    try:
+        items = [{"prompt": PROMPT, "continuation": " Paris"},
+                 {"prompt": "poison", "continuation": " Paris"}]  # fmt: skip
+        r = client.post("/score", json={"items": items})
+    finally:
+        del engine._collect
+    assert r.status_code == 200, r.text
+    good, bad = r.json()
+    assert good["error"] is None and -1.0 < good["logprob"] < 0.0
+    assert bad["logprob"] is None and "injected" in bad["error"]

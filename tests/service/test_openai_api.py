@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from service_testing import API_KEY, MAX_MODEL_LEN
+from service_testing import MAX_MODEL_LEN, post_scope
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -296,12 +296,7 @@ def test_a_client_that_leaves_aborts_its_completion(client: Any, engine: Any, pa
     server does) instead of generating for nobody while holding KV blocks."""
     body = {"prompt": PROMPT} if path == "/v1/completions" else {"messages": CHAT}
     raw = json.dumps({**body, "max_tokens": 200, "ignore_eos": True, "temperature": 0}).encode()
-    headers = [(b"authorization", f"Bearer {API_KEY}".encode()),
-               (b"content-type", b"application/json")]  # fmt: skip
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
-             "root_path": "", "query_string": b"", "headers": headers,
-             "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 80)}  # fmt: skip
+    scope = post_scope(path)
     sent: list[dict] = []
 
     async def leave_mid_generation() -> None:

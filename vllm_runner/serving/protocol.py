@@ -80,9 +80,10 @@ class ScoreRequest(BaseModel):
 
 
 class ScoreResult(BaseModel):
-    logprob: float  # sum of the continuation's token log-probabilities
+    logprob: float | None  # sum of the continuation's token log-probabilities (None: error)
     num_tokens: int  # continuation tokens scored
     token_logprobs: list[float]
+    error: str | None = None  # what failed (the other items of the batch are unaffected)
 
 
 # ---- OpenAI-compatible endpoints --------------------------------------------------------
