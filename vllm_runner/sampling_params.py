@@ -28,6 +28,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # added to the token's logit (OpenAI's range)
     # Filled by the engine: the model's EOS ids (not a user setting).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -76,6 +77,14 @@ class SamplingParams:
             raise bad("seed", self.seed, "an integer")
         if any(not s for s in self.stop):
             raise bad("stop", self.stop, "non-empty strings")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise bad("logit_bias", self.logit_bias, "a {token id: bias} dict")
+            for token, bias in self.logit_bias.items():
+                if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                    raise bad("logit_bias key", token, "a token id (an integer >= 0)")
+                if not isinstance(bias, int | float) or not -100.0 <= bias <= 100.0:
+                    raise bad(f"logit_bias[{token}]", bias, "in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -199,3 +199,25 @@ def test_prompt_logprobs_zero_gives_the_prompt_tokens_own(llama):
         None,
         *([t] for t in prompt[1:]),
     ]
+
+
+def test_logit_bias_shifts_the_logits_before_penalties(llama, hf_llama):
+    """logit_bias adds to the raw logits (vLLM V1: before penalties): a +100 on a token
+    makes greedy pick it, a -100 on the greedy token moves greedy to the runner-up; out of
+    range or unknown tokens are errors naming the value."""
+    with torch.no_grad():
+        logits = hf_llama(torch.tensor([PROMPT])).logits[0, -1]
+    best, second = logits.topk(2).indices.tolist()
+    worst = int(logits.argmin())
+
+    def first(bias: dict[int, float]) -> int:
+        params = SamplingParams(max_tokens=1, temperature=0.0, logit_bias=bias)
+        return llama.generate([PROMPT], params)[0].token_ids[0]
+
+    assert first({}) == best
+    assert first({best: -100.0}) == second
+    assert first({worst: 100.0}) == worst
+    with pytest.raises(ValueError, match=r"logit_bias\[3\] must be in \[-100, 100\], got 101"):
+        SamplingParams(logit_bias={3: 101})
+    with pytest.raises(ValueError, match="logit_bias token id 100000 is outside the vocabulary"):
+        first({100000: 1.0})

@@ -101,6 +101,12 @@ class EngineCore:
                 raise ValueError("prompt is empty: give at least one character or token id")
             if self.tokenizer is None:
                 raise ValueError("this model folder has no tokenizer: pass token ids, not text")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON)
+                raise ValueError(
+                    f"prompt is not valid Unicode text: {e.reason} at character {e.start}"
+                ) from None
             # NOTE: a chat-templated prompt already starts with BOS; don't add another.
             bos = self.tokenizer.bos_token
             return self.tokenizer.encode(
@@ -147,6 +153,11 @@ class EngineCore:
             raise ValueError(
                 f"stop {params.stop!r}: stop strings need a tokenizer and this model folder "
                 "has none; use stop_token_ids"
+            )
+        bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"logit_bias token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
             )
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:

@@ -45,6 +45,15 @@ class SamplerOutput:
     logprobs: list[tuple[float, dict[int, float]] | None]
 
 
+def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Each row's biases added to its logits, before penalties (vLLM V1's order)."""
+    for i, row in enumerate(rows):
+        if row.params.logit_bias:
+            ids, biases = zip(*row.params.logit_bias.items(), strict=True)
+            index = torch.tensor(ids, dtype=torch.long, device=logits.device)
+            logits[i, index] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+
+
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     vocab = logits.shape[1]
     for i, row in enumerate(rows):
@@ -159,6 +168,8 @@ class Sampler:
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = logits.log_softmax(dim=-1)
+        if any(r.params.logit_bias for r in rows):
+            apply_logit_bias(logits, rows)
         if any(r.params.has_penalties for r in rows):
             apply_penalties(logits, rows)
         if any(r.num_output_tokens < r.params.min_tokens for r in rows):

@@ -15,12 +15,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from vllm_runner.async_llm import RequestError
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.serving import openai_format as fmt
-from vllm_runner.serving.protocol import ChatCompletionRequest, CompletionRequest
+from vllm_runner.serving.protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest
 from vllm_runner.serving.streams import (
     Choice,
     collect,
@@ -31,7 +32,11 @@ from vllm_runner.serving.streams import (
 )
 
 logger = logging.getLogger(__name__)
-_FIELDS = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
+_FIELDS = (
+    set(ChatCompletionRequest.model_fields)
+    | set(CompletionRequest.model_fields)
+    | {*UNSUPPORTED, "tool_choice", "best_of"}
+)
 # the answer to a client that left before its completion: nobody reads it
 _CLIENT_GONE = fmt.OpenAIError(499, "client disconnected", "client_closed_request")
 
@@ -88,9 +93,10 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
     def engine_for(requested: str | None) -> Any:
         engine = get_engine()
         if requested is not None and requested != engine.model_name:
+            shown = requested.encode("utf-8", "backslashreplace").decode()
             raise fmt.OpenAIError(
                 404,
-                f"The model `{requested}` does not exist.",
+                f"The model `{shown}` does not exist.",
                 param="model",
                 code="model_not_found",
             )
@@ -159,8 +165,8 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         try:
             params = body.chat_sampling_params()
             prompt = engine.apply_chat_template([m.as_dict() for m in body.messages])
-        except ValueError as exc:
-            raise fmt.bad_request(exc, "messages", _FIELDS) from None
+        except (ValueError, TypeError, TemplateError) as exc:  # templates raise on roles
+            raise fmt.bad_request(ValueError(str(exc)), "messages", _FIELDS) from None
         ids = validate(engine, prompt, params, "messages")
         rid, name = new_request_id("chatcmpl"), engine.model_name
         decode = fmt.token_decoder(engine.tokenizer)

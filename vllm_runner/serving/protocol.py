@@ -35,6 +35,9 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
 
     def sampling_params(self, **overrides: Any) -> SamplingParams:
         names = set(SamplingFields.model_fields)
@@ -93,6 +96,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI fields whose null means "the default" (the openai client sends null for None)
+NULL_IS_DEFAULT = (
+    "temperature", "top_p", "top_k", "min_p", "n", "stream", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens",
+    "include_stop_str_in_output", "skip_special_tokens", "echo", "logprobs",
+)  # fmt: skip
+# OpenAI / vLLM fields that change the output and that this server does not implement: a
+# request using them is refused rather than answered as if they were absent.
+UNSUPPORTED = {
+    "suffix": "suffix",
+    "response_format": "structured output (response_format)",
+    "tools": "tool calling (tools)",
+    "functions": "function calling (functions)",
+    "function_call": "function calling (function_call)",
+    "guided_json": "guided decoding (guided_json)",
+    "guided_regex": "guided decoding (guided_regex)",
+    "guided_choice": "guided decoding (guided_choice)",
+    "guided_grammar": "guided decoding (guided_grammar)",
+    "structured_outputs": "structured output (structured_outputs)",
+}
+
+
 class OpenAIFields(SamplingFields):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -107,6 +132,27 @@ class OpenAIFields(SamplingFields):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_nulls_and_unsupported(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, feature in UNSUPPORTED.items():
+            value = data.get(name)
+            if (
+                value is None
+                or value == []
+                or (name == "response_format" and value == {"type": "text"})
+            ):
+                continue
+            raise ValueError(f"{name}: {feature} is not supported by this server")
+        if data.get("tool_choice") not in (None, "none", "auto"):
+            raise ValueError("tool_choice: tool calling is not supported by this server")
+        best_of, n = data.get("best_of"), data.get("n") or 1
+        if best_of is not None and best_of != n:
+            raise ValueError(f"best_of must equal n ({n}) or be left out, got {best_of!r}")
+        return {k: v for k, v in data.items() if not (v is None and k in NULL_IS_DEFAULT)}
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> OpenAIFields:

@@ -173,4 +173,5 @@ def _plain_greedy(params: SamplingParams) -> bool:
         and not params.has_penalties
         and params.min_tokens == 0
         and params.logprobs is None
+        and not params.logit_bias
     )
