@@ -215,13 +215,18 @@ class AsyncLLM:
                 self._record_metrics(state)
 
     def _record_metrics(self, state) -> None:
-        times = state.token_times
         ttft = (
             None if state.first_token_time is None else state.first_token_time - state.arrival_time
         )
+        # per completion, as vLLM's per-child stats: siblings of one step are not 0 s apart
+        itl = [
+            b - a
+            for c in state.completions
+            for a, b in zip(c.token_times, c.token_times[1:], strict=False)
+        ]
         self.metrics.record_request(
             ttft_s=ttft,
-            itl_s=[b - a for a, b in zip(times, times[1:], strict=False)],
+            itl_s=itl,
             e2e_s=time.monotonic() - state.arrival_time,
             finish_reason=state.completions[0].finish_reason or "abort",
         )

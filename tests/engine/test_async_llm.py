@@ -176,3 +176,24 @@ def test_an_id_reused_after_a_disconnect_gets_its_own_outputs(smol):
     want, outs = run(main())
     assert outs[-1].finished and outs[-1].finish_reason == "length"
     assert outs[-1].token_ids == want
+
+
+def test_inter_token_latency_is_per_completion(monkeypatch):
+    """n > 1: siblings' tokens of one step are not an inter-token gap of 0 s (vLLM keeps
+    per-child stats); each completion's own gaps are observed."""
+    from types import SimpleNamespace
+
+    from vllm_runner.engine import output_processor as op
+    from vllm_runner.engine.outputs import EngineStepOutput
+
+    state = op.new_request_state("r", None, [1, 2], SamplingParams(n=2, max_tokens=3), None, "r")
+    now = [0.0]
+    monkeypatch.setattr(op.time, "monotonic", lambda: now[0])
+    for step, t in enumerate([10.0, 10.5, 11.25]):
+        now[0] = t
+        for index in (0, 1):  # both siblings each step
+            op.apply_step_output(state, index, EngineStepOutput("r", [step], None, None, None))
+    recorded = {}
+    metrics = SimpleNamespace(record_request=lambda **kw: recorded.update(kw))
+    AsyncLLM._record_metrics(SimpleNamespace(metrics=metrics), state)
+    assert recorded["itl_s"] == [0.5, 0.75, 0.5, 0.75]

@@ -22,6 +22,7 @@ class CompletionState:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_times: list[float] = field(default_factory=list)  # when each step's tokens came
 
     def output(self) -> CompletionOutput:
         return CompletionOutput(
@@ -47,7 +48,6 @@ class RequestState:
     completions: list[CompletionState]
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
-    token_times: list[float] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = None
@@ -105,10 +105,10 @@ def apply_step_output(state: RequestState, index: int, out: EngineStepOutput) ->
     if state.first_token_time is None:
         state.first_token_time = now
         state.num_cached_tokens = out.num_cached_tokens
-    state.token_times.append(now)
     if out.prompt_logprobs is not None:
         state.prompt_logprobs = out.prompt_logprobs
     c = state.completions[index]
+    c.token_times.append(now)
     c.token_ids.extend(out.new_token_ids)
     if c.logprobs is not None and out.new_logprobs is not None:
         c.logprobs.extend(out.new_logprobs)
