@@ -491,3 +491,19 @@ def test_an_activation_the_model_does_not_run_is_refused(
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=rf"{field} '{value}' is not supported.*silu"):
         make_llm(str(folder))
+
+
+def test_an_idle_engine_keeps_no_finished_request_state(llama_dir):
+    """The runner forgets finished requests when the engine goes idle (their token lists and
+    block-table rows stayed until the next step, indefinitely on an idle server); after an
+    abort too."""
+    llm = make_llm(llama_dir)
+    llm.generate(prompts(8, seed=5), GREEDY)
+    batch = llm.engine.runner.batch
+    assert batch.states == {} and not batch.block_table.any()
+    engine = llm.engine
+    engine.add_request([5, 17, 42, 99], GREEDY, "x")
+    engine.step()
+    assert len(batch.states) == 1  # (engine-internal id "x@N")
+    engine.abort("x")
+    assert batch.states == {} and not engine.has_unfinished()

@@ -121,3 +121,32 @@ def test_request_waits_for_a_block_a_chunked_prefill_has_yet_to_compute():
     assert out.num_scheduled_tokens == {"a": 4, "b": 1}  # b: only its last token
     assert s.requests["b"].num_cached_tokens == 8
     assert s.kv.block_ids("b")[:2] == s.kv.block_ids("a")[:2]
+
+
+def test_identical_prompts_of_whole_blocks_are_admitted_together():
+    """The block of a prompt's last token is always computed, never a hit: a copy of a
+    prompt of whole blocks (n > 1 siblings, repeated prompts) must not wait a step for it
+    (they were admitted one per step)."""
+    s = make_scheduler(budget=64, block_size=4, max_seqs=8)
+    prompt = list(range(500, 508))  # exactly two blocks
+    for rid in "abcd":
+        s.add_request(Request(rid, list(prompt), SamplingParams(max_tokens=4), 4))
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 8, "b": 4, "c": 4, "d": 4}
+    assert all(s.kv.block_ids(r)[0] == s.kv.block_ids("a")[0] for r in "bcd")
+
+
+def test_prefix_cache_counters_count_only_requests_that_read_it():
+    """As vLLM: no queries with caching off, nor for prompt_logprobs requests (which skip
+    the cache), so the exported hit rate is not diluted."""
+    off = make_scheduler(caching=False)
+    off.add_request(make_request("a", 10))
+    off.schedule()
+    assert off.counters["prefix_cache_queries"] == 0
+    on = make_scheduler()
+    on.add_request(
+        Request("a", list(range(10)), SamplingParams(max_tokens=4, prompt_logprobs=0), 4)
+    )
+    on.add_request(make_request("b", 10))
+    on.schedule()
+    assert on.counters["prefix_cache_queries"] == 10

@@ -216,7 +216,7 @@ class EngineCore:
                 outputs.append(stream_output(state, index, [], None))
         self._forget_if_finished(state)
         if not self.has_unfinished():  # the last request can end here, without a step
-            self._gc.idle()
+            self._went_idle()
         return outputs
 
     def pop_finished(self) -> list[RequestState]:
@@ -242,7 +242,13 @@ class EngineCore:
             return self._step(stream)
         finally:
             if not self.has_unfinished():
-                self._gc.idle()
+                self._went_idle()
+
+    def _went_idle(self) -> None:
+        """No request left: full collections may run, and the runner forgets the finished
+        requests now (it would keep their token lists until the next step)."""
+        self._gc.idle()
+        self.runner.release(self.scheduler.take_finished_ids())
 
     def _step(self, stream: bool) -> list[StreamOutput]:
         overlap = self.overlap and self.num_host_bound == 0

@@ -132,7 +132,7 @@ def stream_output(
         index,
         delta,
         c.detokenizer.text[: c.detokenizer.sent],  # what the deltas gave: no held-back text
-        list(c.token_ids),
+        len(c.token_ids),  # not a copy: a stream of L tokens would copy L^2 / 2 ids
         new_ids,
         new_logprobs,
         finished,

@@ -121,7 +121,7 @@ class StreamOutput:
     index: int
     delta: str
     text: str
-    token_ids: list[int]
+    num_token_ids: int  # generated so far (the ids: new_token_ids of each update, joined)
     new_token_ids: list[int]
     new_logprobs: list[dict[int, float]] | None
     finished: bool

@@ -103,12 +103,18 @@ class Scheduler:
             request.num_computed_tokens += n
             if request.num_computed_tokens == request.num_tokens + request.num_inflight:
                 request.num_inflight += 1  # this step samples its next token
-        finished, self._finished_ids = self._finished_ids, set()
-        self._runner_has -= finished
+        finished = self.take_finished_ids()
         self._runner_has.update(num_scheduled)
         return SchedulerOutput(
             new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()), finished
         )
+
+    def take_finished_ids(self) -> set[str]:
+        """Requests finished since the last step, for the runner to forget (passed in the
+        next step's output, or at once when the engine goes idle)."""
+        finished, self._finished_ids = self._finished_ids, set()
+        self._runner_has -= finished
+        return finished
 
     def _admit_waiting(
         self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]
@@ -124,10 +130,14 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            reads_cache = self.kv.enable_caching and request.params.prompt_logprobs is None
+            # the block of the last token never hits: that token is always computed
+            hittable = min(len(request.block_hashes), (request.num_tokens - 1) // bs)
             # NOTE: a request whose next block another request is computing waits a step and
             # then reuses it from the prefix cache (shared system prompts, n > 1 siblings).
             if (
-                len(hits) < len(request.block_hashes)
+                reads_cache
+                and len(hits) < hittable
                 and request.block_hashes[len(hits)] in in_progress
             ):
                 skipped.append(self.waiting.popleft())
@@ -140,8 +150,9 @@ class Scheduler:
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
-                self.counters["prefix_cache_queries"] += request.num_tokens
-                self.counters["prefix_cache_hits"] += num_hit_tokens
+                if reads_cache:  # as vLLM: only requests that look the cache up count
+                    self.counters["prefix_cache_queries"] += request.num_tokens
+                    self.counters["prefix_cache_hits"] += num_hit_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             in_progress.update(request.block_hashes[len(hits) :])

@@ -240,7 +240,7 @@ async def _stream_completion(
     try:
         async for p, out in _events(engine, ids, params, rid):
             index = p * params.n + out.index
-            generated[index] = len(out.token_ids)
+            generated[index] = out.num_token_ids
             lps = None
             if body.logprobs is not None and out.new_logprobs:
                 offset = text_offset.get(index, 0)
@@ -286,7 +286,7 @@ async def _stream_chat(
         for i in range(params.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         async for _, out in _events(engine, [ids], params, rid):
-            generated[out.index] = len(out.token_ids)
+            generated[out.index] = out.num_token_ids
             lps = None
             if body.logprobs and out.new_logprobs:
                 lps = fmt.chat_logprobs(

@@ -59,13 +59,17 @@ class InputBatch:
         # Requests the sampler must see row by row (anything but plain greedy).
         self.needs_rows: set[str] = set()
 
-    def update(self, sched: SchedulerOutput) -> None:
-        for request_id in sched.finished_req_ids:
+    def release(self, request_ids: set[str]) -> None:
+        """Forget finished requests: their token lists, rows and block-table entries."""
+        for request_id in request_ids:
             state = self.states.pop(request_id, None)
             if state is not None:  # a reused row must not show its last owner's blocks
                 self.block_table[state.row, : state.num_blocks] = 0
                 self.free_rows.append(state.row)
             self.needs_rows.discard(request_id)
+
+    def update(self, sched: SchedulerOutput) -> None:
+        self.release(sched.finished_req_ids)
         for new in sched.new_requests:
             if not _plain_greedy(new.params):
                 self.needs_rows.add(new.request_id)

@@ -215,6 +215,10 @@ class ModelRunner:
             torch.cuda.empty_cache()
         return peak
 
+    def release(self, request_ids: set[str]) -> None:
+        """Forget finished requests between steps (the engine went idle)."""
+        self.batch.release(request_ids)
+
     # ---- one step --------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """One step, synchronously."""
