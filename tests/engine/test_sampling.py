@@ -221,3 +221,31 @@ def test_logit_bias_shifts_the_logits_before_penalties(llama, hf_llama):
         SamplingParams(logit_bias={3: 101})
     with pytest.raises(ValueError, match="logit_bias token id 100000 is outside the vocabulary"):
         first({100000: 1.0})
+
+
+def test_penalties_of_a_mixed_batch_match_each_row_alone():
+    """All rows at once: each row gets exactly its own penalties (repetition over prompt and
+    output, frequency by count, presence once), rows without penalties are untouched."""
+    from vllm_runner.sample.sampler import SamplingRow, apply_penalties
+
+    vocab, rng = 50, random.Random(3)
+    settings = [dict(repetition_penalty=1.5), dict(frequency_penalty=0.7),
+                dict(presence_penalty=-0.4, repetition_penalty=0.8), {},
+                dict(frequency_penalty=-1.2, presence_penalty=1.1)]  # fmt: skip
+    rows = []
+    for s in settings:
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 12))]
+        output = [rng.randrange(vocab) for _ in range(rng.randint(0, 30))]
+        rows.append(SamplingRow(SamplingParams(**s), prompt + output, len(prompt), None))
+    logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(0))
+    got = logits.clone()
+    apply_penalties(got, rows)
+    for i, row in enumerate(rows):
+        p, want = row.params, logits[i].double().clone()
+        counts = Counter(row.output_token_ids)
+        for t in range(vocab):
+            if p.repetition_penalty != 1.0 and (t in counts or t in row.prompt_token_ids):
+                r = p.repetition_penalty
+                want[t] = want[t] / r if want[t] > 0 else want[t] * r
+            want[t] -= p.frequency_penalty * counts[t] + p.presence_penalty * (counts[t] > 0)
+        torch.testing.assert_close(got[i].double(), want, rtol=0, atol=1e-5)
