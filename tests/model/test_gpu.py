@@ -234,3 +234,28 @@ def test_gpu_preemption(model_dir):
         o.token_ids for o in big.generate(batch, params)
     ]
     assert small.stats()["num_preemptions"] > 0 and small.stats()["kv_blocks_used"] == 0
+
+
+def test_host_side_sampling_features_match_the_cpu_engine(model_dir):
+    """fp32 on both: penalties (all rows at once), logit_bias and top-k prompt logprobs on
+    the GPU give the CPU engine's tokens and values."""
+    cpu = LLM(model_dir, device="cpu", dtype="float32", max_model_len=2048, cpu_kv_cache_gb=0.5)
+    gpu = gpu_llm(model_dir, dtype="float32")
+    batch = prompts()[:6]
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, frequency_penalty=0.8,
+                       presence_penalty=0.5),
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                       logit_bias={17: 100.0, 23: -100.0}),
+        SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=3),
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=0.9,
+                       frequency_penalty=-0.5),
+    ]  # fmt: skip
+    want, got = cpu.generate(batch, params), gpu.generate(batch, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert got[3].token_ids[0] == 17
+    for a, b in zip(got[4].prompt_logprobs[1:], want[4].prompt_logprobs[1:], strict=True):
+        assert a.keys() == b.keys()
+        assert all(abs(a[t] - b[t]) < 1e-3 for t in a)
