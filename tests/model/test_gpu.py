@@ -238,7 +238,7 @@ def test_gpu_preemption(model_dir):
 
 def test_host_side_sampling_features_match_the_cpu_engine(model_dir):
     """fp32 on both: penalties (all rows at once), logit_bias and top-k prompt logprobs on
-    the GPU give the CPU engine's tokens and values."""
+    the GPU give the CPU engine's tokens and values (what each does: tests/engine)."""
     cpu = LLM(model_dir, device="cpu", dtype="float32", max_model_len=2048, cpu_kv_cache_gb=0.5)
     gpu = gpu_llm(model_dir, dtype="float32")
     batch = prompts()[:6]
@@ -255,7 +255,6 @@ def test_host_side_sampling_features_match_the_cpu_engine(model_dir):
     ]  # fmt: skip
     want, got = cpu.generate(batch, params), gpu.generate(batch, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    assert got[3].token_ids[0] == 17
     for a, b in zip(got[4].prompt_logprobs[1:], want[4].prompt_logprobs[1:], strict=True):
         assert a.keys() == b.keys()
         assert all(abs(a[t] - b[t]) < 1e-3 for t in a)
