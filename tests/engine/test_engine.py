@@ -292,6 +292,35 @@ def test_async_scheduling_pipeline_matches_sync(llama_dir):
     assert piped.stats()["kv_blocks_used"] == 0
 
 
+def test_penalties_overlap_steps_and_match_sync(llama_dir):
+    """Penalties no longer force synchronous steps: the token still on the device counts
+    (repetition, frequency, presence), so overlapped steps give the synchronous tokens, with
+    plain greedy and seeded rows in the same batch, through preemption too."""
+    batch = prompts(10, seed=8)
+    kinds = [dict(repetition_penalty=1.6), dict(frequency_penalty=1.5),
+             dict(presence_penalty=1.8, repetition_penalty=0.7), {},
+             dict(temperature=1.0, seed=3, frequency_penalty=0.9)]  # fmt: skip
+    params = [SamplingParams(**{"max_tokens": 14, "temperature": 0.0, "ignore_eos": True,
+                                **kinds[i % len(kinds)]}) for i in range(len(batch))]  # fmt: skip
+    sync = [
+        o.token_ids for o in make_llm(llama_dir, async_scheduling=False).generate(batch, params)
+    ]
+    piped = make_llm(llama_dir, async_scheduling=True)
+    launches = []
+    launch = piped.engine.runner.launch
+    piped.engine.runner.launch = lambda sched, overlap: (
+        launches.append(overlap) or launch(sched, overlap)
+    )
+    assert [o.token_ids for o in piped.generate(batch, params)] == sync
+    assert all(launches) and len(launches) > 14
+    small = make_llm(llama_dir, async_scheduling=True, num_kv_blocks=12)
+    assert [o.token_ids for o in small.generate(batch, params)] == sync
+    assert small.stats()["num_preemptions"] > 0
+    greedy = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
+    plain = [o.token_ids for o in make_llm(llama_dir).generate(batch, greedy)]
+    assert sync[0] != plain[0] and sync[1] != plain[1]  # the penalties do act
+
+
 def test_startup_gc_freeze_leaves_engines_collectable(llama_dir):
     """The engine freezes import-time objects once per process (a full GC pass over them
     stalls steps); an engine made later, even one caught in a reference cycle, still frees."""

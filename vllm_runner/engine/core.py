@@ -330,7 +330,9 @@ class EngineCore:
 
 
 def _host_bound(params: SamplingParams) -> bool:
-    return params.logprobs is not None or params.prompt_logprobs is not None or params.has_penalties
+    """Whether a request's sampling needs this step's results on the host: logprobs are
+    returned by synchronous steps only (penalties count in-flight tokens on the device)."""
+    return params.logprobs is not None or params.prompt_logprobs is not None
 
 
 def _folder_name(path: str) -> str:

@@ -56,15 +56,23 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
             logits[i, index] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
 
 
-def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+def apply_penalties(
+    logits: torch.Tensor, rows: list[SamplingRow], pending: torch.Tensor | None = None
+) -> None:
     """vLLM's penalties on the rows that have any, all rows at once: repetition (logits of
     tokens in the prompt or the output divided if positive, else multiplied), then frequency
-    (times each token's output count) and presence (once per token in the output)."""
+    (times each token's output count) and presence (once per token in the output).
+    ``pending`` [rows]: each row's output token still on the device (async scheduling), or -1;
+    it counts as output like the tokens on the host."""
     which = [i for i, row in enumerate(rows) if row.params.has_penalties]
     pen = [rows[i].params for i in which]
     device, vocab = logits.device, logits.shape[1]
     counts = token_counts([rows[i].output_token_ids for i in which], vocab, device)
     index = torch.tensor(which, device=device)
+    if pending is not None:  # no host sync: rows without one add 0 at token 0
+        ids = pending[index]
+        at = (torch.arange(len(which), device=device), ids.clamp(min=0))
+        counts.index_put_(at, (ids >= 0).to(counts.dtype), accumulate=True)
     x = logits[index]
     if any(p.repetition_penalty != 1.0 for p in pen):
         prompts = [rows[i].prompt_token_ids if p.repetition_penalty != 1.0 else []
@@ -174,7 +182,10 @@ class Sampler:
         return SamplerOutput(token_ids, self._logprobs(raw_logprobs, rows, sampled, token_ids))
 
     def sample(
-        self, logits: torch.Tensor, rows: list[SamplingRow] | None
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplingRow] | None,
+        pending: torch.Tensor | None = None,  # see apply_penalties
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Sampled ids on the device (no host sync), and raw logprobs when any row asks.
         ``rows=None`` means every row is plain greedy (no penalties, min_tokens or logprobs):
@@ -188,7 +199,7 @@ class Sampler:
         if any(r.params.logit_bias for r in rows):
             apply_logit_bias(logits, rows)
         if any(r.params.has_penalties for r in rows):
-            apply_penalties(logits, rows)
+            apply_penalties(logits, rows, pending)
         if any(r.num_output_tokens < r.params.min_tokens for r in rows):
             apply_min_tokens(logits, rows)
         greedy_ids = greedy_argmax(logits)

@@ -264,7 +264,8 @@ class ModelRunner:
             out = self.sampler(logits, rows)
             handle.token_ids, handle.logprobs = out.token_ids, out.logprobs
             return handle
-        sampled, _ = self.sampler.sample(logits, rows)
+        pending = self._pending_tokens(inputs.sampling_ids) if rows is not None else None
+        sampled, _ = self.sampler.sample(logits, rows, pending)
         for request_id in inputs.sampling_ids:
             states[request_id].num_pending += 1
         n = len(inputs.sampling_ids)
@@ -300,6 +301,19 @@ class ModelRunner:
         # after the next launch, whose sampled ids the step after that still needs; ids
         # sampled synchronously are on the host, so nothing reads a stale ``_prev``.
         return result
+
+    def _pending_tokens(self, sampling_ids: list[str]) -> torch.Tensor | None:
+        """Per sampling row, its token sampled by the previous launch and not yet on the host
+        (-1 if none): penalties count it without waiting for it."""
+        prev_sampled, prev_rows = self._prev
+        if prev_sampled is None or prev_rows is None:
+            return None
+        states = self.batch.states
+        rows = [prev_rows.get(r, -1) if states[r].num_pending else -1 for r in sampling_ids]
+        if all(i < 0 for i in rows):
+            return None
+        index = torch.tensor(rows, device=self.device)
+        return torch.where(index >= 0, prev_sampled[index.clamp(min=0)], -1)
 
     def _graph_size(self, inputs: StepInputs) -> int | None:
         """The decode graph bucket this step can replay, if any."""
