@@ -96,8 +96,10 @@ def check_paged_inputs(
     seq_lens: torch.Tensor,
 ) -> None:
     """Shape/dtype/stride asserts shared by the decode and prefill launchers."""
+    assert query.dim() == 3 and query.stride(2) == 1, (
+        f"query {tuple(query.shape)} must be [tokens, heads, head_dim] with a dense head_dim"
+    )
     num_heads, head_dim = query.shape[1], query.shape[2]
-    assert query.dim() == 3 and query.stride(2) == 1, f"query {tuple(query.shape)} needs dense dim"
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (
         f"k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)}"
     )

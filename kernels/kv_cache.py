@@ -210,7 +210,9 @@ def rotary_and_write_kv_cache(
     assert slot_mapping.dtype in (torch.int32, torch.int64), f"slot_mapping {slot_mapping.dtype}"
     tensors = (positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping)
     assert len({t.device for t in tensors}) == 1, "all inputs must be on one device"
-    assert rotary_dim % 2 == 0 and rotary_dim <= head_dim, f"rotary_dim {rotary_dim} / {head_dim}"
+    assert rotary_dim > 0 and rotary_dim % 2 == 0 and rotary_dim <= head_dim, (
+        f"rotary_dim {rotary_dim} must be even and in [2, head_dim {head_dim}]"
+    )
     assert cos_sin_cache.stride(1) == 1, "cos_sin_cache needs a dense last dim"
     q_out = torch.empty_like(query, memory_format=torch.contiguous_format)
     if num_tokens == 0:

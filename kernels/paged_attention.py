@@ -266,6 +266,9 @@ class NewTokens:
         for name in ("positions", "slot_mapping"):
             t = getattr(self, name)
             assert t.dtype in (torch.int32, torch.int64), f"{name} {t.dtype}"
+        assert self.cos_sin_cache.dim() == 2, (
+            f"cos_sin_cache {tuple(self.cos_sin_cache.shape)} must be [positions, rotary_dim]"
+        )
         tensors = (query, k_cache, self.positions, self.key, self.value, self.cos_sin_cache,
                    self.slot_mapping)  # fmt: skip
         assert len({t.device for t in tensors}) == 1, "all inputs must be on one device"

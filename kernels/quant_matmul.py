@@ -116,6 +116,13 @@ class W8A16Config:
 
     def __post_init__(self) -> None:
         assert 0 <= self.prefetch <= 2, f"prefetch {self.prefetch} must be 0, 1 or 2"
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            assert v >= 1 and v & (v - 1) == 0, f"{name} {v} must be a power of 2"
+        assert self.block_m > 1 or self.block_k >= 4, (
+            f"block_k {self.block_k} must be >= 4 for the GEMV (block_m 1: words of four weights)"
+        )
+        assert self.split_k >= 1, f"split_k {self.split_k} must be >= 1"
 
 
 def ptx_widening(device: torch.device) -> bool:
@@ -192,13 +199,13 @@ def w8a16_matmul(
     cfg = config or default_config(m, rows, k, num_sms(x.device))
     if config is None and cfg.block_m == 1 and not gemv_layout(qweight):
         cfg = default_config(2, rows, k, num_sms(x.device))  # the tiled kernel's tiles
+    assert cfg.block_m == 1 or (norm is None and residual is None), (
+        f"norm / residual fuse into the one-row GEMV only, got {m} rows and {cfg}"
+    )
     if gated and cfg.block_m != 1:  # the tiled kernel has no gated epilogue
         from kernels.activation import silu_and_mul
 
         return silu_and_mul(w8a16_matmul(x2, qweight, scale, bias, cfg)).view(*x.shape[:-1], n)
-    assert cfg.block_m == 1 or (norm is None and residual is None), (
-        f"norm / residual fuse into the one-row GEMV only, got {m} rows and {cfg}"
-    )
     if cfg.block_m == 1:
         assert m == 1, f"the GEMV config takes one row, got {m}"
         check_fusions(x2, n, norm, residual)

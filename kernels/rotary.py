@@ -112,7 +112,9 @@ def rotary_embedding(
     assert key.shape == (num_tokens, num_kv_heads, head_dim), f"key {tuple(key.shape)}"
     assert positions.shape == (num_tokens,), f"positions {tuple(positions.shape)}"
     assert positions.dtype in (torch.int32, torch.int64), f"positions {positions.dtype}"
-    assert rotary_dim % 2 == 0 and rotary_dim <= head_dim, f"rotary_dim {rotary_dim} / {head_dim}"
+    assert rotary_dim > 0 and rotary_dim % 2 == 0 and rotary_dim <= head_dim, (
+        f"rotary_dim {rotary_dim} must be even and in [2, head_dim {head_dim}]"
+    )
     assert query.stride(2) == 1 and key.stride(2) == 1, "query/key need a dense head_dim"
     assert cos_sin_cache.stride(1) == 1, "cos_sin_cache needs a dense last dim"
     assert query.dtype == key.dtype, f"query {query.dtype} != key {key.dtype}"

@@ -141,6 +141,11 @@ def test_w8_gemv_fusions_match_reference(device: torch.device, wdtype: str, gate
     assert_fused_close(out, reference.linear_one_row(x, q.float() * scale[:, None], **kw))
     with pytest.raises(AssertionError, match="fuse into the one-row GEMV only"):
         w8a16_matmul(torch.cat([x, x]), q, scale, residual=r)
+    with pytest.raises(AssertionError, match="fuse into the one-row GEMV only"):  # was dropped
+        w8a16_matmul(torch.cat([x, x]), q, scale, gated=gated, norm=(g, EPS))
+    tiled = W8A16Config(16, 16, 32)
+    with pytest.raises(AssertionError, match="fuse into the one-row GEMV only"):
+        w8a16_matmul(x, q, scale, config=tiled, **kw)
 
 
 def test_long_gated_rows_take_the_norm_kernel_first(device: torch.device) -> None:
@@ -167,3 +172,14 @@ def test_unaligned_norm_weight_takes_plain_loads(device: torch.device) -> None:
     assert g.data_ptr() % 8
     out = linear_one_row(x, w, norm=(g, EPS), tiles=tiles)
     assert torch.equal(out, linear_one_row(x, w, norm=(g.clone(), EPS), tiles=tiles))
+
+
+def test_bad_w8a16_configs_name_themselves() -> None:
+    from kernels.quant_matmul import W8A16Config
+
+    with pytest.raises(AssertionError, match="block_n 0 must be a power of 2"):
+        W8A16Config(16, 0, 32)
+    with pytest.raises(AssertionError, match="block_k 2 must be >= 4 for the GEMV"):
+        W8A16Config(1, 4, 2)
+    with pytest.raises(AssertionError, match="split_k 0 must be >= 1"):
+        W8A16Config(16, 16, 32, split_k=0)

@@ -74,3 +74,20 @@ def test_rotary_real_sizes(device: torch.device) -> None:
     q_ref, k_ref = reference.rotary_embedding(positions, query, key, cache)
     torch.testing.assert_close(q, q_ref, atol=1e-2, rtol=2**-7)
     torch.testing.assert_close(k, k_ref, atol=1e-2, rtol=2**-7)
+
+
+def test_rotary_dim_zero_and_bad_query_are_named(device: torch.device) -> None:
+    """A rotary_dim of 0 (a cos_sin_cache of width 0) and a 2-D query fail with the value
+    named (they failed inside the kernel build / with an IndexError)."""
+    from kernels.attention_tile import check_paged_inputs
+
+    q, k = torch.randn(3, 4, 8, device=device), torch.randn(3, 2, 8, device=device)
+    positions = torch.arange(3, device=device)
+    with pytest.raises(AssertionError, match=r"rotary_dim 0 must be even and in \[2, head_dim 8\]"):
+        rotary_embedding(positions, q, k, torch.empty(16, 0, device=device))
+    cache = torch.zeros(2, 4, 2, 8, device=device)
+    with pytest.raises(
+        AssertionError, match=r"query \(3, 32\) must be \[tokens, heads, head_dim\]"
+    ):
+        check_paged_inputs(q.view(3, 32), cache, cache, torch.zeros(3, 1, dtype=torch.int32),
+                           torch.ones(3, dtype=torch.int32))  # fmt: skip
