@@ -150,3 +150,22 @@ def test_prefix_cache_counters_count_only_requests_that_read_it():
     on.add_request(make_request("b", 10))
     on.schedule()
     assert on.counters["prefix_cache_queries"] == 10
+
+
+def test_aborting_queued_requests_keeps_the_queue_consistent():
+    """Queued requests that finish (abort) stay in the queue until they reach its head
+    (no O(queue) search per abort); counts, admission order and idleness stay right."""
+    s = make_scheduler(budget=8, max_seqs=2)
+    for rid in "abcdef":
+        s.add_request(make_request(rid, 4))
+    s.finish_request("b", RequestStatus.FINISHED_ABORTED)
+    s.finish_request("e", RequestStatus.FINISHED_ABORTED)
+    assert s.stats()["num_waiting"] == 4
+    out = s.schedule()
+    assert list(out.num_scheduled_tokens) == ["a", "c"]
+    assert s.stats()["num_waiting"] == 2
+    for rid in "acdf":
+        s.finish_request(rid, RequestStatus.FINISHED_ABORTED)
+    assert not s.has_unfinished() and len(s.waiting) == 0 and s.stats()["num_waiting"] == 0
+    s.add_request(make_request("g", 4))
+    assert list(s.schedule().num_scheduled_tokens) == ["g"]

@@ -25,6 +25,7 @@ class Scheduler:
         self.kv = kv
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
+        self._num_gone = 0  # finished requests still in ``waiting``: dropped at the head
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()  # since the last schedule()
         self._runner_has: set[str] = set()  # requests whose state the runner holds
@@ -45,7 +46,7 @@ class Scheduler:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return len(self.waiting) > self._num_gone or bool(self.running)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         request = self.requests.pop(request_id, None)
@@ -53,8 +54,11 @@ class Scheduler:
             return None
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+        else:  # queued: left there (a search and a removal per abort made bulk aborts
+            self._num_gone += 1  # quadratic), dropped when it reaches the head
+            if self._num_gone == len(self.waiting):  # all gone: nothing keeps them
+                self.waiting.clear()
+                self._num_gone = 0
         request.status = status
         self.kv.free(request, uncache=status == RequestStatus.FINISHED_ERROR)
         self._finished_ids.add(request_id)
@@ -129,6 +133,10 @@ class Scheduler:
                     in_progress.update(r.block_hashes[r.num_computed_tokens // bs :])
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.status.finished:
+                self.waiting.popleft()
+                self._num_gone -= 1
+                continue
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             reads_cache = self.kv.enable_caching and request.params.prompt_logprobs is None
             # the block of the last token never hits: that token is always computed
@@ -241,7 +249,7 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         return {
             "num_running": len(self.running),
-            "num_waiting": len(self.waiting),
+            "num_waiting": len(self.waiting) - self._num_gone,
             "kv_blocks_total": self.kv.num_blocks,
             "kv_blocks_used": self.kv.pool.num_used_blocks,
             **self.counters,
