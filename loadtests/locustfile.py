@@ -36,6 +36,9 @@ MAX_TOKENS = int(os.environ.get("LOADTEST_MAX_TOKENS", "32"))
 PROMPT_WORDS = [int(w) for w in os.environ.get("LOADTEST_PROMPT_WORDS", "8,64,384").split(",")]
 API_KEY = os.environ.get("LOADTEST_API_KEY", "")
 SEED = int(os.environ.get("LOADTEST_SEED", "0"))
+# A user that got a 429 waits this long before its next request: without it, closed-loop users
+# retry at once and flood the server (and the cores it shares with locust) with rejections.
+BACKOFF_429_S = float(os.environ.get("LOADTEST_BACKOFF_429_S", "0.5"))
 _TEXT = """the a river city light morning quiet engine paper window garden story music winter
 market bridge letter mountain station question summer orange careful bright distant small ancient
 simple open walk read build carry follow remember listen travel write because while after before
@@ -96,6 +99,8 @@ class LLMUser(HttpUser):
             if resp.status_code != 200:
                 kind = failure_kind(resp.status_code)
                 resp.failure(f"{kind} {resp.status_code}: {resp.text[:200]}")
+                if resp.status_code == 429:
+                    time.sleep(BACKOFF_429_S)  # gevent-patched: only this user waits
                 return
             try:
                 for chunk in resp.iter_content(chunk_size=None):
@@ -112,6 +117,12 @@ class LLMUser(HttpUser):
             if not times:
                 resp.failure("stream carried no tokens")
                 return
+            if not getattr(parse, "complete", lambda: True)():
+                resp.failure("stream ended early (no [DONE]): an error after the first chunk")
+                return
+            # locust timed the request up to the response headers; count the whole stream
+            resp.request_meta["response_time"] = (time.perf_counter() - start) * 1000
+            resp.request_meta["response_length"] = sum(n for _, n in times)
             resp.success()
         total = tokens if tokens is not None else usage
         self.report(name, start, times, total if total is not None else len(times))
@@ -120,14 +131,17 @@ class LLMUser(HttpUser):
 def sse_parser() -> Any:
     """Counts content deltas in SSE chunks (events may span chunks); reads usage and errors."""
     buffer = b""
+    done = False
 
     def parse(chunk: bytes) -> tuple[int, int | None, str | None]:
-        nonlocal buffer
+        nonlocal buffer, done
         buffer += chunk
         *events, buffer = buffer.split(b"\n\n")
         tokens, usage = 0, None
         for event in events:
             data = event.removeprefix(b"data: ").strip()
+            if data == b"[DONE]":
+                done = True
             if not data or data == b"[DONE]":
                 continue
             payload = json.loads(data)
@@ -139,6 +153,7 @@ def sse_parser() -> Any:
                 tokens += bool(choice.get("delta", {}).get("content"))
         return tokens, usage, None
 
+    parse.complete = lambda: done  # type: ignore[attr-defined]
     return parse
 
 
@@ -173,6 +188,8 @@ def do_complete(user: LLMUser) -> None:
         if resp.status_code != 200:
             kind = failure_kind(resp.status_code)
             resp.failure(f"{kind} {resp.status_code}: {resp.text[:200]}")
+            if resp.status_code == 429:
+                time.sleep(BACKOFF_429_S)  # gevent-patched: only this user waits
             return
         (result,) = resp.json()
         if result.get("error") or result.get("finish_reason") == "error":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,9 @@ from loadtests.plot import PALETTE, Series, line_plot
 STREAM_ROUTES = ("/v1/chat/completions", "/generate")
 ALL_ROUTES = (*STREAM_ROUTES, "/complete")
 # Failure kinds (the prefix locustfile.py gives each failure) that fail the run.
-FATAL_KINDS = ("5xx", "in-band", "transport", "stream", "exception")
+FATAL_KINDS = ("5xx", "4xx", "in-band", "transport", "stream", "exception")
+# locust writes a failure as the repr of its exception: CatchResponseError('5xx 500: ...')
+_WRAPPED = re.compile(r"""^\w+\((['"])(.*)\1\)$""", re.S)
 
 
 @dataclass
@@ -74,6 +77,8 @@ def read_step(users: int, prefix: Path) -> Step:
                 step.complete_ms = (p50, p99)
     for row in _rows(Path(f"{prefix}_failures.csv")):
         error = row["Error"]
+        if m := _WRAPPED.match(error):
+            error = m.group(2)
         kind = error.split(" ", 1)[0].split(":", 1)[0]
         kind = kind if kind in ("429", "4xx", *FATAL_KINDS) else "other"
         step.failures[kind] = step.failures.get(kind, 0) + int(row["Occurrences"])

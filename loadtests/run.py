@@ -140,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         env = {"VLLM_RUNNER_DEVICE": "cpu", "VLLM_RUNNER_API_KEY": args.api_key}
         serve_args = dict(a.split("=", 1) for a in args.serve_arg)
-        server = BentoServer(args.out / "server.log", env=env, args=serve_args)
+        # its own BENTOML_HOME: each `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir
+        # at start, which would wipe the /metrics of another server running under the same home
+        server = BentoServer(
+            args.out / "server.log", env=env, args=serve_args, home=args.out / "bentoml_home"
+        )
         print(f"starting bentoml serve (log: {server.log}) ...", flush=True)
         url = server.start().url
     steps: list[Step] = []

@@ -107,8 +107,19 @@ def test_failures_are_sorted_by_kind_and_slos_checked(tmp_path: Path) -> None:
     write_csv(
         tmp_path / "u4_failures.csv",
         [
-            {"Method": "POST", "Name": "/generate", "Error": "5xx 500: boom", "Occurrences": 1},
-            {"Method": "POST", "Name": "/generate", "Error": "429 429: busy", "Occurrences": 3},
+            # as locust writes them: the repr of the exception given to resp.failure()
+            {
+                "Method": "POST",
+                "Name": "/generate",
+                "Error": "CatchResponseError('5xx 500: boom')",
+                "Occurrences": 1,
+            },
+            {
+                "Method": "POST",
+                "Name": "/generate",
+                "Error": "CatchResponseError('429 429: busy')",
+                "Occurrences": 3,
+            },
         ],
     )
     step = read_step(4, tmp_path / "u4")

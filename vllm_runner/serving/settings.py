@@ -69,6 +69,12 @@ class ServerSettings:
             raise ValueError(f"max_batch_size must be >= 2, got {self.max_batch_size}")
         if self.gpus < 0:
             raise ValueError(f"gpus must be >= 0, got {self.gpus}")
+        # Engine settings are checked now, not in the loader thread after start-up, so that a
+        # bad value stops `bentoml serve` instead of leaving a server that answers 503.
+        from vllm_runner.config import EngineArgs
+
+        engine = {k: getattr(self, k) for k in ENGINE_FIELDS if getattr(self, k) is not None}
+        EngineArgs(**engine).validate()
 
     @classmethod
     def load(cls, env: Mapping[str, str], args: Mapping[str, Any]) -> ServerSettings:
