@@ -169,3 +169,19 @@ def test_aborting_queued_requests_keeps_the_queue_consistent():
     assert not s.has_unfinished() and len(s.waiting) == 0 and s.stats()["num_waiting"] == 0
     s.add_request(make_request("g", 4))
     assert list(s.schedule().num_scheduled_tokens) == ["g"]
+
+
+def test_queued_requests_aborted_behind_others_are_dropped_when_the_last_one_finishes():
+    """Aborted while a live request was queued ahead; that one runs and finishes: the
+    queue then holds only finished requests and lets them go (they stayed referenced
+    while the engine was idle)."""
+    s = make_scheduler(budget=8, max_seqs=1)
+    for rid in "abc":
+        s.add_request(make_request(rid, 4))
+    s.schedule()  # a runs; b and c wait
+    s.finish_request("c", RequestStatus.FINISHED_ABORTED)
+    s.finish_request("a", RequestStatus.FINISHED_STOPPED)
+    assert list(s.schedule().num_scheduled_tokens) == ["b"]
+    assert [r.request_id for r in s.waiting] == ["c"]  # gone, not yet at the head
+    s.finish_request("b", RequestStatus.FINISHED_STOPPED)
+    assert len(s.waiting) == 0 and not s.has_unfinished()

@@ -56,9 +56,9 @@ class Scheduler:
             self.running.remove(request)
         else:  # queued: left there (a search and a removal per abort made bulk aborts
             self._num_gone += 1  # quadratic), dropped when it reaches the head
-            if self._num_gone == len(self.waiting):  # all gone: nothing keeps them
-                self.waiting.clear()
-                self._num_gone = 0
+        if self._num_gone == len(self.waiting):  # all queued are gone: nothing keeps them
+            self.waiting.clear()
+            self._num_gone = 0
         request.status = status
         self.kv.free(request, uncache=status == RequestStatus.FINISHED_ERROR)
         self._finished_ids.add(request_id)
