@@ -1,29 +1,10 @@
-"""Engine behaviour on CPU: batch invariance, prefix caching, preemption, n > 1, stop rules."""
-
-import random
-import re
+"""Engine behaviour on CPU: batch invariance, prefix caching, preemption, n > 1, async
+scheduling, failures and request bookkeeping."""
 
 import pytest
-import torch
+from engine_testing import GREEDY, make_llm, prompts
 
 from vllm_runner import LLM, SamplingParams
-
-GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-
-
-def prompts(num: int, seed: int = 0, vocab: int = 384) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(rng.randint(5, 60))] for _ in range(num)]
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tiny_model_dirs) -> str:
-    return tiny_model_dirs["llama"]
-
-
-def make_llm(path: str, **kw) -> LLM:
-    kw.setdefault("cpu_kv_cache_gb", 0.05)
-    return LLM(path, dtype="float32", device="cpu", **kw)
 
 
 def test_batch_invariance_alone_batched_and_chunked(llama_dir):
@@ -88,131 +69,6 @@ def test_max_model_len_finishes_with_length(llama_dir):
     assert len(out.token_ids) == 10 and out.finish_reason == "length"
 
 
-def test_stop_token_ids_and_min_tokens(llama_dir):
-    llm = make_llm(llama_dir)
-    prompt = prompts(1, seed=2)[0]
-    free = llm.generate([prompt], GREEDY)[0].token_ids
-    stop_at = free[5]
-    out = llm.generate(
-        [prompt],
-        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_at]),
-    )[0]
-    first = free.index(stop_at)
-    assert out.token_ids == free[: first + 1] and out.finish_reason == "stop"
-    assert out.outputs[0].stop_reason == stop_at
-    late = llm.generate(
-        [prompt],
-        SamplingParams(
-            max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=[free[0]], min_tokens=3
-        ),
-    )[0]
-    assert len(late.token_ids) >= 3 and free[0] not in late.token_ids[1:3]
-
-
-def test_stop_string_excluded_from_text(smol_llm):
-    params = SamplingParams(max_tokens=12, temperature=0.0)
-    free = smol_llm.generate(["The capital of France is"], params)[0]
-    assert free.text.startswith(" Paris.")
-    out = smol_llm.generate(
-        ["The capital of France is"], SamplingParams(max_tokens=12, temperature=0.0, stop=["is."])
-    )[0]
-    assert out.finish_reason == "stop" and out.outputs[0].stop_reason == "is."
-    out = smol_llm.generate(
-        ["The capital of France is"], SamplingParams(max_tokens=12, temperature=0.0, stop=["."])
-    )[0]
-    assert out.text == " Paris" and out.finish_reason == "stop"
-
-
-def test_stop_token_text_left_out_unless_asked(smol_llm):
-    """As vLLM: the text of the token that ended the request (EOS or a stop_token_ids
-    entry) is not in the output unless include_stop_str_in_output; stop_reason names it."""
-    dot = smol_llm.tokenizer.convert_tokens_to_ids(".")
-    prompt = ["The capital of France is"]
-    out = smol_llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0,
-                                                   stop_token_ids=[dot]))[0]  # fmt: skip
-    assert (out.text, out.outputs[0].stop_reason) == (" Paris", dot)
-    both = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[dot], stop=["."])
-    out = smol_llm.generate(prompt, both)[0]
-    assert (out.text, out.outputs[0].stop_reason) == (" Paris", dot)
-    kept = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[dot],
-                          include_stop_str_in_output=True)  # fmt: skip
-    assert smol_llm.generate(prompt, kept)[0].text == " Paris."
-    chat = smol_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                         SamplingParams(max_tokens=32, temperature=0.0,
-                                        skip_special_tokens=False))[0]  # fmt: skip
-    assert chat.text == "The capital of France is Paris." and chat.finish_reason == "stop"
-
-
-def test_stop_strings_wait_for_min_tokens(smol_llm):
-    """As vLLM: stop strings count only after min_tokens tokens, and not in their text
-    (greedy gives ' Paris.' then more: ' Paris' and '.' used to end it at 1-2 tokens)."""
-    prompt = ["The capital of France is"]
-    free = smol_llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0))[0]
-    for stop in (" Paris", "."):
-        params = SamplingParams(max_tokens=8, temperature=0.0, min_tokens=5, stop=[stop])
-        out = smol_llm.generate(prompt, params)[0]
-        assert out.text == free.text and out.finish_reason == "length", stop
-
-
-def test_the_first_stop_string_in_the_text_wins(smol_llm):
-    """Two stop strings in one token's text: the output is cut at the earlier one, so no
-    stop string is left in it (the first listed used to win)."""
-    prompt = ["The capital of France is"]
-    for stops in (["is", "ar"], ["ar", "is"]):
-        params = SamplingParams(max_tokens=4, temperature=0.0, stop=stops)
-        out = smol_llm.generate(prompt, params)[0]
-        assert (out.text, out.outputs[0].stop_reason) == (" P", "ar"), stops
-
-
-def test_streamed_text_never_shows_what_a_stop_string_removes(default_model_dir):
-    """Each step's text is what its deltas gave so far: the tail held back for a possible
-    stop string is not shown (it was, then vanished when the stop string completed)."""
-    from vllm_runner.config import EngineArgs
-    from vllm_runner.engine.core import EngineCore
-
-    engine = EngineCore(EngineArgs(model=default_model_dir, dtype="float32", device="cpu",
-                                   max_model_len=512, cpu_kv_cache_gb=0.05))  # fmt: skip
-    engine.add_request("The capital of France is",
-                       SamplingParams(max_tokens=8, temperature=0.0, stop=["\n\nThe"]))  # fmt: skip
-    joined, texts = "", []
-    while engine.has_unfinished():
-        for o in engine.step():
-            joined += o.delta
-            texts.append(o.text)
-            assert o.text == joined
-    assert texts[-1] == " Paris."
-    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
-
-
-def test_stop_strings_without_a_tokenizer_are_refused(llama_dir):
-    """A folder with no tokenizer cannot match stop strings: refused, not silently run to
-    max_tokens."""
-    with pytest.raises(ValueError, match=r"stop \['x'\]: stop strings need a tokenizer"):
-        make_llm(llama_dir).generate([[1, 2, 3]], SamplingParams(max_tokens=5, stop=["x"]))
-
-
-def test_chat_template(smol_llm):
-    out = smol_llm.chat(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        SamplingParams(max_tokens=32, temperature=0.0),
-    )[0]
-    assert out.text == "The capital of France is Paris." and out.finish_reason == "stop"
-
-
-def test_logprobs_top_n(smol_llm):
-    out = smol_llm.generate(
-        ["The capital of France is"], SamplingParams(max_tokens=4, temperature=0.0, logprobs=3)
-    )[0]
-    c = out.outputs[0]
-    assert len(c.logprobs) == 4
-    for token, top in zip(c.token_ids, c.logprobs, strict=True):
-        assert len(top) == 3 and max(top, key=top.get) == token  # greedy = top-1
-        assert all(v <= 0.0 for v in top.values())
-    assert c.cumulative_logprob == pytest.approx(
-        sum(lp[t] for t, lp in zip(c.token_ids, c.logprobs, strict=False))
-    )
-
-
 @pytest.mark.parametrize(
     "bad, match",
     [
@@ -253,18 +109,6 @@ def test_bad_prompts_raise_and_do_not_disturb(llama_dir, bad, match):
 def test_bad_sampling_params(field, value, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**{field: value})
-
-
-def test_bad_model_paths(tmp_path):
-    with pytest.raises(ValueError, match="not a local model folder"):
-        LLM(str(tmp_path / "missing"))
-    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
-        LLM("nobody/no-such-model")
-    (tmp_path / "config.json").write_text(
-        '{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}'
-    )
-    with pytest.raises(ValueError, match="unsupported model architecture"):
-        LLM(str(tmp_path))
 
 
 def test_async_scheduling_pipeline_matches_sync(llama_dir):
@@ -438,88 +282,6 @@ def test_request_ids_never_meet_inside_the_engine(llama_dir):
     assert plain.final_output().token_ids == want[0]
     assert [c.token_ids for c in two.final_output().outputs] == [want[1], want[1]]
     assert engine.stats()["kv_blocks_used"] == 0
-
-
-@pytest.mark.parametrize(
-    "tensor, shape",
-    [
-        ("model.layers.0.input_layernorm.weight", (1,)),  # was broadcast
-        ("model.layers.0.self_attn.q_proj.weight", (128, 64)),  # was cut to the first rows
-        ("model.layers.0.mlp.down_proj.weight", (64, 256)),
-        ("model.layers.0.mlp.gate_proj.weight", (128, 1)),
-        ("model.embed_tokens.weight", (500, 64)),
-    ],
-)
-def test_checkpoint_tensor_of_another_shape_is_refused(llama_dir, tmp_path, tensor, shape):
-    """A checkpoint whose tensor does not match the model's shape fails to load, naming
-    the tensor and both shapes, instead of loading into garbage."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path / "model"
-    shutil.copytree(llama_dir, folder)
-    (weights,) = folder.glob("*.safetensors")
-    tensors = load_file(weights)
-    want = tuple(tensors[tensor].shape)
-    tensors[tensor] = torch.randn(shape)
-    save_file(tensors, weights, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=rf"{tensor}' has shape {re.escape(str(shape))}, "
-                       rf"{re.escape(str(want))} expected"):  # fmt: skip
-        make_llm(str(folder))
-
-
-def test_only_the_files_of_the_index_load(llama_dir, tmp_path):
-    """A folder holding a sharded checkpoint's index and another safetensors file (Mistral's
-    hub repos ship ``consolidated.safetensors`` in their own naming next to the HF shards)
-    loads the indexed shards only, as HF and vLLM do."""
-    import json
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path / "model"
-    shutil.copytree(llama_dir, folder)
-    (weights,) = folder.glob("*.safetensors")
-    tensors = load_file(weights)
-    names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[::2],
-              "model-00002-of-00002.safetensors": names[1::2]}  # fmt: skip
-    for file, part in shards.items():
-        save_file({n: tensors[n] for n in part}, folder / file, metadata={"format": "pt"})
-    weight_map = {n: file for file, part in shards.items() for n in part}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    weights.rename(folder / "consolidated.safetensors")  # HF names, but not in the index
-    save_file({"layers.0.attention.wq.weight": torch.randn(4, 4)},
-              folder / "consolidated.safetensors")  # fmt: skip
-    prompt = [[5, 17, 42, 99, 3]]
-    want = make_llm(llama_dir).generate(prompt, GREEDY)[0].token_ids
-    assert make_llm(str(folder)).generate(prompt, GREEDY)[0].token_ids == want
-
-
-@pytest.mark.parametrize(
-    "family, field, value",
-    [
-        ("llama", "hidden_act", "gelu_pytorch_tanh"),
-        ("qwen2", "hidden_act", "relu"),
-        ("opt", "activation_function", "tanh"),
-    ],
-)
-def test_an_activation_the_model_does_not_run_is_refused(
-    tiny_model_dirs, tmp_path, family, field, value
-):
-    """Llama-family MLPs run SiLU in fused kernels: another hidden_act loaded silently and
-    generated SiLU's tokens; OPT's unknown activations were a bare KeyError."""
-    import json
-    import shutil
-
-    folder = tmp_path / "model"
-    shutil.copytree(tiny_model_dirs[family], folder)
-    config = json.loads((folder / "config.json").read_text())
-    config[field] = value
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=rf"{field} '{value}' is not supported.*silu"):
-        make_llm(str(folder))
 
 
 def test_an_idle_engine_keeps_no_finished_request_state(llama_dir):

@@ -23,6 +23,20 @@ SERVICE_ENV = {
 READY_TIMEOUT_S = 180
 
 
+def receive_then_leave(body: bytes, leave: Any) -> Any:
+    """An ASGI receive that gives the request ``body``, then a disconnect once ``leave`` (an
+    asyncio.Event) is set."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop()
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
 def post_scope(path: str) -> dict:
     """The ASGI scope of an authorised JSON POST to ``path`` (for tests that drive the app's
     receive / send themselves, e.g. to disconnect mid-request)."""

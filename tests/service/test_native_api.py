@@ -285,7 +285,7 @@ def test_generate_aborts_when_the_client_leaves_before_the_first_token(
     import asyncio
     import json
 
-    from service_testing import post_scope
+    from service_testing import post_scope, receive_then_leave
 
     started, cancelled = asyncio.Event(), []
 
@@ -299,14 +299,7 @@ def test_generate_aborts_when_the_client_leaves_before_the_first_token(
         yield  # an async generator
 
     async def leave_while_queued() -> None:
-        messages = [{"type": "http.request", "body": json.dumps({"prompt": PROMPT}).encode(),
-                     "more_body": False}]  # fmt: skip
-
-        async def receive() -> dict:
-            if messages:
-                return messages.pop()
-            await started.wait()
-            return {"type": "http.disconnect"}
+        receive = receive_then_leave(json.dumps({"prompt": PROMPT}).encode(), started)
 
         async def send(message: dict) -> None:
             pass

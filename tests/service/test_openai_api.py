@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from service_testing import MAX_MODEL_LEN, post_scope
+from service_testing import MAX_MODEL_LEN, post_scope, receive_then_leave
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -314,13 +314,7 @@ def test_a_client_that_leaves_aborts_its_completion(client: Any, engine: Any, pa
 
     async def leave_mid_generation() -> None:
         left = asyncio.Event()
-        messages = [{"type": "http.request", "body": raw, "more_body": False}]
-
-        async def receive() -> dict:
-            if messages:
-                return messages.pop()
-            await left.wait()
-            return {"type": "http.disconnect"}
+        receive = receive_then_leave(raw, left)
 
         async def send(message: dict) -> None:
             sent.append(message)

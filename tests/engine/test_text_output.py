@@ -1,0 +1,132 @@
+"""Engine text output on CPU: stop tokens and strings, min_tokens, streamed text, chat
+templates, logprobs."""
+
+import pytest
+from engine_testing import GREEDY, make_llm, prompts
+
+from vllm_runner import SamplingParams
+
+
+def test_stop_token_ids_and_min_tokens(llama_dir):
+    llm = make_llm(llama_dir)
+    prompt = prompts(1, seed=2)[0]
+    free = llm.generate([prompt], GREEDY)[0].token_ids
+    stop_at = free[5]
+    out = llm.generate(
+        [prompt],
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_at]),
+    )[0]
+    first = free.index(stop_at)
+    assert out.token_ids == free[: first + 1] and out.finish_reason == "stop"
+    assert out.outputs[0].stop_reason == stop_at
+    late = llm.generate(
+        [prompt],
+        SamplingParams(
+            max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=[free[0]], min_tokens=3
+        ),
+    )[0]
+    assert len(late.token_ids) >= 3 and free[0] not in late.token_ids[1:3]
+
+
+def test_stop_string_excluded_from_text(smol_llm):
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    free = smol_llm.generate(["The capital of France is"], params)[0]
+    assert free.text.startswith(" Paris.")
+    out = smol_llm.generate(
+        ["The capital of France is"], SamplingParams(max_tokens=12, temperature=0.0, stop=["is."])
+    )[0]
+    assert out.finish_reason == "stop" and out.outputs[0].stop_reason == "is."
+    out = smol_llm.generate(
+        ["The capital of France is"], SamplingParams(max_tokens=12, temperature=0.0, stop=["."])
+    )[0]
+    assert out.text == " Paris" and out.finish_reason == "stop"
+
+
+def test_stop_token_text_left_out_unless_asked(smol_llm):
+    """As vLLM: the text of the token that ended the request (EOS or a stop_token_ids
+    entry) is not in the output unless include_stop_str_in_output; stop_reason names it."""
+    dot = smol_llm.tokenizer.convert_tokens_to_ids(".")
+    prompt = ["The capital of France is"]
+    out = smol_llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0,
+                                                   stop_token_ids=[dot]))[0]  # fmt: skip
+    assert (out.text, out.outputs[0].stop_reason) == (" Paris", dot)
+    both = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[dot], stop=["."])
+    out = smol_llm.generate(prompt, both)[0]
+    assert (out.text, out.outputs[0].stop_reason) == (" Paris", dot)
+    kept = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[dot],
+                          include_stop_str_in_output=True)  # fmt: skip
+    assert smol_llm.generate(prompt, kept)[0].text == " Paris."
+    chat = smol_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                         SamplingParams(max_tokens=32, temperature=0.0,
+                                        skip_special_tokens=False))[0]  # fmt: skip
+    assert chat.text == "The capital of France is Paris." and chat.finish_reason == "stop"
+
+
+def test_stop_strings_wait_for_min_tokens(smol_llm):
+    """As vLLM: stop strings count only after min_tokens tokens, and not in their text
+    (greedy gives ' Paris.' then more: ' Paris' and '.' used to end it at 1-2 tokens)."""
+    prompt = ["The capital of France is"]
+    free = smol_llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0))[0]
+    for stop in (" Paris", "."):
+        params = SamplingParams(max_tokens=8, temperature=0.0, min_tokens=5, stop=[stop])
+        out = smol_llm.generate(prompt, params)[0]
+        assert out.text == free.text and out.finish_reason == "length", stop
+
+
+def test_the_first_stop_string_in_the_text_wins(smol_llm):
+    """Two stop strings in one token's text: the output is cut at the earlier one, so no
+    stop string is left in it (the first listed used to win)."""
+    prompt = ["The capital of France is"]
+    for stops in (["is", "ar"], ["ar", "is"]):
+        params = SamplingParams(max_tokens=4, temperature=0.0, stop=stops)
+        out = smol_llm.generate(prompt, params)[0]
+        assert (out.text, out.outputs[0].stop_reason) == (" P", "ar"), stops
+
+
+def test_streamed_text_never_shows_what_a_stop_string_removes(default_model_dir):
+    """Each step's text is what its deltas gave so far: the tail held back for a possible
+    stop string is not shown (it was, then vanished when the stop string completed)."""
+    from vllm_runner.config import EngineArgs
+    from vllm_runner.engine.core import EngineCore
+
+    engine = EngineCore(EngineArgs(model=default_model_dir, dtype="float32", device="cpu",
+                                   max_model_len=512, cpu_kv_cache_gb=0.05))  # fmt: skip
+    engine.add_request("The capital of France is",
+                       SamplingParams(max_tokens=8, temperature=0.0, stop=["\n\nThe"]))  # fmt: skip
+    joined, texts = "", []
+    while engine.has_unfinished():
+        for o in engine.step():
+            joined += o.delta
+            texts.append(o.text)
+            assert o.text == joined
+    assert texts[-1] == " Paris."
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+
+
+def test_stop_strings_without_a_tokenizer_are_refused(llama_dir):
+    """A folder with no tokenizer cannot match stop strings: refused, not silently run to
+    max_tokens."""
+    with pytest.raises(ValueError, match=r"stop \['x'\]: stop strings need a tokenizer"):
+        make_llm(llama_dir).generate([[1, 2, 3]], SamplingParams(max_tokens=5, stop=["x"]))
+
+
+def test_chat_template(smol_llm):
+    out = smol_llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(max_tokens=32, temperature=0.0),
+    )[0]
+    assert out.text == "The capital of France is Paris." and out.finish_reason == "stop"
+
+
+def test_logprobs_top_n(smol_llm):
+    out = smol_llm.generate(
+        ["The capital of France is"], SamplingParams(max_tokens=4, temperature=0.0, logprobs=3)
+    )[0]
+    c = out.outputs[0]
+    assert len(c.logprobs) == 4
+    for token, top in zip(c.token_ids, c.logprobs, strict=True):
+        assert len(top) == 3 and max(top, key=top.get) == token  # greedy = top-1
+        assert all(v <= 0.0 for v in top.values())
+    assert c.cumulative_logprob == pytest.approx(
+        sum(lp[t] for t, lp in zip(c.token_ids, c.logprobs, strict=False))
+    )
