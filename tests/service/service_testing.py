@@ -10,6 +10,8 @@ REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_MODEL_LEN = 256
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 SERVICE_ENV = {
     "VLLM_RUNNER_DTYPE": "float32",
     "VLLM_RUNNER_DEVICE": "cpu",

@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from service_testing import MAX_MODEL_LEN, metric_value
+from service_testing import MAX_MODEL_LEN, PROMPT, metric_value
 
-PROMPT = "The capital of France is"
 GREEDY = {"temperature": 0.0}
 
 
