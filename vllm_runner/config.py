@@ -1,8 +1,13 @@
 """Engine configuration: flat EngineArgs at the edge, frozen per-component configs inside."""
 
+import logging
+import os
 from dataclasses import dataclass, fields
 
 import torch
+
+logger = logging.getLogger(__name__)
+NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present when the kernel driver is loaded
 
 _DTYPES = {
     "float32": torch.float32,
@@ -124,10 +129,23 @@ class EngineArgs:
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if torch.cuda.is_available():
+                return torch.device("cuda")
+            if os.path.exists(NVIDIA_DRIVER):  # a GPU host whose torch cannot use it
+                logger.warning(
+                    "device='auto': an NVIDIA driver is loaded but torch %s (CUDA %s) sees no "
+                    "usable GPU (a driver older than this CUDA build?): running on the CPU; "
+                    "pass device='cuda' to fail instead",
+                    torch.__version__,
+                    torch.version.cuda,
+                )
+            return torch.device("cpu")
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} was asked for, but no CUDA GPU is visible")
+            raise ValueError(
+                f"device={self.device!r} was asked for, but torch {torch.__version__} (CUDA "
+                f"{torch.version.cuda}) sees no usable CUDA GPU"
+            )
         return device
 
     def resolve_dtype(self, hf_config: object, device: torch.device) -> torch.dtype:

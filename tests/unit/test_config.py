@@ -104,3 +104,25 @@ def test_sliding_window_bounds_max_model_len():
     assert EngineArgs().resolve_max_model_len(qwen) == 32768
     no_window = SimpleNamespace(max_position_embeddings=8192, sliding_window=None)
     assert EngineArgs().resolve_max_model_len(no_window) == 8192
+
+
+def test_auto_device_warns_when_a_driver_is_there_but_torch_sees_no_gpu(
+    monkeypatch, tmp_path, caplog
+):
+    """PyPI's torch is a CUDA build that needs a recent driver: on a GPU host with an older
+    one, device='auto' falls back to the CPU, and says why instead of serving slowly."""
+    from vllm_runner import config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(config, "NVIDIA_DRIVER", str(tmp_path / "missing"))
+    with caplog.at_level("WARNING", logger="vllm_runner.config"):
+        assert EngineArgs().resolve_device() == torch.device("cpu")
+    assert not caplog.records  # a plain CPU host: nothing to say
+    driver = tmp_path / "version"
+    driver.write_text("NVRM version: 535.00\n")
+    monkeypatch.setattr(config, "NVIDIA_DRIVER", str(driver))
+    with caplog.at_level("WARNING", logger="vllm_runner.config"):
+        assert EngineArgs().resolve_device() == torch.device("cpu")
+    assert "an NVIDIA driver is loaded but torch" in caplog.text
+    with pytest.raises(ValueError, match=r"device='cuda' was asked for, but torch .* sees no"):
+        EngineArgs(device="cuda").resolve_device()
