@@ -126,11 +126,7 @@ class EngineCore:
                 f"prompt has {len(prompt_ids)} tokens, but max_model_len is {self.max_model_len} "
                 "(prompt + at least one new token must fit)"
             )
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
-            )
+        self._check_in_vocab("prompt token id", prompt_ids)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         wanted = len(prompt_ids) + (params.max_tokens or 0)
@@ -154,16 +150,13 @@ class EngineCore:
                 f"stop {params.stop!r}: stop strings need a tokenizer and this model folder "
                 "has none; use stop_token_ids"
             )
-        bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"logit_bias token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
-            )
-        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"stop_token_ids entry {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
-            )
+        self._check_in_vocab("logit_bias token id", params.logit_bias or ())
+        self._check_in_vocab("stop_token_ids entry", params.stop_token_ids)
+
+    def _check_in_vocab(self, what: str, token_ids) -> None:
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{what} {bad} is outside the vocabulary [0, {self.vocab_size})")
 
     def _max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         return min(params.max_tokens or self.max_model_len, self.max_model_len - prompt_len)

@@ -264,7 +264,8 @@ class ModelRunner:
             out = self.sampler(logits, rows)
             handle.token_ids, handle.logprobs = out.token_ids, out.logprobs
             return handle
-        pending = self._pending_tokens(inputs.sampling_ids) if rows is not None else None
+        penalised = rows is not None and any(r.params.has_penalties for r in rows)
+        pending = self._pending_tokens(inputs.sampling_ids) if penalised else None
         sampled, _ = self.sampler.sample(logits, rows, pending)
         for request_id in inputs.sampling_ids:
             states[request_id].num_pending += 1
