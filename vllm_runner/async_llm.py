@@ -67,8 +67,8 @@ class AsyncLLM:
         self.engine.validate(ids, params)
         return ids
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        return apply_chat_template(self.tokenizer, messages)
+    def apply_chat_template(self, messages: list[dict], **options: bool) -> str:
+        return apply_chat_template(self.tokenizer, messages, **options)
 
     async def stream(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None

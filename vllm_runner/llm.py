@@ -73,22 +73,53 @@ class LLM:
         return [s.final_output() for s in states]
 
     def chat(
-        self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params)
+        prompts = [
+            self.apply_chat_template(
+                c,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
+            for c in conversations
+        ]
+        return self.generate(prompts, sampling_params)
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        return apply_chat_template(self.tokenizer, messages)
+    def apply_chat_template(self, messages: list[dict], **options: bool) -> str:
+        return apply_chat_template(self.tokenizer, messages, **options)
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
 
 
-def apply_chat_template(tokenizer, messages: list[dict]) -> str:
+def apply_chat_template(
+    tokenizer,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> str:
+    """The conversation as the model's prompt text: ending in the assistant's header (a new
+    reply) or, with `continue_final_message`, in the last message's open text (as vLLM)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; use generate() with a prompt")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content'")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if add_generation_prompt and continue_final_message:
+        raise ValueError(
+            "continue_final_message continues the last message; it needs "
+            "add_generation_prompt false, got both true"
+        )
+    return tokenizer.apply_chat_template(
+        messages,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+    )

@@ -1,5 +1,6 @@
 """Per-request sampling settings, with vLLM's field names."""
 
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
@@ -51,8 +52,8 @@ class SamplingParams:
             not isinstance(self.max_tokens, int) or self.max_tokens < 1
         ):
             raise bad("max_tokens", self.max_tokens, ">= 1")
-        if not self.temperature >= 0.0:
-            raise bad("temperature", self.temperature, ">= 0")
+        if not 0.0 <= self.temperature < math.inf:
+            raise bad("temperature", self.temperature, "a finite number >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", self.top_p, "in (0, 1]")
         if not isinstance(self.top_k, int) or not 0 <= self.top_k <= INT64_MAX:

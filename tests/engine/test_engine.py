@@ -98,7 +98,9 @@ def test_bad_prompts_raise_and_do_not_disturb(llama_dir, bad, match):
     "field, value, match",
     [
         ("max_tokens", 0, "max_tokens must be >= 1, got 0"),
-        ("temperature", -0.5, "temperature must be >= 0, got -0.5"),
+        ("temperature", -0.5, "temperature must be a finite number >= 0, got -0.5"),
+        ("temperature", float("inf"), "temperature must be a finite number >= 0, got inf"),
+        ("temperature", float("nan"), "temperature must be a finite number >= 0, got nan"),
         ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
         ("top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
         ("n", 0, "n must be >= 1"),

@@ -95,6 +95,42 @@ def test_completion_logprobs(client: Any) -> None:
     assert streamed == lp["text_offset"]
 
 
+def test_completion_top_logprobs_list_the_sampled_token(client: Any) -> None:
+    """As OpenAI's legacy API and vLLM: each top_logprobs dict has the `logprobs` most likely
+    tokens and the sampled one, so up to logprobs + 1 entries (logprobs=0: just the sampled)."""
+    body = {"prompt": PROMPT, "max_tokens": 3, "logprobs": 0, "temperature": 0}
+    lp = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    pairs = zip(lp["tokens"], lp["token_logprobs"], strict=True)
+    assert lp["top_logprobs"] == [{t: v} for t, v in pairs]
+    body = {"prompt": "Once upon a time", "max_tokens": 24, "logprobs": 1, "temperature": 3.0}
+    lp = client.post("/v1/completions", json={**body, "seed": 5}).json()["choices"][0]["logprobs"]
+    below_top = 0
+    for token, token_lp, top in zip(
+        lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True
+    ):
+        assert top[token] == token_lp
+        assert len(top) == (1 if token_lp == max(top.values()) else 2)
+        below_top += len(top) == 2
+    assert below_top > 0  # at temperature 3 some sampled tokens were not the most likely
+
+
+def test_stream_chunks_share_created_and_carry_null_usage(client: Any, monkeypatch: Any) -> None:
+    """Every chunk of a stream has the request's `created` (OpenAI: "each chunk has the same
+    timestamp"), and with include_usage a `usage` field that is null but in the last."""
+    from vllm_runner.serving import openai_format
+
+    clock = iter(range(1_000_000, 2_000_000))
+    monkeypatch.setattr(openai_format.time, "time", lambda: next(clock))
+    for path, body in (("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions",
+                                                                 {"messages": CHAT})):  # fmt: skip
+        body = {**body, "max_tokens": 6, "stream": True, "ignore_eos": True}
+        opts = {"stream_options": {"include_usage": True}}
+        chunks = events(client.post(path, json={**body, **opts}))
+        assert len(chunks) > 3 and len({c["created"] for c in chunks}) == 1, path
+        assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"], path
+        assert all("usage" not in c for c in events(client.post(path, json=body))), path
+
+
 def test_completion_stream(client: Any) -> None:
     body = {
         "prompt": [PROMPT, "Hello"],
@@ -221,6 +257,35 @@ def test_chat_stream(client: Any) -> None:
         ("/v1/completions", {"prompt": PROMPT, "guided_json": {}}, "guided_json"),
         ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": 101}}, "logit_bias"),
         ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"999999": 1}}, "logit_bias"),
+        # vLLM's own request fields that change the output, at values other than unused
+        ("/v1/completions", {"prompt": PROMPT, "allowed_token_ids": [5, 6]}, "allowed_token_ids"),
+        ("/v1/completions", {"prompt": PROMPT, "bad_words": [" Paris"]}, "bad_words"),
+        ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 1}, "prompt_logprobs"),
+        ("/v1/completions", {"prompt": PROMPT, "use_beam_search": True}, "use_beam_search"),
+        (
+            "/v1/completions",
+            {"prompt": PROMPT, "truncate_prompt_tokens": 2},
+            "truncate_prompt_tokens",
+        ),
+        ("/v1/completions", {"prompt": PROMPT, "add_special_tokens": False}, "add_special_tokens"),
+        ("/v1/completions", {"prompt": PROMPT, "priority": 1}, "priority"),
+        ("/v1/chat/completions", {"messages": CHAT, "echo": True}, "echo"),
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "add_special_tokens": True},
+            "add_special_tokens",
+        ),
+        ("/v1/chat/completions", {"messages": CHAT, "chat_template": "{{ 1 }}"}, "chat_template"),
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "chat_template_kwargs": {"enable_thinking": False}},
+            "chat_template_kwargs",
+        ),  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "add_generation_prompt": True, "continue_final_message": True},
+            "continue_final_message",
+        ),  # fmt: skip
     ],
 )
 def test_invalid_fields_give_openai_errors(client: Any, path: str, body: dict, param: str) -> None:
@@ -231,6 +296,21 @@ def test_invalid_fields_give_openai_errors(client: Any, path: str, body: dict, p
     assert error["param"] == param, error
     assert not error["message"].startswith(("body", "Value error")), error
     assert set(error) == {"message", "type", "param", "code"}
+    if param in body and param not in ("prompt", "messages", "stream_options"):
+        named = (", got ", "999999 is outside")  # the refused value is named
+        assert any(n in error["message"] for n in named), error
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"echo": False, "add_special_tokens": True, "priority": 0, "use_beam_search": False},
+        {"allowed_token_ids": None, "bad_words": [], "response_format": {"type": "text"}},
+    ],
+)
+def test_vllm_fields_at_unused_values_are_accepted(client: Any, body: dict) -> None:
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **body})
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
@@ -249,7 +329,9 @@ def test_malformed_json_is_a_400(client: Any) -> None:
         "/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"}
     )
     assert r.status_code == 400
-    assert "error" in r.json()
+    error = r.json()["error"]
+    assert error["message"].startswith("the body is not valid JSON (character 1)"), error
+    assert error["param"] is None  # the position is not a field
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
@@ -265,13 +347,26 @@ def test_prompt_over_max_model_len(client: Any, path: str) -> None:
     error = r.json()["error"]
     assert f"max_model_len is {MAX_MODEL_LEN}" in error["message"]
     assert "prompt has" in error["message"]
-    assert error["param"] in ("prompt", "messages")
+    assert error["param"] == ("prompt" if path == "/v1/completions" else "messages")
 
 
 def test_unknown_model_is_a_404(client: Any) -> None:
     r = client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": CHAT})
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "model_not_found"
+
+
+def test_retrieve_model(client: Any) -> None:
+    """GET /v1/models/{id} (the openai client's models.retrieve): the card, or a 404 in
+    OpenAI's shape."""
+    listed = client.get("/v1/models").json()["data"][0]
+    r = client.get(f"/v1/models/{MODEL}")
+    assert r.status_code == 200
+    assert {k: v for k, v in r.json().items() if k != "created"} == {
+        k: v for k, v in listed.items() if k != "created"
+    }
+    r = client.get("/v1/models/gpt-4o")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_wrong_method_is_an_openai_405(client: Any) -> None:

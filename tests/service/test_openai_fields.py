@@ -45,7 +45,7 @@ def test_a_chat_template_that_raises_is_a_400(client: Any, engine: Any) -> None:
     the messages, as vLLM, not a 500."""
     from jinja2 import TemplateError
 
-    def strict(messages: list[dict]) -> str:
+    def strict(messages: list[dict], **options: bool) -> str:
         raise TemplateError("System role not supported")
 
     engine.apply_chat_template = strict
@@ -65,7 +65,7 @@ def test_lone_surrogates_are_a_400(client: Any) -> None:
     for path, raw, params in (
         ("/v1/completions", b'{"prompt": "hi \\ud800"}', ("prompt",)),
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
-         ("prompt", "messages")),  # the templated prompt, as for a too long one
+         ("messages",)),  # the templated prompt is no request field
     ):  # fmt: skip
         r = client.post(path, content=raw, headers=headers)
         assert r.status_code == 400, r.text
@@ -73,3 +73,72 @@ def test_lone_surrogates_are_a_400(client: Any) -> None:
     raw = b'{"model": "x\\ud800", "messages": [{"role": "user", "content": "hi"}]}'
     r = client.post("/v1/chat/completions", content=raw, headers=headers)
     assert r.status_code == 404 and "x\\ud800" in r.json()["error"]["message"]
+
+
+def test_chat_template_options(client: Any, engine: Any) -> None:
+    """vLLM's add_generation_prompt / continue_final_message shape the templated prompt
+    (they were ignored): without the assistant header, or continuing the last message."""
+    tokenizer = engine.tokenizer
+
+    def prompt_tokens(messages: list[dict], **options: Any) -> int:
+        body = {"messages": messages, "max_tokens": 1, **options}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    def expected(messages: list[dict], **options: Any) -> int:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **options)
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    assert prompt_tokens(CHAT) == expected(CHAT, add_generation_prompt=True)
+    bare = prompt_tokens(CHAT, add_generation_prompt=False)
+    assert bare == expected(CHAT, add_generation_prompt=False) < prompt_tokens(CHAT)
+    started = [*CHAT, {"role": "assistant", "content": "The capital"}]
+    options = {"add_generation_prompt": False, "continue_final_message": True}
+    assert prompt_tokens(started, **options) == expected(started, **options)
+    body = {"messages": started, "max_tokens": 8, "temperature": 0, **options}
+    text = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert text["content"].startswith(" of France")  # the message goes on, no new turn
+
+
+def test_message_names_reach_the_template_and_tool_calls_are_refused(client: Any) -> None:
+    from vllm_runner.serving.protocol import ChatMessage
+
+    named = ChatMessage(role="user", content="hi", name="ann")
+    assert named.as_dict() == {"role": "user", "content": "hi", "name": "ann"}
+    assert ChatMessage(role="user", content="hi").as_dict() == {"role": "user", "content": "hi"}
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for message in (
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"},
+    ):
+        r = client.post("/v1/chat/completions", json={"messages": [*CHAT, message]})
+        assert r.status_code == 400, r.text
+        assert "tool calling is not supported" in r.json()["error"]["message"]
+
+
+def test_logprob_tokens_keep_sentencepiece_spaces() -> None:
+    """A SentencePiece (Metaspace) token decoded alone loses its leading space (Llama 2,
+    Mistral): logprob tokens must read as in the text, so text_offset and bytes add up."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vllm_runner.serving import openai_format as fmt
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁The": 3, "▁capital": 4, "▁is": 5, "▁Paris": 6,
+             ".": 7, "▁a": 8}  # fmt: skip
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    assert tokenizer.decode([5]) == "is"  # the decoder strips a lone token's space
+    ids = [5, 6, 7]  # " is Paris." after "The capital"
+    text = tokenizer.decode([3, 4, *ids])[len(tokenizer.decode([3, 4])) :]
+    decode = fmt.token_decoder(tokenizer)
+    lp = fmt.completion_logprobs(decode, ids, [{i: -0.5} for i in ids])
+    assert lp["tokens"] == [" is", " Paris", "."] and "".join(lp["tokens"]) == text
+    assert lp["text_offset"] == [0, 3, 9]
+    (first, *_) = fmt.chat_logprobs(decode, ids, [{i: -0.5} for i in ids], 0)["content"]
+    assert first["token"] == " is" and bytes(first["bytes"]) == b" is"

@@ -21,7 +21,13 @@ from starlette.exceptions import HTTPException
 from vllm_runner.async_llm import RequestError
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.serving import openai_format as fmt
-from vllm_runner.serving.protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest
+from vllm_runner.serving.protocol import (
+    UNSUPPORTED,
+    UNSUPPORTED_CHAT,
+    UNSUPPORTED_COMPLETION,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
 from vllm_runner.serving.streams import (
     Choice,
     collect,
@@ -32,11 +38,12 @@ from vllm_runner.serving.streams import (
 )
 
 logger = logging.getLogger(__name__)
-_FIELDS = (
-    set(ChatCompletionRequest.model_fields)
-    | set(CompletionRequest.model_fields)
-    | {*UNSUPPORTED, "tool_choice", "best_of"}
-)
+# the fields an error message may name first (its "param"), per route
+_COMMON = {*UNSUPPORTED, "tool_choice", "best_of"}
+_COMPLETION_FIELDS = {*CompletionRequest.model_fields, *UNSUPPORTED_COMPLETION, *_COMMON}
+_CHAT_FIELDS = {*ChatCompletionRequest.model_fields, *UNSUPPORTED_CHAT, *_COMMON}
+_FIELDS = _COMPLETION_FIELDS | _CHAT_FIELDS
+_SHOWN_INPUT = 80  # characters of a refused value quoted back
 # the answer to a client that left before its completion: nobody reads it
 _CLIENT_GONE = fmt.OpenAIError(499, "client disconnected", "client_closed_request")
 
@@ -48,9 +55,19 @@ class EngineNotReady(RuntimeError):
 def _validation_error(exc: RequestValidationError) -> fmt.OpenAIError:
     errors = exc.errors() or [{"loc": (), "msg": "invalid request"}]
 
+    if errors[0].get("type") == "json_invalid":
+        position = errors[0].get("loc", ("body", "?"))[-1]
+        error = errors[0].get("ctx", {}).get("error", "")
+        return fmt.OpenAIError(400, f"the body is not valid JSON (character {position}): {error}")
+
     def text(e: dict) -> str:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         msg = str(e.get("msg")).removeprefix("Value error, ")  # a validator's own message
+        if "input" in e and e.get("type") not in ("missing", "value_error"):
+            shown = repr(e["input"])  # pydantic's limits name the limit, not the value
+            if len(shown) > _SHOWN_INPUT:
+                shown = shown[:_SHOWN_INPUT] + "..."
+            msg = f"{msg}, got {shown}"
         return f"{where}: {msg}" if where else msg
 
     message = "; ".join(text(e) for e in errors)
@@ -103,28 +120,29 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         return engine
 
     def validate(
-        engine: Any, prompt: str | list[int], params: SamplingParams, param: str
+        engine: Any, prompt: str | list[int], params: SamplingParams, param: str, fields: set[str]
     ) -> list[int]:
         try:
             return engine.validate(prompt, params)
         except ValueError as exc:
-            raise fmt.bad_request(exc, param, _FIELDS) from None
+            raise fmt.bad_request(exc, param, fields) from None
+
+    def model_card(engine: Any) -> dict[str, Any]:
+        return {
+            "id": engine.model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "vllm-runner",
+            "max_model_len": engine.max_model_len,
+        }
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        engine = get_engine()
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": engine.model_name,
-                    "object": "model",
-                    "created": int(time.time()),
-                    "owned_by": "vllm-runner",
-                    "max_model_len": engine.max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card(get_engine())]}
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str) -> dict[str, Any]:
+        return model_card(engine_for(model))
 
     @app.get("/stats")
     async def engine_stats() -> dict[str, Any]:
@@ -137,41 +155,45 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         try:
             params = body.completion_sampling_params()
         except ValueError as exc:
-            raise fmt.bad_request(exc, "prompt", _FIELDS) from None
-        ids = [validate(engine, p, params, "prompt") for p in body.prompts()]
-        rid, name = new_request_id("cmpl"), engine.model_name
+            raise fmt.bad_request(exc, "prompt", _COMPLETION_FIELDS) from None
+        ids = [validate(engine, p, params, "prompt", _COMPLETION_FIELDS) for p in body.prompts()]
+        rid = new_request_id("cmpl")
         decode = fmt.token_decoder(engine.tokenizer)
-        top_n = body.logprobs or 0
 
         def choice(i: int, c: Choice) -> dict[str, Any]:
             lps = (
-                fmt.completion_logprobs(decode, c.token_ids, c.logprobs, top_n)
+                fmt.completion_logprobs(decode, c.token_ids, c.logprobs)
                 if body.logprobs is not None
                 else None
             )
             return {"index": i, "text": c.text, "logprobs": lps, "finish_reason": c.finish_reason}
 
+        env = fmt.Envelope("text_completion", rid, engine.model_name)
         if body.stream:
-            return _sse(_stream_completion(engine, ids, params, rid, name, body, decode))
+            return _sse(_stream_completion(engine, ids, params, env, body, decode))
         results = await until_disconnect(request.receive, _gather(engine, ids, params, rid))
         if results is None:
             return _CLIENT_GONE.response()
         choices = [choice(p * body.n + c.index, c) for p, (_, cs) in enumerate(results) for c in cs]
-        return fmt.envelope("text_completion", rid, name, choices=choices, usage=_usage(results))
+        return env(choices=choices, usage=_usage(results))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         engine = engine_for(body.model)
         try:
             params = body.chat_sampling_params()
-            prompt = engine.apply_chat_template([m.as_dict() for m in body.messages])
+            messages = [m.as_dict() for m in body.messages]
+            prompt = engine.apply_chat_template(messages, **body.template_options())
         except (ValueError, TypeError, TemplateError) as exc:  # templates raise on roles
-            raise fmt.bad_request(ValueError(str(exc)), "messages", _FIELDS) from None
-        ids = validate(engine, prompt, params, "messages")
-        rid, name = new_request_id("chatcmpl"), engine.model_name
+            raise fmt.bad_request(ValueError(str(exc)), "messages", _CHAT_FIELDS) from None
+        # the prompt is the templated messages: errors about it name "messages"
+        ids = validate(engine, prompt, params, "messages", _CHAT_FIELDS - {"prompt"})
+        rid = new_request_id("chatcmpl")
         decode = fmt.token_decoder(engine.tokenizer)
         if body.stream:
-            return _sse(_stream_chat(engine, ids, params, rid, name, body, decode))
+            env = fmt.Envelope("chat.completion.chunk", rid, engine.model_name)
+            return _sse(_stream_chat(engine, ids, params, env, body, decode))
+        env = fmt.Envelope("chat.completion", rid, engine.model_name)
         results = await until_disconnect(request.receive, _gather(engine, [ids], params, rid))
         if results is None:
             return _CLIENT_GONE.response()
@@ -188,7 +210,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
             }
             for c in results[0][1]
         ]
-        return fmt.envelope("chat.completion", rid, name, choices=choices, usage=_usage(results))
+        return env(choices=choices, usage=_usage(results))
 
     return app
 
@@ -230,23 +252,22 @@ async def _stream_completion(
     engine: Any,
     ids: list[list[int]],
     params: SamplingParams,
-    rid: str,
-    name: str,
+    env: fmt.Envelope,
     body: CompletionRequest,
     decode: Callable[[int], str],
 ) -> AsyncIterator[str]:
+    # with include_usage every chunk has a usage field, null but in the last (as OpenAI)
+    usage_field = {"usage": None} if body.include_usage else {}
     generated: dict[int, int] = {}
     text_offset: dict[int, int] = {}  # per choice: where its next chunk's tokens start
     try:
-        async for p, out in _events(engine, ids, params, rid):
+        async for p, out in _events(engine, ids, params, env.request_id):
             index = p * params.n + out.index
             generated[index] = out.num_token_ids
             lps = None
             if body.logprobs is not None and out.new_logprobs:
                 offset = text_offset.get(index, 0)
-                lps = fmt.completion_logprobs(
-                    decode, out.new_token_ids, out.new_logprobs, body.logprobs, offset
-                )
+                lps = fmt.completion_logprobs(decode, out.new_token_ids, out.new_logprobs, offset)
                 text_offset[index] = offset + sum(len(t) for t in lps["tokens"])
             if not (out.delta or out.finished or lps):
                 continue
@@ -256,12 +277,12 @@ async def _stream_completion(
                 "logprobs": lps,
                 "finish_reason": out.finish_reason if out.finished else None,
             }
-            yield fmt.sse(fmt.envelope("text_completion", rid, name, choices=[choice]))
+            yield fmt.sse(env(choices=[choice], **usage_field))
         if body.include_usage:
             usage = fmt.usage(sum(len(p) for p in ids), sum(generated.values()))
-            yield fmt.sse(fmt.envelope("text_completion", rid, name, choices=[], usage=usage))
+            yield fmt.sse(env(choices=[], usage=usage))
     except Exception as exc:  # headers are sent: report in-band, as OpenAI does
-        logger.exception("stream %s failed", rid)
+        logger.exception("stream %s failed", env.request_id)
         yield fmt.sse(fmt.OpenAIError(500, str(exc), "internal_server_error").body())
     yield fmt.DONE
 
@@ -270,22 +291,24 @@ async def _stream_chat(
     engine: Any,
     ids: list[int],
     params: SamplingParams,
-    rid: str,
-    name: str,
+    env: fmt.Envelope,
     body: ChatCompletionRequest,
     decode: Callable[[int], str],
 ) -> AsyncIterator[str]:
+    # with include_usage every chunk has a usage field, null but in the last (as OpenAI)
+    usage_field = {"usage": None} if body.include_usage else {}
+
     def chunk(
         index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
     ) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return fmt.sse(fmt.envelope("chat.completion.chunk", rid, name, choices=[choice]))
+        return fmt.sse(env(choices=[choice], **usage_field))
 
     generated: dict[int, int] = {}
     try:
         for i in range(params.n):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for _, out in _events(engine, [ids], params, rid):
+        async for _, out in _events(engine, [ids], params, env.request_id):
             generated[out.index] = out.num_token_ids
             lps = None
             if body.logprobs and out.new_logprobs:
@@ -298,8 +321,8 @@ async def _stream_chat(
                 yield chunk(out.index, {}, out.finish_reason)
         if body.include_usage:
             usage = fmt.usage(len(ids), sum(generated.values()))
-            yield fmt.sse(fmt.envelope("chat.completion.chunk", rid, name, choices=[], usage=usage))
+            yield fmt.sse(env(choices=[], usage=usage))
     except Exception as exc:  # headers are sent: report in-band, as OpenAI does
-        logger.exception("stream %s failed", rid)
+        logger.exception("stream %s failed", env.request_id)
         yield fmt.sse(fmt.OpenAIError(500, str(exc), "internal_server_error").body())
     yield fmt.DONE

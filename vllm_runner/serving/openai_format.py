@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -57,8 +58,19 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def envelope(kind: str, request_id: str, model: str, **rest: Any) -> dict[str, Any]:
-    return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, **rest}
+@dataclass(frozen=True)
+class Envelope:
+    """The fields every object of one response shares; `created` is the request's time, the
+    same in each chunk of a stream (as OpenAI and vLLM)."""
+
+    kind: str
+    request_id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __call__(self, **rest: Any) -> dict[str, Any]:
+        head = {"id": self.request_id, "object": self.kind, "created": self.created}
+        return {**head, "model": self.model, **rest}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -70,23 +82,42 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def token_decoder(tokenizer: Any) -> Callable[[int], str]:
+    """A token's text as it reads inside a completion.
+
+    Decoded alone, a SentencePiece token (Llama 2, Mistral) loses its leading space: the
+    decoder strips the start of the text. So each token is decoded after an anchor token
+    and the anchor's text is cut off again.
+    """
     if tokenizer is None:
         return lambda tid: f"token_id:{tid}"
-    return lambda tid: tokenizer.decode([tid])
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+    head = tokenizer.decode(anchor)
+    cache: dict[int, str] = {}
+
+    def decode(tid: int) -> str:
+        if tid not in cache:
+            text = tokenizer.decode([*anchor, tid])
+            cache[tid] = text[len(head) :] if text.startswith(head) else tokenizer.decode([tid])
+        return cache[tid]
+
+    return decode
 
 
-def _top(logprobs: dict[int, float], n: int) -> list[tuple[int, float]]:
-    return sorted(logprobs.items(), key=lambda kv: -kv[1])[:n]
+def _ranked(logprobs: dict[int, float]) -> list[tuple[int, float]]:
+    return sorted(logprobs.items(), key=lambda kv: -kv[1])
 
 
 def completion_logprobs(
     decode: Callable[[int], str],
     token_ids: list[int],
     logprobs: list[dict[int, float]],
-    top_n: int,
     offset: int = 0,
 ) -> dict[str, Any]:
-    """Legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
+    """Legacy completions format: tokens, token_logprobs, top_logprobs, text_offset.
+
+    Each top_logprobs dict holds what the engine listed: the `logprobs` most likely tokens
+    and the sampled one (up to logprobs + 1 entries, as OpenAI's legacy API and vLLM).
+    """
     tokens = [decode(t) for t in token_ids]
     offsets = []
     for tok in tokens:
@@ -95,7 +126,7 @@ def completion_logprobs(
     return {
         "tokens": tokens,
         "token_logprobs": [lp.get(t) for t, lp in zip(token_ids, logprobs, strict=False)],
-        "top_logprobs": [{decode(t): v for t, v in _top(lp, top_n)} for lp in logprobs],
+        "top_logprobs": [{decode(t): v for t, v in _ranked(lp)} for lp in logprobs],
         "text_offset": offsets,
     }
 
@@ -103,7 +134,8 @@ def completion_logprobs(
 def chat_logprobs(
     decode: Callable[[int], str], token_ids: list[int], logprobs: list[dict[int, float]], top_n: int
 ) -> dict[str, Any]:
-    """Chat format: {"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}."""
+    """Chat format: {"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}; here
+    top_logprobs are the `top_n` most likely tokens only (the sampled one may not be among them)."""
 
     def entry(tid: int, lp: float | None) -> dict[str, Any]:
         tok = decode(tid)
@@ -111,7 +143,7 @@ def chat_logprobs(
 
     return {
         "content": [
-            {**entry(t, lp.get(t)), "top_logprobs": [entry(k, v) for k, v in _top(lp, top_n)]}
+            {**entry(t, lp.get(t)), "top_logprobs": [entry(k, v) for k, v in _ranked(lp)[:top_n]]}
             for t, lp in zip(token_ids, logprobs, strict=False)
         ]
     }

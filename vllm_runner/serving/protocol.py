@@ -6,7 +6,7 @@ before it reaches the engine; cross-field rules are checked by building the Samp
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -100,28 +100,61 @@ class StreamOptions(BaseModel):
 NULL_IS_DEFAULT = (
     "temperature", "top_p", "top_k", "min_p", "n", "stream", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens",
-    "include_stop_str_in_output", "skip_special_tokens", "echo", "logprobs",
+    "include_stop_str_in_output", "skip_special_tokens", "logprobs", "add_generation_prompt",
+    "continue_final_message",
 )  # fmt: skip
 # OpenAI / vLLM fields that change the output and that this server does not implement: a
-# request using them is refused rather than answered as if they were absent.
-UNSUPPORTED = {
-    "suffix": "suffix",
-    "response_format": "structured output (response_format)",
-    "tools": "tool calling (tools)",
-    "functions": "function calling (functions)",
-    "function_call": "function calling (function_call)",
-    "guided_json": "guided decoding (guided_json)",
-    "guided_regex": "guided decoding (guided_regex)",
-    "guided_choice": "guided decoding (guided_choice)",
-    "guided_grammar": "guided decoding (guided_grammar)",
-    "structured_outputs": "structured output (structured_outputs)",
+# request using them is refused rather than answered as if they were absent. Each maps to
+# what it is and to the values that leave it unused.
+_UNUSED = (None, False, [])
+UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "suffix": ("suffix", (*_UNUSED, "")),
+    "echo": ("echo", _UNUSED),
+    "response_format": ("structured output (response_format)", (*_UNUSED, {"type": "text"})),
+    "structured_outputs": ("structured output (structured_outputs)", _UNUSED),
+    "guided_json": ("guided decoding (guided_json)", _UNUSED),
+    "guided_regex": ("guided decoding (guided_regex)", _UNUSED),
+    "guided_choice": ("guided decoding (guided_choice)", _UNUSED),
+    "guided_grammar": ("guided decoding (guided_grammar)", _UNUSED),
+    "tools": ("tool calling (tools)", _UNUSED),
+    "functions": ("function calling (functions)", _UNUSED),
+    "function_call": ("function calling (function_call)", _UNUSED),
+    "use_beam_search": ("beam search (use_beam_search)", _UNUSED),
+    "allowed_token_ids": ("allowed_token_ids", _UNUSED),
+    "bad_words": ("bad_words", _UNUSED),
+    "logits_processors": ("logits_processors", _UNUSED),
+    "prompt_logprobs": ("prompt_logprobs on this route (POST /score has them)", _UNUSED),
+    "truncate_prompt_tokens": ("truncate_prompt_tokens", _UNUSED),
+    "return_tokens_as_token_ids": ("return_tokens_as_token_ids", _UNUSED),
+    "spaces_between_special_tokens": ("spaces_between_special_tokens false", (None, True)),
+    "priority": ("request priority (priority)", (None, 0)),
+    "prompt_embeds": ("prompt_embeds", _UNUSED),
 }
+# fields whose default differs between the routes
+UNSUPPORTED_COMPLETION = {"add_special_tokens": ("add_special_tokens false", (None, True))}
+UNSUPPORTED_CHAT = {
+    "add_special_tokens": ("add_special_tokens true", (None, False)),
+    "chat_template": ("a request's own chat_template", _UNUSED),
+    "chat_template_kwargs": ("chat_template_kwargs", (*_UNUSED, {})),
+    "documents": ("documents", _UNUSED),
+    "mm_processor_kwargs": ("mm_processor_kwargs", (*_UNUSED, {})),
+}
+
+
+def refuse_unsupported(data: dict[str, Any], table: dict[str, tuple[str, tuple[Any, ...]]]) -> None:
+    for name, (feature, unused) in table.items():
+        value = data.get(name)
+        # NOTE: by type too: 0 == False, and a priority of 0.0 or "" is not the default 0
+        if not any(type(value) is type(u) and value == u for u in unused):
+            raise ValueError(f"{name}: {feature} is not supported by this server, got {value!r}")
 
 
 class OpenAIFields(SamplingFields):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="ignore")  # like vLLM: unknown OpenAI fields are ignored
+
+    route_unsupported: ClassVar[dict[str, tuple[str, tuple[Any, ...]]]] = {}
 
     model: str | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
@@ -138,17 +171,13 @@ class OpenAIFields(SamplingFields):
     def _openai_nulls_and_unsupported(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        for name, feature in UNSUPPORTED.items():
-            value = data.get(name)
-            if (
-                value is None
-                or value == []
-                or (name == "response_format" and value == {"type": "text"})
-            ):
-                continue
-            raise ValueError(f"{name}: {feature} is not supported by this server")
-        if data.get("tool_choice") not in (None, "none", "auto"):
-            raise ValueError("tool_choice: tool calling is not supported by this server")
+        refuse_unsupported(data, UNSUPPORTED)
+        refuse_unsupported(data, cls.route_unsupported)
+        tool_choice = data.get("tool_choice")
+        if tool_choice not in (None, "none", "auto"):
+            raise ValueError(
+                f"tool_choice: tool calling is not supported by this server, got {tool_choice!r}"
+            )
         best_of, n = data.get("best_of"), data.get("n") or 1
         if best_of is not None and best_of != n:
             raise ValueError(f"best_of must equal n ({n}) or be left out, got {best_of!r}")
@@ -162,6 +191,8 @@ class OpenAIFields(SamplingFields):
 
 
 class CompletionRequest(OpenAIFields):
+    route_unsupported = UNSUPPORTED_COMPLETION
+
     prompt: (
         Annotated[str, Field(min_length=1)]
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
@@ -169,24 +200,15 @@ class CompletionRequest(OpenAIFields):
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: Literal[False] = False
 
     def completion_sampling_params(self) -> SamplingParams:
-        logprobs = None if self.logprobs is None else engine_logprobs(self.logprobs)
-        return self.sampling_params(n=self.n, logprobs=logprobs)
+        return self.sampling_params(n=self.n, logprobs=self.logprobs)
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]  # type: ignore[list-item]
         return list(p)  # type: ignore[arg-type]
-
-
-def engine_logprobs(top_n: int) -> int:
-    # NOTE: the engine reports only the top-N candidates of each step; asking for at least
-    # one makes the sampled token's own logprob known whenever it is the most likely one
-    # (always, for greedy decoding). Responses are cut back to the N the client asked for.
-    return max(top_n, 1)
 
 
 class TextPart(BaseModel):
@@ -199,28 +221,57 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tool_calls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in ("tool_calls", "tool_call_id", "function_call"):
+                if data.get(name) not in (None, []):
+                    raise ValueError(f"{name}: tool calling is not supported by this server")
+        return data
+
     def as_dict(self) -> dict[str, str]:
         content = self.content
         if isinstance(content, list):  # text parts are lines of one message, as in vLLM
             content = "\n".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        message = {"role": role, "content": content or ""}
+        if self.name is not None:  # templates that know names use them (as in vLLM)
+            message["name"] = self.name
+        return message
 
 
 class ChatCompletionRequest(OpenAIFields):
+    route_unsupported = UNSUPPORTED_CHAT
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    add_generation_prompt: bool = True  # vLLM: end the prompt in the assistant's header
+    continue_final_message: bool = False  # vLLM: continue the last (assistant) message
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs: true")
+            raise ValueError(
+                f"top_logprobs requires logprobs: true, got {self.top_logprobs} without it"
+            )
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError(
+                "continue_final_message needs add_generation_prompt: false, got True with "
+                "add_generation_prompt True"
+            )
         return self
+
+    def template_options(self) -> dict[str, bool]:
+        return {
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
+        }
 
     def chat_sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens
-        logprobs = engine_logprobs(self.top_logprobs or 0) if self.logprobs else None
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling_params(max_tokens=max_tokens, n=self.n, logprobs=logprobs)
