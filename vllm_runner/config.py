@@ -1,6 +1,7 @@
 """Engine configuration: flat EngineArgs at the edge, frozen per-component configs inside."""
 
 import logging
+import math
 import os
 from dataclasses import dataclass, fields
 
@@ -100,6 +101,8 @@ class EngineArgs:
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise bad(name, "a number")
+            if not math.isfinite(value):
+                raise bad(name, "a finite number")
         for name in ("enable_prefix_caching", "enforce_eager", "async_scheduling"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "async_scheduling" and value is None):
@@ -122,6 +125,8 @@ class EngineArgs:
             raise bad("num_kv_blocks", ">= 1")
         if self.cpu_offload_gb < 0:
             raise bad("cpu_offload_gb", ">= 0")
+        if self.cpu_kv_cache_gb <= 0:
+            raise bad("cpu_kv_cache_gb", "> 0")
         if self.quantization not in QUANTIZATIONS:
             raise bad("quantization", f"one of {QUANTIZATIONS}")
         if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -70,7 +70,8 @@ def test_plan_matches_the_built_model(hf_config):
 
 
 def test_weights_fit_error_names_bytes_and_fixes():
-    kw = dict(utilization=0.9, total_bytes=80 * GiB, offloaded_bytes=0, layer_bytes=GiB // 2)
+    kw = dict(utilization=0.9, total_bytes=80 * GiB, offloaded_bytes=0, layer_bytes=GiB // 2,
+              floor_bytes=4 * GiB)  # fmt: skip
     assert weights_fit_error(10 * GiB, 20 * GiB, quantize_saves_bytes=GiB, **kw) is None
     msg = weights_fit_error(30 * GiB, 20 * GiB, quantize_saves_bytes=8 * GiB, **kw)
     assert f"{10 * GiB} bytes" in msg and "missing" in msg
@@ -79,6 +80,20 @@ def test_weights_fit_error_names_bytes_and_fixes():
     assert "gpu_memory_utilization" in msg and "max_model_len" in msg
     quantized = weights_fit_error(30 * GiB, 20 * GiB, quantize_saves_bytes=0, **kw)
     assert "quantization=" not in quantized
+    # what stays with every layer offloaded is over the budget: no offload to suggest
+    floor = {**kw, "floor_bytes": 3 * GiB}
+    msg = weights_fit_error(30 * GiB, 2 * GiB, quantize_saves_bytes=GiB, **floor)
+    assert "cpu_offload_gb=" not in msg and f"{3 * GiB} bytes (3.00 GiB" in msg
+    assert "cpu_offload_gb cannot make this fit" in msg
+
+
+def test_weight_plan_floor_is_every_layer_offloaded(hf_config):
+    """floor_bytes is the resident bytes of a plan that offloads every decoder layer."""
+    model = _instantiate(hf_config, torch.float32, torch.device("meta"))
+    plan = plan_weights(model, None, 0.0)
+    everything = plan_weights(model, None, plan.total_bytes / GiB)
+    assert everything.offload_layers == tuple(range(len(plan.layer_bytes)))
+    assert plan.floor_bytes == everything.resident_bytes < plan.resident_bytes
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -110,9 +125,11 @@ def test_stats_report_resident_offloaded_and_kv_bytes(resident, offloaded):
     r, o = resident.stats(), offloaded.stats()
     offloader = offloaded.engine.runner.model.weight_offloader
     assert r["weight_bytes_offloaded"] == 0
-    assert r["weight_bytes_resident"] == sum(
-        p.nbytes for p in resident.engine.runner.model.parameters()
-    )
+    model = resident.engine.runner.model
+    head = model.lm_head.cpu_packed  # tied: a packed copy next to the embedding (CPU)
+    head_bytes = head.numel() * head.element_size()
+    assert r["weight_bytes_resident"] == sum(p.nbytes for p in model.parameters()) + head_bytes
+    assert offloaded.engine.runner.model.lm_head.cpu_packed is None  # offloading packs nothing
     layers = decoder_layers(resident.engine.runner.model)
     streamed = [i for i, layer in enumerate(decoder_layers(offloaded.engine.runner.model))
                 if layer._forward_pre_hooks]  # fmt: skip
@@ -120,7 +137,9 @@ def test_stats_report_resident_offloaded_and_kv_bytes(resident, offloaded):
     assert o["weight_bytes_offloaded"] == offloader.offloaded_bytes == moved >= 0.15 * GiB
     # every offloaded byte left the device; two layer-sized working buffers came instead
     assert offloader.buffer_bytes == 2 * offloader.host[0].numel()
-    assert o["weight_bytes_resident"] == r["weight_bytes_resident"] - moved + offloader.buffer_bytes
+    assert o["weight_bytes_resident"] == (
+        r["weight_bytes_resident"] - head_bytes - moved + offloader.buffer_bytes
+    )
     assert r["kv_cache_bytes"] == o["kv_cache_bytes"] > 0
 
 
@@ -187,6 +206,7 @@ def test_offloaded_int8_moves_int8_bytes_and_matches_resident_int8(default_model
         ("room at neither", 10_000, 10, None, None),
         ("a set budget is kept", 50_000, "set", None, None),
         ("resident weights", 50_000, "resident", None, None),
+        ("resident weights, out of memory", 50_000, "oom-resident", None, None),
     ],
 )
 def test_kv_sizing_decisions_with_faked_cuda_queries(
@@ -205,7 +225,7 @@ def test_kv_sizing_decisions_with_faked_cuda_queries(
     assert runner.scheduler_config.default_budget
 
     def profile(num_tokens: int) -> int:
-        if slope == "oom" and num_tokens == 8192:
+        if slope in ("oom", "oom-resident") and num_tokens == 8192:
             raise torch.OutOfMemoryError("fake: out of memory")
         return 1000 + (1 if slope == 1 else 10) * num_tokens
 
@@ -219,8 +239,13 @@ def test_kv_sizing_decisions_with_faked_cuda_queries(
     if slope == "set":
         runner.scheduler_config = dataclasses.replace(runner.scheduler_config,
                                                       default_budget=False)  # fmt: skip
-    if slope == "resident":
+    if slope in ("resident", "oom-resident"):
         monkeypatch.setattr(runner.model, "weight_offloader", None)
+    if slope == "oom-resident":  # a ValueError naming the setting, not torch's bare OOM
+        match = r"max_num_batched_tokens=8192 tokens ran out of device memory \(fake: out of"
+        with pytest.raises(ValueError, match=match):
+            runner._gpu_blocks(100)
+        return
     if expected_budget is None:
         with pytest.raises(ValueError, match="no room"):
             runner._gpu_blocks(100)

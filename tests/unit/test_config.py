@@ -79,6 +79,13 @@ def test_offload_step_budget(budget, default, offloading, kv_tokens, seqs, expec
         ("gpu_memory_utilization", "0.9", "a number"),
         ("cpu_offload_gb", "1", "a number"),
         ("enforce_eager", "yes", "true or false"),
+        # numbers out of range: refused at once, not a conversion error while loading
+        ("cpu_offload_gb", float("nan"), "a finite number"),
+        ("cpu_offload_gb", float("inf"), "a finite number"),
+        ("cpu_kv_cache_gb", float("nan"), "a finite number"),
+        ("cpu_kv_cache_gb", float("inf"), "a finite number"),
+        ("cpu_kv_cache_gb", -1.0, "> 0"),
+        ("cpu_kv_cache_gb", 0, "> 0"),
     ],
 )
 def test_engine_arguments_of_the_wrong_type_name_themselves(field, value, kind):

@@ -68,8 +68,11 @@ def test_engine_on_cpu_uses_packed_weights(smol_llm):
     assert model.lm_head.cpu_packed is not None
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert not model.lm_head.weight.is_meta
-    # stats count the weights once, with the packed layers at their dense size
-    assert smol_llm.stats()["weight_bytes_resident"] == sum(
+    # stats count the packed layers at their dense size, and the tied head's packed copy
+    # on top of the embedding it copies
+    head = model.lm_head.cpu_packed.numel() * model.lm_head.cpu_packed.element_size()
+    assert head == model.model.embed_tokens.weight.nbytes
+    assert smol_llm.stats()["weight_bytes_resident"] == head + sum(
         p.numel() * p.element_size() for p in model.parameters()
     )
 

@@ -80,26 +80,38 @@ def weights_fit_error(
     utilization: float,
     total_bytes: int,
     offloaded_bytes: int,
+    floor_bytes: int,
     layer_bytes: int,
     quantize_saves_bytes: int,
 ) -> str | None:
     """The start-up error when the device-resident weights exceed the budget, else None.
 
+    ``floor_bytes``: the resident bytes with every decoder layer offloaded;
     ``layer_bytes``: one decoder layer's linear weights as stored (the offload granularity);
     ``quantize_saves_bytes``: what int8 / fp8 linear weights would save (0 once quantized).
     """
     if resident_bytes <= budget_bytes:
         return None
     missing = resident_bytes - budget_bytes
-    # Two layers of working buffers stay on the device whenever anything is offloaded.
-    offload_gib = math.ceil((offloaded_bytes + missing + 2 * layer_bytes) / GiB * 10) / 10
-    fixes = [f"cpu_offload_gb={offload_gib:g} or more (whole layers stream from host memory)"]
+    fixes = []
+    if floor_bytes <= budget_bytes:
+        # Two layers of working buffers stay on the device whenever anything is offloaded.
+        offload_gib = math.ceil((offloaded_bytes + missing + 2 * layer_bytes) / GiB * 10) / 10
+        fixes.append(
+            f"cpu_offload_gb={offload_gib:g} or more (whole layers stream from host memory)"
+        )
     if quantize_saves_bytes:
         fixes.append(
             f"quantization='int8' or 'fp8' (saves {quantize_saves_bytes / GiB:.2f} GiB of "
             "linear weights)"
         )
     fixes.append(f"a higher gpu_memory_utilization (now {utilization})")
+    if floor_bytes > budget_bytes:
+        fixes.append(
+            f"a device with more memory: with every decoder layer offloaded, {floor_bytes} "
+            f"bytes ({floor_bytes / GiB:.2f} GiB: embeddings, LM head, norms, two layer "
+            "buffers) stay on it, so cpu_offload_gb cannot make this fit"
+        )
     return (
         f"the model does not fit: its device-resident weights take {resident_bytes} bytes "
         f"({resident_bytes / GiB:.2f} GiB), but gpu_memory_utilization={utilization} of "

@@ -110,6 +110,15 @@ class WeightPlan:
         """Device bytes of weights, working buffers included."""
         return self.total_bytes - self.offloaded_bytes + self.buffer_bytes
 
+    @property
+    def floor_bytes(self) -> int:
+        """Device bytes of weights with every decoder layer offloaded: what stays (embeddings,
+        LM head, norms) and the working buffers."""
+        if not self.layer_bytes:
+            return self.total_bytes
+        slots = min(NUM_SLOTS, len(self.layer_bytes))
+        return self.total_bytes - sum(self.layer_bytes) + slots * max(self.layer_bytes)
+
 
 def plan_weights(model: nn.Module, method: QuantMethod | None, cpu_offload_gb: float) -> WeightPlan:
     """Plan on a (meta) model: final weight bytes and the layers to offload."""
@@ -145,6 +154,7 @@ def check_weights_fit(plan: WeightPlan, device: torch.device, utilization: float
         utilization=utilization,
         total_bytes=total,
         offloaded_bytes=plan.offloaded_bytes,
+        floor_bytes=plan.floor_bytes,
         layer_bytes=max(plan.layer_bytes, default=0),
         quantize_saves_bytes=plan.quantize_saves_bytes,
     )
@@ -285,6 +295,13 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     buffers = {b.untyped_storage().data_ptr() for b in offloader.buffers} if offloader else set()
     resident = sum(
         p.nbytes for p in model.parameters() if p.untyped_storage().data_ptr() not in buffers
+    )
+    # a CPU model's packed copies (layers/cpu_gemm.py) replace their dense weights, but that
+    # of an LM head tied to the embedding comes on top of the weight the lookup reads
+    resident += sum(
+        m.cpu_packed.numel() * m.cpu_packed.element_size()
+        for m in model.modules()
+        if getattr(m, "cpu_packed", None) is not None and not m.weight.is_meta
     )
     return {
         "weight_bytes_resident": resident + (offloader.buffer_bytes if offloader else 0),
