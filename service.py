@@ -18,7 +18,7 @@ from typing import Any
 
 import bentoml
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
-from pydantic import PrivateAttr, model_validator
+from pydantic import PrivateAttr, ValidationError, model_validator
 
 from vllm_runner import AsyncLLM, RequestError, SamplingParams
 from vllm_runner.serving.auth import ApiKeyMiddleware
@@ -76,10 +76,18 @@ def score_ids(engine: AsyncLLM, item: ScoreRequest) -> tuple[list[int], int]:
     if isinstance(cont, str):
         if engine.tokenizer is None:
             raise ValueError("continuation must be token ids: the model has no tokenizer")
+        engine.check_text_length(cont, "continuation")
         cont = engine.tokenizer.encode(cont, add_special_tokens=False)
     if not cont:
         raise ValueError("continuation has no tokens")
     return engine.validate(prompt + list(cont), score_params()), len(cont)
+
+
+def request_error(model: type, exc: ValueError) -> ValidationError:
+    """A request the engine refuses, answered as BentoML answers a parse-time validator's
+    error: 400 {"error", "detail": [{"msg", ...}]} (its 4xx exceptions come as a list)."""
+    error = {"type": "value_error", "loc": (), "input": None, "ctx": {"error": exc}}
+    return ValidationError.from_exception_data(model.__name__, [error])
 
 
 def complete_result(out: Any, prompt_ids: list[int]) -> CompleteResult:
@@ -105,16 +113,6 @@ def score_result(out: Any, k: int) -> ScoreResult:
     tail = zip(out.prompt_logprobs[-k:], out.prompt_token_ids[-k:], strict=True)
     lps = [top[token] for top, token in tail]
     return ScoreResult(logprob=sum(lps), num_tokens=k, token_logprobs=lps)
-
-
-class GenerateInput(GenerateRequest):
-    _ids: list[int] | None = PrivateAttr(None)
-
-    @model_validator(mode="after")
-    def _fits_engine(self) -> GenerateInput:
-        if engine := _engine_at_parse_time():
-            self._ids = engine.validate(self.prompt, self.sampling_params())
-        return self
 
 
 class CompleteInput(CompleteRequest):
@@ -207,12 +205,15 @@ class LLMService:
 
     @bentoml.api
     async def generate(
-        self, request: GenerateInput, /, ctx: bentoml.Context
+        self, request: GenerateRequest, /, ctx: bentoml.Context
     ) -> AsyncGenerator[str, None]:
         """Generate from `prompt`, streaming the text as it is produced."""
         engine = self._engine()
         params = request.sampling_params()
-        prompt = request._ids or request.prompt
+        try:  # in a thread: a long prompt's tokenization would hold every other stream
+            prompt = await asyncio.to_thread(engine.validate, request.prompt, params)
+        except ValueError as exc:
+            raise request_error(GenerateRequest, exc) from None
         started = False
         outs = stream_or_abort(engine, prompt, params, new_request_id("gen"))
         try:

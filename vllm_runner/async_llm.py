@@ -67,6 +67,9 @@ class AsyncLLM:
         self.engine.validate(ids, params)
         return ids
 
+    def check_text_length(self, text: str, what: str) -> None:
+        self.engine.check_text_length(text, what)
+
     def apply_chat_template(self, messages: list[dict], **options: bool) -> str:
         return apply_chat_template(self.tokenizer, messages, **options)
 

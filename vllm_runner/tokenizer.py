@@ -47,3 +47,18 @@ def eos_token_ids(path: str, hf_config, tokenizer) -> set[int]:
     if tokenizer is not None:
         add(tokenizer.eos_token_id)
     return ids
+
+
+def max_text_chars(tokenizer, num_tokens: int) -> int:
+    """More characters than this cannot become ``num_tokens`` tokens or fewer, so a longer
+    text is refused without tokenizing it (megabytes take seconds).
+
+    A token covers at most as many characters as its vocabulary string has: byte-level
+    vocabularies spell one byte a character and every character is one byte or more;
+    SentencePiece spells its space as one character. A normalizer may compose characters
+    first (NFC: up to three into one), hence the margin when there is one.
+    """
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    margin = 1 if backend is not None and backend.normalizer is None else 3
+    return margin * longest * num_tokens

@@ -142,3 +142,61 @@ def test_logprob_tokens_keep_sentencepiece_spaces() -> None:
     assert lp["text_offset"] == [0, 3, 9]
     (first, *_) = fmt.chat_logprobs(decode, ids, [{i: -0.5} for i in ids], 0)["content"]
     assert first["token"] == " is" and bytes(first["bytes"]) == b" is"
+
+
+def test_prompts_are_tokenized_off_the_event_loop(client: Any, engine: Any) -> None:
+    """Tokenizing a long prompt takes seconds: on the event loop it held every other stream
+    and the health probes of the worker (found under load). Each streaming route tokenizes
+    in a thread."""
+    import asyncio
+
+    threads: list[bool] = []
+    original = engine.validate
+
+    def recording(prompt: Any, params: Any) -> list[int]:
+        if isinstance(prompt, str):  # (token ids are checked again where they are queued)
+            try:
+                asyncio.get_running_loop()
+                threads.append(False)  # tokenized on the event loop
+            except RuntimeError:
+                threads.append(True)
+        return original(prompt, params)
+
+    engine.validate = recording
+    try:
+        for path, body in (("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions",
+                          {"messages": CHAT}), ("/generate", {"prompt": PROMPT})):  # fmt: skip
+            r = client.post(path, json={**body, "max_tokens": 2})
+            assert r.status_code == 200, (path, r.text)
+    finally:
+        del engine.validate
+    assert threads == [True, True, True]
+
+
+def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, engine: Any) -> None:
+    """More characters than max_model_len tokens can hold: a 400 without tokenizing."""
+    from service_testing import MAX_MODEL_LEN
+
+    from vllm_runner.tokenizer import max_text_chars
+
+    limit = engine.engine.max_prompt_chars
+    assert limit == max_text_chars(engine.tokenizer, MAX_MODEL_LEN)
+    text = "x" * (limit + 1)
+    calls = []
+    encode = engine.tokenizer.encode
+    engine.tokenizer.encode = lambda *a, **k: calls.append(1) or encode(*a, **k)
+    try:
+        for path, body, param in (
+            ("/v1/completions", {"prompt": text}, "prompt"),
+            ("/generate", {"prompt": text}, None),
+            ("/score", {"items": [{"prompt": "hi", "continuation": text}]}, None),
+        ):
+            r = client.post(path, json=body)
+            assert r.status_code == 400, (path, r.text)
+            assert f"has {limit + 1} characters, more than max_model_len" in r.text, r.text
+            assert f"at most {limit}" in r.text
+            if param:
+                assert r.json()["error"]["param"] == param
+    finally:
+        del engine.tokenizer.encode
+    assert calls == [1]  # only /score's prompt "hi"

@@ -19,7 +19,7 @@ from vllm_runner.engine.request import Request, RequestStatus
 from vllm_runner.engine.scheduler import Scheduler
 from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.sampling_params import SamplingParams
-from vllm_runner.tokenizer import eos_token_ids, load_hf_config, load_tokenizer
+from vllm_runner.tokenizer import eos_token_ids, load_hf_config, load_tokenizer, max_text_chars
 from vllm_runner.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ class EngineCore:
             enforce_eager=args.enforce_eager,
         )
         self.tokenizer = load_tokenizer(path)
+        self.max_prompt_chars = (
+            max_text_chars(self.tokenizer, max_model_len) if self.tokenizer is not None else 0
+        )
         self.eos_ids = eos_token_ids(path, hf_config, self.tokenizer)
         self.vocab_size = hf_config.vocab_size
         sched_config = args.scheduler_config(max_model_len, device, serving)
@@ -101,6 +104,7 @@ class EngineCore:
                 raise ValueError("prompt is empty: give at least one character or token id")
             if self.tokenizer is None:
                 raise ValueError("this model folder has no tokenizer: pass token ids, not text")
+            self.check_text_length(prompt, "prompt")
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON)
@@ -117,6 +121,15 @@ class EngineCore:
                 f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"
             )
         return list(prompt)
+
+    def check_text_length(self, text: str, what: str) -> None:
+        """Refuse a text too long for max_model_len before tokenizing it (which would hold
+        the caller, e.g. a server's event loop, for seconds)."""
+        if len(text) > self.max_prompt_chars:
+            raise ValueError(
+                f"{what} has {len(text)} characters, more than max_model_len "
+                f"({self.max_model_len}) tokens can hold: at most {self.max_prompt_chars}"
+            )
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:

@@ -119,11 +119,11 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
             )
         return engine
 
-    def validate(
+    async def validate(
         engine: Any, prompt: str | list[int], params: SamplingParams, param: str, fields: set[str]
     ) -> list[int]:
-        try:
-            return engine.validate(prompt, params)
+        try:  # in a thread: a long prompt's tokenization would hold every other stream
+            return await asyncio.to_thread(engine.validate, prompt, params)
         except ValueError as exc:
             raise fmt.bad_request(exc, param, fields) from None
 
@@ -156,7 +156,9 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
             params = body.completion_sampling_params()
         except ValueError as exc:
             raise fmt.bad_request(exc, "prompt", _COMPLETION_FIELDS) from None
-        ids = [validate(engine, p, params, "prompt", _COMPLETION_FIELDS) for p in body.prompts()]
+        ids = [
+            await validate(engine, p, params, "prompt", _COMPLETION_FIELDS) for p in body.prompts()
+        ]
         rid = new_request_id("cmpl")
         decode = fmt.token_decoder(engine.tokenizer)
 
@@ -187,7 +189,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         except (ValueError, TypeError, TemplateError) as exc:  # templates raise on roles
             raise fmt.bad_request(ValueError(str(exc)), "messages", _CHAT_FIELDS) from None
         # the prompt is the templated messages: errors about it name "messages"
-        ids = validate(engine, prompt, params, "messages", _CHAT_FIELDS - {"prompt"})
+        ids = await validate(engine, prompt, params, "messages", _CHAT_FIELDS - {"prompt"})
         rid = new_request_id("chatcmpl")
         decode = fmt.token_decoder(engine.tokenizer)
         if body.stream:
