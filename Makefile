@@ -1,7 +1,8 @@
 # The commands people type. `make serve` and `make test` set everything up on a fresh machine.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build that lies on this project's machines; on a GPU host pass TORCH=torch (CUDA build).
+# This project's machines find a CPU build of this version in their local wheels; from PyPI it
+# is the CUDA build (README). On a GPU host pass TORCH=torch.
 TORCH ?= torch==2.13.0
 # e.g. --index-url https://download.pytorch.org/whl/cpu (PyPI's Linux torch is a CUDA build)
 TORCH_ARGS ?=

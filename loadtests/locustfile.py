@@ -18,11 +18,13 @@ Failures are named by kind so that `run.py` can tell them apart: `5xx ...`, `429
 
 Settings (environment): LOADTEST_API_KEY, LOADTEST_MAX_TOKENS (32), LOADTEST_PROMPT_WORDS
 (comma-separated prompt lengths in words, each drawn with +-50% jitter; "8,64,384"),
-LOADTEST_SEED (0).
+LOADTEST_SEED (0: with the same seed, the n-th user started draws the same prompts),
+LOADTEST_BACKOFF_429_S (0.5: how long a user that got a 4xx, 429 included, waits).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -36,8 +38,9 @@ MAX_TOKENS = int(os.environ.get("LOADTEST_MAX_TOKENS", "32"))
 PROMPT_WORDS = [int(w) for w in os.environ.get("LOADTEST_PROMPT_WORDS", "8,64,384").split(",")]
 API_KEY = os.environ.get("LOADTEST_API_KEY", "")
 SEED = int(os.environ.get("LOADTEST_SEED", "0"))
-# A user that got a 429 waits this long before its next request: without it, closed-loop users
-# retry at once and flood the server (and the cores it shares with locust) with rejections.
+# A user that got a 4xx (429 included) waits this long before its next request: without it,
+# closed-loop users retry at once and flood the server (and the cores it shares with locust)
+# with rejections (a wrong API key: ~1,700 requests a second).
 BACKOFF_429_S = float(os.environ.get("LOADTEST_BACKOFF_429_S", "0.5"))
 _TEXT = """the a river city light morning quiet engine paper window garden story music winter
 market bridge letter mountain station question summer orange careful bright distant small ancient
@@ -52,14 +55,22 @@ def failure_kind(status: int) -> str:
     return "5xx" if status >= 500 else "4xx"
 
 
+def refused(resp: Any) -> None:
+    """Record a non-200 answer; after a 4xx this user waits before its next request."""
+    resp.failure(f"{failure_kind(resp.status_code)} {resp.status_code}: {resp.text[:200]}")
+    if 400 <= resp.status_code < 500:
+        time.sleep(BACKOFF_429_S)  # gevent-patched: only this user waits
+
+
 class LLMUser(HttpUser):
     """Shared plumbing: prompts, auth, event reporting."""
 
     abstract = True
     wait_time = constant(0)  # closed loop: each user sends its next request at once
+    _started = itertools.count()  # users in start order: their prompts repeat run to run
 
     def on_start(self) -> None:
-        self.rng = random.Random(f"{SEED}-{id(self)}")
+        self.rng = random.Random(f"{SEED}-{next(LLMUser._started)}")
         if API_KEY:
             self.client.headers["Authorization"] = f"Bearer {API_KEY}"
 
@@ -97,10 +108,7 @@ class LLMUser(HttpUser):
         usage: int | None = None
         with self.client.post(name, json=body, stream=True, catch_response=True, name=name) as resp:
             if resp.status_code != 200:
-                kind = failure_kind(resp.status_code)
-                resp.failure(f"{kind} {resp.status_code}: {resp.text[:200]}")
-                if resp.status_code == 429:
-                    time.sleep(BACKOFF_429_S)  # gevent-patched: only this user waits
+                refused(resp)
                 return
             try:
                 for chunk in resp.iter_content(chunk_size=None):
@@ -186,10 +194,7 @@ def do_complete(user: LLMUser) -> None:
         "/complete", json={"requests": [item]}, catch_response=True, name="/complete"
     ) as resp:
         if resp.status_code != 200:
-            kind = failure_kind(resp.status_code)
-            resp.failure(f"{kind} {resp.status_code}: {resp.text[:200]}")
-            if resp.status_code == 429:
-                time.sleep(BACKOFF_429_S)  # gevent-patched: only this user waits
+            refused(resp)
             return
         (result,) = resp.json()
         if result.get("error") or result.get("finish_reason") == "error":

@@ -7,8 +7,9 @@
 Each step runs `--duration` seconds of closed-loop users (locustfile.py; MixedUser by default),
 then lets in-flight requests finish (`--stop-timeout`). Writes into --out: `u{N}_*.csv` (locust),
 `summary.csv`, `summary.md`, `throughput.png`, `ttft.png`, `itl.png`, and the logs.
-Exit status: 0; 1 when a request failed with a 5xx, a broken or in-band-error stream or a
-transport error, or an SLO was missed; 2 on bad arguments (e.g. a host that is not loopback).
+Exit status: 0; 1 when a request failed with a 5xx or a 4xx other than 429, a broken or
+in-band-error stream or a transport error, or an SLO was missed; 2 on bad arguments (e.g. a
+host that is not loopback).
 """
 
 from __future__ import annotations
@@ -160,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     misses = [m for s in steps for m in slo.misses(s)]
     fatal = sum(s.fatal for s in steps)
     verdict = [f"- SLO missed: {m}" for m in misses]
-    verdict.append(f"- failed requests (5xx, broken streams, transport errors): {fatal}")
+    verdict.append(
+        f"- failed requests (5xx, 4xx but 429, broken streams, transport errors): {fatal}"
+    )
     if exit_code is not None:
         verdict.append(f"- the service started here exited with {exit_code} after SIGINT")
     verdict.append(f"- result: {'FAIL' if misses or fatal else 'PASS'}")

@@ -149,3 +149,31 @@ def test_a_short_sweep_against_the_server(server: BentoServer, tmp_path: Path) -
     for name in ("throughput.png", "ttft.png", "itl.png"):
         assert png_chunks((tmp_path / name).read_bytes())[b"IHDR"]
     assert Slo(min_tokens_per_s=1e9).misses(step)  # what a missed SLO would report
+
+
+_BACKOFF_CHECK = """
+import locust  # first: it patches ssl with gevent
+from types import SimpleNamespace
+from loadtests import locustfile
+waits = []
+locustfile.time.sleep = waits.append
+for status in (401, 429, 503):
+    failures = []
+    locustfile.refused(SimpleNamespace(status_code=status, text="no", failure=failures.append))
+    print(failures[0])
+print(waits == [locustfile.BACKOFF_429_S] * 2)
+"""
+
+
+def test_locust_users_back_off_after_a_4xx() -> None:
+    """A wrong API key made every closed-loop user retry at once (~1,700 requests a second):
+    each non-200 is recorded by kind, and a 4xx (429 included) waits before the next. (In a
+    subprocess: importing locust patches this process with gevent.)"""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _BACKOFF_CHECK], capture_output=True, text=True, check=True,
+        cwd=Path(run.__file__).parents[1],
+    ).stdout.split("\n")  # fmt: skip
+    assert out[:4] == ["4xx 401: no", "429 429: no", "5xx 503: no", "True"], out

@@ -242,6 +242,7 @@ def test_chat_stream(client: Any) -> None:
         ("/v1/completions", {"max_tokens": 3}, "prompt"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages"),
         ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"messages": CHAT, "presence_penalty": 3}, "presence_penalty"),
         # fields that change the output and are not implemented are refused, not ignored

@@ -230,6 +230,13 @@ class ChatMessage(BaseModel):
                     raise ValueError(f"{name}: tool calling is not supported by this server")
         return data
 
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        # as OpenAI: only an assistant's message may leave its content out
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: a {self.role} message needs content, got none")
+        return self
+
     def as_dict(self) -> dict[str, str]:
         content = self.content
         if isinstance(content, list):  # text parts are lines of one message, as in vLLM
