@@ -4,7 +4,7 @@
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
 # quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, w1-fp8,
 # kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe,
-# read-bw, gemm-prefill, persistent-layers)
+# read-bw, gemm-prefill, persistent-layers, loadtest-1b)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -53,6 +53,20 @@ for step in "$@"; do
              --out "$OUT/gemm_probe.json" 2>&1 | tail -80 ;;
     persistent-layers) timeout 300 python benchmarks/persistent_layers_probe.py --model 1b \
              --out "$OUT/persistent_layers_1b.json" 2>&1 | tail -30 ;;
+    loadtest-1b) # the BentoML service under locust; needs `.whl` (../shared/tools/gpu-wheels.sh)
+             # carried, with SmolLM2's tokenizer files in .whl/tokenizer/
+             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+               --upgrade --target .site .whl/*.whl
+             export PYTHONPATH=$PWD/.site:$PWD
+             m=$(python -c 'import shutil, sys; from pathlib import Path
+sys.path.insert(0, "benchmarks"); from workloads import build_random_llama
+d = build_random_llama("1b", Path("/tmp/lt_models"), "cuda", 0, vocab_size=49152)
+[shutil.copy(f, d) for f in Path(".whl/tokenizer").iterdir()]; print(d)' | tail -1)
+             timeout 560 python -m loadtests.run --serve-arg model=$m --serve-arg device=cuda \
+               --serve-arg dtype=bfloat16 --serve-arg max_concurrency=512 \
+               --users "${LT_USERS:-1,16,64,256}" --duration "${LT_DURATION:-30}" \
+               --stop-timeout 30 --max-tokens 128 --label "H200, Llama-3.2-1B shape" \
+               --out "$OUT/loadtest_h200_1b" 2>&1 | tail -40 ;;
     kernels) python benchmarks/kernels.py --check --quick --out "$OUT/kernels.md" 2>&1 | tail -40 ;;
     w1-1b) python benchmarks/throughput.py --device cuda --models 1b --systems engine \
              --out "$OUT/w1_1b_engine.json" 2>&1 | tail -25 ;;

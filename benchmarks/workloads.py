@@ -71,14 +71,19 @@ def random_workload(n: int, vocab: int, len_lo: int, len_hi: int, new: int, seed
     return Workload(prompts, [new] * n, vocab)
 
 
-def build_random_llama(name: str, root: Path, device: str, seed: int) -> str:
-    """Save a random bf16 Llama of the given shape once (safetensors, no tokenizer)."""
+def build_random_llama(
+    name: str, root: Path, device: str, seed: int, vocab_size: int | None = None
+) -> str:
+    """Save a random bf16 Llama of the given shape once (safetensors, no tokenizer);
+    ``vocab_size`` replaces the shape's (to pair the model with another tokenizer)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    folder = root / f"llama-{name}-random-seed{seed}"
+    suffix = f"-vocab{vocab_size}" if vocab_size else ""
+    folder = root / f"llama-{name}-random-seed{seed}{suffix}"
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         return str(folder)
     hidden, layers, heads, kv_heads, inter, vocab, tied = LLAMA_SHAPES[name]
+    vocab = vocab_size or vocab
     config = LlamaConfig(
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -96,6 +101,7 @@ def build_random_llama(name: str, root: Path, device: str, seed: int) -> str:
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the GPU is seconds, on CPU minutes (8B)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name, dir=root))
     model.save_pretrained(tmp, safe_serialization=True)
     tmp.rename(folder)
