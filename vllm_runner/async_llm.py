@@ -130,9 +130,19 @@ class AsyncLLM:
         self._streams[request_id] = entry = (asyncio.get_running_loop(), q)
         self._send(("add", request_id, prompt, params, entry))
         done = False
+        held: list[object] = []  # taken from the queue while merging, not yet yielded
         try:
             while not done:
-                item = await q.get()
+                item = held.pop() if held else await q.get()
+                # NOTE: a consumer that fell behind (an event loop busy with many streams)
+                # gets the updates waiting for it as one: fewer, larger chunks, not a backlog.
+                while isinstance(item, StreamOutput) and not q.empty():
+                    later = q.get_nowait()
+                    merged = item.merge(later) if isinstance(later, StreamOutput) else None
+                    if merged is None:
+                        held.append(later)
+                        break
+                    item = merged
                 if isinstance(item, Exception):
                     done = True
                     raise item
@@ -209,13 +219,24 @@ class AsyncLLM:
                 del self._routes[request_id]
 
     def _dispatch(self, outputs: list[StreamOutput]) -> None:
+        # NOTE: one hand-over per event loop and step (each wakes the loop with a syscall),
+        # not one per request.
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+
+        def add(request_id: str, item: object) -> None:
+            entry = self._routes.get(request_id)
+            if entry is not None:
+                batches.setdefault(entry[0], []).append((entry[1], item))
+
         for out in outputs:
-            self._push(out.request_id, out)
+            add(out.request_id, out)
         for state in self.engine.pop_finished():
-            self._push(state.request_id, state.final_output())
+            add(state.request_id, state.final_output())
             self._routes.pop(state.request_id, None)
             if self.metrics is not None:
                 self._record_metrics(state)
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _record_metrics(self, state) -> None:
         ttft = (
@@ -239,3 +260,8 @@ class AsyncLLM:
         if entry is not None:
             loop, q = entry
             loop.call_soon_threadsafe(q.put_nowait, item)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)

@@ -48,6 +48,46 @@ def test_seed_example_runs_as_written(smol, capsys):
     assert any(r.text for r in results)
 
 
+def test_a_consumer_that_falls_behind_gets_the_waiting_updates_as_one(smol):
+    """A busy event loop (a server with many streams) reads its updates late: those waiting
+    come merged into one (fewer, larger chunks), with the same text, ids and logprobs."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=1)
+    prompt = "The capital of France is"
+
+    async def main():
+        updates = []
+        async for out in smol.stream(prompt, params):
+            updates.append(out)
+            if len(updates) == 1:  # fall behind until the request has finished
+                while smol.stats()["num_running"]:
+                    await asyncio.sleep(0.01)
+        final = (await smol.generate([prompt], params))[0]
+        return updates, final
+
+    updates, final = run(main())
+    assert len(updates) == 2  # the first, then the other 23 tokens as one update
+    late = updates[1]
+    assert late.finished and late.finish_reason == "length"
+    assert len(late.new_token_ids) == len(late.new_logprobs) == 24 - len(updates[0].new_token_ids)
+    assert updates[0].new_token_ids + late.new_token_ids == final.token_ids
+    assert updates[0].delta + late.delta == late.text == final.text
+    assert updates[0].new_logprobs + late.new_logprobs == final.outputs[0].logprobs
+
+
+def test_stream_updates_merge_only_within_one_unfinished_completion():
+    from vllm_runner.engine.outputs import StreamOutput
+
+    def update(index=0, finished=False, error=None, ids=(1,)):
+        fields = ("r", index, "x", "x", 1, list(ids), None, finished, None, [])
+        return StreamOutput(*fields, error=error)
+
+    merged = update(ids=(1, 2)).merge(update(finished=True, ids=(3,)))
+    assert merged.new_token_ids == [1, 2, 3] and merged.delta == "xx" and merged.finished
+    assert update().merge(update(index=1)) is None
+    assert update(finished=True).merge(update()) is None
+    assert update().merge(update(error="failed")) is None
+
+
 def test_stream_deltas_add_up_to_the_final_text(smol):
     async def main():
         deltas, last = [], None

@@ -1,5 +1,8 @@
 """Dataclasses exchanged between scheduler, model runner and the front ends."""
 
+from __future__ import annotations
+
+import dataclasses
 from dataclasses import dataclass, field
 
 from vllm_runner.sampling_params import SamplingParams
@@ -132,3 +135,24 @@ class StreamOutput:
 
     def __str__(self) -> str:
         return self.delta
+
+    def merge(self, later: StreamOutput) -> StreamOutput | None:
+        """This update followed by ``later`` of the same completion as one update, or None
+        when they cannot be one (another completion, an error, or this one finished)."""
+        if (
+            later.request_id != self.request_id
+            or later.index != self.index
+            or self.finished
+            or self.error is not None
+            or later.error is not None
+        ):
+            return None
+        logprobs = None
+        if self.new_logprobs is not None or later.new_logprobs is not None:
+            logprobs = (self.new_logprobs or []) + (later.new_logprobs or [])
+        return dataclasses.replace(
+            later,
+            delta=self.delta + later.delta,
+            new_token_ids=self.new_token_ids + later.new_token_ids,
+            new_logprobs=logprobs,
+        )
