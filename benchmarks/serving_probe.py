@@ -1,0 +1,122 @@
+"""Probe: where a served stream's per-token time goes, without HTTP. One engine, the same
+requests (token-id prompts, 256 new tokens, EOS ignored), stepped four ways:
+
+    python benchmarks/serving_probe.py [--model 1b] [--device cuda] [--streams 1,64]
+
+- `LLM.generate` (offline: the main thread steps, no stream outputs);
+- the engine stepped by hand in the main thread with stream outputs (`step(stream=True)`);
+- the same from another thread (as AsyncLLM's loop runs it);
+- `AsyncLLM.stream`, consumed by asyncio tasks (engine thread + event loop).
+
+Prints output tok/s of each for each number of concurrent streams, medians of 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))
+
+from workloads import LLAMA_SHAPES, build_random_llama, random_workload  # noqa: E402
+
+from vllm_runner import LLM, AsyncLLM, SamplingParams  # noqa: E402
+
+NEW_TOKENS = 256
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def by_hand(engine, prompts: list[list[int]], params: SamplingParams) -> None:
+    for p in prompts:
+        engine.add_request(p, params)
+    while engine.has_unfinished():
+        engine.step(stream=True)
+    engine.pop_finished()
+
+
+def in_thread(fn) -> None:
+    thread = threading.Thread(target=fn)
+    thread.start()
+    thread.join()
+
+
+async def streamed(llm: AsyncLLM, prompts: list[list[int]], params: SamplingParams) -> None:
+    async def one(p: list[int]) -> None:
+        async for _ in llm.stream(p, params):
+            pass
+
+    await asyncio.gather(*(one(p) for p in prompts))
+
+
+def offline_rates(
+    llm: LLM, prompts: list[list[int]], params: SamplingParams, repeats: int
+) -> dict[str, float]:
+    llm.generate(prompts, params)  # warm-up
+    ways = {
+        "LLM.generate": lambda: llm.generate(prompts, params),
+        "step(stream) main thread": lambda: by_hand(llm.engine, prompts, params),
+        "step(stream) other thread": lambda: in_thread(
+            lambda: by_hand(llm.engine, prompts, params)
+        ),
+    }
+    tokens = len(prompts) * NEW_TOKENS
+    return {
+        name: tokens / statistics.median(timed(fn) for _ in range(repeats))
+        for name, fn in ways.items()
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="1b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--streams", default="1,64")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    path = build_random_llama(args.model, Path("/tmp/vllm_runner_bench"), args.device, 0)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    kw = dict(device=args.device, dtype="bfloat16" if args.device == "cuda" else "float32")
+    kw["max_model_len"] = 2048
+    vocab = min(LLAMA_SHAPES[args.model][5], 32000)
+    results: dict[str, dict[str, float]] = {}
+    llm = LLM(path, **kw)
+    for n in map(int, args.streams.split(",")):
+        prompts = random_workload(n, vocab, 64, 512, NEW_TOKENS, seed=n).prompts
+        results[str(n)] = offline_rates(llm, prompts, params, args.repeats)
+    llm = None  # frees the device for the AsyncLLM below
+    async_llm = AsyncLLM(path, **kw)
+
+    async def run_async() -> None:
+        for n in map(int, args.streams.split(",")):
+            prompts = random_workload(n, vocab, 64, 512, NEW_TOKENS, seed=n).prompts
+            await streamed(async_llm, prompts, params)  # warm-up
+            walls = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                await streamed(async_llm, prompts, params)
+                walls.append(time.perf_counter() - start)
+            results[str(n)]["AsyncLLM.stream"] = n * NEW_TOKENS / statistics.median(walls)
+        await async_llm.shutdown()
+
+    asyncio.run(run_async())
+    for n, row in results.items():
+        print(f"{n} streams: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in row.items()))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "tok_per_s": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
