@@ -5,6 +5,7 @@ the EngineCore, so the engine itself needs no locks. Requests join and leave bet
 """
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -14,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from vllm_runner.engine.core import EngineCore
-from vllm_runner.engine.outputs import RequestOutput, StreamOutput
+from vllm_runner.engine.outputs import RequestOutput, StreamOutput, merge_updates
 from vllm_runner.llm import Prompt, apply_chat_template, engine_args, normalize_batch
 from vllm_runner.sampling_params import SamplingParams
 
@@ -56,6 +57,7 @@ class AsyncLLM:
         # The loop thread's own routes: each request's outputs go to the stream that added
         # it, even after that stream closed and a new one took its id.
         self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._outbox = _Outbox()
         self._stats: dict[str, int] = self.engine.stats()
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="vllm-runner-engine", daemon=True)
@@ -130,19 +132,17 @@ class AsyncLLM:
         self._streams[request_id] = entry = (asyncio.get_running_loop(), q)
         self._send(("add", request_id, prompt, params, entry))
         done = False
-        held: list[object] = []  # taken from the queue while merging, not yet yielded
+        held: collections.deque = collections.deque()  # taken from the queue, not yet yielded
         try:
             while not done:
-                item = held.pop() if held else await q.get()
-                # NOTE: a consumer that fell behind (an event loop busy with many streams)
-                # gets the updates waiting for it as one: fewer, larger chunks, not a backlog.
-                while isinstance(item, StreamOutput) and not q.empty():
-                    later = q.get_nowait()
-                    merged = item.merge(later) if isinstance(later, StreamOutput) else None
-                    if merged is None:
-                        held.append(later)
-                        break
-                    item = merged
+                if not held:
+                    items = [await q.get()]
+                    while not q.empty():
+                        items.append(q.get_nowait())
+                    # NOTE: a consumer that fell behind (a busy event loop, a slow client)
+                    # gets the updates waiting for it as one: fewer, larger chunks.
+                    held.extend(merge_updates(items))
+                item = held.popleft()
                 if isinstance(item, Exception):
                     done = True
                     raise item
@@ -219,24 +219,13 @@ class AsyncLLM:
                 del self._routes[request_id]
 
     def _dispatch(self, outputs: list[StreamOutput]) -> None:
-        # NOTE: one hand-over per event loop and step (each wakes the loop with a syscall),
-        # not one per request.
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
-
-        def add(request_id: str, item: object) -> None:
-            entry = self._routes.get(request_id)
-            if entry is not None:
-                batches.setdefault(entry[0], []).append((entry[1], item))
-
         for out in outputs:
-            add(out.request_id, out)
+            self._push(out.request_id, out)
         for state in self.engine.pop_finished():
-            add(state.request_id, state.final_output())
+            self._push(state.request_id, state.final_output())
             self._routes.pop(state.request_id, None)
             if self.metrics is not None:
                 self._record_metrics(state)
-        for loop, items in batches.items():
-            loop.call_soon_threadsafe(_deliver, items)
 
     def _record_metrics(self, state) -> None:
         ttft = (
@@ -258,10 +247,39 @@ class AsyncLLM:
     def _push(self, request_id: str, item: object) -> None:
         entry = self._routes.get(request_id)
         if entry is not None:
-            loop, q = entry
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            self._outbox.put(*entry, item)
 
 
-def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+class _Outbox:
+    """Outputs on their way from the loop thread to the event loops that read the streams.
+
+    One hand-over per event loop is posted at a time; what arrives before it runs joins it,
+    a stream's consecutive updates merged into one. An event loop that keeps up gets each
+    step's outputs as they come; one that falls behind (hundreds of streams, HTTP work)
+    gets fewer, larger updates instead of a wake-up per stream per step.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[asyncio.AbstractEventLoop, dict[asyncio.Queue, list[object]]] = {}
+
+    def put(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue, item: object) -> None:
+        with self._lock:
+            pending = self._waiting.get(loop)
+            post = pending is None
+            if post:
+                pending = self._waiting[loop] = {}
+            pending.setdefault(q, []).append(item)
+        if post:
+            try:
+                loop.call_soon_threadsafe(self._deliver, loop)
+            except RuntimeError:  # that event loop is closed: nobody reads its streams
+                with self._lock:
+                    self._waiting.pop(loop, None)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            pending = self._waiting.pop(loop, {})
+        for q, items in pending.items():
+            for item in merge_updates(items):
+                q.put_nowait(item)

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +50,59 @@ def eos_token_ids(path: str, hf_config, tokenizer) -> set[int]:
     return ids
 
 
+# Pieces of a fast tokenizer that never make one token of more characters than its
+# vocabulary string has (NFC may compose up to three characters into one: the margin).
+_SAFE_MODELS = {"BPE", "Unigram"}
+_SAFE_NORMALIZERS = {"NFC", "NFKC", "Prepend"}
+_SAFE_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation"}
+
+
+def _bounded(config: dict | None, safe: set[str], parts: str) -> bool:
+    """Whether a normalizer / pre-tokenizer config (maybe a Sequence) only has safe parts."""
+    if config is None:
+        return True
+    if config.get("type") == "Sequence":
+        return all(_bounded(c, safe, parts) for c in config.get(parts, []))
+    kind = config.get("type")
+    if kind == "Replace":  # one character for one or more: never shrinks
+        return len(config.get("pattern", {}).get("String", "")) == 1 and bool(config["content"])
+    if kind == "Split":  # unless it drops the matches
+        return config.get("behavior") != "Removed"
+    return kind in safe
+
+
 def max_text_chars(tokenizer, num_tokens: int) -> int:
     """More characters than this cannot become ``num_tokens`` tokens or fewer, so a longer
-    text is refused without tokenizing it (megabytes take seconds).
+    text is refused without tokenizing it (megabytes take seconds); sys.maxsize (no bound)
+    for a tokenizer that may make one token of any number of characters.
 
     A token covers at most as many characters as its vocabulary string has: byte-level
     vocabularies spell one byte a character and every character is one byte or more;
-    SentencePiece spells its space as one character. A normalizer may compose characters
-    first (NFC: up to three into one), hence the margin when there is one.
+    SentencePiece spells its space as one character. That holds unless a normalizer or
+    pre-tokenizer drops characters (BERT's accent stripping, whitespace splitting), an
+    unknown word becomes one token (WordPiece) or an added token swallows the whitespace
+    around it (lstrip / rstrip).
     """
-    longest = max(map(len, tokenizer.get_vocab()), default=1)
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    margin = 1 if backend is not None and backend.normalizer is None else 3
+    if backend is None:
+        return sys.maxsize
+    config = json.loads(backend.to_str())
+    stripping = any(
+        getattr(t, "lstrip", False) or getattr(t, "rstrip", False)
+        for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+    )
+    # every character known (a byte alphabet or byte fallback): no unknown run as one token
+    no_unknowns = config["model"].get("byte_fallback") or '"ByteLevel"' in json.dumps(
+        config.get("pre_tokenizer")
+    )
+    if (
+        stripping
+        or not no_unknowns
+        or config["model"].get("type") not in _SAFE_MODELS
+        or not _bounded(config.get("normalizer"), _SAFE_NORMALIZERS, "normalizers")
+        or not _bounded(config.get("pre_tokenizer"), _SAFE_PRE_TOKENIZERS, "pretokenizers")
+    ):
+        return sys.maxsize
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    margin = 1 if config.get("normalizer") is None else 3
     return margin * longest * num_tokens

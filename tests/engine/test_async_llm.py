@@ -56,11 +56,12 @@ def test_a_consumer_that_falls_behind_gets_the_waiting_updates_as_one(smol):
 
     async def main():
         updates = []
-        async for out in smol.stream(prompt, params):
+        async for out in smol.stream(prompt, params, request_id="lagging"):
             updates.append(out)
-            if len(updates) == 1:  # fall behind until the request has finished
-                while smol.stats()["num_running"]:
+            if len(updates) == 1:  # fall behind until the request's last output is posted
+                while "lagging" in smol._routes:
                     await asyncio.sleep(0.01)
+                await asyncio.sleep(0)  # (that hand-over runs before this task resumes)
         final = (await smol.generate([prompt], params))[0]
         return updates, final
 
@@ -74,18 +75,54 @@ def test_a_consumer_that_falls_behind_gets_the_waiting_updates_as_one(smol):
     assert updates[0].new_logprobs + late.new_logprobs == final.outputs[0].logprobs
 
 
-def test_stream_updates_merge_only_within_one_unfinished_completion():
+def update(index=0, finished=False, error=None, ids=(1,), request_id="r"):
     from vllm_runner.engine.outputs import StreamOutput
 
-    def update(index=0, finished=False, error=None, ids=(1,)):
-        fields = ("r", index, "x", "x", 1, list(ids), None, finished, None, [])
-        return StreamOutput(*fields, error=error)
+    fields = (request_id, index, "x" * len(ids), "", 1, list(ids), None, finished, None, [])
+    return StreamOutput(*fields, error=error)
 
-    merged = update(ids=(1, 2)).merge(update(finished=True, ids=(3,)))
-    assert merged.new_token_ids == [1, 2, 3] and merged.delta == "xx" and merged.finished
-    assert update().merge(update(index=1)) is None
-    assert update(finished=True).merge(update()) is None
-    assert update().merge(update(error="failed")) is None
+
+def test_stream_updates_merge_only_within_one_unfinished_completion():
+    from vllm_runner.engine.outputs import merge_updates
+
+    updates = [update(ids=(1, 2)), update(ids=(3,)), update(finished=True, ids=(4,))]
+    (merged,) = merge_updates(updates)
+    assert merged.new_token_ids == [1, 2, 3, 4] and merged.delta == "xxxx" and merged.finished
+    final, failure = object(), update(error="failed")
+    items = [update(), update(index=1), update(finished=True), update(), final, update(), failure]
+    assert merge_updates(items) == items  # nothing here continues the update before it
+    many = merge_updates([update(ids=(i,)) for i in range(20_000)])  # linear, not quadratic
+    assert len(many) == 1 and many[0].new_token_ids == list(range(20_000))
+
+
+def test_outbox_posts_one_hand_over_per_event_loop_and_merges_what_waits():
+    """The loop thread posts one hand-over to an event loop at a time; what arrives before
+    it runs joins it, each stream's updates merged (a busy event loop: fewer wake-ups)."""
+    import asyncio
+
+    from vllm_runner.async_llm import _Outbox
+
+    class Loop:  # records what the loop thread posts instead of running it
+        def __init__(self):
+            self.posted = []
+
+        def call_soon_threadsafe(self, fn, *args):
+            self.posted.append((fn, args))
+
+    loop, outbox = Loop(), _Outbox()
+    a, b = asyncio.Queue(), asyncio.Queue()
+    for step in range(3):
+        outbox.put(loop, a, update(ids=(step,), request_id="a"))
+        outbox.put(loop, b, update(ids=(10 + step,), request_id="b"))
+    final = object()
+    outbox.put(loop, a, final)
+    assert len(loop.posted) == 1  # one wake-up for six updates of two streams
+    fn, args = loop.posted.pop()
+    fn(*args)
+    assert a.get_nowait().new_token_ids == [0, 1, 2] and a.get_nowait() is final
+    assert b.get_nowait().new_token_ids == [10, 11, 12] and b.empty()
+    outbox.put(loop, a, update(request_id="a"))
+    assert len(loop.posted) == 1  # delivered: the next output posts again
 
 
 def test_stream_deltas_add_up_to_the_final_text(smol):

@@ -131,6 +131,22 @@ def test_stream_chunks_share_created_and_carry_null_usage(client: Any, monkeypat
         assert all("usage" not in c for c in events(client.post(path, json=body))), path
 
 
+def test_continuous_usage_stats(client: Any) -> None:
+    """vLLM's stream_options.continuous_usage_stats (was ignored): each content chunk has
+    its choice's usage so far, the last chunk the whole request's."""
+    opts = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body = {"messages": CHAT, "max_tokens": 5, "stream": True, "ignore_eos": True, **opts}
+    chunks = events(client.post("/v1/chat/completions", json=body))
+    prompt_tokens = chunks[-1]["usage"]["prompt_tokens"]
+    counts = [c["usage"]["completion_tokens"] for c in chunks[:-1]]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 5, counts
+    assert all(c["usage"]["prompt_tokens"] == prompt_tokens for c in chunks)
+    assert chunks[-1]["usage"]["completion_tokens"] == 5 and chunks[-1]["choices"] == []
+    body = {"prompt": PROMPT, "max_tokens": 4, "stream": True, "ignore_eos": True, **opts}
+    chunks = events(client.post("/v1/completions", json=body))
+    assert [c["usage"]["completion_tokens"] for c in chunks[:-1]][-1] == 4
+
+
 def test_completion_stream(client: Any) -> None:
     body = {
         "prompt": [PROMPT, "Hello"],
@@ -307,6 +323,9 @@ def test_invalid_fields_give_openai_errors(client: Any, path: str, body: dict, p
     [
         {"echo": False, "add_special_tokens": True, "priority": 0, "use_beam_search": False},
         {"allowed_token_ids": None, "bad_words": [], "response_format": {"type": "text"}},
+        # as pydantic (vLLM's models) would coerce them to the unused value
+        {"echo": 0, "priority": 0.0, "add_special_tokens": 1, "spaces_between_special_tokens": 1},
+        {"response_format": {"type": "text", "json_schema": None}},
     ],
 )
 def test_vllm_fields_at_unused_values_are_accepted(client: Any, body: dict) -> None:

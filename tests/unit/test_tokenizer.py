@@ -21,3 +21,60 @@ def test_max_text_chars_bounds_the_characters_of_tokens(default_model_dir):
     for text in texts:
         n = len(tokenizer.encode(text, add_special_tokens=False))
         assert len(text) <= max_text_chars(tokenizer, n), text[:40]
+
+
+def _fast(backend, **special):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+
+
+def test_max_text_chars_has_no_bound_where_a_token_can_swallow_characters():
+    """An added token that strips the whitespace around it, a normalizer that drops
+    characters (BERT's), or unknown words as one token: no character bound at all (a valid
+    prompt must never be refused untokenized)."""
+    import sys
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    from vllm_runner.tokenizer import max_text_chars
+
+    def byte_level() -> Tokenizer:
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_tokens(list(pre_tokenizers.ByteLevel.alphabet()))
+        return backend
+
+    plain = _fast(byte_level())
+    assert max_text_chars(plain, 4) == 4 * max(len(t) for t in plain.get_vocab())
+    stripping = byte_level()
+    stripping.add_special_tokens([AddedToken("<|end|>", rstrip=True)])
+    tokenizer = _fast(stripping)
+    assert len(tokenizer.encode("<|end|>" + " " * 500, add_special_tokens=False)) == 1
+    assert max_text_chars(tokenizer, 1) == sys.maxsize
+
+    bert = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    bert.normalizer = normalizers.BertNormalizer(strip_accents=True)
+    bert.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    assert max_text_chars(_fast(bert, unk_token="[UNK]"), 1) == sys.maxsize
+
+
+def test_max_text_chars_bounds_a_sentencepiece_tokenizer_with_a_normalizer():
+    """Llama 2 / Mistral style (byte-fallback BPE, the space replaced by '▁', prepended):
+    bounded, with the normalizer's margin, and no text breaks the bound."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    from vllm_runner.tokenizer import max_text_chars
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": b + 1 for b in range(256)}, "▁": 257, "▁the": 258}
+    backend = Tokenizer(models.BPE(vocab, [], byte_fallback=True, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback()])
+    tokenizer = _fast(backend, unk_token="<unk>")
+    assert max_text_chars(tokenizer, 5) == 3 * 6 * 5  # "<0xE2>": six characters
+    for text in (" the the", "日本語 é", "x" * 50, "the" * 20):
+        n = len(tokenizer.encode(text, add_special_tokens=False))
+        assert len(text) <= max_text_chars(tokenizer, n), text

@@ -136,23 +136,50 @@ class StreamOutput:
     def __str__(self) -> str:
         return self.delta
 
-    def merge(self, later: StreamOutput) -> StreamOutput | None:
-        """This update followed by ``later`` of the same completion as one update, or None
-        when they cannot be one (another completion, an error, or this one finished)."""
-        if (
-            later.request_id != self.request_id
-            or later.index != self.index
-            or self.finished
-            or self.error is not None
-            or later.error is not None
-        ):
-            return None
-        logprobs = None
-        if self.new_logprobs is not None or later.new_logprobs is not None:
-            logprobs = (self.new_logprobs or []) + (later.new_logprobs or [])
-        return dataclasses.replace(
-            later,
-            delta=self.delta + later.delta,
-            new_token_ids=self.new_token_ids + later.new_token_ids,
-            new_logprobs=logprobs,
+    def continues_with(self, later: StreamOutput) -> bool:
+        """Whether ``later`` can join this update (same completion, no error, not finished)."""
+        return (
+            later.request_id == self.request_id
+            and later.index == self.index
+            and not self.finished
+            and self.error is None
+            and later.error is None
         )
+
+
+def merge_updates(items: list) -> list:
+    """``items`` (stream updates, final outputs, errors) with each run of updates that
+    continue one another joined into one update; everything else kept, in order. Linear in
+    the items (a consumer far behind may have thousands waiting)."""
+    merged: list = []
+    run: list[StreamOutput] = []
+
+    def close_run() -> None:
+        if len(run) == 1:
+            merged.append(run[0])
+        elif run:
+            last = run[-1]
+            logprobs = None
+            if any(u.new_logprobs is not None for u in run):
+                logprobs = [lp for u in run for lp in (u.new_logprobs or [])]
+            merged.append(
+                dataclasses.replace(
+                    last,
+                    delta="".join(u.delta for u in run),
+                    new_token_ids=[t for u in run for t in u.new_token_ids],
+                    new_logprobs=logprobs,
+                )
+            )
+        run.clear()
+
+    for item in items:
+        if isinstance(item, StreamOutput) and (not run or run[-1].continues_with(item)):
+            run.append(item)
+            continue
+        close_run()
+        if isinstance(item, StreamOutput):
+            run.append(item)
+        else:
+            merged.append(item)
+    close_run()
+    return merged

@@ -250,6 +250,14 @@ async def _events(
         yield i, out
 
 
+def _chunk_usage(body: Any, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """A content chunk's usage field: with include_usage null (as OpenAI), or with vLLM's
+    continuous_usage_stats this choice's usage so far; absent otherwise."""
+    if body.continuous_usage:
+        return {"usage": fmt.usage(prompt_tokens, completion_tokens)}
+    return {"usage": None} if body.include_usage else {}
+
+
 async def _stream_completion(
     engine: Any,
     ids: list[list[int]],
@@ -258,8 +266,6 @@ async def _stream_completion(
     body: CompletionRequest,
     decode: Callable[[int], str],
 ) -> AsyncIterator[str]:
-    # with include_usage every chunk has a usage field, null but in the last (as OpenAI)
-    usage_field = {"usage": None} if body.include_usage else {}
     generated: dict[int, int] = {}
     text_offset: dict[int, int] = {}  # per choice: where its next chunk's tokens start
     try:
@@ -279,7 +285,8 @@ async def _stream_completion(
                 "logprobs": lps,
                 "finish_reason": out.finish_reason if out.finished else None,
             }
-            yield fmt.sse(env(choices=[choice], **usage_field))
+            usage = _chunk_usage(body, len(ids[p]), generated[index])
+            yield fmt.sse(env(choices=[choice], **usage))
         if body.include_usage:
             usage = fmt.usage(sum(len(p) for p in ids), sum(generated.values()))
             yield fmt.sse(env(choices=[], usage=usage))
@@ -297,16 +304,15 @@ async def _stream_chat(
     body: ChatCompletionRequest,
     decode: Callable[[int], str],
 ) -> AsyncIterator[str]:
-    # with include_usage every chunk has a usage field, null but in the last (as OpenAI)
-    usage_field = {"usage": None} if body.include_usage else {}
+    generated: dict[int, int] = {}
 
     def chunk(
         index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
     ) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return fmt.sse(env(choices=[choice], **usage_field))
+        usage = _chunk_usage(body, len(ids), generated.get(index, 0))
+        return fmt.sse(env(choices=[choice], **usage))
 
-    generated: dict[int, int] = {}
     try:
         for i in range(params.n):
             yield chunk(i, {"role": "assistant", "content": ""})

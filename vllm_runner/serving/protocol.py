@@ -94,6 +94,7 @@ class ScoreResult(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: the usage so far on every chunk
 
 
 # OpenAI fields whose null means "the default" (the openai client sends null for None)
@@ -144,8 +145,10 @@ UNSUPPORTED_CHAT = {
 def refuse_unsupported(data: dict[str, Any], table: dict[str, tuple[str, tuple[Any, ...]]]) -> None:
     for name, (feature, unused) in table.items():
         value = data.get(name)
-        # NOTE: by type too: 0 == False, and a priority of 0.0 or "" is not the default 0
-        if not any(type(value) is type(u) and value == u for u in unused):
+        if isinstance(value, dict):  # {"type": "text", "json_schema": null} is plain text
+            value = {k: v for k, v in value.items() if v is not None}
+        # NOTE: == as pydantic would coerce them: 0, 0.0 and False are one value here
+        if not any(value == u and value is not None or value is u for u in unused):
             raise ValueError(f"{name}: {feature} is not supported by this server, got {value!r}")
 
 
@@ -165,6 +168,10 @@ class OpenAIFields(SamplingFields):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     @model_validator(mode="before")
     @classmethod
