@@ -57,7 +57,6 @@ class AsyncLLM:
         # The loop thread's own routes: each request's outputs go to the stream that added
         # it, even after that stream closed and a new one took its id.
         self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._outbox = _Outbox()
         self._stats: dict[str, int] = self.engine.stats()
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="vllm-runner-engine", daemon=True)
@@ -219,13 +218,24 @@ class AsyncLLM:
                 del self._routes[request_id]
 
     def _dispatch(self, outputs: list[StreamOutput]) -> None:
+        # NOTE: one hand-over per event loop and step (each wakes the loop with a syscall),
+        # not one per request.
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+
+        def add(request_id: str, item: object) -> None:
+            entry = self._routes.get(request_id)
+            if entry is not None:
+                batches.setdefault(entry[0], []).append((entry[1], item))
+
         for out in outputs:
-            self._push(out.request_id, out)
+            add(out.request_id, out)
         for state in self.engine.pop_finished():
-            self._push(state.request_id, state.final_output())
+            add(state.request_id, state.final_output())
             self._routes.pop(state.request_id, None)
             if self.metrics is not None:
                 self._record_metrics(state)
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _record_metrics(self, state) -> None:
         ttft = (
@@ -247,39 +257,10 @@ class AsyncLLM:
     def _push(self, request_id: str, item: object) -> None:
         entry = self._routes.get(request_id)
         if entry is not None:
-            self._outbox.put(*entry, item)
+            loop, q = entry
+            loop.call_soon_threadsafe(q.put_nowait, item)
 
 
-class _Outbox:
-    """Outputs on their way from the loop thread to the event loops that read the streams.
-
-    One hand-over per event loop is posted at a time; what arrives before it runs joins it,
-    a stream's consecutive updates merged into one. An event loop that keeps up gets each
-    step's outputs as they come; one that falls behind (hundreds of streams, HTTP work)
-    gets fewer, larger updates instead of a wake-up per stream per step.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting: dict[asyncio.AbstractEventLoop, dict[asyncio.Queue, list[object]]] = {}
-
-    def put(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue, item: object) -> None:
-        with self._lock:
-            pending = self._waiting.get(loop)
-            post = pending is None
-            if post:
-                pending = self._waiting[loop] = {}
-            pending.setdefault(q, []).append(item)
-        if post:
-            try:
-                loop.call_soon_threadsafe(self._deliver, loop)
-            except RuntimeError:  # that event loop is closed: nobody reads its streams
-                with self._lock:
-                    self._waiting.pop(loop, None)
-
-    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
-        with self._lock:
-            pending = self._waiting.pop(loop, {})
-        for q, items in pending.items():
-            for item in merge_updates(items):
-                q.put_nowait(item)
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)

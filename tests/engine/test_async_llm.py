@@ -95,36 +95,6 @@ def test_stream_updates_merge_only_within_one_unfinished_completion():
     assert len(many) == 1 and many[0].new_token_ids == list(range(20_000))
 
 
-def test_outbox_posts_one_hand_over_per_event_loop_and_merges_what_waits():
-    """The loop thread posts one hand-over to an event loop at a time; what arrives before
-    it runs joins it, each stream's updates merged (a busy event loop: fewer wake-ups)."""
-    import asyncio
-
-    from vllm_runner.async_llm import _Outbox
-
-    class Loop:  # records what the loop thread posts instead of running it
-        def __init__(self):
-            self.posted = []
-
-        def call_soon_threadsafe(self, fn, *args):
-            self.posted.append((fn, args))
-
-    loop, outbox = Loop(), _Outbox()
-    a, b = asyncio.Queue(), asyncio.Queue()
-    for step in range(3):
-        outbox.put(loop, a, update(ids=(step,), request_id="a"))
-        outbox.put(loop, b, update(ids=(10 + step,), request_id="b"))
-    final = object()
-    outbox.put(loop, a, final)
-    assert len(loop.posted) == 1  # one wake-up for six updates of two streams
-    fn, args = loop.posted.pop()
-    fn(*args)
-    assert a.get_nowait().new_token_ids == [0, 1, 2] and a.get_nowait() is final
-    assert b.get_nowait().new_token_ids == [10, 11, 12] and b.empty()
-    outbox.put(loop, a, update(request_id="a"))
-    assert len(loop.posted) == 1  # delivered: the next output posts again
-
-
 def test_stream_deltas_add_up_to_the_final_text(smol):
     async def main():
         deltas, last = [], None
