@@ -51,10 +51,28 @@ def eos_token_ids(path: str, hf_config, tokenizer) -> set[int]:
 
 
 # Pieces of a fast tokenizer that never make one token of more characters than its
-# vocabulary string has (NFC may compose up to three characters into one: the margin).
+# vocabulary string has (NFC / NFKC may compose up to four characters into one: the margin).
 _SAFE_MODELS = {"BPE", "Unigram"}
 _SAFE_NORMALIZERS = {"NFC", "NFKC", "Prepend"}
 _SAFE_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation"}
+
+
+def _byte_chars() -> list[str]:
+    """The byte-level alphabet: the character that spells each byte in the vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    return [chars[b] for b in range(256)]
+
+
+_BYTE_CHARS = _byte_chars()
+
+
+def dropped_chars(tokenizer) -> str:
+    """The ASCII characters a byte-level vocabulary has no piece for (SmolLM2: six control
+    characters): the tokenizer drops them, so they do not count against ``max_text_chars``."""
+    vocab = tokenizer.get_vocab()
+    return "".join(chr(b) for b in range(0x80) if _BYTE_CHARS[b] not in vocab)
 
 
 def _bounded(config: dict | None, safe: set[str], parts: str) -> bool:
@@ -91,10 +109,14 @@ def max_text_chars(tokenizer, num_tokens: int) -> int:
         getattr(t, "lstrip", False) or getattr(t, "rstrip", False)
         for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
     )
-    # every character known (a byte alphabet or byte fallback): no unknown run as one token
-    no_unknowns = config["model"].get("byte_fallback") or '"ByteLevel"' in json.dumps(
-        config.get("pre_tokenizer")
-    )
+    # every character known (all 256 byte pieces, or a full byte-level alphabet): no run of
+    # unknown characters becomes one token
+    vocab = tokenizer.get_vocab()
+    if config["model"].get("byte_fallback"):
+        no_unknowns = all(f"<0x{b:02X}>" in vocab for b in range(256))
+    else:  # every other character keeps its continuation bytes (ASCII: dropped_chars)
+        byte_level = '"ByteLevel"' in json.dumps(config.get("pre_tokenizer"))
+        no_unknowns = byte_level and all(_BYTE_CHARS[b] in vocab for b in range(0x80, 0xC0))
     if (
         stripping
         or not no_unknowns
@@ -103,6 +125,6 @@ def max_text_chars(tokenizer, num_tokens: int) -> int:
         or not _bounded(config.get("pre_tokenizer"), _SAFE_PRE_TOKENIZERS, "pretokenizers")
     ):
         return sys.maxsize
-    longest = max(map(len, tokenizer.get_vocab()), default=1)
-    margin = 1 if config.get("normalizer") is None else 3
+    longest = max(map(len, vocab), default=1)
+    margin = 1 if config.get("normalizer") is None else 4
     return margin * longest * num_tokens

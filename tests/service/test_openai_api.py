@@ -145,6 +145,11 @@ def test_continuous_usage_stats(client: Any) -> None:
     body = {"prompt": PROMPT, "max_tokens": 4, "stream": True, "ignore_eos": True, **opts}
     chunks = events(client.post("/v1/completions", json=body))
     assert [c["usage"]["completion_tokens"] for c in chunks[:-1]][-1] == 4
+    # as vLLM: continuous usage alone implies the final usage chunk; null is the default
+    alone = {"stream_options": {"continuous_usage_stats": True, "include_usage": None}}
+    chunks = events(client.post("/v1/completions", json={**body, **alone}))
+    assert chunks[-1]["usage"]["completion_tokens"] == 4 and chunks[-1]["choices"] == []
+    assert all(c["usage"] for c in chunks)
 
 
 def test_completion_stream(client: Any) -> None:
@@ -286,6 +291,12 @@ def test_chat_stream(client: Any) -> None:
         ),
         ("/v1/completions", {"prompt": PROMPT, "add_special_tokens": False}, "add_special_tokens"),
         ("/v1/completions", {"prompt": PROMPT, "priority": 1}, "priority"),
+        ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 0}, "prompt_logprobs"),
+        (
+            "/v1/completions",
+            {"prompt": PROMPT, "truncate_prompt_tokens": 0},
+            "truncate_prompt_tokens",
+        ),  # fmt: skip
         ("/v1/chat/completions", {"messages": CHAT, "echo": True}, "echo"),
         (
             "/v1/chat/completions",
@@ -296,6 +307,11 @@ def test_chat_stream(client: Any) -> None:
         (
             "/v1/chat/completions",
             {"messages": CHAT, "chat_template_kwargs": {"enable_thinking": False}},
+            "chat_template_kwargs",
+        ),  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "chat_template_kwargs": {"add_generation_prompt": None}},
             "chat_template_kwargs",
         ),  # fmt: skip
         (

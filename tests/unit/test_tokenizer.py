@@ -3,7 +3,7 @@
 
 def test_max_text_chars_bounds_the_characters_of_tokens(default_model_dir):
     """No text of more than max_text_chars(n) characters tokenizes to n tokens or fewer: the
-    longest vocabulary string times the tokens (x3 with a normalizer)."""
+    longest vocabulary string times the tokens (x4 with a normalizer)."""
     import random
 
     from transformers import AutoTokenizer
@@ -54,6 +54,13 @@ def test_max_text_chars_has_no_bound_where_a_token_can_swallow_characters():
     assert len(tokenizer.encode("<|end|>" + " " * 500, add_special_tokens=False)) == 1
     assert max_text_chars(tokenizer, 1) == sys.maxsize
 
+    # a byte-fallback vocabulary without every byte piece: unknown runs fuse into one token
+    partial = Tokenizer(models.BPE({"<unk>": 0, "<0x41>": 1}, [], byte_fallback=True,
+                                   unk_token="<unk>", fuse_unk=True))  # fmt: skip
+    tokenizer = _fast(partial, unk_token="<unk>")
+    assert len(tokenizer.encode("日" * 100, add_special_tokens=False)) <= 2
+    assert max_text_chars(tokenizer, 2) == sys.maxsize
+
     bert = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     bert.normalizer = normalizers.BertNormalizer(strip_accents=True)
     bert.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -74,7 +81,7 @@ def test_max_text_chars_bounds_a_sentencepiece_tokenizer_with_a_normalizer():
     )
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback()])
     tokenizer = _fast(backend, unk_token="<unk>")
-    assert max_text_chars(tokenizer, 5) == 3 * 6 * 5  # "<0xE2>": six characters
+    assert max_text_chars(tokenizer, 5) == 4 * 6 * 5  # "<0xE2>": six characters
     for text in (" the the", "日本語 é", "x" * 50, "the" * 20):
         n = len(tokenizer.encode(text, add_special_tokens=False))
         assert len(text) <= max_text_chars(tokenizer, n), text

@@ -19,7 +19,13 @@ from vllm_runner.engine.request import Request, RequestStatus
 from vllm_runner.engine.scheduler import Scheduler
 from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.sampling_params import SamplingParams
-from vllm_runner.tokenizer import eos_token_ids, load_hf_config, load_tokenizer, max_text_chars
+from vllm_runner.tokenizer import (
+    dropped_chars,
+    eos_token_ids,
+    load_hf_config,
+    load_tokenizer,
+    max_text_chars,
+)
 from vllm_runner.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
@@ -57,6 +63,7 @@ class EngineCore:
         self.max_prompt_chars = (
             max_text_chars(self.tokenizer, max_model_len) if self.tokenizer is not None else 0
         )
+        self._uncounted = dropped_chars(self.tokenizer) if self.tokenizer is not None else ""
         self.eos_ids = eos_token_ids(path, hf_config, self.tokenizer)
         self.vocab_size = hf_config.vocab_size
         sched_config = args.scheduler_config(max_model_len, device, serving)
@@ -125,7 +132,10 @@ class EngineCore:
     def check_text_length(self, text: str, what: str) -> None:
         """Refuse a text too long for max_model_len before tokenizing it (which would hold
         the caller, e.g. a server's event loop, for seconds)."""
-        if len(text) > self.max_prompt_chars:
+        length = len(text)
+        if length > self.max_prompt_chars:  # (characters the tokenizer drops do not count)
+            length -= sum(text.count(c) for c in self._uncounted)
+        if length > self.max_prompt_chars:
             raise ValueError(
                 f"{what} has {len(text)} characters, more than max_model_len "
                 f"({self.max_model_len}) tokens can hold: at most {self.max_prompt_chars}"

@@ -93,8 +93,8 @@ class ScoreResult(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM: the usage so far on every chunk
+    include_usage: bool | None = None  # OpenAI: off unless asked (on with continuous usage)
+    continuous_usage_stats: bool | None = None  # vLLM: the usage so far on every chunk
 
 
 # OpenAI fields whose null means "the default" (the openai client sends null for None)
@@ -107,47 +107,50 @@ NULL_IS_DEFAULT = (
 # OpenAI / vLLM fields that change the output and that this server does not implement: a
 # request using them is refused rather than answered as if they were absent. Each maps to
 # what it is and to the values that leave it unused.
-_UNUSED = (None, False, [])
+# (values compared as pydantic would coerce them: 0, 0.0 and False are one value here)
+_NONE = (None,)
+_LIST = (None, [])
+_FLAG = (None, False)
+_KWARGS = (None, {})
 UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "suffix": ("suffix", (*_UNUSED, "")),
-    "echo": ("echo", _UNUSED),
-    "response_format": ("structured output (response_format)", (*_UNUSED, {"type": "text"})),
-    "structured_outputs": ("structured output (structured_outputs)", _UNUSED),
-    "guided_json": ("guided decoding (guided_json)", _UNUSED),
-    "guided_regex": ("guided decoding (guided_regex)", _UNUSED),
-    "guided_choice": ("guided decoding (guided_choice)", _UNUSED),
-    "guided_grammar": ("guided decoding (guided_grammar)", _UNUSED),
-    "tools": ("tool calling (tools)", _UNUSED),
-    "functions": ("function calling (functions)", _UNUSED),
-    "function_call": ("function calling (function_call)", _UNUSED),
-    "use_beam_search": ("beam search (use_beam_search)", _UNUSED),
-    "allowed_token_ids": ("allowed_token_ids", _UNUSED),
-    "bad_words": ("bad_words", _UNUSED),
-    "logits_processors": ("logits_processors", _UNUSED),
-    "prompt_logprobs": ("prompt_logprobs on this route (POST /score has them)", _UNUSED),
-    "truncate_prompt_tokens": ("truncate_prompt_tokens", _UNUSED),
-    "return_tokens_as_token_ids": ("return_tokens_as_token_ids", _UNUSED),
+    "suffix": ("suffix", (None, "")),
+    "echo": ("echo", _FLAG),
+    "response_format": ("structured output (response_format)", (None, {"type": "text"})),
+    "structured_outputs": ("structured output (structured_outputs)", _NONE),
+    "guided_json": ("guided decoding (guided_json)", _NONE),
+    "guided_regex": ("guided decoding (guided_regex)", _NONE),
+    "guided_choice": ("guided decoding (guided_choice)", _LIST),
+    "guided_grammar": ("guided decoding (guided_grammar)", _NONE),
+    "tools": ("tool calling (tools)", _LIST),
+    "functions": ("function calling (functions)", _LIST),
+    "function_call": ("function calling (function_call)", (None, "none")),
+    "use_beam_search": ("beam search (use_beam_search)", _FLAG),
+    "allowed_token_ids": ("allowed_token_ids", _LIST),
+    "bad_words": ("bad_words", _LIST),
+    "logits_processors": ("logits_processors", _LIST),
+    "prompt_logprobs": ("prompt_logprobs on this route (POST /score has them)", _NONE),
+    "truncate_prompt_tokens": ("truncate_prompt_tokens", _NONE),
+    "return_tokens_as_token_ids": ("return_tokens_as_token_ids", _FLAG),
     "spaces_between_special_tokens": ("spaces_between_special_tokens false", (None, True)),
     "priority": ("request priority (priority)", (None, 0)),
-    "prompt_embeds": ("prompt_embeds", _UNUSED),
+    "prompt_embeds": ("prompt_embeds", _NONE),
 }
 # fields whose default differs between the routes
 UNSUPPORTED_COMPLETION = {"add_special_tokens": ("add_special_tokens false", (None, True))}
 UNSUPPORTED_CHAT = {
-    "add_special_tokens": ("add_special_tokens true", (None, False)),
-    "chat_template": ("a request's own chat_template", _UNUSED),
-    "chat_template_kwargs": ("chat_template_kwargs", (*_UNUSED, {})),
-    "documents": ("documents", _UNUSED),
-    "mm_processor_kwargs": ("mm_processor_kwargs", (*_UNUSED, {})),
+    "add_special_tokens": ("add_special_tokens true", _FLAG),
+    "chat_template": ("a request's own chat_template", _NONE),
+    "chat_template_kwargs": ("chat_template_kwargs", _KWARGS),
+    "documents": ("documents", _LIST),
+    "mm_processor_kwargs": ("mm_processor_kwargs", _KWARGS),
 }
 
 
 def refuse_unsupported(data: dict[str, Any], table: dict[str, tuple[str, tuple[Any, ...]]]) -> None:
     for name, (feature, unused) in table.items():
         value = data.get(name)
-        if isinstance(value, dict):  # {"type": "text", "json_schema": null} is plain text
-            value = {k: v for k, v in value.items() if v is not None}
-        # NOTE: == as pydantic would coerce them: 0, 0.0 and False are one value here
+        if name == "response_format" and isinstance(value, dict):  # a model in vLLM: its
+            value = {k: v for k, v in value.items() if v is not None}  # nulls are defaults
         if not any(value == u and value is not None or value is u for u in unused):
             raise ValueError(f"{name}: {feature} is not supported by this server, got {value!r}")
 
@@ -167,11 +170,16 @@ class OpenAIFields(SamplingFields):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        opts = self.stream_options
+        if opts is None:
+            return False
+        if opts.include_usage is None:  # vLLM: continuous usage alone implies the final one
+            return bool(opts.continuous_usage_stats)
+        return opts.include_usage
 
     @property
     def continuous_usage(self) -> bool:
-        return self.include_usage and self.stream_options.continuous_usage_stats
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     @model_validator(mode="before")
     @classmethod
