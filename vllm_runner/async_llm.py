@@ -41,26 +41,53 @@ class AsyncLLM:
         log_stats: bool = False,
         **kwargs,
     ) -> None:
-        """``served_model_name``: the id clients name the model by (default: the model's)."""
-        self.engine = EngineCore(engine_args(model, model_name, kwargs), serving=True)
-        self.tokenizer = self.engine.tokenizer
-        self.model_name = served_model_name or self.engine.model_config.name
-        self.max_model_len = self.engine.max_model_len
-        self.metrics = None
-        if log_stats:
-            from vllm_runner.metrics import EngineMetrics
+        """``served_model_name``: the id clients name the model by (default: the model's).
 
-            self.metrics = EngineMetrics(self.model_name)
+        The engine is built in the loop thread that then steps it: on the CPU, PyTorch's
+        OpenMP work from a second thread runs a second thread team beside the first, and
+        the two share the cores (a CPU engine loaded in one thread and stepped in another
+        ran 23-40% slower; loadtests/RESULTS.md)."""
+        args = engine_args(model, model_name, kwargs)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         # The loop thread's own routes: each request's outputs go to the stream that added
         # it, even after that stream closed and a new one took its id.
         self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stats: dict[str, int] = self.engine.stats()
-        self._running = True
-        self._thread = threading.Thread(target=self._loop, name="vllm-runner-engine", daemon=True)
+        built, go = threading.Event(), threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.engine = EngineCore(args, serving=True)
+            except BaseException as exc:  # raised again in the caller's thread
+                failure.append(exc)
+                return
+            finally:
+                built.set()
+            go.wait()
+            if self._running:
+                self._loop()
+
+        self._running = False
+        self._thread = threading.Thread(target=run, name="vllm-runner-engine", daemon=True)
         self._thread.start()
+        built.wait()
+        if failure:
+            raise failure[0]
+        try:
+            self.tokenizer = self.engine.tokenizer
+            self.model_name = served_model_name or self.engine.model_config.name
+            self.max_model_len = self.engine.max_model_len
+            self.metrics = None
+            if log_stats:
+                from vllm_runner.metrics import EngineMetrics
+
+                self.metrics = EngineMetrics(self.model_name)
+            self._stats: dict[str, int] = self.engine.stats()
+            self._running = True
+        finally:
+            go.set()  # the loop starts, or (on an error here) the thread ends
 
     # ---- public API ------------------------------------------------------------------------
     def validate(self, prompt: Prompt, params: SamplingParams) -> list[int]:

@@ -244,3 +244,37 @@ def test_inter_token_latency_is_per_completion(monkeypatch):
     metrics = SimpleNamespace(record_request=lambda **kw: recorded.update(kw))
     AsyncLLM._record_metrics(SimpleNamespace(metrics=metrics), state)
     assert recorded["itl_s"] == [0.5, 0.75, 0.5, 0.75]
+
+
+def test_the_engine_is_built_in_the_thread_that_steps_it(default_model_dir, monkeypatch):
+    """On the CPU, PyTorch work from two threads runs two OpenMP teams that share the cores
+    (a CPU engine loaded in one thread and stepped in another ran 23-40% slower): the loop
+    thread builds the engine it steps; a build error is raised in the caller."""
+    import threading
+
+    from vllm_runner import async_llm
+
+    built_in, stepped_in = [], []
+
+    class Recording(async_llm.EngineCore):
+        def __init__(self, *args, **kwargs):
+            built_in.append(threading.current_thread())
+            super().__init__(*args, **kwargs)
+
+        def step(self, *args, **kwargs):
+            stepped_in.append(threading.current_thread())
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(async_llm, "EngineCore", Recording)
+    llm = AsyncLLM(model_name=default_model_dir, device="cpu", max_model_len=256,
+                   cpu_kv_cache_gb=0.05)  # fmt: skip
+
+    async def main():
+        async for _ in llm.stream("Hi", SamplingParams(max_tokens=2)):
+            pass
+        await llm.shutdown()
+
+    run(main())
+    assert built_in == [llm._thread] and set(stepped_in) == {llm._thread}
+    with pytest.raises(ValueError, match="max_model_len must be >= 2"):
+        AsyncLLM(model_name=default_model_dir, device="cpu", max_model_len=1)
