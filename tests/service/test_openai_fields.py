@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from service_testing import CHAT, PROMPT
 
 
@@ -205,3 +206,109 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
     dropped = engine.engine._uncounted
     assert dropped and len(engine.tokenizer.encode(dropped, add_special_tokens=False)) == 0
     engine.engine.check_text_length(dropped[0] * (limit + 10) + "hi", "prompt")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": PROMPT, "temperature": -1}, "temperature"),
+        ("/v1/completions", {"prompt": PROMPT, "top_p": 1.5}, "top_p"),
+        ("/v1/completions", {"prompt": PROMPT, "n": 0}, "n"),
+        ("/v1/completions", {"prompt": PROMPT, "max_tokens": -3}, "max_tokens"),
+        ("/v1/completions", {"prompt": PROMPT, "logprobs": 50}, "logprobs"),
+        ("/v1/completions", {"prompt": PROMPT, "top_k": 2**63}, "top_k"),
+        ("/v1/completions", {"prompt": PROMPT, "echo": True}, "echo"),
+        (
+            "/v1/completions",
+            {"prompt": PROMPT, "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),  # fmt: skip
+        ("/v1/completions", {"prompt": PROMPT, "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ("/v1/completions", {"prompt": ""}, "prompt"),
+        ("/v1/completions", {"max_tokens": 3}, "prompt"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages"),
+        ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"messages": CHAT, "presence_penalty": 3}, "presence_penalty"),
+        # fields that change the output and are not implemented are refused, not ignored
+        ("/v1/completions", {"prompt": PROMPT, "suffix": "!"}, "suffix"),
+        ("/v1/completions", {"prompt": PROMPT, "best_of": 3}, "best_of"),
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "response_format": {"type": "json_object"}},
+            "response_format",
+        ),  # fmt: skip
+        ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+        ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+        ("/v1/completions", {"prompt": PROMPT, "guided_json": {}}, "guided_json"),
+        ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": 101}}, "logit_bias"),
+        ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"999999": 1}}, "logit_bias"),
+        # vLLM's own request fields that change the output, at values other than unused
+        ("/v1/completions", {"prompt": PROMPT, "allowed_token_ids": [5, 6]}, "allowed_token_ids"),
+        ("/v1/completions", {"prompt": PROMPT, "bad_words": [" Paris"]}, "bad_words"),
+        ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 1}, "prompt_logprobs"),
+        ("/v1/completions", {"prompt": PROMPT, "use_beam_search": True}, "use_beam_search"),
+        (
+            "/v1/completions",
+            {"prompt": PROMPT, "truncate_prompt_tokens": 2},
+            "truncate_prompt_tokens",
+        ),
+        ("/v1/completions", {"prompt": PROMPT, "add_special_tokens": False}, "add_special_tokens"),
+        ("/v1/completions", {"prompt": PROMPT, "priority": 1}, "priority"),
+        ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 0}, "prompt_logprobs"),
+        (
+            "/v1/completions",
+            {"prompt": PROMPT, "truncate_prompt_tokens": 0},
+            "truncate_prompt_tokens",
+        ),  # fmt: skip
+        ("/v1/chat/completions", {"messages": CHAT, "echo": True}, "echo"),
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "add_special_tokens": True},
+            "add_special_tokens",
+        ),
+        ("/v1/chat/completions", {"messages": CHAT, "chat_template": "{{ 1 }}"}, "chat_template"),
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "chat_template_kwargs": {"enable_thinking": False}},
+            "chat_template_kwargs",
+        ),  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "chat_template_kwargs": {"add_generation_prompt": None}},
+            "chat_template_kwargs",
+        ),  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "add_generation_prompt": True, "continue_final_message": True},
+            "continue_final_message",
+        ),  # fmt: skip
+    ],
+)
+def test_invalid_fields_give_openai_errors(client: Any, path: str, body: dict, param: str) -> None:
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+    assert not error["message"].startswith(("body", "Value error")), error
+    assert set(error) == {"message", "type", "param", "code"}
+    if param in body and param not in ("prompt", "messages", "stream_options"):
+        named = (", got ", "999999 is outside")  # the refused value is named
+        assert any(n in error["message"] for n in named), error
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"echo": False, "add_special_tokens": True, "priority": 0, "use_beam_search": False},
+        {"allowed_token_ids": None, "bad_words": [], "response_format": {"type": "text"}},
+        # as pydantic (vLLM's models) would coerce them to the unused value
+        {"echo": 0, "priority": 0.0, "add_special_tokens": 1, "spaces_between_special_tokens": 1},
+        {"response_format": {"type": "text", "json_schema": None}},
+    ],
+)
+def test_vllm_fields_at_unused_values_are_accepted(client: Any, body: dict) -> None:
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **body})
+    assert r.status_code == 200, r.text
