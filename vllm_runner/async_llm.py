@@ -71,11 +71,11 @@ class AsyncLLM:
 
         self._running = False
         self._thread = threading.Thread(target=run, name="vllm-runner-engine", daemon=True)
-        self._thread.start()
-        built.wait()
-        if failure:
-            raise failure[0]
-        try:
+        try:  # (interrupted while loading, e.g. Ctrl-C: the thread ends, the engine goes)
+            self._thread.start()
+            built.wait()
+            if failure:
+                raise failure[0]
             self.tokenizer = self.engine.tokenizer
             self.model_name = served_model_name or self.engine.model_config.name
             self.max_model_len = self.engine.max_model_len

@@ -69,10 +69,13 @@ _BYTE_CHARS = _byte_chars()
 
 
 def dropped_chars(tokenizer) -> str:
-    """The ASCII characters a byte-level vocabulary has no piece for (SmolLM2: six control
-    characters): the tokenizer drops them, so they do not count against ``max_text_chars``."""
-    vocab = tokenizer.get_vocab()
-    return "".join(chr(b) for b in range(0x80) if _BYTE_CHARS[b] not in vocab)
+    """The ASCII characters the tokenizer makes no token of (SmolLM2: six control characters
+    its byte-level vocabulary lacks): they do not count against ``max_text_chars``."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return ""
+    ascii_chars = (chr(b) for b in range(0x80))
+    return "".join(c for c in ascii_chars if not backend.encode(c * 2, add_special_tokens=False))
 
 
 def _bounded(config: dict | None, safe: set[str], parts: str) -> bool:

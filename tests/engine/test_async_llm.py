@@ -278,3 +278,27 @@ def test_the_engine_is_built_in_the_thread_that_steps_it(default_model_dir, monk
     assert built_in == [llm._thread] and set(stepped_in) == {llm._thread}
     with pytest.raises(ValueError, match="max_model_len must be >= 2"):
         AsyncLLM(model_name=default_model_dir, device="cpu", max_model_len=1)
+
+
+def test_an_interrupted_start_leaves_no_engine_thread_behind(monkeypatch):
+    """Ctrl-C while the model loads (the caller waiting for the loop thread): the thread
+    ends once its build does, instead of holding the engine forever."""
+    import signal
+    import threading
+    import time
+
+    from vllm_runner import async_llm
+
+    class Engine:  # a loading EngineCore, interrupted by Ctrl-C meanwhile
+        def __init__(self, *args, **kwargs):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(0.2)
+
+    monkeypatch.setattr(async_llm, "EngineCore", Engine)
+    monkeypatch.setattr(async_llm, "engine_args", lambda *args: None)
+    before = set(threading.enumerate())
+    with pytest.raises(KeyboardInterrupt):
+        AsyncLLM("any")
+    (thread,) = set(threading.enumerate()) - before
+    thread.join(timeout=30)
+    assert not thread.is_alive()

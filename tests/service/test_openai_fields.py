@@ -206,6 +206,8 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
     dropped = engine.engine._uncounted
     assert dropped and len(engine.tokenizer.encode(dropped, add_special_tokens=False)) == 0
     engine.engine.check_text_length(dropped[0] * (limit + 10) + "hi", "prompt")
+    with pytest.raises(ValueError, match="more than max_model_len"):  # but not without end
+        engine.engine.check_text_length(dropped[0] * (4 * limit + 1), "prompt")
 
 
 @pytest.mark.parametrize(

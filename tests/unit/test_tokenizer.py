@@ -72,7 +72,7 @@ def test_max_text_chars_bounds_a_sentencepiece_tokenizer_with_a_normalizer():
     bounded, with the normalizer's margin, and no text breaks the bound."""
     from tokenizers import Tokenizer, decoders, models, normalizers
 
-    from vllm_runner.tokenizer import max_text_chars
+    from vllm_runner.tokenizer import dropped_chars, max_text_chars
 
     vocab = {"<unk>": 0, **{f"<0x{b:02X}>": b + 1 for b in range(256)}, "▁": 257, "▁the": 258}
     backend = Tokenizer(models.BPE(vocab, [], byte_fallback=True, unk_token="<unk>"))
@@ -82,6 +82,7 @@ def test_max_text_chars_bounds_a_sentencepiece_tokenizer_with_a_normalizer():
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback()])
     tokenizer = _fast(backend, unk_token="<unk>")
     assert max_text_chars(tokenizer, 5) == 4 * 6 * 5  # "<0xE2>": six characters
+    assert dropped_chars(tokenizer) == ""  # every character becomes a byte piece at least
     for text in (" the the", "日本語 é", "x" * 50, "the" * 20):
         n = len(tokenizer.encode(text, add_special_tokens=False))
         assert len(text) <= max_text_chars(tokenizer, n), text

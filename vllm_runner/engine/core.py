@@ -29,6 +29,7 @@ from vllm_runner.tokenizer import (
 from vllm_runner.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
+_DROPPED_MAX = 4  # a text this many times over the character bound is refused whatever it holds
 
 
 class EngineCore:
@@ -133,7 +134,8 @@ class EngineCore:
         """Refuse a text too long for max_model_len before tokenizing it (which would hold
         the caller, e.g. a server's event loop, for seconds)."""
         length = len(text)
-        if length > self.max_prompt_chars:  # (characters the tokenizer drops do not count)
+        # characters the tokenizer drops do not count, up to a limit: tokenizing them is work
+        if self.max_prompt_chars < length <= _DROPPED_MAX * self.max_prompt_chars:
             length -= sum(text.count(c) for c in self._uncounted)
         if length > self.max_prompt_chars:
             raise ValueError(
