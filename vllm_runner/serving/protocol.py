@@ -151,7 +151,7 @@ def refuse_unsupported(data: dict[str, Any], table: dict[str, tuple[str, tuple[A
         value = data.get(name)
         if name == "response_format" and isinstance(value, dict):  # a model in vLLM: its
             value = {k: v for k, v in value.items() if v is not None}  # nulls are defaults
-        if not any(value == u and value is not None or value is u for u in unused):
+        if not any(value == u for u in unused):  # as pydantic coerces: 0 == 0.0 == False
             raise ValueError(f"{name}: {feature} is not supported by this server, got {value!r}")
 
 
