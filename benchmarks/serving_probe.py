@@ -6,7 +6,9 @@ requests (token-id prompts, 256 new tokens, EOS ignored), stepped four ways:
 - `LLM.generate` (offline: the main thread steps, no stream outputs);
 - the engine stepped by hand in the main thread with stream outputs (`step(stream=True)`);
 - the same from another thread (as AsyncLLM's loop runs it);
-- `AsyncLLM.stream`, consumed by asyncio tasks (engine thread + event loop).
+- `AsyncLLM.stream`, consumed by asyncio tasks (engine thread + event loop), once per
+  `--switch-intervals` value (`sys.setswitchinterval`: how long a thread holding the GIL
+  keeps it while another waits; Python's default is 0.005 s).
 
 Prints output tok/s of each for each number of concurrent streams, medians of 3.
 """
@@ -84,6 +86,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--streams", default="1,64")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--switch-intervals", default="0.005", help="seconds, comma-separated")
+    ap.add_argument("--async-only", action="store_true", help="skip the offline ways")
     ap.add_argument("--out")
     args = ap.parse_args()
     path = build_random_llama(args.model, Path("/tmp/vllm_runner_bench"), args.device, 0)
@@ -92,23 +96,31 @@ def main() -> None:
     kw["max_model_len"] = 2048
     vocab = min(LLAMA_SHAPES[args.model][5], 32000)
     results: dict[str, dict[str, float]] = {}
-    llm = LLM(path, **kw)
     for n in map(int, args.streams.split(",")):
-        prompts = random_workload(n, vocab, 64, 512, NEW_TOKENS, seed=n).prompts
-        results[str(n)] = offline_rates(llm, prompts, params, args.repeats)
-    llm = None  # frees the device for the AsyncLLM below
+        results[str(n)] = {}
+    if not args.async_only:
+        llm = LLM(path, **kw)
+        for n in map(int, args.streams.split(",")):
+            prompts = random_workload(n, vocab, 64, 512, NEW_TOKENS, seed=n).prompts
+            results[str(n)] = offline_rates(llm, prompts, params, args.repeats)
+        llm = None  # frees the device for the AsyncLLM below
     async_llm = AsyncLLM(path, **kw)
+    default_interval = sys.getswitchinterval()
 
     async def run_async() -> None:
         for n in map(int, args.streams.split(",")):
             prompts = random_workload(n, vocab, 64, 512, NEW_TOKENS, seed=n).prompts
             await streamed(async_llm, prompts, params)  # warm-up
-            walls = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                await streamed(async_llm, prompts, params)
-                walls.append(time.perf_counter() - start)
-            results[str(n)]["AsyncLLM.stream"] = n * NEW_TOKENS / statistics.median(walls)
+            for interval in map(float, args.switch_intervals.split(",")):
+                sys.setswitchinterval(interval)
+                walls = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    await streamed(async_llm, prompts, params)
+                    walls.append(time.perf_counter() - start)
+                rate = n * NEW_TOKENS / statistics.median(walls)
+                results[str(n)][f"AsyncLLM.stream switch {interval:g}s"] = rate
+        sys.setswitchinterval(default_interval)
         await async_llm.shutdown()
 
     asyncio.run(run_async())
