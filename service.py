@@ -52,7 +52,7 @@ def _service() -> Any | None:
 def ready_engine() -> AsyncLLM:
     """The running engine of this worker, or EngineNotReady (-> 503)."""
     svc = _service()
-    if svc is None or svc.engine is None:
+    if svc is None or svc.engine is None or svc.engine.error is not None:
         raise EngineNotReady(svc.not_ready_reason() if svc else "the service is starting")
     return svc.engine
 
@@ -182,13 +182,17 @@ class LLMService:
     def not_ready_reason(self) -> str:
         if self.load_error is not None:
             return f"the model failed to load: {self.load_error}"
+        if self.engine is not None and self.engine.error is not None:
+            return f"the engine stopped: {self.engine.error}"
         return "the model is still loading"
 
     def __is_ready__(self) -> bool:
-        return self.engine is not None
+        return self.engine is not None and self.engine.error is None
 
     def __is_alive__(self) -> bool:
-        return self.load_error is None
+        # NOTE: an engine whose loop stopped on its own (its process died) fails /livez, so
+        # that the orchestrator restarts the worker.
+        return self.load_error is None and (self.engine is None or self.engine.error is None)
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
@@ -199,7 +203,7 @@ class LLMService:
             await self.engine.shutdown()
 
     def _engine(self) -> AsyncLLM:
-        if self.engine is None:
+        if self.engine is None or self.engine.error is not None:
             raise ServiceUnavailable(self.not_ready_reason())
         return self.engine
 

@@ -6,9 +6,10 @@ requests (token-id prompts, 256 new tokens, EOS ignored), stepped four ways:
 - `LLM.generate` (offline: the main thread steps, no stream outputs);
 - the engine stepped by hand in the main thread with stream outputs (`step(stream=True)`);
 - the same from another thread (as AsyncLLM's loop runs it);
-- `AsyncLLM.stream`, consumed by asyncio tasks (engine thread + event loop), once per
-  `--switch-intervals` value (`sys.setswitchinterval`: how long a thread holding the GIL
-  keeps it while another waits; Python's default is 0.005 s).
+- `AsyncLLM.stream`, consumed by asyncio tasks: the event loop, and the engine's loop in a
+  thread or (`--engine-process 1`) in a process of its own; once per `--switch-intervals`
+  value (`sys.setswitchinterval`: how long a thread holding the GIL keeps it while another
+  waits; Python's default is 0.005 s).
 
 Prints output tok/s of each for each number of concurrent streams, medians of 3.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import statistics
 import sys
@@ -27,11 +29,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
 from workloads import LLAMA_SHAPES, build_random_llama, random_workload  # noqa: E402
 
 from vllm_runner import LLM, AsyncLLM, SamplingParams  # noqa: E402
 
 NEW_TOKENS = 256
+
+
+def free_device() -> None:
+    """Dropped engines' memory back to the driver (an engine process sizes its KV cache
+    from what the device has free)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def timed(fn) -> float:
@@ -88,6 +99,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--switch-intervals", default="0.005", help="seconds, comma-separated")
     ap.add_argument("--async-only", action="store_true", help="skip the offline ways")
+    ap.add_argument(
+        "--engine-process", default="0", help="AsyncLLM placements: 0 thread, 1 process"
+    )
     ap.add_argument("--out")
     args = ap.parse_args()
     path = build_random_llama(args.model, Path("/tmp/vllm_runner_bench"), args.device, 0)
@@ -104,10 +118,10 @@ def main() -> None:
             prompts = random_workload(n, vocab, 64, 512, NEW_TOKENS, seed=n).prompts
             results[str(n)] = offline_rates(llm, prompts, params, args.repeats)
         llm = None  # frees the device for the AsyncLLM below
-    async_llm = AsyncLLM(path, **kw)
+        free_device()
     default_interval = sys.getswitchinterval()
 
-    async def run_async() -> None:
+    async def run_async(async_llm: AsyncLLM, where: str) -> None:
         for n in map(int, args.streams.split(",")):
             prompts = random_workload(n, vocab, 64, 512, NEW_TOKENS, seed=n).prompts
             await streamed(async_llm, prompts, params)  # warm-up
@@ -119,11 +133,15 @@ def main() -> None:
                     await streamed(async_llm, prompts, params)
                     walls.append(time.perf_counter() - start)
                 rate = n * NEW_TOKENS / statistics.median(walls)
-                results[str(n)][f"AsyncLLM.stream switch {interval:g}s"] = rate
+                results[str(n)][f"AsyncLLM.stream {where} switch {interval:g}s"] = rate
         sys.setswitchinterval(default_interval)
         await async_llm.shutdown()
 
-    asyncio.run(run_async())
+    for apart in map(int, args.engine_process.split(",")):
+        async_llm = AsyncLLM(path, engine_process=bool(apart), **kw)
+        asyncio.run(run_async(async_llm, "process" if apart else "thread"))
+        async_llm = None
+        free_device()
     for n, row in results.items():
         print(f"{n} streams: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in row.items()))
     if args.out:

@@ -1,23 +1,30 @@
-"""AsyncLLM: one persistent step loop (a background thread) that many callers feed.
+"""AsyncLLM: one persistent step loop that many callers feed.
 
-Callers put commands on a queue and read their request's asyncio.Queue; the loop thread owns
-the EngineCore, so the engine itself needs no locks. Requests join and leave between steps.
+The loop (``engine.serving_loop``) owns the EngineCore, so the engine itself needs no locks;
+requests join and leave between steps. It runs in an engine-core process of its own (the
+default on CUDA) or in a background thread. Callers check their requests here, send
+commands to the loop and read their request's asyncio.Queue.
 """
 
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import itertools
 import logging
+import multiprocessing
 import queue
 import threading
-import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from vllm_runner.engine.core import EngineCore
+from vllm_runner.engine.input_processor import InputProcessor
 from vllm_runner.engine.outputs import RequestOutput, StreamOutput, merge_updates
+from vllm_runner.engine.serving_loop import Delivery, ServingLoop, is_final, run_engine_process
 from vllm_runner.llm import Prompt, apply_chat_template, engine_args, normalize_batch
 from vllm_runner.sampling_params import SamplingParams
+from vllm_runner.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -39,23 +46,63 @@ class AsyncLLM:
         model_name: str | None = None,
         served_model_name: str | None = None,
         log_stats: bool = False,
+        engine_process: bool | None = None,
         **kwargs,
     ) -> None:
         """``served_model_name``: the id clients name the model by (default: the model's).
 
-        The engine is built in the loop thread that then steps it: on the CPU, PyTorch's
-        OpenMP work from a second thread runs a second thread team beside the first, and
-        the two share the cores (a CPU engine loaded in one thread and stepped in another
-        ran 23-40% slower; loadtests/RESULTS.md)."""
+        ``engine_process``: run the engine core in a process of its own (None: on CUDA).
+        A server's event loop and HTTP work then no longer share a GIL with the step loop,
+        whose host work feeds the GPU. Otherwise the loop is a thread, which builds the
+        engine it steps: on the CPU, PyTorch's OpenMP work from a second thread runs a second
+        thread team beside the first, and the two share the cores (a CPU engine loaded in
+        one thread and stepped in another ran 23-40% slower; loadtests/RESULTS.md)."""
         args = engine_args(model, model_name, kwargs)
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        # The loop thread's own routes: each request's outputs go to the stream that added
-        # it, even after that stream closed and a new one took its id.
-        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        built, go = threading.Event(), threading.Event()
+        if engine_process is None:
+            engine_process = args.resolve_device().type == "cuda"
+        self.engine: EngineCore | None = None  # the loop thread's engine (none in a process)
+        self.error: str | None = None  # why the loop stopped on its own, if it did
+        self._process = None
+        self._routes = itertools.count()
+        # route -> (event loop, queue) of the stream that added the request (serving_loop)
+        self._entries: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: set[str] = set()  # request ids of open streams
+        self._running = False
+        self._go = threading.Event()  # the loop may start (or, on an error here, end)
+        try:  # (interrupted while loading, e.g. Ctrl-C: the loop's thread or process ends)
+            if engine_process:
+                limits, self._stats, name = self._start_process(args, log_stats)
+                self.tokenizer = load_tokenizer(limits.model_path)
+                self.inputs = InputProcessor(limits, self.tokenizer)
+            else:
+                self._start_thread(args, log_stats)
+                self.tokenizer = self.engine.tokenizer
+                self.inputs = self.engine.inputs
+                self._stats, name = self.engine.stats(), self.engine.model_config.name
+            self.model_name = served_model_name or name
+            self.max_model_len = self.inputs.limits.max_model_len
+            self.metrics = None
+            if log_stats:
+                from vllm_runner.metrics import EngineMetrics
+
+                self.metrics = EngineMetrics(self.model_name)
+            self._running = True
+        finally:
+            if not self._running and self._process is not None:
+                self._process.kill()
+                self._process.join()
+            self._go.set()
+
+    def _start_thread(self, args, log_stats: bool) -> None:
+        commands: queue.SimpleQueue = queue.SimpleQueue()
+        built = threading.Event()
         failure: list[BaseException] = []
+
+        def receive(block: bool) -> tuple | None:
+            try:
+                return commands.get(block)
+            except queue.Empty:
+                return None
 
         def run() -> None:
             try:
@@ -65,38 +112,72 @@ class AsyncLLM:
                 return
             finally:
                 built.set()
-            go.wait()
+            self._go.wait()
             if self._running:
-                self._loop()
+                loop = ServingLoop(self.engine, self._deliver, timings=log_stats)
+                self._guarded(lambda: loop.run(receive))
 
-        self._running = False
+        self._send_command = commands.put
         self._thread = threading.Thread(target=run, name="vllm-runner-engine", daemon=True)
-        try:  # (interrupted while loading, e.g. Ctrl-C: the thread ends, the engine goes)
-            self._thread.start()
-            built.wait()
-            if failure:
-                raise failure[0]
-            self.tokenizer = self.engine.tokenizer
-            self.model_name = served_model_name or self.engine.model_config.name
-            self.max_model_len = self.engine.max_model_len
-            self.metrics = None
-            if log_stats:
-                from vllm_runner.metrics import EngineMetrics
+        self._thread.start()
+        built.wait()
+        if failure:
+            raise failure[0]
 
-                self.metrics = EngineMetrics(self.model_name)
-            self._stats: dict[str, int] = self.engine.stats()
-            self._running = True
-        finally:
-            go.set()  # the loop starts, or (on an error here) the thread ends
+    def _start_process(self, args, log_stats: bool) -> tuple:
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        commands_out, commands_in = ctx.Pipe(duplex=False)
+        results_out, results_in = ctx.Pipe(duplex=False)
+        level = logging.getLogger("vllm_runner").getEffectiveLevel()
+        self._process = ctx.Process(
+            target=run_engine_process,
+            args=(args, commands_out, results_in, log_stats, level),
+            name="vllm-runner-engine",
+            daemon=True,
+        )
+        self._process.start()
+        logger.info("engine core in its own process (pid %d)", self._process.pid)
+        commands_out.close()  # the process's ends: EOF here when it exits
+        results_in.close()
+        try:
+            reply = results_out.recv()
+        except EOFError:
+            self._process.join()
+            raise RuntimeError(
+                f"the engine process exited with code {self._process.exitcode} while loading"
+            ) from None
+        if reply[0] == "failed":
+            self._process.join()
+            raise reply[1]
+        lock = threading.Lock()
+
+        def send(command: tuple) -> None:
+            with lock:  # callers from several threads (asyncio.to_thread, other loops)
+                commands_in.send(command)
+
+        def read() -> None:
+            while (delivery := results_out.recv()) is not None:
+                self._deliver(delivery)
+
+        def run() -> None:
+            self._go.wait()
+            if self._running:
+                self._guarded(read)
+
+        self._send_command = send
+        self._thread = threading.Thread(target=run, name="vllm-runner-results", daemon=True)
+        self._thread.start()
+        _, limits, stats, name = reply
+        return limits, stats, name
 
     # ---- public API ------------------------------------------------------------------------
     def validate(self, prompt: Prompt, params: SamplingParams) -> list[int]:
-        ids = self.engine.tokenize(prompt)
-        self.engine.validate(ids, params)
+        ids = self.inputs.tokenize(prompt)
+        self.inputs.validate(ids, params)
         return ids
 
     def check_text_length(self, text: str, what: str) -> None:
-        self.engine.check_text_length(text, what)
+        self.inputs.check_text_length(text, what)
 
     def apply_chat_template(self, messages: list[dict], **options: bool) -> str:
         return apply_chat_template(self.tokenizer, messages, **options)
@@ -150,16 +231,18 @@ class AsyncLLM:
     ) -> AsyncIterator[StreamOutput | RequestOutput]:
         self.validate(prompt, params)
         if not self._running:
-            raise RuntimeError("AsyncLLM is shut down")
+            raise RuntimeError(self.error or "AsyncLLM is shut down")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = entry = (asyncio.get_running_loop(), q)
-        self._send(("add", request_id, prompt, params, entry))
+        route = next(self._routes)
+        self._entries[route] = (asyncio.get_running_loop(), q)
+        self._streams.add(request_id)
         done = False
         held: collections.deque = collections.deque()  # taken from the queue, not yet yielded
         try:
+            self._send(("add", request_id, route, prompt, params))
             while not done:
                 if not held:
                     items = [await q.get()]
@@ -178,7 +261,7 @@ class AsyncLLM:
                 done = isinstance(item, RequestOutput)
                 yield item
         finally:
-            self._streams.pop(request_id, None)
+            self._streams.discard(request_id)
             if not done:
                 self._send(("abort", request_id))
 
@@ -194,6 +277,8 @@ class AsyncLLM:
         self._running = False
         self._send(("stop",))
         await asyncio.to_thread(self._thread.join)
+        if self._process is not None:
+            await asyncio.to_thread(self._process.join)
 
     async def __aenter__(self) -> "AsyncLLM":
         return self
@@ -201,93 +286,53 @@ class AsyncLLM:
     async def __aexit__(self, *exc) -> None:
         await self.shutdown()
 
-    # ---- the loop thread -------------------------------------------------------------------
+    # ---- the loop's side -------------------------------------------------------------------
     def _send(self, command: tuple) -> None:
-        self._commands.put(command)
-        self._wake.set()
+        try:
+            self._send_command(command)
+        except OSError:  # the engine process is gone (its reader fails the streams)
+            if command[0] == "add":
+                raise RuntimeError(self.error or "the engine process has exited") from None
 
-    def _loop(self) -> None:
-        while True:
-            if not self._drain_commands():
-                return
-            outputs = self.engine.step() if self.engine.has_unfinished() else []
-            # NOTE: the stats before the outputs: a caller that sees its request finish also
-            # sees that step's stats (its blocks freed), not the step before.
-            self._stats = self.engine.stats()
-            self._dispatch(outputs)
-            if self.metrics is not None:
-                self.metrics.record_step(self._stats)
-            if not self.engine.has_unfinished():
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-
-    def _drain_commands(self) -> bool:
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return True
-            if command[0] == "stop":
-                for request_id in list(self.engine.states):
-                    self._dispatch(self.engine.abort(request_id))
-                while self.engine.has_unfinished():  # a launched step: finish it, go idle
-                    self._dispatch(self.engine.step())
-                return False
-            if command[0] == "abort":
-                self._dispatch(self.engine.abort(command[1]))
-                continue
-            _, request_id, prompt, params, entry = command
-            self._routes[request_id] = entry
-            try:
-                self.engine.add_request(prompt, params, request_id)
-            except Exception as e:  # validated already; anything here is this request's alone
-                self._push(request_id, e)
-                del self._routes[request_id]
-
-    def _dispatch(self, outputs: list[StreamOutput]) -> None:
+    def _deliver(self, delivery: Delivery) -> None:
+        """A step's results to the streams (from the loop thread, or the thread that reads
+        the engine process's results)."""
+        # NOTE: stats and metrics first: a caller that sees its request finish also sees
+        # that step's stats (its blocks freed) and its request counted.
+        self._stats = delivery.stats
+        if self.metrics is not None:
+            self.metrics.record_step(delivery.stats)
+            for timings in delivery.timings:
+                self.metrics.record_request(**dataclasses.asdict(timings))
         # NOTE: one hand-over per event loop and step (each wakes the loop with a syscall),
         # not one per request.
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
-
-        def add(request_id: str, item: object) -> None:
-            entry = self._routes.get(request_id)
+        for route, item in delivery.items:
+            entry = self._entries.pop(route, None) if is_final(item) else self._entries.get(route)
             if entry is not None:
                 batches.setdefault(entry[0], []).append((entry[1], item))
-
-        for out in outputs:
-            add(out.request_id, out)
-        for state in self.engine.pop_finished():
-            add(state.request_id, state.final_output())
-            self._routes.pop(state.request_id, None)
-            if self.metrics is not None:
-                self._record_metrics(state)
         for loop, items in batches.items():
-            loop.call_soon_threadsafe(_deliver, items)
+            loop.call_soon_threadsafe(_put_all, items)
 
-    def _record_metrics(self, state) -> None:
-        ttft = (
-            None if state.first_token_time is None else state.first_token_time - state.arrival_time
-        )
-        # per completion, as vLLM's per-child stats: siblings of one step are not 0 s apart
-        itl = [
-            b - a
-            for c in state.completions
-            for a, b in zip(c.token_times, c.token_times[1:], strict=False)
-        ]
-        self.metrics.record_request(
-            ttft_s=ttft,
-            itl_s=itl,
-            e2e_s=time.monotonic() - state.arrival_time,
-            finish_reason=state.completions[0].finish_reason or "abort",
-        )
-
-    def _push(self, request_id: str, item: object) -> None:
-        entry = self._routes.get(request_id)
-        if entry is not None:
-            loop, q = entry
-            loop.call_soon_threadsafe(q.put_nowait, item)
+    def _guarded(self, loop: Callable[[], None]) -> None:
+        """Run the loop; if it stops on its own (a bug, or the engine process died), every
+        open stream fails with the reason and new requests are refused with it."""
+        try:
+            loop()
+        except BaseException as exc:
+            if self._process is not None:
+                self._process.join(timeout=5)
+                reason = f"the engine process exited (code {self._process.exitcode})"
+            else:
+                logger.exception("the engine loop failed")
+                reason = f"the engine loop failed: {exc!r}"
+            if self._running:
+                self.error = reason
+                self._running = False
+            failed = [(route, RuntimeError(reason)) for route in list(self._entries)]
+            self._deliver(Delivery(failed, self._stats))
 
 
-def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
     for q, item in items:
         q.put_nowait(item)

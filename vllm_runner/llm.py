@@ -58,7 +58,7 @@ class LLM:
     ) -> list[RequestOutput]:
         prompts, params = normalize_batch(prompts, sampling_params)
         for prompt, p in zip(prompts, params, strict=True):  # validate all before adding any
-            self.engine.validate(self.engine.tokenize(prompt), p)
+            self.engine.inputs.validate(self.engine.inputs.tokenize(prompt), p)
         states = [
             self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)
         ]

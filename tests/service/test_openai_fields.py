@@ -180,7 +180,7 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
 
     from vllm_runner.tokenizer import max_text_chars
 
-    limit = engine.engine.max_prompt_chars
+    limit = engine.inputs.max_prompt_chars
     assert limit == max_text_chars(engine.tokenizer, MAX_MODEL_LEN)
     text = "x" * (limit + 1)
     calls = []
@@ -203,11 +203,11 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
     assert calls == [1]  # only /score's prompt "hi"
     # characters the tokenizer drops (six control characters SmolLM2 has no piece for)
     # do not count: such a text is tokenized, not refused by the bound
-    dropped = engine.engine._uncounted
+    dropped = engine.inputs.uncounted
     assert dropped and len(engine.tokenizer.encode(dropped, add_special_tokens=False)) == 0
-    engine.engine.check_text_length(dropped[0] * (limit + 10) + "hi", "prompt")
+    engine.inputs.check_text_length(dropped[0] * (limit + 10) + "hi", "prompt")
     with pytest.raises(ValueError, match="more than max_model_len"):  # but not without end
-        engine.engine.check_text_length(dropped[0] * (4 * limit + 1), "prompt")
+        engine.inputs.check_text_length(dropped[0] * (4 * limit + 1), "prompt")
 
 
 @pytest.mark.parametrize(

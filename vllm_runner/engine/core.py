@@ -7,6 +7,7 @@ import weakref
 
 from vllm_runner.config import EngineArgs, ModelConfig
 from vllm_runner.engine.gc_pauses import FullCollections, freeze_startup_objects
+from vllm_runner.engine.input_processor import EngineLimits, InputProcessor
 from vllm_runner.engine.kv_cache_manager import KVCacheManager
 from vllm_runner.engine.output_processor import (
     RequestState,
@@ -19,17 +20,10 @@ from vllm_runner.engine.request import Request, RequestStatus
 from vllm_runner.engine.scheduler import Scheduler
 from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.sampling_params import SamplingParams
-from vllm_runner.tokenizer import (
-    dropped_chars,
-    eos_token_ids,
-    load_hf_config,
-    load_tokenizer,
-    max_text_chars,
-)
+from vllm_runner.tokenizer import eos_token_ids, load_hf_config, load_tokenizer
 from vllm_runner.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
-_DROPPED_MAX = 4  # a text this many times over the character bound is refused whatever it holds
 
 
 class EngineCore:
@@ -40,7 +34,6 @@ class EngineCore:
         default step budget differs, and a request whose prompt + ``max_tokens`` exceed
         ``max_model_len`` is refused (offline, ``max_tokens`` is cut to what fits)."""
         start = time.perf_counter()
-        self.serving = serving
         freeze_startup_objects()
         self._gc = FullCollections()
         weakref.finalize(self, self._gc.idle)  # a busy engine dropped still restores them
@@ -61,19 +54,22 @@ class EngineCore:
             enforce_eager=args.enforce_eager,
         )
         self.tokenizer = load_tokenizer(path)
-        self.max_prompt_chars = (
-            max_text_chars(self.tokenizer, max_model_len) if self.tokenizer is not None else 0
-        )
-        self._uncounted = dropped_chars(self.tokenizer) if self.tokenizer is not None else ""
         self.eos_ids = eos_token_ids(path, hf_config, self.tokenizer)
-        self.vocab_size = hf_config.vocab_size
         sched_config = args.scheduler_config(max_model_len, device, serving)
         cache_config = args.cache_config()
         self.runner = ModelRunner(self.model_config, cache_config, sched_config)
-        self.block_size = args.block_size
         kv = KVCacheManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
         # NOTE: the runner's step budget: it may lower a default one (offloaded weights).
         self.scheduler = Scheduler(self.runner.scheduler_config, kv)
+        self.limits = EngineLimits(
+            model_path=path,
+            max_model_len=max_model_len,
+            vocab_size=hf_config.vocab_size,
+            block_size=args.block_size,
+            num_blocks=self.runner.num_blocks,
+            serving=serving,
+        )
+        self.inputs = InputProcessor(self.limits, self.tokenizer)
         graphs = self.runner.graphs
         logger.info(
             "engine ready in %.1f s: %s (%s, %s), weights loaded in %.1f s, %d KV blocks of %d "
@@ -106,91 +102,11 @@ class EngineCore:
         return self.model_config.max_model_len
 
     # ---- input ----------------------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty: give at least one character or token id")
-            if self.tokenizer is None:
-                raise ValueError("this model folder has no tokenizer: pass token ids, not text")
-            self.check_text_length(prompt, "prompt")
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON)
-                raise ValueError(
-                    f"prompt is not valid Unicode text: {e.reason} at character {e.start}"
-                ) from None
-            # NOTE: a chat-templated prompt already starts with BOS; don't add another.
-            bos = self.tokenizer.bos_token
-            return self.tokenizer.encode(
-                prompt, add_special_tokens=not (bos and prompt.startswith(bos))
-            )
-        if not isinstance(prompt, list | tuple) or not all(isinstance(t, int) for t in prompt):
-            raise ValueError(
-                f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"
-            )
-        return list(prompt)
-
-    def check_text_length(self, text: str, what: str) -> None:
-        """Refuse a text too long for max_model_len before tokenizing it (which would hold
-        the caller, e.g. a server's event loop, for seconds)."""
-        length = len(text)
-        # characters the tokenizer drops do not count, up to a limit: tokenizing them is work
-        if self.max_prompt_chars < length <= _DROPPED_MAX * self.max_prompt_chars:
-            length -= sum(text.count(c) for c in self._uncounted)
-        if length > self.max_prompt_chars:
-            raise ValueError(
-                f"{what} has {len(text)} characters, more than max_model_len "
-                f"({self.max_model_len}) tokens can hold: at most {self.max_prompt_chars}"
-            )
-
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise ValueError("prompt is empty: it has 0 tokens")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt_ids)} tokens, but max_model_len is {self.max_model_len} "
-                "(prompt + at least one new token must fit)"
-            )
-        self._check_in_vocab("prompt token id", prompt_ids)
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        wanted = len(prompt_ids) + (params.max_tokens or 0)
-        if self.serving and params.max_tokens and wanted > self.max_model_len:
-            raise ValueError(
-                f"max_model_len is {self.max_model_len} tokens, but {wanted} were requested "
-                f"({len(prompt_ids)} in the prompt, max_tokens {params.max_tokens}): shorten "
-                "the prompt or lower max_tokens"
-            )
-        # A request the whole KV cache cannot hold would wait forever (and hold up the queue).
-        new = self._max_new_tokens(len(prompt_ids), params)
-        blocks = -(-(len(prompt_ids) + new - 1) // self.block_size)  # the last token: no KV
-        if blocks > self.runner.num_blocks:
-            raise ValueError(
-                f"the request needs up to {blocks} KV-cache blocks of {self.block_size} tokens "
-                f"({len(prompt_ids)} prompt + {new} new tokens), but the cache has "
-                f"{self.runner.num_blocks}: lower max_tokens or give the KV cache more memory"
-            )
-        if params.stop and self.tokenizer is None:
-            raise ValueError(
-                f"stop {params.stop!r}: stop strings need a tokenizer and this model folder "
-                "has none; use stop_token_ids"
-            )
-        self._check_in_vocab("logit_bias token id", params.logit_bias or ())
-        self._check_in_vocab("stop_token_ids entry", params.stop_token_ids)
-
-    def _check_in_vocab(self, what: str, token_ids) -> None:
-        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"{what} {bad} is outside the vocabulary [0, {self.vocab_size})")
-
-    def _max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
-        return min(params.max_tokens or self.max_model_len, self.max_model_len - prompt_len)
-
     def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
     ) -> RequestState:
-        prompt_ids = self.tokenize(prompt)
-        self.validate(prompt_ids, params)
+        prompt_ids = self.inputs.tokenize(prompt)
+        self.inputs.validate(prompt_ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.states:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -203,7 +119,7 @@ class EngineCore:
             self.tokenizer,
             f"{request_id}@{next(self._engine_ids)}",
         )
-        max_tokens = self._max_new_tokens(len(prompt_ids), params)
+        max_tokens = self.inputs.max_new_tokens(len(prompt_ids), params)
         for index, child_id in enumerate(state.child_ids):
             seed = None if params.seed is None else params.seed + index
             self.scheduler.add_request(

@@ -53,6 +53,7 @@ class ServerSettings:
     kv_cache_dtype: str | None = None  # "auto" (the model's) or "fp8" / "fp8_e4m3"
     enforce_eager: bool | None = None  # no CUDA graphs
     seed: int | None = None
+    engine_process: bool | None = None  # engine core in its own process; None = on CUDA
     api_key: str | None = None
     gpus: int = 0  # GPUs BentoML reserves per worker (0: none declared, the engine picks)
     workers: int = 1
@@ -103,6 +104,8 @@ class ServerSettings:
         kwargs = {k: getattr(self, k) for k in ENGINE_FIELDS if getattr(self, k) is not None}
         if self.served_model_name:
             kwargs["served_model_name"] = self.served_model_name
+        if self.engine_process is not None:
+            kwargs["engine_process"] = self.engine_process
         return kwargs
 
 

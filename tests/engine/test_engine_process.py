@@ -1,0 +1,152 @@
+"""AsyncLLM with its engine core in a process of its own (the default on CUDA): the same
+results as the in-thread loop, requests checked in the caller, and a dead engine process
+failing its streams instead of leaving them waiting."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vllm_runner import AsyncLLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+KW = dict(dtype="float32", device="cpu", max_model_len=1024, cpu_kv_cache_gb=0.25)
+PROMPTS = ["The capital of France is", "Write a poem about spring.", [1, 2, 3, 4, 5]]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def apart(default_model_dir):
+    llm = AsyncLLM(
+        default_model_dir, engine_process=True, log_stats=True, served_model_name="apart", **KW
+    )
+    yield llm
+    run(llm.shutdown())
+
+
+def test_outputs_equal_the_in_thread_loop(apart, smol_llm):
+    """Greedy tokens and texts, streamed deltas, stats and metrics come through the pipe."""
+    from prometheus_client import REGISTRY
+
+    def finished():
+        labels = {"model_name": "apart", "finished_reason": "length"}
+        return REGISTRY.get_sample_value("vllm_runner_request_success_total", labels) or 0
+
+    assert apart.engine is None and apart._process.is_alive()
+    want = smol_llm.generate(PROMPTS, GREEDY)
+    before = finished()
+
+    async def main():
+        got = await apart.generate(PROMPTS, GREEDY)
+        deltas = [o.delta async for o in apart.stream(PROMPTS[0], GREEDY)]
+        return got, deltas
+
+    got, deltas = run(main())
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.text for o in got] == [o.text for o in want]
+    assert "".join(deltas) == want[0].text
+    stats = apart.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["generation_tokens_total"] >= 4 * 12
+    assert apart.max_model_len == 1024 and apart.model_name == "apart"
+    assert finished() - before == 4  # the requests' timings came with their last step
+
+
+def test_requests_are_checked_in_the_caller(apart):
+    """Validation needs no round trip: the engine's limits came with its ready message."""
+
+    async def main():
+        with pytest.raises(ValueError, match="max_model_len is 1024"):
+            async for _ in apart.stream([1] * 2000, GREEDY):
+                pass
+        with pytest.raises(ValueError, match=r"prompt token id 999999 is outside the vocab"):
+            await apart.generate([[999999]], GREEDY)
+        apart.check_text_length("short", "prompt")
+        with pytest.raises(ValueError, match="more than max_model_len"):
+            apart.check_text_length("x" * (apart.inputs.max_prompt_chars + 1), "prompt")
+        return await apart.generate(["Hello"], GREEDY)
+
+    assert run(main())[0].text
+
+
+def test_leaving_a_stream_aborts_it_in_the_engine_process(apart):
+    params = SamplingParams(max_tokens=500, ignore_eos=True)
+
+    async def main():
+        stream = apart.stream("Once upon a time", params, request_id="left")
+        async for _ in stream:
+            break
+        await stream.aclose()
+        # the abort is a command like any other: once a later request ends, it was applied
+        await apart.generate(["Hi"], SamplingParams(max_tokens=2))
+        return [o async for o in apart.stream("Hi", GREEDY, request_id="left")]
+
+    outs = run(main())
+    assert outs[-1].finished and outs[-1].num_token_ids == 12
+    assert apart.stats()["kv_blocks_used"] == 0 and apart.stats()["num_running"] == 0
+
+
+def test_a_load_error_in_the_engine_process_is_raised_in_the_caller(default_model_dir):
+    with pytest.raises(ValueError, match="max_model_len must be >= 2"):
+        AsyncLLM(default_model_dir, engine_process=True, device="cpu", max_model_len=1)
+
+
+def test_a_dead_engine_process_fails_its_streams_and_refuses_new_requests(default_model_dir):
+    llm = AsyncLLM(default_model_dir, engine_process=True, **KW)
+    params = SamplingParams(max_tokens=800, ignore_eos=True)
+
+    async def main():
+        got = []
+        with pytest.raises(RuntimeError, match=r"engine process exited \(code -9\)"):
+            async for out in llm.stream("Once upon a time", params):
+                got.append(out)
+                if len(got) == 2:
+                    os.kill(llm._process.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=r"engine process exited \(code -9\)"):
+            await llm.generate(["Hello"], GREEDY)
+        await llm.shutdown()  # nothing left to stop: returns
+
+    run(main())
+    assert llm.error == "the engine process exited (code -9)"
+
+
+def test_the_engine_process_ends_with_the_server_process(default_model_dir, tmp_path):
+    """A server killed outright (no shutdown, no atexit) must not leave its engine process
+    holding the device: the engine sees its command pipe close and exits."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        from vllm_runner import AsyncLLM
+        llm = AsyncLLM({default_model_dir!r}, engine_process=True, device="cpu",
+                       max_model_len=256, cpu_kv_cache_gb=0.05)
+        print(llm._process.pid, flush=True)
+        os._exit(0)
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    pid = int(done.stdout.split()[-1])
+    # the orphan is reparented; wait for it to go (it polls nothing: EOF wakes it)
+    for _ in range(600):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        if _is_zombie(pid):
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    else:
+        pytest.fail(f"engine process {pid} still running after its server exited")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

@@ -1,0 +1,117 @@
+"""Prompts to token ids, and every check a request must pass before it reaches the engine.
+
+It needs only the built engine's limits (``EngineLimits``, small and picklable) and the
+tokenizer, so a front end whose engine core runs in another process checks requests itself,
+in the caller, before sending them (``AsyncLLM``)."""
+
+from dataclasses import dataclass
+
+from vllm_runner.sampling_params import SamplingParams
+from vllm_runner.tokenizer import dropped_chars, max_text_chars
+
+_DROPPED_MAX = 4  # a text this many times over the character bound is refused whatever it holds
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What checking a request needs from a built engine."""
+
+    model_path: str  # where the tokenizer loads from
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    num_blocks: int  # KV-cache blocks: a request that needs more would wait forever
+    serving: bool  # online: prompt + max_tokens must fit max_model_len (offline: cut)
+
+
+class InputProcessor:
+    def __init__(self, limits: EngineLimits, tokenizer) -> None:
+        self.limits = limits
+        self.tokenizer = tokenizer
+        self.max_prompt_chars = (
+            max_text_chars(tokenizer, limits.max_model_len) if tokenizer is not None else 0
+        )
+        self.uncounted = dropped_chars(tokenizer) if tokenizer is not None else ""
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty: give at least one character or token id")
+            if self.tokenizer is None:
+                raise ValueError("this model folder has no tokenizer: pass token ids, not text")
+            self.check_text_length(prompt, "prompt")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON)
+                raise ValueError(
+                    f"prompt is not valid Unicode text: {e.reason} at character {e.start}"
+                ) from None
+            # NOTE: a chat-templated prompt already starts with BOS; don't add another.
+            bos = self.tokenizer.bos_token
+            return self.tokenizer.encode(
+                prompt, add_special_tokens=not (bos and prompt.startswith(bos))
+            )
+        if not isinstance(prompt, list | tuple) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError(
+                f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"
+            )
+        return list(prompt)
+
+    def check_text_length(self, text: str, what: str) -> None:
+        """Refuse a text too long for max_model_len before tokenizing it (which would hold
+        the caller, e.g. a server's event loop, for seconds)."""
+        length = len(text)
+        # characters the tokenizer drops do not count, up to a limit: tokenizing them is work
+        if self.max_prompt_chars < length <= _DROPPED_MAX * self.max_prompt_chars:
+            length -= sum(text.count(c) for c in self.uncounted)
+        if length > self.max_prompt_chars:
+            raise ValueError(
+                f"{what} has {len(text)} characters, more than max_model_len "
+                f"({self.limits.max_model_len}) tokens can hold: at most {self.max_prompt_chars}"
+            )
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        limits = self.limits
+        if not prompt_ids:
+            raise ValueError("prompt is empty: it has 0 tokens")
+        if len(prompt_ids) >= limits.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens, but max_model_len is "
+                f"{limits.max_model_len} (prompt + at least one new token must fit)"
+            )
+        self._check_in_vocab("prompt token id", prompt_ids)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        wanted = len(prompt_ids) + (params.max_tokens or 0)
+        if limits.serving and params.max_tokens and wanted > limits.max_model_len:
+            raise ValueError(
+                f"max_model_len is {limits.max_model_len} tokens, but {wanted} were requested "
+                f"({len(prompt_ids)} in the prompt, max_tokens {params.max_tokens}): shorten "
+                "the prompt or lower max_tokens"
+            )
+        # A request the whole KV cache cannot hold would wait forever (and hold up the queue).
+        new = self.max_new_tokens(len(prompt_ids), params)
+        blocks = -(-(len(prompt_ids) + new - 1) // limits.block_size)  # the last token: no KV
+        if blocks > limits.num_blocks:
+            raise ValueError(
+                f"the request needs up to {blocks} KV-cache blocks of {limits.block_size} "
+                f"tokens ({len(prompt_ids)} prompt + {new} new tokens), but the cache has "
+                f"{limits.num_blocks}: lower max_tokens or give the KV cache more memory"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError(
+                f"stop {params.stop!r}: stop strings need a tokenizer and this model folder "
+                "has none; use stop_token_ids"
+            )
+        self._check_in_vocab("logit_bias token id", params.logit_bias or ())
+        self._check_in_vocab("stop_token_ids entry", params.stop_token_ids)
+
+    def max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        max_len = self.limits.max_model_len
+        return min(params.max_tokens or max_len, max_len - prompt_len)
+
+    def _check_in_vocab(self, what: str, token_ids) -> None:
+        vocab_size = self.limits.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{what} {bad} is outside the vocabulary [0, {vocab_size})")

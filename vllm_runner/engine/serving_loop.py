@@ -1,0 +1,155 @@
+"""The step loop AsyncLLM runs: commands applied between steps, each step's results handed on.
+
+It runs in a thread of the serving process, or as the whole of an engine-core process
+(``run_engine_process``): there the engine's Python work (scheduling, launches, output
+processing, detokenization) has a GIL of its own instead of sharing one with the server's
+event loop and HTTP stack (vLLM V1 runs its EngineCore apart for the same reason).
+
+Commands: ``("add", request_id, route, prompt, params)``, ``("abort", request_id)``,
+``("stop",)``. A route is a number the front end gives each added request: outputs go to the
+stream that added the request even after that stream closed and another reused its id.
+"""
+
+import dataclasses
+import logging
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vllm_runner.engine.core import EngineCore
+from vllm_runner.engine.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestTimings:
+    """A finished request's latencies, for the serving metrics."""
+
+    ttft_s: float | None
+    itl_s: list[float]  # per completion, as vLLM's per-child stats (siblings are not 0 s apart)
+    e2e_s: float
+    finish_reason: str
+
+
+@dataclass
+class Delivery:
+    """One step's results for the front end, in order: a request's stream updates, then its
+    final ``RequestOutput`` (or the exception that refused it), which ends its route."""
+
+    items: list[tuple[int, object]]  # (route, StreamOutput | RequestOutput | Exception)
+    stats: dict[str, int]  # the engine's stats after the step
+    timings: list[RequestTimings] = field(default_factory=list)
+
+
+def is_final(item: object) -> bool:
+    return isinstance(item, RequestOutput | BaseException)
+
+
+class ServingLoop:
+    def __init__(self, engine: EngineCore, emit: Callable[[Delivery], None], timings: bool) -> None:
+        self.engine = engine
+        self.emit = emit
+        self.timings = timings
+        self.routes: dict[str, int] = {}  # request id -> route, in command order
+
+    def run(self, receive: Callable[[bool], tuple | None]) -> None:
+        """Step until a stop command. ``receive(block)``: the next command, or None when
+        none is waiting (``block``: wait for one; the engine is idle)."""
+        while True:
+            block = not self.engine.has_unfinished()
+            while (command := receive(block)) is not None:
+                if not self.handle(command):
+                    return
+                block = False
+            if self.engine.has_unfinished():
+                self._deliver(self.engine.step())
+
+    def handle(self, command: tuple) -> bool:
+        """Apply one command; False for stop (every request aborted, the engine idle)."""
+        engine = self.engine
+        if command[0] == "stop":
+            outputs = [out for rid in list(engine.states) for out in engine.abort(rid)]
+            while engine.has_unfinished():  # a launched step: finish it, go idle
+                outputs += engine.step()
+            self._deliver(outputs)
+            return False
+        if command[0] == "abort":
+            self._deliver(engine.abort(command[1]))
+            return True
+        _, request_id, route, prompt, params = command
+        try:
+            engine.add_request(prompt, params, request_id)
+        except Exception as e:  # validated already; anything here is this request's alone
+            self.emit(Delivery([(route, e)], engine.stats()))
+        else:
+            self.routes[request_id] = route
+        return True
+
+    def _deliver(self, outputs: list) -> None:
+        items = [(self.routes[o.request_id], o) for o in outputs if o.request_id in self.routes]
+        timings = []
+        for state in self.engine.pop_finished():
+            route = self.routes.pop(state.request_id, None)
+            if route is not None:
+                items.append((route, state.final_output()))
+            if self.timings:
+                timings.append(request_timings(state))
+        # NOTE: the stats with the outputs: a caller that sees its request finish also sees
+        # that step's stats (its blocks freed), not the step before.
+        self.emit(Delivery(items, self.engine.stats(), timings))
+
+
+def request_timings(state) -> RequestTimings:
+    ttft = None if state.first_token_time is None else state.first_token_time - state.arrival_time
+    itl = [
+        b - a
+        for c in state.completions
+        for a, b in zip(c.token_times, c.token_times[1:], strict=False)
+    ]
+    return RequestTimings(
+        ttft_s=ttft,
+        itl_s=itl,
+        e2e_s=time.monotonic() - state.arrival_time,
+        finish_reason=state.completions[0].finish_reason or "abort",
+    )
+
+
+# ---- the engine-core process -----------------------------------------------------------------
+def run_engine_process(args, commands, results, timings: bool, log_level: int) -> None:
+    """Main of the engine-core process (spawned): build the engine, report ("ready", limits,
+    stats, model name) or ("failed", exception), then step until a stop command; None marks
+    the end. The serving process ending (its pipe end closed) ends this one too."""
+    logging.getLogger("vllm_runner").setLevel(log_level)  # (its handler: vllm_runner/__init__)
+    try:
+        engine = EngineCore(args, serving=True)
+    except BaseException as exc:
+        results.send(("failed", _picklable(exc)))
+        return
+    results.send(("ready", engine.limits, engine.stats(), engine.model_config.name))
+
+    def receive(block: bool) -> tuple | None:
+        return commands.recv() if block or commands.poll() else None
+
+    def emit(delivery: Delivery) -> None:
+        try:
+            results.send(delivery)
+        except Exception:  # an exception item that does not pickle: send it as text
+            items = [(r, _picklable(i)) for r, i in delivery.items]
+            results.send(dataclasses.replace(delivery, items=items))
+
+    try:
+        ServingLoop(engine, emit, timings).run(receive)
+    except (EOFError, BrokenPipeError):  # the serving process is gone
+        return
+    results.send(None)
+
+
+def _picklable(item: object) -> object:
+    if isinstance(item, BaseException):
+        try:
+            pickle.dumps(item)
+        except Exception:
+            return RuntimeError(f"{type(item).__name__}: {item}")
+    return item
