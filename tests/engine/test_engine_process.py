@@ -92,6 +92,22 @@ def test_leaving_a_stream_aborts_it_in_the_engine_process(apart):
     assert apart.stats()["kv_blocks_used"] == 0 and apart.stats()["num_running"] == 0
 
 
+def test_ctrl_c_leaves_the_engine_process_to_the_server(apart):
+    """Ctrl-C reaches the whole process group: the server shuts down gracefully (in-flight
+    streams finish), so the engine process ignores it and waits for the server's stop."""
+
+    async def main():
+        stream = apart.stream("Once upon a time", GREEDY)
+        first = await anext(stream)
+        os.kill(apart._process.pid, signal.SIGINT)
+        rest = [o async for o in stream]
+        return [first, *rest]
+
+    outs = run(main())
+    assert outs[-1].finished and outs[-1].num_token_ids == 12
+    assert apart._process.is_alive() and apart.error is None
+
+
 def test_a_load_error_in_the_engine_process_is_raised_in_the_caller(default_model_dir):
     with pytest.raises(ValueError, match="max_model_len must be >= 2"):
         AsyncLLM(default_model_dir, engine_process=True, device="cpu", max_model_len=1)

@@ -13,6 +13,7 @@ stream that added the request even after that stream closed and another reused i
 import dataclasses
 import logging
 import pickle
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,6 +122,9 @@ def run_engine_process(args, commands, results, timings: bool, log_level: int) -
     """Main of the engine-core process (spawned): build the engine, report ("ready", limits,
     stats, model name) or ("failed", exception), then step until a stop command; None marks
     the end. The serving process ending (its pipe end closed) ends this one too."""
+    # NOTE: Ctrl-C in a terminal reaches the whole process group; the server then shuts down
+    # gracefully (its in-flight streams finish) and stops this process itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.getLogger("vllm_runner").setLevel(log_level)  # (its handler: vllm_runner/__init__)
     try:
         engine = EngineCore(args, serving=True)
