@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.util
 import queue
 import threading
 import uuid
@@ -21,7 +22,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.input_processor import InputProcessor
 from vllm_runner.engine.outputs import RequestOutput, StreamOutput, merge_updates
-from vllm_runner.engine.serving_loop import Delivery, ServingLoop, is_final, run_engine_process
+from vllm_runner.engine.serving_loop import (
+    Delivery,
+    ServingLoop,
+    is_final,
+    run_engine_process,
+    unpack,
+)
 from vllm_runner.llm import Prompt, apply_chat_template, engine_args, normalize_batch
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import load_tokenizer
@@ -64,8 +71,8 @@ class AsyncLLM:
         self.error: str | None = None  # why the loop stopped on its own, if it did
         self._process = None
         self._routes = itertools.count()
-        # route -> (event loop, queue) of the stream that added the request (serving_loop)
-        self._entries: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # route -> the stream that added the request (serving_loop)
+        self._entries: dict[int, _Route] = {}
         self._streams: set[str] = set()  # request ids of open streams
         self._running = False
         self._go = threading.Event()  # the loop may start (or, on an error here, end)
@@ -139,6 +146,10 @@ class AsyncLLM:
         logger.info("engine core in its own process (pid %d)", self._process.pid)
         commands_out.close()  # the process's ends: EOF here when it exits
         results_in.close()
+        # NOTE: the engine process ignores SIGTERM (a server's graceful stop) and ends when
+        # this end of its command pipe closes: with this object, or at interpreter exit
+        # before multiprocessing joins its children.
+        multiprocessing.util.Finalize(self, commands_in.close, exitpriority=100)
         try:
             reply = results_out.recv()
         except EOFError:
@@ -229,7 +240,7 @@ class AsyncLLM:
     async def _run(
         self, prompt: Prompt, params: SamplingParams, request_id: str | None
     ) -> AsyncIterator[StreamOutput | RequestOutput]:
-        self.validate(prompt, params)
+        prompt_ids = self.validate(prompt, params)
         if not self._running:
             raise RuntimeError(self.error or "AsyncLLM is shut down")
         request_id = request_id or uuid.uuid4().hex
@@ -237,7 +248,7 @@ class AsyncLLM:
             raise ValueError(f"request_id {request_id!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
         route = next(self._routes)
-        self._entries[route] = (asyncio.get_running_loop(), q)
+        self._entries[route] = _Route(asyncio.get_running_loop(), q, request_id, prompt_ids)
         self._streams.add(request_id)
         done = False
         held: collections.deque = collections.deque()  # taken from the queue, not yet yielded
@@ -309,8 +320,11 @@ class AsyncLLM:
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
         for route, item in delivery.items:
             entry = self._entries.pop(route, None) if is_final(item) else self._entries.get(route)
-            if entry is not None:
-                batches.setdefault(entry[0], []).append((entry[1], item))
+            if entry is None:
+                continue
+            if isinstance(item, tuple):  # a packed update (from an engine process)
+                item = unpack(item, entry.request_id, entry.prompt_ids, entry.texts)
+            batches.setdefault(entry.loop, []).append((entry.queue, item))
         for loop, items in batches.items():
             loop.call_soon_threadsafe(_put_all, items)
 
@@ -331,6 +345,17 @@ class AsyncLLM:
                 self._running = False
             failed = [(route, RuntimeError(reason)) for route in list(self._entries)]
             self._deliver(Delivery(failed, self._stats))
+
+
+@dataclasses.dataclass
+class _Route:
+    """The stream a request's outputs go to."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    request_id: str
+    prompt_ids: list[int]
+    texts: dict[int, str] = dataclasses.field(default_factory=dict)  # per completion
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

@@ -58,6 +58,32 @@ def test_outputs_equal_the_in_thread_loop(apart, smol_llm):
     assert finished() - before == 4  # the requests' timings came with their last step
 
 
+def test_streamed_updates_are_whole_again_after_the_pipe(apart, smol_llm):
+    """Updates cross the pipe as what is new in them; the front end adds back the request
+    id, prompt ids and text so far: n = 2, a stop string, logprobs."""
+    params = SamplingParams(
+        n=2, max_tokens=16, temperature=0.8, seed=7, stop=[" the"], logprobs=1, ignore_eos=True
+    )
+    prompt = "The capital of France is"
+    (want,) = smol_llm.generate([prompt], params)
+
+    async def main():
+        return [o async for o in apart.stream(prompt, params, request_id="whole")]
+
+    updates = run(main())
+    for index, completion in enumerate(want.outputs):
+        mine = [u for u in updates if u.index == index]
+        text = ""
+        for u in mine:
+            text += u.delta
+            assert u.text == text and u.request_id == "whole"
+            assert u.prompt_token_ids == want.prompt_token_ids
+        assert text == completion.text and mine[-1].finish_reason == completion.finish_reason
+        assert [t for u in mine for t in u.new_token_ids] == completion.token_ids
+        assert mine[-1].num_token_ids == len(completion.token_ids)
+        assert [lp for u in mine for lp in u.new_logprobs] == completion.logprobs
+
+
 def test_requests_are_checked_in_the_caller(apart):
     """Validation needs no round trip: the engine's limits came with its ready message."""
 
@@ -132,16 +158,18 @@ def test_a_dead_engine_process_fails_its_streams_and_refuses_new_requests(defaul
     assert llm.error == "the engine process exited (code -9)"
 
 
-def test_the_engine_process_ends_with_the_server_process(default_model_dir, tmp_path):
+@pytest.mark.parametrize("ending", ["os._exit(0)", "sys.exit(0)"])
+def test_the_engine_process_ends_with_the_server_process(default_model_dir, ending):
     """A server killed outright (no shutdown, no atexit) must not leave its engine process
-    holding the device: the engine sees its command pipe close and exits."""
+    holding the device, and one that exits without a shutdown must not wait forever for it
+    (the engine process ignores SIGTERM): it sees its command pipe close and exits."""
     script = textwrap.dedent(f"""
         import os, sys
         from vllm_runner import AsyncLLM
         llm = AsyncLLM({default_model_dir!r}, engine_process=True, device="cpu",
                        max_model_len=256, cpu_kv_cache_gb=0.05)
         print(llm._process.pid, flush=True)
-        os._exit(0)
+        {ending}
     """)
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True

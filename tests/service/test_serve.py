@@ -49,14 +49,17 @@ class Server:
         return httpx.get(f"{self.url}/stats", headers=AUTH, timeout=10).json()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+# the engine's loop as a thread of the worker (the CPU default) and as its own process (the
+# CUDA default), spawned from inside BentoML's worker
+@pytest.fixture(scope="module", params=["thread", "process"])
+def server(tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("bentoml-home")
     env = {
         **os.environ,
         **SERVICE_ENV,
         "BENTOML_HOME": str(home),
         "VLLM_RUNNER_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
+        "VLLM_RUNNER_ENGINE_PROCESS": str(int(request.param == "process")),
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve makes its own
     env.pop("VLLM_RUNNER_MAX_MODEL_LEN")  # given as --arg instead
@@ -86,6 +89,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
     try:
         wait_ready(probe)
+        assert ("engine core in its own process" in srv.logs()) == (request.param == "process")
         yield srv
     finally:
         if proc.poll() is None:

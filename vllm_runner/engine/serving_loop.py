@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vllm_runner.engine.core import EngineCore
-from vllm_runner.engine.outputs import RequestOutput
+from vllm_runner.engine.outputs import RequestOutput, StreamOutput
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +122,12 @@ def run_engine_process(args, commands, results, timings: bool, log_level: int) -
     """Main of the engine-core process (spawned): build the engine, report ("ready", limits,
     stats, model name) or ("failed", exception), then step until a stop command; None marks
     the end. The serving process ending (its pipe end closed) ends this one too."""
-    # NOTE: Ctrl-C in a terminal reaches the whole process group; the server then shuts down
-    # gracefully (its in-flight streams finish) and stops this process itself.
+    # NOTE: Ctrl-C in a terminal reaches the whole process group, and a process manager
+    # stopping the server may signal its children (BentoML's does: SIGTERM); the server then
+    # shuts down gracefully (its in-flight streams finish) and stops this process itself, or
+    # its end of the command pipe closes when it exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.getLogger("vllm_runner").setLevel(log_level)  # (its handler: vllm_runner/__init__)
     try:
         engine = EngineCore(args, serving=True)
@@ -137,10 +140,11 @@ def run_engine_process(args, commands, results, timings: bool, log_level: int) -
         return commands.recv() if block or commands.poll() else None
 
     def emit(delivery: Delivery) -> None:
+        items = [(r, pack(i)) for r, i in delivery.items]
         try:
-            results.send(delivery)
+            results.send(dataclasses.replace(delivery, items=items))
         except Exception:  # an exception item that does not pickle: send it as text
-            items = [(r, _picklable(i)) for r, i in delivery.items]
+            items = [(r, _picklable(i)) for r, i in items]
             results.send(dataclasses.replace(delivery, items=items))
 
     try:
@@ -148,6 +152,37 @@ def run_engine_process(args, commands, results, timings: bool, log_level: int) -
     except (EOFError, BrokenPipeError):  # the serving process is gone
         return
     results.send(None)
+
+
+def pack(item: object) -> object:
+    """A stream update as the pipe carries it: what is new in it. Its request id, prompt ids
+    and text so far are the front end's to add back (``unpack``): sent with every update
+    they made a 256-stream step's message ~10x larger, and the front end's reading of it
+    held back the engine."""
+    if not isinstance(item, StreamOutput):
+        return item
+    return (
+        item.index,
+        item.delta,
+        item.num_token_ids,
+        item.new_token_ids,
+        item.new_logprobs,
+        item.finished,
+        item.finish_reason,
+        item.stop_reason,
+        item.error,
+    )
+
+
+def unpack(packed: tuple, request_id: str, prompt_ids: list[int], texts: dict[int, str]):
+    """The StreamOutput that ``pack`` made ``packed`` from; ``texts``: each completion's text
+    so far (updated)."""
+    index, delta, num_ids, new_ids, new_logprobs, finished, reason, stop_reason, error = packed
+    texts[index] = text = texts.get(index, "") + delta
+    return StreamOutput(
+        request_id, index, delta, text, num_ids, new_ids, new_logprobs, finished, reason,
+        prompt_ids, stop_reason, error,
+    )  # fmt: skip
 
 
 def _picklable(item: object) -> object:
