@@ -155,7 +155,10 @@ class AsyncLLM:
         except EOFError:
             self._process.join()
             raise RuntimeError(
-                f"the engine process exited with code {self._process.exitcode} while loading"
+                f"the engine process exited with code {self._process.exitcode} while loading "
+                "(its error is printed above; a script that starts one needs the usual "
+                "`if __name__ == '__main__':` guard of spawned processes, or engine_process="
+                "False)"
             ) from None
         if reply[0] == "failed":
             self._process.join()
