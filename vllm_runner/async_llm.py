@@ -329,7 +329,11 @@ class AsyncLLM:
                 item = unpack(item, entry.request_id, entry.prompt_ids, entry.texts)
             batches.setdefault(entry.loop, []).append((entry.queue, item))
         for loop, items in batches.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop closed: its streams have no reader left
+                if not loop.is_closed():
+                    raise
 
     def _guarded(self, loop: Callable[[], None]) -> None:
         """Run the loop; if it stops on its own (a bug, or the engine process died), every
@@ -337,17 +341,26 @@ class AsyncLLM:
         try:
             loop()
         except BaseException as exc:
-            if self._process is not None:
-                self._process.join(timeout=5)
-                reason = f"the engine process exited (code {self._process.exitcode})"
-            else:
-                logger.exception("the engine loop failed")
-                reason = f"the engine loop failed: {exc!r}"
+            reason = self._stopped_because(exc)
             if self._running:
                 self.error = reason
                 self._running = False
             failed = [(route, RuntimeError(reason)) for route in list(self._entries)]
             self._deliver(Delivery(failed, self._stats))
+
+    def _stopped_because(self, exc: BaseException) -> str:
+        if self._process is None:
+            logger.exception("the engine loop failed")
+            return f"the engine loop failed: {exc!r}"
+        if isinstance(exc, EOFError | OSError):  # its end of the pipe closed: it exited
+            self._process.join(timeout=5)
+            return f"the engine process exited (code {self._process.exitcode})"
+        # NOTE: the engine is alive but its results can no longer be read: stop it (it holds
+        # the device's memory) rather than leave it running unread.
+        logger.exception("reading the engine process's results failed")
+        self._process.kill()
+        self._process.join()
+        return f"reading the engine process's results failed: {exc!r}"
 
 
 @dataclasses.dataclass

@@ -134,6 +134,52 @@ def test_ctrl_c_leaves_the_engine_process_to_the_server(apart):
     assert apart._process.is_alive() and apart.error is None
 
 
+@pytest.mark.parametrize("engine_process", [True, False], ids=["process", "thread"])
+def test_a_closed_event_loop_leaves_the_engine_to_the_others(default_model_dir, engine_process):
+    """A caller that ran its stream on its own event loop, left it and closed that loop
+    (e.g. one asyncio.run per call): the outputs still on their way to it (the abort's
+    final one) have no reader; they are dropped, and the engine serves everyone else (the
+    hand-over to a closed loop raised and ended the results reader / loop thread)."""
+    llm = AsyncLLM(default_model_dir, engine_process=engine_process, **KW)
+    try:
+        loop = asyncio.new_event_loop()
+
+        async def start_and_leave():
+            stream = llm.stream("Once upon a time", SamplingParams(max_tokens=400))
+            await anext(stream)
+            await stream.aclose()  # the abort is sent; its final output comes later
+
+        loop.run_until_complete(start_and_leave())
+        loop.close()
+        # (a hang guard, not a timing: this request's outputs follow the abort's)
+        out = run(asyncio.wait_for(llm.generate(["Hello"], GREEDY), 120))
+        assert out[0].finished and llm.error is None
+    finally:
+        run(llm.shutdown())
+
+
+def test_a_failed_results_reader_stops_the_engine_process(default_model_dir, monkeypatch):
+    """The engine process alive but its results unreadable: its streams fail with the
+    reason, and it is stopped (it holds the device's memory), not left running unread."""
+    from vllm_runner import async_llm
+
+    llm = AsyncLLM(default_model_dir, engine_process=True, **KW)
+
+    def unreadable(*args):
+        raise ValueError("injected unpack failure")
+
+    monkeypatch.setattr(async_llm, "unpack", unreadable)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="results failed: ValueError"):
+            async for _ in llm.stream("Hello", GREEDY):
+                pass
+        await llm.shutdown()
+
+    run(asyncio.wait_for(main(), 120))  # (a hang guard)
+    assert not llm._process.is_alive() and "injected unpack failure" in llm.error
+
+
 def test_a_load_error_in_the_engine_process_is_raised_in_the_caller(default_model_dir):
     with pytest.raises(ValueError, match="max_model_len must be >= 2"):
         AsyncLLM(default_model_dir, engine_process=True, device="cpu", max_model_len=1)

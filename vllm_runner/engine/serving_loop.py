@@ -140,12 +140,8 @@ def run_engine_process(args, commands, results, timings: bool, log_level: int) -
         return commands.recv() if block or commands.poll() else None
 
     def emit(delivery: Delivery) -> None:
-        items = [(r, pack(i)) for r, i in delivery.items]
-        try:
-            results.send(dataclasses.replace(delivery, items=items))
-        except Exception:  # an exception item that does not pickle: send it as text
-            items = [(r, _picklable(i)) for r, i in items]
-            results.send(dataclasses.replace(delivery, items=items))
+        items = [(r, _picklable(pack(i))) for r, i in delivery.items]
+        results.send(dataclasses.replace(delivery, items=items))
 
     try:
         ServingLoop(engine, emit, timings).run(receive)
@@ -186,9 +182,10 @@ def unpack(packed: tuple, request_id: str, prompt_ids: list[int], texts: dict[in
 
 
 def _picklable(item: object) -> object:
+    """An exception item as it is, if it crosses the pipe intact; else as text."""
     if isinstance(item, BaseException):
-        try:
-            pickle.dumps(item)
+        try:  # (one whose __init__ needs more than its args pickles, then fails to load)
+            pickle.loads(pickle.dumps(item))
         except Exception:
             return RuntimeError(f"{type(item).__name__}: {item}")
     return item
