@@ -270,7 +270,7 @@ class AsyncLLM:
                     done = True
                     raise item
                 if isinstance(item, StreamOutput) and item.error is not None:
-                    done = True
+                    # (not done: n > 1 siblings of the failed completion are aborted)
                     raise RequestError(f"request {request_id} failed: {item.error}")
                 done = isinstance(item, RequestOutput)
                 yield item

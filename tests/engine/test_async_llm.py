@@ -179,6 +179,34 @@ def test_a_failing_request_fails_alone(smol, monkeypatch):
     assert smol.stats()["kv_blocks_used"] == 0
 
 
+def test_a_stream_ended_by_one_failed_completion_aborts_its_siblings(smol, monkeypatch):
+    """n = 2 and completion 1 fails: the stream raises, and completion 0 must not go on
+    generating unread (it held its blocks and its request id until max_tokens)."""
+    from vllm_runner.engine import core
+
+    original = core.apply_step_output
+
+    def failing_second(state, index, out):
+        if index == 1:
+            raise RuntimeError("injected failure of completion 1")
+        return original(state, index, out)
+
+    monkeypatch.setattr(core, "apply_step_output", failing_second)
+    params = SamplingParams(n=2, max_tokens=600, ignore_eos=True, seed=1)
+
+    async def main():
+        with pytest.raises(RequestError, match="injected failure of completion 1"):
+            async for _ in smol.stream("Once upon a time", params, request_id="pair"):
+                pass
+        monkeypatch.undo()
+        # the abort is a command like any other: this request runs after it was applied
+        return [o async for o in smol.stream("Hello", GREEDY, request_id="pair")]
+
+    outs = run(main())
+    assert outs[-1].finished and outs[-1].num_token_ids == 12
+    assert smol.stats()["kv_blocks_used"] == 0 and smol.stats()["num_running"] == 0
+
+
 def test_serving_engine_asks_for_the_serving_step_budget(default_model_dir, monkeypatch):
     """AsyncLLM (the service) and LLM (offline) pick their default step budgets apart."""
     import vllm_runner.config as config
