@@ -21,6 +21,7 @@ from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavail
 from pydantic import PrivateAttr, ValidationError, model_validator
 
 from vllm_runner import AsyncLLM, RequestError, SamplingParams
+from vllm_runner.async_llm import EngineDeadError
 from vllm_runner.serving.auth import ApiKeyMiddleware
 from vllm_runner.serving.openai_api import EngineNotReady, create_openai_app
 from vllm_runner.serving.protocol import (
@@ -212,7 +213,12 @@ class LLMService:
         self, request: GenerateRequest, /, ctx: bentoml.Context
     ) -> AsyncGenerator[str, None]:
         """Generate from `prompt`, streaming the text as it is produced."""
-        engine = self._engine()
+        try:
+            engine = self._engine()
+        except ServiceUnavailable as exc:  # (a raised 5xx's message is hidden: see below)
+            ctx.response.status_code = 503
+            yield f"error: {exc}"
+            return
         params = request.sampling_params()
         try:  # in a thread: a long prompt's tokenization would hold every other stream
             prompt = await asyncio.to_thread(engine.validate, request.prompt, params)
@@ -234,12 +240,12 @@ class LLMService:
                 if out.delta:
                     started = True
                     yield out.delta
-        except RequestError as exc:
+        except (RequestError, EngineDeadError) as exc:
             if started:  # headers are sent: BentoML logs it and ends the stream
                 raise
             # NOTE: BentoML hides the message of a raised 5xx; before the first chunk the
             # status is still ours to set, so the client learns what failed.
-            ctx.response.status_code = 500
+            ctx.response.status_code = 503 if isinstance(exc, EngineDeadError) else 500
             yield f"error: {exc}"
 
     @bentoml.api(**_batching)

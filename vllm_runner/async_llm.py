@@ -45,6 +45,11 @@ class RequestError(RuntimeError):
         self.results = results
 
 
+class EngineDeadError(RuntimeError):
+    """The engine's loop stopped on its own (its process died, or a bug): every open and new
+    request fails with this, naming why (``AsyncLLM.error``)."""
+
+
 class AsyncLLM:
     def __init__(
         self,
@@ -245,7 +250,9 @@ class AsyncLLM:
     ) -> AsyncIterator[StreamOutput | RequestOutput]:
         prompt_ids = self.validate(prompt, params)
         if not self._running:
-            raise RuntimeError(self.error or "AsyncLLM is shut down")
+            raise (
+                EngineDeadError(self.error) if self.error else RuntimeError("AsyncLLM is shut down")
+            )
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -306,7 +313,7 @@ class AsyncLLM:
             self._send_command(command)
         except OSError:  # the engine process is gone (its reader fails the streams)
             if command[0] == "add":
-                raise RuntimeError(self.error or "the engine process has exited") from None
+                raise EngineDeadError(self.error or "the engine process has exited") from None
 
     def _deliver(self, delivery: Delivery) -> None:
         """A step's results to the streams (from the loop thread, or the thread that reads
@@ -345,7 +352,7 @@ class AsyncLLM:
             if self._running:
                 self.error = reason
                 self._running = False
-            failed = [(route, RuntimeError(reason)) for route in list(self._entries)]
+            failed = [(route, EngineDeadError(reason)) for route in list(self._entries)]
             self._deliver(Delivery(failed, self._stats))
 
     def _stopped_because(self, exc: BaseException) -> str:

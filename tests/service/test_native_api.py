@@ -53,6 +53,34 @@ def test_failed_load_is_not_alive(client: Any) -> None:
     assert client.get("/livez").status_code == 200
 
 
+def test_a_dead_engine_answers_503_naming_why(client: Any, monkeypatch) -> None:
+    """The engine's loop stopped (its process died): /generate, before its first chunk, and
+    the OpenAI routes answer 503 with the reason (a raised 5xx's message BentoML hides);
+    the probes fail."""
+    import bentoml
+
+    from vllm_runner.async_llm import EngineDeadError
+
+    engine = bentoml.get_current_service().engine
+    reason = "the engine process exited (code -9)"
+
+    async def dead_stream(*args, **kwargs):
+        raise EngineDeadError(reason)
+        yield  # (an async generator)
+
+    monkeypatch.setattr(engine, "stream", dead_stream)
+    r = client.post("/generate", json={"prompt": "hi"})  # in flight as it died
+    assert r.status_code == 503 and r.text == f"error: {reason}"
+    monkeypatch.setattr(engine, "error", reason)
+    r = client.post("/generate", json={"prompt": "hi"})  # after
+    assert r.status_code == 503 and r.text == f"error: the engine stopped: {reason}"
+    r = client.post("/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 503 and reason in r.json()["error"]["message"]
+    assert client.get("/livez").status_code == 503 and client.get("/readyz").status_code == 503
+    monkeypatch.undo()
+    assert client.get("/livez").status_code == 200
+
+
 def test_generate_streams_text_deltas(client: Any) -> None:
     body = {"prompt": PROMPT, "max_tokens": 4, **GREEDY}
     with client.stream("POST", "/generate", json=body) as r:

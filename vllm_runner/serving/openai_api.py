@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
-from vllm_runner.async_llm import RequestError
+from vllm_runner.async_llm import EngineDeadError, RequestError
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.serving import openai_format as fmt
 from vllm_runner.serving.protocol import (
@@ -96,6 +96,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         return fmt.OpenAIError(
             503, str(exc), "service_unavailable", None, "model_not_ready"
         ).response()
+
+    @app.exception_handler(EngineDeadError)
+    async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return fmt.OpenAIError(503, str(exc), "service_unavailable", None, "engine_dead").response()
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
