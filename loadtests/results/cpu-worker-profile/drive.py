@@ -1,20 +1,38 @@
-import asyncio, json, sys, time
+"""The client of the worker profile: N concurrent /v1/completions streams for D seconds.
+
+python drive.py N D   (a server on 127.0.0.1:3199 serving the model named in MODEL)
+"""
+
+import asyncio
+import json
+import sys
+import time
+
 import httpx
-N = int(sys.argv[1]); DUR = float(sys.argv[2])
-async def one(client, stop, counts):
-    body = {"model": "/tmp/prof_models/llama-tiny-random-seed0-vocab49152", "prompt": "Once upon a time", "max_tokens": 256, "ignore_eos": True, "stream": True}
+
+MODEL = "/tmp/prof_models/llama-tiny-random-seed0-vocab49152"
+URL = "http://127.0.0.1:3199/v1/completions"
+
+
+async def one(client: httpx.AsyncClient, stop: float, counts: list[int]) -> None:
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 256}
+    body |= {"ignore_eos": True, "stream": True}
     while time.monotonic() < stop:
-        async with client.stream("POST", "http://127.0.0.1:3199/v1/completions", json=body, timeout=120) as r:
-            async for line in r.aiter_lines():
+        async with client.stream("POST", URL, json=body, timeout=120) as response:
+            async for line in response.aiter_lines():
                 if line.startswith("data: {"):
                     counts[0] += 1
-                    d = json.loads(line[6:])
-                    counts[1] += len(d["choices"][0]["text"]) if d["choices"] else 0
-async def main():
-    counts = [0, 0]
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=N)) as client:
-        t = time.monotonic(); stop = t + DUR
-        await asyncio.gather(*(one(client, stop, counts) for _ in range(N)))
-        el = time.monotonic() - t
-    print(f"{N} streams: {counts[0]/el:.0f} chunks/s over {el:.1f}s")
-asyncio.run(main())
+                    json.loads(line[6:])
+
+
+async def main(streams: int, seconds: float) -> None:
+    counts = [0]
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=streams)) as client:
+        start = time.monotonic()
+        await asyncio.gather(*(one(client, start + seconds, counts) for _ in range(streams)))
+        elapsed = time.monotonic() - start
+    print(f"{streams} streams: {counts[0] / elapsed:.0f} chunks/s over {elapsed:.1f}s")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]), float(sys.argv[2])))
