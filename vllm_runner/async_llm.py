@@ -263,7 +263,7 @@ class AsyncLLM:
         done = False
         held: collections.deque = collections.deque()  # taken from the queue, not yet yielded
         try:
-            self._send(("add", request_id, route, prompt, params))
+            self._send(("add", request_id, route, prompt, prompt_ids, params))
             while not done:
                 if not held:
                     items = [await q.get()]

@@ -103,9 +103,15 @@ class EngineCore:
 
     # ---- input ----------------------------------------------------------------------------
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        prompt_ids: list[int] | None = None,
     ) -> RequestState:
-        prompt_ids = self.inputs.tokenize(prompt)
+        """``prompt_ids``: ``prompt`` already tokenized (a front end that checked it)."""
+        if prompt_ids is None:
+            prompt_ids = self.inputs.tokenize(prompt)
         self.inputs.validate(prompt_ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.states:

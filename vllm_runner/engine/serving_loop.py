@@ -5,9 +5,10 @@ It runs in a thread of the serving process, or as the whole of an engine-core pr
 processing, detokenization) has a GIL of its own instead of sharing one with the server's
 event loop and HTTP stack (vLLM V1 runs its EngineCore apart for the same reason).
 
-Commands: ``("add", request_id, route, prompt, params)``, ``("abort", request_id)``,
-``("stop",)``. A route is a number the front end gives each added request: outputs go to the
-stream that added the request even after that stream closed and another reused its id.
+Commands: ``("add", request_id, route, prompt, prompt_ids, params)`` (the ids the front end
+checked: not tokenized again), ``("abort", request_id)``, ``("stop",)``. A route is a number
+the front end gives each added request: outputs go to the stream that added the request even
+after that stream closed and another reused its id.
 """
 
 import dataclasses
@@ -79,9 +80,9 @@ class ServingLoop:
         if command[0] == "abort":
             self._deliver(engine.abort(command[1]))
             return True
-        _, request_id, route, prompt, params = command
+        _, request_id, route, prompt, prompt_ids, params = command
         try:
-            engine.add_request(prompt, params, request_id)
+            engine.add_request(prompt, params, request_id, prompt_ids)
         except Exception as e:  # validated already; anything here is this request's alone
             self.emit(Delivery([(route, e)], engine.stats()))
         else:
