@@ -66,6 +66,7 @@ d = build_random_llama("1b", Path("/tmp/lt_models"), "cuda", 0, vocab_size=49152
                --serve-arg dtype=bfloat16 --serve-arg max_concurrency=512 \
                --users "${LT_USERS:-1,16,64,256}" --duration "${LT_DURATION:-30}" \
                --stop-timeout 30 --max-tokens 128 --label "H200, Llama-3.2-1B shape" \
+               --processes "${LT_PROCESSES:-1}" ${LT_SERVE_ARGS:-} \
                --out "$OUT/loadtest_h200_1b${AB:-}${ROUND:-}" 2>&1 | tail -12 ;;
     kernels) python benchmarks/kernels.py --check --quick --out "$OUT/kernels.md" 2>&1 | tail -40 ;;
     w1-1b) python benchmarks/throughput.py --device cuda --models 1b --systems engine \

@@ -34,6 +34,7 @@ class Step:
     itl_max_ms: float = 0.0  # the longest stall of any stream
     complete_ms: tuple[float, float] | None = None  # /complete latency p50, p99
     route_tokens_per_s: dict[str, float] = field(default_factory=dict)  # mean per request
+    client_cpu_per_s: float = 0.0  # locust's CPU seconds per second of the step
 
     @property
     def fatal(self) -> int:
@@ -122,13 +123,14 @@ def _pair(values: dict[str, tuple[float, float]], route: str) -> str:
 
 def summary_markdown(steps: list[Step], header: list[str], verdict: list[str]) -> str:
     routes = [r for r in STREAM_ROUTES if any(r in s.ttft_ms for s in steps)]
-    cols = ["users", "req/s", "output tok/s", "engine tok/s"]
+    cols = ["users", "req/s", "output tok/s", "engine tok/s", "locust CPU s/s"]
     cols += [f"TTFT p50/p99 ms {r}" for r in routes] + [f"ITL p50/p99 ms {r}" for r in routes]
     cols += ["ITL max ms", "/complete p50/p99 ms", "fatal", "429", "other 4xx"]
     lines = [*header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for s in steps:
         engine = "-" if s.server_tokens_per_s is None else f"{s.server_tokens_per_s:.1f}"
         cells = [str(s.users), f"{s.requests_per_s:.2f}", f"{s.tokens_per_s:.1f}", engine]
+        cells.append(f"{s.client_cpu_per_s:.2f}")
         cells += [_pair(s.ttft_ms, r) for r in routes] + [_pair(s.itl_ms, r) for r in routes]
         done = _pair({"c": s.complete_ms}, "c") if s.complete_ms else "-"
         cells += [
@@ -156,6 +158,7 @@ def write_summary_csv(steps: list[Step], path: Path) -> None:
         for r in routes:
             head += [f"ttft_p50_ms {r}", f"ttft_p99_ms {r}", f"itl_p50_ms {r}", f"itl_p99_ms {r}"]
         head += [f"mean_request_tokens_per_s {r}" for r in ALL_ROUTES]
+        head.append("client_cpu_per_s")
         w.writerow(head)
         for s in steps:
             row: list[object] = [s.users, s.requests, round(s.requests_per_s, 3), s.output_tokens]
@@ -165,6 +168,7 @@ def write_summary_csv(steps: list[Step], path: Path) -> None:
             for r in routes:
                 row += [*s.ttft_ms.get(r, ("", "")), *s.itl_ms.get(r, ("", ""))]
             row += [_round(s.route_tokens_per_s.get(r)) for r in ALL_ROUTES]
+            row.append(s.client_cpu_per_s)
             w.writerow(row)
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -42,6 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--user-class", default="MixedUser", help="locustfile class(es), comma-sep.")
     p.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
     p.add_argument("--prompt-words", default="8,64,384", help="prompt lengths mixed (words)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="locust processes (its --processes): one Python process parses a few thousand "
+        "chunks a second, so many fast streams need several",
+    )
     p.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "latest")
     p.add_argument(
         "--serve-arg",
@@ -61,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise ValueError
     except ValueError:
         p.error(f"--users must be positive integers, got {args.users!r}")
+    if args.processes < 1:
+        p.error(f"--processes must be at least 1, got {args.processes}")
     if args.host:
         try:
             args.host = require_loopback(args.host)
@@ -89,6 +99,7 @@ def run_step(args: argparse.Namespace, url: str, users: int) -> Step:
         "-u", str(users), "-r", f"{spawn_rate:g}", "-t", f"{args.duration:g}s",
         "--stop-timeout", f"{args.stop_timeout:g}", "--host", url, "--csv", str(prefix),
         "--only-summary", "--exit-code-on-error", "0",
+        *(["--processes", str(args.processes)] if args.processes > 1 else []),
         *args.user_class.split(","),
     ]  # fmt: skip
     env = {
@@ -99,16 +110,25 @@ def run_step(args: argparse.Namespace, url: str, users: int) -> Step:
     }
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     before, start = engine_tokens(url, headers), time.monotonic()
+    cpu_before = _children_cpu_s()
     with open(f"{prefix}.log", "wb") as log:
         rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     wall, after = time.monotonic() - start, engine_tokens(url, headers)
     step = read_step(users, prefix)
+    step.client_cpu_per_s = round((_children_cpu_s() - cpu_before) / wall, 2)
     if rc != 0:
         step.failures["exception"] = step.failures.get("exception", 0) + 1
         step.errors.append(f"locust exited with {rc} (see {prefix}.log)")
     if before is not None and after is not None:
         step.server_tokens_per_s = round((after - before) / wall, 2)
     return step
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of the finished locust processes (a client near one core per process is
+    the limit, not the service)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def describe(args: argparse.Namespace, argv: list[str]) -> list[str]:
@@ -122,7 +142,8 @@ def describe(args: argparse.Namespace, argv: list[str]) -> list[str]:
         f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {platform.node()}, "
         f"{os.cpu_count()} CPUs, {platform.machine()}",
         f"- service: {host}",
-        f"- users: {args.user_class}, {args.duration:g} s per step (+ drain), "
+        f"- users: {args.user_class} in {args.processes} locust process(es), "
+        f"{args.duration:g} s per step (+ drain), "
         f"{args.max_tokens} output tokens per request (ignore_eos), prompts ~{args.prompt_words} "
         "words",
         "- TTFT/ITL: locust percentiles of the custom events (ms; locust rounds values over "
@@ -154,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{users} users for {args.duration:g}s ...", flush=True)
             steps.append(run_step(args, url, users))
             s = steps[-1]
-            print(f"  {s.requests} requests, {s.tokens_per_s:.1f} tok/s, failures {s.failures}")
+            print(
+                f"  {s.requests} requests, {s.tokens_per_s:.1f} tok/s, failures {s.failures}, "
+                f"locust CPU {s.client_cpu_per_s:.2f} s/s"
+            )
     finally:
         exit_code = server.stop() if server is not None else None
     slo = Slo(args.slo_ttft_p99_ms, args.slo_itl_p99_ms, args.slo_min_tokens_per_s)
