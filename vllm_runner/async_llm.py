@@ -18,17 +18,13 @@ import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from multiprocessing.connection import Connection
 
 from vllm_runner.engine.core import EngineCore
+from vllm_runner.engine.engine_process import SharedEngine, run_engine_process
 from vllm_runner.engine.input_processor import InputProcessor
 from vllm_runner.engine.outputs import RequestOutput, StreamOutput, merge_updates
-from vllm_runner.engine.serving_loop import (
-    Delivery,
-    ServingLoop,
-    is_final,
-    run_engine_process,
-    unpack,
-)
+from vllm_runner.engine.serving_loop import Delivery, ServingLoop, is_final, unpack
 from vllm_runner.llm import Prompt, apply_chat_template, engine_args, normalize_batch
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import load_tokenizer
@@ -59,6 +55,7 @@ class AsyncLLM:
         served_model_name: str | None = None,
         log_stats: bool = False,
         engine_process: bool | None = None,
+        shared_engine: str | None = None,
         **kwargs,
     ) -> None:
         """``served_model_name``: the id clients name the model by (default: the model's).
@@ -68,13 +65,25 @@ class AsyncLLM:
         whose host work feeds the GPU. Otherwise the loop is a thread, which builds the
         engine it steps: on the CPU, PyTorch's OpenMP work from a second thread runs a second
         thread team beside the first, and the two share the cores (a CPU engine loaded in
-        one thread and stepped in another ran 23-40% slower; loadtests/RESULTS.md)."""
+        one thread and stepped in another ran 23-40% slower; loadtests/RESULTS.md).
+
+        ``shared_engine``: a name; the AsyncLLMs of this user's processes that give the same
+        name (and the same engine arguments) share one engine process: the first starts it,
+        the others connect to it (a server's workers: more HTTP capacity, one copy of the
+        weights). It runs until the last of them has shut down or exited."""
         args = engine_args(model, model_name, kwargs)
         if engine_process is None:
-            engine_process = args.resolve_device().type == "cuda"
+            engine_process = shared_engine is not None or args.resolve_device().type == "cuda"
+        if shared_engine is not None and not engine_process:
+            raise ValueError(
+                f"shared_engine={shared_engine!r} needs engine_process=True (a shared engine "
+                "runs in a process of its own)"
+            )
         self.engine: EngineCore | None = None  # the loop thread's engine (none in a process)
         self.error: str | None = None  # why the loop stopped on its own, if it did
-        self._process = None
+        self._process = None  # the engine process, if this object started it
+        self._shared = shared_engine is not None
+        self._engine_pid: int | None = None
         self._routes = itertools.count()
         # route -> the stream that added the request (serving_loop)
         self._entries: dict[int, _Route] = {}
@@ -83,7 +92,7 @@ class AsyncLLM:
         self._go = threading.Event()  # the loop may start (or, on an error here, end)
         try:  # (interrupted while loading, e.g. Ctrl-C: the loop's thread or process ends)
             if engine_process:
-                limits, self._stats, name = self._start_process(args, log_stats)
+                limits, self._stats, name = self._start_process(args, log_stats, shared_engine)
                 self.tokenizer = load_tokenizer(limits.model_path)
                 self.inputs = InputProcessor(limits, self.tokenizer)
             else:
@@ -136,25 +145,41 @@ class AsyncLLM:
         if failure:
             raise failure[0]
 
-    def _start_process(self, args, log_stats: bool) -> tuple:
+    def _start_process(self, args, log_stats: bool, shared: str | None) -> tuple:
+        if shared is None:
+            return self._spawn(args, log_stats, None)
+        place = SharedEngine.named(shared)
+        with place.locked():
+            found = place.connect()
+            if found is None:
+                return self._spawn(args, log_stats, place)
+        conn, (_, limits, stats, name, pid) = found
+        self._engine_pid = pid
+        logger.info("connected to the shared engine process (pid %d)", pid)
+        self._attach(conn, conn)
+        return limits, stats, name
+
+    def _spawn(self, args, log_stats: bool, place: SharedEngine | None) -> tuple:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         commands_out, commands_in = ctx.Pipe(duplex=False)
         results_out, results_in = ctx.Pipe(duplex=False)
         level = logging.getLogger("vllm_runner").getEffectiveLevel()
+        listen = None if place is None else (place.socket, place.new_key())
         self._process = ctx.Process(
             target=run_engine_process,
-            args=(args, commands_out, results_in, log_stats, level),
+            args=(args, commands_out, results_in, log_stats, level, listen),
             name="vllm-runner-engine",
             daemon=True,
         )
         self._process.start()
+        self._engine_pid = self._process.pid
         logger.info("engine core in its own process (pid %d)", self._process.pid)
         commands_out.close()  # the process's ends: EOF here when it exits
         results_in.close()
-        # NOTE: the engine process ignores SIGTERM (a server's graceful stop) and ends when
-        # this end of its command pipe closes: with this object, or at interpreter exit
-        # before multiprocessing joins its children.
-        multiprocessing.util.Finalize(self, commands_in.close, exitpriority=100)
+        if place is not None:
+            # NOTE: multiprocessing would wait at this interpreter's exit for the engine,
+            # which others may still use: it ends when the last of them has gone.
+            multiprocessing.process._children.discard(self._process)
         try:
             reply = results_out.recv()
         except EOFError:
@@ -168,14 +193,20 @@ class AsyncLLM:
         if reply[0] == "failed":
             self._process.join()
             raise reply[1]
+        self._attach(commands_in, results_out)
+        _, limits, stats, name, _ = reply
+        return limits, stats, name
+
+    def _attach(self, commands: Connection, results: Connection) -> None:
+        """Send commands on one connection, read each step's results from the other."""
         lock = threading.Lock()
 
         def send(command: tuple) -> None:
             with lock:  # callers from several threads (asyncio.to_thread, other loops)
-                commands_in.send(command)
+                commands.send(command)
 
         def read() -> None:
-            while (delivery := results_out.recv()) is not None:
+            while (delivery := results.recv()) is not None:
                 self._deliver(delivery)
 
         def run() -> None:
@@ -183,11 +214,14 @@ class AsyncLLM:
             if self._running:
                 self._guarded(read)
 
+        # NOTE: the engine process ignores SIGTERM (a server's graceful stop) and forgets
+        # this front end when its end of the connection closes: with this object, or at
+        # interpreter exit before multiprocessing joins its children.
+        multiprocessing.util.Finalize(self, commands.close, exitpriority=100)
+        self._results = results
         self._send_command = send
         self._thread = threading.Thread(target=run, name="vllm-runner-results", daemon=True)
         self._thread.start()
-        _, limits, stats, name = reply
-        return limits, stats, name
 
     # ---- public API ------------------------------------------------------------------------
     def validate(self, prompt: Prompt, params: SamplingParams) -> list[int]:
@@ -298,7 +332,7 @@ class AsyncLLM:
         self._running = False
         self._send(("stop",))
         await asyncio.to_thread(self._thread.join)
-        if self._process is not None:
+        if self._process is not None and not self._shared:
             await asyncio.to_thread(self._process.join)
 
     async def __aenter__(self) -> "AsyncLLM":
@@ -322,8 +356,8 @@ class AsyncLLM:
         # that step's stats (its blocks freed) and its request counted.
         self._stats = delivery.stats
         if self.metrics is not None:
-            self.metrics.record_step(delivery.stats)
-            for timings in delivery.timings:
+            self.metrics.record_step(delivery.stats, publish=delivery.publish_stats)
+            for _, timings in delivery.timings:
                 self.metrics.record_request(**dataclasses.asdict(timings))
         # NOTE: one hand-over per event loop and step (each wakes the loop with a syscall),
         # not one per request.
@@ -356,17 +390,22 @@ class AsyncLLM:
             self._deliver(Delivery(failed, self._stats))
 
     def _stopped_because(self, exc: BaseException) -> str:
-        if self._process is None:
+        if self._engine_pid is None:
             logger.exception("the engine loop failed")
             return f"the engine loop failed: {exc!r}"
         if isinstance(exc, EOFError | OSError):  # its end of the pipe closed: it exited
+            if self._process is None:  # another process's
+                return f"the engine process (pid {self._engine_pid}) exited"
             self._process.join(timeout=5)
             return f"the engine process exited (code {self._process.exitcode})"
-        # NOTE: the engine is alive but its results can no longer be read: stop it (it holds
-        # the device's memory) rather than leave it running unread.
         logger.exception("reading the engine process's results failed")
-        self._process.kill()
-        self._process.join()
+        if self._shared:  # the others go on: the engine forgets this front end
+            self._results.close()
+        else:
+            # NOTE: the engine is alive but its results can no longer be read: stop it (it
+            # holds the device's memory) rather than leave it running unread.
+            self._process.kill()
+            self._process.join()
         return f"reading the engine process's results failed: {exc!r}"
 
 

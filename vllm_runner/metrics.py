@@ -120,8 +120,13 @@ class EngineMetrics:
         # NOTE: stats() reports cumulative totals; counters advance by the difference.
         self._last: dict[str, float] = {}
 
-    def record_step(self, stats: dict[str, Any]) -> None:
-        """Set the gauges from `stats` and advance counters from its cumulative totals."""
+    def record_step(self, stats: dict[str, Any], publish: bool = True) -> None:
+        """Set the gauges from `stats` and advance counters from its cumulative totals.
+        ``publish`` False (an engine another front end publishes): only note the totals, so
+        that this one takes over from there if it becomes the publisher."""
+        if not publish:
+            self._last.update({k: stats[k] for k in self._counters if stats.get(k) is not None})
+            return
         for key, gauge in self._gauges.items():
             if stats.get(key) is not None:
                 gauge.set(stats[key])

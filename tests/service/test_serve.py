@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,6 +31,8 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 ANSWER = "The capital of France is Paris."
 MAX_CONCURRENCY = 12
 LONG_STREAM = {"prompt": "Tell me a long story.", "max_tokens": 200, "ignore_eos": True}
+ENGINE_STARTED = r"engine core in its own process \(pid (\d+)\)"
+ENGINE_JOINED = r"connected to the shared engine process \(pid (\d+)\)"
 
 
 def free_port() -> int:
@@ -41,6 +44,7 @@ def free_port() -> int:
 class Server:
     def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
         self.proc, self.url, self.log = proc, url, log
+        self.engine_pids: set[int] = set()
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
@@ -53,14 +57,23 @@ class Server:
 # CUDA default), spawned from inside BentoML's worker
 @pytest.fixture(scope="module", params=["thread", "process"])
 def server(tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[Server]:
+    yield from serve(tmp_path_factory, request.param)
+
+
+def serve(tmp_path_factory: pytest.TempPathFactory, mode: str) -> Iterator[Server]:
+    """`bentoml serve` with the engine's loop as a thread, in a process, or in a process
+    that two workers share (`mode`)."""
     home = tmp_path_factory.mktemp("bentoml-home")
     env = {
         **os.environ,
         **SERVICE_ENV,
         "BENTOML_HOME": str(home),
         "VLLM_RUNNER_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
-        "VLLM_RUNNER_ENGINE_PROCESS": str(int(request.param == "process")),
+        "VLLM_RUNNER_ENGINE_PROCESS": str(int(mode != "thread")),
+        "VLLM_RUNNER_WORKERS": str(2 if mode == "shared" else 1),
     }
+    if mode == "shared":  # BentoML gives each worker its share of the service's limit
+        env["VLLM_RUNNER_MAX_CONCURRENCY"] = str(2 * MAX_CONCURRENCY)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve makes its own
     env.pop("VLLM_RUNNER_MAX_MODEL_LEN")  # given as --arg instead
     port = free_port()
@@ -89,7 +102,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[Server
 
     try:
         wait_ready(probe)
-        assert ("engine core in its own process" in srv.logs()) == (request.param == "process")
+        if mode == "shared":  # one worker answered ready: the other may still be connecting
+            wait_ready(lambda: 200 if len(ready_workers(log.read_text())) == 2 else 503)
+        logs = log.read_text(errors="replace")
+        srv.engine_pids = {int(pid) for pid in re.findall(ENGINE_STARTED, logs)}
+        assert len(srv.engine_pids) == (mode != "thread")  # one, even for two workers
+        joined = {int(pid) for pid in re.findall(ENGINE_JOINED, logs)}
+        assert joined == (srv.engine_pids if mode == "shared" else set())
         yield srv
     finally:
         if proc.poll() is None:
@@ -99,6 +118,15 @@ def server(tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[Server
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def ready_workers(logs: str) -> set[str]:
+    return set(re.findall(r"\[entry_service:LLMService:(\d+)\] model \S+ ready", logs))
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from serve(tmp_path_factory, "shared")
 
 
 def test_openai_client_chat(server: Server) -> None:
@@ -218,3 +246,47 @@ def test_shutdown_waits_for_in_flight_streams(server: Server) -> None:
         rest = "".join(chunks)
     assert len(first + rest) > 24  # all 24 tokens arrived (each at least one character)
     assert server.proc.wait(timeout=60) == 0, server.logs()
+
+
+def test_two_workers_serve_from_one_engine(shared_server: Server) -> None:
+    """Requests spread over both workers all get the same greedy answer from the one engine
+    process, and its counts reach /metrics once (one worker publishes them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 12, "temperature": 0}
+
+    def chat(_: int) -> str:
+        r = httpx.post(
+            f"{shared_server.url}/v1/chat/completions", json=body, headers=AUTH, timeout=120
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(8) as pool:  # (within one worker's share of max_concurrency)
+        answers = list(pool.map(chat, range(32)))
+    assert answers == [ANSWER] * 32
+    stats = shared_server.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
+    text = httpx.get(f"{shared_server.url}/metrics", timeout=10).text
+    tokens = metric_value(text, "vllm_runner_generation_tokens_total", model_name=MODEL)
+    assert tokens == stats["generation_tokens_total"]  # not once per worker
+    blocks = metric_value(text, "vllm_runner_kv_blocks_total", model_name=MODEL)
+    assert blocks == stats["kv_blocks_total"]
+    successes = metric_value(text, "vllm_runner_request_success_total", model_name=MODEL)
+    assert successes == 32  # each worker counts the requests it served
+
+
+def test_two_workers_stop_with_their_engine(shared_server: Server) -> None:
+    """SIGTERM: both workers shut down gracefully, the server exits 0 and the engine
+    process they shared ends with them."""
+    (pid,) = shared_server.engine_pids
+    shared_server.proc.send_signal(signal.SIGTERM)
+    assert shared_server.proc.wait(timeout=60) == 0, shared_server.logs()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the shared engine process {pid} outlived its server")

@@ -38,6 +38,21 @@ def test_served_model_name_goes_to_the_engine() -> None:
     assert s.engine_kwargs() == {"served_model_name": "smol", "enforce_eager": True}
 
 
+def test_workers_of_one_server_share_one_engine_process(monkeypatch) -> None:
+    """Several workers on one GPU share an engine (one copy of the weights); the name tells
+    servers and GPU sets apart. With the loop as a thread, each worker keeps its own."""
+    import os
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    kwargs = ServerSettings.load({}, {"workers": "4"}).engine_kwargs()
+    assert kwargs == {"shared_engine": f"bentoml-{os.getppid()}-gpus-1"}
+    apart = ServerSettings.load({}, {"workers": "4", "engine_process": "1"}).engine_kwargs()
+    assert apart["shared_engine"] == kwargs["shared_engine"]
+    own = ServerSettings.load({}, {"workers": "4", "engine_process": "0"}).engine_kwargs()
+    assert own == {"engine_process": False}
+    assert ServerSettings.load({}, {"workers": "1"}).engine_kwargs() == {}
+
+
 def test_arg_file_values_keep_their_types() -> None:
     s = ServerSettings.load({}, {"max_num_seqs": 8, "enable_prefix_caching": True})
     assert s.max_num_seqs == 8 and s.enable_prefix_caching is True

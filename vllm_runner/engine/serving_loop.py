@@ -1,28 +1,24 @@
 """The step loop AsyncLLM runs: commands applied between steps, each step's results handed on.
 
 It runs in a thread of the serving process, or as the whole of an engine-core process
-(``run_engine_process``): there the engine's Python work (scheduling, launches, output
+(``engine_process``): there the engine's Python work (scheduling, launches, output
 processing, detokenization) has a GIL of its own instead of sharing one with the server's
 event loop and HTTP stack (vLLM V1 runs its EngineCore apart for the same reason).
 
 Commands: ``("add", request_id, route, prompt, prompt_ids, params)`` (the ids the front end
-checked: not tokenized again), ``("abort", request_id)``, ``("stop",)``. A route is a number
-the front end gives each added request: outputs go to the stream that added the request even
-after that stream closed and another reused its id.
+checked: not tokenized again), ``("abort", request_id)``, ``("stop",)``. A route is what the
+front end gives each added request (a number; in the engine process, with the front end's
+number): outputs go to the stream that added the request even after that stream closed and
+another reused its id.
 """
 
-import dataclasses
-import logging
 import pickle
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.outputs import RequestOutput, StreamOutput
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,9 +36,12 @@ class Delivery:
     """One step's results for the front end, in order: a request's stream updates, then its
     final ``RequestOutput`` (or the exception that refused it), which ends its route."""
 
-    items: list[tuple[int, object]]  # (route, StreamOutput | RequestOutput | Exception)
+    items: list[tuple[object, object]]  # (route, StreamOutput | RequestOutput | Exception)
     stats: dict[str, int]  # the engine's stats after the step
-    timings: list[RequestTimings] = field(default_factory=list)
+    timings: list[tuple[object, RequestTimings]] = field(default_factory=list)  # per route
+    # NOTE: of the front ends sharing one engine, one publishes its stats as metrics (each
+    # would count the same engine's tokens again); each still counts its own requests.
+    publish_stats: bool = True
 
 
 def is_final(item: object) -> bool:
@@ -54,7 +53,7 @@ class ServingLoop:
         self.engine = engine
         self.emit = emit
         self.timings = timings
-        self.routes: dict[str, int] = {}  # request id -> route, in command order
+        self.routes: dict[str, object] = {}  # request id -> route, in command order
 
     def run(self, receive: Callable[[bool], tuple | None]) -> None:
         """Step until a stop command. ``receive(block)``: the next command, or None when
@@ -97,7 +96,7 @@ class ServingLoop:
             if route is not None:
                 items.append((route, state.final_output()))
             if self.timings:
-                timings.append(request_timings(state))
+                timings.append((route, request_timings(state)))
         # NOTE: the stats with the outputs: a caller that sees its request finish also sees
         # that step's stats (its blocks freed), not the step before.
         self.emit(Delivery(items, self.engine.stats(), timings))
@@ -116,39 +115,6 @@ def request_timings(state) -> RequestTimings:
         e2e_s=time.monotonic() - state.arrival_time,
         finish_reason=state.completions[0].finish_reason or "abort",
     )
-
-
-# ---- the engine-core process -----------------------------------------------------------------
-def run_engine_process(args, commands, results, timings: bool, log_level: int) -> None:
-    """Main of the engine-core process (spawned): build the engine, report ("ready", limits,
-    stats, model name) or ("failed", exception), then step until a stop command; None marks
-    the end. The serving process ending (its pipe end closed) ends this one too."""
-    # NOTE: Ctrl-C in a terminal reaches the whole process group, and a process manager
-    # stopping the server may signal its children (BentoML's does: SIGTERM); the server then
-    # shuts down gracefully (its in-flight streams finish) and stops this process itself, or
-    # its end of the command pipe closes when it exits.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.getLogger("vllm_runner").setLevel(log_level)  # (its handler: vllm_runner/__init__)
-    try:
-        engine = EngineCore(args, serving=True)
-    except BaseException as exc:
-        results.send(("failed", _picklable(exc)))
-        return
-    results.send(("ready", engine.limits, engine.stats(), engine.model_config.name))
-
-    def receive(block: bool) -> tuple | None:
-        return commands.recv() if block or commands.poll() else None
-
-    def emit(delivery: Delivery) -> None:
-        items = [(r, _picklable(pack(i))) for r, i in delivery.items]
-        results.send(dataclasses.replace(delivery, items=items))
-
-    try:
-        ServingLoop(engine, emit, timings).run(receive)
-    except (EOFError, BrokenPipeError):  # the serving process is gone
-        return
-    results.send(None)
 
 
 def pack(item: object) -> object:
@@ -182,7 +148,7 @@ def unpack(packed: tuple, request_id: str, prompt_ids: list[int], texts: dict[in
     )  # fmt: skip
 
 
-def _picklable(item: object) -> object:
+def picklable(item: object) -> object:
     """An exception item as it is, if it crosses the pipe intact; else as text."""
     if isinstance(item, BaseException):
         try:  # (one whose __init__ needs more than its args pickles, then fails to load)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -106,7 +107,15 @@ class ServerSettings:
             kwargs["served_model_name"] = self.served_model_name
         if self.engine_process is not None:
             kwargs["engine_process"] = self.engine_process
+        if self.workers > 1 and self.engine_process is not False:
+            kwargs["shared_engine"] = shared_engine_name()
         return kwargs
+
+
+def shared_engine_name() -> str:
+    """What the workers of one server (children of one `bentoml serve`) that see the same
+    GPUs call their engine: they share it (several HTTP workers, one copy of the weights)."""
+    return f"bentoml-{os.getppid()}-gpus-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}"
 
 
 def _convert(raw: Any, hint: Any, source: str) -> Any:

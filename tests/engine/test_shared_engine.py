@@ -1,0 +1,183 @@
+"""AsyncLLMs sharing one engine process by name (a server's workers): the first starts it,
+the others connect; each gets its own requests' outputs under its own ids, a front end that
+goes does not disturb the others, and the process ends with the last of them."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from vllm_runner import AsyncLLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+KW = dict(dtype="float32", device="cpu", max_model_len=1024, cpu_kv_cache_gb=0.25)
+PROMPTS = ["The capital of France is", "Write a poem about spring.", [1, 2, 3, 4, 5]]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 300))  # (a hang guard, not a timing)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:  # an exited child not yet reaped
+        return f.read().split(")")[-1].split()[0] == "Z"
+
+
+def wait_gone(pid: int) -> None:
+    for _ in range(600):
+        if gone(pid):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"engine process {pid} still running")
+
+
+@pytest.fixture
+def name() -> str:
+    return f"test-{uuid.uuid4().hex}"
+
+
+def test_two_front_ends_share_one_engine(default_model_dir, smol_llm, name):
+    first = AsyncLLM(default_model_dir, shared_engine=name, log_stats=True, **KW)
+    second = AsyncLLM(default_model_dir, shared_engine=name, log_stats=True, **KW)
+    try:
+        assert first._process is not None and second._process is None
+        assert second._engine_pid == first._process.pid
+        want = smol_llm.generate(PROMPTS, GREEDY)
+
+        async def updates(llm):
+            return [u async for u in llm.stream(PROMPTS[0], GREEDY, request_id="same")]
+
+        async def main():
+            # the same request id from both at once: each front end's ids are its own
+            return await asyncio.gather(
+                updates(first),
+                updates(second),
+                first.generate(PROMPTS, GREEDY),
+                second.generate(PROMPTS, GREEDY),
+            )
+
+        a, b, got_first, got_second = run(main())
+        for got in (got_first, got_second):
+            assert [o.token_ids for o in got] == [o.token_ids for o in want]
+            assert [o.text for o in got] == [o.text for o in want]
+        for updates in (a, b):
+            assert {u.request_id for u in updates} == {"same"}
+            assert "".join(u.delta for u in updates) == want[0].text
+        assert got_first[0].request_id != got_second[0].request_id  # (uuids of each)
+        # both see the engine's stats once idle: every request's blocks freed
+        for llm in (first, second):
+            assert llm.stats()["kv_blocks_used"] == 0
+            assert llm.stats()["generation_tokens_total"] >= 8 * 12
+    finally:
+        run(second.shutdown())
+        run(first.shutdown())
+    wait_gone(first._process.pid)
+
+
+def test_the_engine_outlives_the_front_end_that_started_it(default_model_dir, smol_llm, name):
+    first = AsyncLLM(default_model_dir, shared_engine=name, **KW)
+    second = AsyncLLM(default_model_dir, shared_engine=name, **KW)
+    pid = first._process.pid
+    want = smol_llm.generate(PROMPTS[:1], GREEDY)
+
+    async def main():
+        stream = second.stream(PROMPTS[0], GREEDY)
+        head = await anext(stream)
+        await first.shutdown()  # returns without waiting for the engine: second uses it
+        rest = [u async for u in stream]
+        return "".join(u.delta for u in [head, *rest]), await second.generate(PROMPTS[:1], GREEDY)
+
+    text, again = run(main())
+    assert text == want[0].text and again[0].token_ids == want[0].token_ids
+    assert not gone(pid) and second.error is None
+    # a third front end, after the first left, connects to the same engine
+    third = AsyncLLM(default_model_dir, shared_engine=name, **KW)
+    assert third._engine_pid == pid
+    run(third.shutdown())
+    run(second.shutdown())
+    wait_gone(pid)
+
+
+def test_a_killed_front_end_leaves_the_others_served(default_model_dir, name):
+    """A worker killed outright mid-stream: the engine aborts its requests (their blocks
+    freed) and goes on serving the others."""
+    llm = AsyncLLM(default_model_dir, shared_engine=name, **KW)
+    script = textwrap.dedent(f"""
+        import asyncio
+        from vllm_runner import AsyncLLM, SamplingParams
+        llm = AsyncLLM({default_model_dir!r}, shared_engine={name!r}, dtype="float32",
+                       device="cpu", max_model_len=1024, cpu_kv_cache_gb=0.25)
+        async def main():
+            async for out in llm.stream("Once upon a time", SamplingParams(max_tokens=900,
+                                        ignore_eos=True)):
+                if out.num_token_ids == 3:
+                    print("streaming", flush=True)
+        asyncio.run(main())
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "streaming"
+        assert llm.stats()["num_running"] == 1 or llm.stats()["kv_blocks_used"] > 0
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+        async def main():
+            out = await llm.generate(["Hello"], GREEDY)
+            for _ in range(100):  # the abort is applied between steps
+                if llm.stats()["kv_blocks_used"] == 0:
+                    break
+                await llm.generate(["Hi"], SamplingParams(max_tokens=1))
+            return out
+
+        out = run(main())
+        assert out[0].finished and llm.error is None
+        assert llm.stats()["kv_blocks_used"] == 0 and llm.stats()["num_running"] == 0
+    finally:
+        child.kill()
+        run(llm.shutdown())
+    wait_gone(llm._process.pid)
+
+
+def test_one_front_end_publishes_the_engines_stats(default_model_dir, name):
+    """Each front end counts its own requests; the engine's totals are published by one
+    (the oldest), else a server's workers would count the same tokens once each."""
+    first = AsyncLLM(default_model_dir, shared_engine=name, **KW)
+    second = AsyncLLM(default_model_dir, shared_engine=name, **KW)
+    flags: dict[str, list[bool]] = {"first": [], "second": []}
+    for key, llm in (("first", first), ("second", second)):
+        deliver = llm._deliver
+
+        def spy(delivery, deliver=deliver, seen=flags[key]):
+            seen.append(delivery.publish_stats)
+            deliver(delivery)
+
+        llm._deliver = spy
+    try:
+        async def both():
+            await asyncio.gather(first.generate(["Hi"], GREEDY), second.generate(["Hi"], GREEDY))
+
+        run(both())
+        assert flags["first"] and set(flags["first"]) == {True}
+        assert flags["second"] and set(flags["second"]) == {False}
+        run(first.shutdown())
+        flags["second"].clear()
+        run(second.generate(["Hi"], GREEDY))
+        assert set(flags["second"]) == {True}  # the oldest left: the next one publishes
+    finally:
+        run(second.shutdown())
+        run(first.shutdown())
+
+
+def test_a_shared_engine_needs_a_process(default_model_dir):
+    with pytest.raises(ValueError, match="shared_engine='x' needs engine_process=True"):
+        AsyncLLM(default_model_dir, shared_engine="x", engine_process=False, **KW)

@@ -1,0 +1,102 @@
+"""The engine-core process: its main, and how front ends find a shared one.
+
+A shared engine is named: the first AsyncLLM with a name starts the process, which then
+also listens on a Unix socket in a directory only this user can open (with a random key);
+others with the same name connect to it. A lock file orders them, so that one process
+starts it and the rest wait for it to be ready.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import signal
+import stat
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+
+from vllm_runner.engine.core import EngineCore
+from vllm_runner.engine.front_ends import FrontEnd, FrontEnds
+from vllm_runner.engine.serving_loop import ServingLoop, picklable
+
+
+def run_engine_process(
+    args,
+    commands: Connection,
+    results: Connection,
+    timings: bool,
+    log_level: int,
+    listen: tuple[str, bytes] | None = None,
+) -> None:
+    """Main of the engine-core process (spawned): build the engine, report ("ready",
+    limits, stats, model name, pid) or ("failed", exception), then step until every front
+    end has gone (stopped, or its end of the pipe closed with its process). ``listen``:
+    (socket path, key) where other front ends connect (a shared engine)."""
+    # NOTE: Ctrl-C in a terminal reaches the whole process group, and a process manager
+    # stopping the server may signal its children (BentoML's does: SIGTERM); the server then
+    # shuts down gracefully (its in-flight streams finish) and stops this process itself, or
+    # its end of the command pipe closes when it exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.getLogger("vllm_runner").setLevel(log_level)  # (its handler: vllm_runner/__init__)
+    try:
+        engine = EngineCore(args, serving=True)
+        listener = None
+        if listen is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(listen[0])  # a dead engine's (the caller holds the lock)
+            listener = Listener(listen[0], "AF_UNIX", authkey=listen[1])
+    except BaseException as exc:
+        results.send(("failed", picklable(exc)))
+        return
+    hello = ("ready", engine.limits, engine.stats(), engine.model_config.name, os.getpid())
+    results.send(hello)
+    front_ends = FrontEnds(FrontEnd(0, commands, results), hello, listener)
+    ServingLoop(engine, front_ends.emit, timings).run(front_ends.receive)
+
+
+@dataclass(frozen=True)
+class SharedEngine:
+    """Where the engine shared under one name is found."""
+
+    socket: str
+    key: Path
+    lock: Path
+
+    @classmethod
+    def named(cls, name: str) -> "SharedEngine":
+        home = Path(tempfile.gettempdir()) / f"vllm-runner-{os.getuid()}"
+        home.mkdir(mode=0o700, exist_ok=True)
+        info = home.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise PermissionError(f"{home} must be a directory of this user's only (mode 700)")
+        # (a short file name: a Unix socket's path is limited to ~100 bytes)
+        stem = hashlib.sha256(name.encode()).hexdigest()[:16]
+        return cls(str(home / f"{stem}.sock"), home / f"{stem}.key", home / f"{stem}.lock")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        with open(self.lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+            yield
+
+    def new_key(self) -> bytes:
+        key = secrets.token_bytes(32)
+        fd = os.open(self.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        return key
+
+    def connect(self) -> tuple[Connection, tuple] | None:
+        """A connection to the running engine and its hello, or None if none runs."""
+        try:
+            conn = Client(self.socket, "AF_UNIX", authkey=self.key.read_bytes())
+            return conn, conn.recv()
+        except (OSError, EOFError, AuthenticationError):  # none, or it just ended
+            return None

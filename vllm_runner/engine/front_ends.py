@@ -1,0 +1,181 @@
+"""The engine process's front ends: the process that started it (over its pipes) and, for a
+shared engine, the other processes that connect to its socket (a BentoML server's workers).
+
+Each front end's commands reach the one ServingLoop with its requests renamed
+``"<front end>:<request id>"`` and its routes ``(front end, route)``, so that two front ends
+may use the same ids; outputs go back to the front end that added the request, with its own
+ids. The process ends when its last front end has gone.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+from multiprocessing import AuthenticationError, Pipe
+from multiprocessing.connection import Connection, Listener, wait
+
+from vllm_runner.engine.outputs import RequestOutput
+from vllm_runner.engine.serving_loop import Delivery, is_final, pack, picklable
+
+logger = logging.getLogger(__name__)
+
+# A front end with no request in a step gets that step's stats at most this often (and when
+# the engine goes idle): every step to every front end would cost each its share of reads.
+STATS_INTERVAL_S = 0.05
+
+
+@dataclasses.dataclass
+class FrontEnd:
+    number: int
+    commands: Connection  # read here
+    results: Connection  # written here (the same connection for a socket)
+    live: dict[int, str] = dataclasses.field(default_factory=dict)  # route -> its request id
+    leaving: bool = False  # sent stop: goes once its requests' last outputs are sent
+    stats_sent_at: float = 0.0
+    stats_stale: bool = False
+
+
+class FrontEnds:
+    """``receive`` and ``emit`` of the engine process's ServingLoop, over every front end."""
+
+    def __init__(self, first: FrontEnd, hello: tuple, listener: Listener | None) -> None:
+        self.front_ends = {first.number: first}
+        self.pending: deque[tuple] = deque()
+        self.hello = hello
+        self.last_stats: dict = hello[2]
+        self._numbers = iter(range(first.number + 1, 1 << 62))
+        self._accepted: deque[Connection] = deque()
+        self._wake_read, self._wake_write = Pipe(duplex=False)
+        if listener is not None:
+            threading.Thread(
+                target=self._accept, args=(listener,), name="vllm-runner-accept", daemon=True
+            ).start()
+
+    # ---- commands in -----------------------------------------------------------------------
+    def receive(self, block: bool) -> tuple | None:
+        """The next command for the loop; ``("stop",)`` once no front end is left."""
+        while not self.pending:
+            if not self.front_ends:
+                return ("stop",)
+            if block:
+                self._flush_stats()
+            by_conn = {f.commands: f for f in self.front_ends.values()}
+            for conn in wait([*by_conn, self._wake_read], timeout=None if block else 0):
+                if conn is self._wake_read:
+                    self._admit()
+                    continue
+                front = by_conn[conn]
+                try:
+                    command = conn.recv()
+                except (EOFError, OSError):  # that front end's process is gone
+                    self._leave(front)
+                else:
+                    self._command(front, command)
+            if not block:
+                break
+        return self.pending.popleft() if self.pending else None
+
+    def _command(self, front: FrontEnd, command: tuple) -> None:
+        k = front.number
+        if command[0] == "add":
+            _, request_id, route, prompt, prompt_ids, params = command
+            front.live[route] = request_id
+            renamed = ("add", f"{k}:{request_id}", (k, route), prompt, prompt_ids, params)
+            self.pending.append(renamed)
+        elif command[0] == "abort":
+            self.pending.append(("abort", f"{k}:{command[1]}"))
+        else:  # stop: its requests end (their last outputs sent), then its results end
+            front.leaving = True
+            self.pending.extend(("abort", f"{k}:{rid}") for rid in set(front.live.values()))
+            if not front.live:
+                self._farewell(front)
+
+    # ---- results out -----------------------------------------------------------------------
+    def emit(self, delivery: Delivery) -> None:
+        items: dict[int, list] = defaultdict(list)
+        for (k, route), item in delivery.items:
+            front = self.front_ends.get(k)
+            if front is None:
+                continue
+            if is_final(item):
+                request_id = front.live.pop(route, None)
+                if isinstance(item, RequestOutput):
+                    item = dataclasses.replace(item, request_id=request_id)
+            items[k].append((route, picklable(pack(item))))
+        timings: dict[int, list] = defaultdict(list)
+        for route, t in delivery.timings:
+            if route is not None:
+                timings[route[0]].append((route[1], t))
+        now = time.monotonic()
+        owner = min(self.front_ends, default=None)
+        for k, front in list(self.front_ends.items()):
+            if k not in items and k not in timings and now - front.stats_sent_at < STATS_INTERVAL_S:
+                front.stats_stale = True
+                continue
+            self._send(front, Delivery(items[k], delivery.stats, timings[k], k == owner), now)
+            if front.leaving and not front.live:
+                self._farewell(front)
+
+    def _flush_stats(self) -> None:
+        """The engine is going idle: front ends that missed the last stats get them."""
+        owner = min(self.front_ends, default=None)
+        now = time.monotonic()
+        for k, front in list(self.front_ends.items()):
+            if front.stats_stale:
+                self._send(front, Delivery([], self.last_stats, [], k == owner), now)
+
+    def _send(self, front: FrontEnd, delivery: Delivery, now: float) -> None:
+        self.last_stats = delivery.stats
+        try:
+            front.results.send(delivery)
+        except OSError:
+            self._leave(front)
+            return
+        front.stats_sent_at, front.stats_stale = now, False
+
+    # ---- arrivals and departures -----------------------------------------------------------
+    def _accept(self, listener: Listener) -> None:
+        while True:
+            try:
+                conn = listener.accept()
+            except (AuthenticationError, EOFError, ConnectionError):  # that caller's problem
+                continue
+            except OSError:  # the listener itself (closed at exit)
+                return
+            try:
+                conn.send(self.hello)
+            except OSError:
+                conn.close()
+                continue
+            self._accepted.append(conn)
+            self._wake_write.send_bytes(b"")
+
+    def _admit(self) -> None:
+        self._wake_read.recv_bytes()
+        while self._accepted:
+            k = next(self._numbers)
+            conn = self._accepted.popleft()
+            self.front_ends[k] = FrontEnd(k, conn, conn)
+            logger.info("front end %d connected (%d in all)", k, len(self.front_ends))
+
+    def _leave(self, front: FrontEnd) -> None:
+        """A front end gone without stopping: its requests are aborted, unread."""
+        if self.front_ends.pop(front.number, None) is None:
+            return
+        self.pending.extend(("abort", f"{front.number}:{rid}") for rid in set(front.live.values()))
+        front.live.clear()
+        _close(front)
+
+    def _farewell(self, front: FrontEnd) -> None:
+        self.front_ends.pop(front.number, None)
+        with contextlib.suppress(OSError):
+            front.results.send(None)
+        _close(front)
+
+
+def _close(front: FrontEnd) -> None:
+    front.commands.close()
+    if front.results is not front.commands:
+        front.results.close()
