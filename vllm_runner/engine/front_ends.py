@@ -94,6 +94,7 @@ class FrontEnds:
 
     # ---- results out -----------------------------------------------------------------------
     def emit(self, delivery: Delivery) -> None:
+        self.last_stats = delivery.stats
         items: dict[int, list] = defaultdict(list)
         for (k, route), item in delivery.items:
             front = self.front_ends.get(k)
@@ -127,7 +128,6 @@ class FrontEnds:
                 self._send(front, Delivery([], self.last_stats, [], k == owner), now)
 
     def _send(self, front: FrontEnd, delivery: Delivery, now: float) -> None:
-        self.last_stats = delivery.stats
         try:
             front.results.send(delivery)
         except OSError:
@@ -145,7 +145,7 @@ class FrontEnds:
             except OSError:  # the listener itself (closed at exit)
                 return
             try:
-                conn.send(self.hello)
+                conn.send((*self.hello[:2], self.last_stats, *self.hello[3:]))  # stats of now
             except OSError:
                 conn.close()
                 continue
