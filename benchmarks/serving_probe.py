@@ -9,7 +9,11 @@ requests (token-id prompts, 256 new tokens, EOS ignored), stepped four ways:
 - `AsyncLLM.stream`, consumed by asyncio tasks: the event loop, and the engine's loop in a
   thread or (`--engine-process 1`) in a process of its own; once per `--switch-intervals`
   value (`sys.setswitchinterval`: how long a thread holding the GIL keeps it while another
-  waits; Python's default is 0.005 s).
+  waits; Python's default is 0.005 s). With `--front-ends N` the streams are spread over N
+  processes whose AsyncLLMs share one engine process (as N BentoML workers do).
+
+`--tokenizer DIR` copies a tokenizer into the random model (its vocabulary size is the
+model's), so that outputs are detokenized as a served model's are.
 
 Prints output tok/s of each for each number of concurrent streams, medians of 3.
 """
@@ -20,6 +24,9 @@ import argparse
 import asyncio
 import gc
 import json
+import multiprocessing
+import os
+import shutil
 import statistics
 import sys
 import threading
@@ -65,6 +72,17 @@ def in_thread(fn) -> None:
     thread.join()
 
 
+def front_end(path: str, kw: dict, conn) -> None:
+    """A helper process's AsyncLLM on the shared engine: streams each job's prompts."""
+    llm = AsyncLLM(path, **kw)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    conn.send("ready")
+    while (prompts := conn.recv()) is not None:
+        asyncio.run(streamed(llm, prompts, params))
+        conn.send("done")
+    asyncio.run(llm.shutdown())
+
+
 async def streamed(llm: AsyncLLM, prompts: list[list[int]], params: SamplingParams) -> None:
     async def one(p: list[int]) -> None:
         async for _ in llm.stream(p, params):
@@ -102,13 +120,24 @@ def main() -> None:
     ap.add_argument(
         "--engine-process", default="0", help="AsyncLLM placements: 0 thread, 1 process"
     )
+    ap.add_argument("--front-ends", type=int, default=1, help="processes sharing the engine")
+    ap.add_argument("--tokenizer", help="a folder of tokenizer files to serve the model with")
     ap.add_argument("--out")
     args = ap.parse_args()
-    path = build_random_llama(args.model, Path("/tmp/vllm_runner_bench"), args.device, 0)
+    vocab_size = None
+    if args.tokenizer:
+        from vllm_runner.tokenizer import load_tokenizer
+
+        vocab_size = len(load_tokenizer(args.tokenizer))
+    root = Path("/tmp/vllm_runner_bench")
+    path = build_random_llama(args.model, root, args.device, 0, vocab_size=vocab_size)
+    if args.tokenizer:
+        for f in Path(args.tokenizer).iterdir():
+            shutil.copy(f, path)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     kw = dict(device=args.device, dtype="bfloat16" if args.device == "cuda" else "float32")
     kw["max_model_len"] = 2048
-    vocab = min(LLAMA_SHAPES[args.model][5], 32000)
+    vocab = min(vocab_size or LLAMA_SHAPES[args.model][5], 32000)
     results: dict[str, dict[str, float]] = {}
     for n in map(int, args.streams.split(",")):
         results[str(n)] = {}
@@ -121,16 +150,24 @@ def main() -> None:
         free_device()
     default_interval = sys.getswitchinterval()
 
-    async def run_async(async_llm: AsyncLLM, where: str) -> None:
+    async def spread(async_llm: AsyncLLM, prompts: list[list[int]], helpers: list) -> None:
+        k = len(helpers) + 1
+        for i, conn in enumerate(helpers, 1):
+            conn.send(prompts[i::k])
+        await streamed(async_llm, prompts[0::k], params)
+        for conn in helpers:
+            assert await asyncio.to_thread(conn.recv) == "done"
+
+    async def run_async(async_llm: AsyncLLM, where: str, helpers: list) -> None:
         for n in map(int, args.streams.split(",")):
             prompts = random_workload(n, vocab, 64, 512, NEW_TOKENS, seed=n).prompts
-            await streamed(async_llm, prompts, params)  # warm-up
+            await spread(async_llm, prompts, helpers)  # warm-up
             for interval in map(float, args.switch_intervals.split(",")):
                 sys.setswitchinterval(interval)
                 walls = []
                 for _ in range(args.repeats):
                     start = time.perf_counter()
-                    await streamed(async_llm, prompts, params)
+                    await spread(async_llm, prompts, helpers)
                     walls.append(time.perf_counter() - start)
                 rate = n * NEW_TOKENS / statistics.median(walls)
                 results[str(n)][f"AsyncLLM.stream {where} switch {interval:g}s"] = rate
@@ -138,8 +175,21 @@ def main() -> None:
         await async_llm.shutdown()
 
     for apart in map(int, args.engine_process.split(",")):
-        async_llm = AsyncLLM(path, engine_process=bool(apart), **kw)
-        asyncio.run(run_async(async_llm, "process" if apart else "thread"))
+        where = "process" if apart else "thread"
+        helpers, shared = [], {}
+        if args.front_ends > 1:
+            where = f"process shared by {args.front_ends} front ends"
+            shared = {"shared_engine": f"serving-probe-{os.getpid()}-{apart}"}
+        async_llm = AsyncLLM(path, engine_process=bool(apart), **shared, **kw)
+        ctx = multiprocessing.get_context("spawn")
+        for _ in range(args.front_ends - 1):
+            mine, theirs = ctx.Pipe()
+            ctx.Process(target=front_end, args=(path, {**kw, **shared}, theirs)).start()
+            assert mine.recv() == "ready"
+            helpers.append(mine)
+        asyncio.run(run_async(async_llm, where, helpers))
+        for conn in helpers:
+            conn.send(None)
         async_llm = None
         free_device()
     for n, row in results.items():
