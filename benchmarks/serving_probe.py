@@ -12,6 +12,10 @@ requests (token-id prompts, 256 new tokens, EOS ignored), stepped four ways:
   waits; Python's default is 0.005 s). With `--front-ends N` the streams are spread over N
   processes whose AsyncLLMs share one engine process (as N BentoML workers do).
 
+`--closed-loop SECONDS`: instead of one batch of 256-token requests, each stream slot sends
+requests of 128 new tokens back to back for that long (distinct prompts of 64-512 ids), as
+load-test users do: requests arrive and leave at every step.
+
 `--tokenizer DIR` copies a tokenizer into the random model (its vocabulary size is the
 model's), so that outputs are detokenized as a served model's are.
 
@@ -72,23 +76,37 @@ def in_thread(fn) -> None:
     thread.join()
 
 
+LOOP_TOKENS = 128
+
+
 def front_end(path: str, kw: dict, conn) -> None:
     """A helper process's AsyncLLM on the shared engine: streams each job's prompts."""
     llm = AsyncLLM(path, **kw)
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     conn.send("ready")
-    while (prompts := conn.recv()) is not None:
-        asyncio.run(streamed(llm, prompts, params))
-        conn.send("done")
+    while (job := conn.recv()) is not None:
+        conn.send(asyncio.run(streamed(llm, *job)))
     asyncio.run(llm.shutdown())
 
 
-async def streamed(llm: AsyncLLM, prompts: list[list[int]], params: SamplingParams) -> None:
-    async def one(p: list[int]) -> None:
-        async for _ in llm.stream(p, params):
-            pass
+async def streamed(
+    llm: AsyncLLM, prompts: list[list[int]], slots: int, seconds: float | None
+) -> int:
+    """Each prompt once (256 new tokens), or (``seconds``) ``slots`` streams sending
+    128-token requests back to back, taking prompts in turn; returns the tokens streamed."""
+    new = NEW_TOKENS if seconds is None else LOOP_TOKENS
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    stop = time.monotonic() + (seconds or 0)
 
-    await asyncio.gather(*(one(p) for p in prompts))
+    async def slot(i: int) -> int:
+        tokens = 0
+        for p in prompts[i::slots]:
+            async for out in llm.stream(p, params):
+                tokens += len(out.new_token_ids)
+            if time.monotonic() >= stop:
+                break
+        return tokens
+
+    return sum(await asyncio.gather(*(slot(i) for i in range(slots))))
 
 
 def offline_rates(
@@ -121,6 +139,7 @@ def main() -> None:
         "--engine-process", default="0", help="AsyncLLM placements: 0 thread, 1 process"
     )
     ap.add_argument("--front-ends", type=int, default=1, help="processes sharing the engine")
+    ap.add_argument("--closed-loop", type=float, help="seconds of back-to-back requests")
     ap.add_argument("--tokenizer", help="a folder of tokenizer files to serve the model with")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -150,26 +169,31 @@ def main() -> None:
         free_device()
     default_interval = sys.getswitchinterval()
 
-    async def spread(async_llm: AsyncLLM, prompts: list[list[int]], helpers: list) -> None:
+    async def spread(
+        async_llm: AsyncLLM, prompts: list[list[int]], slots: int, helpers: list
+    ) -> int:
         k = len(helpers) + 1
-        for i, conn in enumerate(helpers, 1):
-            conn.send(prompts[i::k])
-        await streamed(async_llm, prompts[0::k], params)
+        shares = [(prompts[i::k], len(range(i, slots, k)), args.closed_loop) for i in range(k)]
+        for conn, share in zip(helpers, shares[1:], strict=True):
+            conn.send(share)
+        tokens = await streamed(async_llm, *shares[0])
         for conn in helpers:
-            assert await asyncio.to_thread(conn.recv) == "done"
+            tokens += await asyncio.to_thread(conn.recv)
+        return tokens
 
     async def run_async(async_llm: AsyncLLM, where: str, helpers: list) -> None:
         for n in map(int, args.streams.split(",")):
-            prompts = random_workload(n, vocab, 64, 512, NEW_TOKENS, seed=n).prompts
-            await spread(async_llm, prompts, helpers)  # warm-up
+            pool = n if args.closed_loop is None else 64 * n  # (no prefix-cache hits)
+            prompts = random_workload(pool, vocab, 64, 512, NEW_TOKENS, seed=n).prompts
+            await spread(async_llm, prompts[:n], n, helpers)  # warm-up
             for interval in map(float, args.switch_intervals.split(",")):
                 sys.setswitchinterval(interval)
-                walls = []
+                rates = []
                 for _ in range(args.repeats):
                     start = time.perf_counter()
-                    await spread(async_llm, prompts, helpers)
-                    walls.append(time.perf_counter() - start)
-                rate = n * NEW_TOKENS / statistics.median(walls)
+                    tokens = await spread(async_llm, prompts, n, helpers)
+                    rates.append(tokens / (time.perf_counter() - start))
+                rate = statistics.median(rates)
                 results[str(n)][f"AsyncLLM.stream {where} switch {interval:g}s"] = rate
         sys.setswitchinterval(default_interval)
         await async_llm.shutdown()
