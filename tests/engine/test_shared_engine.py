@@ -163,6 +163,7 @@ def test_one_front_end_publishes_the_engines_stats(default_model_dir, name):
 
         llm._deliver = spy
     try:
+
         async def both():
             await asyncio.gather(first.generate(["Hi"], GREEDY), second.generate(["Hi"], GREEDY))
 
