@@ -84,6 +84,7 @@ class AsyncLLM:
         self._process = None  # the engine process, if this object started it
         self._shared = shared_engine is not None
         self._engine_pid: int | None = None
+        self._connections: tuple[Connection, ...] = ()  # to the engine process
         self._routes = itertools.count()
         # route -> the stream that added the request (serving_loop)
         self._entries: dict[int, _Route] = {}
@@ -107,11 +108,15 @@ class AsyncLLM:
                 from vllm_runner.metrics import EngineMetrics
 
                 self.metrics = EngineMetrics(self.model_name)
+                # (an engine another front end publishes: its totals so far are not ours)
+                self.metrics.record_step(self._stats, publish=False)
             self._running = True
         finally:
-            if not self._running and self._process is not None:
-                self._process.kill()
-                self._process.join()
+            if not self._running:
+                self._detach()
+                if self._process is not None and not self._shared:
+                    self._process.kill()
+                    self._process.join()
             self._go.set()
 
     def _start_thread(self, args, log_stats: bool) -> None:
@@ -148,7 +153,7 @@ class AsyncLLM:
     def _start_process(self, args, log_stats: bool, shared: str | None) -> tuple:
         if shared is None:
             return self._spawn(args, log_stats, None)
-        place = SharedEngine.named(shared)
+        place = SharedEngine.named(shared, args)
         with place.locked():
             found = place.connect()
             if found is None:
@@ -164,10 +169,10 @@ class AsyncLLM:
         commands_out, commands_in = ctx.Pipe(duplex=False)
         results_out, results_in = ctx.Pipe(duplex=False)
         level = logging.getLogger("vllm_runner").getEffectiveLevel()
-        listen = None if place is None else (place.socket, place.new_key())
+        shared = None if place is None else (place, place.new_key())
         self._process = ctx.Process(
             target=run_engine_process,
-            args=(args, commands_out, results_in, log_stats, level, listen),
+            args=(args, commands_out, results_in, log_stats, level, shared),
             name="vllm-runner-engine",
             daemon=True,
         )
@@ -218,7 +223,7 @@ class AsyncLLM:
         # this front end when its end of the connection closes: with this object, or at
         # interpreter exit before multiprocessing joins its children.
         multiprocessing.util.Finalize(self, commands.close, exitpriority=100)
-        self._results = results
+        self._connections = (commands, results)
         self._send_command = send
         self._thread = threading.Thread(target=run, name="vllm-runner-results", daemon=True)
         self._thread.start()
@@ -387,7 +392,13 @@ class AsyncLLM:
                 self.error = reason
                 self._running = False
             failed = [(route, EngineDeadError(reason)) for route in list(self._entries)]
-            self._deliver(Delivery(failed, self._stats))
+            self._deliver(Delivery(failed, self._stats, publish_stats=False))
+
+    def _detach(self) -> None:
+        """Close this front end's connections: the engine process forgets it (and ends if
+        it was the last)."""
+        for conn in self._connections:
+            conn.close()
 
     def _stopped_because(self, exc: BaseException) -> str:
         if self._engine_pid is None:
@@ -400,7 +411,7 @@ class AsyncLLM:
             return f"the engine process exited (code {self._process.exitcode})"
         logger.exception("reading the engine process's results failed")
         if self._shared:  # the others go on: the engine forgets this front end
-            self._results.close()
+            self._detach()
         else:
             # NOTE: the engine is alive but its results can no longer be read: stop it (it
             # holds the device's memory) rather than leave it running unread.

@@ -3,6 +3,7 @@ the others connect; each gets its own requests' outputs under its own ids, a fro
 goes does not disturb the others, and the process ends with the last of them."""
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -14,6 +15,8 @@ import uuid
 import pytest
 
 from vllm_runner import AsyncLLM, SamplingParams
+from vllm_runner.engine.engine_process import SharedEngine
+from vllm_runner.llm import engine_args
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 KW = dict(dtype="float32", device="cpu", max_model_len=1024, cpu_kv_cache_gb=0.25)
@@ -31,6 +34,15 @@ def gone(pid: int) -> bool:
         return True
     with open(f"/proc/{pid}/stat") as f:  # an exited child not yet reaped
         return f.read().split(")")[-1].split()[0] == "Z"
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if gone(pid):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def wait_gone(pid: int) -> None:
@@ -82,6 +94,9 @@ def test_two_front_ends_share_one_engine(default_model_dir, smol_llm, name):
         run(second.shutdown())
         run(first.shutdown())
     wait_gone(first._process.pid)
+    # its socket and key files went with it (the name's lock file stays)
+    place = SharedEngine.named(name, engine_args(default_model_dir, None, dict(KW)))
+    assert not os.path.exists(place.socket) and not place.key.exists()
 
 
 def test_the_engine_outlives_the_front_end_that_started_it(default_model_dir, smol_llm, name):
@@ -115,6 +130,8 @@ def test_a_killed_front_end_leaves_the_others_served(default_model_dir, name):
     script = textwrap.dedent(f"""
         import asyncio
         from vllm_runner import AsyncLLM, SamplingParams
+from vllm_runner.engine.engine_process import SharedEngine
+from vllm_runner.llm import engine_args
         llm = AsyncLLM({default_model_dir!r}, shared_engine={name!r}, dtype="float32",
                        device="cpu", max_model_len=1024, cpu_kv_cache_gb=0.25)
         async def main():
@@ -177,6 +194,50 @@ def test_one_front_end_publishes_the_engines_stats(default_model_dir, name):
     finally:
         run(second.shutdown())
         run(first.shutdown())
+
+
+def test_a_new_publisher_does_not_count_the_old_ones_tokens_again(default_model_dir, name):
+    """The owner published 12 tokens; a front end that connected while the engine idled
+    becomes the owner when it leaves: it counts on from what was published, not from
+    nothing (found in review: it counted the engine's whole total again)."""
+    first = AsyncLLM(default_model_dir, shared_engine=name, log_stats=True, **KW)
+    try:
+        run(first.generate(["Hi"], GREEDY))
+        second = AsyncLLM(default_model_dir, shared_engine=name, log_stats=True, **KW)
+        counter = second.metrics._counters["generation_tokens_total"]
+        run(first.shutdown())
+        before = counter._value.get()
+        run(second.generate(["Hi"], GREEDY))
+        assert second.stats()["generation_tokens_total"] == 24
+        assert counter._value.get() - before == 12  # (was 24: the first's 12 again)
+    finally:
+        run(first.shutdown())
+        run(second.shutdown())
+
+
+def test_a_front_end_that_failed_to_start_does_not_keep_the_engine(
+    default_model_dir, name, monkeypatch
+):
+    """A worker whose AsyncLLM fails after connecting (here: its tokenizer) and keeps the
+    error (service.py: self.load_error) must not keep its connection: the engine would count
+    it as a front end and outlive the last real one (found in review)."""
+    import vllm_runner.async_llm as async_llm
+
+    first = AsyncLLM(default_model_dir, shared_engine=name, **KW)
+    pid = first._process.pid
+
+    def broken(path):
+        raise OSError("tokenizer unreadable")
+
+    monkeypatch.setattr(async_llm, "load_tokenizer", broken)
+    with pytest.raises(OSError) as failed:
+        AsyncLLM(default_model_dir, shared_engine=name, **KW)
+    run(first.shutdown())
+    try:
+        assert gone_within(pid, 15), "engine still running for a front end that never started"
+    finally:
+        del failed
+        gc.collect()
 
 
 def test_a_shared_engine_needs_a_process(default_model_dir):

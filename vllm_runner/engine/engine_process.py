@@ -32,12 +32,12 @@ def run_engine_process(
     results: Connection,
     timings: bool,
     log_level: int,
-    listen: tuple[str, bytes] | None = None,
+    shared: tuple["SharedEngine", bytes] | None = None,
 ) -> None:
     """Main of the engine-core process (spawned): build the engine, report ("ready",
     limits, stats, model name, pid) or ("failed", exception), then step until every front
-    end has gone (stopped, or its end of the pipe closed with its process). ``listen``:
-    (socket path, key) where other front ends connect (a shared engine)."""
+    end has gone (stopped, or its end of the pipe closed with its process). ``shared``:
+    where other front ends connect, and its key (a shared engine)."""
     # NOTE: Ctrl-C in a terminal reaches the whole process group, and a process manager
     # stopping the server may signal its children (BentoML's does: SIGTERM); the server then
     # shuts down gracefully (its in-flight streams finish) and stops this process itself, or
@@ -47,17 +47,19 @@ def run_engine_process(
     logging.getLogger("vllm_runner").setLevel(log_level)  # (its handler: vllm_runner/__init__)
     try:
         engine = EngineCore(args, serving=True)
-        listener = None
-        if listen is not None:
+        listener, on_close = None, lambda: None
+        if shared is not None:
+            place, key = shared
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(listen[0])  # a dead engine's (the caller holds the lock)
-            listener = Listener(listen[0], "AF_UNIX", authkey=listen[1])
+                os.unlink(place.socket)  # a dead engine's (the caller holds the lock)
+            listener = Listener(place.socket, "AF_UNIX", authkey=key)
+            on_close = lambda: place.forget_key(key)  # noqa: E731
     except BaseException as exc:
         results.send(("failed", picklable(exc)))
         return
     hello = ("ready", engine.limits, engine.stats(), engine.model_config.name, os.getpid())
     results.send(hello)
-    front_ends = FrontEnds(FrontEnd(0, commands, results), hello, listener)
+    front_ends = FrontEnds(FrontEnd(0, commands, results), hello, listener, on_close)
     ServingLoop(engine, front_ends.emit, timings).run(front_ends.receive)
 
 
@@ -70,14 +72,16 @@ class SharedEngine:
     lock: Path
 
     @classmethod
-    def named(cls, name: str) -> "SharedEngine":
+    def named(cls, name: str, args: object) -> "SharedEngine":
+        """The engine of ``name`` and these engine arguments: two services under one server
+        that name their engines alike but load different models do not meet."""
         home = Path(tempfile.gettempdir()) / f"vllm-runner-{os.getuid()}"
         home.mkdir(mode=0o700, exist_ok=True)
         info = home.lstat()
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
             raise PermissionError(f"{home} must be a directory of this user's only (mode 700)")
         # (a short file name: a Unix socket's path is limited to ~100 bytes)
-        stem = hashlib.sha256(name.encode()).hexdigest()[:16]
+        stem = hashlib.sha256(f"{name}\n{args!r}".encode()).hexdigest()[:16]
         return cls(str(home / f"{stem}.sock"), home / f"{stem}.key", home / f"{stem}.lock")
 
     @contextlib.contextmanager
@@ -92,6 +96,12 @@ class SharedEngine:
         with os.fdopen(fd, "wb") as f:
             f.write(key)
         return key
+
+    def forget_key(self, key: bytes) -> None:
+        """The engine has stopped listening: its key file goes (unless a newer engine's)."""
+        with contextlib.suppress(OSError):
+            if self.key.read_bytes() == key:
+                self.key.unlink()
 
     def connect(self) -> tuple[Connection, tuple] | None:
         """A connection to the running engine and its hello, or None if none runs."""

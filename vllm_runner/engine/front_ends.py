@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from multiprocessing import AuthenticationError, Pipe
 from multiprocessing.connection import Connection, Listener, wait
 
@@ -40,7 +41,14 @@ class FrontEnd:
 class FrontEnds:
     """``receive`` and ``emit`` of the engine process's ServingLoop, over every front end."""
 
-    def __init__(self, first: FrontEnd, hello: tuple, listener: Listener | None) -> None:
+    def __init__(
+        self,
+        first: FrontEnd,
+        hello: tuple,
+        listener: Listener | None,
+        on_close: Callable[[], None] = lambda: None,
+    ) -> None:
+        """``on_close``: called once no front end is left and none can join any more."""
         self.front_ends = {first.number: first}
         self.pending: deque[tuple] = deque()
         self.hello = hello
@@ -48,6 +56,15 @@ class FrontEnds:
         self._numbers = iter(range(first.number + 1, 1 << 62))
         self._accepted: deque[Connection] = deque()
         self._wake_read, self._wake_write = Pipe(duplex=False)
+        self._listener = listener
+        self._on_close = on_close
+        # NOTE: the accept thread hands over a connection (its hello sent) under this lock,
+        # and the last front end's going closes the listener under it: a process that
+        # connects as the engine ends is refused (and starts a new one), never told "ready".
+        self._joining = threading.Lock()
+        self._closed = False
+        self._owner: int | None = first.number  # the front end that publishes the stats
+        self._published: dict = hello[2]  # the stats it was last sent
         if listener is not None:
             threading.Thread(
                 target=self._accept, args=(listener,), name="vllm-runner-accept", daemon=True
@@ -57,7 +74,7 @@ class FrontEnds:
     def receive(self, block: bool) -> tuple | None:
         """The next command for the loop; ``("stop",)`` once no front end is left."""
         while not self.pending:
-            if not self.front_ends:
+            if not self.front_ends and self._close():
                 return ("stop",)
             if block:
                 self._flush_stats()
@@ -76,6 +93,19 @@ class FrontEnds:
             if not block:
                 break
         return self.pending.popleft() if self.pending else None
+
+    def _close(self) -> bool:
+        """No front end is left: stop accepting, unless one has just joined (then False)."""
+        with self._joining:
+            if self._accepted:
+                self._admit()
+                return False
+            if not self._closed:
+                self._closed = True
+                if self._listener is not None:
+                    self._listener.close()  # (removes the socket's file)
+                self._on_close()
+        return True
 
     def _command(self, front: FrontEnd, command: tuple) -> None:
         k = front.number
@@ -110,7 +140,7 @@ class FrontEnds:
             if route is not None:
                 timings[route[0]].append((route[1], t))
         now = time.monotonic()
-        owner = min(self.front_ends, default=None)
+        owner = self._current_owner(now)
         for k, front in list(self.front_ends.items()):
             if k not in items and k not in timings and now - front.stats_sent_at < STATS_INTERVAL_S:
                 front.stats_stale = True
@@ -121,11 +151,21 @@ class FrontEnds:
 
     def _flush_stats(self) -> None:
         """The engine is going idle: front ends that missed the last stats get them."""
-        owner = min(self.front_ends, default=None)
         now = time.monotonic()
+        owner = self._current_owner(now)
         for k, front in list(self.front_ends.items()):
             if front.stats_stale:
                 self._send(front, Delivery([], self.last_stats, [], k == owner), now)
+
+    def _current_owner(self, now: float) -> int | None:
+        """The oldest front end publishes the stats. A new one first gets, unpublished, the
+        stats its predecessor last published: it counts on from there, not from what it saw
+        last (up to STATS_INTERVAL_S older, or nothing)."""
+        owner = min(self.front_ends, default=None)
+        if owner != self._owner and owner is not None:
+            self._send(self.front_ends[owner], Delivery([], self._published, [], False), now)
+        self._owner = owner
+        return owner
 
     def _send(self, front: FrontEnd, delivery: Delivery, now: float) -> None:
         try:
@@ -134,6 +174,8 @@ class FrontEnds:
             self._leave(front)
             return
         front.stats_sent_at, front.stats_stale = now, False
+        if delivery.publish_stats:
+            self._published = delivery.stats
 
     # ---- arrivals and departures -----------------------------------------------------------
     def _accept(self, listener: Listener) -> None:
@@ -142,18 +184,24 @@ class FrontEnds:
                 conn = listener.accept()
             except (AuthenticationError, EOFError, ConnectionError):  # that caller's problem
                 continue
-            except OSError:  # the listener itself (closed at exit)
-                return
-            try:
-                conn.send((*self.hello[:2], self.last_stats, *self.hello[3:]))  # stats of now
             except OSError:
-                conn.close()
-                continue
-            self._accepted.append(conn)
-            self._wake_write.send_bytes(b"")
+                if not self._closed:
+                    logger.exception("the shared engine stopped accepting front ends")
+                return
+            with self._joining:
+                try:
+                    if self._closed:
+                        raise ConnectionRefusedError
+                    conn.send((*self.hello[:2], self.last_stats, *self.hello[3:]))  # of now
+                except OSError:
+                    conn.close()
+                    continue
+                self._accepted.append(conn)
+                self._wake_write.send_bytes(b"")
 
     def _admit(self) -> None:
-        self._wake_read.recv_bytes()
+        while self._wake_read.poll():
+            self._wake_read.recv_bytes()
         while self._accepted:
             k = next(self._numbers)
             conn = self._accepted.popleft()

@@ -107,9 +107,17 @@ class ServerSettings:
             kwargs["served_model_name"] = self.served_model_name
         if self.engine_process is not None:
             kwargs["engine_process"] = self.engine_process
-        if self.workers > 1 and self.engine_process is not False:
+        if self.workers > 1 and self._engine_apart():
             kwargs["shared_engine"] = shared_engine_name()
         return kwargs
+
+    def _engine_apart(self) -> bool:
+        """Whether AsyncLLM runs the engine in a process of its own (None: on CUDA)."""
+        if self.engine_process is not None:
+            return self.engine_process
+        from vllm_runner.config import EngineArgs
+
+        return EngineArgs(device=self.device or "auto").resolve_device().type == "cuda"
 
 
 def shared_engine_name() -> str:
