@@ -4,7 +4,7 @@
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
 # quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, w1-fp8,
 # kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe,
-# read-bw, gemm-prefill, persistent-layers, loadtest-1b)
+# read-bw, gemm-prefill, persistent-layers, loadtest-1b, profile-serving)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -68,6 +68,12 @@ d = build_random_llama("1b", Path("/tmp/lt_models"), "cuda", 0, vocab_size=49152
                --stop-timeout 30 --max-tokens 128 --label "H200, Llama-3.2-1B shape" \
                --processes "${LT_PROCESSES:-1}" ${LT_SERVE_ARGS:-} \
                --out "$OUT/loadtest_h200_1b${AB:-}${ROUND:-}" 2>&1 | tail -12 ;;
+    profile-serving) # py-spy (its wheel carried in .whl/extra/) starts the probe: attaching is refused here
+             python3 -m pip install -q --no-index --no-deps --target /tmp/ps .whl/extra/py_spy*.whl
+             /tmp/ps/bin/py-spy record --subprocesses --nonblocking -r 50 -f raw -o /tmp/prof.txt -- \
+               python benchmarks/serving_probe.py --model 1b --streams 256 --repeats 1 --async-only \
+               --engine-process 1 --front-ends 4 --tokenizer .whl/tokenizer --closed-loop 20 2>&1 | grep "streams:"
+             python benchmarks/pyspy_summary.py /tmp/prof.txt > "$OUT/pyspy_summary.txt" ;;
     kernels) python benchmarks/kernels.py --check --quick --out "$OUT/kernels.md" 2>&1 | tail -40 ;;
     w1-1b) python benchmarks/throughput.py --device cuda --models 1b --systems engine \
              --out "$OUT/w1_1b_engine.json" 2>&1 | tail -25 ;;

@@ -172,7 +172,8 @@ class AsyncLLM:
         shared = None if place is None else (place, place.new_key())
         self._process = ctx.Process(
             target=run_engine_process,
-            args=(args, commands_out, results_in, log_stats, level, shared),
+            # (request timings for whichever front ends connect and want them)
+            args=(args, commands_out, results_in, log_stats or shared is not None, level, shared),
             name="vllm-runner-engine",
             daemon=True,
         )
@@ -183,8 +184,12 @@ class AsyncLLM:
         results_in.close()
         if place is not None:
             # NOTE: multiprocessing would wait at this interpreter's exit for the engine,
-            # which others may still use: it ends when the last of them has gone.
+            # which others may still use: it ends when the last of them has gone (and a
+            # thread here reaps it then, so that no zombie is left while this one runs on).
             multiprocessing.process._children.discard(self._process)
+            threading.Thread(
+                target=self._process.join, name="vllm-runner-reap", daemon=True
+            ).start()
         try:
             reply = results_out.recv()
         except EOFError:

@@ -168,6 +168,10 @@ class FrontEnds:
         return owner
 
     def _send(self, front: FrontEnd, delivery: Delivery, now: float) -> None:
+        # NOTE: a blocking send: a front end whose process is alive but reads nothing (a
+        # stopped process) holds the engine back for all once its socket buffer is full. A
+        # front end whose reader fails closes its connection (AsyncLLM), and a dead one's
+        # closes with it.
         try:
             front.results.send(delivery)
         except OSError:
