@@ -137,7 +137,6 @@ def test_failures_are_sorted_by_kind_and_slos_checked(tmp_path: Path) -> None:
 def test_a_short_sweep_against_the_server(server: BentoServer, tmp_path: Path) -> None:
     args = ["--host", server.url, "--api-key", API_KEY, "--users", "1,3", "--duration", "6"]
     args += ["--stop-timeout", "30", "--max-tokens", "4", "--prompt-words", "4,24"]
-    args += ["--processes", "2"]  # the custom TTFT / ITL events of every process reach the CSV
     assert run.main([*args, "--out", str(tmp_path)]) == 0, (tmp_path / "summary.md").read_text()
     with open(tmp_path / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -164,6 +163,12 @@ for status in (401, 429, 503):
     print(failures[0])
 print(waits == [locustfile.BACKOFF_429_S] * 2)
 """
+
+
+def test_processes_must_be_positive() -> None:
+    with pytest.raises(SystemExit):
+        run.parse_args(["--processes", "0"])
+    assert run.parse_args(["--processes", "4"]).processes == 4
 
 
 def test_locust_users_back_off_after_a_4xx() -> None:
