@@ -85,6 +85,7 @@ class AsyncLLM:
         self._shared = shared_engine is not None
         self._engine_pid: int | None = None
         self._connections: tuple[Connection, ...] = ()  # to the engine process
+        self._reaper: threading.Thread | None = None  # joins a shared engine this started
         self._routes = itertools.count()
         # route -> the stream that added the request (serving_loop)
         self._entries: dict[int, _Route] = {}
@@ -111,6 +112,8 @@ class AsyncLLM:
                 # (an engine another front end publishes: its totals so far are not ours)
                 self.metrics.record_step(self._stats, publish=False)
             self._running = True
+            if engine_process:  # (now reading its results; and whether it publishes them)
+                self._send(("ready", self.metrics is not None))
         finally:
             if not self._running:
                 self._detach()
@@ -187,13 +190,16 @@ class AsyncLLM:
             # which others may still use: it ends when the last of them has gone (and a
             # thread here reaps it then, so that no zombie is left while this one runs on).
             multiprocessing.process._children.discard(self._process)
-            threading.Thread(
+            self._reaper = threading.Thread(
                 target=self._process.join, name="vllm-runner-reap", daemon=True
-            ).start()
+            )
+            self._reaper.start()
         try:
             reply = results_out.recv()
         except EOFError:
-            self._process.join()
+            (self._reaper or self._process).join()
+            if place is not None:
+                place.forget_key(shared[1])
             raise RuntimeError(
                 f"the engine process exited with code {self._process.exitcode} while loading "
                 "(its error is printed above; a script that starts one needs the usual "
@@ -201,7 +207,7 @@ class AsyncLLM:
                 "False)"
             ) from None
         if reply[0] == "failed":
-            self._process.join()
+            (self._reaper or self._process).join()
             raise reply[1]
         self._attach(commands_in, results_out)
         _, limits, stats, name, _ = reply
@@ -412,7 +418,7 @@ class AsyncLLM:
         if isinstance(exc, EOFError | OSError):  # its end of the pipe closed: it exited
             if self._process is None:  # another process's
                 return f"the engine process (pid {self._engine_pid}) exited"
-            self._process.join(timeout=5)
+            (self._reaper or self._process).join(timeout=5)  # (one waits for its exit)
             return f"the engine process exited (code {self._process.exitcode})"
         logger.exception("reading the engine process's results failed")
         if self._shared:  # the others go on: the engine forgets this front end

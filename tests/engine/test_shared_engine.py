@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 
@@ -162,8 +163,8 @@ def test_a_killed_front_end_leaves_the_others_served(default_model_dir, name):
 def test_one_front_end_publishes_the_engines_stats(default_model_dir, name):
     """Each front end counts its own requests; the engine's totals are published by one
     (the oldest), else a server's workers would count the same tokens once each."""
-    first = AsyncLLM(default_model_dir, shared_engine=name, **KW)
-    second = AsyncLLM(default_model_dir, shared_engine=name, **KW)
+    first = AsyncLLM(default_model_dir, shared_engine=name, log_stats=True, **KW)
+    second = AsyncLLM(default_model_dir, shared_engine=name, log_stats=True, **KW)
     flags: dict[str, list[bool]] = {"first": [], "second": []}
     for key, llm in (("first", first), ("second", second)):
         deliver = llm._deliver
@@ -232,6 +233,65 @@ def test_a_front_end_that_failed_to_start_does_not_keep_the_engine(
     finally:
         del failed
         gc.collect()
+
+
+def test_an_engine_that_fails_to_start_leaves_no_key_file(default_model_dir, name):
+    """(found in review) block_size=7 passes the front end and fails in EngineCore, in the
+    engine process: its key file must not stay behind."""
+    kw = {**KW, "block_size": 7}
+    place = SharedEngine.named(name, engine_args(default_model_dir, None, dict(kw)))
+    with pytest.raises(ValueError, match="block_size"):
+        AsyncLLM(default_model_dir, shared_engine=name, **kw)
+    assert not place.key.exists(), "the failed engine's key file was left behind"
+
+
+def test_a_front_end_still_loading_reads_what_the_engine_sends(
+    default_model_dir, name, monkeypatch
+):
+    """(found in review) A worker that has connected but still loads its tokenizer reads
+    nothing yet: the engine must send it nothing until it says it reads ("ready"). A stats
+    delivery every STATS_INTERVAL_S to it filled its socket buffer in ~8 s, and the engine's
+    blocking send then stalled every other front end until that worker had loaded."""
+    import fcntl
+    import struct
+    import termios
+
+    import vllm_runner.async_llm as async_llm
+
+    first = AsyncLLM(default_model_dir, shared_engine=name, **KW)
+    loading, release = threading.Event(), threading.Event()
+    real_tokenizer, real_connect = async_llm.load_tokenizer, SharedEngine.connect
+    conns = []
+
+    def slow(path):
+        loading.set()
+        release.wait(120)  # a slow tokenizer (e.g. converted from sentencepiece)
+        return real_tokenizer(path)
+
+    def connect(self):
+        found = real_connect(self)
+        conns.append(found[0])
+        return found
+
+    monkeypatch.setattr(async_llm, "load_tokenizer", slow)
+    monkeypatch.setattr(SharedEngine, "connect", connect)
+    box = {}
+    t = threading.Thread(
+        target=lambda: box.setdefault("llm", AsyncLLM(default_model_dir, shared_engine=name, **KW))
+    )
+    t.start()
+    try:
+        assert loading.wait(60)
+        asyncio.run(first.generate(["Hi"], SamplingParams(max_tokens=16, ignore_eos=True)))
+        time.sleep(0.5)
+        unread = struct.unpack("i", fcntl.ioctl(conns[0].fileno(), termios.FIONREAD, b"\0" * 4))
+        assert unread[0] == 0, f"{unread[0]} bytes of deliveries left unread while loading"
+    finally:
+        release.set()
+        t.join(60)
+        if "llm" in box:
+            asyncio.run(box["llm"].shutdown())
+        asyncio.run(first.shutdown())
 
 
 def test_a_shared_engine_needs_a_process(default_model_dir):

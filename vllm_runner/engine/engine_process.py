@@ -45,22 +45,25 @@ def run_engine_process(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.getLogger("vllm_runner").setLevel(log_level)  # (its handler: vllm_runner/__init__)
+    on_close = (lambda: None) if shared is None else (lambda: shared[0].forget_key(shared[1]))
     try:
-        engine = EngineCore(args, serving=True)
-        listener, on_close = None, lambda: None
-        if shared is not None:
-            place, key = shared
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(place.socket)  # a dead engine's (the caller holds the lock)
-            listener = Listener(place.socket, "AF_UNIX", authkey=key)
-            on_close = lambda: place.forget_key(key)  # noqa: E731
-    except BaseException as exc:
-        results.send(("failed", picklable(exc)))
-        return
-    hello = ("ready", engine.limits, engine.stats(), engine.model_config.name, os.getpid())
-    results.send(hello)
-    front_ends = FrontEnds(FrontEnd(0, commands, results), hello, listener, on_close)
-    ServingLoop(engine, front_ends.emit, timings).run(front_ends.receive)
+        try:
+            engine = EngineCore(args, serving=True)
+            listener = None
+            if shared is not None:
+                place, key = shared
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(place.socket)  # a dead engine's (the caller holds the lock)
+                listener = Listener(place.socket, "AF_UNIX", authkey=key)
+        except BaseException as exc:
+            results.send(("failed", picklable(exc)))
+            return
+        hello = ("ready", engine.limits, engine.stats(), engine.model_config.name, os.getpid())
+        results.send(hello)
+        front_ends = FrontEnds(FrontEnd(0, commands, results), hello, listener, on_close)
+        ServingLoop(engine, front_ends.emit, timings).run(front_ends.receive)
+    finally:
+        on_close()  # (also when it failed to start or its loop failed: no key left behind)
 
 
 @dataclass(frozen=True)

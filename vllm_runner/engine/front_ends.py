@@ -34,6 +34,11 @@ class FrontEnd:
     results: Connection  # written here (the same connection for a socket)
     live: dict[int, str] = dataclasses.field(default_factory=dict)  # route -> its request id
     leaving: bool = False  # sent stop: goes once its requests' last outputs are sent
+    # NOTE: results go only to a front end that said it reads them ("ready", after its own
+    # start-up): one still loading its tokenizer would leave them unread, and once its
+    # socket buffer filled the engine's sends would block for everyone.
+    reading: bool = False
+    publishes: bool = False  # it turns the engine's stats into metrics
     stats_sent_at: float = 0.0
     stats_stale: bool = False
 
@@ -88,6 +93,9 @@ class FrontEnds:
                     command = conn.recv()
                 except (EOFError, OSError):  # that front end's process is gone
                     self._leave(front)
+                except Exception:  # (e.g. one that does not unpickle here): its alone
+                    logger.exception("front end %d sent a bad command: dropped", front.number)
+                    self._leave(front)
                 else:
                     self._command(front, command)
             if not block:
@@ -116,6 +124,8 @@ class FrontEnds:
             self.pending.append(renamed)
         elif command[0] == "abort":
             self.pending.append(("abort", f"{k}:{command[1]}"))
+        elif command[0] == "ready":
+            front.reading, front.publishes, front.stats_stale = True, command[1], True
         else:  # stop: its requests end (their last outputs sent), then its results end
             front.leaving = True
             self.pending.extend(("abort", f"{k}:{rid}") for rid in set(front.live.values()))
@@ -142,6 +152,8 @@ class FrontEnds:
         now = time.monotonic()
         owner = self._current_owner(now)
         for k, front in list(self.front_ends.items()):
+            if not front.reading:
+                continue
             if k not in items and k not in timings and now - front.stats_sent_at < STATS_INTERVAL_S:
                 front.stats_stale = True
                 continue
@@ -154,20 +166,23 @@ class FrontEnds:
         now = time.monotonic()
         owner = self._current_owner(now)
         for k, front in list(self.front_ends.items()):
-            if front.stats_stale:
+            if front.reading and front.stats_stale:
                 self._send(front, Delivery([], self.last_stats, [], k == owner), now)
 
     def _current_owner(self, now: float) -> int | None:
-        """The oldest front end publishes the stats. A new one first gets, unpublished, the
-        stats its predecessor last published: it counts on from there, not from what it saw
-        last (up to STATS_INTERVAL_S older, or nothing)."""
-        owner = min(self.front_ends, default=None)
+        """The oldest reading front end that publishes metrics publishes the stats. A new
+        one first gets, unpublished, the stats its predecessor last published: it counts on
+        from there, not from what it saw last (up to STATS_INTERVAL_S older, or nothing)."""
+        owner = min((k for k, f in self.front_ends.items() if f.publishes), default=None)
         if owner != self._owner and owner is not None:
-            self._send(self.front_ends[owner], Delivery([], self._published, [], False), now)
+            handover = Delivery([], self._published, [], False)
+            self._send(self.front_ends[owner], handover, now, sent_stats=False)
         self._owner = owner
         return owner
 
-    def _send(self, front: FrontEnd, delivery: Delivery, now: float) -> None:
+    def _send(
+        self, front: FrontEnd, delivery: Delivery, now: float, sent_stats: bool = True
+    ) -> None:
         # NOTE: a blocking send: a front end whose process is alive but reads nothing (a
         # stopped process) holds the engine back for all once its socket buffer is full. A
         # front end whose reader fails closes its connection (AsyncLLM), and a dead one's
@@ -177,7 +192,8 @@ class FrontEnds:
         except OSError:
             self._leave(front)
             return
-        front.stats_sent_at, front.stats_stale = now, False
+        if sent_stats:
+            front.stats_sent_at, front.stats_stale = now, False
         if delivery.publish_stats:
             self._published = delivery.stats
 
