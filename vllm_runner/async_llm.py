@@ -194,6 +194,9 @@ class AsyncLLM:
                 target=self._process.join, name="vllm-runner-reap", daemon=True
             )
             self._reaper.start()
+        # (interrupted while it loads, e.g. Ctrl-C: a shared engine, not killed by the
+        # caller, sees its first front end go and ends once loaded)
+        self._connections = (commands_in, results_out)
         try:
             reply = results_out.recv()
         except EOFError:
