@@ -12,16 +12,13 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import multiprocessing
-import multiprocessing.util
 import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from multiprocessing.connection import Connection
 
 from vllm_runner.engine.core import EngineCore
-from vllm_runner.engine.engine_process import SharedEngine, run_engine_process
+from vllm_runner.engine.engine_client import EngineClient
 from vllm_runner.engine.input_processor import InputProcessor
 from vllm_runner.engine.outputs import RequestOutput, StreamOutput, merge_updates
 from vllm_runner.engine.serving_loop import Delivery, ServingLoop, is_final, unpack
@@ -81,11 +78,7 @@ class AsyncLLM:
             )
         self.engine: EngineCore | None = None  # the loop thread's engine (none in a process)
         self.error: str | None = None  # why the loop stopped on its own, if it did
-        self._process = None  # the engine process, if this object started it
-        self._shared = shared_engine is not None
-        self._engine_pid: int | None = None
-        self._connections: tuple[Connection, ...] = ()  # to the engine process
-        self._reaper: threading.Thread | None = None  # joins a shared engine this started
+        self._client: EngineClient | None = None  # its link to an engine process
         self._routes = itertools.count()
         # route -> the stream that added the request (serving_loop)
         self._entries: dict[int, _Route] = {}
@@ -115,11 +108,8 @@ class AsyncLLM:
             if engine_process:  # (now reading its results; and whether it publishes them)
                 self._send(("ready", self.metrics is not None))
         finally:
-            if not self._running:
-                self._detach()
-                if self._process is not None and not self._shared:
-                    self._process.kill()
-                    self._process.join()
+            if not self._running and self._client is not None:
+                self._client.close_after_failed_start()
             self._go.set()
 
     def _start_thread(self, args, log_stats: bool) -> None:
@@ -154,93 +144,18 @@ class AsyncLLM:
             raise failure[0]
 
     def _start_process(self, args, log_stats: bool, shared: str | None) -> tuple:
-        if shared is None:
-            return self._spawn(args, log_stats, None)
-        place = SharedEngine.named(shared, args)
-        with place.locked():
-            found = place.connect()
-            if found is None:
-                return self._spawn(args, log_stats, place)
-        conn, (_, limits, stats, name, pid) = found
-        self._engine_pid = pid
-        logger.info("connected to the shared engine process (pid %d)", pid)
-        self._attach(conn, conn)
-        return limits, stats, name
-
-    def _spawn(self, args, log_stats: bool, place: SharedEngine | None) -> tuple:
-        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        commands_out, commands_in = ctx.Pipe(duplex=False)
-        results_out, results_in = ctx.Pipe(duplex=False)
-        level = logging.getLogger("vllm_runner").getEffectiveLevel()
-        shared = None if place is None else (place, place.new_key())
-        self._process = ctx.Process(
-            target=run_engine_process,
-            # (request timings for whichever front ends connect and want them)
-            args=(args, commands_out, results_in, log_stats or shared is not None, level, shared),
-            name="vllm-runner-engine",
-            daemon=True,
-        )
-        self._process.start()
-        self._engine_pid = self._process.pid
-        logger.info("engine core in its own process (pid %d)", self._process.pid)
-        commands_out.close()  # the process's ends: EOF here when it exits
-        results_in.close()
-        if place is not None:
-            # NOTE: multiprocessing would wait at this interpreter's exit for the engine,
-            # which others may still use: it ends when the last of them has gone (and a
-            # thread here reaps it then, so that no zombie is left while this one runs on).
-            multiprocessing.process._children.discard(self._process)
-            self._reaper = threading.Thread(
-                target=self._process.join, name="vllm-runner-reap", daemon=True
-            )
-            self._reaper.start()
-        # (interrupted while it loads, e.g. Ctrl-C: a shared engine, not killed by the
-        # caller, sees its first front end go and ends once loaded)
-        self._connections = (commands_in, results_out)
-        try:
-            reply = results_out.recv()
-        except EOFError:
-            (self._reaper or self._process).join()
-            if place is not None:
-                place.forget_key(shared[1])
-            raise RuntimeError(
-                f"the engine process exited with code {self._process.exitcode} while loading "
-                "(its error is printed above; a script that starts one needs the usual "
-                "`if __name__ == '__main__':` guard of spawned processes, or engine_process="
-                "False)"
-            ) from None
-        if reply[0] == "failed":
-            (self._reaper or self._process).join()
-            raise reply[1]
-        self._attach(commands_in, results_out)
-        _, limits, stats, name, _ = reply
-        return limits, stats, name
-
-    def _attach(self, commands: Connection, results: Connection) -> None:
-        """Send commands on one connection, read each step's results from the other."""
-        lock = threading.Lock()
-
-        def send(command: tuple) -> None:
-            with lock:  # callers from several threads (asyncio.to_thread, other loops)
-                commands.send(command)
-
-        def read() -> None:
-            while (delivery := results.recv()) is not None:
-                self._deliver(delivery)
+        self._client = EngineClient()
+        limits, stats, name = self._client.start(args, log_stats, shared)
 
         def run() -> None:
             self._go.wait()
             if self._running:
-                self._guarded(read)
+                self._guarded(lambda: self._client.read(self._deliver))
 
-        # NOTE: the engine process ignores SIGTERM (a server's graceful stop) and forgets
-        # this front end when its end of the connection closes: with this object, or at
-        # interpreter exit before multiprocessing joins its children.
-        multiprocessing.util.Finalize(self, commands.close, exitpriority=100)
-        self._connections = (commands, results)
-        self._send_command = send
+        self._send_command = self._client.send
         self._thread = threading.Thread(target=run, name="vllm-runner-results", daemon=True)
         self._thread.start()
+        return limits, stats, name
 
     # ---- public API ------------------------------------------------------------------------
     def validate(self, prompt: Prompt, params: SamplingParams) -> list[int]:
@@ -351,8 +266,8 @@ class AsyncLLM:
         self._running = False
         self._send(("stop",))
         await asyncio.to_thread(self._thread.join)
-        if self._process is not None and not self._shared:
-            await asyncio.to_thread(self._process.join)
+        if self._client is not None:
+            await asyncio.to_thread(self._client.join)
 
     async def __aenter__(self) -> "AsyncLLM":
         return self
@@ -408,30 +323,11 @@ class AsyncLLM:
             failed = [(route, EngineDeadError(reason)) for route in list(self._entries)]
             self._deliver(Delivery(failed, self._stats, publish_stats=False))
 
-    def _detach(self) -> None:
-        """Close this front end's connections: the engine process forgets it (and ends if
-        it was the last)."""
-        for conn in self._connections:
-            conn.close()
-
     def _stopped_because(self, exc: BaseException) -> str:
-        if self._engine_pid is None:
+        if self._client is None:
             logger.exception("the engine loop failed")
             return f"the engine loop failed: {exc!r}"
-        if isinstance(exc, EOFError | OSError):  # its end of the pipe closed: it exited
-            if self._process is None:  # another process's
-                return f"the engine process (pid {self._engine_pid}) exited"
-            (self._reaper or self._process).join(timeout=5)  # (one waits for its exit)
-            return f"the engine process exited (code {self._process.exitcode})"
-        logger.exception("reading the engine process's results failed")
-        if self._shared:  # the others go on: the engine forgets this front end
-            self._detach()
-        else:
-            # NOTE: the engine is alive but its results can no longer be read: stop it (it
-            # holds the device's memory) rather than leave it running unread.
-            self._process.kill()
-            self._process.join()
-        return f"reading the engine process's results failed: {exc!r}"
+        return self._client.stopped_because(exc)
 
 
 @dataclasses.dataclass

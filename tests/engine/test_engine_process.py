@@ -39,7 +39,7 @@ def test_outputs_equal_the_in_thread_loop(apart, smol_llm):
         labels = {"model_name": "apart", "finished_reason": "length"}
         return REGISTRY.get_sample_value("vllm_runner_request_success_total", labels) or 0
 
-    assert apart.engine is None and apart._process.is_alive()
+    assert apart.engine is None and apart._client.process.is_alive()
     want = smol_llm.generate(PROMPTS, GREEDY)
     before = finished()
 
@@ -125,13 +125,13 @@ def test_ctrl_c_leaves_the_engine_process_to_the_server(apart):
     async def main():
         stream = apart.stream("Once upon a time", GREEDY)
         first = await anext(stream)
-        os.kill(apart._process.pid, signal.SIGINT)
+        os.kill(apart._client.process.pid, signal.SIGINT)
         rest = [o async for o in stream]
         return [first, *rest]
 
     outs = run(main())
     assert outs[-1].finished and outs[-1].num_token_ids == 12
-    assert apart._process.is_alive() and apart.error is None
+    assert apart._client.process.is_alive() and apart.error is None
 
 
 @pytest.mark.parametrize("engine_process", [True, False], ids=["process", "thread"])
@@ -177,7 +177,7 @@ def test_a_failed_results_reader_stops_the_engine_process(default_model_dir, mon
         await llm.shutdown()
 
     run(asyncio.wait_for(main(), 120))  # (a hang guard)
-    assert not llm._process.is_alive() and "injected unpack failure" in llm.error
+    assert not llm._client.process.is_alive() and "injected unpack failure" in llm.error
 
 
 def test_a_load_error_in_the_engine_process_is_raised_in_the_caller(default_model_dir):
@@ -195,7 +195,7 @@ def test_a_dead_engine_process_fails_its_streams_and_refuses_new_requests(defaul
             async for out in llm.stream("Once upon a time", params):
                 got.append(out)
                 if len(got) == 2:
-                    os.kill(llm._process.pid, signal.SIGKILL)
+                    os.kill(llm._client.process.pid, signal.SIGKILL)
         with pytest.raises(RuntimeError, match=r"engine process exited \(code -9\)"):
             await llm.generate(["Hello"], GREEDY)
         await llm.shutdown()  # nothing left to stop: returns
@@ -214,7 +214,7 @@ def test_the_engine_process_ends_with_the_server_process(default_model_dir, endi
         from vllm_runner import AsyncLLM
         llm = AsyncLLM({default_model_dir!r}, engine_process=True, device="cpu",
                        max_model_len=256, cpu_kv_cache_gb=0.05)
-        print(llm._process.pid, flush=True)
+        print(llm._client.process.pid, flush=True)
         {ending}
     """)
     done = subprocess.run(

@@ -1,0 +1,144 @@
+"""A front end's link to an engine-core process: start one (or find the running one it
+shares), send it commands, read its results, and say why it stopped."""
+
+import logging
+import multiprocessing
+import multiprocessing.util
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+from vllm_runner.engine.engine_process import SharedEngine, run_engine_process
+from vllm_runner.engine.serving_loop import Delivery
+
+logger = logging.getLogger(__name__)
+
+
+class EngineClient:
+    def __init__(self) -> None:
+        self.process = None  # the engine process, if this client started it
+        self.pid: int | None = None
+        self.shared = False
+        self._reaper: threading.Thread | None = None  # joins a shared engine this started
+        self._connections: tuple[Connection, ...] = ()
+        self._lock = threading.Lock()  # (callers from several threads)
+
+    def start(self, args, log_stats: bool, shared: str | None) -> tuple:
+        """Start the engine process, or connect to the one shared under ``shared``; returns
+        its (limits, stats, model name)."""
+        if shared is None:
+            return self._spawn(args, log_stats, None)
+        self.shared = True
+        place = SharedEngine.named(shared, args)
+        with place.locked():
+            found = place.connect()
+            if found is None:
+                return self._spawn(args, log_stats, place)
+        conn, (_, limits, stats, name, self.pid) = found
+        logger.info("connected to the shared engine process (pid %d)", self.pid)
+        self._attach(conn, conn)
+        return limits, stats, name
+
+    def _spawn(self, args, log_stats: bool, place: SharedEngine | None) -> tuple:
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        commands_out, commands_in = ctx.Pipe(duplex=False)
+        results_out, results_in = ctx.Pipe(duplex=False)
+        level = logging.getLogger("vllm_runner").getEffectiveLevel()
+        shared = None if place is None else (place, place.new_key())
+        self.process = ctx.Process(
+            target=run_engine_process,
+            # (request timings for whichever front ends connect and want them)
+            args=(args, commands_out, results_in, log_stats or shared is not None, level, shared),
+            name="vllm-runner-engine",
+            daemon=True,
+        )
+        self.process.start()
+        self.pid = self.process.pid
+        logger.info("engine core in its own process (pid %d)", self.pid)
+        commands_out.close()  # the process's ends: EOF here when it exits
+        results_in.close()
+        if place is not None:
+            # NOTE: multiprocessing would wait at this interpreter's exit for the engine,
+            # which others may still use: it ends when the last of them has gone (and a
+            # thread here reaps it then, so that no zombie is left while this one runs on).
+            multiprocessing.process._children.discard(self.process)
+            self._reaper = threading.Thread(
+                target=self.process.join, name="vllm-runner-reap", daemon=True
+            )
+            self._reaper.start()
+        # (interrupted while it loads, e.g. Ctrl-C: a shared engine, not killed by the
+        # caller, sees its first front end go and ends once loaded)
+        self._connections = (commands_in, results_out)
+        try:
+            reply = results_out.recv()
+        except EOFError:
+            self.wait()
+            if place is not None:
+                place.forget_key(shared[1])
+            raise RuntimeError(
+                f"the engine process exited with code {self.process.exitcode} while loading "
+                "(its error is printed above; a script that starts one needs the usual "
+                "`if __name__ == '__main__':` guard of spawned processes, or engine_process="
+                "False)"
+            ) from None
+        if reply[0] == "failed":
+            self.wait()
+            raise reply[1]
+        self._attach(commands_in, results_out)
+        _, limits, stats, name, _ = reply
+        return limits, stats, name
+
+    def _attach(self, commands: Connection, results: Connection) -> None:
+        # NOTE: the engine process ignores SIGTERM (a server's graceful stop) and forgets
+        # this front end when its end of the connection closes: with this object, or at
+        # interpreter exit before multiprocessing joins its children.
+        multiprocessing.util.Finalize(self, commands.close, exitpriority=100)
+        self._connections = (commands, results)
+
+    def send(self, command: tuple) -> None:
+        with self._lock:
+            self._connections[0].send(command)
+
+    def read(self, deliver: Callable[[Delivery], None]) -> None:
+        """Hand each step's results to ``deliver`` until the engine ends this front end's."""
+        while (delivery := self._connections[1].recv()) is not None:
+            deliver(delivery)
+
+    def join(self) -> None:
+        """After a stop: wait for the engine process this client started and alone uses
+        to exit (a shared one ends with its last front end)."""
+        if self.process is not None and not self.shared:
+            self.process.join()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the engine process this client started to exit."""
+        (self._reaper or self.process).join(timeout)
+
+    def detach(self) -> None:
+        """Close the connections: the engine process forgets this front end (and ends if
+        it was the last)."""
+        for conn in self._connections:
+            conn.close()
+
+    def close_after_failed_start(self) -> None:
+        self.detach()
+        if self.process is not None and not self.shared:
+            self.process.kill()
+            self.process.join()
+
+    def stopped_because(self, exc: BaseException) -> str:
+        """Why reading the results ended with ``exc``."""
+        if isinstance(exc, EOFError | OSError):  # its end of the pipe closed: it exited
+            if self.process is None:  # another process's
+                return f"the engine process (pid {self.pid}) exited"
+            self.wait(timeout=5)
+            return f"the engine process exited (code {self.process.exitcode})"
+        logger.exception("reading the engine process's results failed")
+        if self.shared:  # the others go on: the engine forgets this front end
+            self.detach()
+        else:
+            # NOTE: the engine is alive but its results can no longer be read: stop it (it
+            # holds the device's memory) rather than leave it running unread.
+            self.process.kill()
+            self.process.join()
+        return f"reading the engine process's results failed: {exc!r}"
