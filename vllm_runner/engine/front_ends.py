@@ -68,7 +68,7 @@ class FrontEnds:
         # connects as the engine ends is refused (and starts a new one), never told "ready".
         self._joining = threading.Lock()
         self._closed = False
-        self._owner: int | None = first.number  # the front end that publishes the stats
+        self._owner: int | None = None  # the front end that publishes the stats
         self._published: dict = hello[2]  # the stats it was last sent
         if listener is not None:
             threading.Thread(
