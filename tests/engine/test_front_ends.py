@@ -26,3 +26,24 @@ def test_no_front_end_gets_a_hello_once_the_engine_is_ending(tmp_path):
         got = None
     assert got is None, f"told {got[0]!r} by an engine that is ending"
     assert not os.path.exists(address)  # (the next worker finds no socket: starts an engine)
+
+
+def test_a_key_file_goes_only_when_nobody_holds_the_lock(tmp_path, monkeypatch):
+    """An ending engine removes its key file, but not while another process holds the lock
+    (it may be writing a new engine's key into that file)."""
+    import fcntl
+
+    from vllm_runner.engine.engine_process import SharedEngine
+
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path))
+    place = SharedEngine.named("x", "args")
+    key = place.new_key()
+    with open(place.lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        # (a lock on another open file of the lock's: as another process's would be)
+        place.forget_key(key)
+        assert place.key.read_bytes() == key
+    place.forget_key(b"another engine's")
+    assert place.key.exists()
+    place.forget_key(key)
+    assert not place.key.exists()

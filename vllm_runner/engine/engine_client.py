@@ -74,7 +74,7 @@ class EngineClient:
         except EOFError:
             self.wait()
             if place is not None:
-                place.forget_key(shared[1])
+                place.forget_key(shared[1], locked=True)
             raise RuntimeError(
                 f"the engine process exited with code {self.process.exitcode} while loading "
                 "(its error is printed above; a script that starts one needs the usual "
@@ -83,6 +83,8 @@ class EngineClient:
             ) from None
         if reply[0] == "failed":
             self.wait()
+            if place is not None:  # (its own attempt found this lock held: it is ours)
+                place.forget_key(shared[1], locked=True)
             raise reply[1]
         self._attach(commands_in, results_out)
         _, limits, stats, name, _ = reply

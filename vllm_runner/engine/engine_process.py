@@ -100,9 +100,15 @@ class SharedEngine:
             f.write(key)
         return key
 
-    def forget_key(self, key: bytes) -> None:
-        """The engine has stopped listening: its key file goes (unless a newer engine's)."""
-        with contextlib.suppress(OSError):
+    def forget_key(self, key: bytes, locked: bool = False) -> None:
+        """The engine has stopped listening: its key file goes, unless a newer engine's.
+        Only under the lock (``locked``: the caller holds it), not waiting for it: its
+        holder is starting or finding an engine and rewrites the file if it starts one (an
+        unlink racing that write would leave the new engine without a key file, and the
+        next worker would start another)."""
+        with contextlib.suppress(OSError), open(self.lock, "a") as f:
+            if not locked:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (BlockingIOError: held)
             if self.key.read_bytes() == key:
                 self.key.unlink()
 
