@@ -70,7 +70,7 @@ class AsyncLLM:
         weights). It runs until the last of them has shut down or exited."""
         args = engine_args(model, model_name, kwargs)
         if engine_process is None:
-            engine_process = shared_engine is not None or args.resolve_device().type == "cuda"
+            engine_process = shared_engine is not None or args.engine_apart_by_default()
         if shared_engine is not None and not engine_process:
             raise ValueError(
                 f"shared_engine={shared_engine!r} needs engine_process=True (a shared engine "

@@ -132,6 +132,10 @@ class EngineArgs:
         if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", f"one of {tuple(KV_CACHE_DTYPES)}")
 
+    def engine_apart_by_default(self) -> bool:
+        """AsyncLLM's default placement: the engine core in a process of its own on CUDA."""
+        return self.resolve_device().type == "cuda"
+
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
             if torch.cuda.is_available():

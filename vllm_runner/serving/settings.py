@@ -117,7 +117,7 @@ class ServerSettings:
             return self.engine_process
         from vllm_runner.config import EngineArgs
 
-        return EngineArgs(device=self.device or "auto").resolve_device().type == "cuda"
+        return EngineArgs(device=self.device or "auto").engine_apart_by_default()
 
 
 def shared_engine_name() -> str:
