@@ -119,6 +119,7 @@ class EngineMetrics:
         self._e2e = fam.e2e.labels(model_name)
         # NOTE: stats() reports cumulative totals; counters advance by the difference.
         self._last: dict[str, float] = {}
+        self._publishing = False  # this process's gauges hold the engine's values
 
     def record_step(self, stats: dict[str, Any], publish: bool = True) -> None:
         """Set the gauges from `stats` and advance counters from its cumulative totals.
@@ -126,7 +127,12 @@ class EngineMetrics:
         that this one takes over from there if it becomes the publisher."""
         if not publish:
             self._last.update({k: stats[k] for k in self._counters if stats.get(k) is not None})
+            if self._publishing:  # another front end publishes now: its gauges count
+                for gauge in (*self._gauges.values(), self._kv_usage):
+                    gauge.set(0)
+                self._publishing = False
             return
+        self._publishing = True
         for key, gauge in self._gauges.items():
             if stats.get(key) is not None:
                 gauge.set(stats[key])

@@ -4,7 +4,7 @@ import os
 from multiprocessing import Pipe
 from multiprocessing.connection import Client, Listener
 
-from vllm_runner.engine.front_ends import FrontEnd, FrontEnds
+from vllm_runner.engine.front_ends import STATS_INTERVAL_S, FrontEnd, FrontEnds
 
 
 def test_no_front_end_gets_a_hello_once_the_engine_is_ending(tmp_path):
@@ -47,3 +47,53 @@ def test_a_key_file_goes_only_when_nobody_holds_the_lock(tmp_path, monkeypatch):
     assert place.key.exists()
     place.forget_key(key)
     assert not place.key.exists()
+
+
+def test_the_publisher_stays_until_it_leaves(tmp_path):
+    """The first front end that says it publishes keeps publishing when an older one says
+    so later: its gauges stay set in its process, and /metrics sums gauges over the live
+    workers (CI caught kv_blocks_total counted twice when the role moved at start-up)."""
+    import time
+
+    from vllm_runner.engine.serving_loop import Delivery
+
+    address, key = str(tmp_path / "s"), os.urandom(32)
+    commands_r, commands_w = Pipe(duplex=False)
+    results_r, results_w = Pipe(duplex=False)
+    listener = Listener(address, "AF_UNIX", authkey=key)
+    hello = ("ready", None, {"kv_blocks_total": 7}, "m", os.getpid())
+    front_ends = FrontEnds(FrontEnd(0, commands_r, results_w), hello, listener)
+
+    def until(done) -> None:
+        deadline = time.monotonic() + 30
+        while not done():
+            assert time.monotonic() < deadline
+            assert front_ends.receive(False) is None
+            time.sleep(0.01)
+
+    def recv(conn):
+        assert conn.poll(30)
+        return conn.recv()
+
+    second = Client(address, "AF_UNIX", authkey=key)
+    recv(second)  # (its hello)
+    second.send(("ready", True))  # the one that connected is ready first
+    until(lambda: 1 in front_ends.front_ends and front_ends.front_ends[1].reading)
+    step = Delivery([], {"kv_blocks_total": 7})
+    front_ends.emit(step)
+    assert not recv(second).publish_stats  # (the unpublished hand-over of the totals)
+    assert recv(second).publish_stats
+    commands_w.send(("ready", True))  # the older one is ready now
+    until(lambda: front_ends.front_ends[0].reading)
+    for _ in range(2):
+        time.sleep(STATS_INTERVAL_S)  # (stats alone go out at most once an interval)
+        front_ends.emit(step)
+        assert (recv(results_r).publish_stats, recv(second).publish_stats) == (False, True)
+    second.send(("stop",))
+    until(lambda: 1 not in front_ends.front_ends)
+    assert recv(second) is None
+    # it left: the oldest left takes over, after the unpublished hand-over of the totals
+    time.sleep(STATS_INTERVAL_S)
+    front_ends.emit(step)
+    assert not recv(results_r).publish_stats
+    assert recv(results_r).publish_stats

@@ -163,7 +163,8 @@ def test_a_killed_front_end_leaves_the_others_served(default_model_dir, name):
 
 def test_one_front_end_publishes_the_engines_stats(default_model_dir, name, monkeypatch):
     """Each front end counts its own requests; the engine's totals are published by one
-    (the oldest), else a server's workers would count the same tokens once each."""
+    (the first ready, until it leaves), else a server's workers would count the same tokens
+    once each."""
     seen: dict[int, list[bool]] = collections.defaultdict(list)
     deliver = AsyncLLM._deliver
 

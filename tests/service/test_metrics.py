@@ -175,3 +175,16 @@ sys.stdout.write(generate_latest(registry).decode())
     # livesum gauges drop processes that have exited (and been marked dead by BentoML);
     # here nobody marked them dead, so both workers' values are summed.
     assert 'vllm_runner_num_requests_running{model_name="mp-model"} 5.0' in out
+
+
+def test_a_front_end_that_stops_publishing_clears_its_gauges(model_name: str) -> None:
+    """Gauges are summed over live workers: one that no longer publishes a shared engine's
+    stats must not leave its last values in that sum."""
+    m = EngineMetrics(model_name)
+    m.record_step(stats(num_running=3, kv_blocks_used=25))
+    m.record_step(stats(num_running=3, kv_blocks_used=25), publish=False)
+    assert value("vllm_runner_kv_blocks_total", model_name) == 0
+    assert value("vllm_runner_num_requests_running", model_name) == 0
+    assert value("vllm_runner_kv_cache_usage_perc", model_name) == 0
+    m.record_step(stats(kv_blocks_used=25))
+    assert value("vllm_runner_kv_blocks_total", model_name) == 100

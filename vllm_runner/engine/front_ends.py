@@ -170,10 +170,15 @@ class FrontEnds:
                 self._send(front, Delivery([], self.last_stats, [], k == owner), now)
 
     def _current_owner(self, now: float) -> int | None:
-        """The oldest reading front end that publishes metrics publishes the stats. A new
-        one first gets, unpublished, the stats its predecessor last published: it counts on
-        from there, not from what it saw last (up to STATS_INTERVAL_S older, or nothing)."""
-        owner = min((k for k, f in self.front_ends.items() if f.publishes), default=None)
+        """The first front end that said it publishes metrics publishes the stats until it
+        leaves, then the oldest left that does. A new one first gets, unpublished, the stats
+        its predecessor last published: it counts on from there, not from what it saw last
+        (up to STATS_INTERVAL_S older, or nothing)."""
+        # NOTE: never handed to another while the owner stays: the old owner's gauges would
+        # stay set in its process and /metrics sums gauges over live workers.
+        owner = self._owner
+        if owner not in self.front_ends:
+            owner = min((k for k, f in self.front_ends.items() if f.publishes), default=None)
         if owner != self._owner and owner is not None:
             handover = Delivery([], self._published, [], False)
             self._send(self.front_ends[owner], handover, now, sent_stats=False)
