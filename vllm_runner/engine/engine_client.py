@@ -128,12 +128,28 @@ class EngineClient:
             self.process.kill()
             self.process.join()
 
+    def _engine_alive(self) -> bool:
+        if self.process is not None:
+            return self.process.is_alive()
+        # (another process's child: dead but not yet reaped, it is a zombie, state Z)
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
+
     def stopped_because(self, exc: BaseException) -> str:
         """Why reading the results ended with ``exc``."""
         if isinstance(exc, EOFError | OSError):  # its end of the pipe closed: it exited
+            if self.process is not None:
+                self.wait(timeout=5)
+            if self._engine_alive():  # (front_ends.MAX_BACKLOG)
+                return (
+                    f"the shared engine process (pid {self.pid}) dropped this front end: it "
+                    "read too few of its results (was its process stopped?)"
+                )
             if self.process is None:  # another process's
                 return f"the engine process (pid {self.pid}) exited"
-            self.wait(timeout=5)
             return f"the engine process exited (code {self.process.exitcode})"
         logger.exception("reading the engine process's results failed")
         if self.shared:  # the others go on: the engine forgets this front end

@@ -22,7 +22,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
 from vllm_runner.engine.core import EngineCore
-from vllm_runner.engine.front_ends import FrontEnd, FrontEnds
+from vllm_runner.engine.front_ends import FrontEnds
 from vllm_runner.engine.serving_loop import ServingLoop, picklable
 
 
@@ -60,7 +60,7 @@ def run_engine_process(
             return
         hello = ("ready", engine.limits, engine.stats(), engine.model_config.name, os.getpid())
         results.send(hello)
-        front_ends = FrontEnds(FrontEnd(0, commands, results), hello, listener, on_close)
+        front_ends = FrontEnds(commands, results, hello, listener, on_close)
         ServingLoop(engine, front_ends.emit, timings).run(front_ends.receive)
     finally:
         on_close()  # (also when it failed to start or its loop failed: no key left behind)

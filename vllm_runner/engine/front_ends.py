@@ -7,7 +7,6 @@ may use the same ids; outputs go back to the front end that added the request, w
 ids. The process ends when its last front end has gone.
 """
 
-import contextlib
 import dataclasses
 import logging
 import threading
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from multiprocessing import AuthenticationError, Pipe
 from multiprocessing.connection import Connection, Listener, wait
 
+from vllm_runner.engine.outbox import Outbox
 from vllm_runner.engine.outputs import RequestOutput
 from vllm_runner.engine.serving_loop import Delivery, is_final, pack, picklable
 
@@ -25,18 +25,21 @@ logger = logging.getLogger(__name__)
 # A front end with no request in a step gets that step's stats at most this often (and when
 # the engine goes idle): every step to every front end would cost each its share of reads.
 STATS_INTERVAL_S = 0.05
+# A front end this many deliveries behind (its process alive but reading nothing, e.g.
+# stopped) is dropped and its requests aborted: its backlog would grow without end.
+MAX_BACKLOG = 2048
+SENDERS_EXIT_S = 5.0  # the engine, ending, waits this long for its last results to go out
 
 
 @dataclasses.dataclass
 class FrontEnd:
     number: int
     commands: Connection  # read here
-    results: Connection  # written here (the same connection for a socket)
+    results: Outbox  # sends its results (over the same connection as commands for a socket)
     live: dict[int, str] = dataclasses.field(default_factory=dict)  # route -> its request id
     leaving: bool = False  # sent stop: goes once its requests' last outputs are sent
     # NOTE: results go only to a front end that said it reads them ("ready", after its own
-    # start-up): one still loading its tokenizer would leave them unread, and once its
-    # socket buffer filled the engine's sends would block for everyone.
+    # start-up): one still loading its tokenizer would leave them unread.
     reading: bool = False
     publishes: bool = False  # it turns the engine's stats into metrics
     stats_sent_at: float = 0.0
@@ -48,17 +51,20 @@ class FrontEnds:
 
     def __init__(
         self,
-        first: FrontEnd,
+        commands: Connection,
+        results: Connection,
         hello: tuple,
         listener: Listener | None,
         on_close: Callable[[], None] = lambda: None,
     ) -> None:
-        """``on_close``: called once no front end is left and none can join any more."""
-        self.front_ends = {first.number: first}
+        """The first front end's ``commands`` and ``results`` (the process that started the
+        engine); ``on_close``: called once no front end is left and none can join any more."""
+        self.front_ends = {0: FrontEnd(0, commands, Outbox(results, "vllm-runner-send-0"))}
+        self._senders: list[Outbox] = []  # those of front ends gone, maybe still sending
         self.pending: deque[tuple] = deque()
         self.hello = hello
         self.last_stats: dict = hello[2]
-        self._numbers = iter(range(first.number + 1, 1 << 62))
+        self._numbers = iter(range(1, 1 << 62))
         self._accepted: deque[Connection] = deque()
         self._wake_read, self._wake_write = Pipe(duplex=False)
         self._listener = listener
@@ -80,6 +86,9 @@ class FrontEnds:
         """The next command for the loop; ``("stop",)`` once no front end is left."""
         while not self.pending:
             if not self.front_ends and self._close():
+                deadline = time.monotonic() + SENDERS_EXIT_S  # (their last results: farewells)
+                for sender in self._senders:
+                    sender.join(max(0.0, deadline - time.monotonic()))
                 return ("stop",)
             if block:
                 self._flush_stats()
@@ -188,15 +197,22 @@ class FrontEnds:
     def _send(
         self, front: FrontEnd, delivery: Delivery, now: float, sent_stats: bool = True
     ) -> None:
-        # NOTE: a blocking send: a front end whose process is alive but reads nothing (a
-        # stopped process) holds the engine back for all once its socket buffer is full. A
-        # front end whose reader fails closes its connection (AsyncLLM), and a dead one's
-        # closes with it.
-        try:
-            front.results.send(delivery)
-        except OSError:
+        # NOTE: a front end whose reader fails closes its connection (AsyncLLM), and a dead
+        # one's closes with it: its sends fail.
+        if front.results.failed:
             self._leave(front)
             return
+        if front.results.backlog >= MAX_BACKLOG:
+            logger.warning(
+                "front end %d has read none of its last %d results: dropped, its %d requests "
+                "aborted",
+                front.number,
+                MAX_BACKLOG,
+                len(set(front.live.values())),
+            )
+            self._leave(front)
+            return
+        front.results.put(delivery)
         if sent_stats:
             front.stats_sent_at, front.stats_stale = now, False
         if delivery.publish_stats:
@@ -230,7 +246,7 @@ class FrontEnds:
         while self._accepted:
             k = next(self._numbers)
             conn = self._accepted.popleft()
-            self.front_ends[k] = FrontEnd(k, conn, conn)
+            self.front_ends[k] = FrontEnd(k, conn, Outbox(conn, f"vllm-runner-send-{k}"))
             logger.info("front end %d connected (%d in all)", k, len(self.front_ends))
 
     def _leave(self, front: FrontEnd) -> None:
@@ -239,16 +255,18 @@ class FrontEnds:
             return
         self.pending.extend(("abort", f"{front.number}:{rid}") for rid in set(front.live.values()))
         front.live.clear()
-        _close(front)
+        front.results.abandon()
+        self._closed_front(front)
 
     def _farewell(self, front: FrontEnd) -> None:
         self.front_ends.pop(front.number, None)
-        with contextlib.suppress(OSError):
-            front.results.send(None)
-        _close(front)
-
-
-def _close(front: FrontEnd) -> None:
-    front.commands.close()
-    if front.results is not front.commands:
+        front.results.put(None)
         front.results.close()
+        self._closed_front(front)
+
+    def _closed_front(self, front: FrontEnd) -> None:
+        # (a socket's one connection is closed by its results' sender, once done with it)
+        if front.commands is not front.results.conn:
+            front.commands.close()
+        self._senders = [o for o in self._senders if o.sending]
+        self._senders.append(front.results)

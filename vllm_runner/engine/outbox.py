@@ -1,0 +1,82 @@
+"""A front end's results, sent by a thread of their own.
+
+The engine process's loop only queues each step's delivery; a thread per front end sends.
+A front end whose process is alive but reads nothing (a stopped process) then fills its own
+socket and queue, and holds back neither the engine's steps nor the other front ends; the
+loop drops it once it is too far behind (``backlog``).
+"""
+
+import contextlib
+import os
+import queue
+import socket
+import threading
+from multiprocessing.connection import Connection
+
+_CLOSE = object()  # the queue's end: close the connection after what came before
+
+
+class Outbox:
+    def __init__(self, conn: Connection, name: str) -> None:
+        self.conn = conn
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        # NOTE: one counter per thread (``+=`` on a shared one is not atomic across threads)
+        self._queued = 0  # by the loop
+        self._sent = 0  # by the sender (sent, or dropped after a failure)
+        self.failed = False  # a send failed: the front end's process is gone
+        self._abandoned = False
+        self._closing = threading.Lock()  # a closed descriptor's number may be reused at once
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def backlog(self) -> int:
+        """Items queued and not sent yet."""
+        return self._queued - self._sent
+
+    def put(self, item: object) -> None:
+        self._queued += 1
+        self._items.put(item)
+
+    def close(self) -> None:
+        """Send what is queued, then close the connection."""
+        self._items.put(_CLOSE)
+
+    def abandon(self) -> None:
+        """Close without sending what is queued. A send blocked on a full socket fails at
+        once (a pipe's stays blocked until its reader reads or goes: a daemon thread)."""
+        self._abandoned = True
+        self._items.put(_CLOSE)
+        with self._closing:
+            if self._closed:
+                return
+            # (shut down through a duplicate: closing the descriptor under a blocked send
+            # would not wake it)
+            fd = os.dup(self.conn.fileno())
+            try:
+                s = socket.socket(fileno=fd)
+            except OSError:  # not a socket (a pipe)
+                os.close(fd)
+                return
+            with s, contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    @property
+    def sending(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (item := self._items.get()) is not _CLOSE:
+            if not (self.failed or self._abandoned):
+                try:
+                    self.conn.send(item)
+                except (OSError, ValueError):  # its process is gone (or it was shut down)
+                    self.failed = True
+            self._sent += 1
+        with self._closing:
+            self._closed = True
+            self.conn.close()
