@@ -13,6 +13,7 @@ STREAM_ROUTES = ("/v1/chat/completions", "/generate")
 ALL_ROUTES = (*STREAM_ROUTES, "/complete")
 # Failure kinds (the prefix locustfile.py gives each failure) that fail the run.
 FATAL_KINDS = ("5xx", "4xx", "in-band", "transport", "stream", "exception")
+SERVER_CPU_KEYS = ("engine", "workers", "worker max", "other")  # server_cpu.per_second
 # locust writes a failure as the repr of its exception: CatchResponseError('5xx 500: ...')
 _WRAPPED = re.compile(r"""^\w+\((['"])(.*)\1\)$""", re.S)
 
@@ -35,6 +36,8 @@ class Step:
     complete_ms: tuple[float, float] | None = None  # /complete latency p50, p99
     route_tokens_per_s: dict[str, float] = field(default_factory=dict)  # mean per request
     client_cpu_per_s: float = 0.0  # locust's CPU seconds per second of the step
+    # a server started by run.py: its processes' CPU s/s (server_cpu.per_second's keys)
+    server_cpu_per_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def fatal(self) -> int:
@@ -124,6 +127,7 @@ def _pair(values: dict[str, tuple[float, float]], route: str) -> str:
 def summary_markdown(steps: list[Step], header: list[str], verdict: list[str]) -> str:
     routes = [r for r in STREAM_ROUTES if any(r in s.ttft_ms for s in steps)]
     cols = ["users", "req/s", "output tok/s", "engine tok/s", "locust CPU s/s"]
+    cols.append("server CPU s/s: engine / workers (busiest) / other")
     cols += [f"TTFT p50/p99 ms {r}" for r in routes] + [f"ITL p50/p99 ms {r}" for r in routes]
     cols += ["ITL max ms", "/complete p50/p99 ms", "fatal", "429", "other 4xx"]
     lines = [*header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -131,6 +135,13 @@ def summary_markdown(steps: list[Step], header: list[str], verdict: list[str]) -
         engine = "-" if s.server_tokens_per_s is None else f"{s.server_tokens_per_s:.1f}"
         cells = [str(s.users), f"{s.requests_per_s:.2f}", f"{s.tokens_per_s:.1f}", engine]
         cells.append(f"{s.client_cpu_per_s:.2f}")
+        cpu = s.server_cpu_per_s
+        cells.append(
+            f"{cpu['engine']:.2f} / {cpu['workers']:.2f} ({cpu['worker max']:.2f}) / "
+            f"{cpu['other']:.2f}"
+            if cpu
+            else "-"
+        )
         cells += [_pair(s.ttft_ms, r) for r in routes] + [_pair(s.itl_ms, r) for r in routes]
         done = _pair({"c": s.complete_ms}, "c") if s.complete_ms else "-"
         cells += [
@@ -159,6 +170,7 @@ def write_summary_csv(steps: list[Step], path: Path) -> None:
             head += [f"ttft_p50_ms {r}", f"ttft_p99_ms {r}", f"itl_p50_ms {r}", f"itl_p99_ms {r}"]
         head += [f"mean_request_tokens_per_s {r}" for r in ALL_ROUTES]
         head.append("client_cpu_per_s")
+        head += [f"server_cpu_per_s {k}" for k in SERVER_CPU_KEYS]
         w.writerow(head)
         for s in steps:
             row: list[object] = [s.users, s.requests, round(s.requests_per_s, 3), s.output_tokens]
@@ -169,6 +181,7 @@ def write_summary_csv(steps: list[Step], path: Path) -> None:
                 row += [*s.ttft_ms.get(r, ("", "")), *s.itl_ms.get(r, ("", ""))]
             row += [_round(s.route_tokens_per_s.get(r)) for r in ALL_ROUTES]
             row.append(s.client_cpu_per_s)
+            row += [s.server_cpu_per_s.get(k, "") for k in SERVER_CPU_KEYS]
             w.writerow(row)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from loadtests.report import Slo, Step, read_step, summary_markdown, write_plots, write_summary_csv
 from loadtests.server import REPO, BentoServer, require_loopback
+from loadtests.server_cpu import per_second, tree_cpu_s
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 
@@ -91,7 +92,8 @@ def engine_tokens(url: str, headers: dict[str, str]) -> int | None:
         return None
 
 
-def run_step(args: argparse.Namespace, url: str, users: int) -> Step:
+def run_step(args: argparse.Namespace, url: str, users: int, server_pid: int | None) -> Step:
+    """``server_pid``: a server started here, whose processes' CPU the step reports."""
     prefix = args.out / f"u{users}"
     spawn_rate = max(1.0, users / 2)  # every user within ~2 s
     cmd = [
@@ -111,11 +113,14 @@ def run_step(args: argparse.Namespace, url: str, users: int) -> Step:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     before, start = engine_tokens(url, headers), time.monotonic()
     cpu_before = _children_cpu_s()
+    server_before = tree_cpu_s(server_pid) if server_pid else {}
     with open(f"{prefix}.log", "wb") as log:
         rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     wall, after = time.monotonic() - start, engine_tokens(url, headers)
     step = read_step(users, prefix)
     step.client_cpu_per_s = round((_children_cpu_s() - cpu_before) / wall, 2)
+    if server_pid:
+        step.server_cpu_per_s = per_second(server_before, tree_cpu_s(server_pid), wall)
     if rc != 0:
         step.failures["exception"] = step.failures.get("exception", 0) + 1
         step.errors.append(f"locust exited with {rc} (see {prefix}.log)")
@@ -173,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for users in args.users:
             print(f"{users} users for {args.duration:g}s ...", flush=True)
-            steps.append(run_step(args, url, users))
+            steps.append(run_step(args, url, users, server.proc.pid if server else None))
             s = steps[-1]
             print(
                 f"  {s.requests} requests, {s.tokens_per_s:.1f} tok/s, failures {s.failures}, "
-                f"locust CPU {s.client_cpu_per_s:.2f} s/s"
+                f"locust CPU {s.client_cpu_per_s:.2f} s/s, server CPU s/s {s.server_cpu_per_s}"
             )
     finally:
         exit_code = server.stop() if server is not None else None

@@ -183,3 +183,52 @@ def test_locust_users_back_off_after_a_4xx() -> None:
         cwd=Path(run.__file__).parents[1],
     ).stdout.split("\n")  # fmt: skip
     assert out[:4] == ["4xx 401: no", "429 429: no", "5xx 503: no", "True"], out
+
+
+_SPAWNS_A_BUSY_CHILD = """
+import multiprocessing as mp, sys, time
+def burn():
+    end = time.process_time() + 0.5
+    while time.process_time() < end:
+        pass
+    sys.stdout.flush()
+    time.sleep(60)
+if __name__ == "__main__":
+    mp.get_context("spawn").Process(target=burn, daemon=True).start()
+    time.sleep(60)
+"""
+
+
+def test_server_cpu_finds_the_tree_and_its_roles(tmp_path: Path) -> None:
+    """A parent and its spawned child (as a worker spawns the engine process): both found,
+    the child in the engine's role, its busy half second counted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from loadtests.server_cpu import per_second, tree_cpu_s
+
+    script = tmp_path / "tree.py"
+    script.write_text(_SPAWNS_A_BUSY_CHILD)
+    parent = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            tree = tree_cpu_s(parent.pid)
+            engine = [cpu for role, cpu in tree.values() if role == "engine"]
+            if engine and engine[0] >= 0.5:
+                break
+            assert time.monotonic() < deadline, tree
+            time.sleep(0.1)
+        assert tree[parent.pid][0] == "other" and len(tree) >= 2
+    finally:
+        for pid in tree_cpu_s(parent.pid):
+            os.kill(pid, signal.SIGKILL)
+        parent.wait()
+    before = {1: ("engine", 2.0), 2: ("worker", 1.0), 3: ("worker", 0.0)}
+    after = {1: ("engine", 3.0), 2: ("worker", 2.5), 3: ("worker", 1.0), 4: ("other", 0.5)}
+    assert per_second(before, after, 2.0) == {
+        "engine": 0.5, "workers": 1.25, "worker max": 0.75, "other": 0.25
+    }  # fmt: skip
