@@ -268,6 +268,9 @@ class AsyncLLM:
         await asyncio.to_thread(self._thread.join)
         if self._client is not None:
             await asyncio.to_thread(self._client.join)
+            if self._client.shared and self.metrics is not None:
+                # (another front end publishes the shared engine's gauges from now on)
+                self.metrics.record_step(self._stats, publish=False)
 
     async def __aenter__(self) -> "AsyncLLM":
         return self

@@ -1,10 +1,20 @@
 """FrontEnds, the engine process's side of a shared engine, without an engine."""
 
 import os
+import subprocess
+import sys
+import threading
+import time
 from multiprocessing import Pipe
 from multiprocessing.connection import Client, Listener
 
+from vllm_runner.engine import front_ends as module
+from vllm_runner.engine.engine_client import EngineClient
 from vllm_runner.engine.front_ends import STATS_INTERVAL_S, FrontEnds
+from vllm_runner.engine.outbox import Outbox
+from vllm_runner.engine.serving_loop import Delivery
+
+HELLO = ("ready", None, {"generation_tokens_total": 0}, "m", os.getpid())
 
 
 def test_no_front_end_gets_a_hello_once_the_engine_is_ending(tmp_path):
@@ -53,9 +63,6 @@ def test_the_publisher_stays_until_it_leaves(tmp_path):
     """The first front end that says it publishes keeps publishing when an older one says
     so later: its gauges stay set in its process, and /metrics sums gauges over the live
     workers (CI caught kv_blocks_total counted twice when the role moved at start-up)."""
-    import time
-
-    from vllm_runner.engine.serving_loop import Delivery
 
     address, key = str(tmp_path / "s"), os.urandom(32)
     commands_r, commands_w = Pipe(duplex=False)
@@ -103,13 +110,9 @@ def test_a_front_end_that_reads_nothing_holds_back_no_one(tmp_path, monkeypatch)
     """A front end whose process lives but reads nothing (e.g. stopped) fills its socket:
     the engine's loop still emits to the others, and drops it once it is MAX_BACKLOG
     results behind, its requests aborted (a blocking send held the engine back for all)."""
-    import threading
-    import time
-
-    from vllm_runner.engine import front_ends as module
-    from vllm_runner.engine.serving_loop import Delivery
 
     monkeypatch.setattr(module, "MAX_BACKLOG", 4)
+    monkeypatch.setattr(module, "STALL_S", 0.0)
     address, key = str(tmp_path / "s"), os.urandom(32)
     commands_r, commands_w = Pipe(duplex=False)
     results_r, results_w = Pipe(duplex=False)
@@ -151,10 +154,6 @@ def test_a_front_end_that_reads_nothing_holds_back_no_one(tmp_path, monkeypatch)
 
 def test_a_dropped_front_end_is_told_why():
     """Its results end while the shared engine lives on: not 'the engine exited'."""
-    import subprocess
-    import sys
-
-    from vllm_runner.engine.engine_client import EngineClient
 
     client = EngineClient()
     client.pid = os.getpid()  # (a live process)
@@ -163,3 +162,188 @@ def test_a_dropped_front_end_is_told_why():
     gone.wait()
     client.pid = gone.pid
     assert client.stopped_because(EOFError()) == f"the engine process (pid {gone.pid}) exited"
+
+
+def _until(front_ends, done) -> list:
+    got, deadline = [], time.monotonic() + 30
+    while not done():
+        assert time.monotonic() < deadline
+        got += filter(None, [front_ends.receive(False)])
+        time.sleep(0.005)
+    return got
+
+
+def test_the_only_front_end_is_not_dropped(monkeypatch):
+    """A front end that falls behind (busy, paused in a debugger) while it is the only one
+    holds back no one else; dropping it would end the engine (found in review)."""
+    monkeypatch.setattr(module, "MAX_BACKLOG", 4)
+    monkeypatch.setattr(module, "STALL_S", 0.0)
+    commands_r, commands_w = Pipe(duplex=False)
+    results_r, results_w = Pipe(duplex=False)
+    front_ends = FrontEnds(commands_r, results_w, HELLO, None)
+    commands_w.send(("ready", False))
+    commands_w.send(("add", "r", 5, "prompt", [1, 2], None))
+    _until(front_ends, lambda: front_ends.front_ends[0].reading and front_ends.front_ends[0].live)
+    big = {"generation_tokens_total": 0, "pad": b"x" * (1 << 20)}  # (fills the pipe)
+
+    def steps() -> None:
+        for _ in range(12):
+            front_ends.emit(Delivery([], big))
+            time.sleep(STATS_INTERVAL_S)
+
+    loop = threading.Thread(target=steps, daemon=True)
+    loop.start()
+    time.sleep(1.0)  # the front end reads nothing for a second
+    received = []
+
+    def read() -> None:
+        while len(received) < 12 and results_r.poll(10):
+            try:
+                received.append(results_r.recv())
+            except EOFError:
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    loop.join(30)
+    reader.join(30)
+    assert 0 in front_ends.front_ends, "its only front end dropped: the engine ends"
+    assert ("abort", "0:r") not in front_ends.pending
+    assert len(received) == 12
+
+
+def test_an_engine_still_exiting_is_not_said_to_have_dropped_this_front_end():
+    """EOF comes when the engine's sockets close, which in its exit comes before it is a
+    zombie (the kernel releases its files, the GPU driver's among them, first): a front
+    end that looked at once found it 'alive' and blamed itself (found in review)."""
+    exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    client = EngineClient()
+    client.pid = exiting.pid
+    try:
+        reason = client.stopped_because(EOFError())
+    finally:
+        exiting.wait()
+    assert "dropped" not in reason, reason
+
+
+def test_a_front_end_slow_but_reading_is_not_dropped(tmp_path, monkeypatch):
+    """Far behind but still taking its results (a busy process): kept, and sent every
+    one; only one that has taken nothing for STALL_S goes."""
+    monkeypatch.setattr(module, "MAX_BACKLOG", 2)
+    address, key = str(tmp_path / "s"), os.urandom(32)
+    commands_r, commands_w = Pipe(duplex=False)
+    results_r, results_w = Pipe(duplex=False)
+    front_ends = FrontEnds(commands_r, results_w, HELLO, Listener(address, "AF_UNIX", authkey=key))
+    slow = Client(address, "AF_UNIX", authkey=key)
+    assert slow.poll(30) and slow.recv()[0] == "ready"
+    slow.send(("ready", False))
+    commands_w.send(("ready", False))
+    _until(
+        front_ends,
+        lambda: (
+            all(f.reading for f in front_ends.front_ends.values()) and 1 in front_ends.front_ends
+        ),
+    )
+    got: dict[str, list] = {"slow": [], "first": []}
+
+    def read(conn, into: list, pause: float) -> None:
+        while conn.poll(30) and (item := conn.recv()) is not None:
+            into.append(item)
+            time.sleep(pause)
+
+    readers = [
+        threading.Thread(target=read, args=(slow, got["slow"], 0.2)),
+        threading.Thread(target=read, args=(results_r, got["first"], 0.0)),
+    ]
+    for r in readers:
+        r.start()
+    pad, backlog = b"x" * (1 << 20), 0
+    for n in range(12):
+        front_ends.emit(Delivery([], {"generation_tokens_total": n, "pad": pad}))
+        backlog = max(backlog, front_ends.front_ends[1].results.backlog)
+        time.sleep(STATS_INTERVAL_S)
+    assert backlog >= module.MAX_BACKLOG  # (it was behind)
+    assert 1 in front_ends.front_ends, "a front end that reads, slowly, was dropped"
+    slow.send(("stop",))
+    commands_w.send(("stop",))
+    while front_ends.receive(False) != ("stop",):
+        pass
+    for r in readers:
+        r.join(30)
+    assert len(got["slow"]) == len(got["first"]) == 12
+
+
+def test_a_result_that_fails_to_pickle_does_not_leave_its_front_end_waiting_forever():
+    """Any error of a send (here: a result that does not pickle) marks the front end
+    failed and closes its connection (found in review: the sender thread died silently)."""
+    results_r, results_w = Pipe(duplex=False)
+    box = Outbox(results_w, "test-send")
+    box.put(Delivery([], {"bad": lambda: 0}))  # (not picklable)
+    box.put(None)
+    box.close()
+    box.join(5)
+    assert box.failed, "the loop never learns that this front end's results stopped"
+    assert results_r.poll(5), "the front end waits for ever"
+
+
+def test_the_engine_ends_when_its_last_front_end_is_dropped_in_the_idle_flush():
+    """receive(block=True) flushes stats before waiting; a front end dropped there (its
+    sends failed) must end the engine if it was the last (found in review: the loop then
+    waited on its wake pipe alone, for ever)."""
+    commands_r, commands_w = Pipe(duplex=False)
+    results_r, results_w = Pipe(duplex=False)
+    front_ends = FrontEnds(commands_r, results_w, HELLO, None)
+    commands_w.send(("ready", False))
+    _until(front_ends, lambda: front_ends.front_ends[0].reading)
+    results_r.close()  # its process dies during the engine's last step
+    front_ends.emit(Delivery([], {"generation_tokens_total": 1}))  # (its send fails)
+    front_ends.emit(Delivery([], {"generation_tokens_total": 2}))  # (skipped: stale)
+    deadline = time.monotonic() + 10
+    while not front_ends.front_ends[0].results.failed:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    commands_w.close()
+    got = []
+    idle = threading.Thread(target=lambda: got.append(front_ends.receive(True)), daemon=True)
+    idle.start()
+    idle.join(10)
+    assert got == [("stop",)], "the engine process never ends"
+
+
+def test_a_dropped_publisher_hands_over_what_it_was_sent(tmp_path, monkeypatch):
+    """The new publisher counts on from the stats its predecessor last received, not last
+    queued: those queued for a dropped (stalled) one never reach it (found in review)."""
+    monkeypatch.setattr(module, "MAX_BACKLOG", 4)
+    monkeypatch.setattr(module, "STALL_S", 0.0)
+    address, key = str(tmp_path / "s"), os.urandom(32)
+    commands_r, commands_w = Pipe(duplex=False)
+    results_r, results_w = Pipe(duplex=False)
+    front_ends = FrontEnds(commands_r, results_w, HELLO, Listener(address, "AF_UNIX", authkey=key))
+    stalled = Client(address, "AF_UNIX", authkey=key)
+    assert stalled.poll(30) and stalled.recv()[0] == "ready"
+    stalled.send(("ready", True))  # the publisher
+    _until(front_ends, lambda: 1 in front_ends.front_ends and front_ends.front_ends[1].reading)
+    front_ends.emit(Delivery([], {"generation_tokens_total": 0}))  # (it gets this one whole)
+    commands_w.send(("ready", True))
+    _until(front_ends, lambda: front_ends.front_ends[0].reading)
+    received = []
+    reader = threading.Thread(target=lambda: received.extend(iter(results_r.recv, None)))
+    reader.start()
+    pad = b"x" * (1 << 20)  # (the first fills the stalled one's socket: none arrives whole)
+    n = 0
+    while 1 in front_ends.front_ends:
+        n += 1
+        front_ends.emit(Delivery([], {"generation_tokens_total": 100 * n, "pad": pad}))
+        time.sleep(STATS_INTERVAL_S)
+    time.sleep(STATS_INTERVAL_S)
+    front_ends.emit(Delivery([], {"generation_tokens_total": 100 * (n + 1), "pad": pad}))
+    commands_w.send(("stop",))
+    while front_ends.receive(False) != ("stop",):
+        pass
+    reader.join(30)
+    handover = [d for d in received if not d.publish_stats][-1]
+    assert handover.stats["generation_tokens_total"] == 0, (
+        f"counts from {handover.stats['generation_tokens_total']}: the tokens of the "
+        "results the stalled publisher never got are counted by no one"
+    )
+    stalled.close()

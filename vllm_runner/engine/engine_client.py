@@ -5,6 +5,7 @@ import logging
 import multiprocessing
 import multiprocessing.util
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
@@ -143,6 +144,10 @@ class EngineClient:
         if isinstance(exc, EOFError | OSError):  # its end of the pipe closed: it exited
             if self.process is not None:
                 self.wait(timeout=5)
+            else:  # (its sockets close before it is a zombie: an exiting one looks alive)
+                deadline = time.monotonic() + 5
+                while self._engine_alive() and time.monotonic() < deadline:
+                    time.sleep(0.05)
             if self._engine_alive():  # (front_ends.MAX_BACKLOG)
                 return (
                     f"the shared engine process (pid {self.pid}) dropped this front end: it "

@@ -25,9 +25,11 @@ logger = logging.getLogger(__name__)
 # A front end with no request in a step gets that step's stats at most this often (and when
 # the engine goes idle): every step to every front end would cost each its share of reads.
 STATS_INTERVAL_S = 0.05
-# A front end this many deliveries behind (its process alive but reading nothing, e.g.
-# stopped) is dropped and its requests aborted: its backlog would grow without end.
+# A front end this many deliveries behind that has taken none for STALL_S (its process
+# alive but reading nothing, e.g. stopped) is dropped and its requests aborted, unless it is
+# the only one: its backlog would grow while it holds their KV-cache blocks.
 MAX_BACKLOG = 2048
+STALL_S = 10.0
 SENDERS_EXIT_S = 5.0  # the engine, ending, waits this long for its last results to go out
 
 
@@ -92,6 +94,8 @@ class FrontEnds:
                 return ("stop",)
             if block:
                 self._flush_stats()
+                if self.pending or not self.front_ends:  # (it dropped one: maybe the last)
+                    continue
             by_conn = {f.commands: f for f in self.front_ends.values()}
             for conn in wait([*by_conn, self._wake_read], timeout=None if block else 0):
                 if conn is self._wake_read:
@@ -202,12 +206,16 @@ class FrontEnds:
         if front.results.failed:
             self._leave(front)
             return
-        if front.results.backlog >= MAX_BACKLOG:
+        # NOTE: a front end slow but reading is not dropped (its sends go on), nor the only
+        # one (the engine would end with it, and its backlog is bounded by its requests).
+        behind = front.results.backlog >= MAX_BACKLOG and len(self.front_ends) > 1
+        if behind and now - front.results.sent_at > STALL_S:
             logger.warning(
-                "front end %d has read none of its last %d results: dropped, its %d requests "
-                "aborted",
+                "front end %d read nothing for %.0f s, %d results behind: dropped, its %d "
+                "requests aborted",
                 front.number,
-                MAX_BACKLOG,
+                now - front.results.sent_at,
+                front.results.backlog,
                 len(set(front.live.values())),
             )
             self._leave(front)
@@ -255,6 +263,9 @@ class FrontEnds:
             return
         self.pending.extend(("abort", f"{front.number}:{rid}") for rid in set(front.live.values()))
         front.live.clear()
+        if front.number == self._owner and front.results.stats_sent is not None:
+            # (the new publisher counts on from what this one got: the rest is lost with it)
+            self._published = front.results.stats_sent
         front.results.abandon()
         self._closed_front(front)
 

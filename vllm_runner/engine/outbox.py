@@ -7,11 +7,15 @@ loop drops it once it is too far behind (``backlog``).
 """
 
 import contextlib
+import logging
 import os
 import queue
 import socket
 import threading
+import time
 from multiprocessing.connection import Connection
+
+logger = logging.getLogger(__name__)
 
 _CLOSE = object()  # the queue's end: close the connection after what came before
 
@@ -24,6 +28,8 @@ class Outbox:
         self._queued = 0  # by the loop
         self._sent = 0  # by the sender (sent, or dropped after a failure)
         self.failed = False  # a send failed: the front end's process is gone
+        self.stats_sent: dict | None = None  # those of the last delivery sent whole
+        self.sent_at = time.monotonic()  # when the last send ended (or this began)
         self._abandoned = False
         self._closing = threading.Lock()  # a closed descriptor's number may be reused at once
         self._closed = False
@@ -76,6 +82,12 @@ class Outbox:
                     self.conn.send(item)
                 except (OSError, ValueError):  # its process is gone (or it was shut down)
                     self.failed = True
+                except Exception:  # (e.g. not picklable): the loop drops this front end
+                    logger.exception("sending results failed")
+                    self.failed = True
+                else:
+                    self.stats_sent = getattr(item, "stats", self.stats_sent)
+                    self.sent_at = time.monotonic()
             self._sent += 1
         with self._closing:
             self._closed = True
