@@ -307,7 +307,6 @@ def test_the_engine_is_built_in_the_thread_that_steps_it(default_model_dir, monk
 def test_an_interrupted_start_leaves_no_engine_thread_behind(monkeypatch):
     """Ctrl-C while the model loads (the caller waiting for the loop thread): the thread
     ends once its build does, instead of holding the engine forever."""
-    import gc
     import signal
     import threading
     import time
@@ -321,17 +320,15 @@ def test_an_interrupted_start_leaves_no_engine_thread_behind(monkeypatch):
 
     monkeypatch.setattr(async_llm, "EngineCore", Engine)
     monkeypatch.setattr(async_llm, "engine_args", lambda *args: None)
+    # (a process started in the background by a shell without job control inherits SIGINT
+    # ignored, and Python then installs no handler: Ctrl-C's KeyboardInterrupt is wanted)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = set(threading.enumerate())
-    # NOTE: a signal's handler that runs inside a finalizer (a collection of an earlier
-    # test's garbage) has its KeyboardInterrupt swallowed ("Exception ignored in ..."): the
-    # start then went on (CI, once).
-    gc.collect()
-    gc.disable()
     try:
         with pytest.raises(KeyboardInterrupt):
             AsyncLLM("any", engine_process=False)
     finally:
-        gc.enable()
+        signal.signal(signal.SIGINT, previous)
     (thread,) = set(threading.enumerate()) - before
     thread.join(timeout=30)
     assert not thread.is_alive()
