@@ -122,6 +122,44 @@ def test_sampled_frequencies_follow_softmax(llama, hf_llama, temperature, top_k)
     assert stat < chi_square_critical(len(pairs) - 1), (stat, len(pairs))
 
 
+def test_inverse_cdf_sampling_follows_each_rows_distribution():
+    """The CPU sampler (one uniform per row against the cumulative probabilities): each row
+    of a batch is drawn from its own distribution, never a token of probability zero (at
+    either end, between others), and a seeded row draws alike alone or in a batch."""
+    from vllm_runner.sample.sampler import SamplingRow, inverse_cdf_sample
+
+    def row(seed=None):
+        return SamplingRow(SamplingParams(temperature=1.0), [1, 2], 1, seed)
+
+    probs = torch.tensor(
+        [
+            [0.0, 0.5, 0.0, 0.25, 0.25, 0.0],
+            [0.7, 0.0, 0.0, 0.0, 0.0, 0.3],
+            [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    num, g = 20000, torch.Generator().manual_seed(0)
+    counts = torch.zeros_like(probs)
+    for _ in range(num // 100):
+        ids = inverse_cdf_sample(probs.repeat(100, 1), [row()] * 300, g).view(100, 3)
+        for r in range(3):
+            counts[r] += torch.bincount(ids[:, r], minlength=6)
+    assert (counts[probs == 0] == 0).all()
+    for r in range(3):
+        support = probs[r] > 0
+        expected, observed = probs[r][support] * num, counts[r][support]
+        if len(expected) > 1:
+            stat = float(((observed - expected) ** 2 / expected).sum())
+            assert stat < chi_square_critical(len(expected) - 1), (r, stat)
+    spread = torch.full((1, 1000), 1e-3)
+    seeded = [row(seed=s) for s in range(20)]
+    alone = [int(inverse_cdf_sample(spread, [r], g)[0]) for r in seeded]
+    batched = [
+        int(inverse_cdf_sample(spread.repeat(3, 1), [row(), r, row()], g)[1]) for r in seeded
+    ]
+    assert batched == alone and len(set(alone)) > 10
+
+
 @pytest.mark.parametrize("vocab", [49152, 128256, 1000, 193])  # groups of 256 / 256 / ... / none
 def test_two_stage_argmax_is_argmax_with_ties(vocab):
     """The few-row greedy path: same ids as argmax, incl. ties (first max), a max at the
