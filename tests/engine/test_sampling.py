@@ -8,7 +8,9 @@ from collections import Counter
 import pytest
 import torch
 
+import vllm_runner.sample.sampler as sampler_module
 from vllm_runner import LLM, SamplingParams
+from vllm_runner.sample.sampler import Sampler, SamplingRow, inverse_cdf_sample
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +128,6 @@ def test_inverse_cdf_sampling_follows_each_rows_distribution():
     """The CPU sampler (one uniform per row against the cumulative probabilities): each row
     of a batch is drawn from its own distribution, never a token of probability zero (at
     either end, between others), and a seeded row draws alike alone or in a batch."""
-    from vllm_runner.sample.sampler import SamplingRow, inverse_cdf_sample
 
     def row(seed=None):
         return SamplingRow(SamplingParams(temperature=1.0), [1, 2], 1, seed)
@@ -158,6 +159,56 @@ def test_inverse_cdf_sampling_follows_each_rows_distribution():
         int(inverse_cdf_sample(spread.repeat(3, 1), [row(), r, row()], g)[1]) for r in seeded
     ]
     assert batched == alone and len(set(alone)) > 10
+
+
+def _row(seed=None, **kw):
+    return SamplingRow(SamplingParams(**{"temperature": 1.0, **kw}), [1, 2], 1, seed)
+
+
+def test_inverse_cdf_sample_leaves_float64_probs_alone():
+    """(found in review: probs.double() is probs itself when already float64, and the
+    cumulative sum overwrote the caller's probabilities)"""
+    probs = torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64)
+    before = probs.clone()
+    inverse_cdf_sample(probs, [_row()], torch.Generator().manual_seed(0))
+    assert torch.equal(probs, before)
+
+
+def test_a_nan_row_gives_token_0_as_greedy_and_the_exponential_race():
+    """A row with no finite logit (all -inf, or a NaN) has NaN probabilities: argmax (greedy,
+    the GPU race) gives token 0, and so does the CPU's inverse CDF (found in review: the
+    last token)."""
+    vocab = 64
+    logits = torch.randn(3, vocab)
+    logits[0] = float("-inf")
+    logits[1, 5] = float("nan")
+    rows = [_row(), _row(seed=3), _row(temperature=0.0)]
+    sampled, _ = Sampler(torch.device("cpu"), 0).sample(logits, rows)
+    assert sampled.tolist()[:2] == [0, 0], sampled.tolist()  # was [63, 63]
+    assert sampled.tolist()[2] == int(logits[2].argmax())
+
+
+def test_no_zero_probability_token_at_any_cdf_boundary(monkeypatch):
+    """u at 0, 1 - 2**-53 and on / next to every cumulative boundary, for sparse rows of
+    wide dynamic range: the token drawn always has probability > 0."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        vocab = int(torch.randint(2, 200, (1,), generator=gen))
+        logits = torch.randn(vocab, generator=gen) * float(torch.rand(1, generator=gen) * 60)
+        logits[torch.rand(vocab, generator=gen) < float(torch.rand(1, generator=gen))] = -math.inf
+        logits[int(torch.randint(0, vocab, (1,), generator=gen))] = 0.0
+        probs = logits.softmax(-1)
+        cdf = probs.double().cumsum(-1)
+        us = [0.0, 2.0**-53, 1 - 2.0**-53]
+        for c in (cdf / cdf[-1]).tolist():
+            us += [x for x in (c, math.nextafter(c, 0), math.nextafter(c, 1)) if 0 <= x < 1]
+        u = torch.tensor(us, dtype=torch.float64)
+        monkeypatch.setattr(sampler_module.torch, "rand", lambda *a, u=u, **k: u.clone())
+        ids = inverse_cdf_sample(
+            probs.expand(len(us), vocab).contiguous(), [_row()] * len(us), None
+        )
+        monkeypatch.undo()
+        assert (probs[ids] > 0).all()
 
 
 @pytest.mark.parametrize("vocab", [49152, 128256, 1000, 193])  # groups of 256 / 256 / ... / none

@@ -1,8 +1,9 @@
 """Token sampling: a greedy fast path, then temperature / top-k / top-p / min-p / penalties.
 
-Random choice uses the exponential race (argmax of p / q, q ~ Exp(1)), which samples exactly
-from p. A seeded request draws q from a generator seeded by (seed, output position), so its
-tokens depend on nothing else in the batch and survive preemption.
+Random choice samples exactly from p: on a GPU by the exponential race (argmax of p / q,
+q ~ Exp(1)), on the CPU by inverse CDF (one uniform per row: a variate per vocabulary entry
+is slow there). A seeded request draws from a generator seeded by (seed, output position),
+so its tokens depend on nothing else in the batch and survive preemption.
 """
 
 import itertools
@@ -180,15 +181,16 @@ def inverse_cdf_sample(
     """Per row, the first token whose cumulative probability passes one uniform draw. On
     the CPU, where an exponential variate per vocabulary entry is slow (48 x 49152 fp32:
     44 ms, 2 cores), this takes a few ms; float64 keeps the sums exact enough."""
-    u = torch.rand(len(rows), dtype=torch.float64, generator=generator)
+    u = torch.rand(len(rows), dtype=torch.float64, generator=generator, device=probs.device)
     for i, row in enumerate(rows):
         if row.seed is not None:
             u[i] = torch.rand(1, dtype=torch.float64, generator=row_generator(row, u.device))[0]
-    cdf = probs.double().cumsum_(dim=-1)
+    cdf = probs.to(torch.float64, copy=True).cumsum_(dim=-1)  # (never the caller's probs)
     target = (u * cdf[:, -1])[:, None]  # (the mass sums to 1 within rounding)
     # (right=True: past any flat run, i.e. never a token of probability zero)
     ids = torch.searchsorted(cdf, target, right=True)[:, 0]
-    return ids.clamp_(max=probs.shape[1] - 1)
+    # a NaN row (no finite logit): token 0, as argmax gives (greedy, the GPU's race)
+    return ids.masked_fill_(target[:, 0].isnan(), 0).clamp_(max=probs.shape[1] - 1)
 
 
 class Sampler:
