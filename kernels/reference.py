@@ -67,17 +67,18 @@ def paged_attention(
     """
     num_reqs = seq_lens.shape[0]
     if num_reqs and bool((query_start_loc.diff() == 1).all()):  # a pure decode batch
-        return _attend(query[:, None], k_cache, v_cache, block_tables, seq_lens.long(), scale)[:, 0]
+        return _attend_decode(query, k_cache, v_cache, block_tables, seq_lens.long(), scale)
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     q_lens = [starts[r + 1] - starts[r] for r in range(num_reqs)]
-    # Single-token queries (decode) go through one padded batch; longer ones one by one.
+    # Single-token queries (decode) go through padded batches; longer ones one by one.
     decode = [r for r, n in enumerate(q_lens) if n == 1]
     if decode:
         rows = torch.tensor(decode, device=query.device)
-        q = query[torch.tensor([starts[r] for r in decode], device=query.device)][:, None]
-        out_rows = _attend(q, k_cache, v_cache, block_tables[rows], seq_lens[rows].long(), scale)
-        out[torch.tensor([starts[r] for r in decode], device=query.device)] = out_rows[:, 0]
+        at = torch.tensor([starts[r] for r in decode], device=query.device)
+        out[at] = _attend_decode(
+            query[at], k_cache, v_cache, block_tables[rows], seq_lens[rows].long(), scale
+        )
     for r, q_len in enumerate(q_lens):
         if q_len > 1:
             q = query[starts[r] : starts[r + 1]][None]
@@ -85,6 +86,32 @@ def paged_attention(
             out[starts[r] : starts[r + 1]] = _attend(
                 q, k_cache, v_cache, block_tables[r : r + 1], seq_len, scale
             )[0]
+    return out
+
+
+def _attend_decode(
+    query: torch.Tensor,  # [num_reqs, num_heads, head_dim]: one query token each
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,  # [num_reqs] int64
+    scale: float,
+) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
+    """Rows of like context length attend together, each group padded to its own longest
+    (not the batch's: a 20-token chat beside a 2,000-token one would gather 2,000 rows)."""
+    lens = seq_lens.tolist()
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    out = torch.empty_like(query)
+    start = 0
+    while start < len(order):
+        end = start + 1  # (a group's longest at most twice its shortest, plus a margin)
+        while end < len(order) and lens[order[end]] <= 2 * lens[order[start]] + 64:
+            end += 1
+        rows = torch.tensor(order[start:end], device=query.device)
+        out[rows] = _attend(
+            query[rows][:, None], k_cache, v_cache, block_tables[rows], seq_lens[rows], scale
+        )[:, 0]
+        start = end
     return out
 
 
