@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
+from pathlib import Path
 
-from kernels import reference
-from vllm_runner import LLM, SamplingParams
-from vllm_runner.sample import sampler
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # (benchmarks/kernels.py shadows)
+from kernels import reference  # noqa: E402
+from vllm_runner import LLM, SamplingParams  # noqa: E402
+from vllm_runner.sample import sampler  # noqa: E402
 
 
 def _variants(case: str) -> dict[str, tuple[object, str, object]]:
