@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 from multiprocessing import Pipe
-from multiprocessing.connection import Client, Listener
+from multiprocessing.connection import Client, Connection, Listener
 
 from vllm_runner.engine import front_ends as module
 from vllm_runner.engine.engine_client import EngineClient
@@ -15,6 +15,24 @@ from vllm_runner.engine.outbox import Outbox
 from vllm_runner.engine.serving_loop import Delivery
 
 HELLO = ("ready", None, {"generation_tokens_total": 0}, "m", os.getpid())
+
+
+def _engine_side(tmp_path=None, hello: tuple = HELLO):
+    """FrontEnds with its first front end's pipes, listening when ``tmp_path`` is given:
+    (front_ends, the first's command writer, its results reader, connect), where connect()
+    gives a connected front end that has its hello."""
+    commands_r, commands_w = Pipe(duplex=False)
+    results_r, results_w = Pipe(duplex=False)
+    address, key = str(tmp_path / "s") if tmp_path else "", os.urandom(32)
+    listener = Listener(address, "AF_UNIX", authkey=key) if tmp_path else None
+    front_ends = FrontEnds(commands_r, results_w, hello, listener)
+
+    def connect() -> Connection:
+        conn = Client(address, "AF_UNIX", authkey=key)
+        assert conn.poll(30) and conn.recv()[0] == "ready"
+        return conn
+
+    return front_ends, commands_w, results_r, connect
 
 
 def test_no_front_end_gets_a_hello_once_the_engine_is_ending(tmp_path):
@@ -110,16 +128,11 @@ def test_a_front_end_that_reads_nothing_holds_back_no_one(tmp_path, monkeypatch)
     """A front end whose process lives but reads nothing (e.g. stopped) fills its socket:
     the engine's loop still emits to the others, and drops it once it is MAX_BACKLOG
     results behind, its requests aborted (a blocking send held the engine back for all)."""
-
     monkeypatch.setattr(module, "MAX_BACKLOG", 4)
     monkeypatch.setattr(module, "STALL_S", 0.0)
-    address, key = str(tmp_path / "s"), os.urandom(32)
-    commands_r, commands_w = Pipe(duplex=False)
-    results_r, results_w = Pipe(duplex=False)
     hello = ("ready", None, {"kv_blocks_total": 7}, "m", os.getpid())
-    front_ends = FrontEnds(commands_r, results_w, hello, Listener(address, "AF_UNIX", authkey=key))
-    stalled = Client(address, "AF_UNIX", authkey=key)
-    assert stalled.poll(30) and stalled.recv()[0] == "ready"
+    front_ends, commands_w, results_r, connect = _engine_side(tmp_path, hello)
+    stalled = connect()
     stalled.send(("ready", False))
     stalled.send(("add", "r", 5, "prompt", [1, 2], None))
     commands_w.send(("ready", False))
@@ -178,9 +191,7 @@ def test_the_only_front_end_is_not_dropped(monkeypatch):
     holds back no one else; dropping it would end the engine (found in review)."""
     monkeypatch.setattr(module, "MAX_BACKLOG", 4)
     monkeypatch.setattr(module, "STALL_S", 0.0)
-    commands_r, commands_w = Pipe(duplex=False)
-    results_r, results_w = Pipe(duplex=False)
-    front_ends = FrontEnds(commands_r, results_w, HELLO, None)
+    front_ends, commands_w, results_r, _ = _engine_side()
     commands_w.send(("ready", False))
     commands_w.send(("add", "r", 5, "prompt", [1, 2], None))
     _until(front_ends, lambda: front_ends.front_ends[0].reading and front_ends.front_ends[0].live)
@@ -230,12 +241,8 @@ def test_a_front_end_slow_but_reading_is_not_dropped(tmp_path, monkeypatch):
     """Far behind but still taking its results (a busy process): kept, and sent every
     one; only one that has taken nothing for STALL_S goes."""
     monkeypatch.setattr(module, "MAX_BACKLOG", 2)
-    address, key = str(tmp_path / "s"), os.urandom(32)
-    commands_r, commands_w = Pipe(duplex=False)
-    results_r, results_w = Pipe(duplex=False)
-    front_ends = FrontEnds(commands_r, results_w, HELLO, Listener(address, "AF_UNIX", authkey=key))
-    slow = Client(address, "AF_UNIX", authkey=key)
-    assert slow.poll(30) and slow.recv()[0] == "ready"
+    front_ends, commands_w, results_r, connect = _engine_side(tmp_path)
+    slow = connect()
     slow.send(("ready", False))
     commands_w.send(("ready", False))
     _until(
@@ -290,9 +297,7 @@ def test_the_engine_ends_when_its_last_front_end_is_dropped_in_the_idle_flush():
     """receive(block=True) flushes stats before waiting; a front end dropped there (its
     sends failed) must end the engine if it was the last (found in review: the loop then
     waited on its wake pipe alone, for ever)."""
-    commands_r, commands_w = Pipe(duplex=False)
-    results_r, results_w = Pipe(duplex=False)
-    front_ends = FrontEnds(commands_r, results_w, HELLO, None)
+    front_ends, commands_w, results_r, _ = _engine_side()
     commands_w.send(("ready", False))
     _until(front_ends, lambda: front_ends.front_ends[0].reading)
     results_r.close()  # its process dies during the engine's last step
@@ -315,12 +320,8 @@ def test_a_dropped_publisher_hands_over_what_it_was_sent(tmp_path, monkeypatch):
     queued: those queued for a dropped (stalled) one never reach it (found in review)."""
     monkeypatch.setattr(module, "MAX_BACKLOG", 4)
     monkeypatch.setattr(module, "STALL_S", 0.0)
-    address, key = str(tmp_path / "s"), os.urandom(32)
-    commands_r, commands_w = Pipe(duplex=False)
-    results_r, results_w = Pipe(duplex=False)
-    front_ends = FrontEnds(commands_r, results_w, HELLO, Listener(address, "AF_UNIX", authkey=key))
-    stalled = Client(address, "AF_UNIX", authkey=key)
-    assert stalled.poll(30) and stalled.recv()[0] == "ready"
+    front_ends, commands_w, results_r, connect = _engine_side(tmp_path)
+    stalled = connect()
     stalled.send(("ready", True))  # the publisher
     _until(front_ends, lambda: 1 in front_ends.front_ends and front_ends.front_ends[1].reading)
     front_ends.emit(Delivery([], {"generation_tokens_total": 0}))  # (it gets this one whole)
