@@ -100,12 +100,14 @@ def _attend_decode(
     """Rows of like context length attend together, each group padded to its own longest
     (not the batch's: a 20-token chat beside a 2,000-token one would gather 2,000 rows)."""
     lens = seq_lens.tolist()
+    if max(lens) <= _group_limit(min(lens)):  # one group (e.g. a lone request): no indexing
+        return _attend(query[:, None], k_cache, v_cache, block_tables, seq_lens, scale)[:, 0]
     order = sorted(range(len(lens)), key=lens.__getitem__)
     out = torch.empty_like(query)
     start = 0
     while start < len(order):
-        end = start + 1  # (a group's longest at most twice its shortest, plus a margin)
-        while end < len(order) and lens[order[end]] <= 2 * lens[order[start]] + 64:
+        end = start + 1
+        while end < len(order) and lens[order[end]] <= _group_limit(lens[order[start]]):
             end += 1
         rows = torch.tensor(order[start:end], device=query.device)
         out[rows] = _attend(
@@ -113,6 +115,11 @@ def _attend_decode(
         )[:, 0]
         start = end
     return out
+
+
+def _group_limit(shortest: int) -> int:
+    """The longest context that attends in one group with ``shortest``."""
+    return 2 * shortest + 64
 
 
 def _attend(
