@@ -35,6 +35,15 @@ def _engine_side(tmp_path=None, hello: tuple = HELLO):
     return front_ends, commands_w, results_r, connect
 
 
+def _until(front_ends, done) -> list:
+    got, deadline = [], time.monotonic() + 30
+    while not done():
+        assert time.monotonic() < deadline
+        got += filter(None, [front_ends.receive(False)])
+        time.sleep(0.005)
+    return got
+
+
 def test_no_front_end_gets_a_hello_once_the_engine_is_ending(tmp_path):
     address, key = str(tmp_path / "s"), os.urandom(32)
     commands_r, commands_w = Pipe(duplex=False)
@@ -81,27 +90,16 @@ def test_the_publisher_stays_until_it_leaves(tmp_path):
     """The first front end that says it publishes keeps publishing when an older one says
     so later: its gauges stay set in its process, and /metrics sums gauges over the live
     workers (CI caught kv_blocks_total counted twice when the role moved at start-up)."""
-
-    address, key = str(tmp_path / "s"), os.urandom(32)
-    commands_r, commands_w = Pipe(duplex=False)
-    results_r, results_w = Pipe(duplex=False)
-    listener = Listener(address, "AF_UNIX", authkey=key)
-    hello = ("ready", None, {"kv_blocks_total": 7}, "m", os.getpid())
-    front_ends = FrontEnds(commands_r, results_w, hello, listener)
+    front_ends, commands_w, results_r, connect = _engine_side(tmp_path)
 
     def until(done) -> None:
-        deadline = time.monotonic() + 30
-        while not done():
-            assert time.monotonic() < deadline
-            assert front_ends.receive(False) is None
-            time.sleep(0.01)
+        assert _until(front_ends, done) == []
 
     def recv(conn):
         assert conn.poll(30)
         return conn.recv()
 
-    second = Client(address, "AF_UNIX", authkey=key)
-    recv(second)  # (its hello)
+    second = connect()
     second.send(("ready", True))  # the one that connected is ready first
     until(lambda: 1 in front_ends.front_ends and front_ends.front_ends[1].reading)
     step = Delivery([], {"kv_blocks_total": 7})
@@ -175,15 +173,6 @@ def test_a_dropped_front_end_is_told_why():
     gone.wait()
     client.pid = gone.pid
     assert client.stopped_because(EOFError()) == f"the engine process (pid {gone.pid}) exited"
-
-
-def _until(front_ends, done) -> list:
-    got, deadline = [], time.monotonic() + 30
-    while not done():
-        assert time.monotonic() < deadline
-        got += filter(None, [front_ends.receive(False)])
-        time.sleep(0.005)
-    return got
 
 
 def test_the_only_front_end_is_not_dropped(monkeypatch):
