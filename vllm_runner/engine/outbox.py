@@ -1,9 +1,13 @@
 """A front end's results, sent by a thread of their own.
 
-The engine process's loop only queues each step's delivery; a thread per front end sends.
-A front end whose process is alive but reads nothing (a stopped process) then fills its own
-socket and queue, and holds back neither the engine's steps nor the other front ends; the
-loop drops it once it is too far behind (``backlog``).
+The engine process's loop pickles each step's delivery and queues the bytes; a thread per
+front end writes them. A front end whose process is alive but reads nothing (a stopped
+process) then fills its own socket and queue, and holds back neither the engine's steps nor
+the other front ends; the loop drops it once it is too far behind (``backlog``).
+
+The pickling stays on the loop's thread: a sender that pickled would hold the GIL while the
+loop waits for it (H200, 1B shape, 256 closed-loop streams over 4 front ends: 24.2k tok/s
+with the senders pickling, 33.6k with the loop sending itself before the outbox).
 """
 
 import contextlib
@@ -14,6 +18,7 @@ import socket
 import threading
 import time
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +47,18 @@ class Outbox:
         return self._queued - self._sent
 
     def put(self, item: object) -> None:
+        """Queue ``item`` (pickled here, as ``Connection.send`` would) to be sent."""
         self._queued += 1
-        self._items.put(item)
+        if self.failed or self._abandoned:  # (counted: sent, by the sender, as nothing)
+            self._items.put((b"", None))
+            return
+        try:
+            data = ForkingPickler.dumps(item)
+        except Exception:  # (e.g. not picklable): the loop drops this front end
+            logger.exception("sending results failed")
+            self.failed = True
+            data = b""
+        self._items.put((data, getattr(item, "stats", None)))
 
     def close(self) -> None:
         """Send what is queued, then close the connection."""
@@ -78,15 +93,16 @@ class Outbox:
     def _run(self) -> None:
         while (item := self._items.get()) is not _CLOSE:
             if not (self.failed or self._abandoned):
+                data, stats = item
                 try:
-                    self.conn.send(item)
+                    self.conn.send_bytes(data)  # (the GIL is released while it writes)
                 except (OSError, ValueError):  # its process is gone (or it was shut down)
                     self.failed = True
-                except Exception:  # (e.g. not picklable): the loop drops this front end
+                except Exception:
                     logger.exception("sending results failed")
                     self.failed = True
                 else:
-                    self.stats_sent = getattr(item, "stats", self.stats_sent)
+                    self.stats_sent = stats if stats is not None else self.stats_sent
                     self.sent_at = time.monotonic()
             self._sent += 1
         with self._closing:
