@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from vllm_runner.serving.settings import ServerSettings
@@ -82,3 +87,25 @@ def test_empty_env_value_means_unset() -> None:
 def test_bad_values_name_the_setting(env: dict, args: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ServerSettings.load(env, args)
+
+
+def test_the_no_stream_tracing_config_excludes_only_the_token_routes() -> None:
+    """The BentoML configuration docs/serving.md shows (loadtests/no_stream_tracing.yaml)
+    loads and takes the streaming routes, and only those, out of OpenTelemetry."""
+    code = """
+import service
+service.LLMService.inject_config()
+from bentoml._internal.configuration.containers import BentoMLContainer
+excluded = BentoMLContainer.tracing_excluded_urls.get()
+paths = ["/v1/chat/completions", "/v1/completions", "/generate", "/complete", "/score",
+         "/stats", "/v1/models", "/readyz"]
+print(*(int(excluded.url_disabled("http://127.0.0.1:3000" + p)) for p in paths))
+"""
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "BENTOML_CONFIG": str(repo / "loadtests" / "no_stream_tracing.yaml")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-8:] == ["1", "1", "1", "1", "0", "0", "0", "0"]

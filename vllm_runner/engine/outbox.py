@@ -6,8 +6,9 @@ process) then fills its own socket and queue, and holds back neither the engine'
 the other front ends; the loop drops it once it is too far behind (``backlog``).
 
 The pickling stays on the loop's thread: a sender that pickled would hold the GIL while the
-loop waits for it (H200, 1B shape, 256 closed-loop streams over 4 front ends: 24.2k tok/s
-with the senders pickling, 33.6k with the loop sending itself before the outbox).
+loop waits for it (H200, 1B shape, 256 closed-loop streams over 4 front ends, medians:
+26.4k tok/s with the senders pickling, 36.6k with the loop pickling, 36.3k before the
+outbox; loadtests/RESULTS.md).
 """
 
 import contextlib
