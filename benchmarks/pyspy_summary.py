@@ -14,7 +14,9 @@ from collections import Counter, defaultdict
 
 def role(frames: list[str]) -> str:
     if any("run_engine_process" in f for f in frames):
-        return "engine"
+        # the step loop apart from start-up (imports, weights, compiles, graph captures)
+        loop = any(f.startswith("ServingLoop.run (") for f in frames)
+        return "engine step loop" if loop else "engine start-up and exit"
     if any(f.startswith(("front_end (", "streamed (", "AsyncLLM._deliver (")) for f in frames):
         return "front end"
     return "other"
