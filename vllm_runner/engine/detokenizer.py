@@ -77,8 +77,9 @@ class IncrementalDetokenizer:
         return self._find_stop(max(before, self.stop_from))
 
     def _step_stream(self, token_ids: list[int]) -> None:
-        """The tokenizer's own incremental decoder, one call a token (a third of the time of
-        the two decodes of ``_decode_window`` on this 2-core VM, 256 streams); the same text."""
+        """The tokenizer's own incremental decoder: one call a token where ``_decode_window``
+        makes two (256 streams on the 2-core VM, add_tokens + take_delta: 1.7 vs 2.2 us a
+        token); the same deltas after a prompt of text."""
         for i, token in enumerate(token_ids):
             self.ids.append(token)
             try:
