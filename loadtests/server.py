@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,9 +21,8 @@ from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 240.0
-# /readyz answers in a row that count as ready: with 4 workers, one not ready yet is missed
-# by 16 connections with probability (3/4)^16 ~ 1%
-READY_STREAK = 16
+# what service.py logs when a worker's engine is ready
+WORKER_READY = re.compile(r"\[entry_service:LLMService:(\d+)\] model \S+ ready")
 
 
 def free_port() -> int:
@@ -60,6 +60,7 @@ class BentoServer:
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.api_key = self.env.get("VLLM_RUNNER_API_KEY")
+        self._log_start = 0  # where this start's lines begin (the log is appended to)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -79,6 +80,7 @@ class BentoServer:
         for name, value in self.args.items():
             cmd += ["--arg", f"{name}={value}"]
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._log_start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
@@ -91,23 +93,30 @@ class BentoServer:
             raise
         return self
 
+    @property
+    def workers(self) -> int:
+        """The server's worker processes (the `workers` setting: --arg, then env)."""
+        value = self.args.get("workers") or self.env.get("VLLM_RUNNER_WORKERS")
+        return int(value or os.environ.get("VLLM_RUNNER_WORKERS") or 1)
+
     def wait_ready(self, timeout: float) -> None:
-        """Until /readyz answers 200 READY_STREAK times in a row: each request is a new
-        connection, which any worker may take, and the workers get ready one by one."""
+        """Until /readyz answers 200 and every worker has logged its engine ready: /readyz
+        reaches whichever worker takes the connection, and the workers get ready one by
+        one (a load step started earlier sends some requests to one still connecting)."""
         deadline = time.monotonic() + timeout
         last: object = None
-        streak = 0
         while time.monotonic() < deadline:
             if not self.running:
                 raise RuntimeError(f"bentoml serve exited early:\n{self.logs()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=5) as r:
-                    streak = streak + 1 if r.status == 200 else 0
+                    ready = set(WORKER_READY.findall(self._new_logs()))
+                    if r.status == 200 and len(ready) >= self.workers:
+                        return
+                    last = f"{len(ready)} of {self.workers} workers ready"
             except (urllib.error.URLError, OSError) as exc:
-                last, streak = exc, 0
-            if streak >= READY_STREAK:
-                return
-            time.sleep(0.25 if streak == 0 else 0.02)
+                last = exc
+            time.sleep(0.25)
         raise TimeoutError(f"{self.url}/readyz not 200 after {timeout}s ({last})\n{self.logs()}")
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60.0) -> int | None:
@@ -126,6 +135,15 @@ class BentoServer:
     def logs(self, tail: int = 6000) -> str:
         try:
             return self.log.read_text(errors="replace")[-tail:]
+        except FileNotFoundError:
+            return ""
+
+    def _new_logs(self) -> str:
+        """What this start of the server has logged."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
 

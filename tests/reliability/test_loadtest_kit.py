@@ -232,3 +232,41 @@ def test_server_cpu_finds_the_tree_and_its_roles(tmp_path: Path) -> None:
     assert per_second(before, after, 2.0) == {
         "engine": 0.5, "workers": 1.25, "worker max": 0.75, "other": 0.25
     }  # fmt: skip
+
+
+def test_the_server_is_ready_when_every_worker_has_logged_its_engine_ready(tmp_path) -> None:
+    """/readyz answers from whichever worker takes the connection: a load step must wait
+    for every worker (found on a card: the first GET of a step reached one still connecting
+    to the shared engine, 503)."""
+    import http.server
+    import subprocess
+    import threading
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    log = tmp_path / "serve.log"
+    log.write_text("[entry_service:LLMService:1] model m ready (an earlier start's line)\n")
+    srv = BentoServer(log, args={"workers": "2"})
+    srv._log_start = log.stat().st_size
+    srv.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    srv.proc = subprocess.Popen(["sleep", "60"])
+    try:
+        with log.open("a") as f:
+            f.write("[entry_service:LLMService:1] model m ready (max_model_len 8)\n")
+        with pytest.raises(TimeoutError, match="1 of 2 workers ready"):
+            srv.wait_ready(1.0)
+        with log.open("a") as f:
+            f.write("[entry_service:LLMService:2] model m ready (max_model_len 8)\n")
+        srv.wait_ready(5.0)
+    finally:
+        srv.proc.kill()
+        srv.proc.wait()
+        httpd.shutdown()

@@ -124,3 +124,21 @@ def test_a_tokenizer_that_cleans_up_spaces_keeps_transformers_decode(default_mod
     tokenizer.clean_up_tokenization_spaces = True
     detok = IncrementalDetokenizer(tokenizer, [1], [], False, True)
     assert detok._backend is None and detok._stream is None
+
+
+def test_a_character_the_prompt_began_and_the_output_does_not_end_stays_the_prompts(
+    default_model_dir, monkeypatch
+):
+    """Left unended by the output, the replacement text of a character the prompt began is
+    the prompt's (found in review: it came out as the output's first text), as with two
+    decodes a token."""
+    tokenizer = _tokenizer(default_model_dir)
+    ids = tokenizer.encode("I like 日本", add_special_tokens=False)
+    cut = next(i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith("\ufffd"))
+    out = tokenizer.encode(" and more", add_special_tokens=False)
+    fast = IncrementalDetokenizer(tokenizer, ids[:cut], [], False, True)
+    with monkeypatch.context() as m:
+        m.setattr(module, "DecodeStream", None)
+        slow = IncrementalDetokenizer(tokenizer, ids[:cut], [], False, True)
+    assert _deltas(fast, out) == _deltas(slow, out)
+    assert fast.text == " and more"

@@ -29,13 +29,16 @@ class IncrementalDetokenizer:
         self.skip_special = skip_special_tokens
         context = prompt_token_ids[-_CONTEXT_TOKENS:]
         self._stream = None
+        self._prompt_tail = ""  # text of prompt tokens that end inside a character
         if self._backend is not None and DecodeStream is not None:
             self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
             try:
-                for token in context:
-                    self._stream.step(self._backend, token)
+                chunks = [self._stream.step(self._backend, token) for token in context]
             except Exception:  # (see _step_stream) the two decodes do without it
                 self._stream = None
+            else:
+                if chunks and chunks[-1] is None:  # the prompt may end inside a character
+                    self._prompt_tail = _pending_text(self._decode, context)
         self.ids = list(context)
         self.prefix_offset = 0
         self.read_offset = len(context)
@@ -91,6 +94,12 @@ class IncrementalDetokenizer:
                 self._decode_window()
                 return
             if chunk is not None:
+                if self._prompt_tail:
+                    # NOTE: a character the prompt began comes out with the output if the
+                    # output ends it; left unended, its replacement text stays the prompt's.
+                    if chunk.startswith(self._prompt_tail):
+                        chunk = chunk[len(self._prompt_tail) :]
+                    self._prompt_tail = ""
                 self.text += chunk
                 self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
 
@@ -124,6 +133,19 @@ class IncrementalDetokenizer:
         delta = self.text[self.sent : end]
         self.sent = end
         return delta
+
+
+def _pending_text(decode, ids: list[int]) -> str:
+    """The text (ending in U+FFFD) of the last ``ids`` that end inside a character: the
+    decode of ``ids`` past that of the longest prefix that ends between characters."""
+    full = decode(ids)
+    if not full.endswith("\ufffd"):
+        return ""
+    for k in range(len(ids) - 1, -1, -1):
+        head = decode(ids[:k])
+        if not head.endswith("\ufffd"):
+            return full[len(head) :] if full.startswith(head) else ""
+    return full
 
 
 def _backend(tokenizer):
