@@ -3,6 +3,7 @@ of mixed lengths (16 / 96 / 480 token ids), 64 new tokens each, temperature 1.
 
     python benchmarks/cpu_ab.py --case sampler [--model DIR]  # inverse CDF / exponential race
     python benchmarks/cpu_ab.py --case attention  # decode rows grouped by length / one batch
+    python benchmarks/cpu_ab.py --case gather  # K/V rows by index_select / by indexing
 
 The first run in a process is slow (oneDNN and allocator warm-up): one untimed pass first.
 """
@@ -35,6 +36,17 @@ def _variants(case: str) -> dict[str, tuple[object, str, object]]:
             "inverse CDF": (sampler, "inverse_cdf_sample", now),
         }
 
+    if case == "gather":
+
+        def indexing(cache, slots, dtype):
+            return reference._slots_view(cache)[slots].view(cache.dtype).to(dtype)
+
+        now = reference._gather
+        return {
+            "indexing": (reference, "_gather", indexing),
+            "index_select": (reference, "_gather", now),
+        }
+
     def one_batch(query, k_cache, v_cache, tables, seq_lens, scale):
         return reference._attend(query[:, None], k_cache, v_cache, tables, seq_lens, scale)[:, 0]
 
@@ -47,7 +59,7 @@ def _variants(case: str) -> dict[str, tuple[object, str, object]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--case", choices=["sampler", "attention"], required=True)
+    ap.add_argument("--case", choices=["sampler", "attention", "gather"], required=True)
     ap.add_argument("--model", help="a model folder (default: the default model)")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()

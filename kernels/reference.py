@@ -46,8 +46,12 @@ def _as_stored(t: torch.Tensor) -> torch.Tensor:
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The cache rows at ``slots`` in ``dtype`` (exact: every fp8 value is a bf16 / fp16)."""
-    return _slots_view(cache)[slots].view(cache.dtype).to(dtype)
+    """The cache rows at ``slots`` in ``dtype`` (exact: every fp8 value is a bf16 / fp16).
+    ``index_select`` copies whole rows: ~4x faster on the CPU than indexing with ``slots``
+    (48 x 600 rows of 3 x 64 fp32: 1.6 vs 6.8 ms on the 2-core VM; the default model
+    decodes 1.08x faster: loadtests/RESULTS.md)."""
+    rows = _slots_view(cache).index_select(0, slots.reshape(-1))
+    return rows.view(*slots.shape, *cache.shape[2:]).view(cache.dtype).to(dtype)
 
 
 def paged_attention(
