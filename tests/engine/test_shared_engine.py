@@ -300,3 +300,20 @@ def test_a_front_end_still_loading_reads_what_the_engine_sends(
 def test_a_shared_engine_needs_a_process(default_model_dir):
     with pytest.raises(ValueError, match="shared_engine='x' needs engine_process=True"):
         AsyncLLM(default_model_dir, shared_engine="x", engine_process=False, **KW)
+
+
+def test_a_shared_engine_that_does_not_answer_fails_the_connection_in_time(name):
+    """A stopped or stuck engine process still has its socket queue connections; the
+    handshake would wait for ever: the front end gives up with a clear error."""
+    from multiprocessing.connection import Listener
+
+    place = SharedEngine.named(name, ("args",))
+    key = place.new_key()
+    listener = Listener(place.socket, "AF_UNIX", authkey=key)  # (never accepts)
+    try:
+        with pytest.raises(TimeoutError, match=r"did not answer in 0\.5 s"):
+            place.connect(timeout=0.5)
+    finally:
+        listener.close()
+        place.key.unlink()
+    assert place.connect(timeout=5) is None  # none listens: start one

@@ -15,6 +15,7 @@ import secrets
 import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
@@ -66,6 +67,11 @@ def run_engine_process(
         on_close()  # (also when it failed to start or its loop failed: no key left behind)
 
 
+# how long a front end waits for a running shared engine to answer its connection (it has
+# loaded: the listener opens after the model is loaded; the lock file orders the waiting)
+CONNECT_TIMEOUT_S = 60.0
+
+
 @dataclass(frozen=True)
 class SharedEngine:
     """Where the engine shared under one name is found."""
@@ -112,10 +118,27 @@ class SharedEngine:
             if self.key.read_bytes() == key:
                 self.key.unlink()
 
-    def connect(self) -> tuple[Connection, tuple] | None:
-        """A connection to the running engine and its hello, or None if none runs."""
-        try:
-            conn = Client(self.socket, "AF_UNIX", authkey=self.key.read_bytes())
-            return conn, conn.recv()
-        except (OSError, EOFError, AuthenticationError):  # none, or it just ended
-            return None
+    def connect(self, timeout: float = CONNECT_TIMEOUT_S) -> tuple[Connection, tuple] | None:
+        """A connection to the running engine and its hello, or None if none runs.
+        TimeoutError if it has not answered in ``timeout`` seconds (a stopped or stuck
+        process: the kernel still queues connections to its socket)."""
+        found: list = []
+
+        def attempt() -> None:
+            try:
+                conn = Client(self.socket, "AF_UNIX", authkey=self.key.read_bytes())
+                found.append((conn, conn.recv()))
+            except (OSError, EOFError, AuthenticationError):  # none, or it just ended
+                found.append(None)
+
+        # NOTE: Client has no timeout: a thread makes the attempt, left behind if it hangs.
+        thread = threading.Thread(target=attempt, name="vllm-runner-connect", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if not found:
+            raise TimeoutError(
+                f"the shared engine listening on {self.socket} did not answer in {timeout:g} s "
+                "(is its process stopped or stuck? end it, or give this server's engine "
+                "another name)"
+            )
+        return found[0]
