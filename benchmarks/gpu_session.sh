@@ -4,7 +4,7 @@
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
 # quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, w1-fp8,
 # kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe,
-# read-bw, gemm-prefill, persistent-layers, loadtest-1b, profile-serving)
+# read-bw, gemm-prefill, persistent-layers, loadtest-1b, serving-ab, profile-serving)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -68,6 +68,18 @@ d = build_random_llama("1b", Path("/tmp/lt_models"), "cuda", 0, vocab_size=49152
                --stop-timeout 30 --max-tokens 128 --label "H200, Llama-3.2-1B shape" \
                --processes "${LT_PROCESSES:-1}" ${LT_SERVE_ARGS:-} \
                --out "$OUT/loadtest_h200_1b${AB:-}${ROUND:-}" 2>&1 | tail -12 ;;
+    serving-ab) # this tree vs the one in .ab/ (carried: `git archive REV vllm_runner benchmarks
+             # kernels | tar -x -C .ab`), the serving probe alternating, ${AB_ROUNDS:-2} rounds
+             P=${AB_PROBE_ARGS:-"--model 1b --streams 256 --repeats 1 --async-only --engine-process 1
+                --front-ends 4 --tokenizer .whl/tokenizer --closed-loop ${AB_LOOP_S:-20}"}
+             for r in $(seq "${AB_ROUNDS:-2}"); do
+               for side in A B; do
+                 if [ $side = A ]; then root=$PWD; script=benchmarks/serving_probe.py
+                 else root=$PWD/.ab; script=.ab/benchmarks/serving_probe.py; fi
+                 echo "$side$r: $(PYTHONPATH=$root timeout 200 python $script $P \
+                   --out "$OUT/serving_ab_$side$r.json" 2>&1 | grep "streams:")"
+               done
+             done ;;
     profile-serving) # py-spy (its wheel carried in .whl/extra/) starts the probe: attaching is refused here
              python3 -m pip install -q --no-index --no-deps --target /tmp/ps .whl/extra/py_spy*.whl
              /tmp/ps/bin/py-spy record --subprocesses --nonblocking -r 50 -f raw -o /tmp/prof.txt -- \
