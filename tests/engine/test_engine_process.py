@@ -12,6 +12,8 @@ import textwrap
 import pytest
 
 from vllm_runner import AsyncLLM, SamplingParams
+from vllm_runner.async_llm import RequestError
+from vllm_runner.engine.outputs import RequestOutput
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 KW = dict(dtype="float32", device="cpu", max_model_len=1024, cpu_kv_cache_gb=0.25)
@@ -82,6 +84,80 @@ def test_streamed_updates_are_whole_again_after_the_pipe(apart, smol_llm):
         assert [t for u in mine for t in u.new_token_ids] == completion.token_ids
         assert mine[-1].num_token_ids == len(completion.token_ids)
         assert [lp for u in mine for lp in u.new_logprobs] == completion.logprobs
+
+
+def test_the_front_end_builds_the_text_of_requests_without_stop_strings(apart, smol_llm):
+    """The engine process leaves those requests' text to the front end (it ends a request at
+    a stop string, so it keeps the text of those): the same deltas, texts and final outputs
+    as the in-thread loop, for n = 2 sampled, a stream that ends at EOS, special tokens kept."""
+    cases = [
+        ("Once upon a time", SamplingParams(n=2, max_tokens=24, seed=3, ignore_eos=True)),
+        ("The capital of France is", SamplingParams(max_tokens=64, temperature=0.0)),
+        ([1, 2, 3], SamplingParams(max_tokens=8, temperature=0.0, skip_special_tokens=False)),
+    ]
+    sent = []
+    send = apart._send_command
+
+    def spy(command):
+        sent.append(command)
+        send(command)
+
+    async def main():
+        apart._send_command = spy
+        try:
+            outs = []
+            for prompt, params in cases:
+                outs.append([o async for o in apart._run(prompt, params, None)])
+            return outs
+        finally:
+            apart._send_command = send
+
+    got = run(main())
+    assert [c[6] for c in sent if c[0] == "add"] == [False] * len(cases)  # (detokenize)
+    for (prompt, params), items in zip(cases, got, strict=True):
+        (want,) = smol_llm.generate([prompt], params)
+        final = items[-1]
+        assert isinstance(final, RequestOutput) and final.outputs == want.outputs
+        for completion in want.outputs:
+            updates = [u for u in items[:-1] if u.index == completion.index]
+            assert "".join(u.delta for u in updates) == updates[-1].text == completion.text
+            assert [t for u in updates for t in u.new_token_ids] == completion.token_ids
+    assert got[1][-1].finish_reason == "stop"  # (EOS: its text left out, as the engine does)
+
+
+def test_a_stop_string_request_is_detokenized_in_the_engine(apart, smol_llm):
+    params = SamplingParams(max_tokens=32, temperature=0.0, stop=[" the"])
+    with pytest.raises(ValueError, match=r"stop=\[' the'\] needs detokenize=True"):
+        smol_llm.engine.add_request("Hello", params, detokenize=False)
+    (want,) = smol_llm.generate(["Once upon a time"], params)
+    (got,) = run(apart.generate(["Once upon a time"], params))
+    assert got.outputs == want.outputs and got.outputs[0].stop_reason == " the"
+
+
+def test_a_front_end_text_failure_fails_its_request_alone(apart, monkeypatch):
+    """Building one request's text fails in the front end: that request fails naming it, the
+    engine aborts it (no block kept), and the requests beside it finish."""
+    from vllm_runner.engine import detokenizer
+
+    original = detokenizer.IncrementalDetokenizer.add_tokens
+
+    def flaky(self, token_ids, *args):
+        if "POISON" in self.tokenizer.decode(self.ids):
+            raise RuntimeError("injected front-end detokenizer failure")
+        return original(self, token_ids, *args)
+
+    monkeypatch.setattr(detokenizer.IncrementalDetokenizer, "add_tokens", flaky)
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        good = asyncio.create_task(apart.generate(["The capital of France is"], GREEDY))
+        with pytest.raises(RequestError, match="injected front-end detokenizer failure"):
+            await apart.generate(["POISON"], long)
+        return await good
+
+    assert run(main())[0].text
+    run(apart.generate(["Hi"], SamplingParams(max_tokens=2)))  # (the abort applied by then)
+    assert apart.stats()["kv_blocks_used"] == 0 and apart.stats()["num_running"] == 0
 
 
 def test_requests_are_checked_in_the_caller(apart):
@@ -161,14 +237,15 @@ def test_a_closed_event_loop_leaves_the_engine_to_the_others(default_model_dir, 
 def test_a_failed_results_reader_stops_the_engine_process(default_model_dir, monkeypatch):
     """The engine process alive but its results unreadable: its streams fail with the
     reason, and it is stopped (it holds the device's memory), not left running unread."""
-    from vllm_runner import async_llm
+    from multiprocessing.connection import Connection
 
     llm = AsyncLLM(default_model_dir, engine_process=True, **KW)
 
     def unreadable(*args):
         raise ValueError("injected unpack failure")
 
-    monkeypatch.setattr(async_llm, "unpack", unreadable)
+    # (the reader's next read, after the one it waits in)
+    monkeypatch.setattr(Connection, "recv", unreadable)
 
     async def main():
         with pytest.raises(RuntimeError, match="results failed: ValueError"):

@@ -108,11 +108,20 @@ class EngineCore:
         params: SamplingParams,
         request_id: str | None = None,
         prompt_ids: list[int] | None = None,
+        detokenize: bool = True,
     ) -> RequestState:
-        """``prompt_ids``: ``prompt`` already tokenized (a front end that checked it)."""
+        """``prompt_ids``: ``prompt`` already tokenized (a front end that checked it).
+        ``detokenize``: False when the caller builds the text from the token ids itself (a
+        front end apart from the engine process): the outputs' text stays empty. Stop
+        strings need the text here (the request ends at the token that completes one)."""
         if prompt_ids is None:
             prompt_ids = self.inputs.tokenize(prompt)
         self.inputs.validate(prompt_ids, params)
+        if not detokenize and params.stop:
+            raise ValueError(
+                f"stop={params.stop!r} needs detokenize=True: the engine ends a request at the "
+                "token that completes a stop string"
+            )
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.states:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -122,7 +131,7 @@ class EngineCore:
             prompt if isinstance(prompt, str) else None,
             prompt_ids,
             params,
-            self.tokenizer,
+            self.tokenizer if detokenize else None,
             f"{request_id}@{next(self._engine_ids)}",
         )
         max_tokens = self.inputs.max_new_tokens(len(prompt_ids), params)

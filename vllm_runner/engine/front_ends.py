@@ -131,9 +131,9 @@ class FrontEnds:
     def _command(self, front: FrontEnd, command: tuple) -> None:
         k = front.number
         if command[0] == "add":
-            _, request_id, route, prompt, prompt_ids, params = command
+            _, request_id, route, *request = command
             front.live[route] = request_id
-            renamed = ("add", f"{k}:{request_id}", (k, route), prompt, prompt_ids, params)
+            renamed = ("add", f"{k}:{request_id}", (k, route), *request)
             self.pending.append(renamed)
         elif command[0] == "abort":
             self.pending.append(("abort", f"{k}:{command[1]}"))

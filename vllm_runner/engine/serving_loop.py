@@ -2,14 +2,15 @@
 
 It runs in a thread of the serving process, or as the whole of an engine-core process
 (``engine_process``): there the engine's Python work (scheduling, launches, output
-processing, detokenization) has a GIL of its own instead of sharing one with the server's
+processing) has a GIL of its own instead of sharing one with the server's
 event loop and HTTP stack (vLLM V1 runs its EngineCore apart for the same reason).
 
-Commands: ``("add", request_id, route, prompt, prompt_ids, params)`` (the ids the front end
-checked: not tokenized again), ``("abort", request_id)``, ``("stop",)``. A route is what the
-front end gives each added request (a number; in the engine process, with the front end's
-number): outputs go to the stream that added the request even after that stream closed and
-another reused its id.
+Commands: ``("add", request_id, route, prompt, prompt_ids, params, detokenize)`` (the ids
+the front end checked: not tokenized again; ``detokenize`` False: the front end builds the
+text from the ids, see ``EngineCore.add_request``), ``("abort", request_id)``, ``("stop",)``.
+A route is what the front end gives each added request (a number; in the engine process,
+with the front end's number): outputs go to the stream that added the request even after
+that stream closed and another reused its id.
 """
 
 import pickle
@@ -79,9 +80,9 @@ class ServingLoop:
         if command[0] == "abort":
             self._deliver(engine.abort(command[1]))
             return True
-        _, request_id, route, prompt, prompt_ids, params = command
+        _, request_id, route, prompt, prompt_ids, params, detokenize = command
         try:
-            engine.add_request(prompt, params, request_id, prompt_ids)
+            engine.add_request(prompt, params, request_id, prompt_ids, detokenize)
         except Exception as e:  # validated already; anything here is this request's alone
             self.emit(Delivery([(route, e)], engine.stats()))
         else:
@@ -146,6 +147,16 @@ def unpack(packed: tuple, request_id: str, prompt_ids: list[int], texts: dict[in
         request_id, index, delta, text, num_ids, new_ids, new_logprobs, finished, reason,
         prompt_ids, stop_reason, error,
     )  # fmt: skip
+
+
+def with_text(packed: tuple, detokenizers: list) -> tuple:
+    """``packed`` (of a request the engine left undetokenized) with its delta, from its new
+    ids and its completion's detokenizer."""
+    index, _, num_ids, new_ids, new_logprobs, finished, reason, *rest = packed
+    detokenizer = detokenizers[index]
+    detokenizer.add_tokens(new_ids, reason == "stop")  # (no stop strings: EOS or a stop id)
+    delta = detokenizer.take_delta(finished)
+    return (index, delta, num_ids, new_ids, new_logprobs, finished, reason, *rest)
 
 
 def picklable(item: object) -> object:
