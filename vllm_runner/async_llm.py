@@ -296,7 +296,11 @@ class AsyncLLM:
             return None
         return [
             IncrementalDetokenizer(
-                self.tokenizer, prompt_ids, [], False, params.skip_special_tokens
+                self.tokenizer,
+                prompt_ids,
+                [],
+                params.include_stop_str_in_output,  # (a stop token's text, then)
+                params.skip_special_tokens,
             )
             for _ in range(params.n)
         ]

@@ -95,6 +95,13 @@ def test_the_front_end_builds_the_text_of_requests_without_stop_strings(apart, s
         ("The capital of France is", SamplingParams(max_tokens=64, temperature=0.0)),
         ([1, 2, 3], SamplingParams(max_tokens=8, temperature=0.0, skip_special_tokens=False)),
     ]
+    (probe,) = smol_llm.generate(["Once upon a time"], SamplingParams(max_tokens=6, temperature=0))
+    stop_id = probe.outputs[0].token_ids[3]  # (ends the greedy stream at its 4th token)
+    for keep in (False, True):
+        kept = SamplingParams(
+            max_tokens=6, temperature=0.0, stop_token_ids=[stop_id], include_stop_str_in_output=keep
+        )
+        cases.append(("Once upon a time", kept))
     sent = []
     send = apart._send_command
 
@@ -123,6 +130,9 @@ def test_the_front_end_builds_the_text_of_requests_without_stop_strings(apart, s
             assert "".join(u.delta for u in updates) == updates[-1].text == completion.text
             assert [t for u in updates for t in u.new_token_ids] == completion.token_ids
     assert got[1][-1].finish_reason == "stop"  # (EOS: its text left out, as the engine does)
+    stopped, kept = got[3][-1].outputs[0], got[4][-1].outputs[0]
+    assert stopped.stop_reason == kept.stop_reason == stop_id
+    assert len(kept.text) > len(stopped.text) and kept.text.startswith(stopped.text)
 
 
 def test_a_stop_string_request_is_detokenized_in_the_engine(apart, smol_llm):
