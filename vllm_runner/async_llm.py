@@ -247,7 +247,8 @@ class AsyncLLM:
                     held.extend(merge_updates(items))
                 item = held.popleft()
                 if isinstance(item, Exception):
-                    done = True
+                    # (one of building its text here: the engine still runs it, aborted below)
+                    done = not isinstance(item, _OutputFailed)
                     raise item
                 if isinstance(item, StreamOutput) and item.error is not None:
                     # (not done: n > 1 siblings of the failed completion are aborted)
@@ -255,9 +256,13 @@ class AsyncLLM:
                 done = isinstance(item, RequestOutput)
                 yield item
         finally:
-            self._streams.discard(request_id)
-            if not done:
-                self._send(("abort", request_id))
+            # NOTE: the abort before the id is free: a stream that reuses the id next (another
+            # thread's) is added after it, and not aborted by it.
+            try:
+                if not done:
+                    self._send(("abort", request_id))
+            finally:
+                self._streams.discard(request_id)
 
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -335,8 +340,9 @@ class AsyncLLM:
             except Exception as e:  # (building its text) this request's alone
                 logger.exception("output processing failed for %s", entry.request_id)
                 self._entries.pop(route, None)
-                self._send(("abort", entry.request_id))
-                item = RequestError(
+                # NOTE: its stream aborts it (as it leaves): not here by id, which a new
+                # stream may have taken already if this one has closed.
+                item = _OutputFailed(
                     f"request {entry.request_id} failed: output processing failed: {e!r}"
                 )
             batches.setdefault(entry.loop, []).append((entry.queue, item))
@@ -365,6 +371,10 @@ class AsyncLLM:
             logger.exception("the engine loop failed")
             return f"the engine loop failed: {exc!r}"
         return self._client.stopped_because(exc)
+
+
+class _OutputFailed(RequestError):
+    """Building a request's outputs here failed (the engine did not end it)."""
 
 
 @dataclasses.dataclass

@@ -170,6 +170,53 @@ def test_a_front_end_text_failure_fails_its_request_alone(apart, monkeypatch):
     assert apart.stats()["kv_blocks_used"] == 0 and apart.stats()["num_running"] == 0
 
 
+def test_a_text_failure_after_its_stream_closed_spares_the_id_reused(apart, monkeypatch):
+    """A stream closes (its abort sent), then building its next update's text fails while a
+    new stream has taken its id: the new one runs to its end."""
+    import threading
+
+    from vllm_runner.engine import detokenizer
+
+    go = threading.Event()
+    original = detokenizer.IncrementalDetokenizer.add_tokens
+
+    def flaky(self, token_ids, *args):
+        if getattr(self, "poisoned", False):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 2:
+                go.wait(10)  # (the reader waits here until the id is reused)
+                raise RuntimeError("injected front-end detokenizer failure")
+        return original(self, token_ids, *args)
+
+    here = apart._detokenizers_here
+    first = []
+
+    def poison_first(prompt_ids, params):
+        made = here(prompt_ids, params)
+        if not first:
+            first.append(made)
+            for d in made:
+                d.poisoned = True
+        return made
+
+    monkeypatch.setattr(detokenizer.IncrementalDetokenizer, "add_tokens", flaky)
+    monkeypatch.setattr(apart, "_detokenizers_here", poison_first)
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        old = apart.stream("Hello", long, request_id="reused")
+        await anext(old)
+        await old.aclose()
+        new = apart.stream("The capital of France is", long, request_id="reused")
+        first_update = asyncio.create_task(anext(new))
+        await asyncio.sleep(0.3)  # (its add sent)
+        go.set()
+        return [await first_update] + [o async for o in new]
+
+    outs = run(asyncio.wait_for(main(), 120))
+    assert outs[-1].finish_reason == "length" and outs[-1].num_token_ids == 40
+
+
 def test_requests_are_checked_in_the_caller(apart):
     """Validation needs no round trip: the engine's limits came with its ready message."""
 
