@@ -245,7 +245,8 @@ class EngineCore:
                 self.scheduler.finish_request(out.request_id, RequestStatus.FINISHED_STOPPED)
             if stream:
                 outputs.append(stream_output(state, index, out.new_token_ids, out.new_logprobs))
-            self._forget_if_finished(state)
+            if state.completions[index].finish_reason is not None:  # (else none ended here)
+                self._forget_if_finished(state)
         return outputs
 
     def _fail(self, child_ids: list[str], message: str) -> list[StreamOutput]:
