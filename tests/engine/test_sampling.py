@@ -338,3 +338,42 @@ def test_penalties_of_a_mixed_batch_match_each_row_alone():
                 want[t] = want[t] / r if want[t] > 0 else want[t] * r
             want[t] -= p.frequency_penalty * counts[t] + p.presence_penalty * (counts[t] > 0)
         torch.testing.assert_close(got[i].double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_sampling_on_a_gpu_never_waits_for_the_device():
+    """A step's sampling (async scheduling launches it before the previous step's results
+    are read) queues its per-row values from pinned memory: a copy from pageable memory
+    waits for the whole forward before it. Every sampling feature at once, under CUDA's
+    sync debug mode, which raises on any synchronizing call; the same tokens as on the CPU
+    for the rows whose choice does not depend on the random stream."""
+    from vllm_runner.sample.sampler import Sampler, SamplingRow
+
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu suite needs a CUDA device")
+    vocab = 1000
+    settings = [
+        dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=3),
+        dict(temperature=1.0, logit_bias={7: 100.0}),  # (the bias decides)
+        dict(temperature=0.0, min_tokens=4, repetition_penalty=1.3, presence_penalty=0.5),
+        dict(temperature=0.7, frequency_penalty=0.4, top_k=1),  # (top-1 decides)
+    ]
+    rows = []
+    for s in settings:
+        params = SamplingParams(**s)
+        params.all_stop_token_ids = {0}
+        rows.append(SamplingRow(params, [5, 9, 11, 12], 2, s.get("seed")))
+    logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(0))
+    logits[:, 0] = 50.0  # EOS would win where min_tokens does not hold it
+    cuda_logits = logits.cuda()
+    pending = torch.tensor([-1, 3, 4, -1], device="cuda")
+    sampler = Sampler(torch.device("cuda"), 0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sampled, _ = sampler.sample(cuda_logits, rows, pending)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want, _ = Sampler(torch.device("cpu"), 0).sample(logits, rows, pending.cpu())
+    got = sampled.tolist()
+    assert got[1:] == want.tolist()[1:] and got[1] == 7 and got[2] != 0

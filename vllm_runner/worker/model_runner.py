@@ -12,7 +12,7 @@ from vllm_runner.config import CacheConfig, ModelConfig, SchedulerConfig
 from vllm_runner.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from vllm_runner.model.layers.attention import Attention, AttentionMetadata, forward_context
 from vllm_runner.model.loader import build_model
-from vllm_runner.sample.sampler import Sampler, SamplingRow
+from vllm_runner.sample.sampler import Sampler, SamplingRow, host_values
 from vllm_runner.worker import memory
 from vllm_runner.worker.cuda_graphs import DecodeGraphs
 from vllm_runner.worker.device_inputs import DeviceInputs
@@ -319,7 +319,7 @@ class ModelRunner:
         rows = [prev_rows.get(r, -1) if states[r].num_pending else -1 for r in sampling_ids]
         if all(i < 0 for i in rows):
             return None
-        index = torch.tensor(rows, device=self.device)
+        index = host_values(rows, torch.long, self.device)
         return torch.where(index >= 0, prev_sampled[index.clamp(min=0)], -1)
 
     def _graph_size(self, inputs: StepInputs) -> int | None:
