@@ -18,11 +18,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from vllm_runner.engine.core import EngineCore
-from vllm_runner.engine.detokenizer import IncrementalDetokenizer
 from vllm_runner.engine.engine_client import EngineClient
 from vllm_runner.engine.input_processor import InputProcessor
 from vllm_runner.engine.outputs import RequestOutput, StreamOutput, merge_updates
-from vllm_runner.engine.serving_loop import Delivery, ServingLoop, is_final, unpack, with_text
+from vllm_runner.engine.serving_loop import Delivery, ServingLoop, is_final
+from vllm_runner.engine.stream_route import StreamRoute, text_builders
 from vllm_runner.llm import Prompt, apply_chat_template, engine_args, normalize_batch
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import load_tokenizer
@@ -82,7 +82,7 @@ class AsyncLLM:
         self._client: EngineClient | None = None  # its link to an engine process
         self._routes = itertools.count()
         # route -> the stream that added the request (serving_loop)
-        self._entries: dict[int, _Route] = {}
+        self._entries: dict[int, StreamRoute] = {}
         self._streams: set[str] = set()  # request ids of open streams
         self._running = False
         self._go = threading.Event()  # the loop may start (or, on an error here, end)
@@ -228,7 +228,7 @@ class AsyncLLM:
         q: asyncio.Queue = asyncio.Queue()
         route = next(self._routes)
         detokenizers = self._detokenizers_here(prompt_ids, params)
-        self._entries[route] = _Route(
+        self._entries[route] = StreamRoute(
             asyncio.get_running_loop(), q, request_id, prompt_ids, detokenizers
         )
         self._streams.add(request_id)
@@ -288,9 +288,7 @@ class AsyncLLM:
     async def __aexit__(self, *exc) -> None:
         await self.shutdown()
 
-    def _detokenizers_here(
-        self, prompt_ids: list[int], params: SamplingParams
-    ) -> list[IncrementalDetokenizer] | None:
+    def _detokenizers_here(self, prompt_ids: list[int], params: SamplingParams) -> list | None:
         """With the engine in a process of its own, a request's text is built here from its
         token ids, as vLLM V1's front end does: the engine process's host work bounds a
         server's streaming rate (detokenization was ~12% of its step loop, profiled on an
@@ -299,16 +297,7 @@ class AsyncLLM:
         token that completes one."""
         if self._client is None or params.stop:
             return None
-        return [
-            IncrementalDetokenizer(
-                self.tokenizer,
-                prompt_ids,
-                [],
-                params.include_stop_str_in_output,  # (a stop token's text, then)
-                params.skip_special_tokens,
-            )
-            for _ in range(params.n)
-        ]
+        return text_builders(self.tokenizer, prompt_ids, params)
 
     # ---- the loop's side -------------------------------------------------------------------
     def _send(self, command: tuple) -> None:
@@ -375,31 +364,6 @@ class AsyncLLM:
 
 class _OutputFailed(RequestError):
     """Building a request's outputs here failed (the engine did not end it)."""
-
-
-@dataclasses.dataclass
-class _Route:
-    """The stream a request's outputs go to."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    request_id: str
-    prompt_ids: list[int]
-    # per completion, when the text is built here (``AsyncLLM._detokenizers_here``)
-    detokenizers: list[IncrementalDetokenizer] | None = None
-    texts: dict[int, str] = dataclasses.field(default_factory=dict)  # per completion
-
-    def whole(self, item: object) -> object:
-        """An item from an engine process as its stream yields it: a packed update made
-        whole again, a final output with its text."""
-        if isinstance(item, tuple):
-            if self.detokenizers is not None:
-                item = with_text(item, self.detokenizers)
-            return unpack(item, self.request_id, self.prompt_ids, self.texts)
-        if isinstance(item, RequestOutput) and self.detokenizers is not None:
-            for completion in item.outputs:
-                completion.text = self.detokenizers[completion.index].text
-        return item
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
