@@ -15,7 +15,8 @@ for step in "$@"; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
     tests) python -m pytest tests/model tests/kernels tests/engine/test_offload.py \
-             tests/engine/test_sampling.py tests/unit/test_quant.py -m gpu -q -x -p no:cacheprovider \
+             tests/engine/test_sampling.py tests/unit/test_quant.py \
+             tests/unit/test_device_inputs.py -m gpu -q -x -p no:cacheprovider \
              2>&1 | tee "$OUT/gpu_tests.log" | tail -25
            [ "${PIPESTATUS[0]}" = 0 ] || { echo "GPU tests failed: stopping"; exit 1; } ;;
     profile-1b) python benchmarks/profile_engine.py --model 1b --out "$OUT/profile_1b.txt" 2>&1 | tail -40 ;;

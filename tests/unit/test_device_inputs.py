@@ -1,6 +1,7 @@
 """DeviceInputs: a step's inputs packed into one buffer, at addresses fixed by the step's row
 counts (what CUDA graphs replay from), every field rewritten by each step that uses it."""
 
+import pytest
 import torch
 
 from tests.unit.test_input_batch import new, step
@@ -79,3 +80,23 @@ def test_sampled_tokens_patched_from_the_device():
     prev = torch.tensor([70, 80])  # rows of the previous step's sampled ids
     ids, *_ = buffers.load(inputs, 0, prev, {"a": 1, "b": 0})
     assert ids.tolist() == [80, 70]
+
+
+@pytest.mark.gpu
+def test_a_host_buffer_is_not_staged_again_before_its_copy_ran():
+    """Three steps staged while the stream is still busy (a long prefill ahead of them) and
+    none of them sampling, so nothing else waits: the third reuses the first's host buffer,
+    and must not overwrite it before the first's copy has run."""
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu suite needs a CUDA device")
+    buffers = DeviceInputs(64, 8, 4, torch.device("cuda"))
+    batch = InputBatch(block_size=4, max_blocks_per_request=4)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(500_000_000)  # (~0.25 s of the stream's time: the copies queue behind)
+    seen = []
+    for k in (1, 2, 3):
+        tokens = [10 * k + 1, 10 * k + 2, 10 * k + 3]
+        ids, *_ = buffers.load(_prefill(batch, {f"r{k}": tokens}, {f"r{k}": [k]}))
+        seen.append(ids.clone())  # (in stream order: right after this step's copy)
+    torch.cuda.synchronize()
+    assert [s.tolist() for s in seen] == [[11, 12, 13], [21, 22, 23], [31, 32, 33]]

@@ -119,8 +119,9 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         if row.num_output_tokens < p.min_tokens:
             # EOS too under ignore_eos (as vLLM): min_tokens means no early end of any kind
             banned = set(p.stop_token_ids) | set(p.all_stop_token_ids)
-            if banned:  # (a list index would be copied to the device synchronously)
-                logits[i, host_values(sorted(banned), torch.long, logits.device)] = float("-inf")
+            if banned:  # (index_fill_: the value goes to the kernel, not copied from the host)
+                index = host_values(sorted(banned), torch.long, logits.device)
+                logits[i].index_fill_(0, index, float("-inf"))
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

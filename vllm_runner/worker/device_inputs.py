@@ -47,8 +47,11 @@ class DeviceInputs:
     size reads its inputs at the same addresses on every replay.
 
     Two host buffers alternate between steps: while step N's copy may still be queued on
-    the GPU, step N + 1 stages into the other (async scheduling waits for step N - 1 before
-    staging N + 1)."""
+    the GPU, step N + 1 stages into the other, and a buffer is staged again only once its
+    last copy has run (an event per buffer). Async scheduling's wait for step N - 1 does not
+    cover it: a step that samples nothing (a prompt chunk) has nothing to wait for, so
+    behind a long prefill the host could otherwise restage a buffer whose copy was still
+    queued, and that step would read another's inputs."""
 
     def __init__(
         self, max_tokens: int, max_reqs: int, max_blocks: int, device: torch.device
@@ -66,6 +69,8 @@ class DeviceInputs:
         )
         self._views: dict[tuple[int, int], tuple[int, dict, list[dict]]] = {}
         self._turn = 0
+        # per host buffer, recorded after its copy (never recorded: synchronize returns)
+        self._copied = [torch.cuda.Event() for _ in self.hosts] if self.pin else None
 
     def _entry(self, tokens: int, reqs: int) -> tuple[int, dict, list[dict]]:
         """(bytes, device views, numpy views of each host buffer) of a layout, cached."""
@@ -103,9 +108,11 @@ class DeviceInputs:
         qsl = inputs.query_start_loc
         num_tokens, num_reqs = int(qsl[-1]), len(qsl) - 1
         end, dev, hosts = self._entry(max(num_tokens, pad_reqs), max(num_reqs, pad_reqs))
-        host = hosts[self._turn]
-        host_buffer = self.hosts[self._turn]
-        self._turn = (self._turn + 1) % len(self.hosts)
+        turn = self._turn
+        host, host_buffer = hosts[turn], self.hosts[turn]
+        self._turn = (turn + 1) % len(self.hosts)
+        if self.pin:
+            self._copied[turn].synchronize()  # (normally long done: returns at once)
         lengths = {}
 
         def put(name: str, array: np.ndarray, pad_to: int = 0, fill: int = 0) -> None:
@@ -136,6 +143,7 @@ class DeviceInputs:
         put("logits_indices", inputs.logits_indices)
         if self.pin:
             self.arena[:end].copy_(host_buffer[:end], non_blocking=True)
+            self._copied[turn].record()
         v = {name: dev[name][:rows] for name, rows in lengths.items()}
         input_ids = v["input_ids"]
         if inputs.missing:
