@@ -67,6 +67,10 @@ def test_two_front_ends_share_one_engine(default_model_dir, smol_llm, name):
         async def updates(llm):
             return [u async for u in llm.stream(PROMPTS[0], GREEDY, request_id="same")]
 
+        # text built by the front end, and by the engine (stop strings), side by side
+        stop = SamplingParams(max_tokens=24, temperature=0.0, stop=[" the"])
+        (want_stop,) = smol_llm.generate(["Once upon a time"], stop)
+
         async def main():
             # the same request id from both at once: each front end's ids are its own
             return await asyncio.gather(
@@ -74,9 +78,11 @@ def test_two_front_ends_share_one_engine(default_model_dir, smol_llm, name):
                 updates(second),
                 first.generate(PROMPTS, GREEDY),
                 second.generate(PROMPTS, GREEDY),
+                second.generate(["Once upon a time"], stop),
             )
 
-        a, b, got_first, got_second = run(main())
+        a, b, got_first, got_second, (got_stop,) = run(main())
+        assert got_stop.outputs == want_stop.outputs and got_stop.outputs[0].stop_reason == " the"
         for got in (got_first, got_second):
             assert [o.token_ids for o in got] == [o.token_ids for o in want]
             assert [o.text for o in got] == [o.text for o in want]
