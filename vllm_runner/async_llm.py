@@ -294,8 +294,9 @@ class AsyncLLM:
         server's streaming rate (detokenization was ~12% of its step loop, profiled on an
         H200 with 4 workers sharing it), while the workers have CPU to spare and share that
         work out. A request with stop strings is left to the engine, which ends it at the
-        token that completes one."""
-        if self._client is None or params.stop:
+        token that completes one (and so is every request if this process has no
+        tokenizer: the engine's own decides)."""
+        if self._client is None or params.stop or self.tokenizer is None:
             return None
         return text_builders(self.tokenizer, prompt_ids, params)
 
