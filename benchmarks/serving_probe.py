@@ -16,6 +16,8 @@ requests (token-id prompts, 256 new tokens, EOS ignored), stepped four ways:
 requests of 128 new tokens back to back for that long (distinct prompts of 64-512 ids), as
 load-test users do: requests arrive and leave at every step.
 
+`--temperature T` (default 0, greedy): T > 0 samples, as chat requests do by default.
+
 `--tokenizer DIR` copies a tokenizer into the random model (its vocabulary size is the
 model's), so that outputs are detokenized as a served model's are.
 
@@ -89,12 +91,12 @@ def front_end(path: str, kw: dict, conn) -> None:
 
 
 async def streamed(
-    llm: AsyncLLM, prompts: list[list[int]], slots: int, seconds: float | None
+    llm: AsyncLLM, prompts: list[list[int]], slots: int, seconds: float | None, temperature: float
 ) -> int:
     """Each prompt once (256 new tokens), or (``seconds``) ``slots`` streams sending
     128-token requests back to back, taking prompts in turn; returns the tokens streamed."""
     new = NEW_TOKENS if seconds is None else LOOP_TOKENS
-    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new, temperature=temperature, ignore_eos=True)
     stop = time.monotonic() + (seconds or 0)
 
     async def slot(i: int) -> int:
@@ -141,6 +143,9 @@ def main() -> None:
     ap.add_argument("--front-ends", type=int, default=1, help="processes sharing the engine")
     ap.add_argument("--closed-loop", type=float, help="seconds of back-to-back requests")
     ap.add_argument("--tokenizer", help="a folder of tokenizer files to serve the model with")
+    ap.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy; > 0: sampled, as chat"
+    )
     ap.add_argument("--out")
     args = ap.parse_args()
     vocab_size = None
@@ -153,7 +158,7 @@ def main() -> None:
     if args.tokenizer:
         for f in Path(args.tokenizer).iterdir():
             shutil.copy(f, path)
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=args.temperature, ignore_eos=True)
     kw = dict(device=args.device, dtype="bfloat16" if args.device == "cuda" else "float32")
     kw["max_model_len"] = 2048
     vocab = min(vocab_size or LLAMA_SHAPES[args.model][5], 32000)
@@ -173,7 +178,10 @@ def main() -> None:
         async_llm: AsyncLLM, prompts: list[list[int]], slots: int, helpers: list
     ) -> int:
         k = len(helpers) + 1
-        shares = [(prompts[i::k], len(range(i, slots, k)), args.closed_loop) for i in range(k)]
+        shares = [
+            (prompts[i::k], len(range(i, slots, k)), args.closed_loop, args.temperature)
+            for i in range(k)
+        ]
         for conn, share in zip(helpers, shares[1:], strict=True):
             conn.send(share)
         tokens = await streamed(async_llm, *shares[0])
