@@ -48,16 +48,16 @@ class SamplerOutput:
     logprobs: list[tuple[float, dict[int, float]] | None]
 
 
-def host_values(values, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
-    """Host ``values`` (a list) as a tensor on ``device``, without waiting for the device.
-    ``torch.tensor(values, device=cuda)`` copies from pageable memory, which waits for all
-    work queued before it: in a step's sampling, that is the whole forward, and async
-    scheduling's overlap was lost for every step with a sampled (temperature > 0) request
-    (py-spy, H200, `bentoml serve` under 256 chat streams: 9% of the engine loop waiting
-    there). From pinned memory the copy is queued like a kernel."""
+def host_values(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host ``values`` (a list or a numpy array) as a tensor on ``device``, without waiting
+    for the device. ``torch.tensor(values, device=cuda)`` copies from pageable memory, which
+    waits for all work queued before it: in a step's sampling, that is the whole forward,
+    and async scheduling's overlap was lost for every step with a sampled (temperature > 0)
+    request (py-spy, H200, `bentoml serve` under 256 chat streams: 9% of the engine loop
+    waiting there). From pinned memory the copy is queued like a kernel."""
     if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+        return torch.as_tensor(values, dtype=dtype, device=device)
+    return torch.as_tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -106,9 +106,7 @@ def token_counts(lists: list[list[int]], vocab: int, device: torch.device) -> to
     flat += np.repeat(np.arange(len(lists), dtype=np.int64) * vocab, lengths)
     counts = torch.zeros(len(lists) * vocab, device=device)
     if flat.size:
-        index = torch.from_numpy(flat)
-        if device.type == "cuda":  # (see host_values)
-            index = index.pin_memory().to(device, non_blocking=True)
+        index = host_values(flat, torch.long, device)
         counts.index_add_(0, index, torch.ones(flat.size, device=device))
     return counts.view(len(lists), vocab)
 
