@@ -18,6 +18,9 @@ load-test users do: requests arrive and leave at every step.
 
 `--temperature T` (default 0, greedy): T > 0 samples, as chat requests do by default.
 
+`--admission-interval 1,4,...`: one engine per value, in turn (EngineArgs'
+`admission_interval`); prints each one's time to first token (p50 / p99) beside its rate.
+
 `--tokenizer DIR` copies a tokenizer into the random model (its vocabulary size is the
 model's), so that outputs are detokenized as a served model's are.
 
@@ -92,23 +95,30 @@ def front_end(path: str, kw: dict, conn) -> None:
 
 async def streamed(
     llm: AsyncLLM, prompts: list[list[int]], slots: int, seconds: float | None, temperature: float
-) -> int:
+) -> tuple[int, list[float]]:
     """Each prompt once (256 new tokens), or (``seconds``) ``slots`` streams sending
-    128-token requests back to back, taking prompts in turn; returns the tokens streamed."""
+    128-token requests back to back, taking prompts in turn; returns the tokens streamed
+    and each request's seconds to its first token."""
     new = NEW_TOKENS if seconds is None else LOOP_TOKENS
     params = SamplingParams(max_tokens=new, temperature=temperature, ignore_eos=True)
     stop = time.monotonic() + (seconds or 0)
 
+    ttfts: list[float] = []
+
     async def slot(i: int) -> int:
         tokens = 0
         for p in prompts[i::slots]:
+            start, first = time.perf_counter(), True
             async for out in llm.stream(p, params):
+                if first and out.new_token_ids:
+                    ttfts.append(time.perf_counter() - start)
+                    first = False
                 tokens += len(out.new_token_ids)
             if time.monotonic() >= stop:
                 break
         return tokens
 
-    return sum(await asyncio.gather(*(slot(i) for i in range(slots))))
+    return sum(await asyncio.gather(*(slot(i) for i in range(slots)))), ttfts
 
 
 def offline_rates(
@@ -146,6 +156,9 @@ def main() -> None:
     ap.add_argument(
         "--temperature", type=float, default=0.0, help="0: greedy; > 0: sampled, as chat"
     )
+    ap.add_argument(
+        "--admission-interval", default="1", help="EngineArgs', comma-separated: one engine each"
+    )
     ap.add_argument("--out")
     args = ap.parse_args()
     vocab_size = None
@@ -163,8 +176,9 @@ def main() -> None:
     kw["max_model_len"] = 2048
     vocab = min(vocab_size or LLAMA_SHAPES[args.model][5], 32000)
     results: dict[str, dict[str, float]] = {}
+    ttft_ms: dict[str, dict[str, list[float]]] = {}
     for n in map(int, args.streams.split(",")):
-        results[str(n)] = {}
+        results[str(n)], ttft_ms[str(n)] = {}, {}
     if not args.async_only:
         llm = LLM(path, **kw)
         for n in map(int, args.streams.split(",")):
@@ -176,7 +190,7 @@ def main() -> None:
 
     async def spread(
         async_llm: AsyncLLM, prompts: list[list[int]], slots: int, helpers: list
-    ) -> int:
+    ) -> tuple[int, list[float]]:
         k = len(helpers) + 1
         shares = [
             (prompts[i::k], len(range(i, slots, k)), args.closed_loop, args.temperature)
@@ -184,10 +198,12 @@ def main() -> None:
         ]
         for conn, share in zip(helpers, shares[1:], strict=True):
             conn.send(share)
-        tokens = await streamed(async_llm, *shares[0])
+        tokens, ttfts = await streamed(async_llm, *shares[0])
         for conn in helpers:
-            tokens += await asyncio.to_thread(conn.recv)
-        return tokens
+            theirs, their_ttfts = await asyncio.to_thread(conn.recv)
+            tokens += theirs
+            ttfts += their_ttfts
+        return tokens, ttfts
 
     async def run_async(async_llm: AsyncLLM, where: str, helpers: list) -> None:
         for n in map(int, args.streams.split(",")):
@@ -196,22 +212,33 @@ def main() -> None:
             await spread(async_llm, prompts[:n], n, helpers)  # warm-up
             for interval in map(float, args.switch_intervals.split(",")):
                 sys.setswitchinterval(interval)
-                rates = []
+                rates, ttfts = [], []
                 for _ in range(args.repeats):
                     start = time.perf_counter()
-                    tokens = await spread(async_llm, prompts, n, helpers)
+                    tokens, times = await spread(async_llm, prompts, n, helpers)
                     rates.append(tokens / (time.perf_counter() - start))
-                rate = statistics.median(rates)
-                results[str(n)][f"AsyncLLM.stream {where} switch {interval:g}s"] = rate
+                    ttfts += times
+                key = f"AsyncLLM.stream {where} switch {interval:g}s"
+                results[str(n)][key] = statistics.median(rates)
+                q = statistics.quantiles(ttfts, n=100)
+                ttft_ms[str(n)][key] = [1000 * q[49], 1000 * q[98]]
         sys.setswitchinterval(default_interval)
         await async_llm.shutdown()
 
-    for apart in map(int, args.engine_process.split(",")):
+    runs = [
+        (k, int(a), int(apart))
+        for k, a in enumerate(args.admission_interval.split(","))
+        for apart in args.engine_process.split(",")
+    ]
+    for k, admission, apart in runs:
+        kw["admission_interval"] = admission
         where = "process" if apart else "thread"
         helpers, shared = [], {}
         if args.front_ends > 1:
             where = f"process shared by {args.front_ends} front ends"
-            shared = {"shared_engine": f"serving-probe-{os.getpid()}-{apart}"}
+        if "," in args.admission_interval:
+            where += f", admission interval {admission} (run {k})"
+            shared = {"shared_engine": f"serving-probe-{os.getpid()}-{k}-{apart}"}
         async_llm = AsyncLLM(path, engine_process=bool(apart), **shared, **kw)
         ctx = multiprocessing.get_context("spawn")
         for _ in range(args.front_ends - 1):
@@ -225,9 +252,13 @@ def main() -> None:
         async_llm = None
         free_device()
     for n, row in results.items():
-        print(f"{n} streams: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in row.items()))
+        for key, rate in row.items():
+            ttft = ttft_ms[n].get(key)
+            at = f" (TTFT p50 / p99 {ttft[0]:.0f} / {ttft[1]:.0f} ms)" if ttft else ""
+            print(f"{n} streams: {key} {rate:,.0f} tok/s{at}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "tok_per_s": results}, indent=1))
+        record = {"args": vars(args), "tok_per_s": results, "ttft_ms_p50_p99": ttft_ms}
+        Path(args.out).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

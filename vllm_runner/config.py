@@ -59,6 +59,8 @@ class SchedulerConfig:
     # max_num_batched_tokens was not set: the runner may lower it to leave memory to the KV
     # cache (offloaded weights, see worker/memory.offload_step_budget).
     default_budget: bool = False
+    # While requests decode, waiting ones join on every N-th step only (see Scheduler).
+    admission_interval: int = 1
 
 
 @dataclass
@@ -83,6 +85,9 @@ class EngineArgs:
     enforce_eager: bool = False
     # Overlap step N + 1's scheduling with step N on the device; None = on for CUDA.
     async_scheduling: bool | None = None
+    # While requests decode, admit waiting ones every N-th step: under steady arrivals the
+    # steps between are pure decode and replay CUDA graphs (1: admit on every step).
+    admission_interval: int = 1
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -93,7 +98,7 @@ class EngineArgs:
             return ValueError(f"{name} must be {limit}, got {getattr(self, name)!r}")
 
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "seed", "num_kv_blocks"):  # fmt: skip
+                     "seed", "num_kv_blocks", "admission_interval"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise bad(name, "an integer")
@@ -115,6 +120,8 @@ class EngineArgs:
             raise bad("max_model_len", ">= 2")
         if self.max_num_seqs < 1:
             raise bad("max_num_seqs", ">= 1")
+        if self.admission_interval < 1:
+            raise bad("admission_interval", ">= 1")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise bad("max_num_batched_tokens", ">= 1")
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -186,7 +193,11 @@ class EngineArgs:
     ) -> SchedulerConfig:
         budget = self.max_num_batched_tokens or default_step_budget(device, serving)
         return SchedulerConfig(
-            self.max_num_seqs, budget, max_model_len, self.max_num_batched_tokens is None
+            self.max_num_seqs,
+            budget,
+            max_model_len,
+            self.max_num_batched_tokens is None,
+            self.admission_interval,
         )
 
     def cache_config(self) -> CacheConfig:

@@ -113,6 +113,17 @@ def test_bad_sampling_params(field, value, match):
         SamplingParams(**{field: value})
 
 
+def test_admission_interval_gives_the_same_tokens(llama_dir):
+    """Requests held back a few steps (admission_interval, max_num_seqs=4 so that most join
+    while others decode) get the tokens they get when admitted at once."""
+    batch = prompts(12, seed=22)
+    params = [SamplingParams(max_tokens=3 + i, temperature=0.0, ignore_eos=True) for i in range(12)]
+    at_once = make_llm(llama_dir, max_num_seqs=4).generate(batch, params)
+    held = make_llm(llama_dir, max_num_seqs=4, admission_interval=3)
+    assert [o.token_ids for o in held.generate(batch, params)] == [o.token_ids for o in at_once]
+    assert held.stats()["kv_blocks_used"] == 0
+
+
 def test_async_scheduling_pipeline_matches_sync(llama_dir):
     """The overlapped pipeline (step N + 1 launched before step N's tokens are read) gives
     the same tokens, also through preemption, stop tokens and max_model_len."""

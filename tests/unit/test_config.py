@@ -86,6 +86,8 @@ def test_offload_step_budget(budget, default, offloading, kv_tokens, seqs, expec
         ("cpu_kv_cache_gb", float("inf"), "a finite number"),
         ("cpu_kv_cache_gb", -1.0, "> 0"),
         ("cpu_kv_cache_gb", 0, "> 0"),
+        ("admission_interval", 0, ">= 1"),
+        ("admission_interval", 2.0, "an integer"),
     ],
 )
 def test_engine_arguments_of_the_wrong_type_name_themselves(field, value, kind):

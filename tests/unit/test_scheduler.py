@@ -8,9 +8,12 @@ from vllm_runner.engine.scheduler import Scheduler
 from vllm_runner.sampling_params import SamplingParams
 
 
-def make_scheduler(num_blocks=64, budget=32, max_seqs=8, block_size=4, caching=True):
+def make_scheduler(
+    num_blocks=64, budget=32, max_seqs=8, block_size=4, caching=True, admission_interval=1
+):
     kv = KVCacheManager(num_blocks, block_size, caching)
-    return Scheduler(SchedulerConfig(max_seqs, budget, 1024), kv)
+    config = SchedulerConfig(max_seqs, budget, 1024, admission_interval=admission_interval)
+    return Scheduler(config, kv)
 
 
 def make_request(request_id: str, num_tokens: int, max_tokens: int = 4) -> Request:
@@ -185,3 +188,42 @@ def test_queued_requests_aborted_behind_others_are_dropped_when_the_last_one_fin
     assert [r.request_id for r in s.waiting] == ["c"]  # gone, not yet at the head
     s.finish_request("b", RequestStatus.FINISHED_STOPPED)
     assert len(s.waiting) == 0 and not s.has_unfinished()
+
+
+def step(s: Scheduler) -> dict[str, int]:
+    out = s.schedule()
+    s.update_from_output(out, fake_run(s, out))
+    return out.num_scheduled_tokens
+
+
+def test_admission_interval_lets_decode_steps_run_alone():
+    """While requests decode, waiting ones join every third step only: the two steps between
+    stay pure decode (CUDA-graph steps on a GPU), and requests that arrived meanwhile join
+    together."""
+    s = make_scheduler(admission_interval=3)
+    s.add_request(make_request("a", 4, max_tokens=20))
+    assert step(s) == {"a": 4}  # nothing decodes: admitted at once
+    s.add_request(make_request("b", 4, max_tokens=20))
+    assert step(s) == {"a": 1}
+    s.add_request(make_request("c", 4, max_tokens=20))
+    assert step(s) == {"a": 1}
+    assert step(s) == {"a": 1, "b": 4, "c": 4}  # the third step since "a" joined
+    s.add_request(make_request("d", 4, max_tokens=20))
+    assert step(s) == {"a": 1, "b": 1, "c": 1}
+    assert step(s) == {"a": 1, "b": 1, "c": 1}
+    assert step(s) == {"a": 1, "b": 1, "c": 1, "d": 4}
+
+
+def test_admission_interval_waits_for_nothing_when_a_step_prefills_anyway():
+    """A running request's prompt chunk makes the step a prefill step: waiting requests join
+    it at once; and after a quiet spell a new request is not held back."""
+    s = make_scheduler(budget=8, admission_interval=4)
+    s.add_request(make_request("a", 20, max_tokens=20))
+    assert step(s) == {"a": 8}
+    s.add_request(make_request("b", 4, max_tokens=20))
+    assert step(s) == {"a": 8}  # the budget is spent on a's chunk
+    assert step(s) == {"a": 4, "b": 4}  # a's last chunk: b joins it
+    for _ in range(4):
+        assert step(s) == {"a": 1, "b": 1}
+    s.add_request(make_request("c", 4, max_tokens=20))
+    assert step(s) == {"a": 1, "b": 1, "c": 4}  # four steps since b joined

@@ -18,7 +18,13 @@ class Scheduler:
     """Each step, running requests get their next tokens first, then waiting requests are
     admitted FIFO, within ``max_num_batched_tokens`` and ``max_num_seqs``. A request is just
     tokens computed so far vs tokens known. When blocks run out, the newest running request
-    is preempted and will recompute."""
+    is preempted and will recompute.
+
+    With ``admission_interval`` N > 1, waiting requests join a batch of decoding requests
+    on every N-th step only (or at once when nothing decodes, or when a running request's
+    prompt chunk makes the step a prefill step anyway): under steady arrivals, N - 1 steps of
+    N stay pure decode, which the runner replays as CUDA graphs, at the cost of up to N - 1
+    steps of time to first token (vLLM V0's ``scheduler_delay_factor``, counted in steps)."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config = config
@@ -29,6 +35,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()  # since the last schedule()
         self._runner_has: set[str] = set()  # requests whose state the runner holds
+        self._steps_since_admission = config.admission_interval
         self.counters = dict.fromkeys(
             (
                 "num_preemptions",
@@ -71,6 +78,7 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         preempted = False
+        prefilling = False  # a running request computes more than one token this step
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -89,6 +97,7 @@ class Scheduler:
             else:
                 num_scheduled[request.request_id] = num_new
                 budget -= num_new
+                prefilling |= num_new > 1
                 if request.request_id in self._runner_has:
                     cached_reqs.append(
                         CachedRequestData(
@@ -99,8 +108,14 @@ class Scheduler:
                     new_reqs.append(self._new_request_data(request))
                 i += 1
 
-        if not preempted:
-            self._admit_waiting(budget, num_scheduled, new_reqs)
+        self._steps_since_admission += 1
+        may_admit = (
+            not num_scheduled
+            or prefilling
+            or self._steps_since_admission >= self.config.admission_interval
+        )
+        if not preempted and may_admit and self._admit_waiting(budget, num_scheduled, new_reqs):
+            self._steps_since_admission = 0
 
         for request_id, n in num_scheduled.items():
             request = self.requests[request_id]
@@ -122,7 +137,9 @@ class Scheduler:
 
     def _admit_waiting(
         self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]
-    ) -> None:
+    ) -> bool:
+        """Admit waiting requests FIFO; True if any was."""
+        num_new_reqs = len(new_reqs)
         skipped: list[Request] = []
         bs = self.kv.block_size
         # Prompt blocks that running requests have yet to compute (their hashes are known).
@@ -168,6 +185,7 @@ class Scheduler:
             budget -= num_new
             new_reqs.append(self._new_request_data(request))
         self.waiting.extendleft(reversed(skipped))
+        return len(new_reqs) > num_new_reqs
 
     def _will_finish(self, request: Request) -> bool:
         """True when tokens already sampled (not yet known) reach max_tokens / max_model_len."""

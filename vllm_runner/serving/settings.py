@@ -27,6 +27,7 @@ ENGINE_FIELDS = (
     "quantization",
     "kv_cache_dtype",
     "enforce_eager",
+    "admission_interval",
     "seed",
 )
 _TRUE = {"1", "true", "yes", "on"}
@@ -53,6 +54,7 @@ class ServerSettings:
     quantization: str | None = None
     kv_cache_dtype: str | None = None  # "auto" (the model's) or "fp8" / "fp8_e4m3"
     enforce_eager: bool | None = None  # no CUDA graphs
+    admission_interval: int | None = None  # waiting requests join every N-th decode step
     seed: int | None = None
     engine_process: bool | None = None  # engine core in its own process; None = on CUDA
     api_key: str | None = None
