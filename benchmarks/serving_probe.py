@@ -222,6 +222,7 @@ def main() -> None:
                 results[str(n)][key] = statistics.median(rates)
                 q = statistics.quantiles(ttfts, n=100)
                 ttft_ms[str(n)][key] = [1000 * q[49], 1000 * q[98]]
+                print(f"{n} streams: {key} {results[str(n)][key]:,.0f} tok/s", flush=True)
         sys.setswitchinterval(default_interval)
         await async_llm.shutdown()
 
