@@ -237,9 +237,9 @@ def main() -> None:
         helpers, shared = [], {}
         if args.front_ends > 1:
             where = f"process shared by {args.front_ends} front ends"
+            shared = {"shared_engine": f"serving-probe-{os.getpid()}-{k}-{apart}"}
         if "," in args.admission_interval:
             where += f", admission interval {admission} (run {k})"
-            shared = {"shared_engine": f"serving-probe-{os.getpid()}-{k}-{apart}"}
         async_llm = AsyncLLM(path, engine_process=bool(apart), **shared, **kw)
         ctx = multiprocessing.get_context("spawn")
         for _ in range(args.front_ends - 1):

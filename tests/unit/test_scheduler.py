@@ -226,4 +226,4 @@ def test_admission_interval_waits_for_nothing_when_a_step_prefills_anyway():
     for _ in range(4):
         assert step(s) == {"a": 1, "b": 1}
     s.add_request(make_request("c", 4, max_tokens=20))
-    assert step(s) == {"a": 1, "b": 1, "c": 4}  # four steps since b joined
+    assert step(s) == {"a": 1, "b": 1, "c": 4}  # five steps since b joined: not held back

@@ -24,7 +24,9 @@ class Scheduler:
     on every N-th step only (or at once when nothing decodes, or when a running request's
     prompt chunk makes the step a prefill step anyway): under steady arrivals, N - 1 steps of
     N stay pure decode, which the runner replays as CUDA graphs, at the cost of up to N - 1
-    steps of time to first token (vLLM V0's ``scheduler_delay_factor``, counted in steps)."""
+    steps of time to first token per admission round (a request that does not fit waits for
+    the next round). Similar in aim to vLLM V0's ``scheduler_delay_factor``, which waits on
+    the oldest request's age instead; after a quiet spell a request joins at once here."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config = config
