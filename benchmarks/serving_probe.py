@@ -18,8 +18,9 @@ load-test users do: requests arrive and leave at every step.
 
 `--temperature T` (default 0, greedy): T > 0 samples, as chat requests do by default.
 
-`--admission-interval 1,4,...`: one engine per value, in turn (EngineArgs'
-`admission_interval`); prints each one's time to first token (p50 / p99) beside its rate.
+`--variant KEY=VALUE[,KEY=VALUE]` (repeatable): one engine per variant, in turn, with those
+EngineArgs (e.g. `--variant piecewise_max_tokens=0 --variant piecewise_max_tokens=2048`);
+each run's time to first token (p50 / p99) is printed beside its rate.
 
 `--tokenizer DIR` copies a tokenizer into the random model (its vocabulary size is the
 model's), so that outputs are detokenized as a served model's are.
@@ -139,6 +140,25 @@ def offline_rates(
     }
 
 
+def engine_args(variant: str) -> dict:
+    """``"a=1,b=true"`` -> {"a": 1, "b": True}: ints, floats and booleans as such."""
+    out = {}
+    for item in filter(None, variant.split(",")):
+        key, _, text = item.partition("=")
+        value: object = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        out[key.strip()] = value
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="1b")
@@ -157,7 +177,7 @@ def main() -> None:
         "--temperature", type=float, default=0.0, help="0: greedy; > 0: sampled, as chat"
     )
     ap.add_argument(
-        "--admission-interval", default="1", help="EngineArgs', comma-separated: one engine each"
+        "--variant", action="append", help="EngineArgs KEY=VALUE[,KEY=VALUE]: one engine each"
     )
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -226,20 +246,22 @@ def main() -> None:
         sys.setswitchinterval(default_interval)
         await async_llm.shutdown()
 
+    variants = args.variant or [""]
     runs = [
-        (k, int(a), int(apart))
-        for k, a in enumerate(args.admission_interval.split(","))
+        (k, variant, int(apart))
+        for k, variant in enumerate(variants)
         for apart in args.engine_process.split(",")
     ]
-    for k, admission, apart in runs:
-        kw["admission_interval"] = admission
+    base = dict(kw)
+    for k, variant, apart in runs:
+        kw = {**base, **engine_args(variant)}
         where = "process" if apart else "thread"
         helpers, shared = [], {}
         if args.front_ends > 1:
             where = f"process shared by {args.front_ends} front ends"
             shared = {"shared_engine": f"serving-probe-{os.getpid()}-{k}-{apart}"}
-        if "," in args.admission_interval:
-            where += f", admission interval {admission} (run {k})"
+        if variant:
+            where += f", {variant} (run {k})"
         async_llm = AsyncLLM(path, engine_process=bool(apart), **shared, **kw)
         ctx = multiprocessing.get_context("spawn")
         for _ in range(args.front_ends - 1):

@@ -34,6 +34,7 @@ class ModelConfig:
     seed: int
     quantization: str | None
     enforce_eager: bool = False
+    piecewise_max_tokens: int = 0  # EngineArgs'
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ class EngineArgs:
     # While requests decode, admit waiting ones every N-th step: under steady arrivals the
     # steps between are pure decode and replay CUDA graphs (1: admit on every step).
     admission_interval: int = 1
+    # Steps that prefill, up to this many tokens, run as piecewise CUDA graphs (layers
+    # between attentions captured per token count, attention eager); 0: off. Llama family.
+    piecewise_max_tokens: int = 0
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -98,7 +102,8 @@ class EngineArgs:
             return ValueError(f"{name} must be {limit}, got {getattr(self, name)!r}")
 
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "seed", "num_kv_blocks", "admission_interval"):  # fmt: skip
+                     "seed", "num_kv_blocks", "admission_interval",
+                     "piecewise_max_tokens"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise bad(name, "an integer")
@@ -122,6 +127,8 @@ class EngineArgs:
             raise bad("max_num_seqs", ">= 1")
         if self.admission_interval < 1:
             raise bad("admission_interval", ">= 1")
+        if self.piecewise_max_tokens < 0:
+            raise bad("piecewise_max_tokens", ">= 0 (0 turns them off)")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise bad("max_num_batched_tokens", ">= 1")
         if self.block_size not in (8, 16, 32, 64, 128):

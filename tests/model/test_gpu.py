@@ -84,6 +84,26 @@ def test_cuda_graphs_match_eager(model_dir):
     ]
 
 
+def test_piecewise_graphs_match_their_eager_pieces(model_dir):
+    """Steps that prefill (a 256-token budget: prompts chunked beside decoding requests) in
+    captured piecewise graphs give the tokens of the same padded pieces run eagerly, and stay
+    close to HF (top-5 criterion)."""
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(gpu_memory_utilization=0.2, max_num_batched_tokens=256, piecewise_max_tokens=256)
+    graphs = gpu_llm(model_dir, **kw)
+    assert len(graphs.engine.runner.pieces.graphs) == 4  # 64, 128, 192, 256 tokens
+    eager = gpu_llm(model_dir, enforce_eager=True, **kw)
+    assert not eager.engine.runner.pieces.graphs
+    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=5)
+    batch = prompts()
+    outs = graphs.generate(batch, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in eager.generate(batch, params)]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    for prompt, out in zip(batch, outs, strict=True):
+        first_difference_in_top5(hf, prompt, out)
+
+
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_pdl_matches_plain_launches(model_dir, monkeypatch, quantization):
     """Programmatic dependent launch changes when kernels start, never what they compute:

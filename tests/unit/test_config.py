@@ -88,6 +88,8 @@ def test_offload_step_budget(budget, default, offloading, kv_tokens, seqs, expec
         ("cpu_kv_cache_gb", 0, "> 0"),
         ("admission_interval", 0, ">= 1"),
         ("admission_interval", 2.0, "an integer"),
+        ("piecewise_max_tokens", -1, r">= 0 \(0 turns them off\)"),
+        ("piecewise_max_tokens", "512", "an integer"),
     ],
 )
 def test_engine_arguments_of_the_wrong_type_name_themselves(field, value, kind):

@@ -51,6 +51,26 @@ def test_graph_sized_step_reads_the_views_a_graph_captured():
     assert static["block_tables"].tolist() == [[1, 0, 0, 0], [2, 3, 0, 0], [4, 0, 0, 0], [0] * 4]
 
 
+def test_piecewise_step_pads_its_input_ids_alone():
+    """A step padded to a piecewise graph's token count: its input ids sit where
+    ``token_ids(size)`` points for any request count, padded with id 0; every other field
+    is the step's own, unpadded (attention reads only the step's tokens)."""
+    buffers = DeviceInputs(64, 8, 4, torch.device("cpu"))
+    buffers.arena.fill_(0xAB)
+    batch = InputBatch(block_size=4, max_blocks_per_request=4)
+    prompts = {"a": [1, 2], "b": [3, 4, 5, 6, 7]}
+    ids, pos, md, _ = buffers.load(_prefill(batch, prompts, {"a": [1], "b": [2, 3]}), pad_tokens=12)
+    assert (
+        ids.data_ptr()
+        == buffers.token_ids(12).data_ptr()
+        == buffers.views(12, 5)["input_ids"].data_ptr()
+    )
+    assert ids.tolist() == [1, 2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0]
+    assert pos.tolist() == [0, 1, 0, 1, 2, 3, 4]
+    assert md.slot_mapping.tolist() == [4, 5, 8, 9, 10, 11, 12]
+    assert md.query_start_loc.tolist() == [0, 2, 7] and md.seq_lens.tolist() == [2, 5]
+
+
 def test_fields_are_aligned_and_disjoint():
     """Every field starts 16-byte aligned and no two fields of one layout overlap."""
     buffers = DeviceInputs(64, 8, 5, torch.device("cpu"))

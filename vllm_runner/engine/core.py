@@ -52,6 +52,7 @@ class EngineCore:
             seed=args.seed,
             quantization=args.quantization,
             enforce_eager=args.enforce_eager,
+            piecewise_max_tokens=args.piecewise_max_tokens,
         )
         self.tokenizer = load_tokenizer(path)
         self.eos_ids = eos_token_ids(path, hf_config, self.tokenizer)
@@ -70,10 +71,10 @@ class EngineCore:
             serving=serving,
         )
         self.inputs = InputProcessor(self.limits, self.tokenizer)
-        graphs = self.runner.graphs
+        graphs, pieces = self.runner.graphs, self.runner.pieces
         logger.info(
             "engine ready in %.1f s: %s (%s, %s), weights loaded in %.1f s, %d KV blocks of %d "
-            "tokens (%s), %s",
+            "tokens (%s), %s%s",
             time.perf_counter() - start,
             self.model_config.name,
             device,
@@ -85,6 +86,10 @@ class EngineCore:
             f"{len(graphs.graphs)} decode CUDA graphs in {graphs.capture_seconds:.1f} s"
             if graphs is not None and graphs.graphs
             else "no CUDA graphs",
+            f", piecewise graphs of {pieces.buckets[0]}..{pieces.buckets[-1]} tokens in "
+            f"{pieces.capture_seconds:.1f} s"
+            if pieces is not None and pieces.graphs
+            else "",
         )
         self.states: dict[str, RequestState] = {}
         self.child_to_state: dict[str, tuple[RequestState, int]] = {}

@@ -31,10 +31,6 @@ class LlamaAttention(nn.Module):
             self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
-        return self.o_proj(self.attend(positions, qkv))
-
     def forward_one_row(self, positions, stream: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """``stream + o(attention(qkv(norm(stream))))`` for one token, the norm and the
         residual add inside the projections' GEMVs."""
@@ -78,12 +74,20 @@ class LlamaDecoderLayer(nn.Module):
         if residual is None and self.fuses_one_row(hidden):
             stream = self.self_attn.forward_one_row(positions, hidden, self.input_layernorm)
             return self.mlp.forward_one_row(stream, self.post_attention_layernorm), None
+        qkv, residual = self.before_attention(hidden, residual)
+        return self.after_attention(self.self_attn.attend(positions, qkv), residual)
+
+    def before_attention(self, hidden, residual):
+        """(hidden, residual) -> (qkv [num_tokens, q_size + 2 * kv_size], residual)."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.self_attn.qkv_proj(hidden), residual
+
+    def after_attention(self, attn_out, residual):
+        """(attention output, residual) -> (hidden, residual)."""
+        hidden, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
         return self.mlp(hidden), residual
 
     def fuses_one_row(self, hidden: torch.Tensor) -> bool:
@@ -115,6 +119,26 @@ class LlamaModel(nn.Module):
             return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    # ---- the forward in pieces cut at each attention (worker/piecewise_graphs.py) -------------
+    def first_piece(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input ids -> layer 0's (qkv, residual)."""
+        return self.layers[0].before_attention(self.embed_tokens(input_ids), None)
+
+    def next_piece(self, i: int, attn_out: torch.Tensor, residual: torch.Tensor):
+        """Layer i - 1's attention output and residual -> layer i's (qkv, residual)."""
+        hidden, residual = self.layers[i - 1].after_attention(attn_out, residual)
+        return self.layers[i].before_attention(hidden, residual)
+
+    def last_piece(self, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The last layer's attention output and residual -> the final hidden states."""
+        hidden, residual = self.layers[-1].after_attention(attn_out, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def attend(self, i: int, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """Layer i's attention (run eagerly between pieces: it reads the step's metadata)."""
+        return self.layers[i].self_attn.attend(positions, qkv)
 
 
 class LlamaForCausalLM(nn.Module):

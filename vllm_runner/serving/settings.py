@@ -28,6 +28,7 @@ ENGINE_FIELDS = (
     "kv_cache_dtype",
     "enforce_eager",
     "admission_interval",
+    "piecewise_max_tokens",
     "seed",
 )
 _TRUE = {"1", "true", "yes", "on"}
@@ -55,6 +56,7 @@ class ServerSettings:
     kv_cache_dtype: str | None = None  # "auto" (the model's) or "fp8" / "fp8_e4m3"
     enforce_eager: bool | None = None  # no CUDA graphs
     admission_interval: int | None = None  # waiting requests join every N-th decode step
+    piecewise_max_tokens: int | None = None  # steps that prefill in piecewise CUDA graphs
     seed: int | None = None
     engine_process: bool | None = None  # engine core in its own process; None = on CUDA
     api_key: str | None = None

@@ -2,7 +2,8 @@
 
 Also the static inputs that CUDA graphs replay from: a decode batch of ``num_reqs`` rows is
 padded to a captured bucket size with rows that write nothing (slot -1) and read nothing
-(seq_len 0).
+(seq_len 0); a mixed step's input ids are padded to a piecewise graph's token count (its
+attention reads only the step's own tokens).
 """
 
 import math
@@ -26,6 +27,7 @@ _FIELDS = {  # name -> dtype, rows (T: token rows, R: request rows), in arena or
     "block_tables": (torch.int32, "R x blocks"),
 }
 _ALIGN = 16  # bytes: every field starts 16-byte aligned (vectorized kernel loads)
+assert next(iter(_FIELDS)) == "input_ids"  # at offset 0 in every layout (``token_ids``)
 
 
 def _layout(tokens: int, reqs: int, max_blocks: int) -> tuple[dict[str, tuple], int]:
@@ -95,19 +97,29 @@ class DeviceInputs:
         inputs a decode graph of that batch size reads."""
         return self._entry(tokens, reqs)[1]
 
+    def token_ids(self, tokens: int) -> torch.Tensor:
+        """The device view of the input ids of any step of ``tokens`` token rows: they come
+        first in every layout, so a piecewise graph of that many tokens reads them at one
+        address whatever the step's request count."""
+        return self.views(tokens, 1)["input_ids"]
+
     def load(
         self,
         inputs: StepInputs,
         pad_reqs: int = 0,
         prev_sampled: torch.Tensor | None = None,
         prev_rows: dict[str, int] | None = None,
+        pad_tokens: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Device views of this step's inputs. With ``pad_reqs`` (decode graphs), every
-        per-token and per-request array is padded to that many rows. Input tokens still on
-        the device (``inputs.missing``) are copied from ``prev_sampled`` there."""
+        per-token and per-request array is padded to that many rows; with ``pad_tokens``
+        (piecewise graphs), the input ids alone, with id 0. Input tokens still on the device
+        (``inputs.missing``) are copied from ``prev_sampled`` there."""
         qsl = inputs.query_start_loc
         num_tokens, num_reqs = int(qsl[-1]), len(qsl) - 1
-        end, dev, hosts = self._entry(max(num_tokens, pad_reqs), max(num_reqs, pad_reqs))
+        end, dev, hosts = self._entry(
+            max(num_tokens, pad_reqs, pad_tokens), max(num_reqs, pad_reqs)
+        )
         turn = self._turn
         host, host_buffer = hosts[turn], self.hosts[turn]
         self._turn = (turn + 1) % len(self.hosts)
@@ -127,7 +139,7 @@ class DeviceInputs:
                 host[name][n:rows] = 0
             lengths[name] = rows
 
-        put("input_ids", inputs.input_ids, pad_reqs)
+        put("input_ids", inputs.input_ids, max(pad_reqs, pad_tokens))
         if inputs.missing:
             put("patch_dst", np.fromiter((i for i, _ in inputs.missing), np.int64))
             put("patch_src", np.fromiter((prev_rows[r] for _, r in inputs.missing), np.int64))

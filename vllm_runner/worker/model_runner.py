@@ -18,6 +18,7 @@ from vllm_runner.worker.cuda_graphs import DecodeGraphs
 from vllm_runner.worker.device_inputs import DeviceInputs
 from vllm_runner.worker.input_batch import InputBatch, StepInputs
 from vllm_runner.worker.offload import weight_bytes
+from vllm_runner.worker.piecewise_graphs import PiecewiseGraphs
 
 logger = logging.getLogger(__name__)
 PROMPT_LOGPROB_ROWS = 512  # prompt positions whose logits are materialised at once
@@ -87,15 +88,22 @@ class ModelRunner:
             torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)
         ]
         self.graphs = None
+        # NOTE: offloaded layers stream weights from forward hooks: no graphs (logged there).
+        offloading = getattr(self.model, "weight_offloader", None) is not None
+        capture = self.device.type == "cuda" and not model_config.enforce_eager and not offloading
         if self.device.type == "cuda":
             self.graphs = DecodeGraphs(
                 self.model, self.buffers, scheduler_config.max_num_seqs, model_config.max_model_len
             )
-            # NOTE: offloaded layers stream weights from forward hooks: no graphs (logged there).
-            offloading = getattr(self.model, "weight_offloader", None) is not None
             self.graphs.warm_up()
-            if not model_config.enforce_eager and not offloading:
+            if capture:
                 self.graphs.capture()
+        self.pieces = None
+        max_pieces = min(model_config.piecewise_max_tokens, scheduler_config.max_num_batched_tokens)
+        if max_pieces and not offloading and hasattr(self.model.model, "next_piece"):
+            self.pieces = PiecewiseGraphs(self.model, self.buffers, max_pieces)
+            if capture:
+                self.pieces.capture()
 
     # ---- KV cache --------------------------------------------------------------------------
     def _allocate_kv_cache(self) -> int:
@@ -242,7 +250,15 @@ class ModelRunner:
         inputs = self.batch.prepare(sched)
         graph_size = self._graph_size(inputs)
         prev_sampled, prev_rows = self._prev
-        if graph_size is not None:
+        piece_size = self._piece_size(inputs) if graph_size is None else None
+        if piece_size is not None:
+            input_ids, positions, md, logits_indices = self.buffers.load(
+                inputs, 0, prev_sampled, prev_rows, pad_tokens=piece_size
+            )
+            with forward_context(md):
+                hidden = self.pieces.run(piece_size, len(inputs.input_ids), positions)
+            logits = self.model.compute_logits(hidden[logits_indices])
+        elif graph_size is not None:
             *_, logits_indices = self.buffers.load(inputs, graph_size, prev_sampled, prev_rows)
             num_reqs = len(inputs.request_ids)
             logits = self.graphs.run(graph_size, num_reqs)  # [num_reqs, vocab]
@@ -330,6 +346,17 @@ class ModelRunner:
         if any(states[r].params.prompt_logprobs is not None for r in inputs.request_ids):
             return None
         return self.graphs.bucket_for(len(inputs.request_ids))
+
+    def _piece_size(self, inputs: StepInputs) -> int | None:
+        """The piecewise graph bucket of a step that prefills, if any (more than one token;
+        not with prompt logprobs, which read every token's hidden state)."""
+        num_tokens = len(inputs.input_ids)
+        if self.pieces is None or num_tokens < 2:
+            return None
+        states = self.batch.states
+        if any(states[r].params.prompt_logprobs is not None for r in inputs.request_ids):
+            return None
+        return self.pieces.bucket_for(num_tokens)
 
     def _sampling_row(self, request_id: str) -> SamplingRow:
         s = self.batch.states[request_id]
