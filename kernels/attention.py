@@ -20,6 +20,7 @@ def paged_attention(
     num_decode_rows: int = 0,
     new_tokens: NewTokens | None = None,
     decode_order: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim], contiguous
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Same semantics as ``kernels.reference.paged_attention``; ``max_query_len`` is a host int.
 
@@ -30,7 +31,8 @@ def paged_attention(
     the decode kernel, which reads each KV block once per GQA group instead of once per head.
     ``new_tokens`` (decode only): the query is not yet rotated, the kernel rotates it and
     writes the new keys / values itself (``paged_attention_decode``). ``decode_order``: the
-    decode rows, longest context first (``paged_attention_decode``'s ``order``).
+    decode rows, longest context first (``paged_attention_decode``'s ``order``). ``out``:
+    written and returned instead of a new tensor.
     """
     num_reqs = seq_lens.shape[0]
     if max_query_len == 1:
@@ -39,15 +41,16 @@ def paged_attention(
         )
         return paged_attention_decode(
             query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len,
-            new_tokens=new_tokens, order=decode_order,
+            new_tokens=new_tokens, order=decode_order, out=out,
         )  # fmt: skip
     assert new_tokens is None, f"new_tokens needs a decode step, got max_query_len {max_query_len}"
     d = num_decode_rows
     if d == 0:
         return prefill_attention(
-            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale
+            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out
         )
-    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(query, memory_format=torch.contiguous_format)
     paged_attention_decode(
         query[:d],
         k_cache,

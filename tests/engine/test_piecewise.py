@@ -5,34 +5,54 @@ import pytest
 from engine_testing import GREEDY, make_llm, prompts
 
 from vllm_runner import SamplingParams
-from vllm_runner.worker.piecewise_graphs import PiecewiseGraphs, piecewise_buckets
+from vllm_runner.worker.model_runner import ModelRunner
+from vllm_runner.worker.piecewise_graphs import piecewise_buckets
 
 
 @pytest.fixture
-def piece_runs(monkeypatch) -> list[tuple[int, int]]:
-    """(bucket, tokens) of every step that ran in pieces."""
+def piece_runs(monkeypatch) -> list[dict]:
+    """Every step that ran in pieces: its bucket, tokens, requests, decode rows and how many
+    input ids were still on the device (async scheduling patches them in the padded ids)."""
     runs = []
-    run = PiecewiseGraphs.run
+    piece_size = ModelRunner._piece_size
 
-    def counted(self, size, num_tokens, positions):
-        runs.append((size, num_tokens))
-        return run(self, size, num_tokens, positions)
+    def spy(self, inputs):
+        size = piece_size(self, inputs)
+        if size is not None:
+            runs.append(
+                dict(
+                    size=size,
+                    tokens=len(inputs.input_ids),
+                    missing=len(inputs.missing),
+                    reqs=len(inputs.request_ids),
+                    decode=inputs.num_decode_rows,
+                )
+            )
+        return size
 
-    monkeypatch.setattr(PiecewiseGraphs, "run", counted)
+    monkeypatch.setattr(ModelRunner, "_piece_size", spy)
     return runs
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_steps_in_pieces_give_the_engines_tokens(tiny_model_dirs, family, piece_runs):
-    """Chunked prompts beside decoding requests (mixed steps of 2-96 tokens, padded to 64 or
-    128): the same greedy tokens as the plain forward, and no KV block left behind."""
+def test_steps_in_pieces_give_the_engines_tokens(
+    tiny_model_dirs, family, async_scheduling, piece_runs
+):
+    """Chunked prompts beside decoding requests (mixed steps of up to 96 tokens, padded to
+    64 or 96): the same greedy tokens as the plain forward, also when the step's input ids
+    come from the previous step on the device; decode steps never run in pieces; no KV
+    block left behind."""
     path = tiny_model_dirs[family]
     batch = prompts(16, seed=7)
-    plain = make_llm(path, max_num_batched_tokens=96).generate(batch, GREEDY)
-    pieces = make_llm(path, max_num_batched_tokens=96, piecewise_max_tokens=128)
+    kw = dict(max_num_batched_tokens=96, async_scheduling=async_scheduling)
+    plain = make_llm(path, **kw).generate(batch, GREEDY)
+    pieces = make_llm(path, piecewise_max_tokens=128, **kw)
     assert [o.token_ids for o in pieces.generate(batch, GREEDY)] == [o.token_ids for o in plain]
-    assert piece_runs and {size for size, _ in piece_runs} <= {64, 96}
-    assert all(n <= size for size, n in piece_runs) and any(n < size for size, n in piece_runs)
+    assert piece_runs and {r["size"] for r in piece_runs} <= {64, 96}
+    assert all(r["decode"] < r["reqs"] for r in piece_runs)
+    assert any(r["tokens"] < r["size"] for r in piece_runs)
+    assert any(r["missing"] for r in piece_runs) == async_scheduling
     assert pieces.stats()["kv_blocks_used"] == 0
 
 
@@ -46,7 +66,7 @@ def test_steps_that_pieces_do_not_take(tiny_model_dirs, piece_runs):
     got = make_llm(path, piecewise_max_tokens=256).generate(batch, params)
     assert [o.prompt_logprobs for o in got] == [o.prompt_logprobs for o in want]
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    assert piece_runs == []  # the prefill had prompt logprobs; the rest were decode steps
+    assert piece_runs == []  # the prefills had prompt logprobs; the rest were decode steps
     opt = make_llm(tiny_model_dirs["opt"], piecewise_max_tokens=256)
     assert opt.engine.runner.pieces is None
     assert opt.generate(batch, GREEDY)[0].token_ids

@@ -183,3 +183,24 @@ def test_dispatcher_orders_only_the_decode_rows(device: torch.device, dtype: tor
     with pytest.raises(AssertionError, match="order"):  # order of all rows: rejected
         paged_attention(*args, max_query_len=40, num_decode_rows=3,
                         decode_order=int32([1, 0, 2, 3, 4], device))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dispatcher_writes_into_out(device: torch.device, dtype: torch.dtype) -> None:
+    """``out`` (piecewise graphs' static buffer) is written and returned on each path:
+    mixed, prefill only, decode only; its rows past the step's tokens are left alone."""
+    args = _mixed_batch(device, dtype)
+    query, *rest = args
+    expected = paged_attention(*args, max_query_len=40, num_decode_rows=3)
+    buffer = torch.full((query.shape[0] + 5, *query.shape[1:]), 7.0, device=device).to(dtype)
+    out = buffer[: query.shape[0]]
+    for d in (3, 0):
+        got = paged_attention(*args, max_query_len=40, num_decode_rows=d, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        assert_close(got, expected, dtype)
+    assert (buffer[query.shape[0] :] == 7.0).all()
+    k_cache, v_cache, block_tables, lens, qsl, scale = rest
+    decode = (query[:3], k_cache, v_cache, block_tables[:3], lens[:3], qsl[:4], scale)
+    got = paged_attention(*decode, max_query_len=1, out=out[:3])
+    assert got.data_ptr() == out.data_ptr()
+    assert_close(got, ref_attention(*decode), dtype)

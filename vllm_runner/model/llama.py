@@ -37,9 +37,11 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj.forward_one_row(stream, norm=norm)
         return self.o_proj.forward_one_row(self.attend(positions, qkv), residual=stream)
 
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, positions: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        return self.attn(q, k, v, self.rotary_emb, positions)
+        return self.attn(q, k, v, self.rotary_emb, positions, out)
 
 
 class LlamaMLP(nn.Module):
@@ -136,9 +138,10 @@ class LlamaModel(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
-    def attend(self, i: int, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
-        """Layer i's attention (run eagerly between pieces: it reads the step's metadata)."""
-        return self.layers[i].self_attn.attend(positions, qkv)
+    def attend(self, i: int, positions: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor):
+        """Layer i's attention into ``out`` (run eagerly between pieces: it reads the step's
+        metadata)."""
+        return self.layers[i].self_attn.attend(positions, qkv, out)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -78,6 +78,13 @@ class ModelRunner:
             max_blocks,
             self.device,
         )
+        # NOTE: offloaded layers stream weights from forward hooks: no graphs (logged there).
+        offloading = getattr(self.model, "weight_offloader", None) is not None
+        capture = self.device.type == "cuda" and not model_config.enforce_eager and not offloading
+        self.pieces, self._pieces_pool_bytes = None, 0
+        max_pieces = min(model_config.piecewise_max_tokens, scheduler_config.max_num_batched_tokens)
+        if max_pieces >= 2 and not offloading and hasattr(self.model.model, "next_piece"):
+            self.pieces = self._build_pieces(max_pieces, capture)
         self.num_blocks = self._allocate_kv_cache()
         # Last overlapped launch's sampled ids (device) and their rows by request id.
         self._prev: tuple[torch.Tensor | None, dict[str, int] | None] = (None, None)
@@ -88,9 +95,6 @@ class ModelRunner:
             torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)
         ]
         self.graphs = None
-        # NOTE: offloaded layers stream weights from forward hooks: no graphs (logged there).
-        offloading = getattr(self.model, "weight_offloader", None) is not None
-        capture = self.device.type == "cuda" and not model_config.enforce_eager and not offloading
         if self.device.type == "cuda":
             self.graphs = DecodeGraphs(
                 self.model, self.buffers, scheduler_config.max_num_seqs, model_config.max_model_len
@@ -98,12 +102,22 @@ class ModelRunner:
             self.graphs.warm_up()
             if capture:
                 self.graphs.capture()
-        self.pieces = None
-        max_pieces = min(model_config.piecewise_max_tokens, scheduler_config.max_num_batched_tokens)
-        if max_pieces and not offloading and hasattr(self.model.model, "next_piece"):
-            self.pieces = PiecewiseGraphs(self.model, self.buffers, max_pieces)
-            if capture:
-                self.pieces.capture()
+
+    def _build_pieces(self, max_tokens: int, capture: bool) -> PiecewiseGraphs:
+        """Before the KV cache, which pieces never read, so that what their capture holds
+        (static buffers, the graphs' private pool) is known when the cache is sized."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            allocated = torch.cuda.memory_allocated(self.device)
+            reserved = torch.cuda.memory_reserved(self.device)
+        pieces = PiecewiseGraphs(self.model, self.buffers, max_tokens)
+        if capture:
+            pieces.capture()
+        if cuda:  # the pool is reserved, not allocated: the profile's peak does not see it
+            torch.cuda.empty_cache()  # (the warm-ups' activations)
+            grown = torch.cuda.memory_reserved(self.device) - reserved
+            self._pieces_pool_bytes = grown - (torch.cuda.memory_allocated(self.device) - allocated)
+        return pieces
 
     # ---- KV cache --------------------------------------------------------------------------
     def _allocate_kv_cache(self) -> int:
@@ -146,7 +160,7 @@ class ModelRunner:
                 self.device,
                 self.cache_config.gpu_memory_utilization,
                 block_bytes,
-                self._profile_peak_bytes(num_tokens),
+                self._profile_peak_bytes(num_tokens) + self._pieces_pool_bytes,
             )
 
         try:
@@ -348,11 +362,11 @@ class ModelRunner:
         return self.graphs.bucket_for(len(inputs.request_ids))
 
     def _piece_size(self, inputs: StepInputs) -> int | None:
-        """The piecewise graph bucket of a step that prefills, if any (more than one token;
-        not with prompt logprobs, which read every token's hidden state)."""
+        """The piecewise graph bucket of a step that prefills, if any (not with prompt
+        logprobs, which read every token's hidden state)."""
         num_tokens = len(inputs.input_ids)
-        if self.pieces is None or num_tokens < 2:
-            return None
+        if self.pieces is None or inputs.num_decode_rows == len(inputs.request_ids):
+            return None  # (a decode step: one token a request)
         states = self.batch.states
         if any(states[r].params.prompt_logprobs is not None for r in inputs.request_ids):
             return None

@@ -105,8 +105,9 @@ class PiecewiseGraphs:
         graphs = self.graphs.get(size)
         for j in range(self.num_layers + 1):
             if j:  # layer j - 1's attention over the step's own tokens
-                out = self.inner.attend(j - 1, positions, self.qkv[:num_tokens])
-                self.attn_out[:num_tokens].copy_(out)
+                self.inner.attend(
+                    j - 1, positions, self.qkv[:num_tokens], self.attn_out[:num_tokens]
+                )
             if graphs is None:
                 self._piece(size, j)
             else:

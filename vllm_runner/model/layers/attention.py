@@ -58,12 +58,16 @@ class Attention(nn.Module):
         v: torch.Tensor,
         rotary: RotaryEmbedding | None = None,
         positions: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """With ``rotary``, q and k are rotated here first (on CUDA fused with the cache
         write: the rotated key goes straight into the cache; in a pure decode step the decode
-        attention kernel itself rotates, writes and attends)."""
+        attention kernel itself rotates, writes and attends). ``out`` ([num_tokens,
+        num_heads * head_dim], contiguous): written and returned (piecewise graphs' static
+        buffer)."""
         md = _metadata
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        heads_out = None if out is None else out.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if q.is_cuda:
@@ -94,12 +98,13 @@ class Attention(nn.Module):
                 md.num_decode_rows,
                 new_tokens,
                 md.decode_order,
+                heads_out,
             )
         else:
             if rotary is not None:
                 q, k = rotary(positions, q, k)
             reference.write_kv_cache(k, v, self.k_cache, self.v_cache, md.slot_mapping)
-            out = reference.paged_attention(
+            result = reference.paged_attention(
                 q,
                 self.k_cache,
                 self.v_cache,
@@ -108,4 +113,5 @@ class Attention(nn.Module):
                 md.query_start_loc,
                 self.scale,
             )
+            out = result if heads_out is None else heads_out.copy_(result)
         return out.view(-1, self.num_heads * self.head_dim)
