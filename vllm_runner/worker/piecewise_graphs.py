@@ -77,10 +77,11 @@ class PiecewiseGraphs:
         pool = None
         for size in reversed(self.buckets):  # largest first: the others reuse its pool
             self.buffers.token_ids(size).zero_()
+            for j in range(self.num_layers + 1):  # warm-up: compiles kernels outside captures
+                self._piece(size, j)
+            torch.cuda.synchronize()
             graphs = []
             for j in range(self.num_layers + 1):
-                self._piece(size, j)  # warm-up: compiles kernels outside the capture
-                torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self._piece(size, j)
