@@ -21,6 +21,7 @@ def paged_attention(
     new_tokens: NewTokens | None = None,
     decode_order: torch.Tensor | None = None,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim], contiguous
+    prefill_query_start_loc: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Same semantics as ``kernels.reference.paged_attention``; ``max_query_len`` is a host int.
 
@@ -32,7 +33,9 @@ def paged_attention(
     ``new_tokens`` (decode only): the query is not yet rotated, the kernel rotates it and
     writes the new keys / values itself (``paged_attention_decode``). ``decode_order``: the
     decode rows, longest context first (``paged_attention_decode``'s ``order``). ``out``:
-    written and returned instead of a new tensor.
+    written and returned instead of a new tensor. ``prefill_query_start_loc``: the prefill
+    rows' ``query_start_loc[num_decode_rows:] - num_decode_rows``, if the caller has it (a
+    step computes it once for all its layers).
     """
     num_reqs = seq_lens.shape[0]
     if max_query_len == 1:
@@ -68,7 +71,7 @@ def paged_attention(
         v_cache,
         block_tables[d:],
         seq_lens[d:],
-        query_start_loc[d:] - d,
+        query_start_loc[d:] - d if prefill_query_start_loc is None else prefill_query_start_loc,
         scale,
         out=out[d:],
     )

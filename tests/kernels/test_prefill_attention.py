@@ -198,6 +198,10 @@ def test_dispatcher_writes_into_out(device: torch.device, dtype: torch.dtype) ->
         got = paged_attention(*args, max_query_len=40, num_decode_rows=d, out=out)
         assert got.data_ptr() == out.data_ptr()
         assert_close(got, expected, dtype)
+    qsl = rest[4]  # the prefill rows' query_start_loc, as a step passes it once for all layers
+    got = paged_attention(*args, max_query_len=40, num_decode_rows=3,
+                          prefill_query_start_loc=qsl[3:] - 3)  # fmt: skip
+    assert torch.equal(got, expected)
     assert (buffer[query.shape[0] :] == 7.0).all()
     k_cache, v_cache, block_tables, lens, qsl, scale = rest
     decode = (query[:3], k_cache, v_cache, block_tables[:3], lens[:3], qsl[:4], scale)

@@ -69,6 +69,25 @@ def test_piecewise_step_pads_its_input_ids_alone():
     assert pos.tolist() == [0, 1, 0, 1, 2, 3, 4]
     assert md.slot_mapping.tolist() == [4, 5, 8, 9, 10, 11, 12]
     assert md.query_start_loc.tolist() == [0, 2, 7] and md.seq_lens.tolist() == [2, 5]
+    assert md.prefill_query_start_loc is None  # no decode rows: the kernels take it whole
+
+
+def test_mixed_step_passes_its_prefill_rows_query_start_loc():
+    """Decode rows ahead of a prompt: the prefill rows' query_start_loc, computed once a
+    step for every layer's attention."""
+    buffers = DeviceInputs(64, 8, 4, torch.device("cpu"))
+    batch = InputBatch(block_size=4, max_blocks_per_request=4)
+    prompts = {"a": [1, 2], "b": [3, 4, 5]}
+    buffers.load(_prefill(batch, prompts, {"a": [1], "b": [2]}))
+    for r in prompts:
+        batch.states[r].token_ids.append(9)
+    sched = step([new("c", [6, 7, 8, 9, 10], [3, 4])],
+                 cached=[CachedRequestData(r, [], len(t)) for r, t in prompts.items()],
+                 scheduled={"a": 1, "b": 1, "c": 5})  # fmt: skip
+    batch.update(sched)
+    _, _, md, _ = buffers.load(batch.prepare(sched))
+    assert md.num_decode_rows == 2 and md.query_start_loc.tolist() == [0, 1, 2, 7]
+    assert md.prefill_query_start_loc.tolist() == [0, 5]
 
 
 def test_fields_are_aligned_and_disjoint():

@@ -172,4 +172,6 @@ class DeviceInputs:
             # one row needs no order (the kernel then skips a dependent load)
             decode_order=v["decode_order"] if lengths["decode_order"] > 1 else None,
         )
+        if 0 < d < num_reqs:  # a mixed step: CUDA's attention splits it there
+            md.prefill_query_start_loc = v["query_start_loc"][d : num_reqs + 1] - d
         return input_ids, v["positions"], md, v["logits_indices"]

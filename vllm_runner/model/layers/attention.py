@@ -29,6 +29,9 @@ class AttentionMetadata:
     # [rows of the decode kernel] int32: those rows, longest context first (CUDA: the longest
     # start first, so short ones fill the tail); None: in row order
     decode_order: torch.Tensor | None = None
+    # CUDA, mixed steps: the prefill rows' query_start_loc (query_start_loc[d:] - d for
+    # num_decode_rows d), once a step instead of once a layer; None: computed where needed
+    prefill_query_start_loc: torch.Tensor | None = None
 
 
 _metadata: AttentionMetadata | None = None
@@ -99,6 +102,7 @@ class Attention(nn.Module):
                 new_tokens,
                 md.decode_order,
                 heads_out,
+                md.prefill_query_start_loc,
             )
         else:
             if rotary is not None:
