@@ -113,6 +113,13 @@ class ModelRunner:
         pieces = PiecewiseGraphs(self.model, self.buffers, max_tokens)
         if capture:
             pieces.capture()
+        else:
+            logger.warning(
+                "piecewise_max_tokens=%d without CUDA graphs (%s): steps that prefill run the "
+                "same padded pieces eagerly, which only adds work (kept for tests and A/Bs)",
+                max_tokens,
+                "enforce_eager" if cuda else "CPU",
+            )
         if cuda:  # the pool is reserved, not allocated: the profile's peak does not see it
             torch.cuda.empty_cache()  # (the warm-ups' activations)
             grown = torch.cuda.memory_reserved(self.device) - reserved
