@@ -271,26 +271,22 @@ class ModelRunner:
         inputs = self.batch.prepare(sched)
         graph_size = self._graph_size(inputs)
         prev_sampled, prev_rows = self._prev
-        piece_size = self._piece_size(inputs) if graph_size is None else None
-        if piece_size is not None:
-            input_ids, positions, md, logits_indices = self.buffers.load(
-                inputs, 0, prev_sampled, prev_rows, pad_tokens=piece_size
-            )
-            with forward_context(md):
-                hidden = self.pieces.run(piece_size, len(inputs.input_ids), positions)
-            logits = self.model.compute_logits(hidden[logits_indices])
-        elif graph_size is not None:
+        if graph_size is not None:
             *_, logits_indices = self.buffers.load(inputs, graph_size, prev_sampled, prev_rows)
             num_reqs = len(inputs.request_ids)
             logits = self.graphs.run(graph_size, num_reqs)  # [num_reqs, vocab]
             if len(inputs.logits_indices) != num_reqs:  # else every row samples, in order
                 logits = logits[logits_indices]
         else:
+            piece_size = self._piece_size(inputs)
             input_ids, positions, md, logits_indices = self.buffers.load(
-                inputs, 0, prev_sampled, prev_rows
+                inputs, 0, prev_sampled, prev_rows, pad_tokens=piece_size or 0
             )
             with forward_context(md):
-                hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+                if piece_size is not None:  # [piece_size, hidden]: pad rows after the step's
+                    hidden = self.pieces.run(piece_size, len(positions), positions)
+                else:
+                    hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
             self._prompt_logprobs(inputs, hidden, handle.result)
             logits = self.model.compute_logits(hidden[logits_indices])
         handle.sampling_ids = inputs.sampling_ids
@@ -361,23 +357,23 @@ class ModelRunner:
 
     def _graph_size(self, inputs: StepInputs) -> int | None:
         """The decode graph bucket this step can replay, if any."""
-        if self.graphs is None or not inputs.fused_decode:
-            return None
-        states = self.batch.states
-        if any(states[r].params.prompt_logprobs is not None for r in inputs.request_ids):
+        if self.graphs is None or not inputs.fused_decode or self._reads_every_token(inputs):
             return None
         return self.graphs.bucket_for(len(inputs.request_ids))
 
     def _piece_size(self, inputs: StepInputs) -> int | None:
-        """The piecewise graph bucket of a step that prefills, if any (not with prompt
-        logprobs, which read every token's hidden state)."""
-        num_tokens = len(inputs.input_ids)
+        """The piecewise graph bucket of a step that prefills, if any."""
         if self.pieces is None or inputs.num_decode_rows == len(inputs.request_ids):
             return None  # (a decode step: one token a request)
-        states = self.batch.states
-        if any(states[r].params.prompt_logprobs is not None for r in inputs.request_ids):
+        if self._reads_every_token(inputs):
             return None
-        return self.pieces.bucket_for(num_tokens)
+        return self.pieces.bucket_for(len(inputs.input_ids))
+
+    def _reads_every_token(self, inputs: StepInputs) -> bool:
+        """A request of the step asks for prompt logprobs: every token's hidden state is
+        read, so no graph (their outputs are the sampled rows or padded) serves it."""
+        states = self.batch.states
+        return any(states[r].params.prompt_logprobs is not None for r in inputs.request_ids)
 
     def _sampling_row(self, request_id: str) -> SamplingRow:
         s = self.batch.states[request_id]
