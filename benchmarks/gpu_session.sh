@@ -4,7 +4,7 @@
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
 # quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, w1-fp8,
 # kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe,
-# read-bw, gemm-prefill, persistent-layers, loadtest-1b, serving-ab, variants-ab, engine-ab, profile-serving)
+# read-bw, gemm-prefill, persistent-layers, loadtest-1b, serving-ab, variants-ab, engine-ab, profile-engine, profile-serving)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -85,6 +85,14 @@ d = build_random_llama("1b", Path("/tmp/lt_models"), "cuda", 0, vocab_size=49152
              timeout 580 python benchmarks/host_step_probe.py --device cuda --model 1b \
                --streams 256 --seconds "${AB_LOOP_S:-10}" --warmup 5 --temperature 1 \
                --rounds 3 "${args[@]}" 2>&1 | grep "streams" ;;
+    profile-engine) # py-spy over the engine loop alone (host_step_probe.py on the card), with
+             # ${VARIANT:-} as its one engine setting (e.g. piecewise_max_tokens=2048)
+             python3 -m pip install -q --no-index --no-deps --target /tmp/ps .whl/extra/py_spy*.whl
+             /tmp/ps/bin/py-spy record --nonblocking -r 100 -f raw -o /tmp/prof_engine.txt -- \
+               python benchmarks/host_step_probe.py --device cuda --model 1b --streams 256 \
+               --seconds 15 --warmup 5 --temperature 1 ${VARIANT:+--variant "$VARIANT"} \
+               2>&1 | grep "streams"
+             python benchmarks/pyspy_summary.py /tmp/prof_engine.txt > "$OUT/pyspy_engine_${VARIANT//[^a-z0-9]/_}.txt" ;;
     serving-ab) # this tree vs the one in .ab/ (carried: `git archive REV vllm_runner benchmarks
              # kernels | tar -x -C .ab`), the serving probe alternating, ${AB_ROUNDS:-2} rounds
              P=${AB_PROBE_ARGS:-"--model 1b --streams 256 --repeats 1 --async-only --engine-process 1

@@ -19,6 +19,8 @@ def role(frames: list[str]) -> str:
         return "engine step loop" if loop else "engine start-up and exit"
     if any(f.startswith(("front_end (", "streamed (", "AsyncLLM._deliver (")) for f in frames):
         return "front end"
+    if any(f.startswith("EngineCore.step (") for f in frames):  # host_step_probe.py
+        return "engine step loop"
     return "other"
 
 
