@@ -4,6 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import cdiv, next_power_of_2
 from kernels.pdl import pdl_launch, wait_for_predecessor
 
 
@@ -36,8 +37,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * d] -> [nu
     num_tokens, d = x.shape[0], x.shape[1] // 2
     out = torch.empty(num_tokens, d, dtype=x.dtype, device=x.device)
     if num_tokens:
-        block = min(triton.next_power_of_2(d), 1024)
-        grid = (num_tokens, triton.cdiv(d, block))
+        block = min(next_power_of_2(d), 1024)
+        grid = (num_tokens, cdiv(d, block))
         _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), D=d, BLOCK=block,
                                    num_warps=4, **pdl_launch(x.device))  # fmt: skip
     return out

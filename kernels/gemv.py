@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import cdiv
 from kernels.pdl import pdl_launch, wait_for_predecessor
 from kernels.weight_words import (
     e4m3x4_word_to_f32,
@@ -239,7 +240,7 @@ def gemv(
         x, norm = rms_norm(x, norm[0], norm[1])[0], None
     xc = x.contiguous()
     norm_weight, eps = norm if norm is not None else (xc, 0.0)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    _gemv_kernel[(cdiv(n, block_n),)](
         xc, weight, scale if scale is not None else xc, bias if bias is not None else xc,
         norm_weight, residual if residual is not None else xc, out, n, k,
         weight.stride(0), n * weight.stride(0) if gated else 0, eps,

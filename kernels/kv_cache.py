@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import next_power_of_2
 from kernels.pdl import pdl_launch, wait_for_predecessor
 from kernels.rotary import _load_cos_sin, _rotate_heads
 
@@ -102,8 +103,8 @@ def write_kv_cache(
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_H=next_power_of_2(num_kv_heads),
+        BLOCK_D=next_power_of_2(head_dim),
         **pdl_launch(key.device),
     )
 
@@ -226,11 +227,11 @@ def rotary_and_write_kv_cache(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos_sin_cache.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
         BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_H=triton.next_power_of_2(num_heads),
-        BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_PASS=triton.next_power_of_2(max(pass_dim, 1)),
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_H=next_power_of_2(num_heads),
+        BLOCK_KV_H=next_power_of_2(num_kv_heads),
+        BLOCK_HALF=next_power_of_2(half),
+        BLOCK_PASS=next_power_of_2(max(pass_dim, 1)),
+        BLOCK_D=next_power_of_2(head_dim),
         COPY_PASS=pass_dim > 0, **pdl_launch(query.device),
     )  # fmt: skip
     return q_out

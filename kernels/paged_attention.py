@@ -27,6 +27,7 @@ from kernels.attention_tile import (
     fp16_dots,
     output_buffer,
 )
+from kernels.launch import next_power_of_2
 from kernels.pdl import pdl_launch, wait_for_predecessor
 
 
@@ -327,7 +328,7 @@ def paged_attention_decode(
     assert 1 <= num_splits <= _MAX_SPLITS, f"num_splits {num_splits} must be in [1, {_MAX_SPLITS}]"
 
     group = num_heads // num_kv_heads
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = next_power_of_2(head_dim)
     split = num_splits > 1
     part_shape = (num_reqs, num_heads, num_splits) if split else (1,)
     part_m = torch.empty(part_shape, dtype=torch.float32, device=query.device)
@@ -357,7 +358,7 @@ def paged_attention_decode(
         out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, QUERIES_PER_KV=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_G=max(16, next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         SPLIT=split, DOT_PRECISION=dot_precision(query.dtype), ROPE=nt is not None,
         HALF=nt.cos_sin_cache.shape[1] // 2 if nt else 0, FP16_DOTS=fp16_dots(query, k_cache),
         ORDERED=order is not None, num_warps=num_warps, num_stages=num_stages,

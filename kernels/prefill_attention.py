@@ -22,6 +22,7 @@ from kernels.attention_tile import (
     fp16_dots,
     output_buffer,
 )
+from kernels.launch import next_power_of_2
 
 
 @triton.jit
@@ -198,7 +199,7 @@ def prefill_attention(
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         QUERIES_PER_KV=queries_per_kv, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_power_of_2(head_dim),
         DOT_PRECISION=dot_precision(query.dtype), FP16_DOTS=fp16_dots(query, k_cache),
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )  # fmt: skip

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from kernels.attention_tile import dot_precision
 from kernels.gemv import check_fusions, gemv, gemv_layout
+from kernels.launch import cdiv, next_power_of_2
 from kernels.paged_attention import num_sms
 from kernels.pdl import pdl_launch, wait_for_predecessor
 from kernels.weight_words import epilogue, i8x4_tile_to_f32
@@ -221,7 +222,7 @@ def w8a16_matmul(
     split = math.ceil(k / k_per_split)  # rounding can leave fewer non-empty splits
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32,
                                                 device=x.device)  # fmt: skip
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+    grid = (cdiv(m, cfg.block_m), cdiv(n, cfg.block_n), split)
     _w8a16_kernel[grid](
         x2, qweight, scale, bias if bias is not None else scale, target,
         m, n, k, k_per_split,
@@ -271,7 +272,7 @@ def fp8_quantize_rows(
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
-    block = triton.next_power_of_2(k)
+    block = next_power_of_2(k)
     _fp8_quantize_rows_kernel[(m,)](
         x, q, scale, k, x.stride(0), q.stride(0),
         FP8_MAX=torch.finfo(torch.float8_e4m3fn).max, MIN_SCALE=1e-12, BLOCK_K=block,

@@ -4,6 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import next_power_of_2
 from kernels.pdl import pdl_launch, wait_for_predecessor
 
 
@@ -70,7 +71,7 @@ def rms_norm(
         res_out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     num_rows = x2.shape[0]
     if num_rows > 0:
-        block = triton.next_power_of_2(hidden)
+        block = next_power_of_2(hidden)
         _rms_norm_kernel[(num_rows,)](
             x2, res2 if res2 is not None else x2, weight, out,
             res_out if res_out is not None else out, eps,

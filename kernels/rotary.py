@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import next_power_of_2
+
 
 @triton.jit
 def _rotate_heads(
@@ -130,10 +132,10 @@ def rotary_embedding(
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         cos_sin_cache.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
-        BLOCK_H=triton.next_power_of_2(num_heads),
-        BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_PASS=triton.next_power_of_2(max(pass_dim, 1)),
+        BLOCK_H=next_power_of_2(num_heads),
+        BLOCK_KV_H=next_power_of_2(num_kv_heads),
+        BLOCK_HALF=next_power_of_2(half),
+        BLOCK_PASS=next_power_of_2(max(pass_dim, 1)),
         COPY_PASS=pass_dim > 0 and not inplace,
     )  # fmt: skip
     return q_out, k_out
