@@ -31,7 +31,6 @@ def piecewise_buckets(max_tokens: int) -> list[int]:
 
 class PiecewiseGraphs:
     def __init__(self, model: torch.nn.Module, buffers: DeviceInputs, max_tokens: int) -> None:
-        self.model = model
         self.inner = model.model  # first_piece / next_piece / last_piece / attend
         self.buffers = buffers
         self.buckets = piecewise_buckets(max_tokens)
