@@ -4,7 +4,7 @@
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
 # quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, w1-fp8,
 # kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe,
-# read-bw, gemm-prefill, persistent-layers, loadtest-1b, serving-ab, variants-ab, engine-ab, profile-engine, profile-serving)
+# read-bw, gemm-prefill, persistent-layers, loadtest-1b, serving-ab, variants-ab, chat-ab, engine-ab, profile-engine, profile-serving)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -69,6 +69,26 @@ d = build_random_llama("1b", Path("/tmp/lt_models"), "cuda", 0, vocab_size=49152
                --stop-timeout 30 --max-tokens 128 --label "H200, Llama-3.2-1B shape" \
                --processes "${LT_PROCESSES:-1}" ${LT_SERVE_ARGS:-} \
                --out "$OUT/loadtest_h200_1b${AB:-}${ROUND:-}" 2>&1 | tail -12 ;;
+    chat-ab) # the BentoML service (ChatUser, 256 users, 4 workers, 20 s) with each of VARIANTS
+             # (space-separated KEY=VALUE[,KEY=VALUE] server settings) in turn, ${AB_ROUNDS:-2}
+             # rounds; prints each run's 256-user row; needs `.whl` carried
+             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+               --upgrade --target .site .whl/*.whl
+             export PYTHONPATH=$PWD/.site:$PWD
+             m=$(python -c 'import shutil, sys; from pathlib import Path
+sys.path.insert(0, "benchmarks"); from workloads import build_random_llama
+d = build_random_llama("1b", Path("/tmp/lt_models"), "cuda", 0, vocab_size=49152)
+[shutil.copy(f, d) for f in Path(".whl/tokenizer").iterdir()]; print(d)' | tail -1)
+             V=${VARIANTS:-"piecewise_max_tokens=0 piecewise_max_tokens=2048"}
+             for r in $(seq "${AB_ROUNDS:-2}"); do for v in $V; do
+               sa=(); for kv in ${v//,/ }; do sa+=(--serve-arg "$kv"); done
+               d="$OUT/chat_$(echo "$v$r" | tr -c 'a-z0-9\n' _)"
+               timeout 150 python -m loadtests.run --serve-arg model=$m --serve-arg device=cuda \
+                 --serve-arg dtype=bfloat16 --serve-arg max_concurrency=512 --serve-arg workers=4 \
+                 "${sa[@]}" --users 256 --duration 20 --stop-timeout 20 --max-tokens 128 \
+                 --user-class ChatUser --processes 8 --out "$d" > /dev/null 2>&1
+               echo "$v round $r: $(grep '^| 256' "$d/summary.md" 2>/dev/null || echo 'no summary')"
+             done; done ;;
     variants-ab) # engine settings in turn (one engine each, ~65 s a run), sampled streams as
              # chat sends them; VARIANTS: space-separated KEY=VALUE[,KEY=VALUE] (default: piecewise
              # graphs off / on, three rounds); needs `.whl/tokenizer` carried
@@ -92,7 +112,8 @@ d = build_random_llama("1b", Path("/tmp/lt_models"), "cuda", 0, vocab_size=49152
                python benchmarks/host_step_probe.py --device cuda --model 1b --streams 256 \
                --seconds 15 --warmup 5 --temperature 1 ${VARIANT:+--variant "$VARIANT"} \
                2>&1 | grep "streams"
-             python benchmarks/pyspy_summary.py /tmp/prof_engine.txt > "$OUT/pyspy_engine_${VARIANT//[^a-z0-9]/_}.txt" ;;
+             f=$(echo "${VARIANT:-default}" | tr -c 'a-z0-9\n' _)
+             python benchmarks/pyspy_summary.py /tmp/prof_engine.txt > "$OUT/pyspy_engine_$f.txt" ;;
     serving-ab) # this tree vs the one in .ab/ (carried: `git archive REV vllm_runner benchmarks
              # kernels | tar -x -C .ab`), the serving probe alternating, ${AB_ROUNDS:-2} rounds
              P=${AB_PROBE_ARGS:-"--model 1b --streams 256 --repeats 1 --async-only --engine-process 1
