@@ -231,7 +231,7 @@ def test_kv_sizing_decisions_with_faked_cuda_queries(
             raise torch.OutOfMemoryError("fake: out of memory")
         return 1000 + (1 if slope == 1 else 10) * num_tokens
 
-    def num_blocks_for_gpu(device, utilization, block_bytes, peak_bytes):
+    def num_blocks_for_gpu(device, utilization, block_bytes, peak_bytes, held_bytes):
         if cap - peak_bytes < block_bytes:
             raise ValueError(f"fake: no room for the KV cache at a peak of {peak_bytes}")
         return (cap - peak_bytes) // block_bytes

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_runner.config import EngineArgs, default_step_budget
-from vllm_runner.worker.memory import OFFLOAD_STEP_BUDGET, offload_step_budget
+from vllm_runner.config import SERVING_PIECEWISE_MAX_TOKENS, EngineArgs, default_step_budget
+from vllm_runner.worker.memory import OFFLOAD_STEP_BUDGET, num_blocks_for_gpu, offload_step_budget
 
 GiB = 2**30
 
@@ -33,6 +33,22 @@ def test_gpu_budget_by_card(monkeypatch, name, memory, offline, serving):
     cuda = torch.device("cuda")
     assert default_step_budget(cuda, serving=False) == offline
     assert default_step_budget(cuda, serving=True) == serving
+
+
+@pytest.mark.parametrize(
+    ("device", "serving", "kw", "expected"),
+    [
+        ("cuda", True, {}, SERVING_PIECEWISE_MAX_TOKENS),  # the service's mixed steps
+        ("cuda", False, {}, 0),  # offline: few small mixed steps
+        ("cuda", True, {"enforce_eager": True}, 0),  # no graphs at all
+        ("cpu", True, {}, 0),
+        ("cuda", True, {"piecewise_max_tokens": 0}, 0),  # set: always wins
+        ("cpu", False, {"piecewise_max_tokens": 512}, 512),
+    ],
+)
+def test_piecewise_graphs_by_default_only_when_serving_with_graphs(device, serving, kw, expected):
+    args = EngineArgs(**kw)
+    assert args.resolve_piecewise_max_tokens(torch.device(device), serving) == expected
 
 
 def test_explicit_budget_wins(monkeypatch):
@@ -137,3 +153,22 @@ def test_auto_device_warns_when_a_driver_is_there_but_torch_sees_no_gpu(
     assert "an NVIDIA driver is loaded but torch" in caplog.text
     with pytest.raises(ValueError, match=r"device='cuda' was asked for, but torch .* sees no"):
         EngineArgs(device="cuda").resolve_device()
+
+
+@pytest.mark.parametrize(
+    ("free", "reserved", "utilization", "expected_gib"),
+    [
+        (96, 4, 0.9, 80.0),  # alone: 90 GiB less the 10 GiB peak
+        # another engine of this process reserves 60 GiB: what is free, less the 6 GiB the
+        # largest step allocates again and the 0.5 GiB margin (not all 39.5 GiB free)
+        (36, 64, 0.5, 29.5),
+    ],
+)
+def test_kv_blocks_leave_the_largest_step_its_activations(
+    monkeypatch, free, reserved, utilization, expected_gib
+):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free * GiB, 100 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved * GiB)
+    block = 2**20
+    got = num_blocks_for_gpu(torch.device("cuda"), utilization, block, 10 * GiB, 4 * GiB)
+    assert got == int(expected_gib * GiB) // block

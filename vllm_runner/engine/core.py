@@ -52,7 +52,7 @@ class EngineCore:
             seed=args.seed,
             quantization=args.quantization,
             enforce_eager=args.enforce_eager,
-            piecewise_max_tokens=args.piecewise_max_tokens,
+            piecewise_max_tokens=args.resolve_piecewise_max_tokens(device, serving),
         )
         self.tokenizer = load_tokenizer(path)
         self.eos_ids = eos_token_ids(path, hf_config, self.tokenizer)

@@ -25,15 +25,17 @@ def num_blocks_for_cpu(cpu_kv_cache_gb: float, block_bytes: int) -> int:
 
 
 def num_blocks_for_gpu(
-    device: torch.device, utilization: float, block_bytes: int, peak_bytes: int
+    device: torch.device, utilization: float, block_bytes: int, peak_bytes: int, held_bytes: int
 ) -> int:
     """Blocks that fit in ``utilization`` of the card after the profiled peak (weights +
-    activations of the largest step)."""
+    activations of the largest step); ``held_bytes`` of the peak are allocated now (weights,
+    static buffers), the rest the largest step allocates again."""
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = total - free - torch.cuda.memory_reserved(device)
     budget = int(total * utilization) - peak_bytes - max(used_by_others, 0)
-    # Never more than is free now (other engines in this process count here), less a margin.
-    budget = min(budget, free - (512 << 20))
+    # Never more than is free now (other engines in this process count here) once the
+    # largest step's activations are allocated again, less a margin.
+    budget = min(budget, free - (peak_bytes - held_bytes) - (512 << 20))
     num = budget // block_bytes
     if num < 1:
         raise ValueError(

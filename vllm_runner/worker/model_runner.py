@@ -163,11 +163,13 @@ class ModelRunner:
         sched = self.scheduler_config
 
         def blocks(num_tokens: int) -> int:
+            peak = self._profile_peak_bytes(num_tokens) + self._pieces_pool_bytes
             return memory.num_blocks_for_gpu(
                 self.device,
                 self.cache_config.gpu_memory_utilization,
                 block_bytes,
-                self._profile_peak_bytes(num_tokens) + self._pieces_pool_bytes,
+                peak,
+                self._held_bytes() + self._pieces_pool_bytes,
             )
 
         try:
@@ -213,6 +215,12 @@ class ModelRunner:
         if error is not None:
             raise error
         return num_blocks
+
+    def _held_bytes(self) -> int:
+        """Device memory this engine has allocated now."""
+        if self.device.type != "cuda":
+            return 0
+        return torch.cuda.memory_allocated(self.device) - self._baseline_bytes
 
     def _profile_peak_bytes(self, num_tokens: int) -> int:
         """Run a step of ``num_tokens`` tokens (the largest the scheduler may form) on a
