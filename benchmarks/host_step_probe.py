@@ -2,8 +2,9 @@
 (zeros in, fixed random logits out), so what is timed is the Python of a step: scheduling,
 step inputs, sampling, results, stream outputs, their packing and pickling as the engine
 process sends them. A closed loop of ``--streams`` requests (prompts of 64-512 token ids,
-``--max-tokens`` new tokens, EOS ignored, a new request as each finishes), on a tiny random
-Llama on the CPU.
+``--max-tokens`` new tokens on average (each request 1/2 to 3/2 of it, so that requests
+finish and arrive on different steps, as a server's do), EOS ignored, a new request as each
+finishes), on a tiny random Llama on the CPU.
 
     python benchmarks/host_step_probe.py [--streams 256] [--seconds 10] [--temperature 0]
     py-spy record -o prof.txt -f raw -- python benchmarks/host_step_probe.py ...
@@ -68,9 +69,7 @@ def run(args, extra: dict, seconds: float) -> tuple[float, float, int, list[floa
     if not cuda:
         stub_model(engine.limits.vocab_size)
     rng = random.Random(0)
-    params = SamplingParams(
-        max_tokens=args.max_tokens, ignore_eos=True, temperature=args.temperature
-    )
+    lengths = range(max(1, args.max_tokens // 2), args.max_tokens * 3 // 2 + 1)
     added = 0
     arrived: dict[str, float] = {}
     ttfts: list[float] = []
@@ -78,6 +77,9 @@ def run(args, extra: dict, seconds: float) -> tuple[float, float, int, list[floa
     def add() -> None:
         nonlocal added
         ids = [rng.randrange(1, 1000) for _ in range(rng.randrange(64, 513))]
+        params = SamplingParams(
+            max_tokens=rng.choice(lengths), ignore_eos=True, temperature=args.temperature
+        )
         engine.add_request(ids, params, f"r{added}", ids, detokenize=False)
         arrived[f"r{added}"] = time.perf_counter()
         added += 1
