@@ -97,7 +97,7 @@ def test_kv_cache_dtype_resolution_and_old_gpus(monkeypatch):
     """ "fp8" and "fp8_e4m3" are e4m3, "auto" the model's dtype; a CUDA device below compute
     capability 8.9 (no fp8 conversions) is refused before any weight is loaded."""
     from vllm_runner.config import CacheConfig
-    from vllm_runner.worker.model_runner import kv_cache_dtype
+    from vllm_runner.worker.memory import kv_cache_dtype
 
     def cache(name: str) -> CacheConfig:
         return CacheConfig(16, True, 0.9, None, 1.0, 0.0, kv_cache_dtype=name)

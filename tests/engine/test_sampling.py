@@ -260,9 +260,9 @@ def test_prompt_logprobs_match_hf_with_top_k(tiny_model_dirs, hf_llama, monkeypa
     prompt token's own logprob given its prefix and the top-k tokens', as HF's full forward
     gives them; whether the prompt is prefilled in one step or in chunks of ``chunk``
     tokens, and with the logits taken a few rows at a time."""
-    from vllm_runner.worker import model_runner
+    from vllm_runner.worker import prompt_logprobs
 
-    monkeypatch.setattr(model_runner, "PROMPT_LOGPROB_ROWS", 4)
+    monkeypatch.setattr(prompt_logprobs, "PROMPT_LOGPROB_ROWS", 4)
     kw = {"max_num_batched_tokens": chunk} if chunk else {}
     llm = LLM(tiny_model_dirs["llama"], dtype="float32", device="cpu", cpu_kv_cache_gb=0.05,
               **kw)  # fmt: skip

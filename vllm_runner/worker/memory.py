@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from vllm_runner.config import CacheConfig
+
 GiB = 1 << 30
 
 
@@ -128,3 +130,19 @@ def weight_budget(device: torch.device, utilization: float) -> tuple[int, int]:
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = total - free - torch.cuda.memory_reserved(device)
     return int(total * utilization) - max(used_by_others, 0), total
+
+
+def kv_cache_dtype(
+    cache_config: CacheConfig, model_dtype: torch.dtype, device: torch.device
+) -> torch.dtype:
+    """The KV cache's dtype; fp8 on CUDA needs the conversions of compute capability 8.9+."""
+    dtype = cache_config.cache_dtype(model_dtype)
+    if dtype.itemsize == 1 and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(
+                f"kv_cache_dtype={cache_config.kv_cache_dtype!r} needs a GPU of compute "
+                f"capability 8.9 or newer (fp8 conversions); this one is {major}.{minor}: "
+                "use kv_cache_dtype='auto'"
+            )
+    return dtype

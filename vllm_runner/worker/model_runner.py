@@ -17,11 +17,12 @@ from vllm_runner.worker import memory
 from vllm_runner.worker.cuda_graphs import DecodeGraphs
 from vllm_runner.worker.device_inputs import DeviceInputs
 from vllm_runner.worker.input_batch import InputBatch, StepInputs
+from vllm_runner.worker.memory import kv_cache_dtype
 from vllm_runner.worker.offload import weight_bytes
 from vllm_runner.worker.piecewise_graphs import PiecewiseGraphs
+from vllm_runner.worker.prompt_logprobs import prompt_logprobs
 
 logger = logging.getLogger(__name__)
-PROMPT_LOGPROB_ROWS = 512  # prompt positions whose logits are materialised at once
 
 
 @dataclass
@@ -295,7 +296,7 @@ class ModelRunner:
                     hidden = self.pieces.run(piece_size, len(positions), positions)
                 else:
                     hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
-            self._prompt_logprobs(inputs, hidden, handle.result)
+            prompt_logprobs(self.model, self.batch.states, inputs, hidden, handle.result)
             logits = self.model.compute_logits(hidden[logits_indices])
         handle.sampling_ids = inputs.sampling_ids
         if not inputs.sampling_ids:
@@ -386,51 +387,3 @@ class ModelRunner:
     def _sampling_row(self, request_id: str) -> SamplingRow:
         s = self.batch.states[request_id]
         return SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.seed, s.num_pending)
-
-    def _prompt_logprobs(
-        self, inputs: StepInputs, hidden: torch.Tensor, result: ModelRunnerOutput
-    ) -> None:
-        """For each prompt token after the first, given its prefix: its logprob and the top
-        ``prompt_logprobs`` tokens' (vLLM's ``{token id: logprob}`` per position)."""
-        for i, request_id in enumerate(inputs.request_ids):
-            state = self.batch.states[request_id]
-            top = state.params.prompt_logprobs
-            if top is None:
-                continue
-            lo, hi = int(inputs.query_start_loc[i]), int(inputs.query_start_loc[i + 1])
-            start = int(inputs.seq_lens[i]) - (hi - lo)
-            # position p predicts token p + 1; only prompt tokens count
-            end = min(start + (hi - lo), state.num_prompt_tokens - 1)
-            for a in range(start, end, PROMPT_LOGPROB_ROWS):  # bounds the [rows, vocab] logits
-                b = min(a + PROMPT_LOGPROB_ROWS, end)
-                rows = hidden[lo + a - start : lo + b - start]
-                logprobs = self.model.compute_logits(rows).float().log_softmax(dim=-1)
-                targets = state.token_ids[a + 1 : b + 1]
-                own = logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None])
-                best = logprobs.topk(top, dim=-1) if top else None
-                for r, (token, lp) in enumerate(zip(targets, own[:, 0].tolist(), strict=True)):
-                    entry = {token: lp}
-                    if best is not None:
-                        ids, values = best.indices[r].tolist(), best.values[r].tolist()
-                        entry.update(zip(ids, values, strict=True))
-                    state.prompt_logprobs.append(entry)
-            if request_id in inputs.sampling_ids and state.num_prompt_tokens == len(
-                state.token_ids
-            ):
-                result.prompt_logprobs[request_id] = [None, *state.prompt_logprobs]
-
-
-def kv_cache_dtype(
-    cache_config: CacheConfig, model_dtype: torch.dtype, device: torch.device
-) -> torch.dtype:
-    """The KV cache's dtype; fp8 on CUDA needs the conversions of compute capability 8.9+."""
-    dtype = cache_config.cache_dtype(model_dtype)
-    if dtype.itemsize == 1 and device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            raise ValueError(
-                f"kv_cache_dtype={cache_config.kv_cache_dtype!r} needs a GPU of compute "
-                f"capability 8.9 or newer (fp8 conversions); this one is {major}.{minor}: "
-                "use kv_cache_dtype='auto'"
-            )
-    return dtype
