@@ -69,7 +69,8 @@ def run(args, extra: dict, seconds: float) -> tuple[float, float, int, list[floa
     if not cuda:
         stub_model(engine.limits.vocab_size)
     rng = random.Random(0)
-    lengths = range(max(1, args.max_tokens // 2), args.max_tokens * 3 // 2 + 1)
+    longest = max(1, min(args.max_tokens * 3 // 2, 512))  # prompts <= 512, max_model_len 1024
+    lengths = range(min(max(1, args.max_tokens // 2), longest), longest + 1)
     added = 0
     arrived: dict[str, float] = {}
     ttfts: list[float] = []

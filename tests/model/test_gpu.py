@@ -129,6 +129,20 @@ def test_a_dropped_engine_frees_its_device_memory(model_dir, piecewise_max_token
     assert torch.cuda.memory_allocated() - before < 64 * 2**20
 
 
+def test_piecewise_pool_measured_after_a_dropped_engine(model_dir):
+    """A dropped engine's memory stays in torch's cache (reserved, not freed): the next
+    engine's piecewise pool must not count its release as the pool shrinking (it once read
+    as minus the dropped KV cache, and the engine then sized its cache past its share)."""
+    first = gpu_llm(model_dir, gpu_memory_utilization=0.2)
+    del first
+    assert torch.cuda.memory_reserved() > torch.cuda.memory_allocated() + 2**30  # cached
+    llm = gpu_llm(model_dir, gpu_memory_utilization=0.2, max_num_batched_tokens=256,
+                  piecewise_max_tokens=256)  # fmt: skip
+    runner = llm.engine.runner
+    assert 0 < runner._pieces_pool_bytes < 2**30
+    assert runner.kv_cache_bytes <= 0.2 * torch.cuda.get_device_properties(0).total_memory
+
+
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_pdl_matches_plain_launches(model_dir, monkeypatch, quantization):
     """Programmatic dependent launch changes when kernels start, never what they compute:

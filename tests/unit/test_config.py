@@ -172,3 +172,12 @@ def test_kv_blocks_leave_the_largest_step_its_activations(
     block = 2**20
     got = num_blocks_for_gpu(torch.device("cuda"), utilization, block, 10 * GiB, 4 * GiB)
     assert got == int(expected_gib * GiB) // block
+
+
+def test_a_full_card_is_named_as_such(monkeypatch):
+    """When free memory, not the utilization share, leaves no block, the error says so (and
+    does not ask for a higher gpu_memory_utilization)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * GiB, 100 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 97 * GiB)
+    with pytest.raises(ValueError, match=r"3\.00 GiB of the 100\.0 GiB device are free"):
+        num_blocks_for_gpu(torch.device("cuda"), 0.9, 2**20, 10 * GiB, 7 * GiB)

@@ -34,12 +34,21 @@ def num_blocks_for_gpu(
     static buffers), the rest the largest step allocates again."""
     free, total = torch.cuda.mem_get_info(device)
     used_by_others = total - free - torch.cuda.memory_reserved(device)
-    budget = int(total * utilization) - peak_bytes - max(used_by_others, 0)
+    share = int(total * utilization) - peak_bytes - max(used_by_others, 0)
     # Never more than is free now (other engines in this process count here) once the
     # largest step's activations are allocated again, less a margin.
-    budget = min(budget, free - (peak_bytes - held_bytes) - (512 << 20))
+    room = free - (peak_bytes - held_bytes) - (512 << 20)
+    budget = min(share, room)
     num = budget // block_bytes
     if num < 1:
+        if room < share:  # the card is full, whatever the setting
+            raise ValueError(
+                f"no room for the KV cache: {free / GiB:.2f} GiB of the {total / GiB:.1f} GiB "
+                f"device are free, {(peak_bytes - held_bytes) / GiB:.2f} GiB of it for the "
+                "largest step's activations and 0.5 GiB kept spare: free device memory "
+                "(other engines or processes), lower max_num_batched_tokens, or use "
+                "cpu_offload_gb / quantization"
+            )
         raise ValueError(
             f"no room for the KV cache: gpu_memory_utilization={utilization} of "
             f"{total / GiB:.1f} GiB leaves {budget / GiB:.2f} GiB after the model's peak of "

@@ -109,6 +109,9 @@ class ModelRunner:
         (static buffers, the graphs' private pool) is known when the cache is sized."""
         cuda = self.device.type == "cuda"
         if cuda:
+            # NOTE: first, or what is cached now (a dropped engine's KV cache) leaves in the
+            # capture's own empty_cache and reads as a pool of minus that many bytes.
+            torch.cuda.empty_cache()
             allocated = torch.cuda.memory_allocated(self.device)
             reserved = torch.cuda.memory_reserved(self.device)
         pieces = PiecewiseGraphs(self.model, self.buffers, max_tokens)
@@ -124,7 +127,8 @@ class ModelRunner:
         if cuda:  # the pool is reserved, not allocated: the profile's peak does not see it
             torch.cuda.empty_cache()  # (the warm-ups' activations)
             grown = torch.cuda.memory_reserved(self.device) - reserved
-            self._pieces_pool_bytes = grown - (torch.cuda.memory_allocated(self.device) - allocated)
+            held = torch.cuda.memory_allocated(self.device) - allocated
+            self._pieces_pool_bytes = max(0, grown - held)
         return pieces
 
     # ---- KV cache --------------------------------------------------------------------------
