@@ -11,6 +11,18 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+
+service_setup() { # the service's wheels (`.whl`, carried) and a random 1B model with SmolLM2's
+  # tokenizer (SmolLM2's vocabulary) for `bentoml serve`: its path in $m
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target .site .whl/*.whl
+  export PYTHONPATH=$PWD/.site:$PWD
+  m=$(python -c 'import shutil, sys; from pathlib import Path
+sys.path.insert(0, "benchmarks"); from workloads import build_random_llama
+d = build_random_llama("1b", Path("/tmp/lt_models"), "cuda", 0, vocab_size=49152)
+[shutil.copy(f, d) for f in Path(".whl/tokenizer").iterdir()]; print(d)' | tail -1)
+}
+
 for step in "$@"; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
@@ -56,13 +68,7 @@ for step in "$@"; do
              --out "$OUT/persistent_layers_1b.json" 2>&1 | tail -30 ;;
     loadtest-1b) # the BentoML service under locust; needs `.whl` (../shared/tools/gpu-wheels.sh)
              # carried, with SmolLM2's tokenizer files in .whl/tokenizer/
-             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-               --upgrade --target .site .whl/*.whl
-             export PYTHONPATH=$PWD/.site:$PWD
-             m=$(python -c 'import shutil, sys; from pathlib import Path
-sys.path.insert(0, "benchmarks"); from workloads import build_random_llama
-d = build_random_llama("1b", Path("/tmp/lt_models"), "cuda", 0, vocab_size=49152)
-[shutil.copy(f, d) for f in Path(".whl/tokenizer").iterdir()]; print(d)' | tail -1)
+             service_setup
              timeout 560 python -m loadtests.run --serve-arg model=$m --serve-arg device=cuda \
                --serve-arg dtype=bfloat16 --serve-arg max_concurrency=512 \
                --users "${LT_USERS:-1,16,64,256}" --duration "${LT_DURATION:-30}" \
@@ -72,13 +78,7 @@ d = build_random_llama("1b", Path("/tmp/lt_models"), "cuda", 0, vocab_size=49152
     chat-ab) # the BentoML service (ChatUser, 256 users, 4 workers, 20 s) with each of VARIANTS
              # (space-separated KEY=VALUE[,KEY=VALUE] server settings) in turn, ${AB_ROUNDS:-2}
              # rounds; prints each run's 256-user row; needs `.whl` carried
-             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-               --upgrade --target .site .whl/*.whl
-             export PYTHONPATH=$PWD/.site:$PWD
-             m=$(python -c 'import shutil, sys; from pathlib import Path
-sys.path.insert(0, "benchmarks"); from workloads import build_random_llama
-d = build_random_llama("1b", Path("/tmp/lt_models"), "cuda", 0, vocab_size=49152)
-[shutil.copy(f, d) for f in Path(".whl/tokenizer").iterdir()]; print(d)' | tail -1)
+             service_setup
              V=${VARIANTS:-"piecewise_max_tokens=0 piecewise_max_tokens=2048"}
              for r in $(seq "${AB_ROUNDS:-2}"); do for v in $V; do
                sa=(); for kv in ${v//,/ }; do sa+=(--serve-arg "$kv"); done
