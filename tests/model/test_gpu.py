@@ -129,6 +129,21 @@ def test_a_dropped_engine_frees_its_device_memory(model_dir, piecewise_max_token
     assert torch.cuda.memory_allocated() - before < 64 * 2**20
 
 
+@pytest.mark.parametrize("piecewise_max_tokens", [0, 2048])
+def test_an_engine_keeps_to_its_memory_share(model_dir, piecewise_max_tokens):
+    """Weights, KV cache, both kinds of graphs (the decode graphs' outputs: 4,231 rows of
+    logits, counted before they exist) and what the allocator caches: within
+    ``gpu_memory_utilization`` of the card once the engine is built."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    llm = gpu_llm(model_dir, gpu_memory_utilization=0.2,
+                  piecewise_max_tokens=piecewise_max_tokens)  # fmt: skip
+    grown = torch.cuda.memory_reserved() - before
+    assert grown <= 0.2 * torch.cuda.get_device_properties(0).total_memory
+    assert llm.engine.runner.graphs.graphs  # captured
+
+
 def test_piecewise_pool_measured_after_a_dropped_engine(model_dir):
     """A dropped engine's memory stays in torch's cache (reserved, not freed): the next
     engine's piecewise pool must not count its release as the pool shrinking (it once read

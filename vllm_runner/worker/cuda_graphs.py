@@ -19,6 +19,12 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
     return sorted({min(s, max_num_seqs) for s in sizes})
 
 
+def graph_output_bytes(max_num_seqs: int, vocab_rows: int, dtype: torch.dtype) -> int:
+    """Device bytes the captured graphs' logits hold once captured: one [bucket, vocab]
+    output a graph, all kept (an 8B shape's 35 buckets: 4,231 rows of 128,256, 1.1 GB)."""
+    return sum(decode_buckets(max_num_seqs)) * vocab_rows * dtype.itemsize
+
+
 class DecodeGraphs:
     """Graphs read their inputs from ``DeviceInputs``' views of their size and write logits into
     a static output, so a replay is: stage inputs, replay, read ``logits[:num_reqs]``.

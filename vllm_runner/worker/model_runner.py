@@ -14,7 +14,7 @@ from vllm_runner.model.layers.attention import Attention, AttentionMetadata, for
 from vllm_runner.model.loader import build_model
 from vllm_runner.sample.sampler import Sampler, SamplingRow, host_values
 from vllm_runner.worker import memory
-from vllm_runner.worker.cuda_graphs import DecodeGraphs
+from vllm_runner.worker.cuda_graphs import DecodeGraphs, graph_output_bytes
 from vllm_runner.worker.device_inputs import DeviceInputs
 from vllm_runner.worker.input_batch import InputBatch, StepInputs
 from vllm_runner.worker.memory import kv_cache_dtype
@@ -86,6 +86,16 @@ class ModelRunner:
         max_pieces = min(model_config.piecewise_max_tokens, scheduler_config.max_num_batched_tokens)
         if max_pieces >= 2 and not offloading and hasattr(self.model.model, "next_piece"):
             self.pieces = self._build_pieces(max_pieces, capture)
+        # captured after the KV cache, which they read: their outputs are counted in its sizing
+        self._graph_output_bytes = (
+            graph_output_bytes(
+                scheduler_config.max_num_seqs,
+                self.model.lm_head.weight.shape[0],
+                model_config.dtype,
+            )
+            if capture
+            else 0
+        )
         self.num_blocks = self._allocate_kv_cache()
         # Last overlapped launch's sampled ids (device) and their rows by request id.
         self._prev: tuple[torch.Tensor | None, dict[str, int] | None] = (None, None)
@@ -169,6 +179,7 @@ class ModelRunner:
 
         def blocks(num_tokens: int) -> int:
             peak = self._profile_peak_bytes(num_tokens) + self._pieces_pool_bytes
+            peak += self._graph_output_bytes
             return memory.num_blocks_for_gpu(
                 self.device,
                 self.cache_config.gpu_memory_utilization,
@@ -231,7 +242,7 @@ class ModelRunner:
         """Run a step of ``num_tokens`` tokens (the largest the scheduler may form) on a
         scratch cache and measure the peak. NOTE: the scratch cache counts in it; that
         margin also covers what the profile does not run (the sampler's per-row buffers,
-        decode-graph outputs)."""
+        the decode graphs' intermediates; their outputs are counted apart)."""
         bs = self.cache_config.block_size
         first = self.attn_layers[0]
         scratch_blocks = -(-num_tokens // bs)
