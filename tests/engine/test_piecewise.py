@@ -56,12 +56,14 @@ def test_steps_in_pieces_give_the_engines_tokens(
     assert pieces.stats()["kv_blocks_used"] == 0
 
 
-def test_int8_steps_in_pieces_give_the_engines_tokens(tiny_model_dirs, piece_runs):
-    """int8 weights (a served engine on CUDA takes pieces by default, whatever its weights;
-    fp8 needs a GPU: tests/model/test_gpu.py): the pieces' tokens equal the plain forward's."""
+@pytest.mark.parametrize("setting", [{"quantization": "int8"}, {"kv_cache_dtype": "fp8"}])
+def test_quantized_steps_in_pieces_give_the_engines_tokens(tiny_model_dirs, piece_runs, setting):
+    """int8 weights or an fp8 KV cache (a served engine on CUDA takes pieces by default,
+    whatever its settings; fp8 weights need a GPU: tests/model/test_gpu.py): the pieces'
+    tokens equal the plain forward's."""
     path = tiny_model_dirs["llama"]
     batch = prompts(8, seed=9)
-    kw = dict(max_num_batched_tokens=96, quantization="int8")
+    kw = dict(max_num_batched_tokens=96, **setting)
     plain = make_llm(path, **kw).generate(batch, GREEDY)
     pieces = make_llm(path, piecewise_max_tokens=128, **kw)
     assert [o.token_ids for o in pieces.generate(batch, GREEDY)] == [o.token_ids for o in plain]
