@@ -1,6 +1,8 @@
 """Piecewise graphs' pieces on CPU (no capture: the same padded pieces run eagerly, as they
 do under ``enforce_eager`` on a GPU): steps that prefill give the engine's tokens."""
 
+import random
+
 import pytest
 from engine_testing import GREEDY, make_llm, prompts
 
@@ -68,6 +70,28 @@ def test_quantized_steps_in_pieces_give_the_engines_tokens(tiny_model_dirs, piec
     pieces = make_llm(path, piecewise_max_tokens=128, **kw)
     assert [o.token_ids for o in pieces.generate(batch, GREEDY)] == [o.token_ids for o in plain]
     assert piece_runs
+
+
+def test_prefix_cache_hits_in_pieces(tiny_model_dirs, piece_runs):
+    """Prompts that share a 48-token prefix with an earlier one: their steps attend to cached
+    blocks they did not compute (from the paged cache, eagerly between pieces) and give
+    the plain forward's tokens."""
+    path = tiny_model_dirs["llama"]
+    rng = random.Random(10)
+    prefix = [rng.randrange(384) for _ in range(48)]  # three full blocks of 16
+    first = [prefix + [7, 8, 9]]
+    later = [prefix + tail for tail in prompts(6, seed=11)]
+    kw = dict(max_num_batched_tokens=96)
+    plain = make_llm(path, **kw)
+    pieces = make_llm(path, piecewise_max_tokens=128, **kw)
+    for llm in (plain, pieces):
+        llm.generate(first, GREEDY)
+    want = plain.generate(later, GREEDY)
+    runs_before = len(piece_runs)
+    got = pieces.generate(later, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert len(piece_runs) > runs_before
+    assert pieces.stats()["prefix_cache_hits"] > 0
 
 
 def test_steps_that_pieces_do_not_take(tiny_model_dirs, piece_runs):
