@@ -87,20 +87,13 @@ class ModelRunner:
         if max_pieces >= 2 and not offloading and hasattr(self.model.model, "next_piece"):
             self.pieces = self._build_pieces(max_pieces, capture)
         # captured after the KV cache, which they read: their outputs are counted in its sizing
-        self._graph_output_bytes = (
-            graph_output_bytes(
-                scheduler_config.max_num_seqs,
-                self.model.lm_head.weight.shape[0],
-                model_config.dtype,
-            )
-            if capture
-            else 0
-        )
+        vocab_rows, max_seqs = self.model.lm_head.weight.shape[0], scheduler_config.max_num_seqs
+        output_bytes = graph_output_bytes(max_seqs, vocab_rows, model_config.dtype)
+        self._graph_output_bytes = output_bytes if capture else 0
         self.num_blocks = self._allocate_kv_cache()
         # Last overlapped launch's sampled ids (device) and their rows by request id.
         self._prev: tuple[torch.Tensor | None, dict[str, int] | None] = (None, None)
         self._sampled_turn = 0
-        max_seqs = scheduler_config.max_num_seqs
         pin = self.device.type == "cuda"
         self._sampled_host = [
             torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)
@@ -179,7 +172,7 @@ class ModelRunner:
 
         def blocks(num_tokens: int) -> int:
             peak = self._profile_peak_bytes(num_tokens) + self._pieces_pool_bytes
-            peak += self._graph_output_bytes
+            peak += self._graph_output_bytes  # (allocated after the cache: not held)
             return memory.num_blocks_for_gpu(
                 self.device,
                 self.cache_config.gpu_memory_utilization,
