@@ -75,6 +75,20 @@ def _indexed(path: str, files: list[str]) -> list[str]:
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Copy checkpoint tensors into our (possibly fused, sharded) parameters by HF name."""
     params = dict(model.named_parameters())
+    try:
+        loaded = _copy_weights(model, params, weights)
+    finally:  # load-time only: a layer's bound loader on its own parameter is a reference
+        for param in params.values():  # cycle that would keep the weights on the device
+            param.__dict__.pop("weight_loader", None)  # after `del llm`, until a gc pass
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
+
+
+def _copy_weights(
+    model: nn.Module, params: dict[str, nn.Parameter], weights: Iterator[tuple[str, torch.Tensor]]
+) -> set[str]:
+    """The parameter names loaded."""
     buffers = dict(model.named_buffers())
     packed = getattr(model, "packed_modules_mapping", {})
     loaded: set[str] = set()
@@ -105,9 +119,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
         except ValueError as e:  # a shape mismatch: name the checkpoint's tensor
             raise ValueError(f"checkpoint tensor {stored!r} {e}") from None
         loaded.add(name)
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    return loaded
 
 
 def build_model(
