@@ -67,6 +67,7 @@ def test_completion_stop_and_seed(client: Any) -> None:
     )
     (choice,) = r.json()["choices"]
     assert choice["text"] == " Paris" and choice["finish_reason"] == "stop"
+    assert choice["stop_reason"] == "."  # which stop string ended it, as vLLM says
     body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "seed": 1234}
     texts = [
         client.post("/v1/completions", json=body).json()["choices"][0]["text"] for _ in range(2)
@@ -184,7 +185,7 @@ def test_chat(client: Any) -> None:
     assert body["object"] == "chat.completion"
     (choice,) = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": "The capital of France is Paris."}
-    assert choice["finish_reason"] == "stop"
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] is None  # EOS
     assert body["usage"]["completion_tokens"] >= 7
 
 
@@ -241,6 +242,30 @@ def test_chat_stream(client: Any) -> None:
         text = "".join(c["delta"].get("content", "") for c in mine)
         assert text == "The capital of France is Paris."
         assert mine[-1]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_reason_names_the_stop_string_or_token(client: Any, engine: Any, stream: bool) -> None:
+    """As vLLM: each choice's stop_reason is the stop string or stop token id that ended it
+    (null for EOS, a length limit, and chunks before the last), streamed or not."""
+    paris = engine.tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    cases = [
+        ("/v1/completions", {"prompt": PROMPT, "stop": [" of", "."]}, "."),
+        ("/v1/completions", {"prompt": PROMPT, "stop_token_ids": [paris]}, paris),
+        ("/v1/chat/completions", {"messages": CHAT, "stop": ["."]}, "."),
+        ("/v1/completions", {"prompt": PROMPT, "max_tokens": 1}, None),  # length
+    ]
+    for path, fields, reason in cases:
+        body = {"max_tokens": 12, "temperature": 0, "stream": stream, **fields}
+        r = client.post(path, json=body)
+        if stream:
+            choices = [c["choices"][0] for c in events(r)]
+            *running, last = choices
+            assert all(c["stop_reason"] is None for c in running)
+        else:
+            (last,) = r.json()["choices"]
+        assert last["finish_reason"] == ("length" if reason is None else "stop"), (path, last)
+        assert last["stop_reason"] == reason, (path, fields, last)
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])

@@ -172,7 +172,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
                 if body.logprobs is not None
                 else None
             )
-            return {"index": i, "text": c.text, "logprobs": lps, "finish_reason": c.finish_reason}
+            return {"index": i, "text": c.text, "logprobs": lps, **_finish(c)}
 
         env = fmt.Envelope("text_completion", rid, engine.model_name)
         if body.stream:
@@ -212,7 +212,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
                     if body.logprobs
                     else None
                 ),
-                "finish_reason": c.finish_reason,
+                **_finish(c),
             }
             for c in results[0][1]
         ]
@@ -225,6 +225,14 @@ def _sse(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(
         events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
+
+
+def _finish(done: Any) -> dict[str, Any]:
+    """A choice's finish_reason and, as vLLM, stop_reason: the stop string or stop token id
+    that ended it (None for EOS or a length limit, and while it runs)."""
+    if done is None:
+        return {"finish_reason": None, "stop_reason": None}
+    return {"finish_reason": done.finish_reason, "stop_reason": done.stop_reason}
 
 
 def _usage(results: list[tuple[list[int], list[Choice]]]) -> dict[str, int]:
@@ -287,7 +295,7 @@ async def _stream_completion(
                 "index": index,
                 "text": out.delta,
                 "logprobs": lps,
-                "finish_reason": out.finish_reason if out.finished else None,
+                **_finish(out if out.finished else None),
             }
             usage = _chunk_usage(body, len(ids[p]), generated[index])
             yield fmt.sse(env(choices=[choice], **usage))
@@ -310,10 +318,8 @@ async def _stream_chat(
 ) -> AsyncIterator[str]:
     generated: dict[int, int] = {}
 
-    def chunk(
-        index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
-    ) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    def chunk(index: int, delta: dict[str, Any], finished: Any = None, logprobs: Any = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, **_finish(finished)}
         usage = _chunk_usage(body, len(ids), generated.get(index, 0))
         return fmt.sse(env(choices=[choice], **usage))
 
@@ -330,7 +336,7 @@ async def _stream_chat(
             if out.delta or lps:
                 yield chunk(out.index, {"content": out.delta}, logprobs=lps)
             if out.finished:
-                yield chunk(out.index, {}, out.finish_reason)
+                yield chunk(out.index, {}, out)
         if body.include_usage:
             usage = fmt.usage(len(ids), sum(generated.values()))
             yield fmt.sse(env(choices=[], usage=usage))

@@ -106,6 +106,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     def add(self, out: Any) -> None:
         self.text += out.delta
@@ -113,7 +114,7 @@ class Choice:
         if out.new_logprobs:
             self.logprobs.extend(out.new_logprobs)
         if out.finished:
-            self.finish_reason = out.finish_reason
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 
 
 async def collect(
