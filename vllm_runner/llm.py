@@ -27,7 +27,7 @@ def normalize_batch(
     params: SamplingParams | Sequence[SamplingParams] | None,
 ) -> tuple[list[Prompt], list[SamplingParams]]:
     if isinstance(prompts, str) or (
-        isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        isinstance(prompts, list | tuple) and prompts and isinstance(prompts[0], int)
     ):
         prompts = [prompts]
     prompts = list(prompts)

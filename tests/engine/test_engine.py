@@ -221,6 +221,16 @@ def test_a_dropped_engine_leaves_nothing_for_the_collector(tiny_model_dirs, fami
     assert left == []
 
 
+def test_one_prompt_of_token_ids_as_a_list_or_a_tuple(llama_dir):
+    """A list or a tuple of ints is one prompt of token ids, not a batch of int prompts."""
+    llm = make_llm(llama_dir)
+    ids = prompts(1, seed=4)[0]
+    (as_list,) = llm.generate(ids, GREEDY)
+    (as_tuple,) = llm.generate(tuple(ids), GREEDY)
+    assert as_tuple.prompt_token_ids == as_list.prompt_token_ids == ids
+    assert as_tuple.token_ids == as_list.token_ids
+
+
 def test_failed_launch_keeps_the_launched_steps_tokens(llama_dir, monkeypatch):
     """With steps overlapped, a forward that fails fails its requests, after the step
     launched before it is finished and its tokens kept (its staged inputs are consumed
