@@ -93,6 +93,32 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
     assert kv.pool.get_cached_block(b.block_hashes[0]).block_id == 0
 
 
+def test_a_copy_of_a_cached_block_serves_hits_after_the_first_is_evicted():
+    """Two requests that computed the same block (admitted before either cached it) each
+    hold a copy; once the first copy is evicted, the second still serves hits."""
+    kv = KVCacheManager(6, BS, enable_caching=True)
+    a = make_request("a", list(range(4)) + [50])
+    b = make_request("b", list(range(4)) + [60])
+    assert kv.allocate_slots(a, a.num_tokens) == [0, 1]
+    assert kv.allocate_slots(b, b.num_tokens) == [2, 3]  # no hit: a's block was not cached yet
+    kv.free(a)  # free order: 1, 0 (then 4, 5 were never used)
+    assert kv.pool.get_cached_block(a.block_hashes[0]).block_id in (0, 2)
+    c = make_request("c", [100 + i for i in range(12)])
+    assert kv.allocate_slots(c, 12) == [4, 5, 1]  # LRU: the never-used blocks, then 1
+    d = make_request("d", [200, 201])
+    assert kv.allocate_slots(d, 2) == [0]  # evicts a's copy of the shared block
+    e = make_request("e", list(range(4)) + [70])
+    hits, num_hit = kv.get_computed_blocks(e)
+    assert [h.block_id for h in hits] == [2] and num_hit == 4  # b's copy
+    assert kv.allocate_slots(e, e.num_tokens - num_hit, hits) is None  # no free block left
+    kv.free(b)
+    assert kv.allocate_slots(e, e.num_tokens - num_hit, hits) == [2, 3]
+    assert [kv.pool.blocks[i].ref_cnt for i in (2, 3)] == [1, 1]
+    for r in (c, d, e):
+        kv.free(r)
+    assert kv.pool.num_used_blocks == 0
+
+
 def test_prompt_logprobs_requests_skip_the_cache():
     kv = KVCacheManager(10, BS, enable_caching=True)
     a = make_request("a", list(range(9)))

@@ -22,7 +22,9 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         # NOTE: insertion order is the LRU order; popitem(last=False) takes the oldest.
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
-        self._cached: dict[int, KVBlock] = {}  # block hash -> block holding that content
+        # block hash -> the blocks holding that content, by id: two requests that computed the
+        # same block each hold a copy, and either one serves a hit while it lasts
+        self._cached: dict[int, dict[int, KVBlock]] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -33,7 +35,8 @@ class BlockPool:
         return self.num_blocks - len(self._free)
 
     def get_cached_block(self, block_hash: int) -> KVBlock | None:
-        return self._cached.get(block_hash)
+        copies = self._cached.get(block_hash)
+        return next(iter(copies.values())) if copies else None
 
     def allocate(self, count: int) -> list[KVBlock]:
         """Take ``count`` free blocks (evicting their cached content); caller checked room."""
@@ -69,10 +72,12 @@ class BlockPool:
         if not self.enable_caching or block.block_hash is not None:
             return
         block.block_hash = block_hash
-        self._cached.setdefault(block_hash, block)
+        self._cached.setdefault(block_hash, {})[block.block_id] = block
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is not None:
-            if self._cached.get(block.block_hash) is block:
+            copies = self._cached[block.block_hash]
+            del copies[block.block_id]
+            if not copies:
                 del self._cached[block.block_hash]
             block.block_hash = None
