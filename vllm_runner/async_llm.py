@@ -159,8 +159,10 @@ class AsyncLLM:
         return limits, stats, name
 
     # ---- public API ------------------------------------------------------------------------
-    def validate(self, prompt: Prompt, params: SamplingParams) -> list[int]:
-        ids = self.inputs.tokenize(prompt)
+    def validate(self, prompt: Prompt, params: SamplingParams, chat: bool = False) -> list[int]:
+        """The prompt's token ids, once it passed every check (``chat``: a chat template's
+        text, tokenized as ``InputProcessor.tokenize`` says)."""
+        ids = self.inputs.tokenize(prompt, chat)
         self.inputs.validate(ids, params)
         return ids
 

@@ -57,10 +57,16 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         prompts, params = normalize_batch(prompts, sampling_params)
-        for prompt, p in zip(prompts, params, strict=True):  # validate all before adding any
-            self.engine.inputs.validate(self.engine.inputs.tokenize(prompt), p)
+        return self._run(prompts, [self.engine.inputs.tokenize(p) for p in prompts], params)
+
+    def _run(
+        self, prompts: list[Prompt], ids: list[list[int]], params: list[SamplingParams]
+    ) -> list[RequestOutput]:
+        for prompt_ids, p in zip(ids, params, strict=True):  # validate all before adding any
+            self.engine.inputs.validate(prompt_ids, p)
         states = [
-            self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)
+            self.engine.add_request(prompt, p, prompt_ids=prompt_ids)
+            for prompt, prompt_ids, p in zip(prompts, ids, params, strict=True)
         ]
         try:
             while self.engine.has_unfinished():
@@ -89,7 +95,9 @@ class LLM:
             )
             for c in conversations
         ]
-        return self.generate(prompts, sampling_params)
+        _, params = normalize_batch(prompts, sampling_params)
+        ids = [self.engine.inputs.tokenize(p, chat=True) for p in prompts]
+        return self._run(prompts, ids, params)
 
     def apply_chat_template(self, messages: list[dict], **options: bool) -> str:
         return apply_chat_template(self.tokenizer, messages, **options)

@@ -118,6 +118,34 @@ def test_chat_template(smol_llm):
     assert out.text == "The capital of France is Paris." and out.finish_reason == "stop"
 
 
+def test_a_chat_prompt_gets_no_bos_its_template_did_not_write(tmp_path, peaked_llama):
+    """A tokenizer that adds BOS, a chat template that writes none (ChatML): the chat prompt
+    is the template's tokens alone, as HF's apply_chat_template and vLLM's chat route give;
+    a plain text prompt still gets its BOS."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from vllm_runner import LLM
+    from vllm_runner.model.default_model import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
+    )
+    tokenizer.bos_token = "<|endoftext|>"
+    path = peaked_llama(str(tmp_path), ("embed",), vocab_size=49152, hidden_size=32,
+                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1)  # fmt: skip
+    tokenizer.save_pretrained(path)
+    llm = LLM(path, num_kv_blocks=16)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    hf = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    (chat,) = llm.chat(messages, SamplingParams(max_tokens=1))
+    assert chat.prompt_token_ids == list(hf["input_ids"]) and chat.prompt_token_ids[0] != 0
+    (text,) = llm.generate("The capital of France is", SamplingParams(max_tokens=1))
+    assert text.prompt_token_ids[0] == 0  # BOS
+
+
 def test_logprobs_top_n(smol_llm):
     out = smol_llm.generate(
         ["The capital of France is"], SamplingParams(max_tokens=4, temperature=0.0, logprobs=3)

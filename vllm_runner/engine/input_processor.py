@@ -33,7 +33,9 @@ class InputProcessor:
         )
         self.uncounted = dropped_chars(tokenizer) if tokenizer is not None else ""
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        """``chat``: ``prompt`` is a chat template's text, which holds every special token the
+        model wants (as vLLM's chat route and HF's ``apply_chat_template``: none added)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty: give at least one character or token id")
@@ -46,11 +48,10 @@ class InputProcessor:
                 raise ValueError(
                     f"prompt is not valid Unicode text: {e.reason} at character {e.start}"
                 ) from None
-            # NOTE: a chat-templated prompt already starts with BOS; don't add another.
+            # NOTE: a text that already starts with BOS gets no second one
             bos = self.tokenizer.bos_token
-            return self.tokenizer.encode(
-                prompt, add_special_tokens=not (bos and prompt.startswith(bos))
-            )
+            special = not chat and not (bos and prompt.startswith(bos))
+            return self.tokenizer.encode(prompt, add_special_tokens=special)
         if not isinstance(prompt, list | tuple) or not all(isinstance(t, int) for t in prompt):
             raise ValueError(
                 f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"

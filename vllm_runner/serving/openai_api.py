@@ -124,10 +124,15 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         return engine
 
     async def validate(
-        engine: Any, prompt: str | list[int], params: SamplingParams, param: str, fields: set[str]
+        engine: Any,
+        prompt: str | list[int],
+        params: SamplingParams,
+        param: str,
+        fields: set[str],
+        chat: bool = False,
     ) -> list[int]:
         try:  # in a thread: a long prompt's tokenization would hold every other stream
-            return await asyncio.to_thread(engine.validate, prompt, params)
+            return await asyncio.to_thread(engine.validate, prompt, params, chat)
         except ValueError as exc:
             raise fmt.bad_request(exc, param, fields) from None
 
@@ -193,7 +198,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         except (ValueError, TypeError, TemplateError) as exc:  # templates raise on roles
             raise fmt.bad_request(ValueError(str(exc)), "messages", _CHAT_FIELDS) from None
         # the prompt is the templated messages: errors about it name "messages"
-        ids = await validate(engine, prompt, params, "messages", _CHAT_FIELDS - {"prompt"})
+        ids = await validate(engine, prompt, params, "messages", _CHAT_FIELDS - {"prompt"}, True)
         rid = new_request_id("chatcmpl")
         decode = fmt.token_decoder(engine.tokenizer)
         if body.stream:
