@@ -105,6 +105,7 @@ def complete_result(out: Any, prompt_ids: list[int]) -> CompleteResult:
         finish_reason=out.finish_reason,
         prompt_tokens=len(out.prompt_token_ids),
         completion_tokens=len(out.token_ids),
+        stop_reason=out.outputs[0].stop_reason,
     )
 
 

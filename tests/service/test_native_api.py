@@ -129,15 +129,17 @@ def test_complete_returns_whole_completions(client: Any) -> None:
         "requests": [
             {"prompt": PROMPT, "max_tokens": 3, **GREEDY},
             {"prompt": [504, 3458, 282, 4649, 314], "max_tokens": 2, **GREEDY},
+            {"prompt": PROMPT, "max_tokens": 8, "stop": ["."], **GREEDY},
         ]
     }
     r = client.post("/complete", json=body)
     assert r.status_code == 200, r.text
-    first, second = r.json()
+    first, second, stopped = r.json()
     assert first["text"].startswith(" Paris")
-    assert first["finish_reason"] == "length"
+    assert first["finish_reason"] == "length" and first["stop_reason"] is None
     assert (first["prompt_tokens"], first["completion_tokens"]) == (5, 3)
     assert second["completion_tokens"] == 2
+    assert stopped["text"] == " Paris" and stopped["stop_reason"] == "."
 
 
 def test_concurrent_complete_requests_reach_the_engine_in_batches(client: Any, engine: Any) -> None:

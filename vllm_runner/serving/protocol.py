@@ -71,6 +71,7 @@ class CompleteResult(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None  # what failed (the other items of the batch are unaffected)
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
 
 class ScoreRequest(BaseModel):
