@@ -198,7 +198,8 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         except (ValueError, TypeError, TemplateError) as exc:  # templates raise on roles
             raise fmt.bad_request(ValueError(str(exc)), "messages", _CHAT_FIELDS) from None
         # the prompt is the templated messages: errors about it name "messages"
-        ids = await validate(engine, prompt, params, "messages", _CHAT_FIELDS - {"prompt"}, True)
+        fields = _CHAT_FIELDS - {"prompt"}
+        ids = await validate(engine, prompt, params, "messages", fields, chat=True)
         rid = new_request_id("chatcmpl")
         decode = fmt.token_decoder(engine.tokenizer)
         if body.stream:

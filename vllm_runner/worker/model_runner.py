@@ -87,9 +87,10 @@ class ModelRunner:
         if max_pieces >= 2 and not offloading and hasattr(self.model.model, "next_piece"):
             self.pieces = self._build_pieces(max_pieces, capture)
         # captured after the KV cache, which they read: their outputs are counted in its sizing
-        vocab_rows, max_seqs = self.model.lm_head.weight.shape[0], scheduler_config.max_num_seqs
-        output_bytes = graph_output_bytes(max_seqs, vocab_rows, model_config.dtype)
-        self._graph_output_bytes = output_bytes if capture else 0
+        max_seqs, vocab_rows = scheduler_config.max_num_seqs, self.model.lm_head.weight.shape[0]
+        self._graph_output_bytes = (
+            graph_output_bytes(max_seqs, vocab_rows, model_config.dtype) if capture else 0
+        )
         self.num_blocks = self._allocate_kv_cache()
         # Last overlapped launch's sampled ids (device) and their rows by request id.
         self._prev: tuple[torch.Tensor | None, dict[str, int] | None] = (None, None)
