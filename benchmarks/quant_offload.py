@@ -270,7 +270,7 @@ def bench_cap(args, model_dir: str, report: dict) -> None:
 def bench_tune(args, report: dict) -> None:
     import triton.testing
 
-    from kernels.paged_attention import num_sms
+    from kernels.launch import num_sms
     from kernels.quant_matmul import W8A16Config, default_config, w8a16_matmul
     from vllm_runner.model.layers.quant import quantize_fp8_rows, quantize_int8
 

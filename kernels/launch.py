@@ -1,7 +1,11 @@
-"""Host-side arithmetic of the kernel launchers in plain Python. Triton's ``next_power_of_2``
-and ``cdiv`` are constexpr functions: called from host code they unwrap their arguments
-first, ~4 us a call on the 2-core VM, and a mixed step's attention launchers made eight such
-calls a layer (a third of their Python)."""
+"""Host-side helpers of the kernel launchers: arithmetic in plain Python (Triton's
+``next_power_of_2`` and ``cdiv`` are constexpr functions: called from host code they unwrap
+their arguments first, ~4 us a call on the 2-core VM, and a mixed step's attention launchers
+made eight such calls a layer, a third of their Python) and the device's SM count."""
+
+import functools
+
+import torch
 
 
 def next_power_of_2(n: int) -> int:
@@ -11,3 +15,21 @@ def next_power_of_2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@functools.cache
+def _cuda_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """SM count of a CUDA device; 132 (an H100) elsewhere, where only tests use the heuristic."""
+    if device.type != "cuda":
+        return 132
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def ptx_widening(device: torch.device) -> bool:
+    """Whether 8-bit values widen by inline PTX (int8 / e4m3 weights, an e4m3 KV cache's
+    word pairs): CUDA only, never the interpreter, whose tensors live on the CPU."""
+    return device.type == "cuda"

@@ -11,7 +11,6 @@ requests, longest context first) the longest start first and the short ones fill
 """
 
 import dataclasses
-import functools
 import math
 
 import torch
@@ -27,25 +26,22 @@ from kernels.attention_tile import (
     fp16_dots,
     output_buffer,
 )
-from kernels.launch import next_power_of_2
+from kernels.fp8_pairs import attend_tile_pairs
+from kernels.launch import next_power_of_2, num_sms, ptx_widening
 from kernels.pdl import pdl_launch, wait_for_predecessor
+from kernels.rotary import rope_rows
 
 
 @triton.jit
-def _rope_rows(rows, d, mask, cos_sin_row, HALF: tl.constexpr):
-    """Neox rotary of the rows at ``rows`` ([R, 1] pointers) over features ``d`` ([1, D]), in
-    fp32: the first ``2 * HALF`` features rotate in halves, the rest pass through. The same
-    explicit FMAs as ``kernels.rotary._rotate_heads``, so the same roundings."""
-    first = d < HALF
-    rot = d < 2 * HALF
-    j = tl.where(first, d, d - HALF)  # index into the cos / sin halves
-    x = tl.load(rows + d, mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(rows + tl.where(first, d + HALF, d - HALF), mask=mask & rot, other=0.0)
-    xp = xp.to(tl.float32)
-    cos = tl.load(cos_sin_row + j, mask=rot, other=1.0).to(tl.float32)
-    sin = tl.load(cos_sin_row + HALF + j, mask=rot, other=0.0).to(tl.float32)
-    out = tl.where(first, tl.fma(x, cos, -(xp * sin)), tl.fma(x, cos, xp * sin))
-    return tl.where(rot, out, x)  # features past the rotary pass through unchanged (-0.0 too)
+def _query(q_rows, cols, mask, cos_sin_row, ROPE: tl.constexpr, HALF: tl.constexpr,
+           FP16_DOTS: tl.constexpr):  # fmt: skip
+    """Features ``cols`` of the query rows, rotated if ROPE (rounded as the rotary kernel's
+    output), in the dots' dtype."""
+    if ROPE:
+        q = rope_rows(q_rows, cols, mask, cos_sin_row, HALF).to(q_rows.dtype.element_ty)
+    else:
+        q = tl.load(q_rows + cols, mask=mask, other=0.0)
+    return dot_dtype_query(q, FP16_DOTS)
 
 
 @triton.jit(do_not_specialize=["num_splits"])  # changes with the batch: no recompiles
@@ -53,6 +49,8 @@ def _decode_kernel(
     q_ptr,  # [num_reqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,
+    k_words_ptr,  # PAIRS only: the fp8 caches as int16 (kernels.fp8_pairs)
+    v_words_ptr,
     block_tables_ptr,  # [num_reqs, max_blocks]
     seq_lens_ptr,  # [num_reqs]
     out_ptr,  # [num_reqs, num_heads, head_dim]
@@ -80,6 +78,9 @@ def _decode_kernel(
     stride_cb,
     stride_cs,
     stride_ch,
+    stride_wb,  # of the int16 views (PAIRS only)
+    stride_ws,
+    stride_wh,
     NUM_HEADS: tl.constexpr,
     QUERIES_PER_KV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -93,6 +94,8 @@ def _decode_kernel(
     HALF: tl.constexpr,  # rotary_dim // 2 (ROPE only)
     FP16_DOTS: tl.constexpr,  # fp16_dots()
     ORDERED: tl.constexpr,  # grid (kv_head, rank, split): the longest contexts start first
+    PAIRS: tl.constexpr,  # an fp8 cache under fp16 dots, read as int16 words of two features
+    PTX: tl.constexpr,  # PAIRS widen by inline PTX (a GPU, not the interpreter)
     PDL: tl.constexpr,
 ):
     wait_for_predecessor(PDL)
@@ -112,20 +115,23 @@ def _decode_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     heads = kv_head * QUERIES_PER_KV + offs_g
-    qd_mask = (offs_g[:, None] < QUERIES_PER_KV) & (offs_d[None, :] < HEAD_DIM)
     q_rows = q_ptr + req.to(tl.int64) * stride_qt + heads[:, None] * stride_qh
+    cos_sin_row = cos_sin_ptr  # ROPE only
     if ROPE:
-        cos_sin_row = cos_sin_ptr + tl.load(positions_ptr + req).to(tl.int64) * stride_cos
-        q = _rope_rows(q_rows, offs_d[None, :], qd_mask, cos_sin_row, HALF)
-        q = q.to(q_ptr.dtype.element_ty)  # rounded as the rotary kernel's output
-    else:
-        q = tl.load(q_rows + offs_d[None, :], mask=qd_mask, other=0.0)
-    q = dot_dtype_query(q, FP16_DOTS)
+        cos_sin_row += tl.load(positions_ptr + req).to(tl.int64) * stride_cos
+    # PAIRS: q and acc hold the even features (cols), q_odd and acc_odd the odd ones
+    COLS: tl.constexpr = BLOCK_D // 2 if PAIRS else BLOCK_D
+    cols = tl.arange(0, COLS)[None, :] * (2 if PAIRS else 1)
+    q_mask = (offs_g[:, None] < QUERIES_PER_KV) & (cols < HEAD_DIM)
+    q = _query(q_rows, cols, q_mask, cos_sin_row, ROPE, HALF, FP16_DOTS)
+    acc = tl.zeros([BLOCK_G, COLS], dtype=tl.float32)
+    if PAIRS:
+        q_odd = _query(q_rows, cols + 1, q_mask, cos_sin_row, ROPE, HALF, FP16_DOTS)
+        acc_odd = tl.zeros([BLOCK_G, COLS], dtype=tl.float32)
 
     # NOTE: finite initial max, so a row whose keys are all masked never computes inf - inf.
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     block_table_row = block_tables_ptr + req.to(tl.int64) * stride_bt
     # ROPE: the split holding this step's key (position seq_len - 1) rotates it and writes it
     # and the value to the cache before its tile loop, which then reads them back like any
@@ -135,7 +141,7 @@ def _decode_kernel(
         if (start < seq_len) & (end == seq_len):
             d_mask = offs_d[None, :] < HEAD_DIM
             k_row = k_new_ptr + req.to(tl.int64) * stride_kt + kv_head * stride_kh
-            k_new = _rope_rows(k_row, offs_d[None, :], d_mask, cos_sin_row, HALF)
+            k_new = rope_rows(k_row, offs_d[None, :], d_mask, cos_sin_row, HALF)
             # rounded as the rotary kernel writes it: to the key's dtype, then the cache's
             k_new = k_new.to(k_new_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
             v_row = v_new_ptr + req.to(tl.int64) * stride_vt + kv_head * stride_vh
@@ -153,23 +159,35 @@ def _decode_kernel(
         tl.debug_barrier()
 
     for n0 in range(start, end, BLOCK_N):
-        acc, m_i, l_i = attend_tile(
-            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row, n0, end, m_i,
-            kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, False, DOT_PRECISION,
-        )  # fmt: skip
+        if PAIRS:
+            acc, acc_odd, m_i, l_i = attend_tile_pairs(
+                q, q_odd, acc, acc_odd, m_i, l_i, k_words_ptr, v_words_ptr, block_table_row,
+                n0, end, kv_head, qk_scale, stride_wb, stride_ws, stride_wh,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, PTX,
+            )  # fmt: skip
+        else:
+            acc, m_i, l_i = attend_tile(
+                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row, n0, end, m_i,
+                kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, False, DOT_PRECISION,
+            )  # fmt: skip
 
     if SPLIT:
         row = (req * NUM_HEADS + heads) * num_splits + split  # [BLOCK_G]
         g_mask = offs_g < QUERIES_PER_KV
         tl.store(part_m_ptr + row, m_i, mask=g_mask)
         tl.store(part_l_ptr + row, l_i, mask=g_mask)
-        acc_off = row.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(part_acc_ptr + acc_off, acc, mask=qd_mask)
+        acc_rows = part_acc_ptr + row.to(tl.int64)[:, None] * HEAD_DIM
+        tl.store(acc_rows + cols, acc, mask=q_mask)
+        if PAIRS:
+            tl.store(acc_rows + cols + 1, acc_odd, mask=q_mask)
     else:
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        o_off = req.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        o_rows = out_ptr + req.to(tl.int64) * stride_ot + heads[:, None] * stride_oh
+        tl.store(o_rows + cols, (acc / l_safe).to(out_ptr.dtype.element_ty), mask=q_mask)
+        if PAIRS:
+            tl.store(o_rows + cols + 1, (acc_odd / l_safe).to(out_ptr.dtype.element_ty),
+                     mask=q_mask)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -206,18 +224,6 @@ def _decode_reduce_kernel(
 
 
 _MAX_SPLITS = 64
-
-
-@functools.cache
-def _cuda_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """SM count of a CUDA device; 132 (an H100) elsewhere, where only tests use the heuristic."""
-    if device.type != "cuda":
-        return 132
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def choose_num_splits(
@@ -348,8 +354,13 @@ def paged_attention_decode(
         if num_reqs == 1 or num_reqs > 65535:  # nothing to order / past the grid's y limit
             order = None
     grid = (num_kv_heads, num_reqs) if order is not None else (num_reqs, num_kv_heads)
+    pairs = fp16_dots(query, k_cache) and head_dim % 2 == 0
+    k_words, v_words = (
+        (c.view(torch.int16) for c in (k_cache, v_cache)) if pairs else (k_cache, v_cache)
+    )
     _decode_kernel[(*grid, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
+        query, k_cache, v_cache, k_words, v_words, block_tables, seq_lens, out, part_m, part_l,
+        part_acc,
         nt.positions if nt else seq_lens, key, value, nt.slot_mapping if nt else seq_lens,
         nt.cos_sin_cache if nt else part_m, order if order is not None else seq_lens,
         scale * LOG2E, num_splits,
@@ -357,12 +368,13 @@ def paged_attention_decode(
         value.stride(1), nt.cos_sin_cache.stride(0) if nt else 0,
         out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_words.stride(0), k_words.stride(1), k_words.stride(2),
         NUM_HEADS=num_heads, QUERIES_PER_KV=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         SPLIT=split, DOT_PRECISION=dot_precision(query.dtype), ROPE=nt is not None,
         HALF=nt.cos_sin_cache.shape[1] // 2 if nt else 0, FP16_DOTS=fp16_dots(query, k_cache),
-        ORDERED=order is not None, num_warps=num_warps, num_stages=num_stages,
-        **pdl_launch(query.device),
+        ORDERED=order is not None, PAIRS=pairs, PTX=ptx_widening(query.device), num_warps=num_warps,
+        num_stages=num_stages, **pdl_launch(query.device),
     )  # fmt: skip
     if split:
         _decode_reduce_kernel[(num_reqs, num_heads)](

@@ -21,8 +21,7 @@ import triton.language as tl
 
 from kernels.attention_tile import dot_precision
 from kernels.gemv import check_fusions, gemv, gemv_layout
-from kernels.launch import cdiv, next_power_of_2
-from kernels.paged_attention import num_sms
+from kernels.launch import cdiv, next_power_of_2, num_sms, ptx_widening
 from kernels.pdl import pdl_launch, wait_for_predecessor
 from kernels.weight_words import epilogue, i8x4_tile_to_f32
 
@@ -124,12 +123,6 @@ class W8A16Config:
             f"block_k {self.block_k} must be >= 4 for the GEMV (block_m 1: words of four weights)"
         )
         assert self.split_k >= 1, f"split_k {self.split_k} must be >= 1"
-
-
-def ptx_widening(device: torch.device) -> bool:
-    """Whether weights widen by inline PTX byte permutes (int8 tiles and int8 / e4m3 GEMV
-    words; CUDA only, never the interpreter, whose tensors live on the CPU)."""
-    return device.type == "cuda"
 
 
 def default_config(m: int, n: int, k: int, sm_count: int) -> W8A16Config:

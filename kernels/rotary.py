@@ -8,6 +8,23 @@ from kernels.launch import next_power_of_2
 
 
 @triton.jit
+def rope_rows(rows, d, mask, cos_sin_row, HALF: tl.constexpr):
+    """Neox rotary of the rows at ``rows`` ([R, 1] pointers) over features ``d`` ([1, D]), in
+    fp32: the first ``2 * HALF`` features rotate in halves, the rest pass through. The same
+    explicit FMAs as ``_rotate_heads``, so the same roundings."""
+    first = d < HALF
+    rot = d < 2 * HALF
+    j = tl.where(first, d, d - HALF)  # index into the cos / sin halves
+    x = tl.load(rows + d, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(rows + tl.where(first, d + HALF, d - HALF), mask=mask & rot, other=0.0)
+    xp = xp.to(tl.float32)
+    cos = tl.load(cos_sin_row + j, mask=rot, other=1.0).to(tl.float32)
+    sin = tl.load(cos_sin_row + HALF + j, mask=rot, other=0.0).to(tl.float32)
+    out = tl.where(first, tl.fma(x, cos, -(xp * sin)), tl.fma(x, cos, xp * sin))
+    return tl.where(rot, out, x)  # features past the rotary pass through unchanged (-0.0 too)
+
+
+@triton.jit
 def _rotate_heads(
     src_ptr,  # this token's row of [num_tokens, num_heads, head_dim]
     dst_ptr,
@@ -31,7 +48,7 @@ def _rotate_heads(
     x1 = tl.load(src, mask=mask, other=0.0)
     x2 = tl.load(src + HALF, mask=mask, other=0.0)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    # NOTE: explicit FMAs: the decode kernel's fused rotary (paged_attention._rope_rows)
+    # NOTE: explicit FMAs: the decode kernel's fused rotary (rope_rows)
     # computes the same ones, so a key cached by either is bit-identical.
     # Rounded to the input's dtype, then (an fp8 KV cache) to the destination's.
     out_dt = dst_ptr.dtype.element_ty

@@ -18,7 +18,8 @@ import pytest
 
 H100_SHARED_BYTES = 227 * 1024
 PTR_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int32": "*i32",
-             "int64": "*i64", "int8": "*i8", "float8_e4m3fn": "*fp8e4nv"}  # fmt: skip
+             "int64": "*i64", "int8": "*i8", "int16": "*i16",
+             "float8_e4m3fn": "*fp8e4nv"}  # fmt: skip
 KERNELS = {
     "_write_kv_cache_kernel", "_rotary_write_kv_kernel", "_decode_kernel",
     "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel",
@@ -99,6 +100,7 @@ def _compile_all() -> list[dict]:
 
     kernels.pdl.pdl_enabled = lambda device: True  # compile the in-kernel PDL waits too
     qm.ptx_widening = lambda device: True  # and the inline-PTX int8 / e4m3 widening
+    pa.ptx_widening = lambda device: True  # (weights, and an fp8 KV cache's word pairs)
     results: list[dict] = []
     for mod in (ac, kv, pa, pf, qg, qm, rn, ro):
         for name in KERNELS & set(vars(mod)):

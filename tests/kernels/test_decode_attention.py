@@ -108,11 +108,13 @@ def test_choose_num_splits() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("batch,ctx", [(1, 8192), (8, 2048), (64, 700), (256, 513)])
-def test_decode_llama3_8b_shapes(device: torch.device, batch: int, ctx: int) -> None:
+def test_decode_llama3_8b_shapes(device, kv_dtype: torch.dtype, batch: int, ctx: int) -> None:
+    """An fp8 cache here takes the word-pair path (kernels.fp8_pairs) with its inline PTX."""
     seq_lens = torch.randint(1, ctx + 1, (batch,)).tolist()
     seq_lens[0] = ctx
-    _run(device, torch.bfloat16, seq_lens, 8, 4, 128, 16, max_seq_len=ctx)
+    _run(device, torch.bfloat16, seq_lens, 8, 4, 128, 16, kv_dtype, max_seq_len=ctx)
 
 
 def _fused_rope_case(device, dtype, seq_lens, rotary_dim, head_dim=64, kv_dtype=None,
@@ -186,18 +188,22 @@ def test_decode_with_new_tokens_llama8b_shape(device: torch.device, dtype: torch
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_fp8_cache(device: torch.device, dtype: torch.dtype, num_splits: int) -> None:
-    """An fp8 (e4m3) cache: keys and values widen exactly (16-bit queries: fp16 dots)."""
-    _run(device, dtype, SEQ_LENS, 2, 4, 64, 16, kv_dtype=FP8, block_n=16, num_splits=num_splits)
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_decode_fp8_cache(device, dtype: torch.dtype, num_splits: int, head_dim: int) -> None:
+    """An fp8 (e4m3) cache: keys and values widen exactly (16-bit queries: fp16 dots over
+    word pairs, even and odd features apart; 80 leaves masked pairs in a 128 tile)."""
+    _run(device, dtype, SEQ_LENS, 2, 4, head_dim, 16, kv_dtype=FP8, block_n=16,
+         num_splits=num_splits)  # fmt: skip
 
 
 @pytest.mark.gpu  # writes fp8 (see test_kv_cache_kernel: the interpreter rounds it wrongly)
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_with_new_tokens_fp8_cache(device: torch.device, num_splits: int) -> None:
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (80, 32)])
+def test_decode_with_new_tokens_fp8_cache(device, num_splits: int, head_dim, rotary_dim) -> None:
     """Fused rotary + fp8 write + attention: the same cache bytes and output as the
     rotary-and-write kernel followed by plain decode."""
-    _fused_rope_case(device, torch.bfloat16, [1, 37, 70, 16, 17, 0], 64, kv_dtype=FP8,
-                     block_n=16, num_splits=num_splits)  # fmt: skip
+    _fused_rope_case(device, torch.bfloat16, [1, 37, 70, 16, 17, 0], rotary_dim, head_dim,
+                     kv_dtype=FP8, block_n=16, num_splits=num_splits)  # fmt: skip
 
 
 def _order(seq_lens: torch.Tensor) -> torch.Tensor:
