@@ -3,9 +3,10 @@ program (rows = tokens x heads sharing each K/V tile). CUDA only. Llama-3 heads 
 8 kv; head_dim 128 as the 8B, 64 as the 1B), bf16, block_size 16, shuffled block tables;
 cases: a W1 16384-token step of whole prompts of 64-1024 tokens, one 2048-token prompt, and
 8 chunks of 512 tokens after 1024 cached ones. Prints each config's time, TFLOP/s (causal
-FLOPs) and max difference from the first config's output.
+FLOPs) and max difference from the first config's output. ``--fp8``: over an e4m3 copy of
+the caches, against the bf16 caches, in the engine's default config only.
 
-    python benchmarks/prefill_probe.py [out.json]
+    python benchmarks/prefill_probe.py [out.json] [--fp8]
 """
 
 import itertools
@@ -45,14 +46,17 @@ configs = [
     (16, 64, 8, 3, 4),
     (32, 32, 4, 4, 4),
 ]
+FP8 = "--fp8" in sys.argv
+OUT = [a for a in sys.argv[1:] if a != "--fp8"]
+kv_dtypes = (torch.bfloat16, torch.float8_e4m3fn) if FP8 else (torch.bfloat16,)
 results = []
-for head_dim in (128, 64):
+for head_dim, kv_dtype in itertools.product((128, 64), kv_dtypes):
     heads, kv_heads = 32, 8
     for name, (q_lens, seq_lens) in cases.items():
         per_seq = -(-max(seq_lens) // BS)
         nblk = len(seq_lens) * per_seq
-        k = torch.randn(nblk, BS, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
-        v = torch.randn_like(k)
+        k = torch.randn(nblk, BS, kv_heads, head_dim, device="cuda").to(kv_dtype)
+        v = torch.randn(nblk, BS, kv_heads, head_dim, device="cuda").to(kv_dtype)
         tables = torch.randperm(nblk, device="cuda").to(torch.int32).view(len(seq_lens), per_seq)
         sl = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
         qsl = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device="cuda")
@@ -62,11 +66,12 @@ for head_dim in (128, 64):
             for ql, s in zip(q_lens, seq_lens, strict=True)
         )
         base = None
-        for m, n, w, s, g in configs:
+        for m, n, w, s, g in [(None,) * 5] if FP8 else configs:  # fp8: the default tiles
 
             def run(m=m, n=n, w=w, s=s, g=g, args=(q, k, v, tables, sl, qsl, head_dim**-0.5)):
-                return prefill_attention(*args, block_m=m, block_n=n, num_warps=w,
-                                         num_stages=s, group=g)  # fmt: skip
+                tiles = {} if FP8 else dict(block_m=m, block_n=n, num_warps=w, num_stages=s,
+                                            group=g)  # fmt: skip
+                return prefill_attention(*args, **tiles)
 
             try:
                 out = run()
@@ -77,14 +82,14 @@ for head_dim in (128, 64):
             if base is None:
                 base = out.float()
             diff = (out.float() - base).abs().max().item()
-            config = {"m": m, "n": n, "w": w, "s": s, "g": g}
+            config = {"kv": str(kv_dtype), "m": m, "n": n, "w": w, "s": s, "g": g}
             row = {"d": head_dim, "case": name, **config, "us": ms * 1e3,
                    "tflops": flops / ms / 1e9, "maxdiff": diff}  # fmt: skip
             results.append(row)
             print(
-                f"d={head_dim} {name:8s} m={m:3d} n={n:3d} w={w} s={s} g={g}: "
+                f"d={head_dim} {kv_dtype} {name:8s} m={m} n={n} w={w} s={s} g={g}: "
                 f"{ms * 1e3:8.1f} us {flops / ms / 1e9:6.1f} TFLOP/s diff {diff:.2e}",
                 flush=True,
             )
-if len(sys.argv) > 1:
-    Path(sys.argv[1]).write_text(json.dumps(results, indent=1))
+if OUT:
+    Path(OUT[0]).write_text(json.dumps(results, indent=1))
