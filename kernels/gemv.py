@@ -299,6 +299,7 @@ def linear_one_row(
     norm: tuple[torch.Tensor, float] | None = None,  # (RMSNorm weight [K], eps) applied to x
     residual: torch.Tensor | None = None,  # [1, N] added to the output
     tiles: GemvTiles | None = None,
+    out: torch.Tensor | None = None,  # [1, N] x's dtype, contiguous: written instead of new
 ) -> torch.Tensor:  # [1, N]
     """``residual + act(rms_norm(x) @ weight.T + bias)`` for one row of a 16-bit weight in
     one kernel, each part optional (act: ``silu(gate) * up`` when gated); rounds as the
@@ -321,7 +322,11 @@ def linear_one_row(
             f"bias {tuple(bias.shape)} vs ({rows},)"
         )
     check_fusions(x, n, norm, residual)
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    assert out.shape == (1, n) and out.dtype == x.dtype and out.is_contiguous(), (
+        f"out {out.dtype} {tuple(out.shape)} must be a contiguous {x.dtype} (1, {n})"
+    )
     t = tiles or default_tiles(n, k, gated)
     gemv(x, weight, out, t.block_n, t.block_k, t.num_warps, prefetch=t.prefetch, bias=bias,
          gated=gated, norm=norm, residual=residual)  # fmt: skip

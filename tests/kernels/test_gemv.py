@@ -88,6 +88,9 @@ def test_fusions_round_as_the_unfused_kernels(device: torch.device, dtype: torch
     fused = linear_one_row(x, w[:n], norm=(g, EPS), tiles=tiles)
     unfused = linear_one_row(normed, w[:n], tiles=tiles)
     torch.testing.assert_close(fused.float(), unfused.float(), **FUSED_TOL[dtype])
+    buf = torch.full((3, n), float("nan"), device=device, dtype=dtype)  # ``out``: a row of it
+    assert linear_one_row(x, w[:n], out=buf[1:2], tiles=tiles).data_ptr() == buf[1].data_ptr()
+    assert torch.equal(buf[1:2], plain) and buf[0].isnan().all() and buf[2].isnan().all()
 
 
 def test_gemv_rejects_bad_inputs(device: torch.device) -> None:
@@ -102,6 +105,8 @@ def test_gemv_rejects_bad_inputs(device: torch.device) -> None:
         linear_one_row(x, w, norm=(torch.ones(32, device=device, dtype=torch.bfloat16), EPS))
     with pytest.raises(AssertionError, match=r"residual .* must be torch.bfloat16 \(1, 32\)"):
         linear_one_row(x, w, residual=torch.zeros(1, 64, device=device, dtype=torch.bfloat16))
+    with pytest.raises(AssertionError, match=r"out torch.float16 \(1, 32\) must be a contig"):
+        linear_one_row(x, w, out=torch.empty(1, 32, device=device, dtype=torch.float16))
     with pytest.raises(AssertionError, match="block_k 6 must be a power of 2"):
         GemvTiles(4, 6)
 

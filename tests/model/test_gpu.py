@@ -74,13 +74,18 @@ def test_bf16_greedy_close_to_hf(smol_gpu, model_dir):
 
 
 def test_cuda_graphs_match_eager(model_dir):
-    """Fresh engines on both sides (a warm prefix cache would change what prefill computes)."""
+    """Fresh engines on both sides (a warm prefix cache would change what prefill computes).
+    Every graph writes its logits into the first rows of one shared output; requests that
+    end at different steps make consecutive steps replay graphs of different sizes."""
     graphs = gpu_llm(model_dir, gpu_memory_utilization=0.2)
-    assert graphs.engine.runner.graphs.graphs  # captured
+    decode = graphs.engine.runner.graphs
+    assert len(decode.graphs) == len(decode.logits) == len(decode.buckets)  # all captured
+    assert len({t.untyped_storage().data_ptr() for t in decode.logits.values()}) == 1
     eager = gpu_llm(model_dir, gpu_memory_utilization=0.2, enforce_eager=True)
     assert not eager.engine.runner.graphs.graphs  # same padded decode calls, run eagerly
-    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
     batch = prompts()
+    params = [SamplingParams(max_tokens=NUM_NEW - 3 * (i % 4), temperature=0.0, ignore_eos=True)
+              for i in range(len(batch))]  # fmt: skip
     assert [o.token_ids for o in graphs.generate(batch, params)] == [
         o.token_ids for o in eager.generate(batch, params)
     ]

@@ -54,7 +54,7 @@ class _AttnOnly(nn.Module):
         )
         return q
 
-    def compute_logits(self, h):
+    def compute_logits(self, h, out=None):
         return h
 
 

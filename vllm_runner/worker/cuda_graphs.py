@@ -20,14 +20,17 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
 
 
 def graph_output_bytes(max_num_seqs: int, vocab_rows: int, dtype: torch.dtype) -> int:
-    """Device bytes the captured graphs' logits hold once captured: one [bucket, vocab]
-    output a graph, all kept (an 8B shape's 35 buckets: 4,231 rows of 128,256, 1.1 GB)."""
-    return sum(decode_buckets(max_num_seqs)) * vocab_rows * dtype.itemsize
+    """Device bytes the decode graphs' logits hold: one [largest bucket, vocab] output that
+    every graph writes the first rows of (it was one output a graph: an 8B shape's 35 buckets
+    held 4,231 rows of 128,256, 1.1 GB, against 256 rows now)."""
+    return max(decode_buckets(max_num_seqs)) * vocab_rows * dtype.itemsize
 
 
 class DecodeGraphs:
     """Graphs read their inputs from ``DeviceInputs``' views of their size and write logits into
-    a static output, so a replay is: stage inputs, replay, read ``logits[:num_reqs]``.
+    the first rows of one shared output, so a replay is: stage inputs, replay, read
+    ``logits[:num_reqs]``. A step's logits are consumed by kernels queued before the next
+    replay, which overwrites them (as a same-size step always did).
 
     Without ``capture()`` (``enforce_eager``) the same padded calls run eagerly, so graph and
     eager decoding launch identical kernels on identical shapes."""
@@ -41,6 +44,7 @@ class DecodeGraphs:
         self.buckets = decode_buckets(max_num_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self._logits_out: torch.Tensor | None = None  # [largest bucket, vocab rows]
         self.capture_seconds = 0.0
 
     def bucket_for(self, num_reqs: int) -> int | None:
@@ -89,7 +93,11 @@ class DecodeGraphs:
         )
         with forward_context(md):
             hidden = self.model(dev["input_ids"], dev["positions"])
-            return self.model.compute_logits(hidden)
+            if hidden.is_cuda and self._logits_out is None:  # before any capture (warm-up)
+                rows = self.model.lm_head.weight.shape[0]
+                self._logits_out = hidden.new_empty(self.buckets[-1], rows)
+            out = self._logits_out[:size] if hidden.is_cuda else None
+            return self.model.compute_logits(hidden, out)
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -86,10 +86,12 @@ class ModelRunner:
         max_pieces = min(model_config.piecewise_max_tokens, scheduler_config.max_num_batched_tokens)
         if max_pieces >= 2 and not offloading and hasattr(self.model.model, "next_piece"):
             self.pieces = self._build_pieces(max_pieces, capture)
-        # captured after the KV cache, which they read: their outputs are counted in its sizing
+        # decode graphs' logits (or their eager calls'), made after the KV cache: counted in it
         max_seqs, vocab_rows = scheduler_config.max_num_seqs, self.model.lm_head.weight.shape[0]
         self._graph_output_bytes = (
-            graph_output_bytes(max_seqs, vocab_rows, model_config.dtype) if capture else 0
+            graph_output_bytes(max_seqs, vocab_rows, model_config.dtype)
+            if self.device.type == "cuda"
+            else 0
         )
         self.num_blocks = self._allocate_kv_cache()
         # Last overlapped launch's sampled ids (device) and their rows by request id.

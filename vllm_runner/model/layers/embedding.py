@@ -51,13 +51,17 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.quant_method = None
         self.cpu_packed: torch.Tensor | None = None  # oneDNN copy of weight (layers/cpu_gemm.py)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out`` (optional, [num_tokens, weight rows], one rank, GPU): the logits are
+        written there (the decode graphs' one shared output) instead of a new tensor."""
         if self.cpu_packed is not None:
             logits = cpu_gemm.linear(hidden, self.cpu_packed, None)
         elif gemv_takes(hidden, self.weight):  # batch-1 decode: 1.07-1.2x cuBLAS on an H200
             from kernels.gemv import linear_one_row
 
-            logits = linear_one_row(hidden, self.weight)
+            logits = linear_one_row(hidden, self.weight, out=out)
+        elif out is not None and tp_size() == 1:
+            logits = torch.mm(hidden, self.weight.t(), out=out)
         else:
             logits = F.linear(hidden, self.weight)  # [num_tokens, vocab_shard]
         return all_gather_last_dim(logits)[:, : self.vocab_size]
