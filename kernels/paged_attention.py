@@ -354,7 +354,8 @@ def paged_attention_decode(
         if num_reqs == 1 or num_reqs > 65535:  # nothing to order / past the grid's y limit
             order = None
     grid = (num_kv_heads, num_reqs) if order is not None else (num_reqs, num_kv_heads)
-    pairs = fp16_dots(query, k_cache) and head_dim % 2 == 0
+    # word pairs need whole 16-byte rows of words (aligned loads) and dots of K >= 16
+    pairs = fp16_dots(query, k_cache) and head_dim % 32 == 0
     k_words, v_words = (
         (c.view(torch.int16) for c in (k_cache, v_cache)) if pairs else (k_cache, v_cache)
     )

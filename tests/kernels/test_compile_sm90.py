@@ -131,6 +131,10 @@ def _compile_all() -> list[dict]:
     pa.paged_attention_decode(q, cache, cache, bt, lens, 0.1, num_splits=4, new_tokens=rope)
     pa.paged_attention_decode(q, cache, cache, bt, lens, 0.1, num_splits=1)
     pf.prefill_attention(q, cache, cache, bt, lens, qsl, 0.1)
+    for head_dim in (16, 80):  # not word pairs (dots of K < 16; unaligned word rows)
+        small = torch.empty(64, 16, 8, head_dim, dtype=torch.float8_e4m3fn)
+        pa.paged_attention_decode(torch.empty(4, 32, head_dim, dtype=torch.bfloat16), small,
+                                  small, bt, lens, 0.1, num_splits=1)  # fmt: skip
     kv.write_kv_cache(new_kv, new_kv, cache, cache, torch.zeros(4, dtype=torch.long))
     kv.rotary_and_write_kv_cache(torch.zeros(4, dtype=torch.long), q, new_kv, new_kv,
                                  torch.empty(64, 128), cache, cache,

@@ -188,10 +188,11 @@ def test_decode_with_new_tokens_llama8b_shape(device: torch.device, dtype: torch
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("head_dim", [64, 80, 96])
 def test_decode_fp8_cache(device, dtype: torch.dtype, num_splits: int, head_dim: int) -> None:
-    """An fp8 (e4m3) cache: keys and values widen exactly (16-bit queries: fp16 dots over
-    word pairs, even and odd features apart; 80 leaves masked pairs in a 128 tile)."""
+    """An fp8 (e4m3) cache: keys and values widen exactly. 16-bit queries: fp16 dots, over
+    word pairs (even and odd features apart) where head_dim % 32 == 0 (96: masked pairs in a
+    128 tile), over bytes otherwise (80)."""
     _run(device, dtype, SEQ_LENS, 2, 4, head_dim, 16, kv_dtype=FP8, block_n=16,
          num_splits=num_splits)  # fmt: skip
 
