@@ -346,3 +346,31 @@ def test_an_idle_engine_keeps_no_finished_request_state(llama_dir):
     assert len(batch.states) == 1  # (engine-internal id "x@N")
     engine.abort("x")
     assert batch.states == {} and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+def test_the_last_layer_goes_on_for_sampled_rows_only(tiny_model_dirs, family, monkeypatch):
+    """Past the last layer's attention (which writes every token's K/V) only the rows a step
+    samples from go on through the o projection and MLP: the prefill of 3 prompts runs the
+    last MLP for 3 rows, and tokens and logprobs are those of running every row."""
+    batch = prompts(3, seed=5)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3)
+    runs = []
+    for every_row in (False, True):
+        llm = make_llm(tiny_model_dirs[family])
+        if every_row:  # as when a request asks for prompt logprobs
+            monkeypatch.setattr(llm.engine.runner, "_reads_every_token", lambda inputs: True)
+        model = llm.engine.runner.model
+        layers = model.model.decoder.layers if family == "opt" else model.model.layers
+        last_mlp_in = layers[-1].fc2 if family == "opt" else layers[-1].mlp.down_proj
+        rows: list[int] = []
+        hook = last_mlp_in.register_forward_pre_hook(lambda m, a, rows=rows: rows.append(len(a[0])))
+        runs.append((llm.generate(batch, params), rows))
+        hook.remove()
+    (pruned, pruned_rows), (full, full_rows) = runs
+    assert pruned_rows[0] == 3 and full_rows[0] == sum(len(p) for p in batch)
+    for a, b in zip(pruned, full, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert x.keys() == y.keys()
+            assert all(abs(x[t] - y[t]) < 1e-5 for t in x)

@@ -69,15 +69,19 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual):
+    def forward(self, positions, hidden, residual, rows=None):
         """(hidden, residual) -> (hidden, residual), the residual add deferred to the next
         norm; a lone token on a GPU instead passes the summed stream with residual None
-        (``fuses_one_row``): four GEMVs and the attention, norms and adds inside the GEMVs."""
+        (``fuses_one_row``): four GEMVs and the attention, norms and adds inside the GEMVs.
+        ``rows``: only those rows go on past the attention (which writes every row's K/V)."""
         if residual is None and self.fuses_one_row(hidden):
             stream = self.self_attn.forward_one_row(positions, hidden, self.input_layernorm)
             return self.mlp.forward_one_row(stream, self.post_attention_layernorm), None
         qkv, residual = self.before_attention(hidden, residual)
-        return self.after_attention(self.self_attn.attend(positions, qkv), residual)
+        attn_out = self.self_attn.attend(positions, qkv)
+        if rows is not None:
+            attn_out, residual = attn_out[rows], residual[rows]
+        return self.after_attention(attn_out, residual)
 
     def before_attention(self, hidden, residual):
         """(hidden, residual) -> (qkv [num_tokens, q_size + 2 * kv_size], residual)."""
@@ -113,10 +117,13 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, rows=None) -> torch.Tensor:
+        """Final hidden states of every token, or of ``rows`` only (the last layer's o
+        projection and MLP run for those rows alone)."""
         hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(positions, hidden, residual, rows if i == last else None)
         if residual is None:  # the one-row path (LlamaDecoderLayer.forward)
             return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
@@ -176,8 +183,8 @@ class LlamaForCausalLM(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         return bias, bias
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, rows=None) -> torch.Tensor:
+        return self.model(input_ids, positions, rows)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden, out)

@@ -58,13 +58,16 @@ class OPTDecoderLayer(nn.Module):
             )
         self.act = _ACTIVATIONS[act]
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rows=None) -> torch.Tensor:
+        """``rows``: only those rows go on past the attention (which writes every row's K/V)."""
         residual = hidden
         if self.pre_norm:
             hidden = self.self_attn_layer_norm(hidden)
         hidden = residual + self.self_attn(hidden)
         if not self.pre_norm:
             hidden = self.self_attn_layer_norm(hidden)
+        if rows is not None:
+            hidden = hidden[rows]
         residual = hidden
         if self.pre_norm:
             hidden = self.final_layer_norm(hidden)
@@ -94,13 +97,15 @@ class OPTDecoder(nn.Module):
             OPTDecoderLayer(config) for _ in range(config.num_hidden_layers)
         )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, rows=None) -> torch.Tensor:
+        """Final hidden states of every token, or of ``rows`` only (as LlamaModel)."""
         hidden = self.embed_tokens(input_ids)
         if self.project_in is not None:
             hidden = self.project_in(hidden)
         hidden = hidden + self.embed_positions(positions + _POSITION_OFFSET)
-        for layer in self.layers:
-            hidden = layer(hidden)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, rows if i == last else None)
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)
         if self.project_out is not None:
@@ -130,8 +135,8 @@ class OPTForCausalLM(nn.Module):
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model.decoder(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, rows=None) -> torch.Tensor:
+        return self.model.decoder(input_ids, positions, rows)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden, out)

@@ -59,14 +59,10 @@ class ModelRunner:
         self.kv_dtype = kv_cache_dtype(cache_config, model_config.dtype, self.device)
         start = time.perf_counter()
         self.model = build_model(
-            model_config.path,
-            model_config.hf_config,
-            model_config.dtype,
-            self.device,
-            quantization=model_config.quantization,
-            cpu_offload_gb=cache_config.cpu_offload_gb,
+            model_config.path, model_config.hf_config, model_config.dtype, self.device,
+            quantization=model_config.quantization, cpu_offload_gb=cache_config.cpu_offload_gb,
             gpu_memory_utilization=cache_config.gpu_memory_utilization,
-        )
+        )  # fmt: skip
         self.weight_bytes = weight_bytes(self.model)  # stats(): resident / offloaded bytes
         self.load_seconds = time.perf_counter() - start
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -305,10 +301,14 @@ class ModelRunner:
             with forward_context(md):
                 if piece_size is not None:  # [piece_size, hidden]: pad rows after the step's
                     hidden = self.pieces.run(piece_size, len(positions), positions)
-                else:
-                    hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
-            prompt_logprobs(self.model, self.batch.states, inputs, hidden, handle.result)
-            logits = self.model.compute_logits(hidden[logits_indices])
+                else:  # keep: only the sampled rows (if any) go past the last attention
+                    every = not inputs.sampling_ids or self._reads_every_token(inputs)
+                    keep = None if every else logits_indices
+                    hidden = self.model(input_ids, positions, keep)
+            if piece_size is not None or keep is None:  # every token's hidden state
+                prompt_logprobs(self.model, self.batch.states, inputs, hidden, handle.result)
+                hidden = hidden[logits_indices]
+            logits = self.model.compute_logits(hidden)
         handle.sampling_ids = inputs.sampling_ids
         if not inputs.sampling_ids:
             return handle
