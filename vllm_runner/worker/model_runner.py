@@ -300,12 +300,12 @@ class ModelRunner:
             )
             with forward_context(md):
                 if piece_size is not None:  # [piece_size, hidden]: pad rows after the step's
-                    hidden = self.pieces.run(piece_size, len(positions), positions)
+                    hidden, keep = self.pieces.run(piece_size, len(positions), positions), None
                 else:  # keep: only the sampled rows (if any) go past the last attention
                     every = not inputs.sampling_ids or self._reads_every_token(inputs)
                     keep = None if every else logits_indices
                     hidden = self.model(input_ids, positions, keep)
-            if piece_size is not None or keep is None:  # every token's hidden state
+            if keep is None:  # every token's hidden state
                 prompt_logprobs(self.model, self.batch.states, inputs, hidden, handle.result)
                 hidden = hidden[logits_indices]
             logits = self.model.compute_logits(hidden)
