@@ -91,6 +91,27 @@ def test_cuda_graphs_match_eager(model_dir):
     ]
 
 
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_the_last_layer_for_sampled_rows_matches_every_row(model_dir, monkeypatch, quantization):
+    """Past the last attention only the sampled rows go on (eager prefill steps; a lone
+    prompt takes one row through the o projection and MLP): greedy tokens as when every row
+    goes on, or where they first differ each is in the other's top-5."""
+    batch = prompts()[:6]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=5)
+    runs = []
+    for every_row in (False, True):
+        llm = gpu_llm(model_dir, gpu_memory_utilization=0.15, quantization=quantization)
+        if every_row:  # as when a request reads prompt logprobs (no decode graphs either)
+            monkeypatch.setattr(llm.engine.runner, "_reads_every_token", lambda inputs: True)
+        runs.append(llm.generate(batch, params) + llm.generate(batch[:1], params))
+        del llm
+    for a, b in zip(*runs, strict=True):
+        ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
+        i = next((j for j, (x, y) in enumerate(zip(ta, tb, strict=True)) if x != y), None)
+        if i is not None:
+            assert ta[i] in b.outputs[0].logprobs[i] and tb[i] in a.outputs[0].logprobs[i]
+
+
 @pytest.mark.parametrize("quantization", [None, "int8", "fp8"])
 def test_piecewise_graphs_match_their_eager_pieces(model_dir, quantization):
     """Steps that prefill (a 256-token budget: prompts chunked beside decoding requests) in
