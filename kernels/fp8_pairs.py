@@ -6,8 +6,8 @@ Why: loaded as bytes, e4m3 tiles reach the dots through byte-wide shared-memory 
 conversions in the dot-operand layout (Triton 3.6, sm_90: 148 registers, 562 instructions a
 64-key tile per warp); as 16-bit words they take the ldmatrix path that bf16 takes (84
 registers, 427). H200, W1's 256-row decode step on the 8B shapes, the rotary and KV write
-fused: 108 us against 179 us reading bytes and 169 us for a bf16 cache
-(``benchmarks/fp8_decode_probe.py``).
+fused: 114 us against 179 us reading bytes and 169 us for a bf16 cache
+(``benchmarks/fp8_decode_probe.py``; benchmarks/RESULTS.md, twenty-second session).
 """
 
 import triton

@@ -285,7 +285,8 @@ class ModelRunner:
         if sched.is_empty:
             return handle
         inputs = self.batch.prepare(sched)
-        graph_size = self._graph_size(inputs)
+        every_row = self._reads_every_token(inputs)  # prompt logprobs: no graph, no pruning
+        graph_size = None if every_row else self._graph_size(inputs)
         prev_sampled, prev_rows = self._prev
         if graph_size is not None:
             *_, logits_indices = self.buffers.load(inputs, graph_size, prev_sampled, prev_rows)
@@ -294,7 +295,7 @@ class ModelRunner:
             if len(inputs.logits_indices) != num_reqs:  # else every row samples, in order
                 logits = logits[logits_indices]
         else:
-            piece_size = self._piece_size(inputs)
+            piece_size = None if every_row else self._piece_size(inputs)
             input_ids, positions, md, logits_indices = self.buffers.load(
                 inputs, 0, prev_sampled, prev_rows, pad_tokens=piece_size or 0
             )
@@ -302,7 +303,7 @@ class ModelRunner:
                 if piece_size is not None:  # [piece_size, hidden]: pad rows after the step's
                     hidden, keep = self.pieces.run(piece_size, len(positions), positions), None
                 else:  # keep: only the sampled rows (if any) go past the last attention
-                    every = not inputs.sampling_ids or self._reads_every_token(inputs)
+                    every = every_row or not inputs.sampling_ids
                     keep = None if every else logits_indices
                     hidden = self.model(input_ids, positions, keep)
             if keep is None:  # every token's hidden state
@@ -377,7 +378,7 @@ class ModelRunner:
 
     def _graph_size(self, inputs: StepInputs) -> int | None:
         """The decode graph bucket this step can replay, if any."""
-        if self.graphs is None or not inputs.fused_decode or self._reads_every_token(inputs):
+        if self.graphs is None or not inputs.fused_decode:
             return None
         return self.graphs.bucket_for(len(inputs.request_ids))
 
@@ -385,8 +386,6 @@ class ModelRunner:
         """The piecewise graph bucket of a step that prefills, if any."""
         if self.pieces is None or inputs.num_decode_rows == len(inputs.request_ids):
             return None  # (a decode step: one token a request)
-        if self._reads_every_token(inputs):
-            return None
         return self.pieces.bucket_for(len(inputs.input_ids))
 
     def _reads_every_token(self, inputs: StepInputs) -> bool:
