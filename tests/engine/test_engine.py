@@ -374,3 +374,29 @@ def test_the_last_layer_goes_on_for_sampled_rows_only(tiny_model_dirs, family, m
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
             assert x.keys() == y.keys()
             assert all(abs(x[t] - y[t]) < 1e-5 for t in x)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_a_chunk_that_samples_nothing_stops_at_the_last_attention(tiny_model_dirs, family):
+    """A prompt prefilled in chunks of 16 tokens: the chunks before its last sample nothing,
+    so their steps write the last layer's K/V and stop there (the last MLP runs once a step
+    for the one sampled row), and the tokens and logprobs are those of one whole prefill."""
+    prompt = prompts(1, seed=7)[0] + prompts(1, seed=8)[0]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3)
+    runs = []
+    for budget in (16, None):
+        llm = make_llm(
+            tiny_model_dirs[family], **({"max_num_batched_tokens": budget} if budget else {})
+        )
+        model = llm.engine.runner.model
+        layers = model.model.decoder.layers if family == "opt" else model.model.layers
+        last_mlp_in = layers[-1].fc2 if family == "opt" else layers[-1].mlp.down_proj
+        rows: list[int] = []
+        hook = last_mlp_in.register_forward_pre_hook(lambda m, a, rows=rows: rows.append(len(a[0])))
+        runs.append((llm.generate([prompt], params)[0].outputs[0], rows))
+        hook.remove()
+    (chunked, chunked_rows), (whole, whole_rows) = runs
+    assert len(prompt) > 2 * 16 and chunked_rows == whole_rows == [1] * 5
+    assert chunked.token_ids == whole.token_ids
+    for x, y in zip(chunked.logprobs, whole.logprobs, strict=True):
+        assert x.keys() == y.keys() and all(abs(x[t] - y[t]) < 1e-5 for t in x)

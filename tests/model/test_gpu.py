@@ -91,16 +91,20 @@ def test_cuda_graphs_match_eager(model_dir):
     ]
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
-def test_the_last_layer_for_sampled_rows_matches_every_row(model_dir, monkeypatch, quantization):
+@pytest.mark.parametrize(("quantization", "budget"), [(None, None), ("int8", None), (None, 64)])
+def test_the_last_layer_for_sampled_rows_matches_every_row(
+    model_dir, monkeypatch, quantization, budget
+):
     """Past the last attention only the sampled rows go on (eager prefill steps; a lone
-    prompt takes one row through the o projection and MLP): greedy tokens as when every row
-    goes on, or where they first differ each is in the other's top-5."""
+    prompt takes one row through the o projection and MLP; with a 64-token budget, chunks
+    that sample nothing stop at the last attention): greedy tokens as when every row goes
+    on, or where they first differ each is in the other's top-5."""
     batch = prompts()[:6]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=5)
+    kw = {"max_num_batched_tokens": budget} if budget else {}
     runs = []
     for every_row in (False, True):
-        llm = gpu_llm(model_dir, gpu_memory_utilization=0.15, quantization=quantization)
+        llm = gpu_llm(model_dir, gpu_memory_utilization=0.15, quantization=quantization, **kw)
         if every_row:  # as when a request reads prompt logprobs (no decode graphs either)
             monkeypatch.setattr(llm.engine.runner, "_reads_every_token", lambda inputs: True)
         runs.append(llm.generate(batch, params) + llm.generate(batch[:1], params))

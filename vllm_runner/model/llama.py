@@ -80,6 +80,8 @@ class LlamaDecoderLayer(nn.Module):
         qkv, residual = self.before_attention(hidden, residual)
         attn_out = self.self_attn.attend(positions, qkv)
         if rows is not None:
+            if not len(rows):  # nothing sampled: the K/V written is all the step needs
+                return residual[:0], residual[:0]
             attn_out, residual = attn_out[rows], residual[rows]
         return self.after_attention(attn_out, residual)
 
@@ -119,11 +121,13 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, rows=None) -> torch.Tensor:
         """Final hidden states of every token, or of ``rows`` only (the last layer's o
-        projection and MLP run for those rows alone)."""
+        projection and MLP run for those rows alone; none for no rows)."""
         hidden, residual = self.embed_tokens(input_ids), None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(positions, hidden, residual, rows if i == last else None)
+        if not len(hidden):
+            return hidden
         if residual is None:  # the one-row path (LlamaDecoderLayer.forward)
             return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)

@@ -68,6 +68,8 @@ class OPTDecoderLayer(nn.Module):
             hidden = self.self_attn_layer_norm(hidden)
         if rows is not None:
             hidden = hidden[rows]
+            if not len(hidden):  # nothing sampled: the K/V written is all the step needs
+                return hidden
         residual = hidden
         if self.pre_norm:
             hidden = self.final_layer_norm(hidden)
@@ -106,6 +108,8 @@ class OPTDecoder(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, rows if i == last else None)
+        if not len(hidden):
+            return hidden
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)
         if self.project_out is not None:

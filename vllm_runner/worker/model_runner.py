@@ -302,14 +302,13 @@ class ModelRunner:
             with forward_context(md):
                 if piece_size is not None:  # [piece_size, hidden]: pad rows after the step's
                     hidden, keep = self.pieces.run(piece_size, len(positions), positions), None
-                else:  # keep: only the sampled rows (if any) go past the last attention
-                    every = every_row or not inputs.sampling_ids
-                    keep = None if every else logits_indices
+                else:  # keep: only the sampled rows (maybe none) go past the last attention
+                    keep = None if every_row else logits_indices
                     hidden = self.model(input_ids, positions, keep)
             if keep is None:  # every token's hidden state
                 prompt_logprobs(self.model, self.batch.states, inputs, hidden, handle.result)
                 hidden = hidden[logits_indices]
-            logits = self.model.compute_logits(hidden)
+            logits = self.model.compute_logits(hidden) if inputs.sampling_ids else None
         handle.sampling_ids = inputs.sampling_ids
         if not inputs.sampling_ids:
             return handle
