@@ -64,11 +64,10 @@ class LLM:
     ) -> list[RequestOutput]:
         for prompt_ids, p in zip(ids, params, strict=True):  # validate all before adding any
             self.engine.inputs.validate(prompt_ids, p)
-        states = [
-            self.engine.add_request(prompt, p, prompt_ids=prompt_ids)
-            for prompt, prompt_ids, p in zip(prompts, ids, params, strict=True)
-        ]
+        states = []
         try:
+            for prompt, prompt_ids, p in zip(prompts, ids, params, strict=True):
+                states.append(self.engine.add_request(prompt, p, prompt_ids=prompt_ids))
             while self.engine.has_unfinished():
                 self.engine.step(stream=False)
         except BaseException:  # e.g. KeyboardInterrupt: a later call must not run these

@@ -1,10 +1,16 @@
 """Per-request sampling settings, with vLLM's field names."""
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
 INT64_MAX = 2**63 - 1  # top_k becomes an int64 tensor
+
+
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (``logprobs=True`` is refused, not read as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -46,17 +52,20 @@ class SamplingParams:
         def bad(name: str, value: object, limit: str) -> ValueError:
             return ValueError(f"{name} must be {limit}, got {value!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        for name in ("temperature", "top_p", "min_p", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise bad(name, value, "a number")
+        if not _is_int(self.n) or self.n < 1:
             raise bad("n", self.n, ">= 1")
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", self.max_tokens, ">= 1")
         if not 0.0 <= self.temperature < math.inf:
             raise bad("temperature", self.temperature, "a finite number >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", self.top_p, "in (0, 1]")
-        if not isinstance(self.top_k, int) or not 0 <= self.top_k <= INT64_MAX:
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= INT64_MAX:
             raise bad("top_k", self.top_k, f"-1, 0 (off) or in [1, {INT64_MAX}]")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", self.min_p, "in [0, 1]")
@@ -66,18 +75,21 @@ class SamplingParams:
             raise bad("frequency_penalty", self.frequency_penalty, "in [-2, 2]")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise bad("repetition_penalty", self.repetition_penalty, "in (0, 10]")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise bad("min_tokens", self.min_tokens, ">= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
+            if value is not None and (not _is_int(value) or not 0 <= value <= 20):
                 raise bad(name, value, "an integer in [0, 20]")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", self.seed, "an integer")
-        if any(not s for s in self.stop):
+        if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", self.stop, "non-empty strings")
+        for t in self.stop_token_ids:
+            if not _is_int(t) or t < 0:
+                raise bad("stop_token_ids entry", t, "a token id (an integer >= 0)")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise bad("logit_bias", self.logit_bias, "a {token id: bias} dict")

@@ -52,10 +52,13 @@ class InputProcessor:
             bos = self.tokenizer.bos_token
             special = not chat and not (bos and prompt.startswith(bos))
             return self.tokenizer.encode(prompt, add_special_tokens=special)
-        if not isinstance(prompt, list | tuple) or not all(isinstance(t, int) for t in prompt):
+        if not isinstance(prompt, list | tuple):
             raise ValueError(
                 f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"
             )
+        for t in prompt:  # a bool is not read as 0 / 1
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise ValueError(f"prompt token id {t!r} is not an integer")
         return list(prompt)
 
     def check_text_length(self, text: str, what: str) -> None:
