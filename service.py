@@ -17,12 +17,21 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import bentoml
-from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
+from bentoml.exceptions import BentoMLException, ServiceUnavailable
 from pydantic import PrivateAttr, ValidationError, model_validator
 
-from vllm_runner import AsyncLLM, RequestError, SamplingParams
+from vllm_runner import AsyncLLM, RequestError
 from vllm_runner.async_llm import EngineDeadError
 from vllm_runner.serving.auth import ApiKeyMiddleware
+from vllm_runner.serving.batched import (
+    complete_result,
+    generate_valid,
+    prepared,
+    score_ids,
+    score_params,
+    score_result,
+    short_texts,
+)
 from vllm_runner.serving.openai_api import EngineNotReady, create_openai_app
 from vllm_runner.serving.protocol import (
     CompleteRequest,
@@ -36,11 +45,6 @@ from vllm_runner.serving.streams import new_request_id, stream_or_abort, until_d
 
 logger = logging.getLogger("vllm_runner.service")
 SETTINGS = ServerSettings.load(os.environ, vars(bentoml.use_arguments()))
-
-
-def score_params() -> SamplingParams:
-    # prompt_logprobs=0: the log-probability of each prompt token itself, no others
-    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
 
 
 def _service() -> Any | None:
@@ -69,52 +73,11 @@ def _engine_at_parse_time() -> AsyncLLM | None:
         raise ServiceUnavailable(str(exc)) from None
 
 
-def score_ids(engine: AsyncLLM, item: ScoreRequest) -> tuple[list[int], int]:
-    """Prompt and continuation tokenized separately, then joined (joint tokenization can
-    merge tokens across the boundary); returns (ids, number of continuation tokens)."""
-    prompt = engine.validate(item.prompt, score_params())
-    cont = item.continuation
-    if isinstance(cont, str):
-        if engine.tokenizer is None:
-            raise ValueError("continuation must be token ids: the model has no tokenizer")
-        engine.check_text_length(cont, "continuation")
-        cont = engine.tokenizer.encode(cont, add_special_tokens=False)
-    if not cont:
-        raise ValueError("continuation has no tokens")
-    return engine.validate(prompt + list(cont), score_params()), len(cont)
-
-
 def request_error(model: type, exc: ValueError) -> ValidationError:
     """A request the engine refuses, answered as BentoML answers a parse-time validator's
     error: 400 {"error", "detail": [{"msg", ...}]} (its 4xx exceptions come as a list)."""
     error = {"type": "value_error", "loc": (), "input": None, "ctx": {"error": exc}}
     return ValidationError.from_exception_data(model.__name__, [error])
-
-
-def complete_result(out: Any, prompt_ids: list[int]) -> CompleteResult:
-    if isinstance(out, RequestError):
-        return CompleteResult(
-            text="",
-            finish_reason="error",
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=0,
-            error=str(out),
-        )
-    return CompleteResult(
-        text=out.text,
-        finish_reason=out.finish_reason,
-        prompt_tokens=len(out.prompt_token_ids),
-        completion_tokens=len(out.token_ids),
-        stop_reason=out.outputs[0].stop_reason,
-    )
-
-
-def score_result(out: Any, k: int) -> ScoreResult:
-    if isinstance(out, RequestError):
-        return ScoreResult(logprob=None, num_tokens=k, token_logprobs=[], error=str(out))
-    tail = zip(out.prompt_logprobs[-k:], out.prompt_token_ids[-k:], strict=True)
-    lps = [top[token] for top, token in tail]
-    return ScoreResult(logprob=sum(lps), num_tokens=k, token_logprobs=lps)
 
 
 class CompleteInput(CompleteRequest):
@@ -123,7 +86,11 @@ class CompleteInput(CompleteRequest):
     @model_validator(mode="after")
     def _fits_engine(self) -> CompleteInput:
         if engine := _engine_at_parse_time():
-            self._ids = engine.validate(self.prompt, self.sampling_params())
+            params = self.sampling_params()
+            if short_texts(self.prompt):
+                self._ids = engine.validate(self.prompt, params)
+            else:
+                engine.check_text_length(self.prompt, "prompt")
         return self
 
 
@@ -133,7 +100,12 @@ class ScoreInput(ScoreRequest):
     @model_validator(mode="after")
     def _fits_engine(self) -> ScoreInput:
         if engine := _engine_at_parse_time():
-            self._ids = score_ids(engine, self)
+            if short_texts(self.prompt, self.continuation):
+                self._ids = score_ids(engine, self)
+            else:
+                for name in ("prompt", "continuation"):
+                    if isinstance(text := getattr(self, name), str):
+                        engine.check_text_length(text, name)
         return self
 
 
@@ -254,38 +226,18 @@ class LLMService:
         """Whole completions for a list of prompts (batched with concurrent callers)."""
         engine = self._engine()
         params = [r.sampling_params() for r in requests]
-        try:
-            ids = [
-                r._ids or engine.validate(r.prompt, p)
-                for r, p in zip(requests, params, strict=True)
-            ]
-        except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
-        try:
-            outs = await engine.generate(ids, params)
-        except RequestError as exc:
-            if exc.results is None:
-                raise
-            outs = exc.results  # a failed item answers with its error, the others as usual
+        ids = await prepared(requests, lambda r: engine.validate(r.prompt, r.sampling_params()))
+        outs = await generate_valid(engine, ids, params)
         return [complete_result(o, prompt_ids) for o, prompt_ids in zip(outs, ids, strict=True)]
 
     @bentoml.api(**_batching)
     async def score(self, items: list[ScoreInput]) -> list[ScoreResult]:
         """Log-probability of each `continuation` right after its `prompt`."""
         engine = self._engine()
-        try:
-            prepared = [item._ids or score_ids(engine, item) for item in items]
-        except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
-        try:
-            outs = await engine.generate(
-                [ids for ids, _ in prepared], [score_params() for _ in prepared]
-            )
-        except RequestError as exc:
-            if exc.results is None:
-                raise
-            outs = exc.results  # a failed item answers with its error, the others as usual
-        return [score_result(out, k) for (_, k), out in zip(prepared, outs, strict=True)]
+        inputs = await prepared(items, lambda item: score_ids(engine, item))
+        ids = [x if isinstance(x, ValueError) else x[0] for x in inputs]
+        outs = await generate_valid(engine, ids, [score_params() for _ in inputs])
+        return [score_result(out, x) for x, out in zip(inputs, outs, strict=True)]
 
 
 LLMService.add_asgi_middleware(ApiKeyMiddleware, api_key=SETTINGS.api_key)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from service_testing import MAX_MODEL_LEN, PROMPT, metric_value
+from service_testing import AUTH, MAX_MODEL_LEN, PROMPT, metric_value
 
 GREEDY = {"temperature": 0.0}
 
@@ -200,6 +200,43 @@ def test_a_bad_item_fails_alone(client: Any) -> None:
     assert results == {"good": 200, "bad": 400}
 
 
+def test_long_texts_are_tokenized_off_the_event_loop(client: Any, engine: Any, monkeypatch) -> None:
+    """Texts past PARSE_TIME_CHARS (here 4 characters) are tokenized in the handler, in a
+    thread, not while BentoML parses the request on the worker's event loop: the results
+    are the same, and one the engine refuses gets its own error result (200), the batch's
+    other items their answers."""
+    from vllm_runner.serving import batched
+
+    monkeypatch.setattr(batched, "PARSE_TIME_CHARS", 4)
+    threads: list[str] = []
+    validate = engine.validate
+
+    def recording_validate(prompt: Any, *args: Any, **kw: Any) -> Any:
+        if isinstance(prompt, str):  # tokenizing (token ids are checked again, cheaply)
+            threads.append(threading.current_thread().name)
+        return validate(prompt, *args, **kw)
+
+    monkeypatch.setattr(engine, "validate", recording_validate)
+    body = {"requests": [{"prompt": PROMPT, "max_tokens": 3, **GREEDY},
+                         {"prompt": "x " * (MAX_MODEL_LEN + 1), "max_tokens": 2}]}  # fmt: skip
+    r = client.post("/complete", json=body)
+    assert r.status_code == 200, r.text
+    good, refused = r.json()
+    assert good["text"].startswith(" Paris") and good["error"] is None
+    assert refused["finish_reason"] == "error" and refused["prompt_tokens"] == 0
+    assert f"max_model_len is {MAX_MODEL_LEN}" in refused["error"]
+    items = [{"prompt": PROMPT, "continuation": " Paris"},
+             {"prompt": PROMPT, "continuation": "y " * MAX_MODEL_LEN}]  # fmt: skip
+    r = client.post("/score", json={"items": items})
+    assert r.status_code == 200, r.text
+    scored, refused = r.json()
+    assert scored["num_tokens"] == 1 and -1.0 < scored["logprob"] < 0.0
+    assert refused["logprob"] is None and "max_model_len" in refused["error"]
+    assert threads and threading.main_thread().name not in threads
+    loop_thread = client.portal.call(lambda: threading.current_thread().name)
+    assert loop_thread not in threads
+
+
 def test_score_sums_continuation_logprobs(client: Any, engine: Any) -> None:
     items = [
         {"prompt": PROMPT, "continuation": " Paris"},
@@ -280,6 +317,11 @@ def test_api_key_is_required(client: Any) -> None:
         assert r.json()["error"]["code"] == "invalid_api_key"
     r = client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401
+    for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive, the key is not
+        key = AUTH["Authorization"].split(" ", 1)[1]
+        assert client.get("/v1/models", headers={"Authorization": f"{scheme} {key}"}).is_success
+        wrong = {"Authorization": f"{scheme} {key.upper()}"}
+        assert client.get("/v1/models", headers=wrong).status_code == 401
     for path in ("/readyz", "/livez", "/metrics"):
         assert client.get(path, headers=no_auth).status_code == 200
 

@@ -276,6 +276,7 @@ def test_max_tokens_past_max_model_len_is_a_400(client: Any, path: str) -> None:
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
     assert f"max_model_len is {MAX_MODEL_LEN} tokens" in message and "max_tokens 1000" in message
+    assert r.json()["error"]["param"] == "max_tokens"
     assert client.post(path, json={**body, "max_tokens": 8}).status_code == 200
 
 

@@ -200,7 +200,7 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
                 assert r.json()["error"]["param"] == param
     finally:
         del engine.tokenizer.encode
-    assert calls == [1]  # only /score's prompt "hi"
+    assert calls == []  # /score's long item: both texts' lengths checked before tokenizing
     # characters the tokenizer drops (six control characters SmolLM2 has no piece for)
     # do not count: such a text is tokenized, not refused by the bound
     dropped = engine.inputs.uncounted
@@ -299,6 +299,13 @@ def test_invalid_fields_give_openai_errors(client: Any, path: str, body: dict, p
     if param in body and param not in ("prompt", "messages", "stream_options"):
         named = (", got ", "999999 is outside")  # the refused value is named
         assert any(n in error["message"] for n in named), error
+
+
+def test_a_huge_refused_value_is_not_sent_back_whole(client: Any) -> None:
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "suffix": "x" * 100_000})
+    assert r.status_code == 400 and len(r.content) < 1000, len(r.content)
+    message = r.json()["error"]["message"]
+    assert message.startswith("suffix: ") and ", got 'xxx" in message and message.endswith("...")
 
 
 @pytest.mark.parametrize(

@@ -89,9 +89,9 @@ class InputProcessor:
         wanted = len(prompt_ids) + (params.max_tokens or 0)
         if limits.serving and params.max_tokens and wanted > limits.max_model_len:
             raise ValueError(
-                f"max_model_len is {limits.max_model_len} tokens, but {wanted} were requested "
-                f"({len(prompt_ids)} in the prompt, max_tokens {params.max_tokens}): shorten "
-                "the prompt or lower max_tokens"
+                f"max_tokens {params.max_tokens} does not fit: max_model_len is "
+                f"{limits.max_model_len} tokens, but {wanted} were requested ({len(prompt_ids)} "
+                "in the prompt): shorten the prompt or lower max_tokens"
             )
         # A request the whole KV cache cannot hold would wait forever (and hold up the queue).
         new = self.max_new_tokens(len(prompt_ids), params)

@@ -15,7 +15,7 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: Any, api_key: str | None = None) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if (
@@ -26,7 +26,8 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        scheme, _, token = given.partition(b" ")  # the scheme is case-insensitive (RFC 7235)
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected):
             await self.app(scope, receive, send)
             return
         body = {

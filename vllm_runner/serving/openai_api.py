@@ -44,6 +44,7 @@ _COMPLETION_FIELDS = {*CompletionRequest.model_fields, *UNSUPPORTED_COMPLETION, 
 _CHAT_FIELDS = {*ChatCompletionRequest.model_fields, *UNSUPPORTED_CHAT, *_COMMON}
 _FIELDS = _COMPLETION_FIELDS | _CHAT_FIELDS
 _SHOWN_INPUT = 80  # characters of a refused value quoted back
+_SHOWN_MESSAGE = 400  # characters of a validator's message (its value comes last)
 # the answer to a client that left before its completion: nobody reads it
 _CLIENT_GONE = fmt.OpenAIError(499, "client disconnected", "client_closed_request")
 
@@ -63,6 +64,8 @@ def _validation_error(exc: RequestValidationError) -> fmt.OpenAIError:
     def text(e: dict) -> str:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         msg = str(e.get("msg")).removeprefix("Value error, ")  # a validator's own message
+        if len(msg) > _SHOWN_MESSAGE:  # e.g. it quotes a megabyte of refused value back
+            msg = msg[:_SHOWN_MESSAGE] + "..."
         if "input" in e and e.get("type") not in ("missing", "value_error"):
             shown = repr(e["input"])  # pydantic's limits name the limit, not the value
             if len(shown) > _SHOWN_INPUT:
