@@ -68,6 +68,32 @@ def _byte_chars() -> list[str]:
 _BYTE_CHARS = _byte_chars()
 
 
+def piece_bytes(tokenizer):
+    """``tid -> bytes | None``: a token's own bytes read off its vocabulary piece (a
+    byte-level piece spells one byte a character; a byte-fallback piece ``<0xNN>`` is that
+    byte), or None where the piece is whole characters (its decoded text is the bytes). A
+    piece of a multi-byte character decodes alone to U+FFFD; its bytes are the character's."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+    byte_of = {c: b for b, c in enumerate(_BYTE_CHARS)}
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+
+    def read(tid: int) -> bytes | None:
+        piece = None if tid in special else tokenizer.convert_ids_to_tokens(tid)
+        if not isinstance(piece, str):
+            return None
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        if byte_level and all(c in byte_of for c in piece):
+            return bytes(byte_of[c] for c in piece)
+        return None
+
+    return read
+
+
 def dropped_chars(tokenizer) -> str:
     """The ASCII characters the tokenizer makes no token of (SmolLM2: six control characters
     its byte-level vocabulary lacks): they do not count against ``max_text_chars``."""

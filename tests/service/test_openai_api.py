@@ -230,6 +230,7 @@ def test_chat_content_parts_and_logprobs(client: Any) -> None:
         assert len(entry["top_logprobs"]) == 2
         assert entry["logprob"] == entry["top_logprobs"][0]["logprob"]
         assert bytes(entry["bytes"]).decode() == entry["token"]
+    assert b"".join(bytes(c["bytes"]) for c in content) == choice["message"]["content"].encode()
 
 
 def test_chat_stream(client: Any) -> None:

@@ -86,3 +86,28 @@ def test_max_text_chars_bounds_a_sentencepiece_tokenizer_with_a_normalizer():
     for text in (" the the", "日本語 é", "x" * 50, "the" * 20):
         n = len(tokenizer.encode(text, add_special_tokens=False))
         assert len(text) <= max_text_chars(tokenizer, n), text
+
+
+def test_token_bytes_rebuild_characters_split_across_tokens(default_model_dir):
+    """OpenAI's chat logprobs `bytes`: a piece of a multi-byte character decodes alone to
+    U+FFFD, but its bytes are the character's own, so the tokens' bytes joined are the text's
+    (byte-level SmolLM2, and a byte-fallback SentencePiece-style tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import AutoTokenizer
+
+    from vllm_runner.serving.openai_format import token_decoder
+
+    smol = AutoTokenizer.from_pretrained(default_model_dir)
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": b + 1 for b in range(256)}, "▁": 257, "▁the": 258}
+    backend = Tokenizer(models.BPE(vocab, [], byte_fallback=True, unk_token="<unk>"))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback()])
+    fallback = _fast(backend, unk_token="<unk>")
+    text = " the 🌟🌟 日本語 é"
+    for tokenizer in (smol, fallback):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        decode = token_decoder(tokenizer)
+        assert "\ufffd" in [decode(t) for t in ids]  # some token is part of a character
+        assert b"".join(decode.bytes(t) for t in ids) == text.encode("utf-8")
+    im_end = smol.convert_tokens_to_ids("<|im_end|>")  # a special token: its text's bytes
+    assert token_decoder(smol).bytes(im_end) == b"<|im_end|>"

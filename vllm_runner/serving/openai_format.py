@@ -10,6 +10,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from vllm_runner.tokenizer import piece_bytes
+
 DONE = "data: [DONE]\n\n"
 
 
@@ -81,26 +83,42 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def token_decoder(tokenizer: Any) -> Callable[[int], str]:
-    """A token's text as it reads inside a completion.
+class TokenDecoder:
+    """A token's text as it reads inside a completion (``decode(tid)``), and its bytes
+    (``decode.bytes(tid)``, OpenAI's chat logprobs ``bytes``: a piece of a multi-byte
+    character reads as U+FFFD alone, but its bytes rebuild the character when joined).
 
     Decoded alone, a SentencePiece token (Llama 2, Mistral) loses its leading space: the
     decoder strips the start of the text. So each token is decoded after an anchor token
     and the anchor's text is cut off again.
     """
-    if tokenizer is None:
-        return lambda tid: f"token_id:{tid}"
-    anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
-    head = tokenizer.decode(anchor)
-    cache: dict[int, str] = {}
 
-    def decode(tid: int) -> str:
-        if tid not in cache:
-            text = tokenizer.decode([*anchor, tid])
-            cache[tid] = text[len(head) :] if text.startswith(head) else tokenizer.decode([tid])
-        return cache[tid]
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+        if tokenizer is not None:
+            self.anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+            self.head = tokenizer.decode(self.anchor)
+            self.piece_bytes = piece_bytes(tokenizer)
 
-    return decode
+    def __call__(self, tid: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{tid}"
+        if tid not in self.cache:
+            text = self.tokenizer.decode([*self.anchor, tid])
+            head = self.head
+            self.cache[tid] = (
+                text[len(head) :] if text.startswith(head) else self.tokenizer.decode([tid])
+            )
+        return self.cache[tid]
+
+    def bytes(self, tid: int) -> bytes:
+        raw = self.piece_bytes(tid) if self.tokenizer is not None else None
+        return self(tid).encode("utf-8") if raw is None else raw
+
+
+def token_decoder(tokenizer: Any) -> TokenDecoder:
+    return TokenDecoder(tokenizer)
 
 
 def _ranked(logprobs: dict[int, float]) -> list[tuple[int, float]]:
@@ -132,14 +150,13 @@ def completion_logprobs(
 
 
 def chat_logprobs(
-    decode: Callable[[int], str], token_ids: list[int], logprobs: list[dict[int, float]], top_n: int
+    decode: TokenDecoder, token_ids: list[int], logprobs: list[dict[int, float]], top_n: int
 ) -> dict[str, Any]:
     """Chat format: {"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}; here
     top_logprobs are the `top_n` most likely tokens only (the sampled one may not be among them)."""
 
     def entry(tid: int, lp: float | None) -> dict[str, Any]:
-        tok = decode(tid)
-        return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
+        return {"token": decode(tid), "logprob": lp, "bytes": list(decode.bytes(tid))}
 
     return {
         "content": [
