@@ -14,19 +14,29 @@ from vllm_runner.model.layers.norm import RMSNorm
 from vllm_runner.model.layers.rotary import RotaryEmbedding, rope_settings
 
 
+def llama_head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def llama_rotary(config) -> RotaryEmbedding:
+    """The model's one rotary table, which every layer shares (a [max_positions, head_dim]
+    fp32 table a layer would be 512 MiB at Llama-3.2-1B's 16 layers and 128k positions)."""
+    theta, scaling = rope_settings(config)
+    return RotaryEmbedding(llama_head_dim(config), config.max_position_embeddings, theta, scaling)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool) -> None:
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         hidden = config.hidden_size
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+        head_dim = llama_head_dim(config)
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, num_heads, num_kv_heads, qkv_bias)
         self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, o_bias)
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
-        theta, scaling = rope_settings(config)
-        self.rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, theta, scaling)
+        self.rotary_emb = rotary_emb  # the model's one table, shared by every layer
         self.attn = Attention(
             self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5
         )
@@ -60,9 +70,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool) -> None:
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, o_bias)
+        self.self_attn = LlamaAttention(config, qkv_bias, o_bias, rotary_emb)
         self.mlp = LlamaMLP(
             config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
         )
@@ -114,8 +124,10 @@ class LlamaModel(nn.Module):
     def __init__(self, config, qkv_bias: bool, o_bias: bool) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        rotary_emb = llama_rotary(config)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, o_bias) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, qkv_bias, o_bias, rotary_emb)
+            for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
