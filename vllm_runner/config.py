@@ -199,6 +199,9 @@ class EngineArgs:
         # Attention here reads every earlier key; a model trained with a sliding window
         # (Mistral) agrees with that only up to the window's length.
         window = getattr(hf_config, "sliding_window", None)
+        layer_types = getattr(hf_config, "layer_types", None)  # Qwen2: full below max_window_layers
+        if layer_types is not None and "sliding_attention" not in layer_types:
+            window = None
         if window and getattr(hf_config, "use_sliding_window", True) and window < model_max:
             model_max, limit = window, f"sliding_window={window} (full attention only)"
         if self.max_model_len is None:

@@ -111,3 +111,77 @@ def test_layers_share_one_rotary_table(llama_dir):
     tables = [layer.self_attn.rotary_emb.cos_sin_cache for layer in model.model.layers]
     assert len(tables) > 1
     assert len({t.data_ptr() for t in tables}) == 1
+
+
+def _edited_copy(source: str, folder, config=None, tensors=None) -> str:
+    """``source`` copied to ``folder``, its config.json and checkpoint edited in place."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    if config is not None:
+        data = json.loads((folder / "config.json").read_text())
+        config(data)
+        (folder / "config.json").write_text(json.dumps(data))
+    if tensors is not None:
+        weights = folder / "model.safetensors"
+        data = load_file(weights)
+        tensors(data)
+        save_file(data, weights, metadata={"format": "pt"})
+    return str(folder)
+
+
+def _no_architectures(config: dict) -> None:
+    del config["architectures"]
+
+
+def _rotary_caches(tensors: dict) -> None:
+    tensors["model.layers.0.self_attn.rotary_emb.cos_cached"] = torch.randn(512, 16)
+    tensors["model.layers.0.self_attn.rotary_emb.sin_cached"] = torch.randn(512, 16)
+
+
+def _head_not_embedding(tensors: dict) -> None:  # a tied checkpoint storing the head only
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+
+
+@pytest.mark.parametrize(
+    "family, config, tensors, extra_file",
+    [
+        ("llama", _no_architectures, None, False),  # transformers reads model_type then
+        ("opt", _no_architectures, None, False),
+        ("llama", None, _rotary_caches, False),  # old checkpoints: derived, skipped
+        ("qwen2", None, _head_not_embedding, False),
+        ("llama", None, None, True),  # an adapter's file next to model.safetensors
+    ],
+)
+def test_folders_transformers_loads_load_the_same(
+    tiny_model_dirs, tmp_path, family, config, tensors, extra_file
+):
+    from safetensors.torch import save_file
+
+    folder = _edited_copy(tiny_model_dirs[family], tmp_path / "model", config, tensors)
+    if extra_file:
+        save_file({"base_model.model.lora_A.weight": torch.randn(4, 4)},
+                  tmp_path / "model" / "adapter_model.safetensors")  # fmt: skip
+    prompt = [[5, 17, 42, 99, 3]]
+    want = make_llm(tiny_model_dirs[family]).generate(prompt, GREEDY)[0].token_ids
+    assert make_llm(folder).generate(prompt, GREEDY)[0].token_ids == want
+
+
+def test_a_model_type_not_supported_is_named(llama_dir, tmp_path):
+    def gpt2(config: dict) -> None:
+        del config["architectures"]
+        config["model_type"] = "gpt2"
+
+    folder = _edited_copy(llama_dir, tmp_path / "model", gpt2)
+    with pytest.raises(
+        ValueError, match=r"unsupported model type 'gpt2' \(config.json names no architectures\)"
+    ):
+        make_llm(folder)
+
+
+def test_offloading_on_the_cpu_warns(llama_dir, caplog):
+    make_llm(llama_dir, cpu_offload_gb=0.001)
+    assert "cpu_offload_gb on the CPU saves no memory" in caplog.text

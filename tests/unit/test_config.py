@@ -131,6 +131,14 @@ def test_sliding_window_bounds_max_model_len():
     assert EngineArgs().resolve_max_model_len(qwen) == 32768
     no_window = SimpleNamespace(max_position_embeddings=8192, sliding_window=None)
     assert EngineArgs().resolve_max_model_len(no_window) == 8192
+    # transformers' own layer types: a window only where some layer slides (Qwen2's
+    # max_window_layers at or past the layer count: full attention everywhere)
+    from transformers import Qwen2Config
+
+    kw = dict(max_position_embeddings=512, use_sliding_window=True, sliding_window=32,
+              num_hidden_layers=2)  # fmt: skip
+    assert EngineArgs().resolve_max_model_len(Qwen2Config(max_window_layers=2, **kw)) == 512
+    assert EngineArgs().resolve_max_model_len(Qwen2Config(max_window_layers=1, **kw)) == 32
 
 
 def test_auto_device_warns_when_a_driver_is_there_but_torch_sees_no_gpu(

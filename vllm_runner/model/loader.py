@@ -58,15 +58,17 @@ def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _indexed(path: str, files: list[str]) -> list[str]:
-    """The files a sharded checkpoint's index names, when it has one: a folder may hold
-    others in another naming (Mistral's ``consolidated.safetensors`` next to the HF shards)."""
+    """The checkpoint's files, in HF's order: those its index names, else the one
+    unsharded file, else all. A folder may hold others in another naming (Mistral's
+    ``consolidated.safetensors``, an ``adapter_model.safetensors``)."""
     if not files:
         return files
     safetensors = files[0].endswith(".safetensors")
     name = "model.safetensors" if safetensors else "pytorch_model.bin"
     index = os.path.join(path, f"{name}.index.json")
     if not os.path.isfile(index):
-        return files
+        single = os.path.join(path, name)
+        return [single] if single in files else files
     with open(index) as f:
         named = set(json.load(f)["weight_map"].values())
     return [file for file in files if os.path.basename(file) in named]
@@ -91,11 +93,18 @@ def _copy_weights(
     """The parameter names loaded."""
     buffers = dict(model.named_buffers())
     packed = getattr(model, "packed_modules_mapping", {})
+    head = getattr(model, "lm_head", None)  # tied: its weight is the embedding's parameter
+    tied = next((n for n, p in params.items() if head is not None and p is head.weight), None)
     loaded: set[str] = set()
     for name, tensor in weights:
         stored = name  # the checkpoint's own name, for errors
-        if "rotary_emb.inv_freq" in name:
+        if ".rotary_emb." in name:  # inv_freq, cos_cached, sin_cached: derived here
             continue
+        if name == "lm_head.weight" and tied not in (None, name):
+            if tied not in loaded:  # a tied checkpoint may store the head, not the embedding
+                name = tied  # (the embedding, if it comes later, holds the same values)
+            else:
+                continue
         shard_id = None
         for src, (dst, sid) in packed.items():
             if f".{src}." in name:
@@ -104,8 +113,8 @@ def _copy_weights(
         if name not in params and f"model.{name}" in params:
             name = f"model.{name}"  # old OPT checkpoints lack the "model." prefix
         if name not in params:
-            if name == "lm_head.weight" or name in buffers:
-                continue  # tied to the embedding, or a derived buffer
+            if name in buffers:
+                continue  # a derived buffer
             raise ValueError(
                 f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}"
             )

@@ -14,12 +14,22 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
+# a config without "architectures" (as transformers' Auto classes read it): by model_type
+BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "opt": "OPTForCausalLM"}  # fmt: skip
+
+
 def resolve_model_class(hf_config: object) -> type[nn.Module]:
     architectures = getattr(hf_config, "architectures", None) or []
-    for arch in architectures:
+    model_type = getattr(hf_config, "model_type", None)
+    for arch in architectures or [BY_MODEL_TYPE.get(model_type)]:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
+    if architectures:
+        named = f"architecture {architectures}"
+    else:
+        named = f"type {model_type!r} (config.json names no architectures)"
     raise ValueError(
-        f"unsupported model architecture {architectures or hf_config.model_type!r}; "
-        f"supported: {sorted(MODEL_REGISTRY)}"
+        f"unsupported model {named}; supported architectures: {sorted(MODEL_REGISTRY)}, "
+        f"model types: {sorted(BY_MODEL_TYPE)}"
     )

@@ -278,7 +278,12 @@ def place_weights(
             offloader.buffer_bytes / offloader.num_slots / GiB,
             device,
         )
-        if offloader.num_slots == len(plan.offload_layers):
+        if device.type == "cpu":
+            logger.warning(
+                "cpu_offload_gb on the CPU saves no memory (the weights live in host memory "
+                "already) and turns off the packed CPU matmuls: leave it at 0 here"
+            )
+        elif offloader.num_slots == len(plan.offload_layers):
             logger.warning(
                 "cpu_offload_gb covers only %d layer(s), which fit in the working buffers: "
                 "nothing streams and no device memory is saved",
