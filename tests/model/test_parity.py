@@ -72,3 +72,46 @@ def test_default_model_matches_hf(smol_llm, default_model_dir):
         assert out.token_ids == expected
         assert out.text == tok.decode(expected, skip_special_tokens=True)
     assert outs[0].text.startswith(" Paris.")
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64},
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+         "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16, "truncate": False},
+    ],
+)  # fmt: skip
+def test_rope_scalings_match_hf(tmp_path, scaling):
+    """Each rope scaling's cos / sin table equals HF's rotary embedding (YaRN's attention
+    factor included), and greedy tokens past the original context equal HF's."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, rope_theta=10000.0,
+                         rope_parameters={"rope_theta": 10000.0, **scaling},
+                         tie_word_embeddings=False, architectures=["LlamaForCausalLM"])  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    hf.save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert hf.config.rope_parameters["rope_type"] == scaling["rope_type"]
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
+    table = llm.engine.runner.model.model.layers[0].self_attn.rotary_emb.cos_sin_cache
+    positions = torch.arange(512)[None]
+    cos, sin = hf.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    half = table.shape[1] // 2  # (HF multiplies positions by frequencies in fp32 here)
+    torch.testing.assert_close(table[:, :half], cos[0, :, :half], rtol=0, atol=5e-5)
+    torch.testing.assert_close(table[:, half:], sin[0, :, :half], rtol=0, atol=5e-5)
+    prompts = [[random.Random(i).randrange(384) for _ in range(200 + 40 * i)] for i in range(3)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == hf_greedy(hf, prompt, 16)

@@ -1,4 +1,4 @@
-"""Rotary position embedding, with the Llama-3 frequency scaling."""
+"""Rotary position embedding, with the Llama-3, linear and YaRN frequency scalings."""
 
 import math
 
@@ -27,23 +27,57 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(wavelen < old_len / high, inv_freq, scaled)
 
 
+def _yarn_inv_freq(
+    inv_freq: torch.Tensor, scaling: dict, theta: float, max_positions: int
+) -> tuple[torch.Tensor, float]:
+    """YaRN (Qwen2.5's long-context setting): the high-frequency dimensions keep their
+    frequency, the low ones are divided by ``factor``, a linear ramp between them; cos and
+    sin are scaled by the attention factor. Returns (inv_freq, attention factor)."""
+    old_len = scaling.get("original_max_position_embeddings") or max_positions
+    factor = scaling.get("factor") or max_positions / old_len
+    dim = 2 * len(inv_freq)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def dim_of(rotations: float) -> float:  # the dimension turning `rotations` times
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(scaling.get("beta_fast") or 32), dim_of(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = (torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)
+    keep = 1 - ramp.clamp(0, 1)  # 1: the original frequency, 0: divided by factor
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, rotary_dim: int, max_positions: int, theta: float, scaling: dict) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
         rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+        attention = 1.0  # cos and sin scaled by it (YaRN)
         if rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, scaling)
         elif rope_type == "linear":
             inv_freq = inv_freq / scaling["factor"]
+        elif rope_type == "yarn":
+            inv_freq, attention = _yarn_inv_freq(inv_freq, scaling, theta, max_positions)
         elif rope_type != "default":
             raise ValueError(
                 f"rope_scaling type {rope_type!r} is not supported "
-                "(supported: default, linear, llama3)"
+                "(supported: default, linear, llama3, yarn)"
             )
         t = torch.arange(max_positions, dtype=torch.float64)
         freqs = torch.outer(t, inv_freq)
-        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).float()  # [max_pos, rotary_dim]
+        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention
+        cache = cache.float()  # [max_pos, rotary_dim]
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
