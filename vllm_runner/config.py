@@ -123,6 +123,9 @@ class EngineArgs:
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "async_scheduling" and value is None):
                 raise bad(name, "true or false")
+        named = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+        if isinstance(self.dtype, torch.dtype) and self.dtype in named:  # as vLLM takes it too
+            self.dtype = named[self.dtype]
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise bad("dtype", f"'auto' or one of {sorted(_DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

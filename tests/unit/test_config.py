@@ -106,12 +106,21 @@ def test_offload_step_budget(budget, default, offloading, kv_tokens, seqs, expec
         ("admission_interval", 2.0, "an integer"),
         ("piecewise_max_tokens", -1, r">= 0 \(0 turns them off\)"),
         ("piecewise_max_tokens", "512", "an integer"),
+        ("dtype", torch.int8, r"'auto' or one of \[.*\]"),
     ],
 )
 def test_engine_arguments_of_the_wrong_type_name_themselves(field, value, kind):
     """Caught at once with the value named, not as a TypeError deep in the engine build."""
     with pytest.raises(ValueError, match=f"{field} must be {kind}, got {value!r}"):
         EngineArgs(**{field: value}).validate()
+
+
+def test_a_torch_dtype_is_taken_as_its_name():
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16"),
+                        (torch.float32, "float32")):  # fmt: skip
+        args = EngineArgs(dtype=dtype)
+        args.validate()
+        assert args.dtype == name
 
 
 def test_sliding_window_bounds_max_model_len():
