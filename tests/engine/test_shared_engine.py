@@ -323,3 +323,59 @@ def test_a_shared_engine_that_does_not_answer_fails_the_connection_in_time(name)
         listener.close()
         place.key.unlink()
     assert place.connect(timeout=5) is None  # none listens: start one
+
+
+TINY = dict(
+    vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+)  # fmt: skip
+
+
+def test_one_relative_model_name_in_two_folders_is_two_engines(
+    tmp_path, monkeypatch, name, peaked_llama
+):
+    """ "m" in two working directories names two models: the second front end does not attach
+    to the first one's engine (it would get the other model's tokens, silently)."""
+    from vllm_runner import LLM
+
+    kw = dict(dtype="float32", device="cpu", max_model_len=256, cpu_kv_cache_gb=0.05)
+    for folder, large in (("a", ("lm_head",)), ("b", ("embed",))):
+        peaked_llama(str(tmp_path / folder / "m"), large, **TINY)
+    monkeypatch.chdir(tmp_path / "a")
+    first = AsyncLLM("m", shared_engine=name, **kw)
+    monkeypatch.chdir(tmp_path / "b")
+    second = AsyncLLM("m", shared_engine=name, **kw)
+    try:
+        want = LLM("m", **kw).generate([[1, 2, 3]], GREEDY)[0].token_ids
+        got = run(second.generate([[1, 2, 3]], GREEDY))[0].token_ids
+        assert second._client.pid != first._client.pid
+        assert got == want
+    finally:
+        run(second.shutdown())
+        run(first.shutdown())
+
+
+def test_a_bad_handshake_does_not_stop_the_engine_accepting(
+    tmp_path, name, monkeypatch, peaked_llama
+):
+    """A caller that answers the engine's challenge with a message too long for it fails
+    alone: front ends that connect later still join."""
+    import socket
+    import struct
+
+    path = peaked_llama(str(tmp_path / "m"), ("lm_head",), **TINY)
+    kw = dict(dtype="float32", device="cpu", max_model_len=256, cpu_kv_cache_gb=0.05)
+    first = AsyncLLM(path, shared_engine=name, **kw)
+    try:
+        place = SharedEngine.named(name, engine_args(path, None, dict(kw)))
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(place.socket)
+            s.recv(1000)  # the challenge
+            s.sendall(struct.pack("!i", 300) + b"x" * 300)
+            time.sleep(0.5)
+        monkeypatch.setattr(SharedEngine.connect, "__defaults__", (10.0,))
+        second = AsyncLLM(path, shared_engine=name, **kw)
+        assert second._client.pid == first._client.pid
+        run(second.shutdown())
+    finally:
+        run(first.shutdown())

@@ -7,6 +7,7 @@ starts it and the rest wait for it to be ready.
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -89,6 +90,11 @@ class SharedEngine:
         info = home.lstat()
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
             raise PermissionError(f"{home} must be a directory of this user's only (mode 700)")
+        model = getattr(args, "model", None)
+        if model is not None and os.path.isdir(model):
+            # NOTE: the folder itself, not its name: "model" in two working directories is
+            # two models, "m" and "./m" one
+            args = dataclasses.replace(args, model=os.path.realpath(model))
         # (a short file name: a Unix socket's path is limited to ~100 bytes)
         stem = hashlib.sha256(f"{name}\n{args!r}".encode()).hexdigest()[:16]
         return cls(str(home / f"{stem}.sock"), home / f"{stem}.key", home / f"{stem}.lock")

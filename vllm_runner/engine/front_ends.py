@@ -234,9 +234,13 @@ class FrontEnds:
             except (AuthenticationError, EOFError, ConnectionError):  # that caller's problem
                 continue
             except OSError:
-                if not self._closed:
-                    logger.exception("the shared engine stopped accepting front ends")
-                return
+                if self._closed:  # (the listener closed: the engine is ending)
+                    return
+                # NOTE: one caller's bad handshake ("bad message length") or a passing
+                # shortage (EMFILE) must not stop every later front end from joining
+                logger.warning("a front end's connection failed", exc_info=True)
+                time.sleep(0.05)
+                continue
             with self._joining:
                 try:
                     if self._closed:

@@ -23,7 +23,9 @@ def resolve_model_path(model: str | None) -> str:
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise ValueError(f"model folder {model!r} has no config.json")
-        return model
+        # (absolute: a shared engine's front ends load its tokenizer from this path, from
+        # their own working directories)
+        return os.path.abspath(model)
     if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ValueError(
             f"model {model!r} is not a local model folder (config.json + weights) "
