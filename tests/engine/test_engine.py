@@ -69,91 +69,6 @@ def test_max_model_len_finishes_with_length(llama_dir):
     assert len(out.token_ids) == 10 and out.finish_reason == "length"
 
 
-@pytest.mark.parametrize(
-    "bad, match",
-    [
-        (dict(prompt=""), "prompt is empty"),
-        (dict(prompt=[]), "prompt is empty"),
-        (dict(prompt=list(range(1, 600))), "599 tokens, but max_model_len is 512"),
-        (dict(prompt=[1, 99999]), "99999 is outside the vocabulary"),
-        (dict(prompt=[1, 2], stop_token_ids=[5, 169752593]), "entry 169752593 is outside"),
-    ],
-)
-def test_bad_prompts_raise_and_do_not_disturb(llama_dir, bad, match):
-    llm = make_llm(llama_dir)
-    params = SamplingParams(
-        max_tokens=24,
-        temperature=0.0,
-        ignore_eos=True,
-        stop_token_ids=bad.get("stop_token_ids"),
-        min_tokens=2,
-    )
-    with pytest.raises(ValueError, match=match):
-        llm.generate([[1, 2, 3], bad["prompt"]], [GREEDY, params])
-    assert llm.stats()["num_waiting"] == 0  # nothing was half-added
-    assert len(llm.generate([[1, 2, 3]], GREEDY)[0].token_ids) == 24
-
-
-@pytest.mark.parametrize(
-    "field, value, match",
-    [
-        ("max_tokens", 0, "max_tokens must be >= 1, got 0"),
-        ("temperature", -0.5, "temperature must be a finite number >= 0, got -0.5"),
-        ("temperature", float("inf"), "temperature must be a finite number >= 0, got inf"),
-        ("temperature", float("nan"), "temperature must be a finite number >= 0, got nan"),
-        ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
-        ("top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
-        ("n", 0, "n must be >= 1"),
-        # an int64 tensor downstream: an overflow there failed the whole step
-        ("top_k", 2**63, r"top_k must be -1, 0 \(off\) or in \[1, 9223372036854775807\]"),
-        # a bool is not read as 1 (logprobs=True reached torch.topk and failed the step)
-        ("logprobs", True, r"logprobs must be an integer in \[0, 20\], got True"),
-        ("prompt_logprobs", True, r"prompt_logprobs must be an integer in \[0, 20\], got True"),
-        ("max_tokens", True, "max_tokens must be >= 1, got True"),
-        ("n", True, "n must be >= 1, got True"),
-        ("stop", [7], r"stop must be non-empty strings, got \[7\]"),
-        ("stop", [b"x"], "stop must be non-empty strings"),
-        ("stop_token_ids", ["a"], "stop_token_ids entry must be a token id .*, got 'a'"),
-        ("stop_token_ids", [1.5], "stop_token_ids entry must be a token id .*, got 1.5"),
-        ("temperature", "0.5", "temperature must be a number, got '0.5'"),
-        ("presence_penalty", None, "presence_penalty must be a number, got None"),
-    ],
-)
-def test_bad_sampling_params(field, value, match):
-    with pytest.raises(ValueError, match=match):
-        SamplingParams(**{field: value})
-
-
-def test_bad_prompt_token_ids_are_refused(llama_dir):
-    llm = make_llm(llama_dir)
-    for ids, match in (([1, True], "prompt token id True is not an integer"),
-                       ([1, 2.0], "prompt token id 2.0 is not an integer")):  # fmt: skip
-        with pytest.raises(ValueError, match=match):
-            llm.generate([[1, 2, 3], ids], GREEDY)
-    assert len(llm.generate([[1, 2, 3]], GREEDY)[0].token_ids) == 24
-
-
-def test_a_failed_add_leaves_no_request_for_a_later_call(llama_dir, monkeypatch):
-    """An add that fails part-way through a generate() call (past validation) aborts the
-    requests added before it, so the next call computes its own requests only."""
-    llm = make_llm(llama_dir)
-    add, calls = llm.engine.add_request, []
-
-    def failing_third(*args, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("add failed")
-        return add(*args, **kw)
-
-    monkeypatch.setattr(llm.engine, "add_request", failing_third)
-    with pytest.raises(RuntimeError, match="add failed"):
-        llm.generate(prompts(4, seed=3), GREEDY)
-    assert not llm.engine.has_unfinished() and llm.stats()["kv_blocks_used"] == 0
-    monkeypatch.setattr(llm.engine, "add_request", add)
-    out = llm.generate([[1, 2, 3]], GREEDY)
-    assert len(out) == 1 and len(out[0].token_ids) == 24
-
-
 def test_admission_interval_gives_the_same_tokens(llama_dir):
     """Requests held back a few steps (admission_interval, max_num_seqs=4 so that most join
     while others decode) get the tokens they get when admitted at once."""
@@ -296,18 +211,6 @@ def test_failed_launch_keeps_the_launched_steps_tokens(llama_dir, monkeypatch):
     again = llm.generate(prompts(2, seed=5), params)
     assert [len(o.outputs[0].token_ids) for o in again] == [10, 10]
     assert llm.stats()["kv_blocks_used"] == 0
-
-
-def test_request_larger_than_the_whole_kv_cache_is_refused(llama_dir):
-    """A request that could never fit in the KV cache gets a clear error instead of waiting
-    forever at the head of the queue; one that fits (exactly) still runs."""
-    llm = make_llm(llama_dir, num_kv_blocks=4)  # 64 tokens of KV
-    fits = SamplingParams(max_tokens=33, temperature=0.0, ignore_eos=True)  # 32 + 33 - 1 = 64
-    with pytest.raises(ValueError, match=r"needs up to 5 KV-cache blocks of 16 tokens "
-                       r"\(32 prompt \+ 34 new tokens\), but the cache has 4"):  # fmt: skip
-        llm.generate([list(range(1, 33))], SamplingParams(max_tokens=34, ignore_eos=True))
-    out = llm.generate([list(range(1, 33))], fits)
-    assert len(out[0].token_ids) == 33 and llm.stats()["kv_blocks_used"] == 0
 
 
 def test_overlapped_steps_after_a_chunked_prefill(llama_dir):
