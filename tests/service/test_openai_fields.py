@@ -137,7 +137,7 @@ def test_logprob_tokens_keep_sentencepiece_spaces() -> None:
     assert tokenizer.decode([5]) == "is"  # the decoder strips a lone token's space
     ids = [5, 6, 7]  # " is Paris." after "The capital"
     text = tokenizer.decode([3, 4, *ids])[len(tokenizer.decode([3, 4])) :]
-    decode = fmt.token_decoder(tokenizer)
+    decode = fmt.TokenDecoder(tokenizer)
     lp = fmt.completion_logprobs(decode, ids, [{i: -0.5} for i in ids])
     assert lp["tokens"] == [" is", " Paris", "."] and "".join(lp["tokens"]) == text
     assert lp["text_offset"] == [0, 3, 9]

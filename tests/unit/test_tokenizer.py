@@ -95,7 +95,7 @@ def test_token_bytes_rebuild_characters_split_across_tokens(default_model_dir):
     from tokenizers import Tokenizer, decoders, models, normalizers
     from transformers import AutoTokenizer
 
-    from vllm_runner.serving.openai_format import token_decoder
+    from vllm_runner.serving.openai_format import TokenDecoder
 
     smol = AutoTokenizer.from_pretrained(default_model_dir)
     vocab = {"<unk>": 0, **{f"<0x{b:02X}>": b + 1 for b in range(256)}, "▁": 257, "▁the": 258}
@@ -106,8 +106,8 @@ def test_token_bytes_rebuild_characters_split_across_tokens(default_model_dir):
     text = " the 🌟🌟 日本語 é"
     for tokenizer in (smol, fallback):
         ids = tokenizer.encode(text, add_special_tokens=False)
-        decode = token_decoder(tokenizer)
+        decode = TokenDecoder(tokenizer)
         assert "\ufffd" in [decode(t) for t in ids]  # some token is part of a character
         assert b"".join(decode.bytes(t) for t in ids) == text.encode("utf-8")
     im_end = smol.convert_tokens_to_ids("<|im_end|>")  # a special token: its text's bytes
-    assert token_decoder(smol).bytes(im_end) == b"<|im_end|>"
+    assert TokenDecoder(smol).bytes(im_end) == b"<|im_end|>"

@@ -103,10 +103,10 @@ def _copy_weights(
         if ".rotary_emb." in name:  # inv_freq, cos_cached, sin_cached: derived here
             continue
         if name == "lm_head.weight" and tied not in (None, name):
-            if tied not in loaded:  # a tied checkpoint may store the head, not the embedding
-                name = tied  # (the embedding, if it comes later, holds the same values)
-            else:
+            if tied in loaded:
                 continue
+            name = tied  # a tied checkpoint may store the head, not the embedding (which, if
+            # it comes later, holds the same values)
         shard_id = None
         for src, (dst, sid) in packed.items():
             if f".{src}." in name:

@@ -172,7 +172,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
             await validate(engine, p, params, "prompt", _COMPLETION_FIELDS) for p in body.prompts()
         ]
         rid = new_request_id("cmpl")
-        decode = fmt.token_decoder(engine.tokenizer)
+        decode = fmt.TokenDecoder(engine.tokenizer)
 
         def choice(i: int, c: Choice) -> dict[str, Any]:
             lps = (
@@ -204,7 +204,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         fields = _CHAT_FIELDS - {"prompt"}
         ids = await validate(engine, prompt, params, "messages", fields, chat=True)
         rid = new_request_id("chatcmpl")
-        decode = fmt.token_decoder(engine.tokenizer)
+        decode = fmt.TokenDecoder(engine.tokenizer)
         if body.stream:
             env = fmt.Envelope("chat.completion.chunk", rid, engine.model_name)
             return _sse(_stream_chat(engine, ids, params, env, body, decode))

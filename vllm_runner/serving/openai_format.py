@@ -117,10 +117,6 @@ class TokenDecoder:
         return self(tid).encode("utf-8") if raw is None else raw
 
 
-def token_decoder(tokenizer: Any) -> TokenDecoder:
-    return TokenDecoder(tokenizer)
-
-
 def _ranked(logprobs: dict[int, float]) -> list[tuple[int, float]]:
     return sorted(logprobs.items(), key=lambda kv: -kv[1])
 
