@@ -327,6 +327,28 @@ def test_fp8_kv_cache(model_dir, tmp_path, peaked_llama):
     assert tokens[0] == tokens[1]
 
 
+def test_yarn_rope_on_the_gpu_matches_the_cpu(tmp_path, peaked_llama):
+    """A YaRN-scaled model (its cos / sin tables carry the attention factor) through the
+    GPU kernels (prefill, the batched decode, a lone request's fused layers) gives the
+    greedy tokens of the CPU reference path, fp32 on both, past the original context."""
+    peaked_llama(
+        str(tmp_path), ("embed",), vocab_size=4096, hidden_size=256, intermediate_size=512,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 256},
+    )  # fmt: skip
+    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+    batch = [[t % 4096 for t in p] for p in prompts()[:8]]
+    batch = [p * (1 + 300 // len(p)) for p in batch]  # past the 256 original positions
+    tokens = [
+        [o.token_ids for o in LLM(str(tmp_path), dtype="float32", device=device,
+                                  num_kv_blocks=512).generate(b, params)]
+        for device in ("cuda", "cpu") for b in (batch, batch[:1])
+    ]  # fmt: skip
+    assert tokens[:2] == tokens[2:]
+
+
 def test_gpu_preemption(model_dir):
     """fp32, so that recomputing a preempted request's KV (one prefill) gives the same values
     as computing them step by step; in bf16 the two orders round differently."""
