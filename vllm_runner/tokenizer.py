@@ -66,6 +66,7 @@ def _byte_chars() -> list[str]:
 
 
 _BYTE_CHARS = _byte_chars()
+_BYTE_OF = {c: b for b, c in enumerate(_BYTE_CHARS)}
 
 
 def piece_bytes(tokenizer):
@@ -75,7 +76,6 @@ def piece_bytes(tokenizer):
     piece of a multi-byte character decodes alone to U+FFFD; its bytes are the character's."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
-    byte_of = {c: b for b, c in enumerate(_BYTE_CHARS)}
     special = set(getattr(tokenizer, "all_special_ids", ()))
 
     def read(tid: int) -> bytes | None:
@@ -87,8 +87,8 @@ def piece_bytes(tokenizer):
                 return bytes([int(piece[3:5], 16)])
             except ValueError:
                 pass
-        if byte_level and all(c in byte_of for c in piece):
-            return bytes(byte_of[c] for c in piece)
+        if byte_level and all(c in _BYTE_OF for c in piece):
+            return bytes(_BYTE_OF[c] for c in piece)
         return None
 
     return read

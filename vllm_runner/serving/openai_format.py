@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -99,7 +100,6 @@ class TokenDecoder:
         if tokenizer is not None:
             self.anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
             self.head = tokenizer.decode(self.anchor)
-            self.piece_bytes = piece_bytes(tokenizer)
 
     def __call__(self, tid: int) -> str:
         if self.tokenizer is None:
@@ -111,6 +111,10 @@ class TokenDecoder:
                 text[len(head) :] if text.startswith(head) else self.tokenizer.decode([tid])
             )
         return self.cache[tid]
+
+    @functools.cached_property
+    def piece_bytes(self):  # only for chat logprobs: not built for every request
+        return piece_bytes(self.tokenizer)
 
     def bytes(self, tid: int) -> bytes:
         raw = self.piece_bytes(tid) if self.tokenizer is not None else None
