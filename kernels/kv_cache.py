@@ -83,7 +83,10 @@ def write_kv_cache(
     assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must share strides"
     assert key.stride(2) == 1 and value.stride(2) == 1, "head_dim axis of key/value must be dense"
     assert k_cache.stride(3) == 1, "head_dim axis of the cache must be dense"
-    assert slot_mapping.shape == (num_tokens,), f"slot_mapping {tuple(slot_mapping.shape)}"
+    assert slot_mapping.shape == (num_tokens,) and slot_mapping.is_contiguous(), (
+        f"slot_mapping {tuple(slot_mapping.shape)} {slot_mapping.stride()} must be a contiguous "
+        f"[{num_tokens}]"
+    )
     assert slot_mapping.dtype in (torch.int32, torch.int64), f"slot_mapping {slot_mapping.dtype}"
     if num_tokens == 0:
         return
@@ -206,6 +209,9 @@ def rotary_and_write_kv_cache(
     assert query.stride(2) == key.stride(2) == value.stride(2) == 1, "head_dim must be dense"
     assert positions.shape == slot_mapping.shape == (num_tokens,), (
         f"positions {tuple(positions.shape)} / slot_mapping {tuple(slot_mapping.shape)}"
+    )
+    assert positions.is_contiguous() and slot_mapping.is_contiguous(), (
+        f"positions {positions.stride()} / slot_mapping {slot_mapping.stride()} must be contiguous"
     )
     assert positions.dtype in (torch.int32, torch.int64), f"positions {positions.dtype}"
     assert slot_mapping.dtype in (torch.int32, torch.int64), f"slot_mapping {slot_mapping.dtype}"

@@ -273,9 +273,11 @@ class NewTokens:
             f"positions {tuple(self.positions.shape)} / slot_mapping "
             f"{tuple(self.slot_mapping.shape)} vs {num_reqs} requests"
         )
-        for name in ("positions", "slot_mapping"):
+        for name in ("positions", "slot_mapping"):  # read at stride 1, a row per request
             t = getattr(self, name)
-            assert t.dtype in (torch.int32, torch.int64), f"{name} {t.dtype}"
+            assert t.dtype in (torch.int32, torch.int64) and t.is_contiguous(), (
+                f"{name} {t.dtype} {t.stride()} must be a contiguous int32 / int64 tensor"
+            )
         assert self.cos_sin_cache.dim() == 2, (
             f"cos_sin_cache {tuple(self.cos_sin_cache.shape)} must be [positions, rotary_dim]"
         )
@@ -353,6 +355,7 @@ def paged_attention_decode(
         assert order.shape == (num_reqs,) and order.dtype == torch.int32, (
             f"order {tuple(order.shape)} {order.dtype} must be [{num_reqs}] int32"
         )
+        assert order.is_contiguous(), f"order {order.stride()} must be contiguous (stride 1)"
         assert order.device == query.device, f"order on {order.device}, query on {query.device}"
         if num_reqs == 1 or num_reqs > 65535:  # nothing to order / past the grid's y limit
             order = None

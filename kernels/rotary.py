@@ -129,7 +129,10 @@ def rotary_embedding(
     num_kv_heads = key.shape[1]
     rotary_dim = cos_sin_cache.shape[1]
     assert key.shape == (num_tokens, num_kv_heads, head_dim), f"key {tuple(key.shape)}"
-    assert positions.shape == (num_tokens,), f"positions {tuple(positions.shape)}"
+    assert positions.shape == (num_tokens,) and positions.is_contiguous(), (
+        f"positions {tuple(positions.shape)} {positions.stride()} must be a contiguous "
+        f"[{num_tokens}]"
+    )
     assert positions.dtype in (torch.int32, torch.int64), f"positions {positions.dtype}"
     assert rotary_dim > 0 and rotary_dim % 2 == 0 and rotary_dim <= head_dim, (
         f"rotary_dim {rotary_dim} must be even and in [2, head_dim {head_dim}]"
