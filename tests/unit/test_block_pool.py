@@ -1,7 +1,7 @@
 """Block pool and KV cache manager: exact block ids, ref counts and LRU eviction."""
 
 from vllm_runner.engine.block_pool import BlockPool
-from vllm_runner.engine.kv_cache_manager import KVCacheManager
+from vllm_runner.engine.kv_cache_manager import KVCacheManager, hash_block
 from vllm_runner.engine.request import Request
 from vllm_runner.sampling_params import SamplingParams
 
@@ -125,3 +125,20 @@ def test_prompt_logprobs_requests_skip_the_cache():
     assert kv.allocate_slots(a, 9) is not None
     b = make_request("b", list(range(9)), prompt_logprobs=0)
     assert kv.get_computed_blocks(b) == ([], 0)
+
+
+def test_block_identity_is_the_content_not_pythons_hash():
+    """Python's hash() maps distinct ints together (it is taken mod 2**61 - 1, and
+    hash(-1) == hash(-2)), so it cannot name a block's content: prompts crafted to collide
+    would read another request's cached KV. The digest changes with every token and parent."""
+    twin = 5 + (2**61 - 1)
+    assert hash(twin) == hash(5)
+    assert hash_block(None, [1, 2, 3, twin]) != hash_block(None, [1, 2, 3, 5])
+    assert hash_block(None, [-1] * BS) != hash_block(None, [-2] * BS)
+    parent = hash_block(None, [1, 2, 3, 4])
+    assert hash_block(parent, [5, 6, 7, 8]) != hash_block(
+        hash_block(None, [1, 2, 3, 5]), [5, 6, 7, 8]
+    )
+    assert hash_block(parent, [5, 6, 7, 8]) == hash_block(
+        hash_block(None, [1, 2, 3, 4]), [5, 6, 7, 8]
+    )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 class KVBlock:
     block_id: int
     ref_cnt: int = 0
-    block_hash: int | None = None  # set once the block is full and its hash registered
+    block_hash: bytes | None = None  # set once the block is full and its hash registered
 
 
 class BlockPool:
@@ -24,7 +24,7 @@ class BlockPool:
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         # block hash -> the blocks holding that content, by id: two requests that computed the
         # same block each hold a copy, and either one serves a hit while it lasts
-        self._cached: dict[int, dict[int, KVBlock]] = {}
+        self._cached: dict[bytes, dict[int, KVBlock]] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -34,7 +34,7 @@ class BlockPool:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
-    def get_cached_block(self, block_hash: int) -> KVBlock | None:
+    def get_cached_block(self, block_hash: bytes) -> KVBlock | None:
         copies = self._cached.get(block_hash)
         return next(iter(copies.values())) if copies else None
 
@@ -68,7 +68,7 @@ class BlockPool:
                     self._evict(block)
                 self._free[block.block_id] = block
 
-    def cache_block(self, block: KVBlock, block_hash: int) -> None:
+    def cache_block(self, block: KVBlock, block_hash: bytes) -> None:
         if not self.enable_caching or block.block_hash is not None:
             return
         block.block_hash = block_hash

@@ -52,7 +52,7 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 = not yet scheduled
     stop_reason: int | str | None = None
     # Prefix-cache hashes of this request's full blocks, in order (extended as tokens arrive).
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
