@@ -142,3 +142,65 @@ def test_a_character_the_prompt_began_and_the_output_does_not_end_stays_the_prom
         slow = IncrementalDetokenizer(tokenizer, ids[:cut], [], False, True)
     assert _deltas(fast, out) == _deltas(slow, out)
     assert fast.text == " and more"
+
+
+def _byte_fallback_tokenizer():
+    """Llama 2 style: SentencePiece BPE over '▁' and the letters, every other character as
+    the byte pieces (<0xNN>) of its UTF-8 bytes, the text's first space stripped."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": b + 1 for b in range(256)}}
+    vocab |= {p: 257 + i for i, p in enumerate(["▁", *"abcdefghijklmnopqrstuvwxyz"])}
+    backend = Tokenizer(models.BPE(vocab, [], byte_fallback=True, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", clean_up_tokenization_spaces=False
+    )
+
+
+@pytest.mark.parametrize("byte_fallback", [False, True])
+def test_two_decodes_a_token_give_a_character_the_prompt_began_as_the_decoder_does(
+    default_model_dir, byte_fallback, monkeypatch
+):
+    """A prompt of ids may end inside a character: the two decodes a token (a tokenizer that
+    cleans up spaces, or the incremental decoder refused) stream what the incremental
+    decoder streams, the output ending the character or not (found in review: they cut the
+    output's first text where the prompt's replacement text ended: ' 日本' came out '本',
+    a character of byte pieces as U+FFFD)."""
+    tokenizer = _byte_fallback_tokenizer() if byte_fallback else _tokenizer(default_model_dir)
+    ids = tokenizer.encode("I like 日本 and ภาษา", add_special_tokens=False)
+    cuts = [i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith("\ufffd")]
+    assert cuts
+    unended = tokenizer.encode(" and more", add_special_tokens=False)
+    for cut in cuts:
+        whole = max(k for k in range(cut) if not tokenizer.decode(ids[:k]).endswith("\ufffd"))
+        for out in (ids[cut:], unended):
+            fast = IncrementalDetokenizer(tokenizer, ids[:cut], [], False, True)
+            with monkeypatch.context() as m:
+                m.setattr(module, "DecodeStream", None)
+                slow = IncrementalDetokenizer(tokenizer, ids[:cut], [], False, True)
+            assert _deltas(slow, out) == _deltas(fast, out), (cut, out)
+            if out is not unended:
+                assert tokenizer.decode(ids[:whole]) + slow.text == tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("prompt", ["a 🙂日", "日é日"])
+def test_byte_pieces_after_prompt_tokens_that_start_inside_a_character(prompt, monkeypatch):
+    """The prompt tokens decoded ahead of the output start at a character: a byte-fallback
+    decoder reads a run of byte pieces that is not UTF-8 as U+FFFD throughout, and the
+    output's byte pieces continue the prompt's run (found in review: '日本' after a prompt
+    whose last 6 tokens began inside '🙂' came out as six U+FFFD)."""
+    tokenizer = _byte_fallback_tokenizer()
+    head = tokenizer.encode(prompt, add_special_tokens=False)
+    ids = tokenizer.encode(prompt + "日本 ok", add_special_tokens=False)
+    assert ids[: len(head)] == head and tokenizer.decode(head[-6:]).startswith("\ufffd")
+    for decoder in (module.DecodeStream, None):
+        with monkeypatch.context() as m:
+            m.setattr(module, "DecodeStream", decoder)
+            detok = IncrementalDetokenizer(tokenizer, head, [], False, True)
+        assert "".join(_deltas(detok, ids[len(head) :])) == "日本 ok"

@@ -27,21 +27,12 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self._backend = _backend(tokenizer)
         self.skip_special = skip_special_tokens
-        context = prompt_token_ids[-_CONTEXT_TOKENS:]
         self._stream = None
         self._prompt_tail = ""  # text of prompt tokens that end inside a character
-        if self._backend is not None and DecodeStream is not None:
-            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-            try:
-                chunks = [self._stream.step(self._backend, token) for token in context]
-            except Exception:  # (see _step_stream) the two decodes do without it
-                self._stream = None
-            else:
-                if chunks and chunks[-1] is None:  # the prompt may end inside a character
-                    self._prompt_tail = _pending_text(self._decode, context)
-        self.ids = list(context)
-        self.prefix_offset = 0
-        self.read_offset = len(context)
+        self.ids: list[int] = []
+        self.prefix_offset = self.read_offset = 0
+        if tokenizer is not None:  # (none: the engine works on ids, the text stays empty)
+            self._read_prompt(prompt_token_ids)
         self.stop = stop
         self.include_stop = include_stop
         # as vLLM: nothing is held back when the stop string stays in the output
@@ -51,6 +42,27 @@ class IncrementalDetokenizer:
         self.stop_from = 0  # text of the first min_tokens tokens is not searched for stops
         self.text = ""
         self.sent = 0  # characters already streamed
+
+    def _read_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Decode the prompt's last tokens (``_context``) ahead of the output's."""
+        context = _context(self._decode, prompt_token_ids)
+        may_be_inside = True  # whether the prompt may end inside a character
+        if self._backend is not None and DecodeStream is not None:
+            self._stream = DecodeStream(skip_special_tokens=self.skip_special)
+            try:
+                chunks = [self._stream.step(self._backend, token) for token in context]
+            except Exception:  # (see _step_stream) the two decodes do without it
+                self._stream = None
+            else:
+                may_be_inside = bool(chunks) and chunks[-1] is None
+        # the window of the two decodes starts at the prompt tokens that end inside a
+        # character, as the incremental decoder's does (it started past them: the output's
+        # first text was cut where the replacement text of the unended character ended)
+        start, self._prompt_tail = (
+            _pending(self._decode, context) if may_be_inside else (len(context), "")
+        )
+        self.ids = list(context)
+        self.read_offset = start
 
     def _decode(self, ids: list[int]) -> str:
         if self._backend is not None:
@@ -94,14 +106,7 @@ class IncrementalDetokenizer:
                 self._decode_window()
                 return
             if chunk is not None:
-                if self._prompt_tail:
-                    # NOTE: a character the prompt began comes out with the output if the
-                    # output ends it; left unended, its replacement text stays the prompt's.
-                    if chunk.startswith(self._prompt_tail):
-                        chunk = chunk[len(self._prompt_tail) :]
-                    self._prompt_tail = ""
-                self.text += chunk
-                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+                self._append(chunk)
 
     def _decode_window(self) -> None:
         """The text of the tokens after ``read_offset``: the decode of the window from
@@ -111,7 +116,17 @@ class IncrementalDetokenizer:
         full = self._decode(self.ids[self.prefix_offset :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return
-        self.text += full[len(prefix) :]
+        self._append(full[len(prefix) :])
+
+    def _append(self, chunk: str) -> None:
+        """Add the text of the tokens after ``read_offset``."""
+        if self._prompt_tail:
+            # NOTE: a character the prompt began comes out with the output if the output
+            # ends it; left unended, its replacement text stays the prompt's.
+            if chunk.startswith(self._prompt_tail):
+                chunk = chunk[len(self._prompt_tail) :]
+            self._prompt_tail = ""
+        self.text += chunk
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
 
     def _find_stop(self, new_from: int) -> str | None:
@@ -135,17 +150,38 @@ class IncrementalDetokenizer:
         return delta
 
 
-def _pending_text(decode, ids: list[int]) -> str:
-    """The text (ending in U+FFFD) of the last ``ids`` that end inside a character: the
-    decode of ``ids`` past that of the longest prefix that ends between characters."""
+def _context(decode, prompt_ids: list[int]) -> list[int]:
+    """The last ``_CONTEXT_TOKENS`` prompt tokens, or up to 3 more (a character has at most 4
+    UTF-8 bytes) so that they start a character: a byte-fallback decoder (Llama 2, Mistral)
+    reads a run of byte pieces that is not UTF-8 as U+FFFD throughout, and the output's byte
+    pieces continue the run (a CJK output after a prompt ending in "🙂日" came out as U+FFFD)."""
+    start = max(0, len(prompt_ids) - _CONTEXT_TOKENS)
+    for _ in range(3):
+        if start == 0 or _starts_a_character(decode, prompt_ids[start : start + 4]):
+            break
+        start -= 1
+    return prompt_ids[start:]
+
+
+def _starts_a_character(decode, ids: list[int]) -> bool:
+    """Whether ``ids`` start with a character's first byte: the text of some of them, from the
+    first, does not start with U+FFFD (not of one length: with byte fallback, a character's
+    bytes and a part of the next one's decode to U+FFFD throughout)."""
+    return any(not decode(ids[:j]).startswith("\ufffd") for j in range(1, len(ids) + 1))
+
+
+def _pending(decode, ids: list[int]) -> tuple[int, str]:
+    """Where the last ``ids`` that end inside a character start, and their text (ending in
+    U+FFFD): the decode of ``ids`` past that of the longest prefix that ends between
+    characters. ``(len(ids), "")`` when ``ids`` end between characters."""
     full = decode(ids)
     if not full.endswith("\ufffd"):
-        return ""
+        return len(ids), ""
     for k in range(len(ids) - 1, -1, -1):
         head = decode(ids[:k])
         if not head.endswith("\ufffd"):
-            return full[len(head) :] if full.startswith(head) else ""
-    return full
+            return k, full[len(head) :] if full.startswith(head) else ""
+    return 0, full
 
 
 def _backend(tokenizer):
