@@ -7,6 +7,7 @@ so its tokens depend on nothing else in the batch and survive preemption.
 """
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,13 +138,20 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
         )
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(logits.shape[1], device=device)
-        k = host_values([k if k > 0 else logits.shape[1] for k in top_k], torch.long, device)
-        sorted_logits.masked_fill_(ranks[None, :] >= k[:, None], float("-inf"))
+        vocab = logits.shape[1]
+        k = host_values([min(k, vocab) if k > 0 else vocab for k in top_k], torch.long, device)
+        # every token tied with the k-th is kept (as vLLM and HF): cutting at rank k dropped
+        # some of a tie, by their place in the sort (common with bf16 logits)
+        kth = sorted_logits.gather(1, k[:, None] - 1)
+        sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
-        p = host_values(top_p, probs.dtype, device)
-        sorted_logits.masked_fill_(before >= p[:, None], float("-inf"))
+        # top_p 1 is off: an fp32 cumulative sum can reach 1 before the tail by rounding,
+        # and cut it from a row only because another row of the batch filters
+        p = host_values([p if p < 1.0 else math.inf for p in top_p], probs.dtype, device)
+        cut = before >= p[:, None]
+        cut[:, 0] = False  # the best token stays: a top_p under fp32's range reads as 0
+        sorted_logits.masked_fill_(cut, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
     return logits
 
@@ -169,7 +177,8 @@ def two_stage_argmax(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> 
 
 
 def row_generator(row: SamplingRow, device: torch.device) -> torch.Generator:
-    """A seeded row's generator for its next token: the same whatever the batch."""
+    """A seeded row's generator for its next token's variates (the exponential race): the
+    same whatever the batch."""
     g = torch.Generator(device=device)
     # NOTE: mod 2**64: torch takes [-2**63, 2**64) and maps a negative seed s to s + 2**64;
     # any Python int seed is valid, and none changes meaning.
@@ -188,6 +197,13 @@ def exponential_noise(
     return q
 
 
+def seeded_uniform(row: SamplingRow) -> float:
+    """A seeded row's uniform for its next token on the CPU: the same whatever the batch.
+    NOTE: not torch's CPU generator, whose ``manual_seed`` keeps the low 32 bits only: seeds
+    2**32 apart (0 and 2**32, -1 and 2**32 - 1) drew the same tokens."""
+    return float(np.random.default_rng((row.seed % 2**64, row.num_output_tokens)).random())
+
+
 def inverse_cdf_sample(
     probs: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator | None
 ) -> torch.Tensor:  # [rows, vocab] -> [rows]
@@ -197,7 +213,7 @@ def inverse_cdf_sample(
     u = torch.rand(len(rows), dtype=torch.float64, generator=generator, device=probs.device)
     for i, row in enumerate(rows):
         if row.seed is not None:
-            u[i] = torch.rand(1, dtype=torch.float64, generator=row_generator(row, u.device))[0]
+            u[i] = seeded_uniform(row)
     cdf = probs.to(torch.float64, copy=True).cumsum_(dim=-1)  # (never the caller's probs)
     target = (u * cdf[:, -1])[:, None]  # (the mass sums to 1 within rounding)
     # (right=True: past any flat run, i.e. never a token of probability zero)

@@ -1,0 +1,73 @@
+"""The sampler on crafted logits: top-k ties, top_p 1 in a filtering batch, a top_p under
+fp32's range, and seeds that differ only above 32 bits (each found in review)."""
+
+import math
+
+import torch
+
+from vllm_runner.sample.sampler import Sampler, SamplingRow, apply_top_k_top_p_min_p
+from vllm_runner.sampling_params import SamplingParams
+
+
+def _row(seed=None, output_len=0, **kw):
+    params = SamplingParams(**{"temperature": 1.0, **kw})
+    return SamplingRow(params, [1] * (1 + output_len), 1, seed)
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """vLLM and HF cut below the k-th largest logit, so tokens of equal logit get equal
+    probability; a cut at rank k kept some of a tie (here token 5 had none)."""
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 1.0, 2.0]])
+    for k in (2, 3):
+        probs = apply_top_k_top_p_min_p(logits.clone(), [_row(top_k=k)]).softmax(-1)
+        torch.testing.assert_close(probs, torch.tensor([[0.0, 1, 0, 1, 0, 1]]) / 3)
+    probs = apply_top_k_top_p_min_p(logits.clone(), [_row(top_k=4)]).softmax(-1)
+    assert (probs[0, 2] == probs[0, 4]) and probs[0, 0] == 0  # the tie at the 4th: both
+    # k past the vocabulary, with another row filtering: nothing cut
+    out = apply_top_k_top_p_min_p(logits.repeat(2, 1), [_row(top_k=10**12), _row(top_k=1)])
+    assert torch.equal(out[0], logits[0])
+
+
+def test_top_p_1_cuts_nothing_whatever_else_is_in_the_batch():
+    """A row with top_p=1 (off, as vLLM) next to a row that filters: the fp32 cumulative sum
+    of its many small probabilities rounds up to 1 before its end and cut thousands of
+    tokens (here ~2e-4 of its mass) that it keeps when alone."""
+    vocab, tail = 100_000, 4e-8
+    logits = torch.full((1, vocab), math.log(tail))
+    logits[0, 0] = math.log(1 - tail * (vocab - 1))
+    alone = apply_top_k_top_p_min_p(logits.clone(), [_row()])
+    batched = apply_top_k_top_p_min_p(logits.repeat(2, 1), [_row(), _row(top_p=0.5)])
+    assert torch.equal(alone[0], logits[0])
+    assert torch.equal(batched[0], logits[0]), int(batched[0].isinf().sum())
+    top_k_all = apply_top_k_top_p_min_p(logits.clone(), [_row(top_k=vocab)])
+    assert torch.equal(top_k_all[0], logits[0])
+
+
+def test_seeds_2_to_the_32_apart_draw_different_tokens_on_the_cpu():
+    """torch's CPU generator seeds from the low 32 bits: seed s and s + 2**32 (and -1 and
+    2**32 - 1) drew identical tokens at every position. Each seed is still reproducible,
+    alone or in a batch."""
+    vocab = 1000
+    logits = torch.zeros(1, vocab)  # uniform: the token is the draw
+    sampler = Sampler(torch.device("cpu"), 0)
+
+    def tokens(seed: int) -> list[int]:
+        rows = [_row(seed, output_len=t) for t in range(16)]
+        return sampler.sample(logits.expand(len(rows), vocab), rows)[0].tolist()
+
+    for a, b in ((0, 2**32), (7, 7 + 2**32), (-1, 2**32 - 1), (3, 3 - 2**32)):
+        assert tokens(a) != tokens(b), (a, b)
+    assert tokens(2**40 + 5) == tokens(2**40 + 5)
+    batch = [_row(), _row(2**40 + 5, output_len=3), _row(9)]
+    batched = sampler.sample(logits.expand(3, vocab), batch)[0].tolist()
+    assert batched[1] == tokens(2**40 + 5)[3]
+
+
+def test_a_top_p_too_small_for_fp32_keeps_the_best_token():
+    """top_p=1e-300 is valid (in (0, 1]) but is 0 in fp32: every token was cut, and the
+    NaN row drew token 0 (here the least likely) instead of the most likely."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    sampler = Sampler(torch.device("cpu"), 0)
+    for top_p in (1e-10, 1e-46, 1e-300):
+        for kw in ({}, {"seed": 1}, {"min_p": 1.0}):
+            assert sampler.sample(logits, [_row(top_p=top_p, **kw)])[0].tolist() == [1], top_p
