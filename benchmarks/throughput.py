@@ -10,9 +10,10 @@ Smoke test: add --quick (tiny sizes; on CPU `--models tiny --quick` exercises th
 
 All systems ignore EOS; "output tokens" counts each prompt's own max_tokens only (HF padded
 batches generate up to the batch maximum; the extra tokens are not counted).
-Roofline convention: roofline tok/s = copy bandwidth / weight bytes, where copy bandwidth
-counts bytes read + bytes written of a large device-to-device copy (one decode step reads
-every weight once).
+Roofline convention: roofline tok/s = copy bandwidth / weight bytes one decode step reads
+(every weight once, except an untied embedding table, of which it reads one row a token:
+not counted), where copy bandwidth counts bytes read + bytes written of a large
+device-to-device copy.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def run_engine(model_dir: str, wl: Workload, warm: Workload, args, b1: Workload 
 def load_hf(model_dir: str, args):
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    dtype = getattr(torch, args.dtype)  # the engine's: the same weights (float16 too)
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
 
 
@@ -195,7 +196,7 @@ def bench_model(name: str, args, report: dict) -> list[Result]:
         b1_new = new
     warm = random_workload(min(4, n), vocab, 8, 32, 8, args.seed + 1)
     b1 = random_workload(1, vocab, 128, 128, b1_new, args.seed + 2)
-    weight_bytes = weight_numel(model_dir) * (4 if args.dtype == "float32" else 2)
+    weight_bytes = weight_numel(model_dir) * getattr(torch, args.dtype).itemsize
     results, outs = [], {}
     for system in args.systems:
         print(f"[{name}] {system}: {n} prompts, {wl.useful_tokens} output tokens ...", flush=True)

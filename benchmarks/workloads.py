@@ -111,15 +111,20 @@ def build_random_llama(
 
 
 def weight_numel(model_dir: str) -> int:
-    """Parameter count from the safetensors headers (tied embeddings are stored once)."""
-    total = 0
+    """Parameters one decode step reads, from the safetensors headers: all of them but an
+    untied input embedding table, of which a step reads one row a token (a tied one is
+    stored once and read whole as the LM head)."""
+    shapes = {}
     for f in Path(model_dir).glob("*.safetensors"):
         with open(f, "rb") as fh:
             header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        for key, meta in header.items():
-            if key != "__metadata__":
-                total += math.prod(meta["shape"])
-    return total
+        shapes.update({k: meta["shape"] for k, meta in header.items() if k != "__metadata__"})
+    untied = "lm_head.weight" in shapes
+    return sum(
+        math.prod(shape)
+        for key, shape in shapes.items()
+        if not (untied and key.endswith("embed_tokens.weight"))
+    )
 
 
 def sync(device: str) -> None:

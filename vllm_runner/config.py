@@ -3,6 +3,7 @@
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -126,10 +127,17 @@ class EngineArgs:
         named = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
         if isinstance(self.dtype, torch.dtype) and self.dtype in named:  # as vLLM takes it too
             self.dtype = named[self.dtype]
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
+        if not isinstance(self.dtype, str) or (self.dtype != "auto" and self.dtype not in _DTYPES):
             raise bad("dtype", f"'auto' or one of {sorted(_DTYPES)}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if isinstance(self.device, torch.device):  # its name: "cpu", "cuda", "cuda:1"
+            self.device = str(self.device)
+        # NOTE: torch.device() takes no other spelling ("cuda:01", "cuda: 1" fail there)
+        if not isinstance(self.device, str) or not re.fullmatch(
+            r"auto|cpu|cuda(:(0|[1-9][0-9]*))?", self.device
+        ):
             raise bad("device", "'auto', 'cpu' or 'cuda[:N]'")
+        if self.seed is None or not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's
+            raise bad("seed", "an integer in [-2**63, 2**64)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise bad("max_model_len", ">= 2")
         if self.max_num_seqs < 1:
@@ -177,6 +185,12 @@ class EngineArgs:
             raise ValueError(
                 f"device={self.device!r} was asked for, but torch {torch.__version__} (CUDA "
                 f"{torch.version.cuda}) sees no usable CUDA GPU"
+            )
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={self.device!r} was asked for, but torch sees "
+                f"{torch.cuda.device_count()} CUDA GPU(s) (CUDA_VISIBLE_DEVICES numbers them "
+                "from 0)"
             )
         return device
 

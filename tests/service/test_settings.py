@@ -82,6 +82,8 @@ def test_empty_env_value_means_unset() -> None:
         # engine settings are checked at start-up, not in the loader thread (a 503 server)
         ({}, {"dtype": "float64"}, "dtype must be 'auto' or one of"),
         ({"VLLM_RUNNER_KV_CACHE_DTYPE": "int4"}, {}, "kv_cache_dtype"),
+        ({"VLLM_RUNNER_SEED": str(2**64)}, {}, "seed must be an integer in"),
+        ({}, {"device": "cuda:one"}, "device must be 'auto', 'cpu' or 'cuda"),
     ],
 )
 def test_bad_values_name_the_setting(env: dict, args: dict, message: str) -> None:

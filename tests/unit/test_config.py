@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from vllm_runner.config import SERVING_PIECEWISE_MAX_TOKENS, EngineArgs, default_step_budget
-from vllm_runner.worker.memory import OFFLOAD_STEP_BUDGET, num_blocks_for_gpu, offload_step_budget
+from vllm_runner.worker.memory import (
+    OFFLOAD_STEP_BUDGET,
+    num_blocks_for_cpu,
+    num_blocks_for_gpu,
+    offload_step_budget,
+)
 
 GiB = 2**30
 
@@ -107,6 +112,13 @@ def test_offload_step_budget(budget, default, offloading, kv_tokens, seqs, expec
         ("piecewise_max_tokens", -1, r">= 0 \(0 turns them off\)"),
         ("piecewise_max_tokens", "512", "an integer"),
         ("dtype", torch.int8, r"'auto' or one of \[.*\]"),
+        # torch.manual_seed's range: not an overflow error from the model runner
+        ("seed", 2**64, r"an integer in \[-2\*\*63, 2\*\*64\)"),
+        ("seed", None, r"an integer in \[-2\*\*63, 2\*\*64\)"),
+        # spellings torch.device() refuses: not a RuntimeError (or AttributeError) later
+        ("device", "cuda:abc", r"'auto', 'cpu' or 'cuda\[:N\]'"),
+        ("device", "cuda:-1", r"'auto', 'cpu' or 'cuda\[:N\]'"),
+        ("device", None, r"'auto', 'cpu' or 'cuda\[:N\]'"),
     ],
 )
 def test_engine_arguments_of_the_wrong_type_name_themselves(field, value, kind):
@@ -121,6 +133,21 @@ def test_a_torch_dtype_is_taken_as_its_name():
         args = EngineArgs(dtype=dtype)
         args.validate()
         assert args.dtype == name
+
+
+def test_a_torch_device_is_taken_as_its_name():
+    for device, name in ((torch.device("cpu"), "cpu"), (torch.device("cuda", 1), "cuda:1")):
+        args = EngineArgs(device=device)
+        args.validate()
+        assert args.device == name
+
+
+def test_a_gpu_index_past_the_visible_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert EngineArgs(device="cuda:1").resolve_device() == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"device='cuda:2' was asked for, but torch sees 2 CUDA"):
+        EngineArgs(device="cuda:2").resolve_device()
 
 
 def test_sliding_window_bounds_max_model_len():
@@ -189,6 +216,13 @@ def test_kv_blocks_leave_the_largest_step_its_activations(
     block = 2**20
     got = num_blocks_for_gpu(torch.device("cuda"), utilization, block, 10 * GiB, 4 * GiB)
     assert got == int(expected_gib * GiB) // block
+
+
+def test_a_cpu_kv_cache_larger_than_the_host_is_refused():
+    """Not a zero-filled allocation that the OOM killer ends (or an allocator error)."""
+    assert num_blocks_for_cpu(0.5, 2**20) == 512
+    with pytest.raises(ValueError, match=r"cpu_kv_cache_gb=1000000.0 is more than this host's"):
+        num_blocks_for_cpu(1e6, 2**20)
 
 
 def test_a_full_card_is_named_as_such(monkeypatch):

@@ -1,6 +1,7 @@
 """Size the KV cache from the memory left after the model, with clear errors."""
 
 import math
+import os
 
 import torch
 
@@ -17,6 +18,14 @@ def kv_bytes_per_block(
 
 
 def num_blocks_for_cpu(cpu_kv_cache_gb: float, block_bytes: int) -> int:
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    # The cache is zero-filled at start-up: past the host's memory that ends in the OOM
+    # killer or an allocator error that names no setting, never in a running engine.
+    if cpu_kv_cache_gb * GiB > host:
+        raise ValueError(
+            f"cpu_kv_cache_gb={cpu_kv_cache_gb} is more than this host's {host / GiB:.1f} GiB "
+            "of memory: lower it"
+        )
     num = int(cpu_kv_cache_gb * GiB) // block_bytes
     if num < 1:
         raise ValueError(
