@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from vllm_runner.model.layers.rotary import rope_max_positions
+
 logger = logging.getLogger(__name__)
 NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present when the kernel driver is loaded
 
@@ -211,8 +213,10 @@ class EngineArgs:
         return config_dtype if config_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
     def resolve_max_model_len(self, hf_config: object) -> int:
-        model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+        model_max = rope_max_positions(hf_config)
         limit = f"max_position_embeddings={model_max}"
+        if model_max != getattr(hf_config, "max_position_embeddings", model_max):
+            limit = f"{model_max} positions (YaRN: its original context x factor)"
         # Attention here reads every earlier key; a model trained with a sliding window
         # (Mistral) agrees with that only up to the window's length.
         window = getattr(hf_config, "sliding_window", None)

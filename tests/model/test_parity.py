@@ -115,3 +115,37 @@ def test_rope_scalings_match_hf(tmp_path, scaling):
     outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == hf_greedy(hf, prompt, 16)
+
+
+def test_yarn_extends_the_context_past_max_position_embeddings(tmp_path):
+    """Qwen2.5's long context: max_position_embeddings stays the original 256 and YaRN's
+    factor 4 serves 1,024 positions (as vLLM reads it). The engine takes prompts past 256
+    and gives HF's greedy tokens; past 1,024 it refuses, naming the limit."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    yarn = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 256,
+    }
+    config = Qwen2Config(vocab_size=384, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, rope_parameters=yarn,
+                         tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"])  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    hf.save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
+    assert llm.engine.limits.max_model_len == 1024
+    prompts = [[random.Random(i).randrange(384) for _ in range(300 + 300 * i)] for i in range(2)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == hf_greedy(hf, prompt, 8)
+    with pytest.raises(ValueError, match=r"max_model_len=2048 exceeds the model's 1024 positions"):
+        LLM(str(tmp_path), dtype="float32", device="cpu", max_model_len=2048)

@@ -11,7 +11,7 @@ from vllm_runner.model.layers.linear import (
     RowParallelLinear,
 )
 from vllm_runner.model.layers.norm import RMSNorm
-from vllm_runner.model.layers.rotary import RotaryEmbedding, rope_settings
+from vllm_runner.model.layers.rotary import RotaryEmbedding, rope_max_positions, rope_settings
 
 
 def llama_head_dim(config) -> int:
@@ -22,7 +22,11 @@ def llama_rotary(config) -> RotaryEmbedding:
     """The model's one rotary table, which every layer shares (a [max_positions, head_dim]
     fp32 table a layer would be 512 MiB at Llama-3.2-1B's 16 layers and 128k positions)."""
     theta, scaling = rope_settings(config)
-    return RotaryEmbedding(llama_head_dim(config), config.max_position_embeddings, theta, scaling)
+    # the table may extend past max_position_embeddings (YaRN), which stays YaRN's original
+    # context unless the config names one
+    if not scaling.get("original_max_position_embeddings"):
+        scaling["original_max_position_embeddings"] = config.max_position_embeddings
+    return RotaryEmbedding(llama_head_dim(config), rope_max_positions(config), theta, scaling)
 
 
 class LlamaAttention(nn.Module):

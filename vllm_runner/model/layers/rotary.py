@@ -16,6 +16,18 @@ def rope_settings(hf_config: object) -> tuple[float, dict]:
     return float(theta), dict(scaling or {})
 
 
+def rope_max_positions(hf_config: object) -> int:
+    """Positions the rotary embedding serves: ``max_position_embeddings``, or with YaRN the
+    original context times the factor (Qwen2.5 keeps 32768 there and extends it 4x with
+    YaRN; read as vLLM reads it)."""
+    max_positions = getattr(hf_config, "max_position_embeddings", None) or 2048
+    _, scaling = rope_settings(hf_config)
+    if (scaling.get("rope_type") or scaling.get("type")) == "yarn" and scaling.get("factor"):
+        old_len = scaling.get("original_max_position_embeddings") or max_positions
+        return max(max_positions, int(old_len * scaling["factor"]))
+    return max_positions
+
+
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     factor = scaling["factor"]
     low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
