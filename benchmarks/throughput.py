@@ -159,6 +159,8 @@ def run_hf_cb(model_dir: str, wl: Workload, warm: Workload, args):
 
     @torch.no_grad()  # NOTE: not inference_mode(): generate_batch fails under it
     def gen(w: Workload) -> list[list[int]]:
+        # NOTE: one max_new_tokens for every request (generate_batch takes no per-request
+        # one): fair for W1, where each asks 256; mixed lengths would handicap HF here
         cfg = GenerationConfig(max_new_tokens=max(w.max_tokens), do_sample=False, eos_token_id=-1)
         res = model.generate_batch(inputs=w.prompts, generation_config=cfg, **extra)
         return [
