@@ -57,6 +57,9 @@ def failure_kind(status: int) -> str:
 
 def refused(resp: Any) -> None:
     """Record a non-200 answer; after a 4xx this user waits before its next request."""
+    if resp.status_code == 0:  # locust's stand-in when no answer came (connection refused)
+        resp.failure(f"transport {type(resp.error).__name__}: {resp.error}"[:300])
+        return
     resp.failure(f"{failure_kind(resp.status_code)} {resp.status_code}: {resp.text[:200]}")
     if 400 <= resp.status_code < 500:
         time.sleep(BACKOFF_429_S)  # gevent-patched: only this user waits

@@ -15,7 +15,6 @@ host that is not loopback).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -26,6 +25,8 @@ import time
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.report import Slo, Step, read_step, summary_markdown, write_plots, write_summary_csv
 from loadtests.server import REPO, BentoServer, require_loopback
@@ -82,14 +83,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def engine_tokens(url: str, headers: dict[str, str]) -> int | None:
-    """The engine's generation_tokens_total (GET /stats), or None if unavailable."""
-    request = urllib.request.Request(f"{url}/stats", headers=headers)
+def engine_tokens(url: str, headers: dict[str, str]) -> float | None:
+    """The engines' generated tokens so far, or None if unavailable: the sum of /metrics'
+    generation_tokens_total over the workers. (GET /stats answers for the one worker that
+    takes it: with an engine per worker, "before" and "after" could be two engines'.)"""
+    request = urllib.request.Request(f"{url}/metrics", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as r:
-            return int(json.load(r)["generation_tokens_total"])
-    except (OSError, ValueError, KeyError):
+            families = list(text_string_to_metric_families(r.read().decode()))
+    except (OSError, ValueError):
         return None
+    counts = [
+        sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == "vllm_runner_generation_tokens_total"
+    ]
+    return sum(counts) if counts else None
 
 
 def run_step(args: argparse.Namespace, url: str, users: int, server_pid: int | None) -> Step:

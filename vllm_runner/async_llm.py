@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -219,6 +220,9 @@ class AsyncLLM:
     async def _run(
         self, prompt: Prompt, params: SamplingParams, request_id: str | None
     ) -> AsyncIterator[StreamOutput | RequestOutput]:
+        # NOTE: its latencies count from here, not from when the engine's loop adds it (after
+        # the step running now): CLOCK_MONOTONIC, one clock for every process of the host.
+        arrival = time.monotonic()
         prompt_ids = self.validate(prompt, params)
         if not self._running:
             raise (
@@ -238,7 +242,7 @@ class AsyncLLM:
         held: collections.deque = collections.deque()  # taken from the queue, not yet yielded
         try:
             detokenize = detokenizers is None  # (the engine builds the text)
-            self._send(("add", request_id, route, prompt, prompt_ids, params, detokenize))
+            self._send(("add", request_id, route, prompt, prompt_ids, params, detokenize, arrival))
             while not done:
                 if not held:
                     items = [await q.get()]

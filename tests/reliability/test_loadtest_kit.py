@@ -151,6 +151,42 @@ def test_a_short_sweep_against_the_server(server: BentoServer, tmp_path: Path) -
     assert Slo(min_tokens_per_s=1e9).misses(step)  # what a missed SLO would report
 
 
+def test_engine_tokens_count_every_workers_engine() -> None:
+    """Workers with an engine each (engine_process off): GET /stats answers from whichever
+    worker takes it, so a step's "before" and "after" may be two engines' totals. The
+    service-wide total is /metrics' counter, summed over the workers."""
+    import http.server
+    import itertools
+    import threading
+
+    engines = itertools.cycle([100, 7])  # the two workers' engines, in turn
+    metrics = (
+        'vllm_runner_generation_tokens_total{model_name="m"} 100.0\n'
+        'vllm_runner_generation_tokens_total{model_name="m"} 7.0\n'
+    )
+
+    class Workers(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            stats = f'{{"generation_tokens_total": {next(engines)}}}'
+            body = (metrics if self.path == "/metrics" else stats).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Workers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert [run.engine_tokens(url, {}) for _ in range(2)] == [107, 107]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 _BACKOFF_CHECK = """
 import locust  # first: it patches ssl with gevent
 from types import SimpleNamespace
@@ -183,6 +219,33 @@ def test_locust_users_back_off_after_a_4xx() -> None:
         cwd=Path(run.__file__).parents[1],
     ).stdout.split("\n")  # fmt: skip
     assert out[:4] == ["4xx 401: no", "429 429: no", "5xx 503: no", "True"], out
+
+
+_NO_RESPONSE_CHECK = """
+import locust  # first: it patches ssl with gevent
+import requests
+from locust.clients import ResponseContextManager
+from loadtests import locustfile
+resp = ResponseContextManager(requests.ConnectionError("connection refused"))  # (status 0)
+failures = []
+resp.failure = failures.append
+locustfile.refused(resp)
+print(failures[0])
+"""
+
+
+def test_a_request_that_got_no_response_is_a_transport_failure() -> None:
+    """locust answers a request whose connection failed (refused, reset before the
+    headers) with status 0: a transport failure naming why, not a "4xx" (the summary's
+    "other 4xx" column)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_RESPONSE_CHECK], capture_output=True, text=True, check=True,
+        cwd=Path(run.__file__).parents[1],
+    ).stdout  # fmt: skip
+    assert out.startswith("transport ConnectionError: connection refused"), out
 
 
 _SPAWNS_A_BUSY_CHILD = """

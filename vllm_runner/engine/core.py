@@ -114,11 +114,13 @@ class EngineCore:
         request_id: str | None = None,
         prompt_ids: list[int] | None = None,
         detokenize: bool = True,
+        arrival_time: float | None = None,
     ) -> RequestState:
         """``prompt_ids``: ``prompt`` already tokenized (a front end that checked it).
         ``detokenize``: False when the caller builds the text from the token ids itself (a
         front end apart from the engine process): the outputs' text stays empty. Stop
-        strings need the text here (the request ends at the token that completes one)."""
+        strings need the text here (the request ends at the token that completes one).
+        ``arrival_time``: the ``time.monotonic()`` its latencies count from (default: now)."""
         if prompt_ids is None:
             prompt_ids = self.inputs.tokenize(prompt)
         self.inputs.validate(prompt_ids, params)
@@ -139,6 +141,8 @@ class EngineCore:
             self.tokenizer if detokenize else None,
             f"{request_id}@{next(self._engine_ids)}",
         )
+        if arrival_time is not None:
+            state.arrival_time = arrival_time
         max_tokens = self.inputs.max_new_tokens(len(prompt_ids), params)
         for index, child_id in enumerate(state.child_ids):
             seed = None if params.seed is None else params.seed + index

@@ -5,9 +5,10 @@ It runs in a thread of the serving process, or as the whole of an engine-core pr
 processing) has a GIL of its own instead of sharing one with the server's
 event loop and HTTP stack (vLLM V1 runs its EngineCore apart for the same reason).
 
-Commands: ``("add", request_id, route, prompt, prompt_ids, params, detokenize)`` (the ids
-the front end checked: not tokenized again; ``detokenize`` False: the front end builds the
-text from the ids, see ``EngineCore.add_request``), ``("abort", request_id)``, ``("stop",)``.
+Commands: ``("add", request_id, route, prompt, prompt_ids, params, detokenize, arrival)``
+(the ids the front end checked: not tokenized again; ``detokenize`` False: the front end
+builds the text from the ids, see ``EngineCore.add_request``; ``arrival``: its
+``time.monotonic()`` when the front end got it), ``("abort", request_id)``, ``("stop",)``.
 A route is what the front end gives each added request (a number; in the engine process,
 with the front end's number): outputs go to the stream that added the request even after
 that stream closed and another reused its id.
@@ -80,9 +81,9 @@ class ServingLoop:
         if command[0] == "abort":
             self._deliver(engine.abort(command[1]))
             return True
-        _, request_id, route, prompt, prompt_ids, params, detokenize = command
+        _, request_id, route, prompt, prompt_ids, params, detokenize, arrival = command
         try:
-            engine.add_request(prompt, params, request_id, prompt_ids, detokenize)
+            engine.add_request(prompt, params, request_id, prompt_ids, detokenize, arrival)
         except Exception as e:  # validated already; anything here is this request's alone
             self.emit(Delivery([(route, e)], engine.stats()))
         else:
