@@ -137,6 +137,10 @@ def _no_architectures(config: dict) -> None:
     del config["architectures"]
 
 
+def _llama1_spelling(config: dict) -> None:  # decapoda-research/llama-7b-hf and its fine-tunes
+    config["architectures"] = ["LLaMAForCausalLM"]
+
+
 def _rotary_caches(tensors: dict) -> None:
     tensors["model.layers.0.self_attn.rotary_emb.cos_cached"] = torch.randn(512, 16)
     tensors["model.layers.0.self_attn.rotary_emb.sin_cached"] = torch.randn(512, 16)
@@ -151,6 +155,7 @@ def _head_not_embedding(tensors: dict) -> None:  # a tied checkpoint storing the
     [
         ("llama", _no_architectures, None, False),  # transformers reads model_type then
         ("opt", _no_architectures, None, False),
+        ("llama", _llama1_spelling, None, False),  # transformers reads model_type "llama"
         ("llama", None, _rotary_caches, False),  # old checkpoints: derived, skipped
         ("qwen2", None, _head_not_embedding, False),
         ("llama", None, None, True),  # an adapter's file next to model.safetensors
@@ -168,6 +173,36 @@ def test_folders_transformers_loads_load_the_same(
     prompt = [[5, 17, 42, 99, 3]]
     want = make_llm(tiny_model_dirs[family]).generate(prompt, GREEDY)[0].token_ids
     assert make_llm(folder).generate(prompt, GREEDY)[0].token_ids == want
+
+
+def test_a_tensor_the_model_lacks_is_named_as_the_checkpoint_stores_it(llama_dir, tmp_path):
+    """A q_proj bias the config does not build was reported as 'qkv_proj.bias', a name the
+    checkpoint does not hold (our fused parameter's)."""
+
+    def q_bias(tensors: dict) -> None:
+        tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+
+    folder = _edited_copy(llama_dir, tmp_path / "model", tensors=q_bias)
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj.bias' matches no"):
+        make_llm(folder)
+
+
+def test_a_pre_quantized_checkpoint_is_refused_naming_why(llama_dir, tmp_path):
+    """An FP8 / AWQ / GPTQ checkpoint (Llama, Qwen2 and Mistral ship many) failed on its first
+    scale tensor, with no word of quantization."""
+
+    def fp8_config(config: dict) -> None:
+        config["quantization_config"] = {"quant_method": "compressed-tensors"}
+
+    def fp8_tensors(tensors: dict) -> None:
+        for name in [n for n in tensors if n.endswith("_proj.weight")]:
+            tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+            tensors[name.replace(".weight", ".weight_scale")] = torch.ones(1)
+
+    folder = _edited_copy(llama_dir, tmp_path / "model", fp8_config, fp8_tensors)
+    with pytest.raises(ValueError, match=r"weight_scale' matches no parameter .* pre-quantized "
+                       r"\(quantization_config quant_method 'compressed-tensors'\)"):  # fmt: skip
+        make_llm(folder)
 
 
 def test_a_model_type_not_supported_is_named(llama_dir, tmp_path):

@@ -118,7 +118,7 @@ def _copy_weights(
             if name in buffers:
                 continue  # a derived buffer
             raise ValueError(
-                f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}"
+                f"checkpoint tensor {stored!r} matches no parameter of {type(model).__name__}"
             )
         param = params[name]
         loader = getattr(param, "weight_loader", None)
@@ -157,12 +157,29 @@ def build_model(
         check_weights_fit(plan, device, gpu_memory_utilization)
     staged = method is not None or bool(plan.offload_layers)
     model = _instantiate(hf_config, dtype, torch.device("cpu") if staged else device)
-    load_weights(model, iterate_weights(path))
+    try:
+        load_weights(model, iterate_weights(path))
+    except ValueError as e:
+        _refuse_prequantized(hf_config, e)
+        raise
     if staged:
         model.weight_offloader = place_weights(model, device, method, plan)
     if device.type == "cpu" and not plan.offload_layers:  # offloaded layers swap weights in
         cpu_gemm.pack_model(model)
     return model.eval()
+
+
+def _refuse_prequantized(hf_config: object, error: ValueError) -> None:
+    """A checkpoint stored quantized (AWQ, GPTQ, FP8: its config names a quant_method) fails
+    to load on its packed tensors or scales; say why instead of naming one of them."""
+    quant = getattr(hf_config, "quantization_config", None)  # a dict, as config.json holds it
+    if not isinstance(quant, dict):
+        return
+    raise ValueError(
+        f"{error}: the checkpoint is pre-quantized (quantization_config quant_method "
+        f"{quant.get('quant_method')!r}), which this engine does not load; load the "
+        "unquantized checkpoint (quantization='int8' or 'fp8' quantizes it at load)"
+    ) from None
 
 
 def _instantiate(hf_config: object, dtype: torch.dtype, device: torch.device) -> nn.Module:

@@ -8,6 +8,9 @@ from vllm_runner.model.qwen2 import Qwen2ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
+    # Llama-1 conversions made before transformers named the class (decapoda-research/
+    # llama-7b-hf and its fine-tunes); transformers loads them by model_type "llama"
+    "LLaMAForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
