@@ -80,6 +80,7 @@ def test_default_model_matches_hf(smol_llm, default_model_dir):
         {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
          "original_max_position_embeddings": 64},
         {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 2.0},  # within max_position_embeddings
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
          "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16, "truncate": False},

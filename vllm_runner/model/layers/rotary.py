@@ -1,4 +1,4 @@
-"""Rotary position embedding, with the Llama-3, linear and YaRN frequency scalings."""
+"""Rotary position embedding, with the Llama-3, linear, YaRN and dynamic NTK scalings."""
 
 import math
 
@@ -81,10 +81,12 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / scaling["factor"]
         elif rope_type == "yarn":
             inv_freq, attention = _yarn_inv_freq(inv_freq, scaling, theta, max_positions)
-        elif rope_type != "default":
+        elif rope_type not in ("default", "dynamic"):
+            # NOTE: dynamic NTK changes the frequencies only past max_position_embeddings,
+            # which caps max_model_len: within it, it is the default rope (as in HF)
             raise ValueError(
                 f"rope_scaling type {rope_type!r} is not supported "
-                "(supported: default, linear, llama3, yarn)"
+                "(supported: default, dynamic, linear, llama3, yarn)"
             )
         t = torch.arange(max_positions, dtype=torch.float64)
         freqs = torch.outer(t, inv_freq)
