@@ -239,6 +239,7 @@ class AsyncLLM:
         )
         self._streams.add(request_id)
         done = False
+        released = False  # the request ended: its id is free already, no abort
         held: collections.deque = collections.deque()  # taken from the queue, not yet yielded
         try:
             detokenize = detokenizers is None  # (the engine builds the text)
@@ -260,15 +261,22 @@ class AsyncLLM:
                     # (not done: n > 1 siblings of the failed completion are aborted)
                     raise RequestError(f"request {request_id} failed: {item.error}")
                 done = isinstance(item, RequestOutput)
+                if not released and (done or (held and isinstance(held[-1], RequestOutput))):
+                    # NOTE: its final output is here (it comes with the last update): the id
+                    # is free before that update is yielded, for a caller that stops reading
+                    # at `finished` and reuses the id at once (this stream is closed later).
+                    released = True
+                    self._streams.discard(request_id)
                 yield item
         finally:
             # NOTE: the abort before the id is free: a stream that reuses the id next (another
             # thread's) is added after it, and not aborted by it.
-            try:
-                if not done:
-                    self._send(("abort", request_id))
-            finally:
-                self._streams.discard(request_id)
+            if not released:
+                try:
+                    if not done:
+                        self._send(("abort", request_id))
+                finally:
+                    self._streams.discard(request_id)
 
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))

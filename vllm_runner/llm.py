@@ -26,7 +26,9 @@ def normalize_batch(
     prompts: Prompt | Sequence[Prompt],
     params: SamplingParams | Sequence[SamplingParams] | None,
 ) -> tuple[list[Prompt], list[SamplingParams]]:
-    if isinstance(prompts, str) or (
+    # NOTE: a dict (vLLM's {"prompt": ...}) is one prompt, refused as such by tokenize: as a
+    # batch its keys were read as prompt texts.
+    if isinstance(prompts, str | dict) or (
         isinstance(prompts, list | tuple) and prompts and isinstance(prompts[0], int)
     ):
         prompts = [prompts]

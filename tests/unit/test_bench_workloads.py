@@ -1,13 +1,20 @@
 """The benchmarks' roofline counts the weight bytes one decode step reads."""
 
+import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from workloads import weight_numel  # noqa: E402
+# NOTE: loaded from its file, not by putting benchmarks/ on sys.path: there its kernels.py
+# would shadow the kernels package for every later import, spawned engine processes too.
+_spec = importlib.util.spec_from_file_location(
+    "bench_workloads", Path(__file__).resolve().parents[2] / "benchmarks" / "workloads.py"
+)
+workloads = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # (dataclasses)
+_spec.loader.exec_module(workloads)
+weight_numel = workloads.weight_numel
 
 VOCAB, HIDDEN = 64, 8
 

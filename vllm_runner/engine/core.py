@@ -1,5 +1,6 @@
 """The engine: tokenize + validate, then each step is schedule -> execute -> update."""
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -132,7 +133,9 @@ class EngineCore:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.states:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        params.all_stop_token_ids = self.eos_ids
+        # NOTE: a copy: the caller's object may be in use by another engine (another model,
+        # other EOS ids) whose running requests read it each step.
+        params = dataclasses.replace(params, all_stop_token_ids=self.eos_ids)
         state = new_request_state(
             request_id,
             prompt if isinstance(prompt, str) else None,

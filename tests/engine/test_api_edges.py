@@ -1,0 +1,86 @@
+"""LLM / AsyncLLM calls at the edges of their API: prompt shapes, request ids reused at once,
+one SamplingParams shared by two engines."""
+
+import asyncio
+import json
+import shutil
+import threading
+
+import pytest
+from engine_testing import GREEDY, make_llm
+
+from vllm_runner import AsyncLLM, SamplingParams
+
+
+def test_a_prompt_dict_is_refused_not_read_as_its_keys(smol_llm):
+    """A vLLM-style prompt dict is not a prompt this API takes: refused naming its type (it
+    was iterated as a batch, and its key generated from as the prompt text)."""
+    for prompt in ({"prompt": "The capital of France is"}, {"prompt_token_ids": [1, 2, 3]}):
+        with pytest.raises(ValueError, match="must be a string or a list of token ids, got dict"):
+            smol_llm.generate(prompt, GREEDY)
+
+
+@pytest.fixture(scope="module")
+def tiny_async(llama_dir):
+    llm = AsyncLLM(llama_dir, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
+    yield llm
+    asyncio.run(llm.shutdown())
+
+
+def test_an_id_is_free_once_its_stream_showed_it_finished(tiny_async):
+    """A caller that stops reading at the update that says ``finished`` may reuse the id at
+    once: the request has ended (its stream, not yet closed, held the id until collected)."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        async for out in tiny_async.stream([1, 2, 3], params, request_id="again"):
+            if out.finished:
+                break
+        return [o async for o in tiny_async.stream([4, 5, 6], params, request_id="again")]
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished and outs[-1].finish_reason == "length"
+    assert outs[-1].num_token_ids == 4
+
+
+def test_one_sampling_params_shared_by_two_models_keeps_each_its_eos(
+    tiny_async, llama_dir, tmp_path
+):
+    """The same SamplingParams given to two engines whose models end on different EOS ids:
+    each request stops on its own model's EOS only (the engine wrote its EOS ids into the
+    caller's object, so the running request took the other model's)."""
+    prompt = [1, 2, 3]
+    free = make_llm(llama_dir).generate([prompt], GREEDY)[0].token_ids
+    own_eos = tiny_async.engine.eos_ids
+    assert not own_eos & set(free)
+    at = next(i for i in range(2, len(free)) if free[i] not in free[:i])
+    other = shutil.copytree(llama_dir, tmp_path / "other_eos")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((other / name).read_text())
+        config["eos_token_id"] = free[at]
+        (other / name).write_text(json.dumps(config))
+    other_llm = make_llm(str(other))
+    params = SamplingParams(max_tokens=len(free), temperature=0.0)
+
+    stepping, go = threading.Event(), threading.Event()
+    step = tiny_async.engine.step
+
+    def held_step(*args, **kwargs):  # the request added, its first step waits for `go`
+        stepping.set()
+        go.wait()
+        return step(*args, **kwargs)
+
+    async def main():
+        task = asyncio.create_task(tiny_async.generate([prompt], params))
+        await asyncio.to_thread(stepping.wait)
+        other_llm.generate([[7, 8, 9]], params)  # meanwhile, the other model runs one
+        go.set()
+        return await task
+
+    tiny_async.engine.step = held_step
+    try:
+        (out,) = asyncio.run(main())
+    finally:
+        go.set()
+        del tiny_async.engine.step
+    assert out.finish_reason == "length" and out.token_ids == free
