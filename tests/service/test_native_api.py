@@ -272,7 +272,7 @@ def test_api_key_is_required(client: Any) -> None:
         assert client.get("/v1/models", headers={"Authorization": f"{scheme} {key}"}).is_success
         wrong = {"Authorization": f"{scheme} {key.upper()}"}
         assert client.get("/v1/models", headers=wrong).status_code == 401
-    for path in ("/readyz", "/livez", "/metrics"):
+    for path in ("/readyz", "/livez", "/healthz", "/metrics"):  # docs/serving.md: api_key
         assert client.get(path, headers=no_auth).status_code == 200
 
 
