@@ -74,6 +74,21 @@ def test_default_model_matches_hf(smol_llm, default_model_dir):
     assert outs[0].text.startswith(" Paris.")
 
 
+def saved_random_model(config, path):
+    """An HF model of ``config`` with weights large enough to give peaked logits, saved to
+    ``path`` and read back from it (what the engine loads)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    hf.save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 @pytest.mark.parametrize(
     "scaling",
     [
@@ -89,21 +104,14 @@ def test_default_model_matches_hf(smol_llm, default_model_dir):
 def test_rope_scalings_match_hf(tmp_path, scaling):
     """Each rope scaling's cos / sin table equals HF's rotary embedding (YaRN's attention
     factor included), and greedy tokens past the original context equal HF's."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
     config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, rope_theta=10000.0,
                          rope_parameters={"rope_theta": 10000.0, **scaling},
                          tie_word_embeddings=False, architectures=["LlamaForCausalLM"])  # fmt: skip
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    hf.save_pretrained(tmp_path)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    hf = saved_random_model(config, tmp_path)
     assert hf.config.rope_parameters["rope_type"] == scaling["rope_type"]
     llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
     table = llm.engine.runner.model.model.layers[0].self_attn.rotary_emb.cos_sin_cache
@@ -122,7 +130,7 @@ def test_yarn_extends_the_context_past_max_position_embeddings(tmp_path):
     """Qwen2.5's long context: max_position_embeddings stays the original 256 and YaRN's
     factor 4 serves 1,024 positions (as vLLM reads it). The engine takes prompts past 256
     and gives HF's greedy tokens; past 1,024 it refuses, naming the limit."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
     yarn = {
         "rope_type": "yarn",
@@ -134,14 +142,7 @@ def test_yarn_extends_the_context_past_max_position_embeddings(tmp_path):
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, rope_parameters=yarn,
                          tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"])  # fmt: skip
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    hf.save_pretrained(tmp_path)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    hf = saved_random_model(config, tmp_path)
     llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
     assert llm.engine.limits.max_model_len == 1024
     prompts = [[random.Random(i).randrange(384) for _ in range(300 + 300 * i)] for i in range(2)]
