@@ -1,6 +1,6 @@
 """The engine: tokenize + validate, then each step is schedule -> execute -> update."""
 
-import dataclasses
+import copy
 import itertools
 import logging
 import time
@@ -134,8 +134,10 @@ class EngineCore:
         if request_id in self.states:
             raise ValueError(f"request_id {request_id!r} is already in use")
         # NOTE: a copy: the caller's object may be in use by another engine (another model,
-        # other EOS ids) whose running requests read it each step.
-        params = dataclasses.replace(params, all_stop_token_ids=self.eos_ids)
+        # other EOS ids) whose running requests read it each step. (Shallow, not
+        # dataclasses.replace: validated already, not again.)
+        params = copy.copy(params)
+        params.all_stop_token_ids = self.eos_ids
         state = new_request_state(
             request_id,
             prompt if isinstance(prompt, str) else None,
