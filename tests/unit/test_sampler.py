@@ -71,3 +71,17 @@ def test_a_top_p_too_small_for_fp32_keeps_the_best_token():
     for top_p in (1e-10, 1e-46, 1e-300):
         for kw in ({}, {"seed": 1}, {"min_p": 1.0}):
             assert sampler.sample(logits, [_row(top_p=top_p, **kw)])[0].tolist() == [1], top_p
+
+
+def test_a_tiny_repetition_penalty_keeps_logits_finite_and_ordered():
+    """repetition_penalty=1e-39 is valid (in (0, 10]) but dividing a logit by it overflows
+    fp32: every seen positive token became +inf, so greedy took the first of them (not the
+    best) and sampling drew from NaN probabilities."""
+    logits = torch.tensor([[0.5, -1.0, 1.0, 0.25]])  # tokens 0 and 2 are in the prompt
+    sampler = Sampler(torch.device("cpu"), 0)
+    for penalty in (1e-39, 1e-50, 1e-300):
+        for temperature in (0.0, 1e-5, 1.0):
+            params = SamplingParams(temperature=temperature, repetition_penalty=penalty)
+            row = SamplingRow(params, [0, 2], 2, None)
+            ids, _ = sampler.sample(logits.clone(), [row])
+            assert ids.tolist() == [2], (penalty, temperature)

@@ -92,7 +92,10 @@ def apply_penalties(
         prompts = [rows[i].prompt_token_ids if p.repetition_penalty != 1.0 else []
                    for i, p in zip(which, pen, strict=True)]  # fmt: skip
         seen = (token_counts(prompts, vocab, device) > 0) | (counts > 0)
-        rep = host_values([p.repetition_penalty for p in pen], torch.float32, device)[:, None]
+        # floored at 1e-30: a smaller (valid) penalty overflowed fp32 to +inf, which tied the
+        # seen tokens and made NaN probabilities; at 1e-30 they already lead by > 1e29
+        rep = [max(p.repetition_penalty, 1e-30) for p in pen]
+        rep = host_values(rep, torch.float32, device)[:, None]
         x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
     freq = host_values([p.frequency_penalty for p in pen], torch.float32, device)[:, None]
     presence = host_values([p.presence_penalty for p in pen], torch.float32, device)[:, None]
