@@ -240,3 +240,19 @@ def test_decode_graph_outputs_counted_once():
 
     assert len(decode_buckets(256)) == 35 and max(decode_buckets(256)) == 256
     assert graph_output_bytes(256, 128256, torch.bfloat16) == 256 * 128256 * 2
+
+
+def test_no_room_names_what_other_processes_hold(monkeypatch):
+    """The share's arithmetic adds up in the message: 90 of 100 GiB, less a 35 GiB peak and
+    the 60 GiB another process holds, leaves -5 GiB. max_model_len sizes nothing here (the
+    profile runs max_num_batched_tokens tokens), so lowering it is not offered as a fix."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (30 * GiB, 100 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * GiB)
+    with pytest.raises(ValueError) as e:
+        num_blocks_for_gpu(torch.device("cuda"), 0.9, 2**20, 35 * GiB, 10 * GiB)
+    msg = str(e.value)
+    assert (
+        "leaves -5.00 GiB" in msg
+        and "and the 60.00 GiB other processes and CUDA contexts hold" in msg
+    )
+    assert "max_model_len" not in msg and "max_num_batched_tokens" in msg

@@ -42,8 +42,8 @@ def num_blocks_for_gpu(
     activations of the largest step); ``held_bytes`` of the peak are allocated now (weights,
     static buffers), the rest the largest step allocates again."""
     free, total = torch.cuda.mem_get_info(device)
-    used_by_others = total - free - torch.cuda.memory_reserved(device)
-    share = int(total * utilization) - peak_bytes - max(used_by_others, 0)
+    used_by_others = max(total - free - torch.cuda.memory_reserved(device), 0)
+    share = int(total * utilization) - peak_bytes - used_by_others
     # Never more than is free now (other engines in this process count here) once the
     # largest step's activations are allocated again, less a margin.
     room = free - (peak_bytes - held_bytes) - (512 << 20)
@@ -58,14 +58,23 @@ def num_blocks_for_gpu(
                 "(other engines or processes), lower max_num_batched_tokens, or use "
                 "cpu_offload_gb / quantization"
             )
+        # NOTE: max_model_len is no fix: the peak is a step of max_num_batched_tokens tokens.
         raise ValueError(
             f"no room for the KV cache: gpu_memory_utilization={utilization} of "
             f"{total / GiB:.1f} GiB leaves {budget / GiB:.2f} GiB after the model's peak of "
-            f"{peak_bytes / GiB:.2f} GiB, {block_bytes - budget} bytes short of one KV block; "
-            "raise gpu_memory_utilization, lower max_model_len / max_num_batched_tokens, or "
-            "use cpu_offload_gb / quantization"
+            f"{peak_bytes / GiB:.2f} GiB{_others(used_by_others)}, {block_bytes - budget} "
+            "bytes short of one KV block; raise gpu_memory_utilization, lower "
+            "max_num_batched_tokens, or use cpu_offload_gb / quantization"
         )
     return num
+
+
+def _others(used_by_others: int) -> str:
+    """The part of a message naming the device memory held outside this process's torch
+    allocator (counted out of the gpu_memory_utilization share), if any."""
+    if used_by_others <= 0:
+        return ""
+    return f" and the {used_by_others / GiB:.2f} GiB other processes and CUDA contexts hold"
 
 
 OFFLOAD_STEP_BUDGET = 2048
@@ -137,7 +146,8 @@ def weights_fit_error(
     return (
         f"the model does not fit: its device-resident weights take {resident_bytes} bytes "
         f"({resident_bytes / GiB:.2f} GiB), but gpu_memory_utilization={utilization} of "
-        f"{total_bytes / GiB:.1f} GiB leaves {max(budget_bytes, 0) / GiB:.2f} GiB: {missing} "
+        f"{total_bytes / GiB:.1f} GiB leaves {max(budget_bytes, 0) / GiB:.2f} GiB"
+        f"{_others(int(total_bytes * utilization) - budget_bytes)}: {missing} "
         f"bytes ({missing / GiB:.2f} GiB) missing before activations and the KV cache "
         f"(whose size max_model_len sets). Fix: {'; or '.join(fixes)}"
     )

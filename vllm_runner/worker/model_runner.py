@@ -218,7 +218,7 @@ class ModelRunner:
             raise ValueError(
                 f"the profiling step of max_num_batched_tokens={sched.max_num_batched_tokens} "
                 f"tokens ran out of device memory ({str(error).splitlines()[0]}); lower "
-                "max_num_batched_tokens or max_model_len, or use cpu_offload_gb / quantization"
+                "max_num_batched_tokens, or use cpu_offload_gb / quantization"
             ) from error
         if error is not None:
             raise error
