@@ -1,7 +1,7 @@
 """Per-request sampling settings, with vLLM's field names."""
 
-import math
 import numbers
+import sys
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
@@ -61,7 +61,8 @@ class SamplingParams:
             raise bad("n", self.n, ">= 1")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", self.max_tokens, ">= 1")
-        if not 0.0 <= self.temperature < math.inf:
+        # (an int beyond float range too: the sampler's float32 tensor of it would fail the step)
+        if not 0.0 <= self.temperature <= sys.float_info.max:
             raise bad("temperature", self.temperature, "a finite number >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", self.top_p, "in (0, 1]")

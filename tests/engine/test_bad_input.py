@@ -39,6 +39,13 @@ def test_bad_prompts_raise_and_do_not_disturb(llama_dir, bad, match):
         ("temperature", -0.5, "temperature must be a finite number >= 0, got -0.5"),
         ("temperature", float("inf"), "temperature must be a finite number >= 0, got inf"),
         ("temperature", float("nan"), "temperature must be a finite number >= 0, got nan"),
+        # an int beyond float range: torch's conversion failed the whole step, not the request
+        pytest.param(
+            "temperature",
+            10**400,
+            "temperature must be a finite number >= 0, got 10",
+            id="temperature-int-beyond-float",
+        ),
         ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
         ("top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
         ("n", 0, "n must be >= 1"),
