@@ -2,6 +2,7 @@
 
 import numbers
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
@@ -42,6 +43,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name, limit in (("stop", "a string or a list of strings"),
+                            ("stop_token_ids", "a list of token ids")):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Iterable):
+                raise ValueError(f"{name} must be {limit}, got {value!r}")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:

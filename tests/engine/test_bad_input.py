@@ -58,6 +58,9 @@ def test_bad_prompts_raise_and_do_not_disturb(llama_dir, bad, match):
         ("n", True, "n must be >= 1, got True"),
         ("stop", [7], r"stop must be non-empty strings, got \[7\]"),
         ("stop", [b"x"], "stop must be non-empty strings"),
+        # (not a TypeError of list())
+        ("stop", 5, "stop must be a string or a list of strings, got 5"),
+        ("stop_token_ids", 7, r"stop_token_ids must be a list of token ids, got 7"),
         ("stop_token_ids", ["a"], "stop_token_ids entry must be a token id .*, got 'a'"),
         ("stop_token_ids", [1.5], "stop_token_ids entry must be a token id .*, got 1.5"),
         ("temperature", "0.5", "temperature must be a number, got '0.5'"),
