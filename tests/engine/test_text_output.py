@@ -62,6 +62,17 @@ def test_stop_token_text_left_out_unless_asked(smol_llm):
     assert chat.text == "The capital of France is Paris." and chat.finish_reason == "stop"
 
 
+def test_a_stop_token_is_the_stop_reason_even_if_its_kept_text_holds_a_stop_string(smol_llm):
+    """As vLLM: a request ended by a stop token is not searched for stop strings in that
+    token's text (kept by include_stop_str_in_output): the token is the stop_reason, and its
+    text is not cut (a stop string inside it used to win)."""
+    pa = smol_llm.tokenizer.convert_tokens_to_ids("ĠParis")
+    params = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[pa],
+                            stop=["ar"], include_stop_str_in_output=True)  # fmt: skip
+    out = smol_llm.generate(["The capital of France is"], params)[0]
+    assert (out.text, out.outputs[0].stop_reason) == (" Paris", pa)
+
+
 def test_stop_strings_wait_for_min_tokens(smol_llm):
     """As vLLM: stop strings count only after min_tokens tokens, and not in their text
     (greedy gives ' Paris.' then more: ' Paris' and '.' used to end it at 1-2 tokens)."""

@@ -72,7 +72,8 @@ class IncrementalDetokenizer:
     def add_tokens(self, token_ids: list[int], stop_terminated: bool = False) -> str | None:
         """Append tokens; returns the stop string if one now appears in the text.
         ``stop_terminated``: the last token is EOS or a stop_token_ids entry; as in vLLM its
-        text is left out unless include_stop_str_in_output."""
+        text is left out unless include_stop_str_in_output, and that token ends the request
+        (the text is not searched for stop strings)."""
         if self.tokenizer is None:
             return None
         self.num_tokens += len(token_ids)
@@ -84,8 +85,8 @@ class IncrementalDetokenizer:
         else:
             self.ids.extend(token_ids)
             self._decode_window()
-        if len(self.text) == before:
-            return None  # an incomplete character: wait for more tokens
+        if len(self.text) == before or stop_terminated:
+            return None  # (an incomplete character: wait for more tokens)
         if self.num_tokens <= self.min_tokens:
             self.stop_from = len(self.text)
             return None
