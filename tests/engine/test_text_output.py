@@ -73,6 +73,28 @@ def test_a_stop_token_is_the_stop_reason_even_if_its_kept_text_holds_a_stop_stri
     assert (out.text, out.outputs[0].stop_reason) == (" Paris", pa)
 
 
+def test_an_eos_id_of_generation_config_is_the_stop_reason(default_model_dir, tmp_path):
+    """As vLLM: generation_config's EOS ids other than the tokenizer's (Llama 3.1's
+    <|eom_id|>, Qwen2.5's <|endoftext|>) end a request as stop tokens do: stop_reason names
+    the id (it was None, as for the tokenizer's EOS); ignore_eos ignores them."""
+    import json
+    import os
+
+    from vllm_runner import LLM
+
+    for name in os.listdir(default_model_dir):
+        if name != "generation_config.json":
+            os.symlink(os.path.join(default_model_dir, name), tmp_path / name)
+    pa = 7042  # " Paris": greedy's first token after "The capital of France is"
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, pa]}))
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", max_model_len=256, num_kv_blocks=16)
+    prompt = ["The capital of France is"]
+    out = llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0.0))[0].outputs[0]
+    assert (out.token_ids, out.finish_reason, out.stop_reason) == ([pa], "stop", pa)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert llm.generate(prompt, params)[0].outputs[0].finish_reason == "length"
+
+
 def test_stop_strings_wait_for_min_tokens(smol_llm):
     """As vLLM: stop strings count only after min_tokens tokens, and not in their text
     (greedy gives ' Paris.' then more: ' Paris' and '.' used to end it at 1-2 tokens)."""

@@ -138,6 +138,7 @@ class EngineCore:
         # dataclasses.replace: validated already, not again.)
         params = copy.copy(params)
         params.all_stop_token_ids = self.eos_ids
+        params.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         state = new_request_state(
             request_id,
             prompt if isinstance(prompt, str) else None,

@@ -258,6 +258,7 @@ class Scheduler:
         num_out = len(request.output_token_ids)
         if num_out >= params.min_tokens:
             if not params.ignore_eos and token in params.all_stop_token_ids:
+                request.stop_reason = None if token == params.eos_token_id else token
                 return RequestStatus.FINISHED_STOPPED
             if token in params.stop_token_ids:
                 request.stop_reason = token
