@@ -224,10 +224,7 @@ class AsyncLLM:
         # the step running now): CLOCK_MONOTONIC, one clock for every process of the host.
         arrival = time.monotonic()
         prompt_ids = self.validate(prompt, params)
-        if not self._running:
-            raise (
-                EngineDeadError(self.error) if self.error else RuntimeError("AsyncLLM is shut down")
-            )
+        self._check_running()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -237,6 +234,11 @@ class AsyncLLM:
         self._entries[route] = StreamRoute(
             asyncio.get_running_loop(), q, request_id, prompt_ids, detokenizers
         )
+        try:  # NOTE: again, registered: a loop that died since failed the streams it saw
+            self._check_running()
+        except RuntimeError:
+            del self._entries[route]
+            raise
         self._streams.add(request_id)
         done = False
         released = False  # the request ended: its id is free already, no abort
@@ -277,6 +279,12 @@ class AsyncLLM:
                         self._send(("abort", request_id))
                 finally:
                     self._streams.discard(request_id)
+
+    def _check_running(self) -> None:
+        if not self._running:
+            raise (
+                EngineDeadError(self.error) if self.error else RuntimeError("AsyncLLM is shut down")
+            )
 
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))

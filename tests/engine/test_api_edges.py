@@ -84,3 +84,26 @@ def test_one_sampling_params_shared_by_two_models_keeps_each_its_eos(
         go.set()
         del tiny_async.engine.step
     assert out.finish_reason == "length" and out.token_ids == free
+
+
+def test_a_stream_added_as_the_loop_dies_fails_instead_of_waiting_forever(llama_dir):
+    """The loop failed every stream it saw when it died; a stream that registered just after
+    (its "is it running" check passed just before) was never answered and waited forever."""
+    from vllm_runner.async_llm import EngineDeadError
+
+    llm = AsyncLLM(llama_dir, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
+
+    class DiesFirst(dict):  # the loop dies between the stream's check and its registration
+        def __setitem__(self, route, entry):
+            llm._send(("malformed",))
+            llm._thread.join()
+            super().__setitem__(route, entry)
+
+    llm._entries = DiesFirst()
+
+    async def main():
+        with pytest.raises(EngineDeadError, match="the engine loop failed"):
+            await llm.generate([1, 2, 3], GREEDY)
+
+    asyncio.run(asyncio.wait_for(main(), 60))  # (a hang guard)
+    asyncio.run(llm.shutdown())
