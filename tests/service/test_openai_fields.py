@@ -321,3 +321,24 @@ def test_a_huge_refused_value_is_not_sent_back_whole(client: Any) -> None:
 def test_vllm_fields_at_unused_values_are_accepted(client: Any, body: dict) -> None:
     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **body})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_completion_tokens": 1000}, "max_completion_tokens"),  # past max_model_len
+        ({"max_completion_tokens": 2, "min_tokens": 5}, "min_tokens"),
+        ({"max_tokens": 9, "max_completion_tokens": 1000}, "max_completion_tokens"),
+    ],
+)
+def test_chat_errors_name_max_completion_tokens_when_sent(
+    client: Any, fields: dict, param: str
+) -> None:
+    """The openai client sends chat's limit as max_completion_tokens: an error about it
+    names that field, not max_tokens, which the request did not set (or that lost to it)."""
+    r = client.post("/v1/chat/completions", json={"messages": CHAT, **fields})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param, error
+    assert "max_completion_tokens" in error["message"], error
+    assert "max_tokens" not in error["message"], error

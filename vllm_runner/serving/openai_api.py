@@ -133,11 +133,12 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         param: str,
         fields: set[str],
         chat: bool = False,
+        as_sent: Callable[[str], str] = str,
     ) -> list[int]:
         try:  # in a thread: a long prompt's tokenization would hold every other stream
             return await asyncio.to_thread(engine.validate, prompt, params, chat)
         except ValueError as exc:
-            raise fmt.bad_request(exc, param, fields) from None
+            raise fmt.bad_request(ValueError(as_sent(str(exc))), param, fields) from None
 
     def model_card(engine: Any) -> dict[str, Any]:
         return {
@@ -199,10 +200,11 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
             messages = [m.as_dict() for m in body.messages]
             prompt = engine.apply_chat_template(messages, **body.template_options())
         except (ValueError, TypeError, TemplateError) as exc:  # templates raise on roles
-            raise fmt.bad_request(ValueError(str(exc)), "messages", _CHAT_FIELDS) from None
+            message = body.as_sent(str(exc))
+            raise fmt.bad_request(ValueError(message), "messages", _CHAT_FIELDS) from None
         # the prompt is the templated messages: errors about it name "messages"
         fields = _CHAT_FIELDS - {"prompt"}
-        ids = await validate(engine, prompt, params, "messages", fields, chat=True)
+        ids = await validate(engine, prompt, params, "messages", fields, True, body.as_sent)
         rid = new_request_id("chatcmpl")
         decode = fmt.TokenDecoder(engine.tokenizer)
         if body.stream:

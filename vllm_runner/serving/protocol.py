@@ -6,6 +6,7 @@ before it reaches the engine; cross-field rules are checked by building the Samp
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -293,6 +294,13 @@ class ChatCompletionRequest(OpenAIFields):
             "add_generation_prompt": self.add_generation_prompt,
             "continue_final_message": self.continue_final_message,
         }
+
+    def as_sent(self, message: str) -> str:
+        """An error ``message`` that names max_tokens, naming max_completion_tokens instead
+        when that is the limit this request set (the engine knows only max_tokens)."""
+        if self.max_completion_tokens is None:
+            return message
+        return re.sub(r"\bmax_tokens\b", "max_completion_tokens", message)
 
     def chat_sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens
