@@ -84,3 +84,19 @@ def test_score_item_the_engine_fails_fails_alone(client: Any, engine: Any) -> No
     good, bad = r.json()
     assert good["error"] is None and -1.0 < good["logprob"] < 0.0
     assert bad["logprob"] is None and "injected" in bad["error"]
+
+
+def test_score_errors_name_the_continuation(client: Any, engine: Any) -> None:
+    """A continuation the engine cannot take is refused naming it, not as the prompt (the
+    two are checked joined: a continuation's bad token read "prompt token id ...")."""
+    from service_testing import MAX_MODEL_LEN
+
+    vocab = engine.inputs.limits.vocab_size
+    r = client.post("/score", json={"items": [{"prompt": PROMPT, "continuation": [5, vocab]}]})
+    assert r.status_code == 400, r.text
+    assert f"continuation token id {vocab} is outside the vocabulary [0, {vocab})" in r.text
+    prompt = [5] * (MAX_MODEL_LEN - 3)
+    r = client.post("/score", json={"items": [{"prompt": prompt, "continuation": [5] * 4}]})
+    assert r.status_code == 400, r.text
+    assert f"prompt ({MAX_MODEL_LEN - 3} tokens) + continuation (4 tokens)" in r.text, r.text
+    assert f"max_model_len is {MAX_MODEL_LEN}" in r.text

@@ -70,6 +70,15 @@ def score_ids(engine: AsyncLLM, item: ScoreRequest) -> tuple[list[int], int]:
         cont = engine.tokenizer.encode(cont, add_special_tokens=False)
     if not cont:
         raise ValueError("continuation has no tokens")
+    # NOTE: checked here, not only joined: the engine would name the continuation "prompt"
+    vocab = engine.inputs.limits.vocab_size
+    if (bad := next((t for t in cont if not 0 <= t < vocab), None)) is not None:
+        raise ValueError(f"continuation token id {bad} is outside the vocabulary [0, {vocab})")
+    if len(prompt) + len(cont) >= engine.max_model_len:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + continuation ({len(cont)} tokens) do not fit: "
+            f"max_model_len is {engine.max_model_len} (they and one new token must fit)"
+        )
     return engine.validate(prompt + list(cont), score_params()), len(cont)
 
 
