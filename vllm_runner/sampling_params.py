@@ -65,6 +65,9 @@ class SamplingParams:
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise bad(name, value, "a number")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):  # ("no" was true)
+                raise bad(name, getattr(self, name), "True or False")
         if not _is_int(self.n) or self.n < 1:
             raise bad("n", self.n, ">= 1")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):

@@ -65,6 +65,9 @@ def test_bad_prompts_raise_and_do_not_disturb(llama_dir, bad, match):
         ("stop_token_ids", [1.5], "stop_token_ids entry must be a token id .*, got 1.5"),
         ("temperature", "0.5", "temperature must be a number, got '0.5'"),
         ("presence_penalty", None, "presence_penalty must be a number, got None"),
+        ("ignore_eos", "no", "ignore_eos must be True or False, got 'no'"),
+        ("skip_special_tokens", 0, "skip_special_tokens must be True or False, got 0"),
+        ("include_stop_str_in_output", None, "include_stop_str_in_output must be True or"),
     ],
 )
 def test_bad_sampling_params(field, value, match):
