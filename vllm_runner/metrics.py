@@ -151,12 +151,19 @@ class EngineMetrics:
             self._last[key] = value
 
     def record_request(
-        self, *, ttft_s: float | None, itl_s: list[float], e2e_s: float, finish_reason: str
+        self,
+        *,
+        ttft_s: float | None,
+        itl_s: list[float],
+        e2e_s: float,
+        finish_reasons: list[str],
     ) -> None:
-        """Observe one finished request's latencies and count it by finish reason."""
+        """Observe one finished request's latencies and count each of its completions by
+        finish reason."""
         if ttft_s is not None:
             self._ttft.observe(ttft_s)
         for gap in itl_s:
             self._itl.observe(gap)
         self._e2e.observe(e2e_s)
-        self._requests.labels(self.model_name, finish_reason or "unknown").inc()
+        for reason in finish_reasons:
+            self._requests.labels(self.model_name, reason or "unknown").inc()

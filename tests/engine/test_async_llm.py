@@ -270,6 +270,19 @@ def test_inter_token_latency_is_per_completion(monkeypatch):
     assert request_timings(state).itl_s == [0.5, 0.75, 0.5, 0.75]
 
 
+def test_each_completion_is_counted_under_its_own_finish_reason():
+    """n > 1: as vLLM counts its children, each completion counts once in
+    request_success under its own reason (only the first one's was counted: a completion cut
+    at max_tokens next to one that stopped showed as one "stop")."""
+    from vllm_runner.engine import output_processor as op
+    from vllm_runner.engine.serving_loop import request_timings
+
+    state = op.new_request_state("r", None, [1, 2], SamplingParams(n=3, max_tokens=3), None, "r")
+    for c, reason in zip(state.completions, ["stop", "length", "abort"], strict=True):
+        c.finish_reason = reason
+    assert request_timings(state).finish_reasons == ["stop", "length", "abort"]
+
+
 def test_the_engine_is_built_in_the_thread_that_steps_it(default_model_dir, monkeypatch):
     """On the CPU, PyTorch work from two threads runs two OpenMP teams that share the cores
     (a CPU engine loaded in one thread and stepped in another ran 23-40% slower): the loop

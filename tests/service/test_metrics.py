@@ -117,8 +117,8 @@ def test_missing_stats_keys_are_skipped(model_name: str) -> None:
 
 def test_record_request_observes_histograms(model_name: str) -> None:
     m = EngineMetrics(model_name)
-    m.record_request(ttft_s=0.05, itl_s=[0.01, 0.02, 0.03], e2e_s=0.2, finish_reason="stop")
-    m.record_request(ttft_s=None, itl_s=[], e2e_s=0.01, finish_reason="abort")
+    m.record_request(ttft_s=0.05, itl_s=[0.01, 0.02, 0.03], e2e_s=0.2, finish_reasons=["stop"])
+    m.record_request(ttft_s=None, itl_s=[], e2e_s=0.01, finish_reasons=["abort"])
     assert value("vllm_runner_time_to_first_token_seconds_count", model_name) == 1
     assert value("vllm_runner_time_to_first_token_seconds_sum", model_name) == pytest.approx(0.05)
     assert value("vllm_runner_time_to_first_token_seconds_bucket", model_name, le="0.06") == 1
@@ -127,6 +127,16 @@ def test_record_request_observes_histograms(model_name: str) -> None:
     assert value("vllm_runner_e2e_request_latency_seconds_count", model_name) == 2
     assert value("vllm_runner_request_success_total", model_name, finished_reason="stop") == 1
     assert value("vllm_runner_request_success_total", model_name, finished_reason="abort") == 1
+
+
+def test_request_success_counts_each_completion(model_name: str) -> None:
+    """n > 1: each completion under its own reason (vLLM counts children); the latency
+    histograms observe the request once."""
+    m = EngineMetrics(model_name)
+    m.record_request(ttft_s=0.1, itl_s=[], e2e_s=0.3, finish_reasons=["stop", "length", "stop"])
+    assert value("vllm_runner_request_success_total", model_name, finished_reason="stop") == 2
+    assert value("vllm_runner_request_success_total", model_name, finished_reason="length") == 1
+    assert value("vllm_runner_e2e_request_latency_seconds_count", model_name) == 1
 
 
 def test_import_is_cheap_and_defers_prometheus_client() -> None:
@@ -149,7 +159,7 @@ def test_multiprocess_mode_aggregates_workers(tmp_path: object) -> None:
 import sys
 m = metrics.EngineMetrics("mp-model")
 m.record_step({"num_running": int(sys.argv[1]), "generation_tokens_total": 10})
-m.record_request(ttft_s=0.1, itl_s=[0.01], e2e_s=0.5, finish_reason="stop")
+m.record_request(ttft_s=0.1, itl_s=[0.01], e2e_s=0.5, finish_reasons=["stop"])
 """
     )
     env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}

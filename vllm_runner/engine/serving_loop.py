@@ -30,7 +30,9 @@ class RequestTimings:
     ttft_s: float | None
     itl_s: list[float]  # per completion, as vLLM's per-child stats (siblings are not 0 s apart)
     e2e_s: float
-    finish_reason: str
+    # NOTE: per completion, as vLLM counts its n > 1 children in request_success; the
+    # latencies above are the request's (its first token, its end)
+    finish_reasons: list[str]
 
 
 @dataclass
@@ -115,7 +117,7 @@ def request_timings(state) -> RequestTimings:
         ttft_s=ttft,
         itl_s=itl,
         e2e_s=time.monotonic() - state.arrival_time,
-        finish_reason=state.completions[0].finish_reason or "abort",
+        finish_reasons=[c.finish_reason or "abort" for c in state.completions],
     )
 
 
