@@ -112,7 +112,9 @@ def test_same_step_requests_share_blocks_being_computed():
     assert s.kv.block_ids("b")[:2] == s.kv.block_ids("a")[:2]
 
 
-def test_request_waits_for_a_block_a_chunked_prefill_has_yet_to_compute():
+def test_a_prefix_still_being_prefilled_is_shared_once_computed():
+    """a's prompt takes the whole budget (no admission behind it); b, sharing its first
+    two blocks, is admitted next step and hits both instead of computing them again."""
     s = make_scheduler(budget=6, block_size=4)
     shared = list(range(500, 508))  # two full blocks
     s.add_request(Request("a", shared + [1, 2], SamplingParams(max_tokens=4), 4))

@@ -142,14 +142,11 @@ class Scheduler:
     ) -> bool:
         """Admit waiting requests FIFO; True if any was."""
         num_new_reqs = len(new_reqs)
-        skipped: list[Request] = []
-        bs = self.kv.block_size
-        # Prompt blocks that running requests have yet to compute (their hashes are known).
-        in_progress: set[int] = set()
-        if self.kv.enable_caching:
-            for r in self.running:
-                if r.num_computed_tokens < r.num_prompt_tokens:
-                    in_progress.update(r.block_hashes[r.num_computed_tokens // bs :])
+        # NOTE: a prompt block is in the prefix index from its allocation, so a request
+        # sharing a prefix another computes in this very step hits it (each layer writes the
+        # step's keys and values before any of its attention reads them); and a running
+        # prompt still to compute beyond this step has taken the whole budget: none is
+        # admitted behind it.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.status.finished:
@@ -158,17 +155,6 @@ class Scheduler:
                 continue
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             reads_cache = self.kv.enable_caching and request.params.prompt_logprobs is None
-            # the block of the last token never hits: that token is always computed
-            hittable = min(len(request.block_hashes), (request.num_tokens - 1) // bs)
-            # NOTE: a request whose next block another request is computing waits a step and
-            # then reuses it from the prefix cache (shared system prompts, n > 1 siblings).
-            if (
-                reads_cache
-                and len(hits) < hittable
-                and request.block_hashes[len(hits)] in in_progress
-            ):
-                skipped.append(self.waiting.popleft())
-                continue
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             request.num_computed_tokens = 0
             if self.kv.allocate_slots(request, num_new, hits) is None:
@@ -182,11 +168,9 @@ class Scheduler:
                     self.counters["prefix_cache_hits"] += num_hit_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            in_progress.update(request.block_hashes[len(hits) :])
             num_scheduled[request.request_id] = num_new
             budget -= num_new
             new_reqs.append(self._new_request_data(request))
-        self.waiting.extendleft(reversed(skipped))
         return len(new_reqs) > num_new_reqs
 
     def _will_finish(self, request: Request) -> bool:
