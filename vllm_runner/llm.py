@@ -127,8 +127,23 @@ def apply_chat_template(
             "add_generation_prompt false, got both true"
         )
     return tokenizer.apply_chat_template(
-        messages,
+        [{**m, "content": _content_text(i, m["content"])} for i, m in enumerate(messages)],
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
     )
+
+
+def _content_text(i: int, content: str | list[dict] | None) -> str:
+    """A message's content as the template's text: OpenAI's text parts are lines of one
+    text, None (an assistant's message) is empty, as in vLLM and the chat route."""
+    if not isinstance(content, list):
+        return content or ""
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(
+                f"messages[{i}] content part {j} has type {kind!r}: this engine takes only "
+                "text parts ({'type': 'text', 'text': ...})"
+            )
+    return "\n".join(part["text"] for part in content)

@@ -107,3 +107,21 @@ def test_a_stream_added_as_the_loop_dies_fails_instead_of_waiting_forever(llama_
 
     asyncio.run(asyncio.wait_for(main(), 60))  # (a hang guard)
     asyncio.run(llm.shutdown())
+
+
+def test_chat_takes_openai_content_parts_and_an_assistant_message_without_content(smol_llm):
+    """As vLLM's LLM.chat and this server's chat route: a message's text parts are lines of
+    one text, and an assistant message's content may be None (the template failed on both:
+    "can only concatenate str (not "list") to str"); a part that is not text is refused
+    naming its type."""
+    text = [{"role": "user", "content": "Hi\nthere"}, {"role": "assistant", "content": ""}]
+    lines = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+    parts = [{"role": "user", "content": lines}, {"role": "assistant", "content": None}]
+    options = {"add_generation_prompt": False, "continue_final_message": True}
+    assert smol_llm.apply_chat_template(parts, **options) == smol_llm.apply_chat_template(
+        text, **options
+    )
+    assert lines[0] == {"type": "text", "text": "Hi"}  # the caller's, unchanged
+    image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    with pytest.raises(ValueError, match=r"messages\[0\] content part 0 has type 'image_url'"):
+        smol_llm.chat([{"role": "user", "content": image}])
