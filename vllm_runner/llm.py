@@ -6,6 +6,7 @@ from vllm_runner.config import EngineArgs
 from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.outputs import RequestOutput
 from vllm_runner.sampling_params import SamplingParams
+from vllm_runner.tokenizer import NO_TOKENIZER
 
 Prompt = str | list[int]
 
@@ -116,7 +117,9 @@ def apply_chat_template(
 ) -> str:
     """The conversation as the model's prompt text: ending in the assistant's header (a new
     reply) or, with `continue_final_message`, in the last message's open text (as vLLM)."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+    if tokenizer is None:
+        raise ValueError(f"{NO_TOKENIZER}, so no chat template; use generate() with token ids")
+    if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; use generate() with a prompt")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:

@@ -17,8 +17,16 @@ def load_hf_config(path: str):
         raise ValueError(f"cannot read the model config in {path!r}: {e}") from None
 
 
+# what refusing text says when load_tokenizer gave None
+NO_TOKENIZER = (
+    "this model has no usable tokenizer (none in its folder, or it failed to load: see the "
+    "warning logged at start-up)"
+)
+
+
 def load_tokenizer(path: str):
-    """The folder's tokenizer, or None when it has none (the engine then works on ids)."""
+    """The folder's tokenizer, or None when it has none or it fails to load (the engine then
+    works on ids)."""
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any(os.path.exists(os.path.join(path, n)) for n in names):
         return None

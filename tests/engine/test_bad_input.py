@@ -115,3 +115,23 @@ def test_request_larger_than_the_whole_kv_cache_is_refused(llama_dir):
         llm.generate([list(range(1, 33))], SamplingParams(max_tokens=34, ignore_eos=True))
     out = llm.generate([list(range(1, 33))], fits)
     assert len(out[0].token_ids) == 33 and llm.stats()["kv_blocks_used"] == 0
+
+
+def test_a_tokenizer_that_failed_to_load_is_not_called_missing(llama_dir, tmp_path):
+    """A folder whose tokenizer fails to load runs on token ids; text, stop strings and chat
+    are refused saying so (they said the folder had no tokenizer, or no chat template)."""
+    import shutil
+
+    shutil.copytree(llama_dir, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    llm = make_llm(str(tmp_path))
+    assert llm.tokenizer is None
+    calls = [
+        lambda: llm.generate("hi", GREEDY),
+        lambda: llm.generate([[1, 2]], SamplingParams(stop=["x"])),
+        lambda: llm.chat([{"role": "user", "content": "hi"}]),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="no usable tokenizer .none in its folder, or it"):
+            call()
+    assert len(llm.generate([[1, 2, 3]], GREEDY)[0].token_ids) == 24

@@ -7,7 +7,7 @@ in the caller, before sending them (``AsyncLLM``)."""
 from dataclasses import dataclass
 
 from vllm_runner.sampling_params import SamplingParams
-from vllm_runner.tokenizer import dropped_chars, max_text_chars
+from vllm_runner.tokenizer import NO_TOKENIZER, dropped_chars, max_text_chars
 
 _DROPPED_MAX = 4  # a text this many times over the character bound is refused whatever it holds
 
@@ -40,7 +40,7 @@ class InputProcessor:
             if not prompt:
                 raise ValueError("prompt is empty: give at least one character or token id")
             if self.tokenizer is None:
-                raise ValueError("this model folder has no tokenizer: pass token ids, not text")
+                raise ValueError(f"{NO_TOKENIZER}: pass token ids, not text")
             self.check_text_length(prompt, "prompt")
             try:
                 prompt.encode("utf-8")
@@ -104,8 +104,8 @@ class InputProcessor:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError(
-                f"stop {params.stop!r}: stop strings need a tokenizer and this model folder "
-                "has none; use stop_token_ids"
+                f"stop {params.stop!r}: stop strings need a tokenizer and {NO_TOKENIZER}; "
+                "use stop_token_ids"
             )
         self._check_in_vocab("logit_bias token id", params.logit_bias or ())
         self._check_in_vocab("stop_token_ids entry", params.stop_token_ids)
