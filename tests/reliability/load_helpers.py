@@ -15,6 +15,7 @@ from service_testing import SERVICE_ENV
 from loadtests.server import BentoServer
 
 CHAT_PATH = "/v1/chat/completions"
+SSE_PATHS = (CHAT_PATH, "/v1/completions")
 MAX_CONCURRENCY = 16
 # The service tests' settings (default model, CPU, max_model_len 256, API key).
 SERVER_ENV = {**SERVICE_ENV, "VLLM_RUNNER_MAX_CONCURRENCY": str(MAX_CONCURRENCY)}
@@ -89,25 +90,23 @@ def check_sse(lines: Iterable[str], max_tokens: int) -> str | None:
     return None
 
 
+def sse_text(line: str) -> bool:
+    """Whether an SSE line carries generated text (a completion's or a chat delta's)."""
+    payloads, _ = sse_payloads([line])
+    choices = [c for p in payloads for c in p.get("choices", [])]
+    return any(c.get("text") or c.get("delta", {}).get("content") for c in choices)
+
+
 def first_token_then_close(http: httpx.Client, path: str, body: dict[str, Any]) -> Outcome:
     """Open a stream, wait for its first generated text, then drop the connection."""
     with http.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             r.read()
             return Outcome(r.status_code, f"stream refused: {r.status_code} {r.text[:200]}")
-        for line in r.iter_lines():
-            if path == CHAT_PATH or path == "/v1/completions":
-                payloads, _ = sse_payloads([line])
-                texts = [
-                    c.get("text") or c.get("delta", {}).get("content")
-                    for p in payloads
-                    for c in p.get("choices", [])
-                ]
-                if any(texts):
-                    break
-            elif line:
-                break
-        else:
+        # NOTE: /generate streams bare text, no newlines: waiting there for a line would read
+        # the whole stream (a full generation, and no client ever leaving mid-stream).
+        pieces = r.iter_lines() if path in SSE_PATHS else r.iter_text()
+        if not any(sse_text(piece) if path in SSE_PATHS else piece for piece in pieces):
             return Outcome(200, "the stream ended before the client left")
     return Outcome(200)  # leaving the block closes the connection mid-stream
 
