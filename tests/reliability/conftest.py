@@ -1,8 +1,9 @@
 """Fixtures of the reliability suite.
 
 - `server`: one real `bentoml serve` on a loopback port (loadtests/server.py) with the service
-  tests' settings (tests/service/service_testing.py) and max_concurrency 16; a test that stops
-  it (graceful shutdown) leaves the next one a fresh server.
+  tests' settings (tests/service/service_testing.py), max_concurrency 16 and one OpenMP thread
+  (load_helpers.py says why); a test that stops it (graceful shutdown) leaves the next one a
+  fresh server.
 - `client`, `engine`: the service tests' in-process TestClient on the app and its AsyncLLM
   (tests/conftest.py: one app per session).
 """

@@ -17,8 +17,16 @@ from loadtests.server import BentoServer
 CHAT_PATH = "/v1/chat/completions"
 SSE_PATHS = (CHAT_PATH, "/v1/completions")
 MAX_CONCURRENCY = 16
-# The service tests' settings (default model, CPU, max_model_len 256, API key).
-SERVER_ENV = {**SERVICE_ENV, "VLLM_RUNNER_MAX_CONCURRENCY": str(MAX_CONCURRENCY)}
+# The service tests' settings (default model, CPU, max_model_len 256, API key), and one
+# OpenMP thread. NOTE: with torch's default (a thread per core), on a 2-core machine that other
+# work shares, the engine's pair of threads meets at a barrier in every GEMM and waits there
+# for a descheduled peer: 16 prompts x 8 tokens went from 0.6 s to 4-21 s under load (one
+# thread: 0.55-0.75 s), and test_mixed_load ran past its timeout. The checks do not change.
+SERVER_ENV = {
+    **SERVICE_ENV,
+    "VLLM_RUNNER_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
+    "OMP_NUM_THREADS": "1",
+}
 
 
 def http_stats(server: BentoServer) -> dict[str, int]:
