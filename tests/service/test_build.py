@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,18 @@ BENTOML_TEMPLATE_FINDINGS = {
     "DL4006": "template pipes without pipefail when installing uv",
     "DL3066": "template's USER is a name, not a numeric id",
 }
+
+
+def test_pyproject_has_no_deprecated_metadata() -> None:
+    """`make install` (pip install -e .) builds with the newest setuptools, which warned that
+    a TOML-table `project.license` stops building after 2027-02-18."""
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dist = apply_configuration(Distribution(), REPO / "pyproject.toml")
+    assert dist.metadata.license_expression == "Apache-2.0"
 
 
 @pytest.fixture(scope="module")
