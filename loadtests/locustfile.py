@@ -18,7 +18,8 @@ Failures are named by kind so that `run.py` can tell them apart: `5xx ...`, `429
 
 Settings (environment): LOADTEST_API_KEY, LOADTEST_MAX_TOKENS (32), LOADTEST_PROMPT_WORDS
 (comma-separated prompt lengths in words, each drawn with +-50% jitter; "8,64,384"),
-LOADTEST_SEED (0: with the same seed, the n-th user started draws the same prompts),
+LOADTEST_SEED (0: with the same seed, the n-th user a locust process starts draws the same
+prompts; each process its own),
 LOADTEST_BACKOFF_429_S (0.5: how long a user that got a 4xx, 429 included, waits).
 """
 
@@ -73,7 +74,10 @@ class LLMUser(HttpUser):
     _started = itertools.count()  # users in start order: their prompts repeat run to run
 
     def on_start(self) -> None:
-        self.rng = random.Random(f"{SEED}-{next(LLMUser._started)}")
+        # NOTE: each locust process (--processes) counts its users from 0: without its index,
+        # the n-th users of all processes would send the same prompts (prefix cache hits).
+        process = getattr(self.environment.runner, "worker_index", 0)
+        self.rng = random.Random(f"{SEED}-{process}-{next(LLMUser._started)}")
         if API_KEY:
             self.client.headers["Authorization"] = f"Bearer {API_KEY}"
 

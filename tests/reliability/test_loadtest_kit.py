@@ -221,6 +221,40 @@ def test_locust_users_back_off_after_a_4xx() -> None:
     assert out[:4] == ["4xx 401: no", "429 429: no", "5xx 503: no", "True"], out
 
 
+_PROMPTS_PER_PROCESS = """
+import locust  # first: it patches ssl with gevent
+import itertools
+from types import SimpleNamespace
+from locust.env import Environment
+from loadtests import locustfile
+
+def prompts(worker_index):
+    locustfile.LLMUser._started = itertools.count()  # as in a fresh locust process
+    env = Environment(user_classes=[locustfile.ChatUser])
+    env.runner = SimpleNamespace(worker_index=worker_index)
+    locustfile.ChatUser.host = "http://127.0.0.1:1"
+    user = locustfile.ChatUser(env)
+    user.on_start()
+    return [user.prompt() for _ in range(3)]
+
+print(prompts(0) == prompts(0), prompts(0) != prompts(1))
+"""
+
+
+def test_locust_processes_draw_different_prompts() -> None:
+    """With --processes N each locust process counts its users from 0: the n-th user of
+    every process drew the same prompts, which the engine's prefix cache then mostly skipped
+    (N copies of each prompt). Users still draw the same prompts run to run."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _PROMPTS_PER_PROCESS], capture_output=True, text=True, check=True,
+        cwd=Path(run.__file__).parents[1],
+    ).stdout  # fmt: skip
+    assert out.split() == ["True", "True"], out
+
+
 _NO_RESPONSE_CHECK = """
 import locust  # first: it patches ssl with gevent
 import requests
