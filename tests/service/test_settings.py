@@ -79,6 +79,7 @@ def test_empty_env_value_means_unset() -> None:
         ({}, {"max_modl_len": "5"}, "unknown --arg max_modl_len"),
         ({}, {"workers": "0"}, "workers must be >= 1, got 0"),
         ({}, {"max_batch_size": "1"}, "max_batch_size must be >= 2, got 1"),
+        ({}, {"max_batch_size": "0"}, "max_batch_size must be >= 2, got 0"),  # (was ">= 1")
         # engine settings are checked at start-up, not in the loader thread (a 503 server)
         ({}, {"dtype": "float64"}, "dtype must be 'auto' or one of"),
         ({"VLLM_RUNNER_KV_CACHE_DTYPE": "int4"}, {}, "kv_cache_dtype"),

@@ -68,7 +68,7 @@ class ServerSettings:
     max_latency_ms: int = 300_000
 
     def __post_init__(self) -> None:
-        for name in ("workers", "max_concurrency", "timeout", "max_batch_size", "max_latency_ms"):
+        for name in ("workers", "max_concurrency", "timeout", "max_latency_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_batch_size < 2:
