@@ -45,10 +45,8 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the vocabulary (weights may be tied to the embedding)."""
 
-    def __init__(self, vocab_size: int, hidden: int, bias: bool = False) -> None:
+    def __init__(self, vocab_size: int, hidden: int) -> None:
         super().__init__(vocab_size, hidden)
-        self.bias = None
-        self.quant_method = None
         self.cpu_packed: torch.Tensor | None = None  # oneDNN copy of weight (layers/cpu_gemm.py)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
