@@ -9,13 +9,7 @@ from torch import nn
 
 from vllm_runner.model.layers import cpu_gemm
 from vllm_runner.model.layers.activation import silu_and_mul
-from vllm_runner.model.layers.parallel import (
-    all_gather_last_dim,
-    all_reduce,
-    divide,
-    load_shard,
-    tp_size,
-)
+from vllm_runner.model.layers.parallel import all_reduce, divide, load_shard, tp_size
 
 
 def gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -91,20 +85,17 @@ class ReplicatedLinear(LinearBase):
 
 
 class ColumnParallelLinear(LinearBase):
-    """Output features split across ranks; the output stays sharded unless ``gather_output``."""
+    """Output features split across ranks; the output stays sharded (the row-parallel layer
+    after it reads this rank's shard)."""
 
-    def __init__(
-        self, in_features: int, out_features: int, bias: bool = False, gather_output: bool = False
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features, divide(out_features, tp_size(), "out_features"), bias)
-        self.gather_output = gather_output
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         load_shard(param.data, loaded, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x, self.bias)
-        return all_gather_last_dim(y) if self.gather_output else y
+        return self.matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -125,7 +116,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         assert len(self.shard_sizes) == 2 and self.shard_sizes[0] == self.shard_sizes[1], (
             f"silu_and_mul needs two equal outputs, got {self.shard_sizes}"
         )
-        assert not self.gather_output, "silu_and_mul works on this rank's shard"
         if self.quant_method is not None:
             return self.quant_method.apply_silu_and_mul(self, x, self.bias)
         return silu_and_mul(self.matmul(x, self.bias))
