@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    """Single-threaded: callers serialise access (LLM directly, AsyncLLM via its loop thread)."""
+    """Single-threaded: callers serialise access (LLM directly, AsyncLLM via its step loop, a
+    thread or an engine-core process)."""
 
     def __init__(self, args: EngineArgs, serving: bool = False) -> None:
         """``serving``: requests arrive online (AsyncLLM), not as one offline batch: the
@@ -196,8 +197,8 @@ class EngineCore:
         """One engine step. With ``stream`` off (offline use) no per-token outputs are built;
         results are read from the finished request states.
 
-        On CUDA, when no request needs host-side token values (logprobs, penalties), steps
-        overlap: step N + 1 is scheduled and launched before step N's results are read, so
+        On CUDA, when no request needs host-side token values (logprobs, prompt logprobs),
+        steps overlap: step N + 1 is scheduled and launched before step N's results are read, so
         the GPU never waits for the host's bookkeeping. Full garbage collections wait while
         requests run (``gc_pauses``).
         """
