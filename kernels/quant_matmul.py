@@ -1,6 +1,7 @@
-"""Weight-only int8 matmul (W8A16, Triton): ``out = (x @ q.T) * scale + bias``.
+"""Weight-only 8-bit matmul (W8A16, Triton): ``out = (x @ q.T) * scale + bias`` for int8 or
+fp8 e4m3 weights; and ``fp8_quantize_rows``, the per-token activation quantization of fp8 W8A8.
 
-The weight stays int8 in memory and is widened tile by tile in registers (via fp32; exact:
+The weight stays 8-bit in memory and is widened tile by tile in registers (via fp32; exact:
 |q| <= 127 fits the 8-bit mantissa of bf16, as every e4m3 value does); the per-output-channel scale
 multiplies the fp32 accumulator once, after the K loop. Decode is weight-bandwidth bound, so
 reading 1 byte per weight instead of 2 is the whole point; small-M launches split K across
