@@ -8,8 +8,9 @@ vs HF continuous batching (generate_batch), plus engine batch-1 decode vs bandwi
     python benchmarks/throughput.py --device cuda --models 1b,8b --out results.json
 Smoke test: add --quick (tiny sizes; on CPU `--models tiny --quick` exercises the W1 path).
 
-All systems ignore EOS; "output tokens" counts each prompt's own max_tokens only (HF padded
-batches generate up to the batch maximum; the extra tokens are not counted).
+All systems ignore EOS; "output tokens" counts the tokens each system returned, at most each
+prompt's own max_tokens (HF padded batches generate up to the batch maximum; the extra tokens
+are not counted; tokens a system did not return are not credited, and its note says so).
 Roofline convention: roofline tok/s = copy bandwidth / weight bytes one decode step reads
 (every weight once, except an untied embedding table, of which it reads one row a token:
 not counted), where copy bandwidth counts bytes read + bytes written of a large
@@ -94,9 +95,7 @@ def run_engine(model_dir: str, wl: Workload, warm: Workload, args, b1: Workload 
 
     gen(warm)
     walls, outs = timed(gen, wl, args.device, args.repeats)
-    bad = sum(len(o) != m for o, m in zip(outs, wl.max_tokens, strict=True))
     note = f"prefix-cache hits {cached[0]} tokens (last run)"
-    note += f"; {bad} prompts with wrong output length" if bad else ""
     batch1 = None
     if b1 is not None:  # decode tok/s = (n - 1) / (t(n tokens) - t(1 token)): prefill removed
         one = Workload(b1.prompts, [1], b1.vocab)
@@ -179,6 +178,17 @@ def agreement(a: list[list[int]], b: list[list[int]], n: int = 16) -> float:
     return sum(x[:n] == y[:n] for x, y in zip(a, b, strict=True)) / max(len(a), 1)
 
 
+def returned_tokens(outs: list[list[int]], wl: Workload, note: str) -> tuple[int, str]:
+    """Output tokens a system returned (the last run), at most each prompt's own max_tokens,
+    and its note with what fell short: generate_batch logs a failed request and returns it."""
+    pairs = list(zip(outs, wl.max_tokens, strict=True))
+    tokens = sum(min(len(o), m) for o, m in pairs)
+    bad = sum(len(o) != m for o, m in pairs)
+    if tokens < wl.useful_tokens:
+        note += f"; {wl.useful_tokens - tokens} of {wl.useful_tokens} requested tokens not returned"
+    return tokens, note + (f"; {bad} prompts with wrong output length" if bad else "")
+
+
 def bench_model(name: str, args, report: dict) -> list[Result]:
     quick = args.quick
     if name == "smollm2":
@@ -211,8 +221,9 @@ def bench_model(name: str, args, report: dict) -> list[Result]:
         free_memory()  # the system's model / engine went out of scope with its runner
         note += f"; load avg {os.getloadavg()[0]:.1f}" if args.device == "cpu" else ""
         outs[system] = o
-        r = Result(system, name, n, wl.useful_tokens, walls, note=note)
-        r.tok_s = wl.useful_tokens / statistics.median(walls)
+        tokens, note = returned_tokens(o, wl, note)
+        r = Result(system, name, n, tokens, walls, note=note)
+        r.tok_s = tokens / statistics.median(walls)
         results.append(r)
         print(f"  median wall {statistics.median(walls):.2f} s -> {r.tok_s:,.1f} tok/s", flush=True)
         print(f"  {note}", flush=True)
