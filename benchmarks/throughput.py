@@ -270,6 +270,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad_models = [m for m in args.models if m != "smollm2" and m not in LLAMA_SHAPES]
     if unknown or bad_models:
         p.error(f"unknown systems {unknown} / models {bad_models}")
+    for flag, value in [("--repeats", args.repeats), ("--num-prompts", args.num_prompts)]:
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.hf_batch_size = args.hf_batch_size or (64 if cuda else None)
     return args

@@ -44,3 +44,12 @@ def test_output_tokens_are_those_returned_not_those_requested(throughput, tmp_pa
     assert result.tok_s == requested // 2 / 2.0
     assert f"{requested // 2} of {requested} requested tokens not returned" in result.note
     assert "8 prompts with wrong output length" in result.note
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--repeats", "0"), ("--num-prompts", "0")])
+def test_counts_below_one_are_refused_at_the_command_line(throughput, capsys, flag, value):
+    """--repeats 0 ended in a TypeError after every model had loaded; --num-prompts 0 ran the
+    default count instead."""
+    with pytest.raises(SystemExit):
+        throughput.parse_args([flag, value])
+    assert f"{flag} must be >= 1, got {value}" in capsys.readouterr().err
