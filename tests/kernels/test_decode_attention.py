@@ -94,6 +94,34 @@ def test_decode_zero_length_padding_rows_give_zeros(device: torch.device) -> Non
         assert not out[0].isnan().any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("max_seq_len,splits", [(None, 3), (64, 1), (128, 2)])
+def test_decode_default_tiles_at_tile_edges(
+    device: torch.device, dtype: torch.dtype, max_seq_len: int | None, splits: int
+) -> None:
+    """The launcher's own choices (64-key tiles; splits from ``max_seq_len``, else from the
+    table's capacity of 9 blocks: 144 keys) at contexts of exactly one and two key tiles,
+    one cache block, one token, and one key past a tile."""
+    seq_lens = [64, 16, 1, 65, 128]
+    assert choose_num_splits(len(seq_lens), 2, max_seq_len or 144, 64, 132) == splits
+    _run(device, dtype, seq_lens, 2, 3, 32, 16, max_seq_len=max_seq_len)
+
+
+@pytest.mark.parametrize("group", [20, 32])
+def test_decode_more_than_16_heads_per_kv_head(device: torch.device, group: int) -> None:
+    """Multi-query models: the query rows of a program grow past their 16-row floor to the
+    next power of 2 (32 here), the rows past the group masked; whole or split contexts."""
+    _run(device, torch.float16, [5, 40], 1, group, 32, 16, max_seq_len=40)
+    _run(device, torch.float16, [5, 40], 1, group, 32, 16, block_n=16, num_splits=2)
+
+
+def test_decode_empty_batch(device: torch.device) -> None:
+    k_cache, v_cache, block_tables = make_paged_kv([3], 2, 32, 16, torch.float32, device)
+    query = torch.randn(0, 4, 32, device=device)
+    out = paged_attention_decode(query, k_cache, v_cache, block_tables[:0], int32([], device), 0.1)
+    assert out.shape == (0, 4, 32)
+
+
 def test_choose_num_splits() -> None:
     # Many programs or a single key tile: no split.
     assert choose_num_splits(64, 8, 8192, 64, 132) == 1

@@ -38,8 +38,8 @@ def make(n: int, k: int, dtype: torch.dtype, device: torch.device, gated: bool =
 @pytest.mark.parametrize(
     "n,k,tiles",
     [(64, 256, GemvTiles(16, 128)), (72, 300, GemvTiles(16, 64)), (40, 96, GemvTiles(8, 32, 2, 0)),
-     (48, 512, GemvTiles(4, 64, 4, 1)), (24, 1024, None)],
-    ids=["whole-tiles", "ragged", "prefetch0", "prefetch1", "default"],
+     (48, 512, GemvTiles(4, 64, 4, 1)), (24, 1024, None), (4, 8192, None)],
+    ids=["whole-tiles", "ragged", "prefetch0", "prefetch1", "default", "default-long-k"],
 )  # fmt: skip
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])

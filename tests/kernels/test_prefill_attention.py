@@ -102,6 +102,33 @@ def test_prefill_default_config_groups_heads(
     _run(device, torch.bfloat16, q_lens, seq_lens, 1, queries_per_kv, head_dim, 16)
 
 
+# One varlen batch of edge cases: a chunk ending exactly at a cache block and key tile
+# (16 of 32), cached context longer than the new tokens (3 of 64) and shorter (40 of 45),
+# one-token sequences (1 of 1, 1 of 2), an idle request, a whole 128-token prompt.
+EDGES = ([16, 3, 1, 40, 1, 0, 128], [32, 64, 1, 45, 2, 7, 128])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("queries_per_kv,head_dim", [(3, 32), (4, 32), (32, 32), (3, 80)])
+def test_prefill_default_config_at_edges(
+    device: torch.device, dtype: torch.dtype, queries_per_kv: int, head_dim: int
+) -> None:
+    """The launcher's own tiles and head grouping at the edge cases: one head per program
+    for 3 or 32 query heads per kv head and in fp32 (128-token tiles; 64 for head_dim 80
+    and fp32), else 4 heads x 32 tokens."""
+    _run(device, dtype, *EDGES, 1, queries_per_kv, head_dim, 16)
+
+
+def test_prefill_empty_batch(device: torch.device) -> None:
+    k_cache, v_cache, block_tables = make_paged_kv([3], 2, 32, 16, torch.float32, device)
+    query = torch.randn(0, 4, 32, device=device)
+    args = (query, k_cache, v_cache, block_tables[:0], int32([], device),
+            query_start_loc([], device), 0.1)  # fmt: skip
+    assert prefill_attention(*args).shape == (0, 4, 32)
+    for max_query_len in (0, 1):  # either kernel's launcher
+        assert paged_attention(*args, max_query_len=max_query_len).shape == (0, 4, 32)
+
+
 @pytest.mark.parametrize("group", [0, 3, 8])
 def test_prefill_rejects_a_group_that_does_not_divide(device: torch.device, group: int) -> None:
     with pytest.raises(AssertionError, match=f"group {group} must be a power of 2 dividing 4"):

@@ -5,7 +5,7 @@ import torch
 from kernel_testing import DTYPE_IDS, DTYPES
 
 from kernels import reference
-from kernels.quant_matmul import W8A16Config, fp8_quantize_rows, w8a16_matmul
+from kernels.quant_matmul import W8A16Config, default_config, fp8_quantize_rows, w8a16_matmul
 from vllm_runner.model.layers.quant import quantize_fp8_rows, quantize_int8
 
 # The kernel and the reference both accumulate in fp32 and round once; what differs is the
@@ -225,6 +225,23 @@ def test_w8a16_rejects_bad_inputs(device: torch.device) -> None:
         w8a16_matmul(torch.randn(2, 31, device=device), q, scale)
     with pytest.raises(AssertionError, match="scale"):
         w8a16_matmul(torch.randn(2, 32, device=device), q, scale.half())
+
+
+@pytest.mark.parametrize(
+    "m,n,k,config",
+    [(2, 16, 1024, W8A16Config(16, 16, 256, 2, num_stages=4)),  # few tiles, long K: split
+     (3, 8448, 32, W8A16Config(16, 32, 256, num_stages=4)),  # wide N: 32-column tiles
+     (100, 40, 80, W8A16Config(64, 128, 64, num_stages=4)),
+     (300, 24, 72, W8A16Config(128, 128, 64, num_warps=8)),
+     (1, 4, 8192, W8A16Config(1, 2, 2048, num_stages=1))],  # the GEMV, long K
+)  # fmt: skip
+def test_w8a16_default_configs_match_reference(device, m, n, k, config: W8A16Config) -> None:
+    """Each shape class of ``default_config`` (132 SMs off the GPU) at a tiny size, with a
+    bias, in fp32."""
+    assert default_config(m, n, k, 132) == config
+    q, scale = make_int8(n, k, device)
+    x, bias = torch.randn(m, k, device=device), torch.randn(n, device=device)
+    check(x, q, scale, bias)
 
 
 def test_w8a16_close_to_float_matmul(device: torch.device) -> None:
