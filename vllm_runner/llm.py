@@ -1,6 +1,6 @@
 """Synchronous offline generation: add every prompt, step until all finish."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from vllm_runner.config import EngineArgs
 from vllm_runner.engine.core import EngineCore
@@ -29,17 +29,27 @@ def normalize_batch(
 ) -> tuple[list[Prompt], list[SamplingParams]]:
     # NOTE: a dict (vLLM's {"prompt": ...}) is one prompt, refused as such by tokenize: as a
     # batch its keys were read as prompt texts.
-    if isinstance(prompts, str | dict) or (
-        isinstance(prompts, list | tuple) and prompts and isinstance(prompts[0], int)
+    if (
+        isinstance(prompts, str | dict)
+        or not isinstance(prompts, Iterable)
+        or (isinstance(prompts, list | tuple) and prompts and isinstance(prompts[0], int))
     ):
-        prompts = [prompts]
+        prompts = [prompts]  # (one of another type: refused naming it by tokenize)
     prompts = list(prompts)
     if params is None:
         params = SamplingParams()
     if isinstance(params, SamplingParams):
         params_list = [params] * len(prompts)
     else:
-        params_list = list(params)
+        # NOTE: a dict or a string is not a list of them (iterated, its keys or characters)
+        one = isinstance(params, str | dict) or not isinstance(params, Iterable)
+        params_list = [params] if one else list(params)
+        bad = [p for p in params_list if not isinstance(p, SamplingParams)]
+        if bad:
+            raise ValueError(
+                "sampling_params must be a SamplingParams or a list of them (one per prompt), "
+                f"got {type(bad[0]).__name__}"
+            )
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
     return prompts, params_list

@@ -135,3 +135,17 @@ def test_a_tokenizer_that_failed_to_load_is_not_called_missing(llama_dir, tmp_pa
         with pytest.raises(ValueError, match="no usable tokenizer .none in its folder, or it"):
             call()
     assert len(llm.generate([[1, 2, 3]], GREEDY)[0].token_ids) == 24
+
+
+def test_sampling_params_of_another_type_are_refused_naming_it(llama_dir):
+    """A dict, a string or a number as `sampling_params` is refused naming its type (a dict
+    or a string was iterated: "got 2 SamplingParams for 1 prompts"; a number failed in
+    list()), and so is a list entry that is not SamplingParams; a prompt of another type too."""
+    llm = make_llm(llama_dir)
+    for params, kind in (({"max_tokens": 4, "temperature": 0}, "dict"), ("abc", "str"),
+                         (5, "int"), ([GREEDY, None], "NoneType")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"SamplingParams or a list of them .*, got {kind}"):
+            llm.generate([[1, 2, 3], [4, 5]], params)
+    with pytest.raises(ValueError, match="prompt must be a string or a list of token ids, got int"):
+        llm.generate(5, GREEDY)  # (not a TypeError of list())
+    assert llm.stats()["num_waiting"] == 0
