@@ -39,8 +39,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # added to the token's logit (OpenAI's range)
     # Filled by the engine (not user settings): the model's EOS ids, and the tokenizer's one,
     # whose stop_reason is None (the others, generation_config's, name themselves, as vLLM).
-    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
-    eos_token_id: int | None = field(default=None, repr=False)
+    # Not arguments: given, they would be overwritten.
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False, init=False)
+    eos_token_id: int | None = field(default=None, repr=False, init=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -149,3 +149,11 @@ def test_sampling_params_of_another_type_are_refused_naming_it(llama_dir):
     with pytest.raises(ValueError, match="prompt must be a string or a list of token ids, got int"):
         llm.generate(5, GREEDY)  # (not a TypeError of list())
     assert llm.stats()["num_waiting"] == 0
+
+
+def test_the_fields_the_engine_fills_are_not_settings():
+    """`all_stop_token_ids` and `eos_token_id` are the model's, written by the engine: given
+    to SamplingParams they are refused naming them (they were taken, then overwritten)."""
+    for name, value in (("eos_token_id", 5), ("all_stop_token_ids", {5})):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
+            SamplingParams(**{name: value})
