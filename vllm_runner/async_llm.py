@@ -173,6 +173,10 @@ class AsyncLLM:
     def apply_chat_template(self, messages: list[dict], **options: bool) -> str:
         return apply_chat_template(self.tokenizer, messages, **options)
 
+    async def get_tokenizer(self):
+        """The model's HF tokenizer (None for a folder without one); awaited, as vLLM's."""
+        return self.tokenizer
+
     async def stream(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[StreamOutput]:

@@ -114,6 +114,10 @@ class LLM:
     def apply_chat_template(self, messages: list[dict], **options: bool) -> str:
         return apply_chat_template(self.tokenizer, messages, **options)
 
+    def get_tokenizer(self):
+        """The model's HF tokenizer (None for a folder without one), as vLLM's."""
+        return self.tokenizer
+
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
 

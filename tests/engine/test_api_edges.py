@@ -125,3 +125,12 @@ def test_chat_takes_openai_content_parts_and_an_assistant_message_without_conten
     image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
     with pytest.raises(ValueError, match=r"messages\[0\] content part 0 has type 'image_url'"):
         smol_llm.chat([{"role": "user", "content": image}])
+
+
+def test_get_tokenizer_as_vllm(smol_llm, tiny_async):
+    """`llm.get_tokenizer()` (and AsyncLLM's, awaited, as vLLM's) is the engine's tokenizer:
+    a vLLM script that templates or counts tokens with it runs as written."""
+    tokenizer = smol_llm.get_tokenizer()
+    ids = tokenizer.encode("The capital of France is")
+    assert smol_llm.generate([ids], GREEDY)[0].prompt_token_ids == ids
+    assert asyncio.run(tiny_async.get_tokenizer()) is tiny_async.tokenizer
