@@ -16,11 +16,11 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.engine_client import EngineClient
-from vllm_runner.engine.input_processor import InputProcessor
+from vllm_runner.engine.input_processor import InputProcessor, request_ids
 from vllm_runner.engine.outputs import RequestOutput, StreamOutput, merge_updates
 from vllm_runner.engine.serving_loop import Delivery, ServingLoop, is_final
 from vllm_runner.engine.stream_route import StreamRoute, text_builders
@@ -290,8 +290,9 @@ class AsyncLLM:
                 EngineDeadError(self.error) if self.error else RuntimeError("AsyncLLM is shut down")
             )
 
-    async def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
+    async def abort(self, request_id: str | Iterable[str]) -> None:
+        for r in request_ids(request_id):  # one, or several as vLLM's
+            self._send(("abort", r))
 
     def stats(self) -> dict[str, int]:
         return dict(self._stats)

@@ -134,3 +134,28 @@ def test_get_tokenizer_as_vllm(smol_llm, tiny_async):
     ids = tokenizer.encode("The capital of France is")
     assert smol_llm.generate([ids], GREEDY)[0].prompt_token_ids == ids
     assert asyncio.run(tiny_async.get_tokenizer()) is tiny_async.tokenizer
+
+
+def test_abort_takes_a_list_of_ids_as_vllm(tiny_async):
+    """`abort(["a", "b"])` (vLLM's `str | Iterable[str]`) aborts each; it reached the loop
+    as one unhashable id, whose TypeError killed the engine: every stream failed. An id that
+    is not a string is refused in the caller, naming it."""
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+    async def read(stream) -> list:
+        return [out async for out in stream]
+
+    async def main():
+        streams = [tiny_async.stream([1, 2, 3], long, request_id=r) for r in ("a1", "a2")]
+        firsts = [await s.__anext__() for s in streams]
+        await tiny_async.abort(["a1", "a2"])
+        rests = [await read(s) for s in streams]
+        for bad, kind in ((5, "int"), (["a1", None], "NoneType")):
+            with pytest.raises(ValueError, match=f"request ids must be strings, got {kind}"):
+                await tiny_async.abort(bad)
+        return [(firsts[i], *rests[i]) for i in range(2)], await tiny_async.generate([4], GREEDY)
+
+    outs, after = asyncio.run(main())
+    assert [o[-1].finish_reason for o in outs] == ["abort", "abort"]
+    assert all(o[-1].num_token_ids < 400 for o in outs)
+    assert len(after[0].token_ids) == GREEDY.max_tokens

@@ -4,6 +4,7 @@ It needs only the built engine's limits (``EngineLimits``, small and picklable) 
 tokenizer, so a front end whose engine core runs in another process checks requests itself,
 in the caller, before sending them (``AsyncLLM``)."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from vllm_runner.sampling_params import SamplingParams
@@ -119,3 +120,14 @@ class InputProcessor:
         bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise ValueError(f"{what} {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def request_ids(request_id: str | Iterable[str]) -> list[str]:
+    """One request id or several (vLLM's abort takes both) as a list, each a string: the
+    engine's loop keys on them (a list that reached it stopped the loop)."""
+    one = isinstance(request_id, str) or not isinstance(request_id, Iterable)
+    ids = [request_id] if one else list(request_id)
+    bad = [r for r in ids if not isinstance(r, str)]
+    if bad:
+        raise ValueError(f"request ids must be strings, got {type(bad[0]).__name__}")
+    return ids
