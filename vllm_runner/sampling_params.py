@@ -14,6 +14,12 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _as_int(value: object) -> object:
+    """numpy's integers as Python ints (vLLM takes them); anything else as it is."""
+    is_integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return int(value) if is_integral else value
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request's completions; validated on construction."""
@@ -52,7 +58,10 @@ class SamplingParams:
             if value is not None and not isinstance(value, Iterable):
                 raise ValueError(f"{name} must be {limit}, got {value!r}")
         self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop_token_ids = [_as_int(t) for t in self.stop_token_ids or []]
+        for name in ("n", "max_tokens", "top_k", "min_tokens", "logprobs", "prompt_logprobs",
+                     "seed"):  # fmt: skip
+            setattr(self, name, _as_int(getattr(self, name)))
         if self.top_k == -1:
             self.top_k = 0
         self._check()
@@ -70,9 +79,9 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):  # ("no" was true)
                 raise bad(name, getattr(self, name), "True or False")
         if not _is_int(self.n) or self.n < 1:
-            raise bad("n", self.n, ">= 1")
+            raise bad("n", self.n, "an integer >= 1")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise bad("max_tokens", self.max_tokens, ">= 1")
+            raise bad("max_tokens", self.max_tokens, "an integer >= 1")
         # (an int beyond float range too: the sampler's float32 tensor of it would fail the step)
         if not 0.0 <= self.temperature <= sys.float_info.max:
             raise bad("temperature", self.temperature, "a finite number >= 0")
@@ -89,7 +98,7 @@ class SamplingParams:
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise bad("repetition_penalty", self.repetition_penalty, "in (0, 10]")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise bad("min_tokens", self.min_tokens, ">= 0")
+            raise bad("min_tokens", self.min_tokens, "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):

@@ -1,6 +1,7 @@
 """Bad input on the offline engine: refused with the value and the limit named, and never
 leaving work behind or disturbing the other requests of a call."""
 
+import numpy as np
 import pytest
 from engine_testing import GREEDY, make_llm, prompts
 
@@ -35,7 +36,10 @@ def test_bad_prompts_raise_and_do_not_disturb(llama_dir, bad, match):
 @pytest.mark.parametrize(
     "field, value, match",
     [
-        ("max_tokens", 0, "max_tokens must be >= 1, got 0"),
+        ("max_tokens", 0, "max_tokens must be an integer >= 1, got 0"),
+        # (it said "must be >= 1, got 8.0")
+        ("max_tokens", 8.0, "max_tokens must be an integer >= 1, got 8.0"),
+        ("min_tokens", 1.5, "min_tokens must be an integer >= 0, got 1.5"),
         ("temperature", -0.5, "temperature must be a finite number >= 0, got -0.5"),
         ("temperature", float("inf"), "temperature must be a finite number >= 0, got inf"),
         ("temperature", float("nan"), "temperature must be a finite number >= 0, got nan"),
@@ -48,14 +52,14 @@ def test_bad_prompts_raise_and_do_not_disturb(llama_dir, bad, match):
         ),
         ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
         ("top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
-        ("n", 0, "n must be >= 1"),
+        ("n", 0, "n must be an integer >= 1"),
         # an int64 tensor downstream: an overflow there failed the whole step
         ("top_k", 2**63, r"top_k must be -1, 0 \(off\) or in \[1, 9223372036854775807\]"),
         # a bool is not read as 1 (logprobs=True reached torch.topk and failed the step)
         ("logprobs", True, r"logprobs must be an integer in \[0, 20\], got True"),
         ("prompt_logprobs", True, r"prompt_logprobs must be an integer in \[0, 20\], got True"),
-        ("max_tokens", True, "max_tokens must be >= 1, got True"),
-        ("n", True, "n must be >= 1, got True"),
+        ("max_tokens", True, "max_tokens must be an integer >= 1, got True"),
+        ("n", True, "n must be an integer >= 1, got True"),
         ("stop", [7], r"stop must be non-empty strings, got \[7\]"),
         ("stop", [b"x"], "stop must be non-empty strings"),
         # (not a TypeError of list())
@@ -73,6 +77,21 @@ def test_bad_prompts_raise_and_do_not_disturb(llama_dir, bad, match):
 def test_bad_sampling_params(field, value, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**{field: value})
+
+
+def test_numpy_integers_are_integers_as_in_vllm(llama_dir):
+    """Integer settings from numpy (lengths drawn with np.random, say) are taken as vLLM
+    takes them, as Python ints (they were refused: "max_tokens must be >= 1, got 8")."""
+    params = SamplingParams(
+        n=np.int32(2), max_tokens=np.int64(8), top_k=np.int64(5), min_tokens=np.int64(1),
+        logprobs=np.int64(1), prompt_logprobs=np.int64(0), seed=np.int64(3),
+        stop_token_ids=[np.int64(383)], ignore_eos=True,
+    )  # fmt: skip
+    for name in ("n", "max_tokens", "top_k", "min_tokens", "logprobs", "prompt_logprobs", "seed"):
+        assert type(getattr(params, name)) is int, name
+    assert [type(t) for t in params.stop_token_ids] == [int]
+    (out,) = make_llm(llama_dir).generate([[1, 2, 3]], params)
+    assert [len(c.token_ids) <= 8 for c in out.outputs] == [True, True]
 
 
 def test_bad_prompt_token_ids_are_refused(llama_dir):
