@@ -3,7 +3,7 @@
 import logging
 import os
 
-from vllm_runner.async_llm import AsyncLLM, RequestError
+from vllm_runner.async_llm import AsyncLLM, EngineDeadError, RequestError
 from vllm_runner.config import EngineArgs
 from vllm_runner.engine.outputs import CompletionOutput, RequestOutput, StreamOutput
 from vllm_runner.llm import LLM
@@ -14,6 +14,7 @@ __all__ = [
     "AsyncLLM",
     "CompletionOutput",
     "EngineArgs",
+    "EngineDeadError",
     "RequestError",
     "RequestOutput",
     "SamplingParams",

@@ -89,7 +89,7 @@ def test_one_sampling_params_shared_by_two_models_keeps_each_its_eos(
 def test_a_stream_added_as_the_loop_dies_fails_instead_of_waiting_forever(llama_dir):
     """The loop failed every stream it saw when it died; a stream that registered just after
     (its "is it running" check passed just before) was never answered and waited forever."""
-    from vllm_runner.async_llm import EngineDeadError
+    from vllm_runner import EngineDeadError
 
     llm = AsyncLLM(llama_dir, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
 
