@@ -221,13 +221,21 @@ class LLMService:
             ctx.response.status_code = 503 if isinstance(exc, EngineDeadError) else 500
             yield f"error: {exc}"
 
+    async def _generate_batch(
+        self, engine: AsyncLLM, inputs: list[Any], params: list[Any]
+    ) -> list[Any]:
+        try:
+            return await generate_valid(engine, inputs, params)
+        except EngineDeadError as exc:  # died under this batch: 503, as for the next batch
+            raise ServiceUnavailable(f"the engine stopped: {exc}") from None
+
     @bentoml.api(**_batching)
     async def complete(self, requests: list[CompleteInput]) -> list[CompleteResult]:
         """Whole completions for a list of prompts (batched with concurrent callers)."""
         engine = self._engine()
         params = [r.sampling_params() for r in requests]
         ids = await prepared(requests, lambda r: engine.validate(r.prompt, r.sampling_params()))
-        outs = await generate_valid(engine, ids, params)
+        outs = await self._generate_batch(engine, ids, params)
         return [complete_result(o, prompt_ids) for o, prompt_ids in zip(outs, ids, strict=True)]
 
     @bentoml.api(**_batching)
@@ -236,7 +244,7 @@ class LLMService:
         engine = self._engine()
         inputs = await prepared(items, lambda item: score_ids(engine, item))
         ids = [x if isinstance(x, ValueError) else x[0] for x in inputs]
-        outs = await generate_valid(engine, ids, [score_params() for _ in inputs])
+        outs = await self._generate_batch(engine, ids, [score_params() for _ in inputs])
         return [score_result(out, x) for x, out in zip(inputs, outs, strict=True)]
 
 

@@ -81,6 +81,23 @@ def test_a_dead_engine_answers_503_naming_why(client: Any, monkeypatch) -> None:
     assert client.get("/livez").status_code == 200
 
 
+def test_an_engine_that_dies_under_a_batch_answers_503(
+    client: Any, engine: Any, monkeypatch
+) -> None:
+    """The engine dies while a /complete or /score batch runs: 503, as for a batch that
+    arrives after (its message BentoML hides), not an internal error's 500."""
+    from vllm_runner.async_llm import EngineDeadError
+
+    async def dies(*args: Any, **kwargs: Any) -> Any:
+        raise EngineDeadError("the engine process exited (code -9)")
+
+    monkeypatch.setattr(engine, "generate", dies)
+    r = client.post("/complete", json={"requests": [{"prompt": PROMPT, "max_tokens": 2}]})
+    assert r.status_code == 503, r.text
+    r = client.post("/score", json={"items": [{"prompt": PROMPT, "continuation": " Paris"}]})
+    assert r.status_code == 503, r.text
+
+
 def test_generate_streams_text_deltas(client: Any) -> None:
     body = {"prompt": PROMPT, "max_tokens": 4, **GREEDY}
     with client.stream("POST", "/generate", json=body) as r:
