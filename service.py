@@ -32,6 +32,7 @@ from vllm_runner.serving.batched import (
     score_result,
     short_texts,
 )
+from vllm_runner.serving.live_gauges import LiveGaugesMiddleware
 from vllm_runner.serving.openai_api import EngineNotReady, create_openai_app
 from vllm_runner.serving.protocol import (
     CompleteRequest,
@@ -249,3 +250,4 @@ class LLMService:
 
 
 LLMService.add_asgi_middleware(ApiKeyMiddleware, api_key=SETTINGS.api_key)
+LLMService.add_asgi_middleware(LiveGaugesMiddleware)

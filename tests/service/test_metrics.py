@@ -182,8 +182,9 @@ sys.stdout.write(generate_latest(registry).decode())
     ).stdout
     assert 'vllm_runner_generation_tokens_total{model_name="mp-model"} 20.0' in out
     assert 'vllm_runner_time_to_first_token_seconds_count{model_name="mp-model"} 2.0' in out
-    # livesum gauges drop processes that have exited (and been marked dead by BentoML);
-    # here nobody marked them dead, so both workers' values are summed.
+    # livesum gauges drop processes once marked dead (BentoML: at a clean exit; the
+    # service: at each /metrics, test_a_killed_worker_...); here nobody marked them dead,
+    # so both workers' values are summed.
     assert 'vllm_runner_num_requests_running{model_name="mp-model"} 5.0' in out
 
 
@@ -198,3 +199,29 @@ def test_a_front_end_that_stops_publishing_clears_its_gauges(model_name: str) ->
     assert value("vllm_runner_kv_cache_usage_perc", model_name) == 0
     m.record_step(stats(kv_blocks_used=25))
     assert value("vllm_runner_kv_blocks_total", model_name) == 100
+
+
+def test_a_killed_worker_leaves_no_gauges_in_metrics(client: object) -> None:
+    """A worker that died without exiting cleanly (SIGKILL, OOM, a crash; BentoML marks only
+    a clean exit dead) and was respawned: its last gauge values leave /metrics' live sums
+    (they doubled kv_blocks_total), its counters stay."""
+    import os
+    import signal
+
+    code = (
+        LOAD_METRICS
+        + """
+import os, signal
+metrics.EngineMetrics("killed-worker").record_step(
+    {"kv_blocks_total": 100, "num_running": 3, "generation_tokens_total": 7}
+)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    )
+    env = {"PROMETHEUS_MULTIPROC_DIR": os.environ["PROMETHEUS_MULTIPROC_DIR"], "PATH": "/usr/bin"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    text = client.get("/metrics").text
+    assert 'vllm_runner_generation_tokens_total{model_name="killed-worker"} 7.0' in text
+    assert 'model_name="killed-worker"} 100.0' not in text
+    assert 'vllm_runner_num_requests_running{model_name="killed-worker"}' not in text
