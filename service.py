@@ -11,6 +11,7 @@ live in vllm_runner/serving/openai_api.py on a mounted FastAPI app. This file on
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import AsyncGenerator
@@ -79,6 +80,15 @@ def request_error(model: type, exc: ValueError) -> ValidationError:
     error: 400 {"error", "detail": [{"msg", ...}]} (its 4xx exceptions come as a list)."""
     error = {"type": "value_error", "loc": (), "input": None, "ctx": {"error": exc}}
     return ValidationError.from_exception_data(model.__name__, [error])
+
+
+def _error_body(ctx: bentoml.Context, status: int, exc: Exception) -> str:
+    """A stream's failure before its first chunk, answered as BentoML answers its own errors
+    (status, and {"error": message} in JSON). NOTE: BentoML hides the message of a raised
+    5xx; until the first chunk the status and headers are still ours to set."""
+    ctx.response.status_code = status
+    ctx.response.metadata["content-type"] = "application/json"
+    return json.dumps({"error": str(exc)})
 
 
 class CompleteInput(CompleteRequest):
@@ -189,9 +199,8 @@ class LLMService:
         """Generate from `prompt`, streaming the text as it is produced."""
         try:
             engine = self._engine()
-        except ServiceUnavailable as exc:  # (a raised 5xx's message is hidden: see below)
-            ctx.response.status_code = 503
-            yield f"error: {exc}"
+        except ServiceUnavailable as exc:
+            yield _error_body(ctx, 503, exc)
             return
         params = request.sampling_params()
         try:  # in a thread: a long prompt's tokenization would hold every other stream
@@ -217,10 +226,7 @@ class LLMService:
         except (RequestError, EngineDeadError) as exc:
             if started:  # headers are sent: BentoML logs it and ends the stream
                 raise
-            # NOTE: BentoML hides the message of a raised 5xx; before the first chunk the
-            # status is still ours to set, so the client learns what failed.
-            ctx.response.status_code = 503 if isinstance(exc, EngineDeadError) else 500
-            yield f"error: {exc}"
+            yield _error_body(ctx, 503 if isinstance(exc, EngineDeadError) else 500, exc)
 
     async def _generate_batch(
         self, engine: AsyncLLM, inputs: list[Any], params: list[Any]

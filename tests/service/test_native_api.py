@@ -55,8 +55,8 @@ def test_failed_load_is_not_alive(client: Any) -> None:
 
 def test_a_dead_engine_answers_503_naming_why(client: Any, monkeypatch) -> None:
     """The engine's loop stopped (its process died): /generate, before its first chunk, and
-    the OpenAI routes answer 503 with the reason (a raised 5xx's message BentoML hides);
-    the probes fail."""
+    the OpenAI routes answer 503 with the reason (a raised 5xx's message BentoML hides) in
+    JSON, as BentoML's own 400 / 429 / 504 on /generate; the probes fail."""
     import bentoml
 
     from vllm_runner.async_llm import EngineDeadError
@@ -70,10 +70,12 @@ def test_a_dead_engine_answers_503_naming_why(client: Any, monkeypatch) -> None:
 
     monkeypatch.setattr(engine, "stream", dead_stream)
     r = client.post("/generate", json={"prompt": "hi"})  # in flight as it died
-    assert r.status_code == 503 and r.text == f"error: {reason}"
+    assert r.status_code == 503 and r.json() == {"error": reason}
+    assert r.headers["content-type"] == "application/json"
     monkeypatch.setattr(engine, "error", reason)
     r = client.post("/generate", json={"prompt": "hi"})  # after
-    assert r.status_code == 503 and r.text == f"error: the engine stopped: {reason}"
+    assert r.status_code == 503 and r.json() == {"error": f"the engine stopped: {reason}"}
+    assert r.headers["content-type"] == "application/json"
     r = client.post("/v1/completions", json={"prompt": "hi"})
     assert r.status_code == 503 and reason in r.json()["error"]["message"]
     assert client.get("/livez").status_code == 503 and client.get("/readyz").status_code == 503
