@@ -267,8 +267,11 @@ def test_stats_are_fresh_while_idle(client: Any, engine: Any) -> None:
         await stream.aclose()  # what a client disconnect does to the handler's stream
 
     client.portal.call(start_then_drop)
-    time.sleep(0.5)
-    stats = engine.stats()
+    # (the loop takes the abort at its next step: polled, since a loaded machine's step
+    # outlasted the 0.5 s this waited; stale stats never turn idle)
+    deadline = time.monotonic() + 30
+    while (stats := engine.stats())["kv_blocks_used"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert (stats["num_running"], stats["kv_blocks_used"]) == (0, 0), stats
 
 
