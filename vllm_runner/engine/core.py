@@ -58,6 +58,8 @@ class EngineCore:
         )
         self.tokenizer = load_tokenizer(path)
         self.eos_ids = eos_token_ids(path, hf_config, self.tokenizer)
+        # (its stop_reason is None; generation_config's other EOS ids name themselves)
+        self.eos_id = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         sched_config = args.scheduler_config(max_model_len, device, serving)
         cache_config = args.cache_config()
         self.runner = ModelRunner(self.model_config, cache_config, sched_config)
@@ -139,7 +141,7 @@ class EngineCore:
         # dataclasses.replace: validated already, not again.)
         params = copy.copy(params)
         params.all_stop_token_ids = self.eos_ids
-        params.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        params.eos_token_id = self.eos_id
         state = new_request_state(
             request_id,
             prompt if isinstance(prompt, str) else None,
