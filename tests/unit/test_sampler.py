@@ -85,3 +85,20 @@ def test_a_tiny_repetition_penalty_keeps_logits_finite_and_ordered():
             row = SamplingRow(params, [0, 2], 2, None)
             ids, _ = sampler.sample(logits.clone(), [row])
             assert ids.tolist() == [2], (penalty, temperature)
+
+
+def test_a_temperature_beyond_fp32_samples_uniformly_not_token_0():
+    """temperature=1e39 is valid (finite as a Python float) but inf in fp32: a banned
+    token's -inf (min_tokens holding EOS) divided by it is NaN, the row's probabilities all
+    NaN, and every draw was token 0; a huge temperature is the uniform distribution over
+    the tokens left, as at 1e38."""
+    vocab, num = 50, 400
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(0))
+    for temperature in (1e38, 1e39, 1e300):
+        for seed in (None, 5):
+            params = SamplingParams(temperature=temperature, min_tokens=3)
+            params.all_stop_token_ids = {7}
+            rows = [SamplingRow(params, [1, 1], 1, seed and seed + t) for t in range(num)]
+            ids, _ = Sampler(torch.device("cpu"), 0).sample(logits.repeat(num, 1), rows)
+            drawn = set(ids.tolist())
+            assert 7 not in drawn and len(drawn) > vocab // 2, (temperature, seed, sorted(drawn))

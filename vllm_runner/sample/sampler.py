@@ -16,6 +16,7 @@ import torch
 from vllm_runner.sampling_params import SamplingParams
 
 _SEED_STRIDE = 1_000_003
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -262,8 +263,10 @@ class Sampler:
         if all(r.params.greedy for r in rows):
             sampled = greedy_ids
         else:
+            # NOTE: at most fp32's largest: a valid temperature beyond it is inf there, and
+            # a banned token's -inf / inf is NaN, which made the whole row draw token 0
             temps = host_values(
-                [1.0 if r.params.greedy else r.params.temperature for r in rows],
+                [1.0 if r.params.greedy else min(r.params.temperature, _FP32_MAX) for r in rows],
                 torch.float32,
                 logits.device,
             )
