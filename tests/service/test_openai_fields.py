@@ -342,3 +342,15 @@ def test_chat_errors_name_max_completion_tokens_when_sent(
     assert error["param"] == param, error
     assert "max_completion_tokens" in error["message"], error
     assert "max_tokens" not in error["message"], error
+
+
+def test_an_empty_model_is_the_served_one(client: Any) -> None:
+    """As vLLM: `model: ""` (what clients without a model setting send) names the served
+    model, as null or leaving it out do; it was a 404. Retrieving model "" stays a 404."""
+    served = client.get("/v1/models").json()["data"][0]["id"]
+    for path, body in (("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions",
+                                                                 {"messages": CHAT})):  # fmt: skip
+        r = client.post(path, json={**body, "model": "", "max_tokens": 2})
+        assert r.status_code == 200, (path, r.text)
+        assert r.json()["model"] == served
+    assert client.get("/v1/models/").status_code == 404

@@ -114,10 +114,12 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
     app = FastAPI(title="vllm-runner OpenAI-compatible API")
     _install_error_handlers(app)
 
-    def engine_for(requested: str | None) -> Any:
+    def engine_for(requested: str | None, exact: bool = False) -> Any:
+        """The engine, if ``requested`` names its model; as vLLM, null or "" (what clients
+        without a model setting send) name it too, unless ``exact``."""
         engine = get_engine()
-        if requested is not None and requested != engine.model_name:
-            shown = requested.encode("utf-8", "backslashreplace").decode()
+        if (requested or exact) and requested != engine.model_name:
+            shown = str(requested).encode("utf-8", "backslashreplace").decode()
             raise fmt.OpenAIError(
                 404,
                 f"The model `{shown}` does not exist.",
@@ -155,7 +157,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
 
     @app.get("/v1/models/{model:path}")
     async def retrieve_model(model: str) -> dict[str, Any]:
-        return model_card(engine_for(model))
+        return model_card(engine_for(model, exact=True))
 
     @app.get("/stats")
     async def engine_stats() -> dict[str, Any]:
