@@ -3,6 +3,7 @@ refused by name, inputs a template or tokenizer cannot take."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -354,3 +355,21 @@ def test_an_empty_model_is_the_served_one(client: Any) -> None:
         assert r.status_code == 200, (path, r.text)
         assert r.json()["model"] == served
     assert client.get("/v1/models/").status_code == 404
+
+
+def test_a_body_not_sent_as_json_is_a_400_that_says_so(client: Any) -> None:
+    """`curl -d` sends a JSON object as a form: FastAPI does not parse it, and the 400 read
+    "Input should be a valid dictionary", of a body that is one; an empty body read "Field
+    required". Both now say what to send."""
+    raw = json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode()
+    form = "application/x-www-form-urlencoded"
+    for headers, got in (({"content-type": form}, repr(form)), ({}, "no content-type")):
+        error = client.post("/v1/completions", content=raw, headers=headers).json()["error"]
+        assert "content-type application/json" in error["message"], error
+        assert error["message"].endswith(f"got {got}"), error
+        assert error["param"] is None
+    r = client.post(
+        "/v1/chat/completions", content=b"", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("the request has no body"), r.text

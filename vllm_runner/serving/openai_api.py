@@ -45,6 +45,7 @@ _CHAT_FIELDS = {*ChatCompletionRequest.model_fields, *UNSUPPORTED_CHAT, *_COMMON
 _FIELDS = _COMPLETION_FIELDS | _CHAT_FIELDS
 _SHOWN_INPUT = 80  # characters of a refused value quoted back
 _SHOWN_MESSAGE = 400  # characters of a validator's message (its value comes last)
+_SEND_JSON = "send a JSON object with content-type application/json"
 # the answer to a client that left before its completion: nobody reads it
 _CLIENT_GONE = fmt.OpenAIError(499, "client disconnected", "client_closed_request")
 
@@ -53,9 +54,17 @@ class EngineNotReady(RuntimeError):
     """The engine is still loading (or failed to load): answered with 503."""
 
 
-def _validation_error(exc: RequestValidationError) -> fmt.OpenAIError:
+def _validation_error(
+    exc: RequestValidationError, content_type: str | None = None
+) -> fmt.OpenAIError:
     errors = exc.errors() or [{"loc": (), "msg": "invalid request"}]
 
+    if tuple(errors[0].get("loc", ())) == ("body",):  # the body as a whole, not a field
+        if errors[0].get("type") == "missing":
+            return fmt.OpenAIError(400, f"the request has no body: {_SEND_JSON}")
+        if isinstance(errors[0].get("input"), bytes):  # FastAPI read it as JSON only if so typed
+            got = repr(content_type[:_SHOWN_INPUT]) if content_type else "no content-type"
+            return fmt.OpenAIError(400, f"the body was not read as JSON: {_SEND_JSON}, got {got}")
     if errors[0].get("type") == "json_invalid":
         position = errors[0].get("loc", ("body", "?"))[-1]
         error = errors[0].get("ctx", {}).get("error", "")
@@ -87,8 +96,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc, request.headers.get("content-type")).response()
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
