@@ -1,4 +1,5 @@
-"""Optional API key: `Authorization: Bearer <key>` on every route but the probes."""
+"""Optional API key: `Authorization: Bearer <key>` on every route but the probes and
+/metrics (and CORS preflights)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class ApiKeyMiddleware:
         if (
             self.expected is None
             or scope["type"] != "http"
+            # NOTE: browsers send a CORS preflight without credentials; BentoML's CORS
+            # middleware (inside this one) answers it, as vLLM lets it through its key check
+            or scope["method"] == "OPTIONS"
             or scope["path"].rstrip("/") in OPEN_PATHS
         ):
             await self.app(scope, receive, send)
