@@ -102,6 +102,8 @@ class ServerSettings:
             if raw is None or raw == "":
                 continue
             values[name] = _convert(raw, hints[name], source)
+            if name == "api_key":
+                _check_api_key(values[name], source)
         return cls(**values)
 
     def engine_kwargs(self) -> dict[str, Any]:
@@ -128,6 +130,15 @@ def shared_engine_name() -> str:
     """What the workers of one server (children of one `bentoml serve`) that see the same
     GPUs call their engine: they share it (several HTTP workers, one copy of the weights)."""
     return f"bentoml-{os.getppid()}-gpus-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}"
+
+
+def _check_api_key(key: str, source: str) -> None:
+    # NOTE: HTTP strips a header value's surrounding whitespace: no client could send this key
+    if key != key.strip():
+        raise ValueError(
+            f"{source} starts or ends with whitespace (a secret file's trailing newline?), "
+            "which no Authorization header can carry: remove it (the key is not shown)"
+        )
 
 
 def _convert(raw: Any, hint: Any, source: str) -> Any:
