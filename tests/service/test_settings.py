@@ -112,3 +112,20 @@ print(*(int(excluded.url_disabled("http://127.0.0.1:3000" + p)) for p in paths))
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-8:] == ["1", "1", "1", "1", "0", "0", "0", "0"]
+
+
+def test_an_unknown_env_setting_is_named_in_a_warning(caplog) -> None:
+    """A misspelt VLLM_RUNNER_* variable was ignored without a word (VLLM_RUNNER_APIKEY: a
+    server without its key); as vLLM does for its own, a warning names it and the setting
+    meant. The engine's other variables (VLLM_RUNNER_CACHE, ...) are known."""
+    env = {"VLLM_RUNNER_APIKEY": "secret", "VLLM_RUNNER_CACHE": "/c", "VLLM_RUNNER_GEMV": "0",
+           "VLLM_RUNNER_PDL": "0", "VLLM_RUNNER_LOG_LEVEL": "INFO", "VLLM_RUNNER_DTYPE": "float32",
+           "OTHER_APIKEY": "x"}  # fmt: skip
+    with caplog.at_level("WARNING", logger="vllm_runner"):
+        s = ServerSettings.load(env, {})
+    assert s.api_key is None
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        "unknown environment variable VLLM_RUNNER_APIKEY (did you mean VLLM_RUNNER_API_KEY?): "
+        "ignored"
+    ]

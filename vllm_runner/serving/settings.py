@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 import types
 import typing
@@ -10,7 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+logger = logging.getLogger(__name__)
 ENV_PREFIX = "VLLM_RUNNER_"
+# read by the engine itself: the default model's cache, the GEMV and PDL switches, logging
+ENGINE_ENV = frozenset(ENV_PREFIX + n for n in ("CACHE", "GEMV", "PDL", "LOG_LEVEL"))
 # Settings passed straight to AsyncLLM when set; None leaves the engine's default.
 ENGINE_FIELDS = (
     "dtype",
@@ -92,6 +97,7 @@ class ServerSettings:
             raise ValueError(
                 f"unknown --arg {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
             )
+        _warn_unknown_env(env, fields)
         values: dict[str, Any] = {}
         for name in fields:
             source = f"--arg {name}"
@@ -130,6 +136,15 @@ def shared_engine_name() -> str:
     """What the workers of one server (children of one `bentoml serve`) that see the same
     GPUs call their engine: they share it (several HTTP workers, one copy of the weights)."""
     return f"bentoml-{os.getppid()}-gpus-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}"
+
+
+def _warn_unknown_env(env: Mapping[str, str], fields: set[str]) -> None:
+    """Name the VLLM_RUNNER_* variables nothing reads (a misspelt setting), as vLLM does."""
+    known = {ENV_PREFIX + name.upper() for name in fields} | ENGINE_ENV
+    for name in sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        logger.warning("unknown environment variable %s%s: ignored", name, hint)
 
 
 def _check_api_key(key: str, source: str) -> None:
