@@ -176,7 +176,7 @@ class LLMService:
 
     def __is_alive__(self) -> bool:
         # NOTE: an engine whose loop stopped on its own (its process died) fails /livez, so
-        # that the orchestrator restarts the worker.
+        # that an orchestrator probing it restarts the server (BentoML itself does not).
         return self.load_error is None and (self.engine is None or self.engine.error is None)
 
     @bentoml.on_shutdown
