@@ -225,3 +225,28 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert 'vllm_runner_generation_tokens_total{model_name="killed-worker"} 7.0' in text
     assert 'model_name="killed-worker"} 100.0' not in text
     assert 'vllm_runner_num_requests_running{model_name="killed-worker"}' not in text
+
+
+def test_workers_that_forget_one_dead_process_at_once_both_succeed(tmp_path, monkeypatch) -> None:
+    """Two workers' /metrics scrapes both find a dead process's live gauge files; the other
+    removes each one just before this one does (as when their scrapes overlap): no error
+    (it failed that scrape with a 500), and none of the files is left."""
+    import os
+
+    from vllm_runner.serving.live_gauges import forget_dead_processes
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    files = [tmp_path / f"gauge_{mode}_{dead.pid}.db" for mode in ("livesum", "livemax")]
+    for f in files:
+        f.touch()
+    remove = os.remove
+
+    def after_the_other_worker(path: str) -> None:
+        remove(path)  # the other worker's scrape, first
+        remove(path)
+
+    monkeypatch.setattr(os, "remove", after_the_other_worker)
+    forget_dead_processes(str(tmp_path))
+    monkeypatch.undo()
+    assert not any(f.exists() for f in files)

@@ -8,6 +8,7 @@ left its last values in the sums: a shared engine's KV blocks counted twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Any
@@ -17,13 +18,16 @@ _LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
 
 def forget_dead_processes(path: str) -> None:
     """Drop the live gauges of the processes gone from the multiprocess directory ``path``
-    (their counters and histograms stay: what they counted happened)."""
-    from prometheus_client import multiprocess
-
-    pids = {int(m[1]) for name in os.listdir(path) if (m := _LIVE_GAUGE_FILE.fullmatch(name))}
-    for pid in pids:
-        if not _alive(pid):
-            multiprocess.mark_process_dead(pid, path)
+    (their counters and histograms stay: what they counted happened). What
+    prometheus_client's ``mark_process_dead`` does, but a file another worker's scrape
+    removed first is no error (that scrape answered 500)."""
+    dead: dict[int, bool] = {}
+    for name in os.listdir(path):
+        if m := _LIVE_GAUGE_FILE.fullmatch(name):
+            pid = int(m[1])
+            if dead.setdefault(pid, not _alive(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(path, name))
 
 
 def _alive(pid: int) -> bool:
