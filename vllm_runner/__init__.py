@@ -21,9 +21,19 @@ __all__ = [
     "StreamOutput",
 ]
 
+
+class _UnlessRootHandles(logging.StreamHandler):
+    """Prints the package's records only while the root logger has no handler: an app that
+    configures logging (BentoML does) gets each line once, through its own handlers."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
 _logger = logging.getLogger("vllm_runner")
 if not _logger.handlers:  # engine start-up and warnings show unless the app configures logging
-    _handler = logging.StreamHandler()
+    _handler = _UnlessRootHandles()
     _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     _logger.addHandler(_handler)
     _logger.setLevel(os.environ.get("VLLM_RUNNER_LOG_LEVEL", "INFO"))
