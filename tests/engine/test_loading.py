@@ -220,3 +220,28 @@ def test_a_model_type_not_supported_is_named(llama_dir, tmp_path):
 def test_offloading_on_the_cpu_warns(llama_dir, caplog):
     make_llm(llama_dir, cpu_offload_gb=0.001)
     assert "cpu_offload_gb on the CPU saves no memory" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "family, dropped",
+    [
+        ("llama", ["model.layers.0.self_attn.k_proj.weight"]),
+        ("llama", ["model.layers.1.mlp.up_proj.weight"]),
+        ("qwen2", ["model.layers.0.self_attn.v_proj.bias"]),
+        ("qwen2", [f"model.layers.1.self_attn.{p}_proj.bias" for p in "qkv"]),
+        ("llama", ["model.norm.weight"]),
+    ],
+)
+def test_a_tensor_the_checkpoint_lacks_is_named(tiny_model_dirs, tmp_path, family, dropped):
+    """A checkpoint lacking one part of a fused parameter (k_proj of qkv_proj, up_proj of
+    gate_up_proj) loaded, that part left as uninitialised memory; all parts missing were
+    named by our fused name ('qkv_proj.bias'), which the checkpoint never holds."""
+
+    def drop(tensors: dict) -> None:
+        for name in dropped:
+            del tensors[name]
+
+    folder = _edited_copy(tiny_model_dirs[family], tmp_path / "model", tensors=drop)
+    with pytest.raises(ValueError, match=rf"checkpoint lacks {len(dropped)} tensors") as error:
+        make_llm(folder)
+    assert all(f"'{name}'" in str(error.value) for name in dropped)

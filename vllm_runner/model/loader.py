@@ -84,26 +84,41 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     finally:  # load-time only: a layer's bound loader on its own parameter is a reference
         for param in params.values():  # cycle that would keep the weights on the device
             param.__dict__.pop("weight_loader", None)  # after `del llm`, until a gc pass
-    missing = sorted(set(params) - loaded)
+    missing = _missing(model, params, loaded)
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def _missing(
+    model: nn.Module, params: dict[str, nn.Parameter], loaded: set[tuple[str, object]]
+) -> list[str]:
+    """The checkpoint names of the parameters, and of the parts of fused ones (a k_proj of
+    a qkv_proj), that no checkpoint tensor loaded."""
+    packed = getattr(model, "packed_modules_mapping", {})
+    missing = []
+    for name in params:
+        parts = [(src, dst, sid) for src, (dst, sid) in packed.items() if f".{dst}." in name]
+        for src, dst, sid in parts or [(None, None, None)]:
+            if (name, sid) not in loaded:
+                missing.append(name if src is None else name.replace(f".{dst}.", f".{src}."))
+    return sorted(missing)
 
 
 def _copy_weights(
     model: nn.Module, params: dict[str, nn.Parameter], weights: Iterator[tuple[str, torch.Tensor]]
-) -> set[str]:
-    """The parameter names loaded."""
+) -> set[tuple[str, object]]:
+    """The (parameter name, shard id) pairs loaded: a fused parameter loads by parts."""
     buffers = dict(model.named_buffers())
     packed = getattr(model, "packed_modules_mapping", {})
     head = getattr(model, "lm_head", None)  # tied: its weight is the embedding's parameter
     tied = next((n for n, p in params.items() if head is not None and p is head.weight), None)
-    loaded: set[str] = set()
+    loaded: set[tuple[str, object]] = set()
     for name, tensor in weights:
         stored = name  # the checkpoint's own name, for errors
         if ".rotary_emb." in name:  # inv_freq, cos_cached, sin_cached: derived here
             continue
         if name == "lm_head.weight" and tied not in (None, name):
-            if tied in loaded:
+            if (tied, None) in loaded:
                 continue
             name = tied  # a tied checkpoint may store the head, not the embedding (which, if
             # it comes later, holds the same values)
@@ -129,7 +144,7 @@ def _copy_weights(
                 loader(param, tensor.to(param.dtype), shard_id)
         except ValueError as e:  # a shape mismatch: name the checkpoint's tensor
             raise ValueError(f"checkpoint tensor {stored!r} {e}") from None
-        loaded.add(name)
+        loaded.add((name, shard_id))
     return loaded
 
 
