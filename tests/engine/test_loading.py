@@ -245,3 +245,40 @@ def test_a_tensor_the_checkpoint_lacks_is_named(tiny_model_dirs, tmp_path, famil
     with pytest.raises(ValueError, match=rf"checkpoint lacks {len(dropped)} tensors") as error:
         make_llm(folder)
     assert all(f"'{name}'" in str(error.value) for name in dropped)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("adapter", [False, True])
+def test_a_bin_checkpoint_loads_as_transformers_loads_it(llama_dir, tmp_path, sharded, adapter):
+    """``pytorch_model.bin`` (or its shards and index) as the weights; with an adapter's
+    safetensors file next to them (transformers loads the .bin: it never reads other
+    safetensors names) the adapter's tensors were loaded instead and refused."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    def to_bin(tensors: dict) -> None:
+        names = sorted(tensors)
+        parts = {"pytorch_model.bin": names}
+        if sharded:
+            parts = {"pytorch_model-00001-of-00002.bin": names[::2],
+                     "pytorch_model-00002-of-00002.bin": names[1::2]}  # fmt: skip
+            weight_map = {n: file for file, part in parts.items() for n in part}
+            index = {"metadata": {}, "weight_map": weight_map}
+            (tmp_path / "model" / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+        for file, part in parts.items():
+            torch.save({n: tensors[n] for n in part}, tmp_path / "model" / file)
+
+    folder = _edited_copy(llama_dir, tmp_path / "model")
+    to_bin(load_file(tmp_path / "model" / "model.safetensors"))
+    (tmp_path / "model" / "model.safetensors").unlink()
+    if adapter:
+        save_file({"base_model.model.lora_A.weight": torch.randn(4, 4)},
+                  tmp_path / "model" / "adapter_model.safetensors")  # fmt: skip
+    prompt = [[5, 17, 42, 99, 3]]
+    want = make_llm(llama_dir).generate(prompt, GREEDY)[0].token_ids
+    assert make_llm(folder).generate(prompt, GREEDY)[0].token_ids == want
+    if sharded:  # a shard its index names, missing: named
+        (tmp_path / "model" / "pytorch_model-00002-of-00002.bin").unlink()
+        with pytest.raises(ValueError, match=r"names \['pytorch_model-00002-of-00002.bin'\], not"):
+            make_llm(folder)

@@ -43,37 +43,40 @@ def resolve_model_path(model: str | None) -> str:
 
 
 def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    files = _indexed(path, sorted(glob.glob(os.path.join(path, "*.safetensors"))))
-    if files:
-        from safetensors import safe_open
+    for file in checkpoint_files(path):
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
 
-        for file in files:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield name, f.get_tensor(name)
-        return
-    files = _indexed(path, sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))))
+        else:
+            yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The checkpoint's files, as transformers picks them: ``model.safetensors`` or the
+    shards its index names, else ``pytorch_model.bin`` or its index's shards; a folder may
+    hold other files in another naming (Mistral's ``consolidated.safetensors``, an
+    ``adapter_model.safetensors``). Without either name: all *.safetensors, else all
+    pytorch_model*.bin (shards saved without an index)."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        index = os.path.join(path, f"{name}.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                named = sorted(set(json.load(f)["weight_map"].values()))
+            files = [os.path.join(path, file) for file in named]
+            absent = [file for file in named if not os.path.isfile(os.path.join(path, file))]
+            if absent:
+                raise ValueError(f"{index} names {absent[:3]}, not in the folder")
+            return files
+        if os.path.isfile(os.path.join(path, name)):
+            return [os.path.join(path, name)]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = files or sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
     if not files:
         raise ValueError(f"model folder {path!r} has no *.safetensors or pytorch_model*.bin")
-    for file in files:
-        yield from torch.load(file, map_location="cpu", weights_only=True).items()
-
-
-def _indexed(path: str, files: list[str]) -> list[str]:
-    """The checkpoint's files, in HF's order: those its index names, else the one
-    unsharded file, else all. A folder may hold others in another naming (Mistral's
-    ``consolidated.safetensors``, an ``adapter_model.safetensors``)."""
-    if not files:
-        return files
-    safetensors = files[0].endswith(".safetensors")
-    name = "model.safetensors" if safetensors else "pytorch_model.bin"
-    index = os.path.join(path, f"{name}.index.json")
-    if not os.path.isfile(index):
-        single = os.path.join(path, name)
-        return [single] if single in files else files
-    with open(index) as f:
-        named = set(json.load(f)["weight_map"].values())
-    return [file for file in files if os.path.basename(file) in named]
+    return files
 
 
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
