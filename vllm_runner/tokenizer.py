@@ -12,8 +12,20 @@ def load_hf_config(path: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        # NOTE: False, not transformers' None: None asks on stdin whether to run the code of
+        # a model_type only the repository defines (auto_map), and runs it on 'y'
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:
+        if "trust_remote_code" in str(e):
+            from vllm_runner.model.registry import BY_MODEL_TYPE
+
+            with open(os.path.join(path, "config.json")) as f:
+                model_type = json.load(f).get("model_type")
+            raise ValueError(
+                f"the model in {path!r} is of model_type {model_type!r}, which only its "
+                "repository's own code defines (auto_map); this engine never runs that code "
+                f"(supported model types: {sorted(BY_MODEL_TYPE)})"
+            ) from None
         raise ValueError(f"cannot read the model config in {path!r}: {e}") from None
 
 
@@ -33,7 +45,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:
         logger.warning("no usable tokenizer in %s (%s): token ids only", path, e)
         return None

@@ -282,3 +282,36 @@ def test_a_bin_checkpoint_loads_as_transformers_loads_it(llama_dir, tmp_path, sh
         (tmp_path / "model" / "pytorch_model-00002-of-00002.bin").unlink()
         with pytest.raises(ValueError, match=r"names \['pytorch_model-00002-of-00002.bin'\], not"):
             make_llm(folder)
+
+
+def test_a_model_of_custom_code_is_refused_without_asking(llama_dir, tmp_path, monkeypatch):
+    """A config whose model_type only its repository's code defines (auto_map) made
+    transformers ask on stdin, for 15 s, whether to run that code (and run it on 'y'); the
+    error then told the user to pass trust_remote_code=True, which the engine refuses. A
+    tokenizer of its repository's code: asked too; now none (token ids only)."""
+    import builtins
+    import json
+
+    def custom(config: dict) -> None:
+        config["model_type"] = "custom_llama"
+        config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig"}
+
+    folder = _edited_copy(llama_dir, tmp_path / "model", custom)
+    (tmp_path / "model" / "configuration_custom.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n"
+        "    model_type = 'custom_llama'\n"
+    )
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda prompt="": asked.append(prompt) or "y")
+    with pytest.raises(ValueError, match=r"model_type 'custom_llama', .* never runs") as error:
+        make_llm(folder)
+    assert not asked
+    assert "trust_remote_code=True" not in str(error.value)
+
+    folder = _edited_copy(llama_dir, tmp_path / "tokenizer")
+    auto_map = {"AutoTokenizer": ["tok.CustomTok", None]}
+    config = {"tokenizer_class": "CustomTok", "auto_map": auto_map}
+    (tmp_path / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "tokenizer" / "tok.py").write_text("raise RuntimeError('repository code ran')\n")
+    assert make_llm(folder).get_tokenizer() is None
+    assert not asked
