@@ -151,3 +151,42 @@ def test_yarn_extends_the_context_past_max_position_embeddings(tmp_path):
         assert out.token_ids == hf_greedy(hf, prompt, 8)
     with pytest.raises(ValueError, match=r"max_model_len=2048 exceeds the model's 1024 positions"):
         LLM(str(tmp_path), dtype="float32", device="cpu", max_model_len=2048)
+
+
+def _variant_config(family: str, **options):
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+    shape = dict(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=512)  # fmt: skip
+    if family == "opt":
+        return OPTConfig(ffn_dim=128, architectures=["OPTForCausalLM"], **shape, **options)
+    config_cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    architecture = f"{config_cls.__name__.removesuffix('Config')}ForCausalLM"
+    return config_cls(intermediate_size=128, num_key_value_heads=2,
+                      architectures=[architecture], **shape, **options)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        # head_dim given, not hidden / heads (Mistral-Nemo, Qwen3's layout); biases; tied
+        ("llama", dict(head_dim=32, attention_bias=True, mlp_bias=True,
+                       tie_word_embeddings=True,
+                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+        ("mistral", dict(head_dim=8, sliding_window=None, tie_word_embeddings=False)),
+        ("qwen2", dict(head_dim=32, tie_word_embeddings=False)),
+        # OPT-350m's layout: a smaller embedding projected in and out, norms after
+        ("opt", dict(word_embed_proj_dim=32, do_layer_norm_before=False)),
+        ("opt", dict(enable_bias=False, layer_norm_elementwise_affine=False,
+                     activation_function="gelu", tie_word_embeddings=False)),
+    ],
+)  # fmt: skip
+def test_config_variants_match_hf(tmp_path, family, options):
+    hf = saved_random_model(_variant_config(family, **options), tmp_path)
+    for name, value in options.items():  # the option reached the saved config
+        assert getattr(hf.config, name, value) == value, name
+    prompts = random_prompts(4, 384, seed=2)
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == hf_greedy(hf, prompt, 16)
