@@ -135,6 +135,20 @@ def test_a_torch_dtype_is_taken_as_its_name():
         assert args.dtype == name
 
 
+@pytest.mark.parametrize(
+    "config_dtype, cuda",
+    [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), ("float16", torch.float16),
+     (torch.float32, torch.bfloat16), (None, torch.bfloat16)],
+)  # fmt: skip
+def test_auto_dtype_follows_the_config_on_gpus_and_is_float32_on_cpus(config_dtype, cuda):
+    """As vLLM: a half-precision config keeps its dtype, a float32 (or none) runs in bf16;
+    an explicit dtype wins. The CPU path runs float32."""
+    config = SimpleNamespace(dtype=config_dtype)
+    assert EngineArgs().resolve_dtype(config, torch.device("cuda")) == cuda
+    assert EngineArgs().resolve_dtype(config, torch.device("cpu")) == torch.float32
+    assert EngineArgs(dtype="half").resolve_dtype(config, torch.device("cpu")) == torch.float16
+
+
 def test_a_torch_device_is_taken_as_its_name():
     for device, name in ((torch.device("cpu"), "cpu"), (torch.device("cuda", 1), "cuda:1")):
         args = EngineArgs(device=device)
