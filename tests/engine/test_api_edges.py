@@ -159,3 +159,17 @@ def test_abort_takes_a_list_of_ids_as_vllm(tiny_async):
     assert [o[-1].finish_reason for o in outs] == ["abort", "abort"]
     assert all(o[-1].num_token_ids < 400 for o in outs)
     assert len(after[0].token_ids) == GREEDY.max_tokens
+
+
+def test_an_engine_process_that_could_not_start_raises_its_own_error(llama_dir, monkeypatch):
+    """Starting the engine process failed (fork / spawn: out of memory, too many processes;
+    or a script without the main guard, in the child): the clean-up killed the process never
+    started and raised AttributeError ("'NoneType' object has no attribute 'kill'") instead."""
+    import multiprocessing.process
+
+    def no_start(self):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", no_start)
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        AsyncLLM(llama_dir, engine_process=True, dtype="float32", device="cpu")

@@ -125,7 +125,8 @@ class EngineClient:
 
     def close_after_failed_start(self) -> None:
         self.detach()
-        if self.process is not None and not self.shared:
+        # (pid None: its start failed, e.g. no memory to fork; its own error is raised)
+        if self.process is not None and self.process.pid is not None and not self.shared:
             self.process.kill()
             self.process.join()
 
