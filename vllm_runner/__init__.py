@@ -5,6 +5,7 @@ import os
 
 from vllm_runner.async_llm import AsyncLLM, EngineDeadError, RequestError
 from vllm_runner.config import EngineArgs
+from vllm_runner.engine.input_processor import TextPrompt, TokensPrompt
 from vllm_runner.engine.outputs import CompletionOutput, RequestOutput, StreamOutput
 from vllm_runner.llm import LLM
 from vllm_runner.sampling_params import SamplingParams
@@ -19,6 +20,8 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "StreamOutput",
+    "TextPrompt",
+    "TokensPrompt",
 ]
 
 

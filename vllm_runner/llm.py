@@ -4,11 +4,12 @@ from collections.abc import Iterable, Sequence
 
 from vllm_runner.config import EngineArgs
 from vllm_runner.engine.core import EngineCore
+from vllm_runner.engine.input_processor import TextPrompt, TokensPrompt
 from vllm_runner.engine.outputs import RequestOutput
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import NO_TOKENIZER
 
-Prompt = str | list[int]
+Prompt = str | list[int] | TextPrompt | TokensPrompt  # (the dicts: as vLLM's)
 
 
 def engine_args(model: str | None, model_name: str | None, kwargs: dict) -> EngineArgs:
@@ -27,8 +28,8 @@ def normalize_batch(
     prompts: Prompt | Sequence[Prompt],
     params: SamplingParams | Sequence[SamplingParams] | None,
 ) -> tuple[list[Prompt], list[SamplingParams]]:
-    # NOTE: a dict (vLLM's {"prompt": ...}) is one prompt, refused as such by tokenize: as a
-    # batch its keys were read as prompt texts.
+    # NOTE: a dict (vLLM's {"prompt": ...}) is one prompt: as a batch its keys were read as
+    # prompt texts.
     if (
         isinstance(prompts, str | dict)
         or not isinstance(prompts, Iterable)

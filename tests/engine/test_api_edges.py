@@ -9,15 +9,33 @@ import threading
 import pytest
 from engine_testing import GREEDY, make_llm
 
-from vllm_runner import AsyncLLM, SamplingParams
+from vllm_runner import AsyncLLM, SamplingParams, TextPrompt, TokensPrompt
 
 
-def test_a_prompt_dict_is_refused_not_read_as_its_keys(smol_llm):
-    """A vLLM-style prompt dict is not a prompt this API takes: refused naming its type (it
-    was iterated as a batch, and its key generated from as the prompt text)."""
-    for prompt in ({"prompt": "The capital of France is"}, {"prompt_token_ids": [1, 2, 3]}):
-        with pytest.raises(ValueError, match="must be a string or a list of token ids, got dict"):
-            smol_llm.generate(prompt, GREEDY)
+def test_prompt_dicts_as_vllm(smol_llm):
+    """vLLM's TextPrompt / TokensPrompt dicts (``{"prompt": text}``, ``{"prompt_token_ids":
+    ids}``: a vLLM script's only way to pass token ids) are prompts: one, or several in a list
+    mixed with strings and id lists, each as its text or ids (they were refused). A key this
+    engine has no use for (multi-modal data) is refused naming it, not ignored."""
+    text = "The capital of France is"
+    ids = smol_llm.get_tokenizer().encode(text)
+    want = smol_llm.generate(text, GREEDY)[0]
+    assert want.prompt_token_ids == ids
+    for prompt in (TextPrompt(prompt=text), TokensPrompt(prompt_token_ids=ids)):
+        (one,) = smol_llm.generate(prompt, GREEDY)
+        assert one.token_ids == want.token_ids
+    mixed = [{"prompt": text}, {"prompt_token_ids": ids}, text, ids]
+    outs = smol_llm.generate(mixed, GREEDY)
+    assert [o.token_ids for o in outs] == [want.token_ids] * 4
+    assert [o.prompt for o in outs] == [text, None, text, None]  # (as vLLM's)
+    for bad, match in [
+        ({"prompt": text, "multi_modal_data": {}}, r"prompt dict key\(s\) \['multi_modal_data'\]"),
+        ({}, r"a prompt dict needs 'prompt' \(text\) or 'prompt_token_ids'"),
+        ({"prompt": ids}, "'prompt' must be a string, got list"),
+        ({"prompt_token_ids": text}, "'prompt_token_ids' must be a list of token ids, got str"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            smol_llm.generate([text, bad], GREEDY)
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +43,21 @@ def tiny_async(llama_dir):
     llm = AsyncLLM(llama_dir, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
     yield llm
     asyncio.run(llm.shutdown())
+
+
+def test_async_llm_takes_prompt_dicts(tiny_async):
+    """AsyncLLM's generate and stream take vLLM's prompt dicts too (here, in its engine's
+    thread; an engine process gets the dict as it is and reads it alike)."""
+
+    async def main():
+        want = await tiny_async.generate([[1, 2, 3]], GREEDY)
+        got = await tiny_async.generate([{"prompt_token_ids": [1, 2, 3]}], GREEDY)
+        streamed = [o async for o in tiny_async.stream({"prompt_token_ids": [1, 2, 3]}, GREEDY)]
+        return want[0], got[0], streamed
+
+    want, got, streamed = asyncio.run(main())
+    assert got.token_ids == want.token_ids and got.prompt is None
+    assert [t for o in streamed for t in o.new_token_ids] == want.token_ids
 
 
 def test_an_id_is_free_once_its_stream_showed_it_finished(tiny_async):

@@ -8,7 +8,7 @@ import weakref
 
 from vllm_runner.config import EngineArgs, ModelConfig
 from vllm_runner.engine.gc_pauses import FullCollections, freeze_startup_objects
-from vllm_runner.engine.input_processor import EngineLimits, InputProcessor
+from vllm_runner.engine.input_processor import EngineLimits, InputProcessor, prompt_text
 from vllm_runner.engine.kv_cache_manager import KVCacheManager
 from vllm_runner.engine.output_processor import (
     RequestState,
@@ -113,7 +113,7 @@ class EngineCore:
     # ---- input ----------------------------------------------------------------------------
     def add_request(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | dict,
         params: SamplingParams,
         request_id: str | None = None,
         prompt_ids: list[int] | None = None,
@@ -144,7 +144,7 @@ class EngineCore:
         params.eos_token_id = self.eos_id
         state = new_request_state(
             request_id,
-            prompt if isinstance(prompt, str) else None,
+            prompt_text(prompt),
             prompt_ids,
             params,
             self.tokenizer if detokenize else None,

@@ -6,11 +6,55 @@ in the caller, before sending them (``AsyncLLM``)."""
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypedDict
 
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import NO_TOKENIZER, dropped_chars, max_text_chars
 
 _DROPPED_MAX = 4  # a text this many times over the character bound is refused whatever it holds
+
+
+class TextPrompt(TypedDict):
+    """vLLM's text prompt as a dict: ``{"prompt": text}``."""
+
+    prompt: str
+
+
+class TokensPrompt(TypedDict):
+    """vLLM's token-id prompt as a dict: ``{"prompt_token_ids": ids}``."""
+
+    prompt_token_ids: list[int]
+
+
+def unpack_prompt(prompt: object) -> object:
+    """A vLLM prompt dict's text or token ids (the ids when it has both, as vLLM); any other
+    prompt as it is."""
+    if not isinstance(prompt, dict):
+        return prompt
+    extra = sorted(map(str, set(prompt) - {"prompt", "prompt_token_ids"}))
+    if extra:
+        raise ValueError(
+            f"prompt dict key(s) {extra} are not supported: this engine takes "
+            "{'prompt': text} or {'prompt_token_ids': [...]}"
+        )
+    if "prompt_token_ids" in prompt:
+        ids = prompt["prompt_token_ids"]
+        if not isinstance(ids, list | tuple):
+            raise ValueError(
+                f"'prompt_token_ids' must be a list of token ids, got {type(ids).__name__}"
+            )
+        return ids
+    if "prompt" not in prompt:
+        raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
+    if not isinstance(prompt["prompt"], str):
+        raise ValueError(f"'prompt' must be a string, got {type(prompt['prompt']).__name__}")
+    return prompt["prompt"]
+
+
+def prompt_text(prompt: object) -> str | None:
+    """What a RequestOutput shows as its prompt: the text given, None for token ids."""
+    text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+    return text if isinstance(text, str) else None
 
 
 @dataclass(frozen=True)
@@ -34,9 +78,11 @@ class InputProcessor:
         )
         self.uncounted = dropped_chars(tokenizer) if tokenizer is not None else ""
 
-    def tokenize(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+    def tokenize(self, prompt: str | list[int] | dict, chat: bool = False) -> list[int]:
         """``chat``: ``prompt`` is a chat template's text, which holds every special token the
-        model wants (as vLLM's chat route and HF's ``apply_chat_template``: none added)."""
+        model wants (as vLLM's chat route and HF's ``apply_chat_template``: none added).
+        ``prompt`` may be a vLLM prompt dict (``TextPrompt``, ``TokensPrompt``)."""
+        prompt = unpack_prompt(prompt)
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty: give at least one character or token id")
