@@ -70,7 +70,9 @@ class AsyncLLM:
         name (and the same engine arguments) share one engine process: the first starts it,
         the others connect to it (a server's workers: more HTTP capacity, one copy of the
         weights). It runs until the last of them has shut down or exited."""
-        args = engine_args(model, model_name, kwargs)
+        args = engine_args(
+            model, model_name, kwargs, log_stats=log_stats, engine_process=engine_process
+        )
         if engine_process is None:
             engine_process = shared_engine is not None or args.engine_apart_by_default()
         if shared_engine is not None and not engine_process:
@@ -82,8 +84,7 @@ class AsyncLLM:
         self.error: str | None = None  # why the loop stopped on its own, if it did
         self._client: EngineClient | None = None  # its link to an engine process
         self._routes = itertools.count()
-        # route -> the stream that added the request (serving_loop)
-        self._entries: dict[int, StreamRoute] = {}
+        self._entries: dict[int, StreamRoute] = {}  # route -> the stream that added it
         self._streams: set[str] = set()  # request ids of open streams
         self._running = False
         self._go = threading.Event()  # the loop may start (or, on an error here, end)

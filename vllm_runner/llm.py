@@ -12,7 +12,13 @@ from vllm_runner.tokenizer import NO_TOKENIZER
 Prompt = str | list[int] | TextPrompt | TokensPrompt  # (the dicts: as vLLM's)
 
 
-def engine_args(model: str | None, model_name: str | None, kwargs: dict) -> EngineArgs:
+def engine_args(
+    model: str | None, model_name: str | None, kwargs: dict, **switches: bool | None
+) -> EngineArgs:
+    """``switches``: a front end's own (AsyncLLM's), True or False (None: its default)."""
+    for name, value in switches.items():
+        if value is not None and not isinstance(value, bool):  # ("no" was read as true)
+            raise ValueError(f"{name} must be True or False, got {value!r}")
     unknown = set(kwargs) - EngineArgs.field_names()
     if unknown:
         raise ValueError(

@@ -206,3 +206,13 @@ def test_an_engine_process_that_could_not_start_raises_its_own_error(llama_dir, 
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", no_start)
     with pytest.raises(OSError, match="Cannot allocate memory"):
         AsyncLLM(llama_dir, engine_process=True, dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "switch, value", [("engine_process", "false"), ("log_stats", "no"), ("engine_process", 0)]
+)
+def test_async_llm_switches_are_true_or_false(llama_dir, switch, value):
+    """As the engine's own switches (enforce_eager): a string was read as true (an engine
+    process started for engine_process="false"; metrics for log_stats="no")."""
+    with pytest.raises(ValueError, match=f"{switch} must be True or False, got {value!r}"):
+        AsyncLLM(llama_dir, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05, **{switch: value})

@@ -332,7 +332,7 @@ def test_an_interrupted_start_leaves_no_engine_thread_behind(monkeypatch):
             time.sleep(0.2)
 
     monkeypatch.setattr(async_llm, "EngineCore", Engine)
-    monkeypatch.setattr(async_llm, "engine_args", lambda *args: None)
+    monkeypatch.setattr(async_llm, "engine_args", lambda *args, **switches: None)
     # (a process started in the background by a shell without job control inherits SIGINT
     # ignored, and Python then installs no handler: Ctrl-C's KeyboardInterrupt is wanted)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
