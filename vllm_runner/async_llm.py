@@ -15,12 +15,11 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.engine_client import EngineClient
-from vllm_runner.engine.input_processor import InputProcessor, request_ids
+from vllm_runner.engine.input_processor import InputProcessor, request_ids, stream_request_id
 from vllm_runner.engine.outputs import RequestOutput, StreamOutput, merge_updates
 from vllm_runner.engine.serving_loop import Delivery, ServingLoop, is_final
 from vllm_runner.engine.stream_route import StreamRoute, text_builders
@@ -230,7 +229,7 @@ class AsyncLLM:
         arrival = time.monotonic()
         prompt_ids = self.validate(prompt, params)
         self._check_running()
-        request_id = request_id or uuid.uuid4().hex
+        request_id = stream_request_id(request_id)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()

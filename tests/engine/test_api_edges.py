@@ -216,3 +216,15 @@ def test_async_llm_switches_are_true_or_false(llama_dir, switch, value):
     process started for engine_process="false"; metrics for log_stats="no")."""
     with pytest.raises(ValueError, match=f"{switch} must be True or False, got {value!r}"):
         AsyncLLM(llama_dir, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05, **{switch: value})
+
+
+def test_a_stream_request_id_is_a_string(tiny_async):
+    """As ``abort``'s: an int id was taken (and the caller's ``abort(5)`` then refused it);
+    a list failed as "unhashable type: 'list'"."""
+
+    async def main():
+        for bad, kind in ((5, "int"), (["a"], "list")):
+            with pytest.raises(ValueError, match=f"request_id must be a string, got {kind}"):
+                await anext(tiny_async.stream([1, 2, 3], GREEDY, request_id=bad))
+
+    asyncio.run(main())

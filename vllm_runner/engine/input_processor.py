@@ -4,6 +4,7 @@ It needs only the built engine's limits (``EngineLimits``, small and picklable) 
 tokenizer, so a front end whose engine core runs in another process checks requests itself,
 in the caller, before sending them (``AsyncLLM``)."""
 
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypedDict
@@ -177,3 +178,11 @@ def request_ids(request_id: str | Iterable[str]) -> list[str]:
     if bad:
         raise ValueError(f"request ids must be strings, got {type(bad[0]).__name__}")
     return ids
+
+
+def stream_request_id(request_id: object) -> str:
+    """A stream's request id: a new one when none is given; else a string, as ``abort``
+    takes (an int was taken, then refused by ``abort``)."""
+    if request_id is not None and not isinstance(request_id, str):
+        raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
+    return request_id or uuid.uuid4().hex
