@@ -104,8 +104,11 @@ class AsyncLLM:
                 from vllm_runner.metrics import EngineMetrics
 
                 self.metrics = EngineMetrics(self.model_name)
-                # (an engine another front end publishes: its totals so far are not ours)
-                self.metrics.record_step(self._stats, publish=False)
+                # NOTE: a thread's engine is this process's alone: its gauges (KV blocks,
+                # memory) show from the start, not from the first request. An engine
+                # process's publisher is chosen by the engine (its hand-over sets them), and
+                # a shared one's totals so far are not ours.
+                self.metrics.record_step(self._stats, publish=not engine_process)
             self._running = True
             if engine_process:  # (now reading its results; and whether it publishes them)
                 self._send(("ready", self.metrics is not None))

@@ -44,3 +44,24 @@ def test_time_to_first_token_counts_the_wait_for_the_running_step(default_model_
     assert seen > 1.5 * STEP_S  # the rest of the running step, then its own
     assert late["ttft_s"] > seen - STEP_S / 2, (late, seen)
     assert late["e2e_s"] > seen - STEP_S / 2, (late, seen)
+
+
+def test_capacity_gauges_are_set_before_the_first_request(default_model_dir):
+    """An engine stepped in a thread of this process publishes its stats itself: /metrics
+    shows its KV blocks and memory from the start, not zeros until the first request."""
+    from prometheus_client import REGISTRY
+
+    llm = AsyncLLM(model_name=default_model_dir, device="cpu", max_model_len=256,
+                   cpu_kv_cache_gb=0.05, log_stats=True, served_model_name="idle-gauges",
+                   engine_process=False)  # fmt: skip
+    try:
+        stats = llm.stats()
+        for key, name in (
+            ("kv_blocks_total", "kv_blocks_total"),
+            ("kv_cache_bytes", "kv_cache_bytes"),
+            ("weight_bytes_resident", "weight_bytes_resident"),
+        ):
+            got = REGISTRY.get_sample_value(f"vllm_runner_{name}", {"model_name": "idle-gauges"})
+            assert got == stats[key] > 0, (name, got, stats[key])
+    finally:
+        asyncio.run(llm.shutdown())
