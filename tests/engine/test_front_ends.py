@@ -337,3 +337,35 @@ def test_a_dropped_publisher_hands_over_what_it_was_sent(tmp_path, monkeypatch):
         "results the stalled publisher never got are counted by no one"
     )
     stalled.close()
+
+
+def test_a_new_publisher_publishes_while_the_engine_idles(tmp_path):
+    """The publisher leaves (a worker restarted) while the engine idles: the next one
+    publishes the stats at once, not at the next request (/metrics showed no KV blocks:
+    the old one's gauges are gone with it, the new one's were never set)."""
+    front_ends, commands_w, results_r, connect = _engine_side(tmp_path)
+    publisher = connect()
+    publisher.send(("ready", True))
+    _until(front_ends, lambda: 1 in front_ends.front_ends and front_ends.front_ends[1].reading)
+    idle = {"kv_blocks_total": 7, "generation_tokens_total": 3}
+    front_ends.emit(Delivery([], idle))
+    commands_w.send(("ready", True))
+    _until(front_ends, lambda: front_ends.front_ends[0].reading)
+    time.sleep(STATS_INTERVAL_S)
+    front_ends.emit(Delivery([], idle))  # the engine's last step: everyone has its stats
+    assert results_r.poll(30) and not results_r.recv().publish_stats
+    publisher.send(("stop",))
+    _until(front_ends, lambda: 1 not in front_ends.front_ends)
+    got = []
+    waiting = threading.Thread(target=lambda: got.append(front_ends.receive(True)), daemon=True)
+    waiting.start()  # the engine idles: it flushes stats, then waits for a command
+    published = None
+    while published is None and results_r.poll(10):
+        delivery = results_r.recv()
+        published = delivery if delivery.publish_stats else None
+    assert published is not None, "nobody publishes the idle engine's stats"
+    assert published.stats == idle
+    commands_w.send(("stop",))
+    waiting.join(30)
+    assert got == [("stop",)]
+    publisher.close()

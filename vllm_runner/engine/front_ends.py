@@ -195,6 +195,10 @@ class FrontEnds:
         if owner != self._owner and owner is not None:
             handover = Delivery([], self._published, [], False)
             self._send(self.front_ends[owner], handover, now, sent_stats=False)
+            # (then the stats published: an idle engine's at the idle flush, not at the next
+            # request; the old owner's gauges are gone with it)
+            if owner in self.front_ends:
+                self.front_ends[owner].stats_stale = True
         self._owner = owner
         return owner
 
