@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
 
 from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.engine_client import EngineClient
@@ -173,8 +174,17 @@ class AsyncLLM:
     def check_text_length(self, text: str, what: str) -> None:
         self.inputs.check_text_length(text, what)
 
-    def apply_chat_template(self, messages: list[dict], **options: bool) -> str:
-        return apply_chat_template(self.tokenizer, messages, **options)
+    def apply_chat_template(self, messages: list[dict], **options: Any) -> str:
+        """The conversation as the prompt text (``options``: ``LLM.chat``'s). NOTE: a server's
+        chat route calls it, whose clients cannot give a template: the advice is theirs."""
+        return apply_chat_template(
+            self.tokenizer,
+            messages,
+            self.model_name,
+            "completions",
+            offer_template=False,
+            **options,
+        )
 
     async def get_tokenizer(self):
         """The model's HF tokenizer (None for a folder without one); awaited, as vLLM's."""

@@ -1,6 +1,7 @@
 """Synchronous offline generation: add every prompt, step until all finish."""
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from vllm_runner.config import EngineArgs
 from vllm_runner.engine.core import EngineCore
@@ -102,13 +103,17 @@ class LLM:
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | None = None,
         *,
+        chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
     ) -> list[RequestOutput]:
+        """``chat_template``: the Jinja template to use instead of the tokenizer's (as vLLM's;
+        a model whose tokenizer has none can chat only with one)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
             self.apply_chat_template(
                 c,
+                chat_template=chat_template,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
             )
@@ -118,8 +123,10 @@ class LLM:
         ids = [self.engine.inputs.tokenize(p, chat=True) for p in prompts]
         return self._run(prompts, ids, params)
 
-    def apply_chat_template(self, messages: list[dict], **options: bool) -> str:
-        return apply_chat_template(self.tokenizer, messages, **options)
+    def apply_chat_template(self, messages: list[dict], **options: Any) -> str:
+        return apply_chat_template(
+            self.tokenizer, messages, self.engine.model_config.name, **options
+        )
 
     def get_tokenizer(self):
         """The model's HF tokenizer (None for a folder without one), as vLLM's."""
@@ -132,16 +139,29 @@ class LLM:
 def apply_chat_template(
     tokenizer,
     messages: list[dict],
+    model: str,
+    prompts_to: str = "generate()",
+    offer_template: bool = True,
     *,
+    chat_template: str | None = None,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
 ) -> str:
     """The conversation as the model's prompt text: ending in the assistant's header (a new
-    reply) or, with `continue_final_message`, in the last message's open text (as vLLM)."""
+    reply) or, with `continue_final_message`, in the last message's open text (as vLLM).
+    ``chat_template``: instead of the tokenizer's. A model that cannot chat is refused
+    naming ``model`` and the way out: ``prompts_to``, which takes plain prompts, and (if
+    ``offer_template``) ``chat(chat_template=...)``."""
     if tokenizer is None:
-        raise ValueError(f"{NO_TOKENIZER}, so no chat template; use generate() with token ids")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model has no chat template; use generate() with a prompt")
+        raise ValueError(f"model {model!r}: {NO_TOKENIZER}, so it cannot chat; use {prompts_to} "
+                         "with token ids")  # fmt: skip
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        # NOTE: transformers has had no default template since 4.44 (nor has vLLM)
+        offer = "pass chat_template=... to chat(), or " if offer_template else ""
+        raise ValueError(
+            f"model {model!r} has no chat template (its tokenizer defines none): {offer}use "
+            f"{prompts_to} with a prompt you templated yourself"
+        )
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content'")
@@ -152,6 +172,7 @@ def apply_chat_template(
         )
     return tokenizer.apply_chat_template(
         [{**m, "content": _content_text(i, m["content"])} for i, m in enumerate(messages)],
+        chat_template=chat_template,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,

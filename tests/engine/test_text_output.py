@@ -1,6 +1,8 @@
 """Engine text output on CPU: stop tokens and strings, min_tokens, streamed text, chat
 templates, logprobs."""
 
+import asyncio
+
 import pytest
 from engine_testing import GREEDY, make_llm, prompts
 
@@ -191,3 +193,36 @@ def test_logprobs_top_n(smol_llm):
     assert c.cumulative_logprob == pytest.approx(
         sum(lp[t] for t, lp in zip(c.token_ids, c.logprobs, strict=False))
     )
+
+
+def test_a_model_without_a_chat_template_is_named_and_chat_takes_one(tmp_path, peaked_llama):
+    """A tokenizer without a chat template (transformers has had no default one since 4.44):
+    chat is refused naming the model and the way out (it said "use generate()", on the HTTP
+    route too, and named no model); ``LLM.chat(chat_template=...)`` gives one, as vLLM's."""
+    from transformers import AutoTokenizer
+
+    from vllm_runner import LLM, AsyncLLM
+    from vllm_runner.model.default_model import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    path = peaked_llama(str(tmp_path), ("embed",), vocab_size=49152, hidden_size=32,
+                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1)  # fmt: skip
+    tokenizer.save_pretrained(path)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    llm = LLM(path, num_kv_blocks=16)
+    with pytest.raises(ValueError, match=rf"model '{path}' has no chat template .*chat_template="):
+        llm.chat(messages)
+    (chat,) = llm.chat(messages, SamplingParams(max_tokens=1), chat_template=template)
+    hf = tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=True, add_generation_prompt=True
+    )
+    assert chat.prompt_token_ids == list(hf["input_ids"])
+    served = AsyncLLM(path, num_kv_blocks=16, engine_process=False, served_model_name="smol")
+    try:  # the server's chat route: no Python advice
+        with pytest.raises(ValueError, match="model 'smol' has no chat template") as e:
+            served.apply_chat_template(messages)
+        assert "generate()" not in str(e.value) and "completion" in str(e.value)
+    finally:
+        asyncio.run(served.shutdown())
