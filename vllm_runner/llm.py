@@ -163,15 +163,15 @@ def apply_chat_template(
             f"{prompts_to} with a prompt you templated yourself"
         )
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content'")
+        if not isinstance(m, dict) or "role" not in m:  # content: none for an assistant's
+            raise ValueError(f"messages[{i}] must be a dict with a 'role' and its 'content'")
     if add_generation_prompt and continue_final_message:
         raise ValueError(
             "continue_final_message continues the last message; it needs "
             "add_generation_prompt false, got both true"
         )
     return tokenizer.apply_chat_template(
-        [{**m, "content": _content_text(i, m["content"])} for i, m in enumerate(messages)],
+        [{**m, "content": _content_text(i, m.get("content"))} for i, m in enumerate(messages)],
         chat_template=chat_template,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,

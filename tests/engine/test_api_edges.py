@@ -144,9 +144,9 @@ def test_a_stream_added_as_the_loop_dies_fails_instead_of_waiting_forever(llama_
 
 def test_chat_takes_openai_content_parts_and_an_assistant_message_without_content(smol_llm):
     """As vLLM's LLM.chat and this server's chat route: a message's text parts are lines of
-    one text, and an assistant message's content may be None (the template failed on both:
-    "can only concatenate str (not "list") to str"); a part that is not text is refused
-    naming its type."""
+    one text, and an assistant message's content may be None or left out (the template failed
+    on parts and None: "can only concatenate str (not "list") to str"); a part that is not
+    text is refused naming its type."""
     text = [{"role": "user", "content": "Hi\nthere"}, {"role": "assistant", "content": ""}]
     lines = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
     parts = [{"role": "user", "content": lines}, {"role": "assistant", "content": None}]
@@ -155,6 +155,14 @@ def test_chat_takes_openai_content_parts_and_an_assistant_message_without_conten
         text, **options
     )
     assert lines[0] == {"type": "text", "text": "Hi"}  # the caller's, unchanged
+    # content left out, as OpenAI's assistant message may and vLLM's LLM.chat takes (it was
+    # refused: "must be a dict with 'role' and 'content'")
+    bare = [parts[0], {"role": "assistant"}]
+    assert smol_llm.apply_chat_template(bare, **options) == smol_llm.apply_chat_template(
+        text, **options
+    )
+    with pytest.raises(ValueError, match=r"messages\[1\] must be a dict with a 'role'"):
+        smol_llm.chat([parts[0], {"content": "hi"}])
     image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
     with pytest.raises(ValueError, match=r"messages\[0\] content part 0 has type 'image_url'"):
         smol_llm.chat([{"role": "user", "content": image}])
