@@ -15,6 +15,7 @@ host that is not loopback).
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import platform
 import resource
@@ -40,8 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", help="a running service (loopback only); default: start one")
     p.add_argument("--api-key", default=os.environ.get("VLLM_RUNNER_API_KEY", ""))
     p.add_argument("--users", default="1,4,16,64", help="comma-separated user counts")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of load per step")
-    p.add_argument("--stop-timeout", type=float, default=60.0, help="drain time per step (s)")
+    # NOTE: whole seconds: locust's -t and --stop-timeout take no fractions (and -t 0s runs
+    # without end)
+    p.add_argument("--duration", type=int, default=60, help="seconds of load per step")
+    p.add_argument("--stop-timeout", type=int, default=60, help="drain time per step (s)")
     p.add_argument("--user-class", default="MixedUser", help="locustfile class(es), comma-sep.")
     p.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
     p.add_argument("--prompt-words", default="8,64,384", help="prompt lengths mixed (words)")
@@ -71,6 +74,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise ValueError
     except ValueError:
         p.error(f"--users must be positive integers, got {args.users!r}")
+    if args.duration < 1:
+        p.error(f"--duration must be at least 1 second, got {args.duration}")
+    if args.stop_timeout < 0:
+        p.error(f"--stop-timeout must be 0 or more seconds, got {args.stop_timeout}")
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    try:
+        if min(int(w) for w in args.prompt_words.split(",")) < 1:
+            raise ValueError
+    except ValueError:
+        p.error(f"--prompt-words must be positive integers, got {args.prompt_words!r}")
+    known = user_classes()
+    for name in args.user_class.split(","):
+        if name not in known:
+            p.error(f"--user-class: unknown {name!r} (locustfile.py has {', '.join(known)})")
     if args.processes < 1:
         p.error(f"--processes must be at least 1, got {args.processes}")
     if args.host:
@@ -81,6 +99,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any("=" not in a for a in args.serve_arg):
         p.error(f"--serve-arg takes NAME=VALUE, got {args.serve_arg}")
     return args
+
+
+def user_classes() -> list[str]:
+    """The user classes of locustfile.py, read (importing it would import locust, which
+    patches this process with gevent)."""
+    tree = ast.parse(LOCUSTFILE.read_text())
+    return [
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.ClassDef)
+        and any(isinstance(base, ast.Name) and base.id == "LLMUser" for base in node.bases)
+    ]
 
 
 def engine_tokens(url: str, headers: dict[str, str]) -> float | None:
@@ -108,8 +138,8 @@ def run_step(args: argparse.Namespace, url: str, users: int, server_pid: int | N
     spawn_rate = max(1.0, users / 2)  # every user within ~2 s
     cmd = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "-u", str(users), "-r", f"{spawn_rate:g}", "-t", f"{args.duration:g}s",
-        "--stop-timeout", f"{args.stop_timeout:g}", "--host", url, "--csv", str(prefix),
+        "-u", str(users), "-r", f"{spawn_rate:g}", "-t", f"{args.duration}s",
+        "--stop-timeout", str(args.stop_timeout), "--host", url, "--csv", str(prefix),
         "--only-summary", "--exit-code-on-error", "0",
         *(["--processes", str(args.processes)] if args.processes > 1 else []),
         *args.user_class.split(","),
