@@ -25,6 +25,7 @@ LOADTEST_BACKOFF_429_S (0.5: how long a user that got a 4xx, 429 included, waits
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
@@ -33,7 +34,9 @@ import time
 from typing import Any
 
 import requests
-from locust import HttpUser, constant, task
+from locust import HttpUser, constant, events, task
+from locust.runners import WorkerRunner
+from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
 MAX_TOKENS = int(os.environ.get("LOADTEST_MAX_TOKENS", "32"))
 PROMPT_WORDS = [int(w) for w in os.environ.get("LOADTEST_PROMPT_WORDS", "8,64,384").split(",")]
@@ -64,6 +67,30 @@ def refused(resp: Any) -> None:
     resp.failure(f"{failure_kind(resp.status_code)} {resp.status_code}: {resp.text[:200]}")
     if 400 <= resp.status_code < 500:
         time.sleep(BACKOFF_429_S)  # gevent-patched: only this user waits
+
+
+@events.init.add_listener
+def _final_csv_at_quit(environment: Any, **_: Any) -> None:
+    """Rewrite the --csv files with the final stats when locust quits.
+
+    NOTE: locust rewrites them once a second while it runs and not at exit, so the requests
+    that ended in the last second (those the drain, --stop-timeout, waits for; the failures of
+    a server that died at the end) were missing from them and from run.py's summary."""
+    prefix = getattr(environment.parsed_options, "csv_prefix", None)
+    if not prefix or isinstance(environment.runner, WorkerRunner):
+        return
+
+    def write(**_: Any) -> None:
+        writer = StatsCSV(environment, PERCENTILES_TO_REPORT)
+        for suffix, rows in (
+            ("stats", writer.requests_csv),
+            ("failures", writer.failures_csv),
+            ("exceptions", writer.exceptions_csv),
+        ):
+            with open(f"{prefix}_{suffix}.csv", "w", newline="") as f:
+                rows(csv.writer(f))
+
+    environment.events.quit.add_listener(write)  # after the runner stopped, before exit
 
 
 class LLMUser(HttpUser):
