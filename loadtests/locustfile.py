@@ -35,7 +35,7 @@ from typing import Any
 
 import requests
 from locust import HttpUser, constant, events, task
-from locust.runners import WorkerRunner
+from locust.runners import MasterRunner, WorkerRunner
 from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
 MAX_TOKENS = int(os.environ.get("LOADTEST_MAX_TOKENS", "32"))
@@ -91,6 +91,34 @@ def _final_csv_at_quit(environment: Any, **_: Any) -> None:
                 rows(csv.writer(f))
 
     environment.events.quit.add_listener(write)  # after the runner stopped, before exit
+
+
+@events.init.add_listener
+def _drain_workers_before_quit(environment: Any, **_: Any) -> None:
+    """With --processes, stop the workers (each drains its users) before the master quits.
+
+    NOTE: at the end of -t locust's master quits without stopping its workers and waits 0.5 s
+    for their last stats: the requests in flight then, which --stop-timeout should let
+    finish, were missing from every statistic. Now the master stops its workers and waits
+    until each reports its users stopped; a worker sends its stats just before."""
+    runner = environment.runner
+    if isinstance(runner, MasterRunner):
+        quit_now = runner.quit
+
+        def quit() -> None:
+            runner.stop()  # "stop" to every worker, then waits until none has users
+            quit_now()
+
+        runner.quit = quit
+    elif isinstance(runner, WorkerRunner):
+
+        def stopped(**_: Any) -> None:
+            runner._send_stats()  # before it tells the master it stopped
+            # NOTE: a stopped worker waits stop_timeout more before it reads its next message:
+            # the master's "quit" would find it busy, and it would outlive the master
+            environment.stop_timeout = 0
+
+        environment.events.test_stop.add_listener(stopped)
 
 
 class LLMUser(HttpUser):

@@ -77,3 +77,17 @@ def test_requests_that_end_in_the_drain_are_in_the_csv(slow_server: str, tmp_pat
     assert step.requests == 1, log
     assert step.output_tokens == 2, log
     assert set(step.ttft_ms) == set(step.itl_ms) == {"/generate"}, log
+
+
+@pytest.mark.timeout(120)
+def test_with_processes_the_requests_in_flight_at_the_end_are_counted(
+    slow_server: str, tmp_path: Path
+) -> None:
+    """With --processes, locust's master quit at the end of -t without stopping its workers
+    and waited 0.5 s for their last stats: the requests then in flight (every user's last),
+    which --stop-timeout should let finish, were missing from every statistic; the workers
+    outlived the master."""
+    log = locust(slow_server, tmp_path / "u2", users=2, processes=2)
+    step = read_step(2, tmp_path / "u2")
+    assert step.requests == 2 and step.output_tokens == 4, log
+    assert log.count("Got quit message from master") == 2, log
