@@ -33,7 +33,10 @@ def free_port() -> int:
 
 def require_loopback(url: str) -> str:
     """`url` without a trailing slash; ValueError unless its host is a loopback address."""
-    host = urlsplit(url).hostname or ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):  # "127.0.0.1:3000" reads as scheme "127.0.0.1"
+        raise ValueError(f"--host must be an http:// or https:// URL, got {url!r}")
+    host = parts.hostname or ""
     if host != "localhost":
         try:
             if not ipaddress.ip_address(host).is_loopback:

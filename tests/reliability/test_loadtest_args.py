@@ -41,3 +41,16 @@ def test_good_options_are_taken() -> None:
     )
     assert (args.duration, args.stop_timeout, args.max_tokens) == (6, 0, 4)
     assert args.prompt_words == "4, 24"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:3000", "localhost:3000", "ftp://127.0.0.1:3000"])
+def test_a_host_without_http_is_refused_as_such(
+    host: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--host 127.0.0.1:3000` was refused as "only loopback hosts are allowed" (it is one):
+    without a scheme there is no host to read."""
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args(["--host", host])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--host must be an http:// or https:// URL, got {host!r}" in err, err
