@@ -101,6 +101,9 @@ class EngineArgs:
     # None: SERVING_PIECEWISE_MAX_TOKENS when serving where decode graphs are captured
     # (CUDA, not enforce_eager), else off.
     piecewise_max_tokens: int | None = None
+    # Taken as vLLM scripts pass it; the engine never runs a repository's code either way
+    # (a model type only that code defines is refused).
+    trust_remote_code: bool = False
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -122,7 +125,8 @@ class EngineArgs:
                 raise bad(name, "a number")
             if not math.isfinite(value):
                 raise bad(name, "a finite number")
-        for name in ("enable_prefix_caching", "enforce_eager", "async_scheduling"):
+        for name in ("enable_prefix_caching", "enforce_eager", "async_scheduling",
+                     "trust_remote_code"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "async_scheduling" and value is None):
                 raise bad(name, "true or false")

@@ -236,3 +236,34 @@ def test_a_stream_request_id_is_a_string(tiny_async):
                 await anext(tiny_async.stream([1, 2, 3], GREEDY, request_id=bad))
 
     asyncio.run(main())
+
+
+def test_trust_remote_code_is_taken_as_vllm_scripts_pass_it(llama_dir):
+    """Accepted (it was refused as an unknown argument); the engine never runs repository
+    code, so a supported model loads and generates the same either way."""
+    want = make_llm(llama_dir).generate([[1, 2, 3]], GREEDY)[0].token_ids
+    for value in (True, False):
+        llm = make_llm(llama_dir, trust_remote_code=value)
+        assert llm.generate([[1, 2, 3]], GREEDY)[0].token_ids == want
+    for bad in ("yes", 1, None):
+        with pytest.raises(
+            ValueError, match=f"trust_remote_code must be true or false, got {bad!r}"
+        ):
+            make_llm(llama_dir, trust_remote_code=bad)
+
+
+def test_trust_remote_code_does_not_load_a_model_type_only_its_repository_defines(
+    llama_dir, tmp_path
+):
+    """Refused as before, True or not (the message says the engine never runs that code)."""
+    shutil.copytree(llama_dir, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["model_type"] = "custom_llama"
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig"}
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model" / "configuration_custom.py").write_text(
+        "raise RuntimeError('repository code ran')\n"
+    )
+    for engine_class in (make_llm, lambda *a, **kw: AsyncLLM(*a, device="cpu", **kw)):
+        with pytest.raises(ValueError, match=r"model_type 'custom_llama', .* never runs"):
+            engine_class(str(tmp_path / "model"), trust_remote_code=True)
