@@ -20,6 +20,7 @@ from typing import Any
 
 from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.engine_client import EngineClient
+from vllm_runner.engine.errors import EngineDeadError, OutputFailed, RequestError
 from vllm_runner.engine.input_processor import InputProcessor, request_ids, stream_request_id
 from vllm_runner.engine.outputs import RequestOutput, StreamOutput, merge_updates
 from vllm_runner.engine.serving_loop import Delivery, ServingLoop, is_final
@@ -29,20 +30,6 @@ from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-class RequestError(RuntimeError):
-    """The engine failed this request (other requests are unaffected). From `generate`,
-    `results` holds every prompt's RequestOutput or RequestError, in prompt order."""
-
-    def __init__(self, message: str, results: list | None = None) -> None:
-        super().__init__(message)
-        self.results = results
-
-
-class EngineDeadError(RuntimeError):
-    """The engine's loop stopped on its own (its process died, or a bug): every open and new
-    request fails with this, naming why (``AsyncLLM.error``)."""
 
 
 class AsyncLLM:
@@ -274,7 +261,7 @@ class AsyncLLM:
                 item = held.popleft()
                 if isinstance(item, Exception):
                     # (one of building its text here: the engine still runs it, aborted below)
-                    done = not isinstance(item, _OutputFailed)
+                    done = not isinstance(item, OutputFailed)
                     raise item
                 if isinstance(item, StreamOutput) and item.error is not None:
                     # (not done: n > 1 siblings of the failed completion are aborted)
@@ -372,7 +359,7 @@ class AsyncLLM:
                 self._entries.pop(route, None)
                 # NOTE: its stream aborts it (as it leaves): not here by id, which a new
                 # stream may have taken already if this one has closed.
-                item = _OutputFailed(
+                item = OutputFailed(
                     f"request {entry.request_id} failed: output processing failed: {e!r}"
                 )
             batches.setdefault(entry.loop, []).append((entry.queue, item))
@@ -401,10 +388,6 @@ class AsyncLLM:
             logger.exception("the engine loop failed")
             return f"the engine loop failed: {exc!r}"
         return self._client.stopped_because(exc)
-
-
-class _OutputFailed(RequestError):
-    """Building a request's outputs here failed (the engine did not end it)."""
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
