@@ -26,6 +26,7 @@ from vllm_runner.async_llm import EngineDeadError
 from vllm_runner.serving.auth import ApiKeyMiddleware
 from vllm_runner.serving.batched import (
     complete_result,
+    fitted_params,
     generate_valid,
     prepared,
     score_ids,
@@ -97,7 +98,7 @@ class CompleteInput(CompleteRequest):
     @model_validator(mode="after")
     def _fits_engine(self) -> CompleteInput:
         if engine := _engine_at_parse_time():
-            params = self.sampling_params()
+            params = self.sampling_params(engine.inputs.limits.sampling_defaults)
             if short_texts(self.prompt):
                 self._ids = engine.validate(self.prompt, params)
             else:
@@ -202,9 +203,11 @@ class LLMService:
         except ServiceUnavailable as exc:
             yield _error_body(ctx, 503, exc)
             return
-        params = request.sampling_params()
-        try:  # in a thread: a long prompt's tokenization would hold every other stream
+        try:
+            params = request.sampling_params(engine.inputs.limits.sampling_defaults)
+            # in a thread: a long prompt's tokenization would hold every other stream
             prompt = await asyncio.to_thread(engine.validate, request.prompt, params)
+            params = fitted_params(engine, params, prompt)
         except ValueError as exc:
             raise request_error(GenerateRequest, exc) from None
         started = False
@@ -240,8 +243,12 @@ class LLMService:
     async def complete(self, requests: list[CompleteInput]) -> list[CompleteResult]:
         """Whole completions for a list of prompts (batched with concurrent callers)."""
         engine = self._engine()
-        params = [r.sampling_params() for r in requests]
-        ids = await prepared(requests, lambda r: engine.validate(r.prompt, r.sampling_params()))
+        defaults = engine.inputs.limits.sampling_defaults
+        params = [r.sampling_params(defaults) for r in requests]
+        ids = await prepared(
+            requests, lambda r: engine.validate(r.prompt, r.sampling_params(defaults))
+        )
+        params = [fitted_params(engine, p, x) for p, x in zip(params, ids, strict=True)]
         outs = await self._generate_batch(engine, ids, params)
         return [complete_result(o, prompt_ids) for o, prompt_ids in zip(outs, ids, strict=True)]
 

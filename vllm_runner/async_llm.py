@@ -173,6 +173,12 @@ class AsyncLLM:
             **options,
         )
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams of the model's sampling defaults (its generation_config.json; none
+        with ``generation_config="vllm"``): what ``generate`` / ``stream`` use given none (a
+        max_tokens past what max_model_len leaves a prompt cut to fit, as the server does)."""
+        return SamplingParams(**self.inputs.limits.sampling_defaults)
+
     async def get_tokenizer(self):
         """The model's HF tokenizer (None for a folder without one); awaited, as vLLM's."""
         return self.tokenizer
@@ -185,7 +191,7 @@ class AsyncLLM:
         # NOTE: aclosing: closing this generator closes _run at once (its abort), not later
         # when the collector finalizes it.
         async with contextlib.aclosing(
-            self._run(prompt, params or SamplingParams(), request_id)
+            self._run(prompt, params or self.inputs.default_params(prompt), request_id)
         ) as items:
             async for item in items:
                 if isinstance(item, StreamOutput):
@@ -197,7 +203,10 @@ class AsyncLLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """All prompts together; returns finished outputs in prompt order."""
-        prompts, params = normalize_batch(prompts, sampling_params)
+        default = self.get_default_sampling_params()
+        prompts, params = normalize_batch(prompts, sampling_params, default)
+        if sampling_params is None:  # (a default max_tokens fitted to each prompt)
+            params = [self.inputs.default_params(p) for p in prompts]
         for prompt, p in zip(prompts, params, strict=True):  # validate all before adding any
             self.validate(prompt, p)
         results = await asyncio.gather(

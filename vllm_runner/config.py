@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from vllm_runner.engine.sampling_defaults import GENERATION_CONFIGS
 from vllm_runner.model.layers.rotary import rope_max_positions
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ class EngineArgs:
     # None: SERVING_PIECEWISE_MAX_TOKENS when serving where decode graphs are captured
     # (CUDA, not enforce_eager), else off.
     piecewise_max_tokens: int | None = None
+    # "auto": the model's sampling defaults (generation_config.json) where a request sets
+    # none, as vLLM; "vllm": SamplingParams' own defaults only
+    generation_config: str = "auto"
     # Taken as vLLM scripts pass it; the engine never runs a repository's code either way
     # (a model type only that code defines is refused).
     trust_remote_code: bool = False
@@ -168,6 +172,13 @@ class EngineArgs:
             raise bad("quantization", f"one of {QUANTIZATIONS}")
         if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", f"one of {tuple(KV_CACHE_DTYPES)}")
+        if not isinstance(self.generation_config, str) or (
+            self.generation_config not in GENERATION_CONFIGS
+        ):
+            raise bad(
+                "generation_config",
+                "'auto' (the model's sampling defaults) or 'vllm' (the engine's own)",
+            )
 
     def engine_apart_by_default(self) -> bool:
         """AsyncLLM's default placement: the engine core in a process of its own on CUDA."""

@@ -34,7 +34,9 @@ def engine_args(
 def normalize_batch(
     prompts: Prompt | Sequence[Prompt],
     params: SamplingParams | Sequence[SamplingParams] | None,
+    default: SamplingParams,
 ) -> tuple[list[Prompt], list[SamplingParams]]:
+    """``default``: the params of every prompt when ``params`` is None (the model's)."""
     # NOTE: a dict (vLLM's {"prompt": ...}) is one prompt: as a batch its keys were read as
     # prompt texts.
     if (
@@ -45,7 +47,7 @@ def normalize_batch(
         prompts = [prompts]  # (one of another type: refused naming it by tokenize)
     prompts = list(prompts)
     if params is None:
-        params = SamplingParams()
+        params = default
     if isinstance(params, SamplingParams):
         params_list = [params] * len(prompts)
     else:
@@ -77,7 +79,8 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        prompts, params = normalize_batch(prompts, sampling_params)
+        default = self.get_default_sampling_params()
+        prompts, params = normalize_batch(prompts, sampling_params, default)
         return self._run(prompts, [self.engine.inputs.tokenize(p) for p in prompts], params)
 
     def _run(
@@ -119,7 +122,7 @@ class LLM:
             )
             for c in conversations
         ]
-        _, params = normalize_batch(prompts, sampling_params)
+        _, params = normalize_batch(prompts, sampling_params, self.get_default_sampling_params())
         ids = [self.engine.inputs.tokenize(p, chat=True) for p in prompts]
         return self._run(prompts, ids, params)
 
@@ -127,6 +130,12 @@ class LLM:
         return apply_chat_template(
             self.tokenizer, messages, self.engine.model_config.name, **options
         )
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """As vLLM's: SamplingParams of the model's sampling defaults (its
+        generation_config.json; none with ``generation_config="vllm"``), which requests
+        given no SamplingParams use."""
+        return SamplingParams(**self.engine.limits.sampling_defaults)
 
     def get_tokenizer(self):
         """The model's HF tokenizer (None for a folder without one), as vLLM's."""

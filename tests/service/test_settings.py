@@ -38,6 +38,11 @@ def test_env_then_args_take_precedence() -> None:
     }
 
 
+def test_generation_config_goes_to_the_engine() -> None:
+    s = ServerSettings.load({"VLLM_RUNNER_GENERATION_CONFIG": "vllm"}, {})
+    assert s.engine_kwargs() == {"generation_config": "vllm"}
+
+
 def test_served_model_name_goes_to_the_engine() -> None:
     s = ServerSettings.load({"VLLM_RUNNER_SERVED_MODEL_NAME": "smol"}, {"enforce_eager": "1"})
     assert s.engine_kwargs() == {"served_model_name": "smol", "enforce_eager": True}
@@ -85,6 +90,7 @@ def test_empty_env_value_means_unset() -> None:
         ({"VLLM_RUNNER_KV_CACHE_DTYPE": "int4"}, {}, "kv_cache_dtype"),
         ({"VLLM_RUNNER_SEED": str(2**64)}, {}, "seed must be an integer in"),
         ({}, {"device": "cuda:one"}, "device must be 'auto', 'cpu' or 'cuda"),
+        ({}, {"generation_config": "hf"}, "generation_config must be 'auto' .* or 'vllm'"),
     ],
 )
 def test_bad_values_name_the_setting(env: dict, args: dict, message: str) -> None:

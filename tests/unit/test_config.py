@@ -101,6 +101,7 @@ def test_offload_step_budget(budget, default, offloading, kv_tokens, seqs, expec
         ("cpu_offload_gb", "1", "a number"),
         ("enforce_eager", "yes", "true or false"),
         ("trust_remote_code", "yes", "true or false"),
+        ("generation_config", "hf", r"'auto' \(the model's sampling defaults\) or 'vllm' .*"),
         # numbers out of range: refused at once, not a conversion error while loading
         ("cpu_offload_gb", float("nan"), "a finite number"),
         ("cpu_offload_gb", float("inf"), "a finite number"),

@@ -18,6 +18,7 @@ from vllm_runner.engine.output_processor import (
 )
 from vllm_runner.engine.outputs import ModelRunnerOutput, SchedulerOutput, StreamOutput
 from vllm_runner.engine.request import Request, RequestStatus
+from vllm_runner.engine.sampling_defaults import read_sampling_defaults
 from vllm_runner.engine.scheduler import Scheduler
 from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.sampling_params import SamplingParams
@@ -42,6 +43,7 @@ class EngineCore:
         args.validate()
         path = resolve_model_path(args.model)
         hf_config = load_hf_config(path)
+        sampling_defaults = read_sampling_defaults(path, args.generation_config)
         device = args.resolve_device()
         max_model_len = args.resolve_max_model_len(hf_config)
         self.model_config = ModelConfig(
@@ -73,6 +75,7 @@ class EngineCore:
             block_size=args.block_size,
             num_blocks=self.runner.num_blocks,
             serving=serving,
+            sampling_defaults=sampling_defaults,
         )
         self.inputs = InputProcessor(self.limits, self.tokenizer)
         graphs, pieces = self.runner.graphs, self.runner.pieces

@@ -4,11 +4,13 @@ It needs only the built engine's limits (``EngineLimits``, small and picklable) 
 tokenizer, so a front end whose engine core runs in another process checks requests itself,
 in the caller, before sending them (``AsyncLLM``)."""
 
+import dataclasses
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypedDict
 
+from vllm_runner.engine.sampling_defaults import fit_max_tokens
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import NO_TOKENIZER, dropped_chars, max_text_chars
 
@@ -68,6 +70,8 @@ class EngineLimits:
     block_size: int
     num_blocks: int  # KV-cache blocks: a request that needs more would wait forever
     serving: bool  # online: prompt + max_tokens must fit max_model_len (offline: cut)
+    # the model's SamplingParams defaults (engine/sampling_defaults.py): {field: value}
+    sampling_defaults: dict[str, object] = field(default_factory=dict)
 
 
 class InputProcessor:
@@ -157,6 +161,19 @@ class InputProcessor:
             )
         self._check_in_vocab("logit_bias token id", params.logit_bias or ())
         self._check_in_vocab("stop_token_ids entry", params.stop_token_ids)
+
+    def default_params(self, prompt: str | list[int] | dict) -> SamplingParams:
+        """The model's sampling defaults for ``prompt``, a request given no SamplingParams.
+        Online, a default max_tokens (the model's max_new_tokens) past what max_model_len
+        leaves the prompt is cut to fit, as the server's routes do, not refused."""
+        defaults = self.limits.sampling_defaults
+        params = SamplingParams(**defaults)
+        if "max_tokens" not in defaults or not self.limits.serving:
+            return params
+        params = dataclasses.replace(params, max_tokens=None)
+        ids = self.tokenize(prompt)
+        self.validate(ids, params)
+        return fit_max_tokens(params, defaults, len(ids), self.limits.max_model_len)
 
     def max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         max_len = self.limits.max_model_len

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from vllm_runner import AsyncLLM, RequestError, SamplingParams
+from vllm_runner.engine.sampling_defaults import fit_max_tokens
 from vllm_runner.serving.protocol import CompleteResult, ScoreRequest, ScoreResult
 
 PARSE_TIME_CHARS = 8192  # ~ms of tokenizing: longer texts wait for the handler's thread
@@ -15,6 +16,15 @@ PARSE_TIME_CHARS = 8192  # ~ms of tokenizing: longer texts wait for the handler'
 def score_params() -> SamplingParams:
     # prompt_logprobs=0: the log-probability of each prompt token itself, no others
     return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+
+
+def fitted_params(engine: AsyncLLM, params: SamplingParams, ids: Any) -> SamplingParams:
+    """``params`` with a missing max_tokens fitted to the prompt ``ids`` (a refused one, a
+    ValueError: as they are)."""
+    if isinstance(ids, ValueError):
+        return params
+    limits = engine.inputs.limits
+    return fit_max_tokens(params, limits.sampling_defaults, len(ids), limits.max_model_len)
 
 
 def short_texts(*prompts: Any) -> bool:

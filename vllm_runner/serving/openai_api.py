@@ -19,6 +19,7 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from vllm_runner.async_llm import EngineDeadError, RequestError
+from vllm_runner.engine.sampling_defaults import fit_max_tokens
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.serving import openai_format as fmt
 from vllm_runner.serving.protocol import (
@@ -145,9 +146,15 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         fields: set[str],
         chat: bool = False,
         as_sent: Callable[[str], str] = str,
-    ) -> list[int]:
+    ) -> tuple[list[int], SamplingParams]:
+        """The prompt's ids, and ``params`` with a missing max_tokens fitted to them."""
+        limits = engine.inputs.limits
         try:  # in a thread: a long prompt's tokenization would hold every other stream
-            return await asyncio.to_thread(engine.validate, prompt, params, chat)
+            ids = await asyncio.to_thread(engine.validate, prompt, params, chat)
+            fitted = fit_max_tokens(
+                params, limits.sampling_defaults, len(ids), limits.max_model_len
+            )
+            return ids, fitted
         except ValueError as exc:
             raise fmt.bad_request(ValueError(as_sent(str(exc))), param, fields) from None
 
@@ -177,12 +184,13 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Any:
         engine = engine_for(body.model)
         try:
-            params = body.completion_sampling_params()
+            params = body.completion_sampling_params(engine.inputs.limits.sampling_defaults)
         except ValueError as exc:
             raise fmt.bad_request(exc, "prompt", _COMPLETION_FIELDS) from None
-        ids = [
+        checked = [
             await validate(engine, p, params, "prompt", _COMPLETION_FIELDS) for p in body.prompts()
         ]
+        ids, each = [i for i, _ in checked], [p for _, p in checked]
         rid = new_request_id("cmpl")
         decode = fmt.TokenDecoder(engine.tokenizer)
 
@@ -196,8 +204,8 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
 
         env = fmt.Envelope("text_completion", rid, engine.model_name)
         if body.stream:
-            return _sse(_stream_completion(engine, ids, params, env, body, decode))
-        results = await until_disconnect(request.receive, _gather(engine, ids, params, rid))
+            return _sse(_stream_completion(engine, ids, each, env, body, decode))
+        results = await until_disconnect(request.receive, _gather(engine, ids, each, rid))
         if results is None:
             return _CLIENT_GONE.response()
         choices = [choice(p * body.n + c.index, c) for p, (_, cs) in enumerate(results) for c in cs]
@@ -207,7 +215,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         engine = engine_for(body.model)
         try:
-            params = body.chat_sampling_params()
+            params = body.chat_sampling_params(engine.inputs.limits.sampling_defaults)
             messages = [m.as_dict() for m in body.messages]
             prompt = engine.apply_chat_template(messages, **body.template_options())
         except (ValueError, TypeError, TemplateError) as exc:  # templates raise on roles
@@ -215,14 +223,14 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
             raise fmt.bad_request(ValueError(message), "messages", _CHAT_FIELDS) from None
         # the prompt is the templated messages: errors about it name "messages"
         fields = _CHAT_FIELDS - {"prompt"}
-        ids = await validate(engine, prompt, params, "messages", fields, True, body.as_sent)
+        ids, params = await validate(engine, prompt, params, "messages", fields, True, body.as_sent)
         rid = new_request_id("chatcmpl")
         decode = fmt.TokenDecoder(engine.tokenizer)
         if body.stream:
             env = fmt.Envelope("chat.completion.chunk", rid, engine.model_name)
             return _sse(_stream_chat(engine, ids, params, env, body, decode))
         env = fmt.Envelope("chat.completion", rid, engine.model_name)
-        results = await until_disconnect(request.receive, _gather(engine, [ids], params, rid))
+        results = await until_disconnect(request.receive, _gather(engine, [ids], [params], rid))
         if results is None:
             return _CLIENT_GONE.response()
         choices = [
@@ -264,9 +272,11 @@ def _usage(results: list[tuple[list[int], list[Choice]]]) -> dict[str, int]:
 
 
 async def _gather(
-    engine: Any, ids: list[list[int]], params: SamplingParams, rid: str
+    engine: Any, ids: list[list[int]], params: list[SamplingParams], rid: str
 ) -> list[tuple[list[int], list[Choice]]]:
-    tasks = [collect(engine, p, params, f"{rid}-{i}") for i, p in enumerate(ids)]
+    """Each prompt of ``ids`` with its ``params``, to the end."""
+    jobs = enumerate(zip(ids, params, strict=True))
+    tasks = [collect(engine, p, sp, f"{rid}-{i}") for i, (p, sp) in jobs]
     results = await asyncio.gather(*tasks, return_exceptions=True)
     for r in results:
         if isinstance(r, RequestError):  # this request alone failed; the engine runs on
@@ -277,9 +287,10 @@ async def _gather(
 
 
 async def _events(
-    engine: Any, ids: list[list[int]], params: SamplingParams, rid: str
+    engine: Any, ids: list[list[int]], params: list[SamplingParams], rid: str
 ) -> AsyncIterator[tuple[int, Any]]:
-    streams = [stream_or_abort(engine, p, params, f"{rid}-{i}") for i, p in enumerate(ids)]
+    jobs = enumerate(zip(ids, params, strict=True))
+    streams = [stream_or_abort(engine, p, sp, f"{rid}-{i}") for i, (p, sp) in jobs]
     async for i, out in merge(streams):
         yield i, out
 
@@ -295,7 +306,7 @@ def _chunk_usage(body: Any, prompt_tokens: int, completion_tokens: int) -> dict[
 async def _stream_completion(
     engine: Any,
     ids: list[list[int]],
-    params: SamplingParams,
+    params: list[SamplingParams],
     env: fmt.Envelope,
     body: CompletionRequest,
     decode: Callable[[int], str],
@@ -304,7 +315,7 @@ async def _stream_completion(
     text_offset: dict[int, int] = {}  # per choice: where its next chunk's tokens start
     try:
         async for p, out in _events(engine, ids, params, env.request_id):
-            index = p * params.n + out.index
+            index = p * body.n + out.index
             generated[index] = out.num_token_ids
             lps = None
             if body.logprobs is not None and out.new_logprobs:
@@ -348,7 +359,7 @@ async def _stream_chat(
     try:
         for i in range(params.n):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for _, out in _events(engine, [ids], params, env.request_id):
+        async for _, out in _events(engine, [ids], [params], env.request_id):
             generated[out.index] = out.num_token_ids
             lps = None
             if body.logprobs and out.new_logprobs:

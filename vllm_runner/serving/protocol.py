@@ -7,6 +7,7 @@ before it reaches the engine; cross-field rules are checked by building the Samp
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -40,9 +41,23 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
 
-    def sampling_params(self, **overrides: Any) -> SamplingParams:
+    def sampling_params(
+        self, defaults: Mapping[str, Any] | None = None, **overrides: Any
+    ) -> SamplingParams:
+        """``defaults``: the model's sampling defaults (``EngineLimits.sampling_defaults``),
+        for the fields the client did not send (one sent wins, even at the built-in value).
+        A max_tokens left out is capped by the model's (unless that is below the client's
+        min_tokens); a None one (up to max_model_len) by ``fit_max_tokens`` (in
+        ``engine/sampling_defaults.py``) once the prompt's length is known."""
         names = set(SamplingFields.model_fields)
         values = {k: v for k, v in self.__dict__.items() if k in names}
+        for name, value in (defaults or {}).items():
+            if name in self.model_fields_set:
+                continue
+            if name != "max_tokens":
+                values[name] = value
+            elif values[name] is not None and min(values[name], value) >= values["min_tokens"]:
+                values[name] = min(values[name], value)
         return SamplingParams(**{**values, **overrides})
 
     @model_validator(mode="after")
@@ -218,8 +233,8 @@ class CompletionRequest(OpenAIFields):
     )
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
-    def completion_sampling_params(self) -> SamplingParams:
-        return self.sampling_params(n=self.n, logprobs=self.logprobs)
+    def completion_sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
+        return self.sampling_params(defaults, n=self.n, logprobs=self.logprobs)
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -302,7 +317,7 @@ class ChatCompletionRequest(OpenAIFields):
             return message
         return re.sub(r"\bmax_tokens\b", "max_completion_tokens", message)
 
-    def chat_sampling_params(self) -> SamplingParams:
+    def chat_sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(max_tokens=max_tokens, n=self.n, logprobs=logprobs)
+        return self.sampling_params(defaults, max_tokens=max_tokens, n=self.n, logprobs=logprobs)

@@ -35,6 +35,7 @@ ENGINE_FIELDS = (
     "admission_interval",
     "piecewise_max_tokens",
     "seed",
+    "generation_config",
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -63,6 +64,7 @@ class ServerSettings:
     admission_interval: int | None = None  # waiting requests join every N-th decode step
     piecewise_max_tokens: int | None = None  # steps that prefill in piecewise CUDA graphs
     seed: int | None = None
+    generation_config: str | None = None  # "auto": the model's sampling defaults; "vllm"
     engine_process: bool | None = None  # engine core in its own process; None = on CUDA
     api_key: str | None = None
     gpus: int = 0  # GPUs BentoML reserves per worker (0: none declared, the engine picks)

@@ -1,0 +1,161 @@
+"""The model's sampling defaults (generation_config.json, as vLLM's generation_config="auto")
+for LLM / AsyncLLM requests given no SamplingParams."""
+
+import asyncio
+import json
+import logging
+import os
+
+import pytest
+from engine_testing import make_llm
+
+from vllm_runner import AsyncLLM, SamplingParams
+
+# a Qwen2.5-like file: sampling fields, do_sample (not read) and EOS ids (read as before)
+SAMPLING = {"temperature": 0.0, "top_p": 0.8, "top_k": 20, "min_p": 0.05,
+            "repetition_penalty": 1.05, "max_new_tokens": 5}  # fmt: skip
+MODEL_DEFAULTS = SamplingParams(
+    temperature=0.0, top_p=0.8, top_k=20, min_p=0.05, repetition_penalty=1.05, max_tokens=5
+)
+
+
+def with_generation_config(source: str, folder, config: object) -> str:
+    """``source``'s files linked into ``folder``, with ``config`` as its generation_config.json
+    (a str: the file's text as it is)."""
+    folder.mkdir()
+    for name in os.listdir(source):
+        if name != "generation_config.json":
+            os.symlink(os.path.join(source, name), folder / name)
+    text = config if isinstance(config, str) else json.dumps(config)
+    (folder / "generation_config.json").write_text(text)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def defaults_dir(llama_dir, tmp_path_factory) -> str:
+    config = {**SAMPLING, "do_sample": True, "eos_token_id": [2], "bos_token_id": 1}
+    return with_generation_config(llama_dir, tmp_path_factory.mktemp("m") / "model", config)
+
+
+def test_llm_uses_the_models_sampling_defaults_when_given_no_params(defaults_dir, caplog):
+    """As vLLM's LLM: get_default_sampling_params() holds generation_config.json's sampling
+    fields (max_new_tokens as max_tokens; do_sample not read), and generate() given none
+    uses them (it used SamplingParams(): 16 tokens, temperature 1). Logged once at start-up."""
+    with caplog.at_level(logging.INFO, logger="vllm_runner"):
+        llm = make_llm(defaults_dir)
+    logged = [r.getMessage() for r in caplog.records if "generation_config.json" in r.message]
+    assert len(logged) == 1 and "temperature=0.0" in logged[0] and "max_tokens=5" in logged[0]
+    assert llm.get_default_sampling_params() == MODEL_DEFAULTS
+    prompts = [[1, 2, 3], [5, 6, 7, 8]]
+    want = [o.token_ids for o in llm.generate(prompts, MODEL_DEFAULTS)]
+    assert [o.token_ids for o in llm.generate(prompts)] == want
+    assert all(0 < len(ids) <= 5 for ids in want)
+    # an explicit SamplingParams is used as given, the built-in defaults included
+    explicit = SamplingParams(ignore_eos=True, seed=0)
+    assert len(llm.generate(prompts, explicit)[0].token_ids) == 16
+
+
+def test_generation_config_vllm_uses_the_engines_own_defaults(defaults_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="vllm_runner"):
+        llm = make_llm(defaults_dir, generation_config="vllm")
+    assert not [r for r in caplog.records if "sampling defaults" in r.message]
+    assert llm.get_default_sampling_params() == SamplingParams()
+
+
+def test_a_model_without_sampling_fields_keeps_the_built_in_defaults(smol_llm, llama_dir):
+    """The default model (SmolLM2 from GGUF: its generation_config.json has EOS ids only)
+    and a folder without the file behave as before."""
+    assert smol_llm.get_default_sampling_params() == SamplingParams()
+    assert make_llm(llama_dir).get_default_sampling_params() == SamplingParams()
+
+
+def test_chat_uses_the_models_sampling_defaults(default_model_dir, tmp_path):
+    folder = with_generation_config(default_model_dir, tmp_path / "smol", SAMPLING)
+    llm = make_llm(folder, max_model_len=256)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    (out,) = llm.chat(messages)
+    assert out.token_ids == llm.chat(messages, MODEL_DEFAULTS)[0].token_ids
+    assert len(out.token_ids) == 5  # (16 before, unless EOS first)
+
+
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_async_llm_uses_the_models_sampling_defaults(defaults_dir, engine_process):
+    """AsyncLLM's generate and stream given no params use them, with the engine in a thread
+    or in a process of its own (whose front end learns them from the engine's limits)."""
+    llm = AsyncLLM(defaults_dir, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05,
+                   engine_process=engine_process)  # fmt: skip
+
+    async def main():
+        try:
+            want = await llm.generate([[1, 2, 3]], MODEL_DEFAULTS)
+            got = await llm.generate([[1, 2, 3]])
+            streamed = [o async for o in llm.stream([1, 2, 3])]
+            return want[0], got[0], streamed
+        finally:
+            await llm.shutdown()
+
+    assert llm.get_default_sampling_params() == MODEL_DEFAULTS
+    want, got, streamed = asyncio.run(main())
+    assert got.token_ids == want.token_ids and 0 < len(want.token_ids) <= 5
+    assert [t for o in streamed for t in o.new_token_ids] == want.token_ids
+
+
+def test_a_default_max_tokens_past_max_model_len_is_cut_to_fit(llama_dir, tmp_path):
+    """AsyncLLM refuses a prompt + max_tokens over max_model_len; the model's max_new_tokens
+    (given no params) is cut to what the prompt leaves instead, as the server's routes do
+    (LLM cuts every max_tokens)."""
+    folder = with_generation_config(llama_dir, tmp_path / "model", {"max_new_tokens": 10_000})
+    llm = AsyncLLM(folder, dtype="float32", device="cpu", max_model_len=64, num_kv_blocks=16)
+
+    async def main():
+        try:
+            return await llm.generate([[1, 2, 3]]), [o async for o in llm.stream([1, 2])]
+        finally:
+            await llm.shutdown()
+
+    assert llm.get_default_sampling_params().max_tokens == 10_000
+    assert llm.inputs.default_params([1, 2, 3]).max_tokens == 61
+    (out,), streamed = asyncio.run(main())
+    assert 0 < len(out.token_ids) <= 61 and streamed[-1].finished
+    with pytest.raises(ValueError, match="max_tokens 10000 does not fit"):
+        asyncio.run(llm.generate([[1, 2, 3]], llm.get_default_sampling_params()))
+    offline = make_llm(folder, max_model_len=64, num_kv_blocks=16)
+    assert 0 < len(offline.generate([[1, 2, 3]])[0].token_ids) <= 61
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"top_p": 1.5}, r"sets top_p=1.5, .*top_p must be in \(0, 1\], got 1.5"),
+        ({"max_new_tokens": 0}, r"sets max_new_tokens=0, .*max_tokens must be an integer >= 1"),
+        ({"temperature": -0.5}, r"sets temperature=-0.5, .*a finite number >= 0"),
+        ({"top_k": 2.5}, r"sets top_k=2.5, .*top_k must be -1, 0 \(off\) or in \[1, "),
+        ({"repetition_penalty": "1.1"}, r"sets repetition_penalty='1.1', .*must be a number"),
+        ("{not json", r"cannot read the model's sampling defaults in .*generation_config.json"),
+        ([1, 2], r"generation_config.json must hold a JSON object, got list"),
+    ],
+)
+def test_a_sampling_default_the_engine_cannot_use_stops_start_up(
+    llama_dir, tmp_path, config, match
+):
+    """Named with the file, the field and the limit (every request would fail on it);
+    generation_config='vllm' does not read it."""
+    folder = with_generation_config(llama_dir, tmp_path / "model", config)
+    with pytest.raises(ValueError, match=match) as error:
+        make_llm(folder)
+    assert str(tmp_path / "model" / "generation_config.json") in str(error.value)
+    if isinstance(config, dict):
+        assert "generation_config='vllm'" in str(error.value)
+        make_llm(folder, generation_config="vllm")
+
+
+def test_top_k_minus_one_is_kept_as_off_and_nulls_are_not_defaults(llama_dir, tmp_path):
+    config = {"top_k": -1, "temperature": None, "max_new_tokens": None, "max_length": 20}
+    llm = make_llm(with_generation_config(llama_dir, tmp_path / "model", config))
+    assert llm.get_default_sampling_params() == SamplingParams(top_k=0)
+
+
+@pytest.mark.parametrize("value", ["auto ", "hf", None, 1])
+def test_generation_config_is_auto_or_vllm(llama_dir, value):
+    with pytest.raises(ValueError, match=f"generation_config must be 'auto' .* got {value!r}"):
+        make_llm(llama_dir, generation_config=value)
