@@ -159,3 +159,11 @@ def test_top_k_minus_one_is_kept_as_off_and_nulls_are_not_defaults(llama_dir, tm
 def test_generation_config_is_auto_or_vllm(llama_dir, value):
     with pytest.raises(ValueError, match=f"generation_config must be 'auto' .* got {value!r}"):
         make_llm(llama_dir, generation_config=value)
+
+
+def test_values_equal_to_transformers_defaults_are_not_the_models(llama_dir, tmp_path):
+    """A top_k of 50 (transformers' default, which a save may write out) is not applied, as
+    vLLM reads the file's difference from transformers' defaults; other values are."""
+    config = {"top_k": 50, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.1}
+    llm = make_llm(with_generation_config(llama_dir, tmp_path / "model", config))
+    assert llm.get_default_sampling_params() == SamplingParams(repetition_penalty=1.1)

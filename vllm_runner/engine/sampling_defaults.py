@@ -21,6 +21,10 @@ FIELDS = {
     "repetition_penalty": "repetition_penalty",
     "max_new_tokens": "max_tokens",
 }
+# transformers' own GenerationConfig defaults: a file's value equal to one of these is not a
+# default of the model's (vLLM reads the file's difference from them: a top_k of 50 written
+# out by a save is not applied there either)
+TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
 
 
 def read_sampling_defaults(path: str, generation_config: str) -> dict[str, object]:
@@ -40,7 +44,7 @@ def read_sampling_defaults(path: str, generation_config: str) -> dict[str, objec
     defaults: dict[str, object] = {}
     for key, name in FIELDS.items():
         value = config.get(key)
-        if value is None:
+        if value is None or (key in TRANSFORMERS_DEFAULTS and value == TRANSFORMERS_DEFAULTS[key]):
             continue
         try:  # (as SamplingParams holds it: top_k -1 is 0)
             defaults[name] = getattr(SamplingParams(**{name: value}), name)
