@@ -92,10 +92,8 @@ class AsyncLLM:
                 from vllm_runner.metrics import EngineMetrics
 
                 self.metrics = EngineMetrics(self.model_name)
-                # NOTE: a thread's engine is this process's alone: its gauges (KV blocks,
-                # memory) show from the start, not from the first request. An engine
-                # process's publisher is chosen by the engine (its hand-over sets them), and
-                # a shared one's totals so far are not ours.
+                # NOTE: a thread's engine is ours alone: its gauges show from the start. An
+                # engine process chooses its publisher (the hand-over sets them).
                 self.metrics.record_step(self._stats, publish=not engine_process)
             self._running = True
             if engine_process:  # (now reading its results; and whether it publishes them)
@@ -164,14 +162,8 @@ class AsyncLLM:
     def apply_chat_template(self, messages: list[dict], **options: Any) -> str:
         """The conversation as the prompt text (``options``: ``LLM.chat``'s). NOTE: a server's
         chat route calls it, whose clients cannot give a template: the advice is theirs."""
-        return apply_chat_template(
-            self.tokenizer,
-            messages,
-            self.model_name,
-            "completions",
-            offer_template=False,
-            **options,
-        )
+        name, way_out = self.model_name, "completions"
+        return apply_chat_template(self.tokenizer, messages, name, way_out, False, **options)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams of the model's sampling defaults (its generation_config.json; none
