@@ -1,6 +1,6 @@
 """Synchronous offline generation: add every prompt, step until all finish."""
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from vllm_runner.config import EngineArgs
@@ -78,26 +78,43 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool | Callable[..., Any] = False,
     ) -> list[RequestOutput]:
+        """``use_tqdm``: a progress bar of finished prompts on stderr (True: tqdm's; or a
+        tqdm-like class), as vLLM's (whose default is True)."""
         default = self.get_default_sampling_params()
         prompts, params = normalize_batch(prompts, sampling_params, default)
-        return self._run(prompts, [self.engine.inputs.tokenize(p) for p in prompts], params)
+        ids = [self.engine.inputs.tokenize(p) for p in prompts]
+        return self._run(prompts, ids, params, use_tqdm)
 
     def _run(
-        self, prompts: list[Prompt], ids: list[list[int]], params: list[SamplingParams]
+        self,
+        prompts: list[Prompt],
+        ids: list[list[int]],
+        params: list[SamplingParams],
+        use_tqdm: bool | Callable[..., Any],
     ) -> list[RequestOutput]:
+        if not isinstance(use_tqdm, bool) and not callable(use_tqdm):
+            raise ValueError(f"use_tqdm must be True, False or a tqdm-like class, got {use_tqdm!r}")
         for prompt_ids, p in zip(ids, params, strict=True):  # validate all before adding any
             self.engine.inputs.validate(prompt_ids, p)
         states = []
+        bar = _progress_bar(use_tqdm, len(prompts))
         try:
             for prompt, prompt_ids, p in zip(prompts, ids, params, strict=True):
                 states.append(self.engine.add_request(prompt, p, prompt_ids=prompt_ids))
             while self.engine.has_unfinished():
                 self.engine.step(stream=False)
+                if bar is not None:
+                    bar.update(sum(s.finished for s in states) - bar.n)
         except BaseException:  # e.g. KeyboardInterrupt: a later call must not run these
             for s in states:
                 self.engine.abort(s.request_id)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         self.engine.pop_finished()
         return [s.final_output() for s in states]
 
@@ -109,9 +126,12 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        use_tqdm: bool | Callable[..., Any] = False,
     ) -> list[RequestOutput]:
         """``chat_template``: the Jinja template to use instead of the tokenizer's (as vLLM's;
-        a model whose tokenizer has none can chat only with one)."""
+        a model whose tokenizer has none can chat only with one). ``chat_template_kwargs``:
+        more variables for the template (e.g. ``{"enable_thinking": False}``), as vLLM's."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
             self.apply_chat_template(
@@ -119,12 +139,13 @@ class LLM:
                 chat_template=chat_template,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
+                template_kwargs=chat_template_kwargs,
             )
             for c in conversations
         ]
         _, params = normalize_batch(prompts, sampling_params, self.get_default_sampling_params())
         ids = [self.engine.inputs.tokenize(p, chat=True) for p in prompts]
-        return self._run(prompts, ids, params)
+        return self._run(prompts, ids, params, use_tqdm)
 
     def apply_chat_template(self, messages: list[dict], **options: Any) -> str:
         return apply_chat_template(
@@ -155,6 +176,7 @@ def apply_chat_template(
     chat_template: str | None = None,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> str:
     """The conversation as the model's prompt text: ending in the assistant's header (a new
     reply) or, with `continue_final_message`, in the last message's open text (as vLLM).
@@ -174,6 +196,12 @@ def apply_chat_template(
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:  # content: none for an assistant's
             raise ValueError(f"messages[{i}] must be a dict with a 'role' and its 'content'")
+    if template_kwargs is not None and not isinstance(template_kwargs, dict):
+        raise ValueError(f"chat_template_kwargs must be a dict, got {template_kwargs!r}")
+    taken = sorted(set(template_kwargs or ()) & _TEMPLATE_ARGUMENTS)
+    if taken:
+        raise ValueError(f"chat_template_kwargs {taken}: arguments of chat() itself, not "
+                         "template variables; pass them to chat()")  # fmt: skip
     if add_generation_prompt and continue_final_message:
         raise ValueError(
             "continue_final_message continues the last message; it needs "
@@ -185,7 +213,21 @@ def apply_chat_template(
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
+        **(template_kwargs or {}),
     )
+
+
+# apply_chat_template's own arguments: not template variables
+_TEMPLATE_ARGUMENTS = {"conversation", "chat_template", "tokenize", "add_generation_prompt",
+                       "continue_final_message", "tools", "documents", "return_dict"}  # fmt: skip
+
+
+def _progress_bar(use_tqdm: bool | Callable[..., Any], total: int):
+    if use_tqdm is False:
+        return None
+    if use_tqdm is True:
+        from tqdm import tqdm as use_tqdm  # (transformers' dependency)
+    return use_tqdm(total=total, desc="Processed prompts", unit="prompt", dynamic_ncols=True)
 
 
 def _content_text(i: int, content: str | list[dict] | None) -> str:

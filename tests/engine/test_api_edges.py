@@ -267,3 +267,44 @@ def test_trust_remote_code_does_not_load_a_model_type_only_its_repository_define
     for engine_class in (make_llm, lambda *a, **kw: AsyncLLM(*a, device="cpu", **kw)):
         with pytest.raises(ValueError, match=r"model_type 'custom_llama', .* never runs"):
             engine_class(str(tmp_path / "model"), trust_remote_code=True)
+
+
+def test_use_tqdm_shows_a_progress_bar_of_finished_prompts(smol_llm, capsys):
+    """As vLLM's generate / chat (whose default is True: here False); a vLLM script passing
+    it got a TypeError."""
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    quiet = smol_llm.generate(["a", "b", "c"], params)
+    assert capsys.readouterr().err == ""
+    shown = smol_llm.generate(["a", "b", "c"], params, use_tqdm=True)
+    assert "Processed prompts" in capsys.readouterr().err
+    assert [o.token_ids for o in shown] == [o.token_ids for o in quiet]
+    updates: list[int] = []
+
+    class Bar:  # a tqdm-like class, as vLLM takes
+        def __init__(self, total: int, **options) -> None:
+            self.total, self.n = total, 0
+
+        def update(self, k: int) -> None:
+            self.n += k
+            updates.append(self.n)
+
+        def close(self) -> None:
+            updates.append(-self.total)
+
+    smol_llm.chat([{"role": "user", "content": "hi"}], params, use_tqdm=Bar)
+    assert updates[-2:] == [1, -1] and updates == sorted(updates[:-1]) + [-1]
+    with pytest.raises(ValueError, match="use_tqdm must be True, False or a tqdm-like class"):
+        smol_llm.generate("a", params, use_tqdm="yes")
+
+
+def test_chat_template_kwargs_are_template_variables(smol_llm):
+    """As vLLM's LLM.chat (e.g. enable_thinking); chat()'s own arguments are refused there."""
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ suffix | default('') }}"
+    chat = [{"role": "user", "content": "hi"}]
+    out = smol_llm.chat(chat, GREEDY, chat_template=template,
+                        chat_template_kwargs={"suffix": " there"})  # fmt: skip
+    assert out[0].prompt == "hi there"
+    with pytest.raises(ValueError, match=r"chat_template_kwargs \['tokenize'\]: arguments of"):
+        smol_llm.chat(chat, GREEDY, chat_template=template, chat_template_kwargs={"tokenize": 1})
+    with pytest.raises(ValueError, match="chat_template_kwargs must be a dict, got 'x'"):
+        smol_llm.chat(chat, GREEDY, chat_template=template, chat_template_kwargs="x")
