@@ -200,8 +200,8 @@ def apply_chat_template(
         raise ValueError(f"chat_template_kwargs must be a dict, got {template_kwargs!r}")
     taken = sorted(set(template_kwargs or ()) & _TEMPLATE_ARGUMENTS)
     if taken:
-        raise ValueError(f"chat_template_kwargs {taken}: arguments of chat() itself, not "
-                         "template variables; pass them to chat()")  # fmt: skip
+        raise ValueError(f"chat_template_kwargs may not set the template call's own arguments "
+                         f"{taken}, got {template_kwargs!r}")  # fmt: skip
     if add_generation_prompt and continue_final_message:
         raise ValueError(
             "continue_final_message continues the last message; it needs "

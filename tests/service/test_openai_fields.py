@@ -274,11 +274,6 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
         ("/v1/chat/completions", {"messages": CHAT, "chat_template": "{{ 1 }}"}, "chat_template"),
         (
             "/v1/chat/completions",
-            {"messages": CHAT, "chat_template_kwargs": {"enable_thinking": False}},
-            "chat_template_kwargs",
-        ),  # fmt: skip
-        (
-            "/v1/chat/completions",
             {"messages": CHAT, "chat_template_kwargs": {"add_generation_prompt": None}},
             "chat_template_kwargs",
         ),  # fmt: skip
@@ -373,3 +368,23 @@ def test_a_body_not_sent_as_json_is_a_400_that_says_so(client: Any) -> None:
     )
     assert r.status_code == 400
     assert r.json()["error"]["message"].startswith("the request has no body"), r.text
+
+
+def test_chat_template_kwargs_reach_the_template(client: Any, engine: Any, monkeypatch: Any):
+    """As vLLM's chat route (e.g. Qwen3's enable_thinking): more variables for the template."""
+    template = "{{ messages[0]['content'] }}{% if shout %}!{% endif %}"
+    monkeypatch.setattr(engine.tokenizer, "chat_template", template)
+    prompts: list[str] = []
+    templated = engine.apply_chat_template
+
+    def recording(messages: Any, **options: Any) -> str:
+        prompts.append(templated(messages, **options))
+        return prompts[-1]
+
+    monkeypatch.setattr(engine, "apply_chat_template", recording)
+    chat = [{"role": "user", "content": "hi"}]
+    for kwargs in ({"shout": True}, {}, None):
+        body = {"messages": chat, "max_tokens": 1, "chat_template_kwargs": kwargs}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+    assert prompts == ["hi!", "hi", "hi"]

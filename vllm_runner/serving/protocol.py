@@ -157,7 +157,6 @@ UNSUPPORTED_COMPLETION = {"add_special_tokens": ("add_special_tokens false", (No
 UNSUPPORTED_CHAT = {
     "add_special_tokens": ("add_special_tokens true", _FLAG),
     "chat_template": ("a request's own chat_template", _NONE),
-    "chat_template_kwargs": ("chat_template_kwargs", _KWARGS),
     "documents": ("documents", _LIST),
     "mm_processor_kwargs": ("mm_processor_kwargs", _KWARGS),
 }
@@ -290,6 +289,7 @@ class ChatCompletionRequest(OpenAIFields):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True  # vLLM: end the prompt in the assistant's header
     continue_final_message: bool = False  # vLLM: continue the last (assistant) message
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: more template variables
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -304,10 +304,11 @@ class ChatCompletionRequest(OpenAIFields):
             )
         return self
 
-    def template_options(self) -> dict[str, bool]:
+    def template_options(self) -> dict[str, Any]:
         return {
             "add_generation_prompt": self.add_generation_prompt,
             "continue_final_message": self.continue_final_message,
+            "template_kwargs": self.chat_template_kwargs,
         }
 
     def as_sent(self, message: str) -> str:
