@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from vllm_runner.engine.engine_process import SharedEngine, run_engine_process
+from vllm_runner.engine.engine_process import HeldLock, SharedEngine, run_engine_process
 from vllm_runner.engine.serving_loop import Delivery
 
 logger = logging.getLogger(__name__)
@@ -31,21 +31,24 @@ class EngineClient:
             return self._spawn(args, log_stats, None)
         self.shared = True
         place = SharedEngine.named(shared, args)
-        with place.locked():
+        with place.locked() as lock:
             found = place.connect()
             if found is None:
-                return self._spawn(args, log_stats, place)
+                return self._spawn(args, log_stats, place, lock)
         conn, (_, limits, stats, name, self.pid) = found
         logger.info("connected to the shared engine process (pid %d)", self.pid)
         self._attach(conn, conn)
         return limits, stats, name
 
-    def _spawn(self, args, log_stats: bool, place: SharedEngine | None) -> tuple:
+    def _spawn(
+        self, args, log_stats: bool, place: SharedEngine | None, lock: HeldLock | None = None
+    ) -> tuple:
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         commands_out, commands_in = ctx.Pipe(duplex=False)
         results_out, results_in = ctx.Pipe(duplex=False)
         level = logging.getLogger("vllm_runner").getEffectiveLevel()
-        shared = None if place is None else (place, place.new_key())
+        # (``lock``: the engine holds it too until it is ready, see HeldLock)
+        shared = None if place is None else (place, place.new_key(), lock)
         self.process = ctx.Process(
             target=run_engine_process,
             # (request timings for whichever front ends connect and want them)

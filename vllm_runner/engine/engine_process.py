@@ -19,7 +19,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from multiprocessing import AuthenticationError
+from multiprocessing import AuthenticationError, reduction
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
@@ -34,12 +34,13 @@ def run_engine_process(
     results: Connection,
     timings: bool,
     log_level: int,
-    shared: tuple["SharedEngine", bytes] | None = None,
+    shared: tuple["SharedEngine", bytes, "HeldLock"] | None = None,
 ) -> None:
     """Main of the engine-core process (spawned): build the engine, report ("ready",
     limits, stats, model name, pid) or ("failed", exception), then step until every front
     end has gone (stopped, or its end of the pipe closed with its process). ``shared``:
-    where other front ends connect, and its key (a shared engine)."""
+    where other front ends connect, its key, and the lock its starter holds (a shared
+    engine)."""
     # NOTE: Ctrl-C in a terminal reaches the whole process group, and a process manager
     # stopping the server may signal its children (BentoML's does: SIGTERM); the server then
     # shuts down gracefully (its in-flight streams finish) and stops this process itself, or
@@ -53,15 +54,29 @@ def run_engine_process(
             engine = EngineCore(args, serving=True)
             listener = None
             if shared is not None:
-                place, key = shared
+                place, key, _ = shared
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(place.socket)  # a dead engine's (the caller holds the lock)
+                    os.unlink(place.socket)  # a dead engine's (under the lock)
                 listener = Listener(place.socket, "AF_UNIX", authkey=key)
         except BaseException as exc:
             results.send(("failed", picklable(exc)))
             return
         hello = ("ready", engine.limits, engine.stats(), engine.model_config.name, os.getpid())
-        results.send(hello)
+        try:
+            results.send(hello)
+        except OSError:  # its starter has gone while it loaded (killed): none will read
+            if shared is not None:
+                # NOTE: still under the lock: the next front end finds no socket and no
+                # key, and only now starts an engine (not beside this one, nor one whose
+                # socket this one would replace, then remove as it ends)
+                listener.close()
+                shared[0].forget_key(shared[1], locked=True)
+            logging.getLogger(__name__).warning(
+                "the process that started this engine has gone while it loaded: ending"
+            )
+            return
+        if shared is not None:
+            shared[2].release()  # (its starter releases it too, now that it is ready)
         front_ends = FrontEnds(commands, results, hello, listener, on_close)
         ServingLoop(engine, front_ends.emit, timings).run(front_ends.receive)
     finally:
@@ -100,10 +115,12 @@ class SharedEngine:
         return cls(str(home / f"{stem}.sock"), home / f"{stem}.key", home / f"{stem}.lock")
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator["HeldLock"]:
+        """The lock, held until the block ends (and until the engine process that the
+        block starts with it is ready or has ended)."""
         with open(self.lock, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when every copy of f's descriptor closes
+            yield HeldLock(f.fileno())
 
     def new_key(self) -> bytes:
         key = secrets.token_bytes(32)
@@ -148,3 +165,29 @@ class SharedEngine:
                 "another name)"
             )
         return found[0]
+
+
+class HeldLock:
+    """A held lock file's descriptor. Passed to the engine process it starts, the engine
+    holds the same lock (one open file) until it is ready, or exits: a starter killed while
+    its engine loads does not let the next front end start a second engine beside it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def __reduce__(self) -> tuple:
+        # (a duplicate of the descriptor for the spawned process, as multiprocessing passes
+        # the ends of a pipe)
+        return _held_lock, (reduction.DupFd(self.fd),)
+
+    def release(self) -> None:
+        """This process's copy; the lock is free once no process holds one."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _held_lock(dup) -> HeldLock:
+    fd = dup.detach()
+    os.set_inheritable(fd, False)  # (a process it starts while loading must not hold it on)
+    return HeldLock(fd)
