@@ -100,7 +100,7 @@ class CompleteInput(CompleteRequest):
         if engine := _engine_at_parse_time():
             params = self.sampling_params(engine.inputs.limits.sampling_defaults)
             if short_texts(self.prompt):
-                self._ids = engine.validate(self.prompt, params)
+                self._ids = engine.validate(self.prompt, params, fit=True)
             else:
                 engine.check_text_length(self.prompt, "prompt")
         return self
@@ -206,7 +206,7 @@ class LLMService:
         try:
             params = request.sampling_params(engine.inputs.limits.sampling_defaults)
             # in a thread: a long prompt's tokenization would hold every other stream
-            prompt = await asyncio.to_thread(engine.validate, request.prompt, params)
+            prompt = await asyncio.to_thread(engine.validate, request.prompt, params, fit=True)
             params = fitted_params(engine, params, prompt)
         except ValueError as exc:
             raise request_error(GenerateRequest, exc) from None
@@ -246,7 +246,7 @@ class LLMService:
         defaults = engine.inputs.limits.sampling_defaults
         params = [r.sampling_params(defaults) for r in requests]
         ids = await prepared(
-            requests, lambda r: engine.validate(r.prompt, r.sampling_params(defaults))
+            requests, lambda r: engine.validate(r.prompt, r.sampling_params(defaults), fit=True)
         )
         params = [fitted_params(engine, p, x) for p, x in zip(params, ids, strict=True)]
         outs = await self._generate_batch(engine, ids, params)

@@ -149,11 +149,14 @@ class AsyncLLM:
         return limits, stats, name
 
     # ---- public API ------------------------------------------------------------------------
-    def validate(self, prompt: Prompt, params: SamplingParams, chat: bool = False) -> list[int]:
+    def validate(
+        self, prompt: Prompt, params: SamplingParams, chat: bool = False, fit: bool = False
+    ) -> list[int]:
         """The prompt's token ids, once it passed every check (``chat``: a chat template's
-        text, tokenized as ``InputProcessor.tokenize`` says)."""
+        text, tokenized as ``InputProcessor.tokenize`` says; ``fit``: checked as a server's
+        route runs it, a missing max_tokens capped by ``InputProcessor.fit``)."""
         ids = self.inputs.tokenize(prompt, chat)
-        self.inputs.validate(ids, params)
+        self.inputs.validate(ids, self.inputs.fit(ids, params) if fit else params)
         return ids
 
     def check_text_length(self, text: str, what: str) -> None:

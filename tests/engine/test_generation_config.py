@@ -167,3 +167,23 @@ def test_values_equal_to_transformers_defaults_are_not_the_models(llama_dir, tmp
     config = {"top_k": 50, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.1}
     llm = make_llm(with_generation_config(llama_dir, tmp_path / "model", config))
     assert llm.get_default_sampling_params() == SamplingParams(repetition_penalty=1.1)
+
+
+def test_a_default_max_tokens_is_checked_against_the_kv_cache_as_fitted(llama_dir, tmp_path):
+    """A KV cache smaller than max_model_len: a request given no params runs with the model's
+    max_new_tokens, and is checked with it (it was checked as if it could run to
+    max_model_len, and refused: "lower max_tokens", which it never set)."""
+    folder = with_generation_config(llama_dir, tmp_path / "model", {"max_new_tokens": 8})
+    llm = AsyncLLM(folder, dtype="float32", device="cpu", max_model_len=256, num_kv_blocks=4)
+
+    async def main():
+        try:
+            return await llm.generate([[1, 2, 3]]), [o async for o in llm.stream([1, 2])]
+        finally:
+            await llm.shutdown()
+
+    (out,), streamed = asyncio.run(main())
+    assert 0 < len(out.token_ids) <= 8 and streamed[-1].finished
+    assert llm.inputs.default_params([1] * 50).max_tokens == 8
+    with pytest.raises(ValueError, match="prompt has 256 tokens, but max_model_len is 256"):
+        llm.inputs.default_params([1] * 256)

@@ -105,3 +105,27 @@ def test_native_fields_not_sent_take_the_models_defaults(client: Any, model_defa
     assert r.status_code == 200, r.text
     assert [x["completion_tokens"] <= 5 for x in r.json()] == [True, True]
     assert sorted(_sampled([p]) for p in seen) == [(0.0, 0, 1.0, 1.05, 5), (0.0, 20, 1.0, 1.05, 5)]
+
+
+def test_a_request_without_max_tokens_is_checked_as_capped(
+    client: Any, engine: Any, model_defaults: Any, monkeypatch: Any
+):
+    """A KV cache smaller than max_model_len (8 blocks of 16 tokens here, for 256): a request
+    up to max_model_len is capped by the model's max_new_tokens and checked as capped (it was
+    checked as if it could run to max_model_len: a 400, "lower max_tokens", on each route)."""
+    seen = model_defaults({"max_tokens": 5})
+    limits = dataclasses.replace(engine.inputs.limits, num_blocks=8)
+    monkeypatch.setattr(engine.inputs, "limits", limits)
+    for path, body in (
+        ("/v1/chat/completions", {"messages": CHAT}),
+        ("/v1/chat/completions", {"messages": CHAT, "stream": True}),
+        ("/v1/completions", {"prompt": PROMPT, "max_tokens": None}),
+        ("/generate", {"prompt": PROMPT, "max_tokens": None}),
+        ("/complete", {"requests": [{"prompt": PROMPT, "max_tokens": None}]}),
+    ):
+        r = client.post(path, json=body)
+        assert r.status_code == 200, (path, r.text)
+        assert seen.pop().max_tokens == 5 and not seen
+    # the cap never stands in for a prompt too long (named as such)
+    r = client.post("/v1/completions", json={"prompt": [1] * MAX_MODEL_LEN, "max_tokens": None})
+    assert r.status_code == 400 and f"prompt has {MAX_MODEL_LEN} tokens" in r.text, r.text

@@ -155,14 +155,14 @@ def test_prompts_are_tokenized_off_the_event_loop(client: Any, engine: Any) -> N
     threads: list[bool] = []
     original = engine.validate
 
-    def recording(prompt: Any, params: Any, chat: bool = False) -> list[int]:
+    def recording(prompt: Any, params: Any, chat: bool = False, **kw: Any) -> list[int]:
         if isinstance(prompt, str):  # (token ids are checked again where they are queued)
             try:
                 asyncio.get_running_loop()
                 threads.append(False)  # tokenized on the event loop
             except RuntimeError:
                 threads.append(True)
-        return original(prompt, params, chat)
+        return original(prompt, params, chat, **kw)
 
     engine.validate = recording
     try:

@@ -170,10 +170,19 @@ class InputProcessor:
         params = SamplingParams(**defaults)
         if "max_tokens" not in defaults or not self.limits.serving:
             return params
-        params = dataclasses.replace(params, max_tokens=None)
         ids = self.tokenize(prompt)
+        params = self.fit(ids, dataclasses.replace(params, max_tokens=None))
         self.validate(ids, params)
-        return fit_max_tokens(params, defaults, len(ids), self.limits.max_model_len)
+        return params
+
+    def fit(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """``params`` with a missing max_tokens (up to max_model_len) capped by the model's
+        max_new_tokens, as a server's routes run a request that sets none (``fit_max_tokens``).
+        NOTE: check a request so fitted, not before: its KV-cache need is the capped one."""
+        limits = self.limits
+        return fit_max_tokens(
+            params, limits.sampling_defaults, len(prompt_ids), limits.max_model_len
+        )
 
     def max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         max_len = self.limits.max_model_len

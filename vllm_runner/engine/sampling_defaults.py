@@ -68,10 +68,11 @@ def fit_max_tokens(
     """``params`` of a request with no max_tokens (up to max_model_len), capped by the
     model's default max_tokens (generation_config.json's max_new_tokens) if it has one, as
     vLLM's server: the smaller of the two, so such a request is never refused for it. A
-    client's min_tokens above that cap wins over it."""
+    client's min_tokens above that cap wins over it. A prompt that leaves no room: as it is
+    (refused naming the prompt's length)."""
     cap = defaults.get("max_tokens")
-    if params.max_tokens is not None or cap is None:
-        return params
     room = max_model_len - prompt_len
+    if params.max_tokens is not None or cap is None or room < 1:
+        return params
     max_tokens = max(min(cap, room), params.min_tokens)
     return params if max_tokens > room else dataclasses.replace(params, max_tokens=max_tokens)

@@ -7,7 +7,6 @@ import asyncio
 from typing import Any
 
 from vllm_runner import AsyncLLM, RequestError, SamplingParams
-from vllm_runner.engine.sampling_defaults import fit_max_tokens
 from vllm_runner.serving.protocol import CompleteResult, ScoreRequest, ScoreResult
 
 PARSE_TIME_CHARS = 8192  # ~ms of tokenizing: longer texts wait for the handler's thread
@@ -21,10 +20,7 @@ def score_params() -> SamplingParams:
 def fitted_params(engine: AsyncLLM, params: SamplingParams, ids: Any) -> SamplingParams:
     """``params`` with a missing max_tokens fitted to the prompt ``ids`` (a refused one, a
     ValueError: as they are)."""
-    if isinstance(ids, ValueError):
-        return params
-    limits = engine.inputs.limits
-    return fit_max_tokens(params, limits.sampling_defaults, len(ids), limits.max_model_len)
+    return params if isinstance(ids, ValueError) else engine.inputs.fit(ids, params)
 
 
 def short_texts(*prompts: Any) -> bool:

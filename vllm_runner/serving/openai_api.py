@@ -19,7 +19,6 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from vllm_runner.async_llm import EngineDeadError, RequestError
-from vllm_runner.engine.sampling_defaults import fit_max_tokens
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.serving import openai_format as fmt
 from vllm_runner.serving.protocol import (
@@ -148,13 +147,9 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         as_sent: Callable[[str], str] = str,
     ) -> tuple[list[int], SamplingParams]:
         """The prompt's ids, and ``params`` with a missing max_tokens fitted to them."""
-        limits = engine.inputs.limits
         try:  # in a thread: a long prompt's tokenization would hold every other stream
-            ids = await asyncio.to_thread(engine.validate, prompt, params, chat)
-            fitted = fit_max_tokens(
-                params, limits.sampling_defaults, len(ids), limits.max_model_len
-            )
-            return ids, fitted
+            ids = await asyncio.to_thread(engine.validate, prompt, params, chat, fit=True)
+            return ids, engine.inputs.fit(ids, params)
         except ValueError as exc:
             raise fmt.bad_request(ValueError(as_sent(str(exc))), param, fields) from None
 
