@@ -217,9 +217,11 @@ def apply_chat_template(
     )
 
 
-# apply_chat_template's own arguments: not template variables
-_TEMPLATE_ARGUMENTS = {"conversation", "chat_template", "tokenize", "add_generation_prompt",
-                       "continue_final_message", "tools", "documents", "return_dict"}  # fmt: skip
+# apply_chat_template's own arguments, and the variable the template reads the conversation
+# from: not template variables
+_TEMPLATE_ARGUMENTS = {"conversation", "messages", "chat_template", "tokenize",
+                       "add_generation_prompt", "continue_final_message", "tools", "documents",
+                       "return_dict"}  # fmt: skip
 
 
 def _progress_bar(use_tqdm: bool | Callable[..., Any], total: int):

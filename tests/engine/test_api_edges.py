@@ -311,3 +311,12 @@ def test_chat_template_kwargs_are_template_variables(smol_llm):
         smol_llm.chat(chat, GREEDY, chat_template=template, chat_template_kwargs={"tokenize": 1})
     with pytest.raises(ValueError, match="chat_template_kwargs must be a dict, got 'x'"):
         smol_llm.chat(chat, GREEDY, chat_template=template, chat_template_kwargs="x")
+
+
+def test_chat_template_kwargs_may_not_replace_the_messages(smol_llm):
+    """``messages`` is the conversation's own template variable: refused naming it (it was a
+    TypeError from jinja, "render() got multiple values for keyword argument 'messages'",
+    naming neither chat_template_kwargs nor the way out; a 400 of that text on the route)."""
+    chat = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match=r"template call's own arguments \['messages'\]"):
+        smol_llm.chat(chat, GREEDY, chat_template_kwargs={"messages": []})
