@@ -65,6 +65,16 @@ def test_no_front_end_gets_a_hello_once_the_engine_is_ending(tmp_path):
     assert not os.path.exists(address)  # (the next worker finds no socket: starts an engine)
 
 
+def test_an_engine_whose_socket_file_was_removed_still_ends_cleanly(tmp_path):
+    """Something else removed the live engine's socket file (a tmp cleaner): its last
+    front end leaving still ends it with the stop and a farewell, not FileNotFoundError."""
+    front_ends, commands_w, results_r, _ = _engine_side(tmp_path)
+    os.unlink(tmp_path / "s")
+    commands_w.send(("stop",))
+    assert front_ends.receive(True) == ("stop",)
+    assert results_r.recv() is None
+
+
 def test_a_key_file_goes_only_when_nobody_holds_the_lock(tmp_path, monkeypatch):
     """An ending engine removes its key file, but not while another process holds the lock
     (it may be writing a new engine's key into that file)."""

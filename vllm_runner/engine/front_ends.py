@@ -7,6 +7,7 @@ may use the same ids; outputs go back to the front end that added the request, w
 ids. The process ends when its last front end has gone.
 """
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -124,7 +125,9 @@ class FrontEnds:
             if not self._closed:
                 self._closed = True
                 if self._listener is not None:
-                    self._listener.close()  # (removes the socket's file)
+                    # (removes the socket's file: missing if something else removed it)
+                    with contextlib.suppress(FileNotFoundError):
+                        self._listener.close()
                 self._on_close()
         return True
 
