@@ -12,18 +12,22 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.engine_client import EngineClient
 from vllm_runner.engine.errors import EngineDeadError, OutputFailed, RequestError
 from vllm_runner.engine.input_processor import InputProcessor, request_ids, stream_request_id
+from vllm_runner.engine.loop_threads import (
+    start_loop_thread,
+    start_reader_thread,
+    stop_when_collected,
+)
 from vllm_runner.engine.outputs import RequestOutput, StreamOutput, merge_updates
-from vllm_runner.engine.serving_loop import Delivery, ServingLoop, is_final
+from vllm_runner.engine.serving_loop import Delivery, is_final
 from vllm_runner.engine.stream_route import StreamRoute, text_builders
 from vllm_runner.llm import Prompt, apply_chat_template, engine_args, normalize_batch
 from vllm_runner.sampling_params import SamplingParams
@@ -95,6 +99,9 @@ class AsyncLLM:
                 # NOTE: a thread's engine is ours alone: its gauges show from the start. An
                 # engine process chooses its publisher (the hand-over sets them).
                 self.metrics.record_step(self._stats, publish=not engine_process)
+            # NOTE: the loop's thread holds this object weakly: collected unshut, it stops
+            # the loop (its engine process, or only this front end of a shared one)
+            self._stop = stop_when_collected(self, self._send_command)
             self._running = True
             if engine_process:  # (now reading its results; and whether it publishes them)
                 self._send(("ready", self.metrics is not None))
@@ -104,48 +111,15 @@ class AsyncLLM:
             self._go.set()
 
     def _start_thread(self, args, log_stats: bool) -> None:
-        commands: queue.SimpleQueue = queue.SimpleQueue()
-        built = threading.Event()
-        failure: list[BaseException] = []
-
-        def receive(block: bool) -> tuple | None:
-            try:
-                return commands.get(block)
-            except queue.Empty:
-                return None
-
-        def run() -> None:
-            try:
-                self.engine = EngineCore(args, serving=True)
-            except BaseException as exc:  # raised again in the caller's thread
-                failure.append(exc)
-                return
-            finally:
-                built.set()
-            self._go.wait()
-            if self._running:
-                loop = ServingLoop(self.engine, self._deliver, timings=log_stats)
-                self._guarded(lambda: loop.run(receive))
-
-        self._send_command = commands.put
-        self._thread = threading.Thread(target=run, name="vllm-runner-engine", daemon=True)
-        self._thread.start()
-        built.wait()
-        if failure:
-            raise failure[0]
+        self._thread, self.engine, self._send_command = start_loop_thread(
+            self, lambda: EngineCore(args, serving=True), self._go, log_stats
+        )
 
     def _start_process(self, args, log_stats: bool, shared: str | None) -> tuple:
         self._client = EngineClient()
         limits, stats, name = self._client.start(args, log_stats, shared)
-
-        def run() -> None:
-            self._go.wait()
-            if self._running:
-                self._guarded(lambda: self._client.read(self._deliver))
-
         self._send_command = self._client.send
-        self._thread = threading.Thread(target=run, name="vllm-runner-results", daemon=True)
-        self._thread.start()
+        self._thread = start_reader_thread(self, self._client, self._go)
         return limits, stats, name
 
     # ---- public API ------------------------------------------------------------------------
@@ -305,7 +279,7 @@ class AsyncLLM:
         if not self._running:
             return
         self._running = False
-        self._send(("stop",))
+        self._stop()
         await asyncio.to_thread(self._thread.join)
         if self._client is not None:
             await asyncio.to_thread(self._client.join)
@@ -374,24 +348,14 @@ class AsyncLLM:
                 if not loop.is_closed():
                     raise
 
-    def _guarded(self, loop: Callable[[], None]) -> None:
-        """Run the loop; if it stops on its own (a bug, or the engine process died), every
-        open stream fails with the reason and new requests are refused with it."""
-        try:
-            loop()
-        except BaseException as exc:
-            reason = self._stopped_because(exc)
-            if self._running:
-                self.error = reason
-                self._running = False
-            failed = [(route, EngineDeadError(reason)) for route in list(self._entries)]
-            self._deliver(Delivery(failed, self._stats, publish_stats=False))
-
-    def _stopped_because(self, exc: BaseException) -> str:
-        if self._client is None:
-            logger.exception("the engine loop failed")
-            return f"the engine loop failed: {exc!r}"
-        return self._client.stopped_because(exc)
+    def _loop_stopped(self, reason: str) -> None:
+        """The loop stopped on its own (a bug, or the engine process died): every open
+        stream fails with the reason and new requests are refused with it."""
+        if self._running:
+            self.error = reason
+            self._running = False
+        failed = [(route, EngineDeadError(reason)) for route in list(self._entries)]
+        self._deliver(Delivery(failed, self._stats, publish_stats=False))
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
