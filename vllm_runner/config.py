@@ -108,6 +108,9 @@ class EngineArgs:
     # Taken as vLLM scripts pass it; the engine never runs a repository's code either way
     # (a model type only that code defines is refused).
     trust_remote_code: bool = False
+    # vLLM's, taken at the values this engine honours: it runs a model on one device.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -119,7 +122,8 @@ class EngineArgs:
 
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                      "seed", "num_kv_blocks", "admission_interval",
-                     "piecewise_max_tokens"):  # fmt: skip
+                     "piecewise_max_tokens", "tensor_parallel_size",
+                     "pipeline_parallel_size"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise bad(name, "an integer")
@@ -150,6 +154,9 @@ class EngineArgs:
             raise bad("seed", "an integer in [-2**63, 2**64)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise bad("max_model_len", ">= 2")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) != 1:
+                raise bad(name, "1 (this engine runs a model on one device)")
         if self.max_num_seqs < 1:
             raise bad("max_num_seqs", ">= 1")
         if self.admission_interval < 1:
