@@ -108,9 +108,12 @@ class EngineArgs:
     # Taken as vLLM scripts pass it; the engine never runs a repository's code either way
     # (a model type only that code defines is refused).
     trust_remote_code: bool = False
-    # vLLM's, taken at the values this engine honours: it runs a model on one device.
+    # vLLM's, taken at the values this engine honours: it runs a model on one device, logs
+    # no periodic stats, and recomputes a preempted request (vLLM's CPU swap space: unused).
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    disable_log_stats: bool = True
+    swap_space: float = 4.0  # GiB
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -127,14 +130,14 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise bad(name, "an integer")
-        for name in ("gpu_memory_utilization", "cpu_kv_cache_gb", "cpu_offload_gb"):
+        for name in ("gpu_memory_utilization", "cpu_kv_cache_gb", "cpu_offload_gb", "swap_space"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise bad(name, "a number")
             if not math.isfinite(value):
                 raise bad(name, "a finite number")
         for name in ("enable_prefix_caching", "enforce_eager", "async_scheduling",
-                     "trust_remote_code"):  # fmt: skip
+                     "trust_remote_code", "disable_log_stats"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "async_scheduling" and value is None):
                 raise bad(name, "true or false")
@@ -157,6 +160,12 @@ class EngineArgs:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) != 1:
                 raise bad(name, "1 (this engine runs a model on one device)")
+        if not self.disable_log_stats:
+            raise bad("disable_log_stats", "True (this engine logs no periodic stats; "
+                      "stats() returns its counters, AsyncLLM(log_stats=True) exports "
+                      "Prometheus metrics)")  # fmt: skip
+        if self.swap_space < 0:
+            raise bad("swap_space", ">= 0")
         if self.max_num_seqs < 1:
             raise bad("max_num_seqs", ">= 1")
         if self.admission_interval < 1:

@@ -7,7 +7,8 @@ from engine_testing import GREEDY, make_llm
 
 from vllm_runner import AsyncLLM
 
-VLLM_ARGS = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1}
+VLLM_ARGS = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "disable_log_stats": True,
+             "swap_space": 4}  # fmt: skip
 
 
 def test_llm_and_async_llm_take_vllm_arguments_at_their_no_op_values(llama_dir):

@@ -14,3 +14,18 @@ def test_one_device_parallelism_is_taken_and_more_is_refused():
             EngineArgs(**{name: 2}).validate()
         with pytest.raises(ValueError, match=f"{name} must be an integer, got '1'"):
             EngineArgs(**{name: "1"}).validate()
+
+
+def test_no_stats_log_and_an_unused_swap_space_are_taken():
+    """vLLM's LLM default (disable_log_stats=True) and its CPU swap space (this engine
+    recomputes a preempted request: nothing is swapped) are taken; a stats log is refused."""
+    EngineArgs(disable_log_stats=True, swap_space=4).validate()
+    EngineArgs(swap_space=0.5).validate()
+    with pytest.raises(ValueError, match=r"disable_log_stats must be True \(.*, got False"):
+        EngineArgs(disable_log_stats=False).validate()
+    with pytest.raises(ValueError, match="disable_log_stats must be true or false, got 'yes'"):
+        EngineArgs(disable_log_stats="yes").validate()
+    with pytest.raises(ValueError, match="swap_space must be >= 0, got -1"):
+        EngineArgs(swap_space=-1).validate()
+    with pytest.raises(ValueError, match="swap_space must be a number, got '4'"):
+        EngineArgs(swap_space="4").validate()
