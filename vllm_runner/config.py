@@ -109,11 +109,13 @@ class EngineArgs:
     # (a model type only that code defines is refused).
     trust_remote_code: bool = False
     # vLLM's, taken at the values this engine honours: it runs a model on one device, logs
-    # no periodic stats, and recomputes a preempted request (vLLM's CPU swap space: unused).
+    # no periodic stats, recomputes a preempted request (vLLM's CPU swap space: unused), and
+    # loads the model folder's tokenizer.
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     disable_log_stats: bool = True
     swap_space: float = 4.0  # GiB
+    tokenizer: str | None = None  # None or the model
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -166,6 +168,13 @@ class EngineArgs:
                       "Prometheus metrics)")  # fmt: skip
         if self.swap_space < 0:
             raise bad("swap_space", ">= 0")
+        if self.tokenizer is not None and not (
+            isinstance(self.tokenizer, str)
+            and isinstance(self.model, str)
+            and os.path.normpath(self.tokenizer) == os.path.normpath(self.model)
+        ):
+            raise bad("tokenizer", f"None or the model ({self.model!r}: this engine loads the "
+                      "model folder's tokenizer)")  # fmt: skip
         if self.max_num_seqs < 1:
             raise bad("max_num_seqs", ">= 1")
         if self.admission_interval < 1:

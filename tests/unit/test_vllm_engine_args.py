@@ -29,3 +29,13 @@ def test_no_stats_log_and_an_unused_swap_space_are_taken():
         EngineArgs(swap_space=-1).validate()
     with pytest.raises(ValueError, match="swap_space must be a number, got '4'"):
         EngineArgs(swap_space="4").validate()
+
+
+def test_the_model_as_its_own_tokenizer_is_taken_and_another_is_refused(tmp_path):
+    """vLLM scripts often name the model twice; the engine loads the model folder's tokenizer,
+    so another one is refused, not silently replaced by it."""
+    model = str(tmp_path)
+    for same in (None, model, model + "/"):
+        EngineArgs(model=model, tokenizer=same).validate()
+    with pytest.raises(ValueError, match=r"tokenizer must be None or the model \(.*, got .other."):
+        EngineArgs(model=model, tokenizer="other").validate()
