@@ -29,6 +29,7 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.f
 # streams) the service served 6-16% more tokens with them for 0.5 s more start-up
 # (loadtests/RESULTS.md). Offline batches run few small mixed steps: off there by default.
 SERVING_PIECEWISE_MAX_TOKENS = 2048
+_MAY_BE_NONE = ("async_scheduling", "enable_chunked_prefill")  # switches whose None: default
 
 
 @dataclass(frozen=True)
@@ -109,13 +110,14 @@ class EngineArgs:
     # (a model type only that code defines is refused).
     trust_remote_code: bool = False
     # vLLM's, taken at the values this engine honours: it runs a model on one device, logs
-    # no periodic stats, recomputes a preempted request (vLLM's CPU swap space: unused), and
-    # loads the model folder's tokenizer.
+    # no periodic stats, recomputes a preempted request (vLLM's CPU swap space: unused),
+    # loads the model folder's tokenizer, and always chunks a prompt to the step budget.
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     disable_log_stats: bool = True
     swap_space: float = 4.0  # GiB
     tokenizer: str | None = None  # None or the model
+    enable_chunked_prefill: bool | None = None  # None or True
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -139,9 +141,10 @@ class EngineArgs:
             if not math.isfinite(value):
                 raise bad(name, "a finite number")
         for name in ("enable_prefix_caching", "enforce_eager", "async_scheduling",
-                     "trust_remote_code", "disable_log_stats"):  # fmt: skip
+                     "trust_remote_code", "disable_log_stats",
+                     "enable_chunked_prefill"):  # fmt: skip
             value = getattr(self, name)
-            if not isinstance(value, bool) and not (name == "async_scheduling" and value is None):
+            if not isinstance(value, bool) and not (name in _MAY_BE_NONE and value is None):
                 raise bad(name, "true or false")
         named = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
         if isinstance(self.dtype, torch.dtype) and self.dtype in named:  # as vLLM takes it too
@@ -166,6 +169,9 @@ class EngineArgs:
             raise bad("disable_log_stats", "True (this engine logs no periodic stats; "
                       "stats() returns its counters, AsyncLLM(log_stats=True) exports "
                       "Prometheus metrics)")  # fmt: skip
+        if self.enable_chunked_prefill is False:
+            raise bad("enable_chunked_prefill", "True (this engine always chunks a prompt to "
+                      "the max_num_batched_tokens step budget)")  # fmt: skip
         if self.swap_space < 0:
             raise bad("swap_space", ">= 0")
         if self.tokenizer is not None and not (

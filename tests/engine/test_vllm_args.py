@@ -12,7 +12,7 @@ VLLM_ARGS = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "disable_lo
 
 
 def test_llm_and_async_llm_take_vllm_arguments_at_their_no_op_values(llama_dir):
-    vllm_args = {**VLLM_ARGS, "tokenizer": llama_dir}
+    vllm_args = {**VLLM_ARGS, "tokenizer": llama_dir, "enable_chunked_prefill": True}
     want = make_llm(llama_dir).generate([[1, 2, 3]], GREEDY)[0].token_ids
     assert make_llm(llama_dir, **vllm_args).generate([[1, 2, 3]], GREEDY)[0].token_ids == want
 

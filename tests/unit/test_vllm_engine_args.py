@@ -39,3 +39,11 @@ def test_the_model_as_its_own_tokenizer_is_taken_and_another_is_refused(tmp_path
         EngineArgs(model=model, tokenizer=same).validate()
     with pytest.raises(ValueError, match=r"tokenizer must be None or the model \(.*, got .other."):
         EngineArgs(model=model, tokenizer="other").validate()
+
+
+def test_chunked_prefill_is_taken_on_and_refused_off():
+    """This engine always chunks a long prompt to the step budget (vLLM v1's default)."""
+    for on in (None, True):
+        EngineArgs(enable_chunked_prefill=on).validate()
+    with pytest.raises(ValueError, match=r"enable_chunked_prefill must be True \(.*, got False"):
+        EngineArgs(enable_chunked_prefill=False).validate()
