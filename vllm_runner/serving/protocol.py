@@ -10,12 +10,19 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core.core_schema import ValidationInfo
 
 from vllm_runner.sampling_params import INT64_MAX, SamplingParams
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+# NOTE: the engine's step searches each new token's text for every stop string of every
+# request (~0.14 us a string a token): a bounded list keeps one client from slowing all
+MAX_STOP_STRINGS = 64
 Stop = str | list[Annotated[str, Field(min_length=1)]] | None
+# NOTE: each step builds every row's bias tensors from its dict; OpenAI takes at most 300
+MAX_LOGIT_BIAS = 300
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
@@ -39,7 +46,7 @@ class SamplingFields(BaseModel):
     min_tokens: Annotated[int, Field(ge=0)] = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: dict[int, Bias] | None = None
 
     def sampling_params(
         self, defaults: Mapping[str, Any] | None = None, **overrides: Any
@@ -59,6 +66,14 @@ class SamplingFields(BaseModel):
             elif values[name] is not None and min(values[name], value) >= values["min_tokens"]:
                 values[name] = min(values[name], value)
         return SamplingParams(**{**values, **overrides})
+
+    @field_validator("stop", "logit_bias", mode="before")
+    @classmethod
+    def _bounded(cls, value: Any, info: ValidationInfo) -> Any:
+        limit = MAX_STOP_STRINGS if info.field_name == "stop" else MAX_LOGIT_BIAS
+        if isinstance(value, list | dict) and len(value) > limit:
+            raise ValueError(f"at most {limit} entries, got {len(value)}")
+        return value
 
     @model_validator(mode="after")
     def _check_sampling(self) -> SamplingFields:
