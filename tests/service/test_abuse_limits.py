@@ -38,3 +38,13 @@ def test_too_many_logit_bias_entries_are_a_400(client: Any) -> None:
     few = dict(list(bias.items())[:300])
     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "logit_bias": few})
     assert r.status_code == 200, r.text[:300]
+
+
+def test_an_unknown_model_is_not_quoted_back_whole(client: Any) -> None:
+    """The 404 quoted a megabyte of model name back (as elsewhere: a bounded excerpt)."""
+    for r in (
+        client.post("/v1/completions", json={"prompt": PROMPT, "model": "m" * 1_000_000}),
+        client.get("/v1/models/" + "m" * 20_000),
+    ):
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert "mmmm" in r.text and len(r.text) < 1_000, len(r.text)

@@ -129,6 +129,8 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         engine = get_engine()
         if (requested or exact) and requested != engine.model_name:
             shown = str(requested).encode("utf-8", "backslashreplace").decode()
+            if len(shown) > _SHOWN_INPUT:  # (a client's megabyte of name is not sent back)
+                shown = shown[:_SHOWN_INPUT] + "..."
             raise fmt.OpenAIError(
                 404,
                 f"The model `{shown}` does not exist.",
