@@ -200,8 +200,10 @@ def apply_chat_template(
         raise ValueError(f"chat_template_kwargs must be a dict, got {template_kwargs!r}")
     taken = sorted(set(template_kwargs or ()) & _TEMPLATE_ARGUMENTS)
     if taken:
+        shown = repr(template_kwargs)  # a server's client may send a megabyte of it
+        shown = shown if len(shown) <= 80 else shown[:80] + "..."
         raise ValueError(f"chat_template_kwargs may not set the template call's own arguments "
-                         f"{taken}, got {template_kwargs!r}")  # fmt: skip
+                         f"{taken}, got {shown}")  # fmt: skip
     if add_generation_prompt and continue_final_message:
         raise ValueError(
             "continue_final_message continues the last message; it needs "

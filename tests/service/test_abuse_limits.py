@@ -48,3 +48,12 @@ def test_an_unknown_model_is_not_quoted_back_whole(client: Any) -> None:
     ):
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         assert "mmmm" in r.text and len(r.text) < 1_000, len(r.text)
+
+
+def test_a_refused_template_argument_is_not_quoted_back_whole(client: Any) -> None:
+    """chat_template_kwargs setting the call's own arguments quoted the whole dict back (a
+    megabyte of it); the message names the arguments taken."""
+    kwargs = {"messages": 1, "pad": "y" * 1_000_000}
+    r = client.post("/v1/chat/completions", json={"messages": CHAT, "chat_template_kwargs": kwargs})
+    assert r.status_code == 400 and "['messages']" in r.text, r.text[:300]
+    assert len(r.text) < 1_000, len(r.text)
