@@ -175,6 +175,29 @@ def test_prompts_are_tokenized_off_the_event_loop(client: Any, engine: Any) -> N
     assert threads == [True, True, True]
 
 
+def test_chat_templates_render_off_the_event_loop(client: Any, engine: Any, monkeypatch: Any):
+    """As tokenizing: 200,000 messages rendered for ~2 s on the event loop, holding every
+    other stream and the worker's health probes (found in a security review)."""
+    import asyncio
+
+    threads: list[bool] = []
+    original = engine.apply_chat_template
+
+    def recording(messages: Any, **options: Any) -> str:
+        try:
+            asyncio.get_running_loop()
+            threads.append(False)
+        except RuntimeError:
+            threads.append(True)
+        return original(messages, **options)
+
+    monkeypatch.setattr(engine, "apply_chat_template", recording)
+    for stream in (False, True):
+        body = {"messages": CHAT, "max_tokens": 2, "stream": stream}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert threads == [True, True]
+
+
 def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, engine: Any) -> None:
     """More characters than max_model_len tokens can hold: a 400 without tokenizing."""
     from service_testing import MAX_MODEL_LEN

@@ -214,7 +214,9 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         try:
             params = body.chat_sampling_params(engine.inputs.limits.sampling_defaults)
             messages = [m.as_dict() for m in body.messages]
-            prompt = engine.apply_chat_template(messages, **body.template_options())
+            # NOTE: in a thread, as tokenizing: a long conversation renders for seconds
+            options = body.template_options()
+            prompt = await asyncio.to_thread(engine.apply_chat_template, messages, **options)
         except (ValueError, TypeError, TemplateError) as exc:  # templates raise on roles
             message = body.as_sent(str(exc))
             raise fmt.bad_request(ValueError(message), "messages", _CHAT_FIELDS) from None
