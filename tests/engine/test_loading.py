@@ -315,3 +315,17 @@ def test_a_model_of_custom_code_is_refused_without_asking(llama_dir, tmp_path, m
     (tmp_path / "tokenizer" / "tok.py").write_text("raise RuntimeError('repository code ran')\n")
     assert make_llm(folder).get_tokenizer() is None
     assert not asked
+
+
+def test_a_single_safetensors_file_wins_over_a_stale_index(llama_dir, tmp_path):
+    """``model.safetensors`` next to an index whose shards are absent (shards merged into
+    one file, the index left behind): transformers loads the single file, which it checks
+    first; the engine read the index and refused the folder for its absent shards."""
+    import json
+
+    folder = _edited_copy(llama_dir, tmp_path / "model")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}
+    (tmp_path / "model" / "model.safetensors.index.json").write_text(json.dumps(index))
+    prompt = [[5, 17, 42, 99, 3]]
+    want = make_llm(llama_dir).generate(prompt, GREEDY)[0].token_ids
+    assert make_llm(folder).generate(prompt, GREEDY)[0].token_ids == want

@@ -61,6 +61,10 @@ def checkpoint_files(path: str) -> list[str]:
     ``adapter_model.safetensors``). Without either name: all *.safetensors, else all
     pytorch_model*.bin (shards saved without an index)."""
     for name in ("model.safetensors", "pytorch_model.bin"):
+        # NOTE: the single file before the index, as transformers (an index may be left
+        # behind by shards merged into one file)
+        if os.path.isfile(os.path.join(path, name)):
+            return [os.path.join(path, name)]
         index = os.path.join(path, f"{name}.index.json")
         if os.path.isfile(index):
             with open(index) as f:
@@ -70,8 +74,6 @@ def checkpoint_files(path: str) -> list[str]:
             if absent:
                 raise ValueError(f"{index} names {absent[:3]}, not in the folder")
             return files
-        if os.path.isfile(os.path.join(path, name)):
-            return [os.path.join(path, name)]
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     files = files or sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
     if not files:
