@@ -100,12 +100,8 @@ def test_async_llm_uses_the_models_sampling_defaults(defaults_dir, engine_proces
     assert [t for o in streamed for t in o.new_token_ids] == want.token_ids
 
 
-def test_a_default_max_tokens_past_max_model_len_is_cut_to_fit(llama_dir, tmp_path):
-    """AsyncLLM refuses a prompt + max_tokens over max_model_len; the model's max_new_tokens
-    (given no params) is cut to what the prompt leaves instead, as the server's routes do
-    (LLM cuts every max_tokens)."""
-    folder = with_generation_config(llama_dir, tmp_path / "model", {"max_new_tokens": 10_000})
-    llm = AsyncLLM(folder, dtype="float32", device="cpu", max_model_len=64, num_kv_blocks=16)
+def _generate_and_stream(llm: AsyncLLM) -> tuple[list, list]:
+    """``generate([[1, 2, 3]])`` and ``stream([1, 2])`` given no params, then shut down."""
 
     async def main():
         try:
@@ -113,9 +109,19 @@ def test_a_default_max_tokens_past_max_model_len_is_cut_to_fit(llama_dir, tmp_pa
         finally:
             await llm.shutdown()
 
+    return asyncio.run(main())
+
+
+def test_a_default_max_tokens_past_max_model_len_is_cut_to_fit(llama_dir, tmp_path):
+    """AsyncLLM refuses a prompt + max_tokens over max_model_len; the model's max_new_tokens
+    (given no params) is cut to what the prompt leaves instead, as the server's routes do
+    (LLM cuts every max_tokens)."""
+    folder = with_generation_config(llama_dir, tmp_path / "model", {"max_new_tokens": 10_000})
+    llm = AsyncLLM(folder, dtype="float32", device="cpu", max_model_len=64, num_kv_blocks=16)
+
     assert llm.get_default_sampling_params().max_tokens == 10_000
     assert llm.inputs.default_params([1, 2, 3]).max_tokens == 61
-    (out,), streamed = asyncio.run(main())
+    (out,), streamed = _generate_and_stream(llm)
     assert 0 < len(out.token_ids) <= 61 and streamed[-1].finished
     with pytest.raises(ValueError, match="max_tokens 10000 does not fit"):
         asyncio.run(llm.generate([[1, 2, 3]], llm.get_default_sampling_params()))
@@ -176,13 +182,7 @@ def test_a_default_max_tokens_is_checked_against_the_kv_cache_as_fitted(llama_di
     folder = with_generation_config(llama_dir, tmp_path / "model", {"max_new_tokens": 8})
     llm = AsyncLLM(folder, dtype="float32", device="cpu", max_model_len=256, num_kv_blocks=4)
 
-    async def main():
-        try:
-            return await llm.generate([[1, 2, 3]]), [o async for o in llm.stream([1, 2])]
-        finally:
-            await llm.shutdown()
-
-    (out,), streamed = asyncio.run(main())
+    (out,), streamed = _generate_and_stream(llm)
     assert 0 < len(out.token_ids) <= 8 and streamed[-1].finished
     assert llm.inputs.default_params([1] * 50).max_tokens == 8
     with pytest.raises(ValueError, match="prompt has 256 tokens, but max_model_len is 256"):
