@@ -63,12 +63,18 @@ def host_values(values, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
-    """Each row's biases added to its logits, before penalties (vLLM V1's order)."""
+    """Each row's biases added to its logits, before penalties (vLLM V1's order): every
+    row's in one indexed add (two copies a step, not two a row)."""
+    which, ids, biases = [], [], []
     for i, row in enumerate(rows):
-        if row.params.logit_bias:
-            ids, biases = zip(*row.params.logit_bias.items(), strict=True)
-            index = host_values(ids, torch.long, logits.device)
-            logits[i, index] += host_values(biases, logits.dtype, logits.device)
+        bias = row.params.logit_bias
+        if bias:
+            which += [i] * len(bias)
+            ids += bias.keys()
+            biases += bias.values()
+    index = host_values([which, ids], torch.long, logits.device)
+    values = host_values(biases, logits.dtype, logits.device)
+    logits.index_put_((index[0], index[1]), values, accumulate=True)
 
 
 def apply_penalties(
