@@ -104,7 +104,8 @@ class EngineArgs:
     # (CUDA, not enforce_eager), else off.
     piecewise_max_tokens: int | None = None
     # "auto": the model's sampling defaults (generation_config.json) where a request sets
-    # none, as vLLM; "vllm": SamplingParams' own defaults only
+    # none, as vLLM; "vllm": SamplingParams' own defaults only; a folder: its
+    # generation_config.json's
     generation_config: str = "auto"
     # Taken as vLLM scripts pass it; the engine never runs a repository's code either way
     # (a model type only that code defines is refused).
@@ -203,13 +204,16 @@ class EngineArgs:
             raise bad("quantization", f"one of {QUANTIZATIONS}")
         if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", f"one of {tuple(KV_CACHE_DTYPES)}")
-        if not isinstance(self.generation_config, str) or (
-            self.generation_config not in GENERATION_CONFIGS
+        if not isinstance(self.generation_config, str) or not (
+            self.generation_config in GENERATION_CONFIGS or os.path.isdir(self.generation_config)
         ):
             raise bad(
                 "generation_config",
-                "'auto' (the model's sampling defaults) or 'vllm' (the engine's own)",
+                "'auto' (the model's sampling defaults), 'vllm' (the engine's own) or a "
+                "folder holding a generation_config.json",
             )
+        if self.generation_config not in GENERATION_CONFIGS:  # one spelling per folder
+            self.generation_config = os.path.abspath(self.generation_config)
 
     def engine_apart_by_default(self) -> bool:
         """AsyncLLM's default placement: the engine core in a process of its own on CUDA."""

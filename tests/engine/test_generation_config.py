@@ -162,9 +162,26 @@ def test_top_k_minus_one_is_kept_as_off_and_nulls_are_not_defaults(llama_dir, tm
 
 
 @pytest.mark.parametrize("value", ["auto ", "hf", None, 1])
-def test_generation_config_is_auto_or_vllm(llama_dir, value):
+def test_generation_config_is_auto_vllm_or_a_folder(llama_dir, value):
     with pytest.raises(ValueError, match=f"generation_config must be 'auto' .* got {value!r}"):
         make_llm(llama_dir, generation_config=value)
+
+
+def test_generation_config_may_name_a_folder_of_its_own(llama_dir, defaults_dir, tmp_path):
+    """As vLLM's generation_config=<folder>: that folder's generation_config.json gives the
+    defaults (a relative path as well); a folder without one is refused, naming the file."""
+    llm = make_llm(llama_dir, generation_config=defaults_dir)
+    assert llm.get_default_sampling_params() == MODEL_DEFAULTS
+    here = os.getcwd()
+    os.chdir(os.path.dirname(defaults_dir))
+    try:
+        llm = make_llm(llama_dir, generation_config=os.path.basename(defaults_dir))
+    finally:
+        os.chdir(here)
+    assert llm.get_default_sampling_params() == MODEL_DEFAULTS
+    with pytest.raises(ValueError, match="names a folder without a generation_config.json") as e:
+        make_llm(llama_dir, generation_config=str(tmp_path))
+    assert str(tmp_path / "generation_config.json") in str(e.value)
 
 
 def test_values_equal_to_transformers_defaults_are_not_the_models(llama_dir, tmp_path):

@@ -90,7 +90,7 @@ def test_empty_env_value_means_unset() -> None:
         ({"VLLM_RUNNER_KV_CACHE_DTYPE": "int4"}, {}, "kv_cache_dtype"),
         ({"VLLM_RUNNER_SEED": str(2**64)}, {}, "seed must be an integer in"),
         ({}, {"device": "cuda:one"}, "device must be 'auto', 'cpu' or 'cuda"),
-        ({}, {"generation_config": "hf"}, "generation_config must be 'auto' .* or 'vllm'"),
+        ({}, {"generation_config": "hf"}, "generation_config must be 'auto' .* 'vllm' .* folder"),
     ],
 )
 def test_bad_values_name_the_setting(env: dict, args: dict, message: str) -> None:

@@ -10,7 +10,9 @@ from collections.abc import Mapping
 from vllm_runner.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-GENERATION_CONFIGS = ("auto", "vllm")  # the model's defaults / the engine's built-in ones
+# the model's defaults / the engine's built-in ones; anything else names a folder whose
+# generation_config.json holds the defaults (as vLLM's generation_config=<folder>)
+GENERATION_CONFIGS = ("auto", "vllm")
 # generation_config.json's name -> SamplingParams' (do_sample is not read, as in vLLM: a
 # temperature of its own says whether a model samples)
 FIELDS = {
@@ -29,11 +31,21 @@ TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetit
 
 def read_sampling_defaults(path: str, generation_config: str) -> dict[str, object]:
     """The SamplingParams fields the model folder ``path`` sets in its generation_config.json
-    (``generation_config="vllm"``, or no file: none). A value SamplingParams refuses stops
+    (``generation_config="vllm"``, or no file: none), or those of the folder
+    ``generation_config`` names, whose file must exist. A value SamplingParams refuses stops
     start-up naming the file, the field and the limit: each request would fail on it."""
-    file = os.path.join(path, "generation_config.json")
-    if generation_config == "vllm" or not os.path.exists(file):
+    if generation_config == "vllm":
         return {}
+    folder = path if generation_config == "auto" else generation_config
+    file = os.path.join(folder, "generation_config.json")
+    if not os.path.exists(file):
+        if folder == path:
+            return {}
+        raise ValueError(
+            f"generation_config={generation_config!r} names a folder without a "
+            f"generation_config.json ({file} does not exist); 'auto' reads the model's, "
+            "'vllm' uses the engine's own defaults"
+        )
     try:
         with open(file) as f:
             config = json.load(f)

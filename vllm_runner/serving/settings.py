@@ -64,7 +64,7 @@ class ServerSettings:
     admission_interval: int | None = None  # waiting requests join every N-th decode step
     piecewise_max_tokens: int | None = None  # steps that prefill in piecewise CUDA graphs
     seed: int | None = None
-    generation_config: str | None = None  # "auto": the model's sampling defaults; "vllm"
+    generation_config: str | None = None  # "auto": the model's sampling defaults; "vllm"; a folder
     engine_process: bool | None = None  # engine core in its own process; None = on CUDA
     api_key: str | None = None
     gpus: int = 0  # GPUs BentoML reserves per worker (0: none declared, the engine picks)
