@@ -85,7 +85,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
-    seed: int = 0
+    seed: int | None = 0  # None: a random one per engine (vLLM's seed=None)
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None
     cpu_kv_cache_gb: float = 1.0
@@ -159,7 +159,7 @@ class EngineArgs:
             r"auto|cpu|cuda(:(0|[1-9][0-9]*))?", self.device
         ):
             raise bad("device", "'auto', 'cpu' or 'cuda[:N]'")
-        if self.seed is None or not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # manual_seed's
             raise bad("seed", "an integer in [-2**63, 2**64)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise bad("max_model_len", ">= 2")

@@ -320,3 +320,14 @@ def test_chat_template_kwargs_may_not_replace_the_messages(smol_llm):
     chat = [{"role": "user", "content": "hi"}]
     with pytest.raises(ValueError, match=r"template call's own arguments \['messages'\]"):
         smol_llm.chat(chat, GREEDY, chat_template_kwargs={"messages": []})
+
+
+def test_seed_none_draws_a_seed_per_engine(llama_dir):
+    """vLLM's ``seed=None`` (was refused): each engine seeds its sampling with a random seed of
+    its own, so two engines' unseeded samples differ; a request's own seed still repeats."""
+    llms = [make_llm(llama_dir, seed=None) for _ in range(2)]
+    seeds = {llm.engine.model_config.seed for llm in llms}
+    assert len(seeds) == 2 and all(0 <= s < 2**63 for s in seeds)
+    seeded = SamplingParams(max_tokens=8, seed=7, ignore_eos=True)
+    a, b = (llm.generate([[1, 2, 3]], seeded)[0].token_ids for llm in llms)
+    assert a == b and len(a) == 8

@@ -3,6 +3,7 @@
 import copy
 import itertools
 import logging
+import secrets
 import time
 import weakref
 
@@ -53,7 +54,7 @@ class EngineCore:
             dtype=args.resolve_dtype(hf_config, device),
             device=device,
             max_model_len=max_model_len,
-            seed=args.seed,
+            seed=secrets.randbits(63) if args.seed is None else args.seed,
             quantization=args.quantization,
             enforce_eager=args.enforce_eager,
             piecewise_max_tokens=args.resolve_piecewise_max_tokens(device, serving),
