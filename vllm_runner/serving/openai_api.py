@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes (FastAPI): /v1/models, /v1/completions, /v1/chat/completions.
+"""OpenAI-compatible routes (FastAPI): /v1/models, /v1/completions, /v1/chat/completions
+(and vLLM's /tokenize, /detokenize, /health, /version: tokenize_api.py).
 
 `create_openai_app(get_engine)` builds the app; `get_engine()` returns the
 running AsyncLLM or raises `EngineNotReady`. Every error is answered in OpenAI's shape.
@@ -36,6 +37,7 @@ from vllm_runner.serving.streams import (
     stream_or_abort,
     until_disconnect,
 )
+from vllm_runner.serving.tokenize_api import add_tokenize_routes
 
 logger = logging.getLogger(__name__)
 # the fields an error message may name first (its "param"), per route
@@ -247,6 +249,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         ]
         return env(choices=choices, usage=_usage(results))
 
+    add_tokenize_routes(app, engine_for, get_engine)
     return app
 
 
