@@ -266,7 +266,7 @@ class EngineArgs:
         model_max = rope_max_positions(hf_config)
         limit = f"max_position_embeddings={model_max}"
         if model_max != getattr(hf_config, "max_position_embeddings", model_max):
-            limit = f"{model_max} positions (YaRN: its original context x factor)"
+            limit = f"{model_max} positions (rope scaling: its original context x factor)"
         # Attention here reads every earlier key; a model trained with a sliding window
         # (Mistral) agrees with that only up to the window's length.
         window = getattr(hf_config, "sliding_window", None)

@@ -114,7 +114,8 @@ def test_rope_scalings_match_hf(tmp_path, scaling):
     hf = saved_random_model(config, tmp_path)
     assert hf.config.rope_parameters["rope_type"] == scaling["rope_type"]
     llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
-    table = llm.engine.runner.model.model.layers[0].self_attn.rotary_emb.cos_sin_cache
+    # (the linear table extends past 512: its first 512 rows)
+    table = llm.engine.runner.model.model.layers[0].self_attn.rotary_emb.cos_sin_cache[:512]
     positions = torch.arange(512)[None]
     cos, sin = hf.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
     half = table.shape[1] // 2  # (HF multiplies positions by frequencies in fp32 here)
@@ -190,3 +191,26 @@ def test_config_variants_match_hf(tmp_path, family, options):
     outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == hf_greedy(hf, prompt, 16)
+
+
+def test_linear_rope_scaling_extends_the_context_by_its_factor(tmp_path):
+    """Linear position interpolation (vicuna-7b-v1.5-16k: max_position_embeddings 4096,
+    factor 4) serves max_position_embeddings x factor positions, as vLLM reads it; HF's
+    positions past max_position_embeddings are the same interpolation, and its greedy tokens
+    there equal the engine's."""
+    from transformers import LlamaConfig
+
+    linear = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, rope_parameters=linear,
+                         architectures=["LlamaForCausalLM"])  # fmt: skip
+    hf = saved_random_model(config, tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
+    assert llm.engine.limits.max_model_len == 512
+    prompts = [[random.Random(i).randrange(384) for _ in range(200 + 250 * i)] for i in range(2)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == hf_greedy(hf, prompt, 8)
+    with pytest.raises(ValueError, match=r"max_model_len=600 exceeds the model's 512 positions"):
+        LLM(str(tmp_path), dtype="float32", device="cpu", max_model_len=600)

@@ -19,12 +19,17 @@ def rope_settings(hf_config: object) -> tuple[float, dict]:
 def rope_max_positions(hf_config: object) -> int:
     """Positions the rotary embedding serves: ``max_position_embeddings``, or with YaRN the
     original context times the factor (Qwen2.5 keeps 32768 there and extends it 4x with
-    YaRN; read as vLLM reads it)."""
+    YaRN), or with linear interpolation that times the factor (vicuna-7b-v1.5-16k: 4096 x 4);
+    read as vLLM reads them. (Dynamic NTK past max_position_embeddings changes every
+    frequency with the sequence's length, so it stays at max_position_embeddings.)"""
     max_positions = getattr(hf_config, "max_position_embeddings", None) or 2048
     _, scaling = rope_settings(hf_config)
-    if (scaling.get("rope_type") or scaling.get("type")) == "yarn" and scaling.get("factor"):
+    rope_type, factor = scaling.get("rope_type") or scaling.get("type"), scaling.get("factor")
+    if rope_type == "yarn" and factor:
         old_len = scaling.get("original_max_position_embeddings") or max_positions
-        return max(max_positions, int(old_len * scaling["factor"]))
+        return max(max_positions, int(old_len * factor))
+    if rope_type == "linear" and factor and factor > 1:
+        return int(max_positions * factor)
     return max_positions
 
 
