@@ -246,6 +246,29 @@ def test_failed_step_leaves_no_prefix_cache_entries(llama_dir, monkeypatch):
     assert llm.generate([prompt], params)[0].num_cached_tokens > 0  # cached once computed
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_interrupted_step_leaves_no_prefix_cache_entries(llama_dir, monkeypatch, overlap):
+    """Ctrl-C in LLM.generate lands in a forward (where the time goes): that step's blocks,
+    hashed when scheduled, hold KV half written or not at all. Rerunning the same prompt must
+    not hit them (it got other tokens than a fresh engine)."""
+    llm = make_llm(llama_dir, async_scheduling=overlap)
+    prompt = list(range(1, 50))  # 3 full blocks + 1
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    want = make_llm(llama_dir).generate([prompt], params)[0]
+    launch = llm.engine.runner.launch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.engine.runner, "launch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([prompt], params)
+    monkeypatch.setattr(llm.engine.runner, "launch", launch)
+    again = llm.generate([prompt], params)[0]
+    assert again.num_cached_tokens == 0 and again.token_ids == want.token_ids
+    assert llm.stats()["kv_blocks_used"] == 0 and not llm.engine.has_unfinished()
+
+
 def test_request_ids_never_meet_inside_the_engine(llama_dir):
     """A request id reused right after an abort, while the aborted request's last step is
     still in flight, and an id that looks like another request's completion: each request

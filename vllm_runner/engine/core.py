@@ -234,6 +234,11 @@ class EngineCore:
             # launch may stage into the host buffer its inputs are copied from.
             done = self._finish_pending(stream) if self.pending is not None else []
             return done + self._fail(list(sched.num_scheduled_tokens), f"engine step failed: {e!r}")
+        except BaseException as e:  # e.g. Ctrl-C in LLM.generate, mid-forward
+            # NOTE: the step's blocks are in the prefix index since scheduling, their KV half
+            # written: its requests fail, which takes those blocks out of the index.
+            self._fail(list(sched.num_scheduled_tokens), f"engine step interrupted: {e!r}")
+            raise
         if not overlap:
             return self._process(sched, self.runner.wait(handle), stream)
         outputs = self._finish_pending(stream) if self.pending is not None else []
