@@ -64,6 +64,8 @@ class SamplingParams:
             setattr(self, name, _as_int(getattr(self, name)))
         if self.top_k == -1:
             self.top_k = 0
+        if self.seed == -1:  # as vLLM and OpenAI's API: no seed (a random draw each request)
+            self.seed = None
         self._check()
 
     def _check(self) -> None:
