@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+MIN_TEMPERATURE = 0.01  # a smaller one above 0 is raised to it, as vLLM does
 INT64_MAX = 2**63 - 1  # top_k becomes an int64 tensor
 
 
@@ -67,6 +68,8 @@ class SamplingParams:
         if self.seed == -1:  # as vLLM and OpenAI's API: no seed (a random draw each request)
             self.seed = None
         self._check()
+        if 0 < self.temperature < MIN_TEMPERATURE:  # (only 0 is greedy, as in vLLM)
+            self.temperature = MIN_TEMPERATURE
 
     def _check(self) -> None:
         def bad(name: str, value: object, limit: str) -> ValueError:

@@ -1,6 +1,9 @@
 """SamplingParams read as vLLM reads them (each found in review)."""
 
+import torch
+
 from vllm_runner import LLM, SamplingParams
+from vllm_runner.sample.sampler import Sampler, SamplingRow
 
 
 def test_seed_minus_1_means_no_seed(tiny_model_dirs):
@@ -12,3 +15,18 @@ def test_seed_minus_1_means_no_seed(tiny_model_dirs):
     params = SamplingParams(seed=-1, max_tokens=8, ignore_eos=True)
     runs = {tuple(llm.generate([[5, 17, 42, 99]], params)[0].token_ids) for _ in range(3)}
     assert len(runs) > 1
+
+
+def test_a_temperature_under_0_01_samples_at_0_01_as_vllm():
+    """vLLM raises a temperature in (0, 0.01) to 0.01 and samples there: only 0 is greedy.
+    1e-6 was greedy here (under 1e-5), 1e-3 sampled at 1e-3."""
+    for t in (1e-6, 1e-5, 1e-3, 0.0099):
+        params = SamplingParams(temperature=t)
+        assert params.temperature == 0.01 and not params.greedy, t
+    assert SamplingParams(temperature=0.0).greedy
+    assert SamplingParams(temperature=0.02).temperature == 0.02
+    # logits 0.02 apart: at 0.01, token 0 has probability 1 / (1 + e^2) ~ 0.12
+    logits = torch.tensor([[0.0, 0.02]]).repeat(200, 1)
+    rows = [SamplingRow(SamplingParams(temperature=1e-6), [1], 1, seed) for seed in range(200)]
+    ids, _ = Sampler(torch.device("cpu"), 0).sample(logits, rows)
+    assert 10 < ids.tolist().count(0) < 50
