@@ -60,6 +60,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be {limit}, got {value!r}")
         self.stop = list(self.stop or [])
         self.stop_token_ids = [_as_int(t) for t in self.stop_token_ids or []]
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is True:  # as vLLM: one (other bools are refused)
+                setattr(self, name, 1)
         for name in ("n", "max_tokens", "top_k", "min_tokens", "logprobs", "prompt_logprobs",
                      "seed"):  # fmt: skip
             setattr(self, name, _as_int(getattr(self, name)))

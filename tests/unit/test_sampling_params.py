@@ -30,3 +30,8 @@ def test_a_temperature_under_0_01_samples_at_0_01_as_vllm():
     rows = [SamplingRow(SamplingParams(temperature=1e-6), [1], 1, seed) for seed in range(200)]
     ids, _ = Sampler(torch.device("cpu"), 0).sample(logits, rows)
     assert 10 < ids.tolist().count(0) < 50
+
+
+def test_logprobs_true_means_1_as_vllm():
+    assert SamplingParams(logprobs=True).logprobs == 1
+    assert SamplingParams(prompt_logprobs=True).prompt_logprobs == 1
