@@ -1,4 +1,5 @@
-"""SamplingParams read as vLLM reads them (each found in review)."""
+"""SamplingParams read as vLLM reads them: seed=-1, a temperature under 0.01, logprobs=True,
+and the order of each token's logprobs (each found in review)."""
 
 import torch
 
@@ -35,3 +36,20 @@ def test_a_temperature_under_0_01_samples_at_0_01_as_vllm():
 def test_logprobs_true_means_1_as_vllm():
     assert SamplingParams(logprobs=True).logprobs == 1
     assert SamplingParams(prompt_logprobs=True).prompt_logprobs == 1
+
+
+def test_the_sampled_tokens_logprob_comes_first_then_the_top_n_by_rank():
+    """vLLM lists the sampled token first, then the ``logprobs`` most likely by rank (the
+    sampled one once, where it is among them); it came last, after the top n."""
+    raw = torch.tensor([[3.0, 1.0, 2.0, 0.0, -1.0]])
+    ref = raw.log_softmax(-1)[0].tolist()
+    sampler = Sampler(torch.device("cpu"), 0)
+    for bias, sampled, order in (({}, 0, [0, 2, 1]),
+                                 ({2: 2.0}, 2, [2, 0, 1]),
+                                 ({4: 9.0}, 4, [4, 0, 2, 1])):  # fmt: skip
+        params = SamplingParams(temperature=0.0, logprobs=3, logit_bias=bias)
+        out = sampler(raw.clone(), [SamplingRow(params, [1], 1, None)])
+        assert out.token_ids == [sampled]
+        chosen, top = out.logprobs[0]
+        assert list(top) == order, bias
+        assert chosen == top[sampled] and all(abs(top[t] - ref[t]) < 1e-6 for t in top)

@@ -303,7 +303,8 @@ class Sampler:
             if n is None:
                 out.append(None)
                 continue
-            top = dict(zip(top_ids[i][:n], top_vals[i][:n], strict=True))
-            top[ids[i]] = chosen[i]  # the sampled token is always listed (as in vLLM)
+            # as vLLM: the sampled token first (always listed), then the top n by rank
+            top = {ids[i]: chosen[i]}
+            top.update(zip(top_ids[i][:n], top_vals[i][:n], strict=True))
             out.append((chosen[i], top))
         return out
