@@ -25,6 +25,29 @@ def test_tokenize_a_prompt_as_the_completions_route_counts_it(client: Any, engin
     assert plain.json()["tokens"] == PROMPT_IDS and plain.json()["token_strs"] is None
 
 
+def test_tokenize_adds_special_tokens_to_a_prompt_by_default(client: Any, engine: Any) -> None:
+    """As vLLM's: the prompt form adds them unless add_special_tokens is false, as the
+    completions route tokenizes the prompt (they were left out: Llama's BOS was not counted);
+    the messages form adds none unless asked (the template holds them)."""
+    encode = engine.tokenizer.encode
+
+    def special(path: str, body: dict) -> bool:
+        seen: list[bool] = []
+        engine.tokenizer.encode = lambda *a, **k: (
+            seen.append(k["add_special_tokens"]) or encode(*a, **k)
+        )
+        try:
+            assert client.post(path, json=body).status_code == 200
+        finally:
+            del engine.tokenizer.encode
+        return seen[0]
+
+    assert special("/v1/completions", {"prompt": PROMPT, "max_tokens": 1})
+    assert special("/tokenize", {"prompt": PROMPT})
+    assert not special("/tokenize", {"prompt": PROMPT, "add_special_tokens": False})
+    assert not special("/tokenize", {"messages": CHAT})
+
+
 def test_tokenize_messages_gives_the_chat_routes_prompt(client: Any) -> None:
     """The messages form renders the chat template, as the chat route does: the same ids
     (its usage counts them), and without the generation prompt fewer of them."""

@@ -66,8 +66,8 @@ def add_tokenize_routes(
     ``get_engine()``: the running engine or EngineNotReady (a 503)."""
 
     def tokenize(engine: Any, body: TokenizeRequest) -> list[int]:
-        if body.messages is None:
-            return engine.inputs.tokenize(body.prompt, chat=not body.add_special_tokens)
+        if body.messages is None:  # special tokens unless told not (None: the default)
+            return engine.inputs.tokenize(body.prompt, chat=body.add_special_tokens is False)
         messages = [m.as_dict() for m in body.messages]
         text = engine.apply_chat_template(
             messages,
