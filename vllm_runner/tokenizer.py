@@ -51,7 +51,9 @@ def load_tokenizer(path: str):
         return None
 
 
-def eos_token_ids(path: str, hf_config, tokenizer) -> set[int]:
+def eos_token_ids(folder: str, hf_config, tokenizer) -> set[int]:
+    """The model's EOS ids: its config's, the tokenizer's and those of the
+    generation_config.json in ``folder`` (the model's, or the one generation_config names)."""
     ids: set[int] = set()
 
     def add(value) -> None:
@@ -61,7 +63,7 @@ def eos_token_ids(path: str, hf_config, tokenizer) -> set[int]:
             ids.update(v for v in value if isinstance(v, int))
 
     add(getattr(hf_config, "eos_token_id", None))
-    gen_config = os.path.join(path, "generation_config.json")
+    gen_config = os.path.join(folder, "generation_config.json")
     if os.path.exists(gen_config):
         with open(gen_config) as f:
             add(json.load(f).get("eos_token_id"))

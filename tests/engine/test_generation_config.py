@@ -184,6 +184,19 @@ def test_generation_config_may_name_a_folder_of_its_own(llama_dir, defaults_dir,
     assert str(tmp_path / "generation_config.json") in str(e.value)
 
 
+def test_a_generation_config_folder_gives_the_eos_ids_too(llama_dir, tmp_path):
+    """As vLLM's generation_config=<folder>: its file's eos_token_id ends requests (e.g. a
+    chat model's end-of-turn id given to a base model); it was read from the model's only."""
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    ids = make_llm(llama_dir).generate([[1, 2, 3]], params)[0].outputs[0].token_ids
+    assert len(ids) == 8 and ids[2] not in ids[:2]
+    folder = tmp_path / "gc"
+    folder.mkdir()
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids[2]]}))
+    (out,) = make_llm(llama_dir, generation_config=str(folder)).generate([[1, 2, 3]], params)
+    assert out.outputs[0].token_ids == ids[:3] and out.outputs[0].finish_reason == "stop"
+
+
 def test_values_equal_to_transformers_defaults_are_not_the_models(llama_dir, tmp_path):
     """A top_k of 50 (transformers' default, which a save may write out) is not applied, as
     vLLM reads the file's difference from transformers' defaults; other values are."""

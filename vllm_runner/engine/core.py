@@ -19,7 +19,7 @@ from vllm_runner.engine.output_processor import (
 )
 from vllm_runner.engine.outputs import ModelRunnerOutput, SchedulerOutput, StreamOutput
 from vllm_runner.engine.request import Request, RequestStatus
-from vllm_runner.engine.sampling_defaults import read_sampling_defaults
+from vllm_runner.engine.sampling_defaults import generation_folder, read_sampling_defaults
 from vllm_runner.engine.scheduler import Scheduler
 from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.sampling_params import SamplingParams
@@ -60,7 +60,8 @@ class EngineCore:
             piecewise_max_tokens=args.resolve_piecewise_max_tokens(device, serving),
         )
         self.tokenizer = load_tokenizer(path)
-        self.eos_ids = eos_token_ids(path, hf_config, self.tokenizer)
+        folder = generation_folder(path, args.generation_config)
+        self.eos_ids = eos_token_ids(folder, hf_config, self.tokenizer)
         # (its stop_reason is None; generation_config's other EOS ids name themselves)
         self.eos_id = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         sched_config = args.scheduler_config(max_model_len, device, serving)

@@ -29,6 +29,12 @@ FIELDS = {
 TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
 
 
+def generation_folder(path: str, generation_config: str) -> str:
+    """Where the generation_config.json is read from (sampling defaults, EOS ids): the model
+    folder ``path``, or the folder ``generation_config`` names (as vLLM: both from it)."""
+    return path if generation_config in GENERATION_CONFIGS else generation_config
+
+
 def read_sampling_defaults(path: str, generation_config: str) -> dict[str, object]:
     """The SamplingParams fields the model folder ``path`` sets in its generation_config.json
     (``generation_config="vllm"``, or no file: none), or those of the folder
@@ -36,7 +42,7 @@ def read_sampling_defaults(path: str, generation_config: str) -> dict[str, objec
     start-up naming the file, the field and the limit: each request would fail on it."""
     if generation_config == "vllm":
         return {}
-    folder = path if generation_config == "auto" else generation_config
+    folder = generation_folder(path, generation_config)
     file = os.path.join(folder, "generation_config.json")
     if not os.path.exists(file):
         if folder == path:
