@@ -197,6 +197,28 @@ def test_a_generation_config_folder_gives_the_eos_ids_too(llama_dir, tmp_path):
     assert out.outputs[0].token_ids == ids[:3] and out.outputs[0].finish_reason == "stop"
 
 
+def test_a_shared_engine_is_keyed_by_the_generation_config_folder_itself(
+    llama_dir, tmp_path, monkeypatch
+):
+    """As the model folder: "gc" in two working directories is two folders (a front end
+    connected to the engine of the other's, and ran with its defaults), "gc" and "./gc" one."""
+    from vllm_runner.engine.engine_process import SharedEngine
+    from vllm_runner.llm import engine_args
+
+    def socket(folder: str) -> str:
+        return SharedEngine.named(
+            "gc", engine_args(llama_dir, None, {"generation_config": folder})
+        ).socket
+
+    for name in ("a", "b"):
+        (tmp_path / name / "gc").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    here = socket("gc")
+    assert socket("./gc") == socket(str(tmp_path / "a" / "gc")) == here
+    monkeypatch.chdir(tmp_path / "b")
+    assert socket("gc") != here
+
+
 def test_values_equal_to_transformers_defaults_are_not_the_models(llama_dir, tmp_path):
     """A top_k of 50 (transformers' default, which a save may write out) is not applied, as
     vLLM reads the file's difference from transformers' defaults; other values are."""

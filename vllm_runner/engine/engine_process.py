@@ -25,6 +25,7 @@ from pathlib import Path
 
 from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.front_ends import FrontEnds
+from vllm_runner.engine.sampling_defaults import GENERATION_CONFIGS
 from vllm_runner.engine.serving_loop import ServingLoop, picklable
 
 
@@ -105,11 +106,17 @@ class SharedEngine:
         info = home.lstat()
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
             raise PermissionError(f"{home} must be a directory of this user's only (mode 700)")
-        model = getattr(args, "model", None)
-        if model is not None and os.path.isdir(model):
-            # NOTE: the folder itself, not its name: "model" in two working directories is
-            # two models, "m" and "./m" one
-            args = dataclasses.replace(args, model=os.path.realpath(model))
+        # NOTE: the folders themselves, not their names: "model" in two working directories
+        # is two models, "m" and "./m" one (so for a generation_config folder)
+        folders = {
+            name: os.path.realpath(value)
+            for name in ("model", "generation_config")
+            if isinstance(value := getattr(args, name, None), str)
+            and os.path.isdir(value)
+            and not (name == "generation_config" and value in GENERATION_CONFIGS)
+        }
+        if folders:
+            args = dataclasses.replace(args, **folders)
         # (a short file name: a Unix socket's path is limited to ~100 bytes)
         stem = hashlib.sha256(f"{name}\n{args!r}".encode()).hexdigest()[:16]
         return cls(str(home / f"{stem}.sock"), home / f"{stem}.key", home / f"{stem}.lock")
