@@ -73,8 +73,9 @@ def read_sampling_defaults(path: str, generation_config: str) -> dict[str, objec
             ) from None
     if defaults:
         logger.info(
-            "sampling defaults from the model's generation_config.json: %s (a request's own "
-            "settings win; generation_config='vllm' turns them off)",
+            "sampling defaults from %s: %s (a request's own settings win; "
+            "generation_config='vllm' turns them off)",
+            file,
             ", ".join(f"{k}={v}" for k, v in defaults.items()),
         )
     return defaults
