@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import bentoml
-from bentoml.exceptions import BentoMLException, ServiceUnavailable
+from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
 from pydantic import PrivateAttr, ValidationError, model_validator
 
 from vllm_runner import AsyncLLM, RequestError
@@ -47,7 +47,12 @@ from vllm_runner.serving.settings import ServerSettings
 from vllm_runner.serving.streams import new_request_id, stream_or_abort, until_disconnect
 
 logger = logging.getLogger("vllm_runner.service")
-SETTINGS = ServerSettings.load(os.environ, vars(bentoml.use_arguments()))
+try:
+    SETTINGS = ServerSettings.load(os.environ, vars(bentoml.use_arguments()))
+except ValueError as exc:
+    # NOTE: loading a bento by tag, BentoML (1.4) reads a ValueError as "not a bento tag"
+    # and says "No module named '<tag>'" instead: BentoML's own error shows the message.
+    raise InvalidArgument(str(exc)) from None
 
 
 def _service() -> Any | None:

@@ -108,3 +108,22 @@ def test_containerfile_passes_hadolint(bento: tuple[str, dict[str, str]], tmp_pa
         f for f in findings if f["code"] not in BENTOML_TEMPLATE_FINDINGS or f["line"] == setup_line
     ]
     assert not ours, json.dumps(ours, indent=1)
+
+
+def serve_bento_start_up(bento: tuple[str, dict[str, str]], *args: str, **env: str) -> str:
+    """What `bentoml serve <tag>` says when start-up stops. NOTE: an invalid --host stops a
+    server that loaded right after loading, instead of serving (BentoML checks it then)."""
+    tag, base = bento
+    out = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", tag, "--host", "999.0.0.1", *args],
+        env={**base, **env}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode != 0
+    return out.stdout + out.stderr
+
+
+def test_a_bad_setting_of_a_bento_is_named(bento: tuple[str, dict[str, str]]) -> None:
+    """`bentoml serve <tag>` with a bad VLLM_RUNNER_* value said "No module named
+    'vllm-runner'": loading a bento by tag, BentoML reads a ValueError as "not a tag"."""
+    said = serve_bento_start_up(bento, VLLM_RUNNER_MAX_MODEL_LEN="lots")
+    assert "VLLM_RUNNER_MAX_MODEL_LEN must be int, got 'lots'" in said, said[-3000:]
