@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -48,7 +49,7 @@ from vllm_runner.serving.streams import new_request_id, stream_or_abort, until_d
 
 logger = logging.getLogger("vllm_runner.service")
 try:
-    SETTINGS = ServerSettings.load(os.environ, vars(bentoml.use_arguments()))
+    SETTINGS = ServerSettings.load(os.environ, vars(bentoml.use_arguments()), sys.argv)
 except ValueError as exc:
     # NOTE: loading a bento by tag, BentoML (1.4) reads a ValueError as "not a bento tag"
     # and says "No module named '<tag>'" instead: BentoML's own error shows the message.

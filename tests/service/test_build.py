@@ -127,3 +127,11 @@ def test_a_bad_setting_of_a_bento_is_named(bento: tuple[str, dict[str, str]]) ->
     'vllm-runner'": loading a bento by tag, BentoML reads a ValueError as "not a tag"."""
     said = serve_bento_start_up(bento, VLLM_RUNNER_MAX_MODEL_LEN="lots")
     assert "VLLM_RUNNER_MAX_MODEL_LEN must be int, got 'lots'" in said, said[-3000:]
+
+
+def test_serve_args_that_bentoml_drops_stop_start_up(bento: tuple[str, dict[str, str]]) -> None:
+    """`bentoml serve <tag> --arg api_key=...` served without a key: BentoML hands a built
+    bento the --arg values of `bentoml build`, not the command line's."""
+    said = serve_bento_start_up(bento, "--arg", "api_key=s3cret")
+    assert "--arg api_key did not reach the service" in said, said[-3000:]
+    assert "VLLM_RUNNER_API_KEY" in said and "s3cret" not in said

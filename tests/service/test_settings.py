@@ -135,3 +135,25 @@ def test_an_unknown_env_setting_is_named_in_a_warning(caplog) -> None:
         "unknown environment variable VLLM_RUNNER_APIKEY (did you mean VLLM_RUNNER_API_KEY?): "
         "ignored"
     ]
+
+
+def test_serve_args_bentoml_dropped_stop_start_up(tmp_path: Path) -> None:
+    """`bentoml serve <bento tag> --arg api_key=...` served with no key: BentoML (1.4) hands
+    a built bento's service the arguments recorded by `bentoml build` instead of the command
+    line's. An `--arg` that did not arrive stops start-up, naming the variable to set."""
+    argv = ["/venv/bin/bentoml", "serve", "vllm-runner:latest", "--arg", "api_key=s3cret",
+            "--arg=max_model_len=512", "--port", "3001"]  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        ServerSettings.load({}, {}, argv)
+    message = str(err.value)
+    assert "--arg api_key, max_model_len" in message and "s3cret" not in message
+    assert "VLLM_RUNNER_API_KEY" in message and "VLLM_RUNNER_MAX_MODEL_LEN" in message
+    # served from the source folder, the arguments arrive: nothing to say
+    assert ServerSettings.load({}, {"api_key": "s3cret", "max_model_len": "512"}, argv).api_key
+    # (not a bentoml command line: ignored)
+    assert ServerSettings.load({}, {}, ["pytest", "--arg", "api_key=x"]).api_key is None
+    path = tmp_path / "args.yaml"
+    path.write_text("max_num_seqs: 8\n")
+    with pytest.raises(ValueError, match="--arg max_num_seqs did not reach"):
+        ServerSettings.load({}, {}, ["/venv/bin/bentoml", "serve", "x:y", "--arg-file", str(path)])
+    assert ServerSettings.load({}, {"max_num_seqs": 8}, ["bentoml", "--arg-file", str(path)])

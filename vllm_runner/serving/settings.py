@@ -8,8 +8,9 @@ import logging
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -90,10 +91,14 @@ class ServerSettings:
         EngineArgs(**engine).validate()
 
     @classmethod
-    def load(cls, env: Mapping[str, str], args: Mapping[str, Any]) -> ServerSettings:
-        """Read settings from `args` (bentoml --arg), then `env`, then the defaults."""
+    def load(
+        cls, env: Mapping[str, str], args: Mapping[str, Any], argv: Sequence[str] = ()
+    ) -> ServerSettings:
+        """Read settings from `args` (bentoml --arg), then `env`, then the defaults.
+        ``argv``: the process's command line, to catch `--arg`s that BentoML dropped."""
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls)}
+        _check_cli_args(argv, args)
         unknown = sorted(set(args) - fields)
         if unknown:
             raise ValueError(
@@ -147,6 +152,42 @@ def _warn_unknown_env(env: Mapping[str, str], fields: set[str]) -> None:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         logger.warning("unknown environment variable %s%s: ignored", name, hint)
+
+
+def _check_cli_args(argv: Sequence[str], args: Mapping[str, Any]) -> None:
+    """Stop when a `bentoml` command line's `--arg` did not reach the service.
+
+    NOTE: serving a built bento (`bentoml serve <tag>`, and the container's entrypoint),
+    BentoML (1.4) hands the service the arguments recorded by `bentoml build`, not the
+    command line's: `--arg api_key=...` would serve without a key, and say nothing.
+    """
+    if not argv or "bentoml" not in Path(argv[0]).parts[-2:]:  # bentoml, bentoml/__main__.py
+        return
+    given: dict[str, str] = {}
+    for i, token in enumerate(argv):
+        if token == "--arg" and i + 1 < len(argv):
+            item = argv[i + 1]
+        elif token.startswith("--arg="):
+            item = token.removeprefix("--arg=")
+        elif token == "--arg-file" and i + 1 < len(argv):
+            import yaml  # (a bentoml dependency)
+
+            with open(argv[i + 1]) as f:
+                given.update({k: str(v) for k, v in (yaml.safe_load(f) or {}).items()})
+            continue
+        else:
+            continue
+        key, _, value = item.partition("=")
+        given[key] = value
+    dropped = sorted(k for k, v in given.items() if k not in args or str(args[k]) != v)
+    if dropped:
+        recorded = ", ".join(sorted(args)) or "none"
+        env = ", ".join(ENV_PREFIX + k.upper() for k in dropped)
+        raise ValueError(
+            f"--arg {', '.join(dropped)} did not reach the service: serving a built bento, "
+            f"BentoML passes it only the --arg values given to `bentoml build` ({recorded}); "
+            f"set {env} instead"
+        )
 
 
 def _check_api_key(key: str, source: str) -> None:
