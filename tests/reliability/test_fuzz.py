@@ -43,7 +43,15 @@ def unbounded(body: dict[str, Any]) -> bool:
     return body.get("max_tokens") is None and body.get("max_completion_tokens") is None
 
 
-ROUTES = ["/complete", "/generate", "/score", "/v1/chat/completions", "/v1/completions"]
+ROUTES = [
+    "/complete",
+    "/detokenize",
+    "/generate",
+    "/score",
+    "/tokenize",
+    "/v1/chat/completions",
+    "/v1/completions",
+]
 
 
 @pytest.fixture
