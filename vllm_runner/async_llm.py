@@ -129,7 +129,7 @@ class AsyncLLM:
         """The prompt's token ids, once it passed every check (``chat``: a chat template's
         text, tokenized as ``InputProcessor.tokenize`` says; ``fit``: checked as a server's
         route runs it, a missing max_tokens capped by ``InputProcessor.fit``)."""
-        ids = self.inputs.tokenize(prompt, chat)
+        ids = self.inputs.tokenize(prompt, chat, params)
         self.inputs.validate(ids, self.inputs.fit(ids, params) if fit else params)
         return ids
 

@@ -85,7 +85,8 @@ class LLM:
         tqdm-like class), as vLLM's (whose default is True)."""
         default = self.get_default_sampling_params()
         prompts, params = normalize_batch(prompts, sampling_params, default)
-        ids = [self.engine.inputs.tokenize(p) for p in prompts]
+        inputs = self.engine.inputs
+        ids = [inputs.tokenize(p, False, sp) for p, sp in zip(prompts, params, strict=True)]
         return self._run(prompts, ids, params, use_tqdm)
 
     def _run(
@@ -144,7 +145,8 @@ class LLM:
             for c in conversations
         ]
         _, params = normalize_batch(prompts, sampling_params, self.get_default_sampling_params())
-        ids = [self.engine.inputs.tokenize(p, chat=True) for p in prompts]
+        inputs = self.engine.inputs
+        ids = [inputs.tokenize(p, True, sp) for p, sp in zip(prompts, params, strict=True)]
         return self._run(prompts, ids, params, use_tqdm)
 
     def apply_chat_template(self, messages: list[dict], **options: Any) -> str:

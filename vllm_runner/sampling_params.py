@@ -44,6 +44,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # added to the token's logit (OpenAI's range)
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    truncate_prompt_tokens: int | None = None  # use the prompt's last k tokens (-1: max_model_len)
     # Filled by the engine (not user settings): the model's EOS ids, and the tokenizer's one,
     # whose stop_reason is None (the others, generation_config's, name themselves, as vLLM).
     # Not arguments: given, they would be overwritten.
@@ -60,11 +62,18 @@ class SamplingParams:
                 raise ValueError(f"{name} must be {limit}, got {value!r}")
         self.stop = list(self.stop or [])
         self.stop_token_ids = [_as_int(t) for t in self.stop_token_ids or []]
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            if isinstance(allowed, str | bytes | dict) or not isinstance(allowed, Iterable):
+                raise ValueError(
+                    f"allowed_token_ids must be a non-empty list of token ids, got {allowed!r}"
+                )
+            self.allowed_token_ids = [_as_int(t) for t in allowed]
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is True:  # as vLLM: one (other bools are refused)
                 setattr(self, name, 1)
         for name in ("n", "max_tokens", "top_k", "min_tokens", "logprobs", "prompt_logprobs",
-                     "seed"):  # fmt: skip
+                     "seed", "truncate_prompt_tokens"):  # fmt: skip
             setattr(self, name, _as_int(getattr(self, name)))
         if self.top_k == -1:
             self.top_k = 0
@@ -120,6 +129,15 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise bad("stop_token_ids entry", t, "a token id (an integer >= 0)")
+        k = self.truncate_prompt_tokens
+        if k is not None and (not _is_int(k) or (k < 1 and k != -1)):
+            raise bad("truncate_prompt_tokens", k, "-1 or an integer >= 1")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise bad("allowed_token_ids", [], "a non-empty list of token ids")
+            for t in self.allowed_token_ids:
+                if not _is_int(t) or t < 0:
+                    raise bad("allowed_token_ids entry", t, "a token id (an integer >= 0)")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise bad("logit_bias", self.logit_bias, "a {token id: bias} dict")

@@ -357,6 +357,8 @@ def test_sampling_on_a_gpu_never_waits_for_the_device():
         dict(temperature=1.0, logit_bias={7: 100.0}),  # (the bias decides)
         dict(temperature=0.0, min_tokens=4, repetition_penalty=1.3, presence_penalty=0.5),
         dict(temperature=0.7, frequency_penalty=0.4, top_k=1),  # (top-1 decides)
+        dict(temperature=0.0, allowed_token_ids=[3, 8, 500]),
+        dict(temperature=1.0, allowed_token_ids=[3, 8, 500], seed=7),
     ]
     rows = []
     for s in settings:
@@ -366,7 +368,7 @@ def test_sampling_on_a_gpu_never_waits_for_the_device():
     logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(0))
     logits[:, 0] = 50.0  # EOS would win where min_tokens does not hold it
     cuda_logits = logits.cuda()
-    pending = torch.tensor([-1, 3, 4, -1], device="cuda")
+    pending = torch.tensor([-1, 3, 4, -1, -1, -1], device="cuda")
     sampler = Sampler(torch.device("cuda"), 0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -376,4 +378,5 @@ def test_sampling_on_a_gpu_never_waits_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
     want, _ = Sampler(torch.device("cpu"), 0).sample(logits, rows, pending.cpu())
     got = sampled.tolist()
-    assert got[1:] == want.tolist()[1:] and got[1] == 7 and got[2] != 0
+    assert got[1:5] == want.tolist()[1:5] and got[1] == 7 and got[2] != 0
+    assert got[4] in (3, 8, 500) and got[5] in (3, 8, 500)

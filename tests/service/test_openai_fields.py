@@ -248,13 +248,13 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
         ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": 101}}, "logit_bias"),
         ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"999999": 1}}, "logit_bias"),
         # vLLM's own request fields that change the output, at values other than unused
-        ("/v1/completions", {"prompt": PROMPT, "allowed_token_ids": [5, 6]}, "allowed_token_ids"),
+        ("/v1/completions", {"prompt": PROMPT, "allowed_token_ids": []}, "allowed_token_ids"),
         ("/v1/completions", {"prompt": PROMPT, "bad_words": [" Paris"]}, "bad_words"),
         ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 1}, "prompt_logprobs"),
         ("/v1/completions", {"prompt": PROMPT, "use_beam_search": True}, "use_beam_search"),
         (
             "/v1/completions",
-            {"prompt": PROMPT, "truncate_prompt_tokens": 2},
+            {"prompt": PROMPT, "truncate_prompt_tokens": -2},
             "truncate_prompt_tokens",
         ),
         ("/v1/completions", {"prompt": PROMPT, "add_special_tokens": False}, "add_special_tokens"),

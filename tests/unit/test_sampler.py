@@ -102,3 +102,28 @@ def test_a_temperature_beyond_fp32_samples_uniformly_not_token_0():
             ids, _ = Sampler(torch.device("cpu"), 0).sample(logits.repeat(num, 1), rows)
             drawn = set(ids.tolist())
             assert 7 not in drawn and len(drawn) > vocab // 2, (temperature, seed, sorted(drawn))
+
+
+def test_allowed_token_ids_leave_only_those_tokens_in_their_rows():
+    """Every token outside a row's allowed_token_ids is -inf, for all rows at once; the
+    other rows are untouched, and logprobs stay those of the raw distribution."""
+    from vllm_runner.sample.sampler import apply_allowed_token_ids
+
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
+    lists = [[3, 7], None, [29], [0, 5, 5, 11]]
+    rows = [_row(allowed_token_ids=a) for a in lists]
+    got = logits.clone()
+    apply_allowed_token_ids(got, rows)
+    for i, allowed in enumerate(lists):
+        keep = set(range(30)) if allowed is None else set(allowed)
+        for t in range(30):
+            assert got[i, t] == (logits[i, t] if t in keep else -math.inf), (i, t)
+    sampler = Sampler(torch.device("cpu"), 0)
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(temperature=temperature, allowed_token_ids=[4, 9], logprobs=1)
+        rows = [SamplingRow(params, [1], 1, seed) for seed in range(40)]
+        out = sampler(logits[:1].repeat(40, 1), rows)
+        assert set(out.token_ids) <= {4, 9}, temperature
+        raw = logits[0].log_softmax(-1)
+        pairs = zip(out.token_ids, out.logprobs, strict=True)
+        assert all(abs(lp[0] - raw[t]) < 1e-5 for t, lp in pairs)

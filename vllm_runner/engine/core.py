@@ -131,7 +131,7 @@ class EngineCore:
         strings need the text here (the request ends at the token that completes one).
         ``arrival_time``: the ``time.monotonic()`` its latencies count from (default: now)."""
         if prompt_ids is None:
-            prompt_ids = self.inputs.tokenize(prompt)
+            prompt_ids = self.inputs.tokenize(prompt, params=params)
         self.inputs.validate(prompt_ids, params)
         if not detokenize and params.stop:
             raise ValueError(

@@ -83,10 +83,30 @@ class InputProcessor:
         )
         self.uncounted = dropped_chars(tokenizer) if tokenizer is not None else ""
 
-    def tokenize(self, prompt: str | list[int] | dict, chat: bool = False) -> list[int]:
+    def tokenize(
+        self,
+        prompt: str | list[int] | dict,
+        chat: bool = False,
+        params: SamplingParams | None = None,
+    ) -> list[int]:
         """``chat``: ``prompt`` is a chat template's text, which holds every special token the
         model wants (as vLLM's chat route and HF's ``apply_chat_template``: none added).
-        ``prompt`` may be a vLLM prompt dict (``TextPrompt``, ``TokensPrompt``)."""
+        ``prompt`` may be a vLLM prompt dict (``TextPrompt``, ``TokensPrompt``). ``params``:
+        the request's, whose ``truncate_prompt_tokens`` keeps the ids' last k (as vLLM: of
+        the tokenized text, BOS or chat template included), before any length check."""
+        ids = self._tokenize(prompt, chat)
+        k = params.truncate_prompt_tokens if isinstance(params, SamplingParams) else None
+        if k is None:
+            return ids
+        max_len = self.limits.max_model_len
+        if k > max_len:
+            raise ValueError(
+                f"truncate_prompt_tokens {k} is more than max_model_len ({max_len}): "
+                "choose a smaller one, or -1 for max_model_len"
+            )
+        return ids[-(max_len if k == -1 else k) :]
+
+    def _tokenize(self, prompt: str | list[int] | dict, chat: bool) -> list[int]:
         prompt = unpack_prompt(prompt)
         if isinstance(prompt, str):
             if not prompt:
@@ -161,6 +181,7 @@ class InputProcessor:
             )
         self._check_in_vocab("logit_bias token id", params.logit_bias or ())
         self._check_in_vocab("stop_token_ids entry", params.stop_token_ids)
+        self._check_in_vocab("allowed_token_ids entry", params.allowed_token_ids or ())
 
     def default_params(self, prompt: str | list[int] | dict) -> SamplingParams:
         """The model's sampling defaults for ``prompt``, a request given no SamplingParams.

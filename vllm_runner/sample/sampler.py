@@ -77,6 +77,20 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     logits.index_put_((index[0], index[1]), values, accumulate=True)
 
 
+def apply_allowed_token_ids(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """-inf on every token outside a row's allowed_token_ids (rows without any: untouched),
+    every row's in one host-to-device copy and one fill."""
+    lists = [row.params.allowed_token_ids or () for row in rows]
+    lengths = [len(ids) for ids in lists]
+    flat = np.fromiter(itertools.chain.from_iterable(lists), np.int64, sum(lengths))
+    flat += np.repeat(np.arange(len(rows), dtype=np.int64) * logits.shape[1], lengths)
+    index = host_values(flat, torch.long, logits.device)  # row * vocab + token id
+    allowed = torch.zeros(logits.numel(), dtype=torch.bool, device=logits.device)
+    allowed = allowed.index_fill_(0, index, True).view_as(logits)  # [rows, vocab]
+    # NOTE: a row with a (non-empty) list has some True: rows with none keep every token
+    logits.masked_fill_(allowed.any(dim=-1, keepdim=True) & ~allowed, float("-inf"))
+
+
 def apply_penalties(
     logits: torch.Tensor, rows: list[SamplingRow], pending: torch.Tensor | None = None
 ) -> None:
@@ -261,6 +275,8 @@ class Sampler:
             raw_logprobs = logits.log_softmax(dim=-1)
         if any(r.params.logit_bias for r in rows):
             apply_logit_bias(logits, rows)
+        if any(r.params.allowed_token_ids for r in rows):
+            apply_allowed_token_ids(logits, rows)
         if any(r.params.has_penalties for r in rows):
             apply_penalties(logits, rows, pending)
         if any(r.num_output_tokens < r.params.min_tokens for r in rows):

@@ -23,7 +23,15 @@ Stop = str | list[Annotated[str, Field(min_length=1)]] | None
 # NOTE: each step builds every row's bias tensors from its dict; OpenAI takes at most 300
 MAX_LOGIT_BIAS = 300
 Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
+# NOTE: each step builds every row's mask from its list (one index per entry)
+MAX_ALLOWED_TOKEN_IDS = 1000
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+_MAX_ENTRIES = {
+    "stop": MAX_STOP_STRINGS,
+    "logit_bias": MAX_LOGIT_BIAS,
+    "allowed_token_ids": MAX_ALLOWED_TOKEN_IDS,
+}
 
 
 class SamplingFields(BaseModel):
@@ -47,6 +55,8 @@ class SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[int, Bias] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
 
     def sampling_params(
         self, defaults: Mapping[str, Any] | None = None, **overrides: Any
@@ -67,10 +77,10 @@ class SamplingFields(BaseModel):
                 values[name] = min(values[name], value)
         return SamplingParams(**{**values, **overrides})
 
-    @field_validator("stop", "logit_bias", mode="before")
+    @field_validator("stop", "logit_bias", "allowed_token_ids", mode="before")
     @classmethod
     def _bounded(cls, value: Any, info: ValidationInfo) -> Any:
-        limit = MAX_STOP_STRINGS if info.field_name == "stop" else MAX_LOGIT_BIAS
+        limit = _MAX_ENTRIES[info.field_name]
         if isinstance(value, list | dict) and len(value) > limit:
             raise ValueError(f"at most {limit} entries, got {len(value)}")
         return value
@@ -157,11 +167,9 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "functions": ("function calling (functions)", _LIST),
     "function_call": ("function calling (function_call)", (None, "none")),
     "use_beam_search": ("beam search (use_beam_search)", _FLAG),
-    "allowed_token_ids": ("allowed_token_ids", _LIST),
     "bad_words": ("bad_words", _LIST),
     "logits_processors": ("logits_processors", _LIST),
     "prompt_logprobs": ("prompt_logprobs on this route (POST /score has them)", _NONE),
-    "truncate_prompt_tokens": ("truncate_prompt_tokens", _NONE),
     "return_tokens_as_token_ids": ("return_tokens_as_token_ids", _FLAG),
     "spaces_between_special_tokens": ("spaces_between_special_tokens false", (None, True)),
     "priority": ("request priority (priority)", (None, 0)),

@@ -178,4 +178,5 @@ def _plain_greedy(params: SamplingParams) -> bool:
         and params.min_tokens == 0
         and params.logprobs is None
         and not params.logit_bias
+        and not params.allowed_token_ids
     )
