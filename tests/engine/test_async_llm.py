@@ -1,6 +1,7 @@
 """AsyncLLM: one persistent loop fed by concurrent callers; streaming, abort, isolation."""
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -93,6 +94,22 @@ def test_stream_updates_merge_only_within_one_unfinished_completion():
     assert merge_updates(items) == items  # nothing here continues the update before it
     many = merge_updates([update(ids=(i,)) for i in range(20_000)])  # linear, not quadratic
     assert len(many) == 1 and many[0].new_token_ids == list(range(20_000))
+    first = dataclasses.replace(update(), prompt_logprobs=[None, {5: -1.0}])
+    (merged,) = merge_updates([first, update()])  # a first update's prompt logprobs stay
+    assert merged.prompt_logprobs == [None, {5: -1.0}]
+
+
+def test_the_first_update_carries_the_prompt_logprobs(smol):
+    params = SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=1)
+
+    async def main():
+        updates = [o async for o in smol.stream("The capital of France is", params)]
+        return updates, (await smol.generate(["The capital of France is"], params))[0]
+
+    updates, final = run(main())
+    assert updates[0].prompt_logprobs == final.prompt_logprobs
+    assert len(final.prompt_logprobs) == len(final.prompt_token_ids)
+    assert all(u.prompt_logprobs is None for u in updates[1:])
 
 
 def test_stream_deltas_add_up_to_the_final_text(smol):

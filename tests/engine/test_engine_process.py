@@ -86,6 +86,21 @@ def test_streamed_updates_are_whole_again_after_the_pipe(apart, smol_llm):
         assert [lp for u in mine for lp in u.new_logprobs] == completion.logprobs
 
 
+def test_prompt_logprobs_come_through_the_pipe(apart, smol_llm):
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2)
+    (want,) = smol_llm.generate(["The capital of France is"], params)
+
+    async def main():
+        return [o async for o in apart.stream("The capital of France is", params)]
+
+    first = run(main())[0]
+    assert first.prompt_logprobs[0] is None
+    assert len(first.prompt_logprobs) == len(want.prompt_logprobs)
+    for mine, theirs in zip(first.prompt_logprobs[1:], want.prompt_logprobs[1:], strict=True):
+        assert mine.keys() == theirs.keys()
+        assert list(mine.values()) == pytest.approx(list(theirs.values()), abs=1e-5)
+
+
 def test_the_front_end_builds_the_text_of_requests_without_stop_strings(apart, smol_llm):
     """The engine process leaves those requests' text to the front end (it ends a request at
     a stop string, so it keeps the text of those): the same deltas, texts and final outputs

@@ -272,7 +272,11 @@ class EngineCore:
             if stop is not None:
                 self.scheduler.finish_request(out.request_id, RequestStatus.FINISHED_STOPPED)
             if stream:
-                outputs.append(stream_output(state, index, out.new_token_ids, out.new_logprobs))
+                outputs.append(
+                    stream_output(
+                        state, index, out.new_token_ids, out.new_logprobs, out.prompt_logprobs
+                    )
+                )
             if state.completions[index].finish_reason is not None:  # (else none ended here)
                 self._forget_if_finished(state)
         return outputs

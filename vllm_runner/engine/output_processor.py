@@ -122,7 +122,11 @@ def apply_step_output(state: RequestState, index: int, out: EngineStepOutput) ->
 
 
 def stream_output(
-    state: RequestState, index: int, new_ids: list[int], new_logprobs: list[dict[int, float]] | None
+    state: RequestState,
+    index: int,
+    new_ids: list[int],
+    new_logprobs: list[dict[int, float]] | None,
+    prompt_logprobs: list[dict[int, float] | None] | None = None,
 ) -> StreamOutput:
     c = state.completions[index]
     finished = c.finish_reason is not None
@@ -140,4 +144,5 @@ def stream_output(
         state.prompt_token_ids,
         c.stop_reason,
         state.error,
+        prompt_logprobs,
     )

@@ -132,6 +132,8 @@ class StreamOutput:
     prompt_token_ids: list[int]
     stop_reason: int | str | None = None
     error: str | None = None
+    # on a completion's first update, when asked: RequestOutput.prompt_logprobs
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def __str__(self) -> str:
         return self.delta
@@ -168,6 +170,9 @@ def merge_updates(items: list) -> list:
                     delta="".join(u.delta for u in run),
                     new_token_ids=[t for u in run for t in u.new_token_ids],
                     new_logprobs=logprobs,
+                    prompt_logprobs=next(
+                        (u.prompt_logprobs for u in run if u.prompt_logprobs is not None), None
+                    ),
                 )
             )
         run.clear()

@@ -138,17 +138,18 @@ def pack(item: object) -> object:
         item.finish_reason,
         item.stop_reason,
         item.error,
+        item.prompt_logprobs,
     )
 
 
 def unpack(packed: tuple, request_id: str, prompt_ids: list[int], texts: dict[int, str]):
     """The StreamOutput that ``pack`` made ``packed`` from; ``texts``: each completion's text
     so far (updated)."""
-    index, delta, num_ids, new_ids, new_logprobs, finished, reason, stop_reason, error = packed
+    index, delta, num_ids, new_ids, new_logprobs, finished, reason, *rest = packed
     texts[index] = text = texts.get(index, "") + delta
     return StreamOutput(
         request_id, index, delta, text, num_ids, new_ids, new_logprobs, finished, reason,
-        prompt_ids, stop_reason, error,
+        prompt_ids, *rest,
     )  # fmt: skip
 
 
