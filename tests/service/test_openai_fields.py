@@ -220,7 +220,7 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
         ("/v1/completions", {"prompt": PROMPT, "max_tokens": -3}, "max_tokens"),
         ("/v1/completions", {"prompt": PROMPT, "logprobs": 50}, "logprobs"),
         ("/v1/completions", {"prompt": PROMPT, "top_k": 2**63}, "top_k"),
-        ("/v1/completions", {"prompt": PROMPT, "echo": True}, "echo"),
+        ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
         (
             "/v1/completions",
             {"prompt": PROMPT, "stream_options": {"include_usage": True}},

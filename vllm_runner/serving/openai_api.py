@@ -15,12 +15,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
-from vllm_runner.async_llm import EngineDeadError, RequestError
+from vllm_runner.async_llm import EngineDeadError
 from vllm_runner.sampling_params import SamplingParams
+from vllm_runner.serving import completions as completions_api
 from vllm_runner.serving import openai_format as fmt
 from vllm_runner.serving.protocol import (
     UNSUPPORTED,
@@ -29,14 +30,7 @@ from vllm_runner.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
-from vllm_runner.serving.streams import (
-    Choice,
-    collect,
-    merge,
-    new_request_id,
-    stream_or_abort,
-    until_disconnect,
-)
+from vllm_runner.serving.streams import events, gather, new_request_id, until_disconnect
 from vllm_runner.serving.tokenize_api import add_tokenize_routes
 
 logger = logging.getLogger(__name__)
@@ -48,8 +42,6 @@ _FIELDS = _COMPLETION_FIELDS | _CHAT_FIELDS
 _SHOWN_INPUT = 80  # characters of a refused value quoted back
 _SHOWN_MESSAGE = 400  # characters of a validator's message (its value comes last)
 _SEND_JSON = "send a JSON object with content-type application/json"
-# the answer to a client that left before its completion: nobody reads it
-_CLIENT_GONE = fmt.OpenAIError(499, "client disconnected", "client_closed_request")
 
 
 class EngineNotReady(RuntimeError):
@@ -190,25 +182,10 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
             await validate(engine, p, params, "prompt", _COMPLETION_FIELDS) for p in body.prompts()
         ]
         ids, each = [i for i, _ in checked], [p for _, p in checked]
-        rid = new_request_id("cmpl")
-        decode = fmt.TokenDecoder(engine.tokenizer)
-
-        def choice(i: int, c: Choice) -> dict[str, Any]:
-            lps = (
-                fmt.completion_logprobs(decode, c.token_ids, c.logprobs)
-                if body.logprobs is not None
-                else None
-            )
-            return {"index": i, "text": c.text, "logprobs": lps, **_finish(c)}
-
-        env = fmt.Envelope("text_completion", rid, engine.model_name)
+        env = fmt.Envelope("text_completion", new_request_id("cmpl"), engine.model_name)
         if body.stream:
-            return _sse(_stream_completion(engine, ids, each, env, body, decode))
-        results = await until_disconnect(request.receive, _gather(engine, ids, each, rid))
-        if results is None:
-            return _CLIENT_GONE.response()
-        choices = [choice(p * body.n + c.index, c) for p, (_, cs) in enumerate(results) for c in cs]
-        return env(choices=choices, usage=_usage(results))
+            return fmt.sse_response(completions_api.stream(engine, body, ids, each, env))
+        return await completions_api.answer(engine, body, ids, each, env, request.receive)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -229,11 +206,11 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         decode = fmt.TokenDecoder(engine.tokenizer)
         if body.stream:
             env = fmt.Envelope("chat.completion.chunk", rid, engine.model_name)
-            return _sse(_stream_chat(engine, ids, params, env, body, decode))
+            return fmt.sse_response(_stream_chat(engine, ids, params, env, body, decode))
         env = fmt.Envelope("chat.completion", rid, engine.model_name)
-        results = await until_disconnect(request.receive, _gather(engine, [ids], [params], rid))
+        results = await until_disconnect(request.receive, gather(engine, [ids], [params], rid))
         if results is None:
-            return _CLIENT_GONE.response()
+            return fmt.CLIENT_GONE.response()
         choices = [
             {
                 "index": c.index,
@@ -243,104 +220,14 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
                     if body.logprobs
                     else None
                 ),
-                **_finish(c),
+                **fmt.finish(c),
             }
             for c in results[0][1]
         ]
-        return env(choices=choices, usage=_usage(results))
+        return env(choices=choices, usage=fmt.results_usage(results))
 
     add_tokenize_routes(app, engine_for, get_engine)
     return app
-
-
-def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
-
-
-def _finish(done: Any) -> dict[str, Any]:
-    """A choice's finish_reason and, as vLLM, stop_reason: the stop string or stop token id
-    that ended it (None for EOS or a length limit, and while it runs)."""
-    if done is None:
-        return {"finish_reason": None, "stop_reason": None}
-    return {"finish_reason": done.finish_reason, "stop_reason": done.stop_reason}
-
-
-def _usage(results: list[tuple[list[int], list[Choice]]]) -> dict[str, int]:
-    return fmt.usage(
-        sum(len(p) for p, _ in results), sum(len(c.token_ids) for _, cs in results for c in cs)
-    )
-
-
-async def _gather(
-    engine: Any, ids: list[list[int]], params: list[SamplingParams], rid: str
-) -> list[tuple[list[int], list[Choice]]]:
-    """Each prompt of ``ids`` with its ``params``, to the end."""
-    jobs = enumerate(zip(ids, params, strict=True))
-    tasks = [collect(engine, p, sp, f"{rid}-{i}") for i, (p, sp) in jobs]
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    for r in results:
-        if isinstance(r, RequestError):  # this request alone failed; the engine runs on
-            raise fmt.OpenAIError(500, str(r), "internal_server_error") from r
-        if isinstance(r, BaseException):
-            raise r
-    return results  # type: ignore[return-value]
-
-
-async def _events(
-    engine: Any, ids: list[list[int]], params: list[SamplingParams], rid: str
-) -> AsyncIterator[tuple[int, Any]]:
-    jobs = enumerate(zip(ids, params, strict=True))
-    streams = [stream_or_abort(engine, p, sp, f"{rid}-{i}") for i, (p, sp) in jobs]
-    async for i, out in merge(streams):
-        yield i, out
-
-
-def _chunk_usage(body: Any, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """A content chunk's usage field: with include_usage null (as OpenAI), or with vLLM's
-    continuous_usage_stats this choice's usage so far; absent otherwise."""
-    if body.continuous_usage:
-        return {"usage": fmt.usage(prompt_tokens, completion_tokens)}
-    return {"usage": None} if body.include_usage else {}
-
-
-async def _stream_completion(
-    engine: Any,
-    ids: list[list[int]],
-    params: list[SamplingParams],
-    env: fmt.Envelope,
-    body: CompletionRequest,
-    decode: Callable[[int], str],
-) -> AsyncIterator[str]:
-    generated: dict[int, int] = {}
-    text_offset: dict[int, int] = {}  # per choice: where its next chunk's tokens start
-    try:
-        async for p, out in _events(engine, ids, params, env.request_id):
-            index = p * body.n + out.index
-            generated[index] = out.num_token_ids
-            lps = None
-            if body.logprobs is not None and out.new_logprobs:
-                offset = text_offset.get(index, 0)
-                lps = fmt.completion_logprobs(decode, out.new_token_ids, out.new_logprobs, offset)
-                text_offset[index] = offset + sum(len(t) for t in lps["tokens"])
-            if not (out.delta or out.finished or lps):
-                continue
-            choice = {
-                "index": index,
-                "text": out.delta,
-                "logprobs": lps,
-                **_finish(out if out.finished else None),
-            }
-            usage = _chunk_usage(body, len(ids[p]), generated[index])
-            yield fmt.sse(env(choices=[choice], **usage))
-        if body.include_usage:
-            usage = fmt.usage(sum(len(p) for p in ids), sum(generated.values()))
-            yield fmt.sse(env(choices=[], usage=usage))
-    except Exception as exc:  # headers are sent: report in-band, as OpenAI does
-        logger.exception("stream %s failed", env.request_id)
-        yield fmt.sse(fmt.OpenAIError(500, str(exc), "internal_server_error").body())
-    yield fmt.DONE
 
 
 async def _stream_chat(
@@ -354,14 +241,14 @@ async def _stream_chat(
     generated: dict[int, int] = {}
 
     def chunk(index: int, delta: dict[str, Any], finished: Any = None, logprobs: Any = None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, **_finish(finished)}
-        usage = _chunk_usage(body, len(ids), generated.get(index, 0))
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, **fmt.finish(finished)}
+        usage = fmt.chunk_usage(body, len(ids), generated.get(index, 0))
         return fmt.sse(env(choices=[choice], **usage))
 
     try:
         for i in range(params.n):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for _, out in _events(engine, [ids], [params], env.request_id):
+        async for _, out in events(engine, [ids], [params], env.request_id):
             generated[out.index] = out.num_token_ids
             lps = None
             if body.logprobs and out.new_logprobs:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from vllm_runner.tokenizer import piece_bytes
 
@@ -50,6 +50,10 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
+# the answer to a client that left before its completion: nobody reads it
+CLIENT_GONE = OpenAIError(499, "client disconnected", "client_closed_request")
+
+
 def bad_request(exc: ValueError, default_param: str | None, fields: set[str]) -> OpenAIError:
     """A 400 for an engine-side ValueError; its message names the field when it starts with one."""
     message = str(exc)
@@ -59,6 +63,12 @@ def bad_request(exc: ValueError, default_param: str | None, fields: set[str]) ->
 
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,29 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def results_usage(results: list[tuple[list[int], list[Any]]]) -> dict[str, int]:
+    """The usage of (prompt ids, choices) results (``streams.collect``'s)."""
+    return usage(
+        sum(len(p) for p, _ in results), sum(len(c.token_ids) for _, cs in results for c in cs)
+    )
+
+
+def chunk_usage(body: Any, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """A content chunk's usage field: with include_usage null (as OpenAI), or with vLLM's
+    continuous_usage_stats this choice's usage so far; absent otherwise."""
+    if body.continuous_usage:
+        return {"usage": usage(prompt_tokens, completion_tokens)}
+    return {"usage": None} if body.include_usage else {}
+
+
+def finish(done: Any) -> dict[str, Any]:
+    """A choice's finish_reason and, as vLLM, stop_reason: the stop string or stop token id
+    that ended it (None for EOS or a length limit, and while it runs)."""
+    if done is None:
+        return {"finish_reason": None, "stop_reason": None}
+    return {"finish_reason": done.finish_reason, "stop_reason": done.stop_reason}
 
 
 class TokenDecoder:

@@ -144,7 +144,7 @@ NULL_IS_DEFAULT = (
     "temperature", "top_p", "top_k", "min_p", "n", "stream", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens",
     "include_stop_str_in_output", "skip_special_tokens", "logprobs", "add_generation_prompt",
-    "continue_final_message",
+    "continue_final_message", "echo",
 )  # fmt: skip
 # OpenAI / vLLM fields that change the output and that this server does not implement: a
 # request using them is refused rather than answered as if they were absent. Each maps to
@@ -156,7 +156,6 @@ _FLAG = (None, False)
 _KWARGS = (None, {})
 UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "suffix": ("suffix", (None, "")),
-    "echo": ("echo", _FLAG),
     "response_format": ("structured output (response_format)", (None, {"type": "text"})),
     "structured_outputs": ("structured output (structured_outputs)", _NONE),
     "guided_json": ("guided decoding (guided_json)", _NONE),
@@ -179,6 +178,7 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
 UNSUPPORTED_COMPLETION = {"add_special_tokens": ("add_special_tokens false", (None, True))}
 UNSUPPORTED_CHAT = {
     "add_special_tokens": ("add_special_tokens true", _FLAG),
+    "echo": ("echo on this route", _FLAG),
     "chat_template": ("a request's own chat_template", _NONE),
     "documents": ("documents", _LIST),
     "mm_processor_kwargs": ("mm_processor_kwargs", _KWARGS),
@@ -254,9 +254,29 @@ class CompletionRequest(OpenAIFields):
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False  # each choice's text (and logprobs) starts with the prompt's
+    # as vLLM: 0 (with echo) answers the prompt alone, e.g. to score its tokens
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+
+    def sampling_params(
+        self, defaults: Mapping[str, Any] | None = None, **overrides: Any
+    ) -> SamplingParams:
+        if self.max_tokens == 0:
+            if not self.echo:
+                raise ValueError("max_tokens must be >= 1 (0 only with echo: true), got 0")
+            if self.min_tokens:
+                raise ValueError(f"min_tokens must be <= max_tokens (0), got {self.min_tokens}")
+            # NOTE: the engine samples one token (its step computes the prompt's logprobs);
+            # the route drops it
+            overrides = {"max_tokens": 1, **overrides}
+        return super().sampling_params(defaults, **overrides)
 
     def completion_sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
-        return self.sampling_params(defaults, n=self.n, logprobs=self.logprobs)
+        # the prompt's logprobs only when they are echoed (they cost a full prefill, uncached)
+        prompt_logprobs = self.logprobs if self.echo else None
+        return self.sampling_params(
+            defaults, n=self.n, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs
+        )
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

@@ -10,7 +10,9 @@ from typing import Any, TypeVar
 
 import anyio
 
+from vllm_runner.engine.errors import RequestError
 from vllm_runner.sampling_params import SamplingParams
+from vllm_runner.serving.openai_format import OpenAIError
 
 T = TypeVar("T")
 
@@ -107,8 +109,11 @@ class Choice:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # when asked
 
     def add(self, out: Any) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text += out.delta
         self.token_ids.extend(out.new_token_ids)
         if out.new_logprobs:
@@ -127,3 +132,28 @@ async def collect(
         prompt_ids = out.prompt_token_ids or prompt_ids
         choices[out.index].add(out)
     return prompt_ids, choices
+
+
+async def gather(
+    engine: Any, ids: list[list[int]], params: list[SamplingParams], rid: str
+) -> list[tuple[list[int], list[Choice]]]:
+    """Each prompt of ``ids`` with its ``params``, to the end."""
+    jobs = enumerate(zip(ids, params, strict=True))
+    tasks = [collect(engine, p, sp, f"{rid}-{i}") for i, (p, sp) in jobs]
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for r in results:
+        if isinstance(r, RequestError):  # this request alone failed; the engine runs on
+            raise OpenAIError(500, str(r), "internal_server_error") from r
+        if isinstance(r, BaseException):
+            raise r
+    return results  # type: ignore[return-value]
+
+
+async def events(
+    engine: Any, ids: list[list[int]], params: list[SamplingParams], rid: str
+) -> AsyncIterator[tuple[int, Any]]:
+    """The updates of each prompt of ``ids`` with its ``params``: (prompt index, update)."""
+    jobs = enumerate(zip(ids, params, strict=True))
+    streams = [stream_or_abort(engine, p, sp, f"{rid}-{i}") for i, (p, sp) in jobs]
+    async for i, out in merge(streams):
+        yield i, out
