@@ -244,6 +244,10 @@ def test_requests_are_checked_in_the_caller(apart):
         apart.check_text_length("short", "prompt")
         with pytest.raises(ValueError, match="more than max_model_len"):
             apart.check_text_length("x" * (apart.inputs.max_prompt_chars + 1), "prompt")
+        eos = apart.tokenizer.eos_token_id  # (the engine's EOS ids came with its limits)
+        banned = SamplingParams(max_tokens=4, min_tokens=2, allowed_token_ids=[eos])
+        with pytest.raises(ValueError, match=rf"allowed_token_ids \[{eos}\] are all stop"):
+            await apart.generate([[1, 2]], banned)
         return await apart.generate(["Hello"], GREEDY)
 
     assert run(main())[0].text

@@ -2,6 +2,8 @@
 allowed_token_ids (only those tokens may be sampled), offline and through AsyncLLM."""
 
 import asyncio
+import dataclasses
+import re
 
 import pytest
 from engine_testing import GREEDY, make_llm, prompts
@@ -129,3 +131,27 @@ def test_bad_allowed_token_ids_are_refused(llm, allowed, match):
     with pytest.raises(ValueError, match=match):
         llm.generate([[1, 2, 3]], greedy(allowed_token_ids=allowed))
     assert len(llm.generate([[1, 2, 3]], GREEDY)[0].token_ids) == 24
+
+
+@pytest.mark.parametrize(
+    "kw, banned",
+    [
+        ({"allowed_token_ids": [42], "stop_token_ids": [42]}, "[42]"),
+        ({"allowed_token_ids": [2]}, "[2]"),  # the tiny llama's EOS id
+        ({"allowed_token_ids": [2], "ignore_eos": True}, "[2]"),  # min_tokens bans EOS too
+        ({"allowed_token_ids": [42, 2, 2], "stop_token_ids": [42, 7]}, "[2, 42]"),
+    ],
+)
+def test_allowed_token_ids_that_min_tokens_bans_are_refused(llm, kw, banned):
+    """Until min_tokens is reached stop and EOS ids are banned: with nothing else allowed no
+    token could be sampled (token 0, outside the allowed set, was)."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, min_tokens=2, **kw)
+    with pytest.raises(ValueError, match=rf"allowed_token_ids .*{re.escape(banned)}.*min_tokens"):
+        llm.generate([[1, 2, 3]], params)
+    assert llm.stats()["num_waiting"] == 0
+    # one allowed id min_tokens does not ban: that one, then the stop id
+    (out,) = llm.generate([[1, 2, 3]], dataclasses.replace(params, allowed_token_ids=[2, 42, 9]))
+    assert out.token_ids[:2] == [9, 9] and set(out.token_ids) <= {2, 42, 9}
+    # min_tokens 0: the stop / EOS ids may be sampled at once
+    (out,) = llm.generate([[1, 2, 3]], dataclasses.replace(params, min_tokens=0))
+    assert set(out.token_ids) <= set(kw["allowed_token_ids"])

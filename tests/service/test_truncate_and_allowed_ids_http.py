@@ -73,3 +73,19 @@ def test_allowed_token_ids_limits(client: Any, engine: Any) -> None:
         "/v1/completions", json={"prompt": PROMPT, "allowed_token_ids": list(range(1000)), **GREEDY}
     )
     assert r.status_code == 200, r.text[:300]
+
+
+def test_allowed_token_ids_that_min_tokens_bans_are_refused(client: Any, engine: Any) -> None:
+    """Only stop / EOS ids allowed while min_tokens bans them: a 400 naming the fields (token
+    0, outside the allowed set, was sampled)."""
+    eos = engine.tokenizer.eos_token_id
+    for body in ({"allowed_token_ids": [42], "stop_token_ids": [42]}, {"allowed_token_ids": [eos]}):
+        body = {"prompt": PROMPT, "min_tokens": 2, **GREEDY, **body}
+        for path in ("/v1/completions", "/generate"):
+            r = client.post(path, json=body)
+            assert r.status_code == 400, (path, r.text[:300])
+            assert "allowed_token_ids" in r.text and "min_tokens (2)" in r.text, r.text
+            if path == "/v1/completions":
+                assert r.json()["error"]["param"] == "allowed_token_ids", r.text
+        r = client.post("/complete", json={"requests": [body]})
+        assert r.status_code == 400 and "min_tokens (2)" in r.text, r.text[:300]

@@ -78,6 +78,7 @@ class EngineCore:
             num_blocks=self.runner.num_blocks,
             serving=serving,
             sampling_defaults=sampling_defaults,
+            eos_token_ids=frozenset(self.eos_ids),
         )
         self.inputs = InputProcessor(self.limits, self.tokenizer)
         graphs, pieces = self.runner.graphs, self.runner.pieces

@@ -72,6 +72,7 @@ class EngineLimits:
     serving: bool  # online: prompt + max_tokens must fit max_model_len (offline: cut)
     # the model's SamplingParams defaults (engine/sampling_defaults.py): {field: value}
     sampling_defaults: dict[str, object] = field(default_factory=dict)
+    eos_token_ids: frozenset[int] = frozenset()  # the model's (min_tokens bans them)
 
 
 class InputProcessor:
@@ -182,6 +183,7 @@ class InputProcessor:
         self._check_in_vocab("logit_bias token id", params.logit_bias or ())
         self._check_in_vocab("stop_token_ids entry", params.stop_token_ids)
         self._check_in_vocab("allowed_token_ids entry", params.allowed_token_ids or ())
+        self._check_allowed_not_all_banned(params)
 
     def default_params(self, prompt: str | list[int] | dict) -> SamplingParams:
         """The model's sampling defaults for ``prompt``, a request given no SamplingParams.
@@ -208,6 +210,20 @@ class InputProcessor:
     def max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         max_len = self.limits.max_model_len
         return min(params.max_tokens or max_len, max_len - prompt_len)
+
+    def _check_allowed_not_all_banned(self, params: SamplingParams) -> None:
+        """Until min_tokens is reached the sampler bans stop and EOS ids (EOS under ignore_eos
+        too): allowed_token_ids of those alone would leave no token to sample."""
+        allowed = set(params.allowed_token_ids or ())
+        if not params.min_tokens or not allowed:
+            return
+        eos = self.limits.eos_token_ids
+        if allowed <= set(params.stop_token_ids) | eos:
+            raise ValueError(
+                f"allowed_token_ids {sorted(allowed)} are all stop_token_ids or the model's EOS "
+                f"ids ({sorted(eos)}), which min_tokens ({params.min_tokens}) bans until it is "
+                "reached: no token could be sampled; allow another token or set min_tokens 0"
+            )
 
     def _check_in_vocab(self, what: str, token_ids) -> None:
         vocab_size = self.limits.vocab_size
