@@ -127,6 +127,24 @@ def test_rope_scalings_match_hf(tmp_path, scaling):
         assert out.token_ids == hf_greedy(hf, prompt, 16)
 
 
+def assert_serves_past_max_positions(config, path, positions: int, lengths: list[int]) -> None:
+    """The model of ``config`` serves ``positions`` (its max_model_len): prompts of
+    ``lengths`` (past max_position_embeddings) get HF's greedy tokens, and a max_model_len
+    past ``positions`` is refused naming the limit."""
+    hf = saved_random_model(config, path)
+    llm = LLM(str(path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
+    assert llm.engine.limits.max_model_len == positions
+    prompts = [[random.Random(i).randrange(384) for _ in range(n)] for i, n in enumerate(lengths)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == hf_greedy(hf, prompt, 8)
+    too_long = positions + 88
+    with pytest.raises(
+        ValueError, match=f"max_model_len={too_long} exceeds the model's {positions} positions"
+    ):
+        LLM(str(path), dtype="float32", device="cpu", max_model_len=too_long)
+
+
 def test_yarn_extends_the_context_past_max_position_embeddings(tmp_path):
     """Qwen2.5's long context: max_position_embeddings stays the original 256 and YaRN's
     factor 4 serves 1,024 positions (as vLLM reads it). The engine takes prompts past 256
@@ -143,15 +161,7 @@ def test_yarn_extends_the_context_past_max_position_embeddings(tmp_path):
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, rope_parameters=yarn,
                          tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"])  # fmt: skip
-    hf = saved_random_model(config, tmp_path)
-    llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
-    assert llm.engine.limits.max_model_len == 1024
-    prompts = [[random.Random(i).randrange(384) for _ in range(300 + 300 * i)] for i in range(2)]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    for prompt, out in zip(prompts, outs, strict=True):
-        assert out.token_ids == hf_greedy(hf, prompt, 8)
-    with pytest.raises(ValueError, match=r"max_model_len=2048 exceeds the model's 1024 positions"):
-        LLM(str(tmp_path), dtype="float32", device="cpu", max_model_len=2048)
+    assert_serves_past_max_positions(config, tmp_path, 1024, [300, 600])
 
 
 def _variant_config(family: str, **options):
@@ -205,12 +215,4 @@ def test_linear_rope_scaling_extends_the_context_by_its_factor(tmp_path):
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128, rope_parameters=linear,
                          architectures=["LlamaForCausalLM"])  # fmt: skip
-    hf = saved_random_model(config, tmp_path)
-    llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
-    assert llm.engine.limits.max_model_len == 512
-    prompts = [[random.Random(i).randrange(384) for _ in range(200 + 250 * i)] for i in range(2)]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    for prompt, out in zip(prompts, outs, strict=True):
-        assert out.token_ids == hf_greedy(hf, prompt, 8)
-    with pytest.raises(ValueError, match=r"max_model_len=600 exceeds the model's 512 positions"):
-        LLM(str(tmp_path), dtype="float32", device="cpu", max_model_len=600)
+    assert_serves_past_max_positions(config, tmp_path, 512, [200, 450])
