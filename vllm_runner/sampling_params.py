@@ -5,7 +5,6 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-_GREEDY_EPS = 1e-5
 MIN_TEMPERATURE = 0.01  # a smaller one above 0 is raised to it, as vLLM does
 INT64_MAX = 2**63 - 1  # top_k becomes an int64 tensor
 
@@ -149,7 +148,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < _GREEDY_EPS or self.top_k == 1
+        return self.temperature == 0 or self.top_k == 1  # (0 < t < 0.01 is raised)
 
     @property
     def has_penalties(self) -> bool:
