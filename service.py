@@ -107,7 +107,7 @@ class CompleteInput(CompleteRequest):
             params = self.sampling_params(engine.inputs.limits.sampling_defaults)
             if short_texts(self.prompt):
                 self._ids = engine.validate(self.prompt, params, fit=True)
-            else:
+            elif params.truncate_prompt_tokens is None:  # (a cut text may be any length)
                 engine.check_text_length(self.prompt, "prompt")
         return self
 

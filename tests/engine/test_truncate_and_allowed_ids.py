@@ -155,3 +155,14 @@ def test_allowed_token_ids_that_min_tokens_bans_are_refused(llm, kw, banned):
     # min_tokens 0: the stop / EOS ids may be sampled at once
     (out,) = llm.generate([[1, 2, 3]], dataclasses.replace(params, min_tokens=0))
     assert set(out.token_ids) <= set(kw["allowed_token_ids"])
+
+
+def test_a_text_too_long_to_fit_is_served_when_truncated(smol_llm):
+    """As vLLM: the whole text is tokenized, then cut to its last k ids; the character bound
+    that refuses a text max_model_len could not hold (untokenized) must not refuse it."""
+    inputs = smol_llm.engine.inputs
+    text = "the lazy dog " * (inputs.max_prompt_chars // 13 + 10)
+    assert len(text) > inputs.max_prompt_chars
+    ids = smol_llm.get_tokenizer().encode(text)
+    (out,) = smol_llm.generate([text], greedy(max_tokens=1, truncate_prompt_tokens=8))
+    assert out.prompt_token_ids == ids[-8:]

@@ -89,3 +89,19 @@ def test_allowed_token_ids_that_min_tokens_bans_are_refused(client: Any, engine:
                 assert r.json()["error"]["param"] == "allowed_token_ids", r.text
         r = client.post("/complete", json={"requests": [body]})
         assert r.status_code == 400 and "min_tokens (2)" in r.text, r.text[:300]
+
+
+def test_a_text_too_long_to_fit_is_served_when_truncated(client: Any, engine: Any) -> None:
+    """As vLLM: with truncate_prompt_tokens, a text longer than max_model_len tokens could
+    be spelled in is tokenized whole and cut, on each route (not refused by its length)."""
+    text = "the lazy dog " * (engine.inputs.max_prompt_chars // 13 + 10)
+    tail = engine.tokenizer.encode(text)[-3:]
+    want = client.post("/v1/completions", json={"prompt": tail, **GREEDY}).json()
+    body = {"prompt": text, "truncate_prompt_tokens": 3, **GREEDY}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3, r.text[:300]
+    assert r.json()["choices"][0]["text"] == want["choices"][0]["text"]
+    r = client.post("/complete", json={"requests": [body]})
+    assert r.status_code == 200 and r.json()[0]["prompt_tokens"] == 3, r.text[:300]
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200 and r.text == want["choices"][0]["text"], r.text[:300]

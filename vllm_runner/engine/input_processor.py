@@ -95,26 +95,31 @@ class InputProcessor:
         ``prompt`` may be a vLLM prompt dict (``TextPrompt``, ``TokensPrompt``). ``params``:
         the request's, whose ``truncate_prompt_tokens`` keeps the ids' last k (as vLLM: of
         the tokenized text, BOS or chat template included), before any length check."""
-        ids = self._tokenize(prompt, chat)
         k = params.truncate_prompt_tokens if isinstance(params, SamplingParams) else None
         if k is None:
-            return ids
+            return self._tokenize(prompt, chat)
         max_len = self.limits.max_model_len
         if k > max_len:
             raise ValueError(
                 f"truncate_prompt_tokens {k} is more than max_model_len ({max_len}): "
                 "choose a smaller one, or -1 for max_model_len"
             )
+        # NOTE: a text cut to its last k ids may be of any length (vLLM tokenizes it whole)
+        ids = self._tokenize(prompt, chat, bounded=False)
         return ids[-(max_len if k == -1 else k) :]
 
-    def _tokenize(self, prompt: str | list[int] | dict, chat: bool) -> list[int]:
+    def _tokenize(
+        self, prompt: str | list[int] | dict, chat: bool, bounded: bool = True
+    ) -> list[int]:
+        """``bounded``: refuse a text too long for max_model_len before tokenizing it."""
         prompt = unpack_prompt(prompt)
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty: give at least one character or token id")
             if self.tokenizer is None:
                 raise ValueError(f"{NO_TOKENIZER}: pass token ids, not text")
-            self.check_text_length(prompt, "prompt")
+            if bounded:
+                self.check_text_length(prompt, "prompt")
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in JSON)
