@@ -22,7 +22,9 @@ logger = logging.getLogger(__name__)
 Logprobs = list[dict[int, float] | None]
 
 
-def echoed_prompts(engine: Any, body: CompletionRequest, ids: list[list[int]]) -> list[str]:
+def echoed_prompts(
+    decode: fmt.TokenDecoder, body: CompletionRequest, ids: list[list[int]]
+) -> list[str]:
     """Each prompt's text as its choices echo it: as sent, or a token-id prompt's decoded
     text (all empty without echo)."""
     if not body.echo:
@@ -31,10 +33,10 @@ def echoed_prompts(engine: Any, body: CompletionRequest, ids: list[list[int]]) -
     for prompt, prompt_ids in zip(body.prompts(), ids, strict=True):
         if isinstance(prompt, str):
             texts.append(prompt)
-        elif engine.tokenizer is None:  # (the tokens' own names, as their logprobs show them)
-            texts.append("".join(fmt.TokenDecoder(None)(t) for t in prompt_ids))
+        elif decode.tokenizer is None:  # (the tokens' own names, as their logprobs show them)
+            texts.append("".join(map(decode, prompt_ids)))
         else:
-            texts.append(engine.tokenizer.decode(prompt_ids))
+            texts.append(decode.tokenizer.decode(prompt_ids))
     return texts
 
 
@@ -87,7 +89,7 @@ async def answer(
     if results is None:
         return fmt.CLIENT_GONE.response()
     decode = fmt.TokenDecoder(engine.tokenizer)
-    echoes = echoed_prompts(engine, body, ids)
+    echoes = echoed_prompts(decode, body, ids)
 
     def choice(p: int, c: Choice) -> dict[str, Any]:
         if body.max_tokens == 0:
@@ -114,7 +116,7 @@ async def stream(
 ) -> AsyncIterator[str]:
     """The answer as server-sent events: each choice's first chunk carries what it echoes."""
     decode = fmt.TokenDecoder(engine.tokenizer)
-    echoes = echoed_prompts(engine, body, ids)
+    echoes = echoed_prompts(decode, body, ids)
     generated: dict[int, int] = {}
     text_offset: dict[int, int] = {}  # per choice: where its next chunk's tokens start
     try:
