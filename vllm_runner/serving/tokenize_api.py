@@ -66,18 +66,17 @@ def add_tokenize_routes(
     ``get_engine()``: the running engine or EngineNotReady (a 503)."""
 
     def tokenize(engine: Any, body: TokenizeRequest) -> list[int]:
-        if body.messages is None:  # special tokens unless told not (None: the default)
+        # special tokens (None: the default) for a prompt unless told not, for messages only
+        # if told (the template holds them); chat=True tokenizes without them
+        if body.messages is None:
             return engine.inputs.tokenize(body.prompt, chat=body.add_special_tokens is False)
-        messages = [m.as_dict() for m in body.messages]
         text = engine.apply_chat_template(
-            messages,
+            [m.as_dict() for m in body.messages],
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
             template_kwargs=body.chat_template_kwargs,
         )
-        if body.add_special_tokens:
-            return engine.inputs.tokenize(text)
-        return engine.inputs.tokenize(text, chat=True)
+        return engine.inputs.tokenize(text, chat=not body.add_special_tokens)
 
     @app.post("/tokenize")
     async def tokenize_route(body: TokenizeRequest) -> dict[str, Any]:
