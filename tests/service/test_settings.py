@@ -157,3 +157,17 @@ def test_serve_args_bentoml_dropped_stop_start_up(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--arg max_num_seqs did not reach"):
         ServerSettings.load({}, {}, ["/venv/bin/bentoml", "serve", "x:y", "--arg-file", str(path)])
     assert ServerSettings.load({}, {"max_num_seqs": 8}, ["bentoml", "--arg-file", str(path)])
+
+
+def test_serve_arg_given_by_both_arg_and_arg_file_is_not_read_as_dropped(tmp_path: Path) -> None:
+    """A key set by --arg and by --arg-file: BentoML (1.4) keeps the one of whichever option
+    came first on the command line. Whichever that was, the value arrived: start-up goes on."""
+    path = tmp_path / "args.yaml"
+    path.write_text("max_num_seqs: 8\n")
+    cli = ["--arg", "max_num_seqs=4"]
+    for argv in (["bentoml", "serve", *cli, "--arg-file", str(path)],
+                 ["bentoml", "serve", "--arg-file", str(path), *cli]):  # fmt: skip
+        assert ServerSettings.load({}, {"max_num_seqs": "4"}, argv).max_num_seqs == 4
+        assert ServerSettings.load({}, {"max_num_seqs": 8}, argv).max_num_seqs == 8
+    with pytest.raises(ValueError, match="--arg max_num_seqs did not reach"):
+        ServerSettings.load({}, {"max_num_seqs": 16}, argv)

@@ -163,7 +163,9 @@ def _check_cli_args(argv: Sequence[str], args: Mapping[str, Any]) -> None:
     """
     if not argv or "bentoml" not in Path(argv[0]).parts[-2:]:  # bentoml, bentoml/__main__.py
         return
-    given: dict[str, str] = {}
+    # NOTE: every value given per key: which one BentoML keeps depends on the options' order
+    # (--arg and --arg-file: the first option's), so any of them arriving is enough
+    given: dict[str, set[str]] = {}
     for i, token in enumerate(argv):
         if token == "--arg" and i + 1 < len(argv):
             item = argv[i + 1]
@@ -173,13 +175,14 @@ def _check_cli_args(argv: Sequence[str], args: Mapping[str, Any]) -> None:
             import yaml  # (a bentoml dependency)
 
             with open(argv[i + 1]) as f:
-                given.update({k: str(v) for k, v in (yaml.safe_load(f) or {}).items()})
+                for k, v in (yaml.safe_load(f) or {}).items():
+                    given.setdefault(k, set()).add(str(v))
             continue
         else:
             continue
         key, _, value = item.partition("=")
-        given[key] = value
-    dropped = sorted(k for k, v in given.items() if k not in args or str(args[k]) != v)
+        given.setdefault(key, set()).add(value)
+    dropped = sorted(k for k, v in given.items() if k not in args or str(args[k]) not in v)
     if dropped:
         recorded = ", ".join(sorted(args)) or "none"
         env = ", ".join(ENV_PREFIX + k.upper() for k in dropped)
