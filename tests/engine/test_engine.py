@@ -134,6 +134,41 @@ def test_penalties_overlap_steps_and_match_sync(llama_dir):
     assert sync[0] != plain[0] and sync[1] != plain[1]  # the penalties do act
 
 
+def test_logprobs_overlap_steps_and_match_sync(llama_dir):
+    """Logprobs no longer force synchronous steps: an overlapped step copies them with the
+    sampled ids and the next one reads them, equal to the synchronous ones (greedy, seeded,
+    penalised rows and rows asking none in one batch, through preemption); a request asking
+    for prompt logprobs still makes steps synchronous."""
+    batch = prompts(8, seed=12)
+    kinds = [dict(logprobs=3), dict(logprobs=0, temperature=1.0, seed=4), {},
+             dict(logprobs=1, repetition_penalty=1.4)]  # fmt: skip
+    params = [SamplingParams(**{"max_tokens": 10, "temperature": 0.0, "ignore_eos": True,
+                                **kinds[i % len(kinds)]}) for i in range(len(batch))]  # fmt: skip
+    sync = make_llm(llama_dir, async_scheduling=False).generate(batch, params)
+    launches = []
+    for kw in ({}, {"num_kv_blocks": 10}):
+        piped = make_llm(llama_dir, async_scheduling=True, **kw)
+        launch = piped.engine.runner.launch
+        piped.engine.runner.launch = lambda sched, overlap, launch=launch: (
+            launches.append(overlap) or launch(sched, overlap)
+        )
+        got = piped.generate(batch, params)
+        assert all(launches) and len(launches) > 10
+        assert kw == {} or piped.stats()["num_preemptions"] > 0
+        launches.clear()
+        for a, b in zip((o.outputs[0] for o in got), (o.outputs[0] for o in sync), strict=True):
+            assert a.token_ids == b.token_ids
+            if b.logprobs is None:
+                assert a.logprobs is None
+                continue
+            assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-5)
+            for x, y in zip(a.logprobs, b.logprobs, strict=True):
+                assert list(x) == list(y) and all(abs(x[t] - y[t]) < 1e-5 for t in x)
+    scored = SamplingParams(max_tokens=12, ignore_eos=True, prompt_logprobs=1)  # outlives [0]
+    piped.generate(batch[:2], [params[0], scored])
+    assert launches and not any(launches)
+
+
 def test_startup_gc_freeze_leaves_engines_collectable(llama_dir):
     """The engine freezes import-time objects once per process (a full GC pass over them
     stalls steps); an engine made later, even one caught in a reference cycle, still frees."""

@@ -30,8 +30,7 @@ def unseeded(**kw) -> SamplingParams:
 
 
 def assert_same(got, want) -> None:
-    """The same tokens; the same logprobs where ``got`` has them (a request that asks for
-    none may run in overlapped steps, which a request with logprobs turns off)."""
+    """The same tokens; the same logprobs where ``got`` has them."""
     for a, b in zip(got.outputs, want.outputs, strict=True):
         assert a.token_ids == b.token_ids
         if a.logprobs is None:
@@ -57,15 +56,14 @@ def alone(llama_dir):
 )
 def test_seeded_outputs_survive_chunking_and_preemption(llama_dir, alone, engine):
     """Seeded requests last in the batch (the newest, preempted first), unseeded ones ahead;
-    with async scheduling, without logprobs, so that steps overlap."""
+    with async scheduling, steps overlap (logprobs are copied with the sampled ids)."""
     overlap = engine.get("async_scheduling", False)
     others = prompts(6, seed=31)
     llm = make_llm(llama_dir, **engine)
     launches = []
     launch = llm.engine.runner.launch
     llm.engine.runner.launch = lambda sched, o: launches.append(o) or launch(sched, o)
-    lp = {"logprobs": None} if overlap else {}
-    params = [unseeded()] * len(others) + [seeded(i, **lp) for i in range(len(KINDS))]
+    params = [unseeded()] * len(others) + [seeded(i) for i in range(len(KINDS))]
     outs = llm.generate(others + [PROMPT] * len(KINDS), params)
     for i, want in enumerate(alone):
         assert_same(outs[len(others) + i], want)
@@ -93,8 +91,7 @@ def test_n_siblings_each_draw_their_own_seeded_stream(llama_dir):
     base = make_llm(llama_dir).generate([PROMPT], params)[0]
     assert len({tuple(c.token_ids) for c in base.outputs}) == 3
     other = make_llm(llama_dir, async_scheduling=True, max_num_batched_tokens=16)
-    overlapped = seeded(1, n=3, logprobs=None)
-    mixed = other.generate(prompts(2, seed=33) + [PROMPT], [unseeded()] * 2 + [overlapped])[2]
+    mixed = other.generate(prompts(2, seed=33) + [PROMPT], [unseeded()] * 2 + [params])[2]
     assert_same(mixed, base)
     for i, completion in enumerate(base.outputs):
         one = make_llm(llama_dir).generate([PROMPT], seeded(1, seed=1001 + i))[0]

@@ -384,3 +384,16 @@ def test_host_side_sampling_features_match_the_cpu_engine(model_dir):
     for a, b in zip(got[4].prompt_logprobs[1:], want[4].prompt_logprobs[1:], strict=True):
         assert a.keys() == b.keys()
         assert all(abs(a[t] - b[t]) < 1e-3 for t in a)
+
+
+def test_overlapped_logprobs_match_synchronous_steps(model_dir):
+    """On the device, logprobs of overlapped steps (copied to pinned memory with the sampled
+    ids, read a step later) equal those of synchronous steps: decode graphs, seeded rows."""
+    batch = prompts()
+    params = [SamplingParams(max_tokens=NUM_NEW, ignore_eos=True, logprobs=4, seed=i,
+                             temperature=i % 2) for i in range(len(batch))]  # fmt: skip
+    sync = gpu_llm(model_dir, async_scheduling=False).generate(batch, params)
+    gc.collect()  # that engine's memory back before the next one
+    for a, b in zip(gpu_llm(model_dir).generate(batch, params), sync, strict=True):
+        a, b = a.outputs[0], b.outputs[0]
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs

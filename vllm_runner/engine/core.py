@@ -205,9 +205,9 @@ class EngineCore:
         """One engine step. With ``stream`` off (offline use) no per-token outputs are built;
         results are read from the finished request states.
 
-        On CUDA, when no request needs host-side token values (logprobs, prompt logprobs),
-        steps overlap: step N + 1 is scheduled and launched before step N's results are read, so
-        the GPU never waits for the host's bookkeeping. Full garbage collections wait while
+        On CUDA, when no request needs host-side values (prompt logprobs), steps overlap:
+        step N + 1 is scheduled and launched before step N's results are read, so the GPU
+        never waits for the host's bookkeeping. Full garbage collections wait while
         requests run (``gc_pauses``).
         """
         self._gc.busy()
@@ -313,9 +313,10 @@ class EngineCore:
 
 
 def _host_bound(params: SamplingParams) -> bool:
-    """Whether a request's sampling needs this step's results on the host: logprobs are
-    returned by synchronous steps only (penalties count in-flight tokens on the device)."""
-    return params.logprobs is not None or params.prompt_logprobs is not None
+    """Whether a request needs synchronous steps: prompt logprobs are read on the host in
+    the step that computes them (sampled tokens' logprobs are copied with the ids, and
+    penalties count in-flight tokens on the device)."""
+    return params.prompt_logprobs is not None
 
 
 def _folder_name(path: str) -> str:

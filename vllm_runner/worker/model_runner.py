@@ -12,7 +12,7 @@ from vllm_runner.config import CacheConfig, ModelConfig, SchedulerConfig
 from vllm_runner.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from vllm_runner.model.layers.attention import Attention, AttentionMetadata, forward_context
 from vllm_runner.model.loader import build_model
-from vllm_runner.sample.sampler import Sampler, SamplingRow, host_values
+from vllm_runner.sample.sampler import PendingLogprobs, Sampler, SamplingRow, host_values
 from vllm_runner.worker import memory
 from vllm_runner.worker.cuda_graphs import DecodeGraphs, graph_output_bytes
 from vllm_runner.worker.device_inputs import DeviceInputs
@@ -36,6 +36,7 @@ class StepHandle:
     overlapped: bool = False
     host: torch.Tensor | None = None
     event: torch.cuda.Event | None = None  # None on CPU, where the copy is synchronous
+    pending_logprobs: PendingLogprobs | None = None  # overlapped steps' logprobs
 
 
 class ModelRunner:
@@ -207,11 +208,8 @@ class ModelRunner:
                 logger.info(
                     "offloaded weights: step budget %d tokens instead of %d leaves %d KV "
                     "blocks instead of %d (larger decode batches for the same weight copy)",
-                    smaller,
-                    sched.max_num_batched_tokens,
-                    more,
-                    num_blocks,
-                )
+                    smaller, sched.max_num_batched_tokens, more, num_blocks,
+                )  # fmt: skip
                 self.scheduler_config = dataclasses.replace(sched, max_num_batched_tokens=smaller)
                 return more
         if isinstance(error, torch.OutOfMemoryError):
@@ -325,7 +323,9 @@ class ModelRunner:
             return handle
         penalised = rows is not None and any(r.params.has_penalties for r in rows)
         pending = self._pending_tokens(inputs.sampling_ids) if penalised else None
-        sampled, _ = self.sampler.sample(logits, rows, pending)
+        sampled, raw_logprobs = self.sampler.sample(logits, rows, pending)
+        if raw_logprobs is not None:  # copied with the ids; ``wait`` makes the dicts
+            handle.pending_logprobs = PendingLogprobs.copy(raw_logprobs, rows, sampled)
         for request_id in inputs.sampling_ids:
             states[request_id].num_pending += 1
         n = len(inputs.sampling_ids)
@@ -346,6 +346,8 @@ class ModelRunner:
             if handle.event is not None:
                 handle.event.synchronize()
             handle.token_ids = handle.host.tolist()
+            if handle.pending_logprobs is not None:
+                handle.logprobs = handle.pending_logprobs.entries(handle.token_ids)
         states = self.batch.states
         for i, request_id in enumerate(handle.sampling_ids):
             token = handle.token_ids[i]
