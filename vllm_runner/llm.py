@@ -164,8 +164,30 @@ class LLM:
         """The model's HF tokenizer (None for a folder without one), as vLLM's."""
         return self.tokenizer
 
+    @property
+    def llm_engine(self) -> "EngineView":
+        """vLLM's ``llm.llm_engine``, for what scripts read of it (``model_config``)."""
+        return EngineView(self.engine)
+
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
+
+
+class EngineView:
+    """What vLLM scripts read of ``llm.llm_engine``: ``model_config`` (``max_model_len``,
+    ``hf_config``, ``dtype``) and the tokenizer. NOTE: not the engine itself, whose
+    ``add_request`` takes other arguments than vLLM's LLMEngine's: a script driving vLLM's
+    request loop gets an AttributeError, not requests read with the wrong arguments."""
+
+    def __init__(self, engine: EngineCore) -> None:
+        self.model_config = engine.model_config
+        self.tokenizer = engine.tokenizer
+
+    def get_model_config(self):
+        return self.model_config
+
+    def get_tokenizer(self):
+        return self.tokenizer
 
 
 def apply_chat_template(

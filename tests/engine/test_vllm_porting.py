@@ -1,0 +1,18 @@
+"""vLLM scripts ported as written: the attributes and calls they use on LLM, AsyncLLM and the
+outputs (each failed here: AttributeError, or a call that did nothing)."""
+
+from engine_testing import make_llm
+
+
+def test_llm_engine_as_vllm_scripts_read_it(llama_dir):
+    """vLLM's `llm.llm_engine.model_config.max_model_len` (its benchmarks, eval harnesses),
+    `.hf_config` and `llm.llm_engine.get_tokenizer()`. Only what a script reads: vLLM's
+    LLMEngine request calls (add_request(request_id, prompt, params), step) are not there,
+    rather than read with this engine's own arguments."""
+    llm = make_llm(llama_dir, max_model_len=256)
+    engine = llm.llm_engine
+    assert engine.model_config.max_model_len == 256
+    assert engine.model_config.hf_config.num_hidden_layers == 2
+    assert engine.get_model_config() is engine.model_config
+    assert engine.get_tokenizer() is llm.get_tokenizer() and engine.tokenizer is llm.tokenizer
+    assert not hasattr(engine, "add_request") and not hasattr(engine, "step")
