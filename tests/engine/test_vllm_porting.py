@@ -3,6 +3,8 @@ outputs (each failed here: AttributeError, or a call that did nothing)."""
 
 from engine_testing import make_llm
 
+from vllm_runner import CompletionOutput
+
 
 def test_llm_engine_as_vllm_scripts_read_it(llama_dir):
     """vLLM's `llm.llm_engine.model_config.max_model_len` (its benchmarks, eval harnesses),
@@ -16,3 +18,10 @@ def test_llm_engine_as_vllm_scripts_read_it(llama_dir):
     assert engine.get_model_config() is engine.model_config
     assert engine.get_tokenizer() is llm.get_tokenizer() and engine.tokenizer is llm.tokenizer
     assert not hasattr(engine, "add_request") and not hasattr(engine, "step")
+
+
+def test_a_completion_says_whether_it_finished_as_vllm():
+    """vLLM's `CompletionOutput.finished()`: its finish_reason is set."""
+    done = CompletionOutput(0, "a", [1], finish_reason="length")
+    assert done.finished() is True
+    assert CompletionOutput(0, "a", [1]).finished() is False

@@ -82,6 +82,10 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
+    def finished(self) -> bool:
+        """As vLLM's: whether this completion has ended (its finish_reason is set)."""
+        return self.finish_reason is not None
+
     def __str__(self) -> str:
         return self.text
 
