@@ -268,6 +268,20 @@ class AsyncLLM:
                 EngineDeadError(self.error) if self.error else RuntimeError("AsyncLLM is shut down")
             )
 
+    async def check_health(self) -> None:
+        """As vLLM's: None while the engine runs; raises EngineDeadError naming why once its
+        loop has died (RuntimeError once shut down)."""
+        self._check_running()
+
+    @property
+    def is_running(self) -> bool:
+        return self._running
+
+    @property
+    def errored(self) -> bool:
+        """As vLLM's: the engine takes no more requests (its loop died, or it was shut down)."""
+        return not self._running
+
     async def abort(self, request_id: str | Iterable[str]) -> None:
         for r in request_ids(request_id):  # one, or several as vLLM's
             self._send(("abort", r))

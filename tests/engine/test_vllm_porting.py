@@ -1,9 +1,12 @@
 """vLLM scripts ported as written: the attributes and calls they use on LLM, AsyncLLM and the
 outputs (each failed here: AttributeError, or a call that did nothing)."""
 
+import asyncio
+
+import pytest
 from engine_testing import make_llm
 
-from vllm_runner import CompletionOutput
+from vllm_runner import AsyncLLM, CompletionOutput, EngineDeadError
 
 
 def test_llm_engine_as_vllm_scripts_read_it(llama_dir):
@@ -25,3 +28,24 @@ def test_a_completion_says_whether_it_finished_as_vllm():
     done = CompletionOutput(0, "a", [1], finish_reason="length")
     assert done.finished() is True
     assert CompletionOutput(0, "a", [1]).finished() is False
+
+
+def _async_llm(llama_dir) -> AsyncLLM:
+    return AsyncLLM(llama_dir, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
+
+
+def test_check_health_as_vllm(llama_dir):
+    """vLLM's `await llm.check_health()` (a server's health route): None while the engine
+    runs, EngineDeadError naming why once its loop has died; `errored` / `is_running` say
+    the same."""
+    llm = _async_llm(llama_dir)
+    assert asyncio.run(llm.check_health()) is None
+    assert llm.is_running and not llm.errored
+    llm._send(("malformed",))  # the loop dies
+    llm._thread.join()
+    assert llm.errored and not llm.is_running
+    with pytest.raises(EngineDeadError, match="the engine loop failed"):
+        asyncio.run(llm.check_health())
+    asyncio.run(llm.shutdown())
+    with pytest.raises(RuntimeError):
+        asyncio.run(llm.check_health())
