@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Any
 
 from vllm_runner.engine.core import EngineCore
@@ -22,6 +22,7 @@ from vllm_runner.engine.engine_client import EngineClient
 from vllm_runner.engine.errors import EngineDeadError, OutputFailed, RequestError
 from vllm_runner.engine.input_processor import InputProcessor, request_ids, stream_request_id
 from vllm_runner.engine.loop_threads import (
+    StoppedEngine,
     start_loop_thread,
     start_reader_thread,
     stop_when_collected,
@@ -79,6 +80,7 @@ class AsyncLLM:
         self._streams: set[str] = set()  # request ids of open streams
         self._running = False
         self._go = threading.Event()  # the loop may start (or, on an error here, end)
+        self._joining: asyncio.Task | None = None  # shutdown()'s wait, from a coroutine
         try:  # (interrupted while loading, e.g. Ctrl-C: the loop's thread or process ends)
             if engine_process:
                 limits, self._stats, name = self._start_process(args, log_stats, shared_engine)
@@ -289,14 +291,30 @@ class AsyncLLM:
     def stats(self) -> dict[str, int]:
         return dict(self._stats)
 
-    async def shutdown(self) -> None:
+    def shutdown(self) -> Awaitable[None]:
+        """Stop the engine (its loop, or this front end of its engine process). A plain call
+        stops it, as vLLM's: without a running event loop it returns once the loop (and an
+        engine process of its own) has ended; from a coroutine they end on their own, as
+        the wait would hold up the event loop. Awaiting the result (``await
+        llm.shutdown()``, ``asyncio.run(llm.shutdown())``) waits for that end too."""
         if not self._running:
-            return
+            return StoppedEngine()
         self._running = False
         self._stop()
-        await asyncio.to_thread(self._thread.join)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._join()
+            return StoppedEngine()
+        # NOTE: a task, not a coroutine: a caller that drops it (vLLM's plain call) gets no
+        # "never awaited" warning, and the wait still runs
+        self._joining = loop.create_task(asyncio.to_thread(self._join))
+        return self._joining
+
+    def _join(self) -> None:
+        self._thread.join()
         if self._client is not None:
-            await asyncio.to_thread(self._client.join)
+            self._client.join()
             if self._client.shared and self.metrics is not None:
                 # (another front end publishes the shared engine's gauges from now on)
                 self.metrics.record_step(self._stats, publish=False)

@@ -2,9 +2,11 @@
 outputs (each failed here: AttributeError, or a call that did nothing)."""
 
 import asyncio
+import gc
+import warnings
 
 import pytest
-from engine_testing import make_llm
+from engine_testing import GREEDY, make_llm
 
 from vllm_runner import AsyncLLM, CompletionOutput, EngineDeadError
 
@@ -49,3 +51,33 @@ def test_check_health_as_vllm(llama_dir):
     asyncio.run(llm.shutdown())
     with pytest.raises(RuntimeError):
         asyncio.run(llm.check_health())
+
+
+def test_shutdown_called_as_vllm_does_stops_the_engine(llama_dir):
+    """vLLM's `shutdown()` is a plain call: called so here (from a coroutine, or after the
+    event loop ended), it did nothing but warn "coroutine never awaited" (the engine ran on,
+    holding its memory). It stops the engine: from sync code it returns once the loop has
+    ended; from a coroutine the loop ends on its own; neither warns. Awaited, as before."""
+
+    async def main(llm: AsyncLLM) -> None:
+        await llm.generate([[1, 2, 3]], GREEDY)
+        llm.shutdown()  # (not awaited)
+        assert not llm.is_running
+        with pytest.raises(RuntimeError, match="AsyncLLM is shut down"):
+            await llm.generate([[1, 2, 3]], GREEDY)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a coroutine never awaited warns when collected)
+        in_loop = _async_llm(llama_dir)
+        asyncio.run(main(in_loop))
+        in_loop._thread.join(timeout=60)
+        assert not in_loop._thread.is_alive()
+        after_loop = _async_llm(llama_dir)
+        asyncio.run(after_loop.generate([[1, 2, 3]], GREEDY))
+        after_loop.shutdown()
+        assert not after_loop._thread.is_alive()
+        gc.collect()
+    awaited = _async_llm(llama_dir)
+    asyncio.run(awaited.shutdown())
+    assert not awaited._thread.is_alive()
+    asyncio.run(awaited.shutdown())  # (a second time: nothing to do)

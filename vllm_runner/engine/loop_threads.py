@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 
 from vllm_runner.engine.engine_client import EngineClient
 from vllm_runner.engine.serving_loop import Delivery, ServingLoop
@@ -113,6 +113,20 @@ def stop_when_collected(llm, send: Callable[[tuple], None]) -> weakref.finalize:
     # process when its command pipe closes (EngineClient), as when no stop was sent.
     finalizer.atexit = False
     return finalizer
+
+
+class StoppedEngine(Coroutine):
+    """What ``AsyncLLM.shutdown()`` returns once the engine has stopped: awaiting it (or
+    ``asyncio.run`` of it) returns at once; dropped unawaited, it does not warn."""
+
+    def send(self, value: object) -> None:
+        raise StopIteration
+
+    def throw(self, typ, val=None, tb=None):  # (as Coroutine's: raise it)
+        return super().throw(typ, val, tb)
+
+    def __await__(self) -> Iterator[None]:
+        return iter(())
 
 
 def _stop(send: Callable[[tuple], None]) -> None:
