@@ -4,6 +4,7 @@ shares), send it commands, read its results, and say why it stopped."""
 import logging
 import multiprocessing
 import multiprocessing.util
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -102,6 +103,12 @@ class EngineClient:
         self._connections = (commands, results)
 
     def send(self, command: tuple) -> None:
+        if command[0] == "add":
+            # NOTE: the request itself as bytes of its own, loaded by the engine's loop: one
+            # it cannot load (an object of a class defined in a notebook) fails alone; in the
+            # command it failed the whole command stream, and the engine ended for everyone.
+            kind, request_id, route, *request = command
+            command = (kind, request_id, route, pickle.dumps(request, pickle.HIGHEST_PROTOCOL))
         with self._lock:
             self._connections[0].send(command)
 

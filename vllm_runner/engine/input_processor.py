@@ -245,7 +245,7 @@ def request_ids(request_id: str | Iterable[str]) -> list[str]:
     bad = [r for r in ids if not isinstance(r, str)]
     if bad:
         raise ValueError(f"request ids must be strings, got {type(bad[0]).__name__}")
-    return ids
+    return [str(r) for r in ids]  # (a str subclass's may not load in an engine process)
 
 
 def stream_request_id(request_id: object) -> str:
@@ -253,4 +253,4 @@ def stream_request_id(request_id: object) -> str:
     takes (an int was taken, then refused by ``abort``)."""
     if request_id is not None and not isinstance(request_id, str):
         raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
-    return request_id or uuid.uuid4().hex
+    return str(request_id) if request_id else uuid.uuid4().hex  # (plain: see request_ids)

@@ -8,7 +8,9 @@ event loop and HTTP stack (vLLM V1 runs its EngineCore apart for the same reason
 Commands: ``("add", request_id, route, prompt, prompt_ids, params, detokenize, arrival)``
 (the ids the front end checked: not tokenized again; ``detokenize`` False: the front end
 builds the text from the ids, see ``EngineCore.add_request``; ``arrival``: its
-``time.monotonic()`` when the front end got it), ``("abort", request_id)``, ``("stop",)``.
+``time.monotonic()`` when the front end got it; from an engine process's front end, what
+follows the route comes pickled, see ``EngineClient.send``), ``("abort", request_id)``,
+``("stop",)``.
 A route is what the front end gives each added request (a number; in the engine process,
 with the front end's number): outputs go to the stream that added the request even after
 that stream closed and another reused its id.
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vllm_runner.engine.core import EngineCore
+from vllm_runner.engine.errors import RequestError
 from vllm_runner.engine.outputs import RequestOutput, StreamOutput
 
 
@@ -83,8 +86,11 @@ class ServingLoop:
         if command[0] == "abort":
             self._deliver(engine.abort(command[1]))
             return True
-        _, request_id, route, prompt, prompt_ids, params, detokenize, arrival = command
+        _, request_id, route, *request = command
         try:
+            if len(request) == 1:  # (pickled by a front end in another process)
+                request = _load_request(request[0])
+            prompt, prompt_ids, params, detokenize, arrival = request
             engine.add_request(prompt, params, request_id, prompt_ids, detokenize, arrival)
         except Exception as e:  # validated already; anything here is this request's alone
             self.emit(Delivery([(route, e)], engine.stats()))
@@ -104,6 +110,17 @@ class ServingLoop:
         # NOTE: the stats with the outputs: a caller that sees its request finish also sees
         # that step's stats (its blocks freed), not the step before.
         self.emit(Delivery(items, self.engine.stats(), timings))
+
+
+def _load_request(data: bytes) -> list:
+    try:
+        return pickle.loads(data)
+    except Exception as e:
+        raise RequestError(
+            f"the engine process could not load this request: {e!r} (does it hold an object "
+            "of a class that only its caller's process knows, e.g. one defined in a notebook? "
+            "send plain str, list and SamplingParams)"
+        ) from None
 
 
 def request_timings(state) -> RequestTimings:
