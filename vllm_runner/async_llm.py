@@ -342,8 +342,11 @@ class AsyncLLM:
         try:
             self._send_command(command)
         except OSError:  # the engine process is gone (its reader fails the streams)
-            if command[0] == "add":
-                raise EngineDeadError(self.error or "the engine process has exited") from None
+            if command[0] != "add":
+                return
+            if not (self._running or self.error):  # (another thread's shutdown, meanwhile)
+                raise RuntimeError("AsyncLLM is shut down") from None
+            raise EngineDeadError(self.error or "the engine process has exited") from None
 
     def _deliver(self, delivery: Delivery) -> None:
         """A step's results to the streams (from the loop thread, or the thread that reads
@@ -380,13 +383,19 @@ class AsyncLLM:
                 if not loop.is_closed():
                     raise
 
-    def _loop_stopped(self, reason: str) -> None:
-        """The loop stopped on its own (a bug, or the engine process died): every open
-        stream fails with the reason and new requests are refused with it."""
-        if self._running:
+    def _loop_stopped(self, reason: str | None) -> None:
+        """The loop stopped on its own (``reason``: a bug, or the engine process died): every
+        open stream fails with the reason and new requests are refused with it. Stopped as
+        told (None): the streams left sent their requests as another thread shut it down."""
+        if reason is not None and self._running:
             self.error = reason
             self._running = False
-        failed = [(route, EngineDeadError(reason)) for route in list(self._entries)]
+        if reason is None and not self._entries:  # (the usual stop: no stream left)
+            return
+        failed = [
+            (route, EngineDeadError(reason) if reason else RuntimeError("AsyncLLM is shut down"))
+            for route in list(self._entries)
+        ]
         self._deliver(Delivery(failed, self._stats, publish_stats=False))
 
 

@@ -41,14 +41,16 @@ class FrontEndRef:
 
     def guarded(self, loop: Callable[[], None], stopped_because: Callable[..., str]) -> None:
         """Run the loop; if it stops on its own (a bug, or the engine process died), the
-        AsyncLLM fails its streams with the reason (``stopped_because(exc)``)."""
+        AsyncLLM fails its streams with the reason (``stopped_because(exc)``); if it stops
+        as told, those whose requests came too late (another thread's shutdown)."""
+        reason = None
         try:
             loop()
         except BaseException as exc:
             reason = stopped_because(exc)
-            llm = self._llm()
-            if llm is not None:
-                llm._loop_stopped(reason)
+        llm = self._llm()
+        if llm is not None:
+            llm._loop_stopped(reason)
 
 
 def start_loop_thread(llm, build: Callable, go: threading.Event, timings: bool) -> tuple:

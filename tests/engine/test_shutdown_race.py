@@ -1,0 +1,33 @@
+"""A request that another thread's shutdown() overtakes (after the request's checks, before
+its command is sent) fails as shut down: it is not left waiting for a loop that has ended."""
+
+import asyncio
+import threading
+
+import pytest
+
+from vllm_runner import AsyncLLM, SamplingParams
+
+KW = dict(dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "process"])
+def test_a_request_overtaken_by_shutdown_fails_as_shut_down(llama_dir, engine_process):
+    llm = AsyncLLM(llama_dir, engine_process=engine_process, **KW)
+    send = llm._send_command
+
+    def shut_down_first(command: tuple) -> None:
+        if command[0] == "add":  # (another thread's shutdown, all of it, right now)
+            other = threading.Thread(target=asyncio.run, args=(llm.shutdown(),))
+            other.start()
+            other.join()
+        send(command)
+
+    llm._send_command = shut_down_first
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="AsyncLLM is shut down"):
+            async for _ in llm.stream([1, 2, 3], SamplingParams(max_tokens=4)):
+                pass
+
+    asyncio.run(asyncio.wait_for(main(), 60))  # (a hang guard)
