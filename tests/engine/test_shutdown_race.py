@@ -18,7 +18,7 @@ def test_a_request_overtaken_by_shutdown_fails_as_shut_down(llama_dir, engine_pr
 
     def shut_down_first(command: tuple) -> None:
         if command[0] == "add":  # (another thread's shutdown, all of it, right now)
-            other = threading.Thread(target=asyncio.run, args=(llm.shutdown(),))
+            other = threading.Thread(target=llm.shutdown)  # (a plain call: it waits)
             other.start()
             other.join()
         send(command)

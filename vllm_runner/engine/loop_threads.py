@@ -40,12 +40,14 @@ class FrontEndRef:
             llm._deliver(delivery)
 
     def guarded(self, loop: Callable[[], None], stopped_because: Callable[..., str]) -> None:
-        """Run the loop; if it stops on its own (a bug, or the engine process died), the
-        AsyncLLM fails its streams with the reason (``stopped_because(exc)``); if it stops
-        as told, those whose requests came too late (another thread's shutdown)."""
+        """Run the loop while the AsyncLLM runs; if it stops on its own (a bug, or the engine
+        process died), the AsyncLLM fails its streams with the reason
+        (``stopped_because(exc)``); if it stops as told, or was shut down before the loop
+        started, those whose requests came too late (another thread's shutdown)."""
         reason = None
         try:
-            loop()
+            if self.running():
+                loop()
         except BaseException as exc:
             reason = stopped_because(exc)
         llm = self._llm()
@@ -77,9 +79,9 @@ def start_loop_thread(llm, build: Callable, go: threading.Event, timings: bool) 
         finally:
             built.set()
         go.wait()
-        if front.running():
-            loop = ServingLoop(made[0], front.deliver, timings=timings)
-            front.guarded(lambda: loop.run(receive), _loop_failed)
+        front.guarded(
+            lambda: ServingLoop(made[0], front.deliver, timings=timings).run(receive), _loop_failed
+        )
 
     thread = threading.Thread(target=run, name="vllm-runner-engine", daemon=True)
     thread.start()
@@ -96,8 +98,7 @@ def start_reader_thread(llm, client: EngineClient, go: threading.Event) -> threa
 
     def run() -> None:
         go.wait()
-        if front.running():
-            front.guarded(lambda: client.read(front.deliver), client.stopped_because)
+        front.guarded(lambda: client.read(front.deliver), client.stopped_because)
         if front.gone():  # (its stop sent as it was collected: wait as shutdown() would)
             client.join()
 
