@@ -266,9 +266,8 @@ class AsyncLLM:
 
     def _check_running(self) -> None:
         if not self._running:
-            raise (
-                EngineDeadError(self.error) if self.error else RuntimeError("AsyncLLM is shut down")
-            )
+            error = self.error
+            raise EngineDeadError(error) if error else RuntimeError("AsyncLLM is shut down")
 
     async def check_health(self) -> None:
         """As vLLM's: None while the engine runs; raises EngineDeadError naming why once its
@@ -292,11 +291,10 @@ class AsyncLLM:
         return dict(self._stats)
 
     def shutdown(self) -> Awaitable[None]:
-        """Stop the engine (its loop, or this front end of its engine process). A plain call
-        stops it, as vLLM's: without a running event loop it returns once the loop (and an
-        engine process of its own) has ended; from a coroutine they end on their own, as
-        the wait would hold up the event loop. Awaiting the result (``await
-        llm.shutdown()``, ``asyncio.run(llm.shutdown())``) waits for that end too."""
+        """Stop the engine (its loop, or this front end of its engine process), as vLLM's
+        plain call: without a running event loop it returns once the loop (and an engine
+        process of its own) has ended; from a coroutine they end on their own (a wait would
+        hold up the event loop). ``await llm.shutdown()`` waits for that end too."""
         if not self._running:
             return StoppedEngine()
         self._running = False
@@ -342,11 +340,9 @@ class AsyncLLM:
         try:
             self._send_command(command)
         except OSError:  # the engine process is gone (its reader fails the streams)
-            if command[0] != "add":
-                return
-            if not (self._running or self.error):  # (another thread's shutdown, meanwhile)
-                raise RuntimeError("AsyncLLM is shut down") from None
-            raise EngineDeadError(self.error or "the engine process has exited") from None
+            if command[0] == "add":  # (shut down meanwhile by another thread, or died)
+                self._check_running()
+                raise EngineDeadError("the engine process has exited") from None
 
     def _deliver(self, delivery: Delivery) -> None:
         """A step's results to the streams (from the loop thread, or the thread that reads
