@@ -81,13 +81,15 @@ def run_engine(model_dir: str, wl: Workload, warm: Workload, args, b1: Workload 
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         kv_cache_dtype=args.kv_cache_dtype,
+        **({"async_scheduling": False} if args.sync_steps else {}),
     )
 
     cached = [0]
 
     def gen(w: Workload) -> list[list[int]]:
         params = [
-            SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in w.max_tokens
+            SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=args.logprobs)
+            for m in w.max_tokens
         ]
         outs = llm.generate(w.prompts, params)
         cached[0] = sum(getattr(o, "num_cached_tokens", 0) for o in outs)
@@ -260,6 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--kv-cache-dtype", default="auto", help="engine: auto | fp8 (opt-in)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--logprobs", type=int, default=None, help="engine: each request asks N")
+    p.add_argument("--sync-steps", action="store_true", help="engine: async_scheduling off")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
     p.add_argument("--out", default=None, help="write JSON results here")
     args = p.parse_args(argv)
