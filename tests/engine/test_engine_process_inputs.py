@@ -2,7 +2,10 @@
 the engine process cannot load fails alone, and the engine serves everyone else on."""
 
 import asyncio
+import os
+import signal
 import sys
+import threading
 import types
 
 import pytest
@@ -57,3 +60,23 @@ def test_a_request_the_engine_process_cannot_load_fails_alone(llama_dir, only_he
     assert reason == "length" and llm.error is None
     assert last.request_id == "mine" and last.finish_reason == "length"
     assert again.finished
+
+
+def test_a_long_command_is_sent_without_waiting_for_the_engine(llama_dir):
+    """A command larger than the pipe's buffer (a long prompt) goes out through a sender
+    thread: the caller (a server's event loop) never waits for the engine process to read
+    it, which it does between steps (here: not at all, the process is stopped)."""
+    llm = AsyncLLM(llama_dir, engine_process=True, **KW)
+    pid = llm._client.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        command = ("abort", "x" * (1 << 20))
+        caller = threading.Thread(target=llm._client.send, args=(command,), daemon=True)
+        caller.start()
+        caller.join(30)  # (a hang guard: it returned at once, or waits for the engine)
+        waited = caller.is_alive()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    out = asyncio.run(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True)))
+    llm.shutdown()
+    assert not waited and out[0].finished and llm.error is None

@@ -1,14 +1,17 @@
 """A front end's link to an engine-core process: start one (or find the running one it
 shares), send it commands, read its results, and say why it stopped."""
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.util
 import pickle
+import queue
 import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 from vllm_runner.engine.engine_process import HeldLock, SharedEngine, run_engine_process
 from vllm_runner.engine.serving_loop import Delivery
@@ -23,7 +26,7 @@ class EngineClient:
         self.shared = False
         self._reaper: threading.Thread | None = None  # joins a shared engine this started
         self._connections: tuple[Connection, ...] = ()
-        self._lock = threading.Lock()  # (callers from several threads)
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # commands' bytes, in order
 
     def start(self, args, log_stats: bool, shared: str | None) -> tuple:
         """Start the engine process, or connect to the one shared under ``shared``; returns
@@ -100,7 +103,11 @@ class EngineClient:
         # this front end when its end of the connection closes: with this object, or at
         # interpreter exit before multiprocessing joins its children.
         multiprocessing.util.Finalize(self, commands.close, exitpriority=100)
+        multiprocessing.util.Finalize(self, self._outbox.put, args=(None,))  # (its writer ends)
         self._connections = (commands, results)
+        threading.Thread(
+            target=_write, args=(commands, self._outbox), name="vllm-runner-send", daemon=True
+        ).start()
 
     def send(self, command: tuple) -> None:
         if command[0] == "add":
@@ -109,8 +116,12 @@ class EngineClient:
             # command it failed the whole command stream, and the engine ended for everyone.
             kind, request_id, route, *request = command
             command = (kind, request_id, route, pickle.dumps(request, pickle.HIGHEST_PROTOCOL))
-        with self._lock:
-            self._connections[0].send(command)
+        # NOTE: written by a thread of its own: the engine reads commands between steps, and
+        # one larger than the pipe's buffer (a long prompt) held the caller (a server's event
+        # loop, every stream of it) until then. A closed pipe is the reader's to report.
+        self._outbox.put(ForkingPickler.dumps(command))
+        if command[0] == "stop":  # (the engine forgets this front end: nothing follows)
+            self._outbox.put(None)
 
     def read(self, deliver: Callable[[Delivery], None]) -> None:
         """Hand each step's results to ``deliver`` until the engine ends this front end's."""
@@ -130,6 +141,7 @@ class EngineClient:
     def detach(self) -> None:
         """Close the connections: the engine process forgets this front end (and ends if
         it was the last)."""
+        self._outbox.put(None)
         for conn in self._connections:
             conn.close()
 
@@ -176,3 +188,11 @@ class EngineClient:
             self.process.kill()
             self.process.join()
         return f"reading the engine process's results failed: {exc!r}"
+
+
+def _write(conn: Connection, outbox: queue.SimpleQueue) -> None:
+    """Send each command's bytes, in order, until None (detached, or the client is gone) or
+    the pipe closes (the engine process ended)."""
+    with contextlib.suppress(OSError):
+        while (data := outbox.get()) is not None:
+            conn.send_bytes(data)
