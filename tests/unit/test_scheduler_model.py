@@ -168,25 +168,12 @@ def run_random(seed: int, overlap: bool) -> None:
             got[rid] = []
             s.add_request(Request(rid, list(prompt), params, max_tokens))
 
-    def apply(sched, result) -> None:
-        for out in s.update_from_output(sched, result):
-            assert out.request_id not in finish, f"{out.request_id}: output after its end"
-            got[out.request_id].extend(out.new_token_ids)
-            if out.finish_reason is not None:
-                finish[out.request_id] = out.finish_reason
-
     def step() -> None:
         """schedule -> execute -> update; overlapped, a step's results are read after the
         next step is scheduled and run (as the engine's async scheduling)."""
         nonlocal pending
         sched = s.schedule()
-        result = runner.execute(sched)
-        if not overlap:
-            apply(sched, result)
-        else:
-            if pending is not None:
-                apply(*pending)
-            pending = (sched, result) if not sched.is_empty else None
+        pending = run_step(s, runner, sched, pending if overlap else False, got, finish)
         check_invariants(s)
 
     for step_no in range(400):
@@ -203,6 +190,34 @@ def run_random(seed: int, overlap: bool) -> None:
             runner.release(s.take_finished_ids())
     while s.has_unfinished() or pending is not None:
         step()
+    check_outputs(s, expected, got, finish, aborted)
+
+
+def apply_outputs(s: Scheduler, sched, result, got: dict, finish: dict) -> None:
+    """A step's results: each request's new tokens into ``got``, its end into ``finish``."""
+    for out in s.update_from_output(sched, result):
+        assert out.request_id not in finish, f"{out.request_id}: output after its end"
+        got[out.request_id].extend(out.new_token_ids)
+        if out.finish_reason is not None:
+            finish[out.request_id] = out.finish_reason
+
+
+def run_step(s: Scheduler, runner, sched, pending, got: dict, finish: dict):
+    """Execute ``sched``; ``pending`` False: apply its results now; else (overlapped, as the
+    engine's async scheduling) apply the step before's (``pending``, maybe None) and return
+    this one's, to be applied after the next step runs."""
+    result = runner.execute(sched)
+    if pending is False:
+        apply_outputs(s, sched, result, got, finish)
+        return None
+    if pending is not None:
+        apply_outputs(s, *pending, got, finish)
+    return (sched, result) if not sched.is_empty else None
+
+
+def check_outputs(s: Scheduler, expected: dict, got: dict, finish: dict, aborted: set) -> None:
+    """Every block free, no request left, each request's tokens and finish reason those of
+    running it alone (an aborted one's, as far as it got)."""
     assert s.kv.pool.num_used_blocks == 0 and not s.requests and not s.running
     for rid, (tokens, reason) in expected.items():
         if rid in aborted:

@@ -9,7 +9,16 @@ finish within a bound on steps, with the tokens it gets alone."""
 import random
 
 import pytest
-from test_scheduler_model import BS, EOS, VOCAB, FakeRunner, check_invariants, reference
+from test_scheduler_model import (
+    BS,
+    EOS,
+    VOCAB,
+    FakeRunner,
+    check_invariants,
+    check_outputs,
+    reference,
+    run_step,
+)
 
 from vllm_runner.config import SchedulerConfig
 from vllm_runner.engine.kv_cache_manager import KVCacheManager
@@ -60,26 +69,13 @@ def run_pressure(seed: int, overlap: bool) -> None:
             got[rid] = []
             s.add_request(Request(rid, list(prompt), params, params.max_tokens))
 
-    def apply(sched, result) -> None:
-        for out in s.update_from_output(sched, result):
-            assert out.request_id not in finish, f"{out.request_id}: output after its end"
-            got[out.request_id].extend(out.new_token_ids)
-            if out.finish_reason is not None:
-                finish[out.request_id] = out.finish_reason
-
     def step() -> None:
         nonlocal pending
         sched = s.schedule()
         assert sched.total_num_scheduled_tokens <= budget
         assert all(n > 0 for n in sched.num_scheduled_tokens.values())
         assert len(s.running) <= max_num_seqs
-        result = runner.execute(sched)
-        if not overlap:
-            apply(sched, result)
-        else:
-            if pending is not None:
-                apply(*pending)
-            pending = (sched, result) if not sched.is_empty else None
+        pending = run_step(s, runner, sched, pending if overlap else False, got, finish)
         check_invariants(s)
         check_order(s, arrival)
 
@@ -107,12 +103,7 @@ def run_pressure(seed: int, overlap: bool) -> None:
         step()
         num_steps += 1
         assert num_steps < limit, f"no progress: {len(s.requests)} requests left"
-    assert s.kv.pool.num_used_blocks == 0 and not s.requests and not s.running
-    for rid, (tokens, reason) in expected.items():
-        if rid in aborted:
-            assert got[rid] == tokens[: len(got[rid])], rid
-        else:
-            assert (got[rid], finish.get(rid)) == (tokens, reason), rid
+    check_outputs(s, expected, got, finish, aborted)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
