@@ -88,7 +88,14 @@ def run_engine(model_dir: str, wl: Workload, warm: Workload, args, b1: Workload 
 
     def gen(w: Workload) -> list[list[int]]:
         params = [
-            SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=args.logprobs)
+            SamplingParams(
+                max_tokens=m,
+                ignore_eos=True,
+                logprobs=args.logprobs,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+            )
             for m in w.max_tokens
         ]
         outs = llm.generate(w.prompts, params)
@@ -263,6 +270,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-dtype", default="auto", help="engine: auto | fp8 (opt-in)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--logprobs", type=int, default=None, help="engine: each request asks N")
+    p.add_argument("--temperature", type=float, default=0.0, help="engine: 0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="engine: with --temperature")
+    p.add_argument("--top-k", type=int, default=-1, help="engine: with --temperature")
     p.add_argument("--sync-steps", action="store_true", help="engine: async_scheduling off")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
     p.add_argument("--out", default=None, help="write JSON results here")
