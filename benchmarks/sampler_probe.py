@@ -4,7 +4,10 @@
 
 Llama-3 vocabulary (128256), bf16 logits as the LM head gives them (a scaled normal: a few
 dozen tokens carry most of the mass, as a trained model's). Times ``Sampler.sample`` (the
-device work of a step, no host sync) over 10 calls with CUDA events, median of 5.
+device work of a step, no host sync) over 10 calls with CUDA events, median of 5; and
+``before``: the sampler before kernels/sampling.py (an fp32 copy, a full sort for top-k /
+top-p, a tensor of exponential variates), kept here only as the baseline. Then the kernel
+alone at top_p 0.95 for each tile and warp count.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels.sampling import sample_rows  # noqa: E402
+from vllm_runner.sample import sampler as S  # noqa: E402
 from vllm_runner.sample.sampler import Sampler, SamplingRow  # noqa: E402
 from vllm_runner.sampling_params import SamplingParams  # noqa: E402
 
@@ -48,6 +53,22 @@ def time_ms(fn, calls: int = 10, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def before(logits: torch.Tensor, rows, generator: torch.Generator) -> torch.Tensor:
+    """The sampled path before the kernel (plain rows: no penalties, bias or seeds)."""
+    logits = logits.float()
+    if rows is None or all(r.params.greedy for r in rows):
+        return S.greedy_argmax(logits)
+    temps = S.host_values(
+        [1.0 if r.params.greedy else r.params.temperature for r in rows],
+        torch.float32,
+        logits.device,
+    )
+    probs = S.apply_top_k_top_p_min_p(logits / temps[:, None], rows).softmax(dim=-1)
+    q = torch.empty_like(probs).exponential_(generator=generator)
+    is_greedy = S.host_values([r.params.greedy for r in rows], torch.bool, logits.device)
+    return torch.where(is_greedy, S.greedy_argmax(logits), (probs / q).argmax(dim=-1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=128256)
@@ -60,8 +81,20 @@ def main() -> None:
         for name, kw in SETTINGS.items():
             rows = None if kw is None else [SamplingRow(SamplingParams(**kw), [1], 1, None)] * n
             ms = time_ms(lambda x=logits, rows=rows: sampler.sample(x, rows))
-            results.append({"rows": n, "setting": name, "ms": round(ms, 4)})
-            print(f"{n:4d} rows  {name:40s} {ms:8.3f} ms", flush=True)
+            was = time_ms(lambda x=logits, rows=rows: before(x, rows, sampler.generator))
+            results.append(
+                {"rows": n, "setting": name, "ms": round(ms, 4), "before_ms": round(was, 4)}
+            )
+            print(f"{n:4d} rows  {name:40s} {ms:8.3f} ms (before: {was:.3f})", flush=True)
+        params = torch.tensor([[0.8, 0.95, 0.0, -float("inf")]], device="cuda").repeat(n, 1)
+        seeds = torch.arange(n, device="cuda", dtype=torch.int64) * 7919
+        for block in (1024, 2048, 4096):
+            for warps in (4, 8, 16):
+                ms = time_ms(
+                    lambda b=block, w=warps, x=logits, p=params, k=seeds: sample_rows(x, p, k, b, w)
+                )
+                results.append({"rows": n, "kernel": [block, warps], "ms": round(ms, 4)})
+                print(f"{n:4d} rows  kernel, top_p 0.95, block {block}, {warps} warps {ms:8.3f} ms")
     if args.out:
         card = torch.cuda.get_device_name()
         Path(args.out).write_text(json.dumps({"card": card, "results": results}, indent=1))

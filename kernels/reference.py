@@ -258,3 +258,30 @@ def linear_one_row(
     if gated:
         y = silu_and_mul(y)
     return y if residual is None else y + residual
+
+
+def sample_rows(
+    logits: torch.Tensor,  # [rows, vocab]
+    params: torch.Tensor,  # [rows, 4]: temperature (0: greedy), top_p, min_p, top-k floor
+    uniforms: torch.Tensor,  # [rows, vocab] in (0, 1): the race's variates
+) -> torch.Tensor:  # [rows] int64
+    """Per row, in fp64: greedy rows the first largest logit; others keep the tokens with
+    logit >= the floor and probability >= min_p x the largest, then those whose strictly
+    more probable kept tokens hold less of the kept mass than top_p (all of a tie at the
+    cut), and draw the argmax of p / q over them, q = -log(uniform)."""
+    x = logits.double()
+    best = x.max(dim=-1, keepdim=True).values
+    t, top_p, min_p, floor = params.double().unbind(dim=-1)
+    e = ((x - best) / t.clamp(min=1e-300)[:, None]).exp()
+    kept = (x >= floor[:, None]) & (e >= min_p[:, None]) & (e > 0)
+    mass = torch.where(kept, e, 0.0)
+    xs, order = x.sort(dim=-1)  # ascending: the mass at or below each value, then above it
+    at_or_below = mass.gather(1, order).cumsum(dim=-1)
+    last = torch.searchsorted(xs, x, right=True) - 1
+    total = at_or_below[:, -1:]  # (so nothing is above the largest: exactly 0)
+    above = total - at_or_below.gather(1, last)
+    nucleus = kept & ((above == 0) | (above < top_p[:, None] * total))
+    key = torch.where(nucleus, e / -uniforms.double().log(), -1.0)
+    drawn = key.argmax(dim=-1)
+    no_finite = best[:, 0] == -torch.inf  # (token 0, as argmax gives)
+    return torch.where((t == 0) | no_finite, x.argmax(dim=-1), drawn)

@@ -370,13 +370,21 @@ def test_sampling_on_a_gpu_never_waits_for_the_device():
     cuda_logits = logits.cuda()
     pending = torch.tensor([-1, 3, 4, -1, -1, -1], device="cuda")
     sampler = Sampler(torch.device("cuda"), 0)
+    # rows that leave the logits as they are: the kernel reads the model's bf16 logits
+    plain = [dict(temperature=0.8, top_p=0.9, seed=3), dict(temperature=1.0, top_k=20),
+             dict(temperature=0.0), dict(temperature=0.5, min_p=0.1, logprobs=2)]  # fmt: skip
+    plain = [SamplingRow(SamplingParams(**s), [5, 9], 1, s.get("seed")) for s in plain]
+    bf16 = logits[:4].cuda().bfloat16()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         sampled, _ = sampler.sample(cuda_logits, rows, pending)
+        fast, fast_logprobs = sampler.sample(bf16, plain)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     want, _ = Sampler(torch.device("cpu"), 0).sample(logits, rows, pending.cpu())
     got = sampled.tolist()
     assert got[1:5] == want.tolist()[1:5] and got[1] == 7 and got[2] != 0
     assert got[4] in (3, 8, 500) and got[5] in (3, 8, 500)
+    assert fast[2].item() == bf16[2].float().argmax().item() and fast_logprobs.shape == (4, vocab)
+    assert fast[1].item() in bf16[1].float().topk(20).indices.tolist()

@@ -1,9 +1,10 @@
 """Token sampling: a greedy fast path, then temperature / top-k / top-p / min-p / penalties.
 
 Random choice samples exactly from p: on a GPU by the exponential race (argmax of p / q,
-q ~ Exp(1)), on the CPU by inverse CDF (one uniform per row: a variate per vocabulary entry
-is slow there). A seeded request draws from a generator seeded by (seed, output position),
-so its tokens depend on nothing else in the batch and survive preemption.
+q ~ Exp(1)) in one kernel that also filters without a sort (kernels/sampling.py), on the
+CPU by inverse CDF (one uniform per row: a variate per vocabulary entry is slow there). A
+seeded request draws from variates keyed by (seed, output position), so its tokens depend
+on nothing else in the batch and survive preemption.
 """
 
 import itertools
@@ -169,13 +170,15 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
         kth = sorted_logits.gather(1, k[:, None] - 1)
         sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
+        before = probs.cumsum(dim=-1) - probs  # mass of better-ranked tokens
         # top_p 1 is off: an fp32 cumulative sum can reach 1 before the tail by rounding,
         # and cut it from a row only because another row of the batch filters
         p = host_values([p if p < 1.0 else math.inf for p in top_p], probs.dtype, device)
-        cut = before >= p[:, None]
-        cut[:, 0] = False  # the best token stays: a top_p under fp32's range reads as 0
-        sorted_logits.masked_fill_(cut, float("-inf"))
+        # the cut is by value, as the GPU kernel's: the last logit whose better-ranked mass
+        # is under top_p, and every token tied with it (the best one always: a top_p under
+        # fp32's range reads as 0)
+        last = ((before < p[:, None]).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
+        sorted_logits.masked_fill_(sorted_logits < sorted_logits.gather(1, last), float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
     return logits
 
@@ -198,27 +201,6 @@ def two_stage_argmax(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> 
     best, index = logits.reshape(rows, vocab // group, group).max(dim=-1)  # first max each
     g = best.argmax(dim=-1, keepdim=True)
     return (g * group + index.gather(-1, g)).squeeze(-1)
-
-
-def row_generator(row: SamplingRow, device: torch.device) -> torch.Generator:
-    """A seeded row's generator for its next token's variates (the exponential race): the
-    same whatever the batch."""
-    g = torch.Generator(device=device)
-    # NOTE: mod 2**64: torch takes [-2**63, 2**64) and maps a negative seed s to s + 2**64;
-    # any Python int seed is valid, and none changes meaning.
-    g.manual_seed((row.seed * _SEED_STRIDE + row.num_output_tokens) % 2**64)
-    return g
-
-
-def exponential_noise(
-    rows: list[SamplingRow], vocab: int, device: torch.device, generator: torch.Generator | None
-) -> torch.Tensor:
-    q = torch.empty(len(rows), vocab, device=device)
-    q.exponential_(generator=generator)
-    for i, row in enumerate(rows):
-        if row.seed is not None:
-            q[i].exponential_(generator=row_generator(row, device))
-    return q
 
 
 def seeded_uniform(row: SamplingRow) -> float:
@@ -250,6 +232,7 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.race_seeds = np.random.default_rng(seed)  # unseeded rows' keys on a GPU
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow] | None) -> SamplerOutput:
         sampled, raw_logprobs = self.sample(logits, rows)
@@ -269,10 +252,12 @@ class Sampler:
         the argmax alone, with no per-row host work."""
         if rows is None:
             return greedy_argmax(logits), None  # exact in any dtype: no fp32 copy needed
-        logits = logits.float()  # [num_rows, vocab]
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
-            raw_logprobs = logits.log_softmax(dim=-1)
+            raw_logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
+        if logits.is_cuda and not any(_edits_logits(r) for r in rows):
+            return self._race_on_device(logits, rows), raw_logprobs  # (reads the logits)
+        logits = logits.float()  # [num_rows, vocab]
         if any(r.params.logit_bias for r in rows):
             apply_logit_bias(logits, rows)
         if any(r.params.allowed_token_ids for r in rows):
@@ -281,9 +266,10 @@ class Sampler:
             apply_penalties(logits, rows, pending)
         if any(r.num_output_tokens < r.params.min_tokens for r in rows):
             apply_min_tokens(logits, rows)
-        greedy_ids = greedy_argmax(logits)
         if all(r.params.greedy for r in rows):
-            sampled = greedy_ids
+            sampled = greedy_argmax(logits)
+        elif logits.is_cuda:
+            sampled = self._race_on_device(logits, rows)
         else:
             # NOTE: at most fp32's largest: a valid temperature beyond it is inf there, and
             # a banned token's -inf / inf is NaN, which made the whole row draw token 0
@@ -293,15 +279,35 @@ class Sampler:
                 logits.device,
             )
             scaled = apply_top_k_top_p_min_p(logits / temps[:, None], rows)
-            probs = scaled.softmax(dim=-1)
-            if logits.device.type == "cpu":
-                random_ids = inverse_cdf_sample(probs, rows, self.generator)
-            else:  # (the race of exponential variates: cheap on a GPU, and no host work)
-                q = exponential_noise(rows, logits.shape[1], logits.device, self.generator)
-                random_ids = (probs / q).argmax(dim=-1)
+            random_ids = inverse_cdf_sample(scaled.softmax(dim=-1), rows, self.generator)
             is_greedy = host_values([r.params.greedy for r in rows], torch.bool, logits.device)
-            sampled = torch.where(is_greedy, greedy_ids, random_ids)
+            sampled = torch.where(is_greedy, greedy_argmax(logits), random_ids)
         return sampled, raw_logprobs
+
+    def _race_on_device(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Every row in one kernel: its settings and Philox key in one copy each, and a
+        top-k floor from one ``topk`` when a row asks for top-k."""
+        from kernels.sampling import sample_rows
+
+        vocab = logits.shape[1]
+        draws = iter(self.race_seeds.integers(0, 2**63, len(rows)).tolist())
+        settings, seeds = [], []
+        for r in rows:
+            p = r.params
+            # NOTE: at most fp32's largest: beyond it the temperature is inf there (NaN s)
+            t = 0.0 if p.greedy else min(p.temperature, _FP32_MAX)
+            settings.append((t, p.top_p, p.min_p, -math.inf))
+            key = next(draws) if r.seed is None else race_key(r)
+            seeds.append(key - 2**64 if key >= 2**63 else key)
+        params = host_values(settings, torch.float32, logits.device)
+        # top-k below the vocabulary (at or past it keeps every token): its floor
+        ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows]
+        if any(ks):
+            top = logits.topk(max(ks), dim=-1).values
+            k = host_values(ks, torch.long, logits.device)
+            floors = top.gather(1, (k[:, None] - 1).clamp(min=0))[:, 0].float()
+            params[:, 3] = floors.masked_fill(k == 0, -math.inf)
+        return sample_rows(logits, params, host_values(seeds, torch.long, logits.device))
 
     @staticmethod
     def _logprobs(
@@ -311,6 +317,22 @@ class Sampler:
             return [None] * len(rows)
         chosen, top_vals, top_ids = logprob_tensors(raw, rows, sampled)
         return logprob_entries(rows, ids, chosen.tolist(), top_vals.tolist(), top_ids.tolist())
+
+
+def race_key(row: SamplingRow) -> int:
+    """A seeded row's Philox key for its next token: the same whatever the batch."""
+    # NOTE: mod 2**64, so any Python int seed is valid and none changes meaning
+    return (row.seed * _SEED_STRIDE + row.num_output_tokens) % 2**64
+
+
+def _edits_logits(row: SamplingRow) -> bool:
+    p = row.params
+    return bool(
+        p.logit_bias
+        or p.allowed_token_ids
+        or p.has_penalties
+        or row.num_output_tokens < p.min_tokens
+    )
 
 
 def logprob_tensors(

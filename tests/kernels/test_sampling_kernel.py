@@ -1,0 +1,141 @@
+"""The sampling kernel vs the fp64 reference on the same variates, and the reference's
+draws against the distribution they sample."""
+
+import math
+
+import pytest
+import torch
+
+from kernels import reference
+from kernels.sampling import race_uniforms, sample_rows
+
+INF = math.inf
+# (temperature, top_p, min_p, top_k): greedy, plain, each filter, all of them, a top_p
+# under fp32's range (0 there: the best token alone)
+SETTINGS = [
+    (0.0, 1.0, 0.0, 0),
+    (1.0, 1.0, 0.0, 0),
+    (0.7, 0.9, 0.0, 0),
+    (1.3, 0.3, 0.0, 0),
+    (1.0, 1.0, 0.0, 5),
+    (0.8, 1.0, 0.2, 0),
+    (0.9, 0.8, 0.05, 12),
+    (1.0, 1e-40, 0.0, 0),
+]
+
+
+def _params(settings, logits: torch.Tensor) -> torch.Tensor:
+    """[rows, 4]: temperature, top_p, min_p and the top-k floor (the k-th largest logit)."""
+    out = []
+    for row, (t, p, m, k) in zip(logits, settings, strict=True):
+        floor = row.float().topk(k).values[-1].item() if k else -INF
+        out.append((t, p, m, floor))
+    return torch.tensor(out, dtype=torch.float32, device=logits.device)
+
+
+def _seeds(n: int, device: torch.device, start: int = 0) -> torch.Tensor:
+    # keys over the whole int64 range, negative ones too
+    return torch.tensor([(start + i) * 0x9E3779B97F4A7C15 % 2**64 - 2**63 for i in range(n)],
+                        dtype=torch.int64, device=device)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("vocab", [300, 5000])
+def test_kernel_draws_the_reference_token(device: torch.device, dtype, vocab: int) -> None:
+    """Mixed rows of one batch, four keys each: the same token as the reference draws with
+    the kernel's uniforms (bf16 logits have many ties, at the top-k and top-p cuts too)."""
+    settings = SETTINGS * 4
+    logits = (torch.randn(len(settings), vocab, device=device) * 3).to(dtype)
+    logits[1, 7] = -INF  # a banned token
+    params, seeds = _params(settings, logits), _seeds(len(settings), device)
+    got = sample_rows(logits, params, seeds, block=256)
+    want = reference.sample_rows(logits, params, race_uniforms(seeds, vocab))
+    assert got.tolist() == want.tolist()
+    assert got[0].item() == logits[0].float().argmax().item()
+    assert got[7].item() == logits[7].float().argmax().item()  # top_p 1e-40: the best
+
+
+def test_ties_at_the_cut_are_kept_whole_and_special_rows(device: torch.device) -> None:
+    """A tie at the top-p cut is kept whole (the cut is by value); a row without a finite
+    logit gives token 0, as argmax; a greedy row gives the first largest logit."""
+    vocab, n = 6, 64
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0, -2.0]], device=device).repeat(n, 1)
+    logits[-1] = -INF
+    logits[-2] = torch.tensor([0.0, 5.0, 2.0, 5.0, 1.0, 0.0])
+    settings = [(1.0, 0.75, 0.0, 0)] * (n - 2) + [(0.0, 1.0, 0.0, 0), (1.0, 0.5, 0.0, 0)]
+    params, seeds = _params(settings[:-1], logits[:-1]), _seeds(n - 1, device)
+    params = torch.cat([params, torch.tensor([[1.0, 0.5, 0.0, -INF]], device=device)])
+    seeds = torch.cat([seeds, seeds[:1]])
+    got = sample_rows(logits, params, seeds, block=4).tolist()
+    # token 0 holds 0.8 of the mass; 0.75 keeps it and, by value, the three tied at 1.0
+    assert set(got[: n - 2]) == {0, 1, 2, 3}, sorted(set(got[: n - 2]))
+    assert got[-2] == 1 and got[-1] == 0
+    assert got == reference.sample_rows(logits, params, race_uniforms(seeds, vocab)).tolist()
+
+
+def test_uniforms_stay_below_one_and_depend_on_the_key_alone(device: torch.device) -> None:
+    """q = -log(u) = 0 would be a win for any token: no uniform reaches 1. A key's
+    variates are the same in any batch."""
+    seeds = _seeds(6, device)
+    u = race_uniforms(seeds, 4000)
+    assert u.max().item() < 1.0 and u.min().item() >= 0.0
+    assert torch.equal(race_uniforms(seeds[3:4], 4000)[0], u[3])
+    assert not torch.equal(u[0], u[1])
+
+
+def test_reference_draws_follow_the_filtered_distribution() -> None:
+    """The reference's race, on torch's uniforms, samples softmax(logits / t) restricted to
+    min-p, then top-k, then top-p (renormalised): frequencies over 40,000 draws."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -8.0], dtype=torch.float64)
+    t, top_p, min_p, k = 0.9, 0.85, 0.01, 6
+    probs = (logits / t).softmax(-1)
+    keep = (probs >= min_p * probs.max()) & (logits >= logits.topk(k).values[-1])
+    probs = torch.where(keep, probs, 0.0) / probs[keep].sum()
+    before = probs.cumsum(-1) - probs  # (sorted already, no ties)
+    probs = torch.where(before < top_p, probs, 0.0)
+    probs /= probs.sum()
+    n = 40_000
+    params = torch.tensor([[t, top_p, min_p, logits.topk(k).values[-1]]]).repeat(n, 1)
+    gen = torch.Generator().manual_seed(0)
+    draws = reference.sample_rows(logits.repeat(n, 1), params, torch.rand(n, 8, generator=gen))
+    freq = torch.bincount(draws, minlength=8).double() / n
+    sigma = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() <= 5 * sigma + 1e-12).all(), (freq, probs)
+    assert freq[probs == 0].sum() == 0
+
+
+def test_a_keyed_row_draws_the_same_token_in_any_batch(device: torch.device) -> None:
+    """A row's draw depends on its logits, settings and key alone: alone, or among others
+    in another place of the batch, the same token."""
+    settings = SETTINGS[1:7]
+    logits = torch.randn(len(settings), 700, device=device) * 2
+    params, seeds = _params(settings, logits), _seeds(len(settings), device, start=11)
+    batch = sample_rows(logits, params, seeds, block=128).tolist()
+    order = list(reversed(range(len(settings))))
+    flipped = sample_rows(logits[order], params[order], seeds[order], block=128).tolist()
+    assert flipped == batch[::-1]
+    for i in (0, 3):
+        alone = sample_rows(logits[i : i + 1], params[i : i + 1], seeds[i : i + 1], block=128)
+        assert alone.item() == batch[i]
+
+
+@pytest.mark.gpu
+def test_kernel_at_llama3_vocabulary_and_its_frequencies(device: torch.device) -> None:
+    """bf16 logits of Llama 3's vocabulary, the kernel's default tiles: the reference's
+    tokens; and 200,000 keys on one small row: the filtered distribution's frequencies."""
+    settings = SETTINGS * 8
+    logits = (torch.randn(len(settings), 128256, device=device) * 4).bfloat16()
+    params, seeds = _params(settings, logits), _seeds(len(settings), device, start=5)
+    want = reference.sample_rows(logits, params, race_uniforms(seeds, 128256))
+    assert sample_rows(logits, params, seeds).tolist() == want.tolist()
+
+    n, row = 200_000, torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -8.0], device=device)
+    t, top_p = 0.9, 0.85
+    probs = (row.double() / t).softmax(-1)
+    probs = torch.where(probs.cumsum(-1) - probs < top_p, probs, 0.0)
+    probs /= probs.sum()
+    params = torch.tensor([[t, top_p, 0.0, -INF]], device=device).repeat(n, 1)
+    draws = sample_rows(row.repeat(n, 1), params, _seeds(n, device, start=1000))
+    freq = torch.bincount(draws, minlength=8).double() / n
+    sigma = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() <= 5 * sigma + 1e-12).all(), (freq, probs)
