@@ -18,11 +18,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _exp_race_key(s, seed, idx):
-    """log(p / q) up to the row's constant: ``s`` = (logit - max) / temperature.
+def _uniforms(seed, start, BLOCK: tl.constexpr):
+    """Tokens start .. start + BLOCK - 1's uniforms: token t is lane t % 4 of Philox
+    counter t // 4 (one Philox call per four tokens; ``start`` a multiple of 4).
     NOTE: ``tl.rand`` stays below 1 (at most 1 - 2**-23), so q > 0: a q of 0 would win for
     any kept token whatever its probability; u = 0 is q = inf, a token that cannot win."""
-    return s - tl.log(-tl.log(tl.rand(seed, idx)))
+    u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + tl.arange(0, BLOCK // 4))
+    return tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [BLOCK])
+
+
+@triton.jit
+def _exp_race_key(s, seed, start, BLOCK: tl.constexpr):
+    """log(p / q) up to the row's constant: ``s`` = (logit - max) / temperature."""
+    return s - tl.log(-tl.log(_uniforms(seed, start, BLOCK)))
 
 
 @triton.jit
@@ -66,11 +74,12 @@ def _sample_kernel(
             s = (x - best) * inv_t
             e = tl.exp(s)
             kept = (x >= floor) & (e >= min_p) & (e > 0)
-            total += tl.sum(tl.where(kept, e, 0.0), 0)
-            key = tl.where(kept, _exp_race_key(s, seed, idx), -float("inf"))
-            k = tl.max(key, 0)
-            winner = tl.where(k > win_key, start + tl.argmax(key, 0), winner)
-            win_key = tl.maximum(win_key, k)
+            if tl.max(kept.to(tl.int32), 0) > 0:  # (Philox only where a token is kept)
+                total += tl.sum(tl.where(kept, e, 0.0), 0)
+                key = tl.where(kept, _exp_race_key(s, seed, start, BLOCK), -float("inf"))
+                k = tl.max(key, 0)
+                winner = tl.where(k > win_key, start + tl.argmax(key, 0), winner)
+                win_key = tl.maximum(win_key, k)
         # top-p rounds: is the winner in the nucleus? If not, race over what is above it
         searching = top_p < 1.0
         while searching:
@@ -84,11 +93,12 @@ def _sample_kernel(
                 s = (x - best) * inv_t
                 e = tl.exp(s)
                 over = (x > pivot) & (x >= floor) & (e >= min_p) & (e > 0)
-                above += tl.sum(tl.where(over, e, 0.0), 0)
-                key = tl.where(over, _exp_race_key(s, seed, idx), -float("inf"))
-                k = tl.max(key, 0)
-                next_winner = tl.where(k > win_key, start + tl.argmax(key, 0), next_winner)
-                win_key = tl.maximum(win_key, k)
+                if tl.max(over.to(tl.int32), 0) > 0:
+                    above += tl.sum(tl.where(over, e, 0.0), 0)
+                    key = tl.where(over, _exp_race_key(s, seed, start, BLOCK), -float("inf"))
+                    k = tl.max(key, 0)
+                    next_winner = tl.where(k > win_key, start + tl.argmax(key, 0), next_winner)
+                    win_key = tl.maximum(win_key, k)
             # (above == 0: the winner ties the best, kept even when top_p * total underflows)
             searching = (above > 0) & (above >= top_p * total)
             winner = tl.where(searching, next_winner, winner)
@@ -102,7 +112,7 @@ def _uniforms_kernel(seeds_ptr, out_ptr, VOCAB: tl.constexpr, BLOCK: tl.constexp
     offs = tl.arange(0, BLOCK)
     for start in range(0, VOCAB, BLOCK):
         idx = start + offs
-        tl.store(out_ptr + row * VOCAB + idx, tl.rand(seed, idx), mask=idx < VOCAB)
+        tl.store(out_ptr + row * VOCAB + idx, _uniforms(seed, start, BLOCK), mask=idx < VOCAB)
 
 
 def sample_rows(

@@ -255,8 +255,10 @@ class Sampler:
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
-        if logits.is_cuda and not any(_edits_logits(r) for r in rows):
-            return self._race_on_device(logits, rows), raw_logprobs  # (reads the logits)
+        if logits.is_cuda and not any(_edits_logits(r) for r in rows):  # (reads the logits)
+            if all(r.params.greedy for r in rows):
+                return greedy_argmax(logits), raw_logprobs
+            return self._race_on_device(logits, rows), raw_logprobs
         logits = logits.float()  # [num_rows, vocab]
         if any(r.params.logit_bias for r in rows):
             apply_logit_bias(logits, rows)
