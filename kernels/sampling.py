@@ -22,15 +22,35 @@ def _uniforms(seed, start, BLOCK: tl.constexpr):
     """Tokens start .. start + BLOCK - 1's uniforms: token t is lane t % 4 of Philox
     counter t // 4 (one Philox call per four tokens; ``start`` a multiple of 4).
     NOTE: ``tl.rand`` stays below 1 (at most 1 - 2**-23), so q > 0: a q of 0 would win for
-    any kept token whatever its probability; u = 0 is q = inf, a token that cannot win."""
+    any kept token whatever its probability. A 0 becomes 2**-32 (q = 22: a token that all
+    but never wins, as at q = inf), so every kept token's key is finite."""
     u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + tl.arange(0, BLOCK // 4))
-    return tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [BLOCK])
+    u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [BLOCK])
+    return tl.maximum(u, 2.3283064365386963e-10)
 
 
 @triton.jit
-def _exp_race_key(s, seed, start, BLOCK: tl.constexpr):
-    """log(p / q) up to the row's constant: ``s`` = (logit - max) / temperature."""
-    return s - tl.log(-tl.log(_uniforms(seed, start, BLOCK)))
+def _race(base, best, inv_t, floor, min_p, pivot, seed, VOCAB: tl.constexpr, BLOCK: tl.constexpr):
+    """Over the row's kept tokens with logit > ``pivot``: their mass and the race's winner
+    (VOCAB: none). Per-lane running sums and bests, one reduction at the end."""
+    offs = tl.arange(0, BLOCK)
+    mass = tl.zeros([BLOCK], tl.float32)
+    top = tl.full([BLOCK], -float("inf"), tl.float32)
+    top_i = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, VOCAB, BLOCK):
+        idx = start + offs
+        x = tl.load(base + idx, mask=idx < VOCAB, other=-float("inf")).to(tl.float32)
+        s = (x - best) * inv_t  # log(p / p_max)
+        e = tl.exp(s)
+        member = (x > pivot) & (x >= floor) & (e >= min_p) & (e > 0)
+        mass += tl.where(member, e, 0.0)
+        q = -tl.log(_uniforms(seed, start, BLOCK))
+        key = tl.where(member, s - tl.log(q), -float("inf"))
+        better = key > top
+        top_i = tl.where(better, idx, top_i)
+        top = tl.where(better, key, top)
+    k = tl.max(top, 0)
+    return tl.sum(mass, 0), tl.min(tl.where((top == k) & (top > -float("inf")), top_i, VOCAB), 0)
 
 
 @triton.jit
@@ -52,53 +72,27 @@ def _sample_kernel(
     seed = tl.load(seeds_ptr + row)
     offs = tl.arange(0, BLOCK)
 
-    # pass 1: the row's largest logit and its first index (greedy's answer)
-    best = -float("inf")
-    best_i = 0
+    # the row's largest logit and its first index (greedy's answer; token 0 for a row of
+    # -inf, as argmax)
+    top = tl.full([BLOCK], -float("inf"), tl.float32)
+    top_i = tl.zeros([BLOCK], tl.int32)
     for start in range(0, VOCAB, BLOCK):
         x = tl.load(base + start + offs, mask=start + offs < VOCAB, other=-float("inf"))
-        x = x.to(tl.float32)
-        m = tl.max(x, 0)
-        best_i = tl.where(m > best, start + tl.argmax(x, 0), best_i)
-        best = tl.maximum(best, m)
+        better = x.to(tl.float32) > top
+        top_i = tl.where(better, start + offs, top_i)
+        top = tl.where(better, x.to(tl.float32), top)
+    best = tl.max(top, 0)
+    winner = tl.min(tl.where(top == best, top_i, VOCAB), 0)
 
-    winner = best_i
-    if temperature > 0 and best > -float("inf"):  # (no finite logit: token 0, as argmax)
+    if (temperature > 0) & (best > -float("inf")):
         inv_t = 1.0 / temperature
-        # pass 2: the kept mass and the race over every kept token
-        total = 0.0
-        win_key = -float("inf")
-        for start in range(0, VOCAB, BLOCK):
-            idx = start + offs
-            x = tl.load(base + idx, mask=idx < VOCAB, other=-float("inf")).to(tl.float32)
-            s = (x - best) * inv_t
-            e = tl.exp(s)
-            kept = (x >= floor) & (e >= min_p) & (e > 0)
-            if tl.max(kept.to(tl.int32), 0) > 0:  # (Philox only where a token is kept)
-                total += tl.sum(tl.where(kept, e, 0.0), 0)
-                key = tl.where(kept, _exp_race_key(s, seed, start, BLOCK), -float("inf"))
-                k = tl.max(key, 0)
-                winner = tl.where(k > win_key, start + tl.argmax(key, 0), winner)
-                win_key = tl.maximum(win_key, k)
+        # the race over every kept token (the best one among them: a winner always)
+        total, winner = _race(base, best, inv_t, floor, min_p, -float("inf"), seed, VOCAB, BLOCK)
         # top-p rounds: is the winner in the nucleus? If not, race over what is above it
         searching = top_p < 1.0
         while searching:
             pivot = tl.load(base + winner).to(tl.float32)
-            above = 0.0
-            win_key = -float("inf")
-            next_winner = winner
-            for start in range(0, VOCAB, BLOCK):
-                idx = start + offs
-                x = tl.load(base + idx, mask=idx < VOCAB, other=-float("inf")).to(tl.float32)
-                s = (x - best) * inv_t
-                e = tl.exp(s)
-                over = (x > pivot) & (x >= floor) & (e >= min_p) & (e > 0)
-                if tl.max(over.to(tl.int32), 0) > 0:
-                    above += tl.sum(tl.where(over, e, 0.0), 0)
-                    key = tl.where(over, _exp_race_key(s, seed, start, BLOCK), -float("inf"))
-                    k = tl.max(key, 0)
-                    next_winner = tl.where(k > win_key, start + tl.argmax(key, 0), next_winner)
-                    win_key = tl.maximum(win_key, k)
+            above, next_winner = _race(base, best, inv_t, floor, min_p, pivot, seed, VOCAB, BLOCK)
             # (above == 0: the winner ties the best, kept even when top_p * total underflows)
             searching = (above > 0) & (above >= top_p * total)
             winner = tl.where(searching, next_winner, winner)
