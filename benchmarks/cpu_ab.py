@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # (benchmarks/kernels.py shadows)
 from kernels import reference  # noqa: E402
 from vllm_runner import LLM, SamplingParams  # noqa: E402
@@ -26,8 +28,8 @@ def _variants(case: str) -> dict[str, tuple[object, str, object]]:
     """name -> (module, attribute, value): what each variant sets."""
     if case == "sampler":
 
-        def race(probs, rows, generator):
-            q = sampler.exponential_noise(rows, probs.shape[1], probs.device, generator)
+        def race(probs, rows, generator):  # (unseeded rows: one tensor of variates)
+            q = torch.empty_like(probs).exponential_(generator=generator)
             return (probs / q).argmax(dim=-1)
 
         now = sampler.inverse_cdf_sample

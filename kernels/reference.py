@@ -262,16 +262,20 @@ def linear_one_row(
 
 def sample_rows(
     logits: torch.Tensor,  # [rows, vocab]
-    params: torch.Tensor,  # [rows, 4]: temperature (0: greedy), top_p, min_p, top-k floor
+    params: torch.Tensor,  # [rows, 4]: temperature (0: greedy), top_p, min_p, top_k (0: off)
     uniforms: torch.Tensor,  # [rows, vocab] in (0, 1): the race's variates
 ) -> torch.Tensor:  # [rows] int64
     """Per row, in fp64: greedy rows the first largest logit; others keep the tokens with
-    logit >= the floor and probability >= min_p x the largest, then those whose strictly
-    more probable kept tokens hold less of the kept mass than top_p (all of a tie at the
-    cut), and draw the argmax of p / q over them, q = -log(uniform)."""
+    logit >= the k-th largest (all of a tie) and probability >= min_p x the largest, then
+    those whose strictly more probable kept tokens hold less of the kept mass than top_p
+    (all of a tie at the cut), and draw the argmax of p / q over them, q = -log(uniform)."""
     x = logits.double()
+    vocab = x.shape[1]
     best = x.max(dim=-1, keepdim=True).values
-    t, top_p, min_p, floor = params.double().unbind(dim=-1)
+    t, top_p, min_p, top_k = params.double().unbind(dim=-1)
+    k = top_k.long()
+    k = torch.where((k > 0) & (k < vocab), k, vocab)
+    floor = x.sort(dim=-1, descending=True).values.gather(1, k[:, None] - 1)[:, 0]
     e = ((x - best) / t.clamp(min=1e-300)[:, None]).exp()
     kept = (x >= floor[:, None]) & (e >= min_p[:, None]) & (e > 0)
     mass = torch.where(kept, e, 0.0)

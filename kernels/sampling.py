@@ -2,10 +2,10 @@
 
 A row's draw is the exponential race over the tokens it keeps: the argmax of
 ``p_i / q_i`` with ``q_i ~ Exp(1)``, ``q_i = -log(u_i)``, ``u_i`` Philox-uniform for (row
-seed, token id). The kept set is every token with logit >= a floor (the row's top-k
-threshold, and min-p: ``p_i >= min_p * p_max``) whose more probable kept tokens hold less
-than ``top_p`` of the kept mass. Top-p needs no sort: the race is run over the floor's set;
-while its winner's strictly more probable tokens hold ``top_p`` of the mass or more, the
+seed, token id). The kept set is every token with logit >= the row's k-th largest (found
+by a radix select) and ``p_i >= min_p * p_max``, whose more probable kept tokens hold less
+than ``top_p`` of the kept mass. Top-p needs no sort: the race is run over the first two
+sets; while its winner's strictly more probable tokens hold ``top_p`` of the mass or more, the
 winner and everything below it are out, and the race is run again, with the same variates,
 over what is strictly above: the winner among the nucleus is the winner of the race
 restricted to it, an exact draw from the renormalised distribution. Each round is one pass
@@ -54,21 +54,57 @@ def _race(base, best, inv_t, floor, min_p, pivot, seed, VOCAB: tl.constexpr, BLO
 
 
 @triton.jit
+def _order_key(x):
+    """fp32 -> int32 whose signed order is the floats' order (and back: its own inverse)."""
+    b = x.to(tl.int32, bitcast=True)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _kth_largest(base, k, VOCAB: tl.constexpr, BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
+    """The row's k-th largest logit (0 < k < VOCAB) by radix select: a histogram of 8 bits
+    of the order key a pass, from the top, among the keys that share the bits found so far
+    (2 passes cover bf16's 16 bits, 4 fp16 / fp32)."""
+    offs = tl.arange(0, BLOCK)
+    bins = tl.arange(0, 256)
+    hi = 0  # the k-th largest's order key >> the pass's shift + 8, so far
+    rest = k  # how many of the k largest share those bits
+    for r in tl.static_range(ROUNDS):
+        hist = tl.zeros([256], tl.int32)
+        for start in range(0, VOCAB, BLOCK):
+            idx = start + offs
+            key = _order_key(tl.load(base + idx, mask=idx < VOCAB, other=0.0).to(tl.float32))
+            if r == 0:
+                hist += tl.histogram((key >> 24) + 128, 256, mask=idx < VOCAB)
+            else:
+                shared = (idx < VOCAB) & ((key >> (32 - 8 * r)) == hi)
+                hist += tl.histogram((key >> (24 - 8 * r)) & 0xFF, 256, mask=shared)
+        at_or_above = tl.cumsum(hist, 0, reverse=True)
+        b = tl.max(tl.where(at_or_above >= rest, bins, -1), 0)
+        rest -= tl.sum(tl.where(bins == b, at_or_above - hist, 0), 0)
+        hi = b - 128 if r == 0 else hi * 256 + b
+    if ROUNDS == 2:  # (a bf16 value's low 16 bits are 0: its key's, 0 or all 1 if negative)
+        hi = (hi << 16) | tl.where(hi < 0, 0xFFFF, 0)
+    return _order_key(hi).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _sample_kernel(
     logits_ptr,  # [rows, vocab], any float dtype
-    params_ptr,  # [rows, 4] fp32: temperature (0: greedy), top_p, min_p, top-k floor (logit)
+    params_ptr,  # [rows, 4] fp32: temperature (0: greedy), top_p, min_p, top_k (0: off)
     seeds_ptr,  # [rows] int64: the row's Philox key this step
     out_ptr,  # [rows] int64
     stride_row,
     VOCAB: tl.constexpr,
     BLOCK: tl.constexpr,
+    KEY_ROUNDS: tl.constexpr,  # the top-k radix select's passes: 2 for bf16, else 4
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     temperature = tl.load(params_ptr + row * 4)
     top_p = tl.load(params_ptr + row * 4 + 1)
     min_p = tl.load(params_ptr + row * 4 + 2)
-    floor = tl.load(params_ptr + row * 4 + 3)
+    top_k = tl.load(params_ptr + row * 4 + 3).to(tl.int32)
     seed = tl.load(seeds_ptr + row)
     offs = tl.arange(0, BLOCK)
 
@@ -86,6 +122,9 @@ def _sample_kernel(
 
     if (temperature > 0) & (best > -float("inf")):
         inv_t = 1.0 / temperature
+        floor = -float("inf")
+        if (top_k > 0) & (top_k < VOCAB):  # every token tied with the k-th is kept
+            floor = _kth_largest(base, top_k, VOCAB, BLOCK, KEY_ROUNDS)
         # the race over every kept token (the best one among them: a winner always)
         total, winner = _race(base, best, inv_t, floor, min_p, -float("inf"), seed, VOCAB, BLOCK)
         # top-p rounds: is the winner in the nucleus? If not, race over what is above it
@@ -111,13 +150,13 @@ def _uniforms_kernel(seeds_ptr, out_ptr, VOCAB: tl.constexpr, BLOCK: tl.constexp
 
 def sample_rows(
     logits: torch.Tensor,  # [rows, vocab]
-    params: torch.Tensor,  # [rows, 4] fp32: temperature, top_p, min_p, top-k floor
+    params: torch.Tensor,  # [rows, 4] fp32: temperature, top_p, min_p, top_k
     seeds: torch.Tensor,  # [rows] int64
     block: int = 2048,
     num_warps: int = 8,
 ) -> torch.Tensor:  # [rows] int64
     """One token per row (see the module's docstring); greedy rows (temperature 0) take
-    the first largest logit. A row keeps the tokens with logit >= its floor (-inf: all)."""
+    the first largest logit. top_k 0 or >= the vocabulary keeps every token."""
     rows, vocab = logits.shape
     assert logits.stride(1) == 1, "logits need a dense last dim"
     assert params.shape == (rows, 4) and params.dtype == torch.float32, (
@@ -129,7 +168,32 @@ def sample_rows(
     if rows:
         _sample_kernel[(rows,)](
             logits, params.contiguous(), seeds.contiguous(), out, logits.stride(0),
-            VOCAB=vocab, BLOCK=block, num_warps=num_warps,
+            VOCAB=vocab, BLOCK=block, KEY_ROUNDS=2 if logits.dtype == torch.bfloat16 else 4,
+            num_warps=num_warps,
+        )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _kth_largest_kernel(
+    logits_ptr, ks_ptr, out_ptr, stride_row, VOCAB: tl.constexpr, BLOCK: tl.constexpr,
+    KEY_ROUNDS: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.load(ks_ptr + row)
+    floor = _kth_largest(logits_ptr + row * stride_row, k, VOCAB, BLOCK, KEY_ROUNDS)
+    tl.store(out_ptr + row, floor)
+
+
+def kth_largest(logits: torch.Tensor, ks: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Each row's ks[row]-th largest logit (0 < k < vocab), by ``sample_rows``' radix
+    select (for tests)."""
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows:
+        _kth_largest_kernel[(rows,)](
+            logits, ks.to(torch.int32).contiguous(), out, logits.stride(0), VOCAB=vocab,
+            BLOCK=block, KEY_ROUNDS=2 if logits.dtype == torch.bfloat16 else 4,
         )  # fmt: skip
     return out
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.sampling import race_uniforms, sample_rows
+from kernels.sampling import kth_largest, race_uniforms, sample_rows
 
 INF = math.inf
 # (temperature, top_p, min_p, top_k): greedy, plain, each filter, all of them, a top_p
@@ -25,12 +25,9 @@ SETTINGS = [
 
 
 def _params(settings, logits: torch.Tensor) -> torch.Tensor:
-    """[rows, 4]: temperature, top_p, min_p and the top-k floor (the k-th largest logit)."""
-    out = []
-    for row, (t, p, m, k) in zip(logits, settings, strict=True):
-        floor = row.float().topk(k).values[-1].item() if k else -INF
-        out.append((t, p, m, floor))
-    return torch.tensor(out, dtype=torch.float32, device=logits.device)
+    """[rows, 4]: temperature, top_p, min_p, top_k."""
+    assert len(settings) == logits.shape[0]
+    return torch.tensor(settings, dtype=torch.float32, device=logits.device)
 
 
 def _seeds(n: int, device: torch.device, start: int = 0) -> torch.Tensor:
@@ -55,6 +52,36 @@ def test_kernel_draws_the_reference_token(device: torch.device, dtype, vocab: in
     assert got[7].item() == logits[7].float().argmax().item()  # top_p 1e-40: the best
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_radix_select_finds_the_kth_largest(device: torch.device, dtype) -> None:
+    """At every depth of a row that crosses zero, with ties and -inf: the k-th largest as
+    a sort gives it."""
+    vocab = 300
+    ks = torch.tensor([*range(1, vocab, 7), 148, 149, 150, 151, vocab - 1], device=device)
+    logits = torch.randn(len(ks), vocab, device=device).to(dtype)
+    logits[:, :50] = logits[:, 50:100]
+    logits[::3, 7] = -INF
+    got = kth_largest(logits, ks, block=128)
+    want = logits.float().sort(dim=-1, descending=True).values.gather(1, ks[:, None] - 1)[:, 0]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_top_k_cut_at_every_depth_and_sign(device: torch.device, dtype) -> None:
+    """The radix select's k-th largest at the top, the middle (where the signs meet) and
+    the bottom of the row, in each dtype; a high temperature makes the race range over the
+    whole kept set, so a wrong cut shows as another token."""
+    vocab, ks = 400, [1, 2, 199, 200, 201, 399, 400]
+    logits = torch.randn(len(ks) * 4, vocab, device=device).to(dtype)
+    logits[:, :40] = logits[:, 40:80]  # ties everywhere
+    settings = [(50.0, 1.0, 0.0, k) for k in ks] * 4
+    params, seeds = _params(settings, logits), _seeds(len(settings), device, start=3)
+    got = sample_rows(logits, params, seeds, block=128)
+    want = reference.sample_rows(logits, params, race_uniforms(seeds, vocab))
+    assert got.tolist() == want.tolist()
+    assert len(set(got[2::7].tolist())) > 1  # (k = 199: the race does range)
+
+
 def test_ties_at_the_cut_are_kept_whole_and_special_rows(device: torch.device) -> None:
     """A tie at the top-p cut is kept whole (the cut is by value); a row without a finite
     logit gives token 0, as argmax; a greedy row gives the first largest logit."""
@@ -64,10 +91,10 @@ def test_ties_at_the_cut_are_kept_whole_and_special_rows(device: torch.device) -
     logits[-2] = torch.tensor([0.0, 5.0, 2.0, 5.0, 1.0, 0.0])
     settings = [(1.0, 0.75, 0.0, 0)] * (n - 2) + [(0.0, 1.0, 0.0, 0), (1.0, 0.5, 0.0, 0)]
     params, seeds = _params(settings[:-1], logits[:-1]), _seeds(n - 1, device)
-    params = torch.cat([params, torch.tensor([[1.0, 0.5, 0.0, -INF]], device=device)])
+    params = torch.cat([params, torch.tensor([[1.0, 0.5, 0.0, 0.0]], device=device)])
     seeds = torch.cat([seeds, seeds[:1]])
     got = sample_rows(logits, params, seeds, block=4).tolist()
-    # token 0 holds 0.8 of the mass; 0.75 keeps it and, by value, the three tied at 1.0
+    # token 0 holds 0.68 of the mass; 0.75 keeps it and, by value, the three tied at 1.0
     assert set(got[: n - 2]) == {0, 1, 2, 3}, sorted(set(got[: n - 2]))
     assert got[-2] == 1 and got[-1] == 0
     assert got == reference.sample_rows(logits, params, race_uniforms(seeds, vocab)).tolist()
@@ -95,7 +122,7 @@ def test_reference_draws_follow_the_filtered_distribution() -> None:
     probs = torch.where(before < top_p, probs, 0.0)
     probs /= probs.sum()
     n = 40_000
-    params = torch.tensor([[t, top_p, min_p, logits.topk(k).values[-1]]]).repeat(n, 1)
+    params = torch.tensor([[t, top_p, min_p, k]]).repeat(n, 1)
     gen = torch.Generator().manual_seed(0)
     draws = reference.sample_rows(logits.repeat(n, 1), params, torch.rand(n, 8, generator=gen))
     freq = torch.bincount(draws, minlength=8).double() / n
@@ -134,7 +161,7 @@ def test_kernel_at_llama3_vocabulary_and_its_frequencies(device: torch.device) -
     probs = (row.double() / t).softmax(-1)
     probs = torch.where(probs.cumsum(-1) - probs < top_p, probs, 0.0)
     probs /= probs.sum()
-    params = torch.tensor([[t, top_p, 0.0, -INF]], device=device).repeat(n, 1)
+    params = torch.tensor([[t, top_p, 0.0, 0.0]], device=device).repeat(n, 1)
     draws = sample_rows(row.repeat(n, 1), params, _seeds(n, device, start=1000))
     freq = torch.bincount(draws, minlength=8).double() / n
     sigma = (probs * (1 - probs) / n).sqrt()

@@ -28,6 +28,17 @@ def test_top_k_keeps_every_token_tied_with_the_kth():
     assert torch.equal(out[0], logits[0])
 
 
+def test_top_p_keeps_a_tie_at_its_cut_whole():
+    """The cut is by value, as the GPU kernel's: token 0 holds 0.68 of the mass and the
+    three tied tokens 0.09 each; top_p 0.75 keeps token 0 and all three (a cut by rank
+    kept whichever of them the sort put first)."""
+    logits = torch.tensor([[1.0, 3.0, 1.0, -2.0, 1.0, 0.0]])
+    out = apply_top_k_top_p_min_p(logits.clone(), [_row(top_p=0.75)])
+    assert out.isfinite().tolist() == [[True, True, True, False, True, False]]
+    out = apply_top_k_top_p_min_p(logits.clone(), [_row(top_p=0.6)])
+    assert out.isfinite().tolist() == [[False, True, False, False, False, False]]
+
+
 def test_top_p_1_cuts_nothing_whatever_else_is_in_the_batch():
     """A row with top_p=1 (off, as vLLM) next to a row that filters: the fp32 cumulative sum
     of its many small probabilities rounds up to 1 before its end and cut thousands of

@@ -287,28 +287,19 @@ class Sampler:
         return sampled, raw_logprobs
 
     def _race_on_device(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Every row in one kernel: its settings and Philox key in one copy each, and a
-        top-k floor from one ``topk`` when a row asks for top-k."""
+        """Every row in one kernel: its settings and Philox key in one copy each."""
         from kernels.sampling import sample_rows
 
-        vocab = logits.shape[1]
         draws = iter(self.race_seeds.integers(0, 2**63, len(rows)).tolist())
         settings, seeds = [], []
         for r in rows:
             p = r.params
             # NOTE: at most fp32's largest: beyond it the temperature is inf there (NaN s)
             t = 0.0 if p.greedy else min(p.temperature, _FP32_MAX)
-            settings.append((t, p.top_p, p.min_p, -math.inf))
+            settings.append((t, p.top_p, p.min_p, min(p.top_k, logits.shape[1])))
             key = next(draws) if r.seed is None else race_key(r)
             seeds.append(key - 2**64 if key >= 2**63 else key)
         params = host_values(settings, torch.float32, logits.device)
-        # top-k below the vocabulary (at or past it keeps every token): its floor
-        ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows]
-        if any(ks):
-            top = logits.topk(max(ks), dim=-1).values
-            k = host_values(ks, torch.long, logits.device)
-            floors = top.gather(1, (k[:, None] - 1).clamp(min=0))[:, 0].float()
-            params[:, 3] = floors.masked_fill(k == 0, -math.inf)
         return sample_rows(logits, params, host_values(seeds, torch.long, logits.device))
 
     @staticmethod
