@@ -95,17 +95,19 @@ def _sample_kernel(
     seeds_ptr,  # [rows] int64: the row's Philox key this step
     out_ptr,  # [rows] int64
     stride_row,
+    stride_params,
+    stride_seeds,
     VOCAB: tl.constexpr,
     BLOCK: tl.constexpr,
     KEY_ROUNDS: tl.constexpr,  # the top-k radix select's passes: 2 for bf16, else 4
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
-    temperature = tl.load(params_ptr + row * 4)
-    top_p = tl.load(params_ptr + row * 4 + 1)
-    min_p = tl.load(params_ptr + row * 4 + 2)
-    top_k = tl.load(params_ptr + row * 4 + 3).to(tl.int32)
-    seed = tl.load(seeds_ptr + row)
+    temperature = tl.load(params_ptr + row * stride_params)
+    top_p = tl.load(params_ptr + row * stride_params + 1)
+    min_p = tl.load(params_ptr + row * stride_params + 2)
+    top_k = tl.load(params_ptr + row * stride_params + 3).to(tl.int32)
+    seed = tl.load(seeds_ptr + row * stride_seeds)
     offs = tl.arange(0, BLOCK)
 
     # the row's largest logit and its first index (greedy's answer; token 0 for a row of
@@ -162,12 +164,13 @@ def sample_rows(
     assert params.shape == (rows, 4) and params.dtype == torch.float32, (
         f"params {tuple(params.shape)} {params.dtype}, want ({rows}, 4) float32"
     )
+    assert params.stride(1) == 1, "params need a dense last dim"
     assert seeds.shape == (rows,) and seeds.dtype == torch.int64, f"seeds {seeds.dtype}"
     assert vocab < 2**31, f"vocabulary {vocab} >= 2**31"
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
         _sample_kernel[(rows,)](
-            logits, params.contiguous(), seeds.contiguous(), out, logits.stride(0),
+            logits, params, seeds, out, logits.stride(0), params.stride(0), seeds.stride(0),
             VOCAB=vocab, BLOCK=block, KEY_ROUNDS=2 if logits.dtype == torch.bfloat16 else 4,
             num_warps=num_warps,
         )  # fmt: skip

@@ -388,3 +388,5 @@ def test_sampling_on_a_gpu_never_waits_for_the_device():
     assert got[4] in (3, 8, 500) and got[5] in (3, 8, 500)
     assert fast[2].item() == bf16[2].float().argmax().item() and fast_logprobs.shape == (4, vocab)
     assert fast[1].item() in bf16[1].float().topk(20).indices.tolist()
+    for _ in range(3):  # a seeded row alone: its token in the batch (through both buffers)
+        assert sampler.sample(bf16[:1], plain[:1])[0].item() == fast[0].item()

@@ -228,11 +228,37 @@ def inverse_cdf_sample(
     return ids.masked_fill_(target[:, 0].isnan(), 0).clamp_(max=probs.shape[1] - 1)
 
 
+class RowStaging:
+    """Per row, a Philox key and four fp32 settings, on the device in one copy from pinned
+    memory (pinning a new buffer every step cost more than the sampling kernel). Two
+    buffers alternate: one is written again only once its last copy has run."""
+
+    def __init__(self) -> None:
+        self.host = [torch.empty(0, 3, dtype=torch.int64), torch.empty(0, 3, dtype=torch.int64)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def copy(self, keys: list[int], settings: list[tuple], device: torch.device) -> torch.Tensor:
+        n, self.turn = len(keys), self.turn ^ 1
+        if self.copied[self.turn] is not None:
+            self.copied[self.turn].synchronize()  # (long done, unless the GPU is 2 steps behind)
+        if self.host[self.turn].shape[0] < n:
+            self.host[self.turn] = torch.empty(max(n, 256), 3, dtype=torch.int64, pin_memory=True)
+        rows = self.host[self.turn].numpy()[:n]
+        rows[:, 0] = keys
+        rows[:, 1:].view(np.float32)[:] = settings
+        out = self.host[self.turn][:n].to(device, non_blocking=True)
+        self.copied[self.turn] = torch.cuda.Event()
+        self.copied[self.turn].record()
+        return out
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.race_seeds = np.random.default_rng(seed)  # unseeded rows' keys on a GPU
+        self.staging = RowStaging()
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow] | None) -> SamplerOutput:
         sampled, raw_logprobs = self.sample(logits, rows)
@@ -287,7 +313,7 @@ class Sampler:
         return sampled, raw_logprobs
 
     def _race_on_device(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Every row in one kernel: its settings and Philox key in one copy each."""
+        """Every row in one kernel; its Philox key and settings reach the device in one copy."""
         from kernels.sampling import sample_rows
 
         draws = iter(self.race_seeds.integers(0, 2**63, len(rows)).tolist())
@@ -299,8 +325,8 @@ class Sampler:
             settings.append((t, p.top_p, p.min_p, min(p.top_k, logits.shape[1])))
             key = next(draws) if r.seed is None else race_key(r)
             seeds.append(key - 2**64 if key >= 2**63 else key)
-        params = host_values(settings, torch.float32, logits.device)
-        return sample_rows(logits, params, host_values(seeds, torch.long, logits.device))
+        staged = self.staging.copy(seeds, settings, logits.device)  # [rows, 3] int64
+        return sample_rows(logits, staged[:, 1:].view(torch.float32), staged[:, 0])
 
     @staticmethod
     def _logprobs(
