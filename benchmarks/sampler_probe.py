@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,7 +39,22 @@ SETTINGS = {
 }
 
 
+def host_ms(fn, calls: int = 10, repeats: int = 5) -> float:
+    """Host time per call, the GPU kept busy (a sleep kernel queued first) so none waits."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # (~0.1 s of GPU cycles: the calls only queue)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def time_ms(fn, calls: int = 10, repeats: int = 5) -> float:
+    """GPU time per call (idle time included: a host slower than the GPU shows)."""
     fn()
     torch.cuda.synchronize()
     times = []
@@ -82,11 +98,13 @@ def main() -> None:
             rows = None if kw is None else [SamplingRow(SamplingParams(**kw), [1], 1, None)] * n
             ms = time_ms(lambda x=logits, rows=rows: sampler.sample(x, rows))
             was = time_ms(lambda x=logits, rows=rows: before(x, rows, sampler.generator))
-            results.append(
-                {"rows": n, "setting": name, "ms": round(ms, 4), "before_ms": round(was, 4)}
-            )
-            print(f"{n:4d} rows  {name:40s} {ms:8.3f} ms (before: {was:.3f})", flush=True)
-        params = torch.tensor([[0.8, 0.95, 0.0, -float("inf")]], device="cuda").repeat(n, 1)
+            host = host_ms(lambda x=logits, rows=rows: sampler.sample(x, rows))
+            was_host = host_ms(lambda x=logits, rows=rows: before(x, rows, sampler.generator))
+            results.append({"rows": n, "setting": name, "ms": round(ms, 4), "before_ms": round(was, 4),
+                            "host_ms": round(host, 4), "before_host_ms": round(was_host, 4)})  # fmt: skip
+            print(f"{n:4d} rows  {name:40s} {ms:8.3f} ms (before: {was:.3f}); host {host:.3f} "
+                  f"(before: {was_host:.3f})", flush=True)  # fmt: skip
+        params = torch.tensor([[0.8, 0.95, 0.0, 0.0]], device="cuda").repeat(n, 1)
         seeds = torch.arange(n, device="cuda", dtype=torch.int64) * 7919
         for block in (1024, 2048, 4096):
             for warps in (4, 8, 16):
