@@ -1,0 +1,390 @@
+"""Token sampling: a greedy fast path, then temperature / top-k / top-p / min-p / penalties.
+
+Random choice samples exactly from p: on a GPU by the exponential race (argmax of p / q,
+q ~ Exp(1)) in one kernel that also filters without a sort (kernels/sampling.py), on the
+CPU by inverse CDF (one uniform per row: a variate per vocabulary entry is slow there). A
+seeded request draws from variates keyed by (seed, output position), so its tokens depend
+on nothing else in the batch and survive preemption.
+"""
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_runner.sampling_params import SamplingParams
+
+_SEED_STRIDE = 1_000_003
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs of one request this step (token lists are read, not copied,
+    unless a penalty needs them)."""
+
+    params: SamplingParams
+    token_ids: list[int]  # prompt + output known on the host
+    num_prompt_tokens: int
+    seed: int | None  # per completion (seed + index for n > 1)
+    num_pending: int = 0  # sampled earlier, still on the device
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) + self.num_pending - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # per row: (sampled token's logprob, {token id: logprob} top-N) or None
+    logprobs: list[tuple[float, dict[int, float]] | None]
+
+
+def host_values(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host ``values`` (a list or a numpy array) as a tensor on ``device``, without waiting
+    for the device. ``torch.tensor(values, device=cuda)`` copies from pageable memory, which
+    waits for all work queued before it: in a step's sampling, that is the whole forward,
+    and async scheduling's overlap was lost for every step with a sampled (temperature > 0)
+    request (py-spy, H200, `bentoml serve` under 256 chat streams: 9% of the engine loop
+    waiting there). From pinned memory the copy is queued like a kernel."""
+    if device.type != "cuda":
+        return torch.as_tensor(values, dtype=dtype, device=device)
+    return torch.as_tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Each row's biases added to its logits, before penalties (vLLM V1's order): every
+    row's in one indexed add (two copies a step, not two a row)."""
+    which, ids, biases = [], [], []
+    for i, row in enumerate(rows):
+        bias = row.params.logit_bias
+        if bias:
+            which += [i] * len(bias)
+            ids += bias.keys()
+            biases += bias.values()
+    index = host_values([which, ids], torch.long, logits.device)
+    values = host_values(biases, logits.dtype, logits.device)
+    logits.index_put_((index[0], index[1]), values, accumulate=True)
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """-inf on every token outside a row's allowed_token_ids (rows without any: untouched),
+    every row's in one host-to-device copy and one fill."""
+    lists = [row.params.allowed_token_ids or () for row in rows]
+    lengths = [len(ids) for ids in lists]
+    flat = np.fromiter(itertools.chain.from_iterable(lists), np.int64, sum(lengths))
+    flat += np.repeat(np.arange(len(rows), dtype=np.int64) * logits.shape[1], lengths)
+    index = host_values(flat, torch.long, logits.device)  # row * vocab + token id
+    allowed = torch.zeros(logits.numel(), dtype=torch.bool, device=logits.device)
+    allowed = allowed.index_fill_(0, index, True).view_as(logits)  # [rows, vocab]
+    # NOTE: a row with a (non-empty) list has some True: rows with none keep every token
+    logits.masked_fill_(allowed.any(dim=-1, keepdim=True) & ~allowed, float("-inf"))
+
+
+def apply_penalties(
+    logits: torch.Tensor, rows: list[SamplingRow], pending: torch.Tensor | None = None
+) -> None:
+    """vLLM's penalties on the rows that have any, all rows at once: repetition (logits of
+    tokens in the prompt or the output divided if positive, else multiplied), then frequency
+    (times each token's output count) and presence (once per token in the output).
+    ``pending`` [rows]: each row's output token still on the device (async scheduling), or -1;
+    it counts as output like the tokens on the host."""
+    which = [i for i, row in enumerate(rows) if row.params.has_penalties]
+    pen = [rows[i].params for i in which]
+    device, vocab = logits.device, logits.shape[1]
+    counts = token_counts([rows[i].output_token_ids for i in which], vocab, device)
+    index = host_values(which, torch.long, device)
+    if pending is not None:  # no host sync: rows without one add 0 at token 0
+        ids = pending[index]
+        at = (torch.arange(len(which), device=device), ids.clamp(min=0))
+        counts.index_put_(at, (ids >= 0).to(counts.dtype), accumulate=True)
+    x = logits[index]
+    if any(p.repetition_penalty != 1.0 for p in pen):
+        prompts = [rows[i].prompt_token_ids if p.repetition_penalty != 1.0 else []
+                   for i, p in zip(which, pen, strict=True)]  # fmt: skip
+        seen = (token_counts(prompts, vocab, device) > 0) | (counts > 0)
+        # floored at 1e-30: a smaller (valid) penalty overflowed fp32 to +inf, which tied the
+        # seen tokens and made NaN probabilities; at 1e-30 they already lead by > 1e29
+        rep = [max(p.repetition_penalty, 1e-30) for p in pen]
+        rep = host_values(rep, torch.float32, device)[:, None]
+        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    freq = host_values([p.frequency_penalty for p in pen], torch.float32, device)[:, None]
+    presence = host_values([p.presence_penalty for p in pen], torch.float32, device)[:, None]
+    logits[index] = x - (freq * counts + presence * (counts > 0))
+
+
+def token_counts(lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(lists), vocab] fp32: how often each token occurs in each list; one host-to-device
+    copy and one scatter for all rows (per row, a step paid ~8 launches and two copies)."""
+    lengths = [len(ids) for ids in lists]
+    flat = np.fromiter(itertools.chain.from_iterable(lists), np.int64, sum(lengths))
+    flat += np.repeat(np.arange(len(lists), dtype=np.int64) * vocab, lengths)
+    counts = torch.zeros(len(lists) * vocab, device=device)
+    if flat.size:
+        index = host_values(flat, torch.long, device)
+        counts.index_add_(0, index, torch.ones(flat.size, device=device))
+    return counts.view(len(lists), vocab)
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    for i, row in enumerate(rows):
+        p = row.params
+        if row.num_output_tokens < p.min_tokens:
+            # EOS too under ignore_eos (as vLLM): min_tokens means no early end of any kind
+            banned = set(p.stop_token_ids) | set(p.all_stop_token_ids)
+            if banned:  # (index_fill_: the value goes to the kernel, not copied from the host)
+                index = host_values(sorted(banned), torch.long, logits.device)
+                logits[i].index_fill_(0, index, float("-inf"))
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """min_p on the whole distribution first, then top-k and top-p on what is left (the
+    order of vLLM's V1 sampler: top-p renormalises, so the order matters)."""
+    device = logits.device
+    top_k = [r.params.top_k for r in rows]
+    top_p = [r.params.top_p for r in rows]
+    min_p = [r.params.min_p for r in rows]
+    if any(m > 0 for m in min_p):
+        probs = logits.softmax(dim=-1)
+        threshold = host_values(min_p, probs.dtype, device)[:, None]
+        logits = logits.masked_fill(
+            probs < threshold * probs.max(dim=-1, keepdim=True).values, float("-inf")
+        )
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[1]
+        k = host_values([min(k, vocab) if k > 0 else vocab for k in top_k], torch.long, device)
+        # every token tied with the k-th is kept (as vLLM and HF): cutting at rank k dropped
+        # some of a tie, by their place in the sort (common with bf16 logits)
+        kth = sorted_logits.gather(1, k[:, None] - 1)
+        sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of better-ranked tokens
+        # top_p 1 is off: an fp32 cumulative sum can reach 1 before the tail by rounding,
+        # and cut it from a row only because another row of the batch filters
+        p = host_values([p if p < 1.0 else math.inf for p in top_p], probs.dtype, device)
+        # the cut is by value, as the GPU kernel's: the last logit whose better-ranked mass
+        # is under top_p, and every token tied with it (the best one always: a top_p under
+        # fp32's range reads as 0)
+        last = ((before < p[:, None]).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
+        sorted_logits.masked_fill_(sorted_logits < sorted_logits.gather(1, last), float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    return logits
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [rows]
+    """``logits.argmax(-1)``; on CUDA a few rows take ``two_stage_argmax``: torch reduces a
+    lone row in one thread block (H200, one 128256-wide row: 26 us; two stages: 11 us)."""
+    if logits.is_cuda and logits.shape[0] <= 16:
+        return two_stage_argmax(logits)
+    return logits.argmax(dim=-1)
+
+
+def two_stage_argmax(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [rows]
+    """The first maximum of each row, as ``argmax``: the first maximum of each group of 256
+    (or 128, 64) entries, then the first best group."""
+    rows, vocab = logits.shape
+    group = next((g for g in (256, 128, 64) if vocab % g == 0), 0)
+    if not group:
+        return logits.argmax(dim=-1)
+    best, index = logits.reshape(rows, vocab // group, group).max(dim=-1)  # first max each
+    g = best.argmax(dim=-1, keepdim=True)
+    return (g * group + index.gather(-1, g)).squeeze(-1)
+
+
+def seeded_uniform(row: SamplingRow) -> float:
+    """A seeded row's uniform for its next token on the CPU: the same whatever the batch.
+    NOTE: not torch's CPU generator, whose ``manual_seed`` keeps the low 32 bits only: seeds
+    2**32 apart (0 and 2**32, -1 and 2**32 - 1) drew the same tokens."""
+    return float(np.random.default_rng((row.seed % 2**64, row.num_output_tokens)).random())
+
+
+def inverse_cdf_sample(
+    probs: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator | None
+) -> torch.Tensor:  # [rows, vocab] -> [rows]
+    """Per row, the first token whose cumulative probability passes one uniform draw. On
+    the CPU, where an exponential variate per vocabulary entry is slow (48 x 49152 fp32:
+    44 ms, 2 cores), this takes a few ms; float64 keeps the sums exact enough."""
+    u = torch.rand(len(rows), dtype=torch.float64, generator=generator, device=probs.device)
+    for i, row in enumerate(rows):
+        if row.seed is not None:
+            u[i] = seeded_uniform(row)
+    cdf = probs.to(torch.float64, copy=True).cumsum_(dim=-1)  # (never the caller's probs)
+    target = (u * cdf[:, -1])[:, None]  # (the mass sums to 1 within rounding)
+    # (right=True: past any flat run, i.e. never a token of probability zero)
+    ids = torch.searchsorted(cdf, target, right=True)[:, 0]
+    # a NaN row (no finite logit): token 0, as argmax gives (greedy, the GPU's race)
+    return ids.masked_fill_(target[:, 0].isnan(), 0).clamp_(max=probs.shape[1] - 1)
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.race_seeds = np.random.default_rng(seed)  # unseeded rows' keys on a GPU
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow] | None) -> SamplerOutput:
+        sampled, raw_logprobs = self.sample(logits, rows)
+        token_ids = sampled.tolist()  # the step's one device-to-host copy of sampled ids
+        if rows is None:
+            return SamplerOutput(token_ids, [None] * len(token_ids))
+        return SamplerOutput(token_ids, self._logprobs(raw_logprobs, rows, sampled, token_ids))
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplingRow] | None,
+        pending: torch.Tensor | None = None,  # see apply_penalties
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sampled ids on the device (no host sync), and raw logprobs when any row asks.
+        ``rows=None`` means every row is plain greedy (no penalties, min_tokens or logprobs):
+        the argmax alone, with no per-row host work."""
+        if rows is None:
+            return greedy_argmax(logits), None  # exact in any dtype: no fp32 copy needed
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in rows):
+            raw_logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
+        if logits.is_cuda and not any(_edits_logits(r) for r in rows):  # (reads the logits)
+            if all(r.params.greedy for r in rows):
+                return greedy_argmax(logits), raw_logprobs
+            return self._race_on_device(logits, rows), raw_logprobs
+        logits = logits.float()  # [num_rows, vocab]
+        if any(r.params.logit_bias for r in rows):
+            apply_logit_bias(logits, rows)
+        if any(r.params.allowed_token_ids for r in rows):
+            apply_allowed_token_ids(logits, rows)
+        if any(r.params.has_penalties for r in rows):
+            apply_penalties(logits, rows, pending)
+        if any(r.num_output_tokens < r.params.min_tokens for r in rows):
+            apply_min_tokens(logits, rows)
+        if all(r.params.greedy for r in rows):
+            sampled = greedy_argmax(logits)
+        elif logits.is_cuda:
+            sampled = self._race_on_device(logits, rows)
+        else:
+            # NOTE: at most fp32's largest: a valid temperature beyond it is inf there, and
+            # a banned token's -inf / inf is NaN, which made the whole row draw token 0
+            temps = host_values(
+                [1.0 if r.params.greedy else min(r.params.temperature, _FP32_MAX) for r in rows],
+                torch.float32,
+                logits.device,
+            )
+            scaled = apply_top_k_top_p_min_p(logits / temps[:, None], rows)
+            random_ids = inverse_cdf_sample(scaled.softmax(dim=-1), rows, self.generator)
+            is_greedy = host_values([r.params.greedy for r in rows], torch.bool, logits.device)
+            sampled = torch.where(is_greedy, greedy_argmax(logits), random_ids)
+        return sampled, raw_logprobs
+
+    def _race_on_device(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Every row in one kernel: its settings and Philox key in one copy each, and a
+        top-k floor from one ``topk`` when a row asks for top-k."""
+        from kernels.sampling import sample_rows
+
+        vocab = logits.shape[1]
+        draws = iter(self.race_seeds.integers(0, 2**63, len(rows)).tolist())
+        settings, seeds = [], []
+        for r in rows:
+            p = r.params
+            # NOTE: at most fp32's largest: beyond it the temperature is inf there (NaN s)
+            t = 0.0 if p.greedy else min(p.temperature, _FP32_MAX)
+            settings.append((t, p.top_p, p.min_p, -math.inf))
+            key = next(draws) if r.seed is None else race_key(r)
+            seeds.append(key - 2**64 if key >= 2**63 else key)
+        params = host_values(settings, torch.float32, logits.device)
+        # top-k below the vocabulary (at or past it keeps every token): its floor
+        ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows]
+        if any(ks):
+            top = logits.topk(max(ks), dim=-1).values
+            k = host_values(ks, torch.long, logits.device)
+            floors = top.gather(1, (k[:, None] - 1).clamp(min=0))[:, 0].float()
+            params[:, 3] = floors.masked_fill(k == 0, -math.inf)
+        return sample_rows(logits, params, host_values(seeds, torch.long, logits.device))
+
+    @staticmethod
+    def _logprobs(
+        raw: torch.Tensor | None, rows: list[SamplingRow], sampled: torch.Tensor, ids: list[int]
+    ):
+        if raw is None:
+            return [None] * len(rows)
+        chosen, top_vals, top_ids = logprob_tensors(raw, rows, sampled)
+        return logprob_entries(rows, ids, chosen.tolist(), top_vals.tolist(), top_ids.tolist())
+
+
+def race_key(row: SamplingRow) -> int:
+    """A seeded row's Philox key for its next token: the same whatever the batch."""
+    # NOTE: mod 2**64, so any Python int seed is valid and none changes meaning
+    return (row.seed * _SEED_STRIDE + row.num_output_tokens) % 2**64
+
+
+def _edits_logits(row: SamplingRow) -> bool:
+    p = row.params
+    return bool(
+        p.logit_bias
+        or p.allowed_token_ids
+        or p.has_penalties
+        or row.num_output_tokens < p.min_tokens
+    )
+
+
+def logprob_tensors(
+    raw: torch.Tensor, rows: list[SamplingRow], sampled: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On the device: each row's sampled-token logprob [rows] and the top-N logprobs and
+    ids [rows, N] (N the largest any row asks, at least 1) of the raw ``log_softmax``."""
+    n_max = max(r.params.logprobs or 0 for r in rows)
+    top_vals, top_ids = raw.topk(max(n_max, 1), dim=-1)
+    return raw.gather(1, sampled[:, None])[:, 0], top_vals, top_ids
+
+
+@dataclass
+class PendingLogprobs:
+    """An overlapped step's logprobs: ``logprob_tensors``' values being copied to the host
+    with the sampled ids; ``entries`` reads them once the ids are there."""
+
+    rows: list[SamplingRow]
+    host: list[torch.Tensor]
+
+    @classmethod
+    def copy(cls, raw: torch.Tensor, rows: list[SamplingRow], sampled: torch.Tensor):
+        pin = raw.device.type == "cuda"  # (on CPU the copy is synchronous)
+        host = [
+            torch.empty(v.shape, dtype=v.dtype, pin_memory=pin).copy_(v, non_blocking=pin)
+            for v in logprob_tensors(raw, rows, sampled)
+        ]
+        return cls(rows, host)
+
+    def entries(self, ids: list[int]) -> list[tuple[float, dict[int, float]] | None]:
+        return logprob_entries(self.rows, ids, *(v.tolist() for v in self.host))
+
+
+def logprob_entries(
+    rows: list[SamplingRow],
+    ids: list[int],
+    chosen: list[float],
+    top_vals: list[list[float]],
+    top_ids: list[list[int]],
+) -> list[tuple[float, dict[int, float]] | None]:
+    """Per row, from ``logprob_tensors``' values on the host: (the sampled token's logprob,
+    {token id: logprob}), or None for a row that asks for none."""
+    out = []
+    for i, row in enumerate(rows):
+        n = row.params.logprobs
+        if n is None:
+            out.append(None)
+            continue
+        # as vLLM: the sampled token first (always listed), then the top n by rank
+        top = {ids[i]: chosen[i]}
+        top.update(zip(top_ids[i][:n], top_vals[i][:n], strict=True))
+        out.append((chosen[i], top))
+    return out
