@@ -100,8 +100,8 @@ def main() -> None:
             was = time_ms(lambda x=logits, rows=rows: before(x, rows, sampler.generator))
             host = host_ms(lambda x=logits, rows=rows: sampler.sample(x, rows))
             was_host = host_ms(lambda x=logits, rows=rows: before(x, rows, sampler.generator))
-            times = {"ms": ms, "before_ms": was, "host_ms": host, "before_host_ms": was_host}
-            results.append({"rows": n, "setting": name} | {k: round(v, 4) for k, v in times.items()})
+            t = {"ms": ms, "before_ms": was, "host_ms": host, "before_host_ms": was_host}
+            results.append({"rows": n, "setting": name} | {k: round(v, 4) for k, v in t.items()})
             print(f"{n:4d} rows  {name:40s} {ms:8.3f} ms (before: {was:.3f}); host {host:.3f} "
                   f"(before: {was_host:.3f})", flush=True)  # fmt: skip
         params = torch.tensor([[0.8, 0.95, 0.0, 0.0]], device="cuda").repeat(n, 1)
