@@ -40,15 +40,16 @@ SETTINGS = {
 
 
 def host_ms(fn, calls: int = 10, repeats: int = 5) -> float:
-    """Host time per call, the GPU kept busy (a sleep kernel queued first) so none waits."""
+    """Host time per call: each call alone on an idle GPU (launches only queue)."""
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(200_000_000)  # (~0.1 s of GPU cycles: the calls only queue)
-        t0 = time.perf_counter()
+        total = 0.0
         for _ in range(calls):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
             fn()
-        times.append((time.perf_counter() - t0) / calls * 1e3)
+            total += time.perf_counter() - t0
+        times.append(total / calls * 1e3)
     torch.cuda.synchronize()
     return statistics.median(times)
 
