@@ -122,7 +122,8 @@ def _sample_kernel(
     best = tl.max(top, 0)
     winner = tl.min(tl.where(top == best, top_i, VOCAB), 0)
 
-    if (temperature > 0) & (best > -float("inf")):
+    # (a row with +inf logits, which no distribution gives, takes its first one, as argmax)
+    if (temperature > 0) & (best > -float("inf")) & (best < float("inf")):
         inv_t = 1.0 / temperature
         floor = -float("inf")
         if (top_k > 0) & (top_k < VOCAB):  # every token tied with the k-th is kept
