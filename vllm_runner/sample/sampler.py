@@ -18,6 +18,7 @@ from vllm_runner.sampling_params import SamplingParams
 
 _SEED_STRIDE = 1_000_003
 _FP32_MAX = torch.finfo(torch.float32).max
+_K = 1 << 24  # top_k's cap on a GPU (see Sampler._race_on_device)
 
 
 @dataclass
@@ -238,7 +239,7 @@ class RowStaging:
         self.copied: list[torch.cuda.Event | None] = [None, None]
         self.turn = 0
 
-    def copy(self, keys: list[int], settings: list[tuple], device: torch.device) -> torch.Tensor:
+    def copy(self, keys: np.ndarray, settings: list[tuple], device: torch.device) -> torch.Tensor:
         n, self.turn = len(keys), self.turn ^ 1
         if self.copied[self.turn] is not None:
             self.copied[self.turn].synchronize()  # (long done, unless the GPU is 2 steps behind)
@@ -316,16 +317,18 @@ class Sampler:
         """Every row in one kernel; its Philox key and settings reach the device in one copy."""
         from kernels.sampling import sample_rows
 
-        draws = iter(self.race_seeds.integers(0, 2**63, len(rows)).tolist())
-        settings, seeds = [], []
-        for r in rows:
-            p = r.params
-            # NOTE: at most fp32's largest: beyond it the temperature is inf there (NaN s)
-            t = 0.0 if p.greedy else min(p.temperature, _FP32_MAX)
-            settings.append((t, p.top_p, p.min_p, min(p.top_k, logits.shape[1])))
-            key = next(draws) if r.seed is None else race_key(r)
-            seeds.append(key - 2**64 if key >= 2**63 else key)
-        staged = self.staging.copy(seeds, settings, logits.device)  # [rows, 3] int64
+        keys = self.race_seeds.integers(0, 2**63, len(rows))  # unseeded rows'
+        for i, r in enumerate(rows):
+            if r.seed is not None:
+                key = race_key(r)
+                keys[i] = key - 2**64 if key >= 2**63 else key
+        # NOTE: a temperature at most fp32's largest (beyond it, inf there: NaN logits); a
+        # top_k at most 2**24, exact in fp32 and past any vocabulary (off, as any k >= it)
+        settings = [
+            (0.0 if p.greedy else min(p.temperature, _FP32_MAX), p.top_p, p.min_p, min(p.top_k, _K))
+            for p in (r.params for r in rows)
+        ]  # fmt: skip
+        staged = self.staging.copy(keys, settings, logits.device)  # [rows, 3] int64
         return sample_rows(logits, staged[:, 1:].view(torch.float32), staged[:, 0])
 
     @staticmethod
