@@ -39,6 +39,37 @@ def test_top_p_keeps_a_tie_at_its_cut_whole():
     assert out.isfinite().tolist() == [[False, True, False, False, False, False]]
 
 
+def _kept_fp64(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """What top-k then top-p keep, by value, from a full sort in fp64."""
+    x = logits.double()
+    if 0 < top_k < x.shape[0]:
+        x = x.masked_fill(x < x.sort(descending=True).values[top_k - 1], -math.inf)
+    if top_p < 1.0:
+        s = x.sort(descending=True).values
+        probs = (s - x.logsumexp(0)).exp()
+        last = int(((probs.cumsum(0) - probs) < top_p).sum()) - 1
+        x = x.masked_fill(x < s[max(last, 0)], -math.inf)
+    return x.isfinite()
+
+
+def test_cpu_cuts_from_candidates_match_a_full_sort():
+    """The CPU path cuts from ``topk`` candidates, widened while a nucleus may reach past
+    them: the kept tokens are a full sort's, for peaked and flat rows (a nucleus of most
+    of the row), ties (logits on a 0.25 grid) and top-k with top-p."""
+    gen = torch.Generator().manual_seed(0)
+    peaked = (torch.randn(6, 3000, generator=gen) * 3 * 4).round() / 4
+    flat = (torch.randn(6, 3000, generator=gen) * 0.3 * 4).round() / 4
+    for logits in (peaked, flat):
+        for top_k, top_p in ((0, 0.9), (0, 0.3), (50, 0.8), (1000, 0.95), (7, 1.0), (0, 0.999)):
+            rows = [_row(top_k=top_k, top_p=top_p)] * len(logits)
+            got = apply_top_k_top_p_min_p(logits.clone(), rows).isfinite()
+            for i in range(len(logits)):
+                want = _kept_fp64(logits[i], top_k, top_p)
+                counts = int(got[i].sum()), int(want.sum())
+                assert torch.equal(got[i], want), (top_k, top_p, i, counts)
+    assert apply_top_k_top_p_min_p(flat.clone(), [_row(top_p=0.9)] * 6).isfinite().sum() > 1000
+
+
 def test_top_p_1_cuts_nothing_whatever_else_is_in_the_batch():
     """A row with top_p=1 (off, as vLLM) next to a row that filters: the fp32 cumulative sum
     of its many small probabilities rounds up to 1 before its end and cut thousands of

@@ -8,7 +8,6 @@ on nothing else in the batch and survive preemption.
 """
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,9 +150,11 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """min_p on the whole distribution first, then top-k and top-p on what is left (the
-    order of vLLM's V1 sampler: top-p renormalises, so the order matters)."""
-    device = logits.device
-    top_k = [r.params.top_k for r in rows]
+    order of vLLM's V1 sampler: top-p renormalises, so the order matters). Cuts are by
+    value, as the GPU kernel's (kernels/sampling.py): every token tied with the k-th
+    largest, or with the last one top-p keeps, stays. The CPU path: no sort of whole rows
+    (48 rows of 49,152: 140 ms), ``topk`` candidates instead (``_nucleus_floor``)."""
+    device, vocab = logits.device, logits.shape[1]
     top_p = [r.params.top_p for r in rows]
     min_p = [r.params.min_p for r in rows]
     if any(m > 0 for m in min_p):
@@ -162,26 +163,38 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
         logits = logits.masked_fill(
             probs < threshold * probs.max(dim=-1, keepdim=True).values, float("-inf")
         )
-    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        vocab = logits.shape[1]
-        k = host_values([min(k, vocab) if k > 0 else vocab for k in top_k], torch.long, device)
-        # every token tied with the k-th is kept (as vLLM and HF): cutting at rank k dropped
-        # some of a tie, by their place in the sort (common with bf16 logits)
-        kth = sorted_logits.gather(1, k[:, None] - 1)
-        sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
-        probs = sorted_logits.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass of better-ranked tokens
-        # top_p 1 is off: an fp32 cumulative sum can reach 1 before the tail by rounding,
-        # and cut it from a row only because another row of the batch filters
-        p = host_values([p if p < 1.0 else math.inf for p in top_p], probs.dtype, device)
-        # the cut is by value, as the GPU kernel's: the last logit whose better-ranked mass
-        # is under top_p, and every token tied with it (the best one always: a top_p under
-        # fp32's range reads as 0)
-        last = ((before < p[:, None]).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
-        sorted_logits.masked_fill_(sorted_logits < sorted_logits.gather(1, last), float("-inf"))
-        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows]
+    if any(ks):
+        k = host_values(ks, torch.long, device)[:, None]
+        kth = logits.topk(max(ks), dim=-1).values.gather(1, (k - 1).clamp(min=0))
+        logits = logits.masked_fill((logits < kth) & (k > 0), float("-inf"))
+    # top_p 1 is off: an fp32 cumulative sum can reach 1 before the tail by rounding, and
+    # cut it from a row only because another row of the batch filters
+    cut = [i for i, p in enumerate(top_p) if p < 1.0]
+    if cut:
+        index = host_values(cut, torch.long, device)
+        some = logits[index]
+        floor = _nucleus_floor(some, host_values([top_p[i] for i in cut], some.dtype, device))
+        logits = logits.index_copy(0, index, some.masked_fill(some < floor, float("-inf")))
     return logits
+
+
+def _nucleus_floor(logits: torch.Tensor, top_p: torch.Tensor, width: int = 256) -> torch.Tensor:
+    """[rows, 1]: the smallest logit top-p keeps, the last (largest first) whose better-
+    ranked mass is under top_p (the best always: a top_p under fp32's range reads as 0).
+    From the largest ``width`` logits, four times as many while a row's nucleus may reach
+    past them (a flat distribution: up to the whole row)."""
+    lse = logits.logsumexp(dim=-1, keepdim=True)
+    width = min(width, logits.shape[1])
+    while True:
+        largest = logits.topk(width, dim=-1).values  # [rows, width], largest first
+        probs = (largest - lse).exp()
+        kept = probs.cumsum(dim=-1) - probs < top_p[:, None]
+        if width == logits.shape[1] or not kept[:, -1].any():
+            break
+        width = min(4 * width, logits.shape[1])
+    last = (kept.sum(dim=-1, keepdim=True) - 1).clamp(min=0)
+    return largest.gather(1, last)
 
 
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [rows]
