@@ -182,19 +182,25 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
 def _nucleus_floor(logits: torch.Tensor, top_p: torch.Tensor, width: int = 256) -> torch.Tensor:
     """[rows, 1]: the smallest logit top-p keeps, the last (largest first) whose better-
     ranked mass is under top_p (the best always: a top_p under fp32's range reads as 0).
-    From the largest ``width`` logits, four times as many while a row's nucleus may reach
-    past them (a flat distribution: up to the whole row)."""
+    From the largest ``width`` logits; a row whose nucleus may reach past them (a flat
+    distribution) sorts its whole row."""
     lse = logits.logsumexp(dim=-1, keepdim=True)
-    width = min(width, logits.shape[1])
-    while True:
-        largest = logits.topk(width, dim=-1).values  # [rows, width], largest first
-        probs = (largest - lse).exp()
-        kept = probs.cumsum(dim=-1) - probs < top_p[:, None]
-        if width == logits.shape[1] or not kept[:, -1].any():
-            break
-        width = min(4 * width, logits.shape[1])
-    last = (kept.sum(dim=-1, keepdim=True) - 1).clamp(min=0)
-    return largest.gather(1, last)
+    largest = logits.topk(min(width, logits.shape[1]), dim=-1).values  # largest first
+    last = _last_kept(largest, lse, top_p)
+    floor = largest.gather(1, last)
+    wide = (last[:, 0] == largest.shape[1] - 1).nonzero()[:, 0]
+    if len(wide) and largest.shape[1] < logits.shape[1]:
+        ordered = logits[wide].sort(dim=-1, descending=True).values
+        floor[wide] = ordered.gather(1, _last_kept(ordered, lse[wide], top_p[wide]))
+    return floor
+
+
+def _last_kept(largest: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[rows, 1]: the index of the last of ``largest`` (descending) whose better-ranked mass
+    is under top_p, the first if none."""
+    probs = (largest - lse).exp()
+    kept = probs.cumsum(dim=-1) - probs < top_p[:, None]
+    return (kept.sum(dim=-1, keepdim=True) - 1).clamp(min=0)
 
 
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [rows]
