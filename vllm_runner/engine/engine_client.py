@@ -124,8 +124,11 @@ class EngineClient:
             self._outbox.put(None)
 
     def read(self, deliver: Callable[[Delivery], None]) -> None:
-        """Hand each step's results to ``deliver`` until the engine ends this front end's."""
+        """Hand each step's results to ``deliver`` until the engine ends this front end's,
+        or its loop fails (then it sends the cause: raised as EngineFailed)."""
         while (delivery := self._connections[1].recv()) is not None:
+            if isinstance(delivery, str):
+                raise EngineFailed(delivery)
             deliver(delivery)
 
     def join(self) -> None:
@@ -164,6 +167,10 @@ class EngineClient:
 
     def stopped_because(self, exc: BaseException) -> str:
         """Why reading the results ended with ``exc``."""
+        if isinstance(exc, EngineFailed):  # (it exits now: reaped, if this one's alone)
+            if self.process is not None and not self.shared:
+                self.wait(timeout=5)
+            return f"the engine process failed: {exc}"
         if isinstance(exc, EOFError | OSError):  # its end of the pipe closed: it exited
             if self.process is not None:
                 self.wait(timeout=5)
@@ -188,6 +195,10 @@ class EngineClient:
             self.process.kill()
             self.process.join()
         return f"reading the engine process's results failed: {exc!r}"
+
+
+class EngineFailed(Exception):
+    """The engine process's loop failed; its cause, as the engine process sent it."""
 
 
 def _write(conn: Connection, outbox: queue.SimpleQueue) -> None:

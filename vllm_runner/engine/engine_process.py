@@ -17,6 +17,7 @@ import signal
 import stat
 import tempfile
 import threading
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError, reduction
@@ -39,7 +40,8 @@ def run_engine_process(
 ) -> None:
     """Main of the engine-core process (spawned): build the engine, report ("ready",
     limits, stats, model name, pid) or ("failed", exception), then step until every front
-    end has gone (stopped, or its end of the pipe closed with its process). ``shared``:
+    end has gone (stopped, or its end of the pipe closed with its process); if the loop
+    fails, each front end gets its cause (a str) and the process exits with code 1. ``shared``:
     where other front ends connect, its key, and the lock its starter holds (a shared
     engine)."""
     # NOTE: Ctrl-C in a terminal reaches the whole process group, and a process manager
@@ -79,9 +81,26 @@ def run_engine_process(
         if shared is not None:
             shared[2].release()  # (its starter releases it too, now that it is ready)
         front_ends = FrontEnds(commands, results, hello, listener, on_close)
-        ServingLoop(engine, front_ends.emit, timings).run(front_ends.receive)
+        try:
+            ServingLoop(engine, front_ends.emit, timings).run(front_ends.receive)
+        except Exception as exc:
+            # NOTE: the cause, as text, to every front end: their streams and later requests
+            # fail naming it (not only "exited (code 1)"). Raised on: its traceback goes to
+            # this process's stderr, and the process exits with code 1.
+            front_ends.fail(failure_cause(exc))
+            raise
     finally:
         on_close()  # (also when it failed to start or its loop failed: no key left behind)
+
+
+def failure_cause(exc: BaseException) -> str:
+    """``exc`` as the front ends name it: its type, message and where it was raised."""
+    cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        where = frames[-1]
+        cause += f" (raised in {where.name}, {os.path.basename(where.filename)}:{where.lineno})"
+    return cause
 
 
 # how long a front end waits for a running shared engine to answer its connection (it has

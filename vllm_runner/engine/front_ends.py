@@ -233,6 +233,23 @@ class FrontEnds:
         if delivery.publish_stats:
             self._published = delivery.stats
 
+    def fail(self, cause: str) -> None:
+        """The loop failed: none can join any more, and each front end (one told "ready"
+        already among them) gets ``cause`` as its last result, then its results end."""
+        with self._joining:
+            self._admit()
+            self._closed = True
+            if self._listener is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self._listener.close()
+        fronts = list(self.front_ends.values())
+        for front in fronts:
+            front.results.put(cause)
+            front.results.close()
+        deadline = time.monotonic() + SENDERS_EXIT_S
+        for front in fronts:
+            front.results.join(max(0.0, deadline - time.monotonic()))
+
     # ---- arrivals and departures -----------------------------------------------------------
     def _accept(self, listener: Listener) -> None:
         while True:

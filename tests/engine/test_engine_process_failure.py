@@ -1,0 +1,93 @@
+"""The engine process's own loop fails (a CUDA error in a step, a bug): every front end's
+open streams and later requests fail naming the cause, not only "the engine process
+exited (code 1)" with the cause left in the engine process's stderr."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+import vllm_runner
+
+pytestmark = pytest.mark.timeout(300)  # (a hang guard, not a timing)
+
+CAUSE = "RuntimeError: CUDA error: an illegal memory access was encountered (injected)"
+
+
+def _script(model: str, mark: Path, shared: str | None) -> str:
+    """Front ends (two of a shared engine) whose engine process, spawned from this script,
+    fails in its step once ``mark`` exists; each prints what its stream and a later request
+    raised."""
+    return textwrap.dedent(f"""
+        import asyncio, os
+        import vllm_runner.engine.engine_process as ep
+        from vllm_runner import AsyncLLM, SamplingParams
+
+        class Failing(ep.EngineCore):
+            def step(self, *args, **kwargs):
+                if os.path.exists({str(mark)!r}):
+                    raise RuntimeError(
+                        "CUDA error: an illegal memory access was encountered (injected)"
+                    )
+                return super().step(*args, **kwargs)
+
+        ep.EngineCore = Failing  # (in the spawned engine process too: it imports this file)
+
+        async def use(i, llm, started):
+            params = SamplingParams(max_tokens=400, ignore_eos=True)
+            try:
+                async for _ in llm.stream([1, 2, 3, 4], params):
+                    started.set()
+                print(i, "stream ended")
+            except Exception as e:
+                print(i, "stream:", type(e).__name__, e)
+            started.set()  # (also if it never started)
+            try:
+                await llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
+                print(i, "later: served")
+            except Exception as e:
+                print(i, "later:", type(e).__name__, e)
+            print(i, "error:", llm.error)
+
+        async def main(llms):
+            started = [asyncio.Event() for _ in llms]
+            tasks = [asyncio.create_task(use(i, llm, started[i])) for i, llm in enumerate(llms)]
+            for s in started:
+                await s.wait()
+            open({str(mark)!r}, "w").close()
+            await asyncio.gather(*tasks)
+
+        if __name__ == "__main__":
+            kw = dict(dtype="float32", device="cpu", max_model_len=512, cpu_kv_cache_gb=0.05)
+            n = 1 if {shared!r} is None else 2
+            llms = [AsyncLLM({model!r}, engine_process=True, shared_engine={shared!r}, **kw)
+                    for _ in range(n)]
+            asyncio.run(asyncio.wait_for(main(llms), 120))
+            llms[0]._client.wait(30)
+            print("exit code:", llms[0]._client.process.exitcode)
+    """)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["apart", "shared"])
+def test_a_failed_engine_loop_names_its_cause_to_every_front_end(llama_dir, tmp_path, shared):
+    script = tmp_path / "server.py"
+    name = f"test-{uuid.uuid4().hex}" if shared else None
+    script.write_text(_script(llama_dir, tmp_path / "fail", name))
+    # (this checkout's vllm_runner in the script's process and its engine's)
+    env = {**os.environ, "PYTHONPATH": str(Path(vllm_runner.__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # (where: the frame that raised it, in the script's engine class)
+    reason = f"the engine process failed: {CAUSE} (raised in step, server.py:"
+    for i in range(2 if shared else 1):
+        for what in ("stream: EngineDeadError ", "later: EngineDeadError ", "error: "):
+            assert any(line.startswith(f"{i} {what}{reason}") for line in lines), done.stdout
+    assert "exit code: 1" in lines, done.stdout  # (it still exits non-zero)
+    assert "Traceback" in done.stderr and CAUSE in done.stderr  # (and prints its traceback)
