@@ -64,7 +64,8 @@ def _order_key(x):
 def _kth_largest(base, k, VOCAB: tl.constexpr, BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
     """The row's k-th largest logit (0 < k < VOCAB) by radix select: a histogram of 8 bits
     of the order key a pass, from the top, among the keys that share the bits found so far
-    (2 passes cover bf16's 16 bits, 4 fp16 / fp32)."""
+    (2 passes cover bf16's 16 bits, 4 fp16 / fp32). NaN ranks as -inf: its order key (of
+    either sign) lay above +inf's or below -inf's, and a k-th largest of NaN kept no token."""
     offs = tl.arange(0, BLOCK)
     bins = tl.arange(0, 256)
     hi = 0  # the k-th largest's order key >> the pass's shift + 8, so far
@@ -73,7 +74,8 @@ def _kth_largest(base, k, VOCAB: tl.constexpr, BLOCK: tl.constexpr, ROUNDS: tl.c
         hist = tl.zeros([256], tl.int32)
         for start in range(0, VOCAB, BLOCK):
             idx = start + offs
-            key = _order_key(tl.load(base + idx, mask=idx < VOCAB, other=0.0).to(tl.float32))
+            x = tl.load(base + idx, mask=idx < VOCAB, other=0.0).to(tl.float32)
+            key = _order_key(tl.where(x == x, x, -float("inf")))
             if r == 0:
                 hist += tl.histogram((key >> 24) + 128, 256, mask=idx < VOCAB)
             else:

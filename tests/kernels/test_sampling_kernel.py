@@ -104,6 +104,25 @@ def test_ties_at_the_cut_are_kept_whole_and_special_rows(device: torch.device) -
     assert got[: n - 4] + got[-2:] == ref[: n - 4] + ref[-2:]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nan_logits_under_top_k_are_never_ranked_or_drawn(device: torch.device, dtype) -> None:
+    """A row with NaN logits (either sign) under top-k: the k largest of its other logits
+    are kept. The radix select ranked a NaN above +inf (or below -inf), so the k-th largest
+    came out NaN, nothing was kept and the row drew token ``vocab``, out of range."""
+    row = torch.tensor([math.nan, 1.0, 2.0, 0.5, -math.nan, 3.0, 0.0, -INF], device=device)
+    ranked = [5, 2, 1, 3, 6]  # the finite logits, largest first
+    ks, n = [1, 2, 3, 5, 6, 7], 12
+    logits = row.to(dtype).repeat(len(ks) * n, 1)
+    settings = [(30.0, 1.0, 0.0, k) for k in ks for _ in range(n)]
+    params, seeds = _params(settings, logits), _seeds(len(settings), device, start=7)
+    got = sample_rows(logits, params, seeds, block=4).view(len(ks), n).tolist()
+    for k, draws in zip(ks, got, strict=True):
+        assert set(draws) <= set(ranked[:k]), (k, draws)
+    assert len(set(got[2])) > 1  # (k = 3: the race does range)
+    firsts = logits[[0, 2 * n, 3 * n]]  # k = 1, 3, 5
+    assert kth_largest(firsts, torch.tensor([1, 3, 5]), block=4).tolist() == [3.0, 1.0, 0.0]
+
+
 def test_uniforms_stay_below_one_and_depend_on_the_key_alone(device: torch.device) -> None:
     """q = -log(u) = 0 would be a win for any token: no uniform reaches 1. A key's
     variates are the same in any batch."""
