@@ -70,6 +70,37 @@ def test_cpu_cuts_from_candidates_match_a_full_sort():
     assert apply_top_k_top_p_min_p(flat.clone(), [_row(top_p=0.9)] * 6).isfinite().sum() > 1000
 
 
+def test_cpu_candidate_cuts_at_the_256th_candidate_in_a_mixed_batch():
+    """Cuts around the 256th ``topk`` candidate, where the CPU path either stops or sorts
+    the row: a tie of 31 logits straddles it, top_p lands before, in and past the tie (with
+    and without top-k). The batch mixes those rows with rows that skip top-p, have fewer
+    finite logits than candidates or none, or a vocabulary under 256; each row is a full
+    fp64 sort's, and the same alone as in the batch."""
+    gen = torch.Generator().manual_seed(0)
+    tied = torch.linspace(10, 0, 600)
+    tied[250:281] = tied[250]
+    probs = tied.double().softmax(0)  # (ranked: tied is descending)
+    before = probs.cumsum(0) - probs
+    cases = [
+        (tied, k, float(before[i : i + 2].mean())) for i in range(240, 295, 3) for k in (0, 300)
+    ]
+    few = torch.randn(600, generator=gen).masked_fill(torch.arange(600) >= 40, -math.inf)
+    none = torch.full((600,), -math.inf)
+    cases += [(few, 0, 0.999), (few, 20, 0.9), (none, 0, 0.5), (tied, 260, 1.0), (tied, 0, 1.0)]
+    for rows in (
+        cases,
+        [(torch.randn(100, generator=gen), k, p) for k, p in ((0, 0.95), (9, 0.5))],
+    ):
+        order = torch.randperm(len(rows[0][0]), generator=gen)  # ties spread over the row
+        logits = torch.stack([x[order] + i for i, (x, _, _) in enumerate(rows)])  # (rows differ)
+        params = [_row(top_k=k, top_p=p) for _, k, p in rows]
+        got = apply_top_k_top_p_min_p(logits.clone(), params)
+        for i, (_, k, p) in enumerate(rows):
+            assert torch.equal(got[i].isfinite(), _kept_fp64(logits[i], k, p)), (i, k, p)
+            alone = apply_top_k_top_p_min_p(logits[i : i + 1].clone(), [params[i]])
+            assert torch.equal(alone[0].isfinite(), got[i].isfinite()), (i, k, p)
+
+
 def test_top_p_1_cuts_nothing_whatever_else_is_in_the_batch():
     """A row with top_p=1 (off, as vLLM) next to a row that filters: the fp32 cumulative sum
     of its many small probabilities rounds up to 1 before its end and cut thousands of
