@@ -53,9 +53,9 @@ def _kept_fp64(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def test_cpu_cuts_from_candidates_match_a_full_sort():
-    """The CPU path cuts from ``topk`` candidates, widened while a nucleus may reach past
-    them: the kept tokens are a full sort's, for peaked and flat rows (a nucleus of most
-    of the row), ties (logits on a 0.25 grid) and top-k with top-p."""
+    """The CPU path cuts from ``topk`` candidates, and sorts a row whose nucleus may reach
+    past them: the kept tokens are a full sort's, for peaked and flat rows (a nucleus of
+    most of the row), ties (logits on a 0.25 grid) and top-k with top-p."""
     gen = torch.Generator().manual_seed(0)
     peaked = (torch.randn(6, 3000, generator=gen) * 3 * 4).round() / 4
     flat = (torch.randn(6, 3000, generator=gen) * 0.3 * 4).round() / 4
