@@ -4,7 +4,6 @@ import dataclasses
 import logging
 import time
 import traceback
-from dataclasses import dataclass
 
 import torch
 
@@ -12,7 +11,8 @@ from vllm_runner.config import CacheConfig, ModelConfig, SchedulerConfig
 from vllm_runner.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from vllm_runner.model.layers.attention import Attention, AttentionMetadata, forward_context
 from vllm_runner.model.loader import build_model
-from vllm_runner.sample.sampler import PendingLogprobs, Sampler, SamplingRow, host_values
+from vllm_runner.sample.logprobs import PendingLogprobs
+from vllm_runner.sample.sampler import Sampler, SamplingRow, host_values
 from vllm_runner.worker import memory
 from vllm_runner.worker.cuda_graphs import DecodeGraphs, graph_output_bytes
 from vllm_runner.worker.device_inputs import DeviceInputs
@@ -25,7 +25,7 @@ from vllm_runner.worker.prompt_logprobs import prompt_logprobs
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclasses.dataclass
 class StepHandle:
     """A launched step: its sampled ids arrive in ``host`` once ``event`` completes."""
 
