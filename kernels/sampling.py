@@ -158,10 +158,13 @@ def sample_rows(
     params: torch.Tensor,  # [rows, 4] fp32: temperature, top_p, min_p, top_k
     seeds: torch.Tensor,  # [rows] int64
     block: int = 2048,
-    num_warps: int = 8,
+    num_warps: int = 16,
 ) -> torch.Tensor:  # [rows] int64
     """One token per row (see the module's docstring); greedy rows (temperature 0) take
-    the first largest logit. top_k 0 or >= the vocabulary keeps every token."""
+    the first largest logit. top_k 0 or >= the vocabulary keeps every token. The tile:
+    H200, Llama 3's vocabulary, top_p 0.95, 2048 x 16 warps took 0.124 / 0.176 / 0.289 ms
+    at 1 / 64 / 256 rows against 0.155 / 0.222 / 0.341 with 8 warps (sampler_probe.py,
+    two runs alike), the best or within 5% of it at every row count."""
     rows, vocab = logits.shape
     assert logits.stride(1) == 1, "logits need a dense last dim"
     assert params.shape == (rows, 4) and params.dtype == torch.float32, (
