@@ -63,7 +63,7 @@ def _script(model: str, mark: Path, shared: str | None) -> str:
 
         if __name__ == "__main__":
             kw = dict(dtype="float32", device="cpu", max_model_len=512, cpu_kv_cache_gb=0.05)
-            n = 1 if {shared!r} is None else 2
+            n = {1 if shared is None else 2}
             llms = [AsyncLLM({model!r}, engine_process=True, shared_engine={shared!r}, **kw)
                     for _ in range(n)]
             asyncio.run(asyncio.wait_for(main(llms), 120))
