@@ -18,7 +18,6 @@ from vllm_runner.sampling_params import SamplingParams
 
 _SEED_STRIDE = 1_000_003
 _FP32_MAX = torch.finfo(torch.float32).max
-_K = 1 << 24  # top_k's cap on a GPU (see Sampler._race_on_device)
 
 
 @dataclass
@@ -302,18 +301,19 @@ class Sampler:
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
             raw_logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
-        if logits.is_cuda and not any(_edits_logits(r) for r in rows):  # (reads the logits)
-            if all(r.params.greedy for r in rows):
-                return greedy_argmax(logits), raw_logprobs
-            return self._race_on_device(logits, rows), raw_logprobs
-        logits = logits.float()  # [num_rows, vocab]
-        if any(r.params.logit_bias for r in rows):
+        bias = any(r.params.logit_bias for r in rows)
+        allowed = any(r.params.allowed_token_ids for r in rows)
+        penalised = any(r.params.has_penalties for r in rows)
+        held = any(r.num_output_tokens < r.params.min_tokens for r in rows)
+        if bias or allowed or penalised or held or not logits.is_cuda:
+            logits = logits.float()  # [num_rows, vocab] (else the kernel reads the logits)
+        if bias:
             apply_logit_bias(logits, rows)
-        if any(r.params.allowed_token_ids for r in rows):
+        if allowed:
             apply_allowed_token_ids(logits, rows)
-        if any(r.params.has_penalties for r in rows):
+        if penalised:
             apply_penalties(logits, rows, pending)
-        if any(r.num_output_tokens < r.params.min_tokens for r in rows):
+        if held:
             apply_min_tokens(logits, rows)
         if all(r.params.greedy for r in rows):
             sampled = greedy_argmax(logits)
@@ -342,12 +342,7 @@ class Sampler:
             if r.seed is not None:
                 key = race_key(r)
                 keys[i] = key - 2**64 if key >= 2**63 else key
-        # NOTE: a temperature at most fp32's largest (beyond it, inf there: NaN logits); a
-        # top_k at most 2**24, exact in fp32 and past any vocabulary (off, as any k >= it)
-        settings = [
-            (0.0 if p.greedy else min(p.temperature, _FP32_MAX), p.top_p, p.min_p, min(p.top_k, _K))
-            for p in (r.params for r in rows)
-        ]  # fmt: skip
+        settings = [_race_settings(r.params) for r in rows]
         staged = self.staging.copy(keys, settings, logits.device)  # [rows, 3] int64
         return sample_rows(logits, staged[:, 1:].view(torch.float32), staged[:, 0])
 
@@ -361,17 +356,15 @@ class Sampler:
         return logprob_entries(rows, ids, chosen.tolist(), top_vals.tolist(), top_ids.tolist())
 
 
+def _race_settings(p: SamplingParams) -> tuple[float, float, float, int]:
+    """The kernel's (temperature, top_p, min_p, top_k) for a row. NOTE: a temperature at
+    most fp32's largest (beyond it, inf there: NaN logits); a top_k at most 2**24, exact in
+    fp32 and past any vocabulary (off there, as any k >= the vocabulary)."""
+    t = 0.0 if p.greedy else min(p.temperature, _FP32_MAX)
+    return t, p.top_p, p.min_p, min(p.top_k, 1 << 24)
+
+
 def race_key(row: SamplingRow) -> int:
     """A seeded row's Philox key for its next token: the same whatever the batch."""
     # NOTE: mod 2**64, so any Python int seed is valid and none changes meaning
     return (row.seed * _SEED_STRIDE + row.num_output_tokens) % 2**64
-
-
-def _edits_logits(row: SamplingRow) -> bool:
-    p = row.params
-    return bool(
-        p.logit_bias
-        or p.allowed_token_ids
-        or p.has_penalties
-        or row.num_output_tokens < p.min_tokens
-    )
