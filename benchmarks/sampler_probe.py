@@ -7,12 +7,13 @@ dozen tokens carry most of the mass, as a trained model's). Times ``Sampler.samp
 device work of a step, no host sync) over 10 calls with CUDA events, median of 5; and
 ``before``: the sampler before kernels/sampling.py (an fp32 copy, a full sort for top-k /
 top-p, a tensor of exponential variates), kept here only as the baseline. Then the kernel
-alone at top_p 0.95 for each tile and warp count.
+alone at top_p 0.95 for each tile, warp count and split (programs a row).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.sampling import sample_rows  # noqa: E402
+from kernels.sampling import _programs, sample_rows, split_for  # noqa: E402
 from vllm_runner.sample import sampler as S  # noqa: E402
 from vllm_runner.sample.sampler import Sampler, SamplingRow  # noqa: E402
 from vllm_runner.sampling_params import SamplingParams  # noqa: E402
@@ -89,7 +90,7 @@ def before(logits: torch.Tensor, rows, generator: torch.Generator) -> torch.Tens
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--rows", default="1,64,256")
+    ap.add_argument("--rows", default="1,4,16,64,256")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sampler, results = Sampler(torch.device("cuda"), 0), []
@@ -107,13 +108,17 @@ def main() -> None:
                   f"(before: {was_host:.3f})", flush=True)  # fmt: skip
         params = torch.tensor([[0.8, 0.95, 0.0, 0.0]], device="cuda").repeat(n, 1)
         seeds = torch.arange(n, device="cuda", dtype=torch.int64) * 7919
-        for block in (1024, 2048, 4096):
-            for warps in (4, 8, 16):
-                ms = time_ms(
-                    lambda b=block, w=warps, x=logits, p=params, k=seeds: sample_rows(x, p, k, b, w)
-                )
-                results.append({"rows": n, "kernel": [block, warps], "ms": round(ms, 4)})
-                print(f"{n:4d} rows  kernel, top_p 0.95, block {block}, {warps} warps {ms:8.3f} ms")
+        auto = split_for(n, args.vocab, 2048, _programs(logits.device))
+        for block, warps, split in itertools.product((2048, 4096), (8, 16), (1, 4, 8, 16, 32)):
+            if split > 1 and n * split > _programs(logits.device):
+                continue
+            ms = time_ms(lambda b=block, w=warps, s=split, x=logits, p=params, k=seeds:
+                         sample_rows(x, p, k, b, w, s))  # fmt: skip
+            results.append({"rows": n, "kernel": [block, warps, split], "ms": round(ms, 4)})
+            print(
+                f"{n:4d} rows  kernel, top_p 0.95, block {block}, {warps} warps, split {split}"
+                f"{' (auto)' if split == auto and block == 2048 else ''} {ms:8.3f} ms"
+            )
     if args.out:
         card = torch.cuda.get_device_name()
         Path(args.out).write_text(json.dumps({"card": card, "results": results}, indent=1))

@@ -10,7 +10,15 @@ winner and everything below it are out, and the race is run again, with the same
 over what is strictly above: the winner among the nucleus is the winner of the race
 restricted to it, an exact draw from the renormalised distribution. Each round is one pass
 over the row; the winner's rank shrinks geometrically, ~2 passes for top_p 0.95.
+
+A few rows leave most SMs idle while one program per row makes those passes alone (~0.15
+ms for a 128256-token row on an H200). Then a row is split over SPLIT programs, each
+making every pass over its own part; after a pass they exchange their partials (largest
+logit, mass, race winner, top-k histogram) through global memory and a barrier, and each
+reduces them in the same order, so all go on from the same values (see ``split_for``).
 """
+
+import functools
 
 import torch
 import triton
@@ -30,14 +38,16 @@ def _uniforms(seed, start, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _race(base, best, inv_t, floor, min_p, pivot, seed, VOCAB: tl.constexpr, BLOCK: tl.constexpr):
-    """Over the row's kept tokens with logit > ``pivot``: their mass and the race's winner
-    (VOCAB: none). Per-lane running sums and bests, one reduction at the end."""
+def _race(base, lo, best, inv_t, floor, min_p, pivot, seed, VOCAB: tl.constexpr,
+          BLOCK: tl.constexpr, PART: tl.constexpr):  # fmt: skip
+    """Over the kept tokens lo .. lo + PART - 1 with logit > ``pivot``: their mass, the
+    race's best key and its winner (VOCAB: none). Per-lane running sums and bests, one
+    reduction at the end."""
     offs = tl.arange(0, BLOCK)
     mass = tl.zeros([BLOCK], tl.float32)
     top = tl.full([BLOCK], -float("inf"), tl.float32)
     top_i = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, VOCAB, BLOCK):
+    for start in range(lo, lo + PART, BLOCK):
         idx = start + offs
         x = tl.load(base + idx, mask=idx < VOCAB, other=-float("inf")).to(tl.float32)
         s = (x - best) * inv_t  # log(p / p_max)
@@ -50,7 +60,51 @@ def _race(base, best, inv_t, floor, min_p, pivot, seed, VOCAB: tl.constexpr, BLO
         top_i = tl.where(better, idx, top_i)
         top = tl.where(better, key, top)
     k = tl.max(top, 0)
-    return tl.sum(mass, 0), tl.min(tl.where((top == k) & (top > -float("inf")), top_i, VOCAB), 0)
+    return tl.sum(mass, 0), k, tl.min(tl.where((top == k) & (top > -float("inf")), top_i, VOCAB), 0)
+
+
+@triton.jit
+def _arrive_and_wait(sync_ptr, target):
+    """A barrier of a row's programs: count this one in once its partials are written
+    (release), then wait until ``target`` are counted (acquire). The count starts at 0."""
+    tl.debug_barrier()
+    tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+    while tl.load(sync_ptr, volatile=True) < target:
+        pass
+    tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _exchange(scratch, sync_ptr, n, part, a, b, i, SPLIT: tl.constexpr):
+    """The row's exchange n (from 0): publish this program's partials (a, b fp32, i int32),
+    wait for every program's and return them all as [SPLIT] vectors in part order. Slots
+    alternate: exchange n + 2 reuses n's only after all have arrived at n + 1, i.e. read n.
+    (.cg: read from L2, never from a stale L1 line of exchange n - 2.)"""
+    slot = scratch + (n % 2) * (3 * SPLIT)
+    tl.store(slot + part, a.to(tl.int32, bitcast=True))
+    tl.store(slot + SPLIT + part, b.to(tl.int32, bitcast=True))
+    tl.store(slot + 2 * SPLIT + part, i)
+    _arrive_and_wait(sync_ptr, (n + 1) * SPLIT)
+    j = tl.arange(0, SPLIT)
+    a_all = tl.load(slot + j, cache_modifier=".cg").to(tl.float32, bitcast=True)
+    b_all = tl.load(slot + SPLIT + j, cache_modifier=".cg").to(tl.float32, bitcast=True)
+    return a_all, b_all, tl.load(slot + 2 * SPLIT + j, cache_modifier=".cg")
+
+
+@triton.jit
+def _race_row(base, lo, best, inv_t, floor, min_p, pivot, seed, scratch, sync_ptr, n, part,
+              VOCAB: tl.constexpr, BLOCK: tl.constexpr, PART: tl.constexpr,
+              SPLIT: tl.constexpr):  # fmt: skip
+    """``_race`` over the whole row: its mass and winner (and the next exchange's number)."""
+    mass, key, winner = _race(base, lo, best, inv_t, floor, min_p, pivot, seed, VOCAB, BLOCK, PART)
+    if SPLIT > 1:
+        masses, keys, winners = _exchange(scratch, sync_ptr, n, part, mass, key, winner, SPLIT)
+        n += 1
+        mass = tl.sum(masses, 0)
+        key = tl.max(keys, 0)
+        winner = tl.min(tl.where((keys == key) & (keys > -float("inf")), winners, VOCAB), 0)
+    return mass, winner, n
 
 
 @triton.jit
@@ -61,18 +115,21 @@ def _order_key(x):
 
 
 @triton.jit
-def _kth_largest(base, k, VOCAB: tl.constexpr, BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
+def _kth_largest(base, lo, k, hists, sync_ptr, n, part, VOCAB: tl.constexpr,
+                 BLOCK: tl.constexpr, PART: tl.constexpr, ROUNDS: tl.constexpr,
+                 SPLIT: tl.constexpr):  # fmt: skip
     """The row's k-th largest logit (0 < k < VOCAB) by radix select: a histogram of 8 bits
     of the order key a pass, from the top, among the keys that share the bits found so far
-    (2 passes cover bf16's 16 bits, 4 fp16 / fp32). NaN ranks as -inf: its order key (of
-    either sign) lay above +inf's or below -inf's, and a k-th largest of NaN kept no token."""
+    (2 passes cover bf16's 16 bits, 4 fp16 / fp32); split rows add up their parts'
+    histograms. NaN ranks as -inf: its order key (of either sign) lay above +inf's or below
+    -inf's, and a k-th largest of NaN kept no token. Returns it and the next exchange."""
     offs = tl.arange(0, BLOCK)
     bins = tl.arange(0, 256)
     hi = 0  # the k-th largest's order key >> the pass's shift + 8, so far
     rest = k  # how many of the k largest share those bits
     for r in tl.static_range(ROUNDS):
         hist = tl.zeros([256], tl.int32)
-        for start in range(0, VOCAB, BLOCK):
+        for start in range(lo, lo + PART, BLOCK):
             idx = start + offs
             x = tl.load(base + idx, mask=idx < VOCAB, other=0.0).to(tl.float32)
             key = _order_key(tl.where(x == x, x, -float("inf")))
@@ -81,13 +138,20 @@ def _kth_largest(base, k, VOCAB: tl.constexpr, BLOCK: tl.constexpr, ROUNDS: tl.c
             else:
                 shared = (idx < VOCAB) & ((key >> (32 - 8 * r)) == hi)
                 hist += tl.histogram((key >> (24 - 8 * r)) & 0xFF, 256, mask=shared)
+        if SPLIT > 1:  # (slots alternate as _exchange's)
+            slot = hists + (n % 2) * (SPLIT * 256)
+            tl.store(slot + part * 256 + bins, hist)
+            _arrive_and_wait(sync_ptr, (n + 1) * SPLIT)
+            n += 1
+            parts = tl.arange(0, SPLIT)[:, None] * 256 + bins[None, :]
+            hist = tl.sum(tl.load(slot + parts, cache_modifier=".cg"), 0)
         at_or_above = tl.cumsum(hist, 0, reverse=True)
         b = tl.max(tl.where(at_or_above >= rest, bins, -1), 0)
         rest -= tl.sum(tl.where(bins == b, at_or_above - hist, 0), 0)
         hi = b - 128 if r == 0 else hi * 256 + b
     if ROUNDS == 2:  # (a bf16 value's low 16 bits are 0: its key's, 0 or all 1 if negative)
         hi = (hi << 16) | tl.where(hi < 0, 0xFFFF, 0)
-    return _order_key(hi).to(tl.float32, bitcast=True)
+    return _order_key(hi).to(tl.float32, bitcast=True), n
 
 
 @triton.jit
@@ -96,15 +160,26 @@ def _sample_kernel(
     params_ptr,  # [rows, 4] fp32: temperature (0: greedy), top_p, min_p, top_k (0: off)
     seeds_ptr,  # [rows] int64: the row's Philox key this step
     out_ptr,  # [rows] int64
+    scratch_ptr,  # [rows, SCRATCH_WORDS * SPLIT] int32: exchanged partials (SPLIT > 1)
+    sync_ptr,  # [rows] int32, zeros: the row's arrivals (SPLIT > 1)
     stride_row,
+    stride_scratch,
     stride_params,
     stride_seeds,
     VOCAB: tl.constexpr,
     BLOCK: tl.constexpr,
     KEY_ROUNDS: tl.constexpr,  # the top-k radix select's passes: 2 for bf16, else 4
+    SPLIT: tl.constexpr,  # programs per row
+    PART: tl.constexpr,  # tokens per program, a multiple of BLOCK
 ):
     row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    lo = part * PART
     base = logits_ptr + row * stride_row
+    scratch = scratch_ptr + row * stride_scratch
+    hists = scratch + 6 * SPLIT
+    sync = sync_ptr + row
+    n = part * 0  # the row's next exchange
     temperature = tl.load(params_ptr + row * stride_params)
     top_p = tl.load(params_ptr + row * stride_params + 1)
     min_p = tl.load(params_ptr + row * stride_params + 2)
@@ -116,31 +191,40 @@ def _sample_kernel(
     # -inf, as argmax)
     top = tl.full([BLOCK], -float("inf"), tl.float32)
     top_i = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, VOCAB, BLOCK):
+    for start in range(lo, lo + PART, BLOCK):
         x = tl.load(base + start + offs, mask=start + offs < VOCAB, other=-float("inf"))
         better = x.to(tl.float32) > top
         top_i = tl.where(better, start + offs, top_i)
         top = tl.where(better, x.to(tl.float32), top)
     best = tl.max(top, 0)
     winner = tl.min(tl.where(top == best, top_i, VOCAB), 0)
+    if SPLIT > 1:
+        bests, _, winners = _exchange(scratch, sync, n, part, best, best, winner, SPLIT)
+        n += 1
+        best = tl.max(bests, 0)
+        winner = tl.min(tl.where(bests == best, winners, VOCAB), 0)
 
     # (a row with +inf logits, which no distribution gives, takes its first one, as argmax)
     if (temperature > 0) & (best > -float("inf")) & (best < float("inf")):
         inv_t = 1.0 / temperature
         floor = -float("inf")
         if (top_k > 0) & (top_k < VOCAB):  # every token tied with the k-th is kept
-            floor = _kth_largest(base, top_k, VOCAB, BLOCK, KEY_ROUNDS)
+            floor, n = _kth_largest(base, lo, top_k, hists, sync, n, part, VOCAB, BLOCK, PART,
+                                    KEY_ROUNDS, SPLIT)  # fmt: skip
         # the race over every kept token (the best one among them: a winner always)
-        total, winner = _race(base, best, inv_t, floor, min_p, -float("inf"), seed, VOCAB, BLOCK)
+        total, winner, n = _race_row(base, lo, best, inv_t, floor, min_p, -float("inf"), seed,
+                                     scratch, sync, n, part, VOCAB, BLOCK, PART, SPLIT)  # fmt: skip
         # top-p rounds: is the winner in the nucleus? If not, race over what is above it
         searching = top_p < 1.0
         while searching:
             pivot = tl.load(base + winner).to(tl.float32)
-            above, next_winner = _race(base, best, inv_t, floor, min_p, pivot, seed, VOCAB, BLOCK)
+            above, next_winner, n = _race_row(base, lo, best, inv_t, floor, min_p, pivot, seed,
+                                              scratch, sync, n, part, VOCAB, BLOCK, PART,
+                                              SPLIT)  # fmt: skip
             # (above == 0: the winner ties the best, kept even when top_p * total underflows)
             searching = (above > 0) & (above >= top_p * total)
             winner = tl.where(searching, next_winner, winner)
-    tl.store(out_ptr + row, winner.to(tl.int64))
+    tl.store(out_ptr + row, winner.to(tl.int64), mask=part == 0)
 
 
 @triton.jit
@@ -153,18 +237,40 @@ def _uniforms_kernel(seeds_ptr, out_ptr, VOCAB: tl.constexpr, BLOCK: tl.constexp
         tl.store(out_ptr + row * VOCAB + idx, _uniforms(seed, start, BLOCK), mask=idx < VOCAB)
 
 
+SCRATCH_WORDS = 2 * 3 + 2 * 256  # a split row's per program: 2 slots of 3 partials, of a histogram
+MAX_SPLIT = 32
+
+
+def split_for(rows: int, vocab: int, block: int, programs: int) -> int:
+    """Programs per row: the largest power of two up to MAX_SPLIT with ``rows * split <=
+    programs`` and a tile or more per program; 1 for a batch that fills the card. The
+    programs of a row wait for each other, so all of them must be resident at once: the
+    launcher allows half the card's SMs (one program each at most), and the interpreter,
+    which runs programs one after another, one."""
+    split = 1
+    while split < MAX_SPLIT and rows * split * 2 <= programs and split * 2 * block <= vocab:
+        split *= 2
+    return split
+
+
+@functools.cache
+def _programs(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count // 2
+
+
 def sample_rows(
     logits: torch.Tensor,  # [rows, vocab]
     params: torch.Tensor,  # [rows, 4] fp32: temperature, top_p, min_p, top_k
     seeds: torch.Tensor,  # [rows] int64
     block: int = 2048,
     num_warps: int = 16,
+    split: int | None = None,  # programs per row (a power of two); None: split_for's
 ) -> torch.Tensor:  # [rows] int64
     """One token per row (see the module's docstring); greedy rows (temperature 0) take
     the first largest logit. top_k 0 or >= the vocabulary keeps every token. The tile:
     H200, Llama 3's vocabulary, top_p 0.95, 2048 x 16 warps took 0.124 / 0.176 / 0.289 ms
     at 1 / 64 / 256 rows against 0.155 / 0.222 / 0.341 with 8 warps (sampler_probe.py,
-    two runs alike), the best or within 5% of it at every row count."""
+    two runs alike), the best or within 5% of it at every row count (one program a row)."""
     rows, vocab = logits.shape
     assert logits.stride(1) == 1, "logits need a dense last dim"
     assert params.shape == (rows, 4) and params.dtype == torch.float32, (
@@ -174,23 +280,37 @@ def sample_rows(
     assert seeds.shape == (rows,) and seeds.dtype == torch.int64, f"seeds {seeds.dtype}"
     assert vocab < 2**31, f"vocabulary {vocab} >= 2**31"
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    if rows:
-        _sample_kernel[(rows,)](
-            logits, params, seeds, out, logits.stride(0), params.stride(0), seeds.stride(0),
-            VOCAB=vocab, BLOCK=block, KEY_ROUNDS=2 if logits.dtype == torch.bfloat16 else 4,
-            num_warps=num_warps,
-        )  # fmt: skip
+    if not rows:
+        return out
+    programs = _programs(logits.device) if logits.is_cuda else 1
+    split = split_for(rows, vocab, block, programs) if split is None else split
+    assert split == 1 or (split & (split - 1) == 0 and rows * split <= programs), (
+        f"split {split} x {rows} rows: a power of two, {programs} programs at most at once "
+        "(the interpreter: 1)"
+    )
+    part = triton.cdiv(triton.cdiv(vocab, split), block) * block
+    scratch = sync = out  # (unread by one program a row)
+    if split > 1:
+        scratch = torch.empty(rows, SCRATCH_WORDS * split, dtype=torch.int32, device=out.device)
+        sync = torch.zeros(rows, dtype=torch.int32, device=out.device)
+    _sample_kernel[(rows, split)](
+        logits, params, seeds, out, scratch, sync, logits.stride(0), scratch.stride(0),
+        params.stride(0), seeds.stride(0), VOCAB=vocab, BLOCK=block,
+        KEY_ROUNDS=2 if logits.dtype == torch.bfloat16 else 4, SPLIT=split, PART=part,
+        num_warps=num_warps,
+    )  # fmt: skip
     return out
 
 
 @triton.jit
 def _kth_largest_kernel(
     logits_ptr, ks_ptr, out_ptr, stride_row, VOCAB: tl.constexpr, BLOCK: tl.constexpr,
-    KEY_ROUNDS: tl.constexpr,
+    PART: tl.constexpr, KEY_ROUNDS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     k = tl.load(ks_ptr + row)
-    floor = _kth_largest(logits_ptr + row * stride_row, k, VOCAB, BLOCK, KEY_ROUNDS)
+    floor, _ = _kth_largest(logits_ptr + row * stride_row, 0, k, out_ptr, out_ptr, 0, 0, VOCAB,
+                            BLOCK, PART, KEY_ROUNDS, 1)  # fmt: skip
     tl.store(out_ptr + row, floor)
 
 
@@ -202,7 +322,8 @@ def kth_largest(logits: torch.Tensor, ks: torch.Tensor, block: int = 1024) -> to
     if rows:
         _kth_largest_kernel[(rows,)](
             logits, ks.to(torch.int32).contiguous(), out, logits.stride(0), VOCAB=vocab,
-            BLOCK=block, KEY_ROUNDS=2 if logits.dtype == torch.bfloat16 else 4,
+            BLOCK=block, PART=triton.cdiv(vocab, block) * block,
+            KEY_ROUNDS=2 if logits.dtype == torch.bfloat16 else 4,
         )  # fmt: skip
     return out
 

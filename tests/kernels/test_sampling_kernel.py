@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.sampling import kth_largest, race_uniforms, sample_rows
+from kernels.sampling import _programs, kth_largest, race_uniforms, sample_rows, split_for
 
 INF = math.inf
 # (temperature, top_p, min_p, top_k): greedy, plain, each filter, all of them, a top_p
@@ -189,3 +189,57 @@ def test_kernel_at_llama3_vocabulary_and_its_frequencies(device: torch.device) -
     freq = torch.bincount(draws, minlength=8).double() / n
     sigma = (probs * (1 - probs) / n).sqrt()
     assert ((freq - probs).abs() <= 5 * sigma + 1e-12).all(), (freq, probs)
+
+
+def test_split_for_keeps_every_program_of_a_row_resident() -> None:
+    """Programs per row: a power of two up to 32, rows x split within the programs allowed
+    at once, a tile or more each; one on a full batch or in the interpreter."""
+    assert [split_for(r, 128256, 2048, 66) for r in (1, 2, 3, 4, 8, 16, 33, 34, 256)] == [
+        32, 32, 16, 16, 8, 4, 2, 1, 1,
+    ]  # fmt: skip
+    assert split_for(1, 5000, 1024, 66) == 4  # (4 parts of 1250 tokens: 2 tiles each)
+    assert split_for(1, 1024, 1024, 66) == split_for(1, 128256, 2048, 1) == 1
+
+
+def _split_draws(logits, params, seeds, split: int, block: int = 2048) -> list[int]:
+    """sample_rows with ``split`` programs a row, over as many rows a launch as fit at once."""
+    step = max(_programs(logits.device) // split, 1)
+    rows = [slice(i, i + step) for i in range(0, logits.shape[0], step)]
+    return [t for r in rows for t in sample_rows(logits[r], params[r], seeds[r], block=block,
+                                                 split=split).tolist()]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_split_rows_draw_the_reference_token(device: torch.device, dtype) -> None:
+    """A row split over 2-32 programs (ragged and empty last parts; the largest logit, the
+    top-k histograms, the race and each top-p round exchanged between them): the same
+    token as the reference, at Llama 3's vocabulary and GPT-2's; auto splits for 1-3 rows."""
+    settings = SETTINGS * 3
+    for vocab in (128256, 50257):
+        logits = (torch.randn(len(settings), vocab, device=device) * 4).to(dtype)
+        logits[1, 7], logits[4, 3000:9000] = -INF, -INF  # (banned across parts)
+        params, seeds = _params(settings, logits), _seeds(len(settings), device, start=17)
+        want = reference.sample_rows(logits, params, race_uniforms(seeds, vocab)).tolist()
+        for split in (2, 4, 8, 32):
+            assert _split_draws(logits, params, seeds, split) == want, (vocab, split)
+        for n in (1, 2, 3):
+            assert sample_rows(logits[:n], params[:n], seeds[:n]).tolist() == want[:n]
+
+
+@pytest.mark.gpu
+def test_split_rows_special_rows_and_empty_parts(device: torch.device) -> None:
+    """Ties at the top-p cut, +inf, NaN, -inf and greedy rows (the interpreter test's) split
+    in parts of 4 tokens, the last two parts past the vocabulary: the unsplit tokens."""
+    n = 64
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0, -2.0]], device=device).repeat(n, 1)
+    logits[-1] = -INF
+    logits[-3] = torch.tensor([0.0, 1.0, INF, 2.0, INF, 0.0])
+    logits[-4] = torch.tensor([math.nan, 1.0, math.nan, 1.0, 0.0, math.nan])
+    settings = [(1.0, 0.75, 0.0, k) for k in (0, 2, 3, 5)] * (n // 4 - 1) + [
+        (1.0, 0.5, 0.0, 2), (1.0, 0.5, 0.0, 0), (0.0, 1.0, 0.0, 0), (1.0, 0.5, 0.0, 0),
+    ]  # fmt: skip
+    params, seeds = _params(settings, logits), _seeds(n, device, start=29)
+    want = sample_rows(logits, params, seeds, block=4, split=1).tolist()
+    assert _split_draws(logits, params, seeds, split=4, block=4) == want
+    assert want[-1] == 0 and want[-3] == 2 and want[-4] in (1, 3)
