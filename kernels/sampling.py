@@ -38,16 +38,16 @@ def _uniforms(seed, start, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _race(base, lo, best, inv_t, floor, min_p, pivot, seed, VOCAB: tl.constexpr,
-          BLOCK: tl.constexpr, PART: tl.constexpr):  # fmt: skip
-    """Over the kept tokens lo .. lo + PART - 1 with logit > ``pivot``: their mass, the
+def _race(base, lo, part_len, best, inv_t, floor, min_p, pivot, seed, VOCAB: tl.constexpr,
+          BLOCK: tl.constexpr):  # fmt: skip
+    """Over the kept tokens lo .. lo + part_len - 1 with logit > ``pivot``: their mass, the
     race's best key and its winner (VOCAB: none). Per-lane running sums and bests, one
     reduction at the end."""
     offs = tl.arange(0, BLOCK)
     mass = tl.zeros([BLOCK], tl.float32)
     top = tl.full([BLOCK], -float("inf"), tl.float32)
     top_i = tl.zeros([BLOCK], tl.int32)
-    for start in range(lo, lo + PART, BLOCK):
+    for start in range(lo, lo + part_len, BLOCK):
         idx = start + offs
         x = tl.load(base + idx, mask=idx < VOCAB, other=-float("inf")).to(tl.float32)
         s = (x - best) * inv_t  # log(p / p_max)
@@ -76,34 +76,41 @@ def _arrive_and_wait(sync_ptr, target):
 
 
 @triton.jit
-def _exchange(scratch, sync_ptr, n, part, a, b, i, SPLIT: tl.constexpr):
-    """The row's exchange n (from 0): publish this program's partials (a, b fp32, i int32),
-    wait for every program's and return them all as [SPLIT] vectors in part order. Slots
-    alternate: exchange n + 2 reuses n's only after all have arrived at n + 1, i.e. read n.
-    (.cg: read from L2, never from a stale L1 line of exchange n - 2.)"""
-    slot = scratch + (n % 2) * (3 * SPLIT)
-    tl.store(slot + part, a.to(tl.int32, bitcast=True))
-    tl.store(slot + SPLIT + part, b.to(tl.int32, bitcast=True))
-    tl.store(slot + 2 * SPLIT + part, i)
-    _arrive_and_wait(sync_ptr, (n + 1) * SPLIT)
-    j = tl.arange(0, SPLIT)
-    a_all = tl.load(slot + j, cache_modifier=".cg").to(tl.float32, bitcast=True)
-    b_all = tl.load(slot + SPLIT + j, cache_modifier=".cg").to(tl.float32, bitcast=True)
-    return a_all, b_all, tl.load(slot + 2 * SPLIT + j, cache_modifier=".cg")
+def _exchange(scratch, sync_ptr, n, part, split, key, mass, index, VOCAB: tl.constexpr,
+              MAX_SPLIT: tl.constexpr):  # fmt: skip
+    """The row's exchange n (from 0) between its ``split`` programs: each publishes its
+    part's largest key, mass and the first index holding that key, and all return the
+    row's: the largest key, the summed mass (in part order, so the same sum in each) and
+    the first index among the parts with that key. Slots alternate: exchange n + 2 reuses
+    n's only after all have arrived at n + 1, so after all have read n. (.cg: from L2,
+    never from a stale L1 line of exchange n - 2.)"""
+    slot = scratch + (n % 2) * (3 * MAX_SPLIT)
+    tl.store(slot + part, key.to(tl.int32, bitcast=True))
+    tl.store(slot + MAX_SPLIT + part, mass.to(tl.int32, bitcast=True))
+    tl.store(slot + 2 * MAX_SPLIT + part, index)
+    _arrive_and_wait(sync_ptr, (n + 1) * split)
+    j = tl.arange(0, MAX_SPLIT)
+    mine = j < split
+    keys = tl.load(slot + j, mine, -8388608, cache_modifier=".cg")  # (-inf's bits)
+    keys = keys.to(tl.float32, bitcast=True)
+    masses = tl.load(slot + MAX_SPLIT + j, mine, 0, cache_modifier=".cg")
+    indices = tl.load(slot + 2 * MAX_SPLIT + j, mine, VOCAB, cache_modifier=".cg")
+    key = tl.max(keys, 0)
+    index = tl.min(tl.where(keys == key, indices, VOCAB), 0)
+    return key, tl.sum(masses.to(tl.float32, bitcast=True), 0), index
 
 
 @triton.jit
 def _race_row(base, lo, best, inv_t, floor, min_p, pivot, seed, scratch, sync_ptr, n, part,
-              VOCAB: tl.constexpr, BLOCK: tl.constexpr, PART: tl.constexpr,
-              SPLIT: tl.constexpr):  # fmt: skip
+              split, part_len, VOCAB: tl.constexpr, BLOCK: tl.constexpr,
+              MAX_SPLIT: tl.constexpr):  # fmt: skip
     """``_race`` over the whole row: its mass and winner (and the next exchange's number)."""
-    mass, key, winner = _race(base, lo, best, inv_t, floor, min_p, pivot, seed, VOCAB, BLOCK, PART)
-    if SPLIT > 1:
-        masses, keys, winners = _exchange(scratch, sync_ptr, n, part, mass, key, winner, SPLIT)
+    mass, key, winner = _race(base, lo, part_len, best, inv_t, floor, min_p, pivot, seed, VOCAB,
+                              BLOCK)  # fmt: skip
+    if split > 1:  # (a part's winner without a kept token is VOCAB already)
+        key, mass, winner = _exchange(scratch, sync_ptr, n, part, split, key, mass, winner,
+                                      VOCAB, MAX_SPLIT)  # fmt: skip
         n += 1
-        mass = tl.sum(masses, 0)
-        key = tl.max(keys, 0)
-        winner = tl.min(tl.where((keys == key) & (keys > -float("inf")), winners, VOCAB), 0)
     return mass, winner, n
 
 
@@ -115,9 +122,8 @@ def _order_key(x):
 
 
 @triton.jit
-def _kth_largest(base, lo, k, hists, sync_ptr, n, part, VOCAB: tl.constexpr,
-                 BLOCK: tl.constexpr, PART: tl.constexpr, ROUNDS: tl.constexpr,
-                 SPLIT: tl.constexpr):  # fmt: skip
+def _kth_largest(base, lo, part_len, k, hists, sync_ptr, n, part, split, VOCAB: tl.constexpr,
+                 BLOCK: tl.constexpr, ROUNDS: tl.constexpr, MAX_SPLIT: tl.constexpr):  # fmt: skip
     """The row's k-th largest logit (0 < k < VOCAB) by radix select: a histogram of 8 bits
     of the order key a pass, from the top, among the keys that share the bits found so far
     (2 passes cover bf16's 16 bits, 4 fp16 / fp32); split rows add up their parts'
@@ -129,7 +135,7 @@ def _kth_largest(base, lo, k, hists, sync_ptr, n, part, VOCAB: tl.constexpr,
     rest = k  # how many of the k largest share those bits
     for r in tl.static_range(ROUNDS):
         hist = tl.zeros([256], tl.int32)
-        for start in range(lo, lo + PART, BLOCK):
+        for start in range(lo, lo + part_len, BLOCK):
             idx = start + offs
             x = tl.load(base + idx, mask=idx < VOCAB, other=0.0).to(tl.float32)
             key = _order_key(tl.where(x == x, x, -float("inf")))
@@ -138,13 +144,14 @@ def _kth_largest(base, lo, k, hists, sync_ptr, n, part, VOCAB: tl.constexpr,
             else:
                 shared = (idx < VOCAB) & ((key >> (32 - 8 * r)) == hi)
                 hist += tl.histogram((key >> (24 - 8 * r)) & 0xFF, 256, mask=shared)
-        if SPLIT > 1:  # (slots alternate as _exchange's)
-            slot = hists + (n % 2) * (SPLIT * 256)
+        if split > 1:  # (slots alternate as _exchange's)
+            slot = hists + (n % 2) * (MAX_SPLIT * 256)
             tl.store(slot + part * 256 + bins, hist)
-            _arrive_and_wait(sync_ptr, (n + 1) * SPLIT)
+            _arrive_and_wait(sync_ptr, (n + 1) * split)
             n += 1
-            parts = tl.arange(0, SPLIT)[:, None] * 256 + bins[None, :]
-            hist = tl.sum(tl.load(slot + parts, cache_modifier=".cg"), 0)
+            j = tl.arange(0, MAX_SPLIT)[:, None]
+            parts = tl.load(slot + j * 256 + bins[None, :], j < split, 0, cache_modifier=".cg")
+            hist = tl.sum(parts, 0)
         at_or_above = tl.cumsum(hist, 0, reverse=True)
         b = tl.max(tl.where(at_or_above >= rest, bins, -1), 0)
         rest -= tl.sum(tl.where(bins == b, at_or_above - hist, 0), 0)
@@ -154,30 +161,31 @@ def _kth_largest(base, lo, k, hists, sync_ptr, n, part, VOCAB: tl.constexpr,
     return _order_key(hi).to(tl.float32, bitcast=True), n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split", "part_len", "stride_scratch"])  # one compile for all
 def _sample_kernel(
     logits_ptr,  # [rows, vocab], any float dtype
     params_ptr,  # [rows, 4] fp32: temperature (0: greedy), top_p, min_p, top_k (0: off)
     seeds_ptr,  # [rows] int64: the row's Philox key this step
     out_ptr,  # [rows] int64
-    scratch_ptr,  # [rows, SCRATCH_WORDS * SPLIT] int32: exchanged partials (SPLIT > 1)
-    sync_ptr,  # [rows] int32, zeros: the row's arrivals (SPLIT > 1)
+    scratch_ptr,  # [rows, SCRATCH_WORDS] int32: exchanged partials (split > 1)
+    sync_ptr,  # [rows] int32, zeros: the row's arrivals (split > 1)
     stride_row,
     stride_scratch,
     stride_params,
     stride_seeds,
+    split,  # programs per row (not a constant: one compiled kernel for every batch)
+    part_len,  # tokens per program, a multiple of BLOCK
     VOCAB: tl.constexpr,
     BLOCK: tl.constexpr,
     KEY_ROUNDS: tl.constexpr,  # the top-k radix select's passes: 2 for bf16, else 4
-    SPLIT: tl.constexpr,  # programs per row
-    PART: tl.constexpr,  # tokens per program, a multiple of BLOCK
+    MAX_SPLIT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
-    lo = part * PART
+    lo = part * part_len
     base = logits_ptr + row * stride_row
     scratch = scratch_ptr + row * stride_scratch
-    hists = scratch + 6 * SPLIT
+    hists = scratch + 6 * MAX_SPLIT
     sync = sync_ptr + row
     n = part * 0  # the row's next exchange
     temperature = tl.load(params_ptr + row * stride_params)
@@ -191,36 +199,36 @@ def _sample_kernel(
     # -inf, as argmax)
     top = tl.full([BLOCK], -float("inf"), tl.float32)
     top_i = tl.zeros([BLOCK], tl.int32)
-    for start in range(lo, lo + PART, BLOCK):
+    for start in range(lo, lo + part_len, BLOCK):
         x = tl.load(base + start + offs, mask=start + offs < VOCAB, other=-float("inf"))
         better = x.to(tl.float32) > top
         top_i = tl.where(better, start + offs, top_i)
         top = tl.where(better, x.to(tl.float32), top)
     best = tl.max(top, 0)
     winner = tl.min(tl.where(top == best, top_i, VOCAB), 0)
-    if SPLIT > 1:
-        bests, _, winners = _exchange(scratch, sync, n, part, best, best, winner, SPLIT)
+    if split > 1:
+        best, _, winner = _exchange(scratch, sync, n, part, split, best, best, winner, VOCAB,
+                                    MAX_SPLIT)  # fmt: skip
         n += 1
-        best = tl.max(bests, 0)
-        winner = tl.min(tl.where(bests == best, winners, VOCAB), 0)
 
     # (a row with +inf logits, which no distribution gives, takes its first one, as argmax)
     if (temperature > 0) & (best > -float("inf")) & (best < float("inf")):
         inv_t = 1.0 / temperature
         floor = -float("inf")
         if (top_k > 0) & (top_k < VOCAB):  # every token tied with the k-th is kept
-            floor, n = _kth_largest(base, lo, top_k, hists, sync, n, part, VOCAB, BLOCK, PART,
-                                    KEY_ROUNDS, SPLIT)  # fmt: skip
+            floor, n = _kth_largest(base, lo, part_len, top_k, hists, sync, n, part, split,
+                                    VOCAB, BLOCK, KEY_ROUNDS, MAX_SPLIT)  # fmt: skip
         # the race over every kept token (the best one among them: a winner always)
         total, winner, n = _race_row(base, lo, best, inv_t, floor, min_p, -float("inf"), seed,
-                                     scratch, sync, n, part, VOCAB, BLOCK, PART, SPLIT)  # fmt: skip
+                                     scratch, sync, n, part, split, part_len, VOCAB, BLOCK,
+                                     MAX_SPLIT)  # fmt: skip
         # top-p rounds: is the winner in the nucleus? If not, race over what is above it
         searching = top_p < 1.0
         while searching:
             pivot = tl.load(base + winner).to(tl.float32)
             above, next_winner, n = _race_row(base, lo, best, inv_t, floor, min_p, pivot, seed,
-                                              scratch, sync, n, part, VOCAB, BLOCK, PART,
-                                              SPLIT)  # fmt: skip
+                                              scratch, sync, n, part, split, part_len, VOCAB,
+                                              BLOCK, MAX_SPLIT)  # fmt: skip
             # (above == 0: the winner ties the best, kept even when top_p * total underflows)
             searching = (above > 0) & (above >= top_p * total)
             winner = tl.where(searching, next_winner, winner)
@@ -237,8 +245,8 @@ def _uniforms_kernel(seeds_ptr, out_ptr, VOCAB: tl.constexpr, BLOCK: tl.constexp
         tl.store(out_ptr + row * VOCAB + idx, _uniforms(seed, start, BLOCK), mask=idx < VOCAB)
 
 
-SCRATCH_WORDS = 2 * 3 + 2 * 256  # a split row's per program: 2 slots of 3 partials, of a histogram
 MAX_SPLIT = 32
+SCRATCH_WORDS = 2 * (3 + 256) * MAX_SPLIT  # a split row's: 2 slots of 3 partials, of histograms
 
 
 def split_for(rows: int, vocab: int, block: int, programs: int) -> int:
@@ -255,6 +263,9 @@ def split_for(rows: int, vocab: int, block: int, programs: int) -> int:
 
 @functools.cache
 def _programs(device: torch.device) -> int:
+    """How many programs may wait for each other at once (see ``split_for``)."""
+    if device.type != "cuda":
+        return 1
     return torch.cuda.get_device_properties(device).multi_processor_count // 2
 
 
@@ -282,21 +293,21 @@ def sample_rows(
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if not rows:
         return out
-    programs = _programs(logits.device) if logits.is_cuda else 1
+    programs = _programs(logits.device)
     split = split_for(rows, vocab, block, programs) if split is None else split
-    assert split == 1 or (split & (split - 1) == 0 and rows * split <= programs), (
-        f"split {split} x {rows} rows: a power of two, {programs} programs at most at once "
-        "(the interpreter: 1)"
+    assert split == 1 or (split <= MAX_SPLIT and rows * split <= programs), (
+        f"split {split} x {rows} rows: {MAX_SPLIT} a row and {programs} programs at most at "
+        "once (the interpreter: 1)"
     )
-    part = triton.cdiv(triton.cdiv(vocab, split), block) * block
-    scratch = sync = out  # (unread by one program a row)
-    if split > 1:
-        scratch = torch.empty(rows, SCRATCH_WORDS * split, dtype=torch.int32, device=out.device)
-        sync = torch.zeros(rows, dtype=torch.int32, device=out.device)
+    part_len = triton.cdiv(triton.cdiv(vocab, split), block) * block
+    # (one program a row reads neither: placeholders of the same dtype, for one compile)
+    scratch = torch.empty(rows if split > 1 else 1, SCRATCH_WORDS if split > 1 else 1,
+                          dtype=torch.int32, device=out.device)  # fmt: skip
+    sync = torch.zeros(rows, dtype=torch.int32, device=out.device) if split > 1 else scratch
     _sample_kernel[(rows, split)](
         logits, params, seeds, out, scratch, sync, logits.stride(0), scratch.stride(0),
-        params.stride(0), seeds.stride(0), VOCAB=vocab, BLOCK=block,
-        KEY_ROUNDS=2 if logits.dtype == torch.bfloat16 else 4, SPLIT=split, PART=part,
+        params.stride(0), seeds.stride(0), split, part_len, VOCAB=vocab, BLOCK=block,
+        KEY_ROUNDS=2 if logits.dtype == torch.bfloat16 else 4, MAX_SPLIT=MAX_SPLIT,
         num_warps=num_warps,
     )  # fmt: skip
     return out
@@ -305,12 +316,12 @@ def sample_rows(
 @triton.jit
 def _kth_largest_kernel(
     logits_ptr, ks_ptr, out_ptr, stride_row, VOCAB: tl.constexpr, BLOCK: tl.constexpr,
-    PART: tl.constexpr, KEY_ROUNDS: tl.constexpr,
+    KEY_ROUNDS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     k = tl.load(ks_ptr + row)
-    floor, _ = _kth_largest(logits_ptr + row * stride_row, 0, k, out_ptr, out_ptr, 0, 0, VOCAB,
-                            BLOCK, PART, KEY_ROUNDS, 1)  # fmt: skip
+    floor, _ = _kth_largest(logits_ptr + row * stride_row, 0, VOCAB, k, out_ptr, out_ptr, 0, 0,
+                            1, VOCAB, BLOCK, KEY_ROUNDS, 1)  # fmt: skip
     tl.store(out_ptr + row, floor)
 
 
@@ -322,8 +333,7 @@ def kth_largest(logits: torch.Tensor, ks: torch.Tensor, block: int = 1024) -> to
     if rows:
         _kth_largest_kernel[(rows,)](
             logits, ks.to(torch.int32).contiguous(), out, logits.stride(0), VOCAB=vocab,
-            BLOCK=block, PART=triton.cdiv(vocab, block) * block,
-            KEY_ROUNDS=2 if logits.dtype == torch.bfloat16 else 4,
+            BLOCK=block, KEY_ROUNDS=2 if logits.dtype == torch.bfloat16 else 4,
         )  # fmt: skip
     return out
 

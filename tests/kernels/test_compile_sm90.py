@@ -24,6 +24,7 @@ KERNELS = {
     "_write_kv_cache_kernel", "_rotary_write_kv_kernel", "_decode_kernel",
     "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel",
     "_silu_and_mul_kernel", "_w8a16_kernel", "_gemv_kernel", "_fp8_quantize_rows_kernel",
+    "_sample_kernel",
 }  # fmt: skip
 
 
@@ -97,12 +98,14 @@ def _compile_all() -> list[dict]:
     import kernels.quant_matmul as qm
     import kernels.rms_norm as rn
     import kernels.rotary as ro
+    import kernels.sampling as sm
 
     kernels.pdl.pdl_enabled = lambda device: True  # compile the in-kernel PDL waits too
     qm.ptx_widening = lambda device: True  # and the inline-PTX int8 / e4m3 widening
     pa.ptx_widening = lambda device: True  # (weights, and an fp8 KV cache's word pairs)
     results: list[dict] = []
-    for mod in (ac, kv, pa, pf, qg, qm, rn, ro):
+    sm._programs = lambda device: 66  # (an H100's half: split rows, their barriers compiled)
+    for mod in (ac, kv, pa, pf, qg, qm, rn, ro, sm):
         for name in KERNELS & set(vars(mod)):
             setattr(mod, name, _Recorder(name, getattr(mod, name), results))
     bt = torch.zeros(4, 16, dtype=torch.int32)
@@ -176,6 +179,9 @@ def _compile_all() -> list[dict]:
             qg.linear_one_row(x, w[:n], residual=torch.empty(1, n, dtype=wdtype))
             qg.linear_one_row(x, w, gated=True, norm=norm)
             qg.linear_one_row(x, w[:n], torch.empty(n, dtype=wdtype), norm=norm)
+    for dtype in (torch.bfloat16, torch.float32):  # a row split over 32 programs
+        sm.sample_rows(torch.empty(2, 128256, dtype=dtype), torch.empty(2, 4),
+                       torch.empty(2, dtype=torch.int64), split=32)  # fmt: skip
     return results
 
 

@@ -274,11 +274,23 @@ class RowStaging:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int) -> None:
+    def __init__(
+        self, device: torch.device, seed: int, vocab: int = 0, dtype: torch.dtype = torch.float32
+    ) -> None:
+        """On a GPU, given the logits' width and dtype, the sampling kernel is compiled now
+        for them and for fp32 (rows whose logits are edited), not in the first sampled step
+        (~1-2 s on a fresh Triton cache)."""
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.race_seeds = np.random.default_rng(seed)  # unseeded rows' keys on a GPU
         self.staging = RowStaging()
+        if device.type == "cuda" and vocab:
+            from kernels.sampling import sample_rows
+
+            params = torch.tensor([[1.0, 0.5, 0.0, 2.0]], device=device)
+            for d in {dtype, torch.float32}:
+                sample_rows(torch.zeros(1, vocab, dtype=d, device=device), params,
+                            torch.zeros(1, dtype=torch.int64, device=device))  # fmt: skip
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow] | None) -> SamplerOutput:
         sampled, raw_logprobs = self.sample(logits, rows)

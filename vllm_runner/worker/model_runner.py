@@ -17,7 +17,6 @@ from vllm_runner.worker import memory
 from vllm_runner.worker.cuda_graphs import DecodeGraphs, graph_output_bytes
 from vllm_runner.worker.device_inputs import DeviceInputs
 from vllm_runner.worker.input_batch import InputBatch, StepInputs
-from vllm_runner.worker.memory import kv_cache_dtype
 from vllm_runner.worker.offload import weight_bytes
 from vllm_runner.worker.piecewise_graphs import PiecewiseGraphs
 from vllm_runner.worker.prompt_logprobs import prompt_logprobs
@@ -57,7 +56,7 @@ class ModelRunner:
         self._baseline_bytes = (
             torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         )
-        self.kv_dtype = kv_cache_dtype(cache_config, model_config.dtype, self.device)
+        self.kv_dtype = memory.kv_cache_dtype(cache_config, model_config.dtype, self.device)
         start = time.perf_counter()
         self.model = build_model(
             model_config.path, model_config.hf_config, model_config.dtype, self.device,
@@ -69,7 +68,8 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         max_blocks = -(-model_config.max_model_len // cache_config.block_size)
         self.batch = InputBatch(cache_config.block_size, max_blocks)
-        self.sampler = Sampler(self.device, model_config.seed)
+        vocab = self.model.lm_head.vocab_size
+        self.sampler = Sampler(self.device, model_config.seed, vocab, model_config.dtype)
         self.buffers = DeviceInputs(
             max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs),
             scheduler_config.max_num_seqs,
