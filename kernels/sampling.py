@@ -254,7 +254,9 @@ def split_for(rows: int, vocab: int, block: int, programs: int) -> int:
     programs`` and a tile or more per program; 1 for a batch that fills the card. The
     programs of a row wait for each other, so all of them must be resident at once: the
     launcher allows half the card's SMs (one program each at most), and the interpreter,
-    which runs programs one after another, one."""
+    which runs programs one after another, one. H200, Llama 3's vocabulary, top_p 0.95
+    (sampler_probe.py): 1 / 4 / 16 rows 0.125 / 0.130 / 0.177 ms unsplit, 0.043 / 0.075 /
+    0.059 ms split 32 / 16 / 4 (8-32 within 10% of each other at one row)."""
     split = 1
     while split < MAX_SPLIT and rows * split * 2 <= programs and split * 2 * block <= vocab:
         split *= 2
