@@ -161,7 +161,14 @@ def _kth_largest(base, lo, part_len, k, hists, sync_ptr, n, part, split, VOCAB: 
     return _order_key(hi).to(tl.float32, bitcast=True), n
 
 
-@triton.jit(do_not_specialize=["split", "part_len", "stride_scratch"])  # one compile for all
+# NOTE: one compile per logits dtype: the split and the params' and seeds' layouts are not
+# specialized on (the Sampler's start-up launch passes fresh tensors, its steps views of one
+# staged [rows, 3] int64 tensor: params 8 bytes in, strides 6 and 3), so start-up compiles
+# the kernel the steps run
+@triton.jit(
+    do_not_specialize=["split", "part_len", "stride_scratch", "stride_params", "stride_seeds"],
+    do_not_specialize_on_alignment=["params_ptr", "seeds_ptr"],
+)
 def _sample_kernel(
     logits_ptr,  # [rows, vocab], any float dtype
     params_ptr,  # [rows, 4] fp32: temperature (0: greedy), top_p, min_p, top_k (0: off)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kernels import reference
+from kernels import reference, sampling
 from kernels.sampling import _programs, kth_largest, race_uniforms, sample_rows, split_for
 
 INF = math.inf
@@ -199,6 +199,36 @@ def test_split_for_keeps_every_program_of_a_row_resident() -> None:
     ]  # fmt: skip
     assert split_for(1, 5000, 1024, 66) == 4  # (4 parts of 1250 tokens: 2 tiles each)
     assert split_for(1, 1024, 1024, 66) == split_for(1, 128256, 2048, 1) == 1
+
+
+def test_start_up_and_step_launches_share_one_compile(monkeypatch) -> None:
+    """The Sampler's start-up launch (fresh [1, 4] params, [1] seeds) and a step's (both
+    views of one staged [rows, 3] int64 tensor, as ``Sampler._race_on_device`` passes them:
+    params 8 bytes in, row strides 6 and 3) bind to the same sm_90 specialization, so the
+    start-up compile is the one the steps run."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    kernel = sampling._sample_kernel
+    if isinstance(kernel, InterpretedFunction):  # (the interpreter's wrapper: same settings)
+        kernel = JITFunction(kernel.fn, **kernel.kwargs)
+    bind = create_function_from_signature(kernel.signature, kernel.params,
+                                          CUDABackend(GPUTarget("cuda", 90, 32)))  # fmt: skip
+    launches = []
+    recorder = type("Recorder", (), {"__getitem__": lambda self, grid: lambda *a, **k: (
+        launches.append(bind(*a, **k)[1]))})  # fmt: skip
+    monkeypatch.setattr(sampling, "_sample_kernel", recorder())
+    vocab, settings = 128256, [1.0, 0.5, 0.0, 2.0]
+    sample_rows(torch.zeros(1, vocab, dtype=torch.bfloat16), torch.tensor([settings]),
+                torch.zeros(1, dtype=torch.int64))  # fmt: skip
+    for rows in (1, 3):
+        staged = torch.zeros(rows, 3, dtype=torch.int64)
+        staged[:, 1:].view(torch.float32)[:] = torch.tensor(settings)
+        sample_rows(torch.zeros(rows, vocab, dtype=torch.bfloat16),
+                    staged[:, 1:].view(torch.float32), staged[:, 0])  # fmt: skip
+    assert launches[1] == launches[0] and launches[2] == launches[0], launches
 
 
 def _split_draws(logits, params, seeds, split: int, block: int = 2048) -> list[int]:
