@@ -304,9 +304,9 @@ def sample_rows(
         return out
     programs = _programs(logits.device)
     split = split_for(rows, vocab, block, programs) if split is None else split
-    assert split == 1 or (split <= MAX_SPLIT and rows * split <= programs), (
-        f"split {split} x {rows} rows: {MAX_SPLIT} a row and {programs} programs at most at "
-        "once (the interpreter: 1)"
+    assert 1 <= split <= MAX_SPLIT and (split == 1 or rows * split <= programs), (
+        f"split {split} x {rows} rows: 1 to {MAX_SPLIT} a row and {programs} programs at most "
+        "at once (the interpreter: 1)"
     )
     part_len = triton.cdiv(triton.cdiv(vocab, split), block) * block
     # (one program a row reads neither: placeholders of the same dtype, for one compile)

@@ -201,6 +201,16 @@ def test_split_for_keeps_every_program_of_a_row_resident() -> None:
     assert split_for(1, 1024, 1024, 66) == split_for(1, 128256, 2048, 1) == 1
 
 
+@pytest.mark.parametrize("split", [0, -2])
+def test_a_forced_split_below_one_is_refused(device: torch.device, split: int) -> None:
+    """A caller's split under 1: a clear error, not a division by zero or an empty grid
+    (split -2 launched no program and returned an uninitialised token)."""
+    logits, params = torch.zeros(1, 64, device=device), torch.zeros(1, 4, device=device)
+    with pytest.raises(AssertionError, match=f"split {split} "):
+        sample_rows(logits, params, torch.zeros(1, dtype=torch.int64, device=device), block=16,
+                    split=split)  # fmt: skip
+
+
 def test_start_up_and_step_launches_share_one_compile(monkeypatch) -> None:
     """The Sampler's start-up launch (fresh [1, 4] params, [1] seeds) and a step's (both
     views of one staged [rows, 3] int64 tensor, as ``Sampler._race_on_device`` passes them:
