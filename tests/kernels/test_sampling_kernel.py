@@ -283,3 +283,24 @@ def test_split_rows_special_rows_and_empty_parts(device: torch.device) -> None:
     want = sample_rows(logits, params, seeds, block=4, split=1).tolist()
     assert _split_draws(logits, params, seeds, split=4, block=4) == want
     assert want[-1] == 0 and want[-3] == 2 and want[-4] in (1, 3)
+
+
+@pytest.mark.gpu
+def test_no_compile_in_the_first_sampled_steps(device: torch.device) -> None:
+    """The Sampler's start-up launch compiles the kernel its steps run: none compiles in
+    the first sampled steps, split or not, on the model's bf16 logits or edited fp32 ones
+    (a vocabulary no other test uses, so nothing compiled it before)."""
+    from vllm_runner.sample.sampler import Sampler, SamplingRow
+    from vllm_runner.sampling_params import SamplingParams
+
+    vocab = 100_003
+    sampler = Sampler(device, 0, vocab, torch.bfloat16)
+    compiled = sampling._sample_kernel.device_caches[torch.cuda.current_device()][0]
+    count = len(compiled)
+    for n in (1, 3, 40):
+        logits = torch.randn(n, vocab, device=device).bfloat16()
+        for params in (SamplingParams(temperature=0.8, top_p=0.9, top_k=40),
+                       SamplingParams(temperature=0.8, logit_bias={5: 1.0})):  # fmt: skip
+            sampler.sample(logits, [SamplingRow(params, [1], 1, None)] * n)
+    torch.cuda.synchronize()
+    assert len(compiled) == count >= 2
