@@ -19,6 +19,7 @@ reduces them in the same order, so all go on from the same values (see ``split_f
 """
 
 import functools
+import os
 
 import torch
 import triton
@@ -272,8 +273,9 @@ def split_for(rows: int, vocab: int, block: int, programs: int) -> int:
 
 @functools.cache
 def _programs(device: torch.device) -> int:
-    """How many programs may wait for each other at once (see ``split_for``)."""
-    if device.type != "cuda":
+    """How many programs may wait for each other at once (see ``split_for``); 1 with
+    ``VLLM_RUNNER_SAMPLE_SPLIT=0`` (say, under MPS with fewer SMs than the card reports)."""
+    if device.type != "cuda" or os.environ.get("VLLM_RUNNER_SAMPLE_SPLIT", "1") == "0":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count // 2
 

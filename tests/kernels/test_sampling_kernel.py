@@ -211,6 +211,16 @@ def test_a_forced_split_below_one_is_refused(device: torch.device, split: int) -
                     split=split)  # fmt: skip
 
 
+def test_sample_split_switch_keeps_one_program_a_row(monkeypatch) -> None:
+    """VLLM_RUNNER_SAMPLE_SPLIT=0: no row is split, on any device (no card is asked)."""
+    monkeypatch.setenv("VLLM_RUNNER_SAMPLE_SPLIT", "0")
+    sampling._programs.cache_clear()
+    try:
+        assert sampling._programs(torch.device("cuda", 0)) == 1
+    finally:
+        sampling._programs.cache_clear()
+
+
 def test_start_up_and_step_launches_share_one_compile(monkeypatch) -> None:
     """The Sampler's start-up launch (fresh [1, 4] params, [1] seeds) and a step's (both
     views of one staged [rows, 3] int64 tensor, as ``Sampler._race_on_device`` passes them:

@@ -126,7 +126,7 @@ def test_an_unknown_env_setting_is_named_in_a_warning(caplog) -> None:
     meant. The engine's other variables (VLLM_RUNNER_CACHE, ...) are known."""
     env = {"VLLM_RUNNER_APIKEY": "secret", "VLLM_RUNNER_CACHE": "/c", "VLLM_RUNNER_GEMV": "0",
            "VLLM_RUNNER_PDL": "0", "VLLM_RUNNER_LOG_LEVEL": "INFO", "VLLM_RUNNER_DTYPE": "float32",
-           "OTHER_APIKEY": "x"}  # fmt: skip
+           "VLLM_RUNNER_SAMPLE_SPLIT": "0", "OTHER_APIKEY": "x"}  # fmt: skip
     with caplog.at_level("WARNING", logger="vllm_runner"):
         s = ServerSettings.load(env, {})
     assert s.api_key is None

@@ -15,8 +15,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 ENV_PREFIX = "VLLM_RUNNER_"
-# read by the engine itself: the default model's cache, the GEMV and PDL switches, logging
-ENGINE_ENV = frozenset(ENV_PREFIX + n for n in ("CACHE", "GEMV", "PDL", "LOG_LEVEL"))
+# read by the engine itself: the default model's cache, GPU kernel switches, logging
+ENGINE_ENV = frozenset(
+    ENV_PREFIX + n for n in ("CACHE", "GEMV", "PDL", "SAMPLE_SPLIT", "LOG_LEVEL")
+)
 # Settings passed straight to AsyncLLM when set; None leaves the engine's default.
 ENGINE_FIELDS = (
     "dtype",
