@@ -200,3 +200,22 @@ def test_allowed_token_ids_leave_only_those_tokens_in_their_rows():
         raw = logits[0].log_softmax(-1)
         pairs = zip(out.token_ids, out.logprobs, strict=True)
         assert all(abs(lp[0] - raw[t]) < 1e-5 for t, lp in pairs)
+
+
+def test_huge_logits_at_a_low_temperature_draw_the_best_not_token_0():
+    """fp32 logits past 3.4e36 at temperature 0.01 (the lowest above 0) overflowed to +inf
+    when divided by it on the CPU: the row's probabilities were NaN and every draw was token
+    0, here the least likely; the reference and the GPU kernel scale ``x - best`` and keep
+    the best. Rows with ordinary logits are untouched by the fix."""
+    sampler = Sampler(torch.device("cpu"), 0)
+    rows_of_logits = [
+        [-3e38, 0.0, 5e36, 1e37],
+        [-3e38, 0.0, 1e38, 3e38],
+        [-3e38, -2e37, -1.5e37, -1e37],
+    ]
+    for logits in torch.tensor(rows_of_logits)[:, None]:  # the best last, token 0 the worst
+        for kw in ({}, {"top_p": 0.9}, {"top_k": 2}, {"min_p": 0.1}, {"seed": 3}):
+            for temperature in (0.01, 0.5):
+                rows = [_row(temperature=temperature, **kw)] * 20
+                ids = sampler.sample(logits.repeat(20, 1), rows)[0].tolist()
+                assert ids == [3] * 20, (logits, kw, temperature, ids)

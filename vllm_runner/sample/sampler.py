@@ -338,8 +338,14 @@ class Sampler:
                 [1.0 if r.params.greedy else min(r.params.temperature, _FP32_MAX) for r in rows],
                 torch.float32,
                 logits.device,
-            )
-            scaled = apply_top_k_top_p_min_p(logits / temps[:, None], rows)
+            )[:, None]
+            # NOTE: a row whose largest logit overflows fp32 over its temperature (past 3.4e36
+            # at 0.01) is shifted by it first, as the GPU kernel scales x - best: its inf made
+            # the row NaN, and token 0 was drawn. Other rows are divided as they are (a shift
+            # rounds logits near 0 together, and the cuts are by value).
+            best = logits.amax(dim=-1, keepdim=True)
+            shift = best.where((best / temps).isinf() & best.isfinite(), 0.0)
+            scaled = apply_top_k_top_p_min_p((logits - shift) / temps, rows)
             random_ids = inverse_cdf_sample(scaled.softmax(dim=-1), rows, self.generator)
             is_greedy = host_values([r.params.greedy for r in rows], torch.bool, logits.device)
             sampled = torch.where(is_greedy, greedy_argmax(logits), random_ids)
