@@ -1,17 +1,21 @@
 """The engine process's own loop fails (a CUDA error in a step, a bug): every front end's
 open streams and later requests fail naming the cause, not only "the engine process
-exited (code 1)" with the cause left in the engine process's stderr."""
+exited (code 1)" with the cause left in the engine process's stderr. A loop in a thread
+names its cause alike."""
 
+import asyncio
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
 import vllm_runner
+from vllm_runner import AsyncLLM, EngineDeadError, SamplingParams
 
 pytestmark = pytest.mark.timeout(300)  # (a hang guard, not a timing)
 
@@ -91,3 +95,35 @@ def test_a_failed_engine_loop_names_its_cause_to_every_front_end(llama_dir, tmp_
             assert any(line.startswith(f"{i} {what}{reason}") for line in lines), done.stdout
     assert "exit code: 1" in lines, done.stdout  # (it still exits non-zero)
     assert "Traceback" in done.stderr and CAUSE in done.stderr  # (and prints its traceback)
+
+
+def test_a_failed_loop_thread_names_its_cause_as_an_engine_process_does(llama_dir):
+    """Without an engine process the wording was another ("the engine loop failed:
+    RuntimeError('...')", with no place): the same cause, the same form."""
+    kw = dict(dtype="float32", device="cpu", max_model_len=512, cpu_kv_cache_gb=0.05)
+    llm = AsyncLLM(llama_dir, engine_process=False, **kw)
+    schedule, armed = llm.engine.scheduler.schedule, threading.Event()
+
+    def failing():
+        if armed.is_set():
+            raise RuntimeError("injected")
+        return schedule()
+
+    llm.engine.scheduler.schedule = failing
+    line = failing.__code__.co_firstlineno + 2
+    where = f"(raised in failing, {Path(__file__).name}:{line})"
+    reason = f"the engine loop failed: RuntimeError: injected {where}"
+
+    async def main():
+        with pytest.raises(EngineDeadError) as streamed:
+            async for _ in llm.stream([1, 2, 3], SamplingParams(max_tokens=400, ignore_eos=True)):
+                armed.set()
+        with pytest.raises(EngineDeadError) as later:
+            await llm.generate([[4, 5]], SamplingParams(max_tokens=2))
+        with pytest.raises(EngineDeadError) as health:
+            await llm.check_health()
+        return [str(e.value) for e in (streamed, later, health)]
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == [reason] * 3  # (a hang guard)
+    assert llm.error == reason and llm.errored
+    llm.shutdown()

@@ -17,7 +17,6 @@ import signal
 import stat
 import tempfile
 import threading
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError, reduction
@@ -25,6 +24,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
 from vllm_runner.engine.core import EngineCore
+from vllm_runner.engine.errors import failure_cause
 from vllm_runner.engine.front_ends import FrontEnds
 from vllm_runner.engine.sampling_defaults import GENERATION_CONFIGS
 from vllm_runner.engine.serving_loop import ServingLoop, picklable
@@ -91,16 +91,6 @@ def run_engine_process(
             raise
     finally:
         on_close()  # (also when it failed to start or its loop failed: no key left behind)
-
-
-def failure_cause(exc: BaseException) -> str:
-    """``exc`` as the front ends name it: its type, message and where it was raised."""
-    cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    frames = traceback.extract_tb(exc.__traceback__)
-    if frames:
-        where = frames[-1]
-        cause += f" (raised in {where.name}, {os.path.basename(where.filename)}:{where.lineno})"
-    return cause
 
 
 # how long a front end waits for a running shared engine to answer its connection (it has

@@ -1,5 +1,8 @@
 """The errors AsyncLLM raises to its callers (``vllm_runner.async_llm`` exports them)."""
 
+import os
+import traceback
+
 
 class RequestError(RuntimeError):
     """The engine failed this request (other requests are unaffected). From `generate`,
@@ -17,3 +20,14 @@ class EngineDeadError(RuntimeError):
 
 class OutputFailed(RequestError):
     """Building a request's outputs in the front end failed (the engine did not end it)."""
+
+
+def failure_cause(exc: BaseException) -> str:
+    """``exc`` as the front ends name it (a loop's failure, in its thread or in an engine
+    process): its type, message and where it was raised."""
+    cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        where = frames[-1]
+        cause += f" (raised in {where.name}, {os.path.basename(where.filename)}:{where.lineno})"
+    return cause

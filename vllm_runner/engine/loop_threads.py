@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterator
 
 from vllm_runner.engine.engine_client import EngineClient
+from vllm_runner.engine.errors import failure_cause
 from vllm_runner.engine.serving_loop import Delivery, ServingLoop
 
 logger = logging.getLogger(__name__)
@@ -139,4 +140,4 @@ def _stop(send: Callable[[tuple], None]) -> None:
 
 def _loop_failed(exc: BaseException) -> str:
     logger.exception("the engine loop failed")
-    return f"the engine loop failed: {exc!r}"
+    return f"the engine loop failed: {failure_cause(exc)}"  # (as an engine process's)
