@@ -1,7 +1,7 @@
 """The engine process's own loop fails (a CUDA error in a step, a bug): every front end's
 open streams and later requests fail naming the cause, not only "the engine process
-exited (code 1)" with the cause left in the engine process's stderr. A loop in a thread
-names its cause alike."""
+exited (code 1)" with the cause left in the engine process's stderr. So for a loop in a
+thread, and for a front end whose results the engine process cannot send."""
 
 import asyncio
 import os
@@ -9,13 +9,18 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
+from multiprocessing import Pipe
 from pathlib import Path
 
 import pytest
 
 import vllm_runner
 from vllm_runner import AsyncLLM, EngineDeadError, SamplingParams
+from vllm_runner.engine.engine_client import EngineClient, EngineFailed
+from vllm_runner.engine.front_ends import STATS_INTERVAL_S, FrontEnds
+from vllm_runner.engine.serving_loop import Delivery
 
 pytestmark = pytest.mark.timeout(300)  # (a hang guard, not a timing)
 
@@ -127,3 +132,29 @@ def test_a_failed_loop_thread_names_its_cause_as_an_engine_process_does(llama_di
     assert asyncio.run(asyncio.wait_for(main(), 60)) == [reason] * 3  # (a hang guard)
     assert llm.error == reason and llm.errored
     llm.shutdown()
+
+
+def test_a_front_end_whose_results_do_not_pickle_is_told_why():
+    """The engine process could not pickle a front end's results (a bug): the front end was
+    dropped, and told it "read too few of its results (was its process stopped?)" or that
+    the engine "exited (code 0)"; it is told the cause, and its requests are aborted."""
+    commands_r, commands_w = Pipe(duplex=False)
+    results_r, results_w = Pipe(duplex=False)
+    hello = ("ready", None, {"generation_tokens_total": 0}, "m", os.getpid())
+    front_ends = FrontEnds(commands_r, results_w, hello, None)
+    commands_w.send(("ready", False))
+    commands_w.send(("add", "r", 5, b"request"))
+    assert front_ends.receive(True) == ("add", "0:r", (0, 5), b"request")
+    front_ends.emit(Delivery([((0, 5), lambda: 0)], {"generation_tokens_total": 1}))
+    time.sleep(STATS_INTERVAL_S)
+    front_ends.emit(Delivery([], {"generation_tokens_total": 2}))  # (the next step's stats)
+    client = EngineClient()
+    client.pid = os.getpid()  # (alive: a shared engine that goes on for the others)
+    client._connections = (None, results_r)
+    assert results_r.poll(10), "its reader waits for ever"  # (a hang guard)
+    with pytest.raises((EngineFailed, EOFError)) as ended:
+        client.read(lambda delivery: None)
+    reason = client.stopped_because(ended.value)
+    assert reason.startswith("the engine process failed to send this front end's results: ")
+    assert "pickle" in reason, reason
+    assert [front_ends.receive(False) for _ in range(2)] == [("abort", "0:r"), ("stop",)]

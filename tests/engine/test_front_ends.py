@@ -8,6 +8,8 @@ import time
 from multiprocessing import Pipe
 from multiprocessing.connection import Client, Connection, Listener
 
+import pytest
+
 from vllm_runner.engine import front_ends as module
 from vllm_runner.engine.engine_client import EngineClient
 from vllm_runner.engine.front_ends import STATS_INTERVAL_S, FrontEnds
@@ -280,16 +282,20 @@ def test_a_front_end_slow_but_reading_is_not_dropped(tmp_path, monkeypatch):
 
 
 def test_a_result_that_fails_to_pickle_does_not_leave_its_front_end_waiting_forever():
-    """Any error of a send (here: a result that does not pickle) marks the front end
-    failed and closes its connection (found in review: the sender thread died silently)."""
+    """A result that does not pickle marks the front end unsendable, sends it why and
+    closes its connection (found in review: the sender thread died silently)."""
     results_r, results_w = Pipe(duplex=False)
     box = Outbox(results_w, "test-send")
     box.put(Delivery([], {"bad": lambda: 0}))  # (not picklable)
     box.put(None)
     box.close()
     box.join(5)
-    assert box.failed, "the loop never learns that this front end's results stopped"
+    assert box.unsendable, "the loop never learns that this front end's results stopped"
     assert results_r.poll(5), "the front end waits for ever"
+    assert "failed to send this front end's results" in results_r.recv()
+    assert results_r.poll(5)
+    with pytest.raises(EOFError):
+        results_r.recv()
 
 
 def test_the_engine_ends_when_its_last_front_end_is_dropped_in_the_idle_flush():

@@ -125,7 +125,7 @@ class EngineClient:
 
     def read(self, deliver: Callable[[Delivery], None]) -> None:
         """Hand each step's results to ``deliver`` until the engine ends this front end's,
-        or its loop fails (then it sends the cause: raised as EngineFailed)."""
+        or says why it ends them (its loop failed: raised as EngineFailed)."""
         while (delivery := self._connections[1].recv()) is not None:
             if isinstance(delivery, str):
                 raise EngineFailed(delivery)
@@ -170,7 +170,7 @@ class EngineClient:
         if isinstance(exc, EngineFailed):  # (it exits now: reaped, if this one's alone)
             if self.process is not None and not self.shared:
                 self.wait(timeout=5)
-            return f"the engine process failed: {exc}"
+            return str(exc)
         if isinstance(exc, EOFError | OSError):  # its end of the pipe closed: it exited
             if self.process is not None:
                 self.wait(timeout=5)
@@ -198,7 +198,8 @@ class EngineClient:
 
 
 class EngineFailed(Exception):
-    """The engine process's loop failed; its cause, as the engine process sent it."""
+    """The engine process ended this front end's results saying why (its loop failed, or
+    it could not send them); the reason, as it sent it."""
 
 
 def _write(conn: Connection, outbox: queue.SimpleQueue) -> None:

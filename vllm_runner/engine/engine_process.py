@@ -41,7 +41,7 @@ def run_engine_process(
     """Main of the engine-core process (spawned): build the engine, report ("ready",
     limits, stats, model name, pid) or ("failed", exception), then step until every front
     end has gone (stopped, or its end of the pipe closed with its process); if the loop
-    fails, each front end gets its cause (a str) and the process exits with code 1. ``shared``:
+    fails, each front end is told why (a str) and the process exits with code 1. ``shared``:
     where other front ends connect, its key, and the lock its starter holds (a shared
     engine)."""
     # NOTE: Ctrl-C in a terminal reaches the whole process group, and a process manager
@@ -87,7 +87,7 @@ def run_engine_process(
             # NOTE: the cause, as text, to every front end: their streams and later requests
             # fail naming it (not only "exited (code 1)"). Raised on: its traceback goes to
             # this process's stderr, and the process exits with code 1.
-            front_ends.fail(failure_cause(exc))
+            front_ends.fail(f"the engine process failed: {failure_cause(exc)}")
             raise
     finally:
         on_close()  # (also when it failed to start or its loop failed: no key left behind)

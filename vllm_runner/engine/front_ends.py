@@ -228,14 +228,17 @@ class FrontEnds:
             self._leave(front)
             return
         front.results.put(delivery)
+        if front.results.unsendable:  # (told why: it goes, its requests aborted)
+            self._leave(front)
+            return
         if sent_stats:
             front.stats_sent_at, front.stats_stale = now, False
         if delivery.publish_stats:
             self._published = delivery.stats
 
-    def fail(self, cause: str) -> None:
+    def fail(self, why: str) -> None:
         """The loop failed: none can join any more, and each front end (one told "ready"
-        already among them) gets ``cause`` as its last result, then its results end."""
+        already among them) gets ``why`` as its last result, then its results end."""
         with self._joining:
             self._admit()
             self._closed = True
@@ -244,7 +247,7 @@ class FrontEnds:
                     self._listener.close()
         fronts = list(self.front_ends.values())
         for front in fronts:
-            front.results.put(cause)
+            front.results.put(why)
             front.results.close()
         deadline = time.monotonic() + SENDERS_EXIT_S
         for front in fronts:
@@ -294,7 +297,8 @@ class FrontEnds:
         if front.number == self._owner and front.results.stats_sent is not None:
             # (the new publisher counts on from what this one got: the rest is lost with it)
             self._published = front.results.stats_sent
-        front.results.abandon()
+        if not front.results.unsendable:  # (else closed once it is told why)
+            front.results.abandon()
         self._closed_front(front)
 
     def _farewell(self, front: FrontEnd) -> None:

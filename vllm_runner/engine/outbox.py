@@ -21,6 +21,8 @@ import time
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 
+from vllm_runner.engine.errors import failure_cause
+
 logger = logging.getLogger(__name__)
 
 _CLOSE = object()  # the queue's end: close the connection after what came before
@@ -34,6 +36,7 @@ class Outbox:
         self._queued = 0  # by the loop
         self._sent = 0  # by the sender (sent, or dropped after a failure)
         self.failed = False  # a send failed: the front end's process is gone
+        self.unsendable = False  # a result did not pickle: the front end was told why
         self.stats_sent: dict | None = None  # those of the last delivery sent whole
         self.sent_at = time.monotonic()  # when the last send ended (or this began)
         self._abandoned = False
@@ -50,15 +53,22 @@ class Outbox:
     def put(self, item: object) -> None:
         """Queue ``item`` (pickled here, as ``Connection.send`` would) to be sent."""
         self._queued += 1
-        if self.failed or self._abandoned:  # (counted: sent, by the sender, as nothing)
+        if self.failed or self._abandoned or self.unsendable:  # (counted: sent as nothing)
             self._items.put((b"", None))
             return
         try:
             data = ForkingPickler.dumps(item)
-        except Exception:  # (e.g. not picklable): the loop drops this front end
+        except Exception as exc:  # (e.g. not picklable, a bug): the loop drops this front end
             logger.exception("sending results failed")
-            self.failed = True
-            data = b""
+            # NOTE: told why, then its results end (else it blamed itself, "read too few of
+            # its results", or said the engine "exited (code 0)")
+            self.unsendable = True
+            why = (
+                f"the engine process failed to send this front end's results: {failure_cause(exc)}"
+            )
+            self._items.put((ForkingPickler.dumps(why), None))
+            self._items.put(_CLOSE)
+            return
         self._items.put((data, getattr(item, "stats", None)))
 
     def close(self) -> None:
