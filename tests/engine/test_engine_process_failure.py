@@ -158,3 +158,20 @@ def test_a_front_end_whose_results_do_not_pickle_is_told_why():
     assert reason.startswith("the engine process failed to send this front end's results: ")
     assert "pickle" in reason, reason
     assert [front_ends.receive(False) for _ in range(2)] == [("abort", "0:r"), ("stop",)]
+
+
+def test_the_command_sender_ends_with_the_results():
+    """The engine process failed (or was killed): the thread that sends its commands ended
+    only when the AsyncLLM was collected (shutdown() left it waiting)."""
+    commands_r, commands_w = Pipe(duplex=False)
+    results_r, results_w = Pipe(duplex=False)
+    client = EngineClient()
+    before = set(threading.enumerate())
+    client._attach(commands_w, results_r)
+    (sender,) = set(threading.enumerate()) - before
+    results_w.send("the engine process failed: RuntimeError: injected")
+    with pytest.raises(EngineFailed) as failed:
+        client.read(lambda delivery: None)
+    assert client.stopped_because(failed.value).endswith("RuntimeError: injected")
+    sender.join(10)
+    assert not sender.is_alive()

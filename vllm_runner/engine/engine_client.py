@@ -126,10 +126,15 @@ class EngineClient:
     def read(self, deliver: Callable[[Delivery], None]) -> None:
         """Hand each step's results to ``deliver`` until the engine ends this front end's,
         or says why it ends them (its loop failed: raised as EngineFailed)."""
-        while (delivery := self._connections[1].recv()) is not None:
-            if isinstance(delivery, str):
-                raise EngineFailed(delivery)
-            deliver(delivery)
+        try:
+            while (delivery := self._connections[1].recv()) is not None:
+                if isinstance(delivery, str):
+                    raise EngineFailed(delivery)
+                deliver(delivery)
+        finally:
+            # NOTE: the engine has forgotten this front end (or gone): the sender of its
+            # commands ends now, not when the AsyncLLM is collected (shutdown() sends none)
+            self._outbox.put(None)
 
     def join(self) -> None:
         """After a stop: wait for the engine process this client started and alone uses
