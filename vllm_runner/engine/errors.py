@@ -13,6 +13,18 @@ class RequestError(RuntimeError):
         self.results = results
 
 
+class ContextLengthError(ValueError):
+    """A request past the model's context (``max_model_len`` tokens): its prompt, or its
+    prompt and max_tokens. Servers answer it as OpenAI does (code "context_length_exceeded")."""
+
+    def __init__(self, message: str, max_model_len: int) -> None:
+        super().__init__(message)
+        self.max_model_len = max_model_len
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.max_model_len)
+
+
 class EngineDeadError(RuntimeError):
     """The engine's loop stopped on its own (its process died, or a bug): every open and new
     request fails with this, naming why (``AsyncLLM.error``)."""

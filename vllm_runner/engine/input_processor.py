@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypedDict
 
+from vllm_runner.engine.errors import ContextLengthError
 from vllm_runner.engine.sampling_defaults import fit_max_tokens
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import NO_TOKENIZER, dropped_chars, max_text_chars
@@ -147,9 +148,10 @@ class InputProcessor:
         if self.max_prompt_chars < length <= _DROPPED_MAX * self.max_prompt_chars:
             length -= sum(text.count(c) for c in self.uncounted)
         if length > self.max_prompt_chars:
-            raise ValueError(
+            raise ContextLengthError(
                 f"{what} has {len(text)} characters, more than max_model_len "
-                f"({self.limits.max_model_len}) tokens can hold: at most {self.max_prompt_chars}"
+                f"({self.limits.max_model_len}) tokens can hold: at most {self.max_prompt_chars}",
+                self.limits.max_model_len,
             )
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -157,19 +159,21 @@ class InputProcessor:
         if not prompt_ids:
             raise ValueError("prompt is empty: it has 0 tokens")
         if len(prompt_ids) >= limits.max_model_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"prompt has {len(prompt_ids)} tokens, but max_model_len is "
-                f"{limits.max_model_len} (prompt + at least one new token must fit)"
+                f"{limits.max_model_len} (prompt + at least one new token must fit)",
+                limits.max_model_len,
             )
         self._check_in_vocab("prompt token id", prompt_ids)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         wanted = len(prompt_ids) + (params.max_tokens or 0)
         if limits.serving and params.max_tokens and wanted > limits.max_model_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"max_tokens {params.max_tokens} does not fit: max_model_len is "
                 f"{limits.max_model_len} tokens, but {wanted} were requested ({len(prompt_ids)} "
-                "in the prompt): shorten the prompt or lower max_tokens"
+                "in the prompt): shorten the prompt or lower max_tokens",
+                limits.max_model_len,
             )
         # A request the whole KV cache cannot hold would wait forever (and hold up the queue).
         new = self.max_new_tokens(len(prompt_ids), params)

@@ -20,6 +20,7 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from vllm_runner.async_llm import EngineDeadError
+from vllm_runner.engine.errors import ContextLengthError
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.serving import completions as completions_api
 from vllm_runner.serving import openai_format as fmt
@@ -147,7 +148,10 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
             ids = await asyncio.to_thread(engine.validate, prompt, params, chat, fit=True)
             return ids, engine.inputs.fit(ids, params)
         except ValueError as exc:
-            raise fmt.bad_request(ValueError(as_sent(str(exc))), param, fields) from None
+            error = fmt.bad_request(ValueError(as_sent(str(exc))), param, fields)
+            if isinstance(exc, ContextLengthError):
+                error = fmt.context_length(error, exc.max_model_len)
+            raise error from None
 
     def model_card(engine: Any) -> dict[str, Any]:
         return {

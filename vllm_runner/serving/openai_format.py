@@ -61,6 +61,14 @@ def bad_request(exc: ValueError, default_param: str | None, fields: set[str]) ->
     return OpenAIError(400, message, param=first if first in fields else default_param)
 
 
+def context_length(error: OpenAIError, max_model_len: int) -> OpenAIError:
+    """``error`` (a request past the context) as OpenAI and vLLM word it: clients key on this
+    lead sentence and code (e.g. litellm's ContextWindowExceededError, its fallbacks)."""
+    lead = f"This model's maximum context length is {max_model_len} tokens"
+    message = f"{lead}. {error.message}"
+    return OpenAIError(400, message, param=error.param, code="context_length_exceeded")
+
+
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
