@@ -286,7 +286,7 @@ def sample_rows(
     seeds: torch.Tensor,  # [rows] int64
     block: int = 2048,
     num_warps: int = 16,
-    split: int | None = None,  # programs per row (a power of two); None: split_for's
+    split: int | None = None,  # programs per row (1 to MAX_SPLIT); None: split_for's
 ) -> torch.Tensor:  # [rows] int64
     """One token per row (see the module's docstring); greedy rows (temperature 0) take
     the first largest logit. top_k 0 or >= the vocabulary keeps every token. The tile:
