@@ -69,8 +69,8 @@ def _linear_of_shape(model: str, role: str, n: int, k: int, ms: list[int]) -> li
     return rows
 
 
-ROWS_TILES = [(2, 256, 4, 2), (2, 512, 4, 2), (2, 1024, 4, 2), (4, 256, 4, 1), (4, 512, 4, 1),
-              (8, 256, 4, 2), (2, 256, 2, 2)]  # fmt: skip
+ROWS_TILES = [(1, 256, 4, 2), (1, 512, 4, 2), (2, 128, 4, 2), (2, 256, 4, 2), (2, 512, 4, 2),
+              (2, 256, 4, 1), (4, 128, 4, 1), (4, 256, 4, 1), (2, 256, 2, 2)]  # fmt: skip
 
 
 def bench_rows(args, report: dict) -> None:
@@ -78,6 +78,8 @@ def bench_rows(args, report: dict) -> None:
     rows = []
     for model in args.models:
         for role, n, k in SHAPES[model]:
+            if args.roles and role not in args.roles:
+                continue
             rows += _rows_of_shape(model, role, n, k)
             free_memory()
     report["rows"] = rows
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="1b,8b")
     p.add_argument("--rows", default="1,2,4,8,16", help="linear case: M values")
     p.add_argument("--batches", default="1,2,3,4,6,8,12,16", help="engine case: requests")
+    p.add_argument("--roles", default="", help="rows case: these projections only")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--model-root", default="/tmp/vllm_runner_bench")
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     args.models = args.models.split(",")
     args.rows = [int(m) for m in args.rows.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.roles = [r for r in args.roles.split(",") if r]
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "commit": git_commit(),
