@@ -202,6 +202,12 @@ class EngineArgs:
             raise bad("cpu_kv_cache_gb", "> 0")
         if self.quantization not in QUANTIZATIONS:
             raise bad("quantization", f"one of {QUANTIZATIONS}")
+        if self.quantization == "fp8" and self.device == "cpu":  # (other devices: at load)
+            raise ValueError(
+                "quantization='fp8' needs torch._scaled_mm on a CUDA GPU of compute capability "
+                ">= 8.9, not device='cpu'; use quantization='int8' (weight-only, runs on any "
+                "device) or quantization=None"
+            )
         if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", f"one of {tuple(KV_CACHE_DTYPES)}")
         if not isinstance(self.generation_config, str) or not (

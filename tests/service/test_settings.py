@@ -91,6 +91,8 @@ def test_empty_env_value_means_unset() -> None:
         ({"VLLM_RUNNER_SEED": str(2**64)}, {}, "seed must be an integer in"),
         ({}, {"device": "cuda:one"}, "device must be 'auto', 'cpu' or 'cuda"),
         ({}, {"generation_config": "hf"}, "generation_config must be 'auto' .* 'vllm' .* folder"),
+        # a combination known without a GPU query: refused before the loader thread too
+        ({"VLLM_RUNNER_DEVICE": "cpu"}, {"quantization": "fp8"}, r"'fp8' needs .*device='cpu'"),
     ],
 )
 def test_bad_values_name_the_setting(env: dict, args: dict, message: str) -> None:
