@@ -151,6 +151,51 @@ def test_fp8_off_cuda_is_a_clear_error(default_model_dir):
     assert get_quant_method(None, torch.device("cpu")) is None
 
 
+# ---- int8 engines == float engines on the dequantized checkpoint ------------------------------
+def save_biased_and_dequantized(src: str, tmp_path) -> tuple[str, str]:
+    """``src`` with random biases (the tiny models' are zero), and the same checkpoint with
+    every decoder linear weight replaced by its int8 ``q * scale`` (exact in fp32): what an
+    int8 engine of the first should compute, up to summation order."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = load_file(f"{src}/model.safetensors")
+    for name, t in tensors.items():
+        if name.endswith(".bias") and "norm" not in name:  # projections, not LayerNorms
+            tensors[name] = torch.randn(t.shape, generator=g) * 0.5
+    paths = []
+    for folder, dequantize in (("biased", False), ("dequantized", True)):
+        shutil.copytree(src, tmp_path / folder)
+        if dequantize:
+            for name, t in tensors.items():
+                if t.dim() == 2 and not any(s in name for s in ("embed", "lm_head")):
+                    tensors[name] = dequantize_rows(*quantize_int8(t))
+        save_file(tensors, tmp_path / folder / "model.safetensors", metadata={"format": "pt"})
+        paths.append(str(tmp_path / folder))
+    return paths[0], paths[1]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+def test_int8_engine_equals_float_engine_on_dequantized_weights(family, tiny_model_dirs, tmp_path):
+    """Fused q/k/v and gate/up rows keep their own scales, biases (Qwen2 q/k/v, OPT all) stay
+    in the model dtype, tied heads stay float: resident or offloaded, an int8 engine's greedy
+    tokens and logprobs are the float engine's on the dequantized weights."""
+    path, dequantized = save_biased_and_dequantized(tiny_model_dirs[family], tmp_path)
+    kw = dict(dtype="float32", device="cpu", num_kv_blocks=64)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+    prompts = [[(13 * i + 7 * j) % 384 for j in range(5 + 9 * i)] for i in range(5)]
+    expected = LLM(dequantized, **kw).generate(prompts, params)
+    for extra in ({}, {"cpu_offload_gb": 1e-6}):
+        llm = LLM(path, quantization="int8", **kw, **extra)
+        for got, want in zip(llm.generate(prompts, params), expected, strict=True):
+            assert got.outputs[0].token_ids == want.outputs[0].token_ids, extra
+            for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs, strict=True):
+                assert list(a) == list(b)
+                assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-4)
+
+
 # ---- int8 on the default model ---------------------------------------------------------------
 PROMPTS = [
     "The history of the printing press begins",
