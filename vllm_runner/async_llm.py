@@ -333,6 +333,8 @@ class AsyncLLM:
         tokenizer: the engine's own decides)."""
         if self._client is None or params.stop or self.tokenizer is None:
             return None
+        if not params.detokenize:  # (no text: the engine, given none to build, builds none)
+            return None
         return text_builders(self.tokenizer, prompt_ids, params)
 
     # ---- the loop's side -------------------------------------------------------------------

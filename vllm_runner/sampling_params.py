@@ -42,6 +42,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: the outputs' text stays empty (token ids only), as vLLM
     logit_bias: dict[int, float] | None = None  # added to the token's logit (OpenAI's range)
     allowed_token_ids: list[int] | None = None  # only these may be sampled
     truncate_prompt_tokens: int | None = None  # use the prompt's last k tokens (-1: max_model_len)
@@ -91,7 +92,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise bad(name, value, "a number")
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                     "detokenize"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):  # ("no" was true)
                 raise bad(name, getattr(self, name), "True or False")
         if not _is_int(self.n) or self.n < 1:
@@ -125,6 +127,8 @@ class SamplingParams:
             raise bad("seed", self.seed, "an integer")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", self.stop, "non-empty strings")
+        if self.stop and not self.detokenize:  # (a request ends where its text holds one)
+            raise ValueError(f"stop {self.stop!r} needs detokenize=True, got False")
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise bad("stop_token_ids entry", t, "a token id (an integer >= 0)")

@@ -4,11 +4,12 @@ outputs (each failed here: AttributeError, or a call that did nothing)."""
 import asyncio
 import gc
 import warnings
+from types import SimpleNamespace
 
 import pytest
 from engine_testing import GREEDY, make_llm
 
-from vllm_runner import AsyncLLM, CompletionOutput, EngineDeadError
+from vllm_runner import AsyncLLM, CompletionOutput, EngineDeadError, SamplingParams
 
 
 def test_llm_engine_as_vllm_scripts_read_it(llama_dir):
@@ -81,3 +82,22 @@ def test_shutdown_called_as_vllm_does_stops_the_engine(llama_dir):
     asyncio.run(awaited.shutdown())
     assert not awaited._thread.is_alive()
     asyncio.run(awaited.shutdown())  # (a second time: nothing to do)
+
+
+def test_detokenize_false_gives_the_token_ids_alone_as_vllm(smol_llm):
+    """vLLM's `SamplingParams(detokenize=False)` (its throughput benchmark passes it): the
+    same tokens, no text; stop strings, which need the text, are refused naming it (it was
+    a TypeError, an unknown argument)."""
+    prompt = "The capital of France is"
+    (text,) = smol_llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0))
+    bare = SamplingParams(max_tokens=8, temperature=0.0, detokenize=False, logprobs=1)
+    (ids,) = smol_llm.generate(prompt, bare)
+    assert ids.outputs[0].token_ids == text.outputs[0].token_ids and text.outputs[0].text
+    assert ids.outputs[0].text == "" and len(ids.outputs[0].logprobs) == 8
+    # an AsyncLLM's front end, which builds the text of an engine process's requests: none
+    front_end = SimpleNamespace(_client=object(), tokenizer=smol_llm.tokenizer)
+    assert AsyncLLM._detokenizers_here(front_end, ids.prompt_token_ids, bare) is None
+    with pytest.raises(ValueError, match=r"stop \['\.'\] needs detokenize=True, got False"):
+        SamplingParams(stop=["."], detokenize=False)
+    with pytest.raises(ValueError, match="detokenize must be True or False, got 'no'"):
+        SamplingParams(detokenize="no")

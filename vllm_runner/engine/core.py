@@ -134,6 +134,7 @@ class EngineCore:
         if prompt_ids is None:
             prompt_ids = self.inputs.tokenize(prompt, params=params)
         self.inputs.validate(prompt_ids, params)
+        detokenize = detokenize and params.detokenize
         if not detokenize and params.stop:
             raise ValueError(
                 f"stop={params.stop!r} needs detokenize=True: the engine ends a request at the "
