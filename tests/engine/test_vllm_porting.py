@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from engine_testing import GREEDY, make_llm
 
-from vllm_runner import AsyncLLM, CompletionOutput, EngineDeadError, SamplingParams
+from vllm_runner import LLM, AsyncLLM, CompletionOutput, EngineDeadError, SamplingParams
 
 
 def test_llm_engine_as_vllm_scripts_read_it(llama_dir):
@@ -101,3 +101,25 @@ def test_detokenize_false_gives_the_token_ids_alone_as_vllm(smol_llm):
         SamplingParams(stop=["."], detokenize=False)
     with pytest.raises(ValueError, match="detokenize must be True or False, got 'no'"):
         SamplingParams(detokenize="no")
+
+
+def test_an_empty_text_prompt_is_its_bos_as_vllm(tmp_path, peaked_llama, smol_llm):
+    """vLLM tokenizes an empty text: a tokenizer that adds BOS makes it [BOS] (generation
+    from nothing, e.g. unconditional samples); one that adds nothing leaves no prompt, which
+    is refused (an empty text was refused before tokenizing, whatever the tokenizer)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_llm.engine.model_config.path)
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
+    )
+    tokenizer.bos_token = "<|endoftext|>"
+    path = peaked_llama(str(tmp_path), ("embed",), vocab_size=49152, hidden_size=32,
+                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1)  # fmt: skip
+    tokenizer.save_pretrained(path)
+    (out,) = LLM(path, num_kv_blocks=16).generate("", SamplingParams(max_tokens=3))
+    assert out.prompt_token_ids == [0] and out.prompt == "" and len(out.token_ids) >= 1
+    with pytest.raises(ValueError, match="prompt is empty"):
+        smol_llm.generate("", SamplingParams(max_tokens=3))

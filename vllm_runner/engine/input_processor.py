@@ -115,7 +115,7 @@ class InputProcessor:
         """``bounded``: refuse a text too long for max_model_len before tokenizing it."""
         prompt = unpack_prompt(prompt)
         if isinstance(prompt, str):
-            if not prompt:
+            if not prompt and self.tokenizer is None:
                 raise ValueError("prompt is empty: give at least one character or token id")
             if self.tokenizer is None:
                 raise ValueError(f"{NO_TOKENIZER}: pass token ids, not text")
@@ -130,7 +130,10 @@ class InputProcessor:
             # NOTE: a text that already starts with BOS gets no second one
             bos = self.tokenizer.bos_token
             special = not chat and not (bos and prompt.startswith(bos))
-            return self.tokenizer.encode(prompt, add_special_tokens=special)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=special)
+            if not ids and not prompt:  # (as vLLM: an empty text is the BOS it may add)
+                raise ValueError("prompt is empty: give at least one character or token id")
+            return ids
         if not isinstance(prompt, list | tuple):
             raise ValueError(
                 f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"
