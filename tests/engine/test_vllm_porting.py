@@ -7,7 +7,7 @@ import warnings
 from types import SimpleNamespace
 
 import pytest
-from engine_testing import GREEDY, make_llm
+from engine_testing import GREEDY, make_llm, prompts
 
 from vllm_runner import LLM, AsyncLLM, CompletionOutput, EngineDeadError, SamplingParams
 
@@ -123,3 +123,31 @@ def test_an_empty_text_prompt_is_its_bos_as_vllm(tmp_path, peaked_llama, smol_ll
     assert out.prompt_token_ids == [0] and out.prompt == "" and len(out.token_ids) >= 1
     with pytest.raises(ValueError, match="prompt is empty"):
         smol_llm.generate("", SamplingParams(max_tokens=3))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_prompt_of_max_model_len_tokens_gives_one_token_offline_as_vllm(llama_dir, chunked):
+    """vLLM's LLM refuses only a prompt longer than max_model_len: one of exactly that many
+    tokens (what eval harnesses send for loglikelihoods, and what truncate_prompt_tokens=-1
+    leaves of a longer one) gets one token, finish_reason "length". Both were refused here,
+    so -1 refused every prompt it would cut. A server still refuses it (no room for
+    max_tokens), as vLLM's."""
+    step = dict(max_num_batched_tokens=16) if chunked else {}
+    llm = make_llm(llama_dir, max_model_len=64, **step)
+    whole = prompts(1, seed=3)[0] * 4
+    assert len(whole) > 65
+    (free,) = make_llm(llama_dir, max_model_len=128).generate([whole[-64:]], GREEDY)
+    (out,) = llm.generate([whole[-64:]], SamplingParams(max_tokens=None, temperature=0.0))
+    assert out.token_ids == free.token_ids[:1] and out.finish_reason == "length"
+    cut = SamplingParams(max_tokens=8, temperature=0.0, truncate_prompt_tokens=-1, logprobs=1,
+                         prompt_logprobs=1)  # fmt: skip
+    (out,) = llm.generate([whole], cut)
+    assert out.prompt_token_ids == whole[-64:] and out.token_ids == free.token_ids[:1]
+    assert len(out.prompt_logprobs) == 64 and out.outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="prompt has 65 tokens, but max_model_len is 64"):
+        llm.generate([whole[-65:]], GREEDY)
+    assert llm.stats()["kv_blocks_used"] == 0
+    server = AsyncLLM(llama_dir, dtype="float32", device="cpu", max_model_len=64, num_kv_blocks=8)
+    with pytest.raises(ValueError, match="prompt has 64 tokens, but max_model_len is 64"):
+        asyncio.run(server.generate([whole[-64:]], SamplingParams(max_tokens=None)))
+    asyncio.run(server.shutdown())

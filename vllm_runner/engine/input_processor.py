@@ -161,10 +161,15 @@ class InputProcessor:
         limits = self.limits
         if not prompt_ids:
             raise ValueError("prompt is empty: it has 0 tokens")
-        if len(prompt_ids) >= limits.max_model_len:
+        # NOTE: offline, as vLLM's LLM, a prompt of max_model_len tokens gets one new token
+        # (whose KV is never written); a server's request must leave room for max_tokens.
+        if len(prompt_ids) >= limits.max_model_len + (not limits.serving):
+            room = "prompt + at least one new token must fit"
+            if not limits.serving:
+                room = "a prompt may have that many tokens at most"
             raise ContextLengthError(
                 f"prompt has {len(prompt_ids)} tokens, but max_model_len is "
-                f"{limits.max_model_len} (prompt + at least one new token must fit)",
+                f"{limits.max_model_len} ({room})",
                 limits.max_model_len,
             )
         self._check_in_vocab("prompt token id", prompt_ids)
@@ -220,8 +225,9 @@ class InputProcessor:
         )
 
     def max_new_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        """At least one (a prompt of max_model_len tokens: its one new token)."""
         max_len = self.limits.max_model_len
-        return min(params.max_tokens or max_len, max_len - prompt_len)
+        return min(params.max_tokens or max_len, max(max_len - prompt_len, 1))
 
     def _check_allowed_not_all_banned(self, params: SamplingParams) -> None:
         """Until min_tokens is reached the sampler bans stop and EOS ids (EOS under ignore_eos
