@@ -216,3 +216,87 @@ def test_linear_rope_scaling_extends_the_context_by_its_factor(tmp_path):
                          max_position_embeddings=128, rope_parameters=linear,
                          architectures=["LlamaForCausalLM"])  # fmt: skip
     assert_serves_past_max_positions(config, tmp_path, 512, [200, 450])
+
+
+def _rotary_table_matches_hf(llm, hf, positions: int) -> None:
+    """The engine's cos / sin table equals HF's rotary embedding over ``positions``."""
+    table = llm.engine.runner.model.model.layers[0].self_attn.rotary_emb.cos_sin_cache
+    cos, sin = hf.model.rotary_emb(torch.zeros(1), torch.arange(positions)[None])
+    half = table.shape[1] // 2
+    torch.testing.assert_close(table[:positions, :half], cos[0, :, :half], rtol=0, atol=5e-5)
+    torch.testing.assert_close(table[:positions, half:], sin[0, :, :half], rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize(
+    "rope_theta, rope_scaling",
+    [
+        (500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        (10000.0, {"type": "linear", "factor": 2.0}),
+        (1000000.0, None),
+    ],
+)  # fmt: skip
+def test_transformers4_rope_layout_matches_hf(tmp_path, rope_theta, rope_scaling):
+    """config.json as Hub checkpoints saved by transformers 4 hold it (Llama-3.1, Qwen2.5,
+    vicuna-16k): a top-level rope_theta and a rope_scaling dict keyed "rope_type" or "type",
+    no rope_parameters. The engine reads the same theta and scaling as HF."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    saved_random_model(_variant_config("llama"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config.update(rope_theta=rope_theta, rope_scaling=rope_scaling)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert hf.config.rope_parameters["rope_theta"] == rope_theta
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
+    _rotary_table_matches_hf(llm, hf, 512)
+    prompts = [[random.Random(i).randrange(384) for _ in range(n)] for i, n in enumerate([9, 300])]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == hf_greedy(hf, prompt, 8)
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, stored",
+    [(4, 4, torch.float32), (8, 1, torch.float32), (8, 2, torch.bfloat16)],
+)
+def test_gqa_ratios_and_a_bf16_checkpoint_match_hf(tmp_path, heads, kv_heads, stored):
+    """Multi-head (1:1) and 8:1 grouped-query attention; a checkpoint stored in bf16 (as
+    most Hub checkpoints are) loaded into fp32 as HF loads it."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=512,
+                         architectures=["LlamaForCausalLM"])  # fmt: skip
+    saved_random_model(config, tmp_path).to(stored).save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompts = random_prompts(3, 384, seed=3)
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == hf_greedy(hf, prompt, 16)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_chunked_prefill_and_prefix_hits_match_hf(family, tiny_model_dirs):
+    """Steps of 7 tokens over blocks of 8 (every chunk and the decode cross block
+    boundaries), then the same prompts again starting from cached blocks: HF's tokens each
+    time (OPT: its learned positions at a cached prefix's offset)."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dirs[family]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    shared = [random.Random(4).randrange(384) for _ in range(45)]
+    prompts = [shared + [random.Random(i).randrange(384) for _ in range(i * 5)] for i in range(4)]
+    llm = LLM(path, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05,
+              max_num_batched_tokens=7, block_size=8)  # fmt: skip
+    expected = [hf_greedy(hf, prompt, 12) for prompt in prompts]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for _ in range(2):
+        outs = llm.generate(prompts, params)
+        assert [out.token_ids for out in outs] == expected
+    assert [out.num_cached_tokens for out in outs] == [40, 48, 48, 56]
