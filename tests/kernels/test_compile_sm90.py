@@ -180,7 +180,7 @@ def _compile_all() -> list[dict]:
             qg.linear_one_row(x, w[:n], residual=torch.empty(1, n, dtype=wdtype))
             qg.linear_one_row(x, w, gated=True, norm=norm)
             qg.linear_one_row(x, w[:n], torch.empty(n, dtype=wdtype), norm=norm)
-            for m in (2, gr.MAX_ROWS):  # and a few rows at once
+            for m in gr.GEMV_ROWS:  # and a few rows at once
                 xm = torch.empty(m, k, dtype=wdtype)
                 gr.linear_rows(xm, w[:n], residual=torch.empty(m, n, dtype=wdtype))
                 gr.linear_rows(xm, w, gated=True, norm=norm)

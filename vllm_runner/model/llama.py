@@ -85,7 +85,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, rows=None):
         """(hidden, residual) -> (hidden, residual), the residual add deferred to the next
-        norm; a lone token on a GPU (or up to 16: a decode step of a few requests) instead
+        norm; a lone token on a GPU (or 2, 4, 8: a decode step of a few requests) instead
         passes the summed stream with residual None (``fuses_rows``): four GEMVs and the
         attention, norms and adds inside the GEMVs. ``rows``: only those rows go on past the
         attention (which writes every row's K/V); a subset takes the unfused layer."""

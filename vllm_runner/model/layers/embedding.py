@@ -58,7 +58,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             from kernels.gemv import linear_one_row
 
             logits = linear_one_row(hidden, self.weight, out=out)
-        elif gemv_takes(hidden, self.weight):  # 2-16 decode rows
+        elif gemv_takes(hidden, self.weight):  # 2, 4 or 8 decode rows
             from kernels.gemv_rows import linear_rows
 
             logits = linear_rows(hidden, self.weight, out=out)

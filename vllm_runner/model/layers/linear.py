@@ -15,7 +15,7 @@ from vllm_runner.model.layers.parallel import all_reduce, divide, load_shard, tp
 def gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the GEMV kernels run ``x @ weight.T`` on a GPU at world size 1: one fp16 / bf16
     row times a weight of x's dtype or int8 / fp8 (W8A16) that the one-row GEMV can read
-    (``kernels.gemv``), or 2 to 16 rows times a weight of x's dtype (``kernels.gemv_rows``:
+    (``kernels.gemv``), or 2, 4 or 8 rows times a weight of x's dtype (``kernels.gemv_rows``:
     decode steps of a few requests). ``VLLM_RUNNER_GEMV=0``: never, for A/B timing."""
     if not (x.is_cuda and x.dim() == 2 and tp_size() == 1):
         return False
@@ -70,7 +70,7 @@ class LinearBase(nn.Module):
 
     def forward_rows(
         self,
-        x: torch.Tensor,  # [M, in_features], M = 1 (or 2-16: gemv_takes)
+        x: torch.Tensor,  # [M, in_features], M = 1 (or 2, 4, 8: gemv_takes)
         *,
         norm: nn.Module | None = None,  # an RMSNorm of x's dtype, applied to x first
         residual: torch.Tensor | None = None,  # [M, out_features], added to the output
