@@ -5,8 +5,6 @@
 - linear: each Llama-3.2-1B / Llama-3-8B projection with M = 1-16 rows: F.linear (cuBLAS)
   and the one-row GEMV (``kernels.gemv``, M = 1), us per call and TB/s of weights, as
   CUDA-graph replays cycling through enough weight copies to miss L2 (``gemv.py``'s timing).
-- rows: the few-row GEMV (``kernels.gemv_rows``, 2-16 rows) with the decode layer's
-  fusions (qkv, gate_up: the RMSNorm; o, down: the residual add) over tile configs.
 - engine: decode tok/s of B requests at once (128-token prompts, 256 new tokens each,
   prefill removed: B x (n - 1) / (t(n new) - t(1 new))) against B x the batch-1 bandwidth
   roofline (copy bandwidth / weight bytes; the KV bytes of these short contexts are < 3%).
@@ -69,42 +67,6 @@ def _linear_of_shape(model: str, role: str, n: int, k: int, ms: list[int]) -> li
     return rows
 
 
-ROWS_TILES = [(64, 128, 4, 4), (32, 128, 4, 6), (32, 256, 4, 4), (64, 64, 4, 6), (128, 64, 4, 4),
-              (64, 128, 8, 4)]  # fmt: skip
-
-
-def bench_rows(args, report: dict) -> None:
-    """The few-row GEMV with the decode layer's fusions over tile configs (None: defaults)."""
-    rows = []
-    for model in args.models:
-        for role, n, k in SHAPES[model]:
-            if args.roles and role not in args.roles:
-                continue
-            rows += _rows_of_shape(model, role, n, k, args.rows_m)
-            free_memory()
-    report["rows"] = rows
-
-
-def _rows_of_shape(model: str, role: str, n: int, k: int, ms: list[int]) -> list[dict]:
-    from kernels.gemv_rows import RowsTiles, linear_rows
-
-    ws, _, copies = operands(role, n, k)
-    gated, rows = role == "gate_up", []
-    g = (torch.rand(k, device="cuda") + 0.5).bfloat16()
-    for m in ms:
-        x = torch.randn(m, k, device="cuda").bfloat16()
-        r = torch.randn(m, n, device="cuda").bfloat16()
-        kw = {"norm": (g, 1e-5)} if role in ("qkv", "gate_up") else {"residual": r}
-        kw = {} if role == "lm_head" else kw
-        for t in [None, *(RowsTiles(*c) for c in ROWS_TILES)]:
-            us = graph_us(lambda i, t=t, x=x, kw=kw: linear_rows(
-                x, ws[i], gated=gated, tiles=t, **kw), copies)  # fmt: skip
-            rows.append({"model": model, "role": role, "m": m, "tiles": str(t), "us": us})
-            print(f"  {model} {role:8s} M={m} {t}: {us:8.2f} us "
-                  f"({ws[0].numel() * 2 / us / 1e6:.2f} TB/s)", flush=True)  # fmt: skip
-    return rows
-
-
 def bench_engine(args, report: dict) -> None:
     from vllm_runner import LLM
 
@@ -139,8 +101,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="1b,8b")
     p.add_argument("--rows", default="1,2,4,8,16", help="linear case: M values")
     p.add_argument("--batches", default="1,2,3,4,6,8,12,16", help="engine case: requests")
-    p.add_argument("--roles", default="", help="rows case: these projections only")
-    p.add_argument("--rows-m", default="2,4,8,16", help="rows case: M values")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--model-root", default="/tmp/vllm_runner_bench")
@@ -151,8 +111,6 @@ def main(argv: list[str] | None = None) -> None:
     args.models = args.models.split(",")
     args.rows = [int(m) for m in args.rows.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
-    args.roles = [r for r in args.roles.split(",") if r]
-    args.rows_m = [int(m) for m in args.rows_m.split(",")]
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "commit": git_commit(),
@@ -161,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         "copy_bandwidth_GBps": copy_bandwidth("cuda", 1 << 30) / 1e9,
     }
     print(f"{report['card']}: copy {report['copy_bandwidth_GBps']:,.0f} GB/s", flush=True)
-    for case, fn in [("linear", bench_linear), ("rows", bench_rows), ("engine", bench_engine)]:
+    for case, fn in [("linear", bench_linear), ("engine", bench_engine)]:
         if case in args.cases.split(","):
             print(f"[{case}]", flush=True)
             fn(args, report)

@@ -336,15 +336,14 @@ def linear_one_row(
 def check_fusions(
     x: torch.Tensor, n: int, norm: tuple[torch.Tensor, float] | None, residual: torch.Tensor | None
 ) -> None:
-    """The GEMV's norm weight is [K] of x's dtype, its residual [M, N] of x's dtype (x is
-    [M, K])."""
-    m, k = x.shape
+    """The GEMV's norm weight is [K] of x's dtype, its residual [1, N] of x's dtype."""
+    k = x.shape[-1]
     if norm is not None:
         assert norm[0].shape == (k,) and norm[0].dtype == x.dtype and norm[0].is_contiguous(), (
             f"norm weight {norm[0].dtype} {tuple(norm[0].shape)} must be {x.dtype} ({k},)"
         )
     if residual is not None:
-        assert residual.shape == (m, n) and residual.dtype == x.dtype, (
-            f"residual {residual.dtype} {tuple(residual.shape)} must be {x.dtype} ({m}, {n})"
+        assert residual.shape == (1, n) and residual.dtype == x.dtype, (
+            f"residual {residual.dtype} {tuple(residual.shape)} must be {x.dtype} (1, {n})"
         )
         assert residual.is_contiguous(), "residual must be contiguous"

@@ -24,7 +24,7 @@ KERNELS = {
     "_write_kv_cache_kernel", "_rotary_write_kv_kernel", "_decode_kernel",
     "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel",
     "_silu_and_mul_kernel", "_w8a16_kernel", "_gemv_kernel", "_fp8_quantize_rows_kernel",
-    "_sample_kernel", "_rows_kernel",
+    "_sample_kernel",
 }  # fmt: skip
 
 
@@ -91,7 +91,6 @@ def _compile_all() -> list[dict]:
 
     import kernels.activation as ac
     import kernels.gemv as qg
-    import kernels.gemv_rows as gr
     import kernels.kv_cache as kv
     import kernels.paged_attention as pa
     import kernels.pdl
@@ -106,7 +105,7 @@ def _compile_all() -> list[dict]:
     pa.ptx_widening = lambda device: True  # (weights, and an fp8 KV cache's word pairs)
     results: list[dict] = []
     sm._programs = lambda device: 66  # (an H100's half: split rows, their barriers compiled)
-    for mod in (ac, gr, kv, pa, pf, qg, qm, rn, ro, sm):
+    for mod in (ac, kv, pa, pf, qg, qm, rn, ro, sm):
         for name in KERNELS & set(vars(mod)):
             setattr(mod, name, _Recorder(name, getattr(mod, name), results))
     bt = torch.zeros(4, 16, dtype=torch.int32)
@@ -180,11 +179,6 @@ def _compile_all() -> list[dict]:
             qg.linear_one_row(x, w[:n], residual=torch.empty(1, n, dtype=wdtype))
             qg.linear_one_row(x, w, gated=True, norm=norm)
             qg.linear_one_row(x, w[:n], torch.empty(n, dtype=wdtype), norm=norm)
-            for m in (2, gr.MAX_ROWS):  # and a few rows at once (split-K)
-                xm = torch.empty(m, k, dtype=wdtype)
-                gr.linear_rows(xm, w[:n], residual=torch.empty(m, n, dtype=wdtype))
-                gr.linear_rows(xm, w, gated=True, norm=norm)
-                gr.linear_rows(xm, w[:n], torch.empty(n, dtype=wdtype), norm=norm)
     for dtype in (torch.bfloat16, torch.float32):  # a row split over 32 programs
         sm.sample_rows(torch.empty(2, 128256, dtype=dtype), torch.empty(2, 4),
                        torch.empty(2, dtype=torch.int64), split=32)  # fmt: skip

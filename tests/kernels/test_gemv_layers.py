@@ -1,6 +1,6 @@
-"""The fused layer path (``LinearBase.forward_rows``, ``LlamaMLP.forward_rows``, the LM head
-on the GEMV) vs the unfused layers, on the GEMV kernels (the interpreter on CPU). The engine
-takes this path for a lone token, or 2, 4 or 8, on a GPU; these run it on any device."""
+"""The fused one-row layer path (``LinearBase.forward_one_row``, ``LlamaMLP.forward_one_row``,
+the LM head on the GEMV) vs the unfused layers, on the GEMV kernel (the interpreter on CPU).
+The engine takes this path for a lone token on a GPU; these run it on any device."""
 
 import pytest
 import torch
@@ -45,66 +45,42 @@ def test_mlp_one_row_matches_unfused(device: torch.device, quantized: bool) -> N
         assert quantize_module(mlp, Int8WeightOnly(), device) == 2
     stream = (torch.randn(1, HIDDEN, device=device) * 2 + 0.5).bfloat16()
     with torch.no_grad():
-        fused = mlp.forward_rows(stream, norm)
+        fused = mlp.forward_one_row(stream, norm)
         normed, _ = reference.rms_norm(stream, norm.weight, norm.eps)
         unfused = (mlp(normed).float() + stream.float()).bfloat16()
     assert fused.shape == (1, HIDDEN) and fused.dtype == torch.bfloat16
     assert_close_to(fused, unfused)
 
 
-def test_fuses_rows_needs_a_gpu_row_and_a_readable_weight(
+def test_fuses_one_row_needs_a_gpu_row_and_a_readable_weight(
     device: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     layer = linear.ReplicatedLinear(HIDDEN, 32, bias=False)
     randomize(layer, torch.bfloat16, device)
     row = torch.randn(1, HIDDEN, device=device).bfloat16()
-    assert layer.fuses_rows(row) == row.is_cuda
-    two, many = torch.cat([row, row]), torch.cat([row] * 17)
-    assert linear.gemv_takes(two, layer.weight) == row.is_cuda  # the few-row GEMV
-    assert not linear.gemv_takes(many, layer.weight)  # 2 to 16 rows only
-    layer.quant_method = Int8WeightOnly()  # a quantized layer: one row only
-    assert not layer.fuses_rows(two)
-    layer.quant_method = None
+    assert layer.fuses_one_row(row) == row.is_cuda
+    assert not linear.gemv_takes(torch.cat([row, row]), layer.weight)  # two rows
     assert not linear.gemv_takes(row.float(), layer.weight.float())  # fp32
     monkeypatch.setenv("VLLM_RUNNER_GEMV", "0")
-    assert not layer.fuses_rows(row)
+    assert not layer.fuses_one_row(row)
 
 
-@pytest.mark.parametrize("m", [1, 4])
-def test_lm_head_rows_on_the_gemv(
-    device: torch.device, monkeypatch: pytest.MonkeyPatch, m: int
-) -> None:
-    """compute_logits of one row (or a few) runs the GEMV where gemv_takes says so (a GPU),
-    and gives the logits of the matmul."""
+def test_lm_head_one_row_on_the_gemv(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compute_logits of one row runs the GEMV where gemv_takes says so (a GPU), and gives
+    the logits of the matmul."""
     head = ParallelLMHead(1000, HIDDEN)
     randomize(head, torch.bfloat16, device)
-    hidden = torch.randn(m, HIDDEN, device=device).bfloat16()
+    hidden = torch.randn(1, HIDDEN, device=device).bfloat16()
     expected = (hidden.float() @ head.weight.float().T)[:, :1000]
     calls = []
 
     def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
         calls.append(x.shape)
-        return x.shape[0] in (1, 4)
+        return x.shape[0] == 1
 
     monkeypatch.setattr(embedding, "gemv_takes", takes)
-    launched = []
-    monkeypatch.setattr("kernels.gemv_rows._rows_kernel", _Recording(launched))
-    out = head.compute_logits(hidden)
-    assert_close_to(out, expected, ulps=2)
-    assert calls[0] == (m, HIDDEN) and len(launched) == (m > 1)
-
-
-class _Recording:
-    """Stands in for a kernel: counts launches, then runs the real one."""
-
-    def __init__(self, launched: list) -> None:
-        from kernels import gemv_rows
-
-        self.kernel, self.launched = gemv_rows._rows_kernel, launched
-
-    def __getitem__(self, grid):  # noqa: ANN204
-        self.launched.append(grid)
-        return self.kernel[grid]
+    assert_close_to(head.compute_logits(hidden), expected, ulps=2)
+    assert calls == [(1, HIDDEN)]
 
 
 def tiny_model(family: str) -> torch.nn.Module:
@@ -135,40 +111,29 @@ def tiny_model(family: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("reqs", [1, 2], ids=["one-row", "two-rows"])
-def test_decoder_fused_rows_match_unfused(
-    family: str, reqs: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Three decode steps of one request (or two at once) through the whole model (layers
-    passing the summed stream, the final norm without a residual, Qwen2's q/k/v biases on
-    the GEMV) equal the unfused layers' hidden states within rounding; a last layer asked
-    for a subset of the rows gives those rows. ``gemv_takes`` is forced so the CPU takes
-    the path a GPU takes."""
+def test_decoder_one_row_path_matches_unfused(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three one-token steps through the whole model (layers passing the summed stream,
+    the final norm without a residual, Qwen2's q/k/v biases on the GEMV) equal the unfused
+    layers' hidden states within rounding. ``gemv_takes`` is forced so the CPU takes the
+    path a GPU takes."""
     from vllm_runner.model.layers.attention import AttentionMetadata, forward_context
 
-    def run(fused: bool, rows=None) -> list[torch.Tensor]:
-        monkeypatch.setattr(linear, "gemv_takes", lambda x, w: fused and x.shape[0] <= 16)
+    def run(fused: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(linear, "gemv_takes", lambda x, w: fused and x.shape[0] == 1)
         model, outs = tiny_model(family), []
-        row = torch.zeros(reqs, HIDDEN).bfloat16()
-        assert model.model.layers[0].fuses_rows(row) == fused
+        assert model.model.layers[0].fuses_one_row(torch.zeros(1, HIDDEN).bfloat16()) == fused
         for pos in range(3):
             md = AttentionMetadata(
-                slot_mapping=torch.tensor([16 * r + pos for r in range(reqs)]),
-                block_tables=torch.arange(reqs, dtype=torch.int32)[:, None],
-                seq_lens=torch.full((reqs,), pos + 1, dtype=torch.int32),
-                query_start_loc=torch.arange(reqs + 1, dtype=torch.int32),
+                slot_mapping=torch.tensor([pos]),
+                block_tables=torch.tensor([[0]], dtype=torch.int32),
+                seq_lens=torch.tensor([pos + 1], dtype=torch.int32),
+                query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
                 max_query_len=1,
                 max_seq_len=pos + 1,
             )
-            ids, positions = torch.arange(reqs) * 7 + 5 + pos, torch.full((reqs,), pos)
             with forward_context(md), torch.no_grad():
-                outs.append(model(ids, positions, rows))
+                outs.append(model(torch.tensor([5 + pos]), torch.tensor([pos])))
         return outs
 
     for fused, unfused in zip(run(True), run(False), strict=True):
-        assert fused.shape == (reqs, HIDDEN)
-        assert_close_to(fused, unfused, ulps=6)
-    last = torch.tensor([reqs - 1])
-    for fused, unfused in zip(run(True, last), run(False, last), strict=True):
-        assert fused.shape == (1, HIDDEN)
         assert_close_to(fused, unfused, ulps=6)

@@ -45,11 +45,11 @@ class LlamaAttention(nn.Module):
             self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5
         )
 
-    def forward_rows(self, positions, stream: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        """``stream + o(attention(qkv(norm(stream))))`` for a token or a few (``fuses_rows``),
-        the norm and the residual add inside the projections' GEMVs."""
-        qkv = self.qkv_proj.forward_rows(stream, norm=norm)
-        return self.o_proj.forward_rows(self.attend(positions, qkv), residual=stream)
+    def forward_one_row(self, positions, stream: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``stream + o(attention(qkv(norm(stream))))`` for one token, the norm and the
+        residual add inside the projections' GEMVs."""
+        qkv = self.qkv_proj.forward_one_row(stream, norm=norm)
+        return self.o_proj.forward_one_row(self.attend(positions, qkv), residual=stream)
 
     def attend(
         self, positions: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor | None = None
@@ -67,10 +67,10 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
 
-    def forward_rows(self, stream: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        """``stream + down(silu_and_mul(gate_up(norm(stream))))`` in two GEMVs."""
-        act = self.gate_up_proj.forward_rows(stream, norm=norm, gated=True)
-        return self.down_proj.forward_rows(act, residual=stream)
+    def forward_one_row(self, stream: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``stream + down(silu_and_mul(gate_up(norm(stream))))`` for one token in two GEMVs."""
+        act = self.gate_up_proj.forward_one_row(stream, norm=norm, gated=True)
+        return self.down_proj.forward_one_row(act, residual=stream)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -85,14 +85,12 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, rows=None):
         """(hidden, residual) -> (hidden, residual), the residual add deferred to the next
-        norm; a lone token on a GPU (or up to 16: a decode step of a few requests) instead
-        passes the summed stream with residual None (``fuses_rows``): four GEMVs and the
-        attention, norms and adds inside the GEMVs. ``rows``: only those rows go on past the
-        attention (which writes every row's K/V); a subset takes the unfused layer."""
-        every_row = rows is None or len(rows) == len(hidden)  # rows are sorted and distinct
-        if residual is None and every_row and self.fuses_rows(hidden):
-            stream = self.self_attn.forward_rows(positions, hidden, self.input_layernorm)
-            return self.mlp.forward_rows(stream, self.post_attention_layernorm), None
+        norm; a lone token on a GPU instead passes the summed stream with residual None
+        (``fuses_one_row``): four GEMVs and the attention, norms and adds inside the GEMVs.
+        ``rows``: only those rows go on past the attention (which writes every row's K/V)."""
+        if residual is None and self.fuses_one_row(hidden):
+            stream = self.self_attn.forward_one_row(positions, hidden, self.input_layernorm)
+            return self.mlp.forward_one_row(stream, self.post_attention_layernorm), None
         qkv, residual = self.before_attention(hidden, residual)
         attn_out = self.self_attn.attend(positions, qkv)
         if rows is not None:
@@ -114,15 +112,15 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
         return self.mlp(hidden), residual
 
-    def fuses_rows(self, hidden: torch.Tensor) -> bool:
+    def fuses_one_row(self, hidden: torch.Tensor) -> bool:
         attn, mlp = self.self_attn, self.mlp
         norms = (self.input_layernorm, self.post_attention_layernorm)
         return (
             all(n.weight.dtype == hidden.dtype for n in norms)
-            and attn.qkv_proj.fuses_rows(hidden)
-            and attn.o_proj.fuses_rows(hidden)
-            and mlp.gate_up_proj.fuses_rows(hidden)
-            and mlp.down_proj.fuses_rows(hidden)
+            and attn.qkv_proj.fuses_one_row(hidden)
+            and attn.o_proj.fuses_one_row(hidden)
+            and mlp.gate_up_proj.fuses_one_row(hidden)
+            and mlp.down_proj.fuses_one_row(hidden)
         )
 
 
@@ -146,7 +144,7 @@ class LlamaModel(nn.Module):
             hidden, residual = layer(positions, hidden, residual, rows if i == last else None)
         if not len(hidden):
             return hidden
-        if residual is None:  # the fused path (LlamaDecoderLayer.forward)
+        if residual is None:  # the one-row path (LlamaDecoderLayer.forward)
             return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden

@@ -13,25 +13,18 @@ from vllm_runner.model.layers.parallel import all_reduce, divide, load_shard, tp
 
 
 def gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the GEMV kernels run ``x @ weight.T`` on a GPU at world size 1: one fp16 / bf16
-    row times a weight of x's dtype or int8 / fp8 (W8A16) that the one-row GEMV can read
-    (``kernels.gemv``), or 2 to 16 rows times a weight of x's dtype (``kernels.gemv_rows``:
-    decode steps of a few requests). ``VLLM_RUNNER_GEMV=0``: never, for A/B timing."""
-    if not (x.is_cuda and x.dim() == 2 and tp_size() == 1):
+    """Whether the one-row GEMV (``kernels.gemv``) runs ``x @ weight.T``: one fp16 / bf16 row
+    on a GPU, world size 1, a weight of x's dtype or int8 / fp8 (W8A16) that the GEMV can
+    read (``VLLM_RUNNER_GEMV=0``: never, for A/B timing)."""
+    if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and tp_size() == 1):
         return False
-    if os.environ.get("VLLM_RUNNER_GEMV", "1") == "0":
-        return False
-    if x.shape[0] != 1:
-        from kernels.gemv_rows import takes_rows
-
-        return takes_rows(x, weight)
     if x.dtype not in (torch.float16, torch.bfloat16):
         return False
     if weight.dtype not in (x.dtype, torch.int8, torch.float8_e4m3fn):
         return False
     from kernels.gemv import gemv_layout
 
-    return gemv_layout(weight)
+    return gemv_layout(weight) and os.environ.get("VLLM_RUNNER_GEMV", "1") != "0"
 
 
 class LinearBase(nn.Module):
@@ -59,34 +52,27 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         load_shard(param.data, loaded)
 
-    def fuses_rows(self, x: torch.Tensor) -> bool:
-        """Whether ``forward_rows`` takes ``x`` (``gemv_takes``; a quantized layer one row
-        only, on its W8A16 GEMV)."""
-        if self.quant_method is not None and not (
-            x.shape[0] == 1 and self.quant_method.one_row_gemv()
-        ):
+    def fuses_one_row(self, x: torch.Tensor) -> bool:
+        """Whether ``forward_one_row`` takes ``x`` (``gemv_takes``; a quantization method
+        that runs one row on the GEMV)."""
+        if self.quant_method is not None and not self.quant_method.one_row_gemv():
             return False
         return gemv_takes(x, self.weight)
 
-    def forward_rows(
+    def forward_one_row(
         self,
-        x: torch.Tensor,  # [M, in_features], M = 1 (or 2-16: gemv_takes)
+        x: torch.Tensor,  # [1, in_features]
         *,
         norm: nn.Module | None = None,  # an RMSNorm of x's dtype, applied to x first
-        residual: torch.Tensor | None = None,  # [M, out_features], added to the output
+        residual: torch.Tensor | None = None,  # [1, out_features], added to the output
         gated: bool = False,  # a [gate; up] layer: silu(gate) * up
     ) -> torch.Tensor:
-        """``residual + act(norm(x) @ W.T + b)`` in one GEMV (``kernels.gemv``, a few rows
-        ``kernels.gemv_rows``); the caller checked ``fuses_rows``."""
+        """``residual + act(norm(x) @ W.T + b)`` in one GEMV (``kernels.gemv``); the
+        caller checked ``fuses_one_row``."""
         norm_arg = (norm.weight, norm.eps) if norm is not None else None
         if self.quant_method is not None:
             return self.quant_method.apply_one_row(self, x, self.bias, gated=gated,
                                                    norm=norm_arg, residual=residual)  # fmt: skip
-        if x.shape[0] != 1:
-            from kernels.gemv_rows import linear_rows
-
-            return linear_rows(x, self.weight, self.bias, gated=gated, norm=norm_arg,
-                               residual=residual)  # fmt: skip
         from kernels.gemv import linear_one_row
 
         return linear_one_row(x, self.weight, self.bias, gated=gated, norm=norm_arg,

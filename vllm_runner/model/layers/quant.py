@@ -95,7 +95,7 @@ class QuantMethod:
         norm: tuple[torch.Tensor, float] | None,
         residual: torch.Tensor | None,
     ) -> torch.Tensor:
-        """``LinearBase.forward_rows`` of a quantized layer, on the W8A16 GEMV."""
+        """``LinearBase.forward_one_row`` of a quantized layer, on the W8A16 GEMV."""
         from kernels.quant_matmul import w8a16_matmul
 
         return w8a16_matmul(x, layer.weight, layer.weight_scale, bias, gated=gated, norm=norm,
