@@ -142,3 +142,69 @@ def test_block_identity_is_the_content_not_pythons_hash():
     assert hash_block(parent, [5, 6, 7, 8]) == hash_block(
         hash_block(None, [1, 2, 3, 4]), [5, 6, 7, 8]
     )
+
+
+def test_hits_held_by_a_running_request_take_no_free_room():
+    """Only a hit on a free (evictable) block uses up free room; b's hits are held by a, so
+    its one new block fits in the last free block."""
+    kv = KVCacheManager(4, BS, enable_caching=True)
+    a = make_request("a", list(range(9)))
+    assert kv.allocate_slots(a, 9) == [0, 1, 2]
+    b = make_request("b", list(range(8)) + [50])
+    hits, num_hit = kv.get_computed_blocks(b)
+    assert [h.block_id for h in hits] == [0, 1] and num_hit == 8
+    assert kv.allocate_slots(b, 1, hits) == [0, 1, 3]
+    assert [blk.ref_cnt for blk in kv.pool.blocks] == [2, 2, 1, 1]
+    assert kv.pool.num_free_blocks == 0
+
+
+def test_a_preempted_request_caches_the_blocks_it_recomputes():
+    """Freed (preempted), its cached blocks evicted by another request, then admitted again:
+    the blocks it computes anew are registered again, so a later request hits them."""
+    kv = KVCacheManager(4, BS, enable_caching=True)
+    a = make_request("a", list(range(9)))
+    assert kv.allocate_slots(a, 9) == [0, 1, 2]
+    kv.free(a)  # preempted: free order 2, 1, 0
+    other = make_request("o", [100 + i for i in range(16)])
+    assert kv.allocate_slots(other, 16) == [3, 2, 1, 0]  # evicts a's blocks
+    kv.free(other)
+    assert kv.get_computed_blocks(a) == ([], 0)
+    assert kv.allocate_slots(a, 9) == [0, 1, 2]
+    c = make_request("c", list(range(8)) + [42])
+    hits, num_hit = kv.get_computed_blocks(c)
+    assert [h.block_id for h in hits] == [0, 1] and num_hit == 8
+
+
+def test_a_block_filled_by_decoded_tokens_is_cached():
+    """Prompt 6 tokens; the 7th and 8th are decoded into block 1, which is hashed when the
+    step that computes its last slot is allocated: a prompt of those 8 tokens (the next
+    turn of a chat) hits both blocks."""
+    kv = KVCacheManager(4, BS, enable_caching=True)
+    a = make_request("a", list(range(6)))
+    assert kv.allocate_slots(a, 6) == [0, 1]
+    for token in (6, 7):  # sampled, then scheduled as a decode step
+        a.num_computed_tokens = a.num_tokens
+        a.output_token_ids.append(token)
+        assert kv.allocate_slots(a, 1) == []
+    assert kv.pool.blocks[1].block_hash == a.block_hashes[1]
+    c = make_request("c", list(range(8)) + [42])
+    hits, num_hit = kv.get_computed_blocks(c)
+    assert [h.block_id for h in hits] == [0, 1] and num_hit == 8
+
+
+def test_uncache_on_error_keeps_blocks_another_request_holds():
+    """A failed request's own blocks leave the prefix cache; the shared prefix blocks that a
+    running request still holds keep their hashes (and keep serving hits)."""
+    kv = KVCacheManager(6, BS, enable_caching=True)
+    a = make_request("a", list(range(9)))
+    assert kv.allocate_slots(a, 9) == [0, 1, 2]
+    b = make_request("b", list(range(8)) + [50, 51, 52, 53, 54])
+    hits, _ = kv.get_computed_blocks(b)
+    assert kv.allocate_slots(b, 5, hits) == [0, 1, 3, 4]
+    kv.free(b, uncache=True)
+    assert [blk.ref_cnt for blk in kv.pool.blocks] == [1, 1, 1, 0, 0, 0]
+    assert kv.pool.blocks[3].block_hash is None  # b's own full block: gone from the index
+    assert kv.pool.get_cached_block(b.block_hashes[2]) is None
+    c = make_request("c", list(range(8)) + [42])
+    hits, num_hit = kv.get_computed_blocks(c)
+    assert [h.block_id for h in hits] == [0, 1] and num_hit == 8
