@@ -229,3 +229,51 @@ def test_admission_interval_waits_for_nothing_when_a_step_prefills_anyway():
         assert step(s) == {"a": 1, "b": 1}
     s.add_request(make_request("c", 4, max_tokens=20))
     assert step(s) == {"a": 1, "b": 1, "c": 4}  # five steps since b joined: not held back
+
+
+def test_a_prefix_hit_is_not_computed_again():
+    """b hits a's two full blocks: the runner is told they are computed (it computes only
+    b's last token, at position 8) and b samples in that very step."""
+    s = make_scheduler(budget=64, block_size=4)
+    shared = list(range(500, 508))
+    s.add_request(Request("a", shared + [1, 2], SamplingParams(max_tokens=4), 4))
+    assert step(s) == {"a": 10}
+    s.add_request(Request("b", shared + [3], SamplingParams(max_tokens=4), 4))
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1}
+    [new] = out.new_requests
+    assert (new.request_id, new.num_computed_tokens, new.block_ids) == ("b", 8, [0, 1, 3])
+    b = s.requests["b"]
+    assert (b.num_computed_tokens, b.num_inflight, b.num_cached_tokens) == (9, 1, 8)
+
+
+def test_a_request_whose_tokens_in_flight_end_it_is_not_scheduled_again():
+    """Overlapped steps (async scheduling): a's one token is sampled in the first step; the
+    next schedule() runs before that result is known and must not give a another token (a
+    wasted step that would also take a second block)."""
+    s = make_scheduler(block_size=4)
+    s.add_request(make_request("a", 4, max_tokens=1))
+    first = s.schedule()
+    assert first.num_scheduled_tokens == {"a": 4}
+    second = s.schedule()
+    assert second.num_scheduled_tokens == {} and s.kv.block_ids("a") == [0]
+    [result] = s.update_from_output(first, ModelRunnerOutput({"a": 7}))
+    assert result.finish_reason == "length" and s.kv.pool.num_used_blocks == 0
+
+
+def test_a_preempted_request_keeps_its_first_prefix_cache_count():
+    """b computed its prompt, was preempted, and is admitted again with a hit on its own
+    first block: num_cached_tokens (reported to the user) stays that of its first admission
+    (0), and the prefix-cache counters count its prompt once."""
+    s = make_scheduler(num_blocks=4, budget=64, block_size=4)
+    s.add_request(make_request("a", 8, max_tokens=2))
+    s.add_request(make_request("b", 8, max_tokens=8))
+    assert step(s) == {"a": 8, "b": 8}
+    assert step(s) == {"a": 1}  # a takes a third block: b is preempted
+    assert s.stats()["num_preemptions"] == 1 and "a" not in s.requests  # a is done
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"b": 5}  # 8 prompt + 1 output, first block a hit
+    assert out.new_requests[0].num_computed_tokens == 4
+    assert s.kv.block_ids("b") == [2, 3, 1]
+    assert s.requests["b"].num_cached_tokens == 0
+    assert (s.counters["prefix_cache_queries"], s.counters["prefix_cache_hits"]) == (16, 0)
