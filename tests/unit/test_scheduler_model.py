@@ -188,8 +188,13 @@ def run_random(seed: int, overlap: bool) -> None:
             step()
         else:
             runner.release(s.take_finished_ids())
+    # NOTE: the oldest request fits alone and is never preempted: it ends within 2 * max_len
+    # steps (a bound, so a scheduler that stops making progress fails instead of hanging)
+    limit, num_steps = len(expected) * (2 * max_len + 2), 0
     while s.has_unfinished() or pending is not None:
         step()
+        num_steps += 1
+        assert num_steps < limit, f"no progress: {len(s.requests)} requests left"
     check_outputs(s, expected, got, finish, aborted)
 
 
