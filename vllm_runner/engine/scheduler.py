@@ -85,10 +85,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if self._will_finish(request):
+            known = request.num_tokens + request.num_inflight  # sampled, on the host or not
+            if request.num_inflight and self._will_finish(request, known):
                 i += 1  # its in-flight token ends it: nothing more to compute
                 continue
-            known = request.num_tokens + request.num_inflight
             num_new = min(known - request.num_computed_tokens, budget)
             while (new_blocks := self.kv.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
@@ -108,6 +108,9 @@ class Scheduler:
                     )
                 else:
                     new_reqs.append(self._new_request_data(request))
+                request.num_computed_tokens += num_new
+                if request.num_computed_tokens == known:
+                    request.num_inflight += 1  # this step samples its next token
                 i += 1
 
         self._steps_since_admission += 1
@@ -119,11 +122,6 @@ class Scheduler:
         if not preempted and may_admit and self._admit_waiting(budget, num_scheduled, new_reqs):
             self._steps_since_admission = 0
 
-        for request_id, n in num_scheduled.items():
-            request = self.requests[request_id]
-            request.num_computed_tokens += n
-            if request.num_computed_tokens == request.num_tokens + request.num_inflight:
-                request.num_inflight += 1  # this step samples its next token
         finished = self.take_finished_ids()
         self._runner_has.update(num_scheduled)
         return SchedulerOutput(
@@ -171,16 +169,17 @@ class Scheduler:
             num_scheduled[request.request_id] = num_new
             budget -= num_new
             new_reqs.append(self._new_request_data(request))
+            request.num_computed_tokens += num_new
+            if request.num_computed_tokens == request.num_tokens + request.num_inflight:
+                request.num_inflight += 1  # this step samples its next token
         return len(new_reqs) > num_new_reqs
 
-    def _will_finish(self, request: Request) -> bool:
-        """True when tokens already sampled (not yet known) reach max_tokens / max_model_len."""
-        if not request.num_inflight:
-            return False
-        num_out = len(request.output_token_ids) + request.num_inflight
+    def _will_finish(self, request: Request, known: int) -> bool:
+        """True when the ``known`` tokens (prompt, output and in-flight ones) reach
+        max_tokens / max_model_len."""
         return (
-            num_out >= request.max_tokens
-            or request.num_tokens + request.num_inflight >= self.config.max_model_len
+            known - request.num_prompt_tokens >= request.max_tokens
+            or known >= self.config.max_model_len
         )
 
     def _new_request_data(self, request: Request) -> NewRequestData:
@@ -218,7 +217,6 @@ class Scheduler:
             if not request.output_token_ids:
                 self.counters["prompt_tokens_total"] += request.num_prompt_tokens
             request.output_token_ids.append(token)
-            self.counters["generation_tokens_total"] += 1
             lp = result.logprobs.get(request_id)
             status = self._check_stop(request, token)
             outputs.append(
@@ -235,6 +233,7 @@ class Scheduler:
             )
             if status is not None:
                 self.finish_request(request_id, status)
+        self.counters["generation_tokens_total"] += len(outputs)  # one token each
         return outputs
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
