@@ -26,7 +26,8 @@ def logprob_tensors(
 @dataclass
 class PendingLogprobs:
     """An overlapped step's logprobs: ``logprob_tensors``' values being copied to the host
-    with the sampled ids; ``entries`` reads them once the ids are there."""
+    with the sampled ids; ``entries`` reads them once the ids are there. NOTE: ``rows`` are
+    the runner's request states, which change by then: only their params are read."""
 
     rows: list[SamplingRow]
     host: list[torch.Tensor]

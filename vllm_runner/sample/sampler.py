@@ -7,6 +7,7 @@ seeded request draws from variates keyed by (seed, output position), so its toke
 on nothing else in the batch and survive preemption.
 """
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -22,8 +23,9 @@ _FP32_MAX = torch.finfo(torch.float32).max
 
 @dataclass
 class SamplingRow:
-    """What the sampler needs of one request this step (token lists are read, not copied,
-    unless a penalty needs them)."""
+    """What the sampler needs of one request (token lists are read, not copied, unless a
+    penalty needs them). The model runner's per-request state is one, read in place each
+    step: nothing is built per row and step."""
 
     params: SamplingParams
     token_ids: list[int]  # prompt + output known on the host
@@ -42,6 +44,11 @@ class SamplingRow:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @functools.cached_property
+    def race_settings(self) -> tuple[float, float, float, int]:
+        """The sampling kernel's settings of this row (fixed for a request: made once)."""
+        return _race_settings(self.params)
 
 
 @dataclass
@@ -316,7 +323,8 @@ class Sampler:
         bias = any(r.params.logit_bias for r in rows)
         allowed = any(r.params.allowed_token_ids for r in rows)
         penalised = any(r.params.has_penalties for r in rows)
-        held = any(r.num_output_tokens < r.params.min_tokens for r in rows)
+        # (min_tokens first: most rows have none, and the count is computed)
+        held = any(r.params.min_tokens and r.num_output_tokens < r.params.min_tokens for r in rows)
         if bias or allowed or penalised or held or not logits.is_cuda:
             logits = logits.float()  # [num_rows, vocab] (else the kernel reads the logits)
         if bias:
@@ -360,7 +368,7 @@ class Sampler:
             if r.seed is not None:
                 key = race_key(r)
                 keys[i] = key - 2**64 if key >= 2**63 else key
-        settings = [_race_settings(r.params) for r in rows]
+        settings = [r.race_settings for r in rows]
         staged = self.staging.copy(keys, settings, logits.device)  # [rows, 3] int64
         return sample_rows(logits, staged[:, 1:].view(torch.float32), staged[:, 0])
 

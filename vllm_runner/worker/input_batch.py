@@ -5,20 +5,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vllm_runner.engine.outputs import SchedulerOutput
+from vllm_runner.sample.sampler import SamplingRow
 from vllm_runner.sampling_params import SamplingParams
 
 
-@dataclass
-class CachedRequestState:
+@dataclass(kw_only=True)
+class CachedRequestState(SamplingRow):
+    """A request's state in the runner; also its row for the sampler, which reads its
+    params, token_ids (prompt + sampled so far), num_prompt_tokens, seed and num_pending
+    (sampled on the device, not yet appended to token_ids)."""
+
     request_id: str
-    token_ids: list[int]  # prompt + sampled so far
-    num_prompt_tokens: int
-    params: SamplingParams
     row: int  # this request's row of InputBatch.block_table
     num_blocks: int
-    seed: int | None
     num_computed_tokens: int = 0
-    num_pending: int = 0  # sampled on the device, not yet appended to token_ids
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
 
 
@@ -74,14 +74,14 @@ class InputBatch:
             if not _plain_greedy(new.params):
                 self.needs_rows.add(new.request_id)
             state = CachedRequestState(
-                new.request_id,
+                new.params,
                 list(new.token_ids),
                 new.num_prompt_tokens,
-                new.params,
-                self._take_row(),
-                0,
                 new.seed,
-                new.num_computed_tokens,
+                request_id=new.request_id,
+                row=self._take_row(),
+                num_blocks=0,
+                num_computed_tokens=new.num_computed_tokens,
             )
             self.states[new.request_id] = state
             self._append_blocks(state, new.block_ids)

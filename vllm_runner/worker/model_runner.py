@@ -12,7 +12,7 @@ from vllm_runner.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from vllm_runner.model.layers.attention import Attention, AttentionMetadata, forward_context
 from vllm_runner.model.loader import build_model
 from vllm_runner.sample.logprobs import PendingLogprobs
-from vllm_runner.sample.sampler import Sampler, SamplingRow, host_values
+from vllm_runner.sample.sampler import Sampler, host_values
 from vllm_runner.worker import memory
 from vllm_runner.worker.cuda_graphs import DecodeGraphs, graph_output_bytes
 from vllm_runner.worker.device_inputs import DeviceInputs
@@ -313,7 +313,7 @@ class ModelRunner:
         states = self.batch.states
         needs_rows = self.batch.needs_rows
         rows = (
-            [self._sampling_row(r) for r in inputs.sampling_ids]
+            [states[r] for r in inputs.sampling_ids]  # (each state is its sampling row)
             if needs_rows and not needs_rows.isdisjoint(inputs.sampling_ids)
             else None  # all plain greedy: the sampler takes the argmax, nothing per row
         )
@@ -394,7 +394,3 @@ class ModelRunner:
         read, so no graph (their outputs are the sampled rows or padded) serves it."""
         states = self.batch.states
         return any(states[r].params.prompt_logprobs is not None for r in inputs.request_ids)
-
-    def _sampling_row(self, request_id: str) -> SamplingRow:
-        s = self.batch.states[request_id]
-        return SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.seed, s.num_pending)
