@@ -66,7 +66,9 @@ class KVCacheManager:
         if blocks and not new_computed_blocks:  # fast path: a decode step in its last block
             total = request.num_computed_tokens + num_new_tokens
             if total <= len(blocks) * self.block_size:
-                if self.enable_caching:
+                # (a block can be newly full only once ``total`` reaches past the hashed ones)
+                hashed = self.num_cached_blocks.get(request.request_id, 0)
+                if self.enable_caching and total >= (hashed + 1) * self.block_size:
                     self._cache_full_blocks(request, blocks, total)
                 return []
         if blocks is None:
