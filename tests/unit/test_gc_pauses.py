@@ -1,4 +1,5 @@
-"""Full garbage collections wait while engines run requests, and come back when all idle."""
+"""Full garbage collections wait while engines run requests, young ones come less often, and
+the thresholds come back when all idle."""
 
 import gc
 
@@ -20,11 +21,11 @@ def thresholds():
 def test_busy_defers_full_collections_until_the_last_engine_idles(thresholds):
     a, b = FullCollections(), FullCollections()
     a.busy()
-    assert gc.get_threshold() == (700, 10, gc_pauses._NEVER)
+    assert gc.get_threshold() == (gc_pauses.BUSY_YOUNG, 10, gc_pauses._NEVER)
     b.busy()
     b.busy()  # a second step of the same engine counts once
     a.idle()
-    assert gc.get_threshold() == (700, 10, gc_pauses._NEVER)  # b still runs
+    assert gc.get_threshold() == (gc_pauses.BUSY_YOUNG, 10, gc_pauses._NEVER)  # b still runs
     b.idle()
     assert gc.get_threshold() == (700, 10, 10)
     b.idle()  # idle twice: nothing to undo
@@ -37,6 +38,23 @@ def test_a_threshold_set_meanwhile_is_kept(thresholds):
     gc.set_threshold(500, 10, 50)
     a.idle()
     assert gc.get_threshold() == (500, 10, 50)
+
+
+def test_a_young_threshold_set_meanwhile_is_kept(thresholds):
+    a = FullCollections()
+    a.busy()
+    gc.set_threshold(300)  # the youngest alone
+    a.idle()
+    assert gc.get_threshold() == (300, 10, 10)
+
+
+def test_young_collections_left_off_stay_off(thresholds):
+    gc.set_threshold(0, 10, 10)  # 0: no automatic collections
+    a = FullCollections()
+    a.busy()
+    assert gc.get_threshold() == (0, 10, gc_pauses._NEVER)
+    a.idle()
+    assert gc.get_threshold() == (0, 10, 10)
 
 
 def test_long_busy_stretch_still_collects_fully(thresholds, monkeypatch):
@@ -66,7 +84,7 @@ def test_engine_steps_defer_and_restore(tiny_model_dirs, thresholds):
     llm.engine.runner.launch = recording_launch
     out = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=4, ignore_eos=True))
     assert [len(o.outputs[0].token_ids) for o in out] == [4, 4]
-    assert seen and all(t == (700, 10, gc_pauses._NEVER) for t in seen)
+    assert seen and all(t == (gc_pauses.BUSY_YOUNG, 10, gc_pauses._NEVER) for t in seen)
     assert gc.get_threshold() == (700, 10, 10)
 
 

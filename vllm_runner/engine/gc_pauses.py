@@ -7,6 +7,11 @@ compiled kernels, one record per KV block): a full, oldest-generation collection
 all. While requests run, full collections are deferred; the young generations still
 collect every few steps, and a long busy stretch still gets a full pass every
 ``FULL_EVERY_STEPS`` steps, so garbage in old reference cycles stays bounded.
+
+The youngest generation's threshold is raised while busy (``BUSY_YOUNG``): a step at 256
+streams makes a few thousand short-lived containers (scheduler and stream outputs) that
+reference counting frees by the next step; at Python's 700 a young collection walked them
+alive about once a step, ~7% of the step's host time (host_step_probe, 2-core VM).
 """
 
 import atexit
@@ -15,6 +20,7 @@ import gc
 import threading
 
 FULL_EVERY_STEPS = 4096
+BUSY_YOUNG = 10_000  # the youngest generation's threshold while busy (allocations)
 _NEVER = 1 << 30  # a threshold no generation count reaches
 
 
@@ -37,13 +43,14 @@ def freeze_startup_objects() -> None:
 
 
 class FullCollections:
-    """Defers automatic full collections while any engine of the process is busy (the
-    threshold is process-wide: the first engine to get busy saves it, the last to go idle
-    puts it back, unless something else set it meanwhile)."""
+    """Defers automatic full collections, and makes young ones rarer, while any engine of
+    the process is busy (the thresholds are process-wide: the first engine to get busy saves
+    them, the last to go idle puts each back, unless something else set it meanwhile)."""
 
     _lock = threading.RLock()
     _busy = 0
-    _saved = 10  # the oldest generation's threshold before the first busy engine
+    _saved = (700, 10)  # the youngest and oldest thresholds before the first busy engine
+    _busy_young = BUSY_YOUNG  # the youngest one while busy
 
     def __init__(self) -> None:
         self.active = False
@@ -56,8 +63,11 @@ class FullCollections:
             with FullCollections._lock:
                 FullCollections._busy += 1
                 if FullCollections._busy == 1:
-                    young, middle, FullCollections._saved = gc.get_threshold()
-                    gc.set_threshold(young, middle, _NEVER)
+                    young, middle, oldest = gc.get_threshold()
+                    FullCollections._saved = (young, oldest)
+                    # (0 turns automatic collection off: kept so)
+                    FullCollections._busy_young = max(young, BUSY_YOUNG) if young else 0
+                    gc.set_threshold(FullCollections._busy_young, middle, _NEVER)
         self.steps += 1
         if self.steps % FULL_EVERY_STEPS == 0:
             gc.collect()
@@ -69,5 +79,10 @@ class FullCollections:
             with FullCollections._lock:
                 FullCollections._busy -= 1
                 young, middle, oldest = gc.get_threshold()
-                if FullCollections._busy == 0 and oldest == _NEVER:
-                    gc.set_threshold(young, middle, FullCollections._saved)
+                if FullCollections._busy == 0:  # each put back unless set meanwhile
+                    saved_young, saved_oldest = FullCollections._saved
+                    gc.set_threshold(
+                        saved_young if young == FullCollections._busy_young else young,
+                        middle,
+                        saved_oldest if oldest == _NEVER else oldest,
+                    )
