@@ -24,8 +24,7 @@ _FP32_MAX = torch.finfo(torch.float32).max
 @dataclass
 class SamplingRow:
     """What the sampler needs of one request (token lists are read, not copied, unless a
-    penalty needs them). The model runner's per-request state is one, read in place each
-    step: nothing is built per row and step."""
+    penalty needs them); the runner's request states are rows, read in place each step."""
 
     params: SamplingParams
     token_ids: list[int]  # prompt + output known on the host
@@ -47,8 +46,21 @@ class SamplingRow:
 
     @functools.cached_property
     def race_settings(self) -> tuple[float, float, float, int]:
-        """The sampling kernel's settings of this row (fixed for a request: made once)."""
-        return _race_settings(self.params)
+        """The sampling kernel's (temperature, top_p, min_p, top_k), made once per request.
+        NOTE: a temperature at most fp32's largest (beyond it, inf there: NaN logits); a
+        top_k at most 2**24, exact in fp32 and past any vocabulary (off there, as any k >=
+        the vocabulary)."""
+        p = self.params
+        t = 0.0 if p.greedy else min(p.temperature, _FP32_MAX)
+        return t, p.top_p, p.min_p, min(p.top_k, 1 << 24)
+
+    @functools.cached_property
+    def has_extras(self) -> bool:
+        """Whether the row asks for logprobs, a logit bias, allowed ids, penalties or
+        min_tokens, beyond temperature / top-k / top-p / min-p (made once per request)."""
+        p = self.params
+        extras = (p.logit_bias, p.allowed_token_ids, p.has_penalties, p.min_tokens)
+        return p.logprobs is not None or any(extras)
 
 
 @dataclass
@@ -318,13 +330,13 @@ class Sampler:
         if rows is None:
             return greedy_argmax(logits), None  # exact in any dtype: no fp32 copy needed
         raw_logprobs = None
-        if any(r.params.logprobs is not None for r in rows):
+        extras = [r for r in rows if r.has_extras]  # (one pass; most rows have none)
+        if any(r.params.logprobs is not None for r in extras):
             raw_logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
-        bias = any(r.params.logit_bias for r in rows)
-        allowed = any(r.params.allowed_token_ids for r in rows)
-        penalised = any(r.params.has_penalties for r in rows)
-        # (min_tokens first: most rows have none, and the count is computed)
-        held = any(r.params.min_tokens and r.num_output_tokens < r.params.min_tokens for r in rows)
+        bias = any(r.params.logit_bias for r in extras)
+        allowed = any(r.params.allowed_token_ids for r in extras)
+        penalised = any(r.params.has_penalties for r in extras)
+        held = any(r.num_output_tokens < r.params.min_tokens for r in extras)
         if bias or allowed or penalised or held or not logits.is_cuda:
             logits = logits.float()  # [num_rows, vocab] (else the kernel reads the logits)
         if bias:
@@ -380,14 +392,6 @@ class Sampler:
             return [None] * len(rows)
         chosen, top_vals, top_ids = logprob_tensors(raw, rows, sampled)
         return logprob_entries(rows, ids, chosen.tolist(), top_vals.tolist(), top_ids.tolist())
-
-
-def _race_settings(p: SamplingParams) -> tuple[float, float, float, int]:
-    """The kernel's (temperature, top_p, min_p, top_k) for a row. NOTE: a temperature at
-    most fp32's largest (beyond it, inf there: NaN logits); a top_k at most 2**24, exact in
-    fp32 and past any vocabulary (off there, as any k >= the vocabulary)."""
-    t = 0.0 if p.greedy else min(p.temperature, _FP32_MAX)
-    return t, p.top_p, p.min_p, min(p.top_k, 1 << 24)
 
 
 def race_key(row: SamplingRow) -> int:

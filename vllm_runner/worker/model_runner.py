@@ -321,7 +321,7 @@ class ModelRunner:
             out = self.sampler(logits, rows)
             handle.token_ids, handle.logprobs = out.token_ids, out.logprobs
             return handle
-        penalised = rows is not None and any(r.params.has_penalties for r in rows)
+        penalised = rows is not None and any(r.params.has_penalties for r in rows if r.has_extras)
         pending = self._pending_tokens(inputs.sampling_ids) if penalised else None
         sampled, raw_logprobs = self.sampler.sample(logits, rows, pending)
         if raw_logprobs is not None:  # copied with the ids; ``wait`` makes the dicts
