@@ -147,6 +147,8 @@ class IncrementalDetokenizer:
         return stop
 
     def take_delta(self, finished: bool) -> str:
+        if self.tokenizer is None:  # ids only: no text
+            return ""
         end = len(self.text) if finished else max(self.sent, len(self.text) - self.holdback)
         delta = self.text[self.sent : end]
         self.sent = end
