@@ -219,3 +219,144 @@ def test_byte_pieces_after_prompt_tokens_that_start_inside_a_character(prompt, m
             m.setattr(module, "DecodeStream", decoder)
             detok = IncrementalDetokenizer(tokenizer, head, [], False, True)
         assert "".join(_deltas(detok, ids[len(head) :])) == "日本 ok"
+
+
+def _smol_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_the_stream_holds_back_the_longest_stop_string_less_one_character(default_model_dir):
+    """Streamed text lags by ``len(longest stop) - 1`` characters, which may begin a stop
+    string, and the rest comes with the last delta; nothing lags when the stop string stays in
+    the output (include_stop_str_in_output), as vLLM."""
+    tokenizer = _tokenizer(default_model_dir)
+    prompt = _smol_ids(tokenizer, "The capital of France is")
+    ids = _smol_ids(tokenizer, " Paris is nice")  # " Paris", " is", " nice"
+    held = IncrementalDetokenizer(tokenizer, prompt, ["xyz", "ab"], False, True)
+    assert _deltas(held, ids) == [" Par", "is ", "is ni", "ce"]
+    kept = IncrementalDetokenizer(tokenizer, prompt, ["xyz", "ab"], True, True)
+    assert _deltas(kept, ids) == [" Paris", " is", " nice", ""]
+    short = IncrementalDetokenizer(tokenizer, prompt, ["xyz", "ab"], False, True)
+    assert _deltas(short, _smol_ids(tokenizer, "I like")) == ["", "I li", "ke"]  # ("I" < 2)
+
+
+def test_stop_strings_count_from_the_text_after_min_tokens(default_model_dir):
+    """As vLLM: the text of the first min_tokens tokens is not searched for stop strings, not
+    even by one that ends where it ends; one that ends past it is found, even if it began
+    inside it."""
+    tokenizer = _tokenizer(default_model_dir)
+    prompt = _smol_ids(tokenizer, "The capital of France is")
+    paris, dot = _smol_ids(tokenizer, " Paris.")
+    detok = IncrementalDetokenizer(tokenizer, prompt, ["Paris"], False, True, min_tokens=1)
+    assert (detok.add_tokens([paris]), detok.add_tokens([dot])) == (None, None)
+    assert detok.text == " Paris."
+    detok = IncrementalDetokenizer(tokenizer, prompt, ["Paris"], False, True, min_tokens=0)
+    assert (detok.add_tokens([paris]), detok.text) == ("Paris", " ")
+    detok = IncrementalDetokenizer(tokenizer, prompt, ["is."], False, True, min_tokens=1)
+    assert (detok.add_tokens([paris]), detok.add_tokens([dot]), detok.text) == (None, "is.", " Par")
+
+
+@pytest.mark.parametrize("stops", [["Par", "Pa"], ["Pa", "Par"]])
+def test_stop_strings_at_one_place_the_first_listed_wins(default_model_dir, stops):
+    tokenizer = _tokenizer(default_model_dir)
+    prompt = _smol_ids(tokenizer, "The capital of France is")
+    detok = IncrementalDetokenizer(tokenizer, prompt, stops, True, True)
+    assert detok.add_tokens(_smol_ids(tokenizer, " Paris")) == stops[0]
+    assert detok.text == " " + stops[0]
+
+
+def test_a_stop_string_twice_in_one_tokens_text_cuts_at_the_first(default_model_dir):
+    tokenizer = _tokenizer(default_model_dir)
+    prompt = _smol_ids(tokenizer, "I like")
+    detok = IncrementalDetokenizer(tokenizer, prompt, ["an"], False, True)
+    assert (detok.add_tokens(_smol_ids(tokenizer, " banana")), detok.text) == ("an", " b")
+
+
+def test_a_front_ends_text_builders_keep_the_requests_text_settings(default_model_dir):
+    """The detokenizers a front end builds for a request the engine process leaves
+    undetokenized: one a completion, a stop token's text kept only if asked, and a special
+    token's only if not skipped."""
+    from vllm_runner import SamplingParams
+    from vllm_runner.engine.stream_route import text_builders
+
+    tokenizer = _tokenizer(default_model_dir)
+    prompt = _smol_ids(tokenizer, "The capital of France is")
+    ids = [*_smol_ids(tokenizer, " Paris"), tokenizer.eos_token_id]  # (<|im_end|>)
+    cases = [
+        (True, False, " Paris"),
+        (False, False, " Paris"),
+        (True, True, " Paris"),
+        (False, True, " Paris<|im_end|>"),
+    ]  # (skip_special_tokens, include_stop, text)
+    for skip, keep, want in cases:
+        params = SamplingParams(n=2, skip_special_tokens=skip, include_stop_str_in_output=keep)
+        builders = text_builders(tokenizer, prompt, params)
+        assert len(builders) == 2
+        for builder in builders:
+            builder.add_tokens(ids, stop_terminated=True)
+            assert builder.text == want, (skip, keep)
+
+
+def test_two_decodes_a_token_decode_a_few_tokens_however_long_the_stream(
+    default_model_dir, monkeypatch
+):
+    """Each token's two decodes cover the tokens since the last text and the one before them,
+    not the whole output (which made a stream's decoding quadratic in its length)."""
+    monkeypatch.setattr(module, "DecodeStream", None)
+    tokenizer = _tokenizer(default_model_dir)
+    prompt = _smol_ids(tokenizer, "The capital of France is")
+    detok = IncrementalDetokenizer(tokenizer, prompt, [], False, True)
+    sizes, decode = [], detok._decode
+    detok._decode = lambda ids: sizes.append(len(ids)) or decode(ids)
+    _deltas(detok, _smol_ids(tokenizer, " word" * 100))
+    assert detok.text == " word" * 100 and max(sizes) <= len(prompt) + 1
+
+
+def test_a_character_the_output_leaves_unended_after_one_the_prompt_began_is_kept(
+    default_model_dir, monkeypatch
+):
+    """The replacement text of a character the prompt began is dropped from the output's
+    first text alone: the output's own unended character (' 日' cut to its first token, then
+    ' ok') keeps its replacement text."""
+    tokenizer = _tokenizer(default_model_dir)
+    ids = _smol_ids(tokenizer, "I like 日本")
+    cut = next(i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith("\ufffd"))
+    broken = _smol_ids(tokenizer, " 日")[:1]
+    assert tokenizer.decode(broken) == tokenizer.decode(ids[cut - 1 : cut]) == " \ufffd"
+    for decoder in (module.DecodeStream, None):
+        with monkeypatch.context() as m:
+            m.setattr(module, "DecodeStream", decoder)
+            detok = IncrementalDetokenizer(tokenizer, ids[:cut], [], False, True)
+        _deltas(detok, ids[cut:] + broken + _smol_ids(tokenizer, " ok"))
+        assert detok.text == " 日本 \ufffd ok", decoder
+
+
+def test_a_skipped_special_token_leaves_the_next_words_space(monkeypatch):
+    """A byte-fallback decoder strips the first space of the text it decodes: a skipped
+    special token (no text) must not move the window of the two decodes past the text before
+    it, or the next word loses its space."""
+    tokenizer = _byte_fallback_tokenizer()
+    ids = tokenizer.encode("hello big world", add_special_tokens=False)  # ▁ h e l l o ▁ b ...
+    unk = tokenizer.unk_token_id
+    for decoder in (module.DecodeStream, None):
+        with monkeypatch.context() as m:
+            m.setattr(module, "DecodeStream", decoder)
+            detok = IncrementalDetokenizer(tokenizer, ids[:6], [], False, True)
+        _deltas(detok, [unk, *ids[6:10], unk, *ids[10:]])
+        assert detok.text == " big world", decoder
+
+
+@pytest.mark.parametrize("prompt", ["a 🙂日é", "🙂🙂é"])
+def test_byte_pieces_after_a_prompt_whose_last_tokens_hold_a_4_byte_character(prompt, monkeypatch):
+    """The prompt tokens decoded ahead of the output start at a character: 3 tokens back
+    from the 4th byte of '🙂', and none back from its 1st (its bytes decode to it only all
+    four together)."""
+    tokenizer = _byte_fallback_tokenizer()
+    head = tokenizer.encode(prompt, add_special_tokens=False)
+    ids = tokenizer.encode(prompt + "日本 ok", add_special_tokens=False)
+    assert ids[: len(head)] == head
+    for decoder in (module.DecodeStream, None):
+        with monkeypatch.context() as m:
+            m.setattr(module, "DecodeStream", decoder)
+            detok = IncrementalDetokenizer(tokenizer, head, [], False, True)
+        assert "".join(_deltas(detok, ids[len(head) :])) == "日本 ok", decoder
