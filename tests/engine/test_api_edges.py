@@ -28,6 +28,8 @@ def test_prompt_dicts_as_vllm(smol_llm):
     outs = smol_llm.generate(mixed, GREEDY)
     assert [o.token_ids for o in outs] == [want.token_ids] * 4
     assert [o.prompt for o in outs] == [text, None, text, None]  # (as vLLM's)
+    both = {"prompt": "Hello", "prompt_token_ids": ids}
+    assert smol_llm.engine.inputs.tokenize(both) == ids  # (the ids, as vLLM)
     for bad, match in [
         ({"prompt": text, "multi_modal_data": {}}, r"prompt dict key\(s\) \['multi_modal_data'\]"),
         ({}, r"a prompt dict needs 'prompt' \(text\) or 'prompt_token_ids'"),

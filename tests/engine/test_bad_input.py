@@ -1,6 +1,8 @@
 """Bad input on the offline engine: refused with the value and the limit named, and never
 leaving work behind or disturbing the other requests of a call."""
 
+import re
+
 import numpy as np
 import pytest
 from engine_testing import GREEDY, make_llm, prompts
@@ -176,3 +178,38 @@ def test_the_fields_the_engine_fills_are_not_settings():
     for name, value in (("eos_token_id", 5), ("all_stop_token_ids", {5})):
         with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
             SamplingParams(**{name: value})
+
+
+def _inputs(serving: bool, max_model_len: int = 64, num_blocks: int = 8):
+    from vllm_runner.engine.input_processor import EngineLimits, InputProcessor
+
+    limits = EngineLimits("", max_model_len, vocab_size=100, block_size=16,
+                          num_blocks=num_blocks, serving=serving)  # fmt: skip
+    return InputProcessor(limits, None)
+
+
+def test_length_errors_name_the_lengths_and_max_model_len():
+    online, offline = _inputs(serving=True), _inputs(serving=False)
+    online.validate([1] * 54, SamplingParams(max_tokens=10))  # 64: fits exactly
+    for inputs, prompt, max_tokens, says in (
+        (online, 54, 11, "max_tokens 11 does not fit: max_model_len is 64 tokens, but 65 were "
+                         "requested (54 in the prompt)"),
+        (online, 64, None, "prompt has 64 tokens, but max_model_len is 64 (prompt + at least "
+                           "one new token must fit)"),
+        (offline, 65, None, "prompt has 65 tokens, but max_model_len is 64 (a prompt may have "
+                            "that many tokens at most)"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(says)):
+            inputs.validate([1] * prompt, SamplingParams(max_tokens=max_tokens))
+
+
+def test_a_prompt_of_max_model_len_tokens_needs_the_kv_of_each_of_them():
+    """Offline, a prompt of max_model_len tokens gets one new token (whose KV is never
+    written), but each prompt token's KV is: 17 need 2 blocks of 16."""
+    inputs = _inputs(serving=False, max_model_len=17, num_blocks=1)
+    assert inputs.max_new_tokens(17, SamplingParams(max_tokens=None)) == 1
+    with pytest.raises(ValueError, match=re.escape("needs up to 2 KV-cache blocks of 16 tokens "
+                                                   "(17 prompt + 1 new tokens), but the cache "
+                                                   "has 1")):  # fmt: skip
+        inputs.validate(list(range(17)), SamplingParams(max_tokens=None))
+    inputs.validate(list(range(16)), SamplingParams(max_tokens=None))  # 16 + 1 - 1: one block

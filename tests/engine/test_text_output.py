@@ -179,6 +179,9 @@ def test_a_chat_prompt_gets_no_bos_its_template_did_not_write(tmp_path, peaked_l
     assert chat.prompt_token_ids == list(hf["input_ids"]) and chat.prompt_token_ids[0] != 0
     (text,) = llm.generate("The capital of France is", SamplingParams(max_tokens=1))
     assert text.prompt_token_ids[0] == 0  # BOS
+    # a text that starts with BOS gets no second one
+    (bos,) = llm.generate("<|endoftext|>The capital of France is", SamplingParams(max_tokens=1))
+    assert bos.prompt_token_ids == text.prompt_token_ids
 
 
 def test_logprobs_top_n(smol_llm):

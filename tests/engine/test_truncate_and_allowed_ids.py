@@ -47,6 +47,8 @@ def test_truncate_prompt_tokens_keeps_the_last_k_token_ids(llm):
     assert cut.prompt_token_ids == long[-512:] and len(cut.token_ids) == 1
     (cut,) = llm.generate([long], greedy(truncate_prompt_tokens=500))
     assert cut.prompt_token_ids == long[-500:]
+    (cut,) = llm.generate([long], greedy(truncate_prompt_tokens=512))  # (max_model_len: taken)
+    assert cut.prompt_token_ids == long[-512:] and len(cut.token_ids) == 1
 
 
 @pytest.mark.parametrize(

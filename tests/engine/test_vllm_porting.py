@@ -123,6 +123,9 @@ def test_an_empty_text_prompt_is_its_bos_as_vllm(tmp_path, peaked_llama, smol_ll
     assert out.prompt_token_ids == [0] and out.prompt == "" and len(out.token_ids) >= 1
     with pytest.raises(ValueError, match="prompt is empty"):
         smol_llm.generate("", SamplingParams(max_tokens=3))
+    dropped = smol_llm.engine.inputs.uncounted[0] * 3  # (characters of no token)
+    with pytest.raises(ValueError, match="prompt is empty: it has 0 tokens"):
+        smol_llm.generate(dropped, SamplingParams(max_tokens=3))
 
 
 @pytest.mark.parametrize("chunked", [False, True])

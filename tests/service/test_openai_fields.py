@@ -202,11 +202,13 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
     finally:
         del engine.tokenizer.encode
     assert calls == []  # /score's long item: both texts' lengths checked before tokenizing
+    engine.inputs.check_text_length("x" * limit, "prompt")  # (at the bound: not over it)
     # characters the tokenizer drops (six control characters SmolLM2 has no piece for)
     # do not count: such a text is tokenized, not refused by the bound
     dropped = engine.inputs.uncounted
     assert dropped and len(engine.tokenizer.encode(dropped, add_special_tokens=False)) == 0
     engine.inputs.check_text_length(dropped[0] * (limit + 10) + "hi", "prompt")
+    engine.inputs.check_text_length(dropped[0] * (4 * limit), "prompt")
     with pytest.raises(ValueError, match="more than max_model_len"):  # but not without end
         engine.inputs.check_text_length(dropped[0] * (4 * limit + 1), "prompt")
 
