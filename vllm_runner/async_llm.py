@@ -330,10 +330,8 @@ class AsyncLLM:
         H200 with 4 workers sharing it), while the workers have CPU to spare and share that
         work out. A request with stop strings is left to the engine, which ends it at the
         token that completes one (and so is every request if this process has no
-        tokenizer: the engine's own decides)."""
-        if self._client is None or params.stop or self.tokenizer is None:
-            return None
-        if not params.detokenize:  # (no text: the engine, given none to build, builds none)
+        tokenizer: the engine's own decides). detokenize=False: no text here nor there."""
+        if self._client is None or params.stop or self.tokenizer is None or not params.detokenize:
             return None
         return text_builders(self.tokenizer, prompt_ids, params)
 
