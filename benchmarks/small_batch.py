@@ -32,6 +32,7 @@ from workloads import (  # noqa: E402
     build_random_llama,
     copy_bandwidth,
     free_memory,
+    model_vocab,
     random_workload,
     weight_numel,
 )
@@ -72,10 +73,9 @@ def bench_engine(args, report: dict) -> None:
 
     bw = report["copy_bandwidth_GBps"] * 1e9
     rows = []
-    Path(args.model_root).mkdir(parents=True, exist_ok=True)
     for model in args.models:
         model_dir = build_random_llama(model, Path(args.model_root), "cuda", 0)
-        vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+        vocab = model_vocab(model_dir)
         roof = bw / (weight_numel(model_dir) * 2)
         llm = LLM(model=model_dir, dtype="bfloat16", device="cuda", max_model_len=400)
         generate(llm, random_workload(2, vocab, 128, 128, 16, 1))  # warm-up

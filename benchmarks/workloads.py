@@ -110,6 +110,11 @@ def build_random_llama(
     return str(folder)
 
 
+def model_vocab(model_dir: str) -> int:
+    """The vocabulary size in a model folder's config.json."""
+    return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+
+
 def weight_numel(model_dir: str) -> int:
     """Parameters one decode step reads, from the safetensors headers: all of them but an
     untied input embedding table, of which a step reads one row a token (a tied one is
