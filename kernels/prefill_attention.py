@@ -76,9 +76,14 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP16_DOTS: tl.constexpr,  # paged_attention.fp16_dots()
+    LONGEST_FIRST: tl.constexpr,  # grid (head groups, tiles), the last query tiles first
 ):
-    pid = tl.program_id(0)
-    first_head = tl.program_id(1) * GROUP
+    if LONGEST_FIRST:  # causal: a request's last tiles see the most keys; they start first
+        pid = tl.num_programs(1) - 1 - tl.program_id(1)
+        first_head = tl.program_id(0) * GROUP
+    else:
+        pid = tl.program_id(0)
+        first_head = tl.program_id(1) * GROUP
     req = _find_request(query_start_loc_ptr, num_reqs, pid, BLOCK_M)
     q_start = tl.load(query_start_loc_ptr + req).to(tl.int32)
     q_len = tl.load(query_start_loc_ptr + req + 1).to(tl.int32) - q_start
@@ -162,6 +167,7 @@ def prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     group: int | None = None,
+    longest_first: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each request's new queries over its whole cached context.
@@ -193,6 +199,8 @@ def prefill_attention(
     block_m, block_n = block_m or cfg_m, block_n or cfg_n
     # Upper bound on query tiles: each request adds at most one partial tile.
     grid = (num_tokens // block_m + num_reqs, num_heads // group)
+    if longest_first:
+        grid = grid[::-1]
     _prefill_kernel[grid](
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
         scale * LOG2E, num_reqs,
@@ -201,6 +209,7 @@ def prefill_attention(
         QUERIES_PER_KV=queries_per_kv, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_power_of_2(head_dim),
         DOT_PRECISION=dot_precision(query.dtype), FP16_DOTS=fp16_dots(query, k_cache),
-        num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
+        LONGEST_FIRST=longest_first, num_warps=num_warps or cfg_warps,
+        num_stages=num_stages or cfg_stages,
     )  # fmt: skip
     return out
