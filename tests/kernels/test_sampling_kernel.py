@@ -169,6 +169,39 @@ def test_a_keyed_row_draws_the_same_token_in_any_batch(device: torch.device) -> 
         assert alone.item() == batch[i]
 
 
+def test_top_p_and_min_p_cut_exactly_where_vllm_does(device: torch.device) -> None:
+    """At a temperature near fp32's largest, four distinct logits hold exactly 1/4 each
+    (p / p_max is 1 in fp32 and fp64). A token is kept while the mass strictly above it is
+    under top_p (vLLM: an ascending cumulative mass <= 1 - top_p is cut): top_p 0.5 keeps
+    the best two, 0.75 three, 0.76 all; min_p keeps p = min_p x p_max (min_p 1: the tied
+    best). The kernel and the reference alike."""
+    n, ranked = 32, [1, 3, 2, 0]
+    row = torch.tensor([0.0, 3.0, 1.0, 2.0], device=device)
+    tied = torch.tensor([0.0, 3.0, 1.0, 3.0], device=device)
+    cases = [(row, (3e38, 0.5, 0.0, 0), ranked[:2]), (row, (3e38, 0.75, 0.0, 0), ranked[:3]),
+             (row, (3e38, 0.76, 0.0, 0), ranked), (tied, (1.0, 1.0, 1.0, 0), [1, 3])]  # fmt: skip
+    for x, settings, kept in cases:
+        logits = x.repeat(n, 1)
+        params, seeds = _params([settings] * n, logits), _seeds(n, device, start=41)
+        got = sample_rows(logits, params, seeds, block=4).tolist()
+        want = reference.sample_rows(logits, params, race_uniforms(seeds, 4)).tolist()
+        assert sorted(set(got)) == sorted(kept) and got == want, (settings, got, want)
+
+
+def test_top_k_on_fp16_logits_that_differ_only_in_low_bits(device: torch.device) -> None:
+    """fp16 has 10 mantissa bits: its radix select needs all 4 passes (bf16's 2 cover the
+    fp32 key's top 16 bits, 7 mantissa bits), or the k-th largest is rounded down and the
+    tokens just below it (here 2**-10 apart) are kept too."""
+    n = 48
+    row = torch.tensor([1.0, 1 + 2**-10, 1 + 2**-9, 1 + 3 * 2**-10, 0.5, -1.0], device=device)
+    logits = row.half().repeat(n, 1)
+    for k, kept in ((1, [3]), (2, [2, 3]), (3, [1, 2, 3])):
+        params, seeds = _params([(50.0, 1.0, 0.0, k)] * n, logits), _seeds(n, device, start=53)
+        got = sample_rows(logits, params, seeds, block=4).tolist()
+        want = reference.sample_rows(logits, params, race_uniforms(seeds, 6)).tolist()
+        assert sorted(set(got)) == kept and got == want, (k, got)
+
+
 @pytest.mark.gpu
 def test_kernel_at_llama3_vocabulary_and_its_frequencies(device: torch.device) -> None:
     """bf16 logits of Llama 3's vocabulary, the kernel's default tiles: the reference's
