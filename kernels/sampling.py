@@ -343,8 +343,8 @@ def kth_largest(logits: torch.Tensor, ks: torch.Tensor, block: int = 1024) -> to
     out = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
         _kth_largest_kernel[(rows,)](
-            logits, ks.to(torch.int32).contiguous(), out, logits.stride(0), VOCAB=vocab,
-            BLOCK=block, KEY_ROUNDS=2 if logits.dtype == torch.bfloat16 else 4,
+            logits, ks.to(logits.device, torch.int32).contiguous(), out, logits.stride(0),
+            VOCAB=vocab, BLOCK=block, KEY_ROUNDS=2 if logits.dtype == torch.bfloat16 else 4,
         )  # fmt: skip
     return out
 

@@ -120,7 +120,8 @@ def test_nan_logits_under_top_k_are_never_ranked_or_drawn(device: torch.device, 
         assert set(draws) <= set(ranked[:k]), (k, draws)
     assert len(set(got[2])) > 1  # (k = 3: the race does range)
     firsts = logits[[0, 2 * n, 3 * n]]  # k = 1, 3, 5
-    assert kth_largest(firsts, torch.tensor([1, 3, 5]), block=4).tolist() == [3.0, 1.0, 0.0]
+    ks = torch.tensor([1, 3, 5], device=device)
+    assert kth_largest(firsts, ks, block=4).tolist() == [3.0, 1.0, 0.0]
 
 
 def test_uniforms_stay_below_one_and_depend_on_the_key_alone(device: torch.device) -> None:
