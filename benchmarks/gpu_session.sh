@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, kernel check + timings, engine throughput.
-# Usage on the device: bash benchmarks/gpu_session.sh STEP...   (STEP: tests, kernels, w1-1b,
+# Usage on the device: bash benchmarks/gpu_session.sh STEP...   (STEP: tests, tests-small, kernels, w1-1b,
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
 # quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, w1-fp8,
 # kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe,
@@ -31,6 +31,10 @@ for step in "$@"; do
              tests/unit/test_device_inputs.py -m gpu -q -x -p no:cacheprovider \
              2>&1 | tee "$OUT/gpu_tests.log" | tail -25
            [ "${PIPESTATUS[0]}" = 0 ] || { echo "GPU tests failed: stopping"; exit 1; } ;;
+    tests-small) # the kernel tests' small cases (device fixture) on the card, not only in the
+             # interpreter; they are not marked gpu, so `tests` leaves them out
+             python -m pytest tests/kernels -m "not gpu and not slow" -q -p no:cacheprovider \
+             2>&1 | tee "$OUT/gpu_tests_small.log" | tail -25 ;;
     profile-1b) python benchmarks/profile_engine.py --model 1b --out "$OUT/profile_1b.txt" 2>&1 | tail -40 ;;
     profile-8b) python benchmarks/profile_engine.py --model 8b --torch-profile \
              --out "$OUT/profile_8b.txt" 2>&1 | tail -45 ;;
