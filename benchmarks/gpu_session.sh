@@ -33,7 +33,7 @@ for step in "$@"; do
            [ "${PIPESTATUS[0]}" = 0 ] || { echo "GPU tests failed: stopping"; exit 1; } ;;
     tests-small) # the kernel tests' small cases (device fixture) on the card, not only in the
              # interpreter; they are not marked gpu, so `tests` leaves them out
-             python -m pytest tests/kernels -m "not gpu and not slow" -q -p no:cacheprovider \
+             python -m pytest tests/kernels -m "not gpu" -q -p no:cacheprovider \
              2>&1 | tee "$OUT/gpu_tests_small.log" | tail -25 ;;
     profile-1b) python benchmarks/profile_engine.py --model 1b --out "$OUT/profile_1b.txt" 2>&1 | tail -40 ;;
     profile-8b) python benchmarks/profile_engine.py --model 8b --torch-profile \
