@@ -1,0 +1,127 @@
+"""Exact numbers of the runner's host-side sizing: KV block bytes and counts, the weight
+budget, fp8 KV admission, decode-graph buckets and the offload layer plan (CPU only, the
+CUDA memory queries faked). Every expected value is worked out by hand in its comment."""
+
+import pytest
+import torch
+from torch import nn
+
+from vllm_runner.config import CacheConfig
+from vllm_runner.model.layers.linear import LinearBase
+from vllm_runner.worker import memory
+from vllm_runner.worker.cuda_graphs import DecodeGraphs, decode_buckets
+from vllm_runner.worker.memory import GiB
+from vllm_runner.worker.offload import (
+    align,
+    choose_offload_layers,
+    packed_layer_bytes,
+    plan_weights,
+)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (torch.float32, 49152),  # K and V: 2 * 3 layers * 16 tokens * 2 heads * 64 dims * 4 B
+        (torch.bfloat16, 24576),  # ... * 2 B
+        (torch.float8_e4m3fn, 12288),  # ... * 1 B
+    ],
+)
+def test_kv_block_bytes_count_k_and_v_of_every_layer(dtype, expected):
+    assert memory.kv_bytes_per_block(3, 16, 2, 64, dtype) == expected
+
+
+def test_cpu_kv_blocks_round_down_and_a_cache_of_no_block_is_refused():
+    # 0.5 GiB = 512 MiB holds 170 whole blocks of 3 MiB (170.67: the last one does not fit)
+    assert memory.num_blocks_for_cpu(0.5, 3 * 2**20) == 170
+    with pytest.raises(ValueError, match=r"cpu_kv_cache_gb=0\.001 holds no KV block"):
+        memory.num_blocks_for_cpu(0.001, GiB)  # 1,073,741 bytes < one 1 GiB block
+
+
+def test_cpu_kv_cache_is_bounded_by_the_hosts_memory(monkeypatch):
+    sizes = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 2**18}  # a host of exactly 1 GiB
+    monkeypatch.setattr(memory.os, "sysconf", sizes.__getitem__)
+    assert memory.num_blocks_for_cpu(1.0, 2**20) == 1024  # all of it: allowed
+    with pytest.raises(ValueError, match=r"cpu_kv_cache_gb=1\.5 is more than this host's 1\.0"):
+        memory.num_blocks_for_cpu(1.5, 2**20)
+
+
+def test_gpu_kv_blocks_round_down_to_whole_blocks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (96 * GiB, 100 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 4 * GiB)
+    # share: 0.5 * 100 - 10 GiB peak = 40 GiB (room: 96 - 6 - 0.5 = 89.5 GiB); 40 GiB in
+    # blocks of 3 MiB is 13653.3: 13653 whole blocks, never one more than the budget
+    got = memory.num_blocks_for_gpu(torch.device("cuda"), 0.5, 3 * 2**20, 10 * GiB, 4 * GiB)
+    assert got == 13653
+
+
+@pytest.mark.parametrize(
+    ("free", "reserved", "expected"),
+    [
+        (50, 10, 10),  # 100 - 50 - 10 = 40 GiB held by others: 0.5 * 100 - 40
+        (96, 10, 50),  # this process reserved more than is in use: nobody else, 0.5 * 100
+    ],
+)
+def test_weight_budget_leaves_out_what_others_hold(monkeypatch, free, reserved, expected):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free * GiB, 100 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved * GiB)
+    assert memory.weight_budget(torch.device("cuda"), 0.5) == (expected * GiB, 100 * GiB)
+
+
+@pytest.mark.parametrize(("capability", "ok"), [((8, 6), False), ((8, 9), True), ((9, 0), True)])
+def test_fp8_kv_cache_needs_compute_capability_8_9(monkeypatch, capability, ok):
+    """An L4 / RTX 4090 (8.9) has the fp8 conversions; an A10 / RTX 3090 (8.6) has not."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    config = CacheConfig(16, False, 0.9, None, 1.0, 0.0, kv_cache_dtype="fp8")
+    cuda = torch.device("cuda")
+    if ok:
+        assert memory.kv_cache_dtype(config, torch.bfloat16, cuda) == torch.float8_e4m3fn
+    else:
+        with pytest.raises(ValueError, match=r"this one is 8\.6"):
+            memory.kv_cache_dtype(config, torch.bfloat16, cuda)
+
+
+def test_offload_step_budget_keeps_the_default_when_every_sequence_fits_exactly():
+    full = 256 * 1280  # 256 sequences of max_model_len 1280
+    assert memory.offload_step_budget(8192, True, True, full, 256, 1280) is None
+    assert memory.offload_step_budget(8192, True, True, full - 1, 256, 1280) == 2048
+
+
+@pytest.mark.parametrize(
+    ("max_num_seqs", "expected"),
+    [
+        (3, [1, 2, 3]),
+        (12, [1, 2, 4, 8, 12]),  # the largest batch has a bucket of its own
+        (20, [1, 2, 4, 8, 16, 20]),
+    ],
+)
+def test_decode_buckets_end_at_max_num_seqs(max_num_seqs, expected):
+    assert decode_buckets(max_num_seqs) == expected
+
+
+def test_a_decode_batch_pads_to_the_smallest_bucket_that_holds_it():
+    graphs = DecodeGraphs(None, None, max_num_seqs=20, max_model_len=128)
+    assert graphs.buckets == [1, 2, 4, 8, 16, 20]
+    got = {n: graphs.bucket_for(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 20, 21)}
+    assert got == {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 8: 8, 9: 16, 16: 16, 17: 20, 20: 20, 21: None}
+
+
+def test_offload_covers_at_least_the_bytes_asked_for():
+    # 21 bytes of layers of 10 take 3 layers (not 2), rounded up to an even 4, spread from
+    # the last layer: 7 - i * 8 // 4 for i = 0..3
+    assert choose_offload_layers([10] * 8, 21) == (1, 3, 5, 7)
+    assert choose_offload_layers([10] * 8, 20) == (3, 7)
+
+
+def test_packed_layer_bytes_align_every_tensor_to_256_bytes():
+    assert [align(n) for n in (0, 1, 256, 257)] == [0, 256, 256, 512]
+    layer = nn.Sequential(LinearBase(3, 5, bias=True))  # fp32: 60 B of weight, 20 B of bias
+    assert packed_layer_bytes(layer, None) == 512  # each tensor starts on its own 256 B
+
+
+def test_plan_counts_what_int8_would_save_with_its_scales():
+    model = nn.Module()
+    model.proj = LinearBase(64, 32, bias=False)  # fp32: 64 * 32 * 4 = 8192 bytes
+    plan = plan_weights(model, None, 0.0)
+    # int8 keeps 2048 bytes of weight and 32 fp32 scales (128 bytes): saves 8192 - 2176
+    assert (plan.total_bytes, plan.quantize_saves_bytes) == (8192, 6016)
