@@ -139,3 +139,24 @@ def test_device_inputs_order_mixed_step_covers_decode_rows_only():
     assert inputs.num_decode_rows == 2 and inputs.seq_lens.tolist() == [3, 6, 3]
     _, _, md, _ = DeviceInputs(64, 8, 8, torch.device("cpu")).load(inputs)
     assert md.decode_order.tolist() == [1, 0]
+
+
+def test_only_plain_greedy_requests_skip_the_per_row_sampler():
+    """A greedy request with min_tokens, logprobs, a logit bias, allowed ids or a penalty
+    needs its row in the sampler (the all-greedy fast path takes a bare argmax, which would
+    end a min_tokens request at EOS); a finished request leaves the set."""
+    kinds = {
+        "plain": SamplingParams(temperature=0.0),
+        "min": SamplingParams(temperature=0.0, min_tokens=2),
+        "lp": SamplingParams(temperature=0.0, logprobs=1),
+        "bias": SamplingParams(temperature=0.0, logit_bias={3: 1.0}),
+        "allowed": SamplingParams(temperature=0.0, allowed_token_ids=[3, 4]),
+        "penalty": SamplingParams(temperature=0.0, repetition_penalty=1.2),
+        "sampled": SamplingParams(temperature=1.0),
+    }
+    reqs = [NewRequestData(r, [1, 2], 2, p, [i], 0, None) for i, (r, p) in enumerate(kinds.items())]
+    batch = InputBatch(block_size=4, max_blocks_per_request=2)
+    batch.update(step(reqs, scheduled=dict.fromkeys(kinds, 2)))
+    assert batch.needs_rows == {"min", "lp", "bias", "allowed", "penalty", "sampled"}
+    batch.update(step(finished={"min", "lp", "plain"}))
+    assert batch.needs_rows == {"bias", "allowed", "penalty", "sampled"}
