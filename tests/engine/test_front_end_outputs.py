@@ -188,3 +188,18 @@ def test_an_interrupted_generate_leaves_no_request_to_the_next_call(llama_dir):
     out = llm.generate([[4, 5, 6]], params)
     assert len(out) == 1 and len(out[0].token_ids) == 8
     assert llm.stats()["kv_blocks_used"] == 0
+
+
+def test_a_stop_string_on_the_last_allowed_token_is_a_stop(smol_llm):
+    """The token that reaches max_tokens also completes a stop string: as vLLM, the request
+    ended because of the stop string (finish_reason "stop", stop_reason the string, cut)."""
+    free = smol_llm.generate(
+        ["The capital of France is"], SamplingParams(max_tokens=6, temperature=0.0)
+    )[0]
+    tok = smol_llm.get_tokenizer()
+    last = tok.decode(free.token_ids[-1:])
+    assert last.strip() and last not in free.text[: -len(last)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, stop=[last])
+    out = smol_llm.generate(["The capital of France is"], params)[0]
+    assert (out.finish_reason, out.outputs[0].stop_reason) == ("stop", last)
+    assert out.text == free.text[: -len(last)]
