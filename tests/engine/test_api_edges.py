@@ -40,13 +40,6 @@ def test_prompt_dicts_as_vllm(smol_llm):
             smol_llm.generate([text, bad], GREEDY)
 
 
-@pytest.fixture(scope="module")
-def tiny_async(llama_dir):
-    llm = AsyncLLM(llama_dir, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
-    yield llm
-    asyncio.run(llm.shutdown())
-
-
 def test_async_llm_takes_prompt_dicts(tiny_async):
     """AsyncLLM's generate and stream take vLLM's prompt dicts too (here, in its engine's
     thread; an engine process gets the dict as it is and reads it alike)."""

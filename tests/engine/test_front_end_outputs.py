@@ -6,15 +6,8 @@ import asyncio
 import pytest
 from engine_testing import make_llm
 
-from vllm_runner import AsyncLLM, RequestError, SamplingParams
+from vllm_runner import RequestError, SamplingParams
 from vllm_runner.engine.outputs import CompletionOutput, RequestOutput
-
-
-@pytest.fixture(scope="module")
-def tiny_async(llama_dir):
-    llm = AsyncLLM(llama_dir, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
-    yield llm
-    asyncio.run(llm.shutdown())
 
 
 def test_logprobs_zero_gives_each_sampled_tokens_logprob(llama_dir):
