@@ -83,7 +83,7 @@ def test_lm_head_one_row_on_the_gemv(device: torch.device, monkeypatch: pytest.M
     assert calls == [(1, HIDDEN)]
 
 
-def tiny_model(family: str) -> torch.nn.Module:
+def tiny_model(family: str, device: torch.device) -> torch.nn.Module:
     """A 2-layer Llama / Qwen2 (q/k/v biases) in bf16 with random weights and KV caches."""
     from transformers import LlamaConfig, Qwen2Config
 
@@ -102,37 +102,45 @@ def tiny_model(family: str) -> torch.nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0))
-    model.to(torch.bfloat16)
+    model.to(device, torch.bfloat16)
     for attn in model.modules():
         if isinstance(attn, Attention):
-            attn.k_cache = torch.zeros(4, 16, attn.num_kv_heads, attn.head_dim).bfloat16()
+            shape = (4, 16, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, device=device, dtype=torch.bfloat16)
             attn.v_cache = torch.zeros_like(attn.k_cache)
     return model
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_decoder_one_row_path_matches_unfused(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decoder_one_row_path_matches_unfused(
+    family: str, device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Three one-token steps through the whole model (layers passing the summed stream,
     the final norm without a residual, Qwen2's q/k/v biases on the GEMV) equal the unfused
-    layers' hidden states within rounding. ``gemv_takes`` is forced so the CPU takes the
-    path a GPU takes."""
+    layers' hidden states within rounding. ``gemv_takes`` is forced so that the CPU takes
+    the path a GPU takes (and a GPU runs both paths)."""
     from vllm_runner.model.layers.attention import AttentionMetadata, forward_context
 
     def run(fused: bool) -> list[torch.Tensor]:
         monkeypatch.setattr(linear, "gemv_takes", lambda x, w: fused and x.shape[0] == 1)
-        model, outs = tiny_model(family), []
-        assert model.model.layers[0].fuses_one_row(torch.zeros(1, HIDDEN).bfloat16()) == fused
+        model, outs = tiny_model(family, device), []
+        row = torch.zeros(1, HIDDEN, device=device).bfloat16()
+        assert model.model.layers[0].fuses_one_row(row) == fused
         for pos in range(3):
             md = AttentionMetadata(
-                slot_mapping=torch.tensor([pos]),
-                block_tables=torch.tensor([[0]], dtype=torch.int32),
-                seq_lens=torch.tensor([pos + 1], dtype=torch.int32),
-                query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+                slot_mapping=torch.tensor([pos], device=device),
+                block_tables=torch.tensor([[0]], dtype=torch.int32, device=device),
+                seq_lens=torch.tensor([pos + 1], dtype=torch.int32, device=device),
+                query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
                 max_query_len=1,
                 max_seq_len=pos + 1,
             )
+            ids, positions = (
+                torch.tensor([5 + pos], device=device),
+                torch.tensor([pos], device=device),
+            )
             with forward_context(md), torch.no_grad():
-                outs.append(model(torch.tensor([5 + pos]), torch.tensor([pos])))
+                outs.append(model(ids, positions))
         return outs
 
     for fused, unfused in zip(run(True), run(False), strict=True):
