@@ -63,6 +63,17 @@ def attend_tile(
 
 
 @triton.jit
+def attend_loaded(q, acc, m_i, l_i, k, v, n_mask, qk_scale, DOT_PRECISION: tl.constexpr):
+    """``attend_tile``'s step for a tile already in registers: keys ``k`` [BLOCK_D, BLOCK_N],
+    values ``v`` [BLOCK_N, BLOCK_D], the keys past ``n_mask`` masked."""
+    s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
+    pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return acc * alpha[:, None] + pv, m_new, l_i
+
+
+@triton.jit
 def tile_rows(
     block_table_row,
     n0,  # a multiple of BLOCK_N

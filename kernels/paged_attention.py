@@ -3,7 +3,13 @@
 Each program owns one (request, kv_head) and all ``num_heads // num_kv_heads`` query heads of
 that group, so every KV tile is read from memory once per group. Long contexts with few
 programs use split-K: the context is cut into ``num_splits`` chunks, each program writes a
-partial (max, sum, unnormalized acc) and ``_decode_reduce_kernel`` combines them.
+partial (max, sum, unnormalized acc) and ``kernels.decode_splits`` combines them.
+
+A lone request that brings its new key (``new_tokens``, the batch-1 decode layer) takes
+one-warp programs of 32 keys, each reading its first tile of cached keys and values before
+its PDL wait, while the qkv projection before it still runs; the new key joins that tile
+in registers (H200, batch-1 1B in the engine: 1,187 / 1,192 tok/s vs 1,160 / 1,135 with
+four-warp programs of 64 keys loading after the wait).
 
 Contexts of different lengths make programs of different lengths: given an ``order`` (the
 requests, longest context first) the longest start first and the short ones fill the tail
@@ -14,7 +20,6 @@ head_dim % 32 == 0 (``kernels.fp8_pairs``; the same step: 114 vs 179 us read as 
 """
 
 import dataclasses
-import math
 
 import torch
 import triton
@@ -22,13 +27,16 @@ import triton.language as tl
 
 from kernels.attention_tile import (
     LOG2E,
+    attend_loaded,
     attend_tile,
     check_paged_inputs,
     dot_dtype_query,
     dot_precision,
     fp16_dots,
     output_buffer,
+    tile_rows,
 )
+from kernels.decode_splits import MAX_SPLITS, choose_num_splits, combine_splits
 from kernels.fp8_pairs import attend_tile_pairs
 from kernels.launch import next_power_of_2, num_sms, ptx_widening
 from kernels.pdl import pdl_launch, wait_for_predecessor
@@ -99,9 +107,11 @@ def _decode_kernel(
     ORDERED: tl.constexpr,  # grid (kv_head, rank, split): the longest contexts start first
     PAIRS: tl.constexpr,  # an fp8 cache under fp16 dots, read as int16 words of two features
     PTX: tl.constexpr,  # PAIRS widen by inline PTX (a GPU, not the interpreter)
+    PRELOAD: tl.constexpr,  # ROPE, not PAIRS: the first tile's cached keys before the wait
     PDL: tl.constexpr,
 ):
-    wait_for_predecessor(PDL)
+    if not PRELOAD:
+        wait_for_predecessor(PDL)
     if ORDERED:
         kv_head = tl.program_id(0)
         req = tl.load(order_ptr + tl.program_id(1))
@@ -117,6 +127,22 @@ def _decode_kernel(
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
+    block_table_row = block_tables_ptr + req.to(tl.int64) * stride_bt
+    if PRELOAD:
+        # Before the wait, while the qkv projection still runs: this split's first tile of
+        # keys and values that earlier steps wrote (positions < seq_len - 1). seq_lens, the
+        # block table and the order come from the step's staged inputs, which no kernel of
+        # the step writes; the new key joins the tile in registers below.
+        offs_n0, old_mask, kv_off0 = tile_rows(
+            block_table_row, start, tl.minimum(end, seq_len - 1), kv_head,
+            stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_N, True,
+        )  # fmt: skip
+        d_in = offs_d < HEAD_DIM
+        k0 = tl.load(k_cache_ptr + kv_off0[None, :] + offs_d[:, None],
+                     mask=old_mask[None, :] & d_in[:, None], other=0.0)  # fmt: skip
+        v0 = tl.load(v_cache_ptr + kv_off0[:, None] + offs_d[None, :],
+                     mask=old_mask[:, None] & d_in[None, :], other=0.0)  # fmt: skip
+        wait_for_predecessor(PDL)
     heads = kv_head * QUERIES_PER_KV + offs_g
     q_rows = q_ptr + req.to(tl.int64) * stride_qt + heads[:, None] * stride_qh
     cos_sin_row = cos_sin_ptr  # ROPE only
@@ -135,12 +161,33 @@ def _decode_kernel(
     # NOTE: finite initial max, so a row whose keys are all masked never computes inf - inf.
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    block_table_row = block_tables_ptr + req.to(tl.int64) * stride_bt
     # ROPE: the split holding this step's key (position seq_len - 1) rotates it and writes it
     # and the value to the cache before its tile loop, which then reads them back like any
     # other key (attending to them from registers instead kept ~30 more registers per thread
     # live, and fewer programs fit on an SM).
-    if ROPE:
+    if PRELOAD:
+        d_mask = offs_d[None, :] < HEAD_DIM
+        k_row = k_new_ptr + req.to(tl.int64) * stride_kt + kv_head * stride_kh
+        k_new = rope_rows(k_row, offs_d[None, :], d_mask, cos_sin_row, HALF)
+        k_new = k_new.to(k_new_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+        v_row = v_new_ptr + req.to(tl.int64) * stride_vt + kv_head * stride_vh
+        v_new = tl.load(v_row + offs_d[None, :], mask=d_mask, other=0.0)
+        v_new = v_new.to(v_cache_ptr.dtype.element_ty)
+        if (start < seq_len) & (end == seq_len):  # the split that holds the new position
+            slot = tl.load(slot_mapping_ptr + req).to(tl.int64)
+            dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+            dst += kv_head * stride_ch + offs_d[None, :]
+            tl.store(k_cache_ptr + dst, k_new, mask=d_mask)
+            tl.store(v_cache_ptr + dst, v_new, mask=d_mask)
+        tl.debug_barrier()  # as below: later tiles of this split read the slot back
+        new_pos = offs_n0 == seq_len - 1  # [BLOCK_N]: the new key's column, if in this tile
+        k0 = tl.where(new_pos[None, :], tl.trans(k_new), k0)
+        v0 = tl.where(new_pos[:, None], v_new, v0)
+        acc, m_i, l_i = attend_loaded(q, acc, m_i, l_i, k0, v0, offs_n0 < end, qk_scale,
+                                      DOT_PRECISION)  # fmt: skip
+        first = start + BLOCK_N
+    elif ROPE:
+        first = start
         if (start < seq_len) & (end == seq_len):
             d_mask = offs_d[None, :] < HEAD_DIM
             k_row = k_new_ptr + req.to(tl.int64) * stride_kt + kv_head * stride_kh
@@ -160,8 +207,10 @@ def _decode_kernel(
         # checks the order) see the slot just written, found through the block table, so
         # slot_mapping must agree with it (as for the unfused write-then-attend path).
         tl.debug_barrier()
+    else:
+        first = start
 
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(first, end, BLOCK_N):
         if PAIRS:
             acc, acc_odd, m_i, l_i = attend_tile_pairs(
                 q, q_odd, acc, acc_odd, m_i, l_i, k_words_ptr, v_words_ptr, block_table_row,
@@ -191,60 +240,6 @@ def _decode_kernel(
         if PAIRS:
             tl.store(o_rows + cols + 1, (acc_odd / l_safe).to(out_ptr.dtype.element_ty),
                      mask=q_mask)  # fmt: skip
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _decode_reduce_kernel(
-    part_m_ptr,  # [num_reqs, num_heads, num_splits] fp32
-    part_l_ptr,
-    part_acc_ptr,  # [num_reqs, num_heads, num_splits, head_dim] fp32
-    out_ptr,  # [num_reqs, num_heads, head_dim]
-    num_splits,
-    stride_ot,
-    stride_oh,
-    NUM_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    wait_for_predecessor(PDL)
-    req = tl.program_id(0)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    row = (req * NUM_HEADS + head).to(tl.int64) * num_splits + offs_s  # [BLOCK_S]
-    m = tl.load(part_m_ptr + row, mask=s_mask, other=-1.0e30)
-    l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)  # noqa: E741
-    w = tl.exp2(m - tl.max(m, 0))  # empty splits have l == 0 and acc == 0
-    l_total = tl.sum(l * w, 0)
-    mask = s_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(l_total > 0.0, l_total, 1.0)
-    o_off = req.to(tl.int64) * stride_ot + head * stride_oh + offs_d
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
-
-
-_MAX_SPLITS = 64
-
-
-def choose_num_splits(
-    num_reqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, sm_count: int
-) -> int:
-    """Split the context only when (request, kv_head) programs alone cannot fill the GPU.
-
-    Aims at ~4 programs per SM, down to one key tile per split: a few requests are latency
-    bound, not bandwidth bound (H200, 8 kv heads, one request, graph replays: 1,024 keys
-    take 10.1 us in 4 splits, 6.1 us in 16; 512 keys 10.0 us in 2, 5.5 us in 8). Under CUDA
-    graphs ``max_seq_len`` is the table's capacity, so shorter contexts leave trailing splits
-    empty (they exit at once).
-    """
-    programs = num_reqs * num_kv_heads
-    tiles = math.ceil(max_seq_len / block_n)
-    if programs >= 2 * sm_count or tiles < 2:
-        return 1
-    return max(1, min(math.ceil(4 * sm_count / programs), tiles, _MAX_SPLITS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,12 +296,13 @@ def paged_attention_decode(
     *,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,
+    block_n: int | None = None,
+    num_warps: int | None = None,
     num_stages: int = 2,
     out: torch.Tensor | None = None,
     new_tokens: NewTokens | None = None,
     order: torch.Tensor | None = None,
+    preload: bool | None = None,
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
     """Attention of each request's single new query over its whole cached context.
 
@@ -322,6 +318,10 @@ def paged_attention_decode(
     and the batch shape pick ``num_splits`` unless it is given. Requests with
     ``seq_len == 0`` (CUDA-graph padding) get zeros. ``out`` (optional, e.g. rows of a
     mixed batch's output) receives the result instead of a new tensor.
+
+    ``block_n`` / ``num_warps`` default to 32 / 1 for a lone request with ``new_tokens``
+    (then ``preload`` too: see the module's note; it needs ``new_tokens`` and is off for an
+    fp8 cache read as word pairs), else 64 / 4. The result does not depend on ``preload``.
     """
     check_paged_inputs(query, k_cache, v_cache, block_tables, seq_lens)
     num_reqs, num_heads, head_dim = query.shape
@@ -330,13 +330,19 @@ def paged_attention_decode(
     out = output_buffer(query, out)
     if num_reqs == 0:
         return out
+    # word pairs need whole 16-byte rows of words (aligned loads) and dots of K >= 16
+    pairs = fp16_dots(query, k_cache) and head_dim % 32 == 0
+    lone = num_reqs == 1 and new_tokens is not None and not pairs
+    block_n = block_n or (32 if lone else 64)
+    num_warps = num_warps or (1 if lone else 4)
+    preload = (lone if preload is None else preload) and new_tokens is not None and not pairs
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = block_tables.shape[1] * block_size
         num_splits = choose_num_splits(
             num_reqs, num_kv_heads, max_seq_len, block_n, num_sms(query.device)
         )
-    assert 1 <= num_splits <= _MAX_SPLITS, f"num_splits {num_splits} must be in [1, {_MAX_SPLITS}]"
+    assert 1 <= num_splits <= MAX_SPLITS, f"num_splits {num_splits} must be in [1, {MAX_SPLITS}]"
 
     group = num_heads // num_kv_heads
     block_d = next_power_of_2(head_dim)
@@ -360,8 +366,6 @@ def paged_attention_decode(
         if num_reqs == 1 or num_reqs > 65535:  # nothing to order / past the grid's y limit
             order = None
     grid = (num_kv_heads, num_reqs) if order is not None else (num_reqs, num_kv_heads)
-    # word pairs need whole 16-byte rows of words (aligned loads) and dots of K >= 16
-    pairs = fp16_dots(query, k_cache) and head_dim % 32 == 0
     k_words, v_words = (
         (c.view(torch.int16) for c in (k_cache, v_cache)) if pairs else (k_cache, v_cache)
     )
@@ -380,14 +384,10 @@ def paged_attention_decode(
         BLOCK_G=max(16, next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         SPLIT=split, DOT_PRECISION=dot_precision(query.dtype), ROPE=nt is not None,
         HALF=nt.cos_sin_cache.shape[1] // 2 if nt else 0, FP16_DOTS=fp16_dots(query, k_cache),
-        ORDERED=order is not None, PAIRS=pairs, PTX=ptx_widening(query.device), num_warps=num_warps,
+        ORDERED=order is not None, PAIRS=pairs, PTX=ptx_widening(query.device),
+        PRELOAD=preload, num_warps=num_warps,
         num_stages=num_stages, **pdl_launch(query.device),
     )  # fmt: skip
     if split:
-        _decode_reduce_kernel[(num_reqs, num_heads)](
-            part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-            BLOCK_S=_MAX_SPLITS, BLOCK_D=block_d, num_warps=4,  # one compile for any split
-            **pdl_launch(query.device),
-        )  # fmt: skip
+        combine_splits(part_m, part_l, part_acc, out)
     return out

@@ -90,6 +90,7 @@ def _compile_all() -> list[dict]:
     import torch
 
     import kernels.activation as ac
+    import kernels.decode_splits as ds
     import kernels.gemv as qg
     import kernels.kv_cache as kv
     import kernels.paged_attention as pa
@@ -105,7 +106,7 @@ def _compile_all() -> list[dict]:
     pa.ptx_widening = lambda device: True  # (weights, and an fp8 KV cache's word pairs)
     results: list[dict] = []
     sm._programs = lambda device: 66  # (an H100's half: split rows, their barriers compiled)
-    for mod in (ac, kv, pa, pf, qg, qm, rn, ro, sm):
+    for mod in (ac, ds, kv, pa, pf, qg, qm, rn, ro, sm):
         for name in KERNELS & set(vars(mod)):
             setattr(mod, name, _Recorder(name, getattr(mod, name), results))
     bt = torch.zeros(4, 16, dtype=torch.int32)
@@ -120,6 +121,9 @@ def _compile_all() -> list[dict]:
         rope = pa.NewTokens(torch.zeros(4, dtype=torch.long), new_kv, new_kv, torch.empty(64, 64),
                             torch.zeros(4, dtype=torch.long))  # fmt: skip
         pa.paged_attention_decode(q, cache, cache, bt, lens, 0.1, num_splits=4, new_tokens=rope)
+        lone = pa.NewTokens(torch.zeros(1, dtype=torch.long), new_kv[:1], new_kv[:1],
+                            torch.empty(64, 64), torch.zeros(1, dtype=torch.long))  # fmt: skip
+        pa.paged_attention_decode(q[:1], cache, cache, bt[:1], lens[:1], 0.1, new_tokens=lone)
         pf.prefill_attention(q, cache, cache, bt, lens, qsl, 0.1)
     for head_dim in (64, 128):  # 2, 8, 16 query heads per kv head: the other grouped tiles
         for heads in (16, 64, 128):
@@ -206,7 +210,7 @@ def test_kernels_compile_for_sm90() -> None:
         if r["kernel"] in ("_decode_kernel", "_prefill_kernel") and r["dtype"] != "torch.float32":
             assert r["mma"] != "none", f"attention dot fell off the tensor cores: {r}"
         assert r["barrier_between"] in (None, True), f"new key read before the barrier: {r}"
-    assert sum(r["barrier_between"] is True for r in results) == 5, results  # 5 fused decodes
+    assert sum(r["barrier_between"] is True for r in results) == 9, results  # 9 fused decodes
     prefill_bf16 = [r for r in results if r["kernel"] == "_prefill_kernel" and "bf" in r["dtype"]]
     assert prefill_bf16[0]["mma"] == "wgmma", prefill_bf16
 
