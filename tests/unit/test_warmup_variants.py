@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import kernels.attention as ka
+import kernels.decode_splits as ds
 import kernels.paged_attention as pa
 from vllm_runner.model.layers import attention as la
 from vllm_runner.worker.cuda_graphs import DecodeGraphs
@@ -62,7 +63,7 @@ class _AttnOnly(nn.Module):
 def test_warm_up_compiles_every_mixed_step_variant(monkeypatch, max_num_seqs):
     rec = _Recorder()
     monkeypatch.setattr(pa, "_decode_kernel", rec)
-    monkeypatch.setattr(pa, "_decode_reduce_kernel", _Null())
+    monkeypatch.setattr(ds, "_decode_reduce_kernel", _Null())
     monkeypatch.setattr(ka, "prefill_attention", lambda *a, **k: None)
     max_model_len = 4096
     max_blocks = max_model_len // BS
