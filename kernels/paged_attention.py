@@ -5,11 +5,11 @@ that group, so every KV tile is read from memory once per group. Long contexts w
 programs use split-K: the context is cut into ``num_splits`` chunks, each program writes a
 partial (max, sum, unnormalized acc) and ``kernels.decode_splits`` combines them.
 
-A lone request that brings its new key (``new_tokens``, the batch-1 decode layer) takes
-one-warp programs of 32 keys, each reading its first tile of cached keys and values before
-its PDL wait, while the qkv projection before it still runs; the new key joins that tile
-in registers (H200, batch-1 1B in the engine: 1,187 / 1,192 tok/s vs 1,160 / 1,135 with
-four-warp programs of 64 keys loading after the wait).
+A lone request that brings its new key (``new_tokens``, the batch-1 decode layer) with
+head_dim <= 64 takes one-warp programs of 32 keys, each reading its first tile of cached
+keys and values before its PDL wait, while the qkv projection before it still runs; the
+new key joins that tile in registers (H200, batch-1 1B in the engine: 1,187 / 1,192 tok/s
+vs 1,160 / 1,135 with four-warp programs of 64 keys loading after the wait).
 
 Contexts of different lengths make programs of different lengths: given an ``order`` (the
 requests, longest context first) the longest start first and the short ones fill the tail
@@ -319,7 +319,8 @@ def paged_attention_decode(
     ``seq_len == 0`` (CUDA-graph padding) get zeros. ``out`` (optional, e.g. rows of a
     mixed batch's output) receives the result instead of a new tensor.
 
-    ``block_n`` / ``num_warps`` default to 32 / 1 for a lone request with ``new_tokens``
+    ``block_n`` / ``num_warps`` default to 32 / 1 for a lone request with ``new_tokens`` and
+    head_dim <= 64
     (then ``preload`` too: see the module's note; it needs ``new_tokens`` and is off for an
     fp8 cache read as word pairs), else 64 / 4. The result does not depend on ``preload``.
     """
@@ -332,7 +333,8 @@ def paged_attention_decode(
         return out
     # word pairs need whole 16-byte rows of words (aligned loads) and dots of K >= 16
     pairs = fp16_dots(query, k_cache) and head_dim % 32 == 0
-    lone = num_reqs == 1 and new_tokens is not None and not pairs
+    # (head_dim 128 at one warp spills: 760 bytes a thread, sm_90; kept at four until timed)
+    lone = num_reqs == 1 and new_tokens is not None and not pairs and head_dim <= 64
     block_n = block_n or (32 if lone else 64)
     num_warps = num_warps or (1 if lone else 4)
     preload = (lone if preload is None else preload) and new_tokens is not None and not pairs

@@ -213,6 +213,13 @@ def test_decode_with_new_tokens_preloaded(device, dtype, num_splits: int) -> Non
                      num_splits=num_splits, preload=True)  # fmt: skip
 
 
+def test_decode_with_new_tokens_preloaded_head_dim_128(device: torch.device) -> None:
+    """Asked for explicitly, the preload works at any head_dim (the default takes it at
+    <= 64 only)."""
+    _fused_rope_case(device, torch.bfloat16, [1, 40, 0], 128, 128, block_n=16, num_splits=2,
+                     preload=True)  # fmt: skip
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_decode_preload_gives_the_same_bits(device: torch.device, num_splits: int) -> None:
     from kernels.paged_attention import NewTokens
