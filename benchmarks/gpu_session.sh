@@ -2,7 +2,7 @@
 # One device-machine call: GPU tests, kernel check + timings, engine throughput.
 # Usage on the device: bash benchmarks/gpu_session.sh STEP...   (STEP: tests, tests-small, kernels, w1-1b,
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
-# quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, w1-fp8,
+# quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, lone-decode, w1-fp8,
 # kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe,
 # read-bw, sampler-probe, gemm-prefill, persistent-layers, loadtest-1b, serving-ab, variants-ab, chat-ab, engine-ab, profile-engine, profile-serving)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
@@ -53,6 +53,7 @@ for step in "$@"; do
     gemv) python benchmarks/gemv.py --out "$OUT/gemv.json" 2>&1 | tail -150 ;;
     gemv-chain) python benchmarks/gemv.py --cases chain --out "$OUT/gemv_chain.json" 2>&1 | tail -16 ;;
     gemv-engine) python benchmarks/gemv.py --cases engine --out "$OUT/gemv_engine.json" 2>&1 | tail -12 ;;
+    lone-decode) python benchmarks/lone_decode.py --out "$OUT/lone_decode.json" 2>&1 | tail -12 ;;
     kernels-gaps) python benchmarks/kernels.py --quick --gaps --out "$OUT/kernels_gaps.md" 2>&1 | tail -20 ;;
     kernels-w1) python benchmarks/kernels.py --quick --w1 --out "$OUT/kernels_w1.md" 2>&1 | tail -60 ;;
     kernels-w1-fp8) python benchmarks/kernels.py --quick --w1 --w1-fp8 --out "$OUT/kernels_w1_fp8.md" 2>&1 | tail -60 ;;
