@@ -190,6 +190,8 @@ def _variant_config(family: str, **options):
         ("opt", dict(word_embed_proj_dim=32, do_layer_norm_before=False)),
         ("opt", dict(enable_bias=False, layer_norm_elementwise_affine=False,
                      activation_function="gelu", tie_word_embeddings=False)),
+        # checkpoints fine-tuned before transformers 4.20.1: no final norm; a tanh GELU
+        ("opt", dict(_remove_final_layer_norm=True, activation_function="gelu_new")),
     ],
 )  # fmt: skip
 def test_config_variants_match_hf(tmp_path, family, options):
