@@ -169,6 +169,7 @@ def test_get_tokenizer_as_vllm(smol_llm, tiny_async):
     tokenizer = smol_llm.get_tokenizer()
     ids = tokenizer.encode("The capital of France is")
     assert smol_llm.generate([ids], GREEDY)[0].prompt_token_ids == ids
+    assert smol_llm.llm_engine.get_tokenizer() is tokenizer is not None
     assert asyncio.run(tiny_async.get_tokenizer()) is tiny_async.tokenizer
 
 
@@ -290,6 +291,9 @@ def test_use_tqdm_shows_a_progress_bar_of_finished_prompts(smol_llm, capsys):
     assert updates[-2:] == [1, -1] and updates == sorted(updates[:-1]) + [-1]
     with pytest.raises(ValueError, match="use_tqdm must be True, False or a tqdm-like class"):
         smol_llm.generate("a", params, use_tqdm="yes")
+    bars: list[Bar] = []  # a function that makes the bar: as vLLM's Callable[..., tqdm]
+    smol_llm.generate(["a", "b"], params, use_tqdm=lambda **kw: bars.append(Bar(**kw)) or bars[0])
+    assert bars[0].total == 2 and updates[-2:] == [2, -2]
 
 
 def test_chat_template_kwargs_are_template_variables(smol_llm):

@@ -124,6 +124,7 @@ def test_a_failed_add_leaves_no_request_for_a_later_call(llama_dir, monkeypatch)
     monkeypatch.setattr(llm.engine, "add_request", add)
     out = llm.generate([[1, 2, 3]], GREEDY)
     assert len(out) == 1 and len(out[0].token_ids) == 24
+    assert llm.engine.pop_finished() == []  # each call takes its own finished requests
 
 
 def test_request_larger_than_the_whole_kv_cache_is_refused(llama_dir):

@@ -30,6 +30,7 @@ def test_cpu_budget_is_8192_offline_and_serving():
         ("NVIDIA H200", 141 * GiB, 16384, 8192),
         ("NVIDIA A100-SXM4-80GB", 80 * GiB, 8192, 8192),  # larger steps measured slower
         ("NVIDIA L4", 24 * GiB, 8192, 8192),
+        ("a card of 70 GiB", 70 * GiB, 16384, 8192),  # "70 GiB or more"
     ],
 )
 def test_gpu_budget_by_card(monkeypatch, name, memory, offline, serving):
@@ -120,12 +121,87 @@ def test_offload_step_budget(budget, default, offloading, kv_tokens, seqs, expec
         ("device", "cuda:abc", r"'auto', 'cpu' or 'cuda\[:N\]'"),
         ("device", "cuda:-1", r"'auto', 'cpu' or 'cuda\[:N\]'"),
         ("device", None, r"'auto', 'cpu' or 'cuda\[:N\]'"),
+        ("device", "cuda:01", r"'auto', 'cpu' or 'cuda\[:N\]'"),  # torch.device() fails on it
+        # (each below passed validation, found by hand mutation)
+        ("gpu_memory_utilization", True, "a number"),  # not read as 1.0
+        ("enforce_eager", None, "true or false"),  # None: the default of two switches only
+        ("seed", -(2**63) - 1, r"an integer in \[-2\*\*63, 2\*\*64\)"),
+        ("tensor_parallel_size", 0, r"1 \(this engine runs a model on one device\)"),
+        ("max_num_seqs", 0, ">= 1"),
+        ("max_num_batched_tokens", 0, ">= 1"),  # (0 was read as unset: the default budget)
+        ("block_size", 256, "one of 8, 16, 32, 64, 128"),
+        ("gpu_memory_utilization", 0.0, r"in \(0, 1\]"),
+        ("num_kv_blocks", 0, ">= 1"),
+        ("cpu_offload_gb", -0.5, ">= 0"),
+        ("quantization", "int4", r"one of \(None, 'fp8', 'int8'\)"),
+        ("kv_cache_dtype", None, r"one of \('auto', 'fp8', 'fp8_e4m3'\)"),
     ],
 )
 def test_engine_arguments_of_the_wrong_type_name_themselves(field, value, kind):
     """Caught at once with the value named, not as a TypeError deep in the engine build."""
     with pytest.raises(ValueError, match=f"{field} must be {kind}, got {value!r}"):
         EngineArgs(**{field: value}).validate()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("seed", -(2**63)), ("seed", -1), ("seed", 2**64 - 1), ("swap_space", 0),
+     ("block_size", 8), ("block_size", 128), ("gpu_memory_utilization", 1.0),
+     ("max_model_len", 2), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
+     ("num_kv_blocks", 1), ("cpu_offload_gb", 0), ("piecewise_max_tokens", 0),
+     ("kv_cache_dtype", "fp8_e4m3"), ("async_scheduling", None), ("device", "cuda:10")],
+)  # fmt: skip
+def test_values_at_the_limits_are_taken(field, value):
+    args = EngineArgs(**{field: value})
+    args.validate()
+    assert getattr(args, field) == value
+
+
+def test_defaults_are_vllms():
+    """A script moved from vLLM gets the engine it sized for: vLLM's block size, memory
+    share, seed 0 (V1's), prefix caching on, 256 sequences a step and 4 GiB of swap."""
+    args = EngineArgs()
+    assert (args.block_size, args.gpu_memory_utilization, args.seed) == (16, 0.9, 0)
+    assert args.enable_prefix_caching and not args.enforce_eager
+    assert (args.max_num_seqs, args.swap_space, args.max_model_len) == (256, 4.0, None)
+    assert (args.dtype, args.kv_cache_dtype, args.quantization) == ("auto", "auto", None)
+
+
+def test_fp8_weights_on_the_cpu_are_refused_before_loading():
+    with pytest.raises(ValueError, match=r"quantization='fp8' needs .* not device='cpu'; use "):
+        EngineArgs(quantization="fp8", device="cpu").validate()
+    EngineArgs(quantization="int8", device="cpu").validate()
+
+
+def test_a_relative_generation_config_folder_is_made_absolute(tmp_path, monkeypatch):
+    """One spelling per folder (an engine's settings name it the same from any directory)."""
+    (tmp_path / "defaults").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = EngineArgs(generation_config="defaults")
+    args.validate()
+    assert args.generation_config == str(tmp_path / "defaults")
+    for name in ("auto", "vllm"):
+        args = EngineArgs(generation_config=name)
+        args.validate()
+        assert args.generation_config == name
+
+
+def test_scheduler_config_carries_the_settings():
+    config = EngineArgs(max_num_seqs=5, admission_interval=3).scheduler_config(
+        300, torch.device("cpu")
+    )
+    assert (config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len) == (
+        5, 8192, 300
+    )  # fmt: skip
+    assert config.admission_interval == 3
+
+
+def test_max_model_len_may_equal_the_models():
+    config = SimpleNamespace(max_position_embeddings=512)
+    assert EngineArgs(max_model_len=512).resolve_max_model_len(config) == 512
+    with pytest.raises(ValueError, match="max_model_len=513 exceeds the model's "
+                       "max_position_embeddings=512$"):  # fmt: skip
+        EngineArgs(max_model_len=513).resolve_max_model_len(config)
 
 
 def test_a_torch_dtype_is_taken_as_its_name():
@@ -148,6 +224,9 @@ def test_auto_dtype_follows_the_config_on_gpus_and_is_float32_on_cpus(config_dty
     assert EngineArgs().resolve_dtype(config, torch.device("cuda")) == cuda
     assert EngineArgs().resolve_dtype(config, torch.device("cpu")) == torch.float32
     assert EngineArgs(dtype="half").resolve_dtype(config, torch.device("cpu")) == torch.float16
+    # configs saved by older transformers name it torch_dtype
+    old = SimpleNamespace(torch_dtype=config_dtype)
+    assert EngineArgs().resolve_dtype(old, torch.device("cuda")) == cuda
 
 
 def test_a_torch_device_is_taken_as_its_name():
