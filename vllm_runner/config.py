@@ -30,6 +30,9 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.f
 # (loadtests/RESULTS.md). Offline batches run few small mixed steps: off there by default.
 SERVING_PIECEWISE_MAX_TOKENS = 2048
 _MAY_BE_NONE = ("async_scheduling", "enable_chunked_prefill")  # switches whose None: default
+# integers whose None means something (a default, a random seed); the others must be set
+_INT_MAY_BE_NONE = ("max_model_len", "max_num_batched_tokens", "seed", "num_kv_blocks",
+                    "piecewise_max_tokens")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,9 @@ class EngineArgs:
                      "piecewise_max_tokens", "tensor_parallel_size",
                      "pipeline_parallel_size"):  # fmt: skip
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            if value is None and name in _INT_MAY_BE_NONE:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
                 raise bad(name, "an integer")
         for name in ("gpu_memory_utilization", "cpu_kv_cache_gb", "cpu_offload_gb", "swap_space"):
             value = getattr(self, name)

@@ -135,6 +135,10 @@ def test_offload_step_budget(budget, default, offloading, kv_tokens, seqs, expec
         ("cpu_offload_gb", -0.5, ">= 0"),
         ("quantization", "int4", r"one of \(None, 'fp8', 'int8'\)"),
         ("kv_cache_dtype", None, r"one of \('auto', 'fp8', 'fp8_e4m3'\)"),
+        # None only where it means a default (it was a TypeError of '<' for these two)
+        ("max_num_seqs", None, "an integer"),
+        ("admission_interval", None, "an integer"),
+        ("block_size", None, "an integer"),
     ],
 )
 def test_engine_arguments_of_the_wrong_type_name_themselves(field, value, kind):
