@@ -69,6 +69,8 @@ class SamplingParams:
                     f"allowed_token_ids must be a non-empty list of token ids, got {allowed!r}"
                 )
             self.allowed_token_ids = [_as_int(t) for t in allowed]
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = {_as_int(t): bias for t, bias in self.logit_bias.items()}
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is True:  # as vLLM: one (other bools are refused)
                 setattr(self, name, 1)
@@ -147,7 +149,7 @@ class SamplingParams:
             for token, bias in self.logit_bias.items():
                 if not isinstance(token, int) or isinstance(token, bool) or token < 0:
                     raise bad("logit_bias key", token, "a token id (an integer >= 0)")
-                if not isinstance(bias, int | float) or not -100.0 <= bias <= 100.0:
+                if not isinstance(bias, numbers.Real) or not -100.0 <= bias <= 100.0:
                     raise bad(f"logit_bias[{token}]", bias, "in [-100, 100]")
 
     @property

@@ -139,3 +139,13 @@ def test_greedy_and_penalties():
     for name, value in (("presence_penalty", 0.5), ("frequency_penalty", -0.5),
                         ("repetition_penalty", 1.2)):  # fmt: skip
         assert SamplingParams(**{name: value}).has_penalties, name
+
+
+def test_numpy_numbers_in_logit_bias_are_taken_as_elsewhere():
+    """A bias of numpy's float32 was refused as "must be in [-100, 100], got
+    np.float32(1.0)", a numpy integer key as "must be a token id (an integer >= 0)"."""
+    params = SamplingParams(logit_bias={np.int64(3): np.float32(1.5), 4: np.float64(-2.0)})
+    assert params.logit_bias == {3: 1.5, 4: -2.0}
+    assert [type(t) for t in params.logit_bias] == [int, int]
+    with pytest.raises(ValueError, match=r"logit_bias\[3\] must be in \[-100, 100\], got "):
+        SamplingParams(logit_bias={np.int64(3): np.float32(101)})
