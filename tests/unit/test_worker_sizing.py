@@ -125,3 +125,71 @@ def test_plan_counts_what_int8_would_save_with_its_scales():
     plan = plan_weights(model, None, 0.0)
     # int8 keeps 2048 bytes of weight and 32 fp32 scales (128 bytes): saves 8192 - 2176
     assert (plan.total_bytes, plan.quantize_saves_bytes) == (8192, 6016)
+
+
+def test_gpu_kv_blocks_count_no_negative_memory_of_others(monkeypatch):
+    # this process reserved 10 GiB while only 4 GiB are in use (100 - 96): nobody else holds
+    # memory, so the share is 0.5 * 100 - 10 GiB peak = 40 GiB (not 46: -6 GiB never adds)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (96 * GiB, 100 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * GiB)
+    got = memory.num_blocks_for_gpu(torch.device("cuda"), 0.5, GiB, 10 * GiB, 4 * GiB)
+    assert got == 40
+
+
+def test_no_room_errors_give_the_exact_shortfall_and_activation_bytes(monkeypatch):
+    cuda = torch.device("cuda")
+    # share: 0.9 * 100 - 35 peak - 60 others = -5 GiB; room: 30 - 25 - 0.5 = 4.5 GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (30 * GiB, 100 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * GiB)
+    with pytest.raises(ValueError) as e:
+        memory.num_blocks_for_gpu(cuda, 0.9, 2**20, 35 * GiB, 10 * GiB)
+    assert f", {2**20 + 5 * GiB} bytes short of one KV block;" in str(e.value)
+    # a full card: of the 3 GiB free, the largest step takes 10 - 7 = 3 GiB again
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * GiB, 100 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 97 * GiB)
+    with pytest.raises(ValueError) as e:
+        memory.num_blocks_for_gpu(cuda, 0.9, 2**20, 10 * GiB, 7 * GiB)
+    assert "3.00 GiB of the 100.0 GiB device are free, 3.00 GiB of it for the largest" in str(
+        e.value
+    )
+    # nobody else holds memory (100 - 10 free - 90 reserved = 0): no word of other processes
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * GiB, 100 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 90 * GiB)
+    with pytest.raises(ValueError) as e:
+        memory.num_blocks_for_gpu(cuda, 0.5, 2**20, 50 * GiB, 50 * GiB)
+    assert "after the model's peak of 50.00 GiB, 1048576 bytes short" in str(e.value)
+
+
+FIT = dict(utilization=0.9, total_bytes=80 * GiB, offloaded_bytes=0, layer_bytes=GiB // 2,
+           quantize_saves_bytes=0)  # fmt: skip
+BUDGET = int(80 * GiB * 0.9)  # 72 GiB: nothing held by others
+
+
+def test_weights_that_fill_the_budget_exactly_fit():
+    assert memory.weights_fit_error(BUDGET, BUDGET, floor_bytes=GiB, **FIT) is None
+    assert memory.weights_fit_error(BUDGET + 1, BUDGET, floor_bytes=GiB, **FIT) is not None
+
+
+def test_weights_fit_error_at_a_floor_equal_to_the_budget_offers_offloading():
+    msg = memory.weights_fit_error(BUDGET + GiB, BUDGET, floor_bytes=BUDGET, **FIT)
+    # 1 GiB missing + two 0.5 GiB working buffers
+    assert msg.endswith(
+        "Fix: cpu_offload_gb=2 or more (whole layers stream from host memory); "
+        "or a higher gpu_memory_utilization (now 0.9)"
+    )
+    assert "other processes" not in msg and "leaves 72.00 GiB:" in msg
+
+
+def test_weights_fit_error_rounds_the_offload_suggestion_up():
+    # 1.01 GiB missing + 1 GiB of working buffers = 2.01 GiB: 2.1 suffices, 2.0 would not
+    missing = GiB + GiB // 100
+    msg = memory.weights_fit_error(BUDGET + missing, BUDGET, floor_bytes=GiB, **FIT)
+    assert "cpu_offload_gb=2.1 or more" in msg
+
+
+def test_weights_fit_error_with_others_holding_more_than_the_share():
+    # 0.9 * 80 = 72 GiB, 75 GiB held elsewhere: the budget is -3 GiB, shown as none left
+    msg = memory.weights_fit_error(GiB, -3 * GiB, floor_bytes=GiB // 2, **FIT)
+    assert "of 80.0 GiB leaves 0.00 GiB and the 75.00 GiB other processes" in msg
+    assert f": {4 * GiB} bytes (4.00 GiB) missing" in msg
+    assert "cpu_offload_gb cannot make this fit" in msg
