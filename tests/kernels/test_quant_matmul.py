@@ -288,3 +288,58 @@ def test_fp8_quantize_rows_matches_reference(device: torch.device, dtype, m: int
     step = ref_q.float().abs().clamp(min=2**-6) / 8
     assert (diff <= step).all()
     assert (diff > 0).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize(
+    "m,n,k,config",
+    [(1, 128 * 132, 4096, W8A16Config(1, 8, 512, num_stages=1)),  # wide N from 128 per SM
+     (1, 128 * 132 - 1, 4096, W8A16Config(1, 4, 1024, num_stages=1)),
+     (1, 64, 8191, W8A16Config(1, 4, 1024, num_stages=1)),
+     (16, 16, 256, W8A16Config(16, 16, 256, num_stages=4)),  # one tile, one K tile: no split
+     (17, 16, 256, W8A16Config(32, 16, 256, num_stages=4)),
+     (32, 16, 256, W8A16Config(32, 16, 256, num_stages=4)),
+     (33, 16, 256, W8A16Config(64, 16, 256, num_stages=4)),
+     (64, 16, 256, W8A16Config(64, 16, 256, num_stages=4)),
+     (65, 16, 256, W8A16Config(64, 128, 64, num_stages=4)),
+     (256, 16, 256, W8A16Config(64, 128, 64, num_stages=4)),
+     (257, 16, 256, W8A16Config(128, 128, 64, num_warps=8)),
+     (2, 32 * 264 - 32, 256, W8A16Config(16, 16, 256, num_stages=4)),  # 263 column tiles of 32
+     (2, 16, 65536, W8A16Config(16, 16, 256, 16, num_stages=4)),  # at most 16 splits
+     (2, 16, 2048, W8A16Config(16, 16, 256, 4, num_stages=4)),  # at most half the K tiles
+     (16, 16 * 132, 1024, W8A16Config(16, 16, 256, num_stages=4)),  # a tile per SM: no split
+     (16, 16 * 131, 1024, W8A16Config(16, 16, 256, 2, num_stages=4))],
+)  # fmt: skip
+def test_default_config_boundaries(m: int, n: int, k: int, config: W8A16Config) -> None:
+    """The edges of each shape class of ``default_config`` on a card of 132 SMs."""
+    assert default_config(m, n, k, 132) == config
+
+
+def test_w8a16_split_k_that_rounds_to_fewer_splits(device: torch.device) -> None:
+    """split_k 3 of K 256 in 64-wide tiles: 2 tiles a split, so only 2 splits hold any K;
+    no third split reads past the end."""
+    q, scale = make_int8(32, 256, device)
+    x = torch.randn(5, 256, device=device)
+    check(x, q, scale, torch.randn(32, device=device), W8A16Config(16, 32, 64, split_k=3))
+
+
+def test_w8a16_refuses_strided_scales_and_bad_configs(device: torch.device) -> None:
+    q, scale = make_int8(16, 32, device)
+    x = torch.randn(2, 32, device=device)
+    with pytest.raises(AssertionError, match="scale must be contiguous"):
+        w8a16_matmul(x, q, torch.stack([scale, scale], 1)[:, 0])
+    with pytest.raises(AssertionError, match="prefetch 3 must be 0, 1 or 2"):
+        W8A16Config(1, 4, 64, prefetch=3)
+    assert W8A16Config(2, 4, 2).block_k == 2  # the tiled kernel has no word constraint
+
+
+def test_fp8_quantize_rows_scales_and_empty_input(device: torch.device) -> None:
+    """The per-token scales equal the reference's exactly; an all-zero token gets the minimum
+    scale, not 0 (no 0 / 0), and quantizes to zeros. (The e4m3 values themselves are checked
+    on a GPU only: the interpreter's fp8 cast carries mantissa overflow wrongly.)"""
+    x = torch.randn(3, 40, device=device) * 3
+    x[1] = 0.0
+    q, scale = fp8_quantize_rows(x)
+    assert torch.equal(scale, reference.fp8_quantize_rows(x)[1])
+    assert scale[1].item() == torch.tensor(1e-12).item() and not q[1].float().any()
+    q, scale = fp8_quantize_rows(torch.randn(0, 40, device=device))
+    assert q.shape == (0, 40) and q.dtype == torch.float8_e4m3fn and scale.shape == (0,)
