@@ -12,7 +12,7 @@ import triton.language as tl
 
 from kernels.launch import next_power_of_2
 from kernels.pdl import pdl_launch, wait_for_predecessor
-from kernels.rotary import _load_cos_sin, _rotate_heads
+from kernels.rotary import _load_cos_sin, _rotate_heads, rope_rows
 
 
 @triton.jit
@@ -241,3 +241,36 @@ def rotary_and_write_kv_cache(
         COPY_PASS=pass_dim > 0, **pdl_launch(query.device),
     )  # fmt: skip
     return q_out
+
+
+# The fused decode kernel's (kernels.paged_attention) write of one request's new key and value.
+
+
+@triton.jit
+def new_key_value(k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, req, kv_head, offs_d,
+                  cos_sin_row, stride_kt, stride_kh, stride_vt, stride_vh, HALF: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):  # fmt: skip
+    """This step's key of ``kv_head``, rotated, and its value, [1, BLOCK_D] in the cache's
+    dtype (the key rounded as the rotary kernel writes it: to the key's dtype, then the
+    cache's)."""
+    d_mask = offs_d[None, :] < HEAD_DIM
+    k_row = k_new_ptr + req.to(tl.int64) * stride_kt + kv_head * stride_kh
+    k_new = rope_rows(k_row, offs_d[None, :], d_mask, cos_sin_row, HALF)
+    k_new = k_new.to(k_new_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+    v_row = v_new_ptr + req.to(tl.int64) * stride_vt + kv_head * stride_vh
+    v_new = tl.load(v_row + offs_d[None, :], mask=d_mask, other=0.0)
+    return k_new, v_new.to(v_cache_ptr.dtype.element_ty)
+
+
+@triton.jit
+def store_new_key_value(k_cache_ptr, v_cache_ptr, k_new, v_new, slot_mapping_ptr, req,
+                        kv_head, offs_d, stride_cb, stride_cs, stride_ch,
+                        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+    """Write the new key and value at the request's slot. No slot < 0 check: padding rows
+    have seq_len 0 and own nothing."""
+    slot = tl.load(slot_mapping_ptr + req).to(tl.int64)
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+    dst += kv_head * stride_ch + offs_d[None, :]
+    d_mask = offs_d[None, :] < HEAD_DIM
+    tl.store(k_cache_ptr + dst, k_new, mask=d_mask)
+    tl.store(v_cache_ptr + dst, v_new, mask=d_mask)

@@ -38,6 +38,7 @@ from kernels.attention_tile import (
 )
 from kernels.decode_splits import MAX_SPLITS, choose_num_splits, combine_splits
 from kernels.fp8_pairs import attend_tile_pairs
+from kernels.kv_cache import new_key_value, store_new_key_value
 from kernels.launch import next_power_of_2, num_sms, ptx_widening
 from kernels.pdl import pdl_launch, wait_for_predecessor
 from kernels.rotary import rope_rows
@@ -164,21 +165,18 @@ def _decode_kernel(
     # ROPE: the split holding this step's key (position seq_len - 1) rotates it and writes it
     # and the value to the cache before its tile loop, which then reads them back like any
     # other key (attending to them from registers instead kept ~30 more registers per thread
-    # live, and fewer programs fit on an SM).
-    if PRELOAD:
-        d_mask = offs_d[None, :] < HEAD_DIM
-        k_row = k_new_ptr + req.to(tl.int64) * stride_kt + kv_head * stride_kh
-        k_new = rope_rows(k_row, offs_d[None, :], d_mask, cos_sin_row, HALF)
-        k_new = k_new.to(k_new_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
-        v_row = v_new_ptr + req.to(tl.int64) * stride_vt + kv_head * stride_vh
-        v_new = tl.load(v_row + offs_d[None, :], mask=d_mask, other=0.0)
-        v_new = v_new.to(v_cache_ptr.dtype.element_ty)
+    # live, and fewer programs fit on an SM). PRELOAD: its first tile, already in registers,
+    # takes them there; later tiles read them back.
+    if PRELOAD:  # every split takes the new key and value, to join its first tile
+        k_new, v_new = new_key_value(
+            k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, req, kv_head, offs_d, cos_sin_row,
+            stride_kt, stride_kh, stride_vt, stride_vh, HALF, HEAD_DIM,
+        )  # fmt: skip
         if (start < seq_len) & (end == seq_len):  # the split that holds the new position
-            slot = tl.load(slot_mapping_ptr + req).to(tl.int64)
-            dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
-            dst += kv_head * stride_ch + offs_d[None, :]
-            tl.store(k_cache_ptr + dst, k_new, mask=d_mask)
-            tl.store(v_cache_ptr + dst, v_new, mask=d_mask)
+            store_new_key_value(
+                k_cache_ptr, v_cache_ptr, k_new, v_new, slot_mapping_ptr, req, kv_head, offs_d,
+                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HEAD_DIM,
+            )  # fmt: skip
         tl.debug_barrier()  # as below: later tiles of this split read the slot back
         new_pos = offs_n0 == seq_len - 1  # [BLOCK_N]: the new key's column, if in this tile
         k0 = tl.where(new_pos[None, :], tl.trans(k_new), k0)
@@ -189,19 +187,14 @@ def _decode_kernel(
     elif ROPE:
         first = start
         if (start < seq_len) & (end == seq_len):
-            d_mask = offs_d[None, :] < HEAD_DIM
-            k_row = k_new_ptr + req.to(tl.int64) * stride_kt + kv_head * stride_kh
-            k_new = rope_rows(k_row, offs_d[None, :], d_mask, cos_sin_row, HALF)
-            # rounded as the rotary kernel writes it: to the key's dtype, then the cache's
-            k_new = k_new.to(k_new_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
-            v_row = v_new_ptr + req.to(tl.int64) * stride_vt + kv_head * stride_vh
-            v_new = tl.load(v_row + offs_d[None, :], mask=d_mask, other=0.0)
-            slot = tl.load(slot_mapping_ptr + req).to(tl.int64)
-            dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
-            dst += kv_head * stride_ch + offs_d[None, :]
-            # NOTE: no slot < 0 check: padding rows have seq_len 0 and own nothing.
-            tl.store(k_cache_ptr + dst, k_new, mask=d_mask)
-            tl.store(v_cache_ptr + dst, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
+            k_new, v_new = new_key_value(
+                k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, req, kv_head, offs_d,
+                cos_sin_row, stride_kt, stride_kh, stride_vt, stride_vh, HALF, HEAD_DIM,
+            )  # fmt: skip
+            store_new_key_value(
+                k_cache_ptr, v_cache_ptr, k_new, v_new, slot_mapping_ptr, req, kv_head, offs_d,
+                stride_cb, stride_cs, stride_ch, BLOCK_SIZE, HEAD_DIM,
+            )  # fmt: skip
         # NOTE: a CTA barrier makes this CTA's global stores visible to all its threads: the
         # tile loop's loads (cp.async, issued after it: tests/kernels/test_compile_sm90.py
         # checks the order) see the slot just written, found through the block table, so
