@@ -3,10 +3,11 @@
     python benchmarks/lone_decode.py [--out x.json]
 
 Llama-3.2-1B heads (32 / 8 x 64), bf16, block tables of a 131,072-token capacity (the served
-default for Llama 3.2, so the kernel cuts the context into 64 splits), contexts 256-32,768;
+default for Llama 3.2: the one-warp kernel's grid has 128 splits), contexts 256-32,768;
 CUDA-graph replays cycling over enough disjoint caches to miss L2 (``gemv.py``'s
 ``graph_us``). Configs: the default (one warp, 32 keys, first tile read before the PDL wait)
-against four-warp 64-key programs loading after it. The kernel runs alone here, so the
+against the same in 64 splits (the 33rd session's grid) and four-warp 64-key programs
+loading after it. The kernel runs alone here, so the
 preload's gain (which needs a GEMV running before it) does not show: this checks that long
 contexts do not pay for the one-warp programs; ``gemv.py --cases engine`` times the layer.
 """
@@ -33,7 +34,11 @@ from kernels.paged_attention import NewTokens, paged_attention_decode  # noqa: E
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 64, 16
 CAPACITY = 131072
 CONTEXTS = (256, 1024, 4096, 16384, 32768)
-CONFIGS = {"default": {}, "w4_n64_after_wait": {"block_n": 64, "num_warps": 4, "preload": False}}
+CONFIGS = {
+    "default": {},
+    "64_splits": {"num_splits": 64},
+    "w4_n64_after_wait": {"block_n": 64, "num_warps": 4, "preload": False},
+}
 MISS_BYTES = 256 << 20
 
 

@@ -1,9 +1,10 @@
 """Split-K decode attention: how many chunks a request's context is cut into, and the kernel
 that combines the chunks' partials (``kernels.paged_attention`` writes them).
 
-Each split writes its running max (log2 domain), sum and unnormalized output for every query
-head; the reduce rescales them to the largest max and divides by the total sum. Empty splits
-(a context shorter than the others') have sum 0 and drop out.
+Each split that holds keys writes its running max (log2 domain), sum and unnormalized output
+for every query head; the reduce rescales them to the largest max and divides by the total
+sum. A context shorter than the grid leaves trailing splits empty: they exit at once, write
+nothing, and the reduce reads only the splits that hold keys.
 """
 
 import math
@@ -22,7 +23,9 @@ def _decode_reduce_kernel(
     part_l_ptr,
     part_acc_ptr,  # [num_reqs, num_heads, num_splits, head_dim] fp32
     out_ptr,  # [num_reqs, num_heads, head_dim]
+    seq_lens_ptr,  # [num_reqs] int32
     num_splits,
+    block_n,  # the decode kernel's key tile: splits cover whole tiles
     stride_ot,
     stride_oh,
     NUM_HEADS: tl.constexpr,
@@ -31,16 +34,20 @@ def _decode_reduce_kernel(
     BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_for_predecessor(PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
+    # Before the wait: seq_lens are the step's staged inputs, which no kernel of ours writes
+    # (the decode kernel's preload reads them early too).
+    tiles = tl.cdiv(tl.load(seq_lens_ptr + req), block_n)
+    wait_for_predecessor(PDL)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
+    tiles_per_split = tl.maximum(tl.cdiv(tiles, num_splits), 1)
+    s_mask = offs_s < tl.cdiv(tiles, tiles_per_split)  # splits past the context are empty
     row = (req * NUM_HEADS + head).to(tl.int64) * num_splits + offs_s  # [BLOCK_S]
     m = tl.load(part_m_ptr + row, mask=s_mask, other=-1.0e30)
     l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)  # noqa: E741
-    w = tl.exp2(m - tl.max(m, 0))  # empty splits have l == 0 and acc == 0
+    w = tl.exp2(m - tl.max(m, 0))  # masked splits: l == 0, acc == 0
     l_total = tl.sum(l * w, 0)
     mask = s_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
@@ -49,25 +56,32 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-MAX_SPLITS = 64
+MAX_SPLITS = 128
 
 
 def choose_num_splits(
-    num_reqs: int, num_kv_heads: int, max_seq_len: int, block_n: int, sm_count: int
+    num_reqs: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    block_n: int,
+    sm_count: int,
+    num_warps: int = 4,
 ) -> int:
     """Split the context only when (request, kv_head) programs alone cannot fill the GPU.
 
-    Aims at ~4 programs per SM, down to one key tile per split: a few requests are latency
-    bound, not bandwidth bound (H200, 8 kv heads, one request, graph replays: 1,024 keys
-    take 10.1 us in 4 splits, 6.1 us in 16; 512 keys 10.0 us in 2, 5.5 us in 8). Under CUDA
-    graphs ``max_seq_len`` is the table's capacity, so shorter contexts leave trailing splits
-    empty (they exit at once).
+    Aims at ~16 warps per SM (4 programs of four warps, 16 of one), down to one key tile per
+    split: a few requests are latency bound, not bandwidth bound (H200, 8 kv heads, one
+    request, graph replays: 1,024 keys take 10.1 us in 4 splits, 6.1 us in 16; 512 keys
+    10.0 us in 2, 5.5 us in 8). Under CUDA graphs ``max_seq_len`` is the table's capacity;
+    the kernel spreads the actual context over the splits, so short ones leave trailing
+    splits empty.
     """
     programs = num_reqs * num_kv_heads
     tiles = math.ceil(max_seq_len / block_n)
     if programs >= 2 * sm_count or tiles < 2:
         return 1
-    return max(1, min(math.ceil(4 * sm_count / programs), tiles, MAX_SPLITS))
+    per_sm = max(1, 16 // num_warps)
+    return max(1, min(math.ceil(per_sm * sm_count / programs), tiles, MAX_SPLITS))
 
 
 def combine_splits(
@@ -75,11 +89,14 @@ def combine_splits(
     part_l: torch.Tensor,
     part_acc: torch.Tensor,  # [num_reqs, num_heads, num_splits, head_dim] fp32
     out: torch.Tensor,  # [num_reqs, num_heads, head_dim], rows of a dense head_dim
+    seq_lens: torch.Tensor,  # [num_reqs] int32, as the decode kernel read them
+    block_n: int,  # the decode kernel's key tile
 ) -> None:
     """Write each (request, head)'s attention output from its splits' partials into ``out``."""
     num_reqs, num_heads, num_splits, head_dim = part_acc.shape
     _decode_reduce_kernel[(num_reqs, num_heads)](
-        part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
+        part_m, part_l, part_acc, out, seq_lens, num_splits, block_n, out.stride(0),
+        out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_S=MAX_SPLITS,
         BLOCK_D=next_power_of_2(head_dim), num_warps=4,  # one compile for any split
         **pdl_launch(out.device),

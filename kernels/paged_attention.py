@@ -125,6 +125,8 @@ def _decode_kernel(
     tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+    if SPLIT and start >= seq_len:  # an empty split: the reduce reads only those with keys
+        return
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -335,7 +337,7 @@ def paged_attention_decode(
         if max_seq_len is None:
             max_seq_len = block_tables.shape[1] * block_size
         num_splits = choose_num_splits(
-            num_reqs, num_kv_heads, max_seq_len, block_n, num_sms(query.device)
+            num_reqs, num_kv_heads, max_seq_len, block_n, num_sms(query.device), num_warps
         )
     assert 1 <= num_splits <= MAX_SPLITS, f"num_splits {num_splits} must be in [1, {MAX_SPLITS}]"
 
@@ -384,5 +386,5 @@ def paged_attention_decode(
         num_stages=num_stages, **pdl_launch(query.device),
     )  # fmt: skip
     if split:
-        combine_splits(part_m, part_l, part_acc, out)
+        combine_splits(part_m, part_l, part_acc, out, seq_lens, block_n)
     return out

@@ -12,7 +12,7 @@ from kernel_testing import (
     ref_attention,
 )
 
-from kernels.decode_splits import choose_num_splits
+from kernels.decode_splits import MAX_SPLITS, choose_num_splits, combine_splits
 from kernels.paged_attention import paged_attention_decode
 
 SEQ_LENS = [1, 37, 70, 16]  # none but 16 a multiple of the block size
@@ -61,6 +61,34 @@ def test_decode_split_k(
 ) -> None:
     # 8 splits of 16-key tiles leave empty trailing splits for the short requests.
     _run(device, dtype, SEQ_LENS, 2, 4, 64, block_size, block_n=16, num_splits=num_splits)
+
+
+def test_decode_split_k_at_most_splits(device: torch.device) -> None:
+    """The largest grid: a short context leaves most splits empty, a long one (133 tiles of
+    16 keys) puts two tiles in each of the first 67 splits."""
+    _run(device, torch.float32, [37, 2120], 1, 4, 32, 16, block_n=16, num_splits=MAX_SPLITS)
+
+
+def test_combine_reads_only_the_splits_that_hold_keys(device: torch.device) -> None:
+    """Splits past a request's context are never read: NaN there changes nothing. 40 keys in
+    tiles of 16 over 8 splits: 3 tiles, one a split; 100 keys: 7 tiles, 7 splits; 0 keys
+    (padding): none, zeros out."""
+    heads, splits, d = 2, 8, 32
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(3, heads, splits, generator=g) * 4
+    l = torch.rand(3, heads, splits, generator=g) + 0.5  # noqa: E741
+    acc = torch.randn(3, heads, splits, d, generator=g)
+    for row, active in enumerate([3, 7, 0]):
+        for t in (m, l, acc):
+            t[row, :, active:] = float("nan")
+    out = torch.empty(3, heads, d, device=device)
+    combine_splits(m.to(device), l.to(device), acc.to(device), out, int32([40, 100, 0], device), 16)
+    for row, active in enumerate([3, 7]):
+        w = torch.exp2(m[row, :, :active] - m[row, :, :active].amax(-1, keepdim=True))
+        total = (l[row, :, :active] * w).sum(-1, keepdim=True)
+        want = (acc[row, :, :active] * w[..., None]).sum(1) / total
+        torch.testing.assert_close(out[row].cpu(), want)
+    assert out[2].eq(0).all()
 
 
 @pytest.mark.parametrize("head_dim", [80, 128])
@@ -127,13 +155,19 @@ def test_choose_num_splits() -> None:
     # Many programs or a single key tile: no split.
     assert choose_num_splits(64, 8, 8192, 64, 132) == 1
     assert choose_num_splits(1, 8, 64, 64, 132) == 1
-    # Few programs: ~4 per SM, down to one key tile per split, at most 64 splits.
+    # Few programs: ~16 warps per SM (4 programs of four warps), down to one key tile per
+    # split, at most MAX_SPLITS (128) splits.
     assert choose_num_splits(1, 8, 256, 64, 132) == 4
     assert choose_num_splits(1, 8, 1024, 64, 132) == 16
-    assert choose_num_splits(1, 8, 8192, 64, 132) == 64
+    assert choose_num_splits(1, 8, 8192, 64, 132) == 66
     assert choose_num_splits(4, 8, 1024, 64, 132) == 16
     assert choose_num_splits(16, 8, 1024, 64, 132) == 5
-    assert choose_num_splits(1, 1, 1 << 20, 64, 132) == 64
+    assert choose_num_splits(1, 1, 1 << 20, 64, 132) == 128
+    # One-warp programs (a lone request): 16 an SM.
+    assert choose_num_splits(1, 8, 400, 32, 132, num_warps=1) == 13
+    assert choose_num_splits(1, 8, 4096, 32, 132, num_warps=1) == 128
+    assert choose_num_splits(4, 8, 131072, 32, 132, num_warps=1) == 66
+    assert choose_num_splits(1, 8, 131072, 32, 132, num_warps=2) == 128
 
 
 @pytest.mark.gpu
