@@ -7,9 +7,9 @@ default for Llama 3.2: the one-warp kernel's grid has 128 splits), contexts 256-
 CUDA-graph replays cycling over enough disjoint caches to miss L2 (``gemv.py``'s
 ``graph_us``). Configs: the default (one warp, 32 keys, first tile read before the PDL wait)
 against the same in 64 splits (the 33rd session's grid) and four-warp 64-key programs
-loading after it. The kernel runs alone here, so the
-preload's gain (which needs a GEMV running before it) does not show: this checks that long
-contexts do not pay for the one-warp programs; ``gemv.py --cases engine`` times the layer.
+loading after it. The kernel runs alone here, so the preload's gain (which needs a GEMV
+running before it) does not show: this checks that long contexts do not pay for the one-warp
+programs; ``gemv.py --cases engine`` times the layer.
 """
 
 from __future__ import annotations
