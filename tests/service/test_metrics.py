@@ -129,6 +129,48 @@ def test_record_request_observes_histograms(model_name: str) -> None:
     assert value("vllm_runner_request_success_total", model_name, finished_reason="abort") == 1
 
 
+def _edges(name: str, model: str) -> list[str]:
+    from prometheus_client import REGISTRY
+
+    return [
+        sample.labels["le"]
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == name + "_bucket" and sample.labels.get("model_name") == model
+    ]
+
+
+def test_histograms_scrape_with_their_bucket_edges(model_name: str) -> None:
+    m = EngineMetrics(model_name)
+    m.record_request(ttft_s=0.07, itl_s=[0.012], e2e_s=0.3, finish_reasons=["stop"])
+    ttft = "0.001 0.005 0.01 0.02 0.04 0.06 0.08 0.1 0.25 0.5 0.75 1.0 2.5 5.0 7.5 10.0 20.0 40.0"
+    itl = "0.001 0.0025 0.005 0.01 0.015 0.02 0.025 0.03 0.04 0.05 0.075 0.1 0.15 0.2 0.3 0.4"
+    e2e = "0.1 0.25 0.5 1.0 2.5 5.0 10.0 20.0 40.0 60.0 120.0 300.0 600.0"
+    for name, edges in (
+        ("vllm_runner_time_to_first_token_seconds", ttft + " 80.0"),
+        ("vllm_runner_inter_token_latency_seconds", itl + " 0.5 0.75 1.0 2.5 5.0"),
+        ("vllm_runner_e2e_request_latency_seconds", e2e),
+    ):
+        assert _edges(name, model_name) == [*edges.split(), "+Inf"], name
+    itl_name = "vllm_runner_inter_token_latency_seconds_bucket"
+    assert value(itl_name, model_name, le="0.01") == 0
+    assert value(itl_name, model_name, le="0.015") == 1
+    assert value("vllm_runner_e2e_request_latency_seconds_bucket", model_name, le="0.25") == 0
+    assert value("vllm_runner_e2e_request_latency_seconds_bucket", model_name, le="0.5") == 1
+
+
+def test_a_front_end_that_takes_over_publishing_counts_only_what_follows(
+    model_name: str,
+) -> None:
+    """Another front end published the engine's first 40 tokens; this one, publishing from
+    then on, adds only the 5 generated since (not the engine's whole total again)."""
+    m = EngineMetrics(model_name)
+    m.record_step(stats(generation_tokens_total=40, prompt_tokens_total=9), publish=False)
+    m.record_step(stats(generation_tokens_total=45, prompt_tokens_total=9))
+    assert value("vllm_runner_generation_tokens_total", model_name) == 5
+    assert value("vllm_runner_prompt_tokens_total", model_name) == 0
+
+
 def test_request_success_counts_each_completion(model_name: str) -> None:
     """n > 1: each completion under its own reason (vLLM counts children); the latency
     histograms observe the request once."""
@@ -158,7 +200,9 @@ def test_multiprocess_mode_aggregates_workers(tmp_path: object) -> None:
         + """
 import sys
 m = metrics.EngineMetrics("mp-model")
-m.record_step({"num_running": int(sys.argv[1]), "generation_tokens_total": 10})
+n = int(sys.argv[1])
+m.record_step({"num_running": n, "generation_tokens_total": 10,
+               "kv_blocks_used": 25 * n, "kv_blocks_total": 100})  # fmt: skip
 m.record_request(ttft_s=0.1, itl_s=[0.01], e2e_s=0.5, finish_reasons=["stop"])
 """
     )
@@ -186,6 +230,8 @@ sys.stdout.write(generate_latest(registry).decode())
     # service: at each /metrics, test_a_killed_worker_...); here nobody marked them dead,
     # so both workers' values are summed.
     assert 'vllm_runner_num_requests_running{model_name="mp-model"} 5.0' in out
+    # the usage fraction is the fullest engine's, not a sum past 1 (0.5 + 0.75)
+    assert 'vllm_runner_kv_cache_usage_perc{model_name="mp-model"} 0.75' in out
 
 
 def test_a_front_end_that_stops_publishing_clears_its_gauges(model_name: str) -> None:
