@@ -107,3 +107,15 @@ def test_without_a_multiprocess_dir_nothing_is_removed(tmp_path, monkeypatch) ->
     scope = {"type": "http", "path": "/metrics"}
     assert _through_middleware(scope) == [scope]
     assert dead.exists()
+
+
+def test_only_live_gauges_of_dead_processes_are_forgotten(tmp_path) -> None:
+    """As prometheus_client's mark_process_dead: "all"-mode gauges (one series a pid),
+    counters and histograms of a dead process stay, as do a live process's live gauges."""
+    dead, alive = _exited_child().pid, os.getpid()
+    names = [f"gauge_livesum_{dead}.db", f"gauge_livemax_{dead}.db", f"gauge_all_{dead}.db",
+             f"counter_{dead}.db", f"histogram_{dead}.db", f"gauge_livesum_{alive}.db"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).touch()
+    live_gauges.forget_dead_processes(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
