@@ -168,6 +168,10 @@ def test_choose_num_splits() -> None:
     assert choose_num_splits(1, 8, 4096, 32, 132, num_warps=1) == 128
     assert choose_num_splits(4, 8, 131072, 32, 132, num_warps=1) == 66
     assert choose_num_splits(1, 8, 131072, 32, 132, num_warps=2) == 128
+    # Exactly two programs an SM already: no split; a 32-warp program: one per SM.
+    assert choose_num_splits(33, 8, 8192, 64, 132) == 1
+    assert choose_num_splits(32, 8, 8192, 64, 132) == 3
+    assert choose_num_splits(1, 8, 8192, 64, 132, num_warps=32) == 17
 
 
 @pytest.mark.gpu

@@ -195,3 +195,30 @@ def test_reference_fp8_write_saturates() -> None:
     got = cache.flatten().float()
     assert got[:6].tolist() == [448.0, -448.0, 448.0, -448.0, 448.0, 1.125]
     assert got[6].isnan() and got[7] == 0.0
+
+
+def test_key_and_value_of_different_layouts(device: torch.device) -> None:
+    """key dense, value a strided view (its own token and head strides), query dense but
+    permuted: each read at its own strides; the rotated query comes back contiguous."""
+    from kernels.kv_cache import rotary_and_write_kv_cache
+
+    key = torch.randn(6, 2, 32, device=device)
+    value = torch.randn(6, 3, 48, device=device)[:, 1:, 8:40]  # strides (144, 48, 1)
+    query = torch.randn(4, 6, 32, device=device).transpose(0, 1)  # strides (32, 192, 1)
+    slots = torch.tensor([3, 17, -1, 30, 0, 9], device=device)
+    k_cache, v_cache = _caches(3, 16, 2, 32, torch.float32, device)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    reference.write_kv_cache(key, value, k_ref, v_ref, slots)
+    write_kv_cache(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+    positions = torch.tensor([5, 0, 7, 2, 9, 1], device=device)
+    cos_sin = _cos_sin_cache(16, 32, device)
+    q_ref, k_rot = reference.rotary_embedding(positions, query, key, cos_sin)
+    reference.write_kv_cache(k_rot, value, k_ref, v_ref, slots)
+    q_rot = rotary_and_write_kv_cache(positions, query, key, value, cos_sin, k_cache, v_cache,
+                                      slots)  # fmt: skip
+    assert q_rot.is_contiguous()
+    torch.testing.assert_close(q_rot, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache, k_ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(v_cache, v_ref)

@@ -66,3 +66,16 @@ def test_rms_norm_real_sizes(device: torch.device, hidden: int) -> None:
     ref_out, ref_res = reference.rms_norm(x, weight, 1e-5, residual)
     torch.testing.assert_close(out, ref_out, atol=1e-2, rtol=2**-7)
     assert torch.equal(new_res, ref_res)
+
+
+def test_rms_norm_strided_residual_and_weight_keep_their_layouts(device: torch.device) -> None:
+    """A residual whose rows are strided unlike x's, and a strided weight, are read at their
+    own strides; the new residual keeps x's dtype under an fp32 weight (the output promotes)."""
+    x = torch.randn(5, 64, device=device).bfloat16()
+    residual = torch.randn(5, 160, device=device).bfloat16()[:, 32:96]  # row stride 160
+    weight = torch.randn(128, device=device)[::2]  # stride 2
+    out, new_res = rms_norm(x, weight, 1e-6, residual)
+    ref_out, ref_res = reference.rms_norm(x, weight.contiguous(), 1e-6, residual.contiguous())
+    assert out.dtype == torch.float32 and new_res.dtype == torch.bfloat16
+    _check(new_res, ref_res)  # (the interpreter truncates the bf16 sum: not bit-exact)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=ROUNDING_ULPS * 2**-7)

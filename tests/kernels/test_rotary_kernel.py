@@ -91,3 +91,19 @@ def test_rotary_dim_zero_and_bad_query_are_named(device: torch.device) -> None:
     ):
         check_paged_inputs(q.view(3, 32), cache, cache, torch.zeros(3, 1, dtype=torch.int32),
                            torch.ones(3, dtype=torch.int32))  # fmt: skip
+
+
+def test_rotary_out_of_place_from_qkv_views(device: torch.device) -> None:
+    """Strided query/key views (a fused qkv output) rotated out of place: new contiguous
+    tensors, written at their own strides, and the views untouched."""
+    qkv = torch.randn(5, (4 + 2 * 2) * 64, device=device)
+    q = qkv[:, : 4 * 64].view(5, 4, 64)
+    k = qkv[:, 4 * 64 : 6 * 64].view(5, 2, 64)
+    before = qkv.clone()
+    positions = torch.tensor([0, 3, 9, 1, 30], device=device)
+    cos_sin = _cos_sin_cache(32, 32, device)
+    q_out, k_out = rotary_embedding(positions, q, k, cos_sin)
+    q_ref, k_ref = reference.rotary_embedding(positions, q, k, cos_sin)
+    assert q_out.is_contiguous() and k_out.is_contiguous() and torch.equal(qkv, before)
+    _check(q_out, q_ref)
+    _check(k_out, k_ref)

@@ -233,6 +233,21 @@ def test_split_for_keeps_every_program_of_a_row_resident() -> None:
     ]  # fmt: skip
     assert split_for(1, 5000, 1024, 66) == 4  # (4 parts of 1250 tokens: 2 tiles each)
     assert split_for(1, 1024, 1024, 66) == split_for(1, 128256, 2048, 1) == 1
+    assert split_for(1, 4096, 1024, 66) == 4  # (a tile each, exactly)
+    assert split_for(1, 1 << 20, 1024, 1000) == 32  # (MAX_SPLIT)
+
+
+def test_sample_split_allows_half_the_sms(monkeypatch) -> None:
+    """Programs resident at once: half a CUDA device's SMs (one program an SM at most)."""
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: types.SimpleNamespace(multi_processor_count=132))  # fmt: skip
+    sampling._programs.cache_clear()
+    try:
+        assert sampling._programs(torch.device("cuda", 0)) == 66
+    finally:
+        sampling._programs.cache_clear()
 
 
 @pytest.mark.parametrize("split", [0, -2])
