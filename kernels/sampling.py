@@ -299,7 +299,9 @@ def sample_rows(
         f"params {tuple(params.shape)} {params.dtype}, want ({rows}, 4) float32"
     )
     assert params.stride(1) == 1, "params need a dense last dim"
-    assert seeds.shape == (rows,) and seeds.dtype == torch.int64, f"seeds {seeds.dtype}"
+    assert seeds.shape == (rows,) and seeds.dtype == torch.int64, (
+        f"seeds {tuple(seeds.shape)} {seeds.dtype}, want ({rows},) int64"
+    )
     assert vocab < 2**31, f"vocabulary {vocab} >= 2**31"
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if not rows:

@@ -116,7 +116,7 @@ def test_sample_rows_checks(device: torch.device, monkeypatch: pytest.MonkeyPatc
         sample_rows(logits, params.double(), seeds)
     with pytest.raises(AssertionError, match=r"params need a dense last dim"):
         sample_rows(logits, torch.zeros(2, 8, device=device)[:, ::2], seeds)
-    with pytest.raises(AssertionError, match=r"seeds torch.int32"):
+    with pytest.raises(AssertionError, match=r"seeds \(2,\) torch.int32, want \(2,\) int64"):
         sample_rows(logits, params, seeds.int())
     with pytest.raises(AssertionError, match=r"logits need a dense last dim"):
         sample_rows(torch.zeros(2, 128, device=device)[:, ::2], params, seeds)
@@ -126,3 +126,11 @@ def test_sample_rows_checks(device: torch.device, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(sampling, "_sample_kernel", {})
     with pytest.raises(AssertionError, match=r"split 64 x 2 rows: 1 to 32 a row"):
         sample_rows(logits, params, seeds, split=64)
+
+
+def test_seeds_of_the_wrong_length_are_named(device: torch.device) -> None:
+    """Seeds for 3 rows of 2: the error names their shape (it named only their dtype, which
+    was right)."""
+    logits, params = torch.zeros(2, 64, device=device), torch.zeros(2, 4, device=device)
+    with pytest.raises(AssertionError, match=r"seeds \(3,\) torch.int64, want \(2,\) int64"):
+        sample_rows(logits, params, torch.zeros(3, dtype=torch.int64, device=device))
