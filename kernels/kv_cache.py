@@ -72,6 +72,7 @@ def write_kv_cache(
     the head_dim axis is contiguous; the caches must share one layout with a contiguous
     head_dim axis.
     """
+    assert key.dim() == 3, f"key {tuple(key.shape)} must be [tokens, kv_heads, head_dim]"
     num_tokens, num_kv_heads, head_dim = key.shape
     assert value.shape == key.shape, f"value {tuple(value.shape)} != key {tuple(key.shape)}"
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (
@@ -185,6 +186,7 @@ def rotary_and_write_kv_cache(
     the value, in one kernel; returns the rotated query. Inputs may be strided views (a fused
     qkv output) with a dense head_dim; the cache dtype is the query's or fp8 (e4m3), which
     takes the rotated key rounded to the query's dtype first."""
+    assert query.dim() == 3, f"query {tuple(query.shape)} must be [tokens, heads, head_dim]"
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     rotary_dim = cos_sin_cache.shape[1]

@@ -125,6 +125,7 @@ def rotary_embedding(
     Returns new contiguous tensors, or with ``inplace=True`` rotates ``query``/``key`` (which may
     be strided views, e.g. of a fused qkv output) in place and returns them.
     """
+    assert query.dim() == 3, f"query {tuple(query.shape)} must be [tokens, heads, head_dim]"
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     rotary_dim = cos_sin_cache.shape[1]

@@ -134,3 +134,18 @@ def test_seeds_of_the_wrong_length_are_named(device: torch.device) -> None:
     logits, params = torch.zeros(2, 64, device=device), torch.zeros(2, 4, device=device)
     with pytest.raises(AssertionError, match=r"seeds \(3,\) torch.int64, want \(2,\) int64"):
         sample_rows(logits, params, torch.zeros(3, dtype=torch.int64, device=device))
+
+
+def test_a_query_or_key_that_is_not_3d_is_named(device: torch.device) -> None:
+    """A 2-D query (e.g. the unsplit qkv output) or key fails with its shape named, not with
+    "not enough values to unpack"."""
+    q2, k = torch.randn(3, 32, device=device), torch.randn(3, 2, 8, device=device)
+    pos, cs = torch.arange(3, device=device), _cos_sin(device=device)
+    cache = torch.zeros(2, 4, 2, 8, device=device)
+    query_2d = r"query \(3, 32\) must be \[tokens, heads, head_dim\]"
+    with pytest.raises(AssertionError, match=query_2d):
+        rotary_embedding(pos, q2, k, cs)
+    with pytest.raises(AssertionError, match=query_2d):
+        rotary_and_write_kv_cache(pos, q2, k, k, cs, cache, cache, pos)
+    with pytest.raises(AssertionError, match=r"key \(3, 16\) must be \[tokens, kv_heads, head_dim"):
+        write_kv_cache(k.view(3, 16), k.view(3, 16), cache, cache, pos)
