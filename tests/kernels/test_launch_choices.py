@@ -189,3 +189,15 @@ def test_prefill_checks(prefill) -> None:
     with pytest.raises(AssertionError, match=message):
         pf.prefill_attention(q, k_cache, v_cache, tables, int32([5], "cpu"),
                              int32([0, 5, 5], "cpu"), 0.1)  # fmt: skip
+
+
+def test_prefill_launches_in_order_past_the_grid_y_limit(prefill) -> None:
+    """Longest-first puts the query tiles on the grid's y axis, which CUDA caps at 65535:
+    one more and they stay on x, launched in order."""
+    k_cache, v_cache, tables = make_paged_kv([65535], 1, 16, 16, torch.bfloat16, "cpu")
+    for num_tokens, grid, longest_first in ((65534, (1, 65535), True), (65535, (65536, 1), False)):
+        q = torch.zeros(num_tokens, 1, 16, dtype=torch.bfloat16)
+        lens, qsl = int32([num_tokens], "cpu"), int32([0, num_tokens], "cpu")
+        pf.prefill_attention(q, k_cache, v_cache, tables, lens, qsl, 0.1, block_m=1)
+        assert prefill.calls[-1][0] == grid
+        assert prefill.calls[-1][2]["LONGEST_FIRST"] is longest_first
