@@ -121,3 +121,23 @@ def test_interrupted_generate_leaves_nothing_running(tiny_model_dirs, thresholds
     assert not llm.engine.has_unfinished() and gc.get_threshold() == (700, 10, 10)
     out = llm.generate([[6, 7]], params)
     assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 8
+
+
+def test_a_young_threshold_above_the_busy_one_is_kept_while_busy(thresholds):
+    gc.set_threshold(50_000, 10, 10)
+    a = FullCollections()
+    a.busy()
+    assert gc.get_threshold() == (50_000, 10, gc_pauses._NEVER)
+    a.idle()
+    assert gc.get_threshold() == (50_000, 10, 10)
+
+
+def test_startup_objects_are_frozen_once(monkeypatch):
+    frozen = []
+    monkeypatch.setattr(gc_pauses.gc, "freeze", lambda: frozen.append(1))
+    monkeypatch.setattr(gc_pauses.gc, "collect", lambda *a: 0)
+    monkeypatch.setattr(gc_pauses.atexit, "register", lambda f: None)
+    monkeypatch.setattr(gc_pauses.freeze_startup_objects, "done", False, raising=False)
+    gc_pauses.freeze_startup_objects()
+    gc_pauses.freeze_startup_objects()
+    assert frozen == [1]
