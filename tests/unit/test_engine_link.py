@@ -93,7 +93,36 @@ def test_the_stop_is_sent_once_when_collected_and_not_at_exit() -> None:
     def gone(command) -> None:
         raise BrokenPipeError
 
-    loop_threads.stop_when_collected(_Front(True), gone)()  # (the process has gone: quiet)
+    front = _Front(running=True)
+    loop_threads.stop_when_collected(front, gone)()  # (the process has gone: quiet)
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.joined = 0
+
+    def read(self, deliver) -> None:
+        pass
+
+    def stopped_because(self, exc) -> str:
+        return "never"
+
+    def join(self) -> None:
+        self.joined += 1
+
+
+@pytest.mark.parametrize("dropped", [True, False])
+def test_the_reader_waits_for_the_engine_of_a_dropped_front_end_only(dropped) -> None:
+    front, client, go = _Front(running=True), _Client(), threading.Event()
+    reader = loop_threads.start_reader_thread(front, client, go)
+    if dropped:
+        del front
+        gc.collect()
+    go.set()
+    reader.join(10)
+    assert not reader.is_alive() and client.joined == (1 if dropped else 0)
+    if not dropped:
+        assert front.stopped == [None]
 
 
 def test_a_stopped_engine_is_awaitable_at_once() -> None:
@@ -246,3 +275,44 @@ def test_a_socket_of_another_key_is_no_engine(home) -> None:
     finally:
         listener.close()
     assert place.connect(timeout=20) is None  # (no socket left: none runs)
+
+
+def test_an_abandoned_outbox_sends_nothing_more() -> None:
+    reader, writer = Pipe(duplex=False)
+    outbox = Outbox(writer, "test-outbox")
+    outbox.put(b"x" * (1 << 20))  # (larger than the pipe: its sender waits for the reader)
+    assert reader.poll(10)  # (sending)
+    outbox.put(("queued",))
+    outbox.abandon()
+    assert len(reader.recv()) == 1 << 20
+    outbox.join(10)
+    with pytest.raises(EOFError):
+        reader.recv()
+    outbox.put(("later",))
+    assert outbox.backlog == 1  # (after the close: counted, never sent)
+
+
+def test_a_blocked_send_to_a_socket_ends_when_abandoned() -> None:
+    reader, writer = Pipe(duplex=True)  # (a socket pair)
+    outbox = Outbox(writer, "test-outbox")
+    outbox.put(b"x" * (16 << 20))  # (nobody reads: its send blocks)
+    assert reader.poll(10)  # (sending)
+    outbox.abandon()
+    outbox.join(10)
+    assert not outbox.sending and outbox.failed
+    reader.close()
+
+
+def test_a_failed_outbox_counts_what_it_drops() -> None:
+    reader, writer = Pipe(duplex=False)
+    outbox = Outbox(writer, "test-outbox")
+    reader.close()
+    outbox.put(("lost",))
+    for _ in range(1000):
+        if outbox.failed and outbox.backlog == 0:
+            break
+        threading.Event().wait(0.01)
+    outbox.put(("dropped",))
+    outbox.close()
+    outbox.join(10)
+    assert outbox.failed and outbox.backlog == 0
