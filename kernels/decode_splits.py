@@ -43,15 +43,28 @@ def _decode_reduce_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     tiles_per_split = tl.maximum(tl.cdiv(tiles, num_splits), 1)
-    s_mask = offs_s < tl.cdiv(tiles, tiles_per_split)  # splits past the context are empty
-    row = (req * NUM_HEADS + head).to(tl.int64) * num_splits + offs_s  # [BLOCK_S]
-    m = tl.load(part_m_ptr + row, mask=s_mask, other=-1.0e30)
-    l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)  # noqa: E741
-    w = tl.exp2(m - tl.max(m, 0))  # masked splits: l == 0, acc == 0
-    l_total = tl.sum(l * w, 0)
-    mask = s_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(l_total > 0.0, l_total, 1.0)
+    active = tl.cdiv(tiles, tiles_per_split)  # splits past the context are empty
+    first_row = (req * NUM_HEADS + head).to(tl.int64) * num_splits
+    # BLOCK_S splits at a time, rescaled online: one pass of the same registers for any grid
+    # (a single chunk, the usual case, gives the bits of a one-shot reduce).
+    m_run = -1.0e30
+    l_run = 0.0
+    out = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, active, BLOCK_S):
+        s_mask = s0 + offs_s < active
+        row = first_row + s0 + offs_s  # [BLOCK_S]
+        m = tl.load(part_m_ptr + row, mask=s_mask, other=-1.0e30)
+        l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)  # noqa: E741
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.exp2(m - m_new)  # masked splits: l == 0, acc == 0
+        l_run = l_run * alpha + tl.sum(l * w, 0)
+        mask = s_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+        acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask,
+                      other=0.0)  # fmt: skip
+        out = out * alpha + tl.sum(acc * w[:, None], 0)
+        m_run = m_new
+    out = out / tl.where(l_run > 0.0, l_run, 1.0)
     o_off = req.to(tl.int64) * stride_ot + head * stride_oh + offs_d
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
@@ -97,7 +110,7 @@ def combine_splits(
     _decode_reduce_kernel[(num_reqs, num_heads)](
         part_m, part_l, part_acc, out, seq_lens, num_splits, block_n, out.stride(0),
         out.stride(1),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_S=MAX_SPLITS,
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_S=64,
         BLOCK_D=next_power_of_2(head_dim), num_warps=4,  # one compile for any split
         **pdl_launch(out.device),
     )  # fmt: skip
