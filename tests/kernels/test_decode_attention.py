@@ -12,7 +12,7 @@ from kernel_testing import (
     ref_attention,
 )
 
-from kernels.decode_splits import MAX_SPLITS, choose_num_splits, combine_splits
+from kernels.decode_splits import MAX_SPLITS, choose_num_splits, combine_splits, reduce_block
 from kernels.paged_attention import paged_attention_decode
 
 SEQ_LENS = [1, 37, 70, 16]  # none but 16 a multiple of the block size
@@ -168,6 +168,8 @@ def test_choose_num_splits() -> None:
     assert choose_num_splits(1, 8, 4096, 32, 132, num_warps=1) == 128
     assert choose_num_splits(4, 8, 131072, 32, 132, num_warps=1) == 66
     assert choose_num_splits(1, 8, 131072, 32, 132, num_warps=2) == 128
+    # The reduce reads 64 splits in one tile, or all 128 past 64.
+    assert [reduce_block(n) for n in (1, 64, 65, 128)] == [64, 64, 128, 128]
     # Exactly two programs an SM already: no split; a 32-warp program: one per SM.
     assert choose_num_splits(33, 8, 8192, 64, 132) == 1
     assert choose_num_splits(32, 8, 8192, 64, 132) == 3

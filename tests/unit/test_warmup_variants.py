@@ -1,5 +1,5 @@
-"""Every decode-kernel variant a mixed step can launch is one DecodeGraphs.warm_up compiled
-(CPU: the Triton launches are recorded, not run)."""
+"""Every decode-kernel (and split-reduce) variant a mixed step can launch is one
+DecodeGraphs.warm_up compiled (CPU: the Triton launches are recorded, not run)."""
 
 import pytest
 import torch
@@ -26,9 +26,15 @@ class _Recorder:
         return launch
 
 
-class _Null:
+class _ReduceRecorder:
+    def __init__(self):
+        self.seen = set()
+
     def __getitem__(self, grid):
-        return lambda *a, **k: None
+        def launch(*args, **kw):
+            self.seen.add(kw["BLOCK_S"])
+
+        return launch
 
 
 class _AttnOnly(nn.Module):
@@ -59,20 +65,22 @@ class _AttnOnly(nn.Module):
         return h
 
 
+@pytest.mark.parametrize("max_model_len", [4096, 16384])
 @pytest.mark.parametrize("max_num_seqs", [1, 8, 256])
-def test_warm_up_compiles_every_mixed_step_variant(monkeypatch, max_num_seqs):
+def test_warm_up_compiles_every_mixed_step_variant(monkeypatch, max_num_seqs, max_model_len):
     rec = _Recorder()
     monkeypatch.setattr(pa, "_decode_kernel", rec)
-    monkeypatch.setattr(ds, "_decode_reduce_kernel", _Null())
+    reduce = _ReduceRecorder()
+    monkeypatch.setattr(ds, "_decode_reduce_kernel", reduce)
     monkeypatch.setattr(ka, "prefill_attention", lambda *a, **k: None)
-    max_model_len = 4096
     max_blocks = max_model_len // BS
     cache = torch.zeros(4, BS, KV, D)
     buffers = DeviceInputs(512, max_num_seqs, max_blocks, torch.device("cpu"))
     graphs = DecodeGraphs(_AttnOnly(cache), buffers, max_num_seqs, max_model_len)
     graphs.warm_up()
-    compiled = set(rec.seen)
+    compiled, reduces = set(rec.seen), set(reduce.seen)
     rec.seen.clear()
+    reduce.seen.clear()
     for d in range(1, max_num_seqs + 1):  # a mixed step's decode rows, as kernels.attention
         for max_seq_len in (2, 64, 65, 1000, max_model_len):
             order = torch.arange(d, dtype=torch.int32)
@@ -87,3 +95,5 @@ def test_warm_up_compiles_every_mixed_step_variant(monkeypatch, max_num_seqs):
                 order=order,
             )
     assert rec.seen <= compiled, f"compiled mid-serving: {rec.seen - compiled}"
+    assert reduce.seen <= reduces, f"split reduce compiled mid-serving: {reduce.seen - reduces}"
+    assert reduce.seen == ({64, 128} if max_model_len > 64 * 64 else {64})

@@ -56,13 +56,16 @@ class DecodeGraphs:
         """Compile what decode rows run outside the graphs: a mixed step's decode rows take
         the decode kernel without the in-kernel rotary (``fused_decode`` False), split
         (few rows with long contexts) or not (many rows, or contexts of one key tile), in row
-        order (one row) or longest first. Left to the first mixed steps, those compiles
-        stalled a W1 run on a fresh Triton cache by ~0.8 s (H200)."""
+        order (one row) or longest first; the split reduce for a grid of few splits (a short
+        context) and of many. Left to the first mixed steps, those compiles stalled a W1 run
+        on a fresh Triton cache by ~0.8 s (H200)."""
         for size in sorted({*self.buckets[:2], self.buckets[-1]}):
             self._blank_inputs(size)
             self._static_call(size, fused_decode=False)
             if size < self.buckets[-1] or len(self.buckets) == 1:  # one key tile: unsplit
                 self._static_call(size, fused_decode=False, max_seq_len=1)
+            if size == self.buckets[0] and self.max_model_len > 128:  # a few splits
+                self._static_call(size, fused_decode=False, max_seq_len=128)
 
     def _blank_inputs(self, size: int) -> None:
         """Set the static inputs of a ``size``-row decode step so that warm-up and capture
