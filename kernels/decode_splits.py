@@ -17,6 +17,15 @@ from kernels.launch import next_power_of_2
 from kernels.pdl import pdl_launch, wait_for_predecessor
 
 
+@triton.jit
+def split_tiles(seq_len, block_n, num_splits):
+    """Key tiles of ``block_n`` in a context of ``seq_len`` keys, and in each of its
+    ``num_splits`` splits (whole tiles, at least one): the decode kernel's split ``s`` covers
+    tiles [s * per_split, (s + 1) * per_split) and holds keys iff s * per_split < tiles."""
+    tiles = tl.cdiv(seq_len, block_n)
+    return tiles, tl.maximum(tl.cdiv(tiles, num_splits), 1)
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_m_ptr,  # [num_reqs, num_heads, num_splits] fp32
@@ -38,11 +47,10 @@ def _decode_reduce_kernel(
     head = tl.program_id(1)
     # Before the wait: seq_lens are the step's staged inputs, which no kernel of ours writes
     # (the decode kernel's preload reads them early too).
-    tiles = tl.cdiv(tl.load(seq_lens_ptr + req), block_n)
+    tiles, tiles_per_split = split_tiles(tl.load(seq_lens_ptr + req), block_n, num_splits)
     wait_for_predecessor(PDL)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    tiles_per_split = tl.maximum(tl.cdiv(tiles, num_splits), 1)
     s_mask = offs_s < tl.cdiv(tiles, tiles_per_split)  # splits past the context are empty
     row = (req * NUM_HEADS + head).to(tl.int64) * num_splits + offs_s  # [BLOCK_S]
     m = tl.load(part_m_ptr + row, mask=s_mask, other=-1.0e30)

@@ -36,7 +36,7 @@ from kernels.attention_tile import (
     output_buffer,
     tile_rows,
 )
-from kernels.decode_splits import MAX_SPLITS, choose_num_splits, combine_splits
+from kernels.decode_splits import MAX_SPLITS, choose_num_splits, combine_splits, split_tiles
 from kernels.fp8_pairs import attend_tile_pairs
 from kernels.kv_cache import new_key_value, store_new_key_value
 from kernels.launch import next_power_of_2, num_sms, ptx_widening
@@ -122,7 +122,7 @@ def _decode_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
     # Each split covers a whole number of BLOCK_N tiles; trailing splits may be empty.
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+    _, tiles_per_split = split_tiles(seq_len, BLOCK_N, num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
     if SPLIT and start >= seq_len:  # an empty split: the reduce reads only those with keys
