@@ -93,6 +93,50 @@ def test_fusions_round_as_the_unfused_kernels(device: torch.device, dtype: torch
     assert torch.equal(buf[1:2], plain) and buf[0].isnan().all() and buf[2].isnan().all()
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_gemv_reads_rows_at_the_weight_stride(device: torch.device, gated: bool) -> None:
+    """A column slice of a wider weight (rows padded by 8: ``gemv_layout`` takes any row
+    stride that is a multiple of 4) is read at its own stride, its up rows too; 16- and
+    8-bit weights alike."""
+    from kernels.quant_matmul import W8A16Config, w8a16_matmul
+    from vllm_runner.model.layers.quant import quantize_int8
+
+    n, k, tiles = 24, 128, GemvTiles(8, 64)
+    rows = 2 * n if gated else n
+    x = torch.randn(1, k, device=device).bfloat16()
+    w = (torch.randn(rows, k + 8, device=device) * k**-0.5).bfloat16()[:, :k]
+    out = linear_one_row(x, w, gated=gated, tiles=tiles)
+    assert torch.equal(out, linear_one_row(x, w.contiguous(), gated=gated, tiles=tiles))
+    q, scale = quantize_int8(torch.randn(rows, k + 16, device=device) * 0.05)
+    cfg = W8A16Config(1, 8, 64, num_stages=1)
+    out = w8a16_matmul(x, q[:, :k], scale, config=cfg, gated=gated)
+    assert torch.equal(out, w8a16_matmul(x, q[:, :k].contiguous(), scale, config=cfg, gated=gated))
+
+
+def test_gemv_writes_only_its_row_of_out(device: torch.device) -> None:
+    """N ragged against block_n (44 = 5 x 8 + 4), the weight the first N rows of a larger
+    one and ``out`` a row of a larger buffer: nothing past the N outputs is written."""
+    n, k, tiles = 44, 128, GemvTiles(8, 64)
+    x, w = make(n + 4, k, torch.bfloat16, device)
+    w = w[:n]
+    buf = torch.full((3, n), -7.0, device=device, dtype=torch.bfloat16)
+    linear_one_row(x, w, out=buf[1:2], tiles=tiles)
+    assert (buf[0] == -7).all() and (buf[2] == -7).all()
+    assert_fused_close(buf[1:2], reference.linear_one_row(x, w))
+
+
+def test_gemv_norm_adds_eps(device: torch.device) -> None:
+    """An input whose mean square (~1e-6) is below eps: eps, not the input, sets the scale
+    of the normed row (a missing eps scales it up ~3x)."""
+    n, k = 16, 128
+    x, w = make(n, k, torch.bfloat16, device)
+    x = x * 1e-3
+    g = (torch.rand(k, device=device) + 0.5).bfloat16()
+    kw = {"norm": (g, EPS)}
+    out = linear_one_row(x, w, tiles=GemvTiles(8, 64), **kw)
+    assert_fused_close(out, reference.linear_one_row(x, w, **kw))
+
+
 def test_gemv_rejects_bad_inputs(device: torch.device) -> None:
     x, w = make(32, 64, torch.bfloat16, device)
     with pytest.raises(AssertionError, match=r"x \(2, 64\) must be \(1, 64\)"):
