@@ -217,6 +217,16 @@ def test_w8a16_strided_3d_input_and_empty(device: torch.device) -> None:
     assert empty.shape == (0, 48)
 
 
+def test_w8a16_strided_columns(device: torch.device) -> None:
+    """x with a column stride (every other element) and a transposed weight (column stride
+    N: not the GEMV's layout, so the tiled kernel) are read at their own strides."""
+    q, scale = make_int8(40, 96, device)
+    x = torch.randn(5, 192, device=device)[:, ::2]
+    q_t = q.t().contiguous().t()  # [40, 96], strides (1, 40)
+    out = w8a16_matmul(x, q_t, scale)
+    torch.testing.assert_close(out, reference.w8a16_linear(x, q, scale), **TOL[torch.float32])
+
+
 def test_w8a16_rejects_bad_inputs(device: torch.device) -> None:
     q, scale = make_int8(16, 32, device)
     with pytest.raises(AssertionError, match="qweight"):
