@@ -79,3 +79,36 @@ def test_rms_norm_strided_residual_and_weight_keep_their_layouts(device: torch.d
     assert out.dtype == torch.float32 and new_res.dtype == torch.bfloat16
     _check(new_res, ref_res)  # (the interpreter truncates the bf16 sum: not bit-exact)
     torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=ROUNDING_ULPS * 2**-7)
+
+
+def test_rms_norm_adds_eps(device: torch.device) -> None:
+    """Rows whose mean square (~1e-6) is below eps: eps sets the scale of the output."""
+    x = torch.randn(3, 64, device=device) * 1e-3
+    weight = torch.rand(64, device=device) + 0.5
+    _check(rms_norm(x, weight, 1e-5)[0], reference.rms_norm(x, weight, 1e-5)[0])
+
+
+def test_rms_norm_rounds_as_the_reference(device: torch.device) -> None:
+    """The residual sum is rounded to x's dtype before the norm (the fused result equals the
+    norm of the stored sum, bit for bit), and the normed x before the weight multiplies it
+    (with fp32 power-of-2 weights the output over the weight is a bf16 value exactly)."""
+    x = torch.randn(4, 96, device=device).bfloat16()
+    residual = torch.randn(4, 96, device=device).bfloat16()
+    weight = (torch.rand(96, device=device) + 0.5).bfloat16()
+    out, new_res = rms_norm(x, weight, 1e-6, residual)
+    assert torch.equal(out, rms_norm(new_res, weight, 1e-6)[0])
+    pow2 = 2.0 ** torch.randint(-2, 3, (96,), device=device).float()
+    normed = rms_norm(x, pow2, 1e-6)[0] / pow2
+    assert torch.equal(normed.bfloat16().float(), normed)
+
+
+def test_rms_norm_broadcast_row_with_residual(device: torch.device) -> None:
+    """One x row broadcast over three (row stride 0) plus three residual rows: the sums
+    (and outputs) are written at their own dense strides, not x's."""
+    x = torch.randn(1, 64, device=device).bfloat16().expand(3, 64)
+    residual = torch.randn(3, 64, device=device).bfloat16()
+    weight = (torch.rand(64, device=device) + 0.5).bfloat16()
+    out, new_res = rms_norm(x, weight, 1e-6, residual)
+    ref_out, ref_res = reference.rms_norm(x, weight, 1e-6, residual)
+    _check(new_res, ref_res)
+    _check(out, ref_out)
