@@ -11,7 +11,8 @@ from kernels.sampling import _programs, kth_largest, race_uniforms, sample_rows,
 
 INF = math.inf
 # (temperature, top_p, min_p, top_k): greedy, plain, each filter, all of them, a top_p
-# under fp32's range (0 there: the best token alone)
+# among fp32's subnormals and one under its range (0 there; SamplingParams takes it): the
+# best token alone
 SETTINGS = [
     (0.0, 1.0, 0.0, 0),
     (1.0, 1.0, 0.0, 0),
@@ -21,6 +22,7 @@ SETTINGS = [
     (0.8, 1.0, 0.2, 0),
     (0.9, 0.8, 0.05, 12),
     (1.0, 1e-40, 0.0, 0),
+    (1.0, 1e-46, 0.0, 0),
 ]
 
 
@@ -49,7 +51,8 @@ def test_kernel_draws_the_reference_token(device: torch.device, dtype, vocab: in
     want = reference.sample_rows(logits, params, race_uniforms(seeds, vocab))
     assert got.tolist() == want.tolist()
     assert got[0].item() == logits[0].float().argmax().item()
-    assert got[7].item() == logits[7].float().argmax().item()  # top_p 1e-40: the best
+    for row in (7, 8):  # top_p 1e-40 and 1e-46 (0 in fp32): the best
+        assert got[row].item() == logits[row].float().argmax().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
