@@ -222,3 +222,27 @@ def test_key_and_value_of_different_layouts(device: torch.device) -> None:
     torch.testing.assert_close(q_rot, q_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k_cache, k_ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(v_cache, v_ref)
+
+
+def test_rotary_and_write_kv_cache_odd_sizes_and_layouts(device: torch.device) -> None:
+    """3 kv heads (a tile of 4), rotary_dim 48 (halves of 24 in tiles of 32), a rotary table
+    that is the first 48 columns of a wider one, caches after a spare block of one buffer,
+    padding tokens (slot -1): the reference's query and cache rows, and nothing written
+    anywhere else (not the slot before the cache)."""
+    from kernels.kv_cache import rotary_and_write_kv_cache
+
+    buf = torch.randn(2, 4, 16, 3, 64, device=device)  # [k | v, spare + 3 blocks, 16, 3, 64]
+    k_cache, v_cache = buf[0, 1:], buf[1, 1:]
+    query = torch.randn(7, 6, 64, device=device)
+    key = torch.randn(7, 3, 64, device=device)
+    value = torch.randn(8, 3, 64, device=device)[:7]  # a spare row: reads stay in bounds
+    positions = torch.tensor([3, 0, 31, 9, 12, 5, 20], device=device)
+    slots = torch.tensor([-1, 17, 0, 46, -1, 30, 8], device=device)  # not 47: writes in bounds
+    table = torch.cat([_cos_sin_cache(32, 48, device), torch.randn(32, 16, device=device)], 1)
+    want = buf.clone()
+    q_ref, k_rot = reference.rotary_embedding(positions, query, key, table[:, :48])
+    reference.write_kv_cache(k_rot, value, want[0, 1:], want[1, 1:], slots)
+    q_rot = rotary_and_write_kv_cache(positions, query, key, value, table[:, :48], k_cache,
+                                      v_cache, slots)  # fmt: skip
+    torch.testing.assert_close(q_rot, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(buf, want, atol=1e-5, rtol=1e-5)

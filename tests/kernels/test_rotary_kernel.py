@@ -107,3 +107,19 @@ def test_rotary_out_of_place_from_qkv_views(device: torch.device) -> None:
     assert q_out.is_contiguous() and k_out.is_contiguous() and torch.equal(qkv, before)
     _check(q_out, q_ref)
     _check(k_out, k_ref)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rotary_odd_sizes_and_a_strided_table(device: torch.device, inplace: bool) -> None:
+    """3 kv heads (a tile of 4), rotary_dim 48 of head_dim 64 (halves of 24 in tiles of 32)
+    and a rotary table that is the first 48 columns of a wider one (row stride 64): the
+    reference's rotation, the 16 features past rotary_dim unchanged (in place too)."""
+    positions = torch.tensor([0, 7, 31, 2, 19], device=device)
+    query = torch.randn(5, 6, 64, device=device)
+    key = torch.randn(5, 3, 64, device=device)
+    table = torch.cat([_cos_sin_cache(32, 48, device), torch.randn(32, 16, device=device)], 1)
+    q_ref, k_ref = reference.rotary_embedding(positions, query, key, table[:, :48])
+    q, k = rotary_embedding(positions, query.clone(), key.clone(), table[:, :48],
+                            inplace=inplace)  # fmt: skip
+    _check(q, q_ref)
+    _check(k, k_ref)
