@@ -36,6 +36,19 @@ def test_logprobs_0_gives_the_sampled_tokens_logprob_alone():
     assert top[1] == chosen and out.logprobs[1] is None
 
 
+def test_logprobs_list_the_sampled_token_first_then_the_top_n():
+    """vLLM: {sampled token: its logprob, then the top n by rank}, of the raw distribution:
+    a logit bias makes token 2 (raw rank 2) the greedy pick, and it leads the dict."""
+    logits = torch.tensor([[0.5, 2.0, 1.5, -1.0]])
+    want = logits.double().log_softmax(-1)[0]
+    row = _row(temperature=0.0, logprobs=2, logit_bias={2: 1.0})
+    out = Sampler(CPU, 0)(logits.clone(), [row])
+    chosen, top = out.logprobs[0]
+    assert out.token_ids == [2] and list(top) == [2, 1]
+    assert math.isclose(chosen, want[2], abs_tol=1e-6) and top[2] == chosen
+    assert math.isclose(top[1], want[1], abs_tol=1e-6)
+
+
 def test_logit_bias_goes_to_its_own_row_of_the_batch():
     """Each row's logit_bias edits that row's logits only: row 1's +5 on token 3 makes
     token 3 its greedy pick, while rows 0 and 2 keep their argmax."""
