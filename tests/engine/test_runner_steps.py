@@ -1,6 +1,7 @@
 """The runner's step assembly seen through the engine and on its own: overlapped steps'
 penalties count each request's token still on the device once, and only it; a step mixing
-a prompt-logprobs request with others reads every row; the block table's width rounds up."""
+a prompt-logprobs request with others reads every row; the block table's width rounds up;
+an overlapped engine's last, empty steps still release finished requests."""
 
 from types import SimpleNamespace
 
@@ -71,3 +72,17 @@ def test_a_max_model_len_short_of_a_whole_block_still_reaches_it(llama_dir):
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     out = llm.generate([list(range(1, 31))], params)[0].outputs[0]
     assert len(out.token_ids) == 10 and out.finish_reason == "length"
+
+
+def test_overlapped_steps_leave_no_finished_request_state(llama_dir):
+    """With steps overlapped, the last steps schedule nothing (every request's in-flight
+    token ends it) while they carry the ids of requests finished since: the runner still
+    forgets those requests' states and block-table rows."""
+    llm = make_llm(llama_dir, async_scheduling=True)
+    params = [
+        SamplingParams(max_tokens=3 + i, temperature=0.0, ignore_eos=True, logprobs=i % 2 or None)
+        for i in range(4)
+    ]
+    llm.generate(prompts(4, seed=5), params)
+    batch = llm.engine.runner.batch
+    assert batch.states == {} and not batch.block_table.any() and not batch.needs_rows
