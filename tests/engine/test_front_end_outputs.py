@@ -2,6 +2,7 @@
 that are not running, and CompletionOutput.finished()."""
 
 import asyncio
+import dataclasses
 
 import pytest
 from engine_testing import make_llm
@@ -12,7 +13,7 @@ from vllm_runner.engine.outputs import CompletionOutput, RequestOutput
 
 def test_logprobs_zero_gives_each_sampled_tokens_logprob(llama_dir):
     """vLLM: logprobs=0 returns, per token, a dict of the sampled token's logprob alone (not
-    None), and cumulative_logprob is their sum."""
+    None), and cumulative_logprob is their sum; logprobs=None gives None for both."""
     llm = make_llm(llama_dir)
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=0)
     c = llm.generate([[1, 2, 3, 4]], params)[0].outputs[0]
@@ -22,6 +23,8 @@ def test_logprobs_zero_gives_each_sampled_tokens_logprob(llama_dir):
         sum(lp[t] for t, lp in zip(c.token_ids, c.logprobs, strict=True))
     )
     assert c.cumulative_logprob < 0.0
+    (none,) = llm.generate([[1, 2, 3, 4]], dataclasses.replace(params, logprobs=None))
+    assert none.outputs[0].logprobs is None and none.outputs[0].cumulative_logprob is None
 
 
 def test_n_streams_count_each_completions_own_tokens(tiny_async):
