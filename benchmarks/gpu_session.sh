@@ -4,7 +4,8 @@
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
 # quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, lone-decode, w1-fp8,
 # kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe,
-# read-bw, sampler-probe, gemm-prefill, persistent-layers, loadtest-1b, serving-ab, variants-ab, chat-ab, engine-ab, profile-engine, profile-serving)
+# read-bw, sampler-probe, gemm-prefill, persistent-layers, loadtest-1b, serving-ab, variants-ab, chat-ab, engine-ab, profile-engine, profile-serving,
+# overlap-probe)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -53,6 +54,11 @@ for step in "$@"; do
     gemv) python benchmarks/gemv.py --out "$OUT/gemv.json" 2>&1 | tail -150 ;;
     gemv-chain) python benchmarks/gemv.py --cases chain --out "$OUT/gemv_chain.json" 2>&1 | tail -16 ;;
     gemv-engine) python benchmarks/gemv.py --cases engine --out "$OUT/gemv_engine.json" 2>&1 | tail -12 ;;
+    overlap-probe) # power and SM clock sampled beside it (the probe's JSON marks each case's times)
+             nvidia-smi --query-gpu=timestamp,power.draw,clocks.sm --format=csv,noheader -lms 100 \
+               > "$OUT/overlap_smi.csv" & smi=$!
+             python benchmarks/overlap_probe.py --out "$OUT/overlap.json" 2>&1 | tail -40
+             kill "$smi" ;;
     lone-decode) python benchmarks/lone_decode.py --out "$OUT/lone_decode.json" 2>&1 | tail -12 ;;
     kernels-gaps) python benchmarks/kernels.py --quick --gaps --out "$OUT/kernels_gaps.md" 2>&1 | tail -20 ;;
     kernels-w1) python benchmarks/kernels.py --quick --w1 --out "$OUT/kernels_w1.md" 2>&1 | tail -60 ;;

@@ -1,0 +1,182 @@
+"""Does memory-bound decode work run for free beside a compute-bound prefill GEMM?
+
+W1 8B is the sum of its parts (benchmarks/RESULTS.md): prefill GEMMs at the card's power cap
+(~3.0 s) and decode steps whose attention reads the KV cache at ~98% of copy bandwidth
+(~1.5 s). An engine that ran the decode of finished prompts while later prompts prefill (two
+streams, or SMs split between them) would gain only if the card runs both at once. This
+measures that before building it (CUDA only):
+
+    python benchmarks/overlap_probe.py [--seconds 0.25] [--sms 16,32,48] [--out x.json]
+
+A (compute): the 8B gate_up projection of a 4096-token prefill chunk (cuBLAS).
+B (memory), each in turn: ``attn`` the engine's decode attention at W1's 8B shapes (256 rows,
+contexts 64-1280, rotary + KV write, longest first); ``gemm256`` / ``gemm64`` the 8B gate_up
+at 256 / 64 decode rows, weights alternating between copies that never stay in L2.
+B is a CUDA graph of several calls, A four eager calls (a green context's stream takes
+them), each repeated so it runs ~``seconds`` alone; then A and B run at once on two streams,
+in these modes: ``streams`` (two plain streams), ``priority`` (B's stream at high priority),
+``green-N`` (A on a green context of all SMs but N, B on a plain stream). overlap = (t_A +
+t_B - t_both) / min(t_A, t_B): 1 when B runs for free, 0 when the two run one after the other.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from kernel_bench import BLOCK_SIZE, DEVICE, DTYPE, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, KVPool  # noqa: E402
+
+INTERMEDIATE = 14336
+
+
+def gemm(rows: int, copies: int) -> Callable[[], None]:
+    """x[rows, 4096] @ gate_up^T into a fixed output; ``copies`` weights in turn."""
+    x = torch.randn(rows, HIDDEN, dtype=DTYPE, device=DEVICE)
+    ws = [torch.randn(2 * INTERMEDIATE, HIDDEN, dtype=DTYPE, device=DEVICE) for _ in range(copies)]
+    y = torch.empty(rows, 2 * INTERMEDIATE, dtype=DTYPE, device=DEVICE)
+
+    def run() -> None:
+        for w in ws:
+            torch.mm(x, w.t(), out=y)
+
+    return run
+
+
+def decode_attention() -> Callable[[], None]:
+    """The engine's decode kernel over a 256-row W1 step (as benchmarks/kernels_w1.py)."""
+    from kernels.paged_attention import NewTokens, paged_attention_decode
+
+    gen = torch.Generator().manual_seed(1)
+    lens = torch.randint(64, 1281, (256,), generator=gen)
+    per_seq = -(-int(lens.max()) // BLOCK_SIZE)
+    pool = KVPool(256 * per_seq)
+    tables = pool.perm.view(256, per_seq)
+    seq_lens = lens.to(torch.int32).to(DEVICE)
+    q = torch.randn(256, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    positions = (lens - 1).to(DEVICE)
+    slots = tables.gather(1, (positions // BLOCK_SIZE)[:, None])[:, 0].long() * BLOCK_SIZE
+    new_kv = torch.randn(256, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    new = NewTokens(positions, new_kv, new_kv, torch.rand(2048, HEAD_DIM, device=DEVICE),
+                    slots + positions % BLOCK_SIZE)  # fmt: skip
+    order = torch.argsort(seq_lens, descending=True).to(torch.int32)
+    out = torch.empty_like(q)
+
+    def run() -> None:
+        paged_attention_decode(q, pool.k, pool.v, tables, seq_lens, HEAD_DIM**-0.5,
+                               out=out, new_tokens=new, order=order)  # fmt: skip
+
+    return run
+
+
+def graph_of(fn: Callable[[], None], calls: int) -> torch.cuda.CUDAGraph:
+    fn()  # compile / pick algorithms outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
+def replay(parts: list[tuple[Callable[[], None], int, torch.cuda.Stream]]) -> float:
+    """Milliseconds from a common start until every (work, repeats, stream) is done."""
+    torch.cuda.synchronize()
+    here = torch.cuda.current_stream()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(here)
+    for work, n, stream in parts:
+        stream.wait_event(start)
+        with torch.cuda.stream(stream):
+            for _ in range(n):
+                work()
+    for _, _, stream in parts:
+        here.wait_stream(stream)
+    end.record(here)
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def green_stream(keep_free: int) -> torch.cuda.Stream:
+    """A stream of a green context holding all SMs but ``keep_free``."""
+    from torch.cuda.green_contexts import GreenContext
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    ctx = GreenContext.create(num_sms=sms - keep_free, device_id=0)
+    green_stream.keep.append(ctx)  # the context must outlive its stream
+    if hasattr(ctx, "Stream"):
+        return ctx.Stream()
+    ctx.set_context()
+    try:
+        return torch.cuda.Stream()
+    finally:
+        ctx.pop_context()
+
+
+green_stream.keep = []
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=0.25, help="each side's time alone")
+    p.add_argument("--sms", default="16,32,48", help="SMs left free of A in the green modes")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    chunk = gemm(4096, 1)
+
+    def prefill() -> None:
+        for _ in range(4):
+            chunk()
+
+    sides = {name: graph_of(fn, calls).replay for name, fn, calls in [
+        ("attn", decode_attention(), 32), ("gemm256", gemm(256, 2), 16),
+        ("gemm64", gemm(64, 2), 16)]}  # fmt: skip
+    plain, other = torch.cuda.Stream(), torch.cuda.Stream()
+    high = torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])
+    modes: dict[str, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {
+        "streams": (plain, other), "priority": (plain, high)}  # fmt: skip
+    for n in (int(s) for s in args.sms.split(",") if s):
+        try:
+            modes[f"green-{n}"] = (green_stream(n), other)
+        except Exception as exc:  # noqa: BLE001 - report what this torch / driver lacks
+            print(f"green-{n}: unavailable ({type(exc).__name__}: {exc})")
+    one = {name: replay([(g, 3, plain)]) / 3 for name, g in [("A", prefill), *sides.items()]}
+    counts = {name: max(1, round(args.seconds * 1e3 / ms)) for name, ms in one.items()}
+    cases, marks = [], []
+    for b, graph in sides.items():
+        for mode, (sa, sb) in modes.items():
+            runs = []
+            try:
+                replay([(prefill, 1, sa)])
+            except Exception as exc:  # noqa: BLE001 - a green stream this torch cannot use
+                print(f"{b} {mode}: failed ({type(exc).__name__}: {exc})")
+                continue
+            for _ in range(args.repeats):
+                t0 = time.time()
+                t_a = replay([(prefill, counts["A"], sa)])
+                t_b = replay([(graph, counts[b], sb)])
+                t1 = time.time()
+                both = replay([(prefill, counts["A"], sa), (graph, counts[b], sb)])
+                marks.append((b, mode, t0, t1, time.time()))
+                runs.append((t_a, t_b, both, (t_a + t_b - both) / min(t_a, t_b)))
+            t_a, t_b, both, overlap = (statistics.median(r[i] for r in runs) for i in range(4))
+            cases.append({"b": b, "mode": mode, "a_ms": t_a, "b_ms": t_b, "both_ms": both,
+                          "overlap": overlap, "runs": runs})  # fmt: skip
+            print(f"{b:8} {mode:9} A {t_a:7.1f} ms  B {t_b:7.1f} ms  both {both:7.1f} ms"
+                  f"  (serial {t_a + t_b:7.1f})  overlap {overlap:5.2f}")  # fmt: skip
+    if args.out:
+        meta = {"card": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+                "one_ms": one, "counts": counts}  # fmt: skip
+        args.out.write_text(json.dumps({"meta": meta, "cases": cases, "marks": marks}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
