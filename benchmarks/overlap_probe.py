@@ -161,10 +161,11 @@ def main() -> int:
             for _ in range(args.repeats):
                 t0 = time.time()
                 t_a = replay([(prefill, counts["A"], sa)])
+                t_mid = time.time()
                 t_b = replay([(graph, counts[b], sb)])
                 t1 = time.time()
                 both = replay([(prefill, counts["A"], sa), (graph, counts[b], sb)])
-                marks.append((b, mode, t0, t1, time.time()))
+                marks.append((b, mode, t0, t_mid, t1, time.time()))
                 runs.append((t_a, t_b, both, (t_a + t_b - both) / min(t_a, t_b)))
             t_a, t_b, both, overlap = (statistics.median(r[i] for r in runs) for i in range(4))
             cases.append({"b": b, "mode": mode, "a_ms": t_a, "b_ms": t_b, "both_ms": both,
