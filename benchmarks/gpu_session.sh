@@ -55,9 +55,9 @@ for step in "$@"; do
     gemv-chain) python benchmarks/gemv.py --cases chain --out "$OUT/gemv_chain.json" 2>&1 | tail -16 ;;
     gemv-engine) python benchmarks/gemv.py --cases engine --out "$OUT/gemv_engine.json" 2>&1 | tail -12 ;;
     overlap-probe) # power and SM clock sampled beside it (the probe's JSON marks each case's times)
-             q=timestamp,power.draw.instant,clocks.sm
-             nvidia-smi --query-gpu=$q --format=csv,noheader -c 1 >/dev/null 2>&1 || q=timestamp,power.draw,clocks.sm
-             nvidia-smi --query-gpu=$q --format=csv,noheader -lms 50 > "$OUT/overlap_smi.csv" & smi=$!
+             # (power.draw is a one-second average on this driver: phases of ~2 s read true)
+             nvidia-smi --query-gpu=timestamp,power.draw,clocks.sm --format=csv,noheader -lms 50 \
+               > "$OUT/overlap_smi.csv" & smi=$!
              python benchmarks/overlap_probe.py --out "$OUT/overlap.json" ${OVERLAP_ARGS:-} 2>&1 | tail -40
              kill "$smi" ;;
     lone-decode) python benchmarks/lone_decode.py --out "$OUT/lone_decode.json" 2>&1 | tail -12 ;;
