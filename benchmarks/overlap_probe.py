@@ -11,7 +11,8 @@ measures that before building it (CUDA only):
 A (compute): the 8B gate_up projection of a 4096-token prefill chunk (cuBLAS).
 B (memory), each in turn: ``attn`` the engine's decode attention at W1's 8B shapes (256 rows,
 contexts 64-1280, rotary + KV write, longest first); ``gemm256`` / ``gemm64`` the 8B gate_up
-at 256 / 64 decode rows, weights alternating between copies that never stay in L2.
+at 256 / 64 decode rows, weights alternating between copies that never stay in L2; ``copy``
+a 1 GiB device-to-device copy (the bandwidth the others are measured against).
 B is a CUDA graph of several calls, A four eager calls (a green context's stream takes
 them), each repeated so it runs ~``seconds`` alone; then A and B run at once on two streams,
 in these modes: ``streams`` (two plain streams), ``priority`` (B's stream at high priority),
@@ -74,6 +75,12 @@ def decode_attention() -> Callable[[], None]:
     return run
 
 
+def copy_gib() -> Callable[[], None]:
+    src = torch.empty(1 << 29, dtype=DTYPE, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 def graph_of(fn: Callable[[], None], calls: int) -> torch.cuda.CUDAGraph:
     fn()  # compile / pick algorithms outside the capture
     torch.cuda.synchronize()
@@ -121,13 +128,45 @@ def green_stream(keep_free: int) -> torch.cuda.Stream:
 green_stream.keep = []
 
 
+def power_summary(smi_csv: Path, probe_json: Path, settle: float = 1.0) -> None:
+    """Median power and SM clock of each case's phases (A alone, B alone, both) from an
+    ``nvidia-smi --query-gpu=timestamp,power.draw,clocks.sm`` log; the first ``settle`` s of
+    a phase is dropped (power.draw is a one-second average)."""
+    import datetime
+
+    samples = []
+    for line in smi_csv.read_text().splitlines():
+        stamp, watts, mhz = (f.strip().split()[0] if i else f.strip()
+                             for i, f in enumerate(line.split(",")[:3]))  # fmt: skip
+        when = datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f")
+        when = when.replace(tzinfo=datetime.timezone.utc).timestamp()
+        samples.append((when, float(watts), float(mhz)))
+    for b, mode, *edges in json.loads(probe_json.read_text())["marks"]:
+        cells = []
+        for phase, lo, hi in zip(("A", "B", "both"), edges, edges[1:], strict=False):
+            got = [x for x in samples if lo + settle <= x[0] < hi]
+            if got:
+                watts, mhz = (statistics.median(x[i] for x in got) for i in (1, 2))
+                cells.append(f"{phase} {watts:4.0f} W {mhz:5.0f} MHz")
+            else:
+                cells.append(f"{phase} (shorter than {settle} s)")
+        print(f"{b:8} {mode:9} " + "  ".join(cells))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=0.25, help="each side's time alone")
     p.add_argument("--sms", default="16,32,48", help="SMs left free of A in the green modes")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sides", default="attn,gemm256,gemm64", help="B sides (and copy)")
+    p.add_argument("--plain", action="store_true", help="two plain streams only")
     p.add_argument("--out", type=Path)
+    p.add_argument("--power", type=Path, nargs=2, metavar=("SMI_CSV", "PROBE_JSON"),
+                   help="only summarise a run's power log (see power_summary)")  # fmt: skip
     args = p.parse_args()
+    if args.power:
+        power_summary(*args.power)
+        return 0
     props = torch.cuda.get_device_properties(0)
     chunk = gemm(4096, 1)
 
@@ -135,14 +174,16 @@ def main() -> int:
         for _ in range(4):
             chunk()
 
-    sides = {name: graph_of(fn, calls).replay for name, fn, calls in [
-        ("attn", decode_attention(), 32), ("gemm256", gemm(256, 2), 16),
-        ("gemm64", gemm(64, 2), 16)]}  # fmt: skip
+    makers = {"attn": (decode_attention, 32), "gemm256": (lambda: gemm(256, 2), 16),
+              "gemm64": (lambda: gemm(64, 2), 16), "copy": (copy_gib, 4)}  # fmt: skip
+    sides = {b: graph_of(makers[b][0](), makers[b][1]).replay for b in args.sides.split(",")}
     plain, other = torch.cuda.Stream(), torch.cuda.Stream()
     high = torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])
     modes: dict[str, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {
         "streams": (plain, other), "priority": (plain, high)}  # fmt: skip
-    for n in (int(s) for s in args.sms.split(",") if s):
+    if args.plain:
+        del modes["priority"]
+    for n in () if args.plain else (int(s) for s in args.sms.split(",") if s):
         try:
             modes[f"green-{n}"] = (green_stream(n), other)
         except Exception as exc:  # noqa: BLE001 - report what this torch / driver lacks
