@@ -11,8 +11,8 @@ measures that before building it (CUDA only):
 A (compute): the 8B gate_up projection of a 4096-token prefill chunk (cuBLAS).
 B (memory), each in turn: ``attn`` the engine's decode attention at W1's 8B shapes (256 rows,
 contexts 64-1280, rotary + KV write, longest first); ``gemm256`` / ``gemm64`` the 8B gate_up
-at 256 / 64 decode rows, weights alternating between copies that never stay in L2; ``copy``
-a 1 GiB device-to-device copy (the bandwidth the others are measured against).
+at 256 / 64 decode rows, weights alternating between copies that never stay in L2; ``read``
+a 1 GiB read-only stream (``attn-N-W-S``: the attention with other tiles).
 B is a CUDA graph of several calls, A four eager calls (a green context's stream takes
 them), each repeated so it runs ~``seconds`` alone; then A and B run at once on two streams,
 in these modes: ``streams`` (two plain streams), ``priority`` (B's stream at high priority),
@@ -49,8 +49,9 @@ def gemm(rows: int, copies: int) -> Callable[[], None]:
     return run
 
 
-def decode_attention() -> Callable[[], None]:
-    """The engine's decode kernel over a 256-row W1 step (as benchmarks/kernels_w1.py)."""
+def decode_attention(tiles: dict[str, int]) -> Callable[[], None]:
+    """The engine's decode kernel over a 256-row W1 step (as benchmarks/kernels_w1.py);
+    ``tiles``: block_n / num_warps / num_stages other than the launcher's choice."""
     from kernels.paged_attention import NewTokens, paged_attention_decode
 
     gen = torch.Generator().manual_seed(1)
@@ -70,15 +71,28 @@ def decode_attention() -> Callable[[], None]:
 
     def run() -> None:
         paged_attention_decode(q, pool.k, pool.v, tables, seq_lens, HEAD_DIM**-0.5,
-                               out=out, new_tokens=new, order=order)  # fmt: skip
+                               out=out, new_tokens=new, order=order, **tiles)  # fmt: skip
 
     return run
 
 
-def copy_gib() -> Callable[[], None]:
+def read_gib() -> Callable[[], None]:
+    """A read-only stream through the SMs (a copy in a CUDA graph goes to the copy engines,
+    ~2.7 TB/s here)."""
     src = torch.empty(1 << 29, dtype=DTYPE, device=DEVICE).normal_()
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
+    out = torch.empty((), dtype=torch.float32, device=DEVICE)
+    return lambda: torch.sum(src, dtype=torch.float32, out=out)
+
+
+def side(spec: str) -> tuple[Callable[[], None], int]:
+    """A B side and its calls per graph: attn, attn-N-W-S (block_n, warps, stages), gemm256,
+    gemm64, read."""
+    name, *tiles = spec.split("-")
+    if name == "attn":
+        keys = ("block_n", "num_warps", "num_stages")
+        return decode_attention(dict(zip(keys, map(int, tiles), strict=True)) if tiles else {}), 32
+    return {"gemm256": lambda: (gemm(256, 2), 16), "gemm64": lambda: (gemm(64, 2), 16),
+            "read": lambda: (read_gib(), 4)}[spec]()  # fmt: skip
 
 
 def graph_of(fn: Callable[[], None], calls: int) -> torch.cuda.CUDAGraph:
@@ -158,7 +172,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=0.25, help="each side's time alone")
     p.add_argument("--sms", default="16,32,48", help="SMs left free of A in the green modes")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--sides", default="attn,gemm256,gemm64", help="B sides (and copy)")
+    p.add_argument("--sides", default="attn,gemm256,gemm64", help="B sides (see side())")
     p.add_argument("--plain", action="store_true", help="two plain streams only")
     p.add_argument("--out", type=Path)
     p.add_argument("--power", type=Path, nargs=2, metavar=("SMI_CSV", "PROBE_JSON"),
@@ -174,9 +188,7 @@ def main() -> int:
         for _ in range(4):
             chunk()
 
-    makers = {"attn": (decode_attention, 32), "gemm256": (lambda: gemm(256, 2), 16),
-              "gemm64": (lambda: gemm(64, 2), 16), "copy": (copy_gib, 4)}  # fmt: skip
-    sides = {b: graph_of(makers[b][0](), makers[b][1]).replay for b in args.sides.split(",")}
+    sides = {b: graph_of(*side(b)).replay for b in args.sides.split(",")}
     plain, other = torch.cuda.Stream(), torch.cuda.Stream()
     high = torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])
     modes: dict[str, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {
@@ -188,6 +200,7 @@ def main() -> int:
             modes[f"green-{n}"] = (green_stream(n), other)
         except Exception as exc:  # noqa: BLE001 - report what this torch / driver lacks
             print(f"green-{n}: unavailable ({type(exc).__name__}: {exc})")
+    replay([(prefill, 1, plain)])  # cuBLAS's first call picks its algorithm
     one = {name: replay([(g, 3, plain)]) / 3 for name, g in [("A", prefill), *sides.items()]}
     counts = {name: max(1, round(args.seconds * 1e3 / ms)) for name, ms in one.items()}
     cases, marks = [], []
