@@ -81,7 +81,7 @@ def read_gib() -> Callable[[], None]:
     ~2.7 TB/s here)."""
     src = torch.empty(1 << 29, dtype=DTYPE, device=DEVICE).normal_()
     out = torch.empty((), dtype=torch.float32, device=DEVICE)
-    return lambda: torch.sum(src, dtype=torch.float32, out=out)
+    return lambda: torch.sum(src, 0, dtype=torch.float32, out=out)
 
 
 def side(spec: str) -> tuple[Callable[[], None], int]:
