@@ -201,7 +201,10 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - report what this torch / driver lacks
             print(f"green-{n}: unavailable ({type(exc).__name__}: {exc})")
     replay([(prefill, 1, plain)])  # cuBLAS's first call picks its algorithm
-    one = {name: replay([(g, 3, plain)]) / 3 for name, g in [("A", prefill), *sides.items()]}
+    one = {}
+    for name, work in [("A", prefill), *sides.items()]:
+        print(f"timing {name} alone", flush=True)
+        one[name] = replay([(work, 3, plain)]) / 3
     counts = {name: max(1, round(args.seconds * 1e3 / ms)) for name, ms in one.items()}
     cases, marks = [], []
     for b, graph in sides.items():
