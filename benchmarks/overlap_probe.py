@@ -102,6 +102,9 @@ def graph_of(fn: Callable[[], None], calls: int) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
+    # NOTE: the graph replays raw addresses: the tensors fn holds must live as long as it
+    # (without this, sides built later reused their memory: illegal addresses, garbage reads)
+    graph.inputs = fn
     return graph
 
 
