@@ -89,8 +89,10 @@ def test_stream_updates_merge_only_within_one_unfinished_completion():
     updates = [update(ids=(1, 2)), update(ids=(3,)), update(finished=True, ids=(4,))]
     (merged,) = merge_updates(updates)
     assert merged.new_token_ids == [1, 2, 3, 4] and merged.delta == "xxxx" and merged.finished
+    assert merged.new_logprobs is None  # none asked for: not an empty list
     final, failure = object(), update(error="failed")
-    items = [update(), update(index=1), update(finished=True), update(), final, update(), failure]
+    items = [update(), update(request_id="s"), update(index=1), update(finished=True), update()]
+    items += [final, update(), failure]
     assert merge_updates(items) == items  # nothing here continues the update before it
     many = merge_updates([update(ids=(i,)) for i in range(20_000)])  # linear, not quadratic
     assert len(many) == 1 and many[0].new_token_ids == list(range(20_000))

@@ -183,6 +183,8 @@ def test_max_text_chars_bounds_only_normalizers_and_pre_tokenizers_that_never_dr
     assert bound(normalizers.Replace("  ", "▁")) == sys.maxsize  # two characters for one
     assert bound(normalizers.NFKC()) == 4 * 2 * longest
     assert bound(normalizers.Lowercase()) == sys.maxsize  # not known to keep the length
+    one_unsafe = normalizers.Sequence([normalizers.NFC(), normalizers.StripAccents()])
+    assert bound(one_unsafe) == sys.maxsize  # each part of a Sequence must be safe
     split = pre_tokenizers.Split(" ", behavior="isolated")
     assert bound(pre_tokenizer=split) == 2 * longest
     assert bound(pre_tokenizer=pre_tokenizers.Split(" ", behavior="removed")) == sys.maxsize
@@ -274,3 +276,22 @@ def test_eos_ids_are_the_configs_the_generation_configs_and_the_tokenizers(tmp_p
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 11}))
     assert eos_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=5), None) == {5, 11}
     assert eos_token_ids(str(tmp_path / "none"), SimpleNamespace(), tokenizer) == {9}
+
+
+def test_max_text_chars_needs_every_byte_piece_of_a_byte_fallback_vocabulary():
+    """A byte-fallback vocabulary lacking one byte piece (here a UTF-8 lead byte) makes an
+    unknown token of a character of that byte: no bound."""
+    import sys
+
+    from tokenizers import Tokenizer, models
+
+    from vllm_runner.tokenizer import max_text_chars
+
+    def fallback(*lacking: int):
+        pieces = ["<unk>", *(f"<0x{b:02X}>" for b in range(256) if b not in lacking)]
+        model = models.BPE({p: i for i, p in enumerate(pieces)}, [], byte_fallback=True,
+                           unk_token="<unk>")  # fmt: skip
+        return _fast(Tokenizer(model), unk_token="<unk>")
+
+    assert max_text_chars(fallback(), 3) == 6 * 3  # "<0xNN>": six characters
+    assert max_text_chars(fallback(0xC3), 3) == sys.maxsize
