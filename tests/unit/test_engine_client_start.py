@@ -78,3 +78,45 @@ def test_a_failed_reader_of_a_shared_engine_leaves_it_running(spawn) -> None:
     alone.start("args", False, None)
     alone.stopped_because(ValueError("bad"))
     assert spawn.made[1].killed
+
+
+def test_an_engine_that_exits_while_loading_leaves_no_key_file(spawn, monkeypatch) -> None:
+    """It died before answering (EOF, no "failed" reply): as a failed start, its key goes."""
+    monkeypatch.setattr(spawn, "start", lambda self: None)
+    with pytest.raises(RuntimeError, match=r"exited with code 1 while loading"):
+        EngineClient().start("args", False, "name")
+    assert not SharedEngine.named("name", "args").key.exists()
+
+
+def test_a_shared_engine_is_not_a_child_that_exit_waits_for(spawn, monkeypatch) -> None:
+    """multiprocessing joins its children at exit: a shared engine, which others may still
+    use, is not one of them (its starter would wait for the last of them to go)."""
+    reply = spawn.start
+
+    def start(self) -> None:
+        multiprocessing.process._children.add(self)
+        reply(self)
+
+    monkeypatch.setattr(spawn, "start", start)
+    own, shared = EngineClient(), EngineClient()
+    own.start("args", False, None)
+    shared.start("args", False, "name")
+    try:
+        assert own.process in multiprocessing.process._children
+        assert shared.process not in multiprocessing.process._children
+    finally:
+        multiprocessing.process._children.discard(own.process)
+
+
+def test_an_engine_that_failed_is_reaped_if_it_is_its_own(spawn, monkeypatch) -> None:
+    """Its loop failed (the reason sent): its own engine process is waited for as it exits,
+    a shared one is left to its last front end."""
+    joined = []
+    monkeypatch.setattr(spawn, "join", lambda self, timeout=None: joined.append((self, timeout)))
+    own, shared = EngineClient(), EngineClient()
+    own.start("args", False, None)
+    shared.start("args", False, "name")
+    assert own.stopped_because(engine_client.EngineFailed("the loop failed")) == "the loop failed"
+    assert shared.stopped_because(engine_client.EngineFailed("x")) == "x"
+    # (the reaper thread of the shared one joins it without a timeout)
+    assert [j for j in joined if j[1] is not None] == [(own.process, 5)]
