@@ -330,3 +330,32 @@ def test_seed_none_draws_a_seed_per_engine(llama_dir):
     seeded = SamplingParams(max_tokens=8, seed=7, ignore_eos=True)
     a, b = (llm.generate([[1, 2, 3]], seeded)[0].token_ids for llm in llms)
     assert a == b and len(a) == 8
+
+
+def test_the_progress_bar_counts_each_finished_prompt_once(smol_llm):
+    """Prompts that finish at different steps: the bar reaches the number of prompts, not
+    the sum of the counts finished at each step."""
+    seen: list[int] = []
+
+    class Bar:
+        def __init__(self, total: int, **options) -> None:
+            self.n = 0
+
+        def update(self, k: int) -> None:
+            self.n += k
+            seen.append(self.n)
+
+        def close(self) -> None:
+            pass
+
+    short, long = (SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True) for k in (1, 4))
+    smol_llm.generate([[1, 2, 3], [4, 5, 6]], [short, long], use_tqdm=Bar)
+    assert seen[0] == 1 and seen[-1] == 2 and seen == sorted(seen)
+
+
+def test_chat_takes_a_batch_of_conversations(smol_llm):
+    """As vLLM's LLM.chat: a list of conversations is one prompt each, in order."""
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    chats = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "there"}]]
+    outs = smol_llm.chat(chats, SamplingParams(max_tokens=1), chat_template=template)
+    assert [o.prompt for o in outs] == ["hi", "there"]

@@ -127,6 +127,22 @@ def test_a_failed_add_leaves_no_request_for_a_later_call(llama_dir, monkeypatch)
     assert llm.engine.pop_finished() == []  # each call takes its own finished requests
 
 
+def test_every_prompt_is_checked_before_any_is_added(llama_dir, monkeypatch):
+    """A bad prompt after good ones: refused before the engine gets any of them (none
+    added, then aborted)."""
+    llm = make_llm(llama_dir)
+    add, added = llm.engine.add_request, []
+
+    def recorded(*args, **kw):
+        added.append(args)
+        return add(*args, **kw)
+
+    monkeypatch.setattr(llm.engine, "add_request", recorded)
+    with pytest.raises(ValueError, match="99999 is outside the vocabulary"):
+        llm.generate([[1, 2, 3], [4, 5], [1, 99999]], GREEDY)
+    assert added == []
+
+
 def test_request_larger_than_the_whole_kv_cache_is_refused(llama_dir):
     """A request that could never fit in the KV cache gets a clear error instead of waiting
     forever at the head of the queue; one that fits (exactly) still runs."""

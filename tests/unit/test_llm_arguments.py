@@ -27,6 +27,7 @@ def test_a_batch_and_its_params():
     # one prompt of each kind is a batch of one: not its tokens, characters or keys
     for one in (ids, (1, 2), text, chat):
         assert normalize_batch(one, None, A) == ([one], [A])
+    assert normalize_batch([], None, A) == ([], [])  # (no prompt: no outputs, as vLLM)
     assert normalize_batch([text, ids], B, A) == ([text, ids], [B, B])
     assert normalize_batch([text, ids], [A, B], A) == ([text, ids], [A, B])
     assert normalize_batch((p for p in [ids, text]), (B, A), A) == ([ids, text], [B, A])
@@ -75,6 +76,8 @@ def test_the_chat_template_call():
          r"own arguments \['documents', 'tools'\], got \{'tools': \[\], 'documents': \[\]\}$"),
         ([], {"template_kwargs": {"return_dict": True, "pad": "x" * 100}},
          r"\['return_dict'\], got \{'return_dict': True, 'pad': 'x{50}\.\.\.$"),
+        ([], {"template_kwargs": {"tools": "x" * 67}},  # (shown whole up to 80 characters)
+         r"\['tools'\], got \{'tools': 'x{67}'\}$"),
         ([], {"continue_final_message": True},
          "^continue_final_message continues the last message; it needs add_generation_prompt "
          "false, got both true$"),
