@@ -134,6 +134,29 @@ def test_a_stream_added_as_the_loop_dies_fails_instead_of_waiting_forever(llama_
             await llm.generate([1, 2, 3], GREEDY)
 
     asyncio.run(asyncio.wait_for(main(), 60))  # (a hang guard)
+    assert not llm._entries  # (its route is not left behind)
+    asyncio.run(llm.shutdown())
+
+
+def test_an_open_stream_fails_with_the_reason_the_loop_died(llama_dir):
+    """The loop dies while a stream reads: it raises EngineDeadError naming why (not "shut
+    down", which no one did), and so does the next request."""
+    from vllm_runner import EngineDeadError
+
+    llm = AsyncLLM(llama_dir, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        stream = llm.stream([1, 2, 3], long)
+        await anext(stream)
+        llm._send(("malformed",))
+        with pytest.raises(EngineDeadError, match="the engine loop failed"):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError, match="the engine loop failed"):
+            await llm.generate([1, 2, 3], GREEDY)
+
+    asyncio.run(asyncio.wait_for(main(), 60))  # (a hang guard)
     asyncio.run(llm.shutdown())
 
 

@@ -199,3 +199,67 @@ def test_a_stop_string_on_the_last_allowed_token_is_a_stop(smol_llm):
     out = smol_llm.generate(["The capital of France is"], params)[0]
     assert (out.finish_reason, out.outputs[0].stop_reason) == ("stop", last)
     assert out.text == free.text[: -len(last)]
+
+
+def test_generate_raises_the_first_failed_prompts_error(tiny_async, monkeypatch):
+    """Two prompts fail: the RequestError raised is the first one's (in prompt order)."""
+    from vllm_runner.engine import core
+
+    original = core.apply_step_output
+
+    def failing(state, index, out):
+        if state.prompt_token_ids in ([6, 6], [7, 7]):
+            raise RuntimeError(f"injected failure of {state.prompt_token_ids}")
+        return original(state, index, out)
+
+    monkeypatch.setattr(core, "apply_step_output", failing)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    with pytest.raises(RequestError, match=r"injected failure of \[6, 6\]"):
+        asyncio.run(tiny_async.generate([[1, 2], [6, 6], [7, 7]], params))
+
+
+def test_a_stream_whose_output_failed_here_aborts_its_request(tiny_async, monkeypatch):
+    """Making an update whole failed in the front end (OutputFailed): the stream raises it,
+    and the request, still running in the engine, is aborted (not left to run unread to its
+    max_tokens, holding its blocks)."""
+    from vllm_runner.engine.errors import OutputFailed
+    from vllm_runner.engine.stream_route import StreamRoute
+
+    whole = StreamRoute.whole
+
+    def failing(self, item):
+        if self.request_id == "bad":
+            raise RuntimeError("injected output failure")
+        return whole(self, item)
+
+    monkeypatch.setattr(StreamRoute, "whole", failing)
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        with pytest.raises(OutputFailed, match="injected output failure"):
+            async for _ in tiny_async.stream([1, 2, 3], long, request_id="bad"):
+                pass
+        # (commands are applied in order: the abort before this request is added)
+        return await tiny_async.generate([[4, 5]], SamplingParams(max_tokens=2))
+
+    assert len(asyncio.run(main())[0].token_ids) <= 2
+    assert tiny_async.stats()["num_running"] == 0 and tiny_async.stats()["kv_blocks_used"] == 0
+
+
+def test_stats_follow_the_steps_delivered(tiny_async):
+    """stats() is the last delivered step's: a running request shows (its blocks held), and
+    it is gone from them once its final output is read."""
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        stream = tiny_async.stream([1, 2, 3], long, request_id="counted")
+        await anext(stream)
+        running = tiny_async.stats()
+        await tiny_async.abort("counted")
+        outs = [o async for o in stream]
+        return running, outs[-1]
+
+    running, last = asyncio.run(main())
+    assert running["num_running"] == 1 and running["kv_blocks_used"] > 0
+    assert last.finish_reason == "abort"
+    assert tiny_async.stats()["num_running"] == 0 and tiny_async.stats()["kv_blocks_used"] == 0

@@ -237,5 +237,7 @@ def test_a_default_max_tokens_is_checked_against_the_kv_cache_as_fitted(llama_di
     (out,), streamed = _generate_and_stream(llm)
     assert 0 < len(out.token_ids) <= 8 and streamed[-1].finished
     assert llm.inputs.default_params([1] * 50).max_tokens == 8
+    # (a server's route: a request without max_tokens is checked as fitted, not to 256)
+    assert llm.validate([1] * 50, SamplingParams(max_tokens=None), fit=True) == [1] * 50
     with pytest.raises(ValueError, match="prompt has 256 tokens, but max_model_len is 256"):
         llm.inputs.default_params([1] * 256)
