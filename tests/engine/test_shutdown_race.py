@@ -31,3 +31,14 @@ def test_a_request_overtaken_by_shutdown_fails_as_shut_down(llama_dir, engine_pr
                 pass
 
     asyncio.run(asyncio.wait_for(main(), 60))  # (a hang guard)
+
+
+def test_a_reason_the_loop_reports_after_shutdown_leaves_it_shut_down(llama_dir):
+    """The loop's thread may report a failure while shutdown() runs (the race of a crash and
+    a shutdown): once shut down, the engine stays "shut down" rather than taking the reason."""
+    llm = AsyncLLM(llama_dir, engine_process=False, **KW)
+    llm.shutdown()
+    llm._loop_stopped("injected late failure")  # (as the loop's thread reports one)
+    assert llm.error is None and llm.errored
+    with pytest.raises(RuntimeError, match="AsyncLLM is shut down"):
+        asyncio.run(llm.check_health())
