@@ -133,11 +133,26 @@ def test_a_young_threshold_above_the_busy_one_is_kept_while_busy(thresholds):
 
 
 def test_startup_objects_are_frozen_once(monkeypatch):
-    frozen = []
-    monkeypatch.setattr(gc_pauses.gc, "freeze", lambda: frozen.append(1))
-    monkeypatch.setattr(gc_pauses.gc, "collect", lambda *a: 0)
-    monkeypatch.setattr(gc_pauses.atexit, "register", lambda f: None)
+    """Collected first (garbage is not frozen), frozen, and unfrozen at exit; only once."""
+    calls = []
+    monkeypatch.setattr(gc_pauses.gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc_pauses.gc, "collect", lambda *a: calls.append("collect") or 0)
+    register = gc_pauses.atexit.register  # (others, e.g. triton's at its first import, kept)
+    monkeypatch.setattr(
+        gc_pauses.atexit,
+        "register",
+        lambda f: calls.append("unfreeze at exit") if f is gc.unfreeze else register(f),
+    )
     monkeypatch.setattr(gc_pauses.freeze_startup_objects, "done", False, raising=False)
     gc_pauses.freeze_startup_objects()
     gc_pauses.freeze_startup_objects()
-    assert frozen == [1]
+    assert calls == ["collect", "freeze", "unfreeze at exit"]
+
+
+def test_the_middle_threshold_is_left_as_it_is(thresholds):
+    gc.set_threshold(700, 25, 10)
+    a = FullCollections()
+    a.busy()
+    assert gc.get_threshold() == (gc_pauses.BUSY_YOUNG, 25, gc_pauses._NEVER)
+    a.idle()
+    assert gc.get_threshold() == (700, 25, 10)
