@@ -115,6 +115,27 @@ def test_missing_stats_keys_are_skipped(model_name: str) -> None:
     assert value("vllm_runner_prompt_tokens_total", model_name) == 0
 
 
+def test_totals_missing_while_not_publishing_do_not_break_the_takeover(model_name: str) -> None:
+    m = EngineMetrics(model_name)
+    m.record_step({"num_running": 1}, publish=False)  # (no totals in these stats)
+    m.record_step(stats(generation_tokens_total=5))
+    assert value("vllm_runner_generation_tokens_total", model_name) == 5
+
+
+def test_no_kv_blocks_leaves_the_usage_gauge_alone(model_name: str) -> None:
+    m = EngineMetrics(model_name)
+    m.record_step(stats(kv_blocks_used=25))
+    m.record_step(stats(kv_blocks_total=0))  # (no division by zero)
+    assert value("vllm_runner_kv_cache_usage_perc", model_name) == pytest.approx(0.25)
+    assert value("vllm_runner_kv_blocks_total", model_name) == 0
+
+
+def test_a_completion_without_a_finish_reason_counts_as_unknown(model_name: str) -> None:
+    m = EngineMetrics(model_name)
+    m.record_request(ttft_s=None, itl_s=[], e2e_s=0.1, finish_reasons=[None, ""])
+    assert value("vllm_runner_request_success_total", model_name, finished_reason="unknown") == 2
+
+
 def test_record_request_observes_histograms(model_name: str) -> None:
     m = EngineMetrics(model_name)
     m.record_request(ttft_s=0.05, itl_s=[0.01, 0.02, 0.03], e2e_s=0.2, finish_reasons=["stop"])
