@@ -263,3 +263,25 @@ def test_stats_follow_the_steps_delivered(tiny_async):
     assert running["num_running"] == 1 and running["kv_blocks_used"] > 0
     assert last.finish_reason == "abort"
     assert tiny_async.stats()["num_running"] == 0 and tiny_async.stats()["kv_blocks_used"] == 0
+
+
+def test_an_output_failure_in_generate_fails_that_prompt_alone(tiny_async, monkeypatch):
+    """OutputFailed is a RequestError: generate() collects it among the other prompts'
+    results (it does not raise it bare, losing theirs)."""
+    from vllm_runner.engine.errors import OutputFailed
+    from vllm_runner.engine.stream_route import StreamRoute
+
+    whole = StreamRoute.whole
+
+    def failing(self, item):
+        if self.prompt_ids == [6, 6]:
+            raise RuntimeError("injected output failure")
+        return whole(self, item)
+
+    monkeypatch.setattr(StreamRoute, "whole", failing)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    with pytest.raises(RequestError, match="injected output failure") as info:
+        asyncio.run(tiny_async.generate([[1, 2], [6, 6], [7, 7]], params))
+    good, bad, other = info.value.results
+    assert isinstance(bad, OutputFailed)
+    assert [good.prompt_token_ids, other.prompt_token_ids] == [[1, 2], [7, 7]]

@@ -40,6 +40,7 @@ def test_a_failure_is_named_by_its_type_message_and_innermost_frame() -> None:
         f"ValueError: bad value (raised in _raise_inner, test_engine_link.py:{line})"
     )
     assert failure_cause(RuntimeError()) == "RuntimeError"  # (no message, never raised)
+    assert failure_cause(RuntimeError("")) == "RuntimeError"  # (an empty message: none)
     assert failure_cause(KeyError("k")) == "KeyError: 'k'"
 
 
