@@ -113,6 +113,8 @@ def test_a_request_without_max_tokens_is_checked_as_capped(
     """A KV cache smaller than max_model_len (8 blocks of 16 tokens here, for 256): a request
     up to max_model_len is capped by the model's max_new_tokens and checked as capped (it was
     checked as if it could run to max_model_len: a 400, "lower max_tokens", on each route)."""
+    from vllm_runner.serving import batched
+
     seen = model_defaults({"max_tokens": 5})
     limits = dataclasses.replace(engine.inputs.limits, num_blocks=8)
     monkeypatch.setattr(engine.inputs, "limits", limits)
@@ -126,6 +128,10 @@ def test_a_request_without_max_tokens_is_checked_as_capped(
         r = client.post(path, json=body)
         assert r.status_code == 200, (path, r.text)
         assert seen.pop().max_tokens == 5 and not seen
+    monkeypatch.setattr(batched, "PARSE_TIME_CHARS", 4)  # (tokenized in /complete's handler)
+    r = client.post("/complete", json={"requests": [{"prompt": PROMPT, "max_tokens": None}]})
+    assert r.status_code == 200 and r.json()[0]["error"] is None, r.text
+    assert seen.pop().max_tokens == 5 and not seen
     # the cap never stands in for a prompt too long (named as such)
     r = client.post("/v1/completions", json={"prompt": [1] * MAX_MODEL_LEN, "max_tokens": None})
     assert r.status_code == 400 and f"prompt has {MAX_MODEL_LEN} tokens" in r.text, r.text

@@ -78,6 +78,7 @@ def test_a_dead_engine_answers_503_naming_why(client: Any, monkeypatch) -> None:
     assert r.headers["content-type"] == "application/json"
     r = client.post("/v1/completions", json={"prompt": "hi"})
     assert r.status_code == 503 and reason in r.json()["error"]["message"]
+    assert client.get("/v1/models").status_code == 503  # (not listed as if it served)
     assert client.get("/livez").status_code == 503 and client.get("/readyz").status_code == 503
     monkeypatch.undo()
     assert client.get("/livez").status_code == 200
@@ -223,7 +224,8 @@ def test_long_texts_are_tokenized_off_the_event_loop(client: Any, engine: Any, m
     """Texts past PARSE_TIME_CHARS (here 4 characters) are tokenized in the handler, in a
     thread, not while BentoML parses the request on the worker's event loop: the results
     are the same, and one the engine refuses gets its own error result (200), the batch's
-    other items their answers."""
+    other items their answers. (Their lengths count together: a short prompt with a long
+    continuation is tokenized in the handler too.)"""
     from vllm_runner.serving import batched
 
     monkeypatch.setattr(batched, "PARSE_TIME_CHARS", 4)
@@ -245,7 +247,7 @@ def test_long_texts_are_tokenized_off_the_event_loop(client: Any, engine: Any, m
     assert refused["finish_reason"] == "error" and refused["prompt_tokens"] == 0
     assert f"max_model_len is {MAX_MODEL_LEN}" in refused["error"]
     items = [{"prompt": PROMPT, "continuation": " Paris"},
-             {"prompt": PROMPT, "continuation": "y " * MAX_MODEL_LEN}]  # fmt: skip
+             {"prompt": "The", "continuation": "y " * MAX_MODEL_LEN}]  # fmt: skip
     r = client.post("/score", json={"items": items})
     assert r.status_code == 200, r.text
     scored, refused = r.json()

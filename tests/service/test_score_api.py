@@ -100,3 +100,14 @@ def test_score_errors_name_the_continuation(client: Any, engine: Any) -> None:
     assert r.status_code == 400, r.text
     assert f"prompt ({MAX_MODEL_LEN - 3} tokens) + continuation (4 tokens)" in r.text, r.text
     assert f"max_model_len is {MAX_MODEL_LEN}" in r.text
+
+
+def test_a_continuation_too_long_to_tokenize_is_a_400_naming_it(client: Any, engine: Any) -> None:
+    """Refused by its length while the request is parsed (untokenized, a 400 of its own), as
+    a long prompt is; not left to the batch's handler."""
+    from vllm_runner.serving.batched import PARSE_TIME_CHARS
+
+    text = "y" * (max(engine.inputs.max_prompt_chars, PARSE_TIME_CHARS) + 1)
+    r = client.post("/score", json={"items": [{"prompt": PROMPT, "continuation": text}]})
+    assert r.status_code == 400, r.text[:300]
+    assert f"continuation has {len(text)} characters" in r.text
