@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from kernel_bench import BLOCK_SIZE, DEVICE, DTYPE, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, KVPool  # noqa: E402
 
 INTERMEDIATE = 14336
+GREEN_CONTEXTS = []  # each must outlive its stream
 
 
 def gemm(rows: int, copies: int) -> Callable[[], None]:
@@ -133,7 +134,7 @@ def green_stream(keep_free: int) -> torch.cuda.Stream:
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     ctx = GreenContext.create(num_sms=sms - keep_free, device_id=0)
-    green_stream.keep.append(ctx)  # the context must outlive its stream
+    GREEN_CONTEXTS.append(ctx)
     if hasattr(ctx, "Stream"):
         return ctx.Stream()
     ctx.set_context()
@@ -141,9 +142,6 @@ def green_stream(keep_free: int) -> torch.cuda.Stream:
         return torch.cuda.Stream()
     finally:
         ctx.pop_context()
-
-
-green_stream.keep = []
 
 
 def power_summary(smi_csv: Path, probe_json: Path, settle: float = 1.0) -> None:
