@@ -2,10 +2,50 @@
 attention over a 256-row step, prefill attention over a 16384-token step, and the 8B linear
 layers by BLAS library."""
 
+import dataclasses
 import itertools
 
 import torch
 from kernel_bench import BLOCK_SIZE, DEVICE, DTYPE, HEAD_DIM, HEADS, KV_HEADS, KVPool, Row, bench
+
+
+@dataclasses.dataclass
+class W1Decode:
+    """A 256-row decode step of W1 on the 8B heads, as the engine runs it: contexts of 64-1280
+    keys in shuffled blocks; ``new``: rotate q and the new key, write it and its value at the
+    last position of each context, attend; ``order``: longest context first."""
+
+    lens: torch.Tensor  # on the host
+    tables: torch.Tensor
+    seq_lens: torch.Tensor
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    new: object  # kernels.paged_attention.NewTokens
+    order: torch.Tensor
+
+
+def w1_decode_step(pool: KVPool, gen: torch.Generator, fp8: bool = False) -> W1Decode:
+    """W1's decode step over ``pool``'s blocks (``fp8``: over an e4m3 copy of the blocks it
+    uses, shuffled anew); contexts drawn from ``gen``."""
+    from kernels.paged_attention import NewTokens
+
+    lens = torch.randint(64, 1281, (256,), generator=gen)
+    per_seq = -(-int(lens.max()) // BLOCK_SIZE)
+    tables = pool.perm[: 256 * per_seq].view(256, per_seq)
+    seq_lens = lens.to(torch.int32).to(DEVICE)
+    q = torch.randn(256, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    k_cache, v_cache = pool.k, pool.v
+    if fp8:
+        k_cache, v_cache = (c[: 256 * per_seq].to(torch.float8_e4m3fn) for c in (k_cache, v_cache))
+        tables = torch.randperm(256 * per_seq, device=DEVICE).to(torch.int32).view(256, per_seq)
+    positions = (lens - 1).to(DEVICE)
+    slots = tables.gather(1, (positions // BLOCK_SIZE)[:, None])[:, 0].long() * BLOCK_SIZE
+    new_kv = torch.randn(256, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    new = NewTokens(positions, new_kv, new_kv, torch.rand(2048, HEAD_DIM, device=DEVICE),
+                    slots + positions % BLOCK_SIZE)  # fmt: skip
+    order = torch.argsort(seq_lens, descending=True).to(torch.int32)
+    return W1Decode(lens, tables, seq_lens, q, k_cache, v_cache, new, order)
 
 
 def bench_w1(pool: KVPool, copy_gbs: float, tflops: float, rep: int, fp8: bool) -> list[Row]:
@@ -14,35 +54,22 @@ def bench_w1(pool: KVPool, copy_gbs: float, tflops: float, rep: int, fp8: bool) 
     whole prompts of 64-1024 tokens."""
     import triton.testing
 
-    from kernels.paged_attention import NewTokens, paged_attention_decode
+    from kernels.paged_attention import paged_attention_decode
     from kernels.prefill_attention import prefill_attention
 
     gen = torch.Generator().manual_seed(1)
     rows = []
-    lens = torch.randint(64, 1281, (256,), generator=gen)
-    per_seq = -(-int(lens.max()) // BLOCK_SIZE)
-    tables = pool.perm[: 256 * per_seq].view(256, per_seq)
-    seq_lens = lens.to(torch.int32).to(DEVICE)
-    q = torch.randn(256, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
-    k_cache, v_cache = pool.k, pool.v
+    step = w1_decode_step(pool, gen, fp8)
+    q, tables, seq_lens, new = step.q, step.tables, step.seq_lens, step.new
+    k_cache, v_cache = step.k_cache, step.v_cache
     configs = [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 8, 3),
                (32, 4, 2), (32, 4, 3), (64, 2, 2), (32, 2, 2)]  # fmt: skip
     if fp8:
-        k_cache, v_cache = (c[: 256 * per_seq].to(torch.float8_e4m3fn) for c in (k_cache, v_cache))
-        tables = torch.randperm(256 * per_seq, device=DEVICE).to(torch.int32).view(256, per_seq)
         configs += [(128, 4, 3), (256, 4, 2), (256, 8, 2), (256, 8, 3), (128, 2, 2), (64, 4, 4)]
-    kv_bytes = 2 * int(lens.sum()) * KV_HEADS * HEAD_DIM * k_cache.element_size()
-    # As the engine runs it: rotate q and the new key, write it and its value at the last
-    # position of each context, attend (NewTokens).
-    positions = (lens - 1).to(DEVICE)
-    slots = tables.gather(1, (positions // BLOCK_SIZE)[:, None])[:, 0].long() * BLOCK_SIZE
-    new_kv = torch.randn(256, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
-    new = NewTokens(positions, new_kv, new_kv, torch.rand(2048, HEAD_DIM, device=DEVICE),
-                    slots + positions % BLOCK_SIZE)  # fmt: skip
+    kv_bytes = 2 * int(step.lens.sum()) * KV_HEADS * HEAD_DIM * k_cache.element_size()
     rope = [(64, 4, 2), (32, 4, 2), (64, 8, 2), (128, 8, 2), (32, 4, 3)]
     cache = "fp8 " if fp8 else ""
-    # longest contexts first (as the engine orders them)
-    order = torch.argsort(seq_lens, descending=True).to(torch.int32)
+    order = step.order
     runs = [(*c, None, None) for c in configs] + [(*c, new, None) for c in rope]
     runs += [(*c, nt, order) for c in [(64, 4, 2), (128, 8, 2), (64, 2, 2)] for nt in (None, new)]
     for n, w, s, nt, od in runs:

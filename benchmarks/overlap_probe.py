@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from kernel_bench import BLOCK_SIZE, DEVICE, DTYPE, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, KVPool  # noqa: E402
+from kernel_bench import BLOCK_SIZE, DEVICE, DTYPE, HEAD_DIM, HIDDEN, KVPool  # noqa: E402
+from kernels_w1 import w1_decode_step  # noqa: E402
 
 INTERMEDIATE = 14336
 GREEN_CONTEXTS = []  # each must outlive its stream
@@ -52,28 +53,17 @@ def gemm(rows: int, copies: int) -> Callable[[], None]:
 
 
 def decode_attention(tiles: dict[str, int]) -> Callable[[], None]:
-    """The engine's decode kernel over a 256-row W1 step (as benchmarks/kernels_w1.py);
+    """The engine's decode kernel over W1's 256-row step (benchmarks/kernels_w1.py's);
     ``tiles``: block_n / num_warps / num_stages other than the launcher's choice."""
-    from kernels.paged_attention import NewTokens, paged_attention_decode
+    from kernels.paged_attention import paged_attention_decode
 
-    gen = torch.Generator().manual_seed(1)
-    lens = torch.randint(64, 1281, (256,), generator=gen)
-    per_seq = -(-int(lens.max()) // BLOCK_SIZE)
-    pool = KVPool(256 * per_seq)
-    tables = pool.perm.view(256, per_seq)
-    seq_lens = lens.to(torch.int32).to(DEVICE)
-    q = torch.randn(256, HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
-    positions = (lens - 1).to(DEVICE)
-    slots = tables.gather(1, (positions // BLOCK_SIZE)[:, None])[:, 0].long() * BLOCK_SIZE
-    new_kv = torch.randn(256, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
-    new = NewTokens(positions, new_kv, new_kv, torch.rand(2048, HEAD_DIM, device=DEVICE),
-                    slots + positions % BLOCK_SIZE)  # fmt: skip
-    order = torch.argsort(seq_lens, descending=True).to(torch.int32)
-    out = torch.empty_like(q)
+    step = w1_decode_step(KVPool(256 * 1280 // BLOCK_SIZE), torch.Generator().manual_seed(1))
+    out = torch.empty_like(step.q)
 
     def run() -> None:
-        paged_attention_decode(q, pool.k, pool.v, tables, seq_lens, HEAD_DIM**-0.5,
-                               out=out, new_tokens=new, order=order, **tiles)  # fmt: skip
+        paged_attention_decode(step.q, step.k_cache, step.v_cache, step.tables, step.seq_lens,
+                               HEAD_DIM**-0.5, out=out, new_tokens=step.new, order=step.order,
+                               **tiles)  # fmt: skip
 
     return run
 
