@@ -1,5 +1,5 @@
-"""RMSNorm (+ residual) warps and greedy argmax variants at the engine's shapes, each timed
-in a CUDA graph (as decode steps run them). CUDA only.
+"""RMSNorm (+ residual) warps at the engine's shapes, each timed in a CUDA graph (as decode
+steps run them; greedy argmax: argmax_probe.py). CUDA only.
 
     python benchmarks/elementwise_probe.py [out.json]
 """
@@ -15,7 +15,6 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels.rms_norm as rn  # noqa: E402
 from kernels.pdl import pdl_launch  # noqa: E402
-from vllm_runner.sample.sampler import two_stage_argmax  # noqa: E402
 
 
 def graph_us(fn) -> float:
@@ -44,12 +43,5 @@ for hidden in (2048, 4096):
             us = graph_us(lambda warps=warps, a=(x, w, r, out, res_out): rms(*a, warps))
             rows.append(dict(kernel="rms_norm", hidden=hidden, t=t, warps=warps, us=us, same=same))
             print(f"rms_norm h={hidden} t={t:5d} warps={warps:2d}: {us:7.2f} us same={same}")
-for n in (1, 16, 64, 128, 256):
-    logits = torch.randn(n, 128256, device=dev, dtype=torch.bfloat16)
-    same = torch.equal(two_stage_argmax(logits), logits.argmax(-1))
-    a = graph_us(lambda lg=logits: lg.argmax(-1))
-    b = graph_us(lambda lg=logits: two_stage_argmax(lg))
-    rows.append(dict(kernel="argmax", rows=n, torch_us=a, two_stage_us=b, same=same))
-    print(f"argmax rows={n:3d}: torch {a:7.2f} us, two-stage {b:7.2f} us same={same}")
 if len(sys.argv) > 1:
     Path(sys.argv[1]).write_text(json.dumps({"card": torch.cuda.get_device_name(), "rows": rows}))

@@ -5,7 +5,7 @@
 # quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, lone-decode, w1-fp8,
 # kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe,
 # read-bw, sampler-probe, gemm-prefill, persistent-layers, loadtest-1b, serving-ab, variants-ab, chat-ab, engine-ab, profile-engine, profile-serving,
-# overlap-probe)
+# overlap-probe, argmax-probe)
 # Prefix BENCH_COMMIT=<the commit sent> (the device copy's .git is stale; the JSON records it).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -69,6 +69,7 @@ for step in "$@"; do
              | tee "$OUT/persistent_probe.txt" ;;
     blas-probe) timeout 300 python benchmarks/blas_probe.py --out "$OUT/blas_probe.json" 2>&1 | tail -150
              timeout 200 python benchmarks/blas_probe.py --m 16384 --shapes gate_up,down --out "$OUT/blas_probe_prefill.json" 2>&1 | tail -60 ;;
+    argmax-probe) python benchmarks/argmax_probe.py --out "$OUT/argmax_probe.json" 2>&1 | tail -30 ;;
     sampler-probe) python benchmarks/sampler_probe.py --out "$OUT/sampler_probe.json" 2>&1 | tail -30 ;;
     read-bw) python benchmarks/read_bw_probe.py --out "$OUT/read_bw.json" 2>&1 | tail -12 ;;
     gemm-prefill) timeout 400 python benchmarks/gemm_probe.py --m 16384 --shapes gate_up \

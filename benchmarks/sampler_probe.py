@@ -75,7 +75,7 @@ def before(logits: torch.Tensor, rows, generator: torch.Generator) -> torch.Tens
     """The sampled path before the kernel (plain rows: no penalties, bias or seeds)."""
     logits = logits.float()
     if rows is None or all(r.params.greedy for r in rows):
-        return S.greedy_argmax(logits)
+        return logits.argmax(dim=-1)
     temps = S.host_values(
         [1.0 if r.params.greedy else r.params.temperature for r in rows],
         torch.float32,
@@ -84,7 +84,7 @@ def before(logits: torch.Tensor, rows, generator: torch.Generator) -> torch.Tens
     probs = S.apply_top_k_top_p_min_p(logits / temps[:, None], rows).softmax(dim=-1)
     q = torch.empty_like(probs).exponential_(generator=generator)
     is_greedy = S.host_values([r.params.greedy for r in rows], torch.bool, logits.device)
-    return torch.where(is_greedy, S.greedy_argmax(logits), (probs / q).argmax(dim=-1))
+    return torch.where(is_greedy, logits.argmax(dim=-1), (probs / q).argmax(dim=-1))
 
 
 def main() -> None:

@@ -211,25 +211,22 @@ def test_no_zero_probability_token_at_any_cdf_boundary(monkeypatch):
         assert (probs[ids] > 0).all()
 
 
-@pytest.mark.parametrize("vocab", [49152, 128256, 1000, 193])  # groups of 256 / 256 / ... / none
-def test_two_stage_argmax_is_argmax_with_ties(vocab):
-    """The few-row greedy path: same ids as argmax, incl. ties (first max), a max at the
-    last entry and in the last group, -inf rows and NaN."""
-    from vllm_runner.sample.sampler import two_stage_argmax
-
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, vocab, generator=g)
-    logits[1, [7, vocab // 2, vocab - 1]] = 9.0  # tie: the first wins
-    logits[2, vocab - 1] = 9.0
-    logits[3] = -math.inf
-    logits[4] = logits[4].round()  # many ties
-    logits[5, [vocab - 3, vocab - 2]] = 9.0
-    logits = torch.cat([logits, logits[:1]])
-    logits[6, [vocab // 3, vocab - 1]] = math.nan  # argmax: the first NaN
-    expected = logits.argmax(dim=-1)
-    assert expected[1] == 7
-    assert torch.equal(two_stage_argmax(logits), expected)
-    assert torch.equal(two_stage_argmax(logits.bfloat16()), logits.bfloat16().argmax(dim=-1))
+@pytest.mark.parametrize("rows", [1, 16, 17])
+def test_greedy_is_argmax_with_ties(rows):
+    """The greedy path (a few rows on a GPU: kernels.argmax, else torch): argmax's ids,
+    ties (first max), a max at the last entry, -inf rows and NaN (the first NaN)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vocab = 1000
+    g = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, vocab, generator=g)
+    logits[0, [7, vocab // 2, vocab - 1]] = 9.0
+    logits[-1] = -math.inf
+    if rows > 2:
+        logits[1, [vocab // 3, vocab - 1]] = math.nan
+    sampler = Sampler(device, seed=0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits.to(device=device, dtype=dtype)
+        assert torch.equal(sampler.greedy(x), x.argmax(dim=-1))
 
 
 def test_min_p_before_top_p_and_min_tokens_hold_eos():

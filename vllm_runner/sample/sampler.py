@@ -222,26 +222,6 @@ def _last_kept(largest: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) ->
     return (kept.sum(dim=-1, keepdim=True) - 1).clamp(min=0)
 
 
-def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [rows]
-    """``logits.argmax(-1)``; on CUDA a few rows take ``two_stage_argmax``: torch reduces a
-    lone row in one thread block (H200, one 128256-wide row: 26 us; two stages: 11 us)."""
-    if logits.is_cuda and logits.shape[0] <= 16:
-        return two_stage_argmax(logits)
-    return logits.argmax(dim=-1)
-
-
-def two_stage_argmax(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [rows]
-    """The first maximum of each row, as ``argmax``: the first maximum of each group of 256
-    (or 128, 64) entries, then the first best group."""
-    rows, vocab = logits.shape
-    group = next((g for g in (256, 128, 64) if vocab % g == 0), 0)
-    if not group:
-        return logits.argmax(dim=-1)
-    best, index = logits.reshape(rows, vocab // group, group).max(dim=-1)  # first max each
-    g = best.argmax(dim=-1, keepdim=True)
-    return (g * group + index.gather(-1, g)).squeeze(-1)
-
-
 def seeded_uniform(row: SamplingRow) -> float:
     """A seeded row's uniform for its next token on the CPU: the same whatever the batch.
     NOTE: not torch's CPU generator, whose ``manual_seed`` keeps the low 32 bits only: seeds
@@ -296,13 +276,20 @@ class Sampler:
     def __init__(
         self, device: torch.device, seed: int, vocab: int = 0, dtype: torch.dtype = torch.float32
     ) -> None:
-        """On a GPU, given the logits' width and dtype, the sampling kernel is compiled now
-        for them and for fp32 (rows whose logits are edited), not in the first sampled step
-        (~1-2 s on a fresh Triton cache)."""
+        """On a GPU, given the logits' width and dtype, the sampling and argmax kernels are
+        compiled now for them and for fp32 (rows whose logits are edited), not in the first
+        sampled step (~1-2 s on a fresh Triton cache)."""
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.race_seeds = np.random.default_rng(seed)  # unseeded rows' keys on a GPU
         self.staging = RowStaging()
+        # Greedy rows on a GPU: ``kernels.argmax``'s per-row arrival counts (zeros between
+        # launches, all on this sampler's stream).
+        self._argmax_counts = None
+        if device.type == "cuda":
+            from kernels.argmax import MAX_ROWS
+
+            self._argmax_counts = torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
         if device.type == "cuda" and vocab:
             from kernels.sampling import sample_rows
 
@@ -310,6 +297,7 @@ class Sampler:
             for d in {dtype, torch.float32}:
                 sample_rows(torch.zeros(1, vocab, dtype=d, device=device), params,
                             torch.zeros(1, dtype=torch.int64, device=device))  # fmt: skip
+                self.greedy(torch.zeros(1, vocab, dtype=d, device=device))
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow] | None) -> SamplerOutput:
         sampled, raw_logprobs = self.sample(logits, rows)
@@ -328,7 +316,7 @@ class Sampler:
         ``rows=None`` means every row is plain greedy (no penalties, min_tokens or logprobs):
         the argmax alone, with no per-row host work."""
         if rows is None:
-            return greedy_argmax(logits), None  # exact in any dtype: no fp32 copy needed
+            return self.greedy(logits), None  # exact in any dtype: no fp32 copy needed
         raw_logprobs = None
         extras = [r for r in rows if r.has_extras]  # (one pass; most rows have none)
         if any(r.params.logprobs is not None for r in extras):
@@ -348,7 +336,7 @@ class Sampler:
         if held:
             apply_min_tokens(logits, rows)
         if all(r.params.greedy for r in rows):
-            sampled = greedy_argmax(logits)
+            sampled = self.greedy(logits)
         elif logits.is_cuda:
             sampled = self._race_on_device(logits, rows)
         else:
@@ -368,8 +356,18 @@ class Sampler:
             scaled = apply_top_k_top_p_min_p((logits - shift) / temps, rows)
             random_ids = inverse_cdf_sample(scaled.softmax(dim=-1), rows, self.generator)
             is_greedy = host_values([r.params.greedy for r in rows], torch.bool, logits.device)
-            sampled = torch.where(is_greedy, greedy_argmax(logits), random_ids)
+            sampled = torch.where(is_greedy, self.greedy(logits), random_ids)
         return sampled, raw_logprobs
+
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [rows]
+        """``logits.argmax(-1)``; a few rows on a GPU in one launch (``kernels.argmax``:
+        torch reduces a lone row in one thread block)."""
+        from kernels.argmax import MAX_ROWS, argmax_rows
+
+        rows = logits.shape[0]
+        if self._argmax_counts is not None and 0 < rows <= MAX_ROWS and logits.stride(1) == 1:
+            return argmax_rows(logits, self._argmax_counts)
+        return logits.argmax(dim=-1)
 
     def _race_on_device(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Every row in one kernel; its Philox key and settings reach the device in one copy."""
