@@ -43,6 +43,10 @@ from kernels.launch import next_power_of_2, num_sms, ptx_widening
 from kernels.pdl import pdl_launch, wait_for_predecessor
 from kernels.rotary import rope_rows
 
+# A batch over an fp8 cache read as word pairs (H200, W1's 256-row step: 102 vs 110 us at
+# four warps; W1 8B 10,451 / 10,447 vs 10,337 / 10,360 tok/s). One request keeps four.
+PAIRS_WARPS = 2
+
 
 @triton.jit
 def _query(q_rows, cols, mask, cos_sin_row, ROPE: tl.constexpr, HALF: tl.constexpr,
@@ -317,7 +321,8 @@ def paged_attention_decode(
     ``block_n`` / ``num_warps`` default to 32 / 1 for a lone request with ``new_tokens`` and
     head_dim <= 64
     (then ``preload`` too: see the module's note; it needs ``new_tokens`` and is off for an
-    fp8 cache read as word pairs), else 64 / 4. The result does not depend on ``preload``.
+    fp8 cache read as word pairs), to 64 / ``PAIRS_WARPS`` for two or more requests over word
+    pairs, else 64 / 4. The result does not depend on ``preload``.
     """
     check_paged_inputs(query, k_cache, v_cache, block_tables, seq_lens)
     num_reqs, num_heads, head_dim = query.shape
@@ -331,7 +336,7 @@ def paged_attention_decode(
     # (head_dim 128 at one warp spills: 760 bytes a thread, sm_90; kept at four until timed)
     lone = num_reqs == 1 and new_tokens is not None and not pairs and head_dim <= 64
     block_n = block_n or (32 if lone else 64)
-    num_warps = num_warps or (1 if lone else 4)
+    num_warps = num_warps or (1 if lone else PAIRS_WARPS if pairs and num_reqs > 1 else 4)
     preload = (lone if preload is None else preload) and new_tokens is not None and not pairs
     if num_splits is None:
         if max_seq_len is None:

@@ -76,7 +76,8 @@ def test_decode_lone_request_takes_one_warp_tiles_of_32_keys(decode) -> None:
 )
 def test_decode_fp8_word_pairs_need_whole_rows_of_32_features(decode, head_dim, pairs) -> None:
     """A 16-bit query over an fp8 cache reads it as int16 word pairs where head_dim % 32 ==
-    0; pairs never preload (even asked to) and a lone request keeps four-warp tiles."""
+    0; pairs never preload (even asked to), a lone request keeps four-warp tiles and a batch
+    takes PAIRS_WARPS."""
     kernel, _ = decode
     q, kc, vc, tables, lens, new = _decode_inputs(1, head_dim, kv_dtype=FP8)
     pa.paged_attention_decode(q, kc, vc, tables, lens, 0.1, new_tokens=new, num_splits=1,
@@ -87,6 +88,9 @@ def test_decode_fp8_word_pairs_need_whole_rows_of_32_features(decode, head_dim, 
     assert (block_n, warps) == ((32, 1) if lone else (64, 4))
     words = kernel.calls[-1][1][3]
     assert words.dtype == (torch.int16 if pairs else FP8)
+    q, kc, vc, tables, lens, _ = _decode_inputs(3, head_dim, kv_dtype=FP8)
+    pa.paged_attention_decode(q, kc, vc, tables, lens, 0.1)
+    assert _picked(kernel)[1:3] == (64, pa.PAIRS_WARPS if pairs else 4) and pa.PAIRS_WARPS == 2
 
 
 def test_decode_splits_follow_max_seq_len_else_the_table(decode) -> None:
