@@ -18,6 +18,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.quant_offload import batch1_tok_s, make_llm  # noqa: E402
+from benchmarks.sampler_probe import time_ms  # noqa: E402
 from benchmarks.throughput import (  # noqa: E402
     build_random_llama,
     copy_bandwidth,
@@ -37,23 +38,6 @@ def two_stage_argmax(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> 
     return (g * 256 + index.gather(-1, g)).squeeze(-1)
 
 
-def launches_us(fn, calls: int = 200, repeats: int = 5) -> float:
-    """Median us per call of ``calls`` back-to-back calls (the sampler's launches are not
-    in a graph)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
-
-
 def graph_us(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
 
@@ -70,7 +54,8 @@ def micro(report: dict) -> None:
         }
         for name, fn in fns.items():
             row = dict(rows=rows, path=name, same=bool(torch.equal(fn(), want)))
-            row["launches_us"], row["graph_us"] = launches_us(fn), graph_us(fn)
+            # back-to-back launches (as the sampler runs them, outside the graph), then in one
+            row["launches_us"], row["graph_us"] = time_ms(fn, calls=200) * 1e3, graph_us(fn)
             report["micro"].append(row)
             print(f"rows={rows:2d} {name:9s} launches {row['launches_us']:6.2f} us, graph "
                   f"{row['graph_us']:6.2f} us, same={row['same']}", flush=True)  # fmt: skip
