@@ -80,3 +80,44 @@ def test_argmax_rows_at_llama3_vocabulary(device: torch.device, rows: int) -> No
             x[: min(rows, 7)] = hard[: min(rows, 7)] if i % 2 else x[: min(rows, 7)]
             assert torch.equal(argmax_rows(x, counts), x.argmax(dim=-1)), (dtype, i)
         assert not counts.any()
+
+
+def test_sampler_greedy_takes_the_kernel_for_a_few_dense_rows(device: torch.device, monkeypatch):
+    """Sampler.greedy (and sample with rows=None): 1 to MAX_ROWS rows with a dense last dim
+    (rows of a wider buffer too) in one argmax_rows launch on the sampler's counts, other
+    shapes torch's argmax; argmax's ids either way. (On the CPU the sampler is given the
+    counts a GPU sampler owns, so the interpreter runs the kernel path.)"""
+    import kernels.argmax as am
+    from vllm_runner.sample.sampler import Sampler
+
+    sampler = Sampler(device, 0)
+    if sampler._argmax_counts is None:
+        sampler._argmax_counts = torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
+    launches = []
+    real = am.argmax_rows
+
+    def spy(logits, counts, *args, **kwargs):
+        assert counts is sampler._argmax_counts
+        launches.append(logits.shape[0])
+        return real(
+            logits, counts, *args, **kwargs, **({} if device.type == "cuda" else {"block": 64})
+        )
+
+    monkeypatch.setattr(am, "argmax_rows", spy)
+    vocab = 300
+    hard = _hard_rows(vocab, device, torch.float32)
+    wide = torch.randn(MAX_ROWS + 1, vocab + 40, device=device)
+    wide[:7, :vocab] = hard
+    cases = [  # (logits, launched)
+        (hard[2:3], True),
+        (hard, True),
+        (wide[:MAX_ROWS, :vocab], True),  # strided rows
+        (wide[:, :vocab], False),  # too many rows
+        (wide[:5, :vocab].t().contiguous().t(), False),  # no dense last dim
+    ]
+    for logits, launched in cases:
+        before = len(launches)
+        for got in (sampler.greedy(logits), sampler.sample(logits, None)[0]):
+            assert torch.equal(got, logits.argmax(dim=-1)), (logits.shape, got)
+        assert launches[before:] == ([logits.shape[0]] * 2 if launched else []), logits.shape
+    assert not sampler._argmax_counts.any()

@@ -88,9 +88,11 @@ def test_decode_fp8_word_pairs_need_whole_rows_of_32_features(decode, head_dim, 
     assert (block_n, warps) == ((32, 1) if lone else (64, 4))
     words = kernel.calls[-1][1][3]
     assert words.dtype == (torch.int16 if pairs else FP8)
-    q, kc, vc, tables, lens, _ = _decode_inputs(3, head_dim, kv_dtype=FP8)
-    pa.paged_attention_decode(q, kc, vc, tables, lens, 0.1)
-    assert _picked(kernel)[1:3] == (64, pa.PAIRS_WARPS if pairs else 4) and pa.PAIRS_WARPS == 2
+    for num_reqs in (2, 3):  # (two: the smallest batch)
+        q, kc, vc, tables, lens, _ = _decode_inputs(num_reqs, head_dim, kv_dtype=FP8)
+        pa.paged_attention_decode(q, kc, vc, tables, lens, 0.1)
+        assert _picked(kernel)[1:3] == (64, pa.PAIRS_WARPS if pairs else 4), num_reqs
+    assert pa.PAIRS_WARPS == 2
 
 
 def test_decode_splits_follow_max_seq_len_else_the_table(decode) -> None:
