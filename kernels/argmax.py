@@ -16,6 +16,7 @@ from kernels.launch import next_power_of_2
 
 MAX_PARTS = 64
 MAX_ROWS = 16  # the callers' count buffers: more rows go to torch's argmax (one block a row)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # exact in fp32 (not fp64 or ints)
 
 
 @triton.jit
@@ -82,6 +83,7 @@ def argmax_rows(
     rows, vocab = logits.shape
     assert 0 < rows <= MAX_ROWS, f"{rows} rows: 1 to {MAX_ROWS}"
     assert logits.stride(1) == 1, "logits need a dense last dim"
+    assert logits.dtype in DTYPES, f"logits {logits.dtype}: one of {DTYPES}"
     assert 0 < vocab < 2**31, f"vocabulary {vocab}: 1 to 2**31 - 1"
     assert counts.dtype == torch.int32 and counts.numel() >= rows, (
         f"counts {counts.dtype} {tuple(counts.shape)}: int32, {rows} or more"

@@ -65,6 +65,8 @@ def test_argmax_rows_rejects_what_it_cannot_take(device: torch.device) -> None:
         argmax_rows(x[:3], counts[:2])
     with pytest.raises(AssertionError, match=f"parts 0: 1 to {MAX_PARTS}"):
         argmax_rows(x[:2], counts, parts=0)
+    with pytest.raises(AssertionError, match="torch.float64"):  # (fp32 would round it)
+        argmax_rows(x[:2].double(), counts)
 
 
 @pytest.mark.gpu
@@ -114,6 +116,7 @@ def test_sampler_greedy_takes_the_kernel_for_a_few_dense_rows(device: torch.devi
         (wide[:MAX_ROWS, :vocab], True),  # strided rows
         (wide[:, :vocab], False),  # too many rows
         (wide[:5, :vocab].t().contiguous().t(), False),  # no dense last dim
+        (torch.tensor([[1.0, 1.0 + 1e-12]], dtype=torch.float64, device=device), False),
     ]
     for logits, launched in cases:
         before = len(launches)

@@ -362,10 +362,11 @@ class Sampler:
     def greedy(self, logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [rows]
         """``logits.argmax(-1)``; a few rows on a GPU in one launch (``kernels.argmax``:
         torch reduces a lone row in one thread block)."""
-        from kernels.argmax import MAX_ROWS, argmax_rows
+        from kernels.argmax import DTYPES, MAX_ROWS, argmax_rows
 
         rows = logits.shape[0]
-        if self._argmax_counts is not None and 0 < rows <= MAX_ROWS and logits.stride(1) == 1:
+        fits = logits.stride(1) == 1 and logits.dtype in DTYPES  # (else the kernel asserts)
+        if self._argmax_counts is not None and 0 < rows <= MAX_ROWS and fits:
             return argmax_rows(logits, self._argmax_counts)
         return logits.argmax(dim=-1)
 
