@@ -18,7 +18,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.quant_offload import batch1_tok_s, make_llm  # noqa: E402
-from benchmarks.sampler_probe import time_ms  # noqa: E402
+from benchmarks.sampler_probe import time_ms, two_stage_argmax  # noqa: E402
 from benchmarks.throughput import (  # noqa: E402
     build_random_llama,
     copy_bandwidth,
@@ -27,15 +27,6 @@ from benchmarks.throughput import (  # noqa: E402
     random_workload,
 )
 from kernels.argmax import MAX_ROWS, argmax_rows  # noqa: E402
-
-
-def two_stage_argmax(logits: torch.Tensor) -> torch.Tensor:  # [rows, vocab] -> [rows]
-    """The sampler's few-row greedy path before ``kernels.argmax``: the first maximum of
-    each group of 256 entries, then the first best group (vocab a multiple of 256)."""
-    rows, vocab = logits.shape
-    best, index = logits.reshape(rows, vocab // 256, 256).max(dim=-1)
-    g = best.argmax(dim=-1, keepdim=True)
-    return (g * 256 + index.gather(-1, g)).squeeze(-1)
 
 
 def graph_us(fn) -> float:
