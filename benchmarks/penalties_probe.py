@@ -19,10 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_runner.sample import sampler as S  # noqa: E402
+from vllm_runner.sample.rows import SamplingRow  # noqa: E402
 from vllm_runner.sampling_params import SamplingParams  # noqa: E402
 
 
-def per_row(logits: torch.Tensor, rows: list[S.SamplingRow]) -> None:
+def per_row(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     """The sampler's penalties before 4f2e6c5: a bincount and two copies per row."""
     vocab, device = logits.shape[1], logits.device
     for i, row in enumerate(rows):
@@ -44,7 +45,7 @@ def main() -> None:
     params = SamplingParams(repetition_penalty=1.1, frequency_penalty=0.2)
     for n, prompt_len, output_len in ((256, 500, 200), (64, 2000, 1000)):
         rows = [
-            S.SamplingRow(
+            SamplingRow(
                 params,
                 [rng.randrange(vocab) for _ in range(prompt_len + output_len)],
                 prompt_len,

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.sampling import _programs, sample_rows, split_for  # noqa: E402
 from vllm_runner.sample import sampler as S  # noqa: E402
-from vllm_runner.sample.sampler import Sampler, SamplingRow  # noqa: E402
+from vllm_runner.sample.rows import SamplingRow, host_values  # noqa: E402
+from vllm_runner.sample.sampler import Sampler  # noqa: E402
 from vllm_runner.sampling_params import SamplingParams  # noqa: E402
 
 SETTINGS = {
@@ -87,14 +88,14 @@ def before(logits: torch.Tensor, rows, generator: torch.Generator) -> torch.Tens
     logits = logits.float()
     if rows is None or all(r.params.greedy for r in rows):
         return two_stage_argmax(logits)
-    temps = S.host_values(
+    temps = host_values(
         [1.0 if r.params.greedy else r.params.temperature for r in rows],
         torch.float32,
         logits.device,
     )
     probs = S.apply_top_k_top_p_min_p(logits / temps[:, None], rows).softmax(dim=-1)
     q = torch.empty_like(probs).exponential_(generator=generator)
-    is_greedy = S.host_values([r.params.greedy for r in rows], torch.bool, logits.device)
+    is_greedy = host_values([r.params.greedy for r in rows], torch.bool, logits.device)
     return torch.where(is_greedy, two_stage_argmax(logits), (probs / q).argmax(dim=-1))
 
 

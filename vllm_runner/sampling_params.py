@@ -46,11 +46,14 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # added to the token's logit (OpenAI's range)
     allowed_token_ids: list[int] | None = None  # only these may be sampled
     truncate_prompt_tokens: int | None = None  # use the prompt's last k tokens (-1: max_model_len)
+    bad_words: list[str] | None = None  # never generated (each as its tokens, see bad_words.py)
     # Filled by the engine (not user settings): the model's EOS ids, and the tokenizer's one,
     # whose stop_reason is None (the others, generation_config's, name themselves, as vLLM).
     # Not arguments: given, they would be overwritten.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False, init=False)
     eos_token_id: int | None = field(default=None, repr=False, init=False)
+    # Filled by the engine from ``bad_words`` (``vllm_runner.sample.bad_words``).
+    bad_words_token_ids: list[tuple[int, ...]] = field(default_factory=list, repr=False, init=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -69,6 +72,11 @@ class SamplingParams:
                     f"allowed_token_ids must be a non-empty list of token ids, got {allowed!r}"
                 )
             self.allowed_token_ids = [_as_int(t) for t in allowed]
+        words = self.bad_words
+        if words is not None:
+            if isinstance(words, str | bytes | dict) or not isinstance(words, Iterable):
+                raise ValueError(f"bad_words must be a list of strings, got {words!r}")
+            self.bad_words = list(words)
         if isinstance(self.logit_bias, dict):
             self.logit_bias = {_as_int(t): bias for t, bias in self.logit_bias.items()}
         for name in ("logprobs", "prompt_logprobs"):
@@ -143,6 +151,9 @@ class SamplingParams:
             for t in self.allowed_token_ids:
                 if not _is_int(t) or t < 0:
                     raise bad("allowed_token_ids entry", t, "a token id (an integer >= 0)")
+        for word in self.bad_words or ():
+            if not isinstance(word, str) or not word.strip():
+                raise bad("bad_words entry", word, "a string with a non-space character")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise bad("logit_bias", self.logit_bias, "a {token id: bias} dict")
@@ -155,6 +166,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1  # (0 < t < 0.01 is raised)
+
+    @property
+    def reads_output(self) -> bool:
+        """Whether sampling reads the output so far (under async scheduling its newest token
+        may still be on the device): penalties, and bad words of two or more tokens."""
+        return self.has_penalties or any(len(ids) > 1 for ids in self.bad_words_token_ids)
 
     @property
     def has_penalties(self) -> bool:

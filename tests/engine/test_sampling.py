@@ -10,7 +10,8 @@ import torch
 
 import vllm_runner.sample.sampler as sampler_module
 from vllm_runner import LLM, SamplingParams
-from vllm_runner.sample.sampler import Sampler, SamplingRow, inverse_cdf_sample
+from vllm_runner.sample.rows import SamplingRow
+from vllm_runner.sample.sampler import Sampler, inverse_cdf_sample
 
 
 @pytest.fixture(scope="module")
@@ -232,11 +233,7 @@ def test_greedy_is_argmax_with_ties(rows):
 def test_min_p_before_top_p_and_min_tokens_hold_eos():
     """vLLM V1's order: min_p on the whole distribution, then top-k / top-p on what is left
     (top-p renormalises); min_tokens bans EOS even under ignore_eos."""
-    from vllm_runner.sample.sampler import (
-        SamplingRow,
-        apply_min_tokens,
-        apply_top_k_top_p_min_p,
-    )
+    from vllm_runner.sample.sampler import apply_min_tokens, apply_top_k_top_p_min_p
 
     logits = torch.tensor([[0.5, 0.3, 0.1, 0.1]]).log()
     row = SamplingRow(SamplingParams(min_p=0.25, top_p=0.6), [1], 1, None)
@@ -312,7 +309,7 @@ def test_logit_bias_shifts_the_logits_before_penalties(llama, hf_llama):
 def test_penalties_of_a_mixed_batch_match_each_row_alone():
     """All rows at once: each row gets exactly its own penalties (repetition over prompt and
     output, frequency by count, presence once), rows without penalties are untouched."""
-    from vllm_runner.sample.sampler import SamplingRow, apply_penalties
+    from vllm_runner.sample.sampler import apply_penalties
 
     vocab, rng = 50, random.Random(3)
     settings = [dict(repetition_penalty=1.5), dict(frequency_penalty=0.7),
@@ -344,7 +341,6 @@ def test_sampling_on_a_gpu_never_waits_for_the_device():
     waits for the whole forward before it. Every sampling feature at once, under CUDA's
     sync debug mode, which raises on any synchronizing call; the same tokens as on the CPU
     for the rows whose choice does not depend on the random stream."""
-    from vllm_runner.sample.sampler import Sampler, SamplingRow
 
     if not torch.cuda.is_available():
         pytest.fail("the gpu suite needs a CUDA device")

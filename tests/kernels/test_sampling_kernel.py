@@ -352,7 +352,8 @@ def test_no_compile_in_the_first_sampled_steps(device: torch.device) -> None:
     """The Sampler's start-up launch compiles the kernel its steps run: none compiles in
     the first sampled steps, split or not, on the model's bf16 logits or edited fp32 ones
     (a vocabulary no other test uses, so nothing compiled it before)."""
-    from vllm_runner.sample.sampler import Sampler, SamplingRow
+    from vllm_runner.sample.rows import SamplingRow
+    from vllm_runner.sample.sampler import Sampler
     from vllm_runner.sampling_params import SamplingParams
 
     vocab = 100_003

@@ -251,7 +251,9 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
         ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"999999": 1}}, "logit_bias"),
         # vLLM's own request fields that change the output, at values other than unused
         ("/v1/completions", {"prompt": PROMPT, "allowed_token_ids": []}, "allowed_token_ids"),
-        ("/v1/completions", {"prompt": PROMPT, "bad_words": [" Paris"]}, "bad_words"),
+        ("/v1/completions", {"prompt": PROMPT, "bad_words": [" "]}, "bad_words"),
+        ("/v1/completions", {"prompt": PROMPT, "bad_words": "Paris"}, "bad_words"),
+        ("/v1/completions", {"prompt": PROMPT, "bad_words": ["x"] * 65}, "bad_words"),
         ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 1}, "prompt_logprobs"),
         ("/v1/completions", {"prompt": PROMPT, "use_beam_search": True}, "use_beam_search"),
         (
@@ -318,6 +320,15 @@ def test_a_huge_refused_value_is_not_sent_back_whole(client: Any) -> None:
 )
 def test_vllm_fields_at_unused_values_are_accepted(client: Any, body: dict) -> None:
     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **body})
+    assert r.status_code == 200, r.text
+
+
+def test_bad_words_are_taken(client: Any) -> None:
+    """vLLM's bad_words (a list of up to 64 texts) on both routes."""
+    words = {"bad_words": [" Paris", "the"] * 32}
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **words})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2, **words})
     assert r.status_code == 200, r.text
 
 

@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from vllm_runner.sample.sampler import Sampler, SamplingRow, apply_top_k_top_p_min_p
+from vllm_runner.sample.rows import SamplingRow
+from vllm_runner.sample.sampler import Sampler, apply_top_k_top_p_min_p
 from vllm_runner.sampling_params import SamplingParams
 
 

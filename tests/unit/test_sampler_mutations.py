@@ -6,9 +6,9 @@ import math
 
 import torch
 
+from vllm_runner.sample.rows import SamplingRow
 from vllm_runner.sample.sampler import (
     Sampler,
-    SamplingRow,
     apply_min_tokens,
     apply_penalties,
     apply_top_k_top_p_min_p,

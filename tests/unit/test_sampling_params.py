@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vllm_runner import LLM, SamplingParams
-from vllm_runner.sample.sampler import Sampler, SamplingRow
+from vllm_runner.sample.rows import SamplingRow
+from vllm_runner.sample.sampler import Sampler
 
 
 def test_seed_minus_1_means_no_seed(tiny_model_dirs):

@@ -22,6 +22,7 @@ from vllm_runner.engine.request import Request, RequestStatus
 from vllm_runner.engine.sampling_defaults import generation_folder, read_sampling_defaults
 from vllm_runner.engine.scheduler import Scheduler
 from vllm_runner.model.loader import resolve_model_path
+from vllm_runner.sample.bad_words import bad_word_token_ids
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import eos_token_ids, load_hf_config, load_tokenizer
 from vllm_runner.worker.model_runner import ModelRunner, StepHandle
@@ -149,6 +150,8 @@ class EngineCore:
         params = copy.copy(params)
         params.all_stop_token_ids = self.eos_ids
         params.eos_token_id = self.eos_id
+        if params.bad_words:
+            params.bad_words_token_ids = bad_word_token_ids(self.inputs.tokenizer, params.bad_words)
         state = new_request_state(
             request_id,
             prompt_text(prompt),

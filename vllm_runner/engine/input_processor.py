@@ -192,6 +192,8 @@ class InputProcessor:
                 f"tokens ({len(prompt_ids)} prompt + {new} new tokens), but the cache has "
                 f"{limits.num_blocks}: lower max_tokens or give the KV cache more memory"
             )
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError(f"bad_words {params.bad_words!r} need a tokenizer and {NO_TOKENIZER}")
         if params.stop and self.tokenizer is None:
             raise ValueError(
                 f"stop {params.stop!r}: stop strings need a tokenizer and {NO_TOKENIZER}; "

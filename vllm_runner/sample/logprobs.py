@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from vllm_runner.sample.sampler import SamplingRow
+    from vllm_runner.sample.rows import SamplingRow
 
 
 def logprob_tensors(

@@ -7,60 +7,17 @@ seeded request draws from variates keyed by (seed, output position), so its toke
 on nothing else in the batch and survive preemption.
 """
 
-import functools
 import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from vllm_runner.sample.bad_words import ban_bad_words
 from vllm_runner.sample.logprobs import logprob_entries, logprob_tensors
-from vllm_runner.sampling_params import SamplingParams
+from vllm_runner.sample.rows import FP32_MAX, SamplingRow, host_values
 
 _SEED_STRIDE = 1_000_003
-_FP32_MAX = torch.finfo(torch.float32).max
-
-
-@dataclass
-class SamplingRow:
-    """What the sampler needs of one request (token lists are read, not copied, unless a
-    penalty needs them); the runner's request states are rows, read in place each step."""
-
-    params: SamplingParams
-    token_ids: list[int]  # prompt + output known on the host
-    num_prompt_tokens: int
-    seed: int | None  # per completion (seed + index for n > 1)
-    num_pending: int = 0  # sampled earlier, still on the device
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) + self.num_pending - self.num_prompt_tokens
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @functools.cached_property
-    def race_settings(self) -> tuple[float, float, float, int]:
-        """The sampling kernel's (temperature, top_p, min_p, top_k), made once per request.
-        NOTE: a temperature at most fp32's largest (beyond it, inf there: NaN logits); a
-        top_k at most 2**24, exact in fp32 and past any vocabulary (off there, as any k >=
-        the vocabulary)."""
-        p = self.params
-        t = 0.0 if p.greedy else min(p.temperature, _FP32_MAX)
-        return t, p.top_p, p.min_p, min(p.top_k, 1 << 24)
-
-    @functools.cached_property
-    def has_extras(self) -> bool:
-        """Whether the row asks for logprobs, a logit bias, allowed ids, penalties or
-        min_tokens, beyond temperature / top-k / top-p / min-p (made once per request)."""
-        p = self.params
-        extras = (p.logit_bias, p.allowed_token_ids, p.has_penalties, p.min_tokens)
-        return p.logprobs is not None or any(extras)
 
 
 @dataclass
@@ -68,18 +25,6 @@ class SamplerOutput:
     token_ids: list[int]
     # per row: (sampled token's logprob, {token id: logprob} top-N) or None
     logprobs: list[tuple[float, dict[int, float]] | None]
-
-
-def host_values(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host ``values`` (a list or a numpy array) as a tensor on ``device``, without waiting
-    for the device. ``torch.tensor(values, device=cuda)`` copies from pageable memory, which
-    waits for all work queued before it: in a step's sampling, that is the whole forward,
-    and async scheduling's overlap was lost for every step with a sampled (temperature > 0)
-    request (py-spy, H200, `bentoml serve` under 256 chat streams: 9% of the engine loop
-    waiting there). From pinned memory the copy is queued like a kernel."""
-    if device.type != "cuda":
-        return torch.as_tensor(values, dtype=dtype, device=device)
-    return torch.as_tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -323,14 +268,17 @@ class Sampler:
             raw_logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
         bias = any(r.params.logit_bias for r in extras)
         allowed = any(r.params.allowed_token_ids for r in extras)
+        words = any(r.params.bad_words_token_ids for r in extras)
         penalised = any(r.params.has_penalties for r in extras)
         held = any(r.num_output_tokens < r.params.min_tokens for r in extras)
-        if bias or allowed or penalised or held or not logits.is_cuda:
+        if bias or allowed or words or penalised or held or not logits.is_cuda:
             logits = logits.float()  # [num_rows, vocab] (else the kernel reads the logits)
         if bias:
             apply_logit_bias(logits, rows)
         if allowed:
             apply_allowed_token_ids(logits, rows)
+        if words:
+            ban_bad_words(logits, rows, pending)
         if penalised:
             apply_penalties(logits, rows, pending)
         if held:
@@ -343,7 +291,7 @@ class Sampler:
             # NOTE: at most fp32's largest: a valid temperature beyond it is inf there, and
             # a banned token's -inf / inf is NaN, which made the whole row draw token 0
             temps = host_values(
-                [1.0 if r.params.greedy else min(r.params.temperature, _FP32_MAX) for r in rows],
+                [1.0 if r.params.greedy else min(r.params.temperature, FP32_MAX) for r in rows],
                 torch.float32,
                 logits.device,
             )[:, None]

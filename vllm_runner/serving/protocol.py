@@ -25,12 +25,15 @@ MAX_LOGIT_BIAS = 300
 Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 # NOTE: each step builds every row's mask from its list (one index per entry)
 MAX_ALLOWED_TOKEN_IDS = 1000
+# NOTE: each step checks every bad word's tokens against the row's output
+MAX_BAD_WORDS = 64
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 _MAX_ENTRIES = {
     "stop": MAX_STOP_STRINGS,
     "logit_bias": MAX_LOGIT_BIAS,
     "allowed_token_ids": MAX_ALLOWED_TOKEN_IDS,
+    "bad_words": MAX_BAD_WORDS,
 }
 
 
@@ -56,6 +59,7 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     logit_bias: dict[int, Bias] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = None
     truncate_prompt_tokens: int | None = None
 
     def sampling_params(
@@ -77,7 +81,7 @@ class SamplingFields(BaseModel):
                 values[name] = min(values[name], value)
         return SamplingParams(**{**values, **overrides})
 
-    @field_validator("stop", "logit_bias", "allowed_token_ids", mode="before")
+    @field_validator("stop", "logit_bias", "allowed_token_ids", "bad_words", mode="before")
     @classmethod
     def _bounded(cls, value: Any, info: ValidationInfo) -> Any:
         limit = _MAX_ENTRIES[info.field_name]
@@ -166,7 +170,6 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "functions": ("function calling (functions)", _LIST),
     "function_call": ("function calling (function_call)", (None, "none")),
     "use_beam_search": ("beam search (use_beam_search)", _FLAG),
-    "bad_words": ("bad_words", _LIST),
     "logits_processors": ("logits_processors", _LIST),
     "prompt_logprobs": ("prompt_logprobs on this route (POST /score has them)", _NONE),
     "return_tokens_as_token_ids": ("return_tokens_as_token_ids", _FLAG),

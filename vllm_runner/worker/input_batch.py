@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vllm_runner.engine.outputs import SchedulerOutput
-from vllm_runner.sample.sampler import SamplingRow
+from vllm_runner.sample.rows import SamplingRow
 from vllm_runner.sampling_params import SamplingParams
 
 
@@ -179,4 +179,5 @@ def _plain_greedy(params: SamplingParams) -> bool:
         and params.logprobs is None
         and not params.logit_bias
         and not params.allowed_token_ids
+        and not params.bad_words
     )

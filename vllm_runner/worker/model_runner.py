@@ -12,7 +12,8 @@ from vllm_runner.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from vllm_runner.model.layers.attention import Attention, AttentionMetadata, forward_context
 from vllm_runner.model.loader import build_model
 from vllm_runner.sample.logprobs import PendingLogprobs
-from vllm_runner.sample.sampler import Sampler, host_values
+from vllm_runner.sample.rows import host_values
+from vllm_runner.sample.sampler import Sampler
 from vllm_runner.worker import memory
 from vllm_runner.worker.cuda_graphs import DecodeGraphs, graph_output_bytes
 from vllm_runner.worker.device_inputs import DeviceInputs
@@ -321,8 +322,8 @@ class ModelRunner:
             out = self.sampler(logits, rows)
             handle.token_ids, handle.logprobs = out.token_ids, out.logprobs
             return handle
-        penalised = rows is not None and any(r.params.has_penalties for r in rows if r.has_extras)
-        pending = self._pending_tokens(inputs.sampling_ids) if penalised else None
+        reads = rows is not None and any(r.params.reads_output for r in rows if r.has_extras)
+        pending = self._pending_tokens(inputs.sampling_ids) if reads else None
         sampled, raw_logprobs = self.sampler.sample(logits, rows, pending)
         if raw_logprobs is not None:  # copied with the ids; ``wait`` makes the dicts
             handle.pending_logprobs = PendingLogprobs.copy(raw_logprobs, rows, sampled)
