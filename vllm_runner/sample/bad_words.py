@@ -15,14 +15,16 @@ from vllm_runner.sample.rows import SamplingRow, host_values
 
 def bad_word_token_ids(tokenizer, words: list[str]) -> list[tuple[int, ...]]:
     """Each word's token sequences (no special tokens): as written without its leading
-    spaces, and after one space, when the tokenizer makes that another sequence."""
+    spaces, and after one space, when the tokenizer makes that another sequence. A word
+    the tokenizer makes no tokens of has none (its " word" is a lone space, not the word)."""
     sequences: dict[tuple[int, ...], None] = {}  # (ordered, no duplicates)
     for word in words:
         word = word.lstrip()
         for text in (word, " " + word):
             ids = tuple(tokenizer.encode(text, add_special_tokens=False))
-            if ids:
-                sequences[ids] = None
+            if not ids:  # no tokens: nothing to ban (" " + word would ban a lone space)
+                break
+            sequences[ids] = None
     return list(sequences)
 
 
