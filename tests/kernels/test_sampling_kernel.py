@@ -367,3 +367,26 @@ def test_no_compile_in_the_first_sampled_steps(device: torch.device) -> None:
             sampler.sample(logits, [SamplingRow(params, [1], 1, None)] * n)
     torch.cuda.synchronize()
     assert len(compiled) == count >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bad_words_on_half_precision_logits(device: torch.device, dtype: torch.dtype) -> None:
+    """The sampler may read a GPU's logits in the model's dtype: rows with bad words get an
+    fp32 copy, which the bans (fp32 values) go into, the pending token's too."""
+    from vllm_runner.sample.rows import SamplingRow
+    from vllm_runner.sample.sampler import Sampler
+    from vllm_runner.sampling_params import SamplingParams
+
+    def row(sequences, output=(), num_pending=0) -> SamplingRow:
+        params = SamplingParams(temperature=0.0)
+        params.bad_words_token_ids = sequences
+        return SamplingRow(params, [7, *output], 1, None, num_pending)
+
+    vocab = 12
+    logits = torch.zeros(2, vocab, dtype=dtype, device=device)
+    logits[:, 5], logits[:, 6] = 2.0, 1.0
+    rows = [row([(5,)]), row([(4, 5)], output=(1,), num_pending=1)]
+    pending = torch.tensor([-1, 4], device=device)
+    sampled, _ = Sampler(device, 0, vocab, dtype).sample(logits, rows, pending)
+    assert sampled.tolist() == [6, 6]

@@ -252,6 +252,7 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
         # vLLM's own request fields that change the output, at values other than unused
         ("/v1/completions", {"prompt": PROMPT, "allowed_token_ids": []}, "allowed_token_ids"),
         ("/v1/completions", {"prompt": PROMPT, "bad_words": [" "]}, "bad_words"),
+        ("/v1/completions", {"prompt": PROMPT, "bad_words": [""]}, "bad_words"),
         ("/v1/completions", {"prompt": PROMPT, "bad_words": "Paris"}, "bad_words"),
         ("/v1/completions", {"prompt": PROMPT, "bad_words": ["x"] * 65}, "bad_words"),
         ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 1}, "prompt_logprobs"),
