@@ -179,5 +179,5 @@ def _plain_greedy(params: SamplingParams) -> bool:
         and params.logprobs is None
         and not params.logit_bias
         and not params.allowed_token_ids
-        and not params.bad_words
+        and not params.bad_words_token_ids
     )
