@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 240.0
 # what service.py logs when a worker's engine is ready
 WORKER_READY = re.compile(r"\[entry_service:LLMService:(\d+)\] model \S+ ready")
+PORT_TAKEN = "Address already in use"  # a start that lost a port to another process
+START_TRIES = 3
 
 
 def free_port() -> int:
@@ -74,6 +76,24 @@ class BentoServer:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout: float = READY_TIMEOUT_S) -> BentoServer:
+        """Serve and wait until ready. `bentoml serve` reserves its ports (HTTP, and circus's
+        control sockets) by binding and releasing them, so another process can take one
+        before it binds again: a start that exits on "Address already in use" is tried again
+        on fresh ports, up to START_TRIES times."""
+        tries = 1
+        while True:
+            self._spawn()
+            try:
+                self.wait_ready(timeout)
+                return self
+            except BaseException as exc:
+                self.stop(signal.SIGKILL)
+                lost_race = isinstance(exc, RuntimeError) and PORT_TAKEN in self._new_logs()
+                if not lost_race or tries == START_TRIES:
+                    raise
+                tries += 1
+
+    def _spawn(self) -> None:
         env = {**os.environ, **self.env}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve makes its own
         if self.home is not None:
@@ -89,12 +109,6 @@ class BentoServer:
                 cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
             )
         self.url = f"http://127.0.0.1:{port}"
-        try:
-            self.wait_ready(timeout)
-        except BaseException:
-            self.stop(signal.SIGKILL)
-            raise
-        return self
 
     @property
     def workers(self) -> int:

@@ -5,12 +5,8 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,11 +14,11 @@ from service_testing import (
     API_KEY,
     AUTH,
     MAX_MODEL_LEN,
-    REPO,
     SERVICE_ENV,
     metric_value,
-    wait_ready,
 )
+
+from loadtests.server import BentoServer
 
 pytestmark = pytest.mark.slow
 
@@ -35,19 +31,8 @@ ENGINE_STARTED = r"engine core in its own process \(pid (\d+)\)"
 ENGINE_JOINED = r"connected to the shared engine process \(pid (\d+)\)"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path) -> None:
-        self.proc, self.url, self.log = proc, url, log
-        self.engine_pids: set[int] = set()
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-6000:]
+class Server(BentoServer):
+    engine_pids: set[int]  # the engine processes the workers started or joined
 
     def stats(self) -> dict[str, int]:
         return httpx.get(f"{self.url}/stats", headers=AUTH, timeout=10).json()
@@ -62,66 +47,29 @@ def server(tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[Server
 
 def serve(tmp_path_factory: pytest.TempPathFactory, mode: str) -> Iterator[Server]:
     """`bentoml serve` with the engine's loop as a thread, in a process, or in a process
-    that two workers share (`mode`)."""
+    that two workers share (`mode`); ready once every worker is."""
     home = tmp_path_factory.mktemp("bentoml-home")
     env = {
-        **os.environ,
         **SERVICE_ENV,
-        "BENTOML_HOME": str(home),
         "VLLM_RUNNER_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
         "VLLM_RUNNER_ENGINE_PROCESS": str(int(mode != "thread")),
         "VLLM_RUNNER_WORKERS": str(2 if mode == "shared" else 1),
     }
     if mode == "shared":  # BentoML gives each worker its share of the service's limit
         env["VLLM_RUNNER_MAX_CONCURRENCY"] = str(2 * MAX_CONCURRENCY)
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # bentoml serve makes its own
     env.pop("VLLM_RUNNER_MAX_MODEL_LEN")  # given as --arg instead
-    port = free_port()
-    log = home / "serve.log"
     # `bentoml serve` with no target reads `service:` from bentofile.yaml
-    cmd = [
-        sys.executable,
-        "-m",
-        "bentoml",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--arg",
-        f"max_model_len={MAX_MODEL_LEN}",
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(proc, f"http://127.0.0.1:{port}", log)
-
-    def probe() -> int:
-        if proc.poll() is not None:
-            pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{srv.logs()}")
-        return httpx.get(f"{srv.url}/readyz", timeout=5).status_code
-
+    srv = Server(home / "serve.log", env, {"max_model_len": str(MAX_MODEL_LEN)}, home)
     try:
-        wait_ready(probe)
-        if mode == "shared":  # one worker answered ready: the other may still be connecting
-            wait_ready(lambda: 200 if len(ready_workers(log.read_text())) == 2 else 503)
-        logs = log.read_text(errors="replace")
+        srv.start()
+        logs = srv.log.read_text(errors="replace")
         srv.engine_pids = {int(pid) for pid in re.findall(ENGINE_STARTED, logs)}
         assert len(srv.engine_pids) == (mode != "thread")  # one, even for two workers
         joined = {int(pid) for pid in re.findall(ENGINE_JOINED, logs)}
         assert joined == (srv.engine_pids if mode == "shared" else set())
         yield srv
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def ready_workers(logs: str) -> set[str]:
-    return set(re.findall(r"\[entry_service:LLMService:(\d+)\] model \S+ ready", logs))
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
