@@ -47,6 +47,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # only these may be sampled
     truncate_prompt_tokens: int | None = None  # use the prompt's last k tokens (-1: max_model_len)
     bad_words: list[str] | None = None  # never generated (each as its tokens, see bad_words.py)
+    guided_choice: list[str] | None = None  # the output is one of these (guided_choice.py)
     # Filled by the engine (not user settings): the model's EOS ids, and the tokenizer's one,
     # whose stop_reason is None (the others, generation_config's, name themselves, as vLLM).
     # Not arguments: given, they would be overwritten.
@@ -54,6 +55,10 @@ class SamplingParams:
     eos_token_id: int | None = field(default=None, repr=False, init=False)
     # Filled by the engine from ``bad_words`` (``vllm_runner.sample.bad_words``).
     bad_words_token_ids: list[tuple[int, ...]] = field(default_factory=list, repr=False, init=False)
+    # Filled by the engine from ``guided_choice`` (``vllm_runner.sample.guided_choice``).
+    guided_choice_token_ids: list[tuple[int, ...]] = field(
+        default_factory=list, repr=False, init=False
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,11 +77,12 @@ class SamplingParams:
                     f"allowed_token_ids must be a non-empty list of token ids, got {allowed!r}"
                 )
             self.allowed_token_ids = [_as_int(t) for t in allowed]
-        words = self.bad_words
-        if words is not None:
-            if isinstance(words, str | bytes | dict) or not isinstance(words, Iterable):
-                raise ValueError(f"bad_words must be a list of strings, got {words!r}")
-            self.bad_words = list(words)
+        for name in ("bad_words", "guided_choice"):
+            words = getattr(self, name)
+            if words is not None:
+                if isinstance(words, str | bytes | dict) or not isinstance(words, Iterable):
+                    raise ValueError(f"{name} must be a list of strings, got {words!r}")
+                setattr(self, name, list(words))
         if isinstance(self.logit_bias, dict):
             self.logit_bias = {_as_int(t): bias for t, bias in self.logit_bias.items()}
         for name in ("logprobs", "prompt_logprobs"):
@@ -154,6 +160,8 @@ class SamplingParams:
         for word in self.bad_words or ():
             if not isinstance(word, str) or not word.strip():
                 raise bad("bad_words entry", word, "a string with a non-space character")
+        if self.guided_choice is not None:
+            self._check_guided_choice()
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise bad("logit_bias", self.logit_bias, "a {token id: bias} dict")
@@ -163,6 +171,22 @@ class SamplingParams:
                 if not isinstance(bias, numbers.Real) or not -100.0 <= bias <= 100.0:
                     raise bad(f"logit_bias[{token}]", bias, "in [-100, 100]")
 
+    def _check_guided_choice(self) -> None:
+        choices = self.guided_choice
+        if not choices or any(not isinstance(c, str) or not c for c in choices):
+            raise ValueError(f"guided_choice must be a non-empty list of non-empty strings, got "
+                             f"{choices!r}")  # fmt: skip
+        # with any of these a step could have no token left to sample: min_tokens and
+        # ignore_eos hold back the end token after a whole choice, allowed_token_ids and
+        # bad_words may ban a choice's next token
+        for name in ("min_tokens", "ignore_eos", "allowed_token_ids", "bad_words"):
+            value = getattr(self, name)
+            if value:
+                raise ValueError(
+                    f"guided_choice cannot be combined with {name} (got {value!r}): the output "
+                    "must be able to end after a choice, with any of its tokens"
+                )
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1  # (0 < t < 0.01 is raised)
@@ -170,8 +194,13 @@ class SamplingParams:
     @property
     def reads_output(self) -> bool:
         """Whether sampling reads the output so far (under async scheduling its newest token
-        may still be on the device): penalties, and bad words of two or more tokens."""
-        return self.has_penalties or any(len(ids) > 1 for ids in self.bad_words_token_ids)
+        may still be on the device): penalties, bad words of two or more tokens, and
+        guided_choice."""
+        return (
+            self.has_penalties
+            or any(len(ids) > 1 for ids in self.bad_words_token_ids)
+            or bool(self.guided_choice_token_ids)
+        )
 
     @property
     def has_penalties(self) -> bool:

@@ -23,6 +23,7 @@ from vllm_runner.engine.sampling_defaults import generation_folder, read_samplin
 from vllm_runner.engine.scheduler import Scheduler
 from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.sample.bad_words import bad_word_token_ids
+from vllm_runner.sample.guided_choice import choice_token_ids
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import eos_token_ids, load_hf_config, load_tokenizer
 from vllm_runner.worker.model_runner import ModelRunner, StepHandle
@@ -152,6 +153,10 @@ class EngineCore:
         params.eos_token_id = self.eos_id
         if params.bad_words:
             params.bad_words_token_ids = bad_word_token_ids(self.inputs.tokenizer, params.bad_words)
+        if params.guided_choice:
+            params.guided_choice_token_ids = choice_token_ids(
+                self.inputs.tokenizer, params.guided_choice
+            )
         state = new_request_state(
             request_id,
             prompt_text(prompt),

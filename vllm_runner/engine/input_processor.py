@@ -12,6 +12,7 @@ from typing import TypedDict
 
 from vllm_runner.engine.errors import ContextLengthError
 from vllm_runner.engine.sampling_defaults import fit_max_tokens
+from vllm_runner.sample.guided_choice import choice_token_ids
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import NO_TOKENIZER, dropped_chars, max_text_chars
 
@@ -194,6 +195,8 @@ class InputProcessor:
             )
         if params.bad_words and self.tokenizer is None:
             raise ValueError(f"bad_words {params.bad_words!r} need a tokenizer and {NO_TOKENIZER}")
+        if params.guided_choice:
+            self._check_guided_choice(params)
         if params.stop and self.tokenizer is None:
             raise ValueError(
                 f"stop {params.stop!r}: stop strings need a tokenizer and {NO_TOKENIZER}; "
@@ -244,6 +247,18 @@ class InputProcessor:
                 f"ids ({sorted(eos)}), which min_tokens ({params.min_tokens}) bans until it is "
                 "reached: no token could be sampled; allow another token or set min_tokens 0"
             )
+
+    def _check_guided_choice(self, params: SamplingParams) -> None:
+        if self.tokenizer is None:
+            raise ValueError(
+                f"guided_choice {params.guided_choice!r} needs a tokenizer and {NO_TOKENIZER}"
+            )
+        if not self.limits.eos_token_ids and not params.stop_token_ids:
+            raise ValueError(
+                f"guided_choice {params.guided_choice!r}: the output ends after a choice with "
+                "an EOS token, and this model has none: give stop_token_ids"
+            )
+        choice_token_ids(self.tokenizer, params.guided_choice)  # each makes tokens
 
     def _check_in_vocab(self, what: str, token_ids) -> None:
         vocab_size = self.limits.vocab_size

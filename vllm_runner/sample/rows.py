@@ -46,11 +46,12 @@ class SamplingRow:
 
     @functools.cached_property
     def has_extras(self) -> bool:
-        """Whether the row asks for logprobs, a logit bias, allowed ids, bad words, penalties
-        or min_tokens, beyond temperature / top-k / top-p / min-p (made once per request)."""
+        """Whether the row asks for logprobs, a logit bias, allowed ids, bad words, choices,
+        penalties or min_tokens, beyond temperature / top-k / top-p / min-p (made once per
+        request)."""
         p = self.params
-        extras = (p.logit_bias, p.allowed_token_ids, p.bad_words_token_ids, p.has_penalties,
-                  p.min_tokens)  # fmt: skip
+        extras = (p.logit_bias, p.allowed_token_ids, p.bad_words_token_ids,
+                  p.guided_choice_token_ids, p.has_penalties, p.min_tokens)  # fmt: skip
         return p.logprobs is not None or any(extras)
 
 

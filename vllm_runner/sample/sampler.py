@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from vllm_runner.sample.bad_words import ban_bad_words
+from vllm_runner.sample.guided_choice import apply_guided_choice
 from vllm_runner.sample.logprobs import logprob_entries, logprob_tensors
 from vllm_runner.sample.rows import FP32_MAX, SamplingRow, host_values
 
@@ -271,7 +272,8 @@ class Sampler:
         words = any(r.params.bad_words_token_ids for r in extras)
         penalised = any(r.params.has_penalties for r in extras)
         held = any(r.num_output_tokens < r.params.min_tokens for r in extras)
-        if bias or allowed or words or penalised or held or not logits.is_cuda:
+        guided = any(r.params.guided_choice_token_ids for r in extras)
+        if bias or allowed or words or penalised or held or guided or not logits.is_cuda:
             logits = logits.float()  # [num_rows, vocab] (else the kernel reads the logits)
         if bias:
             apply_logit_bias(logits, rows)
@@ -283,6 +285,8 @@ class Sampler:
             apply_penalties(logits, rows, pending)
         if held:
             apply_min_tokens(logits, rows)
+        if guided:
+            apply_guided_choice(logits, rows, pending)
         if all(r.params.greedy for r in rows):
             sampled = self.greedy(logits)
         elif logits.is_cuda:

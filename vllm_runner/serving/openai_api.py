@@ -36,7 +36,7 @@ from vllm_runner.serving.tokenize_api import add_tokenize_routes
 
 logger = logging.getLogger(__name__)
 # the fields an error message may name first (its "param"), per route
-_COMMON = {*UNSUPPORTED, "tool_choice", "best_of"}
+_COMMON = {*UNSUPPORTED, "tool_choice", "best_of", "structured_outputs"}
 _COMPLETION_FIELDS = {*CompletionRequest.model_fields, *UNSUPPORTED_COMPLETION, *_COMMON}
 _CHAT_FIELDS = {*ChatCompletionRequest.model_fields, *UNSUPPORTED_CHAT, *_COMMON}
 _FIELDS = _COMPLETION_FIELDS | _CHAT_FIELDS

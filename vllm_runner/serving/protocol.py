@@ -27,6 +27,8 @@ Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 MAX_ALLOWED_TOKEN_IDS = 1000
 # NOTE: each step checks every bad word's tokens against the row's output
 MAX_BAD_WORDS = 64
+# NOTE: each step compares every choice's tokens with the row's output
+MAX_GUIDED_CHOICES = 64
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 _MAX_ENTRIES = {
@@ -34,6 +36,7 @@ _MAX_ENTRIES = {
     "logit_bias": MAX_LOGIT_BIAS,
     "allowed_token_ids": MAX_ALLOWED_TOKEN_IDS,
     "bad_words": MAX_BAD_WORDS,
+    "guided_choice": MAX_GUIDED_CHOICES,
 }
 
 
@@ -60,6 +63,9 @@ class SamplingFields(BaseModel):
     logit_bias: dict[int, Bias] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[Annotated[str, Field(min_length=1)]] | None = None
+    guided_choice: (
+        Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None
+    ) = None
     truncate_prompt_tokens: int | None = None
 
     def sampling_params(
@@ -81,7 +87,9 @@ class SamplingFields(BaseModel):
                 values[name] = min(values[name], value)
         return SamplingParams(**{**values, **overrides})
 
-    @field_validator("stop", "logit_bias", "allowed_token_ids", "bad_words", mode="before")
+    @field_validator(
+        "stop", "logit_bias", "allowed_token_ids", "bad_words", "guided_choice", mode="before"
+    )
     @classmethod
     def _bounded(cls, value: Any, info: ValidationInfo) -> Any:
         limit = _MAX_ENTRIES[info.field_name]
@@ -161,10 +169,8 @@ _KWARGS = (None, {})
 UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "suffix": ("suffix", (None, "")),
     "response_format": ("structured output (response_format)", (None, {"type": "text"})),
-    "structured_outputs": ("structured output (structured_outputs)", _NONE),
     "guided_json": ("guided decoding (guided_json)", _NONE),
     "guided_regex": ("guided decoding (guided_regex)", _NONE),
-    "guided_choice": ("guided decoding (guided_choice)", _LIST),
     "guided_grammar": ("guided decoding (guided_grammar)", _NONE),
     "tools": ("tool calling (tools)", _LIST),
     "functions": ("function calling (functions)", _LIST),
@@ -186,6 +192,26 @@ UNSUPPORTED_CHAT = {
     "documents": ("documents", _LIST),
     "mm_processor_kwargs": ("mm_processor_kwargs", _KWARGS),
 }
+
+
+def structured_choice(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with vLLM's ``structured_outputs: {"choice": [...]}`` as ``guided_choice``
+    (the one kind of structured output this server implements; the others are refused)."""
+    spec = data.get("structured_outputs")
+    if spec is None:
+        return data
+    if not isinstance(spec, dict):
+        raise ValueError(f"structured_outputs must be an object, got {spec!r}")
+    others = {k: v for k, v in spec.items() if k != "choice" and v not in (None, False)}
+    if others or spec.get("choice") is None:
+        raise ValueError(
+            "structured_outputs: only a choice list is supported by this server, got "
+            f"{others or spec!r}"
+        )
+    if data.get("guided_choice") is not None:
+        raise ValueError("guided_choice: give it or structured_outputs.choice, not both")
+    rest = {k: v for k, v in data.items() if k != "structured_outputs"}
+    return {**rest, "guided_choice": spec["choice"]}
 
 
 def refuse_unsupported(data: dict[str, Any], table: dict[str, tuple[str, tuple[Any, ...]]]) -> None:
@@ -230,6 +256,7 @@ class OpenAIFields(SamplingFields):
             return data
         refuse_unsupported(data, UNSUPPORTED)
         refuse_unsupported(data, cls.route_unsupported)
+        data = structured_choice(data)
         tool_choice = data.get("tool_choice")
         if tool_choice not in (None, "none", "auto"):
             raise ValueError(
