@@ -170,9 +170,17 @@ def test_tokenize_adds_special_tokens_as_vllm(body: dict, chat: bool) -> None:
 
 def test_text_offsets_count_characters() -> None:
     """OpenAI's (and vLLM's) text_offset is where each token starts in the text, counted in
-    characters, not in UTF-8 bytes."""
-    from vllm_runner.serving.openai_format import completion_logprobs
+    characters, not in UTF-8 bytes; tokens named by id (return_tokens_as_token_ids) still
+    start where their text does (vLLM counts their names' characters instead)."""
+    from vllm_runner.serving.openai_format import TokenDecoder, completion_logprobs
 
     names = {1: "é", 2: "t", 3: "☃", 4: "!"}
-    lp = completion_logprobs(names.__getitem__, [1, 2, 3, 4], [{t: -1.0} for t in names], 5)
-    assert lp["text_offset"] == [5, 6, 7, 8]
+
+    class Names(TokenDecoder):
+        def __call__(self, tid: int) -> str:
+            return names[tid]
+
+    for as_ids in (False, True):
+        lp = completion_logprobs(Names(None, as_ids), [*names], [{t: -1.0} for t in names], 5)
+        assert lp["text_offset"] == [5, 6, 7, 8]
+    assert lp["tokens"] == ["token_id:1", "token_id:2", "token_id:3", "token_id:4"]

@@ -4,13 +4,15 @@ With ``echo`` each choice's text starts with the prompt's (a token-id prompt's d
 and, with ``logprobs``, its logprobs with the prompt's tokens: the engine's prompt_logprobs,
 the first token's null (nothing precedes it). ``max_tokens`` 0 (echo only, as vLLM) answers
 the prompt alone: the engine samples one token, which is dropped here.
+``return_tokens_as_token_ids`` names every logprobs token by id, the echoed prompt's too;
+the text, echoed or generated, stays text.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from vllm_runner.sampling_params import SamplingParams
@@ -41,17 +43,17 @@ def echoed_prompts(
 
 
 def prompt_logprobs(
-    decode: Callable[[int], str], ids: list[int], logprobs: Logprobs | None
+    decode: fmt.TokenDecoder, ids: list[int], logprobs: Logprobs | None
 ) -> dict[str, Any]:
     """The legacy logprobs of the prompt's tokens (``logprobs``: the engine's
     prompt_logprobs, one entry per token, the first None)."""
     if logprobs is None or len(logprobs) != len(ids):
         got = None if logprobs is None else len(logprobs)
         raise RuntimeError(f"the engine sent no prompt logprobs for {len(ids)} tokens, got {got}")
-    head = decode(ids[0])
-    rest = fmt.completion_logprobs(decode, ids[1:], logprobs[1:], len(head))  # type: ignore[arg-type]
+    after_head = len(decode(ids[0]))  # (in the text: the first token's name may be its id)
+    rest = fmt.completion_logprobs(decode, ids[1:], logprobs[1:], after_head)  # type: ignore[arg-type]
     return {
-        "tokens": [head, *rest["tokens"]],
+        "tokens": [decode.token(ids[0]), *rest["tokens"]],
         "token_logprobs": [None, *rest["token_logprobs"]],
         "top_logprobs": [None, *rest["top_logprobs"]],
         "text_offset": [0, *rest["text_offset"]],
@@ -88,7 +90,7 @@ async def answer(
     results = await until_disconnect(receive, gather(engine, ids, params, env.request_id))
     if results is None:
         return fmt.CLIENT_GONE.response()
-    decode = fmt.TokenDecoder(engine.tokenizer)
+    decode = fmt.TokenDecoder(engine.tokenizer, body.return_tokens_as_token_ids)
     echoes = echoed_prompts(decode, body, ids)
 
     def choice(p: int, c: Choice) -> dict[str, Any]:
@@ -115,7 +117,7 @@ async def stream(
     env: fmt.Envelope,
 ) -> AsyncIterator[str]:
     """The answer as server-sent events: each choice's first chunk carries what it echoes."""
-    decode = fmt.TokenDecoder(engine.tokenizer)
+    decode = fmt.TokenDecoder(engine.tokenizer, body.return_tokens_as_token_ids)
     echoes = echoed_prompts(decode, body, ids)
     generated: dict[int, int] = {}
     text_offset: dict[int, int] = {}  # per choice: where its next chunk's tokens start
@@ -132,7 +134,7 @@ async def stream(
                 lps = fmt.completion_logprobs(
                     decode, out.new_token_ids, out.new_logprobs or [], offset
                 )
-                text_offset[index] = offset + sum(len(t) for t in lps["tokens"])
+                text_offset[index] = offset + sum(len(decode(t)) for t in out.new_token_ids)
                 if first and body.echo:
                     lps = joined(prompt_logprobs(decode, ids[p], out.prompt_logprobs), lps)
             text = echoes[p] + out.delta if first else out.delta

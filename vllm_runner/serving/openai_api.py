@@ -207,7 +207,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         fields = _CHAT_FIELDS - {"prompt"}
         ids, params = await validate(engine, prompt, params, "messages", fields, True, body.as_sent)
         rid = new_request_id("chatcmpl")
-        decode = fmt.TokenDecoder(engine.tokenizer)
+        decode = fmt.TokenDecoder(engine.tokenizer, body.return_tokens_as_token_ids)
         if body.stream:
             env = fmt.Envelope("chat.completion.chunk", rid, engine.model_name)
             return fmt.sse_response(_stream_chat(engine, ids, params, env, body, decode))
@@ -240,7 +240,7 @@ async def _stream_chat(
     params: SamplingParams,
     env: fmt.Envelope,
     body: ChatCompletionRequest,
-    decode: Callable[[int], str],
+    decode: fmt.TokenDecoder,
 ) -> AsyncIterator[str]:
     generated: dict[int, int] = {}
 

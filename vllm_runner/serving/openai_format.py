@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,17 +126,23 @@ def finish(done: Any) -> dict[str, Any]:
 
 
 class TokenDecoder:
-    """A token's text as it reads inside a completion (``decode(tid)``), and its bytes
-    (``decode.bytes(tid)``, OpenAI's chat logprobs ``bytes``: a piece of a multi-byte
-    character reads as U+FFFD alone, but its bytes rebuild the character when joined).
+    """A token's text as it reads inside a completion (``decode(tid)``), the token as
+    logprobs name it (``decode.token(tid)``), and that name's bytes (``decode.bytes(tid)``,
+    OpenAI's chat logprobs ``bytes``: a piece of a multi-byte character reads as U+FFFD
+    alone, but its bytes rebuild the character when joined).
 
     Decoded alone, a SentencePiece token (Llama 2, Mistral) loses its leading space: the
     decoder strips the start of the text. So each token is decoded after an anchor token
     and the anchor's text is cut off again.
+
+    ``as_ids`` (vLLM's return_tokens_as_token_ids): logprobs name each token
+    "token_id:{tid}", which maps back to its id even where its text does not (a piece of
+    a character, a text several ids share); the text itself is unchanged.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, as_ids: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.as_ids = as_ids
         self.cache: dict[int, str] = {}
         if tokenizer is not None:
             self.anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
@@ -153,13 +159,18 @@ class TokenDecoder:
             )
         return self.cache[tid]
 
+    def token(self, tid: int) -> str:
+        return f"token_id:{tid}" if self.as_ids else self(tid)
+
     @functools.cached_property
     def piece_bytes(self):  # only for chat logprobs: not built for every request
         return piece_bytes(self.tokenizer)
 
     def bytes(self, tid: int) -> bytes:
-        raw = self.piece_bytes(tid) if self.tokenizer is not None else None
-        return self(tid).encode("utf-8") if raw is None else raw
+        # NOTE: a token named by id has its name's bytes, so token and bytes agree (vLLM
+        # gives top_logprobs these, but the sampled token its text's bytes)
+        raw = self.piece_bytes(tid) if self.tokenizer is not None and not self.as_ids else None
+        return self.token(tid).encode("utf-8") if raw is None else raw
 
 
 def _ranked(logprobs: dict[int, float]) -> list[tuple[int, float]]:
@@ -167,7 +178,7 @@ def _ranked(logprobs: dict[int, float]) -> list[tuple[int, float]]:
 
 
 def completion_logprobs(
-    decode: Callable[[int], str],
+    decode: TokenDecoder,
     token_ids: list[int],
     logprobs: list[dict[int, float]],
     offset: int = 0,
@@ -176,16 +187,17 @@ def completion_logprobs(
 
     Each top_logprobs dict holds what the engine listed: the `logprobs` most likely tokens
     and the sampled one (up to logprobs + 1 entries, as OpenAI's legacy API and vLLM).
+    text_offset counts the tokens' text, also when they are named by id (vLLM counts the
+    "token_id:" names, which are not in the text).
     """
-    tokens = [decode(t) for t in token_ids]
     offsets = []
-    for tok in tokens:
+    for t in token_ids:
         offsets.append(offset)
-        offset += len(tok)
+        offset += len(decode(t))
     return {
-        "tokens": tokens,
+        "tokens": [decode.token(t) for t in token_ids],
         "token_logprobs": [lp.get(t) for t, lp in zip(token_ids, logprobs, strict=False)],
-        "top_logprobs": [{decode(t): v for t, v in _ranked(lp)} for lp in logprobs],
+        "top_logprobs": [{decode.token(t): v for t, v in _ranked(lp)} for lp in logprobs],
         "text_offset": offsets,
     }
 
@@ -197,7 +209,7 @@ def chat_logprobs(
     top_logprobs are the `top_n` most likely tokens only (the sampled one may not be among them)."""
 
     def entry(tid: int, lp: float | None) -> dict[str, Any]:
-        return {"token": decode(tid), "logprob": lp, "bytes": list(decode.bytes(tid))}
+        return {"token": decode.token(tid), "logprob": lp, "bytes": list(decode.bytes(tid))}
 
     return {
         "content": [

@@ -156,7 +156,7 @@ NULL_IS_DEFAULT = (
     "temperature", "top_p", "top_k", "min_p", "n", "stream", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens",
     "include_stop_str_in_output", "skip_special_tokens", "logprobs", "add_generation_prompt",
-    "continue_final_message", "echo",
+    "continue_final_message", "echo", "return_tokens_as_token_ids",
 )  # fmt: skip
 # OpenAI / vLLM fields that change the output and that this server does not implement: a
 # request using them is refused rather than answered as if they were absent. Each maps to
@@ -178,7 +178,6 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "use_beam_search": ("beam search (use_beam_search)", _FLAG),
     "logits_processors": ("logits_processors", _LIST),
     "prompt_logprobs": ("prompt_logprobs on this route (POST /score has them)", _NONE),
-    "return_tokens_as_token_ids": ("return_tokens_as_token_ids", _FLAG),
     "spaces_between_special_tokens": ("spaces_between_special_tokens false", (None, True)),
     "priority": ("request priority (priority)", (None, 0)),
     "prompt_embeds": ("prompt_embeds", _NONE),
@@ -235,6 +234,8 @@ class OpenAIFields(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM: logprobs name each token "token_id:{id}" (the text is unchanged)
+    return_tokens_as_token_ids: bool = False
 
     @property
     def include_usage(self) -> bool:
