@@ -186,6 +186,13 @@ class SamplingParams:
                     f"guided_choice cannot be combined with {name} (got {value!r}): the output "
                     "must be able to end after a choice, with any of its tokens"
                 )
+        for choice in choices:
+            held = next((stop for stop in self.stop if stop in choice), None)
+            if held is not None:
+                raise ValueError(
+                    f"guided_choice entry {choice!r} holds the stop string {held!r}: the output "
+                    "would end inside it"
+                )
 
     @property
     def greedy(self) -> bool:

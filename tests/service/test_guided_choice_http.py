@@ -69,6 +69,14 @@ def test_native_routes_take_guided_choice(client: Any) -> None:
         ({"guided_choice": ["x"] * 65}, "guided_choice", "at most 64 entries"),
         ({"guided_choice": ["x"], "min_tokens": 2}, "guided_choice", "combined with min_tokens"),
         ({"guided_choice": ["x"], "ignore_eos": True}, "guided_choice", "with ignore_eos"),
+        # a choice the output would end inside: its stop string, stop token id (",": 28), EOS
+        ({"guided_choice": [" Paris, France"], "stop": [","]}, "guided_choice", "stop string ','"),
+        (
+            {"guided_choice": [" Paris, France"], "stop_token_ids": [28]},
+            "guided_choice",
+            "' Paris, France' holds the end token 28",
+        ),
+        ({"guided_choice": ["yes<|im_end|>"]}, "guided_choice", "holds the end token 2"),
         ({"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs", "'json'"),
         ({"structured_outputs": {"choice": ["a"], "regex": "a+"}}, "structured_outputs", "regex"),
         ({"structured_outputs": ["a"]}, "structured_outputs", "an object"),

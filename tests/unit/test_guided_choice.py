@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from vllm_runner.engine.input_processor import EngineLimits, InputProcessor
 from vllm_runner.sample.guided_choice import allowed_next, apply_guided_choice, choice_token_ids
 from vllm_runner.sample.rows import SamplingRow
 from vllm_runner.sample.sampler import Sampler
@@ -129,6 +130,51 @@ def test_the_sampler_draws_only_allowed_tokens(greedy: bool) -> None:
 def test_settings_that_could_leave_no_token_are_refused(settings, name) -> None:
     with pytest.raises(ValueError, match=f"guided_choice cannot be combined with {name}"):
         SamplingParams(guided_choice=["a"], **settings)
+
+
+def test_a_choice_holding_a_stop_string_is_refused() -> None:
+    """The output would end inside it (at the stop string), with no choice whole."""
+    with pytest.raises(ValueError) as error:
+        SamplingParams(guided_choice=["a", "b, c"], stop=["x", ","])
+    assert str(error.value) == (
+        "guided_choice entry 'b, c' holds the stop string ',': the output would end inside it"
+    )
+    SamplingParams(guided_choice=["a", "b c"], stop=[","])  # none holds one: taken
+
+
+def _inputs(vocab_size: int = 256) -> InputProcessor:
+    limits = EngineLimits("", 64, vocab_size, 16, 8, serving=False, eos_token_ids=frozenset({9}))
+    inputs = InputProcessor(limits, None)
+    inputs.tokenizer = CharTokenizer()  # (after: the prompt-length bounds need a real one)
+    return inputs
+
+
+@pytest.mark.parametrize(
+    ("choices", "stop_token_ids", "message"),
+    [  # "\t" is token 9, the model's EOS; "," is 44
+        (["a", "b\tc"], None, "guided_choice entry 'b\\tc' holds the end token 9"),
+        (["a", "b,c"], [44], "guided_choice entry 'b,c' holds the end token 44"),
+        (["a", ",b"], [44], "guided_choice entry ',b' holds the end token 44"),
+    ],
+)
+def test_a_choice_holding_an_end_token_is_refused(choices, stop_token_ids, message) -> None:
+    """Sampled, that token ends the output inside the choice (the scheduler stops on it)."""
+    params = SamplingParams(guided_choice=choices, stop_token_ids=stop_token_ids)
+    with pytest.raises(ValueError) as error:
+        _inputs().validate([1, 2], params)
+    assert str(error.value) == (
+        f"{message} (an EOS or stop token id): the output would end inside it"
+    )
+    _inputs().validate([1, 2], SamplingParams(guided_choice=["a", "bc"], stop_token_ids=[44]))
+
+
+def test_a_choice_token_outside_the_vocabulary_is_refused() -> None:
+    """Its index in the step's mask would be another row's token (or past the last row)."""
+    with pytest.raises(ValueError) as error:
+        _inputs(vocab_size=100).validate([1, 2], SamplingParams(guided_choice=["a", "0d"]))
+    assert str(error.value) == (
+        "guided_choice entry '0d' token id 100 is outside the vocabulary [0, 100)"
+    )
 
 
 @pytest.mark.parametrize("choices", [[], [""], ["a", 1], "ab", {"a": 1}])

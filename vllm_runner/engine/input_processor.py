@@ -258,7 +258,17 @@ class InputProcessor:
                 f"guided_choice {params.guided_choice!r}: the output ends after a choice with "
                 "an EOS token, and this model has none: give stop_token_ids"
             )
-        choice_token_ids(self.tokenizer, params.guided_choice)  # each makes tokens
+        ends = self.limits.eos_token_ids | set(params.stop_token_ids)
+        for choice in params.guided_choice:
+            [ids] = choice_token_ids(self.tokenizer, [choice])  # (ValueError: it makes none)
+            self._check_in_vocab(f"guided_choice entry {choice!r} token id", ids)
+            # NOTE: sampled there, an end token stops the output with no choice whole
+            end = next((t for t in ids if t in ends), None)
+            if end is not None:
+                raise ValueError(
+                    f"guided_choice entry {choice!r} holds the end token {end} (an EOS or stop "
+                    "token id): the output would end inside it"
+                )
 
     def _check_in_vocab(self, what: str, token_ids) -> None:
         vocab_size = self.limits.vocab_size
