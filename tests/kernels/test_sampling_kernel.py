@@ -390,3 +390,39 @@ def test_bad_words_on_half_precision_logits(device: torch.device, dtype: torch.d
     pending = torch.tensor([-1, 4], device=device)
     sampled, _ = Sampler(device, 0, vocab, dtype).sample(logits, rows, pending)
     assert sampled.tolist() == [6, 6]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_guided_choice_on_half_precision_logits(
+    device: torch.device, dtype: torch.dtype, temperature: float
+) -> None:
+    """Rows with choices get an fp32 copy of a GPU's logits, which their masks go into, the
+    pending token's too; greedy rows take kernels.argmax, sampled ones the sampling kernel."""
+    from vllm_runner.sample.rows import SamplingRow
+    from vllm_runner.sample.sampler import Sampler
+    from vllm_runner.sampling_params import SamplingParams
+
+    def row(output: tuple, num_pending: int, seed: int) -> SamplingRow:
+        params = SamplingParams(temperature=temperature)
+        params.guided_choice_token_ids = [(1, 2, 3), (1, 2), (4,)]
+        params.all_stop_token_ids = {9}
+        return SamplingRow(params, [7, *output], 1, seed, num_pending)
+
+    vocab = 12
+    # (output on the host, pending token or -1, the tokens allowed next)
+    cases = [((), -1, {1, 4}), ((1,), -1, {2}), ((), 4, {9}), ((1,), 2, {3, 9}), ((1, 2), 3, {9})]
+    # 15 rows: argmax_rows takes up to 16
+    rows = [row(out, int(p >= 0), s) for s in range(3) for out, p, _ in cases]
+    pending = torch.tensor([p for _ in range(3) for _, p, _ in cases], device=device)
+    logits = torch.zeros(len(rows), vocab, dtype=dtype, device=device)
+    logits[:, 5] = 30.0  # the best token: in no choice
+    logits[:, 4], logits[:, 9] = 1.0, 0.5  # greedy: 4 before 1, then 9 before 3
+    sampled, _ = Sampler(device, 0, vocab, dtype).sample(logits, rows, pending)
+    got = sampled.view(3, len(cases)).tolist()
+    if temperature == 0.0:
+        assert got == [[4, 2, 9, 9, 9]] * 3
+    else:
+        allowed = [case[2] for case in cases]
+        assert all(t in allowed[i] for each in got for i, t in enumerate(each)), got
