@@ -22,8 +22,10 @@ def test_completions_answer_one_of_the_choices(client: Any, temperature: float) 
 
 
 def test_chat_takes_structured_outputs_choice(client: Any) -> None:
-    body = {"messages": CHAT, "max_tokens": 20, "temperature": 0,
-            "structured_outputs": {"choice": CHAT_CHOICES, "json": None}}  # fmt: skip
+    """Other kinds left unset (None) or off (False), as a whole StructuredOutputsParams of
+    vLLM's sends them, are taken."""
+    spec = {"choice": CHAT_CHOICES, "json": None, "disable_fallback": False}
+    body = {"messages": CHAT, "max_tokens": 20, "temperature": 0, "structured_outputs": spec}
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]

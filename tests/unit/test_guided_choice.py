@@ -63,9 +63,9 @@ def test_allowed_next_with_a_token_pending(known, allowed) -> None:
     assert allowed_next(SEQS, known, True, ENDS) == allowed
 
 
-def _row(output=(), num_pending=0, stop_token_ids=None, prompt=(7, 8)) -> SamplingRow:
+def _row(output=(), num_pending=0, stop_token_ids=None, prompt=(7, 8), seqs=SEQS) -> SamplingRow:
     params = SamplingParams(temperature=0.0, stop_token_ids=stop_token_ids)
-    params.guided_choice_token_ids = SEQS
+    params.guided_choice_token_ids = seqs
     params.all_stop_token_ids = {9}
     return SamplingRow(params, [*prompt, *output], len(prompt), None, num_pending)
 
@@ -95,6 +95,16 @@ def test_a_pending_token_picks_the_allowed_tokens_on_the_device() -> None:
     apply_guided_choice(logits, rows, pending)
     # the last row's newest token is on the host: no pending one to compare
     assert _kept(logits) == [[2], [9], [3, 9], [9], [3, 9]]
+
+
+def test_each_row_compares_its_own_pending_token_token_0_too() -> None:
+    """``pending`` has every sampling row's token, plain rows' too: a guided row reads its
+    own, and a choice's token 0 must be pending to count (-1 alone is "any")."""
+    seqs = [(0, 5), (6, 7)]
+    rows = [_plain_row(), _row([], 1, seqs=seqs), _row([], 1, seqs=seqs)]
+    logits = torch.randn(len(rows), VOCAB)
+    apply_guided_choice(logits, rows, torch.tensor([0, 6, 0]))
+    assert _kept(logits) == [list(range(VOCAB)), [7], [5]]
 
 
 def test_a_row_no_choice_continues_may_sample_anything() -> None:
@@ -142,8 +152,8 @@ def test_a_choice_holding_a_stop_string_is_refused() -> None:
     SamplingParams(guided_choice=["a", "b c"], stop=[","])  # none holds one: taken
 
 
-def _inputs(vocab_size: int = 256) -> InputProcessor:
-    limits = EngineLimits("", 64, vocab_size, 16, 8, serving=False, eos_token_ids=frozenset({9}))
+def _inputs(vocab_size: int = 256, eos: frozenset[int] = frozenset({9})) -> InputProcessor:
+    limits = EngineLimits("", 64, vocab_size, 16, 8, serving=False, eos_token_ids=eos)
     inputs = InputProcessor(limits, None)
     inputs.tokenizer = CharTokenizer()  # (after: the prompt-length bounds need a real one)
     return inputs
@@ -166,6 +176,18 @@ def test_a_choice_holding_an_end_token_is_refused(choices, stop_token_ids, messa
         f"{message} (an EOS or stop token id): the output would end inside it"
     )
     _inputs().validate([1, 2], SamplingParams(guided_choice=["a", "bc"], stop_token_ids=[44]))
+
+
+def test_a_model_with_no_eos_needs_stop_token_ids() -> None:
+    """After a whole choice only an end token may come: with none, every token could."""
+    inputs = _inputs(eos=frozenset())
+    with pytest.raises(ValueError) as error:
+        inputs.validate([1, 2], SamplingParams(guided_choice=["a"]))
+    assert str(error.value) == (
+        "guided_choice ['a']: the output ends after a choice with an EOS token, and this model "
+        "has none: give stop_token_ids"
+    )
+    inputs.validate([1, 2], SamplingParams(guided_choice=["a"], stop_token_ids=[44]))
 
 
 def test_a_choice_token_outside_the_vocabulary_is_refused() -> None:
