@@ -66,6 +66,13 @@ def test_token_ids_keep_trailing_spaces_and_each_sequence_once() -> None:
     assert bad_word_token_ids(CharTokenizer(), ["\u200b"]) == []
 
 
+def test_sequences_past_the_models_vocabulary_are_dropped() -> None:
+    """A tokenizer's token the model has no logit for is never sampled: a sequence holding
+    one bans nothing (its flat index was another row's token, or past the last row)."""
+    got = bad_word_token_ids(CharTokenizer(), ["ab", "a\x7f", "~"], vocab_size=127)
+    assert got == [(97, 98), (32, 97, 98), (126,), (32, 126)]  # "\x7f" is 127
+
+
 def test_one_token_words_always_and_longer_ones_after_their_start() -> None:
     rows = [
         _row([(3,), (4, 5)], output=()),  # 4 5: nothing generated yet

@@ -152,7 +152,9 @@ class EngineCore:
         params.all_stop_token_ids = self.eos_ids
         params.eos_token_id = self.eos_id
         if params.bad_words:
-            params.bad_words_token_ids = bad_word_token_ids(self.inputs.tokenizer, params.bad_words)
+            params.bad_words_token_ids = bad_word_token_ids(
+                self.inputs.tokenizer, params.bad_words, self.inputs.limits.vocab_size
+            )
         if params.guided_choice:
             params.guided_choice_token_ids = choice_token_ids(
                 self.inputs.tokenizer, params.guided_choice

@@ -13,10 +13,14 @@ import torch
 from vllm_runner.sample.rows import SamplingRow, host_values
 
 
-def bad_word_token_ids(tokenizer, words: list[str]) -> list[tuple[int, ...]]:
+def bad_word_token_ids(
+    tokenizer, words: list[str], vocab_size: int | None = None
+) -> list[tuple[int, ...]]:
     """Each word's token sequences (no special tokens): as written without its leading
     spaces, and after one space, when the tokenizer makes that another sequence. A word
-    the tokenizer makes no tokens of has none (its " word" is a lone space, not the word)."""
+    the tokenizer makes no tokens of has none (its " word" is a lone space, not the word);
+    nor does a sequence with a token past the model's ``vocab_size`` (a tokenizer's added
+    token the model has no logit for: never sampled, and its index would be another row's)."""
     sequences: dict[tuple[int, ...], None] = {}  # (ordered, no duplicates)
     for word in words:
         word = word.lstrip()
@@ -24,7 +28,8 @@ def bad_word_token_ids(tokenizer, words: list[str]) -> list[tuple[int, ...]]:
             ids = tuple(tokenizer.encode(text, add_special_tokens=False))
             if not ids:  # no tokens: nothing to ban (" " + word would ban a lone space)
                 break
-            sequences[ids] = None
+            if vocab_size is None or max(ids) < vocab_size:
+                sequences[ids] = None
     return list(sequences)
 
 
