@@ -105,6 +105,7 @@ class CompleteInput(CompleteRequest):
     def _fits_engine(self) -> CompleteInput:
         if engine := _engine_at_parse_time():
             params = self.sampling_params(engine.inputs.limits.sampling_defaults)
+            engine.inputs.check_priority(self.priority)
             if short_texts(self.prompt):
                 self._ids = engine.validate(self.prompt, params, fit=True)
             elif params.truncate_prompt_tokens is None:  # (a cut text may be any length)
@@ -211,13 +212,14 @@ class LLMService:
             return
         try:
             params = request.sampling_params(engine.inputs.limits.sampling_defaults)
+            priority = engine.inputs.check_priority(request.priority)
             # in a thread: a long prompt's tokenization would hold every other stream
             prompt = await asyncio.to_thread(engine.validate, request.prompt, params, fit=True)
             params = fitted_params(engine, params, prompt)
         except ValueError as exc:
             raise request_error(GenerateRequest, exc) from None
         started = False
-        outs = stream_or_abort(engine, prompt, params, new_request_id("gen"))
+        outs = stream_or_abort(engine, prompt, params, new_request_id("gen"), priority)
         try:
             # BentoML awaits the first chunk before it streams, and nothing watches the
             # connection until then: a client that leaves while queued aborts its request.
@@ -238,10 +240,10 @@ class LLMService:
             yield _error_body(ctx, 503 if isinstance(exc, EngineDeadError) else 500, exc)
 
     async def _generate_batch(
-        self, engine: AsyncLLM, inputs: list[Any], params: list[Any]
+        self, engine: AsyncLLM, inputs: list[Any], params: list[Any], priorities: list[int]
     ) -> list[Any]:
         try:
-            return await generate_valid(engine, inputs, params)
+            return await generate_valid(engine, inputs, params, priorities)
         except EngineDeadError as exc:  # died under this batch: 503, as for the next batch
             raise ServiceUnavailable(f"the engine stopped: {exc}") from None
 
@@ -255,7 +257,8 @@ class LLMService:
             requests, lambda r: engine.validate(r.prompt, r.sampling_params(defaults), fit=True)
         )
         params = [fitted_params(engine, p, x) for p, x in zip(params, ids, strict=True)]
-        outs = await self._generate_batch(engine, ids, params)
+        priorities = [r.priority for r in requests]
+        outs = await self._generate_batch(engine, ids, params, priorities)
         return [complete_result(o, prompt_ids) for o, prompt_ids in zip(outs, ids, strict=True)]
 
     @bentoml.api(**_batching)
@@ -264,7 +267,9 @@ class LLMService:
         engine = self._engine()
         inputs = await prepared(items, lambda item: score_ids(engine, item))
         ids = [x if isinstance(x, ValueError) else x[0] for x in inputs]
-        outs = await self._generate_batch(engine, ids, [score_params() for _ in inputs])
+        outs = await self._generate_batch(
+            engine, ids, [score_params() for _ in inputs], [0] * len(inputs)
+        )
         return [score_result(out, x) for x, out in zip(inputs, outs, strict=True)]
 
 

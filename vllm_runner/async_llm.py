@@ -11,7 +11,6 @@ import collections
 import contextlib
 import dataclasses
 import itertools
-import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
@@ -28,13 +27,11 @@ from vllm_runner.engine.loop_threads import (
     stop_when_collected,
 )
 from vllm_runner.engine.outputs import RequestOutput, StreamOutput, merge_updates
-from vllm_runner.engine.serving_loop import Delivery, is_final
-from vllm_runner.engine.stream_route import StreamRoute, text_builders
+from vllm_runner.engine.serving_loop import Delivery
+from vllm_runner.engine.stream_route import StreamRoute, hand_over, text_builders
 from vllm_runner.llm import Prompt, apply_chat_template, engine_args, normalize_batch
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import load_tokenizer
-
-logger = logging.getLogger(__name__)
 
 
 class AsyncLLM:
@@ -155,15 +152,20 @@ class AsyncLLM:
         return self.tokenizer
 
     async def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
     ) -> AsyncIterator[StreamOutput]:
         """Yield each completion's text deltas as they are produced. Leaving the loop early
-        (or cancellation, e.g. a client disconnect) aborts the request."""
+        (or cancellation, e.g. a client disconnect) aborts the request. ``priority``: as
+        vLLM's, lower is served earlier (non-zero only with ``scheduling_policy="priority"``)."""
+        params = params or self.inputs.default_params(prompt)
         # NOTE: aclosing: closing this generator closes _run at once (its abort), not later
         # when the collector finalizes it.
-        async with contextlib.aclosing(
-            self._run(prompt, params or self.inputs.default_params(prompt), request_id)
-        ) as items:
+        async with contextlib.aclosing(self._run(prompt, params, request_id, priority)) as items:
             async for item in items:
                 if isinstance(item, StreamOutput):
                     yield item
@@ -172,17 +174,21 @@ class AsyncLLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """All prompts together; returns finished outputs in prompt order."""
+        """All prompts together; returns finished outputs in prompt order. ``priority``: one
+        per prompt, as ``LLM.generate``'s."""
         default = self.get_default_sampling_params()
         prompts, params = normalize_batch(prompts, sampling_params, default)
+        priorities = self.inputs.priorities(priority, len(prompts))
         if sampling_params is None:  # (a default max_tokens fitted to each prompt)
             params = [self.inputs.default_params(p) for p in prompts]
         for prompt, p in zip(prompts, params, strict=True):  # validate all before adding any
             self.validate(prompt, p)
+        jobs = zip(prompts, params, priorities, strict=True)
         results = await asyncio.gather(
-            *(self._collect(prompt, p) for prompt, p in zip(prompts, params, strict=True)),
-            return_exceptions=True,
+            *(self._collect(*job) for job in jobs), return_exceptions=True
         )
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, RequestError):
@@ -194,20 +200,23 @@ class AsyncLLM:
             raise RequestError(str(failed[0]), results)
         return results
 
-    async def _collect(self, prompt: Prompt, params: SamplingParams) -> RequestOutput:
-        async with contextlib.aclosing(self._run(prompt, params, None)) as items:
+    async def _collect(
+        self, prompt: Prompt, params: SamplingParams, priority: int
+    ) -> RequestOutput:
+        async with contextlib.aclosing(self._run(prompt, params, None, priority)) as items:
             async for item in items:
                 if isinstance(item, RequestOutput):
                     return item
         raise RequestError("request ended without a final output")
 
     async def _run(
-        self, prompt: Prompt, params: SamplingParams, request_id: str | None
+        self, prompt: Prompt, params: SamplingParams, request_id: str | None, priority: int
     ) -> AsyncIterator[StreamOutput | RequestOutput]:
         # NOTE: its latencies count from here, not from when the engine's loop adds it (after
         # the step running now): CLOCK_MONOTONIC, one clock for every process of the host.
         arrival = time.monotonic()
         prompt_ids = self.validate(prompt, params)
+        priority = self.inputs.check_priority(priority)
         self._check_running()
         request_id = stream_request_id(request_id)
         if request_id in self._streams:
@@ -229,7 +238,8 @@ class AsyncLLM:
         held: collections.deque = collections.deque()  # taken from the queue, not yet yielded
         try:
             detokenize = detokenizers is None  # (the engine builds the text)
-            self._send(("add", request_id, route, prompt, prompt_ids, params, detokenize, arrival))
+            request = (prompt, prompt_ids, params, detokenize, arrival, priority)
+            self._send(("add", request_id, route, *request))
             while not done:
                 if not held:
                     items = [await q.get()]
@@ -354,30 +364,7 @@ class AsyncLLM:
             self.metrics.record_step(delivery.stats, publish=delivery.publish_stats)
             for _, timings in delivery.timings:
                 self.metrics.record_request(**dataclasses.asdict(timings))
-        # NOTE: one hand-over per event loop and step (each wakes the loop with a syscall),
-        # not one per request.
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
-        for route, item in delivery.items:
-            entry = self._entries.pop(route, None) if is_final(item) else self._entries.get(route)
-            if entry is None:
-                continue
-            try:
-                item = entry.whole(item)
-            except Exception as e:  # (building its text) this request's alone
-                logger.exception("output processing failed for %s", entry.request_id)
-                self._entries.pop(route, None)
-                # NOTE: its stream aborts it (as it leaves): not here by id, which a new
-                # stream may have taken already if this one has closed.
-                item = OutputFailed(
-                    f"request {entry.request_id} failed: output processing failed: {e!r}"
-                )
-            batches.setdefault(entry.loop, []).append((entry.queue, item))
-        for loop, items in batches.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that event loop closed: its streams have no reader left
-                if not loop.is_closed():
-                    raise
+        hand_over(self._entries, delivery.items)
 
     def _loop_stopped(self, reason: str | None) -> None:
         """The loop stopped on its own (``reason``: a bug, or the engine process died): every
@@ -393,8 +380,3 @@ class AsyncLLM:
             for route in list(self._entries)
         ]
         self._deliver(Delivery(failed, self._stats, publish_stats=False))
-
-
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)

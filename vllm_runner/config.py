@@ -22,6 +22,9 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 QUANTIZATIONS = (None, "fp8", "int8")
+# vLLM's: "fcfs" serves requests in arrival order; "priority" by each request's priority
+# (lower first), then arrival order
+SCHEDULING_POLICIES = ("fcfs", "priority")
 # "auto": the model's dtype; fp8 (e4m3, as vLLM's "fp8" / "fp8_e4m3", no scales): half the
 # bytes per cached token, values rounded to 3 mantissa bits on the way in
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
@@ -74,6 +77,7 @@ class SchedulerConfig:
     default_budget: bool = False
     # While requests decode, waiting ones join on every N-th step only (see Scheduler).
     admission_interval: int = 1
+    scheduling_policy: str = "fcfs"  # a SCHEDULING_POLICIES name (see Scheduler)
 
 
 @dataclass
@@ -101,6 +105,10 @@ class EngineArgs:
     # While requests decode, admit waiting ones every N-th step: under steady arrivals the
     # steps between are pure decode and replay CUDA graphs (1: admit on every step).
     admission_interval: int = 1
+    # "fcfs": requests are served in arrival order; "priority": by the priority each request
+    # gives (lower first; ties in arrival order), and when KV blocks run out the running
+    # request of the largest (priority, arrival) is preempted. A non-zero priority needs it.
+    scheduling_policy: str = "fcfs"
     # Steps that prefill, up to this many tokens, run as piecewise CUDA graphs (layers
     # between attentions captured per token count, attention eager); 0: off. Llama family.
     # None: SERVING_PIECEWISE_MAX_TOKENS when serving where decode graphs are captured
@@ -191,6 +199,8 @@ class EngineArgs:
             raise bad("max_num_seqs", ">= 1")
         if self.admission_interval < 1:
             raise bad("admission_interval", ">= 1")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise bad("scheduling_policy", "'fcfs' or 'priority'")
         if self.piecewise_max_tokens is not None and self.piecewise_max_tokens < 0:
             raise bad("piecewise_max_tokens", ">= 0 (0 turns them off)")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
@@ -302,6 +312,7 @@ class EngineArgs:
             max_model_len,
             self.max_num_batched_tokens is None,
             self.admission_interval,
+            self.scheduling_policy,
         )
 
     def cache_config(self) -> CacheConfig:

@@ -80,14 +80,18 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool | Callable[..., Any] = False,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """``use_tqdm``: a progress bar of finished prompts on stderr (True: tqdm's; or a
-        tqdm-like class), as vLLM's (whose default is True)."""
+        tqdm-like class), as vLLM's (whose default is True). ``priority``: one per prompt,
+        as vLLM's (lower is served earlier); the engine's ``scheduling_policy`` must be
+        "priority" for any but 0."""
         default = self.get_default_sampling_params()
         prompts, params = normalize_batch(prompts, sampling_params, default)
         inputs = self.engine.inputs
+        priorities = inputs.priorities(priority, len(prompts))
         ids = [inputs.tokenize(p, False, sp) for p, sp in zip(prompts, params, strict=True)]
-        return self._run(prompts, ids, params, use_tqdm)
+        return self._run(prompts, ids, params, use_tqdm, priorities)
 
     def _run(
         self,
@@ -95,7 +99,9 @@ class LLM:
         ids: list[list[int]],
         params: list[SamplingParams],
         use_tqdm: bool | Callable[..., Any],
+        priorities: list[int] | None = None,
     ) -> list[RequestOutput]:
+        """``priorities``: one per prompt (None: 0 each)."""
         if not isinstance(use_tqdm, bool) and not callable(use_tqdm):
             raise ValueError(f"use_tqdm must be True, False or a tqdm-like class, got {use_tqdm!r}")
         for prompt_ids, p in zip(ids, params, strict=True):  # validate all before adding any
@@ -103,8 +109,11 @@ class LLM:
         states = []
         bar = _progress_bar(use_tqdm, len(prompts))
         try:
-            for prompt, prompt_ids, p in zip(prompts, ids, params, strict=True):
-                states.append(self.engine.add_request(prompt, p, prompt_ids=prompt_ids))
+            each = zip(prompts, ids, params, priorities or [0] * len(prompts), strict=True)
+            for prompt, prompt_ids, p, priority in each:
+                states.append(
+                    self.engine.add_request(prompt, p, prompt_ids=prompt_ids, priority=priority)
+                )
             while self.engine.has_unfinished():
                 self.engine.step(stream=False)
                 if bar is not None:

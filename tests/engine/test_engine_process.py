@@ -129,7 +129,7 @@ def test_the_front_end_builds_the_text_of_requests_without_stop_strings(apart, s
         try:
             outs = []
             for prompt, params in cases:
-                outs.append([o async for o in apart._run(prompt, params, None)])
+                outs.append([o async for o in apart._run(prompt, params, None, 0)])
             return outs
         finally:
             apart._send_command = send

@@ -21,9 +21,9 @@ def model_defaults(engine: Any, monkeypatch: Any) -> Any:
     seen: list[Any] = []
     run = engine._run
 
-    def recording_run(prompt: Any, params: Any, request_id: Any) -> Any:
+    def recording_run(prompt: Any, params: Any, request_id: Any, priority: int) -> Any:
         seen.append(params)
-        return run(prompt, params, request_id)
+        return run(prompt, params, request_id, priority)
 
     def give(defaults: dict[str, Any]) -> list[Any]:
         limits = dataclasses.replace(engine.inputs.limits, sampling_defaults=defaults)

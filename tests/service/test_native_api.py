@@ -166,9 +166,9 @@ def test_concurrent_complete_requests_reach_the_engine_in_batches(client: Any, e
     sizes: list[int] = []
     original = engine.generate
 
-    async def recording_generate(prompts: Any, params: Any = None) -> Any:
+    async def recording_generate(prompts: Any, params: Any = None, priority: Any = None) -> Any:
         sizes.append(len(prompts))
-        return await original(prompts, params)
+        return await original(prompts, params, priority=priority)
 
     def batch_metric() -> tuple[float, float]:
         text = client.get("/metrics").text

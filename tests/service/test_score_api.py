@@ -68,10 +68,10 @@ def test_score_item_the_engine_fails_fails_alone(client: Any, engine: Any) -> No
     real = engine._collect
     poison = engine.tokenizer.encode("poison")
 
-    async def collect(prompt: list[int], params: Any) -> Any:
+    async def collect(prompt: list[int], params: Any, priority: int) -> Any:
         if list(prompt[-len(poison) - 1 : -1]) == poison:
             raise RequestError("request x failed: injected")
-        return await real(prompt, params)
+        return await real(prompt, params, priority)
 
     engine._collect = collect
     try:

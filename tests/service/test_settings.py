@@ -38,6 +38,15 @@ def test_env_then_args_take_precedence() -> None:
     }
 
 
+def test_scheduling_policy_goes_to_the_engine() -> None:
+    s = ServerSettings.load({"VLLM_RUNNER_SCHEDULING_POLICY": "priority"}, {})
+    assert s.engine_kwargs() == {"scheduling_policy": "priority"}
+    s = ServerSettings.load(
+        {"VLLM_RUNNER_SCHEDULING_POLICY": "fcfs"}, {"scheduling_policy": "priority"}
+    )
+    assert s.engine_kwargs() == {"scheduling_policy": "priority"}  # (--arg over the env)
+
+
 def test_generation_config_goes_to_the_engine() -> None:
     s = ServerSettings.load({"VLLM_RUNNER_GENERATION_CONFIG": "vllm"}, {})
     assert s.engine_kwargs() == {"generation_config": "vllm"}
@@ -91,6 +100,11 @@ def test_empty_env_value_means_unset() -> None:
         ({"VLLM_RUNNER_SEED": str(2**64)}, {}, "seed must be an integer in"),
         ({}, {"device": "cuda:one"}, "device must be 'auto', 'cpu' or 'cuda"),
         ({}, {"generation_config": "hf"}, "generation_config must be 'auto' .* 'vllm' .* folder"),
+        (
+            {},
+            {"scheduling_policy": "lifo"},
+            "scheduling_policy must be 'fcfs' or 'priority', got 'lifo'",
+        ),
         # a combination known without a GPU query: refused before the loader thread too
         ({"VLLM_RUNNER_DEVICE": "cpu"}, {"quantization": "fp8"}, r"'fp8' needs .*device='cpu'"),
     ],

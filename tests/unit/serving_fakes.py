@@ -32,8 +32,11 @@ class FakeEngine:
         self.tokenizer = None
         self.updates = updates  # sent as they are instead of the scripted ones
         self.tokenized: list[tuple[str, bool]] = []
+        self.priorities: list[int] = []  # of each stream, in order
         limits = SimpleNamespace(sampling_defaults={})
-        self.inputs = SimpleNamespace(limits=limits, fit=lambda ids, p: p, tokenize=self.tokenize)
+        self.inputs = SimpleNamespace(
+            limits=limits, fit=lambda ids, p: p, tokenize=self.tokenize, check_priority=int
+        )
 
     def tokenize(self, text: str, chat: bool = False, params: Any = None) -> list[int]:
         self.tokenized.append((text, chat))
@@ -50,7 +53,10 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         pass
 
-    async def stream(self, prompt: Any, params: Any, request_id: str = "") -> Any:
+    async def stream(
+        self, prompt: Any, params: Any, request_id: str = "", priority: int = 0
+    ) -> Any:
+        self.priorities.append(priority)
         ids = prompt_ids(prompt)
         if self.updates is not None:
             for out in self.updates:

@@ -139,6 +139,9 @@ def test_offload_step_budget(budget, default, offloading, kv_tokens, seqs, expec
         ("max_num_seqs", None, "an integer"),
         ("admission_interval", None, "an integer"),
         ("block_size", None, "an integer"),
+        ("scheduling_policy", "lifo", "'fcfs' or 'priority'"),
+        ("scheduling_policy", "FCFS", "'fcfs' or 'priority'"),  # (vLLM's names: lower case)
+        ("scheduling_policy", None, "'fcfs' or 'priority'"),
     ],
 )
 def test_engine_arguments_of_the_wrong_type_name_themselves(field, value, kind):
@@ -153,7 +156,8 @@ def test_engine_arguments_of_the_wrong_type_name_themselves(field, value, kind):
      ("block_size", 8), ("block_size", 128), ("gpu_memory_utilization", 1.0),
      ("max_model_len", 2), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
      ("num_kv_blocks", 1), ("cpu_offload_gb", 0), ("piecewise_max_tokens", 0),
-     ("kv_cache_dtype", "fp8_e4m3"), ("async_scheduling", None), ("device", "cuda:10")],
+     ("kv_cache_dtype", "fp8_e4m3"), ("async_scheduling", None), ("device", "cuda:10"),
+     ("scheduling_policy", "priority")],
 )  # fmt: skip
 def test_values_at_the_limits_are_taken(field, value):
     args = EngineArgs(**{field: value})
@@ -169,6 +173,7 @@ def test_defaults_are_vllms():
     assert args.enable_prefix_caching and not args.enforce_eager
     assert (args.max_num_seqs, args.swap_space, args.max_model_len) == (256, 4.0, None)
     assert (args.dtype, args.kv_cache_dtype, args.quantization) == ("auto", "auto", None)
+    assert args.scheduling_policy == "fcfs"
 
 
 def test_fp8_weights_on_the_cpu_are_refused_before_loading():
@@ -191,13 +196,13 @@ def test_a_relative_generation_config_folder_is_made_absolute(tmp_path, monkeypa
 
 
 def test_scheduler_config_carries_the_settings():
-    config = EngineArgs(max_num_seqs=5, admission_interval=3).scheduler_config(
-        300, torch.device("cpu")
-    )
+    args = EngineArgs(max_num_seqs=5, admission_interval=3, scheduling_policy="priority")
+    config = args.scheduler_config(300, torch.device("cpu"))
     assert (config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len) == (
         5, 8192, 300
     )  # fmt: skip
-    assert config.admission_interval == 3
+    assert (config.admission_interval, config.scheduling_policy) == (3, "priority")
+    assert EngineArgs().scheduler_config(300, torch.device("cpu")).scheduling_policy == "fcfs"
 
 
 def test_max_model_len_may_equal_the_models():

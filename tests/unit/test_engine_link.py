@@ -145,12 +145,12 @@ def _commands(client: EngineClient) -> list:
 
 def test_a_request_is_sent_as_bytes_of_its_own_and_nothing_follows_a_stop() -> None:
     client = EngineClient()
-    client.send(("add", "r", 3, "prompt", [1, 2], None, True, 0.5))
+    client.send(("add", "r", 3, "prompt", [1, 2], None, True, 0.5, 4))
     client.send(("abort", "r"))
     client.send(("stop",))
     add, abort, stop, end = _commands(client)
     assert add[:3] == ("add", "r", 3) and len(add) == 4
-    assert pickle.loads(add[3]) == ["prompt", [1, 2], None, True, 0.5]
+    assert pickle.loads(add[3]) == ["prompt", [1, 2], None, True, 0.5, 4]
     assert (abort, stop, end) == (("abort", "r"), ("stop",), None)
 
 

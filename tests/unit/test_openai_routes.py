@@ -184,3 +184,14 @@ def test_text_offsets_count_characters() -> None:
         lp = completion_logprobs(Names(None, as_ids), [*names], [{t: -1.0} for t in names], 5)
         assert lp["text_offset"] == [5, 6, 7, 8]
     assert lp["tokens"] == ["token_id:1", "token_id:2", "token_id:3", "token_id:4"]
+
+
+def test_the_priority_goes_to_each_prompts_stream() -> None:
+    engine = FakeEngine()
+    client = client_for(engine)
+    body = {"prompt": ["a b", "c"], "max_tokens": 1, "priority": 4}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    chat = {"messages": ABC, "max_tokens": 1, "priority": -3, "stream": True}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    assert client.post("/v1/chat/completions", json={**chat, "priority": None}).status_code == 200
+    assert engine.priorities == [4, 4, -3, 0]

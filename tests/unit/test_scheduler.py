@@ -85,7 +85,7 @@ def test_preemption_frees_newest_and_requeues_it_first():
     assert "b" in out.finished_req_ids
     b = s.requests["b"]
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
-    assert s.waiting[0] is b and b.output_token_ids == [7]
+    assert s.waiting.peek() is b and b.output_token_ids == [7]
     assert s.stats()["num_preemptions"] == 1
     assert s.kv.pool.num_used_blocks == 3
 

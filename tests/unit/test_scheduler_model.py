@@ -1,9 +1,10 @@
 """Scheduler + KV cache manager against a model of the runner: random requests sharing
 prefixes, a tiny cache (preemption), aborts at any point, n > 1 copies, stop tokens,
-min_tokens, overlapped steps. The fake runner writes each token's "KV" (a hash of the token
-and everything before it) into the slots the block table gives, and checks, wherever it
-samples, that the request's slots hold its own prefix: a wrong prefix-cache hit, a block
-reused while held, or a wrong block table shows there."""
+min_tokens, overlapped steps, either scheduling policy (random priorities). The fake runner
+writes each token's "KV" (a hash of the token and everything before it) into the slots the
+block table gives, and checks, wherever it samples, that the request's slots hold its own
+prefix: a wrong prefix-cache hit, a block reused while held, or a wrong block table shows
+there."""
 
 import random
 
@@ -13,6 +14,7 @@ from vllm_runner.config import SchedulerConfig
 from vllm_runner.engine.kv_cache_manager import KVCacheManager
 from vllm_runner.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from vllm_runner.engine.request import Request, RequestStatus
+from vllm_runner.engine.request_queue import priority_key
 from vllm_runner.engine.scheduler import Scheduler
 from vllm_runner.sampling_params import SamplingParams
 
@@ -125,13 +127,13 @@ def check_invariants(s: Scheduler) -> None:
     assert all(r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) for r in queued)
 
 
-def run_random(seed: int, overlap: bool) -> None:
+def run_random(seed: int, overlap: bool, policy: str = "fcfs") -> None:
     rng = random.Random(seed)
     max_len = 48
     num_blocks = rng.randint(6, 14)
     config = SchedulerConfig(
         rng.randint(1, 6), rng.choice([3, 5, 8, 16, 64]), max_len,
-        admission_interval=rng.choice([1, 1, 2, 3]),
+        admission_interval=rng.choice([1, 1, 2, 3]), scheduling_policy=policy,
     )  # fmt: skip
     s = Scheduler(config, KVCacheManager(num_blocks, BS, enable_caching=True))
     prefixes = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 12))] for _ in range(3)]
@@ -159,6 +161,7 @@ def run_random(seed: int, overlap: bool) -> None:
         if -(-(len(prompt) + max_tokens - 1) // BS) > num_blocks:
             return
         salt = rng.randrange(3)
+        priority = rng.choice([-1, 0, 0, 1]) if policy == "priority" else 0
         for _ in range(rng.choice([1, 1, 1, 2, 3])):  # n > 1: same prompt, other salts
             rid = f"r{next_id}"
             next_id += 1
@@ -166,7 +169,7 @@ def run_random(seed: int, overlap: bool) -> None:
             salt += 1
             expected[rid] = reference(prompt, salts[rid], params, max_tokens, max_len)
             got[rid] = []
-            s.add_request(Request(rid, list(prompt), params, max_tokens))
+            s.add_request(Request(rid, list(prompt), params, max_tokens, priority=priority))
 
     def step() -> None:
         """schedule -> execute -> update; overlapped, a step's results are read after the
@@ -175,6 +178,9 @@ def run_random(seed: int, overlap: bool) -> None:
         sched = s.schedule()
         pending = run_step(s, runner, sched, pending if overlap else False, got, finish)
         check_invariants(s)
+        if policy == "priority":  # (its last request is the one preempted)
+            keys = [priority_key(r) for r in s.running]
+            assert keys == sorted(keys), "running list out of (priority, arrival) order"
 
     for step_no in range(400):
         if step_no < 250 and rng.random() < 0.4:
@@ -188,8 +194,9 @@ def run_random(seed: int, overlap: bool) -> None:
             step()
         else:
             runner.release(s.take_finished_ids())
-    # NOTE: the oldest request fits alone and is never preempted: it ends within 2 * max_len
-    # steps (a bound, so a scheduler that stops making progress fails instead of hanging)
+    # NOTE: the first request in the policy's order fits alone and is never preempted: it
+    # ends within 2 * max_len steps (a bound, so a scheduler that stops making progress
+    # fails instead of hanging)
     limit, num_steps = len(expected) * (2 * max_len + 2), 0
     while s.has_unfinished() or pending is not None:
         step()
@@ -231,7 +238,8 @@ def check_outputs(s: Scheduler, expected: dict, got: dict, finish: dict, aborted
             assert (got[rid], finish.get(rid)) == (tokens, reason), rid
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("seed", range(40))
-def test_random_requests_against_a_model_of_the_runner(seed, overlap):
-    run_random(seed, overlap)
+def test_random_requests_against_a_model_of_the_runner(seed, overlap, policy):
+    run_random(seed, overlap, policy)

@@ -99,13 +99,15 @@ def test_one_engine_call_for_the_valid_items_and_a_failed_one_alone() -> None:
     calls: list[list] = []
 
     class Engine:
-        async def generate(self, prompts: list, params: list) -> list:
-            calls.append(prompts)
+        async def generate(self, prompts: list, params: list, priority: list) -> list:
+            calls.append((prompts, params, priority))
             raise RequestError(str(failure), [good, failure])
 
     refused = ValueError("prompt is empty")
-    outs = asyncio.run(generate_valid(Engine(), [[1], refused, [2]], ["p1", "p2", "p3"]))
-    assert calls == [[[1], [2]]]
+    outs = asyncio.run(
+        generate_valid(Engine(), [[1], refused, [2]], ["p1", "p2", "p3"], [-1, 5, 2])
+    )
+    assert calls == [([[1], [2]], ["p1", "p3"], [-1, 2])]
     assert outs == [good, refused, failure]
 
 

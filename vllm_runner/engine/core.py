@@ -81,6 +81,7 @@ class EngineCore:
             serving=serving,
             sampling_defaults=sampling_defaults,
             eos_token_ids=frozenset(self.eos_ids),
+            scheduling_policy=args.scheduling_policy,
         )
         self.inputs = InputProcessor(self.limits, self.tokenizer)
         graphs, pieces = self.runner.graphs, self.runner.pieces
@@ -127,15 +128,19 @@ class EngineCore:
         prompt_ids: list[int] | None = None,
         detokenize: bool = True,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> RequestState:
         """``prompt_ids``: ``prompt`` already tokenized (a front end that checked it).
         ``detokenize``: False when the caller builds the text from the token ids itself (a
         front end apart from the engine process): the outputs' text stays empty. Stop
         strings need the text here (the request ends at the token that completes one).
-        ``arrival_time``: the ``time.monotonic()`` its latencies count from (default: now)."""
+        ``arrival_time``: the ``time.monotonic()`` its latencies count from (default: now).
+        ``priority``: under ``scheduling_policy="priority"``, lower is served earlier (its
+        n > 1 completions alike); under "fcfs" only 0 is taken."""
         if prompt_ids is None:
             prompt_ids = self.inputs.tokenize(prompt, params=params)
         self.inputs.validate(prompt_ids, params)
+        priority = self.inputs.check_priority(priority)
         detokenize = detokenize and params.detokenize
         if not detokenize and params.stop:
             raise ValueError(
@@ -179,6 +184,7 @@ class EngineCore:
                     params,
                     max_tokens,
                     seed=seed,
+                    priority=priority,
                 )
             )
             self.child_to_state[child_id] = (state, index)

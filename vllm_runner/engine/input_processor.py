@@ -5,6 +5,7 @@ tokenizer, so a front end whose engine core runs in another process checks reque
 in the caller, before sending them (``AsyncLLM``)."""
 
 import dataclasses
+import numbers
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import TypedDict
 from vllm_runner.engine.errors import ContextLengthError
 from vllm_runner.engine.sampling_defaults import fit_max_tokens
 from vllm_runner.sample.guided_choice import choice_token_ids
-from vllm_runner.sampling_params import SamplingParams
+from vllm_runner.sampling_params import INT64_MAX, SamplingParams
 from vllm_runner.tokenizer import NO_TOKENIZER, dropped_chars, max_text_chars
 
 _DROPPED_MAX = 4  # a text this many times over the character bound is refused whatever it holds
@@ -75,6 +76,7 @@ class EngineLimits:
     # the model's SamplingParams defaults (engine/sampling_defaults.py): {field: value}
     sampling_defaults: dict[str, object] = field(default_factory=dict)
     eos_token_ids: frozenset[int] = frozenset()  # the model's (min_tokens bans them)
+    scheduling_policy: str = "fcfs"  # EngineArgs': a request's priority needs "priority"
 
 
 class InputProcessor:
@@ -206,6 +208,37 @@ class InputProcessor:
         self._check_in_vocab("stop_token_ids entry", params.stop_token_ids)
         self._check_in_vocab("allowed_token_ids entry", params.allowed_token_ids or ())
         self._check_allowed_not_all_banned(params)
+
+    def check_priority(self, priority: object) -> int:
+        """A request's priority as the scheduler takes it (an int64; numpy's integers as
+        Python ints). A non-zero one needs the "priority" policy: as vLLM, refused under
+        "fcfs" rather than ignored."""
+        if not isinstance(priority, numbers.Integral) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        priority = int(priority)
+        if not -INT64_MAX - 1 <= priority <= INT64_MAX:
+            raise ValueError(f"priority must be in [-2**63, 2**63 - 1], got {priority}")
+        policy = self.limits.scheduling_policy
+        if priority != 0 and policy != "priority":
+            raise ValueError(
+                f"priority must be 0 unless scheduling_policy is 'priority' (priority "
+                f"scheduling is not enabled: this engine's is {policy!r}), got {priority}"
+            )
+        return priority
+
+    def priorities(self, priority: Iterable[int] | None, num_prompts: int) -> list[int]:
+        """A batch's priorities, checked (``priority``: one per prompt, as vLLM's
+        ``LLM.generate``; None: 0 each)."""
+        if priority is None:
+            return [0] * num_prompts
+        if isinstance(priority, str | bytes | dict) or not isinstance(priority, Iterable):
+            raise ValueError(
+                f"priority must be a list of integers, one per prompt, got {priority!r}"
+            )
+        priorities = list(priority)
+        if len(priorities) != num_prompts:
+            raise ValueError(f"got {len(priorities)} priorities for {num_prompts} prompts")
+        return [self.check_priority(p) for p in priorities]
 
     def default_params(self, prompt: str | list[int] | dict) -> SamplingParams:
         """The model's sampling defaults for ``prompt``, a request given no SamplingParams.

@@ -43,6 +43,10 @@ class Request:
     max_tokens: int  # resolved against max_model_len
     seed: int | None = None  # params.seed + completion index
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # under the "priority" policy: lower is served earlier
+    # Its place in the order requests reached the scheduler (set there): breaks priority ties,
+    # and a preempted request keeps it.
+    arrival_index: int = 0
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -1,6 +1,6 @@
 """Token-budget continuous batching: one rule for prefill, chunked prefill and decode."""
 
-from collections import deque
+import itertools
 
 from vllm_runner.config import SchedulerConfig
 from vllm_runner.engine.kv_cache_manager import KVCacheManager
@@ -12,13 +12,20 @@ from vllm_runner.engine.outputs import (
     SchedulerOutput,
 )
 from vllm_runner.engine.request import Request, RequestStatus
+from vllm_runner.engine.request_queue import request_queue
 
 
 class Scheduler:
     """Each step, running requests get their next tokens first, then waiting requests are
-    admitted FIFO, within ``max_num_batched_tokens`` and ``max_num_seqs``. A request is just
-    tokens computed so far vs tokens known. When blocks run out, the newest running request
-    is preempted and will recompute.
+    admitted, within ``max_num_batched_tokens`` and ``max_num_seqs``. A request is just
+    tokens computed so far vs tokens known. When blocks run out, the running request last
+    in the policy's order is preempted and will recompute.
+
+    ``scheduling_policy`` (``request_queue``): "fcfs" admits in arrival order, and preempts
+    the newest running request; "priority" admits by (priority, arrival), keeps the running
+    list in that order too (its requests get their tokens in it), and preempts the running
+    request of the largest (priority, arrival). A waiting request never preempts a running
+    one: it waits for blocks and a free seat as under "fcfs".
 
     With ``admission_interval`` N > 1, waiting requests join a batch of decoding requests
     on every N-th step only (or at once when nothing decodes, or when a running request's
@@ -32,8 +39,9 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = request_queue(config.scheduling_policy)
         self._num_gone = 0  # finished requests still in ``waiting``: dropped at the head
+        self._arrivals = itertools.count()
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()  # since the last schedule()
         self._runner_has: set[str] = set()  # requests whose state the runner holds
@@ -52,7 +60,8 @@ class Scheduler:
     # ---- admission -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        request.arrival_index = next(self._arrivals)
+        self.waiting.add(request)
 
     def has_unfinished(self) -> bool:
         return len(self.waiting) > self._num_gone or bool(self.running)
@@ -138,7 +147,7 @@ class Scheduler:
     def _admit_waiting(
         self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]
     ) -> bool:
-        """Admit waiting requests FIFO; True if any was."""
+        """Admit waiting requests in the policy's order; True if any was."""
         num_new_reqs = len(new_reqs)
         # NOTE: a prompt block is in the prefix index from its allocation, so a request
         # sharing a prefix another computes in this very step hits it (each layer writes the
@@ -146,9 +155,9 @@ class Scheduler:
         # prompt still to compute beyond this step has taken the whole budget: none is
         # admitted behind it.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+            request = self.waiting.peek()
             if request.status.finished:
-                self.waiting.popleft()
+                self.waiting.pop()
                 self._num_gone -= 1
                 continue
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
@@ -157,7 +166,7 @@ class Scheduler:
             request.num_computed_tokens = 0
             if self.kv.allocate_slots(request, num_new, hits) is None:
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
@@ -165,7 +174,7 @@ class Scheduler:
                     self.counters["prefix_cache_queries"] += request.num_tokens
                     self.counters["prefix_cache_hits"] += num_hit_tokens
             request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            self.waiting.place(self.running, request)
             num_scheduled[request.request_id] = num_new
             budget -= num_new
             new_reqs.append(self._new_request_data(request))
@@ -197,7 +206,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        self.waiting.appendleft(request)
+        self.waiting.requeue(request)
         self._finished_ids.add(request.request_id)  # the runner drops its state
         self.counters["num_preemptions"] += 1
 

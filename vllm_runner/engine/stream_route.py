@@ -1,15 +1,20 @@
 """Where a request's outputs go in the front end (AsyncLLM): its stream's queue and event
 loop, and what makes an engine process's outputs whole again there: the request id, prompt
 ids and text so far that the pipe leaves out (``serving_loop.pack``), and the text itself
-for a request the front end detokenizes."""
+for a request the front end detokenizes; and the hand-over of a step's outputs to the
+streams' event loops."""
 
 import asyncio
 import dataclasses
+import logging
 
 from vllm_runner.engine.detokenizer import IncrementalDetokenizer
+from vllm_runner.engine.errors import OutputFailed
 from vllm_runner.engine.outputs import RequestOutput
-from vllm_runner.engine.serving_loop import unpack, with_text
+from vllm_runner.engine.serving_loop import is_final, unpack, with_text
 from vllm_runner.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -50,3 +55,38 @@ def text_builders(
         )
         for _ in range(params.n)
     ]
+
+
+def hand_over(routes: dict[int, StreamRoute], items: list[tuple[int, object]]) -> None:
+    """A step's ``items`` (route, output) to their streams' queues (``routes``: the open
+    ones, by route; a final item closes its route). Called from the thread that delivers
+    the step (AsyncLLM's loop thread or engine-process reader)."""
+    # NOTE: one hand-over per event loop and step (each wakes the loop with a syscall),
+    # not one per request.
+    batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+    for route, item in items:
+        entry = routes.pop(route, None) if is_final(item) else routes.get(route)
+        if entry is None:
+            continue
+        try:
+            item = entry.whole(item)
+        except Exception as e:  # (building its text) this request's alone
+            logger.exception("output processing failed for %s", entry.request_id)
+            routes.pop(route, None)
+            # NOTE: its stream aborts it (as it leaves): not here by id, which a new
+            # stream may have taken already if this one has closed.
+            item = OutputFailed(
+                f"request {entry.request_id} failed: output processing failed: {e!r}"
+            )
+        batches.setdefault(entry.loop, []).append((entry.queue, item))
+    for loop, batch in batches.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # that event loop closed: its streams have no reader left
+            if not loop.is_closed():
+                raise
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)

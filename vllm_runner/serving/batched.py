@@ -47,14 +47,20 @@ async def prepared(items: list[Any], prepare: Any) -> list[Any]:
     return await asyncio.to_thread(run)
 
 
-async def generate_valid(engine: AsyncLLM, inputs: list[Any], params: list[Any]) -> list[Any]:
+async def generate_valid(
+    engine: AsyncLLM, inputs: list[Any], params: list[Any], priorities: list[int]
+) -> list[Any]:
     """The engine's output for each valid input, a RequestError where it failed one; a
     refused input keeps its ValueError. One engine call for the valid ones."""
     outs = list(inputs)
     valid = [i for i, x in enumerate(inputs) if not isinstance(x, ValueError)]
     if valid:
         try:
-            results = await engine.generate([inputs[i] for i in valid], [params[i] for i in valid])
+            results = await engine.generate(
+                [inputs[i] for i in valid],
+                [params[i] for i in valid],
+                priority=[priorities[i] for i in valid],
+            )
         except RequestError as exc:
             if exc.results is None:
                 raise

@@ -87,7 +87,9 @@ async def answer(
     receive: Any,
 ) -> Any:
     """The whole answer (or the client-gone error, if it left first)."""
-    results = await until_disconnect(receive, gather(engine, ids, params, env.request_id))
+    results = await until_disconnect(
+        receive, gather(engine, ids, params, env.request_id, body.priority)
+    )
     if results is None:
         return fmt.CLIENT_GONE.response()
     decode = fmt.TokenDecoder(engine.tokenizer, body.return_tokens_as_token_ids)
@@ -122,7 +124,7 @@ async def stream(
     generated: dict[int, int] = {}
     text_offset: dict[int, int] = {}  # per choice: where its next chunk's tokens start
     try:
-        async for p, out in events(engine, ids, params, env.request_id):
+        async for p, out in events(engine, ids, params, env.request_id, body.priority):
             if body.max_tokens == 0:
                 out = dropped(out)
             index = p * body.n + out.index

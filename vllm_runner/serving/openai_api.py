@@ -180,6 +180,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         engine = engine_for(body.model)
         try:
             params = body.completion_sampling_params(engine.inputs.limits.sampling_defaults)
+            engine.inputs.check_priority(body.priority)  # (a 400 under "fcfs" unless 0)
         except ValueError as exc:
             raise fmt.bad_request(exc, "prompt", _COMPLETION_FIELDS) from None
         checked = [
@@ -196,6 +197,7 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         engine = engine_for(body.model)
         try:
             params = body.chat_sampling_params(engine.inputs.limits.sampling_defaults)
+            engine.inputs.check_priority(body.priority)
             messages = [m.as_dict() for m in body.messages]
             # NOTE: in a thread, as tokenizing: a long conversation renders for seconds
             options = body.template_options()
@@ -212,7 +214,9 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
             env = fmt.Envelope("chat.completion.chunk", rid, engine.model_name)
             return fmt.sse_response(_stream_chat(engine, ids, params, env, body, decode))
         env = fmt.Envelope("chat.completion", rid, engine.model_name)
-        results = await until_disconnect(request.receive, gather(engine, [ids], [params], rid))
+        results = await until_disconnect(
+            request.receive, gather(engine, [ids], [params], rid, body.priority)
+        )
         if results is None:
             return fmt.CLIENT_GONE.response()
         choices = [
@@ -252,7 +256,7 @@ async def _stream_chat(
     try:
         for i in range(params.n):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for _, out in events(engine, [ids], [params], env.request_id):
+        async for _, out in events(engine, [ids], [params], env.request_id, body.priority):
             generated[out.index] = out.num_token_ids
             lps = None
             if body.logprobs and out.new_logprobs:

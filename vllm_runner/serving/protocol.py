@@ -41,7 +41,8 @@ _MAX_ENTRIES = {
 
 
 class SamplingFields(BaseModel):
-    """Sampling settings shared by every generating endpoint (vLLM names and defaults)."""
+    """Sampling settings shared by every generating endpoint (vLLM names and defaults), and
+    the request's scheduling priority (not a sampling setting: passed on beside them)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -67,6 +68,8 @@ class SamplingFields(BaseModel):
         Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None
     ) = None
     truncate_prompt_tokens: int | None = None
+    # vLLM's: lower is served earlier; non-zero only under the engine's "priority" policy
+    priority: Annotated[int, Field(ge=-(2**63), le=INT64_MAX)] = 0
 
     def sampling_params(
         self, defaults: Mapping[str, Any] | None = None, **overrides: Any
@@ -76,7 +79,7 @@ class SamplingFields(BaseModel):
         A max_tokens left out is capped by the model's (unless that is below the client's
         min_tokens); a None one (up to max_model_len) by ``fit_max_tokens`` (in
         ``engine/sampling_defaults.py``) once the prompt's length is known."""
-        names = set(SamplingFields.model_fields)
+        names = set(SamplingFields.model_fields) - {"priority"}
         values = {k: v for k, v in self.__dict__.items() if k in names}
         for name, value in (defaults or {}).items():
             if name in self.model_fields_set:
@@ -156,7 +159,7 @@ NULL_IS_DEFAULT = (
     "temperature", "top_p", "top_k", "min_p", "n", "stream", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens",
     "include_stop_str_in_output", "skip_special_tokens", "logprobs", "add_generation_prompt",
-    "continue_final_message", "echo", "return_tokens_as_token_ids",
+    "continue_final_message", "echo", "return_tokens_as_token_ids", "priority",
 )  # fmt: skip
 # OpenAI / vLLM fields that change the output and that this server does not implement: a
 # request using them is refused rather than answered as if they were absent. Each maps to
@@ -179,7 +182,6 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "logits_processors": ("logits_processors", _LIST),
     "prompt_logprobs": ("prompt_logprobs on this route (POST /score has them)", _NONE),
     "spaces_between_special_tokens": ("spaces_between_special_tokens false", (None, True)),
-    "priority": ("request priority (priority)", (None, 0)),
     "prompt_embeds": ("prompt_embeds", _NONE),
 }
 # fields whose default differs between the routes

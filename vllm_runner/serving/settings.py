@@ -36,6 +36,7 @@ ENGINE_FIELDS = (
     "kv_cache_dtype",
     "enforce_eager",
     "admission_interval",
+    "scheduling_policy",
     "piecewise_max_tokens",
     "seed",
     "generation_config",
@@ -65,6 +66,7 @@ class ServerSettings:
     kv_cache_dtype: str | None = None  # "auto" (the model's) or "fp8" / "fp8_e4m3"
     enforce_eager: bool | None = None  # no CUDA graphs
     admission_interval: int | None = None  # waiting requests join every N-th decode step
+    scheduling_policy: str | None = None  # "fcfs" or "priority" (requests' own priority)
     piecewise_max_tokens: int | None = None  # steps that prefill in piecewise CUDA graphs
     seed: int | None = None
     generation_config: str | None = None  # "auto": the model's sampling defaults; "vllm"; a folder

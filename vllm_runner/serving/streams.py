@@ -22,7 +22,11 @@ def new_request_id(prefix: str) -> str:
 
 
 async def stream_or_abort(
-    engine: Any, prompt: str | list[int], params: SamplingParams, request_id: str
+    engine: Any,
+    prompt: str | list[int],
+    params: SamplingParams,
+    request_id: str,
+    priority: int = 0,
 ) -> AsyncIterator[Any]:
     """`engine.stream(...)`, aborting the request if the consumer stops before the end.
 
@@ -31,7 +35,7 @@ async def stream_or_abort(
     """
     finished = False
     try:
-        async for out in engine.stream(prompt, params, request_id=request_id):
+        async for out in engine.stream(prompt, params, request_id=request_id, priority=priority):
             yield out
         finished = True
     finally:
@@ -123,23 +127,24 @@ class Choice:
 
 
 async def collect(
-    engine: Any, prompt: str | list[int], params: SamplingParams, request_id: str
+    engine: Any, prompt: str | list[int], params: SamplingParams, request_id: str, priority: int
 ) -> tuple[list[int], list[Choice]]:
     """Run one request to the end; returns (prompt token ids, the n choices by index)."""
     choices = [Choice(i) for i in range(params.n)]
     prompt_ids: list[int] = []
-    async for out in stream_or_abort(engine, prompt, params, request_id):
+    async for out in stream_or_abort(engine, prompt, params, request_id, priority):
         prompt_ids = out.prompt_token_ids or prompt_ids
         choices[out.index].add(out)
     return prompt_ids, choices
 
 
 async def gather(
-    engine: Any, ids: list[list[int]], params: list[SamplingParams], rid: str
+    engine: Any, ids: list[list[int]], params: list[SamplingParams], rid: str, priority: int = 0
 ) -> list[tuple[list[int], list[Choice]]]:
-    """Each prompt of ``ids`` with its ``params``, to the end."""
+    """Each prompt of ``ids`` with its ``params`` (and the request's ``priority``), to the
+    end."""
     jobs = enumerate(zip(ids, params, strict=True))
-    tasks = [collect(engine, p, sp, f"{rid}-{i}") for i, (p, sp) in jobs]
+    tasks = [collect(engine, p, sp, f"{rid}-{i}", priority) for i, (p, sp) in jobs]
     results = await asyncio.gather(*tasks, return_exceptions=True)
     for r in results:
         if isinstance(r, RequestError):  # this request alone failed; the engine runs on
@@ -150,10 +155,11 @@ async def gather(
 
 
 async def events(
-    engine: Any, ids: list[list[int]], params: list[SamplingParams], rid: str
+    engine: Any, ids: list[list[int]], params: list[SamplingParams], rid: str, priority: int = 0
 ) -> AsyncIterator[tuple[int, Any]]:
-    """The updates of each prompt of ``ids`` with its ``params``: (prompt index, update)."""
+    """The updates of each prompt of ``ids`` with its ``params`` (and the request's
+    ``priority``): (prompt index, update)."""
     jobs = enumerate(zip(ids, params, strict=True))
-    streams = [stream_or_abort(engine, p, sp, f"{rid}-{i}") for i, (p, sp) in jobs]
+    streams = [stream_or_abort(engine, p, sp, f"{rid}-{i}", priority) for i, (p, sp) in jobs]
     async for i, out in merge(streams):
         yield i, out
