@@ -86,3 +86,25 @@ def test_a_choice_cut_by_max_tokens_ends_by_length(engines) -> None:
 def test_guided_choice_needs_a_tokenizer(llama_dir) -> None:
     with pytest.raises(ValueError, match=r"guided_choice \['x'\] needs a tokenizer"):
         make_llm(llama_dir).generate([[1, 2, 3]], SamplingParams(guided_choice=["x"]))
+
+
+def test_choices_come_through_an_engine_process(smol_llm, default_model_dir) -> None:
+    """The CUDA default: the front end checks the request, the engine process makes the
+    choices' tokens (the params pickled without them) and masks with them."""
+    import asyncio
+
+    from vllm_runner import AsyncLLM
+
+    params = SamplingParams(temperature=0.0, max_tokens=20, guided_choice=CHOICES[1:])
+    (want,) = smol_llm.generate([PROMPT], params)
+    apart = AsyncLLM(default_model_dir, engine_process=True, dtype="float32", device="cpu",
+                     max_model_len=256, cpu_kv_cache_gb=0.05)  # fmt: skip
+    try:
+        (got,) = asyncio.run(apart.generate([PROMPT], params))
+        holds_eos = SamplingParams(guided_choice=["yes<|im_end|>"])  # (checked in the caller)
+        with pytest.raises(ValueError, match="holds the end token"):
+            asyncio.run(apart.generate([PROMPT], holds_eos))
+    finally:
+        asyncio.run(apart.shutdown())
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert got.outputs[0].text in CHOICES[1:]
