@@ -48,6 +48,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # use the prompt's last k tokens (-1: max_model_len)
     bad_words: list[str] | None = None  # never generated (each as its tokens, see bad_words.py)
     guided_choice: list[str] | None = None  # the output is one of these (guided_choice.py)
+    json_object: bool = False  # the output is one JSON object (sample/json_masks.py)
     # Filled by the engine (not user settings): the model's EOS ids, and the tokenizer's one,
     # whose stop_reason is None (the others, generation_config's, name themselves, as vLLM).
     # Not arguments: given, they would be overwritten.
@@ -109,7 +110,7 @@ class SamplingParams:
             if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise bad(name, value, "a number")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
-                     "detokenize"):  # fmt: skip
+                     "detokenize", "json_object"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):  # ("no" was true)
                 raise bad(name, getattr(self, name), "True or False")
         if not _is_int(self.n) or self.n < 1:
@@ -162,6 +163,8 @@ class SamplingParams:
                 raise bad("bad_words entry", word, "a string with a non-space character")
         if self.guided_choice is not None:
             self._check_guided_choice()
+        if self.json_object:
+            self._check_json_object()
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise bad("logit_bias", self.logit_bias, "a {token id: bias} dict")
@@ -192,6 +195,19 @@ class SamplingParams:
                 raise ValueError(
                     f"guided_choice entry {choice!r} holds the stop string {held!r}: the output "
                     "would end inside it"
+                )
+
+    def _check_json_object(self) -> None:
+        # as guided_choice's: with any of these a step could have no token left to sample
+        # (min_tokens and ignore_eos hold back the end token after the object). NOTE: stop
+        # strings stay the caller's: one the JSON holds ends the output inside it.
+        for name in ("min_tokens", "ignore_eos", "allowed_token_ids", "bad_words",
+                     "guided_choice"):  # fmt: skip
+            value = getattr(self, name)
+            if value:
+                raise ValueError(
+                    f"json_object cannot be combined with {name} (got {value!r}): the output "
+                    "must be able to end after the object, with any of its tokens"
                 )
 
     @property

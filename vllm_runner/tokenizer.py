@@ -116,6 +116,23 @@ def piece_bytes(tokenizer):
     return read
 
 
+def token_bytes(tokenizer, width: int) -> list[bytes | None]:
+    """Each id below ``width``: the bytes its token adds to a text (JSON mode's masks read
+    them), None for special tokens and ids past the tokenizer. A piece of whole characters
+    is its UTF-8, SentencePiece's word mark a space (as in running text)."""
+    read = piece_bytes(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    size = len(tokenizer)
+    out: list[bytes | None] = []
+    for tid in range(width):
+        raw = None if tid >= size or tid in special else read(tid)
+        if raw is None and tid < size and tid not in special:
+            piece = tokenizer.convert_ids_to_tokens(tid)
+            raw = piece.replace("\u2581", " ").encode() if isinstance(piece, str) else None
+        out.append(raw)
+    return out
+
+
 def dropped_chars(tokenizer) -> str:
     """The ASCII characters the tokenizer makes no token of (SmolLM2: six control characters
     its byte-level vocabulary lacks): they do not count against ``max_text_chars``."""

@@ -241,7 +241,7 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
         ("/v1/completions", {"prompt": PROMPT, "best_of": 3}, "best_of"),
         (
             "/v1/chat/completions",
-            {"messages": CHAT, "response_format": {"type": "json_object"}},
+            {"messages": CHAT, "response_format": {"type": "json_schema"}},
             "response_format",
         ),  # fmt: skip
         ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),

@@ -24,8 +24,9 @@ from vllm_runner.engine.scheduler import Scheduler
 from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.sample.bad_words import bad_word_token_ids
 from vllm_runner.sample.guided_choice import choice_token_ids
+from vllm_runner.sample.json_masks import JsonMasks, JsonVocab
 from vllm_runner.sampling_params import SamplingParams
-from vllm_runner.tokenizer import eos_token_ids, load_hf_config, load_tokenizer
+from vllm_runner.tokenizer import eos_token_ids, load_hf_config, load_tokenizer, token_bytes
 from vllm_runner.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,12 @@ class EngineCore:
         if params.guided_choice:
             params.guided_choice_token_ids = choice_token_ids(
                 self.inputs.tokenizer, params.guided_choice
+            )
+        if params.json_object and self.runner.sampler.json_masks is None:
+            # (once per engine: the vocabulary's bytes, and the masks' cache)
+            width = self.runner.model.lm_head.vocab_size
+            self.runner.sampler.json_masks = JsonMasks(
+                JsonVocab(token_bytes(self.inputs.tokenizer, width))
             )
         state = new_request_state(
             request_id,
@@ -331,9 +338,10 @@ class EngineCore:
 
 def _host_bound(params: SamplingParams) -> bool:
     """Whether a request needs synchronous steps: prompt logprobs are read on the host in
-    the step that computes them (sampled tokens' logprobs are copied with the ids, and
-    penalties count in-flight tokens on the device)."""
-    return params.prompt_logprobs is not None
+    the step that computes them, and a JSON row's mask follows its newest token on the host
+    (sampled tokens' logprobs are copied with the ids, and penalties count in-flight tokens
+    on the device)."""
+    return params.prompt_logprobs is not None or params.json_object
 
 
 def _folder_name(path: str) -> str:

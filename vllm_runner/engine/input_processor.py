@@ -199,6 +199,8 @@ class InputProcessor:
             raise ValueError(f"bad_words {params.bad_words!r} need a tokenizer and {NO_TOKENIZER}")
         if params.guided_choice:
             self._check_guided_choice(params)
+        if params.json_object:
+            self._check_json_object(params)
         if params.stop and self.tokenizer is None:
             raise ValueError(
                 f"stop {params.stop!r}: stop strings need a tokenizer and {NO_TOKENIZER}; "
@@ -302,6 +304,15 @@ class InputProcessor:
                     f"guided_choice entry {choice!r} holds the end token {end} (an EOS or stop "
                     "token id): the output would end inside it"
                 )
+
+    def _check_json_object(self, params: SamplingParams) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"json_object needs a tokenizer and {NO_TOKENIZER}")
+        if not self.limits.eos_token_ids and not params.stop_token_ids:
+            raise ValueError(
+                "json_object: the output ends after the object with an EOS token, and this "
+                "model has none: give stop_token_ids"
+            )
 
     def _check_in_vocab(self, what: str, token_ids) -> None:
         vocab_size = self.limits.vocab_size

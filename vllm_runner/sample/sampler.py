@@ -15,6 +15,7 @@ import torch
 
 from vllm_runner.sample.bad_words import ban_bad_words
 from vllm_runner.sample.guided_choice import apply_guided_choice
+from vllm_runner.sample.json_masks import JsonMasks, apply_json_object
 from vllm_runner.sample.logprobs import logprob_entries, logprob_tensors
 from vllm_runner.sample.rows import FP32_MAX, SamplingRow, host_values
 
@@ -229,6 +230,7 @@ class Sampler:
         self.generator.manual_seed(seed)
         self.race_seeds = np.random.default_rng(seed)  # unseeded rows' keys on a GPU
         self.staging = RowStaging()
+        self.json_masks: JsonMasks | None = None  # the engine's, made at its first JSON request
         # Greedy rows on a GPU: ``kernels.argmax``'s per-row arrival counts (zeros between
         # launches, all on this sampler's stream).
         self._argmax_counts = None
@@ -273,7 +275,9 @@ class Sampler:
         penalised = any(r.params.has_penalties for r in extras)
         held = any(r.num_output_tokens < r.params.min_tokens for r in extras)
         guided = any(r.params.guided_choice_token_ids for r in extras)
-        if bias or allowed or words or penalised or held or guided or not logits.is_cuda:
+        json_rows = any(r.params.json_object for r in extras)
+        edited = bias or allowed or words or penalised or held or guided or json_rows
+        if edited or not logits.is_cuda:
             logits = logits.float()  # [num_rows, vocab] (else the kernel reads the logits)
         if bias:
             apply_logit_bias(logits, rows)
@@ -287,6 +291,8 @@ class Sampler:
             apply_min_tokens(logits, rows)
         if guided:
             apply_guided_choice(logits, rows, pending)
+        if json_rows:
+            apply_json_object(logits, rows, self.json_masks)
         if all(r.params.greedy for r in rows):
             sampled = self.greedy(logits)
         elif logits.is_cuda:

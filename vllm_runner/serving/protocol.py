@@ -67,6 +67,7 @@ class SamplingFields(BaseModel):
     guided_choice: (
         Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None
     ) = None
+    json_object: bool = False  # the output is one JSON object (OpenAI's JSON mode)
     truncate_prompt_tokens: int | None = None
     # vLLM's: lower is served earlier; non-zero only under the engine's "priority" policy
     priority: Annotated[int, Field(ge=-(2**63), le=INT64_MAX)] = 0
@@ -171,7 +172,10 @@ _FLAG = (None, False)
 _KWARGS = (None, {})
 UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "suffix": ("suffix", (None, "")),
-    "response_format": ("structured output (response_format)", (None, {"type": "text"})),
+    "response_format": (
+        "structured output other than json_object (response_format)",
+        (None, {"type": "text"}),
+    ),
     "guided_json": ("guided decoding (guided_json)", _NONE),
     "guided_regex": ("guided decoding (guided_regex)", _NONE),
     "guided_grammar": ("guided decoding (guided_grammar)", _NONE),
@@ -195,23 +199,38 @@ UNSUPPORTED_CHAT = {
 }
 
 
+def json_mode(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with OpenAI's ``response_format: {"type": "json_object"}`` as ``json_object``
+    (other formats stay, for ``refuse_unsupported``)."""
+    value = data.get("response_format")
+    if isinstance(value, dict):  # a model in vLLM: its nulls are defaults
+        value = {k: v for k, v in value.items() if v is not None}
+    if value != {"type": "json_object"}:
+        return data
+    rest = {k: v for k, v in data.items() if k != "response_format"}
+    return {**rest, "json_object": True}
+
+
 def structured_choice(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with vLLM's ``structured_outputs: {"choice": [...]}`` as ``guided_choice``
-    (the one kind of structured output this server implements; the others are refused)."""
+    """``data`` with vLLM's ``structured_outputs`` of ``{"choice": [...]}`` as
+    ``guided_choice``, or of ``{"json_object": true}`` as ``json_object`` (the kinds of
+    structured output this server implements; the others are refused)."""
     spec = data.get("structured_outputs")
     if spec is None:
         return data
     if not isinstance(spec, dict):
         raise ValueError(f"structured_outputs must be an object, got {spec!r}")
-    others = {k: v for k, v in spec.items() if k != "choice" and v not in (None, False)}
-    if others or spec.get("choice") is None:
+    kinds = {k: v for k, v in spec.items() if v not in (None, False)}
+    if len(kinds) != 1 or not ("choice" in kinds or kinds.get("json_object") is True):
         raise ValueError(
-            "structured_outputs: only a choice list is supported by this server, got "
-            f"{others or spec!r}"
+            "structured_outputs: only one choice list or json_object true is supported by "
+            f"this server, got {kinds or spec!r}"
         )
+    rest = {k: v for k, v in data.items() if k != "structured_outputs"}
+    if "json_object" in kinds:
+        return {**rest, "json_object": True}
     if data.get("guided_choice") is not None:
         raise ValueError("guided_choice: give it or structured_outputs.choice, not both")
-    rest = {k: v for k, v in data.items() if k != "structured_outputs"}
     return {**rest, "guided_choice": spec["choice"]}
 
 
@@ -257,6 +276,7 @@ class OpenAIFields(SamplingFields):
     def _openai_nulls_and_unsupported(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        data = json_mode(data)
         refuse_unsupported(data, UNSUPPORTED)
         refuse_unsupported(data, cls.route_unsupported)
         data = structured_choice(data)

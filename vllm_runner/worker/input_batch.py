@@ -181,4 +181,5 @@ def _plain_greedy(params: SamplingParams) -> bool:
         and not params.allowed_token_ids
         and not params.bad_words_token_ids
         and not params.guided_choice_token_ids
+        and not params.json_object
     )

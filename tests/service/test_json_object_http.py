@@ -1,0 +1,87 @@
+"""JSON mode over HTTP: OpenAI's `response_format: {"type": "json_object"}` and vLLM's
+`structured_outputs: {"json_object": true}` on both OpenAI routes; other formats and
+settings that could leave no token to sample refused with the field named."""
+
+import json
+from typing import Any
+
+import pytest
+from service_testing import PROMPT
+
+ASK = [{"role": "user", "content": "Describe a cat as a JSON object with a name and an age."}]
+
+
+def test_chat_answers_one_json_object(client: Any) -> None:
+    body = {"messages": ASK, "max_tokens": 200, "temperature": 0,
+            "response_format": {"type": "json_object", "json_schema": None}}  # fmt: skip
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    assert isinstance(json.loads(choice["message"]["content"]), dict)
+
+
+def test_completions_take_structured_outputs_json_object(client: Any) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 200, "temperature": 0,
+            "structured_outputs": {"json_object": True, "choice": None}}  # fmt: skip
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    from vllm_runner.sample.json_grammar import is_json_prefix
+
+    assert is_json_prefix(choice["text"].encode()) and choice["text"].lstrip()[:1] == "{"
+    if choice["finish_reason"] == "stop":
+        assert isinstance(json.loads(choice["text"]), dict)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+            "other than json_object",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format", "not supported"),
+        (
+            {"structured_outputs": {"json_object": True, "choice": ["a"]}},
+            "structured_outputs",
+            "only one choice list or json_object",
+        ),
+        ({"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs", "'json'"),
+        (
+            {"response_format": {"type": "json_object"}, "min_tokens": 2},
+            "json_object",
+            "combined with min_tokens",
+        ),
+        (
+            {"response_format": {"type": "json_object"}, "ignore_eos": True},
+            "json_object",
+            "combined with ignore_eos",
+        ),
+        (
+            {"response_format": {"type": "json_object"}, "guided_choice": ["a"]},
+            "json_object",
+            "combined with guided_choice",
+        ),
+        (
+            {"structured_outputs": {"json_object": True}, "bad_words": ["x"]},
+            "json_object",
+            "combined with bad_words",
+        ),
+        (
+            {"response_format": {"type": "json_object"}, "allowed_token_ids": [5]},
+            "json_object",
+            "combined with allowed_token_ids",
+        ),
+    ],
+)
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_bad_json_requests_are_refused(
+    client: Any, route: str, fields: dict, param: str, says: str
+) -> None:
+    body = {"prompt": PROMPT} if route == "/v1/completions" else {"messages": ASK}
+    r = client.post(route, json={**body, **fields})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and says in error["message"], error
