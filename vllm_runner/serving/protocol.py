@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core.core_schema import ValidationInfo
 
 from vllm_runner.sampling_params import INT64_MAX, SamplingParams
+from vllm_runner.serving.structured_outputs import json_mode, structured_choice
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 # NOTE: the engine's step searches each new token's text for every stop string of every
@@ -197,41 +198,6 @@ UNSUPPORTED_CHAT = {
     "documents": ("documents", _LIST),
     "mm_processor_kwargs": ("mm_processor_kwargs", _KWARGS),
 }
-
-
-def json_mode(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with OpenAI's ``response_format: {"type": "json_object"}`` as ``json_object``
-    (other formats stay, for ``refuse_unsupported``)."""
-    value = data.get("response_format")
-    if isinstance(value, dict):  # a model in vLLM: its nulls are defaults
-        value = {k: v for k, v in value.items() if v is not None}
-    if value != {"type": "json_object"}:
-        return data
-    rest = {k: v for k, v in data.items() if k != "response_format"}
-    return {**rest, "json_object": True}
-
-
-def structured_choice(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with vLLM's ``structured_outputs`` of ``{"choice": [...]}`` as
-    ``guided_choice``, or of ``{"json_object": true}`` as ``json_object`` (the kinds of
-    structured output this server implements; the others are refused)."""
-    spec = data.get("structured_outputs")
-    if spec is None:
-        return data
-    if not isinstance(spec, dict):
-        raise ValueError(f"structured_outputs must be an object, got {spec!r}")
-    kinds = {k: v for k, v in spec.items() if v not in (None, False)}
-    if len(kinds) != 1 or not ("choice" in kinds or kinds.get("json_object") is True):
-        raise ValueError(
-            "structured_outputs: only one choice list or json_object true is supported by "
-            f"this server, got {kinds or spec!r}"
-        )
-    rest = {k: v for k, v in data.items() if k != "structured_outputs"}
-    if "json_object" in kinds:
-        return {**rest, "json_object": True}
-    if data.get("guided_choice") is not None:
-        raise ValueError("guided_choice: give it or structured_outputs.choice, not both")
-    return {**rest, "guided_choice": spec["choice"]}
 
 
 def refuse_unsupported(data: dict[str, Any], table: dict[str, tuple[str, tuple[Any, ...]]]) -> None:
