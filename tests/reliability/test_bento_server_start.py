@@ -1,6 +1,7 @@
-"""BentoServer.start: a start that lost one of its ports to another process is tried again on
-fresh ports; any other failure is raised at once (CI saw circus's control socket taken:
-`bentoml serve` reserves a port by binding and releasing it, then binds it again)."""
+"""BentoServer's start and readiness: a start that lost one of its ports to another process
+is tried again on fresh ports, any other failure is raised at once (CI saw circus's control
+socket taken: `bentoml serve` reserves a port by binding and releasing it, then binds it
+again); ready once every worker has logged its engine ready."""
 
 from __future__ import annotations
 
@@ -93,3 +94,28 @@ def test_an_earlier_starts_lost_port_does_not_count(tmp_path: Path, ready_url: s
     with pytest.raises(RuntimeError, match="bad setting"):
         srv.start(timeout=30)
     assert played == ["crash"]
+
+
+def test_the_server_is_ready_when_every_worker_has_logged_its_engine_ready(
+    tmp_path: Path, ready_url: str
+) -> None:
+    """/readyz answers from whichever worker takes the connection: a load step must wait
+    for every worker (found on a card: the first GET of a step reached one still connecting
+    to the shared engine, 503)."""
+    log = tmp_path / "serve.log"
+    log.write_text("[entry_service:LLMService:1] model m ready (an earlier start's line)\n")
+    srv = BentoServer(log, args={"workers": "2"})
+    srv._log_start = log.stat().st_size
+    srv.url = ready_url
+    srv.proc = subprocess.Popen(["sleep", "60"])
+    try:
+        with log.open("a") as f:
+            f.write("[entry_service:LLMService:1] model m ready (max_model_len 8)\n")
+        with pytest.raises(TimeoutError, match="1 of 2 workers ready"):
+            srv.wait_ready(1.0)
+        with log.open("a") as f:
+            f.write("[entry_service:LLMService:2] model m ready (max_model_len 8)\n")
+        srv.wait_ready(5.0)
+    finally:
+        srv.proc.kill()
+        srv.proc.wait()
