@@ -95,10 +95,14 @@ def piece_bytes(tokenizer):
     """``tid -> bytes | None``: a token's own bytes read off its vocabulary piece (a
     byte-level piece spells one byte a character; a byte-fallback piece ``<0xNN>`` is that
     byte), or None where the piece is whole characters (its decoded text is the bytes). A
-    piece of a multi-byte character decodes alone to U+FFFD; its bytes are the character's."""
+    piece of a multi-byte character decodes alone to U+FFFD; its bytes are the character's.
+    An added token is its text (the decoder leaves it as it is), so None."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+    decoder = getattr(backend, "decoder", None)
+    # NOTE: the decoder's own config: a Sequence holding ByteLevel decodes byte pieces too
+    byte_level = decoder is not None and '"ByteLevel"' in decoder.__getstate__().decode()
     special = set(getattr(tokenizer, "all_special_ids", ()))
+    special |= set(getattr(tokenizer, "added_tokens_decoder", {}))
 
     def read(tid: int) -> bytes | None:
         piece = None if tid in special else tokenizer.convert_ids_to_tokens(tid)
@@ -118,17 +122,25 @@ def piece_bytes(tokenizer):
 
 def token_bytes(tokenizer, width: int) -> list[bytes | None]:
     """Each id below ``width``: the bytes its token adds to a text (JSON mode's masks read
-    them), None for special tokens and ids past the tokenizer. A piece of whole characters
-    is its UTF-8, SentencePiece's word mark a space (as in running text)."""
+    them), None for special tokens (also added ones flagged special, which skip_special_tokens
+    drops: Llama 3's headers) and ids past the tokenizer. A piece of whole characters is its
+    UTF-8, SentencePiece's word mark a space (as in running text), an added token its text."""
     read = piece_bytes(tokenizer)
+    added = getattr(tokenizer, "added_tokens_decoder", {})
     special = set(getattr(tokenizer, "all_special_ids", ()))
+    special |= {tid for tid, token in added.items() if token.special}
     size = len(tokenizer)
     out: list[bytes | None] = []
     for tid in range(width):
-        raw = None if tid >= size or tid in special else read(tid)
-        if raw is None and tid < size and tid not in special:
-            piece = tokenizer.convert_ids_to_tokens(tid)
-            raw = piece.replace("\u2581", " ").encode() if isinstance(piece, str) else None
+        if tid >= size or tid in special:
+            raw = None
+        elif tid in added:
+            raw = added[tid].content.encode()
+        else:
+            raw = read(tid)
+            piece = tokenizer.convert_ids_to_tokens(tid) if raw is None else None
+            if isinstance(piece, str):
+                raw = piece.replace("\u2581", " ").encode()
         out.append(raw)
     return out
 

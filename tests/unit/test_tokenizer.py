@@ -295,3 +295,42 @@ def test_max_text_chars_needs_every_byte_piece_of_a_byte_fallback_vocabulary():
 
     assert max_text_chars(fallback(), 3) == 6 * 3  # "<0xNN>": six characters
     assert max_text_chars(fallback(0xC3), 3) == sys.maxsize
+
+
+def test_token_bytes_leave_out_every_special_token_and_spell_added_tokens_as_text():
+    """JSON mode's bytes: an added token flagged special (Llama 3's header and reserved
+    tokens: in the vocabulary's added tokens, not in ``all_special_ids``) is None, never
+    JSON text; an added token of plain text is its text's UTF-8 (not read as byte
+    characters); ids past the tokenizer are None."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from vllm_runner.tokenizer import _BYTE_CHARS, token_bytes
+
+    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(_BYTE_CHARS)}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken("<|eot|>", special=True)])
+    backend.add_special_tokens([AddedToken("<|header|>", special=True)])
+    backend.add_tokens([AddedToken("ñu", special=False), AddedToken("<tool>", special=False)])
+    tokenizer = _fast(backend, eos_token="<|eot|>")
+    assert tokenizer.all_special_ids == [256]  # (the header token is not in it)
+    pieces = token_bytes(tokenizer, 262)
+    ids = tokenizer.convert_tokens_to_ids(["<|eot|>", "<|header|>", "ñu", "<tool>"])
+    assert [pieces[i] for i in ids] == [None, None, "ñu".encode(), b"<tool>"]
+    assert sorted(ids) == [256, 257, 258, 259] and pieces[260:] == [None, None]
+    assert pieces[ord("{")] == b"{" and pieces[ord("\n")] == b"\n"
+
+
+def test_token_bytes_read_a_byte_level_decoder_inside_a_sequence():
+    """A byte-level vocabulary whose decoder is a Sequence holding ByteLevel: 'Ċ' is a
+    newline (read as the text 'Ċ', a JSON string could take a raw newline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from vllm_runner.tokenizer import _BYTE_CHARS, token_bytes
+
+    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(_BYTE_CHARS)}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.Sequence([decoders.ByteLevel()])
+    tokenizer = _fast(backend)
+    assert tokenizer.decode([ord("\n")]) == "\n"
+    assert token_bytes(tokenizer, 256) == [bytes([b]) for b in range(256)]
