@@ -251,3 +251,14 @@ def test_json_object_is_a_bool() -> None:
     with pytest.raises(ValueError, match="json_object must be True or False, got 1"):
         SamplingParams(json_object=1)
     assert not math.isnan(SamplingParams(json_object=True, stop=["}"]).temperature)
+
+
+def test_an_end_id_past_the_logits_is_left_out() -> None:
+    """An EOS id the model cannot sample (a tokenizer's id past the logits' width) ends
+    nothing and is not indexed: the row is masked as with its other end tokens alone."""
+    pieces = [None, b"{", b"}", b" "]
+    row = _row([1, 2])
+    row.params.all_stop_token_ids = {EOS, 9}
+    logits = torch.zeros(1, len(pieces))
+    apply_json_object(logits, [row], JsonMasks(JsonVocab(pieces)))
+    assert torch.isfinite(logits[0]).nonzero()[:, 0].tolist() == [EOS, 3]

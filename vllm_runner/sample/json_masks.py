@@ -166,13 +166,16 @@ def apply_json_object(
         return
     if masks is None:
         raise RuntimeError("json_object: the engine made no JSON vocabulary for this sampler")
+    width = masks.vocab.width
     keeps, fix_rows, fix_tokens, fix_values = [], [], [], []
     for slot, i in enumerate(chosen):
         row = rows[i]
         if row.num_pending:  # (EngineCore runs steps with a JSON row synchronously)
             raise RuntimeError(f"json_object: {row.num_pending} tokens still on the device")
         params = row.params
-        ends = params.all_stop_token_ids | set(params.stop_token_ids)
+        # NOTE: an EOS id past the logits (a tokenizer's beyond the model's vocabulary) can
+        # never be sampled: not indexed
+        ends = {t for t in params.all_stop_token_ids | set(params.stop_token_ids) if t < width}
         cursor = masks.advance(row, ends)
         if cursor.ended or cursor.broken:  # (no step samples for it: never a row of -inf)
             keeps.append(torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device))
@@ -183,7 +186,7 @@ def apply_json_object(
         keeps.append(mask.device)
         done = cursor.state == g.DONE
         # none left (end tokens were the only ones): an end token, a JSON prefix ends it
-        left = mask.count - sum(bool(mask.host[t]) for t in ends if t < masks.vocab.width)
+        left = mask.count - sum(bool(mask.host[t]) for t in ends)
         for token in sorted(ends):
             fix_rows.append(slot)
             fix_tokens.append(token)
