@@ -200,14 +200,15 @@ class SamplingParams:
     def _check_json_object(self) -> None:
         # as guided_choice's: with any of these a step could have no token left to sample
         # (min_tokens and ignore_eos hold back the end token after the object). NOTE: stop
-        # strings stay the caller's: one the JSON holds ends the output inside it.
+        # strings stay the caller's: one the JSON holds ends the output inside it. The
+        # message leads with the other field: a server's client asks JSON mode by other names.
         for name in ("min_tokens", "ignore_eos", "allowed_token_ids", "bad_words",
                      "guided_choice"):  # fmt: skip
             value = getattr(self, name)
             if value:
                 raise ValueError(
-                    f"json_object cannot be combined with {name} (got {value!r}): the output "
-                    "must be able to end after the object, with any of its tokens"
+                    f"{name} cannot be combined with json_object (JSON mode), got {value!r}: "
+                    "the output must be able to end after the object, with any of its tokens"
                 )
 
     @property

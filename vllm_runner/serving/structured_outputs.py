@@ -35,6 +35,11 @@ def structured_choice(data: dict[str, Any]) -> dict[str, Any]:
     rest = {k: v for k, v in data.items() if k != "structured_outputs"}
     if "json_object" in kinds:
         return {**rest, "json_object": True}
+    if data.get("json_object"):  # (response_format's, after json_mode): named as sent
+        raise ValueError(
+            "structured_outputs: a choice list cannot be combined with JSON mode "
+            f"(response_format json_object), got {spec!r}"
+        )
     if data.get("guided_choice") is not None:
         raise ValueError("guided_choice: give it or structured_outputs.choice, not both")
     return {**rest, "guided_choice": spec["choice"]}
