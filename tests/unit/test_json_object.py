@@ -45,6 +45,7 @@ INVALID = [
     b'{"a":"\\x"}',
     b'{"a":"\\u12G4"}',
     b'{"a":"\x01"}',  # a control byte in a string
+    b'{"a":"\x1f"}',  # (the last one)
     b'{"a":"\n"}',
     b"{}}",
     b"{},",
@@ -73,6 +74,12 @@ def test_prefixes_are_whole_only_once_closed(text: bytes, whole: bool) -> None:
     assert g.is_json_prefix(text) and g.is_json_object(text) is whole
 
 
+def test_whitespace_runs_are_capped_at_16_bytes() -> None:
+    """The documented bound: a newline and 15 spaces of indentation, not 16."""
+    assert g.is_json_object(b'{"a":\n' + b" " * 15 + b"1}")
+    assert not g.is_json_prefix(b'{"a":\n' + b" " * 16)
+
+
 def test_numbers_end_at_the_next_byte() -> None:
     cursor = g.JsonCursor()
     assert cursor.feed(b'{"a":[-0') and cursor.state == g.ZERO
@@ -85,7 +92,8 @@ def test_numbers_end_at_the_next_byte() -> None:
 PIECES = [None, b"{", b"}", b"[", b"]", b'"', b'"a"', b'":', b": ", b",", b', "', b"1", b"0",
           b"-", b".5", b"e+", b"true", b"nul", b"l", b"\\", b"\\u", b"00e9", b" ", b"\n\n",
           b" " * 10, b"}}", b"]}", b'"}', b"abc", b'"]', b"}]}", b"\x01", None, b"\xe2",
-          b"\x82\xac", b'{"', b"[[", b"},{", b"}],", b"1}", b'x":', b"{}"]  # fmt: skip
+          b"\x82\xac", b'{"', b"[[", b"},{", b"}],", b"1}", b'x":', b"{}", b"}]},",
+          b"\\q"]  # fmt: skip
 EOS = 0
 
 
@@ -120,10 +128,10 @@ def test_each_steps_mask_is_every_token_that_stays_json(doc: bytes) -> None:
 def test_the_key_holds_the_stack_as_deep_as_a_token_reads() -> None:
     """Stacks alike in their innermost ``depth`` entries share a mask (each equal to running
     every token on the whole stack); "}]}" closes a whole shallow stack but not a deeper
-    one; "}]," reads the entry under the closed ones."""
+    one; "}]," and "}]},", the most closers, read the entry under the closed ones."""
     vocab = JsonVocab(PIECES)
     masks = JsonMasks(vocab)
-    close3, comma2 = PIECES.index(b"}]}"), PIECES.index(b"}],")
+    close3, comma2, comma3 = PIECES.index(b"}]}"), PIECES.index(b"}],"), PIECES.index(b"}]},")
     shallow, deep, deeper = g.JsonCursor(), g.JsonCursor(), g.JsonCursor()
     assert shallow.feed(b'{"a":[{"b":1')
     assert deep.feed(b'{"x":[{"a":[{"b":1')  # stack: {[{[{
@@ -134,9 +142,33 @@ def test_the_key_holds_the_stack_as_deep_as_a_token_reads() -> None:
         assert (masks.get(cursor).host == want).all()
     assert len(masks.masks) == 2
     assert all(masks.get(c).host[[close3, comma2]].all() for c in (shallow, deep))
+    assert masks.get(deep).host[comma3] and not masks.get(shallow).host[comma3]
     end = copy.deepcopy(shallow)
     assert end.feed(b"}]}") and end.state == g.DONE
     assert deep.feed(b"}]}") and deep.state == g.AFTER and deep.stack == [g.OBJ, g.ARR]
+
+
+@pytest.mark.parametrize("head", [b'{"a"', b'{"a":', b'{"a":[1,'])
+def test_masks_along_a_whitespace_run_up_to_its_cap(head: bytes) -> None:
+    """Every run length (a 10-space token fits up to a run of 6; ': ' writes one more; a
+    token's own whitespace run starts again after its non-space bytes)."""
+    vocab = JsonVocab(PIECES)
+    for n in range(g.MAX_WHITESPACE + 1):
+        cursor = g.JsonCursor()
+        assert cursor.feed(head + b" " * n) and cursor.run == n
+        got = allowed_tokens(vocab, cursor.key(vocab.depth))
+        assert (got == _brute_force(cursor, vocab)).all(), n
+        assert got[PIECES.index(b" " * 10)] == (n <= 6)
+
+
+def test_a_token_with_more_brackets_than_the_bound_is_never_allowed() -> None:
+    """Past 16 closers it would widen every key (the stack read under it), past 16 openers
+    the simulated stack's bits: shorter tokens write the same bytes."""
+    vocab = JsonVocab([None, b"{", b'"a":' + b"[" * 16, b"]" * 17, b"]" * 16, b"[" * 17])
+    assert vocab.depth == 17 and vocab.ids.tolist() == [1, 2, 4]
+    cursor = g.JsonCursor()
+    assert cursor.feed(b'{"a":' + b"[" * 17)
+    assert allowed_tokens(vocab, cursor.key(vocab.depth)).tolist() == [0, 1, 0, 0, 1, 0]
 
 
 def test_the_mask_cache_is_bounded_least_recently_used_first() -> None:
@@ -147,9 +179,14 @@ def test_the_mask_cache_is_bounded_least_recently_used_first() -> None:
         cursor = g.JsonCursor()
         assert cursor.feed(b'{"a":' + (b" " * n if n <= g.MAX_WHITESPACE else b"1"))
         cursors.append(cursor)
-    for cursor in cursors:
+    for cursor in cursors[:16]:
         masks.get(cursor)
-    assert len(masks.masks) == 16 and cursors[0].key(4) not in masks.masks
+    masks.get(cursors[0])  # used again: the least recent is now cursors[1]
+    for cursor in cursors[16:]:
+        masks.get(cursor)
+    assert len(masks.masks) == 16
+    assert cursors[0].key(4) in masks.masks
+    assert cursors[1].key(4) not in masks.masks and cursors[2].key(4) not in masks.masks
 
 
 def _row(output: list[int], **kwargs) -> SamplingRow:
