@@ -300,3 +300,12 @@ def test_an_end_id_past_the_logits_is_left_out() -> None:
     logits = torch.zeros(1, len(pieces))
     apply_json_object(logits, [row], JsonMasks(JsonVocab(pieces)))
     assert torch.isfinite(logits[0]).nonzero()[:, 0].tolist() == [EOS, 3]
+
+
+@pytest.mark.parametrize("value", [1, "true", {"on": True}])
+def test_structured_outputs_json_object_must_be_true(value: object) -> None:
+    from vllm_runner.serving.structured_outputs import structured_choice
+
+    with pytest.raises(ValueError, match="only one choice list or json_object true"):
+        structured_choice({"structured_outputs": {"json_object": value}})
+    assert structured_choice({"structured_outputs": {"json_object": True}}) == {"json_object": True}
