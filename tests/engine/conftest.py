@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from vllm_runner import AsyncLLM
+from vllm_runner import LLM, AsyncLLM
 
 
 @pytest.fixture(scope="module")
@@ -18,3 +18,13 @@ def tiny_async(llama_dir):
     llm = AsyncLLM(llama_dir, dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
     yield llm
     asyncio.run(llm.shutdown())
+
+
+@pytest.fixture(scope="session")
+def smol_engines(smol_llm, default_model_dir) -> dict[str, LLM]:
+    """The default model on CPU, stepping synchronously ("sync": ``smol_llm``) and under async
+    scheduling ("async": its newest sampled token still on the device when the next step
+    samples), for tests that check a sampling setting both ways."""
+    overlapped = LLM(default_model_dir, dtype="float32", device="cpu", max_model_len=1024,
+                     cpu_kv_cache_gb=0.25, async_scheduling=True)  # fmt: skip
+    return {"sync": smol_llm, "async": overlapped}

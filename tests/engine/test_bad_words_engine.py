@@ -5,17 +5,10 @@ samples): a banned word never appears, and the output is the plain one up to it.
 import pytest
 from engine_testing import make_llm
 
-from vllm_runner import LLM, SamplingParams
+from vllm_runner import SamplingParams
 from vllm_runner.sample.bad_words import bad_word_token_ids
 
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def engines(smol_llm, default_model_dir):
-    overlapped = LLM(default_model_dir, dtype="float32", device="cpu", max_model_len=256,
-                     cpu_kv_cache_gb=0.05, async_scheduling=True)  # fmt: skip
-    return {"sync": smol_llm, "async": overlapped}
 
 
 def _ids(llm, **kw) -> list[int]:
@@ -48,10 +41,10 @@ def _first_end(ids: list[int], sequences) -> int:
 
 @pytest.mark.parametrize("length", [1, 2, 3])
 @pytest.mark.parametrize("steps", ["sync", "async"])
-def test_a_bad_word_is_never_generated(engines, steps: str, length: int) -> None:
-    llm = engines[steps]
+def test_a_bad_word_is_never_generated(smol_engines, steps: str, length: int) -> None:
+    llm = smol_engines[steps]
     plain = _ids(llm)
-    assert plain == _ids(engines["sync"])  # (async scheduling changes no greedy token)
+    assert plain == _ids(smol_engines["sync"])  # (async scheduling changes no greedy token)
     word = _word_of(llm, plain, length)
     sequences = bad_word_token_ids(llm.get_tokenizer(), [word])
     got = _ids(llm, bad_words=[word])
@@ -67,6 +60,6 @@ def test_bad_words_need_a_tokenizer(llama_dir) -> None:
         make_llm(llama_dir).generate([[1, 2, 3]], SamplingParams(max_tokens=5, bad_words=["x"]))
 
 
-def test_an_empty_list_bans_nothing(engines) -> None:
-    llm = engines["sync"]
+def test_an_empty_list_bans_nothing(smol_engines) -> None:
+    llm = smol_engines["sync"]
     assert _ids(llm, bad_words=[]) == _ids(llm)

@@ -7,19 +7,12 @@ import pytest
 import torch
 from engine_testing import make_llm
 
-from vllm_runner import LLM, SamplingParams
+from vllm_runner import SamplingParams
 from vllm_runner.sample.guided_choice import allowed_next, choice_token_ids
 
 PROMPT = "The capital of France is"
 # " Paris" is a choice and the start of another: after it, an end token or ","
 CHOICES = [" Paris", " London", " Paris, France", " the city of Berlin"]
-
-
-@pytest.fixture(scope="module")
-def engines(smol_llm, default_model_dir):
-    overlapped = LLM(default_model_dir, dtype="float32", device="cpu", max_model_len=256,
-                     cpu_kv_cache_gb=0.05, async_scheduling=True)  # fmt: skip
-    return {"sync": smol_llm, "async": overlapped}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +37,8 @@ def _greedy_by_hf(hf, tok, prompt: str, choices: list[str], ends: list[int]) -> 
 @pytest.mark.parametrize(
     "choices", [CHOICES, [" London", " the city of Berlin"], [" yes", " no"]], ids=str
 )
-def test_greedy_takes_the_best_allowed_token_each_step(engines, hf_smol, steps, choices):
-    llm = engines[steps]
+def test_greedy_takes_the_best_allowed_token_each_step(smol_engines, hf_smol, steps, choices):
+    llm = smol_engines[steps]
     tok = llm.get_tokenizer()
     params = SamplingParams(temperature=0.0, max_tokens=20, guided_choice=choices)
     out = llm.generate([PROMPT], params)[0].outputs[0]
@@ -55,8 +48,8 @@ def test_greedy_takes_the_best_allowed_token_each_step(engines, hf_smol, steps, 
 
 
 @pytest.mark.parametrize("steps", ["sync", "async"])
-def test_every_sampled_output_is_a_choice_then_an_end(engines, steps) -> None:
-    llm = engines[steps]
+def test_every_sampled_output_is_a_choice_then_an_end(smol_engines, steps) -> None:
+    llm = smol_engines[steps]
     sequences = choice_token_ids(llm.get_tokenizer(), CHOICES)
     params = SamplingParams(temperature=1.5, n=24, seed=0, max_tokens=20, guided_choice=CHOICES)
     outs = llm.generate([PROMPT], params)[0].outputs
@@ -67,9 +60,9 @@ def test_every_sampled_output_is_a_choice_then_an_end(engines, steps) -> None:
     assert len({o.text for o in outs}) > 1  # (a hot temperature: not one choice every time)
 
 
-def test_a_stop_token_id_ends_a_choice_too(engines) -> None:
+def test_a_stop_token_id_ends_a_choice_too(smol_engines) -> None:
     """The end tokens are the model's EOS ids and the request's stop_token_ids."""
-    llm = engines["sync"]
+    llm = smol_engines["sync"]
     [comma] = llm.get_tokenizer().encode(",", add_special_tokens=False)
     params = SamplingParams(temperature=0.0, max_tokens=20, guided_choice=[" Paris"],
                             stop_token_ids=[comma], logit_bias={comma: 100.0})  # fmt: skip
@@ -77,9 +70,9 @@ def test_a_stop_token_id_ends_a_choice_too(engines) -> None:
     assert out.text == " Paris" and out.stop_reason == comma
 
 
-def test_a_choice_cut_by_max_tokens_ends_by_length(engines) -> None:
+def test_a_choice_cut_by_max_tokens_ends_by_length(smol_engines) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=2, guided_choice=[" the city of Berlin"])
-    out = engines["sync"].generate([PROMPT], params)[0].outputs[0]
+    out = smol_engines["sync"].generate([PROMPT], params)[0].outputs[0]
     assert out.finish_reason == "length" and " the city of Berlin".startswith(out.text)
 
 

@@ -12,13 +12,6 @@ from vllm_runner.sample.json_grammar import is_json_object, is_json_prefix
 ASK = "Describe a cat as a JSON object with the keys name, age and colors."
 
 
-@pytest.fixture(scope="module")
-def engines(smol_llm, default_model_dir):
-    overlapped = LLM(default_model_dir, dtype="float32", device="cpu", max_model_len=512,
-                     cpu_kv_cache_gb=0.05, async_scheduling=True)  # fmt: skip
-    return {"sync": smol_llm, "async": overlapped}
-
-
 def _prompt(llm: LLM) -> str:
     messages = [{"role": "user", "content": ASK}]
     return llm.get_tokenizer().apply_chat_template(
@@ -32,19 +25,19 @@ def _assert_one_object_then_eos(llm: LLM, out) -> None:
 
 
 @pytest.mark.parametrize("steps", ["sync", "async"])
-def test_greedy_output_is_one_object_then_eos(engines, steps) -> None:
-    llm = engines[steps]
+def test_greedy_output_is_one_object_then_eos(smol_engines, steps) -> None:
+    llm = smol_engines[steps]
     params = SamplingParams(temperature=0.0, max_tokens=200, json_object=True)
     out = llm.generate([_prompt(llm)], params)[0].outputs[0]
     _assert_one_object_then_eos(llm, out)
     if steps == "async":  # the same tokens as synchronous steps
-        want = engines["sync"].generate([_prompt(llm)], params)[0].outputs[0]
+        want = smol_engines["sync"].generate([_prompt(llm)], params)[0].outputs[0]
         assert out.token_ids == want.token_ids
 
 
 @pytest.mark.parametrize("steps", ["sync", "async"])
-def test_sampled_outputs_are_objects_then_eos(engines, steps) -> None:
-    llm = engines[steps]
+def test_sampled_outputs_are_objects_then_eos(smol_engines, steps) -> None:
+    llm = smol_engines[steps]
     params = SamplingParams(temperature=1.0, n=3, seed=0, max_tokens=200, json_object=True)
     outs = llm.generate([_prompt(llm)], params)[0].outputs
     for out in outs:
@@ -53,8 +46,8 @@ def test_sampled_outputs_are_objects_then_eos(engines, steps) -> None:
     assert llm.engine.num_host_bound == 0  # (steps overlap again once the request is done)
 
 
-def test_an_object_cut_by_max_tokens_is_a_prefix(engines) -> None:
-    llm = engines["sync"]
+def test_an_object_cut_by_max_tokens_is_a_prefix(smol_engines) -> None:
+    llm = smol_engines["sync"]
     params = SamplingParams(temperature=1.0, seed=1, max_tokens=9, json_object=True)
     out = llm.generate([_prompt(llm)], params)[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 9

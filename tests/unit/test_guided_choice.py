@@ -212,3 +212,19 @@ def test_guided_rows_read_the_output() -> None:
     params.guided_choice_token_ids = [(97,)]
     assert params.reads_output
     assert SamplingRow(params, [1], 1, None).has_extras
+
+
+def test_json_mode_needs_a_tokenizer_and_an_end_token() -> None:
+    """As a choice, a whole JSON object ends with an end token: with none, no step could end
+    it; and its masks are made from the tokenizer's pieces."""
+    inputs = _inputs(eos=frozenset())
+    with pytest.raises(ValueError) as error:
+        inputs.validate([1, 2], SamplingParams(json_object=True))
+    assert str(error.value) == (
+        "json_object: the output ends after the object with an EOS token, and this model has "
+        "none: give stop_token_ids"
+    )
+    inputs.validate([1, 2], SamplingParams(json_object=True, stop_token_ids=[44]))
+    inputs.tokenizer = None
+    with pytest.raises(ValueError, match="json_object needs a tokenizer"):
+        inputs.validate([1, 2], SamplingParams(json_object=True, stop_token_ids=[44]))
