@@ -1,10 +1,12 @@
 """The sampler's logits processors on a GPU's half-precision logits (GPU only): rows with
-bad words or choices get an fp32 copy, which their bans and masks go into (the pending
-token's too); greedy rows then take kernels.argmax, sampled ones the sampling kernel."""
+bad words, choices or JSON mode get an fp32 copy, which their bans and masks go into (the
+pending token's too); greedy rows then take kernels.argmax, sampled ones the sampling kernel."""
 
 import pytest
 import torch
 
+from vllm_runner.sample import json_grammar as g
+from vllm_runner.sample.json_masks import JsonMasks, JsonVocab
 from vllm_runner.sample.rows import SamplingRow
 from vllm_runner.sample.sampler import Sampler
 from vllm_runner.sampling_params import SamplingParams
@@ -61,3 +63,51 @@ def test_guided_choice_on_half_precision_logits(
     else:
         allowed = [case[2] for case in cases]
         assert all(t in allowed[i] for each in got for i, t in enumerate(each)), got
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_json_object_on_half_precision_logits(device: torch.device, dtype: torch.dtype) -> None:
+    """JSON rows' masks live on the logits' device: 40 steps of distinct random logits,
+    greedy (each token the best allowed one, as an fp32 reference on the host picks) and
+    sampled (every token allowed), each row's text a JSON prefix, an object once ended."""
+    pieces = [None, b"{", b"}", b"[", b"]", b'"a"', b": ", b",", b"1", b"-", b".5", b"true",
+              b" ", b'"', b"x", b"}]}", b'{"', b"1}", None]  # fmt: skip
+    eos = 0
+    vocab = len(pieces)
+    sampler = Sampler(device, 0, vocab, dtype)
+    masks = sampler.json_masks = JsonMasks(JsonVocab(pieces))
+
+    def row(temperature: float, seed: int | None) -> SamplingRow:
+        params = SamplingParams(temperature=temperature, json_object=True, seed=seed)
+        params.all_stop_token_ids = {eos}
+        return SamplingRow(params, [7], 1, seed)
+
+    rows = [row(0.0, None), row(1.0, 1), row(1.0, 2)]
+    texts, ended = [b""] * 3, [False] * 3
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        live = [i for i in range(3) if not ended[i]]
+        if not live:
+            break
+        values = torch.stack([torch.randperm(vocab, generator=gen) for _ in live]) * 0.25
+        logits = values.to(device=device, dtype=dtype)  # exact in both dtypes: no ties
+        greedy_row = rows[0] if 0 in live else None
+        expected = None
+        if greedy_row is not None:  # the reference: the best token the host's mask allows
+            cursor = masks.advance(greedy_row, {eos})
+            keep = masks.get(cursor).host.copy()
+            keep[eos] = cursor.state == g.DONE
+            expected = int(torch.where(torch.from_numpy(keep), values[0], -1.0).argmax())
+        sampled, _ = sampler.sample(logits, [rows[i] for i in live])
+        for slot, i in enumerate(live):
+            token = int(sampled[slot])
+            if i == 0:
+                assert token == expected
+            if token == eos:
+                assert g.is_json_object(texts[i]), texts[i]
+                ended[i] = True
+            else:
+                texts[i] += pieces[token]
+                assert g.is_json_prefix(texts[i]), texts[i]
+            rows[i].token_ids.append(token)
