@@ -4,6 +4,7 @@ import logging
 import os
 
 from vllm_runner.async_llm import AsyncLLM, EngineDeadError, RequestError
+from vllm_runner.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from vllm_runner.config import EngineArgs
 from vllm_runner.engine.input_processor import TextPrompt, TokensPrompt
 from vllm_runner.engine.outputs import CompletionOutput, RequestOutput, StreamOutput
@@ -13,6 +14,9 @@ from vllm_runner.sampling_params import SamplingParams
 __all__ = [
     "LLM",
     "AsyncLLM",
+    "BeamSearchOutput",
+    "BeamSearchParams",
+    "BeamSearchSequence",
     "CompletionOutput",
     "EngineArgs",
     "EngineDeadError",

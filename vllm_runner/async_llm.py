@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Any
 
+from vllm_runner import beam_search as beams
 from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.engine_client import EngineClient
 from vllm_runner.engine.errors import EngineDeadError, OutputFailed, RequestError
@@ -199,6 +200,24 @@ class AsyncLLM:
             # caller serving many clients in one call can fail only the failed ones.
             raise RequestError(str(failed[0]), results)
         return results
+
+    async def beam_search(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: beams.BeamSearchParams,
+        *,
+        priority: int = 0,
+    ) -> list[beams.BeamSearchOutput]:
+        """As ``LLM.beam_search``: each round's beams are requests served beside others
+        (at ``priority``, as ``generate``'s)."""
+        prompts, _ = normalize_batch(prompts, None, SamplingParams())
+        searches = beams.start(self.inputs, prompts, params)
+        while asked := beams.round_prompts(searches):
+            ids = [tokens for _, tokens in asked]
+            each = [beams.round_params(params)] * len(ids)
+            outs = await self.generate(ids, each, priority=[priority] * len(ids))
+            beams.advance(searches, asked, [o.outputs[0].logprobs[0] for o in outs])
+        return beams.results(searches, self.tokenizer)
 
     async def _collect(
         self, prompt: Prompt, params: SamplingParams, priority: int

@@ -3,6 +3,7 @@
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from vllm_runner import beam_search as beams
 from vllm_runner.config import EngineArgs
 from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.input_processor import TextPrompt, TokensPrompt
@@ -127,6 +128,19 @@ class LLM:
                 bar.close()
         self.engine.pop_finished()
         return [s.final_output() for s in states]
+
+    def beam_search(
+        self, prompts: Prompt | Sequence[Prompt], params: beams.BeamSearchParams
+    ) -> list[beams.BeamSearchOutput]:
+        """As vLLM's: each prompt's ``params.beam_width`` best sequences (beam_search.py);
+        each round is one batch of every prompt's live beams."""
+        prompts, _ = normalize_batch(prompts, None, SamplingParams())
+        searches = beams.start(self.engine.inputs, prompts, params)
+        while asked := beams.round_prompts(searches):
+            ids = [tokens for _, tokens in asked]
+            outs = self._run(list(ids), ids, [beams.round_params(params)] * len(ids), False)
+            beams.advance(searches, asked, [o.outputs[0].logprobs[0] for o in outs])
+        return beams.results(searches, self.tokenizer)
 
     def chat(
         self,

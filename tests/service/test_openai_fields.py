@@ -256,7 +256,6 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
         ("/v1/completions", {"prompt": PROMPT, "bad_words": "Paris"}, "bad_words"),
         ("/v1/completions", {"prompt": PROMPT, "bad_words": ["x"] * 65}, "bad_words"),
         ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 1}, "prompt_logprobs"),
-        ("/v1/completions", {"prompt": PROMPT, "use_beam_search": True}, "use_beam_search"),
         (
             "/v1/completions",
             {"prompt": PROMPT, "truncate_prompt_tokens": -2},

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from vllm_runner.async_llm import EngineDeadError
 from vllm_runner.engine.errors import ContextLengthError
 from vllm_runner.sampling_params import SamplingParams
+from vllm_runner.serving import beam_route
 from vllm_runner.serving import completions as completions_api
 from vllm_runner.serving import openai_format as fmt
 from vllm_runner.serving.protocol import (
@@ -153,6 +154,17 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
                 error = fmt.context_length(error, exc.max_model_len)
             raise error from None
 
+    async def beam_answer(engine, body, ids, max_tokens, env, request, fields) -> Any:
+        chat = isinstance(body, ChatCompletionRequest)
+        try:
+            beams = beam_route.beam_params(body, max_tokens)
+            return await beam_route.answer(engine, body, ids, beams, env, request.receive, chat)
+        except ValueError as exc:  # (its settings, or the search's length: before any round)
+            error = fmt.bad_request(exc, "use_beam_search", fields)
+            if isinstance(exc, ContextLengthError):
+                error = fmt.context_length(error, exc.max_model_len)
+            raise error from None
+
     def model_card(engine: Any) -> dict[str, Any]:
         return {
             "id": engine.model_name,
@@ -188,6 +200,9 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         ]
         ids, each = [i for i, _ in checked], [p for _, p in checked]
         env = fmt.Envelope("text_completion", new_request_id("cmpl"), engine.model_name)
+        if body.use_beam_search:  # (each prompt's beams fit: the fewest tokens any has room for)
+            room = min(p.max_tokens for p in each)
+            return await beam_answer(engine, body, ids, room, env, request, _COMPLETION_FIELDS)
         if body.stream:
             return fmt.sse_response(completions_api.stream(engine, body, ids, each, env))
         return await completions_api.answer(engine, body, ids, each, env, request.receive)
@@ -209,6 +224,9 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         fields = _CHAT_FIELDS - {"prompt"}
         ids, params = await validate(engine, prompt, params, "messages", fields, True, body.as_sent)
         rid = new_request_id("chatcmpl")
+        if body.use_beam_search:
+            env = fmt.Envelope("chat.completion", rid, engine.model_name)
+            return await beam_answer(engine, body, [ids], params.max_tokens, env, request, fields)
         decode = fmt.TokenDecoder(engine.tokenizer, body.return_tokens_as_token_ids)
         if body.stream:
             env = fmt.Envelope("chat.completion.chunk", rid, engine.model_name)

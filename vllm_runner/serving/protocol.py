@@ -183,7 +183,6 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "tools": ("tool calling (tools)", _LIST),
     "functions": ("function calling (functions)", _LIST),
     "function_call": ("function calling (function_call)", (None, "none")),
-    "use_beam_search": ("beam search (use_beam_search)", _FLAG),
     "logits_processors": ("logits_processors", _LIST),
     "prompt_logprobs": ("prompt_logprobs on this route (POST /score has them)", _NONE),
     "spaces_between_special_tokens": ("spaces_between_special_tokens false", (None, True)),
@@ -223,6 +222,8 @@ class OpenAIFields(SamplingFields):
     user: str | None = None
     # vLLM: logprobs name each token "token_id:{id}" (the text is unchanged)
     return_tokens_as_token_ids: bool = False
+    use_beam_search: bool = False  # vLLM's: n beams, the n best answered (beam_route.py)
+    length_penalty: float = 1.0  # (beam search's; a finite number, checked there)
 
     @property
     def include_usage(self) -> bool:
