@@ -51,7 +51,16 @@ def test_two_prompts_get_n_choices_each(client: Any) -> None:
 
 
 def test_chat_answers_the_best_beams(client: Any, smol_llm) -> None:
-    body = {"messages": ASK, "n": 2, "max_tokens": 8, "use_beam_search": True}
+    body = {
+        "messages": ASK,
+        "n": 2,
+        "max_tokens": 8,
+        "use_beam_search": True,
+        "seed": 7,
+        "top_p": 1.0,
+        "logprobs": False,
+        "stop": None,
+    }  # (a seed, and fields at defaults)
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     ids = smol_llm.engine.inputs.tokenize(smol_llm.apply_chat_template(ASK), chat=True)

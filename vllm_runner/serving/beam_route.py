@@ -16,12 +16,12 @@ from vllm_runner.serving import openai_format as fmt
 from vllm_runner.serving.streams import until_disconnect
 
 # what beam search takes or what does not change its output (chat templating, the prompt's
-# truncation, the request's bookkeeping)
+# truncation, the request's bookkeeping; a seed: no token is drawn)
 BEAM_FIELDS = {
     "model", "prompt", "messages", "n", "max_tokens", "max_completion_tokens", "ignore_eos",
     "length_penalty", "use_beam_search", "temperature", "user", "priority", "skip_special_tokens",
     "truncate_prompt_tokens", "add_generation_prompt", "continue_final_message",
-    "chat_template_kwargs",
+    "chat_template_kwargs", "seed", "include_stop_str_in_output", "return_tokens_as_token_ids",
 }  # fmt: skip
 
 
