@@ -83,3 +83,29 @@ def test_a_prompt_without_room_for_max_tokens_is_refused(llama_dir) -> None:
     ):
         llm.beam_search([[1, 2], list(range(1, 30))], BeamSearchParams(2, max_tokens=8))
     assert not llm.engine.has_unfinished()
+
+
+def test_a_cancelled_search_leaves_no_request_behind(tiny_async) -> None:
+    """A client gone mid-search cancels it (the routes' until_disconnect): the round's beams
+    are aborted and their blocks freed."""
+
+    async def main() -> dict:
+        params = BeamSearchParams(beam_width=4, max_tokens=200, ignore_eos=True)
+        before = tiny_async.stats()["generation_tokens_total"]
+        search = asyncio.ensure_future(tiny_async.beam_search([[3, 1, 4, 1, 5]], params))
+        # two rounds done: the next one (rounds run back to back) is in the engine
+        while tiny_async.stats()["generation_tokens_total"] < before + 8:
+            await asyncio.sleep(0.001)
+        search.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await search
+        for _ in range(200):
+            stats = tiny_async.stats()
+            if stats["num_running"] == stats["num_waiting"] == stats["kv_blocks_used"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        return stats
+
+    stats = asyncio.run(main())
+    assert stats["num_running"] == stats["num_waiting"] == 0
+    assert stats["kv_blocks_used"] == 0
