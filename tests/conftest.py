@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "service"))  # service_
 
 
 def _tiny_config(family: str):
-    from transformers import LlamaConfig, OPTConfig, Qwen2Config
+    from transformers import LlamaConfig, OPTConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     if family == "llama":
         return LlamaConfig(
@@ -46,6 +46,33 @@ def _tiny_config(family: str):
             tie_word_embeddings=True,
             architectures=["Qwen2ForCausalLM"],
         )
+    if family == "qwen3":  # head_dim 32, not hidden / heads (16), as Qwen3's own configs
+        return Qwen3Config(
+            vocab_size=384,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            architectures=["Qwen3ForCausalLM"],
+        )
+    if family == "phi3":  # fused qkv_proj / gate_up_proj in the checkpoint
+        return Phi3Config(
+            vocab_size=384,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,  # (Phi3Config's defaults, 32000, lie past this vocabulary)
+            architectures=["Phi3ForCausalLM"],
+        )
     if family == "opt":
         return OPTConfig(
             vocab_size=384,
@@ -68,9 +95,11 @@ def build_tiny_model(family: str, path: str, seed: int = 0):
     model = AutoModelForCausalLM.from_config(_tiny_config(family), dtype=torch.float32)
     # Random init is near-uniform: widen the weights so greedy choices are well separated.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
+            elif "q_norm" in name or "k_norm" in name:  # Qwen3's: unlike weights per feature
+                p.uniform_(0.5, 1.5)
     model.eval().save_pretrained(path)
     return model
 
@@ -103,7 +132,7 @@ def peaked_llama():
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
     dirs = {}
-    for family in ("llama", "qwen2", "opt"):
+    for family in ("llama", "qwen2", "qwen3", "phi3", "opt"):
         path = str(tmp_path_factory.mktemp(family))
         build_tiny_model(family, path)
         dirs[family] = path

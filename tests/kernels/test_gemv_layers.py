@@ -84,20 +84,23 @@ def test_lm_head_one_row_on_the_gemv(device: torch.device, monkeypatch: pytest.M
 
 
 def tiny_model(family: str, device: torch.device) -> torch.nn.Module:
-    """A 2-layer Llama / Qwen2 (q/k/v biases) in bf16 with random weights and KV caches."""
-    from transformers import LlamaConfig, Qwen2Config
+    """A 2-layer Llama / Qwen2 (q/k/v biases) / Qwen3 (per-head q/k norms, head_dim 32) /
+    Phi-3 (partial rotary) in bf16 with random weights and KV caches."""
+    from transformers import LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     from vllm_runner.model.layers.attention import Attention
-    from vllm_runner.model.llama import LlamaForCausalLM
-    from vllm_runner.model.qwen2 import Qwen2ForCausalLM
+    from vllm_runner.model.registry import MODEL_REGISTRY
 
     shape = {"vocab_size": 384, "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
              "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2}  # fmt: skip
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**shape))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**shape))
+    config = {
+        "llama": lambda: LlamaConfig(**shape),
+        "qwen2": lambda: Qwen2Config(**shape),
+        "qwen3": lambda: Qwen3Config(head_dim=32, **shape),
+        "phi3": lambda: Phi3Config(partial_rotary_factor=0.5, **shape),
+    }[family]()
+    model = MODEL_REGISTRY[type(config).__name__.removesuffix("Config") + "ForCausalLM"](config)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -111,14 +114,14 @@ def tiny_model(family: str, device: torch.device) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3"])
 def test_decoder_one_row_path_matches_unfused(
     family: str, device: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three one-token steps through the whole model (layers passing the summed stream,
-    the final norm without a residual, Qwen2's q/k/v biases on the GEMV) equal the unfused
-    layers' hidden states within rounding. ``gemv_takes`` is forced so that the CPU takes
-    the path a GPU takes (and a GPU runs both paths)."""
+    the final norm without a residual, Qwen2's q/k/v biases on the GEMV, Qwen3's q/k norms
+    after it) equal the unfused layers' hidden states within rounding. ``gemv_takes`` is
+    forced so that the CPU takes the path a GPU takes (and a GPU runs both paths)."""
     from vllm_runner.model.layers.attention import AttentionMetadata, forward_context
 
     def run(fused: bool) -> list[torch.Tensor]:

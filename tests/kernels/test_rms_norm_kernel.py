@@ -56,6 +56,22 @@ def test_rms_norm_3d_input(device: torch.device) -> None:
     _check(new_res, ref_res)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_rms_norm_of_each_head_in_a_fused_qkv_row(device: torch.device, num_tokens: int) -> None:
+    """Qwen3's q / k norms (LlamaAttention.norm_heads): the heads of q viewed in place in the
+    fused qkv rows ([tokens, heads, head_dim], row stride q + k + v) each normed by one
+    [head_dim] weight; one token's heads are a plain view, several tokens' a copy."""
+    head_dim, heads, kv_heads = 32, 4, 2
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, device=device).bfloat16()
+    q = qkv[:, : heads * head_dim].unflatten(-1, (heads, head_dim))
+    weight = (1 + 0.1 * torch.randn(head_dim, device=device)).bfloat16()
+    before = qkv.clone()
+    out, _ = rms_norm(q, weight, 1e-6)
+    ref_out, _ = reference.rms_norm(q, weight, 1e-6)
+    _check(out, ref_out)
+    assert torch.equal(qkv, before)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [4096, 5120, 8192])
 def test_rms_norm_real_sizes(device: torch.device, hidden: int) -> None:

@@ -63,16 +63,17 @@ def test_positions_default_to_2048_without_max_position_embeddings():
 
 
 def test_an_unsupported_rope_type_is_named():
+    """Qwen2-VL's multimodal rope: refused, naming the types served."""
     config = SimpleNamespace(
         hidden_size=64,
         num_attention_heads=4,
         max_position_embeddings=512,
-        rope_scaling={"rope_type": "longrope", "factor": 4.0},
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
     )
     with pytest.raises(
         ValueError,
-        match=r"^rope_scaling type 'longrope' is not supported "
-        r"\(supported: default, dynamic, linear, llama3, yarn\)$",
+        match=r"^rope_scaling type 'mrope' is not supported "
+        r"\(supported: default, dynamic, linear, llama3, longrope, yarn\)$",
     ):
         llama_rotary(config)
 
@@ -122,3 +123,28 @@ def test_the_last_ranks_vocab_shard_is_padded_with_zeros_and_cut_from_the_logits
     logits = head.compute_logits(hidden)
     assert logits.shape == (1, 5)
     torch.testing.assert_close(logits[:, 3:], hidden @ full[3:].T)
+
+
+def test_fused_checkpoint_tensors_load_each_ranks_rows(monkeypatch):
+    """Phi-3 stores qkv_proj and gate_up_proj fused: rank 1 of 2 keeps its heads of q, of k
+    and of v (its rows of gate and of up), as from the same tensors stored apart (Llama's
+    q_proj, ...); a fused tensor of another size is refused naming both shapes."""
+    from vllm_runner.model.layers import linear, parallel
+
+    for module in (linear, parallel):
+        monkeypatch.setattr(module, "tp_size", lambda: 2)
+    monkeypatch.setattr(parallel, "tp_rank", lambda: 1)
+    full = torch.arange(48, dtype=torch.float32).reshape(16, 3)  # q: 4 heads of 2, k, v: 2
+    q, k, v = full.split([8, 4, 4])
+    fused = linear.QKVParallelLinear(3, 2, 4, 2)
+    fused.weight_loader(fused.weight, full)
+    torch.testing.assert_close(fused.weight.data, torch.cat([q[4:], k[2:], v[2:]]))
+    apart = linear.QKVParallelLinear(3, 2, 4, 2)
+    for shard_id, part in zip("qkv", (q, k, v), strict=True):
+        apart.weight_loader(apart.weight, part, shard_id)
+    assert torch.equal(apart.weight, fused.weight)
+    gate_up = linear.MergedColumnParallelLinear(3, [6, 6])
+    gate_up.weight_loader(gate_up.weight, full[:12])
+    torch.testing.assert_close(gate_up.weight.data, torch.cat([full[3:6], full[9:12]]))
+    with pytest.raises(ValueError, match=r"^has shape \(15, 3\), \(16, 3\) expected$"):
+        fused.weight_loader(fused.weight, full[:15])

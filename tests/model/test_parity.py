@@ -29,7 +29,7 @@ def random_prompts(num: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(rng.randint(3, 70))] for _ in range(num)]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "opt"])
 def test_tiny_models_match_hf(family, tiny_model_dirs):
     from transformers import AutoModelForCausalLM
 
@@ -283,7 +283,7 @@ def test_gqa_ratios_and_a_bf16_checkpoint_match_hf(tmp_path, heads, kv_heads, st
         assert out.token_ids == hf_greedy(hf, prompt, 16)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "opt"])
 def test_chunked_prefill_and_prefix_hits_match_hf(family, tiny_model_dirs):
     """Steps of 7 tokens over blocks of 8 (every chunk and the decode cross block
     boundaries), then the same prompts again starting from cached blocks: HF's tokens each

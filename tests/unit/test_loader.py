@@ -16,7 +16,9 @@ from vllm_runner.model.loader import (
     resolve_model_path,
 )
 from vllm_runner.model.opt import OPTForCausalLM
+from vllm_runner.model.phi3 import Phi3ForCausalLM
 from vllm_runner.model.qwen2 import Qwen2ForCausalLM
+from vllm_runner.model.qwen3 import Qwen3ForCausalLM
 from vllm_runner.model.registry import resolve_model_class
 from vllm_runner.tokenizer import load_hf_config
 
@@ -165,7 +167,8 @@ def test_swish_is_silu_to_a_llama(tiny_model_dirs):
 @pytest.mark.parametrize(
     "model_type, cls",
     [("llama", LlamaForCausalLM), ("mistral", LlamaForCausalLM),
-     ("qwen2", Qwen2ForCausalLM), ("opt", OPTForCausalLM)],
+     ("qwen2", Qwen2ForCausalLM), ("qwen3", Qwen3ForCausalLM), ("phi3", Phi3ForCausalLM),
+     ("opt", OPTForCausalLM)],
 )  # fmt: skip
 def test_a_config_without_architectures_resolves_by_model_type(model_type, cls):
     assert resolve_model_class(SimpleNamespace(model_type=model_type)) is cls
@@ -184,5 +187,6 @@ def test_an_unsupported_architecture_names_what_is_supported():
     assert str(error.value) == (
         "unsupported model architecture ['GPT2LMHeadModel', 'Foo']; supported architectures: "
         "['LLaMAForCausalLM', 'LlamaForCausalLM', 'MistralForCausalLM', 'OPTForCausalLM', "
-        "'Qwen2ForCausalLM'], model types: ['llama', 'mistral', 'opt', 'qwen2']"
+        "'Phi3ForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'], model types: "
+        "['llama', 'mistral', 'opt', 'phi3', 'qwen2', 'qwen3']"
     )

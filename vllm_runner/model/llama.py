@@ -1,4 +1,7 @@
-"""Llama family (Llama 2/3, SmolLM2, Mistral) with HF parameter names."""
+"""Llama family (Llama 2/3, SmolLM2, Mistral) with HF parameter names; the layout its
+variants (qwen2.py, qwen3.py, phi3.py) change."""
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,38 +21,80 @@ def llama_head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def llama_rotary(config) -> RotaryEmbedding:
+def llama_rotary(config, max_model_len: int | None = None) -> RotaryEmbedding:
     """The model's one rotary table, which every layer shares (a [max_positions, head_dim]
-    fp32 table a layer would be 512 MiB at Llama-3.2-1B's 16 layers and 128k positions)."""
+    fp32 table a layer would be 512 MiB at Llama-3.2-1B's 16 layers and 128k positions).
+    ``max_model_len``: the positions the engine serves (None: all the model's)."""
     theta, scaling = rope_settings(config)
     # the table may extend past max_position_embeddings (YaRN), which stays YaRN's original
-    # context unless the config names one
+    # context unless the config names one (Phi-3 names it at the top level)
     if not scaling.get("original_max_position_embeddings"):
-        scaling["original_max_position_embeddings"] = config.max_position_embeddings
-    return RotaryEmbedding(llama_head_dim(config), rope_max_positions(config), theta, scaling)
+        scaling["original_max_position_embeddings"] = (
+            getattr(config, "original_max_position_embeddings", None)
+            or config.max_position_embeddings
+        )
+    # Phi-4-mini rotates 3/4 of each head (transformers 5 moves the factor into the rope dict)
+    partial = (
+        scaling.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1
+    )
+    rotary_dim = int(llama_head_dim(config) * partial)
+    return RotaryEmbedding(rotary_dim, rope_max_positions(config), theta, scaling, max_model_len)
+
+
+@dataclass(frozen=True)
+class LlamaLayout:
+    """What a variant of the Llama layout changes."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    # Qwen3: an RMSNorm over each q and each k head ([head_dim] weights), before rotary
+    qk_norm: bool = False
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config, layout: LlamaLayout, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         hidden = config.hidden_size
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = llama_head_dim(config)
-        self.qkv_proj = QKVParallelLinear(hidden, head_dim, num_heads, num_kv_heads, qkv_bias)
-        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, o_bias)
+        self.head_dim = head_dim = llama_head_dim(config)
+        self.qkv_proj = QKVParallelLinear(
+            hidden, head_dim, num_heads, num_kv_heads, layout.qkv_bias
+        )
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, layout.o_bias)
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
+        self.qk_norm = layout.qk_norm
+        if layout.qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.rotary_emb = rotary_emb  # the model's one table, shared by every layer
         self.attn = Attention(
             self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5
         )
 
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [num_tokens, hidden] -> qkv [num_tokens, q_size + 2 * kv_size]."""
+        return self.norm_heads(self.qkv_proj(hidden))
+
     def forward_one_row(self, positions, stream: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """``stream + o(attention(qkv(norm(stream))))`` for one token, the norm and the
         residual add inside the projections' GEMVs."""
-        qkv = self.qkv_proj.forward_one_row(stream, norm=norm)
+        qkv = self.norm_heads(self.qkv_proj.forward_one_row(stream, norm=norm))
         return self.o_proj.forward_one_row(self.attend(positions, qkv), residual=stream)
+
+    def norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Qwen3's per-head q and k norms, in place in qkv; every path to ``attend`` (the
+        layer's forward, the one-row GEMVs, the piecewise graphs' pieces) takes qkv from
+        here, so that the norms precede the rotary wherever the attention applies it (in the
+        CUDA kernels: with the cache write, or inside the fused decode attention)."""
+        if not self.qk_norm:
+            return qkv
+        q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        for part, norm in ((q, self.q_norm), (k, self.k_norm)):
+            # [num_tokens, heads * head_dim] viewed as [num_tokens, heads, head_dim]
+            part.copy_(norm(part.unflatten(-1, (-1, self.head_dim))).flatten(-2))
+        return qkv
 
     def attend(
         self, positions: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor | None = None
@@ -74,9 +119,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config, layout: LlamaLayout, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, o_bias, rotary_emb)
+        self.self_attn = LlamaAttention(config, layout, rotary_emb)
         self.mlp = LlamaMLP(
             config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
         )
@@ -105,7 +150,7 @@ class LlamaDecoderLayer(nn.Module):
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        return self.self_attn.qkv_proj(hidden), residual
+        return self.self_attn.project(hidden), residual
 
     def after_attention(self, attn_out, residual):
         """(attention output, residual) -> (hidden, residual)."""
@@ -125,13 +170,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool) -> None:
+    def __init__(self, config, layout: LlamaLayout, max_model_len: int | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        rotary_emb = llama_rotary(config)
+        rotary_emb = llama_rotary(config, max_model_len)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias, o_bias, rotary_emb)
-            for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, layout, rotary_emb) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -173,7 +217,8 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Forward returns hidden states of every token; ``compute_logits`` maps the sampled
-    positions to the vocabulary."""
+    positions to the vocabulary. ``max_model_len``: the positions the engine serves (None:
+    all the model's), which picks LongRoPE's factors (layers/rotary.py)."""
 
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"),
@@ -183,7 +228,7 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, max_model_len: int | None = None) -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
         if act not in ("silu", "swish"):  # the gated MLP's kernels fuse SiLU
@@ -192,16 +237,15 @@ class LlamaForCausalLM(nn.Module):
                 "runs SiLU only (supported: 'silu')"
             )
         self.config = config
-        qkv_bias, o_bias = self.projection_biases(config)
-        self.model = LlamaModel(config, qkv_bias, o_bias)
+        self.model = LlamaModel(config, self.layout(config), max_model_len)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @staticmethod
-    def projection_biases(config) -> tuple[bool, bool]:
+    def layout(config) -> LlamaLayout:
         bias = bool(getattr(config, "attention_bias", False))
-        return bias, bias
+        return LlamaLayout(qkv_bias=bias, o_bias=bias)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, rows=None) -> torch.Tensor:
         return self.model(input_ids, positions, rows)

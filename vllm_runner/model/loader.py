@@ -162,21 +162,23 @@ def build_model(
     quantization: str | None = None,
     cpu_offload_gb: float = 0.0,
     gpu_memory_utilization: float = 1.0,
+    max_model_len: int | None = None,
 ) -> nn.Module:
     """Build and load the model on ``device``. With quantization or offloading the weights
     are staged on the CPU, then quantized and placed layer by layer (worker/offload.py); the
     offloader, if any, is ``model.weight_offloader``. On CUDA, weights that cannot fit under
-    ``gpu_memory_utilization`` fail here, before anything is loaded."""
+    ``gpu_memory_utilization`` fail here, before anything is loaded. ``max_model_len``: the
+    positions the engine serves (LongRoPE picks its factors by it; None: all the model's)."""
     from vllm_runner.model.layers.quant import get_quant_method
     from vllm_runner.worker.offload import check_weights_fit, place_weights, plan_weights
 
     method = get_quant_method(quantization, device)
-    meta_model = _instantiate(hf_config, dtype, torch.device("meta"))
+    meta_model = _instantiate(hf_config, dtype, torch.device("meta"), max_model_len)
     plan = plan_weights(meta_model, method, cpu_offload_gb)
     if device.type == "cuda":
         check_weights_fit(plan, device, gpu_memory_utilization)
     staged = method is not None or bool(plan.offload_layers)
-    model = _instantiate(hf_config, dtype, torch.device("cpu") if staged else device)
+    model = _instantiate(hf_config, dtype, torch.device("cpu") if staged else device, max_model_len)
     try:
         load_weights(model, iterate_weights(path))
     except ValueError as e:
@@ -202,12 +204,14 @@ def _refuse_prequantized(hf_config: object, error: ValueError) -> None:
     ) from None
 
 
-def _instantiate(hf_config: object, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def _instantiate(
+    hf_config: object, dtype: torch.dtype, device: torch.device, max_model_len: int | None = None
+) -> nn.Module:
     model_cls = resolve_model_class(hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return model_cls(hf_config)
+            return model_cls(hf_config, max_model_len)
     finally:
         torch.set_default_dtype(previous)

@@ -130,7 +130,8 @@ class OPTForCausalLM(nn.Module):
         "v_proj": ("qkv_proj", "v"),
     }
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, max_model_len: int | None = None) -> None:
+        # (max_model_len: the loader passes it to every model; learned positions need none)
         super().__init__()
         self.config = config
         self.model = OPTModel(config)

@@ -1,9 +1,9 @@
 """Qwen2: the Llama layout with biases on the q/k/v projections (not on o_proj)."""
 
-from vllm_runner.model.llama import LlamaForCausalLM
+from vllm_runner.model.llama import LlamaForCausalLM, LlamaLayout
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     @staticmethod
-    def projection_biases(config) -> tuple[bool, bool]:
-        return True, False
+    def layout(config) -> LlamaLayout:
+        return LlamaLayout(qkv_bias=True)

@@ -4,7 +4,9 @@ from torch import nn
 
 from vllm_runner.model.llama import LlamaForCausalLM
 from vllm_runner.model.opt import OPTForCausalLM
+from vllm_runner.model.phi3 import Phi3ForCausalLM
 from vllm_runner.model.qwen2 import Qwen2ForCausalLM
+from vllm_runner.model.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -13,13 +15,16 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LLaMAForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,  # dense only: Qwen3MoeForCausalLM is another layout
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
 }
 
 
 # a config without "architectures" (as transformers' Auto classes read it): by model_type
 BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "opt": "OPTForCausalLM"}  # fmt: skip
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM", "opt": "OPTForCausalLM"}  # fmt: skip
 
 
 def resolve_model_class(hf_config: object) -> type[nn.Module]:

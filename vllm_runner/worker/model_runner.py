@@ -63,6 +63,7 @@ class ModelRunner:
             model_config.path, model_config.hf_config, model_config.dtype, self.device,
             quantization=model_config.quantization, cpu_offload_gb=cache_config.cpu_offload_gb,
             gpu_memory_utilization=cache_config.gpu_memory_utilization,
+            max_model_len=model_config.max_model_len,
         )  # fmt: skip
         self.weight_bytes = weight_bytes(self.model)  # stats(): resident / offloaded bytes
         self.load_seconds = time.perf_counter() - start

@@ -9,7 +9,13 @@ from torch import nn
 
 from vllm_runner.model.layers import cpu_gemm
 from vllm_runner.model.layers.activation import silu_and_mul
-from vllm_runner.model.layers.parallel import all_reduce, divide, load_shard, tp_size
+from vllm_runner.model.layers.parallel import (
+    all_reduce,
+    check_shape,
+    divide,
+    load_shard,
+    tp_size,
+)
 
 
 def gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -106,6 +112,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.shard_sizes = [divide(s, tp_size(), "output size") for s in output_sizes]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        """``shard_id``: which output ``loaded`` is (gate_proj 0, up_proj 1); None: all of
+        them fused in the checkpoint (Phi-3's gate_up_proj), loaded part by part."""
+        if shard_id is None:
+            _load_fused(self, param, loaded, [s * tp_size() for s in self.shard_sizes])
+            return
         size = self.shard_sizes[shard_id]
         offset = sum(self.shard_sizes[:shard_id])
         load_shard(param.data.narrow(0, offset, size), loaded, 0)
@@ -133,9 +144,27 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden, (num_heads + 2 * num_kv_heads) * head_dim, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        """``shard_id``: "q", "k" or "v"; None: all three fused in the checkpoint (Phi-3's
+        qkv_proj), loaded part by part (each rank keeps its heads of each)."""
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if shard_id is None:
+            _load_fused(self, param, loaded, [q * tp_size(), kv * tp_size(), kv * tp_size()],
+                        ["q", "k", "v"])  # fmt: skip
+            return
         size, offset = {"q": (q, 0), "k": (kv, q), "v": (kv, q + kv)}[shard_id]
         load_shard(param.data.narrow(0, offset, size), loaded, 0)
+
+
+def _load_fused(
+    layer: ColumnParallelLinear,
+    param: nn.Parameter,
+    loaded: torch.Tensor,  # [sum(sizes), ...]: the outputs of every rank, part after part
+    sizes: list[int],
+    shard_ids: list | None = None,  # of the parts (None: 0, 1, ...)
+) -> None:
+    check_shape(loaded, [sum(sizes), *param.shape[1:]])
+    for shard_id, part in zip(shard_ids or range(len(sizes)), loaded.split(sizes), strict=True):
+        layer.weight_loader(param, part, shard_id)
 
 
 class RowParallelLinear(LinearBase):
