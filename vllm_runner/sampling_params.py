@@ -5,6 +5,8 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from vllm_runner.sample.regex_dfa import compiled
+
 MIN_TEMPERATURE = 0.01  # a smaller one above 0 is raised to it, as vLLM does
 INT64_MAX = 2**63 - 1  # top_k becomes an int64 tensor
 
@@ -49,6 +51,7 @@ class SamplingParams:
     bad_words: list[str] | None = None  # never generated (each as its tokens, see bad_words.py)
     guided_choice: list[str] | None = None  # the output is one of these (guided_choice.py)
     json_object: bool = False  # the output is one JSON object (sample/json_masks.py)
+    guided_regex: str | None = None  # the output fully matches it (sample/regex_masks.py)
     # Filled by the engine (not user settings): the model's EOS ids, and the tokenizer's one,
     # whose stop_reason is None (the others, generation_config's, name themselves, as vLLM).
     # Not arguments: given, they would be overwritten.
@@ -165,6 +168,8 @@ class SamplingParams:
             self._check_guided_choice()
         if self.json_object:
             self._check_json_object()
+        if self.guided_regex is not None:
+            self._check_guided_regex()
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise bad("logit_bias", self.logit_bias, "a {token id: bias} dict")
@@ -210,6 +215,23 @@ class SamplingParams:
                     f"{name} cannot be combined with json_object (JSON mode), got {value!r}: "
                     "the output must be able to end after the object, with any of its tokens"
                 )
+
+    def _check_guided_regex(self) -> None:
+        pattern = self.guided_regex
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"guided_regex must be a non-empty string (a regular expression), "
+                             f"got {pattern!r}")  # fmt: skip
+        # as JSON mode's (and led by the other field, as there): with any of these a step
+        # could have no token left to sample, or two masks could leave none between them
+        for name in ("min_tokens", "ignore_eos", "allowed_token_ids", "bad_words",
+                     "guided_choice", "json_object"):  # fmt: skip
+            value = getattr(self, name)
+            if value:
+                raise ValueError(
+                    f"{name} cannot be combined with guided_regex, got {value!r}: the output "
+                    "must be able to end once it matches, with any of its tokens"
+                )
+        compiled(pattern)  # ValueError naming what is not taken, or the limit passed
 
     @property
     def greedy(self) -> bool:

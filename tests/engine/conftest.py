@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+import torch
 
 from vllm_runner import LLM, AsyncLLM
 
@@ -28,3 +29,12 @@ def smol_engines(smol_llm, default_model_dir) -> dict[str, LLM]:
     overlapped = LLM(default_model_dir, dtype="float32", device="cpu", max_model_len=1024,
                      cpu_kv_cache_gb=0.25, async_scheduling=True)  # fmt: skip
     return {"sync": smol_llm, "async": overlapped}
+
+
+@pytest.fixture(scope="module")
+def hf_smol(default_model_dir):
+    """HF transformers' model on the default model's weights (fp32), for greedy parity of
+    the engine's guided outputs (each step's best allowed token)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()

@@ -15,13 +15,6 @@ PROMPT = "The capital of France is"
 CHOICES = [" Paris", " London", " Paris, France", " the city of Berlin"]
 
 
-@pytest.fixture(scope="module")
-def hf_smol(default_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-
-
 def _greedy_by_hf(hf, tok, prompt: str, choices: list[str], ends: list[int]) -> list[int]:
     sequences = choice_token_ids(tok, choices)
     ids, out = tok.encode(prompt), []

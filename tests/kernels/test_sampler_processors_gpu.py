@@ -1,5 +1,5 @@
 """The sampler's logits processors on a GPU's half-precision logits (GPU only): rows with
-bad words, choices or JSON mode get an fp32 copy, which their bans and masks go into (the
+bad words, choices, JSON mode or a regex get an fp32 copy, which their bans and masks go into (the
 pending token's too); greedy rows then take kernels.argmax, sampled ones the sampling kernel."""
 
 import pytest
@@ -7,8 +7,10 @@ import torch
 
 from vllm_runner.sample import json_grammar as g
 from vllm_runner.sample.json_masks import JsonMasks, JsonVocab
+from vllm_runner.sample.regex_masks import RegexMasks
 from vllm_runner.sample.rows import SamplingRow
 from vllm_runner.sample.sampler import Sampler
+from vllm_runner.sample.token_masks import TokenBytes
 from vllm_runner.sampling_params import SamplingParams
 
 
@@ -111,3 +113,38 @@ def test_json_object_on_half_precision_logits(device: torch.device, dtype: torch
                 texts[i] += pieces[token]
                 assert g.is_json_prefix(texts[i]), texts[i]
             rows[i].token_ids.append(token)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_guided_regex_on_half_precision_logits(
+    device: torch.device, dtype: torch.dtype, temperature: float
+) -> None:
+    """Rows with a regex get an fp32 copy of a GPU's logits, which their masks (made on the
+    host, kept on the device) go into; greedy rows take kernels.argmax, sampled ones the
+    sampling kernel. "(ab)+é?" over bytes: "é" is C3 A9, two tokens here."""
+    pieces = [None, b"a", b"b", b"ab", b"c", b"\xc3", b"\xa9", b"x"]
+
+    def row(output: tuple, seed: int) -> SamplingRow:
+        params = SamplingParams(temperature=temperature, guided_regex="(ab)+é?")
+        params.all_stop_token_ids = {0}
+        return SamplingRow(params, [7, *output], 1, seed)
+
+    # (output, the tokens allowed next): EOS (0) once "ab" is whole, C3 then only A9
+    cases = [((), {1, 3}), ((1,), {2}), ((3,), {0, 1, 3, 5}), ((3, 5), {6})]
+    rows = [row(out, s) for s in range(3) for out, _ in cases]  # 12 rows: one argmax launch
+    logits = torch.zeros(len(rows), len(pieces), dtype=dtype, device=device)
+    logits[:, 7] = 30.0  # the best token: in no match
+    logits[:, 3], logits[:, 0] = 1.0, 0.5  # greedy: "ab" wherever it is allowed
+    sampler = Sampler(device, 0, len(pieces), dtype)
+    sampler.regex_masks = RegexMasks(TokenBytes(pieces))
+    sampled, _ = sampler.sample(logits, rows)
+    got = sampled.view(3, len(cases)).tolist()
+    if temperature == 0.0:
+        assert got == [[3, 2, 3, 6]] * 3
+    else:
+        allowed = [case[1] for case in cases]
+        assert all(t in allowed[i] for each in got for i, t in enumerate(each)), got
+    mask = sampler.regex_masks.masks[("(ab)+é?", rows[0].regex_cursor.state)]
+    assert mask.device is not None and mask.device.device.type == "cuda"

@@ -46,7 +46,7 @@ def test_completions_take_structured_outputs_json_object(client: Any) -> None:
         (
             {"structured_outputs": {"json_object": True, "choice": ["a"]}},
             "structured_outputs",
-            "only one choice list or json_object",
+            "only one choice list, regex or json_object",
         ),
         ({"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs", "'json'"),
         (  # the choice list's field, not guided_choice (not sent)

@@ -25,6 +25,9 @@ from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.sample.bad_words import bad_word_token_ids
 from vllm_runner.sample.guided_choice import choice_token_ids
 from vllm_runner.sample.json_masks import JsonMasks, JsonVocab
+from vllm_runner.sample.regex_dfa import compiled
+from vllm_runner.sample.regex_masks import RegexMasks
+from vllm_runner.sample.token_masks import TokenBytes
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import eos_token_ids, load_hf_config, load_tokenizer, token_bytes
 from vllm_runner.worker.model_runner import ModelRunner, StepHandle
@@ -115,6 +118,7 @@ class EngineCore:
         self.num_host_bound = 0  # live requests whose sampling needs host token values
         self._ids = itertools.count()
         self._engine_ids = itertools.count()
+        self._token_pieces: list[bytes | None] | None = None  # (read at the first masked request)
 
     @property
     def max_model_len(self) -> int:
@@ -165,12 +169,8 @@ class EngineCore:
             params.guided_choice_token_ids = choice_token_ids(
                 self.inputs.tokenizer, params.guided_choice
             )
-        if params.json_object and self.runner.sampler.json_masks is None:
-            # (once per engine: the vocabulary's bytes, and the masks' cache)
-            width = self.runner.model.lm_head.vocab_size
-            self.runner.sampler.json_masks = JsonMasks(
-                JsonVocab(token_bytes(self.inputs.tokenizer, width))
-            )
+        if params.json_object or params.guided_regex:
+            self._make_masks(params)
         state = new_request_state(
             request_id,
             prompt_text(prompt),
@@ -320,6 +320,20 @@ class EngineCore:
             self._forget_if_finished(state)
         return outputs
 
+    def _make_masks(self, params: SamplingParams) -> None:
+        """JSON mode's or guided_regex's masks, made at the engine's first such request (the
+        vocabulary's bytes read once for both); a pattern compiled before it is queued."""
+        sampler = self.runner.sampler
+        if self._token_pieces is None:
+            width = self.runner.model.lm_head.vocab_size
+            self._token_pieces = token_bytes(self.inputs.tokenizer, width)
+        if params.json_object and sampler.json_masks is None:
+            sampler.json_masks = JsonMasks(JsonVocab(self._token_pieces))
+        if params.guided_regex:
+            compiled(params.guided_regex)  # (once per pattern in the process: its cache)
+            if sampler.regex_masks is None:
+                sampler.regex_masks = RegexMasks(TokenBytes(self._token_pieces))
+
     def _forget_if_finished(self, state: RequestState) -> None:
         if state.finished and self.states.get(state.request_id) is state:
             del self.states[state.request_id]
@@ -338,10 +352,10 @@ class EngineCore:
 
 def _host_bound(params: SamplingParams) -> bool:
     """Whether a request needs synchronous steps: prompt logprobs are read on the host in
-    the step that computes them, and a JSON row's mask follows its newest token on the host
-    (sampled tokens' logprobs are copied with the ids, and penalties count in-flight tokens
-    on the device)."""
-    return params.prompt_logprobs is not None or params.json_object
+    the step that computes them, and a JSON or regex row's mask follows its newest token on
+    the host (sampled tokens' logprobs are copied with the ids, and penalties count in-flight
+    tokens on the device)."""
+    return params.prompt_logprobs is not None or params.json_object or bool(params.guided_regex)
 
 
 def _folder_name(path: str) -> str:

@@ -14,6 +14,7 @@ from typing import TypedDict
 from vllm_runner.engine.errors import ContextLengthError
 from vllm_runner.engine.sampling_defaults import fit_max_tokens
 from vllm_runner.sample.guided_choice import choice_token_ids
+from vllm_runner.sample.regex_parse import shown
 from vllm_runner.sampling_params import INT64_MAX, SamplingParams
 from vllm_runner.tokenizer import NO_TOKENIZER, dropped_chars, max_text_chars
 
@@ -200,7 +201,9 @@ class InputProcessor:
         if params.guided_choice:
             self._check_guided_choice(params)
         if params.json_object:
-            self._check_json_object(params)
+            self._check_masked("json_object", "the object", params)
+        if params.guided_regex:
+            self._check_masked(f"guided_regex {shown(params.guided_regex)}", "a match", params)
         if params.stop and self.tokenizer is None:
             raise ValueError(
                 f"stop {params.stop!r}: stop strings need a tokenizer and {NO_TOKENIZER}; "
@@ -305,13 +308,14 @@ class InputProcessor:
                     "token id): the output would end inside it"
                 )
 
-    def _check_json_object(self, params: SamplingParams) -> None:
+    def _check_masked(self, what: str, after: str, params: SamplingParams) -> None:
+        """JSON mode's and guided_regex's: masks made of the tokens' bytes, and an end."""
         if self.tokenizer is None:
-            raise ValueError(f"json_object needs a tokenizer and {NO_TOKENIZER}")
+            raise ValueError(f"{what} needs a tokenizer and {NO_TOKENIZER}")
         if not self.limits.eos_token_ids and not params.stop_token_ids:
             raise ValueError(
-                "json_object: the output ends after the object with an EOS token, and this "
-                "model has none: give stop_token_ids"
+                f"{what}: the output ends after {after} with an EOS token, and this model has "
+                "none: give stop_token_ids"
             )
 
     def _check_in_vocab(self, what: str, token_ids) -> None:

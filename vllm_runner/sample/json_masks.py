@@ -11,46 +11,46 @@ synchronously (``EngineCore``), so the newest token is always there. End tokens 
 EOS ids, the request's stop_token_ids) are allowed once the object is whole, and only then.
 """
 
-from collections import OrderedDict
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from vllm_runner.sample import json_grammar as g
-from vllm_runner.sample.rows import SamplingRow, host_values
+from vllm_runner.sample.rows import SamplingRow
+from vllm_runner.sample.token_masks import (
+    MASK_CACHE_BYTES,
+    Mask,
+    MaskCache,
+    TokenBytes,
+    end_ids,
+    mask_rows,
+)
 
 # A token with more brackets than this is never sampled in JSON mode (shorter tokens write
 # the same bytes): it keeps the keys short and the simulated stack within an int64.
 MAX_TOKEN_BRACKETS = 16
-MASK_CACHE_BYTES = 32 << 20  # per copy (host and device): ~680 keys of a 49k vocabulary
 
 
-class JsonVocab:
-    """A vocabulary's tokens as bytes, laid out for the vectorized pass (built once)."""
+class JsonVocab(TokenBytes):
+    """A vocabulary's tokens as bytes for JSON mode's pass (built once): the tokens of few
+    enough brackets, how many a token closes at most, and which are plain string bytes."""
 
     def __init__(self, pieces: list[bytes | None]) -> None:
         """``pieces``: each logit's token bytes (None: not JSON text, e.g. a special token)."""
-        self.pieces = pieces
-        self.width = len(pieces)
-        usable = [
-            i
-            for i, p in enumerate(pieces)
-            if p
-            and p.count(b"}") + p.count(b"]") <= MAX_TOKEN_BRACKETS
-            and p.count(b"{") + p.count(b"[") <= MAX_TOKEN_BRACKETS
-        ]
-        self.ids = np.array(usable, np.int64)  # the tokens the pass runs
-        self.lengths = np.array([len(pieces[i]) for i in usable], np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
-        self.flat = np.frombuffer(b"".join(pieces[i] for i in usable), np.uint8)
-        closers = [pieces[i].count(b"}") + pieces[i].count(b"]") for i in usable]
+        super().__init__(pieces, _few_brackets)
+        closers = [pieces[i].count(b"}") + pieces[i].count(b"]") for i in self.ids]
         self.depth = max(closers, default=0) + 1
         # plain string bytes: such a token keeps an in-string state whatever the stack
-        plain = np.array([_plain_string(pieces[i]) for i in usable], bool)
+        plain = np.array([_plain_string(pieces[i]) for i in self.ids], bool)
         self.string_safe = np.zeros(self.width, bool)
         self.string_safe[self.ids[plain]] = True
         self.unsafe_rows = np.flatnonzero(~plain)
+
+
+def _few_brackets(data: bytes) -> bool:
+    return (
+        data.count(b"}") + data.count(b"]") <= MAX_TOKEN_BRACKETS
+        and data.count(b"{") + data.count(b"[") <= MAX_TOKEN_BRACKETS
+    )
 
 
 def _plain_string(data: bytes) -> bool:
@@ -108,32 +108,16 @@ def _run(
     return np.concatenate(accepted) if accepted else np.zeros(0, np.int64)
 
 
-@dataclass
-class _Mask:
-    host: np.ndarray  # [width] bool
-    count: int  # allowed tokens
-    device: torch.Tensor | None = None  # [width] bool on the logits' device, once used
-
-
 class JsonMasks:
     """One engine's JSON vocabulary and its masks, by key (a bounded LRU)."""
 
     def __init__(self, vocab: JsonVocab, cache_bytes: int = MASK_CACHE_BYTES) -> None:
         self.vocab = vocab
-        self.max_keys = max(16, cache_bytes // max(vocab.width, 1))
-        self.masks: OrderedDict[tuple, _Mask] = OrderedDict()
+        self.masks = MaskCache(vocab.width, cache_bytes)
 
-    def get(self, cursor: g.JsonCursor) -> _Mask:
+    def get(self, cursor: g.JsonCursor) -> Mask:
         key = cursor.key(self.vocab.depth)
-        mask = self.masks.get(key)
-        if mask is None:
-            host = allowed_tokens(self.vocab, key)
-            mask = self.masks[key] = _Mask(host, int(host.sum()))
-            if len(self.masks) > self.max_keys:
-                self.masks.popitem(last=False)
-        else:
-            self.masks.move_to_end(key)
-        return mask
+        return self.masks.fetch(key, lambda: allowed_tokens(self.vocab, key))
 
     def advance(self, row: SamplingRow, ends: set[int]) -> g.JsonCursor:
         """The row's cursor past its output so far (made at its first step, or again after
@@ -167,34 +151,15 @@ def apply_json_object(
     if masks is None:
         raise RuntimeError("json_object: the engine made no JSON vocabulary for this sampler")
     width = masks.vocab.width
-    keeps, fix_rows, fix_tokens, fix_values = [], [], [], []
-    for slot, i in enumerate(chosen):
+    row_masks, row_ends, whole = [], [], []
+    for i in chosen:
         row = rows[i]
         if row.num_pending:  # (EngineCore runs steps with a JSON row synchronously)
             raise RuntimeError(f"json_object: {row.num_pending} tokens still on the device")
-        params = row.params
-        # NOTE: an EOS id past the logits (a tokenizer's beyond the model's vocabulary) can
-        # never be sampled: not indexed
-        ends = {t for t in params.all_stop_token_ids | set(params.stop_token_ids) if t < width}
+        ends = end_ids(row.params, width)
         cursor = masks.advance(row, ends)
-        if cursor.ended or cursor.broken:  # (no step samples for it: never a row of -inf)
-            keeps.append(torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device))
-            continue
-        mask = masks.get(cursor)
-        if mask.device is None:
-            mask.device = torch.as_tensor(mask.host).to(logits.device)
-        keeps.append(mask.device)
-        done = cursor.state == g.DONE
-        # none left (end tokens were the only ones): an end token, a JSON prefix ends it
-        left = mask.count - sum(bool(mask.host[t]) for t in ends)
-        for token in sorted(ends):
-            fix_rows.append(slot)
-            fix_tokens.append(token)
-            fix_values.append(done or left == 0)
-    keep = torch.stack(keeps)  # [len(chosen), vocab] bool (a new tensor)
-    if fix_rows:
-        staged = host_values([fix_rows, fix_tokens], torch.long, logits.device)
-        values = host_values(fix_values, torch.bool, logits.device)
-        keep.index_put_((staged[0], staged[1]), values)
-    index = host_values(chosen, torch.long, logits.device)
-    logits[index] = logits[index].masked_fill(~keep, float("-inf"))
+        over = cursor.ended or cursor.broken
+        row_masks.append(None if over else masks.get(cursor))
+        row_ends.append(ends)
+        whole.append(cursor.state == g.DONE)
+    mask_rows(logits, chosen, row_masks, row_ends, whole)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_runner.sample.json_grammar import JsonCursor
+from vllm_runner.sample.regex_dfa import RegexCursor
 from vllm_runner.sampling_params import SamplingParams
 
 FP32_MAX = torch.finfo(torch.float32).max
@@ -23,6 +24,7 @@ class SamplingRow:
     seed: int | None  # per completion (seed + index for n > 1)
     num_pending: int = 0  # sampled earlier, still on the device
     json_cursor: JsonCursor | None = None  # json_object: the output's state (json_masks.py)
+    regex_cursor: RegexCursor | None = None  # guided_regex: its DFA state (regex_masks.py)
 
     @property
     def num_output_tokens(self) -> int:
@@ -49,11 +51,11 @@ class SamplingRow:
     @functools.cached_property
     def has_extras(self) -> bool:
         """Whether the row asks for logprobs, a logit bias, allowed ids, bad words, choices,
-        JSON, penalties or min_tokens, beyond temperature / top-k / top-p / min-p (made once per
-        request)."""
+        JSON, a regex, penalties or min_tokens, beyond temperature / top-k / top-p / min-p
+        (made once per request)."""
         p = self.params
         extras = (p.logit_bias, p.allowed_token_ids, p.bad_words_token_ids,
-                  p.guided_choice_token_ids, p.json_object, p.has_penalties,
+                  p.guided_choice_token_ids, p.json_object, p.guided_regex, p.has_penalties,
                   p.min_tokens)  # fmt: skip
         return p.logprobs is not None or any(extras)
 

@@ -17,6 +17,7 @@ from vllm_runner.sample.bad_words import ban_bad_words
 from vllm_runner.sample.guided_choice import apply_guided_choice
 from vllm_runner.sample.json_masks import JsonMasks, apply_json_object
 from vllm_runner.sample.logprobs import logprob_entries, logprob_tensors
+from vllm_runner.sample.regex_masks import RegexMasks, apply_guided_regex
 from vllm_runner.sample.rows import FP32_MAX, SamplingRow, host_values
 
 _SEED_STRIDE = 1_000_003
@@ -231,6 +232,7 @@ class Sampler:
         self.race_seeds = np.random.default_rng(seed)  # unseeded rows' keys on a GPU
         self.staging = RowStaging()
         self.json_masks: JsonMasks | None = None  # the engine's, made at its first JSON request
+        self.regex_masks: RegexMasks | None = None  # (at its first guided_regex request)
         # Greedy rows on a GPU: ``kernels.argmax``'s per-row arrival counts (zeros between
         # launches, all on this sampler's stream).
         self._argmax_counts = None
@@ -276,7 +278,8 @@ class Sampler:
         held = any(r.num_output_tokens < r.params.min_tokens for r in extras)
         guided = any(r.params.guided_choice_token_ids for r in extras)
         json_rows = any(r.params.json_object for r in extras)
-        edited = bias or allowed or words or penalised or held or guided or json_rows
+        regex_rows = any(r.params.guided_regex for r in extras)
+        edited = bias or allowed or words or penalised or held or guided or json_rows or regex_rows
         if edited or not logits.is_cuda:
             logits = logits.float()  # [num_rows, vocab] (else the kernel reads the logits)
         if bias:
@@ -293,6 +296,8 @@ class Sampler:
             apply_guided_choice(logits, rows, pending)
         if json_rows:
             apply_json_object(logits, rows, self.json_masks)
+        if regex_rows:
+            apply_guided_regex(logits, rows, self.regex_masks)
         if all(r.params.greedy for r in rows):
             sampled = self.greedy(logits)
         elif logits.is_cuda:

@@ -30,6 +30,9 @@ MAX_ALLOWED_TOKEN_IDS = 1000
 MAX_BAD_WORDS = 64
 # NOTE: each step compares every choice's tokens with the row's output
 MAX_GUIDED_CHOICES = 64
+# NOTE: a new pattern compiles on the request's thread (within regex_dfa's state limits)
+MAX_GUIDED_REGEX_CHARS = 65_536
+Regex = Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_REGEX_CHARS)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 _MAX_ENTRIES = {
@@ -69,6 +72,8 @@ class SamplingFields(BaseModel):
         Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None
     ) = None
     json_object: bool = False  # the output is one JSON object (OpenAI's JSON mode)
+    # the output fully matches it (vLLM's; the OpenAI routes: structured_outputs.regex too)
+    guided_regex: Regex | None = None
     truncate_prompt_tokens: int | None = None
     # vLLM's: lower is served earlier; non-zero only under the engine's "priority" policy
     priority: Annotated[int, Field(ge=-(2**63), le=INT64_MAX)] = 0
@@ -178,7 +183,6 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
         (None, {"type": "text"}),
     ),
     "guided_json": ("guided decoding (guided_json)", _NONE),
-    "guided_regex": ("guided decoding (guided_regex)", _NONE),
     "guided_grammar": ("guided decoding (guided_grammar)", _NONE),
     "tools": ("tool calling (tools)", _LIST),
     "functions": ("function calling (functions)", _LIST),

@@ -1,6 +1,6 @@
 """The kinds of structured output the OpenAI routes take, as the sampling fields that do
-them: OpenAI's ``response_format`` JSON mode and vLLM's ``structured_outputs`` (a choice list
-or JSON mode); the other kinds are left for the routes' refusal of unsupported fields."""
+them: OpenAI's ``response_format`` JSON mode and vLLM's ``structured_outputs`` (a choice list,
+a regex or JSON mode); the other kinds are left for the routes' refusal of unsupported fields."""
 
 from typing import Any
 
@@ -17,29 +17,36 @@ def json_mode(data: dict[str, Any]) -> dict[str, Any]:
     return {**rest, "json_object": True}
 
 
+# vLLM's structured_outputs kinds taken, besides json_object: the sampling field each sets
+_FIELDS = {"choice": ("guided_choice", "a choice list"), "regex": ("guided_regex", "a regex")}
+
+
 def structured_choice(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` with vLLM's ``structured_outputs`` of ``{"choice": [...]}`` as
-    ``guided_choice``, or of ``{"json_object": true}`` as ``json_object`` (the kinds of
-    structured output this server implements; the others are refused)."""
+    ``guided_choice``, of ``{"regex": "..."}`` as ``guided_regex``, or of ``{"json_object":
+    true}`` as ``json_object`` (the kinds of structured output this server implements; the
+    others are refused)."""
     spec = data.get("structured_outputs")
     if spec is None:
         return data
     if not isinstance(spec, dict):
         raise ValueError(f"structured_outputs must be an object, got {spec!r}")
     kinds = {k: v for k, v in spec.items() if v not in (None, False)}
-    if len(kinds) != 1 or not ("choice" in kinds or kinds.get("json_object") is True):
+    if len(kinds) != 1 or not (kinds.keys() & _FIELDS or kinds.get("json_object") is True):
         raise ValueError(
-            "structured_outputs: only one choice list or json_object true is supported by "
-            f"this server, got {kinds or spec!r}"
+            "structured_outputs: only one choice list, regex or json_object true is supported "
+            f"by this server, got {kinds or spec!r}"
         )
     rest = {k: v for k, v in data.items() if k != "structured_outputs"}
     if "json_object" in kinds:
         return {**rest, "json_object": True}
+    [(kind, value)] = kinds.items()
+    name, what = _FIELDS[kind]
     if data.get("json_object"):  # (response_format's, after json_mode): named as sent
         raise ValueError(
-            "structured_outputs: a choice list cannot be combined with JSON mode "
+            f"structured_outputs: {what} cannot be combined with JSON mode "
             f"(response_format json_object), got {spec!r}"
         )
-    if data.get("guided_choice") is not None:
-        raise ValueError("guided_choice: give it or structured_outputs.choice, not both")
-    return {**rest, "guided_choice": spec["choice"]}
+    if data.get(name) is not None:
+        raise ValueError(f"{name}: give it or structured_outputs.{kind}, not both")
+    return {**rest, name: value}

@@ -1,0 +1,112 @@
+"""``guided_regex``: the output is text that fully matches a regular expression (the DFA over
+UTF-8 bytes of ``regex_dfa.py``), then an end token.
+
+Built as JSON mode (``json_masks.py``): a DFA state's mask is made once, by running every
+vocabulary token's bytes from it at once (numpy, byte position by byte position, a token
+allowed if it never reaches the dead state), and kept on the logits' device in a bounded
+LRU per engine, by (pattern, state). Each row's cursor (its DFA state after its output so
+far) advances by its new tokens on the host: the engine runs steps with a regex row
+synchronously (``EngineCore``), so the newest token is always there. End tokens (the model's
+EOS ids, the request's stop_token_ids) are allowed exactly where the text so far matches;
+where it matches and no token continues it, only they are. Where no token continues a text
+that does not match yet (a vocabulary that cannot write the next byte), they are allowed
+too: the output ends, short of a match, rather than a step with nothing to sample.
+"""
+
+import numpy as np
+import torch
+
+from vllm_runner.sample.regex_dfa import DEAD, RegexCursor, RegexDfa, compiled
+from vllm_runner.sample.rows import SamplingRow
+from vllm_runner.sample.token_masks import (
+    MASK_CACHE_BYTES,
+    Mask,
+    MaskCache,
+    TokenBytes,
+    end_ids,
+    mask_rows,
+)
+
+
+def allowed_tokens(vocab: TokenBytes, dfa: RegexDfa, state: int) -> np.ndarray:
+    """[vocab.width] bool: the tokens whose bytes, from ``state``, never reach the dead state
+    (end tokens by their bytes alone: ``mask_rows`` sets them)."""
+    rows = np.arange(len(vocab.ids))
+    at = np.full(len(rows), state, np.int32)
+    accepted = []
+    j = 0
+    while len(rows):
+        ended = vocab.lengths[rows] == j
+        if ended.any():
+            accepted.append(rows[ended])
+            rows, at = rows[~ended], at[~ended]
+        at = dfa.table[at, vocab.flat[vocab.starts[rows] + j]]
+        live = at != DEAD
+        rows, at = rows[live], at[live]
+        j += 1
+    allowed = np.zeros(vocab.width, bool)
+    if accepted:
+        allowed[vocab.ids[np.concatenate(accepted)]] = True
+    return allowed
+
+
+class RegexMasks:
+    """One engine's vocabulary as bytes and its regex masks, by (pattern, DFA state) (a
+    bounded LRU). NOTE: by the pattern's text: compiled again (the process's cache dropped
+    it), a pattern's DFA numbers its states alike."""
+
+    def __init__(self, vocab: TokenBytes, cache_bytes: int = MASK_CACHE_BYTES) -> None:
+        self.vocab = vocab
+        self.masks = MaskCache(vocab.width, cache_bytes)
+
+    def get(self, cursor: RegexCursor) -> Mask:
+        dfa, state = cursor.dfa, cursor.state
+        return self.masks.fetch(
+            (dfa.pattern, state), lambda: allowed_tokens(self.vocab, dfa, state)
+        )
+
+    def advance(self, row: SamplingRow, ends: set[int]) -> RegexCursor:
+        """The row's cursor past its output so far (made at its first step, or again after
+        a preemption gave the runner a new row: it replays the output)."""
+        cursor = row.regex_cursor
+        if cursor is None:
+            cursor = row.regex_cursor = RegexCursor(compiled(row.params.guided_regex))
+        output = row.output_token_ids
+        for token in output[cursor.consumed :]:
+            if cursor.ended or cursor.broken:
+                break
+            if token in ends:  # (where the text does not match: no token could go on)
+                cursor.ended = cursor.accepts
+                cursor.broken = not cursor.ended
+                break
+            piece = self.vocab.pieces[token] if token < self.vocab.width else None
+            if piece is None or not cursor.feed(piece):
+                cursor.broken = True
+        cursor.consumed = len(output)
+        return cursor
+
+
+def apply_guided_regex(
+    logits: torch.Tensor,  # [rows, vocab] fp32, dense (edited in place)
+    rows: list[SamplingRow],
+    masks: RegexMasks | None,
+) -> None:
+    """-inf on every token after which its row's text could no longer match its pattern."""
+    chosen = [i for i, row in enumerate(rows) if row.params.guided_regex]
+    if not chosen:
+        return
+    if masks is None:
+        raise RuntimeError("guided_regex: the engine made no regex vocabulary for this sampler")
+    width = masks.vocab.width
+    row_masks, row_ends, whole = [], [], []
+    for i in chosen:
+        row = rows[i]
+        if row.num_pending:  # (EngineCore runs steps with a regex row synchronously)
+            raise RuntimeError(f"guided_regex: {row.num_pending} tokens still on the device")
+        ends = end_ids(row.params, width)
+        cursor = masks.advance(row, ends)
+        over = cursor.ended or cursor.broken
+        row_masks.append(None if over else masks.get(cursor))
+        row_ends.append(ends)
+        whole.append(cursor.accepts)
+    mask_rows(logits, chosen, row_masks, row_ends, whole)
