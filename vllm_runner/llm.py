@@ -224,12 +224,14 @@ def apply_chat_template(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The conversation as the model's prompt text: ending in the assistant's header (a new
     reply) or, with `continue_final_message`, in the last message's open text (as vLLM).
-    ``chat_template``: instead of the tokenizer's. A model that cannot chat is refused
-    naming ``model`` and the way out: ``prompts_to``, which takes plain prompts, and (if
-    ``offer_template``) ``chat(chat_template=...)``."""
+    ``chat_template``: instead of the tokenizer's. ``tools``: their JSON schemas, for the
+    template to render (one that knows no tools ignores them, as in HF transformers). A model
+    that cannot chat is refused naming ``model`` and the way out: ``prompts_to``, which takes
+    plain prompts, and (if ``offer_template``) ``chat(chat_template=...)``."""
     if tokenizer is None:
         raise ValueError(f"model {model!r}: {NO_TOKENIZER}, so it cannot chat; use {prompts_to} "
                          "with token ids")  # fmt: skip
@@ -262,6 +264,7 @@ def apply_chat_template(
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
+        tools=tools,
         **(template_kwargs or {}),
     )
 

@@ -103,20 +103,21 @@ def test_chat_template_options(client: Any, engine: Any) -> None:
     assert text["content"].startswith(" of France")  # the message goes on, no new turn
 
 
-def test_message_names_reach_the_template_and_tool_calls_are_refused(client: Any) -> None:
+def test_message_names_and_tool_calls_reach_the_template() -> None:
+    """(Tool calls over HTTP: test_tool_calls_http.py.)"""
     from vllm_runner.serving.protocol import ChatMessage
 
     named = ChatMessage(role="user", content="hi", name="ann")
     assert named.as_dict() == {"role": "user", "content": "hi", "name": "ann"}
     assert ChatMessage(role="user", content="hi").as_dict() == {"role": "user", "content": "hi"}
-    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    for message in (
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "content": "42", "tool_call_id": "c1"},
-    ):
-        r = client.post("/v1/chat/completions", json={"messages": [*CHAT, message]})
-        assert r.status_code == 400, r.text
-        assert "tool calling is not supported" in r.json()["error"]["message"]
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    assert ChatMessage(role="assistant", tool_calls=[call]).as_dict() == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{**call, "function": {"name": "f", "arguments": {"x": 1}}}],
+    }
+    answer = ChatMessage(role="tool", content="42", tool_call_id="c1").as_dict()
+    assert answer == {"role": "tool", "content": "42", "tool_call_id": "c1"}
 
 
 def test_logprob_tokens_keep_sentencepiece_spaces() -> None:
@@ -244,7 +245,11 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
             {"messages": CHAT, "response_format": {"type": "json_schema"}},
             "response_format",
         ),  # fmt: skip
-        ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]},
+            "tools",
+        ),
         ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
         ("/v1/completions", {"prompt": PROMPT, "guided_json": {}}, "guided_json"),
         ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": 101}}, "logit_bias"),

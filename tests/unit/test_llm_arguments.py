@@ -55,10 +55,12 @@ def test_the_chat_template_call():
     assert tok.messages == [{"role": "user", "content": "a\nb"},
                             {"role": "assistant", "content": ""}]  # fmt: skip
     assert tok.kw == dict(chat_template=None, tokenize=False, add_generation_prompt=True,
-                          continue_final_message=False, x=1)  # fmt: skip
+                          continue_final_message=False, tools=None, x=1)  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "f"}}]
     apply_chat_template(tok, messages, "m", add_generation_prompt=False,
-                        continue_final_message=True, chat_template="t")  # fmt: skip
+                        continue_final_message=True, chat_template="t", tools=tools)  # fmt: skip
     assert tok.kw["continue_final_message"] and tok.kw["chat_template"] == "t"
+    assert tok.kw["tools"] is tools  # as HF transformers' apply_chat_template takes them
 
 
 @pytest.mark.parametrize(

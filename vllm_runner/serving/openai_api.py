@@ -34,6 +34,13 @@ from vllm_runner.serving.protocol import (
 )
 from vllm_runner.serving.streams import events, gather, new_request_id, until_disconnect
 from vllm_runner.serving.tokenize_api import add_tokenize_routes
+from vllm_runner.serving.tool_parsers import (
+    ToolCallStream,
+    ToolParser,
+    chat_message,
+    get_tool_parser,
+    parser_for,
+)
 
 logger = logging.getLogger(__name__)
 # the fields an error message may name first (its "param"), per route
@@ -115,8 +122,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return fmt.OpenAIError(500, f"internal error: {exc}", "internal_server_error").response()
 
 
-def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
+def create_openai_app(
+    get_engine: Callable[[], Any], tool_call_parser: str | None = None
+) -> FastAPI:
+    """``tool_call_parser``: the server setting (a key of ``TOOL_PARSERS``; None: off), kept
+    as ``app.state.tool_parser``."""
     app = FastAPI(title="vllm-runner OpenAI-compatible API")
+    app.state.tool_parser = get_tool_parser(tool_call_parser)
     _install_error_handlers(app)
 
     def engine_for(requested: str | None, exact: bool = False) -> Any:
@@ -213,6 +225,9 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         try:
             params = body.chat_sampling_params(engine.inputs.limits.sampling_defaults)
             engine.inputs.check_priority(body.priority)
+            parser = parser_for(
+                app.state.tool_parser, bool(body.tools), body.tool_choice, body.use_beam_search
+            )
             messages = [m.as_dict() for m in body.messages]
             # NOTE: in a thread, as tokenizing: a long conversation renders for seconds
             options = body.template_options()
@@ -230,30 +245,29 @@ def create_openai_app(get_engine: Callable[[], Any]) -> FastAPI:
         decode = fmt.TokenDecoder(engine.tokenizer, body.return_tokens_as_token_ids)
         if body.stream:
             env = fmt.Envelope("chat.completion.chunk", rid, engine.model_name)
-            return fmt.sse_response(_stream_chat(engine, ids, params, env, body, decode))
+            return fmt.sse_response(_stream_chat(engine, ids, params, env, body, decode, parser))
         env = fmt.Envelope("chat.completion", rid, engine.model_name)
         results = await until_disconnect(
             request.receive, gather(engine, [ids], [params], rid, body.priority)
         )
         if results is None:
             return fmt.CLIENT_GONE.response()
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": (
-                    fmt.chat_logprobs(decode, c.token_ids, c.logprobs, body.top_logprobs or 0)
-                    if body.logprobs
-                    else None
-                ),
-                **fmt.finish(c),
-            }
-            for c in results[0][1]
-        ]
+        choices = [_chat_choice(c, body, decode, parser) for c in results[0][1]]
         return env(choices=choices, usage=fmt.results_usage(results))
 
     add_tokenize_routes(app, engine_for, get_engine)
     return app
+
+
+def _chat_choice(
+    c: Any, body: ChatCompletionRequest, decode: fmt.TokenDecoder, parser: ToolParser | None
+) -> dict[str, Any]:
+    message = chat_message(c.text, parser, body.tool_names())
+    lps = None
+    if body.logprobs:
+        lps = fmt.chat_logprobs(decode, c.token_ids, c.logprobs, body.top_logprobs or 0)
+    finish = fmt.finish(c, "tool_calls" in message)
+    return {"index": c.index, "message": message, "logprobs": lps, **finish}
 
 
 async def _stream_chat(
@@ -263,12 +277,19 @@ async def _stream_chat(
     env: fmt.Envelope,
     body: ChatCompletionRequest,
     decode: fmt.TokenDecoder,
+    parser: ToolParser | None,
 ) -> AsyncIterator[str]:
     generated: dict[int, int] = {}
+    # each choice's text watched for tool calls (with a parser): content stops at a call
+    watched = {i: ToolCallStream(parser, body.tool_names()) for i in range(params.n) if parser}
 
-    def chunk(index: int, delta: dict[str, Any], finished: Any = None, logprobs: Any = None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, **fmt.finish(finished)}
+    def chunk(
+        index: int, delta: dict[str, Any], finished: Any = None, logprobs: Any = None,
+        tool_calls: bool = False,
+    ) -> str:  # fmt: skip
+        choice = {"index": index, "delta": delta, "logprobs": logprobs}
         usage = fmt.chunk_usage(body, len(ids), generated.get(index, 0))
+        choice.update(fmt.finish(finished, tool_calls))
         return fmt.sse(env(choices=[choice], **usage))
 
     try:
@@ -281,10 +302,19 @@ async def _stream_chat(
                 lps = fmt.chat_logprobs(
                     decode, out.new_token_ids, out.new_logprobs, body.top_logprobs or 0
                 )
-            if out.delta or lps:
-                yield chunk(out.index, {"content": out.delta}, logprobs=lps)
+            watch = watched.get(out.index)
+            content = watch.feed(out.delta) if watch else out.delta
+            if content or lps:
+                yield chunk(out.index, {"content": content}, logprobs=lps)
             if out.finished:
-                yield chunk(out.index, {}, out)
+                calls: list[Any] = []
+                if watch:
+                    rest, calls = watch.finish()
+                    if rest:
+                        yield chunk(out.index, {"content": rest})
+                    for k, call in enumerate(calls):
+                        yield chunk(out.index, {"tool_calls": [call.delta(k)]})
+                yield chunk(out.index, {}, out, tool_calls=bool(calls))
         if body.include_usage:
             usage = fmt.usage(len(ids), sum(generated.values()))
             yield fmt.sse(env(choices=[], usage=usage))

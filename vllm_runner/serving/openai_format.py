@@ -117,12 +117,14 @@ def chunk_usage(body: Any, prompt_tokens: int, completion_tokens: int) -> dict[s
     return {"usage": None} if body.include_usage else {}
 
 
-def finish(done: Any) -> dict[str, Any]:
+def finish(done: Any, tool_calls: bool = False) -> dict[str, Any]:
     """A choice's finish_reason and, as vLLM, stop_reason: the stop string or stop token id
-    that ended it (None for EOS or a length limit, and while it runs)."""
+    that ended it (None for EOS or a length limit, and while it runs). A choice whose
+    ``tool_calls`` were parsed finished with "tool_calls", as vLLM's (a length limit too)."""
     if done is None:
         return {"finish_reason": None, "stop_reason": None}
-    return {"finish_reason": done.finish_reason, "stop_reason": done.stop_reason}
+    reason = "tool_calls" if tool_calls else done.finish_reason
+    return {"finish_reason": reason, "stop_reason": done.stop_reason}
 
 
 class TokenDecoder:

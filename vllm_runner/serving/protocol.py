@@ -14,6 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core.core_schema import ValidationInfo
 
 from vllm_runner.sampling_params import INT64_MAX, SamplingParams
+from vllm_runner.serving.chat_protocol import (
+    ChatMessage,
+    Tool,
+    bounded_tools,
+    check_tool_choice,
+    check_tool_names,
+    template_tools,
+)
 from vllm_runner.serving.structured_outputs import json_mode, structured_choice
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -184,7 +192,6 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     ),
     "guided_json": ("guided decoding (guided_json)", _NONE),
     "guided_grammar": ("guided decoding (guided_grammar)", _NONE),
-    "tools": ("tool calling (tools)", _LIST),
     "functions": ("function calling (functions)", _LIST),
     "function_call": ("function calling (function_call)", (None, "none")),
     "logits_processors": ("logits_processors", _LIST),
@@ -193,7 +200,10 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "prompt_embeds": ("prompt_embeds", _NONE),
 }
 # fields whose default differs between the routes
-UNSUPPORTED_COMPLETION = {"add_special_tokens": ("add_special_tokens false", (None, True))}
+UNSUPPORTED_COMPLETION = {
+    "add_special_tokens": ("add_special_tokens false", (None, True)),
+    "tools": ("tool calling on /v1/completions (use /v1/chat/completions)", _LIST),
+}
 UNSUPPORTED_CHAT = {
     "add_special_tokens": ("add_special_tokens true", _FLAG),
     "echo": ("echo on this route", _FLAG),
@@ -251,11 +261,7 @@ class OpenAIFields(SamplingFields):
         refuse_unsupported(data, UNSUPPORTED)
         refuse_unsupported(data, cls.route_unsupported)
         data = structured_choice(data)
-        tool_choice = data.get("tool_choice")
-        if tool_choice not in (None, "none", "auto"):
-            raise ValueError(
-                f"tool_choice: tool calling is not supported by this server, got {tool_choice!r}"
-            )
+        check_tool_choice(data.get("tool_choice"))
         best_of, n = data.get("best_of"), data.get("n") or 1
         if best_of is not None and best_of != n:
             raise ValueError(f"best_of must equal n ({n}) or be left out, got {best_of!r}")
@@ -309,43 +315,6 @@ class CompletionRequest(OpenAIFields):
         return list(p)  # type: ignore[arg-type]
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_tool_calls(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name in ("tool_calls", "tool_call_id", "function_call"):
-                if data.get(name) not in (None, []):
-                    raise ValueError(f"{name}: tool calling is not supported by this server")
-        return data
-
-    @model_validator(mode="after")
-    def _has_content(self) -> ChatMessage:
-        # as OpenAI: only an assistant's message may leave its content out
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"content: a {self.role} message needs content, got none")
-        return self
-
-    def as_dict(self) -> dict[str, str]:
-        content = self.content
-        if isinstance(content, list):  # text parts are lines of one message, as in vLLM
-            content = "\n".join(part.text for part in content)
-        role = "system" if self.role == "developer" else self.role
-        message = {"role": role, "content": content or ""}
-        if self.name is not None:  # templates that know names use them (as in vLLM)
-            message["name"] = self.name
-        return message
-
-
 class ChatCompletionRequest(OpenAIFields):
     route_unsupported = UNSUPPORTED_CHAT
 
@@ -357,9 +326,18 @@ class ChatCompletionRequest(OpenAIFields):
     add_generation_prompt: bool = True  # vLLM: end the prompt in the assistant's header
     continue_final_message: bool = False  # vLLM: continue the last (assistant) message
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM: more template variables
+    tools: list[Tool] | None = None  # given to the chat template
+    # None: "auto" with tools, as OpenAI (other values are refused before: check_tool_choice)
+    tool_choice: Literal["none", "auto"] | None = None
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _few_tools(cls, value: Any) -> Any:
+        return bounded_tools(value)
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
+        check_tool_names(self.tools)
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError(
                 f"top_logprobs requires logprobs: true, got {self.top_logprobs} without it"
@@ -376,7 +354,11 @@ class ChatCompletionRequest(OpenAIFields):
             "add_generation_prompt": self.add_generation_prompt,
             "continue_final_message": self.continue_final_message,
             "template_kwargs": self.chat_template_kwargs,
+            "tools": template_tools(self.tools),
         }
+
+    def tool_names(self) -> frozenset[str]:
+        return frozenset(t.function.name for t in self.tools or ())
 
     def as_sent(self, message: str) -> str:
         """An error ``message`` that names max_tokens, naming max_completion_tokens instead

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_runner.serving.tool_parsers import get_tool_parser
+
 logger = logging.getLogger(__name__)
 ENV_PREFIX = "VLLM_RUNNER_"
 # read by the engine itself: the default model's cache, GPU kernel switches, logging
@@ -72,6 +74,7 @@ class ServerSettings:
     generation_config: str | None = None  # "auto": the model's sampling defaults; "vllm"; a folder
     engine_process: bool | None = None  # engine core in its own process; None = on CUDA
     api_key: str | None = None
+    tool_call_parser: str | None = None  # "hermes": chat's tool_choice "auto" parses calls
     gpus: int = 0  # GPUs BentoML reserves per worker (0: none declared, the engine picks)
     workers: int = 1
     max_concurrency: int = 64  # per service; over it BentoML answers 429
@@ -87,6 +90,7 @@ class ServerSettings:
             raise ValueError(f"max_batch_size must be >= 2, got {self.max_batch_size}")
         if self.gpus < 0:
             raise ValueError(f"gpus must be >= 0, got {self.gpus}")
+        get_tool_parser(self.tool_call_parser)  # a ValueError naming the known ones
         # Engine settings are checked now, not in the loader thread after start-up, so that a
         # bad value stops `bentoml serve` instead of leaving a server that answers 503.
         from vllm_runner.config import EngineArgs

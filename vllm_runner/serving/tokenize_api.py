@@ -11,10 +11,16 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Response
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vllm_runner.serving import openai_format as fmt
-from vllm_runner.serving.protocol import ChatMessage
+from vllm_runner.serving.chat_protocol import (
+    ChatMessage,
+    Tool,
+    bounded_tools,
+    check_tool_names,
+    template_tools,
+)
 
 
 class TokenizeRequest(BaseModel):
@@ -30,13 +36,25 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None  # for the template, as the chat route's
     return_token_strs: bool = False
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _few_tools(cls, value: Any) -> Any:
+        return bounded_tools(value)
 
     @model_validator(mode="after")
     def _one_form(self) -> TokenizeRequest:
+        check_tool_names(self.tools)
         if (self.prompt is None) == (self.messages is None):
             given = "both" if self.prompt is not None else "neither"
             raise ValueError(f"send either prompt or messages, got {given}")
+        if self.tools and self.messages is None:
+            raise ValueError(
+                "tools: only with messages (the chat template renders them), got "
+                f"{len(self.tools)} with a prompt"
+            )
         if self.add_generation_prompt and self.continue_final_message and self.messages:
             raise ValueError(
                 "continue_final_message needs add_generation_prompt: false, got True with "
@@ -75,6 +93,7 @@ def add_tokenize_routes(
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
             template_kwargs=body.chat_template_kwargs,
+            tools=template_tools(body.tools),
         )
         return engine.inputs.tokenize(text, chat=not body.add_special_tokens)
 
