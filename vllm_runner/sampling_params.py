@@ -1,10 +1,13 @@
 """Per-request sampling settings, with vLLM's field names."""
 
+import functools
+import json
 import numbers
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from vllm_runner.sample.json_schema import schema_to_regex
 from vllm_runner.sample.regex_dfa import compiled
 
 MIN_TEMPERATURE = 0.01  # a smaller one above 0 is raised to it, as vLLM does
@@ -52,6 +55,9 @@ class SamplingParams:
     guided_choice: list[str] | None = None  # the output is one of these (guided_choice.py)
     json_object: bool = False  # the output is one JSON object (sample/json_masks.py)
     guided_regex: str | None = None  # the output fully matches it (sample/regex_masks.py)
+    # a JSON schema (or its JSON text): the output is one document it allows, compiled to a
+    # regex (sample/json_schema.py), then as guided_regex
+    guided_json: dict | str | None = None
     # Filled by the engine (not user settings): the model's EOS ids, and the tokenizer's one,
     # whose stop_reason is None (the others, generation_config's, name themselves, as vLLM).
     # Not arguments: given, they would be overwritten.
@@ -63,6 +69,9 @@ class SamplingParams:
     guided_choice_token_ids: list[tuple[int, ...]] = field(
         default_factory=list, repr=False, init=False
     )
+    # Set by validation: the regex the output fully matches (guided_regex's, or guided_json's
+    # compiled); what the engine's regex masks follow.
+    guided_pattern: str | None = field(default=None, repr=False, init=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -170,6 +179,9 @@ class SamplingParams:
             self._check_json_object()
         if self.guided_regex is not None:
             self._check_guided_regex()
+            self.guided_pattern = self.guided_regex
+        if self.guided_json is not None:
+            self.guided_pattern = self._check_guided_json()
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise bad("logit_bias", self.logit_bias, "a {token id: bias} dict")
@@ -233,6 +245,33 @@ class SamplingParams:
                 )
         compiled(pattern)  # ValueError naming what is not taken, or the limit passed
 
+    def _check_guided_json(self) -> str:
+        """The schema's regex (a ValueError naming guided_json and what is not taken)."""
+        schema = self.guided_json
+        text = schema if isinstance(schema, str) else None
+        if text is not None:
+            try:
+                schema = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"guided_json: not JSON text of a schema ({exc}), got "
+                                 f"{_shown(text)}") from None  # fmt: skip
+        if not isinstance(schema, dict | bool):
+            raise ValueError(f"guided_json must be a JSON schema (an object, or its JSON text), "
+                             f"got {_shown(repr(schema))}")  # fmt: skip
+        for name in ("min_tokens", "ignore_eos", "allowed_token_ids", "bad_words",
+                     "guided_choice", "json_object", "guided_regex"):  # fmt: skip
+            value = getattr(self, name)
+            if value:
+                raise ValueError(
+                    f"{name} cannot be combined with guided_json, got {_shown(repr(value))}: "
+                    "the output must be able to end once the document is whole, with any of "
+                    "its tokens"
+                )
+        try:  # (as JSON text, keys in their order: an object's properties come in it)
+            return _schema_pattern(json.dumps(schema, allow_nan=False))
+        except (TypeError, ValueError) as exc:  # (not JSON; SchemaError; the DFA's limits)
+            raise ValueError(f"guided_json: {exc}") from None
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1  # (0 < t < 0.01 is raised)
@@ -255,3 +294,16 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.repetition_penalty != 1.0
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_pattern(schema_json: str) -> str:
+    """A schema's regex, checked to compile (a route builds a request's params twice; a
+    server sees one schema many times)."""
+    pattern = schema_to_regex(json.loads(schema_json))
+    compiled(pattern)
+    return pattern
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."

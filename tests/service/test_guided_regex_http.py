@@ -83,7 +83,7 @@ def test_native_route_takes_guided_regex(client: Any) -> None:
         (
             {"structured_outputs": {"regex": "a", "choice": ["a"]}},
             "structured_outputs",
-            "only one choice list, regex or json_object true",
+            "only one choice list, regex, json schema or json_object true",
         ),
         ({"structured_outputs": {"grammar": "x"}}, "structured_outputs", "'grammar'"),
     ],

@@ -40,15 +40,15 @@ def test_completions_take_structured_outputs_json_object(client: Any) -> None:
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
             "response_format",
-            "other than json_object",
+            "a json_schema format is",
         ),
         ({"response_format": {"type": "yaml"}}, "response_format", "not supported"),
         (
             {"structured_outputs": {"json_object": True, "choice": ["a"]}},
             "structured_outputs",
-            "only one choice list, regex or json_object",
+            "only one choice list, regex, json schema or json_object",
         ),
-        ({"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs", "'json'"),
+        ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", "'grammar'"),
         (  # the choice list's field, not guided_choice (not sent)
             {"response_format": {"type": "json_object"}, "structured_outputs": {"choice": ["a"]}},
             "structured_outputs",

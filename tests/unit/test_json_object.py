@@ -306,6 +306,8 @@ def test_an_end_id_past_the_logits_is_left_out() -> None:
 def test_structured_outputs_json_object_must_be_true(value: object) -> None:
     from vllm_runner.serving.structured_outputs import structured_choice
 
-    with pytest.raises(ValueError, match="only one choice list, regex or json_object true"):
+    with pytest.raises(
+        ValueError, match="only one choice list, regex, json schema or json_object true"
+    ):
         structured_choice({"structured_outputs": {"json_object": value}})
     assert structured_choice({"structured_outputs": {"json_object": True}}) == {"json_object": True}

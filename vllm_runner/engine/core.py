@@ -169,7 +169,7 @@ class EngineCore:
             params.guided_choice_token_ids = choice_token_ids(
                 self.inputs.tokenizer, params.guided_choice
             )
-        if params.json_object or params.guided_regex:
+        if params.json_object or params.guided_pattern:
             self._make_masks(params)
         state = new_request_state(
             request_id,
@@ -329,8 +329,8 @@ class EngineCore:
             self._token_pieces = token_bytes(self.inputs.tokenizer, width)
         if params.json_object and sampler.json_masks is None:
             sampler.json_masks = JsonMasks(JsonVocab(self._token_pieces))
-        if params.guided_regex:
-            compiled(params.guided_regex)  # (once per pattern in the process: its cache)
+        if params.guided_pattern:
+            compiled(params.guided_pattern)  # (once per pattern in the process: its cache)
             if sampler.regex_masks is None:
                 sampler.regex_masks = RegexMasks(TokenBytes(self._token_pieces))
 
@@ -355,7 +355,7 @@ def _host_bound(params: SamplingParams) -> bool:
     the step that computes them, and a JSON or regex row's mask follows its newest token on
     the host (sampled tokens' logprobs are copied with the ids, and penalties count in-flight
     tokens on the device)."""
-    return params.prompt_logprobs is not None or params.json_object or bool(params.guided_regex)
+    return params.prompt_logprobs is not None or params.json_object or bool(params.guided_pattern)
 
 
 def _folder_name(path: str) -> str:

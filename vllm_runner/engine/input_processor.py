@@ -204,6 +204,8 @@ class InputProcessor:
             self._check_masked("json_object", "the object", params)
         if params.guided_regex:
             self._check_masked(f"guided_regex {shown(params.guided_regex)}", "a match", params)
+        if params.guided_json is not None:
+            self._check_masked("guided_json", "the document", params)
         if params.stop and self.tokenizer is None:
             raise ValueError(
                 f"stop {params.stop!r}: stop strings need a tokenizer and {NO_TOKENIZER}; "

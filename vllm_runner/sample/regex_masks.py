@@ -70,7 +70,7 @@ class RegexMasks:
         a preemption gave the runner a new row: it replays the output)."""
         cursor = row.regex_cursor
         if cursor is None:
-            cursor = row.regex_cursor = RegexCursor(compiled(row.params.guided_regex))
+            cursor = row.regex_cursor = RegexCursor(compiled(row.params.guided_pattern))
         output = row.output_token_ids
         for token in output[cursor.consumed :]:
             if cursor.ended or cursor.broken:
@@ -92,7 +92,7 @@ def apply_guided_regex(
     masks: RegexMasks | None,
 ) -> None:
     """-inf on every token after which its row's text could no longer match its pattern."""
-    chosen = [i for i, row in enumerate(rows) if row.params.guided_regex]
+    chosen = [i for i, row in enumerate(rows) if row.params.guided_pattern]
     if not chosen:
         return
     if masks is None:

@@ -55,7 +55,7 @@ class SamplingRow:
         (made once per request)."""
         p = self.params
         extras = (p.logit_bias, p.allowed_token_ids, p.bad_words_token_ids,
-                  p.guided_choice_token_ids, p.json_object, p.guided_regex, p.has_penalties,
+                  p.guided_choice_token_ids, p.json_object, p.guided_pattern, p.has_penalties,
                   p.min_tokens)  # fmt: skip
         return p.logprobs is not None or any(extras)
 

@@ -278,7 +278,7 @@ class Sampler:
         held = any(r.num_output_tokens < r.params.min_tokens for r in extras)
         guided = any(r.params.guided_choice_token_ids for r in extras)
         json_rows = any(r.params.json_object for r in extras)
-        regex_rows = any(r.params.guided_regex for r in extras)
+        regex_rows = any(r.params.guided_pattern for r in extras)
         edited = bias or allowed or words or penalised or held or guided or json_rows or regex_rows
         if edited or not logits.is_cuda:
             logits = logits.float()  # [num_rows, vocab] (else the kernel reads the logits)

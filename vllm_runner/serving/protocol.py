@@ -6,6 +6,7 @@ before it reaches the engine; cross-field rules are checked by building the Samp
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
@@ -82,6 +83,9 @@ class SamplingFields(BaseModel):
     json_object: bool = False  # the output is one JSON object (OpenAI's JSON mode)
     # the output fully matches it (vLLM's; the OpenAI routes: structured_outputs.regex too)
     guided_regex: Regex | None = None
+    # a JSON schema (vLLM's; the OpenAI routes: response_format json_schema and
+    # structured_outputs.json too), at most MAX_GUIDED_REGEX_CHARS as JSON text
+    guided_json: dict[str, Any] | bool | str | None = None
     truncate_prompt_tokens: int | None = None
     # vLLM's: lower is served earlier; non-zero only under the engine's "priority" policy
     priority: Annotated[int, Field(ge=-(2**63), le=INT64_MAX)] = 0
@@ -113,6 +117,14 @@ class SamplingFields(BaseModel):
         limit = _MAX_ENTRIES[info.field_name]
         if isinstance(value, list | dict) and len(value) > limit:
             raise ValueError(f"at most {limit} entries, got {len(value)}")
+        return value
+
+    @field_validator("guided_json", mode="before")
+    @classmethod
+    def _schema_size(cls, value: Any) -> Any:
+        size = len(value if isinstance(value, str) else json.dumps(value, default=str))
+        if size > MAX_GUIDED_REGEX_CHARS:
+            raise ValueError(f"at most {MAX_GUIDED_REGEX_CHARS} characters as JSON, got {size}")
         return value
 
     @model_validator(mode="after")
@@ -187,10 +199,9 @@ _KWARGS = (None, {})
 UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "suffix": ("suffix", (None, "")),
     "response_format": (
-        "structured output other than json_object (response_format)",
+        "structured output other than json_object and json_schema (response_format)",
         (None, {"type": "text"}),
     ),
-    "guided_json": ("guided decoding (guided_json)", _NONE),
     "guided_grammar": ("guided decoding (guided_grammar)", _NONE),
     "functions": ("function calling (functions)", _LIST),
     "function_call": ("function calling (function_call)", (None, "none")),

@@ -1,31 +1,53 @@
 """The kinds of structured output the OpenAI routes take, as the sampling fields that do
-them: OpenAI's ``response_format`` JSON mode and vLLM's ``structured_outputs`` (a choice list,
-a regex or JSON mode); the other kinds are left for the routes' refusal of unsupported fields."""
+them: OpenAI's ``response_format`` (JSON mode, a JSON schema) and vLLM's
+``structured_outputs`` (a choice list, a regex, a JSON schema or JSON mode); the other kinds
+are left for the routes' refusal of unsupported fields."""
 
 from typing import Any
 
 
 def json_mode(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with OpenAI's ``response_format: {"type": "json_object"}`` as ``json_object``
-    (other formats stay, for ``refuse_unsupported``)."""
+    """``data`` with OpenAI's ``response_format`` of ``{"type": "json_object"}`` as
+    ``json_object``, and of ``{"type": "json_schema", "json_schema": {"name": ..., "schema":
+    {...}}}`` as ``guided_json`` (other formats stay, for ``refuse_unsupported``)."""
     value = data.get("response_format")
     if isinstance(value, dict):  # a model in vLLM: its nulls are defaults
         value = {k: v for k, v in value.items() if v is not None}
-    if value != {"type": "json_object"}:
-        return data
     rest = {k: v for k, v in data.items() if k != "response_format"}
-    return {**rest, "json_object": True}
+    if value == {"type": "json_object"}:
+        return {**rest, "json_object": True}
+    if not isinstance(value, dict) or value.get("type") != "json_schema":
+        return data
+    spec = value.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if set(value) != {"type", "json_schema"} or schema is None:
+        raise ValueError(
+            'response_format: a json_schema format is {"type": "json_schema", '
+            f'"json_schema": {{"name": ..., "schema": {{...}}}}}}, got {value!r}'[:400]
+        )
+    if data.get("guided_json") is not None:
+        raise ValueError("guided_json: give it or response_format json_schema, not both")
+    if data.get("structured_outputs") is not None:
+        raise ValueError(
+            "structured_outputs cannot be combined with response_format json_schema, got "
+            f"{data['structured_outputs']!r}"[:400]
+        )
+    return {**rest, "guided_json": schema}
 
 
 # vLLM's structured_outputs kinds taken, besides json_object: the sampling field each sets
-_FIELDS = {"choice": ("guided_choice", "a choice list"), "regex": ("guided_regex", "a regex")}
+_FIELDS = {
+    "choice": ("guided_choice", "a choice list"),
+    "regex": ("guided_regex", "a regex"),
+    "json": ("guided_json", "a JSON schema"),
+}
 
 
 def structured_choice(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` with vLLM's ``structured_outputs`` of ``{"choice": [...]}`` as
-    ``guided_choice``, of ``{"regex": "..."}`` as ``guided_regex``, or of ``{"json_object":
-    true}`` as ``json_object`` (the kinds of structured output this server implements; the
-    others are refused)."""
+    ``guided_choice``, of ``{"regex": "..."}`` as ``guided_regex``, of ``{"json": {...}}`` (a
+    JSON schema) as ``guided_json``, or of ``{"json_object": true}`` as ``json_object`` (the
+    kinds of structured output this server implements; the others are refused)."""
     spec = data.get("structured_outputs")
     if spec is None:
         return data
@@ -34,8 +56,8 @@ def structured_choice(data: dict[str, Any]) -> dict[str, Any]:
     kinds = {k: v for k, v in spec.items() if v not in (None, False)}
     if len(kinds) != 1 or not (kinds.keys() & _FIELDS or kinds.get("json_object") is True):
         raise ValueError(
-            "structured_outputs: only one choice list, regex or json_object true is supported "
-            f"by this server, got {kinds or spec!r}"
+            "structured_outputs: only one choice list, regex, json schema or json_object true "
+            f"is supported by this server, got {kinds or spec!r}"
         )
     rest = {k: v for k, v in data.items() if k != "structured_outputs"}
     if "json_object" in kinds:

@@ -182,5 +182,5 @@ def _plain_greedy(params: SamplingParams) -> bool:
         and not params.bad_words_token_ids
         and not params.guided_choice_token_ids
         and not params.json_object
-        and not params.guided_regex
+        and not params.guided_pattern
     )
