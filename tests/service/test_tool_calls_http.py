@@ -139,13 +139,6 @@ def test_output_without_a_good_call_is_content(client: Any, prompts: list, herme
 @pytest.mark.parametrize(
     ("fields", "param", "message"),
     [
-        ({"tool_choice": "required"}, "tool_choice",
-         "tool_choice: forcing a tool call needs guided decoding, which this server does not do "
-         "yet: send \"auto\" or \"none\", got 'required'"),
-        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice",
-         "tool_choice: forcing a tool call needs guided decoding, which this server does not do "
-         "yet: send \"auto\" or \"none\", got {'type': 'function', 'function': {'name': "
-         "'get_weather'}}"),
         ({"tool_choice": "sometimes"}, "tool_choice",
          'tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
          "{\"name\": ...}}, got 'sometimes'"),
@@ -160,8 +153,9 @@ def test_output_without_a_good_call_is_content(client: Any, prompts: list, herme
         ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]},
          "tools", "tools: at most 128 tools, got 129"),
         ({"tools": [{"type": "function", "function": {**WEATHER, "strict": True}}]}, "tools",
-         "tools.0.function.strict: arguments held to their schema need guided decoding, which "
-         "this server does not do yet, got True"),
+         "tools: tools.0.function.strict holds the arguments to their schema only when "
+         "tool_choice forces a call (\"required\" or a named function), got tool_choice "
+         "'auto'"),
         ({"tools": [{"type": "function"}]}, "tools", "tools.0.function: Field required"),
         ({"functions": [WEATHER]}, "functions",
          "functions: function calling (functions) is not supported by this server, got "),

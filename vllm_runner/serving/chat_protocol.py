@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from vllm_runner.serving.forced_tools import forces
+
 # NOTE: every tool is rendered into the request's prompt; OpenAI takes at most 128
 MAX_TOOLS = 128
 _SHOWN = 80  # characters of a refused value quoted back
@@ -104,17 +106,7 @@ class FunctionDefinition(BaseModel):
     name: ToolName
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
-    strict: bool | None = None
-
-    @field_validator("strict")
-    @classmethod
-    def _not_strict(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError(
-                "arguments held to their schema need guided decoding, which this server does "
-                "not do yet, got True"
-            )
-        return value
+    strict: bool | None = None  # held to ``parameters``: with a forced tool_choice only
 
 
 class Tool(BaseModel):
@@ -152,16 +144,48 @@ def check_tool_names(tools: list[Tool] | None) -> None:
 
 
 def check_tool_choice(value: Any) -> None:
-    """Refuses what this server cannot do yet: forcing a tool call (a named function or
-    "required") needs the output guided into a call's format and its arguments' schema."""
-    if value in (None, "none", "auto"):
+    """``"none"``, ``"auto"``, ``"required"`` or a named function (a call forced:
+    ``forced_tools.py``); anything else is refused naming the shapes taken."""
+    if value in (None, "none", "auto", "required"):
         return
-    if value == "required" or (isinstance(value, dict) and value.get("type") == "function"):
-        raise ValueError(
-            "tool_choice: forcing a tool call needs guided decoding, which this server does "
-            f'not do yet: send "auto" or "none", got {_shown(value)}'
-        )
+    function = value.get("function") if isinstance(value, dict) else None
+    if (
+        isinstance(value, dict)
+        and value.get("type") == "function"
+        and set(value) == {"type", "function"}
+        and isinstance(function, dict)
+        and set(function) == {"name"}
+        and isinstance(function["name"], str)
+    ):
+        return
     raise ValueError(
         'tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
         f'{{"name": ...}}}}, got {_shown(value)}'
     )
+
+
+def check_forced_tools(tools: list[Tool] | None, tool_choice: Any, guided: list[str]) -> None:
+    """A forced call needs tools and, named, one of them, and no other guided output
+    (``guided``: the request's guided fields set); ``strict`` is kept only where the arguments
+    are guided (a forced call) or no call is read ("none")."""
+    forced = forces(tool_choice)
+    if forced and guided:
+        raise ValueError(
+            f"tool_choice: a forced call's arguments are guided, which {guided[0]} (or the "
+            "response_format / structured_outputs that set it) would take over"
+        )
+    names = [t.function.name for t in tools or ()]
+    if forced and not names:
+        raise ValueError(f"tool_choice: forcing a call needs tools, got {_shown(tool_choice)}")
+    if isinstance(tool_choice, dict) and tool_choice["function"]["name"] not in names:
+        raise ValueError(
+            f"tool_choice: the function {tool_choice['function']['name']!r} is not among the "
+            f"tools ({_shown(names)})"
+        )
+    strict = next((i for i, t in enumerate(tools or ()) if t.function.strict), None)
+    if strict is not None and not forced and tool_choice != "none":
+        raise ValueError(
+            f"tools: tools.{strict}.function.strict holds the arguments to their schema only when "
+            'tool_choice forces a call ("required" or a named function), got tool_choice '
+            f"{_shown(tool_choice or 'auto')}"
+        )

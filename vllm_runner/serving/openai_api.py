@@ -25,6 +25,7 @@ from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.serving import beam_route
 from vllm_runner.serving import completions as completions_api
 from vllm_runner.serving import openai_format as fmt
+from vllm_runner.serving.forced_tools import forced_calls, forced_message, forces
 from vllm_runner.serving.protocol import (
     UNSUPPORTED,
     UNSUPPORTED_CHAT,
@@ -225,9 +226,11 @@ def create_openai_app(
         try:
             params = body.chat_sampling_params(engine.inputs.limits.sampling_defaults)
             engine.inputs.check_priority(body.priority)
-            parser = parser_for(
-                app.state.tool_parser, bool(body.tools), body.tool_choice, body.use_beam_search
-            )
+            parser = None  # (a forced call is guided, then read: forced_tools.py)
+            if not forces(body.tool_choice):
+                parser = parser_for(
+                    app.state.tool_parser, bool(body.tools), body.tool_choice, body.use_beam_search
+                )
             messages = [m.as_dict() for m in body.messages]
             # NOTE: in a thread, as tokenizing: a long conversation renders for seconds
             options = body.template_options()
@@ -262,11 +265,16 @@ def create_openai_app(
 def _chat_choice(
     c: Any, body: ChatCompletionRequest, decode: fmt.TokenDecoder, parser: ToolParser | None
 ) -> dict[str, Any]:
-    message = chat_message(c.text, parser, body.tool_names())
+    if forces(body.tool_choice):  # (named: "stop", as vLLM's; "required": "tool_calls")
+        message = forced_message(c.text, body.tool_choice)
+        calls = "tool_calls" in message and body.tool_choice == "required"
+    else:
+        message = chat_message(c.text, parser, body.tool_names())
+        calls = "tool_calls" in message
     lps = None
     if body.logprobs:
         lps = fmt.chat_logprobs(decode, c.token_ids, c.logprobs, body.top_logprobs or 0)
-    finish = fmt.finish(c, "tool_calls" in message)
+    finish = fmt.finish(c, calls)
     return {"index": c.index, "message": message, "logprobs": lps, **finish}
 
 
@@ -282,6 +290,8 @@ async def _stream_chat(
     generated: dict[int, int] = {}
     # each choice's text watched for tool calls (with a parser): content stops at a call
     watched = {i: ToolCallStream(parser, body.tool_names()) for i in range(params.n) if parser}
+    # a forced call's text is held back and sent as its calls when the choice ends
+    held: dict[int, str] | None = {} if forces(body.tool_choice) else None
 
     def chunk(
         index: int, delta: dict[str, Any], finished: Any = None, logprobs: Any = None,
@@ -304,17 +314,25 @@ async def _stream_chat(
                 )
             watch = watched.get(out.index)
             content = watch.feed(out.delta) if watch else out.delta
+            if held is not None:
+                held[out.index] = held.get(out.index, "") + content
+                content = ""
             if content or lps:
                 yield chunk(out.index, {"content": content}, logprobs=lps)
             if out.finished:
                 calls: list[Any] = []
+                rest = ""
                 if watch:
                     rest, calls = watch.finish()
-                    if rest:
-                        yield chunk(out.index, {"content": rest})
-                    for k, call in enumerate(calls):
-                        yield chunk(out.index, {"tool_calls": [call.delta(k)]})
-                yield chunk(out.index, {}, out, tool_calls=bool(calls))
+                elif held is not None:
+                    calls = forced_calls(held.get(out.index, ""), body.tool_choice)
+                    rest = "" if calls else held.get(out.index, "")
+                if rest:
+                    yield chunk(out.index, {"content": rest})
+                for k, call in enumerate(calls):
+                    yield chunk(out.index, {"tool_calls": [call.delta(k)]})
+                named = held is not None and body.tool_choice != "required"
+                yield chunk(out.index, {}, out, tool_calls=bool(calls) and not named)
         if body.include_usage:
             usage = fmt.usage(len(ids), sum(generated.values()))
             yield fmt.sse(env(choices=[], usage=usage))

@@ -19,10 +19,12 @@ from vllm_runner.serving.chat_protocol import (
     ChatMessage,
     Tool,
     bounded_tools,
+    check_forced_tools,
     check_tool_choice,
     check_tool_names,
     template_tools,
 )
+from vllm_runner.serving.forced_tools import forced_params
 from vllm_runner.serving.structured_outputs import json_mode, structured_choice
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -338,8 +340,9 @@ class ChatCompletionRequest(OpenAIFields):
     continue_final_message: bool = False  # vLLM: continue the last (assistant) message
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM: more template variables
     tools: list[Tool] | None = None  # given to the chat template
-    # None: "auto" with tools, as OpenAI (other values are refused before: check_tool_choice)
-    tool_choice: Literal["none", "auto"] | None = None
+    # None: "auto" with tools, as OpenAI; "required" or {"type": "function", "function":
+    # {"name": ...}} force a call (forced_tools.py; other values: check_tool_choice)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -349,6 +352,8 @@ class ChatCompletionRequest(OpenAIFields):
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         check_tool_names(self.tools)
+        guided = ("guided_json", "guided_regex", "guided_choice", "json_object")
+        check_forced_tools(self.tools, self.tool_choice, [g for g in guided if getattr(self, g)])
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError(
                 f"top_logprobs requires logprobs: true, got {self.top_logprobs} without it"
@@ -381,4 +386,12 @@ class ChatCompletionRequest(OpenAIFields):
     def chat_sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(defaults, max_tokens=max_tokens, n=self.n, logprobs=logprobs)
+        guided = forced_params(self.tool_choice, self.tools)  # a forced call's schema
+        try:
+            return self.sampling_params(
+                defaults, max_tokens=max_tokens, n=self.n, logprobs=logprobs, **guided
+            )
+        except ValueError as exc:  # (guided_json: the tools' parameters, or what it refuses)
+            if not guided:
+                raise
+            raise ValueError(f"tool_choice (a forced call's arguments are guided): {exc}") from None
