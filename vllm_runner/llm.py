@@ -151,11 +151,18 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
         use_tqdm: bool | Callable[..., Any] = False,
     ) -> list[RequestOutput]:
         """``chat_template``: the Jinja template to use instead of the tokenizer's (as vLLM's;
         a model whose tokenizer has none can chat only with one). ``chat_template_kwargs``:
-        more variables for the template (e.g. ``{"enable_thinking": False}``), as vLLM's."""
+        more variables for the template (e.g. ``{"enable_thinking": False}``), as vLLM's.
+        ``tools``: OpenAI-style tool dicts (``{"type": "function", "function": {...}}``) for
+        the template to render, as vLLM's (the output is not parsed for calls here)."""
+        if tools is not None and (
+            not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)
+        ):
+            raise ValueError(f"tools must be a list of tool dicts, got {str(tools)[:80]!r}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
             self.apply_chat_template(
@@ -164,6 +171,7 @@ class LLM:
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 template_kwargs=chat_template_kwargs,
+                tools=tools,
             )
             for c in conversations
         ]

@@ -335,6 +335,20 @@ def test_chat_template_kwargs_are_template_variables(smol_llm):
         smol_llm.chat(chat, GREEDY, chat_template=template, chat_template_kwargs="x")
 
 
+def test_chat_gives_the_template_its_tools(smol_llm):
+    """As vLLM's LLM.chat(tools=...): the template renders them (not parsed for calls)."""
+    template = (
+        "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}{{ messages[0].content }}"
+    )
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    chat = [{"role": "user", "content": "hi"}]
+    assert smol_llm.chat(chat, GREEDY, chat_template=template, tools=tools)[0].prompt == (
+        "[get_weather]hi"
+    )
+    with pytest.raises(ValueError, match="tools must be a list of tool dicts, got 'get_weather'"):
+        smol_llm.chat(chat, GREEDY, chat_template=template, tools="get_weather")
+
+
 def test_chat_template_kwargs_may_not_replace_the_messages(smol_llm):
     """``messages`` is the conversation's own template variable: refused naming it (it was a
     TypeError from jinja, "render() got multiple values for keyword argument 'messages'",
