@@ -252,7 +252,7 @@ class SamplingParams:
         if text is not None:
             try:
                 schema = json.loads(text)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # (nesting past Python's stack)
                 raise ValueError(f"guided_json: not JSON text of a schema ({exc}), got "
                                  f"{_shown(text)}") from None  # fmt: skip
         if not isinstance(schema, dict | bool):
@@ -267,9 +267,10 @@ class SamplingParams:
                     "the output must be able to end once the document is whole, with any of "
                     "its tokens"
                 )
+        # (not JSON, or a dict nested past Python's stack; a SchemaError; the DFA's limits)
         try:  # (as JSON text, keys in their order: an object's properties come in it)
             return _schema_pattern(json.dumps(schema, allow_nan=False))
-        except (TypeError, ValueError) as exc:  # (not JSON; SchemaError; the DFA's limits)
+        except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"guided_json: {exc}") from None
 
     @property

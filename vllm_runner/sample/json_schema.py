@@ -21,7 +21,8 @@ Schema, the compiler narrows what it allows, and says so here:
 Anything else is refused with a SchemaError naming the keyword, its JSON pointer in the
 schema and the limit: unknown keywords, recursive ``$ref``s, ``uniqueItems``, ``allOf`` of
 several schemas, keywords beside a ``$ref`` / ``anyOf`` / ``enum``, so that no part of a
-schema is silently not enforced. Annotations (ANNOTATIONS) are ignored.
+schema is silently not enforced. Annotations (ANNOTATIONS) are ignored. A schema whose regex
+would pass MAX_REGEX_CHARS, or that nests past Python's stack, is refused too.
 """
 
 import json
@@ -43,7 +44,7 @@ from vllm_runner.sample.json_schema_parts import (
 )
 from vllm_runner.sample.json_schema_strings import string_regex
 
-__all__ = ["ANY_DEPTH", "WHITESPACE", "SchemaError", "schema_to_regex"]
+__all__ = ["ANY_DEPTH", "MAX_REGEX_CHARS", "WHITESPACE", "SchemaError", "schema_to_regex"]
 
 # NOTE: a bounded run, as JSON mode's MAX_WHITESPACE (the same 16 bytes, so that both modes
 # accept the same layout): pretty-printing fits (a newline and 15 spaces of indentation), but
@@ -54,6 +55,12 @@ WHITESPACE = rf"[ \t\n\r]{{0,{MAX_WHITESPACE}}}"
 # [[[1]]] does not. Its regex grows fourfold a level (an array and an object each write the
 # inner value twice): 1.3k, 5.6k, 23k characters at depths 1, 2, 3.
 ANY_DEPTH = 2
+# NOTE: a regex's length, checked as it grows: a small schema can expand without bound (n
+# optional properties write n^2 members, a $def used twice a level doubles a level, anyOf
+# copies its schemas), which cost minutes and gigabytes before regex_dfa's state limits were
+# reached. Twice the routes' guided_regex limit; the compiler's regexes have about an NFA
+# state a character, so a longer one would pass regex_dfa's MAX_NFA_STATES anyway.
+MAX_REGEX_CHARS = 1 << 17
 ANNOTATIONS = frozenset(("title", "description", "examples", "default", "$schema", "$id",
                          "$comment", "readOnly", "writeOnly", "deprecated"))  # fmt: skip
 _NUMERIC = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
@@ -77,10 +84,14 @@ _KNOWN = frozenset(
 def schema_to_regex(schema: dict | bool, whitespace: str = WHITESPACE) -> str:
     """The regex of the JSON documents ``schema`` allows (see the module's docstring);
     ``whitespace``: the regex of one run of whitespace between tokens. SchemaError (a
-    ValueError) for what it cannot enforce."""
-    return _Compiler(schema, whitespace if "|" not in whitespace else f"(?:{whitespace})").value(
-        schema, "#"
-    )
+    ValueError) for what it cannot enforce, or past the limits (see the module's docstring)."""
+    ws = whitespace if "|" not in whitespace else f"(?:{whitespace})"
+    try:
+        return _Compiler(schema, ws).value(schema, "#")
+    except RecursionError:  # (the compiler and its helpers recurse per level of nesting)
+        raise SchemaError(
+            "the schema at # nests too deeply to compile (past Python's recursion limit)"
+        ) from None
 
 
 def _is_type(value: object, name: str) -> bool:
@@ -102,6 +113,27 @@ class _Compiler:
         self.any = self._any(ANY_DEPTH)
 
     def value(self, schema: object, path: str) -> str:
+        return self._fits(self._value(schema, path), path)
+
+    def _fits(self, regex: str | int, path: str) -> str | int:
+        """``regex`` (or a length so far) if within MAX_REGEX_CHARS; a SchemaError if not."""
+        if (regex if isinstance(regex, int) else len(regex)) > MAX_REGEX_CHARS:
+            raise SchemaError(
+                f"the schema at {path} compiles to a regex of more than {MAX_REGEX_CHARS} "
+                "characters (the limit): fewer optional properties, or smaller schemas where "
+                "one is used many times, would fit"
+            )
+        return regex
+
+    def _each(self, schemas: list, where: str) -> list[str]:
+        """The regexes of ``schemas`` (at ``where``/i), their total length within the limit."""
+        parts, total = [], 0
+        for i, s in enumerate(schemas):
+            parts.append(self.value(s, pointer(where, str(i))))
+            total = self._fits(total + len(parts[-1]), where)
+        return parts
+
+    def _value(self, schema: object, path: str) -> str:
         if schema is True:
             return self.any
         if schema is False or not isinstance(schema, dict):
@@ -163,8 +195,7 @@ class _Compiler:
         if key == "allOf" and len(schemas) != 1:
             reason = "a regex cannot intersect schemas"
             raise fail(path, key, f"has {len(schemas)} schemas: only one is supported ({reason})")
-        where = pointer(path, key)
-        return alt([self.value(s, pointer(where, str(i))) for i, s in enumerate(schemas)])
+        return alt(self._each(schemas, pointer(path, key)))
 
     def _literals(self, schema: dict, active: list[str], path: str) -> str:
         """``enum`` / ``const``: its values (of the schema's ``type``, if it has one)."""
@@ -259,16 +290,19 @@ class _Compiler:
             reason = f"{hi} is less than the {len(names)} properties"
             raise fail(path, "maxProperties", f"{reason} (only a count every object meets)")
         where = pointer(path, "properties")
-        members = [
-            escape(json.dumps(name, ensure_ascii=False)) + ws + ":" + ws
-            + self.value(props[name], pointer(where, name)) + ws
-            for name in names
-        ]  # fmt: skip
-        firsts = []
+        members, total = [], 0
+        for name in names:
+            value = self.value(props[name], pointer(where, name))
+            members.append(
+                escape(json.dumps(name, ensure_ascii=False)) + ws + ":" + ws + value + ws
+            )
+            total = self._fits(total + len(members[-1]), path)
+        firsts, total = [], 0
         for i, name in enumerate(names):
             rest = ["," + ws + m if n in required else optional("," + ws + m)
                     for n, m in zip(names[i + 1 :], members[i + 1 :], strict=True)]  # fmt: skip
             firsts.append(members[i] + "".join(rest))
+            total = self._fits(total + len(firsts[-1]), path)  # (n optional: n^2 members)
             if name in required:
                 break
         body = alt(firsts) if firsts else ""
@@ -291,8 +325,7 @@ class _Compiler:
             if lo > hi:
                 reason = f"{lo} is more than the {hi} items allowed ('items' is false)"
                 raise fail(path, "minItems", reason)
-        where = pointer(path, "prefixItems")
-        heads = [self.value(s, pointer(where, str(i))) for i, s in enumerate(prefix)]
+        heads = self._each(prefix, pointer(path, "prefixItems"))
         item = self.value(items, pointer(path, "items")) if items is not False else ""
         ws = self.ws
 

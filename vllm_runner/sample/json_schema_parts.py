@@ -9,7 +9,9 @@ regex with a top-level ``|``, so that any two concatenate.
 
 import json
 import math
+import sys
 
+_FLOAT_MAX = int(sys.float_info.max)  # the largest bound taken (a float's)
 _META = frozenset(".^$*+?()[]{}|\\")
 HEX = "[0-9a-fA-F]"
 # One character of a JSON string: a plain one (no quote, backslash or control character, as
@@ -197,8 +199,12 @@ def _bounds(schema: dict, path: str, integer: bool) -> tuple[int | None, bool, i
         if key not in schema:
             continue
         v, exclusive = schema[key], key.startswith("exclusive")
-        if type(v) not in (int, float) or not math.isfinite(v):
+        if type(v) not in (int, float) or (type(v) is float and not math.isfinite(v)):
             raise fail(path, key, f"must be a finite number, not {v!r}")
+        if type(v) is int and abs(v) > _FLOAT_MAX:  # (its digits would be written one a call)
+            digits = len(str(abs(v)))
+            reason = f"must be a finite number within a float's range, not an integer of {digits}"
+            raise fail(path, key, f"{reason} digits")
         if not integer and v != int(v):
             raise fail(path, key, f"{v!r}: a number takes only integer bounds")
         b, low = int(v), key.lower().endswith("minimum")
