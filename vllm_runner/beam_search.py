@@ -81,7 +81,9 @@ class BeamSearchOutput:
 
 
 def score(seq: BeamSearchSequence, length_penalty: float, ends: set[int]) -> float:
-    length = len(seq.tokens) - (seq.finish_reason == "stop" and seq.tokens[-1] in ends)
+    # NOTE: a final end token is left out whether it finished the beam or not (ignore_eos),
+    # as vLLM's get_beam_search_score
+    length = len(seq.tokens) - (seq.tokens[-1] in ends)
     return seq.cum_logprob / (length**length_penalty)
 
 

@@ -96,3 +96,11 @@ def test_logprobs_for_another_number_of_beams_are_refused() -> None:
 def test_settings_are_checked(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BeamSearchParams(**{"beam_width": 2, "max_tokens": 4, **kwargs})
+
+
+def test_with_ignore_eos_a_beam_ending_in_an_end_token_is_scored_without_it() -> None:
+    """As vLLM's get_beam_search_score: a final end token is not counted in the length
+    whether or not it finished the beam: [1, 2, EOS] scores -1.0 / 2, [1, 2, 3] -1.2 / 3."""
+    s = _search(width=1, max_tokens=1, ignore_eos=True)
+    s.advance([{EOS: -1.0, 3: -1.2}])
+    assert [(r.tokens, r.finish_reason) for r in s.result()] == [([1, 2, 3], "length")]

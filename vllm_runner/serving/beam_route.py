@@ -8,6 +8,7 @@ is refused rather than left unused.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -52,15 +53,15 @@ async def answer(
     engine: Any,
     body: Any,
     ids: list[list[int]],
-    params: BeamSearchParams,
+    params: list[BeamSearchParams],
     env: fmt.Envelope,
     receive: Any,
     chat: bool = False,
 ) -> Any:
     """Every prompt's best sequences as choices (prompt p's i-th best: index p * n + i), or
-    the client-gone error if it left first (its beams' requests are aborted)."""
-    search = engine.beam_search(ids, params, priority=body.priority)
-    outputs = await until_disconnect(receive, search)
+    the client-gone error if it left first (its beams' requests are aborted). ``params``:
+    each prompt's (its max_tokens its own, as vLLM's: a null one is fitted per prompt)."""
+    outputs = await until_disconnect(receive, _searches(engine, ids, params, body.priority))
     if outputs is None:
         return fmt.CLIENT_GONE.response()
     ends = engine.inputs.limits.eos_token_ids
@@ -76,6 +77,22 @@ async def answer(
             choices.append({"index": p * body.n + i, **content, "logprobs": None,
                             "finish_reason": seq.finish_reason, "stop_reason": None})  # fmt: skip
     return env(choices=choices, usage=fmt.usage(sum(map(len, ids)), generated))
+
+
+async def _searches(
+    engine: Any, ids: list[list[int]], params: list[BeamSearchParams], priority: int
+) -> list[Any]:
+    """Each prompt's search, run side by side (the engine batches their rounds); one that
+    fails (or the whole, cancelled) cancels the others, whose requests are then aborted."""
+    tasks = [asyncio.ensure_future(engine.beam_search([p], bp, priority=priority))
+             for p, bp in zip(ids, params, strict=True)]  # fmt: skip
+    try:
+        return [out for (out,) in await asyncio.gather(*tasks)]
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _decode(engine: Any, tokens: list[int], skip_special_tokens: bool) -> str:

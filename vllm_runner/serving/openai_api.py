@@ -168,9 +168,10 @@ def create_openai_app(
             raise error from None
 
     async def beam_answer(engine, body, ids, max_tokens, env, request, fields) -> Any:
+        """``max_tokens``: each prompt's (its own, or the one fitted to it)."""
         chat = isinstance(body, ChatCompletionRequest)
         try:
-            beams = beam_route.beam_params(body, max_tokens)
+            beams = [beam_route.beam_params(body, m) for m in max_tokens]
             return await beam_route.answer(engine, body, ids, beams, env, request.receive, chat)
         except ValueError as exc:  # (its settings, or the search's length: before any round)
             error = fmt.bad_request(exc, "use_beam_search", fields)
@@ -213,9 +214,9 @@ def create_openai_app(
         ]
         ids, each = [i for i, _ in checked], [p for _, p in checked]
         env = fmt.Envelope("text_completion", new_request_id("cmpl"), engine.model_name)
-        if body.use_beam_search:  # (each prompt's beams fit: the fewest tokens any has room for)
-            room = min(p.max_tokens for p in each)
-            return await beam_answer(engine, body, ids, room, env, request, _COMPLETION_FIELDS)
+        if body.use_beam_search:  # (each prompt's max_tokens: a null one fitted to it, as vLLM's)
+            rooms = [p.max_tokens for p in each]
+            return await beam_answer(engine, body, ids, rooms, env, request, _COMPLETION_FIELDS)
         if body.stream:
             return fmt.sse_response(completions_api.stream(engine, body, ids, each, env))
         return await completions_api.answer(engine, body, ids, each, env, request.receive)
@@ -244,7 +245,7 @@ def create_openai_app(
         rid = new_request_id("chatcmpl")
         if body.use_beam_search:
             env = fmt.Envelope("chat.completion", rid, engine.model_name)
-            return await beam_answer(engine, body, [ids], params.max_tokens, env, request, fields)
+            return await beam_answer(engine, body, [ids], [params.max_tokens], env, request, fields)
         decode = fmt.TokenDecoder(engine.tokenizer, body.return_tokens_as_token_ids)
         if body.stream:
             env = fmt.Envelope("chat.completion.chunk", rid, engine.model_name)
