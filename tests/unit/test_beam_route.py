@@ -73,8 +73,8 @@ class _FailingEngine(_Engine):
     async def beam_search(self, prompts, params, *, priority: int = 0):
         if prompts == [[1]]:
             raise ValueError("no room for max_tokens")
-        try:
-            await asyncio.sleep(3600)
+        try:  # (long enough to be cancelled; not forever, should it not be)
+            await asyncio.sleep(2)
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
@@ -85,3 +85,21 @@ def test_a_failing_search_cancels_the_others() -> None:
     with pytest.raises(ValueError, match="no room for max_tokens"):
         _answer(engine, body, [[1], [2]], [3, 3])
     assert engine.cancelled == 1
+
+
+class _EndingEngine(_Engine):
+    """Each prompt's one sequence: one token, then the end token (finish_reason "stop")."""
+
+    async def beam_search(self, prompts, params, *, priority: int = 0):
+        return [BeamSearchOutput([BeamSearchSequence([*p, 7, EOS], finish_reason="stop",
+                                                     num_prompt_tokens=len(p))])
+                for p in prompts]  # fmt: skip
+
+
+def test_a_sequence_that_ends_is_answered_without_its_end_token() -> None:
+    """Its text leaves the end token out even where special tokens are shown (no tokenizer:
+    each token by its id); usage counts it, as generated."""
+    body = CompletionRequest(prompt="a", use_beam_search=True, skip_special_tokens=False)
+    out = _answer(_EndingEngine(), body, [[5, 6]], [4])
+    assert [(c["text"], c["finish_reason"]) for c in out["choices"]] == [("token_id:7", "stop")]
+    assert out["usage"]["completion_tokens"] == 2

@@ -2,10 +2,12 @@
 ranking with a length penalty, and the settings it refuses."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
-from vllm_runner.beam_search import BeamSearch, BeamSearchParams, round_params
+from vllm_runner.beam_search import BeamSearch, BeamSearchParams, round_params, start
+from vllm_runner.engine.errors import ContextLengthError
 
 EOS = 9
 
@@ -104,3 +106,35 @@ def test_with_ignore_eos_a_beam_ending_in_an_end_token_is_scored_without_it() ->
     s = _search(width=1, max_tokens=1, ignore_eos=True)
     s.advance([{EOS: -1.0, 3: -1.2}])
     assert [(r.tokens, r.finish_reason) for r in s.result()] == [([1, 2, 3], "length")]
+
+
+def test_only_the_top_twice_the_width_are_candidates() -> None:
+    """Width 1: the top 2 both end, so the search ends; the third (6) is not read."""
+    s = BeamSearch([1, 2], BeamSearchParams(1, 4), {EOS, 8})
+    s.advance([{EOS: -0.1, 8: -0.2, 6: -0.3}])
+    assert s.done and s.beams == [] and [f.tokens for f in s.finished] == [[1, 2, EOS], [1, 2, 8]]
+
+
+def test_equal_logprobs_are_ranked_by_token_id() -> None:
+    s = _search(width=1)
+    s.advance([{4: -0.5, 3: -0.5}])
+    assert [b.tokens for b in s.beams] == [[1, 2, 3]]
+
+
+def test_a_prompt_that_fills_the_context_with_max_tokens_is_searched() -> None:
+    """prompt + max_tokens == max_model_len fits; one more token does not."""
+    inputs = SimpleNamespace(
+        tokenize=list, validate=lambda ids, params: None,
+        limits=SimpleNamespace(max_model_len=32, eos_token_ids={EOS}),
+    )  # fmt: skip
+    [search] = start(inputs, [list(range(1, 25))], BeamSearchParams(2, max_tokens=8))
+    assert search.pending() == [list(range(1, 25))]
+    with pytest.raises(ContextLengthError, match="= 33 do not fit max_model_len 32"):
+        start(inputs, [list(range(1, 26))], BeamSearchParams(2, max_tokens=8))
+
+
+def test_a_finished_sequence_ranks_before_a_live_one_of_equal_score() -> None:
+    """As vLLM's (finished, then live, sorted stably): -0.5 / 2 == -0.75 / 3."""
+    s = _search(width=1, max_tokens=1)
+    s.advance([{EOS: -0.5, 3: -0.75}])
+    assert [r.tokens for r in s.result()] == [[1, 2, EOS]]
