@@ -21,8 +21,7 @@ from vllm_runner.sample.token_masks import (
     Mask,
     MaskCache,
     TokenBytes,
-    end_ids,
-    mask_rows,
+    apply_masks,
 )
 
 # A token with more brackets than this is never sampled in JSON mode (shorter tokens write
@@ -146,20 +145,4 @@ def apply_json_object(
 ) -> None:
     """-inf on every token that would leave its row's JSON object."""
     chosen = [i for i, row in enumerate(rows) if row.params.json_object]
-    if not chosen:
-        return
-    if masks is None:
-        raise RuntimeError("json_object: the engine made no JSON vocabulary for this sampler")
-    width = masks.vocab.width
-    row_masks, row_ends, whole = [], [], []
-    for i in chosen:
-        row = rows[i]
-        if row.num_pending:  # (EngineCore runs steps with a JSON row synchronously)
-            raise RuntimeError(f"json_object: {row.num_pending} tokens still on the device")
-        ends = end_ids(row.params, width)
-        cursor = masks.advance(row, ends)
-        over = cursor.ended or cursor.broken
-        row_masks.append(None if over else masks.get(cursor))
-        row_ends.append(ends)
-        whole.append(cursor.state == g.DONE)
-    mask_rows(logits, chosen, row_masks, row_ends, whole)
+    apply_masks(logits, rows, chosen, masks, "json_object", lambda c: c.state == g.DONE)

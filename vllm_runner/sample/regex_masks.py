@@ -23,8 +23,7 @@ from vllm_runner.sample.token_masks import (
     Mask,
     MaskCache,
     TokenBytes,
-    end_ids,
-    mask_rows,
+    apply_masks,
 )
 
 
@@ -93,20 +92,4 @@ def apply_guided_regex(
 ) -> None:
     """-inf on every token after which its row's text could no longer match its pattern."""
     chosen = [i for i, row in enumerate(rows) if row.params.guided_pattern]
-    if not chosen:
-        return
-    if masks is None:
-        raise RuntimeError("guided_regex: the engine made no regex vocabulary for this sampler")
-    width = masks.vocab.width
-    row_masks, row_ends, whole = [], [], []
-    for i in chosen:
-        row = rows[i]
-        if row.num_pending:  # (EngineCore runs steps with a regex row synchronously)
-            raise RuntimeError(f"guided_regex: {row.num_pending} tokens still on the device")
-        ends = end_ids(row.params, width)
-        cursor = masks.advance(row, ends)
-        over = cursor.ended or cursor.broken
-        row_masks.append(None if over else masks.get(cursor))
-        row_ends.append(ends)
-        whole.append(cursor.accepts)
-    mask_rows(logits, chosen, row_masks, row_ends, whole)
+    apply_masks(logits, rows, chosen, masks, "guided_regex", lambda cursor: cursor.accepts)

@@ -6,11 +6,12 @@ masked rows' masks into the logits, with the end tokens' rule."""
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from vllm_runner.sample.rows import host_values
+from vllm_runner.sample.rows import SamplingRow, host_values
 from vllm_runner.sampling_params import SamplingParams
 
 MASK_CACHE_BYTES = 32 << 20  # per copy (host and device): ~680 masks of a 49k vocabulary
@@ -62,6 +63,36 @@ def end_ids(params: SamplingParams, width: int) -> set[int]:
     the logits (a tokenizer's beyond the model's vocabulary) can never be sampled: left out,
     not indexed."""
     return {t for t in params.all_stop_token_ids | set(params.stop_token_ids) if t < width}
+
+
+def apply_masks(
+    logits: torch.Tensor,  # [rows, vocab] fp32, dense (edited in place)
+    rows: list[SamplingRow],
+    chosen: list[int],  # the rows this kind of mask guides
+    masks: Any,  # the engine's JsonMasks / RegexMasks: advance(row, ends) and get(cursor)
+    kind: str,  # the setting, for errors ("json_object", "guided_regex")
+    whole: Callable[[Any], bool],  # whether a cursor's output may end where it is
+) -> None:
+    """Each chosen row's cursor advanced past its new tokens on the host, then its mask
+    applied (``mask_rows``). The engine runs steps with such a row synchronously: a token
+    still on the device is an error here."""
+    if not chosen:
+        return
+    if masks is None:
+        raise RuntimeError(f"{kind}: the engine made no masks' vocabulary for this sampler")
+    width = masks.vocab.width
+    row_masks, row_ends, wholes = [], [], []
+    for i in chosen:
+        row = rows[i]
+        if row.num_pending:
+            raise RuntimeError(f"{kind}: {row.num_pending} tokens still on the device")
+        ends = end_ids(row.params, width)
+        cursor = masks.advance(row, ends)
+        over = cursor.ended or cursor.broken
+        row_masks.append(None if over else masks.get(cursor))
+        row_ends.append(ends)
+        wholes.append(whole(cursor))
+    mask_rows(logits, chosen, row_masks, row_ends, wholes)
 
 
 def mask_rows(
