@@ -208,8 +208,7 @@ class AsyncLLM:
         *,
         priority: int = 0,
     ) -> list[beams.BeamSearchOutput]:
-        """As ``LLM.beam_search``: each round's beams are requests served beside others
-        (at ``priority``, as ``generate``'s)."""
+        """As ``LLM.beam_search``: each round's beams are requests at ``priority``."""
         prompts, _ = normalize_batch(prompts, None, SamplingParams())
         searches = beams.start(self.inputs, prompts, params)
         while asked := beams.round_prompts(searches):
