@@ -128,7 +128,7 @@ class ScoreInput(ScoreRequest):
         return self
 
 
-openai_app = create_openai_app(ready_engine, SETTINGS.tool_call_parser)
+openai_app = create_openai_app(ready_engine, SETTINGS.tool_call_parser, SETTINGS.reasoning_parser)
 _service_options: dict[str, Any] = {
     "workers": SETTINGS.workers,
     "traffic": {"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},

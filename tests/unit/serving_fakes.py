@@ -92,3 +92,23 @@ def update(
         finish_reason="length" if finished else None,
         prompt_token_ids=prompt or [1, 2, 3],
     )
+
+
+def outputs(pieces: list[str], index: int = 0, reason: str = "stop") -> list[StreamOutput]:
+    """One choice's updates: a token a piece, the last one finishing it for ``reason``."""
+    last = len(pieces) - 1
+    return [
+        StreamOutput(
+            "r",
+            index,
+            p,
+            "",
+            i + 1,
+            [10 + i],
+            None,
+            i == last,
+            reason if i == last else None,
+            [1, 2, 3],
+        )  # fmt: skip
+        for i, p in enumerate(pieces)
+    ]

@@ -9,10 +9,8 @@ import re
 from typing import Any
 
 import pytest
-from serving_fakes import FakeEngine
+from serving_fakes import FakeEngine, outputs
 from starlette.testclient import TestClient
-
-from vllm_runner.engine.outputs import StreamOutput
 
 ABC = [{"role": "user", "content": "a b c"}]
 WEATHER = {"name": "get_weather", "parameters": {"type": "object"}}
@@ -22,26 +20,6 @@ PIECES = ["Let me", " check.\n<", "tool", "_call>\n{\"name\": \"get_", 'weather"
           '{"city": "Par', 'is"}}\n</tool', "_call>"]  # fmt: skip
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
 TOOL_ID = r"chatcmpl-tool-[0-9a-f]{32}"
-
-
-def outputs(pieces: list[str], index: int = 0, reason: str = "stop") -> list[StreamOutput]:
-    """One choice's updates: a token a piece, the last one finishing it for ``reason``."""
-    last = len(pieces) - 1
-    return [
-        StreamOutput(
-            "r",
-            index,
-            p,
-            "",
-            i + 1,
-            [10 + i],
-            None,
-            i == last,
-            reason if i == last else None,
-            [1, 2, 3],
-        )  # fmt: skip
-        for i, p in enumerate(pieces)
-    ]
 
 
 def client_for(engine: FakeEngine, parser: str | None = "hermes") -> TestClient:

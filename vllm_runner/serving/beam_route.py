@@ -14,6 +14,7 @@ from typing import Any
 
 from vllm_runner.beam_search import MAX_LOGPROBS, BeamSearchParams
 from vllm_runner.serving import openai_format as fmt
+from vllm_runner.serving.reasoning_parsers import ReasoningParser
 from vllm_runner.serving.streams import until_disconnect
 
 # what beam search takes or what does not change its output (chat templating, the prompt's
@@ -57,10 +58,13 @@ async def answer(
     env: fmt.Envelope,
     receive: Any,
     chat: bool = False,
+    reasoner: ReasoningParser | None = None,
 ) -> Any:
     """Every prompt's best sequences as choices (prompt p's i-th best: index p * n + i), or
     the client-gone error if it left first (its beams' requests are aborted). ``params``:
-    each prompt's (its max_tokens its own, as vLLM's: a null one is fitted per prompt)."""
+    each prompt's (its max_tokens its own, as vLLM's: a null one is fitted per prompt).
+    ``reasoner``: the chat route's reasoning parser, which splits each message as vLLM's
+    (beams are never guided: beam_params refuses guided_*)."""
     outputs = await until_disconnect(receive, _searches(engine, ids, params, body.priority))
     if outputs is None:
         return fmt.CLIENT_GONE.response()
@@ -73,6 +77,10 @@ async def answer(
             shown = tokens[:-1] if seq.finish_reason == "stop" and tokens[-1] in ends else tokens
             text = _decode(engine, shown, body.skip_special_tokens)
             message = {"role": "assistant", "content": text}
+            if reasoner is not None:
+                split = reasoner.split(text)
+                message = {**message, "content": split.content,
+                           "reasoning_content": split.reasoning}  # fmt: skip
             content = {"message": message} if chat else {"text": text}
             choices.append({"index": p * body.n + i, **content, "logprobs": None,
                             "finish_reason": seq.finish_reason, "stop_reason": None})  # fmt: skip

@@ -33,6 +33,13 @@ from vllm_runner.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
+from vllm_runner.serving.reasoning_parsers import (
+    Reasoned,
+    ReasoningParser,
+    ReasoningStream,
+    get_reasoning_parser,
+    guided,
+)
 from vllm_runner.serving.streams import events, gather, new_request_id, until_disconnect
 from vllm_runner.serving.tokenize_api import add_tokenize_routes
 from vllm_runner.serving.tool_parsers import (
@@ -124,12 +131,16 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_openai_app(
-    get_engine: Callable[[], Any], tool_call_parser: str | None = None
+    get_engine: Callable[[], Any],
+    tool_call_parser: str | None = None,
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
-    """``tool_call_parser``: the server setting (a key of ``TOOL_PARSERS``; None: off), kept
-    as ``app.state.tool_parser``."""
+    """``tool_call_parser``, ``reasoning_parser``: the server settings (keys of
+    ``TOOL_PARSERS``, ``REASONING_PARSERS``; None: off), kept as ``app.state.tool_parser``,
+    ``app.state.reasoning_parser``."""
     app = FastAPI(title="vllm-runner OpenAI-compatible API")
     app.state.tool_parser = get_tool_parser(tool_call_parser)
+    app.state.reasoning_parser = get_reasoning_parser(reasoning_parser)
     _install_error_handlers(app)
 
     def engine_for(requested: str | None, exact: bool = False) -> Any:
@@ -170,9 +181,12 @@ def create_openai_app(
     async def beam_answer(engine, body, ids, max_tokens, env, request, fields) -> Any:
         """``max_tokens``: each prompt's (its own, or the one fitted to it)."""
         chat = isinstance(body, ChatCompletionRequest)
+        reasoner = app.state.reasoning_parser if chat else None
         try:
             beams = [beam_route.beam_params(body, m) for m in max_tokens]
-            return await beam_route.answer(engine, body, ids, beams, env, request.receive, chat)
+            return await beam_route.answer(
+                engine, body, ids, beams, env, request.receive, chat, reasoner
+            )
         except ValueError as exc:  # (its settings, or the search's length: before any round)
             error = fmt.bad_request(exc, "use_beam_search", fields)
             if isinstance(exc, ContextLengthError):
@@ -247,16 +261,18 @@ def create_openai_app(
             env = fmt.Envelope("chat.completion", rid, engine.model_name)
             return await beam_answer(engine, body, [ids], [params.max_tokens], env, request, fields)
         decode = fmt.TokenDecoder(engine.tokenizer, body.return_tokens_as_token_ids)
+        reasoner = app.state.reasoning_parser
         if body.stream:
             env = fmt.Envelope("chat.completion.chunk", rid, engine.model_name)
-            return fmt.sse_response(_stream_chat(engine, ids, params, env, body, decode, parser))
+            stream = _stream_chat(engine, ids, params, env, body, decode, parser, reasoner)
+            return fmt.sse_response(stream)
         env = fmt.Envelope("chat.completion", rid, engine.model_name)
         results = await until_disconnect(
             request.receive, gather(engine, [ids], [params], rid, body.priority)
         )
         if results is None:
             return fmt.CLIENT_GONE.response()
-        choices = [_chat_choice(c, body, decode, parser) for c in results[0][1]]
+        choices = [_chat_choice(c, body, decode, parser, reasoner, params) for c in results[0][1]]
         return env(choices=choices, usage=fmt.results_usage(results))
 
     add_tokenize_routes(app, engine_for, get_engine)
@@ -264,14 +280,25 @@ def create_openai_app(
 
 
 def _chat_choice(
-    c: Any, body: ChatCompletionRequest, decode: fmt.TokenDecoder, parser: ToolParser | None
+    c: Any,
+    body: ChatCompletionRequest,
+    decode: fmt.TokenDecoder,
+    parser: ToolParser | None,
+    reasoner: ReasoningParser | None,
+    params: SamplingParams,
 ) -> dict[str, Any]:
+    # tool calls are read in the content only (a guided output is all content)
+    split = Reasoned(None, c.text)
+    if reasoner is not None and not guided(params):
+        split = reasoner.split(c.text)
     if forces(body.tool_choice):  # (named: "stop", as vLLM's; "required": "tool_calls")
         message = forced_message(c.text, body.tool_choice)
         calls = "tool_calls" in message and body.tool_choice == "required"
     else:
-        message = chat_message(c.text, parser, body.tool_names())
+        message = chat_message(split.content, parser, body.tool_names())
         calls = "tool_calls" in message
+    if reasoner is not None:  # (null too: as vLLM's, every message of such a server has it)
+        message["reasoning_content"] = split.reasoning
     lps = None
     if body.logprobs:
         lps = fmt.chat_logprobs(decode, c.token_ids, c.logprobs, body.top_logprobs or 0)
@@ -287,9 +314,13 @@ async def _stream_chat(
     body: ChatCompletionRequest,
     decode: fmt.TokenDecoder,
     parser: ToolParser | None,
+    reasoner: ReasoningParser | None,
 ) -> AsyncIterator[str]:
     generated: dict[int, int] = {}
-    # each choice's text watched for tool calls (with a parser): content stops at a call
+    # each choice's text split into reasoning and content (with a reasoning parser; a guided
+    # output is all content), then the content watched for tool calls: content stops at a call
+    reads = reasoner is not None and not guided(params)
+    reading = {i: ReasoningStream(reasoner) for i in range(params.n) if reads}
     watched = {i: ToolCallStream(parser, body.tool_names()) for i in range(params.n) if parser}
     # a forced call's text is held back and sent as its calls when the choice ends
     held: dict[int, str] | None = {} if forces(body.tool_choice) else None
@@ -313,23 +344,27 @@ async def _stream_chat(
                 lps = fmt.chat_logprobs(
                     decode, out.new_token_ids, out.new_logprobs, body.top_logprobs or 0
                 )
-            watch = watched.get(out.index)
-            content = watch.feed(out.delta) if watch else out.delta
+            read, watch = reading.get(out.index), watched.get(out.index)
+            part = read.feed(out.delta) if read else Reasoned("", out.delta)
+            content = watch.feed(part.content) if watch else part.content
             if held is not None:
                 held[out.index] = held.get(out.index, "") + content
                 content = ""
-            if content or lps:
-                yield chunk(out.index, {"content": content}, logprobs=lps)
+            if content or part.reasoning or lps:
+                yield chunk(out.index, _delta(part.reasoning, content), logprobs=lps)
             if out.finished:
                 calls: list[Any] = []
-                rest = ""
-                if watch:
-                    rest, calls = watch.finish()
+                last = read.finish() if read else Reasoned("", "")
+                rest = last.content
+                if watch:  # (the content the reasoning stream held back, then the calls)
+                    rest = watch.feed(rest) if rest else ""
+                    more, calls = watch.finish()
+                    rest += more
                 elif held is not None:
                     calls = forced_calls(held.get(out.index, ""), body.tool_choice)
                     rest = "" if calls else held.get(out.index, "")
-                if rest:
-                    yield chunk(out.index, {"content": rest})
+                if rest or last.reasoning:
+                    yield chunk(out.index, _delta(last.reasoning, rest))
                 for k, call in enumerate(calls):
                     yield chunk(out.index, {"tool_calls": [call.delta(k)]})
                 named = held is not None and body.tool_choice != "required"
@@ -341,3 +376,10 @@ async def _stream_chat(
         logger.exception("stream %s failed", env.request_id)
         yield fmt.sse(fmt.OpenAIError(500, str(exc), "internal_server_error").body())
     yield fmt.DONE
+
+
+def _delta(reasoning: str | None, content: str) -> dict[str, Any]:
+    """A chunk's delta: its reasoning, if any, and its content (or "", when it has neither:
+    a chunk for logprobs alone)."""
+    delta = {"reasoning_content": reasoning} if reasoning else {}
+    return {**delta, "content": content} if content or not delta else delta

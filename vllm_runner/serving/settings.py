@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_runner.serving.reasoning_parsers import get_reasoning_parser
 from vllm_runner.serving.tool_parsers import get_tool_parser
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class ServerSettings:
     engine_process: bool | None = None  # engine core in its own process; None = on CUDA
     api_key: str | None = None
     tool_call_parser: str | None = None  # "hermes": chat's tool_choice "auto" parses calls
+    reasoning_parser: str | None = None  # "deepseek_r1", "qwen3": chat's reasoning_content
     gpus: int = 0  # GPUs BentoML reserves per worker (0: none declared, the engine picks)
     workers: int = 1
     max_concurrency: int = 64  # per service; over it BentoML answers 429
@@ -91,6 +93,7 @@ class ServerSettings:
         if self.gpus < 0:
             raise ValueError(f"gpus must be >= 0, got {self.gpus}")
         get_tool_parser(self.tool_call_parser)  # a ValueError naming the known ones
+        get_reasoning_parser(self.reasoning_parser)
         # Engine settings are checked now, not in the loader thread after start-up, so that a
         # bad value stops `bentoml serve` instead of leaving a server that answers 503.
         from vllm_runner.config import EngineArgs

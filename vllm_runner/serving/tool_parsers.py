@@ -141,9 +141,14 @@ def parser_for(
     return parser
 
 
-def chat_message(text: str, parser: ToolParser | None, names: Collection[str]) -> dict[str, Any]:
-    """A whole choice's ``message``: its calls, if ``parser`` finds any, and the content."""
-    parsed = parser.parse(text, names) if parser is not None else ParsedOutput(text, [])
+def chat_message(
+    text: str | None, parser: ToolParser | None, names: Collection[str]
+) -> dict[str, Any]:
+    """A whole choice's ``message``: its calls, if ``parser`` finds any, and the content
+    (``text`` None: none, e.g. an output that was all reasoning)."""
+    if text is None or parser is None:
+        return {"role": "assistant", "content": text}
+    parsed = parser.parse(text, names)
     if not parsed.tool_calls:
         return {"role": "assistant", "content": text}
     calls = [call.as_dict() for call in parsed.tool_calls]
@@ -175,7 +180,7 @@ class ToolCallStream:
         tag, unsent = self.parser.start, self.unsent + delta
         opened = unsent.find(tag)
         self.held = opened != -1
-        ready = opened if self.held else len(unsent) - _tag_start_at_end(unsent, tag)
+        ready = opened if self.held else len(unsent) - tag_start_at_end(unsent, tag)
         if self.sent == 0 and not unsent[:ready].strip():
             self.unsent = unsent
             return ""
@@ -189,7 +194,7 @@ class ToolCallStream:
         return (parsed.content or "")[self.sent :], parsed.tool_calls
 
 
-def _tag_start_at_end(text: str, tag: str) -> int:
+def tag_start_at_end(text: str, tag: str) -> int:
     """The length of the longest end of ``text`` that begins ``tag`` (0: none)."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):
