@@ -33,6 +33,7 @@ class FakeEngine:
         self.updates = updates  # sent as they are instead of the scripted ones
         self.tokenized: list[tuple[str, bool]] = []
         self.priorities: list[int] = []  # of each stream, in order
+        self.params: list[Any] = []  # each stream's SamplingParams, in order
         limits = SimpleNamespace(sampling_defaults={})
         self.inputs = SimpleNamespace(
             limits=limits, fit=lambda ids, p: p, tokenize=self.tokenize, check_priority=int
@@ -57,6 +58,7 @@ class FakeEngine:
         self, prompt: Any, params: Any, request_id: str = "", priority: int = 0
     ) -> Any:
         self.priorities.append(priority)
+        self.params.append(params)
         ids = prompt_ids(prompt)
         if self.updates is not None:
             for out in self.updates:

@@ -127,5 +127,5 @@ def test_auto_needs_the_server_setting() -> None:
 
 
 def test_a_server_with_an_unknown_parser_does_not_start() -> None:
-    with pytest.raises(ValueError, match=r"^tool_call_parser must be one of hermes"):
-        client_for(FakeEngine(), parser="llama3_json")
+    with pytest.raises(ValueError, match=r"^tool_call_parser must be one of hermes, .*'granite'$"):
+        client_for(FakeEngine(), parser="granite")

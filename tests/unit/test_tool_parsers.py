@@ -8,12 +8,8 @@ import re
 import pytest
 
 from vllm_runner.serving.settings import ServerSettings
-from vllm_runner.serving.tool_parsers import (
-    HermesToolParser,
-    ToolCallStream,
-    get_tool_parser,
-    parser_for,
-)
+from vllm_runner.serving.tool_formats import get_tool_parser
+from vllm_runner.serving.tool_parsers import HermesToolParser, ToolCallStream, parser_for
 
 NAMES = frozenset({"get_weather", "search"})
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -155,9 +151,10 @@ def test_a_bad_block_comes_as_content_at_the_end() -> None:
 def test_parsers_are_named_by_the_setting() -> None:
     assert get_tool_parser(None) is None
     assert isinstance(get_tool_parser("hermes"), HermesToolParser)
-    with pytest.raises(ValueError, match=r"^tool_call_parser must be one of hermes \(or unset: "
-                       r"off\), got 'mistral'$"):  # fmt: skip
-        get_tool_parser("mistral")
+    known = "hermes, llama3_json, llama4_json, mistral, pythonic"
+    with pytest.raises(ValueError, match=rf"^tool_call_parser must be one of {known} \(or unset: "
+                       r"off\), got 'granite'$"):  # fmt: skip
+        get_tool_parser("granite")
     settings = ServerSettings.load({"VLLM_RUNNER_TOOL_CALL_PARSER": "hermes"}, {})
     assert settings.tool_call_parser == "hermes"
     assert "tool_call_parser" not in settings.engine_kwargs()  # (a server setting only)

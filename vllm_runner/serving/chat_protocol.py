@@ -108,6 +108,19 @@ class FunctionDefinition(BaseModel):
     parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
     strict: bool | None = None  # held to ``parameters``: with a forced tool_choice only
 
+    @model_validator(mode="after")
+    def _object_parameters(self) -> FunctionDefinition:
+        # NOTE: a call's arguments are an object (OpenAI: parameters is "a JSON Schema
+        # object"); a schema of another type would guide a forced call to other arguments,
+        # which this route refuses when the client sends the call back
+        kind = (self.parameters or {}).get("type", "object")
+        if kind != "object":
+            raise ValueError(
+                f"parameters: the function {self.name!r} takes its arguments as an object: its "
+                f'schema\'s "type" must be "object" (or left out), got {_shown(kind)}'
+            )
+        return self
+
 
 class Tool(BaseModel):
     type: Literal["function"]

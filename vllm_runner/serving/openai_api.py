@@ -42,13 +42,8 @@ from vllm_runner.serving.reasoning_parsers import (
 )
 from vllm_runner.serving.streams import events, gather, new_request_id, until_disconnect
 from vllm_runner.serving.tokenize_api import add_tokenize_routes
-from vllm_runner.serving.tool_parsers import (
-    ToolCallStream,
-    ToolParser,
-    chat_message,
-    get_tool_parser,
-    parser_for,
-)
+from vllm_runner.serving.tool_formats import get_tool_parser
+from vllm_runner.serving.tool_parsers import ToolCallStream, ToolParser, chat_message, parser_for
 
 logger = logging.getLogger(__name__)
 # the fields an error message may name first (its "param"), per route
@@ -136,8 +131,8 @@ def create_openai_app(
     reasoning_parser: str | None = None,
 ) -> FastAPI:
     """``tool_call_parser``, ``reasoning_parser``: the server settings (keys of
-    ``TOOL_PARSERS``, ``REASONING_PARSERS``; None: off), kept as ``app.state.tool_parser``,
-    ``app.state.reasoning_parser``."""
+    ``tool_formats.TOOL_PARSERS``, ``REASONING_PARSERS``; None: off), kept as
+    ``app.state.tool_parser``, ``app.state.reasoning_parser``."""
     app = FastAPI(title="vllm-runner OpenAI-compatible API")
     app.state.tool_parser = get_tool_parser(tool_call_parser)
     app.state.reasoning_parser = get_reasoning_parser(reasoning_parser)
@@ -246,6 +241,8 @@ def create_openai_app(
                 parser = parser_for(
                     app.state.tool_parser, bool(body.tools), body.tool_choice, body.use_beam_search
                 )
+            if parser is not None and parser.keeps_special_tokens:
+                params.skip_special_tokens = False  # (the calls' opening token, as vLLM's)
             messages = [m.as_dict() for m in body.messages]
             # NOTE: in a thread, as tokenizing: a long conversation renders for seconds
             options = body.template_options()

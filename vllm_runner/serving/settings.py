@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_runner.serving.reasoning_parsers import get_reasoning_parser
-from vllm_runner.serving.tool_parsers import get_tool_parser
+from vllm_runner.serving.tool_formats import get_tool_parser
 
 logger = logging.getLogger(__name__)
 ENV_PREFIX = "VLLM_RUNNER_"
@@ -75,7 +75,8 @@ class ServerSettings:
     generation_config: str | None = None  # "auto": the model's sampling defaults; "vllm"; a folder
     engine_process: bool | None = None  # engine core in its own process; None = on CUDA
     api_key: str | None = None
-    tool_call_parser: str | None = None  # "hermes": chat's tool_choice "auto" parses calls
+    # chat's tool_choice "auto" parses calls: "hermes", "llama3_json", "mistral", "pythonic"
+    tool_call_parser: str | None = None
     reasoning_parser: str | None = None  # "deepseek_r1", "qwen3": chat's reasoning_content
     gpus: int = 0  # GPUs BentoML reserves per worker (0: none declared, the engine picks)
     workers: int = 1

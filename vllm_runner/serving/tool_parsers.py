@@ -1,9 +1,10 @@
 """Tool calls in a model's output, as vLLM's tool-call parsers find them: the calls a model
 wrote in its chat template's format become OpenAI's ``tool_calls``.
 
-The server setting ``tool_call_parser`` names the format (a key of ``TOOL_PARSERS``). The chat
-route parses each choice's text once it is generated; a stream passes its text on as content
-until a call's opening tag (``ToolCallStream``), and sends the calls when the choice ends.
+The server setting ``tool_call_parser`` names the format (a key of ``tool_formats.TOOL_PARSERS``,
+where the formats other than Hermes' are). The chat route parses each choice's text once it is
+generated; a stream passes its text on as content until a call opens (``ToolCallStream``), and
+sends the calls when the choice ends.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -44,15 +45,53 @@ class ParsedOutput:
 class ToolParser(ABC):
     """One model family's tool-call format."""
 
-    start: ClassVar[str]  # the text that opens a call: a stream's content stops before it
+    # NOTE: True where a call opens with a special token (Mistral's [TOOL_CALLS]): the
+    # output's text then keeps special tokens, as vLLM's parser asks (adjust_request)
+    keeps_special_tokens: ClassVar[bool] = False
 
     @abstractmethod
     def parse(self, text: str, names: Collection[str]) -> ParsedOutput:
         """``text``'s calls of the functions ``names``. Text with no well-formed call is
         content as it is (the model's output is what it is: not an error)."""
 
+    @abstractmethod
+    def sendable(self, unsent: str, at_start: bool) -> tuple[int, bool]:
+        """For a stream: how many characters that begin ``unsent`` (the text after the
+        content sent) may be sent as content, and whether a call opens after them (then
+        nothing more is sent until the end). ``at_start``: no content was sent yet."""
 
-class HermesToolParser(ToolParser):
+
+class TaggedToolParser(ToolParser):
+    """A format whose calls open with a fixed tag, anywhere in the output."""
+
+    start: ClassVar[str]
+
+    def sendable(self, unsent: str, at_start: bool) -> tuple[int, bool]:
+        opened = unsent.find(self.start)
+        if opened != -1:
+            return opened, True
+        # a piece of the tag that ends the text waits (the tag may come in several tokens)
+        return len(unsent) - tag_start_at_end(unsent, self.start), False
+
+
+class LeadingToolParser(ToolParser):
+    """A format whose calls are the whole output, opening it (after whitespace) with one of
+    ``openers``, as vLLM's streams decide: an output that opens with other text is content."""
+
+    openers: ClassVar[tuple[str, ...]]
+
+    def sendable(self, unsent: str, at_start: bool) -> tuple[int, bool]:
+        if not at_start:  # (content went out: the output does not open with a call)
+            return len(unsent), False
+        text = unsent.lstrip()
+        if text.startswith(self.openers):
+            return 0, True
+        if any(opener.startswith(text) for opener in self.openers):  # (or whitespace alone)
+            return 0, False
+        return len(unsent), False
+
+
+class HermesToolParser(TaggedToolParser):
     """Hermes' format, also Qwen2.5's and Qwen3's: any text, then calls of the form
     ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``.
 
@@ -80,41 +119,41 @@ class HermesToolParser(ToolParser):
             else:
                 calls.append(call)
             at = stop
-        if not calls:
-            return ParsedOutput(text, [])
         kept.append(text[at:])
-        content = "".join(piece for piece in kept if piece.strip())
-        return ParsedOutput(content or None, calls)
+        return with_content(text, kept, calls)
 
 
-def _not_json(constant: str) -> Any:
+def with_content(text: str, kept: list[str], calls: list[ToolCall]) -> ParsedOutput:
+    """``text`` parsed to ``calls`` and the ``kept`` pieces around them, less those of
+    whitespace alone (they lay the calls out); no calls: ``text`` is all content."""
+    if not calls:
+        return ParsedOutput(text, [])
+    content = "".join(piece for piece in kept if piece.strip())
+    return ParsedOutput(content or None, calls)
+
+
+def not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")  # (Python's json reads NaN and Infinity)
+
+
+def make_call(
+    name: Any, arguments: Any, names: Collection[str], new_id: Callable[[], str] = _tool_call_id
+) -> ToolCall | None:
+    """A call of one of the functions ``names`` with an arguments object (None: not one)."""
+    if not isinstance(name, str) or name not in names or not isinstance(arguments, dict):
+        return None
+    compact = json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
+    return ToolCall(name, compact, new_id())
 
 
 def _call(body: str, names: Collection[str]) -> ToolCall | None:
     try:
-        call = json.loads(body, parse_constant=_not_json)
+        call = json.loads(body, parse_constant=not_json)
     except (ValueError, RecursionError):  # (nesting deeper than Python's stack)
         return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+    if not isinstance(call, dict):
         return None
-    arguments = call.get("arguments", {})
-    if call["name"] not in names or not isinstance(arguments, dict):
-        return None
-    return ToolCall(call["name"], json.dumps(arguments, ensure_ascii=False, separators=(",", ":")))
-
-
-TOOL_PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser}
-
-
-def get_tool_parser(name: str | None) -> ToolParser | None:
-    """The parser the server setting ``tool_call_parser`` names (None: off)."""
-    if name is None:
-        return None
-    if name not in TOOL_PARSERS:
-        known = ", ".join(sorted(TOOL_PARSERS))
-        raise ValueError(f"tool_call_parser must be one of {known} (or unset: off), got {name!r}")
-    return TOOL_PARSERS[name]()
+    return make_call(call.get("name"), call.get("arguments", {}), names)
 
 
 def parser_for(
@@ -159,28 +198,27 @@ class ToolCallStream:
     """One streamed choice's text under a parser: ``feed`` each delta and send on what it
     returns as content; at the end, ``finish`` gives the rest of the content and the calls.
 
-    Content stops before the parser's opening tag, also a piece of it that ends a delta (the
-    tag may come in several tokens); whitespace alone waits for text (before a call, it is
-    dropped). So what was sent always begins the content the whole text parses to.
+    Content stops where the parser says a call may open (``ToolParser.sendable``: before a
+    tag, also a piece of it that ends a delta; an output's opening); whitespace alone waits
+    for text (before a call, it is dropped). So what was sent always begins the content the
+    whole text parses to.
     """
 
     def __init__(self, parser: ToolParser, names: Collection[str]) -> None:
         self.parser, self.names = parser, names
         self.parts: list[str] = []  # every delta (joined once, at the end)
         # what follows the content sent: whitespace waiting for text, a piece of a tag
-        # NOTE: no tag starts in what was sent, so only this is searched for one
+        # NOTE: no call opens in what was sent, so only this is searched for one
         self.unsent = ""
         self.sent = 0  # characters sent as content
-        self.held = False  # a call's tag was seen: nothing more is sent until the end
+        self.held = False  # a call opened: nothing more is sent until the end
 
     def feed(self, delta: str) -> str:
         self.parts.append(delta)
         if self.held:
             return ""
-        tag, unsent = self.parser.start, self.unsent + delta
-        opened = unsent.find(tag)
-        self.held = opened != -1
-        ready = opened if self.held else len(unsent) - tag_start_at_end(unsent, tag)
+        unsent = self.unsent + delta
+        ready, self.held = self.parser.sendable(unsent, self.sent == 0)
         if self.sent == 0 and not unsent[:ready].strip():
             self.unsent = unsent
             return ""
