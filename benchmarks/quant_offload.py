@@ -3,11 +3,12 @@
     python benchmarks/quant_offload.py [--cases b1,w1,offload,cap,tune] [--quick] [--out x.json]
 
 Cases (each builds its own engines; run them in separate calls if one call has a time limit):
-- b1: batch-1 decode tok/s for bf16 / int8 / fp8 (and fp8 with its weight-only decode path),
-  (n - 1) / (t(n new) - t(1 new)) as in throughput.py, vs copy bandwidth / weight bytes read.
+- b1: batch-1 decode tok/s for bf16 / int8 / fp8 (and fp8 with its weight-only decode path) /
+  int4, (n - 1) / (t(n new) - t(1 new)) as in throughput.py, vs copy bandwidth / weight bytes
+  read.
   ``--pdl-ab`` adds bf16 / int8 / fp8 engines with plain launches (``VLLM_RUNNER_PDL=0``).
 - w1: workload W1 (throughput.py's: 256 prompts of 64-1024 random ids, 256 new tokens each,
-  EOS ignored; --num-prompts) for fp8 vs bf16: output tok/s.
+  EOS ignored; --num-prompts) for fp8 and int4 vs bf16: output tok/s.
 - offload: W1 with --offload-gb of weights in pinned host memory. Three runs of the same
   schedule (EOS ignored, so the batches do not depend on the tokens): streaming; the same
   engine with copies disabled (compute only: the resident step time of each step); and the
@@ -96,6 +97,7 @@ def bench_b1(args, model_dir: str, report: dict) -> None:
         ("int8", "int8", default, "1"),
         ("fp8", "fp8", default, "1"),
         ("fp8 (W8A8 _scaled_mm only)", "fp8", 0, "1"),
+        ("int4", "int4", default, "1"),
     ]
     if args.pdl_ab:  # the same engines with plain launches (kernels/pdl.py)
         cases += [(f"{name} (no PDL)", quant, default, "0") for name, quant, *_ in cases[:3]]
@@ -127,7 +129,7 @@ def bench_w1(args, model_dir: str, report: dict) -> None:
     wl = w1_workload(args)
     warm = random_workload(4, args.vocab, 8, 32, 8, args.seed + 1)
     rows = {}
-    for name, quant in [("bf16", None), ("fp8", "fp8")]:
+    for name, quant in [("bf16", None), ("fp8", "fp8"), ("int4", "int4")]:
         llm = make_llm(model_dir, args.max_len, quantization=quant)
         generate(llm, warm)
         wall = statistics.median(generate(llm, wl.salted(r)) for r in range(args.repeats))
@@ -135,7 +137,8 @@ def bench_w1(args, model_dir: str, report: dict) -> None:
         print(f"  w1 {name:<5} {wl.useful_tokens / wall:10,.0f} tok/s ({wall:.1f} s)", flush=True)
         del llm
         free_memory()
-    rows["fp8"]["vs_bf16"] = rows["fp8"]["tok_s"] / rows["bf16"]["tok_s"]
+    for name in ("fp8", "int4"):
+        rows[name]["vs_bf16"] = rows[name]["tok_s"] / rows["bf16"]["tok_s"]
     report["w1"] = rows
 
 

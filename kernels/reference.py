@@ -212,6 +212,45 @@ def w8a16_linear(
     return acc.to(x.dtype)
 
 
+def int4_unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, ceil(K / 8)] int32 words -> [N, K] int32 values 0..15; nibble i (bits 4i..4i+3)
+    of word j is k = 8j + i."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    return ((packed[..., None] >> shifts) & 0xF).flatten(-2)[..., :k]
+
+
+def int4_dequantize(
+    packed: torch.Tensor,  # [N, ceil(K / 8)] int32
+    scale: torch.Tensor,  # [N, ceil(K / group_size)] fp32
+    zero: torch.Tensor,  # [N, ceil(K / group_size)] uint8
+    group_size: int,
+    k: int,
+) -> torch.Tensor:  # [N, K] fp32
+    """``(q - zero) * scale``, one scale and zero per ``group_size`` inputs of a row (the
+    last group may be short); exact up to the one fp32 rounding of the product."""
+    q = int4_unpack(packed, k)
+    z = zero.to(torch.int32).repeat_interleave(group_size, dim=-1)[..., :k]
+    return (q - z).float() * scale.repeat_interleave(group_size, dim=-1)[..., :k]
+
+
+def w4a16_linear(
+    x: torch.Tensor,  # [..., K] fp32 / fp16 / bf16
+    packed: torch.Tensor,  # [N, ceil(K / 8)] int32
+    scale: torch.Tensor,  # [N, ceil(K / group_size)] fp32
+    zero: torch.Tensor,  # [N, ceil(K / group_size)] uint8
+    group_size: int,
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [..., N] in x.dtype
+    """Weight-only int4 linear: ``x @ int4_dequantize(...).T + bias`` in fp32, rounded once to
+    x.dtype (the Triton kernel scales each group's partial product instead: the same sum up
+    to fp32 rounding)."""
+    w = int4_dequantize(packed, scale, zero, group_size, x.shape[-1])
+    acc = F.linear(x.float(), w)
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(x.dtype)
+
+
 def fp8_quantize_rows(
     x: torch.Tensor,  # [..., K] float
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (float8_e4m3fn [..., K], fp32 scale [...])

@@ -21,7 +21,8 @@ _DTYPES = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-QUANTIZATIONS = (None, "fp8", "int8")
+# "awq": a 4-bit AWQ checkpoint, which None also detects (model/layers/awq.py)
+QUANTIZATIONS = (None, "awq", "fp8", "int4", "int8")
 # vLLM's: "fcfs" serves requests in arrival order; "priority" by each request's priority
 # (lower first), then arrival order
 SCHEDULING_POLICIES = ("fcfs", "priority")

@@ -19,12 +19,12 @@ import pytest
 H100_SHARED_BYTES = 227 * 1024
 PTR_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int32": "*i32",
              "int64": "*i64", "int8": "*i8", "int16": "*i16",
-             "float8_e4m3fn": "*fp8e4nv"}  # fmt: skip
+             "uint8": "*u8", "float8_e4m3fn": "*fp8e4nv"}  # fmt: skip
 KERNELS = {
     "_write_kv_cache_kernel", "_rotary_write_kv_kernel", "_decode_kernel",
     "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel",
     "_silu_and_mul_kernel", "_w8a16_kernel", "_gemv_kernel", "_fp8_quantize_rows_kernel",
-    "_sample_kernel",
+    "_sample_kernel", "_w4a16_kernel",
 }  # fmt: skip
 
 
@@ -96,6 +96,7 @@ def _compile_all() -> list[dict]:
     import kernels.paged_attention as pa
     import kernels.pdl
     import kernels.prefill_attention as pf
+    import kernels.quant_int4 as qi
     import kernels.quant_matmul as qm
     import kernels.rms_norm as rn
     import kernels.rotary as ro
@@ -106,7 +107,7 @@ def _compile_all() -> list[dict]:
     pa.ptx_widening = lambda device: True  # (weights, and an fp8 KV cache's word pairs)
     results: list[dict] = []
     sm._programs = lambda device: 66  # (an H100's half: split rows, their barriers compiled)
-    for mod in (ac, ds, kv, pa, pf, qg, qm, rn, ro, sm):
+    for mod in (ac, ds, kv, pa, pf, qg, qi, qm, rn, ro, sm):
         for name in KERNELS & set(vars(mod)):
             setattr(mod, name, _Recorder(name, getattr(mod, name), results))
     bt = torch.zeros(4, 16, dtype=torch.int32)
@@ -175,6 +176,16 @@ def _compile_all() -> list[dict]:
                 qm.w8a16_matmul(torch.empty(m, k, dtype=torch.bfloat16),
                                 torch.empty(n, k, dtype=wdtype), torch.empty(n),
                                 gated=gated)  # fmt: skip
+    # int4 weights (groups of 128; 32: a shorter K tile) at the default configs' tile classes:
+    # decode with split K, 256 rows, prefill; ragged N and K
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for m, n, k, group in [(1, 4096, 4096, 128), (16, 72, 300, 32), (256, 4096, 4096, 128),
+                               (4096, 4096, 4096, 128)]:  # fmt: skip
+            groups = -(-k // group)
+            qi.w4a16_matmul(torch.empty(m, k, dtype=dtype),
+                            torch.empty(n, -(-k // 8), dtype=torch.int32),
+                            torch.empty(n, groups), torch.empty(n, groups, dtype=torch.uint8),
+                            group, torch.empty(n, dtype=dtype))  # fmt: skip
     # 16-bit weights through the GEMV with each of the decode layer's fusions
     for wdtype in (torch.bfloat16, torch.float16):
         for n, k in [(4096, 4096), (72, 300)]:
@@ -213,6 +224,8 @@ def test_kernels_compile_for_sm90() -> None:
     assert sum(r["barrier_between"] is True for r in results) == 9, results  # 9 fused decodes
     prefill_bf16 = [r for r in results if r["kernel"] == "_prefill_kernel" and "bf" in r["dtype"]]
     assert prefill_bf16[0]["mma"] == "wgmma", prefill_bf16
+    int4 = [r for r in results if r["kernel"] == "_w4a16_kernel" and r["dtype"] != "torch.float32"]
+    assert len(int4) == 8 and all(r["mma"] != "none" for r in int4), int4
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from vllm_runner.engine.outputs import ModelRunnerOutput, SchedulerOutput, Strea
 from vllm_runner.engine.request import Request, RequestStatus
 from vllm_runner.engine.sampling_defaults import generation_folder, read_sampling_defaults
 from vllm_runner.engine.scheduler import Scheduler
+from vllm_runner.model.layers.awq import resolve_quantization
 from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.sample.bad_words import bad_word_token_ids
 from vllm_runner.sample.guided_choice import choice_token_ids
@@ -61,7 +62,7 @@ class EngineCore:
             device=device,
             max_model_len=max_model_len,
             seed=secrets.randbits(63) if args.seed is None else args.seed,
-            quantization=args.quantization,
+            quantization=resolve_quantization(args.quantization, hf_config),
             enforce_eager=args.enforce_eager,
             piecewise_max_tokens=args.resolve_piecewise_max_tokens(device, serving),
         )

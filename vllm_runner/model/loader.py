@@ -172,17 +172,25 @@ def build_model(
     from vllm_runner.model.layers.quant import get_quant_method
     from vllm_runner.worker.offload import check_weights_fit, place_weights, plan_weights
 
-    method = get_quant_method(quantization, device)
+    method = get_quant_method(quantization, device, hf_config)
+    prequantized = method is not None and method.prequantized  # AWQ: layers/awq.py
     meta_model = _instantiate(hf_config, dtype, torch.device("meta"), max_model_len)
+    if prequantized:
+        method.prepare(meta_model)
     plan = plan_weights(meta_model, method, cpu_offload_gb)
     if device.type == "cuda":
         check_weights_fit(plan, device, gpu_memory_utilization)
     staged = method is not None or bool(plan.offload_layers)
     model = _instantiate(hf_config, dtype, torch.device("cpu") if staged else device, max_model_len)
+    weights = iterate_weights(path)
+    if prequantized:
+        method.prepare(model)
+        weights = method.checkpoint_tensors(weights)
     try:
-        load_weights(model, iterate_weights(path))
+        load_weights(model, weights)
     except ValueError as e:
-        _refuse_prequantized(hf_config, e)
+        if not prequantized:
+            _refuse_prequantized(hf_config, e)
         raise
     if staged:
         model.weight_offloader = place_weights(model, device, method, plan)
@@ -192,15 +200,16 @@ def build_model(
 
 
 def _refuse_prequantized(hf_config: object, error: ValueError) -> None:
-    """A checkpoint stored quantized (AWQ, GPTQ, FP8: its config names a quant_method) fails
+    """A checkpoint stored quantized (FP8, ...: its config names a quant_method) fails
     to load on its packed tensors or scales; say why instead of naming one of them."""
     quant = getattr(hf_config, "quantization_config", None)  # a dict, as config.json holds it
     if not isinstance(quant, dict):
         return
     raise ValueError(
         f"{error}: the checkpoint is pre-quantized (quantization_config quant_method "
-        f"{quant.get('quant_method')!r}), which this engine does not load; load the "
-        "unquantized checkpoint (quantization='int8' or 'fp8' quantizes it at load)"
+        f"{quant.get('quant_method')!r}), which this engine does not load (of pre-quantized "
+        "checkpoints it loads 4-bit AWQ); load the unquantized checkpoint (quantization="
+        "'int8', 'int4' or 'fp8' quantizes it at load)"
     ) from None
 
 

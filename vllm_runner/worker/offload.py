@@ -66,9 +66,8 @@ def packed_layer_bytes(layer: nn.Module, method: QuantMethod | None) -> int:
     total = 0
     for module, name, param in linear_tensors(layer):
         unquantized = name == "weight" and method is not None and module.quant_method is None
-        if unquantized and method.supports(module):  # once quantized: weight + fp32 scales
-            total += align(module.weight.numel() * method.weight_dtype.itemsize)
-            total += align(module.out_features * 4)
+        if unquantized and method.supports(module):  # once quantized: weight + scales (+ zeros)
+            total += sum(align(nbytes) for nbytes in method.tensor_nbytes(module))
         else:
             total += align(param.nbytes)
     return total
@@ -126,8 +125,9 @@ def plan_weights(model: nn.Module, method: QuantMethod | None, cpu_offload_gb: f
     for name, param in model.named_parameters():  # NOTE: tied parameters come once
         prefix, _, leaf = name.rpartition(".")
         module = model.get_submodule(prefix)
-        if leaf != "weight" or not isinstance(module, LinearBase):
-            total += param.nbytes
+        linear = isinstance(module, LinearBase)
+        if leaf != "weight" or not linear or module.quant_method is not None:
+            total += param.nbytes  # (a layer of a pre-quantized checkpoint: as it loads)
         elif method is not None:
             total += method.weight_nbytes(module)
         else:
@@ -254,14 +254,15 @@ def place_weights(
         offloader = WeightOffloader(device, slot_bytes, len(plan.offload_layers))
     offload = set(plan.offload_layers)
     layers = decoder_layers(model) if (offload or method is not None) else []
+    quantize = method is not None and not method.prequantized
     for i, layer in enumerate(layers):
-        if method is not None:
+        if quantize:
             quantize_module(layer, method, device)
         if i in offload:
             offloader.add(layer)
         else:
             layer.to(device)
-    if method is not None:
+    if quantize:
         quantize_module(model, method, device)  # linear layers outside the decoder stack
     model.to(device)
     if offloader is not None:

@@ -9,6 +9,9 @@
 A quantized layer keeps ``weight`` (now int8 / fp8, ``[out, in]``) and gains ``weight_scale``
 (fp32 ``[out]``), both parameters, so offloading moves them like any other weight.
 Embeddings and the LM head stay in the model dtype.
+
+``int4`` (W4A16, group-wise) is in ``layers/int4.py``, and ``awq`` (AWQ checkpoints loaded
+into int4's layout) in ``layers/awq.py``; both build on ``QuantMethod`` from here.
 """
 
 import logging
@@ -24,13 +27,13 @@ logger = logging.getLogger(__name__)
 
 INT8_MAX = 127
 FP8_DTYPE = torch.float8_e4m3fn
-_MIN_SCALE = 1e-12  # all-zero rows / tokens: any scale works, avoid 0 / 0
+MIN_SCALE = 1e-12  # all-zero rows / tokens: any scale works, avoid 0 / 0
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] float -> (int8 [out, in], fp32 scale [out]); |w - q * scale| <= scale / 2."""
     wf = w.float()
-    scale = (wf.abs().amax(dim=1) / INT8_MAX).clamp(min=_MIN_SCALE)
+    scale = (wf.abs().amax(dim=1) / INT8_MAX).clamp(min=MIN_SCALE)
     q = torch.round(wf / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
@@ -63,6 +66,9 @@ class QuantMethod:
 
     name = ""
     weight_dtype = torch.int8
+    # The checkpoint is stored quantized (AWQ): its layers load their quantized tensors,
+    # none is quantized here.
+    prequantized = False
 
     def supports(self, layer: LinearBase) -> bool:
         return True
@@ -101,11 +107,16 @@ class QuantMethod:
         return w8a16_matmul(x, layer.weight, layer.weight_scale, bias, gated=gated, norm=norm,
                             residual=residual)  # fmt: skip
 
+    def tensor_nbytes(self, layer: LinearBase) -> list[int]:
+        """Bytes of each tensor that replaces the layer's weight once quantized (the weight,
+        then its scales); works on meta modules."""
+        return [layer.weight.numel() * self.weight_dtype.itemsize, layer.out_features * 4]
+
     def weight_nbytes(self, layer: LinearBase) -> int:
         """Bytes of the layer's weight (+ scales) once quantized; works on meta modules."""
         if not self.supports(layer):
             return layer.weight.nbytes
-        return layer.weight.numel() * self.weight_dtype.itemsize + layer.out_features * 4
+        return sum(self.tensor_nbytes(layer))
 
     def _set(self, layer: LinearBase, q: torch.Tensor, scale: torch.Tensor) -> None:
         layer.weight = nn.Parameter(q, requires_grad=False)
@@ -217,24 +228,36 @@ def fp8_scaled_mm(
     return out if out_dtype == torch.bfloat16 else out.to(out_dtype)
 
 
-QUANT_METHODS: dict[str, type[QuantMethod]] = {"int8": Int8WeightOnly, "fp8": Fp8W8A8}
+QUANT_METHODS = ("awq", "fp8", "int4", "int8")
 
 
-def get_quant_method(quantization: str | None, device: torch.device) -> QuantMethod | None:
-    """The method for an EngineArgs ``quantization`` value; fails early where it cannot run."""
+def get_quant_method(
+    quantization: str | None, device: torch.device, hf_config: object = None
+) -> QuantMethod | None:
+    """The method for an EngineArgs ``quantization`` value; fails early where it cannot run.
+    ``awq`` reads its settings from ``hf_config``'s quantization_config."""
     if quantization is None:
         return None
     if quantization not in QUANT_METHODS:
-        raise ValueError(f"quantization must be one of {sorted(QUANT_METHODS)} or None")
-    if quantization == "fp8":
-        ok, what = fp8_supported(device)
-        if not ok:
-            raise ValueError(
-                f"quantization='fp8' needs torch._scaled_mm on a CUDA GPU of compute capability "
-                f">= 8.9 (Ada, Hopper or newer), but {what}; use quantization='int8' "
-                "(weight-only, runs on any device) or quantization=None"
-            )
-    return QUANT_METHODS[quantization]()
+        raise ValueError(f"quantization must be one of {list(QUANT_METHODS)} or None")
+    if quantization == "int8":
+        return Int8WeightOnly()
+    if quantization == "int4":  # (int4.py and awq.py build on this module: imported here)
+        from vllm_runner.model.layers.int4 import Int4WeightOnly
+
+        return Int4WeightOnly()
+    if quantization == "awq":
+        from vllm_runner.model.layers.awq import AwqInt4, awq_config
+
+        return AwqInt4(awq_config(getattr(hf_config, "quantization_config", None)))
+    ok, what = fp8_supported(device)
+    if not ok:
+        raise ValueError(
+            f"quantization='fp8' needs torch._scaled_mm on a CUDA GPU of compute capability "
+            f">= 8.9 (Ada, Hopper or newer), but {what}; use quantization='int8' "
+            "(weight-only, runs on any device) or quantization=None"
+        )
+    return Fp8W8A8()
 
 
 def quantize_module(module: nn.Module, method: QuantMethod, device: torch.device) -> int:

@@ -1,0 +1,123 @@
+"""W4A16 int4 matmul kernel vs its torch reference (``reference.w4a16_linear``)."""
+
+import pytest
+import torch
+from kernel_testing import DTYPE_IDS, DTYPES
+
+from kernels import reference
+from kernels.quant_int4 import W4A16Config, default_config, w4a16_matmul
+from vllm_runner.model.layers.int4 import quantize_int4
+
+# The kernel scales each group's fp32 partial product, the reference dequantizes first (one
+# fp32 rounding per weight); the output dtype's rounding dominates.
+TOL = {
+    torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+    torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+    torch.bfloat16: {"atol": 1.6e-2, "rtol": 1.6e-2},
+}
+
+
+def make_int4(n: int, k: int, group_size: int, device: torch.device):
+    """Random int4 weights whose groups differ in scale (x1 .. x1000 along K) and zero point
+    (a shifted mean), so a kernel that reads another group's scale or zero fails."""
+    w = torch.randn(n, k, device=device) * 0.05
+    group = torch.arange(k, device=device) // group_size
+    w = w * 10.0 ** (group % 4).float() + 0.02 * (group % 3 - 1).float()
+    return quantize_int4(w, group_size)
+
+
+def check(x, weights, group_size, bias=None, config=None) -> torch.Tensor:
+    out = w4a16_matmul(x, *weights, group_size, bias, config)
+    ref = reference.w4a16_linear(x, *weights, group_size, bias)
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    assert not out.isnan().any(), "kernel left unwritten elements"
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[x.dtype])
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "m,n,k,group_size",
+    [(1, 96, 256, 128), (5, 64, 200, 128), (19, 80, 300, 64), (3, 40, 96, 32), (80, 72, 384, 128)],
+    ids=["gemv-like", "short-group", "K%8", "group32", "large-m"],
+)  # fmt: skip
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_w4a16_matches_reference(device, dtype, m, n, k, group_size, with_bias) -> None:
+    """Default configs: K not a multiple of the tile (200, 300), of a word (300 = 37.5 words),
+    several groups per row, M below and above the decode tile."""
+    weights = make_int4(n, k, group_size, device)
+    x = torch.randn(m, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype) if with_bias else None
+    check(x, weights, group_size, bias)
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3, 6])
+def test_w4a16_split_k_and_ragged_tiles(device, split_k: int) -> None:
+    """K split unevenly across programs (the last split short, or empty and dropped), N and M
+    not multiples of their tiles, K tiles smaller than a group."""
+    weights = make_int4(72, 300, 64, device)
+    x = torch.randn(19, 300, device=device)
+    bias = torch.randn(72, device=device)
+    check(x, weights, 64, bias, W4A16Config(16, 32, 32, split_k=split_k, num_stages=1))
+
+
+def test_w4a16_group_edges_are_exact_in_fp32(device) -> None:
+    """One input at a time: the output is that input's weight column, dequantized; every
+    column of a group edge (first / last of each group, the short last one) reads its own
+    group's scale and zero point."""
+    n, k, group_size = 40, 200, 64
+    weights = make_int4(n, k, group_size, device)
+    edges = [0, 63, 64, 127, 128, 191, 192, 199]
+    x = torch.zeros(len(edges), k, device=device)
+    x[torch.arange(len(edges)), edges] = 1.0
+    out = w4a16_matmul(x, *weights, group_size)
+    columns = reference.int4_dequantize(*weights, group_size, k)[:, edges].T
+    assert torch.equal(out, columns)
+
+
+def test_w4a16_leading_dims_and_empty_batch(device) -> None:
+    weights = make_int4(48, 128, 128, device)
+    x = torch.randn(2, 3, 128, device=device).bfloat16()
+    out = check(x, weights, 128)
+    assert out.shape == (2, 3, 48)
+    assert w4a16_matmul(x[:0], *weights, 128).shape == (0, 3, 48)
+
+
+def test_default_config_fits_the_group_and_the_grid() -> None:
+    """Decode: one K tile a group of 128 (shorter groups: the group), K split until ~2
+    programs per SM; prefill: square tiles, K tile 64."""
+    decode = default_config(1, 4096, 4096, 128, 132)
+    assert (decode.block_m, decode.block_n, decode.block_k) == (16, 32, 128)
+    assert decode.split_k == 3  # 128 tiles of N: 264 / 128 rounded up
+    assert default_config(16, 4096, 4096, 32, 132).block_k == 32
+    assert default_config(1, 14336 * 2, 4096, 128, 132).split_k == 1  # 448 N tiles of 64
+    assert default_config(4096, 4096, 4096, 128, 132) == W4A16Config(128, 128, 64, num_warps=8)
+    assert default_config(256, 4096, 4096, 48, 132).block_k == 16
+
+
+def test_launcher_refuses_wrong_layouts(device) -> None:
+    weights = make_int4(32, 128, 64, device)
+    x = torch.randn(2, 128, device=device)
+    with pytest.raises(AssertionError, match="block_k 128 must divide group_size 64"):
+        w4a16_matmul(x, *weights, 64, config=W4A16Config(16, 32, 128))
+    with pytest.raises(AssertionError, match=r"scale .* must be fp32 \(32, 1\)"):
+        w4a16_matmul(x, *weights, 128)
+    with pytest.raises(AssertionError, match=r"qweight torch.int32 \(32, 16\) must be int32"):
+        w4a16_matmul(torch.randn(2, 64, device=device), *weights, 64)
+
+
+# ---- GPU: Llama-3-8B shapes ------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 256, 4096])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
+                         ids=["qkv", "o", "gate_up", "down"])  # fmt: skip
+def test_gpu_w4a16_llama8b_shapes(m: int, n: int, k: int) -> None:
+    """bf16 activations: the kernel's output vs the reference's within bf16 rounding, as a
+    relative (Frobenius) error and elementwise."""
+    weights = make_int4(n, k, 128, torch.device("cuda"))
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    out = w4a16_matmul(x, *weights, 128)
+    ref = reference.w4a16_linear(x, *weights, 128)
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 4e-3
+    torch.testing.assert_close(out.float(), ref.float(), atol=0.02 * ref.float().abs().max().item(),
+                               rtol=1.6e-2)  # fmt: skip
