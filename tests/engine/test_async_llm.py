@@ -96,9 +96,9 @@ def test_stream_updates_merge_only_within_one_unfinished_completion():
     assert merge_updates(items) == items  # nothing here continues the update before it
     many = merge_updates([update(ids=(i,)) for i in range(20_000)])  # linear, not quadratic
     assert len(many) == 1 and many[0].new_token_ids == list(range(20_000))
-    first = dataclasses.replace(update(), prompt_logprobs=[None, {5: -1.0}])
+    first = dataclasses.replace(update(), prompt_logprobs=[None, {5: -1.0}], prompt_ranks=[None, 2])
     (merged,) = merge_updates([first, update()])  # a first update's prompt logprobs stay
-    assert merged.prompt_logprobs == [None, {5: -1.0}]
+    assert merged.prompt_logprobs == [None, {5: -1.0}] and merged.prompt_ranks == [None, 2]
 
 
 def test_the_first_update_carries_the_prompt_logprobs(smol):
@@ -111,7 +111,10 @@ def test_the_first_update_carries_the_prompt_logprobs(smol):
     updates, final = run(main())
     assert updates[0].prompt_logprobs == final.prompt_logprobs
     assert len(final.prompt_logprobs) == len(final.prompt_token_ids)
-    assert all(u.prompt_logprobs is None for u in updates[1:])
+    assert all(u.prompt_logprobs is None and u.prompt_ranks is None for u in updates[1:])
+    ranks = updates[0].prompt_ranks  # (the top 1 listed: a rank 1 token has its entry alone)
+    assert ranks[0] is None and len(ranks) == len(final.prompt_token_ids)
+    assert [r == 1 for r in ranks[1:]] == [len(e) == 1 for e in final.prompt_logprobs[1:]]
 
 
 def test_stream_deltas_add_up_to_the_final_text(smol):

@@ -99,6 +99,10 @@ def test_prompt_logprobs_come_through_the_pipe(apart, smol_llm):
     for mine, theirs in zip(first.prompt_logprobs[1:], want.prompt_logprobs[1:], strict=True):
         assert mine.keys() == theirs.keys()
         assert list(mine.values()) == pytest.approx(list(theirs.values()), abs=1e-5)
+    # and the prompt tokens' ranks: within the top 2 just when listed among them
+    ranks = first.prompt_ranks
+    assert ranks[0] is None and len(ranks) == len(first.prompt_logprobs)
+    assert [r <= 2 for r in ranks[1:]] == [len(e) == 2 for e in first.prompt_logprobs[1:]]
 
 
 def test_the_front_end_builds_the_text_of_requests_without_stop_strings(apart, smol_llm):

@@ -32,15 +32,19 @@ def _run(tokens: list[int], num_prompt: int) -> ModelRunnerOutput:
 
 def test_a_prompt_gets_one_entry_per_token_after_the_first():
     # zero logits over a vocabulary of 4: every token's logprob is log(1 / 4)
-    got = _run([1, 2, 3], 3).prompt_logprobs["a"]
+    result = _run([1, 2, 3], 3)
+    got = result.prompt_logprobs["a"]
     assert got[0] is None and [list(d) for d in got[1:]] == [[2], [3]]
     assert [d[t] for d, t in zip(got[1:], [2, 3], strict=True)] == pytest.approx([-math.log(4)] * 2)
+    # all 4 tokens tie: each is ranked behind every one at least as likely (as vLLM)
+    assert result.prompt_ranks == {"a": [None, 4, 4]}
 
 
 def test_a_request_resumed_after_preemption_does_not_hand_them_again():
     """Recomputing prompt + outputs after a preemption samples again, but the prompt's
     logprobs went out with the first sampled token: a stream must not repeat them."""
-    assert _run([1, 2, 3, 0], 3).prompt_logprobs == {}
+    result = _run([1, 2, 3, 0], 3)
+    assert result.prompt_logprobs == {} and result.prompt_ranks == {}
 
 
 def test_a_request_later_in_the_step_scores_its_own_rows():
@@ -61,6 +65,7 @@ def test_a_request_later_in_the_step_scores_its_own_rows():
     assert list(result.prompt_logprobs) == ["b"] and got[0] is None
     assert [list(d) for d in got[1:]] == [[2], [3]]
     assert [got[1][2], got[2][3]] == pytest.approx([want[0, 2].item(), want[1, 3].item()])
+    assert result.prompt_ranks == {"b": [None, 2, 2]}  # 2 of [0, 0, 1, 2]; 3 of [3, 0, 0, 1]
 
 
 def test_a_first_chunk_scores_its_rows_in_float32_and_hands_nothing_over():
@@ -78,6 +83,7 @@ def test_a_first_chunk_scores_its_rows_in_float32_and_hands_nothing_over():
     assert result.prompt_logprobs == {}
     want = logits.float().log_softmax(-1)
     got = batch.states["a"].prompt_logprobs
+    assert batch.states["a"].prompt_ranks == [2, 3]  # kept with them until the prompt is done
     assert got == [
         {2: want[0, 2].item(), 3: want[0, 3].item()},
         {0: want[1, 0].item(), 3: want[1, 3].item()},

@@ -132,7 +132,8 @@ def test_logit_bias_is_added_before_the_repetition_penalty():
 def test_prompt_logprobs_list_the_prompt_token_first_then_the_top_k():
     """vLLM's prompt_logprobs: None for the first token, then per position {prompt token:
     its logprob given the prefix, then the top-k by rank}, the prompt token first (as the
-    sampled token in ``logprobs``); here the prompt in two chunks, and an identity head."""
+    sampled token in ``logprobs``), and its rank (how many tokens are at least as likely);
+    here the prompt in two chunks, and an identity head."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -144,8 +145,9 @@ def test_prompt_logprobs_list_the_prompt_token_first_then_the_top_k():
                            [1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0]])  # fmt: skip
     model = SimpleNamespace(compute_logits=lambda hidden: hidden)
     state = SimpleNamespace(params=SamplingParams(prompt_logprobs=2), num_prompt_tokens=5,
-                            token_ids=list(prompt), prompt_logprobs=[])  # fmt: skip
-    result = SimpleNamespace(prompt_logprobs={})
+                            token_ids=list(prompt), prompt_logprobs=[],
+                            prompt_ranks=[])  # fmt: skip
+    result = SimpleNamespace(prompt_logprobs={}, prompt_ranks={})
     for lo, hi in ((0, 3), (3, 5)):  # a chunk: positions lo .. hi - 1
         sampling_ids = ["r"] if hi == len(prompt) else []  # (the prompt's last chunk samples)
         inputs = SimpleNamespace(request_ids=["r"], query_start_loc=np.array([0, hi - lo]),
@@ -161,6 +163,8 @@ def test_prompt_logprobs_list_the_prompt_token_first_then_the_top_k():
         assert list(entry) == order, (p, entry)
         for t in order:
             assert math.isclose(entry[t], want[p, t], abs_tol=1e-6), (p, t)
+    # prompt[1:] = 0, 2, 2, 1: 4, 3, 2 and 1 tokens of their rows are at least as likely
+    assert result.prompt_ranks["r"] == [None, 4, 3, 2, 1]
 
 
 def test_top_p_and_min_p_filter_the_tempered_distribution():

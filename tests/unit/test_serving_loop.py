@@ -164,7 +164,7 @@ def test_timings_cover_every_finished_request_even_one_without_a_route(monkeypat
 def test_a_packed_update_is_whole_again_after_unpack() -> None:
     first = StreamOutput("r", 1, "He", "He", 1, [5], [{5: -0.5}], False, None, [1, 2])
     last = StreamOutput("r", 1, "llo", "Hello", 2, [6], None, True, "stop", [1, 2], "\n", None)
-    last.prompt_logprobs = [None, {2: -1.0}]
+    last.prompt_logprobs, last.prompt_ranks = [None, {2: -1.0}], [None, 3]
     texts: dict[int, str] = {}
     assert unpack(pack(first), "r", [1, 2], texts) == first
     assert unpack(pack(last), "r", [1, 2], texts) == last

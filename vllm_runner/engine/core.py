@@ -300,7 +300,12 @@ class EngineCore:
             if stream:
                 outputs.append(
                     stream_output(
-                        state, index, out.new_token_ids, out.new_logprobs, out.prompt_logprobs
+                        state,
+                        index,
+                        out.new_token_ids,
+                        out.new_logprobs,
+                        out.prompt_logprobs,
+                        out.prompt_ranks,
                     )
                 )
             if state.completions[index].finish_reason is not None:  # (else none ended here)

@@ -127,6 +127,7 @@ def stream_output(
     new_ids: list[int],
     new_logprobs: list[dict[int, float]] | None,
     prompt_logprobs: list[dict[int, float] | None] | None = None,
+    prompt_ranks: list[int | None] | None = None,
 ) -> StreamOutput:
     c = state.completions[index]
     finished = c.finish_reason is not None
@@ -145,4 +146,5 @@ def stream_output(
         c.stop_reason,
         state.error,
         prompt_logprobs,
+        prompt_ranks,
     )

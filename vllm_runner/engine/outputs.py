@@ -53,6 +53,9 @@ class ModelRunnerOutput:
     # request id -> per prompt position (the first None): {token id: logprob} of the prompt
     # token given its prefix and of the top ``prompt_logprobs`` tokens
     prompt_logprobs: dict[str, list[dict[int, float] | None]] = field(default_factory=dict)
+    # request id -> per prompt position (the first None): the prompt token's rank there
+    # among the vocabulary (1: the most likely), handed over with ``prompt_logprobs``
+    prompt_ranks: dict[str, list[int | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +70,7 @@ class EngineStepOutput:
     stop_reason: int | str | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
+    prompt_ranks: list[int | None] | None = None  # (with prompt_logprobs)
 
 
 # ---- what users get ----------------------------------------------------------------------------
@@ -136,8 +140,10 @@ class StreamOutput:
     prompt_token_ids: list[int]
     stop_reason: int | str | None = None
     error: str | None = None
-    # on a completion's first update, when asked: RequestOutput.prompt_logprobs
+    # on a completion's first update, when asked: RequestOutput.prompt_logprobs, and the
+    # prompt tokens' ranks (ModelRunnerOutput.prompt_ranks)
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_ranks: list[int | None] | None = None
 
     def __str__(self) -> str:
         return self.delta
@@ -176,6 +182,9 @@ def merge_updates(items: list) -> list:
                     new_logprobs=logprobs,
                     prompt_logprobs=next(
                         (u.prompt_logprobs for u in run if u.prompt_logprobs is not None), None
+                    ),
+                    prompt_ranks=next(
+                        (u.prompt_ranks for u in run if u.prompt_ranks is not None), None
                     ),
                 )
             )

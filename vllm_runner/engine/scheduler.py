@@ -238,6 +238,7 @@ class Scheduler:
                     request.stop_reason,
                     result.prompt_logprobs.get(request_id),
                     max(request.num_cached_tokens, 0),
+                    result.prompt_ranks.get(request_id),
                 )
             )
             if status is not None:

@@ -159,6 +159,7 @@ def pack(item: object) -> object:
         item.stop_reason,
         item.error,
         item.prompt_logprobs,
+        item.prompt_ranks,
     )
 
 

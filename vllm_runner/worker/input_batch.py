@@ -20,6 +20,7 @@ class CachedRequestState(SamplingRow):
     num_blocks: int
     num_computed_tokens: int = 0
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_ranks: list[int] = field(default_factory=list)  # (of each prompt_logprobs entry)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Prompt logprobs (vLLM's ``prompt_logprobs``): for each prompt token after the first, its
-logprob given its prefix and the top-k tokens' at that position."""
+logprob given its prefix and the top-k tokens' at that position, and its rank there."""
 
 import torch
 
@@ -17,8 +17,8 @@ def prompt_logprobs(
     result: ModelRunnerOutput,
 ) -> None:
     """Appends this step's positions to each asking request's ``prompt_logprobs`` (one
-    ``{token id: logprob}`` per position) and, once its prompt is done, hands the list to
-    ``result``."""
+    ``{token id: logprob}`` per position) and ``prompt_ranks`` (the prompt token's rank there)
+    and, once its prompt is done, hands both lists to ``result``."""
     for i, request_id in enumerate(inputs.request_ids):
         state = states[request_id]
         top = state.params.prompt_logprobs
@@ -34,6 +34,9 @@ def prompt_logprobs(
             logprobs = model.compute_logits(rows).float().log_softmax(dim=-1)
             targets = state.token_ids[a + 1 : b + 1]
             own = logprobs.gather(1, torch.tensor(targets, device=hidden.device)[:, None])
+            # as vLLM's: how many tokens are at least as likely as the prompt's own (it
+            # included): 1 is the most likely
+            state.prompt_ranks.extend((logprobs >= own).sum(dim=-1).tolist())
             best = logprobs.topk(top, dim=-1) if top else None
             for r, (token, lp) in enumerate(zip(targets, own[:, 0].tolist(), strict=True)):
                 entry = {token: lp}
@@ -43,3 +46,4 @@ def prompt_logprobs(
                 state.prompt_logprobs.append(entry)
         if request_id in inputs.sampling_ids and state.num_prompt_tokens == len(state.token_ids):
             result.prompt_logprobs[request_id] = [None, *state.prompt_logprobs]
+            result.prompt_ranks[request_id] = [None, *state.prompt_ranks]
