@@ -128,7 +128,12 @@ class ScoreInput(ScoreRequest):
         return self
 
 
-openai_app = create_openai_app(ready_engine, SETTINGS.tool_call_parser, SETTINGS.reasoning_parser)
+openai_app = create_openai_app(
+    ready_engine,
+    SETTINGS.tool_call_parser,
+    SETTINGS.reasoning_parser,
+    SETTINGS.trust_request_chat_template,
+)
 _service_options: dict[str, Any] = {
     "workers": SETTINGS.workers,
     "traffic": {"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},

@@ -260,7 +260,7 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
         ("/v1/completions", {"prompt": PROMPT, "bad_words": [""]}, "bad_words"),
         ("/v1/completions", {"prompt": PROMPT, "bad_words": "Paris"}, "bad_words"),
         ("/v1/completions", {"prompt": PROMPT, "bad_words": ["x"] * 65}, "bad_words"),
-        ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 1}, "prompt_logprobs"),
+        ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 21}, "prompt_logprobs"),
         (
             "/v1/completions",
             {"prompt": PROMPT, "truncate_prompt_tokens": -2},
@@ -268,13 +268,17 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
         ),
         ("/v1/completions", {"prompt": PROMPT, "add_special_tokens": False}, "add_special_tokens"),
         ("/v1/completions", {"prompt": PROMPT, "priority": 1}, "priority"),
-        ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 0}, "prompt_logprobs"),
+        (
+            "/v1/completions",
+            {"prompt": PROMPT, "prompt_logprobs": 0, "stream": True},
+            "prompt_logprobs",
+        ),  # fmt: skip
         (
             "/v1/completions",
             {"prompt": PROMPT, "truncate_prompt_tokens": 0},
             "truncate_prompt_tokens",
         ),  # fmt: skip
-        ("/v1/chat/completions", {"messages": CHAT, "echo": True}, "echo"),
+        ("/v1/chat/completions", {"messages": CHAT, "prompt_logprobs": -1}, "prompt_logprobs"),
         (
             "/v1/chat/completions",
             {"messages": CHAT, "add_special_tokens": True},

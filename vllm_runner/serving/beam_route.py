@@ -23,7 +23,8 @@ BEAM_FIELDS = {
     "model", "prompt", "messages", "n", "max_tokens", "max_completion_tokens", "ignore_eos",
     "length_penalty", "use_beam_search", "temperature", "user", "priority", "skip_special_tokens",
     "truncate_prompt_tokens", "add_generation_prompt", "continue_final_message",
-    "chat_template_kwargs", "seed", "include_stop_str_in_output", "return_tokens_as_token_ids",
+    "chat_template_kwargs", "chat_template", "seed", "include_stop_str_in_output",
+    "return_tokens_as_token_ids",
 }  # fmt: skip
 
 

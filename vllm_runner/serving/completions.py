@@ -5,7 +5,8 @@ and, with ``logprobs``, its logprobs with the prompt's tokens: the engine's prom
 the first token's null (nothing precedes it). ``max_tokens`` 0 (echo only, as vLLM) answers
 the prompt alone: the engine samples one token, which is dropped here.
 ``return_tokens_as_token_ids`` names every logprobs token by id, the echoed prompt's too;
-the text, echoed or generated, stays text.
+the text, echoed or generated, stays text. vLLM's ``prompt_logprobs`` (not streamed) give
+each choice its prompt's, in vLLM's shape (``prompt_logprobs.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.serving import openai_format as fmt
+from vllm_runner.serving.prompt_logprobs import kept, prompt_logprobs_field
 from vllm_runner.serving.protocol import CompletionRequest
 from vllm_runner.serving.streams import Choice, events, gather, until_disconnect
 
@@ -43,15 +45,16 @@ def echoed_prompts(
 
 
 def prompt_logprobs(
-    decode: fmt.TokenDecoder, ids: list[int], logprobs: Logprobs | None
+    decode: fmt.TokenDecoder, ids: list[int], logprobs: Logprobs | None, k: int
 ) -> dict[str, Any]:
     """The legacy logprobs of the prompt's tokens (``logprobs``: the engine's
-    prompt_logprobs, one entry per token, the first None)."""
+    prompt_logprobs, one entry per token, the first None), each with its top ``k``."""
     if logprobs is None or len(logprobs) != len(ids):
         got = None if logprobs is None else len(logprobs)
         raise RuntimeError(f"the engine sent no prompt logprobs for {len(ids)} tokens, got {got}")
     after_head = len(decode(ids[0]))  # (in the text: the first token's name may be its id)
-    rest = fmt.completion_logprobs(decode, ids[1:], logprobs[1:], after_head)  # type: ignore[arg-type]
+    tops = [kept(lp, t, k) for lp, t in zip(logprobs[1:], ids[1:], strict=True)]  # type: ignore[arg-type]
+    rest = fmt.completion_logprobs(decode, ids[1:], tops, after_head)
     return {
         "tokens": [decode.token(ids[0]), *rest["tokens"]],
         "token_logprobs": [None, *rest["token_logprobs"]],
@@ -94,6 +97,14 @@ async def answer(
         return fmt.CLIENT_GONE.response()
     decode = fmt.TokenDecoder(engine.tokenizer, body.return_tokens_as_token_ids)
     echoes = echoed_prompts(decode, body, ids)
+    asked = body.prompt_logprobs
+    # each prompt's, from its first choice: every choice of it carries the same list
+    fields = [
+        None if asked is None else prompt_logprobs_field(
+            decode, ids[p], cs[0].prompt_logprobs, cs[0].prompt_ranks, asked
+        )
+        for p, (_, cs) in enumerate(results)
+    ]  # fmt: skip
 
     def choice(p: int, c: Choice) -> dict[str, Any]:
         if body.max_tokens == 0:
@@ -103,9 +114,10 @@ async def answer(
         if body.logprobs is not None:
             lps = fmt.completion_logprobs(decode, c.token_ids, c.logprobs, len(echoes[p]))
             if body.echo:
-                lps = joined(prompt_logprobs(decode, ids[p], c.prompt_logprobs), lps)
+                lps = joined(prompt_logprobs(decode, ids[p], c.prompt_logprobs, body.logprobs), lps)
         index = p * body.n + c.index
-        return {"index": index, "text": echoes[p] + c.text, "logprobs": lps, **fmt.finish(c)}
+        out = {"index": index, "text": echoes[p] + c.text, "logprobs": lps, **fmt.finish(c)}
+        return out if fields[p] is None else {**out, "prompt_logprobs": fields[p]}
 
     choices = [choice(p, c) for p, (_, cs) in enumerate(results) for c in cs]
     return env(choices=choices, usage=fmt.results_usage(results))
@@ -138,7 +150,9 @@ async def stream(
                 )
                 text_offset[index] = offset + sum(len(decode(t)) for t in out.new_token_ids)
                 if first and body.echo:
-                    lps = joined(prompt_logprobs(decode, ids[p], out.prompt_logprobs), lps)
+                    lps = joined(
+                        prompt_logprobs(decode, ids[p], out.prompt_logprobs, body.logprobs), lps
+                    )
             text = echoes[p] + out.delta if first else out.delta
             if not (text or out.finished or lps):
                 continue

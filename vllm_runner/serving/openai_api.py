@@ -25,14 +25,10 @@ from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.serving import beam_route
 from vllm_runner.serving import completions as completions_api
 from vllm_runner.serving import openai_format as fmt
+from vllm_runner.serving.chat_options import check_trusted, echoed, render
 from vllm_runner.serving.forced_tools import forced_calls, forced_message, forces
-from vllm_runner.serving.protocol import (
-    UNSUPPORTED,
-    UNSUPPORTED_CHAT,
-    UNSUPPORTED_COMPLETION,
-    ChatCompletionRequest,
-    CompletionRequest,
-)
+from vllm_runner.serving.prompt_logprobs import prompt_logprobs_field
+from vllm_runner.serving.protocol import ChatCompletionRequest, CompletionRequest
 from vllm_runner.serving.reasoning_parsers import (
     Reasoned,
     ReasoningParser,
@@ -44,6 +40,7 @@ from vllm_runner.serving.streams import events, gather, new_request_id, until_di
 from vllm_runner.serving.tokenize_api import add_tokenize_routes
 from vllm_runner.serving.tool_formats import get_tool_parser
 from vllm_runner.serving.tool_parsers import ToolCallStream, ToolParser, chat_message, parser_for
+from vllm_runner.serving.unsupported import UNSUPPORTED, UNSUPPORTED_CHAT, UNSUPPORTED_COMPLETION
 
 logger = logging.getLogger(__name__)
 # the fields an error message may name first (its "param"), per route
@@ -129,13 +126,17 @@ def create_openai_app(
     get_engine: Callable[[], Any],
     tool_call_parser: str | None = None,
     reasoning_parser: str | None = None,
+    trust_request_chat_template: bool = False,
 ) -> FastAPI:
     """``tool_call_parser``, ``reasoning_parser``: the server settings (keys of
     ``tool_formats.TOOL_PARSERS``, ``REASONING_PARSERS``; None: off), kept as
-    ``app.state.tool_parser``, ``app.state.reasoning_parser``."""
+    ``app.state.tool_parser``, ``app.state.reasoning_parser``; ``trust_request_chat_template``:
+    the server setting (chat requests may bring their own template), kept as
+    ``app.state.trust_request_chat_template``."""
     app = FastAPI(title="vllm-runner OpenAI-compatible API")
     app.state.tool_parser = get_tool_parser(tool_call_parser)
     app.state.reasoning_parser = get_reasoning_parser(reasoning_parser)
+    app.state.trust_request_chat_template = trust_request_chat_template
     _install_error_handlers(app)
 
     def engine_for(requested: str | None, exact: bool = False) -> Any:
@@ -234,6 +235,7 @@ def create_openai_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         engine = engine_for(body.model)
         try:
+            check_trusted(body.chat_template, app.state.trust_request_chat_template)
             params = body.chat_sampling_params(engine.inputs.limits.sampling_defaults)
             engine.inputs.check_priority(body.priority)
             parser = None  # (a forced call is guided, then read: forced_tools.py)
@@ -246,7 +248,7 @@ def create_openai_app(
             messages = [m.as_dict() for m in body.messages]
             # NOTE: in a thread, as tokenizing: a long conversation renders for seconds
             options = body.template_options()
-            prompt = await asyncio.to_thread(engine.apply_chat_template, messages, **options)
+            prompt = await asyncio.to_thread(render, engine, messages, options)
         except (ValueError, TypeError, TemplateError) as exc:  # templates raise on roles
             message = body.as_sent(str(exc))
             raise fmt.bad_request(ValueError(message), "messages", _CHAT_FIELDS) from None
@@ -270,7 +272,13 @@ def create_openai_app(
         if results is None:
             return fmt.CLIENT_GONE.response()
         choices = [_chat_choice(c, body, decode, parser, reasoner, params) for c in results[0][1]]
-        return env(choices=choices, usage=fmt.results_usage(results))
+        if body.prompt_logprobs is None:
+            return env(choices=choices, usage=fmt.results_usage(results))
+        first = results[0][1][0]  # (vLLM's: the response's, once for its n choices)
+        field = prompt_logprobs_field(
+            decode, ids, first.prompt_logprobs, first.prompt_ranks, body.prompt_logprobs
+        )
+        return env(choices=choices, usage=fmt.results_usage(results), prompt_logprobs=field)
 
     add_tokenize_routes(app, engine_for, get_engine)
     return app
@@ -299,6 +307,9 @@ def _chat_choice(
     lps = None
     if body.logprobs:
         lps = fmt.chat_logprobs(decode, c.token_ids, c.logprobs, body.top_logprobs or 0)
+    if body.echo:  # (vLLM's: then the content is text, if only the echo)
+        echo = echoed(body.messages, body.add_generation_prompt)
+        message["content"] = echo + (message["content"] or "")
     finish = fmt.finish(c, calls)
     return {"index": c.index, "message": message, "logprobs": lps, **finish}
 
@@ -334,6 +345,9 @@ async def _stream_chat(
     try:
         for i in range(params.n):
             yield chunk(i, {"role": "assistant", "content": ""})
+        echo = echoed(body.messages, body.add_generation_prompt) if body.echo else ""
+        for i in range(params.n if echo else 0):  # (vLLM's: each choice's, after the roles)
+            yield chunk(i, {"content": echo})
         async for _, out in events(engine, [ids], [params], env.request_id, body.priority):
             generated[out.index] = out.num_token_ids
             lps = None

@@ -11,10 +11,11 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core.core_schema import ValidationInfo
 
 from vllm_runner.sampling_params import INT64_MAX, SamplingParams
+from vllm_runner.serving.chat_options import bounded_template
 from vllm_runner.serving.chat_protocol import (
     ChatMessage,
     Tool,
@@ -25,7 +26,14 @@ from vllm_runner.serving.chat_protocol import (
     template_tools,
 )
 from vllm_runner.serving.forced_tools import forced_params
+from vllm_runner.serving.prompt_logprobs import engine_top_k
 from vllm_runner.serving.structured_outputs import json_mode, structured_choice
+from vllm_runner.serving.unsupported import (
+    UNSUPPORTED,
+    UNSUPPORTED_CHAT,
+    UNSUPPORTED_COMPLETION,
+    refuse_unsupported,
+)
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 # NOTE: the engine's step searches each new token's text for every stop string of every
@@ -190,49 +198,6 @@ NULL_IS_DEFAULT = (
     "include_stop_str_in_output", "skip_special_tokens", "logprobs", "add_generation_prompt",
     "continue_final_message", "echo", "return_tokens_as_token_ids", "priority",
 )  # fmt: skip
-# OpenAI / vLLM fields that change the output and that this server does not implement: a
-# request using them is refused rather than answered as if they were absent. Each maps to
-# what it is and to the values that leave it unused.
-# (values compared as pydantic would coerce them: 0, 0.0 and False are one value here)
-_NONE = (None,)
-_LIST = (None, [])
-_FLAG = (None, False)
-_KWARGS = (None, {})
-UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "suffix": ("suffix", (None, "")),
-    "response_format": (
-        "structured output other than json_object and json_schema (response_format)",
-        (None, {"type": "text"}),
-    ),
-    "guided_grammar": ("guided decoding (guided_grammar)", _NONE),
-    "functions": ("function calling (functions)", _LIST),
-    "function_call": ("function calling (function_call)", (None, "none")),
-    "logits_processors": ("logits_processors", _LIST),
-    "prompt_logprobs": ("prompt_logprobs on this route (POST /score has them)", _NONE),
-    "spaces_between_special_tokens": ("spaces_between_special_tokens false", (None, True)),
-    "prompt_embeds": ("prompt_embeds", _NONE),
-}
-# fields whose default differs between the routes
-UNSUPPORTED_COMPLETION = {
-    "add_special_tokens": ("add_special_tokens false", (None, True)),
-    "tools": ("tool calling on /v1/completions (use /v1/chat/completions)", _LIST),
-}
-UNSUPPORTED_CHAT = {
-    "add_special_tokens": ("add_special_tokens true", _FLAG),
-    "echo": ("echo on this route", _FLAG),
-    "chat_template": ("a request's own chat_template", _NONE),
-    "documents": ("documents", _LIST),
-    "mm_processor_kwargs": ("mm_processor_kwargs", _KWARGS),
-}
-
-
-def refuse_unsupported(data: dict[str, Any], table: dict[str, tuple[str, tuple[Any, ...]]]) -> None:
-    for name, (feature, unused) in table.items():
-        value = data.get(name)
-        if name == "response_format" and isinstance(value, dict):  # a model in vLLM: its
-            value = {k: v for k, v in value.items() if v is not None}  # nulls are defaults
-        if not any(value == u for u in unused):  # as pydantic coerces: 0 == 0.0 == False
-            raise ValueError(f"{name}: {feature} is not supported by this server, got {value!r}")
 
 
 class OpenAIFields(SamplingFields):
@@ -250,6 +215,8 @@ class OpenAIFields(SamplingFields):
     # vLLM: logprobs name each token "token_id:{id}" (the text is unchanged)
     return_tokens_as_token_ids: bool = False
     use_beam_search: bool = False  # vLLM's: n beams, the n best answered (beam_route.py)
+    # vLLM's: the prompt tokens' logprobs and ranks (prompt_logprobs.py); a full prefill
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     length_penalty: float = 1.0  # (beam search's; a finite number, checked there)
 
     @property
@@ -284,6 +251,11 @@ class OpenAIFields(SamplingFields):
     def _check_stream_options(self) -> OpenAIFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true (as in vLLM)")
+        if self.stream and self.prompt_logprobs is not None:  # (vLLM sends none in a stream)
+            raise ValueError(
+                f"prompt_logprobs are not available with stream: true (as in vLLM), got "
+                f"{self.prompt_logprobs}"
+            )
         return self
 
 
@@ -315,8 +287,8 @@ class CompletionRequest(OpenAIFields):
         return super().sampling_params(defaults, **overrides)
 
     def completion_sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
-        # the prompt's logprobs only when they are echoed (they cost a full prefill, uncached)
-        prompt_logprobs = self.logprobs if self.echo else None
+        # the prompt's logprobs only when asked or echoed (they cost a full prefill, uncached)
+        prompt_logprobs = engine_top_k(self.prompt_logprobs, self.logprobs if self.echo else None)
         return self.sampling_params(
             defaults, n=self.n, logprobs=self.logprobs, prompt_logprobs=prompt_logprobs
         )
@@ -339,6 +311,9 @@ class ChatCompletionRequest(OpenAIFields):
     add_generation_prompt: bool = True  # vLLM: end the prompt in the assistant's header
     continue_final_message: bool = False  # vLLM: continue the last (assistant) message
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM: more template variables
+    # vLLM's: instead of the model's (chat_options.py: under trust_request_chat_template)
+    chat_template: Annotated[str | None, BeforeValidator(bounded_template)] = None
+    echo: bool = False  # vLLM's: a reply continuing the last message starts with its content
     tools: list[Tool] | None = None  # given to the chat template
     # None: "auto" with tools, as OpenAI; "required" or {"type": "function", "function":
     # {"name": ...}} force a call (forced_tools.py; other values: check_tool_choice)
@@ -370,6 +345,7 @@ class ChatCompletionRequest(OpenAIFields):
             "add_generation_prompt": self.add_generation_prompt,
             "continue_final_message": self.continue_final_message,
             "template_kwargs": self.chat_template_kwargs,
+            "chat_template": self.chat_template,
             "tools": template_tools(self.tools),
         }
 
@@ -389,8 +365,9 @@ class ChatCompletionRequest(OpenAIFields):
         guided = forced_params(self.tool_choice, self.tools)  # a forced call's schema
         try:
             return self.sampling_params(
-                defaults, max_tokens=max_tokens, n=self.n, logprobs=logprobs, **guided
-            )
+                defaults, max_tokens=max_tokens, n=self.n, logprobs=logprobs,
+                prompt_logprobs=self.prompt_logprobs, **guided,
+            )  # fmt: skip
         except ValueError as exc:  # (guided_json: the tools' parameters, or what it refuses)
             if not guided:
                 raise

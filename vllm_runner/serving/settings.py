@@ -78,6 +78,7 @@ class ServerSettings:
     # chat's tool_choice "auto" parses calls: "hermes", "llama3_json", "mistral", "pythonic"
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None  # "deepseek_r1", "qwen3": chat's reasoning_content
+    trust_request_chat_template: bool = False  # chat requests may bring a chat_template
     gpus: int = 0  # GPUs BentoML reserves per worker (0: none declared, the engine picks)
     workers: int = 1
     max_concurrency: int = 64  # per service; over it BentoML answers 429

@@ -114,10 +114,11 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     prompt_logprobs: list[dict[int, float] | None] | None = None  # when asked
+    prompt_ranks: list[int | None] | None = None  # (with them)
 
     def add(self, out: Any) -> None:
         if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
+            self.prompt_logprobs, self.prompt_ranks = out.prompt_logprobs, out.prompt_ranks
         self.text += out.delta
         self.token_ids.extend(out.new_token_ids)
         if out.new_logprobs:

@@ -11,9 +11,10 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Response
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from vllm_runner.serving import openai_format as fmt
+from vllm_runner.serving.chat_options import bounded_template, check_trusted, render
 from vllm_runner.serving.chat_protocol import (
     ChatMessage,
     Tool,
@@ -36,6 +37,8 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # as the chat route's: instead of the model's, under trust_request_chat_template
+    chat_template: Annotated[str | None, BeforeValidator(bounded_template)] = None
     tools: list[Tool] | None = None  # for the template, as the chat route's
     return_token_strs: bool = False
 
@@ -55,6 +58,8 @@ class TokenizeRequest(BaseModel):
                 "tools: only with messages (the chat template renders them), got "
                 f"{len(self.tools)} with a prompt"
             )
+        if self.chat_template is not None and self.messages is None:
+            raise ValueError("chat_template: only with messages, got one with a prompt")
         if self.add_generation_prompt and self.continue_final_message and self.messages:
             raise ValueError(
                 "continue_final_message needs add_generation_prompt: false, got True with "
@@ -88,13 +93,14 @@ def add_tokenize_routes(
         # if told (the template holds them); chat=True tokenizes without them
         if body.messages is None:
             return engine.inputs.tokenize(body.prompt, chat=body.add_special_tokens is False)
-        text = engine.apply_chat_template(
-            [m.as_dict() for m in body.messages],
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            template_kwargs=body.chat_template_kwargs,
-            tools=template_tools(body.tools),
-        )
+        options = {
+            "add_generation_prompt": body.add_generation_prompt,
+            "continue_final_message": body.continue_final_message,
+            "template_kwargs": body.chat_template_kwargs,
+            "tools": template_tools(body.tools),
+            "chat_template": body.chat_template,
+        }
+        text = render(engine, [m.as_dict() for m in body.messages], options)
         return engine.inputs.tokenize(text, chat=not body.add_special_tokens)
 
     @app.post("/tokenize")
@@ -104,9 +110,10 @@ def add_tokenize_routes(
         engine = engine_for(body.model)
         param = "prompt" if body.messages is None else "messages"
         try:  # in a thread, as the routes that generate: a long text tokenizes for a while
+            check_trusted(body.chat_template, app.state.trust_request_chat_template)
             ids = await asyncio.to_thread(tokenize, engine, body)
         except (ValueError, TypeError, TemplateError) as exc:
-            raise fmt.OpenAIError(400, str(exc), param=param) from None
+            raise fmt.bad_request(ValueError(str(exc)), param, {"chat_template"}) from None
         strs = engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids,
                 "token_strs": strs}  # fmt: skip
