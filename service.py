@@ -132,7 +132,7 @@ openai_app = create_openai_app(
     ready_engine,
     SETTINGS.tool_call_parser,
     SETTINGS.reasoning_parser,
-    SETTINGS.trust_request_chat_template,
+    trust_request_chat_template=SETTINGS.trust_request_chat_template,
 )
 _service_options: dict[str, Any] = {
     "workers": SETTINGS.workers,

@@ -160,7 +160,7 @@ def test_a_requests_template_reaches_the_engine_only_when_trusted() -> None:
     body = {"messages": CONTINUED, "max_tokens": 1, "chat_template": "{{ messages }}"}
     r = TestClient(create_openai_app(lambda: engine)).post("/v1/chat/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template", r.text
-    trusted = TestClient(create_openai_app(lambda: engine, None, True))
+    trusted = TestClient(create_openai_app(lambda: engine, trust_request_chat_template=True))
     assert trusted.post("/v1/chat/completions", json=body).status_code == 200
     assert trusted.post("/v1/chat/completions", json={**body, "chat_template": None}).is_success
     assert engine.templates == ["{{ messages }}", None]

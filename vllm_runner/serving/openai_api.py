@@ -126,6 +126,7 @@ def create_openai_app(
     get_engine: Callable[[], Any],
     tool_call_parser: str | None = None,
     reasoning_parser: str | None = None,
+    *,
     trust_request_chat_template: bool = False,
 ) -> FastAPI:
     """``tool_call_parser``, ``reasoning_parser``: the server settings (keys of
