@@ -1,11 +1,12 @@
-"""The int4 (W4A16) kernel at the Llama-3-8B linear shapes against bf16 ``F.linear`` (CUDA).
+"""The int4 (W4A16) matmul at the Llama-3-8B linear shapes against bf16 ``F.linear`` (CUDA).
 
     python benchmarks/int4_probe.py [--m 1,16,256,4096] [--sweep] [--out x.json]
 
 Each case times CUDA-graph replays over enough copies of the weights that none stays in L2
 (H200: 50 MB), so decode shapes read from HBM as in the engine. Reports us per call, the
 weight bytes' GB/s and the ratio to bf16. ``--sweep`` also times a few tile configs per
-shape (to pick ``kernels.quant_int4.default_config``).
+shape (to pick ``kernels.quant_int4.default_config``, the GEMV's). Rows past GEMV_MAX_M time
+the dequantize pass plus cuBLAS.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.launch import num_sms  # noqa: E402
-from kernels.quant_int4 import W4A16Config, default_config, w4a16_matmul  # noqa: E402
+from kernels.quant_int4 import (  # noqa: E402
+    GEMV_MAX_M,
+    W4A16Config,
+    default_config,
+    w4a16_matmul,
+)
 from vllm_runner.model.layers.int4 import quantize_int4  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -50,20 +56,15 @@ def graph_us(fns, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def sweep_configs(m: int, n: int, k: int) -> list[W4A16Config]:
-    sms = num_sms(torch.device("cuda"))
-    configs = [default_config(m, n, k, 128, sms)]
-    if m <= 64:
-        bm = configs[0].block_m
-        for bn in (32, 64, 128):
-            for split in (1, 2, 4, 8):
-                for warps in (2, 4):
-                    configs.append(W4A16Config(bm, bn, 128, split, warps, 4))
-    else:
-        for bm, bn, bk, warps, stages in [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
-                                          (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
-                                          (64, 256, 64, 8, 4), (256, 128, 64, 8, 3)]:  # fmt: skip
-            configs.append(W4A16Config(bm, bn, bk, 1, warps, stages))
+def sweep_configs(m: int, n: int, k: int) -> list[W4A16Config | None]:
+    """The GEMV's tiles for rows up to GEMV_MAX_M (larger M dequantizes: no config)."""
+    if m > GEMV_MAX_M:
+        return [None]
+    configs = [default_config(m, n, k, 128, num_sms(torch.device("cuda")))]
+    for bn in (16, 32, 64):
+        for split in (1, 2, 4):
+            for warps in (2, 4, 8):
+                configs.append(W4A16Config(configs[0].block_m, bn, 128, split, warps))
     return list(dict.fromkeys(configs))
 
 

@@ -24,8 +24,9 @@ KERNELS = {
     "_write_kv_cache_kernel", "_rotary_write_kv_kernel", "_decode_kernel",
     "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel",
     "_silu_and_mul_kernel", "_w8a16_kernel", "_gemv_kernel", "_fp8_quantize_rows_kernel",
-    "_sample_kernel", "_w4a16_kernel",
+    "_sample_kernel", "_w4a16_gemv_kernel", "_int4_dequantize_kernel",
 }  # fmt: skip
+KERNELS_INT4 = ["_w4a16_gemv_kernel", "_w4a16_gemv_kernel", "_int4_dequantize_kernel"]
 
 
 class _Recorder:
@@ -176,11 +177,10 @@ def _compile_all() -> list[dict]:
                 qm.w8a16_matmul(torch.empty(m, k, dtype=torch.bfloat16),
                                 torch.empty(n, k, dtype=wdtype), torch.empty(n),
                                 gated=gated)  # fmt: skip
-    # int4 weights (groups of 128; 32: a shorter K tile) at the default configs' tile classes:
-    # decode with split K, 256 rows, prefill; ragged N and K
+    # int4 weights (groups of 128; 32: a shorter K tile): the GEMV at one row with split K and
+    # at 8 rows, ragged N and K; the dequantize pass of more rows
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for m, n, k, group in [(1, 4096, 4096, 128), (16, 72, 300, 32), (256, 4096, 4096, 128),
-                               (4096, 4096, 4096, 128)]:  # fmt: skip
+        for m, n, k, group in [(1, 4096, 4096, 128), (8, 72, 300, 32), (256, 4096, 4096, 128)]:
             groups = -(-k // group)
             qi.w4a16_matmul(torch.empty(m, k, dtype=dtype),
                             torch.empty(n, -(-k // 8), dtype=torch.int32),
@@ -224,8 +224,8 @@ def test_kernels_compile_for_sm90() -> None:
     assert sum(r["barrier_between"] is True for r in results) == 9, results  # 9 fused decodes
     prefill_bf16 = [r for r in results if r["kernel"] == "_prefill_kernel" and "bf" in r["dtype"]]
     assert prefill_bf16[0]["mma"] == "wgmma", prefill_bf16
-    int4 = [r for r in results if r["kernel"] == "_w4a16_kernel" and r["dtype"] != "torch.float32"]
-    assert len(int4) == 8 and all(r["mma"] != "none" for r in int4), int4
+    int4 = [r["kernel"] for r in results if r["kernel"] in KERNELS_INT4]
+    assert sorted(int4) == sorted(KERNELS_INT4 * 3), int4  # each for bf16, fp16, fp32
 
 
 if __name__ == "__main__":

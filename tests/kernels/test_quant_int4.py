@@ -5,11 +5,18 @@ import torch
 from kernel_testing import DTYPE_IDS, DTYPES
 
 from kernels import reference
-from kernels.quant_int4 import W4A16Config, default_config, w4a16_matmul
+from kernels.quant_int4 import (
+    GEMV_MAX_M,
+    W4A16Config,
+    default_config,
+    int4_dequantize,
+    w4a16_matmul,
+)
 from vllm_runner.model.layers.int4 import quantize_int4
 
-# The kernel scales each group's fp32 partial product, the reference dequantizes first (one
-# fp32 rounding per weight); the output dtype's rounding dominates.
+# The GEMV scales each group's fp32 partial product, the reference dequantizes first (one
+# fp32 rounding per weight); past GEMV_MAX_M rows the weight is rounded to x's dtype (as a
+# float layer's): the output dtype's rounding dominates.
 TOL = {
     torch.float32: {"atol": 1e-4, "rtol": 1e-4},
     torch.float16: {"atol": 2e-3, "rtol": 2e-3},
@@ -31,20 +38,24 @@ def check(x, weights, group_size, bias=None, config=None) -> torch.Tensor:
     ref = reference.w4a16_linear(x, *weights, group_size, bias)
     assert out.dtype == x.dtype and out.shape == ref.shape
     assert not out.isnan().any(), "kernel left unwritten elements"
-    torch.testing.assert_close(out.float(), ref.float(), **TOL[x.dtype])
+    tol = dict(TOL[x.dtype])
+    if x[..., 0].numel() > GEMV_MAX_M:  # a 16-bit GEMM on the rounded weight (CPU: 16-bit
+        tol["atol"] *= ref.float().abs().max().item()  # partial sums): the output's scale
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
     return out
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize(
     "m,n,k,group_size",
-    [(1, 96, 256, 128), (5, 64, 200, 128), (19, 80, 300, 64), (3, 40, 96, 32), (80, 72, 384, 128)],
-    ids=["gemv-like", "short-group", "K%8", "group32", "large-m"],
+    [(1, 96, 256, 128), (5, 64, 200, 128), (8, 80, 300, 64), (3, 40, 96, 32), (19, 80, 300, 64),
+     (80, 72, 384, 128)],
+    ids=["one-row", "short-group", "K%8", "group32", "dequantized-K%8", "dequantized"],
 )  # fmt: skip
 @pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
 def test_w4a16_matches_reference(device, dtype, m, n, k, group_size, with_bias) -> None:
     """Default configs: K not a multiple of the tile (200, 300), of a word (300 = 37.5 words),
-    several groups per row, M below and above the decode tile."""
+    several groups per row; M up to GEMV_MAX_M (the GEMV) and above (dequantized, cuBLAS)."""
     weights = make_int4(n, k, group_size, device)
     x = torch.randn(m, k, device=device).to(dtype)
     bias = torch.randn(n, device=device).to(dtype) if with_bias else None
@@ -52,22 +63,42 @@ def test_w4a16_matches_reference(device, dtype, m, n, k, group_size, with_bias) 
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 3, 6])
-def test_w4a16_split_k_and_ragged_tiles(device, split_k: int) -> None:
-    """K split unevenly across programs (the last split short, or empty and dropped), N and M
-    not multiples of their tiles, K tiles smaller than a group."""
+@pytest.mark.parametrize("m,block_m", [(7, 8), (1, 4)])
+def test_w4a16_split_k_and_ragged_tiles(device, split_k: int, m: int, block_m: int) -> None:
+    """The GEMV: K split unevenly across programs (the last split short, or empty and
+    dropped), N not a multiple of its tile, rows padded (7 of 8, 1 of 4), K tiles smaller than
+    a group."""
     weights = make_int4(72, 300, 64, device)
-    x = torch.randn(19, 300, device=device)
+    x = torch.randn(m, 300, device=device)
     bias = torch.randn(72, device=device)
-    check(x, weights, 64, bias, W4A16Config(16, 32, 32, split_k=split_k, num_stages=1))
+    check(x, weights, 64, bias, W4A16Config(block_m, 32, 32, split_k=split_k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_int4_dequantize_kernel_is_the_reference_rounded(device, dtype) -> None:
+    """The prefill path's dequantized weight: the reference's fp32 values rounded once to the
+    activations' dtype, with K ragged (a partial last word and group): bit for bit on a GPU
+    and in fp32; under the interpreter, which truncates fp32 to 16 bits, within one ulp."""
+    n, k, group_size = 72, 300, 64
+    weights = make_int4(n, k, group_size, device)
+    got = int4_dequantize(*weights, group_size, k, dtype)
+    exact = reference.int4_dequantize(*weights, group_size, k)
+    assert got.dtype == dtype and got.shape == (n, k)
+    if device.type == "cuda" or dtype == torch.float32:
+        assert torch.equal(got, exact.to(dtype))
+    else:
+        ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+        torch.testing.assert_close(got.float(), exact, atol=0, rtol=ulp)
 
 
 def test_w4a16_group_edges_are_exact_in_fp32(device) -> None:
-    """One input at a time: the output is that input's weight column, dequantized; every
-    column of a group edge (first / last of each group, the short last one) reads its own
-    group's scale and zero point."""
+    """One input at a time (the GEMV's rows): the output is that input's weight column,
+    dequantized; every column of a group edge (first / last of each group, the short last
+    one) reads its own group's scale and zero point."""
     n, k, group_size = 40, 200, 64
     weights = make_int4(n, k, group_size, device)
     edges = [0, 63, 64, 127, 128, 191, 192, 199]
+    assert len(edges) == GEMV_MAX_M
     x = torch.zeros(len(edges), k, device=device)
     x[torch.arange(len(edges)), edges] = 1.0
     out = w4a16_matmul(x, *weights, group_size)
@@ -84,15 +115,15 @@ def test_w4a16_leading_dims_and_empty_batch(device) -> None:
 
 
 def test_default_config_fits_the_group_and_the_grid() -> None:
-    """Decode: one K tile a group of 128 (shorter groups: the group), K split until ~2
-    programs per SM; prefill: square tiles, K tile 64."""
+    """The GEMV: rows padded to a power of 2, one K tile a group of 128 (shorter groups: the
+    group), 16 channels a program and K split until ~2 programs per SM when N is short."""
     decode = default_config(1, 4096, 4096, 128, 132)
-    assert (decode.block_m, decode.block_n, decode.block_k) == (16, 32, 128)
-    assert decode.split_k == 3  # 128 tiles of N: 264 / 128 rounded up
-    assert default_config(16, 4096, 4096, 32, 132).block_k == 32
-    assert default_config(1, 14336 * 2, 4096, 128, 132).split_k == 1  # 448 N tiles of 64
-    assert default_config(4096, 4096, 4096, 128, 132) == W4A16Config(128, 128, 64, num_warps=8)
-    assert default_config(256, 4096, 4096, 48, 132).block_k == 16
+    assert (decode.block_m, decode.block_n, decode.block_k) == (1, 16, 128)
+    assert decode.split_k == 2  # 256 tiles of 16 channels: 264 / 256 rounded up
+    assert default_config(5, 4096, 4096, 32, 132).block_m == 8
+    assert default_config(8, 4096, 4096, 32, 132).block_k == 32
+    assert default_config(1, 14336 * 2, 4096, 128, 132) == W4A16Config(1, 32, 128)  # 896 tiles
+    assert default_config(2, 4096, 4096, 48, 132).block_k == 16
 
 
 def test_launcher_refuses_wrong_layouts(device) -> None:
