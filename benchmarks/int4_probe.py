@@ -61,9 +61,9 @@ def sweep_configs(m: int, n: int, k: int) -> list[W4A16Config | None]:
     if m > GEMV_MAX_M:
         return [None]
     configs = [default_config(m, n, k, 128, num_sms(torch.device("cuda")))]
-    for bn in (16, 32, 64):
-        for split in (1, 2, 4):
-            for warps in (2, 4, 8):
+    for bn in (16, 32, 64, 128):
+        for split in (1, 2, 4, 8):
+            for warps in (2, 4):
                 configs.append(W4A16Config(configs[0].block_m, bn, 128, split, warps))
     return list(dict.fromkeys(configs))
 

@@ -9,9 +9,9 @@ shard and merge (q/k/v, gate/up) int4 tensors along dim 0 unchanged.
 
 Two paths, by the number of rows M:
 - M <= ``GEMV_MAX_M`` (decode): a GEMV on the CUDA cores. Each program streams a block of
-  output channels' words, splits them into nibbles in registers as a [channels, words, 8]
-  tile (the nibble axis last: no reshape), subtracts the group's zero point and multiplies
-  with the matching [words, 8] view of each row of x; the group's scale multiplies the
+  output channels' words; nibble i of every word (a [channels, words] tile) meets x at
+  k = 8j + i (a strided load of x, which stays in cache), so no tile is reshaped; the zero
+  point comes off once per group as zero * sum(x), and the group's scale multiplies the
   tile's fp32 sum. Decode is weight-bandwidth bound and this reads 0.5 byte a weight (plus
   ~0.04 for scales and zeros at group 128); K is split across programs when N alone leaves
   the GPU short of programs.
@@ -70,8 +70,6 @@ def _w4a16_gemv_kernel(
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_word = tl.arange(0, BLOCK_K // 8)
-    offs_nib = tl.arange(0, 8)
-    shifts = offs_nib * 4  # nibble i of a word: bits 4i..4i+3
     rows = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     num_words = tl.cdiv(K, 8)
@@ -83,19 +81,23 @@ def _w4a16_gemv_kernel(
         words = k0 // 8 + offs_word
         w_mask = n_mask[:, None] & (words < num_words)[None, :]
         packed = tl.load(w_rows + words[None, :] * stride_wk, mask=w_mask, other=0)
-        q = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_N, BLOCK_K / 8, 8]
         g = k0 // group_size
         zero = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0)
         scale = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)
-        w = (q - zero.to(tl.int32)[:, None, None]).to(tl.float32)
-        # x's [BLOCK_K / 8, 8] view: element (j, i) is k = k0 + 8j + i; zeros past the split
-        # (and K) meet the nibbles of a last, partial word
-        ks = k0 + offs_word[:, None] * 8 + offs_nib[None, :]
         for r in tl.static_range(BLOCK_M):
             row_k_hi = tl.where(r < M, k_hi, 0)  # a padding row reads nothing
-            xr = tl.load(x_ptr + r * stride_xm + ks * stride_xk, mask=ks < row_k_hi,
-                         other=0.0).to(tl.float32)  # fmt: skip
-            part = tl.sum(tl.sum(w * xr[None, :, :], axis=2), axis=1) * scale  # [BLOCK_N]
+            # sum (q - zero) x = sum q x - zero sum x; nibble i of word j meets x[k0 + 8j + i]
+            # (zeros past the split and K meet a last, partial word's nibbles)
+            qx = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+            for i in tl.static_range(8):
+                ks = k0 + offs_word * 8 + i
+                xi = tl.load(x_ptr + r * stride_xm + ks * stride_xk, mask=ks < row_k_hi,
+                             other=0.0).to(tl.float32)  # fmt: skip
+                qi = ((packed >> (4 * i)) & 0xF).to(tl.float32)
+                qx += qi * xi[None, :]
+                xs += xi
+            part = (tl.sum(qx, axis=1) - zero.to(tl.float32) * tl.sum(xs, axis=0)) * scale
             acc += tl.where(rows[:, None] == r, part[None, :], 0.0)
     if HAS_BIAS:  # added by one split only
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -128,21 +130,32 @@ def _int4_dequantize_kernel(
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_word = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
-    offs_nib = tl.arange(0, 8)
     n_mask = offs_n < N
     rows = offs_n.to(tl.int64)
     w_mask = n_mask[:, None] & (offs_word < tl.cdiv(K, 8))[None, :]
     packed = tl.load(w_ptr + rows[:, None] * stride_wn + offs_word[None, :] * stride_wk,
                      mask=w_mask, other=0)  # fmt: skip
-    q = (packed[:, :, None] >> (offs_nib * 4)[None, None, :]) & 0xF
     g = pid_k * BLOCK_K // group_size
     zero = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0)
     scale = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)
-    w = (q - zero.to(tl.int32)[:, None, None]).to(tl.float32) * scale[:, None, None]
-    ks = offs_word[:, None] * 8 + offs_nib[None, :]  # [BLOCK_K / 8, 8]
-    ptrs = out_ptr + rows[:, None, None] * stride_on + ks[None, :, :] * stride_ok
-    tl.store(ptrs, w.to(out_ptr.dtype.element_ty),
-             mask=n_mask[:, None, None] & (ks < K)[None, :, :])  # fmt: skip
+    zero = zero.to(tl.int32)[:, None]
+    scale = scale[:, None]
+    dtype = out_ptr.dtype.element_ty
+    n0 = (((packed >> 0) & 0xF) - zero).to(tl.float32) * scale  # [BLOCK_N, BLOCK_K / 8]
+    n1 = (((packed >> 4) & 0xF) - zero).to(tl.float32) * scale
+    n2 = (((packed >> 8) & 0xF) - zero).to(tl.float32) * scale
+    n3 = (((packed >> 12) & 0xF) - zero).to(tl.float32) * scale
+    n4 = (((packed >> 16) & 0xF) - zero).to(tl.float32) * scale
+    n5 = (((packed >> 20) & 0xF) - zero).to(tl.float32) * scale
+    n6 = (((packed >> 24) & 0xF) - zero).to(tl.float32) * scale
+    n7 = (((packed >> 28) & 0xF) - zero).to(tl.float32) * scale
+    # nibbles into K order (k = 8j + i): three rounds of pairwise interleaves
+    low = tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6))
+    high = tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7))
+    w = tl.interleave(low, high).to(dtype)  # [BLOCK_N, BLOCK_K]
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ptrs = out_ptr + rows[:, None] * stride_on + ks[None, :] * stride_ok
+    tl.store(ptrs, w, mask=n_mask[:, None] & (ks < K)[None, :])
 
 
 @dataclasses.dataclass(frozen=True)
