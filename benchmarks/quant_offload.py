@@ -101,6 +101,8 @@ def bench_b1(args, model_dir: str, report: dict) -> None:
     ]
     if args.pdl_ab:  # the same engines with plain launches (kernels/pdl.py)
         cases += [(f"{name} (no PDL)", quant, default, "0") for name, quant, *_ in cases[:3]]
+    if args.b1_only:
+        cases = [c for c in cases if c[0] in args.b1_only.split(",")]
     for name, quant, weight_only, pdl in cases:
         Fp8W8A8.weight_only_max_tokens = weight_only
         os.environ["VLLM_RUNNER_PDL"] = pdl
@@ -331,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cap-gb", type=float, default=None, help="cap case budget (14; quick 0.1)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--pdl-ab", action="store_true", help="b1: also bf16/int8/fp8 without PDL")
+    p.add_argument("--b1-only", default=None, help="b1: these engines only (e.g. bf16,int4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-root", default="/tmp/vllm_runner_bench")
     p.add_argument("--quick", action="store_true", help="8-layer toy shape, small workloads")
