@@ -19,7 +19,7 @@ from typing import Any
 from vllm_runner import beam_search as beams
 from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.engine_client import EngineClient
-from vllm_runner.engine.errors import EngineDeadError, OutputFailed, RequestError
+from vllm_runner.engine.errors import EngineDeadError, OutputFailed, RequestError, raise_if_failed
 from vllm_runner.engine.input_processor import InputProcessor, request_ids, stream_request_id
 from vllm_runner.engine.loop_threads import (
     StoppedEngine,
@@ -27,9 +27,9 @@ from vllm_runner.engine.loop_threads import (
     start_reader_thread,
     stop_when_collected,
 )
-from vllm_runner.engine.outputs import RequestOutput, StreamOutput, merge_updates
+from vllm_runner.engine.outputs import RequestOutput, StreamOutput
 from vllm_runner.engine.serving_loop import Delivery
-from vllm_runner.engine.stream_route import StreamRoute, hand_over, text_builders
+from vllm_runner.engine.stream_route import StreamRoute, detokenizers_here, hand_over, take_merged
 from vllm_runner.llm import Prompt, apply_chat_template, engine_args, normalize_batch
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import load_tokenizer
@@ -191,15 +191,7 @@ class AsyncLLM:
         results = await asyncio.gather(
             *(self._collect(*job) for job in jobs), return_exceptions=True
         )
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, RequestError):
-                raise r
-        failed = [r for r in results if isinstance(r, RequestError)]
-        if failed:
-            # NOTE: raised once every request has ended, with all the results, so that a
-            # caller serving many clients in one call can fail only the failed ones.
-            raise RequestError(str(failed[0]), results)
-        return results
+        return raise_if_failed(results)
 
     async def beam_search(
         self,
@@ -260,12 +252,7 @@ class AsyncLLM:
             self._send(("add", request_id, route, *request))
             while not done:
                 if not held:
-                    items = [await q.get()]
-                    while not q.empty():
-                        items.append(q.get_nowait())
-                    # NOTE: a consumer that fell behind (a busy event loop, a slow client)
-                    # gets the updates waiting for it as one: fewer, larger chunks.
-                    held.extend(merge_updates(items))
+                    await take_merged(q, held)
                 item = held.popleft()
                 if isinstance(item, Exception):
                     # (one of building its text here: the engine still runs it, aborted below)
@@ -352,16 +339,8 @@ class AsyncLLM:
         await self.shutdown()
 
     def _detokenizers_here(self, prompt_ids: list[int], params: SamplingParams) -> list | None:
-        """With the engine in a process of its own, a request's text is built here from its
-        token ids, as vLLM V1's front end does: the engine process's host work bounds a
-        server's streaming rate (detokenization was ~12% of its step loop, profiled on an
-        H200 with 4 workers sharing it), while the workers have CPU to spare and share that
-        work out. A request with stop strings is left to the engine, which ends it at the
-        token that completes one (and so is every request if this process has no
-        tokenizer: the engine's own decides). detokenize=False: no text here nor there."""
-        if self._client is None or params.stop or self.tokenizer is None or not params.detokenize:
-            return None
-        return text_builders(self.tokenizer, prompt_ids, params)
+        """As ``stream_route.detokenizers_here``: those of a request whose text is built here."""
+        return detokenizers_here(self._client is not None, self.tokenizer, prompt_ids, params)
 
     # ---- the loop's side -------------------------------------------------------------------
     def _send(self, command: tuple) -> None:

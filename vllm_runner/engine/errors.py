@@ -13,6 +13,20 @@ class RequestError(RuntimeError):
         self.results = results
 
 
+def raise_if_failed(results: list) -> list:
+    """``results`` (a batch's outputs or exceptions, in prompt order) if none failed; else
+    the first exception that is not a RequestError, or a RequestError holding every result.
+    NOTE: raised once every request has ended, with all the results, so that a caller
+    serving many clients in one call can fail only the failed ones."""
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, RequestError):
+            raise r
+    failed = [r for r in results if isinstance(r, RequestError)]
+    if failed:
+        raise RequestError(str(failed[0]), results)
+    return results
+
+
 class ContextLengthError(ValueError):
     """A request past the model's context (``max_model_len`` tokens): its prompt, or its
     prompt and max_tokens. Servers answer it as OpenAI does (code "context_length_exceeded")."""

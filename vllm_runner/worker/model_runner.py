@@ -19,7 +19,7 @@ from vllm_runner.worker.cuda_graphs import DecodeGraphs, graph_output_bytes
 from vllm_runner.worker.device_inputs import DeviceInputs
 from vllm_runner.worker.input_batch import InputBatch, StepInputs
 from vllm_runner.worker.offload import weight_bytes
-from vllm_runner.worker.piecewise_graphs import PiecewiseGraphs
+from vllm_runner.worker.piecewise_graphs import build_pieces
 from vllm_runner.worker.prompt_logprobs import prompt_logprobs
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,9 @@ class ModelRunner:
         self.pieces, self._pieces_pool_bytes = None, 0
         max_pieces = min(model_config.piecewise_max_tokens, scheduler_config.max_num_batched_tokens)
         if max_pieces >= 2 and not offloading and hasattr(self.model.model, "next_piece"):
-            self.pieces = self._build_pieces(max_pieces, capture)
+            self.pieces, self._pieces_pool_bytes = build_pieces(
+                self.model, self.buffers, max_pieces, capture, self.device
+            )
         # decode graphs' logits (or their eager calls'), made after the KV cache: counted in it
         max_seqs, vocab_rows = scheduler_config.max_num_seqs, self.model.lm_head.weight.shape[0]
         self._graph_output_bytes = (
@@ -108,33 +110,6 @@ class ModelRunner:
             self.graphs.warm_up()
             if capture:
                 self.graphs.capture()
-
-    def _build_pieces(self, max_tokens: int, capture: bool) -> PiecewiseGraphs:
-        """Before the KV cache, which pieces never read, so that what their capture holds
-        (static buffers, the graphs' private pool) is known when the cache is sized."""
-        cuda = self.device.type == "cuda"
-        if cuda:
-            # NOTE: first, or what is cached now (a dropped engine's KV cache) leaves in the
-            # capture's own empty_cache and reads as a pool of minus that many bytes.
-            torch.cuda.empty_cache()
-            allocated = torch.cuda.memory_allocated(self.device)
-            reserved = torch.cuda.memory_reserved(self.device)
-        pieces = PiecewiseGraphs(self.model, self.buffers, max_tokens)
-        if capture:
-            pieces.capture()
-        else:
-            logger.warning(
-                "piecewise_max_tokens=%d without CUDA graphs (%s): steps that prefill run the "
-                "same padded pieces eagerly, which only adds work (kept for tests and A/Bs)",
-                max_tokens,
-                "enforce_eager" if cuda else "CPU",
-            )
-        if cuda:  # the pool is reserved, not allocated: the profile's peak does not see it
-            torch.cuda.empty_cache()  # (the warm-ups' activations)
-            grown = torch.cuda.memory_reserved(self.device) - reserved
-            held = torch.cuda.memory_allocated(self.device) - allocated
-            self._pieces_pool_bytes = max(0, grown - held)
-        return pieces
 
     # ---- KV cache --------------------------------------------------------------------------
     def _allocate_kv_cache(self) -> int:

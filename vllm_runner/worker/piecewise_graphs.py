@@ -113,3 +113,39 @@ class PiecewiseGraphs:
             else:
                 graphs[j].replay()
         return self.hidden[:size]
+
+
+def build_pieces(
+    model: torch.nn.Module,
+    buffers: DeviceInputs,
+    max_tokens: int,
+    capture: bool,
+    device: torch.device,
+) -> tuple[PiecewiseGraphs, int]:
+    """The runner's pieces (captured if ``capture``) and the device bytes their graphs' pool
+    reserved. Built before the KV cache, which pieces never read, so that what their capture
+    holds (static buffers, the graphs' private pool) is known when the cache is sized."""
+    cuda = device.type == "cuda"
+    if cuda:
+        # NOTE: first, or what is cached now (a dropped engine's KV cache) leaves in the
+        # capture's own empty_cache and reads as a pool of minus that many bytes.
+        torch.cuda.empty_cache()
+        allocated = torch.cuda.memory_allocated(device)
+        reserved = torch.cuda.memory_reserved(device)
+    pieces = PiecewiseGraphs(model, buffers, max_tokens)
+    if capture:
+        pieces.capture()
+    else:
+        logger.warning(
+            "piecewise_max_tokens=%d without CUDA graphs (%s): steps that prefill run the "
+            "same padded pieces eagerly, which only adds work (kept for tests and A/Bs)",
+            max_tokens,
+            "enforce_eager" if cuda else "CPU",
+        )
+    pool_bytes = 0
+    if cuda:  # the pool is reserved, not allocated: the profile's peak does not see it
+        torch.cuda.empty_cache()  # (the warm-ups' activations)
+        grown = torch.cuda.memory_reserved(device) - reserved
+        held = torch.cuda.memory_allocated(device) - allocated
+        pool_bytes = max(0, grown - held)
+    return pieces, pool_bytes
