@@ -7,8 +7,15 @@ from vllm_runner.async_llm import AsyncLLM, EngineDeadError, RequestError
 from vllm_runner.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from vllm_runner.config import EngineArgs
 from vllm_runner.engine.input_processor import TextPrompt, TokensPrompt
-from vllm_runner.engine.outputs import CompletionOutput, RequestOutput, StreamOutput
+from vllm_runner.engine.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    RequestOutput,
+    StreamOutput,
+)
 from vllm_runner.llm import LLM
+from vllm_runner.pooling_params import PoolerConfig, PoolingParams
 from vllm_runner.sampling_params import SamplingParams
 
 __all__ = [
@@ -18,8 +25,12 @@ __all__ = [
     "BeamSearchParams",
     "BeamSearchSequence",
     "CompletionOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
     "EngineArgs",
     "EngineDeadError",
+    "PoolerConfig",
+    "PoolingParams",
     "RequestError",
     "RequestOutput",
     "SamplingParams",

@@ -27,12 +27,20 @@ from vllm_runner.engine.loop_threads import (
     start_reader_thread,
     stop_when_collected,
 )
-from vllm_runner.engine.outputs import RequestOutput, StreamOutput
+from vllm_runner.engine.outputs import (
+    EmbeddingRequestOutput,
+    FinalOutput,
+    RequestOutput,
+    StreamOutput,
+)
 from vllm_runner.engine.serving_loop import Delivery
 from vllm_runner.engine.stream_route import StreamRoute, detokenizers_here, hand_over, take_merged
 from vllm_runner.llm import Prompt, apply_chat_template, engine_args, normalize_batch
+from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import load_tokenizer
+
+Params = SamplingParams | PoolingParams  # a generating request's, or an embedding request's
 
 
 class AsyncLLM:
@@ -210,18 +218,30 @@ class AsyncLLM:
             beams.advance(searches, asked, [o.outputs[0].logprobs[0] for o in outs])
         return beams.results(searches, self.tokenizer)
 
+    async def embed(
+        self,
+        prompt: Prompt,
+        pooling_params: PoolingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+    ) -> EmbeddingRequestOutput:
+        """``LLM.embed`` for one prompt (it shares steps with generating requests).
+        Cancelling the call aborts the request."""
+        return await self._collect(prompt, pooling_params or PoolingParams(), priority, request_id)
+
     async def _collect(
-        self, prompt: Prompt, params: SamplingParams, priority: int
-    ) -> RequestOutput:
-        async with contextlib.aclosing(self._run(prompt, params, None, priority)) as items:
+        self, prompt: Prompt, params: Params, priority: int, request_id: str | None = None
+    ) -> FinalOutput:
+        async with contextlib.aclosing(self._run(prompt, params, request_id, priority)) as items:
             async for item in items:
-                if isinstance(item, RequestOutput):
+                if isinstance(item, FinalOutput):
                     return item
         raise RequestError("request ended without a final output")
 
     async def _run(
-        self, prompt: Prompt, params: SamplingParams, request_id: str | None, priority: int
-    ) -> AsyncIterator[StreamOutput | RequestOutput]:
+        self, prompt: Prompt, params: Params, request_id: str | None, priority: int
+    ) -> AsyncIterator[StreamOutput | FinalOutput]:
         # NOTE: its latencies count from here, not from when the engine's loop adds it (after
         # the step running now): CLOCK_MONOTONIC, one clock for every process of the host.
         arrival = time.monotonic()
@@ -261,8 +281,8 @@ class AsyncLLM:
                 if isinstance(item, StreamOutput) and item.error is not None:
                     # (not done: n > 1 siblings of the failed completion are aborted)
                     raise RequestError(f"request {request_id} failed: {item.error}")
-                done = isinstance(item, RequestOutput)
-                if not released and (done or (held and isinstance(held[-1], RequestOutput))):
+                done = isinstance(item, FinalOutput)
+                if not released and (done or (held and isinstance(held[-1], FinalOutput))):
                     # NOTE: its final output is here (it comes with the last update): the id
                     # is free before that update is yielded, for a caller that stops reading
                     # at `finished` and reuses the id at once (this stream is closed later).
@@ -338,7 +358,7 @@ class AsyncLLM:
     async def __aexit__(self, *exc) -> None:
         await self.shutdown()
 
-    def _detokenizers_here(self, prompt_ids: list[int], params: SamplingParams) -> list | None:
+    def _detokenizers_here(self, prompt_ids: list[int], params: Params) -> list | None:
         """As ``stream_route.detokenizers_here``: those of a request whose text is built here."""
         return detokenizers_here(self._client is not None, self.tokenizer, prompt_ids, params)
 

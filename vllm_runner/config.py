@@ -10,6 +10,7 @@ import torch
 
 from vllm_runner.engine.sampling_defaults import GENERATION_CONFIGS
 from vllm_runner.model.layers.rotary import rope_max_positions
+from vllm_runner.pooling_params import PoolerConfig
 
 logger = logging.getLogger(__name__)
 NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present when the kernel driver is loaded
@@ -119,6 +120,10 @@ class EngineArgs:
     # none, as vLLM; "vllm": SamplingParams' own defaults only; a folder: its
     # generation_config.json's
     generation_config: str = "auto"
+    # How embedding requests pool the final hidden states (pooling_type "LAST" / "MEAN" /
+    # "CLS", normalize): a PoolerConfig, a dict or its JSON text, as vLLM's; None: LAST,
+    # L2-normalised (vLLM's default for decoder models)
+    pooler_config: PoolerConfig | dict | str | None = None
     # Taken as vLLM scripts pass it; the engine never runs a repository's code either way
     # (a model type only that code defines is refused).
     trust_remote_code: bool = False
@@ -234,6 +239,7 @@ class EngineArgs:
                 "'auto' (the model's sampling defaults), 'vllm' (the engine's own) or a "
                 "folder holding a generation_config.json",
             )
+        self.pooler_config = PoolerConfig.of(self.pooler_config)
         if self.generation_config not in GENERATION_CONFIGS:  # one spelling per folder
             self.generation_config = os.path.abspath(self.generation_config)
 

@@ -1,13 +1,16 @@
-"""Synchronous offline generation: add every prompt, step until all finish."""
+"""Synchronous offline generation and embeddings: add every prompt, step until all finish."""
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from vllm_runner import beam_search as beams
 from vllm_runner.config import EngineArgs
 from vllm_runner.engine.core import EngineCore
+from vllm_runner.engine.errors import RequestError
 from vllm_runner.engine.input_processor import TextPrompt, TokensPrompt
-from vllm_runner.engine.outputs import RequestOutput
+from vllm_runner.engine.outputs import EmbeddingRequestOutput, FinalOutput, RequestOutput
+from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import NO_TOKENIZER
 
@@ -36,8 +39,10 @@ def normalize_batch(
     prompts: Prompt | Sequence[Prompt],
     params: SamplingParams | Sequence[SamplingParams] | None,
     default: SamplingParams,
+    kind: type = SamplingParams,
 ) -> tuple[list[Prompt], list[SamplingParams]]:
-    """``default``: the params of every prompt when ``params`` is None (the model's)."""
+    """``default``: the params of every prompt when ``params`` is None (the model's).
+    ``kind``: the params' class (PoolingParams for embeddings)."""
     # NOTE: a dict (vLLM's {"prompt": ...}) is one prompt: as a batch its keys were read as
     # prompt texts.
     if (
@@ -49,25 +54,27 @@ def normalize_batch(
     prompts = list(prompts)
     if params is None:
         params = default
-    if isinstance(params, SamplingParams):
+    if isinstance(params, kind):
         params_list = [params] * len(prompts)
     else:
         # NOTE: a dict or a string is not a list of them (iterated, its keys or characters)
         one = isinstance(params, str | dict) or not isinstance(params, Iterable)
         params_list = [params] if one else list(params)
-        bad = [p for p in params_list if not isinstance(p, SamplingParams)]
+        bad = [p for p in params_list if not isinstance(p, kind)]
+        name = kind.__name__
         if bad:
+            argument = "pooling_params" if kind is PoolingParams else "sampling_params"
             raise ValueError(
-                "sampling_params must be a SamplingParams or a list of them (one per prompt), "
+                f"{argument} must be a {name} or a list of them (one per prompt), "
                 f"got {type(bad[0]).__name__}"
             )
         if len(params_list) != len(prompts):
-            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+            raise ValueError(f"got {len(params_list)} {name} for {len(prompts)} prompts")
     return prompts, params_list
 
 
 class LLM:
-    """Offline batch generation on one engine."""
+    """Offline batch generation and embeddings on one engine."""
 
     def __init__(
         self, model: str | None = None, *, model_name: str | None = None, **kwargs
@@ -94,15 +101,39 @@ class LLM:
         ids = [inputs.tokenize(p, False, sp) for p, sp in zip(prompts, params, strict=True)]
         return self._run(prompts, ids, params, use_tqdm, priorities)
 
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool | Callable[..., Any] = False,
+        priority: Sequence[int] | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """As vLLM's: one embedding per prompt (``outputs.embedding``, a list of floats), the
+        final hidden states pooled as the engine's ``pooler_config`` says (the LAST token's,
+        L2-normalised, by default). ``truncate_prompt_tokens``: set on every prompt's
+        PoolingParams. A request that failed (its step did) raises RequestError."""
+        prompts, params = normalize_batch(prompts, pooling_params, PoolingParams(), PoolingParams)
+        if truncate_prompt_tokens is not None:
+            params = [dataclasses.replace(p, truncate_prompt_tokens=truncate_prompt_tokens)
+                      for p in params]  # fmt: skip
+        inputs = self.engine.inputs
+        priorities = inputs.priorities(priority, len(prompts))
+        ids = [inputs.tokenize(p, False, pp) for p, pp in zip(prompts, params, strict=True)]
+        return self._run(prompts, ids, params, use_tqdm, priorities, raise_failed=True)
+
     def _run(
         self,
         prompts: list[Prompt],
         ids: list[list[int]],
-        params: list[SamplingParams],
+        params: list[SamplingParams] | list[PoolingParams],
         use_tqdm: bool | Callable[..., Any],
         priorities: list[int] | None = None,
-    ) -> list[RequestOutput]:
-        """``priorities``: one per prompt (None: 0 each)."""
+        raise_failed: bool = False,
+    ) -> list[FinalOutput]:
+        """``priorities``: one per prompt (None: 0 each). ``raise_failed``: a request the
+        engine failed raises RequestError (holding every output), naming why."""
         if not isinstance(use_tqdm, bool) and not callable(use_tqdm):
             raise ValueError(f"use_tqdm must be True, False or a tqdm-like class, got {use_tqdm!r}")
         for prompt_ids, p in zip(ids, params, strict=True):  # validate all before adding any
@@ -127,7 +158,11 @@ class LLM:
             if bar is not None:
                 bar.close()
         self.engine.pop_finished()
-        return [s.final_output() for s in states]
+        outs = [s.final_output() for s in states]
+        failed = next((s for s in states if s.error is not None), None)
+        if raise_failed and failed is not None:
+            raise RequestError(f"request {failed.request_id} failed: {failed.error}", outs)
+        return outs
 
     def beam_search(
         self, prompts: Prompt | Sequence[Prompt], params: beams.BeamSearchParams

@@ -52,6 +52,11 @@ def test_generation_config_goes_to_the_engine() -> None:
     assert s.engine_kwargs() == {"generation_config": "vllm"}
 
 
+def test_pooler_config_goes_to_the_engine_as_json() -> None:
+    s = ServerSettings.load({"VLLM_RUNNER_POOLER_CONFIG": '{"pooling_type": "MEAN"}'}, {})
+    assert s.engine_kwargs() == {"pooler_config": '{"pooling_type": "MEAN"}'}
+
+
 def test_served_model_name_goes_to_the_engine() -> None:
     s = ServerSettings.load({"VLLM_RUNNER_SERVED_MODEL_NAME": "smol"}, {"enforce_eager": "1"})
     assert s.engine_kwargs() == {"served_model_name": "smol", "enforce_eager": True}
@@ -100,6 +105,7 @@ def test_empty_env_value_means_unset() -> None:
         ({"VLLM_RUNNER_SEED": str(2**64)}, {}, "seed must be an integer in"),
         ({}, {"device": "cuda:one"}, "device must be 'auto', 'cpu' or 'cuda"),
         ({}, {"generation_config": "hf"}, "generation_config must be 'auto' .* 'vllm' .* folder"),
+        ({}, {"pooler_config": '{"pooling_type": "max"}'}, "pooler_config pooling_type must be"),
         (
             {},
             {"scheduling_policy": "lifo"},

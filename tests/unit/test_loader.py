@@ -176,7 +176,7 @@ def test_a_config_without_architectures_resolves_by_model_type(model_type, cls):
 
 
 def test_the_first_supported_architecture_listed_is_used():
-    config = SimpleNamespace(architectures=["LlamaModel", "Qwen2ForCausalLM"], model_type="x")
+    config = SimpleNamespace(architectures=["GPT2Model", "Qwen2ForCausalLM"], model_type="x")
     assert resolve_model_class(config) is Qwen2ForCausalLM
 
 
@@ -186,7 +186,8 @@ def test_an_unsupported_architecture_names_what_is_supported():
         resolve_model_class(config)
     assert str(error.value) == (
         "unsupported model architecture ['GPT2LMHeadModel', 'Foo']; supported architectures: "
-        "['LLaMAForCausalLM', 'LlamaForCausalLM', 'MistralForCausalLM', 'OPTForCausalLM', "
-        "'Phi3ForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'], model types: "
+        "['LLaMAForCausalLM', 'LlamaForCausalLM', 'LlamaModel', 'MistralForCausalLM', "
+        "'MistralModel', 'OPTForCausalLM', 'Phi3ForCausalLM', 'Qwen2ForCausalLM', "
+        "'Qwen2Model', 'Qwen3ForCausalLM', 'Qwen3Model'], model types: "
         "['llama', 'mistral', 'opt', 'phi3', 'qwen2', 'qwen3']"
     )

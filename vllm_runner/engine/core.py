@@ -23,6 +23,7 @@ from vllm_runner.engine.sampling_defaults import generation_folder, read_samplin
 from vllm_runner.engine.scheduler import Scheduler
 from vllm_runner.model.layers.awq import resolve_quantization
 from vllm_runner.model.loader import resolve_model_path
+from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sample.bad_words import bad_word_token_ids
 from vllm_runner.sample.guided_choice import choice_token_ids
 from vllm_runner.sample.json_masks import JsonMasks, JsonVocab
@@ -77,6 +78,7 @@ class EngineCore:
         kv = KVCacheManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
         # NOTE: the runner's step budget: it may lower a default one (offloaded weights).
         self.scheduler = Scheduler(self.runner.scheduler_config, kv)
+        self.pooler_config = args.pooler_config
         self.limits = EngineLimits(
             model_path=path,
             max_model_len=max_model_len,
@@ -87,6 +89,8 @@ class EngineCore:
             sampling_defaults=sampling_defaults,
             eos_token_ids=frozenset(self.eos_ids),
             scheduling_policy=args.scheduling_policy,
+            hidden_size=self.runner.model.lm_head.weight.shape[1],
+            generates=not getattr(self.runner.model, "pooling_only", False),
         )
         self.inputs = InputProcessor(self.limits, self.tokenizer)
         graphs, pieces = self.runner.graphs, self.runner.pieces
@@ -129,14 +133,16 @@ class EngineCore:
     def add_request(
         self,
         prompt: str | list[int] | dict,
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         request_id: str | None = None,
         prompt_ids: list[int] | None = None,
         detokenize: bool = True,
         arrival_time: float | None = None,
         priority: int = 0,
     ) -> RequestState:
-        """``prompt_ids``: ``prompt`` already tokenized (a front end that checked it).
+        """``params``: PoolingParams for an embedding request (its prompt is computed, its
+        final hidden states pooled by the engine's ``pooler_config``, no token sampled).
+        ``prompt_ids``: ``prompt`` already tokenized (a front end that checked it).
         ``detokenize``: False when the caller builds the text from the token ids itself (a
         front end apart from the engine process): the outputs' text stays empty. Stop
         strings need the text here (the request ends at the token that completes one).
@@ -147,6 +153,9 @@ class EngineCore:
             prompt_ids = self.inputs.tokenize(prompt, params=params)
         self.inputs.validate(prompt_ids, params)
         priority = self.inputs.check_priority(priority)
+        pooling = None
+        if isinstance(params, PoolingParams):
+            pooling, params = self._pooling(params), _EMBEDDING_RUN
         detokenize = detokenize and params.detokenize
         if not detokenize and params.stop:
             raise ValueError(
@@ -179,6 +188,7 @@ class EngineCore:
             params,
             self.tokenizer if detokenize else None,
             f"{request_id}@{next(self._engine_ids)}",
+            pooling,
         )
         if arrival_time is not None:
             state.arrival_time = arrival_time
@@ -193,12 +203,22 @@ class EngineCore:
                     max_tokens,
                     seed=seed,
                     priority=priority,
+                    pooling=pooling,
                 )
             )
             self.child_to_state[child_id] = (state, index)
         self.states[request_id] = state
         self.num_host_bound += _host_bound(params)
         return state
+
+    def _pooling(self, params: PoolingParams) -> PoolingParams:
+        """A copy of an embedding request's params with the engine's pooler_config filled in
+        (the caller's object may be another engine's request too)."""
+        pooling = copy.copy(params)
+        pooling.pooling_type = self.pooler_config.pooling_type
+        if pooling.normalize is None:
+            pooling.normalize = self.pooler_config.normalize
+        return pooling
 
     def abort(self, request_id: str) -> list[StreamOutput]:
         """Stop a request and free its blocks; returns the final output of each completion
@@ -354,6 +374,11 @@ class EngineCore:
             **self.runner.weight_bytes,  # weight_bytes_resident / weight_bytes_offloaded
             "kv_cache_bytes": self.runner.kv_cache_bytes,
         }
+
+
+# What an embedding request's engine request runs with: room for one token that is never
+# sampled (the runner pools its last prompt chunk instead), greedy (no sampler rows), no text.
+_EMBEDDING_RUN = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
 
 def _host_bound(params: SamplingParams) -> bool:

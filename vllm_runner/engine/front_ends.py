@@ -18,7 +18,7 @@ from multiprocessing import AuthenticationError, Pipe
 from multiprocessing.connection import Connection, Listener, wait
 
 from vllm_runner.engine.outbox import Outbox
-from vllm_runner.engine.outputs import RequestOutput
+from vllm_runner.engine.outputs import FinalOutput
 from vllm_runner.engine.serving_loop import Delivery, is_final, pack, picklable
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class FrontEnds:
                 continue
             if is_final(item):
                 request_id = front.live.pop(route, None)
-                if isinstance(item, RequestOutput):
+                if isinstance(item, FinalOutput):
                     item = dataclasses.replace(item, request_id=request_id)
             items[k].append((route, picklable(pack(item))))
         timings: dict[int, list] = defaultdict(list)

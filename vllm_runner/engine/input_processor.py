@@ -13,6 +13,7 @@ from typing import TypedDict
 
 from vllm_runner.engine.errors import ContextLengthError
 from vllm_runner.engine.sampling_defaults import fit_max_tokens
+from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sample.guided_choice import choice_token_ids
 from vllm_runner.sample.regex_parse import shown
 from vllm_runner.sampling_params import INT64_MAX, SamplingParams
@@ -78,6 +79,8 @@ class EngineLimits:
     sampling_defaults: dict[str, object] = field(default_factory=dict)
     eos_token_ids: frozenset[int] = frozenset()  # the model's (min_tokens bans them)
     scheduling_policy: str = "fcfs"  # EngineArgs': a request's priority needs "priority"
+    hidden_size: int = 0  # the length of the model's pooled vectors (embeddings)
+    generates: bool = True  # False: a checkpoint without an LM head, for embeddings only
 
 
 class InputProcessor:
@@ -93,14 +96,15 @@ class InputProcessor:
         self,
         prompt: str | list[int] | dict,
         chat: bool = False,
-        params: SamplingParams | None = None,
+        params: SamplingParams | PoolingParams | None = None,
     ) -> list[int]:
         """``chat``: ``prompt`` is a chat template's text, which holds every special token the
         model wants (as vLLM's chat route and HF's ``apply_chat_template``: none added).
         ``prompt`` may be a vLLM prompt dict (``TextPrompt``, ``TokensPrompt``). ``params``:
         the request's, whose ``truncate_prompt_tokens`` keeps the ids' last k (as vLLM: of
         the tokenized text, BOS or chat template included), before any length check."""
-        k = params.truncate_prompt_tokens if isinstance(params, SamplingParams) else None
+        take = isinstance(params, SamplingParams | PoolingParams)
+        k = params.truncate_prompt_tokens if take else None
         if k is None:
             return self._tokenize(prompt, chat)
         max_len = self.limits.max_model_len
@@ -161,10 +165,17 @@ class InputProcessor:
                 self.limits.max_model_len,
             )
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams | PoolingParams) -> None:
         limits = self.limits
         if not prompt_ids:
             raise ValueError("prompt is empty: it has 0 tokens")
+        if isinstance(params, PoolingParams):
+            return self._validate_pooling(prompt_ids, params)
+        if not limits.generates:
+            raise ValueError(
+                f"model {limits.model_path!r} has no LM head (its checkpoint holds no "
+                "lm_head.weight): it serves embeddings only, not generation"
+            )
         # NOTE: offline, as vLLM's LLM, a prompt of max_model_len tokens gets one new token
         # (whose KV is never written); a server's request must leave room for max_tokens.
         if len(prompt_ids) >= limits.max_model_len + (not limits.serving):
@@ -215,6 +226,36 @@ class InputProcessor:
         self._check_in_vocab("stop_token_ids entry", params.stop_token_ids)
         self._check_in_vocab("allowed_token_ids entry", params.allowed_token_ids or ())
         self._check_allowed_not_all_banned(params)
+
+    def _validate_pooling(self, prompt_ids: list[int], params: PoolingParams) -> None:
+        """An embedding request computes its prompt only: up to max_model_len tokens."""
+        limits = self.limits
+        if len(prompt_ids) > limits.max_model_len:
+            raise ContextLengthError(
+                f"prompt has {len(prompt_ids)} tokens, but max_model_len is "
+                f"{limits.max_model_len} (an embedding's prompt may have that many at most)",
+                limits.max_model_len,
+            )
+        self._check_in_vocab("prompt token id", prompt_ids)
+        self.check_dimensions(params)
+        blocks = -(-len(prompt_ids) // limits.block_size)
+        if blocks > limits.num_blocks:
+            raise ValueError(
+                f"the request needs {blocks} KV-cache blocks of {limits.block_size} tokens "
+                f"({len(prompt_ids)} prompt tokens), but the cache has {limits.num_blocks}: "
+                "give the KV cache more memory"
+            )
+
+    def check_dimensions(self, params: PoolingParams) -> None:
+        """An embedding's ``dimensions``: only the model's hidden size (as vLLM refuses any
+        for a model not trained for shorter, matryoshka, vectors)."""
+        size = self.limits.hidden_size
+        if params.dimensions is not None and params.dimensions != size:
+            raise ValueError(
+                f"dimensions {params.dimensions} is not supported: this model's embeddings have "
+                f"{size} (it is not trained for shorter, matryoshka, ones); leave dimensions "
+                f"out or give {size}"
+            )
 
     def check_priority(self, priority: object) -> int:
         """A request's priority as the scheduler takes it (an int64; numpy's integers as

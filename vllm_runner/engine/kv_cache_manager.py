@@ -43,8 +43,8 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of full blocks. The last prompt token is always recomputed
-        so the request has logits to sample from."""
-        if not self.enable_caching or request.params.prompt_logprobs is not None:
+        so the request has logits to sample from (or its hidden state to pool)."""
+        if not self.enable_caching or not request.reads_prefix_cache:
             return [], 0
         self._extend_hashes(request, request.num_tokens)
         max_blocks = (request.num_tokens - 1) // self.block_size

@@ -6,10 +6,14 @@ from dataclasses import dataclass, field
 from vllm_runner.engine.detokenizer import IncrementalDetokenizer
 from vllm_runner.engine.outputs import (
     CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
     EngineStepOutput,
+    FinalOutput,
     RequestOutput,
     StreamOutput,
 )
+from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sampling_params import SamplingParams
 
 
@@ -51,12 +55,22 @@ class RequestState:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    pooling: PoolingParams | None = None  # an embedding request's
+    embedding: list[float] | None = None  # its vector, once computed
 
     @property
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.completions)
 
-    def final_output(self) -> RequestOutput:
+    def final_output(self) -> FinalOutput:
+        if self.pooling is not None:  # (an empty vector if it failed or was aborted)
+            return EmbeddingRequestOutput(
+                self.request_id,
+                EmbeddingOutput(self.embedding or []),
+                self.prompt_token_ids,
+                self.finished,
+                self.num_cached_tokens,
+            )
         return RequestOutput(
             self.request_id,
             self.prompt,
@@ -75,6 +89,7 @@ def new_request_state(
     params: SamplingParams,
     tokenizer,
     engine_id: str,
+    pooling: PoolingParams | None = None,
 ) -> RequestState:
     """``engine_id``: unique in the engine's lifetime; its completions run as engine
     requests ``engine_id`` (n = 1) or ``engine_id.i``, so no two requests' ids meet, not even
@@ -96,7 +111,9 @@ def new_request_state(
         )
         for i in range(params.n)
     ]
-    return RequestState(request_id, prompt, prompt_ids, params, child_ids, completions)
+    state = RequestState(request_id, prompt, prompt_ids, params, child_ids, completions)
+    state.pooling = pooling
+    return state
 
 
 def apply_step_output(state: RequestState, index: int, out: EngineStepOutput) -> str | None:
@@ -107,6 +124,8 @@ def apply_step_output(state: RequestState, index: int, out: EngineStepOutput) ->
         state.num_cached_tokens = out.num_cached_tokens
     if out.prompt_logprobs is not None:
         state.prompt_logprobs = out.prompt_logprobs
+    if out.embedding is not None:
+        state.embedding = out.embedding
     c = state.completions[index]
     c.token_times.append(now)
     c.token_ids.extend(out.new_token_ids)

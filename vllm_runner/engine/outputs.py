@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sampling_params import SamplingParams
 
 
@@ -19,6 +20,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     seed: int | None
+    pooling: PoolingParams | None = None  # an embedding request: pooled, never sampled
 
 
 @dataclass
@@ -45,7 +47,8 @@ class SchedulerOutput:
 
 @dataclass
 class ModelRunnerOutput:
-    """Per sampled request: its new token, and logprobs when asked for."""
+    """Per sampled request: its new token, and logprobs when asked for; per embedding
+    request whose last prompt chunk ran: its pooled vector."""
 
     sampled: dict[str, int]  # request id -> sampled token id
     # request id -> (sampled token's logprob, {token id: logprob} of the top-N)
@@ -56,6 +59,7 @@ class ModelRunnerOutput:
     # request id -> per prompt position (the first None): the prompt token's rank there
     # among the vocabulary (1: the most likely), handed over with ``prompt_logprobs``
     prompt_ranks: dict[str, list[int | None]] = field(default_factory=dict)
+    pooled: dict[str, list[float]] = field(default_factory=dict)  # request id -> vector
 
 
 @dataclass
@@ -71,6 +75,7 @@ class EngineStepOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
     prompt_ranks: list[int | None] | None = None  # (with prompt_logprobs)
+    embedding: list[float] | None = None  # an embedding request's vector (it has ended)
 
 
 # ---- what users get ----------------------------------------------------------------------------
@@ -122,6 +127,32 @@ class RequestOutput:
 
     def __str__(self) -> str:
         return self.text
+
+
+@dataclass
+class EmbeddingOutput:
+    """As vLLM's: one prompt's embedding."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """As vLLM's (``LLM.embed``'s outputs): ``outputs.embedding`` is the prompt's vector."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool
+    num_cached_tokens: int = 0
+
+
+# the last item of a request's stream inside the engine's front ends
+FinalOutput = RequestOutput | EmbeddingRequestOutput
 
 
 @dataclass

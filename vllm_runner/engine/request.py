@@ -4,6 +4,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sampling_params import SamplingParams
 
 
@@ -35,7 +36,8 @@ _FINISH_REASONS = {
 
 @dataclass(eq=False)
 class Request:
-    """One sequence to generate. A request with n > 1 is fanned out into n of these."""
+    """One sequence to generate (or, with ``pooling``, a prompt to embed: it computes its
+    prompt and ends without sampling). A request with n > 1 is fanned out into n of these."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -57,6 +59,15 @@ class Request:
     stop_reason: int | str | None = None
     # Prefix-cache hashes of this request's full blocks, in order (extended as tokens arrive).
     block_hashes: list[bytes] = field(default_factory=list)
+    pooling: PoolingParams | None = None  # an embedding request's (pooling_type filled in)
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Whether cached prompt blocks may stand in for computing them: not when every
+        prompt position's hidden state is read (prompt logprobs, MEAN / CLS pooling)."""
+        if self.pooling is not None:
+            return self.pooling.reads_prefix_cache
+        return self.params.prompt_logprobs is None
 
     @property
     def num_prompt_tokens(self) -> int:

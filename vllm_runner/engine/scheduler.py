@@ -161,7 +161,7 @@ class Scheduler:
                 self._num_gone -= 1
                 continue
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
-            reads_cache = self.kv.enable_caching and request.params.prompt_logprobs is None
+            reads_cache = self.kv.enable_caching and request.reads_prefix_cache
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             request.num_computed_tokens = 0
             if self.kv.allocate_slots(request, num_new, hits) is None:
@@ -200,6 +200,7 @@ class Scheduler:
             self.kv.block_ids(request.request_id),
             request.num_computed_tokens,
             request.seed,
+            request.pooling,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -221,7 +222,10 @@ class Scheduler:
                 continue
             token = result.sampled.get(request_id)
             if token is None:
-                continue  # a prefill chunk that does not reach the end yet
+                embedding = result.pooled.get(request_id)
+                if embedding is not None:  # an embedding request's last prompt chunk ran
+                    outputs.append(self._pooled(request, embedding))
+                continue  # (else a prefill chunk that does not reach the end yet)
             request.num_inflight -= 1
             if not request.output_token_ids:
                 self.counters["prompt_tokens_total"] += request.num_prompt_tokens
@@ -243,8 +247,20 @@ class Scheduler:
             )
             if status is not None:
                 self.finish_request(request_id, status)
-        self.counters["generation_tokens_total"] += len(outputs)  # one token each
+        # one token each (an embedding request's output has none)
+        self.counters["generation_tokens_total"] += sum(1 for o in outputs if o.new_token_ids)
         return outputs
+
+    def _pooled(self, request: Request, embedding: list[float]) -> EngineStepOutput:
+        """An embedding request ends with its pooled vector: no decode step, its blocks
+        freed (full ones stay in the prefix cache)."""
+        request.num_inflight -= 1
+        self.counters["prompt_tokens_total"] += request.num_prompt_tokens
+        self.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+        return EngineStepOutput(
+            request.request_id, [], None, None, "stop",
+            num_cached_tokens=max(request.num_cached_tokens, 0), embedding=embedding,
+        )  # fmt: skip
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.params

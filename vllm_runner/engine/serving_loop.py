@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.errors import RequestError
-from vllm_runner.engine.outputs import RequestOutput, StreamOutput
+from vllm_runner.engine.outputs import FinalOutput, StreamOutput
 
 
 @dataclass
@@ -42,9 +42,9 @@ class RequestTimings:
 @dataclass
 class Delivery:
     """One step's results for the front end, in order: a request's stream updates, then its
-    final ``RequestOutput`` (or the exception that refused it), which ends its route."""
+    final output (``FinalOutput``, or the exception that refused it), which ends its route."""
 
-    items: list[tuple[object, object]]  # (route, StreamOutput | RequestOutput | Exception)
+    items: list[tuple[object, object]]  # (route, StreamOutput | FinalOutput | Exception)
     stats: dict[str, int]  # the engine's stats after the step
     timings: list[tuple[object, RequestTimings]] = field(default_factory=list)  # per route
     # NOTE: of the front ends sharing one engine, one publishes its stats as metrics (each
@@ -53,7 +53,7 @@ class Delivery:
 
 
 def is_final(item: object) -> bool:
-    return isinstance(item, RequestOutput | BaseException)
+    return isinstance(item, FinalOutput | BaseException)
 
 
 class ServingLoop:

@@ -41,9 +41,7 @@ class StreamRoute:
         return item
 
 
-def detokenizers_here(
-    apart: bool, tokenizer, prompt_ids: list[int], params: SamplingParams
-) -> list | None:
+def detokenizers_here(apart: bool, tokenizer, prompt_ids: list[int], params: object) -> list | None:
     """The detokenizers of a request whose text the front end builds (None: the engine
     builds it, or none is built). With the engine in a process of its own (``apart``), a
     request's text is built in the front end from its token ids, as vLLM V1's front end
@@ -52,8 +50,10 @@ def detokenizers_here(
     workers have CPU to spare and share that work out. A request with stop strings is left
     to the engine, which ends it at the token that completes one (and so is every request
     if the front end has no tokenizer: the engine's own decides). detokenize=False: no text
-    here nor there."""
-    if not apart or params.stop or tokenizer is None or not params.detokenize:
+    here nor there; an embedding request (PoolingParams) has none either."""
+    if not apart or not isinstance(params, SamplingParams) or tokenizer is None:
+        return None
+    if params.stop or not params.detokenize:
         return None
     return text_builders(tokenizer, prompt_ids, params)
 

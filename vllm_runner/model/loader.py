@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 from collections.abc import Iterator
 
@@ -11,6 +12,8 @@ from torch import nn
 from vllm_runner.model.layers import cpu_gemm
 from vllm_runner.model.layers.parallel import load_shard
 from vllm_runner.model.registry import resolve_model_class
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_model_path(model: str | None) -> str:
@@ -90,7 +93,13 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
         for param in params.values():  # cycle that would keep the weights on the device
             param.__dict__.pop("weight_loader", None)  # after `del llm`, until a gc pass
     missing = _missing(model, params, loaded)
-    if missing:
+    if missing == ["lm_head.weight"]:
+        # NOTE: an embedding model's checkpoint (Qwen3-Embedding-8B: untied, no head) is
+        # loaded for pooling: the head stays zero, and the engine refuses generation.
+        logger.warning("the checkpoint has no lm_head.weight: the model serves embeddings only")
+        model.lm_head.weight.data.zero_()
+        model.pooling_only = True
+    elif missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
 
@@ -133,7 +142,9 @@ def _copy_weights(
                 name, shard_id = name.replace(f".{src}.", f".{dst}."), sid
                 break
         if name not in params and f"model.{name}" in params:
-            name = f"model.{name}"  # old OPT checkpoints lack the "model." prefix
+            # old OPT checkpoints and embedding models saved as the bare decoder
+            # (Qwen3-Embedding's "layers.0...", "norm.weight") lack the "model." prefix
+            name = f"model.{name}"
         if name not in params:
             if name in buffers:
                 continue  # a derived buffer

@@ -18,6 +18,12 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,  # dense only: Qwen3MoeForCausalLM is another layout
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
+    # the bare decoders (transformers' AutoModel) of embedding checkpoints, e.g.
+    # e5-mistral-7b-instruct's MistralModel: weights without the "model." prefix nor LM head
+    "LlamaModel": LlamaForCausalLM,
+    "MistralModel": LlamaForCausalLM,
+    "Qwen2Model": Qwen2ForCausalLM,
+    "Qwen3Model": Qwen3ForCausalLM,
 }
 
 

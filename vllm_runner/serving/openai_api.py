@@ -1,5 +1,6 @@
-"""OpenAI-compatible routes (FastAPI): /v1/models, /v1/completions, /v1/chat/completions
-(and vLLM's /tokenize, /detokenize, /health, /version: tokenize_api.py).
+"""OpenAI-compatible routes (FastAPI): /v1/models, /v1/completions, /v1/chat/completions,
+/v1/embeddings (embeddings_api.py) and vLLM's /tokenize, /detokenize, /health, /version
+(tokenize_api.py).
 
 `create_openai_app(get_engine)` builds the app; `get_engine()` returns the
 running AsyncLLM or raises `EngineNotReady`. Every error is answered in OpenAI's shape.
@@ -26,6 +27,7 @@ from vllm_runner.serving import beam_route
 from vllm_runner.serving import completions as completions_api
 from vllm_runner.serving import openai_format as fmt
 from vllm_runner.serving.chat_options import check_trusted, echoed, render
+from vllm_runner.serving.embeddings_api import add_embedding_routes
 from vllm_runner.serving.forced_tools import forced_calls, forced_message, forces
 from vllm_runner.serving.prompt_logprobs import prompt_logprobs_field
 from vllm_runner.serving.protocol import ChatCompletionRequest, CompletionRequest
@@ -282,6 +284,7 @@ def create_openai_app(
         return env(choices=choices, usage=fmt.results_usage(results), prompt_logprobs=field)
 
     add_tokenize_routes(app, engine_for, get_engine)
+    add_embedding_routes(app, engine_for)
     return app
 
 

@@ -43,6 +43,7 @@ ENGINE_FIELDS = (
     "piecewise_max_tokens",
     "seed",
     "generation_config",
+    "pooler_config",
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -73,6 +74,7 @@ class ServerSettings:
     piecewise_max_tokens: int | None = None  # steps that prefill in piecewise CUDA graphs
     seed: int | None = None
     generation_config: str | None = None  # "auto": the model's sampling defaults; "vllm"; a folder
+    pooler_config: str | None = None  # /v1/embeddings' pooling, JSON: {"pooling_type": "MEAN"}
     engine_process: bool | None = None  # engine core in its own process; None = on CUDA
     api_key: str | None = None
     # chat's tool_choice "auto" parses calls: "hermes", "llama3_json", "mistral", "pythonic"

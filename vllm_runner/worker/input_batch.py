@@ -3,8 +3,10 @@
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from vllm_runner.engine.outputs import SchedulerOutput
+from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sample.rows import SamplingRow
 from vllm_runner.sampling_params import SamplingParams
 
@@ -21,6 +23,11 @@ class CachedRequestState(SamplingRow):
     num_computed_tokens: int = 0
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_ranks: list[int] = field(default_factory=list)  # (of each prompt_logprobs entry)
+    # an embedding request's settings, and the sum of the hidden states it pooled so far
+    # (over ``pooled_count`` positions; worker/pooling.py)
+    pooling: PoolingParams | None = None
+    pooled_sum: torch.Tensor | None = None  # [hidden] fp32
+    pooled_count: int = 0
 
 
 @dataclass
@@ -59,6 +66,7 @@ class InputBatch:
         self.free_rows = list(range(rows - 1, -1, -1))
         # Requests the sampler must see row by row (anything but plain greedy).
         self.needs_rows: set[str] = set()
+        self.pooling_ids: set[str] = set()  # embedding requests: pooled, never sampled
 
     def release(self, request_ids: set[str]) -> None:
         """Forget finished requests: their token lists, rows and block-table entries."""
@@ -68,6 +76,7 @@ class InputBatch:
                 self.block_table[state.row, : state.num_blocks] = 0
                 self.free_rows.append(state.row)
             self.needs_rows.discard(request_id)
+            self.pooling_ids.discard(request_id)
 
     def update(self, sched: SchedulerOutput) -> None:
         self.release(sched.finished_req_ids)
@@ -83,7 +92,10 @@ class InputBatch:
                 row=self._take_row(),
                 num_blocks=0,
                 num_computed_tokens=new.num_computed_tokens,
+                pooling=new.pooling,
             )
+            if new.pooling is not None:
+                self.pooling_ids.add(new.request_id)
             self.states[new.request_id] = state
             self._append_blocks(state, new.block_ids)
         for cached in sched.cached_requests:
@@ -131,7 +143,7 @@ class InputBatch:
                 input_ids[q0] = tokens[lo]
             else:
                 input_ids[q0 : q0 + count] = tokens[lo:hi]
-            if hi == known + state.num_pending:
+            if hi == known + state.num_pending and state.pooling is None:
                 sampling_ids.append(request_id)
                 sampled_rows.append(i)
             q0 += count

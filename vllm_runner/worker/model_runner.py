@@ -14,7 +14,7 @@ from vllm_runner.model.loader import build_model
 from vllm_runner.sample.logprobs import PendingLogprobs
 from vllm_runner.sample.rows import host_values
 from vllm_runner.sample.sampler import Sampler
-from vllm_runner.worker import memory
+from vllm_runner.worker import memory, pooling
 from vllm_runner.worker.cuda_graphs import DecodeGraphs, graph_output_bytes
 from vllm_runner.worker.device_inputs import DeviceInputs
 from vllm_runner.worker.input_batch import InputBatch, StepInputs
@@ -37,6 +37,7 @@ class StepHandle:
     host: torch.Tensor | None = None
     event: torch.cuda.Event | None = None  # None on CPU, where the copy is synchronous
     pending_logprobs: PendingLogprobs | None = None  # overlapped steps' logprobs
+    pooled: pooling.PooledVectors | None = None  # embedding requests' finished vectors
 
 
 class ModelRunner:
@@ -261,7 +262,10 @@ class ModelRunner:
             return handle
         inputs = self.batch.prepare(sched)
         every_row = self._reads_every_token(inputs)  # prompt logprobs: no graph, no pruning
-        graph_size = None if every_row else self._graph_size(inputs)
+        # rows of embedding requests: no decode graph, no pruning (pieces keep every row)
+        pooled = pooling.plan(self.batch.states, self.batch.pooling_ids, inputs)
+        every_row_kept = every_row or pooled is not None
+        graph_size = None if every_row_kept else self._graph_size(inputs)
         prev_sampled, prev_rows = self._prev
         if graph_size is not None:
             *_, logits_indices = self.buffers.load(inputs, graph_size, prev_sampled, prev_rows)
@@ -278,10 +282,12 @@ class ModelRunner:
                 if piece_size is not None:  # [piece_size, hidden]: pad rows after the step's
                     hidden, keep = self.pieces.run(piece_size, len(positions), positions), None
                 else:  # keep: only the sampled rows (maybe none) go past the last attention
-                    keep = None if every_row else logits_indices
+                    keep = None if every_row_kept else logits_indices
                     hidden = self.model(input_ids, positions, keep)
             if keep is None:  # every token's hidden state
                 prompt_logprobs(self.model, self.batch.states, inputs, hidden, handle.result)
+                if pooled is not None:
+                    handle.pooled = pooling.pool(pooled, self.batch.states, hidden)
                 hidden = hidden[logits_indices]
             logits = self.model.compute_logits(hidden) if inputs.sampling_ids else None
         handle.sampling_ids = inputs.sampling_ids
@@ -319,6 +325,8 @@ class ModelRunner:
     def wait(self, handle: StepHandle) -> ModelRunnerOutput:
         """The step's results on the host; appends sampled tokens to the runner's state."""
         result = handle.result
+        if handle.pooled is not None:
+            result.pooled = handle.pooled.read()
         if handle.overlapped:
             if handle.event is not None:
                 handle.event.synchronize()
