@@ -59,7 +59,7 @@ ANY_DEPTH = 2
 # optional properties write n^2 members, a $def used twice a level doubles a level, anyOf
 # copies its schemas), which cost minutes and gigabytes before regex_dfa's state limits were
 # reached. Twice the routes' guided_regex limit; the compiler's regexes have about an NFA
-# state a character, so a longer one would pass regex_dfa's MAX_NFA_STATES anyway.
+# state a character, so a longer one would pass regex_nfa's MAX_NFA_STATES anyway.
 MAX_REGEX_CHARS = 1 << 17
 ANNOTATIONS = frozenset(("title", "description", "examples", "default", "$schema", "$id",
                          "$comment", "readOnly", "writeOnly", "deprecated"))  # fmt: skip

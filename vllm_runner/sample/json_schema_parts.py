@@ -11,6 +11,8 @@ import json
 import math
 import sys
 
+from vllm_runner.sample.regex_parse import MAX_REPEAT
+
 _FLOAT_MAX = int(sys.float_info.max)  # the largest bound taken (a float's)
 _META = frozenset(".^$*+?()[]{}|\\")
 HEX = "[0-9a-fA-F]"
@@ -111,10 +113,13 @@ def optional(r: str) -> str:
 
 
 def _count(schema: dict, path: str, keyword: str, default: int | None) -> int | None:
-    """A non-negative integer keyword (minLength, maxItems, ...), ``default`` when absent."""
+    """A non-negative integer keyword (minLength, maxItems, ...), ``default`` when absent;
+    at most MAX_REPEAT, the count a regex repeat takes."""
     value = schema.get(keyword, default)
     if keyword in schema and (type(value) is not int or value < 0):
         raise fail(path, keyword, f"must be a non-negative integer, not {value!r}")
+    if keyword in schema and value > MAX_REPEAT:
+        raise fail(path, keyword, f"{value} is above {MAX_REPEAT} (the limit)")
     return value
 
 

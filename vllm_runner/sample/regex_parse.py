@@ -17,7 +17,10 @@ language than the client's ``re`` does.
 from typing import NamedTuple
 
 MAX_CODE_POINT = 0x10FFFF
-MAX_REPEAT = 10_000  # a larger count's copies could not fit regex_dfa's state limits anyway
+# NOTE: a count costs nothing where the repeat is counted (regex_nfa.py), but one written out
+# as copies passes regex_nfa's MAX_NFA_STATES long before this; it covers guided_json's
+# maxLength / maxItems, which json_schema_parts refuses past it by their name.
+MAX_REPEAT = 10_000
 MAX_GROUP_DEPTH = 100  # (parsing and compiling recurse per level)
 
 Ranges = tuple[tuple[int, int], ...]  # code point ranges, sorted, disjoint, inclusive

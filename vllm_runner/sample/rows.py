@@ -24,7 +24,7 @@ class SamplingRow:
     seed: int | None  # per completion (seed + index for n > 1)
     num_pending: int = 0  # sampled earlier, still on the device
     json_cursor: JsonCursor | None = None  # json_object: the output's state (json_masks.py)
-    regex_cursor: RegexCursor | None = None  # guided_regex: its DFA state (regex_masks.py)
+    regex_cursor: RegexCursor | None = None  # guided_regex: its DFA state, counts (regex_masks.py)
 
     @property
     def num_output_tokens(self) -> int:
