@@ -47,7 +47,7 @@ def allowed_tokens(
             rows, at, held = _kept(~ended, rows, at, held)
         at = dfa.table[at, vocab.flat[vocab.starts[rows] + j]]
         if held is not None:
-            at, held = _counted(dfa.counters, at, held)
+            at, held = _counted(counters, at, held)
         rows, at, held = _kept(at != DEAD, rows, at, held)
         j += 1
     allowed = np.zeros(vocab.width, bool)
@@ -56,14 +56,17 @@ def allowed_tokens(
     return allowed
 
 
-def _kept(keep: np.ndarray, rows: np.ndarray, at: np.ndarray, held: np.ndarray | None):
+def _kept(
+    keep: np.ndarray, rows: np.ndarray, at: np.ndarray, held: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The rows, their states and counts where ``keep``."""
     if held is None:
         return rows[keep], at[keep], None
     index = np.flatnonzero(keep)  # (a boolean index of held's 2-d rows is ~10x slower)
     return rows[index], at[index], held.take(index, axis=0)
 
 
-def _counted(counters: Counters, at: np.ndarray, held: np.ndarray):
+def _counted(counters: Counters, at: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The rows whose table entry is a counter step, past it (the others kept as they are:
     a JSON string's every character ends an iteration of its ``maxLength`` repeat, so most
     rows step)."""

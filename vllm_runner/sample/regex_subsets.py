@@ -27,10 +27,10 @@ import numpy as np
 from vllm_runner.sample.regex_nfa import Nfa, TooManyStates
 
 MAX_DFA_STATES = 10_000  # a table of 10 MiB (int32 x 256 a state)
-# NOTE: the construction's work is a step per NFA state a DFA state holds, summed over the
-# DFA states (~3 us each): a pattern of few DFA states that each hold thousands of NFA states
-# (``(?:a?){0,10000}``, written out as copies) took minutes before reaching MAX_DFA_STATES.
-# ~1.5 s; realistic patterns hold far less (a JSON schema of 10,000 states: ~32,000).
+# NOTE: a bound on the construction's work, a step (~3 us) per NFA state each DFA state
+# holds: ~1.5 s. A pattern of few DFA states that each hold thousands of NFA states
+# (``(?:a?){0,10000}``, written out as copies) took minutes before MAX_DFA_STATES refused it;
+# realistic ones hold far less (the sample JSON schemas: ~32,000 at most, in 9,757 states).
 MAX_HELD = 500_000
 MAX_EVENTS = 3  # Loops one byte may end an iteration of (3 ** 3 edges a step at most)
 MAX_BRANCHES = 100_000  # edges worked out in one construction (past it: copies instead)
@@ -57,10 +57,13 @@ class Subsets:
 
 
 def subsets(nfa: Nfa, entry: int, accept: int) -> Subsets:
+    """The DFA of ``nfa`` from ``entry``; Ambiguous or TooManyStates (see above)."""
     return _Builder(nfa, accept).run(entry)
 
 
 class _Builder:
+    """One construction: the NFA's keyed states as bits, the states and steps found."""
+
     def __init__(self, nfa: Nfa, accept: int) -> None:
         live = nfa.live(accept)
         self.loops = nfa.loops
