@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.launch import num_sms  # noqa: E402
 from kernels.quant_int4 import (  # noqa: E402
     GEMV_MAX_M,
     W4A16Config,
@@ -60,7 +59,7 @@ def sweep_configs(m: int, n: int, k: int) -> list[W4A16Config | None]:
     """The GEMV's tiles for rows up to GEMV_MAX_M (larger M dequantizes: no config)."""
     if m > GEMV_MAX_M:
         return [None]
-    configs = [default_config(m, n, k, 128, num_sms(torch.device("cuda")))]
+    configs = [default_config(m, k, 128)]
     for bn in (16, 32, 64, 128):
         for split in (1, 2, 4, 8):
             for warps in (2, 4):

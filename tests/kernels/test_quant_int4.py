@@ -114,16 +114,15 @@ def test_w4a16_leading_dims_and_empty_batch(device) -> None:
     assert w4a16_matmul(x[:0], *weights, 128).shape == (0, 3, 48)
 
 
-def test_default_config_fits_the_group_and_the_grid() -> None:
+def test_default_config_fits_the_group() -> None:
     """The GEMV: rows padded to a power of 2, one K tile a group of 128 (shorter groups: the
-    group), 16 channels a program and K split until ~2 programs per SM when N is short."""
-    decode = default_config(1, 4096, 4096, 128, 132)
-    assert (decode.block_m, decode.block_n, decode.block_k) == (1, 16, 128)
-    assert decode.split_k == 2  # 256 tiles of 16 channels: 264 / 256 rounded up
-    assert default_config(5, 4096, 4096, 32, 132).block_m == 8
-    assert default_config(8, 4096, 4096, 32, 132).block_k == 32
-    assert default_config(1, 14336 * 2, 4096, 128, 132) == W4A16Config(1, 32, 128)  # 896 tiles
-    assert default_config(2, 4096, 4096, 48, 132).block_k == 16
+    group), 64 channels at two warps, K split in 8 with at least 4 tiles a split."""
+    assert default_config(1, 4096, 128) == W4A16Config(1, 64, 128, 8, num_warps=2)
+    assert default_config(5, 4096, 32).block_m == 8
+    assert default_config(8, 4096, 32).block_k == 32
+    assert default_config(1, 576, 128).split_k == 1  # 5 tiles of K
+    assert default_config(1, 2048, 128).split_k == 4  # 16 tiles of K
+    assert default_config(2, 4096, 48).block_k == 16
 
 
 def test_launcher_refuses_wrong_layouts(device) -> None:
