@@ -172,5 +172,6 @@ def test_other_qwen3_and_phi3_architectures_are_refused(config):
     naming what is served, not loaded into the dense classes."""
     with pytest.raises(ValueError, match=r"^unsupported model ") as error:
         resolve_model_class(config)
-    assert "'Phi3ForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'" in str(error.value)
+    for served in ("'Phi3ForCausalLM'", "'Qwen2ForCausalLM'", "'Qwen3ForCausalLM'"):
+        assert served in str(error.value)
     assert "'phi3', 'qwen2', 'qwen3'" in str(error.value)

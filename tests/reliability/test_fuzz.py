@@ -51,6 +51,7 @@ ROUTES = [
     "/tokenize",
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/embeddings",
 ]
 
 
