@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gemv's timing
+
+from gemv import graph_us  # noqa: E402
 
 from kernels.quant_int4 import (  # noqa: E402
     GEMV_MAX_M,
@@ -31,28 +34,6 @@ from vllm_runner.model.layers.int4 import quantize_int4  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 L2_BYTES = 256 << 20  # cycle through at least this many weight bytes per replay set
-
-
-def graph_us(fns, reps: int = 20) -> float:
-    """Median us of one call, each replay running ``fns`` (one per weight copy) once."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for f in fns:  # compile / warm outside the graph
-            f()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for f in fns:
-            f()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(fns))
-    return sorted(times)[len(times) // 2]
 
 
 def sweep_configs(m: int, n: int, k: int) -> list[W4A16Config | None]:
@@ -85,12 +66,13 @@ def main() -> None:
         ws = [w.clone() for _ in range(bf_copies)]
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            bf16 = graph_us([lambda w_=w_, x=x: F.linear(x, w_) for w_ in ws])
+            bf16 = graph_us(lambda i, x=x, ws=ws: F.linear(x, ws[i]), len(ws))
             configs = sweep_configs(m, n, k) if args.sweep else [None]
             for cfg in configs:
                 try:
                     us = graph_us(
-                        [lambda t=t, c=cfg, x=x: w4a16_matmul(x, *t, 128, config=c) for t in qs]
+                        lambda i, c=cfg, x=x, qs=qs: w4a16_matmul(x, *qs[i], 128, config=c),
+                        len(qs),
                     )
                 except Exception as exc:  # noqa: BLE001  (a config the card cannot run)
                     print(f"{name} m={m} {cfg}: {type(exc).__name__}", flush=True)
