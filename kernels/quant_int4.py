@@ -43,7 +43,9 @@ def _w4a16_gemv_kernel(
     scale_ptr,  # [N, num_groups] fp32
     zero_ptr,  # [N, num_groups] uint8
     bias_ptr,  # [N] (HAS_BIAS only)
-    out_ptr,  # [SPLIT_K, M, N]: the output itself when SPLIT_K == 1, else fp32 partials
+    out_ptr,  # [M, N]
+    partial_ptr,  # [splits, M, N] fp32 (splits > 1 only)
+    counter_ptr,  # [ceil(N / BLOCK_N)] int32 zeros, left zero (splits > 1 only)
     M,
     N,
     K,
@@ -57,13 +59,13 @@ def _w4a16_gemv_kernel(
     stride_sg,
     stride_zn,
     stride_zg,
-    stride_os,
     stride_om,
     stride_on,
     BLOCK_M: tl.constexpr,  # >= M, a power of 2
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,  # K split across programs (grid dim 1 > 1)
     PDL: tl.constexpr,
 ):
     wait_for_predecessor(PDL)
@@ -94,17 +96,47 @@ def _w4a16_gemv_kernel(
                 ks = k0 + offs_word * 8 + i
                 xi = tl.load(x_ptr + r * stride_xm + ks * stride_xk, mask=ks < row_k_hi,
                              other=0.0).to(tl.float32)  # fmt: skip
-                qi = ((packed >> (4 * i)) & 0xF).to(tl.float32)
-                qx += qi * xi[None, :]
+                qx += _nibble_as_float(packed, i) * xi[None, :]
                 xs += xi
             part = (tl.sum(qx, axis=1) - zero.to(tl.float32) * tl.sum(xs, axis=0)) * scale
             acc += tl.where(rows[:, None] == r, part[None, :], 0.0)
-    if HAS_BIAS:  # added by one split only
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += bias[None, :] * (pid_k == 0).to(tl.float32)
-    out = out_ptr + pid_k * stride_os + rows[:, None].to(tl.int64) * stride_om
-    tl.store(out + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=(rows < M)[:, None] & n_mask[None, :])  # fmt: skip
+    out_mask = (rows < M)[:, None] & n_mask[None, :]
+    if SPLIT:
+        # split K: each split stores its fp32 partial; the split that finishes last for this
+        # channel block (a counter, acq_rel) sums all of them in split order, so the result
+        # does not depend on which finished first, and zeroes the counter for the next call
+        tile = rows[:, None] * N + offs_n[None, :]
+        tl.store(partial_ptr + pid_k * M * N + tile, acc, mask=out_mask)
+        done = tl.atomic_add(counter_ptr + pid_n, 1)
+        if done == tl.num_programs(1) - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(tl.num_programs(1)):  # the partials other SMs wrote: skip L1
+                acc += tl.load(partial_ptr + s * M * N + tile, mask=out_mask, other=0.0,
+                               cache_modifier=".cg")  # fmt: skip
+            tl.store(counter_ptr + pid_n, 0)
+            _store_output(acc, bias_ptr, out_ptr, rows, offs_n, n_mask, out_mask, stride_om,
+                          stride_on, HAS_BIAS)  # fmt: skip
+    else:
+        _store_output(acc, bias_ptr, out_ptr, rows, offs_n, n_mask, out_mask, stride_om,
+                      stride_on, HAS_BIAS)  # fmt: skip
+
+
+@triton.jit
+def _nibble_as_float(packed, i: tl.constexpr):
+    """Nibble ``i`` of each word as fp32, exactly, without an int-to-float conversion (a
+    quarter-rate instruction on the CUDA cores, which bounded the GEMV): the nibble as the
+    low mantissa bits of 2**23 (bits 0x4B000000) is 2**23 + q, less 2**23 is q."""
+    bits = ((packed >> (4 * i)) & 0xF) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _store_output(acc, bias_ptr, out_ptr, rows, offs_n, n_mask, out_mask, stride_om, stride_on,
+                  HAS_BIAS: tl.constexpr):  # fmt: skip
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -138,17 +170,17 @@ def _int4_dequantize_kernel(
     g = pid_k * BLOCK_K // group_size
     zero = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0)
     scale = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)
-    zero = zero.to(tl.int32)[:, None]
+    zero = zero.to(tl.float32)[:, None]
     scale = scale[:, None]
     dtype = out_ptr.dtype.element_ty
-    n0 = (((packed >> 0) & 0xF) - zero).to(tl.float32) * scale  # [BLOCK_N, BLOCK_K / 8]
-    n1 = (((packed >> 4) & 0xF) - zero).to(tl.float32) * scale
-    n2 = (((packed >> 8) & 0xF) - zero).to(tl.float32) * scale
-    n3 = (((packed >> 12) & 0xF) - zero).to(tl.float32) * scale
-    n4 = (((packed >> 16) & 0xF) - zero).to(tl.float32) * scale
-    n5 = (((packed >> 20) & 0xF) - zero).to(tl.float32) * scale
-    n6 = (((packed >> 24) & 0xF) - zero).to(tl.float32) * scale
-    n7 = (((packed >> 28) & 0xF) - zero).to(tl.float32) * scale
+    n0 = (_nibble_as_float(packed, 0) - zero) * scale  # [BLOCK_N, BLOCK_K / 8], exact q - zero
+    n1 = (_nibble_as_float(packed, 1) - zero) * scale
+    n2 = (_nibble_as_float(packed, 2) - zero) * scale
+    n3 = (_nibble_as_float(packed, 3) - zero) * scale
+    n4 = (_nibble_as_float(packed, 4) - zero) * scale
+    n5 = (_nibble_as_float(packed, 5) - zero) * scale
+    n6 = (_nibble_as_float(packed, 6) - zero) * scale
+    n7 = (_nibble_as_float(packed, 7) - zero) * scale
     # nibbles into K order (k = 8j + i): three rounds of pairwise interleaves
     low = tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6))
     high = tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7))
@@ -263,18 +295,33 @@ def w4a16_matmul(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     k_per_split = math.ceil(math.ceil(k / cfg.split_k) / cfg.block_k) * cfg.block_k
     split = math.ceil(k / k_per_split)  # rounding can leave fewer non-empty splits
-    target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32,
-                                                device=x.device)  # fmt: skip
     grid = (cdiv(n, cfg.block_n), split)
+    partial, counters = out, out  # unread without a split
+    if split > 1:
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        counters = split_counters(x.device, grid[0])
     _w4a16_gemv_kernel[grid](
-        x2, qweight, scale, zero, bias if bias is not None else scale, target,
+        x2, qweight, scale, zero, bias if bias is not None else scale, out, partial, counters,
         m, n, k, k_per_split, group_size,
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
         scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1),
-        target.stride(0) if split > 1 else 0, target.stride(-2), target.stride(-1),
+        out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        HAS_BIAS=bias is not None, num_warps=cfg.num_warps, **pdl_launch(x.device),
+        HAS_BIAS=bias is not None, SPLIT=split > 1, num_warps=cfg.num_warps,
+        **pdl_launch(x.device),
     )  # fmt: skip
-    if split > 1:
-        out = target.sum(0).to(x.dtype)  # fixed reduction order: deterministic
     return out.view(*x.shape[:-1], n)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MAX_CHANNEL_BLOCKS = 1 << 16  # a split GEMV's channel blocks: N up to 1M at 16 a block
+
+
+def split_counters(device: torch.device, blocks: int) -> torch.Tensor:
+    """The split GEMV's per-channel-block counters: one zeroed buffer per device, made once
+    (CUDA graphs keep its address) and left zeroed by every call. Calls on one stream run one
+    after another (a PDL launch waits for its predecessor before touching them)."""
+    assert blocks <= MAX_CHANNEL_BLOCKS, f"{blocks} channel blocks > {MAX_CHANNEL_BLOCKS}"
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(MAX_CHANNEL_BLOCKS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
