@@ -41,12 +41,10 @@ def sweep_configs(m: int, n: int, k: int) -> list[W4A16Config | None]:
     if m > GEMV_MAX_M:
         return [None]
     configs = [default_config(m, k, 128)]
-    for bk in (128, 256, 512):
-        for bn in (16, 32, 64, 128):
-            for split in (4, 8):
-                for warps in (2, 4):
-                    if configs[0].block_m * bn * bk // 8 <= warps * 32 * 64:  # registers
-                        configs.append(W4A16Config(configs[0].block_m, bn, bk, split, warps))
+    for bn in (16, 32, 64, 128):
+        for split in (1, 2, 4, 8):
+            for warps in (2, 4):
+                configs.append(W4A16Config(configs[0].block_m, bn, 128, split, warps))
     return list(dict.fromkeys(configs))
 
 

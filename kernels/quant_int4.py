@@ -78,30 +78,28 @@ def _w4a16_gemv_kernel(
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    row_k_hi = tl.where(rows < M, k_hi, 0)[:, None]  # a padding row reads nothing
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         words = k0 // 8 + offs_word
         w_mask = n_mask[:, None] & (words < num_words)[None, :]
         packed = tl.load(w_rows + words[None, :] * stride_wk, mask=w_mask, other=0)
-        # each word's group (a group holds whole words): a K tile may span several groups
-        g = (words * 8 // group_size)[None, :]
-        scale = tl.load(scale_ptr + offs_n[:, None] * stride_sn + g * stride_sg, mask=w_mask,
-                        other=0.0)  # fmt: skip
-        zero = tl.load(zero_ptr + offs_n[:, None] * stride_zn + g * stride_zg, mask=w_mask,
-                       other=0).to(tl.float32)  # fmt: skip
-        # per word: sum (q - zero) x = sum q x - zero sum x, nibble i meeting x[k0 + 8j + i]
-        # (zeros past the split and K meet a last, partial word's nibbles); each nibble is
-        # converted once for all rows
-        qx = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-        xs = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.float32)
-        for i in tl.static_range(8):
-            ks = (k0 + offs_word * 8 + i)[None, :]
-            xi = tl.load(x_ptr + rows[:, None] * stride_xm + ks * stride_xk, mask=ks < row_k_hi,
-                         other=0.0).to(tl.float32)  # fmt: skip
-            qx += _nibble_as_float(packed, i)[None, :, :] * xi[:, None, :]
-            xs += xi
-        acc += tl.sum((qx - zero[None, :, :] * xs[:, None, :]) * scale[None, :, :], axis=2)
+        g = k0 // group_size
+        zero = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0)
+        scale = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)
+        for r in tl.static_range(BLOCK_M):
+            row_k_hi = tl.where(r < M, k_hi, 0)  # a padding row reads nothing
+            # sum (q - zero) x = sum q x - zero sum x; nibble i of word j meets x[k0 + 8j + i]
+            # (zeros past the split and K meet a last, partial word's nibbles)
+            qx = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+            for i in tl.static_range(8):
+                ks = k0 + offs_word * 8 + i
+                xi = tl.load(x_ptr + r * stride_xm + ks * stride_xk, mask=ks < row_k_hi,
+                             other=0.0).to(tl.float32)  # fmt: skip
+                qx += _nibble_as_float(packed, i) * xi[None, :]
+                xs += xi
+            part = (tl.sum(qx, axis=1) - zero.to(tl.float32) * tl.sum(xs, axis=0)) * scale
+            acc += tl.where(rows[:, None] == r, part[None, :], 0.0)
     out_mask = (rows < M)[:, None] & n_mask[None, :]
     if SPLIT:
         # split K: each split stores its fp32 partial; the split that finishes last for this
@@ -196,8 +194,8 @@ def _int4_dequantize_kernel(
 @dataclasses.dataclass(frozen=True)
 class W4A16Config:
     """The GEMV's tiles (rows up to ``GEMV_MAX_M``): ``block_m`` padded rows, ``block_n``
-    output channels and ``block_k`` inputs a program step; ``split_k`` cuts K across
-    programs."""
+    output channels and ``block_k`` inputs a program step (it must divide the group size: a
+    K tile has one scale and zero per channel); ``split_k`` cuts K across programs."""
 
     block_m: int
     block_n: int
@@ -221,13 +219,15 @@ def group_block_k(group_size: int, limit: int) -> int:
 
 
 def default_config(m: int, k: int, group_size: int) -> W4A16Config:
-    """The GEMV's: K tiles of 256 inputs (any group size: a tile reads each word's group),
-    channels per program shrinking with the rows (the per-row sums live in registers), four
-    warps, and K split in up to 8 with at least 2 tiles a split."""
-    block_m = next_power_of_2(m)
-    block_k = 256
-    split = max(1, min(8, math.ceil(k / block_k) // 2))
-    return W4A16Config(block_m, max(16, 64 // block_m), block_k, split, num_warps=4)
+    """The GEMV's: 64 channels a program at two warps, K tiles of a whole group of 128, and K
+    split in 8 (fewer for short K: at least 4 tiles a split). On an H200 at one row
+    (``benchmarks/int4_probe.py --sweep``, the 8B shapes, us): this config 15.9 / 14.2 /
+    45.8 / 33.3 (qkv / o / gate_up / down), the best of the 64 swept 15.0 / 14.1 / 43.7 /
+    33.3, bf16 ``F.linear`` 16.1 / 14.1 / 70.7 / 34.7; unsplit 16-channel tiles 37.4 for qkv.
+    Any N of a real layer gives more programs than SMs this way."""
+    block_k = group_block_k(group_size, 128)
+    split = max(1, min(8, math.ceil(k / block_k) // 4))
+    return W4A16Config(next_power_of_2(m), 64, block_k, split, num_warps=2)
 
 
 def int4_dequantize(
@@ -290,6 +290,9 @@ def w4a16_matmul(
         return F.linear(x, w, bias)
     cfg = config or default_config(m, k, group_size)
     assert cfg.block_m >= m, f"block_m {cfg.block_m} must cover the {m} rows"
+    assert group_size % cfg.block_k == 0, (
+        f"block_k {cfg.block_k} must divide group_size {group_size} (one scale per K tile)"
+    )
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     k_per_split = math.ceil(math.ceil(k / cfg.split_k) / cfg.block_k) * cfg.block_k
     split = math.ceil(k / k_per_split)  # rounding can leave fewer non-empty splits

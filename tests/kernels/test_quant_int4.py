@@ -114,33 +114,22 @@ def test_w4a16_leading_dims_and_empty_batch(device) -> None:
     assert w4a16_matmul(x[:0], *weights, 128).shape == (0, 3, 48)
 
 
-def test_default_config_shrinks_channels_with_rows() -> None:
-    """The GEMV: rows padded to a power of 2, K tiles of 256 whatever the group, 64 channels
-    at one row down to 16 at 4 and more, K split in up to 8 with at least 2 tiles a split."""
-    assert default_config(1, 4096, 128) == W4A16Config(1, 64, 256, 8, num_warps=4)
-    assert default_config(2, 4096, 32) == W4A16Config(2, 32, 256, 8, num_warps=4)
-    assert default_config(5, 4096, 32) == W4A16Config(8, 16, 256, 8, num_warps=4)
-    assert default_config(1, 1024, 128).split_k == 2  # 4 tiles of K
-    assert default_config(1, 576, 128).split_k == 1  # 3 tiles of K
-    assert default_config(1, 14336, 128).split_k == 8
-
-
-@pytest.mark.parametrize("block_k,group_size", [(128, 32), (256, 64), (64, 16)])
-def test_w4a16_tiles_spanning_several_groups(device, block_k: int, group_size: int) -> None:
-    """A K tile holding several groups reads each word's own scale and zero point: one input
-    at a time, each output is that input's dequantized weight column, exactly (fp32)."""
-    n, k = 24, 328  # a short last group and a partial last word
-    weights = make_int4(n, k, group_size, device)
-    cols = [0, group_size - 1, group_size, 2 * group_size + 3, k - 9, k - 1]
-    x = torch.zeros(len(cols), k, device=device)
-    x[torch.arange(len(cols)), cols] = 1.0
-    out = w4a16_matmul(x, *weights, group_size, config=W4A16Config(8, 16, block_k, split_k=2))
-    assert torch.equal(out, reference.int4_dequantize(*weights, group_size, k)[:, cols].T)
+def test_default_config_fits_the_group() -> None:
+    """The GEMV: rows padded to a power of 2, one K tile a group of 128 (shorter groups: the
+    group), 64 channels at two warps, K split in 8 with at least 4 tiles a split."""
+    assert default_config(1, 4096, 128) == W4A16Config(1, 64, 128, 8, num_warps=2)
+    assert default_config(5, 4096, 32).block_m == 8
+    assert default_config(8, 4096, 32).block_k == 32
+    assert default_config(1, 576, 128).split_k == 1  # 5 tiles of K
+    assert default_config(1, 2048, 128).split_k == 4  # 16 tiles of K
+    assert default_config(2, 4096, 48).block_k == 16
 
 
 def test_launcher_refuses_wrong_layouts(device) -> None:
     weights = make_int4(32, 128, 64, device)
     x = torch.randn(2, 128, device=device)
+    with pytest.raises(AssertionError, match="block_k 128 must divide group_size 64"):
+        w4a16_matmul(x, *weights, 64, config=W4A16Config(16, 32, 128))
     with pytest.raises(AssertionError, match=r"scale .* must be fp32 \(32, 1\)"):
         w4a16_matmul(x, *weights, 128)
     with pytest.raises(AssertionError, match=r"qweight torch.int32 \(32, 16\) must be int32"):
