@@ -23,7 +23,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 # "awq": a 4-bit AWQ checkpoint, which None also detects (model/layers/awq.py)
-QUANTIZATIONS = (None, "awq", "fp8", "int4", "int8")
+QUANTIZATIONS = (None, "awq", "compressed-tensors", "fp8", "gptq", "int4", "int8")
 # vLLM's: "fcfs" serves requests in arrival order; "priority" by each request's priority
 # (lower first), then arrival order
 SCHEDULING_POLICIES = ("fcfs", "priority")

@@ -192,7 +192,7 @@ def test_a_pre_quantized_checkpoint_is_refused_naming_why(llama_dir, tmp_path):
     scale tensor, with no word of quantization."""
 
     def fp8_config(config: dict) -> None:
-        config["quantization_config"] = {"quant_method": "compressed-tensors"}
+        config["quantization_config"] = {"quant_method": "fp8"}
 
     def fp8_tensors(tensors: dict) -> None:
         for name in [n for n in tensors if n.endswith("_proj.weight")]:
@@ -201,7 +201,7 @@ def test_a_pre_quantized_checkpoint_is_refused_naming_why(llama_dir, tmp_path):
 
     folder = _edited_copy(llama_dir, tmp_path / "model", fp8_config, fp8_tensors)
     with pytest.raises(ValueError, match=r"weight_scale' matches no parameter .* pre-quantized "
-                       r"\(quantization_config quant_method 'compressed-tensors'\)"):  # fmt: skip
+                       r"\(quantization_config quant_method 'fp8'\)"):  # fmt: skip
         make_llm(folder)
 
 

@@ -133,7 +133,7 @@ def test_offload_step_budget(budget, default, offloading, kv_tokens, seqs, expec
         ("gpu_memory_utilization", 0.0, r"in \(0, 1\]"),
         ("num_kv_blocks", 0, ">= 1"),
         ("cpu_offload_gb", -0.5, ">= 0"),
-        ("quantization", "gptq", r"one of \(None, 'awq', 'fp8', 'int4', 'int8'\)"),
+        ("quantization", "gguf", r"one of \(None, 'awq', 'compressed-tensors', .*, 'int8'\)"),
         ("kv_cache_dtype", None, r"one of \('auto', 'fp8', 'fp8_e4m3'\)"),
         # None only where it means a default (it was a TypeError of '<' for these two)
         ("max_num_seqs", None, "an integer"),

@@ -70,8 +70,11 @@ def test_fp8_off_cuda_names_the_device():
 
 def test_an_unknown_quantization_names_the_choices():
     with pytest.raises(ValueError) as e:
-        get_quant_method("gptq", torch.device("cpu"))
-    assert str(e.value) == "quantization must be one of ['awq', 'fp8', 'int4', 'int8'] or None"
+        get_quant_method("gguf", torch.device("cpu"))
+    assert str(e.value) == (
+        "quantization must be one of ['awq', 'compressed-tensors', 'fp8', 'gptq', 'int4', "
+        "'int8'] or None"
+    )
     assert isinstance(get_quant_method("int8", torch.device("cpu")), Int8WeightOnly)
 
 

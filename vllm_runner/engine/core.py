@@ -21,7 +21,7 @@ from vllm_runner.engine.outputs import ModelRunnerOutput, SchedulerOutput, Strea
 from vllm_runner.engine.request import Request, RequestStatus
 from vllm_runner.engine.sampling_defaults import generation_folder, read_sampling_defaults
 from vllm_runner.engine.scheduler import Scheduler
-from vllm_runner.model.layers.awq import resolve_quantization
+from vllm_runner.model.layers.prequantized import resolve_quantization
 from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sample.bad_words import bad_word_token_ids

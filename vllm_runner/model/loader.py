@@ -184,7 +184,7 @@ def build_model(
     from vllm_runner.worker.offload import check_weights_fit, place_weights, plan_weights
 
     method = get_quant_method(quantization, device, hf_config)
-    prequantized = method is not None and method.prequantized  # AWQ: layers/awq.py
+    prequantized = method is not None and method.prequantized  # layers/prequantized.py
     meta_model = _instantiate(hf_config, dtype, torch.device("meta"), max_model_len)
     if prequantized:
         method.prepare(meta_model)
@@ -219,8 +219,8 @@ def _refuse_prequantized(hf_config: object, error: ValueError) -> None:
     raise ValueError(
         f"{error}: the checkpoint is pre-quantized (quantization_config quant_method "
         f"{quant.get('quant_method')!r}), which this engine does not load (of pre-quantized "
-        "checkpoints it loads 4-bit AWQ); load the unquantized checkpoint (quantization="
-        "'int8', 'int4' or 'fp8' quantizes it at load)"
+        "checkpoints it loads 4-bit AWQ, GPTQ and compressed-tensors W4A16); load the "
+        "unquantized checkpoint (quantization='int8', 'int4' or 'fp8' quantizes it at load)"
     ) from None
 
 

@@ -12,17 +12,16 @@ writes: columns 2j and 2j + 1 at the same place in the word's two 16-bit halves.
 
 At load each tensor becomes its int4 counterpart (``weight``, ``weight_zero``,
 ``weight_scale``, output channels first), exactly; the loader then merges q/k/v and gate/up
-as for float checkpoints.
+as for float checkpoints. (GPTQ: ``gptq.py``; what the formats share: ``prequantized.py``.)
 """
 
 import dataclasses
 from collections.abc import Iterator
 
 import torch
-from torch import nn
 
-from vllm_runner.model.layers.int4 import Int4WeightOnly, cdiv, pack_int4
-from vllm_runner.model.layers.linear import LinearBase
+from vllm_runner.model.layers.int4 import pack_int4
+from vllm_runner.model.layers.prequantized import PrequantizedInt4, describe
 
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column 8c + ORDER[i]
 # where the column 8c + j sits: nibble AWQ_PACK_ORDER.index(j)
@@ -45,7 +44,7 @@ def awq_config(quant: object) -> AwqConfig:
     if not isinstance(quant, dict) or quant.get("quant_method") != "awq":
         raise ValueError(
             "quantization='awq' needs an AWQ checkpoint (config.json quantization_config with "
-            f"quant_method 'awq'); this one has {_describe(quant)}"
+            f"quant_method 'awq'); this one has {describe(quant)}"
         )
     bits = quant.get("bits", quant.get("w_bit"))
     if bits != 4:
@@ -70,39 +69,6 @@ def awq_config(quant: object) -> AwqConfig:
         )
     skip = quant.get("modules_to_not_convert") or ()
     return AwqConfig(group, tuple(skip))
-
-
-def _describe(quant: object) -> str:
-    if not isinstance(quant, dict):
-        return "no quantization_config"
-    return f"quant_method {quant.get('quant_method')!r}"
-
-
-def resolve_quantization(requested: str | None, hf_config: object) -> str | None:
-    """The quantization an engine runs: ``requested`` (EngineArgs), or "awq" for an AWQ
-    checkpoint (None asks for auto-detection, as vLLM does). A request that contradicts the
-    checkpoint, and checkpoints this engine cannot load (GPTQ, AWQ variants), fail here,
-    naming the value, before anything loads."""
-    quant = getattr(hf_config, "quantization_config", None)
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    if method == "awq":
-        awq_config(quant)
-        if requested not in (None, "awq"):
-            raise ValueError(
-                f"quantization={requested!r} quantizes a float checkpoint at load, but this "
-                "checkpoint is already quantized (quantization_config quant_method 'awq'): "
-                "pass quantization='awq' or None"
-            )
-        return "awq"
-    if method == "gptq":
-        raise ValueError(
-            "GPTQ checkpoints (quantization_config quant_method 'gptq') are not supported: "
-            "load an AWQ or an unquantized checkpoint (quantization='int4' quantizes it to "
-            "4 bits at load)"
-        )
-    if requested == "awq":
-        awq_config(quant)  # raises: not an AWQ checkpoint
-    return requested
 
 
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
@@ -132,54 +98,22 @@ def convert_awq_tensor(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tens
     return f"{prefix}.{AWQ_TENSORS[leaf]}", converted
 
 
-class AwqInt4(Int4WeightOnly):
-    """AWQ checkpoints: int4's layout and kernel, the quantized tensors loaded, not computed.
-
-    ``prepare`` gives each quantized layer empty int4 parameters before the checkpoint loads;
+class AwqInt4(PrequantizedInt4):
+    """AWQ checkpoints: int4's layout and kernel, the quantized tensors loaded, not computed;
     layers in ``modules_to_not_convert`` keep float weights."""
 
     name = "awq"
-    prequantized = True
 
     def __init__(self, config: AwqConfig) -> None:
         super().__init__(config.group_size)
         self.config = config
 
-    def supports(self, layer: LinearBase) -> bool:
-        return False  # quantizes no float layer (the quantized ones were prepared)
+    def quantized(self, names: list[str]) -> bool:
+        skip = self.config.modules_to_not_convert
+        return not any(fragment in n for fragment in skip for n in names)
 
     def checkpoint_tensors(
         self, weights: Iterator[tuple[str, torch.Tensor]]
     ) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in weights:
             yield convert_awq_tensor(name, tensor)
-
-    def prepare(self, model: nn.Module) -> int:
-        """Empty int4 parameters (on each layer's device, meta included) for every linear
-        layer the checkpoint quantized, each with its layer's loader (which merges q/k/v and
-        gate/up along dim 0, int4's output dim); returns how many layers."""
-        count = 0
-        for name, layer in model.named_modules():
-            if not isinstance(layer, LinearBase) or self._float_layer(model, name):
-                continue
-            n, k = layer.out_features, layer.in_features
-            groups, device = cdiv(k, self.group_size), layer.weight.device
-            self._set_int4(
-                layer,
-                torch.empty(n, cdiv(k, 8), dtype=torch.int32, device=device),
-                torch.empty(n, groups, dtype=torch.float32, device=device),
-                torch.empty(n, groups, dtype=torch.uint8, device=device),
-            )
-            for param in (layer.weight, layer.weight_scale, layer.weight_zero):
-                param.weight_loader = layer.weight_loader
-            count += 1
-        return count
-
-    def _float_layer(self, model: nn.Module, name: str) -> bool:
-        """Whether the layer ``name`` (or a checkpoint layer merged into it) is one the
-        config leaves unquantized."""
-        skip = self.config.modules_to_not_convert
-        packed = getattr(model, "packed_modules_mapping", {})
-        prefix, _, leaf = name.rpartition(".")
-        names = [f"{prefix}.{src}" for src, (dst, _) in packed.items() if dst == leaf] or [name]
-        return any(fragment in n for fragment in skip for n in names)

@@ -10,8 +10,9 @@ A quantized layer keeps ``weight`` (now int8 / fp8, ``[out, in]``) and gains ``w
 (fp32 ``[out]``), both parameters, so offloading moves them like any other weight.
 Embeddings and the LM head stay in the model dtype.
 
-``int4`` (W4A16, group-wise) is in ``layers/int4.py``, and ``awq`` (AWQ checkpoints loaded
-into int4's layout) in ``layers/awq.py``; both build on ``QuantMethod`` from here.
+``int4`` (W4A16, group-wise) is in ``layers/int4.py``; ``awq``, ``gptq`` and
+``compressed-tensors`` (4-bit checkpoints loaded into int4's layout) in
+``layers/prequantized.py`` and each format's module; all build on ``QuantMethod`` from here.
 """
 
 import logging
@@ -228,28 +229,29 @@ def fp8_scaled_mm(
     return out if out_dtype == torch.bfloat16 else out.to(out_dtype)
 
 
-QUANT_METHODS = ("awq", "fp8", "int4", "int8")
+QUANT_METHODS = ("awq", "compressed-tensors", "fp8", "gptq", "int4", "int8")
 
 
 def get_quant_method(
     quantization: str | None, device: torch.device, hf_config: object = None
 ) -> QuantMethod | None:
     """The method for an EngineArgs ``quantization`` value; fails early where it cannot run.
-    ``awq`` reads its settings from ``hf_config``'s quantization_config."""
+    Pre-quantized formats (awq, gptq, compressed-tensors) read their settings from
+    ``hf_config``'s quantization_config."""
     if quantization is None:
         return None
     if quantization not in QUANT_METHODS:
         raise ValueError(f"quantization must be one of {list(QUANT_METHODS)} or None")
     if quantization == "int8":
         return Int8WeightOnly()
-    if quantization == "int4":  # (int4.py and awq.py build on this module: imported here)
+    if quantization == "int4":  # (int4.py and its users build on this module: imported here)
         from vllm_runner.model.layers.int4 import Int4WeightOnly
 
         return Int4WeightOnly()
-    if quantization == "awq":
-        from vllm_runner.model.layers.awq import AwqInt4, awq_config
+    if quantization in ("awq", "compressed-tensors", "gptq"):
+        from vllm_runner.model.layers.prequantized import prequantized_method
 
-        return AwqInt4(awq_config(getattr(hf_config, "quantization_config", None)))
+        return prequantized_method(quantization, getattr(hf_config, "quantization_config", None))
     ok, what = fp8_supported(device)
     if not ok:
         raise ValueError(
