@@ -179,3 +179,25 @@ def test_resolve_quantization_detects_compressed_tensors():
     with pytest.raises(ValueError, match=r"needs a compressed-tensors checkpoint .* this one "
                        r"has quant_method 'fp8'"):  # fmt: skip
         resolve_quantization("compressed-tensors", config_with({"quant_method": "fp8"}))
+
+
+@pytest.mark.gpu
+def test_gpu_compressed_tensors_engine_equals_dequantized_engine_in_fp32(peaked_llama, tmp_path):
+    """Act order by group (the input gather) and channel groups on the Triton kernel
+    (prefill, batched and lone decode, CUDA graphs): greedy tokens of the dequantized float
+    engine, fp32 on both."""
+    from vllm_runner import SamplingParams
+
+    src = peaked_llama(str(tmp_path / "src"), ("embed",), vocab_size=4096, hidden_size=512,
+                       intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=1024)  # fmt: skip
+    kw = dict(dtype="float32", device="cuda", max_model_len=512, gpu_memory_utilization=0.3)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [[(7 * i + j) % 4096 for j in range(5 + 17 * i)] for i in range(8)]
+    for sub, group_size, actorder in (("group", 128, "group"), ("channel", -1, None)):
+        path, dequantized, _ = save_ct(src, tmp_path / sub, group_size, symmetric=False,
+                                       actorder=actorder)  # fmt: skip
+        want = [o.outputs[0].token_ids for o in LLM(dequantized, **kw).generate(prompts, params)]
+        ct = LLM(path, **kw)
+        assert [o.outputs[0].token_ids for o in ct.generate(prompts, params)] == want, sub
+        assert ct.generate(prompts[:1], params)[0].outputs[0].token_ids == want[0], sub
