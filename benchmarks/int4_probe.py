@@ -1,12 +1,13 @@
 """The int4 (W4A16) matmul at the Llama-3-8B linear shapes against bf16 ``F.linear`` (CUDA).
 
-    python benchmarks/int4_probe.py [--m 1,16,256,4096] [--sweep] [--out x.json]
+    python benchmarks/int4_probe.py [--m 1,16,256,4096] [--sweep] [--act-order] [--out x.json]
 
 Each case times CUDA-graph replays over enough copies of the weights that none stays in L2
 (H200: 50 MB), so decode shapes read from HBM as in the engine. Reports us per call, the
 weight bytes' GB/s and the ratio to bf16. ``--sweep`` also times a few tile configs per
 shape (to pick ``kernels.quant_int4.default_config``, the GEMV's). Rows past GEMV_MAX_M time
-the dequantize pass plus cuBLAS.
+the dequantize pass plus cuBLAS. ``--act-order`` also times each call behind the input
+gather an act-order checkpoint's layer runs first (GPTQ desc_act: ``layers/prequantized.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--m", default="1,16,256,4096")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--act-order", action="store_true", help="also time gather + matmul")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -80,6 +82,14 @@ def main() -> None:
                 row = {"shape": name, "m": m, "config": str(cfg or "default"), "int4_us": us,
                        "bf16_us": bf16, "int4_GBps": int4_bytes / us / 1e3,
                        "bf16_GBps": w.numel() * 2 / bf16 / 1e3, "speedup": bf16 / us}  # fmt: skip
+                if args.act_order:  # the layer's gather of its inputs into group order
+                    perm = torch.randperm(k, device="cuda").to(torch.int32)
+                    row["act_order_us"] = graph_us(
+                        lambda i, c=cfg, x=x, qs=qs, p=perm: w4a16_matmul(
+                            x.index_select(-1, p), *qs[i], 128, config=c),
+                        len(qs),
+                    )  # fmt: skip
+                    print(f"{name:8} m={m:5} act order {row['act_order_us']:8.1f} us", flush=True)
                 rows.append(row)
                 gbps = row["int4_GBps"]
                 print(f"{name:8} m={m:5} int4 {us:8.1f} us ({gbps:6.0f} GB/s) bf16 {bf16:8.1f} us"
