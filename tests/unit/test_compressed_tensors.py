@@ -113,6 +113,18 @@ def test_ignored_layers_stay_float(src, tmp_path):
     assert_same_outputs(llm.generate(PROMPTS[:2], PARAMS), want)
 
 
+def test_a_merged_layer_quantized_in_part_is_refused(src, tmp_path):
+    path, _, _ = save_ct(src, tmp_path, ignore=("lm_head", "model.layers.0.self_attn.k_proj"))
+    attn = "model.layers.0.self_attn"
+    with pytest.raises(ValueError) as e:
+        LLM(path, **KW)
+    assert str(e.value) == (
+        f"the checkpoint quantizes ['{attn}.q_proj', '{attn}.v_proj'] but not ['{attn}.k_proj'"
+        f"], which this engine merges into one layer ({attn}.qkv_proj): quantize all or none "
+        "of them"
+    )
+
+
 def test_matches_reads_targets_and_ignore():
     name = "model.layers.3.mlp.down_proj"
     assert matches(name, ("Linear",)) and matches(name, ("re:.*down_proj",))

@@ -108,9 +108,8 @@ class AwqInt4(PrequantizedInt4):
         super().__init__(config.group_size)
         self.config = config
 
-    def quantized(self, names: list[str]) -> bool:
-        skip = self.config.modules_to_not_convert
-        return not any(fragment in n for fragment in skip for n in names)
+    def quantized(self, name: str) -> bool:
+        return not any(fragment in name for fragment in self.config.modules_to_not_convert)
 
     def checkpoint_tensors(
         self, weights: Iterator[tuple[str, torch.Tensor]]

@@ -172,9 +172,8 @@ class CompressedInt4(PrequantizedInt4):
         self.config = config
         self.reorders_inputs = config.act_order
 
-    def quantized(self, names: list[str]) -> bool:
-        cfg = self.config
-        return all(matches(n, cfg.targets) and not matches(n, cfg.ignore) for n in names)
+    def quantized(self, name: str) -> bool:
+        return matches(name, self.config.targets) and not matches(name, self.config.ignore)
 
     def checkpoint_tensors(
         self, weights: Iterator[tuple[str, torch.Tensor]]

@@ -113,9 +113,9 @@ class GptqInt4(PrequantizedInt4):
         self.config = config
         self.reorders_inputs = config.desc_act
 
-    def quantized(self, names: list[str]) -> bool:
+    def quantized(self, name: str) -> bool:
         modules = self.config.modules
-        return not modules or all(any(n.endswith(f".{m}") for m in modules) for n in names)
+        return not modules or any(name.endswith(f".{m}") for m in modules)
 
     def checkpoint_tensors(
         self, weights: Iterator[tuple[str, torch.Tensor]]

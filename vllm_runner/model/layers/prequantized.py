@@ -42,9 +42,8 @@ class PrequantizedInt4(Int4WeightOnly):
     def supports(self, layer: LinearBase) -> bool:
         return False  # quantizes no float layer (the quantized ones were prepared)
 
-    def quantized(self, names: list[str]) -> bool:
-        """Whether the checkpoint stores the layers ``names`` (one of ours, or those merged
-        into it: q/k/v, gate/up) quantized."""
+    def quantized(self, name: str) -> bool:
+        """Whether the checkpoint stores its linear layer ``name`` quantized."""
         raise NotImplementedError
 
     def checkpoint_tensors(self, weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator:
@@ -62,8 +61,15 @@ class PrequantizedInt4(Int4WeightOnly):
                 continue
             prefix, _, leaf = name.rpartition(".")
             parts = [f"{prefix}.{src}" for src, (dst, _) in packed.items() if dst == leaf]
-            if not self.quantized(parts or [name]):
+            stored = {part: self.quantized(part) for part in parts or [name]}
+            if not any(stored.values()):
                 continue
+            if not all(stored.values()):  # q/k/v or gate/up: one matmul, one weight dtype
+                raise ValueError(
+                    f"the checkpoint quantizes {[p for p, q in stored.items() if q]} but not "
+                    f"{[p for p, q in stored.items() if not q]}, which this engine merges "
+                    f"into one layer ({name}): quantize all or none of them"
+                )
             n, k = layer.out_features, layer.in_features
             groups, device = cdiv(k, self.group_size), layer.weight.device
             self._set_int4(
