@@ -14,7 +14,7 @@ def load_hf_config(path: str):
     try:
         # NOTE: False, not transformers' None: None asks on stdin whether to run the code of
         # a model_type only the repository defines (auto_map), and runs it on 'y'
-        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:
         if "trust_remote_code" in str(e):
             from vllm_runner.model.registry import BY_MODEL_TYPE
@@ -27,6 +27,13 @@ def load_hf_config(path: str):
                 f"(supported model types: {sorted(BY_MODEL_TYPE)})"
             ) from None
         raise ValueError(f"cannot read the model config in {path!r}: {e}") from None
+    if getattr(config, "quantization_config", None) is None:  # an older GPTQ checkpoint?
+        from vllm_runner.model.layers.gptq import quantize_config_json
+
+        quant = quantize_config_json(path)
+        if quant is not None:
+            config.quantization_config = quant
+    return config
 
 
 # what refusing text says when load_tokenizer gave None

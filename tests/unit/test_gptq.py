@@ -130,6 +130,23 @@ def test_modules_in_block_to_quantize_leave_the_others_float(src, tmp_path):
     assert_same_outputs(llm.generate(PROMPTS[:2], PARAMS), want)
 
 
+def test_a_checkpoint_with_only_autogptqs_quantize_config_json_loads(src, tmp_path):
+    """Older AutoGPTQ checkpoints keep their settings in quantize_config.json (no
+    quant_method), not in config.json."""
+    import json
+
+    path, dequantized, _ = save_gptq(src, tmp_path, 128, desc_act=True, sym=False)
+    config = json.loads(Path(path, "config.json").read_text())
+    quant = config.pop("quantization_config")
+    del quant["quant_method"]
+    Path(path, "config.json").write_text(json.dumps(config))
+    Path(path, "quantize_config.json").write_text(json.dumps(quant))
+    llm = LLM(path, **KW)
+    assert llm.engine.runner.config.quantization == "gptq"
+    want = LLM(dequantized, **KW).generate(PROMPTS[:2], PARAMS)
+    assert_same_outputs(llm.generate(PROMPTS[:2], PARAMS), want)
+
+
 # ---- act order -----------------------------------------------------------------------------------
 def test_group_order_sorts_inputs_into_runs_of_a_group():
     assert group_order(torch.tensor([0, 0, 1, 1, 2]), 2, 5) is None  # plain: kept

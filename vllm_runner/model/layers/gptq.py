@@ -20,6 +20,8 @@ and 8-bit GPTQ, other packings and per-module overrides are refused, naming the 
 """
 
 import dataclasses
+import json
+import os
 from collections.abc import Iterator
 
 import torch
@@ -36,6 +38,8 @@ from vllm_runner.model.layers.prequantized import (
     unpack_nibbles,
 )
 
+# AutoGPTQ's own file: checkpoints saved before (or besides) config.json's quantization_config
+QUANTIZE_CONFIG = "quantize_config.json"
 # checkpoint_format -> what a stored zero point nibble is short of the zero point
 ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 
@@ -49,6 +53,16 @@ class GptqConfig:
     zero_offset: int = 1  # ZERO_OFFSETS of the checkpoint_format
     # modules_in_block_to_quantize, flattened (name suffixes); empty: every linear layer
     modules: tuple[str, ...] = ()
+
+
+def quantize_config_json(path: str) -> dict | None:
+    """The quantization_config of a GPTQ checkpoint whose config.json has none, from its
+    ``quantize_config.json`` (which names no quant_method); None without one."""
+    file = os.path.join(path, QUANTIZE_CONFIG)
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        return {"quant_method": "gptq", **json.load(f)}
 
 
 def gptq_config(quant: object) -> GptqConfig:
