@@ -328,3 +328,47 @@ def sample_rows(
     drawn = key.argmax(dim=-1)
     no_finite = best[:, 0] == -torch.inf  # (token 0, as argmax gives)
     return torch.where((t == 0) | no_finite, x.argmax(dim=-1), drawn)
+
+
+def moe_route(
+    router_logits: torch.Tensor,  # [num_tokens, num_experts]
+    top_k: int,
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fp32 weights [num_tokens, top_k], int64 ids
+    """Softmax over the experts in fp32, the ``top_k`` largest, optionally rescaled to sum
+    to 1 (Mixtral, Qwen3-MoE's ``norm_topk_prob``)."""
+    probs = router_logits.float().softmax(dim=-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def fused_moe(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    w13: torch.Tensor,  # [num_experts, 2 * inter, hidden]: gate rows, then up rows
+    w2: torch.Tensor,  # [num_experts, hidden, inter]
+    topk_weights: torch.Tensor,  # [num_tokens, top_k]
+    topk_ids: torch.Tensor,  # [num_tokens, top_k] int
+) -> torch.Tensor:  # [num_tokens, hidden]
+    """``sum_k weight_k * down_e(silu(gate_e(x)) * up_e(x))`` over each token's experts.
+
+    Token-expert pairs are sorted by expert, each expert's rows run as two matmuls, the
+    weighted outputs go back to their pairs and sum over k in order. The CPU path of the
+    MoE layer; it reads the expert counts on the host (not for CUDA graphs: that is
+    ``kernels.fused_moe``)."""
+    num_tokens, top_k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert, in pair order
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    rows = x.index_select(0, order // top_k)  # [num_pairs, hidden]
+    out = torch.empty_like(rows)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            part = rows[start : start + count]
+            out[start : start + count] = silu_and_mul(part @ w13[expert].T) @ w2[expert].T
+            start += count
+    pairs = torch.empty_like(out)
+    pairs[order] = out * topk_weights.reshape(-1, 1)[order].to(out.dtype)
+    return pairs.view(num_tokens, top_k, -1).sum(dim=1)

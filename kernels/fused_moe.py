@@ -1,0 +1,205 @@
+"""Fused mixture-of-experts MLP (Triton): ``sum_k w_k * down_e(silu(gate_e(x)) * up_e(x))``.
+
+Token-expert pairs (``num_pairs = num_tokens * top_k``) are sorted by expert and each
+expert's run padded to a multiple of BLOCK_M (``align_pairs``), so that an M tile holds the
+pairs of one expert. One kernel is a grouped GEMM over those tiles: a program computes one
+(M tile, N tile) of ``rows @ w[expert].T``. It runs twice: over ``w13`` (gate and up
+accumulated side by side, SiLU-mul in the epilogue) into a [num_pairs, inter] buffer, then
+over ``w2`` with the routing weight in the epilogue into [num_pairs, hidden]; the top-k
+outputs of a token are summed last (in order: deterministic).
+
+NOTE: CUDA-graph safe: the sort and the padding are device ops of static shapes (no host
+sync), the grid is sized from the upper bound of M tiles, ``cdiv(num_pairs, BLOCK_M) +
+min(num_experts, num_pairs)`` (one partial tile per expert that has pairs), and the
+programs of tiles past the device-side padded count return at once.
+"""
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention_tile import dot_precision
+from kernels.launch import cdiv
+
+
+@triton.jit(do_not_specialize=["num_pairs"])  # the token count changes every step
+def _fused_moe_kernel(
+    a_ptr,  # [rows, K]: pair p reads row p // A_ROW_DIV (x: top_k; activations: 1)
+    w_ptr,  # [num_experts, N or 2 * N (GATED: gate rows, then up rows), K]
+    out_ptr,  # [num_pairs, N]
+    weights_ptr,  # [num_pairs] fp32 routing weights (MUL_WEIGHT only)
+    sorted_pairs_ptr,  # [max_tiles * BLOCK_M] int32: pairs by expert, padding = num_pairs
+    tile_expert_ptr,  # [max_tiles] int32: the expert of each M tile
+    num_padded_ptr,  # [1] int32: pairs after padding (tiles at or past it exit)
+    num_pairs,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_om,
+    stride_on,
+    A_ROW_DIV: tl.constexpr,
+    GATED: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = pid // num_n, pid % num_n
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
+    pairs = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pairs < num_pairs
+    rows = (pairs // A_ROW_DIV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    # [BLOCK_K, BLOCK_N] tiles of w[expert].T
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        acc = tl.dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), acc,
+                     input_precision=DOT_PRECISION)  # fmt: skip
+        if GATED:
+            up = tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0)
+            acc_up = tl.dot(a, up, acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if MUL_WEIGHT:
+        acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
+    out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeTiles:
+    """Tile sizes and launch settings of the grouped GEMM (one set for both passes)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def choose_tiles(num_pairs: int, num_experts: int, dtype: torch.dtype) -> MoeTiles:
+    """M tiles about the size of an expert's share of the pairs (decode: 16, most of each
+    tile padding otherwise); a function of shapes only, so a CUDA graph's launch is fixed."""
+    per_expert = num_pairs / num_experts
+    block_k = 32 if dtype == torch.float32 else 64
+    if per_expert <= 16:
+        return MoeTiles(16, 64, block_k, num_warps=4)
+    if per_expert <= 64:
+        return MoeTiles(32, 64, block_k, num_warps=4)
+    return MoeTiles(64, 64, block_k, num_warps=8 if per_expert > 256 else 4)
+
+
+def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Upper bound of the padded M tiles: every expert with pairs adds at most one partial."""
+    return cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
+
+
+def align_pairs(
+    topk_ids: torch.Tensor,  # [num_tokens, top_k]
+    num_experts: int,
+    block_m: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted pairs [max_tiles * block_m] int32, padding = num_pairs; the expert of each M
+    tile [max_tiles] int32; the padded pair count [1] int32), all on the device, no sync."""
+    flat = topk_ids.reshape(-1).long()
+    num_pairs, device = flat.numel(), flat.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    first_pair = counts.cumsum(0) - counts  # of each expert, in expert order
+    order = torch.argsort(flat, stable=True)  # pair ids grouped by expert
+    expert = flat[order]
+    rank = torch.arange(num_pairs, device=device) - first_pair[expert]
+    slots = padded_end[expert] - padded[expert] + rank
+    tiles = max_tiles(num_pairs, num_experts, block_m)
+    sorted_pairs = torch.full((tiles * block_m,), num_pairs, dtype=torch.int32, device=device)
+    sorted_pairs.scatter_(0, slots, order.to(torch.int32))
+    tile_starts = torch.arange(tiles, device=device) * block_m
+    tile_expert = torch.searchsorted(padded_end, tile_starts, right=True)
+    tile_expert = tile_expert.clamp_(max=num_experts - 1).to(torch.int32)  # (tiles past the end)
+    return sorted_pairs, tile_expert, padded_end[-1:].to(torch.int32)
+
+
+def _grouped_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    weights: torch.Tensor | None,
+    aligned: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    row_div: int,
+    gated: bool,
+    tiles: MoeTiles,
+) -> None:
+    sorted_pairs, tile_expert, num_padded = aligned
+    num_pairs, n = out.shape
+    grid = (tile_expert.numel() * cdiv(n, tiles.block_n),)
+    _fused_moe_kernel[grid](
+        a, w, out, weights if weights is not None else out, sorted_pairs, tile_expert,
+        num_padded, num_pairs, n, a.shape[1], a.stride(0), a.stride(1), w.stride(0),
+        w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        A_ROW_DIV=row_div, GATED=gated, MUL_WEIGHT=weights is not None,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        DOT_PRECISION=dot_precision(a.dtype), num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )  # fmt: skip
+
+
+def fused_moe(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    w13: torch.Tensor,  # [num_experts, 2 * inter, hidden]: gate rows, then up rows
+    w2: torch.Tensor,  # [num_experts, hidden, inter]
+    topk_weights: torch.Tensor,  # [num_tokens, top_k] fp32
+    topk_ids: torch.Tensor,  # [num_tokens, top_k] int32 / int64, each < num_experts
+    tiles: MoeTiles | None = None,
+) -> torch.Tensor:  # [num_tokens, hidden] in x's dtype
+    """``kernels.reference.fused_moe`` in two grouped-GEMM launches (module docstring)."""
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, w13_hidden = w13.shape
+    inter = two_inter // 2
+    assert w13_hidden == hidden and two_inter == 2 * inter, (
+        f"w13 {tuple(w13.shape)} must be [experts, 2 * inter, {hidden}]"
+    )
+    assert tuple(w2.shape) == (num_experts, hidden, inter), (
+        f"w2 {tuple(w2.shape)} must be {(num_experts, hidden, inter)}"
+    )
+    assert x.dtype == w13.dtype == w2.dtype, f"x {x.dtype}, w13 {w13.dtype}, w2 {w2.dtype}"
+    assert topk_ids.shape == topk_weights.shape and topk_ids.shape[0] == num_tokens, (
+        f"topk_ids {tuple(topk_ids.shape)}, topk_weights {tuple(topk_weights.shape)}, "
+        f"{num_tokens} tokens"
+    )
+    assert topk_weights.dtype == torch.float32, f"topk_weights {topk_weights.dtype}"
+    assert x.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1, "dense last dims"
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    if num_pairs == 0:
+        return x.new_zeros(num_tokens, hidden)
+    tiles = tiles or choose_tiles(num_pairs, num_experts, x.dtype)
+    aligned = align_pairs(topk_ids, num_experts, tiles.block_m)
+    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    _grouped_gemm(x, w13, act, None, aligned, top_k, True, tiles)
+    pair_out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
+    weights = topk_weights.reshape(-1).contiguous()
+    _grouped_gemm(act, w2, pair_out, weights, aligned, 1, False, tiles)
+    return pair_out.view(num_tokens, top_k, hidden).sum(dim=1)

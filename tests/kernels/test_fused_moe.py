@@ -1,0 +1,130 @@
+"""Fused MoE grouped GEMM (kernels/fused_moe.py) vs the torch reference: small shapes in the
+interpreter, Mixtral-8x7B / Qwen3-30B-A3B layer shapes on a GPU (-m gpu)."""
+
+import pytest
+import torch
+
+from kernels import reference
+from kernels.fused_moe import MoeTiles, align_pairs, fused_moe, max_tiles
+
+
+def _moe_inputs(
+    num_tokens: int, hidden: int, inter: int, num_experts: int, top_k: int,
+    dtype: torch.dtype, device: torch.device,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """x ~ N(0, 1) and weights of std 1 / sqrt(fan-in) (outputs of order 1), the routing of
+    random router logits (renormalized)."""
+    x = torch.randn(num_tokens, hidden, device=device).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).to(dtype)
+    logits = torch.randn(num_tokens, num_experts, device=device)
+    weights, ids = reference.moe_route(logits, top_k, renormalize=True)
+    return x, w13, w2, weights, ids
+
+
+def _reference(x, w13, w2, weights, ids, dtype=torch.float64) -> torch.Tensor:
+    """The reference on upcast copies (exact for lower-precision inputs)."""
+    return reference.fused_moe(x.to(dtype), w13.to(dtype), w2.to(dtype), weights.to(dtype), ids)
+
+
+def test_align_pairs_groups_pairs_by_expert_in_padded_tiles(device: torch.device) -> None:
+    """Pairs 0..7 of 4 tokens x top-2, experts 2, 0 | 2, 3 | 0, 2 | 3, 2 (expert 1 unused):
+    tiles of 4 rows hold expert 0's pairs (1, 4), expert 2's (0, 2, 5, 7), expert 3's (3, 6),
+    padding = 8; the grid's bound is cdiv(8, 4) + min(4, 8) = 6 tiles, 3 of them past the
+    padded count (12)."""
+    ids = torch.tensor([[2, 0], [2, 3], [0, 2], [3, 2]], device=device)
+    sorted_pairs, tile_expert, num_padded = align_pairs(ids, num_experts=4, block_m=4)
+    assert max_tiles(8, 4, 4) == 6
+    pad = 8
+    assert sorted_pairs.tolist() == [1, 4, pad, pad, 0, 2, 5, 7, 3, 6, pad, pad] + [pad] * 12
+    assert tile_expert.tolist()[:3] == [0, 2, 3]
+    assert tile_expert.dtype == sorted_pairs.dtype == num_padded.dtype == torch.int32
+    assert num_padded.tolist() == [12]
+
+
+@pytest.mark.parametrize(
+    "num_tokens, num_experts, top_k",
+    [(1, 4, 2), (5, 4, 2), (37, 8, 3), (20, 16, 4)],
+)
+def test_fused_moe_matches_reference_fp32(device, num_tokens, num_experts, top_k) -> None:
+    """fp32 (ieee dots) against the fp64 reference; inter 48 is a partial N tile."""
+    inputs = _moe_inputs(num_tokens, 32, 48, num_experts, top_k, torch.float32, device)
+    out = fused_moe(*inputs)
+    assert out.dtype == torch.float32 and out.shape == (num_tokens, 32)
+    torch.testing.assert_close(out.double(), _reference(*inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_moe_bf16_matches_reference(device: torch.device) -> None:
+    inputs = _moe_inputs(9, 64, 40, 4, 2, torch.bfloat16, device)
+    out = fused_moe(*inputs)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), _reference(*inputs), atol=3e-2, rtol=3e-2)
+
+
+def test_skewed_routing_and_tile_sizes(device: torch.device) -> None:
+    """Every token on the same two experts (one expert's run spans several M tiles, the
+    other experts have none), at each tile size: the reference's output."""
+    x, w13, w2, weights, _ = _moe_inputs(21, 32, 48, 8, 2, torch.float32, device)
+    ids = torch.tensor([[5, 1]] * 21, device=device)
+    want = _reference(x, w13, w2, weights, ids)
+    for tiles in (MoeTiles(16, 16, 16), MoeTiles(32, 32, 32), MoeTiles(16, 64, 32)):
+        out = fused_moe(x, w13, w2, weights, ids, tiles)
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_no_tokens(device: torch.device) -> None:
+    x, w13, w2, weights, ids = _moe_inputs(0, 32, 48, 4, 2, torch.float32, device)
+    assert fused_moe(x, w13, w2, weights, ids).shape == (0, 32)
+
+
+def test_launcher_checks_shapes(device: torch.device) -> None:
+    x, w13, w2, weights, ids = _moe_inputs(3, 32, 48, 4, 2, torch.float32, device)
+    with pytest.raises(AssertionError, match=r"w2 \(4, 32, 40\) must be \(4, 32, 48\)"):
+        fused_moe(x, w13, w2[..., :40], weights, ids)
+    with pytest.raises(AssertionError, match="topk_weights torch.float16"):
+        fused_moe(x, w13, w2, weights.half(), ids)
+
+
+# ---- GPU: the served models' layer shapes ----------------------------------------------------
+SHAPES = {  # hidden, inter, experts, top_k
+    "mixtral-8x7b": (4096, 14336, 8, 2),
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 16, 256, 4096])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_moe_model_shapes_bf16(device, shape, num_tokens) -> None:
+    hidden, inter, num_experts, top_k = SHAPES[shape]
+    inputs = _moe_inputs(num_tokens, hidden, inter, num_experts, top_k, torch.bfloat16, device)
+    out = fused_moe(*inputs)
+    want = _reference(*inputs, dtype=torch.float32)
+    # bf16: each gate / up / act / output rounds once (2^-8 relative), outputs of order 1
+    torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_moe_replays_in_a_cuda_graph(device, shape) -> None:
+    """Captured once with one routing, replayed with others (new ids and weights copied into
+    the static inputs): each replay gives the eager launch's output exactly."""
+    hidden, inter, num_experts, top_k = SHAPES[shape]
+    x, w13, w2, weights, ids = _moe_inputs(16, hidden, inter, num_experts, top_k,
+                                           torch.bfloat16, device)  # fmt: skip
+    fused_moe(x, w13, w2, weights, ids)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, w13, w2, weights, ids)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x.copy_(torch.randn_like(x))
+        logits = torch.randn(16, num_experts, device=device)
+        if seed == 2:  # every token on experts 0 and 1: the most tiles
+            logits[:, :2] += 100
+        new_weights, new_ids = reference.moe_route(logits, top_k, renormalize=True)
+        weights.copy_(new_weights)
+        ids.copy_(new_ids)
+        graph.replay()
+        torch.testing.assert_close(out, fused_moe(x, w13, w2, weights, ids), atol=0, rtol=0)
