@@ -1,6 +1,7 @@
 """Llama family (Llama 2/3, SmolLM2, Mistral) with HF parameter names; the layout its
-variants (qwen2.py, qwen3.py, phi3.py) change."""
+variants (qwen2.py, qwen3.py, phi3.py; the MoE models of mixtral.py, qwen_moe.py) change."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,8 @@ class LlamaLayout:
     o_bias: bool = False
     # Qwen3: an RMSNorm over each q and each k head ([head_dim] weights), before rotary
     qk_norm: bool = False
+    # (config, layer index) -> that layer's MLP, e.g. a mixture of experts (None: LlamaMLP)
+    mlp: Callable[[object, int], nn.Module] | None = None
 
 
 class LlamaAttention(nn.Module):
@@ -112,6 +115,9 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
 
+    def fuses_one_row(self, x: torch.Tensor) -> bool:
+        return self.gate_up_proj.fuses_one_row(x) and self.down_proj.fuses_one_row(x)
+
     def forward_one_row(self, stream: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """``stream + down(silu_and_mul(gate_up(norm(stream))))`` for one token in two GEMVs."""
         act = self.gate_up_proj.forward_one_row(stream, norm=norm, gated=True)
@@ -119,12 +125,17 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layout: LlamaLayout, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(
+        self, config, layout: LlamaLayout, rotary_emb: RotaryEmbedding, index: int = 0
+    ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layout, rotary_emb)
-        self.mlp = LlamaMLP(
-            config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
-        )
+        if layout.mlp is not None:
+            self.mlp = layout.mlp(config, index)
+        else:
+            self.mlp = LlamaMLP(
+                config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
+            )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -158,14 +169,13 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
     def fuses_one_row(self, hidden: torch.Tensor) -> bool:
-        attn, mlp = self.self_attn, self.mlp
+        attn = self.self_attn
         norms = (self.input_layernorm, self.post_attention_layernorm)
         return (
             all(n.weight.dtype == hidden.dtype for n in norms)
             and attn.qkv_proj.fuses_one_row(hidden)
             and attn.o_proj.fuses_one_row(hidden)
-            and mlp.gate_up_proj.fuses_one_row(hidden)
-            and mlp.down_proj.fuses_one_row(hidden)
+            and self.mlp.fuses_one_row(hidden)
         )
 
 
@@ -175,7 +185,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rotary_emb = llama_rotary(config, max_model_len)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, layout, rotary_emb) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, layout, rotary_emb, i)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

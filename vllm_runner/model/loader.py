@@ -107,10 +107,17 @@ def _missing(
     model: nn.Module, params: dict[str, nn.Parameter], loaded: set[tuple[str, object]]
 ) -> list[str]:
     """The checkpoint names of the parameters, and of the parts of fused ones (a k_proj of
-    a qkv_proj), that no checkpoint tensor loaded."""
+    a qkv_proj; an expert's projection of stacked experts: ``w13['up', 3]``), that no
+    checkpoint tensor loaded."""
     packed = getattr(model, "packed_modules_mapping", {})
     missing = []
     for name in params:
+        prefix, _, leaf = name.rpartition(".")
+        shards = getattr(model.get_submodule(prefix), "checkpoint_shards", None)
+        if shards is not None:  # stacked experts: whole, or one tensor per expert and part
+            if (name, None) not in loaded:
+                missing += [f"{name}{list(s)}" for s in shards(leaf) if (name, s) not in loaded]
+            continue
         parts = [(src, dst, sid) for src, (dst, sid) in packed.items() if f".{dst}." in name]
         for src, dst, sid in parts or [(None, None, None)]:
             if (name, sid) not in loaded:
@@ -126,6 +133,7 @@ def _copy_weights(
     packed = getattr(model, "packed_modules_mapping", {})
     head = getattr(model, "lm_head", None)  # tied: its weight is the embedding's parameter
     tied = next((n for n, p in params.items() if head is not None and p is head.weight), None)
+    remap = getattr(model, "remap_checkpoint_name", None)  # (layers/moe.py)
     loaded: set[tuple[str, object]] = set()
     for name, tensor in weights:
         stored = name  # the checkpoint's own name, for errors
@@ -137,7 +145,10 @@ def _copy_weights(
             name = tied  # a tied checkpoint may store the head, not the embedding (which, if
             # it comes later, holds the same values)
         shard_id = None
-        for src, (dst, sid) in packed.items():
+        experts = remap(name) if remap is not None else None  # an MoE block's tensor
+        if experts is not None:
+            name, shard_id = experts
+        for src, (dst, sid) in packed.items() if experts is None else ():
             if f".{src}." in name:
                 name, shard_id = name.replace(f".{src}.", f".{dst}."), sid
                 break
@@ -183,6 +194,7 @@ def build_model(
     from vllm_runner.model.layers.quant import get_quant_method
     from vllm_runner.worker.offload import check_weights_fit, place_weights, plan_weights
 
+    _refuse_expert_options(resolve_model_class(hf_config), quantization, cpu_offload_gb)
     method = get_quant_method(quantization, device, hf_config)
     prequantized = method is not None and method.prequantized  # layers/prequantized.py
     meta_model = _instantiate(hf_config, dtype, torch.device("meta"), max_model_len)
@@ -208,6 +220,28 @@ def build_model(
     if device.type == "cpu" and not plan.offload_layers:  # offloaded layers swap weights in
         cpu_gemm.pack_model(model)
     return model.eval()
+
+
+def _refuse_expert_options(
+    model_cls: type[nn.Module], quantization: str | None, cpu_offload_gb: float
+) -> None:
+    """Quantization and offloading cover linear layers only: a mixture of experts' stacked
+    expert weights (most of its bytes) would stay as they are, so refuse them by name."""
+    if not getattr(model_cls, "has_experts", False):
+        return
+    name = model_cls.__name__
+    if quantization is not None:
+        raise ValueError(
+            f"quantization={quantization!r} is not supported for {name} (a mixture of "
+            "experts: the quantized layers here are linear layers, not stacked experts); "
+            "use quantization=None"
+        )
+    if cpu_offload_gb > 0:
+        raise ValueError(
+            f"cpu_offload_gb={cpu_offload_gb} is not supported for {name} (a mixture of "
+            "experts: offloading streams linear layers, not stacked experts); use "
+            "cpu_offload_gb=0"
+        )
 
 
 def _refuse_prequantized(hf_config: object, error: ValueError) -> None:

@@ -3,10 +3,12 @@
 from torch import nn
 
 from vllm_runner.model.llama import LlamaForCausalLM
+from vllm_runner.model.mixtral import MixtralForCausalLM
 from vllm_runner.model.opt import OPTForCausalLM
 from vllm_runner.model.phi3 import Phi3ForCausalLM
 from vllm_runner.model.qwen2 import Qwen2ForCausalLM
 from vllm_runner.model.qwen3 import Qwen3ForCausalLM
+from vllm_runner.model.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -15,7 +17,11 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LLaMAForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
-    "Qwen3ForCausalLM": Qwen3ForCausalLM,  # dense only: Qwen3MoeForCausalLM is another layout
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    # mixtures of experts (layers/moe.py)
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
     # the bare decoders (transformers' AutoModel) of embedding checkpoints, e.g.
@@ -30,7 +36,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 # a config without "architectures" (as transformers' Auto classes read it): by model_type
 BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "phi3": "Phi3ForCausalLM", "opt": "OPTForCausalLM"}  # fmt: skip
+                 "phi3": "Phi3ForCausalLM", "opt": "OPTForCausalLM",
+                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}  # fmt: skip
 
 
 def resolve_model_class(hf_config: object) -> type[nn.Module]:
