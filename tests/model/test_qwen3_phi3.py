@@ -162,16 +162,17 @@ def test_longrope_factors_of_another_length_are_refused():
 @pytest.mark.parametrize(
     "config",
     [
-        SimpleNamespace(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe"),
-        SimpleNamespace(model_type="qwen3_moe"),  # no architectures: by model type
+        SimpleNamespace(architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next"),
+        SimpleNamespace(model_type="qwen3_next"),  # no architectures: by model type
         SimpleNamespace(architectures=["Phi3SmallForCausalLM"], model_type="phi3small"),
     ],
 )
 def test_other_qwen3_and_phi3_architectures_are_refused(config):
-    """Qwen3-MoE and Phi-3-small are other layouts (experts; block-sparse attention): refused
-    naming what is served, not loaded into the dense classes."""
+    """Qwen3-Next and Phi-3-small are other layouts (linear attention; block-sparse
+    attention): refused naming what is served, not loaded into the dense classes."""
     with pytest.raises(ValueError, match=r"^unsupported model ") as error:
         resolve_model_class(config)
-    for served in ("'Phi3ForCausalLM'", "'Qwen2ForCausalLM'", "'Qwen3ForCausalLM'"):
+    for served in ("'Phi3ForCausalLM'", "'Qwen2ForCausalLM'", "'Qwen3ForCausalLM'",
+                   "'Qwen3MoeForCausalLM'"):  # fmt: skip
         assert served in str(error.value)
-    assert "'phi3', 'qwen2', 'qwen3'" in str(error.value)
+    assert "'phi3', 'qwen2', 'qwen2_moe', 'qwen3', 'qwen3_moe'" in str(error.value)

@@ -15,10 +15,12 @@ from vllm_runner.model.loader import (
     load_weights,
     resolve_model_path,
 )
+from vllm_runner.model.mixtral import MixtralForCausalLM
 from vllm_runner.model.opt import OPTForCausalLM
 from vllm_runner.model.phi3 import Phi3ForCausalLM
 from vllm_runner.model.qwen2 import Qwen2ForCausalLM
 from vllm_runner.model.qwen3 import Qwen3ForCausalLM
+from vllm_runner.model.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from vllm_runner.model.registry import resolve_model_class
 from vllm_runner.tokenizer import load_hf_config
 
@@ -168,7 +170,8 @@ def test_swish_is_silu_to_a_llama(tiny_model_dirs):
     "model_type, cls",
     [("llama", LlamaForCausalLM), ("mistral", LlamaForCausalLM),
      ("qwen2", Qwen2ForCausalLM), ("qwen3", Qwen3ForCausalLM), ("phi3", Phi3ForCausalLM),
-     ("opt", OPTForCausalLM)],
+     ("opt", OPTForCausalLM), ("mixtral", MixtralForCausalLM),
+     ("qwen2_moe", Qwen2MoeForCausalLM), ("qwen3_moe", Qwen3MoeForCausalLM)],
 )  # fmt: skip
 def test_a_config_without_architectures_resolves_by_model_type(model_type, cls):
     assert resolve_model_class(SimpleNamespace(model_type=model_type)) is cls
@@ -187,7 +190,9 @@ def test_an_unsupported_architecture_names_what_is_supported():
     assert str(error.value) == (
         "unsupported model architecture ['GPT2LMHeadModel', 'Foo']; supported architectures: "
         "['LLaMAForCausalLM', 'LlamaForCausalLM', 'LlamaModel', 'MistralForCausalLM', "
-        "'MistralModel', 'OPTForCausalLM', 'Phi3ForCausalLM', 'Qwen2ForCausalLM', "
-        "'Qwen2Model', 'Qwen3ForCausalLM', 'Qwen3Model'], model types: "
-        "['llama', 'mistral', 'opt', 'phi3', 'qwen2', 'qwen3']"
+        "'MistralModel', 'MixtralForCausalLM', 'OPTForCausalLM', 'Phi3ForCausalLM', "
+        "'Qwen2ForCausalLM', 'Qwen2Model', 'Qwen2MoeForCausalLM', 'Qwen3ForCausalLM', "
+        "'Qwen3Model', 'Qwen3MoeForCausalLM'], model types: "
+        "['llama', 'mistral', 'mixtral', 'opt', 'phi3', 'qwen2', 'qwen2_moe', 'qwen3', "
+        "'qwen3_moe']"
     )
