@@ -63,6 +63,30 @@ def test_expert_loader_places_each_part():
     assert experts.checkpoint_shards("w2") == [("down", 0), ("down", 1), ("down", 2)]
 
 
+def test_rank_1_of_2_keeps_its_inter_features_of_every_expert(monkeypatch):
+    """Tensor parallel: rank 1 of 2 keeps the second half of each expert's gate rows, of its
+    up rows and of its down columns, from per-expert and from stacked tensors alike."""
+    from vllm_runner.model.layers import moe, parallel
+
+    for module in (moe, parallel):
+        monkeypatch.setattr(module, "tp_size", lambda: 2)
+    monkeypatch.setattr(parallel, "tp_rank", lambda: 1)
+    gate = torch.arange(2 * 4 * 3.0).view(2, 4, 3)  # 2 experts, inter 4, hidden 3
+    up, down = gate + 100, torch.arange(2 * 3 * 4.0).view(2, 3, 4)
+    apart, stacked = FusedMoE(2, 3, 4), FusedMoE(2, 3, 4)
+    assert apart.w13.shape == (2, 4, 3) and apart.w2.shape == (2, 3, 2)
+    for e in range(2):
+        apart.weight_loader(apart.w13, gate[e], ("gate", e))
+        apart.weight_loader(apart.w13, up[e], ("up", e))
+        apart.weight_loader(apart.w2, down[e], ("down", e))
+    stacked.weight_loader(stacked.w13, torch.cat([gate, up], dim=1))
+    stacked.weight_loader(stacked.w2, down)
+    want = torch.cat([gate[:, 2:], up[:, 2:]], dim=1)
+    for experts in (apart, stacked):
+        assert torch.equal(experts.w13.data, want)
+        assert torch.equal(experts.w2.data, down[:, :, 2:])
+
+
 def test_routing_picks_the_top_k_and_renormalizes():
     logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
     probs = logits.softmax(-1)

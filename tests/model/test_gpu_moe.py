@@ -1,0 +1,113 @@
+"""GPU checks of the mixtures of experts (run on the device machine: pytest -m gpu): bf16
+close to HF with the fused MoE kernel in decode CUDA graphs, CUDA graphs equal to eager, fp32
+equal to the CPU path (grouped torch experts) with decode graphs and captured piecewise
+graphs, and the KV cache sized next to the experts' weights."""
+
+import pytest
+import torch
+from test_gpu import first_difference_in_top5
+from test_gpu_architectures import NUM_NEW, prompts
+from test_moe import moe_config
+
+from vllm_runner import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+FAMILIES = ["mixtral", "qwen3_moe"]
+
+
+def _config(family: str, vocab: int, hidden: int, layers: int):
+    """Mixtral: 8 experts top-2; Qwen3-MoE: 32 experts top-8 (its 128 / 8 scaled down),
+    layer 1 dense."""
+    shape = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                 num_attention_heads=8, num_key_value_heads=2,
+                 max_position_embeddings=2048)  # fmt: skip
+    if family == "mixtral":
+        return moe_config(family, intermediate_size=2 * hidden, **shape)
+    return moe_config(family, head_dim=64, intermediate_size=2 * hidden,
+                      moe_intermediate_size=hidden // 2, num_experts=32, num_experts_per_tok=8,
+                      **shape)  # fmt: skip
+
+
+def _save(config, path, dtype: torch.dtype, other_std: float) -> str:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 1.0 if "embed" in name else other_std)
+            elif "q_norm" in name or "k_norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def bf16_model(request, tmp_path_factory) -> tuple[str, str]:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu suite needs a CUDA device")
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, _save(_config(request.param, 32768, 768, 8), path, torch.bfloat16, 0.05)
+
+
+def _gpu_llm(path: str, **kw) -> LLM:
+    kw.setdefault("gpu_memory_utilization", 0.2)
+    return LLM(path, device="cuda", dtype=kw.pop("dtype", "bfloat16"), max_model_len=1024, **kw)
+
+
+def test_bf16_greedy_close_to_hf_and_graphs_equal_eager(bf16_model):
+    """A batch (prefill, batched decode replaying CUDA graphs that hold the fused MoE
+    kernel): HF's greedy tokens or top-5 near-ties; the eager engine's tokens exactly, also
+    for a lone request (a one-row step: the MoE layers off the GEMV path)."""
+    from transformers import AutoModelForCausalLM
+
+    _, path = bf16_model
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=5)
+    batch = prompts()
+    graphs = _gpu_llm(path)
+    outs = graphs.generate(batch, params)
+    for prompt, out in zip(batch, outs, strict=True):
+        first_difference_in_top5(hf, prompt, out)
+    eager = _gpu_llm(path, enforce_eager=True)
+    assert [o.token_ids for o in eager.generate(batch, params)] == [o.token_ids for o in outs]
+    lone = batch[3]
+    assert (
+        graphs.generate([lone], params)[0].token_ids == eager.generate([lone], params)[0].token_ids
+    )
+
+
+def test_kv_cache_is_sized_next_to_the_expert_weights(bf16_model):
+    """The resident weights the engine reports hold every expert (stacked w13 and w2), and
+    the KV cache is what the profile leaves under gpu_memory_utilization."""
+    from transformers import AutoConfig
+
+    _, path = bf16_model
+    llm = _gpu_llm(path, gpu_memory_utilization=0.3)
+    stats = llm.engine.stats()
+    config = AutoConfig.from_pretrained(path)
+    num_experts = getattr(config, "num_local_experts", None) or config.num_experts
+    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    sparse = sum(".experts.w13" in n for n, _ in llm.engine.runner.model.named_parameters())
+    expert_bytes = sparse * num_experts * 3 * inter * config.hidden_size * 2
+    assert stats["weight_bytes_resident"] > expert_bytes > 0
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert 0 < stats["kv_cache_bytes"] < 0.3 * total - expert_bytes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_on_the_gpu_matches_the_cpu(family, tmp_path):
+    """fp32 both sides (ieee dots in the kernel): the CPU's greedy tokens for a batch with
+    decode graphs, for a lone request, and with prompts chunked through captured piecewise
+    graphs (the MoE blocks inside the pieces)."""
+    path = _save(_config(family, 4096, 256, 4), tmp_path, torch.float32, 0.1)
+    params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+    batch = [[t % 4096 for t in p] for p in prompts()[:8]]
+    cpu = LLM(path, dtype="float32", device="cpu", num_kv_blocks=512)
+    want = [o.token_ids for o in cpu.generate(batch, params)]
+    for kw in ({}, {"max_num_batched_tokens": 256, "piecewise_max_tokens": 256}):
+        gpu = LLM(path, dtype="float32", device="cuda", num_kv_blocks=512, **kw)
+        assert [o.token_ids for o in gpu.generate(batch, params)] == want, kw
+        assert gpu.generate(batch[:1], params)[0].token_ids == want[0], kw
+        del gpu
