@@ -17,12 +17,14 @@ FAMILIES = ["mixtral", "qwen3_moe"]
 
 def _config(family: str, vocab: int, hidden: int, layers: int):
     """Mixtral: 8 experts top-2; Qwen3-MoE: 32 experts top-8 (its 128 / 8 scaled down),
-    layer 1 dense."""
+    layer 1 dense; OLMoE: 16 experts top-2."""
     shape = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                  num_attention_heads=8, num_key_value_heads=2,
                  max_position_embeddings=2048)  # fmt: skip
     if family == "mixtral":
         return moe_config(family, intermediate_size=2 * hidden, **shape)
+    if family == "olmoe":  # (its q / k norms over all heads)
+        return moe_config(family, intermediate_size=hidden // 2, num_experts=16, **shape)
     return moe_config(family, head_dim=64, intermediate_size=2 * hidden,
                       moe_intermediate_size=hidden // 2, num_experts=32, num_experts_per_tok=8,
                       **shape)  # fmt: skip
@@ -96,7 +98,7 @@ def test_kv_cache_is_sized_next_to_the_expert_weights(bf16_model):
     assert 0 < stats["kv_cache_bytes"] < 0.3 * total - expert_bytes
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "olmoe"])
 def test_fp32_on_the_gpu_matches_the_cpu(family, tmp_path):
     """fp32 both sides (ieee dots in the kernel): the CPU's greedy tokens for a batch with
     decode graphs, for a lone request, and with prompts chunked through captured piecewise

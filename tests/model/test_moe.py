@@ -1,4 +1,4 @@
-"""Mixture-of-experts models (Mixtral, Qwen3-MoE, Qwen2-MoE) against HF transformers (fp32,
+"""Mixture-of-experts models (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE) against HF transformers (fp32,
 CPU): greedy tokens of batched prompts with chunked prefill and prefix caching, steps in
 pieces, both checkpoint layouts of the experts, and what is refused."""
 
@@ -34,6 +34,12 @@ def moe_config(family: str, **options):
             num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, mlp_only_layers=[1],
             architectures=["Qwen3MoeForCausalLM"],
         )  # fmt: skip
+    elif family == "olmoe":
+        cls, fields = transformers.OlmoeConfig, dict(
+            intermediate_size=48, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            architectures=["OlmoeForCausalLM"],
+        )  # fmt: skip
     else:
         cls, fields = transformers.Qwen2MoeConfig, dict(
             intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
@@ -61,7 +67,7 @@ def save_moe(config, path: str, original_format: bool = True):
     return hf
 
 
-FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe"]
+FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +216,8 @@ def test_quantization_and_offloading_are_refused(moe_dirs, option, message):
          r"^decoder_sparse_step=0 must be an integer >= 1$"),
         ("qwen2_moe", dict(hidden_act="gelu"),
          r"^hidden_act 'gelu' is not supported by Qwen2MoeForCausalLM"),
+        ("olmoe", dict(clip_qkv=8.0),
+         r"^clip_qkv=8\.0 is not supported by OlmoeForCausalLM \(only None\)$"),
     ],
 )  # fmt: skip
 def test_unsupported_configs_are_refused(family, options, message, tmp_path):

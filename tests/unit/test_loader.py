@@ -16,6 +16,7 @@ from vllm_runner.model.loader import (
     resolve_model_path,
 )
 from vllm_runner.model.mixtral import MixtralForCausalLM
+from vllm_runner.model.olmoe import OlmoeForCausalLM
 from vllm_runner.model.opt import OPTForCausalLM
 from vllm_runner.model.phi3 import Phi3ForCausalLM
 from vllm_runner.model.qwen2 import Qwen2ForCausalLM
@@ -171,7 +172,8 @@ def test_swish_is_silu_to_a_llama(tiny_model_dirs):
     [("llama", LlamaForCausalLM), ("mistral", LlamaForCausalLM),
      ("qwen2", Qwen2ForCausalLM), ("qwen3", Qwen3ForCausalLM), ("phi3", Phi3ForCausalLM),
      ("opt", OPTForCausalLM), ("mixtral", MixtralForCausalLM),
-     ("qwen2_moe", Qwen2MoeForCausalLM), ("qwen3_moe", Qwen3MoeForCausalLM)],
+     ("qwen2_moe", Qwen2MoeForCausalLM), ("qwen3_moe", Qwen3MoeForCausalLM),
+     ("olmoe", OlmoeForCausalLM)],
 )  # fmt: skip
 def test_a_config_without_architectures_resolves_by_model_type(model_type, cls):
     assert resolve_model_class(SimpleNamespace(model_type=model_type)) is cls
@@ -190,9 +192,9 @@ def test_an_unsupported_architecture_names_what_is_supported():
     assert str(error.value) == (
         "unsupported model architecture ['GPT2LMHeadModel', 'Foo']; supported architectures: "
         "['LLaMAForCausalLM', 'LlamaForCausalLM', 'LlamaModel', 'MistralForCausalLM', "
-        "'MistralModel', 'MixtralForCausalLM', 'OPTForCausalLM', 'Phi3ForCausalLM', "
-        "'Qwen2ForCausalLM', 'Qwen2Model', 'Qwen2MoeForCausalLM', 'Qwen3ForCausalLM', "
-        "'Qwen3Model', 'Qwen3MoeForCausalLM'], model types: "
-        "['llama', 'mistral', 'mixtral', 'opt', 'phi3', 'qwen2', 'qwen2_moe', 'qwen3', "
-        "'qwen3_moe']"
+        "'MistralModel', 'MixtralForCausalLM', 'OPTForCausalLM', 'OlmoeForCausalLM', "
+        "'Phi3ForCausalLM', 'Qwen2ForCausalLM', 'Qwen2Model', 'Qwen2MoeForCausalLM', "
+        "'Qwen3ForCausalLM', 'Qwen3Model', 'Qwen3MoeForCausalLM'], model types: "
+        "['llama', 'mistral', 'mixtral', 'olmoe', 'opt', 'phi3', 'qwen2', 'qwen2_moe', "
+        "'qwen3', 'qwen3_moe']"
     )

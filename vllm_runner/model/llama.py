@@ -50,6 +50,8 @@ class LlamaLayout:
     o_bias: bool = False
     # Qwen3: an RMSNorm over each q and each k head ([head_dim] weights), before rotary
     qk_norm: bool = False
+    # OLMoE: instead one RMSNorm over all of q and one over all of k ([heads * head_dim])
+    qk_norm_whole: bool = False
     # (config, layer index) -> that layer's MLP, e.g. a mixture of experts (None: LlamaMLP)
     mlp: Callable[[object, int], nn.Module] | None = None
 
@@ -67,8 +69,12 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(num_heads * head_dim, hidden, layout.o_bias)
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
-        self.qk_norm = layout.qk_norm
-        if layout.qk_norm:
+        self.qk_norm = layout.qk_norm or layout.qk_norm_whole
+        self.qk_norm_whole = layout.qk_norm_whole
+        if layout.qk_norm_whole:  # (world size 1: the norm of each rank's heads would differ)
+            self.q_norm = RMSNorm(self.q_size, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.kv_size, config.rms_norm_eps)
+        elif layout.qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.rotary_emb = rotary_emb  # the model's one table, shared by every layer
@@ -95,6 +101,9 @@ class LlamaAttention(nn.Module):
             return qkv
         q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         for part, norm in ((q, self.q_norm), (k, self.k_norm)):
+            if self.qk_norm_whole:
+                part.copy_(norm(part))
+                continue
             # [num_tokens, heads * head_dim] viewed as [num_tokens, heads, head_dim]
             part.copy_(norm(part.unflatten(-1, (-1, self.head_dim))).flatten(-2))
         return qkv

@@ -4,6 +4,7 @@ from torch import nn
 
 from vllm_runner.model.llama import LlamaForCausalLM
 from vllm_runner.model.mixtral import MixtralForCausalLM
+from vllm_runner.model.olmoe import OlmoeForCausalLM
 from vllm_runner.model.opt import OPTForCausalLM
 from vllm_runner.model.phi3 import Phi3ForCausalLM
 from vllm_runner.model.qwen2 import Qwen2ForCausalLM
@@ -22,6 +23,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "OlmoeForCausalLM": OlmoeForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
     # the bare decoders (transformers' AutoModel) of embedding checkpoints, e.g.
@@ -38,7 +40,7 @@ BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "phi3": "Phi3ForCausalLM", "opt": "OPTForCausalLM",
                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM"}  # fmt: skip
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}  # fmt: skip
 
 
 def resolve_model_class(hf_config: object) -> type[nn.Module]:
