@@ -1,5 +1,6 @@
 """Llama family (Llama 2/3, SmolLM2, Mistral) with HF parameter names; the layout its
-variants (qwen2.py, qwen3.py, phi3.py; the MoE models of mixtral.py, qwen_moe.py) change."""
+variants (qwen2.py, qwen3.py, phi3.py; the MoE models of mixtral.py, qwen_moe.py, olmoe.py)
+change."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
