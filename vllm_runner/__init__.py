@@ -15,6 +15,7 @@ from vllm_runner.engine.outputs import (
     StreamOutput,
 )
 from vllm_runner.llm import LLM
+from vllm_runner.lora.request import LoRARequest
 from vllm_runner.pooling_params import PoolerConfig, PoolingParams
 from vllm_runner.sampling_params import SamplingParams
 
@@ -29,6 +30,7 @@ __all__ = [
     "EmbeddingRequestOutput",
     "EngineArgs",
     "EngineDeadError",
+    "LoRARequest",
     "PoolerConfig",
     "PoolingParams",
     "RequestError",

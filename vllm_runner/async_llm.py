@@ -36,6 +36,7 @@ from vllm_runner.engine.outputs import (
 from vllm_runner.engine.serving_loop import Delivery
 from vllm_runner.engine.stream_route import StreamRoute, detokenizers_here, hand_over, take_merged
 from vllm_runner.llm import Prompt, apply_chat_template, engine_args, normalize_batch
+from vllm_runner.lora.request import LoRARequest, lora_requests
 from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import load_tokenizer
@@ -132,13 +133,14 @@ class AsyncLLM:
 
     # ---- public API ------------------------------------------------------------------------
     def validate(
-        self, prompt: Prompt, params: SamplingParams, chat: bool = False, fit: bool = False
-    ) -> list[int]:
+        self, prompt: Prompt, params: SamplingParams, chat: bool = False, fit: bool = False,
+        lora_request: LoRARequest | None = None,
+    ) -> list[int]:  # fmt: skip
         """The prompt's token ids, once it passed every check (``chat``: a chat template's
         text, tokenized as ``InputProcessor.tokenize`` says; ``fit``: checked as a server's
         route runs it, a missing max_tokens capped by ``InputProcessor.fit``)."""
         ids = self.inputs.tokenize(prompt, chat, params)
-        self.inputs.validate(ids, self.inputs.fit(ids, params) if fit else params)
+        self.inputs.validate(ids, self.inputs.fit(ids, params) if fit else params, lora_request)
         return ids
 
     def check_text_length(self, text: str, what: str) -> None:
@@ -167,6 +169,7 @@ class AsyncLLM:
         request_id: str | None = None,
         *,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[StreamOutput]:
         """Yield each completion's text deltas as they are produced. Leaving the loop early
         (or cancellation, e.g. a client disconnect) aborts the request. ``priority``: as
@@ -174,7 +177,8 @@ class AsyncLLM:
         params = params or self.inputs.default_params(prompt)
         # NOTE: aclosing: closing this generator closes _run at once (its abort), not later
         # when the collector finalizes it.
-        async with contextlib.aclosing(self._run(prompt, params, request_id, priority)) as items:
+        run = self._run(prompt, params, request_id, priority, lora_request)
+        async with contextlib.aclosing(run) as items:
             async for item in items:
                 if isinstance(item, StreamOutput):
                     yield item
@@ -185,17 +189,19 @@ class AsyncLLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """All prompts together; returns finished outputs in prompt order. ``priority``: one
-        per prompt, as ``LLM.generate``'s."""
+        """All prompts together; returns finished outputs in prompt order. ``priority``,
+        ``lora_request``: as ``LLM.generate``'s."""
         default = self.get_default_sampling_params()
         prompts, params = normalize_batch(prompts, sampling_params, default)
         priorities = self.inputs.priorities(priority, len(prompts))
+        loras = lora_requests(lora_request, len(prompts))
         if sampling_params is None:  # (a default max_tokens fitted to each prompt)
             params = [self.inputs.default_params(p) for p in prompts]
-        for prompt, p in zip(prompts, params, strict=True):  # validate all before adding any
-            self.validate(prompt, p)
-        jobs = zip(prompts, params, priorities, strict=True)
+        for prompt, p, lora in zip(prompts, params, loras, strict=True):  # all, before any add
+            self.validate(prompt, p, lora_request=lora)
+        jobs = zip(prompts, params, [None] * len(prompts), priorities, loras, strict=True)
         results = await asyncio.gather(
             *(self._collect(*job) for job in jobs), return_exceptions=True
         )
@@ -228,24 +234,24 @@ class AsyncLLM:
     ) -> EmbeddingRequestOutput:
         """``LLM.embed`` for one prompt (it shares steps with generating requests).
         Cancelling the call aborts the request."""
-        return await self._collect(prompt, pooling_params or PoolingParams(), priority, request_id)
+        return await self._collect(prompt, pooling_params or PoolingParams(), request_id, priority)
 
-    async def _collect(
-        self, prompt: Prompt, params: Params, priority: int, request_id: str | None = None
-    ) -> FinalOutput:
-        async with contextlib.aclosing(self._run(prompt, params, request_id, priority)) as items:
+    async def _collect(self, *run: Any) -> FinalOutput:
+        """The final output of ``_run(*run)``."""
+        async with contextlib.aclosing(self._run(*run)) as items:
             async for item in items:
                 if isinstance(item, FinalOutput):
                     return item
         raise RequestError("request ended without a final output")
 
     async def _run(
-        self, prompt: Prompt, params: Params, request_id: str | None, priority: int
-    ) -> AsyncIterator[StreamOutput | FinalOutput]:
+        self, prompt: Prompt, params: Params, request_id: str | None, priority: int,
+        lora: LoRARequest | None = None,
+    ) -> AsyncIterator[StreamOutput | FinalOutput]:  # fmt: skip
         # NOTE: its latencies count from here, not from when the engine's loop adds it (after
         # the step running now): CLOCK_MONOTONIC, one clock for every process of the host.
         arrival = time.monotonic()
-        prompt_ids = self.validate(prompt, params)
+        prompt_ids = self.validate(prompt, params, lora_request=lora)
         priority = self.inputs.check_priority(priority)
         self._check_running()
         request_id = stream_request_id(request_id)
@@ -268,7 +274,7 @@ class AsyncLLM:
         held: collections.deque = collections.deque()  # taken from the queue, not yet yielded
         try:
             detokenize = detokenizers is None  # (the engine builds the text)
-            request = (prompt, prompt_ids, params, detokenize, arrival, priority)
+            request = (prompt, prompt_ids, params, detokenize, arrival, priority, lora)
             self._send(("add", request_id, route, *request))
             while not done:
                 if not held:

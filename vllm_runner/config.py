@@ -37,7 +37,7 @@ SERVING_PIECEWISE_MAX_TOKENS = 2048
 _MAY_BE_NONE = ("async_scheduling", "enable_chunked_prefill")  # switches whose None: default
 # integers whose None means something (a default, a random seed); the others must be set
 _INT_MAY_BE_NONE = ("max_model_len", "max_num_batched_tokens", "seed", "num_kv_blocks",
-                    "piecewise_max_tokens")  # fmt: skip
+                    "piecewise_max_tokens", "max_cpu_loras")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,14 @@ class SchedulerConfig:
     # While requests decode, waiting ones join on every N-th step only (see Scheduler).
     admission_interval: int = 1
     scheduling_policy: str = "fcfs"  # a SCHEDULING_POLICIES name (see Scheduler)
+    max_loras: int = 0  # distinct LoRA adapters a step may run (0: LoRA off)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    max_loras: int  # adapters one step may run (device slots)
+    max_lora_rank: int
+    max_cpu_loras: int  # adapters kept loaded in CPU memory (LRU)
 
 
 @dataclass
@@ -136,6 +144,13 @@ class EngineArgs:
     swap_space: float = 4.0  # GiB
     tokenizer: str | None = None  # None or the model
     enable_chunked_prefill: bool | None = None  # None or True
+    # Requests may run a LoRA adapter (``lora_request``), at most ``max_loras`` distinct ones
+    # a step, of rank <= ``max_lora_rank``; ``max_cpu_loras`` (None: max_loras) stay loaded
+    # in CPU memory. Off: the engine runs exactly as without LoRA (docs/lora.md).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -148,7 +163,8 @@ class EngineArgs:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                      "seed", "num_kv_blocks", "admission_interval",
                      "piecewise_max_tokens", "tensor_parallel_size",
-                     "pipeline_parallel_size"):  # fmt: skip
+                     "pipeline_parallel_size", "max_loras", "max_lora_rank",
+                     "max_cpu_loras"):  # fmt: skip
             value = getattr(self, name)
             if value is None and name in _INT_MAY_BE_NONE:
                 continue
@@ -162,7 +178,7 @@ class EngineArgs:
                 raise bad(name, "a finite number")
         for name in ("enable_prefix_caching", "enforce_eager", "async_scheduling",
                      "trust_remote_code", "disable_log_stats",
-                     "enable_chunked_prefill"):  # fmt: skip
+                     "enable_chunked_prefill", "enable_lora"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name in _MAY_BE_NONE and value is None):
                 raise bad(name, "true or false")
@@ -203,6 +219,11 @@ class EngineArgs:
                       "model folder's tokenizer)")  # fmt: skip
         if self.max_num_seqs < 1:
             raise bad("max_num_seqs", ">= 1")
+        for name in ("max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise bad(name, ">= 1")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise bad("max_cpu_loras", f"None or >= max_loras ({self.max_loras})")
         if self.admission_interval < 1:
             raise bad("admission_interval", ">= 1")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
@@ -320,7 +341,13 @@ class EngineArgs:
             self.max_num_batched_tokens is None,
             self.admission_interval,
             self.scheduling_policy,
+            self.max_loras if self.enable_lora else 0,
         )
+
+    def lora_config(self) -> LoRAConfig | None:
+        if not self.enable_lora:
+            return None
+        return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(

@@ -10,6 +10,7 @@ from vllm_runner.engine.core import EngineCore
 from vllm_runner.engine.errors import RequestError
 from vllm_runner.engine.input_processor import TextPrompt, TokensPrompt
 from vllm_runner.engine.outputs import EmbeddingRequestOutput, FinalOutput, RequestOutput
+from vllm_runner.lora.request import LoRARequest, lora_requests
 from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.tokenizer import NO_TOKENIZER
@@ -89,17 +90,20 @@ class LLM:
         *,
         use_tqdm: bool | Callable[..., Any] = False,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """``use_tqdm``: a progress bar of finished prompts on stderr (True: tqdm's; or a
         tqdm-like class), as vLLM's (whose default is True). ``priority``: one per prompt,
         as vLLM's (lower is served earlier); the engine's ``scheduling_policy`` must be
-        "priority" for any but 0."""
+        "priority" for any but 0. ``lora_request``: the LoRA adapter of every prompt, or a
+        list of one per prompt (None: the base model), as vLLM's (needs ``enable_lora``)."""
         default = self.get_default_sampling_params()
         prompts, params = normalize_batch(prompts, sampling_params, default)
         inputs = self.engine.inputs
         priorities = inputs.priorities(priority, len(prompts))
+        loras = lora_requests(lora_request, len(prompts))
         ids = [inputs.tokenize(p, False, sp) for p, sp in zip(prompts, params, strict=True)]
-        return self._run(prompts, ids, params, use_tqdm, priorities)
+        return self._run(prompts, ids, params, use_tqdm, priorities, loras=loras)
 
     def embed(
         self,
@@ -131,21 +135,25 @@ class LLM:
         use_tqdm: bool | Callable[..., Any],
         priorities: list[int] | None = None,
         raise_failed: bool = False,
+        loras: list[LoRARequest | None] | None = None,
     ) -> list[FinalOutput]:
-        """``priorities``: one per prompt (None: 0 each). ``raise_failed``: a request the
-        engine failed raises RequestError (holding every output), naming why."""
+        """``priorities``, ``loras``: one per prompt (None: 0, no adapter each).
+        ``raise_failed``: a request the engine failed raises RequestError (holding every
+        output), naming why."""
         if not isinstance(use_tqdm, bool) and not callable(use_tqdm):
             raise ValueError(f"use_tqdm must be True, False or a tqdm-like class, got {use_tqdm!r}")
-        for prompt_ids, p in zip(ids, params, strict=True):  # validate all before adding any
-            self.engine.inputs.validate(prompt_ids, p)
+        loras = loras or [None] * len(prompts)
+        for prompt_ids, p, lora in zip(ids, params, loras, strict=True):  # all before any add
+            self.engine.inputs.validate(prompt_ids, p, lora)
         states = []
         bar = _progress_bar(use_tqdm, len(prompts))
         try:
-            each = zip(prompts, ids, params, priorities or [0] * len(prompts), strict=True)
-            for prompt, prompt_ids, p, priority in each:
-                states.append(
-                    self.engine.add_request(prompt, p, prompt_ids=prompt_ids, priority=priority)
+            each = zip(prompts, ids, params, priorities or [0] * len(prompts), loras, strict=True)
+            for prompt, prompt_ids, p, priority, lora in each:
+                state = self.engine.add_request(
+                    prompt, p, prompt_ids=prompt_ids, priority=priority, lora_request=lora
                 )
+                states.append(state)
             while self.engine.has_unfinished():
                 self.engine.step(stream=False)
                 if bar is not None:
@@ -188,12 +196,14 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
         use_tqdm: bool | Callable[..., Any] = False,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """``chat_template``: the Jinja template to use instead of the tokenizer's (as vLLM's;
         a model whose tokenizer has none can chat only with one). ``chat_template_kwargs``:
         more variables for the template (e.g. ``{"enable_thinking": False}``), as vLLM's.
         ``tools``: OpenAI-style tool dicts (``{"type": "function", "function": {...}}``) for
-        the template to render, as vLLM's (the output is not parsed for calls here)."""
+        the template to render, as vLLM's (the output is not parsed for calls here).
+        ``lora_request``: as ``generate``'s, per conversation."""
         if tools is not None and (
             not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)
         ):
@@ -212,8 +222,9 @@ class LLM:
         ]
         _, params = normalize_batch(prompts, sampling_params, self.get_default_sampling_params())
         inputs = self.engine.inputs
+        loras = lora_requests(lora_request, len(prompts))
         ids = [inputs.tokenize(p, True, sp) for p, sp in zip(prompts, params, strict=True)]
-        return self._run(prompts, ids, params, use_tqdm)
+        return self._run(prompts, ids, params, use_tqdm, loras=loras)
 
     def apply_chat_template(self, messages: list[dict], **options: Any) -> str:
         return apply_chat_template(

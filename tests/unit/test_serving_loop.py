@@ -35,11 +35,13 @@ class _Engine:
         self.steps = 0
 
     def add_request(
-        self, prompt, params, request_id, prompt_ids, detokenize, arrival, priority
+        self, prompt, params, request_id, prompt_ids, detokenize, arrival, priority, lora
     ) -> None:
         if prompt == "bad":
             raise RequestError("refused")
-        self.added.append((prompt, params, request_id, prompt_ids, detokenize, arrival, priority))
+        self.added.append(
+            (prompt, params, request_id, prompt_ids, detokenize, arrival, priority, lora)
+        )
         self.states[request_id] = SimpleNamespace(request_id=request_id)
 
     def _finish(self, rid: str) -> StreamOutput:
@@ -72,7 +74,7 @@ def _loop(timings: bool = False) -> tuple[ServingLoop, _Engine, list]:
 
 
 def _add(rid: str, route: int, prompt: str = "p") -> tuple:
-    return ("add", rid, route, prompt, [1], None, True, 0.0, 0)
+    return ("add", rid, route, prompt, [1], None, True, 0.0, 0, None)
 
 
 def _routes(delivery) -> list[tuple]:
@@ -105,9 +107,9 @@ def test_abort_delivers_the_end_to_the_route_that_added_it() -> None:
 
 def test_a_pickled_request_is_loaded_and_one_that_fails_to_load_fails_alone() -> None:
     loop, engine, emitted = _loop()
-    request = ["p", [1, 2], "params", False, 3.5, -2]
+    request = ["p", [1, 2], "params", False, 3.5, -2, None]
     assert loop.handle(("add", "a", 7, pickle.dumps(request)))
-    assert engine.added == [("p", "params", "a", [1, 2], False, 3.5, -2)]
+    assert engine.added == [("p", "params", "a", [1, 2], False, 3.5, -2, None)]
     assert loop.handle(("add", "b", 8, b"not a pickle"))
     (delivery,) = emitted
     ((route, error),) = delivery.items

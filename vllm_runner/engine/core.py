@@ -21,6 +21,7 @@ from vllm_runner.engine.outputs import ModelRunnerOutput, SchedulerOutput, Strea
 from vllm_runner.engine.request import Request, RequestStatus
 from vllm_runner.engine.sampling_defaults import generation_folder, read_sampling_defaults
 from vllm_runner.engine.scheduler import Scheduler
+from vllm_runner.lora.request import LoRARequest
 from vllm_runner.model.layers.prequantized import resolve_quantization
 from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.pooling_params import PoolingParams
@@ -74,7 +75,7 @@ class EngineCore:
         self.eos_id = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         sched_config = args.scheduler_config(max_model_len, device, serving)
         cache_config = args.cache_config()
-        self.runner = ModelRunner(self.model_config, cache_config, sched_config)
+        self.runner = ModelRunner(self.model_config, cache_config, sched_config, args.lora_config())
         kv = KVCacheManager(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
         # NOTE: the runner's step budget: it may lower a default one (offloaded weights).
         self.scheduler = Scheduler(self.runner.scheduler_config, kv)
@@ -91,6 +92,7 @@ class EngineCore:
             scheduling_policy=args.scheduling_policy,
             hidden_size=self.runner.model.lm_head.weight.shape[1],
             generates=not getattr(self.runner.model, "pooling_only", False),
+            lora=self.runner.lora.limits if self.runner.lora is not None else None,
         )
         self.inputs = InputProcessor(self.limits, self.tokenizer)
         graphs, pieces = self.runner.graphs, self.runner.pieces
@@ -139,6 +141,7 @@ class EngineCore:
         detokenize: bool = True,
         arrival_time: float | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> RequestState:
         """``params``: PoolingParams for an embedding request (its prompt is computed, its
         final hidden states pooled by the engine's ``pooler_config``, no token sampled).
@@ -148,11 +151,14 @@ class EngineCore:
         strings need the text here (the request ends at the token that completes one).
         ``arrival_time``: the ``time.monotonic()`` its latencies count from (default: now).
         ``priority``: under ``scheduling_policy="priority"``, lower is served earlier (its
-        n > 1 completions alike); under "fcfs" only 0 is taken."""
+        n > 1 completions alike); under "fcfs" only 0 is taken. ``lora_request``: the LoRA
+        adapter it runs with (``enable_lora``), loaded here if it is not."""
         if prompt_ids is None:
             prompt_ids = self.inputs.tokenize(prompt, params=params)
-        self.inputs.validate(prompt_ids, params)
+        self.inputs.validate(prompt_ids, params, lora_request)
         priority = self.inputs.check_priority(priority)
+        if lora_request is not None:
+            self.runner.lora.add(lora_request)
         pooling = None
         if isinstance(params, PoolingParams):
             pooling, params = self._pooling(params), _EMBEDDING_RUN
@@ -204,6 +210,7 @@ class EngineCore:
                     seed=seed,
                     priority=priority,
                     pooling=pooling,
+                    lora_request=lora_request,
                 )
             )
             self.child_to_state[child_id] = (state, index)

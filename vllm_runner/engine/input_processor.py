@@ -13,6 +13,7 @@ from typing import TypedDict
 
 from vllm_runner.engine.errors import ContextLengthError
 from vllm_runner.engine.sampling_defaults import fit_max_tokens
+from vllm_runner.lora.peft import AdapterChecks, LoRALimits
 from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sample.guided_choice import choice_token_ids
 from vllm_runner.sample.regex_parse import shown
@@ -81,6 +82,7 @@ class EngineLimits:
     scheduling_policy: str = "fcfs"  # EngineArgs': a request's priority needs "priority"
     hidden_size: int = 0  # the length of the model's pooled vectors (embeddings)
     generates: bool = True  # False: a checkpoint without an LM head, for embeddings only
+    lora: LoRALimits | None = None  # enable_lora: what an adapter must fit (lora/peft.py)
 
 
 class InputProcessor:
@@ -91,6 +93,7 @@ class InputProcessor:
             max_text_chars(tokenizer, limits.max_model_len) if tokenizer is not None else 0
         )
         self.uncounted = dropped_chars(tokenizer) if tokenizer is not None else ""
+        self.loras = AdapterChecks(limits.lora)  # a request's LoRA adapter: loras.check
 
     def tokenize(
         self,
@@ -165,8 +168,13 @@ class InputProcessor:
                 self.limits.max_model_len,
             )
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams | PoolingParams) -> None:
+    def validate(
+        self, prompt_ids: list[int], params: SamplingParams | PoolingParams, lora: object = None
+    ) -> None:
+        """``lora``: the request's LoRARequest, if any."""
         limits = self.limits
+        if lora is not None:
+            self.loras.check(lora)
         if not prompt_ids:
             raise ValueError("prompt is empty: it has 0 tokens")
         if isinstance(params, PoolingParams):

@@ -37,6 +37,8 @@ class KVCacheManager:
         while (len(request.block_hashes) + 1) * bs <= num_tokens:
             i = len(request.block_hashes)
             parent = request.block_hashes[-1] if i else None
+            if not i and request.lora_request is not None:  # (its adapter's KV is its own)
+                parent = request.lora_request.hash_root()
             request.block_hashes.append(
                 hash_block(parent, request.token_slice(i * bs, i * bs + bs))
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from vllm_runner.lora.request import LoRARequest
 from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sampling_params import SamplingParams
 
@@ -21,6 +22,7 @@ class NewRequestData:
     num_computed_tokens: int
     seed: int | None
     pooling: PoolingParams | None = None  # an embedding request: pooled, never sampled
+    lora_request: LoRARequest | None = None  # the adapter it runs with
 
 
 @dataclass

@@ -4,6 +4,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from vllm_runner.lora.request import LoRARequest
 from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sampling_params import SamplingParams
 
@@ -60,6 +61,7 @@ class Request:
     # Prefix-cache hashes of this request's full blocks, in order (extended as tokens arrive).
     block_hashes: list[bytes] = field(default_factory=list)
     pooling: PoolingParams | None = None  # an embedding request's (pooling_type filled in)
+    lora_request: LoRARequest | None = None  # the adapter it runs with (kept when preempted)
 
     @property
     def reads_prefix_cache(self) -> bool:

@@ -149,6 +149,8 @@ class Scheduler:
     ) -> bool:
         """Admit waiting requests in the policy's order; True if any was."""
         num_new_reqs = len(new_reqs)
+        skipped: list[Request] = []  # waiting for one of the running adapters to finish
+        loras = self._running_loras() if self.config.max_loras else set()
         # NOTE: a prompt block is in the prefix index from its allocation, so a request
         # sharing a prefix another computes in this very step hits it (each layer writes the
         # step's keys and values before any of its attention reads them); and a running
@@ -160,6 +162,11 @@ class Scheduler:
                 self.waiting.pop()
                 self._num_gone -= 1
                 continue
+            lora = request.lora_request
+            new_lora = lora is not None and lora.lora_int_id not in loras
+            if new_lora and len(loras) >= self.config.max_loras:  # a step runs max_loras
+                skipped.append(self.waiting.pop())
+                continue
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             reads_cache = self.kv.enable_caching and request.reads_prefix_cache
             num_new = min(request.num_tokens - num_hit_tokens, budget)
@@ -167,6 +174,8 @@ class Scheduler:
             if self.kv.allocate_slots(request, num_new, hits) is None:
                 break
             self.waiting.pop()
+            if lora is not None:
+                loras.add(lora.lora_int_id)
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
@@ -181,7 +190,14 @@ class Scheduler:
             request.num_computed_tokens += num_new
             if request.num_computed_tokens == request.num_tokens + request.num_inflight:
                 request.num_inflight += 1  # this step samples its next token
+        for request in reversed(skipped):  # back in their places, ahead of later arrivals
+            self.waiting.requeue(request)
         return len(new_reqs) > num_new_reqs
+
+    def _running_loras(self) -> set[int]:
+        """The adapters of the running requests: every step runs only these (each running
+        request may be scheduled in it), so at most ``max_loras`` of them."""
+        return {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
 
     def _will_finish(self, request: Request, known: int) -> bool:
         """True when the ``known`` tokens (prompt, output and in-flight ones) reach
@@ -201,6 +217,7 @@ class Scheduler:
             request.num_computed_tokens,
             request.seed,
             request.pooling,
+            request.lora_request,
         )
 
     def _preempt(self, request: Request) -> None:

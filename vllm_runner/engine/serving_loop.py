@@ -6,11 +6,12 @@ processing) has a GIL of its own instead of sharing one with the server's
 event loop and HTTP stack (vLLM V1 runs its EngineCore apart for the same reason).
 
 Commands: ``("add", request_id, route, prompt, prompt_ids, params, detokenize, arrival,
-priority)`` (the ids the front end checked: not tokenized again; ``detokenize`` False: the
+priority, lora)`` (the ids the front end checked: not tokenized again; ``detokenize`` False: the
 front end builds the text from the ids, see ``EngineCore.add_request``; ``arrival``: its
 ``time.monotonic()`` when the front end got it; ``priority``: its scheduling priority, 0
-unless the engine's policy is "priority"; from an engine process's front end, what follows
-the route comes pickled, see ``EngineClient.send``), ``("abort", request_id)``,
+unless the engine's policy is "priority"; ``lora``: its LoRARequest or None; from an engine
+process's front end, what follows the route comes pickled, see ``EngineClient.send``),
+``("abort", request_id)``,
 ``("stop",)``.
 A route is what the front end gives each added request (a number; in the engine process,
 with the front end's number): outputs go to the stream that added the request even after
@@ -91,9 +92,9 @@ class ServingLoop:
         try:
             if len(request) == 1:  # (pickled by a front end in another process)
                 request = _load_request(request[0])
-            prompt, prompt_ids, params, detokenize, arrival, priority = request
+            prompt, prompt_ids, params, detokenize, arrival, priority, lora = request
             engine.add_request(
-                prompt, params, request_id, prompt_ids, detokenize, arrival, priority
+                prompt, params, request_id, prompt_ids, detokenize, arrival, priority, lora
             )
         except Exception as e:  # validated already; anything here is this request's alone
             self.emit(Delivery([(route, e)], engine.stats()))

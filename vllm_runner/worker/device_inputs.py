@@ -30,12 +30,19 @@ _ALIGN = 16  # bytes: every field starts 16-byte aligned (vectorized kernel load
 assert next(iter(_FIELDS)) == "input_ids"  # at offset 0 in every layout (``token_ids``)
 
 
-def _layout(tokens: int, reqs: int, max_blocks: int) -> tuple[dict[str, tuple], int]:
+# With LoRA: each token's adapter slot (-1: none), second, so that its offset too depends on
+# the token count alone (a piecewise graph's step of any request count copies it from there)
+_LORA_FIELDS = {"input_ids": _FIELDS["input_ids"], "lora_slots": (torch.int64, "T"), **_FIELDS}
+
+
+def _layout(
+    tokens: int, reqs: int, max_blocks: int, fields: dict = _FIELDS
+) -> tuple[dict[str, tuple], int]:
     """Byte offset and shape of each field for a step of ``tokens`` / ``reqs`` rows, packed
     one after another, and the bytes they span."""
     rows = {"T": (tokens,), "R": (reqs,), "R+1": (reqs + 1,), "R x blocks": (reqs, max_blocks)}
     slots, end = {}, 0
-    for name, (dtype, kind) in _FIELDS.items():
+    for name, (dtype, kind) in fields.items():
         shape = rows[kind]
         slots[name] = (end, shape, dtype)
         end += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
@@ -56,11 +63,21 @@ class DeviceInputs:
     queued, and that step would read another's inputs."""
 
     def __init__(
-        self, max_tokens: int, max_reqs: int, max_blocks: int, device: torch.device
+        self,
+        max_tokens: int,
+        max_reqs: int,
+        max_blocks: int,
+        device: torch.device,
+        lora_slots: torch.Tensor | None = None,
     ) -> None:
+        """``lora_slots``: with LoRA, the persistent per-token slot tensor the LoRA layers
+        read (``lora.layers.LoRASlots``): each step's slots are staged with its other inputs
+        and copied there, padding tokens -1."""
         self.pin = device.type == "cuda"
         self.max_blocks = max_blocks
-        size = _layout(max_tokens, max_reqs, max_blocks)[1]
+        self.lora_slots = lora_slots
+        self.fields = _FIELDS if lora_slots is None else _LORA_FIELDS
+        size = _layout(max_tokens, max_reqs, max_blocks, self.fields)[1]
         self.hosts = [
             torch.zeros(size, dtype=torch.uint8, pin_memory=self.pin)
             for _ in range(2 if self.pin else 1)
@@ -80,7 +97,7 @@ class DeviceInputs:
         if key not in self._views:
             if len(self._views) >= 256:  # prefill steps come in many sizes
                 self._views.clear()
-            slots, end = _layout(tokens, reqs, self.max_blocks)
+            slots, end = _layout(tokens, reqs, self.max_blocks, self.fields)
 
             def views(buf: torch.Tensor) -> dict[str, torch.Tensor]:
                 return {
@@ -140,6 +157,9 @@ class DeviceInputs:
             lengths[name] = rows
 
         put("input_ids", inputs.input_ids, max(pad_reqs, pad_tokens))
+        if self.lora_slots is not None:
+            slots = inputs.lora_slots if inputs.lora_slots is not None else np.empty(0, np.int64)
+            put("lora_slots", slots, lengths["input_ids"], fill=-1)
         if inputs.missing:
             put("patch_dst", np.fromiter((i for i, _ in inputs.missing), np.int64))
             put("patch_src", np.fromiter((prev_rows[r] for _, r in inputs.missing), np.int64))
@@ -157,6 +177,8 @@ class DeviceInputs:
             self.arena[:end].copy_(host_buffer[:end], non_blocking=True)
             self._copied[turn].record()
         v = {name: dev[name][:rows] for name, rows in lengths.items()}
+        if self.lora_slots is not None:
+            self.lora_slots[: lengths["lora_slots"]].copy_(v["lora_slots"])
         input_ids = v["input_ids"]
         if inputs.missing:
             input_ids.index_copy_(0, v["patch_dst"], prev_sampled[v["patch_src"]])

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from vllm_runner.engine.outputs import SchedulerOutput
+from vllm_runner.lora.request import LoRARequest
 from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sample.rows import SamplingRow
 from vllm_runner.sampling_params import SamplingParams
@@ -28,6 +29,7 @@ class CachedRequestState(SamplingRow):
     pooling: PoolingParams | None = None
     pooled_sum: torch.Tensor | None = None  # [hidden] fp32
     pooled_count: int = 0
+    lora_request: LoRARequest | None = None  # the adapter it runs with
 
 
 @dataclass
@@ -52,6 +54,7 @@ class StepInputs:
     # block that another request's token fills in the same step, so the decode kernel may
     # write this step's keys / values itself (no request reads a slot another one writes).
     fused_decode: bool
+    lora_slots: np.ndarray | None = None  # [num_tokens] int64: each token's LoRA slot (-1: none)
 
 
 class InputBatch:
@@ -93,6 +96,7 @@ class InputBatch:
                 num_blocks=0,
                 num_computed_tokens=new.num_computed_tokens,
                 pooling=new.pooling,
+                lora_request=new.lora_request,
             )
             if new.pooling is not None:
                 self.pooling_ids.add(new.request_id)

@@ -5,10 +5,12 @@ import logging
 import time
 import traceback
 
+import numpy as np
 import torch
 
-from vllm_runner.config import CacheConfig, ModelConfig, SchedulerConfig
+from vllm_runner.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from vllm_runner.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from vllm_runner.lora.manager import LoRAManager
 from vllm_runner.model.layers.attention import Attention, AttentionMetadata, forward_context
 from vllm_runner.model.loader import build_model
 from vllm_runner.sample.logprobs import PendingLogprobs
@@ -48,6 +50,7 @@ class ModelRunner:
         model_config: ModelConfig,
         cache_config: CacheConfig,
         scheduler_config: SchedulerConfig,
+        lora_config: LoRAConfig | None = None,
     ) -> None:
         self.config = model_config
         self.cache_config = cache_config
@@ -73,11 +76,15 @@ class ModelRunner:
         self.batch = InputBatch(cache_config.block_size, max_blocks)
         vocab = self.model.lm_head.vocab_size
         self.sampler = Sampler(self.device, model_config.seed, vocab, model_config.dtype)
+        max_tokens = max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)
+        self.lora = None  # (before the graphs and the KV cache: its slots are in both)
+        if lora_config is not None:
+            self.lora = LoRAManager(
+                self.model, lora_config, max_tokens, model_config.dtype, self.device
+            )
+        lora_slots = self.lora.slots.tokens if self.lora is not None else None
         self.buffers = DeviceInputs(
-            max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs),
-            scheduler_config.max_num_seqs,
-            max_blocks,
-            self.device,
+            max_tokens, scheduler_config.max_num_seqs, max_blocks, self.device, lora_slots
         )
         # NOTE: offloaded layers stream weights from forward hooks: no graphs (logged there).
         offloading = getattr(self.model, "weight_offloader", None) is not None
@@ -261,6 +268,9 @@ class ModelRunner:
         if sched.is_empty:
             return handle
         inputs = self.batch.prepare(sched)
+        if self.lora is not None:
+            adapters = [self.batch.states[r].lora_request for r in inputs.request_ids]
+            inputs.lora_slots = self.lora.step_slots(adapters, np.diff(inputs.query_start_loc))
         every_row = self._reads_every_token(inputs)  # prompt logprobs: no graph, no pruning
         # rows of embedding requests: no decode graph, no pruning (pieces keep every row)
         pooled = pooling.plan(self.batch.states, self.batch.pooling_ids, inputs)
@@ -283,6 +293,8 @@ class ModelRunner:
                     hidden, keep = self.pieces.run(piece_size, len(positions), positions), None
                 else:  # keep: only the sampled rows (maybe none) go past the last attention
                     keep = None if every_row_kept else logits_indices
+                    if self.lora is not None and keep is not None:  # (the kept rows' slots)
+                        self.lora.slots.kept = self.lora.slots.tokens[keep]
                     hidden = self.model(input_ids, positions, keep)
             if keep is None:  # every token's hidden state
                 prompt_logprobs(self.model, self.batch.states, inputs, hidden, handle.result)

@@ -47,20 +47,25 @@ class LinearBase(nn.Module):
         # A quantized layer replaces this with its own matmul (see layers/quant.py).
         self.quant_method = None
         self.cpu_packed: torch.Tensor | None = None  # oneDNN copy of weight (layers/cpu_gemm.py)
+        self.lora = None  # enable_lora: the adapters' slots (lora/layers.py), added to matmul's
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quant_method is not None:
-            return self.quant_method.apply(self, x, bias)
-        if self.cpu_packed is not None:
-            return cpu_gemm.linear(x, self.cpu_packed, bias)
-        return F.linear(x, self.weight, bias)
+            y = self.quant_method.apply(self, x, bias)
+        elif self.cpu_packed is not None:
+            y = cpu_gemm.linear(x, self.cpu_packed, bias)
+        else:
+            y = F.linear(x, self.weight, bias)
+        return y if self.lora is None else self.lora.apply(x, y)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         load_shard(param.data, loaded)
 
     def fuses_one_row(self, x: torch.Tensor) -> bool:
         """Whether ``forward_one_row`` takes ``x`` (``gemv_takes``; a quantization method
-        that runs one row on the GEMV)."""
+        that runs one row on the GEMV); not with LoRA (its term comes after the matmul)."""
+        if self.lora is not None:
+            return False
         if self.quant_method is not None and not self.quant_method.one_row_gemv():
             return False
         return gemv_takes(x, self.weight)
@@ -127,7 +132,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         assert len(self.shard_sizes) == 2 and self.shard_sizes[0] == self.shard_sizes[1], (
             f"silu_and_mul needs two equal outputs, got {self.shard_sizes}"
         )
-        if self.quant_method is not None:
+        if self.quant_method is not None and self.lora is None:
             return self.quant_method.apply_silu_and_mul(self, x, self.bias)
         return silu_and_mul(self.matmul(x, self.bias))
 

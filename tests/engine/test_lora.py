@@ -1,0 +1,99 @@
+"""Multi-LoRA on the engine (CPU, fp32, tiny random Llama): an adapter's outputs equal the
+base model with the adapter merged into its weights; adapters and the base model mix in one
+batch; max_loras holds adapters back without losing requests."""
+
+import pytest
+from lora_testing import merge_adapter, write_adapter
+
+from vllm_runner import LLM, LoRARequest, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+PROMPTS = [[5, 17, 99, 3, 250, 11], [7, 7, 8, 120, 45, 6, 300, 2, 9], [33, 21]]
+
+
+@pytest.fixture(scope="module")
+def adapters(llama_dir, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "a": write_adapter(str(root / "a"), llama_dir, rank=4, seed=1),
+        "b": write_adapter(str(root / "b"), llama_dir, rank=8, seed=2, alpha=4.0,
+                           modules=("q_proj", "v_proj", "down_proj")),  # fmt: skip
+        "rs": write_adapter(str(root / "rs"), llama_dir, rank=16, seed=3, use_rslora=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def lora_llm(llama_dir) -> LLM:
+    return LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=64, enable_lora=True,
+               max_loras=2, max_lora_rank=16)  # fmt: skip
+
+
+def _merged_outputs(llama_dir: str, adapter: str, tmp_path, prompts=PROMPTS) -> list:
+    merged = merge_adapter(llama_dir, adapter, str(tmp_path / "merged"))
+    base = LLM(merged, dtype="float32", device="cpu", num_kv_blocks=64)
+    return base.generate(prompts, GREEDY)
+
+
+def _assert_same(got: list, want: list) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs, strict=True):
+            assert lg.keys() == lw.keys()
+            for t in lg:
+                assert lg[t] == pytest.approx(lw[t], abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["a", "b", "rs"])
+def test_an_adapter_equals_its_merged_weights(lora_llm, llama_dir, adapters, tmp_path, name):
+    lora = LoRARequest(name, {"a": 1, "b": 2, "rs": 3}[name], adapters[name])
+    got = lora_llm.generate(PROMPTS, GREEDY, lora_request=lora)
+    _assert_same(got, _merged_outputs(llama_dir, adapters[name], tmp_path))
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank(lora_llm, llama_dir, adapters, tmp_path):
+    """The same weights read as plain LoRA (alpha / r) differ: the merge used alpha / sqrt(r)."""
+    plain = tmp_path / "plain"
+    write_adapter(str(plain), llama_dir, rank=16, seed=3, use_rslora=False)
+    rs = lora_llm.generate(PROMPTS, GREEDY, lora_request=LoRARequest("rs", 3, adapters["rs"]))
+    flat = lora_llm.generate(PROMPTS, GREEDY, lora_request=LoRARequest("plain", 9, str(plain)))
+    assert [o.outputs[0].logprobs for o in rs] != [o.outputs[0].logprobs for o in flat]
+
+
+def test_a_batch_mixing_adapters_and_the_base_model_equals_each_alone(lora_llm, adapters):
+    loras = [LoRARequest("a", 1, adapters["a"]), LoRARequest("b", 2, adapters["b"]), None]
+    alone = [lora_llm.generate([p], GREEDY, lora_request=lo)[0]
+             for p, lo in zip(PROMPTS, loras, strict=True)]  # fmt: skip
+    mixed = lora_llm.generate(PROMPTS, GREEDY, lora_request=loras)
+    _assert_same(mixed, alone)
+    base = lora_llm.generate(PROMPTS[:2], GREEDY)  # (the adapters do change the outputs)
+    for with_lora, without in zip(mixed, base):
+        assert with_lora.outputs[0].logprobs != without.outputs[0].logprobs
+
+
+def test_the_base_model_of_a_lora_engine_equals_a_plain_engine(lora_llm, llama_dir):
+    plain = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=64)
+    _assert_same(lora_llm.generate(PROMPTS, GREEDY), plain.generate(PROMPTS, GREEDY))
+
+
+def test_max_loras_one_runs_one_adapter_a_step_and_finishes_every_request(llama_dir, adapters):
+    llm = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=64, enable_lora=True,
+              max_loras=1, max_cpu_loras=1)  # fmt: skip
+    a, b = LoRARequest("a", 1, adapters["a"]), LoRARequest("b", 2, adapters["b"])
+    loras = [a, b, a, None, b, a]
+    prompts = PROMPTS * 2
+    want = [llm.generate([p], GREEDY, lora_request=lo)[0] for p, lo in zip(prompts, loras)]
+    steps = []
+    step = llm.engine.scheduler.schedule
+
+    def watched():
+        out = step()
+        requests = llm.engine.scheduler.requests
+        ids = {requests[r].lora_request.lora_int_id for r in out.num_scheduled_tokens
+               if r in requests and requests[r].lora_request is not None}  # fmt: skip
+        steps.append(ids)
+        return out
+
+    llm.engine.scheduler.schedule = watched
+    got = llm.generate(prompts, GREEDY, lora_request=loras)
+    _assert_same(got, want)
+    assert max(len(s) for s in steps) == 1 and {1} in steps and {2} in steps
