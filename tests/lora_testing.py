@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
+_PARENT = {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # (the rest: self_attn)
 
 
 def module_path(layer: int, module: str) -> str:
@@ -44,9 +43,11 @@ def write_adapter(
             tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * std
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
-    settings = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha,
-                "target_modules": list(modules), "bias": "none", "use_rslora": False,
-                "use_dora": False, "modules_to_save": None, "fan_in_fan_out": False, **config}  # fmt: skip
+    settings = {
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(modules),
+        "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "fan_in_fan_out": False, **config,
+    }  # fmt: skip
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(settings, f)
     return path

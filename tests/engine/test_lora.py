@@ -2,8 +2,12 @@
 base model with the adapter merged into its weights; adapters and the base model mix in one
 batch; max_loras holds adapters back without losing requests."""
 
+import os
+
 import pytest
+import torch
 from lora_testing import merge_adapter, write_adapter
+from safetensors.torch import load_file, save_file
 
 from vllm_runner import LLM, LoRARequest, SamplingParams
 
@@ -16,8 +20,14 @@ def adapters(llama_dir, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("loras")
     return {
         "a": write_adapter(str(root / "a"), llama_dir, rank=4, seed=1),
-        "b": write_adapter(str(root / "b"), llama_dir, rank=8, seed=2, alpha=4.0,
-                           modules=("q_proj", "v_proj", "down_proj")),  # fmt: skip
+        "b": write_adapter(
+            str(root / "b"),
+            llama_dir,
+            rank=8,
+            seed=2,
+            alpha=4.0,
+            modules=("q_proj", "v_proj", "down_proj"),
+        ),  # fmt: skip
         "rs": write_adapter(str(root / "rs"), llama_dir, rank=16, seed=3, use_rslora=True),
     }
 
@@ -66,7 +76,7 @@ def test_a_batch_mixing_adapters_and_the_base_model_equals_each_alone(lora_llm, 
     mixed = lora_llm.generate(PROMPTS, GREEDY, lora_request=loras)
     _assert_same(mixed, alone)
     base = lora_llm.generate(PROMPTS[:2], GREEDY)  # (the adapters do change the outputs)
-    for with_lora, without in zip(mixed, base):
+    for with_lora, without in zip(mixed[:2], base, strict=True):
         assert with_lora.outputs[0].logprobs != without.outputs[0].logprobs
 
 
@@ -81,7 +91,9 @@ def test_max_loras_one_runs_one_adapter_a_step_and_finishes_every_request(llama_
     a, b = LoRARequest("a", 1, adapters["a"]), LoRARequest("b", 2, adapters["b"])
     loras = [a, b, a, None, b, a]
     prompts = PROMPTS * 2
-    want = [llm.generate([p], GREEDY, lora_request=lo)[0] for p, lo in zip(prompts, loras)]
+    want = [
+        llm.generate([p], GREEDY, lora_request=lo)[0] for p, lo in zip(prompts, loras, strict=True)
+    ]
     steps = []
     step = llm.engine.scheduler.schedule
 
@@ -97,3 +109,89 @@ def test_max_loras_one_runs_one_adapter_a_step_and_finishes_every_request(llama_
     got = llm.generate(prompts, GREEDY, lora_request=loras)
     _assert_same(got, want)
     assert max(len(s) for s in steps) == 1 and {1} in steps and {2} in steps
+
+
+def test_the_prefix_cache_is_not_shared_across_adapters(lora_llm, adapters):
+    """The same 40 tokens (two full blocks) under adapter a, adapter b and the base model:
+    three different chains of block hashes; a request repeating one of them hits its own."""
+    from vllm_runner.engine.kv_cache_manager import hash_block
+    from vllm_runner.engine.request import Request
+
+    prompt = list(range(3, 43))
+    a, b = LoRARequest("a", 1, adapters["a"]), LoRARequest("b", 2, adapters["b"])
+    kv = lora_llm.engine.scheduler.kv
+
+    def hashes(lora):
+        request = Request("probe", prompt, GREEDY, 1, lora_request=lora)
+        kv.get_computed_blocks(request)
+        return request.block_hashes
+
+    first = hash_block(a.hash_root(), prompt[:16])
+    assert hashes(a) == [first, hash_block(first, prompt[16:32])]
+    assert hashes(None)[0] == hash_block(None, prompt[:16])
+    assert len({hashes(a)[0], hashes(b)[0], hashes(None)[0]}) == 3
+    one = SamplingParams(max_tokens=1, temperature=0.0)
+    lora_llm.generate([prompt], one, lora_request=a)
+    cached = lora_llm.generate([prompt], one, lora_request=a)[0].num_cached_tokens
+    other = lora_llm.generate([prompt], one, lora_request=b)[0].num_cached_tokens
+    base = lora_llm.generate([prompt], one)[0].num_cached_tokens
+    assert (cached, other, base) == (32, 0, 0)
+
+
+def _bad(tmp_path, llama_dir, **config) -> str:
+    return write_adapter(str(tmp_path / "bad"), llama_dir, **config)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(rank=32), "has rank 32, more than max_lora_rank 16: start the engine with"),
+        (dict(rank=32, r=8), "has rank 32 (model.layers.0.mlp.down_proj), more than max_lora"),
+        (dict(use_dora=True), "is a DoRA adapter (use_dora: true)"),
+        (dict(modules_to_save=["lm_head"]), "trains whole modules (modules_to_save: ['lm_head'])"),
+        (dict(target_modules=["q_proj", "lm_head"]), "targets 'lm_head': LoRA on the embedding"),
+        (dict(target_modules=["q_proj", "fc1"]), "targets module 'fc1', which this model does"),
+    ],
+)
+def test_an_adapter_the_engine_cannot_run_is_refused(lora_llm, llama_dir, tmp_path, config,
+                                                     message):  # fmt: skip
+    lora = LoRARequest("bad", 40, _bad(tmp_path, llama_dir, **config))
+    with pytest.raises(ValueError, match="LoRA adapter 'bad' ") as error:
+        lora_llm.generate(PROMPTS, GREEDY, lora_request=lora)
+    assert message in str(error.value)
+    assert lora_llm.engine.states == {}  # (none of the batch was added)
+
+
+def test_lora_errors_name_the_value(lora_llm, llama_dir, adapters, tmp_path):
+    with pytest.raises(ValueError, match="lora_path '/nowhere' is not a folder"):
+        lora_llm.generate(PROMPTS, GREEDY, lora_request=LoRARequest("x", 5, "/nowhere"))
+    with pytest.raises(ValueError, match="lora_int_id must be an integer >= 1"):
+        LoRARequest("x", 0, adapters["a"])
+    with pytest.raises(ValueError, match="got 2 lora_requests for 3 prompts"):
+        lora_llm.generate(PROMPTS, GREEDY, lora_request=[None, None])
+    lora_llm.generate(PROMPTS[:1], GREEDY, lora_request=LoRARequest("a", 1, adapters["a"]))
+    with pytest.raises(ValueError, match="lora_int_id 1 is adapter 'a'"):
+        lora_llm.generate(PROMPTS[:1], GREEDY, lora_request=LoRARequest("b", 1, adapters["b"]))
+    plain = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=8)
+    with pytest.raises(ValueError, match="lora_request 'a' needs an engine started with "
+                       "enable_lora=True"):  # fmt: skip
+        plain.generate(PROMPTS, GREEDY, lora_request=LoRARequest("a", 1, adapters["a"]))
+    emb = write_adapter(str(tmp_path / "emb"), llama_dir, modules=("q_proj",))
+    file = os.path.join(emb, "adapter_model.safetensors")
+    tensors = load_file(file)
+    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 384)
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match="LoRA on the embedding or lm_head layers is not"):
+        lora_llm.generate(PROMPTS, GREEDY, lora_request=LoRARequest("emb", 6, emb))
+
+
+def test_a_preempted_request_recomputes_with_its_adapter(lora_llm, llama_dir, adapters):
+    a, b = LoRARequest("a", 1, adapters["a"]), LoRARequest("b", 2, adapters["b"])
+    prompts = [list(range(5 + i, 45 + i)) for i in range(3)]  # 40 tokens, + 24 new each
+    loras = [a, b, None]
+    long = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
+    want = lora_llm.generate(prompts, long, lora_request=loras)
+    small = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=9, enable_lora=True,
+                max_loras=2, enable_prefix_caching=False)  # fmt: skip
+    _assert_same(small.generate(prompts, long, lora_request=loras), want)
+    assert small.stats()["num_preemptions"] > 0
