@@ -133,6 +133,8 @@ openai_app = create_openai_app(
     SETTINGS.tool_call_parser,
     SETTINGS.reasoning_parser,
     trust_request_chat_template=SETTINGS.trust_request_chat_template,
+    lora_modules=SETTINGS.lora_requests(),
+    allow_runtime_lora_updating=SETTINGS.allow_runtime_lora_updating,
 )
 _service_options: dict[str, Any] = {
     "workers": SETTINGS.workers,
@@ -164,9 +166,15 @@ class LLMService:
 
     async def _load(self) -> None:
         try:
-            self.engine = await asyncio.to_thread(
+            engine = await asyncio.to_thread(
                 AsyncLLM, model=SETTINGS.model, log_stats=True, **SETTINGS.engine_kwargs()
             )
+            try:  # (lora_modules: an adapter this engine cannot run stops it now)
+                openai_app.state.models.check(engine)
+            except ValueError:
+                await engine.shutdown()
+                raise
+            self.engine = engine
         except Exception as exc:
             self.load_error = exc
             logger.exception("loading the model failed")

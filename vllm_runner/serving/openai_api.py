@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,6 +21,7 @@ from starlette.exceptions import HTTPException
 
 from vllm_runner.async_llm import EngineDeadError
 from vllm_runner.engine.errors import ContextLengthError
+from vllm_runner.lora.request import LoRARequest
 from vllm_runner.sampling_params import SamplingParams
 from vllm_runner.serving import beam_route
 from vllm_runner.serving import completions as completions_api
@@ -29,6 +29,7 @@ from vllm_runner.serving import openai_format as fmt
 from vllm_runner.serving.chat_options import check_trusted, echoed, render
 from vllm_runner.serving.embeddings_api import add_embedding_routes
 from vllm_runner.serving.forced_tools import forced_calls, forced_message, forces
+from vllm_runner.serving.models_api import ServedModels, add_model_routes
 from vllm_runner.serving.prompt_logprobs import prompt_logprobs_field
 from vllm_runner.serving.protocol import ChatCompletionRequest, CompletionRequest
 from vllm_runner.serving.reasoning_parsers import (
@@ -130,33 +131,23 @@ def create_openai_app(
     reasoning_parser: str | None = None,
     *,
     trust_request_chat_template: bool = False,
+    lora_modules: Sequence[LoRARequest] = (),
+    allow_runtime_lora_updating: bool = False,
 ) -> FastAPI:
     """``tool_call_parser``, ``reasoning_parser``: the server settings (keys of
     ``tool_formats.TOOL_PARSERS``, ``REASONING_PARSERS``; None: off), kept as
     ``app.state.tool_parser``, ``app.state.reasoning_parser``; ``trust_request_chat_template``:
     the server setting (chat requests may bring their own template), kept as
-    ``app.state.trust_request_chat_template``."""
+    ``app.state.trust_request_chat_template``; ``lora_modules``, ``allow_runtime_lora_updating``:
+    the adapters served by name, and whether routes may change them (``app.state.models``)."""
     app = FastAPI(title="vllm-runner OpenAI-compatible API")
     app.state.tool_parser = get_tool_parser(tool_call_parser)
     app.state.reasoning_parser = get_reasoning_parser(reasoning_parser)
     app.state.trust_request_chat_template = trust_request_chat_template
     _install_error_handlers(app)
 
-    def engine_for(requested: str | None, exact: bool = False) -> Any:
-        """The engine, if ``requested`` names its model; as vLLM, null or "" (what clients
-        without a model setting send) name it too, unless ``exact``."""
-        engine = get_engine()
-        if (requested or exact) and requested != engine.model_name:
-            shown = str(requested).encode("utf-8", "backslashreplace").decode()
-            if len(shown) > _SHOWN_INPUT:  # (a client's megabyte of name is not sent back)
-                shown = shown[:_SHOWN_INPUT] + "..."
-            raise fmt.OpenAIError(
-                404,
-                f"The model `{shown}` does not exist.",
-                param="model",
-                code="model_not_found",
-            )
-        return engine
+    app.state.models = models = ServedModels(get_engine, lora_modules, allow_runtime_lora_updating)
+    engine_for = models.engine_for
 
     async def validate(
         engine: Any,
@@ -192,22 +183,7 @@ def create_openai_app(
                 error = fmt.context_length(error, exc.max_model_len)
             raise error from None
 
-    def model_card(engine: Any) -> dict[str, Any]:
-        return {
-            "id": engine.model_name,
-            "object": "model",
-            "created": int(time.time()),
-            "owned_by": "vllm-runner",
-            "max_model_len": engine.max_model_len,
-        }
-
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(get_engine())]}
-
-    @app.get("/v1/models/{model:path}")
-    async def retrieve_model(model: str) -> dict[str, Any]:
-        return model_card(engine_for(model, exact=True))
+    add_model_routes(app, models)
 
     @app.get("/stats")
     async def engine_stats() -> dict[str, Any]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_runner.serving.models_api import parse_lora_modules
 from vllm_runner.serving.reasoning_parsers import get_reasoning_parser
 from vllm_runner.serving.tool_formats import get_tool_parser
 
@@ -44,7 +45,12 @@ ENGINE_FIELDS = (
     "seed",
     "generation_config",
     "pooler_config",
+    "enable_lora",
+    "max_loras",
+    "max_lora_rank",
+    "max_cpu_loras",
 )
+_VLLM_LORA_UPDATES = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # (vLLM's name, read too)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -76,6 +82,14 @@ class ServerSettings:
     generation_config: str | None = None  # "auto": the model's sampling defaults; "vllm"; a folder
     pooler_config: str | None = None  # /v1/embeddings' pooling, JSON: {"pooling_type": "MEAN"}
     engine_process: bool | None = None  # engine core in its own process; None = on CUDA
+    enable_lora: bool | None = None  # requests may name a LoRA adapter as their model
+    max_loras: int | None = None  # distinct adapters a step runs
+    max_lora_rank: int | None = None
+    max_cpu_loras: int | None = None  # adapters kept loaded in CPU memory
+    lora_modules: str | None = None  # "name=path name2=path2" (or JSON): adapters served by name
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also vLLM's env variable
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING)
+    allow_runtime_lora_updating: bool = False
     api_key: str | None = None
     # chat's tool_choice "auto" parses calls: "hermes", "llama3_json", "mistral", "pythonic"
     tool_call_parser: str | None = None
@@ -98,6 +112,8 @@ class ServerSettings:
             raise ValueError(f"gpus must be >= 0, got {self.gpus}")
         get_tool_parser(self.tool_call_parser)  # a ValueError naming the known ones
         get_reasoning_parser(self.reasoning_parser)
+        if self.lora_requests() and not self.enable_lora:
+            raise ValueError(f"lora_modules {self.lora_modules!r} needs enable_lora=true")
         # Engine settings are checked now, not in the loader thread after start-up, so that a
         # bad value stops `bentoml serve` instead of leaving a server that answers 503.
         from vllm_runner.config import EngineArgs
@@ -132,7 +148,14 @@ class ServerSettings:
             values[name] = _convert(raw, hints[name], source)
             if name == "api_key":
                 _check_api_key(values[name], source)
+        vllm_switch = env.get(_VLLM_LORA_UPDATES, "")
+        if "allow_runtime_lora_updating" not in values and vllm_switch:
+            values["allow_runtime_lora_updating"] = _convert(vllm_switch, bool, _VLLM_LORA_UPDATES)
         return cls(**values)
+
+    def lora_requests(self) -> list:
+        """The ``lora_modules`` setting's adapters (``models_api.parse_lora_modules``)."""
+        return parse_lora_modules(self.lora_modules)
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for AsyncLLM besides `model`: those that are set."""
