@@ -2,6 +2,7 @@
 base model with the adapter merged into its weights; adapters and the base model mix in one
 batch; max_loras holds adapters back without losing requests."""
 
+import asyncio
 import os
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from lora_testing import merge_adapter, write_adapter
 from safetensors.torch import load_file, save_file
 
-from vllm_runner import LLM, LoRARequest, SamplingParams
+from vllm_runner import LLM, AsyncLLM, LoRARequest, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
 PROMPTS = [[5, 17, 99, 3, 250, 11], [7, 7, 8, 120, 45, 6, 300, 2, 9], [33, 21]]
@@ -195,3 +196,34 @@ def test_a_preempted_request_recomputes_with_its_adapter(lora_llm, llama_dir, ad
                 max_loras=2, enable_prefix_caching=False)  # fmt: skip
     _assert_same(small.generate(prompts, long, lora_request=loras), want)
     assert small.stats()["num_preemptions"] > 0
+
+
+def test_an_engine_process_runs_each_streams_adapter(lora_llm, llama_dir, adapters):
+    """AsyncLLM sends the adapter with the request (pickled to its engine process)."""
+    a, b = LoRARequest("a", 1, adapters["a"]), LoRARequest("b", 2, adapters["b"])
+    want = lora_llm.generate(PROMPTS, GREEDY, lora_request=[a, b, None])
+
+    async def run() -> tuple[list, list]:
+        llm = AsyncLLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=64,
+                       engine_process=True, enable_lora=True, max_loras=2)  # fmt: skip
+        try:
+            outs = await llm.generate(PROMPTS, GREEDY, lora_request=[a, b, None])
+            streamed = [o async for o in llm.stream(PROMPTS[1], GREEDY, lora_request=b)]
+        finally:
+            await llm.shutdown()
+        return outs, streamed
+
+    got, streamed = asyncio.run(run())
+    _assert_same(got, want)
+    assert [t for o in streamed for t in o.new_token_ids] == want[1].outputs[0].token_ids
+
+
+def test_piecewise_pieces_pad_their_tokens_with_no_adapter(lora_llm, llama_dir, adapters):
+    """Prefill steps run as padded pieces (eagerly on the CPU): pad tokens read slot -1."""
+    a, b = LoRARequest("a", 1, adapters["a"]), LoRARequest("b", 2, adapters["b"])
+    pieces = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=64, enable_lora=True,
+                 max_loras=2, max_num_batched_tokens=64, piecewise_max_tokens=64)  # fmt: skip
+    assert pieces.engine.runner.pieces is not None
+    loras = [a, None, b]
+    _assert_same(pieces.generate(PROMPTS, GREEDY, lora_request=loras),
+                 lora_llm.generate(PROMPTS, GREEDY, lora_request=loras))  # fmt: skip
