@@ -133,3 +133,14 @@ def test_the_lora_modules_setting(adapters, monkeypatch) -> None:
     assert settings.allow_runtime_lora_updating is True
     on = ServerSettings(lora_modules=f"a={a}", enable_lora=True, max_loras=2)
     assert on.engine_kwargs()["enable_lora"] is True and on.lora_requests()[0].lora_name == "a"
+
+
+def test_beam_search_and_embeddings_with_an_adapter_are_refused(engine, adapters) -> None:
+    http = client(engine, adapters, allow=False)
+    beams = http.post("/v1/completions", json={**BODY, "model": "a", "use_beam_search": True,
+                                               "n": 2, "logprobs": None})  # fmt: skip
+    assert beams.status_code == 400
+    assert "model 'a' is a LoRA adapter: beam search runs on the base model" in beams.text
+    emb = http.post("/v1/embeddings", json={"model": "a", "input": PROMPT})
+    assert emb.status_code == 400
+    assert "model 'a' is a LoRA adapter: embeddings come from the base model" in emb.text
