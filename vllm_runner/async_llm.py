@@ -143,7 +143,7 @@ class AsyncLLM:
         self.inputs.validate(ids, self.inputs.fit(ids, params) if fit else params, lora_request)
         return ids
 
-    def check_text_length(self, text: str, what: str) -> None:
+    def check_text_length(self, text: str, what: str) -> None:  # (the /score route's)
         self.inputs.check_text_length(text, what)
 
     def apply_chat_template(self, messages: list[dict], **options: Any) -> str:
@@ -259,10 +259,10 @@ class AsyncLLM:
             raise ValueError(f"request_id {request_id!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
         route = next(self._routes)
-        detokenizers = self._detokenizers_here(prompt_ids, params)
-        self._entries[route] = StreamRoute(
-            asyncio.get_running_loop(), q, request_id, prompt_ids, detokenizers
-        )
+        apart = self._client is not None  # (its text is built here, if anywhere)
+        detokenizers = detokenizers_here(apart, self.tokenizer, prompt_ids, params)
+        loop = asyncio.get_running_loop()
+        self._entries[route] = StreamRoute(loop, q, request_id, prompt_ids, detokenizers)
         try:  # NOTE: again, registered: a loop that died since failed the streams it saw
             self._check_running()
         except RuntimeError:
@@ -311,8 +311,7 @@ class AsyncLLM:
             raise EngineDeadError(error) if error else RuntimeError("AsyncLLM is shut down")
 
     async def check_health(self) -> None:
-        """As vLLM's: None while the engine runs; raises EngineDeadError naming why once its
-        loop has died (RuntimeError once shut down)."""
+        """As vLLM's: None while it runs; EngineDeadError (why its loop died) or RuntimeError."""
         self._check_running()
 
     @property
@@ -363,10 +362,6 @@ class AsyncLLM:
 
     async def __aexit__(self, *exc) -> None:
         await self.shutdown()
-
-    def _detokenizers_here(self, prompt_ids: list[int], params: Params) -> list | None:
-        """As ``stream_route.detokenizers_here``: those of a request whose text is built here."""
-        return detokenizers_here(self._client is not None, self.tokenizer, prompt_ids, params)
 
     # ---- the loop's side -------------------------------------------------------------------
     def _send(self, command: tuple) -> None:
