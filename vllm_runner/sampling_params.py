@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from vllm_runner.sample.grammar_compile import compiled_grammar
 from vllm_runner.sample.json_schema import schema_to_regex
 from vllm_runner.sample.regex_dfa import compiled
 
@@ -58,6 +59,9 @@ class SamplingParams:
     # a JSON schema (or its JSON text): the output is one document it allows, compiled to a
     # regex (sample/json_schema.py), then as guided_regex
     guided_json: dict | str | None = None
+    # the output is a whole sentence of this grammar (EBNF / GBNF, ``root`` the start:
+    # sample/grammar_parse.py), then an end token (sample/grammar_masks.py)
+    guided_grammar: str | None = None
     # Filled by the engine (not user settings): the model's EOS ids, and the tokenizer's one,
     # whose stop_reason is None (the others, generation_config's, name themselves, as vLLM).
     # Not arguments: given, they would be overwritten.
@@ -182,6 +186,8 @@ class SamplingParams:
             self.guided_pattern = self.guided_regex
         if self.guided_json is not None:
             self.guided_pattern = self._check_guided_json()
+        if self.guided_grammar is not None:
+            self._check_guided_grammar()
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise bad("logit_bias", self.logit_bias, "a {token id: bias} dict")
@@ -272,6 +278,24 @@ class SamplingParams:
             return _schema_pattern(json.dumps(schema, allow_nan=False))
         except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"guided_json: {exc}") from None
+
+    def _check_guided_grammar(self) -> None:
+        text = self.guided_grammar
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(
+                "guided_grammar must be a non-empty string (a grammar: rules 'name ::= ...', "
+                f"root the start), got {_shown(repr(text))}"
+            )
+        for name in ("min_tokens", "ignore_eos", "allowed_token_ids", "bad_words",
+                     "guided_choice", "json_object", "guided_regex", "guided_json"):  # fmt: skip
+            value = getattr(self, name)
+            if value or (name == "guided_json" and value is not None):  # (a schema {} too)
+                raise ValueError(
+                    f"{name} cannot be combined with guided_grammar, got {_shown(repr(value))}: "
+                    "the output must be able to end once it is a whole sentence, with any of "
+                    "its tokens"
+                )
+        compiled_grammar(text)  # ValueError naming the line and column, or the limit passed
 
     @property
     def greedy(self) -> bool:

@@ -26,6 +26,8 @@ from vllm_runner.model.layers.prequantized import resolve_quantization
 from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sample.bad_words import bad_word_token_ids
+from vllm_runner.sample.grammar_compile import compiled_grammar
+from vllm_runner.sample.grammar_masks import GrammarMasks
 from vllm_runner.sample.guided_choice import choice_token_ids
 from vllm_runner.sample.json_masks import JsonMasks, JsonVocab
 from vllm_runner.sample.regex_dfa import compiled
@@ -185,7 +187,7 @@ class EngineCore:
             params.guided_choice_token_ids = choice_token_ids(
                 self.inputs.tokenizer, params.guided_choice
             )
-        if params.json_object or params.guided_pattern:
+        if params.json_object or params.guided_pattern or params.guided_grammar:
             self._make_masks(params)
         state = new_request_state(
             request_id,
@@ -354,8 +356,8 @@ class EngineCore:
         return outputs
 
     def _make_masks(self, params: SamplingParams) -> None:
-        """JSON mode's or guided_regex's masks, made at the engine's first such request (the
-        vocabulary's bytes read once for both); a pattern compiled before it is queued."""
+        """JSON mode's, guided_regex's or guided_grammar's masks, made at the engine's first
+        such request (the vocabulary's bytes read once); a pattern or grammar compiled first."""
         sampler = self.runner.sampler
         if self._token_pieces is None:
             width = self.runner.model.lm_head.vocab_size
@@ -364,8 +366,12 @@ class EngineCore:
             sampler.json_masks = JsonMasks(JsonVocab(self._token_pieces))
         if params.guided_pattern:
             compiled(params.guided_pattern)  # (once per pattern in the process: its cache)
-            if sampler.regex_masks is None:
-                sampler.regex_masks = RegexMasks(TokenBytes(self._token_pieces))
+        if params.guided_grammar:
+            compiled_grammar(params.guided_grammar)  # (once per text in the process)
+        if sampler.regex_masks is None and (params.guided_pattern or params.guided_grammar):
+            sampler.regex_masks = RegexMasks(TokenBytes(self._token_pieces))
+        if params.guided_grammar and sampler.grammar_masks is None:  # (the regex's TokenBytes)
+            sampler.grammar_masks = GrammarMasks(sampler.regex_masks.vocab)
 
     def _forget_if_finished(self, state: RequestState) -> None:
         if state.finished and self.states.get(state.request_id) is state:
@@ -392,8 +398,9 @@ def _host_bound(params: SamplingParams) -> bool:
     """Whether a request needs synchronous steps: prompt logprobs are read on the host in
     the step that computes them, and a JSON or regex row's mask follows its newest token on
     the host (sampled tokens' logprobs are copied with the ids, and penalties count in-flight
-    tokens on the device)."""
-    return params.prompt_logprobs is not None or params.json_object or bool(params.guided_pattern)
+    tokens on the device); a grammar row's too."""
+    masked = params.json_object or params.guided_pattern or params.guided_grammar
+    return params.prompt_logprobs is not None or bool(masked)
 
 
 def _folder_name(path: str) -> str:

@@ -225,6 +225,8 @@ class InputProcessor:
             self._check_masked(f"guided_regex {shown(params.guided_regex)}", "a match", params)
         if params.guided_json is not None:
             self._check_masked("guided_json", "the document", params)
+        if params.guided_grammar:
+            self._check_masked("guided_grammar", "a whole sentence", params)
         if params.stop and self.tokenizer is None:
             raise ValueError(
                 f"stop {params.stop!r}: stop strings need a tokenizer and {NO_TOKENIZER}; "
@@ -360,7 +362,8 @@ class InputProcessor:
                 )
 
     def _check_masked(self, what: str, after: str, params: SamplingParams) -> None:
-        """JSON mode's and guided_regex's: masks made of the tokens' bytes, and an end."""
+        """JSON mode's, guided_regex's and guided_grammar's: masks made of the tokens'
+        bytes, and an end."""
         if self.tokenizer is None:
             raise ValueError(f"{what} needs a tokenizer and {NO_TOKENIZER}")
         if not self.limits.eos_token_ids and not params.stop_token_ids:

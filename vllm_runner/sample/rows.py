@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_runner.sample.grammar_states import GrammarCursor
 from vllm_runner.sample.json_grammar import JsonCursor
 from vllm_runner.sample.regex_dfa import RegexCursor
 from vllm_runner.sampling_params import SamplingParams
@@ -25,6 +26,7 @@ class SamplingRow:
     num_pending: int = 0  # sampled earlier, still on the device
     json_cursor: JsonCursor | None = None  # json_object: the output's state (json_masks.py)
     regex_cursor: RegexCursor | None = None  # guided_regex: its DFA state, counts (regex_masks.py)
+    grammar_cursor: GrammarCursor | None = None  # guided_grammar: its parses (grammar_masks.py)
 
     @property
     def num_output_tokens(self) -> int:
@@ -51,12 +53,12 @@ class SamplingRow:
     @functools.cached_property
     def has_extras(self) -> bool:
         """Whether the row asks for logprobs, a logit bias, allowed ids, bad words, choices,
-        JSON, a regex, penalties or min_tokens, beyond temperature / top-k / top-p / min-p
-        (made once per request)."""
+        JSON, a regex, a grammar, penalties or min_tokens, beyond temperature / top-k / top-p /
+        min-p (made once per request)."""
         p = self.params
         extras = (p.logit_bias, p.allowed_token_ids, p.bad_words_token_ids,
-                  p.guided_choice_token_ids, p.json_object, p.guided_pattern, p.has_penalties,
-                  p.min_tokens)  # fmt: skip
+                  p.guided_choice_token_ids, p.json_object, p.guided_pattern, p.guided_grammar,
+                  p.has_penalties, p.min_tokens)  # fmt: skip
         return p.logprobs is not None or any(extras)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from vllm_runner.sample.bad_words import ban_bad_words
+from vllm_runner.sample.grammar_masks import GrammarMasks, apply_guided_grammar
 from vllm_runner.sample.guided_choice import apply_guided_choice
 from vllm_runner.sample.json_masks import JsonMasks, apply_json_object
 from vllm_runner.sample.logprobs import logprob_entries, logprob_tensors
@@ -233,6 +234,7 @@ class Sampler:
         self.staging = RowStaging()
         self.json_masks: JsonMasks | None = None  # the engine's, made at its first JSON request
         self.regex_masks: RegexMasks | None = None  # (at its first guided_regex request)
+        self.grammar_masks: GrammarMasks | None = None  # (at its first guided_grammar request)
         # Greedy rows on a GPU: ``kernels.argmax``'s per-row arrival counts (zeros between
         # launches, all on this sampler's stream).
         self._argmax_counts = None
@@ -279,7 +281,9 @@ class Sampler:
         guided = any(r.params.guided_choice_token_ids for r in extras)
         json_rows = any(r.params.json_object for r in extras)
         regex_rows = any(r.params.guided_pattern for r in extras)
-        edited = bias or allowed or words or penalised or held or guided or json_rows or regex_rows
+        grammar_rows = any(r.params.guided_grammar for r in extras)
+        masked = json_rows or regex_rows or grammar_rows
+        edited = bias or allowed or words or penalised or held or guided or masked
         if edited or not logits.is_cuda:
             logits = logits.float()  # [num_rows, vocab] (else the kernel reads the logits)
         if bias:
@@ -298,6 +302,8 @@ class Sampler:
             apply_json_object(logits, rows, self.json_masks)
         if regex_rows:
             apply_guided_regex(logits, rows, self.regex_masks)
+        if grammar_rows:
+            apply_guided_grammar(logits, rows, self.grammar_masks)
         if all(r.params.greedy for r in rows):
             sampled = self.greedy(logits)
         elif logits.is_cuda:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core.core_schema import ValidationInfo
 
+from vllm_runner.sample.grammar_parse import MAX_GRAMMAR_BYTES
 from vllm_runner.sampling_params import INT64_MAX, SamplingParams
 from vllm_runner.serving.chat_options import bounded_template
 from vllm_runner.serving.chat_protocol import (
@@ -53,6 +54,9 @@ MAX_GUIDED_CHOICES = 64
 # hostile one is refused within ~2.5 s on a CPU core)
 MAX_GUIDED_REGEX_CHARS = 65_536
 Regex = Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_REGEX_CHARS)]
+# NOTE: a grammar compiles on the request's thread (grammar_compile's limits bound it; its
+# text at most MAX_GRAMMAR_BYTES of UTF-8, checked there)
+Grammar = Annotated[str, Field(min_length=1, max_length=MAX_GRAMMAR_BYTES)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 _MAX_ENTRIES = {
@@ -97,6 +101,9 @@ class SamplingFields(BaseModel):
     # a JSON schema (vLLM's; the OpenAI routes: response_format json_schema and
     # structured_outputs.json too), at most MAX_GUIDED_REGEX_CHARS as JSON text
     guided_json: dict[str, Any] | bool | str | None = None
+    # the output is a whole sentence of it (vLLM's; the OpenAI routes: structured_outputs.
+    # grammar too): EBNF / GBNF rules, root the start
+    guided_grammar: Grammar | None = None
     truncate_prompt_tokens: int | None = None
     # vLLM's: lower is served earlier; non-zero only under the engine's "priority" policy
     priority: Annotated[int, Field(ge=-(2**63), le=INT64_MAX)] = 0
@@ -328,7 +335,7 @@ class ChatCompletionRequest(OpenAIFields):
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         check_tool_names(self.tools)
-        guided = ("guided_json", "guided_regex", "guided_choice", "json_object")
+        guided = ("guided_json", "guided_regex", "guided_grammar", "guided_choice", "json_object")
         check_forced_tools(self.tools, self.tool_choice, [g for g in guided if getattr(self, g)])
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError(

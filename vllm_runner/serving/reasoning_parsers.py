@@ -74,7 +74,8 @@ def guided(params: Any) -> bool:
     """Whether a request's output is guided (guided_*, JSON mode, a forced tool call). The
     guide holds it from its first token, so the model writes no reasoning of its own: the
     parser leaves such an output alone, all content (vLLM guides only after the reasoning)."""
-    return bool(params.guided_choice) or params.guided_pattern is not None or params.json_object
+    masked = params.guided_pattern is not None or bool(params.guided_grammar)
+    return bool(params.guided_choice) or masked or params.json_object
 
 
 class ReasoningStream:

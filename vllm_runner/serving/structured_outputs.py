@@ -1,7 +1,7 @@
 """The kinds of structured output the OpenAI routes take, as the sampling fields that do
 them: OpenAI's ``response_format`` (JSON mode, a JSON schema) and vLLM's
-``structured_outputs`` (a choice list, a regex, a JSON schema or JSON mode); the other kinds
-are left for the routes' refusal of unsupported fields."""
+``structured_outputs`` (a choice list, a regex, a JSON schema, a grammar or JSON mode); the
+other kinds are left for the routes' refusal of unsupported fields."""
 
 from typing import Any
 
@@ -40,13 +40,15 @@ _FIELDS = {
     "choice": ("guided_choice", "a choice list"),
     "regex": ("guided_regex", "a regex"),
     "json": ("guided_json", "a JSON schema"),
+    "grammar": ("guided_grammar", "a grammar"),
 }
 
 
 def structured_choice(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` with vLLM's ``structured_outputs`` of ``{"choice": [...]}`` as
     ``guided_choice``, of ``{"regex": "..."}`` as ``guided_regex``, of ``{"json": {...}}`` (a
-    JSON schema) as ``guided_json``, or of ``{"json_object": true}`` as ``json_object`` (the
+    JSON schema) as ``guided_json``, of ``{"grammar": "..."}`` (EBNF / GBNF) as
+    ``guided_grammar``, or of ``{"json_object": true}`` as ``json_object`` (the
     kinds of structured output this server implements; the others are refused)."""
     spec = data.get("structured_outputs")
     if spec is None:
@@ -56,8 +58,8 @@ def structured_choice(data: dict[str, Any]) -> dict[str, Any]:
     kinds = {k: v for k, v in spec.items() if v not in (None, False)}
     if len(kinds) != 1 or not (kinds.keys() & _FIELDS or kinds.get("json_object") is True):
         raise ValueError(
-            "structured_outputs: only one choice list, regex, json schema or json_object true "
-            f"is supported by this server, got {kinds or spec!r}"
+            "structured_outputs: only one choice list, regex, json schema, grammar or "
+            f"json_object true is supported by this server, got {kinds or spec!r}"
         )
     rest = {k: v for k, v in data.items() if k != "structured_outputs"}
     if "json_object" in kinds:

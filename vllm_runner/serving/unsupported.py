@@ -18,7 +18,6 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
         "structured output other than json_object and json_schema (response_format)",
         (None, {"type": "text"}),
     ),
-    "guided_grammar": ("guided decoding (guided_grammar)", _NONE),
     "functions": ("function calling (functions)", _LIST),
     "function_call": ("function calling (function_call)", (None, "none")),
     "logits_processors": ("logits_processors", _LIST),

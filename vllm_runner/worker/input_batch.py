@@ -200,4 +200,5 @@ def _plain_greedy(params: SamplingParams) -> bool:
         and not params.guided_choice_token_ids
         and not params.json_object
         and not params.guided_pattern
+        and not params.guided_grammar
     )
