@@ -79,7 +79,7 @@ def test_native_routes_take_guided_choice(client: Any) -> None:
             "' Paris, France' holds the end token 28",
         ),
         ({"guided_choice": ["yes<|im_end|>"]}, "guided_choice", "holds the end token 2"),
-        ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", "'grammar'"),
+        ({"structured_outputs": {"grammar": "root ::= x"}}, "guided_grammar", "rule 'x' is not"),
         ({"structured_outputs": {"choice": ["a"], "regex": "a+"}}, "structured_outputs", "regex"),
         ({"structured_outputs": ["a"]}, "structured_outputs", "an object"),
         (

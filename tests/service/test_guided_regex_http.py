@@ -83,9 +83,13 @@ def test_native_route_takes_guided_regex(client: Any) -> None:
         (
             {"structured_outputs": {"regex": "a", "choice": ["a"]}},
             "structured_outputs",
-            "only one choice list, regex, json schema or json_object true",
+            "only one choice list, regex, json schema, grammar or json_object true",
         ),
-        ({"structured_outputs": {"grammar": "x"}}, "structured_outputs", "'grammar'"),
+        (
+            {"structured_outputs": {"grammar": "x"}},
+            "guided_grammar",
+            "line 1, column 2: expected '::=' after the rule name 'x'",
+        ),
     ],
 )
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])

@@ -46,9 +46,13 @@ def test_completions_take_structured_outputs_json_object(client: Any) -> None:
         (
             {"structured_outputs": {"json_object": True, "choice": ["a"]}},
             "structured_outputs",
-            "only one choice list, regex, json schema or json_object",
+            "only one choice list, regex, json schema, grammar or json_object",
         ),
-        ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", "'grammar'"),
+        (
+            {"structured_outputs": {"grammar": "root ::= x"}},
+            "guided_grammar",
+            "line 1, column 10: rule 'x' is not defined",
+        ),
         (  # the choice list's field, not guided_choice (not sent)
             {"response_format": {"type": "json_object"}, "structured_outputs": {"choice": ["a"]}},
             "structured_outputs",

@@ -251,7 +251,6 @@ def test_text_too_long_for_max_model_len_is_refused_untokenized(client: Any, eng
             "tools",
         ),
         ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
-        ("/v1/completions", {"prompt": PROMPT, "guided_grammar": "root ::= x"}, "guided_grammar"),
         ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": 101}}, "logit_bias"),
         ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"999999": 1}}, "logit_bias"),
         # vLLM's own request fields that change the output, at values other than unused

@@ -307,7 +307,7 @@ def test_structured_outputs_json_object_must_be_true(value: object) -> None:
     from vllm_runner.serving.structured_outputs import structured_choice
 
     with pytest.raises(
-        ValueError, match="only one choice list, regex, json schema or json_object true"
+        ValueError, match="only one choice list, regex, json schema, grammar or json_object true"
     ):
         structured_choice({"structured_outputs": {"json_object": value}})
     assert structured_choice({"structured_outputs": {"json_object": True}}) == {"json_object": True}
