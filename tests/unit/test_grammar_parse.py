@@ -118,6 +118,7 @@ def test_a_state_past_the_parses_limit_is_not_entered() -> None:
         ('root ::= "a"{x}', r"line 1, column 14: expected a repeat count \(digits\) after '\{'"),
         ('root ::= "a"{1001}', r"line 1, column 14: expected a repeat count of at most 1000"),
         ('root ::= "a" )', r"line 1, column 14: expected a rule name .*, got '\)'"),
+        ('root ::= "a"* * "b"', r"line 1, column 15: expected one repeat per item \(group it"),
         (
             'root ::= "a"\nroot ::= "b"',
             "line 2, column 1: expected a new rule: 'root' is defined already, at line 1, column 1",
@@ -128,6 +129,7 @@ def test_a_state_past_the_parses_limit_is_not_entered() -> None:
         ('root ::= n root "x" | "y"\nn ::= "a"?', "rule 'root' is left-recursive"),
         ('root ::= (root "+" | "x") "y"', "rule 'root' is left-recursive"),  # (in a group)
         ('root ::= n{1000} n "b"\nn ::= "a" | ""', "its start is more than 1000 ways to parse"),
+        ('root ::= "a" [\\uD800-\\uDFFF]', "rule 'root' has a character or class of surrogates"),
     ],
 )
 def test_bad_grammars_are_refused_by_line_and_column(grammar: str, says: str) -> None:

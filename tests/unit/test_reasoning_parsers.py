@@ -125,5 +125,6 @@ def test_guided_outputs_are_known() -> None:
     """Guided outputs (a forced tool call is guided_json) are left alone by the route."""
     assert not guided(SamplingParams())
     for fields in ({"guided_choice": ["yes", "no"]}, {"guided_regex": "a+"},
-                   {"guided_json": {"type": "object"}}, {"json_object": True}):  # fmt: skip
+                   {"guided_json": {"type": "object"}}, {"json_object": True},
+                   {"guided_grammar": 'root ::= "a"'}):  # fmt: skip
         assert guided(SamplingParams(**fields)), fields

@@ -128,6 +128,11 @@ class _Builder:
 
     def chars(self, ranges: tuple) -> list[int]:
         seqs = utf8_sequences(ranges)
+        if not seqs:
+            raise ValueError(
+                f"guided_grammar: rule {self.owner!r} has a character or class of surrogates "
+                "only (U+D800-U+DFFF): no UTF-8 text holds them"
+            )
         if all(len(seq) == 1 for seq in seqs):
             return [sum(_mask(lo, hi) for ((lo, hi),) in seqs)]  # (UTF-8 ranges are disjoint)
         if len(seqs) == 1:

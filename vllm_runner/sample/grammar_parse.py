@@ -179,16 +179,21 @@ class _Parser:
         return Ref(name, start)
 
     def repeats(self, node):
-        while True:
-            self.space()
-            c = self.peek()
-            if c in ("*", "+", "?"):
-                self.i += 1
-                node = Repeat(node, *{"*": (0, None), "+": (1, None), "?": (0, 1)}[c])
-            elif c == "{":
-                node = Repeat(node, *self.bounds())
-            else:
-                return node
+        """The item with its repeat, if one follows (one only: a second would nest without a
+        bound; a group repeats again, as ``(x*)+``)."""
+        self.space()
+        c = self.peek()
+        if c in ("*", "+", "?"):
+            self.i += 1
+            node = Repeat(node, *{"*": (0, None), "+": (1, None), "?": (0, 1)}[c])
+        elif c == "{":
+            node = Repeat(node, *self.bounds())
+        else:
+            return node
+        self.space()
+        if self.peek() in ("*", "+", "?", "{"):
+            raise self.error("one repeat per item (group it to repeat again, as (x*)+)")
+        return node
 
     def bounds(self) -> tuple[int, int | None]:
         start = self.i

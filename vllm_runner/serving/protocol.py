@@ -56,7 +56,7 @@ MAX_GUIDED_REGEX_CHARS = 65_536
 Regex = Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_REGEX_CHARS)]
 # NOTE: a grammar compiles on the request's thread (grammar_compile's limits bound it; its
 # text at most MAX_GRAMMAR_BYTES of UTF-8, checked there)
-Grammar = Annotated[str, Field(min_length=1, max_length=MAX_GRAMMAR_BYTES)]
+GrammarText = Annotated[str, Field(min_length=1, max_length=MAX_GRAMMAR_BYTES)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 _MAX_ENTRIES = {
@@ -103,7 +103,7 @@ class SamplingFields(BaseModel):
     guided_json: dict[str, Any] | bool | str | None = None
     # the output is a whole sentence of it (vLLM's; the OpenAI routes: structured_outputs.
     # grammar too): EBNF / GBNF rules, root the start
-    guided_grammar: Grammar | None = None
+    guided_grammar: GrammarText | None = None
     truncate_prompt_tokens: int | None = None
     # vLLM's: lower is served earlier; non-zero only under the engine's "priority" policy
     priority: Annotated[int, Field(ge=-(2**63), le=INT64_MAX)] = 0
