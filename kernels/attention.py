@@ -22,6 +22,8 @@ def paged_attention(
     decode_order: torch.Tensor | None = None,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim], contiguous
     prefill_query_start_loc: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Same semantics as ``kernels.reference.paged_attention``; ``max_query_len`` is a host int.
 
@@ -35,8 +37,10 @@ def paged_attention(
     decode rows, longest context first (``paged_attention_decode``'s ``order``). ``out``:
     written and returned instead of a new tensor. ``prefill_query_start_loc``: the prefill
     rows' ``query_start_loc[num_decode_rows:] - num_decode_rows``, if the caller has it (a
-    step computes it once for all its layers).
+    step computes it once for all its layers). ``sliding_window`` / ``softcap`` (0: off): the
+    layer's window and score cap, as the reference takes them.
     """
+    opts = {"sliding_window": sliding_window, "softcap": softcap}
     num_reqs = seq_lens.shape[0]
     if max_query_len == 1:
         assert query.shape[0] == num_reqs, (
@@ -44,14 +48,15 @@ def paged_attention(
         )
         return paged_attention_decode(
             query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len,
-            new_tokens=new_tokens, order=decode_order, out=out,
+            new_tokens=new_tokens, order=decode_order, out=out, **opts,
         )  # fmt: skip
     assert new_tokens is None, f"new_tokens needs a decode step, got max_query_len {max_query_len}"
     d = num_decode_rows
     if d == 0:
         return prefill_attention(
-            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out
-        )
+            query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out,
+            **opts,
+        )  # fmt: skip
     if out is None:
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
     paged_attention_decode(
@@ -64,6 +69,7 @@ def paged_attention(
         max_seq_len=max_seq_len,
         out=out[:d],
         order=decode_order,
+        **opts,
     )
     prefill_attention(
         query[d:],
@@ -74,5 +80,6 @@ def paged_attention(
         query_start_loc[d:] - d if prefill_query_start_loc is None else prefill_query_start_loc,
         scale,
         out=out[d:],
+        **opts,
     )
     return out

@@ -3,6 +3,12 @@ and the checks their launchers share.
 
 KV cache layout: ``[num_blocks, block_size, num_kv_heads, head_dim]`` per layer, as in
 ``kernels.reference``; the cache is the query's dtype or fp8 (e4m3), widened per tile.
+
+Two compile-time options change the scores (off, they leave the generated code as it was):
+SLIDING masks the keys before each query's window (a query at position p sees keys in
+(p - window, p], as transformers' sliding-window mask), SOFTCAP caps the raw scores x at
+``cap * tanh(x / cap)`` (Gemma 2's attention soft-capping); ``score_args`` gives the
+launchers' scale and cap arguments for it.
 """
 
 import torch
@@ -25,7 +31,9 @@ def attend_tile(
     kv_end,  # keys at or past this position are masked (only if MASK_KV)
     q_pos,  # [ROWS] context positions of the queries (only if CAUSAL)
     kv_head,
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e) (SOFTCAP: score_args')
+    win_lo,  # SLIDING: the first key each query sees, a scalar or [ROWS, 1]
+    softcap,  # SOFTCAP: score_args' cap * log2(e)
     stride_cb,
     stride_cs,
     stride_ch,
@@ -36,6 +44,8 @@ def attend_tile(
     MASK_KV: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """One online-softmax step of ``q`` against keys ``n0 : n0 + BLOCK_N`` of the paged cache."""
     offs_n, n_mask, kv_off = tile_rows(
@@ -49,6 +59,7 @@ def attend_tile(
     k = k.to(q.dtype)  # an fp8 cache widens exactly (dot_dtype_query)
 
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [ROWS, BLOCK_N]
+    s = modify_scores(s, offs_n, win_lo, softcap, SLIDING, SOFTCAP)
     if MASK_KV:
         s = tl.where(n_mask[None, :], s, float("-inf"))
     if CAUSAL:
@@ -63,14 +74,31 @@ def attend_tile(
 
 
 @triton.jit
-def attend_loaded(q, acc, m_i, l_i, k, v, n_mask, qk_scale, DOT_PRECISION: tl.constexpr):
-    """``attend_tile``'s step for a tile already in registers: keys ``k`` [BLOCK_D, BLOCK_N],
-    values ``v`` [BLOCK_N, BLOCK_D], the keys past ``n_mask`` masked."""
+def attend_loaded(q, acc, m_i, l_i, k, v, offs_n, n_mask, qk_scale, win_lo, softcap,
+                  DOT_PRECISION: tl.constexpr, SLIDING: tl.constexpr,
+                  SOFTCAP: tl.constexpr):  # fmt: skip
+    """``attend_tile``'s step for a tile already in registers: keys ``k`` [BLOCK_D, BLOCK_N]
+    at positions ``offs_n``, values ``v`` [BLOCK_N, BLOCK_D], the keys past ``n_mask``
+    masked."""
     s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale
+    s = modify_scores(s, offs_n, win_lo, softcap, SLIDING, SOFTCAP)
     s = tl.where(n_mask[None, :], s, float("-inf"))
     p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
     pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     return acc * alpha[:, None] + pv, m_new, l_i
+
+
+@triton.jit
+def modify_scores(s, offs_n, win_lo, softcap, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Scores ``s`` [ROWS, BLOCK_N] of keys ``offs_n`` soft-capped (SOFTCAP: ``s`` holds
+    2 x / cap * log2(e) for the raw score x, ``softcap`` is cap * log2(e); the result is
+    cap * tanh(x / cap) * log2(e), tanh through one exp2) and the keys before ``win_lo``
+    masked (SLIDING). Before any other mask: a masked -inf would cap to -cap."""
+    if SOFTCAP:
+        s = (1.0 - 2.0 / (tl.exp2(s) + 1.0)) * softcap
+    if SLIDING:
+        s = tl.where(offs_n[None, :] >= win_lo, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -127,6 +155,20 @@ def fp16_dots(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
     rounds p finer than bf16 (H200, batch 256, Llama-3-8B heads: 179 us per layer vs 214
     with bf16 dots). The query is rounded to fp16, clamped to its range (+-65504)."""
     return k_cache.dtype == torch.float8_e4m3fn and query.dtype != torch.float32
+
+
+def score_args(scale: float, softcap: float) -> tuple[float, float]:
+    """(qk_scale, softcap) kernel arguments for a softmax ``scale`` and a soft-cap (0: none):
+    the dots times qk_scale give the log2-domain scores, or with a cap what
+    ``modify_scores`` takes."""
+    if softcap:
+        return 2.0 * scale / softcap * LOG2E, softcap * LOG2E
+    return scale * LOG2E, 0.0
+
+
+def check_score_options(sliding_window: int, softcap: float) -> None:
+    assert sliding_window >= 0, f"sliding_window {sliding_window} must be >= 0 (0: full)"
+    assert softcap >= 0.0, f"softcap {softcap} must be >= 0 (0: none)"
 
 
 def dot_precision(dtype: torch.dtype) -> str:

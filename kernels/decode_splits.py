@@ -4,7 +4,8 @@ that combines the chunks' partials (``kernels.paged_attention`` writes them).
 Each split that holds keys writes its running max (log2 domain), sum and unnormalized output
 for every query head; the reduce rescales them to the largest max and divides by the total
 sum. A context shorter than the grid leaves trailing splits empty: they exit at once, write
-nothing, and the reduce reads only the splits that hold keys.
+nothing, and the reduce reads only the splits that hold keys. Under a sliding window (SLIDING)
+the splits share out only the tiles from the one holding the window's first key.
 """
 
 import math
@@ -26,6 +27,21 @@ def split_tiles(seq_len, block_n, num_splits):
     return tiles, tl.maximum(tl.cdiv(tiles, num_splits), 1)
 
 
+@triton.jit
+def window_tiles(seq_len, window, block_n, num_splits, SLIDING: tl.constexpr):
+    """``split_tiles`` over the tiles a query at position ``seq_len - 1`` sees: (its first
+    tile, tiles, tiles per split); SLIDING: those holding keys in its ``window``, else all
+    (first tile 0)."""
+    if SLIDING:
+        first = tl.maximum(seq_len - window, 0) // block_n
+        tiles = tl.cdiv(seq_len, block_n) - first
+        per_split = tl.maximum(tl.cdiv(tiles, num_splits), 1)
+    else:
+        first = 0
+        tiles, per_split = split_tiles(seq_len, block_n, num_splits)
+    return first, tiles, per_split
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_m_ptr,  # [num_reqs, num_heads, num_splits] fp32
@@ -35,19 +51,22 @@ def _decode_reduce_kernel(
     seq_lens_ptr,  # [num_reqs] int32
     num_splits,
     block_n,  # the decode kernel's key tile: splits cover whole tiles
+    window,  # SLIDING only: the decode kernel's window
     stride_ot,
     stride_oh,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SLIDING: tl.constexpr,
     PDL: tl.constexpr,
 ):
     req = tl.program_id(0)
     head = tl.program_id(1)
     # Before the wait: seq_lens are the step's staged inputs, which no kernel of ours writes
     # (the decode kernel's preload reads them early too).
-    tiles, tiles_per_split = split_tiles(tl.load(seq_lens_ptr + req), block_n, num_splits)
+    seq_len = tl.load(seq_lens_ptr + req)
+    _, tiles, tiles_per_split = window_tiles(seq_len, window, block_n, num_splits, SLIDING)
     wait_for_predecessor(PDL)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -109,13 +128,14 @@ def combine_splits(
     out: torch.Tensor,  # [num_reqs, num_heads, head_dim], rows of a dense head_dim
     seq_lens: torch.Tensor,  # [num_reqs] int32, as the decode kernel read them
     block_n: int,  # the decode kernel's key tile
+    sliding_window: int = 0,  # the decode kernel's (0: full attention)
 ) -> None:
     """Write each (request, head)'s attention output from its splits' partials into ``out``."""
     num_reqs, num_heads, num_splits, head_dim = part_acc.shape
     _decode_reduce_kernel[(num_reqs, num_heads)](
-        part_m, part_l, part_acc, out, seq_lens, num_splits, block_n, out.stride(0),
-        out.stride(1),
+        part_m, part_l, part_acc, out, seq_lens, num_splits, block_n, sliding_window,
+        out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_S=reduce_block(num_splits),
-        BLOCK_D=next_power_of_2(head_dim), num_warps=4,
+        BLOCK_D=next_power_of_2(head_dim), SLIDING=sliding_window > 0, num_warps=4,
         **pdl_launch(out.device),
     )  # fmt: skip

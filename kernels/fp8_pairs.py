@@ -13,7 +13,7 @@ fused: 114 us against 179 us reading bytes and 169 us for a bf16 cache
 import triton
 import triton.language as tl
 
-from kernels.attention_tile import online_softmax, tile_rows
+from kernels.attention_tile import modify_scores, online_softmax, tile_rows
 
 _WIDEN_ASM = tl.constexpr("""{ .reg .b16 x0, x1; .reg .b32 a, b;
     mov.b32 {x0, x1}, $2;
@@ -56,6 +56,8 @@ def attend_tile_pairs(
     kv_end,
     kv_head,
     qk_scale,
+    win_lo,
+    softcap,
     stride_wb,  # the int16 views' strides
     stride_ws,
     stride_wh,
@@ -64,9 +66,11 @@ def attend_tile_pairs(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PTX: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """``attention_tile.attend_tile`` (masked keys, no causal mask) over word pairs."""
-    _, n_mask, kv_off = tile_rows(block_table_row, n0, kv_end, kv_head, stride_wb, stride_ws,
+    offs_n, n_mask, kv_off = tile_rows(block_table_row, n0, kv_end, kv_head, stride_wb, stride_ws,
                                   stride_wh, BLOCK_SIZE, BLOCK_N, True)  # fmt: skip
     offs_w = tl.arange(0, BLOCK_D // 2)
     w_mask = offs_w < HEAD_DIM // 2
@@ -75,6 +79,7 @@ def attend_tile_pairs(
         tl.load(k_words_ptr + kv_off[None, :] + offs_w[:, None], mask=k_mask, other=0), PTX
     )
     s = (tl.dot(q_even, k_even) + tl.dot(q_odd, k_odd)) * qk_scale  # [ROWS, BLOCK_N]
+    s = modify_scores(s, offs_n, win_lo, softcap, SLIDING, SOFTCAP)
     s = tl.where(n_mask[None, :], s, float("-inf"))
     p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
 

@@ -19,27 +19,27 @@ An fp8 (e4m3) cache under 16-bit queries is read as int16 words of two features 
 head_dim % 32 == 0 (``kernels.fp8_pairs``; the same step: 114 vs 179 us read as bytes).
 """
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels.attention_tile import (
-    LOG2E,
     attend_loaded,
     attend_tile,
     check_paged_inputs,
+    check_score_options,
     dot_dtype_query,
     dot_precision,
     fp16_dots,
     output_buffer,
+    score_args,
     tile_rows,
 )
-from kernels.decode_splits import MAX_SPLITS, choose_num_splits, combine_splits, split_tiles
+from kernels.decode_splits import MAX_SPLITS, choose_num_splits, combine_splits, window_tiles
 from kernels.fp8_pairs import attend_tile_pairs
 from kernels.kv_cache import new_key_value, store_new_key_value
 from kernels.launch import next_power_of_2, num_sms, ptx_widening
+from kernels.new_tokens import NewTokens
 from kernels.pdl import pdl_launch, wait_for_predecessor
 from kernels.rotary import rope_rows
 
@@ -80,6 +80,8 @@ def _decode_kernel(
     cos_sin_ptr,  # [max_positions, rotary_dim]: cos half | sin half
     order_ptr,  # [num_reqs] int32: requests, longest context first (ORDERED only)
     qk_scale,
+    window,  # SLIDING only: keys before seq_len - window are not seen
+    softcap,  # SOFTCAP only (attention_tile.score_args)
     num_splits,
     stride_qt,
     stride_qh,
@@ -113,6 +115,8 @@ def _decode_kernel(
     PAIRS: tl.constexpr,  # an fp8 cache under fp16 dots, read as int16 words of two features
     PTX: tl.constexpr,  # PAIRS widen by inline PTX (a GPU, not the interpreter)
     PRELOAD: tl.constexpr,  # ROPE, not PAIRS: the first tile's cached keys before the wait
+    SLIDING: tl.constexpr,  # a sliding window: only its tiles are read
+    SOFTCAP: tl.constexpr,  # soft-capped scores
     PDL: tl.constexpr,
 ):
     if not PRELOAD:
@@ -126,8 +130,9 @@ def _decode_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
     # Each split covers a whole number of BLOCK_N tiles; trailing splits may be empty.
-    _, tiles_per_split = split_tiles(seq_len, BLOCK_N, num_splits)
-    start = split * tiles_per_split * BLOCK_N
+    first_tile, _, tiles_per_split = window_tiles(seq_len, window, BLOCK_N, num_splits, SLIDING)
+    start = (first_tile + split * tiles_per_split) * BLOCK_N
+    win_lo = seq_len - window  # SLIDING: the first key the query sees
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
     if SPLIT and start >= seq_len:  # an empty split: the reduce reads only those with keys
         return
@@ -187,8 +192,9 @@ def _decode_kernel(
         new_pos = offs_n0 == seq_len - 1  # [BLOCK_N]: the new key's column, if in this tile
         k0 = tl.where(new_pos[None, :], tl.trans(k_new), k0)
         v0 = tl.where(new_pos[:, None], v_new, v0)
-        acc, m_i, l_i = attend_loaded(q, acc, m_i, l_i, k0, v0, offs_n0 < end, qk_scale,
-                                      DOT_PRECISION)  # fmt: skip
+        acc, m_i, l_i = attend_loaded(q, acc, m_i, l_i, k0, v0, offs_n0, offs_n0 < end, qk_scale,
+                                      win_lo, softcap, DOT_PRECISION, SLIDING,
+                                      SOFTCAP)  # fmt: skip
         first = start + BLOCK_N
     elif ROPE:
         first = start
@@ -213,14 +219,15 @@ def _decode_kernel(
         if PAIRS:
             acc, acc_odd, m_i, l_i = attend_tile_pairs(
                 q, q_odd, acc, acc_odd, m_i, l_i, k_words_ptr, v_words_ptr, block_table_row,
-                n0, end, kv_head, qk_scale, stride_wb, stride_ws, stride_wh,
-                HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, PTX,
+                n0, end, kv_head, qk_scale, win_lo, softcap, stride_wb, stride_ws, stride_wh,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, PTX, SLIDING, SOFTCAP,
             )  # fmt: skip
         else:
             acc, m_i, l_i = attend_tile(
                 q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row, n0, end, m_i,
-                kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
-                HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, False, DOT_PRECISION,
+                kv_head, qk_scale, win_lo, softcap, stride_cb, stride_cs, stride_ch,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, False, DOT_PRECISION, SLIDING,
+                SOFTCAP,
             )  # fmt: skip
 
     if SPLIT:
@@ -241,50 +248,6 @@ def _decode_kernel(
                      mask=q_mask)  # fmt: skip
 
 
-@dataclasses.dataclass(frozen=True)
-class NewTokens:
-    """This step's un-rotated keys and values for ``paged_attention_decode`` to rotate (with
-    the query), write into the cache and attend to, in the same kernel. Views of a fused qkv
-    output are fine (dense head_dim)."""
-
-    positions: torch.Tensor  # [num_reqs] int32 / int64
-    key: torch.Tensor  # [num_reqs, num_kv_heads, head_dim]
-    value: torch.Tensor  # [num_reqs, num_kv_heads, head_dim]
-    cos_sin_cache: torch.Tensor  # [max_positions, rotary_dim] fp32: cos half | sin half
-    slot_mapping: torch.Tensor  # [num_reqs] int32 / int64; requests with seq_len 0: unused
-
-    def check(self, query: torch.Tensor, k_cache: torch.Tensor) -> None:
-        num_reqs, _, head_dim = query.shape
-        kv_shape = (num_reqs, k_cache.shape[2], head_dim)
-        assert self.key.shape == self.value.shape == kv_shape, (
-            f"key {tuple(self.key.shape)} / value {tuple(self.value.shape)} vs {kv_shape}"
-        )
-        assert self.key.dtype == self.value.dtype == query.dtype, (
-            f"key {self.key.dtype} / value {self.value.dtype} vs query {query.dtype}"
-        )
-        assert self.key.stride(2) == self.value.stride(2) == 1, "key/value need a dense head_dim"
-        assert self.positions.shape == self.slot_mapping.shape == (num_reqs,), (
-            f"positions {tuple(self.positions.shape)} / slot_mapping "
-            f"{tuple(self.slot_mapping.shape)} vs {num_reqs} requests"
-        )
-        for name in ("positions", "slot_mapping"):  # read at stride 1, a row per request
-            t = getattr(self, name)
-            assert t.dtype in (torch.int32, torch.int64) and t.is_contiguous(), (
-                f"{name} {t.dtype} {t.stride()} must be a contiguous int32 / int64 tensor"
-            )
-        assert self.cos_sin_cache.dim() == 2, (
-            f"cos_sin_cache {tuple(self.cos_sin_cache.shape)} must be [positions, rotary_dim]"
-        )
-        tensors = (query, k_cache, self.positions, self.key, self.value, self.cos_sin_cache,
-                   self.slot_mapping)  # fmt: skip
-        assert len({t.device for t in tensors}) == 1, "all inputs must be on one device"
-        rotary_dim = self.cos_sin_cache.shape[1]
-        assert rotary_dim % 2 == 0 and rotary_dim <= head_dim, (
-            f"rotary_dim {rotary_dim} must be even and <= head_dim {head_dim}"
-        )
-        assert self.cos_sin_cache.stride(1) == 1, "cos_sin_cache needs a dense last dim"
-
-
 def paged_attention_decode(
     query: torch.Tensor,  # [num_reqs, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -302,6 +265,8 @@ def paged_attention_decode(
     new_tokens: NewTokens | None = None,
     order: torch.Tensor | None = None,
     preload: bool | None = None,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
     """Attention of each request's single new query over its whole cached context.
 
@@ -322,9 +287,16 @@ def paged_attention_decode(
     head_dim <= 64
     (then ``preload`` too: see the module's note; it needs ``new_tokens`` and is off for an
     fp8 cache read as word pairs), to 64 / ``PAIRS_WARPS`` for two or more requests over word
-    pairs, else 64 / 4. The result does not depend on ``preload``.
+    pairs, else 64 / 4 (``block_n`` 32 past head_dim 128: Gemma's 256).
+    The result does not depend on ``preload``.
+
+    ``sliding_window`` (0: full attention): the query at position ``seq_len - 1`` sees only
+    the last ``sliding_window`` keys; the tiles before them are skipped (the split-K grid
+    shares out the window's tiles alone). ``softcap`` (0: none): scores x become
+    ``softcap * tanh(x / softcap)`` (Gemma 2).
     """
     check_paged_inputs(query, k_cache, v_cache, block_tables, seq_lens)
+    check_score_options(sliding_window, softcap)
     num_reqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert seq_lens.shape == (num_reqs,), f"decode: seq_lens {tuple(seq_lens.shape)} vs query"
@@ -335,12 +307,14 @@ def paged_attention_decode(
     pairs = fp16_dots(query, k_cache) and head_dim % 32 == 0
     # (head_dim 128 at one warp spills: 760 bytes a thread, sm_90; kept at four until timed)
     lone = num_reqs == 1 and new_tokens is not None and not pairs and head_dim <= 64
-    block_n = block_n or (32 if lone else 64)
+    block_n = block_n or (32 if lone or head_dim > 128 else 64)
     num_warps = num_warps or (1 if lone else PAIRS_WARPS if pairs and num_reqs > 1 else 4)
     preload = (lone if preload is None else preload) and new_tokens is not None and not pairs
     if num_splits is None:
         if max_seq_len is None:
             max_seq_len = block_tables.shape[1] * block_size
+        if sliding_window:  # the keys one query reads, at most (its tiles: one more)
+            max_seq_len = min(max_seq_len, sliding_window + block_n)
         num_splits = choose_num_splits(
             num_reqs, num_kv_heads, max_seq_len, block_n, num_sms(query.device), num_warps
         )
@@ -371,12 +345,13 @@ def paged_attention_decode(
     k_words, v_words = (
         (c.view(torch.int16) for c in (k_cache, v_cache)) if pairs else (k_cache, v_cache)
     )
+    qk_scale, softcap_arg = score_args(scale, softcap)
     _decode_kernel[(*grid, num_splits)](
         query, k_cache, v_cache, k_words, v_words, block_tables, seq_lens, out, part_m, part_l,
         part_acc,
         nt.positions if nt else seq_lens, key, value, nt.slot_mapping if nt else seq_lens,
         nt.cos_sin_cache if nt else part_m, order if order is not None else seq_lens,
-        scale * LOG2E, num_splits,
+        qk_scale, sliding_window, softcap_arg, num_splits,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
         value.stride(1), nt.cos_sin_cache.stride(0) if nt else 0,
         out.stride(0), out.stride(1), block_tables.stride(0),
@@ -387,9 +362,9 @@ def paged_attention_decode(
         SPLIT=split, DOT_PRECISION=dot_precision(query.dtype), ROPE=nt is not None,
         HALF=nt.cos_sin_cache.shape[1] // 2 if nt else 0, FP16_DOTS=fp16_dots(query, k_cache),
         ORDERED=order is not None, PAIRS=pairs, PTX=ptx_widening(query.device),
-        PRELOAD=preload, num_warps=num_warps,
+        PRELOAD=preload, SLIDING=sliding_window > 0, SOFTCAP=softcap > 0, num_warps=num_warps,
         num_stages=num_stages, **pdl_launch(query.device),
     )  # fmt: skip
     if split:
-        combine_splits(part_m, part_l, part_acc, out, seq_lens, block_n)
+        combine_splits(part_m, part_l, part_acc, out, seq_lens, block_n, sliding_window)
     return out

@@ -6,7 +6,8 @@ written by ``write_kv_cache``) are read from the cache through its block table. 
 computes one ``BLOCK_M``-token tile of one request's queries for ``GROUP`` query heads of one
 kv head (GQA: they share every K/V tile it loads), sweeping keys in ``BLOCK_N`` tiles with
 ``tl.dot``: first the keys every row of the tile may see (no mask), then the diagonal tiles
-(causal mask).
+(causal mask). Under a sliding window (SLIDING) the tiles before the tile's first window are
+skipped, those holding some row's window edge masked, and the diagonal tiles take both masks.
 """
 
 import torch
@@ -14,13 +15,14 @@ import triton
 import triton.language as tl
 
 from kernels.attention_tile import (
-    LOG2E,
     attend_tile,
     check_paged_inputs,
+    check_score_options,
     dot_dtype_query,
     dot_precision,
     fp16_dots,
     output_buffer,
+    score_args,
 )
 from kernels.launch import next_power_of_2
 
@@ -60,6 +62,8 @@ def _prefill_kernel(
     query_start_loc_ptr,  # [num_reqs + 1]
     out_ptr,  # [num_tokens, num_heads, head_dim]
     qk_scale,
+    window,  # SLIDING only: a query at position p sees keys (p - window, p]
+    softcap,  # SOFTCAP only (attention_tile.score_args)
     num_reqs,
     stride_qt,
     stride_qh,
@@ -79,6 +83,8 @@ def _prefill_kernel(
     DOT_PRECISION: tl.constexpr,
     FP16_DOTS: tl.constexpr,  # paged_attention.fp16_dots()
     LONGEST_FIRST: tl.constexpr,  # grid (head groups, tiles), the last query tiles first
+    SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     if LONGEST_FIRST:  # causal: a request's last tiles see the most keys; they start first
         pid = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -115,17 +121,36 @@ def _prefill_kernel(
     # Keys [0, full_end) are visible to every row of the tile: no mask needed.
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     kv_end = tl.minimum(first_pos + BLOCK_M, seq_len)
-    for n0 in range(0, full_end, BLOCK_N):
+    win_lo = (q_pos - window + 1)[:, None]  # SLIDING: each row's first key
+    if SLIDING:
+        # Tiles before the first row's window are skipped; keys from win_full on are in
+        # every row's window (the last row's starts there), those before it are masked.
+        lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+        win_full = tl.cdiv(tl.maximum(first_pos + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N
+        edge_end = tl.minimum(win_full, full_end)
+        for n0 in range(lo, edge_end, BLOCK_N):
+            acc, m_i, l_i = attend_tile(
+                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row, n0, kv_end,
+                q_pos, kv_head, qk_scale, win_lo, softcap, stride_cb, stride_cs, stride_ch,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, False, DOT_PRECISION, True,
+                SOFTCAP,
+            )  # fmt: skip
+        first_full = tl.maximum(win_full, lo)
+        first_diagonal = tl.maximum(full_end, lo)
+    else:
+        first_full = 0
+        first_diagonal = full_end
+    for n0 in range(first_full, full_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row, n0, kv_end, q_pos,
-            kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, False, DOT_PRECISION,
+            kv_head, qk_scale, win_lo, softcap, stride_cb, stride_cs, stride_ch,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, False, DOT_PRECISION, False, SOFTCAP,
         )  # fmt: skip
-    for n0 in range(full_end, kv_end, BLOCK_N):
+    for n0 in range(first_diagonal, kv_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_row, n0, kv_end, q_pos,
-            kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, True, DOT_PRECISION,
+            kv_head, qk_scale, win_lo, softcap, stride_cb, stride_cs, stride_ch,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, True, DOT_PRECISION, SLIDING, SOFTCAP,
         )  # fmt: skip
 
     out = acc / l_i[:, None]
@@ -143,8 +168,14 @@ def _default_group(queries_per_kv: int, dtype: torch.dtype) -> int:
 def _default_config(head_dim: int, dtype: torch.dtype, group: int) -> tuple[int, int, int, int]:
     """(BLOCK_M tokens, BLOCK_N, num_warps, num_stages) for ``group`` heads per program on a
     tensor-core GPU."""
+    if dtype == torch.float32 and head_dim > 128:  # (sm_90: 149 registers, no spills)
+        return max(32 // group, 1), 16, 8, 2
     if dtype == torch.float32:  # no tensor cores ("ieee" dot); keep shared memory < 100 KB
         return max(64 // group, 1), 32, 4, 2
+    if head_dim > 128:
+        # Gemma's 256: 64 rows and eight warps keep the fp32 accumulator in registers (sm_90,
+        # untimed: 187 registers, no spills, 96 KiB of shared memory; 128 rows spill 5 KB)
+        return 64 // group, 32, 8, 2
     if group == 1:
         return (128, 64, 4, 3) if head_dim <= 64 else (64, 64, 4, 3)
     # 128 rows (tokens x heads) sharing each K/V tile. NOTE: H200, Llama-3 heads (4 per kv
@@ -171,6 +202,8 @@ def prefill_attention(
     group: int | None = None,
     longest_first: bool = True,
     out: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each request's new queries over its whole cached context.
 
@@ -184,8 +217,13 @@ def prefill_attention(
     (``benchmarks/prefill_probe.py``, Llama-3 heads, default tiles): one 2048-token prompt
     116.6 vs 167.2 us (head_dim 128) and 64.3 vs 89.9 (64), one of 4096 406.7 vs 500.5
     (128), W1's 16384-token step 404.0 vs 422.1 (128) and 219.7 vs 229.6 (64).
+
+    ``sliding_window`` (0: full attention): a query at position p sees keys (p -
+    sliding_window, p] only, the tiles before a query tile's windows skipped. ``softcap``
+    (0: none): scores x become ``softcap * tanh(x / softcap)`` (Gemma 2).
     """
     check_paged_inputs(query, k_cache, v_cache, block_tables, seq_lens)
+    check_score_options(sliding_window, softcap)
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_reqs = seq_lens.shape[0]
@@ -209,15 +247,17 @@ def prefill_attention(
     longest_first = longest_first and grid[0] <= _MAX_GRID_Y
     if longest_first:
         grid = grid[::-1]
+    qk_scale, softcap_arg = score_args(scale, softcap)
     _prefill_kernel[grid](
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
-        scale * LOG2E, num_reqs,
+        qk_scale, sliding_window, softcap_arg, num_reqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         QUERIES_PER_KV=queries_per_kv, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_power_of_2(head_dim),
         DOT_PRECISION=dot_precision(query.dtype), FP16_DOTS=fp16_dots(query, k_cache),
-        LONGEST_FIRST=longest_first, num_warps=num_warps or cfg_warps,
+        LONGEST_FIRST=longest_first, SLIDING=sliding_window > 0, SOFTCAP=softcap > 0,
+        num_warps=num_warps or cfg_warps,
         num_stages=num_stages or cfg_stages,
     )  # fmt: skip
     return out

@@ -6,6 +6,8 @@ KV cache layout (per layer): ``k_cache`` / ``v_cache`` of shape
 ``block_id * block_size + offset``.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -62,16 +64,24 @@ def paged_attention(
     seq_lens: torch.Tensor,  # [num_reqs] int32: context length incl. this step's tokens
     query_start_loc: torch.Tensor,  # [num_reqs + 1] int32: cumulative query lengths
     scale: float,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each request's new queries over its whole cached context.
 
     Request ``r`` owns queries ``query_start_loc[r]:query_start_loc[r+1]``; they sit at the
     last ``q_len`` positions of its ``seq_lens[r]`` tokens, whose K/V are already in the cache.
     This one rule covers prefill, chunked prefill, prefix-cache hits and decode.
+
+    ``sliding_window`` (0: full attention): a query at position p sees the keys at (p -
+    sliding_window, p] only, as transformers' sliding-window mask (Mistral, Qwen2, Gemma).
+    ``softcap`` (0: none): the scaled scores x become ``softcap * tanh(x / softcap)`` before
+    the mask and the softmax (Gemma 2's attn_logit_softcapping).
     """
     num_reqs = seq_lens.shape[0]
+    opts = _ScoreOptions(sliding_window, softcap)
     if num_reqs and bool((query_start_loc.diff() == 1).all()):  # a pure decode batch
-        return _attend_decode(query, k_cache, v_cache, block_tables, seq_lens.long(), scale)
+        return _attend_decode(query, k_cache, v_cache, block_tables, seq_lens.long(), scale, opts)
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     q_lens = [starts[r + 1] - starts[r] for r in range(num_reqs)]
@@ -81,16 +91,21 @@ def paged_attention(
         rows = torch.tensor(decode, device=query.device)
         at = torch.tensor([starts[r] for r in decode], device=query.device)
         out[at] = _attend_decode(
-            query[at], k_cache, v_cache, block_tables[rows], seq_lens[rows].long(), scale
+            query[at], k_cache, v_cache, block_tables[rows], seq_lens[rows].long(), scale, opts
         )
     for r, q_len in enumerate(q_lens):
         if q_len > 1:
             q = query[starts[r] : starts[r + 1]][None]
             seq_len = seq_lens[r : r + 1].long()
             out[starts[r] : starts[r + 1]] = _attend(
-                q, k_cache, v_cache, block_tables[r : r + 1], seq_len, scale
+                q, k_cache, v_cache, block_tables[r : r + 1], seq_len, scale, opts
             )[0]
     return out
+
+
+class _ScoreOptions(NamedTuple):
+    sliding_window: int  # 0: full attention
+    softcap: float  # 0: none
 
 
 def _attend_decode(
@@ -100,12 +115,13 @@ def _attend_decode(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,  # [num_reqs] int64
     scale: float,
+    opts: _ScoreOptions,
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
     """Rows of like context length attend together, each group padded to its own longest
     (not the batch's: a 20-token chat beside a 2,000-token one would gather 2,000 rows)."""
     lens = seq_lens.tolist()
     if max(lens) <= _group_limit(min(lens)):  # one group (e.g. a lone request): no indexing
-        return _attend(query[:, None], k_cache, v_cache, block_tables, seq_lens, scale)[:, 0]
+        return _attend(query[:, None], k_cache, v_cache, block_tables, seq_lens, scale, opts)[:, 0]
     order = sorted(range(len(lens)), key=lens.__getitem__)
     out = torch.empty_like(query)
     start = 0
@@ -115,8 +131,9 @@ def _attend_decode(
             end += 1
         rows = torch.tensor(order[start:end], device=query.device)
         out[rows] = _attend(
-            query[rows][:, None], k_cache, v_cache, block_tables[rows], seq_lens[rows], scale
-        )[:, 0]
+            query[rows][:, None], k_cache, v_cache, block_tables[rows], seq_lens[rows], scale,
+            opts,
+        )[:, 0]  # fmt: skip
         start = end
     return out
 
@@ -133,6 +150,7 @@ def _attend(
     block_tables: torch.Tensor,  # [num_reqs, max_blocks]
     seq_lens: torch.Tensor,  # [num_reqs] int64
     scale: float,
+    opts: _ScoreOptions,
 ) -> torch.Tensor:  # [num_reqs, q_len, num_heads, head_dim]
     q_len = q.shape[1]
     block_size = k_cache.shape[1]
@@ -146,11 +164,34 @@ def _attend(
     k = _gather(k_cache, slots, q.dtype).transpose(1, 2)  # [reqs, kv_heads, ctx, d]
     v = _gather(v_cache, slots, q.dtype).transpose(1, 2)
     q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=q.device)  # [num_reqs, q_len]
-    allowed = (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [num_reqs, 1, q_len, ctx]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k, v, attn_mask=allowed, scale=scale, enable_gqa=True
-    )
+    allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # [num_reqs, q_len, ctx]
+    if opts.sliding_window:
+        allowed &= k_pos[None, None, :] > q_pos[:, :, None] - opts.sliding_window
+    if opts.softcap:
+        out = _softcapped(q.transpose(1, 2), k, v, allowed[:, None], scale, opts.softcap)
+    else:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=True
+        )
     return out.transpose(1, 2)
+
+
+def _softcapped(
+    q: torch.Tensor,  # [num_reqs, num_heads, q_len, head_dim]
+    k: torch.Tensor,  # [num_reqs, num_kv_heads, ctx, head_dim]
+    v: torch.Tensor,
+    allowed: torch.Tensor,  # [num_reqs, 1, q_len, ctx] bool
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:  # [num_reqs, num_heads, q_len, head_dim]
+    """Attention with soft-capped scores, as transformers' Gemma 2 computes it: the capped
+    scores in fp32, the masked softmax, the probabilities back in the query's dtype."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return (probs.to(q.dtype) @ v).to(q.dtype)
 
 
 def rms_norm(

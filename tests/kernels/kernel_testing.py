@@ -70,11 +70,13 @@ def ref_attention(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """The torch reference on fp32 copies (inputs of lower precision upcast exactly)."""
     return reference.paged_attention(
         query.float(), k_cache.float(), v_cache.float(), block_tables, seq_lens,
-        query_start_loc, scale,
+        query_start_loc, scale, sliding_window, softcap,
     )  # fmt: skip
 
 

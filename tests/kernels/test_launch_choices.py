@@ -57,7 +57,7 @@ def test_decode_lone_request_takes_one_warp_tiles_of_32_keys(decode) -> None:
     splits = choose_num_splits(1, 2, tables.shape[1] * 16, 32, num_sms(q.device), 1)
     assert splits == 2
     assert _picked(kernel) == ((1, 2, 2), 32, 1, True, False, False)
-    assert combines[-1][-1] == 32  # the reduce counts tiles of the kernel's block_n
+    assert combines[-1][5:] == (32, 0)  # the reduce counts tiles of the kernel's block_n
     # head_dim 128, or two requests, or no new key: four warps, 64 keys, no preload
     for num_reqs, head_dim, with_new in ((1, 128, True), (2, 64, True), (1, 64, False)):
         q, kc, vc, tables, lens, new = _decode_inputs(num_reqs, head_dim)
