@@ -316,13 +316,18 @@ class EngineArgs:
         limit = f"max_position_embeddings={model_max}"
         if model_max != getattr(hf_config, "max_position_embeddings", model_max):
             limit = f"{model_max} positions (rope scaling: its original context x factor)"
-        # Attention here reads every earlier key; a model trained with a sliding window
-        # (Mistral) agrees with that only up to the window's length.
+        # A model class without sliding-window attention reads every earlier key, which
+        # agrees with a window only up to its length.
         window = getattr(hf_config, "sliding_window", None)
         layer_types = getattr(hf_config, "layer_types", None)  # Qwen2: full below max_window_layers
         if layer_types is not None and "sliding_attention" not in layer_types:
             window = None
-        if window and getattr(hf_config, "use_sliding_window", True) and window < model_max:
+        if (
+            window
+            and getattr(hf_config, "use_sliding_window", True)
+            and window < model_max
+            and not _implements_sliding_window(hf_config)
+        ):
             model_max, limit = window, f"sliding_window={window} (full attention only)"
         if self.max_model_len is None:
             return int(model_max)
@@ -372,3 +377,14 @@ def default_step_budget(device: torch.device, serving: bool) -> int:
         if props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower():
             return 8192 if serving else 16384
     return 8192
+
+
+def _implements_sliding_window(hf_config: object) -> bool:
+    """Whether the config's model class attends within sliding windows itself (Llama's
+    family, Gemma); an unknown model is refused later, by the registry."""
+    from vllm_runner.model.registry import resolve_model_class
+
+    try:
+        return getattr(resolve_model_class(hf_config), "implements_sliding_window", False)
+    except ValueError:
+        return False

@@ -11,7 +11,6 @@ import torch
 from test_parity import hf_greedy, saved_random_model
 
 from vllm_runner import LLM, SamplingParams
-from vllm_runner.config import EngineArgs
 from vllm_runner.model.llama import llama_rotary
 from vllm_runner.model.registry import resolve_model_class
 from vllm_runner.worker.piecewise_graphs import PiecewiseGraphs
@@ -89,24 +88,18 @@ def _longrope(rotary_half: int, original: int = 128) -> dict:
                 original_max_position_embeddings=original)  # fmt: skip
 
 
-def test_phi3_sliding_window_caps_max_model_len(tmp_path):
-    """Phi-3-mini-4k's window (2047 of 4096 positions), scaled down to 100 of 512: attention
-    here reads every earlier key, which equals the window's only up to its length, so the
-    engine serves 100 positions, with HF's tokens there (HF masks by the window), and refuses
-    more naming the window. A window past the positions (Phi-3.5-mini: 262144 of 131072)
-    leaves them all."""
+def test_phi3_sliding_window(tmp_path):
+    """Phi-3-mini-4k's window (2047 of 4096 positions), scaled down to 100 of 512: every
+    layer attends within it (HF masks every layer by it), so the engine serves all 512
+    positions with HF's tokens past the window."""
     hf = saved_random_model(_phi3_config(sliding_window=100), tmp_path)
     llm = LLM(str(tmp_path), dtype="float32", device="cpu", cpu_kv_cache_gb=0.05)
-    assert llm.engine.limits.max_model_len == 100
-    batch = _prompts([84, 50, 7], seed=7)
+    assert llm.engine.limits.max_model_len == 512
+    assert {layer.self_attn.attn.sliding_window
+            for layer in llm.engine.runner.model.model.layers} == {100}  # fmt: skip
+    batch = _prompts([150, 50, 7], seed=7)
     outs = llm.generate(batch, _greedy(16))
     assert [out.token_ids for out in outs] == [hf_greedy(hf, prompt, 16) for prompt in batch]
-    with pytest.raises(
-        ValueError,
-        match=r"^max_model_len=101 exceeds the model's sliding_window=100 \(full attention only\)$",
-    ):
-        LLM(str(tmp_path), dtype="float32", device="cpu", max_model_len=101)
-    assert EngineArgs().resolve_max_model_len(_phi3_config(sliding_window=1024)) == 512
 
 
 @pytest.mark.parametrize("max_model_len, factors", [(128, "short"), (129, "long"), (None, "long")])

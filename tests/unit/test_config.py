@@ -253,31 +253,34 @@ def test_a_gpu_index_past_the_visible_gpus_is_refused(monkeypatch):
         EngineArgs(device="cuda:2").resolve_device()
 
 
-def test_sliding_window_bounds_max_model_len():
-    """This engine attends to every earlier key: a sliding-window model (Mistral) gives the
-    same tokens only up to its window, so max_model_len stops there; Qwen2's window counts
-    only when use_sliding_window is on."""
+def test_sliding_window_bounds_max_model_len_only_without_window_attention():
+    """A sliding-window model whose class attends within its windows (Mistral, Qwen2,
+    Phi-3, Gemma) serves every position; a model class without window attention (here a
+    config naming no architecture) gives the same tokens only up to its window, so
+    max_model_len stops there; Qwen2's window counts only when use_sliding_window is on."""
     from types import SimpleNamespace
 
-    mistral = SimpleNamespace(max_position_embeddings=32768, sliding_window=4096)
-    assert EngineArgs().resolve_max_model_len(mistral) == 4096
-    assert EngineArgs(max_model_len=2048).resolve_max_model_len(mistral) == 2048
+    mistral = SimpleNamespace(max_position_embeddings=32768, sliding_window=4096,
+                              architectures=["MistralForCausalLM"])  # fmt: skip
+    assert EngineArgs().resolve_max_model_len(mistral) == 32768
+    unknown = SimpleNamespace(max_position_embeddings=32768, sliding_window=4096)
+    assert EngineArgs().resolve_max_model_len(unknown) == 4096
+    assert EngineArgs(max_model_len=2048).resolve_max_model_len(unknown) == 2048
     with pytest.raises(ValueError, match=r"max_model_len=8192 exceeds the model's "
                        r"sliding_window=4096 \(full attention only\)"):  # fmt: skip
-        EngineArgs(max_model_len=8192).resolve_max_model_len(mistral)
+        EngineArgs(max_model_len=8192).resolve_max_model_len(unknown)
     qwen = SimpleNamespace(max_position_embeddings=32768, sliding_window=4096,
                            use_sliding_window=False)  # fmt: skip
     assert EngineArgs().resolve_max_model_len(qwen) == 32768
     no_window = SimpleNamespace(max_position_embeddings=8192, sliding_window=None)
     assert EngineArgs().resolve_max_model_len(no_window) == 8192
-    # transformers' own layer types: a window only where some layer slides (Qwen2's
-    # max_window_layers at or past the layer count: full attention everywhere)
+    # transformers' own layer types: Qwen2 slides from max_window_layers on, served whole
     from transformers import Qwen2Config
 
     kw = dict(max_position_embeddings=512, use_sliding_window=True, sliding_window=32,
               num_hidden_layers=2)  # fmt: skip
     assert EngineArgs().resolve_max_model_len(Qwen2Config(max_window_layers=2, **kw)) == 512
-    assert EngineArgs().resolve_max_model_len(Qwen2Config(max_window_layers=1, **kw)) == 32
+    assert EngineArgs().resolve_max_model_len(Qwen2Config(max_window_layers=1, **kw)) == 512
 
 
 def test_auto_device_warns_when_a_driver_is_there_but_torch_sees_no_gpu(

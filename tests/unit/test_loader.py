@@ -191,10 +191,11 @@ def test_an_unsupported_architecture_names_what_is_supported():
         resolve_model_class(config)
     assert str(error.value) == (
         "unsupported model architecture ['GPT2LMHeadModel', 'Foo']; supported architectures: "
-        "['LLaMAForCausalLM', 'LlamaForCausalLM', 'LlamaModel', 'MistralForCausalLM', "
-        "'MistralModel', 'MixtralForCausalLM', 'OPTForCausalLM', 'OlmoeForCausalLM', "
-        "'Phi3ForCausalLM', 'Qwen2ForCausalLM', 'Qwen2Model', 'Qwen2MoeForCausalLM', "
-        "'Qwen3ForCausalLM', 'Qwen3Model', 'Qwen3MoeForCausalLM'], model types: "
-        "['llama', 'mistral', 'mixtral', 'olmoe', 'opt', 'phi3', 'qwen2', 'qwen2_moe', "
-        "'qwen3', 'qwen3_moe']"
+        "['Gemma2ForCausalLM', 'Gemma3ForCausalLM', 'LLaMAForCausalLM', 'LlamaForCausalLM', "
+        "'LlamaModel', 'MistralForCausalLM', 'MistralModel', 'MixtralForCausalLM', "
+        "'OPTForCausalLM', 'OlmoeForCausalLM', 'Phi3ForCausalLM', 'Qwen2ForCausalLM', "
+        "'Qwen2Model', 'Qwen2MoeForCausalLM', 'Qwen3ForCausalLM', 'Qwen3Model', "
+        "'Qwen3MoeForCausalLM'], model types: "
+        "['gemma2', 'gemma3_text', 'llama', 'mistral', 'mixtral', 'olmoe', 'opt', 'phi3', "
+        "'qwen2', 'qwen2_moe', 'qwen3', 'qwen3_moe']"
     )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vllm_runner.model.layers.attention import Attention
+from vllm_runner.model.layers.attention import Attention, layer_sliding_window
 from vllm_runner.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm_runner.model.layers.linear import (
     MergedColumnParallelLinear,
@@ -58,7 +58,9 @@ class LlamaLayout:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layout: LlamaLayout, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(
+        self, config, layout: LlamaLayout, rotary_emb: RotaryEmbedding, layer: int = 0
+    ) -> None:
         super().__init__()
         hidden = config.hidden_size
         num_heads = config.num_attention_heads
@@ -80,7 +82,11 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.rotary_emb = rotary_emb  # the model's one table, shared by every layer
         self.attn = Attention(
-            self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5
+            self.qkv_proj.num_heads,
+            self.qkv_proj.num_kv_heads,
+            head_dim,
+            head_dim**-0.5,
+            layer_sliding_window(config, layer),  # Mistral v0.1, Phi-3-mini-4k, Qwen2
         )
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -139,7 +145,7 @@ class LlamaDecoderLayer(nn.Module):
         self, config, layout: LlamaLayout, rotary_emb: RotaryEmbedding, index: int = 0
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layout, rotary_emb)
+        self.self_attn = LlamaAttention(config, layout, rotary_emb, index)
         if layout.mlp is not None:
             self.mlp = layout.mlp(config, index)
         else:
@@ -248,6 +254,7 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    implements_sliding_window = True  # config.py: max_model_len is not capped at the window
 
     def __init__(self, config, max_model_len: int | None = None) -> None:
         super().__init__()

@@ -2,6 +2,7 @@
 
 from torch import nn
 
+from vllm_runner.model.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from vllm_runner.model.llama import LlamaForCausalLM
 from vllm_runner.model.mixtral import MixtralForCausalLM
 from vllm_runner.model.olmoe import OlmoeForCausalLM
@@ -26,6 +27,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "OlmoeForCausalLM": OlmoeForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,  # text only (model_type gemma3_text)
     # the bare decoders (transformers' AutoModel) of embedding checkpoints, e.g.
     # e5-mistral-7b-instruct's MistralModel: weights without the "model." prefix nor LM head
     "LlamaModel": LlamaForCausalLM,
@@ -40,7 +43,16 @@ BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "phi3": "Phi3ForCausalLM", "opt": "OPTForCausalLM",
                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}  # fmt: skip
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
+
+# architectures known and refused, with the reason
+REFUSED = {
+    "Gemma3ForConditionalGeneration": (
+        "Gemma 3's multimodal model (images and text) is not supported; its text-only "
+        "Gemma3ForCausalLM (model_type gemma3_text, e.g. gemma-3-1b-it) is"
+    ),
+}
 
 
 def resolve_model_class(hf_config: object) -> type[nn.Module]:
@@ -49,6 +61,9 @@ def resolve_model_class(hf_config: object) -> type[nn.Module]:
     for arch in architectures or [BY_MODEL_TYPE.get(model_type)]:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
+    for arch in architectures:
+        if arch in REFUSED:
+            raise ValueError(f"unsupported model architecture {arch!r}: {REFUSED[arch]}")
     if architectures:
         named = f"architecture {architectures}"
     else:

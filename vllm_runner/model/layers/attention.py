@@ -37,6 +37,20 @@ class AttentionMetadata:
 _metadata: AttentionMetadata | None = None
 
 
+def layer_sliding_window(hf_config: object, layer: int) -> int:
+    """Layer ``layer``'s window as transformers applies it (0: full attention): the config's
+    sliding_window on the layers its layer_types marks "sliding_attention" (Gemma 2 / 3's
+    pattern, Qwen2 / Qwen3 from max_window_layers on), on every layer of a config without
+    layer_types (Mistral v0.1, Phi-3); none while Qwen's use_sliding_window is off."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not window or getattr(hf_config, "use_sliding_window", True) is False:
+        return 0
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None and layer_types[layer] != "sliding_attention":
+        return 0
+    return int(window)
+
+
 @contextlib.contextmanager
 def forward_context(metadata: AttentionMetadata):
     global _metadata
@@ -48,10 +62,24 @@ def forward_context(metadata: AttentionMetadata):
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    """``sliding_window`` (0: full attention): a query at position p sees the keys (p -
+    sliding_window, p] only. ``softcap`` (0: none): scores x become softcap * tanh(x /
+    softcap) (Gemma 2). The KV cache still holds every position (blocks before a window stay
+    allocated)."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int = 0,
+        softcap: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.sliding_window, self.softcap = sliding_window, softcap
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
 
     def forward(
@@ -103,6 +131,8 @@ class Attention(nn.Module):
                 md.decode_order,
                 heads_out,
                 md.prefill_query_start_loc,
+                self.sliding_window,
+                self.softcap,
             )
         else:
             if rotary is not None:
@@ -116,6 +146,8 @@ class Attention(nn.Module):
                 md.seq_lens,
                 md.query_start_loc,
                 self.scale,
+                self.sliding_window,
+                self.softcap,
             )
             out = result if heads_out is None else heads_out.copy_(result)
         return out.view(-1, self.num_heads * self.head_dim)
