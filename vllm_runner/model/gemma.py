@@ -121,6 +121,8 @@ class GemmaDecoderLayer(nn.Module):
         """``rows``: only those rows go on past the attention (which writes every row's K/V)."""
         attn = self.self_attn(positions, self.input_layernorm(hidden))
         if rows is not None:
+            if not len(rows):  # nothing sampled: the K/V written is all the step needs
+                return hidden[:0]
             attn, hidden = attn[rows], hidden[rows]
         hidden = hidden + self.post_attention_layernorm(attn)
         mlp = self.mlp(self.pre_feedforward_layernorm(hidden))
