@@ -6,8 +6,6 @@ KV cache layout (per layer): ``k_cache`` / ``v_cache`` of shape
 ``block_id * block_size + offset``.
 """
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
@@ -79,7 +77,7 @@ def paged_attention(
     the mask and the softmax (Gemma 2's attn_logit_softcapping).
     """
     num_reqs = seq_lens.shape[0]
-    opts = _ScoreOptions(sliding_window, softcap)
+    opts = (sliding_window, softcap)
     if num_reqs and bool((query_start_loc.diff() == 1).all()):  # a pure decode batch
         return _attend_decode(query, k_cache, v_cache, block_tables, seq_lens.long(), scale, opts)
     out = torch.empty_like(query)
@@ -103,11 +101,6 @@ def paged_attention(
     return out
 
 
-class _ScoreOptions(NamedTuple):
-    sliding_window: int  # 0: full attention
-    softcap: float  # 0: none
-
-
 def _attend_decode(
     query: torch.Tensor,  # [num_reqs, num_heads, head_dim]: one query token each
     k_cache: torch.Tensor,
@@ -115,7 +108,7 @@ def _attend_decode(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,  # [num_reqs] int64
     scale: float,
-    opts: _ScoreOptions,
+    opts: tuple[int, float],  # (sliding_window, softcap)
 ) -> torch.Tensor:  # [num_reqs, num_heads, head_dim]
     """Rows of like context length attend together, each group padded to its own longest
     (not the batch's: a 20-token chat beside a 2,000-token one would gather 2,000 rows)."""
@@ -150,7 +143,7 @@ def _attend(
     block_tables: torch.Tensor,  # [num_reqs, max_blocks]
     seq_lens: torch.Tensor,  # [num_reqs] int64
     scale: float,
-    opts: _ScoreOptions,
+    opts: tuple[int, float],  # (sliding_window, softcap)
 ) -> torch.Tensor:  # [num_reqs, q_len, num_heads, head_dim]
     q_len = q.shape[1]
     block_size = k_cache.shape[1]
@@ -164,34 +157,20 @@ def _attend(
     k = _gather(k_cache, slots, q.dtype).transpose(1, 2)  # [reqs, kv_heads, ctx, d]
     v = _gather(v_cache, slots, q.dtype).transpose(1, 2)
     q_pos = seq_lens[:, None] - q_len + torch.arange(q_len, device=q.device)  # [num_reqs, q_len]
+    window, softcap = opts
     allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # [num_reqs, q_len, ctx]
-    if opts.sliding_window:
-        allowed &= k_pos[None, None, :] > q_pos[:, :, None] - opts.sliding_window
-    if opts.softcap:
-        out = _softcapped(q.transpose(1, 2), k, v, allowed[:, None], scale, opts.softcap)
-    else:
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=True
-        )
-    return out.transpose(1, 2)
-
-
-def _softcapped(
-    q: torch.Tensor,  # [num_reqs, num_heads, q_len, head_dim]
-    k: torch.Tensor,  # [num_reqs, num_kv_heads, ctx, head_dim]
-    v: torch.Tensor,
-    allowed: torch.Tensor,  # [num_reqs, 1, q_len, ctx] bool
-    scale: float,
-    softcap: float,
-) -> torch.Tensor:  # [num_reqs, num_heads, q_len, head_dim]
-    """Attention with soft-capped scores, as transformers' Gemma 2 computes it: the capped
-    scores in fp32, the masked softmax, the probabilities back in the query's dtype."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    return (probs.to(q.dtype) @ v).to(q.dtype)
+    if window:
+        allowed &= k_pos[None, None, :] > q_pos[:, :, None] - window
+    q, allowed = q.transpose(1, 2), allowed[:, None]  # [reqs, heads, q_len, d], [reqs, 1, ...]
+    if not softcap:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                             enable_gqa=True)  # fmt: skip
+        return out.transpose(1, 2)
+    # capped scores in fp32, the probabilities in q's dtype: as transformers' Gemma 2
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    scores = softcap * torch.tanh(q.float() @ k.float().transpose(-1, -2) * scale / softcap)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).to(q.dtype)
+    return (probs @ v).transpose(1, 2)
 
 
 def rms_norm(
