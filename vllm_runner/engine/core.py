@@ -26,15 +26,10 @@ from vllm_runner.model.layers.prequantized import resolve_quantization
 from vllm_runner.model.loader import resolve_model_path
 from vllm_runner.pooling_params import PoolingParams
 from vllm_runner.sample.bad_words import bad_word_token_ids
-from vllm_runner.sample.grammar_compile import compiled_grammar
-from vllm_runner.sample.grammar_masks import GrammarMasks
 from vllm_runner.sample.guided_choice import choice_token_ids
-from vllm_runner.sample.json_masks import JsonMasks, JsonVocab
-from vllm_runner.sample.regex_dfa import compiled
-from vllm_runner.sample.regex_masks import RegexMasks
-from vllm_runner.sample.token_masks import TokenBytes
+from vllm_runner.sample.guided_setup import GuidedSetup
 from vllm_runner.sampling_params import SamplingParams
-from vllm_runner.tokenizer import eos_token_ids, load_hf_config, load_tokenizer, token_bytes
+from vllm_runner.tokenizer import eos_token_ids, load_hf_config, load_tokenizer
 from vllm_runner.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
@@ -127,7 +122,7 @@ class EngineCore:
         self.num_host_bound = 0  # live requests whose sampling needs host token values
         self._ids = itertools.count()
         self._engine_ids = itertools.count()
-        self._token_pieces: list[bytes | None] | None = None  # (read at the first masked request)
+        self.guided = GuidedSetup(self.inputs.tokenizer, self.runner.model)
 
     @property
     def max_model_len(self) -> int:
@@ -188,7 +183,7 @@ class EngineCore:
                 self.inputs.tokenizer, params.guided_choice
             )
         if params.json_object or params.guided_pattern or params.guided_grammar:
-            self._make_masks(params)
+            self.guided.prepare(self.runner.sampler, params)
         state = new_request_state(
             request_id,
             prompt_text(prompt),
@@ -354,24 +349,6 @@ class EngineCore:
             outputs.append(stream_output(state, index, [], None))
             self._forget_if_finished(state)
         return outputs
-
-    def _make_masks(self, params: SamplingParams) -> None:
-        """JSON mode's, guided_regex's or guided_grammar's masks, made at the engine's first
-        such request (the vocabulary's bytes read once); a pattern or grammar compiled first."""
-        sampler = self.runner.sampler
-        if self._token_pieces is None:
-            width = self.runner.model.lm_head.vocab_size
-            self._token_pieces = token_bytes(self.inputs.tokenizer, width)
-        if params.json_object and sampler.json_masks is None:
-            sampler.json_masks = JsonMasks(JsonVocab(self._token_pieces))
-        if params.guided_pattern:
-            compiled(params.guided_pattern)  # (once per pattern in the process: its cache)
-        if params.guided_grammar:
-            compiled_grammar(params.guided_grammar)  # (once per text in the process)
-        if sampler.regex_masks is None and (params.guided_pattern or params.guided_grammar):
-            sampler.regex_masks = RegexMasks(TokenBytes(self._token_pieces))
-        if params.guided_grammar and sampler.grammar_masks is None:  # (the regex's TokenBytes)
-            sampler.grammar_masks = GrammarMasks(sampler.regex_masks.vocab)
 
     def _forget_if_finished(self, state: RequestState) -> None:
         if state.finished and self.states.get(state.request_id) is state:
