@@ -5,7 +5,6 @@ graphs, and the KV cache sized next to the experts' weights."""
 
 import pytest
 import torch
-from test_gpu import first_difference_in_top5
 from test_gpu_architectures import NUM_NEW, prompts
 from test_moe import moe_config
 
@@ -58,20 +57,50 @@ def _gpu_llm(path: str, **kw) -> LLM:
     return LLM(path, device="cuda", dtype=kw.pop("dtype", "bfloat16"), max_model_len=1024, **kw)
 
 
-def test_bf16_greedy_close_to_hf_and_graphs_equal_eager(bf16_model):
-    """A batch (prefill, batched decode replaying CUDA graphs that hold the fused MoE
-    kernel): HF's greedy tokens or top-5 near-ties; the eager engine's tokens exactly, also
-    for a lone request (a one-row step: the MoE layers off the GEMV path)."""
+def no_further_from_fp32_than_hf_bf16(path: str, batch: list[list[int]], outs, device="cuda"):
+    """The first generated token's top-5 logprobs: this engine's bf16 values are no further
+    from HF's fp32 forward than HF's own bf16 forward is (twice its error, or 0.05).
+
+    NOTE: not the dense models' top-5 criterion along 32 greedy tokens: these random MoE
+    models amplify bf16 rounding (a near-tie in some token's routing changes its experts):
+    on the CPU, HF's bf16 and this engine's bf16 first-token logprobs were both 0.2-1.9 from
+    fp32 (the dense models': 0.06-0.14), HF's greedy tokens leaving the other's top-5."""
     from transformers import AutoModelForCausalLM
 
+    logprobs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        with torch.no_grad():
+            logprobs[dtype] = [
+                hf(torch.tensor([p], device=device)).logits[0, -1].float().log_softmax(-1).cpu()
+                for p in batch
+            ]
+        del hf
+    ours_errors, hf_errors = [], []
+    for i, out in enumerate(outs):
+        top = out.outputs[0].logprobs[0]
+        ids = list(top)
+        ours = torch.tensor([v if isinstance(v, float) else v.logprob for v in top.values()])
+        fp32, hf16 = logprobs[torch.float32][i][ids], logprobs[torch.bfloat16][i][ids]
+        ours_errors.append(float((ours - fp32).abs().max()))
+        hf_errors.append(float((hf16 - fp32).abs().max()))
+    # (rounding errors of two bf16 implementations: per prompt either may be a few times the
+    # other's, so the bound is on the batch's median and largest error)
+    ours_t, hf_t = torch.tensor(ours_errors), torch.tensor(hf_errors)
+    assert ours_t.median() <= 2 * hf_t.median() + 0.02, (ours_errors, hf_errors)
+    assert ours_t.max() <= 2 * hf_t.max() + 0.05, (ours_errors, hf_errors)
+
+
+def test_bf16_close_to_hf_and_graphs_equal_eager(bf16_model):
+    """A batch (prefill, batched decode replaying CUDA graphs that hold the fused MoE
+    kernel): as close to HF's fp32 as HF's bf16 is; the eager engine's tokens exactly, also
+    for a lone request (a one-row step: the MoE layers off the GEMV path)."""
     _, path = bf16_model
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True, logprobs=5)
     batch = prompts()
     graphs = _gpu_llm(path)
     outs = graphs.generate(batch, params)
-    for prompt, out in zip(batch, outs, strict=True):
-        first_difference_in_top5(hf, prompt, out)
+    no_further_from_fp32_than_hf_bf16(path, batch, outs)
     eager = _gpu_llm(path, enforce_eager=True)
     assert [o.token_ids for o in eager.generate(batch, params)] == [o.token_ids for o in outs]
     lone = batch[3]
