@@ -136,9 +136,8 @@ class AsyncLLM:
         self, prompt: Prompt, params: SamplingParams, chat: bool = False, fit: bool = False,
         lora_request: LoRARequest | None = None,
     ) -> list[int]:  # fmt: skip
-        """The prompt's token ids, once it passed every check (``chat``: a chat template's
-        text, tokenized as ``InputProcessor.tokenize`` says; ``fit``: checked as a server's
-        route runs it, a missing max_tokens capped by ``InputProcessor.fit``)."""
+        """The prompt's token ids once it passed every check (``chat``: a chat template's text,
+        ``InputProcessor.tokenize``'s; ``fit``: as a route checks it, ``InputProcessor.fit``)."""
         ids = self.inputs.tokenize(prompt, chat, params)
         self.inputs.validate(ids, self.inputs.fit(ids, params) if fit else params, lora_request)
         return ids
@@ -259,8 +258,7 @@ class AsyncLLM:
             raise ValueError(f"request_id {request_id!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
         route = next(self._routes)
-        apart = self._client is not None  # (its text is built here, if anywhere)
-        detokenizers = detokenizers_here(apart, self.tokenizer, prompt_ids, params)
+        detokenizers = self._detokenizers_here(prompt_ids, params)  # (None: the engine's)
         loop = asyncio.get_running_loop()
         self._entries[route] = StreamRoute(loop, q, request_id, prompt_ids, detokenizers)
         try:  # NOTE: again, registered: a loop that died since failed the streams it saw
@@ -331,10 +329,9 @@ class AsyncLLM:
         return dict(self._stats)
 
     def shutdown(self) -> Awaitable[None]:
-        """Stop the engine (its loop, or this front end of its engine process), as vLLM's
-        plain call: without a running event loop it returns once the loop (and an engine
-        process of its own) has ended; from a coroutine they end on their own (a wait would
-        hold up the event loop). ``await llm.shutdown()`` waits for that end too."""
+        """Stop the engine (its loop, or this front end of its engine process), as vLLM's plain
+        call: outside an event loop it returns once they have ended; from a coroutine they end
+        on their own (a wait would hold up the event loop; ``await llm.shutdown()`` waits)."""
         if not self._running:
             return StoppedEngine()
         self._running = False
@@ -362,6 +359,9 @@ class AsyncLLM:
 
     async def __aexit__(self, *exc) -> None:
         await self.shutdown()
+
+    def _detokenizers_here(self, prompt_ids: list[int], params: Params) -> list | None:
+        return detokenizers_here(self._client is not None, self.tokenizer, prompt_ids, params)
 
     # ---- the loop's side -------------------------------------------------------------------
     def _send(self, command: tuple) -> None:
