@@ -12,6 +12,7 @@ EOS ids, the request's stop_token_ids) are allowed exactly where the text so far
 sentence, and where no token continues it (the output ends there).
 """
 
+import functools
 from collections import OrderedDict
 
 import numpy as np
@@ -31,6 +32,7 @@ from vllm_runner.sample.token_masks import (
     MaskCache,
     TokenBytes,
     apply_masks,
+    replay,
 )
 
 MAX_GRAMMARS = 8  # grammars whose states an engine keeps (least recently used out)
@@ -100,18 +102,8 @@ class GrammarMasks:
         if cursor is None:
             cursor = row.grammar_cursor = GrammarCursor(compiled_grammar(row.params.guided_grammar))
         states = self.states(cursor.grammar)
-        output = row.output_token_ids
-        for token in output[cursor.consumed :]:
-            if cursor.ended or cursor.broken:
-                break
-            if token in ends:  # (where the text is not whole: no token could go on)
-                cursor.ended = cursor.accepts
-                cursor.broken = not cursor.ended
-                break
-            piece = self.vocab.pieces[token] if token < self.vocab.width else None
-            if piece is None or not cursor.feed(states, piece):
-                cursor.broken = True
-        cursor.consumed = len(output)
+        feed = functools.partial(cursor.feed, states)
+        replay(cursor, row.output_token_ids, self.vocab, ends, feed)
         return cursor
 
 
@@ -123,4 +115,4 @@ def apply_guided_grammar(
     """-inf on every token after which its row's text could no longer be a sentence of its
     grammar."""
     chosen = [i for i, row in enumerate(rows) if row.params.guided_grammar]
-    apply_masks(logits, rows, chosen, masks, "guided_grammar", lambda cursor: cursor.accepts)
+    apply_masks(logits, rows, chosen, masks, "guided_grammar")

@@ -112,6 +112,10 @@ class JsonCursor:
     ended: bool = False  # an end token came after the whole object
     broken: bool = False  # a token left JSON (cannot be sampled under the mask)
 
+    @property
+    def accepts(self) -> bool:
+        return self.state == DONE
+
     def feed(self, data: bytes) -> bool:
         """Advance by ``data``; False (the cursor then broken) if it leaves JSON."""
         for b in data:
@@ -149,7 +153,7 @@ class JsonCursor:
 def is_json_object(data: bytes) -> bool:
     """Whether ``data`` is one whole JSON object (whitespace around it up to the bound)."""
     cursor = JsonCursor()
-    return cursor.feed(data) and cursor.state == DONE
+    return cursor.feed(data) and cursor.accepts
 
 
 def is_json_prefix(data: bytes) -> bool:

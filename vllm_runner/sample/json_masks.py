@@ -22,6 +22,7 @@ from vllm_runner.sample.token_masks import (
     MaskCache,
     TokenBytes,
     apply_masks,
+    replay,
 )
 
 # A token with more brackets than this is never sampled in JSON mode (shorter tokens write
@@ -124,17 +125,7 @@ class JsonMasks:
         cursor = row.json_cursor
         if cursor is None:
             cursor = row.json_cursor = g.JsonCursor()
-        output = row.output_token_ids
-        for token in output[cursor.consumed :]:
-            if cursor.ended or cursor.broken:
-                break
-            if cursor.state == g.DONE and token in ends:
-                cursor.ended = True
-                break
-            piece = self.vocab.pieces[token] if token < self.vocab.width else None
-            if piece is None or token in ends or not cursor.feed(piece):
-                cursor.broken = True
-        cursor.consumed = len(output)
+        replay(cursor, row.output_token_ids, self.vocab, ends, cursor.feed)
         return cursor
 
 
@@ -145,4 +136,4 @@ def apply_json_object(
 ) -> None:
     """-inf on every token that would leave its row's JSON object."""
     chosen = [i for i, row in enumerate(rows) if row.params.json_object]
-    apply_masks(logits, rows, chosen, masks, "json_object", lambda c: c.state == g.DONE)
+    apply_masks(logits, rows, chosen, masks, "json_object")

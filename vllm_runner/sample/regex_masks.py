@@ -26,6 +26,7 @@ from vllm_runner.sample.token_masks import (
     MaskCache,
     TokenBytes,
     apply_masks,
+    replay,
 )
 
 
@@ -102,18 +103,7 @@ class RegexMasks:
         cursor = row.regex_cursor
         if cursor is None:
             cursor = row.regex_cursor = RegexCursor(compiled(row.params.guided_pattern))
-        output = row.output_token_ids
-        for token in output[cursor.consumed :]:
-            if cursor.ended or cursor.broken:
-                break
-            if token in ends:  # (where the text does not match: no token could go on)
-                cursor.ended = cursor.accepts
-                cursor.broken = not cursor.ended
-                break
-            piece = self.vocab.pieces[token] if token < self.vocab.width else None
-            if piece is None or not cursor.feed(piece):
-                cursor.broken = True
-        cursor.consumed = len(output)
+        replay(cursor, row.output_token_ids, self.vocab, ends, cursor.feed)
         return cursor
 
 
@@ -124,4 +114,4 @@ def apply_guided_regex(
 ) -> None:
     """-inf on every token after which its row's text could no longer match its pattern."""
     chosen = [i for i, row in enumerate(rows) if row.params.guided_pattern]
-    apply_masks(logits, rows, chosen, masks, "guided_regex", lambda cursor: cursor.accepts)
+    apply_masks(logits, rows, chosen, masks, "guided_regex")

@@ -1,7 +1,10 @@
-"""What JSON mode's and guided_regex's masks share (``json_masks.py``, ``regex_masks.py``):
-the vocabulary's tokens as bytes, laid out for a pass over every token at once; masks by
-key in a bounded LRU with their copy on the logits' device; and the step that puts the
-masked rows' masks into the logits, with the end tokens' rule."""
+"""What JSON mode's, guided_regex's and guided_grammar's masks share (``json_masks.py``,
+``regex_masks.py``, ``grammar_masks.py``): the vocabulary's tokens as bytes, laid out for a
+pass over every token at once; masks by key in a bounded LRU with their copy on the logits'
+device; a cursor's replay of a row's new tokens; and the step that puts the masked rows'
+masks into the logits, with the end tokens' rule. A cursor (JsonCursor, RegexCursor,
+GrammarCursor) has ``consumed`` (output tokens read), ``ended``, ``broken`` and ``accepts``
+(whether the output may end where it is)."""
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -65,13 +68,36 @@ def end_ids(params: SamplingParams, width: int) -> set[int]:
     return {t for t in params.all_stop_token_ids | set(params.stop_token_ids) if t < width}
 
 
+def replay(
+    cursor: Any,  # a JsonCursor / RegexCursor / GrammarCursor (module docstring)
+    output: list[int],  # the row's output token ids
+    vocab: TokenBytes,
+    ends: set[int],  # the row's end tokens
+    feed: Callable[[bytes], bool],  # the cursor advanced by a token's bytes (False: broken)
+) -> None:
+    """The cursor past the output tokens it has not read (all of them at a row's first step,
+    or after a preemption gave the runner a new row). An end token ends it where the output
+    is whole and breaks it elsewhere (no token could go on there); a token of no bytes, or
+    whose bytes leave the language, breaks it."""
+    for token in output[cursor.consumed :]:
+        if cursor.ended or cursor.broken:
+            break
+        if token in ends:
+            cursor.ended = cursor.accepts
+            cursor.broken = not cursor.ended
+            break
+        piece = vocab.pieces[token] if token < vocab.width else None
+        if piece is None or not feed(piece):
+            cursor.broken = True
+    cursor.consumed = len(output)
+
+
 def apply_masks(
     logits: torch.Tensor,  # [rows, vocab] fp32, dense (edited in place)
     rows: list[SamplingRow],
     chosen: list[int],  # the rows this kind of mask guides
-    masks: Any,  # the engine's JsonMasks / RegexMasks: advance(row, ends) and get(cursor)
-    kind: str,  # the setting, for errors ("json_object", "guided_regex")
-    whole: Callable[[Any], bool],  # whether a cursor's output may end where it is
+    masks: Any,  # the engine's Json / Regex / GrammarMasks: advance(row, ends), get(cursor)
+    kind: str,  # the setting, for errors ("json_object", "guided_regex", "guided_grammar")
 ) -> None:
     """Each chosen row's cursor advanced past its new tokens on the host, then its mask
     applied (``mask_rows``). The engine runs steps with such a row synchronously: a token
@@ -91,7 +117,7 @@ def apply_masks(
         over = cursor.ended or cursor.broken
         row_masks.append(None if over else masks.get(cursor))
         row_ends.append(ends)
-        wholes.append(whole(cursor))
+        wholes.append(cursor.accepts)
     mask_rows(logits, chosen, row_masks, row_ends, wholes)
 
 
