@@ -26,14 +26,11 @@ from collections.abc import Iterator
 
 import torch
 
-from vllm_runner.model.layers.int4 import GROUP_SIZE
 from vllm_runner.model.layers.prequantized import (
     ROW_GROUP,
     PrequantizedInt4,
     Tensors,
-    convert_by_layer,
     describe,
-    drop_plain_g_idx,
     int4_tensors,
     unpack_nibbles,
 )
@@ -167,10 +164,8 @@ class CompressedInt4(PrequantizedInt4):
     name = "compressed-tensors"
 
     def __init__(self, config: CompressedConfig) -> None:
-        # one group a row: int4 groups of 128 that repeat the row's scale and zero point
-        super().__init__(GROUP_SIZE if config.group_size == ROW_GROUP else config.group_size)
+        super().__init__(config.group_size, reorders_inputs=config.act_order)
         self.config = config
-        self.reorders_inputs = config.act_order
 
     def quantized(self, name: str) -> bool:
         return matches(name, self.config.targets) and not matches(name, self.config.ignore)
@@ -178,14 +173,9 @@ class CompressedInt4(PrequantizedInt4):
     def checkpoint_tensors(
         self, weights: Iterator[tuple[str, torch.Tensor]]
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        cfg = self.config
         required = {"weight_packed", "weight_scale", "weight_shape"}
-        required |= set() if cfg.symmetric else {"weight_zero_point"}
-        if cfg.act_order:
-            required.add("weight_g_idx")
-        else:
-            weights = drop_plain_g_idx(weights, "weight_g_idx", cfg.group_size)
-        return convert_by_layer(weights, frozenset(required), self._convert)
+        required |= set() if self.config.symmetric else {"weight_zero_point"}
+        return self.by_layer(weights, required, "weight_g_idx", self.config.group_size)
 
     def _convert(self, prefix: str, parts: dict[str, torch.Tensor]) -> Tensors:
         n, k = (int(v) for v in parts["weight_shape"].tolist())

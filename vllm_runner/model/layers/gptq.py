@@ -26,14 +26,11 @@ from collections.abc import Iterator
 
 import torch
 
-from vllm_runner.model.layers.int4 import GROUP_SIZE
 from vllm_runner.model.layers.prequantized import (
     ROW_GROUP,
     PrequantizedInt4,
     Tensors,
-    convert_by_layer,
     describe,
-    drop_plain_g_idx,
     int4_tensors,
     unpack_nibbles,
 )
@@ -122,10 +119,8 @@ class GptqInt4(PrequantizedInt4):
     name = "gptq"
 
     def __init__(self, config: GptqConfig) -> None:
-        # one group a row: int4 groups of 128 that repeat the row's scale and zero point
-        super().__init__(GROUP_SIZE if config.group_size == ROW_GROUP else config.group_size)
+        super().__init__(config.group_size, reorders_inputs=config.desc_act)
         self.config = config
-        self.reorders_inputs = config.desc_act
 
     def quantized(self, name: str) -> bool:
         modules = self.config.modules
@@ -134,10 +129,8 @@ class GptqInt4(PrequantizedInt4):
     def checkpoint_tensors(
         self, weights: Iterator[tuple[str, torch.Tensor]]
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        required = {"qweight", "qzeros", "scales"} | ({"g_idx"} if self.config.desc_act else set())
-        if not self.config.desc_act:
-            weights = drop_plain_g_idx(weights, "g_idx", self.config.group_size)
-        return convert_by_layer(weights, frozenset(required), self._convert)
+        required = {"qweight", "qzeros", "scales"}
+        return self.by_layer(weights, required, "g_idx", self.config.group_size)
 
     def _convert(self, prefix: str, parts: dict[str, torch.Tensor]) -> Tensors:
         q = unpack_nibbles(parts["qweight"].T, 1)  # [out, in]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from vllm_runner.model.layers.int4 import Int4WeightOnly, cdiv, pack_int4
+from vllm_runner.model.layers.int4 import GROUP_SIZE, Int4WeightOnly, cdiv, pack_int4
 from vllm_runner.model.layers.linear import LinearBase
 from vllm_runner.model.layers.parallel import check_shape
 
@@ -37,7 +37,13 @@ class PrequantizedInt4(Int4WeightOnly):
     the others keep float weights."""
 
     prequantized = True
-    reorders_inputs = False  # the checkpoint may order a layer's inputs by group (act order)
+
+    def __init__(self, group_size: int, reorders_inputs: bool = False) -> None:
+        """``group_size``: the checkpoint's (ROW_GROUP: int4 groups of GROUP_SIZE that repeat
+        the row's scale and zero point); ``reorders_inputs``: the checkpoint may order a
+        layer's inputs by group (act order)."""
+        super().__init__(GROUP_SIZE if group_size == ROW_GROUP else group_size)
+        self.reorders_inputs = reorders_inputs
 
     def supports(self, layer: LinearBase) -> bool:
         return False  # quantizes no float layer (the quantized ones were prepared)
@@ -48,6 +54,26 @@ class PrequantizedInt4(Int4WeightOnly):
 
     def checkpoint_tensors(self, weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator:
         """The checkpoint's tensors with the quantized ones converted to int4's."""
+        raise NotImplementedError
+
+    def by_layer(
+        self,
+        weights: Iterator[tuple[str, torch.Tensor]],
+        required: set[str],  # a quantized layer's tensors' leaf names, but its g_idx
+        g_idx: str,  # the leaf name of its g_idx
+        group_size: int,  # the checkpoint's, or ROW_GROUP
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors, each quantized layer's converted by ``_convert`` once all
+        are in (its g_idx too, with act order); without act order a stored g_idx must name
+        the plain groups, and is dropped."""
+        if self.reorders_inputs:
+            required = required | {g_idx}
+        else:
+            weights = drop_plain_g_idx(weights, g_idx, group_size)
+        return convert_by_layer(weights, frozenset(required), self._convert)
+
+    def _convert(self, prefix: str, parts: dict[str, torch.Tensor]) -> Tensors:
+        """One layer's checkpoint tensors (by leaf name) -> int4's under ``prefix``."""
         raise NotImplementedError
 
     def prepare(self, model: nn.Module) -> int:
