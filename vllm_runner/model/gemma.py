@@ -17,6 +17,7 @@ from torch import nn
 from vllm_runner.model.layers.attention import Attention, layer_sliding_window
 from vllm_runner.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm_runner.model.layers.linear import (
+    QKV_GATE_UP_PACKED,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
@@ -157,13 +158,7 @@ class Gemma2ForCausalLM(nn.Module):
     """Gemma 2: forward returns hidden states; ``compute_logits`` maps them to soft-capped
     logits (final_logit_softcapping), which sampling and logprobs both read."""
 
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules_mapping = QKV_GATE_UP_PACKED
     qk_norm = False
     implements_sliding_window = True  # config.py: max_model_len is not capped at the window
 

@@ -11,6 +11,7 @@ from torch import nn
 from vllm_runner.model.layers.attention import Attention, layer_sliding_window
 from vllm_runner.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm_runner.model.layers.linear import (
+    QKV_GATE_UP_PACKED,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
@@ -247,13 +248,7 @@ class LlamaForCausalLM(nn.Module):
     positions to the vocabulary. ``max_model_len``: the positions the engine serves (None:
     all the model's), which picks LongRoPE's factors (layers/rotary.py)."""
 
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules_mapping = QKV_GATE_UP_PACKED
     implements_sliding_window = True  # config.py: max_model_len is not capped at the window
 
     def __init__(self, config, max_model_len: int | None = None) -> None:

@@ -17,6 +17,16 @@ from vllm_runner.model.layers.parallel import (
     tp_size,
 )
 
+# A model's packed_modules_mapping (HF name -> (our layer, its shard)) where q / k / v load
+# into one QKVParallelLinear and gate / up into one MergedColumnParallelLinear (Llama, Gemma)
+QKV_GATE_UP_PACKED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
 
 def gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the one-row GEMV (``kernels.gemv``) runs ``x @ weight.T``: one fp16 / bf16 row
