@@ -16,11 +16,12 @@ with its line and column and what was expected there.
 from typing import NamedTuple
 
 from vllm_runner.sample.regex_parse import (
+    HEX_DIGITS,
     MAX_CODE_POINT,
     Chars,
     Concat,
-    Either,
     Repeat,
+    TextParser,
     negate,
     normalize,
 )
@@ -33,8 +34,6 @@ MAX_NESTING = 100  # groups in groups (parsing and compiling recurse per level)
 _NAME = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 _ESCAPES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "\\": 0x5C, '"': 0x22, "'": 0x27, "[": 0x5B,
             "]": 0x5D, "-": 0x2D, "^": 0x5E, "/": 0x2F}  # fmt: skip
-_HEX_DIGITS = {"x": 2, "u": 4, "U": 8}
-_HEX = frozenset("0123456789abcdefABCDEF")
 ANY_CHAR = Chars(((0, MAX_CODE_POINT),))  # (surrogates have no UTF-8: never written)
 
 
@@ -68,19 +67,11 @@ def parse_grammar(text: str) -> ParsedGrammar:
     return _Parser(text).grammar()
 
 
-class _Parser:
-    def __init__(self, text: str) -> None:
-        self.p = text
-        self.i = 0
-        self.depth = 0
-
+class _Parser(TextParser):
     def error(self, expected: str, at: int | None = None) -> ValueError:
         at = self.i if at is None else at
         got = repr(self.p[at : at + 12]) if at < len(self.p) else "the end of the grammar"
         return ValueError(f"guided_grammar: {where(self.p, at)}: expected {expected}, got {got}")
-
-    def peek(self, k: int = 0) -> str:
-        return self.p[self.i + k] if self.i + k < len(self.p) else ""
 
     def space(self) -> None:
         """Past white space and comments (new lines too: a body runs to the next rule)."""
@@ -124,13 +115,6 @@ class _Parser:
             raise ValueError(f"guided_grammar: no rule 'root' (the start), got rules "
                              f"{list(rules)[:10]}")  # fmt: skip
         return ParsedGrammar(self.p, rules, places)
-
-    def alternation(self):
-        options = [self.sequence()]
-        while self.peek() == "|":
-            self.i += 1
-            options.append(self.sequence())
-        return options[0] if len(options) == 1 else Either(tuple(options))
 
     def sequence(self):
         parts: list = []
@@ -276,11 +260,10 @@ class _Parser:
         self.i += 1
         if c in _ESCAPES:
             return _ESCAPES[c]
-        if c in _HEX_DIGITS:
-            digits = self.p[self.i : self.i + _HEX_DIGITS[c]]
-            if len(digits) < _HEX_DIGITS[c] or any(d not in _HEX for d in digits):
-                raise self.error(f"{_HEX_DIGITS[c]} hex digits after '\\{c}'", start)
-            self.i += len(digits)
+        if c in HEX_DIGITS:
+            digits = self.hex_digits(c)
+            if digits is None:
+                raise self.error(f"{HEX_DIGITS[c]} hex digits after '\\{c}'", start)
             if int(digits, 16) > MAX_CODE_POINT:
                 raise self.error("a code point of at most U+10FFFF", start)
             return int(digits, 16)

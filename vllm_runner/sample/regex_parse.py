@@ -51,8 +51,8 @@ WORD: Ranges = ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A))
 SPACE: Ranges = ((0x09, 0x0D), (0x20, 0x20))
 _CLASS_ESCAPES = {"d": DIGIT, "w": WORD, "s": SPACE}
 _CHAR_ESCAPES = {"a": 0x07, "f": 0x0C, "n": 0x0A, "r": 0x0D, "t": 0x09, "v": 0x0B}
-_HEX_DIGITS = {"x": 2, "u": 4, "U": 8}
-_HEX = set("0123456789abcdefABCDEF")
+HEX_DIGITS = {"x": 2, "u": 4, "U": 8}  # an escape's letter -> the hex digits after it
+_HEX = frozenset("0123456789abcdefABCDEF")
 _ANCHORS = {"b": "a word boundary", "B": "a non-boundary", "A": "an anchor", "Z": "an anchor"}
 _GROUP_EXTENSIONS = {"=": "a lookahead", "!": "a negative lookahead", "#": "a comment group",
                      ">": "an atomic group", "(": "a conditional group"}  # fmt: skip
@@ -92,21 +92,45 @@ def parse(pattern: str):
     return _Parser(pattern).parse()
 
 
-class _Parser:
-    def __init__(self, pattern: str) -> None:
-        self.p = pattern
+class TextParser:
+    """What this parser and guided_grammar's (``grammar_parse.py``) share: the text, the
+    position in it, the group depth, ``|`` over the subclass's ``sequence`` and hex escapes."""
+
+    def __init__(self, text: str) -> None:
+        self.p = text
         self.i = 0
         self.depth = 0
 
+    def peek(self, k: int = 0) -> str:
+        return self.p[self.i + k] if self.i + k < len(self.p) else ""
+
+    def sequence(self):
+        raise NotImplementedError
+
+    def alternation(self):
+        options = [self.sequence()]
+        while self.peek() == "|":
+            self.i += 1
+            options.append(self.sequence())
+        return options[0] if len(options) == 1 else Either(tuple(options))
+
+    def hex_digits(self, letter: str) -> str | None:
+        """The hex digits after the escape letter ``letter`` (x, u, U: HEX_DIGITS), read; None
+        (nothing read) if fewer follow."""
+        digits = self.p[self.i : self.i + HEX_DIGITS[letter]]
+        if len(digits) < HEX_DIGITS[letter] or any(d not in _HEX for d in digits):
+            return None
+        self.i += len(digits)
+        return digits
+
+
+class _Parser(TextParser):
     def error(self, what: str, at: int | None = None) -> ValueError:
         at = self.i if at is None else at
         return ValueError(f"guided_regex {shown(self.p)}: {what} at position {at}")
 
     def unsupported(self, what: str, at: int) -> ValueError:
         return self.error(f"{what} is not supported", at)
-
-    def peek(self, k: int = 0) -> str:
-        return self.p[self.i + k] if self.i + k < len(self.p) else ""
 
     def parse(self):
         if self.peek() == "^":  # (ignored: the match is whole)
@@ -115,13 +139,6 @@ class _Parser:
         if self.i < len(self.p):  # (only a ")" stops an alternation early)
             raise self.error("an unbalanced ')'")
         return node
-
-    def alternation(self):
-        options = [self.sequence()]
-        while self.peek() == "|":
-            self.i += 1
-            options.append(self.sequence())
-        return options[0] if len(options) == 1 else Either(tuple(options))
 
     def sequence(self):
         parts: list = []
@@ -274,11 +291,10 @@ class _Parser:
             return ((_CHAR_ESCAPES[c],) * 2,)
         if c == "b" and in_class:
             return ((0x08, 0x08),)
-        if c in _HEX_DIGITS:
-            digits = self.p[self.i : self.i + _HEX_DIGITS[c]]
-            if len(digits) < _HEX_DIGITS[c] or any(d not in _HEX for d in digits):
-                raise self.error(f"an escape \\{c} without {_HEX_DIGITS[c]} hex digits", start)
-            self.i += len(digits)
+        if c in HEX_DIGITS:
+            digits = self.hex_digits(c)
+            if digits is None:
+                raise self.error(f"an escape \\{c} without {HEX_DIGITS[c]} hex digits", start)
             code = int(digits, 16)
             if code > MAX_CODE_POINT:
                 raise self.error(f"an escape past U+10FFFF ({self.p[start : self.i]})", start)
