@@ -21,9 +21,9 @@ def model_defaults(engine: Any, monkeypatch: Any) -> Any:
     seen: list[Any] = []
     run = engine._run
 
-    def recording_run(prompt: Any, params: Any, request_id: Any, priority: int) -> Any:
+    def recording_run(prompt: Any, params: Any, *rest: Any) -> Any:  # (id, priority, adapter)
         seen.append(params)
-        return run(prompt, params, request_id, priority)
+        return run(prompt, params, *rest)
 
     def give(defaults: dict[str, Any]) -> list[Any]:
         limits = dataclasses.replace(engine.inputs.limits, sampling_defaults=defaults)

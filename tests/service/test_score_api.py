@@ -68,10 +68,10 @@ def test_score_item_the_engine_fails_fails_alone(client: Any, engine: Any) -> No
     real = engine._collect
     poison = engine.tokenizer.encode("poison")
 
-    async def collect(prompt: list[int], params: Any, priority: int) -> Any:
+    async def collect(prompt: list[int], params: Any, *rest: Any) -> Any:
         if list(prompt[-len(poison) - 1 : -1]) == poison:
             raise RequestError("request x failed: injected")
-        return await real(prompt, params, priority)
+        return await real(prompt, params, *rest)
 
     engine._collect = collect
     try:
