@@ -221,9 +221,9 @@ def group_block_k(group_size: int, limit: int) -> int:
 def default_config(m: int, k: int, group_size: int) -> W4A16Config:
     """The GEMV's: 64 channels a program at two warps, K tiles of a whole group of 128, and K
     split in 8 (fewer for short K: at least 4 tiles a split). On an H200 at one row
-    (``benchmarks/int4_probe.py --sweep``, the 8B shapes, us): this config 15.9 / 14.2 /
-    45.8 / 33.3 (qkv / o / gate_up / down), the best of the 64 swept 15.0 / 14.1 / 43.7 /
-    33.3, bf16 ``F.linear`` 16.1 / 14.1 / 70.7 / 34.7; unsplit 16-channel tiles 37.4 for qkv.
+    (``benchmarks/int4_probe.py --sweep``, the 8B shapes, us, with the splits combined in
+    the kernel, 6e64c39): this config 12.7 / 11.1 / 43.6 / 32.0 (qkv / o / gate_up / down),
+    the best swept 12.7 / 11.1 / 40.7 / 32.0, bf16 ``F.linear`` 16.3 / 13.5 / 66.8 / 37.0.
     Any N of a real layer gives more programs than SMs this way."""
     block_k = group_block_k(group_size, 128)
     split = max(1, min(8, math.ceil(k / block_k) // 4))
