@@ -68,7 +68,6 @@ def _w4a16_gemv_kernel(
     SPLIT: tl.constexpr,  # K split across programs (grid dim 1 > 1)
     PDL: tl.constexpr,
 ):
-    wait_for_predecessor(PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_word = tl.arange(0, BLOCK_K // 8)
@@ -78,14 +77,23 @@ def _w4a16_gemv_kernel(
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    last = k_lo + (k_hi - 1 - k_lo) // BLOCK_K * BLOCK_K  # the split's last K tile
+    # the first weight tile requested before waiting on the previous kernel (weights never
+    # depend on it: with PDL the stream starts while it still runs); then each tile's
+    # successor is requested before the tile is multiplied (Triton does not pipeline plain
+    # loads): the loop's end requests the last tile again, a cache hit, instead of masking
+    packed = _load_words(w_rows, k_lo, offs_word, n_mask, num_words, stride_wk)
+    wait_for_predecessor(PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # one row: per-word sums, reduced across the tile's words once after the loop
+    acc_words = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        words = k0 // 8 + offs_word
-        w_mask = n_mask[:, None] & (words < num_words)[None, :]
-        packed = tl.load(w_rows + words[None, :] * stride_wk, mask=w_mask, other=0)
+        ahead = _load_words(w_rows, tl.minimum(k0 + BLOCK_K, last), offs_word, n_mask,
+                            num_words, stride_wk)  # fmt: skip
         g = k0 // group_size
         zero = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0)
         scale = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)
+        zero = zero.to(tl.float32)
         for r in tl.static_range(BLOCK_M):
             row_k_hi = tl.where(r < M, k_hi, 0)  # a padding row reads nothing
             # sum (q - zero) x = sum q x - zero sum x; nibble i of word j meets x[k0 + 8j + i]
@@ -98,8 +106,14 @@ def _w4a16_gemv_kernel(
                              other=0.0).to(tl.float32)  # fmt: skip
                 qx += _nibble_as_float(packed, i) * xi[None, :]
                 xs += xi
-            part = (tl.sum(qx, axis=1) - zero.to(tl.float32) * tl.sum(xs, axis=0)) * scale
-            acc += tl.where(rows[:, None] == r, part[None, :], 0.0)
+            if BLOCK_M == 1:
+                acc_words += (qx - zero[:, None] * xs[None, :]) * scale[:, None]
+            else:
+                part = (tl.sum(qx, axis=1) - zero * tl.sum(xs, axis=0)) * scale
+                acc += tl.where(rows[:, None] == r, part[None, :], 0.0)
+        packed = ahead
+    if BLOCK_M == 1:
+        acc += tl.sum(acc_words, axis=1)[None, :]
     out_mask = (rows < M)[:, None] & n_mask[None, :]
     if SPLIT:
         # split K: each split stores its fp32 partial; the split that finishes last for this
@@ -120,6 +134,14 @@ def _w4a16_gemv_kernel(
     else:
         _store_output(acc, bias_ptr, out_ptr, rows, offs_n, n_mask, out_mask, stride_om,
                       stride_on, HAS_BIAS)  # fmt: skip
+
+
+@triton.jit
+def _load_words(w_rows, k0, offs_word, n_mask, num_words, stride_wk):
+    """The [channels, BLOCK_K / 8] words of the K tile at ``k0``."""
+    words = k0 // 8 + offs_word
+    mask = n_mask[:, None] & (words < num_words)[None, :]
+    return tl.load(w_rows + words[None, :] * stride_wk, mask=mask, other=0)
 
 
 @triton.jit
@@ -221,9 +243,9 @@ def group_block_k(group_size: int, limit: int) -> int:
 def default_config(m: int, k: int, group_size: int) -> W4A16Config:
     """The GEMV's: 64 channels a program at two warps, K tiles of a whole group of 128, and K
     split in 8 (fewer for short K: at least 4 tiles a split). On an H200 at one row
-    (``benchmarks/int4_probe.py --sweep``, the 8B shapes, us, with the splits combined in
-    the kernel, 6e64c39): this config 12.7 / 11.1 / 43.6 / 32.0 (qkv / o / gate_up / down),
-    the best swept 12.7 / 11.1 / 40.7 / 32.0, bf16 ``F.linear`` 16.3 / 13.5 / 66.8 / 37.0.
+    (``benchmarks/int4_probe.py``, the 8B shapes, us, medians of two A/B rounds): 13.6 /
+    9.5 / 44.0 / 26.5 (qkv / o / gate_up / down) with the next tile prefetched, 12.8 / 11.2
+    / 43.9 / 32.0 without; bf16 ``F.linear`` 16.3 / 13.7 / 67.0 / 35.5.
     Any N of a real layer gives more programs than SMs this way."""
     block_k = group_block_k(group_size, 128)
     split = max(1, min(8, math.ceil(k / block_k) // 4))

@@ -1,5 +1,6 @@
 """Size the KV cache from the memory left after the model, with clear errors."""
 
+import gc
 import math
 import os
 
@@ -33,6 +34,17 @@ def num_blocks_for_cpu(cpu_kv_cache_gb: float, block_bytes: int) -> int:
             f"(one block takes {block_bytes} bytes)"
         )
     return num
+
+
+def others_allocated_bytes(device: torch.device) -> int:
+    """Device memory other engines in this process hold now: not a new engine's to count.
+    Engines dropped but not yet collected (reference cycles) are collected first: freed
+    later, in the middle of the new engine's profile, they would make its peak look smaller
+    than it is, and its KV cache overrun gpu_memory_utilization."""
+    if device.type != "cuda":
+        return 0
+    gc.collect()
+    return torch.cuda.memory_allocated(device)
 
 
 def num_blocks_for_gpu(

@@ -57,10 +57,7 @@ class ModelRunner:
         self.scheduler_config = scheduler_config
         self.device = model_config.device
         torch.manual_seed(model_config.seed)
-        # Device memory other engines in this process hold; not this engine's to count.
-        self._baseline_bytes = (
-            torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-        )
+        self._baseline_bytes = memory.others_allocated_bytes(self.device)
         self.kv_dtype = memory.kv_cache_dtype(cache_config, model_config.dtype, self.device)
         start = time.perf_counter()
         self.model = build_model(
