@@ -7,21 +7,24 @@ Layout (``vllm_runner.model.layers.int4``): ``qweight`` [N, ceil(K / 8)] int32, 
 [N, num_groups] uint8. Output channels first, as float weights: the linear layers' loaders
 shard and merge (q/k/v, gate/up) int4 tensors along dim 0 unchanged.
 
-Two paths, by the number of rows M:
-- M <= ``GEMV_MAX_M`` (decode): a GEMV on the CUDA cores. Each program streams a block of
-  output channels' words; nibble i of every word (a [channels, words] tile) meets x at
-  k = 8j + i (a strided load of x, which stays in cache), so no tile is reshaped; the zero
-  point comes off once per group as zero * sum(x), and the group's scale multiplies the
-  tile's fp32 sum. Decode is weight-bandwidth bound and this reads 0.5 byte a weight (plus
-  ~0.04 for scales and zeros at group 128); K is split across programs when N alone leaves
-  the GPU short of programs.
-- Larger M (prefill, batched decode): compute bound, so the weight is dequantized tile by
+Three paths, by the number of rows M (H200, 8B shapes: ``benchmarks/int4_probe.py``):
+- M <= ``GEMV_MAX_M`` (batch-1 decode): a GEMV on the CUDA cores. Each program streams a
+  block of output channels' words; nibble i of every word (a [channels, words] tile) meets
+  x at k = 8j + i (a strided load of x, which stays in cache), so no tile is reshaped; the
+  zero point comes off once per group as zero * sum(x), and the group's scale multiplies
+  the tile's fp32 sum. It reads 0.5 byte a weight (plus ~0.04 for scales and zeros at
+  group 128), 1.2-1.6x faster than bf16 at one row; K is split across programs when N
+  alone leaves the GPU short of programs. It converts each weight once per row, so from 3
+  rows on the next path is faster.
+- M <= ``MMA_MAX_M`` (batched decode): ``kernels.quant_int4_mma``, each weight tile
+  converted once and multiplied by up to 64 rows on tensor cores; its time is flat up to
+  16 rows (the conversion bounds it: 0.67-0.98x bf16's, where the GEMV at 8 rows is
+  0.3-0.5x and the path below 0.4-0.6x).
+- Larger M (prefill, large batches): compute bound, so the weight is dequantized tile by
   tile into a scratch [N, K] in x's dtype (a bandwidth-bound pass: read 0.5, write 2 bytes a
-  weight) and multiplied by cuBLAS, whose tensor-core GEMMs a Triton kernel dequantizing in
-  its K loop did not come near (``benchmarks/int4_probe.py``).
+  weight) and multiplied by cuBLAS (from 128 rows faster than the tensor-core kernel).
 """
 
-import dataclasses
 import math
 
 import torch
@@ -29,11 +32,22 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.int4_words import (
+    NIBBLES,
+    W4A16Config,
+    group_block_k,
+    load_words,
+    nibble_as_float,
+    split_counters,
+    split_k_launch,
+    store_or_combine,
+)
 from kernels.launch import cdiv, next_power_of_2
 from kernels.pdl import pdl_launch, wait_for_predecessor
+from kernels.quant_int4_mma import w4a16_mma
 
-NIBBLES = 8  # 4-bit values per int32 word
-GEMV_MAX_M = 8  # rows up to which the GEMV runs (its math is M x the weight's, on CUDA cores)
+GEMV_MAX_M = 2  # rows up to which the GEMV runs (its math is M x the weight's, on CUDA cores)
+MMA_MAX_M = 64  # rows up to which the tensor-core kernel runs (then dequantize + cuBLAS)
 
 
 @triton.jit(do_not_specialize=["M"])  # the token count changes every step: no recompiles
@@ -82,13 +96,13 @@ def _w4a16_gemv_kernel(
     # depend on it: with PDL the stream starts while it still runs); then each tile's
     # successor is requested before the tile is multiplied (Triton does not pipeline plain
     # loads): the loop's end requests the last tile again, a cache hit, instead of masking
-    packed = _load_words(w_rows, k_lo, offs_word, n_mask, num_words, stride_wk)
+    packed = load_words(w_rows, k_lo, offs_word, n_mask, num_words, stride_wk)
     wait_for_predecessor(PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # one row: per-word sums, reduced across the tile's words once after the loop
     acc_words = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        ahead = _load_words(w_rows, tl.minimum(k0 + BLOCK_K, last), offs_word, n_mask,
+        ahead = load_words(w_rows, tl.minimum(k0 + BLOCK_K, last), offs_word, n_mask,
                             num_words, stride_wk)  # fmt: skip
         g = k0 // group_size
         zero = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0)
@@ -104,7 +118,7 @@ def _w4a16_gemv_kernel(
                 ks = k0 + offs_word * 8 + i
                 xi = tl.load(x_ptr + r * stride_xm + ks * stride_xk, mask=ks < row_k_hi,
                              other=0.0).to(tl.float32)  # fmt: skip
-                qx += _nibble_as_float(packed, i) * xi[None, :]
+                qx += nibble_as_float(packed, i) * xi[None, :]
                 xs += xi
             if BLOCK_M == 1:
                 acc_words += (qx - zero[:, None] * xs[None, :]) * scale[:, None]
@@ -114,52 +128,8 @@ def _w4a16_gemv_kernel(
         packed = ahead
     if BLOCK_M == 1:
         acc += tl.sum(acc_words, axis=1)[None, :]
-    out_mask = (rows < M)[:, None] & n_mask[None, :]
-    if SPLIT:
-        # split K: each split stores its fp32 partial; the split that finishes last for this
-        # channel block (a counter, acq_rel) sums all of them in split order, so the result
-        # does not depend on which finished first, and zeroes the counter for the next call
-        tile = rows[:, None] * N + offs_n[None, :]
-        tl.store(partial_ptr + pid_k * M * N + tile, acc, mask=out_mask)
-        tl.debug_barrier()  # every warp's partial stored before the release below
-        done = tl.atomic_add(counter_ptr + pid_n, 1)
-        if done == tl.num_programs(1) - 1:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(tl.num_programs(1)):  # the partials other SMs wrote: skip L1
-                acc += tl.load(partial_ptr + s * M * N + tile, mask=out_mask, other=0.0,
-                               cache_modifier=".cg")  # fmt: skip
-            tl.store(counter_ptr + pid_n, 0)
-            _store_output(acc, bias_ptr, out_ptr, rows, offs_n, n_mask, out_mask, stride_om,
-                          stride_on, HAS_BIAS)  # fmt: skip
-    else:
-        _store_output(acc, bias_ptr, out_ptr, rows, offs_n, n_mask, out_mask, stride_om,
-                      stride_on, HAS_BIAS)  # fmt: skip
-
-
-@triton.jit
-def _load_words(w_rows, k0, offs_word, n_mask, num_words, stride_wk):
-    """The [channels, BLOCK_K / 8] words of the K tile at ``k0``."""
-    words = k0 // 8 + offs_word
-    mask = n_mask[:, None] & (words < num_words)[None, :]
-    return tl.load(w_rows + words[None, :] * stride_wk, mask=mask, other=0)
-
-
-@triton.jit
-def _nibble_as_float(packed, i: tl.constexpr):
-    """Nibble ``i`` of each word as fp32, exactly, without an int-to-float conversion (a
-    quarter-rate instruction on the CUDA cores, which bounded the GEMV): the nibble as the
-    low mantissa bits of 2**23 (bits 0x4B000000) is 2**23 + q, less 2**23 is q."""
-    bits = ((packed >> (4 * i)) & 0xF) | 0x4B000000
-    return bits.to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _store_output(acc, bias_ptr, out_ptr, rows, offs_n, n_mask, out_mask, stride_om, stride_on,
-                  HAS_BIAS: tl.constexpr):  # fmt: skip
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_or_combine(acc, bias_ptr, out_ptr, partial_ptr, counter_ptr, pid_n, rows, offs_n, M,
+                     N, stride_om, stride_on, HAS_BIAS, SPLIT)  # fmt: skip
 
 
 @triton.jit
@@ -196,14 +166,14 @@ def _int4_dequantize_kernel(
     zero = zero.to(tl.float32)[:, None]
     scale = scale[:, None]
     dtype = out_ptr.dtype.element_ty
-    n0 = (_nibble_as_float(packed, 0) - zero) * scale  # [BLOCK_N, BLOCK_K / 8], exact q - zero
-    n1 = (_nibble_as_float(packed, 1) - zero) * scale
-    n2 = (_nibble_as_float(packed, 2) - zero) * scale
-    n3 = (_nibble_as_float(packed, 3) - zero) * scale
-    n4 = (_nibble_as_float(packed, 4) - zero) * scale
-    n5 = (_nibble_as_float(packed, 5) - zero) * scale
-    n6 = (_nibble_as_float(packed, 6) - zero) * scale
-    n7 = (_nibble_as_float(packed, 7) - zero) * scale
+    n0 = (nibble_as_float(packed, 0) - zero) * scale  # [BLOCK_N, BLOCK_K / 8], exact q - zero
+    n1 = (nibble_as_float(packed, 1) - zero) * scale
+    n2 = (nibble_as_float(packed, 2) - zero) * scale
+    n3 = (nibble_as_float(packed, 3) - zero) * scale
+    n4 = (nibble_as_float(packed, 4) - zero) * scale
+    n5 = (nibble_as_float(packed, 5) - zero) * scale
+    n6 = (nibble_as_float(packed, 6) - zero) * scale
+    n7 = (nibble_as_float(packed, 7) - zero) * scale
     # nibbles into K order (k = 8j + i): three rounds of pairwise interleaves
     low = tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6))
     high = tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7))
@@ -211,33 +181,6 @@ def _int4_dequantize_kernel(
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     ptrs = out_ptr + rows[:, None] * stride_on + ks[None, :] * stride_ok
     tl.store(ptrs, w, mask=n_mask[:, None] & (ks < K)[None, :])
-
-
-@dataclasses.dataclass(frozen=True)
-class W4A16Config:
-    """The GEMV's tiles (rows up to ``GEMV_MAX_M``): ``block_m`` padded rows, ``block_n``
-    output channels and ``block_k`` inputs a program step (it must divide the group size: a
-    K tile has one scale and zero per channel); ``split_k`` cuts K across programs."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    num_warps: int = 4
-
-    def __post_init__(self) -> None:
-        assert self.block_m >= 1 and self.block_m & (self.block_m - 1) == 0, (
-            f"block_m {self.block_m} must be a power of 2"
-        )
-        for name in ("block_n", "block_k"):
-            v = getattr(self, name)
-            assert v >= 16 and v & (v - 1) == 0, f"{name} {v} must be a power of 2 >= 16"
-        assert self.split_k >= 1, f"split_k {self.split_k} must be >= 1"
-
-
-def group_block_k(group_size: int, limit: int) -> int:
-    """The largest power-of-2 K tile <= ``limit`` that divides ``group_size``."""
-    return min(limit, group_size & -group_size)
 
 
 def default_config(m: int, k: int, group_size: int) -> W4A16Config:
@@ -281,10 +224,11 @@ def w4a16_matmul(
     zero: torch.Tensor,  # [N, ceil(K / group_size)] uint8, 0..15
     group_size: int,
     bias: torch.Tensor | None = None,  # [N]
-    config: W4A16Config | None = None,  # the GEMV's (rows up to GEMV_MAX_M)
+    config: W4A16Config | None = None,  # the kernel's that the row count picks
 ) -> torch.Tensor:  # [..., N] in x.dtype
-    """Same semantics as ``kernels.reference.w4a16_linear`` (up to fp32 summation order; rows
-    past ``GEMV_MAX_M`` multiply the weight rounded to x's dtype, as a float layer would)."""
+    """Same semantics as ``kernels.reference.w4a16_linear`` (up to fp32 summation order;
+    rows past ``MMA_MAX_M``, and the tensor-core kernel's rows for groups of fewer than 128
+    inputs, multiply the weight rounded to x's dtype, as a float layer would)."""
     assert x.dtype in (torch.float32, torch.float16, torch.bfloat16), f"x {x.dtype}"
     k = x.shape[-1]
     n = qweight.shape[0]
@@ -307,44 +251,46 @@ def w4a16_matmul(
     m = x2.shape[0]
     if m == 0:
         return torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    if m > GEMV_MAX_M:
+    if m > MMA_MAX_M:
         w = int4_dequantize(qweight, scale, zero, group_size, k, x.dtype)
         return F.linear(x, w, bias)
+    kernel = w4a16_gemv if m <= GEMV_MAX_M else w4a16_mma
+    out = kernel(x2, qweight, scale, zero, group_size, bias, config)
+    return out.view(*x.shape[:-1], n)
+
+
+def w4a16_gemv(
+    x: torch.Tensor,  # [M, K] fp32 / fp16 / bf16
+    qweight: torch.Tensor,  # [N, ceil(K / 8)] int32
+    scale: torch.Tensor,  # [N, ceil(K / group_size)] fp32
+    zero: torch.Tensor,  # [N, ceil(K / group_size)] uint8
+    group_size: int,
+    bias: torch.Tensor | None = None,  # [N]
+    config: W4A16Config | None = None,
+) -> torch.Tensor:  # [M, N] in x.dtype
+    """The GEMV (inputs checked by ``w4a16_matmul``)."""
+    m, k = x.shape
+    n = qweight.shape[0]
     cfg = config or default_config(m, k, group_size)
     assert cfg.block_m >= m, f"block_m {cfg.block_m} must cover the {m} rows"
     assert group_size % cfg.block_k == 0, (
         f"block_k {cfg.block_k} must divide group_size {group_size} (one scale per K tile)"
     )
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    k_per_split = math.ceil(math.ceil(k / cfg.split_k) / cfg.block_k) * cfg.block_k
-    split = math.ceil(k / k_per_split)  # rounding can leave fewer non-empty splits
+    k_per_split, split = split_k_launch(k, cfg.block_k, cfg.split_k)
     grid = (cdiv(n, cfg.block_n), split)
     partial, counters = out, out  # unread without a split
     if split > 1:
         partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         counters = split_counters(x.device, grid[0])
     _w4a16_gemv_kernel[grid](
-        x2, qweight, scale, zero, bias if bias is not None else scale, out, partial, counters,
+        x, qweight, scale, zero, bias if bias is not None else scale, out, partial, counters,
         m, n, k, k_per_split, group_size,
-        x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1),
+        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
         scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1),
         out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         HAS_BIAS=bias is not None, SPLIT=split > 1, num_warps=cfg.num_warps,
         **pdl_launch(x.device),
     )  # fmt: skip
-    return out.view(*x.shape[:-1], n)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-MAX_CHANNEL_BLOCKS = 1 << 16  # a split GEMV's channel blocks: N up to 1M at 16 a block
-
-
-def split_counters(device: torch.device, blocks: int) -> torch.Tensor:
-    """The split GEMV's per-channel-block counters: one zeroed buffer per device, made once
-    (CUDA graphs keep its address) and left zeroed by every call. Calls on one stream run one
-    after another (a PDL launch waits for its predecessor before touching them)."""
-    assert blocks <= MAX_CHANNEL_BLOCKS, f"{blocks} channel blocks > {MAX_CHANNEL_BLOCKS}"
-    if device not in _COUNTERS:
-        _COUNTERS[device] = torch.zeros(MAX_CHANNEL_BLOCKS, dtype=torch.int32, device=device)
-    return _COUNTERS[device]
+    return out

@@ -11,8 +11,10 @@ from kernels.quant_int4 import (
     W4A16Config,
     default_config,
     int4_dequantize,
+    w4a16_gemv,
     w4a16_matmul,
 )
+from kernels.quant_int4_mma import MMA_BLOCK_K, default_mma_config, w4a16_mma
 from vllm_runner.model.layers.int4 import quantize_int4
 
 # The GEMV scales each group's fp32 partial product, the reference dequantizes first (one
@@ -34,8 +36,8 @@ def make_int4(n: int, k: int, group_size: int, device: torch.device):
     return quantize_int4(w, group_size)
 
 
-def check(x, weights, group_size, bias=None, config=None) -> torch.Tensor:
-    out = w4a16_matmul(x, *weights, group_size, bias, config)
+def check(x, weights, group_size, bias=None, config=None, kernel=w4a16_matmul) -> torch.Tensor:
+    out = kernel(x, *weights, group_size, bias, config)
     ref = reference.w4a16_linear(x, *weights, group_size, bias)
     assert out.dtype == x.dtype and out.shape == ref.shape
     assert not out.isnan().any(), "kernel left unwritten elements"
@@ -75,15 +77,43 @@ def test_w4a16_matches_reference(device, dtype, m, n, k, group_size, with_bias) 
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 3, 6])
-@pytest.mark.parametrize("m,block_m", [(7, 8), (1, 4)])
-def test_w4a16_split_k_and_ragged_tiles(device, split_k: int, m: int, block_m: int) -> None:
+@pytest.mark.parametrize("m,block_m", [(1, 1), (2, 2), (3, 4)])
+def test_gemv_split_k_and_ragged_tiles(device, split_k: int, m: int, block_m: int) -> None:
     """The GEMV: K split unevenly across programs (the last split short, or empty and
-    dropped), N not a multiple of its tile, rows padded (7 of 8, 1 of 4), K tiles smaller than
-    a group."""
+    dropped), N not a multiple of its tile, rows padded (3 of 4), K tiles smaller than a
+    group."""
     weights = make_int4(72, 300, 64, device)
     x = torch.randn(m, 300, device=device)
     bias = torch.randn(72, device=device)
-    check(x, weights, 64, bias, W4A16Config(block_m, 32, 32, split_k=split_k))
+    check(x, weights, 64, bias, W4A16Config(block_m, 32, 32, split_k=split_k), w4a16_gemv)
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3, 6])
+@pytest.mark.parametrize("group_size", [128, 64])
+@pytest.mark.parametrize("m", [7, 19, 40])
+def test_mma_split_k_and_ragged_tiles(device, split_k: int, group_size: int, m: int) -> None:
+    """The tensor-core kernel: K (300: a partial last tile and word) split unevenly across
+    programs, N not a multiple of its tile, rows padded (7 of 16) and over several row tiles
+    (19, 40); a K tile in one group (128: the scale after the dots) or over two (64: the
+    weights scaled first)."""
+    weights = make_int4(72, 300, group_size, device)
+    x = torch.randn(m, 300, device=device)
+    bias = torch.randn(72, device=device)
+    config = W4A16Config(16, 32, MMA_BLOCK_K, split_k=split_k)
+    check(x, weights, group_size, bias, config, w4a16_mma)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_mma_16_bit_rows_with_group_tiles(device, dtype) -> None:
+    """16-bit rows on the exact path (q - zero as 16-bit integers into the dots, the scale
+    on the fp32 sums): within the output dtype's rounding of the fp32 reference."""
+    weights = make_int4(96, 512, 128, device)
+    x = torch.randn(24, 512, device=device).to(dtype)
+    out = w4a16_mma(x, *weights, 128, None, W4A16Config(16, 32, MMA_BLOCK_K, split_k=2))
+    ref = reference.w4a16_linear(x, *weights, 128)
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    scale = ref.float().abs().max().item()
+    torch.testing.assert_close(out.float(), ref.float(), atol=4 * ulp * scale, rtol=ulp)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -103,19 +133,23 @@ def test_int4_dequantize_kernel_is_the_reference_rounded(device, dtype) -> None:
         torch.testing.assert_close(got.float(), exact, atol=0, rtol=ulp)
 
 
-def test_w4a16_group_edges_are_exact_in_fp32(device) -> None:
-    """One input at a time (the GEMV's rows): the output is that input's weight column,
-    dequantized; every column of a group edge (first / last of each group, the short last
-    one) reads its own group's scale and zero point."""
-    n, k, group_size = 40, 200, 64
+@pytest.mark.parametrize(
+    "group_size,edges",
+    [(64, [0, 63, 64, 127, 128, 191, 192, 199]), (128, [0, 1, 127, 128, 129, 198, 199])],
+)
+def test_w4a16_group_edges_are_exact_in_fp32(device, group_size, edges) -> None:
+    """One input at a time (one row each: the tensor-core kernel's rows, and each alone: the
+    GEMV's): the output is that input's weight column, dequantized; every column of a group
+    edge (first / last of each group, the short last one) reads its own group's scale and
+    zero point."""
+    n, k = 40, 200
     weights = make_int4(n, k, group_size, device)
-    edges = [0, 63, 64, 127, 128, 191, 192, 199]
-    assert len(edges) == GEMV_MAX_M
     x = torch.zeros(len(edges), k, device=device)
     x[torch.arange(len(edges)), edges] = 1.0
-    out = w4a16_matmul(x, *weights, group_size)
     columns = reference.int4_dequantize(*weights, group_size, k)[:, edges].T
-    assert torch.equal(out, columns)
+    assert torch.equal(w4a16_matmul(x, *weights, group_size), columns)
+    for row, want in zip(x, columns, strict=True):
+        assert torch.equal(w4a16_matmul(row[None], *weights, group_size)[0], want)
 
 
 def test_w4a16_leading_dims_and_empty_batch(device) -> None:
@@ -137,11 +171,23 @@ def test_default_config_fits_the_group() -> None:
     assert default_config(2, 4096, 48).block_k == 16
 
 
+def test_default_mma_config_fills_the_card() -> None:
+    """Rows padded to 16-64 a program, 128 channels, K split until ~264 programs, one fewer
+    where that cuts the K tiles evenly (at least 4 K tiles a split)."""
+    assert default_mma_config(3, 6144, 4096) == W4A16Config(16, 128, 128, 6)  # 48 blocks
+    assert default_mma_config(20, 28672, 4096).split_k == 2  # 224 channel blocks
+    assert default_mma_config(64, 4096, 14336) == W4A16Config(64, 128, 128, 8)  # not 9
+    assert default_mma_config(3, 4096, 1024).split_k == 2  # 8 tiles of K: 4 a split
+
+
 def test_launcher_refuses_wrong_layouts(device) -> None:
     weights = make_int4(32, 128, 64, device)
     x = torch.randn(2, 128, device=device)
     with pytest.raises(AssertionError, match="block_k 128 must divide group_size 64"):
-        w4a16_matmul(x, *weights, 64, config=W4A16Config(16, 32, 128))
+        w4a16_matmul(x[:1], *weights, 64, config=W4A16Config(1, 32, 128))
+    with pytest.raises(AssertionError, match="takes block_m >= 16 and block_k 128"):
+        w4a16_matmul(torch.randn(3, 128, device=device), *weights, 64,
+                     config=W4A16Config(16, 32, 64))  # fmt: skip
     with pytest.raises(AssertionError, match=r"scale .* must be fp32 \(32, 1\)"):
         w4a16_matmul(x, *weights, 128)
     with pytest.raises(AssertionError, match=r"qweight torch.int32 \(32, 16\) must be int32"):
@@ -150,7 +196,7 @@ def test_launcher_refuses_wrong_layouts(device) -> None:
 
 # ---- GPU: Llama-3-8B shapes ------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 16, 256, 4096])
+@pytest.mark.parametrize("m", [1, 2, 16, 64, 256, 4096])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
                          ids=["qkv", "o", "gate_up", "down"])  # fmt: skip
 def test_gpu_w4a16_llama8b_shapes(m: int, n: int, k: int) -> None:

@@ -1,0 +1,199 @@
+"""W4A16 on tensor cores for a few rows (batched decode): ``out = x @ dequant(q).T + bias``
+with the int4 layout of ``kernels.int4_words``.
+
+The one-row GEMV (``kernels.quant_int4``) converts every weight once per row on the CUDA
+cores, so from two rows on it is slower than a bf16 GEMM; past a few rows the other path
+dequantizes the whole weight to x's dtype and calls cuBLAS, which moves 4.5 bytes a weight
+where bf16 moves 2. Here each weight tile is converted once per program and multiplied on
+tensor cores by up to ``BLOCK_M`` rows, reading 0.5 byte a weight.
+
+A program's K tile: the [channels, BLOCK_K / 8] words become [channels, BLOCK_K] weights in
+K order (eight nibble planes, three rounds of register interleaves) and meet a contiguous
+[rows, BLOCK_K] tile of x in one dot. (A first version dotted each nibble plane with a
+strided load of x: its per-element loads grew with the rows, 2-6x slower than bf16.) A K
+tile lies in one group when the group holds 128 inputs or a multiple (the usual GPTQ / AWQ
+groups, and channel-wise ones of such K): the dot takes the exact small integers q - zero
+and the group's scale multiplies the fp32 sum, as the GEMV does. Smaller groups change
+scale inside a tile: there each weight is dequantized and rounded to x's dtype first, as
+the cuBLAS path does.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.int4_words import (
+    W4A16Config,
+    load_words,
+    nibble_as_float,
+    split_counters,
+    split_k_launch,
+    store_or_combine,
+)
+from kernels.launch import cdiv
+from kernels.pdl import pdl_launch, wait_for_predecessor
+
+MMA_BLOCK_K = 128  # eight dots of 16 inputs: the least a 16-bit tensor-core dot takes
+
+
+@triton.jit(do_not_specialize=["M"])  # the batch changes every step: no recompiles
+def _w4a16_mma_kernel(
+    x_ptr,  # [M, K] fp32 / fp16 / bf16
+    w_ptr,  # [N, ceil(K / 8)] int32, packed along K
+    scale_ptr,  # [N, num_groups] fp32
+    zero_ptr,  # [N, num_groups] uint8
+    bias_ptr,  # [N] (HAS_BIAS only)
+    out_ptr,  # [M, N]
+    partial_ptr,  # [splits, M, N] fp32 (splits > 1 only)
+    counter_ptr,  # [row blocks * channel blocks] int32 zeros, left zero (splits > 1 only)
+    M,
+    N,
+    K,
+    k_per_split,  # multiple of BLOCK_K
+    group_size,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_sn,
+    stride_sg,
+    stride_zn,
+    stride_zg,
+    stride_om,
+    stride_on,
+    BLOCK_M: tl.constexpr,  # >= 16
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # 128
+    GROUP_TILES: tl.constexpr,  # group_size % BLOCK_K == 0: one scale per K tile
+    PRECISION: tl.constexpr,  # the dots': "ieee" for fp32 x (16-bit x: exact products)
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,  # K split across programs (grid dim 1 > 1)
+    PDL: tl.constexpr,
+):
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_word = tl.arange(0, BLOCK_K // 8)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    num_words = tl.cdiv(K, 8)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    last = k_lo + (k_hi - 1 - k_lo) // BLOCK_K * BLOCK_K  # the split's last K tile
+    # as the GEMV: the first weight tile before the wait (weights never depend on the
+    # previous kernel), each next tile requested before the current one is multiplied
+    packed = load_words(w_rows, k_lo, offs_word, n_mask, num_words, stride_wk)
+    wait_for_predecessor(PDL)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ahead = load_words(w_rows, tl.minimum(k0 + BLOCK_K, last), offs_word, n_mask,
+                           num_words, stride_wk)  # fmt: skip
+        if GROUP_TILES:  # one scale and zero per channel for the whole tile
+            g = k0 // group_size
+            zero = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0)
+            scale = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask,
+                            other=0.0)  # fmt: skip
+            zero = zero.to(tl.float32)[:, None]
+        else:  # each word's group (a word never straddles one: groups are multiples of 16)
+            g = (k0 + 8 * offs_word[None, :]) // group_size
+            g_mask = n_mask[:, None] & (g < tl.cdiv(K, group_size))
+            zero = tl.load(zero_ptr + offs_n[:, None] * stride_zn + g * stride_zg, mask=g_mask,
+                           other=0).to(tl.float32)  # fmt: skip
+            scale = tl.load(scale_ptr + offs_n[:, None] * stride_sn + g * stride_sg,
+                            mask=g_mask, other=0.0)  # fmt: skip
+        ks = k0 + tl.arange(0, BLOCK_K)  # (x is zero past the split and K: padding nibbles)
+        x = tl.load(x_rows + ks[None, :] * stride_xk,
+                    mask=(rows < M)[:, None] & (ks < k_hi)[None, :], other=0.0)  # fmt: skip
+        w = _unpack(packed, zero, scale, GROUP_TILES, dtype)  # [BLOCK_N, BLOCK_K]
+        part = tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        if GROUP_TILES:
+            acc += part * scale[None, :]
+        else:
+            acc += part
+        packed = ahead
+    tile = pid_m * tl.num_programs(0) + pid_n
+    store_or_combine(acc, bias_ptr, out_ptr, partial_ptr, counter_ptr, tile, rows, offs_n, M,
+                     N, stride_om, stride_on, HAS_BIAS, SPLIT)  # fmt: skip
+
+
+@triton.jit
+def _unpack(packed, zero, scale, GROUP_TILES: tl.constexpr, dtype: tl.constexpr):
+    """The tile's [channels, BLOCK_K / 8] words as [channels, BLOCK_K] weights in K order,
+    in x's dtype: q - zero (exact) or, without GROUP_TILES, (q - zero) * scale rounded."""
+    n0 = _nibble(packed, 0, zero, scale, GROUP_TILES, dtype)
+    n1 = _nibble(packed, 1, zero, scale, GROUP_TILES, dtype)
+    n2 = _nibble(packed, 2, zero, scale, GROUP_TILES, dtype)
+    n3 = _nibble(packed, 3, zero, scale, GROUP_TILES, dtype)
+    n4 = _nibble(packed, 4, zero, scale, GROUP_TILES, dtype)
+    n5 = _nibble(packed, 5, zero, scale, GROUP_TILES, dtype)
+    n6 = _nibble(packed, 6, zero, scale, GROUP_TILES, dtype)
+    n7 = _nibble(packed, 7, zero, scale, GROUP_TILES, dtype)
+    # k = 8j + i: three rounds of pairwise interleaves put nibble i of word j at 8j + i
+    low = tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6))
+    high = tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7))
+    return tl.interleave(low, high)
+
+
+@triton.jit
+def _nibble(packed, i: tl.constexpr, zero, scale, GROUP_TILES: tl.constexpr, dtype: tl.constexpr):
+    w = nibble_as_float(packed, i) - zero
+    if not GROUP_TILES:
+        w = w * scale
+    return w.to(dtype)
+
+
+def default_mma_config(m: int, n: int, k: int) -> W4A16Config:
+    """16-64 rows a program (as many as there are, padded), 128 channels at four warps; K
+    split so that the programs about fill an H200's 132 SMs twice, one split fewer where
+    that cuts K's tiles evenly; at least 4 K tiles a split. From an H200 sweep at 4-64 rows
+    (``benchmarks/int4_probe.py --sweep mma``, the 8B shapes, 16 rows, us): qkv 19.7 with
+    6 splits (4: 23.6, 8: 23.1), down 40.5 with 8 x 14 tiles (9: 51.9, 4: 52.1), gate_up
+    80-86 at 1-8 splits; 64 channels or eight warps were slower."""
+    block_m = min(64, max(16, 1 << (m - 1).bit_length()))
+    block_n = 128
+    programs = cdiv(n, block_n) * cdiv(m, block_m)
+    tiles = cdiv(k, MMA_BLOCK_K)
+    split = cdiv(264, programs)
+    if tiles % split and split > 1 and tiles % (split - 1) == 0:
+        split -= 1
+    split = max(1, min(tiles // 4, split))
+    return W4A16Config(block_m, block_n, MMA_BLOCK_K, split, num_warps=4)
+
+
+def w4a16_mma(
+    x: torch.Tensor,  # [M, K] fp32 / fp16 / bf16
+    qweight: torch.Tensor,  # [N, ceil(K / 8)] int32
+    scale: torch.Tensor,  # [N, ceil(K / group_size)] fp32
+    zero: torch.Tensor,  # [N, ceil(K / group_size)] uint8
+    group_size: int,  # a multiple of 16
+    bias: torch.Tensor | None = None,  # [N]
+    config: W4A16Config | None = None,
+) -> torch.Tensor:  # [M, N] in x.dtype
+    """The tensor-core kernel (inputs checked by ``kernels.quant_int4.w4a16_matmul``)."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    cfg = config or default_mma_config(m, n, k)
+    assert cfg.block_m >= 16 and cfg.block_k == MMA_BLOCK_K, (
+        f"the tensor-core kernel takes block_m >= 16 and block_k {MMA_BLOCK_K}, got {cfg}"
+    )
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    k_per_split, split = split_k_launch(k, cfg.block_k, cfg.split_k)
+    grid = (cdiv(n, cfg.block_n), split, cdiv(m, cfg.block_m))
+    partial, counters = out, out  # unread without a split
+    if split > 1:
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        counters = split_counters(x.device, grid[0] * grid[2])
+    _w4a16_mma_kernel[grid](
+        x, qweight, scale, zero, bias if bias is not None else scale, out, partial, counters,
+        m, n, k, k_per_split, group_size,
+        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
+        scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_TILES=group_size % cfg.block_k == 0,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HAS_BIAS=bias is not None,
+        SPLIT=split > 1, num_warps=cfg.num_warps, **pdl_launch(x.device),
+    )  # fmt: skip
+    return out
