@@ -24,9 +24,9 @@ KERNELS = {
     "_write_kv_cache_kernel", "_rotary_write_kv_kernel", "_decode_kernel",
     "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel",
     "_silu_and_mul_kernel", "_w8a16_kernel", "_gemv_kernel", "_fp8_quantize_rows_kernel",
-    "_sample_kernel", "_w4a16_gemv_kernel", "_int4_dequantize_kernel",
+    "_sample_kernel", "_w4a16_gemv_kernel", "_int4_dequantize_kernel", "_w4a16_mma_kernel",
 }  # fmt: skip
-KERNELS_INT4 = ["_w4a16_gemv_kernel", "_w4a16_gemv_kernel", "_int4_dequantize_kernel"]
+KERNELS_INT4 = ["_w4a16_gemv_kernel"] * 2 + ["_w4a16_mma_kernel"] * 2 + ["_int4_dequantize_kernel"]
 
 
 class _Recorder:
@@ -98,6 +98,7 @@ def _compile_all() -> list[dict]:
     import kernels.pdl
     import kernels.prefill_attention as pf
     import kernels.quant_int4 as qi
+    import kernels.quant_int4_mma as qmma
     import kernels.quant_matmul as qm
     import kernels.rms_norm as rn
     import kernels.rotary as ro
@@ -108,7 +109,7 @@ def _compile_all() -> list[dict]:
     pa.ptx_widening = lambda device: True  # (weights, and an fp8 KV cache's word pairs)
     results: list[dict] = []
     sm._programs = lambda device: 66  # (an H100's half: split rows, their barriers compiled)
-    for mod in (ac, ds, kv, pa, pf, qg, qi, qm, rn, ro, sm):
+    for mod in (ac, ds, kv, pa, pf, qg, qi, qmma, qm, rn, ro, sm):
         for name in KERNELS & set(vars(mod)):
             setattr(mod, name, _Recorder(name, getattr(mod, name), results))
     bt = torch.zeros(4, 16, dtype=torch.int32)
@@ -193,9 +194,11 @@ def _compile_all() -> list[dict]:
                                 torch.empty(n, k, dtype=wdtype), torch.empty(n),
                                 gated=gated)  # fmt: skip
     # int4 weights (groups of 128; 32: a shorter K tile): the GEMV at one row with split K and
-    # at 8 rows, ragged N and K; the dequantize pass of more rows
+    # at 2 rows, ragged N and K; the tensor-core kernel (group tiles with split K; groups of
+    # 32 inside a tile, ragged); the dequantize pass of more rows
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for m, n, k, group in [(1, 4096, 4096, 128), (8, 72, 300, 32), (256, 4096, 4096, 128)]:
+        for m, n, k, group in [(1, 4096, 4096, 128), (2, 72, 300, 32), (16, 4096, 4096, 128),
+                               (8, 72, 300, 32), (256, 4096, 4096, 128)]:  # fmt: skip
             groups = -(-k // group)
             qi.w4a16_matmul(torch.empty(m, k, dtype=dtype),
                             torch.empty(n, -(-k // 8), dtype=torch.int32),
@@ -241,6 +244,8 @@ def test_kernels_compile_for_sm90() -> None:
     assert prefill_bf16[0]["mma"] == "wgmma", prefill_bf16
     int4 = [r["kernel"] for r in results if r["kernel"] in KERNELS_INT4]
     assert sorted(int4) == sorted(KERNELS_INT4 * 3), int4  # each for bf16, fp16, fp32
+    w4_mma = [r for r in results if r["kernel"] == "_w4a16_mma_kernel" and "32" not in r["dtype"]]
+    assert len(w4_mma) == 4 and all(r["mma"] != "none" for r in w4_mma), w4_mma
 
 
 if __name__ == "__main__":
