@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from kernel_testing import DTYPE_IDS, DTYPES
 
 from kernels import reference
+from kernels.int4_words import split_counters
 from kernels.quant_int4 import (
     GEMV_MAX_M,
     W4A16Config,
@@ -101,6 +102,49 @@ def test_mma_split_k_and_ragged_tiles(device, split_k: int, group_size: int, m: 
     bias = torch.randn(72, device=device)
     config = W4A16Config(16, 32, MMA_BLOCK_K, split_k=split_k)
     check(x, weights, group_size, bias, config, w4a16_mma)
+    assert not split_counters(device, 1).any(), "a split tile's counter was left set"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "k,group_size",
+    [(300, 16), (300, 48), (400, 80), (304, 304), (1000, 384), (300, 256)],
+    ids=["16", "48", "80", "channel-304", "384", "256-short"],
+)
+def test_mma_group_sizes(device, dtype, k: int, group_size: int) -> None:
+    """Groups the checkpoints allow (any multiple of 16) beside 64 / 128: several a K tile,
+    not a power of 2 (48, 80: a tile starts inside a group), one a row of K not a multiple
+    of the tile (304: the weights scaled first), whole tiles but not a power of 2 (384, K
+    1000: the short last group), larger than K's last tile (256 of 300); K split, with
+    several row tiles."""
+    weights = make_int4(40, k, group_size, device)
+    x = torch.randn(19, k, device=device).to(dtype)
+    bias = torch.randn(40, device=device).to(dtype)
+    check(x, weights, group_size, bias, W4A16Config(16, 32, MMA_BLOCK_K, split_k=3), w4a16_mma)
+
+
+@pytest.mark.parametrize("m", [2, 5])
+def test_w4a16_strided_rows_are_the_contiguous_rows(device, m: int) -> None:
+    """Rows of a wider tensor, every other input, and a permuted 3-D batch (the GEMV and the
+    tensor-core kernel): the same output, bit for bit, as their copy."""
+    weights = make_int4(40, 200, 64, device)
+    wide = torch.randn(m, 400, device=device).bfloat16()
+    for x in (wide[:, :200], wide[:, ::2], wide.view(m, 2, 200).transpose(0, 1)):
+        assert not x.is_contiguous()
+        want = w4a16_matmul(x.contiguous(), *weights, 64)
+        assert torch.equal(w4a16_matmul(x, *weights, 64), want)
+    check(wide[:, ::2], weights, 64)
+
+
+@pytest.mark.parametrize("m", [3, 64, 65])
+def test_w4a16_default_configs_split_k(device, m: int) -> None:
+    """What ``w4a16_matmul`` picks at the tensor-core kernel's ends (3 and 64 rows: K of 8
+    tiles split in 2, 16 and 64 rows a program) and past it (65: dequantized)."""
+    if m <= 64:
+        assert default_mma_config(m, 40, 1024).split_k == 2
+    weights = make_int4(40, 1024, 128, device)
+    check(torch.randn(m, 1024, device=device).bfloat16(), weights, 128)
+    assert not split_counters(device, 1).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -209,3 +253,18 @@ def test_gpu_w4a16_llama8b_shapes(m: int, n: int, k: int) -> None:
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 4e-3
     torch.testing.assert_close(out.float(), ref.float(), atol=0.02 * ref.float().abs().max().item(),
                                rtol=1.6e-2)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("group_size", [32, 64, 1024, -1], ids=["32", "64", "1024", "row"])
+@pytest.mark.parametrize("m", [3, 40])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336)], ids=["qkv", "down"])
+def test_gpu_w4a16_mma_group_sizes(dtype, group_size: int, m: int, n: int, k: int) -> None:
+    """The tensor-core kernel at 8B shapes with the other groups checkpoints use (32, 64:
+    weights scaled before the dots; 1024 and one a row: a scale on the sums), 16-bit rows
+    within the output's rounding (fp32 runs in the int4 engines' GPU tests)."""
+    group_size = k if group_size == -1 else group_size
+    weights = make_int4(n, k, group_size, torch.device("cuda"))
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    check(x, weights, group_size, torch.randn(n, device="cuda").to(dtype))
