@@ -2,6 +2,9 @@
 budget, fp8 KV admission, decode-graph buckets and the offload layer plan (CPU only, the
 CUDA memory queries faked). Every expected value is worked out by hand in its comment."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -53,6 +56,32 @@ def test_gpu_kv_blocks_round_down_to_whole_blocks(monkeypatch):
     # blocks of 3 MiB is 13653.3: 13653 whole blocks, never one more than the budget
     got = memory.num_blocks_for_gpu(torch.device("cuda"), 0.5, 3 * 2**20, 10 * GiB, 4 * GiB)
     assert got == 13653
+
+
+def test_memory_baseline_collects_dropped_engines_first(monkeypatch):
+    """An engine dropped in a reference cycle holds its device memory until the collector
+    runs: the next engine's baseline (what other engines hold) collects it first, or its
+    memory freed mid-profile would shrink the new engine's peak. A CPU engine has none."""
+    live = weakref.WeakSet()  # the engines alive, each holding 1 GiB of "device memory"
+
+    class Engine:
+        def __init__(self) -> None:
+            self.me = self  # a reference cycle: ``del`` alone does not free it
+            live.add(self)
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: len(live) * GiB)
+    enabled = gc.isenabled()
+    gc.disable()  # (no automatic collection in between)
+    try:
+        kept, dropped = Engine(), Engine()
+        del dropped
+        assert len(live) == 2
+        assert memory.others_allocated_bytes(torch.device("cpu")) == 0
+        assert memory.others_allocated_bytes(torch.device("cuda")) == GiB
+        assert list(live) == [kept]
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @pytest.mark.parametrize(
