@@ -19,8 +19,9 @@ from kernels.quant_int4_mma import MMA_BLOCK_K, default_mma_config, w4a16_mma
 from vllm_runner.model.layers.int4 import quantize_int4
 
 # The GEMV scales each group's fp32 partial product, the reference dequantizes first (one
-# fp32 rounding per weight); past GEMV_MAX_M rows the weight is rounded to x's dtype (as a
-# float layer's): the output dtype's rounding dominates.
+# fp32 rounding per weight); past GEMV_MAX_M rows the weight may be rounded to x's dtype (as
+# a float layer's: the tensor-core kernel's groups under 128, and past MMA_MAX_M rows): the
+# output dtype's rounding dominates.
 TOL = {
     torch.float32: {"atol": 1e-4, "rtol": 1e-4},
     torch.float16: {"atol": 2e-3, "rtol": 2e-3},
@@ -63,14 +64,15 @@ def check(x, weights, group_size, bias=None, config=None, kernel=w4a16_matmul) -
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize(
     "m,n,k,group_size",
-    [(1, 96, 256, 128), (5, 64, 200, 128), (8, 80, 300, 64), (3, 40, 96, 32), (19, 80, 300, 64),
-     (80, 72, 384, 128)],
-    ids=["one-row", "short-group", "K%8", "group32", "dequantized-K%8", "dequantized"],
+    [(1, 96, 256, 128), (2, 40, 200, 64), (5, 64, 200, 128), (8, 80, 300, 64), (3, 40, 96, 32),
+     (19, 80, 300, 64), (80, 72, 384, 128)],
+    ids=["one-row", "two-rows", "short-group", "K%8", "group32", "19-rows-K%8", "dequantized"],
 )  # fmt: skip
 @pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
 def test_w4a16_matches_reference(device, dtype, m, n, k, group_size, with_bias) -> None:
     """Default configs: K not a multiple of the tile (200, 300), of a word (300 = 37.5 words),
-    several groups per row; M up to GEMV_MAX_M (the GEMV) and above (dequantized, cuBLAS)."""
+    several groups per row; M up to GEMV_MAX_M (the GEMV), up to MMA_MAX_M (the tensor-core
+    kernel) and above (dequantized, cuBLAS)."""
     weights = make_int4(n, k, group_size, device)
     x = torch.randn(m, k, device=device).to(dtype)
     bias = torch.randn(n, device=device).to(dtype) if with_bias else None
