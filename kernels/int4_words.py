@@ -72,8 +72,9 @@ def store_or_combine(acc, bias_ptr, out_ptr, partial_ptr, counter_ptr, counter, 
 @dataclasses.dataclass(frozen=True)
 class W4A16Config:
     """A W4A16 kernel's tiles: ``block_m`` padded rows, ``block_n`` output channels and
-    ``block_k`` inputs a program step (it must divide the group size: a K tile has one
-    scale and zero per channel); ``split_k`` cuts K across programs."""
+    ``block_k`` inputs a program step (the GEMV's must divide the group size: one scale and
+    zero per channel a K tile; the tensor-core kernel's is 128 for any group); ``split_k``
+    cuts K across programs."""
 
     block_m: int
     block_n: int
