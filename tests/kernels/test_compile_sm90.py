@@ -25,6 +25,7 @@ KERNELS = {
     "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel",
     "_silu_and_mul_kernel", "_w8a16_kernel", "_gemv_kernel", "_fp8_quantize_rows_kernel",
     "_sample_kernel", "_w4a16_gemv_kernel", "_int4_dequantize_kernel", "_w4a16_mma_kernel",
+    "_fused_moe_kernel",
 }  # fmt: skip
 KERNELS_INT4 = ["_w4a16_gemv_kernel"] * 2 + ["_w4a16_mma_kernel"] * 2 + ["_int4_dequantize_kernel"]
 
@@ -92,6 +93,7 @@ def _compile_all() -> list[dict]:
 
     import kernels.activation as ac
     import kernels.decode_splits as ds
+    import kernels.fused_moe as fm
     import kernels.gemv as qg
     import kernels.kv_cache as kv
     import kernels.paged_attention as pa
@@ -109,7 +111,7 @@ def _compile_all() -> list[dict]:
     pa.ptx_widening = lambda device: True  # (weights, and an fp8 KV cache's word pairs)
     results: list[dict] = []
     sm._programs = lambda device: 66  # (an H100's half: split rows, their barriers compiled)
-    for mod in (ac, ds, kv, pa, pf, qg, qi, qmma, qm, rn, ro, sm):
+    for mod in (ac, ds, fm, kv, pa, pf, qg, qi, qmma, qm, rn, ro, sm):
         for name in KERNELS & set(vars(mod)):
             setattr(mod, name, _Recorder(name, getattr(mod, name), results))
     bt = torch.zeros(4, 16, dtype=torch.int32)
@@ -204,6 +206,11 @@ def _compile_all() -> list[dict]:
                             torch.empty(n, -(-k // 8), dtype=torch.int32),
                             torch.empty(n, groups), torch.empty(n, groups, dtype=torch.uint8),
                             group, torch.empty(n, dtype=dtype))  # fmt: skip
+    # MoE: the grouped GEMMs (gate / up with SiLU-mul, down with the routing weight)
+    for dtype in (torch.bfloat16, torch.float32):
+        fm.fused_moe(torch.empty(16, 256, dtype=dtype), torch.empty(8, 2 * 128, 256, dtype=dtype),
+                     torch.empty(8, 256, 128, dtype=dtype), torch.rand(16, 2),
+                     torch.zeros(16, 2, dtype=torch.int32))  # fmt: skip
     # 16-bit weights through the GEMV with each of the decode layer's fusions
     for wdtype in (torch.bfloat16, torch.float16):
         for n, k in [(4096, 4096), (72, 300)]:
