@@ -2,7 +2,7 @@
 # One device-machine call: GPU tests, kernel check + timings, engine throughput.
 # Usage on the device: bash benchmarks/gpu_session.sh STEP...   (STEP: tests, tests-small, kernels, w1-1b,
 # w1-8b, peers-1b, peers-8b, profile-1b, profile-8b, steps-1b, steps-8b, torch-1b, quant-b1,
-# quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, lone-decode, w1-fp8,
+# quant-tune, quant-b1-only, quant-b1-ab, quant-offload, quant-cap, int4-probe, features-tests, kernels-w1, kernels-gaps, compiles-8b, gemv, gemv-engine, gemv-chain, lone-decode, w1-fp8,
 # kernels-w1-fp8, persistent-probe, gemm-probe, gemm-streamk, blas-probe,
 # read-bw, sampler-probe, gemm-prefill, persistent-layers, loadtest-1b, serving-ab, variants-ab, chat-ab, engine-ab, profile-engine, profile-serving,
 # overlap-probe, argmax-probe)
@@ -50,6 +50,21 @@ for step in "$@"; do
     quant-b1-only) python benchmarks/quant_offload.py --cases b1 --out "$OUT/quant_b1.json" 2>&1 | tail -20 ;;
     quant-b1-ab) python benchmarks/quant_offload.py --cases b1 --pdl-ab --out "$OUT/quant_b1_ab.json" 2>&1 | tail -20 ;;
     quant-offload) python benchmarks/quant_offload.py --cases offload --out "$OUT/offload.json" 2>&1 | tail -12 ;;
+    int4-probe) # each int4 path at 1-256 rows (8B shapes) against bf16
+             python benchmarks/int4_probe.py --m 1,2,4,8,16,32,64,128,256 \
+               --out "$OUT/int4_probe.json" 2>&1 | tail -110 ;;
+    features-tests) # the newer features' GPU tests, one file a process, one at a time (each
+             # engine sizes its memory: processes side by side make each other's engines
+             # refuse to start), each with its own limit (compiles take minutes); logs kept
+             for f in tests/model/test_gpu_moe.py tests/model/test_gpu_gemma.py \
+                      tests/model/test_gpu_lora.py tests/model/test_gpu_structured_outputs.py \
+                      tests/unit/test_int4.py tests/unit/test_awq.py tests/unit/test_gptq.py \
+                      tests/unit/test_compressed_tensors.py tests/kernels/test_quant_int4.py \
+                      tests/kernels/test_fused_moe.py tests/kernels/test_attention_window.py; do
+               log="$OUT/features_$(basename "$f" .py).log"
+               timeout "${FILE_LIMIT_S:-240}" python -m pytest "$f" -m "gpu or not gpu" -q -rf \
+                 -p no:cacheprovider > "$log" 2>&1; echo "$f: rc=$? $(tail -1 "$log")"
+             done ;;
     quant-cap) python benchmarks/quant_offload.py --cases cap --out "$OUT/offload_cap.json" 2>&1 | tail -12 ;;
     gemv) python benchmarks/gemv.py --out "$OUT/gemv.json" 2>&1 | tail -150 ;;
     gemv-chain) python benchmarks/gemv.py --cases chain --out "$OUT/gemv_chain.json" 2>&1 | tail -16 ;;
