@@ -11,6 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import cdiv
+from kernels.pdl import pdl_launch
+
 NIBBLES = 8  # 4-bit values per int32 word
 
 
@@ -102,6 +105,42 @@ def split_k_launch(k: int, block_k: int, split_k: int) -> tuple[int, int]:
     can leave fewer non-empty splits than asked for."""
     k_per_split = math.ceil(math.ceil(k / split_k) / block_k) * block_k
     return k_per_split, math.ceil(k / k_per_split)
+
+
+def launch_split(
+    kernel,  # a W4A16 ``_kernel`` (its arguments: see kernels.quant_int4's GEMV)
+    x: torch.Tensor,  # [M, K]
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+    cfg: W4A16Config,
+    row_blocks: int,  # grid dim 2: blocks of ``cfg.block_m`` rows
+    **constexprs: object,  # the kernel's own
+) -> torch.Tensor:  # [M, N] in x.dtype
+    """Launch over (channel blocks, K splits, row blocks); with a split, the fp32 partials
+    and the zeroed counters its programs combine through (``store_or_combine``)."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    k_per_split, split = split_k_launch(k, cfg.block_k, cfg.split_k)
+    grid = (cdiv(n, cfg.block_n), split, row_blocks)
+    partial, counters = out, out  # unread without a split
+    if split > 1:
+        partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        counters = split_counters(x.device, grid[0] * grid[2])
+    kernel[grid](
+        x, qweight, scale, zero, bias if bias is not None else scale, out, partial, counters,
+        m, n, k, k_per_split, group_size,
+        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
+        scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        HAS_BIAS=bias is not None, SPLIT=split > 1, num_warps=cfg.num_warps,
+        **pdl_launch(x.device), **constexprs,
+    )  # fmt: skip
+    return out
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}

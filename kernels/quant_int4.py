@@ -36,14 +36,13 @@ from kernels.int4_words import (
     NIBBLES,
     W4A16Config,
     group_block_k,
+    launch_split,
     load_words,
     nibble_as_float,
-    split_counters,
-    split_k_launch,
     store_or_combine,
 )
 from kernels.launch import cdiv, next_power_of_2
-from kernels.pdl import pdl_launch, wait_for_predecessor
+from kernels.pdl import wait_for_predecessor
 from kernels.quant_int4_mma import w4a16_mma
 
 GEMV_MAX_M = 2  # rows up to which the GEMV runs (its math is M x the weight's, on CUDA cores)
@@ -270,27 +269,9 @@ def w4a16_gemv(
 ) -> torch.Tensor:  # [M, N] in x.dtype
     """The GEMV (inputs checked by ``w4a16_matmul``)."""
     m, k = x.shape
-    n = qweight.shape[0]
     cfg = config or default_config(m, k, group_size)
     assert cfg.block_m >= m, f"block_m {cfg.block_m} must cover the {m} rows"
     assert group_size % cfg.block_k == 0, (
         f"block_k {cfg.block_k} must divide group_size {group_size} (one scale per K tile)"
     )
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    k_per_split, split = split_k_launch(k, cfg.block_k, cfg.split_k)
-    grid = (cdiv(n, cfg.block_n), split)
-    partial, counters = out, out  # unread without a split
-    if split > 1:
-        partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-        counters = split_counters(x.device, grid[0])
-    _w4a16_gemv_kernel[grid](
-        x, qweight, scale, zero, bias if bias is not None else scale, out, partial, counters,
-        m, n, k, k_per_split, group_size,
-        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
-        scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1),
-        out.stride(0), out.stride(1),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        HAS_BIAS=bias is not None, SPLIT=split > 1, num_warps=cfg.num_warps,
-        **pdl_launch(x.device),
-    )  # fmt: skip
-    return out
+    return launch_split(_w4a16_gemv_kernel, x, qweight, scale, zero, group_size, bias, cfg, 1)

@@ -24,14 +24,13 @@ import triton.language as tl
 
 from kernels.int4_words import (
     W4A16Config,
+    launch_split,
     load_words,
     nibble_as_float,
-    split_counters,
-    split_k_launch,
     store_or_combine,
 )
 from kernels.launch import cdiv
-from kernels.pdl import pdl_launch, wait_for_predecessor
+from kernels.pdl import wait_for_predecessor
 
 MMA_BLOCK_K = 128  # eight dots of 16 inputs: the least a 16-bit tensor-core dot takes
 
@@ -178,22 +177,8 @@ def w4a16_mma(
     assert cfg.block_m >= 16 and cfg.block_k == MMA_BLOCK_K, (
         f"the tensor-core kernel takes block_m >= 16 and block_k {MMA_BLOCK_K}, got {cfg}"
     )
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    k_per_split, split = split_k_launch(k, cfg.block_k, cfg.split_k)
-    grid = (cdiv(n, cfg.block_n), split, cdiv(m, cfg.block_m))
-    partial, counters = out, out  # unread without a split
-    if split > 1:
-        partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-        counters = split_counters(x.device, grid[0] * grid[2])
-    _w4a16_mma_kernel[grid](
-        x, qweight, scale, zero, bias if bias is not None else scale, out, partial, counters,
-        m, n, k, k_per_split, group_size,
-        x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1),
-        scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1),
-        out.stride(0), out.stride(1),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+    return launch_split(
+        _w4a16_mma_kernel, x, qweight, scale, zero, group_size, bias, cfg, cdiv(m, cfg.block_m),
         GROUP_TILES=group_size % cfg.block_k == 0,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", HAS_BIAS=bias is not None,
-        SPLIT=split > 1, num_warps=cfg.num_warps, **pdl_launch(x.device),
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )  # fmt: skip
-    return out
