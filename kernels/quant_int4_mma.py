@@ -4,8 +4,8 @@ with the int4 layout of ``kernels.int4_words``.
 The one-row GEMV (``kernels.quant_int4``) converts every weight once per row on the CUDA
 cores, so its time grows with the rows (at 8 rows 0.3-0.5x a bf16 GEMM's speed, H200); the
 path for many rows dequantizes the whole weight to x's dtype and calls cuBLAS, which moves
-4.5 bytes a weight where bf16 moves 2. Here each weight tile is converted once per program and multiplied on
-tensor cores by up to ``BLOCK_M`` rows, reading 0.5 byte a weight.
+4.5 bytes a weight where bf16 moves 2. Here each weight tile is converted once per program
+and multiplied on tensor cores by up to ``BLOCK_M`` rows, reading 0.5 byte a weight.
 
 A program's K tile: the [channels, BLOCK_K / 8] words become [channels, BLOCK_K] weights in
 K order (eight nibble planes, three rounds of register interleaves) and meet a contiguous
