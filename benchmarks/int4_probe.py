@@ -59,18 +59,19 @@ def sweep_configs(kernel: str, m: int, n: int, k: int) -> list[W4A16Config | Non
 
 
 def kernels_for(m: int) -> list[str]:
-    """The one-row GEMV up to 8 rows, the tensor-core kernel up to 256, dequantize + cuBLAS
-    from 2 rows on; "default": what ``w4a16_matmul`` picks."""
+    """The one-row GEMV up to 8 rows, the tensor-core kernel up to 256 (with and without its
+    PTX unpack), dequantize + cuBLAS from 2 rows on; "default": what ``w4a16_matmul``
+    picks."""
     names = ["default"]
-    names += ["gemv"] * (m <= 8) + ["mma"] * (2 <= m <= 256) + ["dequant"] * (m >= 2)
+    names += ["gemv"] * (m <= 8) + ["mma", "mma_float"] * (2 <= m <= 256) + ["dequant"] * (m >= 2)
     return names
 
 
 def call(kernel: str, x, q, cfg):
     if kernel == "gemv":
         return w4a16_gemv(x, *q, 128, None, cfg)
-    if kernel == "mma":
-        return w4a16_mma(x, *q, 128, None, cfg)
+    if kernel in ("mma", "mma_float"):  # (mma_float: without the PTX unpack)
+        return w4a16_mma(x, *q, 128, None, cfg, magic=kernel == "mma")
     if kernel == "dequant":
         return F.linear(x, int4_dequantize(*q, 128, x.shape[-1], x.dtype))
     return w4a16_matmul(x, *q, 128)

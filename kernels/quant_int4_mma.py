@@ -64,6 +64,8 @@ def _w4a16_mma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # 128
     GROUP_TILES: tl.constexpr,  # group_size % BLOCK_K == 0: one scale per K tile
+    MAGIC: tl.constexpr,  # GROUP_TILES, 16-bit x on a GPU: the unpack's PTX (else None)
+    NEG_BIAS: tl.constexpr,  # MAGIC: the 16-bit pattern of -(bias + zero) without the zero
     PRECISION: tl.constexpr,  # the dots': "ieee" for fp32 x (16-bit x: exact products)
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,  # K split across programs (grid dim 1 > 1)
@@ -94,7 +96,11 @@ def _w4a16_mma_kernel(
             zero = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0)
             scale = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask,
                             other=0.0)  # fmt: skip
-            zero = zero.to(tl.float32)[:, None]
+            if MAGIC is not None:  # -(bias + zero) in both halves of a 32-bit word
+                neg = (zero.to(tl.int32) | NEG_BIAS)[:, None]
+                zero = tl.broadcast_to(neg | (neg << 16), packed.shape)
+            else:
+                zero = zero.to(tl.float32)[:, None]
         else:  # each word's group (a word never straddles one: groups are multiples of 16)
             g = (k0 + 8 * offs_word[None, :]) // group_size
             g_mask = n_mask[:, None] & (g < tl.cdiv(K, group_size))
@@ -105,7 +111,10 @@ def _w4a16_mma_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)  # (x is zero past the split and K: padding nibbles)
         x = tl.load(x_rows + ks[None, :] * stride_xk,
                     mask=(rows < M)[:, None] & (ks < k_hi)[None, :], other=0.0)  # fmt: skip
-        w = _unpack(packed, zero, scale, GROUP_TILES, dtype)  # [BLOCK_N, BLOCK_K]
+        if MAGIC is not None:
+            w = _unpack_magic(packed, zero, MAGIC, dtype)  # [BLOCK_N, BLOCK_K]
+        else:
+            w = _unpack(packed, zero, scale, GROUP_TILES, dtype)
         part = tl.dot(x, tl.trans(w), input_precision=PRECISION)
         if GROUP_TILES:
             acc += part * scale[None, :]
@@ -136,11 +145,63 @@ def _unpack(packed, zero, scale, GROUP_TILES: tl.constexpr, dtype: tl.constexpr)
 
 
 @triton.jit
+def _unpack_magic(packed, neg_bias, MAGIC: tl.constexpr, dtype: tl.constexpr):
+    """``_unpack`` of a group tile for 16-bit x by ``MAGIC``'s PTX: two nibbles of a word a
+    32-bit op (``_magic_pairs``), q - zero exact, then the same interleaves into K order."""
+    n0, n4 = _magic_pairs(packed, neg_bias, MAGIC, dtype)
+    n1, n5 = _magic_pairs(packed >> 4, neg_bias, MAGIC, dtype)
+    n2, n6 = _magic_pairs(packed >> 8, neg_bias, MAGIC, dtype)
+    n3, n7 = _magic_pairs(packed >> 12, neg_bias, MAGIC, dtype)
+    low = tl.interleave(tl.interleave(n0, n4), tl.interleave(n2, n6))
+    high = tl.interleave(tl.interleave(n1, n5), tl.interleave(n3, n7))
+    return tl.interleave(low, high)
+
+
+@triton.jit
+def _magic_pairs(words, neg_bias, MAGIC: tl.constexpr, dtype: tl.constexpr):
+    """(nibble 0, nibble 4) of each word as 16-bit q - zero."""
+    return tl.inline_asm_elementwise(
+        asm=MAGIC,
+        constraints="=r,=r,r,r,r,r",
+        args=[words, neg_bias],
+        dtype=(dtype, dtype),
+        is_pure=True,
+        pack=2,
+    )
+
+
+@triton.jit
 def _nibble(packed, i: tl.constexpr, zero, scale, GROUP_TILES: tl.constexpr, dtype: tl.constexpr):
     w = nibble_as_float(packed, i) - zero
     if not GROUP_TILES:
         w = w * scale
     return w.to(dtype)
+
+
+# Nibbles 0 and 4 of a word (bits 0-3, 16-19) OR-ed into the mantissas of a 16-bit pair
+# whose value is a power-of-2 bias (bf16 128: 0x4300, fp16 1024: 0x6400) are bias + q
+# exactly; one fma adds -(bias + zero): q - zero, exact (Marlin's trick; sm_80+). Two words
+# a call (pack 2): the pairs regrouped by nibble with byte permutes.
+_MAGIC = """{
+    .reg .b32 t0, t1, one;
+    mov.b32 one, ONE;
+    lop3.b32 t0, $2, 0x000F000F, BIAS, 0xea;
+    lop3.b32 t1, $3, 0x000F000F, BIAS, 0xea;
+    fma.rn.TYPE t0, t0, one, $4;
+    fma.rn.TYPE t1, t1, one, $5;
+    prmt.b32 $0, t0, t1, 0x5410;
+    prmt.b32 $1, t0, t1, 0x7632;
+}"""
+MAGIC = {  # x's dtype: (the PTX, -bias's 16-bit pattern)
+    torch.bfloat16: (
+        _MAGIC.replace("TYPE", "bf16x2").replace("BIAS", "0x43004300").replace("ONE", "0x3F803F80"),
+        0xC300,
+    ),
+    torch.float16: (
+        _MAGIC.replace("TYPE", "f16x2").replace("BIAS", "0x64006400").replace("ONE", "0x3C003C00"),
+        0xE400,
+    ),
+}
 
 
 def default_mma_config(m: int, n: int, k: int) -> W4A16Config:
@@ -169,6 +230,7 @@ def w4a16_mma(
     group_size: int,  # a multiple of 16
     bias: torch.Tensor | None = None,  # [N]
     config: W4A16Config | None = None,
+    magic: bool | None = None,  # the PTX unpack (None: wherever it applies; False: A/B)
 ) -> torch.Tensor:  # [M, N] in x.dtype
     """The tensor-core kernel (inputs checked by ``kernels.quant_int4.w4a16_matmul``)."""
     m, k = x.shape
@@ -177,8 +239,12 @@ def w4a16_mma(
     assert cfg.block_m >= 16 and cfg.block_k == MMA_BLOCK_K, (
         f"the tensor-core kernel takes block_m >= 16 and block_k {MMA_BLOCK_K}, got {cfg}"
     )
+    group_tiles = group_size % cfg.block_k == 0
+    fits = x.is_cuda and x.dtype in MAGIC and group_tiles
+    assert fits or not magic, "the PTX unpack needs 16-bit x on a GPU and groups of 128s"
+    asm, neg_bias = MAGIC[x.dtype] if fits and magic is not False else (None, 0)
     return launch_split(
         _w4a16_mma_kernel, x, qweight, scale, zero, group_size, bias, cfg, cdiv(m, cfg.block_m),
-        GROUP_TILES=group_size % cfg.block_k == 0,
+        GROUP_TILES=group_tiles, MAGIC=asm, NEG_BIAS=neg_bias,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )  # fmt: skip

@@ -240,6 +240,19 @@ def test_launcher_refuses_wrong_layouts(device) -> None:
         w4a16_matmul(torch.randn(2, 64, device=device), *weights, 64)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m", [3, 16, 64])
+def test_gpu_mma_ptx_unpack_equals_the_float_unpack(dtype, m: int) -> None:
+    """The PTX unpack (two nibbles a 32-bit op) gives the dots the same 16-bit q - zero as
+    the fp32 route, so the outputs are equal, bit for bit (K split, a partial tile)."""
+    weights = make_int4(6144, 4000, 128, torch.device("cuda"))
+    x = torch.randn(m, 4000, device="cuda").to(dtype)
+    ptx = w4a16_mma(x, *weights, 128, magic=True)
+    assert torch.equal(ptx, w4a16_mma(x, *weights, 128, magic=False))
+    assert not ptx.isnan().any()
+
+
 # ---- GPU: Llama-3-8B shapes ------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 16, 64, 256, 4096])
