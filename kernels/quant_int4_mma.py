@@ -160,14 +160,15 @@ def _unpack_magic(packed, neg_bias, MAGIC: tl.constexpr, dtype: tl.constexpr):
 @triton.jit
 def _magic_pairs(words, neg_bias, MAGIC: tl.constexpr, dtype: tl.constexpr):
     """(nibble 0, nibble 4) of each word as 16-bit q - zero."""
-    return tl.inline_asm_elementwise(
-        asm=MAGIC,
-        constraints="=r,=r,r,r,r,r",
-        args=[words, neg_bias],
-        dtype=(dtype, dtype),
-        is_pure=True,
-        pack=2,
-    )
+    if dtype == tl.bfloat16:
+        out = tl.inline_asm_elementwise(MAGIC, "=r,=r,r,r,r,r", [words, neg_bias],
+                                        dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                                        pack=2)  # fmt: skip
+    else:
+        out = tl.inline_asm_elementwise(MAGIC, "=r,=r,r,r,r,r", [words, neg_bias],
+                                        dtype=(tl.float16, tl.float16), is_pure=True,
+                                        pack=2)  # fmt: skip
+    return out
 
 
 @triton.jit
@@ -202,6 +203,11 @@ MAGIC = {  # x's dtype: (the PTX, -bias's 16-bit pattern)
         0xE400,
     ),
 }
+
+
+def ptx_unpack(device: torch.device) -> bool:
+    """Whether the kernel may unpack by ``MAGIC``'s PTX (a GPU; not the interpreter)."""
+    return device.type == "cuda"
 
 
 def default_mma_config(m: int, n: int, k: int) -> W4A16Config:
@@ -240,7 +246,7 @@ def w4a16_mma(
         f"the tensor-core kernel takes block_m >= 16 and block_k {MMA_BLOCK_K}, got {cfg}"
     )
     group_tiles = group_size % cfg.block_k == 0
-    fits = x.is_cuda and x.dtype in MAGIC and group_tiles
+    fits = ptx_unpack(x.device) and x.dtype in MAGIC and group_tiles
     assert fits or not magic, "the PTX unpack needs 16-bit x on a GPU and groups of 128s"
     asm, neg_bias = MAGIC[x.dtype] if fits and magic is not False else (None, 0)
     return launch_split(

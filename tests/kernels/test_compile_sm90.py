@@ -109,6 +109,7 @@ def _compile_all() -> list[dict]:
     kernels.pdl.pdl_enabled = lambda device: True  # compile the in-kernel PDL waits too
     qm.ptx_widening = lambda device: True  # and the inline-PTX int8 / e4m3 widening
     pa.ptx_widening = lambda device: True  # (weights, and an fp8 KV cache's word pairs)
+    qmma.ptx_unpack = lambda device: True  # and the int4 tensor-core kernel's nibble pairs
     results: list[dict] = []
     sm._programs = lambda device: 66  # (an H100's half: split rows, their barriers compiled)
     for mod in (ac, ds, fm, kv, pa, pf, qg, qi, qmma, qm, rn, ro, sm):
