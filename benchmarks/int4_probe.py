@@ -63,7 +63,7 @@ def kernels_for(m: int) -> list[str]:
     PTX unpack), dequantize + cuBLAS from 2 rows on; "default": what ``w4a16_matmul``
     picks."""
     names = ["default"]
-    names += ["gemv"] * (m <= 8) + ["mma", "mma_float"] * (2 <= m <= 256) + ["dequant"] * (m >= 2)
+    names += ["gemv"] * (m <= 8) + ["mma", "mma_float"] * (m <= 256) + ["dequant"] * (m >= 2)
     return names
 
 
