@@ -79,6 +79,7 @@ def _w4a16_gemv_kernel(
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,  # K split across programs (grid dim 1 > 1)
+    PAIRS: tl.constexpr,  # 16-bit x: two nibbles a word-op as 128 + q (``_biased_pair``)
     PDL: tl.constexpr,
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -106,19 +107,30 @@ def _w4a16_gemv_kernel(
         g = k0 // group_size
         zero = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0)
         scale = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)
-        zero = zero.to(tl.float32)
+        zero = zero.to(tl.float32) + (128.0 if PAIRS else 0.0)  # (PAIRS: q carries a bias)
         for r in tl.static_range(BLOCK_M):
             row_k_hi = tl.where(r < M, k_hi, 0)  # a padding row reads nothing
             # sum (q - zero) x = sum q x - zero sum x; nibble i of word j meets x[k0 + 8j + i]
             # (zeros past the split and K meet a last, partial word's nibbles)
             qx = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
             xs = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
-            for i in tl.static_range(8):
-                ks = k0 + offs_word * 8 + i
-                xi = tl.load(x_ptr + r * stride_xm + ks * stride_xk, mask=ks < row_k_hi,
-                             other=0.0).to(tl.float32)  # fmt: skip
-                qx += nibble_as_float(packed, i) * xi[None, :]
-                xs += xi
+            if PAIRS:  # nibbles i and i + 4 of a word as 128 + q by three bit ops
+                for i in tl.static_range(4):
+                    ks = k0 + offs_word * 8 + i
+                    xi = tl.load(x_ptr + r * stride_xm + ks * stride_xk, mask=ks < row_k_hi,
+                                 other=0.0).to(tl.float32)  # fmt: skip
+                    x4 = tl.load(x_ptr + r * stride_xm + (ks + 4) * stride_xk,
+                                 mask=ks + 4 < row_k_hi, other=0.0).to(tl.float32)  # fmt: skip
+                    lo, hi = _biased_pair(packed, i)
+                    qx += lo * xi[None, :] + hi * x4[None, :]
+                    xs += xi + x4
+            else:
+                for i in tl.static_range(8):
+                    ks = k0 + offs_word * 8 + i
+                    xi = tl.load(x_ptr + r * stride_xm + ks * stride_xk, mask=ks < row_k_hi,
+                                 other=0.0).to(tl.float32)  # fmt: skip
+                    qx += nibble_as_float(packed, i) * xi[None, :]
+                    xs += xi
             if BLOCK_M == 1:
                 acc_words += (qx - zero[:, None] * xs[None, :]) * scale[:, None]
             else:
@@ -129,6 +141,18 @@ def _w4a16_gemv_kernel(
         acc += tl.sum(acc_words, axis=1)[None, :]
     store_or_combine(acc, bias_ptr, out_ptr, partial_ptr, counter_ptr, pid_n, rows, offs_n, M,
                      N, stride_om, stride_on, HAS_BIAS, SPLIT)  # fmt: skip
+
+
+@triton.jit
+def _biased_pair(packed, i: tl.constexpr):
+    """Nibbles i and i + 4 of each word as fp32 128 + q: OR-ed into the mantissas of a pair of
+    bf16 128s (0x4300), each half widened by a shift or a mask (3 integer ops for 2 weights,
+    ``nibble_as_float``'s 3 for 1). The bias comes off with the zero point, as 128 * sum(x):
+    products of 16-bit x stay exact in fp32; the larger terms cost fp32 sums ~4 bits."""
+    pair = ((packed >> (4 * i)) & 0x000F000F) | 0x43004300
+    lo = (pair << 16).to(tl.float32, bitcast=True)
+    hi = (pair & -65536).to(tl.float32, bitcast=True)
+    return lo, hi
 
 
 @triton.jit
@@ -274,4 +298,5 @@ def w4a16_gemv(
     assert group_size % cfg.block_k == 0, (
         f"block_k {cfg.block_k} must divide group_size {group_size} (one scale per K tile)"
     )
-    return launch_split(_w4a16_gemv_kernel, x, qweight, scale, zero, group_size, bias, cfg, 1)
+    return launch_split(_w4a16_gemv_kernel, x, qweight, scale, zero, group_size, bias, cfg, 1,
+                        PAIRS=x.dtype != torch.float32)  # fmt: skip
