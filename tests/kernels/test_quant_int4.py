@@ -224,6 +224,10 @@ def test_default_mma_config_fills_the_card() -> None:
     assert default_mma_config(20, 28672, 4096).split_k == 2  # 224 channel blocks
     assert default_mma_config(64, 4096, 14336) == W4A16Config(64, 128, 128, 8)  # not 9
     assert default_mma_config(3, 4096, 1024).split_k == 2  # 8 tiles of K: 4 a split
+    # groups smaller than a K tile: at most 32 rows a program (Triton 3.6 cannot compile
+    # their 64-row wgmma; the sm_90 compile test builds one)
+    assert default_mma_config(40, 6144, 4096, 32).block_m == 32
+    assert default_mma_config(40, 6144, 4096, 256).block_m == 64
 
 
 def test_launcher_refuses_wrong_layouts(device) -> None:
