@@ -1,14 +1,14 @@
 """Fused mixture-of-experts MLP (Triton): ``sum_k w_k * down_e(silu(gate_e(x)) * up_e(x))``.
 
 Token-expert pairs (``num_pairs = num_tokens * top_k``) are sorted by expert and each
-expert's run padded to a multiple of BLOCK_M (``align_pairs``), so that an M tile holds the
-pairs of one expert. One kernel is a grouped GEMM over those tiles: a program computes one
-(M tile, N tile) of ``rows @ w[expert].T``. It runs twice: over ``w13`` (gate and up
-accumulated side by side, SiLU-mul in the epilogue) into a [num_pairs, inter] buffer, then
-over ``w2`` with the routing weight in the epilogue into [num_pairs, hidden]; the top-k
-outputs of a token are summed last (in order: deterministic).
+expert's run padded to a multiple of BLOCK_M (``kernels.moe_align.align_pairs``, one launch
+at decode), so that an M tile holds the pairs of one expert. One kernel is a grouped GEMM
+over those tiles: a program computes one (M tile, N tile) of ``rows @ w[expert].T``. It runs
+twice: over ``w13`` (gate and up accumulated side by side, SiLU-mul in the epilogue) into a
+[num_pairs, inter] buffer, then over ``w2`` with the routing weight in the epilogue into
+[num_pairs, hidden]; the top-k outputs of a token are summed last (in order: deterministic).
 
-NOTE: CUDA-graph safe: the sort and the padding are device ops of static shapes (no host
+NOTE: CUDA-graph safe: the sort and the padding are launches of static shapes (no host
 sync), the grid is sized from the upper bound of M tiles, ``cdiv(num_pairs, BLOCK_M) +
 min(num_experts, num_pairs)`` (one partial tile per expert that has pairs), and the
 programs of tiles past the device-side padded count return at once.
@@ -22,6 +22,7 @@ import triton.language as tl
 
 from kernels.attention_tile import dot_precision
 from kernels.launch import cdiv
+from kernels.moe_align import align_pairs
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # the token count changes every step
@@ -108,38 +109,6 @@ def choose_tiles(num_pairs: int, num_experts: int, dtype: torch.dtype) -> MoeTil
     if per_expert <= 64:
         return MoeTiles(32, 64, block_k, num_warps=4)
     return MoeTiles(64, 64, block_k, num_warps=8 if per_expert > 256 else 4)
-
-
-def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """Upper bound of the padded M tiles: every expert with pairs adds at most one partial."""
-    return cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
-
-
-def align_pairs(
-    topk_ids: torch.Tensor,  # [num_tokens, top_k]
-    num_experts: int,
-    block_m: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sorted pairs [max_tiles * block_m] int32, padding = num_pairs; the expert of each M
-    tile [max_tiles] int32; the padded pair count [1] int32), all on the device, no sync."""
-    flat = topk_ids.reshape(-1).long()
-    num_pairs, device = flat.numel(), flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = padded.cumsum(0)
-    first_pair = counts.cumsum(0) - counts  # of each expert, in expert order
-    order = torch.argsort(flat, stable=True)  # pair ids grouped by expert
-    expert = flat[order]
-    rank = torch.arange(num_pairs, device=device) - first_pair[expert]
-    slots = padded_end[expert] - padded[expert] + rank
-    tiles = max_tiles(num_pairs, num_experts, block_m)
-    sorted_pairs = torch.full((tiles * block_m,), num_pairs, dtype=torch.int32, device=device)
-    sorted_pairs.scatter_(0, slots, order.to(torch.int32))
-    tile_starts = torch.arange(tiles, device=device) * block_m
-    tile_expert = torch.searchsorted(padded_end, tile_starts, right=True)
-    tile_expert = tile_expert.clamp_(max=num_experts - 1).to(torch.int32)  # (tiles past the end)
-    return sorted_pairs, tile_expert, padded_end[-1:].to(torch.int32)
 
 
 def _grouped_gemm(

@@ -9,6 +9,8 @@ KV cache layout (per layer): ``k_cache`` / ``v_cache`` of shape
 import torch
 import torch.nn.functional as F
 
+from kernels.reference_moe import align_pairs as align_pairs  # (own file: this one's length)
+
 
 def write_kv_cache(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.fused_moe import MoeTiles, align_pairs, fused_moe, max_tiles
+from kernels.fused_moe import MoeTiles, fused_moe
 
 
 def _moe_inputs(
@@ -25,21 +25,6 @@ def _moe_inputs(
 def _reference(x, w13, w2, weights, ids, dtype=torch.float64) -> torch.Tensor:
     """The reference on upcast copies (exact for lower-precision inputs)."""
     return reference.fused_moe(x.to(dtype), w13.to(dtype), w2.to(dtype), weights.to(dtype), ids)
-
-
-def test_align_pairs_groups_pairs_by_expert_in_padded_tiles(device: torch.device) -> None:
-    """Pairs 0..7 of 4 tokens x top-2, experts 2, 0 | 2, 3 | 0, 2 | 3, 2 (expert 1 unused):
-    tiles of 4 rows hold expert 0's pairs (1, 4), expert 2's (0, 2, 5, 7), expert 3's (3, 6),
-    padding = 8; the grid's bound is cdiv(8, 4) + min(4, 8) = 6 tiles, 3 of them past the
-    padded count (12)."""
-    ids = torch.tensor([[2, 0], [2, 3], [0, 2], [3, 2]], device=device)
-    sorted_pairs, tile_expert, num_padded = align_pairs(ids, num_experts=4, block_m=4)
-    assert max_tiles(8, 4, 4) == 6
-    pad = 8
-    assert sorted_pairs.tolist() == [1, 4, pad, pad, 0, 2, 5, 7, 3, 6, pad, pad] + [pad] * 12
-    assert tile_expert.tolist()[:3] == [0, 2, 3]
-    assert tile_expert.dtype == sorted_pairs.dtype == num_padded.dtype == torch.int32
-    assert num_padded.tolist() == [12]
 
 
 @pytest.mark.parametrize(
