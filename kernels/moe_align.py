@@ -23,8 +23,7 @@ import triton.language as tl
 from kernels.launch import cdiv, next_power_of_2
 
 CHUNK = 1024  # pairs a program places (decode's 1-128 tokens x top-8: one launch)
-MAX_EXPERTS = 1024  # [sub-block, experts] compares stay within a program's registers
-TILES_PER_STEP = 32
+MAX_EXPERTS = 1024  # [pairs or tiles per step, experts] compares stay in registers
 
 
 @triton.jit
@@ -133,7 +132,7 @@ def align_pairs(
     """(sorted pairs [max_tiles * block_m] int32, padding = num_pairs; the expert of each M
     tile [max_tiles] int32; the padded pair count [1] int32), all on the device, no sync:
     ``kernels.reference.align_pairs``'s outputs exactly. ``chunk`` (pairs a program
-    places, a power of two) is for tests."""
+    places, a power of two) is for tests and ``benchmarks/moe_probe.py --align``."""
     assert topk_ids.dim() == 2 and topk_ids.dtype in (torch.int32, torch.int64), (
         f"topk_ids {topk_ids.dtype} {tuple(topk_ids.shape)}: int32 / int64 [tokens, top_k]"
     )
@@ -156,7 +155,7 @@ def align_pairs(
     _align_pairs_kernel[(chunks,)](
         flat, counts, sorted_pairs, tile_expert, num_padded, num_pairs, num_experts, num_tiles,
         COUNTED=chunks > 1, BLOCK_M=block_m, CHUNK=chunk,
-        SUB=min(chunk, max(16, min(128, 8192 // e_pow2))), ROWS=max(1, 4096 // e_pow2),
-        TILES=TILES_PER_STEP, E_POW2=e_pow2, num_warps=4,
+        SUB=min(chunk, max(16, min(64, 8192 // e_pow2))), ROWS=max(1, 4096 // e_pow2),
+        TILES=max(4, min(32, 4096 // e_pow2)), E_POW2=e_pow2, num_warps=4,
     )  # fmt: skip
     return sorted_pairs, tile_expert, num_padded

@@ -61,7 +61,7 @@ def test_groups_pairs_by_expert_in_padded_tiles(device: torch.device) -> None:
     "num_tokens, num_experts, top_k, block_m",
     [
         (1, 8, 2, 16), (1, 128, 8, 16), (3, 60, 1, 32), (5, 60, 8, 64), (37, 8, 2, 16),
-        (37, 128, 8, 32), (19, 60, 4, 64), (64, 8, 8, 64),
+        (37, 128, 8, 32), (19, 60, 4, 64), (64, 8, 8, 64), (30, 256, 8, 32),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("chunk", [CHUNK, 32], ids=["one-launch", "chunks"])
