@@ -25,7 +25,7 @@ KERNELS = {
     "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel", "_rotary_kernel",
     "_silu_and_mul_kernel", "_w8a16_kernel", "_gemv_kernel", "_fp8_quantize_rows_kernel",
     "_sample_kernel", "_w4a16_gemv_kernel", "_int4_dequantize_kernel", "_w4a16_mma_kernel",
-    "_fused_moe_kernel",
+    "_fused_moe_kernel", "_expert_count_kernel", "_align_pairs_kernel",
 }  # fmt: skip
 KERNELS_INT4 = ["_w4a16_gemv_kernel"] * 2 + ["_w4a16_mma_kernel"] * 3 + ["_int4_dequantize_kernel"]
 
@@ -96,6 +96,7 @@ def _compile_all() -> list[dict]:
     import kernels.fused_moe as fm
     import kernels.gemv as qg
     import kernels.kv_cache as kv
+    import kernels.moe_align as ma
     import kernels.paged_attention as pa
     import kernels.pdl
     import kernels.prefill_attention as pf
@@ -112,7 +113,7 @@ def _compile_all() -> list[dict]:
     qmma.ptx_unpack = lambda device: True  # and the int4 tensor-core kernel's nibble pairs
     results: list[dict] = []
     sm._programs = lambda device: 66  # (an H100's half: split rows, their barriers compiled)
-    for mod in (ac, ds, fm, kv, pa, pf, qg, qi, qmma, qm, rn, ro, sm):
+    for mod in (ac, ds, fm, kv, ma, pa, pf, qg, qi, qmma, qm, rn, ro, sm):
         for name in KERNELS & set(vars(mod)):
             setattr(mod, name, _Recorder(name, getattr(mod, name), results))
     bt = torch.zeros(4, 16, dtype=torch.int32)
@@ -208,7 +209,10 @@ def _compile_all() -> list[dict]:
                             torch.empty(n, -(-k // 8), dtype=torch.int32),
                             torch.empty(n, groups), torch.empty(n, groups, dtype=torch.uint8),
                             group, torch.empty(n, dtype=dtype))  # fmt: skip
-    # MoE: the grouped GEMMs (gate / up with SiLU-mul, down with the routing weight)
+    # MoE: the routing step in one launch (decode) and two (chunks), at 8 / 128 experts; the
+    # grouped GEMMs (gate / up with SiLU-mul, down with the routing weight)
+    for tokens, experts, top_k in [(4, 8, 2), (300, 128, 8)]:
+        ma.align_pairs(torch.zeros(tokens, top_k, dtype=torch.int32), experts, 16)
     for dtype in (torch.bfloat16, torch.float32):
         fm.fused_moe(torch.empty(16, 256, dtype=dtype), torch.empty(8, 2 * 128, 256, dtype=dtype),
                      torch.empty(8, 256, 128, dtype=dtype), torch.rand(16, 2),
