@@ -22,7 +22,11 @@ import triton.language as tl
 
 from kernels.launch import cdiv, next_power_of_2
 
-CHUNK = 1024  # pairs a program places (decode's 1-128 tokens x top-8: one launch)
+# pairs a program places: more programs beat one launch fewer from 256 pairs on (H200, CUDA
+# graph, us, `moe_probe.py --align`; chunks of 256 / 1024: Mixtral 256 tokens 10.8 / 15.6,
+# 4096 tokens 12.4 / 16.2; Qwen3-30B-A3B 256 tokens 18.8 / 36.1, 4096 tokens 18.3 / 36.9;
+# torch's dozen launches 52-132)
+CHUNK = 256
 MAX_EXPERTS = 1024  # [pairs or tiles per step, experts] compares stay in registers
 
 
