@@ -15,7 +15,10 @@ tile lies in one group when the group holds 128 inputs or a multiple (the usual 
 groups, and channel-wise ones of such K): the dot takes the exact small integers q - zero
 and the group's scale multiplies the fp32 sum, as the GEMV does. Smaller groups change
 scale inside a tile: there each weight is dequantized and rounded to x's dtype first, as
-the cuBLAS path does.
+the cuBLAS path does. With 16-bit x and whole-tile groups on a GPU, ``MAGIC``'s PTX unpacks
+two nibbles a 32-bit op (bias trick, exact): 1.04-1.22x the float conversion (H200,
+8B shapes at 1-64 rows; 8 rows: qkv / o / gate_up / down 17.3 / 13.3 / 74.9 / 34.1 us,
+bf16's 16.6 / 13.4 / 58.9 / 33.4).
 """
 
 import torch
