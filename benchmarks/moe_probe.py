@@ -59,7 +59,8 @@ def sweep_tiles(num_pairs: int, num_experts: int) -> list[MoeTiles]:
     for bm in (16, 32, 64, 128):
         for bn in (64, 128):
             for warps in (4, 8):
-                tiles.append(MoeTiles(bm, bn, 64, warps, 3))
+                for group_m in (1, 8) if bm >= 64 else (1,):
+                    tiles.append(MoeTiles(bm, bn, 64, warps, 3, group_m))
     return list(dict.fromkeys(tiles))
 
 

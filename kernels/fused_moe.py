@@ -50,11 +50,18 @@ def _fused_moe_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # programs in groups of GROUP_M M tiles, down the M tiles first: a weight tile is read by
+    # the group's M tiles (one expert's, mostly) while it is in L2 (GROUP_M 1: N first)
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = pid // num_n, pid % num_n
+    in_group = GROUP_M * num_n
+    first_m = pid // in_group * GROUP_M
+    group_rows = tl.minimum(tl.num_programs(0) // num_n - first_m, GROUP_M)
+    pid_m = first_m + pid % in_group % group_rows
+    pid_n = pid % in_group // group_rows
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     expert = tl.load(tile_expert_ptr + pid_m).to(tl.int64)
@@ -97,18 +104,26 @@ class MoeTiles:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    group_m: int = 1  # M tiles a program group walks before the next N tile
 
 
 def choose_tiles(num_pairs: int, num_experts: int, dtype: torch.dtype) -> MoeTiles:
     """M tiles about the size of an expert's share of the pairs (decode: 16, most of each
-    tile padding otherwise); a function of shapes only, so a CUDA graph's launch is fixed."""
+    tile padding otherwise), 128 x 128 at eight warps once experts hold 32+ pairs, their
+    programs grouped 8 M tiles deep (an expert's weight tiles are read once into L2 for the
+    group); a function of shapes only, so a CUDA graph's launch is fixed. From an H200 sweep
+    (``benchmarks/moe_probe.py --sweep``, bf16, us): Mixtral 256 / 1,024 / 4,096 tokens 758 /
+    1,764 / 5,973 at 128 x 128 against 1,504 / 2,837 / 11,202 at the 32-64 x 64 tiles before;
+    Qwen3-30B-A3B 317 / 393 / 818 against 370 / 491 / 953."""
     per_expert = num_pairs / num_experts
     block_k = 32 if dtype == torch.float32 else 64
-    if per_expert <= 16:
+    if per_expert < 16:
         return MoeTiles(16, 64, block_k, num_warps=4)
-    if per_expert <= 64:
+    if per_expert <= 32:
         return MoeTiles(32, 64, block_k, num_warps=4)
-    return MoeTiles(64, 64, block_k, num_warps=8 if per_expert > 256 else 4)
+    if dtype == torch.float32:  # (fp32 tiles of 128 x 128 would need ~150 KB of shared memory)
+        return MoeTiles(64, 64, block_k, num_warps=8, group_m=8)
+    return MoeTiles(128, 128, block_k, num_warps=8, group_m=8)
 
 
 def _grouped_gemm(
@@ -130,7 +145,7 @@ def _grouped_gemm(
         w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         A_ROW_DIV=row_div, GATED=gated, MUL_WEIGHT=weights is not None,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        DOT_PRECISION=dot_precision(a.dtype), num_warps=tiles.num_warps,
+        GROUP_M=tiles.group_m, DOT_PRECISION=dot_precision(a.dtype), num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )  # fmt: skip
 

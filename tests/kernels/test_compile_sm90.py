@@ -211,13 +211,16 @@ def _compile_all() -> list[dict]:
                             torch.empty(n, groups), torch.empty(n, groups, dtype=torch.uint8),
                             group, torch.empty(n, dtype=dtype))  # fmt: skip
     # MoE: the routing step in one launch (decode) and two (chunks), at 8 / 128 experts; the
-    # grouped GEMMs (gate / up with SiLU-mul, down with the routing weight)
+    # grouped GEMMs (gate / up with SiLU-mul, down with the routing weight) at decode's tiles
+    # and prefill's (128 x 128 bf16, 64 x 64 fp32; programs grouped)
     for tokens, experts, top_k in [(4, 8, 2), (300, 128, 8)]:
         ma.align_pairs(torch.zeros(tokens, top_k, dtype=torch.int32), experts, 16)
     for dtype in (torch.bfloat16, torch.float32):
-        fm.fused_moe(torch.empty(16, 256, dtype=dtype), torch.empty(8, 2 * 128, 256, dtype=dtype),
-                     torch.empty(8, 256, 128, dtype=dtype), torch.rand(16, 2),
-                     torch.zeros(16, 2, dtype=torch.int32))  # fmt: skip
+        for tokens in (16, 256):
+            fm.fused_moe(torch.empty(tokens, 256, dtype=dtype),
+                         torch.empty(8, 2 * 128, 256, dtype=dtype),
+                         torch.empty(8, 256, 128, dtype=dtype), torch.rand(tokens, 2),
+                         torch.zeros(tokens, 2, dtype=torch.int32))  # fmt: skip
     # 16-bit weights through the GEMV with each of the decode layer's fusions
     for wdtype in (torch.bfloat16, torch.float16):
         for n, k in [(4096, 4096), (72, 300)]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.fused_moe import MoeTiles, fused_moe
+from kernels.fused_moe import MoeTiles, choose_tiles, fused_moe
 
 
 def _moe_inputs(
@@ -48,13 +48,24 @@ def test_fused_moe_bf16_matches_reference(device: torch.device) -> None:
 
 def test_skewed_routing_and_tile_sizes(device: torch.device) -> None:
     """Every token on the same two experts (one expert's run spans several M tiles, the
-    other experts have none), at each tile size: the reference's output."""
+    other experts have none), at each tile size and grouping of the programs (4 and 3 M tiles
+    a group: the 9 tiles' last group short): the reference's output."""
     x, w13, w2, weights, _ = _moe_inputs(21, 32, 48, 8, 2, torch.float32, device)
     ids = torch.tensor([[5, 1]] * 21, device=device)
     want = _reference(x, w13, w2, weights, ids)
-    for tiles in (MoeTiles(16, 16, 16), MoeTiles(32, 32, 32), MoeTiles(16, 64, 32)):
+    for tiles in (MoeTiles(16, 16, 16), MoeTiles(32, 32, 32), MoeTiles(16, 64, 32),
+                  MoeTiles(16, 16, 16, group_m=4), MoeTiles(16, 32, 16, group_m=3)):  # fmt: skip
         out = fused_moe(x, w13, w2, weights, ids, tiles)
         torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_choose_tiles_by_pairs_per_expert() -> None:
+    """16-row tiles under 16 pairs an expert (decode), 32 up to 32, then 128 x 128 at eight
+    warps with the programs grouped 8 M tiles deep (64 x 64 for fp32)."""
+    assert choose_tiles(16 * 2, 8, torch.bfloat16) == MoeTiles(16, 64, 64, num_warps=4)
+    assert choose_tiles(256 * 8, 128, torch.bfloat16) == MoeTiles(32, 64, 64, num_warps=4)
+    assert choose_tiles(256 * 2, 8, torch.bfloat16) == MoeTiles(128, 128, 64, 8, group_m=8)
+    assert choose_tiles(256 * 2, 8, torch.float32) == MoeTiles(64, 64, 32, 8, group_m=8)
 
 
 def test_no_tokens(device: torch.device) -> None:
