@@ -213,15 +213,15 @@ def ptx_unpack(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def default_mma_config(m: int, n: int, k: int, group_size: int = MMA_BLOCK_K) -> W4A16Config:
-    """16-64 rows a program (as many as there are, padded; at most 32 for groups smaller than
-    a K tile, whose 64-row wgmma Triton 3.6 fails to compile: "Illegal shared layout"), 128
-    channels at four warps; K
-    split so that the programs about fill an H200's 132 SMs twice, one split fewer where
-    that cuts K's tiles evenly; at least 4 K tiles a split. From an H200 sweep at 4-64 rows
-    (``benchmarks/int4_probe.py --sweep mma``, the 8B shapes, 16 rows, us): qkv 19.7 with
-    6 splits (4: 23.6, 8: 23.1), down 40.5 with 8 x 14 tiles (9: 51.9, 4: 52.1), gate_up
-    80-86 at 1-8 splits; 64 channels or eight warps were slower."""
+def default_mma_config(m: int, n: int, k: int, group_size: int) -> W4A16Config:
+    """16-64 rows a program (as many as there are, padded; at most 32 for groups that are not
+    whole K tiles, whose 64-row wgmma Triton 3.6 fails to compile: "Illegal shared layout"),
+    128 channels at four warps; K split so that the programs about fill an H200's 132 SMs
+    twice, one split fewer where that cuts K's tiles evenly; at least 4 K tiles a split.
+    From an H200 sweep at 4-64 rows (``benchmarks/int4_probe.py --sweep mma``, the 8B
+    shapes, 16 rows, us): qkv 19.7 with 6 splits (4: 23.6, 8: 23.1), down 40.5 with 8 x 14
+    tiles (9: 51.9, 4: 52.1), gate_up 80-86 at 1-8 splits; 64 channels or eight warps were
+    slower."""
     block_m = min(64 if group_size % MMA_BLOCK_K == 0 else 32, max(16, 1 << (m - 1).bit_length()))
     block_n = 128
     programs = cdiv(n, block_n) * cdiv(m, block_m)
@@ -252,7 +252,10 @@ def w4a16_mma(
     )
     group_tiles = group_size % cfg.block_k == 0
     fits = ptx_unpack(x.device) and x.dtype in MAGIC and group_tiles
-    assert fits or not magic, "the PTX unpack needs 16-bit x on a GPU and groups of 128s"
+    assert fits or not magic, (
+        f"magic=True: the PTX unpack needs 16-bit x on a GPU and groups of multiples of "
+        f"{cfg.block_k}, got x {x.dtype} on {x.device.type}, group_size {group_size}"
+    )
     asm, neg_bias = MAGIC[x.dtype] if fits and magic is not False else (None, 0)
     return launch_split(
         _w4a16_mma_kernel, x, qweight, scale, zero, group_size, bias, cfg, cdiv(m, cfg.block_m),

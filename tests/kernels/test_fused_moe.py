@@ -49,7 +49,8 @@ def test_fused_moe_bf16_matches_reference(device: torch.device) -> None:
 def test_skewed_routing_and_tile_sizes(device: torch.device) -> None:
     """Every token on the same two experts (one expert's run spans several M tiles, the
     other experts have none), at each tile size and grouping of the programs (4 and 3 M tiles
-    a group: the 9 tiles' last group short): the reference's output."""
+    a group: the 11 tiles' last group short, though past the padded count; the next test
+    puts real tiles there): the reference's output."""
     x, w13, w2, weights, _ = _moe_inputs(21, 32, 48, 8, 2, torch.float32, device)
     ids = torch.tensor([[5, 1]] * 21, device=device)
     want = _reference(x, w13, w2, weights, ids)
@@ -57,6 +58,35 @@ def test_skewed_routing_and_tile_sizes(device: torch.device) -> None:
                   MoeTiles(16, 16, 16, group_m=4), MoeTiles(16, 32, 16, group_m=3)):  # fmt: skip
         out = fused_moe(x, w13, w2, weights, ids, tiles)
         torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group_m", [1, 2, 3, 5, 6, 7, 16])
+def test_program_groups_cover_ragged_tile_counts(device: torch.device, group_m: int) -> None:
+    """68 pairs, 17 on each of 4 experts, 16-row tiles: the grid's bound is cdiv(68, 16) + 4
+    = 9 M tiles and 8 hold pairs, so the last group of programs (2 .. 9 M tiles: short for
+    every group_m here but 1 and 3, and a single one for 16) holds real tiles; 3 N tiles of
+    inter 48, 2 of hidden 32. A (M tile, N tile) no program maps to stays NaN (the conftest
+    poisons the buffers): the reference's output."""
+    x, w13, w2, weights, _ = _moe_inputs(34, 32, 48, 4, 2, torch.float32, device)
+    ids = (torch.arange(68, device=device) % 4).view(34, 2)  # tokens on experts 0, 1 or 2, 3
+    out = fused_moe(x, w13, w2, weights, ids, MoeTiles(16, 16, 16, group_m=group_m))
+    torch.testing.assert_close(out.double(), _reference(x, w13, w2, weights, ids),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefill_tiles_with_grouped_programs(device: torch.device, dtype: torch.dtype) -> None:
+    """33 pairs an expert: choose_tiles' prefill tiles (fp32 64 x 64, bf16 128 x 128, programs
+    grouped 8 M tiles deep) over a grid of fewer M tiles than a group (7 and 6, 4 of them
+    holding pairs), N of 2-3 tiles (hidden 160, inter 96): the reference's output."""
+    x, w13, w2, weights, _ = _moe_inputs(66, 160, 96, 4, 2, dtype, device)
+    ids = (torch.arange(132, device=device) % 4).view(66, 2)
+    tiles = choose_tiles(132, 4, dtype)
+    assert tiles.group_m == 8 and tiles.block_m == (64 if dtype == torch.float32 else 128)
+    out = fused_moe(x, w13, w2, weights, ids)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), _reference(x, w13, w2, weights, ids),
+                               atol=tol, rtol=tol)  # fmt: skip
 
 
 def test_choose_tiles_by_pairs_per_expert() -> None:

@@ -5,7 +5,7 @@ served models' routings and a CUDA-graph replay on a GPU (-m gpu)."""
 import pytest
 import torch
 
-from kernels import reference
+from kernels import moe_align, reference
 from kernels.fused_moe import choose_tiles
 from kernels.moe_align import CHUNK, MAX_EXPERTS, align_pairs, max_tiles
 
@@ -95,6 +95,43 @@ def test_int32_ids_and_no_pairs(device: torch.device) -> None:
     empty = torch.empty(0, 8, dtype=torch.int64, device=device)
     sorted_pairs, tile_expert, num_padded = align_pairs(empty, 128, 16)
     assert sorted_pairs.numel() == tile_expert.numel() == 0 and num_padded.tolist() == [0]
+
+
+@pytest.mark.parametrize("num_pairs", [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 1])
+def test_one_launch_up_to_a_chunk_then_two(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch, num_pairs: int
+) -> None:
+    """At the default chunk: the count launch runs from CHUNK + 1 pairs on (one chunk for
+    CHUNK: a single launch), and either way the outputs are the reference's, random and
+    all on one expert."""
+    launches = []
+    count_kernel = moe_align._expert_count_kernel
+
+    class _Counted:
+        def __getitem__(self, grid: tuple[int]):  # noqa: ANN204
+            launches.append(grid)
+            return count_kernel[grid]
+
+    monkeypatch.setattr(moe_align, "_expert_count_kernel", _Counted())
+    random_ids = torch.randint(0, 60, (num_pairs, 1), device=device)
+    for ids in (random_ids, torch.full((num_pairs, 1), 59, device=device)):
+        _assert_matches_reference(ids, 60, 16)
+    chunks = -(-num_pairs // CHUNK)
+    assert launches == ([] if chunks == 1 else [(chunks,)] * 2)
+
+
+@pytest.mark.parametrize("num_experts", [MAX_EXPERTS, 1000])
+def test_many_experts(device: torch.device, num_experts: int) -> None:
+    """The most experts the launcher takes, and a count short of a power of 2 (tiles past
+    the padded count: the last real expert): one launch and several chunks, no pairs."""
+    ids = _routing(300, num_experts, 8, device)
+    _assert_matches_reference(ids, num_experts, 16)
+    _assert_matches_reference(ids[:8], num_experts, 32)
+    _assert_matches_reference(ids[:1, :4].repeat(70, 1), num_experts, 16)  # 4 experts' runs
+    empty = ids[:0]
+    for chunk in (CHUNK, 16):
+        sorted_pairs, tile_expert, num_padded = align_pairs(empty, num_experts, 16, chunk)
+        assert sorted_pairs.numel() == tile_expert.numel() == 0 and num_padded.tolist() == [0]
 
 
 def test_launcher_checks(device: torch.device) -> None:

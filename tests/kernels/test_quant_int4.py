@@ -91,6 +91,19 @@ def test_gemv_split_k_and_ragged_tiles(device, split_k: int, m: int, block_m: in
     check(x, weights, 64, bias, W4A16Config(block_m, 32, 32, split_k=split_k), w4a16_gemv)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("split_k", [1, 3, 6])
+@pytest.mark.parametrize("m", [1, 2])
+def test_gemv_16_bit_pairs_split_k_and_ragged_k(device, dtype, split_k: int, m: int) -> None:
+    """The GEMV's 16-bit path (nibbles i and i + 4 of a word as 128 + q): a partial last word
+    (300 = 37.5 words: its nibbles 4-7 meet no x; at 2 rows the next row's inputs lie there),
+    K split unevenly, N ragged, K tiles smaller than a group."""
+    weights = make_int4(72, 300, 64, device)
+    x = torch.randn(m, 300, device=device).to(dtype)
+    bias = torch.randn(72, device=device).to(dtype)
+    check(x, weights, 64, bias, W4A16Config(m, 32, 32, split_k=split_k), w4a16_gemv)
+
+
 @pytest.mark.parametrize("split_k", [1, 2, 3, 6])
 @pytest.mark.parametrize("group_size", [128, 64])
 @pytest.mark.parametrize("m", [7, 19, 40])
@@ -143,7 +156,7 @@ def test_w4a16_default_configs_split_k(device, m: int) -> None:
     """What ``w4a16_matmul`` picks at the tensor-core kernel's ends (3 and 64 rows: K of 8
     tiles split in 2, 16 and 64 rows a program) and past it (65: dequantized)."""
     if m <= 64:
-        assert default_mma_config(m, 40, 1024).split_k == 2
+        assert default_mma_config(m, 40, 1024, 128).split_k == 2
     weights = make_int4(40, 1024, 128, device)
     check(torch.randn(m, 1024, device=device).bfloat16(), weights, 128)
     assert not split_counters(device, 1).any()
@@ -220,10 +233,10 @@ def test_default_config_fits_the_group() -> None:
 def test_default_mma_config_fills_the_card() -> None:
     """Rows padded to 16-64 a program, 128 channels, K split until ~264 programs, one fewer
     where that cuts the K tiles evenly (at least 4 K tiles a split)."""
-    assert default_mma_config(3, 6144, 4096) == W4A16Config(16, 128, 128, 6)  # 48 blocks
-    assert default_mma_config(20, 28672, 4096).split_k == 2  # 224 channel blocks
-    assert default_mma_config(64, 4096, 14336) == W4A16Config(64, 128, 128, 8)  # not 9
-    assert default_mma_config(3, 4096, 1024).split_k == 2  # 8 tiles of K: 4 a split
+    assert default_mma_config(3, 6144, 4096, 128) == W4A16Config(16, 128, 128, 6)  # 48 blocks
+    assert default_mma_config(20, 28672, 4096, 128).split_k == 2  # 224 channel blocks
+    assert default_mma_config(64, 4096, 14336, 128) == W4A16Config(64, 128, 128, 8)  # not 9
+    assert default_mma_config(3, 4096, 1024, 128).split_k == 2  # 8 tiles of K: 4 a split
     # groups smaller than a K tile: at most 32 rows a program (Triton 3.6 cannot compile
     # their 64-row wgmma; the sm_90 compile test builds one)
     assert default_mma_config(40, 6144, 4096, 32).block_m == 32
@@ -242,6 +255,23 @@ def test_launcher_refuses_wrong_layouts(device) -> None:
         w4a16_matmul(x, *weights, 128)
     with pytest.raises(AssertionError, match=r"qweight torch.int32 \(32, 16\) must be int32"):
         w4a16_matmul(torch.randn(2, 64, device=device), *weights, 64)
+
+
+def test_mma_ptx_unpack_only_where_it_applies(device, monkeypatch) -> None:
+    """magic=True where the PTX unpack cannot run (no GPU, fp32 x, groups inside a K tile)
+    is refused, naming what is missing; magic=None there takes the float unpack, as False."""
+    x = torch.randn(3, 256, device=device)
+    by_group = {g: make_int4(40, 256, g, device) for g in (64, 128)}
+    unpack = "kernels.quant_int4_mma.ptx_unpack"
+    monkeypatch.setattr(unpack, lambda device: False)  # the interpreter's answer
+    with pytest.raises(AssertionError, match="got x torch.bfloat16 on .*, group_size 128"):
+        w4a16_mma(x.bfloat16(), *by_group[128], 128, magic=True)
+    monkeypatch.setattr(unpack, lambda device: True)  # a GPU's
+    for x_, group in ((x, 128), (x.bfloat16(), 64), (x.half(), 64)):
+        with pytest.raises(AssertionError, match=f"got x {x_.dtype} .*, group_size {group}"):
+            w4a16_mma(x_, *by_group[group], group, magic=True)
+        want = w4a16_mma(x_, *by_group[group], group, magic=False)
+        assert torch.equal(w4a16_mma(x_, *by_group[group], group), want)
 
 
 @pytest.mark.gpu
