@@ -36,8 +36,8 @@ test: lint
 DEVICE_TRITON ?= 3.6.0
 DEVICE_TRITON_DIR := $(VENV)/triton-$(DEVICE_TRITON)
 test-device-triton: install
-	test -d $(DEVICE_TRITON_DIR) || \
-	  $(PY) -m pip install -q --no-deps --target $(DEVICE_TRITON_DIR) triton==$(DEVICE_TRITON)
+	test -d $(DEVICE_TRITON_DIR)/triton-$(DEVICE_TRITON).dist-info || { rm -rf $(DEVICE_TRITON_DIR) && \
+	  $(PY) -m pip install -q --no-deps --target $(DEVICE_TRITON_DIR) triton==$(DEVICE_TRITON); }
 	PYTHONPATH=$(DEVICE_TRITON_DIR) $(PY) -c \
 	  "import triton; assert triton.__version__ == '$(DEVICE_TRITON)', triton.__version__"
 	PYTHONPATH=$(DEVICE_TRITON_DIR) $(PY) -m pytest -q -p no:cacheprovider \
