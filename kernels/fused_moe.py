@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention_tile import dot_precision
-from kernels.launch import cdiv
+from kernels.launch import H100_SHARED_BYTES, cdiv, shared_memory_bytes
 from kernels.moe_align import align_pairs
 
 
@@ -107,23 +107,37 @@ class MoeTiles:
     group_m: int = 1  # M tiles a program group walks before the next N tile
 
 
-def choose_tiles(num_pairs: int, num_experts: int, dtype: torch.dtype) -> MoeTiles:
+def gated_pass_shared_bytes(tiles: MoeTiles, dtype: torch.dtype) -> int:
+    """Shared memory of the gate / up pass (the larger of the two): each pipeline stage holds
+    an M tile of rows and two weight tiles. Triton's own figure at the 128 x 128 tiles (the
+    sm_90 compile test checks it); an upper bound at others, where it may keep fewer stages."""
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return tiles.num_stages * (tiles.block_m + 2 * tiles.block_n) * tiles.block_k * elem
+
+
+def choose_tiles(
+    num_pairs: int, num_experts: int, dtype: torch.dtype, shared_bytes: int = H100_SHARED_BYTES
+) -> MoeTiles:
     """M tiles about the size of an expert's share of the pairs (decode: 16, most of each
     tile padding otherwise), 128 x 128 at eight warps once experts hold 32+ pairs, their
     programs grouped 8 M tiles deep (an expert's weight tiles are read once into L2 for the
-    group); a function of shapes only, so a CUDA graph's launch is fixed. From an H200 sweep
-    (``benchmarks/moe_probe.py --sweep``, bf16, us): Mixtral 256 / 1,024 / 4,096 tokens 758 /
-    1,764 / 5,973 at 128 x 128 against 1,504 / 2,837 / 11,202 at the 32-64 x 64 tiles before;
-    Qwen3-30B-A3B 317 / 393 / 818 against 370 / 491 / 953."""
+    group); a function of shapes and the card only, so a CUDA graph's launch is fixed. From an
+    H200 sweep (``benchmarks/moe_probe.py --sweep``, bf16, us): Mixtral 256 / 1,024 / 4,096
+    tokens 758 / 1,764 / 5,973 at 128 x 128 against 1,504 / 2,837 / 11,202 at the 32-64 x 64
+    tiles before; Qwen3-30B-A3B 317 / 393 / 818 against 370 / 491 / 953. The 128 x 128 tiles'
+    three stages take 144 KiB of shared memory: cards with less (``shared_bytes``: RTX 30 /
+    40, A10, L4, L40S have 99 KiB) get two stages, or 64 x 64 tiles (fp32: 64 x 64 always)."""
     per_expert = num_pairs / num_experts
     block_k = 32 if dtype == torch.float32 else 64
     if per_expert < 16:
         return MoeTiles(16, 64, block_k, num_warps=4)
     if per_expert <= 32:
         return MoeTiles(32, 64, block_k, num_warps=4)
-    if dtype == torch.float32:  # (fp32 tiles of 128 x 128 would need ~150 KB of shared memory)
-        return MoeTiles(64, 64, block_k, num_warps=8, group_m=8)
-    return MoeTiles(128, 128, block_k, num_warps=8, group_m=8)
+    sizes = [(64, 64)] if dtype == torch.float32 else [(128, 128), (64, 64)]
+    options = [MoeTiles(bm, bn, block_k, 8, stages, group_m=8)
+               for bm, bn in sizes for stages in (3, 2)]  # fmt: skip
+    fits = [t for t in options if gated_pass_shared_bytes(t, dtype) <= shared_bytes]
+    return fits[0] if fits else options[-1]
 
 
 def _grouped_gemm(
@@ -179,7 +193,7 @@ def fused_moe(
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return x.new_zeros(num_tokens, hidden)
-    tiles = tiles or choose_tiles(num_pairs, num_experts, x.dtype)
+    tiles = tiles or choose_tiles(num_pairs, num_experts, x.dtype, shared_memory_bytes(x.device))
     aligned = align_pairs(topk_ids, num_experts, tiles.block_m)
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     _grouped_gemm(x, w13, act, None, aligned, top_k, True, tiles)

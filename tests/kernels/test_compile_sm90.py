@@ -263,6 +263,16 @@ def test_kernels_compile_for_sm90() -> None:
     assert sorted(int4) == sorted(KERNELS_INT4 * 3), int4  # each for bf16, fp16, fp32
     w4_mma = [r for r in results if r["kernel"] == "_w4a16_mma_kernel" and "32" not in r["dtype"]]
     assert len(w4_mma) == 8 and all(r["mma"] != "none" for r in w4_mma), w4_mma
+    # the fused MoE's largest program (prefill tiles, gate / up) takes the shared memory that
+    # choose_tiles reckons with when it fits tiles to smaller cards
+    import torch
+
+    from kernels.fused_moe import choose_tiles, gated_pass_shared_bytes
+
+    moe = [r["shared"] for r in results
+           if r["kernel"] == "_fused_moe_kernel" and "bf" in r["dtype"]]  # fmt: skip
+    prefill = choose_tiles(256 * 2, 8, torch.bfloat16)
+    assert max(moe) == gated_pass_shared_bytes(prefill, torch.bfloat16) == 147_456, moe
 
 
 if __name__ == "__main__":

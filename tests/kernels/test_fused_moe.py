@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.fused_moe import MoeTiles, choose_tiles, fused_moe
+from kernels.fused_moe import MoeTiles, choose_tiles, fused_moe, gated_pass_shared_bytes
 
 
 def _moe_inputs(
@@ -96,6 +96,26 @@ def test_choose_tiles_by_pairs_per_expert() -> None:
     assert choose_tiles(256 * 8, 128, torch.bfloat16) == MoeTiles(32, 64, 64, num_warps=4)
     assert choose_tiles(256 * 2, 8, torch.bfloat16) == MoeTiles(128, 128, 64, 8, group_m=8)
     assert choose_tiles(256 * 2, 8, torch.float32) == MoeTiles(64, 64, 32, 8, group_m=8)
+
+
+def test_prefill_tiles_fit_the_cards_shared_memory() -> None:
+    """Cards with less shared memory than an H100's 227 KiB take fewer stages or smaller
+    tiles: an A100's 163 KiB the 144 KiB of three 128 x 128 stages; RTX 30 / 40, A10, L4,
+    L40S (99 KiB) two stages (96 KiB); less, 64 x 64 tiles (72 KiB at three stages)."""
+
+    def tiles(shared: int, dtype: torch.dtype = torch.bfloat16) -> MoeTiles:
+        return choose_tiles(256 * 2, 8, dtype, shared)
+
+    assert tiles(166_912) == MoeTiles(128, 128, 64, 8, 3, group_m=8)
+    assert tiles(101_376) == MoeTiles(128, 128, 64, 8, 2, group_m=8)
+    assert tiles(98_303) == MoeTiles(64, 64, 64, 8, 3, group_m=8)
+    assert tiles(49_152) == MoeTiles(64, 64, 64, 8, 2, group_m=8)
+    assert tiles(101_376, torch.float32) == MoeTiles(64, 64, 32, 8, 3, group_m=8)
+    for shared in (166_912, 101_376, 98_303, 49_152):
+        assert gated_pass_shared_bytes(tiles(shared), torch.bfloat16) <= shared
+    # decode's tiles fit in 64 KiB (any card with bf16 has more)
+    decode = choose_tiles(16 * 2, 8, torch.bfloat16, 49_152)
+    assert gated_pass_shared_bytes(decode, torch.bfloat16) <= 65_536
 
 
 def test_no_tokens(device: torch.device) -> None:
