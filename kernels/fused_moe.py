@@ -111,8 +111,7 @@ def gated_pass_shared_bytes(tiles: MoeTiles, dtype: torch.dtype) -> int:
     """Shared memory of the gate / up pass (the larger of the two): each pipeline stage holds
     an M tile of rows and two weight tiles. Triton's own figure at the 128 x 128 tiles (the
     sm_90 compile test checks it); an upper bound at others, where it may keep fewer stages."""
-    elem = torch.empty(0, dtype=dtype).element_size()
-    return tiles.num_stages * (tiles.block_m + 2 * tiles.block_n) * tiles.block_k * elem
+    return tiles.num_stages * (tiles.block_m + 2 * tiles.block_n) * tiles.block_k * dtype.itemsize
 
 
 def choose_tiles(
