@@ -32,7 +32,7 @@ from kernels.int4_words import (
     nibble_as_float,
     store_or_combine,
 )
-from kernels.launch import cdiv
+from kernels.launch import H100_SHARED_BYTES, cdiv, shared_memory_bytes
 from kernels.pdl import wait_for_predecessor
 
 MMA_BLOCK_K = 128  # eight dots of 16 inputs: the least a 16-bit tensor-core dot takes
@@ -213,16 +213,38 @@ def ptx_unpack(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def default_mma_config(m: int, n: int, k: int, group_size: int) -> W4A16Config:
+def mma_shared_bytes(block_m: int, dtype: torch.dtype, group_tiles: bool) -> int:
+    """The kernel's shared memory: two stages of x's [rows, 128] tile and the [128, 128]
+    unpacked weight tile, in x's dtype; 16 KiB more for groups inside a K tile (their scale /
+    zero tiles) and for the 64-row wgmma of 16-bit x. Triton's own figure for fp32 x (32-64
+    rows: 96-128 KiB), an upper bound for 16-bit x (at most 80 KiB); the sm_90 compile test
+    checks both."""
+    wgmma = dtype.itemsize == 2 and block_m == 64
+    extra = 16_384 if wgmma or not group_tiles else 0
+    return (2 * block_m + MMA_BLOCK_K) * MMA_BLOCK_K * dtype.itemsize + extra
+
+
+def default_mma_config(
+    m: int,
+    n: int,
+    k: int,
+    group_size: int,
+    dtype: torch.dtype,
+    shared_bytes: int = H100_SHARED_BYTES,
+) -> W4A16Config:
     """16-64 rows a program (as many as there are, padded; at most 32 for groups that are not
-    whole K tiles, whose 64-row wgmma Triton 3.6 fails to compile: "Illegal shared layout"),
-    128 channels at four warps; K split so that the programs about fill an H200's 132 SMs
-    twice, one split fewer where that cuts K's tiles evenly; at least 4 K tiles a split.
-    From an H200 sweep at 4-64 rows (``benchmarks/int4_probe.py --sweep mma``, the 8B
-    shapes, 16 rows, us): qkv 19.7 with 6 splits (4: 23.6, 8: 23.1), down 40.5 with 8 x 14
-    tiles (9: 51.9, 4: 52.1), gate_up 80-86 at 1-8 splits; 64 channels or eight warps were
-    slower."""
-    block_m = min(64 if group_size % MMA_BLOCK_K == 0 else 32, max(16, 1 << (m - 1).bit_length()))
+    whole K tiles, whose 64-row wgmma Triton 3.6 fails to compile: "Illegal shared layout";
+    halved until the program fits the card's ``shared_bytes``: fp32 x at 32-64 rows takes
+    96-128 KiB, more than the 99 KiB of RTX 30 / 40, A10, L4, L40S), 128 channels at four
+    warps; K split so that the programs about fill an H200's 132 SMs twice, one split fewer
+    where that cuts K's tiles evenly; at least 4 K tiles a split. From an H200 sweep at 4-64
+    rows (``benchmarks/int4_probe.py --sweep mma``, the 8B shapes, 16 rows, us): qkv 19.7
+    with 6 splits (4: 23.6, 8: 23.1), down 40.5 with 8 x 14 tiles (9: 51.9, 4: 52.1),
+    gate_up 80-86 at 1-8 splits; 64 channels or eight warps were slower."""
+    group_tiles = group_size % MMA_BLOCK_K == 0
+    block_m = min(64 if group_tiles else 32, max(16, 1 << (m - 1).bit_length()))
+    while block_m > 16 and mma_shared_bytes(block_m, dtype, group_tiles) > shared_bytes:
+        block_m //= 2
     block_n = 128
     programs = cdiv(n, block_n) * cdiv(m, block_m)
     tiles = cdiv(k, MMA_BLOCK_K)
@@ -246,7 +268,7 @@ def w4a16_mma(
     """The tensor-core kernel (inputs checked by ``kernels.quant_int4.w4a16_matmul``)."""
     m, k = x.shape
     n = qweight.shape[0]
-    cfg = config or default_mma_config(m, n, k, group_size)
+    cfg = config or default_mma_config(m, n, k, group_size, x.dtype, shared_memory_bytes(x.device))
     assert cfg.block_m >= 16 and cfg.block_k == MMA_BLOCK_K, (
         f"the tensor-core kernel takes block_m >= 16 and block_k {MMA_BLOCK_K}, got {cfg}"
     )

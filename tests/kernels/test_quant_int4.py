@@ -15,7 +15,7 @@ from kernels.quant_int4 import (
     w4a16_gemv,
     w4a16_matmul,
 )
-from kernels.quant_int4_mma import MMA_BLOCK_K, default_mma_config, w4a16_mma
+from kernels.quant_int4_mma import MMA_BLOCK_K, default_mma_config, mma_shared_bytes, w4a16_mma
 from vllm_runner.model.layers.int4 import quantize_int4
 
 # The GEMV scales each group's fp32 partial product, the reference dequantizes first (one
@@ -156,7 +156,7 @@ def test_w4a16_default_configs_split_k(device, m: int) -> None:
     """What ``w4a16_matmul`` picks at the tensor-core kernel's ends (3 and 64 rows: K of 8
     tiles split in 2, 16 and 64 rows a program) and past it (65: dequantized)."""
     if m <= 64:
-        assert default_mma_config(m, 40, 1024, 128).split_k == 2
+        assert default_mma_config(m, 40, 1024, 128, torch.bfloat16).split_k == 2
     weights = make_int4(40, 1024, 128, device)
     check(torch.randn(m, 1024, device=device).bfloat16(), weights, 128)
     assert not split_counters(device, 1).any()
@@ -233,14 +233,41 @@ def test_default_config_fits_the_group() -> None:
 def test_default_mma_config_fills_the_card() -> None:
     """Rows padded to 16-64 a program, 128 channels, K split until ~264 programs, one fewer
     where that cuts the K tiles evenly (at least 4 K tiles a split)."""
-    assert default_mma_config(3, 6144, 4096, 128) == W4A16Config(16, 128, 128, 6)  # 48 blocks
-    assert default_mma_config(20, 28672, 4096, 128).split_k == 2  # 224 channel blocks
-    assert default_mma_config(64, 4096, 14336, 128) == W4A16Config(64, 128, 128, 8)  # not 9
-    assert default_mma_config(3, 4096, 1024, 128).split_k == 2  # 8 tiles of K: 4 a split
+
+    def config(m: int, n: int, k: int, group_size: int) -> W4A16Config:
+        return default_mma_config(m, n, k, group_size, torch.bfloat16)
+
+    assert config(3, 6144, 4096, 128) == W4A16Config(16, 128, 128, 6)  # 48 blocks
+    assert config(20, 28672, 4096, 128).split_k == 2  # 224 channel blocks
+    assert config(64, 4096, 14336, 128) == W4A16Config(64, 128, 128, 8)  # not 9
+    assert config(3, 4096, 1024, 128).split_k == 2  # 8 tiles of K: 4 a split
     # groups smaller than a K tile: at most 32 rows a program (Triton 3.6 cannot compile
     # their 64-row wgmma; the sm_90 compile test builds one)
-    assert default_mma_config(40, 6144, 4096, 32).block_m == 32
-    assert default_mma_config(40, 6144, 4096, 256).block_m == 64
+    assert config(40, 6144, 4096, 32).block_m == 32
+    assert config(40, 6144, 4096, 256).block_m == 64
+
+
+RTX_SHARED_BYTES = 101_376  # RTX 30 / 40, A10, L4, L40S: 99 KiB a program
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_default_mma_config_fits_the_cards_shared_memory(dtype, group_size) -> None:
+    """Rows a program halve until the program's shared memory fits the card: fp32 x at 64
+    rows takes 128 KiB (groups of 128) and 112 KiB at 32 (groups of 32), more than the
+    99 KiB of consumer cards; 16-bit x fits at any rows; an H100 / H200 keeps 64 / 32."""
+    group_tiles = group_size % MMA_BLOCK_K == 0
+    largest = 64 if group_tiles else 32
+    assert default_mma_config(64, 4096, 4096, group_size, dtype).block_m == largest
+    small = default_mma_config(64, 4096, 4096, group_size, dtype, RTX_SHARED_BYTES)
+    assert mma_shared_bytes(small.block_m, dtype, group_tiles) <= RTX_SHARED_BYTES
+    expected = {torch.float32: 32 if group_tiles else 16}.get(dtype, largest)
+    assert small.block_m == expected
+
+
+def test_default_mma_config_never_goes_below_16_rows() -> None:
+    """A card too small for any tile still gets 16 rows (the launch then names the limit)."""
+    assert default_mma_config(64, 4096, 4096, 32, torch.float32, 40_000).block_m == 16
 
 
 def test_launcher_refuses_wrong_layouts(device) -> None:
