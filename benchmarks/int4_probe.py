@@ -49,7 +49,7 @@ def sweep_configs(kernel: str, m: int, n: int, k: int) -> list[W4A16Config | Non
         grid = [W4A16Config(base.block_m, bn, 128, split, warps) for bn in (16, 32, 64, 128)
                 for split in (1, 2, 4, 8) for warps in (2, 4)]  # fmt: skip
     elif kernel == "mma":
-        base = default_mma_config(m, n, k, 128, torch.bfloat16)
+        base = default_mma_config(m, n, k, 128)
         grid = [W4A16Config(bm, bn, MMA_BLOCK_K, split, warps)
                 for bm in dict.fromkeys((base.block_m, min(64, 2 * base.block_m)))
                 for bn in (32, 64, 128) for split in (1, 2, 4, 8) for warps in (4, 8)]  # fmt: skip

@@ -18,10 +18,11 @@ NIBBLES = 8  # 4-bit values per int32 word
 
 
 @triton.jit
-def load_words(w_rows, k0, offs_word, n_mask, num_words, stride_wk):
-    """The [channels, BLOCK_K / 8] words of the K tile at ``k0``."""
+def load_words(w_rows, k0, offs_word, n_mask, num_words, stride_wk, EVEN: tl.constexpr):
+    """The [channels, BLOCK_K / 8] words of the K tile at ``k0`` (EVEN: K tiles end at K,
+    no mask along the words, so the loads widen)."""
     words = k0 // 8 + offs_word
-    mask = n_mask[:, None] & (words < num_words)[None, :]
+    mask = n_mask[:, None] if EVEN else n_mask[:, None] & (words < num_words)[None, :]
     return tl.load(w_rows + words[None, :] * stride_wk, mask=mask, other=0)
 
 
@@ -84,6 +85,7 @@ class W4A16Config:
     block_k: int
     split_k: int = 1
     num_warps: int = 4
+    num_stages: int = 3  # Triton's software pipeline (the tensor-core kernel's weight copies)
 
     def __post_init__(self) -> None:
         assert self.block_m >= 1 and self.block_m & (self.block_m - 1) == 0, (
@@ -138,6 +140,7 @@ def launch_split(
         out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         HAS_BIAS=bias is not None, SPLIT=split > 1, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
         **pdl_launch(x.device), **constexprs,
     )  # fmt: skip
     return out

@@ -96,14 +96,14 @@ def _w4a16_gemv_kernel(
     # depend on it: with PDL the stream starts while it still runs); then each tile's
     # successor is requested before the tile is multiplied (Triton does not pipeline plain
     # loads): the loop's end requests the last tile again, a cache hit, instead of masking
-    packed = load_words(w_rows, k_lo, offs_word, n_mask, num_words, stride_wk)
+    packed = load_words(w_rows, k_lo, offs_word, n_mask, num_words, stride_wk, False)
     wait_for_predecessor(PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # one row: per-word sums, reduced across the tile's words once after the loop
     acc_words = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ahead = load_words(w_rows, tl.minimum(k0 + BLOCK_K, last), offs_word, n_mask,
-                            num_words, stride_wk)  # fmt: skip
+                            num_words, stride_wk, False)  # fmt: skip
         g = k0 // group_size
         zero = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0)
         scale = tl.load(scale_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)

@@ -21,9 +21,12 @@ two nibbles a 32-bit op (bias trick, exact): 1.04-1.22x the float conversion (H2
 bf16's 16.6 / 13.4 / 58.9 / 33.4).
 """
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from kernels.int4_words import (
     W4A16Config,
@@ -32,7 +35,7 @@ from kernels.int4_words import (
     nibble_as_float,
     store_or_combine,
 )
-from kernels.launch import H100_SHARED_BYTES, cdiv, shared_memory_bytes
+from kernels.launch import cdiv, shared_memory_bytes
 from kernels.pdl import wait_for_predecessor
 
 MMA_BLOCK_K = 128  # eight dots of 16 inputs: the least a 16-bit tensor-core dot takes
@@ -73,6 +76,7 @@ def _w4a16_mma_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,  # K split across programs (grid dim 1 > 1)
     PDL: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along the words (wider copies)
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,16 +88,16 @@ def _w4a16_mma_kernel(
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    last = k_lo + (k_hi - 1 - k_lo) // BLOCK_K * BLOCK_K  # the split's last K tile
-    # as the GEMV: the first weight tile before the wait (weights never depend on the
-    # previous kernel), each next tile requested before the current one is multiplied
-    packed = load_words(w_rows, k_lo, offs_word, n_mask, num_words, stride_wk)
+    # weights never depend on the previous kernel, but here Triton's pipeliner requests them
+    # (cp.async, two tiles ahead) and reads them from shared memory straight into the dot's
+    # operand layout, which it carries back through the unpack (register prefetch before the
+    # wait, as the GEMV does, kept the unpacked tile's round trip through shared memory:
+    # 1.1-1.5x slower at 4-32 rows, H200)
     wait_for_predecessor(PDL)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        ahead = load_words(w_rows, tl.minimum(k0 + BLOCK_K, last), offs_word, n_mask,
-                           num_words, stride_wk)  # fmt: skip
+        packed = load_words(w_rows, k0, offs_word, n_mask, num_words, stride_wk, EVEN_K)
         if GROUP_TILES:  # one scale and zero per channel for the whole tile
             g = k0 // group_size
             zero = tl.load(zero_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0)
@@ -123,7 +127,6 @@ def _w4a16_mma_kernel(
             acc += part * scale[None, :]
         else:
             acc += part
-        packed = ahead
     tile = pid_m * tl.num_programs(0) + pid_n
     store_or_combine(acc, bias_ptr, out_ptr, partial_ptr, counter_ptr, tile, rows, offs_n, M,
                      N, stride_om, stride_on, HAS_BIAS, SPLIT)  # fmt: skip
@@ -213,38 +216,16 @@ def ptx_unpack(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def mma_shared_bytes(block_m: int, dtype: torch.dtype, group_tiles: bool) -> int:
-    """The kernel's shared memory: two stages of x's [rows, 128] tile and the [128, 128]
-    unpacked weight tile, in x's dtype; 16 KiB more for groups inside a K tile (their scale /
-    zero tiles) and for the 64-row wgmma of 16-bit x. Triton's own figure for fp32 x (32-64
-    rows: 96-128 KiB), an upper bound for 16-bit x (at most 80 KiB); the sm_90 compile test
-    checks both."""
-    wgmma = dtype.itemsize == 2 and block_m == 64
-    extra = 16_384 if wgmma or not group_tiles else 0
-    return (2 * block_m + MMA_BLOCK_K) * MMA_BLOCK_K * dtype.itemsize + extra
-
-
-def default_mma_config(
-    m: int,
-    n: int,
-    k: int,
-    group_size: int,
-    dtype: torch.dtype,
-    shared_bytes: int = H100_SHARED_BYTES,
-) -> W4A16Config:
+def default_mma_config(m: int, n: int, k: int, group_size: int) -> W4A16Config:
     """16-64 rows a program (as many as there are, padded; at most 32 for groups that are not
-    whole K tiles, whose 64-row wgmma Triton 3.6 fails to compile: "Illegal shared layout";
-    halved until the program fits the card's ``shared_bytes``: fp32 x at 32-64 rows takes
-    96-128 KiB, more than the 99 KiB of RTX 30 / 40, A10, L4, L40S), 128 channels at four
-    warps; K split so that the programs about fill an H200's 132 SMs twice, one split fewer
-    where that cuts K's tiles evenly; at least 4 K tiles a split. From an H200 sweep at 4-64
-    rows (``benchmarks/int4_probe.py --sweep mma``, the 8B shapes, 16 rows, us): qkv 19.7
-    with 6 splits (4: 23.6, 8: 23.1), down 40.5 with 8 x 14 tiles (9: 51.9, 4: 52.1),
-    gate_up 80-86 at 1-8 splits; 64 channels or eight warps were slower."""
-    group_tiles = group_size % MMA_BLOCK_K == 0
-    block_m = min(64 if group_tiles else 32, max(16, 1 << (m - 1).bit_length()))
-    while block_m > 16 and mma_shared_bytes(block_m, dtype, group_tiles) > shared_bytes:
-        block_m //= 2
+    whole K tiles, whose 64-row wgmma Triton 3.6 fails to compile: "Illegal shared layout"),
+    128 channels at four warps, three pipeline stages; K split so that the programs about
+    fill an H200's 132 SMs twice, one split fewer where that cuts K's tiles evenly; at least
+    4 K tiles a split. From an H200 sweep at 4-64 rows (``benchmarks/int4_probe.py --sweep
+    mma``, the 8B shapes, 16 rows, us): qkv 19.7 with 6 splits (4: 23.6, 8: 23.1), down 40.5
+    with 8 x 14 tiles (9: 51.9, 4: 52.1), gate_up 80-86 at 1-8 splits; 64 channels or eight
+    warps were slower; two stages within 3% of three, four and five slower at 32-64 rows."""
+    block_m = min(64 if group_size % MMA_BLOCK_K == 0 else 32, max(16, 1 << (m - 1).bit_length()))
     block_n = 128
     programs = cdiv(n, block_n) * cdiv(m, block_m)
     tiles = cdiv(k, MMA_BLOCK_K)
@@ -253,6 +234,22 @@ def default_mma_config(
         split -= 1
     split = max(1, min(tiles // 4, split))
     return W4A16Config(block_m, block_n, MMA_BLOCK_K, split, num_warps=4)
+
+
+def smaller_configs(cfg: W4A16Config) -> list[W4A16Config]:
+    """``cfg``, then half the rows a program down to 16, then fewer pipeline stages: what a
+    card with less shared memory than an H100's gets (fp32 x takes 96-144 KiB at three
+    stages, more than the 99 KiB of RTX 30 / 40, A10, L4, L40S; 16-bit x at most 96)."""
+    out = [cfg]
+    while out[-1].block_m > 16:
+        out.append(dataclasses.replace(out[-1], block_m=out[-1].block_m // 2))
+    while out[-1].num_stages > 1:
+        out.append(dataclasses.replace(out[-1], num_stages=out[-1].num_stages - 1))
+    return out
+
+
+# (device, x dtype, block_m, num_stages, group tiles): programs the card refused to launch
+_UNFIT: set[tuple[torch.device, torch.dtype, int, int, bool]] = set()
 
 
 def w4a16_mma(
@@ -268,7 +265,7 @@ def w4a16_mma(
     """The tensor-core kernel (inputs checked by ``kernels.quant_int4.w4a16_matmul``)."""
     m, k = x.shape
     n = qweight.shape[0]
-    cfg = config or default_mma_config(m, n, k, group_size, x.dtype, shared_memory_bytes(x.device))
+    cfg = config or default_mma_config(m, n, k, group_size)
     assert cfg.block_m >= 16 and cfg.block_k == MMA_BLOCK_K, (
         f"the tensor-core kernel takes block_m >= 16 and block_k {MMA_BLOCK_K}, got {cfg}"
     )
@@ -279,8 +276,28 @@ def w4a16_mma(
         f"{cfg.block_k}, got x {x.dtype} on {x.device.type}, group_size {group_size}"
     )
     asm, neg_bias = MAGIC[x.dtype] if fits and magic is not False else (None, 0)
-    return launch_split(
-        _w4a16_mma_kernel, x, qweight, scale, zero, group_size, bias, cfg, cdiv(m, cfg.block_m),
-        GROUP_TILES=group_tiles, MAGIC=asm, NEG_BIAS=neg_bias,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-    )  # fmt: skip
+
+    def launch(c: W4A16Config) -> torch.Tensor:
+        return launch_split(
+            _w4a16_mma_kernel, x, qweight, scale, zero, group_size, bias, c, cdiv(m, c.block_m),
+            GROUP_TILES=group_tiles, MAGIC=asm, NEG_BIAS=neg_bias, EVEN_K=k % c.block_k == 0,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        )  # fmt: skip
+
+    if config is not None:
+        return launch(config)
+    # the default steps down where the card's shared memory is short (Triton refuses the
+    # launch before anything runs; the refusal is remembered, so a CUDA graph's capture only
+    # ever sees the launch that fits)
+    for c in smaller_configs(cfg):
+        key = (x.device, x.dtype, c.block_m, c.num_stages, group_tiles)
+        if key in _UNFIT:
+            continue
+        try:
+            return launch(c)
+        except OutOfResources:
+            _UNFIT.add(key)
+    raise RuntimeError(
+        f"no int4 tensor-core tile down from {cfg} fits the {shared_memory_bytes(x.device)} "
+        f"bytes of shared memory a program may take on {x.device}"
+    )

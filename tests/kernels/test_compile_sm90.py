@@ -69,6 +69,7 @@ class _Recorder:
                              "shared": kernel.metadata.shared, "mma": mma,
                              "block_m": kwargs.get("BLOCK_M"),
                              "group_tiles": kwargs.get("GROUP_TILES"),
+                             "smem_stores": kernel.asm["ttgir"].count("ttg.local_alloc %"),
                              "barrier_between": _barrier_between_store_and_copy(
                                  ptx, kernel.asm["ttgir"]) if kwargs.get("ROPE") else None,
                              })  # fmt: skip
@@ -275,17 +276,17 @@ def test_kernels_compile_for_sm90() -> None:
            if r["kernel"] == "_fused_moe_kernel" and "bf" in r["dtype"]]  # fmt: skip
     prefill = choose_tiles(256 * 2, 8, torch.bfloat16)
     assert max(moe) == gated_pass_shared_bytes(prefill, torch.bfloat16) == 147_456, moe
-    # and the int4 tensor-core kernel's, which default_mma_config fits to the card: at 16-64
-    # rows, groups of whole K tiles and smaller, each dtype
-    from kernels.quant_int4_mma import mma_shared_bytes
-
+    # the int4 tensor-core kernel: 16-bit x fits a 99 KiB card at every tile (fp32 x steps
+    # down at launch); at 16-32 rows its unpacked weights go from the pipelined words
+    # straight into the mma operand (no store of the tile to shared memory: 1.1-1.5x)
     mma = [r for r in results if r["kernel"] == "_w4a16_mma_kernel"]
     assert {(r["block_m"], r["group_tiles"]) for r in mma} == {
         (16, True), (16, False), (32, False), (64, True)}, mma  # fmt: skip
-    for r in mma:  # Triton's figure for fp32 x (the one that decides); a bound for 16-bit x
-        dtype = getattr(torch, r["dtype"].removeprefix("torch."))
-        bound = mma_shared_bytes(r["block_m"], dtype, r["group_tiles"])
-        assert r["shared"] == bound if dtype == torch.float32 else r["shared"] <= bound, r
+    for r in mma:
+        if r["dtype"] != "torch.float32":
+            assert r["shared"] <= 98_304, r
+            if r["group_tiles"] and r["block_m"] <= 32:
+                assert r["smem_stores"] == 0, r
 
 
 if __name__ == "__main__":

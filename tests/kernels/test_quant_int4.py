@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_testing import DTYPE_IDS, DTYPES
+from triton.runtime.errors import OutOfResources
 
 from kernels import reference
 from kernels.int4_words import split_counters
@@ -15,7 +16,7 @@ from kernels.quant_int4 import (
     w4a16_gemv,
     w4a16_matmul,
 )
-from kernels.quant_int4_mma import MMA_BLOCK_K, default_mma_config, mma_shared_bytes, w4a16_mma
+from kernels.quant_int4_mma import MMA_BLOCK_K, default_mma_config, smaller_configs, w4a16_mma
 from vllm_runner.model.layers.int4 import quantize_int4
 
 # The GEMV scales each group's fp32 partial product, the reference dequantizes first (one
@@ -156,7 +157,7 @@ def test_w4a16_default_configs_split_k(device, m: int) -> None:
     """What ``w4a16_matmul`` picks at the tensor-core kernel's ends (3 and 64 rows: K of 8
     tiles split in 2, 16 and 64 rows a program) and past it (65: dequantized)."""
     if m <= 64:
-        assert default_mma_config(m, 40, 1024, 128, torch.bfloat16).split_k == 2
+        assert default_mma_config(m, 40, 1024, 128).split_k == 2
     weights = make_int4(40, 1024, 128, device)
     check(torch.randn(m, 1024, device=device).bfloat16(), weights, 128)
     assert not split_counters(device, 1).any()
@@ -234,9 +235,7 @@ def test_default_mma_config_fills_the_card() -> None:
     """Rows padded to 16-64 a program, 128 channels, K split until ~264 programs, one fewer
     where that cuts the K tiles evenly (at least 4 K tiles a split)."""
 
-    def config(m: int, n: int, k: int, group_size: int) -> W4A16Config:
-        return default_mma_config(m, n, k, group_size, torch.bfloat16)
-
+    config = default_mma_config
     assert config(3, 6144, 4096, 128) == W4A16Config(16, 128, 128, 6)  # 48 blocks
     assert config(20, 28672, 4096, 128).split_k == 2  # 224 channel blocks
     assert config(64, 4096, 14336, 128) == W4A16Config(64, 128, 128, 8)  # not 9
@@ -247,27 +246,49 @@ def test_default_mma_config_fills_the_card() -> None:
     assert config(40, 6144, 4096, 256).block_m == 64
 
 
-RTX_SHARED_BYTES = 101_376  # RTX 30 / 40, A10, L4, L40S: 99 KiB a program
+def test_smaller_configs_halve_rows_then_stages() -> None:
+    """What a card short of shared memory steps down through: rows, then pipeline stages."""
+    got = [(c.block_m, c.num_stages) for c in smaller_configs(W4A16Config(64, 128, 128, 6))]
+    assert got == [(64, 3), (32, 3), (16, 3), (16, 2), (16, 1)]
 
 
-@pytest.mark.parametrize("group_size", [32, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_default_mma_config_fits_the_cards_shared_memory(dtype, group_size) -> None:
-    """Rows a program halve until the program's shared memory fits the card: fp32 x at 64
-    rows takes 128 KiB (groups of 128) and 112 KiB at 32 (groups of 32), more than the
-    99 KiB of consumer cards; 16-bit x fits at any rows; an H100 / H200 keeps 64 / 32."""
-    group_tiles = group_size % MMA_BLOCK_K == 0
-    largest = 64 if group_tiles else 32
-    assert default_mma_config(64, 4096, 4096, group_size, dtype).block_m == largest
-    small = default_mma_config(64, 4096, 4096, group_size, dtype, RTX_SHARED_BYTES)
-    assert mma_shared_bytes(small.block_m, dtype, group_tiles) <= RTX_SHARED_BYTES
-    expected = {torch.float32: 32 if group_tiles else 16}.get(dtype, largest)
-    assert small.block_m == expected
+def test_default_steps_down_where_the_card_refuses(device, monkeypatch) -> None:
+    """A launch Triton refuses for shared memory (fp32 x at 32-64 rows on a 99 KiB card)
+    falls to the next smaller program, same result; the refusal is remembered, so the next
+    call (a CUDA graph's capture) launches the fitting tile at once. Nothing fits: an error
+    that names the tile and the card's limit."""
+    import kernels.quant_int4_mma as qmma
 
+    launched = []
+    real = qmma.launch_split
 
-def test_default_mma_config_never_goes_below_16_rows() -> None:
-    """A card too small for any tile still gets 16 rows (the launch then names the limit)."""
-    assert default_mma_config(64, 4096, 4096, 32, torch.float32, 40_000).block_m == 16
+    def card(kernel, x, *args, **kwargs):  # a card whose programs take at most 16 rows
+        cfg = args[5]
+        launched.append(cfg.block_m)
+        if cfg.block_m > 16:
+            raise OutOfResources(131_072, 101_376, "shared memory")
+        return real(kernel, x, *args, **kwargs)
+
+    monkeypatch.setattr(qmma, "launch_split", card)
+    monkeypatch.setattr(qmma, "_UNFIT", set())
+    weights = make_int4(256, 256, 128, device)
+    x = torch.randn(40, 256, device=device)
+    out = w4a16_mma(x, *weights, 128)
+    assert launched == [64, 32, 16]
+    want = w4a16_mma(x, *weights, 128, config=W4A16Config(16, 128, 128, 1))
+    assert torch.equal(out, want)
+    launched.clear()
+    w4a16_mma(x, *weights, 128)
+    assert launched == [16]
+    monkeypatch.setattr(qmma, "_UNFIT", set())
+
+    def full(kernel, x, *args, **kwargs):
+        raise OutOfResources(73_728, 49_152, "shared memory")
+
+    monkeypatch.setattr(qmma, "launch_split", full)
+    with pytest.raises(RuntimeError, match=r"no int4 tensor-core tile down from .*block_m=64.*"
+                                           r"232448 bytes of shared memory"):  # fmt: skip
+        w4a16_mma(x, *weights, 128)
 
 
 def test_launcher_refuses_wrong_layouts(device) -> None:
