@@ -16,9 +16,14 @@ groups, and channel-wise ones of such K): the dot takes the exact small integers
 and the group's scale multiplies the fp32 sum, as the GEMV does. Smaller groups change
 scale inside a tile: there each weight is dequantized and rounded to x's dtype first, as
 the cuBLAS path does. With 16-bit x and whole-tile groups on a GPU, ``MAGIC``'s PTX unpacks
-two nibbles a 32-bit op (bias trick, exact): 1.04-1.22x the float conversion (H200,
-8B shapes at 1-64 rows; 8 rows: qkv / o / gate_up / down 17.3 / 13.3 / 74.9 / 34.1 us,
-bf16's 16.6 / 13.4 / 58.9 / 33.4).
+two nibbles a 32-bit op (bias trick, exact): 1.02-1.36x the float conversion at 1-64 rows.
+
+The words reach the unpack through Triton's software pipeline (cp.async copies into shared
+memory, two K tiles ahead), and Triton reads them from there in the layout the mma operand
+needs, so at 16-32 rows a program the unpacked tile never goes through shared memory (the
+sm_90 compile test checks it). H200, 8B shapes, 8 rows: qkv / o / gate_up / down 16.1 /
+12.6 / 49.0 / 31.2 us, bf16's 15.9 / 13.4 / 59.1 / 34.5 (a register prefetch of the words,
+before: 17.3 / 13.3 / 74.9 / 34.1).
 """
 
 import dataclasses
