@@ -125,7 +125,10 @@ def choose_tiles(
     tokens 758 / 1,764 / 5,973 at 128 x 128 against 1,504 / 2,837 / 11,202 at the 32-64 x 64
     tiles before; Qwen3-30B-A3B 317 / 393 / 818 against 370 / 491 / 953. The 128 x 128 tiles'
     three stages take 144 KiB of shared memory: cards with less (``shared_bytes``: RTX 30 /
-    40, A10, L4, L40S have 99 KiB) get two stages, or 64 x 64 tiles (fp32: 64 x 64 always)."""
+    40, A10, L4, L40S have 99 KiB) get two stages, or 64 x 64 tiles (fp32: 64 x 64 always).
+    From 2,048 pairs an expert, groups of 16 M tiles (Mixtral 16,384 tokens: 22.3 vs 24.7 ms;
+    4,096: 5.46 vs 5.62); four stages, K tiles of 32 / 128 or groups of 4 won nowhere else
+    by more than a run's noise (H200, ``moe_probe.py``'s shapes, one run each)."""
     per_expert = num_pairs / num_experts
     block_k = 32 if dtype == torch.float32 else 64
     if per_expert < 16:
@@ -133,7 +136,8 @@ def choose_tiles(
     if per_expert <= 32:
         return MoeTiles(32, 64, block_k, num_warps=4)
     sizes = [(64, 64)] if dtype == torch.float32 else [(128, 128), (64, 64)]
-    options = [MoeTiles(bm, bn, block_k, 8, stages, group_m=8)
+    group_m = 16 if per_expert >= 2048 else 8
+    options = [MoeTiles(bm, bn, block_k, 8, stages, group_m)
                for bm, bn in sizes for stages in (3, 2)]  # fmt: skip
     fits = [t for t in options if gated_pass_shared_bytes(t, dtype) <= shared_bytes]
     return fits[0] if fits else options[-1]

@@ -91,11 +91,14 @@ def test_prefill_tiles_with_grouped_programs(device: torch.device, dtype: torch.
 
 def test_choose_tiles_by_pairs_per_expert() -> None:
     """16-row tiles under 16 pairs an expert (decode), 32 up to 32, then 128 x 128 at eight
-    warps with the programs grouped 8 M tiles deep (64 x 64 for fp32)."""
+    warps with the programs grouped 8 M tiles deep (64 x 64 for fp32), 16 deep from 2,048
+    pairs an expert."""
     assert choose_tiles(16 * 2, 8, torch.bfloat16) == MoeTiles(16, 64, 64, num_warps=4)
     assert choose_tiles(256 * 8, 128, torch.bfloat16) == MoeTiles(32, 64, 64, num_warps=4)
     assert choose_tiles(256 * 2, 8, torch.bfloat16) == MoeTiles(128, 128, 64, 8, group_m=8)
     assert choose_tiles(256 * 2, 8, torch.float32) == MoeTiles(64, 64, 32, 8, group_m=8)
+    assert choose_tiles(2047 * 8, 8, torch.bfloat16).group_m == 8
+    assert choose_tiles(16384 * 2, 8, torch.bfloat16) == MoeTiles(128, 128, 64, 8, group_m=16)
 
 
 def test_prefill_tiles_fit_the_cards_shared_memory() -> None:
