@@ -82,13 +82,11 @@ def _w4a16_mma_kernel(
     SPLIT: tl.constexpr,  # K split across programs (grid dim 1 > 1)
     PDL: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along the words (wider copies)
-    HALVES: tl.constexpr,  # two dots of BLOCK_M / 2 rows (mma, not a 64-row wgmma)
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_word = tl.arange(0, BLOCK_K // 8)
-    HALF: tl.constexpr = BLOCK_M // 2 if HALVES else BLOCK_M  # rows a dot
-    rows = pid_m * BLOCK_M + tl.arange(0, HALF)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     num_words = tl.cdiv(K, 8)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
@@ -102,8 +100,7 @@ def _w4a16_mma_kernel(
     # 1.1-1.5x slower at 4-32 rows, H200)
     wait_for_predecessor(PDL)
     dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((HALF, BLOCK_N), dtype=tl.float32)
-    acc_hi = tl.zeros((HALF, BLOCK_N), dtype=tl.float32)  # (HALVES only)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         packed = load_words(w_rows, k0, offs_word, n_mask, num_words, stride_wk, EVEN_K)
         if GROUP_TILES:  # one scale and zero per channel for the whole tile
@@ -124,36 +121,20 @@ def _w4a16_mma_kernel(
             scale = tl.load(scale_ptr + offs_n[:, None] * stride_sn + g * stride_sg,
                             mask=g_mask, other=0.0)  # fmt: skip
         ks = k0 + tl.arange(0, BLOCK_K)  # (x is zero past the split and K: padding nibbles)
+        x = tl.load(x_rows + ks[None, :] * stride_xk,
+                    mask=(rows < M)[:, None] & (ks < k_hi)[None, :], other=0.0)  # fmt: skip
         if MAGIC is not None:
             w = _unpack_magic(packed, zero, MAGIC, dtype)  # [BLOCK_N, BLOCK_K]
         else:
             w = _unpack(packed, zero, scale, GROUP_TILES, dtype)
-        part = _rows_dot(x_rows, rows, ks, M, k_hi, stride_xk, w, PRECISION)
-        if HALVES:
-            part_hi = _rows_dot(x_rows + HALF * stride_xm, rows + HALF, ks, M, k_hi, stride_xk,
-                                w, PRECISION)  # fmt: skip
+        part = tl.dot(x, tl.trans(w), input_precision=PRECISION)
         if GROUP_TILES:
             acc += part * scale[None, :]
-            if HALVES:
-                acc_hi += part_hi * scale[None, :]
         else:
             acc += part
-            if HALVES:
-                acc_hi += part_hi
-    if HALVES:  # [2, HALF, BLOCK_N] -> [BLOCK_M, BLOCK_N]: rows in order
-        acc = tl.reshape(tl.permute(tl.join(acc, acc_hi), (2, 0, 1)), (BLOCK_M, BLOCK_N))
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tile = pid_m * tl.num_programs(0) + pid_n
     store_or_combine(acc, bias_ptr, out_ptr, partial_ptr, counter_ptr, tile, rows, offs_n, M,
                      N, stride_om, stride_on, HAS_BIAS, SPLIT)  # fmt: skip
-
-
-@triton.jit
-def _rows_dot(x_rows, rows, ks, M, k_hi, stride_xk, w, PRECISION: tl.constexpr):
-    """x's [rows, BLOCK_K] tile at ``ks`` (zero past the split and K) @ w.T."""
-    x = tl.load(x_rows + ks[None, :] * stride_xk,
-                mask=(rows < M)[:, None] & (ks < k_hi)[None, :], other=0.0)  # fmt: skip
-    return tl.dot(x, tl.trans(w), input_precision=PRECISION)
 
 
 @triton.jit
@@ -305,7 +286,6 @@ def w4a16_mma(
         return launch_split(
             _w4a16_mma_kernel, x, qweight, scale, zero, group_size, bias, c, cdiv(m, c.block_m),
             GROUP_TILES=group_tiles, MAGIC=asm, NEG_BIAS=neg_bias, EVEN_K=k % c.block_k == 0,
-            HALVES=c.block_m == 64 and x.dtype != torch.float32,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         )  # fmt: skip
 

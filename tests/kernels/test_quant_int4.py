@@ -176,20 +176,6 @@ def test_mma_16_bit_rows_with_group_tiles(device, dtype) -> None:
     torch.testing.assert_close(out.float(), ref.float(), atol=4 * ulp * scale, rtol=ulp)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("m", [40, 64])
-def test_mma_64_row_programs_are_two_32_row_halves(device, dtype, split_k: int, m: int) -> None:
-    """16-bit x at 64 rows a program runs two 32-row dots on one unpacked tile (an mma, not a
-    64-row wgmma that would round-trip the tile through shared memory): the same sums as
-    32-row programs, bit for bit, rows in order, the upper half ragged at 40 rows."""
-    weights = make_int4(72, 512, 128, device)
-    x = torch.randn(m, 512, device=device).to(dtype)
-    out = check(x, weights, 128, None, W4A16Config(64, 32, MMA_BLOCK_K, split_k), w4a16_mma)
-    halves = w4a16_mma(x, *weights, 128, None, W4A16Config(32, 32, MMA_BLOCK_K, split_k))
-    assert torch.equal(out, halves)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_int4_dequantize_kernel_is_the_reference_rounded(device, dtype) -> None:
     """The prefill path's dequantized weight: the reference's fp32 values rounded once to the
