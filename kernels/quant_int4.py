@@ -208,13 +208,15 @@ def _int4_dequantize_kernel(
 
 def default_config(m: int, k: int, group_size: int) -> W4A16Config:
     """The GEMV's: 64 channels a program at two warps, K tiles of a whole group of 128, and K
-    split in 8 (fewer for short K: at least 4 tiles a split). On an H200 at one row
-    (``benchmarks/int4_probe.py``, the 8B shapes, us, medians of two A/B rounds): 13.6 /
-    9.5 / 44.0 / 26.5 (qkv / o / gate_up / down) with the next tile prefetched, 12.8 / 11.2
-    / 43.9 / 32.0 without; bf16 ``F.linear`` 16.3 / 13.7 / 67.0 / 35.5.
+    split in 8, in 16 from 64 tiles (fewer for short K: at least 4 tiles a split). On an H200
+    at one row (``benchmarks/int4_probe.py``, the 8B shapes, us, medians of two A/B rounds):
+    13.6 / 9.5 / 44.0 / 26.5 (qkv / o / gate_up / down) with the next tile prefetched, 12.8 /
+    11.2 / 43.9 / 32.0 without; bf16 ``F.linear`` 16.3 / 13.7 / 67.0 / 35.5. The down
+    projection's K of 14,336 split in 16: 21.5 vs 25.5 us (one sweep, session 44).
     Any N of a real layer gives more programs than SMs this way."""
     block_k = group_block_k(group_size, 128)
-    split = max(1, min(8, math.ceil(k / block_k) // 4))
+    tiles = math.ceil(k / block_k)
+    split = max(1, min(16 if tiles >= 64 else 8, tiles // 4))
     return W4A16Config(next_power_of_2(m), 64, block_k, split, num_warps=2)
 
 

@@ -224,21 +224,23 @@ def ptx_unpack(device: torch.device) -> bool:
 def default_mma_config(m: int, n: int, k: int, group_size: int) -> W4A16Config:
     """16-64 rows a program (as many as there are, padded; at most 32 for groups that are not
     whole K tiles, whose 64-row wgmma Triton 3.6 fails to compile: "Illegal shared layout"),
-    128 channels at four warps, three pipeline stages; K split so that the programs about
-    fill an H200's 132 SMs twice, one split fewer where that cuts K's tiles evenly; at least
-    4 K tiles a split. From an H200 sweep at 4-64 rows (``benchmarks/int4_probe.py --sweep
-    mma``, the 8B shapes, 16 rows, us): qkv 19.7 with 6 splits (4: 23.6, 8: 23.1), down 40.5
-    with 8 x 14 tiles (9: 51.9, 4: 52.1), gate_up 80-86 at 1-8 splits; 64 channels or eight
-    warps were slower; two stages within 3% of three, four and five slower at 32-64 rows."""
+    128 channels at four warps (64 at 16 rows), three pipeline stages; K split so that
+    programs of 128 channels would about fill an H200's 132 SMs twice, one split fewer where
+    that cuts K's tiles evenly; at least 4 K tiles a split. From H200 sweeps of the 8B
+    shapes (``benchmarks/int4_probe.py --sweep mma``, us): at 16 rows before the pipelined
+    words, qkv 19.7 with 6 splits (4: 23.6, 8: 23.1), down 40.5 with 8 x 14 tiles (9: 51.9,
+    4: 52.1), gate_up 80-86 at 1-8 splits; pipelined, at 8 rows qkv / o / gate_up / down
+    12.1 / 9.2 / 44.0 / 24.3 with 64 channels, 16.1 / 12.7 / 49.3 / 30.9 with 128 (at 32-64
+    rows 64 won only on o); two stages within 3% of three, four and five slower at 32-64
+    rows."""
     block_m = min(64 if group_size % MMA_BLOCK_K == 0 else 32, max(16, 1 << (m - 1).bit_length()))
-    block_n = 128
-    programs = cdiv(n, block_n) * cdiv(m, block_m)
+    programs = cdiv(n, 128) * cdiv(m, block_m)  # (the split as for 128 channels a program)
     tiles = cdiv(k, MMA_BLOCK_K)
     split = cdiv(264, programs)
     if tiles % split and split > 1 and tiles % (split - 1) == 0:
         split -= 1
     split = max(1, min(tiles // 4, split))
-    return W4A16Config(block_m, block_n, MMA_BLOCK_K, split, num_warps=4)
+    return W4A16Config(block_m, 64 if block_m == 16 else 128, MMA_BLOCK_K, split, num_warps=4)
 
 
 def smaller_configs(cfg: W4A16Config) -> list[W4A16Config]:

@@ -222,8 +222,10 @@ def test_w4a16_leading_dims_and_empty_batch(device) -> None:
 
 def test_default_config_fits_the_group() -> None:
     """The GEMV: rows padded to a power of 2, one K tile a group of 128 (shorter groups: the
-    group), 64 channels at two warps, K split in 8 with at least 4 tiles a split."""
+    group), 64 channels at two warps, K split in 8 (16 from 64 tiles), at least 4 tiles a split."""
     assert default_config(1, 4096, 128) == W4A16Config(1, 64, 128, 8, num_warps=2)
+    assert default_config(1, 14336, 128).split_k == 16  # from 64 K tiles
+    assert default_config(1, 8064, 128).split_k == 8  # 63 tiles
     assert default_config(5, 4096, 32).block_m == 8
     assert default_config(8, 4096, 32).block_k == 32
     assert default_config(1, 576, 128).split_k == 1  # 5 tiles of K
@@ -232,11 +234,12 @@ def test_default_config_fits_the_group() -> None:
 
 
 def test_default_mma_config_fills_the_card() -> None:
-    """Rows padded to 16-64 a program, 128 channels, K split until ~264 programs, one fewer
-    where that cuts the K tiles evenly (at least 4 K tiles a split)."""
+    """Rows padded to 16-64 a program, 128 channels (64 at 16 rows), K split until ~264
+    programs of 128 channels, one fewer where that cuts the K tiles evenly (at least 4 K
+    tiles a split)."""
 
     config = default_mma_config
-    assert config(3, 6144, 4096, 128) == W4A16Config(16, 128, 128, 6)  # 48 blocks
+    assert config(3, 6144, 4096, 128) == W4A16Config(16, 64, 128, 6)  # 48 blocks of 128
     assert config(20, 28672, 4096, 128).split_k == 2  # 224 channel blocks
     assert config(64, 4096, 14336, 128) == W4A16Config(64, 128, 128, 8)  # not 9
     assert config(3, 4096, 1024, 128).split_k == 2  # 8 tiles of K: 4 a split
