@@ -13,13 +13,13 @@ Three paths, by the number of rows M (H200, 8B shapes: ``benchmarks/int4_probe.p
   x at k = 8j + i (a strided load of x, which stays in cache), so no tile is reshaped; the
   zero point comes off once per group as zero * sum(x), and the group's scale multiplies
   the tile's fp32 sum. It reads 0.5 byte a weight (plus ~0.04 for scales and zeros at
-  group 128), 1.35-1.65x faster than bf16 at one row; K is split across programs when N
+  group 128), 1.3-1.6x faster than bf16 at one row; K is split across programs when N
   alone leaves the GPU short of programs. It converts each weight once per row, so from 2
   rows on the next path is faster (a layer at 2 rows: 107.7 vs 138.2 us).
 - M <= ``MMA_MAX_M`` (batched decode): ``kernels.quant_int4_mma``, each weight tile
   converted once and multiplied by up to 64 rows on tensor cores; its time is flat from 1
-  to 16 rows (0.98-1.21x bf16's at 2-32 rows, 0.57-0.82x at 64, where the GEMV at 8 rows
-  is 0.3-0.4x and the path below 0.4-0.6x).
+  to 16 rows (1.34-1.48x bf16's at 4-16 rows, ~1.0x at 32, 0.57-0.82x at 64, where the
+  GEMV at 8 rows is 0.3-0.4x and the path below 0.4-0.6x).
 - Larger M (prefill, large batches): compute bound, so the weight is dequantized tile by
   tile into a scratch [N, K] in x's dtype (a bandwidth-bound pass: read 0.5, write 2 bytes a
   weight) and multiplied by cuBLAS (from 128 rows faster than the tensor-core kernel).

@@ -21,9 +21,9 @@ two nibbles a 32-bit op (bias trick, exact): 1.02-1.36x the float conversion at 
 The words reach the unpack through Triton's software pipeline (cp.async copies into shared
 memory, two K tiles ahead), and Triton reads them from there in the layout the mma operand
 needs, so at 16-32 rows a program the unpacked tile never goes through shared memory (the
-sm_90 compile test checks it). H200, 8B shapes, 8 rows: qkv / o / gate_up / down 16.1 /
-12.6 / 49.0 / 31.2 us, bf16's 15.9 / 13.4 / 59.1 / 34.5 (a register prefetch of the words,
-before: 17.3 / 13.3 / 74.9 / 34.1).
+sm_90 compile test checks it). H200, 8B shapes, 8 rows: qkv / o / gate_up / down 12.0 /
+9.1 / 43.4 / 23.8 us, bf16's 16.2 / 13.5 / 59.1 / 33.4 (a register prefetch of the words
+and 128 channels a program, before: 17.3 / 13.3 / 74.9 / 34.1).
 """
 
 import dataclasses
@@ -231,8 +231,8 @@ def default_mma_config(m: int, n: int, k: int, group_size: int) -> W4A16Config:
     words, qkv 19.7 with 6 splits (4: 23.6, 8: 23.1), down 40.5 with 8 x 14 tiles (9: 51.9,
     4: 52.1), gate_up 80-86 at 1-8 splits; pipelined, at 8 rows qkv / o / gate_up / down
     12.1 / 9.2 / 44.0 / 24.3 with 64 channels, 16.1 / 12.7 / 49.3 / 30.9 with 128 (at 32-64
-    rows 64 won only on o); two stages within 3% of three, four and five slower at 32-64
-    rows."""
+    rows 64 won only on o); two stages within 4% of three at 8-32 rows (gate_up 10% slower
+    at 64), four and five slower."""
     block_m = min(64 if group_size % MMA_BLOCK_K == 0 else 32, max(16, 1 << (m - 1).bit_length()))
     programs = cdiv(n, 128) * cdiv(m, block_m)  # (the split as for 128 channels a program)
     tiles = cdiv(k, MMA_BLOCK_K)
