@@ -126,9 +126,9 @@ def choose_tiles(
     tiles before; Qwen3-30B-A3B 317 / 393 / 818 against 370 / 491 / 953. The 128 x 128 tiles'
     three stages take 144 KiB of shared memory: cards with less (``shared_bytes``: RTX 30 /
     40, A10, L4, L40S have 99 KiB) get two stages, or 64 x 64 tiles (fp32: 64 x 64 always).
-    From 2,048 pairs an expert, groups of 16 M tiles (Mixtral 16,384 tokens: 22.3 vs 24.7 ms;
-    4,096: 5.46 vs 5.62); four stages, K tiles of 32 / 128 or groups of 4 won nowhere else
-    by more than a run's noise (H200, ``moe_probe.py``'s shapes, one run each)."""
+    From 2,048 pairs an expert, groups of 16 M tiles (Mixtral 16,384 tokens: 22.3 vs 24.7 ms,
+    groups of 4 23.0); four stages or K tiles of 32 / 128 won nowhere, groups of 4 / 16 by a
+    run's noise elsewhere (H200, ``moe_probe.py``'s shapes, one run each)."""
     per_expert = num_pairs / num_experts
     block_k = 32 if dtype == torch.float32 else 64
     if per_expert < 16:

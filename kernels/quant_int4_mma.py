@@ -255,8 +255,10 @@ def smaller_configs(cfg: W4A16Config) -> list[W4A16Config]:
     return out
 
 
-# (device, x dtype, block_m, num_stages, group tiles): programs the card refused to launch
-_UNFIT: set[tuple[torch.device, torch.dtype, int, int, bool]] = set()
+# programs the card refused to launch, by what their compile depends on (device, x dtype, the
+# tile without its K split, group tiles, the PTX unpack, K a multiple of the tile), with
+# Triton's refusal (what they took, the card's limit)
+_UNFIT: dict[tuple, OutOfResources] = {}
 
 
 def w4a16_mma(
@@ -296,15 +298,17 @@ def w4a16_mma(
     # the default steps down where the card's shared memory is short (Triton refuses the
     # launch before anything runs; the refusal is remembered, so a CUDA graph's capture only
     # ever sees the launch that fits)
+    refused = None
     for c in smaller_configs(cfg):
-        key = (x.device, x.dtype, c.block_m, c.num_stages, group_tiles)
-        if key in _UNFIT:
-            continue
-        try:
-            return launch(c)
-        except OutOfResources:
-            _UNFIT.add(key)
+        key = (x.device, x.dtype, dataclasses.replace(c, split_k=1), group_tiles,
+               asm is not None, k % c.block_k == 0)  # fmt: skip
+        if key not in _UNFIT:
+            try:
+                return launch(c)
+            except OutOfResources as err:
+                _UNFIT[key] = err
+        refused = _UNFIT[key]
     raise RuntimeError(
-        f"no int4 tensor-core tile down from {cfg} fits the {shared_memory_bytes(x.device)} "
-        f"bytes of shared memory a program may take on {x.device}"
-    )
+        f"no int4 tensor-core tile down from {cfg} fits {x.device} (shared memory a program "
+        f"may take: {shared_memory_bytes(x.device)} bytes); the last, {c}: {refused}"
+    ) from refused

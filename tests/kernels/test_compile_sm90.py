@@ -27,7 +27,7 @@ KERNELS = {
     "_sample_kernel", "_w4a16_gemv_kernel", "_int4_dequantize_kernel", "_w4a16_mma_kernel",
     "_fused_moe_kernel", "_expert_count_kernel", "_align_pairs_kernel",
 }  # fmt: skip
-KERNELS_INT4 = ["_w4a16_gemv_kernel"] + ["_w4a16_mma_kernel"] * 5 + ["_int4_dequantize_kernel"]
+KERNELS_INT4 = ["_w4a16_gemv_kernel"] + ["_w4a16_mma_kernel"] * 6 + ["_int4_dequantize_kernel"]
 
 
 class _Recorder:
@@ -201,13 +201,13 @@ def _compile_all() -> list[dict]:
                                 torch.empty(n, k, dtype=wdtype), torch.empty(n),
                                 gated=gated)  # fmt: skip
     # int4 weights (groups of 128; 32: a shorter K tile): the GEMV at one row with split K; the
-    # tensor-core kernel (2 rows, ragged N and K; group tiles with split K; groups of 32
-    # inside a tile, ragged, at 8 and 40 rows; 64 rows a program); the dequantize pass of
-    # more rows
+    # tensor-core kernel (2 rows, ragged N and K; group tiles with split K at 16 rows, and at
+    # 32 with K not a multiple of the tile; groups of 32 inside a tile, ragged, at 8 and 40
+    # rows; 64 rows a program); the dequantize pass of more rows
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for m, n, k, group in [(1, 4096, 4096, 128), (2, 72, 300, 32), (16, 4096, 4096, 128),
-                               (8, 72, 300, 32), (40, 72, 300, 32), (48, 4096, 4096, 128),
-                               (256, 4096, 4096, 128)]:  # fmt: skip
+                               (24, 4096, 4000, 128), (8, 72, 300, 32), (40, 72, 300, 32),
+                               (48, 4096, 4096, 128), (256, 4096, 4096, 128)]:  # fmt: skip
             groups = -(-k // group)
             qi.w4a16_matmul(torch.empty(m, k, dtype=dtype),
                             torch.empty(n, -(-k // 8), dtype=torch.int32),
@@ -265,7 +265,7 @@ def test_kernels_compile_for_sm90() -> None:
     int4 = [r["kernel"] for r in results if r["kernel"] in KERNELS_INT4]
     assert sorted(int4) == sorted(KERNELS_INT4 * 3), int4  # each for bf16, fp16, fp32
     w4_mma = [r for r in results if r["kernel"] == "_w4a16_mma_kernel" and "32" not in r["dtype"]]
-    assert len(w4_mma) == 10 and all(r["mma"] != "none" for r in w4_mma), w4_mma
+    assert len(w4_mma) == 12 and all(r["mma"] != "none" for r in w4_mma), w4_mma
     # the fused MoE's largest program (prefill tiles, gate / up) takes the shared memory that
     # choose_tiles reckons with when it fits tiles to smaller cards
     import torch
@@ -282,7 +282,7 @@ def test_kernels_compile_for_sm90() -> None:
     # 64-row wgmma takes its operand from shared memory, and beat two 32-row dots)
     mma = [r for r in results if r["kernel"] == "_w4a16_mma_kernel"]
     assert {(r["block_m"], r["group_tiles"]) for r in mma} == {
-        (16, True), (16, False), (32, False), (64, True)}, mma  # fmt: skip
+        (16, True), (16, False), (32, True), (32, False), (64, True)}, mma  # fmt: skip
     for r in mma:
         if r["dtype"] != "torch.float32":
             assert r["shared"] <= 98_304, r

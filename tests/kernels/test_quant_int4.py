@@ -8,6 +8,7 @@ from triton.runtime.errors import OutOfResources
 
 from kernels import reference
 from kernels.int4_words import split_counters
+from kernels.launch import shared_memory_bytes
 from kernels.quant_int4 import (
     GEMV_MAX_M,
     W4A16Config,
@@ -20,7 +21,7 @@ from kernels.quant_int4_mma import MMA_BLOCK_K, default_mma_config, smaller_conf
 from vllm_runner.model.layers.int4 import quantize_int4
 
 # The GEMV scales each group's fp32 partial product, the reference dequantizes first (one
-# fp32 rounding per weight); past GEMV_MAX_M rows the weight may be rounded to x's dtype (as
+# fp32 rounding per weight); the other kernels may round the weight to x's dtype (as
 # a float layer's: the tensor-core kernel's groups under 128, and past MMA_MAX_M rows): the
 # output dtype's rounding dominates.
 TOL = {
@@ -45,8 +46,10 @@ def check(x, weights, group_size, bias=None, config=None, kernel=w4a16_matmul) -
     assert out.dtype == x.dtype and out.shape == ref.shape
     assert not out.isnan().any(), "kernel left unwritten elements"
     tol = dict(TOL[x.dtype])
-    if x[..., 0].numel() > GEMV_MAX_M:  # a 16-bit GEMM on the rounded weight (CPU: 16-bit
-        tol["atol"] *= ref.float().abs().max().item()  # partial sums): the output's scale
+    rows = x[..., 0].numel()  # the GEMV (called, or picked for the rows) keeps fp32 sums
+    if kernel is not w4a16_gemv and not (kernel is w4a16_matmul and rows <= GEMV_MAX_M):
+        # a 16-bit GEMM on the rounded weight (CPU: 16-bit partial sums): the output's scale
+        tol["atol"] *= ref.float().abs().max().item()
     if x.dtype == torch.float32:  # fp32 sums of terms up to ~1000x the result (the groups'
         # scales differ by 1000x) round at the terms' scale, in another order than torch's
         w = reference.int4_dequantize(*weights, group_size, x.shape[-1]).double()
@@ -119,6 +122,43 @@ def test_mma_split_k_and_ragged_tiles(device, split_k: int, group_size: int, m: 
     config = W4A16Config(16, 32, MMA_BLOCK_K, split_k=split_k)
     check(x, weights, group_size, bias, config, w4a16_mma)
     assert not split_counters(device, 1).any(), "a split tile's counter was left set"
+
+
+@pytest.mark.parametrize("k", [256, 300], ids=["even", "ragged"])
+def test_mma_weight_loads_stay_in_the_weight(device, monkeypatch, k: int) -> None:
+    """Every weight word the tensor-core kernel loads (mask on) lies in qweight's [N, K / 8]:
+    with K a multiple of the tile (EVEN_K, no mask along the words) and without, K split
+    across programs, N ragged. The weight is a view into a larger buffer, whose extra rows
+    and words numbers alone would not reveal (x is zero past K, rows past N are not
+    stored): the interpreter's loads are watched instead."""
+    if device.type != "cpu":
+        pytest.skip("watches the interpreter's loads")
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    addresses = []
+    load = interpreter.InterpreterBuilder.create_masked_load
+
+    def watched(self, ptrs, mask, *args):
+        if ptrs.get_element_ty() == tl.int32:  # the kernel's only int32 loads: the words
+            addresses.append(np.asarray(ptrs.data)[np.asarray(mask.data).astype(bool)])
+        return load(self, ptrs, mask, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", watched)
+    n = 72
+    q, scale, zero = make_int4(n, k, 128, device)
+    words = q.shape[1]
+    buffer = torch.full((n + 56, words + 16), -1, dtype=torch.int32, device=device)
+    buffer[:n, :words] = q
+    for m, block_m, block_n, split in [(3, 16, 64, 2), (40, 32, 128, 3), (19, 16, 32, 5)]:
+        addresses.clear()
+        x = torch.randn(m, k, device=device)
+        config = W4A16Config(block_m, block_n, MMA_BLOCK_K, split)
+        check(x, (buffer[:n, :words], scale, zero), 128, None, config, w4a16_mma)
+        at = (np.concatenate(addresses).astype(np.int64) - buffer.data_ptr()) // 4
+        rows, cols = at // buffer.stride(0), at % buffer.stride(0)
+        assert rows.min() >= 0 and rows.max() < n and cols.max() < words, (config, rows, cols)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -273,7 +313,7 @@ def test_default_steps_down_where_the_card_refuses(device, monkeypatch) -> None:
         return real(kernel, x, *args, **kwargs)
 
     monkeypatch.setattr(qmma, "launch_split", card)
-    monkeypatch.setattr(qmma, "_UNFIT", set())
+    monkeypatch.setattr(qmma, "_UNFIT", {})
     weights = make_int4(256, 256, 128, device)
     x = torch.randn(40, 256, device=device)
     out = w4a16_mma(x, *weights, 128)
@@ -283,15 +323,51 @@ def test_default_steps_down_where_the_card_refuses(device, monkeypatch) -> None:
     launched.clear()
     w4a16_mma(x, *weights, 128)
     assert launched == [16]
-    monkeypatch.setattr(qmma, "_UNFIT", set())
+    launched.clear()  # a tile asked for is launched as it is, or refused
+    with pytest.raises(OutOfResources):
+        w4a16_mma(x, *weights, 128, config=W4A16Config(32, 128, 128, 1))
+    assert launched == [32]
+    monkeypatch.setattr(qmma, "_UNFIT", {})
 
     def full(kernel, x, *args, **kwargs):
+        launched.append(args[5].block_m)
         raise OutOfResources(73_728, 49_152, "shared memory")
 
     monkeypatch.setattr(qmma, "launch_split", full)
-    with pytest.raises(RuntimeError, match=r"no int4 tensor-core tile down from .*block_m=64.*"
-                                           r"232448 bytes of shared memory"):  # fmt: skip
-        w4a16_mma(x, *weights, 128)
+    for attempt in range(2):  # the second call: every refusal remembered, none launched again
+        launched.clear()
+        with pytest.raises(RuntimeError, match=rf"no int4 tensor-core tile down from .*block_m="
+                                               rf"64.*{shared_memory_bytes(device)} bytes.*num_"
+                                               r"stages=1.*Required: 73728, Hardware limit: "
+                                               r"49152"):  # fmt: skip
+            w4a16_mma(x, *weights, 128)
+        assert launched == ([64, 32, 16, 16, 16] if attempt == 0 else [])
+
+
+def test_refusals_are_remembered_by_the_whole_tile(device, monkeypatch) -> None:
+    """A refusal of a 16-row program of 128 channels (a 40-row default stepped down) does not
+    stand for the 64-channel program that 16 rows default to: that one is still launched."""
+    import kernels.quant_int4_mma as qmma
+
+    launched = []
+    real = qmma.launch_split
+
+    def card(kernel, x, *args, **kwargs):  # a card whose programs take at most 16 x 64
+        cfg = args[5]
+        launched.append((cfg.block_m, cfg.block_n, cfg.num_stages))
+        if cfg.block_m * cfg.block_n > 16 * 64:
+            raise OutOfResources(131_072, 101_376, "shared memory")
+        return real(kernel, x, *args, **kwargs)
+
+    monkeypatch.setattr(qmma, "launch_split", card)
+    monkeypatch.setattr(qmma, "_UNFIT", {})
+    weights = make_int4(256, 256, 128, device)
+    with pytest.raises(RuntimeError, match="no int4 tensor-core tile"):
+        w4a16_mma(torch.randn(40, 256, device=device), *weights, 128)
+    launched.clear()
+    x = torch.randn(8, 256, device=device)
+    check(x, weights, 128, kernel=lambda x, *args: w4a16_mma(x, *args[:5]))
+    assert launched == [(16, 64, 3)]
 
 
 def test_launcher_refuses_wrong_layouts(device) -> None:
