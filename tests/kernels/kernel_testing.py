@@ -5,6 +5,7 @@ import math
 import torch
 
 from kernels import reference
+from vllm_runner.model.layers.int4 import quantize_int4
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -83,3 +84,12 @@ def ref_attention(
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     assert not actual.isnan().any(), "kernel left NaN (unwritten or invalid) elements"
     torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
+
+
+def make_int4(n: int, k: int, group_size: int, device: torch.device):
+    """Random int4 weights whose groups differ in scale (x1 .. x1000 along K) and zero point
+    (a shifted mean), so a kernel that reads another group's scale or zero fails."""
+    w = torch.randn(n, k, device=device) * 0.05
+    group = torch.arange(k, device=device) // group_size
+    w = w * 10.0 ** (group % 4).float() + 0.02 * (group % 3 - 1).float()
+    return quantize_int4(w, group_size)
