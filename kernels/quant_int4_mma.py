@@ -259,6 +259,8 @@ def smaller_configs(cfg: W4A16Config) -> list[W4A16Config]:
 # tile without its K split, group tiles, the PTX unpack, K a multiple of the tile), with
 # Triton's refusal (what they took, the card's limit)
 _UNFIT: dict[tuple, OutOfResources] = {}
+# the tile each default launches as, once found (a dict lookup per call instead of the walk)
+_FITTED: dict[tuple, W4A16Config] = {}
 
 
 def w4a16_mma(
@@ -298,15 +300,22 @@ def w4a16_mma(
     # the default steps down where the card's shared memory is short (Triton refuses the
     # launch before anything runs; the refusal is remembered, so a CUDA graph's capture only
     # ever sees the launch that fits)
+    start = (x.device, x.dtype, cfg, group_tiles, asm is not None, k % cfg.block_k == 0)
+    fitted = _FITTED.get(start)
+    if fitted is not None:
+        return launch(fitted)
     refused = None
     for c in smaller_configs(cfg):
         key = (x.device, x.dtype, dataclasses.replace(c, split_k=1), group_tiles,
                asm is not None, k % c.block_k == 0)  # fmt: skip
         if key not in _UNFIT:
             try:
-                return launch(c)
+                out = launch(c)
             except OutOfResources as err:
                 _UNFIT[key] = err
+            else:
+                _FITTED[start] = c
+                return out
         refused = _UNFIT[key]
     raise RuntimeError(
         f"no int4 tensor-core tile down from {cfg} fits {x.device} (shared memory a program "

@@ -265,6 +265,7 @@ def test_refusals_are_remembered_by_the_whole_tile(device, monkeypatch) -> None:
 
     monkeypatch.setattr(qmma, "launch_split", card)
     monkeypatch.setattr(qmma, "_UNFIT", {})
+    monkeypatch.setattr(qmma, "_FITTED", {})
     weights = make_int4(256, 256, 128, device)
     with pytest.raises(RuntimeError, match="no int4 tensor-core tile"):
         w4a16_mma(torch.randn(40, 256, device=device), *weights, 128)

@@ -65,6 +65,7 @@ def test_default_steps_down_where_the_card_refuses(device, monkeypatch) -> None:
 
     monkeypatch.setattr(qmma, "launch_split", card)
     monkeypatch.setattr(qmma, "_UNFIT", {})
+    monkeypatch.setattr(qmma, "_FITTED", {})
     weights = make_int4(256, 256, 128, device)
     x = torch.randn(40, 256, device=device)
     out = w4a16_mma(x, *weights, 128)
@@ -79,6 +80,7 @@ def test_default_steps_down_where_the_card_refuses(device, monkeypatch) -> None:
         w4a16_mma(x, *weights, 128, config=W4A16Config(32, 128, 128, 1))
     assert launched == [32]
     monkeypatch.setattr(qmma, "_UNFIT", {})
+    monkeypatch.setattr(qmma, "_FITTED", {})
 
     def full(kernel, x, *args, **kwargs):
         launched.append(args[5].block_m)
