@@ -35,6 +35,7 @@ from kernels.quant_int4 import (  # noqa: E402
     w4a16_gemv,
     w4a16_matmul,
 )
+from kernels.quant_int4_half2 import half2_config, w4a16_gemv_half2  # noqa: E402
 from kernels.quant_int4_mma import MMA_BLOCK_K, default_mma_config, w4a16_mma  # noqa: E402
 from vllm_runner.model.layers.int4 import quantize_int4  # noqa: E402
 
@@ -48,6 +49,10 @@ def sweep_configs(kernel: str, m: int, n: int, k: int) -> list[W4A16Config | Non
         base = default_config(m, k, 128)
         grid = [W4A16Config(base.block_m, bn, 128, split, warps) for bn in (16, 32, 64, 128)
                 for split in (1, 2, 4, 8) for warps in (2, 4)]  # fmt: skip
+    elif kernel == "half2":
+        base = half2_config(n, k)
+        grid = [W4A16Config(1, bn, bk, split, warps) for bn in (8, 16, 32, 64)
+                for bk in (256, 512, 1024) for split in (1, 2, 4) for warps in (2, 4)]  # fmt: skip
     elif kernel == "mma":
         base = default_mma_config(m, n, k, 128)
         grid = [W4A16Config(bm, bn, MMA_BLOCK_K, split, warps)
@@ -59,17 +64,19 @@ def sweep_configs(kernel: str, m: int, n: int, k: int) -> list[W4A16Config | Non
 
 
 def kernels_for(m: int) -> list[str]:
-    """The one-row GEMV up to 8 rows, the tensor-core kernel up to 256 (with and without its
-    PTX unpack), dequantize + cuBLAS from 2 rows on; "default": what ``w4a16_matmul``
-    picks."""
-    names = ["default"]
-    names += ["gemv"] * (m <= 8) + ["mma", "mma_float"] * (m <= 256) + ["dequant"] * (m >= 2)
+    """The one-row GEMV up to 8 rows (its packed-half variant at one), the tensor-core
+    kernel up to 256 (with and without its PTX unpack), dequantize + cuBLAS from 2 rows on;
+    "default": what ``w4a16_matmul`` picks."""
+    names = ["default"] + ["gemv"] * (m <= 8) + ["half2"] * (m == 1)
+    names += ["mma", "mma_float"] * (m <= 256) + ["dequant"] * (m >= 2)
     return names
 
 
 def call(kernel: str, x, q, cfg):
     if kernel == "gemv":
         return w4a16_gemv(x, *q, 128, None, cfg)
+    if kernel == "half2":
+        return w4a16_gemv_half2(x, *q, 128, None, cfg)
     if kernel in ("mma", "mma_float"):  # (mma_float: without the PTX unpack)
         return w4a16_mma(x, *q, 128, None, cfg, magic=kernel == "mma")
     if kernel == "dequant":
@@ -81,7 +88,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--m", default="1,2,4,8,16,32,64,128,256,4096")
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--sweep", default="", help="kernels to sweep tiles of: gemv,mma")
+    p.add_argument("--sweep", default="", help="kernels to sweep tiles of: gemv,half2,mma")
     p.add_argument("--act-order", action="store_true", help="also time gather + matmul")
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -91,9 +91,9 @@ class W4A16Config:
         assert self.block_m >= 1 and self.block_m & (self.block_m - 1) == 0, (
             f"block_m {self.block_m} must be a power of 2"
         )
-        for name in ("block_n", "block_k"):
+        for name, least in (("block_n", 1), ("block_k", 16)):
             v = getattr(self, name)
-            assert v >= 16 and v & (v - 1) == 0, f"{name} {v} must be a power of 2 >= 16"
+            assert v >= least and v & (v - 1) == 0, f"{name} {v} must be a power of 2 >= {least}"
         assert self.split_k >= 1, f"split_k {self.split_k} must be >= 1"
 
 

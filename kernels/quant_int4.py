@@ -43,6 +43,7 @@ from kernels.int4_words import (
 )
 from kernels.launch import cdiv, next_power_of_2
 from kernels.pdl import wait_for_predecessor
+from kernels.quant_int4_half2 import half2_applies, w4a16_gemv_half2
 from kernels.quant_int4_mma import w4a16_mma
 
 GEMV_MAX_M = 1  # rows up to which the GEMV runs (its math is M x the weight's, on CUDA cores)
@@ -279,7 +280,9 @@ def w4a16_matmul(
     if m > MMA_MAX_M:
         w = int4_dequantize(qweight, scale, zero, group_size, k, x.dtype)
         return F.linear(x, w, bias)
-    kernel = w4a16_gemv if m <= GEMV_MAX_M else w4a16_mma
+    kernel = w4a16_mma
+    if m <= GEMV_MAX_M:  # 16-bit x on a GPU: the packed-half GEMV (inline PTX)
+        kernel = w4a16_gemv_half2 if half2_applies(x, group_size) else w4a16_gemv
     out = kernel(x2, qweight, scale, zero, group_size, bias, config)
     return out.view(*x.shape[:-1], n)
 

@@ -26,6 +26,7 @@ KERNELS = {
     "_silu_and_mul_kernel", "_w8a16_kernel", "_gemv_kernel", "_fp8_quantize_rows_kernel",
     "_sample_kernel", "_w4a16_gemv_kernel", "_int4_dequantize_kernel", "_w4a16_mma_kernel",
     "_fused_moe_kernel", "_expert_count_kernel", "_align_pairs_kernel",
+    "_w4a16_gemv_half2_kernel",
 }  # fmt: skip
 KERNELS_INT4 = ["_w4a16_gemv_kernel"] + ["_w4a16_mma_kernel"] * 6 + ["_int4_dequantize_kernel"]
 
@@ -104,6 +105,7 @@ def _compile_all() -> list[dict]:
     import kernels.pdl
     import kernels.prefill_attention as pf
     import kernels.quant_int4 as qi
+    import kernels.quant_int4_half2 as qh
     import kernels.quant_int4_mma as qmma
     import kernels.quant_matmul as qm
     import kernels.rms_norm as rn
@@ -116,7 +118,7 @@ def _compile_all() -> list[dict]:
     qmma.ptx_unpack = lambda device: True  # and the int4 tensor-core kernel's nibble pairs
     results: list[dict] = []
     sm._programs = lambda device: 66  # (an H100's half: split rows, their barriers compiled)
-    for mod in (ac, ds, fm, kv, ma, pa, pf, qg, qi, qmma, qm, rn, ro, sm):
+    for mod in (ac, ds, fm, kv, ma, pa, pf, qg, qi, qh, qmma, qm, rn, ro, sm):
         for name in KERNELS & set(vars(mod)):
             setattr(mod, name, _Recorder(name, getattr(mod, name), results))
     bt = torch.zeros(4, 16, dtype=torch.int32)
@@ -213,6 +215,15 @@ def _compile_all() -> list[dict]:
                             torch.empty(n, -(-k // 8), dtype=torch.int32),
                             torch.empty(n, groups), torch.empty(n, groups, dtype=torch.uint8),
                             group, torch.empty(n, dtype=dtype))  # fmt: skip
+    # the packed-half GEMV (one 16-bit row on a GPU: called directly, the dispatch sees CPU
+    # tensors here): whole and ragged K, a group of 256
+    for dtype in (torch.bfloat16, torch.float16):
+        for n, k, group in [(4096, 4096, 128), (72, 1004, 128), (72, 1536, 256)]:
+            groups = -(-k // group)
+            qh.w4a16_gemv_half2(torch.empty(1, k, dtype=dtype),
+                                torch.empty(n, -(-k // 8), dtype=torch.int32),
+                                torch.empty(n, groups), torch.empty(n, groups, dtype=torch.uint8),
+                                group)  # fmt: skip
     # MoE: the routing step in one launch (decode) and two (chunks), at 8 / 128 experts; the
     # grouped GEMMs (gate / up with SiLU-mul, down with the routing weight) at decode's tiles
     # and prefill's (128 x 128 bf16, 64 x 64 fp32; programs grouped)
