@@ -15,7 +15,10 @@ Three paths, by the number of rows M (H200, 8B shapes: ``benchmarks/int4_probe.p
   the tile's fp32 sum. It reads 0.5 byte a weight (plus ~0.04 for scales and zeros at
   group 128), 1.3-1.6x faster than bf16 at one row; K is split across programs when N
   alone leaves the GPU short of programs. It converts each weight once per row, so from 2
-  rows on the next path is faster (a layer at 2 rows: 107.7 vs 138.2 us).
+  rows on the next path is faster (a layer at 2 rows: 107.7 vs 138.2 us). 16-bit x on a
+  GPU with groups of multiples of 128 takes ``kernels.quant_int4_half2`` instead, the same
+  sums in packed half precision (a layer 1.1x faster); this one takes fp32 x, other groups
+  and the interpreter.
 - M <= ``MMA_MAX_M`` (batched decode): ``kernels.quant_int4_mma``, each weight tile
   converted once and multiplied by up to 64 rows on tensor cores; its time is flat from 1
   to 16 rows (1.34-1.48x bf16's at 4-16 rows, ~1.0x at 32, 0.57-0.82x at 64, where the

@@ -10,10 +10,10 @@ them by x's matching pairs into an fp16 pair, whose halves widen to fp32 for the
 scale. A program reads 16 channels x 512 inputs a K tile (256 contiguous bytes a channel,
 the fp32 GEMV's 64), a group's scale and zero per 128-input sub-tile.
 
-H200, 8B shapes at one row (``benchmarks/int4_probe.py``): qkv / o / gate_up 10.6 / 8.2 /
-35.4 us vs the fp32 GEMV's 12.1 / 9.0 / 41.0; the down projection (K 14,336) stays on the
-fp32 GEMV (23.5 vs 22.0). Both read DRAM at ~35-40% of its bandwidth: half the instructions
-did not make this kernel bandwidth-bound (ncu: 25% occupancy, stalls on load latency).
+H200, 8B shapes at one row (``benchmarks/int4_probe.py``): qkv / o / gate_up / down 10.6-10.9
+/ 8.3-8.8 / 34.7-36.4 / 18.2 us vs the fp32 GEMV's 12.0 / 9.0 / 39.3-39.7 / 21.3. Both read
+DRAM at ~35-45% of its bandwidth: half the instructions did not make this kernel
+bandwidth-bound (ncu: 25% occupancy, stalls on load latency).
 
 fp16 sums need x in range: each program scales its K range of x by a power of two (exact)
 so that its largest magnitude lies in [64, 128), where a word's sum (4 products a half,
@@ -128,7 +128,7 @@ def _w4a16_gemv_half2_kernel(
     # the power of two that puts max |x| of this split in [64, 128) (fp32 exponents)
     CHUNK: tl.constexpr = min(SPLIT_PAD, 2048)
     x_max = 0.0
-    for c0 in range(k_lo, k_hi, CHUNK):  # (one or two chunks: K <= HALF2_MAX_K, split 2)
+    for c0 in range(k_lo, k_hi, CHUNK):  # (chunks of at most 2,048: few registers)
         ks = c0 + tl.arange(0, CHUNK)
         xs = tl.load(x_ptr + ks * stride_xk, mask=ks < k_hi, other=0.0).to(tl.float32)
         x_max = tl.maximum(x_max, tl.max(tl.abs(xs), axis=0))
@@ -196,26 +196,23 @@ def _x_pair(x_ptr, base, i: tl.constexpr, k_hi, stride_xk, factor, EVEN_K: tl.co
     )  # fmt: skip
 
 
-HALF2_MAX_K = 8192  # longer rows (the 8B down, K 14,336) stay on the fp32 GEMV, faster there
-
-
 def half2_applies(x: torch.Tensor, group_size: int) -> bool:
     """Whether one row of ``x`` goes to this GEMV: 16-bit on a GPU (inline PTX), groups of
-    whole 128-input sub-tiles, K up to ``HALF2_MAX_K``."""
+    whole 128-input sub-tiles."""
     return (
         x.device.type == "cuda"
         and x.dtype in (torch.float16, torch.bfloat16)
         and group_size % 128 == 0
-        and x.shape[-1] <= HALF2_MAX_K
     )
 
 
 def half2_config(n: int, k: int) -> W4A16Config:
     """16 channels a program, K tiles of 512 at two warps, K split in two where that leaves
-    at least 4 tiles a split: from an H200 sweep of the 8B shapes at one row
-    (``benchmarks/int4_probe.py --m 1 --sweep half2``)."""
+    at least 4 tiles a split, in four from 24 tiles: from H200 sweeps of the 8B shapes at
+    one row (``benchmarks/int4_probe.py --m 1 --sweep half2``; the down projection, K
+    14,336: 18.2 us split in four, 23.5 in two, the fp32 GEMV's 21.3)."""
     tiles = math.ceil(k / 512)
-    return W4A16Config(1, 16, 512, 2 if tiles >= 8 else 1, num_warps=2)
+    return W4A16Config(1, 16, 512, 4 if tiles >= 24 else 2 if tiles >= 8 else 1, num_warps=2)
 
 
 def w4a16_gemv_half2(

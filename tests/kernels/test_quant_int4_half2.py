@@ -9,7 +9,7 @@ from kernel_testing import make_int4
 from kernels import reference
 from kernels.int4_words import W4A16Config
 from kernels.quant_int4 import w4a16_gemv, w4a16_matmul
-from kernels.quant_int4_half2 import HALF2_MAX_K, half2_config, w4a16_gemv_half2
+from kernels.quant_int4_half2 import half2_config, w4a16_gemv_half2
 from vllm_runner.model.layers.int4 import quantize_int4
 
 pytestmark = pytest.mark.gpu
@@ -85,11 +85,10 @@ def test_half2_scales_x_out_of_fp16_trouble(dtype, magnitude: float) -> None:
 
 
 def test_one_row_takes_half2_where_it_applies() -> None:
-    """16-bit, groups of 128 multiples and K <= HALF2_MAX_K: the half2 GEMV; a longer K or
-    groups of 64: the fp32 GEMV (equal outputs, bit for bit, to the kernel called)."""
+    """16-bit x and groups of multiples of 128: the half2 GEMV (any K); groups of 64: the
+    fp32 GEMV (equal outputs, bit for bit, to the kernel called)."""
     dev = torch.device("cuda")
-    for k, group, half2 in [(1024, 128, True), (1024, 64, False),
-                            (HALF2_MAX_K + 512, 128, False)]:  # fmt: skip
+    for k, group, half2 in [(1024, 128, True), (1024, 64, False), (14336, 128, True)]:
         weights = make_int4(256, k, group, dev)
         x = torch.randn(1, k, device="cuda").bfloat16()
         expected = (w4a16_gemv_half2 if half2 else w4a16_gemv)(x, *weights, group)
@@ -98,4 +97,5 @@ def test_one_row_takes_half2_where_it_applies() -> None:
 
 def test_half2_config() -> None:
     assert half2_config(6144, 4096) == W4A16Config(1, 16, 512, 2, num_warps=2)
+    assert half2_config(4096, 14336).split_k == 4
     assert half2_config(96, 1024).split_k == 1
