@@ -91,7 +91,7 @@ def _w4a16_gemv_half2_kernel(
     N,
     K,
     k_per_split,  # multiple of BLOCK_K
-    group_size,  # multiple of BLOCK_K
+    group_size,  # multiple of 128 (a sub-tile lies in one group)
     stride_xm,
     stride_xk,
     stride_wn,
