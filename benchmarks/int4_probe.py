@@ -50,7 +50,7 @@ def sweep_configs(kernel: str, m: int, n: int, k: int) -> list[W4A16Config | Non
         grid = [W4A16Config(base.block_m, bn, 128, split, warps) for bn in (16, 32, 64, 128)
                 for split in (1, 2, 4, 8) for warps in (2, 4)]  # fmt: skip
     elif kernel == "half2":
-        base = half2_config(n, k)
+        base = half2_config(k)
         grid = [W4A16Config(1, bn, bk, split, warps) for bn in (8, 16, 32, 64)
                 for bk in (256, 512, 1024) for split in (1, 2, 4) for warps in (2, 4)]  # fmt: skip
     elif kernel == "mma":

@@ -206,7 +206,7 @@ def half2_applies(x: torch.Tensor, group_size: int) -> bool:
     )
 
 
-def half2_config(n: int, k: int) -> W4A16Config:
+def half2_config(k: int) -> W4A16Config:
     """16 channels a program, K tiles of 512 at two warps, K split in two where that leaves
     at least 4 tiles a split, in four from 24 tiles: from H200 sweeps of the 8B shapes at
     one row (``benchmarks/int4_probe.py --m 1 --sweep half2``; the down projection, K
@@ -230,7 +230,7 @@ def w4a16_gemv_half2(
         f"the half2 GEMV takes one 16-bit row, got x {x.dtype} {tuple(x.shape)}"
     )
     assert group_size % 128 == 0, f"group_size {group_size} must be a multiple of 128"
-    cfg = config or half2_config(qweight.shape[0], k)
+    cfg = config or half2_config(k)
     assert cfg.block_k % 128 == 0, f"block_k {cfg.block_k} must be a multiple of 128"
     k_per_split = split_k_launch(k, cfg.block_k, cfg.split_k)[0]
     return launch_split(_w4a16_gemv_half2_kernel, x, qweight, scale, zero, group_size, bias,

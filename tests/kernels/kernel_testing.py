@@ -93,3 +93,27 @@ def make_int4(n: int, k: int, group_size: int, device: torch.device):
     group = torch.arange(k, device=device) // group_size
     w = w * 10.0 ** (group % 4).float() + 0.02 * (group % 3 - 1).float()
     return quantize_int4(w, group_size)
+
+
+def small_card(monkeypatch, fits, record) -> list:
+    """Make the int4 tensor-core kernel's launches those of a card whose shared memory takes
+    only the tiles ``fits(config)`` accepts (Triton refuses the others before launching, as
+    it does on such a card), its memos emptied; returns ``record(config)`` of each launch
+    tried, in order."""
+    from triton.runtime.errors import OutOfResources
+
+    import kernels.quant_int4_mma as qmma
+
+    launched, real = [], qmma.launch_split
+
+    def card(kernel, x, *args, **kwargs):
+        cfg = args[5]
+        launched.append(record(cfg))
+        if not fits(cfg):
+            raise OutOfResources(131_072, 101_376, "shared memory")
+        return real(kernel, x, *args, **kwargs)
+
+    monkeypatch.setattr(qmma, "launch_split", card)
+    monkeypatch.setattr(qmma, "_UNFIT", {})
+    monkeypatch.setattr(qmma, "_FITTED", {})
+    return launched

@@ -3,8 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_testing import DTYPE_IDS, DTYPES, make_int4
-from triton.runtime.errors import OutOfResources
+from kernel_testing import DTYPE_IDS, DTYPES, make_int4, small_card
 
 from kernels import reference
 from kernels.int4_words import split_counters
@@ -251,21 +250,11 @@ def test_w4a16_leading_dims_and_empty_batch(device) -> None:
 def test_refusals_are_remembered_by_the_whole_tile(device, monkeypatch) -> None:
     """A refusal of a 16-row program of 128 channels (a 40-row default stepped down) does not
     stand for the 64-channel program that 16 rows default to: that one is still launched."""
-    import kernels.quant_int4_mma as qmma
-
-    launched = []
-    real = qmma.launch_split
-
-    def card(kernel, x, *args, **kwargs):  # a card whose programs take at most 16 x 64
-        cfg = args[5]
-        launched.append((cfg.block_m, cfg.block_n, cfg.num_stages))
-        if cfg.block_m * cfg.block_n > 16 * 64:
-            raise OutOfResources(131_072, 101_376, "shared memory")
-        return real(kernel, x, *args, **kwargs)
-
-    monkeypatch.setattr(qmma, "launch_split", card)
-    monkeypatch.setattr(qmma, "_UNFIT", {})
-    monkeypatch.setattr(qmma, "_FITTED", {})
+    launched = small_card(
+        monkeypatch,
+        lambda c: c.block_m * c.block_n <= 16 * 64,
+        lambda c: (c.block_m, c.block_n, c.num_stages),
+    )  # at most 16 x 64
     weights = make_int4(256, 256, 128, device)
     with pytest.raises(RuntimeError, match="no int4 tensor-core tile"):
         w4a16_mma(torch.randn(40, 256, device=device), *weights, 128)

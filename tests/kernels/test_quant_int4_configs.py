@@ -3,11 +3,12 @@ launch for shared memory, and what the launchers refuse."""
 
 import pytest
 import torch
-from kernel_testing import make_int4
+from kernel_testing import make_int4, small_card
 from triton.runtime.errors import OutOfResources
 
 from kernels.launch import shared_memory_bytes
 from kernels.quant_int4 import W4A16Config, default_config, w4a16_matmul
+from kernels.quant_int4_half2 import half2_config
 from kernels.quant_int4_mma import default_mma_config, smaller_configs, w4a16_mma
 
 
@@ -40,6 +41,14 @@ def test_default_mma_config_fills_the_card() -> None:
     assert config(40, 6144, 4096, 256).block_m == 64
 
 
+def test_half2_config_splits_long_rows_more() -> None:
+    """The packed-half GEMV: 16 channels x 512 inputs at two warps, K split in 2 from 8 tiles
+    (a quarter each at least), in 4 from 24 (the 8B down projection)."""
+    assert half2_config(4096) == W4A16Config(1, 16, 512, 2, num_warps=2)
+    assert half2_config(14336).split_k == 4
+    assert half2_config(1024).split_k == 1
+
+
 def test_smaller_configs_halve_rows_then_stages() -> None:
     """What a card short of shared memory steps down through: rows, then pipeline stages."""
     got = [(c.block_m, c.num_stages) for c in smaller_configs(W4A16Config(64, 128, 128, 6))]
@@ -53,19 +62,8 @@ def test_default_steps_down_where_the_card_refuses(device, monkeypatch) -> None:
     that names the tile and the card's limit."""
     import kernels.quant_int4_mma as qmma
 
-    launched = []
-    real = qmma.launch_split
-
-    def card(kernel, x, *args, **kwargs):  # a card whose programs take at most 16 rows
-        cfg = args[5]
-        launched.append(cfg.block_m)
-        if cfg.block_m > 16:
-            raise OutOfResources(131_072, 101_376, "shared memory")
-        return real(kernel, x, *args, **kwargs)
-
-    monkeypatch.setattr(qmma, "launch_split", card)
-    monkeypatch.setattr(qmma, "_UNFIT", {})
-    monkeypatch.setattr(qmma, "_FITTED", {})
+    # a card whose programs take at most 16 rows
+    launched = small_card(monkeypatch, lambda c: c.block_m <= 16, lambda c: c.block_m)
     weights = make_int4(256, 256, 128, device)
     x = torch.randn(40, 256, device=device)
     out = w4a16_mma(x, *weights, 128)

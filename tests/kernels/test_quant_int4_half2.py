@@ -9,7 +9,7 @@ from kernel_testing import make_int4
 from kernels import reference
 from kernels.int4_words import W4A16Config
 from kernels.quant_int4 import w4a16_gemv, w4a16_matmul
-from kernels.quant_int4_half2 import half2_config, w4a16_gemv_half2
+from kernels.quant_int4_half2 import w4a16_gemv_half2
 from vllm_runner.model.layers.int4 import quantize_int4
 
 pytestmark = pytest.mark.gpu
@@ -93,9 +93,3 @@ def test_one_row_takes_half2_where_it_applies() -> None:
         x = torch.randn(1, k, device="cuda").bfloat16()
         expected = (w4a16_gemv_half2 if half2 else w4a16_gemv)(x, *weights, group)
         assert torch.equal(w4a16_matmul(x, *weights, group), expected), (k, group)
-
-
-def test_half2_config() -> None:
-    assert half2_config(6144, 4096) == W4A16Config(1, 16, 512, 2, num_warps=2)
-    assert half2_config(4096, 14336).split_k == 4
-    assert half2_config(96, 1024).split_k == 1
